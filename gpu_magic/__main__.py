@@ -1,0 +1,3 @@
+from gpu_magic.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,495 @@
+"""The plain Python API the magic calls: ``run(source, spec, namespace)`` and ``@gpu``.
+
+One call: analyse the cell, pickle its inputs together, upload only the blobs the gateway lacks,
+submit, follow the job's events (output printed live as it arrives), then bind the results into
+the namespace all at once, or raise the cell's own exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import platform
+import signal
+import sys
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _payload
+from ._capture import analyze_cell
+from ._client import GatewayClient
+from ._connection import connect, invalidate_local
+from ._errors import (
+    EnvironmentMismatch,
+    GatewayError,
+    JobCancelled,
+    JobFailed,
+    JobTimeout,
+    RunnerLost,
+    SpecError,
+    WaitExpired,
+)
+from ._remote import rebuild, render_traceback, where
+from ._spec import GpuSpec, parse_spec
+from ._view import JobState, StatusView
+
+# Names IPython puts in every namespace; never shipped.
+_IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh",
+                            "__builtins__", "__builtin__", "__name__", "__doc__", "__spec__",
+                            "__loader__", "__package__"})
+
+
+@dataclass
+class Options:
+    """How to run one cell; mirrors the flags of ``%%gpu``."""
+
+    timeout: float | None = None
+    wait: float | None = None
+    retries: int = 0
+    oom_fallback: bool = False
+    return_names: list[str] | None = None
+    no_return: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    quiet: bool = False
+    dry_run: bool = False
+    background: bool = False
+    line_offset: int = 0
+    label: str = "Cell"
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+def _parse(spec: Any, client_factory: Callable[[], GatewayClient]) -> GpuSpec:
+    try:
+        return parse_spec(spec)
+    except SpecError as first:
+        if first.suggestion is None and "is not a GPU type" not in str(first):
+            raise
+        # a pool may add its own type names: ask it before refusing
+        try:
+            types = [t["type"] for t in client_factory().pool()["types"]]
+        except GatewayError:
+            raise first from None
+        try:
+            return parse_spec(spec, extra_types=types)
+        except SpecError:
+            raise first from None
+
+
+def select_inputs(
+    names: Collection[str], namespace: Mapping[str, Any], hidden: Collection[str] = ()
+) -> dict[str, Any]:
+    """The values of the names the cell reads that exist in the namespace."""
+    return {
+        n: namespace[n]
+        for n in sorted(names)
+        if n in namespace and n not in _IPYTHON_NAMES and n not in hidden
+    }
+
+
+def _check_environment(health: Mapping[str, Any]) -> None:
+    if health.get("client_python"):
+        return  # the runner uses this kernel's own interpreter
+    ours = platform.python_version_tuple()[:2]
+    theirs = str(health.get("python", "")).split(".")[:2]
+    if theirs and list(ours) != theirs:
+        raise EnvironmentMismatch(
+            f"the GPU runner has Python {'.'.join(theirs)} but this kernel has "
+            f"{'.'.join(ours)}; cloudpickle needs the same minor version on both sides. Use a "
+            f"kernel with Python {'.'.join(theirs)}, or ask the gateway's admin for one with yours."
+        )
+    from importlib import metadata
+
+    differ = []
+    for name, version in (health.get("packages") or {}).items():
+        if name == "gpu-magic":
+            continue
+        try:
+            mine = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if mine != version:
+            differ.append(f"{name} {mine} here, {version} there")
+    if differ:
+        print("[gpu_magic] package versions differ from the runner's: " + "; ".join(differ),
+              file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C for a moment (binding results, sending a cancel): a second Ctrl-C must not
+    leave a half-bound namespace or an uncancelled job."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda s, f: pending.append(s))
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any]) -> Any:
+    """Point notebook functions that came back at the real namespace, as local ones are."""
+    import types
+
+    def fix_function(f: types.FunctionType) -> types.FunctionType:
+        if f.__globals__ is not staging:
+            return f
+        new = types.FunctionType(f.__code__, namespace, f.__name__, f.__defaults__, f.__closure__)
+        new.__kwdefaults__ = f.__kwdefaults__
+        new.__dict__.update(f.__dict__)
+        new.__qualname__ = f.__qualname__
+        new.__module__ = f.__module__
+        new.__doc__ = f.__doc__
+        new.__annotations__ = f.__annotations__
+        return new
+
+    def fix_class(cls: type) -> None:
+        for attr, v in list(vars(cls).items()):
+            target = v.__func__ if isinstance(v, (staticmethod, classmethod)) else v
+            if isinstance(target, types.FunctionType) and target.__globals__ is staging:
+                fixed = fix_function(target)
+                try:
+                    setattr(cls, attr, type(v)(fixed) if target is not v else fixed)
+                except (AttributeError, TypeError):
+                    pass
+
+    if isinstance(value, types.FunctionType):
+        return fix_function(value)
+    if isinstance(value, type):
+        fix_class(value)
+    elif getattr(type(value), "__module__", None) == "__main__":
+        fix_class(type(value))
+    return value
+
+
+class _Job:
+    """Follows one submitted job to its end and turns its outcome into a value or an error."""
+
+    def __init__(self, client: GatewayClient, record: dict[str, Any], state: JobState,
+                 view: StatusView, source: str, opts: Options, namespace: dict[str, Any],
+                 sent: dict[str, Any]) -> None:
+        self.client, self.record, self.state, self.view = client, record, state, view
+        self.id = record["id"]
+        self.source, self.opts, self.namespace, self.sent = source, opts, namespace, sent
+        self.error: dict[str, Any] | None = None
+        self.result: dict[str, Any] | None = None
+        self.bound: dict[str, Any] = {}
+        self.value: Any = None
+        self.has_value = False
+
+    def follow(self) -> Any:
+        for ev in self.client.events(self.id):
+            self._on_event(ev)
+        return self._outcome()
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        if kind == "stdout":
+            sys.stdout.write(ev.get("text", ""))
+            sys.stdout.flush()
+        elif kind == "stderr":
+            sys.stderr.write(ev.get("text", ""))
+            sys.stderr.flush()
+        elif kind in ("display", "update_display"):
+            from IPython.display import publish_display_data
+
+            transient = {"display_id": ev["display_id"]} if ev.get("display_id") else None
+            publish_display_data(ev.get("data", {}), ev.get("metadata") or {},
+                                 transient=transient, update=kind == "update_display")
+        elif kind == "clear_output":
+            from IPython.display import clear_output
+
+            clear_output(wait=bool(ev.get("wait")))
+        elif kind == "result":
+            self.result = ev
+            self._take_result(ev)
+        elif kind == "error":
+            self.error = ev
+        self.state.apply(ev)
+        if kind in ("queued", "granted", "started", "done", "result"):
+            self.view.refresh()
+
+    def _take_result(self, ev: dict[str, Any]) -> None:
+        blob = self.client.download(ev["blob"])
+        buffers = [self.client.download(d) for d in ev.get("buffers", [])]
+        self.state.received_bytes = len(blob) + sum(len(b) for b in buffers)
+        staging: dict[str, Any] = {"__name__": "__main__"}
+        payload = _payload.loads(blob, buffers, namespace=staging, inputs=self.sent)
+        names = {n: _rehome(v, staging, self.namespace) for n, v in payload["names"].items()}
+        deleted = list(ev.get("deleted", []))
+        with _sigint_deferred():  # all at once or not at all
+            self.namespace.update(names)
+            for n in deleted:
+                self.namespace.pop(n, None)
+        self.bound = names
+        self.state.bound = list(names)
+        if "value" in payload:
+            self.has_value = True
+            self.value = _rehome(payload["value"], staging, self.namespace)
+        for name, why in (ev.get("skipped") or {}).items():
+            print(f"[gpu_magic] {name} was not brought back: {why}", file=sys.stderr)
+        if ev.get("cuda_moved"):
+            n = ev["cuda_moved"]
+            print(f"[gpu_magic] {n} CUDA tensor{'s' if n != 1 else ''} came back on the CPU "
+                  "(this machine has no GPU); move them with .to('cuda') inside a %%gpu cell",
+                  file=sys.stderr)
+
+    def _outcome(self) -> Any:
+        state = self.state.state
+        grant = self.state.grant
+        msg = self.state.message or ""
+        if state == "succeeded":
+            return self.value if self.has_value else None
+        if state == "failed" and self.error is not None:
+            raise self._remote_exception()
+        if state == "cancelled":
+            raise JobCancelled(f"GPU job {self.id} was cancelled: {msg}", job_id=self.id)
+        if state == "timed_out":
+            raise JobTimeout(f"GPU job {self.id} on {where(grant)} timed out: {msg}",
+                             job_id=self.id, state=state)
+        if state == "expired":
+            raise WaitExpired(f"GPU job {self.id}: {msg}")
+        if state == "lost":
+            raise RunnerLost(f"GPU job {self.id} on {where(grant)} was lost: {msg}",
+                             job_id=self.id, state=state)
+        raise JobFailed(f"GPU job {self.id} {state}: {msg}", job_id=self.id, state=state)
+
+    def _remote_exception(self) -> BaseException:
+        ev = self.error or {}
+        exc: Any = None
+        if ev.get("exception"):
+            try:
+                exc = _payload.loads(self.client.download(ev["exception"]), namespace={})
+            except Exception:
+                exc = None
+        lines = render_traceback(ev, self.source, line_offset=self.opts.line_offset,
+                                 label=self.opts.label, grant=self.state.grant, job_id=self.id,
+                                 cell_name=_cell_name)
+        return rebuild(ev, exc, lines)
+
+
+def _cell_name(filename: str) -> str | None:
+    """``Cell In[3]`` for a file that is a notebook cell of this kernel."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    ip = get_ipython()
+    mapping = getattr(getattr(ip, "compile", None), "_filename_map", None) or {}
+    n = mapping.get(filename)
+    return f"Cell In[{n}]" if n is not None else None
+
+
+def _cancel_quietly(client: GatewayClient, job_id: str) -> None:
+    # a fresh, short-timeout client: the pooled connection may be mid-request after Ctrl-C
+    fresh = GatewayClient(client.url, client.token, connect_timeout=3.0)
+    try:
+        fresh.cancel(job_id)
+    except Exception:
+        pass
+    finally:
+        fresh.close()
+    client.reset()
+
+
+def submit(
+    source: str,
+    spec: Any = None,
+    namespace: dict[str, Any] | None = None,
+    opts: Options | None = None,
+    *,
+    hidden: Collection[str] = (),
+    client: GatewayClient | None = None,
+) -> _Job | dict[str, Any]:
+    """Analyse, pack, upload and submit; returns the followable job (or the dry-run report)."""
+    opts = opts or Options()
+    namespace = namespace if namespace is not None else {}
+    get_client = (lambda: client) if client is not None else connect
+    gspec = _parse(spec, get_client)  # type: ignore[arg-type]
+    analysis = analyze_cell(source)
+    values = select_inputs(analysis.inputs, namespace, hidden)
+    local_dir = Path.cwd()
+    packed = _payload.pack_inputs(values, namespace, local_dir)
+    if opts.dry_run:
+        return _dry_run(values, packed, gspec, get_client, local_dir, namespace)
+    cl = get_client()
+    try:
+        health = cl.health()
+    except GatewayError:
+        invalidate_local()
+        cl = connect() if client is None else cl
+        health = cl.health(refresh=True)
+    _check_environment(health)
+    blobs = packed.blobs()
+    state = JobState(str(gspec))
+    state.sent_bytes = _upload(cl, blobs, state)
+    body = {
+        "source": source,
+        "spec": gspec.to_json(),
+        "inputs": packed.manifest,
+        "input_names": list(values),
+        "outputs": list(analysis.outputs),
+        "deleted": sorted(analysis.deleted),
+        "has_value": analysis.has_value,
+        "return_names": opts.return_names,
+        "no_return": opts.no_return,
+        "timeout": opts.timeout,
+        "wait": opts.wait,
+        "retries": opts.retries,
+        "oom_fallback": opts.oom_fallback,
+        "env": opts.env,
+        "python": sys.executable,
+        "python_version": platform.python_version(),
+        "cwd": os.getcwd(),
+        "background": opts.background,
+        "meta": opts.meta,
+    }
+    try:
+        record = cl.submit(body)
+    except GatewayError as exc:
+        if exc.status != 409:
+            raise
+        _upload(cl, blobs, state)  # the gateway dropped some blobs since we asked: resend once
+        record = cl.submit(body)
+    state.job_id = record["id"]
+    view = StatusView(state, quiet=opts.quiet)
+    return _Job(cl, record, state, view, source, opts, namespace, values)
+
+
+def _upload(client: GatewayClient, blobs: dict[str, memoryview], state: JobState) -> int:
+    missing = set(client.missing(list(blobs)))
+    state.reused = len(blobs) - len(missing)
+    sent = 0
+    for d in missing:
+        client.upload(d, blobs[d])
+        sent += blobs[d].nbytes
+    return sent
+
+
+def run(
+    source: str,
+    spec: Any = None,
+    namespace: dict[str, Any] | None = None,
+    *,
+    hidden: Collection[str] = (),
+    client: GatewayClient | None = None,
+    **options: Any,
+) -> Any:
+    """Run ``source`` on a GPU of the pool, reading and binding names in ``namespace``.
+
+    ``spec`` is a GPU spec such as ``"H100:2, A100-80GB, any"``; ``options`` are those of
+    :class:`Options` (``timeout``, ``wait``, ``retries``, ``return_names``, ``quiet``, ...).
+    Returns the value of the cell's last expression (None if it has none).
+    """
+    if namespace is None:
+        frame = inspect.currentframe()
+        namespace = frame.f_back.f_globals if frame and frame.f_back else {}
+    opts = Options(**options)
+    job = submit(source, spec, namespace, opts, hidden=hidden, client=client)
+    if isinstance(job, dict):
+        return job
+    job.view.show()
+    try:
+        return job.follow()
+    except KeyboardInterrupt:
+        with _sigint_deferred():
+            _cancel_quietly(job.client, job.id)
+        raise JobCancelled(
+            f"GPU job {job.id} was cancelled by an interrupt; its GPUs are released and any "
+            "output so far was shown", job_id=job.id,
+        ) from None
+    finally:
+        job.view.refresh(force=True)
+
+
+def _dry_run(values: dict[str, Any], packed: _payload.Packed, spec: GpuSpec,
+             get_client: Callable[[], GatewayClient], local_dir: Path,
+             namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The pre-flight report: every input, its type, size and how it travels."""
+    cached: set[str] = set()
+    try:
+        blobs = packed.blobs()
+        missing = set(get_client().missing(list(blobs)))
+        cached = set(blobs) - missing
+        reachable = True
+    except GatewayError:
+        reachable = False
+    rows = []
+    for name, value in values.items():
+        try:
+            one, _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir)
+            size = one.nbytes
+            how = _payload.travel_mode(value, local_dir)
+            if one.buffer_digests and all(d in cached for d in one.buffer_digests):
+                how += ", already cached on the gateway"
+        except Exception:
+            size, how = 0, "cannot be sent"
+        rows.append({"name": name, "type": type(value).__qualname__, "bytes": size, "travels": how})
+    report = {"spec": str(spec), "inputs": rows, "total_bytes": packed.nbytes,
+              "gateway_reachable": reachable}
+    return DryRunReport(report)
+
+
+class DryRunReport(dict):  # type: ignore[type-arg]
+    """The dry-run report; a dict that shows itself as a table."""
+
+    def _rows(self) -> list[tuple[str, str, str, str]]:
+        return [(r["name"], r["type"], _human(r["bytes"]), r["travels"]) for r in self["inputs"]]
+
+    def __repr__(self) -> str:
+        head = f"dry run for {self['spec']}: {len(self['inputs'])} input(s), {_human(self['total_bytes'])} in all"
+        if not self["gateway_reachable"]:
+            head += " (gateway not reachable: cache unknown)"
+        rows = self._rows()
+        if not rows:
+            return head + "\n(no inputs: the cell uses no names from this namespace)"
+        widths = [max(len(x[i]) for x in rows + [("name", "type", "size", "travels")]) for i in range(4)]
+        lines = [head, "  ".join(h.ljust(w) for h, w in zip(("name", "type", "size", "travels"), widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: each call of the function runs on a GPU of the pool and returns its result.
+
+    ``@gpu("H100, any")`` above a function defined in a notebook; arguments and the result travel
+    like a cell's inputs and value.
+    """
+    if callable(spec) and not isinstance(spec, (str, list, tuple)):
+        return gpu()(spec)  # used bare: @gpu
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            ns = {"__gpu_fn__": fn, "__gpu_args__": args, "__gpu_kwargs__": kwargs}
+            source = "__gpu_fn__(*__gpu_args__, **__gpu_kwargs__)"
+            return run(source, spec, ns, no_return=True, quiet=True, **options)
+
+        call.remote_spec = spec  # type: ignore[attr-defined]
+        return call
+
+    return wrap
+

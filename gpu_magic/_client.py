@@ -1,0 +1,191 @@
+"""The HTTP client of a gateway: one keep-alive httpx.Client per gateway.
+
+Uploads stream memoryview slices (httpx with one large ``content=`` bytes object is quadratic),
+downloads land in a preallocated buffer, and a job's event stream resumes after a dropped
+connection from the last event seen (``Last-Event-ID``), so no event is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from ._errors import AuthError, GatewayError
+
+CHUNK = 1 << 20
+RESUME_ATTEMPTS = 20
+
+
+class GatewayClient:
+    """Talks to one gateway with one token."""
+
+    def __init__(self, url: str, token: str | None, *, connect_timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self._timeout = httpx.Timeout(connect_timeout, read=60.0)
+        self._http = self._new_http()
+        self._health: dict[str, Any] | None = None
+
+    def _new_http(self) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=self._timeout)
+
+    def reset(self) -> None:
+        """Drop pooled connections (after an interrupt may have left one half-used)."""
+        try:
+            self._http.close()
+        except Exception:
+            pass
+        self._http = self._new_http()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- plumbing ---
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise GatewayError(
+                f"cannot reach the gpu_magic gateway at {self.url}: {exc}. Is it running? "
+                "(`gpu-magic serve`, or check GPU_MAGIC_URL)"
+            ) from None
+        _check(resp, self.url)
+        return resp
+
+    def health(self, refresh: bool = False) -> dict[str, Any]:
+        if self._health is None or refresh:
+            self._health = self._request("GET", "/v1/health").json()
+        return self._health
+
+    def pool(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/pool").json()
+
+    def jobs(self, everyone: bool = False) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/jobs", params={"all": everyone}).json()["jobs"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/v1/jobs/{job_id}").json()
+
+    def missing(self, digests: list[str]) -> list[str]:
+        if not digests:
+            return []
+        return self._request("POST", "/v1/blobs/missing", json={"digests": digests}).json()["missing"]
+
+    def upload(self, digest: str, data: memoryview) -> None:
+        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+
+        def slices() -> Iterator[memoryview]:
+            for i in range(0, view.nbytes, CHUNK):
+                yield view[i : i + CHUNK]
+
+        self._request("PUT", f"/v1/blobs/{digest}", content=slices(),
+                      headers={"Content-Length": str(view.nbytes),
+                               "Content-Type": "application/octet-stream"})
+
+    def download(self, digest: str) -> bytearray:
+        try:
+            with self._http.stream("GET", f"/v1/blobs/{digest}") as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _check(resp, self.url)
+                size = int(resp.headers.get("Content-Length", "0"))
+                buf = bytearray(size)
+                view = memoryview(buf)
+                got = 0
+                for chunk in resp.iter_raw(CHUNK):
+                    n = len(chunk)
+                    if got + n > size:
+                        buf.extend(b"\0" * (got + n - size))
+                        view = memoryview(buf)
+                        size = got + n
+                    view[got : got + n] = chunk
+                    got += n
+        except httpx.TransportError as exc:
+            raise GatewayError(f"the download of result {digest} from {self.url} broke: {exc}") from None
+        if got != size:
+            raise GatewayError(f"result {digest} arrived short ({got} of {size} bytes)")
+        return buf
+
+    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", "/v1/jobs", json=body).json()
+
+    def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
+        """The job's events in order, each exactly once, resuming after dropped connections."""
+        last = after
+        failures = 0
+        while True:
+            try:
+                headers = {"Last-Event-ID": str(last)} if last else {}
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                                       params={"after": last}) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        _check(resp, self.url)
+                    for ev in _parse_sse(resp.iter_lines()):
+                        seq = int(ev.get("seq", 0))
+                        if seq and seq <= last:
+                            continue
+                        last = seq or last
+                        failures = 0
+                        yield ev
+                        if ev.get("type") == "done":
+                            return
+            except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+                failures += 1
+                if failures > RESUME_ATTEMPTS:
+                    raise GatewayError(
+                        f"lost the event stream of job {job_id} from {self.url} and could not "
+                        f"resume it: {exc}. The job may still be running: %gpu attach {job_id}"
+                    ) from None
+                time.sleep(min(2.0, 0.05 * 2**failures))
+                continue
+            # the server closed the stream without a done event: resume from where we are
+            failures += 1
+            if failures > RESUME_ATTEMPTS:
+                raise GatewayError(f"the event stream of job {job_id} keeps ending early")
+            time.sleep(min(2.0, 0.05 * 2**failures))
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield json.loads("\n".join(data))
+                data = []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+
+
+def _check(resp: httpx.Response, url: str) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"message": resp.text[:500]}
+    message = body.get("message") if isinstance(body, dict) else None
+    if message is None and isinstance(body, dict) and "detail" in body:
+        message = json.dumps(body["detail"])[:1000]
+    if resp.status_code == 401:
+        raise AuthError(
+            f"the gateway at {url} refused our token: {message}. Set GPU_MAGIC_TOKEN to the "
+            "token of this gateway (its owner finds it in <state-dir>/token), or use "
+            "%gpu connect URL",
+            status=401, detail=body,
+        )
+    raise GatewayError(message or f"the gateway answered {resp.status_code}",
+                       status=resp.status_code, detail=body)

@@ -1,0 +1,176 @@
+"""The embedded default: find or start this user's one local gateway on this host.
+
+The gateway is a detached process (it outlives the kernel that started it and exits after an
+idle period), on loopback with a token, described by a 0600 runtime file in Jupyter's runtime
+directory. Starting is guarded by a file lock, so two kernels never start two gateways, and a
+running gateway whose version or configuration differs is never silently reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ._errors import GatewayError
+from ._version import __version__
+
+START_TIMEOUT_S = 60.0
+IDLE_TIMEOUT_S = 3600.0
+
+
+def runtime_path() -> Path:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    d = Path(jupyter_runtime_dir())
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d / f"gpu-magic-gateway-{socket.gethostname()}.json"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "url" in info else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _healthy(info: dict[str, Any]) -> bool:
+    if info.get("host") != socket.gethostname() or not _pid_alive(int(info.get("pid", 0))):
+        return False
+    try:
+        return httpx.get(info["url"] + "/v1/health", timeout=3.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _idle(info: dict[str, Any]) -> bool:
+    try:
+        pool = httpx.get(info["url"] + "/v1/pool", timeout=3.0,
+                         headers={"Authorization": f"Bearer {info.get('token', '')}"}).json()
+    except (httpx.HTTPError, ValueError):
+        return True
+    return not pool.get("queue_length") and not pool.get("running")
+
+
+def _stop(info: dict[str, Any], path: Path, wait: float = 10.0) -> None:
+    pid = int(info.get("pid", 0))
+    if pid and _pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def wanted_config(simulate: str | None) -> dict[str, Any]:
+    return {"backend": "local", "simulate": simulate or None}
+
+
+def ensure_local_gateway(simulate: str | None = None, *, state_dir: Path | None = None) -> dict[str, Any]:
+    """The runtime info (url, token, ...) of this user's local gateway, starting it if needed."""
+    path = runtime_path()
+    want = wanted_config(simulate)
+    with _locked(path):
+        info = _read(path)
+        if info is not None and _healthy(info):
+            if info.get("version") == __version__ and info.get("config") == want:
+                return info
+            what = (f"version {info.get('version')}" if info.get("version") != __version__
+                    else f"configuration {info.get('config')}")
+            if not _idle(info):
+                raise GatewayError(
+                    f"the local gpu_magic gateway (pid {info.get('pid')}) runs with {what}, but "
+                    f"this kernel wants version {__version__} with {want}, and it still has jobs. "
+                    "Let them finish and run `gpu-magic stop` (or %gpu stop), or set "
+                    "GPU_MAGIC_SIMULATE to match."
+                )
+            print(f"gpu_magic: restarting the local gateway ({what} differs from {want})",
+                  file=sys.stderr)
+            _stop(info, path)
+        elif info is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return _start(path, simulate, state_dir)
+
+
+def _start(path: Path, simulate: str | None, state_dir: Path | None) -> dict[str, Any]:
+    from .server.serve import default_state_dir
+
+    state = state_dir or default_state_dir()
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cmd = [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--runtime-file", str(path),
+           "--idle-timeout", str(IDLE_TIMEOUT_S), "--state-dir", str(state)]
+    if simulate:
+        cmd += ["--simulate", simulate]
+    env = {k: v for k, v in os.environ.items() if k not in ("GPU_MAGIC_TOKEN", "GPU_MAGIC_URL")}
+    with open(state / "gateway.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        info = _read(path)
+        if info is not None and info.get("pid") == proc.pid:
+            return info
+        if proc.poll() is not None:
+            tail = (state / "gateway.log").read_text(errors="replace")[-1500:]
+            raise GatewayError(
+                f"the local gpu_magic gateway failed to start (exit code {proc.returncode}). "
+                f"Its log ({state / 'gateway.log'}) ends with:\n{tail}"
+            )
+        time.sleep(0.02)
+    proc.terminate()
+    raise GatewayError(
+        f"the local gpu_magic gateway did not start within {START_TIMEOUT_S:g} s; see "
+        f"{state / 'gateway.log'}"
+    )
+
+
+def stop_local_gateway() -> str:
+    """Stop this user's local gateway, if one runs; say what happened."""
+    path = runtime_path()
+    with _locked(path):
+        info = _read(path)
+        if info is None or not _pid_alive(int(info.get("pid", 0))):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return "no local gpu_magic gateway is running"
+        _stop(info, path)
+        return f"stopped the local gpu_magic gateway (pid {info['pid']}, {info['url']})"

@@ -1,0 +1,122 @@
+"""The one error tree of gpu_magic.
+
+Every message says what happened, the offending value, and how to fix it.
+
+    GpuMagicError
+    ├── SpecError                 bad GPU spec (also a ValueError)
+    ├── CaptureError              the cell cannot be analysed (star import, syntax)
+    ├── SerializationError        an input or result cannot be pickled
+    │   └── EnvironmentMismatch   the runner's Python differs from ours
+    ├── SchedulingError           the pool can never or did not in time grant the job
+    │   ├── NoFeasibleOption      refused at submit: no option fits this pool
+    │   └── WaitExpired           --wait ran out while queued
+    ├── JobFailed                 the job ended without a result
+    │   ├── JobTimeout            --timeout ran out while running
+    │   └── RunnerLost            the runner died (killed, crashed, node lost)
+    ├── RemoteError               the cell raised and its exception could not be rebuilt here
+    └── GatewayError              the gateway cannot be reached or answered an error
+        └── AuthError             missing or wrong token
+
+    JobCancelled (BaseException)  the job was cancelled; ``except Exception`` must not swallow it
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GpuMagicError(Exception):
+    """Base of every error gpu_magic raises on purpose."""
+
+
+class SpecError(GpuMagicError, ValueError):
+    """A GPU spec that cannot be parsed or names an unknown type or a bad count."""
+
+    def __init__(self, message: str, *, spec: str = "", suggestion: str | None = None) -> None:
+        super().__init__(message)
+        self.spec = spec
+        self.suggestion = suggestion
+
+
+class CaptureError(GpuMagicError):
+    """The cell cannot be analysed for the names it uses."""
+
+
+class SerializationError(GpuMagicError):
+    """An input (or result) cannot be pickled; ``name`` and ``path`` say which object."""
+
+    def __init__(self, message: str, *, name: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.path = path
+
+
+class EnvironmentMismatch(SerializationError):
+    """The runner's Python minor version differs from the client's (cloudpickle needs the same)."""
+
+
+class SchedulingError(GpuMagicError):
+    """The pool cannot grant the job."""
+
+
+class NoFeasibleOption(SchedulingError):
+    """No option of the spec could ever be granted on this pool."""
+
+
+class WaitExpired(SchedulingError):
+    """The job stayed queued longer than ``--wait`` allowed."""
+
+
+class JobFailed(GpuMagicError):
+    """The job ended without a result (other than the cell raising)."""
+
+    def __init__(self, message: str, *, job_id: str | None = None, state: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+
+
+class JobTimeout(JobFailed):
+    """The job ran longer than ``--timeout``."""
+
+
+class RunnerLost(JobFailed):
+    """The runner process died (killed, crashed, node lost) before the cell finished."""
+
+
+class RemoteError(GpuMagicError):
+    """An exception raised by the cell remotely whose type cannot be rebuilt here."""
+
+    def __init__(self, ename: str, evalue: str, traceback_text: str = "") -> None:
+        super().__init__(f"{ename}: {evalue}")
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback_text = traceback_text
+
+    def _render_traceback_(self) -> list[str]:
+        return self.traceback_text.splitlines() or [f"{self.ename}: {self.evalue}"]
+
+
+class GatewayError(GpuMagicError):
+    """The gateway could not be reached or answered with an error."""
+
+    def __init__(self, message: str, *, status: int | None = None, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+
+
+class AuthError(GatewayError):
+    """The gateway refused our token."""
+
+
+class JobCancelled(BaseException):
+    """The job was cancelled (Ctrl-C, the Cancel button, ``%gpu cancel``).
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that a user's ``except Exception:`` around
+    a ``gpu_magic.run`` call does not swallow a cancellation.
+    """
+
+    def __init__(self, message: str = "the GPU job was cancelled", *, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id

@@ -1,0 +1,192 @@
+"""``%%gpu`` and ``%gpu``: the IPython face of :func:`gpu_magic.run`.
+
+Cell form::
+
+    %%gpu [SPEC] [--timeout S] [--wait S] [--retries N] [--oom-fallback]
+                 [--return NAMES | --no-return] [--background] [--env KEY=VALUE]... [--quiet]
+                 [--dry-run]
+
+Line form: ``%gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID | status | stop``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Unicode
+
+from . import _api
+from ._connection import connect, current_target, set_connection
+from ._errors import GpuMagicError
+from ._tables import jobs_bundle, pool_bundle
+
+_LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "status", "stop")
+
+
+def _split(line: str) -> tuple[str, str]:
+    """Separate the spec (free text, may hold commas, spaces, a list literal) from the flags."""
+    m = re.search(r"(^|\s)--?[A-Za-z]", line)
+    if m is None:
+        return line.strip(), ""
+    return line[: m.start()].strip(), line[m.start():].strip()
+
+
+@magics_class
+class GPUMagics(Magics):
+    """Run a cell on a GPU of a gpu_magic pool."""
+
+    url = Unicode("", help="URL of the gateway (default: GPU_MAGIC_URL, else the local one)").tag(
+        config=True)
+    token = Unicode("", help="token for the gateway (default: GPU_MAGIC_TOKEN)").tag(config=True)
+
+    @magic_arguments()
+    @argument("spec", nargs="*",
+              help="GPU options, most preferred first: 'H100:2, A100-80GB:2, any' (default any)")
+    @argument("--timeout", type=float, default=None, help="seconds the cell may run (default 3600)")
+    @argument("--wait", type=float, default=None, help="seconds to wait in the queue (default: no limit)")
+    @argument("--retries", type=int, default=0, help="re-runs if the runner dies (not if the cell raises)")
+    @argument("--oom-fallback", action="store_true",
+              help="after a CUDA out-of-memory error, re-run on the next option with more GPU memory")
+    @argument("--return", dest="return_names", default=None,
+              help="comma-separated names to bring back (default: every name the cell binds)")
+    @argument("--no-return", action="store_true", help="bring no names back")
+    @argument("--background", action="store_true", help="return at once with a job handle")
+    @argument("--env", action="append", default=[], metavar="KEY=VALUE",
+              help="environment variable for the cell; KEY alone passes this kernel's value")
+    @argument("--quiet", action="store_true", help="no status display, only the cell's output")
+    @argument("--dry-run", action="store_true", help="show what would be sent; send nothing")
+    @line_cell_magic
+    def gpu(self, line: str, cell: str | None = None) -> Any:
+        """Run the cell on a GPU of the pool (%%gpu), or manage the pool and jobs (%gpu ...).
+
+        Line commands: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID |
+        status | stop
+        """
+        if cell is None:
+            return self._line(line)
+        spec_text, flags = _split(line)
+        try:
+            args = parse_argstring(self.gpu, flags)
+        except UsageError as exc:
+            raise UsageError(f"{exc}\nusage: %%gpu [SPEC] [options]; see %gpu? for the options")
+        if args.spec:
+            raise UsageError(f"put the GPU spec before the options: %%gpu {' '.join(args.spec)} {flags}")
+        if args.return_names is not None and args.no_return:
+            raise UsageError("--return and --no-return contradict each other; use one of them")
+        if args.retries < 0:
+            raise UsageError(f"--retries {args.retries}: must be 0 or more")
+        opts = _api.Options(
+            timeout=args.timeout, wait=args.wait, retries=args.retries,
+            oom_fallback=args.oom_fallback,
+            return_names=[n.strip() for n in args.return_names.split(",") if n.strip()]
+            if args.return_names is not None else None,
+            no_return=args.no_return, env=self._env(args.env), quiet=args.quiet,
+            dry_run=args.dry_run, background=args.background, line_offset=1,
+            label=self._label(), meta=self._meta(),
+        )
+        shell = self.shell
+        assert shell is not None
+        if self.url:
+            set_connection(self.url, self.token or None)
+        result = _api.run(cell, spec_text or None, shell.user_ns,
+                          hidden=set(shell.user_ns_hidden), **vars(opts))
+        return result
+
+    def _label(self) -> str:
+        count = getattr(self.shell, "execution_count", None)
+        return f"Cell In[{count}]" if count is not None else "Cell"
+
+    def _meta(self) -> dict[str, str]:
+        meta = {}
+        parent = getattr(getattr(self.shell, "kernel", None), "get_parent", None)
+        try:
+            header = parent("shell") if parent else None  # type: ignore[misc]
+        except TypeError:
+            header = parent() if parent else None  # type: ignore[misc]
+        md = (header or {}).get("metadata", {}) if isinstance(header, dict) else {}
+        if md.get("cellId"):
+            meta["cell_id"] = str(md["cellId"])
+        path = os.environ.get("JPY_SESSION_NAME")
+        if path:
+            meta["notebook"] = path
+        return meta
+
+    @staticmethod
+    def _env(items: list[str]) -> dict[str, str]:
+        env = {}
+        for item in items:
+            key, eq, value = item.partition("=")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise UsageError(f"--env {item!r}: write KEY=VALUE, or KEY to pass this kernel's value")
+            if not eq:
+                if key not in os.environ:
+                    raise UsageError(f"--env {key}: this kernel has no environment variable {key}")
+                value = os.environ[key]
+            env[key] = value
+        return env
+
+    def _line(self, line: str) -> Any:
+        from IPython.display import display
+
+        words = shlex.split(line)
+        if not words or words[0] not in _LINE_COMMANDS:
+            raise UsageError(
+                "usage: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID | status | stop"
+                " (and %%gpu [SPEC] ... as a cell magic; see %gpu?)"
+            )
+        cmd, rest = words[0], words[1:]
+        if cmd == "connect":
+            return self._connect(rest)
+        if cmd == "stop":
+            from ._embedded import stop_local_gateway
+
+            print(stop_local_gateway())
+            return None
+        client = connect(self.url or None, self.token or None)
+        if cmd == "pool":
+            display(pool_bundle(client.pool()), raw=True)
+        elif cmd == "jobs":
+            display(jobs_bundle(client.jobs()), raw=True)
+        elif cmd == "cancel":
+            if len(rest) != 1:
+                raise UsageError("usage: %gpu cancel JOB_ID (see %gpu jobs for the ids)")
+            rec = client.cancel(rest[0])
+            print(f"job {rec['id']}: {rec['state']}")
+        elif cmd == "status":
+            url, how = current_target()
+            health = client.health(refresh=True)
+            sim = " (simulated pool)" if health.get("simulated") else ""
+            print(f"gateway {client.url} ({how}): gpu_magic {health.get('version')}, "
+                  f"Python {health.get('python')}, backend {health.get('backend')}{sim}")
+        return None
+
+    def _connect(self, rest: list[str]) -> None:
+        if not rest:
+            raise UsageError("usage: %gpu connect URL [--token TOKEN]  (or %gpu connect local)")
+        url = rest[0]
+        token = None
+        if "--token" in rest:
+            i = rest.index("--token")
+            if i + 1 >= len(rest):
+                raise UsageError("--token needs a value; or leave it out to be asked for it")
+            token = rest[i + 1]
+        if url == "local":
+            set_connection(None)
+            print("using the local gpu_magic gateway")
+            return
+        token = token or os.environ.get("GPU_MAGIC_TOKEN") or getpass.getpass(f"token for {url}: ")
+        set_connection(url, token)
+        try:
+            health = connect().health(refresh=True)
+            connect().pool()
+        except GpuMagicError:
+            set_connection(None)
+            raise
+        print(f"connected to {url} (gpu_magic {health.get('version')})")

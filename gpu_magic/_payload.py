@@ -1,0 +1,354 @@
+"""Turning a job's inputs (and results) into content-addressed blobs, and back.
+
+All values of one direction travel in ONE cloudpickle (protocol 5), so two names for one object
+stay one object and notebook functions share one globals dict. Large buffers (numpy arrays,
+tensors, bytes) go out of band, each its own blob named by a self-describing digest
+(``xxh3-128:<hex>``): unchanged arrays are never uploaded twice.
+
+The namespace the notebook's functions live in is pickled as a *persistent id*, not by value: on
+the other side it becomes the namespace the cell runs in (runner) or is bound into (client), so a
+function sees the cell's later assignments as it would locally.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import xxhash
+
+from ._errors import SerializationError
+
+DIGEST_PREFIX = "xxh3-128:"
+# Buffers below this stay inside the pickle: a blob round trip costs more than copying them.
+INLINE_LIMIT = 64 * 1024
+NAMESPACE_PID = "gpu_magic:namespace"
+INPUT_PID = "gpu_magic:input"
+
+
+def digest(data: bytes | bytearray | memoryview) -> str:
+    """The self-describing content digest of some bytes."""
+    return DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(data)
+
+
+def is_digest(value: str) -> bool:
+    """Whether ``value`` looks like a digest we produce (used to validate untrusted input)."""
+    if not value.startswith(DIGEST_PREFIX):
+        return False
+    hexpart = value[len(DIGEST_PREFIX) :]
+    return len(hexpart) == 32 and all(c in "0123456789abcdef" for c in hexpart)
+
+
+@dataclass
+class Packed:
+    """One pickle plus its out-of-band buffers, each named by digest."""
+
+    pickle: bytes
+    buffers: list[memoryview] = field(default_factory=list)
+    buffer_digests: list[str] = field(default_factory=list)
+    pickle_digest: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.pickle_digest:
+            self.pickle_digest = digest(self.pickle)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return {"pickle": self.pickle_digest, "buffers": list(self.buffer_digests)}
+
+    def blobs(self) -> dict[str, memoryview]:
+        """Every blob of this payload by digest (a buffer shared twice is listed once)."""
+        out: dict[str, memoryview] = {self.pickle_digest: memoryview(self.pickle)}
+        for d, b in zip(self.buffer_digests, self.buffers):
+            out.setdefault(d, b)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blobs().values())
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, plus: the notebook namespace by reference, CUDA tensors onto the CPU."""
+
+    def __init__(
+        self,
+        file: io.BytesIO,
+        namespace: Mapping[str, Any] | None,
+        input_refs: Mapping[int, str] | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(file, protocol=5, **kw)
+        self._namespace_id = id(namespace) if namespace is not None else None
+        self._input_refs = input_refs or {}
+        self.cuda_moved = 0
+
+    def persistent_id(self, obj: Any) -> Any:
+        if self._input_refs:
+            name = self._input_refs.get(id(obj))
+            if name is not None:
+                return (INPUT_PID, name)
+        if type(obj) is dict and self._namespace_id is not None:
+            if obj is self.globals_ref.get(self._namespace_id):
+                return NAMESPACE_PID
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if _is_cuda_tensor(obj):
+            self.cuda_moved += 1
+            return obj.cpu().__reduce_ex__(5)
+        return super().reducer_override(obj)
+
+
+def _is_cuda_tensor(obj: Any) -> bool:
+    # Checked by module name so that the client never imports torch itself.
+    mod = type(obj).__module__
+    return mod.startswith("torch") and getattr(obj, "is_cuda", False) is True
+
+
+def _local_modules(base: Path | None) -> list[types.ModuleType]:
+    """User modules beside the notebook (under ``base``), which must travel by value."""
+    if base is None:
+        return []
+    base = base.resolve()
+    prefixes = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    found: dict[str, types.ModuleType] = {}
+    for name, mod in list(sys.modules.items()):
+        file = getattr(mod, "__file__", None)
+        if not file or name == "__main__" or not file.endswith(".py"):
+            continue
+        try:
+            path = Path(file).resolve()
+        except OSError:
+            continue
+        if not path.is_relative_to(base) or any(path.is_relative_to(p) for p in prefixes):
+            continue
+        if "site-packages" in path.parts or "dist-packages" in path.parts:
+            continue
+        found[name.partition(".")[0]] = sys.modules.get(name.partition(".")[0], mod)
+    return list(found.values())
+
+
+def dumps(
+    obj: Any,
+    *,
+    namespace: Mapping[str, Any] | None = None,
+    local_dir: Path | None = None,
+    input_refs: Mapping[int, str] | None = None,
+    inline_limit: int = INLINE_LIMIT,
+) -> tuple[Packed, int]:
+    """Pickle ``obj`` in one go; return the payload and how many CUDA tensors moved to the CPU.
+
+    ``input_refs`` maps ``id()`` of objects the other side already holds to their input name:
+    those travel as a reference and come back as the receiver's own object.
+    """
+    buffers: list[memoryview] = []
+
+    def keep_out_of_band(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < inline_limit:
+            return True  # True means: serialise in band
+        buffers.append(raw)
+        return False
+
+    registered = []
+    for mod in _local_modules(local_dir):
+        try:
+            cloudpickle.register_pickle_by_value(mod)
+            registered.append(mod)
+        except ValueError:
+            pass
+    try:
+        f = io.BytesIO()
+        p = _Pickler(f, namespace, input_refs, buffer_callback=keep_out_of_band)
+        p.dump(obj)
+    finally:
+        for mod in registered:
+            cloudpickle.unregister_pickle_by_value(mod)
+    packed = Packed(f.getvalue(), buffers, [digest(b) for b in buffers])
+    return packed, p.cuda_moved
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(
+        self,
+        file: io.BytesIO,
+        namespace: dict[str, Any],
+        buffers: Iterable[Any],
+        inputs: Mapping[str, Any],
+    ) -> None:
+        super().__init__(file, buffers=buffers)
+        self._namespace = namespace
+        self._inputs = inputs
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid == NAMESPACE_PID:
+            return self._namespace
+        if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == INPUT_PID:
+            if pid[1] in self._inputs:
+                return self._inputs[pid[1]]
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+def loads(
+    data: bytes | memoryview,
+    buffers: Iterable[Any] = (),
+    *,
+    namespace: dict[str, Any],
+    inputs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Unpickle a payload; notebook functions in it get ``namespace`` as their globals and
+    references to inputs resolve to the objects in ``inputs``."""
+    return _Unpickler(io.BytesIO(data), namespace, buffers, inputs or {}).load()
+
+
+def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None) -> str | None:
+    """A digest of an object's pickled state (to see whether a cell changed it); None if unpicklable."""
+    h = xxhash.xxh3_128()
+
+    def hash_buffer(buf: pickle.PickleBuffer) -> bool:
+        h.update(buf.raw())
+        return False
+
+    f = io.BytesIO()
+    try:
+        _Pickler(f, namespace, buffer_callback=hash_buffer).dump(obj)
+    except Exception:
+        return None
+    h.update(f.getbuffer())
+    return h.hexdigest()
+
+
+# --- Diagnosis: which object inside an input cannot be pickled, and what to do about it ---
+
+_KNOWN_UNPICKLABLE: list[tuple[Callable[[Any], bool], str, str]] = [
+    (lambda o: isinstance(o, io.IOBase), "an open file", "open it inside the cell instead"),
+    (lambda o: type(o).__name__ in ("lock", "RLock", "_RLock", "Condition", "Semaphore"),
+     "a thread lock", "create it inside the cell instead"),
+    (lambda o: type(o).__name__ == "socket", "a network socket", "connect inside the cell instead"),
+    (lambda o: isinstance(o, types.GeneratorType), "a generator",
+     "turn it into a list first, or create it inside the cell"),
+    (lambda o: type(o).__name__ == "Connection" and "sqlite3" in type(o).__module__,
+     "a database connection", "connect inside the cell instead"),
+    (lambda o: isinstance(o, (types.FrameType, types.TracebackType)), "a stack frame",
+     "do not keep frames or tracebacks in variables the cell uses"),
+]
+
+
+def describe(obj: Any) -> tuple[str, str]:
+    """A human name for an unpicklable object and the fix to suggest."""
+    for test, what, fix in _KNOWN_UNPICKLABLE:
+        try:
+            if test(obj):
+                return what, fix
+        except Exception:
+            continue
+    tname = type(obj).__qualname__
+    return (
+        f"a {tname} object",
+        f"create it inside the cell, or give {tname} __getstate__/__setstate__ so it can be pickled",
+    )
+
+
+def _pickles(obj: Any) -> bool:
+    try:
+        cloudpickle.dumps(obj, protocol=5, buffer_callback=lambda b: False)
+    except Exception:
+        return False
+    return True
+
+
+def _children(obj: Any) -> Iterable[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        for k, v in list(obj.items())[:1000]:
+            yield f"[{k!r}]", v
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj[:1000]):
+            yield f"[{i}]", v
+        return
+    if isinstance(obj, (set, frozenset)):
+        for v in list(obj)[:1000]:
+            yield f" (set member {v!r:.40})", v
+        return
+    state = getattr(obj, "__dict__", None)
+    if isinstance(state, dict):
+        for k, v in state.items():
+            yield f".{k}", v
+    for slot in getattr(type(obj), "__slots__", ()) or ():
+        if isinstance(slot, str) and hasattr(obj, slot):
+            yield f".{slot}", getattr(obj, slot)
+    closure = getattr(obj, "__closure__", None)
+    code = getattr(obj, "__code__", None)
+    if closure and code is not None:
+        for name, cell in zip(code.co_freevars, closure):
+            try:
+                yield f" (closure variable {name})", cell.cell_contents
+            except ValueError:
+                continue
+
+
+def find_unpicklable(obj: Any, path: str, depth: int = 0, seen: set[int] | None = None) -> tuple[str, Any]:
+    """The deepest attribute path below ``obj`` that fails to pickle (``obj`` itself if none)."""
+    seen = set() if seen is None else seen
+    if depth > 30 or id(obj) in seen:
+        return path, obj
+    seen.add(id(obj))
+    for suffix, child in _children(obj):
+        if not _pickles(child):
+            return find_unpicklable(child, path + suffix, depth + 1, seen)
+    return path, obj
+
+
+def diagnose(name: str, value: Any, error: BaseException | None = None) -> SerializationError:
+    """The error to raise for an input ``name`` that cannot be sent."""
+    path, culprit = find_unpicklable(value, name)
+    what, fix = describe(culprit)
+    if path == name:
+        msg = f"variable '{name}' ({what}) cannot be sent to the GPU: {fix}"
+    else:
+        top, _ = describe(value)
+        msg = f"variable '{name}' ({top}) cannot be sent to the GPU: {path}: {what}; {fix}"
+    if error is not None and not isinstance(culprit, io.IOBase):
+        msg += f" (pickle said: {type(error).__name__}: {error})"
+    return SerializationError(msg, name=name, path=path)
+
+
+def pack_inputs(
+    values: Mapping[str, Any], namespace: Mapping[str, Any] | None, local_dir: Path | None
+) -> Packed:
+    """Pickle a job's inputs together, or raise a SerializationError naming the culprit."""
+    try:
+        packed, _ = dumps(dict(values), namespace=namespace, local_dir=local_dir)
+    except Exception as exc:
+        for name, value in values.items():
+            if not _pickles(value):
+                raise diagnose(name, value, exc) from None
+        raise SerializationError(
+            f"the cell's inputs cannot be pickled together: {type(exc).__name__}: {exc}"
+        ) from exc
+    return packed
+
+
+def travel_mode(value: Any, local_dir: Path | None = None) -> str:
+    """How a value travels: 'by reference' (importable where it runs) or 'by value' (its bytes)."""
+    local = {m.__name__ for m in _local_modules(local_dir)}
+    if isinstance(value, types.ModuleType):
+        return "by value" if value.__name__.partition(".")[0] in local else "by reference"
+    if isinstance(value, (types.FunctionType, type)):
+        modname = getattr(value, "__module__", None) or "__main__"
+        mod = sys.modules.get(modname)
+        if mod is not None and modname != "__main__" and modname.partition(".")[0] not in local:
+            found: Any = mod
+            for part in getattr(value, "__qualname__", "").split("."):
+                found = getattr(found, part, None)
+            if found is value:
+                return "by reference"
+    return "by value"

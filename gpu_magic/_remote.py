@@ -1,0 +1,72 @@
+"""Remote errors that look local: the cell's exception, rebuilt, with a traceback in its own
+line numbers and a line saying where it ran."""
+
+from __future__ import annotations
+
+import linecache
+from collections.abc import Callable
+from typing import Any
+
+from ._errors import RemoteError
+
+_RULE = "-" * 75
+
+
+def where(grant: dict[str, Any] | None) -> str:
+    """``H100 ×2 on node-3 (simulated)`` for messages."""
+    if not grant:
+        return "the GPU pool"
+    text = f"{grant.get('gpu_type')} ×{grant.get('count')} on {grant.get('node')}"
+    if grant.get("simulated"):
+        text += " (simulated)"
+    return text
+
+
+def render_traceback(
+    event: dict[str, Any],
+    source: str,
+    *,
+    line_offset: int = 0,
+    label: str = "Cell",
+    grant: dict[str, Any] | None = None,
+    job_id: str | None = None,
+    cell_name: Callable[[str], str | None] | None = None,
+) -> list[str]:
+    """The lines IPython shows for the remote exception."""
+    ename, evalue = event.get("ename", "Exception"), event.get("evalue", "")
+    lines = [_RULE, f"{ename:<40}Traceback (most recent call last)",
+             f"raised remotely on {where(grant)}" + (f", job {job_id}" if job_id else "")]
+    src_lines = source.splitlines()
+    for fr in event.get("traceback", []):
+        lineno = int(fr.get("lineno") or 0)
+        if fr.get("cell"):
+            shown = lineno + line_offset
+            lines.append(f"{label}, line {shown}" + ("" if fr.get("name") == "<module>"
+                                                     else f", in {fr.get('name')}"))
+            text = src_lines[lineno - 1] if 0 < lineno <= len(src_lines) else fr.get("line", "")
+            lines.append(f"----> {shown} {text.rstrip()}")
+        else:
+            filename = fr.get("filename", "?")
+            local_name = cell_name(filename) if cell_name else None
+            text = linecache.getline(filename, lineno).rstrip() or fr.get("line", "")
+            head = f"{local_name}, line {lineno}" if local_name else f"File {filename}:{lineno}"
+            lines.append(f"{head}, in {fr.get('name')}")
+            if text:
+                lines.append(f"----> {lineno} {text.strip()}")
+        lines.append("")
+    lines.append(f"{ename}: {evalue}" if evalue else ename)
+    return lines
+
+
+def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str]) -> BaseException:
+    """The exception to raise here: the same type where it unpickled, else RemoteError."""
+    if isinstance(exc, Exception):
+        try:
+            # IPython asks the exception itself how to render it; an instance attribute is
+            # enough and leaves the type (and the user's except clauses) unchanged
+            exc._render_traceback_ = lambda: list(tb_lines)  # type: ignore[attr-defined]
+            exc.__traceback__ = None
+            return exc
+        except (AttributeError, TypeError):
+            pass
+    return RemoteError(event.get("ename", "Exception"), event.get("evalue", ""), "\n".join(tb_lines))

@@ -1,0 +1,309 @@
+"""The GPU spec of ``%%gpu``: ``H100:2, A100-80GB:2, any`` parsed into an ordered list of options.
+
+Pure: no I/O, no clock. The catalogue is Modal's; a pool may add type names of its own
+(``extra_types``), which the gateway checks. Every refusal is a :class:`SpecError` that says what
+is wrong, quotes the offending value and shows how to write it instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import SpecError
+
+MAX_COUNT = 8
+_UNKNOWN_MEMORY_RANK = 1_000_000  # `any` ranks pool types of unknown memory after known ones
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_COUNT = re.compile(r"[+-]?[0-9]+")
+_FORM = "write TYPE[:COUNT], e.g. H100:2 or any"
+
+
+@dataclass(frozen=True)
+class GpuType:
+    """One entry of the catalogue."""
+
+    name: str
+    memory_gb: int
+    max_count: int = MAX_COUNT
+    aliases: tuple[str, ...] = ()
+
+
+CATALOGUE: dict[str, GpuType] = {
+    t.name: t
+    for t in (
+        GpuType("T4", 16),
+        GpuType("L4", 24),
+        GpuType("A10", 24, max_count=4, aliases=("A10G",)),
+        GpuType("L40S", 48),
+        GpuType("A100-40GB", 40),
+        GpuType("A100-80GB", 80),
+        GpuType("RTX-PRO-6000", 96),
+        GpuType("H100", 80),
+        GpuType("H200", 141),
+        GpuType("B200", 180),
+    )
+}
+# A family name matches any of its members, the earlier ones preferred.
+FAMILIES: dict[str, tuple[str, ...]] = {"A100": ("A100-40GB", "A100-80GB")}
+_ALIASES = {alias: t.name for t in CATALOGUE.values() for alias in t.aliases}
+# Every accepted name in catalogue order, each family just before its first member.
+KNOWN_TYPES: tuple[str, ...] = tuple(
+    name
+    for entry in CATALOGUE
+    for name in (*(f for f, members in FAMILIES.items() if members[0] == entry), entry)
+)
+
+
+def _resolve(name: str) -> str:
+    upper = name.strip().upper()
+    return _ALIASES.get(upper, upper)
+
+
+def _extras(extra_types: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(extra_types, str):
+        extra_types = (extra_types,)
+    return tuple(dict.fromkeys(_resolve(e) for e in extra_types))
+
+
+def memory_gb(gpu_type: str) -> int | None:
+    """GPU memory of a catalogue type, alias or family (its smallest member); None if unknown."""
+    name = _resolve(gpu_type)
+    entry = CATALOGUE.get(FAMILIES.get(name, (name,))[0])
+    return entry.memory_gb if entry else None
+
+
+def canonical_type(name: str, extra_types: Iterable[str] = ()) -> str:
+    """The canonical upper-case name of a GPU type (aliases resolved); SpecError if unknown."""
+    return _canonical(name, _extras(extra_types), spec=name)
+
+
+def _canonical(name: str, extras: tuple[str, ...], *, spec: str) -> str:
+    resolved = _resolve(name)
+    if resolved in CATALOGUE or resolved in FAMILIES or resolved in extras:
+        return resolved
+    known = [*KNOWN_TYPES, *(e for e in extras if e not in KNOWN_TYPES)]
+    close = difflib.get_close_matches(resolved, [*known, *_ALIASES], n=1, cutoff=0.6)
+    suggestion = close[0] if close else None
+    hint = f"did you mean {suggestion}? " if suggestion else ""
+    raise SpecError(
+        f"'{name.strip()}' is not a GPU type; {hint}Known types: {', '.join(known)} (or any)",
+        spec=spec,
+        suggestion=suggestion,
+    )
+
+
+def _check_count(gpu_type: str | None, count: int, option: str, count_text: str, spec: str) -> None:
+    if not 1 <= count <= MAX_COUNT:
+        raise SpecError(
+            f"'{option}' asks for {count_text} GPUs; a count must be between 1 and {MAX_COUNT}",
+            spec=spec,
+        )
+    entry = CATALOGUE.get(gpu_type or "")
+    if entry and count > entry.max_count:
+        raise SpecError(
+            f"'{option}' asks for {count_text} GPUs; {gpu_type} allows at most "
+            f"{entry.max_count} per job",
+            spec=spec,
+        )
+
+
+@dataclass(frozen=True)
+class GpuOption:
+    """One alternative of a spec: ``count`` GPUs of ``type`` (None for any type) on one node."""
+
+    type: str | None
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        gpu_type: Any = self.type
+        if gpu_type is not None:
+            if not isinstance(gpu_type, str) or not _NAME.fullmatch(gpu_type.strip()):
+                raise SpecError(f"{gpu_type!r} is not a GPU type name; {_FORM}", spec=str(gpu_type))
+            gpu_type = _resolve(gpu_type)
+            object.__setattr__(self, "type", None if gpu_type == "ANY" else gpu_type)
+        count: Any = self.count
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise SpecError(f"a GPU count must be a whole number, not {count!r}", spec=str(self))
+        _check_count(self.type, count, str(self), str(count), str(self))
+
+    def __str__(self) -> str:
+        name = self.type or "any"
+        return name if self.count == 1 else f"{name}:{self.count}"
+
+    def matches(self, gpu_type: str) -> bool:
+        """Whether a GPU of type ``gpu_type`` satisfies this option's type."""
+        if self.type is None:
+            return True
+        resolved = _resolve(gpu_type)
+        return resolved == self.type or resolved in FAMILIES.get(self.type, ())
+
+    def preference(self, gpu_type: str) -> int:
+        """Rank of ``gpu_type`` among the types this option matches; lower is better."""
+        resolved = _resolve(gpu_type)
+        if self.type is None:
+            memory = memory_gb(resolved)
+            return _UNKNOWN_MEMORY_RANK if memory is None else memory
+        members = FAMILIES.get(self.type, ())
+        return members.index(resolved) if resolved in members else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "count": self.count}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> GpuOption:
+        if not isinstance(d, dict) or "type" not in d:
+            raise SpecError(f'{d!r} is not a GPU option; expected {{"type": "H100", "count": 2}}')
+        return cls(d["type"], d.get("count", 1))
+
+
+def _check_unique(options: Iterable[GpuOption], shown: str, spec: str) -> None:
+    seen: set[GpuOption] = set()
+    for option in options:
+        if option in seen:
+            raise SpecError(
+                f"'{option}' appears twice in {shown}; list each option once", spec=spec
+            )
+        seen.add(option)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """The options of a ``%%gpu`` cell in the user's order, most preferred first; never empty."""
+
+    options: tuple[GpuOption, ...]
+
+    def __post_init__(self) -> None:
+        options = tuple(self.options)
+        if not options or not all(isinstance(o, GpuOption) for o in options):
+            raise SpecError(f"a GPU spec needs one or more GpuOption, not {self.options!r}")
+        object.__setattr__(self, "options", options)
+        _check_unique(options, f"'{self}'", str(self))
+
+    def __str__(self) -> str:
+        return ", ".join(str(o) for o in self.options)
+
+    def __iter__(self) -> Iterator[GpuOption]:
+        return iter(self.options)
+
+    def __len__(self) -> int:
+        return len(self.options)
+
+    def __getitem__(self, index: int) -> GpuOption:
+        return self.options[index]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [o.to_json() for o in self.options]
+
+    @classmethod
+    def from_json(cls, data: list[dict[str, Any]]) -> GpuSpec:
+        if not isinstance(data, (list, tuple)):
+            raise SpecError(f"a GPU spec in JSON is a list of options, not {data!r}")
+        return cls(tuple(GpuOption.from_json(d) for d in data))
+
+    @classmethod
+    def parse(
+        cls, spec: str | list | tuple | GpuSpec | None, *, extra_types: Iterable[str] = ()
+    ) -> GpuSpec:
+        return parse_spec(spec, extra_types=extra_types)
+
+
+DEFAULT_SPEC = GpuSpec((GpuOption(None),))
+
+
+def parse_spec(
+    spec: str | list | tuple | GpuSpec | None, *, extra_types: Iterable[str] = ()
+) -> GpuSpec:
+    """Parse a spec (text, list literal, list of strings/options) into a :class:`GpuSpec`."""
+    if isinstance(spec, GpuSpec):
+        return spec
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return DEFAULT_SPEC
+    items: list[Any]
+    if isinstance(spec, str):
+        raw = spec.strip()
+        is_list = raw.startswith("[")
+        items = _literal_list(raw) if is_list else re.split(r"[,|]", raw)
+        shown = raw if is_list else f"'{raw}'"
+    elif isinstance(spec, (list, tuple)):
+        items, is_list = list(spec), True
+        shown = raw = repr([str(i) if isinstance(i, GpuOption) else i for i in items])
+    else:
+        raise SpecError(
+            f"a GPU spec is a string such as 'H100:2, any' or a list of strings, "
+            f"not {type(spec).__name__} {spec!r}",
+            spec=repr(spec),
+        )
+    if not items:
+        raise SpecError(
+            f"{shown} lists no GPU options; give at least one, e.g. ['H100'] or 'any'", spec=raw
+        )
+    for item in items:
+        if not isinstance(item, (str, GpuOption)):
+            raise SpecError(
+                f"{item!r} in {shown} is not a string; write each option as a string, "
+                "e.g. ['H100:2', 'A100']",
+                spec=raw,
+            )
+    extras = _extras(extra_types)
+    options = [_parse_option(item, shown, raw, extras, is_list) for item in items]
+    _check_unique(options, shown, raw)
+    return GpuSpec(tuple(options))
+
+
+def _literal_list(text: str) -> list[Any]:
+    try:
+        with warnings.catch_warnings():  # e.g. invalid escape sequences inside the literal
+            warnings.simplefilter("ignore")
+            value = ast.literal_eval(text)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        value = None
+    if not isinstance(value, list):
+        raise SpecError(
+            f"{text} looks like a Python list but cannot be read as a list of strings; quote "
+            "each option, e.g. ['H100:2', 'A100'], or drop the brackets: H100:2, A100",
+            spec=text,
+        )
+    return value
+
+
+def _parse_option(
+    item: str | GpuOption, shown: str, spec: str, extras: tuple[str, ...], in_list: bool
+) -> GpuOption:
+    text = (str(item) if isinstance(item, GpuOption) else item).strip()
+    if not text:
+        fix = (
+            "give each element one option, e.g. ['H100:2', 'A100']"
+            if in_list
+            else "separate options with commas, e.g. 'H100:2, A100'"
+        )
+        raise SpecError(f"empty option in {shown}; {fix}", spec=spec)
+    name, colon, count_text = (part.strip() for part in text.partition(":"))
+    if ":" in count_text:
+        raise SpecError(f"'{text}' has more than one ':'; {_FORM}", spec=spec)
+    if not name:
+        raise SpecError(f"'{text}' has no GPU type before ':'; {_FORM}", spec=spec)
+    if not _NAME.fullmatch(name):
+        raise SpecError(
+            f"'{text}' is not a valid option (a type name has only letters, digits, '-', '_' "
+            f"and '.'); {_FORM}",
+            spec=spec,
+        )
+    gpu_type = None if name.upper() == "ANY" else _canonical(name, extras, spec=spec)
+    if not colon:
+        return GpuOption(gpu_type)
+    if not _COUNT.fullmatch(count_text):
+        raise SpecError(
+            f"'{text}' has a count that is not a whole number; write TYPE:COUNT, "
+            f"e.g. {gpu_type or 'any'}:2",
+            spec=spec,
+        )
+    digits = count_text.lstrip("+-").lstrip("0") or "0"
+    count = int(digits) if len(digits) <= 4 else 10**4  # never int() a huge digit string
+    _check_count(gpu_type, -count if count_text.startswith("-") else count, text, count_text, spec)
+    return GpuOption(gpu_type, count)

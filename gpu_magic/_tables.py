@@ -1,0 +1,73 @@
+"""The pool and the jobs as tables: HTML in notebooks, text in terminals."""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [
+        len(h) for h in headers]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _html(headers: list[str], rows: list[list[str]], caption: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return (f'<table class="gpu-magic-table"><caption>{html.escape(caption)}</caption>'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _pool_rows(pool: dict[str, Any]) -> tuple[list[str], list[list[str]], str]:
+    headers = ["type", "free", "total", "memory", "nodes"]
+    rows = []
+    for t in pool.get("types", []):
+        nodes = sorted({n["name"] for n in pool.get("nodes", [])
+                        for g in n["gpus"] if g["type"] == t["type"]})
+        rows.append([t["type"], str(t["free"]), str(t["total"]),
+                     f"{t['memory_gb']} GB" if t.get("memory_gb") else "?", ", ".join(nodes)])
+    sim = "simulated pool" if pool.get("simulated") else "pool"
+    caption = f"{sim} · backend {pool.get('backend')} · {pool.get('queue_length', 0)} queued"
+    return headers, rows, caption
+
+
+def pool_text(pool: dict[str, Any]) -> str:
+    headers, rows, caption = _pool_rows(pool)
+    if not rows:
+        return caption + "\n(no GPUs)"
+    return caption + "\n" + _table(headers, rows)
+
+
+def pool_bundle(pool: dict[str, Any]) -> dict[str, str]:
+    headers, rows, caption = _pool_rows(pool)
+    return {"text/plain": pool_text(pool), "text/html": _html(headers, rows, caption)}
+
+
+def _jobs_rows(jobs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    headers = ["id", "state", "spec", "granted", "queued", "ran", "when"]
+    rows = []
+    for j in sorted(jobs, key=lambda j: j.get("created") or 0, reverse=True):
+        g = j.get("grant") or {}
+        granted = (f"{g['gpu_type']} ×{g['count']} on {g['node']} (option {g['option_index'] + 1})"
+                   + (" simulated" if g.get("simulated") else "")) if g else "-"
+        created, started, finished = j.get("created"), j.get("started"), j.get("finished")
+        queued = f"{(started or finished or time.time()) - created:.1f} s" if created else "-"
+        ran = f"{(finished or time.time()) - started:.1f} s" if started else "-"
+        when = time.strftime("%H:%M:%S", time.localtime(created)) if created else "-"
+        rows.append([j["id"], j["state"], j.get("spec", ""), granted, queued, ran, when])
+    return headers, rows
+
+
+def jobs_text(jobs: list[dict[str, Any]]) -> str:
+    headers, rows = _jobs_rows(jobs)
+    return _table(headers, rows) if rows else "(no jobs)"
+
+
+def jobs_bundle(jobs: list[dict[str, Any]]) -> dict[str, str]:
+    headers, rows = _jobs_rows(jobs)
+    return {"text/plain": jobs_text(jobs), "text/html": _html(headers, rows, f"{len(rows)} job(s)")}

@@ -1,0 +1,79 @@
+"""The ``gpu-magic`` command: serve, stop, pool, jobs, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpu-magic", description="Run Jupyter cells on remote GPUs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run a gateway for a GPU pool")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    s.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    s.add_argument("--backend", choices=["local"], default="local")
+    s.add_argument("--ray-address", default=None)
+    s.add_argument("--simulate", default=None, metavar="SPEC",
+                   help="a simulated pool such as 'H100:2,A100-80GB:4' (no GPU is used)")
+    s.add_argument("--tokens-file", type=Path, default=None,
+                   help='JSON {"user": "token", ...}, mode 0600')
+    s.add_argument("--state-dir", type=Path, default=None)
+    s.add_argument("--runtime-file", type=Path, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--idle-timeout", type=float, default=None,
+                   help="exit after this many seconds with no jobs and no requests")
+    s.add_argument("--max-timeout", type=float, default=None,
+                   help="cap on any job's --timeout, in seconds")
+    s.add_argument("--gateway-python", action="store_true",
+                   help="run cells with the gateway's Python, not the submitting kernel's")
+    s.add_argument("--force", action="store_true",
+                   help="start even where it would be unsafe (non-loopback without tokens file)")
+
+    sub.add_parser("stop", help="stop this user's embedded local gateway")
+    for name, what in (("pool", "the GPU pool as a table"), ("jobs", "your jobs as a table")):
+        q = sub.add_parser(name, help=what)
+        q.add_argument("--url", default=None, help="gateway URL (default: GPU_MAGIC_URL or local)")
+        q.add_argument("--token", default=None, help="token (default: GPU_MAGIC_TOKEN)")
+    d = sub.add_parser("demo", help="a simulated pool and JupyterLab with the teaching notebooks")
+    d.add_argument("--simulate", default="H100:2,A100-80GB:4,T4:8")
+    d.add_argument("--port", type=int, default=8888)
+    d.add_argument("--notebooks", type=Path, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from .server.serve import ServeConfig, serve
+
+        cfg = ServeConfig(
+            host=args.host, port=args.port, backend=args.backend, ray_address=args.ray_address,
+            simulate=args.simulate, tokens_file=args.tokens_file, state_dir=args.state_dir,
+            runtime_file=args.runtime_file, idle_timeout=args.idle_timeout,
+            max_timeout=args.max_timeout, client_python=not args.gateway_python, force=args.force,
+        )
+        return serve(cfg)
+    if args.command == "stop":
+        from ._embedded import stop_local_gateway
+
+        print(stop_local_gateway())
+        return 0
+    if args.command in ("pool", "jobs"):
+        from ._errors import GpuMagicError
+        from ._tables import jobs_text, pool_text
+        from ._connection import connect
+
+        try:
+            client = connect(args.url, args.token)
+            print(pool_text(client.pool()) if args.command == "pool" else jobs_text(client.jobs()))
+        except GpuMagicError as exc:
+            print(f"gpu-magic {args.command}: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "demo":
+        from ._demo import run_demo
+
+        return run_demo(args.simulate, args.port, args.notebooks)
+    return 2

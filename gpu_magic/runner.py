@@ -1,0 +1,428 @@
+"""What runs on the GPU machine: one job's cell, with IPython semantics.
+
+A backend starts ``python -m gpu_magic.runner JOB_DIR EVENTS_FD``. The runner reads
+``JOB_DIR/manifest.json`` and the input blobs it names, runs the cell in an ``InteractiveShell``
+(history off) in the namespace the inputs' pickle rebuilt, writes result blobs into
+``JOB_DIR/out/`` and emits events as JSON lines on ``EVENTS_FD``. It speaks only bytes and JSON to
+the gateway, and imports neither the server nor any display library.
+
+Output is captured twice over: ``sys.stdout``/``sys.stderr`` for Python writes (ordered with
+``display()`` calls), and file descriptors 1 and 2 for C extensions and subprocesses.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import codecs
+import ctypes
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import _payload
+
+COALESCE_S = 0.002  # let a burst of prints gather before sending them as one event
+_MARKER = b"\x00gpu-magic-drain\x00"
+
+
+class _Emitter:
+    """Writes events, one JSON object per line, to the gateway's pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self._f = os.fdopen(fd, "wb", buffering=0)
+        self._lock = threading.Lock()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, default=_json_default).encode() + b"\n"
+        with self._lock:
+            self._f.write(line)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    return repr(obj)
+
+
+class _Coalescer:
+    """Gathers stdout/stderr text for a moment so a burst of lines becomes one event."""
+
+    def __init__(self, emitter: _Emitter) -> None:
+        self._emitter = emitter
+        self._pending: list[list[str]] = []  # [stream, text] runs, consecutive same stream merged
+        self._cond = threading.Condition()
+        self._emit_lock = threading.Lock()
+        threading.Thread(target=self._loop, daemon=True, name="gpu-magic-output").start()
+
+    def add(self, stream: str, text: str) -> None:
+        if not text:
+            return
+        with self._cond:
+            if self._pending and self._pending[-1][0] == stream:
+                self._pending[-1][1] += text
+            else:
+                self._pending.append([stream, text])
+            self._cond.notify()
+
+    def flush(self) -> None:
+        # The emit lock keeps two flushes from reordering runs between them.
+        with self._emit_lock:
+            with self._cond:
+                runs, self._pending = self._pending, []
+            for stream, text in runs:
+                self._emitter.emit({"type": stream, "text": text})
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+            time.sleep(COALESCE_S)
+            self.flush()
+
+
+class _Stream:
+    """sys.stdout / sys.stderr for the cell: text goes to the coalescer."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, name: str, coalescer: _Coalescer, fd: int) -> None:
+        self.name = name
+        self._c = coalescer
+        self._fd = fd
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._c.add(self.name, text)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._c.flush()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+
+class _FdCapture:
+    """Redirects a file descriptor into a pipe and turns what arrives into stream events."""
+
+    def __init__(self, fd: int, stream: str, coalescer: _Coalescer) -> None:
+        self.fd, self.stream, self._c = fd, stream, coalescer
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+        self._r = r
+        self._drained = threading.Event()
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        threading.Thread(target=self._loop, daemon=True, name=f"gpu-magic-fd{fd}").start()
+
+    def _loop(self) -> None:
+        carry = b""
+        while True:
+            chunk = os.read(self._r, 65536)
+            if not chunk:
+                return
+            data = carry + chunk
+            carry = b""
+            while _MARKER in data:
+                before, _, data = data.partition(_MARKER)
+                self._c.add(self.stream, self._decoder.decode(before))
+                self._drained.set()
+            # keep a possible partial marker for the next read
+            for n in range(len(_MARKER) - 1, 0, -1):
+                if data.endswith(_MARKER[:n]):
+                    carry, data = data[-n:], data[:-n]
+                    break
+            self._c.add(self.stream, self._decoder.decode(data))
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Wait until everything written to the fd so far has been turned into events."""
+        self._drained.clear()
+        os.write(self.fd, _MARKER)
+        self._drained.wait(timeout)
+
+
+def _no_input(*_a: Any, **_k: Any) -> str:
+    raise RuntimeError(
+        "input() is not available in a %%gpu cell: the cell runs on a remote machine with no "
+        "keyboard. Put the value in a variable before the cell and use that instead."
+    )
+
+
+class _NoStdin:
+    def read(self, *_a: Any) -> str:
+        return _no_input()
+
+    readline = read
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return 0
+
+
+def _cell_shell(ns: dict[str, Any], emitter: _Emitter, coalescer: _Coalescer) -> Any:
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    class Publisher(DisplayPublisher):
+        def publish(self, data: Any, metadata: Any = None, source: Any = None, *,
+                    transient: Any = None, update: bool = False, **_kw: Any) -> None:
+            coalescer.flush()
+            event: dict[str, Any] = {
+                "type": "update_display" if update else "display",
+                "data": data,
+                "metadata": metadata or {},
+            }
+            if transient and transient.get("display_id"):
+                event["display_id"] = transient["display_id"]
+            emitter.emit(event)
+
+        def clear_output(self, wait: bool = False) -> None:
+            coalescer.flush()
+            emitter.emit({"type": "clear_output", "wait": bool(wait)})
+
+    class ValueHook(DisplayHook):
+        """Keeps the last expression's value for the client instead of printing Out[n]."""
+
+        def __call__(self, result: Any = None) -> None:
+            if result is not None and self.exec_result is not None:
+                self.exec_result.result = result
+
+    cfg = Config()
+    cfg.HistoryManager.enabled = False
+    cfg.InteractiveShell.colors = "nocolor"
+    shell = InteractiveShell.instance(config=cfg, user_ns=ns)
+    shell.display_pub = Publisher(shell=shell)
+    shell.displayhook = ValueHook(shell=shell)
+    shell.display_trap.hook = shell.displayhook  # run_cell installs the trap's hook, not ours
+    shell.showtraceback = lambda *a, **k: None  # the error travels as an event instead
+    shell.showsyntaxerror = lambda *a, **k: None
+    return shell
+
+
+def _frames(exc: BaseException, cell_files: set[str]) -> list[dict[str, Any]]:
+    """The traceback as plain data, from the cell's own frame on (runner/IPython frames dropped)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    start = 0
+    for i, fr in enumerate(frames):
+        if fr.filename in cell_files:
+            start = i
+            break
+    out = []
+    for fr in frames[start:]:
+        out.append({
+            "filename": fr.filename,
+            "lineno": fr.lineno,
+            "name": fr.name,
+            "line": fr.line or "",
+            "cell": fr.filename in cell_files,
+        })
+    return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    text = str(exc)
+    return name == "OutOfMemoryError" or "CUDA out of memory" in text or (
+        "cudaErrorMemoryAllocation" in text
+    )
+
+
+def _write_blob(out_dir: Path, data: memoryview | bytes) -> str:
+    d = _payload.digest(data)
+    path = out_dir / d.replace(":", "-")
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return d
+
+
+def _read_blob(path: str) -> bytearray:
+    # Into a preallocated, writable buffer: arrays rebuilt on it must stay writable.
+    size = os.path.getsize(path)
+    buf = bytearray(size)
+    with open(path, "rb", buffering=0) as f:
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                raise OSError(f"blob {path} is shorter than expected")
+            got += n
+    return buf
+
+
+class _InputRef:
+    """Persistent ids for unchanged inputs: the client binds its own object, nothing is sent."""
+
+
+def _pack_results(
+    ns: dict[str, Any], names: list[str], value: Any, has_value: bool,
+    unchanged_inputs: dict[int, str], out_dir: Path,
+) -> dict[str, Any]:
+    skipped: dict[str, str] = {}
+    values = {}
+    for n in names:
+        v = ns[n]
+        if id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None:
+            what, fix = _payload.describe(_payload.find_unpicklable(v, n)[1])
+            skipped[n] = f"{what} cannot be sent back; {fix}"
+            continue
+        values[n] = v
+    payload: dict[str, Any] = {"names": values}
+    value_repr = None
+    if has_value:
+        try:
+            value_repr = repr(value)[:500]
+        except Exception as exc:  # a broken __repr__ must not lose the results
+            value_repr = f"<unrepresentable {type(value).__name__}: {exc}>"
+        if id(value) in unchanged_inputs or _payload.fingerprint(value, ns) is not None:
+            payload["value"] = value
+        else:
+            skipped["<cell value>"] = f"{type(value).__name__} cannot be pickled"
+
+    packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs)
+    blob = _write_blob(out_dir, packed.pickle)
+    buffers = [_write_blob(out_dir, b) for b in packed.buffers]
+    return {
+        "type": "result",
+        "blob": blob,
+        "buffers": buffers,
+        "names": list(values),
+        "skipped": skipped,
+        "value": value_repr if "value" in payload else None,
+        "has_value": "value" in payload,
+        "cuda_moved": cuda_moved,
+        "nbytes": packed.nbytes,
+    }
+
+
+def run_job(job_dir: Path, emitter: _Emitter) -> int:
+    manifest = json.loads((job_dir / "manifest.json").read_text())
+    out_dir = job_dir / "out"
+    out_dir.mkdir(exist_ok=True)
+    coalescer = _Coalescer(emitter)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    caps = [_FdCapture(1, "stdout", coalescer), _FdCapture(2, "stderr", coalescer)]
+    sys.stdout = _Stream("stdout", coalescer, 1)  # type: ignore[assignment]
+    sys.stderr = _Stream("stderr", coalescer, 2)  # type: ignore[assignment]
+    sys.stdin = _NoStdin()  # type: ignore[assignment]
+    builtins.input = _no_input
+    import getpass
+
+    getpass.getpass = _no_input  # type: ignore[assignment]
+    os.environ.update(manifest.get("env") or {})
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    inputs = manifest["inputs"]
+    buffers = [_read_blob(p) for p in inputs["buffers"]]
+    with open(inputs["pickle"], "rb") as f:
+        values = _payload.loads(f.read(), buffers, namespace=ns)
+    ns.update(values)
+    del buffers
+    before = {n: _payload.fingerprint(v, ns) for n, v in values.items()}
+
+    shell = _cell_shell(ns, emitter, coalescer)
+    result = shell.run_cell(manifest["source"], store_history=False)
+    try:
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers of extensions, before draining the fds
+    except Exception:
+        pass
+    sys.stdout.flush()
+    for cap in caps:
+        cap.drain()
+    coalescer.flush()
+
+    exc = result.error_before_exec or result.error_in_exec
+    if exc is not None:
+        cell_files = set(getattr(shell.compile, "_filename_map", {}) or {})
+        event: dict[str, Any] = {
+            "type": "error",
+            "ename": type(exc).__name__,
+            "evalue": str(exc),
+            "traceback": _frames(exc, cell_files),
+            "oom": _is_oom(exc),
+            "syntax": result.error_before_exec is not None,
+        }
+        try:
+            packed, _ = _payload.dumps(exc)
+            if not packed.buffers:
+                event["exception"] = _write_blob(out_dir, packed.pickle)
+        except Exception:
+            pass
+        emitter.emit(event)
+        return 0
+
+    outputs = manifest.get("outputs", [])
+    if manifest.get("no_return"):
+        names: list[str] = []
+    elif manifest.get("return_names") is not None:
+        names = [n for n in manifest["return_names"] if n in ns]
+    else:
+        names = [n for n in outputs if n in ns]
+        for n, fp in before.items():
+            if n in ns and n not in names and ns[n] is values[n]:
+                if _payload.fingerprint(ns[n], ns) != fp:
+                    names.append(n)  # changed in place: the client must see the change
+    deleted = [n for n in manifest.get("deleted", []) if n not in ns]
+    unchanged = {
+        id(values[n]): n for n in values
+        if n in ns and ns[n] is values[n] and n not in names
+    }
+    value = result.result if manifest.get("has_value") else None
+    event = _pack_results(ns, names, value, bool(manifest.get("has_value")) and value is not None,
+                          unchanged, out_dir)
+    event["deleted"] = deleted
+    emitter.emit(event)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m gpu_magic.runner JOB_DIR EVENTS_FD", file=sys.stderr)
+        return 2
+    emitter = _Emitter(int(argv[1]))
+    try:
+        return run_job(Path(argv[0]), emitter)
+    except BaseException as exc:  # the runner itself failed: say so instead of dying silently
+        emitter.emit({
+            "type": "runner_error",
+            "ename": type(exc).__name__,
+            "evalue": str(exc),
+            "traceback": traceback.format_exc(),
+        })
+        return 3
+
+
+if __name__ == "__main__":
+    os._exit(main())

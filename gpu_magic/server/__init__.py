@@ -1,0 +1,1 @@
+"""The gateway: HTTP API, pure scheduler, durable store, auth and backends."""

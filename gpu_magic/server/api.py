@@ -1,0 +1,175 @@
+"""The gateway's HTTP API (v1): a thin FastAPI shell around :class:`Gateway`.
+
+Every route but ``GET /v1/health`` needs ``Authorization: Bearer TOKEN``; a user sees, streams,
+downloads and cancels only their own jobs and blobs (someone else's answer 404, as if absent).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from .._version import __version__
+from .auth import Authenticator, User
+from .gateway import ApiError, Gateway
+from .store import BlobError
+
+HEARTBEAT_S = 5.0
+MAX_SOURCE_CHARS = 1_000_000
+_PACKAGES = ("cloudpickle", "ipython", "numpy", "torch", "gpu-magic")
+
+
+class InputsModel(BaseModel):
+    pickle: str
+    buffers: list[str] = Field(default_factory=list, max_length=100_000)
+
+
+class OptionModel(BaseModel):
+    type: str | None = None
+    count: int = 1
+
+
+class JobSubmit(BaseModel):
+    """A job: the cell's source, its GPU spec and the digests of its input blobs."""
+
+    source: str = Field(max_length=MAX_SOURCE_CHARS)
+    spec: list[OptionModel] = Field(min_length=1, max_length=64)
+    inputs: InputsModel
+    input_names: list[str] = Field(default_factory=list)
+    outputs: list[str] = Field(default_factory=list)
+    deleted: list[str] = Field(default_factory=list)
+    has_value: bool = False
+    return_names: list[str] | None = None
+    no_return: bool = False
+    timeout: float | None = Field(default=None, gt=0, le=30 * 24 * 3600)
+    wait: float | None = Field(default=None, ge=0, le=30 * 24 * 3600)
+    retries: int = Field(default=0, ge=0, le=10)
+    oom_fallback: bool = False
+    env: dict[str, str] = Field(default_factory=dict)
+    python: str | None = None
+    python_version: str | None = None
+    cwd: str | None = None
+    background: bool = False
+    meta: dict[str, str] = Field(default_factory=dict)
+
+
+class MissingRequest(BaseModel):
+    digests: list[str] = Field(max_length=100_000)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def create_app(gateway: Gateway, auth: Authenticator) -> FastAPI:
+    app = FastAPI(title="gpu_magic gateway", version=__version__,
+                  description="Runs notebook cells on a pool of GPUs. See DESIGN.md.")
+    app.state.gateway = gateway
+    app.state.auth = auth
+    versions = _versions()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(BlobError)
+    async def _blob_error(_request: Request, exc: BlobError) -> JSONResponse:
+        return JSONResponse({"error": "blob", "message": exc.message}, status_code=exc.status)
+
+    def user(authorization: str | None = Header(default=None)) -> User:
+        found = auth.user_for(authorization)
+        if found is None:
+            raise ApiError(401, "unauthorized",
+                           "missing or wrong token: send 'Authorization: Bearer TOKEN' "
+                           "(GPU_MAGIC_TOKEN on the client side)")
+        gateway.touch()
+        return found
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "python": platform.python_version(),
+            "packages": versions,
+            "backend": gateway.backend.name,
+            "simulated": bool(getattr(gateway.backend, "simulated", False)),
+            # the embedded gateway runs cells with the submitting kernel's own Python
+            "client_python": bool(getattr(gateway.backend, "client_python", False)),
+        }
+
+    @app.get("/v1/pool")
+    async def pool(u: User = Depends(user)) -> dict[str, Any]:
+        return gateway.pool()
+
+    @app.post("/v1/blobs/missing")
+    async def blobs_missing(body: MissingRequest, u: User = Depends(user)) -> dict[str, Any]:
+        return {"missing": gateway.blobs.missing(u.name, body.digests)}
+
+    @app.put("/v1/blobs/{digest}")
+    async def put_blob(digest: str, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+        gateway.blobs.path(u.name, digest)  # validates the digest before reading the body
+        size = await gateway.blobs.put_stream(u.name, digest, request.stream())
+        return {"digest": digest, "size": size}
+
+    @app.get("/v1/blobs/{digest}")
+    async def get_blob(digest: str, u: User = Depends(user)) -> StreamingResponse:
+        path = gateway.blobs.path(u.name, digest)
+        if not path.exists():
+            raise ApiError(404, "no_such_blob", f"this gateway holds no blob {digest} of yours")
+        return StreamingResponse(gateway.blobs.iter_file(u.name, digest),
+                                 media_type="application/octet-stream",
+                                 headers={"Content-Length": str(path.stat().st_size)})
+
+    @app.post("/v1/jobs", status_code=201)
+    async def submit(body: JobSubmit, u: User = Depends(user)) -> dict[str, Any]:
+        job = gateway.submit(u, body.model_dump())
+        return gateway._record(job)
+
+    @app.get("/v1/jobs")
+    async def list_jobs(all: bool = Query(default=False), u: User = Depends(user)) -> dict[str, Any]:
+        return {"jobs": gateway.jobs_of(u, everyone=all)}
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:
+        return gateway._record(gateway.job_for(u, job_id))
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:
+        return gateway._record(gateway.cancel(u, job_id))
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(
+        job_id: str,
+        after: int = Query(default=0, ge=0),
+        last_event_id: str | None = Header(default=None),
+        u: User = Depends(user),
+    ) -> StreamingResponse:
+        job = gateway.job_for(u, job_id)
+        start = after
+        if last_event_id and last_event_id.isdigit():
+            start = max(start, int(last_event_id))
+
+        async def body() -> Any:
+            async for ev in gateway.stream(job, start, HEARTBEAT_S):
+                if ev is None:
+                    yield b": heartbeat\n\n"
+                else:
+                    yield f"id: {ev['seq']}\ndata: {json.dumps(ev)}\n\n".encode()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app

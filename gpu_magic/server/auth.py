@@ -1,0 +1,107 @@
+"""Who is calling: bearer tokens, from a tokens file or one random token for the owner."""
+
+from __future__ import annotations
+
+import getpass
+import hmac
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+MIN_TOKEN_CHARS = 22  # 128 bits of urlsafe base64
+
+
+class TokensFileError(Exception):
+    """The tokens file is missing, unreadable, malformed or too open."""
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    admin: bool = False
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600), never briefly readable by others."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def load_tokens_file(path: Path) -> dict[str, User]:
+    """``{"alice": "tok", "bob": {"token": "tok", "admin": true}}`` as token -> user."""
+    try:
+        st = path.stat()
+        raw = path.read_text()
+    except OSError as exc:
+        raise TokensFileError(f"cannot read the tokens file {path}: {exc.strerror}") from exc
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TokensFileError(
+            f"the tokens file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise TokensFileError(f"the tokens file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not data:
+        raise TokensFileError(
+            f'the tokens file {path} must be a JSON object of user names to tokens, e.g. {{"alice": "..."}}'
+        )
+    tokens: dict[str, User] = {}
+    for name, value in data.items():
+        admin = False
+        if isinstance(value, dict):
+            admin = bool(value.get("admin", False))
+            value = value.get("token")
+        if not isinstance(value, str) or len(value) < MIN_TOKEN_CHARS:
+            raise TokensFileError(
+                f"the token of user {name!r} in {path} is missing or shorter than {MIN_TOKEN_CHARS} "
+                "characters (128 bits); make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        if value in tokens:
+            raise TokensFileError(f"users {tokens[value].name!r} and {name!r} in {path} share a token")
+        tokens[value] = User(str(name), admin)
+    return tokens
+
+
+def owner_token(state_dir: Path) -> tuple[dict[str, User], Path]:
+    """One random token for the user who started the gateway, kept in ``<state-dir>/token``."""
+    path = state_dir / "token"
+    token = None
+    if path.exists():
+        token = path.read_text().strip() or None
+        os.chmod(path, 0o600)
+    if token is None or len(token) < MIN_TOKEN_CHARS:
+        token = secrets.token_urlsafe(32)
+        write_private(path, token + "\n")
+    return {token: User(getpass.getuser(), admin=True)}, path
+
+
+class Authenticator:
+    """Maps a bearer token to its user, comparing in constant time."""
+
+    def __init__(self, tokens: dict[str, User]) -> None:
+        self._tokens = dict(tokens)
+
+    def replace(self, tokens: dict[str, User]) -> None:
+        self._tokens = dict(tokens)
+
+    def user_for(self, header: str | None) -> User | None:
+        if not header or not header.startswith("Bearer "):
+            return None
+        offered = header[len("Bearer ") :].strip().encode()
+        found = None
+        for token, user in self._tokens.items():
+            # compare against every token so the time does not depend on which one matched
+            if hmac.compare_digest(offered, token.encode()):
+                found = user
+        return found

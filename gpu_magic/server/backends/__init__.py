@@ -1,0 +1,1 @@
+"""How a granted job runs: ``local`` (runner subprocesses on this host)."""

@@ -1,0 +1,605 @@
+"""The gateway's core: jobs from submit to done, around the pure scheduler and a backend.
+
+Everything here runs on the asyncio loop of the HTTP server; backends report runner events from
+their own threads through ``loop.call_soon_threadsafe``. Every job's events are numbered from 1,
+kept in memory while it is live and written to SQLite in batches, so a finished job replays in full
+and a client can resume its stream after a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._errors import SpecError
+from .._spec import GpuOption, GpuSpec
+from .auth import User
+from .backends.local import Handle, RunSpec
+from .inventory import Gpu
+from .scheduler import Grant, Request, feasibility, pool_summary, schedule
+from .store import BlobStore, Store
+
+FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
+DEFAULT_TIMEOUT_S = 3600.0
+STREAM_EVENT_TYPES = ("stdout", "stderr", "display", "update_display", "clear_output")
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": code, "message": ...}``."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+@dataclass
+class Job:
+    id: str
+    user: str
+    request: dict[str, Any]
+    options: list[GpuOption]
+    option_indices: list[int]
+    dropped: list[dict[str, str]]
+    seq: int
+    state: str = "queued"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    attempt: int = 1
+    grant: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] | None = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    handle: Handle | None = None
+    outcome: dict[str, Any] | None = None  # the runner's result or error event
+    stop_reason: str | None = None  # "cancelled" or "timed_out" when we stopped the runner
+    min_memory_gb: float | None = None
+    message: str | None = None
+    notices: list[str] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def record(self) -> dict[str, Any]:
+        req = self.request
+        return {
+            "id": self.id,
+            "user": self.user,
+            "state": self.state,
+            "spec": str(GpuSpec.from_json(req["spec"])),
+            "options": [str(o) for o in self.options],
+            "dropped": self.dropped,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "attempt": self.attempt,
+            "grant": self.grant,
+            "attempts": self.attempts,
+            "message": self.message,
+            "notices": self.notices,
+            "background": bool(req.get("background")),
+            "meta": req.get("meta") or {},
+            "source": req.get("source", "")[:2000],
+            "seq": self.seq,
+        }
+
+
+def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
+    chosen = [x for x in gpus if x.node == g.node and x.index in g.indices]
+    return {
+        "gpu_type": g.gpu_type,
+        "count": len(g.indices),
+        "node": g.node,
+        "indices": list(g.indices),
+        "uuids": [x.uuid for x in chosen],
+        "option_index": g.option_index,
+        "option": str(g.option),
+        "passed_over": [{"option": o, "reason": r} for o, r in g.passed_over],
+        "memory_gb": g.memory_gb,
+        "simulated": g.simulated,
+        "attempt": attempt,
+    }
+
+
+class Gateway:
+    def __init__(self, backend: Any, state_dir: Path, *, max_timeout: float | None = None) -> None:
+        self.backend = backend
+        self.state_dir = state_dir
+        self.store = Store(state_dir)
+        self.blobs = BlobStore(state_dir / "blobs")
+        self.jobs_dir = state_dir / "jobs"
+        self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
+        self.max_timeout = max_timeout
+        self.jobs: dict[str, Job] = {}
+        self.queue: list[str] = []
+        self.running: dict[str, Job] = {}
+        self._seq = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.last_activity = time.monotonic()
+        self.recent_runs: list[float] = []
+
+    # --- life cycle ---
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        for rec in sorted(self.store.load_jobs(), key=lambda r: r.get("seq", 0)):
+            job = Job(
+                rec["id"], rec["user"], {"spec": [], "source": rec.get("source", ""),
+                                         "meta": rec.get("meta", {}),
+                                         "background": rec.get("background", False)},
+                [], [], rec.get("dropped", []), rec.get("seq", 0), rec["state"],
+                rec.get("created", 0), rec.get("started"), rec.get("finished"),
+                rec.get("attempt", 1), rec.get("grant"), rec.get("attempts", []), None,
+            )
+            job.request["spec_text"] = rec.get("spec", "any")
+            job.message = rec.get("message")
+            self._seq = max(self._seq, job.seq)
+            self.jobs[job.id] = job
+            if not job.final:
+                job.events = self.store.load_events(job.id)
+                was = job.state
+                job.state = "lost"
+                job.finished = time.time()
+                job.message = (
+                    f"the gateway restarted while this job was {was}; its output so far is "
+                    "kept. Run the cell again."
+                )
+                self._emit(job, {"type": "done", "state": "lost", "message": job.message,
+                                 "timings": self._timings(job)})
+                self.store.save_job(self._record(job))
+
+    def close(self) -> None:
+        self.backend.shutdown()
+        self.store.close()
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running)
+
+    # --- queries ---
+
+    def gpus(self) -> list[Gpu]:
+        return self.backend.inventory()
+
+    def pool(self) -> dict[str, Any]:
+        gpus = self.gpus()
+        held = {(j.grant["node"], i): j for j in self.running.values() if j.grant
+                for i in j.grant["indices"]}
+        types: dict[str, dict[str, Any]] = {}
+        nodes: dict[str, dict[str, Any]] = {}
+        for g in gpus:
+            busy = (g.node, g.index) in held or g.busy_foreign
+            t = types.setdefault(g.type, {"type": g.type, "free": 0, "total": 0,
+                                          "memory_gb": g.memory_gb, "simulated": g.simulated})
+            t["total"] += 1
+            t["free"] += 0 if busy else 1
+            n = nodes.setdefault(g.node, {"name": g.node, "gpus": []})
+            entry = g.to_json()
+            entry["busy"] = busy
+            entry["foreign"] = g.busy_foreign
+            n["gpus"].append(entry)
+        return {
+            "simulated": bool(getattr(self.backend, "simulated", False)),
+            "backend": self.backend.name,
+            "types": sorted(types.values(), key=lambda t: (t["memory_gb"] or 0, t["type"])),
+            "nodes": list(nodes.values()),
+            "queue_length": len(self.queue),
+            "running": len(self.running),
+        }
+
+    def job_for(self, user: User, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        # someone else's job is answered exactly like a job that does not exist
+        if job is None or (job.user != user.name and not user.admin):
+            raise ApiError(404, "no_such_job", f"there is no job {job_id!r} of yours on this gateway")
+        return job
+
+    def jobs_of(self, user: User, everyone: bool = False) -> list[dict[str, Any]]:
+        return [self._record(j) for j in self.jobs.values()
+                if j.user == user.name or (everyone and user.admin)]
+
+    def _record(self, job: Job) -> dict[str, Any]:
+        if not job.options and "spec_text" in job.request:  # loaded from the store
+            rec = {
+                "id": job.id, "user": job.user, "state": job.state,
+                "spec": job.request["spec_text"], "options": [], "dropped": job.dropped,
+                "created": job.created, "started": job.started, "finished": job.finished,
+                "attempt": job.attempt, "grant": job.grant, "attempts": job.attempts,
+                "message": job.message, "notices": job.notices,
+                "background": job.request.get("background", False),
+                "meta": job.request.get("meta", {}), "source": job.request.get("source", ""),
+                "seq": job.seq,
+            }
+        else:
+            rec = job.record()
+        if job.state == "queued" and job.id in self.queue:
+            rec["queue_position"] = self.queue.index(job.id) + 1
+        return rec
+
+    # --- submit and cancel ---
+
+    def submit(self, user: User, body: dict[str, Any]) -> Job:
+        gpus = self.gpus()
+        pool_types = sorted({g.type for g in gpus})
+        try:
+            spec = GpuSpec.from_json(body["spec"])
+            spec = GpuSpec.parse(str(spec), extra_types=pool_types)
+        except SpecError as exc:
+            raise ApiError(422, "bad_spec", str(exc)) from None
+        missing = self.blobs.missing(user.name, [body["inputs"]["pickle"], *body["inputs"]["buffers"]])
+        if missing:
+            raise ApiError(409, "missing_blobs",
+                           f"the gateway does not hold {len(missing)} input blob(s); upload them "
+                           "and submit again", missing=missing)
+        kept, dropped = feasibility(list(spec.options), gpus)
+        if not kept:
+            raise ApiError(422, "no_feasible_option", self._refusal(spec, dropped, gpus))
+        timeout = body.get("timeout") or DEFAULT_TIMEOUT_S
+        notices = []
+        if self.max_timeout and timeout > self.max_timeout:
+            notices.append(f"this gateway caps --timeout at {self.max_timeout:g} s; the job "
+                           f"runs with that instead of {timeout:g} s")
+            timeout = self.max_timeout
+        body = dict(body, timeout=timeout)
+        self._seq += 1
+        job = Job(
+            id=secrets.token_hex(6),
+            user=user.name,
+            request=body,
+            options=[spec.options[i] for i in kept],
+            option_indices=kept,
+            dropped=[{"option": o, "reason": r} for o, r in dropped],
+            seq=self._seq,
+            notices=notices,
+        )
+        self.jobs[job.id] = job
+        self.queue.append(job.id)
+        self.store.save_job(self._record(job))
+        if body.get("wait") is not None and self.loop is not None:
+            self.loop.call_later(float(body["wait"]), self._wait_expired, job.id)
+        self._schedule()
+        if job.state == "queued":
+            self._emit_queued(job)
+        return job
+
+    def _refusal(self, spec: GpuSpec, dropped: list[tuple[str, str]], gpus: list[Gpu]) -> str:
+        reasons = "; ".join(f"{o}: {r}" for o, r in dropped)
+        if not gpus:
+            return (
+                f"no option of '{spec}' can run here: this gateway has no GPUs (NVML found none "
+                "and no simulated pool was configured). To try gpu_magic without a GPU, set "
+                "GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4' before the first %%gpu cell; to use a GPU "
+                "server, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN, or run %gpu connect URL."
+            )
+        types = sorted({g.type for g in gpus})
+        return (
+            f"no option of '{spec}' can ever run on this pool ({reasons}). The pool has "
+            f"{pool_summary(gpus)}; ask for one of {', '.join(types)}, or 'any'."
+        )
+
+    def cancel(self, user: User, job_id: str) -> Job:
+        job = self.job_for(user, job_id)
+        if job.final:
+            return job
+        if job.state == "queued":
+            self._dequeue(job)
+            job.message = "cancelled while queued; nothing ran"
+            self._finish(job, "cancelled")
+        elif job.handle is not None and job.stop_reason is None:
+            job.stop_reason = "cancelled"
+            self.backend.cancel(job.handle)
+        return job
+
+    def _dequeue(self, job: Job) -> None:
+        if job.id in self.queue:
+            self.queue.remove(job.id)
+
+    def _wait_expired(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.state != "queued" or job.attempt > 1:
+            return
+        self._dequeue(job)
+        wait = job.request.get("wait")
+        job.message = (
+            f"no GPU for '{GpuSpec(tuple(job.options))}' became free within --wait {wait:g} s; "
+            "nothing ran. Wait longer (--wait), add fallback options, or try again later "
+            "(%gpu pool shows what is free)."
+        )
+        self._finish(job, "expired")
+
+    # --- scheduling ---
+
+    def _schedule(self) -> None:
+        if not self.queue:
+            return
+        gpus = self.gpus()
+        busy = [(j.grant["node"], i) for j in self.running.values() if j.grant
+                for i in j.grant["indices"]]
+        running_per_user: dict[str, int] = {}
+        for j in self.running.values():
+            running_per_user[j.user] = running_per_user.get(j.user, 0) + 1
+        reqs = [
+            Request(j.id, j.user, tuple(j.options), j.seq, tuple(j.option_indices), j.min_memory_gb)
+            for j in (self.jobs[i] for i in self.queue)
+        ]
+        for grant in schedule(gpus, busy, reqs, running_per_user):
+            self._launch(self.jobs[grant.job_id], grant, gpus)
+
+    def _launch(self, job: Job, grant: Grant, gpus: list[Gpu]) -> None:
+        self._dequeue(job)
+        job.grant = _grant_json(grant, gpus, job.attempt)
+        job.state = "running"
+        job.started = job.started or time.time()
+        job.outcome = None
+        job.stop_reason = None
+        self.running[job.id] = job
+        self._emit(job, {"type": "granted", **job.grant})
+        req = job.request
+        grant_env = {
+            "GPU_MAGIC_GRANT": json.dumps({
+                "type": grant.gpu_type, "count": len(grant.indices), "node": grant.node,
+                "simulated": grant.simulated, "memory_gb": grant.memory_gb,
+                "indices": list(grant.indices), "option_index": grant.option_index,
+                "job_id": job.id, "attempt": job.attempt,
+            }),
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            # a simulated grant must never touch a real GPU that happens to be on this host
+            "CUDA_VISIBLE_DEVICES": "" if grant.simulated else ",".join(
+                u or str(i) for u, i in zip(job.grant["uuids"], grant.indices)),
+            "GPU_MAGIC_JOB_ID": job.id,
+        }
+        inputs = req["inputs"]
+        manifest = {
+            "source": req["source"],
+            "inputs": {
+                "pickle": str(self.blobs.path(job.user, inputs["pickle"])),
+                "buffers": [str(self.blobs.path(job.user, d)) for d in inputs["buffers"]],
+            },
+            "outputs": req.get("outputs", []),
+            "deleted": req.get("deleted", []),
+            "has_value": req.get("has_value", False),
+            "return_names": req.get("return_names"),
+            "no_return": req.get("no_return", False),
+            "env": req.get("env") or {},
+        }
+        run = RunSpec(job.id, job.attempt, self.jobs_dir / job.id / f"attempt-{job.attempt}",
+                      manifest, [], grant_env, req.get("python"), req.get("cwd"))
+        loop = self.loop
+        assert loop is not None
+
+        def on_event(job_id: str, attempt: int, ev: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(self._runner_event, job_id, attempt, ev)
+
+        def on_exit(job_id: str, attempt: int, rc: int | None, tail: str) -> None:
+            loop.call_soon_threadsafe(self._runner_exit, job_id, attempt, rc, tail)
+
+        try:
+            job.handle = self.backend.start(run, on_event, on_exit)
+        except OSError as exc:
+            self.running.pop(job.id, None)
+            job.message = f"the runner could not be started: {exc}"
+            self._finish(job, "failed")
+            return
+        self._emit(job, {"type": "started", "attempt": job.attempt})
+        timeout = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
+        job.timer = loop.call_later(timeout, self._timed_out, job.id, job.attempt)
+        self.store.save_job(self._record(job))
+
+    def _timed_out(self, job_id: str, attempt: int) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.state != "running" or job.attempt != attempt or job.handle is None:
+            return
+        if job.stop_reason is None:
+            job.stop_reason = "timed_out"
+            self.backend.cancel(job.handle)
+
+    # --- runner reports ---
+
+    def _runner_event(self, job_id: str, attempt: int, ev: dict[str, Any]) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.final:
+            return
+        kind = ev["type"]
+        if kind in STREAM_EVENT_TYPES:
+            self._emit(job, ev)
+        elif kind == "result":
+            try:
+                out = self.jobs_dir / job.id / f"attempt-{attempt}" / "out"
+                for d in [ev["blob"], *ev.get("buffers", [])]:
+                    src = out / d.replace(":", "-")
+                    if src.exists():
+                        got = self.blobs.adopt(job.user, src)
+                        if got != d:
+                            raise ValueError(f"result blob {d} has content {got}")
+                job.outcome = ev
+            except (OSError, ValueError) as exc:
+                job.outcome = {"type": "runner_error", "ename": type(exc).__name__,
+                               "evalue": f"the results could not be stored: {exc}"}
+        elif kind == "error":
+            exc_blob = ev.get("exception")
+            if exc_blob:
+                src = self.jobs_dir / job.id / f"attempt-{attempt}" / "out" / exc_blob.replace(":", "-")
+                try:
+                    if self.blobs.adopt(job.user, src) != exc_blob:
+                        ev = {k: v for k, v in ev.items() if k != "exception"}
+                except OSError:
+                    ev = {k: v for k, v in ev.items() if k != "exception"}
+            job.outcome = ev
+        elif kind == "runner_error":
+            job.outcome = ev
+
+    def _runner_exit(self, job_id: str, attempt: int, rc: int | None, tail: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.final:
+            return
+        if job.timer is not None:
+            job.timer.cancel()
+        self.running.pop(job.id, None)
+        job.handle = None
+        outcome = job.outcome or {}
+        ran = time.time() - (job.started or time.time())
+        job.attempts.append({"attempt": attempt, "grant": job.grant, "rc": rc,
+                             "outcome": outcome.get("type", "died")})
+        req = job.request
+        if job.stop_reason == "cancelled":
+            job.message = "cancelled while running; the output so far is kept"
+            self._finish(job, "cancelled")
+        elif job.stop_reason == "timed_out":
+            t = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
+            cap = f" (this gateway allows up to {self.max_timeout:g} s)" if self.max_timeout else ""
+            job.message = (f"the cell ran longer than its --timeout of {t:g} s and was stopped; "
+                           f"its output so far is kept. Raise the limit with %%gpu --timeout "
+                           f"{int(t * 2)}{cap}.")
+            self._finish(job, "timed_out")
+        elif outcome.get("type") == "result":
+            self.recent_runs = (self.recent_runs + [ran])[-50:]
+            self._emit(job, outcome)
+            self._finish(job, "succeeded")
+        elif outcome.get("type") == "error":
+            if outcome.get("oom") and req.get("oom_fallback") and self._oom_retry(job):
+                return
+            self._emit(job, outcome)
+            self._finish(job, "failed")
+        else:
+            why = self._death(rc, outcome, tail)
+            if outcome.get("type") != "runner_error" and attempt <= int(req.get("retries") or 0):
+                job.attempt += 1
+                job.state = "queued"
+                job.grant = None
+                self.queue.append(job.id)
+                self._emit(job, {"type": "stderr", "text": f"[gpu_magic] {why}; retrying "
+                                 f"(attempt {job.attempt} of {int(req['retries']) + 1})\n"})
+                self._emit_queued(job)
+            else:
+                job.message = why
+                self._finish(job, "lost" if outcome.get("type") != "runner_error" else "failed")
+        self._schedule()
+
+    def _oom_retry(self, job: Job) -> bool:
+        mem = (job.grant or {}).get("memory_gb") or 0
+        gpus = self.gpus()
+        kept, _ = feasibility(job.options, gpus, min_memory=mem)
+        if not kept:
+            job.notices.append(
+                f"the cell ran out of GPU memory on {job.grant and job.grant['gpu_type']} "
+                f"({mem} GB) and no option in its list has a GPU with more memory")
+            return False
+        job.min_memory_gb = mem
+        job.attempt += 1
+        job.state = "queued"
+        self._emit(job, {"type": "stderr", "text":
+                         f"[gpu_magic] out of GPU memory on {job.grant and job.grant['gpu_type']} "
+                         f"({mem} GB); retrying on a GPU with more memory (--oom-fallback)\n"})
+        job.grant = None
+        self.queue.append(job.id)
+        self._emit_queued(job)
+        self._schedule()
+        return True
+
+    @staticmethod
+    def _death(rc: int | None, outcome: dict[str, Any], tail: str) -> str:
+        if outcome.get("type") == "runner_error":
+            return (f"the runner failed before the cell could finish: {outcome.get('ename')}: "
+                    f"{outcome.get('evalue')}")
+        if rc is not None and rc < 0:
+            import signal as _signal
+
+            try:
+                name = _signal.Signals(-rc).name
+            except ValueError:
+                name = str(-rc)
+            why = f"the runner process died (killed by signal {name})"
+        else:
+            why = f"the runner process exited with code {rc} before the cell finished"
+        last = [ln for ln in tail.strip().splitlines() if ln.strip()][-3:]
+        if last:
+            why += "; its last words: " + " | ".join(last)
+        return why
+
+    # --- events ---
+
+    def _emit_queued(self, job: Job) -> None:
+        pos = self.queue.index(job.id) + 1 if job.id in self.queue else 0
+        est = None
+        if self.recent_runs:
+            avg = sum(self.recent_runs) / len(self.recent_runs)
+            slots = max(1, len(self.gpus()))
+            est = round(avg * (1 + (pos - 1) / slots) if self.running else 0.0, 1)
+        ev: dict[str, Any] = {"type": "queued", "position": pos, "estimate": est,
+                              "attempt": job.attempt}
+        if job.dropped:
+            ev["dropped"] = job.dropped
+        if job.notices:
+            ev["notices"] = job.notices
+        self._emit(job, ev)
+
+    def _timings(self, job: Job) -> dict[str, float | None]:
+        end = job.finished or time.time()
+        return {
+            "queued_s": round((job.started or end) - job.created, 4),
+            "ran_s": round(end - job.started, 4) if job.started else None,
+            "total_s": round(end - job.created, 4),
+        }
+
+    def _finish(self, job: Job, state: str) -> None:
+        job.state = state
+        job.finished = time.time()
+        self.running.pop(job.id, None)
+        done: dict[str, Any] = {"type": "done", "state": state, "timings": self._timings(job)}
+        if job.message:
+            done["message"] = job.message
+        if job.notices:
+            done["notices"] = job.notices
+        self._emit(job, done)
+        self.store.save_job(self._record(job))
+        self._schedule()
+
+    def _emit(self, job: Job, event: dict[str, Any]) -> None:
+        if job.events is None:
+            job.events = self.store.load_events(job.id)
+        seq = len(job.events) + 1
+        event = dict(event, seq=seq)
+        job.events.append(event)
+        self.store.add_event(job.id, seq, event)
+        waiters, job.waiters = job.waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def stream(self, job: Job, after: int, heartbeat: float) -> AsyncIterator[dict[str, Any] | None]:
+        """The job's events after ``after``; None now and then as a heartbeat; ends after done."""
+        assert self.loop is not None
+        if job.events is None:
+            job.events = await asyncio.to_thread(self.store.load_events, job.id)
+        pos = max(0, after)
+        while True:
+            events = job.events
+            assert events is not None
+            while pos < len(events):
+                ev = events[pos]
+                pos += 1
+                yield ev
+                if ev.get("type") == "done":
+                    return
+            if job.final and pos >= len(events):
+                return
+            fut: asyncio.Future[None] = self.loop.create_future()
+            job.waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, heartbeat)
+            except asyncio.TimeoutError:
+                yield None

@@ -1,0 +1,140 @@
+"""What GPUs a pool has: read from NVML, or a simulated inventory for teaching and CI.
+
+NVML missing or failing means "no GPUs", never a crash: a CPU-only box still serves a simulated
+pool, and says clearly that it has no real GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from .._errors import SpecError
+from .._spec import CATALOGUE, memory_gb
+
+# NVML names ("NVIDIA H100 80GB HBM3", "Tesla T4", "NVIDIA A100-SXM4-40GB") to our catalogue.
+_NVML_PATTERNS: list[tuple[str, str]] = [
+    (r"\bB200\b", "B200"),
+    (r"\bH200\b", "H200"),
+    (r"\bH100\b", "H100"),
+    (r"\bA100\b.*80\s*GB", "A100-80GB"),
+    (r"\bA100\b", "A100-40GB"),
+    (r"RTX PRO 6000", "RTX-PRO-6000"),
+    (r"\bL40S\b", "L40S"),
+    (r"\bA10G?\b", "A10"),
+    (r"\bL4\b", "L4"),
+    (r"\bT4\b", "T4"),
+]
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU of the pool."""
+
+    node: str
+    index: int
+    type: str
+    memory_gb: int | None = None
+    uuid: str | None = None
+    simulated: bool = False
+    busy_foreign: bool = False  # busy with processes that are not ours (NVML)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "index": self.index,
+            "type": self.type,
+            "memory_gb": self.memory_gb,
+            "uuid": self.uuid,
+            "simulated": self.simulated,
+        }
+
+
+def nvml_type(name: str, memory_bytes: int | None = None) -> str:
+    """Our catalogue type for an NVML device name (an unknown name is kept, upper-cased)."""
+    for pattern, canon in _NVML_PATTERNS:
+        if re.search(pattern, name, re.IGNORECASE):
+            if canon == "A100-40GB" and memory_bytes and memory_bytes > 60 * 2**30:
+                return "A100-80GB"
+            return canon
+    clean = re.sub(r"^(NVIDIA|Tesla)\s+", "", name.strip(), flags=re.IGNORECASE)
+    return re.sub(r"\s+", "-", clean).upper() or "GPU"
+
+
+def parse_simulated(spec: str, node: str | None = None) -> list[Gpu]:
+    """``"H100:2,A100-80GB:4"`` (optionally ``TYPE:COUNT@node``) as simulated GPUs."""
+    node = node or f"sim-{socket.gethostname()}"
+    gpus: list[Gpu] = []
+    counters: dict[str, int] = {}
+    for raw in re.split(r"[,|]", spec):
+        item = raw.strip()
+        if not item:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]*)(?::(\d+))?(?:@([A-Za-z0-9_.-]+))?", item)
+        if not m:
+            raise SpecError(
+                f"'{item}' in the simulated pool {spec!r} is not TYPE[:COUNT][@NODE]; "
+                "write e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'",
+                spec=spec,
+            )
+        gtype = m.group(1).upper()
+        gtype = {"A10G": "A10", "A100": "A100-40GB"}.get(gtype, gtype)
+        count = int(m.group(2) or 1)
+        if not 1 <= count <= 64:
+            raise SpecError(
+                f"'{item}' in the simulated pool asks for {count} GPUs; use 1 to 64 per node",
+                spec=spec,
+            )
+        where = m.group(3) or node
+        for _ in range(count):
+            idx = counters.get(where, 0)
+            counters[where] = idx + 1
+            gpus.append(Gpu(where, idx, gtype, memory_gb(gtype), f"SIM-{where}-{idx}", True))
+    if not gpus:
+        raise SpecError(f"the simulated pool {spec!r} has no GPUs; write e.g. 'H100:2,A100-80GB:4'")
+    return gpus
+
+
+def read_nvml(node: str | None = None, own_pids: set[int] | None = None) -> list[Gpu]:
+    """The real GPUs of this host, or [] when NVML is absent or fails."""
+    node = node or socket.gethostname()
+    try:
+        import pynvml
+    except Exception:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    gpus: list[Gpu] = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h).total
+            foreign = False
+            try:
+                procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+                foreign = any(p.pid not in (own_pids or set()) for p in procs)
+            except Exception:
+                pass
+            gtype = nvml_type(name, mem)
+            gpus.append(Gpu(node, i, gtype, round(mem / 2**30), uuid, False, foreign))
+    except Exception:
+        return []
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return gpus
+
+
+def known_memory(gtype: str) -> int | None:
+    entry = CATALOGUE.get(gtype)
+    return entry.memory_gb if entry else None

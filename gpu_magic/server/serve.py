@@ -1,0 +1,173 @@
+"""``gpu-magic serve``: build the gateway and run it on uvicorn.
+
+Binds loopback by default. With ``--runtime-file`` (the embedded default) it writes a 0600 file
+with its URL, token, pid, host, version and configuration once it is listening, removes it on
+exit, and exits by itself after ``--idle-timeout`` seconds with no jobs and no requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from .api import create_app
+from .auth import Authenticator, TokensFileError, load_tokens_file, owner_token, write_private
+from .gateway import Gateway
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    backend: str = "local"
+    ray_address: str | None = None
+    simulate: str | None = None
+    tokens_file: Path | None = None
+    state_dir: Path | None = None
+    runtime_file: Path | None = None
+    idle_timeout: float | None = None
+    max_timeout: float | None = None
+    client_python: bool = True
+    force: bool = False
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a running embedded gateway to be reused."""
+        return {"backend": self.backend, "simulate": self.simulate or None}
+
+
+def default_state_dir() -> Path:
+    from jupyter_core.paths import jupyter_data_dir
+
+    return Path(jupyter_data_dir()) / "gpu_magic" / socket.gethostname()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ServeError(Exception):
+    """The gateway refuses to start; the message says why and what to do."""
+
+
+def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
+    state_dir = cfg.state_dir or default_state_dir()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+    if not _is_loopback(cfg.host) and not cfg.tokens_file and not cfg.force:
+        raise ServeError(
+            f"refusing to listen on {cfg.host}, which is not loopback, with a single owner token: "
+            "anyone who can reach it could run code here. Give --tokens-file, or --force if you "
+            "really mean it."
+        )
+    token_path = None
+    try:
+        if cfg.tokens_file:
+            tokens = load_tokens_file(cfg.tokens_file)
+        else:
+            tokens, token_path = owner_token(state_dir)
+    except TokensFileError as exc:
+        raise ServeError(str(exc)) from None
+    if cfg.backend == "local":
+        from .backends.local import LocalBackend
+
+        backend: Any = LocalBackend(cfg.simulate, client_python=cfg.client_python)
+    else:
+        raise ServeError(f"unknown backend {cfg.backend!r}; use --backend local")
+    gateway = Gateway(backend, state_dir, max_timeout=cfg.max_timeout)
+    return gateway, Authenticator(tokens), token_path
+
+
+def serve(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    try:
+        gateway, auth, token_path = build(cfg)
+    except ServeError as exc:
+        print(f"gpu-magic serve: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(gateway, auth)
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as exc:
+        print(f"gpu-magic serve: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}; "
+              "choose another --port", file=sys.stderr)
+        return 2
+    sock.listen(2048)
+    port = sock.getsockname()[1]
+    host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
+    url = f"http://{host}:{port}"
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                            lifespan="off")
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gateway.start(loop)
+
+        def reload_tokens() -> None:
+            if cfg.tokens_file:
+                try:
+                    auth.replace(load_tokens_file(cfg.tokens_file))
+                    print(f"gpu-magic: reloaded {cfg.tokens_file}", file=sys.stderr)
+                except TokensFileError as exc:
+                    print(f"gpu-magic: kept the old tokens: {exc}", file=sys.stderr)
+
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, reload_tokens)
+        if cfg.runtime_file:
+            info = {
+                "url": url, "host": socket.gethostname(), "pid": os.getpid(),
+                "version": __version__, "config": cfg.fingerprint(),
+                "state_dir": str(gateway.state_dir), "started": time.time(),
+            }
+            if token_path is not None:
+                info["token"] = token_path.read_text().strip()
+            write_private(cfg.runtime_file, json.dumps(info, indent=1))
+        else:
+            where = f" (token in {token_path})" if token_path else ""
+            print(f"gpu-magic gateway {__version__} listening on {url}{where}", flush=True)
+            pool = gateway.pool()
+            kinds = ", ".join(f"{t['type']} ×{t['total']}" for t in pool["types"]) or "no GPUs"
+            sim = " (simulated)" if pool["simulated"] else ""
+            print(f"pool: {kinds}{sim}", flush=True)
+
+        async def idle_watch() -> None:
+            while not server.should_exit:
+                await asyncio.sleep(min(5.0, cfg.idle_timeout or 5.0))
+                idle = time.monotonic() - gateway.last_activity
+                if cfg.idle_timeout and not gateway.busy and idle > cfg.idle_timeout:
+                    server.should_exit = True
+
+        watcher = asyncio.create_task(idle_watch())
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            watcher.cancel()
+            gateway.close()
+            if cfg.runtime_file:
+                with contextlib.suppress(OSError):
+                    current = json.loads(cfg.runtime_file.read_text())
+                    if current.get("pid") == os.getpid():
+                        cfg.runtime_file.unlink()
+
+    asyncio.run(main())
+    return 0

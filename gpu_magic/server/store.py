@@ -1,0 +1,215 @@
+"""The gateway's durable state: job records and event logs in SQLite, blobs on disk.
+
+SQLite runs in WAL mode with one writer thread that commits in batches, so thousands of output
+events per second cost one commit every few milliseconds, not one each. Blobs live in one folder
+per user (a user can neither probe nor poison another's cache) and are verified against their
+digest before they are stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from .._payload import DIGEST_PREFIX, is_digest
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    state TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+_BATCH_S = 0.005
+
+
+class StoreError(Exception):
+    """The state directory cannot be written (disk full, permissions)."""
+
+
+class Store:
+    """Job records and event logs; all writes go through one writer thread."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "gateway.sqlite3"
+        conn = sqlite3.connect(self.path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)
+        conn.commit()
+        conn.close()
+        self._q: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._flushed = threading.Condition()
+        self._pending = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._writer, daemon=True, name="gpu-magic-store")
+        self._thread.start()
+
+    def _writer(self) -> None:
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        while True:
+            item = self._q.get()
+            if item is None:
+                break
+            batch = [item]
+            deadline = time.monotonic() + _BATCH_S
+            while time.monotonic() < deadline and len(batch) < 5000:
+                try:
+                    nxt = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._q.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                with conn:
+                    for sql, args in batch:
+                        conn.execute(sql, args)
+            except sqlite3.Error as exc:
+                self.error = exc
+            with self._flushed:
+                self._pending -= len(batch)
+                self._flushed.notify_all()
+        conn.close()
+
+    def _put(self, sql: str, args: tuple[Any, ...]) -> None:
+        with self._flushed:
+            self._pending += 1
+        self._q.put((sql, args))
+
+    def save_job(self, record: dict[str, Any]) -> None:
+        self._put(
+            "INSERT OR REPLACE INTO jobs (id, user, state, record) VALUES (?, ?, ?, ?)",
+            (record["id"], record["user"], record["state"], json.dumps(record)),
+        )
+
+    def add_event(self, job_id: str, seq: int, event: dict[str, Any]) -> None:
+        self._put(
+            "INSERT OR REPLACE INTO events (job_id, seq, data) VALUES (?, ?, ?)",
+            (job_id, seq, json.dumps(event)),
+        )
+
+    def flush(self, timeout: float = 10.0) -> None:
+        with self._flushed:
+            self._flushed.wait_for(lambda: self._pending <= 0, timeout)
+
+    def close(self) -> None:
+        self.flush()
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def load_jobs(self) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(self.path)
+        try:
+            return [json.loads(r[0]) for r in conn.execute("SELECT record FROM jobs")]
+        finally:
+            conn.close()
+
+    def load_events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(self.path)
+        try:
+            rows = conn.execute(
+                "SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
+                (job_id, after),
+            )
+            return [json.loads(r[0]) for r in rows]
+        finally:
+            conn.close()
+
+
+class BlobError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _safe_user(user: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in user) or "_"
+
+
+class BlobStore:
+    """Content-addressed blobs, one folder per user."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def user_dir(self, user: str) -> Path:
+        d = self.root / _safe_user(user)
+        d.mkdir(exist_ok=True, mode=0o700)
+        return d
+
+    def path(self, user: str, digest: str) -> Path:
+        if not is_digest(digest):
+            raise BlobError(
+                400, f"{digest!r} is not a blob digest; expected {DIGEST_PREFIX} and 32 hex digits"
+            )
+        return self.user_dir(user) / digest.replace(":", "-")
+
+    def has(self, user: str, digest: str) -> bool:
+        return self.path(user, digest).exists()
+
+    def missing(self, user: str, digests: list[str]) -> list[str]:
+        return [d for d in dict.fromkeys(digests) if not self.has(user, d)]
+
+    async def put_stream(self, user: str, digest: str, chunks: AsyncIterator[bytes],
+                         max_bytes: int | None = None) -> int:
+        """Store an uploaded blob, verifying its digest; nothing is left behind on failure."""
+        final = self.path(user, digest)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{id(chunks)}")
+        h = xxhash.xxh3_128()
+        size = 0
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+                    h.update(chunk)
+                    f.write(chunk)
+            got = DIGEST_PREFIX + h.hexdigest()
+            if got != digest:
+                raise BlobError(400, f"blob content does not match its digest: sent as {digest}, content is {got}")
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return size
+
+    def adopt(self, user: str, src: Path) -> str:
+        """Move a runner's result file into the user's store, verifying its digest by content."""
+        h = xxhash.xxh3_128()
+        with open(src, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        digest = DIGEST_PREFIX + h.hexdigest()
+        dest = self.path(user, digest)
+        if dest.exists():
+            src.unlink()
+        else:
+            os.replace(src, dest)
+        return digest
+
+    def iter_file(self, user: str, digest: str) -> Iterator[bytes]:
+        with open(self.path(user, digest), "rb") as f:
+            yield from iter(lambda: f.read(1 << 20), b"")
