@@ -31,6 +31,7 @@ from ._errors import (
     JobFailed,
     JobTimeout,
     RunnerLost,
+    SerializationError,
     SpecError,
     WaitExpired,
 )
@@ -202,14 +203,21 @@ class _Job:
             sys.stderr.write(ev.get("text", ""))
             sys.stderr.flush()
         elif kind in ("display", "update_display"):
+            from IPython import get_ipython
             from IPython.display import publish_display_data
 
+            if get_ipython() is None:  # plain Python: the text form is all we can show
+                print(ev.get("data", {}).get("text/plain", ""))
+                return
             transient = {"display_id": ev["display_id"]} if ev.get("display_id") else None
             publish_display_data(ev.get("data", {}), ev.get("metadata") or {},
                                  transient=transient, update=kind == "update_display")
         elif kind == "clear_output":
+            from IPython import get_ipython
             from IPython.display import clear_output
 
+            if get_ipython() is None:
+                return
             clear_output(wait=bool(ev.get("wait")))
         elif kind == "result":
             self.result = ev
@@ -225,7 +233,15 @@ class _Job:
         buffers = [self.client.download(d) for d in ev.get("buffers", [])]
         self.state.received_bytes = len(blob) + sum(len(b) for b in buffers)
         staging: dict[str, Any] = {"__name__": "__main__"}
-        payload = _payload.loads(blob, buffers, namespace=staging, inputs=self.sent)
+        try:
+            payload = _payload.loads(blob, buffers, namespace=staging, inputs=self.sent)
+        except Exception as exc:
+            raise SerializationError(
+                f"the results of GPU job {self.id} could not be rebuilt here "
+                f"({type(exc).__name__}: {exc}); nothing was bound and the namespace is "
+                "unchanged. Return fewer names (--return NAMES) or make the failing object "
+                "loadable without a GPU."
+            ) from exc
         names = {n: _rehome(v, staging, self.namespace) for n, v in payload["names"].items()}
         deleted = list(ev.get("deleted", []))
         with _sigint_deferred():  # all at once or not at all

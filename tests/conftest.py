@@ -1,0 +1,99 @@
+"""Shared fixtures: a real gateway on loopback with a simulated pool, and clients for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gpu_magic._client import GatewayClient
+
+SIM_POOL = "H100:2,A100-80GB:4"
+
+
+@dataclass
+class Gateway:
+    """A gateway process started for tests."""
+
+    url: str
+    token: str
+    state_dir: Path
+    proc: subprocess.Popen[bytes]
+    runtime_file: Path
+
+    def client(self, token: str | None = None) -> GatewayClient:
+        return GatewayClient(self.url, token or self.token)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_gateway(tmp: Path, *extra: str, simulate: str | None = SIM_POOL,
+                  state_dir: Path | None = None, env: dict[str, str] | None = None) -> Gateway:
+    """Start ``gpu-magic serve`` on a free loopback port and wait until it listens."""
+    state = state_dir or tmp / "state"
+    runtime = tmp / f"runtime-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--state-dir", str(state),
+           "--runtime-file", str(runtime), *extra]
+    if simulate:
+        cmd += ["--simulate", simulate]
+    with open(tmp / "gateway.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if runtime.exists():
+            info = json.loads(runtime.read_text())
+            if info.get("pid") == proc.pid:
+                token = info.get("token") or ""
+                return Gateway(info["url"], token, state, proc, runtime)
+        if proc.poll() is not None:
+            raise RuntimeError((tmp / "gateway.log").read_text())
+        time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("gateway did not start")
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def client(gateway: Gateway) -> Iterator[GatewayClient]:
+    c = gateway.client()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def use_gateway(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Gateway:
+    """Point the client side of this process (and kernels it starts) at the test gateway."""
+    monkeypatch.setenv("GPU_MAGIC_URL", gateway.url)
+    monkeypatch.setenv("GPU_MAGIC_TOKEN", gateway.token)
+    return gateway
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll until ``predicate()`` is truthy; a generous no-hang deadline, never a timing claim."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")

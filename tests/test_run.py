@@ -1,0 +1,289 @@
+"""End to end through ``gpu_magic.run``: real gateway, real runner subprocesses, simulated pool."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpu_magic
+from gpu_magic import (
+    CaptureError,
+    EnvironmentMismatch,
+    RemoteError,
+    SerializationError,
+    SpecError,
+)
+from gpu_magic._api import _check_environment
+
+pytestmark = pytest.mark.usefixtures("use_gateway")
+
+
+def notebook(source: str) -> dict[str, Any]:
+    """A namespace as a notebook has it: code run in a dict whose __name__ is __main__."""
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(textwrap.dedent(source), "<notebook>", "exec"), ns)
+    return ns
+
+
+def run(ns: dict[str, Any], cell: str, spec: str | None = None, **kw: Any) -> Any:
+    return gpu_magic.run(textwrap.dedent(cell), spec, ns, **kw)
+
+
+def test_issue_example_mutates_input_and_returns_value(capsys: pytest.CaptureFixture[str]) -> None:
+    ns = notebook("""
+        import numpy as np
+        data = np.arange(1_000_000, dtype=np.float32)
+        factor = 3
+        def scale(x): return x * factor
+        class Acc:
+            def __init__(self): self.total = 0.0
+            def add(self, v): self.total += float(v)
+        acc = Acc()
+    """)
+    acc_class = ns["Acc"]
+    value = run(ns, """
+        import os
+        print("granted:", os.environ["GPU_MAGIC_GRANT"])
+        acc.add(scale(data).sum())          # changes an input in place
+        half = acc.total / 2
+        half
+    """, "H100:2, A100-80GB")
+    expected = float((np.arange(1_000_000, dtype=np.float32) * 3).sum())
+    out = capsys.readouterr().out
+    grant = json.loads(out.split("granted:", 1)[1].strip().splitlines()[0])
+    assert grant["type"] == "H100" and grant["count"] == 2 and grant["simulated"] is True
+    assert value == expected / 2 == ns["half"]
+    assert isinstance(ns["acc"], acc_class)
+    assert ns["acc"].total == expected
+    assert "os" in ns  # names the cell binds come back, imports included
+
+
+def test_simulated_grant_hides_every_gpu() -> None:
+    ns = notebook("")
+    assert run(ns, "import os; os.environ['CUDA_VISIBLE_DEVICES']", "A100-80GB:4") == ""
+
+
+def test_shared_references_survive_both_ways() -> None:
+    ns = notebook("""
+        a = [1, 2]
+        b = a
+        keep = {"k": 1}
+    """)
+    run(ns, """
+        assert a is b, "two names for one object arrived as two objects"
+        a.append(3)
+        c = b
+        alias = keep
+    """)
+    assert ns["a"] == [1, 2, 3]
+    assert ns["a"] is ns["b"] is ns["c"]
+    # an input the cell did not change comes back as the very object we hold
+    assert ns["alias"] is ns["keep"]
+
+
+def test_del_deletes_locally_and_unchanged_inputs_stay_identical() -> None:
+    ns = notebook("""
+        x = 1
+        big = list(range(10))
+    """)
+    original = ns["big"]
+    run(ns, "total = sum(big)\ndel x")
+    assert "x" not in ns
+    assert ns["total"] == 45
+    assert ns["big"] is original
+
+
+def test_failed_bind_leaves_namespace_unchanged() -> None:
+    ns = notebook("x = 'before'")
+    # The class unpickles on the runner but refuses to on the client (no GPU_MAGIC_GRANT here).
+    with pytest.raises(SerializationError, match="refuses to load here.*nothing was bound"):
+        run(ns, """
+            import os
+            class Picky:
+                def __setstate__(self, state):
+                    if "GPU_MAGIC_GRANT" not in os.environ:
+                        raise RuntimeError("refuses to load here")
+                    self.__dict__.update(state)
+            x = "after"
+            p = Picky()
+            p.v = 1
+        """)
+    assert ns["x"] == "before"
+    assert "p" not in ns and "Picky" not in ns
+
+
+def test_functions_see_later_assignments_like_locally() -> None:
+    ns = notebook("""
+        factor = 3
+        def scale(x): return x * factor
+    """)
+    assert run(ns, "factor = 5\nscale(2)") == 10
+    assert ns["factor"] == 5
+
+
+def test_function_defined_remotely_uses_local_globals_after_return() -> None:
+    ns = notebook("k = 2")
+    run(ns, "def times_k(x):\n    return x * k")
+    assert ns["times_k"](3) == 6
+    ns["k"] = 10
+    assert ns["times_k"](3) == 30
+
+
+def test_remote_exception_has_its_own_type_and_cell_line_numbers() -> None:
+    ns = notebook("""
+        class MyError(Exception):
+            pass
+    """)
+    with pytest.raises(ValueError) as info:
+        run(ns, "x = 1\nraise ValueError('bad value 42')")
+    lines = info.value._render_traceback_()  # type: ignore[attr-defined]
+    text = "\n".join(lines)
+    assert "Cell, line 2" in text and "raise ValueError('bad value 42')" in text
+    assert "H100" in text or "A100" in text  # says where it ran
+    assert "simulated" in text
+    with pytest.raises(ns["MyError"]):
+        run(ns, "raise MyError('mine')")
+
+
+def test_unpicklable_remote_exception_becomes_remote_error() -> None:
+    ns = notebook("")
+    with pytest.raises(RemoteError) as info:
+        run(ns, """
+            import threading
+            class Odd(Exception):
+                def __init__(self):
+                    super().__init__("odd")
+                    self.lock = threading.Lock()
+            raise Odd()
+        """)
+    assert info.value.ename == "Odd"
+    assert "odd" in str(info.value)
+
+
+def test_bad_spec_is_refused_before_anything_is_sent(client: Any) -> None:
+    before = len(client.jobs())
+    ns = notebook("")
+    with pytest.raises(SpecError, match="'H1000' is not a GPU type; did you mean H100"):
+        run(ns, "1", "H1000")
+    assert len(client.jobs()) == before
+
+
+def test_unpicklable_input_is_refused_before_anything_is_sent(client: Any, tmp_path: Any) -> None:
+    before = len(client.jobs())
+    with open(tmp_path / "f.txt", "w") as f:
+        ns = notebook("")
+        ns["f"] = f
+        with pytest.raises(SerializationError) as info:
+            run(ns, "f.write('x')")
+    assert str(info.value) == (
+        "variable 'f' (an open file) cannot be sent to the GPU: open it inside the cell instead"
+    )
+    assert len(client.jobs()) == before
+
+
+def test_star_import_is_refused() -> None:
+    with pytest.raises(CaptureError, match=r"from os import \*"):
+        run(notebook(""), "from os import *")
+
+
+def test_output_arrives_complete_and_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    run(notebook(""), """
+        import os, sys, subprocess
+        for i in range(3000):
+            print(f"line {i}")
+        sys.stdout.flush()
+        os.write(1, b"from the fd\\n")
+        subprocess.run(["echo", "from a subprocess"], check=True)
+        print("last")
+    """)
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3000] == [f"line {i}" for i in range(3000)]
+    assert out[3000:] == ["from the fd", "from a subprocess", "last"]
+
+
+def test_ipython_syntax_works_remotely(capsys: pytest.CaptureFixture[str]) -> None:
+    ns = notebook("word = 'shell-ok'")
+    run(ns, """
+        !echo $word
+        files = !echo listed
+    """)
+    assert "shell-ok" in capsys.readouterr().out
+    assert list(ns["files"]) == ["listed"]
+
+
+def test_input_fails_at_once_with_a_clear_message() -> None:
+    with pytest.raises(RuntimeError, match="input\\(\\) is not available in a %%gpu cell"):
+        run(notebook(""), "name = input('who? ')")
+
+
+def test_trailing_semicolon_suppresses_the_value() -> None:
+    ns = notebook("")
+    assert run(ns, "y = 3\ny * 2;") is None
+    assert ns["y"] == 3
+
+
+def test_return_and_no_return_limit_what_comes_back() -> None:
+    ns = notebook("")
+    run(ns, "a = 1\nb = 2", return_names=["b"])
+    assert "a" not in ns and ns["b"] == 2
+    ns2 = notebook("")
+    run(ns2, "a = 1", no_return=True)
+    assert "a" not in ns2
+
+
+def test_dry_run_reports_inputs_and_sends_nothing(client: Any) -> None:
+    before = len(client.jobs())
+    ns = notebook("""
+        import numpy as np
+        arr = np.ones(100_000)
+        def f(x): return x
+    """)
+    report = run(ns, "f(arr).sum() + np.pi", dry_run=True)
+    rows = {r["name"]: r for r in report["inputs"]}
+    assert set(rows) == {"arr", "f", "np"}
+    assert rows["np"]["travels"] == "by reference"
+    assert rows["f"]["travels"] == "by value"
+    assert rows["arr"]["bytes"] >= 800_000
+    assert "arr" in repr(report)
+    assert len(client.jobs()) == before
+
+
+def test_decorator_runs_the_function_remotely() -> None:
+    ns = notebook("""
+        import os
+        import gpu_magic
+        @gpu_magic.gpu("A100-80GB")
+        def where(x):
+            return os.environ["GPU_MAGIC_GRANT"], x + 1
+    """)
+    grant, y = ns["where"](41)
+    assert json.loads(grant)["type"] == "A100-80GB" and y == 42
+
+
+@pytest.mark.parametrize(
+    ("health", "message"),
+    [
+        ({"python": "2.7.18", "client_python": False},
+         "the GPU runner has Python 2.7 but this kernel has {ours}; cloudpickle needs the same "
+         "minor version on both sides. Use a kernel with Python 2.7, or ask the gateway's admin "
+         "for one with yours."),
+    ],
+)
+def test_python_version_mismatch_is_refused(health: dict[str, Any], message: str) -> None:
+    import platform
+
+    ours = ".".join(platform.python_version_tuple()[:2])
+    with pytest.raises(EnvironmentMismatch) as info:
+        _check_environment(health)
+    assert str(info.value) == message.format(ours=ours)
+
+
+def test_same_python_and_client_python_pass() -> None:
+    import platform
+
+    _check_environment({"python": platform.python_version(), "client_python": False, "packages": {}})
+    _check_environment({"python": "2.7.18", "client_python": True})
