@@ -35,7 +35,7 @@ from ._errors import (
     SpecError,
     WaitExpired,
 )
-from ._remote import rebuild, render_traceback, where
+from ._remote import code_locator, rebuild, render_traceback, where
 from ._spec import GpuSpec, parse_spec
 from ._view import JobState, StatusView
 
@@ -291,7 +291,8 @@ class _Job:
                 exc = None
         lines = render_traceback(ev, self.source, line_offset=self.opts.line_offset,
                                  label=self.opts.label, grant=self.state.grant, job_id=self.id,
-                                 cell_name=_cell_name)
+                                 cell_name=_cell_name,
+                                 locate=code_locator(self.sent.values()))
         return rebuild(ev, exc, lines)
 
 

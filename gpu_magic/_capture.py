@@ -160,7 +160,11 @@ class _Walker(ast.NodeVisitor):
             if not bound_globally and _reads_global(scope, name, bound_in_class):
                 inputs.add(name)
         outputs = dict.fromkeys(n for s, n in self._binds if _binds_global(s, n))
-        return inputs, tuple(outputs), {n for s, n in self._dels if _binds_global(s, n)}
+        deleted = {n for s, n in self._dels if _binds_global(s, n)}
+        # The runner reports a deleted name as deleted when it is gone after the run, so it
+        # must have held the name before, even one the cell binds before deleting it:
+        # `if c: x = 1; del x` must not delete the user's x when c is false.
+        return inputs | deleted, tuple(outputs), deleted
 
     # --- names -------------------------------------------------------------------------------
     def _read(self, name: str) -> None:
@@ -346,9 +350,6 @@ class _Walker(ast.NodeVisitor):
             if handler.type is not None:
                 self.visit(handler.type)
             if handler.name:
-                # Python deletes the name when the handler ends. Reading it as an input makes
-                # the runner hold the old value, so "gone after the run" means "deleted".
-                self._read(handler.name)
                 self._bind(handler.name)
 
         return run

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from ._errors import AuthError, GatewayError
+from ._errors import AuthError, GatewayError, NoFeasibleOption, SpecError
 
 CHUNK = 1 << 20
 RESUME_ATTEMPTS = 20
@@ -187,5 +187,10 @@ def _check(resp: httpx.Response, url: str) -> None:
             "%gpu connect URL",
             status=401, detail=body,
         )
+    code = body.get("error") if isinstance(body, dict) else None
+    if code == "no_feasible_option":
+        raise NoFeasibleOption(message)
+    if code == "bad_spec":
+        raise SpecError(message or "bad GPU spec")
     raise GatewayError(message or f"the gateway answered {resp.status_code}",
                        status=resp.status_code, detail=body)

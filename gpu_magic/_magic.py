@@ -100,8 +100,9 @@ class GPUMagics(Magics):
         return result
 
     def _label(self) -> str:
+        # IPython counts the running cell before it runs, so the count already points past it
         count = getattr(self.shell, "execution_count", None)
-        return f"Cell In[{count}]" if count is not None else "Cell"
+        return f"Cell In[{count - 1}]" if isinstance(count, int) and count > 1 else "Cell"
 
     def _meta(self) -> dict[str, str]:
         meta = {}

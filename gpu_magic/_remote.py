@@ -4,7 +4,8 @@ line numbers and a line saying where it ran."""
 from __future__ import annotations
 
 import linecache
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._errors import RemoteError
@@ -31,6 +32,7 @@ def render_traceback(
     grant: dict[str, Any] | None = None,
     job_id: str | None = None,
     cell_name: Callable[[str], str | None] | None = None,
+    locate: Callable[[str, int], str | None] | None = None,
 ) -> list[str]:
     """The lines IPython shows for the remote exception."""
     ename, evalue = event.get("ename", "Exception"), event.get("evalue", "")
@@ -47,6 +49,9 @@ def render_traceback(
             lines.append(f"----> {shown} {text.rstrip()}")
         else:
             filename = fr.get("filename", "?")
+            if filename == "<dynamic-code>" and locate is not None:
+                # cloudpickle drops the file name of notebook functions; find it here
+                filename = locate(fr.get("name", ""), lineno) or filename
             local_name = cell_name(filename) if cell_name else None
             text = linecache.getline(filename, lineno).rstrip() or fr.get("line", "")
             head = f"{local_name}, line {lineno}" if local_name else f"File {filename}:{lineno}"
@@ -70,3 +75,36 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str]) -> BaseExcepti
         except (AttributeError, TypeError):
             pass
     return RemoteError(event.get("ename", "Exception"), event.get("evalue", ""), "\n".join(tb_lines))
+
+
+def code_locator(values: Iterable[Any]) -> Callable[[str, int], str | None]:
+    """Find the local file of a notebook function by its name and a line inside it."""
+    index: dict[str, list[tuple[int, int, str]]] = {}
+
+    def add(code: types.CodeType) -> None:
+        lines = [ln for _, _, ln in code.co_lines() if ln is not None] or [code.co_firstlineno]
+        index.setdefault(code.co_name, []).append(
+            (code.co_firstlineno, max(lines), code.co_filename))
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                add(const)
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, types.FunctionType):
+            add(obj.__code__)
+        elif isinstance(obj, type):
+            for v in vars(obj).values():
+                f = getattr(v, "__func__", v)
+                if isinstance(f, types.FunctionType):
+                    add(f.__code__)
+
+    for v in values:
+        visit(v)
+
+    def locate(name: str, lineno: int) -> str | None:
+        for first, last, filename in index.get(name, []):
+            if first <= lineno <= last:
+                return filename
+        return None
+
+    return locate

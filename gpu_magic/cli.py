@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(stop_local_gateway())
         return 0
     if args.command in ("pool", "jobs"):
+        from ._connection import connect
         from ._errors import GpuMagicError
         from ._tables import jobs_text, pool_text
-        from ._connection import connect
 
         try:
             client = connect(args.url, args.token)

@@ -1,0 +1,164 @@
+"""``%%gpu`` in real Jupyter kernels (nbclient): the magic, its display, the embedded gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+SETUP = """\
+import numpy as np
+data = np.arange(1_000_000, dtype=np.float32)
+factor = 3
+def scale(x): return x * factor
+class Acc:
+    def __init__(self): self.total = 0.0
+    def add(self, v): self.total += float(v)
+acc = Acc()
+"""
+
+GPU_CELL = """\
+%%gpu H100:2, A100-80GB
+import os
+print("granted:", os.environ["GPU_MAGIC_GRANT"])
+acc.add(scale(data).sum())          # changes an input in place
+half = acc.total / 2
+half
+"""
+
+
+def make_notebook(*cells: str) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    return nb
+
+
+def execute(nb: nbformat.NotebookNode, cwd: Path, allow_errors: bool = False) -> nbformat.NotebookNode:
+    client = NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=allow_errors,
+                            resources={"metadata": {"path": str(cwd)}})
+    client.execute()
+    return nb
+
+
+def texts(cell: Any, kind: str) -> str:
+    out = []
+    for o in cell.outputs:
+        if o.output_type == "stream" and kind == o.name:
+            out.append(o.text)
+        elif o.output_type in ("display_data", "execute_result") and kind == o.output_type:
+            out.append(o.data.get("text/plain", ""))
+        elif o.output_type == "error" and kind == "error":
+            out.append(f"{o.ename}: {o.evalue}\n" + "\n".join(o.traceback))
+    return "".join(out)
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_issue_example_in_a_real_kernel(tmp_path: Path) -> None:
+    nb = make_notebook("%load_ext gpu_magic", SETUP, GPU_CELL,
+                       "print(acc.total, isinstance(acc, Acc), half, type(acc).__name__)")
+    execute(nb, tmp_path)
+    cell = nb.cells[2]
+    stdout = texts(cell, "stdout")
+    grant = json.loads(stdout.split("granted:", 1)[1].strip().splitlines()[0])
+    assert grant["type"] == "H100" and grant["count"] == 2 and grant["simulated"] is True
+    status = texts(cell, "display_data")
+    assert "H100 ×2" in status and "option 1 of 2" in status and "succeeded" in status
+    html = [o for o in cell.outputs if o.output_type == "display_data"][0].data["text/html"]
+    assert "simulated" in html
+    import numpy as np
+
+    total = float((np.arange(1_000_000, dtype=np.float32) * 3).sum())
+    assert texts(cell, "execute_result") == repr(total / 2)
+    assert texts(nb.cells[3], "stdout").split() == [repr(total), "True", repr(total / 2), "Acc"]
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_remote_error_shows_cell_line_numbers_in_kernel(tmp_path: Path) -> None:
+    nb = make_notebook("%load_ext gpu_magic",
+                       "def helper(v):\n    return 1 / v",
+                       "%%gpu\nx = 0\nhelper(x)")
+    execute(nb, tmp_path, allow_errors=True)
+    err = texts(nb.cells[2], "error")
+    assert err.startswith("ZeroDivisionError: division by zero")
+    # the cell's own line numbers (the %%gpu line is line 1) and the helper's notebook cell
+    assert "Cell In[3], line 3" in err and "helper(x)" in err
+    assert "Cell In[2], line 2, in helper" in err and "return 1 / v" in err
+    assert "simulated" in err
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_magic_usage_errors_are_clear(tmp_path: Path) -> None:
+    nb = make_notebook("%load_ext gpu_magic", "%%gpu H100 --retries\n1", "%gpu frobnicate",
+                       "%%gpu H1000\n1")
+    execute(nb, tmp_path, allow_errors=True)
+    # IPython reports a UsageError on stderr, without a traceback
+    assert "UsageError: argument --retries: expected one argument" in texts(nb.cells[1], "stderr")
+    assert "usage: %gpu pool | jobs" in texts(nb.cells[2], "stderr")
+    assert "'H1000' is not a GPU type; did you mean H100?" in texts(nb.cells[3], "error")
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_pool_and_jobs_tables(tmp_path: Path) -> None:
+    nb = make_notebook("%load_ext gpu_magic", "%%gpu --quiet\nz = 1", "%gpu pool", "%gpu jobs")
+    execute(nb, tmp_path)
+    assert texts(nb.cells[1], "display_data") == ""  # --quiet: no status display
+    pool = texts(nb.cells[2], "display_data")
+    assert "simulated pool" in pool and "H100" in pool and "A100-80GB" in pool
+    assert "succeeded" in texts(nb.cells[3], "display_data")
+
+
+def _embedded_env(tmp_path: Path, simulate: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_MAGIC_")}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    env["JUPYTER_DATA_DIR"] = str(tmp_path / "data")
+    if simulate:
+        env["GPU_MAGIC_SIMULATE"] = simulate
+    return env
+
+
+def test_embedded_gateway_is_started_shared_and_stopped(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in [k for k in os.environ if k.startswith("GPU_MAGIC_")]:
+        monkeypatch.delenv(k)
+    env = _embedded_env(tmp_path, None)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    runtime = tmp_path / "runtime"
+    try:
+        # no GPU and no simulation: the refusal says how to connect or simulate
+        nb = make_notebook("%load_ext gpu_magic", "%%gpu\n1")
+        execute(nb, tmp_path, allow_errors=True)
+        err = texts(nb.cells[1], "error")
+        assert "NoFeasibleOption" in err and "GPU_MAGIC_SIMULATE" in err and "GPU_MAGIC_URL" in err
+
+        monkeypatch.setenv("GPU_MAGIC_SIMULATE", "T4:2")
+        nb = make_notebook("%load_ext gpu_magic", "%%gpu T4\nimport os\nos.getpid()")
+        execute(nb, tmp_path)
+        files = list(runtime.glob("gpu-magic-gateway-*.json"))
+        assert len(files) == 1
+        assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+        info = json.loads(files[0].read_text())
+        assert info["config"] == {"backend": "local", "simulate": "T4:2"}
+        assert {"url", "token", "pid", "host", "version"} <= set(info)
+        assert info["url"].startswith("http://127.0.0.1:")
+
+        # a second kernel shares the same gateway
+        nb2 = make_notebook("%load_ext gpu_magic", "%%gpu\n2")
+        execute(nb2, tmp_path)
+        assert json.loads(files[0].read_text())["pid"] == info["pid"]
+
+        out = subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True,
+                             text=True, check=True).stdout
+        assert f"pid {info['pid']}" in out
+        assert not files[0].exists()
+    finally:
+        subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True)
