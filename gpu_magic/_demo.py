@@ -1,0 +1,61 @@
+"""``gpu-magic demo``: a simulated GPU pool and JupyterLab with the teaching notebooks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def notebooks_dir(explicit: Path | None = None) -> Path:
+    """The teaching notebooks: given, beside a source checkout, or shipped in the package."""
+    if explicit is not None:
+        return explicit
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "notebooks", here / "notebooks"):
+        if candidate.is_dir():
+            return candidate
+    raise SystemExit("gpu-magic demo: cannot find the teaching notebooks; pass --notebooks DIR")
+
+
+def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
+    from ._embedded import ensure_local_gateway, stop_local_gateway
+
+    try:
+        import jupyterlab  # noqa: F401
+    except ImportError:
+        print("gpu-magic demo needs JupyterLab: pip install 'gpu-magic[demo]'", file=sys.stderr)
+        return 1
+    nb_dir = notebooks_dir(notebooks)
+    os.environ["GPU_MAGIC_SIMULATE"] = simulate
+    os.environ.pop("GPU_MAGIC_URL", None)
+    info = ensure_local_gateway(simulate)
+    print(f"gpu_magic: simulated pool {simulate} served by the local gateway at {info['url']}")
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.port={port}", f"--ServerApp.root_dir={nb_dir}"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")
+    first = sorted(nb_dir.glob("*.ipynb"))
+    if first:
+        cmd.append(first[0].name)
+    lab = subprocess.Popen(cmd)
+    print("gpu_magic: JupyterLab is starting; open the URL it prints (with its token). "
+          "Ctrl-C stops everything.", flush=True)
+    try:
+        while lab.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if lab.poll() is None:
+            lab.send_signal(signal.SIGINT)
+            try:
+                lab.wait(10)
+            except subprocess.TimeoutExpired:
+                lab.terminate()
+                lab.wait(10)
+        print(stop_local_gateway())
+    return 0
