@@ -165,12 +165,31 @@ def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any]) -> A
                 except (AttributeError, TypeError):
                     pass
 
+    # notebook classes anywhere inside the value (an instance in a list, an attribute...) came
+    # back as our own class with its methods rebuilt on the staging globals: repair them all
+    seen: set[int] = set()
+    stack = [value]
+    budget = 100_000
+    while stack and budget:
+        obj = stack.pop()
+        budget -= 1
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        cls = obj if isinstance(obj, type) else type(obj)
+        if getattr(cls, "__module__", None) == "__main__" and id(cls) not in seen:
+            seen.add(id(cls))
+            fix_class(cls)
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif not isinstance(obj, type):
+            attrs = getattr(obj, "__dict__", None)
+            if isinstance(attrs, dict):
+                stack.extend(attrs.values())
     if isinstance(value, types.FunctionType):
         return fix_function(value)
-    if isinstance(value, type):
-        fix_class(value)
-    elif getattr(type(value), "__module__", None) == "__main__":
-        fix_class(type(value))
     return value
 
 

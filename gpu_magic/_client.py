@@ -97,18 +97,22 @@ class GatewayClient:
                 if resp.status_code >= 400:
                     resp.read()
                     _check(resp, self.url)
-                size = int(resp.headers.get("Content-Length", "0"))
+                size = int(resp.headers.get("Content-Length", "-1"))
+                if size < 0:  # no length given: grow as it comes
+                    buf = bytearray()
+                    for chunk in resp.iter_raw(CHUNK):
+                        buf += chunk
+                    return buf
+                # into one preallocated buffer: fresh buffers per chunk cost page faults
                 buf = bytearray(size)
-                view = memoryview(buf)
                 got = 0
-                for chunk in resp.iter_raw(CHUNK):
-                    n = len(chunk)
-                    if got + n > size:
-                        buf.extend(b"\0" * (got + n - size))
-                        view = memoryview(buf)
-                        size = got + n
-                    view[got : got + n] = chunk
-                    got += n
+                with memoryview(buf) as view:
+                    for chunk in resp.iter_raw(CHUNK):
+                        n = len(chunk)
+                        if got + n > size:
+                            raise GatewayError(f"result {digest} is longer than announced")
+                        view[got : got + n] = chunk
+                        got += n
         except httpx.TransportError as exc:
             raise GatewayError(f"the download of result {digest} from {self.url} broke: {exc}") from None
         if got != size:

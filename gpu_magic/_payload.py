@@ -101,6 +101,10 @@ class _Pickler(cloudpickle.Pickler):
         return None
 
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
+            # cloudpickle would quietly send a snapshot of a file open for reading; an open
+            # file cannot really travel, so say so (diagnose() names the path to it)
+            raise pickle.PicklingError(f"cannot send an open file ({type(obj).__name__})")
         if _is_cuda_tensor(obj):
             self.cuda_moved += 1
             return obj.cpu().__reduce_ex__(5)
@@ -259,7 +263,7 @@ def describe(obj: Any) -> tuple[str, str]:
 
 def _pickles(obj: Any) -> bool:
     try:
-        cloudpickle.dumps(obj, protocol=5, buffer_callback=lambda b: False)
+        _Pickler(io.BytesIO(), None, buffer_callback=lambda b: False).dump(obj)
     except Exception:
         return False
     return True
@@ -342,13 +346,14 @@ def travel_mode(value: Any, local_dir: Path | None = None) -> str:
     local = {m.__name__ for m in _local_modules(local_dir)}
     if isinstance(value, types.ModuleType):
         return "by value" if value.__name__.partition(".")[0] in local else "by reference"
-    if isinstance(value, (types.FunctionType, type)):
+    if callable(value) or isinstance(value, type):
         modname = getattr(value, "__module__", None) or "__main__"
         mod = sys.modules.get(modname)
         if mod is not None and modname != "__main__" and modname.partition(".")[0] not in local:
-            found: Any = mod
-            for part in getattr(value, "__qualname__", "").split("."):
-                found = getattr(found, part, None)
-            if found is value:
-                return "by reference"
+            for attr in ("__qualname__", "__name__"):
+                found: Any = mod
+                for part in str(getattr(value, attr, "")).split("."):
+                    found = getattr(found, part, None)
+                if found is value:
+                    return "by reference"
     return "by value"

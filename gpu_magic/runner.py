@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +89,26 @@ class _Coalescer:
 
 
 class _Stream:
-    """sys.stdout / sys.stderr for the cell: text goes to the coalescer."""
+    """sys.stdout / sys.stderr for the cell.
+
+    Text goes through the same file descriptor as C extensions and subprocesses write to, so a
+    print after a subprocess's output can never overtake it: one pipe, one order.
+    """
 
     encoding = "utf-8"
     errors = "replace"
 
-    def __init__(self, name: str, coalescer: _Coalescer, fd: int) -> None:
+    def __init__(self, name: str, fd: int) -> None:
         self.name = name
-        self._c = coalescer
         self._fd = fd
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        self._c.add(self.name, text)
+        data = memoryview(text.encode("utf-8", "replace"))
+        while data:
+            n = os.write(self._fd, data)
+            data = data[n:]
         return len(text)
 
     def writelines(self, lines: Any) -> None:
@@ -109,7 +116,9 @@ class _Stream:
             self.write(line)
 
     def flush(self) -> None:
-        self._c.flush()
+        # Already in the pipe; the reader sends it within milliseconds. A full sync here would
+        # make libraries that flush on every update (tqdm) pay a round trip each time.
+        pass
 
     def fileno(self) -> int:
         return self._fd
@@ -183,7 +192,7 @@ class _NoStdin:
         return 0
 
 
-def _cell_shell(ns: dict[str, Any], emitter: _Emitter, coalescer: _Coalescer) -> Any:
+def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None]) -> Any:
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
     from IPython.core.interactiveshell import InteractiveShell
@@ -192,7 +201,7 @@ def _cell_shell(ns: dict[str, Any], emitter: _Emitter, coalescer: _Coalescer) ->
     class Publisher(DisplayPublisher):
         def publish(self, data: Any, metadata: Any = None, source: Any = None, *,
                     transient: Any = None, update: bool = False, **_kw: Any) -> None:
-            coalescer.flush()
+            sync()
             event: dict[str, Any] = {
                 "type": "update_display" if update else "display",
                 "data": data,
@@ -203,7 +212,7 @@ def _cell_shell(ns: dict[str, Any], emitter: _Emitter, coalescer: _Coalescer) ->
             emitter.emit(event)
 
         def clear_output(self, wait: bool = False) -> None:
-            coalescer.flush()
+            sync()
             emitter.emit({"type": "clear_output", "wait": bool(wait)})
 
     class ValueHook(DisplayHook):
@@ -332,8 +341,15 @@ def run_job(job_dir: Path, emitter: _Emitter) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     caps = [_FdCapture(1, "stdout", coalescer), _FdCapture(2, "stderr", coalescer)]
-    sys.stdout = _Stream("stdout", coalescer, 1)  # type: ignore[assignment]
-    sys.stderr = _Stream("stderr", coalescer, 2)  # type: ignore[assignment]
+
+    def sync() -> None:
+        """Everything written so far, sent: before a display, and at the end of the cell."""
+        for cap in caps:
+            cap.drain()
+        coalescer.flush()
+
+    sys.stdout = _Stream("stdout", 1)  # type: ignore[assignment]
+    sys.stderr = _Stream("stderr", 2)  # type: ignore[assignment]
     sys.stdin = _NoStdin()  # type: ignore[assignment]
     builtins.input = _no_input
     import getpass
@@ -351,16 +367,13 @@ def run_job(job_dir: Path, emitter: _Emitter) -> int:
     del buffers
     before = {n: _payload.fingerprint(v, ns) for n, v in values.items()}
 
-    shell = _cell_shell(ns, emitter, coalescer)
+    shell = _cell_shell(ns, emitter, sync)
     result = shell.run_cell(manifest["source"], store_history=False)
     try:
         ctypes.CDLL(None).fflush(None)  # C stdio buffers of extensions, before draining the fds
     except Exception:
         pass
-    sys.stdout.flush()
-    for cap in caps:
-        cap.drain()
-    coalescer.flush()
+    sync()
 
     exc = result.error_before_exec or result.error_in_exec
     if exc is not None:

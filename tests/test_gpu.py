@@ -1,0 +1,59 @@
+"""On a machine with real NVIDIA GPUs: the real inventory, isolation and CUDA results.
+
+Every test here is marked ``gpu`` and skips cleanly where NVML finds no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gpu_magic
+from gpu_magic.server.inventory import read_nvml
+
+from .conftest import Gateway, start_gateway
+
+REAL = read_nvml()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not REAL, reason="needs a real NVIDIA GPU (NVML found none)")]
+
+
+@pytest.fixture(scope="module")
+def real_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("real"), simulate=None)
+    yield gw
+    gw.stop()
+
+
+def test_real_inventory_is_served(real_gateway: Gateway) -> None:
+    pool = real_gateway.client().pool()
+    assert not pool["simulated"]
+    uuids = {g["uuid"] for n in pool["nodes"] for g in n["gpus"]}
+    assert uuids == {g.uuid for g in REAL}
+
+
+def test_cell_sees_only_its_granted_gpu(real_gateway: Gateway) -> None:
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    client = real_gateway.client()
+    seen = gpu_magic.run("import os\nos.environ['CUDA_VISIBLE_DEVICES'], os.environ['GPU_MAGIC_GRANT']",
+                         "any", ns, client=client)
+    visible, grant = seen[0], json.loads(seen[1])
+    assert grant["simulated"] is False and grant["count"] == 1
+    assert visible.split(",") == [REAL[grant["indices"][0]].uuid]
+
+
+def test_torch_cell_runs_on_cuda_and_tensors_come_back_on_cpu(
+    real_gateway: Gateway, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("torch")
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    client = real_gateway.client()
+    gpu_magic.run("import torch\nassert torch.cuda.is_available()\n"
+                  "t = torch.ones(1000, device='cuda') * 2\nname = torch.cuda.get_device_name(0)",
+                  "any", ns, client=client)
+    assert ns["t"].device.type == "cpu" and float(ns["t"].sum()) == 2000.0
+    assert "came back on the CPU" in capsys.readouterr().err

@@ -1,0 +1,700 @@
+"""Tests of the payload (gpu_magic._payload): what a cell's inputs and results become on the way.
+
+The serialisation cases are round-tripped through a fresh interpreter
+(``payload_fixtures/mini_runner.py``), which loads the inputs the way the runner does, runs a
+small cell in the rebuilt namespace and sends names back; the results are loaded here the way
+the client does. What the "notebook" defined is ``exec``-ed in a dict whose ``__name__`` is
+``__main__``, so the fresh process has never seen any of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpu_magic
+from gpu_magic import _payload
+from gpu_magic._api import _rehome
+
+MINI_RUNNER = Path(__file__).parent / "payload_fixtures" / "mini_runner.py"
+DIGEST_RE = re.compile(r"xxh3-128:[0-9a-f]{32}")
+LARGE = 100_000  # float64 elements: 800 KB, well over the 64 KiB inline limit
+
+# What the user defined in earlier notebook cells.
+NOTEBOOK = """
+import dataclasses
+import enum
+import math
+
+factor = 3
+unrelated = [0] * 200_000  # never used by a sent function: must not travel
+
+def scale(v):
+    return v * factor
+
+def twice_scaled(v):
+    return scale(scale(v))  # calls another notebook function through the globals
+
+def make_adder(n):
+    def add(v):
+        return v + n
+    return add
+
+add5 = make_adder(5)
+square = lambda v: v * v
+
+def compose(f, g):
+    return lambda v: f(g(v))
+
+pipeline = compose(square, add5)
+
+class Counter:
+    def __init__(self, n=0):
+        self.n = n
+
+    def bump(self, k=1):
+        self.n += k
+        return self.n
+
+    def scaled(self):
+        return scale(self.n)
+
+counter = Counter(2)
+
+@dataclasses.dataclass
+class Point:
+    x: float
+    y: float = 0.0
+
+    def norm(self):
+        return math.hypot(self.x, self.y)
+
+pt = Point(3.0, 4.0)
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = 2
+
+fav = Color.GREEN
+
+class Model:
+    pass
+
+class Log:
+    pass
+
+class Handler:
+    pass
+"""
+
+
+def notebook() -> dict[str, Any]:
+    """A fresh notebook namespace holding NOTEBOOK's definitions (``__module__ == '__main__'``)."""
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(NOTEBOOK, "<notebook>", "exec"), ns)
+    return ns
+
+
+@dataclass
+class RoundTrip:
+    """One trip to a fresh interpreter and back."""
+
+    sent: _payload.Packed  # the inputs' payload
+    back: dict[str, Any]  # the returned names, loaded here
+    staging: dict[str, Any]  # the namespace they were loaded into (as the client does)
+    back_digests: list[str]  # digests of the result's out-of-band buffers
+
+
+def round_trip(
+    tmp_path: Path,
+    values: dict[str, Any],
+    cell: str = "",
+    returns: tuple[str, ...] = (),
+    *,
+    namespace: dict[str, Any] | None = None,
+    local_dir: Path | None = None,
+    refs: tuple[str, ...] = (),
+) -> RoundTrip:
+    """Send ``values`` to a fresh interpreter, run ``cell`` there, bring ``returns`` back.
+
+    ``refs`` are the inputs the cell left unchanged: they come back as references to ours.
+    """
+    job = tmp_path / f"job-{uuid.uuid4().hex[:8]}"
+    job.mkdir()
+    sent = _payload.pack_inputs(values, namespace, local_dir)  # as the client's submit does
+    (job / "in.pkl").write_bytes(sent.pickle)
+    names = []
+    for i, buf in enumerate(sent.buffers):
+        names.append(f"in.{i}")
+        (job / names[-1]).write_bytes(buf)
+    spec = {"buffers": names, "cell": cell, "returns": list(returns), "refs": list(refs)}
+    (job / "job.json").write_text(json.dumps(spec))
+    # The fresh process must not find the test's or the notebook's modules on its path.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, str(MINI_RUNNER), str(job)],
+        cwd=job,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"the fresh interpreter failed:\n{proc.stderr}"
+    out = json.loads((job / "out.json").read_text())
+    # Writable buffers, as the client's downloads are.
+    buffers = [bytearray((job / name).read_bytes()) for name in out["buffers"]]
+    staging: dict[str, Any] = {"__name__": "__main__"}
+    back = _payload.loads((job / "out.pkl").read_bytes(), buffers, namespace=staging, inputs=values)
+    return RoundTrip(sent, back, staging, out["digests"])
+
+
+def pack_error(
+    values: dict[str, Any], namespace: dict[str, Any] | None = None
+) -> gpu_magic.SerializationError:
+    with pytest.raises(gpu_magic.SerializationError) as info:
+        _payload.pack_inputs(values, namespace, None)
+    return info.value
+
+
+# --- digests and the payload's shape ---
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (_payload.digest(b"abc"), True),
+        ("xxh3-128:" + "0" * 32, True),
+        ("xxh3-128:" + "A" * 32, False),  # we write lower-case hex only
+        ("xxh3-128:" + "0" * 31, False),
+        ("xxh3-128:" + "0" * 33, False),
+        ("sha256:" + "0" * 32, False),
+        ("xxh3-128:../../etc/passwd0000000000", False),
+        ("", False),
+    ],
+)
+def test_is_digest(value: str, ok: bool) -> None:
+    assert _payload.is_digest(value) is ok
+
+
+def test_digest_is_self_describing_and_content_addressed() -> None:
+    d = _payload.digest(b"hello")
+    assert DIGEST_RE.fullmatch(d)
+    assert d == _payload.digest(bytearray(b"hello")) == _payload.digest(memoryview(b"hello"))
+    assert d != _payload.digest(b"hello!")
+
+
+@pytest.mark.parametrize(("nbytes", "out_of_band"), [(64 * 1024 - 8, False), (64 * 1024, True)])
+def test_inline_limit(nbytes: int, out_of_band: bool) -> None:
+    packed, _ = _payload.dumps({"a": np.zeros(nbytes // 8)})
+    assert bool(packed.buffers) is out_of_band
+
+
+def test_blobs_list_a_shared_buffer_once() -> None:
+    a, b = np.zeros(LARGE), np.zeros(LARGE)  # two arrays, the same bytes
+    packed, cuda_moved = _payload.dumps({"a": a, "b": b, "small": [1, 2]})
+    assert cuda_moved == 0
+    assert len(packed.buffers) == 2
+    d = packed.buffer_digests[0]
+    assert packed.buffer_digests == [d, d]
+    assert d == _payload.digest(a.tobytes())
+    assert packed.pickle_digest == _payload.digest(packed.pickle)
+    assert packed.manifest == {"pickle": packed.pickle_digest, "buffers": [d, d]}
+    json.dumps(packed.manifest)  # the manifest travels as JSON
+    blobs = packed.blobs()
+    assert list(blobs) == [packed.pickle_digest, d]
+    assert bytes(blobs[packed.pickle_digest]) == packed.pickle
+    assert bytes(blobs[d]) == a.tobytes()
+    assert packed.nbytes == len(packed.pickle) + a.nbytes
+
+
+# --- numpy arrays, through a fresh interpreter ---
+
+ARRAY_CELL = """
+writable = x.flags.writeable
+layout = (x.flags.c_contiguous, x.flags.f_contiguous)
+total = float(x.sum())
+x *= 2  # in place: fails on a read-only array
+x.flat[0] = -1
+"""
+
+
+@pytest.mark.parametrize(
+    ("make", "out_of_band"),
+    [
+        pytest.param(lambda: np.arange(LARGE, dtype=np.float64), True, id="large"),
+        pytest.param(
+            lambda: np.arange(2 * LARGE, dtype=np.float64)[LARGE // 2 : LARGE * 3 // 2],
+            True,
+            id="slice-of-large",
+        ),
+        pytest.param(
+            lambda: np.arange(2 * LARGE, dtype=np.float64).reshape(400, 500)[:, ::2],
+            None,
+            id="strided-view-of-large",
+        ),  # numpy copies it in band; either is fine
+        pytest.param(
+            lambda: np.asfortranarray(np.arange(2 * LARGE, dtype=np.int64).reshape(400, 500)),
+            True,
+            id="fortran-order",
+        ),
+        pytest.param(lambda: np.arange(10, dtype=np.int32), False, id="small"),
+    ],
+)
+def test_array_round_trip(
+    tmp_path: Path, make: Callable[[], np.ndarray], out_of_band: bool | None
+) -> None:
+    arr = make()
+    original = arr.copy(order="K")
+    rt = round_trip(tmp_path, {"x": arr}, ARRAY_CELL, ("x", "writable", "layout", "total"))
+
+    if out_of_band is not None:
+        assert bool(rt.sent.buffers) is out_of_band
+        assert bool(rt.back_digests) is out_of_band
+    if out_of_band:
+        # only the array's own bytes travel, not the whole base of a view
+        assert sum(b.nbytes for b in rt.sent.buffers) == arr.nbytes
+    for d, buf in zip(rt.sent.buffer_digests, rt.sent.buffers):
+        assert DIGEST_RE.fullmatch(d) and d == _payload.digest(buf)
+    assert all(DIGEST_RE.fullmatch(d) for d in rt.back_digests)
+
+    assert rt.back["writable"] is True
+    if arr.flags.c_contiguous or arr.flags.f_contiguous:  # (a strided view arrives compacted)
+        assert rt.back["layout"] == (arr.flags.c_contiguous, arr.flags.f_contiguous)
+    assert rt.back["total"] == float(original.sum())
+    expected = original * 2
+    expected.flat[0] = -1
+    got = rt.back["x"]
+    assert got.dtype == arr.dtype and got.shape == arr.shape
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(arr, original)  # ours was not touched
+    assert got.flags.writeable
+
+
+# --- identity: two names for one object stay one object, both ways ---
+
+
+def test_shared_references_survive_both_ways(tmp_path: Path) -> None:
+    shared = [1]
+    big = np.ones(LARGE)
+    values = {"a": shared, "b": shared, "c": {"k": shared}, "x": big, "y": big}
+    cell = """
+same_in = a is b and c["k"] is a and x is y
+a.append(2)
+x[0] = 5.0
+p = [3]
+q = p
+r = {"p": p}
+"""
+    rt = round_trip(tmp_path, values, cell, ("same_in", "a", "b", "c", "p", "q", "r", "x", "y"))
+    assert len(rt.sent.buffers) == 1  # the array shared by two names is sent once
+    assert rt.back["same_in"] is True
+    assert rt.back["a"] is rt.back["b"] is rt.back["c"]["k"]
+    assert rt.back["a"] == [1, 2]
+    assert rt.back["p"] is rt.back["q"] is rt.back["r"]["p"]
+    assert rt.back["x"] is rt.back["y"]
+    assert rt.back["x"][0] == 5.0
+    assert len(rt.back_digests) == 1
+
+
+def test_input_refs_bring_back_our_own_object() -> None:
+    obj = {"weights": np.ones(LARGE)}
+    packed, _ = _payload.dumps({"x": obj, "y": [obj]}, input_refs={id(obj): "x"})
+    assert packed.buffers == []  # a reference: the weights are not in the payload
+    got = _payload.loads(packed.pickle, packed.buffers, namespace={}, inputs={"x": obj})
+    assert got["x"] is obj and got["y"][0] is obj
+    with pytest.raises(Exception, match="persistent"):
+        _payload.loads(packed.pickle, packed.buffers, namespace={})
+
+
+def test_unchanged_inputs_come_back_as_the_same_object(tmp_path: Path) -> None:
+    model = {"weights": np.ones(LARGE)}
+    cfg = [1, 2]
+    cell = """
+alias = model
+pair = (model, cfg)
+cfg.append(3)
+"""
+    # the runner sends back unchanged inputs as references to the client's objects
+    rt = round_trip(
+        tmp_path, {"model": model, "cfg": cfg}, cell, ("alias", "pair", "cfg"), refs=("model",)
+    )
+    assert rt.back["alias"] is model
+    assert rt.back["pair"][0] is model
+    assert rt.back["pair"][1] is rt.back["cfg"]
+    assert rt.back["cfg"] == [1, 2, 3] and rt.back["cfg"] is not cfg
+    assert rt.back_digests == []  # the weights did not travel back
+
+
+# --- notebook functions and classes, through a fresh interpreter ---
+
+
+def test_notebook_functions_share_the_cells_namespace(tmp_path: Path) -> None:
+    nb = notebook()
+    values = {"scale": nb["scale"], "twice_scaled": nb["twice_scaled"], "counter": nb["counter"]}
+    cell = """
+globals_are_ns = [f.__globals__ is globals() for f in (scale, twice_scaled, type(counter).scaled)]
+before = (scale(2), twice_scaled(1), counter.scaled())
+factor = 5  # a later assignment in the cell: every notebook function must see it
+after = (scale(2), twice_scaled(1), counter.scaled())
+unrelated_sent = "unrelated" in globals()
+"""
+    rt = round_trip(
+        tmp_path,
+        values,
+        cell,
+        ("globals_are_ns", "before", "after", "unrelated_sent"),
+        namespace=nb,
+    )
+    assert rt.back["globals_are_ns"] == [True, True, True]
+    assert rt.back["before"] == (6, 9, 6)
+    assert rt.back["after"] == (10, 25, 10)
+    assert rt.back["unrelated_sent"] is False
+    assert nb["factor"] == 3
+
+
+def test_closures_lambdas_classes_dataclasses_enums(tmp_path: Path) -> None:
+    nb = notebook()
+    names = ("add5", "square", "pipeline", "twice_scaled", "Counter", "Point", "pt", "Color", "fav")
+    cell = """
+import dataclasses
+got = {
+    "add5": add5(1),
+    "square": square(4),
+    "pipeline": pipeline(1),
+    "twice_scaled": twice_scaled(1),
+    "counter": Counter(1).bump(2),
+    "norm": pt.norm(),
+    "point_eq": Point(3.0, 4.0) == pt,
+    "fields": [f.name for f in dataclasses.fields(pt)],
+    "isinstance": isinstance(pt, Point),
+    "enum_identity": Color(2) is fav and Color["GREEN"] is fav and fav is Color.GREEN,
+    "enum_eq": fav == Color.GREEN and fav != Color.RED,
+    "modules": {add5.__module__, square.__module__, Counter.__module__, Point.__module__},
+}
+"""
+    rt = round_trip(tmp_path, {n: nb[n] for n in names}, cell, ("got",), namespace=nb)
+    assert rt.back["got"] == {
+        "add5": 6,
+        "square": 16,
+        "pipeline": 36,
+        "twice_scaled": 9,
+        "counter": 3,
+        "norm": 5.0,
+        "point_eq": True,
+        "fields": ["x", "y"],
+        "isinstance": True,
+        "enum_identity": True,
+        "enum_eq": True,
+        "modules": {"__main__"},
+    }
+
+
+def test_notebook_class_instances_come_back_as_our_classes(tmp_path: Path) -> None:
+    nb = notebook()
+    cell = """
+counter.bump(10)
+made = Counter(7)
+new_pt = Point(1.0, 2.0)
+color = Color.RED
+"""
+    sent = ("counter", "pt", "fav", "Counter", "Point", "Color")
+    rt = round_trip(
+        tmp_path,
+        {n: nb[n] for n in sent},
+        cell,
+        ("counter", "made", "new_pt", "color", "fav"),
+        namespace=nb,
+    )
+    back = rt.back
+    assert type(back["counter"]) is nb["Counter"] and back["counter"].n == 12
+    assert isinstance(back["made"], nb["Counter"]) and back["made"].n == 7
+    assert back["new_pt"] == nb["Point"](1.0, 2.0)
+    assert back["color"] is nb["Color"].RED
+    assert back["fav"] is nb["Color"].GREEN
+
+
+def test_returned_functions_and_instances_are_rehomed(tmp_path: Path) -> None:
+    """The client binds returned notebook functions and classes to its own namespace."""
+    nb = notebook()
+    cell = """
+def cube(v):
+    return v ** 3 * factor
+made = Counter(2)
+"""
+    rt = round_trip(
+        tmp_path, {n: nb[n] for n in ("scale", "Counter")}, cell, ("cube", "made"), namespace=nb
+    )
+    bound = {n: _rehome(v, rt.staging, nb) for n, v in rt.back.items()}  # as _Job._take_result
+    cube, Counter = bound["cube"], nb["Counter"]
+    assert cube.__globals__ is nb
+    assert isinstance(bound["made"], Counter)
+    assert Counter.scaled.__globals__ is nb
+    nb["factor"] = 7  # a later local cell
+    assert cube(1) == 7
+    assert bound["made"].scaled() == 14
+    assert Counter(1).scaled() == 7
+
+
+def test_a_nested_instance_coming_back_leaves_its_class_in_the_notebook(tmp_path: Path) -> None:
+    """cloudpickle resets the state of our (tracked) class when an instance of it comes back:
+    its methods must still read the notebook's globals, even if the instance sat in a list."""
+    nb = notebook()
+    rt = round_trip(
+        tmp_path, {"Counter": nb["Counter"]}, "items = [Counter(3)]", ("items",), namespace=nb
+    )
+    bound = {n: _rehome(v, rt.staging, nb) for n, v in rt.back.items()}  # as _Job._take_result
+    Counter = nb["Counter"]
+    assert isinstance(bound["items"][0], Counter)
+    nb["factor"] = 7  # a later local cell
+    assert Counter(1).scaled() == 7
+    assert bound["items"][0].scaled() == 21
+
+
+# --- the user's own modules beside the notebook travel by value ---
+
+MODULE_SOURCE = """
+OFFSET = 100
+
+def shift(v):
+    return v + OFFSET
+
+class Box:
+    def __init__(self, v):
+        self.v = v
+
+    def get(self):
+        return shift(self.v)
+"""
+
+
+@pytest.fixture(params=["module", "package"])
+def local_module(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[ModuleType, Path]]:
+    """A module (or a package's submodule) in a notebook's directory, imported from there."""
+    nbdir = tmp_path / "notebook-dir"
+    nbdir.mkdir()
+    top = f"nbmod_{uuid.uuid4().hex[:8]}"
+    if request.param == "module":
+        (nbdir / f"{top}.py").write_text(MODULE_SOURCE)
+        name = top
+    else:
+        (nbdir / top).mkdir()
+        (nbdir / top / "__init__.py").write_text("")
+        (nbdir / top / "core.py").write_text(MODULE_SOURCE)
+        name = f"{top}.core"
+    sys.path.insert(0, str(nbdir))
+    try:
+        yield importlib.import_module(name), nbdir
+    finally:
+        sys.path.remove(str(nbdir))
+        for mod in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+            del sys.modules[mod]
+
+
+def test_local_module_travels_by_value(
+    tmp_path: Path, local_module: tuple[ModuleType, Path]
+) -> None:
+    mod, nbdir = local_module
+    values = {"shift": mod.shift, "box": mod.Box(1), "mod": mod, "modname": mod.__name__}
+    cell = """
+import importlib.util
+importable_there = importlib.util.find_spec(modname.partition(".")[0]) is not None
+got = (shift(1), box.get(), mod.shift(2), mod.Box(3).get())
+"""
+    rt = round_trip(tmp_path, values, cell, ("importable_there", "got"), local_dir=nbdir)
+    assert rt.back["importable_there"] is False  # so it really travelled by value
+    assert rt.back["got"] == (101, 101, 102, 103)
+    # dumps registers the module by value only for its own call
+    by_ref, _ = _payload.dumps(mod.shift)
+    assert b"OFFSET" not in by_ref.pickle and mod.__name__.encode() in by_ref.pickle
+
+
+# --- travel_mode: what the dry-run report says ---
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(np, id="numpy"),
+        pytest.param(json, id="json"),
+        pytest.param(np.ndarray, id="np.ndarray"),
+        pytest.param(np.float32, id="np.float32"),
+        pytest.param(json.dumps, id="json.dumps"),
+        pytest.param(np.mean, id="np.mean"),
+        pytest.param(np.sqrt, id="np.sqrt (a ufunc)"),
+        pytest.param(math.sqrt, id="math.sqrt (a builtin)"),
+    ],
+)
+def test_installed_things_travel_by_reference(value: Any) -> None:
+    assert _payload.travel_mode(value) == "by reference"
+
+
+@pytest.mark.parametrize("name", ["scale", "add5", "square", "Counter", "Point", "Color"])
+def test_notebook_things_travel_by_value(name: str) -> None:
+    assert _payload.travel_mode(notebook()[name]) == "by value"
+
+
+def test_local_module_things_travel_by_value(local_module: tuple[ModuleType, Path]) -> None:
+    mod, nbdir = local_module
+    for value in (mod, mod.shift, mod.Box):
+        assert _payload.travel_mode(value, nbdir) == "by value"
+        assert _payload.travel_mode(value) == "by reference"  # without knowing the notebook's dir
+
+
+# --- fingerprint: did the cell change an input in place? ---
+
+
+def _set_attr(obj: Any) -> None:
+    obj.n = 99
+
+
+@pytest.mark.parametrize(
+    ("make", "change"),
+    [
+        pytest.param(
+            lambda nb: np.zeros(LARGE), lambda a: a.__setitem__(LARGE // 2, 1.0), id="large-array"
+        ),
+        pytest.param(lambda nb: np.zeros(10), lambda a: a.__setitem__(9, 1.0), id="small-array"),
+        pytest.param(lambda nb: [1, 2], lambda x: x.append(3), id="list-append"),
+        pytest.param(
+            lambda nb: {"a": {"b": 1}}, lambda d: d["a"].__setitem__("b", 2), id="nested-dict"
+        ),
+        pytest.param(lambda nb: nb["Counter"](1), _set_attr, id="attribute-set"),
+        pytest.param(lambda nb: nb["Counter"](1), lambda c: c.bump(), id="method-call"),
+        pytest.param(
+            lambda nb: nb["Point"](1.0), lambda p: setattr(p, "extra", None), id="new-attribute"
+        ),
+    ],
+)
+def test_fingerprint_sees_in_place_changes(
+    make: Callable[[dict[str, Any]], Any], change: Callable[[Any], Any]
+) -> None:
+    nb = notebook()
+    obj = make(nb)
+    before = _payload.fingerprint(obj, nb)
+    assert isinstance(before, str)
+    assert _payload.fingerprint(obj, nb) == before
+    change(obj)
+    assert _payload.fingerprint(obj, nb) != before
+
+
+def test_fingerprint_depends_on_state_only() -> None:
+    assert _payload.fingerprint([1, {"a": 2}]) == _payload.fingerprint([1, {"a": 2}])
+    assert _payload.fingerprint(np.arange(LARGE)) == _payload.fingerprint(np.arange(LARGE))
+    assert _payload.fingerprint(np.arange(LARGE)) != _payload.fingerprint(np.arange(1, LARGE + 1))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: threading.Lock(), id="lock"),
+        pytest.param(lambda: (i for i in range(3)), id="generator"),
+        pytest.param(lambda: {"cfg": [threading.RLock()]}, id="nested-rlock"),
+    ],
+)
+def test_fingerprint_of_unpicklable_is_none(make: Callable[[], Any]) -> None:
+    assert _payload.fingerprint(make()) is None
+
+
+# --- inputs that cannot be sent: which object, and what to do ---
+
+
+# Every mode: cloudpickle on its own would send a text file open for reading as an io.StringIO
+# holding a snapshot of the whole file, which is not the file the cell expects.
+@pytest.mark.parametrize("mode", ["r", "rb", "w", "a", "r+"])
+def test_open_file(tmp_path: Path, mode: str) -> None:
+    path = tmp_path / "data.txt"
+    path.write_text("some data\n")
+    with open(path, mode) as f:
+        err = pack_error({"f": f})
+    assert (
+        str(err)
+        == "variable 'f' (an open file) cannot be sent to the GPU: open it inside the cell instead"
+    )
+    assert (err.name, err.path) == ("f", "f")
+    assert isinstance(err, gpu_magic.GpuMagicError)
+
+
+def test_open_file_deep_inside_an_object(tmp_path: Path) -> None:
+    nb = notebook()
+    model = nb["Model"]()
+    model.weights = [1.0, 2.0]
+    model.log = nb["Log"]()
+    model.log.name = "train"
+    handler = nb["Handler"]()
+    handler.level = 10
+    model.log.handlers = [handler]
+    with open(tmp_path / "train.log", "w") as stream:
+        handler.stream = stream
+        err = pack_error({"epochs": 3, "model": model}, nb)
+    assert str(err) == (
+        "variable 'model' (a Model object) cannot be sent to the GPU: "
+        "model.log.handlers[0].stream: an open file; open it inside the cell instead"
+    )
+    assert (err.name, err.path) == ("model", "model.log.handlers[0].stream")
+
+
+@pytest.mark.parametrize(
+    ("values", "name", "path", "message"),
+    [
+        pytest.param(
+            {"lr": 0.1, "cfg": {"lr": 0.1, "lock": threading.Lock()}},
+            "cfg",
+            "cfg['lock']",
+            "variable 'cfg' (a dict object) cannot be sent to the GPU: cfg['lock']: a thread lock; "
+            "create it inside the cell instead (pickle said: TypeError: cannot pickle "
+            "'_thread.lock' object)",
+            id="lock-in-dict",
+        ),
+        pytest.param(
+            {"batches": [[1], (i for i in range(3))]},
+            "batches",
+            "batches[1]",
+            "variable 'batches' (a list object) cannot be sent to the GPU: batches[1]: "
+            "a generator; turn it into a list first, or create it inside the cell "
+            "(pickle said: TypeError: cannot pickle 'generator' object)",
+            id="generator-in-list",
+        ),
+    ],
+)
+def test_unpicklable_nested_input(
+    values: dict[str, Any], name: str, path: str, message: str
+) -> None:
+    err = pack_error(values)
+    assert str(err) == message
+    assert (err.name, err.path) == (name, path)
+
+
+def test_unpicklable_closure_variable() -> None:
+    nb = notebook()
+    exec(
+        "import threading\n"
+        "def make():\n"
+        "    lk = threading.Lock()\n"
+        "    def guarded(v):\n"
+        "        with lk:\n"
+        "            return v\n"
+        "    return guarded\n"
+        "guarded = make()\n",
+        nb,
+    )
+    err = pack_error({"guarded": nb["guarded"]}, nb)
+    assert err.path == "guarded (closure variable lk)"
+    expected = "guarded (closure variable lk): a thread lock; create it inside the cell instead"
+    assert expected in str(err)
