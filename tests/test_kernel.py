@@ -162,3 +162,38 @@ def test_embedded_gateway_is_started_shared_and_stopped(tmp_path: Path,
         assert not files[0].exists()
     finally:
         subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True)
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_rich_output_magics_and_env_work_remotely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECRET_FOR_CELL", "s3cret")
+    nb = make_notebook(
+        "%load_ext gpu_magic",
+        "%%gpu --env MODE=fast --env SECRET_FOR_CELL\n"
+        "import os\n"
+        "from IPython.display import display, HTML\n"
+        "print('before')\n"
+        "display(HTML('<b>bold</b>'))\n"
+        "print('after')\n"
+        "%timeit -n1 -r1 sum(range(10))\n"
+        "os.environ['MODE'], os.environ['SECRET_FOR_CELL']",
+        "%%gpu\n"
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([1, 2, 3])\n"
+        "plt.show()",
+    )
+    execute(nb, tmp_path)
+    outs = nb.cells[1].outputs
+    kinds = [(o.output_type, o.get("name") or "") for o in outs]
+    # the status display first, then the cell's output in the order it was produced
+    html_at = next(i for i, o in enumerate(outs) if "text/html" in o.get("data", {})
+                   and "bold" in o.data["text/html"])
+    before_at = next(i for i, o in enumerate(outs) if o.output_type == "stream" and "before" in o.text)
+    after_at = next(i for i, o in enumerate(outs) if o.output_type == "stream" and "after" in o.text)
+    assert before_at < html_at < after_at, kinds
+    assert "per loop" in texts(nb.cells[1], "stdout")
+    assert texts(nb.cells[1], "execute_result") == "('fast', 's3cret')"
+    # the source of the cell never holds the secret's value
+    assert "s3cret" not in nb.cells[1].source
+    images = [o for o in nb.cells[2].outputs if "image/png" in o.get("data", {})]
+    assert images, [o.output_type for o in nb.cells[2].outputs]
