@@ -14,8 +14,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run a gateway for a GPU pool")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
-    s.add_argument("--backend", choices=["local"], default="local")
-    s.add_argument("--ray-address", default=None)
+    s.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: runner subprocesses on this host; ray: tasks on a Ray cluster")
+    s.add_argument("--ray-address", default=None, help="Ray cluster address (with --backend ray)")
     s.add_argument("--simulate", default=None, metavar="SPEC",
                    help="a simulated pool such as 'H100:2,A100-80GB:4' (no GPU is used)")
     s.add_argument("--tokens-file", type=Path, default=None,

@@ -347,7 +347,6 @@ class Gateway:
         job.outcome = None
         job.stop_reason = None
         self.running[job.id] = job
-        self._emit(job, {"type": "granted", **job.grant})
         req = job.request
         grant_env = {
             "GPU_MAGIC_GRANT": json.dumps({
@@ -376,10 +375,21 @@ class Gateway:
             "no_return": req.get("no_return", False),
             "env": req.get("env") or {},
         }
+        chosen = [g for g in gpus if g.node == grant.node and g.index in grant.indices]
         run = RunSpec(job.id, job.attempt, self.jobs_dir / job.id / f"attempt-{job.attempt}",
-                      manifest, [], grant_env, req.get("python"), req.get("cwd"))
+                      manifest, chosen, grant_env, req.get("python"), req.get("cwd"))
         loop = self.loop
         assert loop is not None
+        # A backend shared with others (Ray) must hold the GPUs before we announce the grant:
+        # someone may have taken them between our look at the pool and now.
+        reserve = getattr(self.backend, "reserve", None)
+        if reserve is not None and not reserve(run):
+            self.running.pop(job.id, None)
+            job.state, job.grant = "queued", None
+            self.queue.insert(0, job.id)
+            loop.call_later(0.5, self._schedule)
+            return
+        self._emit(job, {"type": "granted", **job.grant})
 
         def on_event(job_id: str, attempt: int, ev: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(self._runner_event, job_id, attempt, ev)

@@ -87,8 +87,14 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
         from .backends.local import LocalBackend
 
         backend: Any = LocalBackend(cfg.simulate, client_python=cfg.client_python)
+    elif cfg.backend == "ray":
+        try:
+            from .backends.ray import RayBackend
+        except ImportError as exc:
+            raise ServeError(f"--backend ray needs Ray: pip install 'gpu-magic[ray]' ({exc})") from None
+        backend = RayBackend.from_config(cfg)
     else:
-        raise ServeError(f"unknown backend {cfg.backend!r}; use --backend local")
+        raise ServeError(f"unknown backend {cfg.backend!r}; use --backend local or ray")
     gateway = Gateway(backend, state_dir, max_timeout=cfg.max_timeout)
     return gateway, Authenticator(tokens), token_path
 
