@@ -74,8 +74,10 @@ def _versions() -> dict[str, str]:
 
 
 def create_app(gateway: Gateway, auth: Authenticator) -> FastAPI:
+    # FastAPI's own /openapi.json, /docs and /redoc would answer without a token: ours is below
     app = FastAPI(title="gpu_magic gateway", version=__version__,
-                  description="Runs notebook cells on a pool of GPUs. See DESIGN.md.")
+                  description="Runs notebook cells on a pool of GPUs. See DESIGN.md.",
+                  openapi_url=None, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     app.state.auth = auth
     versions = _versions()
@@ -88,14 +90,13 @@ def create_app(gateway: Gateway, auth: Authenticator) -> FastAPI:
     async def _blob_error(_request: Request, exc: BlobError) -> JSONResponse:
         return JSONResponse({"error": "blob", "message": exc.message}, status_code=exc.status)
 
-    def user(authorization: str | None = Header(default=None)) -> User:
-        found = auth.user_for(authorization)
-        if found is None:
-            raise ApiError(401, "unauthorized",
-                           "missing or wrong token: send 'Authorization: Bearer TOKEN' "
-                           "(GPU_MAGIC_TOKEN on the client side)")
-        gateway.touch()
-        return found
+    def user(request: Request) -> User:
+        # set by _AuthMiddleware, which has already refused requests without a valid token
+        return request.state.user
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(u: User = Depends(user)) -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
@@ -172,4 +173,39 @@ def create_app(gateway: Gateway, auth: Authenticator) -> FastAPI:
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return app
+    return _AuthMiddleware(app, auth, gateway)  # type: ignore[return-value]
+
+
+class _AuthMiddleware:
+    """Refuses every request but ``GET /v1/health`` without a valid token, before anything of
+    the request is read (so a malformed body cannot tell an anonymous caller anything)."""
+
+    def __init__(self, app: FastAPI, auth: Authenticator, gateway: Gateway) -> None:
+        self.app, self.auth, self.gateway = app, auth, gateway
+        self.fastapi = app  # the wrapped app, for tests that enumerate its routes
+        self.state = app.state
+        self.routes = app.routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (scope["path"] == "/v1/health" and scope["method"] in
+                                       ("GET", "HEAD")):
+            await self.app(scope, receive, send)
+            return
+        header = None
+        for key, value in scope.get("headers", []):
+            if key == b"authorization":
+                header = value.decode("latin-1")
+        found = self.auth.user_for(header)
+        if found is None:
+            body = json.dumps({"error": "unauthorized",
+                               "message": "missing or wrong token: send 'Authorization: Bearer "
+                                          "TOKEN' (GPU_MAGIC_TOKEN on the client side)"}).encode()
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.gateway.touch()
+        scope.setdefault("state", {})["user"] = found
+        await self.app(scope, receive, send)

@@ -271,9 +271,8 @@ class Gateway:
         self.store.save_job(self._record(job))
         if body.get("wait") is not None and self.loop is not None:
             self.loop.call_later(float(body["wait"]), self._wait_expired, job.id)
+        self._emit_queued(job)
         self._schedule()
-        if job.state == "queued":
-            self._emit_queued(job)
         return job
 
     def _refusal(self, spec: GpuSpec, dropped: list[tuple[str, str]], gpus: list[Gpu]) -> str:

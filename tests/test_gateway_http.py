@@ -1,0 +1,778 @@
+"""The gateway's HTTP API against real gateway processes on loopback (DESIGN.md: HTTP API, Events,
+Tokens, Trust model). Real runners on a simulated pool; nothing of ours is mocked.
+
+Most tests share the session gateway of conftest.py (pool H100:2, A100-80GB:4 on one node) and
+leave its GPUs free when they end. Extra gateways are started only for what needs them: a tokens
+file with several users, and a restart on the same state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gpu_magic._client import GatewayClient
+from gpu_magic._payload import digest, loads, pack_inputs
+from gpu_magic._version import __version__
+
+from .conftest import Gateway, start_gateway, wait_for
+
+pytestmark = pytest.mark.slow
+
+FINAL_STATES = {"succeeded", "failed", "cancelled", "timed_out", "lost", "expired"}
+DEADLINE_S = 60.0  # a no-hang deadline, never a claim about speed
+
+# Every route of DESIGN.md's table, as the app names its path parameters.
+PUBLIC_ROUTES = {("GET", "/v1/health")}
+PRIVATE_ROUTES = [
+    ("GET", "/v1/pool"),
+    ("POST", "/v1/blobs/missing"),
+    ("PUT", "/v1/blobs/{digest}"),
+    ("GET", "/v1/blobs/{digest}"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/{job_id}"),
+    ("GET", "/v1/jobs/{job_id}/events"),
+    ("DELETE", "/v1/jobs/{job_id}"),
+]
+
+
+# --- helpers ---
+
+
+def opts(text: str) -> list[dict[str, Any]]:
+    """``"H100:2, A100-80GB"`` as the JSON spec of a submission."""
+    out = []
+    for part in text.split(","):
+        name, _, count = part.strip().partition(":")
+        out.append({"type": name, "count": int(count or 1)})
+    return out
+
+
+def submit(client: GatewayClient, source: str, spec: str = "H100", *,
+           values: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """Upload a job's inputs and submit it, as the client side does; the job record."""
+    values = values or {}
+    packed = pack_inputs(values, None, None)
+    for d, blob in packed.blobs().items():
+        client.upload(d, blob)
+    body = {
+        "source": source, "spec": opts(spec), "inputs": packed.manifest,
+        "input_names": list(values), "outputs": [], "deleted": [], "has_value": False,
+        "timeout": 60, **fields,
+    }
+    return client.submit(body)
+
+
+def follow(client: GatewayClient, job_id: str, *, after: int = 0,
+           until: Callable[[dict[str, Any]], bool] | None = None,
+           timeout: float = DEADLINE_S) -> list[dict[str, Any]]:
+    """The job's events (after ``after``) up to done, or up to the first one ``until`` accepts.
+
+    The stream is read in a daemon thread so that a gateway which never ends it fails the test
+    after ``timeout`` instead of hanging the run.
+    """
+    box: dict[str, Any] = {"events": []}
+
+    def read() -> None:
+        try:
+            for ev in client.events(job_id, after=after):
+                box["events"].append(ev)
+                if until is not None and until(ev):
+                    break
+        except BaseException as exc:  # handed to the test's thread below
+            box["error"] = exc
+
+    t = threading.Thread(target=read, daemon=True, name=f"follow-{job_id}")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise AssertionError(f"the event stream of job {job_id} did not get there within {timeout} s; "
+                             f"so far: {box['events']}")
+    if "error" in box:
+        raise box["error"]
+    return box["events"]
+
+
+def finish(client: GatewayClient, job_id: str, timeout: float = DEADLINE_S) -> dict[str, Any]:
+    """Wait until the job is in a final state; its record."""
+    return wait_for(lambda: (r := client.job(job_id))["state"] in FINAL_STATES and r, timeout)
+
+
+def free_of(client: GatewayClient, gpu_type: str) -> int:
+    return next(t["free"] for t in client.pool()["types"] if t["type"] == gpu_type)
+
+
+def all_free(client: GatewayClient) -> bool:
+    return all(t["free"] == t["total"] for t in client.pool()["types"])
+
+
+def raw_sse(url: str, token: str, job_id: str, headers: dict[str, str] | None = None,
+            params: dict[str, Any] | None = None) -> tuple[httpx.Response, list[tuple[int, dict[str, Any]]]]:
+    """A finished job's stream read with plain httpx: the response and its (id, data) pairs."""
+    pairs: list[tuple[int, dict[str, Any]]] = []
+    with httpx.Client(timeout=DEADLINE_S) as http:
+        resp = http.get(f"{url}/v1/jobs/{job_id}/events", params=params,
+                        headers={"Authorization": f"Bearer {token}", **(headers or {})})
+    for block in resp.text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if line.startswith(":"):
+                continue  # heartbeat comment
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+        if "data" in fields:
+            pairs.append((int(fields["id"]), json.loads(fields["data"])))
+    return resp, pairs
+
+
+def call(url: str, token: str | None, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One plain HTTP request: status codes and error bodies are checked on the wire, not through
+    the client's mapping of them to exceptions."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=url, timeout=DEADLINE_S) as http:
+        return http.request(method, path, headers=headers, **kwargs)
+
+
+def refused(resp: httpx.Response, status: int, error: str | None = None) -> dict[str, Any]:
+    """Assert an error answer; its JSON body."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    if error is not None:
+        assert body["error"] == error, body
+    return body
+
+
+def post_job(gateway: Gateway, client: GatewayClient, spec: str) -> httpx.Response:
+    """Submit a trivial job with the given spec over plain HTTP (its inputs uploaded first)."""
+    packed = pack_inputs({}, None, None)
+    client.upload(packed.pickle_digest, memoryview(packed.pickle))
+    return call(gateway.url, gateway.token, "POST", "/v1/jobs",
+                json={"source": "pass", "spec": opts(spec), "inputs": packed.manifest})
+
+
+def write_tokens(path: Path, entries: dict[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(entries, f)
+
+
+SLEEPER = "print('sleeping', flush=True)\nimport time\ntime.sleep(30)\n"
+
+
+@pytest.fixture
+def blocker(client: GatewayClient) -> Iterator[dict[str, Any]]:
+    """A running job that holds both H100s; cancelled, and its GPUs free again, afterwards."""
+    wait_for(lambda: free_of(client, "H100") == 2, DEADLINE_S)
+    job = submit(client, SLEEPER, "H100:2")
+    wait_for(lambda: client.job(job["id"])["state"] == "running", DEADLINE_S)
+    assert free_of(client, "H100") == 0
+    yield job
+    client.cancel(job["id"])
+    finish(client, job["id"])
+    wait_for(lambda: free_of(client, "H100") == 2, DEADLINE_S)
+
+
+@pytest.fixture(scope="module")
+def known(gateway: Gateway) -> Iterator[dict[str, Any]]:
+    """Things of the owner on the shared gateway, so that a refusal can only be about the token:
+    a finished job, a stored blob and a valid submission body."""
+    c = gateway.client()
+    data = b"known blob " + secrets.token_bytes(16)
+    c.upload(digest(data), memoryview(data))
+    job = submit(c, "y = 40 + 2\n", "A100-80GB", outputs=["y"])
+    packed = pack_inputs({}, None, None)
+    body = {"source": "pass\n", "spec": opts("A100-80GB"), "inputs": packed.manifest, "timeout": 60}
+    yield {"job": finish(c, job["id"]), "digest": digest(data), "data": data, "body": body}
+    c.close()
+
+
+@dataclass
+class Users:
+    """A gateway with a tokens file: alice and bob, and carol, an admin."""
+
+    gw: Gateway
+    tokens: dict[str, str]
+    tokens_file: Path
+
+    def client(self, name: str) -> GatewayClient:
+        return GatewayClient(self.gw.url, self.tokens[name])
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Users]:
+    tmp = tmp_path_factory.mktemp("users")
+    tokens = {name: secrets.token_urlsafe(24) for name in ("alice", "bob", "carol")}
+    path = tmp / "tokens.json"
+    write_tokens(path, {"alice": tokens["alice"], "bob": tokens["bob"],
+                        "carol": {"token": tokens["carol"], "admin": True}})
+    gw = start_gateway(tmp, "--tokens-file", str(path))
+    yield Users(gw, tokens, path)
+    gw.stop()
+
+
+# --- auth: every route once denied and once allowed ---
+
+
+def request_for(method: str, path: str, known: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A well-formed request for one route, on things that exist, so only the token decides."""
+    url = path.format(digest=known["digest"], job_id=known["job"]["id"])
+    kwargs: dict[str, Any] = {}
+    if (method, path) == ("POST", "/v1/blobs/missing"):
+        kwargs["json"] = {"digests": [known["digest"]]}
+    elif (method, path) == ("PUT", "/v1/blobs/{digest}"):
+        kwargs["content"] = known["data"]
+    elif (method, path) == ("POST", "/v1/jobs"):
+        kwargs["json"] = known["body"]
+    return url, kwargs
+
+
+# "{token}" is replaced by the gateway's real token: close misses must fail too.
+BAD_AUTH = [
+    pytest.param(None, id="no-header"),
+    pytest.param("Bearer " + "w" * 43, id="wrong-token"),
+    pytest.param("Token {token}", id="scheme-Token"),
+    pytest.param("Bearer", id="bare-Bearer"),
+    pytest.param("Basic dXNlcjpwYXNz", id="basic"),
+    pytest.param("Bearer {token}x", id="token-plus-one"),
+    pytest.param("Bearer {token_short}", id="token-minus-one"),
+    pytest.param("{token}", id="token-without-scheme"),
+]
+
+
+def auth_headers(template: str | None, token: str) -> dict[str, str]:
+    if template is None:
+        return {}
+    return {"Authorization": template.format(token=token, token_short=token[:-1])}
+
+
+def test_route_table_matches_the_app(gateway: Gateway) -> None:
+    """PRIVATE_ROUTES is every route the app has but health: a new route joins the auth table."""
+    resp = httpx.get(f"{gateway.url}/openapi.json", headers={"Authorization": f"Bearer {gateway.token}"})
+    assert resp.status_code == 200
+    served = {(method.upper(), path) for path, item in resp.json()["paths"].items() for method in item}
+    assert served == PUBLIC_ROUTES | set(PRIVATE_ROUTES)
+
+
+@pytest.mark.parametrize("header", BAD_AUTH)
+@pytest.mark.parametrize(("method", "path"), PRIVATE_ROUTES)
+def test_private_route_refused_without_a_valid_token(
+    gateway: Gateway, client: GatewayClient, known: dict[str, Any], method: str, path: str,
+    header: str | None,
+) -> None:
+    url, kwargs = request_for(method, path, known)
+    fresh = b"never stored " + secrets.token_bytes(16)
+    if (method, path) == ("PUT", "/v1/blobs/{digest}"):  # a refused upload must store nothing
+        url, kwargs = f"/v1/blobs/{digest(fresh)}", {"content": fresh}
+    jobs_before = {j["id"] for j in client.jobs()}
+    resp = httpx.request(method, gateway.url + url, headers=auth_headers(header, gateway.token),
+                         timeout=DEADLINE_S, **kwargs)
+    assert resp.status_code == 401, resp.text
+    assert resp.headers["content-type"].startswith("application/json")  # not a started stream
+    assert resp.json()["error"] == "unauthorized"
+    assert "Bearer" in resp.json()["message"]
+    assert {j["id"] for j in client.jobs()} == jobs_before
+    assert client.missing([digest(fresh)]) == [digest(fresh)]
+
+
+def test_cancel_without_a_valid_token_leaves_the_job_running(
+    gateway: Gateway, client: GatewayClient
+) -> None:
+    job = submit(client, SLEEPER, "A100-80GB")
+    try:
+        wait_for(lambda: client.job(job["id"])["state"] == "running", DEADLINE_S)
+        for param in BAD_AUTH:
+            header = param.values[0]
+            resp = httpx.delete(f"{gateway.url}/v1/jobs/{job['id']}",
+                                headers=auth_headers(header, gateway.token), timeout=DEADLINE_S)
+            assert resp.status_code == 401, (param.id, resp.text)
+        assert client.job(job["id"])["state"] == "running"
+    finally:
+        client.cancel(job["id"])
+        finish(client, job["id"])
+
+
+@pytest.mark.parametrize(("method", "path"), PRIVATE_ROUTES)
+def test_private_route_allowed_with_the_token(
+    gateway: Gateway, client: GatewayClient, known: dict[str, Any], method: str, path: str
+) -> None:
+    url, kwargs = request_for(method, path, known)
+    resp = httpx.request(method, gateway.url + url, timeout=DEADLINE_S,
+                         headers={"Authorization": f"Bearer {gateway.token}"}, **kwargs)
+    assert resp.status_code in (200, 201), resp.text
+    if method == "DELETE":  # cancelling a finished job changes nothing
+        assert resp.json()["state"] == known["job"]["state"] == "succeeded"
+    if (method, path) == ("POST", "/v1/jobs"):
+        assert finish(client, resp.json()["id"])["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"{}", b"[]"])
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/blobs/missing"])
+def test_bad_body_without_token_is_refused_as_unauthorized(gateway: Gateway, path: str,
+                                                           content: bytes) -> None:
+    """An anonymous caller learns nothing, not even how the body should look."""
+    resp = httpx.post(gateway.url + path, content=content,
+                      headers={"Content-Type": "application/json"}, timeout=DEADLINE_S)
+    assert resp.status_code == 401, resp.text
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"])
+def test_api_description_needs_a_token(gateway: Gateway, path: str) -> None:
+    """DESIGN.md: every route but health needs a token (the description pages included)."""
+    resp = httpx.get(gateway.url + path, timeout=DEADLINE_S)
+    assert resp.status_code == 401, f"{path} answered {resp.status_code} without a token"
+
+
+@pytest.mark.parametrize("header", BAD_AUTH)
+def test_health_needs_no_token(gateway: Gateway, header: str | None) -> None:
+    resp = httpx.get(f"{gateway.url}/v1/health", headers=auth_headers(header, gateway.token),
+                     timeout=DEADLINE_S)
+    assert resp.status_code == 200
+    health = resp.json()
+    assert health["status"] == "ok"
+    assert health["version"] == __version__
+    assert health["python"] == platform.python_version()  # the gateway runs this interpreter
+    assert {"cloudpickle", "numpy", "gpu-magic"} <= set(health["packages"])
+    assert health["backend"] == "local"
+    assert health["simulated"] is True
+
+
+# --- pool ---
+
+
+def test_pool_shows_types_nodes_and_queue(client: GatewayClient) -> None:
+    wait_for(lambda: all_free(client), DEADLINE_S)
+    pool = client.pool()
+    assert pool["simulated"] is True
+    types = {t["type"]: t for t in pool["types"]}
+    assert {n: (t["free"], t["total"]) for n, t in types.items()} == {"H100": (2, 2), "A100-80GB": (4, 4)}
+    assert all(t["simulated"] is True and t["memory_gb"] for t in types.values())
+    assert len(pool["nodes"]) == 1
+    gpus = pool["nodes"][0]["gpus"]
+    assert sorted(g["type"] for g in gpus) == ["A100-80GB"] * 4 + ["H100"] * 2
+    assert all(g["simulated"] is True and g["busy"] is False for g in gpus)
+    assert len({(g["node"], g["index"]) for g in gpus}) == 6
+    assert pool["queue_length"] == 0
+
+
+def test_pool_marks_granted_gpus_busy(client: GatewayClient, blocker: dict[str, Any]) -> None:
+    pool = client.pool()
+    types = {t["type"]: t for t in pool["types"]}
+    assert (types["H100"]["free"], types["A100-80GB"]["free"]) == (0, 4)
+    busy = [g for g in pool["nodes"][0]["gpus"] if g["busy"]]
+    grant = client.job(blocker["id"])["grant"]
+    assert sorted(g["index"] for g in busy) == sorted(grant["indices"])
+    assert {g["type"] for g in busy} == {"H100"}
+
+
+# --- blobs ---
+
+
+def test_blob_upload_then_download_exact_bytes(gateway: Gateway, client: GatewayClient) -> None:
+    data = secrets.token_bytes(3 << 20) + b"\0tail"  # more than one upload chunk
+    d = digest(data)
+    assert client.missing([d]) == [d]
+    client.upload(d, memoryview(data))
+    assert client.missing([d]) == []
+    assert bytes(client.download(d)) == data
+    resp = httpx.get(f"{gateway.url}/v1/blobs/{d}", headers={"Authorization": f"Bearer {gateway.token}"})
+    assert resp.status_code == 200
+    assert resp.content == data
+    assert resp.headers["content-length"] == str(len(data))
+
+
+def test_blob_whose_content_does_not_match_is_refused_and_not_kept(
+    gateway: Gateway, client: GatewayClient
+) -> None:
+    data = secrets.token_bytes(100_000)
+    claimed = digest(b"something else " + data)
+    body = refused(call(gateway.url, gateway.token, "PUT", f"/v1/blobs/{claimed}", content=data), 400)
+    assert claimed in body["message"] and digest(data) in body["message"]
+    assert client.missing([claimed, digest(data)]) == [claimed, digest(data)]
+    refused(call(gateway.url, gateway.token, "GET", f"/v1/blobs/{claimed}"), 404, "no_such_blob")
+    # nothing half-written is left in the store either
+    stored = [p.name for p in (gateway.state_dir / "blobs").rglob("*")]
+    assert not [n for n in stored if claimed.partition(":")[2] in n or digest(data).partition(":")[2] in n]
+
+
+BAD_DIGESTS = [
+    "abc",
+    "xxh3-128:" + "0" * 31,
+    "xxh3-128:" + "0" * 33,
+    "xxh3-128:" + "g" * 32,
+    "xxh3-128:" + "A" * 32,
+    "sha256:" + "0" * 64,
+    "xxh3-64:" + "0" * 16,
+    "xxh3-128-" + "0" * 32,
+]
+
+
+@pytest.mark.parametrize("bad", BAD_DIGESTS)
+def test_malformed_digest_is_refused(gateway: Gateway, bad: str) -> None:
+    for method, path, kwargs in [("PUT", f"/v1/blobs/{bad}", {"content": b"x"}),
+                                 ("GET", f"/v1/blobs/{bad}", {}),
+                                 ("POST", "/v1/blobs/missing", {"json": {"digests": [bad]}})]:
+        body = refused(call(gateway.url, gateway.token, method, path, **kwargs), 400)
+        assert bad in body["message"], (method, path, body)
+
+
+def test_unknown_blob_is_404(gateway: Gateway) -> None:
+    d = digest(secrets.token_bytes(32))
+    refused(call(gateway.url, gateway.token, "GET", f"/v1/blobs/{d}"), 404, "no_such_blob")
+
+
+def test_blobs_are_per_user(users: Users) -> None:
+    alice, bob = users.client("alice"), users.client("bob")
+    data = secrets.token_bytes(1000)
+    d = digest(data)
+    alice.upload(d, memoryview(data))
+    assert alice.missing([d]) == []
+    assert bob.missing([d]) == [d]
+    refused(call(users.gw.url, users.tokens["bob"], "GET", f"/v1/blobs/{d}"), 404, "no_such_blob")
+    # a job of bob's cannot name alice's blob either
+    packed = pack_inputs({"v": secrets.token_bytes(16)}, None, None)
+    alice.upload(packed.pickle_digest, memoryview(packed.pickle))
+    resp = call(users.gw.url, users.tokens["bob"], "POST", "/v1/jobs",
+                json={"source": "pass", "spec": opts("H100"), "inputs": packed.manifest})
+    assert refused(resp, 409, "missing_blobs")["missing"] == [packed.pickle_digest]
+    assert bytes(alice.download(d)) == data
+    alice.close()
+    bob.close()
+
+
+# --- jobs: events, listing, replay, resume ---
+
+
+@pytest.fixture(scope="module")
+def hello(gateway: Gateway) -> Iterator[dict[str, Any]]:
+    """A job with an input, output and a value, followed live from submit to done."""
+    c = gateway.client()
+    job = submit(c, "x = a + 1\nprint('hi')\nx", "H100", values={"a": 1},
+                 outputs=["x"], has_value=True)
+    events = follow(c, job["id"])
+    yield {"job": job, "events": events}
+    c.close()
+
+
+def test_submit_answers_the_job_record(hello: dict[str, Any]) -> None:
+    job = hello["job"]
+    assert job["id"] and job["user"]
+    assert job["state"] in ("queued", "running")
+    assert job["spec"].upper().replace(" ", "") in ("H100", "H100:1")
+
+
+def test_events_come_in_order_with_sequence_numbers(hello: dict[str, Any]) -> None:
+    events = hello["events"]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    types = [e["type"] for e in events]
+    assert types[-2:] == ["result", "done"]
+    assert types.count("granted") == types.count("started") == 1
+    assert types.index("granted") < types.index("started") < types.index("stdout") < types.index("result")
+    if "queued" in types:
+        assert types.index("queued") < types.index("granted")
+    assert set(types) <= {"queued", "granted", "started", "stdout", "result", "done"}
+    assert "".join(e["text"] for e in events if e["type"] == "stdout") == "hi\n"
+
+
+def test_granted_event_describes_the_grant(hello: dict[str, Any]) -> None:
+    granted = next(e for e in hello["events"] if e["type"] == "granted")
+    assert granted["gpu_type"] == "H100"
+    assert granted["count"] == 1
+    assert granted["node"]
+    assert granted["option_index"] == 0
+    assert granted["simulated"] is True
+    assert granted["passed_over"] == []
+    assert granted["memory_gb"]
+    assert granted["attempt"] == 1
+
+
+def test_result_and_done(client: GatewayClient, hello: dict[str, Any]) -> None:
+    result, done = hello["events"][-2:]
+    assert done["state"] == "succeeded"
+    assert set(done["timings"]) >= {"queued_s", "ran_s", "total_s"}
+    assert result["names"] == ["x"]
+    assert result["value"] == "2"
+    # the result blob is the owner's to download, and it holds what the cell made
+    data = client.download(result["blob"])
+    assert digest(data) == result["blob"]
+    buffers = [client.download(d) for d in result.get("buffers", [])]
+    payload = loads(bytes(data), buffers, namespace={})
+    assert payload["names"] == {"x": 2}
+    assert payload["value"] == 2
+
+
+def test_job_is_listed_and_readable(client: GatewayClient, hello: dict[str, Any]) -> None:
+    job_id = hello["job"]["id"]
+    assert job_id in [j["id"] for j in client.jobs()]
+    record = client.job(job_id)
+    assert record["id"] == job_id
+    assert record["state"] == "succeeded"
+    assert record["grant"]["gpu_type"] == "H100"
+    assert record["grant"]["option_index"] == 0
+    assert record["finished"] >= record["started"] >= record["created"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/jobs/{}"), ("DELETE", "/v1/jobs/{}"),
+                                            ("GET", "/v1/jobs/{}/events")])
+def test_unknown_job_is_404(gateway: Gateway, method: str, path: str) -> None:
+    resp = call(gateway.url, gateway.token, method, path.format("0123456789ab"))
+    refused(resp, 404, "no_such_job")
+
+
+def test_finished_job_replays_in_full(client: GatewayClient, hello: dict[str, Any]) -> None:
+    assert follow(client, hello["job"]["id"]) == hello["events"]
+    assert follow(client, hello["job"]["id"]) == hello["events"]
+
+
+def test_resume_after_each_event(client: GatewayClient, hello: dict[str, Any]) -> None:
+    events = hello["events"]
+    for k in range(len(events)):
+        assert follow(client, hello["job"]["id"], after=k) == events[k:], f"after={k}"
+
+
+def test_resume_with_last_event_id_header(gateway: Gateway, hello: dict[str, Any]) -> None:
+    events = hello["events"]
+    n = len(events)
+    for k in range(n + 1):
+        resp, pairs = raw_sse(gateway.url, gateway.token, hello["job"]["id"],
+                              headers={"Last-Event-ID": str(k)} if k else None)
+        assert resp.status_code == 200
+        assert [i for i, _ in pairs] == list(range(k + 1, n + 1)), f"Last-Event-ID: {k}"
+        assert [d for _, d in pairs] == events[k:]
+        _, by_query = raw_sse(gateway.url, gateway.token, hello["job"]["id"], params={"after": k})
+        assert by_query == pairs
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert resp.headers["x-accel-buffering"] == "no"
+    assert resp.headers["cache-control"] == "no-cache"
+
+
+# --- scheduling ---
+
+
+def test_fallback_to_a_later_option(client: GatewayClient, blocker: dict[str, Any]) -> None:
+    job = submit(client, "z = 1\n", "H100, A100-80GB")
+    events = follow(client, job["id"])
+    granted = next(e for e in events if e["type"] == "granted")
+    assert granted["gpu_type"] == "A100-80GB"
+    assert granted["option_index"] == 1
+    assert "H100" in granted["passed_over"][0]["option"]
+    assert granted["passed_over"][0]["reason"]
+    assert events[-1]["state"] == "succeeded"
+    assert client.job(blocker["id"])["state"] == "running"
+
+
+INFEASIBLE = [
+    pytest.param("T4", ["T4", "H100", "A100-80GB"], id="type-not-in-pool"),
+    pytest.param("H100:4", ["H100:4", "no node has 4"], id="count-larger-than-any-node"),
+    pytest.param("T4, H100:4", ["T4", "no node has 4", "H100", "A100-80GB"], id="all-options"),
+]
+
+
+@pytest.mark.parametrize(("spec", "mentions"), INFEASIBLE)
+def test_infeasible_spec_is_refused_at_once(gateway: Gateway, client: GatewayClient, spec: str,
+                                            mentions: list[str]) -> None:
+    before = {j["id"] for j in client.jobs()}
+    body = refused(post_job(gateway, client, spec), 422, "no_feasible_option")
+    for word in mentions:
+        assert word in body["message"], (word, body["message"])
+    assert {j["id"] for j in client.jobs()} == before
+    assert client.pool()["queue_length"] == 0
+
+
+def test_infeasible_option_is_dropped_and_the_rest_kept(client: GatewayClient) -> None:
+    job = submit(client, "pass", "H100:4, A100-80GB")
+    assert [d["option"] for d in job["dropped"]] == ["H100:4"]
+    assert "no node has 4" in job["dropped"][0]["reason"]
+    granted = next(e for e in follow(client, job["id"]) if e["type"] == "granted")
+    assert (granted["gpu_type"], granted["option_index"]) == ("A100-80GB", 1)
+
+
+def test_unknown_gpu_type_is_a_bad_spec(gateway: Gateway, client: GatewayClient) -> None:
+    body = refused(post_job(gateway, client, "H1000"), 422, "bad_spec")
+    assert "H1000" in body["message"]
+
+
+def big_array() -> Any:
+    import numpy as np
+
+    return np.frombuffer(secrets.token_bytes(1 << 18), dtype=np.uint8)  # out of band: a buffer blob
+
+
+@pytest.mark.parametrize("which", ["pickle", "buffer"])
+def test_missing_input_blob_is_409(gateway: Gateway, client: GatewayClient, which: str) -> None:
+    packed = pack_inputs({"v": big_array()}, None, None)
+    assert len(packed.buffer_digests) == 1
+    uploaded = packed.buffer_digests[0] if which == "pickle" else packed.pickle_digest
+    client.upload(uploaded, packed.blobs()[uploaded])
+    absent = packed.pickle_digest if which == "pickle" else packed.buffer_digests[0]
+    resp = call(gateway.url, gateway.token, "POST", "/v1/jobs", json={
+        "source": "v", "spec": opts("H100"), "inputs": packed.manifest, "input_names": ["v"]})
+    body = refused(resp, 409, "missing_blobs")
+    assert body["missing"] == [absent]
+    assert client.pool()["queue_length"] == 0
+
+
+# --- cancel, errors, timeouts ---
+
+
+def test_cancel_a_running_job(gateway: Gateway, client: GatewayClient) -> None:
+    wait_for(lambda: free_of(client, "H100") == 2, DEADLINE_S)
+    job = submit(client, SLEEPER, "H100:2")
+    follow(client, job["id"], until=lambda e: e["type"] == "stdout")  # the cell is running
+    resp = httpx.delete(f"{gateway.url}/v1/jobs/{job['id']}",
+                        headers={"Authorization": f"Bearer {gateway.token}"}, timeout=DEADLINE_S)
+    assert resp.status_code == 200
+    assert resp.json()["id"] == job["id"]
+    assert finish(client, job["id"], timeout=30)["state"] == "cancelled"
+    events = follow(client, job["id"])
+    assert events[-1]["type"] == "done"
+    assert events[-1]["state"] == "cancelled"
+    assert "sleeping" in "".join(e.get("text", "") for e in events if e["type"] == "stdout")
+    wait_for(lambda: free_of(client, "H100") == 2, DEADLINE_S)
+    assert client.cancel(job["id"])["state"] == "cancelled"  # a second cancel changes nothing
+
+
+def test_cancel_a_queued_job(client: GatewayClient, blocker: dict[str, Any]) -> None:
+    job = submit(client, "print('never ran')", "H100")
+    assert job["state"] == "queued"
+    assert job["queue_position"] == 1
+    queued = follow(client, job["id"], until=lambda e: e["type"] == "queued")
+    assert queued[-1]["position"] == 1
+    assert client.pool()["queue_length"] == 1
+    assert client.cancel(job["id"])["state"] == "cancelled"
+    events = follow(client, job["id"])
+    assert [e["type"] for e in events] == ["queued", "done"]
+    assert events[-1]["state"] == "cancelled"
+    assert "nothing ran" in events[-1]["message"]
+    assert client.pool()["queue_length"] == 0
+    assert client.job(blocker["id"])["state"] == "running"
+
+
+def test_remote_error_becomes_an_error_event(client: GatewayClient) -> None:
+    source = "def f():\n    raise ValueError('boom')\n\nf()\n"
+    job = submit(client, source, "A100-80GB")
+    events = follow(client, job["id"])
+    assert "result" not in [e["type"] for e in events]
+    error, done = events[-2:]
+    assert error["type"] == "error"
+    assert (error["ename"], error["evalue"]) == ("ValueError", "boom")
+    frames = [f for f in error["traceback"] if f["cell"] is True]
+    assert [(f["lineno"], f["name"]) for f in frames] == [(4, "<module>"), (2, "f")]
+    assert frames[-1]["line"] == "raise ValueError('boom')"
+    assert error["traceback"][-1]["cell"] is True  # no runner frames below the cell's own
+    assert done["state"] == "failed"
+    assert client.job(job["id"])["state"] == "failed"
+
+
+def test_timeout_stops_the_cell(client: GatewayClient) -> None:
+    job = submit(client, SLEEPER, "A100-80GB", timeout=1)
+    assert finish(client, job["id"], timeout=DEADLINE_S)["state"] == "timed_out"
+    done = follow(client, job["id"])[-1]
+    assert done["type"] == "done"
+    assert done["state"] == "timed_out"
+    assert "--timeout" in done["message"]
+    wait_for(lambda: all_free(client), DEADLINE_S)
+
+
+# --- users ---
+
+
+def test_other_users_job_is_invisible_and_untouchable(users: Users) -> None:
+    alice, bob, carol = users.client("alice"), users.client("bob"), users.client("carol")
+    job = submit(alice, SLEEPER, "A100-80GB")
+    follow(alice, job["id"], until=lambda e: e["type"] == "started")
+    for method, path in [("GET", "/v1/jobs/{}"), ("GET", "/v1/jobs/{}/events"),
+                         ("DELETE", "/v1/jobs/{}")]:
+        resp = call(users.gw.url, users.tokens["bob"], method, path.format(job["id"]))
+        refused(resp, 404, "no_such_job")
+    assert job["id"] not in [j["id"] for j in bob.jobs()]
+    assert job["id"] not in [j["id"] for j in bob.jobs(everyone=True)]  # not an admin
+    assert alice.job(job["id"])["state"] == "running"  # bob's cancel did nothing
+    assert job["id"] in [j["id"] for j in alice.jobs()]
+    # the admin sees every job, and cancels it
+    assert job["id"] in [j["id"] for j in carol.jobs(everyone=True)]
+    assert carol.job(job["id"])["user"] == "alice"
+    carol.cancel(job["id"])
+    assert finish(alice, job["id"], timeout=30)["state"] == "cancelled"
+    for c in (alice, bob, carol):
+        c.close()
+
+
+def test_tokens_file_is_read_again_on_sighup(users: Users) -> None:
+    import signal
+
+    dave = secrets.token_urlsafe(24)
+    entries = json.loads(users.tokens_file.read_text())
+    write_tokens(users.tokens_file, {**entries, "dave": dave})
+    refused(call(users.gw.url, dave, "GET", "/v1/pool"), 401, "unauthorized")
+    users.gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: call(users.gw.url, dave, "GET", "/v1/pool").status_code == 200, DEADLINE_S)
+    for name in users.tokens:  # the others keep their tokens
+        assert call(users.gw.url, users.tokens[name], "GET", "/v1/pool").status_code == 200
+
+
+BAD_TOKENS_FILES = [
+    pytest.param({"alice": "short"}, 0o600, "shorter than 22", id="short-token"),
+    pytest.param({"alice": secrets.token_urlsafe(24)}, 0o644, "chmod 600", id="readable-by-others"),
+    pytest.param({"alice": "s" * 30, "bob": "s" * 30}, 0o600, "share a token", id="shared-token"),
+    pytest.param({}, 0o600, "JSON object", id="empty"),
+]
+
+
+@pytest.mark.parametrize(("entries", "mode", "says"), BAD_TOKENS_FILES)
+def test_gateway_refuses_a_bad_tokens_file(tmp_path: Path, entries: dict[str, Any], mode: int,
+                                           says: str) -> None:
+    path = tmp_path / "tokens.json"
+    write_tokens(path, entries)
+    os.chmod(path, mode)
+    with pytest.raises(RuntimeError, match=says):
+        gw = start_gateway(tmp_path, "--tokens-file", str(path))
+        gw.stop()
+
+
+# --- restart ---
+
+
+def test_restart_keeps_finished_jobs_and_marks_interrupted_ones_lost(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    gw = start_gateway(tmp_path, state_dir=state)
+    try:
+        c = gw.client()
+        done_job = submit(c, "print('before the restart')\n", "H100")
+        done_events = follow(c, done_job["id"])
+        assert done_events[-1]["state"] == "succeeded"
+        running = submit(c, SLEEPER, "H100")
+        before = follow(c, running["id"], until=lambda e: e["type"] == "stdout")
+        c.close()
+    finally:
+        gw.stop()
+    assert gw.proc.returncode is not None
+
+    gw2 = start_gateway(tmp_path, state_dir=state)
+    try:
+        c = gw2.client()
+        assert c.job(done_job["id"])["state"] == "succeeded"
+        assert follow(c, done_job["id"]) == done_events
+        record = c.job(running["id"])
+        assert record["state"] == "lost"
+        events = follow(c, running["id"])
+        assert events[: len(before)] == before  # its output so far is kept
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert events[-1]["type"] == "done"
+        assert events[-1]["state"] == "lost"
+        assert "restart" in events[-1]["message"]
+        assert {done_job["id"], running["id"]} <= {j["id"] for j in c.jobs()}
+        assert all_free(c)  # the lost job holds no GPU
+        c.close()
+    finally:
+        gw2.stop()
