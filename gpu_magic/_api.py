@@ -12,6 +12,7 @@ import functools
 import inspect
 import os
 import platform
+import secrets
 import signal
 import sys
 import threading
@@ -347,8 +348,14 @@ def submit(
     *,
     hidden: Collection[str] = (),
     client: GatewayClient | None = None,
+    job_id: str | None = None,
+    box: dict[str, Any] | None = None,
 ) -> _Job | dict[str, Any]:
-    """Analyse, pack, upload and submit; returns the followable job (or the dry-run report)."""
+    """Analyse, pack, upload and submit; returns the followable job (or the dry-run report).
+
+    ``box["client"]`` is set as soon as the gateway is known, so that a caller interrupted in
+    the middle can still cancel job ``job_id``.
+    """
     opts = opts or Options()
     namespace = namespace if namespace is not None else {}
     get_client = (lambda: client) if client is not None else connect
@@ -360,6 +367,8 @@ def submit(
     if opts.dry_run:
         return _dry_run(values, packed, gspec, get_client, local_dir, namespace)
     cl = get_client()
+    if box is not None:
+        box["client"] = cl
     try:
         health = cl.health()
     except GatewayError:
@@ -370,7 +379,10 @@ def submit(
     blobs = packed.blobs()
     state = JobState(str(gspec))
     state.sent_bytes = _upload(cl, blobs, state)
+    if box is not None:
+        box["client"] = cl
     body = {
+        "id": job_id,
         "source": source,
         "spec": gspec.to_json(),
         "inputs": packed.manifest,
@@ -432,19 +444,48 @@ def run(
         frame = inspect.currentframe()
         namespace = frame.f_back.f_globals if frame and frame.f_back else {}
     opts = Options(**options)
-    job = submit(source, spec, namespace, opts, hidden=hidden, client=client)
-    if isinstance(job, dict):
-        return job
+    job_id = secrets.token_hex(8)
+    box: dict[str, Any] = {}
+    job = None
+    try:
+        job = submit(source, spec, namespace, opts, hidden=hidden, client=client, job_id=job_id,
+                     box=box)
+        if isinstance(job, dict):
+            return job
+        job.view.show()
+        return job.follow()
+    except KeyboardInterrupt:
+        # The interrupt may land anywhere, even inside the submit before its answer arrived:
+        # cancel by the id we chose, from a fresh connection, holding a second Ctrl-C.
+        if "client" in box:
+            with _sigint_deferred():
+                _cancel_quietly(box["client"], job_id)
+        raise JobCancelled(
+            f"GPU job {job_id} was cancelled by an interrupt; its GPUs are released and any "
+            "output so far was shown", job_id=job_id,
+        ) from None
+    finally:
+        if isinstance(job, _Job):
+            job.view.refresh(force=True)
+
+
+def attach(job_id: str, namespace: dict[str, Any] | None = None, *, quiet: bool = False,
+           client: GatewayClient | None = None) -> Any:
+    """Follow a job again (a background job, or one whose kernel went away): its output is
+    replayed, its results are bound into ``namespace``, its value returned."""
+    if namespace is None:
+        frame = inspect.currentframe()
+        namespace = frame.f_back.f_globals if frame and frame.f_back else {}
+    cl = client or connect()
+    record = cl.job(job_id)
+    state = JobState(record.get("spec", "any"), job_id)
+    opts = Options(quiet=quiet, label=f"job {job_id}")
+    # inputs the cell left unchanged come back as references: resolve them to today's objects
+    job = _Job(cl, record, state, StatusView(state, quiet=quiet), record.get("source", ""), opts,
+               namespace, namespace)
     job.view.show()
     try:
         return job.follow()
-    except KeyboardInterrupt:
-        with _sigint_deferred():
-            _cancel_quietly(job.client, job.id)
-        raise JobCancelled(
-            f"GPU job {job.id} was cancelled by an interrupt; its GPUs are released and any "
-            "output so far was shown", job_id=job.id,
-        ) from None
     finally:
         job.view.refresh(force=True)
 

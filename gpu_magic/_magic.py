@@ -27,7 +27,7 @@ from ._connection import connect, current_target, set_connection
 from ._errors import GpuMagicError
 from ._tables import jobs_bundle, pool_bundle
 
-_LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "status", "stop")
+_LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
 
 
 def _split(line: str) -> tuple[str, str]:
@@ -67,7 +67,7 @@ class GPUMagics(Magics):
         """Run the cell on a GPU of the pool (%%gpu), or manage the pool and jobs (%gpu ...).
 
         Line commands: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID |
-        status | stop
+        attach JOB_ID | status | stop
         """
         if cell is None:
             return self._line(line)
@@ -139,7 +139,8 @@ class GPUMagics(Magics):
         words = shlex.split(line)
         if not words or words[0] not in _LINE_COMMANDS:
             raise UsageError(
-                "usage: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID | status | stop"
+                "usage: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID | attach JOB_ID | "
+                "status | stop"
                 " (and %%gpu [SPEC] ... as a cell magic; see %gpu?)"
             )
         cmd, rest = words[0], words[1:]
@@ -160,6 +161,11 @@ class GPUMagics(Magics):
                 raise UsageError("usage: %gpu cancel JOB_ID (see %gpu jobs for the ids)")
             rec = client.cancel(rest[0])
             print(f"job {rec['id']}: {rec['state']}")
+        elif cmd == "attach":
+            if len(rest) != 1:
+                raise UsageError("usage: %gpu attach JOB_ID (see %gpu jobs for the ids)")
+            assert self.shell is not None
+            return _api.attach(rest[0], self.shell.user_ns, client=client)
         elif cmd == "status":
             url, how = current_target()
             health = client.health(refresh=True)

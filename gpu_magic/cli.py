@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="exit after this many seconds with no jobs and no requests")
     s.add_argument("--max-timeout", type=float, default=None,
                    help="cap on any job's --timeout, in seconds")
+    s.add_argument("--orphan-timeout", type=float, default=60.0,
+                   help="cancel a foreground job nobody has followed for this many seconds")
     s.add_argument("--gateway-python", action="store_true",
                    help="run cells with the gateway's Python, not the submitting kernel's")
     s.add_argument("--force", action="store_true",
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host, port=args.port, backend=args.backend, ray_address=args.ray_address,
             simulate=args.simulate, tokens_file=args.tokens_file, state_dir=args.state_dir,
             runtime_file=args.runtime_file, idle_timeout=args.idle_timeout,
-            max_timeout=args.max_timeout, client_python=not args.gateway_python, force=args.force,
+            max_timeout=args.max_timeout, orphan_timeout=args.orphan_timeout,
+            client_python=not args.gateway_python, force=args.force,
         )
         return serve(cfg)
     if args.command == "stop":

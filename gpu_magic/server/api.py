@@ -38,6 +38,9 @@ class OptionModel(BaseModel):
 class JobSubmit(BaseModel):
     """A job: the cell's source, its GPU spec and the digests of its input blobs."""
 
+    # The client may choose the id, so that it can cancel a job whose submit it was
+    # interrupted in the middle of (before it ever saw the answer).
+    id: str | None = Field(default=None, pattern=r"^[0-9a-f]{12,32}$")
     source: str = Field(max_length=MAX_SOURCE_CHARS)
     spec: list[OptionModel] = Field(min_length=1, max_length=64)
     inputs: InputsModel
@@ -164,11 +167,15 @@ def create_app(gateway: Gateway, auth: Authenticator) -> FastAPI:
             start = max(start, int(last_event_id))
 
         async def body() -> Any:
-            async for ev in gateway.stream(job, start, HEARTBEAT_S):
-                if ev is None:
-                    yield b": heartbeat\n\n"
-                else:
-                    yield f"id: {ev['seq']}\ndata: {json.dumps(ev)}\n\n".encode()
+            gateway.follow(job, +1)
+            try:
+                async for ev in gateway.stream(job, start, HEARTBEAT_S):
+                    if ev is None:
+                        yield b": heartbeat\n\n"
+                    else:
+                        yield f"id: {ev['seq']}\ndata: {json.dumps(ev)}\n\n".encode()
+            finally:
+                gateway.follow(job, -1)
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -28,6 +28,8 @@ from .store import BlobStore, Store
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
 DEFAULT_TIMEOUT_S = 3600.0
 STREAM_EVENT_TYPES = ("stdout", "stderr", "display", "update_display", "clear_output")
+# A foreground job nobody has followed for this long lost its client (kernel died, culled).
+ORPHAN_TIMEOUT_S = 60.0
 
 
 class ApiError(Exception):
@@ -60,6 +62,8 @@ class Job:
     events: list[dict[str, Any]] | None = field(default_factory=list)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     handle: Handle | None = None
+    followers: int = 0
+    unfollowed_since: float = field(default_factory=time.monotonic)
     outcome: dict[str, Any] | None = None  # the runner's result or error event
     stop_reason: str | None = None  # "cancelled" or "timed_out" when we stopped the runner
     min_memory_gb: float | None = None
@@ -113,7 +117,8 @@ def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
 
 
 class Gateway:
-    def __init__(self, backend: Any, state_dir: Path, *, max_timeout: float | None = None) -> None:
+    def __init__(self, backend: Any, state_dir: Path, *, max_timeout: float | None = None,
+                 orphan_timeout: float = ORPHAN_TIMEOUT_S) -> None:
         self.backend = backend
         self.state_dir = state_dir
         self.store = Store(state_dir)
@@ -121,6 +126,8 @@ class Gateway:
         self.jobs_dir = state_dir / "jobs"
         self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
         self.max_timeout = max_timeout
+        self.orphan_timeout = orphan_timeout
+        self._housekeeper: asyncio.Task[None] | None = None
         self.jobs: dict[str, Job] = {}
         self.queue: list[str] = []
         self.running: dict[str, Job] = {}
@@ -159,7 +166,39 @@ class Gateway:
                                  "timings": self._timings(job)})
                 self.store.save_job(self._record(job))
 
+        self._housekeeper = loop.create_task(self._housekeeping())
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.orphan_timeout / 4))
+            now = time.monotonic()
+            for job in list(self.jobs.values()):
+                if (not job.final and not job.request.get("background") and job.followers == 0
+                        and now - job.unfollowed_since > self.orphan_timeout):
+                    self._orphaned(job)
+
+    def _orphaned(self, job: Job) -> None:
+        why = (f"cancelled: no client followed this foreground job for "
+               f"{self.orphan_timeout:g} s (its kernel died, was restarted or lost the "
+               "connection). Use %%gpu --background for jobs that should outlive the notebook.")
+        job.message = why
+        if job.state == "queued":
+            self._dequeue(job)
+            self._finish(job, "cancelled")
+        elif job.handle is not None and job.stop_reason is None:
+            job.stop_reason = "cancelled"
+            job.notices.append(why)
+            self.backend.cancel(job.handle)
+
+    def follow(self, job: Job, delta: int) -> None:
+        """A client started (+1) or stopped (-1) following the job's events."""
+        job.followers = max(0, job.followers + delta)
+        if job.followers == 0:
+            job.unfollowed_since = time.monotonic()
+
     def close(self) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
         self.backend.shutdown()
         self.store.close()
 
@@ -255,9 +294,13 @@ class Gateway:
                            f"runs with that instead of {timeout:g} s")
             timeout = self.max_timeout
         body = dict(body, timeout=timeout)
+        job_id = body.get("id") or secrets.token_hex(8)
+        if job_id in self.jobs:
+            raise ApiError(409, "job_exists", f"a job with id {job_id!r} exists already; "
+                           "let the client choose a fresh random id or none")
         self._seq += 1
         job = Job(
-            id=secrets.token_hex(6),
+            id=job_id,
             user=user.name,
             request=body,
             options=[spec.options[i] for i in kept],
@@ -465,7 +508,7 @@ class Gateway:
                              "outcome": outcome.get("type", "died")})
         req = job.request
         if job.stop_reason == "cancelled":
-            job.message = "cancelled while running; the output so far is kept"
+            job.message = job.message or "cancelled while running; the output so far is kept"
             self._finish(job, "cancelled")
         elif job.stop_reason == "timed_out":
             t = float(req.get("timeout") or DEFAULT_TIMEOUT_S)

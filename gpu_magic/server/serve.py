@@ -38,6 +38,7 @@ class ServeConfig:
     runtime_file: Path | None = None
     idle_timeout: float | None = None
     max_timeout: float | None = None
+    orphan_timeout: float = 60.0
     client_python: bool = True
     force: bool = False
 
@@ -95,7 +96,8 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
         backend = RayBackend.from_config(cfg)
     else:
         raise ServeError(f"unknown backend {cfg.backend!r}; use --backend local or ray")
-    gateway = Gateway(backend, state_dir, max_timeout=cfg.max_timeout)
+    gateway = Gateway(backend, state_dir, max_timeout=cfg.max_timeout,
+                      orphan_timeout=cfg.orphan_timeout)
     return gateway, Authenticator(tokens), token_path
 
 

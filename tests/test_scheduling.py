@@ -1,0 +1,250 @@
+"""Scheduling through the real gateway: concurrency, retries, OOM fallback, waits, orphans,
+cancellation by kernel interrupt, and attaching to a job again."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import gpu_magic
+from gpu_magic import JobCancelled, RunnerLost, WaitExpired
+from gpu_magic._api import attach
+
+from .conftest import Gateway, start_gateway, wait_for
+from .test_gateway_http import all_free, finish, submit
+
+DEADLINE = 60.0
+
+
+def ns() -> dict[str, Any]:
+    return {"__name__": "__main__"}
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_concurrent_clients_never_share_a_gpu(tmp_path: Path) -> None:
+    """Each cell holds an O_EXCL lock file per granted GPU while it runs: a double grant fails."""
+    cell = f"""
+import json, os, time
+g = json.loads(os.environ["GPU_MAGIC_GRANT"])
+locks = [os.path.join({str(tmp_path)!r}, f"{{g['node']}}-{{i}}") for i in g["indices"]]
+fds = [os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY) for p in locks]
+time.sleep(0.2)
+for fd, p in zip(fds, locks):
+    os.close(fd); os.unlink(p)
+got = (g["type"], g["count"])
+"""
+    results: queue.Queue[Any] = queue.Queue()
+
+    def worker(spec: str) -> None:
+        try:
+            for _ in range(3):
+                space = ns()
+                gpu_magic.run(cell, spec, space, quiet=True)
+                results.put(space["got"])
+        except BaseException as exc:  # report it in the main thread
+            results.put(exc)
+
+    specs = ["H100:2, A100-80GB:2", "H100, A100-80GB", "A100-80GB:4, H100:2", "any", "any:2",
+             "H100"]
+    threads = [threading.Thread(target=worker, args=(s,)) for s in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE * 3)
+    got = [results.get_nowait() for _ in range(results.qsize())]
+    errors = [g for g in got if isinstance(g, BaseException)]
+    assert not errors, errors
+    assert len(got) == 3 * len(specs)
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_runner_killed_is_retried_and_succeeds(capsys: pytest.CaptureFixture[str]) -> None:
+    space = ns()
+    value = gpu_magic.run(
+        "import json, os, signal\n"
+        "attempt = json.loads(os.environ['GPU_MAGIC_GRANT'])['attempt']\n"
+        "if attempt == 1:\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "attempt", "H100", space, retries=1)
+    assert value == 2
+    err = capsys.readouterr().err
+    assert "killed by signal SIGKILL" in err and "retrying (attempt 2 of 2)" in err
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_runner_killed_without_retries_is_a_clear_error(client: Any) -> None:
+    with pytest.raises(RunnerLost, match="killed by signal SIGKILL") as info:
+        gpu_magic.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "H100", ns())
+    job = client.job(info.value.job_id)
+    assert job["state"] == "lost"
+    wait_for(lambda: all_free(client), DEADLINE)
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_segfaulting_cell_is_tried_retries_plus_one_times(client: Any) -> None:
+    with pytest.raises(RunnerLost, match="SIGSEGV") as info:
+        gpu_magic.run("import ctypes\nctypes.string_at(0)", "A100-80GB", ns(), retries=2)
+    job = client.job(info.value.job_id)
+    assert [a["attempt"] for a in job["attempts"]] == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_cell_that_raises_is_not_retried(client: Any) -> None:
+    with pytest.raises(ZeroDivisionError):
+        gpu_magic.run("1 / 0", "H100", ns(), retries=3)
+    mine = [j for j in client.jobs() if j["source"] == "1 / 0"]
+    assert mine and len(mine[-1]["attempts"]) == 1
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("small"), "--orphan-timeout", "2",
+                       simulate="T4:1,A100-80GB:1")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def small_client(small_pool: Gateway) -> Iterator[Any]:
+    c = small_pool.client()
+    yield c
+    c.close()
+
+
+def test_out_of_memory_falls_back_to_a_gpu_with_more_memory(
+    small_client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cell = ("import json, os\n"
+            "g = json.loads(os.environ['GPU_MAGIC_GRANT'])\n"
+            "if g['memory_gb'] < 40:\n"
+            "    raise RuntimeError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
+            "g['type']")
+    client = small_client
+    assert gpu_magic.run(cell, "T4, A100-80GB", ns(), client=client, oom_fallback=True) == "A100-80GB"
+    assert "out of GPU memory on T4 (16 GB); retrying on a GPU with more memory" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        gpu_magic.run(cell, "T4", ns(), client=client, oom_fallback=True)
+
+
+def test_wait_expires_and_leaves_nothing_behind(small_client: Any) -> None:
+    client = small_client
+    blocker = submit(client, "import time\ntime.sleep(60)", "T4", background=True)
+    try:
+        wait_for(lambda: client.job(blocker["id"])["state"] == "running", DEADLINE)
+        with pytest.raises(WaitExpired, match="within --wait 0.5 s; nothing ran"):
+            gpu_magic.run("1", "T4", ns(), client=client, wait=0.5)
+        assert client.pool()["queue_length"] == 0
+    finally:
+        client.cancel(blocker["id"])
+        finish(client, blocker["id"])
+
+
+def test_orphaned_foreground_job_is_cancelled_background_job_is_not(small_client: Any) -> None:
+    client = small_client
+    fg = submit(client, "import time\ntime.sleep(60)", "T4")
+    bg = submit(client, "import time\ntime.sleep(3)\nx = 1", "A100-80GB", background=True,
+                outputs=["x"])
+    done = finish(client, fg["id"])
+    assert done["state"] == "cancelled"
+    assert "no client followed this foreground job for 2 s" in done["message"]
+    assert finish(client, bg["id"])["state"] == "succeeded"
+
+
+def test_attach_replays_output_and_binds_results(small_client: Any,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    client = small_client
+    job = submit(client, "print('hello from before')\ny = 41 + 1\ny", "T4", background=True,
+                 outputs=["y"], has_value=True)
+    finish(client, job["id"])
+    space = ns()
+    assert attach(job["id"], space, client=client, quiet=True) == 42
+    assert space["y"] == 42
+    assert "hello from before" in capsys.readouterr().out
+
+
+def _interrupted(gateway: Gateway, code: str, tmp: Path) -> nbformat.NotebookNode:
+    """Run ``code`` in a real kernel that nbclient interrupts (SIGINT, as the stop button does)
+    after a few seconds; then check what the namespace holds."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in (
+        "%load_ext gpu_magic\nkeep = 'untouched'", code, "print(keep, 'v' in globals())")]
+    env = {"GPU_MAGIC_URL": gateway.url, "GPU_MAGIC_TOKEN": gateway.token}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(nb, timeout=4, interrupt_on_timeout=True, allow_errors=True,
+                       kernel_name="python3", resources={"metadata": {"path": str(tmp)}}).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return nb
+
+
+@pytest.mark.parametrize("where", ["running", "queued"])
+def test_kernel_interrupt_cancels_the_remote_job(small_pool: Gateway, small_client: Any,
+                                                 where: str, tmp_path: Path) -> None:
+    client = small_client
+    blocker = None
+    if where == "queued":
+        blocker = submit(client, "import time\ntime.sleep(60)", "A100-80GB", background=True)
+        wait_for(lambda: client.job(blocker["id"])["state"] == "running", DEADLINE)
+    before = {j["id"] for j in client.jobs()}
+    try:
+        nb = _interrupted(
+            small_pool,
+            "%%gpu A100-80GB\nimport time\nprint('started', flush=True)\ntime.sleep(60)\nv = 1",
+            tmp_path,
+        )
+        errors = [o for o in nb.cells[1].outputs if o.output_type == "error"]
+        assert [e.ename for e in errors] == ["JobCancelled"]
+        mine = [j for j in client.jobs() if j["id"] not in before and not j["background"]]
+        assert len(mine) == 1
+        job = finish(client, mine[0]["id"])
+        assert job["state"] == "cancelled"
+        if where == "queued":
+            assert job["started"] is None  # it never ran
+        # nothing half-bound: the namespace is as before the cell
+        assert nb.cells[2].outputs[0].text == "untouched False\n"
+    finally:
+        if blocker:
+            client.cancel(blocker["id"])
+            finish(client, blocker["id"])
+    wait_for(lambda: all_free(client), DEADLINE)
+
+
+def test_cancellation_is_not_an_exception() -> None:
+    try:
+        raise JobCancelled("x")
+    except Exception:  # noqa: BLE001 - this is what user code does
+        pytest.fail("except Exception swallowed a cancellation")
+    except BaseException as exc:
+        assert isinstance(exc, JobCancelled)
+
+
+def test_queued_events_carry_position_and_estimate(small_client: Any) -> None:
+    client = small_client
+    first = submit(client, "import time\ntime.sleep(1)", "T4", background=True)
+    second = submit(client, "x = 1", "T4", background=True)
+    try:
+        events = list(client.events(second["id"]))
+        queued = [e for e in events if e["type"] == "queued"]
+        assert queued[0]["position"] >= 1 and "estimate" in queued[0]
+        granted = next(e for e in events if e["type"] == "granted")
+        assert granted["gpu_type"] == "T4"
+        assert json.dumps(granted)  # plain JSON all the way
+    finally:
+        finish(client, first["id"])
