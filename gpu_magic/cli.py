@@ -17,6 +17,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="local: runner subprocesses on this host; ray: tasks on a Ray cluster")
     s.add_argument("--ray-address", default=None, help="Ray cluster address (with --backend ray)")
+    s.add_argument("--ray-type-map", type=Path, default=None, metavar="FILE",
+                   help='JSON: Ray accelerator labels to GPU types, e.g. {"A100": [{"type": '
+                        '"A100-80GB", "min_memory_gb": 60}, {"type": "A100-40GB"}]}')
+    s.add_argument("--ray-autoscale", default=None, metavar="SPEC",
+                   help="node types a Ray autoscaler can add, TYPE:GPUS_PER_NODE,... e.g. H100:8")
     s.add_argument("--simulate", default=None, metavar="SPEC",
                    help="a simulated pool such as 'H100:2,A100-80GB:4' (no GPU is used)")
     s.add_argument("--tokens-file", type=Path, default=None,
@@ -31,6 +36,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="cancel a foreground job nobody has followed for this many seconds")
     s.add_argument("--gateway-python", action="store_true",
                    help="run cells with the gateway's Python, not the submitting kernel's")
+    s.add_argument("--isolation", choices=["auto", "none", "bwrap"], default="auto",
+                   help="runner sandbox; auto: bubblewrap when several users share the gateway")
+    s.add_argument("--certfile", type=Path, default=None, help="TLS certificate (PEM)")
+    s.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
+    s.add_argument("--retention", type=float, default=7 * 24 * 3600.0,
+                   help="seconds to keep finished jobs, their output and unused blobs (7 days)")
+    s.add_argument("--max-jobs-per-user", type=int, default=None)
+    s.add_argument("--max-gpus-per-user", type=int, default=None)
+    s.add_argument("--max-blob-bytes", type=int, default=None)
+    s.add_argument("--max-job-bytes", type=int, default=None)
     s.add_argument("--force", action="store_true",
                    help="start even where it would be unsafe (non-loopback without tokens file)")
 
@@ -53,10 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = ServeConfig(
             host=args.host, port=args.port, backend=args.backend, ray_address=args.ray_address,
+            ray_type_map=args.ray_type_map, ray_autoscale=args.ray_autoscale,
             simulate=args.simulate, tokens_file=args.tokens_file, state_dir=args.state_dir,
             runtime_file=args.runtime_file, idle_timeout=args.idle_timeout,
             max_timeout=args.max_timeout, orphan_timeout=args.orphan_timeout,
             client_python=not args.gateway_python, force=args.force,
+            isolation=args.isolation, certfile=args.certfile,
+            keyfile=args.keyfile, retention=args.retention,
+            max_jobs_per_user=args.max_jobs_per_user, max_gpus_per_user=args.max_gpus_per_user,
+            max_blob_bytes=args.max_blob_bytes, max_job_bytes=args.max_job_bytes,
         )
         return serve(cfg)
     if args.command == "stop":

@@ -44,6 +44,8 @@ PRIVATE_ROUTES = [
     ("GET", "/v1/jobs/{job_id}"),
     ("GET", "/v1/jobs/{job_id}/events"),
     ("DELETE", "/v1/jobs/{job_id}"),
+    ("GET", "/v1/limits"),
+    ("PUT", "/v1/limits/{name}"),
 ]
 
 
@@ -226,7 +228,7 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Users]:
 
 def request_for(method: str, path: str, known: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A well-formed request for one route, on things that exist, so only the token decides."""
-    url = path.format(digest=known["digest"], job_id=known["job"]["id"])
+    url = path.format(digest=known["digest"], job_id=known["job"]["id"], name="somebody")
     kwargs: dict[str, Any] = {}
     if (method, path) == ("POST", "/v1/blobs/missing"):
         kwargs["json"] = {"digests": [known["digest"]]}
@@ -234,6 +236,8 @@ def request_for(method: str, path: str, known: dict[str, Any]) -> tuple[str, dic
         kwargs["content"] = known["data"]
     elif (method, path) == ("POST", "/v1/jobs"):
         kwargs["json"] = known["body"]
+    elif (method, path) == ("PUT", "/v1/limits/{name}"):
+        kwargs["json"] = {"max_jobs": 100}
     return url, kwargs
 
 

@@ -6,6 +6,7 @@ downloads and cancels only their own jobs and blobs (someone else's answer 404, 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import platform
 from importlib import metadata
@@ -18,10 +19,10 @@ from pydantic import BaseModel, Field
 from .._version import __version__
 from .auth import Authenticator, User
 from .gateway import ApiError, Gateway
+from .limits import human
 from .store import BlobError
 
 HEARTBEAT_S = 5.0
-MAX_SOURCE_CHARS = 1_000_000
 _PACKAGES = ("cloudpickle", "ipython", "numpy", "torch", "gpu-magic")
 
 
@@ -41,7 +42,7 @@ class JobSubmit(BaseModel):
     # The client may choose the id, so that it can cancel a job whose submit it was
     # interrupted in the middle of (before it ever saw the answer).
     id: str | None = Field(default=None, pattern=r"^[0-9a-f]{12,32}$")
-    source: str = Field(max_length=MAX_SOURCE_CHARS)
+    source: str  # its size limit is the gateway's, answered with 413
     spec: list[OptionModel] = Field(min_length=1, max_length=64)
     inputs: InputsModel
     input_names: list[str] = Field(default_factory=list)
@@ -62,6 +63,11 @@ class JobSubmit(BaseModel):
     meta: dict[str, str] = Field(default_factory=dict)
 
 
+class LimitsModel(BaseModel):
+    max_jobs: int | None = Field(default=None, ge=0)
+    max_gpus: int | None = Field(default=None, ge=0)
+
+
 class MissingRequest(BaseModel):
     digests: list[str] = Field(max_length=100_000)
 
@@ -76,7 +82,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def create_app(gateway: Gateway, auth: Authenticator) -> FastAPI:
+def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = True) -> FastAPI:
     # FastAPI's own /openapi.json, /docs and /redoc would answer without a token: ours is below
     app = FastAPI(title="gpu_magic gateway", version=__version__,
                   description="Runs notebook cells on a pool of GPUs. See DESIGN.md.",
@@ -125,7 +131,8 @@ def create_app(gateway: Gateway, auth: Authenticator) -> FastAPI:
     @app.put("/v1/blobs/{digest}")
     async def put_blob(digest: str, request: Request, u: User = Depends(user)) -> dict[str, Any]:
         gateway.blobs.path(u.name, digest)  # validates the digest before reading the body
-        size = await gateway.blobs.put_stream(u.name, digest, request.stream())
+        size = await gateway.blobs.put_stream(u.name, digest, request.stream(),
+                                              max_bytes=gateway.limits_for(u).max_blob_bytes)
         return {"digest": digest, "size": size}
 
     @app.get("/v1/blobs/{digest}")
@@ -136,6 +143,23 @@ def create_app(gateway: Gateway, auth: Authenticator) -> FastAPI:
         return StreamingResponse(gateway.blobs.iter_file(u.name, digest),
                                  media_type="application/octet-stream",
                                  headers={"Content-Length": str(path.stat().st_size)})
+
+    @app.get("/v1/limits")
+    async def get_limits(u: User = Depends(user)) -> dict[str, Any]:
+        """The caller's own limits; an admin also sees the per-user overrides."""
+        mine = gateway.limits_for(u)
+        out: dict[str, Any] = {"user": u.name, "admin": u.admin, "limits": vars(mine)}
+        if u.admin:
+            out["overrides"] = gateway.user_limits
+        return out
+
+    @app.put("/v1/limits/{name}")
+    async def set_limits(name: str, body: LimitsModel, u: User = Depends(user)) -> dict[str, Any]:
+        """An admin (instructor) sets one user's limits on jobs and GPUs at once."""
+        if not u.admin:
+            raise ApiError(403, "forbidden", "only an admin token may set limits")
+        gateway.user_limits[name] = {k: v for k, v in body.model_dump().items() if v is not None}
+        return {"user": name, "overrides": gateway.user_limits[name]}
 
     @app.post("/v1/jobs", status_code=201)
     async def submit(body: JobSubmit, u: User = Depends(user)) -> dict[str, Any]:
@@ -180,39 +204,85 @@ def create_app(gateway: Gateway, auth: Authenticator) -> FastAPI:
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return _AuthMiddleware(app, auth, gateway)  # type: ignore[return-value]
+    return _AuthMiddleware(app, auth, gateway, loopback_only)  # type: ignore[return-value]
 
 
 class _AuthMiddleware:
     """Refuses every request but ``GET /v1/health`` without a valid token, before anything of
     the request is read (so a malformed body cannot tell an anonymous caller anything)."""
 
-    def __init__(self, app: FastAPI, auth: Authenticator, gateway: Gateway) -> None:
+    def __init__(self, app: FastAPI, auth: Authenticator, gateway: Gateway,
+                 loopback_only: bool) -> None:
         self.app, self.auth, self.gateway = app, auth, gateway
+        self.loopback_only = loopback_only
         self.fastapi = app  # the wrapped app, for tests that enumerate its routes
         self.state = app.state
         self.routes = app.routes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or (scope["path"] == "/v1/health" and scope["method"] in
-                                       ("GET", "HEAD")):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = None
+        headers: dict[bytes, str] = {}
         for key, value in scope.get("headers", []):
-            if key == b"authorization":
-                header = value.decode("latin-1")
-        found = self.auth.user_for(header)
+            headers[key] = value.decode("latin-1")
+        if self.loopback_only:
+            # a page on another site (or a DNS name rebound to 127.0.0.1) must not reach us
+            host = _hostname(headers.get(b"host", ""))
+            origin = headers.get(b"origin")
+            if not _loopback_name(host):
+                await _refuse(send, 403, "forbidden_host",
+                              f"this gateway listens on loopback only; Host {host!r} is refused")
+                return
+            if origin is not None and not _loopback_name(_hostname(origin.split("://", 1)[-1])):
+                await _refuse(send, 403, "forbidden_origin",
+                              f"requests from the web page at {origin!r} are refused")
+                return
+        if scope["path"] == "/v1/health" and scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        found = self.auth.user_for(headers.get(b"authorization"))
         if found is None:
-            body = json.dumps({"error": "unauthorized",
-                               "message": "missing or wrong token: send 'Authorization: Bearer "
-                                          "TOKEN' (GPU_MAGIC_TOKEN on the client side)"}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body", "body": body})
+            await _refuse(send, 401, "unauthorized",
+                          "missing or wrong token: send 'Authorization: Bearer TOKEN' "
+                          "(GPU_MAGIC_TOKEN on the client side)")
+            return
+        limits = self.gateway.limits_for(found)
+        length = headers.get(b"content-length", "")
+        size = int(length) if length.isdigit() else 0
+        is_blob = scope["method"] == "PUT" and scope["path"].startswith("/v1/blobs/")
+        cap = limits.max_blob_bytes if is_blob else 4 * limits.max_source_chars + (1 << 20)
+        if size > cap:
+            # refused from the header alone: nothing of the body is read
+            what = "blob" if is_blob else "request"
+            await _refuse(send, 413, "too_large",
+                          f"the {what} is {human(size)}; this gateway takes at most {human(cap)}")
             return
         self.gateway.touch()
         scope.setdefault("state", {})["user"] = found
         await self.app(scope, receive, send)
+
+
+def _loopback_name(host: str) -> bool:
+    if host in ("localhost", "[::1]"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostname(hostport: str) -> str:
+    hostport = hostport.strip().split("/", 1)[0]
+    if hostport.startswith("["):
+        return hostport.split("]", 1)[0] + "]"
+    return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+
+
+async def _refuse(send: Any, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": code, "message": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

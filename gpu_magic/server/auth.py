@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MIN_TOKEN_CHARS = 22  # 128 bits of urlsafe base64
@@ -22,6 +22,8 @@ class TokensFileError(Exception):
 class User:
     name: str
     admin: bool = False
+    # per-user limits from the tokens file ({"max_jobs": 2, "max_gpus": 4})
+    limits: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
 
 
 def write_private(path: Path, text: str) -> None:
@@ -59,8 +61,15 @@ def load_tokens_file(path: Path) -> dict[str, User]:
     tokens: dict[str, User] = {}
     for name, value in data.items():
         admin = False
+        limits: dict[str, int] = {}
         if isinstance(value, dict):
             admin = bool(value.get("admin", False))
+            for key in ("max_jobs", "max_gpus"):
+                if key in value:
+                    if not isinstance(value[key], int) or value[key] < 0:
+                        raise TokensFileError(
+                            f"{key} of user {name!r} in {path} must be a whole number >= 0")
+                    limits[key] = value[key]
             value = value.get("token")
         if not isinstance(value, str) or len(value) < MIN_TOKEN_CHARS:
             raise TokensFileError(
@@ -69,7 +78,7 @@ def load_tokens_file(path: Path) -> dict[str, User]:
             )
         if value in tokens:
             raise TokensFileError(f"users {tokens[value].name!r} and {name!r} in {path} share a token")
-        tokens[value] = User(str(name), admin)
+        tokens[value] = User(str(name), admin, limits)
     return tokens
 
 

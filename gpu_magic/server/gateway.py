@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .._spec import GpuOption, GpuSpec
 from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
+from .limits import Limits, human
 from .scheduler import Grant, Request, feasibility, pool_summary, schedule
 from .store import BlobStore, Store
 
@@ -30,6 +32,8 @@ DEFAULT_TIMEOUT_S = 3600.0
 STREAM_EVENT_TYPES = ("stdout", "stderr", "display", "update_display", "clear_output")
 # A foreground job nobody has followed for this long lost its client (kernel died, culled).
 ORPHAN_TIMEOUT_S = 60.0
+# Finished jobs, their events and results, and unused blobs are removed after this long.
+RETENTION_S = 7 * 24 * 3600.0
 
 
 class ApiError(Exception):
@@ -67,6 +71,7 @@ class Job:
     outcome: dict[str, Any] | None = None  # the runner's result or error event
     stop_reason: str | None = None  # "cancelled" or "timed_out" when we stopped the runner
     min_memory_gb: float | None = None
+    gpu_cap: int | None = None  # the user's limit on GPUs held at once, when submitted
     message: str | None = None
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -118,7 +123,8 @@ def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
 
 class Gateway:
     def __init__(self, backend: Any, state_dir: Path, *, max_timeout: float | None = None,
-                 orphan_timeout: float = ORPHAN_TIMEOUT_S) -> None:
+                 orphan_timeout: float = ORPHAN_TIMEOUT_S, limits: Limits | None = None,
+                 retention: float = RETENTION_S) -> None:
         self.backend = backend
         self.state_dir = state_dir
         self.store = Store(state_dir)
@@ -127,7 +133,12 @@ class Gateway:
         self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
         self.max_timeout = max_timeout
         self.orphan_timeout = orphan_timeout
+        self.limits = limits or Limits()
+        self.user_limits: dict[str, dict[str, int]] = {}  # set by an admin at run time
+        self.retention = retention
+        self._last_gc = 0.0
         self._housekeeper: asyncio.Task[None] | None = None
+        self._pool_watch: asyncio.TimerHandle | None = None
         self.jobs: dict[str, Job] = {}
         self.queue: list[str] = []
         self.running: dict[str, Job] = {}
@@ -172,6 +183,9 @@ class Gateway:
         while True:
             await asyncio.sleep(min(1.0, self.orphan_timeout / 4))
             now = time.monotonic()
+            if now - self._last_gc > min(600.0, max(1.0, self.retention / 4)):
+                self._last_gc = now
+                self.collect_garbage()
             for job in list(self.jobs.values()):
                 if (not job.final and not job.request.get("background") and job.followers == 0
                         and now - job.unfollowed_since > self.orphan_timeout):
@@ -189,6 +203,27 @@ class Gateway:
             job.stop_reason = "cancelled"
             job.notices.append(why)
             self.backend.cancel(job.handle)
+
+    def collect_garbage(self) -> int:
+        """Remove what is older than the retention period and no live job needs; return how
+        many jobs went."""
+        cutoff = time.time() - self.retention
+        needed: dict[str, set[str]] = {}
+        for job in self.jobs.values():
+            if not job.final:
+                inputs = job.request.get("inputs") or {}
+                needed.setdefault(job.user, set()).update(
+                    [inputs.get("pickle", ""), *inputs.get("buffers", [])])
+        gone = [j for j in self.jobs.values() if j.final and (j.finished or 0) < cutoff]
+        for job in gone:
+            del self.jobs[job.id]
+            self.store.delete_job(job.id)
+            shutil.rmtree(self.jobs_dir / job.id, ignore_errors=True)
+        self.blobs.collect(cutoff, needed)
+        return len(gone)
+
+    def limits_for(self, user: User) -> Limits:
+        return self.limits.for_user({**user.limits, **self.user_limits.get(user.name, {})})
 
     def follow(self, job: Job, delta: int) -> None:
         """A client started (+1) or stopped (-1) following the job's events."""
@@ -279,14 +314,41 @@ class Gateway:
             spec = GpuSpec.parse(str(spec), extra_types=pool_types)
         except SpecError as exc:
             raise ApiError(422, "bad_spec", str(exc)) from None
-        missing = self.blobs.missing(user.name, [body["inputs"]["pickle"], *body["inputs"]["buffers"]])
+        limits = self.limits_for(user)
+        if len(body["source"]) > limits.max_source_chars:
+            raise ApiError(413, "too_large",
+                           f"the cell has {len(body['source'])} characters; this gateway takes "
+                           f"at most {limits.max_source_chars}. Move data out of the source into "
+                           "variables (they travel as blobs).")
+        active = sum(1 for j in self.jobs.values() if j.user == user.name and not j.final)
+        if limits.max_jobs is not None and active >= limits.max_jobs:
+            raise ApiError(429, "too_many_jobs",
+                           f"you have {active} jobs queued or running; this gateway allows "
+                           f"{limits.max_jobs} per user. Wait for one to finish or cancel one "
+                           "(%gpu jobs, %gpu cancel ID).")
+        digests = [body["inputs"]["pickle"], *body["inputs"]["buffers"]]
+        missing = self.blobs.missing(user.name, digests)
         if missing:
             raise ApiError(409, "missing_blobs",
                            f"the gateway does not hold {len(missing)} input blob(s); upload them "
                            "and submit again", missing=missing)
+        total = self.blobs.total_size(user.name, digests)
+        if total > limits.max_job_bytes:
+            raise ApiError(413, "too_large",
+                           f"the job's inputs are {human(total)}; this gateway takes at most "
+                           f"{human(limits.max_job_bytes)} per job. Send less, or load the data "
+                           "inside the cell from storage the GPU machine can reach.")
+        self.blobs.touch(user.name, digests)
         kept, dropped = feasibility(list(spec.options), gpus)
         if not kept:
             raise ApiError(422, "no_feasible_option", self._refusal(spec, dropped, gpus))
+        if limits.max_gpus is not None:
+            over = [i for i in kept if spec.options[i].count > limits.max_gpus]
+            if len(over) == len(kept):
+                raise ApiError(429, "too_many_gpus",
+                               f"every option of '{spec}' asks for more than the "
+                               f"{limits.max_gpus} GPU(s) this gateway allows you at once; "
+                               "ask for fewer.")
         timeout = body.get("timeout") or DEFAULT_TIMEOUT_S
         notices = []
         if self.max_timeout and timeout > self.max_timeout:
@@ -308,6 +370,7 @@ class Gateway:
             dropped=[{"option": o, "reason": r} for o, r in dropped],
             seq=self._seq,
             notices=notices,
+            gpu_cap=limits.max_gpus,
         )
         self.jobs[job.id] = job
         self.queue.append(job.id)
@@ -367,6 +430,7 @@ class Gateway:
 
     def _schedule(self) -> None:
         if not self.queue:
+            self._watch_pool()
             return
         gpus = self.gpus()
         busy = [(j.grant["node"], i) for j in self.running.values() if j.grant
@@ -374,12 +438,39 @@ class Gateway:
         running_per_user: dict[str, int] = {}
         for j in self.running.values():
             running_per_user[j.user] = running_per_user.get(j.user, 0) + 1
-        reqs = [
-            Request(j.id, j.user, tuple(j.options), j.seq, tuple(j.option_indices), j.min_memory_gb)
-            for j in (self.jobs[i] for i in self.queue)
-        ]
+        held: dict[str, int] = {}
+        for j in self.running.values():
+            held[j.user] = held.get(j.user, 0) + len((j.grant or {}).get("indices", []))
+        reqs = []
+        for j in (self.jobs[i] for i in self.queue):
+            opts, idx = list(j.options), list(j.option_indices)
+            cap = self.user_limits.get(j.user, {}).get("max_gpus", j.gpu_cap)
+            if cap is not None:
+                # a user at their GPU limit waits; options beyond what is left are skipped now
+                room = cap - held.get(j.user, 0)
+                keep = [k for k, o in enumerate(opts) if o.count <= room]
+                opts, idx = [opts[k] for k in keep], [idx[k] for k in keep]
+                if not opts:
+                    continue
+            reqs.append(Request(j.id, j.user, tuple(opts), j.seq, tuple(idx), j.min_memory_gb))
         for grant in schedule(gpus, busy, reqs, running_per_user):
             self._launch(self.jobs[grant.job_id], grant, gpus)
+        self._watch_pool()
+
+    def _watch_pool(self) -> None:
+        """A pool that changes by itself (Ray: nodes join and leave, other users take and free
+        GPUs) is looked at again while jobs wait, and hears what waits (an autoscaler may add
+        nodes for it)."""
+        waiting = getattr(self.backend, "waiting", None)
+        if waiting is None or self.loop is None:
+            return
+        waiting([self.jobs[i].options for i in self.queue])
+        if self.queue and self._pool_watch is None:
+            def again() -> None:
+                self._pool_watch = None
+                self._schedule()
+
+            self._pool_watch = self.loop.call_later(self.backend.poll_s, again)
 
     def _launch(self, job: Job, grant: Grant, gpus: list[Gpu]) -> None:
         self._dequeue(job)
@@ -419,7 +510,7 @@ class Gateway:
         }
         chosen = [g for g in gpus if g.node == grant.node and g.index in grant.indices]
         run = RunSpec(job.id, job.attempt, self.jobs_dir / job.id / f"attempt-{job.attempt}",
-                      manifest, chosen, grant_env, req.get("python"), req.get("cwd"))
+                      manifest, chosen, grant_env, req.get("python"), req.get("cwd"), job.user)
         loop = self.loop
         assert loop is not None
         # A backend shared with others (Ray) must hold the GPUs before we announce the grant:
@@ -575,6 +666,8 @@ class Gateway:
             except ValueError:
                 name = str(-rc)
             why = f"the runner process died (killed by signal {name})"
+        elif rc is None:
+            why = "the runner was lost before the cell finished"
         else:
             why = f"the runner process exited with code {rc} before the cell finished"
         last = [ln for ln in tail.strip().splitlines() if ln.strip()][-3:]

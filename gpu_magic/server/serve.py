@@ -16,14 +16,16 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .._version import __version__
 from .api import create_app
 from .auth import Authenticator, TokensFileError, load_tokens_file, owner_token, write_private
+from .backends.sandbox import bwrap_path
 from .gateway import Gateway
+from .limits import Limits
 
 
 @dataclass
@@ -32,6 +34,8 @@ class ServeConfig:
     port: int = 8765
     backend: str = "local"
     ray_address: str | None = None
+    ray_type_map: Path | None = None  # JSON: Ray accelerator labels to our types
+    ray_autoscale: str | None = None  # node types a Ray autoscaler can add, "H100:8,L4:1"
     simulate: str | None = None
     tokens_file: Path | None = None
     state_dir: Path | None = None
@@ -41,6 +45,14 @@ class ServeConfig:
     orphan_timeout: float = 60.0
     client_python: bool = True
     force: bool = False
+    isolation: str = "auto"  # auto | none | bwrap
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    retention: float = 7 * 24 * 3600.0
+    max_jobs_per_user: int | None = None
+    max_gpus_per_user: int | None = None
+    max_blob_bytes: int | None = None
+    max_job_bytes: int | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a running embedded gateway to be reused."""
@@ -70,12 +82,19 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
     state_dir = cfg.state_dir or default_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
-    if not _is_loopback(cfg.host) and not cfg.tokens_file and not cfg.force:
-        raise ServeError(
-            f"refusing to listen on {cfg.host}, which is not loopback, with a single owner token: "
-            "anyone who can reach it could run code here. Give --tokens-file, or --force if you "
-            "really mean it."
-        )
+    if not _is_loopback(cfg.host) and not cfg.force:
+        if not cfg.tokens_file:
+            raise ServeError(
+                f"refusing to listen on {cfg.host}, which is not loopback, with a single owner "
+                "token: anyone who can reach it could run code here. Give --tokens-file, or "
+                "--force if you really mean it."
+            )
+        if not (cfg.certfile and cfg.keyfile):
+            raise ServeError(
+                f"refusing to listen on {cfg.host}, which is not loopback, without TLS: tokens "
+                "and cells would cross the network in clear text. Give --certfile and --keyfile "
+                "(or put the gateway behind a TLS proxy and bind it to loopback), or --force."
+            )
     token_path = None
     try:
         if cfg.tokens_file:
@@ -84,10 +103,29 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
             tokens, token_path = owner_token(state_dir)
     except TokensFileError as exc:
         raise ServeError(str(exc)) from None
+    users = {u.name for u in tokens.values()}
+    isolation = cfg.isolation
+    if isolation == "auto":
+        isolation = "bwrap" if len(users) > 1 and bwrap_path() else "none"
+    if len(users) > 1 and isolation == "none" and not cfg.force:
+        raise ServeError(
+            f"this gateway serves {len(users)} users but would run their cells without "
+            "isolation: one user's cell could read the tokens file and everyone's data. Install "
+            "bubblewrap (apt-get install bubblewrap) for --isolation bwrap, or --force if every "
+            "user may see everything."
+        )
+    if isolation == "bwrap" and not bwrap_path():
+        raise ServeError("--isolation bwrap needs bubblewrap: apt-get install bubblewrap")
+    multi = len(users) > 1
+    hidden = tuple(p for p in (cfg.tokens_file, cfg.runtime_file) if p is not None)
     if cfg.backend == "local":
         from .backends.local import LocalBackend
 
-        backend: Any = LocalBackend(cfg.simulate, client_python=cfg.client_python)
+        backend: Any = LocalBackend(
+            cfg.simulate,
+            # never run a client-chosen interpreter or folder for several users
+            client_python=cfg.client_python and not multi,
+            isolation=isolation, state_dir=state_dir, hidden_files=hidden)
     elif cfg.backend == "ray":
         try:
             from .backends.ray import RayBackend
@@ -96,8 +134,13 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
         backend = RayBackend.from_config(cfg)
     else:
         raise ServeError(f"unknown backend {cfg.backend!r}; use --backend local or ray")
+    limits = Limits()
+    limits = replace(limits, **{k: v for k, v in {
+        "max_jobs": cfg.max_jobs_per_user, "max_gpus": cfg.max_gpus_per_user,
+        "max_blob_bytes": cfg.max_blob_bytes, "max_job_bytes": cfg.max_job_bytes,
+    }.items() if v is not None})
     gateway = Gateway(backend, state_dir, max_timeout=cfg.max_timeout,
-                      orphan_timeout=cfg.orphan_timeout)
+                      orphan_timeout=cfg.orphan_timeout, limits=limits, retention=cfg.retention)
     return gateway, Authenticator(tokens), token_path
 
 
@@ -109,7 +152,7 @@ def serve(cfg: ServeConfig) -> int:
     except ServeError as exc:
         print(f"gpu-magic serve: {exc}", file=sys.stderr)
         return 2
-    app = create_app(gateway, auth)
+    app = create_app(gateway, auth, loopback_only=_is_loopback(cfg.host))
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -122,9 +165,12 @@ def serve(cfg: ServeConfig) -> int:
     sock.listen(2048)
     port = sock.getsockname()[1]
     host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
-    url = f"http://{host}:{port}"
+    scheme = "https" if cfg.certfile else "http"
+    url = f"{scheme}://{host}:{port}"
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
-                            lifespan="off")
+                            lifespan="off",
+                            ssl_certfile=str(cfg.certfile) if cfg.certfile else None,
+                            ssl_keyfile=str(cfg.keyfile) if cfg.keyfile else None)
     server = uvicorn.Server(config)
 
     async def main() -> None:

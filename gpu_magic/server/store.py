@@ -106,6 +106,10 @@ class Store:
             (job_id, seq, json.dumps(event)),
         )
 
+    def delete_job(self, job_id: str) -> None:
+        self._put("DELETE FROM events WHERE job_id = ?", (job_id,))
+        self._put("DELETE FROM jobs WHERE id = ?", (job_id,))
+
     def flush(self, timeout: float = 10.0) -> None:
         with self._flushed:
             self._flushed.wait_for(lambda: self._pending <= 0, timeout)
@@ -209,6 +213,37 @@ class BlobStore:
         else:
             os.replace(src, dest)
         return digest
+
+    def total_size(self, user: str, digests: list[str]) -> int:
+        total = 0
+        for d in dict.fromkeys(digests):
+            try:
+                total += self.path(user, d).stat().st_size
+            except OSError:
+                continue
+        return total
+
+    def touch(self, user: str, digests: list[str]) -> None:
+        """Mark blobs as used now (retention counts from the last use)."""
+        for d in dict.fromkeys(digests):
+            try:
+                os.utime(self.path(user, d))
+            except OSError:
+                continue
+
+    def collect(self, cutoff: float, needed: dict[str, set[str]]) -> int:
+        """Delete blobs unused since ``cutoff`` that no live job needs."""
+        removed = 0
+        for user_dir in self.root.iterdir():
+            keep = {d.replace(":", "-") for d in needed.get(user_dir.name, set())}
+            for f in user_dir.iterdir():
+                try:
+                    if f.name not in keep and f.stat().st_mtime < cutoff:
+                        f.unlink()
+                        removed += 1
+                except OSError:
+                    continue
+        return removed
 
     def iter_file(self, user: str, digest: str) -> Iterator[bytes]:
         with open(self.path(user, digest), "rb") as f:

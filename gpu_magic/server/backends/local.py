@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inventory import Gpu, parse_simulated, read_nvml
+from .sandbox import bwrap_command
 
 # Variables of the gateway that a cell must never see.
 _SECRET_ENV = ("GPU_MAGIC_TOKEN",)
@@ -36,6 +37,7 @@ class RunSpec:
     grant_env: dict[str, str]
     python: str | None = None
     cwd: str | None = None
+    user: str = ""
 
 
 @dataclass
@@ -55,12 +57,23 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, simulate: str | None = None, *, client_python: bool = True) -> None:
+    def __init__(
+        self,
+        simulate: str | None = None,
+        *,
+        client_python: bool = True,
+        isolation: str = "none",
+        state_dir: Path | None = None,
+        hidden_files: tuple[Path, ...] = (),
+    ) -> None:
         self.simulated = bool(simulate)
         self._gpus = parse_simulated(simulate) if simulate else read_nvml(own_pids=set())
         # The embedded gateway runs each cell with the submitting kernel's own Python and working
         # directory; a shared gateway uses its own.
         self.client_python = client_python
+        self.isolation = isolation
+        self.state_dir = state_dir
+        self.hidden_files = hidden_files
         self._handles: dict[tuple[str, int], Handle] = {}
 
     def inventory(self) -> list[Gpu]:
@@ -78,10 +91,19 @@ class LocalBackend:
         python = run.python if (self.client_python and run.python) else sys.executable
         cwd = run.cwd if (self.client_python and run.cwd and os.path.isdir(run.cwd)) else None
         r, w = os.pipe()
+        argv = [python, "-m", "gpu_magic.runner", str(run.job_dir), str(w)]
+        if self.isolation == "bwrap":
+            assert self.state_dir is not None
+            m = run.manifest["inputs"]
+            argv = bwrap_command(argv, job_dir=run.job_dir, state_dir=self.state_dir,
+                                 readable=[m["pickle"], *m["buffers"]],
+                                 hidden_files=self.hidden_files)
+            env = {k: v for k, v in env.items() if not k.startswith("GPU_MAGIC_") or k in
+                   run.grant_env}
         log = open(run.job_dir / "runner.log", "wb")
         try:
             proc = subprocess.Popen(
-                [python, "-m", "gpu_magic.runner", str(run.job_dir), str(w)],
+                argv,
                 cwd=cwd or str(run.job_dir),
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -149,3 +171,4 @@ class LocalBackend:
     def shutdown(self) -> None:
         for handle in list(self._handles.values()):
             self.cancel(handle, grace=1.0)
+

@@ -1,0 +1,516 @@
+"""The Ray backend: the gateway as a Ray driver, each job one streaming Ray task on a GPU node.
+
+Our scheduler keeps deciding (option order, fair share, feasibility); Ray holds the GPUs. Before a
+grant is announced the gateway calls ``reserve``, which takes the chosen GPUs with a STRICT_PACK
+placement group pinned to the chosen node (another Ray user may have taken them since we looked);
+the job's task then runs inside that group, Ray picks the device indices and sets
+``CUDA_VISIBLE_DEVICES``. The group is given back when the task ends, fails or is cancelled.
+
+Nothing the task returns is unpickled here: it yields bytes (see ``_node``), decoded as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+from ...._spec import GpuOption
+from ...._version import __version__
+from ...inventory import Gpu
+from ..local import EventCallback, ExitCallback, RunSpec
+from . import _node
+from ._pool import NodeNames, NodeView, TypeMap, build_pool, demand, parse_autoscale
+
+log = logging.getLogger("gpu_magic.ray")
+
+NODE_ID_LABEL = "ray.io/node-id"
+RELEASE_GRACE_S = 3.0  # Ray reports GPUs we gave back as free a moment later; ours until then
+STALE_RESERVATION_S = 3.0  # a reservation the gateway stopped asking for is given back
+_BLOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _ray_available_per_node() -> dict[str, dict[str, float]] | None:
+    # Per-node availability has no public API outside the dashboard's state API; without it, GPUs
+    # held by other Ray users are not seen as busy (reserve still refuses to announce them).
+    try:
+        from ray._private import state
+
+        return state.available_resources_per_node()
+    except Exception:
+        return None
+
+
+class BlobRefs:
+    """Input blobs in Ray's object store, one ObjectRef per blob file (least recently used
+    dropped beyond ``max_bytes``), so an input used by many jobs crosses to Ray once."""
+
+    def __init__(self, put: Callable[[bytes], Any], max_bytes: int = 2 << 30) -> None:
+        self._put = put
+        self._max = max_bytes
+        self._refs: OrderedDict[tuple[str, int, int], tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.puts = 0
+
+    def ref(self, path: str) -> Any:
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._refs.get(key)
+            if hit is not None:
+                self._refs.move_to_end(key)
+                return hit[0]
+        with open(path, "rb") as f:
+            data = f.read()
+        ref = self._put(data)
+        with self._lock:
+            self.puts += 1
+            self._refs[key] = (ref, len(data))
+            self._bytes += len(data)
+            # a task holds its own references to its arguments: dropping ours never breaks one
+            while self._bytes > self._max and len(self._refs) > 1:
+                _, (_, size) = self._refs.popitem(last=False)
+                self._bytes -= size
+        return ref
+
+    def clear(self) -> None:
+        with self._lock:
+            self._refs.clear()
+            self._bytes = 0
+
+
+@dataclass
+class Reservation:
+    """A placement group taken (or being taken) for one attempt of a job."""
+
+    key: tuple[str, int]
+    node_id: str
+    indices: tuple[int, ...]
+    pg: Any
+    ready: Any
+    touched: float
+    held: bool = False
+    released: float | None = None
+
+
+@dataclass
+class RayHandle:
+    """A running attempt: its task's stream and the reservation it runs in."""
+
+    spec: RunSpec
+    reservation: Reservation
+    node: str
+    gen: Any = None
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class RayBackend:
+    """Jobs as Ray tasks on the GPU nodes of a Ray cluster."""
+
+    name = "ray"
+    simulated = False
+    client_python = False  # cells run with the nodes' Python, not the submitting kernel's
+    poll_s = 1.0  # how often the gateway looks at the pool again while jobs wait
+
+    def __init__(self, address: str | None = None, *, types: TypeMap | None = None,
+                 autoscale: Sequence[tuple[str, int]] = (), refresh_s: float = 1.0,
+                 reserve_wait_s: float = 0.2, workdir: str | None = None,
+                 connect: bool = True) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS") or "auto"
+        self.types = types or TypeMap()
+        self.autoscale = list(autoscale)
+        self.refresh_s = refresh_s
+        self.reserve_wait_s = reserve_wait_s
+        self.workdir = workdir
+        self._lock = threading.RLock()
+        self._names = NodeNames()
+        self._snapshot: tuple[float, list[dict[str, Any]], dict[str, dict[str, float]] | None] | None = None
+        self._probes: dict[str, Any] = {}  # node id -> ObjectRef, or the (type, memory) it answered
+        self._reservations: dict[tuple[str, int], Reservation] = {}
+        self._recent: list[Reservation] = []
+        self._handles: dict[tuple[str, int], RayHandle] = {}
+        self._demand: list[dict[str, float]] | None = None
+        self._warned: set[str] = set()
+        self.blobs = BlobRefs(ray.put)
+        if connect:
+            self._connect()
+
+    # --- set-up ---
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RayBackend:
+        from ...serve import ServeError
+        from ._pool import PoolConfigError
+
+        try:
+            types = TypeMap.load(getattr(cfg, "ray_type_map", None))
+            autoscale = parse_autoscale(getattr(cfg, "ray_autoscale", None))
+        except PoolConfigError as exc:
+            raise ServeError(str(exc)) from None
+        try:
+            backend = cls(cfg.ray_address, types=types, autoscale=autoscale)
+        except ConnectionError as exc:
+            raise ServeError(str(exc)) from None
+        backend.wait_for_probes(10.0)
+        return backend
+
+    def _connect(self) -> None:
+        try:
+            ray.init(address=self.address, namespace="gpu_magic", logging_level=logging.WARNING,
+                     log_to_driver=False, configure_logging=False)
+        except Exception as exc:
+            raise ConnectionError(
+                f"cannot connect to the Ray cluster at {self.address!r} ({type(exc).__name__}: "
+                f"{exc}). Start the gateway on a node of the cluster with --ray-address "
+                "HEAD_IP:6379 (or RAY_ADDRESS set); with token auth, RAY_AUTH_MODE=token and the "
+                "cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token) must be set here too."
+            ) from exc
+        if not _token_auth_on():
+            print("gpu-magic: warning: this Ray cluster does not require a token; anyone who can "
+                  "reach its ports can run code on it. Start it with RAY_AUTH_MODE=token (see "
+                  "docs/ray.md).", file=sys.stderr, flush=True)
+
+    def wait_for_probes(self, timeout: float) -> None:
+        """Give GPU nodes a moment to report their GPUs (type, memory) before the pool is shown."""
+        self.inventory()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                pending = [r for r in self._probes.values() if isinstance(r, ray.ObjectRef)]
+            if not pending:
+                return
+            ray.wait(pending, num_returns=len(pending), timeout=max(0.0, deadline - time.monotonic()))
+            self._collect_probes()
+
+    # --- the pool ---
+
+    def inventory(self) -> list[Gpu]:
+        now = time.monotonic()
+        with self._lock:
+            self._sweep(now)
+            snap = self._snapshot
+            if snap is None or now - snap[0] > self.refresh_s:
+                try:
+                    nodes = ray.nodes()
+                except Exception as exc:
+                    self._warn("nodes", f"cannot read the Ray cluster's nodes: {exc}")
+                    nodes = snap[1] if snap else []
+                snap = (now, nodes, _ray_available_per_node())
+                self._snapshot = snap
+                self._names.update(nodes)
+                self._start_probes(nodes)
+            _, nodes, available = snap
+            self._collect_probes()
+            views = []
+            for n in nodes:
+                probed = self._probes.get(n["NodeID"])
+                views.append(NodeView.from_ray(
+                    n, self._names.by_id[n["NodeID"]],
+                    available.get(n["NodeID"], {}) if available is not None else None,
+                    probed if isinstance(probed, tuple) else None))
+            return build_pool(views, self._ours(), self.types, self.autoscale)
+
+    def _ours(self) -> dict[str, set[int]]:
+        ours: dict[str, set[int]] = {}
+        for r in [*self._reservations.values(), *self._recent]:
+            ours.setdefault(r.node_id, set()).update(r.indices)
+        return ours
+
+    def _start_probes(self, nodes: list[dict[str, Any]]) -> None:
+        for n in nodes:
+            node_id = n["NodeID"]
+            if n.get("Alive") and (n.get("Resources") or {}).get("GPU") and node_id not in self._probes:
+                try:
+                    self._probes[node_id] = _node.probe_gpus.options(
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                        name="gpu-magic:probe",
+                    ).remote()
+                except Exception as exc:
+                    self._probes[node_id] = None
+                    self._warn("probe", f"cannot ask Ray node {node_id[:8]} about its GPUs: {exc}")
+
+    def _collect_probes(self) -> None:
+        pending = {ref: nid for nid, ref in self._probes.items() if isinstance(ref, ray.ObjectRef)}
+        if not pending:
+            return
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in done:
+            node_id = pending[ref]
+            result: Any = None
+            try:
+                gpus = json.loads(ray.get(ref))
+                if gpus:
+                    kinds = [(g["type"], g.get("memory_gb")) for g in gpus]
+                    result = max(set(kinds), key=kinds.count)
+            except Exception as exc:
+                self._warn(f"probe-{node_id}", _describe(exc, self._names.by_id.get(node_id, node_id)))
+            self._probes[node_id] = result
+
+    def waiting(self, queued: Sequence[Sequence[GpuOption]]) -> None:
+        """The options of the jobs still waiting: ask the autoscaler for the nodes they need."""
+        if not self.autoscale:
+            return
+        wanted = demand(queued, self.inventory(), self.types, self.autoscale)
+        if wanted == self._demand:
+            return
+        self._demand = wanted
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=wanted)
+        except Exception as exc:
+            self._warn("autoscale", f"cannot ask the Ray autoscaler for {wanted}: {exc}")
+
+    # --- grants ---
+
+    def reserve(self, run: RunSpec) -> bool:
+        """Hold the granted GPUs in Ray before the grant is announced; False: not (yet) held."""
+        node_id = self._names.by_name.get(run.gpus[0].node) if run.gpus else None
+        key = (run.job_id, run.attempt)
+        indices = tuple(sorted(g.index for g in run.gpus))
+        with self._lock:
+            res = self._reservations.get(key)
+            if res is not None and (res.node_id, res.indices) != (node_id, indices):
+                self._release(res)
+                res = None
+            if node_id is None:
+                return False
+            if res is None:
+                try:
+                    pg = self._placement_group(node_id, len(indices), run)
+                except Exception as exc:
+                    self._warn("pg", f"Ray refused a placement group: {exc}")
+                    return False
+                res = Reservation(key, node_id, indices, pg, pg.ready(), time.monotonic())
+                self._reservations[key] = res
+            res.touched = time.monotonic()
+        try:
+            ready, _ = ray.wait([res.ready], timeout=self.reserve_wait_s)
+            if not ready:
+                return False  # kept a moment: the gateway asks again shortly
+            placed = placement_group_table(res.pg).get("bundles_to_node_id", {})
+            if set(placed.values()) != {node_id}:
+                raise RuntimeError(f"placed on {placed}, not on {node_id}")
+        except Exception as exc:
+            self._warn("pg-wait", f"a placement group on {run.gpus[0].node} failed: {exc}")
+            with self._lock:
+                self._release(res)
+            return False
+        with self._lock:
+            res.held = True
+            self._snapshot = None
+        return True
+
+    def _placement_group(self, node_id: str, count: int, run: RunSpec) -> Any:
+        name = f"gpu-magic-{run.job_id}-{run.attempt}"
+        bundle = {"GPU": float(count)}
+        try:
+            return placement_group([bundle], strategy="STRICT_PACK", name=name,
+                                   bundle_label_selector=[{NODE_ID_LABEL: node_id}])
+        except TypeError:
+            # Ray before label selectors: the node's own resource pins it (one node per address)
+            ip = next((n["NodeManagerAddress"] for n in (self._snapshot or (0, [], None))[1]
+                       if n["NodeID"] == node_id), None)
+            if ip is None:
+                raise
+            return placement_group([{**bundle, f"node:{ip}": 0.001}], strategy="STRICT_PACK",
+                                   name=name)
+
+    def _release(self, res: Reservation) -> None:
+        """Give a placement group back (lock held)."""
+        if self._reservations.get(res.key) is res:
+            del self._reservations[res.key]
+        if res.released is None:
+            res.released = time.monotonic()
+            self._recent.append(res)
+            try:
+                remove_placement_group(res.pg)
+            except Exception as exc:
+                self._warn("pg-remove", f"cannot remove a placement group: {exc}")
+        self._snapshot = None
+
+    def _sweep(self, now: float) -> None:
+        self._recent = [r for r in self._recent if now - (r.released or now) < RELEASE_GRACE_S]
+        for res in list(self._reservations.values()):
+            if not res.held and now - res.touched > STALE_RESERVATION_S:
+                self._release(res)
+
+    # --- running ---
+
+    def start(self, run: RunSpec, on_event: EventCallback, on_exit: ExitCallback) -> RayHandle:
+        key = (run.job_id, run.attempt)
+        with self._lock:
+            res = self._reservations.get(key)
+        if res is None or not res.held:
+            raise OSError(f"no Ray placement group holds the GPUs of job {run.job_id}; "
+                          "reserve() must succeed first")
+        try:
+            run.job_dir.mkdir(parents=True, exist_ok=True)
+            (run.job_dir / "out").mkdir(exist_ok=True)
+            inputs = run.manifest["inputs"]
+            paths = [inputs["pickle"], *inputs["buffers"]]
+            refs = [self.blobs.ref(p) for p in paths]
+            # Ray's CUDA_VISIBLE_DEVICES is the truth on the node; keeping the node's device order
+            # keeps our indices and those of other Ray users' tasks naming the same GPUs
+            env = {k: v for k, v in run.grant_env.items()
+                   if k not in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")}
+            meta = json.dumps({
+                "job_id": run.job_id, "attempt": run.attempt, "version": __version__,
+                "names": [Path(p).name for p in paths], "manifest": run.manifest, "env": env,
+                "workdir": self.workdir, "grace": 3.0,
+            })
+            strategy = PlacementGroupSchedulingStrategy(placement_group=res.pg,
+                                                        placement_group_bundle_index=0)
+            gen = _node.run_cell.options(
+                num_gpus=len(res.indices), num_cpus=0, max_retries=0, num_returns="streaming",
+                scheduling_strategy=strategy, name=f"gpu-magic:{run.job_id}:{run.attempt}",
+            ).remote(meta, *refs)
+        except Exception as exc:
+            with self._lock:
+                self._release(res)
+            raise OSError(f"Ray did not take the job: {type(exc).__name__}: {exc}") from exc
+        handle = RayHandle(run, res, run.gpus[0].node, gen)
+        with self._lock:
+            self._handles[key] = handle
+        threading.Thread(target=self._follow, args=(handle, on_event, on_exit), daemon=True,
+                         name=f"gpu-magic-ray-{run.job_id}").start()
+        return handle
+
+    def _follow(self, handle: RayHandle, on_event: EventCallback, on_exit: ExitCallback) -> None:
+        run = handle.spec
+        out = run.job_dir / "out"
+        rc: int | None = None
+        tail = ""
+        ended = False
+        try:
+            for ref in handle.gen:
+                frame = ray.get(ref)
+                if not isinstance(frame, bytes) or not frame:
+                    raise ValueError(f"the Ray task sent {type(frame).__name__}, not a frame")
+                kind, body = frame[:1], frame[1:]
+                if kind == b"E":
+                    for line in body.split(b"\n"):
+                        event = json.loads(line)
+                        if isinstance(event, dict) and isinstance(event.get("type"), str):
+                            on_event(run.job_id, run.attempt, event)
+                elif kind == b"B":
+                    head, _, chunk = body.partition(b"\n")
+                    info = json.loads(head)
+                    name = str(info.get("name", ""))
+                    if not _BLOB_NAME.fullmatch(name):
+                        raise ValueError(f"the Ray task sent a blob named {name!r}")
+                    part = out / f".{name}.part"
+                    with open(part, "ab") as f:
+                        f.write(chunk)
+                    if info.get("last"):
+                        os.replace(part, out / name)
+                elif kind == b"X":
+                    info = json.loads(body)
+                    rc = info.get("rc") if isinstance(info.get("rc"), int) else None
+                    tail = str(info.get("tail") or "")
+                    ended = True
+            if not ended:
+                tail = "[gpu_magic] the Ray task ended without the runner's exit status"
+        except Exception as exc:
+            rc = None
+            tail = "" if handle.cancelled else f"[gpu_magic] {_describe(exc, handle.node)}"
+        finally:
+            key = (run.job_id, run.attempt)
+            with self._lock:
+                self._release(handle.reservation)
+                self._handles.pop(key, None)
+            try:
+                (run.job_dir / "runner.log").write_text(tail)
+            except OSError:
+                pass
+            handle.done.set()
+            on_exit(run.job_id, run.attempt, rc, tail)
+
+    def cancel(self, handle: RayHandle, grace: float = 3.0) -> None:
+        """Stop the task: its runner's process group first (KeyboardInterrupt in the task), then
+        the task's worker itself if it has not ended ``grace`` seconds later."""
+        handle.cancelled = True
+        try:
+            ray.cancel(handle.gen, force=False)
+        except Exception as exc:
+            self._warn("cancel", f"cannot cancel a Ray task: {exc}")
+
+        def force_later() -> None:
+            if not handle.done.wait(grace + 2.0):
+                try:
+                    ray.cancel(handle.gen, force=True)
+                except Exception:
+                    pass
+
+        threading.Thread(target=force_later, daemon=True).start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            handles = list(self._handles.values())
+        for h in handles:
+            self.cancel(h, grace=1.0)
+        for h in handles:
+            h.done.wait(5.0)
+        with self._lock:
+            for res in list(self._reservations.values()):
+                self._release(res)
+        self.blobs.clear()
+        try:
+            if self.autoscale and self._demand:
+                from ray.autoscaler.sdk import request_resources
+
+                request_resources(bundles=[])
+            ray.shutdown()
+        except Exception:
+            pass
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            print(f"gpu-magic: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _token_auth_on() -> bool:
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
+        return bool(get_authentication_mode() == AuthenticationMode.TOKEN)
+    except Exception:
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
+def _describe(exc: BaseException, node: str) -> str:
+    """What a Ray failure means for the cell, in words."""
+    ex = ray.exceptions
+    if isinstance(exc, ex.NodeDiedError):
+        return f"the Ray node {node} that ran the cell died or left the cluster"
+    if isinstance(exc, ex.OutOfMemoryError):
+        return f"Ray's memory monitor killed the cell: node {node} ran out of memory"
+    if isinstance(exc, ex.WorkerCrashedError):
+        return f"the Ray worker that ran the cell on {node} died (killed, or out of memory)"
+    if isinstance(exc, ex.TaskCancelledError):
+        return "the Ray task was cancelled"
+    if isinstance(exc, ex.RayTaskError) and isinstance(exc.cause, ModuleNotFoundError):
+        return (f"Ray node {node} cannot import gpu_magic ({exc.cause}); install gpu-magic "
+                f"{__version__} on every node of the cluster")
+    if isinstance(exc, ex.RayError):
+        return f"Ray failed the job on {node}: {type(exc).__name__}: {str(exc)[:500]}"
+    return f"the Ray backend lost track of the job on {node}: {type(exc).__name__}: {exc}"

@@ -1,0 +1,50 @@
+"""Runner isolation for gateways shared by several users.
+
+A cell is arbitrary code, so the boundary is the runner: in multi-user mode each runner starts
+inside a bubblewrap sandbox where the gateway's state directory (tokens, every user's blobs,
+results and event logs), the tokens file and the runtime file are replaced by empty stand-ins,
+and only the job's own folder and its own input blobs are visible. (Running each user's cells
+under their own Unix account is the other way DESIGN.md allows; it is not built yet.)
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class IsolationUnavailable(Exception):
+    """The requested isolation cannot be provided on this machine."""
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def bwrap_command(
+    argv: Sequence[str],
+    *,
+    job_dir: Path,
+    state_dir: Path,
+    readable: Sequence[str],
+    hidden_files: Sequence[Path] = (),
+    cwd: str | None = None,
+) -> list[str]:
+    """The runner command wrapped in a bubblewrap sandbox. Pure: builds a list, runs nothing."""
+    bwrap = bwrap_path()
+    if bwrap is None:
+        raise IsolationUnavailable(
+            "bubblewrap (bwrap) is not installed; install it (apt-get install bubblewrap)"
+        )
+    cmd = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc",
+           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+           "--tmpfs", str(state_dir)]
+    for f in hidden_files:
+        if f.exists():
+            cmd += ["--ro-bind", "/dev/null", str(f)]
+    cmd += ["--bind", str(job_dir), str(job_dir)]
+    for path in dict.fromkeys(readable):
+        cmd += ["--ro-bind", path, path]
+    cmd += ["--chdir", cwd or str(job_dir), "--", *argv]
+    return cmd
