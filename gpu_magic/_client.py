@@ -45,6 +45,12 @@ class GatewayClient:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- plumbing ---
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:

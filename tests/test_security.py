@@ -1,0 +1,275 @@
+"""Security: every route of the app needs a token, browsers from elsewhere are refused, limits
+hold before anything large is read, the gateway never unpickles user data, and on a shared
+gateway one user's cell cannot read the gateway's state or another user's data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.routing import APIRoute
+
+import gpu_magic
+from gpu_magic._client import GatewayClient
+from gpu_magic.server.api import create_app
+from gpu_magic.server.auth import Authenticator, User
+from gpu_magic.server.backends.local import LocalBackend
+from gpu_magic.server.gateway import Gateway as CoreGateway
+
+from .conftest import Gateway, start_gateway
+from .test_gateway_http import finish, submit
+
+DEADLINE = 60.0
+
+
+def test_every_route_of_the_app_needs_a_token(tmp_path: Path) -> None:
+    """Enumerates the app object's own routes (not /openapi.json): a new route cannot slip in
+    without authentication."""
+    core = CoreGateway(LocalBackend("H100:1"), tmp_path)
+    app = create_app(core, Authenticator({"t" * 43: User("me")}))
+    routes = [(m, r.path) for r in app.fastapi.routes if isinstance(r, APIRoute)  # type: ignore[attr-defined]
+              for m in r.methods]
+    assert len(routes) >= 12
+
+    async def probe() -> list[tuple[str, str, int, int]]:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        out = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as ac:
+            for method, path in routes:
+                url = path.replace("{digest}", "xxh3-128:" + "0" * 32).replace("{job_id}", "abc")
+                url = url.replace("{name}", "someone")
+                anonymous = await ac.request(method, url)
+                wrong = await ac.request(method, url, headers={"Authorization": "Bearer " + "w" * 43})
+                out.append((method, path, anonymous.status_code, wrong.status_code))
+        return out
+
+    for method, path, anonymous, wrong in asyncio.run(probe()):
+        expected = 200 if path == "/v1/health" else 401
+        assert (anonymous, wrong) == (expected, expected), (method, path)
+    core.store.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Host": "evil.example:8765"}, 403),
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": "https://attacker.test:443"}, 403),
+        ({"Origin": "http://127.0.0.1:8888"}, 200),
+        ({"Origin": "http://localhost:8888"}, 200),
+        ({"Host": "localhost:1234"}, 200),
+    ],
+)
+def test_loopback_gateway_refuses_foreign_host_and_origin(gateway: Gateway, headers: dict[str, str],
+                                                          status: int) -> None:
+    for path, auth in (("/v1/pool", True), ("/v1/health", False)):
+        h = dict(headers, **({"Authorization": f"Bearer {gateway.token}"} if auth else {}))
+        resp = httpx.get(gateway.url + path, headers=h)
+        assert resp.status_code == status, (path, resp.text)
+        if status == 403:
+            assert resp.json()["error"] in ("forbidden_host", "forbidden_origin")
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("limited"), "--max-blob-bytes", "100000",
+                       "--max-job-bytes", "150000", "--max-jobs-per-user", "1",
+                       "--max-gpus-per-user", "1")
+    yield gw
+    gw.stop()
+
+
+def test_blob_over_the_limit_is_refused_from_its_header(limited: Gateway) -> None:
+    data = os.urandom(200_000)
+    digest = gpu_magic._payload.digest(data)
+    resp = httpx.put(f"{limited.url}/v1/blobs/{digest}", content=data,
+                     headers={"Authorization": f"Bearer {limited.token}"})
+    assert resp.status_code == 413
+    assert resp.json()["message"] == "the blob is 195.3 KiB; this gateway takes at most 97.7 KiB"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while it streams
+        for i in range(0, len(data), 10_000):
+            yield data[i:i + 10_000]
+
+    resp = httpx.put(f"{limited.url}/v1/blobs/{digest}", content=chunks(),
+                     headers={"Authorization": f"Bearer {limited.token}"})
+    assert resp.status_code == 413
+    with limited.client() as c:
+        assert c.missing([digest]) == [digest]  # nothing half-stored
+
+
+def test_job_inputs_over_the_limit_are_refused(limited: Gateway) -> None:
+    with limited.client() as c:
+        rng = np.random.default_rng(0)  # arrays travel out of band, one blob each
+        values = {"a": rng.bytes(90_000), "b": rng.bytes(90_000)}
+        values = {k: np.frombuffer(v, dtype=np.uint8) for k, v in values.items()}
+        with pytest.raises(gpu_magic.GatewayError) as info:
+            submit(c, "len(a) + len(b)", "H100", values=values)
+    assert info.value.status == 413
+    assert "the job's inputs are 175." in str(info.value) and "at most 146.5 KiB" in str(info.value)
+
+
+def test_per_user_job_and_gpu_limits(limited: Gateway) -> None:
+    with limited.client() as c:
+        with pytest.raises(gpu_magic.GatewayError) as info:
+            submit(c, "1", "H100:2")
+        assert info.value.status == 429 and "1 GPU(s)" in str(info.value)
+        first = submit(c, "import time\ntime.sleep(30)", "H100", background=True)
+        try:
+            with pytest.raises(gpu_magic.GatewayError) as info:
+                submit(c, "1", "H100")
+            assert info.value.status == 429
+            assert str(info.value) == (
+                "you have 1 jobs queued or running; this gateway allows 1 per user. Wait for one "
+                "to finish or cancel one (%gpu jobs, %gpu cancel ID).")
+        finally:
+            c.cancel(first["id"])
+            finish(c, first["id"])
+
+
+def test_cell_too_large_is_refused(gateway: Gateway) -> None:
+    with gateway.client() as c:
+        with pytest.raises(gpu_magic.GatewayError) as info:
+            submit(c, "x = 1\n" + "#" * 1_000_000, "H100")
+    assert info.value.status == 413 and "takes at most 1000000" in str(info.value)
+
+
+class _Marker:
+    """Unpickling this appends who unpickled it to a file: the gateway must never do so."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        code = (f"import os; open({self.path!r}, 'a').write("
+                "f\"{os.getpid()} {'GPU_MAGIC_JOB_ID' in os.environ}\\n\")")
+        return (exec, (code,))
+
+
+def test_gateway_never_unpickles_user_data(gateway: Gateway, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled-by"
+    with gateway.client() as c:
+        job = submit(c, "y = 1", "H100", values={"x": _Marker(str(marker))}, outputs=["y"])
+        assert finish(c, job["id"])["state"] == "succeeded"
+    lines = marker.read_text().splitlines()
+    assert lines, "the runner should have unpickled the input"
+    assert all(line.endswith(" True") for line in lines)  # only inside a runner
+    assert str(gateway.proc.pid) not in {line.split()[0] for line in lines}
+
+
+def _tokens(path: Path, **users: Any) -> dict[str, str]:
+    tokens = {u: secrets.token_urlsafe(32) for u in users}
+    path.write_text(json.dumps({u: ({"token": t, **users[u]} if users[u] else t)
+                                for u, t in tokens.items()}))
+    path.chmod(0o600)
+    return tokens
+
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
+                                 reason="needs bubblewrap (make test installs it)")
+
+
+@needs_bwrap
+def test_shared_gateway_isolates_runners(tmp_path: Path) -> None:
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file))
+    try:
+        bob = GatewayClient(gw.url, tokens["bob"])
+        alice = GatewayClient(gw.url, tokens["alice"])
+        secret = np.frombuffer(os.urandom(100_000), np.uint8)  # out of band: its own blob
+        ns: dict[str, Any] = {"__name__": "__main__", "bobs": secret}
+        gpu_magic.run("bobs_result = bobs[:10]", "H100", ns, client=bob, quiet=True)
+        bob_blob = gpu_magic._payload.digest(secret.data).replace(":", "-")
+        state = gw.state_dir
+        probe = f"""
+import os
+seen = {{}}
+for name, path in {{
+    "tokens file": {str(tokens_file)!r},
+    "gateway database": {str(state / "gateway.sqlite3")!r},
+    "bob's blob": {str(state / "blobs" / "bob" / bob_blob)!r},
+    "bob's jobs": {str(state / "jobs")!r},
+}}.items():
+    try:
+        if os.path.isdir(path):
+            seen[name] = os.listdir(path)
+        else:
+            with open(path, "rb") as f:
+                seen[name] = len(f.read())
+    except OSError as exc:
+        seen[name] = type(exc).__name__
+mine = len(own)
+seen
+"""
+        own = np.frombuffer(os.urandom(100_000), np.uint8)
+        space: dict[str, Any] = {"__name__": "__main__", "own": own}
+        seen = gpu_magic.run(probe, "H100", space, client=alice, quiet=True)
+        assert space["mine"] == len(own)  # its own inputs are there
+        assert seen["tokens file"] == 0  # an empty stand-in
+        assert seen["gateway database"] == "FileNotFoundError"
+        assert seen["bob's blob"] == "FileNotFoundError"
+        # the jobs folder shows alice's own job at most, never bob's
+        alice_jobs = {j["id"] for j in alice.jobs()}
+        listed = seen["bob's jobs"]
+        assert listed == "FileNotFoundError" or set(listed) <= alice_jobs
+        assert not {j["id"] for j in bob.jobs()} & set(listed if isinstance(listed, list) else [])
+        bob.close()
+        alice.close()
+    finally:
+        gw.stop()
+
+
+def test_shared_gateway_without_isolation_refuses_to_start(tmp_path: Path) -> None:
+    tokens_file = tmp_path / "tokens.json"
+    _tokens(tokens_file, alice={}, bob={})
+    with pytest.raises(RuntimeError, match="serves 2 users but would run their cells without "
+                                           "isolation"):
+        start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--isolation", "none")
+
+
+def test_non_loopback_bind_needs_tokens_file_and_tls(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="with a single owner token"):
+        start_gateway(tmp_path, "--host", "0.0.0.0")
+    tokens_file = tmp_path / "tokens.json"
+    _tokens(tokens_file, alice={})
+    with pytest.raises(RuntimeError, match="without TLS"):
+        start_gateway(tmp_path, "--host", "0.0.0.0", "--tokens-file", str(tokens_file))
+
+
+def test_admin_sets_per_user_limits(tmp_path: Path) -> None:
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, teacher={"admin": True}, student={"max_jobs": 5})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--isolation", "none",
+                       "--force")
+    try:
+        student = {"Authorization": f"Bearer {tokens['student']}"}
+        teacher = {"Authorization": f"Bearer {tokens['teacher']}"}
+        assert httpx.get(gw.url + "/v1/limits", headers=student).json()["limits"]["max_jobs"] == 5
+        resp = httpx.put(gw.url + "/v1/limits/student", json={"max_jobs": 0}, headers=student)
+        assert resp.status_code == 403
+        resp = httpx.put(gw.url + "/v1/limits/student", json={"max_jobs": 0}, headers=teacher)
+        assert resp.status_code == 200
+        with GatewayClient(gw.url, tokens["student"]) as c:
+            with pytest.raises(gpu_magic.GatewayError) as info:
+                submit(c, "1", "H100")
+        assert info.value.status == 429
+    finally:
+        gw.stop()
+
+
+def test_token_files_are_private(gateway: Gateway) -> None:
+    assert (gateway.state_dir / "token").stat().st_mode & 0o777 == 0o600
+    assert gateway.runtime_file.stat().st_mode & 0o777 == 0o600
+    assert gateway.state_dir.stat().st_mode & 0o777 == 0o700
+    assert len(gateway.token) >= 22
+
