@@ -215,7 +215,7 @@ seen
         space: dict[str, Any] = {"__name__": "__main__", "own": own}
         seen = gpu_magic.run(probe, "H100", space, client=alice, quiet=True)
         assert space["mine"] == len(own)  # its own inputs are there
-        assert seen["tokens file"] == 0  # an empty stand-in
+        assert seen["tokens file"] in (0, "PermissionError")  # an unreadable stand-in
         assert seen["gateway database"] == "FileNotFoundError"
         assert seen["bob's blob"] == "FileNotFoundError"
         # the jobs folder shows alice's own job at most, never bob's
