@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,7 +43,8 @@ class Gateway:
 
 
 def start_gateway(tmp: Path, *extra: str, simulate: str | None = SIM_POOL,
-                  state_dir: Path | None = None, env: dict[str, str] | None = None) -> Gateway:
+                  state_dir: Path | None = None, env: dict[str, str] | None = None,
+                  preexec_fn: Any = None) -> Gateway:
     """Start ``gpu-magic serve`` on a free loopback port and wait until it listens."""
     state = state_dir or tmp / "state"
     runtime = tmp / f"runtime-{time.monotonic_ns()}.json"
@@ -51,7 +53,8 @@ def start_gateway(tmp: Path, *extra: str, simulate: str | None = SIM_POOL,
     if simulate:
         cmd += ["--simulate", simulate]
     with open(tmp / "gateway.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **(env or {})},
+                                preexec_fn=preexec_fn)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if runtime.exists():

@@ -1,0 +1,257 @@
+"""Reliability: crashes on purpose. Runners killed, a gateway restarted under a client, event
+streams cut by a proxy, a client killed mid-job, a full disk, and retention."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import gpu_magic
+from gpu_magic import RunnerLost
+from gpu_magic._api import attach
+from gpu_magic._client import GatewayClient
+from gpu_magic._payload import pack_inputs
+
+from .conftest import Gateway, start_gateway, wait_for
+from .test_gateway_http import all_free, finish, submit
+
+DEADLINE = 60.0
+
+
+def ns() -> dict[str, Any]:
+    return {"__name__": "__main__"}
+
+
+@pytest.fixture(scope="module")
+def one_gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("one"), simulate="T4:1")
+    yield gw
+    gw.stop()
+
+
+def test_killed_runner_frees_its_gpu_for_the_next_job(one_gpu: Gateway) -> None:
+    with one_gpu.client() as c:
+        victim = submit(c, "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)",
+                        "T4", background=True)
+        waiting = submit(c, "x = 'ran'", "T4", background=True, outputs=["x"])
+        pid = None
+        for ev in c.events(victim["id"]):
+            if ev["type"] == "stdout":
+                pid = int(ev["text"].split()[0])
+                break
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        lost = finish(c, victim["id"])
+        assert lost["state"] == "lost" and "killed by signal SIGKILL" in lost["message"]
+        assert finish(c, waiting["id"])["state"] == "succeeded"
+        wait_for(lambda: all_free(c), DEADLINE)
+
+
+def test_runner_that_cannot_start_is_a_clear_error(one_gpu: Gateway) -> None:
+    with one_gpu.client() as c:
+        job = submit(c, "1", "T4", python="/nonexistent/python3")
+        done = finish(c, job["id"])
+    assert done["state"] == "failed"
+    assert done["message"].startswith("the runner could not be started: ")
+    assert "/nonexistent/python3" in done["message"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
+    port = _free_port()
+    state = tmp_path / "state"
+    gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
+    outcome: dict[str, Any] = {}
+    client = GatewayClient(gw.url, gw.token)
+
+    def follow() -> None:
+        try:
+            gpu_magic.run("import time\nprint('working', flush=True)\ntime.sleep(60)", "H100",
+                          ns(), client=client, quiet=True)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    t = threading.Thread(target=follow)
+    t.start()
+    try:
+        wait_for(lambda: any(j["state"] == "running" for j in client.jobs()), DEADLINE)
+        gw.stop()
+        gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
+        client.token = gw.token
+        client.reset()
+        t.join(DEADLINE)
+        assert not t.is_alive(), "the client hung after the gateway restarted"
+        err = outcome["error"]
+        assert isinstance(err, RunnerLost)
+        assert "the gateway restarted while this job was running" in str(err)
+    finally:
+        client.close()
+        gw.stop()
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that cuts every connection after passing ``budget`` bytes back."""
+
+    def __init__(self, target: tuple[str, int], budget: int) -> None:
+        self.target, self.budget = target, budget
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.cuts = 0
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(conn, up, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, conn, self.budget), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, budget: int | None) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if budget is not None and sent + len(data) > budget:
+                    dst.sendall(data[: budget - sent])
+                    self.cuts += 1
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+def test_cut_event_streams_resume_without_losing_or_repeating_a_line(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host, port = gateway.url.rsplit("//", 1)[1].split(":")
+    proxy = CuttingProxy((host, int(port)), budget=6000)
+    try:
+        with GatewayClient(f"http://127.0.0.1:{proxy.port}", gateway.token) as c:
+            gpu_magic.run(textwrap.dedent("""
+                import sys, time
+                for i in range(2000):
+                    print(f"line {i}")
+                    if i % 200 == 0:
+                        sys.stdout.flush(); time.sleep(0.05)
+            """), "H100", ns(), client=c, quiet=True)
+        out = capsys.readouterr().out.splitlines()
+        assert out == [f"line {i}" for i in range(2000)]
+        assert proxy.cuts >= 3  # the stream really was cut, several times
+    finally:
+        proxy.close()
+
+
+def test_killed_client_does_not_lose_the_job(gateway: Gateway, tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    source = "import time\nprint('go', flush=True)\ntime.sleep(3)\nanswer = 42\nanswer"
+    script.write_text(
+        "import gpu_magic\n"
+        "from gpu_magic._client import GatewayClient\n"
+        f"c = GatewayClient({gateway.url!r}, {gateway.token!r})\n"
+        f"gpu_magic.run({source!r}, 'A100-80GB', {{'__name__': '__main__'}}, client=c, quiet=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    with gateway.client() as c:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "go"
+            proc.kill()
+        finally:
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        job = next(j for j in c.jobs() if "answer = 42" in j["source"])
+        assert finish(c, job["id"])["state"] == "succeeded"
+        space = ns()
+        assert attach(job["id"], space, client=c, quiet=True) == 42 and space["answer"] == 42
+        wait_for(lambda: all_free(c), DEADLINE)
+
+
+def test_full_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path: Path) -> None:
+    limit = 1 << 20
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    gw = start_gateway(tmp_path, preexec_fn=small_files)
+    try:
+        data = np.frombuffer(os.urandom(2 * limit), np.uint8)
+        digest = gpu_magic._payload.digest(data.data)
+        resp = httpx.put(f"{gw.url}/v1/blobs/{digest}", content=data.tobytes(),
+                         headers={"Authorization": f"Bearer {gw.token}"})
+        assert resp.status_code == 507
+        assert resp.json()["message"].startswith("the gateway cannot store the blob: ")
+        blobs = gw.state_dir / "blobs"
+        assert not [p for p in blobs.rglob("*") if p.is_file()]  # no partial file left
+        with gw.client() as c:
+            assert c.missing([digest]) == [digest]
+            with pytest.raises(gpu_magic.GatewayError, match="cannot store the blob"):
+                gpu_magic.run("x.sum()", "H100", {"x": data}, client=c, quiet=True)
+            assert c.jobs() == []  # nothing was submitted
+    finally:
+        gw.stop()
+
+
+def test_retention_removes_old_jobs_and_blobs_but_not_live_ones(tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path, "--retention", "2")
+    try:
+        with gw.client() as c:
+            arr = np.arange(100_000)
+            space: dict[str, Any] = {"__name__": "__main__", "arr": arr}
+            gpu_magic.run("total = int(arr.sum())", "H100", space, client=c, quiet=True)
+            old = c.jobs()[0]["id"]
+            keep = {"keep": np.ones(100_000)}
+            live = submit(c, "import time\ntime.sleep(30)", "H100", background=True,
+                          values=keep)
+            wait_for(lambda: old not in {j["id"] for j in c.jobs()}, DEADLINE)
+            with pytest.raises(gpu_magic.GatewayError):
+                c.job(old)
+            digest = gpu_magic._payload.digest(arr.data)
+            wait_for(lambda: c.missing([digest]) == [digest], DEADLINE)
+            # the running job and its inputs are untouched
+            assert c.job(live["id"])["state"] == "running"
+            needed = list(pack_inputs(keep, None, None).blobs())
+            time.sleep(3)  # past the retention period: the live job's blobs must still be there
+            assert c.missing(needed) == []
+            c.cancel(live["id"])
+            finish(c, live["id"])
+    finally:
+        gw.stop()
