@@ -10,11 +10,14 @@ import ipaddress
 import json
 import platform
 from importlib import metadata
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from .auth import Authenticator, User
@@ -27,8 +30,9 @@ _PACKAGES = ("cloudpickle", "ipython", "numpy", "torch", "gpu-magic")
 
 
 class InputsModel(BaseModel):
-    pickle: str
-    buffers: list[str] = Field(default_factory=list, max_length=100_000)
+    pickle: Annotated[str, Field(pattern=r"^xxh3-128:[0-9a-f]{32}$")]
+    buffers: list[Annotated[str, Field(pattern=r"^xxh3-128:[0-9a-f]{32}$")]] = Field(
+        default_factory=list, max_length=100_000)
 
 
 class OptionModel(BaseModel):
@@ -64,12 +68,40 @@ class JobSubmit(BaseModel):
 
 
 class LimitsModel(BaseModel):
-    max_jobs: int | None = Field(default=None, ge=0)
-    max_gpus: int | None = Field(default=None, ge=0)
+    max_jobs: StrictInt | None = Field(default=None, ge=0)
+    max_gpus: StrictInt | None = Field(default=None, ge=0)
+
+
+class ErrorModel(BaseModel):
+    """Every error answer: a code to branch on and a message that says what to do."""
+
+    error: str
+    message: str
+
+
+_WHY = {
+    400: "malformed value (a digest that is not one, content that does not match its digest)",
+    401: "missing or wrong token",
+    403: "not allowed (foreign Host or Origin, or an admin-only route)",
+    404: "no such job or blob of yours",
+    409: "the job names input blobs the gateway does not hold (listed in 'missing')",
+    413: "larger than this gateway's limit",
+    422: "invalid request, a bad GPU spec, or no option this pool could ever grant",
+    429: "over your limit of jobs or GPUs",
+    507: "the gateway cannot store it (disk full or not writable)",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorModel, "description": _WHY[c]} for c in (401, 403, *codes)}
+
+
+DIGEST_PATTERN = r"^xxh3-128:[0-9a-f]{32}$"
+Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
 
 
 class MissingRequest(BaseModel):
-    digests: list[str] = Field(max_length=100_000)
+    digests: list[Digest] = Field(max_length=100_000)
 
 
 def _versions() -> dict[str, str]:
@@ -94,6 +126,24 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (an unparsable body, ...) in our one error shape
+        return JSONResponse({"error": "bad_request" if exc.status_code == 400 else "http_error",
+                             "message": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+            + (f" (got {str(e['input'])[:100]!r})" if isinstance(e.get("input"), (str, int, float))
+               else "")
+            for e in exc.errors()
+        )
+        return JSONResponse({"error": "invalid_request", "message": f"invalid request: {problems}",
+                             "detail": jsonable_encoder(exc.errors())}, status_code=422)
 
     @app.exception_handler(BlobError)
     async def _blob_error(_request: Request, exc: BlobError) -> JSONResponse:
@@ -120,23 +170,25 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             "client_python": bool(getattr(gateway.backend, "client_python", False)),
         }
 
-    @app.get("/v1/pool")
+    @app.get("/v1/pool", responses=_errors())
     async def pool(u: User = Depends(user)) -> dict[str, Any]:
         return gateway.pool()
 
-    @app.post("/v1/blobs/missing")
+    @app.post("/v1/blobs/missing", responses=_errors(400, 413, 422))
     async def blobs_missing(body: MissingRequest, u: User = Depends(user)) -> dict[str, Any]:
         return {"missing": gateway.blobs.missing(u.name, body.digests)}
 
-    @app.put("/v1/blobs/{digest}")
-    async def put_blob(digest: str, request: Request, u: User = Depends(user)) -> dict[str, Any]:
+    @app.put("/v1/blobs/{digest}", responses=_errors(400, 413, 507))
+    async def put_blob(request: Request, digest: str = Path(pattern=DIGEST_PATTERN),
+                       u: User = Depends(user)) -> dict[str, Any]:
         gateway.blobs.path(u.name, digest)  # validates the digest before reading the body
         size = await gateway.blobs.put_stream(u.name, digest, request.stream(),
                                               max_bytes=gateway.limits_for(u).max_blob_bytes)
         return {"digest": digest, "size": size}
 
-    @app.get("/v1/blobs/{digest}")
-    async def get_blob(digest: str, u: User = Depends(user)) -> StreamingResponse:
+    @app.get("/v1/blobs/{digest}", responses=_errors(400, 404))
+    async def get_blob(digest: str = Path(pattern=DIGEST_PATTERN),
+                       u: User = Depends(user)) -> StreamingResponse:
         path = gateway.blobs.path(u.name, digest)
         if not path.exists():
             raise ApiError(404, "no_such_blob", f"this gateway holds no blob {digest} of yours")
@@ -144,7 +196,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
                                  media_type="application/octet-stream",
                                  headers={"Content-Length": str(path.stat().st_size)})
 
-    @app.get("/v1/limits")
+    @app.get("/v1/limits", responses=_errors())
     async def get_limits(u: User = Depends(user)) -> dict[str, Any]:
         """The caller's own limits; an admin also sees the per-user overrides."""
         mine = gateway.limits_for(u)
@@ -153,7 +205,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             out["overrides"] = gateway.user_limits
         return out
 
-    @app.put("/v1/limits/{name}")
+    @app.put("/v1/limits/{name}", responses=_errors(400, 413, 422))
     async def set_limits(name: str, body: LimitsModel, u: User = Depends(user)) -> dict[str, Any]:
         """An admin (instructor) sets one user's limits on jobs and GPUs at once."""
         if not u.admin:
@@ -161,24 +213,25 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         gateway.user_limits[name] = {k: v for k, v in body.model_dump().items() if v is not None}
         return {"user": name, "overrides": gateway.user_limits[name]}
 
-    @app.post("/v1/jobs", status_code=201)
+    @app.post("/v1/jobs", status_code=201, responses=_errors(400, 409, 413, 422, 429, 507))
     async def submit(body: JobSubmit, u: User = Depends(user)) -> dict[str, Any]:
         job = gateway.submit(u, body.model_dump())
         return gateway._record(job)
 
-    @app.get("/v1/jobs")
+    @app.get("/v1/jobs", responses=_errors(422))
     async def list_jobs(all: bool = Query(default=False), u: User = Depends(user)) -> dict[str, Any]:
         return {"jobs": gateway.jobs_of(u, everyone=all)}
 
-    @app.get("/v1/jobs/{job_id}")
+    @app.get("/v1/jobs/{job_id}", responses=_errors(404))
     async def get_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:
         return gateway._record(gateway.job_for(u, job_id))
 
-    @app.delete("/v1/jobs/{job_id}")
+    @app.delete("/v1/jobs/{job_id}", responses=_errors(404))
     async def cancel_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:
         return gateway._record(gateway.cancel(u, job_id))
 
-    @app.get("/v1/jobs/{job_id}/events")
+    @app.get("/v1/jobs/{job_id}/events", responses=_errors(404, 422),
+             response_class=StreamingResponse)
     async def job_events(
         job_id: str,
         after: int = Query(default=0, ge=0),
@@ -258,9 +311,31 @@ class _AuthMiddleware:
             await _refuse(send, 413, "too_large",
                           f"the {what} is {human(size)}; this gateway takes at most {human(cap)}")
             return
+        allowed = self._methods_for(scope["path"])
+        if allowed and scope["method"] not in allowed:
+            # Starlette would list only the methods of the first route matching the path
+            body = json.dumps({"error": "method_not_allowed",
+                               "message": f"{scope['method']} is not allowed here; use "
+                                          f"{', '.join(allowed)}"}).encode()
+            await send({"type": "http.response.start", "status": 405,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    (b"allow", ", ".join(allowed).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
         self.gateway.touch()
         scope.setdefault("state", {})["user"] = found
         await self.app(scope, receive, send)
+
+    def _methods_for(self, path: str) -> list[str]:
+        methods: set[str] = set()
+        # a fixed path (/v1/blobs/missing) wins over a template that also matches it
+        exact = [r for r in self.routes if getattr(r, "path", None) == path]
+        for route in exact or self.routes:
+            regex = getattr(route, "path_regex", None)
+            if regex is not None and regex.match(path) and getattr(route, "methods", None):
+                methods |= set(route.methods)
+        return sorted(methods)
 
 
 def _loopback_name(host: str) -> bool:
