@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
     s.add_argument("--retention", type=float, default=7 * 24 * 3600.0,
                    help="seconds to keep finished jobs, their output and unused blobs (7 days)")
+    s.add_argument("--keep-warm", type=float, default=300.0,
+                   help="seconds a finished runner waits for the next cell of the same user, "
+                        "interpreter and GPUs (0: fork a fresh one from a warm zygote each time)")
+    s.add_argument("--cold", action="store_true",
+                   help="no warm runners: start a fresh interpreter for every job")
     s.add_argument("--max-jobs-per-user", type=int, default=None)
     s.add_argument("--max-gpus-per-user", type=int, default=None)
     s.add_argument("--max-blob-bytes", type=int, default=None)
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             client_python=not args.gateway_python, force=args.force,
             isolation=args.isolation, certfile=args.certfile,
             keyfile=args.keyfile, retention=args.retention,
+            keep_warm=None if args.cold else args.keep_warm,
             max_jobs_per_user=args.max_jobs_per_user, max_gpus_per_user=args.max_gpus_per_user,
             max_blob_bytes=args.max_blob_bytes, max_job_bytes=args.max_job_bytes,
         )

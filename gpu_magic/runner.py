@@ -33,16 +33,30 @@ _MARKER = b"\x00gpu-magic-drain\x00"
 
 
 class _Emitter:
-    """Writes events, one JSON object per line, to the gateway's pipe."""
+    """Writes events, one JSON object per line, to the gateway's pipe (one pipe per job)."""
 
-    def __init__(self, fd: int) -> None:
-        self._f = os.fdopen(fd, "wb", buffering=0)
+    def __init__(self, fd: int | None = None) -> None:
+        self._f: Any = None
         self._lock = threading.Lock()
+        if fd is not None:
+            self.retarget(fd)
+
+    def retarget(self, fd: int) -> None:
+        os.set_inheritable(fd, False)  # a subprocess of the cell must not hold the pipe open
+        with self._lock:
+            self._f = os.fdopen(fd, "wb", buffering=0)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._f is not None:
+                self._f.close()
+                self._f = None
 
     def emit(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, default=_json_default).encode() + b"\n"
         with self._lock:
-            self._f.write(line)
+            if self._f is not None:
+                self._f.write(line)
 
 
 def _json_default(obj: Any) -> Any:
@@ -333,108 +347,254 @@ def _pack_results(
     }
 
 
-def run_job(job_dir: Path, emitter: _Emitter) -> int:
-    manifest = json.loads((job_dir / "manifest.json").read_text())
-    out_dir = job_dir / "out"
-    out_dir.mkdir(exist_ok=True)
-    coalescer = _Coalescer(emitter)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    caps = [_FdCapture(1, "stdout", coalescer), _FdCapture(2, "stderr", coalescer)]
+class _Session:
+    """One runner process: its output capture and its InteractiveShell, reused by every job it
+    runs (keep-warm), with a clean namespace, environment, folder and sys.path for each."""
 
-    def sync() -> None:
+    def __init__(self) -> None:
+        self.emitter = _Emitter()
+        self.caps: list[_FdCapture] = []
+        self.coalescer: _Coalescer | None = None
+        self.shell: Any = None
+        self.base_env = dict(os.environ)
+        self.base_path = list(sys.path)
+        self.local_mtimes: dict[str, float] = {}
+
+    def make_shell(self) -> None:
+        if self.shell is None:
+            self.shell = _cell_shell({"__name__": "__main__"}, self.emitter, self.sync)
+
+    def attach_io(self) -> None:
+        """Capture fds 1 and 2 (threads: done after any fork, once per process)."""
+        if self.coalescer is not None:
+            return
+        self.coalescer = _Coalescer(self.emitter)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.caps = [_FdCapture(1, "stdout", self.coalescer),
+                     _FdCapture(2, "stderr", self.coalescer)]
+        sys.stdout = _Stream("stdout", 1)  # type: ignore[assignment]
+        sys.stderr = _Stream("stderr", 2)  # type: ignore[assignment]
+        sys.stdin = _NoStdin()  # type: ignore[assignment]
+        builtins.input = _no_input
+        import getpass
+
+        getpass.getpass = _no_input  # type: ignore[assignment]
+
+    def sync(self) -> None:
         """Everything written so far, sent: before a display, and at the end of the cell."""
-        for cap in caps:
+        for cap in self.caps:
             cap.drain()
-        coalescer.flush()
+        if self.coalescer is not None:
+            self.coalescer.flush()
 
-    sys.stdout = _Stream("stdout", 1)  # type: ignore[assignment]
-    sys.stderr = _Stream("stderr", 2)  # type: ignore[assignment]
-    sys.stdin = _NoStdin()  # type: ignore[assignment]
-    builtins.input = _no_input
-    import getpass
+    def _reset(self, manifest: dict[str, Any], cwd: str | None) -> None:
+        # What a reused process resets between cells: environment, folder, sys.path, random
+        # seeds, and local modules edited since they were imported. Imported packages stay.
+        os.environ.clear()
+        os.environ.update(self.base_env)
+        os.environ.update(manifest.get("env") or {})
+        os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        if cwd:
+            os.chdir(cwd)
+        # `python -m` puts its starting folder first on sys.path: for a forked or reused runner
+        # that must be this cell's folder, so modules beside the notebook import as they would
+        sys.path[:] = [os.getcwd(), *self.base_path[1:]]
+        import random
 
-    getpass.getpass = _no_input  # type: ignore[assignment]
-    os.environ.update(manifest.get("env") or {})
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        random.seed()
+        np = sys.modules.get("numpy")
+        if np is not None:
+            np.random.seed()
+        for name, mod in list(sys.modules.items()):
+            file = getattr(mod, "__file__", None)
+            if not file or name not in self.local_mtimes:
+                continue
+            try:
+                changed = os.path.getmtime(file) != self.local_mtimes[name]
+            except OSError:
+                changed = True
+            if changed:
+                del sys.modules[name]
+                del self.local_mtimes[name]
 
-    ns: dict[str, Any] = {"__name__": "__main__"}
-    inputs = manifest["inputs"]
-    buffers = [_read_blob(p) for p in inputs["buffers"]]
-    with open(inputs["pickle"], "rb") as f:
-        values = _payload.loads(f.read(), buffers, namespace=ns)
-    ns.update(values)
-    del buffers
-    before = {n: _payload.fingerprint(v, ns) for n, v in values.items()}
+    def _note_local_modules(self) -> None:
+        here = os.getcwd()
+        for name, mod in list(sys.modules.items()):
+            file = getattr(mod, "__file__", None)
+            if file and name not in self.local_mtimes and file.startswith(here + os.sep):
+                try:
+                    self.local_mtimes[name] = os.path.getmtime(file)
+                except OSError:
+                    pass
 
-    shell = _cell_shell(ns, emitter, sync)
-    result = shell.run_cell(manifest["source"], store_history=False)
-    try:
-        ctypes.CDLL(None).fflush(None)  # C stdio buffers of extensions, before draining the fds
-    except Exception:
-        pass
-    sync()
-
-    exc = result.error_before_exec or result.error_in_exec
-    if exc is not None:
-        cell_files = set(getattr(shell.compile, "_filename_map", {}) or {})
-        event: dict[str, Any] = {
-            "type": "error",
-            "ename": type(exc).__name__,
-            "evalue": str(exc),
-            "traceback": _frames(exc, cell_files),
-            "oom": _is_oom(exc),
-            "syntax": result.error_before_exec is not None,
-        }
+    def run(self, job_dir: Path, events_fd: int, cwd: str | None = None) -> int:
+        self.emitter.retarget(events_fd)
         try:
-            packed, _ = _payload.dumps(exc)
-            if not packed.buffers:
-                event["exception"] = _write_blob(out_dir, packed.pickle)
+            manifest = json.loads((job_dir / "manifest.json").read_text())
+            self._reset(manifest, cwd)
+            self.attach_io()
+            self.make_shell()
+            return self._run(job_dir, manifest)
+        except BaseException as exc:  # the runner itself failed: say so instead of dying silently
+            self.emitter.emit({
+                "type": "runner_error",
+                "ename": type(exc).__name__,
+                "evalue": str(exc),
+                "traceback": traceback.format_exc(),
+            })
+            return 3
+        finally:
+            self._note_local_modules()
+            self.emitter.emit({"type": "finished"})
+            self.emitter.close()
+
+    def _run(self, job_dir: Path, manifest: dict[str, Any]) -> int:
+        emitter, shell = self.emitter, self.shell
+        out_dir = job_dir / "out"
+        out_dir.mkdir(exist_ok=True)
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        inputs = manifest["inputs"]
+        buffers = [_read_blob(p) for p in inputs["buffers"]]
+        with open(inputs["pickle"], "rb") as f:
+            values = _payload.loads(f.read(), buffers, namespace=ns)
+        ns.update(values)
+        del buffers
+        before = {n: _payload.fingerprint(v, ns) for n, v in values.items()}
+        # a clean namespace for this cell in the (possibly reused) shell
+        shell.init_create_namespaces(None, ns)
+        shell.init_user_ns()
+        result = shell.run_cell(manifest["source"], store_history=False)
+        try:
+            ctypes.CDLL(None).fflush(None)  # C stdio buffers of extensions, before the drain
         except Exception:
             pass
+        self.sync()
+
+        exc = result.error_before_exec or result.error_in_exec
+        if exc is not None:
+            cell_files = set(getattr(shell.compile, "_filename_map", {}) or {})
+            event: dict[str, Any] = {
+                "type": "error",
+                "ename": type(exc).__name__,
+                "evalue": str(exc),
+                "traceback": _frames(exc, cell_files),
+                "oom": _is_oom(exc),
+                "syntax": result.error_before_exec is not None,
+            }
+            try:
+                packed, _ = _payload.dumps(exc)
+                if not packed.buffers:
+                    event["exception"] = _write_blob(out_dir, packed.pickle)
+            except Exception:
+                pass
+            emitter.emit(event)
+            return 0
+
+        outputs = manifest.get("outputs", [])
+        if manifest.get("no_return"):
+            names: list[str] = []
+        elif manifest.get("return_names") is not None:
+            names = [n for n in manifest["return_names"] if n in ns]
+        else:
+            names = [n for n in outputs if n in ns]
+            for n, fp in before.items():
+                if n in ns and n not in names and ns[n] is values[n]:
+                    if _payload.fingerprint(ns[n], ns) != fp:
+                        names.append(n)  # changed in place: the client must see the change
+        deleted = [n for n in manifest.get("deleted", []) if n not in ns]
+        unchanged = {
+            id(values[n]): n for n in values
+            if n in ns and ns[n] is values[n] and n not in names
+        }
+        value = result.result if manifest.get("has_value") else None
+        event = _pack_results(ns, names, value, bool(manifest.get("has_value")) and value is not None,
+                              unchanged, out_dir)
+        event["deleted"] = deleted
         emitter.emit(event)
         return 0
-
-    outputs = manifest.get("outputs", [])
-    if manifest.get("no_return"):
-        names: list[str] = []
-    elif manifest.get("return_names") is not None:
-        names = [n for n in manifest["return_names"] if n in ns]
-    else:
-        names = [n for n in outputs if n in ns]
-        for n, fp in before.items():
-            if n in ns and n not in names and ns[n] is values[n]:
-                if _payload.fingerprint(ns[n], ns) != fp:
-                    names.append(n)  # changed in place: the client must see the change
-    deleted = [n for n in manifest.get("deleted", []) if n not in ns]
-    unchanged = {
-        id(values[n]): n for n in values
-        if n in ns and ns[n] is values[n] and n not in names
-    }
-    value = result.result if manifest.get("has_value") else None
-    event = _pack_results(ns, names, value, bool(manifest.get("has_value")) and value is not None,
-                          unchanged, out_dir)
-    event["deleted"] = deleted
-    emitter.emit(event)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--zygote":
+        _zygote(int(argv[1]))
+        return 0
     if len(argv) != 2:
-        print("usage: python -m gpu_magic.runner JOB_DIR EVENTS_FD", file=sys.stderr)
+        print("usage: python -m gpu_magic.runner JOB_DIR EVENTS_FD | --zygote SOCKET_FD",
+              file=sys.stderr)
         return 2
-    emitter = _Emitter(int(argv[1]))
-    try:
-        return run_job(Path(argv[0]), emitter)
-    except BaseException as exc:  # the runner itself failed: say so instead of dying silently
-        emitter.emit({
-            "type": "runner_error",
-            "ename": type(exc).__name__,
-            "evalue": str(exc),
-            "traceback": traceback.format_exc(),
-        })
-        return 3
+    return _Session().run(Path(argv[0]), int(argv[1]))
+
+
+def _zygote(sock_fd: int) -> None:
+    """A warm parent: everything a runner needs is imported once here; each job is a fork.
+
+    Requests arrive as JSON on a Unix socket with the job's descriptors attached (a control
+    socket for later jobs of the same worker, the events pipe, the log file); the zygote answers
+    with the worker's pid and later with its exit status.
+    """
+    import socket
+
+    session = _Session()
+    session.make_shell()  # IPython and the shell, built once, shared copy-on-write
+    sock = socket.socket(fileno=sock_fd)
+    send_lock = threading.Lock()
+    children = threading.Semaphore(0)
+
+    def send(msg: dict[str, Any]) -> None:
+        with send_lock:
+            sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def reap() -> None:
+        while True:
+            children.acquire()
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                continue
+            send({"exited": pid, "status": os.waitstatus_to_exitcode(status)})
+
+    threading.Thread(target=reap, daemon=True, name="gpu-magic-reaper").start()
+    while True:
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 65536, 8)
+        if not msg:
+            os._exit(0)  # the gateway went away
+        req = json.loads(msg)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            os.setsid()
+            _worker(session, req, fds)
+            os._exit(0)
+        for fd in fds:
+            os.close(fd)
+        children.release()
+        send({"started": req["token"], "pid": pid})
+
+
+def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
+    """A forked runner: run the job, then wait (keep-warm) for more jobs of the same key."""
+    import socket
+
+    ctl_fd, events_fd, log_fd = fds
+    os.dup2(log_fd, 1)  # anything before output capture starts lands in runner.log
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    session.base_env = dict(req["env"])
+    session.run(Path(req["job_dir"]), events_fd, req.get("cwd"))
+    ctl = socket.socket(fileno=ctl_fd)
+    ctl.settimeout(float(req.get("keep_warm", 0)))
+    while True:
+        try:
+            msg, more, _flags, _addr = socket.recv_fds(ctl, 65536, 4)
+        except (TimeoutError, OSError):
+            return
+        if not msg or not more:
+            return
+        nxt = json.loads(msg)
+        session.base_env = dict(nxt["env"])
+        session.run(Path(nxt["job_dir"]), more[0], nxt.get("cwd"))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class ServeConfig:
     certfile: Path | None = None
     keyfile: Path | None = None
     retention: float = 7 * 24 * 3600.0
+    keep_warm: float | None = 300.0  # None: no warm runners at all (a fresh process per job)
     max_jobs_per_user: int | None = None
     max_gpus_per_user: int | None = None
     max_blob_bytes: int | None = None
@@ -125,7 +126,8 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
             cfg.simulate,
             # never run a client-chosen interpreter or folder for several users
             client_python=cfg.client_python and not multi,
-            isolation=isolation, state_dir=state_dir, hidden_files=hidden)
+            isolation=isolation, state_dir=state_dir, hidden_files=hidden,
+            keep_warm=cfg.keep_warm)
     elif cfg.backend == "ray":
         try:
             from .backends.ray import RayBackend

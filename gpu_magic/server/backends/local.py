@@ -20,6 +20,7 @@ from typing import Any
 
 from ..inventory import Gpu, parse_simulated, read_nvml
 from .sandbox import bwrap_command
+from .warm import WarmPool, Worker, ZygoteError
 
 # Variables of the gateway that a cell must never see.
 _SECRET_ENV = ("GPU_MAGIC_TOKEN",)
@@ -42,10 +43,24 @@ class RunSpec:
 
 @dataclass
 class Handle:
-    proc: subprocess.Popen[bytes]
+    """One running attempt: a fresh process (``proc``) or a warm worker from the pool."""
+
+    pid: int
     spec: RunSpec
+    proc: subprocess.Popen[bytes] | None = None
+    worker: Worker | None = None
     cancelled: bool = False
     threads: list[threading.Thread] = field(default_factory=list)
+
+    def wait(self, timeout: float = 10.0) -> int | None:
+        """The exit code once the process is gone (negative: killed by that signal)."""
+        if self.proc is not None:
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        assert self.worker is not None
+        return self.worker.exit_code if self.worker.exited.wait(timeout) else None
 
 
 EventCallback = Callable[[str, int, dict[str, Any]], None]
@@ -65,6 +80,7 @@ class LocalBackend:
         isolation: str = "none",
         state_dir: Path | None = None,
         hidden_files: tuple[Path, ...] = (),
+        keep_warm: float | None = 300.0,
     ) -> None:
         self.simulated = bool(simulate)
         self._gpus = parse_simulated(simulate) if simulate else read_nvml(own_pids=set())
@@ -75,21 +91,35 @@ class LocalBackend:
         self.state_dir = state_dir
         self.hidden_files = hidden_files
         self._handles: dict[tuple[str, int], Handle] = {}
+        # Warm runners (zygote + keep-warm) only without a sandbox: a fork of a zygote outside
+        # the sandbox would not be inside it. keep_warm None turns them off entirely.
+        self.warm: WarmPool | None = None
+        if keep_warm is not None and isolation == "none":
+            self.warm = WarmPool(keep_warm)
+            self.warm.prewarm(sys.executable, self._base_env())
+
+    @staticmethod
+    def _base_env() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
 
     def inventory(self) -> list[Gpu]:
         if self.simulated or not self._gpus:
             return list(self._gpus)
-        own = {h.proc.pid for h in self._handles.values()}
+        own = {h.pid for h in self._handles.values()}
         fresh = read_nvml(own_pids=own)
         return fresh or list(self._gpus)
 
     def start(self, run: RunSpec, on_event: EventCallback, on_exit: ExitCallback) -> Handle:
         run.job_dir.mkdir(parents=True, exist_ok=True)
         (run.job_dir / "manifest.json").write_text(json.dumps(run.manifest))
-        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        env = self._base_env()
         env.update(run.grant_env)
         python = run.python if (self.client_python and run.python) else sys.executable
         cwd = run.cwd if (self.client_python and run.cwd and os.path.isdir(run.cwd)) else None
+        if self.warm is not None and os.path.isfile(python):
+            handle = self._start_warm(run, env, python, cwd, on_event, on_exit)
+            if handle is not None:
+                return handle
         r, w = os.pipe()
         argv = [python, "-m", "gpu_magic.runner", str(run.job_dir), str(w)]
         if self.isolation == "bwrap":
@@ -118,7 +148,30 @@ class LocalBackend:
         finally:
             os.close(w)
             log.close()
-        handle = Handle(proc, run)
+        handle = Handle(proc.pid, run, proc=proc)
+        return self._watch(handle, r, on_event, on_exit)
+
+    def _start_warm(self, run: RunSpec, env: dict[str, str], python: str, cwd: str | None,
+                    on_event: EventCallback, on_exit: ExitCallback) -> Handle | None:
+        assert self.warm is not None
+        gpus = frozenset((g.node, g.index) for g in run.gpus)
+        key = (run.user, python, cwd, env.get("CUDA_VISIBLE_DEVICES"), gpus)
+        r, w = os.pipe()
+        log_fd = os.open(run.job_dir / "runner.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            worker = self.warm.start(key, gpus, python, env, run.job_dir,
+                                     cwd or str(run.job_dir), w, log_fd)
+        except (ZygoteError, OSError):
+            os.close(r)
+            return None  # a fresh process will do
+        finally:
+            os.close(w)
+            os.close(log_fd)
+        return self._watch(Handle(worker.pid, run, worker=worker), r, on_event, on_exit)
+
+    def _watch(self, handle: Handle, r: int, on_event: EventCallback,
+               on_exit: ExitCallback) -> Handle:
+        run = handle.spec
         self._handles[(run.job_id, run.attempt)] = handle
         t = threading.Thread(
             target=self._follow, args=(handle, r, on_event, on_exit), daemon=True,
@@ -130,15 +183,29 @@ class LocalBackend:
 
     def _follow(self, handle: Handle, fd: int, on_event: EventCallback, on_exit: ExitCallback) -> None:
         run = handle.spec
+        finished = clean = False
         with os.fdopen(fd, "rb") as f:
             for line in f:
                 try:
                     event = json.loads(line)
                 except ValueError:
                     continue  # a runner never writes anything else here; ignore noise
-                if isinstance(event, dict) and isinstance(event.get("type"), str):
-                    on_event(run.job_id, run.attempt, event)
-        rc = handle.proc.wait()
+                if not (isinstance(event, dict) and isinstance(event.get("type"), str)):
+                    continue
+                if event["type"] == "finished":
+                    finished = True
+                    continue
+                clean = clean or event["type"] in ("result", "error")
+                on_event(run.job_id, run.attempt, event)
+        if handle.worker is not None and finished and not handle.cancelled:
+            # the job ended and the worker lives on: keep it warm if it ended cleanly
+            assert self.warm is not None
+            self.warm.finished(handle.worker, reusable=clean)
+            rc: int | None = 0
+        else:
+            rc = handle.wait(timeout=30.0)
+            if handle.worker is not None and self.warm is not None:
+                self.warm.finished(handle.worker, reusable=False)
         self._handles.pop((run.job_id, run.attempt), None)
         tail = ""
         try:
@@ -150,17 +217,14 @@ class LocalBackend:
     def cancel(self, handle: Handle, grace: float = 3.0) -> None:
         """SIGTERM the runner's whole process group, then SIGKILL after ``grace`` seconds."""
         handle.cancelled = True
-        pgid = handle.proc.pid
+        pgid = handle.pid
         try:
             os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:
             return
 
         def kill_later() -> None:
-            try:
-                handle.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
+            handle.wait(timeout=grace)
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
@@ -171,4 +235,6 @@ class LocalBackend:
     def shutdown(self) -> None:
         for handle in list(self._handles.values()):
             self.cancel(handle, grace=1.0)
+        if self.warm is not None:
+            self.warm.shutdown()
 

@@ -1,0 +1,88 @@
+"""Warm runners: a zygote forks each job, and a finished runner takes the next cell of the same
+key. A reused runner must behave exactly like a fresh one: clean namespace, environment, folder,
+sys.path and random seeds, and local modules edited since their import are re-imported."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gpu_magic
+from gpu_magic._client import GatewayClient
+
+from .conftest import Gateway, start_gateway
+
+CELLS = [
+    "import os, sys, random\nos.environ['LEAK'] = 'x'\nos.chdir('/')\nsys.path.append('/nowhere')\n"
+    "random.seed(0)\nsecret = 41\nstate = (os.environ.get('LEAK'), os.getcwd() == '/')\nstate",
+    "import os, sys, random\n"
+    "seen = (os.environ.get('LEAK'), 'secret' in globals(), '/nowhere' in sys.path,\n"
+    "        random.random() == random.Random(0).random(), os.getcwd() == '/')\nseen",
+    "x = 1 + 1\nx",
+]
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("warm"), "--keep-warm", "60")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("cold"), "--cold")
+    yield gw
+    gw.stop()
+
+
+def _values(gw: Gateway, cells: list[str], spec: str = "H100") -> list[Any]:
+    with gw.client() as c:
+        return [gpu_magic.run(cell, spec, {"__name__": "__main__"}, client=c, quiet=True)
+                for cell in cells]
+
+
+def test_warm_and_cold_runs_give_the_same_results(warm: Gateway, cold: Gateway) -> None:
+    got_warm, got_cold = _values(warm, CELLS), _values(cold, CELLS)
+    assert got_warm == got_cold
+    assert got_warm[1] == (None, False, False, False, False)  # nothing leaked into cell 2
+
+
+def _pid(c: GatewayClient, spec: str) -> int:
+    return gpu_magic.run("import os\nos.getpid()", spec, {"__name__": "__main__"}, client=c,
+                         quiet=True)
+
+
+def test_runner_is_reused_for_the_same_key_only(warm: Gateway, tmp_path: Path) -> None:
+    with warm.client() as c:
+        first = _pid(c, "A100-80GB:4")
+        assert _pid(c, "A100-80GB:4") == first  # same user, interpreter and GPUs: reused
+        assert _pid(c, "H100:2") != first  # other GPUs: another runner
+
+
+def test_cold_gateway_never_reuses(cold: Gateway) -> None:
+    with cold.client() as c:
+        assert _pid(c, "H100") != _pid(c, "H100")
+
+
+def test_edited_local_module_is_imported_again(warm: Gateway, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as a notebook kernel has its folder on sys.path
+    mod = tmp_path / "helpers_for_warm.py"
+    mod.write_text("VALUE = 1\n")
+    cell = "import helpers_for_warm\nhelpers_for_warm.VALUE"
+    with warm.client() as c:
+        assert gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True) == 1
+        mod.write_text(textwrap.dedent("""
+            VALUE = 2
+        """))
+        import os
+        import time
+
+        os.utime(mod, (time.time() + 5, time.time() + 5))  # a new mtime even within one tick
+        assert gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True) == 2
