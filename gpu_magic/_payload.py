@@ -117,26 +117,41 @@ def _is_cuda_tensor(obj: Any) -> bool:
     return mod.startswith("torch") and getattr(obj, "is_cuda", False) is True
 
 
+# (base folder, module name, file) -> whether that module is a local one; resolving every
+# module's path on every cell cost ~100 ms with a few thousand modules imported
+_LOCAL_CACHE: dict[tuple[str, str, str], bool] = {}
+
+
+def _is_local(base: Path, name: str, file: str) -> bool:
+    key = (str(base), name, file)
+    hit = _LOCAL_CACHE.get(key)
+    if hit is not None:
+        return hit
+    local = False
+    try:
+        path = Path(file).resolve()
+        prefixes = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+        local = (path.is_relative_to(base)
+                 and not any(path.is_relative_to(p) for p in prefixes)
+                 and "site-packages" not in path.parts and "dist-packages" not in path.parts)
+    except (OSError, ValueError):
+        local = False
+    _LOCAL_CACHE[key] = local
+    return local
+
+
 def _local_modules(base: Path | None) -> list[types.ModuleType]:
     """User modules beside the notebook (under ``base``), which must travel by value."""
     if base is None:
         return []
     base = base.resolve()
-    prefixes = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     found: dict[str, types.ModuleType] = {}
     for name, mod in list(sys.modules.items()):
         file = getattr(mod, "__file__", None)
         if not file or name == "__main__" or not file.endswith(".py"):
             continue
-        try:
-            path = Path(file).resolve()
-        except OSError:
-            continue
-        if not path.is_relative_to(base) or any(path.is_relative_to(p) for p in prefixes):
-            continue
-        if "site-packages" in path.parts or "dist-packages" in path.parts:
-            continue
-        found[name.partition(".")[0]] = sys.modules.get(name.partition(".")[0], mod)
+        if _is_local(base, name, file):
+            found[name.partition(".")[0]] = sys.modules.get(name.partition(".")[0], mod)
     return list(found.values())
 
 
