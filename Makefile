@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check gpu_magic tests
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/run_all.py
 
 clean:
