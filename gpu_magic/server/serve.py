@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .._errors import SpecError
 from .._version import __version__
 from .api import create_app
 from .auth import Authenticator, TokensFileError, load_tokens_file, owner_token, write_private
@@ -151,7 +152,7 @@ def serve(cfg: ServeConfig) -> int:
 
     try:
         gateway, auth, token_path = build(cfg)
-    except ServeError as exc:
+    except (ServeError, SpecError) as exc:
         print(f"gpu-magic serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(gateway, auth, loopback_only=_is_loopback(cfg.host))

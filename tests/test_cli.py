@@ -1,0 +1,54 @@
+"""The gpu-magic command: pool and jobs tables against a real gateway, serve's refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gpu_magic
+
+from .conftest import Gateway
+
+
+def gm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gpu_magic", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_pool_table(gateway: Gateway) -> None:
+    out = gm("pool", "--url", gateway.url, "--token", gateway.token)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("simulated pool · backend local")
+    assert lines[1].split() == ["type", "free", "total", "memory", "nodes"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:]}
+    assert rows["H100"][2] == "2" and rows["A100-80GB"][2] == "4"
+
+
+def test_jobs_table_lists_my_jobs(gateway: Gateway) -> None:
+    with gateway.client() as c:
+        gpu_magic.run("v = 1", "A100-80GB:2", {"__name__": "__main__"}, client=c, quiet=True)
+        newest = max(c.jobs(), key=lambda j: j["created"])
+    out = gm("jobs", "--url", gateway.url, "--token", gateway.token)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith(newest["id"]))
+    assert "succeeded" in line and "A100-80GB ×2" in line and "simulated" in line
+
+
+def test_wrong_token_is_a_clear_error(gateway: Gateway) -> None:
+    out = gm("pool", "--url", gateway.url, "--token", "w" * 43)
+    assert out.returncode == 1
+    assert "refused our token" in out.stderr and "GPU_MAGIC_TOKEN" in out.stderr
+
+
+def test_unreachable_gateway_is_a_clear_error() -> None:
+    out = gm("pool", "--url", "http://127.0.0.1:9", "--token", "x" * 43)
+    assert out.returncode == 1
+    assert "cannot reach the gpu_magic gateway at http://127.0.0.1:9" in out.stderr
+
+
+def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
+    out = gm("serve", "--port", "0", "--simulate", "H100:0", "--state-dir", str(tmp_path))
+    assert out.returncode != 0
+    assert "'H100:0' in the simulated pool asks for 0 GPUs" in out.stderr
+    assert "Traceback" not in out.stderr
