@@ -221,7 +221,8 @@ def test_full_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path: Path) 
         assert resp.json()["message"].startswith("the gateway cannot store the blob: ")
         blobs = gw.state_dir / "blobs"
         assert not [p for p in blobs.rglob("*") if p.is_file()]  # no partial file left
-        with gw.client() as c:
+        # over HTTP: the same-host path would write the file from this (unlimited) process
+        with GatewayClient(gw.url, gw.token, same_host=False) as c:
             assert c.missing([digest]) == [digest]
             with pytest.raises(gpu_magic.GatewayError, match="cannot store the blob"):
                 gpu_magic.run("x.sum()", "H100", {"x": data}, client=c, quiet=True)

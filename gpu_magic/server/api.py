@@ -6,9 +6,11 @@ downloads and cancels only their own jobs and blobs (someone else's answer 404, 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import platform
+import socket
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -100,6 +102,11 @@ DIGEST_PATTERN = r"^xxh3-128:[0-9a-f]{32}$"
 Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
 
 
+class AdoptRequest(BaseModel):
+    digest: Digest
+    name: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+
 class MissingRequest(BaseModel):
     digests: list[Digest] = Field(max_length=100_000)
 
@@ -185,6 +192,28 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         size = await gateway.blobs.put_stream(u.name, digest, request.stream(),
                                               max_bytes=gateway.limits_for(u).max_blob_bytes)
         return {"digest": digest, "size": size}
+
+    @app.get("/v1/local", responses=_errors(404))
+    async def local(u: User = Depends(user)) -> dict[str, Any]:
+        """For a client on this host of a single-user gateway: where to hand blobs over as files
+        instead of HTTP bodies (the same-host path)."""
+        if not same_host_ok():
+            raise ApiError(404, "no_local_path", "this gateway offers no same-host path")
+        inbox = gateway.blobs.inbox(u.name)
+        return {"host": socket.gethostname(), "inbox": str(inbox),
+                "store": str(gateway.blobs.user_dir(u.name))}
+
+    @app.post("/v1/blobs/adopt", responses=_errors(400, 404, 422, 507))
+    async def adopt(body: AdoptRequest, u: User = Depends(user)) -> dict[str, Any]:
+        """Take a blob the client wrote into its inbox; its content is verified like an upload."""
+        if not same_host_ok():
+            raise ApiError(404, "no_local_path", "this gateway offers no same-host path")
+        size = await asyncio.to_thread(gateway.blobs.adopt_inbox, u.name, body.name, body.digest)
+        return {"digest": body.digest, "size": size}
+
+    def same_host_ok() -> bool:
+        # only where every caller is the gateway's own user: the files are theirs anyway
+        return gateway.backend.name == "local" and len(auth.users()) == 1
 
     @app.get("/v1/blobs/{digest}", responses=_errors(400, 404))
     async def get_blob(digest: str = Path(pattern=DIGEST_PATTERN),

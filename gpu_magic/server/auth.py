@@ -104,6 +104,9 @@ class Authenticator:
     def replace(self, tokens: dict[str, User]) -> None:
         self._tokens = dict(tokens)
 
+    def users(self) -> set[str]:
+        return {u.name for u in self._tokens.values()}
+
     def user_for(self, header: str | None) -> User | None:
         if not header or not header.startswith("Bearer "):
             return None
