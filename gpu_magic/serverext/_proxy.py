@@ -1,0 +1,180 @@
+"""Which gateway the sidebar shows, and forwarding a request to it.
+
+The gateway is found the way the magic finds it: ``GpuMagicProxy.url``/``.token`` in Jupyter's
+config, else ``GPU_MAGIC_URL``/``GPU_MAGIC_TOKEN`` in the server's environment, else this user's
+local gateway from its runtime file. The local gateway is started here only when
+``GPU_MAGIC_SIMULATE`` is set (a simulated pool costs nothing); otherwise the first ``%%gpu``
+cell starts it, and until then the panel says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from traitlets import Float, Unicode
+from traitlets.config import LoggingConfigurable
+
+NO_GATEWAY_ADVICE = (
+    "The first %%gpu cell of a notebook starts this user's local gateway (set "
+    "GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4' before starting JupyterLab to try a simulated pool "
+    "without GPUs). To use a shared GPU pool, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN before "
+    "starting JupyterLab."
+)
+
+
+class ProxyError(Exception):
+    """An answer for the browser: ``{"error": code, "message": advice}`` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    token: str | None
+    source: str  # how it was chosen, shown in the panel
+
+
+class GpuMagicProxy(LoggingConfigurable):
+    """Forwards the sidebar's requests to the gpu_magic gateway, adding its token."""
+
+    url = Unicode("", help="URL of the gateway (default: GPU_MAGIC_URL, else the user's local "
+                  "gateway)").tag(config=True)
+    token = Unicode("", help="token for the gateway (default: GPU_MAGIC_TOKEN)").tag(config=True)
+    timeout = Float(10.0, help="seconds to wait for the gateway's answer").tag(config=True)
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._starting: asyncio.Lock | None = None
+
+    def describe(self) -> str:
+        if self.url:
+            return self.url
+        env = os.environ.get("GPU_MAGIC_URL")
+        if env:
+            return f"{env} (GPU_MAGIC_URL)"
+        sim = os.environ.get("GPU_MAGIC_SIMULATE")
+        return f"the local gateway{f', simulated {sim}' if sim else ''}"
+
+    # --- which gateway ---
+
+    async def target(self) -> Target:
+        """The gateway to ask, or a ProxyError with advice when there is none."""
+        if self.url:
+            return Target(self.url.rstrip("/"), self.token or os.environ.get("GPU_MAGIC_TOKEN"),
+                          "GpuMagicProxy.url")
+        url = os.environ.get("GPU_MAGIC_URL")
+        if url:
+            token = os.environ.get("GPU_MAGIC_TOKEN")
+            if not token:
+                raise ProxyError(503, "no_token",
+                                 f"GPU_MAGIC_URL is {url} but GPU_MAGIC_TOKEN is not set in "
+                                 "JupyterLab's environment: set both before starting JupyterLab.")
+            return Target(url.rstrip("/"), token, "GPU_MAGIC_URL")
+        info = _local_runtime_info()
+        if info is not None:
+            return Target(str(info["url"]), info.get("token"), "local gateway")
+        simulate = os.environ.get("GPU_MAGIC_SIMULATE")
+        if simulate:
+            return Target(*(await self._start_simulated(simulate)), "local gateway (simulated)")
+        raise ProxyError(503, "no_gateway",
+                         f"No gpu_magic gateway is running for this user yet. {NO_GATEWAY_ADVICE}")
+
+    async def _start_simulated(self, simulate: str) -> tuple[str, str | None]:
+        from .._embedded import ensure_local_gateway
+        from .._errors import GpuMagicError
+
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:  # polls arriving meanwhile wait for the one start
+            try:
+                info = await asyncio.to_thread(ensure_local_gateway, simulate)
+            except GpuMagicError as exc:
+                raise ProxyError(503, "gateway_start_failed", str(exc))
+        return str(info["url"]), info.get("token")
+
+    # --- forwarding ---
+
+    async def request(self, method: str, path: str, params: dict[str, str] | None = None,
+                      target: Target | None = None) -> tuple[Target, int, Any]:
+        """Ask the gateway; (target, status, JSON body) or a ProxyError that says what to do."""
+        target = target or await self.target()
+        headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+        try:
+            # A client per request: the panel polls every few seconds, and a client bound to
+            # one event loop must never outlive it (tests start a server per test).
+            async with httpx.AsyncClient(base_url=target.url, timeout=self.timeout) as http:
+                resp = await http.request(method, path, params=params, headers=headers)
+        except httpx.TimeoutException:
+            raise ProxyError(504, "gateway_timeout",
+                             f"the gpu_magic gateway at {target.url} ({target.source}) did not "
+                             f"answer within {self.timeout:g} s; it may be overloaded.")
+        except httpx.HTTPError as exc:
+            raise ProxyError(503, "gateway_unreachable",
+                             f"cannot reach the gpu_magic gateway at {target.url} "
+                             f"({target.source}): {exc or type(exc).__name__}. "
+                             + _unreachable_advice(target))
+        if resp.status_code in (401, 403):
+            raise ProxyError(502, "gateway_unauthorized",
+                             f"the gpu_magic gateway at {target.url} refused the token "
+                             f"({target.source}): set the right GPU_MAGIC_TOKEN (or "
+                             "GpuMagicProxy.token) and restart JupyterLab.")
+        try:
+            body = resp.json()
+        except ValueError:
+            raise ProxyError(502, "bad_gateway",
+                             f"{target.url} answered {resp.status_code} with something other "
+                             "than JSON: is it a gpu_magic gateway?")
+        return target, resp.status_code, body
+
+    async def status(self) -> dict[str, Any]:
+        """The connection line of the panel; never an error status, it *is* the diagnosis."""
+        try:
+            target = await self.target()
+        except ProxyError as exc:
+            return {"reachable": False, "url": None, "source": None, **exc.body()}
+        try:
+            _, code, health = await self.request("GET", "/v1/health", target=target)
+        except ProxyError as exc:
+            return {"reachable": False, "url": target.url, "source": target.source, **exc.body()}
+        if code != 200 or not isinstance(health, dict):
+            return {"reachable": False, "url": target.url, "source": target.source,
+                    "error": "bad_gateway",
+                    "message": f"{target.url} answered {code} to /v1/health"}
+        return {
+            "reachable": True,
+            "url": target.url,
+            "source": target.source,
+            "version": health.get("version"),
+            "backend": health.get("backend"),
+            "simulated": bool(health.get("simulated")),
+        }
+
+
+def _local_runtime_info() -> dict[str, Any] | None:
+    """This user's local gateway from its runtime file, if its process is alive on this host."""
+    from .._embedded import _pid_alive, _read, runtime_path
+
+    info = _read(runtime_path())
+    if info is None or info.get("host") != socket.gethostname():
+        return None
+    if not _pid_alive(int(info.get("pid", 0))):
+        return None
+    return info
+
+
+def _unreachable_advice(target: Target) -> str:
+    if target.source.startswith("local"):
+        return ("The local gateway seems to have stopped (it exits after an idle hour); the next "
+                "%%gpu cell starts it again.")
+    return "Check that the gateway runs (`gpu-magic serve`) and that the URL is right."

@@ -1,0 +1,232 @@
+"""The sidebar's server extension in a real Jupyter server, against a real simulated gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.httpclient
+
+# pytest-jupyter's fixtures, for this module only: loaded as a plugin (-p), its autouse event
+# loop and server clean-up would wrap every test of the suite.
+from pytest_jupyter.jupyter_server import *  # noqa: F403
+
+from gpu_magic._api import Options, run, submit
+from gpu_magic.serverext import GpuMagicProxy
+
+from .conftest import Gateway, wait_for
+
+API = ("gpu-magic", "api")
+
+
+def fetch(jp_fetch: Any, loop: Any, *path: str, **kw: Any) -> tuple[int, Any]:
+    """One request to the server under test: (status, JSON body), errors included."""
+    try:
+        resp = loop.run_until_complete(jp_fetch(*API, *path, **kw))
+    except tornado.httpclient.HTTPClientError as exc:
+        assert exc.response is not None, exc
+        resp = exc.response
+    body = resp.body.decode() if resp.body else ""
+    return resp.code, json.loads(body) if body.startswith(("{", "[")) else body
+
+
+def _config(url: str | None = None, token: str | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {"ServerApp": {"jpserver_extensions": {"gpu_magic.serverext": True}}}
+    if url is not None:
+        config["GpuMagicProxy"] = {"url": url, "token": token or ""}
+    return config
+
+
+@pytest.fixture(autouse=True)
+def _current_loop(jp_asyncio_loop: Any) -> Iterator[None]:
+    # jupyter_core caches one loop per thread without re-installing it, and a test elsewhere
+    # that ran asyncio.run() leaves asyncio with no current loop, which tornado's fetch needs.
+    asyncio.set_event_loop(jp_asyncio_loop)
+    yield
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture(autouse=True)
+def _no_gateway_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in [k for k in os.environ if k.startswith("GPU_MAGIC_")]:
+        monkeypatch.delenv(k)
+
+
+@pytest.fixture
+def jp_server_config(gateway: Gateway) -> dict[str, Any]:
+    return _config(gateway.url, gateway.token)
+
+
+@pytest.fixture
+def api(jp_fetch: Any, jp_asyncio_loop: Any):  # type: ignore[no-untyped-def]
+    return lambda *path, **kw: fetch(jp_fetch, jp_asyncio_loop, *path, **kw)
+
+
+def _submit(gateway: Gateway, source: str, meta: dict[str, str], follow: bool = True) -> dict[str, Any]:
+    """Run (or only submit) a cell as gpu_magic.run does; the gateway's record of the job."""
+    client = gateway.client()
+    try:
+        if follow:
+            run(source, "H100", {}, client=client, quiet=True, meta=meta)
+        else:
+            submit(source, "H100", {}, Options(quiet=True, meta=meta), client=client)
+        return next(j for j in client.jobs() if j["meta"] == meta)
+    finally:
+        client.close()
+
+
+def test_status_and_pool(api: Any, gateway: Gateway) -> None:
+    code, status = api("status")
+    assert code == 200
+    assert status["reachable"] is True and status["simulated"] is True
+    assert status["url"] == gateway.url and status["source"] == "GpuMagicProxy.url"
+    assert status["version"]
+    assert "token" not in json.dumps(status).lower()
+
+    code, pool = api("pool")
+    assert code == 200 and pool["simulated"] is True
+    totals = {t["type"]: t["total"] for t in pool["types"]}
+    assert totals == {"H100": 2, "A100-80GB": 4}
+    assert {"queue_length", "running", "nodes"} <= set(pool)
+
+
+def test_jobs_with_grant_and_notebook_path(api: Any, gateway: Gateway, jp_root_dir: Path) -> None:
+    nb = jp_root_dir / "sub" / "train.ipynb"
+    meta = {"cell_id": "cell-abc", "notebook": str(nb)}
+    rec = _submit(gateway, "y = 1", meta)
+    assert rec["state"] == "succeeded"
+
+    code, body = api("jobs")
+    assert code == 200 and body["all"] is False and isinstance(body["now"], float)
+    job = next(j for j in body["jobs"] if j["id"] == rec["id"])
+    assert job["grant"]["gpu_type"] == "H100" and job["grant"]["count"] == 1
+    assert job["grant"]["simulated"] is True and job["grant"]["option_index"] == 0
+    assert job["meta"] == meta
+    assert job["notebook_path"] == "sub/train.ipynb"  # relative to Jupyter's root
+
+    code, one = api("jobs", rec["id"])
+    assert code == 200 and one["id"] == rec["id"] and one["notebook_path"] == "sub/train.ipynb"
+
+    # the owner token is an admin token: all=true passes through
+    code, body = api("jobs", params={"all": "true"})
+    assert code == 200 and body["all"] is True and any(j["id"] == rec["id"] for j in body["jobs"])
+
+    code, body = api("jobs", params={"limit": "0"})
+    assert code == 200 and all(j["state"] not in ("succeeded", "failed") for j in body["jobs"])
+
+
+def test_cancel_a_running_job(api: Any, gateway: Gateway) -> None:
+    meta = {"cell_id": "cell-sleep", "notebook": "/elsewhere/x.ipynb"}
+    rec = _submit(gateway, "import time\ntime.sleep(60)", meta, follow=False)
+    wait_for(lambda: api("jobs", rec["id"])[1]["state"] == "running", timeout=60)
+
+    code, body = api("jobs", rec["id"], method="DELETE")
+    assert code == 200 and body["id"] == rec["id"]
+    assert body["notebook_path"] is None  # outside Jupyter's root
+    final = wait_for(lambda: (lambda j: j if j["state"] == "cancelled" else None)(
+        api("jobs", rec["id"])[1]), timeout=60)
+    assert final["finished"] is not None
+
+
+def test_unknown_and_malformed_job_ids(api: Any) -> None:
+    code, body = api("jobs", "000000000000")
+    assert code == 404 and body["error"] == "no_such_job"
+    # nothing but an id reaches the gateway
+    code, _ = api("jobs", "..%2Fpool")
+    assert code == 404
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "status"), ("GET", "pool"), ("GET", "jobs"), ("GET", "jobs/abc123"),
+    ("DELETE", "jobs/abc123"),
+])
+def test_unauthenticated_requests_are_refused(api: Any, method: str, path: str) -> None:
+    code, body = api(*path.split("/"), method=method, headers={"Authorization": "token wrong"})
+    assert code == 403
+    assert "reachable" not in str(body) and "jobs" not in str(body)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gateway_down_gives_advice(api: Any, jp_serverapp: Any) -> None:
+    _proxy_of(jp_serverapp).url = f"http://127.0.0.1:{_closed_port()}"
+    code, body = api("pool")
+    assert code == 503 and body["error"] == "gateway_unreachable"
+    assert "cannot reach the gpu_magic gateway at http://127.0.0.1:" in body["message"]
+    assert "gpu-magic serve" in body["message"]
+    assert api("jobs")[0] == 503 and api("jobs", "abc", method="DELETE")[0] == 503
+
+    code, status = api("status")
+    assert code == 200 and status["reachable"] is False
+    assert status["error"] == "gateway_unreachable" and status["url"].startswith("http://127.0.0.1:")
+
+
+def test_wrong_gateway_token_is_not_a_jupyter_auth_error(
+        api: Any, gateway: Gateway, jp_serverapp: Any) -> None:
+    proxy = _proxy_of(jp_serverapp)
+    proxy.token = "x" * 30
+    code, body = api("pool")
+    assert code == 502 and body["error"] == "gateway_unauthorized"
+    assert "GPU_MAGIC_TOKEN" in body["message"] and "x" * 30 not in body["message"]
+
+
+@pytest.mark.parametrize("jp_server_config", [_config()])
+def test_nothing_configured_says_how_to_start(api: Any) -> None:
+    code, body = api("pool")
+    assert code == 503 and body["error"] == "no_gateway"
+    assert "%%gpu" in body["message"] and "GPU_MAGIC_URL" in body["message"]
+    assert "GPU_MAGIC_SIMULATE" in body["message"]
+    code, status = api("status")
+    assert code == 200 and status == {"reachable": False, "url": None, "source": None, **body}
+
+
+@pytest.mark.parametrize("jp_server_config", [_config()])
+def test_environment_and_runtime_file(api: Any, gateway: Gateway,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPU_MAGIC_URL without a token: refused with the fix
+    monkeypatch.setenv("GPU_MAGIC_URL", gateway.url)
+    code, body = api("pool")
+    assert code == 503 and body["error"] == "no_token" and "GPU_MAGIC_TOKEN" in body["message"]
+    monkeypatch.setenv("GPU_MAGIC_TOKEN", gateway.token)
+    code, status = api("status")
+    assert status["reachable"] and status["source"] == "GPU_MAGIC_URL"
+    monkeypatch.delenv("GPU_MAGIC_URL")
+    monkeypatch.delenv("GPU_MAGIC_TOKEN")
+
+    # this user's local gateway, found through its runtime file (here: the test gateway's)
+    from gpu_magic._embedded import runtime_path
+
+    path = runtime_path()
+    info = json.loads(gateway.runtime_file.read_text())
+    info["host"] = socket.gethostname()
+    path.write_text(json.dumps(info))
+    code, status = api("status")
+    assert status["reachable"] and status["source"] == "local gateway"
+    assert api("pool")[0] == 200
+
+    # a runtime file whose process is gone counts as no gateway
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.write_text(json.dumps({**info, "pid": dead.pid}))
+    assert api("pool")[1]["error"] == "no_gateway"
+
+
+def _proxy_of(serverapp: Any) -> GpuMagicProxy:
+    for rule in serverapp.web_app.default_router.rules:
+        for sub in getattr(rule.target, "rules", []):
+            proxy = (sub.target_kwargs or {}).get("proxy")
+            if isinstance(proxy, GpuMagicProxy):
+                return proxy
+    raise AssertionError("the gpu_magic handlers are not registered")
