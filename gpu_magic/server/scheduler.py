@@ -52,10 +52,27 @@ class Grant:
     passed_over: tuple[tuple[str, str], ...] = field(default=())
 
 
-def _matching(option: GpuOption, gpus: Iterable[Gpu], min_memory: float | None) -> list[Gpu]:
+class _Matcher:
+    """``option.matches(type)`` remembered per (option, type): the same few types are asked
+    about for every GPU of every queued job."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[GpuOption, str], bool] = {}
+
+    def __call__(self, option: GpuOption, gtype: str) -> bool:
+        key = (option, gtype)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = option.matches(gtype)
+        return hit
+
+
+def _matching(option: GpuOption, gpus: Iterable[Gpu], min_memory: float | None,
+              match: _Matcher | None = None) -> list[Gpu]:
+    match = match or _Matcher()
     out = []
     for g in gpus:
-        if not option.matches(g.type):
+        if not match(option, g.type):
             continue
         if min_memory is not None and (g.memory_gb or 0) <= min_memory:
             continue
@@ -66,20 +83,24 @@ def _matching(option: GpuOption, gpus: Iterable[Gpu], min_memory: float | None) 
 def feasibility(
     options: Sequence[GpuOption], gpus: Sequence[Gpu], min_memory: float | None = None
 ) -> tuple[list[int], list[tuple[str, str]]]:
-    """Which options any node could ever satisfy: (kept positions, [(option, why dropped)])."""
+    """Which options any node could ever satisfy: (kept positions, [(option, why dropped)]).
+
+    A grant is of one type on one node, so GPUs are counted per (node, type)."""
     kept: list[int] = []
     dropped: list[tuple[str, str]] = []
     for pos, opt in enumerate(options):
-        per_node: dict[str, int] = {}
+        per: dict[tuple[str, str], int] = {}
         for g in _matching(opt, gpus, min_memory):
-            per_node[g.node] = per_node.get(g.node, 0) + 1
-        if per_node and max(per_node.values()) >= opt.count:
+            per[(g.node, g.type)] = per.get((g.node, g.type), 0) + 1
+        if per and max(per.values()) >= opt.count:
             kept.append(pos)
-        elif not per_node:
+        elif not per:
             what = "GPU" if opt.type is None else f"{opt.type} GPU"
+            if min_memory is not None:
+                what += f" with more than {min_memory:g} GB"
             dropped.append((str(opt), f"this pool has no {what}"))
         else:
-            node, most = max(per_node.items(), key=lambda kv: (kv[1], kv[0]))
+            (node, _t), most = max(per.items(), key=lambda kv: (kv[1], kv[0]))
             dropped.append(
                 (str(opt), f"no node has {opt.count} of them (the most on one node is {most}, on {node})")
             )
@@ -96,31 +117,51 @@ def pool_summary(gpus: Sequence[Gpu]) -> str:
     return ", ".join(f"{t} ×{n} on {node}" for (t, node), n in sorted(counts.items()))
 
 
-def _pick(
-    option: GpuOption, free: Mapping[Key, Gpu], min_memory: float | None
-) -> tuple[str, tuple[int, ...], str] | None:
-    """The best node and GPUs for one option among the free ones, or None."""
-    by_node_type: dict[tuple[str, str], list[Gpu]] = {}
-    for g in _matching(option, free.values(), min_memory):
-        by_node_type.setdefault((g.node, g.type), []).append(g)
+class _Free:
+    """The free GPUs, grouped by (node, type), shrinking as grants are made."""
+
+    def __init__(self, gpus: Sequence[Gpu], busy: set[Key]) -> None:
+        self.groups: dict[tuple[str, str], dict[int, Gpu]] = {}
+        for g in gpus:
+            if (g.node, g.index) not in busy and not g.busy_foreign:
+                self.groups.setdefault((g.node, g.type), {})[g.index] = g
+
+    def take(self, node: str, gtype: str, indices: Iterable[int]) -> None:
+        group = self.groups[(node, gtype)]
+        for i in indices:
+            del group[i]
+
+    def keys(self) -> set[Key]:
+        return {(n, i) for (n, _t), group in self.groups.items() for i in group}
+
+
+def _pick(option: GpuOption, free: _Free, reserved: set[Key], min_memory: float | None,
+          match: _Matcher) -> tuple[str, tuple[int, ...], str, Gpu] | None:
+    """The best node and GPUs for one option among the free, unreserved ones, or None."""
     best = None
-    for (node, gtype), gs in by_node_type.items():
+    for (node, gtype), group in free.groups.items():
+        if len(group) < option.count or not match(option, gtype):
+            continue
+        gs = [g for i, g in group.items() if (node, i) not in reserved and
+              (min_memory is None or (g.memory_gb or 0) > min_memory)]
         if len(gs) < option.count:
             continue
         # preferred type first (A100: 40GB; any: least memory), then the tightest fit, so large
         # free blocks stay whole for large requests
         rank = (option.preference(gtype), len(gs), node, gtype)
         if best is None or rank < best[0]:
-            chosen = tuple(sorted(g.index for g in gs)[: option.count])
-            best = (rank, node, chosen, gtype)
+            chosen = sorted(gs, key=lambda g: g.index)[: option.count]
+            best = (rank, node, tuple(g.index for g in chosen), gtype, chosen[0])
     if best is None:
         return None
-    return best[1], best[2], best[3]
+    return best[1], best[2], best[3], best[4]
 
 
-def _why_not(option: GpuOption, gpus: Sequence[Gpu], free: Mapping[Key, Gpu], waiting: int) -> str:
-    total = len(_matching(option, gpus, None))
-    nfree = len(_matching(option, free.values(), None))
+def _why_not(option: GpuOption, gpus: Sequence[Gpu], free: _Free, reserved: set[Key],
+             waiting: int, match: _Matcher) -> str:
+    total = sum(1 for g in gpus if match(option, g.type))
+    nfree = sum(1 for (n, t), group in free.groups.items() if match(option, t)
+                for i in group if (n, i) not in reserved)
     what = "GPUs" if option.type is None else f"{option.type}"
     text = f"{nfree} of {total} {what} free"
     if option.count > 1 and nfree >= option.count:
@@ -156,46 +197,46 @@ def schedule(
     running: Mapping[str, int] | None = None,
 ) -> list[Grant]:
     """The grants to make now. ``busy``: GPUs held by running jobs; ``running``: jobs per user."""
-    busy_set = set(busy)
-    free: dict[Key, Gpu] = {
-        (g.node, g.index): g for g in gpus if (g.node, g.index) not in busy_set and not g.busy_foreign
-    }
+    gpus = list(gpus)
+    free = _Free(gpus, set(busy))
+    match = _Matcher()
     ordered = fair_order(queue, running or {})
     grants: list[Grant] = []
-    reserved: set[Key] = set()
+    reserved: set[Key] | None = None  # None until the first blocked job has reserved (maybe nothing)
     for position, req in enumerate(ordered):
-        avail = {k: g for k, g in free.items() if k not in reserved}
-        passed: list[tuple[str, str]] = []
+        held = reserved or set()
         for pos, opt in enumerate(req.options):
-            pick = _pick(opt, avail, req.min_memory_gb)
+            pick = _pick(opt, free, held, req.min_memory_gb, match)
             if pick is None:
-                passed.append((str(opt), _why_not(opt, gpus, avail, position)))
                 continue
-            node, indices, gtype = pick
-            for i in indices:
-                del free[(node, i)]
-            g0 = next(g for g in gpus if g.node == node and g.index == indices[0])
+            node, indices, gtype, g0 = pick
+            # why the earlier options were passed over, told as they were at this moment
+            passed = tuple(
+                (str(o), _why_not(o, gpus, free, held, position, match))
+                for o in req.options[:pos]
+            )
+            free.take(node, gtype, indices)
             grants.append(
                 Grant(req.job_id, req.index_of(pos), opt, node, indices, gtype, g0.memory_gb,
-                      g0.simulated, tuple(passed))
+                      g0.simulated, passed)
             )
             break
         else:
-            if not reserved:
-                reserved = _reservation(req, gpus, free)
+            if reserved is None:
+                reserved = _reservation(req, gpus, free, match)
     return grants
 
 
-def _reservation(req: Request, gpus: Sequence[Gpu], free: Mapping[Key, Gpu]) -> set[Key]:
+def _reservation(req: Request, gpus: Sequence[Gpu], free: _Free, match: _Matcher) -> set[Key]:
     """The free GPUs the first blocked job waits for: on the node of its first option that has
     the most GPUs of the type, the free ones of that type (nobody else may take them)."""
     for opt in req.options:
         per: dict[tuple[str, str], int] = {}
-        for g in _matching(opt, gpus, req.min_memory_gb):
+        for g in _matching(opt, gpus, req.min_memory_gb, match):
             per[(g.node, g.type)] = per.get((g.node, g.type), 0) + 1
         fits = [(n, nt) for nt, n in per.items() if n >= opt.count]
         if not fits:
             continue
         _, (node, gtype) = max(fits, key=lambda f: (f[0], f[1]))
-        return {k for k, g in free.items() if g.node == node and g.type == gtype}
+        return {(node, i) for i in free.groups.get((node, gtype), {})}
     return set()
