@@ -197,3 +197,18 @@ def test_rich_output_magics_and_env_work_remotely(tmp_path: Path, monkeypatch: p
     assert "s3cret" not in nb.cells[1].source
     images = [o for o in nb.cells[2].outputs if "image/png" in o.get("data", {})]
     assert images, [o.output_type for o in nb.cells[2].outputs]
+
+
+def test_connect_takes_the_token_from_the_environment_not_the_notebook(
+    gateway: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k in [k for k in os.environ if k.startswith("GPU_MAGIC_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("GPU_MAGIC_TOKEN", gateway.token)
+    nb = make_notebook("%load_ext gpu_magic", f"%gpu connect {gateway.url}", "%%gpu\n1 + 1",
+                       "%gpu status")
+    execute(nb, tmp_path)
+    assert texts(nb.cells[1], "stdout").startswith(f"connected to {gateway.url}")
+    assert texts(nb.cells[2], "execute_result") == "2"
+    assert f"gateway {gateway.url} (%gpu connect)" in texts(nb.cells[3], "stdout")
+    assert gateway.token not in json.dumps(nb)  # the token never lands in the notebook
