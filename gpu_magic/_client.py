@@ -62,13 +62,25 @@ class GatewayClient:
     # --- plumbing ---
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            resp = self._http.request(method, path, **kw)
-        except httpx.TransportError as exc:
-            raise GatewayError(
-                f"cannot reach the gpu_magic gateway at {self.url}: {exc}. Is it running? "
-                "(`gpu-magic serve`, or check GPU_MAGIC_URL)"
-            ) from None
+        factory = kw.pop("content_factory", None)
+        for attempt in (1, 2):
+            if factory is not None:
+                kw["content"] = factory()  # a fresh body for each try
+            try:
+                resp = self._http.request(method, path, **kw)
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # A pooled keep-alive connection the server had just closed: send once more on
+                # a fresh one. Every request here may be repeated safely (a job's id is chosen
+                # by the client, so a repeated submit is refused as a duplicate, not run twice).
+                if attempt == 2 or (factory is None and not _replayable(kw)):
+                    raise GatewayError(f"the gpu_magic gateway at {self.url} dropped the "
+                                       f"connection: {exc}") from None
+            except httpx.TransportError as exc:
+                raise GatewayError(
+                    f"cannot reach the gpu_magic gateway at {self.url}: {exc}. Is it running? "
+                    "(`gpu-magic serve`, or check GPU_MAGIC_URL)"
+                ) from None
         _check(resp, self.url)
         return resp
 
@@ -136,7 +148,7 @@ class GatewayClient:
             for i in range(0, view.nbytes, CHUNK):
                 yield view[i : i + CHUNK]
 
-        self._request("PUT", f"/v1/blobs/{digest}", content=slices(),
+        self._request("PUT", f"/v1/blobs/{digest}", content_factory=slices,
                       headers={"Content-Length": str(view.nbytes),
                                "Content-Type": "application/octet-stream"})
 
@@ -188,7 +200,14 @@ class GatewayClient:
         return buf
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", "/v1/jobs", json=body).json()
+        try:
+            return self._request("POST", "/v1/jobs", json=body).json()
+        except GatewayError as exc:
+            # our first try reached the gateway after all: the job exists, follow it
+            detail = exc.detail if isinstance(exc.detail, dict) else {}
+            if exc.status == 409 and detail.get("error") == "job_exists" and body.get("id"):
+                return self.job(body["id"])
+            raise
 
     def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """The job's events in order, each exactly once, resuming after dropped connections."""
@@ -242,6 +261,11 @@ def _ssl_context() -> Any:
         if bundle:
             _SSL.load_verify_locations(bundle)
     return _SSL
+
+
+def _replayable(kw: dict[str, Any]) -> bool:
+    # a streamed body (an upload's iterator) is consumed by the first try
+    return not callable(getattr(kw.get("content"), "__next__", None))
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

@@ -12,9 +12,11 @@ function sees the cell's later assignments as it would locally.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -117,9 +119,30 @@ def _is_cuda_tensor(obj: Any) -> bool:
     return mod.startswith("torch") and getattr(obj, "is_cuda", False) is True
 
 
+_REGISTRY_LOCK = threading.Lock()
+
 # (base folder, module name, file) -> whether that module is a local one; resolving every
 # module's path on every cell cost ~100 ms with a few thousand modules imported
 _LOCAL_CACHE: dict[tuple[str, str, str], bool] = {}
+
+
+def _installed_top_levels() -> set[str]:
+    """Top-level import names that belong to an installed distribution (editable ones too):
+    those are importable on the runner and travel by reference, even if they sit beside the
+    notebook (a project checked out with `pip install -e .`)."""
+    global _INSTALLED
+    if _INSTALLED is None:
+        from importlib import metadata
+
+        try:
+            _INSTALLED = set(metadata.packages_distributions())
+        except Exception:
+            _INSTALLED = set()
+        _INSTALLED.add("gpu_magic")
+    return _INSTALLED
+
+
+_INSTALLED: set[str] | None = None
 
 
 def _is_local(base: Path, name: str, file: str) -> bool:
@@ -128,6 +151,9 @@ def _is_local(base: Path, name: str, file: str) -> bool:
     if hit is not None:
         return hit
     local = False
+    if name.partition(".")[0] in _installed_top_levels():
+        _LOCAL_CACHE[key] = False
+        return False
     try:
         path = Path(file).resolve()
         prefixes = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
@@ -177,20 +203,26 @@ def dumps(
         buffers.append(raw)
         return False
 
-    registered = []
-    for mod in _local_modules(local_dir):
+    local = _local_modules(local_dir)
+    # cloudpickle's by-value registry is global: threads pickling at once take turns
+    with _REGISTRY_LOCK if local else contextlib.nullcontext():
+        registered = []
+        for mod in local:
+            try:
+                cloudpickle.register_pickle_by_value(mod)
+                registered.append(mod)
+            except ValueError:
+                pass
         try:
-            cloudpickle.register_pickle_by_value(mod)
-            registered.append(mod)
-        except ValueError:
-            pass
-    try:
-        f = io.BytesIO()
-        p = _Pickler(f, namespace, input_refs, buffer_callback=keep_out_of_band)
-        p.dump(obj)
-    finally:
-        for mod in registered:
-            cloudpickle.unregister_pickle_by_value(mod)
+            f = io.BytesIO()
+            p = _Pickler(f, namespace, input_refs, buffer_callback=keep_out_of_band)
+            p.dump(obj)
+        finally:
+            for mod in registered:
+                try:
+                    cloudpickle.unregister_pickle_by_value(mod)
+                except ValueError:
+                    pass
     packed = Packed(f.getvalue(), buffers, [digest(b) for b in buffers])
     return packed, p.cuda_moved
 

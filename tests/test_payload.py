@@ -698,3 +698,41 @@ def test_unpicklable_closure_variable() -> None:
     assert err.path == "guarded (closure variable lk)"
     expected = "guarded (closure variable lk): a thread lock; create it inside the cell instead"
     assert expected in str(err)
+
+
+def test_installed_packages_beside_the_notebook_travel_by_reference() -> None:
+    """A project checked out and installed in editable mode sits under the notebook's folder, yet
+    is importable on the runner: it must not be pickled by value."""
+    import gpu_magic as gm
+
+    repo = Path(gm.__file__).resolve().parent.parent
+    assert _payload.travel_mode(gm.run, repo) == "by reference"
+    assert gm not in _payload._local_modules(repo)
+
+
+def test_concurrent_dumps_with_local_modules_do_not_interfere(tmp_path: Path) -> None:
+    import importlib
+    import threading
+
+    (tmp_path / "conc_local_mod.py").write_text("def f():\n    return 7\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        mod = importlib.import_module("conc_local_mod")
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(50):
+                    _payload.dumps({"f": mod.f}, local_dir=tmp_path)
+            except BaseException as exc:  # collected for the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("conc_local_mod", None)

@@ -172,8 +172,10 @@ def serve(cfg: ServeConfig) -> int:
     host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
     scheme = "https" if cfg.certfile else "http"
     url = f"{scheme}://{host}:{port}"
+    # Keep-alive longer than clients idle between cells: a server closing an idle connection
+    # just as a client reuses it loses that request ("Server disconnected").
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
-                            lifespan="off",
+                            lifespan="off", timeout_keep_alive=300,
                             ssl_certfile=str(cfg.certfile) if cfg.certfile else None,
                             ssl_keyfile=str(cfg.keyfile) if cfg.keyfile else None)
     server = uvicorn.Server(config)
