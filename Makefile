@@ -5,13 +5,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: test demo lint bench clean system-deps
+.PHONY: test demo lint bench clean chromium system-deps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+# the JupyterLab sidebar is built (jlpm, through the package's build hook) on install
+LABEXT_SRC := labextension/package.json labextension/yarn.lock $(wildcard labextension/src/*.ts labextension/style/*)
+
+$(STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -25,7 +28,11 @@ system-deps:
 	@command -v bwrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
 	  || echo "make: could not install bubblewrap; its tests will be skipped"
 
-test: $(STAMP) system-deps
+# The browser tests drive Debian's Chromium (never a browser Playwright would download).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) system-deps chromium
 	$(PY) -m ruff check gpu_magic tests
 	$(PY) -m pytest -q -ra
 

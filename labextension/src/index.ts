@@ -1,0 +1,128 @@
+/**
+ * gpu_magic's JupyterLab side: a left-sidebar panel with the GPU pool and the user's %%gpu
+ * jobs, and a small status-bar item while jobs hold or wait for GPUs.
+ */
+import {
+  ILabShell,
+  ILayoutRestorer,
+  JupyterFrontEnd,
+  JupyterFrontEndPlugin
+} from '@jupyterlab/application';
+import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import { IStatusBar } from '@jupyterlab/statusbar';
+import { Widget } from '@lumino/widgets';
+
+import { IJob } from './api';
+import { gpuIcon } from './icon';
+import { GpuModel } from './model';
+import { GpuPanel } from './panel';
+
+export const PANEL_ID = 'gpu-magic-sidebar';
+
+/** Bring the notebook a job came from to the front and scroll to the job's cell. */
+async function showCell(
+  app: JupyterFrontEnd,
+  tracker: INotebookTracker | null,
+  job: IJob
+): Promise<void> {
+  const path = job.notebook_path;
+  const cellId = job.meta?.cell_id;
+  if (!path || !cellId) {
+    return;
+  }
+  let panel: NotebookPanel | null | undefined = tracker?.find(
+    p => p.context.path === path
+  );
+  if (!panel) {
+    const opened = await app.commands.execute('docmanager:open', { path });
+    panel = opened instanceof NotebookPanel ? opened : null;
+  }
+  if (!panel) {
+    return;
+  }
+  app.shell.activateById(panel.id);
+  await panel.context.ready;
+  await panel.revealed;
+  const notebook = panel.content;
+  const index = notebook.widgets.findIndex(c => c.model.id === cellId);
+  if (index < 0) {
+    return; // the cell was deleted since
+  }
+  notebook.activeCellIndex = index;
+  await notebook.scrollToCell(notebook.widgets[index], 'center');
+}
+
+/** "GPU: H100 ×2 running", "GPU: 1 queued"; shown only while there is something to say. */
+class GpuStatusItem extends Widget {
+  constructor(
+    private _model: GpuModel,
+    onClick: () => void
+  ) {
+    super();
+    this.addClass('jp-GpuMagic-status');
+    this.node.title = 'gpu_magic jobs: click to show the GPU sidebar';
+    this.node.addEventListener('click', onClick);
+    _model.changed.connect(this._update, this);
+  }
+
+  private _update(): void {
+    const active = this._model.active;
+    const running = active.filter(j => j.grant && j.state === 'running');
+    const queued = active.filter(j => j.state === 'queued').length;
+    const parts: string[] = [];
+    if (running.length === 1 && running[0].grant) {
+      const g = running[0].grant;
+      parts.push(`${g.gpu_type} ×${g.count} running`);
+    } else if (running.length > 1) {
+      parts.push(`${running.length} jobs running`);
+    }
+    if (queued) {
+      parts.push(`${queued} queued`);
+    }
+    this.node.textContent = parts.length ? `GPU: ${parts.join(', ')}` : '';
+  }
+}
+
+const plugin: JupyterFrontEndPlugin<void> = {
+  id: 'gpu-magic-labextension:sidebar',
+  description: 'The GPU pool and your %%gpu jobs, in the left sidebar.',
+  autoStart: true,
+  requires: [ILabShell],
+  optional: [ILayoutRestorer, INotebookTracker, IStatusBar],
+  activate: (
+    app: JupyterFrontEnd,
+    shell: ILabShell,
+    restorer: ILayoutRestorer | null,
+    tracker: INotebookTracker | null,
+    statusBar: IStatusBar | null
+  ) => {
+    const model = new GpuModel();
+    const panel = new GpuPanel({
+      model,
+      showCell: job => {
+        showCell(app, tracker, job).catch(err =>
+          console.warn('gpu_magic: cannot show the cell of job', job.id, err)
+        );
+      }
+    });
+    panel.id = PANEL_ID;
+    panel.title.icon = gpuIcon;
+    panel.title.caption = 'GPU pool and jobs (gpu_magic)';
+    shell.add(panel, 'left', { rank: 650 });
+    if (restorer) {
+      restorer.add(panel, PANEL_ID);
+    }
+    if (statusBar) {
+      const item = new GpuStatusItem(model, () => shell.activateById(PANEL_ID));
+      statusBar.registerStatusItem('gpu-magic-labextension:status', {
+        item,
+        align: 'left',
+        rank: 5,
+        isActive: () => model.active.length > 0,
+        activeStateChanged: model.changed
+      });
+    }
+  }
+};
+
+export default plugin;

@@ -1,0 +1,136 @@
+/**
+ * What the sidebar shows, refreshed by one Poll: every 2 s while the panel is visible, every
+ * 10 s while only the status-bar item needs the jobs, and not at all while the browser tab is
+ * hidden.
+ */
+import { Poll } from '@lumino/polling';
+import { ISignal, Signal } from '@lumino/signaling';
+
+import {
+  ApiError,
+  FINAL_STATES,
+  IJob,
+  IJobs,
+  IPool,
+  IStatus,
+  request
+} from './api';
+
+export const VISIBLE_INTERVAL_MS = 2000;
+export const HIDDEN_INTERVAL_MS = 10000;
+
+export class GpuModel {
+  status: IStatus | null = null;
+  pool: IPool | null = null;
+  jobs: IJob[] = [];
+  /** The advice to show instead of the pool and jobs, when something is missing. */
+  problem: ApiError | null = null;
+  /** Seconds to add to the browser's clock to get the server's. */
+  clockOffset = 0;
+  loaded = false;
+
+  constructor() {
+    this._poll = new Poll({
+      factory: () => this._refresh(),
+      frequency: { interval: VISIBLE_INTERVAL_MS, backoff: true, max: 30000 },
+      standby: () =>
+        document.hidden ||
+        (!this._visible && Date.now() - this._last < HIDDEN_INTERVAL_MS),
+      name: 'gpu-magic:refresh'
+    });
+  }
+
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
+  get showAll(): boolean {
+    return this._showAll;
+  }
+
+  set showAll(value: boolean) {
+    if (value !== this._showAll) {
+      this._showAll = value;
+      void this.refresh();
+    }
+  }
+
+  /** Whether the panel is on screen (it polls faster then). */
+  set visible(value: boolean) {
+    this._visible = value;
+    if (value) {
+      void this.refresh();
+    }
+  }
+
+  /** The current user's jobs that hold or wait for GPUs. */
+  get active(): IJob[] {
+    return this.jobs.filter(j => !FINAL_STATES.includes(j.state));
+  }
+
+  refresh(): Promise<void> {
+    return this._poll.refresh();
+  }
+
+  async cancel(job: IJob): Promise<void> {
+    await request<IJob>(`jobs/${encodeURIComponent(job.id)}`, {
+      method: 'DELETE'
+    });
+    await this.refresh();
+  }
+
+  dispose(): void {
+    this._poll.dispose();
+  }
+
+  private async _refresh(): Promise<void> {
+    this._last = Date.now();
+    try {
+      const status = await request<IStatus>('status');
+      this.status = status;
+      if (!status.reachable) {
+        this.pool = null;
+        this.jobs = [];
+        this.problem = new ApiError(
+          503,
+          status.error || 'unreachable',
+          status.message || 'the gateway does not answer'
+        );
+      } else {
+        const [pool, jobs] = await Promise.all([
+          request<IPool>('pool'),
+          request<IJobs>(this._showAll ? 'jobs?all=true' : 'jobs')
+        ]);
+        this.pool = pool;
+        this.jobs = jobs.jobs;
+        this.clockOffset = jobs.now - Date.now() / 1000;
+        this.problem = null;
+      }
+    } catch (err) {
+      if (!(err instanceof ApiError)) {
+        // Jupyter itself does not answer: say so, and let the poll back off.
+        this.problem = new ApiError(0, 'jupyter_unreachable', String(err));
+        this._finish();
+        throw err;
+      }
+      this.problem = err;
+      if (err.code === 'no_server_extension') {
+        // nothing will answer until JupyterLab restarts: let the poll back off
+        this._finish();
+        throw err;
+      }
+    }
+    this._finish();
+  }
+
+  private _finish(): void {
+    this.loaded = true;
+    this._changed.emit();
+  }
+
+  private _poll: Poll;
+  private _changed = new Signal<this, void>(this);
+  private _showAll = false;
+  private _visible = false;
+  private _last = 0;
+}

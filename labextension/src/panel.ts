@@ -1,0 +1,422 @@
+/**
+ * The sidebar panel: the connection line, the pool per GPU type, and the jobs.
+ *
+ * It re-renders only when what it shows changed (elapsed times are updated in place), so a
+ * button is never replaced under a pointer between mousedown and mouseup.
+ */
+import { Message } from '@lumino/messaging';
+import { Widget } from '@lumino/widgets';
+
+import { ApiError, FINAL_STATES, IGrant, IJob, IPool, IStatus } from './api';
+import { GpuModel } from './model';
+
+type Attrs = { [key: string]: string | boolean | undefined };
+
+/** A small element builder: h('div', {class: 'x'}, 'text', child). */
+function h(
+  tag: string,
+  attrs: Attrs = {},
+  ...children: (Node | string | null | undefined | false)[]
+): HTMLElement {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === false) {
+      continue;
+    }
+    el.setAttribute(k, v === true ? '' : v);
+  }
+  for (const c of children) {
+    if (c !== null && c !== undefined && c !== false) {
+      el.append(c);
+    }
+  }
+  return el;
+}
+
+export function formatSeconds(s: number): string {
+  s = Math.max(0, s);
+  if (s < 10) {
+    return `${s.toFixed(1)} s`;
+  }
+  if (s < 90) {
+    return `${Math.round(s)} s`;
+  }
+  if (s < 5400) {
+    return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  }
+  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+}
+
+/** "H100 ×2 on node-0 · option 1 of 3" */
+export function grantText(grant: IGrant, spec: string): string {
+  const n = spec.split(',').length;
+  return (
+    `${grant.gpu_type} ×${grant.count} on ${grant.node}` +
+    ` · option ${grant.option_index + 1} of ${n}`
+  );
+}
+
+/** How long a job has waited, run, or ran; from the server's clock. */
+export function elapsedText(job: IJob, now: number): string {
+  if (job.state === 'queued') {
+    return `waiting ${formatSeconds(now - job.created)}`;
+  }
+  const start = job.started ?? job.created;
+  if (job.finished !== null && job.finished !== undefined) {
+    return `ran ${formatSeconds(job.finished - start)}`;
+  }
+  return `for ${formatSeconds(now - start)}`;
+}
+
+export interface IGpuPanelOptions {
+  model: GpuModel;
+  /** Show the notebook cell a job came from (opening the notebook if needed). */
+  showCell: (job: IJob) => void;
+}
+
+export class GpuPanel extends Widget {
+  constructor(options: IGpuPanelOptions) {
+    super();
+    this._model = options.model;
+    this._showCell = options.showCell;
+    this.addClass('jp-GpuMagic-panel');
+    this.node.append(
+      h('div', { class: 'jp-GpuMagic-header' }, 'GPU pool'),
+      this._body
+    );
+    this._body.className = 'jp-GpuMagic-body';
+    this._model.changed.connect(this._render, this);
+    this._render();
+  }
+
+  dispose(): void {
+    this._model.changed.disconnect(this._render, this);
+    super.dispose();
+  }
+
+  protected onAfterShow(msg: Message): void {
+    this._model.visible = true;
+  }
+
+  protected onAfterHide(msg: Message): void {
+    this._model.visible = false;
+  }
+
+  private _render(): void {
+    const m = this._model;
+    const key = JSON.stringify([
+      m.loaded,
+      m.status,
+      m.pool,
+      m.problem && [m.problem.code, m.problem.message],
+      m.showAll,
+      [...this._expanded],
+      // the jobs without what changes every tick
+      m.jobs.map(j => [j.id, j.state, j.grant, j.queue_position, j.message])
+    ]);
+    if (key !== this._key) {
+      this._key = key;
+      this._body.replaceChildren(...this._build());
+    }
+    this._tick();
+  }
+
+  /** Update the elapsed times in place. */
+  private _tick(): void {
+    const now = Date.now() / 1000 + this._model.clockOffset;
+    const byId = new Map(this._model.jobs.map(j => [j.id, j]));
+    for (const el of Array.from(
+      this._body.querySelectorAll<HTMLElement>('[data-elapsed-of]')
+    )) {
+      const job = byId.get(el.dataset.elapsedOf!);
+      if (job) {
+        el.textContent = elapsedText(job, now);
+      }
+    }
+  }
+
+  private _build(): Node[] {
+    const m = this._model;
+    if (!m.loaded) {
+      return [h('div', { class: 'jp-GpuMagic-muted' }, 'Asking the gateway…')];
+    }
+    const out: Node[] = [this._connection(m.status, m.problem)];
+    if (m.problem) {
+      out.push(this._advice(m.problem));
+      return out;
+    }
+    if (m.pool) {
+      out.push(this._pool(m.pool));
+    }
+    out.push(this._jobs(m.jobs));
+    return out;
+  }
+
+  private _connection(status: IStatus | null, problem: ApiError | null): Node {
+    const ok = !!status?.reachable && !problem;
+    const parts: (Node | string)[] = [
+      h('span', {
+        class: `jp-GpuMagic-dot ${ok ? 'jp-mod-ok' : 'jp-mod-bad'}`,
+        title: ok ? 'reachable' : 'not reachable'
+      })
+    ];
+    if (status?.url) {
+      parts.push(
+        h('span', { class: 'jp-GpuMagic-url', title: status.source ?? '' }, status.url)
+      );
+    } else {
+      parts.push(h('span', { class: 'jp-GpuMagic-url' }, 'no gateway'));
+    }
+    parts.push(
+      h(
+        'span',
+        { class: 'jp-GpuMagic-muted' },
+        status?.reachable ? ' reachable' : ' not reachable'
+      )
+    );
+    if (status?.reachable) {
+      parts.push(
+        status.simulated
+          ? h('span', { class: 'jp-GpuMagic-badge jp-mod-simulated' }, 'simulated')
+          : h('span', { class: 'jp-GpuMagic-badge' }, 'real GPUs')
+      );
+      if (status.version) {
+        parts.push(h('span', { class: 'jp-GpuMagic-muted' }, ` v${status.version}`));
+      }
+    }
+    return h('div', { class: 'jp-GpuMagic-connection' }, ...parts);
+  }
+
+  private _advice(problem: ApiError): Node {
+    return h(
+      'div',
+      { class: 'jp-GpuMagic-advice', 'data-error': problem.code },
+      problem.message
+    );
+  }
+
+  private _pool(pool: IPool): Node {
+    const section = h(
+      'div',
+      { class: 'jp-GpuMagic-section' },
+      h(
+        'div',
+        { class: 'jp-GpuMagic-title' },
+        'Pool',
+        h(
+          'span',
+          { class: 'jp-GpuMagic-muted jp-GpuMagic-queue' },
+          ` · ${pool.queue_length} queued · ${pool.running} running`
+        )
+      )
+    );
+    if (!pool.types.length) {
+      section.append(
+        h('div', { class: 'jp-GpuMagic-muted' }, 'This gateway has no GPUs.')
+      );
+    }
+    for (const t of pool.types) {
+      const open = this._expanded.has(t.type);
+      const row = h(
+        'div',
+        {
+          class: 'jp-GpuMagic-type',
+          'data-type': t.type,
+          role: 'button',
+          tabindex: '0',
+          'aria-expanded': open ? 'true' : 'false',
+          title: 'Show the nodes'
+        },
+        h('span', { class: 'jp-GpuMagic-caret' }, open ? '▾' : '▸'),
+        h('span', { class: 'jp-GpuMagic-typename' }, t.type),
+        this._bar(t.free, t.total),
+        h('span', { class: 'jp-GpuMagic-free' }, `${t.free}/${t.total} free`),
+        t.memory_gb
+          ? h('span', { class: 'jp-GpuMagic-muted' }, ` ${t.memory_gb} GB`)
+          : null
+      );
+      const toggle = () => {
+        if (open) {
+          this._expanded.delete(t.type);
+        } else {
+          this._expanded.add(t.type);
+        }
+        this._render();
+      };
+      row.addEventListener('click', toggle);
+      row.addEventListener('keydown', ev => {
+        if (ev.key === 'Enter' || ev.key === ' ') {
+          ev.preventDefault();
+          toggle();
+        }
+      });
+      section.append(row);
+      if (open) {
+        section.append(this._nodes(pool, t.type));
+      }
+    }
+    return section;
+  }
+
+  private _bar(free: number, total: number): Node {
+    const used = total ? ((total - free) / total) * 100 : 0;
+    const bar = h(
+      'span',
+      { class: 'jp-GpuMagic-bar', title: `${total - free} of ${total} in use` },
+      h('span', { class: 'jp-GpuMagic-bar-used' })
+    );
+    (bar.firstChild as HTMLElement).style.width = `${used}%`;
+    return bar;
+  }
+
+  private _nodes(pool: IPool, type: string): Node {
+    const list = h('div', { class: 'jp-GpuMagic-nodes' });
+    for (const node of pool.nodes) {
+      const gpus = node.gpus.filter(g => g.type === type);
+      if (!gpus.length) {
+        continue;
+      }
+      const dots = gpus.map(g =>
+        h('span', {
+          class: `jp-GpuMagic-gpu ${g.busy ? 'jp-mod-busy' : 'jp-mod-free'}`,
+          title:
+            `GPU ${g.index}: ${g.busy ? 'busy' : 'free'}` +
+            (g.foreign ? ' (used by a process outside gpu_magic)' : '') +
+            (g.simulated ? ', simulated' : '')
+        })
+      );
+      const free = gpus.filter(g => !g.busy).length;
+      list.append(
+        h(
+          'div',
+          { class: 'jp-GpuMagic-node', 'data-node': node.name },
+          h('span', { class: 'jp-GpuMagic-nodename' }, node.name),
+          ...dots,
+          h('span', { class: 'jp-GpuMagic-muted' }, ` ${free}/${gpus.length} free`)
+        )
+      );
+    }
+    return list;
+  }
+
+  private _jobs(jobs: IJob[]): Node {
+    const m = this._model;
+    const all = h('input', { type: 'checkbox', class: 'jp-GpuMagic-all' }) as HTMLInputElement;
+    all.checked = m.showAll;
+    all.addEventListener('change', () => {
+      m.showAll = all.checked;
+    });
+    const section = h(
+      'div',
+      { class: 'jp-GpuMagic-section' },
+      h(
+        'div',
+        { class: 'jp-GpuMagic-title' },
+        m.showAll ? 'Jobs' : 'My jobs',
+        h(
+          'label',
+          {
+            class: 'jp-GpuMagic-muted jp-GpuMagic-alllabel',
+            title: "An admin token sees every user's jobs; others see their own"
+          },
+          all,
+          'everyone'
+        )
+      )
+    );
+    if (!jobs.length) {
+      section.append(
+        h(
+          'div',
+          { class: 'jp-GpuMagic-muted jp-GpuMagic-nojobs' },
+          'No jobs yet: run a cell that starts with %%gpu.'
+        )
+      );
+    }
+    for (const job of jobs) {
+      section.append(this._job(job));
+    }
+    return section;
+  }
+
+  private _job(job: IJob): Node {
+    const active = !FINAL_STATES.includes(job.state);
+    const row = h('div', {
+      class: `jp-GpuMagic-job jp-mod-${job.state}`,
+      'data-job-id': job.id,
+      'data-state': job.state
+    });
+    const cancel = active
+      ? h(
+          'button',
+          { class: 'jp-GpuMagic-cancel jp-Button', title: `Cancel job ${job.id}` },
+          'Cancel'
+        )
+      : null;
+    if (cancel) {
+      cancel.addEventListener('click', ev => {
+        ev.stopPropagation();
+        (cancel as HTMLButtonElement).disabled = true;
+        this._model.cancel(job).catch(err => {
+          (cancel as HTMLButtonElement).disabled = false;
+          cancel.title = String(err.message || err);
+        });
+      });
+    }
+    row.append(
+      h(
+        'div',
+        { class: 'jp-GpuMagic-jobline' },
+        h('span', { class: 'jp-GpuMagic-state' }, job.state.replace('_', ' ')),
+        h('span', { class: 'jp-GpuMagic-spec', title: 'the GPU spec asked for' }, job.spec),
+        h('span', { class: 'jp-GpuMagic-elapsed', 'data-elapsed-of': job.id }),
+        cancel
+      )
+    );
+    if (job.grant) {
+      row.append(
+        h(
+          'div',
+          { class: 'jp-GpuMagic-grant' },
+          grantText(job.grant, job.spec),
+          job.grant.simulated
+            ? h('span', { class: 'jp-GpuMagic-badge jp-mod-simulated' }, 'simulated')
+            : null
+        )
+      );
+    } else if (job.state === 'queued') {
+      row.append(
+        h(
+          'div',
+          { class: 'jp-GpuMagic-grant jp-GpuMagic-muted' },
+          job.queue_position ? `#${job.queue_position} in the queue` : 'in the queue'
+        )
+      );
+    }
+    const where = job.notebook_path || job.meta?.notebook;
+    const origin = h(
+      'div',
+      { class: 'jp-GpuMagic-origin jp-GpuMagic-muted' },
+      where ? where.split('/').pop()! : 'no notebook',
+      job.meta?.cell_id ? ' · cell' : '',
+      ` · ${job.id}`,
+      this._model.showAll ? ` · ${job.user}` : ''
+    );
+    row.append(origin);
+    if (job.message && !active) {
+      row.append(h('div', { class: 'jp-GpuMagic-message' }, job.message));
+    }
+    if (job.notebook_path && job.meta?.cell_id) {
+      row.classList.add('jp-mod-linked');
+      row.title = `Show the cell in ${job.notebook_path}`;
+      row.addEventListener('click', () => this._showCell(job));
+    }
+    return row;
+  }
+
+  private _model: GpuModel;
+  private _showCell: (job: IJob) => void;
+  private _body = document.createElement('div');
+  private _key = '';
+  private _expanded = new Set<string>();
+}

@@ -1,0 +1,193 @@
+"""The sidebar in a real JupyterLab, driven in headless Chromium, against a real simulated gateway.
+
+One lab server and one browser for the module; screenshots land in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .browser_util import (
+    WAIT_MS,
+    LabServer,
+    browser,
+    chromium_or_skip,
+    first_page,
+    lab_server,
+    open_lab,
+    open_notebook,
+    run_cells,
+    screenshot,
+    write_notebook,
+)
+from .conftest import Gateway
+
+pytestmark = pytest.mark.slow
+
+SIDEBAR_TAB = '.jp-SideBar [data-id="gpu-magic-sidebar"]'
+PANEL = "#gpu-magic-sidebar"
+
+
+# Should pytest-jupyter's plugin ever be loaded for the whole suite, its autouse loop fixtures
+# would break Playwright's sync API at teardown; these shadow them here.
+@pytest.fixture(autouse=True)
+def jp_asyncio_loop() -> None:
+    return None
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup() -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def lab(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    chromium_or_skip()
+    root = tmp_path_factory.mktemp("lab-root")
+    env = {"GPU_MAGIC_URL": gateway.url, "GPU_MAGIC_TOKEN": gateway.token}
+    with lab_server(tmp_path_factory.mktemp("lab"), root, env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with browser(tmp_path_factory.mktemp("chromium")) as ctx:
+        yield ctx
+
+
+@pytest.fixture(scope="module")
+def page(lab: LabServer, context: Any) -> Any:
+    p = first_page(context)
+    open_lab(p, lab)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _screenshot_on_failure(request: pytest.FixtureRequest, page: Any) -> Iterator[None]:
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:  # this test's call just failed
+        screenshot(page, f"FAILED-{request.node.name}")
+
+
+def show_sidebar(page: Any) -> Any:
+    panel = page.locator(PANEL)
+    if not panel.is_visible():
+        page.locator(SIDEBAR_TAB).click()
+    panel.wait_for(state="visible")
+    return panel
+
+
+def job_row(page: Any, cell_source_marker: str) -> Any:
+    """The sidebar row of the one job whose notebook cell we know by what it prints."""
+    return page.locator(f"{PANEL} .jp-GpuMagic-job", has_text=cell_source_marker)
+
+
+def test_sidebar_shows_the_pool(page: Any, lab: LabServer, gateway: Gateway) -> None:
+    panel = show_sidebar(page)
+    h100 = panel.locator('.jp-GpuMagic-type[data-type="H100"]')
+    h100.wait_for()
+    assert "/2 free" in h100.inner_text()
+    assert panel.locator('.jp-GpuMagic-type[data-type="A100-80GB"]').inner_text().count("/4 free")
+    connection = panel.locator(".jp-GpuMagic-connection")
+    assert gateway.url in connection.inner_text()
+    assert "simulated" in connection.inner_text() and "reachable" in connection.inner_text()
+    # nodes on expand
+    h100.click()
+    panel.locator(".jp-GpuMagic-node").first.wait_for()
+    assert panel.locator(".jp-GpuMagic-node .jp-GpuMagic-gpu").count() == 2
+    screenshot(page, "sidebar-pool")
+
+
+def test_a_gpu_cell_shows_up_with_its_grant(page: Any, lab: LabServer) -> None:
+    write_notebook(lab.root / "work" / "quick.ipynb", "%load_ext gpu_magic",
+                   "%%gpu H100\nanswer = 41 + 1\nanswer")
+    open_notebook(page, lab, "work/quick.ipynb")
+    panel = show_sidebar(page)
+    run_cells(page, [0, 1])
+    row = panel.locator('.jp-GpuMagic-job[data-state="succeeded"]', has_text="quick.ipynb")
+    row.wait_for(timeout=WAIT_MS * 2)
+    text = row.inner_text()
+    assert "H100 ×1 on" in text and "option 1 of 1" in text and "simulated" in text
+    assert "quick.ipynb · cell" in text
+    # the cell's own output arrived too
+    page.locator(".jp-OutputArea-output", has_text="42").first.wait_for()
+    screenshot(page, "sidebar-job-succeeded")
+
+    # clicking the job selects its cell in the notebook
+    run_cells(page, [0])  # moves the active cell away from the %%gpu cell
+    row.click()
+    page.wait_for_function(
+        "() => (document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) "
+        ".jp-Cell.jp-mod-active') || {}).textContent?.includes('answer = 41 + 1')")
+
+
+def test_cancel_a_long_job_from_the_sidebar(page: Any, lab: LabServer) -> None:
+    write_notebook(lab.root / "long.ipynb", "%load_ext gpu_magic",
+                   "%%gpu H100\nimport time\ntime.sleep(60)")
+    open_notebook(page, lab, "long.ipynb")
+    panel = show_sidebar(page)
+    run_cells(page, [0, 1])
+    row = panel.locator('.jp-GpuMagic-job[data-state="running"]', has_text="long.ipynb")
+    row.wait_for(timeout=WAIT_MS * 2)
+    assert "H100 ×1 on" in row.inner_text()
+    # while it runs, the status bar says so
+    page.locator(".jp-GpuMagic-status", has_text="GPU: H100 ×1 running").wait_for()
+    screenshot(page, "sidebar-job-running")
+    job_id = row.get_attribute("data-job-id")
+    row.locator(".jp-GpuMagic-cancel").click()
+    cancelled = panel.locator(f'.jp-GpuMagic-job[data-job-id="{job_id}"][data-state="cancelled"]')
+    cancelled.wait_for()
+    assert cancelled.locator(".jp-GpuMagic-cancel").count() == 0
+    # the cell that waited for it learns it too
+    page.locator(".jp-OutputArea-output", has_text="cancel").first.wait_for()
+    screenshot(page, "sidebar-job-cancelled")
+
+
+def test_advice_instead_of_a_blank_panel(context: Any, tmp_path: Path) -> None:
+    """No gateway configured and none running: the panel says what to do."""
+    with lab_server(tmp_path / "lab", tmp_path, {}) as lab:
+        page = context.new_page()
+        open_lab(page, lab)
+        panel = show_sidebar(page)
+        advice = panel.locator('.jp-GpuMagic-advice[data-error="no_gateway"]')
+        advice.wait_for()
+        assert "%%gpu" in advice.inner_text() and "GPU_MAGIC_URL" in advice.inner_text()
+        assert "not reachable" in panel.locator(".jp-GpuMagic-connection").inner_text()
+        screenshot(page, "sidebar-no-gateway")
+        page.close()
+
+
+def test_both_extensions_are_installed_and_enabled(lab: LabServer) -> None:
+    """What `pip install gpu-magic` must leave behind, as JupyterLab's own tools report it."""
+    labext = lab.jupyter("labextension", "list")
+    assert re.search(r"gpu-magic-labextension v\S+ enabled\s+OK \(python, gpu-magic\)", labext), labext
+    serverext = lab.jupyter("server", "extension", "list")
+    assert re.search(r"gpu_magic\.serverext enabled", serverext), serverext
+    assert re.search(r"gpu_magic\.serverext\s+OK", serverext), serverext
+
+
+def test_advice_when_the_server_extension_is_missing(context: Any, tmp_path: Path) -> None:
+    """The lab extension without its server side (disabled here) explains, not a blank panel."""
+    # the user's config wins over the environment's only without JUPYTER_PREFER_ENV_PATH
+    lab = LabServer(tmp_path / "lab", tmp_path, {"JUPYTER_PREFER_ENV_PATH": "0"})
+    (tmp_path / "lab" / "config" / "jupyter_server_config.json").write_text(json.dumps(
+        {"ServerApp": {"jpserver_extensions": {"gpu_magic.serverext": False}}}))
+    lab.start()
+    try:
+        page = context.new_page()
+        open_lab(page, lab)
+        panel = show_sidebar(page)
+        advice = panel.locator('.jp-GpuMagic-advice[data-error="no_server_extension"]')
+        advice.wait_for()
+        assert "jupyter server extension list" in advice.inner_text()
+        screenshot(page, "sidebar-no-server-extension")
+        page.close()
+    finally:
+        lab.stop()
