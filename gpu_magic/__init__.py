@@ -34,6 +34,7 @@ __all__ = [
     "CaptureError",
     "EnvironmentMismatch",
     "GatewayError",
+    "GpuJob",
     "GpuMagicError",
     "GpuOption",
     "GpuSpec",
@@ -54,7 +55,7 @@ __all__ = [
     "unload_ipython_extension",
 ]
 
-_LAZY = {"run": "_api", "gpu": "_api"}
+_LAZY = {"run": "_api", "gpu": "_api", "GpuJob": "_jobs"}
 
 
 def __getattr__(name: str) -> Any:

@@ -36,9 +36,10 @@ from ._errors import (
     SpecError,
     WaitExpired,
 )
+from ._jobs import EventFeed
 from ._remote import code_locator, rebuild, render_traceback, where
 from ._spec import GpuSpec, parse_spec
-from ._view import JobState, StatusView
+from ._view import JobState, NullView, TextView
 
 # Names IPython puts in every namespace; never shipped.
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh",
@@ -195,26 +196,100 @@ def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any]) -> A
 
 
 class _Job:
-    """Follows one submitted job to its end and turns its outcome into a value or an error."""
+    """Follows one submitted job to its end and turns its outcome into a value or an error.
+
+    A foreground job binds its results as they arrive (the cell is still running, so nothing
+    else can touch the namespace); a background job only fetches them, and its ``GpuJob``
+    binds them at a safe point.
+    """
 
     def __init__(self, client: GatewayClient, record: dict[str, Any], state: JobState,
-                 view: StatusView, source: str, opts: Options, namespace: dict[str, Any],
+                 view: Any, source: str, opts: Options, namespace: dict[str, Any],
                  sent: dict[str, Any]) -> None:
         self.client, self.record, self.state, self.view = client, record, state, view
         self.id = record["id"]
         self.source, self.opts, self.namespace, self.sent = source, opts, namespace, sent
+        self.background = opts.background
         self.error: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
         self.bound: dict[str, Any] = {}
         self.value: Any = None
         self.has_value = False
+        self._blobs: tuple[bytearray, list[bytearray]] | None = None
+        self._cancel_wanted = False
+        self._cancel_sent = False
+        self.outputs: list[str] = []  # the names the cell may bind or delete
 
-    def follow(self) -> Any:
-        for ev in self.client.events(self.id):
-            self._on_event(ev)
-        return self._outcome()
+    # --- following ---
+
+    def follow(self, pump: Any = None) -> None:
+        """Take the job's events until it ends, ticking the view and pumping its comms."""
+        feed = EventFeed(self.client, self.id)
+        pumping = pump is not None and pump.active
+        try:
+            while True:
+                if self._cancel_wanted and not self._cancel_sent:
+                    self.send_cancel()
+                ev = feed.get(timeout=0.05 if pumping else 0.25)
+                if ev is not None:
+                    self._on_event(ev)
+                    if ev.get("type") == "done":
+                        return
+                self.view.tick()
+                if pumping:
+                    _pump_holding_sigint(pump)
+        finally:
+            feed.close()
+
+    def request_cancel(self, who: str) -> None:
+        """Ask for a cancel (the Cancel button, job.cancel()); the follower sends it."""
+        if self.state.final or self._cancel_wanted:
+            return
+        self.state.cancel = who
+        self.state.cancel_error = None
+        self._cancel_wanted = True
+
+    def send_cancel(self) -> bool:
+        """Send the cancel now; False (and the reason in the view) if it could not be sent."""
+        if self._cancel_sent:
+            return True
+        fresh = GatewayClient(self.client.url, self.client.token, connect_timeout=3.0)
+        try:
+            fresh.cancel(self.id)
+            self._cancel_sent = True
+        except GatewayError as exc:
+            self._cancel_wanted = False
+            self.state.cancel = None
+            self.state.cancel_error = f"the cancel did not get through: {exc}"
+            cancel_failed = getattr(self.view, "cancel_failed", None)
+            if cancel_failed is not None:
+                cancel_failed()
+            return False
+        finally:
+            fresh.close()
+        self.view.refresh()
+        return True
 
     def _on_event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        if kind in ("stdout", "stderr", "display", "update_display", "clear_output"):
+            if self.background:
+                self._background_output(ev)
+            else:
+                self._foreground_output(ev)
+        elif kind == "result":
+            self.result = ev
+            self._fetch_result(ev)
+            if not self.background:
+                names, deleted, self.has_value, self.value = self.load_result()
+                self.bind(names, deleted)
+        elif kind == "error":
+            self.error = ev
+        self.state.apply(ev)
+        if kind in ("queued", "granted", "started", "done", "result", "stderr"):
+            self.view.refresh()
+
+    def _foreground_output(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
         if kind == "stdout":
             sys.stdout.write(ev.get("text", ""))
@@ -239,19 +314,29 @@ class _Job:
             if get_ipython() is None:
                 return
             clear_output(wait=bool(ev.get("wait")))
-        elif kind == "result":
-            self.result = ev
-            self._take_result(ev)
-        elif kind == "error":
-            self.error = ev
-        self.state.apply(ev)
-        if kind in ("queued", "granted", "started", "done", "result"):
-            self.view.refresh()
 
-    def _take_result(self, ev: dict[str, Any]) -> None:
+    def _background_output(self, ev: dict[str, Any]) -> None:
+        if getattr(self.view, "has_output_area", False):
+            self.view.append_output(ev)  # kept in the widget of the cell that started the job
+        elif ev.get("type") in ("stdout", "stderr") and not self.opts.quiet:
+            # plain Python (no cells to keep apart): where a thread's print would go
+            stream = sys.stdout if ev["type"] == "stdout" else sys.stderr
+            stream.write(ev.get("text", ""))
+            stream.flush()
+
+    # --- results ---
+
+    def _fetch_result(self, ev: dict[str, Any]) -> None:
         blob = self.client.download(ev["blob"])
         buffers = [self.client.download(d) for d in ev.get("buffers", [])]
         self.state.received_bytes = len(blob) + sum(len(b) for b in buffers)
+        self._blobs = (blob, buffers)
+
+    def load_result(self) -> tuple[dict[str, Any], list[str], bool, Any]:
+        """The returned names, the deleted names, and the value, rebuilt here (not bound)."""
+        ev = self.result or {}
+        assert self._blobs is not None, "no result fetched"
+        blob, buffers = self._blobs
         staging: dict[str, Any] = {"__name__": "__main__"}
         try:
             payload = _payload.loads(blob, buffers, namespace=staging, inputs=self.sent)
@@ -263,16 +348,20 @@ class _Job:
                 "loadable without a GPU."
             ) from exc
         names = {n: _rehome(v, staging, self.namespace) for n, v in payload["names"].items()}
-        deleted = list(ev.get("deleted", []))
+        has_value = "value" in payload
+        value = _rehome(payload["value"], staging, self.namespace) if has_value else None
+        return names, list(ev.get("deleted", [])), has_value, value
+
+    def bind(self, names: dict[str, Any], deleted: list[str]) -> None:
+        """Bind the names and delete the deleted, all at once."""
+        ev = self.result or {}
         with _sigint_deferred():  # all at once or not at all
             self.namespace.update(names)
             for n in deleted:
                 self.namespace.pop(n, None)
         self.bound = names
         self.state.bound = list(names)
-        if "value" in payload:
-            self.has_value = True
-            self.value = _rehome(payload["value"], staging, self.namespace)
+        self.state.deleted = list(deleted)
         for name, why in (ev.get("skipped") or {}).items():
             print(f"[gpu_magic] {name} was not brought back: {why}", file=sys.stderr)
         if ev.get("cuda_moved"):
@@ -281,16 +370,21 @@ class _Job:
                   "(this machine has no GPU); move them with .to('cuda') inside a %%gpu cell",
                   file=sys.stderr)
 
-    def _outcome(self) -> Any:
+    def outcome(self, value: Callable[[], Any] | None = None) -> Any:
+        """The cell's value if it succeeded, else the matching error, raised."""
         state = self.state.state
         grant = self.state.grant
         msg = self.state.message or ""
         if state == "succeeded":
+            if value is not None:
+                return value()
             return self.value if self.has_value else None
         if state == "failed" and self.error is not None:
             raise self._remote_exception()
         if state == "cancelled":
-            raise JobCancelled(f"GPU job {self.id} was cancelled: {msg}", job_id=self.id)
+            who = f" by {self.state.cancel}" if self.state.cancel else ""
+            raise _short(JobCancelled(f"GPU job {self.id} was cancelled{who}: {msg}; nothing "
+                                      "was bound", job_id=self.id))
         if state == "timed_out":
             raise JobTimeout(f"GPU job {self.id} on {where(grant)} timed out: {msg}",
                              job_id=self.id, state=state)
@@ -314,6 +408,32 @@ class _Job:
                                  cell_name=_cell_name,
                                  locate=code_locator(self.sent.values()))
         return rebuild(ev, exc, lines)
+
+
+def _short(exc: BaseException) -> BaseException:
+    """A cancellation is no bug: IPython shows its one line, not our own stack."""
+    exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}"]  # type: ignore[attr-defined]
+    return exc
+
+
+def _pump_holding_sigint(pump: Any) -> None:
+    """Pump the widget comms with Ctrl-C held off until the pump has handed every message on:
+    an interrupt between reading a queued cell's request and passing it on would lose it."""
+    if threading.current_thread() is not threading.main_thread():
+        pump.pump()
+        return
+    pending: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda s, f: pending.append(s))
+    except ValueError:
+        pump.pump()
+        return
+    try:
+        pump.pump()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if pending:
+        signal.raise_signal(signal.SIGINT)  # delivered now, to whoever handles it
 
 
 def _cell_name(filename: str) -> str | None:
@@ -377,7 +497,7 @@ def submit(
         health = cl.health(refresh=True)
     _check_environment(health)
     blobs = packed.blobs()
-    state = JobState(str(gspec))
+    state = JobState(str(gspec), background=opts.background)
     state.sent_bytes = _upload(cl, blobs, state)
     if box is not None:
         box["client"] = cl
@@ -411,8 +531,25 @@ def submit(
         _upload(cl, blobs, state)  # the gateway dropped some blobs since we asked: resend once
         record = cl.submit(body)
     state.job_id = record["id"]
-    view = StatusView(state, quiet=opts.quiet)
-    return _Job(cl, record, state, view, source, opts, namespace, values)
+    job = _Job(cl, record, state, NullView(state), source, opts, namespace, values)
+    job.outputs = [*analysis.outputs, *sorted(analysis.deleted)]
+    job.view = _make_view(job)
+    return job
+
+
+def _make_view(job: _Job) -> Any:
+    """The live widget in a Jupyter kernel, the text status elsewhere in IPython, or nothing."""
+    from IPython import get_ipython
+
+    from ._widget import WidgetView, widgets_available
+
+    quiet, background = job.opts.quiet, job.opts.background
+    if get_ipython() is None or (quiet and not background):
+        return NullView(job.state)
+    if widgets_available():
+        # --quiet --background: no status, only the output area that keeps the cell's output
+        return WidgetView(job.state, on_cancel=job.request_cancel, status=not quiet)
+    return NullView(job.state) if quiet else TextView(job.state)
 
 
 def _upload(client: GatewayClient, blobs: dict[str, memoryview], state: JobState) -> int:
@@ -438,7 +575,8 @@ def run(
 
     ``spec`` is a GPU spec such as ``"H100:2, A100-80GB, any"``; ``options`` are those of
     :class:`Options` (``timeout``, ``wait``, ``retries``, ``return_names``, ``quiet``, ...).
-    Returns the value of the cell's last expression (None if it has none).
+    Returns the value of the cell's last expression (None if it has none). With
+    ``background=True`` it returns at once with a :class:`GpuJob` handle instead.
     """
     if namespace is None:
         frame = inspect.currentframe()
@@ -452,21 +590,37 @@ def run(
                      box=box)
         if isinstance(job, dict):
             return job
-        job.view.show()
-        return job.follow()
+        if opts.background:
+            from ._jobs import GpuJob
+
+            return GpuJob(job, job.outputs)._start()
+        return _follow_here(job)
     except KeyboardInterrupt:
         # The interrupt may land anywhere, even inside the submit before its answer arrived:
         # cancel by the id we chose, from a fresh connection, holding a second Ctrl-C.
         if "client" in box:
             with _sigint_deferred():
                 _cancel_quietly(box["client"], job_id)
-        raise JobCancelled(
+        if isinstance(job, _Job):
+            job.state.state = "cancelled"
+            job.state.cancel = job.state.cancel or "an interrupt"
+        raise _short(JobCancelled(
             f"GPU job {job_id} was cancelled by an interrupt; its GPUs are released and any "
             "output so far was shown", job_id=job_id,
-        ) from None
+        )) from None
     finally:
-        if isinstance(job, _Job):
-            job.view.refresh(force=True)
+        if isinstance(job, _Job) and not opts.background:
+            job.view.finish()
+
+
+def _follow_here(job: _Job) -> Any:
+    """Follow a job in this thread, its widget live and its Cancel button working."""
+    from ._widget import CommPump
+
+    job.view.show()
+    with CommPump() as pump:
+        job.follow(pump)
+    return job.outcome()
 
 
 def attach(job_id: str, namespace: dict[str, Any] | None = None, *, quiet: bool = False,
@@ -481,13 +635,13 @@ def attach(job_id: str, namespace: dict[str, Any] | None = None, *, quiet: bool 
     state = JobState(record.get("spec", "any"), job_id)
     opts = Options(quiet=quiet, label=f"job {job_id}")
     # inputs the cell left unchanged come back as references: resolve them to today's objects
-    job = _Job(cl, record, state, StatusView(state, quiet=quiet), record.get("source", ""), opts,
-               namespace, namespace)
-    job.view.show()
+    job = _Job(cl, record, state, NullView(state), record.get("source", ""), opts, namespace,
+               namespace)
+    job.view = _make_view(job)
     try:
-        return job.follow()
+        return _follow_here(job)
     finally:
-        job.view.refresh(force=True)
+        job.view.finish()
 
 
 def _dry_run(values: dict[str, Any], packed: _payload.Packed, spec: GpuSpec,

@@ -1,7 +1,12 @@
-"""What a job looks like to the person who runs it: a status line updated from its events.
+"""What a job looks like to the person who runs it.
 
-Shown in the cell as a display with a ``display_id`` (HTML in notebooks, text in terminals and
-nbconvert), updated in place as the job goes queued → granted → running → finished.
+``JobState`` folds the job's events into the facts worth showing (pure: time is passed in).
+``render_text`` and ``render_html`` turn those facts into the text and HTML forms that every front
+end can show: terminal IPython, nbconvert, a notebook saved and reopened without a kernel. The
+live widget (``_widget.py``) shows the same HTML and carries these forms along as its fallback.
+
+``TextView`` is the view where widgets cannot be shown: one display, updated in place (HTML in
+notebooks, text in terminals), from submitted to finished.
 """
 
 from __future__ import annotations
@@ -12,46 +17,96 @@ from typing import Any
 
 from ._remote import where
 
+FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
+
 
 class JobState:
     """The facts about one job the views show, folded from its events. Pure."""
 
-    def __init__(self, spec: str, job_id: str | None = None) -> None:
+    def __init__(self, spec: str, job_id: str | None = None, *, background: bool = False) -> None:
         self.spec = spec
         self.job_id = job_id
+        self.background = background
         self.state = "submitting"
         self.grant: dict[str, Any] | None = None
         self.options: list[str] = [o.strip() for o in spec.split(",")]
         self.position: int | None = None
         self.estimate: float | None = None
+        self.dropped: list[dict[str, str]] = []
+        # one entry per grant: {"attempt", "grant", "end"}; "end" says how that attempt ended
         self.attempts: list[dict[str, Any]] = []
         self.timings: dict[str, Any] = {}
         self.message: str | None = None
+        self.error: str | None = None
         self.sent_bytes = 0
         self.reused = 0
         self.received_bytes = 0
+        self.submitted_at: float | None = None
         self.started_at: float | None = None
+        self.finished_at: float | None = None
         self.bound: list[str] = []
+        self.deleted: list[str] = []
+        self.kept_local: list[str] = []  # returned names not bound: reassigned here meanwhile
+        self.pending: list[str] = []  # returned names waiting for a safe point to be bound
         self.notices: list[str] = []
+        self.cancel: str | None = None  # who asked: "the Cancel button", "job.cancel()", ...
+        self.cancel_error: str | None = None
 
-    def apply(self, ev: dict[str, Any]) -> None:
+    # --- folding ---
+
+    def apply(self, ev: dict[str, Any], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         kind = ev.get("type")
         if kind == "queued":
             self.state = "queued"
             self.position = ev.get("position")
             self.estimate = ev.get("estimate")
+            self.dropped = list(ev.get("dropped") or self.dropped)
             self.notices = list(ev.get("notices") or self.notices)
         elif kind == "granted":
             self.state = "granted"
             self.grant = ev
-            self.attempts.append(ev)
+            self.attempts.append({"attempt": ev.get("attempt", len(self.attempts) + 1),
+                                  "grant": ev, "end": None})
         elif kind == "started":
             self.state = "running"
-            self.started_at = time.monotonic()
+            self.started_at = now
+        elif kind == "stderr":
+            # the gateway says why an attempt ended when it retries (runner died, out of memory)
+            text = str(ev.get("text", ""))
+            if text.startswith("[gpu_magic]") and "retrying" in text and self.attempts:
+                self.attempts[-1]["end"] = text[len("[gpu_magic]"):].strip()
+        elif kind == "error":
+            self.error = f"{ev.get('ename', 'Exception')}: {ev.get('evalue', '')}".rstrip(": ")
         elif kind == "done":
             self.state = ev.get("state", "done")
             self.timings = ev.get("timings") or {}
             self.message = ev.get("message")
+            self.notices = list(ev.get("notices") or self.notices)
+            self.finished_at = now
+            if self.attempts and self.attempts[-1]["end"] is None:
+                self.attempts[-1]["end"] = self.state
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def elapsed(self, now: float) -> float | None:
+        """Seconds the cell has been running (None before it starts)."""
+        if self.started_at is None:
+            return None
+        return (self.finished_at or now) - self.started_at
+
+    # --- words ---
+
+    def option_text(self) -> str:
+        """``option 2 of 3 (H100:2: busy)``: which option of the list won, and why not earlier."""
+        g = self.grant or {}
+        text = f"option {int(g.get('option_index', 0)) + 1} of {len(self.options)}"
+        passed = g.get("passed_over") or []
+        if passed:
+            text += " (" + "; ".join(f"{p['option']}: {p['reason']}" for p in passed) + ")"
+        return text
 
     def headline(self) -> str:
         g = self.grant
@@ -60,80 +115,239 @@ class JobState:
                 est = f", about {self.estimate:g} s" if self.estimate else ""
                 return f"queued for {self.spec} (position {self.position}{est})"
             return f"{self.state} · requested {self.spec}"
-        n = len(self.options)
-        text = f"{where(g)} · option {int(g.get('option_index', 0)) + 1} of {n}"
-        passed = g.get("passed_over") or []
-        if passed:
-            text += " (" + "; ".join(f"{p['option']}: {p['reason']}" for p in passed) + ")"
+        text = f"{where(g)} · {self.option_text()}"
         if g.get("memory_gb"):
-            text += f" · {g['memory_gb']} GB"
+            text += f" · {g['memory_gb']:g} GB"
         return text
 
-    def summary(self) -> str:
-        parts = [self.headline()]
+    def progress(self, now: float) -> str:
+        """Where the job is now, with its times: ``running 3.2 s``, ``succeeded · ran 1.2 s``."""
         t = self.timings
-        if self.state in ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired"):
-            parts.insert(0, self.state)
+        if self.final:
+            parts = [self.state.replace("_", " ")]
             if t.get("queued_s") is not None:
                 parts.append(f"queued {t['queued_s']:.1f} s")
             if t.get("ran_s") is not None:
                 parts.append(f"ran {t['ran_s']:.1f} s")
-        elif self.state == "running" and self.started_at is not None:
-            parts.insert(0, "running")
-            parts.append(f"{time.monotonic() - self.started_at:.1f} s")
-        if len(self.attempts) > 1:
-            parts.append(f"attempt {len(self.attempts)}")
+            if t.get("total_s") is not None:
+                parts.append(f"total {t['total_s']:.1f} s")
+            return " · ".join(parts)
+        if self.state == "running":
+            ran = self.elapsed(now) or 0.0
+            return f"running {ran:.0f} s" if ran >= 10 else f"running {ran:.1f} s"
+        if self.state == "queued":
+            est = f", about {self.estimate:g} s" if self.estimate else ""
+            return f"queued (position {self.position}{est})"
+        return self.state
+
+    def transfer(self) -> str:
+        parts = []
         if self.sent_bytes or self.reused:
-            parts.append(f"sent {_size(self.sent_bytes)}, {self.reused} cached")
+            cached = f", {self.reused} input buffer{'s' if self.reused != 1 else ''} reused " \
+                     "from the gateway cache" if self.reused else ""
+            parts.append(f"sent {_size(self.sent_bytes)}{cached}")
+        if self.received_bytes:
+            parts.append(f"received {_size(self.received_bytes)}")
+        return " · ".join(parts)
+
+    def attempt_lines(self) -> list[str]:
+        """One line per attempt, in order, when there was more than one (retries, OOM fallback)."""
+        if len(self.attempts) < 2:
+            return []
+        lines = []
+        for a in self.attempts:
+            end = a["end"] or ("running" if self.state == "running" else "granted")
+            lines.append(f"attempt {a['attempt']}: {where(a['grant'])} — {end}")
+        return lines
+
+    def outcome(self) -> str:
+        """What became of the results and the output once it ended; empty while it runs."""
+        if self.state == "cancelled":
+            who = f" by {self.cancel}" if self.cancel else ""
+            if self.bound:
+                return f"cancelled{who} after its results arrived: bound {_names(self.bound)}"
+            where_out = "in the box below" if self.background else "below"
+            return (f"cancelled{who}: nothing was bound (the namespace is as before); the output "
+                    f"so far is kept {where_out}; its GPUs are released")
+        if self.state in ("timed_out", "lost", "expired"):
+            return (self.message or self.state) + "; nothing was bound"
+        if self.state == "failed":
+            return (self.error or self.message or "failed") + "; nothing was bound"
+        if self.state != "succeeded":
+            return ""
+        parts = []
+        if self.pending:
+            parts.append(f"will bind {_names(self.pending)} before the next cell runs "
+                         "(or at job.wait())")
         if self.bound:
-            parts.append("bound " + ", ".join(self.bound[:8]) + ("…" if len(self.bound) > 8 else ""))
+            parts.append(f"bound {_names(self.bound)}")
+        if self.deleted:
+            parts.append(f"deleted {_names(self.deleted)}")
+        if self.kept_local:
+            parts.append(f"kept your {_names(self.kept_local)} (reassigned since submitting; "
+                         "the job's value is in job.result)")
         return " · ".join(parts)
 
 
+def _names(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + ("…" if len(names) > most else "")
+
+
 def _size(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     return f"{n} B"
 
 
-class StatusView:
-    """A one-line status in the cell output, updated in place (a no-op outside IPython)."""
+# --- the text and HTML forms ---
 
-    def __init__(self, state: JobState, quiet: bool = False) -> None:
+def render_text(state: JobState, now: float) -> str:
+    """The text form: a first line with where it stands and the grant, then the details."""
+    first = [state.headline()]
+    if state.final or state.state == "running":
+        first.insert(0, state.progress(now))
+    lines = ["[gpu] " + " · ".join(first)]
+    details = [state.transfer(), *state.attempt_lines(), state.outcome()]
+    if state.cancel and not state.final:
+        details.append(f"cancelling ({state.cancel})")
+    if state.cancel_error:
+        details.append(state.cancel_error)
+    details += [f"note: {n}" for n in state.notices]
+    details += [f"dropped {d['option']}: {d['reason']}" for d in state.dropped]
+    lines += [f"      {d}" for d in details if d]
+    return "\n".join(lines)
+
+
+_STATE_COLOURS = {"succeeded": "#15803d", "failed": "#b91c1c", "cancelled": "#92400e",
+                  "timed_out": "#b91c1c", "lost": "#b91c1c", "expired": "#92400e",
+                  "running": "#1d4ed8", "queued": "#6b7280", "granted": "#1d4ed8"}
+_BADGE = ('<span class="gpu-magic-badge" style="background:#fde68a;color:#713f12;'
+          'border-radius:3px;padding:0 4px;margin-left:6px;font-size:0.85em">simulated</span>')
+
+
+def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
+    """The HTML form: the grant as the headline, then progress, transfer, attempts, outcome.
+
+    ``compact``: one line, for a job that finished before a widget was worth showing.
+    """
+    e = html.escape
+    g = state.grant
+    colour = _STATE_COLOURS.get(state.state, "#374151")
+    status = (f'<span class="gpu-magic-state" style="color:{colour};font-weight:600">'
+              f"{e(state.progress(now))}</span>")
+    if g is None:
+        head = f"requested <b>{e(state.spec)}</b>"
+    else:
+        head = (f'<b class="gpu-magic-grant">{e(str(g.get("gpu_type")))} × {e(str(g.get("count")))}'
+                f"</b> on <b>{e(str(g.get('node')))}</b> · {e(state.option_text())}")
+        if g.get("memory_gb"):
+            head += f" · {g['memory_gb']:g} GB each"
+        if g.get("simulated"):
+            head += _BADGE
+    if compact:
+        rest = " · ".join(x for x in (state.transfer(), state.outcome()) if x)
+        tail = f" · {e(rest)}" if rest else ""
+        return f'<div class="gpu-magic-status"><b>GPU</b> {status} · {head}{tail}</div>'
+    rows = [f'<div style="font-size:1.05em"><b>GPU</b> {head}</div>', f"<div>{status}</div>"]
+    if state.transfer():
+        rows.append(f'<div style="color:#4b5563">{e(state.transfer())}</div>')
+    attempts = state.attempt_lines()
+    if attempts:
+        rows.append('<ol class="gpu-magic-attempts" style="margin:2px 0 2px 1.2em;padding:0">'
+                    + "".join(f"<li>{e(a.split(': ', 1)[1])}</li>" for a in attempts) + "</ol>")
+    if state.cancel and not state.final:
+        rows.append(f"<div>cancelling ({e(state.cancel)})…</div>")
+    if state.cancel_error:
+        rows.append(f'<div style="color:#b91c1c">{e(state.cancel_error)}</div>')
+    if state.outcome():
+        rows.append(f'<div class="gpu-magic-outcome">{e(state.outcome())}</div>')
+    for n in state.notices:
+        rows.append(f'<div style="color:#92400e">note: {e(n)}</div>')
+    for d in state.dropped:
+        rows.append(f'<div style="color:#6b7280">dropped {e(d["option"])}: {e(d["reason"])}</div>')
+    if state.job_id:
+        rows.append(f'<div style="color:#9ca3af;font-size:0.85em">job {e(state.job_id)}</div>')
+    return ('<div class="gpu-magic-status" style="border-left:3px solid '
+            f'{colour};padding:2px 8px;line-height:1.45">' + "".join(rows) + "</div>")
+
+
+def bundle(state: JobState, now: float, *, compact: bool = False) -> dict[str, str]:
+    """The text and HTML forms together, as a display bundle."""
+    return {"text/plain": render_text(state, now),
+            "text/html": render_html(state, now, compact=compact)}
+
+
+# --- views ---
+
+class NullView:
+    """No display at all (``--quiet``, or plain Python outside IPython)."""
+
+    has_output_area = False
+
+    def __init__(self, state: JobState) -> None:
         self.state = state
-        self._handle: Any = None
-        self._quiet = quiet
-        self._last = ""
-
-    def _bundle(self) -> dict[str, str]:
-        text = self.state.summary()
-        sim = self.state.grant and self.state.grant.get("simulated")
-        badge = (' <span style="background:#fde68a;border-radius:3px;padding:0 4px">simulated</span>'
-                 if sim else "")
-        return {
-            "text/plain": f"[gpu] {text}",
-            "text/html": f'<div class="gpu-magic-status"><b>GPU</b> {html.escape(text)}{badge}</div>',
-        }
 
     def show(self) -> None:
-        if self._quiet:
-            return
-        try:
-            from IPython import get_ipython
-            from IPython.display import display
-        except ImportError:
-            return
+        pass
+
+    def refresh(self, force: bool = False) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def reopen(self) -> None:
+        pass
+
+    def append_output(self, ev: dict[str, Any]) -> None:
+        pass
+
+    def comm_ids(self) -> set[str]:
+        return set()
+
+
+class TextView(NullView):
+    """The text/HTML status where widgets cannot be shown, one display updated in place.
+
+    It changes only when the job moves on (queued, granted, running, ended), never to tick a
+    clock: a terminal prints every update anew.
+    """
+
+    def __init__(self, state: JobState) -> None:
+        super().__init__(state)
+        self._handle: Any = None
+        self._last: tuple[Any, ...] = ()
+
+    def _key(self) -> tuple[Any, ...]:
+        s = self.state
+        moved = "running" if s.state == "granted" else s.state  # granted → running: one step
+        return (moved, s.position, len(s.attempts), s.cancel, s.cancel_error, tuple(s.bound),
+                tuple(s.pending))
+
+    def show(self) -> None:
+        from IPython import get_ipython
+        from IPython.display import display
+
         if get_ipython() is None:
             return
-        self._last = self.state.summary()
-        self._handle = display(self._bundle(), raw=True, display_id=True)
+        self._last = self._key()
+        self._handle = display(bundle(self.state, time.monotonic()), raw=True, display_id=True)
 
     def refresh(self, force: bool = False) -> None:
         if self._handle is None:
             return
-        text = self.state.summary()
-        if text != self._last or force:
-            self._last = text
-            self._handle.update(self._bundle(), raw=True)
+        if self._key() != self._last or force:
+            self._last = self._key()
+            self._handle.update(bundle(self.state, time.monotonic()), raw=True)
+
+    def finish(self) -> None:
+        self.refresh(force=True)
+
+    def reopen(self) -> None:
+        self.refresh(force=True)

@@ -8,7 +8,7 @@ import sys
 import gpu_magic
 
 PUBLIC = [
-    "AuthError", "CaptureError", "EnvironmentMismatch", "GatewayError", "GpuMagicError",
+    "AuthError", "CaptureError", "EnvironmentMismatch", "GatewayError", "GpuJob", "GpuMagicError",
     "GpuOption", "GpuSpec", "JobCancelled", "JobFailed", "JobTimeout", "NoFeasibleOption",
     "RemoteError", "RunnerLost", "SchedulingError", "SerializationError", "SpecError",
     "WaitExpired", "__version__", "gpu", "load_ipython_extension", "run",

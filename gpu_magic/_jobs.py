@@ -1,0 +1,332 @@
+"""Following a job without blocking on the network, and the handle of a background job.
+
+``EventFeed`` reads a job's event stream on a thread of its own and hands the events over a
+queue, so the thread that follows the job (the kernel's main thread for a foreground cell) stays
+free to tick the widget's clock and to handle a click on Cancel.
+
+``GpuJob`` is what ``%%gpu --background`` returns. A thread follows the job and keeps its widget
+live; the cell's output goes into the widget's output area, which is widget state, so it stays in
+the cell that started the job whatever cell runs later (a message sent with the old cell's parent
+header would be dropped by JupyterLab once that cell has finished). The returned names are bound
+only at a safe point: before the next cell runs (a ``pre_run_cell`` hook) or in ``job.wait()``,
+always on the main thread, never from the follower thread while another cell runs. A name
+reassigned since the job was submitted is left alone, with a warning.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._client import GatewayClient
+
+if TYPE_CHECKING:
+    from ._api import _Job
+
+_END = object()
+_MISSING = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class EventFeed:
+    """A job's events, read on a thread of their own and taken from a queue."""
+
+    def __init__(self, client: GatewayClient, job_id: str) -> None:
+        # a client of its own: httpx clients are not shared between threads here
+        self._client = GatewayClient(client.url, client.token)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._job_id = job_id
+        self._thread = threading.Thread(target=self._read, name=f"gpu_magic events {job_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for ev in self._client.events(self._job_id):
+                if self._stop.is_set():
+                    return
+                self._queue.put(ev)
+        except BaseException as exc:  # handed to the follower, which raises it
+            if not self._stop.is_set():
+                self._queue.put(_Failure(exc))
+        finally:
+            self._queue.put(_END)
+            self._client.close()
+
+    def get(self, timeout: float) -> dict[str, Any] | None:
+        """The next event, or None if none came within ``timeout`` seconds."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, _Failure):
+            raise item.exc
+        if item is _END:
+            from ._errors import GatewayError
+
+            raise GatewayError(f"the event stream of job {self._job_id} ended without its end; "
+                               f"the job may still be running: %gpu attach {self._job_id}")
+        return item  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Stop reading. After the job's end the reader is already done; else (an interrupt)
+        it stops at the next event or heartbeat, its connection closed under it."""
+        self._stop.set()
+        self._thread.join(timeout=0.5)
+        if self._thread.is_alive():
+            try:
+                self._client.close()
+            except Exception:
+                pass
+
+
+# --- background jobs ---
+
+_PENDING: list[GpuJob] = []  # finished or running background jobs whose names are not bound yet
+_PENDING_LOCK = threading.Lock()
+_HOOKED: set[int] = set()
+
+
+def _hook(shell: Any) -> None:
+    """Bind finished jobs' names before each cell runs (once per shell)."""
+    if shell is None or id(shell) in _HOOKED:
+        return
+    shell.events.register("pre_run_cell", _bind_finished)
+    _HOOKED.add(id(shell))
+
+
+def _bind_finished(*_info: Any) -> None:
+    with _PENDING_LOCK:
+        ready = [j for j in _PENDING if j._finished.is_set()]
+    for job in ready:
+        job._bind_here()
+
+
+def _cell_key() -> Any:
+    """Which cell is running now: its request's msg_id in a kernel, else the execution count."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    ip = get_ipython()
+    if ip is None:
+        return None
+    kernel = getattr(ip, "kernel", None)
+    if kernel is not None:
+        try:
+            return (kernel.get_parent() or {}).get("header", {}).get("msg_id")
+        except Exception:
+            return None
+    return getattr(ip, "execution_count", None)
+
+
+class GpuJob:
+    """A GPU job running in the background: ``%%gpu --background`` or ``run(..., background=True)``.
+
+    ``job.wait()`` waits for it, binds its names and returns the cell's value (or raises the
+    cell's error); ``job.cancel()`` cancels it. ``job.state``, ``job.grant`` and ``job.result``
+    (the returned names) tell where it stands. Shown, it is the job's live widget.
+    """
+
+    def __init__(self, job: _Job, outputs: list[str]) -> None:
+        self._job = job
+        self.id: str = job.id
+        self._finished = threading.Event()
+        self._failure: BaseException | None = None
+        self._bound = False
+        self._loaded: tuple[dict[str, Any], list[str], bool, Any] | None = None
+        self._shown_in: Any = _MISSING
+        # what each name that may come back held at submit: a name holding something else at
+        # binding time was reassigned here meanwhile, and is not overwritten
+        ns = job.namespace
+        self._before = {n: ns.get(n, _MISSING) for n in {*outputs, *job.sent}}
+        self._thread = threading.Thread(target=self._follow, name=f"gpu_magic job {self.id}",
+                                        daemon=True)
+
+    def _start(self) -> GpuJob:
+        from IPython import get_ipython
+
+        ip = get_ipython()
+        _hook(ip)
+        with _PENDING_LOCK:
+            _PENDING.append(self)
+        if ip is not None:
+            self._show()
+        self._thread.start()
+        return self
+
+    # --- the follower thread ---
+
+    def _follow(self) -> None:
+        job = self._job
+        try:
+            job.follow()
+        except BaseException as exc:  # reported by wait(), shown in the widget
+            self._failure = exc
+            job.state.message = job.state.message or f"{type(exc).__name__}: {exc}"
+        finally:
+            if job.state.state == "succeeded" and job.result is not None:
+                job.state.pending = sorted(set(job.result.get("names", []))
+                                           | set(job.result.get("deleted", [])))
+            elif job.error is not None:
+                try:
+                    self._failure = job._remote_exception()
+                    lines = getattr(self._failure, "_render_traceback_", None)
+                    text = "\n".join(lines()) if lines else str(self._failure)
+                    job.view.append_output({"type": "traceback", "text": text + "\n"})
+                except Exception as exc:
+                    self._failure = exc
+            self._finished.set()
+            job.view.finish()
+
+    # --- the handle ---
+
+    @property
+    def state(self) -> str:
+        """submitting, queued, granted, running, succeeded, failed, cancelled, timed_out, ..."""
+        return self._job.state.state
+
+    @property
+    def grant(self) -> dict[str, Any] | None:
+        """What was granted: ``gpu_type``, ``count``, ``node``, ``option_index``, ``memory_gb``..."""
+        g = self._job.state.grant
+        return {k: v for k, v in g.items() if k not in ("type", "seq")} if g else None
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """The names the cell returned (None until it has succeeded)."""
+        if not self._finished.is_set() or self._job.result is None:
+            return None
+        return dict(self._load()[0])
+
+    @property
+    def value(self) -> Any:
+        """The value of the cell's last expression (None until it has succeeded)."""
+        if not self._finished.is_set() or self._job.result is None:
+            return None
+        return self._load()[3]
+
+    def done(self) -> bool:
+        """Whether the job has ended, one way or another."""
+        return self._finished.is_set()
+
+    def cancel(self) -> bool:
+        """Cancel the job (queued or running) and release its GPUs; False if it had ended."""
+        if self._finished.is_set():
+            return False
+        self._job.request_cancel("job.cancel()")
+        return self._job.send_cancel()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Wait for the job to end, bind its names here and return the cell's value.
+
+        Raises the cell's own exception if it raised, ``JobCancelled`` if it was cancelled, and
+        ``TimeoutError`` if it is still going after ``timeout`` seconds (it keeps going).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # No comm pump here (unlike a foreground cell): with one, a kernel whose wait() ended
+        # in JobCancelled left the test process's event loop unset (seen with nbclient, not
+        # understood yet). A Cancel click during wait() is handled when the cell ends.
+        while not self._finished.wait(0.25):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"GPU job {self.id} is still {self.state} after {timeout:g} s; it keeps "
+                    "going: wait again, or job.cancel()")
+        if threading.current_thread() is threading.main_thread():
+            self._bind_here()
+        if self._failure is not None:
+            raise self._failure
+        return self._job.outcome(value=lambda: self._load()[3])
+
+    # --- results ---
+
+    def _load(self) -> tuple[dict[str, Any], list[str], bool, Any]:
+        if self._loaded is None:
+            self._loaded = self._job.load_result()
+        return self._loaded
+
+    def _bind_here(self) -> None:
+        """Bind the returned names (main thread, between cells or in wait)."""
+        with _PENDING_LOCK:
+            if self._bound:
+                return
+            self._bound = True
+            if self in _PENDING:
+                _PENDING.remove(self)
+        job = self._job
+        if job.state.state != "succeeded" or job.result is None:
+            return
+        try:
+            names, deleted, has_value, value = self._load()
+        except BaseException as exc:
+            self._failure = exc
+            job.state.pending = []
+            job.state.message = str(exc)
+            job.view.reopen()
+            print(f"[gpu_magic] {exc}", file=sys.stderr)
+            return
+        ns = job.namespace
+        moved = [n for n in [*names, *deleted] if ns.get(n, _MISSING) is not self._before.get(n, _MISSING)]
+        take = {n: v for n, v in names.items() if n not in moved}
+        gone = [n for n in deleted if n not in moved]
+        job.bind(take, gone)
+        state = job.state
+        state.pending, state.kept_local = [], sorted(moved)
+        if moved:
+            print(f"[gpu_magic] background job {self.id} finished but did not overwrite "
+                  f"{', '.join(sorted(moved))}: reassigned since the job was submitted. The job's "
+                  f"values are in job.result (this job: gpu_magic's GpuJob {self.id}).",
+                  file=sys.stderr)
+        if has_value and value is not None:
+            job.view.append_output({"type": "display", **_formatted(value)})
+        job.view.reopen()
+
+    # --- showing ---
+
+    def _show(self) -> None:
+        self._shown_in = _cell_key()
+        self._job.view.show()
+
+    def _ipython_display_(self) -> None:
+        # the cell that submitted the job shows it already; another cell gets another view
+        if self._shown_in is not _MISSING and self._shown_in == _cell_key():
+            return
+        if getattr(self._job.view, "display_again", None) is not None:
+            self._shown_in = _cell_key()
+            self._job.view.display_again()
+        else:
+            from IPython.display import display
+
+            display(self._repr_mimebundle_(), raw=True)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        from ._view import bundle
+
+        return bundle(self._job.state, time.monotonic())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+    def __repr__(self) -> str:
+        from ._view import render_text
+
+        return render_text(self._job.state, time.monotonic())
+
+
+def _formatted(value: Any) -> dict[str, Any]:
+    """The cell's value as a display (what a local cell's Out[] would show)."""
+    from IPython import get_ipython
+
+    ip = get_ipython()
+    if ip is None:
+        return {"data": {"text/plain": repr(value)}, "metadata": {}}
+    data, md = ip.display_formatter.format(value)
+    return {"data": data, "metadata": md}

@@ -1,0 +1,370 @@
+"""The live widget of a job (plain ipywidgets: no front-end code of our own) and the comm pump
+that lets its Cancel button work while the kernel is blocked in a foreground ``%%gpu`` cell.
+
+The widget is an HTML status (the same HTML as the text form, ``_view.render_html``), a Cancel
+button while the job is queued or running, and for a background job an Output area holding the
+cell's output. Its display bundle always carries the text and HTML forms too, so a front end
+without widgets, nbconvert, and a notebook saved and reopened without a kernel show a readable
+summary; the display is updated with the final forms when the job ends.
+
+Why a pump: a foreground cell keeps the kernel's main thread busy, so the click's ``comm_msg``
+would wait until the cell ends. ipykernel 7 receives shell messages on a shell-channel thread and
+hands those for the main shell to the main thread through an in-process ZMQ stream, read by the
+main thread's event loop, which our cell blocks. While we wait for events, ``CommPump`` reads that
+stream (``ZMQStream.flush``, as ipykernel's GUI event-loop integrations do) with a callback of its
+own: a ``comm_msg`` for one of *our* widgets is handled at once; every other message is handed,
+untouched and in order, to the kernel's own callback, which queues it exactly as it would have.
+Nothing is held back or replayed, so an interrupt in the middle cannot lose a queued cell.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ._view import JobState, NullView, bundle, render_html
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+# A foreground job that ends before this shows only a compact summary, never a widget.
+UPGRADE_AFTER_S = 1.0
+TICK_S = 1.0
+OUTPUT_FLUSH_S = 0.2
+
+# comm ids of our live widgets: the pump handles their messages, and only theirs
+_OUR_COMMS: set[str] = set()
+_OUR_COMMS_LOCK = threading.Lock()
+
+
+def widgets_available() -> bool:
+    """A Jupyter kernel with comms (not terminal IPython, not plain Python) and ipywidgets."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    if ip is None or getattr(ip, "kernel", None) is None:
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class WidgetView(NullView):
+    """The live widget; starts as the text/HTML status and becomes a widget when worth it.
+
+    A background job shows the widget at once (its output lives in it). A foreground job shows
+    the status at once and upgrades it to the widget after ``UPGRADE_AFTER_S`` or as soon as it
+    has to queue, so a quick cell leaves only a compact summary in the notebook.
+    """
+
+    def __init__(self, state: JobState, *, on_cancel: Callable[[str], None] | None = None,
+                 status: bool = True) -> None:
+        super().__init__(state)
+        self._on_cancel = on_cancel
+        self._status = status  # False: --quiet background job, only its output area
+        self._lock = threading.RLock()
+        self._handle: Any = None
+        self._shown_at = 0.0
+        self._last_html = ""
+        self._last_tick = 0.0
+        self._box: Any = None
+        self._html: Any = None
+        self._button: Any = None
+        self._out: Any = None
+        self._outputs: list[dict[str, Any]] = []
+        self._output_ids: dict[str, list[int]] = {}
+        self._clear_pending = False
+        self._outputs_dirty = False
+        self._outputs_sent = 0.0
+        self._finished = False
+
+    @property
+    def has_output_area(self) -> bool:
+        return self.state.background
+
+    # --- showing ---
+
+    def show(self) -> None:
+        from IPython.display import display
+
+        self._shown_at = time.monotonic()
+        with self._lock:
+            if self.state.background:
+                self._build()
+                self._handle = display(self._bundle(), raw=True, display_id=True)
+            else:
+                self._handle = display(bundle(self.state, self._shown_at), raw=True,
+                                       display_id=True)
+
+    def display_again(self) -> None:
+        """Show the same live widget once more (the handle evaluated in another cell)."""
+        from IPython.display import display
+
+        with self._lock:
+            if self._box is None:
+                self._build()
+            display(self._bundle(), raw=True)
+
+    def _build(self) -> None:
+        import ipywidgets as w
+
+        children = []
+        if self._status:
+            self._html = w.HTML(value=self._render())
+            self._last_html = self._html.value
+            self._button = w.Button(description="Cancel", icon="stop", button_style="warning",
+                                    tooltip="cancel this GPU job and release its GPUs",
+                                    layout=w.Layout(width="auto", flex="0 0 auto"))
+            self._button.on_click(self._clicked)
+            if self.state.final:
+                self._button.layout.display = "none"
+            children.append(w.HBox([self._html, self._button],
+                                   layout=w.Layout(align_items="flex-start")))
+        if self.state.background:
+            self._out = w.Output()
+            self._out.outputs = tuple(self._outputs)
+            children.append(self._out)
+        self._box = w.VBox(children)
+        self._box.add_class("gpu-magic-widget")
+        with _OUR_COMMS_LOCK:
+            _OUR_COMMS.update(_comm_ids(self._box))
+
+    def _render(self) -> str:
+        return render_html(self.state, time.monotonic())
+
+    def _bundle(self) -> dict[str, Any]:
+        data: dict[str, Any] = dict(bundle(self.state, time.monotonic()))
+        if self._box is not None:
+            data[WIDGET_MIME] = {"version_major": 2, "version_minor": 0,
+                                 "model_id": self._box.model_id}
+        return data
+
+    def comm_ids(self) -> set[str]:
+        return _comm_ids(self._box) if self._box is not None else set()
+
+    # --- updating ---
+
+    def refresh(self, force: bool = False) -> None:
+        with self._lock:
+            if self._handle is None or self._finished:
+                return
+            now = time.monotonic()
+            if self._box is None:
+                # upgrade to the widget once the job is worth watching
+                if (now - self._shown_at >= UPGRADE_AFTER_S or self.state.state == "queued"
+                        and (self.state.position or 0) > 0 or self.state.cancel):
+                    self._build()
+                    self._handle.update(self._bundle(), raw=True)
+                    self._last_tick = now
+                elif force:
+                    self._handle.update(bundle(self.state, now), raw=True)
+                return
+            if self._html is not None:
+                value = self._render()
+                if value != self._last_html:
+                    self._last_html = value
+                    self._html.value = value
+            if self._button is not None and self.state.cancel and not self._button.disabled:
+                self._button.disabled = True
+                self._button.description = "Cancelling…"
+            self._last_tick = now
+            self._flush_outputs()
+
+    def tick(self) -> None:
+        """Time passed: the elapsed time, the upgrade, pending output."""
+        now = time.monotonic()
+        if self._box is None or now - self._last_tick >= TICK_S:
+            self.refresh()
+        elif self._outputs_dirty and now - self._outputs_sent >= OUTPUT_FLUSH_S:
+            with self._lock:
+                self._flush_outputs()
+
+    def finish(self) -> None:
+        """The job ended (or we stopped following it): the final forms, no more Cancel."""
+        with self._lock:
+            if self._handle is None or self._finished:
+                return
+            now = time.monotonic()
+            if self._box is None:
+                self._handle.update(bundle(self.state, now, compact=True), raw=True)
+                self._finished = True
+                return
+            if self._button is not None:
+                self._button.layout.display = "none"
+            if self._html is not None:
+                self._html.value = self._last_html = self._render()
+            self._flush_outputs(force=True)
+            # the saved notebook keeps the final text/HTML next to the widget
+            self._handle.update(self._bundle(), raw=True)
+            self._finished = True
+            with _OUR_COMMS_LOCK:
+                _OUR_COMMS.difference_update(_comm_ids(self._box))
+
+    def reopen(self) -> None:
+        """The state changed after the end (names bound at a safe point): show it."""
+        with self._lock:
+            if self._handle is None:
+                return
+            if self._html is not None:
+                self._html.value = self._last_html = self._render()
+            self._flush_outputs(force=True)
+            self._handle.update(self._bundle(), raw=True)
+
+    def cancel_failed(self) -> None:
+        with self._lock:
+            if self._button is not None:
+                self._button.disabled = False
+                self._button.description = "Cancel"
+        self.refresh()
+
+    def _clicked(self, _button: Any) -> None:
+        if self._on_cancel is not None and not self.state.final:
+            self._on_cancel("the Cancel button")
+            self.refresh()
+
+    # --- a background job's output, kept inside the widget ---
+
+    def append_output(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        with self._lock:
+            if kind == "clear_output":
+                if ev.get("wait"):
+                    self._clear_pending = True
+                else:
+                    self._outputs, self._output_ids = [], {}
+                self._outputs_dirty = True
+                return
+            if self._clear_pending:
+                self._outputs, self._output_ids, self._clear_pending = [], {}, False
+            if kind in ("stdout", "stderr"):
+                name = kind
+                last = self._outputs[-1] if self._outputs else None
+                if last and last.get("output_type") == "stream" and last.get("name") == name:
+                    self._outputs[-1] = dict(last, text=last["text"] + ev.get("text", ""))
+                else:
+                    self._outputs.append({"output_type": "stream", "name": name,
+                                          "text": ev.get("text", "")})
+            elif kind == "display":
+                self._outputs.append({"output_type": "display_data", "data": ev.get("data", {}),
+                                      "metadata": ev.get("metadata") or {}})
+                if ev.get("display_id"):
+                    self._output_ids.setdefault(ev["display_id"], []).append(len(self._outputs) - 1)
+            elif kind == "update_display":
+                for i in self._output_ids.get(ev.get("display_id") or "", []):
+                    self._outputs[i] = {"output_type": "display_data", "data": ev.get("data", {}),
+                                        "metadata": ev.get("metadata") or {}}
+            elif kind == "traceback":
+                self._outputs.append({"output_type": "stream", "name": "stderr",
+                                      "text": ev.get("text", "")})
+            else:
+                return
+            self._outputs_dirty = True
+            if self._finished or time.monotonic() - self._outputs_sent >= OUTPUT_FLUSH_S:
+                self._flush_outputs()
+
+    def _flush_outputs(self, force: bool = False) -> None:
+        if self._out is None or not (self._outputs_dirty or force):
+            return
+        # the whole list goes over the wire each time: coalesce, and at most every 0.2 s
+        self._out.outputs = tuple(self._outputs)
+        self._outputs_dirty = False
+        self._outputs_sent = time.monotonic()
+
+
+def _comm_ids(box: Any) -> set[str]:
+    ids: set[str] = set()
+    stack = [box]
+    while stack:
+        w = stack.pop()
+        comm = getattr(w, "comm", None)
+        if comm is not None and getattr(comm, "comm_id", None):
+            ids.add(comm.comm_id)
+        stack.extend(getattr(w, "children", ()) or ())
+    return ids
+
+
+class CommPump:
+    """Handle our widgets' comm messages while the main thread waits in a foreground cell.
+
+    Use as a context manager around the wait, calling :meth:`pump` often. Outside a Jupyter
+    kernel's main thread, or on a kernel whose shell stream we do not know, it does nothing and
+    the Cancel button takes effect after the cell (Ctrl-C / the stop button always works).
+    """
+
+    def __init__(self) -> None:
+        self._stream: Any = None
+        self._original: Any = None
+        self._copy = False
+        self._kernel: Any = None
+        self.active = False
+
+    def __enter__(self) -> CommPump:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return self
+        kernel = getattr(get_ipython(), "kernel", None)
+        stream = _main_shell_stream(kernel)
+        original = getattr(stream, "_recv_callback", None)
+        if stream is None or original is None or getattr(kernel, "comm_manager", None) is None:
+            return self
+        self._kernel, self._stream, self._original = kernel, stream, original
+        self._copy = bool(getattr(stream, "_recv_copy", False))
+        stream.on_recv(self._on_recv, copy=self._copy)
+        self.active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self._stream.on_recv(self._original, copy=self._copy)
+            self.active = False
+
+    def pump(self) -> None:
+        if not self.active:
+            return
+        import zmq
+
+        try:
+            self._stream.flush(zmq.POLLIN)
+        except Exception:  # a closed stream (kernel shutting down): stop pumping
+            self.__exit__()
+
+    def _on_recv(self, msg: list[Any]) -> Any:
+        session = self._kernel.session
+        try:
+            idents, frames = session.feed_identities(msg, copy=self._copy)
+            # a peek (content=False) does not record the signature, so the kernel can still
+            # take the very same message afterwards
+            peek = session.deserialize(frames, content=False, copy=self._copy)
+            if peek["header"]["msg_type"] == "comm_msg":
+                raw = peek["content"]
+                content = session.unpack(raw.bytes if hasattr(raw, "bytes") else raw)
+                with _OUR_COMMS_LOCK:
+                    ours = content.get("comm_id") in _OUR_COMMS
+                if ours:
+                    full = session.deserialize(frames, content=True, copy=self._copy)
+                    self._kernel.comm_manager.comm_msg(None, idents, full)
+                    return None
+        except Exception:
+            pass  # anything we cannot read is the kernel's business, as before
+        return self._original(msg)
+
+
+def _main_shell_stream(kernel: Any) -> Any:
+    """The ZMQ stream from which the kernel's main thread reads its shell messages."""
+    if kernel is None:
+        return None
+    try:
+        from ipykernel.eventloops import get_shell_stream
+    except ImportError:  # ipykernel 6: the main thread reads the shell socket itself
+        return getattr(kernel, "shell_stream", None)
+    try:
+        return get_shell_stream(kernel)
+    except Exception:
+        return None

@@ -1,0 +1,258 @@
+"""The job's widget in real kernels (nbclient, jupyter_client): what it shows, its stored state,
+its text form for front ends without widgets, and its Cancel button in a foreground cell."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import KernelManager
+
+from gpu_magic._view import JobState, render_html, render_text
+
+from .conftest import Gateway, wait_for
+from .test_gateway_http import finish, submit
+from .test_kernel import execute, make_notebook, texts
+
+pytestmark = pytest.mark.slow
+WIDGET = "application/vnd.jupyter.widget-view+json"
+DEADLINE = 60.0
+
+
+def widget_states(nb: Any) -> dict[str, dict[str, Any]]:
+    """model id → (model name, state) of the widget state nbclient stored in the notebook."""
+    stored = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    return {k: {"model": v["model_name"], **v["state"]} for k, v in stored.get("state", {}).items()}
+
+
+def descendants(states: dict[str, dict[str, Any]], model_id: str) -> list[dict[str, Any]]:
+    """The widget and every widget inside it (children, recursively)."""
+    out, stack = [], [model_id]
+    while stack:
+        s = states[stack.pop()]
+        out.append(s)
+        stack += [c.removeprefix("IPY_MODEL_") for c in s.get("children", [])]
+    return out
+
+
+def widget_of(cell: Any) -> str:
+    views = [o.data[WIDGET]["model_id"] for o in cell.outputs
+             if o.output_type == "display_data" and WIDGET in o.data]
+    assert len(views) == 1, [o.output_type for o in cell.outputs]
+    return views[0]
+
+
+def test_text_and_html_forms_are_readable() -> None:
+    """The pure forms: grant as the headline, the option that won and why, attempts in order."""
+    s = JobState("H100:2, A100-80GB:2, any", "abc123")
+    s.sent_bytes, s.reused = 3 * 1024 * 1024, 2
+    s.apply({"type": "queued", "position": 2, "estimate": 30.0}, now=0.0)
+    assert "position 2" in render_text(s, 0.0) and "about 30 s" in render_text(s, 0.0)
+    grant = {"type": "granted", "gpu_type": "A100-80GB", "count": 2, "node": "node-3",
+             "option_index": 1, "passed_over": [{"option": "H100:2", "reason": "busy"}],
+             "memory_gb": 80, "simulated": True, "attempt": 1}
+    s.apply(grant, now=1.0)
+    s.apply({"type": "started", "attempt": 1}, now=1.0)
+    text = render_text(s, 4.5)
+    assert text.splitlines()[0] == ("[gpu] running 3.5 s · A100-80GB ×2 on node-3 (simulated) · "
+                                    "option 2 of 3 (H100:2: busy) · 80 GB")
+    assert "sent 3.0 MB, 2 input buffers reused from the gateway cache" in text
+    s.apply({"type": "stderr", "text": "[gpu_magic] the runner process died (killed by signal "
+                                       "SIGKILL); retrying (attempt 2 of 2)\n"}, now=5.0)
+    s.apply({**grant, "node": "node-4", "attempt": 2}, now=6.0)
+    s.apply({"type": "done", "state": "succeeded",
+             "timings": {"queued_s": 1.0, "ran_s": 2.0, "total_s": 6.0}}, now=8.0)
+    s.bound = ["model"]
+    text = render_text(s, 9.0)
+    assert "attempt 1: A100-80GB ×2 on node-3 (simulated) — the runner process died" in text
+    assert "attempt 2: A100-80GB ×2 on node-4 (simulated) — succeeded" in text
+    assert text.startswith("[gpu] succeeded · queued 1.0 s · ran 2.0 s · total 6.0 s")
+    assert "bound model" in text
+    page = render_html(s, 9.0)
+    assert "A100-80GB × 2" in page and "node-4" in page and ">simulated<" in page
+    attempts = page[page.index("<ol"):page.index("</ol>")]
+    assert attempts.index("node-3") < attempts.index("node-4")  # in order
+    assert "<script" not in render_html(JobState("<script>", "x"), 0.0)  # escaped
+
+    c = JobState("H100", "j")
+    c.apply({"type": "done", "state": "cancelled", "message": "cancelled while running"}, now=1.0)
+    c.cancel = "the Cancel button"
+    assert ("cancelled by the Cancel button: nothing was bound (the namespace is as before); "
+            "the output so far is kept below") in render_text(c, 1.0)
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_foreground_widget_shows_the_grant_and_keeps_the_final_summary(
+        client: Any, tmp_path: Path) -> None:
+    blocker = submit(client, "import time\ntime.sleep(60)", "H100:2", background=True)
+    try:
+        wait_for(lambda: client.job(blocker["id"])["state"] == "running", DEADLINE)
+        nb = make_notebook(
+            "%load_ext gpu_magic",
+            "%%gpu H100:2, A100-80GB\nimport time\nprint('first line')\ntime.sleep(1.5)\n"
+            "print('second line')\nx = 6 * 7\nx",
+        )
+        execute(nb, tmp_path)
+    finally:
+        client.cancel(blocker["id"])
+        finish(client, blocker["id"])
+    cell = nb.cells[1]
+    # the widget first, then the cell's own output in order, then its value
+    kinds = [o.output_type for o in cell.outputs]
+    assert kinds[0] == "display_data" and kinds[-1] == "execute_result", kinds
+    assert set(kinds[1:-1]) == {"stream"}, kinds
+    assert texts(cell, "stdout") == "first line\nsecond line\n"
+    assert texts(cell, "execute_result") == "42"
+    # the stored widget state shows the grant: type, node, which option and why
+    states = widget_states(nb)
+    html = " ".join(s.get("value", "") for s in descendants(states, widget_of(cell))
+                    if s["model"] == "HTMLModel")
+    assert "A100-80GB × 1" in html and "sim-vm" in html and ">simulated<" in html
+    assert "option 2 of 2 (H100:2: 0 of 2 H100 free)" in html
+    assert "succeeded" in html and "bound" in html
+    buttons = [s for s in descendants(states, widget_of(cell)) if s["model"] == "ButtonModel"]
+    assert [b["description"] for b in buttons] == ["Cancel"]
+    # the saved output keeps the final summary for front ends without widgets
+    data = cell.outputs[0].data
+    first = data["text/plain"].splitlines()[0]
+    assert first.startswith("[gpu] succeeded · queued") and "A100-80GB ×1 on sim-vm" in first
+    assert "option 2 of 2" in first
+    assert "succeeded" in data["text/html"] and "A100-80GB × 1" in data["text/html"]
+    assert "Widget" not in data["text/plain"] and "VBox" not in data["text/plain"]
+
+
+def test_quiet_shows_no_widget(use_gateway: Gateway, tmp_path: Path) -> None:
+    nb = make_notebook("%load_ext gpu_magic",
+                       "%%gpu --quiet\nimport time\ntime.sleep(1.2)\nprint('only this')")
+    execute(nb, tmp_path)
+    assert [o.output_type for o in nb.cells[1].outputs] == ["stream"]
+    assert nb.cells[1].outputs[0].text == "only this\n"
+    assert not widget_states(nb)
+
+
+def test_text_form_in_terminal_ipython(use_gateway: Gateway, tmp_path: Path) -> None:
+    """Terminal IPython has no widgets: the text form, and never a raw repr."""
+    code = ("ip = get_ipython(); ip.run_line_magic('load_ext', 'gpu_magic'); "
+            "ip.run_cell_magic('gpu', 'H100', 'y = 6 * 7\\nprint(\"remote says\", y)'); "
+            "print('local y', y)")
+    out = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=nocolor",
+                          "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "remote says 42" in lines and "local y 42" in lines
+    final = [ln for ln in lines if ln.startswith("[gpu] succeeded")]
+    assert final and "H100 ×1 on sim-vm (simulated) · option 1 of 1" in final[-1], out.stdout
+    assert "object at 0x" not in out.stdout and "Widget" not in out.stdout
+
+
+class Kernel:
+    """A real kernel driven message by message (what a front end does)."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(cwd=str(cwd))
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=DEADLINE)
+        self.iopub: list[dict[str, Any]] = []
+
+    def run(self, code: str, **kw: Any) -> str:
+        return str(self.kc.execute(code, **kw))
+
+    def drain(self, timeout: float = 0.2) -> None:
+        while True:
+            try:
+                self.iopub.append(self.kc.get_iopub_msg(timeout=timeout))
+            except Exception:
+                return
+
+    def reply(self, msg_id: str, timeout: float = DEADLINE) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = self.kc.get_shell_msg(timeout=0.5)
+            except Exception:
+                self.drain(0.05)
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id:
+                self.drain()
+                return msg["content"]  # type: ignore[no-any-return]
+        raise AssertionError(f"no reply to {msg_id} within {timeout} s")
+
+    def outputs(self, msg_id: str, kind: str = "stream") -> str:
+        return "".join(m["content"].get("text", "") for m in self.iopub
+                       if m["parent_header"].get("msg_id") == msg_id
+                       and m["msg_type"] == kind)
+
+    def models(self, name: str) -> list[str]:
+        return [m["content"]["comm_id"] for m in self.iopub if m["msg_type"] == "comm_open"
+                and m["content"]["data"]["state"].get("_model_name") == name]
+
+    def last_value(self, comm_id: str, key: str) -> Any:
+        value = None
+        for m in self.iopub:
+            c = m["content"]
+            if m["msg_type"] in ("comm_open", "comm_msg") and c.get("comm_id") == comm_id:
+                state = c.get("data", {}).get("state", {})
+                if key in state:
+                    value = state[key]
+        return value
+
+    def click(self, comm_id: str) -> None:
+        msg = self.kc.session.msg("comm_msg", {
+            "comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}})
+        self.kc.shell_channel.send(msg)
+
+    def stop(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_cancel_button_cancels_a_foreground_cell(client: Any, tmp_path: Path) -> None:
+    """The kernel is blocked in %%gpu, yet the click is handled; a cell queued behind it still
+    runs afterwards (the pump hands every other message on, in order)."""
+    before = {j["id"] for j in client.jobs()}
+    k = Kernel(tmp_path)
+    try:
+        k.reply(k.run("%load_ext gpu_magic\nkeep = 'untouched'"))
+        cell = k.run("%%gpu A100-80GB\nimport time\nprint('started', flush=True)\n"
+                     "time.sleep(120)\nv = 1", stop_on_error=False)
+        wait_for(lambda: k.drain(0.1) or ("started" in k.outputs(cell) and k.models("ButtonModel")),
+                 DEADLINE)
+        queued = k.run("print('queued cell ran', keep, 'v' in globals())")
+        button = k.models("ButtonModel")[0]
+        k.click(button)
+        reply = k.reply(cell)
+        assert reply["status"] == "error" and reply["ename"] == "JobCancelled", reply
+        assert "by the Cancel button" in reply["evalue"]
+        assert k.reply(queued)["status"] == "ok"
+        assert k.outputs(queued) == "queued cell ran untouched False\n"
+        html_models = k.models("HTMLModel")
+        final = k.last_value(html_models[-1], "value")
+        assert "cancelled by the Cancel button" in final and "nothing was bound" in final
+        assert k.last_value(button, "disabled") is True
+    finally:
+        k.stop()
+    mine = [j for j in client.jobs() if j["id"] not in before]
+    assert len(mine) == 1 and finish(client, mine[0]["id"])["state"] == "cancelled"
+
+
+def test_widget_view_serializes(use_gateway: Gateway, tmp_path: Path) -> None:
+    """The saved notebook is valid JSON with the widget state (what nbconvert renders from)."""
+    nb = make_notebook("%load_ext gpu_magic", "%%gpu H100\nimport time\ntime.sleep(1.2)")
+    execute(nb, tmp_path)
+    import nbformat
+
+    path = tmp_path / "saved.ipynb"
+    nbformat.write(nb, path)
+    again = nbformat.read(path, as_version=4)
+    nbformat.validate(again)
+    assert widget_of(again.cells[1]) in json.dumps(again.metadata["widgets"])
