@@ -1,0 +1,131 @@
+"""Background jobs (``%%gpu --background``, ``run(..., background=True)``) in real kernels: the
+handle, binding at a safe point, output kept in its own cell, cancel, several at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gpu_magic
+from gpu_magic import GpuJob, JobCancelled
+
+from .conftest import wait_for
+from .test_gateway_http import all_free
+from .test_kernel import execute, make_notebook, texts
+from .test_widget import WIDGET, descendants, widget_of, widget_states
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("use_gateway")]
+DEADLINE = 60.0
+
+
+def test_background_cell_returns_a_handle_and_binds_at_wait(tmp_path: Path) -> None:
+    nb = make_notebook(
+        "%load_ext gpu_magic\nimport time",
+        "%%gpu H100 --background\nimport time\nprint('from the background', flush=True)\n"
+        "time.sleep(1)\ny = 42\ny * 2",
+        "job = _\nprint(type(job).__name__, 'y' in globals())",
+        "print('meanwhile')",
+        "print(job.wait(), y, job.state, job.grant['gpu_type'], job.result['y'])",
+    )
+    execute(nb, tmp_path)
+    started, handle, meanwhile, waited = nb.cells[1:]
+    assert texts(handle, "stdout") == "GpuJob False\n"  # returned at once, nothing bound yet
+    assert texts(waited, "stdout") == "84 42 succeeded H100 42\n"
+    # the job's output is in its own cell's widget, not in the cells that ran meanwhile
+    for other in (handle, meanwhile, waited):
+        assert "from the background" not in texts(other, "stdout")
+    assert [o.output_type for o in started.outputs] == ["display_data"]
+    states = widget_states(nb)
+    inside = descendants(states, widget_of(started))
+    outputs = [o for s in inside if s["model"] == "OutputModel" for o in s["outputs"]]
+    assert outputs[0] == {"output_type": "stream", "name": "stdout",
+                          "text": "from the background\n"}
+    assert outputs[-1]["data"]["text/plain"] == "84"  # the cell's value, shown in its widget
+    html = " ".join(s.get("value", "") for s in inside if s["model"] == "HTMLModel")
+    assert "H100 × 1" in html and "bound" in html and "y" in html
+    # the saved output ends with the final summary, for front ends without widgets
+    final = started.outputs[0].data["text/plain"]
+    assert final.startswith("[gpu] succeeded") and "bound time, y" in final
+
+
+def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Path) -> None:
+    nb = make_notebook(
+        "%load_ext gpu_magic",
+        "%%gpu --background\nz = 7\nw = 'remote'",
+        "job = _\nw = 'local'",
+        "import time\nwhile not job.done():\n    time.sleep(0.05)\nprint('z' in globals())",
+        "print(z, w, job.result['w'])",
+    )
+    execute(nb, tmp_path)
+    # the job ended during cell 3, but nothing was bound from a thread while it ran
+    assert texts(nb.cells[3], "stdout") == "False\n"
+    # before cell 4 ran: z bound; w reassigned meanwhile, so kept, with a warning
+    assert texts(nb.cells[4], "stdout") == "7 local remote\n"
+    warning = texts(nb.cells[4], "stderr")
+    assert "did not overwrite w: reassigned since the job was submitted" in warning
+    html = " ".join(s.get("value", "") for s in widget_states(nb).values()
+                    if s["model"] == "HTMLModel")
+    assert "kept your w" in html
+
+
+def test_cancel_from_the_handle(tmp_path: Path, client: Any) -> None:
+    nb = make_notebook(
+        "%load_ext gpu_magic",
+        "%%gpu A100-80GB --background\nimport time\nprint('started', flush=True)\n"
+        "time.sleep(120)\nv = 1",
+        "job = _\nimport time\nwhile job.state != 'running':\n    time.sleep(0.05)\n"
+        "print(job.cancel())",
+        "from gpu_magic import JobCancelled\ntry:\n    job.wait(timeout=60)\n"
+        "except JobCancelled as exc:\n    print('raised', type(exc).__name__)\n"
+        "print(job.state, 'v' in globals(), job.cancel())",
+    )
+    execute(nb, tmp_path)
+    assert texts(nb.cells[2], "stdout") == "True\n"
+    assert texts(nb.cells[3], "stdout") == "raised JobCancelled\ncancelled False False\n"
+    html = " ".join(s.get("value", "") for s in widget_states(nb).values()
+                    if s["model"] == "HTMLModel")
+    assert "cancelled by job.cancel(): nothing was bound" in html
+    wait_for(lambda: all_free(client), DEADLINE)
+
+
+def test_several_background_jobs_at_once(tmp_path: Path) -> None:
+    nb = make_notebook(
+        "%load_ext gpu_magic",
+        "%%gpu H100 --background\nimport time\ntime.sleep(1)\na = 'one'",
+        "first = _",
+        "%%gpu A100-80GB --background\nimport time\ntime.sleep(1)\nb = 'two'",
+        "second = _",
+        "print(second.wait() is None, first.wait() is None, a, b)",
+    )
+    execute(nb, tmp_path)
+    assert texts(nb.cells[5], "stdout") == "True True one two\n"
+    assert WIDGET in nb.cells[1].outputs[0].data and WIDGET in nb.cells[3].outputs[0].data
+
+
+def test_run_in_plain_python_returns_a_handle(capsys: pytest.CaptureFixture[str]) -> None:
+    space: dict[str, Any] = {"__name__": "__main__", "base": 40}
+    job = gpu_magic.run("print('hi from bg')\nanswer = base + 2\nanswer", "H100", space,
+                        background=True)
+    assert isinstance(job, GpuJob)
+    assert job.wait(timeout=DEADLINE) == 42
+    assert space["answer"] == 42 and job.result == {"answer": 42} and job.value == 42
+    assert job.grant is not None and job.grant["gpu_type"] == "H100"
+    assert "hi from bg" in capsys.readouterr().out
+    assert repr(job).startswith("[gpu] succeeded · ")
+
+
+def test_wait_raises_the_cells_own_error_and_times_out() -> None:
+    space: dict[str, Any] = {"__name__": "__main__"}
+    job = gpu_magic.run("1 / 0", "H100", space, background=True)
+    with pytest.raises(ZeroDivisionError):
+        job.wait(timeout=DEADLINE)
+    slow = gpu_magic.run("import time\ntime.sleep(60)", "H100", space, background=True)
+    try:
+        with pytest.raises(TimeoutError, match="keeps going"):
+            slow.wait(timeout=0.2)
+    finally:
+        assert slow.cancel() is True
+        with pytest.raises(JobCancelled):
+            slow.wait(timeout=DEADLINE)

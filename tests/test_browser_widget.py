@@ -1,0 +1,109 @@
+"""The job's widget in a real JupyterLab, in headless Chromium: it shows the grant, and its Cancel
+button cancels a running *foreground* cell (the kernel is busy in %%gpu all along).
+
+Screenshots land in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .browser_util import (
+    LabServer,
+    browser,
+    chromium_or_skip,
+    first_page,
+    lab_server,
+    open_notebook,
+    run_cells,
+    screenshot,
+    write_notebook,
+)
+from .conftest import Gateway, wait_for
+from .test_gateway_http import all_free, finish
+
+pytestmark = pytest.mark.slow
+
+WIDGET = ".jp-OutputArea-output .jupyter-widgets.gpu-magic-widget"
+
+
+# pytest-jupyter's autouse loop fixtures would break Playwright's sync API at teardown
+@pytest.fixture(autouse=True)
+def jp_asyncio_loop() -> None:
+    return None
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup() -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def lab(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    chromium_or_skip()
+    root = tmp_path_factory.mktemp("lab-root")
+    write_notebook(
+        root / "cancel.ipynb",
+        "%load_ext gpu_magic\nkeep = 'untouched'",
+        "%%gpu H100, A100-80GB\nimport time\nprint('widget-test started', flush=True)\n"
+        "time.sleep(300)\nv = 1",
+        "print('after:', keep, 'v' in globals())",
+    )
+    env = {"GPU_MAGIC_URL": gateway.url, "GPU_MAGIC_TOKEN": gateway.token}
+    with lab_server(tmp_path_factory.mktemp("lab"), root, env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def page(lab: LabServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with browser(tmp_path_factory.mktemp("chromium")) as context:
+        yield first_page(context)
+
+
+def test_widget_shows_the_grant_and_cancel_stops_a_foreground_cell(
+        lab: LabServer, page: Any, client: Any) -> None:
+    before = {j["id"] for j in client.jobs()}
+    open_notebook(page, lab, "cancel.ipynb")
+    run_cells(page, [0, 1])
+    widget = page.locator(WIDGET).first
+    widget.wait_for(state="visible")
+    # the grant is the headline, and the clock ticks while it runs
+    page.wait_for_function(
+        "s => { const w = document.querySelector(s);"
+        " return w && /H100 × 1/.test(w.textContent) && /running/.test(w.textContent); }",
+        arg=WIDGET)
+    text = widget.inner_text()
+    assert "H100 × 1" in text and "sim-vm" in text and "option 1 of 2" in text
+    assert "simulated" in text
+    page.locator(".jp-OutputArea-output", has_text="widget-test started").first.wait_for()
+    running = screenshot(page, "widget-running")
+    assert running.stat().st_size > 0
+
+    # the kernel is busy in the foreground cell, and the click still gets through
+    button = widget.locator("button", has_text="Cancel")
+    assert button.is_visible()
+    button.click()
+    error = page.locator(".jp-OutputArea-output", has_text="JobCancelled").first
+    error.wait_for()
+    page.wait_for_function(
+        "s => /cancelled by the Cancel button/.test(document.querySelector(s).textContent)",
+        arg=WIDGET)
+    assert "nothing was bound" in widget.inner_text()
+    assert not widget.locator("button", has_text="Cancel").is_visible()
+    screenshot(page, "widget-cancelled")
+
+    # the kernel is free again, with the namespace as before the cell
+    run_cells(page, [2])
+    page.locator(".jp-OutputArea-output", has_text="after: untouched False").first.wait_for()
+    mine = [j for j in client.jobs() if j["id"] not in before]
+    assert len(mine) == 1 and finish(client, mine[0]["id"])["state"] == "cancelled"
+    wait_for(lambda: all_free(client), 60)
+
+
+def test_artifacts_folder_is_ignored() -> None:
+    ignore = (Path(__file__).resolve().parent.parent / ".gitignore").read_text().split()
+    assert "test-artifacts/" in ignore
