@@ -261,7 +261,9 @@ class RayBackend:
                     kinds = [(g["type"], g.get("memory_gb")) for g in gpus]
                     result = max(set(kinds), key=kinds.count)
             except Exception as exc:
-                self._warn(f"probe-{node_id}", _describe(exc, self._names.by_id.get(node_id, node_id)))
+                name = self._names.by_id.get(node_id, node_id)
+                self._warn(f"probe-{node_id}", f"Ray node {name} did not say which GPUs it has "
+                           f"(its Ray label is used): {_describe(exc, name)}")
             self._probes[node_id] = result
 
     def waiting(self, queued: Sequence[Sequence[GpuOption]]) -> None:

@@ -1,8 +1,8 @@
 """What runs on a Ray node: the runner of one job, spawned by a streaming Ray task.
 
 The task writes the job's input blobs (handed over by Ray's object store) into a private scratch
-folder, starts ``python -m gpu_magic.runner`` there as the leader of its own process group, and
-streams back what the runner says while it runs. Every item it yields is ``bytes`` in one of three
+folder, starts ``python -m gpu_magic.runner`` there in a process group of its own, and streams
+back what the runner says while it runs. Every item it yields is ``bytes`` in one of three
 frames, so the gateway, a Ray driver, only ever receives bytes and JSON:
 
     b"E" + runner event lines (JSON, one per line)
@@ -11,7 +11,7 @@ frames, so the gateway, a Ray driver, only ever receives bytes and JSON:
 
 A result blob is sent before the event that names it, so the gateway holds it when the event comes.
 Cancelling the task (Ray raises KeyboardInterrupt in it) stops the runner's whole process group;
-if the task's worker dies outright, the kernel kills the runner (parent-death signal).
+so does the death of the task's worker (force-cancelled, out of memory, its node going away).
 """
 
 from __future__ import annotations
@@ -36,19 +36,79 @@ SECRET_ENV = ("GPU_MAGIC_TOKEN", "RAY_AUTH_TOKEN")
 CHUNK = 8 << 20
 TAIL_CHARS = 4000
 
-# Started instead of the runner itself: asks the kernel to kill it when the Ray worker that started
-# it dies (Linux), then becomes the runner. The pid check closes the race with a parent that died
-# before the request was made.
-_LAUNCH = """\
-import ctypes, os, signal, sys
+# Two small processes stand between the task and the runner, because when a Ray worker exits Ray
+# SIGKILLs the worker's own children, and those alone. The launcher, a child of the worker, starts
+# the leader of a new process group and waits for it; it passes a SIGTERM (a cancel) on to the
+# whole group and, at the end, kills whatever the cell left running in it. The leader starts the
+# runner and asks the kernel for SIGUSR1 when the launcher dies (Linux); then it kills the whole
+# group, the cell's own children included, so that nothing keeps using GPUs that Ray already
+# counts as free. Should the leader itself be killed first (Ray may SIGKILL orphans it adopts), the
+# terminal it controls hangs up and the kernel sends the group SIGHUP. Each exits as the runner did.
+_EXIT_AS = """
+if rc < 0:
+    try:
+        signal.signal(-rc, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass  # SIGKILL has no handler to reset
+    os.kill(os.getpid(), -rc)
+sys.exit(rc)
+"""
+_PARENT_DEATH = """
 try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(PARENT_DEATH_SIGNAL))  # PR_SET_PDEATHSIG
 except Exception:
     pass
 if os.getppid() != int(sys.argv[1]):
-    sys.exit(70)
-os.execv(sys.executable, [sys.executable, "-m", "gpu_magic.runner", *sys.argv[2:]])
+    os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
 """
+_LEADER = """\
+import ctypes, os, signal, subprocess, sys
+
+def lost(*_):
+    os.killpg(0, signal.SIGKILL)
+
+signal.signal(signal.SIGUSR1, lost)
+signal.signal(signal.SIGTERM, lambda *_: None)  # the runner answers a cancel
+PARENT_DEATH_SIGNAL = signal.SIGUSR1
+""" + _PARENT_DEATH + """
+try:
+    # a terminal of our own, held open here: should this process be SIGKILLed before it can act,
+    # the kernel hangs the terminal up and sends SIGHUP to the whole group
+    import fcntl, termios
+    tty, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    os.close(slave)
+except Exception:
+    pass
+fd = int(sys.argv[3])
+proc = subprocess.Popen([sys.executable, "-m", "gpu_magic.runner", sys.argv[2], str(fd)],
+                        pass_fds=(fd,))
+os.close(fd)
+rc = proc.wait()
+""" + _EXIT_AS
+_LAUNCHER = """\
+import ctypes, os, signal, subprocess, sys
+
+PARENT_DEATH_SIGNAL = signal.SIGKILL
+""" + _PARENT_DEATH + """
+fd = int(sys.argv[3])
+leader = subprocess.Popen([sys.executable, "-c", sys.argv[4], str(os.getpid()), sys.argv[2], str(fd)],
+                          pass_fds=(fd,), start_new_session=True)
+os.close(fd)
+
+def forward(signum, _frame):
+    try:
+        os.killpg(leader.pid, signum)
+    except ProcessLookupError:
+        pass
+
+signal.signal(signal.SIGTERM, forward)
+rc = leader.wait()
+try:
+    os.killpg(leader.pid, signal.SIGKILL)  # whatever the cell left running
+except (ProcessLookupError, PermissionError):
+    pass
+""" + _EXIT_AS
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -92,10 +152,12 @@ def _run(meta: dict[str, Any], blobs: tuple[bytes, ...]) -> Iterator[bytes]:
             path = inputs / Path(name).name
             path.write_bytes(data)
             paths.append(str(path))
-        del blobs
         manifest = dict(meta["manifest"], inputs={"pickle": paths[0], "buffers": paths[1:]})
         (workdir / "manifest.json").write_text(json.dumps(manifest))
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        if "OMP_NUM_THREADS" in env and "OMP_NUM_THREADS" not in _raylet_env():
+            # Ray pins it to 1 in a task that asked for no CPU; the cell gets the node's setting
+            del env["OMP_NUM_THREADS"]
         env.update(meta["env"])
         # Ray chose the devices: say which in the grant the cell reads
         grant = json.loads(env.get("GPU_MAGIC_GRANT") or "{}")
@@ -105,9 +167,10 @@ def _run(meta: dict[str, Any], blobs: tuple[bytes, ...]) -> Iterator[bytes]:
         with open(workdir / "runner.log", "wb") as log:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", _LAUNCH, str(os.getpid()), str(workdir), str(w)],
+                    [sys.executable, "-c", _LAUNCHER, str(os.getpid()), str(workdir), str(w),
+                     _LEADER],
                     cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    pass_fds=(w,), start_new_session=True,
+                    pass_fds=(w,),
                 )
             finally:
                 os.close(w)
@@ -120,8 +183,19 @@ def _run(meta: dict[str, Any], blobs: tuple[bytes, ...]) -> Iterator[bytes]:
     finally:
         # normal end, cancel (KeyboardInterrupt) or an error of ours: nothing of the job may stay
         if proc is not None:
-            _stop_group(proc, grace)
+            _stop(proc, grace)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _raylet_env() -> dict[str, str]:
+    """The environment of the process that started this worker (the node's raylet), where it can
+    be read; Ray adds to a worker's environment what it sets per task."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/environ").read_bytes()
+    except OSError:
+        return dict(os.environ)
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
 def _relay(fd: int, out_dir: Path) -> Iterator[bytes]:
@@ -195,19 +269,13 @@ def _tail(path: Path) -> str:
         return ""
 
 
-def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM the runner's process group, SIGKILL what is left after ``grace`` seconds."""
-    pgid = proc.pid
+def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the runner's process group (through its launcher), SIGKILL it after ``grace`` s."""
     if proc.poll() is None:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-    try:
-        os.killpg(pgid, signal.SIGKILL)  # the cell's own children, even when the runner is gone
-    except (ProcessLookupError, PermissionError):
-        pass
+    if proc.poll() is None:
+        proc.kill()  # the leader hears of it and kills the group
     proc.wait()
