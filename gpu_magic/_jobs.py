@@ -184,8 +184,11 @@ class GpuJob:
                     job.view.append_output({"type": "traceback", "text": text + "\n"})
                 except Exception as exc:
                     self._failure = exc
-            self._finished.set()
-            job.view.finish()
+            # the view says how it ended before wait() returns, so what wait() shows is final
+            try:
+                job.view.finish()
+            finally:
+                self._finished.set()
 
     # --- the handle ---
 

@@ -51,11 +51,15 @@ def test_background_cell_returns_a_handle_and_binds_at_wait(tmp_path: Path) -> N
 
 
 def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    # the remote cell waits for cell 3 to create the flag: the job ends during cell 3, always
     nb = make_notebook(
-        "%load_ext gpu_magic",
-        "%%gpu --background\nz = 7\nw = 'remote'",
+        f"%load_ext gpu_magic\nimport time\nFLAG = {str(flag)!r}",
+        "%%gpu --background\nimport os, time\nwhile not os.path.exists(FLAG):\n"
+        "    time.sleep(0.02)\nz = 7\nw = 'remote'",
         "job = _\nw = 'local'",
-        "import time\nwhile not job.done():\n    time.sleep(0.05)\nprint('z' in globals())",
+        "open(FLAG, 'w').close()\nwhile not job.done():\n    time.sleep(0.05)\n"
+        "print('z' in globals())",
         "print(z, w, job.result['w'])",
     )
     execute(nb, tmp_path)
