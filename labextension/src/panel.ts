@@ -228,12 +228,16 @@ export class GpuPanel extends Widget {
           title: 'Show the nodes'
         },
         h('span', { class: 'jp-GpuMagic-caret' }, open ? '▾' : '▸'),
-        h('span', { class: 'jp-GpuMagic-typename' }, t.type),
+        h(
+          'span',
+          {
+            class: 'jp-GpuMagic-typename',
+            title: t.memory_gb ? `${t.type}: ${t.memory_gb} GB each` : t.type
+          },
+          t.type
+        ),
         this._bar(t.free, t.total),
-        h('span', { class: 'jp-GpuMagic-free' }, `${t.free}/${t.total} free`),
-        t.memory_gb
-          ? h('span', { class: 'jp-GpuMagic-muted' }, ` ${t.memory_gb} GB`)
-          : null
+        h('span', { class: 'jp-GpuMagic-free' }, `${t.free}/${t.total} free`)
       );
       const toggle = () => {
         if (open) {
@@ -252,7 +256,7 @@ export class GpuPanel extends Widget {
       });
       section.append(row);
       if (open) {
-        section.append(this._nodes(pool, t.type));
+        section.append(this._nodes(pool, t.type, t.memory_gb));
       }
     }
     return section;
@@ -269,7 +273,7 @@ export class GpuPanel extends Widget {
     return bar;
   }
 
-  private _nodes(pool: IPool, type: string): Node {
+  private _nodes(pool: IPool, type: string, memoryGb: number | null): Node {
     const list = h('div', { class: 'jp-GpuMagic-nodes' });
     for (const node of pool.nodes) {
       const gpus = node.gpus.filter(g => g.type === type);
@@ -292,7 +296,11 @@ export class GpuPanel extends Widget {
           { class: 'jp-GpuMagic-node', 'data-node': node.name },
           h('span', { class: 'jp-GpuMagic-nodename' }, node.name),
           ...dots,
-          h('span', { class: 'jp-GpuMagic-muted' }, ` ${free}/${gpus.length} free`)
+          h(
+            'span',
+            { class: 'jp-GpuMagic-muted' },
+            ` ${free}/${gpus.length} free` + (memoryGb ? ` · ${memoryGb} GB each` : '')
+          )
         )
       );
     }
