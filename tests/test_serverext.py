@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -22,7 +23,9 @@ from pytest_jupyter.jupyter_server import *  # noqa: F403
 from gpu_magic._api import Options, run, submit
 from gpu_magic.serverext import GpuMagicProxy
 
-from .conftest import Gateway, wait_for
+from .conftest import Gateway, start_gateway, wait_for
+from .test_gateway_http import finish, write_tokens
+from .test_gateway_http import submit as submit_job
 
 API = ("gpu-magic", "api")
 
@@ -230,3 +233,42 @@ def _proxy_of(serverapp: Any) -> GpuMagicProxy:
             if isinstance(proxy, GpuMagicProxy):
                 return proxy
     raise AssertionError("the gpu_magic handlers are not registered")
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, dict[str, str]]]:
+    """A gateway shared by alice and bob, with carol as its admin (an instructor)."""
+    tmp = tmp_path_factory.mktemp("shared")
+    tokens = {name: secrets.token_urlsafe(24) for name in ("alice", "bob", "carol")}
+    write_tokens(tmp / "tokens.json", {"alice": tokens["alice"], "bob": tokens["bob"],
+                                       "carol": {"token": tokens["carol"], "admin": True}})
+    gw = start_gateway(tmp, "--tokens-file", str(tmp / "tokens.json"))
+    yield gw, tokens
+    gw.stop()
+
+
+def test_an_admin_token_sees_and_cancels_every_users_jobs(
+        api: Any, jp_serverapp: Any, shared_gateway: tuple[Gateway, dict[str, str]]) -> None:
+    gw, tokens = shared_gateway
+    alice, bob = gw.client(tokens["alice"]), gw.client(tokens["bob"])
+    try:
+        mine = submit_job(alice, "a = 1\n")
+        theirs = submit_job(bob, "import time\ntime.sleep(60)\n")
+        proxy = _proxy_of(jp_serverapp)
+        proxy.url = gw.url
+
+        proxy.token = tokens["alice"]  # a user: all=true still answers with her own jobs
+        ids = {j["id"] for j in api("jobs", params={"all": "true"})[1]["jobs"]}
+        assert mine["id"] in ids and theirs["id"] not in ids
+        assert api("jobs", theirs["id"], method="DELETE")[0] == 404
+
+        proxy.token = tokens["carol"]  # the admin
+        assert {j["id"] for j in api("jobs")[1]["jobs"]} == set()  # her own: none
+        jobs = {j["id"]: j for j in api("jobs", params={"all": "true"})[1]["jobs"]}
+        assert jobs[mine["id"]]["user"] == "alice" and jobs[theirs["id"]]["user"] == "bob"
+        code, body = api("jobs", theirs["id"], method="DELETE")
+        assert code == 200
+        assert finish(bob, theirs["id"])["state"] == "cancelled"
+    finally:
+        alice.close()
+        bob.close()
