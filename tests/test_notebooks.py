@@ -1,15 +1,25 @@
-"""The teaching notebooks run top to bottom against a simulated pool, and are stored stripped."""
+"""The teaching notebooks run top to bottom against a simulated pool, are stored stripped, and
+pass ruff with the bodies of their ``%%gpu`` cells linted too."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _source(cell: dict[str, Any]) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -19,12 +29,38 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
         if cell["cell_type"] == "code":
             assert cell.get("outputs") == [] and cell.get("execution_count") is None, (
                 f"{path.name}: strip outputs before committing")
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", (
+        f"{path.name}: the kernelspec must be python3, the kernel every installation has")
+
+
+def test_notebooks_pass_ruff(tmp_path: Path) -> None:
+    # ruff lints notebooks itself but skips every cell that starts with a cell magic, which here
+    # is most of the code: lint copies whose `%%gpu` lines are comments. `_` (the previous
+    # cell's value, how a notebook keeps a background job's handle) is an IPython builtin.
+    copies = []
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code" and _source(cell).startswith("%%gpu"):
+                cell["source"] = "# " + _source(cell)
+        copy = tmp_path / path.name
+        copy.write_text(json.dumps(nb))
+        copies.append(str(copy))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "--config",
+         str(ROOT / "pyproject.toml"), "--config", 'builtins = ["_"]', *copies],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.usefixtures("use_gateway")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
+    if any("import torch" in c.source for c in nb.cells if c.cell_type == "code"):
+        pytest.importorskip("torch", reason=f"{path.name} trains a PyTorch model: "
+                            "pip install torch==2.13.0 (the test extra has it)")
     NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     for i, cell in enumerate(nb.cells):
