@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -40,8 +39,9 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
         cmd.append("--allow-root")
     first = sorted(nb_dir.glob("*.ipynb"))
     if first:
-        cmd.append(first[0].name)
-    lab = subprocess.Popen(cmd)
+        cmd.append(f"--LabApp.default_url=/lab/tree/{first[0].name}")
+    # its own session: Ctrl-C reaches us once, and we stop JupyterLab cleanly with SIGTERM
+    lab = subprocess.Popen(cmd, cwd=nb_dir, start_new_session=True)
     print("gpu_magic: JupyterLab is starting; open the URL it prints (with its token). "
           "Ctrl-C stops everything.", flush=True)
     try:
@@ -51,11 +51,11 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
         pass
     finally:
         if lab.poll() is None:
-            lab.send_signal(signal.SIGINT)
+            lab.terminate()
             try:
                 lab.wait(10)
             except subprocess.TimeoutExpired:
-                lab.terminate()
+                lab.kill()
                 lab.wait(10)
         print(stop_local_gateway())
-    return 0
+    return lab.returncode if lab.returncode and lab.returncode > 0 else 0

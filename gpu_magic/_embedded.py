@@ -59,6 +59,12 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def _pid_alive(pid: int) -> bool:
     try:
+        # a gateway this process started and that has exited is a zombie until reaped
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False

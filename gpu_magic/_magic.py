@@ -24,7 +24,7 @@ from traitlets import Unicode
 
 from . import _api
 from ._connection import connect, current_target, set_connection
-from ._errors import GpuMagicError
+from ._errors import GpuMagicError, RemoteError
 from ._tables import jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
@@ -95,9 +95,16 @@ class GPUMagics(Magics):
         assert shell is not None
         if self.url:
             set_connection(self.url, self.token or None)
-        result = _api.run(cell, spec_text or None, shell.user_ns,
-                          hidden=set(shell.user_ns_hidden), **vars(opts))
-        return result
+        try:
+            return _api.run(cell, spec_text or None, shell.user_ns,
+                            hidden=set(shell.user_ns_hidden), **vars(opts))
+        except GpuMagicError as exc:
+            # our own errors say what happened and how to fix it: that message is the whole
+            # story, our internal stack would only bury it (the cell's own errors keep theirs)
+            if not isinstance(exc, RemoteError) and not hasattr(exc, "_render_traceback_"):
+                line = f"{type(exc).__name__}: {exc}"
+                exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
+            raise
 
     def _label(self) -> str:
         # IPython counts the running cell before it runs, so the count already points past it
@@ -160,7 +167,11 @@ class GPUMagics(Magics):
             if len(rest) != 1:
                 raise UsageError("usage: %gpu cancel JOB_ID (see %gpu jobs for the ids)")
             rec = client.cancel(rest[0])
-            print(f"job {rec['id']}: {rec['state']}")
+            if rec["state"] in ("queued", "running"):
+                print(f"cancelling job {rec['id']} ({rec['state']}): its runner is stopped and its "
+                      "GPUs freed within seconds")
+            else:
+                print(f"job {rec['id']} is {rec['state']}")
         elif cmd == "attach":
             if len(rest) != 1:
                 raise UsageError("usage: %gpu attach JOB_ID (see %gpu jobs for the ids)")

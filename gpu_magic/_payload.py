@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
 import sys
 import threading
@@ -114,9 +115,12 @@ class _Pickler(cloudpickle.Pickler):
 
 
 def _is_cuda_tensor(obj: Any) -> bool:
-    # Checked by module name so that the client never imports torch itself.
-    mod = type(obj).__module__
-    return mod.startswith("torch") and getattr(obj, "is_cuda", False) is True
+    # torch only if it is already imported: the client never imports it itself; storages are
+    # not asked (their is_cuda warns that TypedStorage is deprecated)
+    torch = sys.modules.get("torch")
+    if torch is None or not type(obj).__module__.startswith("torch"):
+        return False
+    return isinstance(obj, torch.Tensor) and bool(obj.is_cuda)
 
 
 _REGISTRY_LOCK = threading.Lock()
@@ -153,6 +157,9 @@ def _is_local(base: Path, name: str, file: str) -> bool:
     local = False
     if name.partition(".")[0] in _installed_top_levels():
         _LOCAL_CACHE[key] = False
+        return False
+    if not os.path.isabs(file):
+        _LOCAL_CACHE[key] = False  # a synthetic module (torch.ops has '_ops.py'): not a file here
         return False
     try:
         path = Path(file).resolve()

@@ -198,7 +198,7 @@ def test_killed_client_does_not_lose_the_job(gateway: Gateway, tmp_path: Path) -
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
-        job = next(j for j in c.jobs() if "answer = 42" in j["source"])
+        job = max((j for j in c.jobs() if j["source"] == source), key=lambda j: j["created"])
         assert finish(c, job["id"])["state"] == "succeeded"
         space = ns()
         assert attach(job["id"], space, client=c, quiet=True) == 42 and space["answer"] == 42

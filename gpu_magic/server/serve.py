@@ -116,6 +116,13 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
             "bubblewrap (apt-get install bubblewrap) for --isolation bwrap, or --force if every "
             "user may see everything."
         )
+    if len(users) > 1 and cfg.backend == "ray" and not cfg.force:
+        raise ServeError(
+            f"this gateway would serve {len(users)} users on Ray, whose workers run cells "
+            "without the gateway's sandbox, as the Ray workers' own account. Give each group its "
+            "own cluster and gateway, or --force if every user may see everything the workers "
+            "can (see docs/ray.md)."
+        )
     if isolation == "bwrap" and not bwrap_path():
         raise ServeError("--isolation bwrap needs bubblewrap: apt-get install bubblewrap")
     multi = len(users) > 1
