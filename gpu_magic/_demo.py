@@ -50,6 +50,7 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
         if lab.poll() is None:
             lab.terminate()
             try:
