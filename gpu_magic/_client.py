@@ -72,8 +72,9 @@ class GatewayClient:
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 # A pooled keep-alive connection the server had just closed: send once more on
                 # a fresh one. Every request here may be repeated safely (a job's id is chosen
-                # by the client, so a repeated submit is refused as a duplicate, not run twice).
-                if attempt == 2 or (factory is None and not _replayable(kw)):
+                # by the client, so a repeated submit is refused as a duplicate, not run twice;
+                # a streamed body comes from a factory, so it is made anew).
+                if attempt == 2:
                     raise GatewayError(f"the gpu_magic gateway at {self.url} dropped the "
                                        f"connection: {exc}") from None
             except httpx.TransportError as exc:
@@ -261,11 +262,6 @@ def _ssl_context() -> Any:
         if bundle:
             _SSL.load_verify_locations(bundle)
     return _SSL
-
-
-def _replayable(kw: dict[str, Any]) -> bool:
-    # a streamed body (an upload's iterator) is consumed by the first try
-    return not callable(getattr(kw.get("content"), "__next__", None))
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

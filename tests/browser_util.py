@@ -199,3 +199,15 @@ def screenshot(page: Any, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path))
     return path
+
+
+# pytest-jupyter's autouse loop fixtures would break Playwright's sync API at teardown, should
+# its plugin ever be loaded for the whole suite: browser modules import these to shadow them.
+@pytest.fixture(autouse=True)
+def jp_asyncio_loop() -> None:
+    return None
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup() -> None:
+    return None

@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
-from .browser_util import (
+from .browser_util import (  # noqa: F401 (the jp_* fixtures shadow pytest-jupyter's)
     WAIT_MS,
     LabServer,
     browser,
     chromium_or_skip,
     first_page,
+    jp_asyncio_loop,
+    jp_server_cleanup,
     lab_server,
     open_lab,
     open_notebook,
@@ -32,18 +34,6 @@ pytestmark = pytest.mark.slow
 
 SIDEBAR_TAB = '.jp-SideBar [data-id="gpu-magic-sidebar"]'
 PANEL = "#gpu-magic-sidebar"
-
-
-# Should pytest-jupyter's plugin ever be loaded for the whole suite, its autouse loop fixtures
-# would break Playwright's sync API at teardown; these shadow them here.
-@pytest.fixture(autouse=True)
-def jp_asyncio_loop() -> None:
-    return None
-
-
-@pytest.fixture(autouse=True)
-def jp_server_cleanup() -> None:
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
-from .browser_util import (
+from .browser_util import (  # noqa: F401 (the jp_* fixtures shadow pytest-jupyter's)
     LabServer,
     browser,
     chromium_or_skip,
     first_page,
+    jp_asyncio_loop,
+    jp_server_cleanup,
     lab_server,
     open_notebook,
     run_cells,
@@ -29,17 +31,6 @@ from .test_gateway_http import all_free, finish
 pytestmark = pytest.mark.slow
 
 WIDGET = ".jp-OutputArea-output .jupyter-widgets.gpu-magic-widget"
-
-
-# pytest-jupyter's autouse loop fixtures would break Playwright's sync API at teardown
-@pytest.fixture(autouse=True)
-def jp_asyncio_loop() -> None:
-    return None
-
-
-@pytest.fixture(autouse=True)
-def jp_server_cleanup() -> None:
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ cancellation by kernel interrupt, and attaching to a job again."""
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -245,6 +244,5 @@ def test_queued_events_carry_position_and_estimate(small_client: Any) -> None:
         assert queued[0]["position"] >= 1 and "estimate" in queued[0]
         granted = next(e for e in events if e["type"] == "granted")
         assert granted["gpu_type"] == "T4"
-        assert json.dumps(granted)  # plain JSON all the way
     finally:
         finish(client, first["id"])

@@ -12,6 +12,7 @@ import asyncio
 import json
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ class Job:
             "id": self.id,
             "user": self.user,
             "state": self.state,
-            "spec": str(GpuSpec.from_json(req["spec"])),
+            # a job reloaded after a restart keeps only the text of its spec
+            "spec": req.get("spec_text") or str(GpuSpec.from_json(req["spec"])),
             "options": [str(o) for o in self.options],
             "dropped": self.dropped,
             "created": self.created,
@@ -152,16 +154,16 @@ class Gateway:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         for rec in sorted(self.store.load_jobs(), key=lambda r: r.get("seq", 0)):
+            request = {"spec_text": rec.get("spec", "any"), "source": rec.get("source", ""),
+                       "meta": rec.get("meta", {}), "background": rec.get("background", False)}
             job = Job(
-                rec["id"], rec["user"], {"spec": [], "source": rec.get("source", ""),
-                                         "meta": rec.get("meta", {}),
-                                         "background": rec.get("background", False)},
-                [], [], rec.get("dropped", []), rec.get("seq", 0), rec["state"],
-                rec.get("created", 0), rec.get("started"), rec.get("finished"),
-                rec.get("attempt", 1), rec.get("grant"), rec.get("attempts", []), None,
+                id=rec["id"], user=rec["user"], request=request, options=[], option_indices=[],
+                dropped=rec.get("dropped", []), seq=rec.get("seq", 0), state=rec["state"],
+                created=rec.get("created", 0), started=rec.get("started"),
+                finished=rec.get("finished"), attempt=rec.get("attempt", 1),
+                grant=rec.get("grant"), attempts=rec.get("attempts", []), events=None,
+                message=rec.get("message"), notices=rec.get("notices", []),
             )
-            job.request["spec_text"] = rec.get("spec", "any")
-            job.message = rec.get("message")
             self._seq = max(self._seq, job.seq)
             self.jobs[job.id] = job
             if not job.final:
@@ -287,19 +289,7 @@ class Gateway:
                 if j.user == user.name or (everyone and user.admin)]
 
     def _record(self, job: Job) -> dict[str, Any]:
-        if not job.options and "spec_text" in job.request:  # loaded from the store
-            rec = {
-                "id": job.id, "user": job.user, "state": job.state,
-                "spec": job.request["spec_text"], "options": [], "dropped": job.dropped,
-                "created": job.created, "started": job.started, "finished": job.finished,
-                "attempt": job.attempt, "grant": job.grant, "attempts": job.attempts,
-                "message": job.message, "notices": job.notices,
-                "background": job.request.get("background", False),
-                "meta": job.request.get("meta", {}), "source": job.request.get("source", ""),
-                "seq": job.seq,
-            }
-        else:
-            rec = job.record()
+        rec = job.record()
         if job.state == "queued" and job.id in self.queue:
             rec["queue_position"] = self.queue.index(job.id) + 1
         return rec
@@ -659,10 +649,8 @@ class Gateway:
             return (f"the runner failed before the cell could finish: {outcome.get('ename')}: "
                     f"{outcome.get('evalue')}")
         if rc is not None and rc < 0:
-            import signal as _signal
-
             try:
-                name = _signal.Signals(-rc).name
+                name = signal.Signals(-rc).name
             except ValueError:
                 name = str(-rc)
             why = f"the runner process died (killed by signal {name})"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import SpecError
-from .._spec import CATALOGUE, memory_gb
+from .._spec import memory_gb
 
 # NVML names ("NVIDIA H100 80GB HBM3", "Tesla T4", "NVIDIA A100-SXM4-40GB") to our catalogue.
 _NVML_PATTERNS: list[tuple[str, str]] = [
@@ -134,7 +134,3 @@ def read_nvml(node: str | None = None, own_pids: set[int] | None = None) -> list
             pass
     return gpus
 
-
-def known_memory(gtype: str) -> int | None:
-    entry = CATALOGUE.get(gtype)
-    return entry.memory_gb if entry else None

@@ -165,10 +165,13 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._made: set[Path] = set()
 
     def user_dir(self, user: str) -> Path:
         d = self.root / _safe_user(user)
-        d.mkdir(exist_ok=True, mode=0o700)
+        if d not in self._made:  # every blob lookup passes here: one mkdir per user, not per call
+            d.mkdir(exist_ok=True, mode=0o700)
+            self._made.add(d)
         return d
 
     def path(self, user: str, digest: str) -> Path:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class Handle:
     proc: subprocess.Popen[bytes] | None = None
     worker: Worker | None = None
     cancelled: bool = False
-    threads: list[threading.Thread] = field(default_factory=list)
 
     def wait(self, timeout: float = 10.0) -> int | None:
         """The exit code once the process is gone (negative: killed by that signal)."""
@@ -177,7 +176,6 @@ class LocalBackend:
             target=self._follow, args=(handle, r, on_event, on_exit), daemon=True,
             name=f"gpu-magic-runner-{run.job_id}",
         )
-        handle.threads.append(t)
         t.start()
         return handle
 
