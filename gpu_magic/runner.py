@@ -310,15 +310,7 @@ def _pack_results(
     ns: dict[str, Any], names: list[str], value: Any, has_value: bool,
     unchanged_inputs: dict[int, str], out_dir: Path,
 ) -> dict[str, Any]:
-    skipped: dict[str, str] = {}
-    values = {}
-    for n in names:
-        v = ns[n]
-        if id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None:
-            what, fix = _payload.describe(_payload.find_unpicklable(v, n)[1])
-            skipped[n] = f"{what} cannot be sent back; {fix}"
-            continue
-        values[n] = v
+    values = {n: ns[n] for n in names}
     payload: dict[str, Any] = {"names": values}
     value_repr = None
     if has_value:
@@ -326,12 +318,23 @@ def _pack_results(
             value_repr = repr(value)[:500]
         except Exception as exc:  # a broken __repr__ must not lose the results
             value_repr = f"<unrepresentable {type(value).__name__}: {exc}>"
-        if id(value) in unchanged_inputs or _payload.fingerprint(value, ns) is not None:
-            payload["value"] = value
-        else:
+        payload["value"] = value
+    skipped: dict[str, str] = {}
+    try:
+        packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs)
+    except Exception:
+        # only now look name by name for what cannot travel (pickling everything twice on the
+        # common path would double the cost of large results), then send the rest
+        for n, v in list(values.items()):
+            if id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None:
+                what, fix = _payload.describe(_payload.find_unpicklable(v, n)[1])
+                skipped[n] = f"{what} cannot be sent back; {fix}"
+                del values[n]
+        if "value" in payload and id(value) not in unchanged_inputs and (
+                _payload.fingerprint(value, ns) is None):
             skipped["<cell value>"] = f"{type(value).__name__} cannot be pickled"
-
-    packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs)
+            del payload["value"]
+        packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs)
     blob = _write_blob(out_dir, packed.pickle)
     buffers = [_write_blob(out_dir, b) for b in packed.buffers]
     return {

@@ -287,3 +287,14 @@ def test_same_python_and_client_python_pass() -> None:
 
     _check_environment({"python": platform.python_version(), "client_python": False, "packages": {}})
     _check_environment({"python": "2.7.18", "client_python": True})
+
+
+def test_names_that_cannot_come_back_are_skipped_and_said(capsys: pytest.CaptureFixture[str]) -> None:
+    ns = notebook("")
+    value = run(ns, "import threading\nlock = threading.Lock()\nx = 1\nthreading.Lock()")
+    assert ns["x"] == 1 and "lock" not in ns
+    assert value is None
+    err = capsys.readouterr().err
+    assert ("[gpu_magic] lock was not brought back: a thread lock cannot be sent back; "
+            "create it inside the cell instead") in err
+    assert "[gpu_magic] <cell value> was not brought back: lock cannot be pickled" in err
