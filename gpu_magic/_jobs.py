@@ -266,6 +266,7 @@ class GpuJob:
                 _PENDING.remove(self)
         job = self._job
         if job.state.state != "succeeded" or job.result is None:
+            job.view.reopen()
             return
         try:
             names, deleted, has_value, value = self._load()

@@ -205,12 +205,19 @@ class WidgetView(NullView):
                 _OUR_COMMS.difference_update(_comm_ids(self._box))
 
     def reopen(self) -> None:
-        """The state changed after the end (names bound at a safe point): show it."""
+        """Show the final state again, from the main thread at a safe point (names bound, or
+        a background job that ended another way). Sent even if unchanged here: the first
+        sending may have gone out between two cells, under a request that had already ended,
+        and a front end that files messages by request (nbclient, nbconvert) dropped it."""
         with self._lock:
             if self._handle is None:
                 return
             if self._html is not None:
-                self._html.value = self._last_html = self._render()
+                value = self._render()
+                if value != self._html.value:
+                    self._html.value = self._last_html = value
+                else:
+                    self._html.send_state("value")
             self._flush_outputs(force=True)
             self._handle.update(self._bundle(), raw=True)
 
