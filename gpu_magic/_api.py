@@ -7,6 +7,7 @@ the namespace all at once, or raise the cell's own exception.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import inspect
@@ -23,7 +24,7 @@ from typing import Any
 
 from . import _payload
 from ._capture import analyze_cell
-from ._client import GatewayClient
+from ._client import INLINE_MAX, GatewayClient
 from ._connection import connect, invalidate_local
 from ._errors import (
     EnvironmentMismatch,
@@ -219,19 +220,20 @@ class _Job:
         self._cancel_wanted = False
         self._cancel_sent = False
         self.outputs: list[str] = []  # the names the cell may bind or delete
+        self.feed: EventFeed | None = None  # the stream its submit opened, if any
 
     # --- following ---
 
     def follow(self, pump: Any = None) -> None:
         """Take the job's events until it ends, ticking the view and pumping its comms."""
-        feed = EventFeed(self.client, self.id)
+        feed, self.feed = self.feed or EventFeed(self.client, self.id), None
         pumping = pump is not None and pump.active
         try:
             while True:
                 if self._cancel_wanted and not self._cancel_sent:
                     self.send_cancel()
                 ev = feed.get(timeout=0.05 if pumping else 0.25)
-                if ev is not None:
+                if ev is not None and ev.get("type") != "job":
                     self._on_event(ev)
                     if ev.get("type") == "done":
                         return
@@ -327,10 +329,17 @@ class _Job:
     # --- results ---
 
     def _fetch_result(self, ev: dict[str, Any]) -> None:
-        blob = self.client.download(ev["blob"])
-        buffers = [self.client.download(d) for d in ev.get("buffers", [])]
+        blob = self._blob(ev, ev["blob"])
+        buffers = [self._blob(ev, d) for d in ev.get("buffers", [])]
         self.state.received_bytes = len(blob) + sum(len(b) for b in buffers)
         self._blobs = (blob, buffers)
+
+    def _blob(self, ev: dict[str, Any], digest: str) -> bytearray:
+        """A result blob: from inside the event when small (writable, like a download)."""
+        inline = (ev.get("inline") or {}).get(digest)
+        if inline is not None:
+            return bytearray(base64.b64decode(inline))
+        return self.client.download(digest)
 
     def load_result(self) -> tuple[dict[str, Any], list[str], bool, Any]:
         """The returned names, the deleted names, and the value, rebuilt here (not bound)."""
@@ -400,7 +409,7 @@ class _Job:
         exc: Any = None
         if ev.get("exception"):
             try:
-                exc = _payload.loads(self.client.download(ev["exception"]), namespace={})
+                exc = _payload.loads(self._blob(ev, ev["exception"]), namespace={})
             except Exception:
                 exc = None
         lines = render_traceback(ev, self.source, line_offset=self.opts.line_offset,
@@ -498,11 +507,13 @@ def submit(
     _check_environment(health)
     blobs = packed.blobs()
     state = JobState(str(gspec), background=opts.background)
-    state.sent_bytes = _upload(cl, blobs, state)
+    inline = _send_inputs(cl, blobs, state)
     if box is not None:
         box["client"] = cl
+    job_id = job_id or secrets.token_hex(8)
     body = {
         "id": job_id,
+        "blobs": inline,
         "source": source,
         "spec": gspec.to_json(),
         "inputs": packed.manifest,
@@ -523,15 +534,29 @@ def submit(
         "background": opts.background,
         "meta": opts.meta,
     }
+    # one exchange: the job goes in and its event stream comes back as the answer
+    feed = EventFeed(cl, job_id, submit=body)
     try:
-        record = cl.submit(body)
-    except GatewayError as exc:
-        if exc.status != 409:
-            raise
-        _upload(cl, blobs, state)  # the gateway dropped some blobs since we asked: resend once
-        record = cl.submit(body)
+        try:
+            record = feed.record()
+        except GatewayError as exc:
+            detail = exc.detail if isinstance(exc.detail, dict) else {}
+            if exc.status != 409 or detail.get("error") != "missing_blobs":
+                raise
+            # the gateway dropped blobs we thought it held: send what it lacks, submit again
+            feed.close()
+            cl.known.difference_update(blobs)
+            body["blobs"] = {}
+            state.sent_bytes += _upload(cl, blobs, state)
+            feed = EventFeed(cl, job_id, submit=body)
+            record = feed.record()
+    except BaseException:
+        feed.close()
+        raise
+    cl.known.update(blobs)
     state.job_id = record["id"]
     job = _Job(cl, record, state, NullView(state), source, opts, namespace, values)
+    job.feed = feed
     job.outputs = [*analysis.outputs, *sorted(analysis.deleted)]
     job.view = _make_view(job)
     return job
@@ -550,6 +575,21 @@ def _make_view(job: _Job) -> Any:
         # --quiet --background: no status, only the output area that keeps the cell's output
         return WidgetView(job.state, on_cancel=job.request_cancel, status=not quiet)
     return NullView(job.state) if quiet else TextView(job.state)
+
+
+def _send_inputs(client: GatewayClient, blobs: dict[str, memoryview],
+                 state: JobState) -> dict[str, str]:
+    """Small inputs travel inside the submit (base64); larger ones are uploaded first, those
+    the gateway holds already are not. Returns the inline blobs."""
+    fresh = {d: b for d, b in blobs.items() if d not in client.known}
+    size = sum(b.nbytes for b in fresh.values())
+    if size > INLINE_MAX:
+        state.sent_bytes = _upload(client, blobs, state)
+        return {}
+    state.reused = len(blobs) - len(fresh)
+    state.sent_bytes = size
+    return {d: base64.b64encode(b.cast("B") if b.format != "B" or b.ndim != 1 else b).decode()
+            for d, b in fresh.items()}
 
 
 def _upload(client: GatewayClient, blobs: dict[str, memoryview], state: JobState) -> int:

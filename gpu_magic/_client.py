@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,8 @@ CHUNK = 1 << 20
 # Blobs at least this big go through files on the same host (below it one HTTP body is cheaper).
 SAME_HOST_MIN = 1 << 20
 RESUME_ATTEMPTS = 20
+# Input blobs up to this much in all travel inside the submit itself (base64 in its JSON).
+INLINE_MAX = 256 << 10
 
 
 class GatewayClient:
@@ -36,6 +39,13 @@ class GatewayClient:
         self._health: dict[str, Any] | None = None
         # False: always HTTP bodies, even when the gateway offers files on this host
         self._local: dict[str, Any] | bool | None = None if same_host else False
+        self._same_host = same_host
+        # digests the gateway held for us when last asked (it may drop them later: a submit
+        # that names a dropped one is refused with 409 and sent again with it)
+        self.known: set[str] = set()
+        # clients for event streams, one per job being followed, kept for the next job
+        self._spares: list[GatewayClient] = []
+        self._spares_lock = threading.Lock()
 
     def _new_http(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -52,6 +62,27 @@ class GatewayClient:
 
     def close(self) -> None:
         self._http.close()
+        with self._spares_lock:
+            spares, self._spares = self._spares, []
+        for c in spares:
+            c.close()
+
+    def borrow(self) -> GatewayClient:
+        """A client of this gateway for another thread (httpx clients are not shared between
+        threads here); ``give_back`` keeps it and its open connection for the next one."""
+        with self._spares_lock:
+            if self._spares:
+                return self._spares.pop()
+        other = GatewayClient(self.url, self.token, same_host=self._same_host)
+        other._health, other._local = self._health, self._local
+        return other
+
+    def give_back(self, other: GatewayClient) -> None:
+        with self._spares_lock:
+            if len(self._spares) < 4:
+                self._spares.append(other)
+                return
+        other.close()
 
     def __enter__(self) -> GatewayClient:
         return self
@@ -209,6 +240,46 @@ class GatewayClient:
             if exc.status == 409 and detail.get("error") == "job_exists" and body.get("id"):
                 return self.job(body["id"])
             raise
+
+    def submit_follow(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Submit and follow in one exchange: first ``{"type": "job", "job": record}``, then the
+        job's events as ``events`` gives them (a dropped stream resumes the same way)."""
+        job_id = body["id"]
+        last, submitted = 0, False
+        for attempt in (1, 2):
+            try:
+                with self._http.stream("POST", "/v1/jobs", params={"follow": "true"},
+                                       json=body) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        _check(resp, self.url)
+                    for ev in _parse_sse(resp.iter_lines()):
+                        if ev.get("type") == "job":
+                            submitted = True
+                        else:
+                            last = int(ev.get("seq", 0)) or last
+                        yield ev
+                        if ev.get("type") == "done":
+                            return
+                break  # ended early: resume below
+            except GatewayError as exc:
+                detail = exc.detail if isinstance(exc.detail, dict) else {}
+                if attempt == 2 and exc.status == 409 and detail.get("error") == "job_exists":
+                    # our first try reached the gateway before its connection dropped
+                    yield {"type": "job", "job": self.job(job_id)}
+                    break
+                raise
+            except httpx.TransportError as exc:
+                if submitted:
+                    break
+                if attempt == 2 or not isinstance(
+                        exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+                    raise GatewayError(
+                        f"cannot reach the gpu_magic gateway at {self.url}: {exc}. Is it "
+                        "running? (`gpu-magic serve`, or check GPU_MAGIC_URL)") from None
+                # a pooled connection the server had just closed: once more (the job id is
+                # ours, so a repeat that reached it twice is refused as a duplicate)
+        yield from self.events(job_id, after=last)
 
     def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """The job's events in order, each exactly once, resuming after dropped connections."""

@@ -36,30 +36,53 @@ class _Failure:
 
 
 class EventFeed:
-    """A job's events, read on a thread of their own and taken from a queue."""
+    """A job's events, read on a thread of their own and taken from a queue.
 
-    def __init__(self, client: GatewayClient, job_id: str) -> None:
-        # a client of its own: httpx clients are not shared between threads here
-        self._client = GatewayClient(client.url, client.token)
+    Given the job's ``submit`` body, the thread also submits it (one exchange: the answer is
+    the event stream) and ``record()`` gives the gateway's answer, or raises its refusal.
+    """
+
+    def __init__(self, client: GatewayClient, job_id: str,
+                 submit: dict[str, Any] | None = None) -> None:
+        self._owner = client
+        self._client = client.borrow()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._job_id = job_id
+        self._submit = submit
+        self._clean = False
         self._thread = threading.Thread(target=self._read, name=f"gpu_magic events {job_id}",
                                         daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         try:
-            for ev in self._client.events(self._job_id):
+            if self._submit is not None:
+                events = self._client.submit_follow(self._submit)
+            else:
+                events = self._client.events(self._job_id)
+            for ev in events:
                 if self._stop.is_set():
                     return
                 self._queue.put(ev)
+                if ev.get("type") == "done":
+                    self._clean = True
         except BaseException as exc:  # handed to the follower, which raises it
             if not self._stop.is_set():
                 self._queue.put(_Failure(exc))
         finally:
             self._queue.put(_END)
-            self._client.close()
+            if self._clean:
+                self._owner.give_back(self._client)  # its connection serves the next job
+            else:
+                self._client.close()
+
+    def record(self) -> dict[str, Any]:
+        """The submitted job's record, once the gateway has taken it (or its refusal)."""
+        while True:
+            ev = self.get(timeout=1.0)
+            if ev is not None and ev.get("type") == "job":
+                return ev["job"]  # type: ignore[no-any-return]
 
     def get(self, timeout: float) -> dict[str, Any] | None:
         """The next event, or None if none came within ``timeout`` seconds."""

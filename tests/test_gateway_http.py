@@ -8,6 +8,7 @@ file with several users, and a restart on the same state directory.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import platform
@@ -634,6 +635,71 @@ def test_missing_input_blob_is_409(gateway: Gateway, client: GatewayClient, whic
     body = refused(resp, 409, "missing_blobs")
     assert body["missing"] == [absent]
     assert client.pool()["queue_length"] == 0
+
+
+# --- submit and follow in one exchange, small blobs inline ---
+
+
+def sse(resp: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line[5:]) for line in resp.text.splitlines() if line.startswith("data:")]
+
+
+def inline_body(values: dict[str, Any], source: str, **fields: Any) -> dict[str, Any]:
+    packed = pack_inputs(values, None, None)
+    return {"source": source, "spec": opts("H100"), "inputs": packed.manifest,
+            "input_names": list(values), "timeout": 60,
+            "blobs": {d: base64.b64encode(bytes(b)).decode() for d, b in packed.blobs().items()},
+            **fields}
+
+
+def test_submit_and_follow_is_one_exchange_with_inputs_and_results_inside(
+        gateway: Gateway) -> None:
+    token = secrets.token_hex(8)  # a value the gateway has never seen: it must come inline
+    body = inline_body({"t": token}, "r = t * 2\nprint('ok')", outputs=["r"])
+    resp = call(gateway.url, gateway.token, "POST", "/v1/jobs?follow=true", json=body)
+    assert resp.status_code == 201, resp.text
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    first, *events = sse(resp)
+    assert first["type"] == "job" and first["job"]["state"] in ("queued", "running")
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1] == {**events[-1], "type": "done", "state": "succeeded"}
+    result = next(e for e in events if e["type"] == "result")
+    # the result blob comes inside the event, and it is exactly the stored blob
+    data = base64.b64decode(result["inline"][result["blob"]])
+    assert digest(data) == result["blob"]
+    assert loads(data, [], namespace={})["names"] == {"r": token * 2}
+    # the same events, replayed by the plain stream
+    again = call(gateway.url, gateway.token, "GET", f"/v1/jobs/{first['job']['id']}/events")
+    assert [e["type"] for e in sse(again)] == [e["type"] for e in events]
+
+
+@pytest.mark.parametrize("spoil, status, error", [
+    ("digest", 400, "blob"),  # content that is not what its digest says
+    ("base64", 400, "bad_blob"),
+])
+def test_bad_inline_blob_is_refused_and_not_kept(gateway: Gateway, client: GatewayClient,
+                                                 spoil: str, status: int, error: str) -> None:
+    body = inline_body({"t": secrets.token_hex(8)}, "t")
+    (d, text), = body["blobs"].items()
+    if spoil == "digest":
+        body["blobs"][d] = base64.b64encode(b"something else").decode()
+    else:
+        body["blobs"][d] = text[:-2] + "!!"
+    refused(call(gateway.url, gateway.token, "POST", "/v1/jobs?follow=true", json=body),
+            status, error)
+    assert client.missing([d]) == [d]
+    assert client.pool()["queue_length"] == 0
+
+
+def test_inline_blobs_over_the_limit_are_413(gateway: Gateway, client: GatewayClient) -> None:
+    blob = secrets.token_bytes((1 << 20) + 1)
+    d = digest(blob)
+    body = inline_body({}, "pass")
+    body["blobs"] = {d: base64.b64encode(blob).decode()}
+    body = refused(call(gateway.url, gateway.token, "POST", "/v1/jobs", json=body), 413,
+                   "too_large")
+    assert "PUT /v1/blobs/" in body["message"]
+    assert client.missing([d]) == [d]
 
 
 # --- cancel, errors, timeouts ---

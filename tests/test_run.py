@@ -298,3 +298,30 @@ def test_names_that_cannot_come_back_are_skipped_and_said(capsys: pytest.Capture
     assert ("[gpu_magic] lock was not brought back: a thread lock cannot be sent back; "
             "create it inside the cell instead") in err
     assert "[gpu_magic] <cell value> was not brought back: lock cannot be pickled" in err
+
+
+def test_unchanged_inputs_are_not_sent_again_even_after_the_gateway_dropped_them(
+        use_gateway: Any) -> None:
+    import secrets
+
+    from gpu_magic._api import submit
+
+    ns = notebook("pass")
+    ns["blob"] = secrets.token_bytes(5000)
+    with use_gateway.client() as c:
+        def once() -> Any:
+            job = submit("n = len(blob)", "H100", ns, client=c)
+            job.follow()
+            assert job.outcome() is None and ns.pop("n") == 5000
+            return job.state
+
+        first = once()
+        assert first.sent_bytes > 5000 and first.reused == 0
+        again = once()
+        assert again.sent_bytes == 0 and again.reused == 1
+        # the gateway's retention dropped it meanwhile: refused, sent, run; nothing lost
+        for d in c.known:
+            for f in use_gateway.state_dir.glob(f"blobs/*/{d.replace(':', '-')}"):
+                f.unlink()
+        third = once()
+        assert third.sent_bytes > 5000

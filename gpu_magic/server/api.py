@@ -7,6 +7,8 @@ downloads and cancels only their own jobs and blobs (someone else's answer 404, 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import ipaddress
 import json
 import platform
@@ -28,13 +30,17 @@ from .limits import human
 from .store import BlobError
 
 HEARTBEAT_S = 5.0
+# Small blobs travel inside the submit request and inside the result event: one exchange
+# instead of a missing-check, uploads and downloads of their own.
+INLINE_IN_MAX = 1 << 20
+INLINE_OUT_MAX = 1 << 20
+_DIGEST = Annotated[str, Field(pattern=r"^xxh3-128:[0-9a-f]{32}$")]
 _PACKAGES = ("cloudpickle", "ipython", "numpy", "torch", "gpu-magic")
 
 
 class InputsModel(BaseModel):
-    pickle: Annotated[str, Field(pattern=r"^xxh3-128:[0-9a-f]{32}$")]
-    buffers: list[Annotated[str, Field(pattern=r"^xxh3-128:[0-9a-f]{32}$")]] = Field(
-        default_factory=list, max_length=100_000)
+    pickle: _DIGEST
+    buffers: list[_DIGEST] = Field(default_factory=list, max_length=100_000)
 
 
 class OptionModel(BaseModel):
@@ -51,6 +57,8 @@ class JobSubmit(BaseModel):
     source: str  # its size limit is the gateway's, answered with 413
     spec: list[OptionModel] = Field(min_length=1, max_length=64)
     inputs: InputsModel
+    # small input blobs sent along, base64 by digest (larger ones: PUT /v1/blobs/{digest})
+    blobs: dict[_DIGEST, str] = Field(default_factory=dict, max_length=10_000)
     input_names: list[str] = Field(default_factory=list)
     outputs: list[str] = Field(default_factory=list)
     deleted: list[str] = Field(default_factory=list)
@@ -80,6 +88,8 @@ class ErrorModel(BaseModel):
     error: str
     message: str
 
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _WHY = {
     400: "malformed value (a digest that is not one, content that does not match its digest)",
@@ -156,7 +166,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
     async def _blob_error(_request: Request, exc: BlobError) -> JSONResponse:
         return JSONResponse({"error": "blob", "message": exc.message}, status_code=exc.status)
 
-    def user(request: Request) -> User:
+    async def user(request: Request) -> User:  # async: a plain def would take a thread hop
         # set by _AuthMiddleware, which has already refused requests without a valid token
         return request.state.user
 
@@ -243,9 +253,69 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         return {"user": name, "overrides": gateway.user_limits[name]}
 
     @app.post("/v1/jobs", status_code=201, responses=_errors(400, 409, 413, 422, 429, 507))
-    async def submit(body: JobSubmit, u: User = Depends(user)) -> dict[str, Any]:
-        job = gateway.submit(u, body.model_dump())
-        return gateway._record(job)
+    async def submit(body: JobSubmit, follow: bool = Query(default=False),
+                     u: User = Depends(user)) -> Any:
+        """Submit a job. With ``follow=true`` the answer is the job's event stream, opened by
+        one ``job`` event holding the record: submit and follow in one exchange."""
+        data = body.model_dump()
+        _store_inline(u, data.pop("blobs"))
+        job = gateway.submit(u, data)
+        record = gateway._record(job)
+        if not follow:
+            return record
+
+        async def stream() -> Any:
+            yield f"data: {json.dumps({'type': 'job', 'job': record})}\n\n".encode()
+            async for chunk in _sse(job, 0, u):
+                yield chunk
+
+        return StreamingResponse(stream(), status_code=201, media_type="text/event-stream",
+                                 headers=_SSE_HEADERS)
+
+    def _store_inline(u: User, blobs: dict[str, str]) -> None:
+        decoded: dict[str, bytes] = {}
+        for digest, text in blobs.items():
+            try:
+                decoded[digest] = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "bad_blob", f"inline blob {digest} is not valid base64") from None
+        total = sum(len(b) for b in decoded.values())
+        if total > INLINE_IN_MAX:
+            raise ApiError(413, "too_large",
+                           f"the inline blobs are {human(total)}; at most {human(INLINE_IN_MAX)} "
+                           "travel inside a submit. Upload larger ones first with "
+                           "PUT /v1/blobs/{digest}.")
+        cap = gateway.limits_for(u).max_blob_bytes
+        for digest, data in decoded.items():
+            if len(data) > cap:
+                raise ApiError(413, "too_large", f"blob {digest} is {human(len(data))}; this "
+                                                 f"gateway takes at most {human(cap)} per blob")
+            gateway.blobs.put_bytes(u.name, digest, data)
+
+    async def _sse(job: Any, start: int, u: User) -> Any:
+        gateway.follow(job, +1)
+        try:
+            async for ev in gateway.stream(job, start, HEARTBEAT_S):
+                if ev is None:
+                    yield b": heartbeat\n\n"
+                else:
+                    yield f"id: {ev['seq']}\ndata: {json.dumps(_inline(ev, u))}\n\n".encode()
+        finally:
+            gateway.follow(job, -1)
+
+    def _inline(ev: dict[str, Any], u: User) -> dict[str, Any]:
+        """A result or error event with its small blobs inside: no download round trip."""
+        kind = ev.get("type")
+        if kind == "result":
+            digests = [ev["blob"], *ev.get("buffers", [])]
+        elif kind == "error" and ev.get("exception"):
+            digests = [ev["exception"]]
+        else:
+            return ev
+        got = gateway.blobs.read_small(u.name, digests, INLINE_OUT_MAX)
+        if got is None:
+            return ev
+        return dict(ev, inline={d: base64.b64encode(b).decode() for d, b in got.items()})
 
     @app.get("/v1/jobs", responses=_errors(422))
     async def list_jobs(all: bool = Query(default=False), u: User = Depends(user)) -> dict[str, Any]:
@@ -272,19 +342,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         if last_event_id and last_event_id.isdigit():
             start = max(start, int(last_event_id))
 
-        async def body() -> Any:
-            gateway.follow(job, +1)
-            try:
-                async for ev in gateway.stream(job, start, HEARTBEAT_S):
-                    if ev is None:
-                        yield b": heartbeat\n\n"
-                    else:
-                        yield f"id: {ev['seq']}\ndata: {json.dumps(ev)}\n\n".encode()
-            finally:
-                gateway.follow(job, -1)
-
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(_sse(job, start, u), media_type="text/event-stream",
+                                 headers=_SSE_HEADERS)
 
     return _AuthMiddleware(app, auth, gateway, loopback_only)  # type: ignore[return-value]
 

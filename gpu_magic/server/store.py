@@ -213,6 +213,35 @@ class BlobStore:
                 tmp.unlink()
         return size
 
+    def put_bytes(self, user: str, digest: str, data: bytes) -> None:
+        """Store a small blob sent inside a request, verifying its digest like an upload."""
+        got = DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(data)
+        if got != digest:
+            raise BlobError(400, f"blob content does not match its digest: sent as {digest}, "
+                                 f"content is {got}")
+        final = self.path(user, digest)
+        if final.exists():
+            return
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
+
+    def read_small(self, user: str, digests: list[str], limit: int) -> dict[str, bytes] | None:
+        """The content of these blobs if they are all here and together at most ``limit``
+        bytes; else None."""
+        paths = {d: self.path(user, d) for d in digests}
+        try:
+            if sum(p.stat().st_size for p in paths.values()) > limit:
+                return None
+            return {d: p.read_bytes() for d, p in paths.items()}
+        except OSError:
+            return None
+
     def inbox(self, user: str) -> Path:
         """Where a client on this host writes blobs for :meth:`adopt_inbox` (0700)."""
         d = self.root.parent / "inbox" / _safe_user(user)
