@@ -16,6 +16,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 import sys
 import threading
 import types
@@ -43,10 +44,10 @@ def digest(data: bytes | bytearray | memoryview) -> str:
 
 def is_digest(value: str) -> bool:
     """Whether ``value`` looks like a digest we produce (used to validate untrusted input)."""
-    if not value.startswith(DIGEST_PREFIX):
-        return False
-    hexpart = value[len(DIGEST_PREFIX) :]
-    return len(hexpart) == 32 and all(c in "0123456789abcdef" for c in hexpart)
+    return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
+
+
+_DIGEST_RE = re.compile(re.escape(DIGEST_PREFIX) + "[0-9a-f]{32}")
 
 
 @dataclass
@@ -178,14 +179,26 @@ def _local_modules(base: Path | None) -> list[types.ModuleType]:
     if base is None:
         return []
     base = base.resolve()
+    # sys.modules rarely changes between two cells: a new import grows it or changes its last
+    # key (dicts keep insertion order), so (size, last key) tells when to look again
+    modules = sys.modules
+    key = (str(base), len(modules), next(reversed(modules), None))
+    hit = _LOCAL_MODULES.get(key)
+    if hit is not None and all(modules.get(m.__name__) is m for m in hit):
+        return list(hit)
     found: dict[str, types.ModuleType] = {}
-    for name, mod in list(sys.modules.items()):
+    for name, mod in list(modules.items()):
         file = getattr(mod, "__file__", None)
         if not file or name == "__main__" or not file.endswith(".py"):
             continue
         if _is_local(base, name, file):
             found[name.partition(".")[0]] = sys.modules.get(name.partition(".")[0], mod)
+    _LOCAL_MODULES.clear()
+    _LOCAL_MODULES[key] = list(found.values())
     return list(found.values())
+
+
+_LOCAL_MODULES: dict[tuple[str, int, str | None], list[types.ModuleType]] = {}
 
 
 def dumps(

@@ -179,10 +179,12 @@ class _FdCapture:
                     break
             self._c.add(self.stream, self._decoder.decode(data))
 
-    def drain(self, timeout: float = 2.0) -> None:
-        """Wait until everything written to the fd so far has been turned into events."""
+    def mark(self) -> None:
+        """Mark the end of what was written so far; ``wait_drained`` waits until it is sent."""
         self._drained.clear()
         os.write(self.fd, _MARKER)
+
+    def wait_drained(self, timeout: float = 2.0) -> None:
         self._drained.wait(timeout)
 
 
@@ -276,7 +278,25 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
+INLINE_MAX = 64 << 10  # results this small go back inside their event, not as files
+
+
+def _put_blobs(out_dir: Path, parts: list[Any], event: dict[str, Any]) -> list[str]:
+    """Hand result blobs to the gateway: small ones inside ``event`` (no file to create, which
+    costs more than the whole trivial cell on some disks), larger ones as files in ``out_dir``."""
+    views = [p if isinstance(p, memoryview) else memoryview(p) for p in parts]
+    views = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views]
+    if sum(v.nbytes for v in views) <= INLINE_MAX:
+        digests = [_payload.digest(v) for v in views]
+        inline = event.setdefault("inline", {})
+        for d, v in zip(digests, views):
+            inline[d] = base64.b64encode(v).decode()
+        return digests
+    return [_write_blob(out_dir, v) for v in views]
+
+
 def _write_blob(out_dir: Path, data: memoryview | bytes) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
     d = _payload.digest(data)
     path = out_dir / d.replace(":", "-")
     if not path.exists():
@@ -335,12 +355,8 @@ def _pack_results(
             skipped["<cell value>"] = f"{type(value).__name__} cannot be pickled"
             del payload["value"]
         packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs)
-    blob = _write_blob(out_dir, packed.pickle)
-    buffers = [_write_blob(out_dir, b) for b in packed.buffers]
-    return {
+    event: dict[str, Any] = {
         "type": "result",
-        "blob": blob,
-        "buffers": buffers,
         "names": list(values),
         "skipped": skipped,
         "value": value_repr if "value" in payload else None,
@@ -348,6 +364,9 @@ def _pack_results(
         "cuda_moved": cuda_moved,
         "nbytes": packed.nbytes,
     }
+    blob, *buffers = _put_blobs(out_dir, [packed.pickle, *packed.buffers], event)
+    event["blob"], event["buffers"] = blob, buffers
+    return event
 
 
 class _Session:
@@ -386,18 +405,24 @@ class _Session:
 
     def sync(self) -> None:
         """Everything written so far, sent: before a display, and at the end of the cell."""
+        for cap in self.caps:  # both pipes at once: one wait, not one per pipe
+            cap.mark()
         for cap in self.caps:
-            cap.drain()
+            cap.wait_drained()
         if self.coalescer is not None:
             self.coalescer.flush()
 
     def _reset(self, manifest: dict[str, Any], cwd: str | None) -> None:
         # What a reused process resets between cells: environment, folder, sys.path, random
         # seeds, and local modules edited since they were imported. Imported packages stay.
-        os.environ.clear()
-        os.environ.update(self.base_env)
-        os.environ.update(manifest.get("env") or {})
-        os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        env = {**self.base_env, **(manifest.get("env") or {})}
+        env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        # only what differs: clearing and refilling os.environ costs a system call per variable
+        for k in [k for k in os.environ if k not in env]:
+            del os.environ[k]
+        for k, v in env.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
         if cwd:
             os.chdir(cwd)
         # `python -m` puts its starting folder first on sys.path: for a forked or reused runner
@@ -425,16 +450,19 @@ class _Session:
         here = os.getcwd()
         for name, mod in list(sys.modules.items()):
             file = getattr(mod, "__file__", None)
-            if file and name not in self.local_mtimes and file.startswith(here + os.sep):
+            if (file and name not in self.local_mtimes and file.startswith(here + os.sep)
+                    and name.partition(".")[0] != "gpu_magic"):  # never reload the runner itself
                 try:
                     self.local_mtimes[name] = os.path.getmtime(file)
                 except OSError:
                     pass
 
-    def run(self, job_dir: Path, events_fd: int, cwd: str | None = None) -> int:
+    def run(self, job_dir: Path, events_fd: int, cwd: str | None = None,
+            manifest: dict[str, Any] | None = None) -> int:
         self.emitter.retarget(events_fd)
         try:
-            manifest = json.loads((job_dir / "manifest.json").read_text())
+            if manifest is None:  # a warm worker is handed small manifests with the job
+                manifest = json.loads((job_dir / "manifest.json").read_text())
             self._reset(manifest, cwd)
             self.attach_io()
             self.make_shell()
@@ -454,8 +482,7 @@ class _Session:
 
     def _run(self, job_dir: Path, manifest: dict[str, Any]) -> int:
         emitter, shell = self.emitter, self.shell
-        out_dir = job_dir / "out"
-        out_dir.mkdir(exist_ok=True)
+        out_dir = job_dir / "out"  # made when a result is too large to go inline
         ns: dict[str, Any] = {"__name__": "__main__"}
         inputs = manifest["inputs"]
         buffers = [_read_blob(p) for p in inputs["buffers"]]
@@ -488,7 +515,7 @@ class _Session:
             try:
                 packed, _ = _payload.dumps(exc)
                 if not packed.buffers:
-                    event["exception"] = _write_blob(out_dir, packed.pickle)
+                    event["exception"] = _put_blobs(out_dir, [packed.pickle], event)[0]
             except Exception:
                 pass
             emitter.emit(event)
@@ -585,7 +612,7 @@ def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
     os.dup2(log_fd, 2)
     os.close(log_fd)
     session.base_env = dict(req["env"])
-    session.run(Path(req["job_dir"]), events_fd, req.get("cwd"))
+    session.run(Path(req["job_dir"]), events_fd, req.get("cwd"), req.get("manifest"))
     ctl = socket.socket(fileno=ctl_fd)
     ctl.settimeout(float(req.get("keep_warm", 0)))
     while True:
@@ -597,7 +624,7 @@ def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
             return
         nxt = json.loads(msg)
         session.base_env = dict(nxt["env"])
-        session.run(Path(nxt["job_dir"]), more[0], nxt.get("cwd"))
+        session.run(Path(nxt["job_dir"]), more[0], nxt.get("cwd"), nxt.get("manifest"))
 
 
 if __name__ == "__main__":

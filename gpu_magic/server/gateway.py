@@ -9,6 +9,7 @@ and a client can resume its stream after a dropped connection.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import shutil
@@ -26,7 +27,7 @@ from .backends.local import Handle, RunSpec
 from .inventory import Gpu
 from .limits import Limits, human
 from .scheduler import Grant, Request, feasibility, pool_summary, schedule
-from .store import BlobStore, Store
+from .store import BlobError, BlobStore, Store
 
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
 DEFAULT_TIMEOUT_S = 3600.0
@@ -88,7 +89,7 @@ class Job:
             "user": self.user,
             "state": self.state,
             # a job reloaded after a restart keeps only the text of its spec
-            "spec": req.get("spec_text") or str(GpuSpec.from_json(req["spec"])),
+            "spec": req.get("spec_text") or _spec_text(req),
             "options": [str(o) for o in self.options],
             "dropped": self.dropped,
             "created": self.created,
@@ -104,6 +105,17 @@ class Job:
             "source": req.get("source", "")[:2000],
             "seq": self.seq,
         }
+
+
+def _spec_text(req: dict[str, Any]) -> str:
+    text = str(GpuSpec.from_json(req["spec"]))
+    req["spec_text"] = text  # a record is made several times per job: parse once
+    return text
+
+
+def _without_inline(ev: dict[str, Any]) -> dict[str, Any]:
+    # the blobs are in the store now; the event log keeps only their digests
+    return {k: v for k, v in ev.items() if k != "inline"}
 
 
 def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
@@ -310,7 +322,9 @@ class Gateway:
                            f"the cell has {len(body['source'])} characters; this gateway takes "
                            f"at most {limits.max_source_chars}. Move data out of the source into "
                            "variables (they travel as blobs).")
-        active = sum(1 for j in self.jobs.values() if j.user == user.name and not j.final)
+        # the live jobs only: every job kept for retention would make each submit slower
+        active = (sum(1 for i in self.queue if self.jobs[i].user == user.name)
+                  + sum(1 for j in self.running.values() if j.user == user.name))
         if limits.max_jobs is not None and active >= limits.max_jobs:
             raise ApiError(429, "too_many_jobs",
                            f"you have {active} jobs queued or running; this gateway allows "
@@ -551,29 +565,36 @@ class Gateway:
             self._emit(job, ev)
         elif kind == "result":
             try:
-                out = self.jobs_dir / job.id / f"attempt-{attempt}" / "out"
-                for d in [ev["blob"], *ev.get("buffers", [])]:
-                    src = out / d.replace(":", "-")
-                    if src.exists():
-                        got = self.blobs.adopt(job.user, src)
-                        if got != d:
-                            raise ValueError(f"result blob {d} has content {got}")
-                job.outcome = ev
-            except (OSError, ValueError) as exc:
+                self._keep_blobs(job, attempt, ev, [ev["blob"], *ev.get("buffers", [])])
+                job.outcome = _without_inline(ev)
+            except (OSError, ValueError, BlobError) as exc:
                 job.outcome = {"type": "runner_error", "ename": type(exc).__name__,
                                "evalue": f"the results could not be stored: {exc}"}
         elif kind == "error":
             exc_blob = ev.get("exception")
-            if exc_blob:
-                src = self.jobs_dir / job.id / f"attempt-{attempt}" / "out" / exc_blob.replace(":", "-")
-                try:
-                    if self.blobs.adopt(job.user, src) != exc_blob:
-                        ev = {k: v for k, v in ev.items() if k != "exception"}
-                except OSError:
-                    ev = {k: v for k, v in ev.items() if k != "exception"}
-            job.outcome = ev
+            try:
+                if exc_blob:
+                    self._keep_blobs(job, attempt, ev, [exc_blob])
+            except (OSError, ValueError, BlobError):
+                ev = {k: v for k, v in ev.items() if k != "exception"}
+            job.outcome = _without_inline(ev)
         elif kind == "runner_error":
             job.outcome = ev
+
+    def _keep_blobs(self, job: Job, attempt: int, ev: dict[str, Any], digests: list[str]) -> None:
+        """Store a runner's result blobs in the user's store, each verified by its content:
+        small ones came inside the event, larger ones as files in the attempt's folder."""
+        inline = ev.get("inline") or {}
+        out = self.jobs_dir / job.id / f"attempt-{attempt}" / "out"
+        for d in digests:
+            if d in inline:
+                self.blobs.put_bytes(job.user, d, base64.b64decode(inline[d]))
+                continue
+            src = out / d.replace(":", "-")
+            if src.exists():
+                got = self.blobs.adopt(job.user, src)
+                if got != d:
+                    raise ValueError(f"result blob {d} has content {got}")
 
     def _runner_exit(self, job_id: str, attempt: int, rc: int | None, tail: str) -> None:
         job = self.jobs.get(job_id)

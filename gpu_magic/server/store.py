@@ -165,13 +165,14 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._made: set[Path] = set()
+        self._made: dict[str, Path] = {}
 
     def user_dir(self, user: str) -> Path:
-        d = self.root / _safe_user(user)
-        if d not in self._made:  # every blob lookup passes here: one mkdir per user, not per call
+        d = self._made.get(user)
+        if d is None:  # every blob lookup passes here: one mkdir per user, not per call
+            d = self.root / _safe_user(user)
             d.mkdir(exist_ok=True, mode=0o700)
-            self._made.add(d)
+            self._made[user] = d
         return d
 
     def path(self, user: str, digest: str) -> Path:

@@ -22,6 +22,9 @@ from ..inventory import Gpu, parse_simulated, read_nvml
 from .sandbox import bwrap_command
 from .warm import WarmPool, Worker, ZygoteError
 
+# A manifest goes to a warm worker with the job while the request (manifest and environment)
+# stays under this; the worker reads its requests 64 KiB at a time.
+MANIFEST_INLINE_MAX = 48 << 10
 # Variables of the gateway that a cell must never see.
 _SECRET_ENV = ("GPU_MAGIC_TOKEN",)
 
@@ -50,6 +53,7 @@ class Handle:
     proc: subprocess.Popen[bytes] | None = None
     worker: Worker | None = None
     cancelled: bool = False
+    log: tuple[Path, int] | None = None  # where this attempt's runner log starts
 
     def wait(self, timeout: float = 10.0) -> int | None:
         """The exit code once the process is gone (negative: killed by that signal)."""
@@ -81,6 +85,7 @@ class LocalBackend:
         hidden_files: tuple[Path, ...] = (),
         keep_warm: float | None = 300.0,
     ) -> None:
+        self._env: dict[str, str] | None = None
         self.simulated = bool(simulate)
         self._gpus = parse_simulated(simulate) if simulate else read_nvml(own_pids=set())
         # The embedded gateway runs each cell with the submitting kernel's own Python and working
@@ -97,9 +102,12 @@ class LocalBackend:
             self.warm = WarmPool(keep_warm)
             self.warm.prewarm(sys.executable, self._base_env())
 
-    @staticmethod
-    def _base_env() -> dict[str, str]:
-        return {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+    def _base_env(self) -> dict[str, str]:
+        # the gateway's own environment, read once (a copy of os.environ per job costs more
+        # than a trivial cell's scheduling)
+        if self._env is None:
+            self._env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        return dict(self._env)
 
     def inventory(self) -> list[Gpu]:
         if self.simulated or not self._gpus:
@@ -109,8 +117,6 @@ class LocalBackend:
         return fresh or list(self._gpus)
 
     def start(self, run: RunSpec, on_event: EventCallback, on_exit: ExitCallback) -> Handle:
-        run.job_dir.mkdir(parents=True, exist_ok=True)
-        (run.job_dir / "manifest.json").write_text(json.dumps(run.manifest))
         env = self._base_env()
         env.update(run.grant_env)
         python = run.python if (self.client_python and run.python) else sys.executable
@@ -119,6 +125,8 @@ class LocalBackend:
             handle = self._start_warm(run, env, python, cwd, on_event, on_exit)
             if handle is not None:
                 return handle
+        run.job_dir.mkdir(parents=True, exist_ok=True)
+        (run.job_dir / "manifest.json").write_text(json.dumps(run.manifest))
         r, w = os.pipe()
         argv = [python, "-m", "gpu_magic.runner", str(run.job_dir), str(w)]
         if self.isolation == "bwrap":
@@ -155,18 +163,40 @@ class LocalBackend:
         assert self.warm is not None
         gpus = frozenset((g.node, g.index) for g in run.gpus)
         key = (run.user, python, cwd, env.get("CUDA_VISIBLE_DEVICES"), gpus)
+        # Each folder or file made here costs ~0.3 ms on a slow disk, as much as the rest of a
+        # trivial cell: a small manifest travels with the job, a reused worker keeps its log,
+        # and the job's folder is made only when something needs it (the runner makes it for
+        # a result too large to travel inline).
+        text = json.dumps(run.manifest)
+        small = len(text) + sum(len(k) + len(v) + 8 for k, v in env.items()) < MANIFEST_INLINE_MAX
+        manifest = run.manifest if small else None
+        if manifest is None or cwd is None:
+            run.job_dir.mkdir(parents=True, exist_ok=True)
+        if manifest is None:
+            (run.job_dir / "manifest.json").write_text(text)
+        log_path = run.job_dir / "runner.log"
+
+        def open_log() -> int:
+            run.job_dir.mkdir(parents=True, exist_ok=True)
+            return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
         r, w = os.pipe()
-        log_fd = os.open(run.job_dir / "runner.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             worker = self.warm.start(key, gpus, python, env, run.job_dir,
-                                     cwd or str(run.job_dir), w, log_fd)
+                                     cwd or str(run.job_dir), w, open_log, manifest)
         except (ZygoteError, OSError):
             os.close(r)
             return None  # a fresh process will do
         finally:
             os.close(w)
-            os.close(log_fd)
-        return self._watch(Handle(worker.pid, run, worker=worker), r, on_event, on_exit)
+        if worker.log_path is None:
+            worker.log_path = log_path
+        try:
+            log_from = os.path.getsize(worker.log_path)
+        except OSError:
+            log_from = 0
+        handle = Handle(worker.pid, run, worker=worker, log=(worker.log_path, log_from))
+        return self._watch(handle, r, on_event, on_exit)
 
     def _watch(self, handle: Handle, r: int, on_event: EventCallback,
                on_exit: ExitCallback) -> Handle:
@@ -205,9 +235,12 @@ class LocalBackend:
             if handle.worker is not None and self.warm is not None:
                 self.warm.finished(handle.worker, reusable=False)
         self._handles.pop((run.job_id, run.attempt), None)
+        path, start = handle.log or (run.job_dir / "runner.log", 0)
         tail = ""
         try:
-            tail = (run.job_dir / "runner.log").read_text(errors="replace")[-4000:]
+            with open(path, "rb") as f:
+                f.seek(start)
+                tail = f.read().decode(errors="replace")[-4000:]
         except OSError:
             pass
         on_exit(run.job_id, run.attempt, rc, tail)

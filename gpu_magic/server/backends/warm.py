@@ -112,6 +112,7 @@ class Worker:
     ctl: socket.socket
     gpus: frozenset[tuple[str, int]]
     idle_since: float | None = None
+    log_path: Path | None = None  # the log its output outside cells goes to
     exit_code: int | None = None
     exited: threading.Event = field(default_factory=threading.Event)
 
@@ -149,9 +150,13 @@ class WarmPool:
 
     def start(self, key: tuple[Any, ...], gpus: frozenset[tuple[str, int]], python: str,
               env: dict[str, str], job_dir: Path, cwd: str | None, events_fd: int,
-              log_fd: int) -> Worker:
-        """Run a job on an idle worker of the same key, or on a fresh fork."""
-        request = {"job_dir": str(job_dir), "cwd": cwd, "env": env, "keep_warm": self.keep_warm}
+              open_log: Callable[[], int], manifest: dict[str, Any] | None = None) -> Worker:
+        """Run a job on an idle worker of the same key, or on a fresh fork (which gets the log
+        ``open_log`` opens). Without ``manifest`` the worker reads JOB_DIR/manifest.json."""
+        request: dict[str, Any] = {"job_dir": str(job_dir), "cwd": cwd, "env": env,
+                                   "keep_warm": self.keep_warm}
+        if manifest is not None:
+            request["manifest"] = manifest
         self._evict(gpus, key)
         with self._lock:
             idle = [w for w in self._workers.values() if w.key == key and w.idle_since is not None]
@@ -163,13 +168,17 @@ class WarmPool:
             except OSError:
                 continue  # it just expired; try another or fork
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_fd = -1
         try:
+            log_fd = open_log()
             pid = self._zygote(python, env).fork(request, [theirs.fileno(), events_fd, log_fd])
         except (ZygoteError, OSError):
             ours.close()
             raise
         finally:
             theirs.close()
+            if log_fd >= 0:
+                os.close(log_fd)
         w = Worker(pid, key, ours, gpus)
         with self._lock:
             self._workers[pid] = w
