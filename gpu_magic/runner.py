@@ -381,6 +381,7 @@ class _Session:
         self.base_env = dict(os.environ)
         self.base_path = list(sys.path)
         self.local_mtimes: dict[str, float] = {}
+        self.modules_seen = -1  # len(sys.modules) when the user's modules were last noted
 
     def make_shell(self) -> None:
         if self.shell is None:
@@ -445,17 +446,29 @@ class _Session:
             if changed:
                 del sys.modules[name]
                 del self.local_mtimes[name]
+                self.modules_seen = -1  # look again once the cell has imported it anew
 
     def _note_local_modules(self) -> None:
-        here = os.getcwd()
+        """Remember the user's own modules (beside the notebook) to reload them once edited.
+        Installed packages are not theirs, even in a virtual environment inside that folder,
+        and neither is gpu_magic (the runner itself)."""
+        here = os.getcwd() + os.sep
+        if len(sys.modules) == self.modules_seen:
+            return  # nothing imported since the last look
+        self.modules_seen = len(sys.modules)
+        prefixes = tuple({os.path.join(p, "") for p in (sys.prefix, sys.base_prefix,
+                                                         sys.exec_prefix)})
         for name, mod in list(sys.modules.items()):
             file = getattr(mod, "__file__", None)
-            if (file and name not in self.local_mtimes and file.startswith(here + os.sep)
-                    and name.partition(".")[0] != "gpu_magic"):  # never reload the runner itself
-                try:
-                    self.local_mtimes[name] = os.path.getmtime(file)
-                except OSError:
-                    pass
+            if (not file or name in self.local_mtimes or not file.startswith(here)
+                    or file.startswith(prefixes) or name.partition(".")[0] == "gpu_magic"
+                    or f"{os.sep}site-packages{os.sep}" in file
+                    or f"{os.sep}dist-packages{os.sep}" in file):
+                continue
+            try:
+                self.local_mtimes[name] = os.path.getmtime(file)
+            except OSError:
+                pass
 
     def run(self, job_dir: Path, events_fd: int, cwd: str | None = None,
             manifest: dict[str, Any] | None = None) -> int:

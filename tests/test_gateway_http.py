@@ -856,3 +856,15 @@ def test_restart_keeps_finished_jobs_and_marks_interrupted_ones_lost(tmp_path: P
         c.close()
     finally:
         gw2.stop()
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("step", [1, 2, 7, 10_000])
+def test_event_stream_parser_takes_any_chunking_and_line_ending(newline: str, step: int) -> None:
+    from gpu_magic._client import _parse_sse
+
+    events = [{"type": "stdout", "text": "a\nb", "seq": 1}, {"type": "done", "seq": 2}]
+    text = ": heartbeat\n\n" + "".join(f"id: {e['seq']}\ndata: {json.dumps(e)}\n\n" for e in events)
+    raw = text.replace("\n", newline).encode()
+    chunks = [raw[i : i + step] for i in range(0, len(raw), step)]
+    assert list(_parse_sse(iter(chunks))) == events

@@ -295,11 +295,12 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
     async def _sse(job: Any, start: int, u: User) -> Any:
         gateway.follow(job, +1)
         try:
-            async for ev in gateway.stream(job, start, HEARTBEAT_S):
-                if ev is None:
+            async for batch in gateway.stream(job, start, HEARTBEAT_S):
+                if batch is None:
                     yield b": heartbeat\n\n"
                 else:
-                    yield f"id: {ev['seq']}\ndata: {json.dumps(_inline(ev, u))}\n\n".encode()
+                    yield "".join(f"id: {ev['seq']}\ndata: {json.dumps(_inline(ev, u))}\n\n"
+                                  for ev in batch).encode()
         finally:
             gateway.follow(job, -1)
 

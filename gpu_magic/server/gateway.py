@@ -734,8 +734,10 @@ class Gateway:
             if not w.done():
                 w.set_result(None)
 
-    async def stream(self, job: Job, after: int, heartbeat: float) -> AsyncIterator[dict[str, Any] | None]:
-        """The job's events after ``after``; None now and then as a heartbeat; ends after done."""
+    async def stream(self, job: Job, after: int,
+                     heartbeat: float) -> AsyncIterator[list[dict[str, Any]] | None]:
+        """The job's events after ``after``, in batches of those already there (one write for
+        a burst); None now and then as a heartbeat; ends after done."""
         assert self.loop is not None
         if job.events is None:
             job.events = await asyncio.to_thread(self.store.load_events, job.id)
@@ -743,13 +745,16 @@ class Gateway:
         while True:
             events = job.events
             assert events is not None
-            while pos < len(events):
-                ev = events[pos]
-                pos += 1
-                yield ev
-                if ev.get("type") == "done":
+            if pos < len(events):
+                batch = events[pos : pos + 1000]
+                done = next((i for i, ev in enumerate(batch) if ev.get("type") == "done"), None)
+                if done is not None:
+                    yield batch[: done + 1]
                     return
-            if job.final and pos >= len(events):
+                pos += len(batch)
+                yield batch
+                continue
+            if job.final:
                 return
             fut: asyncio.Future[None] = self.loop.create_future()
             job.waiters.append(fut)

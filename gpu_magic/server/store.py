@@ -68,10 +68,12 @@ class Store:
             if item is None:
                 break
             batch = [item]
-            deadline = time.monotonic() + _BATCH_S
-            while time.monotonic() < deadline and len(batch) < 5000:
+            # let a burst gather, then take it whole: waking for each item costs the event
+            # loop a thread switch per event
+            time.sleep(_BATCH_S)
+            while len(batch) < 5000:
                 try:
-                    nxt = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                    nxt = self._q.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
