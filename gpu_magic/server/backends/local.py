@@ -7,6 +7,7 @@ Each runner leads its own process group, so a cancel reaches everything the cell
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -68,6 +69,64 @@ class Handle:
 
 EventCallback = Callable[[str, int, dict[str, Any]], None]
 ExitCallback = Callable[[str, int, int | None, str], None]
+
+
+class _RunnerOutput:
+    """Turns the lines a runner writes on its events pipe into events."""
+
+    def __init__(self, run: RunSpec, on_event: EventCallback) -> None:
+        self.run, self.on_event = run, on_event
+        self.finished = self.clean = False
+
+    def line(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return  # a runner never writes anything else here; ignore noise
+        if not (isinstance(event, dict) and isinstance(event.get("type"), str)):
+            return
+        if event["type"] == "finished":
+            self.finished = True
+            return
+        self.clean = self.clean or event["type"] in ("result", "error")
+        self.on_event(self.run.job_id, self.run.attempt, event)
+
+
+class _PipeReader:
+    """Reads a runner's events pipe from the event loop."""
+
+    def __init__(self, backend: LocalBackend, handle: Handle, fd: int, on_event: EventCallback,
+                 on_exit: ExitCallback, loop: asyncio.AbstractEventLoop) -> None:
+        self.backend, self.handle, self.fd, self.on_exit, self.loop = (
+            backend, handle, fd, on_exit, loop)
+        self.state = _RunnerOutput(handle.spec, on_event)
+        self.buf = b""
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self.buf += chunk
+            *lines, self.buf = self.buf.split(b"\n")
+            for line in lines:
+                self.state.line(line)
+            return
+        self.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        if self.buf:
+            self.state.line(self.buf)
+        h = self.handle
+        if h.worker is not None and self.state.finished and not h.cancelled:
+            self.backend._ended(h, self.state, self.on_exit)  # nothing to wait for
+        else:  # the process is exiting: wait for it off the loop
+            threading.Thread(target=self.backend._ended, args=(h, self.state, self.on_exit),
+                             daemon=True, name=f"gpu-magic-exit-{h.spec.job_id}").start()
 
 
 class LocalBackend:
@@ -202,6 +261,15 @@ class LocalBackend:
                on_exit: ExitCallback) -> Handle:
         run = handle.spec
         self._handles[(run.job_id, run.attempt)] = handle
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            # read the runner's events on the event loop: no thread to start per job, and no
+            # hand-over between threads for each event
+            _PipeReader(self, handle, r, on_event, on_exit, loop)
+            return handle
         t = threading.Thread(
             target=self._follow, args=(handle, r, on_event, on_exit), daemon=True,
             name=f"gpu-magic-runner-{run.job_id}",
@@ -210,25 +278,19 @@ class LocalBackend:
         return handle
 
     def _follow(self, handle: Handle, fd: int, on_event: EventCallback, on_exit: ExitCallback) -> None:
-        run = handle.spec
-        finished = clean = False
+        state = _RunnerOutput(handle.spec, on_event)
         with os.fdopen(fd, "rb") as f:
             for line in f:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue  # a runner never writes anything else here; ignore noise
-                if not (isinstance(event, dict) and isinstance(event.get("type"), str)):
-                    continue
-                if event["type"] == "finished":
-                    finished = True
-                    continue
-                clean = clean or event["type"] in ("result", "error")
-                on_event(run.job_id, run.attempt, event)
-        if handle.worker is not None and finished and not handle.cancelled:
+                state.line(line)
+        self._ended(handle, state, on_exit)
+
+    def _ended(self, handle: Handle, state: _RunnerOutput, on_exit: ExitCallback) -> None:
+        """The runner's pipe closed: keep its worker warm or wait for its exit (blocking)."""
+        run = handle.spec
+        if handle.worker is not None and state.finished and not handle.cancelled:
             # the job ended and the worker lives on: keep it warm if it ended cleanly
             assert self.warm is not None
-            self.warm.finished(handle.worker, reusable=clean)
+            self.warm.finished(handle.worker, reusable=state.clean)
             rc: int | None = 0
         else:
             rc = handle.wait(timeout=30.0)
