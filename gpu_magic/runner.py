@@ -16,6 +16,7 @@ import base64
 import builtins
 import codecs
 import ctypes
+import gc
 import json
 import os
 import sys
@@ -404,6 +405,16 @@ class _Session:
 
         getpass.getpass = _no_input  # type: ignore[assignment]
 
+    def warm_up(self) -> None:
+        """In a process forked ahead of its job: pay the first cell's costs now (output
+        threads, the copy-on-write of what a cell touches) while no job waits. Nothing is
+        sent: there is no job to send it to."""
+        self.attach_io()
+        self.make_shell()
+        assert self.shell is not None
+        self.shell.run_cell("pass", store_history=False)
+        self.sync()
+
     def sync(self) -> None:
         """Everything written so far, sent: before a display, and at the end of the cell."""
         for cap in self.caps:  # both pipes at once: one wait, not one per pipe
@@ -598,22 +609,57 @@ def _zygote(sock_fd: int) -> None:
                 continue
             send({"exited": pid, "status": os.waitstatus_to_exitcode(status)})
 
+    def prefork() -> tuple[int, socket.socket]:
+        # The next job's process, forked ahead: the fork and the child's first steps happen
+        # while no job waits, and a job only has to be handed over.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            ours.close()
+            os.setsid()
+            _spare(session, theirs)
+            os._exit(0)
+        theirs.close()
+        children.release()
+        return pid, ours
+
     threading.Thread(target=reap, daemon=True, name="gpu-magic-reaper").start()
+    gc.freeze()  # what the zygote built stays out of the children's collections (fewer copies)
+    spare = prefork()
     while True:
         msg, fds, _flags, _addr = socket.recv_fds(sock, 65536, 8)
         if not msg:
             os._exit(0)  # the gateway went away
         req = json.loads(msg)
-        pid = os.fork()
-        if pid == 0:
-            sock.close()
-            os.setsid()
-            _worker(session, req, fds)
-            os._exit(0)
+        pid, chan = spare
+        try:
+            socket.send_fds(chan, [msg], fds)
+        except OSError:  # the spare died: fork one for this job now
+            pid, chan = prefork()
+            socket.send_fds(chan, [msg], fds)
+        chan.close()
         for fd in fds:
             os.close(fd)
-        children.release()
         send({"started": req["token"], "pid": pid})
+        spare = prefork()
+
+
+def _spare(session: _Session, chan: Any) -> None:
+    """A child forked ahead of time: wait for its job (or the zygote's end), then run it."""
+    import socket
+
+    try:
+        session.warm_up()
+    except Exception:
+        pass  # the job will meet the same problem and report it
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(chan, 65536, 8)
+    except OSError:
+        return
+    chan.close()
+    if msg and len(fds) == 3:
+        _worker(session, json.loads(msg), fds)
 
 
 def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
@@ -621,8 +667,9 @@ def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
     import socket
 
     ctl_fd, events_fd, log_fd = fds
-    os.dup2(log_fd, 1)  # anything before output capture starts lands in runner.log
-    os.dup2(log_fd, 2)
+    if session.coalescer is None:  # (a spare captures its output already)
+        os.dup2(log_fd, 1)  # anything before output capture starts lands in runner.log
+        os.dup2(log_fd, 2)
     os.close(log_fd)
     session.base_env = dict(req["env"])
     session.run(Path(req["job_dir"]), events_fd, req.get("cwd"), req.get("manifest"))

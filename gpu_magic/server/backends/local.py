@@ -54,7 +54,6 @@ class Handle:
     proc: subprocess.Popen[bytes] | None = None
     worker: Worker | None = None
     cancelled: bool = False
-    log: tuple[Path, int] | None = None  # where this attempt's runner log starts
 
     def wait(self, timeout: float = 10.0) -> int | None:
         """The exit code once the process is gone (negative: killed by that signal)."""
@@ -223,9 +222,9 @@ class LocalBackend:
         gpus = frozenset((g.node, g.index) for g in run.gpus)
         key = (run.user, python, cwd, env.get("CUDA_VISIBLE_DEVICES"), gpus)
         # Each folder or file made here costs ~0.3 ms on a slow disk, as much as the rest of a
-        # trivial cell: a small manifest travels with the job, a reused worker keeps its log,
-        # and the job's folder is made only when something needs it (the runner makes it for
-        # a result too large to travel inline).
+        # trivial cell: a small manifest travels with the job, and the job's folder is made
+        # only when something needs it (the runner makes it for a result too large to travel
+        # inline). A worker has no log of its own: it captures its output from its start.
         text = json.dumps(run.manifest)
         small = len(text) + sum(len(k) + len(v) + 8 for k, v in env.items()) < MANIFEST_INLINE_MAX
         manifest = run.manifest if small else None
@@ -233,29 +232,16 @@ class LocalBackend:
             run.job_dir.mkdir(parents=True, exist_ok=True)
         if manifest is None:
             (run.job_dir / "manifest.json").write_text(text)
-        log_path = run.job_dir / "runner.log"
-
-        def open_log() -> int:
-            run.job_dir.mkdir(parents=True, exist_ok=True)
-            return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-
         r, w = os.pipe()
         try:
             worker = self.warm.start(key, gpus, python, env, run.job_dir,
-                                     cwd or str(run.job_dir), w, open_log, manifest)
+                                     cwd or str(run.job_dir), w, manifest)
         except (ZygoteError, OSError):
             os.close(r)
             return None  # a fresh process will do
         finally:
             os.close(w)
-        if worker.log_path is None:
-            worker.log_path = log_path
-        try:
-            log_from = os.path.getsize(worker.log_path)
-        except OSError:
-            log_from = 0
-        handle = Handle(worker.pid, run, worker=worker, log=(worker.log_path, log_from))
-        return self._watch(handle, r, on_event, on_exit)
+        return self._watch(Handle(worker.pid, run, worker=worker), r, on_event, on_exit)
 
     def _watch(self, handle: Handle, r: int, on_event: EventCallback,
                on_exit: ExitCallback) -> Handle:
@@ -297,14 +283,12 @@ class LocalBackend:
             if handle.worker is not None and self.warm is not None:
                 self.warm.finished(handle.worker, reusable=False)
         self._handles.pop((run.job_id, run.attempt), None)
-        path, start = handle.log or (run.job_dir / "runner.log", 0)
         tail = ""
-        try:
-            with open(path, "rb") as f:
-                f.seek(start)
-                tail = f.read().decode(errors="replace")[-4000:]
-        except OSError:
-            pass
+        if handle.proc is not None:  # a fresh process logs what it says outside its cells
+            try:
+                tail = (run.job_dir / "runner.log").read_text(errors="replace")[-4000:]
+            except OSError:
+                pass
         on_exit(run.job_id, run.attempt, rc, tail)
 
     def cancel(self, handle: Handle, grace: float = 3.0) -> None:

@@ -112,7 +112,6 @@ class Worker:
     ctl: socket.socket
     gpus: frozenset[tuple[str, int]]
     idle_since: float | None = None
-    log_path: Path | None = None  # the log its output outside cells goes to
     exit_code: int | None = None
     exited: threading.Event = field(default_factory=threading.Event)
 
@@ -150,9 +149,9 @@ class WarmPool:
 
     def start(self, key: tuple[Any, ...], gpus: frozenset[tuple[str, int]], python: str,
               env: dict[str, str], job_dir: Path, cwd: str | None, events_fd: int,
-              open_log: Callable[[], int], manifest: dict[str, Any] | None = None) -> Worker:
-        """Run a job on an idle worker of the same key, or on a fresh fork (which gets the log
-        ``open_log`` opens). Without ``manifest`` the worker reads JOB_DIR/manifest.json."""
+              manifest: dict[str, Any] | None = None) -> Worker:
+        """Run a job on an idle worker of the same key, or on a new one from the zygote.
+        Without ``manifest`` the worker reads JOB_DIR/manifest.json."""
         request: dict[str, Any] = {"job_dir": str(job_dir), "cwd": cwd, "env": env,
                                    "keep_warm": self.keep_warm}
         if manifest is not None:
@@ -170,7 +169,8 @@ class WarmPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_fd = -1
         try:
-            log_fd = open_log()
+            # a worker captures its output from its start; before that there is nothing to log
+            log_fd = os.open(os.devnull, os.O_WRONLY)
             pid = self._zygote(python, env).fork(request, [theirs.fileno(), events_fd, log_fd])
         except (ZygoteError, OSError):
             ours.close()
