@@ -8,6 +8,7 @@ connection from the last event seen (``Last-Event-ID``), so no event is lost or 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import socket
 import threading
@@ -195,17 +196,14 @@ class GatewayClient:
             except OSError:
                 size = -1
             if size >= SAME_HOST_MIN:
-                # same host: read the stored file into one preallocated buffer
-                buf = bytearray(size)
-                with open(path, "rb", buffering=0) as f, memoryview(buf) as view:
-                    got = 0
-                    while got < size:
-                        n = f.readinto(view[got:])
-                        if not n:
-                            break
-                        got += n
-                if got == size:
-                    return buf
+                # same host: map the stored file, private and copy-on-write (writable arrays,
+                # nothing copied until written; a fresh buffer costs a page fault per page)
+                try:
+                    with open(path, "rb", buffering=0) as f:
+                        return mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,  # type: ignore[return-value]
+                                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                except (OSError, ValueError):
+                    pass  # gone meanwhile: over HTTP below
         try:
             with self._http.stream("GET", f"/v1/blobs/{digest}") as resp:
                 if resp.status_code >= 400:

@@ -8,13 +8,14 @@ digest before they are stored.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,13 @@ class BlobStore:
                     continue
         return removed
 
-    def iter_file(self, user: str, digest: str) -> Iterator[bytes]:
-        with open(self.path(user, digest), "rb") as f:
-            yield from iter(lambda: f.read(1 << 20), b"")
+    async def iter_file(self, user: str, digest: str) -> AsyncIterator[bytes]:
+        """The blob's bytes in large chunks read off the event loop (one thread hop per 8 MiB,
+        not per MiB). Each chunk is a new bytes object: a transport may keep what it could
+        not send yet, so a reused buffer could change under it."""
+        f = await asyncio.to_thread(open, self.path(user, digest), "rb", buffering=0)
+        try:
+            while chunk := await asyncio.to_thread(f.read, 8 << 20):
+                yield chunk
+        finally:
+            f.close()
