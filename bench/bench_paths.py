@@ -26,8 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import gpu_magic  # noqa: E402
 from conftest import start_gateway  # noqa: E402
+
+import gpu_magic  # noqa: E402
+from gpu_magic._client import GatewayClient  # noqa: E402
 
 ROWS: list[tuple[str, str, str, str]] = []
 
@@ -62,12 +64,14 @@ def anchor_ipyparallel() -> float | None:
         return p50(lambda: view.execute("x = 1 + 1", block=True), 30)
 
 
-def anchor_ray_actor() -> float | None:
+def anchor_ray(size: int) -> tuple[float | None, float | None]:
+    """A Ray actor call executing the trivial cell, and a by-value round trip of ``size``
+    bytes through a task doing what our data cell does (``x * 2``)."""
     try:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
     except ImportError:
-        return None
+        return None, None
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         @ray.remote
@@ -75,53 +79,122 @@ def anchor_ray_actor() -> float | None:
             def run(self, src: str) -> None:
                 exec(src, {})
 
+        @ray.remote
+        def twice(x: Any) -> Any:
+            return x * 2
+
         a = Cell.remote()
         ray.get(a.run.remote("x = 1"))
-        return p50(lambda: ray.get(a.run.remote("x = 1 + 1")), 50)
+        actor = p50(lambda: ray.get(a.run.remote("x = 1 + 1")), 200)
+        rng = np.random.default_rng(0)
+        times = []
+        for i in range(4):
+            data = rng.random(size // 8)
+            t = time.perf_counter()
+            ray.get(twice.remote(data))
+            if i:
+                times.append(time.perf_counter() - t)
+        return actor, statistics.median(times)
     finally:
         ray.shutdown()
 
 
+def paced(f: Callable[[], Any], n: int, gap: float) -> float:
+    """The median of ``f`` run ``n`` times ``gap`` seconds apart (the gaps are not timed)."""
+    f()
+    ts = []
+    for _ in range(n):
+        time.sleep(gap)
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+GAP_S = 0.05  # as a person runs cells: never back to back
+
+
 def main() -> None:
     tmp = Path(tempfile.mkdtemp())
-    for sub in ("w", "f", "c"):
+    for sub in ("w", "f", "c", "t"):
         (tmp / sub).mkdir()
     warm = start_gateway(tmp / "w", simulate="H100:2")
     fork = start_gateway(tmp / "f", "--keep-warm", "0", simulate="H100:2")
     cold = start_gateway(tmp / "c", "--cold", simulate="H100:2")
+    size = 256 << 20
+    gib = size / 2**30
     try:
         raw = httpx.Client()
         raw_ms = p50(lambda: raw.get(warm.url + "/v1/health"), 200)
         raw.close()
+
+        def trivial(c: Any, ns: dict[str, Any]) -> Callable[[], Any]:
+            return lambda: gpu_magic.run("x = 1 + 1", "H100", ns, client=c, quiet=True)
+
         results: dict[str, float] = {}
-        for name, gw in (("warm", warm), ("fork", fork), ("cold", cold)):
-            with gw.client() as c:
-                ns: dict[str, Any] = {"__name__": "__main__"}
-                n = 10 if name == "cold" else 40
-                results[name] = p50(lambda c=c, ns=ns: gpu_magic.run(
-                    "x = 1 + 1", "H100", ns, client=c, quiet=True), n)
+        with warm.client() as c:
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            results["warm"] = p50(trivial(c, ns), 300)
+            results["warm paced"] = paced(trivial(c, ns), 40, GAP_S)
+        with fork.client() as c:
+            results["fork paced"] = paced(trivial(c, {"__name__": "__main__"}), 40, GAP_S)
+        with cold.client() as c:
+            results["cold"] = p50(trivial(c, {"__name__": "__main__"}), 10)
         px = anchor_ipyparallel()
-        ray_ms = anchor_ray_actor()
+        ray_ms, ray_rt = anchor_ray(size)
         row("trivial cell, warm runner", results["warm"], "ipyparallel %%px", px)
         row("trivial cell, warm runner", results["warm"], "Ray actor call", ray_ms)
-        row("trivial cell, forked from zygote", results["fork"], "warm runner", results["warm"])
-        row("trivial cell, fresh interpreter", results["cold"], "warm runner", results["warm"])
         row("one HTTP request (keep-alive)", raw_ms, "trivial warm cell", results["warm"])
+        row(f"trivial cell, {GAP_S * 1e3:.0f} ms apart, forked runner",
+            results["fork paced"], f"warm runner, {GAP_S * 1e3:.0f} ms apart",
+            results["warm paced"])
+        row("trivial cell, fresh interpreter (--cold)", results["cold"], "warm runner",
+            results["warm"])
 
-        # Large inputs and results over HTTP, and an unchanged input sent again.
-        size = 256 << 20
-        with warm.client() as c:
-            data = np.random.default_rng(0).random(size // 8)
-            ns = {"__name__": "__main__", "data": data}
-            t = time.perf_counter()
-            gpu_magic.run("back = data", "H100", ns, client=c, quiet=True)
-            first = time.perf_counter() - t
+        # A cell that imports torch: its first run on a new runner, then its second run.
+        try:
+            import torch  # noqa: F401
+
+            torch_gw = start_gateway(tmp / "t", simulate="H100:2")
+            try:
+                with torch_gw.client() as c:
+                    trivial(c, {"__name__": "__main__"})()  # a warm runner, without torch
+                    cell = "import torch\nt = float(torch.ones(3).sum())"
+                    times = []
+                    for _ in range(2):
+                        t = time.perf_counter()
+                        gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c,
+                                      quiet=True)
+                        times.append(time.perf_counter() - t)
+                row("cell importing torch, second run", times[1], "its first run", times[0])
+            finally:
+                torch_gw.stop()
+        except ImportError:
+            ROWS.append(("cell importing torch", "-", "torch not installed", "-"))
+
+        # Large inputs and results: a new 256 MiB array in, twice it back (as the Ray task).
+        rng = np.random.default_rng(0)
+        for same_host, label in ((False, "over HTTP (same-host path off)"),
+                                 (True, "same host (files, the default)")):
+            with GatewayClient(warm.url, warm.token, same_host=same_host) as c:
+                times = []
+                for i in range(4):
+                    ns = {"__name__": "__main__", "data": rng.random(size // 8)}
+                    t = time.perf_counter()
+                    gpu_magic.run("back = data * 2", "H100", ns, client=c, quiet=True)
+                    if i:
+                        times.append(time.perf_counter() - t)
+                ours = 2 * gib / statistics.median(times)
+                row(f"256 MiB in, 256 MiB back, {label}", ours, "Ray by-value round trip",
+                    2 * gib / ray_rt if ray_rt else None, "GiB/s")
+        with GatewayClient(warm.url, warm.token, same_host=False) as c:
+            ns = {"__name__": "__main__", "data": rng.random(size // 8)}
             t = time.perf_counter()
             gpu_magic.run("s = float(data[0])", "H100", ns, client=c, quiet=True)
-            again = time.perf_counter() - t
-        gib = size / 2**30
-        row("256 MiB in and back (round trip)", 2 * gib / first, "loopback TCP", 5.4, "GiB/s")
-        row("unchanged 256 MiB input, again", again, "first upload", first, "s")
+            first = time.perf_counter() - t
+            again = p50(lambda: gpu_magic.run("s = float(data[0])", "H100", ns, client=c,
+                                              quiet=True), 5, warmup=0)
+        row("256 MiB input unchanged, run again", again, "its first upload", first, "s")
 
         # Output: time from print to the client, and a burst of short lines.
         with warm.client() as c:

@@ -176,8 +176,8 @@ def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any]) -> A
     while stack and budget:
         obj = stack.pop()
         budget -= 1
-        if id(obj) in seen:
-            continue
+        if id(obj) in seen or isinstance(obj, types.ModuleType):
+            continue  # a module came back by reference: it is the local one, nothing to repair
         seen.add(id(obj))
         cls = obj if isinstance(obj, type) else type(obj)
         if getattr(cls, "__module__", None) == "__main__" and id(cls) not in seen:

@@ -447,9 +447,10 @@ class _Session:
         np = sys.modules.get("numpy")
         if np is not None:
             np.random.seed()
-        for name, mod in list(sys.modules.items()):
-            file = getattr(mod, "__file__", None)
-            if not file or name not in self.local_mtimes:
+        for name in list(self.local_mtimes):  # the user's few modules, not all of sys.modules
+            file = getattr(sys.modules.get(name), "__file__", None)
+            if not file:
+                del self.local_mtimes[name]
                 continue
             try:
                 changed = os.path.getmtime(file) != self.local_mtimes[name]

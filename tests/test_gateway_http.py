@@ -691,6 +691,20 @@ def test_bad_inline_blob_is_refused_and_not_kept(gateway: Gateway, client: Gatew
     assert client.pool()["queue_length"] == 0
 
 
+def test_inline_blobs_and_results_stay_with_their_user(users: Users) -> None:
+    body = inline_body({"t": secrets.token_hex(8)}, "r = t", outputs=["r"])
+    (d, _), = body["blobs"].items()
+    resp = call(users.gw.url, users.tokens["alice"], "POST", "/v1/jobs?follow=true", json=body)
+    assert resp.status_code == 201, resp.text
+    result = next(e for e in sse(resp) if e["type"] == "result")
+    assert result["blob"] in result["inline"]
+    bob = users.client("bob")
+    assert bob.missing([d, result["blob"]]) == [d, result["blob"]]
+    refused(call(users.gw.url, users.tokens["bob"], "GET", f"/v1/blobs/{result['blob']}"), 404,
+            "no_such_blob")
+    bob.close()
+
+
 def test_inline_blobs_over_the_limit_are_413(gateway: Gateway, client: GatewayClient) -> None:
     blob = secrets.token_bytes((1 << 20) + 1)
     d = digest(blob)
