@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +48,10 @@ class GatewayClient:
         # clients for event streams, one per job being followed, kept for the next job
         self._spares: list[GatewayClient] = []
         self._spares_lock = threading.Lock()
+        # a client dropped without close() still closes its connections (and its spares'):
+        # their sockets would otherwise be collected open
+        self._open = {"http": self._http}
+        weakref.finalize(self, _close_all, self._open, self._spares)
         # a ready URL: httpx parses and merges a relative one on every request
         self._follow_url = httpx.URL(self.url + "/v1/jobs?follow=true")
 
@@ -61,7 +66,7 @@ class GatewayClient:
             self._http.close()
         except Exception:
             pass
-        self._http = self._new_http()
+        self._http = self._open["http"] = self._new_http()
 
     def close(self) -> None:
         self._http.close()
@@ -336,6 +341,13 @@ def _ssl_context() -> Any:
         if bundle:
             _SSL.load_verify_locations(bundle)
     return _SSL
+
+
+def _close_all(open_: dict[str, httpx.Client], spares: list[GatewayClient]) -> None:
+    for c in list(spares):
+        c.close()
+    spares.clear()
+    open_["http"].close()
 
 
 def _finish_reading(chunks: Iterator[bytes]) -> None:

@@ -51,9 +51,8 @@ class EventFeed:
         self._job_id = job_id
         self._submit = submit
         self._clean = False
-        self._thread = threading.Thread(target=self._read, name=f"gpu_magic events {job_id}",
-                                        daemon=True)
-        self._thread.start()
+        self._done = threading.Event()
+        _THREADS.run(self._read)
 
     def _read(self) -> None:
         try:
@@ -76,6 +75,7 @@ class EventFeed:
                 self._owner.give_back(self._client)  # its connection serves the next job
             else:
                 self._client.close()
+            self._done.set()
 
     def record(self) -> dict[str, Any]:
         """The submitted job's record, once the gateway has taken it (or its refusal)."""
@@ -103,12 +103,47 @@ class EventFeed:
         """Stop reading. After the job's end the reader is already done; else (an interrupt)
         it stops at the next event or heartbeat, its connection closed under it."""
         self._stop.set()
-        self._thread.join(timeout=0.5)
-        if self._thread.is_alive():
+        if not self._done.wait(0.5):
             try:
                 self._client.close()
             except Exception:
                 pass
+
+
+class _Threads:
+    """Daemon threads kept for the next job's event feed: starting a thread costs a round
+    trip through the scheduler, about as much as the gateway's whole answer to a small job."""
+
+    def __init__(self, idle_s: float = 60.0) -> None:
+        self._idle: list[queue.SimpleQueue[Any]] = []
+        self._lock = threading.Lock()
+        self._idle_s = idle_s
+
+    def run(self, fn: Any) -> None:
+        with self._lock:
+            q = self._idle.pop() if self._idle else None
+        if q is None:
+            q = queue.SimpleQueue()
+            threading.Thread(target=self._loop, args=(q,), daemon=True,
+                             name="gpu_magic events").start()
+        q.put(fn)
+
+    def _loop(self, q: queue.SimpleQueue[Any]) -> None:
+        while True:
+            try:
+                fn = q.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if q in self._idle:  # nobody handed us work meanwhile: end
+                        self._idle.remove(q)
+                        return
+                continue  # work is on its way
+            fn()
+            with self._lock:
+                self._idle.append(q)
+
+
+_THREADS = _Threads()
 
 
 # --- background jobs ---
