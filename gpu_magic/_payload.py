@@ -280,12 +280,20 @@ def loads(
     return _Unpickler(io.BytesIO(data), namespace, buffers, inputs or {}).load()
 
 
-def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None) -> str | None:
-    """A digest of an object's pickled state (to see whether a cell changed it); None if unpicklable."""
+def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None,
+                known: Callable[[memoryview], str | None] | None = None) -> str | None:
+    """A digest of an object's pickled state (to see whether a cell changed it); None if
+    unpicklable. ``known`` may name a buffer's content without reading it (a mapped input
+    the cell did not write), else the buffer is hashed."""
     h = xxhash.xxh3_128()
 
     def hash_buffer(buf: pickle.PickleBuffer) -> bool:
-        h.update(buf.raw())
+        raw = buf.raw()
+        name = known(raw) if known is not None else None
+        if name is not None:
+            h.update(name.encode())
+        else:
+            h.update(raw)
         return False
 
     f = io.BytesIO()

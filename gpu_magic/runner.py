@@ -324,6 +324,60 @@ def _read_blob(path: str) -> Any:
                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+class _Mapped:
+    """The input blobs mapped copy-on-write, and which of their pages the cell wrote.
+
+    A page the cell wrote became private memory; one it only read is still the file's. Linux
+    tells which in /proc/self/pagemap (bit 61: file page), so whether a large input changed
+    costs a look at its page table, not a hash of its bytes. Elsewhere, or for buffers that
+    are not in a mapping, ``known`` says None and the bytes are hashed.
+    """
+
+    PAGE = mmap.PAGESIZE
+
+    def __init__(self, buffers: list[Any], digests: list[str]) -> None:
+        self.regions: list[tuple[int, int, str]] = []
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        for buf, d in zip(buffers, digests):
+            if isinstance(buf, mmap.mmap) and len(buf):
+                addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+                self.regions.append((addr, len(buf), d))
+        self._np = np
+
+    def known(self, raw: memoryview) -> str | None:
+        """A name for the content of ``raw`` if it lies in a mapped input not written since."""
+        if not self.regions or not raw.contiguous:
+            return None
+        np = self._np
+        addr = np.frombuffer(raw, dtype=np.uint8).ctypes.data if raw.nbytes else 0
+        for start, size, d in self.regions:
+            if start <= addr and addr + raw.nbytes <= start + size:
+                if self._written(addr, raw.nbytes):
+                    return None
+                return f"{d}@{addr - start}+{raw.nbytes}"
+        return None
+
+    def _written(self, addr: int, size: int) -> bool:
+        first, last = addr // self.PAGE, (addr + size - 1) // self.PAGE
+        try:
+            with open("/proc/self/pagemap", "rb", buffering=0) as f:
+                f.seek(first * 8)
+                data = f.read((last - first + 1) * 8)
+        except OSError:
+            return True  # cannot tell: hash the bytes
+        np = self._np
+        entries = np.frombuffer(data, dtype=np.uint64)
+        present = (entries >> np.uint64(63)) & np.uint64(1)
+        swapped = (entries >> np.uint64(62)) & np.uint64(1)
+        file_page = (entries >> np.uint64(61)) & np.uint64(1)
+        # a page of a private file mapping that is not the file's any more was written (a
+        # swapped-out one too: file pages are dropped, never swapped)
+        return bool((((present == 1) & (file_page == 0)) | (swapped == 1)).any())
+
+
 class _InputRef:
     """Persistent ids for unchanged inputs: the client binds its own object, nothing is sent."""
 
@@ -515,8 +569,9 @@ class _Session:
         with open(inputs["pickle"], "rb") as f:
             values = _payload.loads(f.read(), buffers, namespace=ns)
         ns.update(values)
+        mapped = _Mapped(buffers, [os.path.basename(p) for p in inputs["buffers"]])
         del buffers
-        before = {n: _payload.fingerprint(v, ns) for n, v in values.items()}
+        before = {n: _payload.fingerprint(v, ns, mapped.known) for n, v in values.items()}
         # a clean namespace for this cell in the (possibly reused) shell
         shell.init_create_namespaces(None, ns)
         shell.init_user_ns()
@@ -556,7 +611,7 @@ class _Session:
             names = [n for n in outputs if n in ns]
             for n, fp in before.items():
                 if n in ns and n not in names and ns[n] is values[n]:
-                    if _payload.fingerprint(ns[n], ns) != fp:
+                    if _payload.fingerprint(ns[n], ns, mapped.known) != fp:
                         names.append(n)  # changed in place: the client must see the change
         deleted = [n for n in manifest.get("deleted", []) if n not in ns]
         unchanged = {

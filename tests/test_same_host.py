@@ -84,15 +84,22 @@ def test_shared_gateway_offers_no_same_host_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("same_host", [True, False])
+@pytest.mark.parametrize("where", [0, 1 << 19, (1 << 20) - 1])
 def test_cell_writing_into_a_large_input_changes_only_its_own_copy(gateway: Gateway,
-                                                                   same_host: bool) -> None:
-    # inputs are mapped copy-on-write from the gateway's store: a write must reach the
-    # caller as a changed input, and never the stored blob that the next job reuses
+                                                                   same_host: bool,
+                                                                   where: int) -> None:
+    # inputs are mapped copy-on-write from the gateway's store: a write anywhere (first,
+    # middle or last page) must reach the caller as a changed input, and never the stored
+    # blob that the next job reuses
     original = np.random.default_rng(2).random(1 << 20)  # 8 MiB: a blob of its own
     with GatewayClient(gateway.url, gateway.token, same_host=same_host) as c:
         ns: dict[str, Any] = {"__name__": "__main__", "data": original.copy()}
-        gpu_magic.run("data[0] = -1.0", "H100", ns, client=c, quiet=True)
-        assert ns["data"][0] == -1.0 and np.array_equal(ns["data"][1:], original[1:])
+        gpu_magic.run(f"data[{where}] = -1.0", "H100", ns, client=c, quiet=True)
+        expected = original.copy()
+        expected[where] = -1.0
+        assert np.array_equal(ns["data"], expected)
         again: dict[str, Any] = {"__name__": "__main__", "data": original.copy()}
-        gpu_magic.run("first = float(data[0])", "H100", again, client=c, quiet=True)
-        assert again["first"] == original[0]
+        mine = again["data"]
+        gpu_magic.run("first = float(data.sum())", "H100", again, client=c, quiet=True)
+        assert again["first"] == float(original.sum())
+        assert again["data"] is mine  # read, not written: not sent back
