@@ -337,9 +337,10 @@ class _Mapped:
 
     def __init__(self, buffers: list[Any], digests: list[str]) -> None:
         self.regions: list[tuple[int, int, str]] = []
-        try:
-            import numpy as np
-        except ImportError:
+        # numpy only if the inputs brought it in: importing it here would cost a fresh
+        # runner ~50 ms on every cell that has nothing to do with arrays
+        np = sys.modules.get("numpy")
+        if np is None or not buffers:
             return
         for buf, d in zip(buffers, digests):
             if isinstance(buf, mmap.mmap) and len(buf):
