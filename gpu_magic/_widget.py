@@ -29,6 +29,7 @@ from ._view import JobState, NullView, bundle, render_html
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # A foreground job that ends before this shows only a compact summary, never a widget.
 UPGRADE_AFTER_S = 1.0
+QUEUED_UPGRADE_S = 0.2
 TICK_S = 1.0
 OUTPUT_FLUSH_S = 0.2
 
@@ -57,8 +58,9 @@ class WidgetView(NullView):
     """The live widget; starts as the text/HTML status and becomes a widget when worth it.
 
     A background job shows the widget at once (its output lives in it). A foreground job shows
-    the status at once and upgrades it to the widget after ``UPGRADE_AFTER_S`` or as soon as it
-    has to queue, so a quick cell leaves only a compact summary in the notebook.
+    the status at once and upgrades it to the widget after ``UPGRADE_AFTER_S``, or after
+    ``QUEUED_UPGRADE_S`` if it is still waiting for a GPU, so a quick cell leaves only a
+    compact summary in the notebook.
     """
 
     def __init__(self, state: JobState, *, on_cancel: Callable[[str], None] | None = None,
@@ -154,9 +156,12 @@ class WidgetView(NullView):
                 return
             now = time.monotonic()
             if self._box is None:
-                # upgrade to the widget once the job is worth watching
-                if (now - self._shown_at >= UPGRADE_AFTER_S or self.state.state == "queued"
-                        and (self.state.position or 0) > 0 or self.state.cancel):
+                # upgrade to the widget once the job is worth watching: it runs a while, or
+                # it still waits in the queue a moment after submitting (every job is queued
+                # first, and most are granted at once), or someone cancels it
+                waited = now - self._shown_at
+                if (waited >= UPGRADE_AFTER_S or self.state.cancel
+                        or self.state.state == "queued" and waited >= QUEUED_UPGRADE_S):
                     self._build()
                     self._handle.update(self._bundle(), raw=True)
                     self._last_tick = now
