@@ -140,6 +140,34 @@ def peak_private(procs: list[Any], f: Callable[[], Any]) -> list[int]:
     return [pk - b for pk, b in zip(peak, base)]
 
 
+def kernel_cells(gw: Any, n: int = 50) -> tuple[float | None, float | None]:
+    """Medians of a plain ``x = 1 + 1`` cell and of ``%%gpu H100`` over it in one ipykernel,
+    from execute request to the kernel's idle status."""
+    try:
+        from jupyter_client.manager import start_new_kernel
+    except ImportError:
+        return None, None
+    env = {**os.environ, "GPU_MAGIC_URL": gw.url, "GPU_MAGIC_TOKEN": gw.token}
+    km, kc = start_new_kernel(kernel_name="python3", env=env)
+
+    def cell(code: str) -> None:
+        msg_id = kc.execute(code)
+        while True:
+            m = kc.get_iopub_msg(timeout=60)
+            if (m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status"
+                    and m["content"]["execution_state"] == "idle"):
+                return
+
+    try:
+        cell("%load_ext gpu_magic")
+        plain = p50(lambda: cell("x = 1 + 1"), n, warmup=5)
+        gpu = p50(lambda: cell("%%gpu H100\nx = 1 + 1"), n, warmup=5)
+        return plain, gpu
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def paced(f: Callable[[], Any], n: int, gap: float) -> float:
     """The median of ``f`` run ``n`` times ``gap`` seconds apart (the gaps are not timed)."""
     f()
@@ -190,6 +218,12 @@ def main() -> None:
             results["warm paced"])
         row("trivial cell, fresh interpreter (--cold)", results["cold"], "warm runner",
             results["warm"])
+
+        # The same cell in a real kernel, as a notebook runs it: the %%gpu magic with its
+        # status display, against a plain local cell in the same kernel.
+        k_plain, k_gpu = kernel_cells(warm)
+        row("trivial %%gpu cell in a Jupyter kernel", k_gpu, "plain local cell, same kernel",
+            k_plain)
 
         # A cell that imports torch: its first run on a new runner, then its second run.
         try:
