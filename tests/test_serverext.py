@@ -258,11 +258,15 @@ def test_an_admin_token_sees_and_cancels_every_users_jobs(
         proxy.url = gw.url
 
         proxy.token = tokens["alice"]  # a user: all=true still answers with her own jobs
+        status = api("status")[1]
+        assert status["user"] == "alice" and status["admin"] is False  # no "everyone" box
         ids = {j["id"] for j in api("jobs", params={"all": "true"})[1]["jobs"]}
         assert mine["id"] in ids and theirs["id"] not in ids
         assert api("jobs", theirs["id"], method="DELETE")[0] == 404
 
         proxy.token = tokens["carol"]  # the admin
+        status = api("status")[1]
+        assert status["user"] == "carol" and status["admin"] is True
         assert {j["id"] for j in api("jobs")[1]["jobs"]} == set()  # her own: none
         jobs = {j["id"]: j for j in api("jobs", params={"all": "true"})[1]["jobs"]}
         assert jobs[mine["id"]]["user"] == "alice" and jobs[theirs["id"]]["user"] == "bob"

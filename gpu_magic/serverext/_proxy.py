@@ -151,7 +151,7 @@ class GpuMagicProxy(LoggingConfigurable):
             return {"reachable": False, "url": target.url, "source": target.source,
                     "error": "bad_gateway",
                     "message": f"{target.url} answered {code} to /v1/health"}
-        return {
+        out = {
             "reachable": True,
             "url": target.url,
             "source": target.source,
@@ -159,6 +159,14 @@ class GpuMagicProxy(LoggingConfigurable):
             "backend": health.get("backend"),
             "simulated": bool(health.get("simulated")),
         }
+        # who the token is, so the panel offers "everyone" only to an admin (an instructor)
+        try:
+            _, code, me = await self.request("GET", "/v1/limits", target=target)
+        except ProxyError:
+            code, me = 0, None
+        if code == 200 and isinstance(me, dict):
+            out["user"], out["admin"] = me.get("user"), bool(me.get("admin"))
+        return out
 
 
 def _local_runtime_info() -> dict[str, Any] | None:

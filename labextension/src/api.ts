@@ -14,6 +14,9 @@ export interface IStatus {
   version?: string;
   backend?: string;
   simulated?: boolean;
+  /** who the gateway token is, and whether it may see every user's jobs */
+  user?: string;
+  admin?: boolean;
   error?: string;
   message?: string;
 }

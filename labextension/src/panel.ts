@@ -314,22 +314,25 @@ export class GpuPanel extends Widget {
     all.addEventListener('change', () => {
       m.showAll = all.checked;
     });
+    // only an admin (instructor) token can see other users' jobs: nobody else gets the choice
+    const admin = !!(m.status && m.status.admin);
     const section = h(
       'div',
       { class: 'jp-GpuMagic-section' },
       h(
         'div',
         { class: 'jp-GpuMagic-title' },
-        m.showAll ? 'Jobs' : 'My jobs',
-        h(
-          'label',
-          {
-            class: 'jp-GpuMagic-muted jp-GpuMagic-alllabel',
-            title: "An admin token sees every user's jobs; others see their own"
-          },
-          all,
-          'everyone'
-        )
+        admin && m.showAll ? 'Jobs' : 'My jobs',
+        admin &&
+          h(
+            'label',
+            {
+              class: 'jp-GpuMagic-muted jp-GpuMagic-alllabel',
+              title: "Your token is an admin's: show every user's jobs"
+            },
+            all,
+            'everyone'
+          )
       )
     );
     if (!jobs.length) {
