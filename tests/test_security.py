@@ -143,6 +143,23 @@ def test_cell_too_large_is_refused(gateway: Gateway) -> None:
     assert info.value.status == 413 and "takes at most 1000000" in str(info.value)
 
 
+@pytest.mark.parametrize("size, status", [(6 << 20, 413), (1000, 422)])
+def test_request_without_a_length_is_capped_like_one_with_it(gateway: Gateway, size: int,
+                                                             status: int) -> None:
+    # a chunked body gives no Content-Length to refuse it by: it is read up to the cap only
+    def body() -> Any:
+        for _ in range(size >> 16):
+            yield b"x" * (1 << 16)
+        yield b"x" * (size & 0xFFFF)
+
+    with httpx.Client(base_url=gateway.url, timeout=60) as http:
+        resp = http.post("/v1/jobs", content=body(), headers={
+            "Authorization": f"Bearer {gateway.token}", "Content-Type": "application/json"})
+    assert resp.status_code == status, resp.text
+    if status == 413:
+        assert resp.json()["error"] == "too_large" and "at most" in resp.json()["message"]
+
+
 class _Marker:
     """Unpickling this appends who unpickled it to a file: the gateway must never do so."""
 

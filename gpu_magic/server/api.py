@@ -400,6 +400,26 @@ class _AuthMiddleware:
             await _refuse(send, 413, "too_large",
                           f"the {what} is {human(size)}; this gateway takes at most {human(cap)}")
             return
+        if not is_blob and not length and b"transfer-encoding" in headers:
+            # a body without a length (chunked): read it here, up to the cap, so an endless
+            # one is refused like a long one instead of being gathered in memory
+            chunks: list[bytes] = []
+            got = 0
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                got += len(chunk)
+                if got > cap:
+                    await _refuse(send, 413, "too_large",
+                                  f"the request is over {human(cap)}; this gateway takes at "
+                                  f"most {human(cap)}")
+                    return
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            receive = _replay(b"".join(chunks), receive)
         allowed = self._methods_for(scope["path"])
         if allowed and scope["method"] not in allowed:
             # Starlette would list only the methods of the first route matching the path
@@ -441,6 +461,20 @@ def _hostname(hostport: str) -> str:
     if hostport.startswith("["):
         return hostport.split("]", 1)[0] + "]"
     return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A receive that gives ``body`` once, then what the connection says next."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # type: ignore[no-any-return]
+
+    return replay
 
 
 async def _refuse(send: Any, status: int, code: str, message: str) -> None:
