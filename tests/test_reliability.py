@@ -205,7 +205,8 @@ def test_killed_client_does_not_lose_the_job(gateway: Gateway, tmp_path: Path) -
         wait_for(lambda: all_free(c), DEADLINE)
 
 
-def test_full_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [2 << 20, 9 << 20])  # written at the end; in batches meanwhile
+def test_full_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path: Path, size: int) -> None:
     limit = 1 << 20
 
     def small_files() -> None:
@@ -213,7 +214,7 @@ def test_full_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path: Path) 
 
     gw = start_gateway(tmp_path, preexec_fn=small_files)
     try:
-        data = np.frombuffer(os.urandom(2 * limit), np.uint8)
+        data = np.frombuffer(os.urandom(size), np.uint8)
         digest = gpu_magic._payload.digest(data.data)
         resp = httpx.put(f"{gw.url}/v1/blobs/{digest}", content=data.tobytes(),
                          headers={"Authorization": f"Bearer {gw.token}"})
