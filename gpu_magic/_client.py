@@ -54,6 +54,7 @@ class GatewayClient:
         weakref.finalize(self, _close_all, self._open, self._spares)
         # a ready URL: httpx parses and merges a relative one on every request
         self._follow_url = httpx.URL(self.url + "/v1/jobs?follow=true")
+        _CLIENTS.add(self)
 
     def _new_http(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -79,8 +80,10 @@ class GatewayClient:
         """A client of this gateway for another thread (httpx clients are not shared between
         threads here); ``give_back`` keeps it and its open connection for the next one."""
         with self._spares_lock:
-            if self._spares:
-                return self._spares.pop()
+            while self._spares:
+                spare = self._spares.pop()
+                if not spare._http.is_closed:
+                    return spare
         other = GatewayClient(self.url, self.token, same_host=self._same_host)
         other._health, other._local = self._health, self._local
         return other
@@ -257,6 +260,12 @@ class GatewayClient:
                     if resp.status_code >= 400:
                         resp.read()
                         _check(resp, self.url)
+                    if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                        # a gateway from before submit-and-follow: its answer is the record
+                        resp.read()
+                        submitted = True
+                        yield {"type": "job", "job": resp.json()}
+                        break
                     chunks = resp.iter_bytes()
                     for ev in _parse_sse(chunks):
                         if ev.get("type") == "job":
@@ -341,6 +350,20 @@ def _ssl_context() -> Any:
         if bundle:
             _SSL.load_verify_locations(bundle)
     return _SSL
+
+
+# A forked child (multiprocessing) must not reuse its parent's kept connections: their sockets
+# are shared with the parent, and two processes reading one stream would each lose half of it.
+_CLIENTS: weakref.WeakSet[GatewayClient] = weakref.WeakSet()
+
+
+def _forget_spares_after_fork() -> None:
+    for c in list(_CLIENTS):
+        c._spares_lock = threading.Lock()
+        c._spares.clear()  # dropped, not closed: closing would not touch the parent's anyway
+
+
+os.register_at_fork(after_in_child=_forget_spares_after_fork)
 
 
 def _close_all(open_: dict[str, httpx.Client], spares: list[GatewayClient]) -> None:

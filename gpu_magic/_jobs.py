@@ -15,6 +15,7 @@ reassigned since the job was submitted is left alone, with a warning.
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -52,6 +53,7 @@ class EventFeed:
         self._submit = submit
         self._clean = False
         self._done = threading.Event()
+        self._closing = threading.Lock()  # the reader's hand-back and close() do not cross
         _THREADS.run(self._read)
 
     def _read(self) -> None:
@@ -71,18 +73,25 @@ class EventFeed:
                 self._queue.put(_Failure(exc))
         finally:
             self._queue.put(_END)
-            if self._clean:
-                self._owner.give_back(self._client)  # its connection serves the next job
-            else:
-                self._client.close()
+            with self._closing:
+                if self._clean:
+                    self._owner.give_back(self._client)  # its connection serves the next job
+                else:
+                    self._client.close()
             self._done.set()
 
     def record(self) -> dict[str, Any]:
         """The submitted job's record, once the gateway has taken it (or its refusal)."""
         while True:
             ev = self.get(timeout=1.0)
-            if ev is not None and ev.get("type") == "job":
-                return ev["job"]  # type: ignore[no-any-return]
+            if ev is None:
+                continue
+            if ev.get("type") != "job":
+                from ._errors import GatewayError
+
+                raise GatewayError(f"the gateway answered job {self._job_id}'s submit with "
+                                   f"{ev.get('type')!r} before the job itself")
+            return ev["job"]  # type: ignore[no-any-return]
 
     def get(self, timeout: float) -> dict[str, Any] | None:
         """The next event, or None if none came within ``timeout`` seconds."""
@@ -104,6 +113,8 @@ class EventFeed:
         it stops at the next event or heartbeat, its connection closed under it."""
         self._stop.set()
         if not self._done.wait(0.5):
+            with self._closing:
+                self._clean = False  # closed under the reader: never handed back as a spare
             try:
                 self._client.close()
             except Exception:
@@ -144,6 +155,8 @@ class _Threads:
 
 
 _THREADS = _Threads()
+# a forked child (multiprocessing) inherits the idle queues but not their threads
+os.register_at_fork(after_in_child=_THREADS._idle.clear)
 
 
 # --- background jobs ---

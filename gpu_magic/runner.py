@@ -667,14 +667,18 @@ def _zygote(sock_fd: int) -> None:
                 continue
             send({"exited": pid, "status": os.waitstatus_to_exitcode(status)})
 
-    def prefork() -> tuple[int, socket.socket]:
+    def prefork(held: list[int] = []) -> tuple[int, socket.socket]:  # noqa: B006 (read only)
         # The next job's process, forked ahead: the fork and the child's first steps happen
-        # while no job waits, and a job only has to be handed over.
+        # while no job waits, and a job only has to be handed over. ``held``: descriptors of a
+        # job the zygote holds right now, which the child must not keep (an events pipe kept
+        # open anywhere means its job never seems to end).
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
             sock.close()
             ours.close()
+            for fd in held:
+                os.close(fd)
             os.setsid()
             _spare(session, theirs)
             os._exit(0)
@@ -694,7 +698,7 @@ def _zygote(sock_fd: int) -> None:
         try:
             socket.send_fds(chan, [msg], fds)
         except OSError:  # the spare died: fork one for this job now
-            pid, chan = prefork()
+            pid, chan = prefork(fds)
             socket.send_fds(chan, [msg], fds)
         chan.close()
         for fd in fds:

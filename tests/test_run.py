@@ -325,3 +325,23 @@ def test_unchanged_inputs_are_not_sent_again_even_after_the_gateway_dropped_them
                 f.unlink()
         third = once()
         assert third.sent_bytes > 5000
+
+
+def _cell_in_a_child(url: str, token: str) -> Any:
+    from gpu_magic._client import GatewayClient
+
+    with GatewayClient(url, token) as c:
+        return gpu_magic.run("y = 1 + 1\ny", "H100", {"__name__": "__main__"}, client=c,
+                             quiet=True)
+
+
+def test_a_forked_child_can_run_cells(use_gateway: Any) -> None:
+    # the parent's kept event-stream threads and connections do not cross a fork: a child
+    # (multiprocessing's default on Linux) must start its own instead of waiting forever
+    import multiprocessing
+
+    with use_gateway.client() as c:
+        assert gpu_magic.run("1 + 1", "H100", {"__name__": "__main__"}, client=c, quiet=True) == 2
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        result = pool.apply_async(_cell_in_a_child, (use_gateway.url, use_gateway.token))
+        assert result.get(timeout=60) == 2

@@ -86,3 +86,31 @@ def test_edited_local_module_is_imported_again(warm: Gateway, tmp_path: Path,
 
         os.utime(mod, (time.time() + 5, time.time() + 5))  # a new mtime even within one tick
         assert gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True) == 2
+
+
+def test_a_dead_spare_runner_is_replaced_and_the_job_ends(tmp_path: Path) -> None:
+    # the zygote keeps a runner forked ahead; if it died, the job gets a new one, and that
+    # one must not hold the job's events pipe open (the job would never seem to end)
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    gw = start_gateway(tmp_path, "--keep-warm", "60", simulate="H100:1")
+    try:
+        deadline = time.monotonic() + 30
+        spares: list[Any] = []
+        while not spares and time.monotonic() < deadline:
+            zygotes = [p for p in psutil.Process(gw.proc.pid).children()
+                       if "--zygote" in p.cmdline()]
+            spares = [c for z in zygotes for c in z.children()]
+            time.sleep(0.1)
+        assert spares, "the zygote keeps no spare runner"
+        for p in spares:
+            os.kill(p.pid, signal.SIGKILL)
+        with GatewayClient(gw.url, gw.token) as c:  # a job that never ends times out here
+            assert gpu_magic.run("2 * 21", "H100", {"__name__": "__main__"}, client=c,
+                                 quiet=True, timeout=30) == 42
+    finally:
+        gw.stop()

@@ -233,16 +233,19 @@ class BlobStore:
                     pending += len(chunk)
                     if pending >= _WRITE_BATCH:
                         if writing is not None:
-                            await writing
+                            await asyncio.shield(writing)
                         writing = asyncio.ensure_future(asyncio.to_thread(_write_all, fd, batch))
                         batch, pending = [], 0
                 if writing is not None:
-                    await writing
+                    await asyncio.shield(writing)
                 if batch:
-                    await asyncio.to_thread(_write_all, fd, batch)
+                    writing = asyncio.ensure_future(asyncio.to_thread(_write_all, fd, batch))
+                    await asyncio.shield(writing)
             finally:
+                # never close the file under a write: a cancelled upload (shutdown) waits for
+                # the thread, whose write was shielded from the cancel
                 if writing is not None:
-                    await asyncio.wait([writing])  # never close the file under a write
+                    await asyncio.wait([writing])
                     if not writing.cancelled():
                         writing.exception()  # seen: what went wrong first is what is raised
                 os.close(fd)
