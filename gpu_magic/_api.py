@@ -588,8 +588,7 @@ def _send_inputs(client: GatewayClient, blobs: dict[str, memoryview],
         return {}
     state.reused = len(blobs) - len(fresh)
     state.sent_bytes = size
-    return {d: base64.b64encode(b.cast("B") if b.format != "B" or b.ndim != 1 else b).decode()
-            for d, b in fresh.items()}
+    return {d: base64.b64encode(_payload.byte_view(b)).decode() for d, b in fresh.items()}
 
 
 def _upload(client: GatewayClient, blobs: dict[str, memoryview], state: JobState) -> int:

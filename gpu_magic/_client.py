@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from ._errors import AuthError, GatewayError, NoFeasibleOption, SpecError
+from ._payload import byte_view
 
 CHUNK = 1 << 20
 # Blobs at least this big go through files on the same host (below it one HTTP body is cheaper).
@@ -41,7 +42,6 @@ class GatewayClient:
         self._health: dict[str, Any] | None = None
         # False: always HTTP bodies, even when the gateway offers files on this host
         self._local: dict[str, Any] | bool | None = None if same_host else False
-        self._same_host = same_host
         # digests the gateway held for us when last asked (it may drop them later: a submit
         # that names a dropped one is refused with 409 and sent again with it)
         self.known: set[str] = set()
@@ -84,8 +84,8 @@ class GatewayClient:
                 spare = self._spares.pop()
                 if not spare._http.is_closed:
                     return spare
-        other = GatewayClient(self.url, self.token, same_host=self._same_host)
-        other._health, other._local = self._health, self._local
+        other = GatewayClient(self.url, self.token)
+        other._health, other._local = self._health, self._local  # same_host=False included
         return other
 
     def give_back(self, other: GatewayClient) -> None:
@@ -166,7 +166,7 @@ class GatewayClient:
         return self._local or None
 
     def upload(self, digest: str, data: memoryview) -> None:
-        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        view = byte_view(data)
         local = self.local_path() if view.nbytes >= SAME_HOST_MIN else None
         if local is not None:
             # same host: one write into the gateway's inbox instead of an HTTP body

@@ -42,6 +42,12 @@ def digest(data: bytes | bytearray | memoryview) -> str:
     return DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(data)
 
 
+def byte_view(data: Any) -> memoryview:
+    """``data`` as a flat view of bytes (an array's buffer may be typed or many-dimensional)."""
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
 def is_digest(value: str) -> bool:
     """Whether ``value`` looks like a digest we produce (used to validate untrusted input)."""
     return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
@@ -131,7 +137,7 @@ _REGISTRY_LOCK = threading.Lock()
 _LOCAL_CACHE: dict[tuple[str, str, str], bool] = {}
 
 
-def _installed_top_levels() -> set[str]:
+def installed_top_levels() -> set[str]:
     """Top-level import names that belong to an installed distribution (editable ones too):
     those are importable on the runner and travel by reference, even if they sit beside the
     notebook (a project checked out with `pip install -e .`)."""
@@ -150,13 +156,15 @@ def _installed_top_levels() -> set[str]:
 _INSTALLED: set[str] | None = None
 
 
-def _is_local(base: Path, name: str, file: str) -> bool:
+def is_local(base: Path, name: str, file: str) -> bool:
+    """Whether module ``name`` (from ``file``) is the user's own, beside the notebook under
+    ``base``: not installed (editable installs included), not in the interpreter's prefixes."""
     key = (str(base), name, file)
     hit = _LOCAL_CACHE.get(key)
     if hit is not None:
         return hit
     local = False
-    if name.partition(".")[0] in _installed_top_levels():
+    if name.partition(".")[0] in installed_top_levels():
         _LOCAL_CACHE[key] = False
         return False
     if not os.path.isabs(file):
@@ -191,7 +199,7 @@ def _local_modules(base: Path | None) -> list[types.ModuleType]:
         file = getattr(mod, "__file__", None)
         if not file or name == "__main__" or not file.endswith(".py"):
             continue
-        if _is_local(base, name, file):
+        if is_local(base, name, file):
             found[name.partition(".")[0]] = sys.modules.get(name.partition(".")[0], mod)
     _LOCAL_MODULES.clear()
     _LOCAL_MODULES[key] = list(found.values())

@@ -283,30 +283,27 @@ def _is_oom(exc: BaseException) -> bool:
 INLINE_MAX = 64 << 10  # results this small go back inside their event, not as files
 
 
-def _put_blobs(out_dir: Path, parts: list[Any], event: dict[str, Any]) -> list[str]:
-    """Hand result blobs to the gateway: small ones inside ``event`` (no file to create, which
-    costs more than the whole trivial cell on some disks), larger ones as files in ``out_dir``."""
-    views = [p if isinstance(p, memoryview) else memoryview(p) for p in parts]
-    views = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views]
-    if sum(v.nbytes for v in views) <= INLINE_MAX:
-        digests = [_payload.digest(v) for v in views]
-        inline = event.setdefault("inline", {})
-        for d, v in zip(digests, views):
-            inline[d] = base64.b64encode(v).decode()
-        return digests
-    return [_write_blob(out_dir, v) for v in views]
+def _put_blobs(out_dir: Path, packed: _payload.Packed, event: dict[str, Any]) -> None:
+    """Hand a payload's blobs to the gateway: small ones inside ``event`` (no file to create,
+    which costs more than the whole trivial cell on some disks), larger ones as files in
+    ``out_dir``. The event names them by the digests the payload has already."""
+    parts = [(packed.pickle_digest, _payload.byte_view(packed.pickle)),
+             *((d, _payload.byte_view(b)) for d, b in zip(packed.buffer_digests, packed.buffers))]
+    if sum(v.nbytes for _, v in parts) <= INLINE_MAX:
+        event["inline"] = {d: base64.b64encode(v).decode() for d, v in parts}
+    else:
+        for d, v in parts:
+            _write_blob(out_dir, d, v)
 
 
-def _write_blob(out_dir: Path, data: memoryview | bytes) -> str:
+def _write_blob(out_dir: Path, digest: str, data: memoryview) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    d = _payload.digest(data)
-    path = out_dir / d.replace(":", "-")
+    path = out_dir / digest.replace(":", "-")
     if not path.exists():
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    return d
 
 
 def _read_blob(path: str) -> Any:
@@ -421,8 +418,8 @@ def _pack_results(
         "cuda_moved": cuda_moved,
         "nbytes": packed.nbytes,
     }
-    blob, *buffers = _put_blobs(out_dir, [packed.pickle, *packed.buffers], event)
-    event["blob"], event["buffers"] = blob, buffers
+    _put_blobs(out_dir, packed, event)
+    event["blob"], event["buffers"] = packed.pickle_digest, list(packed.buffer_digests)
     return event
 
 
@@ -439,6 +436,7 @@ class _Session:
         self.base_path = list(sys.path)
         self.local_mtimes: dict[str, float] = {}
         self.modules_seen = -1  # len(sys.modules) when the user's modules were last noted
+        self.reusable = True  # False: one job, then the process ends (nothing to reload)
 
     def make_shell(self) -> None:
         if self.shell is None:
@@ -470,6 +468,7 @@ class _Session:
         assert self.shell is not None
         self.shell.run_cell("pass", store_history=False)
         self.sync()
+        self.modules_seen = len(sys.modules)  # all the runner's own: no user module among them
 
     def sync(self) -> None:
         """Everything written so far, sent: before a display, and at the end of the cell."""
@@ -516,22 +515,17 @@ class _Session:
                 del self.local_mtimes[name]
                 self.modules_seen = -1  # look again once the cell has imported it anew
 
-    def _note_local_modules(self) -> None:
-        """Remember the user's own modules (beside the notebook) to reload them once edited.
-        Installed packages are not theirs, even in a virtual environment inside that folder,
-        and neither is gpu_magic (the runner itself)."""
-        here = os.getcwd() + os.sep
+    def note_local_modules(self) -> None:
+        """Remember the user's own modules, to import them again once edited: the modules that
+        the client sends by value (``_payload.is_local``), so never installed packages, even in
+        a virtual environment inside the notebook's folder, nor gpu_magic itself."""
         if len(sys.modules) == self.modules_seen:
             return  # nothing imported since the last look
         self.modules_seen = len(sys.modules)
-        prefixes = tuple({os.path.join(p, "") for p in (sys.prefix, sys.base_prefix,
-                                                         sys.exec_prefix)})
+        here = Path.cwd().resolve()
         for name, mod in list(sys.modules.items()):
             file = getattr(mod, "__file__", None)
-            if (not file or name in self.local_mtimes or not file.startswith(here)
-                    or file.startswith(prefixes) or name.partition(".")[0] == "gpu_magic"
-                    or f"{os.sep}site-packages{os.sep}" in file
-                    or f"{os.sep}dist-packages{os.sep}" in file):
+            if not file or name in self.local_mtimes or not _payload.is_local(here, name, file):
                 continue
             try:
                 self.local_mtimes[name] = os.path.getmtime(file)
@@ -557,7 +551,8 @@ class _Session:
             })
             return 3
         finally:
-            self._note_local_modules()
+            if self.reusable:  # before "finished": an edit right after the cell must show
+                self.note_local_modules()
             self.emitter.emit({"type": "finished"})
             self.emitter.close()
 
@@ -597,7 +592,8 @@ class _Session:
             try:
                 packed, _ = _payload.dumps(exc)
                 if not packed.buffers:
-                    event["exception"] = _put_blobs(out_dir, [packed.pickle], event)[0]
+                    _put_blobs(out_dir, packed, event)
+                    event["exception"] = packed.pickle_digest
             except Exception:
                 pass
             emitter.emit(event)
@@ -636,7 +632,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m gpu_magic.runner JOB_DIR EVENTS_FD | --zygote SOCKET_FD",
               file=sys.stderr)
         return 2
-    return _Session().run(Path(argv[0]), int(argv[1]))
+    session = _Session()
+    session.reusable = False
+    return session.run(Path(argv[0]), int(argv[1]))
 
 
 def _zygote(sock_fd: int) -> None:
@@ -687,6 +685,7 @@ def _zygote(sock_fd: int) -> None:
         return pid, ours
 
     threading.Thread(target=reap, daemon=True, name="gpu-magic-reaper").start()
+    _payload.installed_top_levels()  # read once here, not by each worker
     gc.freeze()  # what the zygote built stays out of the children's collections (fewer copies)
     spare = prefork()
     while True:

@@ -245,30 +245,12 @@ class LocalBackend:
 
     def _watch(self, handle: Handle, r: int, on_event: EventCallback,
                on_exit: ExitCallback) -> Handle:
+        # read the runner's events on the gateway's event loop (start() is called there): no
+        # thread to start per job, and no hand-over between threads for each event
         run = handle.spec
         self._handles[(run.job_id, run.attempt)] = handle
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None:
-            # read the runner's events on the event loop: no thread to start per job, and no
-            # hand-over between threads for each event
-            _PipeReader(self, handle, r, on_event, on_exit, loop)
-            return handle
-        t = threading.Thread(
-            target=self._follow, args=(handle, r, on_event, on_exit), daemon=True,
-            name=f"gpu-magic-runner-{run.job_id}",
-        )
-        t.start()
+        _PipeReader(self, handle, r, on_event, on_exit, asyncio.get_running_loop())
         return handle
-
-    def _follow(self, handle: Handle, fd: int, on_event: EventCallback, on_exit: ExitCallback) -> None:
-        state = _RunnerOutput(handle.spec, on_event)
-        with os.fdopen(fd, "rb") as f:
-            for line in f:
-                state.line(line)
-        self._ended(handle, state, on_exit)
 
     def _ended(self, handle: Handle, state: _RunnerOutput, on_exit: ExitCallback) -> None:
         """The runner's pipe closed: keep its worker warm or wait for its exit (blocking)."""
