@@ -11,6 +11,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -125,6 +126,7 @@ def main() -> None:
         r = run_load(gw.url, gw.token, clients, jobs, str(lockdir))
     finally:
         gw.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"load: {clients} clients x {jobs} jobs on a simulated pool of 8 GPUs")
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}"
           f", {time.strftime('%Y-%m-%d')}")

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-gpus-per-user", type=int, default=None)
     s.add_argument("--max-blob-bytes", type=int, default=None)
     s.add_argument("--max-job-bytes", type=int, default=None)
+    s.add_argument("--blob-reserve", type=_size, default=None, metavar="SIZE",
+                   help="disk and page cache kept written ahead for large blobs, e.g. 2G "
+                        "(default: a sixteenth of memory, at most 4G; 0: none)")
     s.add_argument("--force", action="store_true",
                    help="start even where it would be unsafe (non-loopback without tokens file)")
 
@@ -64,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8888)
     d.add_argument("--notebooks", type=Path, default=None)
     return p
+
+
+def _size(text: str) -> int:
+    """``512M``, ``2G``, ``0`` or a number of bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t[-1:] in units and t[-1:] else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; write it as bytes or with K, M, G or T, e.g. 2G") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_warm=None if args.cold else args.keep_warm,
             max_jobs_per_user=args.max_jobs_per_user, max_gpus_per_user=args.max_gpus_per_user,
             max_blob_bytes=args.max_blob_bytes, max_job_bytes=args.max_job_bytes,
+            blob_reserve=args.blob_reserve,
         )
         return serve(cfg)
     if args.command == "stop":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import builtins
 import codecs
+import contextlib
 import ctypes
 import gc
 import json
@@ -26,9 +27,9 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from . import _payload
+from . import _payload, _reserve
 
 COALESCE_S = 0.002  # let a burst of prints gather before sending them as one event
 _MARKER = b"\x00gpu-magic-drain\x00"
@@ -283,26 +284,35 @@ def _is_oom(exc: BaseException) -> bool:
 INLINE_MAX = 64 << 10  # results this small go back inside their event, not as files
 
 
-def _put_blobs(out_dir: Path, packed: _payload.Packed, event: dict[str, Any]) -> None:
+class Outbox(NamedTuple):
+    """Where a job's larger result blobs go: files in ``folder``, written over the gateway's
+    reserve files (:mod:`gpu_magic._reserve`) when it lends them."""
+
+    folder: Path
+    reserve: str | None = None
+
+
+def _put_blobs(out: Outbox, packed: _payload.Packed, event: dict[str, Any]) -> None:
     """Hand a payload's blobs to the gateway: small ones inside ``event`` (no file to create,
-    which costs more than the whole trivial cell on some disks), larger ones as files in
-    ``out_dir``. The event names them by the digests the payload has already."""
+    which costs more than the whole trivial cell on some disks), larger ones as files in the
+    outbox. The event names them by the digests the payload has already."""
     parts = [(packed.pickle_digest, _payload.byte_view(packed.pickle)),
              *((d, _payload.byte_view(b)) for d, b in zip(packed.buffer_digests, packed.buffers))]
     if sum(v.nbytes for _, v in parts) <= INLINE_MAX:
         event["inline"] = {d: base64.b64encode(v).decode() for d, v in parts}
     else:
         for d, v in parts:
-            _write_blob(out_dir, d, v)
+            _write_blob(out, d, v)
 
 
-def _write_blob(out_dir: Path, digest: str, data: memoryview) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / digest.replace(":", "-")
+def _write_blob(out: Outbox, digest: str, data: memoryview) -> None:
+    out.folder.mkdir(parents=True, exist_ok=True)
+    path = out.folder / digest.replace(":", "-")
     if not path.exists():
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by an attempt that died while writing
+        _reserve.write_file(tmp, data, out.reserve)
         os.replace(tmp, path)
 
 
@@ -382,7 +392,7 @@ class _InputRef:
 
 def _pack_results(
     ns: dict[str, Any], names: list[str], value: Any, has_value: bool,
-    unchanged_inputs: dict[int, str], out_dir: Path,
+    unchanged_inputs: dict[int, str], out: Outbox,
 ) -> dict[str, Any]:
     values = {n: ns[n] for n in names}
     payload: dict[str, Any] = {"names": values}
@@ -418,7 +428,7 @@ def _pack_results(
         "cuda_moved": cuda_moved,
         "nbytes": packed.nbytes,
     }
-    _put_blobs(out_dir, packed, event)
+    _put_blobs(out, packed, event)
     event["blob"], event["buffers"] = packed.pickle_digest, list(packed.buffer_digests)
     return event
 
@@ -558,7 +568,8 @@ class _Session:
 
     def _run(self, job_dir: Path, manifest: dict[str, Any]) -> int:
         emitter, shell = self.emitter, self.shell
-        out_dir = job_dir / "out"  # made when a result is too large to go inline
+        # made when a result is too large to go inline
+        out = Outbox(job_dir / "out", manifest.get("reserve"))
         ns: dict[str, Any] = {"__name__": "__main__"}
         inputs = manifest["inputs"]
         buffers = [_read_blob(p) for p in inputs["buffers"]]
@@ -592,7 +603,7 @@ class _Session:
             try:
                 packed, _ = _payload.dumps(exc)
                 if not packed.buffers:
-                    _put_blobs(out_dir, packed, event)
+                    _put_blobs(out, packed, event)
                     event["exception"] = packed.pickle_digest
             except Exception:
                 pass
@@ -617,7 +628,7 @@ class _Session:
         }
         value = result.result if manifest.get("has_value") else None
         event = _pack_results(ns, names, value, bool(manifest.get("has_value")) and value is not None,
-                              unchanged, out_dir)
+                              unchanged, out)
         event["deleted"] = deleted
         emitter.emit(event)
         return 0

@@ -199,8 +199,10 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
     async def put_blob(request: Request, digest: str = Path(pattern=DIGEST_PATTERN),
                        u: User = Depends(user)) -> dict[str, Any]:
         gateway.blobs.path(u.name, digest)  # validates the digest before reading the body
+        length = request.headers.get("content-length", "")
         size = await gateway.blobs.put_stream(u.name, digest, request.stream(),
-                                              max_bytes=gateway.limits_for(u).max_blob_bytes)
+                                              max_bytes=gateway.limits_for(u).max_blob_bytes,
+                                              size_hint=int(length) if length.isdigit() else 0)
         return {"digest": digest, "size": size}
 
     @app.get("/v1/local", responses=_errors(404))
@@ -210,8 +212,10 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         if not same_host_ok():
             raise ApiError(404, "no_local_path", "this gateway offers no same-host path")
         inbox = gateway.blobs.inbox(u.name)
+        reserve = gateway.blobs.reserve
         return {"host": socket.gethostname(), "inbox": str(inbox),
-                "store": str(gateway.blobs.user_dir(u.name))}
+                "store": str(gateway.blobs.user_dir(u.name)),
+                "reserve": str(reserve.folder) if reserve.cap > 0 else None}
 
     @app.post("/v1/blobs/adopt", responses=_errors(400, 404, 422, 507))
     async def adopt(body: AdoptRequest, u: User = Depends(user)) -> dict[str, Any]:

@@ -138,11 +138,11 @@ def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
 class Gateway:
     def __init__(self, backend: Any, state_dir: Path, *, max_timeout: float | None = None,
                  orphan_timeout: float = ORPHAN_TIMEOUT_S, limits: Limits | None = None,
-                 retention: float = RETENTION_S) -> None:
+                 retention: float = RETENTION_S, blob_reserve: int = 0) -> None:
         self.backend = backend
         self.state_dir = state_dir
         self.store = Store(state_dir)
-        self.blobs = BlobStore(state_dir / "blobs")
+        self.blobs = BlobStore(state_dir / "blobs", blob_reserve)
         self.jobs_dir = state_dir / "jobs"
         self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
         self.max_timeout = max_timeout
@@ -250,6 +250,14 @@ class Gateway:
             self._housekeeper.cancel()
         self.backend.shutdown()
         self.store.close()
+        self.blobs.close()
+
+    def runners_see_reserve(self) -> bool:
+        """Whether runners may write results over the blob reserve's files: only runners on
+        this host outside a sandbox (a sandboxed one could keep a reserve file open and read
+        what another user writes into it later)."""
+        return (self.blobs.reserve.cap > 0 and self.backend.name == "local"
+                and getattr(self.backend, "isolation", "none") == "none")
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -512,6 +520,8 @@ class Gateway:
             "no_return": req.get("no_return", False),
             "env": req.get("env") or {},
         }
+        if self.runners_see_reserve():
+            manifest["reserve"] = str(self.blobs.reserve.folder)
         chosen = [g for g in gpus if g.node == grant.node and g.index in grant.indices]
         run = RunSpec(job.id, job.attempt, self.jobs_dir / job.id / f"attempt-{job.attempt}",
                       manifest, chosen, grant_env, req.get("python"), req.get("cwd"), job.user)

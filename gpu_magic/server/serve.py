@@ -27,6 +27,7 @@ from .auth import Authenticator, TokensFileError, load_tokens_file, owner_token,
 from .backends.sandbox import bwrap_path
 from .gateway import Gateway
 from .limits import Limits
+from .reserve import default_cap
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ServeConfig:
     max_gpus_per_user: int | None = None
     max_blob_bytes: int | None = None
     max_job_bytes: int | None = None
+    blob_reserve: int | None = None  # bytes; None: a sixteenth of memory, at most 4 GiB
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a running embedded gateway to be reused."""
@@ -150,7 +152,8 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
         "max_blob_bytes": cfg.max_blob_bytes, "max_job_bytes": cfg.max_job_bytes,
     }.items() if v is not None})
     gateway = Gateway(backend, state_dir, max_timeout=cfg.max_timeout,
-                      orphan_timeout=cfg.orphan_timeout, limits=limits, retention=cfg.retention)
+                      orphan_timeout=cfg.orphan_timeout, limits=limits, retention=cfg.retention,
+                      blob_reserve=default_cap() if cfg.blob_reserve is None else cfg.blob_reserve)
     return gateway, Authenticator(tokens), token_path
 
 

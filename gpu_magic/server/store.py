@@ -21,7 +21,9 @@ from typing import Any
 
 import xxhash
 
+from .. import _reserve
 from .._payload import DIGEST_PREFIX, is_digest
+from .reserve import Reserve
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -182,10 +184,15 @@ def _safe_user(user: str) -> str:
 class BlobStore:
     """Content-addressed blobs, one folder per user."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, reserve_cap: int = 0) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._made: dict[str, Path] = {}
+        # beside the users' folders, never among them (a user may be called anything)
+        self.reserve = Reserve(root.parent / "reserve", reserve_cap)
+
+    def close(self) -> None:
+        self.reserve.close()
 
     def user_dir(self, user: str) -> Path:
         d = self._made.get(user)
@@ -209,14 +216,15 @@ class BlobStore:
         return [d for d in dict.fromkeys(digests) if not self.has(user, d)]
 
     async def put_stream(self, user: str, digest: str, chunks: AsyncIterator[bytes],
-                         max_bytes: int | None = None) -> int:
-        """Store an uploaded blob, verifying its digest; nothing is left behind on failure."""
+                         max_bytes: int | None = None, size_hint: int = 0) -> int:
+        """Store an uploaded blob, verifying its digest; nothing is left behind on failure.
+        ``size_hint`` (the announced length) picks a reserve file to write over."""
         final = self.path(user, digest)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{id(chunks)}")
         h = xxhash.xxh3_128()
         size = 0
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd, reused = _reserve.open_for(tmp, size_hint, self.reserve.folder)
             # Writes go to a thread a few MiB at a time while the next ones arrive: the event
             # loop keeps serving everyone else, and receiving overlaps writing (filling new
             # page-cache pages is as slow as the network here).
@@ -248,7 +256,10 @@ class BlobStore:
                     await asyncio.wait([writing])
                     if not writing.cancelled():
                         writing.exception()  # seen: what went wrong first is what is raised
-                os.close(fd)
+                try:
+                    _reserve.finish(fd, size, reused)
+                finally:
+                    os.close(fd)
             got = DIGEST_PREFIX + h.hexdigest()
             if got != digest:
                 raise BlobError(400, f"blob content does not match its digest: sent as {digest}, content is {got}")
@@ -258,6 +269,7 @@ class BlobStore:
         finally:
             if tmp.exists():
                 tmp.unlink()
+        self.reserve.note(size)
         return size
 
     def put_bytes(self, user: str, digest: str, data: bytes) -> None:
@@ -313,11 +325,13 @@ class BlobStore:
         except OSError as exc:
             src.unlink(missing_ok=True)
             raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
+        self.reserve.note(size)
         return size
 
     def adopt(self, user: str, src: Path) -> str:
         """Move a runner's result file into the user's store, verifying its digest by content."""
         digest = _hash_file(src)
+        self.reserve.note(src.stat().st_size)
         dest = self.path(user, digest)
         if dest.exists():
             src.unlink()

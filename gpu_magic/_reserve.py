@@ -1,0 +1,86 @@
+"""Files written ahead of time for large blobs.
+
+On a virtual machine the first write into memory the guest has not touched lately costs ~0.4
+GiB/s (the host maps each page on demand), while writing over the pages of a file written a
+while ago runs at memcpy speed: 256 MiB took 0.65 s into a new file and 0.05 s over an old one
+here. So the gateway keeps a few files of the sizes its users have been sending, written while
+nothing else runs, and whoever writes a large blob (a client on this host, a runner, the
+gateway's own upload path) moves one of them into place and writes over it.
+
+A reserve file's name is ``<size>.<random>``: its size is known without a stat, and renaming it
+away is how one writer takes it, exclusively, with no lock.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RESERVE_MIN = 4 << 20  # smaller blobs: a new file costs about as much as reusing one
+
+
+def take(reserve: str | os.PathLike[str] | None, size: int, dest: str | os.PathLike[str]) -> bool:
+    """Move the smallest reserve file of at least ``size`` bytes to ``dest``; False if none."""
+    if reserve is None or size < RESERVE_MIN:
+        return False
+    try:
+        names = os.listdir(reserve)
+    except OSError:
+        return False
+    fits = []
+    for name in names:
+        head = name.partition(".")[0]
+        if head.isdigit() and int(head) >= size:
+            fits.append((int(head), name))
+    for _, name in sorted(fits):
+        try:
+            os.rename(os.path.join(reserve, name), dest)
+            return True
+        except FileNotFoundError:
+            continue  # another writer took it first
+        except OSError:
+            return False
+    return False
+
+
+def open_for(dest: str | os.PathLike[str], size: int,
+             reserve: str | os.PathLike[str] | None) -> tuple[int, bool]:
+    """A new file at ``dest`` (0600, which must not exist) to write ``size`` bytes into from
+    its start, over a reserve file's pages when one fits. Returns the fd and whether it came
+    from the reserve: then the caller truncates it to the bytes written (:func:`finish`)."""
+    if take(reserve, size, dest):
+        try:
+            return os.open(dest, os.O_WRONLY), True
+        except OSError:
+            os.unlink(dest)
+    return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), False
+
+
+def finish(fd: int, written: int, reused: bool) -> None:
+    """Cut a reused file to what was written (it may have been longer)."""
+    if reused:
+        os.ftruncate(fd, written)
+
+
+def write_file(dest: str | os.PathLike[str], data: memoryview,
+               reserve: str | os.PathLike[str] | None) -> None:
+    """Write ``data`` (bytes) as the new file ``dest``, into a reserve file when one fits."""
+    fd, reused = open_for(dest, data.nbytes, reserve)
+    try:
+        rest = data
+        while rest.nbytes:  # one write() stops short of 2 GiB
+            rest = rest[os.write(fd, rest):]
+        finish(fd, data.nbytes, reused)
+    finally:
+        os.close(fd)
+
+
+def round_up(size: int) -> int:
+    """The size of the reserve file made for a blob of ``size`` bytes (whole MiB, so a blob a
+    few bytes longer next time still fits)."""
+    mib = 1 << 20
+    return -(-size // mib) * mib + mib
+
+
+def path_in(root: Path) -> Path:
+    return root / ".reserve"

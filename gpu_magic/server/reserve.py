@@ -1,0 +1,143 @@
+"""Keeps the blob reserve (see :mod:`gpu_magic._reserve`) filled: after large blobs have been
+written, files of their sizes are written again in a low-priority thread once the data path has
+been quiet for a moment, up to a cap."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+from .._reserve import RESERVE_MIN, round_up
+
+log = logging.getLogger("gpu_magic.gateway")
+
+RECENT = 4  # how many of the latest large blob sizes to keep a file ready for
+QUIET_S = 0.3  # fill only after the data path has rested this long
+_ZEROS = bytes(8 << 20)
+
+
+def default_cap() -> int:
+    """A sixteenth of this host's memory, at most 4 GiB."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 8 << 30
+    return min(4 << 30, ram // 16)
+
+
+class Reserve:
+    def __init__(self, folder: Path, cap: int) -> None:
+        self.folder = folder
+        self.cap = cap
+        folder.mkdir(exist_ok=True, mode=0o700)
+        os.chmod(folder, 0o700)  # made by an older gateway, or by hand
+        for name in os.listdir(folder):
+            if not name.partition(".")[0].isdigit():
+                with contextlib.suppress(OSError):
+                    os.unlink(folder / name)  # a file left half-written by an earlier gateway
+        self._recent: collections.deque[int] = collections.deque(maxlen=RECENT)
+        self._wake = threading.Condition()
+        self._noted = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def note(self, size: int) -> None:
+        """A blob of ``size`` bytes was just written: keep a file of that size ready."""
+        if size < RESERVE_MIN or self.cap <= 0:
+            return
+        with self._wake:
+            self._recent.append(round_up(size))
+            self._noted += 1
+            self._wake.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gpu-magic-reserve",
+                                                daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def files(self) -> list[tuple[int, str]]:
+        out = []
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.folder):
+                head = name.partition(".")[0]
+                if head.isdigit():
+                    out.append((int(head), name))
+        return out
+
+    def wanted(self) -> tuple[list[int], list[str]]:
+        """Sizes of the files to write and names of files to drop, so that the reserve holds a
+        file for each recent size, within the cap."""
+        with self._wake:
+            want = sorted(self._recent, reverse=True)
+        have = sorted(self.files(), reverse=True)
+        unused = list(have)
+        missing = []
+        for size in want:
+            fit = [h for h in unused if h[0] >= size]
+            if fit:
+                unused.remove(min(fit))
+            else:
+                missing.append(size)
+        drop = [name for _, name in unused]  # sizes nobody has sent lately
+        total = sum(s for s, _ in have) - sum(s for s, _ in unused)
+        make = []
+        for size in sorted(missing):
+            if total + size <= self.cap:
+                make.append(size)
+                total += size
+        return make, drop
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):  # lowest priority: cells and transfers come first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while True:
+            with self._wake:
+                while not self._closed and not self._noted:
+                    self._wake.wait()
+                # wait for the burst of writes to end, then fill what it used
+                while not self._closed and self._noted:
+                    self._noted = 0
+                    self._wake.wait(QUIET_S)
+                if self._closed:
+                    return
+            make, drop = self.wanted()
+            for name in drop:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.folder / name)
+            for size in make:
+                if self._closed:
+                    return
+                if not self._write(size):
+                    break
+
+    def _write(self, size: int) -> bool:
+        part = self.folder / f".{size}.{os.urandom(6).hex()}.part"
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                done = 0
+                view = memoryview(_ZEROS)
+                while done < size and not self._closed:
+                    done += os.write(fd, view[: min(len(_ZEROS), size - done)])
+            finally:
+                os.close(fd)
+            if done < size:
+                os.unlink(part)
+                return False
+            os.rename(part, self.folder / f"{size}.{os.urandom(6).hex()}")
+            return True
+        except OSError as exc:  # a full disk: stop until more blobs come
+            log.warning("cannot fill the blob reserve in %s: %s", self.folder, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            return False

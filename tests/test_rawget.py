@@ -1,0 +1,110 @@
+"""Downloads read straight from the socket: exact bytes, the gateway's own errors, a cut
+connection reported as such, and httpx taking over where the plain reader cannot go."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gpu_magic import _rawget
+from gpu_magic._client import GatewayClient
+from gpu_magic._errors import AuthError, GatewayError
+from gpu_magic._payload import digest
+
+from .conftest import Gateway
+from .test_reliability import CuttingProxy
+
+
+def _stored(c: GatewayClient, size: int) -> tuple[str, bytes]:
+    data = secrets.token_bytes(size)
+    d = digest(data)
+    c.upload(d, memoryview(data))
+    return d, data
+
+
+def test_a_download_comes_back_exact_and_writable(gateway: Gateway) -> None:
+    with GatewayClient(gateway.url, gateway.token, same_host=False) as c:
+        for size in (1, 70_000, 9 << 20):  # within the first read, just past it, many reads
+            d, data = _stored(c, size)
+            got = c.download(d)
+            assert bytes(got) == data
+            memoryview(got)[0] = 0  # writable: arrays rebuilt on it may be written
+
+
+def test_download_errors_are_the_gateways_own(gateway: Gateway) -> None:
+    with GatewayClient(gateway.url, gateway.token, same_host=False) as c:
+        missing = digest(secrets.token_bytes(32))
+        with pytest.raises(GatewayError, match="holds no blob") as err:
+            c.download(missing)
+        assert err.value.status == 404
+        d, _ = _stored(c, 1000)
+    with GatewayClient(gateway.url, "x" * 30, same_host=False) as wrong:
+        with pytest.raises(AuthError, match="refused our token"):
+            wrong.download(d)
+
+
+def test_a_cut_download_is_an_error_not_a_short_result(gateway: Gateway) -> None:
+    host, port = gateway.url.rsplit("//", 1)[1].split(":")
+    with GatewayClient(gateway.url, gateway.token, same_host=False) as c:
+        d, _ = _stored(c, 4 << 20)
+    proxy = CuttingProxy((host, int(port)), budget=1 << 20)
+    try:
+        with GatewayClient(f"http://127.0.0.1:{proxy.port}", gateway.token,
+                           same_host=False) as c:
+            with pytest.raises(GatewayError, match=r"arrived short \(\d+ of 4194304 bytes\)"):
+                c.download(d)
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def chunked_server() -> Iterator[tuple[str, bytes]]:
+    """A server that answers every GET with a chunked body (no length): the plain reader must
+    leave it to httpx."""
+    body = secrets.token_bytes(100_000)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                             b"Connection: close\r\n\r\n"
+                             + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}", body
+    srv.close()
+
+
+def test_answers_the_plain_reader_cannot_read_go_to_httpx(chunked_server: tuple[str, bytes]) -> None:
+    url, body = chunked_server
+    blob = digest(body)
+    assert _rawget.get_into(httpx.URL(f"{url}/v1/blobs/{blob}"), {}, timeout=5,
+                            context=None) is None  # type: ignore[arg-type]
+    with GatewayClient(url, "t" * 30, same_host=False) as c:
+        assert bytes(c.download(blob)) == body
+
+
+def test_a_configured_proxy_is_left_to_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = httpx.URL("http://gpu-box.example:8765/v1/blobs/x")
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert _rawget.usable(url)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    assert not _rawget.usable(url)
+    monkeypatch.setenv("NO_PROXY", "gpu-box.example")
+    assert _rawget.usable(url)

@@ -1,0 +1,146 @@
+"""The blob reserve: files written ahead for large blobs, taken by exactly one writer, written
+over and cut to size; kept filled by the gateway within its cap; never seen by sandboxed runners."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpu_magic
+from gpu_magic import _reserve
+from gpu_magic._client import GatewayClient
+from gpu_magic.server.reserve import Reserve
+
+from .conftest import start_gateway, wait_for
+
+MIB = 1 << 20
+
+
+def _file(folder: Path, size: int, tag: str = "a") -> Path:
+    path = folder / f"{size}.{tag}"
+    path.write_bytes(b"\xff" * size)
+    return path
+
+
+def test_take_moves_the_smallest_file_that_fits(tmp_path: Path) -> None:
+    res = tmp_path / "reserve"
+    res.mkdir()
+    for size, tag in ((8 * MIB, "small"), (32 * MIB, "big"), (16 * MIB, "mid")):
+        _file(res, size, tag)
+    dest = tmp_path / "blob"
+    assert _reserve.take(res, 10 * MIB, dest)
+    assert dest.stat().st_size == 16 * MIB
+    assert sorted(os.listdir(res)) == [f"{32 * MIB}.big", f"{8 * MIB}.small"]
+    # nothing fits 40 MiB, and blobs below the minimum never take a file
+    assert not _reserve.take(res, 40 * MIB, tmp_path / "b2")
+    assert not _reserve.take(res, 1024, tmp_path / "b3")
+    assert not _reserve.take(tmp_path / "absent", 10 * MIB, tmp_path / "b4")
+    assert not _reserve.take(None, 10 * MIB, tmp_path / "b5")
+
+
+def test_each_reserve_file_goes_to_one_writer(tmp_path: Path) -> None:
+    res = tmp_path / "reserve"
+    res.mkdir()
+    for i in range(8):
+        _file(res, 4 * MIB, str(i))
+    won: list[bool] = []
+    lock = threading.Lock()
+
+    def writer(n: int) -> None:
+        ok = _reserve.take(res, 4 * MIB, tmp_path / f"w{n}")
+        with lock:
+            won.append(ok)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert won.count(True) == 8 and os.listdir(res) == []
+    taken = [p for p in tmp_path.iterdir() if p.name.startswith("w")]
+    assert len(taken) == 8
+
+
+def test_write_file_over_a_longer_reserve_file_is_cut_to_the_data(tmp_path: Path) -> None:
+    res = tmp_path / "reserve"
+    res.mkdir()
+    _file(res, 12 * MIB)
+    data = np.random.default_rng(0).bytes(5 * MIB + 3)
+    _reserve.write_file(tmp_path / "blob", memoryview(data), res)
+    assert (tmp_path / "blob").read_bytes() == data  # no tail of the old content
+    assert os.listdir(res) == []
+    # without a reserve file: a new private file; an existing name is never written over
+    _reserve.write_file(tmp_path / "new", memoryview(data), res)
+    assert (tmp_path / "new").read_bytes() == data
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        _reserve.write_file(tmp_path / "new", memoryview(b"other"), res)
+
+
+def _sizes(folder: Path) -> list[int]:
+    return sorted(int(n.split(".")[0]) for n in os.listdir(folder) if n[0].isdigit())
+
+
+def test_the_gateway_refills_recent_sizes_within_its_cap(tmp_path: Path) -> None:
+    stale = tmp_path / "reserve"
+    stale.mkdir()
+    (stale / ".123.part").write_bytes(b"x")  # half-written by a gateway that died
+    r = Reserve(stale, cap=40 * MIB)
+    try:
+        assert os.listdir(stale) == []
+        r.note(1024)  # small blobs need no file
+        r.note(10 * MIB)
+        r.note(20 * MIB)
+        want = [_reserve.round_up(10 * MIB), _reserve.round_up(20 * MIB)]
+        wait_for(lambda: _sizes(stale) == want, timeout=20)
+        for name in os.listdir(stale):
+            assert stat.S_IMODE((stale / name).stat().st_mode) == 0o600
+            with open(stale / name, "rb") as f:
+                assert f.read(4096) == bytes(4096)
+        assert stat.S_IMODE(stale.stat().st_mode) == 0o700
+        # a writer takes the 21 MiB file; 16 MiB is written next, and 21 MiB again would
+        # pass the cap of 40 MiB (11 + 16 + 21), so it is not
+        assert _reserve.take(stale, 15 * MIB, tmp_path / "blob")
+        r.note(15 * MIB)
+        wait_for(lambda: _sizes(stale) == [want[0], _reserve.round_up(15 * MIB)], timeout=20)
+        r.note(64 * MIB)  # larger than the cap: never kept
+        wait_for(lambda: not r._noted, timeout=20)
+        assert _sizes(stale) == [want[0], _reserve.round_up(15 * MIB)]
+    finally:
+        r.close()
+
+
+def test_a_reserve_of_zero_writes_nothing(tmp_path: Path) -> None:
+    r = Reserve(tmp_path / "reserve", cap=0)
+    r.note(64 * MIB)
+    assert r._thread is None and os.listdir(tmp_path / "reserve") == []
+    r.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("same_host", [True, False])
+def test_large_round_trips_over_reserve_files_come_back_exact(tmp_path: Path,
+                                                              same_host: bool) -> None:
+    gw = start_gateway(tmp_path, "--blob-reserve", "256M")
+    reserve = gw.state_dir / "reserve"
+    rng = np.random.default_rng(7)
+    try:
+        with GatewayClient(gw.url, gw.token, same_host=same_host) as c:
+            for i in range(4):
+                # sizes that shrink and grow, so reserve files are longer than some blobs
+                data = rng.random((3 - i % 2) * MIB)
+                ns: dict[str, Any] = {"__name__": "__main__", "data": data}
+                gpu_magic.run("twice = data * 2\nhead = float(data[0])", "H100", ns, client=c,
+                              quiet=True)
+                assert np.array_equal(ns["twice"], data * 2) and ns["head"] == data[0]
+                # the reserve was written for these sizes (input and result)
+                wait_for(lambda: len(_sizes(reserve)) >= 2, timeout=20)
+            assert all(s <= 256 * MIB for s in _sizes(reserve))
+    finally:
+        gw.stop()
