@@ -116,6 +116,21 @@ def test_the_gateway_refills_recent_sizes_within_its_cap(tmp_path: Path) -> None
         r.close()
 
 
+def test_filling_waits_while_jobs_run(tmp_path: Path) -> None:
+    running = threading.Event()
+    running.set()
+    r = Reserve(tmp_path / "reserve", cap=64 * MIB, busy=running.is_set)
+    try:
+        r.note(8 * MIB)
+        wait_for(lambda: not r._noted, timeout=20)  # the filler has seen the note
+        threading.Event().wait(1.0)  # more than three quiet periods
+        assert _sizes(tmp_path / "reserve") == []
+        running.clear()
+        wait_for(lambda: _sizes(tmp_path / "reserve") == [_reserve.round_up(8 * MIB)], timeout=20)
+    finally:
+        r.close()
+
+
 def test_a_reserve_of_zero_writes_nothing(tmp_path: Path) -> None:
     r = Reserve(tmp_path / "reserve", cap=0)
     r.note(64 * MIB)

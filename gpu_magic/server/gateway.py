@@ -142,7 +142,7 @@ class Gateway:
         self.backend = backend
         self.state_dir = state_dir
         self.store = Store(state_dir)
-        self.blobs = BlobStore(state_dir / "blobs", blob_reserve)
+        self.blobs = BlobStore(state_dir / "blobs", blob_reserve, busy=lambda: bool(self.running))
         self.jobs_dir = state_dir / "jobs"
         self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
         self.max_timeout = max_timeout

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .._reserve import RESERVE_MIN, round_up
@@ -30,9 +31,12 @@ def default_cap() -> int:
 
 
 class Reserve:
-    def __init__(self, folder: Path, cap: int) -> None:
+    def __init__(self, folder: Path, cap: int, busy: Callable[[], bool] = lambda: False) -> None:
         self.folder = folder
         self.cap = cap
+        # while it says so (jobs are running), filling waits: it would take CPU and the pages
+        # just freed from the cells that are running
+        self.busy = busy
         folder.mkdir(exist_ok=True, mode=0o700)
         os.chmod(folder, 0o700)  # made by an older gateway, or by hand
         for name in os.listdir(folder):
@@ -104,8 +108,8 @@ class Reserve:
             with self._wake:
                 while not self._closed and not self._noted:
                     self._wake.wait()
-                # wait for the burst of writes to end, then fill what it used
-                while not self._closed and self._noted:
+                # wait for the burst of writes and the jobs to end, then fill what they used
+                while not self._closed and (self._noted or self.busy()):
                     self._noted = 0
                     self._wake.wait(QUIET_S)
                 if self._closed:

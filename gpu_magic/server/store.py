@@ -15,7 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,12 +184,13 @@ def _safe_user(user: str) -> str:
 class BlobStore:
     """Content-addressed blobs, one folder per user."""
 
-    def __init__(self, root: Path, reserve_cap: int = 0) -> None:
+    def __init__(self, root: Path, reserve_cap: int = 0,
+                 busy: Callable[[], bool] = lambda: False) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._made: dict[str, Path] = {}
         # beside the users' folders, never among them (a user may be called anything)
-        self.reserve = Reserve(root.parent / "reserve", reserve_cap)
+        self.reserve = Reserve(root.parent / "reserve", reserve_cap, busy)
 
     def close(self) -> None:
         self.reserve.close()
