@@ -131,6 +131,21 @@ def test_filling_waits_while_jobs_run(tmp_path: Path) -> None:
         r.close()
 
 
+def test_the_reserve_never_fills_the_disk(tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    disk = st.f_blocks * st.f_frsize
+    r = Reserve(tmp_path / "reserve", cap=1 << 60)
+    try:
+        r.note(disk)  # as large as the whole disk: it would fill it
+        r.note(8 * MIB)  # small enough to write, unless this disk is already nearly full
+        small_fits = r._room_for(_reserve.round_up(8 * MIB))
+        wait_for(lambda: not r._noted and r._thread is not None, timeout=20)
+        wait_for(lambda: _sizes(tmp_path / "reserve") == ([_reserve.round_up(8 * MIB)]
+                                                          if small_fits else []), timeout=20)
+    finally:
+        r.close()
+
+
 def test_a_reserve_of_zero_writes_nothing(tmp_path: Path) -> None:
     r = Reserve(tmp_path / "reserve", cap=0)
     r.note(64 * MIB)

@@ -19,6 +19,7 @@ log = logging.getLogger("gpu_magic.gateway")
 RECENT = 4  # how many of the latest large blob sizes to keep a file ready for
 QUIET_S = 0.3  # fill only after the data path has rested this long
 _ZEROS = bytes(8 << 20)
+MIN_FREE = 2 << 30  # never fill the disk below this much free space
 
 
 def default_cap() -> int:
@@ -124,7 +125,21 @@ class Reserve:
                 if not self._write(size):
                     break
 
+    def _room_for(self, size: int) -> bool:
+        """Whether the disk keeps enough free after ``size`` more bytes: the reserve must never
+        be what makes a user's own upload fail for want of space."""
+        try:
+            st = os.statvfs(self.folder)
+        except OSError:
+            return False
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        return free - size >= max(MIN_FREE, total // 10, 2 * size)
+
     def _write(self, size: int) -> bool:
+        if not self._room_for(size):
+            log.info("blob reserve: not writing %d bytes more, the disk of %s is nearly full",
+                     size, self.folder)
+            return False
         part = self.folder / f".{size}.{os.urandom(6).hex()}.part"
         try:
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
