@@ -257,3 +257,17 @@ def test_retention_removes_old_jobs_and_blobs_but_not_live_ones(tmp_path: Path) 
             finish(c, live["id"])
     finally:
         gw.stop()
+
+
+def test_sigterm_stops_the_gateway_in_order(tmp_path: Path) -> None:
+    """``gpu-magic stop`` sends SIGTERM: the gateway must still clean up after itself."""
+    gw = start_gateway(tmp_path)
+    with gw.client() as c:
+        gpu_magic.run("x = 1", "H100", ns(), client=c, quiet=True)  # a zygote and a runner
+    children = subprocess.run(["pgrep", "-P", str(gw.proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert children
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(20) == 0
+    assert not gw.runtime_file.exists()
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), timeout=10)

@@ -90,7 +90,8 @@ def _sizes(folder: Path) -> list[int]:
 def test_the_gateway_refills_recent_sizes_within_its_cap(tmp_path: Path) -> None:
     stale = tmp_path / "reserve"
     stale.mkdir()
-    (stale / ".123.part").write_bytes(b"x")  # half-written by a gateway that died
+    (stale / ".123.part").write_bytes(b"x")  # half-written by a gateway that was killed
+    (stale / f"{8 * MIB}.old").write_bytes(b"x")  # whole, but nobody has asked for it since
     r = Reserve(stale, cap=40 * MIB)
     try:
         assert os.listdir(stale) == []
@@ -114,6 +115,7 @@ def test_the_gateway_refills_recent_sizes_within_its_cap(tmp_path: Path) -> None
         assert _sizes(stale) == [want[0], _reserve.round_up(15 * MIB)]
     finally:
         r.close()
+    assert os.listdir(stale) == []  # a stopped gateway leaves no disk taken
 
 
 def test_filling_waits_while_jobs_run(tmp_path: Path) -> None:
@@ -174,3 +176,4 @@ def test_large_round_trips_over_reserve_files_come_back_exact(tmp_path: Path,
             assert all(s <= 256 * MIB for s in _sizes(reserve))
     finally:
         gw.stop()
+    assert gw.proc.returncode == 0 and _sizes(reserve) == []

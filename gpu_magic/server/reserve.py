@@ -40,10 +40,9 @@ class Reserve:
         self.busy = busy
         folder.mkdir(exist_ok=True, mode=0o700)
         os.chmod(folder, 0o700)  # made by an older gateway, or by hand
-        for name in os.listdir(folder):
-            if not name.partition(".")[0].isdigit():
-                with contextlib.suppress(OSError):
-                    os.unlink(folder / name)  # a file left half-written by an earlier gateway
+        for name in os.listdir(folder):  # left by a gateway that was killed
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
         self._recent: collections.deque[int] = collections.deque(maxlen=RECENT)
         self._wake = threading.Condition()
         self._noted = 0
@@ -69,6 +68,10 @@ class Reserve:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        # scratch, not state: a stopped gateway leaves no disk taken (quotas on shared homes)
+        for _, name in self.files():
+            with contextlib.suppress(OSError):
+                os.unlink(self.folder / name)
 
     def files(self) -> list[tuple[int, str]]:
         out = []

@@ -190,6 +190,15 @@ def serve(cfg: ServeConfig) -> int:
                             ssl_keyfile=str(cfg.keyfile) if cfg.keyfile else None)
     server = uvicorn.Server(config)
 
+    def stop_serving(*_: object) -> None:
+        server.should_exit = True
+
+    # uvicorn takes SIGTERM while it serves, then sends it again to whatever handled it
+    # before: with the default handler the process died there, before the cleanup below (no
+    # flush of the job store, runners and the runtime file left behind). Ours only asks the
+    # server to stop, so a TERM before, during or after serving ends in an orderly exit.
+    signal.signal(signal.SIGTERM, stop_serving)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         gateway.start(loop)
