@@ -214,7 +214,8 @@ class GatewayClient:
             try:
                 got_raw = _rawget.get_into(
                     url, {"Authorization": f"Bearer {self.token}"} if self.token else {},
-                    timeout=self._timeout.read or 60.0, context=_ssl_context())
+                    timeout=self._timeout.read or 60.0, context=_ssl_context(),
+                    connect_timeout=self._timeout.connect)
             except _rawget.Short as exc:
                 raise GatewayError(f"result {digest} arrived short ({exc.got} of {exc.size} "
                                    "bytes)") from None

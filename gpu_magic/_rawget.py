@@ -41,12 +41,14 @@ def usable(url: httpx.URL) -> bool:
 
 
 def get_into(url: httpx.URL, headers: dict[str, str], *, timeout: float,
-             context: ssl.SSLContext) -> tuple[int, dict[str, str], bytes | bytearray] | None:
+             context: ssl.SSLContext, connect_timeout: float | None = None,
+             ) -> tuple[int, dict[str, str], bytes | bytearray] | None:
     """GET ``url``: (status, headers, body), where a 200 body is one bytearray received in
     place. None if the answer is not one this reader handles (nothing of it used)."""
     port = url.port or (443 if url.scheme == "https" else 80)
-    sock = socket.create_connection((url.host, port), timeout=timeout)
+    sock = socket.create_connection((url.host, port), timeout=connect_timeout or timeout)
     try:
+        sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if url.scheme == "https":
             sock = context.wrap_socket(sock, server_hostname=url.host)

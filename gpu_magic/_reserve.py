@@ -7,8 +7,9 @@ here. So the gateway keeps a few files of the sizes its users have been sending,
 nothing else runs, and whoever writes a large blob (a client on this host, a runner, the
 gateway's own upload path) moves one of them into place and writes over it.
 
-A reserve file's name is ``<size>.<random>``: its size is known without a stat, and renaming it
-away is how one writer takes it, exclusively, with no lock.
+A reserve file's name is ``<size>.<random>``: its size is known without a stat, and moving it
+away (a link, then an unlink that only one writer can win) is how one writer takes it,
+exclusively, with no lock.
 """
 
 from __future__ import annotations
@@ -33,13 +34,20 @@ def take(reserve: str | os.PathLike[str] | None, size: int, dest: str | os.PathL
         if head.isdigit() and int(head) >= size:
             fits.append((int(head), name))
     for _, name in sorted(fits):
+        src = os.path.join(reserve, name)
+        # link, then unlink: unlike a rename this never replaces an existing ``dest``, and of
+        # several writers that linked the same file only the one whose unlink succeeds has it
         try:
-            os.rename(os.path.join(reserve, name), dest)
-            return True
+            os.link(src, dest)
         except FileNotFoundError:
             continue  # another writer took it first
         except OSError:
-            return False
+            return False  # dest exists, or links are not possible here
+        try:
+            os.unlink(src)
+            return True
+        except OSError:
+            os.unlink(dest)  # another writer won it
     return False
 
 

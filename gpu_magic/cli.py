@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -79,8 +80,9 @@ def _size(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a size; write it as bytes or with K, M, G or T, e.g. 2G") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size of zero or more bytes; "
+                                         "write it as bytes or with K, M, G or T, e.g. 2G")
     return int(value)
 
 

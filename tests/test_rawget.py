@@ -27,6 +27,16 @@ def _stored(c: GatewayClient, size: int) -> tuple[str, bytes]:
     return d, data
 
 
+@pytest.fixture
+def no_httpx_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Downloads must take the plain reader: httpx's streaming is not there to fall back on."""
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the download went through httpx")
+
+    monkeypatch.setattr(httpx.Client, "stream", refuse)
+
+
+@pytest.mark.usefixtures("no_httpx_streams")
 def test_a_download_comes_back_exact_and_writable(gateway: Gateway) -> None:
     with GatewayClient(gateway.url, gateway.token, same_host=False) as c:
         for size in (1, 70_000, 9 << 20):  # within the first read, just past it, many reads
@@ -36,6 +46,7 @@ def test_a_download_comes_back_exact_and_writable(gateway: Gateway) -> None:
             memoryview(got)[0] = 0  # writable: arrays rebuilt on it may be written
 
 
+@pytest.mark.usefixtures("no_httpx_streams")
 def test_download_errors_are_the_gateways_own(gateway: Gateway) -> None:
     with GatewayClient(gateway.url, gateway.token, same_host=False) as c:
         missing = digest(secrets.token_bytes(32))

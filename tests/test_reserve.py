@@ -3,6 +3,7 @@ over and cut to size; kept filled by the gateway within its cap; never seen by s
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import threading
@@ -81,6 +82,10 @@ def test_write_file_over_a_longer_reserve_file_is_cut_to_the_data(tmp_path: Path
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o600
     with pytest.raises(FileExistsError):
         _reserve.write_file(tmp_path / "new", memoryview(b"other"), res)
+    _file(res, 8 * MIB)  # nor when a reserve file would fit, and that file stays
+    with pytest.raises(FileExistsError):
+        _reserve.write_file(tmp_path / "new", memoryview(data), res)
+    assert (tmp_path / "new").read_bytes() == data and os.listdir(res) == [f"{8 * MIB}.a"]
 
 
 def _sizes(folder: Path) -> list[int]:
@@ -133,6 +138,29 @@ def test_filling_waits_while_jobs_run(tmp_path: Path) -> None:
         r.close()
 
 
+def test_a_job_that_starts_during_a_fill_stops_it(tmp_path: Path) -> None:
+    folder = tmp_path / "reserve"
+    released = threading.Event()
+    stops = []
+
+    def busy() -> bool:  # a job starts as soon as a fill has begun, until released
+        if not released.is_set() and any(n.endswith(".part") for n in os.listdir(folder)):
+            stops.append(1)
+            return True
+        return False
+
+    r = Reserve(folder, cap=1 << 30, busy=busy)
+    try:
+        r.note(64 * MIB)
+        wait_for(lambda: len(stops) >= 3, timeout=20)
+        assert _sizes(folder) == []  # every fill was stopped before it completed
+        released.set()
+        wait_for(lambda: _sizes(folder) == [_reserve.round_up(64 * MIB)], timeout=20)
+        assert not [n for n in os.listdir(folder) if n.endswith(".part")]
+    finally:
+        r.close()
+
+
 def test_the_reserve_never_fills_the_disk(tmp_path: Path) -> None:
     st = os.statvfs(tmp_path)
     disk = st.f_blocks * st.f_frsize
@@ -168,12 +196,38 @@ def test_large_round_trips_over_reserve_files_come_back_exact(tmp_path: Path,
                 # sizes that shrink and grow, so reserve files are longer than some blobs
                 data = rng.random((3 - i % 2) * MIB)
                 ns: dict[str, Any] = {"__name__": "__main__", "data": data}
+                # settled: a file for each of the last four large blobs (two a round)
+                want = min(2 * i, 4)
+                wait_for(lambda: len(_sizes(reserve)) == want, timeout=20)  # noqa: B023
+                ready = {(reserve / n).stat().st_ino for n in os.listdir(reserve)}
                 gpu_magic.run("twice = data * 2\nhead = float(data[0])", "H100", ns, client=c,
                               quiet=True)
                 assert np.array_equal(ns["twice"], data * 2) and ns["head"] == data[0]
-                # the reserve was written for these sizes (input and result)
-                wait_for(lambda: len(_sizes(reserve)) >= 2, timeout=20)
+                if i:
+                    # the input (uploaded or handed over) and the result (the runner's) were
+                    # written over reserve files: the stored blobs are those files
+                    stored = {p.stat().st_ino for p in (gw.state_dir / "blobs").glob("*/*")}
+                    assert len(ready & stored) >= 2, (ready, stored)
             assert all(s <= 256 * MIB for s in _sizes(reserve))
     finally:
         gw.stop()
     assert gw.proc.returncode == 0 and _sizes(reserve) == []
+
+
+def test_an_upload_over_the_limit_takes_no_reserve_file(tmp_path: Path) -> None:
+    from gpu_magic.server.store import BlobError, BlobStore
+
+    store = BlobStore(tmp_path / "blobs", reserve_cap=64 * MIB)
+    try:
+        _file(store.reserve.folder, 65 * MIB)
+
+        async def body() -> Any:
+            yield b"x" * (1 << 20)
+
+        with pytest.raises(BlobError, match="larger than the limit") as err:
+            asyncio.run(store.put_stream("alice", gpu_magic._payload.digest(b"x"), body(),
+                                         max_bytes=10 * MIB, size_hint=64 * MIB))
+        assert err.value.status == 413
+        assert _sizes(store.reserve.folder) == [65 * MIB]
+    finally:
+        store.close()

@@ -108,10 +108,12 @@ class Reserve:
     def _run(self) -> None:
         with contextlib.suppress(OSError):  # lowest priority: cells and transfers come first
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        again = False
         while True:
             with self._wake:
-                while not self._closed and not self._noted:
+                while not self._closed and not self._noted and not again:
                     self._wake.wait()
+                again = False
                 # wait for the burst of writes and the jobs to end, then fill what they used
                 while not self._closed and (self._noted or self.busy()):
                     self._noted = 0
@@ -123,10 +125,14 @@ class Reserve:
                 with contextlib.suppress(OSError):
                     os.unlink(self.folder / name)
             for size in make:
-                if self._closed:
-                    return
-                if not self._write(size):
+                done = self._write(size)
+                if done is None:  # a job or a blob came: wait for quiet again, then go on
+                    again = True
+                if not done:
                     break
+
+    def _interrupted(self) -> bool:
+        return self._closed or bool(self._noted) or self.busy()
 
     def _room_for(self, size: int) -> bool:
         """Whether the disk keeps enough free after ``size`` more bytes: the reserve must never
@@ -138,7 +144,9 @@ class Reserve:
         free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         return free - size >= max(MIN_FREE, total // 10, 2 * size)
 
-    def _write(self, size: int) -> bool:
+    def _write(self, size: int) -> bool | None:
+        """Write one reserve file: True when written, False when it cannot be (disk), None
+        when interrupted by a job, a blob or closing (nothing is left of it then)."""
         if not self._room_for(size):
             log.info("blob reserve: not writing %d bytes more, the disk of %s is nearly full",
                      size, self.folder)
@@ -149,13 +157,13 @@ class Reserve:
             try:
                 done = 0
                 view = memoryview(_ZEROS)
-                while done < size and not self._closed:
+                while done < size and not self._interrupted():
                     done += os.write(fd, view[: min(len(_ZEROS), size - done)])
             finally:
                 os.close(fd)
             if done < size:
                 os.unlink(part)
-                return False
+                return None
             os.rename(part, self.folder / f"{size}.{os.urandom(6).hex()}")
             return True
         except OSError as exc:  # a full disk: stop until more blobs come

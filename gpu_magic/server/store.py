@@ -221,6 +221,8 @@ class BlobStore:
         """Store an uploaded blob, verifying its digest; nothing is left behind on failure.
         ``size_hint`` (the announced length) picks a reserve file to write over."""
         final = self.path(user, digest)
+        if max_bytes is not None and size_hint > max_bytes:  # before any file is taken
+            raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{id(chunks)}")
         h = xxhash.xxh3_128()
         size = 0
