@@ -77,6 +77,7 @@ class Job:
     message: str | None = None
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    adopting: asyncio.Future[dict[str, Any]] | None = None  # result files being stored
 
     @property
     def final(self) -> bool:
@@ -573,23 +574,43 @@ class Gateway:
         kind = ev["type"]
         if kind in STREAM_EVENT_TYPES:
             self._emit(job, ev)
-        elif kind == "result":
-            try:
-                self._keep_blobs(job, attempt, ev, [ev["blob"], *ev.get("buffers", [])])
-                job.outcome = _without_inline(ev)
-            except (OSError, ValueError, BlobError) as exc:
-                job.outcome = {"type": "runner_error", "ename": type(exc).__name__,
-                               "evalue": f"the results could not be stored: {exc}"}
-        elif kind == "error":
-            exc_blob = ev.get("exception")
-            try:
-                if exc_blob:
-                    self._keep_blobs(job, attempt, ev, [exc_blob])
-            except (OSError, ValueError, BlobError):
-                ev = {k: v for k, v in ev.items() if k != "exception"}
-            job.outcome = _without_inline(ev)
+        elif kind in ("result", "error"):
+            inline = ev.get("inline") or {}
+            digests = ([ev["blob"], *ev.get("buffers", [])] if kind == "result"
+                       else [ev["exception"]] if ev.get("exception") else [])
+            if all(d in inline for d in digests):
+                job.outcome = self._outcome(job, attempt, ev, digests)
+                return
+            # Files to verify and move (large results): in a thread, not on the event loop
+            # that serves everyone (hashing 4 GiB takes a quarter of a second). The runner's
+            # exit waits for it (see _runner_exit).
+            adopting = asyncio.ensure_future(
+                asyncio.to_thread(self._outcome, job, attempt, ev, digests))
+            job.adopting = adopting
+
+            def adopted(f: asyncio.Future[dict[str, Any]]) -> None:
+                if job.attempt != attempt or f.cancelled():
+                    return
+                exc = f.exception()
+                job.outcome = f.result() if exc is None else {
+                    "type": "runner_error", "ename": type(exc).__name__,
+                    "evalue": f"the results could not be stored: {exc}"}
+
+            adopting.add_done_callback(adopted)
         elif kind == "runner_error":
             job.outcome = ev
+
+    def _outcome(self, job: Job, attempt: int, ev: dict[str, Any],
+                 digests: list[str]) -> dict[str, Any]:
+        """The job's outcome from a runner's result or error event, its blobs stored."""
+        try:
+            self._keep_blobs(job, attempt, ev, digests)
+        except (OSError, ValueError, BlobError) as exc:
+            if ev["type"] == "result":
+                return {"type": "runner_error", "ename": type(exc).__name__,
+                        "evalue": f"the results could not be stored: {exc}"}
+            ev = {k: v for k, v in ev.items() if k != "exception"}  # the traceback is enough
+        return _without_inline(ev)
 
     def _keep_blobs(self, job: Job, attempt: int, ev: dict[str, Any], digests: list[str]) -> None:
         """Store a runner's result blobs in the user's store, each verified by its content:
@@ -610,6 +631,12 @@ class Gateway:
         job = self.jobs.get(job_id)
         if job is None or job.attempt != attempt or job.final:
             return
+        if job.adopting is not None and not job.adopting.done():
+            # its results are still being stored: end the job once they are (or are not)
+            job.adopting.add_done_callback(
+                lambda _: self._runner_exit(job_id, attempt, rc, tail))
+            return
+        job.adopting = None
         if job.timer is not None:
             job.timer.cancel()
         self.running.pop(job.id, None)
