@@ -45,13 +45,21 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
     lab = subprocess.Popen(cmd, cwd=nb_dir, start_new_session=True)
     print("gpu_magic: JupyterLab is starting; open the URL it prints (with its token). "
           "Ctrl-C stops everything.", flush=True)
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # `kill` and a closed terminal stop everything too, as Ctrl-C does: JupyterLab, in its own
+    # session, would not hear them and would stay on the port with the gateway behind it
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     try:
         while lab.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not stop the clean-up
         if lab.poll() is None:
             lab.terminate()
             try:

@@ -1,0 +1,82 @@
+"""``gpu-magic demo`` (what ``make demo`` runs): JupyterLab with the teaching notebooks and a
+simulated local gateway, and however it is stopped, nothing of it is left running."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its parent has stopped
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["ctrl-c", "kill", "terminal-closed"])
+def test_the_demo_stops_everything_it_started(tmp_path: Path, sig: signal.Signals) -> None:
+    port = _free_port()
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")}
+    env.pop("GPU_MAGIC_URL", None)
+    log = open(tmp_path / "demo.log", "wb")
+    demo = subprocess.Popen([sys.executable, "-m", "gpu_magic", "demo", "--port", str(port),
+                             "--simulate", "T4:2"], stdout=log, stderr=log, env=env)
+    try:
+        def lab_up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/api", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(lab_up, timeout=120)
+        runtime = next((tmp_path / "runtime").glob("gpu-magic-gateway-*.json"))
+        gateway = json.loads(runtime.read_text())
+        assert gateway["config"]["simulate"] == "T4:2"
+        demo.send_signal(sig)
+        assert demo.wait(60) == 0, (tmp_path / "demo.log").read_text()[-3000:]
+        assert not lab_up()
+        wait_for(lambda: not _alive(gateway["pid"]), timeout=20)
+        assert not runtime.exists()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        log.close()
+        _kill_leftovers(port, tmp_path)
+
+
+def _kill_leftovers(port: int, tmp_path: Path) -> None:
+    """After a failure: what the demo should have stopped must not outlive the test."""
+    marks = (f"--ServerApp.port={port}", str(tmp_path))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(m in cmdline for m in marks) and int(entry) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
