@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -197,7 +198,8 @@ def serve(cfg: ServeConfig) -> int:
     # before: with the default handler the process died there, before the cleanup below (no
     # flush of the job store, runners and the runtime file left behind). Ours only asks the
     # server to stop, so a TERM before, during or after serving ends in an orderly exit.
-    signal.signal(signal.SIGTERM, stop_serving)
+    if threading.current_thread() is threading.main_thread():  # signals go to that one only
+        signal.signal(signal.SIGTERM, stop_serving)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
