@@ -376,14 +376,21 @@ class _Mapped:
                 data = f.read((last - first + 1) * 8)
         except OSError:
             return True  # cannot tell: hash the bytes
-        np = self._np
-        entries = np.frombuffer(data, dtype=np.uint64)
-        present = (entries >> np.uint64(63)) & np.uint64(1)
-        swapped = (entries >> np.uint64(62)) & np.uint64(1)
-        file_page = (entries >> np.uint64(61)) & np.uint64(1)
-        # a page of a private file mapping that is not the file's any more was written (a
-        # swapped-out one too: file pages are dropped, never swapped)
-        return bool((((present == 1) & (file_page == 0)) | (swapped == 1)).any())
+        # Each entry's top byte holds bit 63 (present), 62 (swapped) and 61 (file page): a
+        # byte table marks the written ones, and the scan runs in C (1 ms in numpy per 256 MiB)
+        return len(data) < (last - first + 1) * 8 or bool(
+            data[7::8].translate(_WRITTEN_TOP_BYTE).strip(b"\0"))
+
+
+def _written_top_byte() -> bytes:
+    # a page of a private file mapping that is not the file's any more was written (a
+    # swapped-out one too: file pages are dropped, never swapped)
+    present, swapped, file_page = 0x80, 0x40, 0x20
+    return bytes(1 if (b & swapped) or ((b & present) and not (b & file_page)) else 0
+                 for b in range(256))
+
+
+_WRITTEN_TOP_BYTE = _written_top_byte()
 
 
 class _InputRef:
