@@ -45,12 +45,17 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
     lab = subprocess.Popen(cmd, cwd=nb_dir, start_new_session=True)
     print("gpu_magic: JupyterLab is starting; open the URL it prints (with its token). "
           "Ctrl-C stops everything.", flush=True)
+    stopping = False
+
     def stop(*_: object) -> None:
-        raise KeyboardInterrupt
+        nonlocal stopping
+        if not stopping:  # once: a second signal (TERM then HUP) must not cut the clean-up
+            stopping = True
+            raise KeyboardInterrupt
 
     # `kill` and a closed terminal stop everything too, as Ctrl-C does: JupyterLab, in its own
     # session, would not hear them and would stay on the port with the gateway behind it
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
     try:
         while lab.poll() is None:

@@ -378,8 +378,9 @@ class _Mapped:
             return True  # cannot tell: hash the bytes
         # Each entry's top byte holds bit 63 (present), 62 (swapped) and 61 (file page): a
         # byte table marks the written ones, and the scan runs in C (1 ms in numpy per 256 MiB)
+        top = data[7::8] if sys.byteorder == "little" else data[0::8]
         return len(data) < (last - first + 1) * 8 or bool(
-            data[7::8].translate(_WRITTEN_TOP_BYTE).strip(b"\0"))
+            top.translate(_WRITTEN_TOP_BYTE).strip(b"\0"))
 
 
 def _written_top_byte() -> bytes:

@@ -34,9 +34,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
-                         ids=["ctrl-c", "kill", "terminal-closed"])
-def test_the_demo_stops_everything_it_started(tmp_path: Path, sig: signal.Signals) -> None:
+@pytest.mark.parametrize("sigs", [[signal.SIGINT], [signal.SIGTERM], [signal.SIGHUP],
+                                  [signal.SIGTERM, signal.SIGHUP]],
+                         ids=["ctrl-c", "kill", "terminal-closed", "kill-then-hangup"])
+def test_the_demo_stops_everything_it_started(tmp_path: Path,
+                                              sigs: list[signal.Signals]) -> None:
     port = _free_port()
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")}
@@ -55,7 +57,8 @@ def test_the_demo_stops_everything_it_started(tmp_path: Path, sig: signal.Signal
         runtime = next((tmp_path / "runtime").glob("gpu-magic-gateway-*.json"))
         gateway = json.loads(runtime.read_text())
         assert gateway["config"]["simulate"] == "T4:2"
-        demo.send_signal(sig)
+        for sig in sigs:  # several at once (systemd: TERM, then HUP) must not cut the clean-up
+            demo.send_signal(sig)
         assert demo.wait(60) == 0, (tmp_path / "demo.log").read_text()[-3000:]
         assert not lab_up()
         wait_for(lambda: not _alive(gateway["pid"]), timeout=20)

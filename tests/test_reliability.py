@@ -271,3 +271,22 @@ def test_sigterm_stops_the_gateway_in_order(tmp_path: Path) -> None:
     assert gw.proc.wait(20) == 0
     assert not gw.runtime_file.exists()
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), timeout=10)
+
+
+def test_a_stopping_gateway_starts_no_queued_job(tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path, simulate="H100:1")
+    started = tmp_path / "b-started"
+    try:
+        with gw.client() as c:
+            a = gpu_magic.run("import time\ntime.sleep(60)", "H100", ns(), client=c, quiet=True,
+                              background=True)
+            wait_for(lambda: c.job(a.id)["state"] == "running", timeout=30)
+            b = gpu_magic.run(f"open({str(started)!r}, 'w').close()", "H100", ns(), client=c,
+                              quiet=True, background=True)
+            assert c.job(b.id)["state"] == "queued"
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(30) == 0
+        time.sleep(2)  # a runner started during the shutdown would have written by now
+        assert not started.exists()
+    finally:
+        gw.stop()

@@ -161,6 +161,7 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_activity = time.monotonic()
         self.recent_runs: list[float] = []
+        self.closing = False  # shutting down: no job is started any more
 
     # --- life cycle ---
 
@@ -214,7 +215,7 @@ class Gateway:
         if job.state == "queued":
             self._dequeue(job)
             self._finish(job, "cancelled")
-        elif job.handle is not None and job.stop_reason is None:
+        elif job.handle is not None and job.stop_reason is None and job.adopting is None:
             job.stop_reason = "cancelled"
             job.notices.append(why)
             self.backend.cancel(job.handle)
@@ -246,7 +247,18 @@ class Gateway:
         if job.followers == 0:
             job.unfollowed_since = time.monotonic()
 
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Stop starting jobs, and let results being stored finish (their jobs then end as
+        they ran, instead of as lost)."""
+        self.closing = True
+        pending = [j.adopting for j in self.running.values()
+                   if j.adopting is not None and not j.adopting.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+            await asyncio.sleep(0)  # the jobs' own callbacks (their ends) run first
+
     def close(self) -> None:
+        self.closing = True
         if self._housekeeper is not None:
             self._housekeeper.cancel()
         self.backend.shutdown()
@@ -417,7 +429,7 @@ class Gateway:
             self._dequeue(job)
             job.message = "cancelled while queued; nothing ran"
             self._finish(job, "cancelled")
-        elif job.handle is not None and job.stop_reason is None:
+        elif job.handle is not None and job.stop_reason is None and job.adopting is None:
             job.stop_reason = "cancelled"
             self.backend.cancel(job.handle)
         return job
@@ -442,6 +454,8 @@ class Gateway:
     # --- scheduling ---
 
     def _schedule(self) -> None:
+        if self.closing:
+            return
         if not self.queue:
             self._watch_pool()
             return
@@ -561,7 +575,7 @@ class Gateway:
         job = self.jobs.get(job_id)
         if job is None or job.state != "running" or job.attempt != attempt or job.handle is None:
             return
-        if job.stop_reason is None:
+        if job.stop_reason is None and job.adopting is None:
             job.stop_reason = "timed_out"
             self.backend.cancel(job.handle)
 
@@ -581,6 +595,10 @@ class Gateway:
             if all(d in inline for d in digests):
                 job.outcome = self._outcome(job, attempt, ev, digests)
                 return
+            # the cell has ended: neither its timeout nor a cancel may undo that while its
+            # results are being stored
+            if job.timer is not None:
+                job.timer.cancel()
             # Files to verify and move (large results): in a thread, not on the event loop
             # that serves everyone (hashing 4 GiB takes a quarter of a second). The runner's
             # exit waits for it (see _runner_exit).
@@ -636,6 +654,8 @@ class Gateway:
             job.adopting.add_done_callback(
                 lambda _: self._runner_exit(job_id, attempt, rc, tail))
             return
+        if job.adopting is not None and job.adopting.cancelled():
+            return  # the gateway is stopping: a restart finds the job as it was
         job.adopting = None
         if job.timer is not None:
             job.timer.cancel()

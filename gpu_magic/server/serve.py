@@ -244,6 +244,7 @@ def serve(cfg: ServeConfig) -> int:
             await server.serve(sockets=[sock])
         finally:
             watcher.cancel()
+            await gateway.drain()
             gateway.close()
             if cfg.runtime_file:
                 with contextlib.suppress(OSError):
