@@ -607,7 +607,13 @@ class Gateway:
             job.adopting = adopting
 
             def adopted(f: asyncio.Future[dict[str, Any]]) -> None:
-                if job.attempt != attempt or f.cancelled():
+                if f.cancelled():
+                    return  # the gateway is stopping, see _runner_exit
+                if job.adopting is f:
+                    # cleared here, not read from f.done(): a future is done before its
+                    # callbacks run, and the runner's exit may come in between
+                    job.adopting = None
+                if job.attempt != attempt:
                     return
                 exc = f.exception()
                 job.outcome = f.result() if exc is None else {
@@ -649,14 +655,14 @@ class Gateway:
         job = self.jobs.get(job_id)
         if job is None or job.attempt != attempt or job.final:
             return
-        if job.adopting is not None and not job.adopting.done():
-            # its results are still being stored: end the job once they are (or are not)
+        if job.adopting is not None:
+            if job.adopting.cancelled():
+                return  # the gateway is stopping: a restart finds the job as it was
+            # its results are still being stored: end the job once they are (or are not);
+            # a callback added now runs after the one that sets the outcome
             job.adopting.add_done_callback(
                 lambda _: self._runner_exit(job_id, attempt, rc, tail))
             return
-        if job.adopting is not None and job.adopting.cancelled():
-            return  # the gateway is stopping: a restart finds the job as it was
-        job.adopting = None
         if job.timer is not None:
             job.timer.cancel()
         self.running.pop(job.id, None)
