@@ -63,8 +63,7 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # a second signal must not stop the clean-up
+        stopping = True  # from here on no signal interrupts: the clean-up must run whole
         if lab.poll() is None:
             lab.terminate()
             try:

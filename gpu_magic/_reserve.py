@@ -15,7 +15,6 @@ exclusively, with no lock.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 RESERVE_MIN = 4 << 20  # smaller blobs: a new file costs about as much as reusing one
 
@@ -24,16 +23,7 @@ def take(reserve: str | os.PathLike[str] | None, size: int, dest: str | os.PathL
     """Move the smallest reserve file of at least ``size`` bytes to ``dest``; False if none."""
     if reserve is None or size < RESERVE_MIN:
         return False
-    try:
-        names = os.listdir(reserve)
-    except OSError:
-        return False
-    fits = []
-    for name in names:
-        head = name.partition(".")[0]
-        if head.isdigit() and int(head) >= size:
-            fits.append((int(head), name))
-    for _, name in sorted(fits):
+    for _, name in sorted(f for f in files(reserve) if f[0] >= size):
         src = os.path.join(reserve, name)
         # link, then unlink: unlike a rename this never replaces an existing ``dest``, and of
         # several writers that linked the same file only the one whose unlink succeeds has it
@@ -49,6 +39,16 @@ def take(reserve: str | os.PathLike[str] | None, size: int, dest: str | os.PathL
         except OSError:
             os.unlink(dest)  # another writer won it
     return False
+
+
+def files(reserve: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """The reserve's whole files as (size, name); none if the folder cannot be read."""
+    try:
+        names = os.listdir(reserve)
+    except OSError:
+        return []
+    return [(int(head), name) for name in names
+            if (head := name.partition(".")[0]).isdigit()]
 
 
 def open_for(dest: str | os.PathLike[str], size: int,
@@ -88,7 +88,3 @@ def round_up(size: int) -> int:
     few bytes longer next time still fits)."""
     mib = 1 << 20
     return -(-size // mib) * mib + mib
-
-
-def path_in(root: Path) -> Path:
-    return root / ".reserve"

@@ -136,6 +136,11 @@ def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
     }
 
 
+def _not_stored(exc: BaseException) -> dict[str, Any]:
+    return {"type": "runner_error", "ename": type(exc).__name__,
+            "evalue": f"the results could not be stored: {exc}"}
+
+
 class Gateway:
     def __init__(self, backend: Any, state_dir: Path, *, max_timeout: float | None = None,
                  orphan_timeout: float = ORPHAN_TIMEOUT_S, limits: Limits | None = None,
@@ -616,9 +621,7 @@ class Gateway:
                 if job.attempt != attempt:
                     return
                 exc = f.exception()
-                job.outcome = f.result() if exc is None else {
-                    "type": "runner_error", "ename": type(exc).__name__,
-                    "evalue": f"the results could not be stored: {exc}"}
+                job.outcome = f.result() if exc is None else _not_stored(exc)
 
             adopting.add_done_callback(adopted)
         elif kind == "runner_error":
@@ -631,8 +634,7 @@ class Gateway:
             self._keep_blobs(job, attempt, ev, digests)
         except (OSError, ValueError, BlobError) as exc:
             if ev["type"] == "result":
-                return {"type": "runner_error", "ename": type(exc).__name__,
-                        "evalue": f"the results could not be stored: {exc}"}
+                return _not_stored(exc)
             ev = {k: v for k, v in ev.items() if k != "exception"}  # the traceback is enough
         return _without_inline(ev)
 

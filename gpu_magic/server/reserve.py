@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .._reserve import RESERVE_MIN, round_up
+from .._reserve import RESERVE_MIN, files, round_up
 
 log = logging.getLogger("gpu_magic.gateway")
 
@@ -69,25 +69,16 @@ class Reserve:
         if self._thread is not None:
             self._thread.join(timeout=5)
         # scratch, not state: a stopped gateway leaves no disk taken (quotas on shared homes)
-        for _, name in self.files():
+        for _, name in files(self.folder):
             with contextlib.suppress(OSError):
                 os.unlink(self.folder / name)
-
-    def files(self) -> list[tuple[int, str]]:
-        out = []
-        with contextlib.suppress(OSError):
-            for name in os.listdir(self.folder):
-                head = name.partition(".")[0]
-                if head.isdigit():
-                    out.append((int(head), name))
-        return out
 
     def wanted(self) -> tuple[list[int], list[str]]:
         """Sizes of the files to write and names of files to drop, so that the reserve holds a
         file for each recent size, within the cap."""
         with self._wake:
             want = sorted(self._recent, reverse=True)
-        have = sorted(self.files(), reverse=True)
+        have = sorted(files(self.folder), reverse=True)
         unused = list(have)
         missing = []
         for size in want:
