@@ -12,6 +12,7 @@ an extra input costs a little bandwidth while a missing one breaks the remote ru
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import keyword
 import re
@@ -67,8 +68,12 @@ class _Scope:
     kills: list[str] = field(default_factory=list)  # every `del` so far, to undo definiteness
 
 
+@functools.lru_cache(maxsize=64)
 def analyze_cell(source: str) -> CellAnalysis:
-    """Analyse one cell; raises CaptureError for a syntax error or a star import."""
+    """Analyse one cell; raises CaptureError for a syntax error or a star import.
+
+    Remembered by source (the analysis is immutable and depends on nothing else): a cell run
+    again is not parsed again."""
     transformed, tree = _transform_and_parse(source)
     walker = _Walker()
     try:

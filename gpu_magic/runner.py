@@ -17,6 +17,7 @@ import builtins
 import codecs
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import mmap
@@ -251,6 +252,18 @@ def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None])
     shell.showtraceback = lambda *a, **k: None  # the error travels as an event instead
     shell.showsyntaxerror = lambda *a, **k: None
     return shell
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    return ctypes.CDLL(None)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        _libc().fflush(None)
+    except Exception:
+        pass
 
 
 def _frames(exc: BaseException, cell_files: set[str]) -> list[dict[str, Any]]:
@@ -591,10 +604,7 @@ class _Session:
         shell.init_create_namespaces(None, ns)
         shell.init_user_ns()
         result = shell.run_cell(manifest["source"], store_history=False)
-        try:
-            ctypes.CDLL(None).fflush(None)  # C stdio buffers of extensions, before the drain
-        except Exception:
-            pass
+        _flush_c_stdio()  # C stdio buffers of extensions, before the drain
         self.sync()
 
         exc = result.error_before_exec or result.error_in_exec

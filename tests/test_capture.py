@@ -558,3 +558,18 @@ def test_generated_cells_need_only_their_inputs(cell: str, present: set[str]) ->
     assert {k: _describe(v) for k, v in applied.items()} == {
         k: _describe(v) for k, v in local.items()
     }, cell
+
+
+def test_a_cell_analysed_again_gives_the_same_answer_and_the_same_refusal() -> None:
+    # analyses are remembered by source: what is remembered must not be changeable by its user,
+    # and a refusal must come again rather than be remembered as an answer
+    src = "y = x + 1\ndel z\ny"
+    first, again = analyze_cell(src), analyze_cell(src)
+    assert first == again
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        again.outputs = ("changed",)  # type: ignore[misc]
+    assert isinstance(again.inputs, frozenset) and isinstance(again.outputs, tuple)
+    assert analyze_cell(src).outputs == ("y",)
+    for _ in range(2):
+        with pytest.raises(CaptureError, match="syntax"):
+            analyze_cell("y = (")

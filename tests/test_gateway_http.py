@@ -145,6 +145,7 @@ def call(url: str, token: str | None, method: str, path: str, **kwargs: Any) -> 
     """One plain HTTP request: status codes and error bodies are checked on the wire, not through
     the client's mapping of them to exceptions."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers.update(kwargs.pop("headers", {}))
     with httpx.Client(base_url=url, timeout=DEADLINE_S) as http:
         return http.request(method, path, headers=headers, **kwargs)
 
@@ -703,6 +704,41 @@ def test_inline_blobs_and_results_stay_with_their_user(users: Users) -> None:
     refused(call(users.gw.url, users.tokens["bob"], "GET", f"/v1/blobs/{result['blob']}"), 404,
             "no_such_blob")
     bob.close()
+
+
+@pytest.mark.parametrize("spoil, status, error", [
+    ("field", 422, "invalid_request"),  # refused by the model: the route answers it
+    ("json", 422, "invalid_request"),
+    ("type", 422, "invalid_request"),  # a valid body, but not sent as JSON
+    ("missing", 409, "missing_blobs"),  # refused by the gateway: the fast path answers it
+    ("spec", 422, "bad_spec"),
+    ("source", 413, "too_large"),
+])
+def test_submit_and_follow_refuses_exactly_as_a_plain_submit(
+        gateway: Gateway, client: GatewayClient, spoil: str, status: int, error: str) -> None:
+    body = inline_body({}, "pass")
+    if spoil == "field":
+        body["retries"] = -1
+    elif spoil == "missing":
+        body["blobs"] = {}
+        body["inputs"] = dict(body["inputs"], pickle="xxh3-128:" + secrets.token_hex(16))
+    elif spoil == "spec":
+        body["spec"] = [{"type": "NOT-A-GPU", "count": 1}]
+    elif spoil == "source":
+        cap = call(gateway.url, gateway.token, "GET", "/v1/limits").json()["limits"]
+        body["source"] = "x" * (cap["max_source_chars"] + 1)
+    kwargs: dict[str, Any] = ({"content": b'{"source": '} if spoil == "json"
+                              else {"content": json.dumps(body), "headers": {
+                                  "content-type": "text/plain"}} if spoil == "type"
+                              else {"json": body})
+    answers = []
+    for path in ("/v1/jobs", "/v1/jobs?follow=true"):
+        resp = call(gateway.url, gateway.token, "POST", path, **kwargs)
+        answers.append((resp.status_code, resp.headers["content-type"], refused(resp, status, error)))
+    assert answers[0] == answers[1]
+    if spoil == "missing":
+        assert answers[1][2]["missing"] == [body["inputs"]["pickle"]]
+    assert client.pool()["queue_length"] == 0
 
 
 def test_inline_blobs_over_the_limit_are_413(gateway: Gateway, client: GatewayClient) -> None:

@@ -3,6 +3,7 @@ cancellation by kernel interrupt, and attaching to a job again."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -19,7 +21,7 @@ from gpu_magic import JobCancelled, RunnerLost, WaitExpired
 from gpu_magic._api import attach
 
 from .conftest import Gateway, start_gateway, wait_for
-from .test_gateway_http import all_free, finish, submit
+from .test_gateway_http import all_free, finish, inline_body, opts, submit
 
 DEADLINE = 60.0
 
@@ -156,6 +158,28 @@ def test_orphaned_foreground_job_is_cancelled_background_job_is_not(small_client
     assert done["state"] == "cancelled"
     assert "no client followed this foreground job for 2 s" in done["message"]
     assert finish(client, bg["id"])["state"] == "succeeded"
+
+
+def test_a_client_that_drops_its_submit_and_follow_leaves_an_orphan(small_pool: Gateway,
+                                                                    small_client: Any) -> None:
+    # the stream of a submit-and-follow is the job's only follower: dropping it mid-job must
+    # count as the client going away, or a killed kernel would hold its GPU to the timeout
+    body = inline_body({}, "import time\ntime.sleep(60)", spec=opts("T4"))
+    with httpx.Client(base_url=small_pool.url, timeout=DEADLINE,
+                      headers={"Authorization": f"Bearer {small_pool.token}"}) as http:
+        with http.stream("POST", "/v1/jobs?follow=true", json=body) as resp:
+            assert resp.status_code == 201
+            seen = []
+            for line in resp.iter_lines():
+                if line.startswith("data:"):
+                    seen.append(json.loads(line[5:]))
+                    if seen[-1]["type"] == "started":
+                        break
+    job_id = seen[0]["job"]["id"]
+    done = finish(small_client, job_id)
+    assert done["state"] == "cancelled"
+    assert "no client followed this foreground job for 2 s" in done["message"]
+    assert all_free(small_client)
 
 
 def test_attach_replays_output_and_binds_results(small_client: Any,
