@@ -332,9 +332,8 @@ def main() -> None:
                 t = time.perf_counter()
                 gpu_magic.run("s = float(data[0])", "H100", ns, client=c, quiet=True)
                 first = time.perf_counter() - t
-                again = p50(lambda: gpu_magic.run("s = float(data[0])", "H100", ns, client=c,
-                                                  quiet=True), 5, warmup=0)
-                del ns
+                again = p50(lambda ns=ns: gpu_magic.run("s = float(data[0])", "H100", ns,
+                                                        client=c, quiet=True), 5, warmup=0)
             row(f"{n >> 20} MiB input unchanged, run again", again, "its first upload", first,
                 "s")
 

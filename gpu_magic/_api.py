@@ -293,6 +293,7 @@ class _Job:
 
     def _foreground_output(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
+        self.view.before_output()
         if kind == "stdout":
             sys.stdout.write(ev.get("text", ""))
             sys.stdout.flush()
@@ -371,6 +372,8 @@ class _Job:
         self.bound = names
         self.state.bound = list(names)
         self.state.deleted = list(deleted)
+        if ev.get("skipped") or ev.get("cuda_moved"):
+            self.view.before_output()
         for name, why in (ev.get("skipped") or {}).items():
             print(f"[gpu_magic] {name} was not brought back: {why}", file=sys.stderr)
         if ev.get("cuda_moved"):
@@ -428,6 +431,8 @@ def _short(exc: BaseException) -> BaseException:
 def _pump_holding_sigint(pump: Any) -> None:
     """Pump the widget comms with Ctrl-C held off until the pump has handed every message on:
     an interrupt between reading a queued cell's request and passing it on would lose it."""
+    if not pump.needed():
+        return
     if threading.current_thread() is not threading.main_thread():
         pump.pump()
         return

@@ -308,6 +308,9 @@ class NullView:
     def append_output(self, ev: dict[str, Any]) -> None:
         pass
 
+    def before_output(self) -> None:
+        """The cell is about to show output of its own (the status stays above it)."""
+
     def comm_ids(self) -> set[str]:
         return set()
 

@@ -28,6 +28,10 @@ from ._view import JobState, NullView, bundle, render_html
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # A foreground job that ends before this shows only a compact summary, never a widget.
+# A foreground job's status appears once the job has run this long, before its first output,
+# or when it ends: a quick cell sends one display instead of a display and its update (each
+# costs the kernel a wait for its output thread, 0.5 ms here).
+SHOW_AFTER_S = 0.1
 UPGRADE_AFTER_S = 1.0
 QUEUED_UPGRADE_S = 0.2
 TICK_S = 1.0
@@ -58,9 +62,10 @@ class WidgetView(NullView):
     """The live widget; starts as the text/HTML status and becomes a widget when worth it.
 
     A background job shows the widget at once (its output lives in it). A foreground job shows
-    the status at once and upgrades it to the widget after ``UPGRADE_AFTER_S``, or after
-    ``QUEUED_UPGRADE_S`` if it is still waiting for a GPU, so a quick cell leaves only a
-    compact summary in the notebook.
+    the status after ``SHOW_AFTER_S`` (sooner if output comes, the job ends or someone cancels
+    it: always above the cell's output) and upgrades it to the widget after
+    ``UPGRADE_AFTER_S``, or after ``QUEUED_UPGRADE_S`` if it is still waiting for a GPU, so a
+    quick cell leaves only a compact summary in the notebook.
     """
 
     def __init__(self, state: JobState, *, on_cancel: Callable[[str], None] | None = None,
@@ -83,6 +88,7 @@ class WidgetView(NullView):
         self._outputs_dirty = False
         self._outputs_sent = 0.0
         self._finished = False
+        self._pending = False  # shown, but not displayed yet (a foreground job's first moment)
 
     @property
     def has_output_area(self) -> bool:
@@ -99,8 +105,20 @@ class WidgetView(NullView):
                 self._build()
                 self._handle = display(self._bundle(), raw=True, display_id=True)
             else:
-                self._handle = display(bundle(self.state, self._shown_at), raw=True,
-                                       display_id=True)
+                self._pending = True
+
+    def before_output(self) -> None:
+        """The cell is about to show something of its own: the status goes above it."""
+        with self._lock:
+            self._display_pending(time.monotonic())
+
+    def _display_pending(self, now: float, compact: bool = False) -> None:
+        from IPython.display import display
+
+        if self._pending:
+            self._pending = False
+            self._handle = display(bundle(self.state, now, compact=compact), raw=True,
+                                   display_id=True)
 
     def display_again(self) -> None:
         """Show the same live widget once more (the handle evaluated in another cell)."""
@@ -152,9 +170,13 @@ class WidgetView(NullView):
 
     def refresh(self, force: bool = False) -> None:
         with self._lock:
+            now = time.monotonic()
+            if self._pending:
+                if force or self.state.cancel or now - self._shown_at >= SHOW_AFTER_S:
+                    self._display_pending(now)  # as it is now: nothing more to send
+                return
             if self._handle is None or self._finished:
                 return
-            now = time.monotonic()
             if self._box is None:
                 # upgrade to the widget once the job is worth watching: it runs a while, or
                 # it still waits in the queue a moment after submitting (every job is queued
@@ -191,9 +213,13 @@ class WidgetView(NullView):
     def finish(self) -> None:
         """The job ended (or we stopped following it): the final forms, no more Cancel."""
         with self._lock:
+            now = time.monotonic()
+            if self._pending:  # a quick job: its final status is its only display
+                self._display_pending(now, compact=True)
+                self._finished = True
+                return
             if self._handle is None or self._finished:
                 return
-            now = time.monotonic()
             if self._box is None:
                 self._handle.update(bundle(self.state, now, compact=True), raw=True)
                 self._finished = True
@@ -337,8 +363,13 @@ class CommPump:
             self._stream.on_recv(self._original, copy=self._copy)
             self.active = False
 
+    def needed(self) -> bool:
+        """Whether a message could be for us: only while some widget of ours is open (a
+        foreground job's widget appears after a second; a quick cell never has one)."""
+        return self.active and bool(_OUR_COMMS)
+
     def pump(self) -> None:
-        if not self.active:
+        if not self.needed():
             return
         import zmq
 

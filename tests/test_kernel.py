@@ -214,3 +214,46 @@ def test_connect_takes_the_token_from_the_environment_not_the_notebook(
     assert texts(nb.cells[2], "execute_result") == "2"
     assert f"gateway {gateway.url} (%gpu connect)" in texts(nb.cells[3], "stdout")
     assert gateway.token not in json.dumps(nb)  # the token never lands in the notebook
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_a_quick_cell_shows_its_status_once_above_its_output() -> None:
+    # a quick cell's status is sent once, in its final form; a cell with output or a slower
+    # one shows it first, above that output, and updates it in place at the end
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+
+    def run(code: str) -> list[tuple[str, str]]:
+        msg_id = kc.execute(code)
+        seen = []
+        while True:
+            m = kc.get_iopub_msg(timeout=60)
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = m["msg_type"], m["content"]
+            if kind == "status" and content["execution_state"] == "idle":
+                return seen
+            if kind in ("display_data", "update_display_data"):
+                seen.append((kind, content["data"]["text/plain"].splitlines()[0]))
+            elif kind in ("stream", "error"):
+                seen.append((kind, content.get("text", content.get("ename", ""))))
+
+    try:
+        assert run("%load_ext gpu_magic") == []
+        printing = run("%%gpu H100\nprint('hi')\nx = 1")
+        assert [k for k, _ in printing] == ["display_data", "stream", "update_display_data"]
+        assert printing[1][1] == "hi\n" and printing[2][1].startswith("[gpu] succeeded")
+        silent = run("%%gpu H100\ny = 2")
+        assert [k for k, _ in silent] == ["display_data"], silent
+        assert silent[0][1].startswith("[gpu] succeeded")
+        failing = run("%%gpu H100\n1 / 0")
+        assert [k for k, _ in failing] == ["display_data", "error"], failing
+        assert failing[0][1].startswith("[gpu] failed")
+        slow = run("%%gpu H100\nimport time\ntime.sleep(0.5)\nz = 3")
+        assert [k for k, _ in slow][:1] == ["display_data"], slow
+        assert "running" in slow[0][1] or "granted" in slow[0][1], slow
+        assert slow[-1][0] == "update_display_data" and "succeeded" in slow[-1][1], slow
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
