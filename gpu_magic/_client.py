@@ -1,4 +1,5 @@
-"""The HTTP client of a gateway: one keep-alive httpx.Client per gateway.
+"""The HTTP client of a gateway: one keep-alive httpx.Client per gateway, and for each cell's
+one request (submit and follow) a kept-alive socket of our own (:class:`_rawget.Exchange`).
 
 Uploads stream memoryview slices (httpx with one large ``content=`` bytes object is quadratic),
 downloads land in a preallocated buffer, and a job's event stream resumes after a dropped
@@ -7,6 +8,7 @@ connection from the last event seen (``Last-Event-ID``), so no event is lost or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -55,6 +57,9 @@ class GatewayClient:
         weakref.finalize(self, _close_all, self._open, self._spares)
         # a ready URL: httpx parses and merges a relative one on every request
         self._follow_url = httpx.URL(self.url + "/v1/jobs?follow=true")
+        # the submit-and-follow exchange on a plain kept-alive socket (None: not made yet)
+        self._exchange: _rawget.Exchange | None = None
+        self._plain: bool | None = None  # whether nothing (a proxy) stands in its way
         _CLIENTS.add(self)
 
     def _new_http(self) -> httpx.Client:
@@ -69,9 +74,13 @@ class GatewayClient:
         except Exception:
             pass
         self._http = self._open["http"] = self._new_http()
+        if self._exchange is not None:
+            self._exchange.close()
 
     def close(self) -> None:
         self._http.close()
+        if self._exchange is not None:
+            self._exchange.close()
         with self._spares_lock:
             spares, self._spares = self._spares, []
         for c in spares:
@@ -272,7 +281,7 @@ class GatewayClient:
         last, submitted = 0, False
         for attempt in (1, 2):
             try:
-                with self._http.stream("POST", self._follow_url, json=body) as resp:
+                with self._post_follow(body) as resp:
                     if resp.status_code >= 400:
                         resp.read()
                         _check(resp, self.url)
@@ -311,6 +320,28 @@ class GatewayClient:
                 # a pooled connection the server had just closed: once more (the job id is
                 # ours, so a repeat that reached it twice is refused as a duplicate)
         yield from self.events(job_id, after=last)
+
+    @contextlib.contextmanager
+    def _post_follow(self, body: dict[str, Any]) -> Iterator[Any]:
+        """The submit-and-follow request: on our own kept-alive socket where nothing stands
+        between us and the gateway, else through httpx (a proxy)."""
+        if self._plain is None:  # (reads the proxy settings: once per client)
+            self._plain = _rawget.usable(self._follow_url)
+        if not self._plain:
+            with self._http.stream("POST", self._follow_url, json=body) as resp:
+                yield resp
+            return
+        if self._exchange is None:
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            self._exchange = _rawget.Exchange(
+                self._follow_url, headers, timeout=self._timeout.read or 60.0,
+                connect_timeout=self._timeout.connect or 10.0, context=_ssl_context())
+        status, fields, pieces = self._exchange.post(
+            self._follow_url.raw_path.decode("ascii"), json.dumps(body).encode())
+        try:
+            yield _Answer(status, fields, pieces)
+        finally:
+            pieces.close()  # (read to its end: the connection is kept; else closed)
 
     def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """The job's events in order, each exactly once, resuming after dropped connections."""
@@ -352,6 +383,28 @@ class GatewayClient:
 
 
 _SSL: Any = None
+
+
+class _Answer:
+    """An answer of the plain exchange, as much of an ``httpx.Response`` as is read here."""
+
+    def __init__(self, status: int, headers: dict[str, str], pieces: Iterator[bytes]) -> None:
+        self.status_code, self.headers, self._pieces = status, headers, pieces
+        self.content = b""
+
+    def read(self) -> bytes:
+        self.content = b"".join(self._pieces)
+        return self.content
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        return self._pieces
 
 
 def _ssl_context() -> Any:

@@ -5,13 +5,18 @@ took 0.3-0.4 s here from a gateway that sends it in 0.1 s. This module speaks ju
 HTTP/1.1 for one ``GET`` of a body with a ``Content-Length`` and ``recv_into`` the buffer the
 result will live in. Anything else (a redirect, a chunked body, a proxy in the way) is left to
 httpx: :func:`get_into` then answers None before it has read any of the body.
+
+:class:`Exchange` does the same for each cell's one request, the submit answered by the job's
+event stream, on a connection it keeps.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import urllib.request
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import httpx
@@ -100,3 +105,161 @@ def _parse_head(head: bytes) -> tuple[int | None, dict[str, Any]]:
         if sep:
             fields[key.strip().lower()] = value.strip()
     return int(parts[1]), fields
+
+
+class Exchange:
+    """One kept-alive HTTP/1.1 connection for a cell's one request: the submit, answered by
+    the job's event stream. httpx spent more on that exchange (request building, h11's checks,
+    headers and body in two writes, a chunk decoder per event) than the gateway spends on the
+    whole trivial job. Failures are raised as the httpx exceptions the caller already handles,
+    so a connection the gateway had closed is retried and an error answer reads the same.
+
+    Not thread-safe: one per client, and a client serves one thread at a time.
+    """
+
+    def __init__(self, url: httpx.URL, headers: dict[str, str], *, timeout: float,
+                 connect_timeout: float, context: ssl.SSLContext) -> None:
+        self.url, self.headers = url, headers
+        self.timeout, self.connect_timeout, self.context = timeout, connect_timeout, context
+        self._sock: socket.socket | None = None
+        self._pid = 0
+        self._buf = bytearray()
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in another thread
+            except OSError:
+                pass
+            sock.close()
+
+    def post(self, target: str, body: bytes,
+             ) -> tuple[int, dict[str, str], Generator[bytes, None, None]]:
+        """POST ``body`` (JSON): the status, the headers and the body's pieces as they come.
+        The connection is kept for the next request once the body has been read to its end."""
+        reused = self._sock is not None and self._pid == os.getpid()
+        if not reused:
+            self._connect()
+        assert self._sock is not None
+        u = self.url
+        lines = [f"POST {target} HTTP/1.1", f"Host: {u.netloc.decode('ascii')}",
+                 f"User-Agent: gpu-magic/{__version__}", "Accept-Encoding: identity",
+                 "Content-Type: application/json", f"Content-Length: {len(body)}",
+                 *(f"{k}: {v}" for k, v in self.headers.items()), "", ""]
+        try:
+            try:
+                self._sock.sendall("\r\n".join(lines).encode("latin-1") + body)  # one write
+            except TimeoutError as exc:
+                raise httpx.WriteTimeout(str(exc)) from None
+            except OSError as exc:  # a kept connection the gateway had closed, among others
+                raise httpx.WriteError(str(exc)) from None
+            status, fields = self._head()
+        except BaseException:
+            self.close()
+            raise
+        if "chunked" in fields.get("transfer-encoding", ""):
+            pieces = self._chunked()
+        elif fields.get("content-length", "").isdigit():
+            pieces = self._sized(int(fields["content-length"]))
+        else:
+            pieces = self._to_end()
+        return status, fields, self._kept(pieces, fields.get("connection", "") != "close")
+
+    def _connect(self) -> None:
+        self.close()
+        u = self.url
+        try:
+            sock = socket.create_connection((u.host, u.port or (443 if u.scheme == "https" else 80)),
+                                            timeout=self.connect_timeout)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(str(exc)) from None
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc)) from None
+        try:
+            sock.settimeout(self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if u.scheme == "https":
+                sock = self.context.wrap_socket(sock, server_hostname=u.host)
+        except OSError as exc:
+            sock.close()
+            raise httpx.ConnectError(str(exc)) from None
+        self._sock, self._pid, self._buf = sock, os.getpid(), bytearray()
+
+    def _recv(self) -> bytes:
+        sock = self._sock
+        if sock is None:  # closed under us (an interrupted follow)
+            raise httpx.ReadError("the connection was closed")
+        try:
+            piece = sock.recv(_STEP)
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(str(exc)) from None
+        except OSError as exc:
+            raise httpx.ReadError(str(exc)) from None
+        if not piece:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response."
+                                            if not self._buf else "the answer was cut short")
+        return piece
+
+    def _head(self) -> tuple[int, dict[str, str]]:
+        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            if len(self._buf) > _HEAD_MAX:
+                raise httpx.RemoteProtocolError("the answer's head is too long")
+            self._buf += self._recv()
+        status, fields = _parse_head(bytes(self._buf[:end]))
+        del self._buf[: end + 4]
+        if status is None:
+            raise httpx.RemoteProtocolError("the answer is not HTTP/1.1")
+        return status, fields
+
+    def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n")) < 0:
+            self._buf += self._recv()
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 2]
+        return line
+
+    def _exact(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._buf += self._recv()
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    def _chunked(self) -> Iterator[bytes]:
+        while True:
+            size_text = self._line().split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}") from None
+            if size == 0:
+                while self._line():  # trailers, up to the empty line
+                    pass
+                return
+            data = self._exact(size + 2)
+            yield data[:-2]
+
+    def _sized(self, size: int) -> Iterator[bytes]:
+        if size:
+            yield self._exact(size)
+
+    def _to_end(self) -> Iterator[bytes]:
+        if self._buf:
+            yield bytes(self._buf)
+            self._buf.clear()
+        while True:
+            try:
+                yield self._recv()
+            except httpx.RemoteProtocolError:
+                return
+
+    def _kept(self, pieces: Iterator[bytes], keep: bool) -> Generator[bytes, None, None]:
+        """The body's pieces; the connection is kept only if the body was read to its end."""
+        finished = False
+        try:
+            yield from pieces
+            finished = keep and not self._buf
+        finally:
+            if not finished:
+                self.close()

@@ -119,3 +119,89 @@ def test_a_configured_proxy_is_left_to_httpx(monkeypatch: pytest.MonkeyPatch) ->
     assert not _rawget.usable(url)
     monkeypatch.setenv("NO_PROXY", "gpu-box.example")
     assert _rawget.usable(url)
+
+
+# --- the submit-and-follow exchange on a kept-alive socket ---
+
+
+def _time_waits(port: int) -> int:
+    import psutil
+
+    return sum(1 for c in psutil.net_connections("tcp")
+               if c.status == psutil.CONN_TIME_WAIT and c.raddr and c.raddr.port == port)
+
+
+def test_cells_share_one_kept_connection(gateway: Gateway) -> None:
+    import gpu_magic
+
+    port = httpx.URL(gateway.url).port
+    with GatewayClient(gateway.url, gateway.token, same_host=False) as c:
+        ns: dict[str, object] = {}
+        gpu_magic.run("x = 1", "H100", ns, client=c, quiet=True)
+        before = _time_waits(port)
+        for i in range(8):
+            assert gpu_magic.run(f"x = {i} * 2\nx", "H100", ns, client=c, quiet=True) == i * 2
+        # a connection opened and closed per cell would leave one TIME_WAIT socket per cell
+        assert _time_waits(port) - before < 4
+
+
+def test_events_arrive_whole_however_the_bytes_are_split(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import gpu_magic
+
+    monkeypatch.setattr(_rawget, "_STEP", 7)  # every read a few bytes: heads, chunks, events cut
+    with GatewayClient(gateway.url, gateway.token, same_host=False) as c:
+        ns: dict[str, object] = {}
+        got = gpu_magic.run("for i in range(5):\n    print('line', i)\nv = 'é' * 3\nv", "H100",
+                            ns, client=c, quiet=True)
+    assert got == "ééé" and ns["v"] == "ééé"
+    assert capsys.readouterr().out == "".join(f"line {i}\n" for i in range(5))
+
+
+def test_a_cell_after_the_gateway_restarted_finds_it_again(tmp_path: object) -> None:
+    # the kept connection died with the old gateway: the next submit opens a new one
+    import gpu_magic
+
+    from .conftest import start_gateway
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = tmp_path / "state"  # type: ignore[operator]
+    gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)  # type: ignore[arg-type]
+    try:
+        with GatewayClient(gw.url, gw.token, same_host=False) as c:
+            ns: dict[str, object] = {}
+            assert gpu_magic.run("1 + 1", "H100", ns, client=c, quiet=True) == 2
+            gw.stop()
+            gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)  # type: ignore[arg-type]
+            assert gpu_magic.run("2 + 2", "H100", ns, client=c, quiet=True) == 4
+    finally:
+        gw.stop()
+
+
+def test_a_submit_through_a_configured_proxy_goes_through_it(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpu_magic
+
+    class Counting(CuttingProxy):
+        piped = 0
+
+        def _pipe(self, src: socket.socket, dst: socket.socket, budget: int | None) -> None:
+            self.piped += 1
+            super()._pipe(src, dst, budget)
+
+    url = httpx.URL(gateway.url)
+    proxy = Counting((url.host, url.port or 80), budget=1 << 30)
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the submit went around the proxy")
+
+    monkeypatch.setattr(_rawget.Exchange, "post", refuse)
+    with GatewayClient(gateway.url, gateway.token, same_host=False) as c:
+        assert gpu_magic.run("6 * 7", "H100", {}, client=c, quiet=True) == 42
+    assert proxy.piped >= 2  # (both directions of at least one connection)
