@@ -6,7 +6,7 @@ end can show: terminal IPython, nbconvert, a notebook saved and reopened without
 live widget (``_widget.py``) shows the same HTML and carries these forms along as its fallback.
 
 ``TextView`` is the view where widgets cannot be shown: one display, updated in place (HTML in
-notebooks, text in terminals), from submitted to finished.
+notebooks, text in terminals), from the job's first moments (``SHOW_AFTER_S``) to its end.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from typing import Any
 from ._remote import where
 
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
+# A foreground job's status appears once the job has run this long, before its first output,
+# or when it ends: a quick cell shows one status instead of a first one and its update (in a
+# kernel each display waits for the output thread; a terminal prints each one anew).
+SHOW_AFTER_S = 0.1
 
 
 class JobState:
@@ -319,35 +323,62 @@ class TextView(NullView):
     """The text/HTML status where widgets cannot be shown, one display updated in place.
 
     It changes only when the job moves on (queued, granted, running, ended), never to tick a
-    clock: a terminal prints every update anew.
+    clock, and never to say again what it says already: a terminal prints every update anew.
     """
 
     def __init__(self, state: JobState) -> None:
         super().__init__(state)
         self._handle: Any = None
         self._last: tuple[Any, ...] = ()
+        self._text = ""  # the text form last displayed
+        self._shown_at: float | None = None  # shown, not displayed yet (see SHOW_AFTER_S)
 
     def _key(self) -> tuple[Any, ...]:
         s = self.state
         moved = "running" if s.state == "granted" else s.state  # granted → running: one step
-        return (moved, s.position, len(s.attempts), s.cancel, s.cancel_error, tuple(s.bound),
+        # names bound while the job still runs: its end, right after, says so
+        bound = tuple(s.bound) if s.final else ()
+        return (moved, s.position, len(s.attempts), s.cancel, s.cancel_error, bound,
                 tuple(s.pending))
+
+    def _bundle(self) -> dict[str, Any]:
+        self._last = self._key()
+        data = bundle(self.state, time.monotonic())
+        self._text = data.get("text/plain", "")
+        return data
 
     def show(self) -> None:
         from IPython import get_ipython
+
+        if get_ipython() is not None:
+            self._shown_at = time.monotonic()
+            if self.state.background:  # it returns at once: say so now
+                self._display_pending()
+
+    def before_output(self) -> None:
+        self._display_pending()
+
+    def _display_pending(self) -> None:
         from IPython.display import display
 
-        if get_ipython() is None:
-            return
-        self._last = self._key()
-        self._handle = display(bundle(self.state, time.monotonic()), raw=True, display_id=True)
+        if self._shown_at is not None:
+            self._shown_at = None
+            self._handle = display(self._bundle(), raw=True, display_id=True)
+
+    def tick(self) -> None:
+        if self._shown_at is not None and time.monotonic() - self._shown_at >= SHOW_AFTER_S:
+            self._display_pending()
 
     def refresh(self, force: bool = False) -> None:
+        if self._shown_at is not None and (force or self.state.cancel
+                                           or time.monotonic() - self._shown_at >= SHOW_AFTER_S):
+            self._display_pending()
+            return
         if self._handle is None:
             return
-        if self._key() != self._last or force:
-            self._last = self._key()
-            self._handle.update(bundle(self.state, time.monotonic()), raw=True)
+        if self._key() != self._last or (
+                force and bundle(self.state, time.monotonic()).get("text/plain") != self._text):
+            self._handle.update(self._bundle(), raw=True)
 
     def finish(self) -> None:
         self.refresh(force=True)

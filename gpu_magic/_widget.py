@@ -24,14 +24,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._view import JobState, NullView, bundle, render_html
+from ._view import SHOW_AFTER_S, JobState, NullView, bundle, render_html
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # A foreground job that ends before this shows only a compact summary, never a widget.
-# A foreground job's status appears once the job has run this long, before its first output,
-# or when it ends: a quick cell sends one display instead of a display and its update (each
-# costs the kernel a wait for its output thread, 0.5 ms here).
-SHOW_AFTER_S = 0.1
 UPGRADE_AFTER_S = 1.0
 QUEUED_UPGRADE_S = 0.2
 TICK_S = 1.0

@@ -257,3 +257,25 @@ def test_a_quick_cell_shows_its_status_once_above_its_output() -> None:
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+@pytest.mark.usefixtures("use_gateway")
+@pytest.mark.parametrize("cell, expected", [
+    # a quick, silent cell: its final status alone
+    ("x = 6 * 7", ["[gpu] succeeded"]),
+    # output: the status first, above it, then once more when the job ends
+    ("x = 6 * 7\nprint('x is', x)", ["[gpu] running", "x is 42", "[gpu] succeeded"]),
+])
+def test_terminal_ipython_prints_each_status_once(tmp_path: Path, cell: str,
+                                                  expected: list[str]) -> None:
+    # without widgets (terminal IPython) every update is printed anew: none may repeat another
+    script = tmp_path / "cell.ipy"
+    script.write_text(f"%%gpu H100\n{cell}\n")
+    out = subprocess.run([sys.executable, "-m", "IPython", "--ext=gpu_magic", "--no-banner",
+                          "--colors=NoColor", str(script)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    heads = [line for line in out.stdout.splitlines() if not line.startswith("      ")]
+    assert [h for h in heads if h.strip()] == [
+        next(h for h in heads if h.startswith(e)) for e in expected], out.stdout
+    assert heads[-1].startswith("[gpu] succeeded") and "bound x" in out.stdout
