@@ -334,7 +334,8 @@ class CommPump:
         self._original: Any = None
         self._copy = False
         self._kernel: Any = None
-        self.active = False
+        self.active = False  # in a kernel's main thread whose shell stream we can read
+        self._installed = False  # reading it: only once a widget of ours is open
 
     def __enter__(self) -> CommPump:
         if threading.current_thread() is not threading.main_thread():
@@ -350,14 +351,14 @@ class CommPump:
             return self
         self._kernel, self._stream, self._original = kernel, stream, original
         self._copy = bool(getattr(stream, "_recv_copy", False))
-        stream.on_recv(self._on_recv, copy=self._copy)
         self.active = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.active:
+        if self._installed:
             self._stream.on_recv(self._original, copy=self._copy)
-            self.active = False
+            self._installed = False
+        self.active = False
 
     def needed(self) -> bool:
         """Whether a message could be for us: only while some widget of ours is open (a
@@ -370,6 +371,9 @@ class CommPump:
         import zmq
 
         try:
+            if not self._installed:  # (messages meanwhile waited in the stream's socket)
+                self._stream.on_recv(self._on_recv, copy=self._copy)
+                self._installed = True
             self._stream.flush(zmq.POLLIN)
         except Exception:  # a closed stream (kernel shutting down): stop pumping
             self.__exit__()
