@@ -53,7 +53,7 @@ class GatewayClient:
         self._spares_lock = threading.Lock()
         # a client dropped without close() still closes its connections (and its spares'):
         # their sockets would otherwise be collected open
-        self._open = {"http": self._http}
+        self._open: dict[str, Any] = {"http": self._http}
         weakref.finalize(self, _close_all, self._open, self._spares)
         # a ready URL: httpx parses and merges a relative one on every request
         self._follow_url = httpx.URL(self.url + "/v1/jobs?follow=true")
@@ -75,7 +75,7 @@ class GatewayClient:
             pass
         self._http = self._open["http"] = self._new_http()
         if self._exchange is not None:
-            self._exchange.close()
+            self._exchange.drop()
 
     def close(self) -> None:
         self._http.close()
@@ -333,7 +333,7 @@ class GatewayClient:
             return
         if self._exchange is None:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            self._exchange = _rawget.Exchange(
+            self._exchange = self._open["exchange"] = _rawget.Exchange(
                 self._follow_url, headers, timeout=self._timeout.read or 60.0,
                 connect_timeout=self._timeout.connect or 10.0, context=_ssl_context())
         status, fields, pieces = self._exchange.post(
@@ -435,11 +435,12 @@ def _forget_spares_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_spares_after_fork)
 
 
-def _close_all(open_: dict[str, httpx.Client], spares: list[GatewayClient]) -> None:
+def _close_all(open_: dict[str, Any], spares: list[GatewayClient]) -> None:
     for c in list(spares):
         c.close()
     spares.clear()
-    open_["http"].close()
+    for conn in open_.values():
+        conn.close()
 
 
 def _finish_reading(chunks: Iterator[bytes]) -> None:

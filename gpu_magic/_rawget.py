@@ -124,22 +124,33 @@ class Exchange:
         self._sock: socket.socket | None = None
         self._pid = 0
         self._buf = bytearray()
+        self._closed = False
 
     def close(self) -> None:
+        """For good: a submit after this is refused, never sent on a new connection (an
+        interrupted submit's reader retries, and must not send the job again)."""
+        self._closed = True
+        self.drop()
+
+    def drop(self) -> None:
+        """Drop the connection; the next request opens a new one."""
         sock, self._sock = self._sock, None
-        if sock is not None:
+        if sock is None:
+            return
+        if self._pid == os.getpid():  # (in a forked child it is the parent's connection too)
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in another thread
             except OSError:
                 pass
-            sock.close()
+        sock.close()
 
     def post(self, target: str, body: bytes,
              ) -> tuple[int, dict[str, str], Generator[bytes, None, None]]:
         """POST ``body`` (JSON): the status, the headers and the body's pieces as they come.
         The connection is kept for the next request once the body has been read to its end."""
-        reused = self._sock is not None and self._pid == os.getpid()
-        if not reused:
+        if self._closed:
+            raise RuntimeError("cannot send a request: the client has been closed")
+        if self._sock is None or self._pid != os.getpid():
             self._connect()
         assert self._sock is not None
         u = self.url
@@ -156,7 +167,7 @@ class Exchange:
                 raise httpx.WriteError(str(exc)) from None
             status, fields = self._head()
         except BaseException:
-            self.close()
+            self.drop()
             raise
         if "chunked" in fields.get("transfer-encoding", ""):
             pieces = self._chunked()
@@ -167,7 +178,7 @@ class Exchange:
         return status, fields, self._kept(pieces, fields.get("connection", "") != "close")
 
     def _connect(self) -> None:
-        self.close()
+        self.drop()
         u = self.url
         try:
             sock = socket.create_connection((u.host, u.port or (443 if u.scheme == "https" else 80)),
@@ -262,4 +273,4 @@ class Exchange:
             finished = keep and not self._buf
         finally:
             if not finished:
-                self.close()
+                self.drop()

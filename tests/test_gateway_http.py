@@ -710,6 +710,8 @@ def test_inline_blobs_and_results_stay_with_their_user(users: Users) -> None:
     ("field", 422, "invalid_request"),  # refused by the model: the route answers it
     ("json", 422, "invalid_request"),
     ("type", 422, "invalid_request"),  # a valid body, but not sent as JSON
+    ("types", 422, "invalid_request"),  # two types: the first one counts, as for the route
+    ("nan", 422, "invalid_request"),  # a refusal that quotes a NaN must not fail itself
     ("missing", 409, "missing_blobs"),  # refused by the gateway: the fast path answers it
     ("spec", 422, "bad_spec"),
     ("source", 413, "too_large"),
@@ -727,13 +729,17 @@ def test_submit_and_follow_refuses_exactly_as_a_plain_submit(
     elif spoil == "source":
         cap = call(gateway.url, gateway.token, "GET", "/v1/limits").json()["limits"]
         body["source"] = "x" * (cap["max_source_chars"] + 1)
-    kwargs: dict[str, Any] = ({"content": b'{"source": '} if spoil == "json"
-                              else {"content": json.dumps(body), "headers": {
-                                  "content-type": "text/plain"}} if spoil == "type"
-                              else {"json": body})
+    elif spoil == "nan":
+        body["timeout"] = float("nan")  # json.dumps writes it as NaN; a client may send it
+    content = b'{"source": ' if spoil == "json" else json.dumps(body).encode()
+    types = {"type": ["text/plain"], "types": ["text/plain", "application/json"],
+             "json": []}.get(spoil, ["application/json"])
+    headers = [("authorization", f"Bearer {gateway.token}"),
+               *(("content-type", t) for t in types)]
     answers = []
     for path in ("/v1/jobs", "/v1/jobs?follow=true"):
-        resp = call(gateway.url, gateway.token, "POST", path, **kwargs)
+        with httpx.Client(base_url=gateway.url, timeout=DEADLINE_S) as http:
+            resp = http.request("POST", path, content=content, headers=headers)
         answers.append((resp.status_code, resp.headers["content-type"], refused(resp, status, error)))
     assert answers[0] == answers[1]
     if spoil == "missing":

@@ -205,3 +205,101 @@ def test_a_submit_through_a_configured_proxy_goes_through_it(
     with GatewayClient(gateway.url, gateway.token, same_host=False) as c:
         assert gpu_magic.run("6 * 7", "H100", {}, client=c, quiet=True) == 42
     assert proxy.piped >= 2  # (both directions of at least one connection)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[str, list[bytes]]]:
+    """A server that reads requests and never answers (a gateway hung mid-submit): its URL
+    and the request heads it has read."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    heads: list[bytes] = []
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            threading.Thread(target=read, args=(conn,), daemon=True).start()
+
+    def read(conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(65536):
+                heads.extend(line for line in data.split(b"\r\n") if line.startswith(b"POST "))
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}", heads
+    srv.close()
+    for c in conns:
+        c.close()
+
+
+def test_an_interrupted_submit_is_not_sent_again(silent_server: tuple[str, list[bytes]]) -> None:
+    # Ctrl-C during a submit closes the feed's connection under its reader, which then sees
+    # the connection end: it must not take that for a stale connection and send the job again
+    import time
+
+    from gpu_magic._jobs import EventFeed
+
+    url, heads = silent_server
+    with GatewayClient(url, "t" * 30, same_host=False) as c:
+        feed = EventFeed(c, "ab" * 8, submit={"id": "ab" * 8, "source": "1"})
+        deadline = time.monotonic() + 10
+        while not heads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(heads) == 1
+        feed.close()
+        time.sleep(0.5)
+    assert len(heads) == 1, heads
+
+
+def test_a_forked_child_leaves_the_parents_connection_alone(gateway: Gateway) -> None:
+    import os
+
+    ex = _rawget.Exchange(httpx.URL(gateway.url + "/v1/pool"), {}, timeout=10,
+                          connect_timeout=10, context=None)  # type: ignore[arg-type]
+    # a plain GET has no body to send: post what the gateway answers with 405, fully read
+    status, _, pieces = ex.post("/v1/pool", b"{}")
+    b"".join(pieces)
+    assert status in (401, 405)
+    pid = os.fork()
+    if pid == 0:  # the child: its own connection, never the parent's
+        try:
+            status, _, pieces = ex.post("/v1/pool", b"{}")
+            b"".join(pieces)
+            ex.close()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    sock = ex._sock
+    assert sock is not None
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):  # open and quiet: not shut down under us
+        sock.recv(1, socket.MSG_PEEK)
+    sock.setblocking(True)
+    sock.settimeout(10)
+    status, _, pieces = ex.post("/v1/pool", b"{}")
+    b"".join(pieces)
+    assert ex._sock is sock and status in (401, 405)
+    ex.close()
+
+
+def test_a_client_dropped_unclosed_closes_its_connections(gateway: Gateway) -> None:
+    import gc
+    import warnings
+
+    import gpu_magic
+
+    c = GatewayClient(gateway.url, gateway.token, same_host=False)
+    assert gpu_magic.run("1", "H100", {}, client=c, quiet=True) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        del c
+        gc.collect()
+    assert not [w for w in caught if "socket" in str(w.message)], caught

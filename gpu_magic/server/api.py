@@ -11,6 +11,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import math
 import platform
 import socket
 from importlib import metadata
@@ -160,7 +161,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             for e in exc.errors()
         )
         return JSONResponse({"error": "invalid_request", "message": f"invalid request: {problems}",
-                             "detail": jsonable_encoder(exc.errors())}, status_code=422)
+                             "detail": _json_safe(jsonable_encoder(exc.errors()))},
+                            status_code=422)
 
     @app.exception_handler(BlobError)
     async def _blob_error(_request: Request, exc: BlobError) -> JSONResponse:
@@ -467,7 +469,8 @@ class _AuthMiddleware:
         scope.setdefault("state", {})["user"] = found
         if (scope["path"] == "/v1/jobs" and scope["method"] == "POST"
                 and scope.get("query_string") == b"follow=true"
-                and _is_json(headers.get(b"content-type", "application/json"))):
+                and _is_json(next((v.decode("latin-1") for k, v in scope["headers"]
+                                   if k == b"content-type"), "application/json"))):
             receive = await self.state.submit_follow(scope, receive, send, found)
             if receive is None:
                 return
@@ -523,8 +526,20 @@ async def _refuse(send: Any, status: int, code: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with the floats JSON has no word for (NaN, infinities, as a client may send
+    them) written as text: a refusal that quotes them must not fail itself."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _is_json(content_type: str) -> bool:
-    """Whether FastAPI reads a body of this type as JSON."""
+    """Whether FastAPI reads a body of this type (the first Content-Type sent) as JSON."""
     kind = content_type.split(";", 1)[0].strip().lower()
     return kind == "application/json" or (kind.startswith("application/")
                                           and kind.endswith("+json"))
