@@ -295,6 +295,20 @@ def test_private_route_refused_without_a_valid_token(
     assert client.missing([digest(fresh)]) == [digest(fresh)]
 
 
+@pytest.mark.parametrize("header", BAD_AUTH)
+def test_submit_and_follow_without_a_valid_token_runs_nothing(
+        gateway: Gateway, client: GatewayClient, header: str | None) -> None:
+    # the one request every cell makes is answered outside the framework: the same refusal
+    body = inline_body({"t": secrets.token_hex(8)}, "r = t", outputs=["r"])
+    (d, _), = body["blobs"].items()
+    jobs_before = {j["id"] for j in client.jobs()}
+    resp = httpx.post(f"{gateway.url}/v1/jobs?follow=true", json=body, timeout=DEADLINE_S,
+                      headers=auth_headers(header, gateway.token))
+    refused(resp, 401, "unauthorized")
+    assert {j["id"] for j in client.jobs()} == jobs_before
+    assert client.missing([d]) == [d]  # its inline blob was not stored either
+
+
 def test_cancel_without_a_valid_token_leaves_the_job_running(
     gateway: Gateway, client: GatewayClient
 ) -> None:
