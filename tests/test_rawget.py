@@ -303,3 +303,42 @@ def test_a_client_dropped_unclosed_closes_its_connections(gateway: Gateway) -> N
         del c
         gc.collect()
     assert not [w for w in caught if "socket" in str(w.message)], caught
+
+
+def test_a_gateway_behind_tls_runs_cells_both_ways(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --certfile/--keyfile: the kept submit socket, uploads and the plain-socket download all
+    # speak TLS, and verify the gateway's certificate against SSL_CERT_FILE
+    import numpy as np
+    import trustme
+
+    import gpu_magic
+    from gpu_magic import _client
+
+    from .conftest import start_gateway
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    chain, key, bundle = (tmp_path / n for n in ("chain.pem", "key.pem", "ca.pem"))  # type: ignore[operator]
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(bundle))
+    gw = start_gateway(tmp_path, "--certfile", str(chain), "--keyfile", str(key))  # type: ignore[arg-type]
+    try:
+        assert gw.url.startswith("https://127.0.0.1:")
+        monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+        monkeypatch.setattr(_client, "_SSL", None)  # the context is built once per process
+        with GatewayClient(gw.url, gw.token, same_host=False) as c:
+            ns: dict[str, object] = {"data": np.arange(1 << 19, dtype=np.float64)}  # 4 MiB
+            assert gpu_magic.run("6 * 7", "H100", ns, client=c, quiet=True) == 42
+            gpu_magic.run("back = data * 2", "H100", ns, client=c, quiet=True)
+            assert np.array_equal(ns["back"], np.arange(1 << 19, dtype=np.float64) * 2)
+        # a client that does not trust the certificate is refused, not silently let through
+        monkeypatch.setattr(_client, "_SSL", None)
+        monkeypatch.delenv("SSL_CERT_FILE")
+        with GatewayClient(gw.url, gw.token, same_host=False) as c:
+            with pytest.raises(GatewayError, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+                gpu_magic.run("1", "H100", {}, client=c, quiet=True)
+    finally:
+        gw.stop()
+        monkeypatch.setattr(_client, "_SSL", None)
