@@ -259,6 +259,58 @@ def _libc() -> Any:
     return ctypes.CDLL(None)
 
 
+class _CEnviron:
+    """The C library's environment, which ``os.environ`` only mirrors. A cell that changes it
+    behind ``os.environ``'s back (``os.putenv``, a C extension's ``setenv``) would leak into
+    the child processes and C libraries of later cells on a reused runner. Whether anything
+    changed is read from its table of pointers (one copy of a few hundred bytes, under a
+    microsecond), so only a cell that touched the environment pays for putting it back."""
+
+    def __init__(self) -> None:
+        try:
+            self._var: Any = ctypes.c_void_p.in_dll(_libc(), "environ")
+        except (OSError, ValueError):  # no such symbol here: nothing to watch
+            self._var = None
+        self._at, self._table = -1, b""
+
+    def _entries(self) -> list[int]:
+        table = ctypes.cast(self._var.value, ctypes.POINTER(ctypes.c_void_p))
+        entries = []
+        while table[len(entries)]:
+            entries.append(table[len(entries)])
+        return entries
+
+    def touched(self) -> bool:
+        """Whether the environment changed since :meth:`mark`."""
+        if self._var is None:
+            return False
+        at = self._var.value or 0
+        return at != self._at or ctypes.string_at(at, len(self._table)) != self._table
+
+    def mark(self) -> None:
+        if self._var is None:
+            return
+        self._at = self._var.value or 0
+        size = (len(self._entries()) + 1) * ctypes.sizeof(ctypes.c_void_p)  # with its NULL
+        self._table = ctypes.string_at(self._at, size) if self._at else b""
+
+    def sync(self, env: Any) -> None:
+        """Make the C environment hold exactly ``env`` (a str mapping: ``os.environ``)."""
+        if self._var is None or not self._var.value:
+            return
+        have: dict[bytes, bytes] = {}
+        for entry in self._entries():
+            key, eq, value = ctypes.string_at(entry).partition(b"=")
+            if eq:
+                have[key] = value
+        want = {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+        for key in have.keys() - want.keys():
+            os.unsetenv(key)
+        for key, value in want.items():
+            if have.get(key) != value:
+                os.putenv(key, value)
+
+
 def _flush_c_stdio() -> None:
     try:
         _libc().fflush(None)
@@ -464,6 +516,7 @@ class _Session:
         self.coalescer: _Coalescer | None = None
         self.shell: Any = None
         self.base_env = dict(os.environ)
+        self.c_environ = _CEnviron()
         self.base_path = list(sys.path)
         self.local_mtimes: dict[str, float] = {}
         self.modules_seen = -1  # len(sys.modules) when the user's modules were last noted
@@ -511,16 +564,21 @@ class _Session:
             self.coalescer.flush()
 
     def _reset(self, manifest: dict[str, Any], cwd: str | None) -> None:
-        # What a reused process resets between cells: environment, folder, sys.path, random
-        # seeds, and local modules edited since they were imported. Imported packages stay.
+        # What a reused process resets between cells: environment (os.environ and the C
+        # library's own), folder, sys.path, random seeds, and local modules edited since they
+        # were imported. Imported packages stay.
         env = {**self.base_env, **(manifest.get("env") or {})}
         env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        touched = self.c_environ.touched()  # by the last cell, behind os.environ's back?
         # only what differs: clearing and refilling os.environ costs a system call per variable
         for k in [k for k in os.environ if k not in env]:
             del os.environ[k]
         for k, v in env.items():
             if os.environ.get(k) != v:
                 os.environ[k] = v
+        if touched:
+            self.c_environ.sync(os.environ)
+        self.c_environ.mark()
         if cwd:
             os.chdir(cwd)
         # `python -m` puts its starting folder first on sys.path: for a forked or reused runner

@@ -52,6 +52,24 @@ def test_warm_and_cold_runs_give_the_same_results(warm: Gateway, cold: Gateway) 
     assert got_warm[1] == (None, False, False, False, False)  # nothing leaked into cell 2
 
 
+C_ENV_CELLS = [
+    # behind os.environ's back: the C library's environment alone changes
+    "import os\nos.putenv('C_LEAK', 'x')\nos.putenv('HOME', '/nowhere')\nos.unsetenv('PATH')\n"
+    "import subprocess\nsubprocess.run(['/bin/sh', '-c', 'echo ${C_LEAK:-unset} $HOME'],\n"
+    "               capture_output=True, text=True).stdout.split()",
+    "import subprocess\nsubprocess.run(['/bin/sh', '-c', 'echo ${C_LEAK:-unset} $HOME $PATH'],\n"
+    "               capture_output=True, text=True).stdout.split()",
+]
+
+
+def test_a_cell_that_changed_the_c_environment_leaves_the_next_one_clean(
+        warm: Gateway, cold: Gateway) -> None:
+    got_warm, got_cold = _values(warm, C_ENV_CELLS), _values(cold, C_ENV_CELLS)
+    assert got_warm[0] == ["x", "/nowhere"]  # the change was real within its own cell
+    assert got_warm == got_cold
+    assert got_warm[1][0] == "unset" and got_warm[1][1] != "/nowhere" and got_warm[1][2]
+
+
 def _pid(c: GatewayClient, spec: str) -> int:
     return gpu_magic.run("import os\nos.getpid()", spec, {"__name__": "__main__"}, client=c,
                          quiet=True)
