@@ -20,12 +20,15 @@ import ctypes
 import functools
 import gc
 import json
+import logging
 import mmap
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -311,6 +314,53 @@ class _CEnviron:
                 os.putenv(key, value)
 
 
+# The signals a cell may plausibly take over (SIGKILL and SIGSTOP cannot be; the rest keep
+# Python's own handlers unless a cell is unusual indeed).
+_SIGNALS = tuple(getattr(signal, n) for n in (
+    "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM",
+    "SIGCHLD", "SIGPIPE", "SIGWINCH") if hasattr(signal, n))
+_TIMERS = tuple(getattr(signal, n) for n in ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF")
+                if hasattr(signal, n))
+
+
+class _Pristine:
+    """Process-wide settings a cell may change that a fresh runner would not carry into the
+    next cell: warning filters (and which warnings were shown), the root logger's set-up,
+    signal handlers, and timers (an alarm left running would go off in a later cell, or kill
+    the runner while it waits). Taken before the first cell, put back after each."""
+
+    def __init__(self) -> None:
+        self.filters = list(warnings.filters)
+        root = logging.getLogger()
+        self.handlers, self.level = list(root.handlers), root.level
+        self.disable = logging.root.manager.disable
+        self.signals = {s: signal.getsignal(s) for s in _SIGNALS}
+
+    def restore(self) -> None:
+        for timer in _TIMERS:
+            signal.setitimer(timer, 0)
+        for s, handler in self.signals.items():
+            if handler is not None and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)
+        if warnings.filters != self.filters:
+            warnings.filters[:] = self.filters
+        mutated = getattr(warnings, "_filters_mutated", None)
+        if mutated is not None:  # every "once here" registry starts over, as in a new process
+            mutated()
+        root = logging.getLogger()
+        if root.handlers != self.handlers:
+            for h in [h for h in root.handlers if h not in self.handlers]:
+                root.removeHandler(h)
+                h.close()
+            for h in self.handlers:
+                if h not in root.handlers:
+                    root.addHandler(h)
+        if root.level != self.level:
+            root.setLevel(self.level)
+        if logging.root.manager.disable != self.disable:
+            logging.disable(self.disable)
+
+
 def _flush_c_stdio() -> None:
     try:
         _libc().fflush(None)
@@ -517,6 +567,7 @@ class _Session:
         self.shell: Any = None
         self.base_env = dict(os.environ)
         self.c_environ = _CEnviron()
+        self.pristine: _Pristine | None = None  # taken before the first cell
         self.base_path = list(sys.path)
         self.local_mtimes: dict[str, float] = {}
         self.modules_seen = -1  # len(sys.modules) when the user's modules were last noted
@@ -566,7 +617,8 @@ class _Session:
     def _reset(self, manifest: dict[str, Any], cwd: str | None) -> None:
         # What a reused process resets between cells: environment (os.environ and the C
         # library's own), folder, sys.path, random seeds, and local modules edited since they
-        # were imported. Imported packages stay.
+        # were imported (after each cell, _tidy puts back warning filters, logging, signal
+        # handlers and timers). Imported packages stay.
         env = {**self.base_env, **(manifest.get("env") or {})}
         env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         touched = self.c_environ.touched()  # by the last cell, behind os.environ's back?
@@ -604,6 +656,15 @@ class _Session:
                 del self.local_mtimes[name]
                 self.modules_seen = -1  # look again once the cell has imported it anew
 
+    def _tidy(self) -> None:
+        """After a cell, on a runner that takes the next one: settings back as they were."""
+        if self.pristine is None:
+            return
+        try:
+            self.pristine.restore()
+        except Exception:  # what cannot be put back: this runner takes no further cell
+            self.reusable = False
+
     def note_local_modules(self) -> None:
         """Remember the user's own modules, to import them again once edited: the modules that
         the client sends by value (``_payload.is_local``), so never installed packages, even in
@@ -630,6 +691,8 @@ class _Session:
             self._reset(manifest, cwd)
             self.attach_io()
             self.make_shell()
+            if self.pristine is None:
+                self.pristine = _Pristine()
             return self._run(job_dir, manifest)
         except BaseException as exc:  # the runner itself failed: say so instead of dying silently
             self.emitter.emit({
@@ -642,6 +705,7 @@ class _Session:
         finally:
             if self.reusable:  # before "finished": an edit right after the cell must show
                 self.note_local_modules()
+                self._tidy()
             self.emitter.emit({"type": "finished"})
             self.emitter.close()
 
@@ -821,6 +885,8 @@ def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
     os.close(log_fd)
     session.base_env = dict(req["env"])
     session.run(Path(req["job_dir"]), events_fd, req.get("cwd"), req.get("manifest"))
+    if not session.reusable:
+        return
     ctl = socket.socket(fileno=ctl_fd)
     ctl.settimeout(float(req.get("keep_warm", 0)))
     while True:
@@ -833,6 +899,8 @@ def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
         nxt = json.loads(msg)
         session.base_env = dict(nxt["env"])
         session.run(Path(nxt["job_dir"]), more[0], nxt.get("cwd"), nxt.get("manifest"))
+        if not session.reusable:
+            return
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ sys.path and random seeds, and local modules edited since their import are re-im
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,34 @@ def test_a_cell_that_changed_the_c_environment_leaves_the_next_one_clean(
     assert got_warm[0] == ["x", "/nowhere"]  # the change was real within its own cell
     assert got_warm == got_cold
     assert got_warm[1][0] == "unset" and got_warm[1][1] != "/nowhere" and got_warm[1][2]
+
+
+SETTINGS_CELLS = [
+    # process-wide settings a cell may change: a fresh runner starts without them
+    "import logging, signal, warnings\nwarnings.simplefilter('ignore')\n"
+    "logging.basicConfig(level=logging.INFO)\nlogging.disable(logging.CRITICAL)\n"
+    "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+    "signal.setitimer(signal.ITIMER_REAL, 30)  # an alarm that would go off later\n"
+    "(warnings.filters[0][0], len(logging.getLogger().handlers) > 0)",
+    "import logging, signal, warnings\n"
+    "(warnings.filters[0][0] == 'ignore', len(logging.getLogger().handlers),\n"
+    " logging.getLogger().level, logging.root.manager.disable,\n"
+    " signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, signal.getitimer(signal.ITIMER_REAL)[0])",
+]
+
+
+def test_a_cell_that_changed_process_settings_leaves_the_next_one_clean(
+        warm: Gateway, cold: Gateway) -> None:
+    with warm.client() as c:
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        first_pid = gpu_magic.run("import os\nos.getpid()", "H100", ns, client=c, quiet=True)
+        got_warm = [gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True)
+                    for cell in SETTINGS_CELLS]
+        assert _pid(c, "H100") == first_pid  # all of it on one reused runner
+    got_cold = _values(cold, SETTINGS_CELLS)
+    assert got_warm[0] == ("ignore", True)
+    assert got_warm == got_cold
+    assert got_warm[1] == (False, 0, logging.WARNING, 0, True, 0.0)
 
 
 def _pid(c: GatewayClient, spec: str) -> int:
