@@ -73,7 +73,7 @@ class GPUMagics(Magics):
             return self._line(line)
         spec_text, flags = _split(line)
         try:
-            args = parse_argstring(self.gpu, flags)
+            args = self._defaults() if not flags.strip() else parse_argstring(self.gpu, flags)
         except UsageError as exc:
             raise UsageError(f"{exc}\nusage: %%gpu [SPEC] [options]; see %gpu? for the options")
         if args.spec:
@@ -105,6 +105,15 @@ class GPUMagics(Magics):
                 line = f"{type(exc).__name__}: {exc}"
                 exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
             raise
+
+    def _defaults(self) -> Any:
+        """The options of a cell without flags (most cells): argparse's answer, kept (only
+        read below), instead of asking argparse again each time."""
+        if GPUMagics._default_args is None:
+            GPUMagics._default_args = parse_argstring(self.gpu, "")
+        return GPUMagics._default_args
+
+    _default_args: Any = None
 
     def _label(self) -> str:
         # IPython counts the running cell before it runs, so the count already points past it

@@ -244,7 +244,8 @@ def test_a_quick_cell_shows_its_status_once_above_its_output() -> None:
         printing = run("%%gpu H100\nprint('hi')\nx = 1")
         assert [k for k, _ in printing] == ["display_data", "stream", "update_display_data"]
         assert printing[1][1] == "hi\n" and printing[2][1].startswith("[gpu] succeeded")
-        silent = run("%%gpu H100\ny = 2")
+        assert run("%%gpu H100 --quiet\ny = 2") == []  # --quiet: no status at all
+        silent = run("%%gpu H100\ny = 2")  # ... and only for its own cell
         assert [k for k, _ in silent] == ["display_data"], silent
         assert silent[0][1].startswith("[gpu] succeeded")
         failing = run("%%gpu H100\n1 / 0")
