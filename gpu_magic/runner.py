@@ -335,6 +335,13 @@ class _Pristine:
         self.handlers, self.level = list(root.handlers), root.level
         self.disable = logging.root.manager.disable
         self.signals = {s: signal.getsignal(s) for s in _SIGNALS}
+        self.threads = set(threading.enumerate())
+
+    def threads_left(self) -> list[threading.Thread]:
+        """Threads a cell started that still run and would keep the process alive (daemon
+        threads, such as a progress bar's monitor, are a library's own business)."""
+        return [t for t in threading.enumerate()
+                if t not in self.threads and not t.daemon and t.is_alive()]
 
     def restore(self) -> None:
         for timer in _TIMERS:
@@ -664,6 +671,10 @@ class _Session:
             self.pristine.restore()
         except Exception:  # what cannot be put back: this runner takes no further cell
             self.reusable = False
+        if self.pristine.threads_left():
+            # they would print into, and compete with, later cells: a fresh runner would
+            # have ended them with the cell, so this one ends (with them) after this job
+            self.reusable = False
 
     def note_local_modules(self) -> None:
         """Remember the user's own modules, to import them again once edited: the modules that
@@ -706,7 +717,9 @@ class _Session:
             if self.reusable:  # before "finished": an edit right after the cell must show
                 self.note_local_modules()
                 self._tidy()
-            self.emitter.emit({"type": "finished"})
+            # whether this process takes another cell: the gateway must not hand one to a
+            # runner that is about to end
+            self.emitter.emit({"type": "finished", "reusable": self.reusable})
             self.emitter.close()
 
     def _run(self, job_dir: Path, manifest: dict[str, Any]) -> int:

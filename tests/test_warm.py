@@ -99,6 +99,28 @@ def test_a_cell_that_changed_process_settings_leaves_the_next_one_clean(
     assert got_warm[1] == (False, 0, logging.WARNING, 0, True, 0.0)
 
 
+def test_a_thread_a_cell_left_running_ends_with_its_runner(
+        warm: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    # a fresh runner ends a cell's threads with the cell; a reused one must not let them
+    # print into the next cell
+    with warm.client() as c:
+        first = gpu_magic.run(
+            "import os, threading, time\n"
+            "threading.Thread(target=lambda: (time.sleep(1.0), print('late'))).start()\n"
+            "os.getpid()", "H100", {"__name__": "__main__"}, client=c, quiet=True)
+        capsys.readouterr()
+        second = gpu_magic.run("import os, time\ntime.sleep(1.5)\nos.getpid()", "H100",
+                               {"__name__": "__main__"}, client=c, quiet=True)
+        assert "late" not in capsys.readouterr().out
+        assert second != first
+        # a daemon thread (a progress bar's monitor) does not cost the runner its reuse
+        third = gpu_magic.run(
+            "import os, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\nos.getpid()",
+            "H100", {"__name__": "__main__"}, client=c, quiet=True)
+        assert _pid(c, "H100") == third
+
+
 def _pid(c: GatewayClient, spec: str) -> int:
     return gpu_magic.run("import os\nos.getpid()", spec, {"__name__": "__main__"}, client=c,
                          quiet=True)

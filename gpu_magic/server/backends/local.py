@@ -76,6 +76,7 @@ class _RunnerOutput:
     def __init__(self, run: RunSpec, on_event: EventCallback) -> None:
         self.run, self.on_event = run, on_event
         self.finished = self.clean = False
+        self.reusable = True  # the runner's word in its "finished" event
 
     def line(self, line: bytes) -> None:
         try:
@@ -86,6 +87,7 @@ class _RunnerOutput:
             return
         if event["type"] == "finished":
             self.finished = True
+            self.reusable = event.get("reusable") is not False
             return
         self.clean = self.clean or event["type"] in ("result", "error")
         self.on_event(self.run.job_id, self.run.attempt, event)
@@ -258,7 +260,7 @@ class LocalBackend:
         if handle.worker is not None and state.finished and not handle.cancelled:
             # the job ended and the worker lives on: keep it warm if it ended cleanly
             assert self.warm is not None
-            self.warm.finished(handle.worker, reusable=state.clean)
+            self.warm.finished(handle.worker, reusable=state.clean and state.reusable)
             rc: int | None = 0
         else:
             rc = handle.wait(timeout=30.0)
