@@ -665,6 +665,10 @@ class Gateway:
             job.adopting.add_done_callback(
                 lambda _: self._runner_exit(job_id, attempt, rc, tail))
             return
+        if self.closing and job.outcome is None and job.stop_reason is None:
+            # its runner was stopped with the gateway: the job stays as it was, and a restart
+            # says the gateway restarted under it (not that its runner died of our SIGTERM)
+            return
         if job.timer is not None:
             job.timer.cancel()
         self.running.pop(job.id, None)
