@@ -277,6 +277,8 @@ class _CEnviron:
         self._at, self._table = -1, b""
 
     def _entries(self) -> list[int]:
+        if not self._var.value:  # clearenv() leaves no table at all
+            return []
         table = ctypes.cast(self._var.value, ctypes.POINTER(ctypes.c_void_p))
         entries = []
         while table[len(entries)]:
@@ -299,7 +301,7 @@ class _CEnviron:
 
     def sync(self, env: Any) -> None:
         """Make the C environment hold exactly ``env`` (a str mapping: ``os.environ``)."""
-        if self._var is None or not self._var.value:
+        if self._var is None:
             return
         have: dict[bytes, bytes] = {}
         for entry in self._entries():
@@ -321,27 +323,34 @@ _SIGNALS = tuple(getattr(signal, n) for n in (
     "SIGCHLD", "SIGPIPE", "SIGWINCH") if hasattr(signal, n))
 _TIMERS = tuple(getattr(signal, n) for n in ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF")
                 if hasattr(signal, n))
+_HAS_MASK = hasattr(signal, "pthread_sigmask")
 
 
 class _Pristine:
     """Process-wide settings a cell may change that a fresh runner would not carry into the
-    next cell: warning filters (and which warnings were shown), the root logger's set-up,
-    signal handlers, and timers (an alarm left running would go off in a later cell, or kill
-    the runner while it waits). Taken before the first cell, put back after each."""
+    next cell: which warnings were shown and how they are shown, the root logger's set-up,
+    signal handlers, the signal mask, and timers (an alarm left running would go off in a
+    later cell, or kill the runner while it waits). Taken before the first cell, put back
+    after each. Warning filters are not: packages add their own when imported, and stay
+    imported."""
 
     def __init__(self) -> None:
-        self.filters = list(warnings.filters)
+        self.showwarning = warnings.showwarning
         root = logging.getLogger()
         self.handlers, self.level = list(root.handlers), root.level
         self.disable = logging.root.manager.disable
         self.signals = {s: signal.getsignal(s) for s in _SIGNALS}
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, []) if _HAS_MASK else None
         self.threads = set(threading.enumerate())
 
     def threads_left(self) -> list[threading.Thread]:
-        """Threads a cell started that still run and would keep the process alive (daemon
-        threads, such as a progress bar's monitor, are a library's own business)."""
+        """Threads a cell started that still run and would keep the process alive. Daemon
+        threads (a progress bar's monitor) and the workers of thread pools (idle between
+        tasks: asyncio.to_thread's, an executor never shut down) are a library's business."""
         return [t for t in threading.enumerate()
-                if t not in self.threads and not t.daemon and t.is_alive()]
+                if t not in self.threads and not t.daemon and t.is_alive()
+                and getattr(getattr(t, "_target", None), "__module__", "")
+                != "concurrent.futures.thread"]
 
     def restore(self) -> None:
         for timer in _TIMERS:
@@ -349,8 +358,11 @@ class _Pristine:
         for s, handler in self.signals.items():
             if handler is not None and signal.getsignal(s) is not handler:
                 signal.signal(s, handler)
-        if warnings.filters != self.filters:
-            warnings.filters[:] = self.filters
+        if self.mask is not None and signal.pthread_sigmask(signal.SIG_BLOCK, []) != self.mask:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        if warnings.showwarning is not self.showwarning:  # logging.captureWarnings(True)
+            logging.captureWarnings(False)
+            warnings.showwarning = self.showwarning
         mutated = getattr(warnings, "_filters_mutated", None)
         if mutated is not None:  # every "once here" registry starts over, as in a new process
             mutated()
@@ -624,8 +636,8 @@ class _Session:
     def _reset(self, manifest: dict[str, Any], cwd: str | None) -> None:
         # What a reused process resets between cells: environment (os.environ and the C
         # library's own), folder, sys.path, random seeds, and local modules edited since they
-        # were imported (after each cell, _tidy puts back warning filters, logging, signal
-        # handlers and timers). Imported packages stay.
+        # were imported (after each cell, _tidy puts back how warnings show, logging, signal
+        # handlers, mask and timers). Imported packages stay.
         env = {**self.base_env, **(manifest.get("env") or {})}
         env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         touched = self.c_environ.touched()  # by the last cell, behind os.environ's back?

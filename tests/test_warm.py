@@ -73,15 +73,22 @@ def test_a_cell_that_changed_the_c_environment_leaves_the_next_one_clean(
 
 SETTINGS_CELLS = [
     # process-wide settings a cell may change: a fresh runner starts without them
-    "import logging, signal, warnings\nwarnings.simplefilter('ignore')\n"
+    "import logging, signal, warnings\nlogging.captureWarnings(True)\n"
     "logging.basicConfig(level=logging.INFO)\nlogging.disable(logging.CRITICAL)\n"
     "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
     "signal.setitimer(signal.ITIMER_REAL, 30)  # an alarm that would go off later\n"
-    "(warnings.filters[0][0], len(logging.getLogger().handlers) > 0)",
+    "len(logging.getLogger().handlers) > 0",
     "import logging, signal, warnings\n"
-    "(warnings.filters[0][0] == 'ignore', len(logging.getLogger().handlers),\n"
+    "(warnings.showwarning.__module__, len(logging.getLogger().handlers),\n"
     " logging.getLogger().level, logging.root.manager.disable,\n"
-    " signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, signal.getitimer(signal.ITIMER_REAL)[0])",
+    " signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL,\n"
+    " sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])), signal.getitimer(signal.ITIMER_REAL)[0])",
+    # a package's own warning filters, added when it is imported, stay with it
+    "import warnings\nimport numpy as np\nwith warnings.catch_warnings(record=True) as w:\n"
+    "    for _ in range(3):\n        np.polyfit([1, 1, 1], [1, 2, 3], 2)\nlen(w)",
+    "import warnings\nimport numpy as np\nwith warnings.catch_warnings(record=True) as w:\n"
+    "    for _ in range(3):\n        np.polyfit([1, 1, 1], [1, 2, 3], 2)\nlen(w)",
 ]
 
 
@@ -94,9 +101,10 @@ def test_a_cell_that_changed_process_settings_leaves_the_next_one_clean(
                     for cell in SETTINGS_CELLS]
         assert _pid(c, "H100") == first_pid  # all of it on one reused runner
     got_cold = _values(cold, SETTINGS_CELLS)
-    assert got_warm[0] == ("ignore", True)
+    assert got_warm[0] is True
     assert got_warm == got_cold
-    assert got_warm[1] == (False, 0, logging.WARNING, 0, True, 0.0)
+    assert got_warm[1] == ("warnings", 0, logging.WARNING, 0, True, [], 0.0)
+    assert got_warm[2] == got_warm[3] == 3  # numpy's 'always' filter for RankWarning holds
 
 
 def test_a_thread_a_cell_left_running_ends_with_its_runner(
@@ -113,10 +121,13 @@ def test_a_thread_a_cell_left_running_ends_with_its_runner(
                                {"__name__": "__main__"}, client=c, quiet=True)
         assert "late" not in capsys.readouterr().out
         assert second != first
-        # a daemon thread (a progress bar's monitor) does not cost the runner its reuse
+        # a daemon thread (a progress bar's monitor) and a thread pool's idle workers do not
+        # cost the runner its reuse
         third = gpu_magic.run(
-            "import os, threading, time\n"
-            "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\nos.getpid()",
+            "import asyncio, concurrent.futures, os, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+            "await asyncio.to_thread(abs, -1)\n"
+            "concurrent.futures.ThreadPoolExecutor(2).submit(abs, -1).result()\nos.getpid()",
             "H100", {"__name__": "__main__"}, client=c, quiet=True)
         assert _pid(c, "H100") == third
 
@@ -183,3 +194,24 @@ def test_a_dead_spare_runner_is_replaced_and_the_job_ends(tmp_path: Path) -> Non
                                  quiet=True, timeout=30) == 42
     finally:
         gw.stop()
+
+
+def test_the_c_environment_comes_back_after_clearenv() -> None:
+    # clearenv() leaves no table at all: the next reset must still put every variable back
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, os\n"
+        "from gpu_magic.runner import _CEnviron\n"
+        "c = _CEnviron(); c.mark()\n"
+        "libc = ctypes.CDLL(None); libc.getenv.restype = ctypes.c_char_p\n"
+        "libc.clearenv()\n"
+        "assert c.touched() and libc.getenv(b'PATH') is None\n"
+        "c.mark()  # nothing to copy: no table\n"
+        "c.sync(os.environ); c.mark()\n"
+        "print(libc.getenv(b'PATH') == os.environ['PATH'].encode(), c.touched())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
