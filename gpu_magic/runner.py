@@ -694,8 +694,11 @@ class _Session:
         a virtual environment inside the notebook's folder, nor gpu_magic itself."""
         if len(sys.modules) == self.modules_seen:
             return  # nothing imported since the last look
+        try:
+            here = Path.cwd().resolve()
+        except OSError:  # the cell removed the folder it was in: look next time
+            return
         self.modules_seen = len(sys.modules)
-        here = Path.cwd().resolve()
         for name, mod in list(sys.modules.items()):
             file = getattr(mod, "__file__", None)
             if not file or name in self.local_mtimes or not _payload.is_local(here, name, file):

@@ -215,3 +215,12 @@ def test_the_c_environment_comes_back_after_clearenv() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_a_cell_that_removes_its_own_folder_keeps_its_runner(warm: Gateway) -> None:
+    cell = ("import colorsys, os, tempfile  # a module this runner has not imported yet\n"
+            "d = tempfile.mkdtemp()\nos.chdir(d)\nos.rmdir(d)\nos.getpid()")
+    with warm.client() as c:
+        pid = gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True)
+        assert _pid(c, "H100") == pid
+
