@@ -50,13 +50,8 @@ def get_into(url: httpx.URL, headers: dict[str, str], *, timeout: float,
              ) -> tuple[int, dict[str, str], bytes | bytearray] | None:
     """GET ``url``: (status, headers, body), where a 200 body is one bytearray received in
     place. None if the answer is not one this reader handles (nothing of it used)."""
-    port = url.port or (443 if url.scheme == "https" else 80)
-    sock = socket.create_connection((url.host, port), timeout=connect_timeout or timeout)
+    sock = _connect(url, timeout, connect_timeout or timeout, context)
     try:
-        sock.settimeout(timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if url.scheme == "https":
-            sock = context.wrap_socket(sock, server_hostname=url.host)
         host = url.netloc.decode("ascii")
         lines = [f"GET {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {host}",
                  f"User-Agent: gpu-magic/{__version__}", "Accept-Encoding: identity",
@@ -92,6 +87,22 @@ def get_into(url: httpx.URL, headers: dict[str, str], *, timeout: float,
         return status, fields, buf
     finally:
         sock.close()
+
+
+def _connect(url: httpx.URL, timeout: float, connect_timeout: float,
+             context: ssl.SSLContext) -> socket.socket:
+    """A connection to ``url``'s host, as httpx would make it (TLS for https)."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    sock = socket.create_connection((url.host, port), timeout=connect_timeout)
+    try:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if url.scheme == "https":
+            sock = context.wrap_socket(sock, server_hostname=url.host)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _parse_head(head: bytes) -> tuple[int | None, dict[str, Any]]:
@@ -179,21 +190,11 @@ class Exchange:
 
     def _connect(self) -> None:
         self.drop()
-        u = self.url
         try:
-            sock = socket.create_connection((u.host, u.port or (443 if u.scheme == "https" else 80)),
-                                            timeout=self.connect_timeout)
+            sock = _connect(self.url, self.timeout, self.connect_timeout, self.context)
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(str(exc)) from None
         except OSError as exc:
-            raise httpx.ConnectError(str(exc)) from None
-        try:
-            sock.settimeout(self.timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if u.scheme == "https":
-                sock = self.context.wrap_socket(sock, server_hostname=u.host)
-        except OSError as exc:
-            sock.close()
             raise httpx.ConnectError(str(exc)) from None
         self._sock, self._pid, self._buf = sock, os.getpid(), bytearray()
 

@@ -24,6 +24,11 @@ FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expire
 SHOW_AFTER_S = 0.1
 
 
+def display_due(state: JobState, shown_at: float, now: float, force: bool = False) -> bool:
+    """Whether a status shown but not displayed yet (``SHOW_AFTER_S``) is to be displayed."""
+    return force or bool(state.cancel) or now - shown_at >= SHOW_AFTER_S
+
+
 class JobState:
     """The facts about one job the views show, folded from its events. Pure."""
 
@@ -366,19 +371,24 @@ class TextView(NullView):
             self._handle = display(self._bundle(), raw=True, display_id=True)
 
     def tick(self) -> None:
-        if self._shown_at is not None and time.monotonic() - self._shown_at >= SHOW_AFTER_S:
+        if self._shown_at is not None and display_due(self.state, self._shown_at,
+                                                      time.monotonic()):
             self._display_pending()
 
     def refresh(self, force: bool = False) -> None:
-        if self._shown_at is not None and (force or self.state.cancel
-                                           or time.monotonic() - self._shown_at >= SHOW_AFTER_S):
-            self._display_pending()
+        if self._shown_at is not None:
+            if display_due(self.state, self._shown_at, time.monotonic(), force):
+                self._display_pending()
             return
         if self._handle is None:
             return
-        if self._key() != self._last or (
-                force and bundle(self.state, time.monotonic()).get("text/plain") != self._text):
+        if self._key() != self._last:
             self._handle.update(self._bundle(), raw=True)
+        elif force:  # the end: only if it says something new (a terminal prints it anew)
+            data = bundle(self.state, time.monotonic())
+            if data.get("text/plain") != self._text:
+                self._text = data.get("text/plain", "")
+                self._handle.update(data, raw=True)
 
     def finish(self) -> None:
         self.refresh(force=True)

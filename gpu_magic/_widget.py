@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._view import SHOW_AFTER_S, JobState, NullView, bundle, render_html
+from ._view import JobState, NullView, bundle, display_due, render_html
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # A foreground job that ends before this shows only a compact summary, never a widget.
@@ -168,7 +168,7 @@ class WidgetView(NullView):
         with self._lock:
             now = time.monotonic()
             if self._pending:
-                if force or self.state.cancel or now - self._shown_at >= SHOW_AFTER_S:
+                if display_due(self.state, self._shown_at, now, force):
                     self._display_pending(now)  # as it is now: nothing more to send
                 return
             if self._handle is None or self._finished:

@@ -911,24 +911,20 @@ def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
         os.dup2(log_fd, 1)  # anything before output capture starts lands in runner.log
         os.dup2(log_fd, 2)
     os.close(log_fd)
-    session.base_env = dict(req["env"])
-    session.run(Path(req["job_dir"]), events_fd, req.get("cwd"), req.get("manifest"))
-    if not session.reusable:
-        return
     ctl = socket.socket(fileno=ctl_fd)
     ctl.settimeout(float(req.get("keep_warm", 0)))
     while True:
+        session.base_env = dict(req["env"])
+        session.run(Path(req["job_dir"]), events_fd, req.get("cwd"), req.get("manifest"))
+        if not session.reusable:
+            return
         try:
             msg, more, _flags, _addr = socket.recv_fds(ctl, 65536, 4)
         except (TimeoutError, OSError):
             return
         if not msg or not more:
             return
-        nxt = json.loads(msg)
-        session.base_env = dict(nxt["env"])
-        session.run(Path(nxt["job_dir"]), more[0], nxt.get("cwd"), nxt.get("manifest"))
-        if not session.reusable:
-            return
+        req, events_fd = json.loads(msg), more[0]
 
 
 if __name__ == "__main__":

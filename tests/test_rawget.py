@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -73,30 +73,40 @@ def test_a_cut_download_is_an_error_not_a_short_result(gateway: Gateway) -> None
         proxy.close()
 
 
-@pytest.fixture
-def chunked_server() -> Iterator[tuple[str, bytes]]:
-    """A server that answers every GET with a chunked body (no length): the plain reader must
-    leave it to httpx."""
-    body = secrets.token_bytes(100_000)
+def _serve(handle: Callable[[socket.socket], None]) -> socket.socket:
+    """A loopback server handing each connection to ``handle`` on a thread of its own."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
 
-    def serve() -> None:
+    def accept() -> None:
         while True:
             try:
                 conn, _ = srv.accept()
             except OSError:
                 return
-            with conn:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
-                             b"Connection: close\r\n\r\n"
-                             + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=serve, daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return srv
+
+
+@pytest.fixture
+def chunked_server() -> Iterator[tuple[str, bytes]]:
+    """A server that answers every GET with a chunked body (no length): the plain reader must
+    leave it to httpx."""
+    body = secrets.token_bytes(100_000)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                         b"Connection: close\r\n\r\n"
+                         + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+
+    srv = _serve(answer)
     yield f"http://127.0.0.1:{srv.getsockname()[1]}", body
     srv.close()
 
@@ -211,29 +221,18 @@ def test_a_submit_through_a_configured_proxy_goes_through_it(
 def silent_server() -> Iterator[tuple[str, list[bytes]]]:
     """A server that reads requests and never answers (a gateway hung mid-submit): its URL
     and the request heads it has read."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
     heads: list[bytes] = []
     conns: list[socket.socket] = []
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            conns.append(conn)
-            threading.Thread(target=read, args=(conn,), daemon=True).start()
-
     def read(conn: socket.socket) -> None:
+        conns.append(conn)
         try:
             while data := conn.recv(65536):
                 heads.extend(line for line in data.split(b"\r\n") if line.startswith(b"POST "))
         except OSError:
             pass
 
-    threading.Thread(target=serve, daemon=True).start()
+    srv = _serve(read)
     yield f"http://127.0.0.1:{srv.getsockname()[1]}", heads
     srv.close()
     for c in conns:

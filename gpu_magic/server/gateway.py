@@ -83,6 +83,12 @@ class Job:
     def final(self) -> bool:
         return self.state in FINAL_STATES
 
+    @property
+    def stoppable(self) -> bool:
+        """Whether a cancel or a timeout may still stop its runner: one runs, nobody has
+        stopped it yet, and the cell has not ended (its results are not being stored)."""
+        return self.handle is not None and self.stop_reason is None and self.adopting is None
+
     def record(self) -> dict[str, Any]:
         req = self.request
         return {
@@ -220,7 +226,7 @@ class Gateway:
         if job.state == "queued":
             self._dequeue(job)
             self._finish(job, "cancelled")
-        elif job.handle is not None and job.stop_reason is None and job.adopting is None:
+        elif job.stoppable:
             job.stop_reason = "cancelled"
             job.notices.append(why)
             self.backend.cancel(job.handle)
@@ -434,7 +440,7 @@ class Gateway:
             self._dequeue(job)
             job.message = "cancelled while queued; nothing ran"
             self._finish(job, "cancelled")
-        elif job.handle is not None and job.stop_reason is None and job.adopting is None:
+        elif job.stoppable:
             job.stop_reason = "cancelled"
             self.backend.cancel(job.handle)
         return job
@@ -578,9 +584,9 @@ class Gateway:
 
     def _timed_out(self, job_id: str, attempt: int) -> None:
         job = self.jobs.get(job_id)
-        if job is None or job.state != "running" or job.attempt != attempt or job.handle is None:
+        if job is None or job.state != "running" or job.attempt != attempt:
             return
-        if job.stop_reason is None and job.adopting is None:
+        if job.stoppable:
             job.stop_reason = "timed_out"
             self.backend.cancel(job.handle)
 
