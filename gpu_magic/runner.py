@@ -45,6 +45,9 @@ class _Emitter:
     def __init__(self, fd: int | None = None) -> None:
         self._f: Any = None
         self._lock = threading.Lock()
+        # from the release of a cell's objects to the next job: what finalizers print is no
+        # cell's output (a fresh runner ends without running them)
+        self.muted = False
         if fd is not None:
             self.retarget(fd)
 
@@ -52,6 +55,7 @@ class _Emitter:
         os.set_inheritable(fd, False)  # a subprocess of the cell must not hold the pipe open
         with self._lock:
             self._f = os.fdopen(fd, "wb", buffering=0)
+            self.muted = False
 
     def close(self) -> None:
         with self._lock:
@@ -59,10 +63,10 @@ class _Emitter:
                 self._f.close()
                 self._f = None
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: dict[str, Any], always: bool = False) -> None:
         line = json.dumps(event, default=_json_default).encode() + b"\n"
         with self._lock:
-            if self._f is not None:
+            if self._f is not None and (always or not self.muted):
                 self._f.write(line)
 
 
@@ -380,6 +384,13 @@ class _Pristine:
             logging.disable(self.disable)
 
 
+RELEASE_S = 10.0  # finalizers of a cell's objects that take longer cost the runner its reuse
+
+
+class _Late(Exception):
+    """Raised into a finalizer that blocks the release of a cell's objects."""
+
+
 def _flush_c_stdio() -> None:
     try:
         _libc().fflush(None)
@@ -591,6 +602,7 @@ class _Session:
         self.local_mtimes: dict[str, float] = {}
         self.modules_seen = -1  # len(sys.modules) when the user's modules were last noted
         self.reusable = True  # False: one job, then the process ends (nothing to reload)
+        self.releasing = False  # letting go of a cell's objects (_release)
 
     def make_shell(self) -> None:
         if self.shell is None:
@@ -708,6 +720,51 @@ class _Session:
             except OSError:
                 pass
 
+    def _release(self) -> None:
+        """After a cell, on a runner that takes the next one: let go of everything the cell
+        made, as a fresh runner's end would. Its namespace held the cell's arrays and tensors
+        (GPU memory too) until the next cell, and for good when a function the cell defined
+        tied it into a cycle: a cell run twice needed its memory twice, where a fresh runner
+        needs it once.
+
+        What finalizers print goes nowhere (a fresh runner ends without running them). One
+        that blocks is interrupted after ``RELEASE_S``, and the runner takes no further cell:
+        what it left behind is not known."""
+        shell = self.shell
+        if shell is None:
+            return
+        start = time.monotonic()
+        self.releasing = True
+        previous = signal.signal(signal.SIGALRM, self._late)
+        # repeating: each tick frees one stuck finalizer (the exception ends only that one)
+        signal.setitimer(signal.ITIMER_REAL, RELEASE_S, 0.5)
+        self.emitter.muted = True  # until the next job: the cell's own output is all sent
+        try:
+            # dropped, not cleared: a finalizer still finds the globals it runs with (the
+            # collection below breaks the cycles through the cell's functions)
+            shell.init_create_namespaces(None, {"__name__": "__main__"})
+            shell.last_execution_result = None  # the last value, or the error and its frames
+            shell.displayhook.exec_result = None
+            for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+                with contextlib.suppress(AttributeError):
+                    delattr(sys, name)
+            gc.collect()
+            # what is left belongs to imported packages: later collections skip it, so one
+            # after each cell costs what the cell made, not all of torch (90 ms here)
+            gc.freeze()
+        except _Late:
+            pass
+        finally:
+            self.releasing = False  # a tick still on its way does nothing
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        if time.monotonic() - start >= RELEASE_S:
+            self.reusable = False
+
+    def _late(self, *_a: Any) -> None:
+        if self.releasing:
+            raise _Late
+
     def run(self, job_dir: Path, events_fd: int, cwd: str | None = None,
             manifest: dict[str, Any] | None = None) -> int:
         self.emitter.retarget(events_fd)
@@ -732,10 +789,16 @@ class _Session:
             if self.reusable:  # before "finished": an edit right after the cell must show
                 self.note_local_modules()
                 self._tidy()
+            if self.reusable:  # before "finished" too: the cell's memory is free when it ends
+                self._release()
             # whether this process takes another cell: the gateway must not hand one to a
             # runner that is about to end
-            self.emitter.emit({"type": "finished", "reusable": self.reusable})
+            self.emitter.emit({"type": "finished", "reusable": self.reusable}, always=True)
             self.emitter.close()
+            if self.emitter.muted and self.reusable:
+                # what finalizers printed may still be in the pipes: drained now, into no job
+                # (the job has ended: this costs its cell nothing), not into the next one
+                self.sync()
 
     def _run(self, job_dir: Path, manifest: dict[str, Any]) -> int:
         emitter, shell = self.emitter, self.shell

@@ -57,3 +57,21 @@ def test_torch_cell_runs_on_cuda_and_tensors_come_back_on_cpu(
                   "any", ns, client=client)
     assert ns["t"].device.type == "cpu" and float(ns["t"].sum()) == 2000.0
     assert "came back on the CPU" in capsys.readouterr().err
+
+
+def test_a_cell_run_again_on_a_warm_runner_has_its_gpu_memory_again(
+        real_gateway: Gateway) -> None:
+    # A warm runner used to keep a cell's tensors until the next cell (for good, once a
+    # function of the cell referred to them): the second run of a cell that takes 60% of
+    # the GPU ran out of memory where a fresh runner would not.
+    pytest.importorskip("torch")
+    client = real_gateway.client()
+    cell = ("import os, torch\n_, total = torch.cuda.mem_get_info()\n"
+            "big = torch.empty(int(total * 0.6), dtype=torch.uint8, device='cuda')\n"
+            "def keep():\n    return big\npid = os.getpid()")
+    pids = []
+    for _ in range(3):
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        gpu_magic.run(cell, "any", ns, client=client, quiet=True, return_names=["pid"])
+        pids.append(ns["pid"])
+    assert len(set(pids)) == 1  # all three on one warm runner

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,56 @@ def test_a_thread_a_cell_left_running_ends_with_its_runner(
             "concurrent.futures.ThreadPoolExecutor(2).submit(abs, -1).result()\nos.getpid()",
             "H100", {"__name__": "__main__"}, client=c, quiet=True)
         assert _pid(c, "H100") == third
+
+
+HELD = (
+    "import os\n"
+    "class Held:\n"
+    "    def __init__(self):\n"
+    "        self.pid = os.getpid()\n"
+    "    def __del__(self):\n"
+    "        if __import__('os').getpid() == self.pid:  # the runner's, not a copy sent back\n"
+    "            print('finalized')\n"
+    "            __import__('os').write(2, b'finalized at the fd\\n')\n"
+    "            with open(MARK, 'w') as f:\n"
+    "                f.write('released')\n"
+    "held = Held()\n")
+
+
+@pytest.mark.parametrize("tail", [
+    "",  # a name the cell assigned
+    "held",  # the value of its last expression
+    "held.me = held",  # a cycle of its own
+    "def keep():\n    return held",  # a function: it ties the namespace into a cycle
+    "raise ValueError('after')",  # an error: its frames hold what the cell made
+], ids=["name", "value", "cycle", "function", "error"])
+def test_what_a_cell_made_is_released_when_it_ends(
+        warm: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], tail: str) -> None:
+    # A cell's arrays and tensors (GPU memory too) must be free once it ends, as a fresh
+    # runner's are: kept until the next cell, a cell run twice needed its memory twice.
+    mark = tmp_path / "released"
+    with warm.client() as c:
+        before = _pid(c, "H100")
+        try:
+            gpu_magic.run(HELD + tail, "H100", {"__name__": "__main__", "MARK": str(mark)},
+                          client=c, quiet=True, return_names=[])
+        except ValueError:
+            assert "raise" in tail
+        assert mark.exists()  # as the cell ended, not at some later collection
+        assert _pid(c, "H100") == before  # and the runner stays warm
+    # a fresh runner ends without running finalizers: what they print is not the cell's
+    assert "finalized" not in "".join(capsys.readouterr())
+
+
+def test_a_finalizer_that_blocks_costs_the_runner_its_reuse_not_the_cell(warm: Gateway) -> None:
+    with warm.client() as c:
+        start = time.monotonic()
+        first = gpu_magic.run(
+            "import os, time\nclass Stuck:\n    def __del__(self):\n        time.sleep(300)\n"
+            "stuck = Stuck()\nos.getpid()", "H100", {"__name__": "__main__"}, client=c,
+            quiet=True, return_names=[])
+        assert time.monotonic() - start < 120  # interrupted after RELEASE_S, not hung
+        assert _pid(c, "H100") != first  # what it left behind is unknown: a fresh runner
 
 
 def _pid(c: GatewayClient, spec: str) -> int:
