@@ -23,6 +23,7 @@ import json
 import logging
 import mmap
 import os
+import resource
 import signal
 import sys
 import threading
@@ -330,15 +331,28 @@ _TIMERS = tuple(getattr(signal, n) for n in ("ITIMER_REAL", "ITIMER_VIRTUAL", "I
 _HAS_MASK = hasattr(signal, "pthread_sigmask")
 
 
+_RLIMITS = tuple(getattr(resource, n) for n in (
+    "RLIMIT_NOFILE", "RLIMIT_STACK", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_CORE", "RLIMIT_CPU",
+    "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_MEMLOCK") if hasattr(resource, n))
+
 class _Pristine:
     """Process-wide settings a cell may change that a fresh runner would not carry into the
     next cell: which warnings were shown and how they are shown, the root logger's set-up,
     signal handlers, the signal mask, and timers (an alarm left running would go off in a
-    later cell, or kill the runner while it waits). Taken before the first cell, put back
-    after each. Warning filters are not: packages add their own when imported, and stay
-    imported."""
+    later cell, or kill the runner while it waits); sys.stdout and friends, the interpreter's
+    hooks, tracer and recursion limit, builtins, umask and resource limits. Taken before the
+    first cell, put back after each (a limit a cell lowered for good cannot be: that runner
+    takes no further cell). Warning filters are not: packages add their own when imported,
+    and stay imported."""
 
     def __init__(self) -> None:
+        self.streams = (sys.stdout, sys.stderr, sys.stdin)
+        self.hooks = (sys.excepthook, sys.displayhook, sys.breakpointhook, sys.unraisablehook)
+        self.tracing = (sys.gettrace(), sys.getprofile(), sys.getrecursionlimit())
+        self.builtins = dict(vars(builtins))
+        self.umask = os.umask(0o077)
+        os.umask(self.umask)
+        self.rlimits = {r: resource.getrlimit(r) for r in _RLIMITS}
         self.showwarning = warnings.showwarning
         root = logging.getLogger()
         self.handlers, self.level = list(root.handlers), root.level
@@ -357,6 +371,30 @@ class _Pristine:
                 != "concurrent.futures.thread"]
 
     def restore(self) -> None:
+        # a cell that set sys.stdout aside, or replaced print, silenced every later cell
+        sys.stdout, sys.stderr, sys.stdin = self.streams
+        (sys.excepthook, sys.displayhook, sys.breakpointhook,
+         sys.unraisablehook) = self.hooks
+        trace, profile, limit = self.tracing
+        if sys.gettrace() is not trace:
+            sys.settrace(trace)
+        if sys.getprofile() is not profile:
+            sys.setprofile(profile)
+        if sys.getrecursionlimit() != limit:
+            sys.setrecursionlimit(limit)
+        now = vars(builtins)
+        try:  # values that are the same objects compare equal without being asked
+            same = now == self.builtins
+        except Exception:  # a value a cell put there may compare in any way it likes
+            same = False
+        if not same:
+            for k in [k for k in now if k not in self.builtins]:
+                del now[k]
+            now.update(self.builtins)
+        os.umask(self.umask)
+        for r, limits in self.rlimits.items():
+            if resource.getrlimit(r) != limits:
+                resource.setrlimit(r, limits)  # fails if the cell lowered a hard limit
         for timer in _TIMERS:
             signal.setitimer(timer, 0)
         for s, handler in self.signals.items():
@@ -673,6 +711,9 @@ class _Session:
         np = sys.modules.get("numpy")
         if np is not None:
             np.random.seed()
+        torch = sys.modules.get("torch")
+        if torch is not None and hasattr(torch, "seed"):
+            torch.seed()  # CUDA's generators too, lazily: this starts no CUDA context
         for name in list(self.local_mtimes):  # the user's few modules, not all of sys.modules
             file = getattr(sys.modules.get(name), "__file__", None)
             if not file:

@@ -108,6 +108,38 @@ def test_a_cell_that_changed_process_settings_leaves_the_next_one_clean(
     assert got_warm[2] == got_warm[3] == 3  # numpy's 'always' filter for RankWarning holds
 
 
+INTERPRETER_CELLS = [
+    # the interpreter's own settings: a fresh runner starts with none of these
+    "import builtins, io, os, resource, sys, torch\n"
+    "sys.stdout = io.StringIO()\nsys.excepthook = None\nbuiltins.print = lambda *a, **k: None\n"
+    "builtins.leaked = 1\nsys.setrecursionlimit(54321)\nos.umask(0o000)\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+    "torch.manual_seed(0)\nTrue",
+    "import builtins, os, resource, sys, torch\nprint('still printed')\n"
+    "first = torch.rand(1).item()\ntorch.manual_seed(0)\n"
+    "mask = os.umask(0o022)\nos.umask(mask)\n"
+    "(hasattr(builtins, 'leaked'), sys.getrecursionlimit(), mask,\n"
+    " sys.excepthook is not None, resource.getrlimit(resource.RLIMIT_NOFILE),\n"
+    " first == torch.rand(1).item())",
+]
+
+
+def test_a_cell_that_changed_interpreter_settings_leaves_the_next_one_clean(
+        warm: Gateway, cold: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    with warm.client() as c:
+        first_pid = _pid(c, "H100")
+        capsys.readouterr()
+        got_warm = [gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True)
+                    for cell in INTERPRETER_CELLS]
+        assert capsys.readouterr().out == "still printed\n"
+        assert _pid(c, "H100") == first_pid  # all of it on one reused runner
+    got_cold = _values(cold, INTERPRETER_CELLS)
+    assert got_warm == got_cold
+    leaked, limit, _mask, has_hook, files, seeded = got_warm[1]
+    assert not leaked and limit != 54321 and has_hook and not seeded
+    assert files[0] != 64  # the soft limit back to what it was
+
+
 def test_a_thread_a_cell_left_running_ends_with_its_runner(
         warm: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
     # a fresh runner ends a cell's threads with the cell; a reused one must not let them
