@@ -497,9 +497,10 @@ def submit(
     analysis = analyze_cell(source)
     values = select_inputs(analysis.inputs, namespace, hidden)
     local_dir = Path.cwd()
-    packed = _payload.pack_inputs(values, namespace, local_dir)
     if opts.dry_run:
-        return _dry_run(values, packed, gspec, get_client, local_dir, namespace)
+        # before packing: the report lists every input that cannot be sent, not the first
+        return _dry_run(values, gspec, get_client, local_dir, namespace)
+    packed = _payload.pack_inputs(values, namespace, local_dir)
     cl = get_client()
     if box is not None:
         box["client"] = cl
@@ -688,50 +689,79 @@ def attach(job_id: str, namespace: dict[str, Any] | None = None, *, quiet: bool 
         job.view.finish()
 
 
-def _dry_run(values: dict[str, Any], packed: _payload.Packed, spec: GpuSpec,
-             get_client: Callable[[], GatewayClient], local_dir: Path,
-             namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The pre-flight report: every input, its type, size and how it travels."""
+def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], GatewayClient],
+             local_dir: Path, namespace: Mapping[str, Any]) -> DryRunReport:
+    """The pre-flight report: every input, its type, size and how it travels, and for each
+    one that cannot be sent the attribute path to the object at fault. Sends nothing."""
+    rows: list[dict[str, Any]] = []
+    sendable: dict[str, Any] = {}
+    singles: dict[str, _payload.Packed] = {}
+    for name, value in values.items():
+        row: dict[str, Any] = {"name": name, "type": type(value).__qualname__}
+        try:
+            singles[name], _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir)
+        except Exception:
+            path, culprit = _payload.find_unpicklable(value, name)
+            what, fix = _payload.describe(culprit)
+            row.update(bytes=None, travels="cannot be sent", path=path,
+                       problem=f"{path}: {what}; {fix}")
+        else:
+            sendable[name] = value
+            row.update(bytes=singles[name].nbytes, travels=_payload.travel_mode(value, local_dir))
+        rows.append(row)
+    together: str | None = None
+    blobs: dict[str, memoryview] = {}
+    total = 0
+    try:
+        packed = _payload.pack_inputs(sendable, namespace, local_dir)
+        blobs, total = packed.blobs(), packed.nbytes
+    except SerializationError as exc:  # each one alone pickles, together they do not
+        together = str(exc)
     cached: set[str] = set()
     try:
-        blobs = packed.blobs()
-        missing = set(get_client().missing(list(blobs)))
-        cached = set(blobs) - missing
+        cached = set(blobs) - set(get_client().missing(list(blobs)))  # asks, uploads nothing
         reachable = True
     except GatewayError:
         reachable = False
-    rows = []
-    for name, value in values.items():
-        try:
-            one, _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir)
-            size = one.nbytes
-            how = _payload.travel_mode(value, local_dir)
-            if one.buffer_digests and all(d in cached for d in one.buffer_digests):
-                how += ", already cached on the gateway"
-        except Exception:
-            size, how = 0, "cannot be sent"
-        rows.append({"name": name, "type": type(value).__qualname__, "bytes": size, "travels": how})
-    report = {"spec": str(spec), "inputs": rows, "total_bytes": packed.nbytes,
-              "gateway_reachable": reachable}
-    return DryRunReport(report)
+    for row in rows:
+        digests = singles[row["name"]].buffer_digests if row["name"] in singles else []
+        if digests and all(d in cached for d in digests):
+            row["travels"] += ", already cached on the gateway"
+    return DryRunReport({"spec": str(spec), "inputs": rows, "total_bytes": total,
+                         "gateway_reachable": reachable, "together": together})
 
 
 class DryRunReport(dict):  # type: ignore[type-arg]
-    """The dry-run report; a dict that shows itself as a table."""
+    """The dry-run report; a dict that shows itself as a table, with what cannot be sent
+    listed below it (``row["path"]`` and ``row["problem"]`` for each such input)."""
 
     def _rows(self) -> list[tuple[str, str, str, str]]:
-        return [(r["name"], r["type"], _human(r["bytes"]), r["travels"]) for r in self["inputs"]]
+        return [(r["name"], r["type"], "-" if r["bytes"] is None else _human(r["bytes"]),
+                 r["travels"]) for r in self["inputs"]]
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per input that cannot be sent (empty when the cell could run)."""
+        found = [r["problem"] for r in self["inputs"] if r.get("problem")]
+        return found + ([self["together"]] if self.get("together") else [])
 
     def __repr__(self) -> str:
-        head = f"dry run for {self['spec']}: {len(self['inputs'])} input(s), {_human(self['total_bytes'])} in all"
+        n = len(self["inputs"])
+        head = f"dry run for {self['spec']}: {n} input(s), {_human(self['total_bytes'])} in all"
         if not self["gateway_reachable"]:
             head += " (gateway not reachable: cache unknown)"
+        bad = sum(1 for r in self["inputs"] if r.get("problem"))
+        if bad:
+            head += f"; {bad} of them cannot be sent, so the cell would not run"
         rows = self._rows()
         if not rows:
             return head + "\n(no inputs: the cell uses no names from this namespace)"
         widths = [max(len(x[i]) for x in rows + [("name", "type", "size", "travels")]) for i in range(4)]
-        lines = [head, "  ".join(h.ljust(w) for h, w in zip(("name", "type", "size", "travels"), widths))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines = [head, "  ".join(h.ljust(w) for h, w in zip(("name", "type", "size", "travels"),
+                                                            widths)).rstrip()]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        if self.problems:
+            lines += ["cannot be sent:", *(f"  {p}" for p in self.problems)]
         return "\n".join(lines)
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:

@@ -1,0 +1,62 @@
+"""``--dry-run``: the whole pre-flight report, every input that cannot be sent marked by the path
+to the object at fault, and nothing uploaded or submitted. Real gateway, real kernel."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import gpu_magic
+from gpu_magic._payload import digest
+
+from .conftest import Gateway
+from .test_kernel import execute, make_notebook, texts
+
+SETUP = """\
+import os
+import threading
+import numpy as np
+class Holder:
+    def __init__(self):
+        self.n = 1
+        self.guard = {"lock": threading.Lock()}
+holder = Holder()
+log = open(os.devnull)
+big = np.arange(50_000, dtype=np.float64)
+"""
+CELL = "print(holder.n, log.name, big.sum())"
+
+
+def test_dry_run_lists_every_input_that_cannot_be_sent(use_gateway: Gateway) -> None:
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(textwrap.dedent(SETUP), "<notebook>", "exec"), ns)
+    with use_gateway.client() as client:
+        before = len(client.jobs())
+        report = gpu_magic.run(CELL, "H100", ns, dry_run=True)
+        rows = {r["name"]: r for r in report["inputs"]}
+        assert set(rows) == {"holder", "log", "big"}
+        assert rows["holder"]["path"] == "holder.guard['lock']"
+        assert "a thread lock" in rows["holder"]["problem"]
+        assert rows["log"]["path"] == "log" and "an open file" in rows["log"]["problem"]
+        assert rows["big"]["travels"] == "by value" and rows["big"]["bytes"] >= 400_000
+        text = repr(report)
+        assert "2 of them cannot be sent" in text
+        assert "holder.guard['lock']: a thread lock" in text and "log: an open file" in text
+        # nothing submitted, nothing uploaded (the array's buffer is still unknown to it)
+        assert len(client.jobs()) == before
+        assert client.missing([digest(ns["big"].tobytes())]) == [digest(ns["big"].tobytes())]
+    ns.pop("log").close()
+
+
+def test_dry_run_in_a_kernel_shows_the_report(use_gateway: Gateway, tmp_path: Path) -> None:
+    nb = make_notebook("%load_ext gpu_magic", SETUP, f"%%gpu H100 --dry-run\n{CELL}")
+    with use_gateway.client() as client:
+        before = len(client.jobs())
+        execute(nb, tmp_path)
+        assert len(client.jobs()) == before
+    report = texts(nb.cells[2], "execute_result")
+    assert report.startswith("dry run for H100: 3 input(s)"), report
+    assert "holder.guard['lock']: a thread lock" in report
+    assert "log: an open file" in report
+    assert texts(nb.cells[2], "error") == ""
