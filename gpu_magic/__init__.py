@@ -68,9 +68,9 @@ def __getattr__(name: str) -> Any:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext gpu_magic``: register ``%%gpu`` and ``%gpu``."""
-    from ._magic import GPUMagics
+    from ._magic import GPUMagic
 
-    ipython.register_magics(GPUMagics)
+    ipython.register_magics(GPUMagic)
 
 
 def unload_ipython_extension(ipython: Any) -> None:

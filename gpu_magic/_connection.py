@@ -1,4 +1,5 @@
-"""Which gateway to talk to: what `%gpu connect` said, else GPU_MAGIC_URL, else the local one."""
+"""Which gateway to talk to, first found wins: what `%gpu connect` said, else the magic's
+configuration (`%config GPUMagic.url`), else GPU_MAGIC_URL, else the local one."""
 
 from __future__ import annotations
 
@@ -11,38 +12,58 @@ from ._errors import GatewayError
 _lock = threading.Lock()
 _clients: dict[tuple[str, str | None], GatewayClient] = {}
 _override: tuple[str, str | None] | None = None
+_configured: tuple[str, str] = ("", "")  # GPUMagic.url, GPUMagic.token ("": not set)
 _embedded: dict[str, object] | None = None
 
 
 def set_connection(url: str | None, token: str | None = None) -> None:
-    """Use this gateway from now on in this process (None: back to the default)."""
+    """Use this gateway from now on in this process (None: back to the configuration, the
+    environment or the local one)."""
     global _override
     with _lock:
         _override = (url.rstrip("/"), token) if url else None
+
+
+def get_connection() -> tuple[str, str | None] | None:
+    """What `%gpu connect` set (to put it back after a failed connect)."""
+    return _override
+
+
+def configure(url: str, token: str) -> None:
+    """The magic's traitlets (``GPUMagic.url`` and ``.token``; "" where not set)."""
+    global _configured
+    with _lock:
+        _configured = (url.rstrip("/"), token)
 
 
 def current_target() -> tuple[str | None, str]:
     """(url or None for the local embedded gateway, how it was chosen)."""
     if _override is not None:
         return _override[0], "%gpu connect"
+    if _configured[0]:
+        return _configured[0], "GPUMagic.url config"
     url = os.environ.get("GPU_MAGIC_URL")
     if url:
         return url, "GPU_MAGIC_URL"
     return None, "local gateway"
 
 
+def _token_for(url: str) -> str | None:
+    if _override is not None and _override[0] == url and _override[1]:
+        return _override[1]
+    return _configured[1] or os.environ.get("GPU_MAGIC_TOKEN") or None
+
+
 def connect(url: str | None = None, token: str | None = None) -> GatewayClient:
     """A client for the configured gateway, starting the local one if nothing is configured."""
-    if url is None and _override is not None:
-        url, token = _override[0], token or _override[1]
     if url is None:
-        url = os.environ.get("GPU_MAGIC_URL") or None
+        url, _ = current_target()
     if url is not None:
-        token = token or os.environ.get("GPU_MAGIC_TOKEN")
+        token = token or _token_for(url)
         if not token:
             raise GatewayError(
-                f"no token for the gateway at {url}: set GPU_MAGIC_TOKEN, or run "
-                "%gpu connect URL (it asks for the token)"
+                f"no token for the gateway at {url}: set GPU_MAGIC_TOKEN (or "
+                "%config GPUMagic.token), or run %gpu connect URL (it asks for the token)"
             )
     else:
         info = _local_info()

@@ -20,10 +20,10 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Unicode
+from traitlets import Unicode, observe
 
 from . import _api
-from ._connection import connect, current_target, set_connection
+from ._connection import configure, connect, current_target, get_connection, set_connection
 from ._errors import GpuMagicError, RemoteError
 from ._tables import jobs_bundle, pool_bundle
 
@@ -39,12 +39,27 @@ def _split(line: str) -> tuple[str, str]:
 
 
 @magics_class
-class GPUMagics(Magics):
+class GPUMagic(Magics):
     """Run a cell on a GPU of a gpu_magic pool."""
 
     url = Unicode("", help="URL of the gateway (default: GPU_MAGIC_URL, else the local one)").tag(
         config=True)
     token = Unicode("", help="token for the gateway (default: GPU_MAGIC_TOKEN)").tag(config=True)
+
+    @classmethod
+    def section_names(cls) -> list[str]:
+        # the README once spelled the class GPUMagics: that configuration is read too
+        # (GPUMagic, the contract's spelling, wins where both are set)
+        names = super().section_names()
+        return [*names[:-1], "GPUMagics", names[-1]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        configure(self.url, self.token)  # from a config file, read as the magic is made
+
+    @observe("url", "token")
+    def _configured(self, change: Any) -> None:
+        configure(self.url, self.token)  # %config GPUMagic.url = ...
 
     @magic_arguments()
     @argument("spec", nargs="*",
@@ -93,8 +108,6 @@ class GPUMagics(Magics):
         )
         shell = self.shell
         assert shell is not None
-        if self.url:
-            set_connection(self.url, self.token or None)
         try:
             return _api.run(cell, spec_text or None, shell.user_ns,
                             hidden=set(shell.user_ns_hidden), **vars(opts))
@@ -109,9 +122,9 @@ class GPUMagics(Magics):
     def _defaults(self) -> Any:
         """The options of a cell without flags (most cells): argparse's answer, kept (only
         read below), instead of asking argparse again each time."""
-        if GPUMagics._default_args is None:
-            GPUMagics._default_args = parse_argstring(self.gpu, "")
-        return GPUMagics._default_args
+        if GPUMagic._default_args is None:
+            GPUMagic._default_args = parse_argstring(self.gpu, "")
+        return GPUMagic._default_args
 
     _default_args: Any = None
 
@@ -167,7 +180,7 @@ class GPUMagics(Magics):
 
             print(stop_local_gateway())
             return None
-        client = connect(self.url or None, self.token or None)
+        client = connect()
         if cmd == "pool":
             display(pool_bundle(client.pool()), raw=True)
         elif cmd == "jobs":
@@ -206,14 +219,25 @@ class GPUMagics(Magics):
             token = rest[i + 1]
         if url == "local":
             set_connection(None)
-            print("using the local gpu_magic gateway")
+            target, how = current_target()
+            print("using the local gpu_magic gateway" if target is None
+                  else f"back to the gateway {target} ({how})")
             return
-        token = token or os.environ.get("GPU_MAGIC_TOKEN") or getpass.getpass(f"token for {url}: ")
+        token = (token or self.token or os.environ.get("GPU_MAGIC_TOKEN")
+                 or getpass.getpass(f"token for {url}: "))
+        before = get_connection()
         set_connection(url, token)
         try:
             health = connect().health(refresh=True)
             connect().pool()
         except GpuMagicError:
-            set_connection(None)
+            if before is None:
+                set_connection(None)
+            else:
+                set_connection(*before)
             raise
         print(f"connected to {url} (gpu_magic {health.get('version')})")
+
+
+# the name the README once used, for code that imported it
+GPUMagics = GPUMagic

@@ -1,0 +1,100 @@
+"""The magic's own behaviour in real kernels: its configuration, its messages, its checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+from .conftest import Gateway
+
+
+class Kernel:
+    """A real ipykernel; ``run`` executes one cell and returns what it showed."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.km, self.kc = start_new_kernel(kernel_name="python3", env=env, cwd=str(cwd))
+
+    def run(self, code: str) -> dict[str, Any]:
+        msg_id = self.kc.execute(code)
+        seen: dict[str, Any] = {"stdout": "", "stderr": "", "result": None, "error": None}
+        while True:
+            m = self.kc.get_iopub_msg(timeout=120)
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = m["msg_type"], m["content"]
+            if kind == "status" and content["execution_state"] == "idle":
+                return seen
+            if kind == "stream":
+                seen[content["name"]] += content["text"]
+            elif kind == "execute_result":
+                seen["result"] = content["data"]["text/plain"]
+            elif kind == "error":
+                seen["error"] = content
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without any gpu_magic settings, with a runtime directory of
+    the test's own (so a local gateway, should one start, is this test's and is stopped)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_MAGIC_")}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    return {**env, **extra}
+
+
+@pytest.fixture
+def kernel_factory(tmp_path: Path) -> Iterator[Any]:
+    kernels: list[Kernel] = []
+
+    def make(**extra: str) -> Kernel:
+        k = Kernel(_env(tmp_path, **extra), tmp_path)
+        kernels.append(k)
+        k.run("%load_ext gpu_magic")
+        return k
+
+    yield make
+    for k in kernels:
+        k.close()
+    subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True,
+                   env=_env(tmp_path), timeout=60)
+
+
+def _error_text(out: dict[str, Any]) -> str:
+    err = out["error"]
+    assert err is not None, out
+    return "\n".join(err["traceback"])
+
+
+@pytest.mark.parametrize("section", ["GPUMagic", "GPUMagics"])
+def test_config_url_and_token_choose_the_gateway(gateway: Gateway, kernel_factory: Any,
+                                                 section: str) -> None:
+    # DESIGN.md spells it GPUMagic, an older README GPUMagics: both configure the magic
+    k = kernel_factory()
+    assert k.run(f'%config {section}.url = "{gateway.url}"')["error"] is None
+    assert k.run(f'%config {section}.token = "{gateway.token}"')["error"] is None
+    out = k.run("%%gpu A100-80GB\nimport os\nos.environ['GPU_MAGIC_GRANT'] != ''")
+    assert out["result"] == "True", out
+    status = k.run("%gpu status")["stdout"]
+    assert status.startswith(f"gateway {gateway.url} (GPUMagic.url config)"), status
+    pool = k.run("%gpu pool")
+    assert pool["error"] is None, pool
+
+
+def test_connect_wins_over_the_config_until_connect_local(gateway: Gateway,
+                                                          kernel_factory: Any) -> None:
+    k = kernel_factory(GPU_MAGIC_TOKEN=gateway.token)
+    k.run('%config GPUMagic.url = "http://127.0.0.1:9"')
+    assert k.run(f"%gpu connect {gateway.url}")["stdout"].startswith("connected to")
+    assert f"gateway {gateway.url} (%gpu connect)" in k.run("%gpu status")["stdout"]
+    # `%gpu connect local` undoes the connect: back to what is configured, and says so
+    back = k.run("%gpu connect local")["stdout"]
+    assert back.startswith("back to the gateway http://127.0.0.1:9 (GPUMagic.url config)"), back
