@@ -84,8 +84,17 @@ class GPUMagic(Magics):
         Line commands: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID |
         attach JOB_ID | status | stop
         """
-        if cell is None:
-            return self._line(line)
+        try:
+            return self._line(line) if cell is None else self._cell(line, cell)
+        except GpuMagicError as exc:
+            # our own errors say what happened and how to fix it: that message is the whole
+            # story, our internal stack would only bury it (the cell's own errors keep theirs)
+            if not isinstance(exc, RemoteError) and not hasattr(exc, "_render_traceback_"):
+                text = f"{type(exc).__name__}: {exc}"
+                exc._render_traceback_ = lambda: [text]  # type: ignore[attr-defined]
+            raise
+
+    def _cell(self, line: str, cell: str) -> Any:
         spec_text, flags = _split(line)
         try:
             args = self._defaults() if not flags.strip() else parse_argstring(self.gpu, flags)
@@ -108,16 +117,8 @@ class GPUMagic(Magics):
         )
         shell = self.shell
         assert shell is not None
-        try:
-            return _api.run(cell, spec_text or None, shell.user_ns,
-                            hidden=set(shell.user_ns_hidden), **vars(opts))
-        except GpuMagicError as exc:
-            # our own errors say what happened and how to fix it: that message is the whole
-            # story, our internal stack would only bury it (the cell's own errors keep theirs)
-            if not isinstance(exc, RemoteError) and not hasattr(exc, "_render_traceback_"):
-                line = f"{type(exc).__name__}: {exc}"
-                exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
-            raise
+        return _api.run(cell, spec_text or None, shell.user_ns,
+                        hidden=set(shell.user_ns_hidden), **vars(opts))
 
     def _defaults(self) -> Any:
         """The options of a cell without flags (most cells): argparse's answer, kept (only

@@ -98,3 +98,18 @@ def test_connect_wins_over_the_config_until_connect_local(gateway: Gateway,
     # `%gpu connect local` undoes the connect: back to what is configured, and says so
     back = k.run("%gpu connect local")["stdout"]
     assert back.startswith("back to the gateway http://127.0.0.1:9 (GPUMagic.url config)"), back
+
+
+def test_line_magics_report_an_unreachable_gateway_as_cleanly_as_a_cell(
+        kernel_factory: Any) -> None:
+    k = kernel_factory(GPU_MAGIC_URL="http://127.0.0.1:9", GPU_MAGIC_TOKEN="x" * 43)
+    cell = _error_text(k.run("%%gpu\n1"))
+    assert cell.startswith("GatewayError: cannot reach the gpu_magic gateway at "
+                           "http://127.0.0.1:9"), cell
+    for line in ("%gpu pool", "%gpu jobs", "%gpu status", "%gpu cancel 0123abcd",
+                 "%gpu attach 0123abcd"):
+        out = k.run(line)
+        err = out["error"]
+        assert err is not None, (line, out)
+        # one line, the same message as the cell's, and none of our own stack
+        assert err["traceback"] == [cell], (line, err["traceback"])
