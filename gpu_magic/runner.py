@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -128,9 +129,12 @@ class _Stream:
         self.name = name
         self._fd = fd
 
+    writes = 0  # by either stream: whether anything was printed since a moment
+
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        _Stream.writes += 1
         data = memoryview(text.encode("utf-8", "replace"))
         while data:
             n = os.write(self._fd, data)
@@ -425,8 +429,9 @@ class _Pristine:
 RELEASE_S = 10.0  # finalizers of a cell's objects that take longer cost the runner its reuse
 
 
-class _Late(Exception):
-    """Raised into a finalizer that blocks the release of a cell's objects."""
+class _Late(BaseException):
+    """Raised into a finalizer that blocks the release of a cell's objects (not an Exception:
+    a finalizer that retries on any error must not swallow it)."""
 
 
 def _flush_c_stdio() -> None:
@@ -641,6 +646,7 @@ class _Session:
         self.modules_seen = -1  # len(sys.modules) when the user's modules were last noted
         self.reusable = True  # False: one job, then the process ends (nothing to reload)
         self.releasing = False  # letting go of a cell's objects (_release)
+        self.frozen = False  # objects frozen since the last full collection
 
     def make_shell(self) -> None:
         if self.shell is None:
@@ -700,6 +706,11 @@ class _Session:
         if touched:
             self.c_environ.sync(os.environ)
         self.c_environ.mark()
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is not None and pyplot.get_backend().lower() != env["MPLBACKEND"].lower():
+            # a cell's matplotlib.use('Agg') must not stop later cells' figures showing
+            with contextlib.suppress(Exception):
+                pyplot.switch_backend(env["MPLBACKEND"])
         if cwd:
             os.chdir(cwd)
         # `python -m` puts its starting folder first on sys.path: for a forked or reused runner
@@ -789,10 +800,19 @@ class _Session:
             for name in ("last_type", "last_value", "last_traceback", "last_exc"):
                 with contextlib.suppress(AttributeError):
                     delattr(sys, name)
+            # typing's caches hold a cell's classes (Optional[Model]), and with them its
+            # namespace; pyplot holds figures no backend showed (after matplotlib.use('Agg'))
+            for clear in getattr(typing, "_cleanups", ()):
+                clear()
+            pyplot = sys.modules.get("matplotlib.pyplot")
+            if pyplot is not None:
+                pyplot.close("all")
             gc.collect()
             # what is left belongs to imported packages: later collections skip it, so one
-            # after each cell costs what the cell made, not all of torch (90 ms here)
+            # after each cell costs what the cell made, not all of torch (90 ms here); what of
+            # it becomes garbage later is collected while the runner waits (collect_idle)
             gc.freeze()
+            self.frozen = True
         except _Late:
             pass
         finally:
@@ -801,6 +821,16 @@ class _Session:
             signal.signal(signal.SIGALRM, previous)
         if time.monotonic() - start >= RELEASE_S:
             self.reusable = False
+
+    def collect_idle(self) -> None:
+        """A full collection, frozen objects included, while no cell waits: what a cell's
+        packages dropped since (an edited module's old copy, a daemon thread's data) would
+        otherwise never be freed."""
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        self.frozen = False
+        self.sync()  # what finalizers printed goes nowhere (muted), not into the next job
 
     def _late(self, *_a: Any) -> None:
         if self.releasing:
@@ -861,6 +891,7 @@ class _Session:
         _flush_c_stdio()  # C stdio buffers of extensions, before the drain
         self.sync()
 
+        printed = _Stream.writes
         exc = result.error_before_exec or result.error_in_exec
         if exc is not None:
             cell_files = set(getattr(shell.compile, "_filename_map", {}) or {})
@@ -879,6 +910,8 @@ class _Session:
                     event["exception"] = packed.pickle_digest
             except Exception:
                 pass
+            if _Stream.writes != printed:  # a __reduce__ or __repr__ that prints: still the cell's
+                self.sync()
             emitter.emit(event)
             return 0
 
@@ -902,6 +935,8 @@ class _Session:
         event = _pack_results(ns, names, value, bool(manifest.get("has_value")) and value is not None,
                               unchanged, out)
         event["deleted"] = deleted
+        if _Stream.writes != printed:  # a __reduce__ or __repr__ that prints: still the cell's
+            self.sync()
         emitter.emit(event)
         return 0
 
@@ -1016,19 +1051,40 @@ def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
         os.dup2(log_fd, 2)
     os.close(log_fd)
     ctl = socket.socket(fileno=ctl_fd)
-    ctl.settimeout(float(req.get("keep_warm", 0)))
+    keep_warm = float(req.get("keep_warm", 0))
+    # a runner that takes no further cell resets nothing and releases nothing: it ends
+    session.reusable = keep_warm > 0
     while True:
         session.base_env = dict(req["env"])
         session.run(Path(req["job_dir"]), events_fd, req.get("cwd"), req.get("manifest"))
         if not session.reusable:
             return
         try:
-            msg, more, _flags, _addr = socket.recv_fds(ctl, 65536, 4)
-        except (TimeoutError, OSError):
+            msg, more = _next_job(ctl, session, keep_warm)
+        except OSError:  # a timeout too: kept warm long enough
             return
         if not msg or not more:
             return
         req, events_fd = json.loads(msg), more[0]
+
+
+IDLE_COLLECT_S = 0.5  # a runner idle this long collects everything (cells back to back: later)
+
+
+def _next_job(ctl: Any, session: _Session, keep_warm: float) -> tuple[bytes, list[int]]:
+    import socket
+
+    deadline = time.monotonic() + keep_warm
+    if session.frozen:
+        ctl.settimeout(min(IDLE_COLLECT_S, keep_warm))
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(ctl, 65536, 4)
+            return msg, fds
+        except TimeoutError:
+            session.collect_idle()
+    ctl.settimeout(max(deadline - time.monotonic(), 0.001))
+    msg, fds, _flags, _addr = socket.recv_fds(ctl, 65536, 4)
+    return msg, fds
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ sys.path and random seeds, and local modules edited since their import are re-im
 from __future__ import annotations
 
 import logging
+import os
 import textwrap
 import time
 from collections.abc import Iterator
@@ -185,7 +186,11 @@ HELD = (
     "held.me = held",  # a cycle of its own
     "def keep():\n    return held",  # a function: it ties the namespace into a cycle
     "raise ValueError('after')",  # an error: its frames hold what the cell made
-], ids=["name", "value", "cycle", "function", "error"])
+    "import typing\nhint = typing.Optional[Held]",  # typing's cache holds the class
+    # pyplot keeps figures no backend showed
+    "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+    "plt.figure().held = held",
+], ids=["name", "value", "cycle", "function", "error", "typing", "pyplot"])
 def test_what_a_cell_made_is_released_when_it_ends(
         warm: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], tail: str) -> None:
     # A cell's arrays and tensors (GPU memory too) must be free once it ends, as a fresh
@@ -208,11 +213,83 @@ def test_a_finalizer_that_blocks_costs_the_runner_its_reuse_not_the_cell(warm: G
     with warm.client() as c:
         start = time.monotonic()
         first = gpu_magic.run(
-            "import os, time\nclass Stuck:\n    def __del__(self):\n        time.sleep(300)\n"
+            "import os, time\nclass Stuck:\n    def __del__(self):\n        while True:\n"
+            "            try:\n                time.sleep(300)\n"
+            "            except Exception:  # retries whatever goes wrong\n                pass\n"
             "stuck = Stuck()\nos.getpid()", "H100", {"__name__": "__main__"}, client=c,
             quiet=True, return_names=[])
         assert time.monotonic() - start < 120  # interrupted after RELEASE_S, not hung
         assert _pid(c, "H100") != first  # what it left behind is unknown: a fresh runner
+
+
+def test_a_cell_after_matplotlib_use_leaves_later_figures_inline(warm: Gateway) -> None:
+    with warm.client() as c:
+        gpu_magic.run("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot",
+                      "H100", {"__name__": "__main__"}, client=c, quiet=True, return_names=[])
+        backend = gpu_magic.run("import matplotlib\nmatplotlib.get_backend()", "H100",
+                                {"__name__": "__main__"}, client=c, quiet=True)
+    assert backend == "module://matplotlib_inline.backend_inline"
+
+
+def test_garbage_an_edited_module_leaves_is_collected_while_the_runner_waits(
+        warm: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What survives a cell is frozen out of later collections (they stay cheap); what of it
+    # becomes garbage later, like the old copy of an edited module, must still be freed.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mark = tmp_path / "released"
+    mod = tmp_path / "holder_for_warm.py"
+    mod.write_text(textwrap.dedent(f"""
+        import os
+        class Held:
+            def __del__(self):
+                try:
+                    if os.getpid() != {os.getpid()}:  # the runner's copy, not one imported here
+                        with open({str(mark)!r}, "w") as f:
+                            f.write("released")
+                except Exception:  # this process's copy, at its exit
+                    pass
+        held = Held()
+        def keep():  # the module's functions tie its namespace into a cycle
+            return held
+    """))
+    cell = "import holder_for_warm, os\nos.getpid()"
+    with warm.client() as c:
+        first = gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True)
+        mod.write_text(mod.read_text().replace("held = Held()", "held = None"))
+        os.utime(mod, (time.time() + 5, time.time() + 5))  # a new mtime even within one tick
+        assert gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c,
+                             quiet=True) == first
+        deadline = time.monotonic() + 30
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert mark.exists()
+
+
+def test_a_runner_kept_warm_for_no_time_ends_without_running_finalizers(
+        tmp_path: Path) -> None:
+    # --keep-warm 0 forks a runner per cell: it ends as a fresh one does, without a release
+    (tmp_path / "gw").mkdir()
+    gw = start_gateway(tmp_path / "gw", "--keep-warm", "0")
+    mark = tmp_path / "released"
+    try:
+        with gw.client() as c:
+            gpu_magic.run(HELD, "H100", {"__name__": "__main__", "MARK": str(mark)}, client=c,
+                          quiet=True, return_names=[])
+            gpu_magic.run("1", "H100", {"__name__": "__main__"}, client=c, quiet=True)
+    finally:
+        gw.stop()
+    assert not mark.exists()
+
+
+def test_what_a_value_prints_as_it_is_sent_back_is_the_cell_s_output(
+        warm: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    with warm.client() as c:
+        for _ in range(3):
+            gpu_magic.run("class Loud:\n    def __repr__(self):\n        print('from repr')\n"
+                          "        return 'Loud()'\nLoud()", "H100", {"__name__": "__main__"},
+                          client=c, quiet=True)
+            assert capsys.readouterr().out == "from repr\n"
 
 
 def _pid(c: GatewayClient, spec: str) -> int:
