@@ -67,6 +67,38 @@ class Options:
     meta: dict[str, str] = field(default_factory=dict)
 
 
+# The HTTP API's bounds on --timeout and --wait (30 days) and --retries: checked here too, so
+# that a bad value is refused before anything is packed or sent, in words of the flag.
+MAX_SECONDS = 30 * 24 * 3600
+MAX_RETRIES = 10
+
+
+def option_problem(timeout: Any, wait: Any, retries: Any,
+                   spell: Callable[[str], str] = lambda name: f"{name}=") -> str | None:
+    """What is wrong with these option values, or None; ``spell`` writes an option's name
+    as the caller knows it (``timeout=`` in Python, ``--timeout `` in the magic)."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def shown(value: Any) -> str:  # as typed: argparse made "-5" into -5.0
+        return f"{value:g}" if number(value) else repr(value)
+
+    if timeout is not None and not (number(timeout) and 0 < timeout <= MAX_SECONDS):
+        return (f"{spell('timeout')}{shown(timeout)}: the cell's time limit must be more than 0 and "
+                f"at most {MAX_SECONDS} seconds (30 days); leave it out for the default, "
+                "3600 s")
+    if wait is not None and not (number(wait) and 0 <= wait <= MAX_SECONDS):
+        return (f"{spell('wait')}{shown(wait)}: the time to wait in the queue must be 0 or more and "
+                f"at most {MAX_SECONDS} seconds (0: only a GPU free right now); leave it out "
+                "to wait until a GPU frees")
+    if not (isinstance(retries, int) and not isinstance(retries, bool)
+            and 0 <= retries <= MAX_RETRIES):
+        return (f"{spell('retries')}{shown(retries)}: the re-runs after a runner died must be a "
+                f"whole number from 0 to {MAX_RETRIES}; leave it out for no re-runs")
+    return None
+
+
 def _parse(spec: Any, client_factory: Callable[[], GatewayClient]) -> GpuSpec:
     try:
         return parse_spec(spec)
@@ -491,6 +523,9 @@ def submit(
     the middle can still cancel job ``job_id``.
     """
     opts = opts or Options()
+    problem = option_problem(opts.timeout, opts.wait, opts.retries)
+    if problem:
+        raise ValueError(problem)
     namespace = namespace if namespace is not None else {}
     get_client = (lambda: client) if client is not None else connect
     gspec = _parse(spec, get_client)  # type: ignore[arg-type]

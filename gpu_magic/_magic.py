@@ -104,8 +104,10 @@ class GPUMagic(Magics):
             raise UsageError(f"put the GPU spec before the options: %%gpu {' '.join(args.spec)} {flags}")
         if args.return_names is not None and args.no_return:
             raise UsageError("--return and --no-return contradict each other; use one of them")
-        if args.retries < 0:
-            raise UsageError(f"--retries {args.retries}: must be 0 or more")
+        problem = _api.option_problem(args.timeout, args.wait, args.retries,
+                                      spell=lambda name: f"--{name} ")
+        if problem:
+            raise UsageError(problem)
         opts = _api.Options(
             timeout=args.timeout, wait=args.wait, retries=args.retries,
             oom_fallback=args.oom_fallback,

@@ -113,3 +113,27 @@ def test_line_magics_report_an_unreachable_gateway_as_cleanly_as_a_cell(
         assert err is not None, (line, out)
         # one line, the same message as the cell's, and none of our own stack
         assert err["traceback"] == [cell], (line, err["traceback"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--timeout 0", "--timeout 0: the cell's time limit must be more than 0"),
+    ("--timeout -5", "--timeout -5: the cell's time limit must be more than 0"),
+    ("--timeout nan", "--timeout nan: the cell's time limit must be more than 0"),
+    ("--timeout 1e9", "--timeout 1e+09: the cell's time limit must be more than 0 and at most"),
+    ("--wait -1", "--wait -1: the time to wait in the queue must be 0 or more"),
+    ("--retries -1", "--retries -1: the re-runs after a runner died must be a whole number "
+                     "from 0 to 10"),
+    ("--retries 11", "--retries 11: the re-runs after a runner died"),
+])
+def test_bad_option_values_are_refused_before_anything_is_sent(
+        gateway: Gateway, kernel_factory: Any, flags: str, message: str) -> None:
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
+    k.run("import numpy as np\nbig = np.random.default_rng().random(100_000)")
+    with gateway.client() as client:
+        before = len(client.jobs())
+        out = k.run(f"%%gpu H100 {flags}\nbig.sum()")
+        assert out["error"] is None and f"UsageError: {message}" in out["stderr"], out
+        assert "leave it out" in out["stderr"]
+        assert len(client.jobs()) == before
+        big = k.run("from gpu_magic._payload import digest\ndigest(big.tobytes())")["result"]
+        assert client.missing([big.strip("'")]) == [big.strip("'")]  # not uploaded either

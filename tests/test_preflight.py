@@ -3,9 +3,12 @@ to the object at fault, and nothing uploaded or submitted. Real gateway, real ke
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 import gpu_magic
 from gpu_magic._payload import digest
@@ -60,3 +63,16 @@ def test_dry_run_in_a_kernel_shows_the_report(use_gateway: Gateway, tmp_path: Pa
     assert "holder.guard['lock']: a thread lock" in report
     assert "log: an open file" in report
     assert texts(nb.cells[2], "error") == ""
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"timeout": -5}, "timeout=-5: the cell's time limit must be more than 0"),
+    ({"wait": -1}, "wait=-1: the time to wait in the queue must be 0 or more"),
+    ({"retries": -1}, "retries=-1: the re-runs after a runner died must be a whole number"),
+    ({"timeout": "10"}, "timeout='10': the cell's time limit must be"),
+])
+def test_bad_option_values_are_refused_by_the_python_api(use_gateway: Gateway,
+                                                         options: dict[str, Any],
+                                                         message: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        gpu_magic.run("1", "H100", {"__name__": "__main__"}, **options)
