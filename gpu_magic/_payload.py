@@ -288,11 +288,37 @@ def loads(
     return _Unpickler(io.BytesIO(data), namespace, buffers, inputs or {}).load()
 
 
+class _OwnStatePickler(_Pickler):
+    """Pickles a notebook function as what it is itself (code, defaults, closure, attributes)
+    and not with the values of the globals it uses: those are names of their own, and a
+    change to one of them is not a change to every function that reads it."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (type(obj) is types.FunctionType and self._namespace_id is not None
+                and id(obj.__globals__) == self._namespace_id):
+            cells = []
+            for cell in obj.__closure__ or ():
+                try:
+                    cells.append(cell.cell_contents)
+                except ValueError:  # not yet assigned
+                    cells.append("<empty cell>")
+            return (_function_state, (obj.__code__, obj.__defaults__, obj.__kwdefaults__,
+                                      tuple(cells), obj.__dict__, obj.__qualname__))
+        return super().reducer_override(obj)
+
+
+def _function_state(*state: Any) -> Any:
+    """Named in fingerprints of functions (see _OwnStatePickler); they are never loaded."""
+    return state
+
+
 def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None,
-                known: Callable[[memoryview], str | None] | None = None) -> str | None:
+                known: Callable[[memoryview], str | None] | None = None,
+                own_state: bool = False) -> str | None:
     """A digest of an object's pickled state (to see whether a cell changed it); None if
     unpicklable. ``known`` may name a buffer's content without reading it (a mapped input
-    the cell did not write), else the buffer is hashed."""
+    the cell did not write), else the buffer is hashed. ``own_state``: notebook functions
+    count by their own state, not their globals' (:class:`_OwnStatePickler`)."""
     h = xxhash.xxh3_128()
 
     def hash_buffer(buf: pickle.PickleBuffer) -> bool:
@@ -306,7 +332,8 @@ def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None,
 
     f = io.BytesIO()
     try:
-        _Pickler(f, namespace, buffer_callback=hash_buffer).dump(obj)
+        pickler = _OwnStatePickler if own_state else _Pickler
+        pickler(f, namespace, buffer_callback=hash_buffer).dump(obj)
     except Exception:
         return None
     h.update(f.getbuffer())

@@ -586,6 +586,18 @@ class _InputRef:
     """Persistent ids for unchanged inputs: the client binds its own object, nothing is sent."""
 
 
+def _created(ns: dict[str, Any], shipped: dict[str, Any], names: list[str],
+             hidden: dict[str, Any]) -> list[str]:
+    """Names the cell made without binding them at its top level, where the source shows
+    them: a function's ``global`` statement, ``exec``, ``globals()[...]``. IPython's own names
+    (``In``, ``Out``, ``exit``...) and dunders are not the cell's."""
+    taken = set(names)
+    return [n for n, v in ns.items()
+            if n not in shipped and n not in taken
+            and not (n.startswith("__") and n.endswith("__"))
+            and not (n in hidden and hidden[n] is v)]
+
+
 def _pack_results(
     ns: dict[str, Any], names: list[str], value: Any, has_value: bool,
     unchanged_inputs: dict[int, str], out: Outbox,
@@ -881,9 +893,14 @@ class _Session:
         with open(inputs["pickle"], "rb") as f:
             values = _payload.loads(f.read(), buffers, namespace=ns)
         ns.update(values)
+        # what arrived: the inputs, and the globals the notebook functions among them use
+        # (cloudpickle puts those straight into the namespace): a function the cell calls may
+        # change or rebind them, and a local run would show that
+        shipped = {n: v for n, v in ns.items() if n != "__name__"}
         mapped = _Mapped(buffers, [os.path.basename(p) for p in inputs["buffers"]])
         del buffers
-        before = {n: _payload.fingerprint(v, ns, mapped.known) for n, v in values.items()}
+        before = {n: _payload.fingerprint(v, ns, mapped.known, own_state=True)
+                  for n, v in shipped.items()}
         # a clean namespace for this cell in the (possibly reused) shell
         shell.init_create_namespaces(None, ns)
         shell.init_user_ns()
@@ -923,10 +940,14 @@ class _Session:
         else:
             names = [n for n in outputs if n in ns]
             for n, fp in before.items():
-                if n in ns and n not in names and ns[n] is values[n]:
-                    if _payload.fingerprint(ns[n], ns, mapped.known) != fp:
-                        names.append(n)  # changed in place: the client must see the change
+                if n in ns and n not in names and (
+                        ns[n] is not shipped[n]  # rebound by a function (`global`), or exec
+                        or _payload.fingerprint(ns[n], ns, mapped.known, own_state=True) != fp):
+                    names.append(n)  # changed in place: the client must see the change
+            names += _created(ns, shipped, names, shell.user_ns_hidden)
         deleted = [n for n in manifest.get("deleted", []) if n not in ns]
+        if not manifest.get("no_return") and manifest.get("return_names") is None:
+            deleted += [n for n in shipped if n not in ns and n not in deleted]
         unchanged = {
             id(values[n]): n for n in values
             if n in ns and ns[n] is values[n] and n not in names

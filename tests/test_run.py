@@ -125,6 +125,35 @@ def test_functions_see_later_assignments_like_locally() -> None:
     assert ns["factor"] == 5
 
 
+def test_what_a_notebook_function_does_to_its_globals_comes_back() -> None:
+    # The cell only calls train(); what train changes (a list it appends to, a counter it
+    # rebinds with `global`, a dict it edits, a name it creates or deletes) is what a local
+    # run leaves behind, so it must come back too.
+    ns = notebook("""
+        history = []
+        step = 0
+        config = {"lr": 0.1}
+        unused = {"kept": True}
+        gone = 1
+        def train():
+            global step, made, gone
+            for i in range(3):
+                history.append(i)
+                step += 1
+            config["lr"] = 0.01
+            made = step * 2
+            del gone
+            return "trained" if unused["kept"] else "?"
+    """)
+    train, unused = ns["train"], ns["unused"]
+    assert run(ns, "out = train()") is None
+    assert ns["out"] == "trained"
+    assert (ns["history"], ns["step"], ns["config"], ns["made"]) == ([0, 1, 2], 3, {"lr": 0.01}, 6)
+    assert "gone" not in ns
+    # what did not change stays the very same object
+    assert ns["train"] is train and ns["unused"] is unused
+
+
 def test_function_defined_remotely_uses_local_globals_after_return() -> None:
     ns = notebook("k = 2")
     run(ns, "def times_k(x):\n    return x * k")
