@@ -529,7 +529,7 @@ def submit(
     namespace = namespace if namespace is not None else {}
     get_client = (lambda: client) if client is not None else connect
     gspec = _parse(spec, get_client)  # type: ignore[arg-type]
-    analysis = analyze_cell(source)
+    analysis = analyze_cell(source, opts.line_offset)
     values = select_inputs(analysis.inputs, namespace, hidden)
     local_dir = Path.cwd()
     if opts.dry_run:

@@ -69,12 +69,14 @@ class _Scope:
 
 
 @functools.lru_cache(maxsize=64)
-def analyze_cell(source: str) -> CellAnalysis:
+def analyze_cell(source: str, line_offset: int = 0) -> CellAnalysis:
     """Analyse one cell; raises CaptureError for a syntax error or a star import.
 
+    ``line_offset``: lines of the cell before ``source`` (the ``%%gpu`` line: 1), so that a
+    syntax error names its line as the notebook and the remote tracebacks number it.
     Remembered by source (the analysis is immutable and depends on nothing else): a cell run
     again is not parsed again."""
-    transformed, tree = _transform_and_parse(source)
+    transformed, tree = _transform_and_parse(source, line_offset)
     walker = _Walker()
     try:
         walker.run(tree.body)
@@ -95,7 +97,7 @@ def analyze_cell(source: str) -> CellAnalysis:
     )
 
 
-def _transform_and_parse(source: str) -> tuple[str, ast.Module]:
+def _transform_and_parse(source: str, line_offset: int = 0) -> tuple[str, ast.Module]:
     # The compiler turns doubtful escapes ("\d") into warnings, and into SyntaxErrors where
     # warnings are errors (pytest's filterwarnings): neither is ours to report.
     with warnings.catch_warnings():
@@ -114,7 +116,7 @@ def _transform_and_parse(source: str) -> tuple[str, ast.Module]:
             # Transforms keep line numbers, so the user's own line is the one to show.
             text = lines[lineno - 1] if 0 < lineno <= len(lines) else (exc.text or "")
             raise CaptureError(
-                f"the cell has a syntax error on line {lineno}: {exc.msg}\n"
+                f"the cell has a syntax error on line {lineno + line_offset}: {exc.msg}\n"
                 f"    {text.strip()}\nfix that line and run the cell again"
             )
         except (ValueError, RecursionError, MemoryError) as exc:  # null bytes; parser stack

@@ -342,6 +342,12 @@ def test_syntax_error_names_the_line() -> None:
     assert "def f(:" in message
 
 
+def test_syntax_error_counts_the_lines_before_the_source() -> None:
+    # the %%gpu line is line 1 of the cell, as the remote tracebacks number it
+    with pytest.raises(CaptureError, match="syntax error on line 3: "):
+        analyze_cell("x = 1\nz = 2 2\n", line_offset=1)
+
+
 def test_syntax_error_after_a_magic_shows_the_users_line() -> None:
     with pytest.raises(CaptureError) as info:
         analyze_cell("%matplotlib inline\nx = = 1\n")

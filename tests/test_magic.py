@@ -137,3 +137,14 @@ def test_bad_option_values_are_refused_before_anything_is_sent(
         assert len(client.jobs()) == before
         big = k.run("from gpu_magic._payload import digest\ndigest(big.tobytes())")["result"]
         assert client.missing([big.strip("'")]) == [big.strip("'")]  # not uploaded either
+
+
+def test_syntax_errors_and_tracebacks_number_the_lines_alike(gateway: Gateway,
+                                                            kernel_factory: Any) -> None:
+    # as the notebook numbers them: the %%gpu line is line 1 (so the remote traceback did)
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
+    syntax = _error_text(k.run("%%gpu\nx = 1\nz = 2 2"))
+    assert syntax.startswith("CaptureError: the cell has a syntax error on line 3: "), syntax
+    assert "z = 2 2" in syntax
+    runtime = _error_text(k.run("%%gpu\nx = 1\nz = 1 / 0"))
+    assert ", line 3" in runtime and "----> 3 z = 1 / 0" in runtime, runtime
