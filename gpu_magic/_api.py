@@ -40,7 +40,7 @@ from ._errors import (
 from ._jobs import EventFeed
 from ._remote import code_locator, rebuild, render_traceback, where
 from ._spec import GpuSpec, parse_spec
-from ._view import JobState, NullView, TextView
+from ._view import JobState, NullView, TextView, cancelled_text, then
 
 # Names IPython puts in every namespace; never shipped.
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh",
@@ -427,8 +427,8 @@ class _Job:
             raise self._remote_exception()
         if state == "cancelled":
             who = f" by {self.state.cancel}" if self.state.cancel else ""
-            raise _short(JobCancelled(f"GPU job {self.id} was cancelled{who}: {msg}; nothing "
-                                      "was bound", job_id=self.id))
+            text = cancelled_text(f"GPU job {self.id}", who, msg)
+            raise _short(JobCancelled(then(text, "nothing was bound"), job_id=self.id))
         if state == "timed_out":
             raise JobTimeout(f"GPU job {self.id} on {where(grant)} timed out: {msg}",
                              job_id=self.id, state=state)
@@ -826,10 +826,64 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
         def call(*args: Any, **kwargs: Any) -> Any:
             ns = {"__gpu_fn__": fn, "__gpu_args__": args, "__gpu_kwargs__": kwargs}
             source = "__gpu_fn__(*__gpu_args__, **__gpu_kwargs__)"
-            return run(source, spec, ns, no_return=True, quiet=True, **options)
+            try:
+                return run(source, spec, ns, no_return=True, quiet=True, **options)
+            except SerializationError as exc:
+                if exc.name not in ns:
+                    raise
+                # the names above are ours: say which of the user's arguments it was
+                raise _unsendable_argument(fn, args, kwargs, exc) from None
 
         call.remote_spec = spec  # type: ignore[attr-defined]
         return call
 
     return wrap
 
+
+def _arguments(fn: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """A call's arguments under the names its function gives them (``values``, ``more[1]``
+    for the second of ``*more``, the key for one of ``**options``)."""
+    try:
+        sig = inspect.signature(fn)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):  # no signature, or a call that does not fit it
+        yield from ((f"#{i + 1}", a) for i, a in enumerate(args))
+        yield from kwargs.items()
+        return
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            yield from ((f"{name}[{i}]", v) for i, v in enumerate(value))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            yield from value.items()
+        else:
+            yield name, value
+
+
+def _unsendable_argument(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                         exc: SerializationError) -> SerializationError:
+    """The error for a decorated function's call whose function or an argument cannot be
+    sent, naming it as the user knows it."""
+    title = f"{getattr(fn, '__name__', None) or type(fn).__name__}()"
+    if exc.name == "__gpu_fn__":
+        label, candidates = f"function {title}", [(getattr(fn, "__name__", "fn"), fn)]
+    else:
+        label, candidates = "", list(_arguments(fn, args, kwargs))
+    for name, value in candidates:
+        try:
+            _payload.dumps(value)
+            continue
+        except Exception:
+            pass
+        path, culprit = _payload.find_unpicklable(value, name)
+        what, fix = _payload.describe(culprit)
+        fix = fix.replace("inside the cell", "inside the function")  # there is no cell here
+        subject = label or f"argument '{name}' of {title}"
+        if path == name:
+            message = f"{subject} ({what}) cannot be sent to the GPU: {fix}"
+        else:
+            message = (f"{subject} ({_payload.describe(value)[0]}) cannot be sent to the GPU: "
+                       f"{path}: {what}; {fix}")
+        return SerializationError(message, name=name, path=path)
+    return exc

@@ -130,10 +130,7 @@ class GatewayClient:
                     raise GatewayError(f"the gpu_magic gateway at {self.url} dropped the "
                                        f"connection: {exc}") from None
             except httpx.TransportError as exc:
-                raise GatewayError(
-                    f"cannot reach the gpu_magic gateway at {self.url}: {exc}. Is it running? "
-                    "(`gpu-magic serve`, or check GPU_MAGIC_URL)"
-                ) from None
+                raise unreachable(self.url, exc) from None
         _check(resp, self.url)
         return resp
 
@@ -314,9 +311,7 @@ class GatewayClient:
                     break
                 if attempt == 2 or not isinstance(
                         exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
-                    raise GatewayError(
-                        f"cannot reach the gpu_magic gateway at {self.url}: {exc}. Is it "
-                        "running? (`gpu-magic serve`, or check GPU_MAGIC_URL)") from None
+                    raise unreachable(self.url, exc) from None
                 # a pooled connection the server had just closed: once more (the job id is
                 # ours, so a repeat that reached it twice is refused as a duplicate)
         yield from self.events(job_id, after=last)
@@ -371,7 +366,8 @@ class GatewayClient:
                 if failures > RESUME_ATTEMPTS:
                     raise GatewayError(
                         f"lost the event stream of job {job_id} from {self.url} and could not "
-                        f"resume it: {exc}. The job may still be running: %gpu attach {job_id}"
+                        f"resume it: {_clause(exc)}. The job may still be running: "
+                        f"%gpu attach {job_id}"
                     ) from None
                 time.sleep(min(2.0, 0.05 * 2**failures))
                 continue
@@ -380,6 +376,21 @@ class GatewayClient:
             if failures > RESUME_ATTEMPTS:
                 raise GatewayError(f"the event stream of job {job_id} keeps ending early")
             time.sleep(min(2.0, 0.05 * 2**failures))
+
+
+def _clause(exc: BaseException) -> str:
+    """An exception's text to go inside a sentence of ours: without its own full stop."""
+    return str(exc).rstrip(" .") or type(exc).__name__
+
+
+def unreachable(url: str, exc: BaseException) -> GatewayError:
+    """The error for a gateway that could not be reached, with what to check."""
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return GatewayError(
+            f"the gateway URL {url!r} does not say how to reach it ({_clause(exc)}): write it "
+            "as http://HOST:PORT or https://HOST:PORT")
+    return GatewayError(f"cannot reach the gpu_magic gateway at {url}: {_clause(exc)}. Is it "
+                        "running? (`gpu-magic serve`, or check GPU_MAGIC_URL)")
 
 
 _SSL: Any = None

@@ -123,6 +123,8 @@ class JobState:
             if self.state == "queued":
                 est = f", about {self.estimate:g} s" if self.estimate else ""
                 return f"queued for {self.spec} (position {self.position}{est})"
+            if self.final:  # the state is said once, by progress(), beside this
+                return f"requested {self.spec}"
             return f"{self.state} · requested {self.spec}"
         text = f"{where(g)} · {self.option_text()}"
         if g.get("memory_gb"):
@@ -179,9 +181,9 @@ class JobState:
             return (f"cancelled{who}: nothing was bound (the namespace is as before); the output "
                     f"so far is kept {where_out}; its GPUs are released")
         if self.state in ("timed_out", "lost", "expired"):
-            return (self.message or self.state) + "; nothing was bound"
+            return then(self.message or self.state.replace("_", " "), "nothing was bound")
         if self.state == "failed":
-            return (self.error or self.message or "failed") + "; nothing was bound"
+            return then(self.error or self.message or "failed", "nothing was bound")
         if self.state != "succeeded":
             return ""
         parts = []
@@ -196,6 +198,27 @@ class JobState:
             parts.append(f"kept your {_names(self.kept_local)} (reassigned since submitting; "
                          "the job's value is in job.result)")
         return " · ".join(parts)
+
+
+def then(text: str, clause: str) -> str:
+    """``text; clause``, or ``text. Clause.`` after a sentence that ended: never ``.;``."""
+    text = text.rstrip()
+    if text.endswith((".", "!", "?")):
+        return f"{text} {clause[:1].upper()}{clause[1:]}."
+    return f"{text}; {clause}"
+
+
+def cancelled_text(subject: str, who: str, message: str | None) -> str:
+    """``GPU job 1f2e was cancelled by an interrupt while queued; nothing ran``: the gateway's
+    message says 'cancelled' itself, which is not said twice."""
+    detail = (message or "").strip()
+    if detail.lower().startswith("cancelled"):
+        detail = detail[len("cancelled"):]
+    detail = detail.strip()
+    text = f"{subject} was cancelled{who}"
+    if detail.startswith((":", ";", ",")):
+        return text + detail
+    return f"{text} {detail}" if detail else text
 
 
 def _names(names: list[str], most: int = 8) -> str:

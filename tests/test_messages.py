@@ -1,0 +1,115 @@
+"""What gpu_magic says when a job does not succeed, or cannot start: each fact once, in one
+well-formed sentence. Real gateway, real jobs; the texts are folded from their real events."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import pytest
+
+import gpu_magic
+from gpu_magic import GatewayError, JobCancelled, SerializationError, WaitExpired
+from gpu_magic._client import GatewayClient
+from gpu_magic._view import JobState, render_html, render_text
+
+from .conftest import Gateway, wait_for
+from .test_gateway_http import finish, submit
+
+DEADLINE = 60.0
+# what a glitch looks like: a word said twice in a row, or two stops in a row
+GLITCH = re.compile(r"\b(\w+) · \1\b|\.[.;]|; ;|: ;|;\s*\.")
+
+
+def _folded(client: GatewayClient, job_id: str) -> JobState:
+    state = JobState(client.job(job_id)["spec"], job_id)
+    for ev in client.events(job_id):
+        state.apply(ev, now=0.0)
+    return state
+
+
+def _clean(text: str) -> str:
+    assert not GLITCH.search(text), text
+    return text
+
+
+@pytest.fixture
+def blocked(use_gateway: Gateway) -> Any:
+    """Both H100s of the test pool held by a running job for the length of a test."""
+    client = use_gateway.client()
+    blocker = submit(client, "import time\ntime.sleep(60)", "H100:2", background=True)
+    wait_for(lambda: client.job(blocker["id"])["state"] == "running", DEADLINE)
+    yield client
+    client.cancel(blocker["id"])
+    finish(client, blocker["id"])
+    client.close()
+
+
+def test_an_expired_wait_says_each_thing_once(blocked: GatewayClient) -> None:
+    with pytest.raises(WaitExpired) as info:
+        gpu_magic.run("1", "H100:2", {"__name__": "__main__"}, client=blocked, wait=0.3)
+    _clean(str(info.value))
+    job = max(blocked.jobs(), key=lambda j: j["created"])
+    state = _folded(blocked, job["id"])
+    text = _clean(render_text(state, 0.0))
+    assert text.startswith("[gpu] expired · queued ") and text.count("expired") == 1, text
+    assert "(%gpu pool shows what is free). Nothing was bound." in text
+    _clean(render_html(state, 0.0, compact=True))
+
+
+def test_a_job_cancelled_while_queued_says_so_once(blocked: GatewayClient) -> None:
+    job = gpu_magic.run("v = 1", "H100:2", {"__name__": "__main__"}, client=blocked,
+                        background=True)
+    wait_for(lambda: job.state == "queued", DEADLINE)
+    assert job.cancel()
+    with pytest.raises(JobCancelled) as info:
+        job.wait(timeout=DEADLINE)
+    message = _clean(str(info.value))
+    assert message == (f"GPU job {job.id} was cancelled by job.cancel() while queued; nothing "
+                       "ran; nothing was bound"), message
+    first = _clean(render_text(_folded(blocked, job.id), 0.0)).splitlines()[0]
+    assert first.startswith("[gpu] cancelled · ") and first.count("cancelled") == 1, first
+    assert first.endswith(" · requested H100:2"), first
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("gpu-box:8765", "the gateway URL 'gpu-box:8765' does not say how to reach it "
+                     "(Request URL has an unsupported protocol 'gpu-box://'): write it as "
+                     "http://HOST:PORT or https://HOST:PORT"),
+    ("http://127.0.0.1:9", "cannot reach the gpu_magic gateway at http://127.0.0.1:9: "),
+])
+def test_an_unreachable_gateway_is_one_sentence(url: str, expected: str) -> None:
+    with GatewayClient(url, "x" * 43) as client, pytest.raises(GatewayError) as info:
+        client.pool()
+    assert _clean(str(info.value)).startswith(expected), str(info.value)
+
+
+class Settings:
+    def __init__(self) -> None:
+        self.scale = 2
+        self.lock = threading.Lock()
+
+
+def test_the_decorator_names_the_argument_that_cannot_be_sent(use_gateway: Gateway) -> None:
+    @gpu_magic.gpu("H100")
+    def total(values: Any, *more: Any, settings: Any = None) -> float:
+        return sum(values)
+
+    with pytest.raises(SerializationError) as info:
+        total(i for i in range(3))
+    message = str(info.value)
+    assert message.startswith("argument 'values' of total() (a generator) cannot be sent to the "
+                              "GPU: turn it into a list first"), message
+    assert "__gpu" not in message and info.value.name == "values"
+
+    with pytest.raises(SerializationError) as info:
+        total([1], 2, (i for i in range(3)))
+    assert str(info.value).startswith("argument 'more[1]' of total() (a generator)"), info.value
+
+    with pytest.raises(SerializationError) as info:
+        total([1], settings=Settings())
+    message = str(info.value)
+    assert message.startswith("argument 'settings' of total() (a Settings object) cannot be sent "
+                              "to the GPU: settings.lock: a thread lock;"), message
+    assert info.value.path == "settings.lock"
