@@ -113,3 +113,24 @@ def test_the_decorator_names_the_argument_that_cannot_be_sent(use_gateway: Gatew
     assert message.startswith("argument 'settings' of total() (a Settings object) cannot be sent "
                               "to the GPU: settings.lock: a thread lock;"), message
     assert info.value.path == "settings.lock"
+
+
+def test_a_queued_cell_shows_no_made_up_wait_estimate(blocked: GatewayClient) -> None:
+    # the gateway cannot know when the running cell ends (past cells took ~0.3 s; this one
+    # holds both H100s for a minute): no number is better than a wrong one
+    gpu_magic.run("1", "A100-80GB", {"__name__": "__main__"}, client=blocked, quiet=True)
+    job = gpu_magic.run("v = 1", "H100:2", {"__name__": "__main__"}, client=blocked,
+                        background=True, quiet=True)
+    try:
+        wait_for(lambda: job.state == "queued", DEADLINE)
+        events = blocked.events(job.id)
+        try:
+            queued = next(ev for ev in events if ev["type"] == "queued")
+        finally:
+            events.close()
+        assert queued["position"] == 1 and queued["estimate"] is None, queued
+        state = JobState("H100:2", job.id)
+        state.apply(queued, now=0.0)
+        assert state.headline() == "queued for H100:2 (position 1)"
+    finally:
+        job.cancel()

@@ -171,7 +171,6 @@ class Gateway:
         self._seq = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_activity = time.monotonic()
-        self.recent_runs: list[float] = []
         self.closing = False  # shutting down: no job is started any more
 
     # --- life cycle ---
@@ -680,7 +679,6 @@ class Gateway:
         self.running.pop(job.id, None)
         job.handle = None
         outcome = job.outcome or {}
-        ran = time.time() - (job.started or time.time())
         job.attempts.append({"attempt": attempt, "grant": job.grant, "rc": rc,
                              "outcome": outcome.get("type", "died")})
         req = job.request
@@ -695,7 +693,6 @@ class Gateway:
                            f"{int(t * 2)}{cap}.")
             self._finish(job, "timed_out")
         elif outcome.get("type") == "result":
-            self.recent_runs = (self.recent_runs + [ran])[-50:]
             self._emit(job, outcome)
             self._finish(job, "succeeded")
         elif outcome.get("type") == "error":
@@ -763,12 +760,10 @@ class Gateway:
 
     def _emit_queued(self, job: Job) -> None:
         pos = self.queue.index(job.id) + 1 if job.id in self.queue else 0
-        est = None
-        if self.recent_runs:
-            avg = sum(self.recent_runs) / len(self.recent_runs)
-            slots = max(1, len(self.gpus()))
-            est = round(avg * (1 + (pos - 1) / slots) if self.running else 0.0, 1)
-        ev: dict[str, Any] = {"type": "queued", "position": pos, "estimate": est,
+        # No wait estimate: when a GPU frees depends on how long the running cells take, which
+        # nothing here knows (the average of past cells, or a running cell's --timeout, is a
+        # number but not an estimate), and a wrong number is worse than none.
+        ev: dict[str, Any] = {"type": "queued", "position": pos, "estimate": None,
                               "attempt": job.attempt}
         if job.dropped:
             ev["dropped"] = job.dropped
