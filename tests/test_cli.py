@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import gpu_magic
+from gpu_magic.server.auth import MIN_TOKEN_CHARS, owner_token
 
 from .conftest import Gateway
 
@@ -52,3 +54,16 @@ def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
     assert out.returncode != 0
     assert "'H100:0' in the simulated pool asks for 0 GPUs" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_gateways_own_token_can_follow_token_on_a_command_line(tmp_path: Path) -> None:
+    # a urlsafe token starts with '-' one time in 64, and argparse then reads
+    # `--token -abc...` as a missing value; the tokens a gateway makes never do
+    firsts = set()
+    for i in range(300):
+        (tmp_path / str(i)).mkdir()
+        tokens, _ = owner_token(tmp_path / str(i))
+        token = next(iter(tokens))
+        assert len(token) >= MIN_TOKEN_CHARS
+        firsts.add(token[0])
+    assert "-" not in firsts and len(firsts) > 10

@@ -74,12 +74,21 @@ def load_tokens_file(path: Path) -> dict[str, User]:
         if not isinstance(value, str) or len(value) < MIN_TOKEN_CHARS:
             raise TokensFileError(
                 f"the token of user {name!r} in {path} is missing or shorter than {MIN_TOKEN_CHARS} "
-                "characters (128 bits); make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                "characters (128 bits); make one with: python -c 'import secrets; print(secrets.token_hex(32))'"
             )
         if value in tokens:
             raise TokensFileError(f"users {tokens[value].name!r} and {name!r} in {path} share a token")
         tokens[value] = User(str(name), admin, limits)
     return tokens
+
+
+def new_token() -> str:
+    """A random token (256 bits) that never starts with '-': it is typed after --token, where
+    a leading '-' reads as an option (1 urlsafe token in 64 did)."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def owner_token(state_dir: Path) -> tuple[dict[str, User], Path]:
@@ -90,7 +99,7 @@ def owner_token(state_dir: Path) -> tuple[dict[str, User], Path]:
         token = path.read_text().strip() or None
         os.chmod(path, 0o600)
     if token is None or len(token) < MIN_TOKEN_CHARS:
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         write_private(path, token + "\n")
     return {token: User(getpass.getuser(), admin=True)}, path
 
