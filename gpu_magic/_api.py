@@ -42,6 +42,11 @@ from ._remote import code_locator, rebuild, render_traceback, where
 from ._spec import GpuSpec, parse_spec
 from ._view import JobState, NullView, TextView, cancelled_text, then
 
+# In-place states are applied with those that may fail first (an object's __setstate__, which
+# can be undone) and arrays last (they cannot fail once checked, and are not undone).
+_IN_PLACE_ORDER = {"state": 0, "list": 1, "dict": 1, "set": 1, "bytearray": 1, "ndarray": 2,
+                   "tensor": 2}
+
 # Names IPython puts in every namespace; never shipped.
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh",
                             "__builtins__", "__builtin__", "__name__", "__doc__", "__spec__",
@@ -245,6 +250,7 @@ class _Job:
         self.background = opts.background
         self.error: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
+        self.in_place: dict[str, tuple[Any, ...]] = {}  # inputs changed in place: new states
         self.bound: dict[str, Any] = {}
         self.value: Any = None
         self.has_value = False
@@ -390,14 +396,56 @@ class _Job:
                 "loadable without a GPU."
             ) from exc
         names = {n: _rehome(v, staging, self.namespace) for n, v in payload["names"].items()}
+        # inputs changed in place: their new state, applied to our own object when bound
+        self.in_place = {n: tuple(_rehome(x, staging, self.namespace) for x in st)
+                         for n, st in (payload.get("in_place") or {}).items() if n in self.sent}
+        names.update({n: self.sent[n] for n in self.in_place})
         has_value = "value" in payload
         value = _rehome(payload["value"], staging, self.namespace) if has_value else None
         return names, list(ev.get("deleted", [])), has_value, value
+
+    def _apply_in_place(self, names: dict[str, Any]) -> dict[str, Any]:
+        """Bring the inputs the cell changed in place to their new state, here, in the very
+        objects the notebook holds (all of them, or none: an error undoes the rest). One that
+        cannot take it (an array whose shape changed here meanwhile) is bound as a new
+        object, as any other result."""
+        names = dict(names)
+        todo = []
+        for n, st in self.in_place.items():
+            if n not in names:
+                continue  # not bound (a background job's name reassigned since)
+            try:
+                _payload.check_in_place(names[n], st)
+                todo.append((_IN_PLACE_ORDER.get(st[0], 0), n, st))
+            except _payload.CannotApply as why:
+                try:
+                    names[n] = _payload.fresh_from_state(st)
+                except _payload.CannotApply:
+                    raise SerializationError(
+                        f"the results of GPU job {self.id} could not be applied here: {n} "
+                        f"changed in place on the GPU, but {why}; nothing was bound and the "
+                        "namespace is unchanged. Return it as a new object instead.") from None
+        undo: list[Callable[[], None]] = []
+        try:
+            for _, n, st in sorted(todo, key=lambda t: t[:2]):
+                undo.append(_payload.apply_in_place(names[n], st))
+        except Exception as exc:
+            for step in reversed(undo):
+                step()
+            raise SerializationError(
+                f"the results of GPU job {self.id} could not be applied here: {n} changed in "
+                f"place on the GPU, and its new state failed to load here "
+                f"({type(exc).__name__}: {exc}); nothing was bound and the namespace is "
+                "unchanged. Return it as a new object (assign it, e.g. `x = x`) or make its "
+                "__setstate__ work without a GPU."
+            ) from exc
+        return names
 
     def bind(self, names: dict[str, Any], deleted: list[str]) -> None:
         """Bind the names and delete the deleted, all at once."""
         ev = self.result or {}
         with _sigint_deferred():  # all at once or not at all
+            names = self._apply_in_place(names)
             self.namespace.update(names)
             for n in deleted:
                 self.namespace.pop(n, None)

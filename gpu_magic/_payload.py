@@ -12,6 +12,7 @@ function sees the cell's later assignments as it would locally.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import os
@@ -338,6 +339,159 @@ def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None,
         return None
     h.update(f.getbuffer())
     return h.hexdigest()
+
+
+# --- Inputs changed in place: their new state, applied to the client's own object ---
+#
+# An input a cell changed in place came back as a new object, so the notebook's other
+# references to it (an alias, a dict holding the model, a view of the array) kept the old
+# state, unlike a local run. Instead its new state travels, and is applied to the object the
+# client sent: for containers, arrays and tensors their contents, for other objects what
+# unpickling would do to a fresh instance (``__setstate__`` or the ``__dict__``).
+
+
+_DICTS = (dict, collections.OrderedDict, collections.defaultdict, collections.Counter)
+
+
+def in_place_state(obj: Any) -> tuple[Any, ...] | None:
+    """What it takes to bring the client's copy of ``obj`` to its state here; None if that
+    cannot be done in place (then ``obj`` travels as a new object)."""
+    t = type(obj)
+    if t is list:
+        return ("list", list(obj))
+    if t in _DICTS:
+        return ("dict", list(obj.items()))
+    if t is set:
+        return ("set", list(obj))
+    if t is bytearray:
+        return ("bytearray", bytes(obj))
+    np = sys.modules.get("numpy")
+    if np is not None and t is np.ndarray:
+        if obj.dtype.hasobject or not obj.flags.c_contiguous:
+            return None
+        return ("ndarray", pickle.PickleBuffer(obj), obj.dtype, obj.shape)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if t not in (torch.Tensor, torch.nn.Parameter) or obj.is_sparse:
+            return None
+        return ("tensor", obj.detach())
+    try:
+        reduced = obj.__reduce_ex__(5)
+    except Exception:
+        return None
+    import copyreg
+
+    if (not isinstance(reduced, tuple) or len(reduced) < 2 or reduced[0] is not copyreg.__newobj__
+            or tuple(reduced[1]) != (t,) or not hasattr(obj, "__dict__")):
+        return None  # built some other way than a plain instance plus its state
+    rest = list(reduced[2:]) + [None] * (5 - len(reduced))
+    state, items, pairs = rest[0], rest[1], rest[2]
+    return ("state", state, None if items is None else list(items),
+            None if pairs is None else list(pairs))
+
+
+class CannotApply(Exception):
+    """The client's object cannot take the new state (an array of another shape)."""
+
+
+def check_in_place(obj: Any, state: tuple[Any, ...]) -> None:
+    """Raise CannotApply unless :func:`apply_in_place` can bring ``obj`` to ``state``."""
+    kind = state[0]
+    if kind in ("list", "dict", "set", "bytearray"):
+        if not (type(obj).__name__ == kind or kind == "dict" and type(obj) in _DICTS):
+            raise CannotApply(f"it is a {type(obj).__name__} here")
+    elif kind == "ndarray":
+        _, buf, dtype, shape = state
+        if (type(obj).__name__ != "ndarray" or obj.shape != tuple(shape) or obj.dtype != dtype
+                or not obj.flags.writeable):
+            raise CannotApply("its shape or type changed")
+    elif kind == "tensor":
+        new = state[1]
+        if (type(obj).__name__ not in ("Tensor", "Parameter") or obj.shape != new.shape
+                or obj.dtype != new.dtype or obj.device != new.device):
+            raise CannotApply("its shape, type or device changed")
+    elif not hasattr(obj, "__dict__"):
+        raise CannotApply(f"a {type(obj).__name__} here")
+
+
+def fresh_from_state(state: tuple[Any, ...]) -> Any:
+    """A new object with ``state``, for a client object that cannot take it in place."""
+    kind = state[0]
+    if kind == "ndarray":
+        import numpy as np
+
+        _, buf, dtype, shape = state
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    if kind == "tensor":
+        return state[1]
+    if kind in ("list", "dict", "set", "bytearray"):
+        return {"list": list, "dict": dict, "set": set, "bytearray": bytearray}[kind](state[1])
+    raise CannotApply("it has no attributes here")
+
+
+def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
+    """Bring ``obj`` to ``state`` (checked by :func:`check_in_place`); return how to undo it."""
+    kind = state[0]
+    if kind in ("list", "bytearray"):
+        old = obj[:]
+        obj[:] = state[1]
+        return lambda: obj.__setitem__(slice(None), old)
+    if kind == "set":
+        old = obj.copy()
+        obj.clear()
+        obj.update(state[1])
+        return lambda: (obj.clear(), obj.update(old))
+    if kind == "dict":
+        before = list(obj.items())
+
+        def put(items: list[tuple[Any, Any]]) -> None:
+            obj.clear()
+            for k, v in items:  # not update(): a Counter's adds
+                obj[k] = v
+
+        put(state[1])
+        return lambda: put(before)
+    if kind == "ndarray":
+        import numpy as np
+
+        _, buf, dtype, shape = state
+        np.copyto(obj, np.frombuffer(buf, dtype=dtype).reshape(shape))
+        return lambda: None  # last of all: it cannot fail once checked
+    if kind == "tensor":
+        import torch
+
+        with torch.no_grad():
+            obj.copy_(state[1])
+        return lambda: None
+    _, new, items, pairs = state
+    saved = dict(obj.__dict__)
+
+    def undo() -> None:
+        obj.__dict__.clear()
+        obj.__dict__.update(saved)
+
+    try:
+        obj.__dict__.clear()  # as unpickling starts: an instance with nothing set
+        setstate = getattr(obj, "__setstate__", None)
+        if setstate is not None:
+            setstate(new)
+        elif new is not None:
+            attrs, slots = new if isinstance(new, tuple) and len(new) == 2 else (new, None)
+            if attrs:
+                obj.__dict__.update(attrs)
+            for k, v in (slots or {}).items():
+                setattr(obj, k, v)
+        if items is not None:
+            del obj[:]
+            obj.extend(items)
+        if pairs is not None:
+            obj.clear()
+            for k, v in pairs:
+                obj[k] = v
+    except BaseException:
+        undo()
+        raise
+    return undo
 
 
 # --- Diagnosis: which object inside an input cannot be pickled, and what to do about it ---

@@ -600,10 +600,16 @@ def _created(ns: dict[str, Any], shipped: dict[str, Any], names: list[str],
 
 def _pack_results(
     ns: dict[str, Any], names: list[str], value: Any, has_value: bool,
-    unchanged_inputs: dict[int, str], out: Outbox,
+    unchanged_inputs: dict[int, str], out: Outbox, same: list[str] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
-    values = {n: ns[n] for n in names}
+    states = {n: st for n in same if (st := _payload.in_place_state(ns[n])) is not None}
+    values = {n: ns[n] for n in names if n not in states}
     payload: dict[str, Any] = {"names": values}
+    if states:
+        payload["in_place"] = states
+        # every reference to such an object, in its own state or elsewhere in the results,
+        # is to the client's own object
+        unchanged_inputs = {**unchanged_inputs, **{id(ns[n]): n for n in states}}
     value_repr = None
     if has_value:
         try:
@@ -617,11 +623,13 @@ def _pack_results(
     except Exception:
         # only now look name by name for what cannot travel (pickling everything twice on the
         # common path would double the cost of large results), then send the rest
-        for n, v in list(values.items()):
-            if id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None:
+        for n, v in list(values.items()) + [(n, ns[n]) for n in states]:
+            if id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None or (
+                    n in states and _payload.fingerprint(states[n], ns) is None):
                 what, fix = _payload.describe(_payload.find_unpicklable(v, n)[1])
                 skipped[n] = f"{what} cannot be sent back; {fix}"
-                del values[n]
+                values.pop(n, None)
+                states.pop(n, None)
         if "value" in payload and id(value) not in unchanged_inputs and (
                 _payload.fingerprint(value, ns) is None):
             skipped["<cell value>"] = f"{type(value).__name__} cannot be pickled"
@@ -629,7 +637,7 @@ def _pack_results(
         packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs)
     event: dict[str, Any] = {
         "type": "result",
-        "names": list(values),
+        "names": [*values, *states],
         "skipped": skipped,
         "value": value_repr if "value" in payload else None,
         "has_value": "value" in payload,
@@ -952,9 +960,13 @@ class _Session:
             id(values[n]): n for n in values
             if n in ns and ns[n] is values[n] and n not in names
         }
+        # inputs that come back still the object that was sent: changed in place, they update
+        # the client's object in place too, so its other references (an alias, a dict holding
+        # the model, a view of the array) see the change as they would locally
+        same = [n for n in names if n in values and ns[n] is values[n]]
         value = result.result if manifest.get("has_value") else None
         event = _pack_results(ns, names, value, bool(manifest.get("has_value")) and value is not None,
-                              unchanged, out)
+                              unchanged, out, same)
         event["deleted"] = deleted
         if _Stream.writes != printed:  # a __reduce__ or __repr__ that prints: still the cell's
             self.sync()

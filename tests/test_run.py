@@ -154,6 +154,99 @@ def test_what_a_notebook_function_does_to_its_globals_comes_back() -> None:
     assert ns["train"] is train and ns["unused"] is unused
 
 
+def test_an_input_changed_in_place_changes_where_the_notebook_holds_it() -> None:
+    # Locally, an in-place change shows through every reference: an alias, a view of the
+    # array, a dict holding the object. The input must come back as the same object.
+    ns = notebook("""
+        import numpy as np
+        losses = []
+        alias = losses
+        data = np.zeros(4)
+        view = data[:2]
+        config = {"lr": 0.1}
+        holder = {"config": config}
+        from collections import Counter
+        words = Counter(a=1)
+        same_words = words
+        seen = set()
+        class Model:
+            def __init__(self):
+                self.weights = [0.0]
+                self.steps = 0
+            def step(self):
+                self.weights.append(1.0)
+                self.steps += 1
+        model = Model()
+        trainer = {"model": model, "model again": model}
+    """)
+    objects = {n: ns[n] for n in ("losses", "data", "config", "words", "seen", "model")}
+    run(ns, """
+        losses.append(1.5)
+        data += 1
+        config["lr"] = 0.01
+        seen.add("x")
+        words["a"] += 1
+        model.step()
+        model.me = model  # its new state refers to itself: to the notebook's object
+    """)
+    assert all(ns[n] is obj for n, obj in objects.items())
+    assert ns["alias"] == [1.5]
+    assert ns["view"].tolist() == [1.0, 1.0] and ns["data"].tolist() == [1.0] * 4
+    assert ns["holder"]["config"] == {"lr": 0.01} and ns["seen"] == {"x"}
+    assert ns["same_words"] == {"a": 2}
+    model = ns["trainer"]["model"]
+    assert model.steps == 1 and model.weights == [0.0, 1.0] and model.me is model
+    assert isinstance(model, ns["Model"])
+
+
+def test_a_model_trained_in_place_stays_the_notebook_s_model() -> None:
+    torch = pytest.importorskip("torch")
+    ns = notebook("""
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = {"model": model, "opt": opt}
+        x, y = torch.randn(8, 2), torch.randn(8, 1)
+        counts = torch.zeros(2)
+        also_counts = counts
+        def train(model, opt):
+            for _ in range(3):
+                opt.zero_grad()
+                ((model(x) - y) ** 2).mean().backward()
+                opt.step()
+    """)
+    before = ns["model"].weight.detach().clone()
+    run(ns, "train(model, opt)\ncounts.add_(1)")
+    assert ns["trainer"]["model"] is ns["model"] and ns["trainer"]["opt"] is ns["opt"]
+    assert not torch.equal(ns["model"].weight, before)
+    assert ns["also_counts"].tolist() == [1.0, 1.0]
+    # the optimizer steps the model's own parameters, so training goes on here as after a
+    # local run
+    params = {id(p) for p in ns["model"].parameters()}
+    assert all(id(p) in params for g in ns["opt"].param_groups for p in g["params"])
+    trained = ns["model"].weight.detach().clone()
+    ns["train"](ns["model"], ns["opt"])
+    assert not torch.equal(ns["model"].weight, trained)
+
+
+def test_a_state_that_cannot_be_applied_binds_nothing() -> None:
+    ns = notebook("""
+        import os
+        class Plain:
+            count = 0
+        class Picky:
+            def __setstate__(self, state):
+                if "GPU_MAGIC_GRANT" not in os.environ:  # only on the runner
+                    raise RuntimeError("not here")
+                self.__dict__.update(state)
+        a_plain, b_picky, c_list = Plain(), Picky(), []
+    """)
+    with pytest.raises(SerializationError, match="b_picky changed in place.*nothing was bound"):
+        run(ns, "a_plain.count = 1\nb_picky.x = 1\nc_list.append(1)\nnew_name = 1")
+    assert ns["a_plain"].count == 0 and ns["c_list"] == [] and "new_name" not in ns
+
+
 def test_function_defined_remotely_uses_local_globals_after_return() -> None:
     ns = notebook("k = 2")
     run(ns, "def times_k(x):\n    return x * k")
