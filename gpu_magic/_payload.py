@@ -500,6 +500,7 @@ _KNOWN_UNPICKLABLE: list[tuple[Callable[[Any], bool], str, str]] = [
     (lambda o: isinstance(o, io.IOBase), "an open file", "open it inside the cell instead"),
     (lambda o: type(o).__name__ in ("lock", "RLock", "_RLock", "Condition", "Semaphore"),
      "a thread lock", "create it inside the cell instead"),
+    (lambda o: isinstance(o, threading.Thread), "a thread", "start it inside the cell instead"),
     (lambda o: type(o).__name__ == "socket", "a network socket", "connect inside the cell instead"),
     (lambda o: isinstance(o, types.GeneratorType), "a generator",
      "turn it into a list first, or create it inside the cell"),
@@ -508,6 +509,16 @@ _KNOWN_UNPICKLABLE: list[tuple[Callable[[Any], bool], str, str]] = [
     (lambda o: isinstance(o, (types.FrameType, types.TracebackType)), "a stack frame",
      "do not keep frames or tracebacks in variables the cell uses"),
 ]
+
+
+def _known(obj: Any) -> bool:
+    for test, _what, _fix in _KNOWN_UNPICKLABLE:
+        try:
+            if test(obj):
+                return True
+        except Exception:
+            continue
+    return False
 
 
 def describe(obj: Any) -> tuple[str, str]:
@@ -566,8 +577,8 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]]:
 def find_unpicklable(obj: Any, path: str, depth: int = 0, seen: set[int] | None = None) -> tuple[str, Any]:
     """The deepest attribute path below ``obj`` that fails to pickle (``obj`` itself if none)."""
     seen = set() if seen is None else seen
-    if depth > 30 or id(obj) in seen:
-        return path, obj
+    if depth > 30 or id(obj) in seen or _known(obj):
+        return path, obj  # a thread, not the lock inside it
     seen.add(id(obj))
     for suffix, child in _children(obj):
         if not _pickles(child):

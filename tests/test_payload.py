@@ -671,6 +671,16 @@ def test_open_file_deep_inside_an_object(tmp_path: Path) -> None:
             "(pickle said: TypeError: cannot pickle 'generator' object)",
             id="generator-in-list",
         ),
+        pytest.param(
+            # a thread, not the lock inside it: that is what the user put there
+            {"job": {"worker": threading.Thread(target=print)}},
+            "job",
+            "job['worker']",
+            "variable 'job' (a dict object) cannot be sent to the GPU: job['worker']: a thread; "
+            "start it inside the cell instead (pickle said: TypeError: cannot pickle "
+            "'_thread.lock' object)",
+            id="thread-in-dict",
+        ),
     ],
 )
 def test_unpicklable_nested_input(
