@@ -262,6 +262,14 @@ def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None])
     shell.displayhook = ValueHook(shell=shell)
     shell.display_trap.hook = shell.displayhook  # run_cell installs the trap's hook, not ours
     shell.showtraceback = lambda *a, **k: None  # the error travels as an event instead
+
+    def ask_exit() -> None:  # exit() / quit(): a kernel would end; here the cell ends
+        raise SystemExit("exit() ends this cell on the GPU machine; the notebook's kernel "
+                         "keeps running (restart it from the notebook if that was meant)")
+
+    shell.ask_exit = ask_exit
+    # IPython's advice on SystemExit ("To exit: use 'exit'...") is for a terminal, not a cell
+    warnings.filterwarnings("ignore", message="To exit: use", category=UserWarning)
     shell.showsyntaxerror = lambda *a, **k: None
     return shell
 

@@ -247,6 +247,16 @@ def test_a_state_that_cannot_be_applied_binds_nothing() -> None:
     assert ns["a_plain"].count == 0 and ns["c_list"] == [] and "new_name" not in ns
 
 
+@pytest.mark.parametrize("call", ["exit()", "quit()", "import sys\nsys.exit(3)"])
+def test_exit_in_a_cell_ends_the_cell_and_says_so(
+        call: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ns = notebook("")
+    with pytest.raises(RemoteError, match="SystemExit: (exit\\(\\) ends this cell|3$)"):
+        run(ns, f"before = 1\n{call}\nafter = 2")
+    assert "before" not in ns and "after" not in ns  # an error: nothing bound
+    assert "To exit: use" not in capsys.readouterr().err  # IPython's advice for a terminal
+
+
 def test_function_defined_remotely_uses_local_globals_after_return() -> None:
     ns = notebook("k = 2")
     run(ns, "def times_k(x):\n    return x * k")
