@@ -498,7 +498,10 @@ class _Job:
         lines = render_traceback(ev, self.source, line_offset=self.opts.line_offset,
                                  label=self.opts.label, grant=self.state.grant, job_id=self.id,
                                  cell_name=_cell_name,
-                                 locate=code_locator(self.sent.values()))
+                                 # the notebook's functions too: a sent function calls
+                                 # others that travelled as its globals
+                                 locate=code_locator([*self.sent.values(),
+                                                      *list(self.namespace.values())]))
         return rebuild(ev, exc, lines)
 
 

@@ -85,12 +85,18 @@ def test_issue_example_in_a_real_kernel(tmp_path: Path) -> None:
 def test_remote_error_shows_cell_line_numbers_in_kernel(tmp_path: Path) -> None:
     nb = make_notebook("%load_ext gpu_magic",
                        "def helper(v):\n    return 1 / v",
-                       "%%gpu\nx = 0\nhelper(x)")
+                       "def outer(v):\n    return helper(v) + 1",
+                       "%%gpu\nx = 0\nhelper(x)",
+                       "%%gpu\nx = 0\nouter(x)")
     execute(nb, tmp_path, allow_errors=True)
-    err = texts(nb.cells[2], "error")
+    err = texts(nb.cells[3], "error")
     assert err.startswith("ZeroDivisionError: division by zero")
     # the cell's own line numbers (the %%gpu line is line 1) and the helper's notebook cell
-    assert "Cell In[3], line 3" in err and "helper(x)" in err
+    assert "Cell In[4], line 3" in err and "helper(x)" in err
+    assert "Cell In[2], line 2, in helper" in err and "return 1 / v" in err
+    # a function reached only through another one (it travelled as outer's global) too
+    err = texts(nb.cells[4], "error")
+    assert "Cell In[3], line 2, in outer" in err and "return helper(v) + 1" in err
     assert "Cell In[2], line 2, in helper" in err and "return 1 / v" in err
     assert "simulated" in err
 
