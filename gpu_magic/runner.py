@@ -224,6 +224,59 @@ class _NoStdin:
         return 0
 
 
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _without_widget(data: dict[str, Any]) -> dict[str, Any]:
+    """A widget's display without its view: the view would name a model that lives here,
+    which the notebook cannot reach (widgets talk to their kernel through comms, and this is
+    no kernel). Its text shows instead, and the first time, why."""
+    if "widget" not in _NOTED:
+        _NOTED.add("widget")
+        print("[gpu_magic] interactive widgets cannot be shown from the GPU machine (they "
+              "need the notebook's own kernel); showing their text instead. Progress bars: "
+              "tqdm.notebook and tqdm.auto draw as text here.", file=sys.stderr)
+    return {k: v for k, v in data.items() if k != _WIDGET_VIEW}
+
+
+_NOTED: set[str] = set()  # what this cell has been told once already
+
+
+class _TextProgress:
+    """tqdm.notebook draws its bars with ipywidgets, which cannot reach the notebook from
+    here (see _without_widget): imported in a cell, it draws them as text instead, as
+    tqdm.auto does outside a kernel. A meta path finder, so nothing is imported until a cell
+    asks for it."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "tqdm.notebook":
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _TextProgressLoader(spec.loader)
+                return spec
+        return None
+
+
+class _TextProgressLoader:
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def create_module(self, spec: Any) -> Any:
+        return self.real.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.real.exec_module(module)
+        from tqdm import std
+
+        module.tqdm = module.tqdm_notebook = std.tqdm
+        module.trange = module.tnrange = std.trange
+
+
 def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None]) -> Any:
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
@@ -233,6 +286,8 @@ def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None])
     class Publisher(DisplayPublisher):
         def publish(self, data: Any, metadata: Any = None, source: Any = None, *,
                     transient: Any = None, update: bool = False, **_kw: Any) -> None:
+            if _WIDGET_VIEW in (data or {}):
+                data = _without_widget(data)
             sync()
             event: dict[str, Any] = {
                 "type": "update_display" if update else "display",
@@ -254,6 +309,8 @@ def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None])
             if result is not None and self.exec_result is not None:
                 self.exec_result.result = result
 
+    if not any(isinstance(f, _TextProgress) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TextProgress())
     cfg = Config()
     cfg.HistoryManager.enabled = False
     cfg.InteractiveShell.colors = "nocolor"
@@ -744,6 +801,7 @@ class _Session:
         # `python -m` puts its starting folder first on sys.path: for a forked or reused runner
         # that must be this cell's folder, so modules beside the notebook import as they would
         sys.path[:] = [os.getcwd(), *self.base_path[1:]]
+        _NOTED.clear()
         import random
 
         random.seed()

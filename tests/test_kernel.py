@@ -286,3 +286,29 @@ def test_terminal_ipython_prints_each_status_once(tmp_path: Path, cell: str,
     assert [h for h in heads if h.strip()] == [
         next(h for h in heads if h.startswith(e)) for e in expected], out.stdout
     assert heads[-1].startswith("[gpu] succeeded") and "bound x" in out.stdout
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_widgets_from_the_gpu_show_as_text_and_tqdm_notebook_draws_a_text_bar(
+        tmp_path: Path) -> None:
+    # A widget made on the GPU machine cannot reach the notebook (it talks through its
+    # kernel's comms): its view would show "model not found". tqdm.notebook is the common case.
+    pytest.importorskip("tqdm")
+    pytest.importorskip("ipywidgets")
+    nb = make_notebook("%load_ext gpu_magic",
+                       "%%gpu\nfrom tqdm.notebook import tqdm, trange\n"
+                       "total = sum(1 for _ in tqdm(range(3))) + sum(1 for _ in trange(2))",
+                       "%%gpu\nimport ipywidgets\ndisplay(ipywidgets.IntSlider(value=7))\n"
+                       "display(ipywidgets.IntSlider(value=8))",
+                       "total")
+    execute(nb, tmp_path)
+    bars = texts(nb.cells[1], "stderr")
+    assert "3/3" in bars and "2/2" in bars
+    views = [o for c in nb.cells for o in c.outputs
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+             and "IntSlider" in o.get("data", {}).get("text/plain", "")]
+    assert views == []
+    shown = texts(nb.cells[2], "display_data")
+    assert "IntSlider(value=7" in shown and "IntSlider(value=8" in shown
+    assert texts(nb.cells[2], "stderr").count("cannot be shown from the GPU machine") == 1
+    assert texts(nb.cells[3], "execute_result") == "5"
