@@ -28,6 +28,7 @@ from ._errors import GpuMagicError, RemoteError
 from ._tables import jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
+_OUTPUT_NAME = re.compile(r"_{1,3}|_\d+")  # IPython's names for earlier cells' values
 
 
 def _split(line: str) -> tuple[str, str]:
@@ -119,8 +120,9 @@ class GPUMagic(Magics):
         )
         shell = self.shell
         assert shell is not None
-        return _api.run(cell, spec_text or None, shell.user_ns,
-                        hidden=set(shell.user_ns_hidden), **vars(opts))
+        # IPython's own names stay here; the outputs it keeps (_, __, ___, _5) are the user's
+        hidden = {n for n in shell.user_ns_hidden if not _OUTPUT_NAME.fullmatch(n)}
+        return _api.run(cell, spec_text or None, shell.user_ns, hidden=hidden, **vars(opts))
 
     def _defaults(self) -> Any:
         """The options of a cell without flags (most cells): argparse's answer, kept (only

@@ -312,3 +312,12 @@ def test_widgets_from_the_gpu_show_as_text_and_tqdm_notebook_draws_a_text_bar(
     assert "IntSlider(value=7" in shown and "IntSlider(value=8" in shown
     assert texts(nb.cells[2], "stderr").count("cannot be shown from the GPU machine") == 1
     assert texts(nb.cells[3], "execute_result") == "5"
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_a_cell_can_use_the_values_of_earlier_cells(tmp_path: Path) -> None:
+    # _, __ and _N are the notebook's values of earlier cells, as in a local cell
+    nb = make_notebook("%load_ext gpu_magic", "20", "21",
+                       "%%gpu\n(_ + 1, __, _2 * 2, _3)")
+    execute(nb, tmp_path)
+    assert texts(nb.cells[3], "execute_result") == "(22, 20, 40, 21)"
