@@ -293,8 +293,6 @@ def test_widgets_from_the_gpu_show_as_text_and_tqdm_notebook_draws_a_text_bar(
         tmp_path: Path) -> None:
     # A widget made on the GPU machine cannot reach the notebook (it talks through its
     # kernel's comms): its view would show "model not found". tqdm.notebook is the common case.
-    pytest.importorskip("tqdm")
-    pytest.importorskip("ipywidgets")
     nb = make_notebook("%load_ext gpu_magic",
                        "%%gpu\nfrom tqdm.notebook import tqdm, trange\n"
                        "total = sum(1 for _ in tqdm(range(3))) + sum(1 for _ in trange(2))",
