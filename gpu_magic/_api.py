@@ -44,8 +44,8 @@ from ._view import JobState, NullView, TextView, cancelled_text, then
 
 # In-place states are applied with those that may fail first (an object's __setstate__, which
 # can be undone) and arrays last (they cannot fail once checked, and are not undone).
-_IN_PLACE_ORDER = {"state": 0, "list": 1, "dict": 1, "set": 1, "bytearray": 1, "ndarray": 2,
-                   "tensor": 2}
+_IN_PLACE_ORDER = {"state": 0, "items": 1, "dict": 1, "ndarray": 2, "tensor": 2}
+_NOTHING = object()  # an in-place result whose object is not here
 
 # Names IPython puts in every namespace; never shipped.
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh",
@@ -243,10 +243,17 @@ class _Job:
 
     def __init__(self, client: GatewayClient, record: dict[str, Any], state: JobState,
                  view: Any, source: str, opts: Options, namespace: dict[str, Any],
-                 sent: dict[str, Any]) -> None:
+                 sent: dict[str, Any], refs: dict[str, Any] | None = None,
+                 attached: bool = False) -> None:
         self.client, self.record, self.state, self.view = client, record, state, view
         self.id = record["id"]
         self.source, self.opts, self.namespace, self.sent = source, opts, namespace, sent
+        # what the results may name as already here: the namespace as it was when the cell
+        # was sent (inputs, and the globals its notebook functions took along)
+        self.refs = sent if refs is None else refs
+        # followed again from elsewhere (%gpu attach): the objects here are not the ones the
+        # job was sent, so nothing is changed in place; its results are new objects
+        self.attached = attached
         self.background = opts.background
         self.error: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
@@ -387,7 +394,7 @@ class _Job:
         blob, buffers = self._blobs
         staging: dict[str, Any] = {"__name__": "__main__"}
         try:
-            payload = _payload.loads(blob, buffers, namespace=staging, inputs=self.sent)
+            payload = _payload.loads(blob, buffers, namespace=staging, inputs=self.refs)
         except Exception as exc:
             raise SerializationError(
                 f"the results of GPU job {self.id} could not be rebuilt here "
@@ -398,8 +405,8 @@ class _Job:
         names = {n: _rehome(v, staging, self.namespace) for n, v in payload["names"].items()}
         # inputs changed in place: their new state, applied to our own object when bound
         self.in_place = {n: tuple(_rehome(x, staging, self.namespace) for x in st)
-                         for n, st in (payload.get("in_place") or {}).items() if n in self.sent}
-        names.update({n: self.sent[n] for n in self.in_place})
+                         for n, st in (payload.get("in_place") or {}).items()}
+        names.update({n: self.refs.get(n, _NOTHING) for n in self.in_place})
         has_value = "value" in payload
         value = _rehome(payload["value"], staging, self.namespace) if has_value else None
         return names, list(ev.get("deleted", [])), has_value, value
@@ -415,6 +422,8 @@ class _Job:
             if n not in names:
                 continue  # not bound (a background job's name reassigned since)
             try:
+                if self.attached or names[n] is _NOTHING:
+                    raise _payload.CannotApply("this is not the kernel that sent it")
                 _payload.check_in_place(names[n], st)
                 todo.append((_IN_PLACE_ORDER.get(st[0], 0), n, st))
             except _payload.CannotApply as why:
@@ -444,6 +453,8 @@ class _Job:
     def bind(self, names: dict[str, Any], deleted: list[str]) -> None:
         """Bind the names and delete the deleted, all at once."""
         ev = self.result or {}
+        # IPython's own names (In, Out...) are the kernel's, whatever a cell did with them
+        names = {n: v for n, v in names.items() if n not in _IPYTHON_NAMES}
         with _sigint_deferred():  # all at once or not at all
             names = self._apply_in_place(names)
             self.namespace.update(names)
@@ -500,8 +511,8 @@ class _Job:
                                  cell_name=_cell_name,
                                  # the notebook's functions too: a sent function calls
                                  # others that travelled as its globals
-                                 locate=code_locator([*self.sent.values(),
-                                                      *list(self.namespace.values())]))
+                                 locate=code_locator(list(self.sent.values()),
+                                                     list(self.namespace.values())))
         return rebuild(ev, exc, lines)
 
 
@@ -647,7 +658,8 @@ def submit(
         raise
     cl.known.update(blobs)
     state.job_id = record["id"]
-    job = _Job(cl, record, state, NullView(state), source, opts, namespace, values)
+    job = _Job(cl, record, state, NullView(state), source, opts, namespace, values,
+               refs=dict(namespace))
     job.feed = feed
     job.outputs = [*analysis.outputs, *sorted(analysis.deleted)]
     job.view = _make_view(job)
@@ -767,7 +779,7 @@ def attach(job_id: str, namespace: dict[str, Any] | None = None, *, quiet: bool 
     opts = Options(quiet=quiet, label=f"job {job_id}")
     # inputs the cell left unchanged come back as references: resolve them to today's objects
     job = _Job(cl, record, state, NullView(state), record.get("source", ""), opts, namespace,
-               namespace)
+               namespace, attached=True)
     job.view = _make_view(job)
     try:
         return _follow_here(job)

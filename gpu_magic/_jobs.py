@@ -219,6 +219,8 @@ class GpuJob:
         # binding time was reassigned here meanwhile, and is not overwritten
         ns = job.namespace
         self._before = {n: ns.get(n, _MISSING) for n in {*outputs, *job.sent}}
+        # and every other name: a notebook function's global the job changes comes back too
+        self._before.update((n, v) for n, v in job.refs.items() if n not in self._before)
         self._thread = threading.Thread(target=self._follow, name=f"gpu_magic job {self.id}",
                                         daemon=True)
 

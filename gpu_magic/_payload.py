@@ -354,27 +354,25 @@ _DICTS = (dict, collections.OrderedDict, collections.defaultdict, collections.Co
 
 
 def in_place_state(obj: Any) -> tuple[Any, ...] | None:
-    """What it takes to bring the client's copy of ``obj`` to its state here; None if that
-    cannot be done in place (then ``obj`` travels as a new object)."""
+    """What it takes to bring the client's copy of ``obj`` to its state here, as
+    ``(kind, type, ...)``; None if that cannot be done in place (then ``obj`` travels as a
+    new object)."""
     t = type(obj)
-    if t is list:
-        return ("list", list(obj))
+    if t is list or t is set or t is bytearray:
+        return ("items", t, bytes(obj) if t is bytearray else list(obj))
     if t in _DICTS:
-        return ("dict", list(obj.items()))
-    if t is set:
-        return ("set", list(obj))
-    if t is bytearray:
-        return ("bytearray", bytes(obj))
+        return ("dict", t, list(obj.items()), getattr(obj, "default_factory", None))
     np = sys.modules.get("numpy")
     if np is not None and t is np.ndarray:
         if obj.dtype.hasobject or not obj.flags.c_contiguous:
             return None
-        return ("ndarray", pickle.PickleBuffer(obj), obj.dtype, obj.shape)
+        return ("ndarray", t, pickle.PickleBuffer(obj), obj.dtype, obj.shape,
+                bool(obj.flags.writeable))
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
         if t not in (torch.Tensor, torch.nn.Parameter) or obj.is_sparse:
             return None
-        return ("tensor", obj.detach())
+        return ("tensor", t, obj.detach(), obj.requires_grad)
     try:
         reduced = obj.__reduce_ex__(5)
     except Exception:
@@ -386,7 +384,7 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
         return None  # built some other way than a plain instance plus its state
     rest = list(reduced[2:]) + [None] * (5 - len(reduced))
     state, items, pairs = rest[0], rest[1], rest[2]
-    return ("state", state, None if items is None else list(items),
+    return ("state", t, state, None if items is None else list(items),
             None if pairs is None else list(pairs))
 
 
@@ -396,79 +394,100 @@ class CannotApply(Exception):
 
 def check_in_place(obj: Any, state: tuple[Any, ...]) -> None:
     """Raise CannotApply unless :func:`apply_in_place` can bring ``obj`` to ``state``."""
-    kind = state[0]
-    if kind in ("list", "dict", "set", "bytearray"):
-        if not (type(obj).__name__ == kind or kind == "dict" and type(obj) in _DICTS):
-            raise CannotApply(f"it is a {type(obj).__name__} here")
-    elif kind == "ndarray":
-        _, buf, dtype, shape = state
-        if (type(obj).__name__ != "ndarray" or obj.shape != tuple(shape) or obj.dtype != dtype
-                or not obj.flags.writeable):
-            raise CannotApply("its shape or type changed")
+    kind, t = state[0], state[1]
+    if type(obj) is not t:
+        raise CannotApply(f"it is a {type(obj).__qualname__} here, not a {t.__qualname__}")
+    if kind == "ndarray":
+        _, _, _, dtype, shape, _ = state
+        if obj.shape != tuple(shape) or obj.dtype != dtype or not obj.flags.writeable:
+            raise CannotApply("its shape or type changed, or it is read-only here")
     elif kind == "tensor":
-        new = state[1]
-        if (type(obj).__name__ not in ("Tensor", "Parameter") or obj.shape != new.shape
-                or obj.dtype != new.dtype or obj.device != new.device):
+        new = state[2]
+        if obj.shape != new.shape or obj.dtype != new.dtype or obj.device != new.device:
             raise CannotApply("its shape, type or device changed")
-    elif not hasattr(obj, "__dict__"):
-        raise CannotApply(f"a {type(obj).__name__} here")
 
 
 def fresh_from_state(state: tuple[Any, ...]) -> Any:
-    """A new object with ``state``, for a client object that cannot take it in place."""
-    kind = state[0]
+    """A new object with ``state``: where the client has no object of that type to update
+    (``%gpu attach`` in another kernel, a name reassigned meanwhile)."""
+    kind, t = state[0], state[1]
     if kind == "ndarray":
         import numpy as np
 
-        _, buf, dtype, shape = state
-        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+        _, _, buf, dtype, shape, writeable = state
+        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        if not writeable:
+            arr.flags.writeable = False
+        return arr
     if kind == "tensor":
-        return state[1]
-    if kind in ("list", "dict", "set", "bytearray"):
-        return {"list": list, "dict": dict, "set": set, "bytearray": bytearray}[kind](state[1])
-    raise CannotApply("it has no attributes here")
+        _, _, new, requires_grad = state
+        return t(new, requires_grad=requires_grad) if t is not type(new) else (
+            new.requires_grad_(requires_grad) if new.is_leaf else new)
+    obj = t() if kind in ("items", "dict") else t.__new__(t)
+    apply_in_place(obj, state)
+    return obj
+
+
+def _slots(obj: Any) -> list[str]:
+    import copyreg
+
+    return [n for n in copyreg._slotnames(type(obj)) if n not in ("__dict__", "__weakref__")]
 
 
 def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
     """Bring ``obj`` to ``state`` (checked by :func:`check_in_place`); return how to undo it."""
     kind = state[0]
-    if kind in ("list", "bytearray"):
-        old = obj[:]
-        obj[:] = state[1]
-        return lambda: obj.__setitem__(slice(None), old)
-    if kind == "set":
+    if kind == "items":
+        t, items = state[1], state[2]
         old = obj.copy()
-        obj.clear()
-        obj.update(state[1])
-        return lambda: (obj.clear(), obj.update(old))
-    if kind == "dict":
-        before = list(obj.items())
-
-        def put(items: list[tuple[Any, Any]]) -> None:
+        if t is set:
             obj.clear()
-            for k, v in items:  # not update(): a Counter's adds
-                obj[k] = v
+            obj.update(items)
+            return lambda: (obj.clear(), obj.update(old))
+        obj[:] = items
+        return lambda: obj.__setitem__(slice(None), old)
+    if kind == "dict":
+        _, t, items, factory = state
+        before = list(obj.items()), getattr(obj, "default_factory", None)
 
-        put(state[1])
-        return lambda: put(before)
+        def put(pairs: list[tuple[Any, Any]], default: Any) -> None:
+            obj.clear()
+            for k, v in pairs:  # not update(): a Counter's adds
+                obj[k] = v
+            if t is collections.defaultdict:
+                obj.default_factory = default
+
+        put(items, factory)
+        return lambda: put(*before)
     if kind == "ndarray":
         import numpy as np
 
-        _, buf, dtype, shape = state
+        _, _, buf, dtype, shape, writeable = state
         np.copyto(obj, np.frombuffer(buf, dtype=dtype).reshape(shape))
+        if not writeable:
+            obj.flags.writeable = False
         return lambda: None  # last of all: it cannot fail once checked
     if kind == "tensor":
         import torch
 
+        _, _, new, requires_grad = state
         with torch.no_grad():
-            obj.copy_(state[1])
+            obj.copy_(new)
+        if obj.requires_grad != requires_grad and obj.is_leaf:
+            obj.requires_grad_(requires_grad)
         return lambda: None
-    _, new, items, pairs = state
+    _, _, new, items, pairs = state
     saved = dict(obj.__dict__)
+    slots = {n: getattr(obj, n) for n in _slots(obj) if hasattr(obj, n)}
 
     def undo() -> None:
         obj.__dict__.clear()
         obj.__dict__.update(saved)
+        for n in _slots(obj):
+            if n in slots:
+                object.__setattr__(obj, n, slots[n])
+            elif hasattr(obj, n):
+                object.__delattr__(obj, n)
 
     try:
         obj.__dict__.clear()  # as unpickling starts: an instance with nothing set
@@ -476,10 +495,10 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
         if setstate is not None:
             setstate(new)
         elif new is not None:
-            attrs, slots = new if isinstance(new, tuple) and len(new) == 2 else (new, None)
+            attrs, slotstate = new if isinstance(new, tuple) and len(new) == 2 else (new, None)
             if attrs:
                 obj.__dict__.update(attrs)
-            for k, v in (slots or {}).items():
+            for k, v in (slotstate or {}).items():
                 setattr(obj, k, v)
         if items is not None:
             del obj[:]
@@ -531,7 +550,7 @@ def describe(obj: Any) -> tuple[str, str]:
             continue
     tname = type(obj).__qualname__
     return (
-        f"a {tname} object",
+        f"{'an' if tname[:1].lower() in 'aeiou' else 'a'} {tname} object",
         f"create it inside the cell, or give {tname} __getstate__/__setstate__ so it can be pickled",
     )
 

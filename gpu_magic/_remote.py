@@ -32,7 +32,7 @@ def render_traceback(
     grant: dict[str, Any] | None = None,
     job_id: str | None = None,
     cell_name: Callable[[str], str | None] | None = None,
-    locate: Callable[[str, int], str | None] | None = None,
+    locate: Callable[[str, int, str | None, int | None], str | None] | None = None,
 ) -> list[str]:
     """The lines IPython shows for the remote exception."""
     ename, evalue = event.get("ename", "Exception"), event.get("evalue", "")
@@ -51,7 +51,8 @@ def render_traceback(
             filename = fr.get("filename", "?")
             if filename == "<dynamic-code>" and locate is not None:
                 # cloudpickle drops the file name of notebook functions; find it here
-                filename = locate(fr.get("name", ""), lineno) or filename
+                filename = locate(fr.get("name", ""), lineno, fr.get("qualname"),
+                                  fr.get("first")) or filename
             local_name = cell_name(filename) if cell_name else None
             text = linecache.getline(filename, lineno).rstrip() or fr.get("line", "")
             head = f"{local_name}, line {lineno}" if local_name else f"File {filename}:{lineno}"
@@ -77,33 +78,47 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str]) -> BaseExcepti
     return RemoteError(event.get("ename", "Exception"), event.get("evalue", ""), "\n".join(tb_lines))
 
 
-def code_locator(values: Iterable[Any]) -> Callable[[str, int], str | None]:
-    """Find the local file of a notebook function by its name and a line inside it."""
-    index: dict[str, list[tuple[int, int, str]]] = {}
+def code_locator(sent: Iterable[Any], others: Iterable[Any] = ()
+                 ) -> Callable[[str, int, str | None, int | None], str | None]:
+    """Find the local file of a notebook function from a frame of its remote run: its
+    qualified name and first line (both survive pickling), else its name and a line inside it.
+    ``sent``: the values the job was sent; ``others``: more of the notebook (the functions
+    they call travel as their globals), matched on qualified name and first line only, as
+    two cells may well both define a ``forward``."""
+    exact: dict[tuple[str, int], str] = {}
+    by_line: dict[str, list[tuple[int, int, str]]] = {}
 
-    def add(code: types.CodeType) -> None:
-        lines = [ln for _, _, ln in code.co_lines() if ln is not None] or [code.co_firstlineno]
-        index.setdefault(code.co_name, []).append(
-            (code.co_firstlineno, max(lines), code.co_filename))
+    def add(code: types.CodeType, sent: bool) -> None:
+        exact.setdefault((getattr(code, "co_qualname", code.co_name), code.co_firstlineno),
+                         code.co_filename)  # the sent values are visited first: theirs win
+        if sent:
+            lines = [ln for _, _, ln in code.co_lines() if ln is not None] or [code.co_firstlineno]
+            by_line.setdefault(code.co_name, []).append(
+                (code.co_firstlineno, max(lines), code.co_filename))
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
-                add(const)
+                add(const, sent)
 
-    def visit(obj: Any) -> None:
+    def visit(obj: Any, sent: bool) -> None:
         if isinstance(obj, types.FunctionType):
-            add(obj.__code__)
+            add(obj.__code__, sent)
         elif isinstance(obj, type):
             for v in vars(obj).values():
                 f = getattr(v, "__func__", v)
                 if isinstance(f, types.FunctionType):
-                    add(f.__code__)
+                    add(f.__code__, sent)
 
-    for v in values:
-        visit(v)
+    for v in sent:
+        visit(v, True)
+    for v in others:
+        visit(v, False)
 
-    def locate(name: str, lineno: int) -> str | None:
-        for first, last, filename in index.get(name, []):
-            if first <= lineno <= last:
+    def locate(name: str, lineno: int, qualname: str | None = None,
+               first: int | None = None) -> str | None:
+        if qualname is not None and first is not None and (qualname, first) in exact:
+            return exact[(qualname, first)]
+        for start, last, filename in by_line.get(name, []):
+            if start <= lineno <= last:
                 return filename
         return None
 

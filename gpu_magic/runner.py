@@ -509,17 +509,24 @@ def _flush_c_stdio() -> None:
 def _frames(exc: BaseException, cell_files: set[str]) -> list[dict[str, Any]]:
     """The traceback as plain data, from the cell's own frame on (runner/IPython frames dropped)."""
     frames = traceback.extract_tb(exc.__traceback__)
+    codes = [frame.f_code for frame, _ in traceback.walk_tb(exc.__traceback__)]
     start = 0
     for i, fr in enumerate(frames):
         if fr.filename in cell_files:
             start = i
             break
     out = []
-    for fr in frames[start:]:
+    for fr, code in zip(frames[start:], codes[start:]):
+        if isinstance(exc, SystemExit) and not (fr.filename in cell_files
+                                                or fr.filename == "<dynamic-code>"):
+            continue  # exit() goes through IPython and the runner: not the user's frames
         out.append({
             "filename": fr.filename,
             "lineno": fr.lineno,
             "name": fr.name,
+            # which notebook function it is: two cells may each define a `forward`
+            "qualname": getattr(code, "co_qualname", code.co_name),
+            "first": code.co_firstlineno,
             "line": fr.line or "",
             "cell": fr.filename in cell_files,
         })
@@ -651,6 +658,13 @@ class _InputRef:
     """Persistent ids for unchanged inputs: the client binds its own object, nothing is sent."""
 
 
+# The names IPython's shell sets in a cell's namespace (init_user_ns): never the cell's, even
+# when a notebook function's globals brought the notebook's own along (a function using In)
+_IPYTHON_OWN = frozenset({"__name__", "__builtins__", "__builtin__", "In", "Out", "_ih", "_oh",
+                          "_dh", "_i", "_ii", "_iii", "_", "__", "___", "get_ipython", "exit",
+                          "quit", "_exit_code"})
+
+
 def _created(ns: dict[str, Any], shipped: dict[str, Any], names: list[str],
              hidden: dict[str, Any]) -> list[str]:
     """Names the cell made without binding them at its top level, where the source shows
@@ -658,7 +672,7 @@ def _created(ns: dict[str, Any], shipped: dict[str, Any], names: list[str],
     (``In``, ``Out``, ``exit``...) and dunders are not the cell's."""
     taken = set(names)
     return [n for n, v in ns.items()
-            if n not in shipped and n not in taken
+            if n not in shipped and n not in taken and n not in _IPYTHON_OWN - {"_exit_code"}
             and not (n.startswith("__") and n.endswith("__"))
             and not (n in hidden and hidden[n] is v)]
 
@@ -691,8 +705,11 @@ def _pack_results(
         for n, v in list(values.items()) + [(n, ns[n]) for n in states]:
             if id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None or (
                     n in states and _payload.fingerprint(states[n], ns) is None):
-                what, fix = _payload.describe(_payload.find_unpicklable(v, n)[1])
-                skipped[n] = f"{what} cannot be sent back; {fix}"
+                what, _fix = _payload.describe(_payload.find_unpicklable(v, n)[1])
+                # the fix for an input ("create it inside the cell") is no help for a result
+                skipped[n] = (f"{what} cannot be sent back, so it stayed on the GPU machine; "
+                              f"`del {n}` at the end of the cell, or list what to bring back "
+                              "with --return, to leave it there without this note")
                 values.pop(n, None)
                 states.pop(n, None)
         if "value" in payload and id(value) not in unchanged_inputs and (
@@ -970,7 +987,7 @@ class _Session:
         # what arrived: the inputs, and the globals the notebook functions among them use
         # (cloudpickle puts those straight into the namespace): a function the cell calls may
         # change or rebind them, and a local run would show that
-        shipped = {n: v for n, v in ns.items() if n != "__name__"}
+        shipped = {n: v for n, v in ns.items() if n not in _IPYTHON_OWN}
         mapped = _Mapped(buffers, [os.path.basename(p) for p in inputs["buffers"]])
         del buffers
         before = {n: _payload.fingerprint(v, ns, mapped.known, own_state=True)
@@ -1022,14 +1039,17 @@ class _Session:
         deleted = [n for n in manifest.get("deleted", []) if n not in ns]
         if not manifest.get("no_return") and manifest.get("return_names") is None:
             deleted += [n for n in shipped if n not in ns and n not in deleted]
+        # what arrived and is still there: the client holds it under that name (an input, or
+        # a global of a notebook function as it was when the cell was sent), so a reference
+        # to it goes back as that name
         unchanged = {
-            id(values[n]): n for n in values
-            if n in ns and ns[n] is values[n] and n not in names
+            id(shipped[n]): n for n in shipped
+            if n in ns and ns[n] is shipped[n] and n not in names
         }
-        # inputs that come back still the object that was sent: changed in place, they update
-        # the client's object in place too, so its other references (an alias, a dict holding
-        # the model, a view of the array) see the change as they would locally
-        same = [n for n in names if n in values and ns[n] is values[n]]
+        # what comes back still the object that arrived: changed in place, it updates the
+        # client's object in place too, so its other references (an alias, a dict holding the
+        # model, a view of the array) see the change as they would locally
+        same = [n for n in names if n in shipped and ns[n] is shipped[n]]
         value = result.result if manifest.get("has_value") else None
         event = _pack_results(ns, names, value, bool(manifest.get("has_value")) and value is not None,
                               unchanged, out, same)

@@ -319,3 +319,20 @@ def test_a_cell_can_use_the_values_of_earlier_cells(tmp_path: Path) -> None:
                        "%%gpu\n(_ + 1, __, _2 * 2, _3)")
     execute(nb, tmp_path)
     assert texts(nb.cells[3], "execute_result") == "(22, 20, 40, 21)"
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_remote_tracebacks_name_the_right_function_of_two_with_one_name(tmp_path: Path) -> None:
+    nb = make_notebook("%load_ext gpu_magic",
+                       "class B:\n    def forward(self):\n        return 'b fine'",
+                       "class A:\n    def forward(self):\n        return 1 / 0\n"
+                       "def go():\n    return A().forward()",
+                       "%%gpu\ngo()",
+                       "%%gpu\nexit()")
+    execute(nb, tmp_path, allow_errors=True)
+    err = texts(nb.cells[3], "error")
+    assert "Cell In[3], line 3, in forward" in err and "return 1 / 0" in err
+    assert "b fine" not in err
+    # exit() goes through IPython and the runner: only the cell's own frame is shown
+    err = texts(nb.cells[4], "error")
+    assert "exit() ends this cell" in err and "autocall" not in err and "runner.py" not in err

@@ -17,7 +17,7 @@ from gpu_magic import (
     SerializationError,
     SpecError,
 )
-from gpu_magic._api import _check_environment
+from gpu_magic._api import _check_environment, attach
 
 pytestmark = pytest.mark.usefixtures("use_gateway")
 
@@ -131,10 +131,12 @@ def test_what_a_notebook_function_does_to_its_globals_comes_back() -> None:
     # run leaves behind, so it must come back too.
     ns = notebook("""
         history = []
+        same_history = history
         step = 0
         config = {"lr": 0.1}
         unused = {"kept": True}
         gone = 1
+        In, Out = ["notebook history"], {1: "an output"}  # as IPython has them
         def train():
             global step, made, gone
             for i in range(3):
@@ -143,15 +145,29 @@ def test_what_a_notebook_function_does_to_its_globals_comes_back() -> None:
             config["lr"] = 0.01
             made = step * 2
             del gone
-            return "trained" if unused["kept"] else "?"
+            return "trained" if unused["kept"] and None not in (In, Out) else "?"
     """)
-    train, unused = ns["train"], ns["unused"]
+    train, unused, history_in, history_out = ns["train"], ns["unused"], ns["In"], ns["Out"]
     assert run(ns, "out = train()") is None
     assert ns["out"] == "trained"
     assert (ns["history"], ns["step"], ns["config"], ns["made"]) == ([0, 1, 2], 3, {"lr": 0.01}, 6)
     assert "gone" not in ns
-    # what did not change stays the very same object
+    assert ns["same_history"] is ns["history"]  # changed in place: the same list
+    # what did not change stays the very same object, and IPython's names are the kernel's
     assert ns["train"] is train and ns["unused"] is unused
+    assert ns["In"] is history_in and ns["Out"] is history_out
+
+
+def test_a_background_job_brings_back_what_a_function_did_to_its_globals(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    ns = notebook("""
+        history = []
+        def train():
+            history.append(1)
+    """)
+    run(ns, "train()", background=True).wait()
+    assert ns["history"] == [1]
+    assert "reassigned since" not in capsys.readouterr().err
 
 
 def test_an_input_changed_in_place_changes_where_the_notebook_holds_it() -> None:
@@ -163,6 +179,7 @@ def test_an_input_changed_in_place_changes_where_the_notebook_holds_it() -> None
         alias = losses
         data = np.zeros(4)
         view = data[:2]
+        frozen = np.zeros(2)
         config = {"lr": 0.1}
         holder = {"config": config}
         from collections import Counter
@@ -179,10 +196,13 @@ def test_an_input_changed_in_place_changes_where_the_notebook_holds_it() -> None
         model = Model()
         trainer = {"model": model, "model again": model}
     """)
-    objects = {n: ns[n] for n in ("losses", "data", "config", "words", "seen", "model")}
+    objects = {n: ns[n] for n in ("losses", "data", "frozen", "config", "words", "seen",
+                                  "model")}
     run(ns, """
         losses.append(1.5)
         data += 1
+        frozen += 1
+        frozen.flags.writeable = False
         config["lr"] = 0.01
         seen.add("x")
         words["a"] += 1
@@ -192,6 +212,7 @@ def test_an_input_changed_in_place_changes_where_the_notebook_holds_it() -> None
     assert all(ns[n] is obj for n, obj in objects.items())
     assert ns["alias"] == [1.5]
     assert ns["view"].tolist() == [1.0, 1.0] and ns["data"].tolist() == [1.0] * 4
+    assert ns["frozen"].tolist() == [1.0, 1.0] and not ns["frozen"].flags.writeable
     assert ns["holder"]["config"] == {"lr": 0.01} and ns["seen"] == {"x"}
     assert ns["same_words"] == {"a": 2}
     model = ns["trainer"]["model"]
@@ -210,6 +231,7 @@ def test_a_model_trained_in_place_stays_the_notebook_s_model() -> None:
         x, y = torch.randn(8, 2), torch.randn(8, 1)
         counts = torch.zeros(2)
         also_counts = counts
+        scale = torch.nn.Parameter(torch.ones(2))
         def train(model, opt):
             for _ in range(3):
                 opt.zero_grad()
@@ -217,7 +239,9 @@ def test_a_model_trained_in_place_stays_the_notebook_s_model() -> None:
                 opt.step()
     """)
     before = ns["model"].weight.detach().clone()
-    run(ns, "train(model, opt)\ncounts.add_(1)")
+    scale = ns["scale"]
+    run(ns, "train(model, opt)\ncounts.add_(1)\nscale.requires_grad_(False)")
+    assert ns["scale"] is scale and not scale.requires_grad  # what it says of itself too
     assert ns["trainer"]["model"] is ns["model"] and ns["trainer"]["opt"] is ns["opt"]
     assert not torch.equal(ns["model"].weight, before)
     assert ns["also_counts"].tolist() == [1.0, 1.0]
@@ -234,7 +258,9 @@ def test_a_state_that_cannot_be_applied_binds_nothing() -> None:
     ns = notebook("""
         import os
         class Plain:
-            count = 0
+            __slots__ = ("count", "__dict__")
+            def __init__(self):
+                self.count, self.extra = 0, 0
         class Picky:
             def __setstate__(self, state):
                 if "GPU_MAGIC_GRANT" not in os.environ:  # only on the runner
@@ -243,8 +269,34 @@ def test_a_state_that_cannot_be_applied_binds_nothing() -> None:
         a_plain, b_picky, c_list = Plain(), Picky(), []
     """)
     with pytest.raises(SerializationError, match="b_picky changed in place.*nothing was bound"):
-        run(ns, "a_plain.count = 1\nb_picky.x = 1\nc_list.append(1)\nnew_name = 1")
-    assert ns["a_plain"].count == 0 and ns["c_list"] == [] and "new_name" not in ns
+        run(ns, "a_plain.count = a_plain.extra = 1\nb_picky.x = 1\nc_list.append(1)\n"
+                "new_name = 1")
+    assert (ns["a_plain"].count, ns["a_plain"].extra) == (0, 0)
+    assert ns["c_list"] == [] and "new_name" not in ns
+
+
+def test_attaching_elsewhere_brings_back_new_objects() -> None:
+    # %gpu attach in another kernel (or after a restart): the objects there are not the ones
+    # the job was sent, so what it changed in place comes back as new objects
+    ns = notebook("""
+        class Model:
+            def __init__(self):
+                self.w = 0
+        class Config:
+            def __init__(self):
+                self.lr = 0.1
+        model, data = Model(), [1]
+    """)
+    job = run(ns, "model.w = 42\ndata.append(2)\nnew = 1", background=True)
+    job.wait()
+    empty: dict[str, Any] = {"__name__": "__main__"}
+    attach(job.id, empty, quiet=True)
+    assert (empty["model"].w, empty["data"], empty["new"]) == (42, [1, 2], 1)
+    other = notebook("class Config:\n    lr = 0.1\nmodel = Config()\ndata = [7]")
+    config, data = other["model"], other["data"]
+    attach(job.id, other, quiet=True)
+    assert other["model"].w == 42 and type(other["model"]).__name__ == "Model"
+    assert vars(config) == {} and config.lr == 0.1 and data == [7]  # left alone
 
 
 @pytest.mark.parametrize("call", ["exit()", "quit()", "import sys\nsys.exit(3)"])
@@ -427,8 +479,9 @@ def test_names_that_cannot_come_back_are_skipped_and_said(capsys: pytest.Capture
     assert ns["x"] == 1 and "lock" not in ns
     assert value is None
     err = capsys.readouterr().err
-    assert ("[gpu_magic] lock was not brought back: a thread lock cannot be sent back; "
-            "create it inside the cell instead") in err
+    assert ("[gpu_magic] lock was not brought back: a thread lock cannot be sent back, so it "
+            "stayed on the GPU machine; `del lock` at the end of the cell, or list what to "
+            "bring back with --return, to leave it there without this note") in err
     assert "[gpu_magic] <cell value> was not brought back: lock cannot be pickled" in err
 
 
