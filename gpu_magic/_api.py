@@ -887,10 +887,20 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
-            ns = {"__gpu_fn__": fn, "__gpu_args__": args, "__gpu_kwargs__": kwargs}
-            source = "__gpu_fn__(*__gpu_args__, **__gpu_kwargs__)"
+            # each argument under a name of its own: one the function changes in place is
+            # changed in the caller's object too, as a local call leaves it
+            ns: dict[str, Any] = {"__gpu_fn__": fn}
+            given = []
+            for i, value in enumerate(args):
+                ns[f"__gpu_arg{i}__"] = value
+                given.append(f"__gpu_arg{i}__")
+            named = []
+            for i, (key, value) in enumerate(kwargs.items()):
+                ns[f"__gpu_kwarg{i}__"] = value
+                named.append(f"{key!r}: __gpu_kwarg{i}__")
+            source = f"__gpu_fn__({', '.join([*given, '**{' + ', '.join(named) + '}'])})"
             try:
-                return run(source, spec, ns, no_return=True, quiet=True, **options)
+                return run(source, spec, ns, quiet=True, **options)
             except SerializationError as exc:
                 if exc.name not in ns:
                     raise

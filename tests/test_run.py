@@ -448,6 +448,25 @@ def test_decorator_runs_the_function_remotely() -> None:
     assert json.loads(grant)["type"] == "A100-80GB" and y == 42
 
 
+def test_a_decorated_function_changes_its_arguments_as_a_local_call_does() -> None:
+    # DESIGN: `train(model)` must bring `model` back
+    ns = notebook("""
+        import gpu_magic
+        @gpu_magic.gpu("H100")
+        def train(history, model, *more, steps, **options):
+            for _ in range(steps):
+                history.append(len(history))
+            model["w"] += options["step"]
+            more[0].add("seen")
+            return "done"
+        history, model, tags = [], {"w": 0}, set()
+    """)
+    history, model, tags = ns["history"], ns["model"], ns["tags"]
+    assert ns["train"](history, model, tags, steps=2, step=5) == "done"
+    assert history == [0, 1] and model == {"w": 5} and tags == {"seen"}
+    assert (ns["history"], ns["model"], ns["tags"]) == (history, model, tags)  # nothing rebound
+
+
 @pytest.mark.parametrize(
     ("health", "message"),
     [
