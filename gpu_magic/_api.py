@@ -205,9 +205,22 @@ def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any]) -> A
                 except (AttributeError, TypeError):
                     pass
 
+    fixed: dict[int, types.FunctionType] = {}
+
+    def stale(v: Any) -> bool:
+        return isinstance(v, types.FunctionType) and v.__globals__ is staging
+
+    def fixed_function(f: types.FunctionType) -> types.FunctionType:
+        if id(f) not in fixed:
+            fixed[id(f)] = fix_function(f)
+        return fixed[id(f)]
+
     # notebook classes anywhere inside the value (an instance in a list, an attribute...) came
-    # back as our own class with its methods rebuilt on the staging globals: repair them all
+    # back as our own class with its methods rebuilt on the staging globals, and notebook
+    # functions kept in a dict, a list or an attribute (a model's hooks, callbacks) on them:
+    # repair them all
     seen: set[int] = set()
+    classes: set[int] = set()
     stack = [value]
     budget = 100_000
     while stack and budget:
@@ -217,19 +230,24 @@ def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any]) -> A
             continue  # a module came back by reference: it is the local one, nothing to repair
         seen.add(id(obj))
         cls = obj if isinstance(obj, type) else type(obj)
-        if getattr(cls, "__module__", None) == "__main__" and id(cls) not in seen:
-            seen.add(id(cls))
+        if getattr(cls, "__module__", None) == "__main__" and id(cls) not in classes:
+            classes.add(id(cls))
             fix_class(cls)
-        if isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
+        if isinstance(obj, (dict, list)):
+            for k, v in list(obj.items() if isinstance(obj, dict) else enumerate(obj)):
+                if stale(v):
+                    with contextlib.suppress(Exception):  # a container that refuses: as was
+                        obj[k] = fixed_function(v)
+                else:
+                    stack.append(v)
+        elif isinstance(obj, (tuple, set, frozenset)):
             stack.extend(obj)
         elif not isinstance(obj, type):
             attrs = getattr(obj, "__dict__", None)
             if isinstance(attrs, dict):
-                stack.extend(attrs.values())
-    if isinstance(value, types.FunctionType):
-        return fix_function(value)
+                stack.append(attrs)
+    if stale(value):
+        return fixed_function(value)
     return value
 
 

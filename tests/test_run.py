@@ -309,6 +309,27 @@ def test_exit_in_a_cell_ends_the_cell_and_says_so(
     assert "To exit: use" not in capsys.readouterr().err  # IPython's advice for a terminal
 
 
+def test_notebook_functions_kept_inside_results_use_the_notebook_s_globals() -> None:
+    # a model's hooks, callbacks in a list, handlers in a dict: functions held inside what
+    # comes back must see the notebook's names, as the same objects made locally would
+    ns = notebook("""
+        seen = []
+        def on_step(v):
+            seen.append(v)
+        class Trainer:
+            def __init__(self):
+                self.callbacks = [on_step]
+        trainer = Trainer()
+    """)
+    run(ns, "def on_end(v):\n    seen.append(v)\ntrainer.callbacks.append(on_end)\n"
+            "handlers = {'done': lambda: seen.append('done')}")
+    ns["seen"] = []  # a later cell rebinds it: the functions must read the notebook's name
+    for callback in ns["trainer"].callbacks:
+        callback(1)
+    ns["handlers"]["done"]()
+    assert ns["seen"] == [1, 1, "done"]
+
+
 def test_function_defined_remotely_uses_local_globals_after_return() -> None:
     ns = notebook("k = 2")
     run(ns, "def times_k(x):\n    return x * k")
