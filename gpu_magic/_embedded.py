@@ -110,6 +110,13 @@ def wanted_config(simulate: str | None) -> dict[str, Any]:
     return {"backend": "local", "simulate": simulate or None}
 
 
+def running_local_gateway() -> dict[str, Any] | None:
+    """The runtime info of this user's local gateway if one is running, whatever its
+    configuration (for commands that only look at it); None if none is."""
+    info = _read(runtime_path())
+    return info if info is not None and _healthy(info) else None
+
+
 def ensure_local_gateway(simulate: str | None = None, *, state_dir: Path | None = None) -> dict[str, Any]:
     """The runtime info (url, token, ...) of this user's local gateway, starting it if needed."""
     path = runtime_path()

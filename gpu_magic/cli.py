@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,12 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         print(stop_local_gateway())
         return 0
     if args.command in ("pool", "jobs"):
-        from ._connection import connect
         from ._errors import GpuMagicError
         from ._tables import jobs_text, pool_text
 
         try:
-            client = connect(args.url, args.token)
+            client = _looking_client(args.url, args.token)
             print(pool_text(client.pool()) if args.command == "pool" else jobs_text(client.jobs()))
         except GpuMagicError as exc:
             print(f"gpu-magic {args.command}: {exc}", file=sys.stderr)
@@ -128,3 +128,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.simulate, args.port, args.notebooks)
     return 2
+
+
+def _looking_client(url: str | None, token: str | None) -> Any:
+    """A client for a command that only looks: the local gateway that is running, as it is.
+    Asking for one with this shell's GPU_MAGIC_SIMULATE would restart a demo's simulated
+    gateway as one with no GPUs, under the notebooks using it."""
+    from ._client import GatewayClient
+    from ._connection import connect, current_target
+    from ._embedded import running_local_gateway
+
+    if url is None and current_target()[0] is None:
+        info = running_local_gateway()
+        if info is not None:
+            return GatewayClient(str(info["url"]), token or info.get("token"))
+    return connect(url, token)

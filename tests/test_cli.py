@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +69,25 @@ def test_a_gateways_own_token_can_follow_token_on_a_command_line(tmp_path: Path)
         assert len(token) >= MIN_TOKEN_CHARS
         firsts.add(token[0])
     assert "-" not in firsts and len(firsts) > 10
+
+
+def test_pool_looks_at_the_running_local_gateway_without_restarting_it(tmp_path: Path) -> None:
+    # a demo's gateway is simulated (GPU_MAGIC_SIMULATE in the notebooks' environment); a
+    # terminal without that variable must see it, not restart it as one with no GPUs
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_MAGIC_")}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    env["JUPYTER_DATA_DIR"] = str(tmp_path / "data")
+    start = subprocess.run(
+        [sys.executable, "-c", "from gpu_magic._embedded import ensure_local_gateway as e; "
+         "print(e('H100:2')['pid'])"], capture_output=True, text=True, timeout=120, env=env)
+    assert start.returncode == 0, start.stderr
+    try:
+        for command in ("pool", "jobs"):
+            out = gm(command, env=env)
+            assert out.returncode == 0, out.stderr
+            assert "restarting" not in out.stderr
+        assert gm("pool", env=env).stdout.startswith("simulated pool")
+        info = json.loads(next((tmp_path / "runtime").glob("gpu-magic-gateway-*.json")).read_text())
+        assert info["pid"] == int(start.stdout) and info["config"]["simulate"] == "H100:2"
+    finally:
+        gm("stop", env=env)
