@@ -250,6 +250,28 @@ seen
         gw.stop()
 
 
+@needs_bwrap
+def test_a_sandboxed_cell_has_a_writable_scratch_folder_and_no_warnings(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the sandbox is read-only outside the job's folder, the home folder too: IPython,
+    # matplotlib and tempfile warned on every cell that they fell back to a temporary folder
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file))
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            gpu_magic.run("import tempfile, matplotlib.pyplot\n"
+                          "with tempfile.NamedTemporaryFile() as f:\n"
+                          "    f.write(b'x')\n    where = f.name",
+                          "H100", ns, client=alice, quiet=True)
+        assert ns["where"].startswith(str(gw.state_dir))  # the job's own folder
+        err = capsys.readouterr().err
+        assert "not a writable location" not in err and "Matplotlib" not in err, err
+    finally:
+        gw.stop()
+
+
 def test_shared_gateway_without_isolation_refuses_to_start(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.json"
     _tokens(tokens_file, alice={}, bob={})

@@ -44,6 +44,12 @@ def bwrap_command(
         if f.exists():
             cmd += ["--ro-bind", "/dev/null", str(f)]
     cmd += ["--bind", str(job_dir), str(job_dir)]
+    # everything else is read-only, the home folder too: IPython, matplotlib and tempfile
+    # would each warn, on every cell, that they fall back to a temporary folder
+    scratch = job_dir / "scratch"
+    cmd += ["--dir", str(scratch), "--setenv", "TMPDIR", str(scratch),
+            "--setenv", "IPYTHONDIR", str(scratch / "ipython"),
+            "--setenv", "MPLCONFIGDIR", str(scratch / "matplotlib")]
     for path in dict.fromkeys(readable):
         cmd += ["--ro-bind", path, path]
     cmd += ["--chdir", cwd or str(job_dir), "--", *argv]
