@@ -221,11 +221,6 @@ class GpuJob:
         self._before = {n: ns.get(n, _MISSING) for n in {*outputs, *job.sent}}
         # and every other name: a notebook function's global the job changes comes back too
         self._before.update((n, v) for n, v in job.refs.items() if n not in self._before)
-        # and the state of each input: one changed here meanwhile (the same object) is not
-        # overwritten by the job's change in place either
-        from ._payload import fingerprint
-
-        self._states = {n: fingerprint(v, ns) for n, v in job.sent.items()}
         self._thread = threading.Thread(target=self._follow, name=f"gpu_magic job {self.id}",
                                         daemon=True)
 
@@ -357,14 +352,6 @@ class GpuJob:
             return
         ns = job.namespace
         moved = [n for n in [*names, *deleted] if ns.get(n, _MISSING) is not self._before.get(n, _MISSING)]
-        from ._payload import fingerprint, fresh_from_state
-
-        for n in job.in_place:
-            if n not in moved and n in self._states and fingerprint(ns[n], ns) != self._states[n]:
-                moved.append(n)
-        for n in moved:
-            if n in job.in_place:  # the job's version, for job.result: not the one here
-                names[n] = fresh_from_state(job.in_place[n])
         take = {n: v for n, v in names.items() if n not in moved}
         gone = [n for n in deleted if n not in moved]
         job.bind(take, gone)
@@ -372,7 +359,7 @@ class GpuJob:
         state.pending, state.kept_local = [], sorted(moved)
         if moved:
             print(f"[gpu_magic] background job {self.id} finished but did not overwrite "
-                  f"{', '.join(sorted(moved))}: reassigned or changed since the job was submitted. The job's "
+                  f"{', '.join(sorted(moved))}: reassigned since the job was submitted. The job's "
                   f"values are in job.result (this job: gpu_magic's GpuJob {self.id}).",
                   file=sys.stderr)
         if has_value and value is not None:

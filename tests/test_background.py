@@ -68,28 +68,10 @@ def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Pa
     # before cell 4 ran: z bound; w reassigned meanwhile, so kept, with a warning
     assert texts(nb.cells[4], "stdout") == "7 local remote\n"
     warning = texts(nb.cells[4], "stderr")
-    assert "did not overwrite w: reassigned or changed since the job was submitted" in warning
+    assert "did not overwrite w: reassigned since the job was submitted" in warning
     html = " ".join(s.get("value", "") for s in widget_states(nb).values()
                     if s["model"] == "HTMLModel")
     assert "kept your w" in html
-
-
-def test_an_input_changed_here_meanwhile_is_not_overwritten(tmp_path: Path) -> None:
-    # the job changes `log` in place; so does the notebook while it runs: the notebook's
-    # change is kept (nothing is lost), the job's is in job.result
-    flag = tmp_path / "go"
-    nb = make_notebook(
-        f"%load_ext gpu_magic\nimport time\nFLAG = {str(flag)!r}\nlog = ['start']\n"
-        "counts = [0]",
-        "%%gpu --background\nimport os, time\nwhile not os.path.exists(FLAG):\n"
-        "    time.sleep(0.02)\nlog.append('remote')\ncounts[0] += 1",
-        "job = _\nlog.append('local')\nsame = log",
-        "open(FLAG, 'w').close()\njob.wait()\nprint(log, same is log, counts, job.result['log'])",
-    )
-    execute(nb, tmp_path)
-    assert texts(nb.cells[3], "stdout") == (
-        "['start', 'local'] True [1] ['start', 'remote']\n")
-    assert "did not overwrite log: reassigned or changed" in texts(nb.cells[3], "stderr")
 
 
 def test_cancel_from_the_handle(tmp_path: Path, client: Any) -> None:
