@@ -179,7 +179,8 @@ def _sigint_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, old)
 
 
-def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any]) -> Any:
+def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any],
+            fixed: dict[int, Any] | None = None) -> Any:
     """Point notebook functions that came back at the real namespace, as local ones are."""
     import types
 
@@ -205,7 +206,8 @@ def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any]) -> A
                 except (AttributeError, TypeError):
                     pass
 
-    fixed: dict[int, types.FunctionType] = {}
+    # one memo for all of a result's names: a function under two names stays one function
+    fixed = {} if fixed is None else fixed
 
     def stale(v: Any) -> bool:
         return isinstance(v, types.FunctionType) and v.__globals__ is staging
@@ -234,6 +236,10 @@ def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any]) -> A
             classes.add(id(cls))
             fix_class(cls)
         if isinstance(obj, (dict, list)):
+            values = obj.values() if isinstance(obj, dict) else obj
+            if types.FunctionType not in set(map(type, values)):  # most: no loop in Python
+                stack.extend(values)
+                continue
             for k, v in list(obj.items() if isinstance(obj, dict) else enumerate(obj)):
                 if stale(v):
                     with contextlib.suppress(Exception):  # a container that refuses: as was
@@ -420,13 +426,15 @@ class _Job:
                 "unchanged. Return fewer names (--return NAMES) or make the failing object "
                 "loadable without a GPU."
             ) from exc
-        names = {n: _rehome(v, staging, self.namespace) for n, v in payload["names"].items()}
+        memo: dict[int, Any] = {}
+        names = {n: _rehome(v, staging, self.namespace, memo)
+                 for n, v in payload["names"].items()}
         # inputs changed in place: their new state, applied to our own object when bound
-        self.in_place = {n: tuple(_rehome(x, staging, self.namespace) for x in st)
+        self.in_place = {n: tuple(_rehome(x, staging, self.namespace, memo) for x in st)
                          for n, st in (payload.get("in_place") or {}).items()}
         names.update({n: self.refs.get(n, _NOTHING) for n in self.in_place})
         has_value = "value" in payload
-        value = _rehome(payload["value"], staging, self.namespace) if has_value else None
+        value = _rehome(payload["value"], staging, self.namespace, memo) if has_value else None
         return names, list(ev.get("deleted", [])), has_value, value
 
     def _apply_in_place(self, names: dict[str, Any]) -> dict[str, Any]:
@@ -915,10 +923,10 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
             named = []
             for i, (key, value) in enumerate(kwargs.items()):
                 ns[f"__gpu_kwarg{i}__"] = value
-                named.append(f"{key!r}: __gpu_kwarg{i}__")
+                named.append(f"{str(key)!r}: __gpu_kwarg{i}__")  # a str subclass's repr is code
             source = f"__gpu_fn__({', '.join([*given, '**{' + ', '.join(named) + '}'])})"
             try:
-                return run(source, spec, ns, quiet=True, **options)
+                return run(source, spec, ns, **{"quiet": True, **options})
             except SerializationError as exc:
                 if exc.name not in ns:
                     raise

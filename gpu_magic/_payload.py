@@ -360,8 +360,9 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
     t = type(obj)
     if t is list or t is set or t is bytearray:
         return ("items", t, bytes(obj) if t is bytearray else list(obj))
-    if t in _DICTS:
-        return ("dict", t, list(obj.items()), getattr(obj, "default_factory", None))
+    if t in _DICTS:  # keys and values as lists: the client repairs functions in lists
+        return ("dict", t, [list(obj.keys()), list(obj.values())],
+                getattr(obj, "default_factory", None))
     np = sys.modules.get("numpy")
     if np is not None and t is np.ndarray:
         if obj.dtype.hasobject or not obj.flags.c_contiguous:
@@ -384,8 +385,9 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
         return None  # built some other way than a plain instance plus its state
     rest = list(reduced[2:]) + [None] * (5 - len(reduced))
     state, items, pairs = rest[0], rest[1], rest[2]
-    return ("state", t, state, None if items is None else list(items),
-            None if pairs is None else list(pairs))
+    if pairs is not None:
+        pairs = [list(p) for p in pairs]
+    return ("state", t, state, None if items is None else list(items), pairs)
 
 
 class CannotApply(Exception):
@@ -447,17 +449,17 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
         obj[:] = items
         return lambda: obj.__setitem__(slice(None), old)
     if kind == "dict":
-        _, t, items, factory = state
+        _, t, (keys, values), factory = state
         before = list(obj.items()), getattr(obj, "default_factory", None)
 
-        def put(pairs: list[tuple[Any, Any]], default: Any) -> None:
+        def put(pairs: Any, default: Any) -> None:
             obj.clear()
             for k, v in pairs:  # not update(): a Counter's adds
                 obj[k] = v
             if t is collections.defaultdict:
                 obj.default_factory = default
 
-        put(items, factory)
+        put(zip(keys, values), factory)
         return lambda: put(*before)
     if kind == "ndarray":
         import numpy as np
