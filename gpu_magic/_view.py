@@ -40,6 +40,7 @@ class JobState:
         self.grant: dict[str, Any] | None = None
         self.options: list[str] = [o.strip() for o in spec.split(",")]
         self.position: int | None = None
+        self.held: str | None = None  # why it waits though GPUs may be free (the user's limit)
         self.estimate: float | None = None
         self.dropped: list[dict[str, str]] = []
         # one entry per grant: {"attempt", "grant", "end"}; "end" says how that attempt ended
@@ -70,6 +71,7 @@ class JobState:
             self.state = "queued"
             self.position = ev.get("position")
             self.estimate = ev.get("estimate")
+            self.held = ev.get("held")
             self.dropped = list(ev.get("dropped") or self.dropped)
             self.notices = list(ev.get("notices") or self.notices)
         elif kind == "granted":
@@ -122,6 +124,8 @@ class JobState:
         if g is None:
             if self.state == "queued":
                 est = f", about {self.estimate:g} s" if self.estimate else ""
+                if self.held:
+                    return f"queued for {self.spec} (position {self.position}; {self.held})"
                 return f"queued for {self.spec} (position {self.position}{est})"
             if self.final:  # the state is said once, by progress(), beside this
                 return f"requested {self.spec}"

@@ -289,6 +289,31 @@ def test_non_loopback_bind_needs_tokens_file_and_tls(tmp_path: Path) -> None:
         start_gateway(tmp_path, "--host", "0.0.0.0", "--tokens-file", str(tokens_file))
 
 
+def test_a_job_held_by_the_user_s_own_gpu_limit_says_so(tmp_path: Path) -> None:
+    # GPUs are free, but alice's other job holds the one GPU she may use at once: "queued"
+    # and "no GPU became free" would both be untrue
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={"max_gpus": 1})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--isolation", "none",
+                       "--force")
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            first = gpu_magic.run("import time\ntime.sleep(30)", "H100", {"__name__": "__main__"},
+                                  client=alice, quiet=True, background=True)
+            with pytest.raises(gpu_magic.WaitExpired) as info:
+                gpu_magic.run("1", "H100", {"__name__": "__main__"}, client=alice, quiet=True,
+                              wait=2)
+            assert "your other jobs hold 1 of the 1 GPU(s) this gateway lets you use at once" \
+                in str(info.value)
+            assert "became free" not in str(info.value)
+            queued = [e for j in alice.jobs() if j["state"] == "expired"
+                      for e in alice.events(j["id"]) if e["type"] == "queued"]
+            assert any("your other jobs hold" in (e.get("held") or "") for e in queued)
+            first.cancel()
+    finally:
+        gw.stop()
+
+
 def test_admin_sets_per_user_limits(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.json"
     tokens = _tokens(tokens_file, teacher={"admin": True}, student={"max_jobs": 5})

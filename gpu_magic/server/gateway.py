@@ -74,6 +74,7 @@ class Job:
     stop_reason: str | None = None  # "cancelled" or "timed_out" when we stopped the runner
     min_memory_gb: float | None = None
     gpu_cap: int | None = None  # the user's limit on GPUs held at once, when submitted
+    held: str | None = None  # why it waits though GPUs may be free: the user's own limit
     message: str | None = None
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -454,11 +455,18 @@ class Gateway:
             return
         self._dequeue(job)
         wait = job.request.get("wait")
-        job.message = (
-            f"no GPU for '{GpuSpec(tuple(job.options))}' became free within --wait {wait:g} s; "
-            "nothing ran. Wait longer (--wait), add fallback options, or try again later "
-            "(%gpu pool shows what is free)."
-        )
+        if job.held:
+            job.message = (
+                f"'{GpuSpec(tuple(job.options))}' did not start within --wait {wait:g} s: "
+                f"{job.held}; nothing ran. Let one of them finish (job.wait()) or cancel one, "
+                "then run this again, or wait longer (--wait)."
+            )
+        else:
+            job.message = (
+                f"no GPU for '{GpuSpec(tuple(job.options))}' became free within --wait "
+                f"{wait:g} s; nothing ran. Wait longer (--wait), add fallback options, or try "
+                "again later (%gpu pool shows what is free)."
+            )
         self._finish(job, "expired")
 
     # --- scheduling ---
@@ -482,13 +490,20 @@ class Gateway:
         for j in (self.jobs[i] for i in self.queue):
             opts, idx = list(j.options), list(j.option_indices)
             cap = self.user_limits.get(j.user, {}).get("max_gpus", j.gpu_cap)
+            why = None
             if cap is not None:
                 # a user at their GPU limit waits; options beyond what is left are skipped now
                 room = cap - held.get(j.user, 0)
                 keep = [k for k, o in enumerate(opts) if o.count <= room]
                 opts, idx = [opts[k] for k in keep], [idx[k] for k in keep]
-                if not opts:
-                    continue
+                if not opts:  # say so: "queued" alone reads as "no GPU is free"
+                    why = (f"your other jobs hold {held.get(j.user, 0)} of the {cap} GPU(s) "
+                           "this gateway lets you use at once")
+            if why != j.held:
+                j.held = why
+                self._emit_queued(j)
+            if why is not None:
+                continue
             reqs.append(Request(j.id, j.user, tuple(opts), j.seq, tuple(idx), j.min_memory_gb))
         for grant in schedule(gpus, busy, reqs, running_per_user):
             self._launch(self.jobs[grant.job_id], grant, gpus)
@@ -769,6 +784,8 @@ class Gateway:
             ev["dropped"] = job.dropped
         if job.notices:
             ev["notices"] = job.notices
+        if job.held:
+            ev["held"] = job.held
         self._emit(job, ev)
 
     def _timings(self, job: Job) -> dict[str, float | None]:
