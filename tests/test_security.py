@@ -327,6 +327,10 @@ def test_admin_sets_per_user_limits(tmp_path: Path) -> None:
         assert resp.status_code == 403
         resp = httpx.put(gw.url + "/v1/limits/student", json={"max_jobs": 0}, headers=teacher)
         assert resp.status_code == 200
+        # a typo is refused, not taken as a user nobody is
+        resp = httpx.put(gw.url + "/v1/limits/studnet", json={"max_jobs": 0}, headers=teacher)
+        assert resp.status_code == 404
+        assert "no user 'studnet'" in resp.text and "student, teacher" in resp.text
         with GatewayClient(gw.url, tokens["student"]) as c:
             with pytest.raises(gpu_magic.GatewayError) as info:
                 submit(c, "1", "H100")

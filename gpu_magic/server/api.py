@@ -250,11 +250,15 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             out["overrides"] = gateway.user_limits
         return out
 
-    @app.put("/v1/limits/{name}", responses=_errors(400, 413, 422))
+    @app.put("/v1/limits/{name}", responses=_errors(400, 404, 413, 422))
     async def set_limits(name: str, body: LimitsModel, u: User = Depends(user)) -> dict[str, Any]:
         """An admin (instructor) sets one user's limits on jobs and GPUs at once."""
         if not u.admin:
             raise ApiError(403, "forbidden", "only an admin token may set limits")
+        known = sorted(auth.users())
+        if name not in known:  # a typo would otherwise be taken, and limit nobody
+            raise ApiError(404, "no_such_user", f"there is no user {name!r} in the tokens file; "
+                           f"its users are: {', '.join(known)}")
         gateway.user_limits[name] = {k: v for k, v in body.model_dump().items() if v is not None}
         return {"user": name, "overrides": gateway.user_limits[name]}
 
