@@ -371,6 +371,14 @@ def test_passed_over_reason_shape() -> None:
     )
 
 
+def test_a_retry_after_running_out_of_memory_says_why_smaller_gpus_were_passed_over() -> None:
+    # --oom-fallback: the T4s are all free, but the cell ran out of their 16 GB
+    gpus = make_pool("T4:8@a,H100:2@b")
+    (grant,) = schedule(gpus, [], [submit("j0", "u", "T4, H100", 0, gpus, min_memory=16)])
+    assert (grant.option, grant.passed_over) == (
+        GpuOption("H100"), (("T4", "has no more than the 16 GB the cell ran out of"),))
+
+
 def test_grant_describes_its_gpus() -> None:
     gpus = make_pool("A100-80GB:2@b")
     (grant,) = schedule(gpus, [], [submit("j0", "u", "A100", 0, gpus)])

@@ -158,7 +158,11 @@ def _pick(option: GpuOption, free: _Free, reserved: set[Key], min_memory: float 
 
 
 def _why_not(option: GpuOption, gpus: Sequence[Gpu], free: _Free, reserved: set[Key],
-             waiting: int, match: _Matcher) -> str:
+             waiting: int, match: _Matcher, min_memory: float | None = None) -> str:
+    if min_memory is not None and not any(
+            match(option, g.type) and (g.memory_gb or 0) > min_memory for g in gpus):
+        # a retry after running out of memory (--oom-fallback): free or not, too small
+        return f"has no more than the {min_memory:g} GB the cell ran out of"
     total = sum(1 for g in gpus if match(option, g.type))
     nfree = sum(1 for (n, t), group in free.groups.items() if match(option, t)
                 for i in group if (n, i) not in reserved)
@@ -212,7 +216,7 @@ def schedule(
             node, indices, gtype, g0 = pick
             # why the earlier options were passed over, told as they were at this moment
             passed = tuple(
-                (str(o), _why_not(o, gpus, free, held, position, match))
+                (str(o), _why_not(o, gpus, free, held, position, match, req.min_memory_gb))
                 for o in req.options[:pos]
             )
             free.take(node, gtype, indices)
