@@ -938,3 +938,19 @@ def test_event_stream_parser_takes_any_chunking_and_line_ending(newline: str, st
     raw = text.replace("\n", newline).encode()
     chunks = [raw[i : i + step] for i in range(0, len(raw), step)]
     assert list(_parse_sse(iter(chunks))) == events
+
+
+def test_a_timeout_cap_applies_to_every_job_and_is_said_to_who_asked_for_more(
+        tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path, "--max-timeout", "2")
+    try:
+        with gw.client() as c:
+            for asked, noticed in ((None, False), (3600, True), (1, False)):
+                job = submit(c, "import time\ntime.sleep(30)\n", timeout=asked)
+                events = follow(c, job["id"])
+                notices = [n for e in events if e["type"] == "queued"
+                           for n in e.get("notices") or []]
+                assert any("caps --timeout at 2 s" in n for n in notices) == noticed, asked
+                assert events[-1]["state"] == "timed_out", asked  # capped, said or not
+    finally:
+        gw.stop()

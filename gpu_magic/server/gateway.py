@@ -385,11 +385,13 @@ class Gateway:
                                f"every option of '{spec}' asks for more than the "
                                f"{limits.max_gpus} GPU(s) this gateway allows you at once; "
                                "ask for fewer.")
-        timeout = body.get("timeout") or DEFAULT_TIMEOUT_S
+        asked = body.get("timeout")
+        timeout = asked or DEFAULT_TIMEOUT_S
         notices = []
         if self.max_timeout and timeout > self.max_timeout:
-            notices.append(f"this gateway caps --timeout at {self.max_timeout:g} s; the job "
-                           f"runs with that instead of {timeout:g} s")
+            if asked:  # said to whoever asked for more; not on every cell that asked nothing
+                notices.append(f"this gateway caps --timeout at {self.max_timeout:g} s; the "
+                               f"job runs with that instead of {timeout:g} s")
             timeout = self.max_timeout
         body = dict(body, timeout=timeout)
         job_id = body.get("id") or secrets.token_hex(8)
