@@ -39,6 +39,8 @@ class GatewayClient:
     def __init__(self, url: str, token: str | None, *, connect_timeout: float = 10.0,
                  same_host: bool = True) -> None:
         self.url = url.rstrip("/")
+        if self.url.endswith("/v1"):  # the API's prefix, copied with the address: ours to add
+            self.url = self.url[: -len("/v1")]
         self.token = token
         self._timeout = httpx.Timeout(connect_timeout, read=60.0)
         self._http = self._new_http()

@@ -137,9 +137,17 @@ def _looking_client(url: str | None, token: str | None) -> Any:
     from ._client import GatewayClient
     from ._connection import connect, current_target
     from ._embedded import running_local_gateway
+    from ._errors import GatewayError
 
     if url is None and current_target()[0] is None:
         info = running_local_gateway()
         if info is not None:
             return GatewayClient(str(info["url"]), token or info.get("token"))
-    return connect(url, token)
+    try:
+        return connect(url, token)
+    except GatewayError as exc:
+        if not str(exc).startswith("no token"):
+            raise
+        # the notebook's advice (%config, %gpu connect) is no help in a terminal
+        raise GatewayError(f"no token for the gateway at {url or current_target()[0]}: pass "
+                           "--token TOKEN or set GPU_MAGIC_TOKEN") from None

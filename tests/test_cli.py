@@ -91,3 +91,15 @@ def test_pool_looks_at_the_running_local_gateway_without_restarting_it(tmp_path:
         assert info["pid"] == int(start.stdout) and info["config"]["simulate"] == "H100:2"
     finally:
         gm("stop", env=env)
+
+
+def test_terminal_errors_give_terminal_advice(gateway: Gateway) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_MAGIC_")}
+    out = gm("pool", "--url", gateway.url, env=env)
+    assert out.returncode == 1
+    assert "pass --token TOKEN or set GPU_MAGIC_TOKEN" in out.stderr
+    assert "%config" not in out.stderr and "%gpu" not in out.stderr
+    # the API's /v1, copied along with the address, is not doubled
+    out = gm("pool", "--url", gateway.url + "/v1/", "--token", gateway.token, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("simulated pool")
