@@ -232,7 +232,8 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Users]:
 
 def request_for(method: str, path: str, known: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A well-formed request for one route, on things that exist, so only the token decides."""
-    url = path.format(digest=known["digest"], job_id=known["job"]["id"], name="somebody")
+    url = path.format(digest=known["digest"], job_id=known["job"]["id"],
+                      name=known["job"]["user"])  # a user of this gateway
     kwargs: dict[str, Any] = {}
     if (method, path) == ("POST", "/v1/blobs/missing"):
         kwargs["json"] = {"digests": [known["digest"]]}
