@@ -8,6 +8,7 @@ the namespace all at once, or raise the cell's own exception.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import functools
 import inspect
@@ -418,7 +419,10 @@ class _Job:
         blob, buffers = self._blobs
         staging: dict[str, Any] = {"__name__": "__main__"}
         try:
-            payload = _payload.loads(blob, buffers, namespace=staging, inputs=self.refs)
+            # a name the runner sent back by reference that is not among what we kept: the
+            # notebook's (a global the walk here did not find, that cloudpickle did)
+            payload = _payload.loads(blob, buffers, namespace=staging,
+                                     inputs=collections.ChainMap(self.refs, self.namespace))
         except Exception as exc:
             raise SerializationError(
                 f"the results of GPU job {self.id} could not be rebuilt here "
@@ -685,7 +689,7 @@ def submit(
     cl.known.update(blobs)
     state.job_id = record["id"]
     job = _Job(cl, record, state, NullView(state), source, opts, namespace, values,
-               refs=dict(namespace))
+               refs={**_payload.function_globals(values.values(), namespace), **values})
     job.feed = feed
     job.outputs = [*analysis.outputs, *sorted(analysis.deleted)]
     job.view = _make_view(job)

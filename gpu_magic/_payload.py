@@ -353,6 +353,35 @@ def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None,
 _DICTS = (dict, collections.OrderedDict, collections.defaultdict, collections.Counter)
 
 
+def function_globals(values: Iterable[Any], namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The notebook's globals that travel with ``values``' notebook functions and classes
+    (cloudpickle sends those a function's code names, and on, through the functions among
+    them): what a result may name as already here. Not the whole namespace: what a job keeps
+    stays alive as long as the job."""
+    found: dict[str, Any] = {}
+    stack = list(values)
+    seen: set[int] = set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        codes = []
+        if isinstance(obj, types.FunctionType) and obj.__globals__ is namespace:
+            codes.append(obj.__code__)
+        elif isinstance(obj, type) and obj.__module__ == "__main__":
+            codes += [getattr(v, "__func__", v).__code__ for v in vars(obj).values()
+                      if isinstance(getattr(v, "__func__", v), types.FunctionType)]
+        while codes:
+            code = codes.pop()
+            for name in code.co_names:
+                if name in namespace and name not in found:
+                    found[name] = namespace[name]
+                    stack.append(namespace[name])
+            codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return found
+
+
 def in_place_state(obj: Any) -> tuple[Any, ...] | None:
     """What it takes to bring the client's copy of ``obj`` to its state here, as
     ``(kind, type, ...)``; None if that cannot be done in place (then ``obj`` travels as a

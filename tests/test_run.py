@@ -335,6 +335,31 @@ def test_notebook_functions_kept_inside_results_use_the_notebook_s_globals() -> 
     assert ns["alias"] is ns["on_end"] is ns["hooks"]["end"] is ns["trainer"].callbacks[1]
 
 
+def test_a_job_keeps_alive_only_what_it_sent() -> None:
+    # a failed cell's exception (IPython keeps it) and a background job's handle must not hold
+    # the rest of the notebook: `del big` after them frees it
+    import gc
+    import weakref
+
+    ns = notebook("""
+        class Big:
+            pass
+        big, other = Big(), Big()
+        scale = 2
+        def f():
+            return scale
+    """)
+    refs = [weakref.ref(ns["big"]), weakref.ref(ns["other"])]
+    with pytest.raises(ZeroDivisionError) as failed:
+        run(ns, "f()\n1 / 0")
+    job = run(ns, "g = f()", background=True)
+    job.wait()
+    del ns["big"], ns["other"]
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert failed.value is not None and job.result == {"g": 2}
+
+
 def test_function_defined_remotely_uses_local_globals_after_return() -> None:
     ns = notebook("k = 2")
     run(ns, "def times_k(x):\n    return x * k")
