@@ -491,6 +491,18 @@ class _Pristine:
             logging.disable(self.disable)
 
 
+_GC_COLLECT = gc.collect  # the runner's own: what it froze stays out
+
+
+def _cell_collect(generation: int = 2) -> int:
+    """gc.collect() as a cell calls it: what the runner froze after earlier cells (see
+    _Session._release) is collected too, as it would be in a fresh process, where nothing
+    is frozen ("clear the cache, gc.collect(), empty_cache()" must free it)."""
+    if generation >= 2:
+        gc.unfreeze()
+    return _GC_COLLECT(generation)
+
+
 RELEASE_S = 10.0  # finalizers of a cell's objects that take longer cost the runner its reuse
 
 
@@ -753,6 +765,7 @@ class _Session:
     def make_shell(self) -> None:
         if self.shell is None:
             self.shell = _cell_shell({"__name__": "__main__"}, self.emitter, self.sync)
+            gc.collect = _cell_collect  # type: ignore[assignment]
 
     def attach_io(self) -> None:
         """Capture fds 1 and 2 (threads: done after any fork, once per process)."""
@@ -910,7 +923,7 @@ class _Session:
             pyplot = sys.modules.get("matplotlib.pyplot")
             if pyplot is not None:
                 pyplot.close("all")
-            gc.collect()
+            _GC_COLLECT()
             # what is left belongs to imported packages: later collections skip it, so one
             # after each cell costs what the cell made, not all of torch (90 ms here); what of
             # it becomes garbage later is collected while the runner waits (collect_idle)
@@ -930,7 +943,7 @@ class _Session:
         packages dropped since (an edited module's old copy, a daemon thread's data) would
         otherwise never be freed."""
         gc.unfreeze()
-        gc.collect()
+        _GC_COLLECT()
         gc.freeze()
         self.frozen = False
         self.sync()  # what finalizers printed goes nowhere (muted), not into the next job

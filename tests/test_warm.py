@@ -266,6 +266,34 @@ def test_garbage_an_edited_module_leaves_is_collected_while_the_runner_waits(
         assert mark.exists()
 
 
+def test_a_cell_s_own_gc_collect_frees_what_earlier_cells_left(
+        warm: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what survives a cell is frozen (later collections stay cheap); a cell's own
+    # gc.collect() must still free it once it is garbage, as in a fresh process
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "cycle_holder_for_warm.py").write_text(textwrap.dedent("""
+        import weakref
+        class Node:
+            def __init__(self):
+                self.me = self  # a cycle: only the collector frees it
+        keep = ref = None
+        def load():
+            global keep, ref
+            keep = Node()
+            ref = weakref.ref(keep)
+    """))
+    with warm.client() as c:
+        pid = _pid(c, "H100")
+        gpu_magic.run("import cycle_holder_for_warm as h\nh.load()", "H100",
+                      {"__name__": "__main__"}, client=c, quiet=True, return_names=[])
+        freed = gpu_magic.run("import gc, cycle_holder_for_warm as h\nh.keep = None\n"
+                              "gc.collect()\nh.ref() is None", "H100",
+                              {"__name__": "__main__"}, client=c, quiet=True, return_names=[])
+        assert _pid(c, "H100") == pid  # one warm runner throughout
+    assert freed is True
+
+
 def test_a_runner_kept_warm_for_no_time_ends_without_running_finalizers(
         tmp_path: Path) -> None:
     # --keep-warm 0 forks a runner per cell: it ends as a fresh one does, without a release
