@@ -475,8 +475,8 @@ class _Job:
                 f"the results of GPU job {self.id} could not be applied here: {n} changed in "
                 f"place on the GPU, and its new state failed to load here "
                 f"({type(exc).__name__}: {exc}); nothing was bound and the namespace is "
-                "unchanged. Return it as a new object (assign it, e.g. `x = x`) or make its "
-                "__setstate__ work without a GPU."
+                "unchanged. Make its __setstate__ work without a GPU, or leave it out of what "
+                "comes back (--return NAMES)."
             ) from exc
         return names
 
@@ -496,6 +496,8 @@ class _Job:
         if ev.get("skipped") or ev.get("cuda_moved"):
             self.view.before_output()
         for name, why in (ev.get("skipped") or {}).items():
+            if name.startswith("__gpu_"):
+                continue  # the decorator's names for a call's arguments: not the user's
             print(f"[gpu_magic] {name} was not brought back: {why}", file=sys.stderr)
         if ev.get("cuda_moved"):
             n = ev["cuda_moved"]
