@@ -283,6 +283,7 @@ class _Job:
         self.error: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
         self.in_place: dict[str, tuple[Any, ...]] = {}  # inputs changed in place: new states
+        self.last_seq = 0  # the last event taken: following again resumes after it
         self.bound: dict[str, Any] = {}
         self.value: Any = None
         self.has_value = False
@@ -296,7 +297,7 @@ class _Job:
 
     def follow(self, pump: Any = None) -> None:
         """Take the job's events until it ends, ticking the view and pumping its comms."""
-        feed, self.feed = self.feed or EventFeed(self.client, self.id), None
+        feed, self.feed = self.feed or EventFeed(self.client, self.id, after=self.last_seq), None
         pumping = pump is not None and pump.active
         try:
             while True:
@@ -343,6 +344,7 @@ class _Job:
         return True
 
     def _on_event(self, ev: dict[str, Any]) -> None:
+        self.last_seq = int(ev.get("seq") or self.last_seq)
         kind = ev.get("type")
         if kind in ("stdout", "stderr", "display", "update_display", "clear_output"):
             if self.background:

@@ -44,13 +44,14 @@ class EventFeed:
     """
 
     def __init__(self, client: GatewayClient, job_id: str,
-                 submit: dict[str, Any] | None = None) -> None:
+                 submit: dict[str, Any] | None = None, after: int = 0) -> None:
         self._owner = client
         self._client = client.borrow()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._job_id = job_id
         self._submit = submit
+        self._after = after  # the last event already taken, when following again
         self._clean = False
         self._done = threading.Event()
         self._closing = threading.Lock()  # the reader's hand-back and close() do not cross
@@ -61,7 +62,7 @@ class EventFeed:
             if self._submit is not None:
                 events = self._client.submit_follow(self._submit)
             else:
-                events = self._client.events(self._job_id)
+                events = self._client.events(self._job_id, self._after)
             for ev in events:
                 if self._stop.is_set():
                     return
@@ -292,7 +293,16 @@ class GpuJob:
 
     def done(self) -> bool:
         """Whether the job has ended, one way or another."""
-        return self._finished.is_set()
+        return self._finished.is_set() and not self._stream_lost()
+
+    def _stream_lost(self) -> bool:
+        """Whether following stopped because the gateway was away longer than the client
+        tries again, the job's end unknown: wait() follows it again."""
+        from ._errors import GatewayError
+
+        job = self._job
+        return (isinstance(self._failure, GatewayError) and not job.state.final
+                and job.result is None and job.error is None)
 
     def cancel(self) -> bool:
         """Cancel the job (queued or running) and release its GPUs; False if it had ended."""
@@ -308,6 +318,14 @@ class GpuJob:
         ``TimeoutError`` if it is still going after ``timeout`` seconds (it keeps going).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._finished.is_set() and self._stream_lost():
+            # the gateway was away for longer than the follower tried: try again from the last
+            # event taken (a job that ran on meanwhile, or ended, is told as it is now)
+            self._failure = None
+            self._finished.clear()
+            self._thread = threading.Thread(target=self._follow, daemon=True,
+                                            name=f"gpu_magic job {self.id}")
+            self._thread.start()
         # No comm pump here (unlike a foreground cell): with one, a kernel whose wait() ended
         # in JobCancelled left the test process's event loop unset (seen with nbclient, not
         # understood yet). A Cancel click during wait() is handled when the cell ends.
@@ -332,8 +350,8 @@ class GpuJob:
     def _bind_here(self) -> None:
         """Bind the returned names (main thread, between cells or in wait)."""
         with _PENDING_LOCK:
-            if self._bound:
-                return
+            if self._bound or self._stream_lost():
+                return  # (its end is not known yet: a later wait() may still bind it)
             self._bound = True
             if self in _PENDING:
                 _PENDING.remove(self)

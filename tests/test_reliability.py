@@ -108,6 +108,32 @@ def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
         gw.stop()
 
 
+def test_a_background_job_is_followed_again_after_a_long_gateway_outage(tmp_path: Path) -> None:
+    # the gateway is away longer than the client tries to resume (about 30 s): wait() says
+    # so, the job is not done as far as anyone knows, and a later wait() follows it again
+    port = _free_port()
+    state = tmp_path / "state"
+    gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
+    client = GatewayClient(gw.url, gw.token)
+    try:
+        job = gpu_magic.run("import time\nprint('working', flush=True)\ntime.sleep(120)",
+                            "H100", ns(), client=client, quiet=True, background=True)
+        wait_for(lambda: job.state == "running", DEADLINE)
+        gw.stop()
+        with pytest.raises(gpu_magic.GatewayError, match="lost the event stream"):
+            job.wait(timeout=120)
+        assert not job.done() and job.state == "running"  # its end is not known
+        gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
+        client.token = gw.token
+        client.reset()
+        with pytest.raises(RunnerLost, match="the gateway restarted while this job was running"):
+            job.wait(timeout=DEADLINE)
+        assert job.done() and job.state == "lost"
+    finally:
+        client.close()
+        gw.stop()
+
+
 class CuttingProxy:
     """A loopback TCP proxy that cuts every connection after passing ``budget`` bytes back."""
 
