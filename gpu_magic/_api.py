@@ -449,25 +449,18 @@ class _Job:
         cannot take it (an array whose shape changed here meanwhile) is bound as a new
         object, as any other result."""
         names = dict(names)
-        todo = []
+        todo, fresh = [], []
         for n, st in self.in_place.items():
             if n not in names:
                 continue  # not bound (a background job's name reassigned since)
-            try:
-                if self.attached or names[n] is _NOTHING:
-                    raise _payload.CannotApply("this is not the kernel that sent it")
-                _payload.check_in_place(names[n], st)
+            if self.attached or names[n] is _NOTHING or not _payload.fits(names[n], st):
+                fresh.append((n, st))  # not the object that was sent: a new one
+            else:
                 todo.append((_IN_PLACE_ORDER.get(st[0], 0), n, st))
-            except _payload.CannotApply as why:
-                try:
-                    names[n] = _payload.fresh_from_state(st)
-                except _payload.CannotApply:
-                    raise SerializationError(
-                        f"the results of GPU job {self.id} could not be applied here: {n} "
-                        f"changed in place on the GPU, but {why}; nothing was bound and the "
-                        "namespace is unchanged. Return it as a new object instead.") from None
         undo: list[Callable[[], None]] = []
         try:
+            for n, st in fresh:
+                names[n] = _payload.fresh_from_state(st)
             for _, n, st in sorted(todo, key=lambda t: t[:2]):
                 undo.append(_payload.apply_in_place(names[n], st))
         except Exception as exc:

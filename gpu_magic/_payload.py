@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copyreg
 import io
 import os
 import pickle
@@ -407,8 +408,6 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
         reduced = obj.__reduce_ex__(5)
     except Exception:
         return None
-    import copyreg
-
     if (not isinstance(reduced, tuple) or len(reduced) < 2 or reduced[0] is not copyreg.__newobj__
             or tuple(reduced[1]) != (t,) or not hasattr(obj, "__dict__")):
         return None  # built some other way than a plain instance plus its state
@@ -419,23 +418,19 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
     return ("state", t, state, None if items is None else list(items), pairs)
 
 
-class CannotApply(Exception):
-    """The client's object cannot take the new state (an array of another shape)."""
-
-
-def check_in_place(obj: Any, state: tuple[Any, ...]) -> None:
-    """Raise CannotApply unless :func:`apply_in_place` can bring ``obj`` to ``state``."""
+def fits(obj: Any, state: tuple[Any, ...]) -> bool:
+    """Whether :func:`apply_in_place` can bring ``obj`` to ``state``: an object of the type
+    it was taken from (and for an array or a tensor, of its shape, type and device)."""
     kind, t = state[0], state[1]
     if type(obj) is not t:
-        raise CannotApply(f"it is a {type(obj).__qualname__} here, not a {t.__qualname__}")
+        return False
     if kind == "ndarray":
         _, _, _, dtype, shape, _ = state
-        if obj.shape != tuple(shape) or obj.dtype != dtype or not obj.flags.writeable:
-            raise CannotApply("its shape or type changed, or it is read-only here")
-    elif kind == "tensor":
+        return obj.shape == tuple(shape) and obj.dtype == dtype and bool(obj.flags.writeable)
+    if kind == "tensor":
         new = state[2]
-        if obj.shape != new.shape or obj.dtype != new.dtype or obj.device != new.device:
-            raise CannotApply("its shape, type or device changed")
+        return obj.shape == new.shape and obj.dtype == new.dtype and obj.device == new.device
+    return True
 
 
 def fresh_from_state(state: tuple[Any, ...]) -> Any:
@@ -452,21 +447,20 @@ def fresh_from_state(state: tuple[Any, ...]) -> Any:
         return arr
     if kind == "tensor":
         _, _, new, requires_grad = state
-        return t(new, requires_grad=requires_grad) if t is not type(new) else (
-            new.requires_grad_(requires_grad) if new.is_leaf else new)
+        if t is not type(new):  # a Parameter: it travelled detached, as a plain tensor
+            return t(new, requires_grad=requires_grad)
+        return new.requires_grad_(requires_grad) if new.is_leaf else new
     obj = t() if kind in ("items", "dict") else t.__new__(t)
     apply_in_place(obj, state)
     return obj
 
 
 def _slots(obj: Any) -> list[str]:
-    import copyreg
-
     return [n for n in copyreg._slotnames(type(obj)) if n not in ("__dict__", "__weakref__")]
 
 
 def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
-    """Bring ``obj`` to ``state`` (checked by :func:`check_in_place`); return how to undo it."""
+    """Bring ``obj`` to ``state`` (it :func:`fits`); return how to undo it."""
     kind = state[0]
     if kind == "items":
         t, items = state[1], state[2]
@@ -561,24 +555,22 @@ _KNOWN_UNPICKLABLE: list[tuple[Callable[[Any], bool], str, str]] = [
 ]
 
 
-def _known(obj: Any) -> bool:
-    for test, _what, _fix in _KNOWN_UNPICKLABLE:
-        try:
-            if test(obj):
-                return True
-        except Exception:
-            continue
-    return False
-
-
-def describe(obj: Any) -> tuple[str, str]:
-    """A human name for an unpicklable object and the fix to suggest."""
+def _recognised(obj: Any) -> tuple[str, str] | None:
+    """The name and fix of a kind of object known not to pickle, or None."""
     for test, what, fix in _KNOWN_UNPICKLABLE:
         try:
             if test(obj):
                 return what, fix
         except Exception:
             continue
+    return None
+
+
+def describe(obj: Any) -> tuple[str, str]:
+    """A human name for an unpicklable object and the fix to suggest."""
+    known = _recognised(obj)
+    if known is not None:
+        return known
     tname = type(obj).__qualname__
     return (
         f"{'an' if tname[:1].lower() in 'aeiou' else 'a'} {tname} object",
@@ -627,7 +619,7 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]]:
 def find_unpicklable(obj: Any, path: str, depth: int = 0, seen: set[int] | None = None) -> tuple[str, Any]:
     """The deepest attribute path below ``obj`` that fails to pickle (``obj`` itself if none)."""
     seen = set() if seen is None else seen
-    if depth > 30 or id(obj) in seen or _known(obj):
+    if depth > 30 or id(obj) in seen or _recognised(obj) is not None:
         return path, obj  # a thread, not the lock inside it
     seen.add(id(obj))
     for suffix, child in _children(obj):

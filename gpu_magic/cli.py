@@ -134,20 +134,20 @@ def _looking_client(url: str | None, token: str | None) -> Any:
     """A client for a command that only looks: the local gateway that is running, as it is.
     Asking for one with this shell's GPU_MAGIC_SIMULATE would restart a demo's simulated
     gateway as one with no GPUs, under the notebooks using it."""
+    import os
+
     from ._client import GatewayClient
     from ._connection import connect, current_target
     from ._embedded import running_local_gateway
     from ._errors import GatewayError
 
-    if url is None and current_target()[0] is None:
+    target = url or current_target()[0]
+    if target is None:
         info = running_local_gateway()
         if info is not None:
             return GatewayClient(str(info["url"]), token or info.get("token"))
-    try:
-        return connect(url, token)
-    except GatewayError as exc:
-        if not str(exc).startswith("no token"):
-            raise
-        # the notebook's advice (%config, %gpu connect) is no help in a terminal
-        raise GatewayError(f"no token for the gateway at {url or current_target()[0]}: pass "
-                           "--token TOKEN or set GPU_MAGIC_TOKEN") from None
+    elif not (token or os.environ.get("GPU_MAGIC_TOKEN")):
+        # connect()'s advice (%config, %gpu connect) is the notebook's, no help in a terminal
+        raise GatewayError(f"no token for the gateway at {target}: pass --token TOKEN or set "
+                           "GPU_MAGIC_TOKEN")
+    return connect(url, token)

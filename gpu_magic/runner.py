@@ -225,6 +225,7 @@ class _NoStdin:
 
 
 _WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_NOTED: set[str] = set()  # what this cell has been told once already
 
 
 def _without_widget(data: dict[str, Any]) -> dict[str, Any]:
@@ -238,8 +239,6 @@ def _without_widget(data: dict[str, Any]) -> dict[str, Any]:
               "tqdm.notebook and tqdm.auto draw as text here.", file=sys.stderr)
     return {k: v for k, v in data.items() if k != _WIDGET_VIEW}
 
-
-_NOTED: set[str] = set()  # what this cell has been told once already
 
 
 class _TextProgress:
@@ -403,6 +402,7 @@ _HAS_MASK = hasattr(signal, "pthread_sigmask")
 _RLIMITS = tuple(getattr(resource, n) for n in (
     "RLIMIT_NOFILE", "RLIMIT_STACK", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_CORE", "RLIMIT_CPU",
     "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_MEMLOCK") if hasattr(resource, n))
+
 
 class _Pristine:
     """Process-wide settings a cell may change that a fresh runner would not carry into the
@@ -671,10 +671,12 @@ class _InputRef:
 
 
 # The names IPython's shell sets in a cell's namespace (init_user_ns): never the cell's, even
-# when a notebook function's globals brought the notebook's own along (a function using In)
+# when a notebook function's globals brought the notebook's own along (a function using In).
+# A `!command` sets _exit_code, as it would in the notebook: that one comes back.
 _IPYTHON_OWN = frozenset({"__name__", "__builtins__", "__builtin__", "In", "Out", "_ih", "_oh",
                           "_dh", "_i", "_ii", "_iii", "_", "__", "___", "get_ipython", "exit",
                           "quit", "_exit_code"})
+_NOT_CREATED = _IPYTHON_OWN - {"_exit_code"}
 
 
 def _created(ns: dict[str, Any], shipped: dict[str, Any], names: list[str],
@@ -684,14 +686,14 @@ def _created(ns: dict[str, Any], shipped: dict[str, Any], names: list[str],
     (``In``, ``Out``, ``exit``...) and dunders are not the cell's."""
     taken = set(names)
     return [n for n, v in ns.items()
-            if n not in shipped and n not in taken and n not in _IPYTHON_OWN - {"_exit_code"}
+            if n not in shipped and n not in taken and n not in _NOT_CREATED
             and not (n.startswith("__") and n.endswith("__"))
             and not (n in hidden and hidden[n] is v)]
 
 
 def _pack_results(
     ns: dict[str, Any], names: list[str], value: Any, has_value: bool,
-    unchanged_inputs: dict[int, str], out: Outbox, same: list[str] = (),  # type: ignore[assignment]
+    unchanged_inputs: dict[int, str], out: Outbox, same: list[str],
 ) -> dict[str, Any]:
     states = {n: st for n in same if (st := _payload.in_place_state(ns[n])) is not None}
     values = {n: ns[n] for n in names if n not in states}
@@ -715,8 +717,8 @@ def _pack_results(
         # only now look name by name for what cannot travel (pickling everything twice on the
         # common path would double the cost of large results), then send the rest
         for n, v in list(values.items()) + [(n, ns[n]) for n in states]:
-            if id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None or (
-                    n in states and _payload.fingerprint(states[n], ns) is None):
+            if (n in states and _payload.fingerprint(states[n], ns) is None) or (
+                    id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None):
                 what, _fix = _payload.describe(_payload.find_unpicklable(v, n)[1])
                 # the fix for an input ("create it inside the cell") is no help for a result
                 skipped[n] = (f"{what} cannot be sent back, so it stayed on the GPU machine; "
