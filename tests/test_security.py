@@ -251,6 +251,31 @@ seen
 
 
 @needs_bwrap
+def test_a_shared_gateway_started_with_relative_paths_runs_and_hides_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `gpu-magic serve --tokens-file tokens.json --state-dir state`, as the README writes it:
+    # the sandbox named these paths inside its new root, where they did not resolve, and every
+    # cell was lost ("bwrap: Can't create file at tokens.json")
+    monkeypatch.chdir(tmp_path)
+    tokens = _tokens(tmp_path / "tokens.json", alice={}, bob={})
+    link = tmp_path / "users.json"
+    link.symlink_to("tokens.json")
+    gw = start_gateway(tmp_path, "--tokens-file", "users.json", state_dir=Path("state"))
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            gpu_magic.run(f"import os\nseen = {{}}\n"
+                          f"for p in {[str(link), str(tmp_path / 'tokens.json')]!r}:\n"
+                          "    try:\n        seen[p] = len(open(p).read())\n"
+                          "    except OSError as exc:\n        seen[p] = type(exc).__name__",
+                          "H100", ns, client=alice, quiet=True)
+        # the file is hidden both under the name given and where the link leads
+        assert set(ns["seen"].values()) <= {0, "PermissionError"}, ns["seen"]
+    finally:
+        gw.stop()
+
+
+@needs_bwrap
 def test_a_sandboxed_cell_has_a_writable_scratch_folder_and_no_warnings(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # the sandbox is read-only outside the job's folder, the home folder too: IPython,

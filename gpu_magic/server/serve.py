@@ -84,7 +84,8 @@ class ServeError(Exception):
 
 
 def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
-    state_dir = cfg.state_dir or default_state_dir()
+    # absolute, as the sandbox names them inside a new root (and the working folder may change)
+    state_dir = (cfg.state_dir or default_state_dir()).expanduser().resolve()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
     if not _is_loopback(cfg.host) and not cfg.force:
@@ -129,7 +130,10 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
     if isolation == "bwrap" and not bwrap_path():
         raise ServeError("--isolation bwrap needs bubblewrap: apt-get install bubblewrap")
     multi = len(users) > 1
-    hidden = tuple(p for p in (cfg.tokens_file, cfg.runtime_file) if p is not None)
+    # under their own names and where links lead: a cell must read none of them
+    hidden = tuple(dict.fromkeys(
+        q for p in (cfg.tokens_file, cfg.runtime_file, cfg.keyfile) if p is not None
+        for q in (p.expanduser().absolute(), p.expanduser().resolve())))
     if cfg.backend == "local":
         from .backends.local import LocalBackend
 
