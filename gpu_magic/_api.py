@@ -482,12 +482,15 @@ class _Job:
         names = {n: v for n, v in names.items() if n not in _IPYTHON_NAMES}
         with _sigint_deferred():  # all at once or not at all
             names = self._apply_in_place(names)
+            # a name the cell made and deleted itself (`except E as exc` ends in one) was
+            # never here: nothing of the notebook's is deleted, and nothing said
+            deleted = [n for n in deleted if n in self.namespace and n not in names]
             self.namespace.update(names)
             for n in deleted:
                 self.namespace.pop(n, None)
         self.bound = names
         self.state.bound = list(names)
-        self.state.deleted = list(deleted)
+        self.state.deleted = deleted
         if ev.get("skipped") or ev.get("cuda_moved"):
             self.view.before_output()
         for name, why in (ev.get("skipped") or {}).items():

@@ -1069,10 +1069,21 @@ class _Session:
         event = _pack_results(ns, names, value, bool(manifest.get("has_value")) and value is not None,
                               unchanged, out, same)
         event["deleted"] = deleted
+        for n in manifest.get("return_names") or ():
+            if n not in ns:  # a typo in --return must not cost the cell's work in silence
+                event["skipped"][n] = _not_left(n, ns)
         if _Stream.writes != printed:  # a __reduce__ or __repr__ that prints: still the cell's
             self.sync()
         emitter.emit(event)
         return 0
+
+
+def _not_left(name: str, ns: dict[str, Any]) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(name, [n for n in ns if not n.startswith("_")], n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return f"--return names it, but the cell left no such name{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -471,6 +471,25 @@ def test_return_and_no_return_limit_what_comes_back() -> None:
     assert "a" not in ns2
 
 
+def test_a_return_name_the_cell_never_left_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    # a typo in --return used to bring back nothing, silently: the cell's work was lost
+    ns = notebook("")
+    run(ns, "model = [1, 2]\nloss = 0.1", return_names=["modle", "loss"])
+    assert ns["loss"] == 0.1 and "model" not in ns
+    err = capsys.readouterr().err
+    assert "modle was not brought back" in err and "did you mean model?" in err, err
+
+
+def test_a_name_made_and_deleted_inside_the_cell_is_not_reported_deleted() -> None:
+    # `except E as exc` deletes exc at the end of the block: nothing of the notebook's went
+    ns = notebook("x = 1")
+    job = run(ns, "try:\n    1 / 0\nexcept ZeroDivisionError as exc:\n    y = 2\ndel x",
+              background=True, quiet=True)
+    job.wait()
+    assert ns["y"] == 2 and "x" not in ns and "exc" not in ns
+    assert job._job.state.deleted == ["x"]
+
+
 def test_dry_run_reports_inputs_and_sends_nothing(client: Any) -> None:
     before = len(client.jobs())
     ns = notebook("""
