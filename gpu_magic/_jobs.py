@@ -165,6 +165,27 @@ os.register_at_fork(after_in_child=_THREADS._idle.clear)
 _PENDING: list[GpuJob] = []  # finished or running background jobs whose names are not bound yet
 _PENDING_LOCK = threading.Lock()
 _HOOKED: set[int] = set()
+# what background jobs bound in each namespace (by id: namespace, {name: value}), while the
+# namespace still holds it: a name another job bound since a job was submitted was not
+# reassigned by the user
+_JOB_BOUND: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+
+def _forget_rebound() -> None:
+    """Drop what the user has since rebound or deleted: the registry keeps nothing alive that
+    the notebook let go of, for longer than a cell."""
+    with _PENDING_LOCK:
+        for key, (ns, bound) in list(_JOB_BOUND.items()):
+            for n, value in list(bound.items()):
+                if ns.get(n, _MISSING) is not value:
+                    del bound[n]
+            if not bound:
+                del _JOB_BOUND[key]
+
+
+def _bound_by_a_job(ns: Any, name: str, now: Any) -> bool:
+    entry = _JOB_BOUND.get(id(ns))
+    return entry is not None and entry[0] is ns and entry[1].get(name, _MISSING) is now
 
 
 def _hook(shell: Any) -> None:
@@ -176,6 +197,8 @@ def _hook(shell: Any) -> None:
 
 
 def _bind_finished(*_info: Any) -> None:
+    if _JOB_BOUND:
+        _forget_rebound()
     with _PENDING_LOCK:
         ready = [j for j in _PENDING if j._finished.is_set()]
     for job in ready:
@@ -369,17 +392,30 @@ class GpuJob:
             print(f"[gpu_magic] {exc}", file=sys.stderr)
             return
         ns = job.namespace
-        moved = [n for n in [*names, *deleted] if ns.get(n, _MISSING) is not self._before.get(n, _MISSING)]
+        _forget_rebound()
+
+        def reassigned(n: str) -> bool:
+            now = ns.get(n, _MISSING)
+            return not (now is self._before.get(n, _MISSING)
+                        or (n in names and now is names[n])  # the same object (a module)
+                        or (n in deleted and now is _MISSING)
+                        or _bound_by_a_job(ns, n, now))  # by another job, not the user
+
+        moved = [n for n in [*names, *deleted] if reassigned(n)]
         take = {n: v for n, v in names.items() if n not in moved}
         gone = [n for n in deleted if n not in moved]
         job.bind(take, gone)
+        with _PENDING_LOCK:
+            entry = _JOB_BOUND.setdefault(id(ns), (ns, {}))
+            if entry[0] is not ns:  # an old namespace's id, reused
+                entry = _JOB_BOUND[id(ns)] = (ns, {})
+            entry[1].update((n, ns[n]) for n in take if n in ns)
         state = job.state
         state.pending, state.kept_local = [], sorted(moved)
         if moved:
-            print(f"[gpu_magic] background job {self.id} finished but did not overwrite "
-                  f"{', '.join(sorted(moved))}: reassigned since the job was submitted. The job's "
-                  f"values are in job.result (this job: gpu_magic's GpuJob {self.id}).",
-                  file=sys.stderr)
+            print(f"[gpu_magic] background job {self.id} finished; kept your "
+                  f"{', '.join(sorted(moved))}: reassigned here since the job was submitted. "
+                  "The job's values are in the .result of its GpuJob.", file=sys.stderr)
         if has_value and value is not None:
             job.view.append_output({"type": "display", **_formatted(value)})
         job.view.reopen()

@@ -68,7 +68,7 @@ def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Pa
     # before cell 4 ran: z bound; w reassigned meanwhile, so kept, with a warning
     assert texts(nb.cells[4], "stdout") == "7 local remote\n"
     warning = texts(nb.cells[4], "stderr")
-    assert "did not overwrite w: reassigned since the job was submitted" in warning
+    assert "kept your w: reassigned here since the job was submitted" in warning
     html = " ".join(s.get("value", "") for s in widget_states(nb).values()
                     if s["model"] == "HTMLModel")
     assert "kept your w" in html
