@@ -279,6 +279,9 @@ class _Job:
         # followed again from elsewhere (%gpu attach): the objects here are not the ones the
         # job was sent, so nothing is changed in place; its results are new objects
         self.attached = attached
+        # another user's job, followed by an admin: its output is shown, its results (theirs,
+        # to unpickle in their own kernels only) are neither fetched nor loaded here
+        self.owner: str | None = None
         self.background = opts.background
         self.error: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
@@ -351,6 +354,8 @@ class _Job:
                 self._background_output(ev)
             else:
                 self._foreground_output(ev)
+        elif kind == "result" and self.owner is not None:
+            pass
         elif kind == "result":
             self.result = ev
             self._fetch_result(ev)
@@ -531,7 +536,7 @@ class _Job:
     def _remote_exception(self) -> BaseException:
         ev = self.error or {}
         exc: Any = None
-        if ev.get("exception"):
+        if ev.get("exception") and self.owner is None:
             try:
                 exc = _payload.loads(self._blob(ev, ev["exception"]), namespace={})
             except Exception:
@@ -810,11 +815,18 @@ def attach(job_id: str, namespace: dict[str, Any] | None = None, *, quiet: bool 
     # inputs the cell left unchanged come back as references: resolve them to today's objects
     job = _Job(cl, record, state, NullView(state), record.get("source", ""), opts, namespace,
                namespace, attached=True)
+    owner = record.get("user")
+    if owner and owner != cl._request("GET", "/v1/limits").json().get("user"):
+        job.owner = owner
+        print(f"[gpu_magic] job {job_id} is {owner}'s: its output is shown here, but its "
+              f"results go back only to {owner}'s own kernels, so nothing will be bound",
+              file=sys.stderr)
     job.view = _make_view(job)
     try:
-        return _follow_here(job)
+        value = _follow_here(job)
     finally:
         job.view.finish()
+    return None if job.owner is not None else value
 
 
 def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], GatewayClient],

@@ -19,6 +19,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 import gpu_magic
+from gpu_magic._api import attach
 from gpu_magic._client import GatewayClient
 from gpu_magic.server.api import create_app
 from gpu_magic.server.auth import Authenticator, User
@@ -360,6 +361,43 @@ def test_admin_sets_per_user_limits(tmp_path: Path) -> None:
             with pytest.raises(gpu_magic.GatewayError) as info:
                 submit(c, "1", "H100")
         assert info.value.status == 429
+    finally:
+        gw.stop()
+
+
+def test_an_admin_attaching_to_a_student_s_job_sees_its_output_and_loads_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the results are the student's pickles: never unpickled in the teacher's kernel (it
+    # used to end in "this gateway holds no blob ... of yours", which reads like lost data)
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, teacher={"admin": True}, student={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--isolation", "none",
+                       "--force")
+    try:
+        with GatewayClient(gw.url, tokens["student"]) as student, \
+                GatewayClient(gw.url, tokens["teacher"]) as teacher:
+            done = gpu_magic.run("print('from the student')\nx = 42\nx", "H100",
+                                 {"__name__": "__main__"}, client=student, background=True,
+                                 quiet=True)
+            failed = gpu_magic.run("1 / 0", "H100", {"__name__": "__main__"}, client=student,
+                                   background=True, quiet=True)
+            assert done.wait() == 42
+            with pytest.raises(ZeroDivisionError):
+                failed.wait()
+            capsys.readouterr()
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            assert attach(done.id, ns, client=teacher, quiet=True) is None
+            assert "x" not in ns
+            out, err = capsys.readouterr()
+            assert "from the student" in out
+            assert f"job {done.id} is student's" in err and "nothing will be bound" in err
+            with pytest.raises(gpu_magic.RemoteError) as info:
+                attach(failed.id, ns, client=teacher, quiet=True)
+            assert "ZeroDivisionError" in str(info.value)
+            # the student's own attach still brings the results back
+            mine: dict[str, Any] = {"__name__": "__main__"}
+            assert attach(done.id, mine, client=student, quiet=True) == 42
+            assert mine["x"] == 42
     finally:
         gw.stop()
 
