@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -37,11 +37,17 @@ class GatewayClient:
     """Talks to one gateway with one token."""
 
     def __init__(self, url: str, token: str | None, *, connect_timeout: float = 10.0,
-                 same_host: bool = True) -> None:
+                 same_host: bool = True, url_from: str | None = None,
+                 token_from: str | None = None) -> None:
         self.url = url.rstrip("/")
         if self.url.endswith("/v1"):  # the API's prefix, copied with the address: ours to add
             self.url = self.url[: -len("/v1")]
         self.token = token
+        # where the URL and the token came from ("GPU_MAGIC_URL", "--token", LOCAL, ...), for
+        # advice that names what to fix; None: given in code
+        self.url_from, self.token_from = url_from, token_from
+        # called when the gateway cannot be reached (the local one forgets itself)
+        self.on_unreachable: Callable[[], None] | None = None
         self._timeout = httpx.Timeout(connect_timeout, read=60.0)
         self._http = self._new_http()
         self._health: dict[str, Any] | None = None
@@ -96,7 +102,9 @@ class GatewayClient:
                 spare = self._spares.pop()
                 if not spare._http.is_closed:
                     return spare
-        other = GatewayClient(self.url, self.token)
+        other = GatewayClient(self.url, self.token, url_from=self.url_from,
+                              token_from=self.token_from)
+        other.on_unreachable = self.on_unreachable
         other._health, other._local = self._health, self._local  # same_host=False included
         return other
 
@@ -132,9 +140,14 @@ class GatewayClient:
                     raise GatewayError(f"the gpu_magic gateway at {self.url} dropped the "
                                        f"connection: {exc}") from None
             except httpx.TransportError as exc:
-                raise unreachable(self.url, exc) from None
+                raise self._unreachable(exc) from None
         _check(resp, self.url)
         return resp
+
+    def _unreachable(self, exc: BaseException) -> GatewayError:
+        if self.on_unreachable is not None:
+            self.on_unreachable()
+        return unreachable(self.url, exc, self.url_from)
 
     def health(self, refresh: bool = False) -> dict[str, Any]:
         if self._health is None or refresh:
@@ -313,7 +326,7 @@ class GatewayClient:
                     break
                 if attempt == 2 or not isinstance(
                         exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
-                    raise unreachable(self.url, exc) from None
+                    raise self._unreachable(exc) from None
                 # a pooled connection the server had just closed: once more (the job id is
                 # ours, so a repeat that reached it twice is refused as a duplicate)
         yield from self.events(job_id, after=last)
@@ -385,12 +398,19 @@ def _clause(exc: BaseException) -> str:
     return str(exc).rstrip(" .") or type(exc).__name__
 
 
-def unreachable(url: str, exc: BaseException) -> GatewayError:
+LOCAL = "the local gateway"  # url_from of this user's embedded local gateway
+
+
+def unreachable(url: str, exc: BaseException, url_from: str | None = None) -> GatewayError:
     """The error for a gateway that could not be reached, with what to check."""
     if isinstance(exc, httpx.UnsupportedProtocol):
         return GatewayError(
             f"the gateway URL {url!r} does not say how to reach it ({_clause(exc)}): write it "
             "as http://HOST:PORT or https://HOST:PORT")
+    if url_from == LOCAL:
+        return GatewayError(
+            f"the local gpu_magic gateway at {url} stopped answering ({_clause(exc)}); it is "
+            "forgotten: run the cell again and a fresh one starts")
     return GatewayError(f"cannot reach the gpu_magic gateway at {url}: {_clause(exc)}. Is it "
                         "running? (`gpu-magic serve`, or check GPU_MAGIC_URL)")
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import threading
 
-from ._client import GatewayClient
+from ._client import LOCAL, GatewayClient
 from ._errors import GatewayError
 
 _lock = threading.Lock()
-_clients: dict[tuple[str, str | None], GatewayClient] = {}
+# (url, token, where they came from) -> its client
+_clients: dict[tuple[str, str | None, str | None], GatewayClient] = {}
 _override: tuple[str, str | None] | None = None
 _configured: tuple[str, str] = ("", "")  # GPUMagic.url, GPUMagic.token ("": not set)
 _embedded: dict[str, object] | None = None
@@ -68,12 +69,30 @@ def connect(url: str | None = None, token: str | None = None) -> GatewayClient:
     else:
         info = _local_info()
         url, token = str(info["url"]), info.get("token")  # type: ignore[assignment]
-    key = (url.rstrip("/"), token)
+        key = (url.rstrip("/"), token, LOCAL)
+        with _lock:
+            client = _clients.get(key)
+            if client is None:
+                client = _clients[key] = GatewayClient(url, token, url_from=LOCAL,
+                                                       token_from=LOCAL)
+                client.on_unreachable = lambda: _drop_local(key)
+        return client
+    key = (url.rstrip("/"), token, None)
     with _lock:
         client = _clients.get(key)
         if client is None:
             client = _clients[key] = GatewayClient(url, token)
     return client
+
+
+def _drop_local(key: tuple[str, str | None, str | None]) -> None:
+    """The local gateway refused a connection (stopped, or its pid now names another
+    process): forget it and its client, so that the next cell finds or starts a fresh one."""
+    global _embedded
+    with _lock:
+        _clients.pop(key, None)
+        if _embedded is not None and (str(_embedded.get("url")), _embedded.get("token")) == key[:2]:
+            _embedded = None
 
 
 def forget(client: GatewayClient) -> None:

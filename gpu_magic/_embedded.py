@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,9 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: an exited one waiting to be reaped (a zombie) does not."""
+    if pid <= 0:
+        return False
     try:
         # a gateway this process started and that has exited is a zombie until reaped
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
@@ -70,7 +74,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # another process's zombie (its parent has not reaped it) still answers kill(pid, 0):
+    # ask Linux for its state instead (elsewhere there is no /proc; kill's answer stands)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def _healthy(info: dict[str, Any]) -> bool:
@@ -161,6 +171,7 @@ def _start(path: Path, simulate: str | None, state_dir: Path | None) -> dict[str
     while time.monotonic() < deadline:
         info = _read(path)
         if info is not None and info.get("pid") == proc.pid:
+            _reap_when_done(proc)
             return info
         if proc.poll() is not None:
             tail = (state / "gateway.log").read_text(errors="replace")[-1500:]
@@ -170,10 +181,18 @@ def _start(path: Path, simulate: str | None, state_dir: Path | None) -> dict[str
             )
         time.sleep(0.02)
     proc.terminate()
+    _reap_when_done(proc)
     raise GatewayError(
         f"the local gpu_magic gateway did not start within {START_TIMEOUT_S:g} s; see "
         f"{state / 'gateway.log'}"
     )
+
+
+def _reap_when_done(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for the gateway in the background, so that when it exits (stopped, idle) it is
+    gone at once: unreaped, it would stay a zombie of this process (a kernel, `gpu-magic
+    demo`) that every other process takes for a running gateway."""
+    threading.Thread(target=proc.wait, name=f"gpu-magic-reap-{proc.pid}", daemon=True).start()
 
 
 def stop_local_gateway() -> str:

@@ -1,0 +1,107 @@
+"""The embedded local gateway's life: a stopped one is seen as stopped by every process (its
+starter reaps it, and nobody takes a zombie for a gateway), and a kernel that cached one that no
+longer answers forgets it and starts a fresh one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import gpu_magic
+from gpu_magic import GatewayError, _connection
+from gpu_magic._embedded import _pid_alive, stop_local_gateway
+
+from .conftest import wait_for
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_MAGIC_")}
+    return {**env, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+            "JUPYTER_DATA_DIR": str(tmp_path / "data")}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's /proc")
+def test_another_process_s_zombie_is_not_alive() -> None:
+    # a child that exited and that its parent never reaps: kill(pid, 0) still succeeds on it
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, time\np = subprocess.Popen(['true'])\n"
+         "print(p.pid, flush=True)\ntime.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        wait_for(lambda: _state(pid) == "Z")
+        assert not _pid_alive(pid)
+    finally:
+        parent.kill()
+        parent.communicate()
+    assert _pid_alive(os.getpid())
+
+
+def test_whoever_starts_the_gateway_reaps_it_when_it_stops(tmp_path: Path) -> None:
+    # as `gpu-magic demo` does: start the local gateway, then keep running; `gpu-magic stop`
+    # from elsewhere must leave no zombie behind, which other processes took for a gateway
+    env = _env(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom gpu_magic._embedded import ensure_local_gateway"
+         "\nprint(ensure_local_gateway('T4:1')['pid'], flush=True)\ntime.sleep(300)"],
+        stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout is not None
+        pid = int(holder.stdout.readline())
+        stop = subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert stop.stdout.startswith(f"stopped the local gpu_magic gateway (pid {pid}"), stop
+        wait_for(lambda: _state(pid) is None, timeout=20)  # reaped, not left a zombie
+    finally:
+        holder.kill()
+        holder.communicate()
+        subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True, env=env,
+                       timeout=60)
+
+
+@pytest.fixture
+def local_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process's client side on a local gateway of the test's own (simulated)."""
+    for key in list(os.environ):
+        if key.startswith("GPU_MAGIC_"):
+            monkeypatch.delenv(key)
+    for key, value in _env(tmp_path).items():
+        if key.startswith("JUPYTER_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GPU_MAGIC_SIMULATE", "T4:1")
+    monkeypatch.setattr(_connection, "_override", None)
+    monkeypatch.setattr(_connection, "_configured", ("", ""))
+    monkeypatch.setattr(_connection, "_embedded", None)
+    yield
+    stop_local_gateway()
+
+
+def test_a_local_gateway_that_stopped_answering_is_forgotten(local_only: None) -> None:
+    ns = {"__name__": "__main__"}
+    gpu_magic.run("x = 1", "T4", ns, quiet=True)
+    first = _connection._embedded
+    assert first is not None and ns["x"] == 1
+    stop_local_gateway()
+    # as if its pid now named another process (reused): the pid check cannot tell
+    _connection._embedded = {**first, "pid": os.getpid()}
+    with pytest.raises(GatewayError) as err:
+        gpu_magic.run("x = 2", "T4", ns, quiet=True)
+    text = str(err.value)
+    assert text.startswith(f"the local gpu_magic gateway at {first['url']} stopped answering")
+    assert "run the cell again" in text and "GPU_MAGIC_URL" not in text
+    gpu_magic.run("x = 3", "T4", ns, quiet=True)  # a fresh gateway
+    assert ns["x"] == 3
+    assert _connection._embedded is not None and _connection._embedded["pid"] != first["pid"]
