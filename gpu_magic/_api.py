@@ -39,7 +39,7 @@ from ._errors import (
     WaitExpired,
 )
 from ._jobs import EventFeed
-from ._remote import code_locator, rebuild, render_traceback, where
+from ._remote import code_locator, local_hint, rebuild, render_traceback, where
 from ._spec import GpuSpec, parse_spec
 from ._view import JobState, NullView, TextView, cancelled_text, then
 
@@ -548,6 +548,11 @@ class _Job:
                                  # others that travelled as its globals
                                  locate=code_locator(list(self.sent.values()),
                                                      list(self.namespace.values())))
+        hint = local_hint(ev)
+        if hint:
+            lines.append(f"[gpu_magic] {hint}")
+            if hasattr(exc, "add_note"):  # shown by Python's own traceback printing too
+                exc.add_note(f"[gpu_magic] {hint}")
         return rebuild(ev, exc, lines)
 
 

@@ -4,6 +4,8 @@ line numbers and a line saying where it ran."""
 from __future__ import annotations
 
 import linecache
+import os
+import re
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -62,6 +64,27 @@ def render_traceback(
         lines.append("")
     lines.append(f"{ename}: {evalue}" if evalue else ename)
     return lines
+
+
+def local_hint(event: dict[str, Any]) -> str | None:
+    """What to do when the cell missed something that is here, in the notebook's folder (the
+    working folder of this kernel): a module of its own, or a data file by a relative path.
+    The GPU machine runs the cell in a folder of its own (a shared gateway, a Ray node)."""
+    ename, evalue = event.get("ename"), str(event.get("evalue", ""))
+    if ename == "ModuleNotFoundError":
+        m = re.fullmatch(r"No module named '([A-Za-z_]\w*)'", evalue)
+        if m and (os.path.isfile(f"{m[1]}.py") or os.path.isfile(os.path.join(m[1], "__init__.py"))):
+            return (f"{m[1]!r} is a module in your notebook's folder, which the GPU machine does "
+                    f"not have: import it in a local cell (`import {m[1]}`) and use it in the "
+                    "%%gpu cell without importing it there; it then travels with the cell")
+    if ename == "FileNotFoundError":
+        m = re.search(r"No such file or directory: '(.+)'$", evalue)
+        if m and not os.path.isabs(m[1]) and os.path.exists(m[1]):
+            return (f"{m[1]!r} is in your notebook's folder, but the cell ran in a folder of its "
+                    "own on the GPU machine: load the data in a local cell and use it in the "
+                    "%%gpu cell (it travels with the cell), or put the file where the GPU "
+                    "machine can read it and use that path")
+    return None
 
 
 def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str]) -> BaseException:

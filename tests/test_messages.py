@@ -134,3 +134,52 @@ def test_a_queued_cell_shows_no_made_up_wait_estimate(blocked: GatewayClient) ->
         assert state.headline() == "queued for H100:2 (position 1)"
     finally:
         job.cancel()
+
+
+def test_a_cell_missing_a_local_module_or_file_is_told_what_to_do(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # on a shared gateway the cell runs in the job's own folder: `import utils` and
+    # open('data.csv') failed bare, although both are right here in the notebook's folder
+    import json
+    import secrets
+
+    from .conftest import start_gateway
+
+    tokens = {u: secrets.token_urlsafe(32) for u in ("ana", "ben")}
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    (tmp_path / "tokens.json").chmod(0o600)
+    gw = start_gateway(tmp_path, "--tokens-file", str(tmp_path / "tokens.json"),
+                       "--isolation", "none", "--force")
+    notebook = tmp_path / "course"
+    notebook.mkdir()
+    (notebook / "course_helpers.py").write_text("SCALE = 3\n")
+    (notebook / "data.csv").write_text("1,2\n")
+    monkeypatch.chdir(notebook)
+    monkeypatch.syspath_prepend(str(notebook))
+    try:
+        with GatewayClient(gw.url, tokens["ana"]) as c:
+            with pytest.raises(ModuleNotFoundError) as info:
+                gpu_magic.run("import course_helpers", "H100", {"__name__": "__main__"},
+                              client=c, quiet=True)
+            text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+            assert "'course_helpers' is a module in your notebook's folder" in text
+            with pytest.raises(FileNotFoundError) as info:
+                gpu_magic.run("open('data.csv').read()", "H100", {"__name__": "__main__"},
+                              client=c, quiet=True)
+            text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+            assert "'data.csv' is in your notebook's folder" in text
+            # and the advice works: imported here, the module travels with the cell
+            import course_helpers
+
+            ns: dict[str, Any] = {"__name__": "__main__", "course_helpers":
+                                  course_helpers}
+            gpu_magic.run("y = course_helpers.SCALE * 2", "H100", ns, client=c,
+                          quiet=True)
+            assert ns["y"] == 6
+            # a module missing here too gets no such advice
+            with pytest.raises(ModuleNotFoundError) as info:
+                gpu_magic.run("import no_such_module_anywhere", "H100", {"__name__": "__main__"},
+                              client=c, quiet=True)
+            assert "[gpu_magic]" not in "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    finally:
+        gw.stop()
