@@ -138,14 +138,20 @@ def _looking_client(url: str | None, token: str | None) -> Any:
 
     from ._client import GatewayClient
     from ._connection import connect, current_target
-    from ._embedded import running_local_gateway
+    from ._embedded import running_local_gateway, runtime_path
     from ._errors import GatewayError
 
     target = url or current_target()[0]
     if target is None:
         info = running_local_gateway()
-        if info is not None:
-            return GatewayClient(str(info["url"]), token or info.get("token"))
+        if info is None:
+            # starting one here would make a gateway with no GPUs that lives an hour
+            raise GatewayError(
+                f"no local gpu_magic gateway is running (none is recorded in {runtime_path()}), "
+                "and this command only looks: a %%gpu cell starts one, `gpu-magic serve` runs "
+                "one in this terminal, or look at another gateway with --url URL (or "
+                "GPU_MAGIC_URL)")
+        return GatewayClient(str(info["url"]), token or info.get("token"))
     elif not (token or os.environ.get("GPU_MAGIC_TOKEN")):
         # connect()'s advice (%config, %gpu connect) is the notebook's, no help in a terminal
         raise GatewayError(f"no token for the gateway at {target}: pass --token TOKEN or set "

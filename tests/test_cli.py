@@ -103,3 +103,22 @@ def test_terminal_errors_give_terminal_advice(gateway: Gateway) -> None:
     out = gm("pool", "--url", gateway.url + "/v1/", "--token", gateway.token, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("simulated pool")
+
+
+def test_pool_and_jobs_start_no_local_gateway(tmp_path: Path) -> None:
+    # they only look: with none running they say so, and none is started (it would have no
+    # GPUs and live an hour)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_MAGIC_")}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    env["JUPYTER_DATA_DIR"] = str(tmp_path / "data")
+    try:
+        for command in ("pool", "jobs"):
+            out = gm(command, env=env)
+            assert out.returncode == 1, out
+            assert out.stderr.startswith(f"gpu-magic {command}: no local gpu_magic gateway is "
+                                         "running"), out.stderr
+            assert "`gpu-magic serve`" in out.stderr and "--url URL" in out.stderr
+            assert "%%gpu cell" in out.stderr
+        assert not list((tmp_path / "runtime").glob("gpu-magic-gateway-*.json"))
+    finally:
+        gm("stop", env=env)
