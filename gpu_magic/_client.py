@@ -137,8 +137,11 @@ class GatewayClient:
                 # by the client, so a repeated submit is refused as a duplicate, not run twice;
                 # a streamed body comes from a factory, so it is made anew).
                 if attempt == 2:
+                    # a gateway with TLS hangs up so on plain http
+                    tls = (f". If it speaks https (--certfile), use https{self.url[4:]}"
+                           if self.url.startswith("http:") else "")
                     raise GatewayError(f"the gpu_magic gateway at {self.url} dropped the "
-                                       f"connection: {exc}") from None
+                                       f"connection: {_clause(exc)}{tls}") from None
             except httpx.TransportError as exc:
                 raise self._unreachable(exc) from None
         _check(resp, self.url)
@@ -407,12 +410,34 @@ def unreachable(url: str, exc: BaseException, url_from: str | None = None) -> Ga
         return GatewayError(
             f"the gateway URL {url!r} does not say how to reach it ({_clause(exc)}): write it "
             "as http://HOST:PORT or https://HOST:PORT")
+    text = _clause(exc)
+    source = f" (from {url_from})" if url_from and url_from != LOCAL else ""
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        # (ssl's own names: our plain-socket paths keep only the text of ssl's errors)
+        if "mismatch" in text:
+            return GatewayError(
+                f"the TLS certificate of the gpu_magic gateway at {url}{source} is not made out "
+                f"to {httpx.URL(url).host} ({text}): use the host name the certificate names")
+        return GatewayError(
+            f"the gpu_magic gateway at {url}{source} shows a TLS certificate this machine does "
+            f"not trust ({text}). If it is self-signed or signed by a CA of your own, get that "
+            "CA's certificate from whoever runs the gateway and set "
+            "SSL_CERT_FILE=/path/to/ca.pem in this program's environment (for a notebook: "
+            "where Jupyter starts, then restart the kernel)")
+    if "WRONG_VERSION_NUMBER" in text and url.startswith("https:"):
+        return GatewayError(
+            f"the gpu_magic gateway at {url}{source} speaks plain http, not https ({text}): use "
+            f"http{url[len('https'):]}")
     if url_from == LOCAL:
         return GatewayError(
-            f"the local gpu_magic gateway at {url} stopped answering ({_clause(exc)}); it is "
+            f"the local gpu_magic gateway at {url} stopped answering ({text}); it is "
             "forgotten: run the cell again and a fresh one starts")
-    return GatewayError(f"cannot reach the gpu_magic gateway at {url}: {_clause(exc)}. Is it "
-                        "running? (`gpu-magic serve`, or check GPU_MAGIC_URL)")
+    check = {"--url": "check --url", "%gpu connect": "check the URL given to %gpu connect, or "
+             "go back with %gpu connect local", "%config GPUMagic.url": "check %config "
+             "GPUMagic.url", "GPU_MAGIC_URL": "check GPU_MAGIC_URL"}.get(url_from or "",
+                                                                         "check the URL")
+    return GatewayError(f"cannot reach the gpu_magic gateway at {url}{source}: {text}. Is it "
+                        f"running (`gpu-magic serve`)? Or {check}")
 
 
 _SSL: Any = None

@@ -12,20 +12,21 @@ from ._errors import GatewayError
 _lock = threading.Lock()
 # (url, token, where they came from) -> its client
 _clients: dict[tuple[str, str | None, str | None], GatewayClient] = {}
-_override: tuple[str, str | None] | None = None
+_override: tuple[str, str | None, str | None] | None = None  # url, token, the token's source
 _configured: tuple[str, str] = ("", "")  # GPUMagic.url, GPUMagic.token ("": not set)
 _embedded: dict[str, object] | None = None
 
 
-def set_connection(url: str | None, token: str | None = None) -> None:
+def set_connection(url: str | None, token: str | None = None,
+                   token_from: str | None = "%gpu connect --token") -> None:
     """Use this gateway from now on in this process (None: back to the configuration, the
-    environment or the local one)."""
+    environment or the local one); ``token_from`` says where the token came from."""
     global _override
     with _lock:
-        _override = (url.rstrip("/"), token) if url else None
+        _override = (url.rstrip("/"), token, token_from) if url else None
 
 
-def get_connection() -> tuple[str, str | None] | None:
+def get_connection() -> tuple[str, str | None, str | None] | None:
     """What `%gpu connect` set (to put it back after a failed connect)."""
     return _override
 
@@ -49,18 +50,31 @@ def current_target() -> tuple[str | None, str]:
     return None, "local gateway"
 
 
-def _token_for(url: str) -> str | None:
+# current_target's answers as the client names the source of a URL in its advice
+_URL_FROM = {"%gpu connect": "%gpu connect", "GPUMagic.url config": "%config GPUMagic.url",
+             "GPU_MAGIC_URL": "GPU_MAGIC_URL"}
+
+
+def _token_for(url: str) -> tuple[str | None, str | None]:
+    """The token for ``url`` and where it came from."""
     if _override is not None and _override[0] == url and _override[1]:
-        return _override[1]
-    return _configured[1] or os.environ.get("GPU_MAGIC_TOKEN") or None
+        return _override[1], _override[2]
+    if _configured[1]:
+        return _configured[1], "%config GPUMagic.token"
+    token = os.environ.get("GPU_MAGIC_TOKEN")
+    return (token, "GPU_MAGIC_TOKEN") if token else (None, None)
 
 
-def connect(url: str | None = None, token: str | None = None) -> GatewayClient:
-    """A client for the configured gateway, starting the local one if nothing is configured."""
+def connect(url: str | None = None, token: str | None = None, *,
+            url_from: str | None = None, token_from: str | None = None) -> GatewayClient:
+    """A client for the configured gateway, starting the local one if nothing is configured.
+    ``url_from``/``token_from`` name where a given ``url``/``token`` came from (``--url``)."""
     if url is None:
-        url, _ = current_target()
+        url, how = current_target()
+        url_from = _URL_FROM.get(how)
     if url is not None:
-        token = token or _token_for(url)
+        if not token:
+            token, token_from = _token_for(url)
         if not token:
             raise GatewayError(
                 f"no token for the gateway at {url}: set GPU_MAGIC_TOKEN (or "
@@ -77,11 +91,12 @@ def connect(url: str | None = None, token: str | None = None) -> GatewayClient:
                                                        token_from=LOCAL)
                 client.on_unreachable = lambda: _drop_local(key)
         return client
-    key = (url.rstrip("/"), token, None)
+    key = (url.rstrip("/"), token, f"{url_from} {token_from}")
     with _lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = GatewayClient(url, token)
+            client = _clients[key] = GatewayClient(url, token, url_from=url_from,
+                                                   token_from=token_from)
     return client
 
 

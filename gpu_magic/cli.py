@@ -136,7 +136,7 @@ def _looking_client(url: str | None, token: str | None) -> Any:
     gateway as one with no GPUs, under the notebooks using it."""
     import os
 
-    from ._client import GatewayClient
+    from ._client import LOCAL, GatewayClient
     from ._connection import connect, current_target
     from ._embedded import running_local_gateway, runtime_path
     from ._errors import GatewayError
@@ -151,9 +151,11 @@ def _looking_client(url: str | None, token: str | None) -> Any:
                 "and this command only looks: a %%gpu cell starts one, `gpu-magic serve` runs "
                 "one in this terminal, or look at another gateway with --url URL (or "
                 "GPU_MAGIC_URL)")
-        return GatewayClient(str(info["url"]), token or info.get("token"))
+        return GatewayClient(str(info["url"]), token or info.get("token"),
+                             token_from="--token" if token else LOCAL)
     elif not (token or os.environ.get("GPU_MAGIC_TOKEN")):
         # connect()'s advice (%config, %gpu connect) is the notebook's, no help in a terminal
         raise GatewayError(f"no token for the gateway at {target}: pass --token TOKEN or set "
                            "GPU_MAGIC_TOKEN")
-    return connect(url, token)
+    return connect(url, token, url_from="--url" if url else None,
+                   token_from="--token" if token else None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import gpu_magic
 from gpu_magic.server.auth import MIN_TOKEN_CHARS, owner_token
 
-from .conftest import Gateway
+from .conftest import Gateway, start_gateway
 
 
 def gm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -46,9 +46,48 @@ def test_wrong_token_is_a_clear_error(gateway: Gateway) -> None:
 
 
 def test_unreachable_gateway_is_a_clear_error() -> None:
+    # the advice names where the URL came from: GPU_MAGIC_URL was never set here
     out = gm("pool", "--url", "http://127.0.0.1:9", "--token", "x" * 43)
     assert out.returncode == 1
-    assert "cannot reach the gpu_magic gateway at http://127.0.0.1:9" in out.stderr
+    assert "cannot reach the gpu_magic gateway at http://127.0.0.1:9 (from --url)" in out.stderr
+    assert "check --url" in out.stderr and "GPU_MAGIC_URL" not in out.stderr
+    env = {**os.environ, "GPU_MAGIC_URL": "http://127.0.0.1:9", "GPU_MAGIC_TOKEN": "x" * 43}
+    out = gm("pool", env=env)
+    assert "(from GPU_MAGIC_URL)" in out.stderr and "check GPU_MAGIC_URL" in out.stderr
+
+
+def test_tls_problems_get_tls_advice(tmp_path: Path, gateway: Gateway) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")  # not 127.0.0.1: an address it is not made out to
+    chain, key, bundle = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(bundle))
+    tls = start_gateway(tmp_path, "--certfile", str(chain), "--keyfile", str(key))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GPU_MAGIC_") and k != "SSL_CERT_FILE"}
+    try:
+        named = tls.url.replace("127.0.0.1", "localhost")
+        out = gm("pool", "--url", named, "--token", tls.token, env=env)  # a CA it does not know
+        assert out.returncode == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in out.stderr
+        assert "set SSL_CERT_FILE=/path/to/ca.pem" in out.stderr, out.stderr
+        assert "Is it running" not in out.stderr and "GPU_MAGIC_URL" not in out.stderr
+        env["SSL_CERT_FILE"] = str(bundle)
+        assert gm("pool", "--url", named, "--token", tls.token, env=env).returncode == 0
+        out = gm("pool", "--url", tls.url, "--token", tls.token, env=env)
+        assert "is not made out to 127.0.0.1" in out.stderr, out.stderr
+        # plain http to a TLS gateway, and https to a plain one
+        out = gm("pool", "--url", named.replace("https:", "http:"), "--token", tls.token, env=env)
+        assert f"If it speaks https (--certfile), use {named}" in out.stderr, out.stderr
+    finally:
+        tls.stop()
+    out = gm("pool", "--url", gateway.url.replace("http:", "https:"), "--token", gateway.token,
+             env=env)
+    assert "speaks plain http, not https" in out.stderr, out.stderr
+    assert f"use {gateway.url}" in out.stderr
 
 
 def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:

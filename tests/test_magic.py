@@ -98,6 +98,10 @@ def test_connect_wins_over_the_config_until_connect_local(gateway: Gateway,
     # `%gpu connect local` undoes the connect: back to what is configured, and says so
     back = k.run("%gpu connect local")["stdout"]
     assert back.startswith("back to the gateway http://127.0.0.1:9 (GPUMagic.url config)"), back
+    # and an unreachable one names that setting, not GPU_MAGIC_URL that nobody set
+    unreachable = _error_text(k.run("%gpu pool"))
+    assert "(from %config GPUMagic.url)" in unreachable, unreachable
+    assert "check %config GPUMagic.url" in unreachable and "GPU_MAGIC_URL" not in unreachable
 
 
 def test_line_magics_report_an_unreachable_gateway_as_cleanly_as_a_cell(
