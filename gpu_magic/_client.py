@@ -144,7 +144,7 @@ class GatewayClient:
                                        f"connection: {_clause(exc)}{tls}") from None
             except httpx.TransportError as exc:
                 raise self._unreachable(exc) from None
-        _check(resp, self.url)
+        _check(resp, self.url, self)
         return resp
 
     def _unreachable(self, exc: BaseException) -> GatewayError:
@@ -249,14 +249,15 @@ class GatewayClient:
             if got_raw is not None:
                 status, fields, body = got_raw
                 if status >= 400:
-                    _check(httpx.Response(status, headers=fields, content=body), self.url)
+                    _check(httpx.Response(status, headers=fields, content=body), self.url,
+                           self)
                 if status == 200:
                     return body  # type: ignore[return-value]
         try:
             with self._http.stream("GET", f"/v1/blobs/{digest}") as resp:
                 if resp.status_code >= 400:
                     resp.read()
-                    _check(resp, self.url)
+                    _check(resp, self.url, self)
                 size = int(resp.headers.get("Content-Length", "-1"))
                 if size < 0:  # no length given: grow as it comes
                     buf = bytearray()
@@ -299,7 +300,7 @@ class GatewayClient:
                 with self._post_follow(body) as resp:
                     if resp.status_code >= 400:
                         resp.read()
-                        _check(resp, self.url)
+                        _check(resp, self.url, self)
                     if not resp.headers.get("content-type", "").startswith("text/event-stream"):
                         # a gateway from before submit-and-follow: its answer is the record
                         resp.read()
@@ -367,7 +368,7 @@ class GatewayClient:
                                        params={"after": last}) as resp:
                     if resp.status_code >= 400:
                         resp.read()
-                        _check(resp, self.url)
+                        _check(resp, self.url, self)
                     chunks = resp.iter_bytes()
                     for ev in _parse_sse(chunks):
                         seq = int(ev.get("seq", 0))
@@ -527,7 +528,55 @@ def _parse_sse(chunks: Iterator[bytes]) -> Iterator[dict[str, Any]]:
                 yield json.loads(b"\n".join(data))
 
 
-def _check(resp: httpx.Response, url: str) -> None:
+# where a token came from -> how to put another one there
+_SET_TOKEN = {
+    "GPU_MAGIC_TOKEN": "set GPU_MAGIC_TOKEN to it",
+    "%config GPUMagic.token": "set it with %config GPUMagic.token = 'TOKEN'",
+    "%gpu connect --token": "give it with %gpu connect URL --token TOKEN",
+    "%gpu connect's prompt": "type it at %gpu connect URL's prompt",
+    "--token": "pass it with --token TOKEN",
+}
+
+
+def refused(url: str, client: GatewayClient | None, detail: Any = None) -> AuthError:
+    """The error for a token the gateway refused: whose token it was and where to get the
+    right one (an owner's own file, or whoever runs a shared gateway)."""
+    token_from = client.token_from if client is not None else None
+    if client is not None and not client.token:
+        return AuthError(f"the gateway at {url} needs a token and none was given: set "
+                         "GPU_MAGIC_TOKEN, or use %gpu connect URL --token TOKEN",
+                         status=401, detail=detail)
+    if token_from == LOCAL:
+        return AuthError(
+            f"the local gpu_magic gateway at {url} refused the token of its own runtime file "
+            "(was it started again with another state directory?): run `gpu-magic stop` (or "
+            "%gpu stop) and the next cell starts a fresh one", status=401, detail=detail)
+    health: Any = client._health if client is not None else None
+    if client is not None and health is None:
+        try:  # (not through _check: a proxy that refused this too must not loop here)
+            answer = client._http.get("/v1/health", timeout=3.0)
+            health = answer.json() if answer.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            pass
+    health = health if isinstance(health, dict) else {}
+    users = health.get("users")
+    if (isinstance(users, int) and users > 1) or health.get("shared"):
+        where = "ask whoever runs the gateway for your token"
+    elif health.get("client_python") or users == 1:
+        # only a gateway of one user runs cells with its client's Python: most likely yours
+        where = ("the token of a gateway you started is in its <state-dir>/token (or your "
+                 "entry of its --tokens-file); of one somebody else runs, ask them for yours")
+    else:
+        where = ("ask whoever runs the gateway for your token (one you started yourself keeps "
+                 "it in its <state-dir>/token)")
+    # (the 401's own message is for HTTP callers: which header to send)
+    whose = f"the token from {token_from}" if token_from else "our token"
+    fix = _SET_TOKEN.get(token_from or "", "set GPU_MAGIC_TOKEN to it")
+    return AuthError(f"the gateway at {url} refused {whose} (wrong, or no longer valid): "
+                     f"{where}, and {fix}", status=401, detail=detail)
+
+
+def _check(resp: httpx.Response, url: str, client: GatewayClient | None = None) -> None:
     if resp.status_code < 400:
         return
     try:
@@ -538,12 +587,7 @@ def _check(resp: httpx.Response, url: str) -> None:
     if message is None and isinstance(body, dict) and "detail" in body:
         message = json.dumps(body["detail"])[:1000]
     if resp.status_code == 401:
-        raise AuthError(
-            f"the gateway at {url} refused our token: {message}. Set GPU_MAGIC_TOKEN to the "
-            "token of this gateway (its owner finds it in <state-dir>/token), or use "
-            "%gpu connect URL",
-            status=401, detail=body,
-        )
+        raise refused(url, client, body)
     code = body.get("error") if isinstance(body, dict) else None
     if code == "no_feasible_option":
         raise NoFeasibleOption(message)

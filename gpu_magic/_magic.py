@@ -228,10 +228,15 @@ class GPUMagic(Magics):
             print("using the local gpu_magic gateway" if target is None
                   else f"back to the gateway {target} ({how})")
             return
-        token = (token or self.token or os.environ.get("GPU_MAGIC_TOKEN")
-                 or getpass.getpass(f"token for {url}: "))
+        token_from = "%gpu connect --token"
+        if not token:
+            token, token_from = self.token, "%config GPUMagic.token"
+        if not token:
+            token, token_from = os.environ.get("GPU_MAGIC_TOKEN", ""), "GPU_MAGIC_TOKEN"
+        if not token:
+            token, token_from = getpass.getpass(f"token for {url}: "), "%gpu connect's prompt"
         before = get_connection()
-        set_connection(url, token)
+        set_connection(url, token, token_from)
         try:
             health = connect().health(refresh=True)
             connect().pool()

@@ -39,10 +39,28 @@ def test_jobs_table_lists_my_jobs(gateway: Gateway) -> None:
     assert "succeeded" in line and "A100-80GB ×2" in line and "simulated" in line
 
 
-def test_wrong_token_is_a_clear_error(gateway: Gateway) -> None:
+def test_wrong_token_is_a_clear_error(gateway: Gateway, tmp_path: Path) -> None:
+    # it says whose token was refused and where the right one is: a gateway of one user (its
+    # owner's file) or a shared one (ask whoever runs it); not the HTTP header to send
     out = gm("pool", "--url", gateway.url, "--token", "w" * 43)
     assert out.returncode == 1
-    assert "refused our token" in out.stderr and "GPU_MAGIC_TOKEN" in out.stderr
+    assert f"the gateway at {gateway.url} refused the token from --token" in out.stderr
+    assert "<state-dir>/token" in out.stderr and "pass it with --token TOKEN" in out.stderr
+    assert "Bearer" not in out.stderr
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"alice": "a" * 43, "bob": "b" * 43}))
+    tokens.chmod(0o600)
+    shared = start_gateway(tmp_path, "--tokens-file", str(tokens), "--isolation", "none",
+                           "--force")
+    try:
+        env = {**os.environ, "GPU_MAGIC_URL": shared.url, "GPU_MAGIC_TOKEN": "w" * 43}
+        out = gm("jobs", env=env)
+        assert out.returncode == 1
+        assert "refused the token from GPU_MAGIC_TOKEN" in out.stderr, out.stderr
+        assert "ask whoever runs the gateway for your token" in out.stderr
+        assert "set GPU_MAGIC_TOKEN to it" in out.stderr and "Bearer" not in out.stderr
+    finally:
+        shared.stop()
 
 
 def test_unreachable_gateway_is_a_clear_error() -> None:

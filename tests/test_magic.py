@@ -152,3 +152,16 @@ def test_syntax_errors_and_tracebacks_number_the_lines_alike(gateway: Gateway,
     assert "z = 2 2" in syntax
     runtime = _error_text(k.run("%%gpu\nx = 1\nz = 1 / 0"))
     assert ", line 3" in runtime and "----> 3 z = 1 / 0" in runtime, runtime
+
+
+def test_a_refused_token_names_its_source(gateway: Gateway, kernel_factory: Any) -> None:
+    k = kernel_factory()
+    connect = _error_text(k.run(f"%gpu connect {gateway.url} --token {'w' * 43}"))
+    assert connect.startswith(f"AuthError: the gateway at {gateway.url} refused the token from "
+                              "%gpu connect --token"), connect
+    assert "give it with %gpu connect URL --token TOKEN" in connect
+    k.run(f'%config GPUMagic.url = "{gateway.url}"')
+    k.run(f'%config GPUMagic.token = "{"v" * 43}"')
+    cell = _error_text(k.run("%%gpu\n1"))
+    assert "refused the token from %config GPUMagic.token" in cell, cell
+    assert "set it with %config GPUMagic.token = 'TOKEN'" in cell
