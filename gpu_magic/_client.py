@@ -157,6 +157,17 @@ class GatewayClient:
             self._health = self._request("GET", "/v1/health").json()
         return self._health
 
+    def whoami(self) -> dict[str, Any]:
+        """Whom the gateway takes our token for: ``{"user": ..., "admin": ...}`` (one
+        authenticated request; AuthError if the token is refused)."""
+        try:
+            return self._request("GET", "/v1/limits").json()  # (it names the caller)
+        except GatewayError as exc:
+            if exc.status != 404:
+                raise
+        self.pool()  # a gateway without /v1/limits: the token is good, the name unknown
+        return {}
+
     def pool(self) -> dict[str, Any]:
         return self._request("GET", "/v1/pool").json()
 

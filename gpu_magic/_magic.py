@@ -23,8 +23,9 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Unicode, observe
 
 from . import _api
+from ._client import LOCAL
 from ._connection import configure, connect, current_target, get_connection, set_connection
-from ._errors import GpuMagicError, RemoteError
+from ._errors import AuthError, GpuMagicError, RemoteError
 from ._tables import jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
@@ -210,6 +211,17 @@ class GPUMagic(Magics):
             sim = " (simulated pool)" if health.get("simulated") else ""
             print(f"gateway {client.url} ({how}): gpu_magic {health.get('version')}, "
                   f"Python {health.get('python')}, backend {health.get('backend')}{sim}")
+            whose = ("the local gateway's own token" if client.token_from == LOCAL
+                     else f"the token from {client.token_from}" if client.token_from
+                     else "the token")
+            try:
+                me = client.whoami()  # the health above asks for no token: this one does
+            except AuthError as exc:
+                print(f"{whose} is refused: {exc}")
+                return None
+            user = me.get("user")
+            who = f" as user {user}" + (" (admin)" if me.get("admin") else "") if user else ""
+            print(f"{whose} is accepted{who}")
         return None
 
     def _connect(self, rest: list[str]) -> None:

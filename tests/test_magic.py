@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
@@ -85,6 +86,8 @@ def test_config_url_and_token_choose_the_gateway(gateway: Gateway, kernel_factor
     assert out["result"] == "True", out
     status = k.run("%gpu status")["stdout"]
     assert status.startswith(f"gateway {gateway.url} (GPUMagic.url config)"), status
+    user = getpass.getuser()  # the owner of a gateway with its own token, an admin
+    assert f"the token from %config GPUMagic.token is accepted as user {user} (admin)" in status
     pool = k.run("%gpu pool")
     assert pool["error"] is None, pool
 
@@ -165,3 +168,14 @@ def test_a_refused_token_names_its_source(gateway: Gateway, kernel_factory: Any)
     cell = _error_text(k.run("%%gpu\n1"))
     assert "refused the token from %config GPUMagic.token" in cell, cell
     assert "set it with %config GPUMagic.token = 'TOKEN'" in cell
+
+
+def test_status_says_whether_the_token_is_accepted(gateway: Gateway, kernel_factory: Any) -> None:
+    # health needs no token: status asks once more with it, so a wrong one does not pass
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN="w" * 43)
+    out = k.run("%gpu status")
+    assert out["error"] is None, out
+    lines = out["stdout"].splitlines()
+    assert lines[0].startswith(f"gateway {gateway.url} (GPU_MAGIC_URL): gpu_magic"), lines
+    assert lines[1].startswith("the token from GPU_MAGIC_TOKEN is refused: "), lines
+    assert "set GPU_MAGIC_TOKEN to it" in lines[1]
