@@ -402,6 +402,54 @@ def test_an_admin_attaching_to_a_student_s_job_sees_its_output_and_loads_nothing
         gw.stop()
 
 
+# a cell can write anything on its runner's event pipe, and anything into its out folder
+_FORGE = """
+import glob, os, sys
+em = None
+for f in sys._current_frames().values():  # the runner's own frame holds its event writer
+    while f is not None and em is None:
+        em = getattr(f.f_locals.get("self"), "emitter", None)
+        f = f.f_back
+out = max(glob.glob({state!r} + "/jobs/*/attempt-*"), key=os.path.getmtime) + "/out"
+os.makedirs(out, exist_ok=True)
+d = "xxh3-128:" + "ab" * 16
+path = os.path.join(out, d.replace(":", "-"))
+{make}
+em.emit({{"type": "result", "blob": {blob}, "buffers": [], "names": []}}, always=True)
+"""
+
+
+@pytest.mark.parametrize(("make", "blob"), [
+    ("", "{secret!r}"),  # a path instead of a digest
+    ("", "'../' * 6 + {secret!r}"),
+    ("os.symlink({secret!r}, path)", "d"),  # a link in the out folder
+    ("os.mkfifo(path)", "d"),  # a FIFO: reading it would block the gateway's thread forever
+    ("os.mkdir(path)", "d"),
+], ids=["path", "relative", "symlink", "fifo", "folder"])
+def test_a_cell_cannot_make_the_gateway_take_a_file_it_names(
+        tmp_path: Path, make: str, blob: str) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the gateway's own file")
+    secret_digest = gpu_magic._payload.digest(memoryview(secret.read_bytes()))
+    gw = start_gateway(tmp_path)
+    try:
+        with gw.client() as c:
+            source = _FORGE.format(state=str(gw.state_dir), make=make.format(secret=str(secret)),
+                                   blob=blob.format(secret=str(secret)))
+            job = submit(c, source, "H100", timeout=30)
+            record = finish(c, job["id"])
+            assert record["state"] in ("failed", "lost"), record
+            said = json.dumps(list(c.events(job["id"])))
+            assert "malformed result" in said or "not a regular file" in said or "is a link" in said, said
+            assert secret.read_text() == "the gateway's own file"  # still there, untouched
+            with pytest.raises(gpu_magic.GatewayError):
+                c.download(secret_digest)
+            assert not list((gw.state_dir / "blobs").rglob("*.adopt"))
+            assert all(t["free"] == t["total"] for t in c.pool()["types"])  # nothing held
+    finally:
+        gw.stop()
+
+
 def test_token_files_are_private(gateway: Gateway) -> None:
     assert (gateway.state_dir / "token").stat().st_mode & 0o777 == 0o600
     assert gateway.runtime_file.stat().st_mode & 0o777 == 0o600

@@ -224,7 +224,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         """Take a blob the client wrote into its inbox; its content is verified like an upload."""
         if not same_host_ok():
             raise ApiError(404, "no_local_path", "this gateway offers no same-host path")
-        size = await asyncio.to_thread(gateway.blobs.adopt_inbox, u.name, body.name, body.digest)
+        size = await asyncio.to_thread(gateway.blobs.adopt_inbox, u.name, body.name, body.digest,
+                                       gateway.limits_for(u).max_blob_bytes)
         return {"digest": body.digest, "size": size}
 
     def same_host_ok() -> bool:

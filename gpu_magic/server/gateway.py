@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SpecError
+from .._payload import is_digest
 from .._spec import GpuOption, GpuSpec
 from .auth import User
 from .backends.local import Handle, RunSpec
@@ -34,6 +35,7 @@ DEFAULT_TIMEOUT_S = 3600.0
 STREAM_EVENT_TYPES = ("stdout", "stderr", "display", "update_display", "clear_output")
 # A foreground job nobody has followed for this long lost its client (kernel died, culled).
 ORPHAN_TIMEOUT_S = 60.0
+INLINE_EVENT_MAX = 1 << 20  # base64 text of the blobs inside one result or error event
 # Finished jobs, their events and results, and unused blobs are removed after this long.
 RETENTION_S = 7 * 24 * 3600.0
 
@@ -141,6 +143,28 @@ def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
         "simulated": g.simulated,
         "attempt": attempt,
     }
+
+
+def _outcome_digests(ev: dict[str, Any]) -> list[str]:
+    """The blobs a runner's result or error event names, checked: they become file names in
+    the job's folder and the user's store, and the runner runs the user's code."""
+    if ev["type"] == "result":
+        buffers = ev.get("buffers", [])
+        if not isinstance(buffers, list):
+            raise ValueError("its buffers are not a list")
+        digests = [ev.get("blob"), *buffers]
+    else:
+        digests = [ev["exception"]] if ev.get("exception") else []
+    for d in digests:
+        if not (isinstance(d, str) and is_digest(d)):
+            raise ValueError(f"{str(d)[:80]!r} is not a blob digest")
+    inline = ev.get("inline") or {}
+    if not isinstance(inline, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in inline.items()):
+        raise ValueError("its inline blobs are not digests and text")
+    if sum(len(v) for v in inline.values()) > INLINE_EVENT_MAX:
+        raise ValueError(f"its inline blobs are larger than {human(INLINE_EVENT_MAX)}")
+    return digests
 
 
 def _not_stored(exc: BaseException) -> dict[str, Any]:
@@ -616,9 +640,15 @@ class Gateway:
         if kind in STREAM_EVENT_TYPES:
             self._emit(job, ev)
         elif kind in ("result", "error"):
+            if job.outcome is not None or job.adopting is not None:
+                return  # one outcome per attempt: a cell that sends more gets its first
+            try:
+                digests = _outcome_digests(ev)
+            except ValueError as exc:
+                job.outcome = {"type": "runner_error", "ename": "ValueError",
+                               "evalue": f"the runner sent a malformed {kind}: {exc}"}
+                return
             inline = ev.get("inline") or {}
-            digests = ([ev["blob"], *ev.get("buffers", [])] if kind == "result"
-                       else [ev["exception"]] if ev.get("exception") else [])
             if all(d in inline for d in digests):
                 job.outcome = self._outcome(job, attempt, ev, digests)
                 return
@@ -665,15 +695,16 @@ class Gateway:
         small ones came inside the event, larger ones as files in the attempt's folder."""
         inline = ev.get("inline") or {}
         out = self.jobs_dir / job.id / f"attempt-{attempt}" / "out"
-        for d in digests:
+        for d in dict.fromkeys(digests):  # (two equal buffers are one file)
             if d in inline:
-                self.blobs.put_bytes(job.user, d, base64.b64decode(inline[d]))
+                self.blobs.put_bytes(job.user, d, base64.b64decode(inline[d], validate=True))
                 continue
-            src = out / d.replace(":", "-")
-            if src.exists():
-                got = self.blobs.adopt(job.user, src)
-                if got != d:
-                    raise ValueError(f"result blob {d} has content {got}")
+            try:
+                self.blobs.adopt(job.user, out / d.replace(":", "-"), d,
+                                 self.limits.max_blob_bytes)
+            except BlobError as exc:
+                if exc.status != 404 or not self.blobs.has(job.user, d):
+                    raise ValueError(f"result blob {d}: {exc.message}") from None
 
     def _runner_exit(self, job_id: str, attempt: int, rc: int | None, tail: str) -> None:
         job = self.jobs.get(job_id)

@@ -9,10 +9,14 @@ digest before they are stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import queue
+import shutil
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -167,14 +171,36 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
                 n = 0
 
 
-def _hash_file(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    buf = bytearray(1 << 22)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return DIGEST_PREFIX + h.hexdigest()
+def _hash_file(path: Path, max_bytes: int | None = None) -> tuple[str, int]:
+    """The digest and size of the regular file at ``path``, refusing anything else: a link
+    (followed, it would read what the writer could not), a FIFO or device (it would block or
+    never end), or more than ``max_bytes``. Files handed over by runners and clients are
+    theirs to make, so nothing about them is trusted."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BlobError(400, f"{path.name} is a link, not a file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BlobError(400, f"{path.name} is not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+        h = xxhash.xxh3_128()
+        buf = bytearray(1 << 22)
+        view = memoryview(buf)
+        size = 0
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            while n := f.readinto(buf):
+                size += n
+                if max_bytes is not None and size > max_bytes:  # it grew while read
+                    raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+                h.update(view[:n])
+        return DIGEST_PREFIX + h.hexdigest(), size
+    finally:
+        os.close(fd)
 
 
 def _safe_user(user: str) -> str:
@@ -310,37 +336,47 @@ class BlobStore:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         return d
 
-    def adopt_inbox(self, user: str, name: str, digest: str) -> int:
+    def adopt_inbox(self, user: str, name: str, digest: str, max_bytes: int | None = None) -> int:
         """Move ``inbox/name`` into the store if its content has ``digest``; a mismatching file
         is deleted, never kept."""
+        if "/" in name or name in ("", ".", ".."):
+            raise BlobError(400, f"{name!r} is not a file name")
         src = self.inbox(user) / name
-        if src.is_symlink() or not src.is_file():
+        if not os.path.lexists(src):
             raise BlobError(404, f"there is no file {name!r} in your inbox")
-        dest = self.path(user, digest)
-        try:
-            got = _hash_file(src)
-            if got != digest:
-                src.unlink(missing_ok=True)
-                raise BlobError(400, f"blob content does not match its digest: sent as {digest}, "
-                                     f"content is {got}")
-            size = src.stat().st_size
-            os.replace(src, dest)
-        except OSError as exc:
-            src.unlink(missing_ok=True)
-            raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
-        self.reserve.note(size)
-        return size
+        return self.adopt(user, src, digest, max_bytes)
 
-    def adopt(self, user: str, src: Path) -> str:
-        """Move a runner's result file into the user's store, verifying its digest by content."""
-        digest = _hash_file(src)
-        self.reserve.note(src.stat().st_size)
+    def adopt(self, user: str, src: Path, digest: str, max_bytes: int | None = None) -> int:
+        """Move the file ``src`` (a runner's result, a client's inbox file) into the user's
+        store if its content has ``digest``; returns its size. It is first moved into the
+        gateway's own folder, so what is verified is what is kept: its writer can neither
+        swap it afterwards nor make it a link to someone else's file."""
         dest = self.path(user, digest)
-        if dest.exists():
-            src.unlink()
-        else:
-            os.replace(src, dest)
-        return digest
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.adopt")
+        try:
+            os.rename(src, tmp)
+        except FileNotFoundError:
+            raise BlobError(404, f"there is no file {src.name!r} to take") from None
+        except OSError as exc:
+            raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
+        try:
+            got, size = _hash_file(tmp, max_bytes)
+            if got != digest:
+                raise BlobError(400, f"blob content does not match its digest: sent as "
+                                     f"{digest}, content is {got}")
+            self.reserve.note(size)
+            if dest.exists():
+                return size
+            os.replace(tmp, dest)
+            return size
+        except OSError as exc:
+            raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
+        finally:
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
     def total_size(self, user: str, digests: list[str]) -> int:
         total = 0
@@ -377,7 +413,9 @@ class BlobStore:
         """The blob's bytes in large chunks read off the event loop (one thread hop per 8 MiB,
         not per MiB). Each chunk is a new bytes object: a transport may keep what it could
         not send yet, so a reused buffer could change under it."""
-        f = await asyncio.to_thread(open, self.path(user, digest), "rb", buffering=0)
+        fd = await asyncio.to_thread(os.open, self.path(user, digest),
+                                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        f = open(fd, "rb", buffering=0)
         try:
             while chunk := await asyncio.to_thread(f.read, 8 << 20):
                 yield chunk
