@@ -17,7 +17,7 @@ import re
 import shlex
 from typing import Any
 
-from IPython.core.error import UsageError
+from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Unicode, observe
@@ -246,7 +246,16 @@ class GPUMagic(Magics):
         if not token:
             token, token_from = os.environ.get("GPU_MAGIC_TOKEN", ""), "GPU_MAGIC_TOKEN"
         if not token:
-            token, token_from = getpass.getpass(f"token for {url}: "), "%gpu connect's prompt"
+            try:
+                token = getpass.getpass(f"token for {url}: ")
+            except (StdinNotImplementedError, EOFError):
+                # nbconvert, nbclient, papermill: nobody to type it
+                raise UsageError(
+                    f"%gpu connect {url} needs the gateway's token and cannot ask for it here "
+                    "(this front end takes no input): write %gpu connect URL --token TOKEN, or "
+                    "set GPU_MAGIC_TOKEN (or %config GPUMagic.token) and connect again"
+                ) from None
+            token_from = "%gpu connect's prompt"
         before = get_connection()
         set_connection(url, token, token_from)
         try:

@@ -22,8 +22,8 @@ class Kernel:
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
         self.km, self.kc = start_new_kernel(kernel_name="python3", env=env, cwd=str(cwd))
 
-    def run(self, code: str) -> dict[str, Any]:
-        msg_id = self.kc.execute(code)
+    def run(self, code: str, stdin: bool = True) -> dict[str, Any]:
+        msg_id = self.kc.execute(code, allow_stdin=stdin)
         seen: dict[str, Any] = {"stdout": "", "stderr": "", "result": None, "error": None}
         while True:
             m = self.kc.get_iopub_msg(timeout=120)
@@ -179,3 +179,14 @@ def test_status_says_whether_the_token_is_accepted(gateway: Gateway, kernel_fact
     assert lines[0].startswith(f"gateway {gateway.url} (GPU_MAGIC_URL): gpu_magic"), lines
     assert lines[1].startswith("the token from GPU_MAGIC_TOKEN is refused: "), lines
     assert "set GPU_MAGIC_TOKEN to it" in lines[1]
+
+
+def test_connect_without_stdin_says_how_to_give_the_token(gateway: Gateway,
+                                                          kernel_factory: Any) -> None:
+    # nbconvert and nbclient take no input: getpass cannot ask for the token there
+    k = kernel_factory()
+    out = k.run(f"%gpu connect {gateway.url}", stdin=False)
+    assert out["error"] is None, out  # a UsageError: a message, not a traceback
+    assert f"%gpu connect {gateway.url} needs the gateway's token and cannot ask" in out["stderr"]
+    assert "%gpu connect URL --token TOKEN" in out["stderr"] and "GPU_MAGIC_TOKEN" in out["stderr"]
+    assert "StdinNotImplementedError" not in out["stderr"]
