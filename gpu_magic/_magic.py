@@ -11,10 +11,12 @@ Line form: ``%gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID | st
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import os
 import re
 import shlex
+from collections.abc import Iterable
 from typing import Any
 
 from IPython.core.error import StdinNotImplementedError, UsageError
@@ -30,6 +32,16 @@ from ._tables import jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
 _OUTPUT_NAME = re.compile(r"_{1,3}|_\d+")  # IPython's names for earlier cells' values
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean --wait?"`` for the choice closest to a misspelled ``word``, or ""."""
+    bare = word.split("=", 1)[0].lstrip("-").lower()
+    names = {c.lstrip("-"): c for c in choices}
+    starts = [c for n, c in names.items() if bare and n.startswith(bare)]
+    close = starts if len(starts) == 1 else [
+        names[n] for n in difflib.get_close_matches(bare.replace("_", "-"), names, n=1, cutoff=0.6)]
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _split(line: str) -> tuple[str, str]:
@@ -101,7 +113,8 @@ class GPUMagic(Magics):
         try:
             args = self._defaults() if not flags.strip() else parse_argstring(self.gpu, flags)
         except UsageError as exc:
-            raise UsageError(f"{exc}\nusage: %%gpu [SPEC] [options]; see %gpu? for the options")
+            raise UsageError(f"{exc}{self._flag_hint(flags)}\nusage: %%gpu [SPEC] [options]; "
+                             "see %gpu? for the options") from None
         if args.spec:
             raise UsageError(f"put the GPU spec before the options: %%gpu {' '.join(args.spec)} {flags}")
         if args.return_names is not None and args.no_return:
@@ -124,6 +137,19 @@ class GPUMagic(Magics):
         # IPython's own names stay here; the outputs it keeps (_, __, ___, _5) are the user's
         hidden = {n for n in shell.user_ns_hidden if not _OUTPUT_NAME.fullmatch(n)}
         return _api.run(cell, spec_text or None, shell.user_ns, hidden=hidden, **vars(opts))
+
+    def _flag_hint(self, flags: str) -> str:
+        """The closest option to the first one argparse cannot know (``--wiat``), if any."""
+        known = list(self.gpu.parser._option_string_actions)
+        try:
+            words = shlex.split(flags)
+        except ValueError:
+            words = flags.split()
+        for word in words:
+            name = word.split("=", 1)[0]
+            if word.startswith("-") and not any(k.startswith(name) for k in known):
+                return _did_you_mean(name, known)
+        return ""
 
     def _defaults(self) -> Any:
         """The options of a cell without flags (most cells): argparse's answer, kept (only
@@ -173,12 +199,16 @@ class GPUMagic(Magics):
 
         words = shlex.split(line)
         if not words or words[0] not in _LINE_COMMANDS:
+            what = (f"'{words[0]}' is not a %gpu command{_did_you_mean(words[0], _LINE_COMMANDS)}"
+                    "\n" if words else "")
             raise UsageError(
-                "usage: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID | attach JOB_ID | "
+                f"{what}usage: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID | attach JOB_ID | "
                 "status | stop"
                 " (and %%gpu [SPEC] ... as a cell magic; see %gpu?)"
             )
         cmd, rest = words[0], words[1:]
+        if cmd in ("pool", "jobs", "status", "stop") and rest:
+            raise UsageError(f"%gpu {cmd} takes nothing after it, not {' '.join(rest)!r}")
         if cmd == "connect":
             return self._connect(rest)
         if cmd == "stop":
@@ -228,12 +258,23 @@ class GPUMagic(Magics):
         if not rest:
             raise UsageError("usage: %gpu connect URL [--token TOKEN]  (or %gpu connect local)")
         url = rest[0]
+        if url.startswith("-"):
+            raise UsageError(f"%gpu connect: the gateway's URL comes first, not {url!r}: "
+                             "%gpu connect URL [--token TOKEN]")
         token = None
-        if "--token" in rest:
-            i = rest.index("--token")
-            if i + 1 >= len(rest):
-                raise UsageError("--token needs a value; or leave it out to be asked for it")
-            token = rest[i + 1]
+        i = 1
+        while i < len(rest):
+            word = rest[i]
+            if word == "--token":
+                if i + 1 >= len(rest):
+                    raise UsageError("--token needs a value; or leave it out to be asked for it")
+                token, i = rest[i + 1], i + 2
+            elif word.startswith("--token="):
+                token, i = word.split("=", 1)[1], i + 1
+            else:  # (a misspelled --token would otherwise be dropped and the token asked for)
+                raise UsageError(f"%gpu connect does not take {word!r}"
+                                 f"{_did_you_mean(word, ['--token'])}; usage: %gpu connect URL "
+                                 "[--token TOKEN]")
         if url == "local":
             set_connection(None)
             target, how = current_target()

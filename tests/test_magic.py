@@ -190,3 +190,21 @@ def test_connect_without_stdin_says_how_to_give_the_token(gateway: Gateway,
     assert f"%gpu connect {gateway.url} needs the gateway's token and cannot ask" in out["stderr"]
     assert "%gpu connect URL --token TOKEN" in out["stderr"] and "GPU_MAGIC_TOKEN" in out["stderr"]
     assert "StdinNotImplementedError" not in out["stderr"]
+
+
+def test_misspelled_options_and_commands_get_a_suggestion(kernel_factory: Any) -> None:
+    # as spec errors do ('H1000' ... did you mean H100?); all refused before anything is sent
+    k = kernel_factory(GPU_MAGIC_URL="http://127.0.0.1:9", GPU_MAGIC_TOKEN="x" * 43)
+    for line, message in [
+        ("%%gpu T4 --wiat 3\n1", "unrecognized arguments: --wiat; did you mean --wait?"),
+        ("%%gpu T4 --timout=5\n1", "unrecognized arguments: --timout=5; did you mean --timeout?"),
+        ("%%gpu --oom_fallback\n1", "did you mean --oom-fallback?"),
+        ("%gpu stauts", "'stauts' is not a %gpu command; did you mean status?"),
+        ("%gpu job", "'job' is not a %gpu command; did you mean jobs?"),
+        ("%gpu connect http://127.0.0.1:9 --tokn abc",
+         "%gpu connect does not take '--tokn'; did you mean --token?"),
+        ("%gpu pool --all", "%gpu pool takes nothing after it, not '--all'"),
+    ]:
+        out = k.run(line)
+        assert out["error"] is None and message in out["stderr"], (line, out)
+        assert out["stderr"].startswith("UsageError: "), (line, out)
