@@ -115,6 +115,14 @@ def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_serve_s_simulate_advice_names_the_flag(tmp_path: Path) -> None:
+    out = gm("serve", "--port", "0", "--simulate", "T4;8", "--state-dir", str(tmp_path))
+    assert out.returncode == 2
+    assert "'T4;8' in the simulated pool 'T4;8' is not TYPE[:COUNT][@NODE]" in out.stderr
+    assert "write e.g. --simulate 'H100:2,A100-80GB:4'" in out.stderr, out.stderr
+    assert "GPU_MAGIC_SIMULATE" not in out.stderr
+
+
 def test_a_gateways_own_token_can_follow_token_on_a_command_line(tmp_path: Path) -> None:
     # a urlsafe token starts with '-' one time in 64, and argparse then reads
     # `--token -abc...` as a missing value; the tokens a gateway makes never do

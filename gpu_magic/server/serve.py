@@ -168,7 +168,12 @@ def serve(cfg: ServeConfig) -> int:
     try:
         gateway, auth, token_path = build(cfg)
     except (ServeError, SpecError) as exc:
-        print(f"gpu-magic serve: {exc}", file=sys.stderr)
+        message = str(exc)
+        if isinstance(exc, SpecError) and cfg.simulate and cfg.runtime_file is None:
+            # the simulated pool's own advice names GPU_MAGIC_SIMULATE, where the embedded
+            # gateway's pool comes from; a person who typed `serve --simulate` fixes the flag
+            message = message.replace("GPU_MAGIC_SIMULATE=", "--simulate ")
+        print(f"gpu-magic serve: {message}", file=sys.stderr)
         return 2
     app = create_app(gateway, auth, loopback_only=_is_loopback(cfg.host))
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
