@@ -78,6 +78,9 @@ def _json_default(obj: Any) -> Any:
     return repr(obj)
 
 
+TEXT_EVENT_MAX = 1 << 20  # characters of output in one event
+
+
 class _Coalescer:
     """Gathers stdout/stderr text for a moment so a burst of lines becomes one event."""
 
@@ -104,7 +107,9 @@ class _Coalescer:
             with self._cond:
                 runs, self._pending = self._pending, []
             for stream, text in runs:
-                self._emitter.emit({"type": stream, "text": text})
+                # in pieces: one event stays far below what the gateway takes in one line
+                for at in range(0, len(text), TEXT_EVENT_MAX):
+                    self._emitter.emit({"type": stream, "text": text[at:at + TEXT_EVENT_MAX]})
 
     def _loop(self) -> None:
         while True:

@@ -441,6 +441,14 @@ def test_output_arrives_complete_and_in_order(capsys: pytest.CaptureFixture[str]
     assert out[3000:] == ["from the fd", "from a subprocess", "last"]
 
 
+def test_one_long_line_of_output_arrives_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    # it travels in several events (each far below what the gateway takes in one line)
+    ns = notebook("")
+    run(ns, "print('a' * 2_500_000 + 'b' * 500_000)\nprint('next')")
+    out = capsys.readouterr().out
+    assert out == "a" * 2_500_000 + "b" * 500_000 + "\nnext\n"
+
+
 def test_ipython_syntax_works_remotely(capsys: pytest.CaptureFixture[str]) -> None:
     ns = notebook("word = 'shell-ok'")
     run(ns, """

@@ -450,6 +450,30 @@ def test_a_cell_cannot_make_the_gateway_take_a_file_it_names(
         gw.stop()
 
 
+def test_an_endless_line_on_the_event_pipe_stops_the_runner_not_the_gateway(
+        tmp_path: Path) -> None:
+    # one 300 MiB line used to cost the gateway minutes of a core (each read copied all that
+    # had come before) and ever more memory, slowing every other user
+    gw = start_gateway(tmp_path)
+    try:
+        with gw.client() as c:
+            flood = _FORGE.split("d = ")[0] + (
+                "chunk = b'x' * (1 << 20)\n"
+                "for _ in range(80):\n    em._f.write(chunk)\n"
+                "import time; time.sleep(30)")
+            job = submit(c, flood.format(state=str(gw.state_dir)), "H100", timeout=60)
+            record = finish(c, job["id"], timeout=30)
+            said = json.dumps(list(c.events(job["id"])))
+            assert record["state"] in ("failed", "lost") and "more than 64 MiB" in said, said
+            assert all(t["free"] == t["total"] for t in c.pool()["types"])
+            # and the gateway serves the next cell as before
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            gpu_magic.run("print('x' * 3_000_000)\nok = 1", "H100", ns, client=c, quiet=True)
+            assert ns["ok"] == 1
+    finally:
+        gw.stop()
+
+
 def test_token_files_are_private(gateway: Gateway) -> None:
     assert (gateway.state_dir / "token").stat().st_mode & 0o777 == 0o600
     assert gateway.runtime_file.stat().st_mode & 0o777 == 0o600

@@ -26,6 +26,9 @@ from .warm import WarmPool, Worker, ZygoteError
 # A manifest goes to a warm worker with the job while the request (manifest and environment)
 # stays under this; the worker reads its requests 64 KiB at a time.
 MANIFEST_INLINE_MAX = 48 << 10
+# one event line from a runner: its outputs come in pieces of 1 MiB, its results up to 1 MiB
+# inline, a figure a few MiB; past this it is not a runner of ours writing
+EVENT_LINE_MAX = 64 << 20
 # Variables of the gateway that a cell must never see.
 _SECRET_ENV = ("GPU_MAGIC_TOKEN",)
 
@@ -101,7 +104,9 @@ class _PipeReader:
         self.backend, self.handle, self.fd, self.on_exit, self.loop = (
             backend, handle, fd, on_exit, loop)
         self.state = _RunnerOutput(handle.spec, on_event)
-        self.buf = b""
+        self.parts: list[bytes] = []  # the line being read, in the pieces read so far
+        self.size = 0
+        self.overlong = False  # skipping the rest of a line that was too long
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._readable)
 
@@ -113,21 +118,46 @@ class _PipeReader:
         except OSError:
             chunk = b""
         if chunk:
-            self.buf += chunk
-            *lines, self.buf = self.buf.split(b"\n")
-            for line in lines:
-                self.state.line(line)
+            self._take(chunk)
             return
         self.loop.remove_reader(self.fd)
         os.close(self.fd)
-        if self.buf:
-            self.state.line(self.buf)
+        if self.parts and not self.overlong:
+            self.state.line(b"".join(self.parts))
         h = self.handle
         if h.worker is not None and self.state.finished and not h.cancelled:
             self.backend._ended(h, self.state, self.on_exit)  # nothing to wait for
         else:  # the process is exiting: wait for it off the loop
             threading.Thread(target=self.backend._ended, args=(h, self.state, self.on_exit),
                              daemon=True, name=f"gpu-magic-exit-{h.spec.job_id}").start()
+
+
+    def _take(self, chunk: bytes) -> None:
+        """Split what was read into lines, each joined once: a line arriving in many reads
+        must not be copied again at each (a cell can write anything on this pipe)."""
+        lines = chunk.split(b"\n")
+        for i, piece in enumerate(lines):
+            last = i == len(lines) - 1
+            if not self.overlong:
+                self.parts.append(piece)
+                self.size += len(piece)
+                if self.size > EVENT_LINE_MAX:
+                    self._too_long()
+            if last:
+                return
+            if not self.overlong:
+                self.state.line(b"".join(self.parts))
+            self.parts, self.size, self.overlong = [], 0, False
+
+    def _too_long(self) -> None:
+        self.parts, self.size, self.overlong = [], 0, True
+        if not self.state.clean:
+            self.state.on_event(self.state.run.job_id, self.state.run.attempt, {
+                "type": "runner_error", "ename": "RunnerError",
+                "evalue": f"the runner wrote an event of more than {EVENT_LINE_MAX >> 20} MiB, "
+                          "which no runner of gpu_magic writes; it was stopped"})
+            self.state.clean = True
+        self.backend.cancel(self.handle)
 
 
 class LocalBackend:
