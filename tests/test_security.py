@@ -474,6 +474,26 @@ def test_an_endless_line_on_the_event_pipe_stops_the_runner_not_the_gateway(
         gw.stop()
 
 
+def test_output_past_the_cap_is_cut_with_a_notice_and_the_cell_goes_on(tmp_path: Path) -> None:
+    # a cell printing without end used to fill the gateway's memory and its disk
+    gw = start_gateway(tmp_path)
+    try:
+        with gw.client() as c:
+            job = submit(c, "import sys\nline = 'x' * 1023 + '\\n'\n"
+                            "for _ in range(66 * 1024):\n    sys.stdout.write(line)\n"
+                            "sys.stdout.flush()\nprint('end', file=sys.stderr)\ndone = 1",
+                         "H100", timeout=120)
+            assert finish(c, job["id"], timeout=120)["state"] == "succeeded"
+            events = list(c.events(job["id"]))
+            out = "".join(e["text"] for e in events if e["type"] == "stdout")
+            err = "".join(e["text"] for e in events if e["type"] == "stderr")
+            assert 63 << 20 < len(out) <= 64 << 20
+            assert "output passed 64.0 MiB: the rest is neither kept nor shown" in err
+            assert "end" not in err  # cut, as said
+    finally:
+        gw.stop()
+
+
 def test_token_files_are_private(gateway: Gateway) -> None:
     assert (gateway.state_dir / "token").stat().st_mode & 0o777 == 0o600
     assert gateway.runtime_file.stat().st_mode & 0o777 == 0o600

@@ -36,6 +36,8 @@ STREAM_EVENT_TYPES = ("stdout", "stderr", "display", "update_display", "clear_ou
 # A foreground job nobody has followed for this long lost its client (kernel died, culled).
 ORPHAN_TIMEOUT_S = 60.0
 INLINE_EVENT_MAX = 1 << 20  # base64 text of the blobs inside one result or error event
+OUTPUT_MAX = 64 << 20  # characters of output kept for one job
+EVENTS_KEPT_S = 60.0  # a finished job's events stay in memory this long, then only in the store
 # Finished jobs, their events and results, and unused blobs are removed after this long.
 RETENTION_S = 7 * 24 * 3600.0
 
@@ -81,6 +83,7 @@ class Job:
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
     adopting: asyncio.Future[dict[str, Any]] | None = None  # result files being stored
+    output_bytes: int = 0  # of output events kept, all attempts
 
     @property
     def final(self) -> bool:
@@ -238,6 +241,9 @@ class Gateway:
                 self._last_gc = now
                 self.collect_garbage()
             for job in list(self.jobs.values()):
+                if (job.final and job.events is not None and job.followers == 0
+                        and job.finished and time.time() - job.finished > EVENTS_KEPT_S):
+                    job.events = None  # in the store: read again by whoever follows it later
                 if (not job.final and not job.request.get("background") and job.followers == 0
                         and now - job.unfollowed_since > self.orphan_timeout):
                     self._orphaned(job)
@@ -638,7 +644,7 @@ class Gateway:
             return
         kind = ev["type"]
         if kind in STREAM_EVENT_TYPES:
-            self._emit(job, ev)
+            self._output(job, ev)
         elif kind in ("result", "error"):
             if job.outcome is not None or job.adopting is not None:
                 return  # one outcome per attempt: a cell that sends more gets its first
@@ -678,6 +684,26 @@ class Gateway:
             adopting.add_done_callback(adopted)
         elif kind == "runner_error":
             job.outcome = ev
+
+    def _output(self, job: Job, ev: dict[str, Any]) -> None:
+        """Keep and pass on a cell's output, up to OUTPUT_MAX a job: past it a cell that
+        prints without end would fill the gateway's memory and disk for every user."""
+        if job.output_bytes > OUTPUT_MAX:
+            return
+        text = ev.get("text")
+        if isinstance(text, str):
+            job.output_bytes += len(text)
+        else:
+            data = ev.get("data")
+            job.output_bytes += 64 + (sum(len(str(v)) for v in data.values())
+                                      if isinstance(data, dict) else 0)
+        if job.output_bytes <= OUTPUT_MAX:
+            self._emit(job, ev)
+            return
+        self._emit(job, {"type": "stderr", "text": (
+            f"\n[gpu_magic] this cell's output passed {human(OUTPUT_MAX)}: the rest is neither "
+            "kept nor shown (the cell goes on running). Write large output to a file, or "
+            "print less.\n")})
 
     def _outcome(self, job: Job, attempt: int, ev: dict[str, Any],
                  digests: list[str]) -> dict[str, Any]:
@@ -864,7 +890,8 @@ class Gateway:
         pos = max(0, after)
         while True:
             events = job.events
-            assert events is not None
+            if events is None:  # a finished job's events, let go of in memory
+                events = job.events = await asyncio.to_thread(self.store.load_events, job.id)
             if pos < len(events):
                 batch = events[pos : pos + 1000]
                 done = next((i for i, ev in enumerate(batch) if ev.get("type") == "done"), None)
