@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 import gpu_magic
 from gpu_magic.server.auth import MIN_TOKEN_CHARS, owner_token
 
@@ -53,6 +55,9 @@ def test_wrong_token_is_a_clear_error(gateway: Gateway, tmp_path: Path) -> None:
     shared = start_gateway(tmp_path, "--tokens-file", str(tokens), "--isolation", "none",
                            "--force")
     try:
+        # the open health route says whether the gateway is shared, and only that
+        assert httpx.get(shared.url + "/v1/health").json()["shared"] is True
+        assert httpx.get(gateway.url + "/v1/health").json()["shared"] is False
         env = {**os.environ, "GPU_MAGIC_URL": shared.url, "GPU_MAGIC_TOKEN": "w" * 43}
         out = gm("jobs", env=env)
         assert out.returncode == 1

@@ -872,6 +872,28 @@ def test_tokens_file_is_read_again_on_sighup(users: Users) -> None:
         assert call(users.gw.url, users.tokens[name], "GET", "/v1/pool").status_code == 200
 
 
+def test_a_reload_cannot_make_a_one_user_gateway_shared(tmp_path: Path) -> None:
+    # its runners run without isolation and see the state directory: a second user added
+    # by SIGHUP could have read every token (found by a security review)
+    import signal
+
+    path = tmp_path / "tokens.json"
+    alice, bob = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    write_tokens(path, {"alice": alice})
+    gw = start_gateway(tmp_path, "--tokens-file", str(path))
+    try:
+        write_tokens(path, {"alice": alice, "bob": bob})
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "kept the old tokens" in (tmp_path / "gateway.log").read_text(),
+                 DEADLINE_S)
+        log = (tmp_path / "gateway.log").read_text()
+        assert "started for one user" in log and "Restart it with the new file" in log
+        refused(call(gw.url, bob, "GET", "/v1/pool"), 401, "unauthorized")
+        assert call(gw.url, alice, "GET", "/v1/pool").status_code == 200
+    finally:
+        gw.stop()
+
+
 BAD_TOKENS_FILES = [
     pytest.param({"alice": "short"}, 0o600, "shorter than 22", id="short-token"),
     pytest.param({"alice": secrets.token_urlsafe(24)}, 0o644, "chmod 600", id="readable-by-others"),

@@ -187,6 +187,9 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             "simulated": bool(getattr(gateway.backend, "simulated", False)),
             # the embedded gateway runs cells with the submitting kernel's own Python
             "client_python": bool(getattr(gateway.backend, "client_python", False)),
+            # whether tokens come from a tokens file of several users: a refused client is
+            # told to ask whoever runs the gateway, not to look for the owner's token file
+            "shared": len(auth.users()) > 1,
         }
 
     @app.get("/v1/pool", responses=_errors())

@@ -214,10 +214,22 @@ def serve(cfg: ServeConfig) -> int:
         loop = asyncio.get_running_loop()
         gateway.start(loop)
 
+        # isolation, runners' interpreters, warm runners and the same-host path were chosen
+        # for this many users at start: a reload cannot make a one-user gateway shared
+        shared_at_start = len(auth.users()) > 1
+
         def reload_tokens() -> None:
             if cfg.tokens_file:
                 try:
-                    auth.replace(load_tokens_file(cfg.tokens_file))
+                    tokens = load_tokens_file(cfg.tokens_file)
+                    users = {u.name for u in tokens.values()}
+                    if len(users) > 1 and not shared_at_start and not cfg.force:
+                        raise TokensFileError(
+                            f"{cfg.tokens_file} now names {len(users)} users, but this gateway "
+                            "started for one user and runs cells without isolation (its "
+                            "runners can read the state directory and the tokens file). "
+                            "Restart it with the new file to serve several users.")
+                    auth.replace(tokens)
                     print(f"gpu-magic: reloaded {cfg.tokens_file}", file=sys.stderr)
                 except TokensFileError as exc:
                     print(f"gpu-magic: kept the old tokens: {exc}", file=sys.stderr)
