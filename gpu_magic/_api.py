@@ -71,6 +71,9 @@ class Options:
     line_offset: int = 0
     label: str = "Cell"
     meta: dict[str, str] = field(default_factory=dict)
+    # a background %%gpu cell shows its value as a cell's Out when it ends; run() and the
+    # decorator return it from wait() instead
+    show_value: bool = False
 
 
 # The HTTP API's bounds on --timeout and --wait (30 days) and --retries: checked here too, so

@@ -416,7 +416,7 @@ class GpuJob:
             print(f"[gpu_magic] background job {self.id} finished; kept your "
                   f"{', '.join(sorted(moved))}: reassigned here since the job was submitted. "
                   "The job's values are in the .result of its GpuJob.", file=sys.stderr)
-        if has_value and value is not None:
+        if has_value and value is not None and job.opts.show_value:
             job.view.append_output({"type": "display", **_formatted(value)})
         job.view.reopen()
 

@@ -130,7 +130,7 @@ class GPUMagic(Magics):
             if args.return_names is not None else None,
             no_return=args.no_return, env=self._env(args.env), quiet=args.quiet,
             dry_run=args.dry_run, background=args.background, line_offset=1,
-            label=self._label(), meta=self._meta(),
+            label=self._label(), meta=self._meta(), show_value=True,
         )
         shell = self.shell
         assert shell is not None

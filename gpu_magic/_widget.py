@@ -153,7 +153,11 @@ class WidgetView(NullView):
         return render_html(self.state, time.monotonic())
 
     def _bundle(self) -> dict[str, Any]:
-        data: dict[str, Any] = dict(bundle(self.state, time.monotonic()))
+        if self._status:
+            data: dict[str, Any] = dict(bundle(self.state, time.monotonic()))
+        else:  # --quiet: where the widget cannot show, only what the job printed
+            data = {"text/plain": "".join(o.get("text", "") for o in self._outputs
+                                          if o.get("output_type") == "stream")}
         if self._box is not None:
             data[WIDGET_MIME] = {"version_major": 2, "version_minor": 0,
                                  "model_id": self._box.model_id}

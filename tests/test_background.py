@@ -133,3 +133,23 @@ def test_wait_raises_the_cells_own_error_and_times_out() -> None:
         assert slow.cancel() is True
         with pytest.raises(JobCancelled):
             slow.wait(timeout=DEADLINE)
+
+
+def test_quiet_background_jobs_from_python_show_no_status_and_no_value(tmp_path: Path) -> None:
+    # six quiet jobs in a loop showed six status lines and their values (notebook 05)
+    nb = make_notebook(
+        "%load_ext gpu_magic\nimport gpu_magic",
+        "jobs = [gpu_magic.run('print(\"line\", n)\\nn * 10', 'H100', namespace={'n': n},\n"
+        "                      background=True, quiet=True) for n in range(2)]\n"
+        "print([j.wait() for j in jobs])",
+    )
+    execute(nb, tmp_path)
+    cell = nb.cells[1]
+    assert texts(cell, "stdout") == "[0, 10]\n"
+    saved = " ".join(str(o.get("data", {}).get("text/plain", "")) for o in cell.outputs
+                     if o.output_type == "display_data")
+    assert "[gpu]" not in saved and "succeeded" not in saved
+    states = widget_states(nb)
+    assert not any(s["model"] == "HTMLModel" for s in states.values())  # no status line
+    shown = [o for s in states.values() if s["model"] == "OutputModel" for o in s["outputs"]]
+    assert {o.get("text") for o in shown} == {"line 0\n", "line 1\n"}  # output, no value
