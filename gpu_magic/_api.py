@@ -653,6 +653,7 @@ def submit(
     _check_environment(health)
     blobs = packed.blobs()
     state = JobState(str(gspec), background=opts.background)
+    state.simulated = bool(health.get("simulated"))
     inline = _send_inputs(cl, blobs, state)
     if box is not None:
         box["client"] = cl
@@ -787,12 +788,16 @@ def run(
         if "client" in box:
             with _sigint_deferred():
                 _cancel_quietly(box["client"], job_id)
+        granted = isinstance(job, _Job) and job.state.grant is not None
         if isinstance(job, _Job):
             job.state.state = "cancelled"
             job.state.cancel = job.state.cancel or "an interrupt"
+        how = ("its GPUs are released and any output so far was shown" if granted
+               else "before it was granted a GPU: nothing ran")
         raise _short(JobCancelled(
-            f"GPU job {job_id} was cancelled by an interrupt; its GPUs are released and any "
-            "output so far was shown", job_id=job_id,
+            f"GPU job {job_id} was cancelled by an interrupt {how}"
+            if not granted else f"GPU job {job_id} was cancelled by an interrupt; {how}",
+            job_id=job_id,
         )) from None
     finally:
         if isinstance(job, _Job) and not opts.background:

@@ -38,6 +38,8 @@ class JobState:
         self.background = background
         self.state = "submitting"
         self.grant: dict[str, Any] | None = None
+        # the pool is simulated: said from the first moment, not only once granted
+        self.simulated = False
         self.options: list[str] = [o.strip() for o in spec.split(",")]
         self.position: int | None = None
         self.held: str | None = None  # why it waits though GPUs may be free (the user's limit)
@@ -67,6 +69,8 @@ class JobState:
     def apply(self, ev: dict[str, Any], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         kind = ev.get("type")
+        if ev.get("simulated"):
+            self.simulated = True
         if kind == "queued":
             self.state = "queued"
             self.position = ev.get("position")
@@ -122,14 +126,15 @@ class JobState:
     def headline(self) -> str:
         g = self.grant
         if g is None:
+            spec = self.spec + (" on the simulated pool" if self.simulated else "")
             if self.state == "queued":
                 est = f", about {self.estimate:g} s" if self.estimate else ""
                 if self.held:
-                    return f"queued for {self.spec} (position {self.position}; {self.held})"
-                return f"queued for {self.spec} (position {self.position}{est})"
+                    return f"queued for {spec} (position {self.position}; {self.held})"
+                return f"queued for {spec} (position {self.position}{est})"
             if self.final:  # the state is said once, by progress(), beside this
-                return f"requested {self.spec}"
-            return f"{self.state} · requested {self.spec}"
+                return f"requested {spec}"
+            return f"{self.state} · requested {spec}"
         text = f"{where(g)} · {self.option_text()}"
         if g.get("memory_gb"):
             text += f" · {g['memory_gb']:g} GB"
@@ -181,6 +186,8 @@ class JobState:
             who = f" by {self.cancel}" if self.cancel else ""
             if self.bound:
                 return f"cancelled{who} after its results arrived: bound {_names(self.bound)}"
+            if self.grant is None:
+                return f"cancelled{who} before it was granted a GPU: nothing ran, nothing was bound"
             where_out = "in the box below" if self.background else "below"
             return (f"cancelled{who}: nothing was bound (the namespace is as before); the output "
                     f"so far is kept {where_out}; its GPUs are released")
@@ -275,7 +282,7 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
     status = (f'<span class="gpu-magic-state" style="color:{colour};font-weight:600">'
               f"{e(state.progress(now))}</span>")
     if g is None:
-        head = f"requested <b>{e(state.spec)}</b>"
+        head = f"requested <b>{e(state.spec)}</b>" + (_BADGE if state.simulated else "")
     else:
         head = (f'<b class="gpu-magic-grant">{e(str(g.get("gpu_type")))} × {e(str(g.get("count")))}'
                 f"</b> on <b>{e(str(g.get('node')))}</b> · {e(state.option_text())}")

@@ -58,6 +58,23 @@ def test_an_expired_wait_says_each_thing_once(blocked: GatewayClient) -> None:
     _clean(render_html(state, 0.0, compact=True))
 
 
+def test_a_simulated_pool_is_said_before_any_grant_too(blocked: GatewayClient) -> None:
+    # the badge came only with a grant: queued and expired jobs looked real
+    with pytest.raises(WaitExpired) as info:
+        gpu_magic.run("1", "H100:2", {"__name__": "__main__"}, client=blocked, wait=0.3)
+    assert "no GPU of the simulated pool for 'H100:2'" in str(info.value)
+    job = max(blocked.jobs(), key=lambda j: j["created"])
+    events = list(blocked.events(job["id"]))
+    queued = JobState(job["spec"], job["id"])
+    queued.apply(events[0], now=0.0)
+    assert queued.state == "queued"
+    assert "queued for H100:2 on the simulated pool (position 1)" in render_text(queued, 0.0)
+    assert "simulated</span>" in render_html(queued, 0.0)
+    ended = _folded(blocked, job["id"])
+    assert "requested H100:2 on the simulated pool" in render_text(ended, 0.0)
+    assert "simulated</span>" in render_html(ended, 0.0, compact=True)
+
+
 def test_a_job_cancelled_while_queued_says_so_once(blocked: GatewayClient) -> None:
     job = gpu_magic.run("v = 1", "H100:2", {"__name__": "__main__"}, client=blocked,
                         background=True)
@@ -70,7 +87,25 @@ def test_a_job_cancelled_while_queued_says_so_once(blocked: GatewayClient) -> No
                        "ran; nothing was bound"), message
     first = _clean(render_text(_folded(blocked, job.id), 0.0)).splitlines()[0]
     assert first.startswith("[gpu] cancelled · ") and first.count("cancelled") == 1, first
-    assert first.endswith(" · requested H100:2"), first
+    assert first.endswith(" · requested H100:2 on the simulated pool"), first
+
+
+def test_an_interrupt_while_queued_says_nothing_ran(blocked: GatewayClient) -> None:
+    # it said "its GPUs are released" of a job that never held one
+    import os
+    import signal
+
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(JobCancelled) as info:
+            gpu_magic.run("v = 1", "H100:2", {"__name__": "__main__"}, client=blocked, quiet=True)
+    finally:
+        timer.cancel()
+    message = _clean(str(info.value))
+    assert message.endswith("was cancelled by an interrupt before it was granted a GPU: "
+                            "nothing ran"), message
+    assert "released" not in message
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -131,7 +166,7 @@ def test_a_queued_cell_shows_no_made_up_wait_estimate(blocked: GatewayClient) ->
         assert queued["position"] == 1 and queued["estimate"] is None, queued
         state = JobState("H100:2", job.id)
         state.apply(queued, now=0.0)
-        assert state.headline() == "queued for H100:2 (position 1)"
+        assert state.headline() == "queued for H100:2 on the simulated pool (position 1)"
     finally:
         job.cancel()
 

@@ -81,10 +81,17 @@ def test_text_and_html_forms_are_readable() -> None:
     assert "<script" not in render_html(JobState("<script>", "x"), 0.0)  # escaped
 
     c = JobState("H100", "j")
+    c.apply({"type": "granted", "gpu_type": "H100", "count": 1, "node": "n", "option_index": 0},
+            now=0.5)
     c.apply({"type": "done", "state": "cancelled", "message": "cancelled while running"}, now=1.0)
     c.cancel = "the Cancel button"
     assert ("cancelled by the Cancel button: nothing was bound (the namespace is as before); "
-            "the output so far is kept below") in render_text(c, 1.0)
+            "the output so far is kept below; its GPUs are released") in render_text(c, 1.0)
+    q = JobState("H100", "q")  # never granted: no GPUs to speak of
+    q.apply({"type": "done", "state": "cancelled"}, now=1.0)
+    q.cancel = "the Cancel button"
+    assert ("cancelled by the Cancel button before it was granted a GPU: nothing ran, nothing "
+            "was bound") in render_text(q, 1.0)
 
 
 @pytest.mark.usefixtures("use_gateway")

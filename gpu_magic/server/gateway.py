@@ -494,8 +494,9 @@ class Gateway:
                 "then run this again, or wait longer (--wait)."
             )
         else:
+            pool = " of the simulated pool" if getattr(self.backend, "simulated", False) else ""
             job.message = (
-                f"no GPU for '{GpuSpec(tuple(job.options))}' became free within --wait "
+                f"no GPU{pool} for '{GpuSpec(tuple(job.options))}' became free within --wait "
                 f"{wait:g} s; nothing ran. Wait longer (--wait), add fallback options, or try "
                 "again later (%gpu pool shows what is free)."
             )
@@ -839,6 +840,8 @@ class Gateway:
         # number but not an estimate), and a wrong number is worse than none.
         ev: dict[str, Any] = {"type": "queued", "position": pos, "estimate": None,
                               "attempt": job.attempt}
+        if getattr(self.backend, "simulated", False):
+            ev["simulated"] = True  # said while it waits too, not only once granted
         if job.dropped:
             ev["dropped"] = job.dropped
         if job.notices:
