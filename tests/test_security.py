@@ -336,6 +336,14 @@ def test_a_job_held_by_the_user_s_own_gpu_limit_says_so(tmp_path: Path) -> None:
                       for e in alice.events(j["id"]) if e["type"] == "queued"]
             assert any("your other jobs hold" in (e.get("held") or "") for e in queued)
             first.cancel()
+            # an option over her limit is dropped, and said, not passed over in silence
+            job = gpu_magic.run("1", "H100:2, A100-80GB", {"__name__": "__main__"},
+                                client=alice, quiet=True, background=True)
+            job.wait(timeout=DEADLINE)
+            assert job.grant["gpu_type"] == "A100-80GB"
+            assert job._job.state.dropped == [{
+                "option": "H100:2",
+                "reason": "asks for more than the 1 GPU(s) this gateway allows you at once"}]
     finally:
         gw.stop()
 

@@ -415,6 +415,10 @@ class Gateway:
                                f"every option of '{spec}' asks for more than the "
                                f"{limits.max_gpus} GPU(s) this gateway allows you at once; "
                                "ask for fewer.")
+            # never granted to this user: dropped now, and said, not passed over in silence
+            dropped += [(str(spec.options[i]), f"asks for more than the {limits.max_gpus} GPU(s) "
+                                          "this gateway allows you at once") for i in over]
+            kept = [i for i in kept if i not in over]
         asked = body.get("timeout")
         timeout = asked or DEFAULT_TIMEOUT_S
         notices = []
