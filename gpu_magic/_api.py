@@ -40,7 +40,7 @@ from ._errors import (
 )
 from ._jobs import EventFeed
 from ._remote import code_locator, local_hint, rebuild, render_traceback, where
-from ._spec import GpuSpec, parse_spec
+from ._spec import GpuSpec, env_problem, parse_spec
 from ._view import JobState, NullView, TextView, cancelled_text, then
 
 # In-place states are applied with those that may fail first (an object's __setstate__, which
@@ -628,7 +628,7 @@ def submit(
     the middle can still cancel job ``job_id``.
     """
     opts = opts or Options()
-    problem = option_problem(opts.timeout, opts.wait, opts.retries)
+    problem = option_problem(opts.timeout, opts.wait, opts.retries) or env_problem(opts.env)
     if problem:
         raise ValueError(problem)
     namespace = namespace if namespace is not None else {}

@@ -120,7 +120,8 @@ class GPUMagic(Magics):
         if args.return_names is not None and args.no_return:
             raise UsageError("--return and --no-return contradict each other; use one of them")
         problem = _api.option_problem(args.timeout, args.wait, args.retries,
-                                      spell=lambda name: f"--{name} ")
+                                      spell=lambda name: f"--{name} ") or _api.env_problem(
+                                          self._env(args.env), "--env")
         if problem:
             raise UsageError(problem)
         opts = _api.Options(

@@ -11,7 +11,7 @@ import ast
 import difflib
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,6 +214,22 @@ class GpuSpec:
 
 
 DEFAULT_SPEC = GpuSpec((GpuOption(None),))
+
+# What the grant sets in a cell's environment: which GPUs it sees, and what it was granted.
+_GRANT_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+              "HIP_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+
+
+def env_problem(env: Mapping[str, str], spell: str = "env") -> str | None:
+    """Why these ``--env`` variables cannot be sent, or None: a cell must not pick other
+    GPUs than its grant (on a shared node they may be another job's), nor relabel them."""
+    taken = [k for k in env if k in _GRANT_ENV or k.startswith("GPU_MAGIC_")]
+    if not taken:
+        return None
+    return (f"{spell} {', '.join(taken)}: the grant sets {'these' if len(taken) > 1 else 'this'} "
+            "(which GPUs the cell sees, and GPU_MAGIC_GRANT says what it was granted); leave "
+            f"{'them' if len(taken) > 1 else 'it'} out and ask for the GPUs in the spec, e.g. "
+            "%%gpu H100:2")
 
 
 def parse_spec(

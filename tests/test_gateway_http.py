@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from gpu_magic._client import GatewayClient
+from gpu_magic._errors import GatewayError
 from gpu_magic._payload import digest, loads, pack_inputs
 from gpu_magic._version import __version__
 
@@ -870,6 +871,14 @@ def test_tokens_file_is_read_again_on_sighup(users: Users) -> None:
     wait_for(lambda: call(users.gw.url, dave, "GET", "/v1/pool").status_code == 200, DEADLINE_S)
     for name in users.tokens:  # the others keep their tokens
         assert call(users.gw.url, users.tokens[name], "GET", "/v1/pool").status_code == 200
+
+
+def test_a_job_cannot_set_what_its_grant_sets(client: GatewayClient) -> None:
+    # the HTTP API checks it too: not every client is ours
+    with pytest.raises(GatewayError) as info:
+        submit(client, "1", "H100", env={"CUDA_VISIBLE_DEVICES": "3", "NVIDIA_VISIBLE_DEVICES": "3"})
+    assert info.value.status == 422
+    assert "env CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES: the grant sets these" in str(info.value)
 
 
 def test_a_reload_cannot_make_a_one_user_gateway_shared(tmp_path: Path) -> None:

@@ -131,6 +131,9 @@ def test_line_magics_report_an_unreachable_gateway_as_cleanly_as_a_cell(
     ("--retries -1", "--retries -1: the re-runs after a runner died must be a whole number "
                      "from 0 to 10"),
     ("--retries 11", "--retries 11: the re-runs after a runner died"),
+    # the grant decides which GPUs a cell sees: on a shared node others may be another job's
+    ("--env CUDA_VISIBLE_DEVICES=3", "--env CUDA_VISIBLE_DEVICES: the grant sets this"),
+    ("--env GPU_MAGIC_GRANT={} --env A=1", "--env GPU_MAGIC_GRANT: the grant sets this"),
 ])
 def test_bad_option_values_are_refused_before_anything_is_sent(
         gateway: Gateway, kernel_factory: Any, flags: str, message: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from .._errors import SpecError
 from .._payload import is_digest
-from .._spec import GpuOption, GpuSpec
+from .._spec import GpuOption, GpuSpec, env_problem
 from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
@@ -378,6 +378,9 @@ class Gateway:
             spec = GpuSpec.parse(str(spec), extra_types=pool_types)
         except SpecError as exc:
             raise ApiError(422, "bad_spec", str(exc)) from None
+        problem = env_problem(body.get("env") or {})
+        if problem:
+            raise ApiError(422, "bad_env", problem)
         limits = self.limits_for(user)
         if len(body["source"]) > limits.max_source_chars:
             raise ApiError(413, "too_large",
