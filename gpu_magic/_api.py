@@ -532,7 +532,8 @@ class _Job:
         if state == "expired":
             raise WaitExpired(f"GPU job {self.id}: {msg}")
         if state == "lost":
-            raise RunnerLost(f"GPU job {self.id} on {where(grant)} was lost: {msg}",
+            on = f" on {where(grant)}" if grant else ""
+            raise RunnerLost(f"GPU job {self.id}{on} was lost: {msg}",
                              job_id=self.id, state=state)
         raise JobFailed(f"GPU job {self.id} {state}: {msg}", job_id=self.id, state=state)
 

@@ -108,6 +108,34 @@ def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
         gw.stop()
 
 
+def test_a_job_queued_when_the_gateway_restarts_says_nothing_ran(tmp_path: Path) -> None:
+    # it said "on the GPU pool was lost ... its output so far is kept" of a job that had
+    # neither run nor printed
+    port = _free_port()
+    state = tmp_path / "state"
+    gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
+    client = GatewayClient(gw.url, gw.token)
+    try:
+        holder = gpu_magic.run("import time\ntime.sleep(120)", "H100:2", ns(), client=client,
+                               quiet=True, background=True)
+        wait_for(lambda: holder.state == "running", DEADLINE)
+        queued = gpu_magic.run("x = 1", "H100:2", ns(), client=client, quiet=True,
+                               background=True)
+        wait_for(lambda: queued.state == "queued", DEADLINE)
+        gw.stop()
+        gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
+        client.token = gw.token
+        client.reset()
+        with pytest.raises(RunnerLost) as info:
+            queued.wait(timeout=DEADLINE)
+        assert str(info.value) == (f"GPU job {queued.id} was lost: the gateway restarted while "
+                                   "this job waited in the queue; nothing ran. Run the cell "
+                                   "again.")
+    finally:
+        client.close()
+        gw.stop()
+
+
 def test_a_background_job_is_followed_again_after_a_long_gateway_outage(tmp_path: Path) -> None:
     # the gateway is away longer than the client tries to resume (about 30 s): wait() says
     # so, the job is not done as far as anyone knows, and a later wait() follows it again

@@ -223,7 +223,11 @@ class Gateway:
                 was = job.state
                 job.state = "lost"
                 job.finished = time.time()
+                # (a queued job's request is not kept whole: its inputs' manifest and --env
+                # live only as long as the gateway that took them)
                 job.message = (
+                    "the gateway restarted while this job waited in the queue; nothing ran. "
+                    "Run the cell again." if was == "queued" else
                     f"the gateway restarted while this job was {was}; its output so far is "
                     "kept. Run the cell again."
                 )
