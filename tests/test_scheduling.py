@@ -136,6 +136,24 @@ def test_out_of_memory_falls_back_to_a_gpu_with_more_memory(
         gpu_magic.run(cell, "T4", ns(), client=client, oom_fallback=True)
 
 
+def test_out_of_memory_on_a_gpu_of_unknown_memory_says_so(tmp_path: Path) -> None:
+    # a type whose memory the pool does not know (a Ray label of its own) was "0 GB", and
+    # every option then counted as larger
+    gw = start_gateway(tmp_path, simulate="V100:1,H100:1")
+    try:
+        with gw.client() as client:
+            with pytest.raises(RuntimeError, match="CUDA out of memory"):
+                gpu_magic.run("raise RuntimeError('CUDA out of memory.')", "V100, H100", ns(),
+                              client=client, oom_fallback=True, quiet=True)
+            job = max(client.jobs(), key=lambda j: j["created"])
+            assert job["attempts"] == [] or len(job["attempts"]) == 1, job
+            notes = " ".join(job["notices"])
+            assert "ran out of GPU memory on V100, whose memory size this pool does not know" \
+                in notes and "0 GB" not in notes
+    finally:
+        gw.stop()
+
+
 def test_wait_expires_and_leaves_nothing_behind(small_client: Any) -> None:
     client = small_client
     blocker = submit(client, "import time\ntime.sleep(60)", "T4", background=True)

@@ -802,13 +802,20 @@ class Gateway:
         self._schedule()
 
     def _oom_retry(self, job: Job) -> bool:
-        mem = (job.grant or {}).get("memory_gb") or 0
+        mem = (job.grant or {}).get("memory_gb")
+        where = job.grant and job.grant["gpu_type"]
+        if not mem:  # (a Ray node of a type this gateway knows no memory size of)
+            job.notices.append(
+                f"the cell ran out of GPU memory on {where}, whose memory size this pool does "
+                "not know, so --oom-fallback cannot tell which option has more; list a larger "
+                "type first, or give its memory in --ray-type-map")
+            return False
         gpus = self.gpus()
         kept, _ = feasibility(job.options, gpus, min_memory=mem)
         if not kept:
             job.notices.append(
-                f"the cell ran out of GPU memory on {job.grant and job.grant['gpu_type']} "
-                f"({mem} GB) and no option in its list has a GPU with more memory")
+                f"the cell ran out of GPU memory on {where} ({mem:g} GB) and no option in its "
+                "list has a GPU with more memory")
             return False
         job.min_memory_gb = mem
         job.attempt += 1
