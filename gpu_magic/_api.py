@@ -793,7 +793,8 @@ def run(
         if isinstance(job, _Job):
             job.state.state = "cancelled"
             job.state.cancel = job.state.cancel or "an interrupt"
-        how = ("its GPUs are released and any output so far was shown" if granted
+        # (said before the gateway has stopped it: its GPUs are free within seconds)
+        how = ("the gateway stops it and frees its GPUs; its output so far was shown" if granted
                else "before it was granted a GPU: nothing ran")
         raise _short(JobCancelled(
             f"GPU job {job_id} was cancelled by an interrupt {how}"

@@ -66,6 +66,20 @@ def render_traceback(
     return lines
 
 
+def _local_module(name: str) -> str | None:
+    """Where this kernel would import the top-level module ``name`` from, without importing
+    it; None if it cannot."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    return spec.origin if spec.origin not in (None, "built-in", "frozen") else name
+
+
 def local_hint(event: dict[str, Any]) -> str | None:
     """What to do when the cell missed something that is here, in the notebook's folder (the
     working folder of this kernel): a module of its own, or a data file by a relative path.
@@ -77,6 +91,10 @@ def local_hint(event: dict[str, Any]) -> str | None:
             return (f"{m[1]!r} is a module in your notebook's folder, which the GPU machine does "
                     f"not have: import it in a local cell (`import {m[1]}`) and use it in the "
                     "%%gpu cell without importing it there; it then travels with the cell")
+        found = _local_module(m[1]) if m else None
+        if found:
+            return (f"{m[1]!r} is importable here ({found}) but not where the cell ran: install "
+                    "it in the Python the GPU machine runs cells with")
     if ename == "FileNotFoundError":
         m = re.search(r"No such file or directory: '(.+)'$", evalue)
         if m and not os.path.isabs(m[1]) and os.path.exists(m[1]):

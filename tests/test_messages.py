@@ -211,6 +211,16 @@ def test_a_cell_missing_a_local_module_or_file_is_told_what_to_do(
             gpu_magic.run("y = course_helpers.SCALE * 2", "H100", ns, client=c,
                           quiet=True)
             assert ns["y"] == 6
+            # a module importable here from elsewhere on sys.path is to be installed there
+            elsewhere = tmp_path / "site"
+            elsewhere.mkdir()
+            (elsewhere / "labtools_pkg_x.py").write_text("")
+            monkeypatch.syspath_prepend(str(elsewhere))
+            with pytest.raises(ModuleNotFoundError) as info:
+                gpu_magic.run("import labtools_pkg_x", "H100", {"__name__": "__main__"},
+                              client=c, quiet=True)
+            text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+            assert "'labtools_pkg_x' is importable here" in text and "install it" in text
             # a module missing here too gets no such advice
             with pytest.raises(ModuleNotFoundError) as info:
                 gpu_magic.run("import no_such_module_anywhere", "H100", {"__name__": "__main__"},
