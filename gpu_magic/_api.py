@@ -121,8 +121,8 @@ def _parse(spec: Any, client_factory: Callable[[], GatewayClient]) -> GpuSpec:
             raise first from None
         try:
             return parse_spec(spec, extra_types=types)
-        except SpecError:
-            raise first from None
+        except SpecError as second:  # it lists this pool's own types too
+            raise second from None
 
 
 def select_inputs(

@@ -90,9 +90,9 @@ def _canonical(name: str, extras: tuple[str, ...], *, spec: str) -> str:
     known = [*KNOWN_TYPES, *(e for e in extras if e not in KNOWN_TYPES)]
     close = difflib.get_close_matches(resolved, [*known, *_ALIASES], n=1, cutoff=0.6)
     suggestion = close[0] if close else None
-    hint = f"did you mean {suggestion}? " if suggestion else ""
+    hint = f"did you mean {suggestion}? Known types" if suggestion else "known types"
     raise SpecError(
-        f"'{name.strip()}' is not a GPU type; {hint}Known types: {', '.join(known)} (or any)",
+        f"'{name.strip()}' is not a GPU type; {hint}: {', '.join(known)} (or any)",
         spec=spec,
         suggestion=suggestion,
     )

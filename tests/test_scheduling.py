@@ -154,6 +154,20 @@ def test_out_of_memory_on_a_gpu_of_unknown_memory_says_so(tmp_path: Path) -> Non
         gw.stop()
 
 
+def test_a_type_name_of_neither_catalogue_nor_pool_lists_the_pool_s_own(tmp_path: Path) -> None:
+    # the refusal listed only the catalogue, not the names this pool adds (a Ray label)
+    gw = start_gateway(tmp_path, simulate="V100:1,H100:1")
+    try:
+        with gw.client() as client:
+            assert gpu_magic.run("1", "V100", ns(), client=client, quiet=True) == 1
+            with pytest.raises(gpu_magic.SpecError) as info:
+                gpu_magic.run("1", "V10", ns(), client=client, quiet=True)
+            assert str(info.value).startswith("'V10' is not a GPU type; did you mean V100? ")
+            assert "B200, V100 (or any)" in str(info.value)
+    finally:
+        gw.stop()
+
+
 def test_wait_expires_and_leaves_nothing_behind(small_client: Any) -> None:
     client = small_client
     blocker = submit(client, "import time\ntime.sleep(60)", "T4", background=True)
