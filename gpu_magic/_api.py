@@ -681,6 +681,8 @@ def submit(
         "cwd": os.getcwd(),
         "background": opts.background,
         "meta": opts.meta,
+        "cell_label": opts.label,
+        "line_offset": opts.line_offset,
     }
     # one exchange: the job goes in and its event stream comes back as the answer
     feed = EventFeed(cl, job_id, submit=body)

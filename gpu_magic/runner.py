@@ -773,6 +773,8 @@ class _Session:
         if self.shell is None:
             self.shell = _cell_shell({"__name__": "__main__"}, self.emitter, self.sync)
             gc.collect = _cell_collect  # type: ignore[assignment]
+            # before the pristine state is taken: a cell's own showwarning is still undone
+            warnings.showwarning = _CellWarnings(warnings.showwarning)
 
     def attach_io(self) -> None:
         """Capture fds 1 and 2 (threads: done after any fork, once per process)."""
@@ -1015,6 +1017,8 @@ class _Session:
         # a clean namespace for this cell in the (possibly reused) shell
         shell.init_create_namespaces(None, ns)
         shell.init_user_ns()
+        _CellWarnings.where = (str(manifest.get("cell_label") or "Cell"),
+                               int(manifest.get("line_offset") or 0))
         result = shell.run_cell(manifest["source"], store_history=False)
         _flush_c_stdio()  # C stdio buffers of extensions, before the drain
         self.sync()
@@ -1081,6 +1085,27 @@ class _Session:
             self.sync()
         emitter.emit(event)
         return 0
+
+
+class _CellWarnings:
+    """warnings.showwarning that names the cell's lines as the notebook does (``Cell In[5]:3``,
+    the %%gpu line being line 1), not as the runner's IPython compiled them."""
+
+    where = ("Cell", 0)  # the running job's cell label and line offset
+
+    def __init__(self, show: Callable[..., Any]) -> None:
+        self.show = show
+
+    def __call__(self, message: Any, category: Any, filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> Any:
+        if filename.startswith("<ipython-input-"):
+            import linecache
+
+            if line is None:
+                line = linecache.getline(filename, lineno)
+            label, offset = self.where
+            filename, lineno = label, lineno + offset
+        return self.show(message, category, filename, lineno, file, line)
 
 
 def _not_left(name: str, ns: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -158,6 +159,13 @@ def test_syntax_errors_and_tracebacks_number_the_lines_alike(gateway: Gateway,
     assert "z = 2 2" in syntax
     runtime = _error_text(k.run("%%gpu\nx = 1\nz = 1 / 0"))
     assert ", line 3" in runtime and "----> 3 z = 1 / 0" in runtime, runtime
+    # and warnings too, under the cell's own name (not the runner's <ipython-input-...>)
+    out = k.run("%%gpu\nimport warnings\nwarnings.warn('lr too high')")
+    label = re.search(r"Cell In\[\d+\]", runtime)
+    assert label is not None, runtime
+    count = int(label.group(0)[8:-1]) + 1  # the next cell
+    assert f"Cell In[{count}]:3: UserWarning: lr too high" in out["stderr"], out
+    assert "ipython-input" not in out["stderr"]
 
 
 def test_a_refused_token_names_its_source(gateway: Gateway, kernel_factory: Any) -> None:

@@ -76,6 +76,9 @@ class JobSubmit(BaseModel):
     cwd: str | None = None
     background: bool = False
     meta: dict[str, str] = Field(default_factory=dict)
+    # how the notebook names the cell's lines: `Cell In[5]`, the %%gpu line being line 1
+    cell_label: str = Field(default="Cell", max_length=200)
+    line_offset: int = Field(default=0, ge=0, le=100)
 
 
 class LimitsModel(BaseModel):

@@ -603,6 +603,8 @@ class Gateway:
             "return_names": req.get("return_names"),
             "no_return": req.get("no_return", False),
             "env": req.get("env") or {},
+            "cell_label": req.get("cell_label", "Cell"),
+            "line_offset": req.get("line_offset", 0),
         }
         if self.runners_see_reserve():
             manifest["reserve"] = str(self.blobs.reserve.folder)
