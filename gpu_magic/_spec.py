@@ -288,6 +288,11 @@ def _literal_list(text: str) -> list[Any]:
     return value
 
 
+def _is_type(name: str, extras: tuple[str, ...]) -> bool:
+    resolved = _resolve(name)
+    return name.upper() == "ANY" or resolved in CATALOGUE or resolved in FAMILIES or resolved in extras
+
+
 def _parse_option(
     item: str | GpuOption, shown: str, spec: str, extras: tuple[str, ...], in_list: bool
 ) -> GpuOption:
@@ -299,6 +304,12 @@ def _parse_option(
             else "separate options with commas, e.g. 'H100:2, A100'"
         )
         raise SpecError(f"empty option in {shown}; {fix}", spec=spec)
+    words = text.split()
+    if len(words) > 1 and all(_is_type(w.partition(":")[0], extras) for w in words):
+        joined = ", ".join(words)
+        fix = f"['{joined.replace(', ', chr(39) + ', ' + chr(39))}']" if in_list else joined
+        raise SpecError(f"'{text}' is {len(words)} options without commas between them; "
+                        f"write {fix}", spec=spec)
     name, colon, count_text = (part.strip() for part in text.partition(":"))
     if ":" in count_text:
         raise SpecError(f"'{text}' has more than one ':'; {_FORM}", spec=spec)

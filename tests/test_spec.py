@@ -139,6 +139,15 @@ INVALID = [
         POOL,
         f"'mi300' is not a GPU type; did you mean MI300X? {KNOWN}, MI300X, GTX-1080 (or any)",
     ),
+    # a comma forgotten: said so, with the spec as it was meant
+    ("H100:2 A100", (), "'H100:2 A100' is 2 options without commas between them; write "
+                        "H100:2, A100"),
+    ("H100 any, T4", (), "'H100 any' is 2 options without commas between them; write H100, any"),
+    ('["h100 a100"]', (), "'h100 a100' is 2 options without commas between them; write "
+                          "['h100', 'a100']"),
+    # not two types: no made-up advice
+    ("H 100", (), "'H 100' is not a valid option (a type name has only letters, digits, '-', "
+                  "'_' and '.'); write TYPE[:COUNT], e.g. H100:2 or any"),
     ("H100:9", (), f"'H100:9' asks for 9 GPUs; {RANGE}"),
     ("H100:0", (), f"'H100:0' asks for 0 GPUs; {RANGE}"),
     ("H100:-1", (), f"'H100:-1' asks for -1 GPUs; {RANGE}"),
