@@ -31,6 +31,7 @@ from ._errors import AuthError, GpuMagicError, RemoteError
 from ._tables import jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
+_ENDED = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
 _OUTPUT_NAME = re.compile(r"_{1,3}|_\d+")  # IPython's names for earlier cells' values
 
 
@@ -225,12 +226,18 @@ class GPUMagic(Magics):
         elif cmd == "cancel":
             if len(rest) != 1:
                 raise UsageError("usage: %gpu cancel JOB_ID (see %gpu jobs for the ids)")
+            before = client.job(rest[0])
+            if before["state"] in _ENDED:
+                ended = before["state"].replace("_", " ")
+                print(f"job {before['id']} had already ended ({ended}); nothing to cancel")
+                return None
             rec = client.cancel(rest[0])
             if rec["state"] in ("queued", "running"):
                 print(f"cancelling job {rec['id']} ({rec['state']}): its runner is stopped and its "
                       "GPUs freed within seconds")
             else:
-                print(f"job {rec['id']} is {rec['state']}")
+                print(f"cancelled job {rec['id']} while it was {before['state']}"
+                      + (": nothing ran" if before["state"] == "queued" else ""))
         elif cmd == "attach":
             if len(rest) != 1:
                 raise UsageError("usage: %gpu attach JOB_ID (see %gpu jobs for the ids)")

@@ -219,3 +219,23 @@ def test_misspelled_options_and_commands_get_a_suggestion(kernel_factory: Any) -
         out = k.run(line)
         assert out["error"] is None and message in out["stderr"], (line, out)
         assert out["stderr"].startswith("UsageError: "), (line, out)
+
+
+def test_cancel_says_what_became_of_the_job(gateway: Gateway, kernel_factory: Any) -> None:
+    # "job … is succeeded" for a job that had ended; nothing said it was too late
+    from .test_gateway_http import finish, submit
+
+    with gateway.client() as client:
+        done = submit(client, "1", "H100")
+        finish(client, done["id"])
+        held = submit(client, "import time\ntime.sleep(60)", "H100:2", background=True)
+        waiting = submit(client, "1", "H100:2", background=True)
+        k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
+        k.run("%load_ext gpu_magic")
+        out = k.run(f"%gpu cancel {done['id']}")
+        assert out["stdout"] == (f"job {done['id']} had already ended (succeeded); nothing to "
+                                 "cancel\n"), out
+        out = k.run(f"%gpu cancel {waiting['id']}")
+        assert out["stdout"] == f"cancelled job {waiting['id']} while it was queued: nothing ran\n"
+        client.cancel(held["id"])
+        finish(client, held["id"])
