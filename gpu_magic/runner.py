@@ -509,6 +509,63 @@ def _cell_collect(generation: int = 2) -> int:
 
 
 RELEASE_S = 10.0  # finalizers of a cell's objects that take longer cost the runner its reuse
+LEFTOVER_GRACE_S = 1.0  # a process the cell left running gets this long after SIGTERM
+
+
+def _adopt_orphans() -> None:
+    """Become the parent of what the cell's processes leave behind (a daemon started with a
+    double fork, a child in a session of its own whose parent died), so that it can be ended
+    with the cell (Linux; elsewhere nothing happens)."""
+    with contextlib.suppress(Exception):
+        _libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def _children() -> list[int]:
+    """This process's children, running or not yet reaped."""
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == me:
+                found.append(int(name))
+    return found
+
+
+def _reap() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def end_leftover_processes() -> int:
+    """End the processes a cell started and left running, as its GPUs go back to the pool
+    with its end: one still running would hold them (and their memory) while the next job is
+    granted them. SIGTERM, then SIGKILL after LEFTOVER_GRACE_S. Returns how many there were.
+    Costs nothing when the cell left none (the common case: one system call)."""
+    try:
+        if os.waitpid(-1, os.WNOHANG)[0]:  # a zombie, reaped: there may be more
+            _reap()
+    except ChildProcessError:
+        return 0  # no child at all
+    if not os.path.isdir("/proc"):
+        return 0
+    ended: set[int] = set()
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    sig = signal.SIGTERM
+    while kids := _children():
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            ended.add(pid)
+        time.sleep(0.01)
+        _reap()
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+    return len(ended)
 
 
 class _Late(BaseException):
@@ -987,6 +1044,7 @@ class _Session:
                 self._tidy()
             if self.reusable:  # before "finished" too: the cell's memory is free when it ends
                 self._release()
+            end_leftover_processes()  # (after the release: finalizers stop their pools first)
             # whether this process takes another cell: the gateway must not hand one to a
             # runner that is about to end
             self.emitter.emit({"type": "finished", "reusable": self.reusable}, always=True)
@@ -1127,6 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     session = _Session()
     session.reusable = False
+    _adopt_orphans()
     return session.run(Path(argv[0]), int(argv[1]))
 
 
@@ -1221,6 +1280,7 @@ def _worker(session: _Session, req: dict[str, Any], fds: list[int]) -> None:
     import socket
 
     ctl_fd, events_fd, log_fd = fds
+    _adopt_orphans()
     if session.coalescer is None:  # (a spare captures its output already)
         os.dup2(log_fd, 1)  # anything before output capture starts lands in runner.log
         os.dup2(log_fd, 2)

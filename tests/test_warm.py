@@ -17,7 +17,7 @@ import pytest
 import gpu_magic
 from gpu_magic._client import GatewayClient
 
-from .conftest import Gateway, start_gateway
+from .conftest import Gateway, start_gateway, wait_for
 
 CELLS = [
     "import os, sys, random\nos.environ['LEAK'] = 'x'\nos.chdir('/')\nsys.path.append('/nowhere')\n"
@@ -414,3 +414,41 @@ def test_a_cell_that_removes_its_own_folder_keeps_its_runner(warm: Gateway) -> N
         pid = gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True)
         assert _pid(c, "H100") == pid
 
+
+
+LEFTOVERS = """
+import os, subprocess, sys
+plain = subprocess.Popen(['sleep', '301']).pid
+own_session = subprocess.Popen(['sleep', '302'], start_new_session=True).pid
+# a daemon: its parent exits at once, so it is nobody's child but the runner's (adopted)
+r, w = os.pipe()
+subprocess.run([sys.executable, '-c', 'import os, subprocess, sys; '
+                'p = subprocess.Popen(["sleep", "303"], start_new_session=True); '
+                'os.write(int(sys.argv[1]), str(p.pid).encode())', str(w)], pass_fds=[w])
+os.close(w)
+daemon = int(os.read(r, 100))
+"""
+
+
+@pytest.mark.parametrize("which", ["warm", "cold"])
+def test_processes_a_cell_leaves_running_end_with_it(
+        which: str, warm: Gateway, cold: Gateway) -> None:
+    # one still running after its job held the job's GPUs (and their memory) while the next
+    # job was granted them; on a warm runner, even a plain child outlived the cell
+    gw = warm if which == "warm" else cold
+    with gw.client() as c:
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        gpu_magic.run(LEFTOVERS, "H100", ns, client=c, quiet=True)
+        pids = [ns["plain"], ns["own_session"], ns["daemon"]]
+
+        def alive(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            except FileNotFoundError:
+                return False
+
+        wait_for(lambda: not any(alive(p) for p in pids), 10)
+        # and a cell that waits for its own subprocess is untouched
+        assert gpu_magic.run("import subprocess\nsubprocess.run(['sleep', '0.2']).returncode",
+                             "H100", {"__name__": "__main__"}, client=c, quiet=True) == 0
