@@ -518,6 +518,15 @@ def _adopt_orphans() -> None:
     with the cell (Linux; elsewhere nothing happens)."""
     with contextlib.suppress(Exception):
         _libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    # stopped (cancel, timeout): the gateway signals the runner's process group, which a
+    # process in a session of its own is not in
+    signal.signal(signal.SIGTERM, _stopped)
+
+
+def _stopped(signum: int, _frame: Any) -> None:
+    end_leftover_processes()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # ended by it, as the gateway expects
 
 
 def _children() -> list[int]:

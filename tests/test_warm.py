@@ -4,6 +4,7 @@ sys.path and random seeds, and local modules edited since their import are re-im
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import textwrap
@@ -432,7 +433,7 @@ daemon = int(os.read(r, 100))
 
 @pytest.mark.parametrize("which", ["warm", "cold"])
 def test_processes_a_cell_leaves_running_end_with_it(
-        which: str, warm: Gateway, cold: Gateway) -> None:
+        which: str, warm: Gateway, cold: Gateway, tmp_path: Path) -> None:
     # one still running after its job held the job's GPUs (and their memory) while the next
     # job was granted them; on a warm runner, even a plain child outlived the cell
     gw = warm if which == "warm" else cold
@@ -448,6 +449,19 @@ def test_processes_a_cell_leaves_running_end_with_it(
             except FileNotFoundError:
                 return False
 
+        wait_for(lambda: not any(alive(p) for p in pids), 10)
+        # a cancelled cell's too (the gateway stops its runner's process group only)
+        ns["where"] = str(tmp_path / f"pids-{which}")
+        job = gpu_magic.run(LEFTOVERS + "Path = __import__('pathlib').Path\n"
+                            "Path(where + '.tmp').write_text(repr([plain, own_session, daemon]))\nos.rename(where + '.tmp', where)\n"
+                            "import time\ntime.sleep(60)", "H100", ns, client=c, quiet=True,
+                            background=True)
+        wait_for(lambda: os.path.exists(ns["where"]), 30)
+        pids = json.loads(Path(ns["where"]).read_text())
+        assert all(alive(p) for p in pids)
+        job.cancel()
+        with pytest.raises(gpu_magic.JobCancelled):
+            job.wait(timeout=30)
         wait_for(lambda: not any(alive(p) for p in pids), 10)
         # and a cell that waits for its own subprocess is untouched
         assert gpu_magic.run("import subprocess\nsubprocess.run(['sleep', '0.2']).returncode",
