@@ -54,6 +54,7 @@ class JobState:
         self.reused = 0
         self.received_bytes = 0
         self.submitted_at: float | None = None
+        self.started_wall: float | None = None  # its start by the clock, when attached later
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.bound: list[str] = []
@@ -86,6 +87,8 @@ class JobState:
         elif kind == "started":
             self.state = "running"
             self.started_at = now
+            if self.started_wall is not None:  # followed again later: when it really started
+                self.started_at = now - max(0.0, time.time() - self.started_wall)
         elif kind == "stderr":
             # the gateway says why an attempt ended when it retries (runner died, out of memory)
             text = str(ev.get("text", ""))

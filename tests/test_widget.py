@@ -263,3 +263,14 @@ def test_widget_view_serializes(use_gateway: Gateway, tmp_path: Path) -> None:
     again = nbformat.read(path, as_version=4)
     nbformat.validate(again)
     assert widget_of(again.cells[1]) in json.dumps(again.metadata["widgets"])
+
+
+def test_a_job_followed_again_counts_its_time_from_its_real_start() -> None:
+    # %gpu attach replays "started" only now: the clock began at zero, then jumped at the end
+    import time as _time
+
+    s = JobState("H100", "j")
+    s.started_wall = _time.time() - 14.0
+    s.apply({"type": "started"}, now=100.0)
+    assert 13.5 < (s.elapsed(100.0) or 0) < 15.0
+    assert "running 14" in render_text(s, 100.0)
