@@ -272,6 +272,11 @@ def test_a_shared_gateway_started_with_relative_paths_runs_and_hides_them(
                           "H100", ns, client=alice, quiet=True)
         # the file is hidden both under the name given and where the link leads
         assert set(ns["seen"].values()) <= {0, "PermissionError"}, ns["seen"]
+        # a sandboxed runner killed by a signal is said to be, as an unsandboxed one
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            with pytest.raises(gpu_magic.RunnerLost, match="killed by signal SIGKILL"):
+                gpu_magic.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "H100",
+                              {"__name__": "__main__"}, client=alice, quiet=True)
     finally:
         gw.stop()
 

@@ -294,6 +294,8 @@ class LocalBackend:
             rc: int | None = 0
         else:
             rc = handle.wait(timeout=30.0)
+            if rc is not None and self.isolation == "bwrap" and 128 < rc <= 128 + 64:
+                rc = 128 - rc  # bubblewrap exits 128+N for a runner killed by signal N
             if handle.worker is not None and self.warm is not None:
                 self.warm.finished(handle.worker, reusable=False)
         self._handles.pop((run.job_id, run.attempt), None)
