@@ -43,6 +43,7 @@ class JobState:
         self.options: list[str] = [o.strip() for o in spec.split(",")]
         self.position: int | None = None
         self.held: str | None = None  # why it waits though GPUs may be free (the user's limit)
+        self.waiting_for: str | None = None  # no node can run it now: what it waits to join
         self.estimate: float | None = None
         self.dropped: list[dict[str, str]] = []
         # one entry per grant: {"attempt", "grant", "end"}; "end" says how that attempt ended
@@ -77,6 +78,7 @@ class JobState:
             self.position = ev.get("position")
             self.estimate = ev.get("estimate")
             self.held = ev.get("held")
+            self.waiting_for = ev.get("waiting_for")
             self.dropped = list(ev.get("dropped") or self.dropped)
             self.notices = list(ev.get("notices") or self.notices)
         elif kind == "granted":
@@ -132,8 +134,9 @@ class JobState:
             spec = self.spec + (" on the simulated pool" if self.simulated else "")
             if self.state == "queued":
                 est = f", about {self.estimate:g} s" if self.estimate else ""
-                if self.held:
-                    return f"queued for {spec} (position {self.position}; {self.held})"
+                if self.held or self.waiting_for:
+                    why = self.held or self.waiting_for
+                    return f"queued for {spec} (position {self.position}; {why})"
                 return f"queued for {spec} (position {self.position}{est})"
             if self.final:  # the state is said once, by progress(), beside this
                 return f"requested {spec}"

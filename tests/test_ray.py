@@ -551,6 +551,10 @@ def test_a_node_that_joins_serves_a_job_waiting_for_its_type(rc: GatewayClient,
                                                              cluster: RayCluster) -> None:
     job = submit(rc, "import os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\n", "L4")
     assert job["state"] == "queued"  # an autoscaler could add one: feasible, not refused
+    # and it says what it waits for, not only "queued" as if GPUs were busy
+    said = follow(rc, job["id"], until=lambda e: bool(e.get("waiting_for")))[-1]
+    assert said["waiting_for"] == ("no node for L4 is in the pool yet (the autoscaler was "
+                                   "asked for one)")
     cluster.add("l4", "L4", 2)
     events = follow(rc, job["id"])
     assert events[-1]["state"] == "succeeded"

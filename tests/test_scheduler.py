@@ -683,3 +683,19 @@ def test_waiting_h100x4_is_not_starved(other_h100: int, other_job_steps: int | N
             break
     assert big in sim.granted_at, "the H100:4 never ran"
     assert sim.granted_at[big] <= 2 * MAX_RUN + 1
+
+
+def test_a_job_no_node_can_run_now_says_what_it_waits_for() -> None:
+    # a Ray node type that left the pool, or one an autoscaler is adding: "queued" alone
+    # reads as "the GPUs are busy"
+    from gpu_magic._spec import GpuSpec
+    from gpu_magic.server.gateway import _absent
+    from gpu_magic.server.inventory import Gpu
+
+    pool = [Gpu("a", 0, "A100-80GB", 80), Gpu("v", 0, "H100", 80, busy_foreign=True, virtual=True)]
+    opts = list(GpuSpec.parse("L4:2, H100").options)
+    assert _absent(opts[:1], pool, None) == ("no node for L4:2 is in the pool now (it starts "
+                                             "when one joins)")
+    assert _absent(opts, pool, None) == ("no node for L4:2, H100 is in the pool yet (the "
+                                         "autoscaler was asked for one)")
+    assert _absent(list(GpuSpec.parse("A100-80GB").options), pool, None) is None

@@ -79,6 +79,7 @@ class Job:
     min_memory_gb: float | None = None
     gpu_cap: int | None = None  # the user's limit on GPUs held at once, when submitted
     held: str | None = None  # why it waits though GPUs may be free: the user's own limit
+    waiting_for: str | None = None  # no node can run it now: what it waits to join the pool
     message: str | None = None
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -146,6 +147,19 @@ def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
         "simulated": g.simulated,
         "attempt": attempt,
     }
+
+
+def _absent(options: list[GpuOption], gpus: list[Gpu], min_memory: float | None) -> str | None:
+    """What a waiting job waits to join the pool when no node there now could ever run it:
+    a node of a type that left (Ray), or one an autoscaler is adding; None when some node
+    could run it once its GPUs are free."""
+    real = [g for g in gpus if not g.virtual]
+    if feasibility(options, real, min_memory)[0]:
+        return None
+    wanted = ", ".join(dict.fromkeys(str(o) for o in options))
+    if feasibility(options, gpus, min_memory)[0]:
+        return f"no node for {wanted} is in the pool yet (the autoscaler was asked for one)"
+    return f"no node for {wanted} is in the pool now (it starts when one joins)"
 
 
 def _outcome_digests(ev: dict[str, Any]) -> list[str]:
@@ -504,6 +518,14 @@ class Gateway:
                 f"{job.held}; nothing ran. Let one of them finish (job.wait()) or cancel one, "
                 "then run this again, or wait longer (--wait)."
             )
+        elif job.waiting_for:
+            job.message = (
+                f"'{GpuSpec(tuple(job.options))}' did not start within --wait {wait:g} s: "
+                + ("no node for it joined the pool (the autoscaler was asked for one)"
+                   if "autoscaler" in job.waiting_for else "no node for it is in the pool")
+                + "; nothing ran. Wait longer (--wait), or add fallback options (%gpu pool "
+                "shows what is there)."
+            )
         else:
             pool = " of the simulated pool" if getattr(self.backend, "simulated", False) else ""
             job.message = (
@@ -543,8 +565,9 @@ class Gateway:
                 if not opts:  # say so: "queued" alone reads as "no GPU is free"
                     why = (f"your other jobs hold {held.get(j.user, 0)} of the {cap} GPU(s) "
                            "this gateway lets you use at once")
-            if why != j.held:
-                j.held = why
+            absent = None if why is not None else _absent(opts, gpus, j.min_memory_gb)
+            if why != j.held or absent != j.waiting_for:
+                j.held, j.waiting_for = why, absent
                 self._emit_queued(j)
             if why is not None:
                 continue
@@ -868,6 +891,8 @@ class Gateway:
             ev["notices"] = job.notices
         if job.held:
             ev["held"] = job.held
+        if job.waiting_for:
+            ev["waiting_for"] = job.waiting_for
         self._emit(job, ev)
 
     def _timings(self, job: Job) -> dict[str, float | None]:

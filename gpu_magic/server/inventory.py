@@ -40,6 +40,7 @@ class Gpu:
     uuid: str | None = None
     simulated: bool = False
     busy_foreign: bool = False  # busy with processes that are not ours (NVML)
+    virtual: bool = False  # of a node an autoscaler can add, not there yet
 
     def to_json(self) -> dict[str, Any]:
         return {

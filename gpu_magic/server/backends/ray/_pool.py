@@ -248,7 +248,8 @@ def build_pool(nodes: Sequence[NodeView], ours: Mapping[str, set[int]], types: T
             continue  # a live node of this type exists; the pool shows it as it is
         name = VIRTUAL_PREFIX + gtype.lower()
         mem = types.memory_of(gtype)
-        gpus.extend(Gpu(name, i, gtype, mem, None, False, True) for i in range(count))
+        gpus.extend(Gpu(name, i, gtype, mem, None, False, True, virtual=True)
+                    for i in range(count))
     return gpus
 
 
