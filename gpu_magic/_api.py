@@ -289,6 +289,7 @@ class _Job:
         self.error: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
         self.in_place: dict[str, tuple[Any, ...]] = {}  # inputs changed in place: new states
+        self.printed: list[str] = []  # a background job's stdout and stderr so far
         self.last_seq = 0  # the last event taken: following again resumes after it
         self.bound: dict[str, Any] = {}
         self.value: Any = None
@@ -399,6 +400,8 @@ class _Job:
             clear_output(wait=bool(ev.get("wait")))
 
     def _background_output(self, ev: dict[str, Any]) -> None:
+        if ev.get("type") in ("stdout", "stderr"):
+            self.printed.append(str(ev.get("text", "")))
         if getattr(self.view, "has_output_area", False):
             self.view.append_output(ev)  # kept in the widget of the cell that started the job
         elif ev.get("type") in ("stdout", "stderr") and not self.opts.quiet:

@@ -308,6 +308,12 @@ class GpuJob:
         return dict(self._load()[0])
 
     @property
+    def output(self) -> str:
+        """What the cell has printed so far (stdout and stderr, in order), also while it
+        runs: ``while "epoch 1" not in job.output: ...``."""
+        return "".join(self._job.printed)
+
+    @property
     def value(self) -> Any:
         """The value of the cell's last expression (None until it has succeeded)."""
         if not self._finished.is_set() or self._job.result is None:

@@ -19,6 +19,8 @@ from gpu_magic import (
 )
 from gpu_magic._api import _check_environment, attach
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.usefixtures("use_gateway")
 
 
@@ -665,3 +667,18 @@ def test_a_forked_child_can_run_cells(use_gateway: Any) -> None:
     with multiprocessing.get_context("fork").Pool(1) as pool:
         result = pool.apply_async(_cell_in_a_child, (use_gateway.url, use_gateway.token))
         assert result.get(timeout=60) == 2
+
+
+def test_a_background_job_s_output_so_far_can_be_read(tmp_path: Any) -> None:
+    # so that a notebook can wait for a line (a teaching notebook cancels after "started")
+    flag = tmp_path / "go"
+    ns = notebook(f"FLAG = {str(flag)!r}")
+    job = run(ns, "import os, sys, time\nprint('started', flush=True)\n"
+                  "print('warned', file=sys.stderr, flush=True)\n"
+                  "while not os.path.exists(FLAG):\n    time.sleep(0.02)\nprint('done')",
+              background=True, quiet=True)
+    wait_for(lambda: "warned" in job.output, 30)
+    assert job.output == "started\nwarned\n" and not job.done()
+    flag.touch()
+    job.wait(timeout=30)
+    assert job.output == "started\nwarned\ndone\n"
