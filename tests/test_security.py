@@ -503,6 +503,15 @@ def test_output_past_the_cap_is_cut_with_a_notice_and_the_cell_goes_on(tmp_path:
             assert 63 << 20 < len(out) <= 64 << 20
             assert "output passed 64.0 MiB: the rest is neither kept nor shown" in err
             assert "end" not in err  # cut, as said
+            # fields a cell adds to its output events are not kept (nor would they count)
+            forged = submit(c, _FORGE.split("d = ")[0].format(state=str(gw.state_dir)) + (
+                "em.emit({'type': 'stdout', 'text': 'x\\n', 'junk': 'j' * (1 << 20)})\n"
+                "em.emit({'type': 'display', 'data': {'text/plain': 'y'}, 'junk': 'j' * 9})\n"),
+                "H100", timeout=60)
+            assert finish(c, forged["id"])["state"] == "succeeded"
+            kept = [e for e in c.events(forged["id"]) if e["type"] in ("stdout", "display")]
+            assert [e.get("text") or e["data"] for e in kept] == ["x\n", {"text/plain": "y"}]
+            assert not any("junk" in e for e in kept)
     finally:
         gw.stop()
 

@@ -37,6 +37,12 @@ STREAM_EVENT_TYPES = ("stdout", "stderr", "display", "update_display", "clear_ou
 ORPHAN_TIMEOUT_S = 60.0
 INLINE_EVENT_MAX = 1 << 20  # base64 text of the blobs inside one result or error event
 OUTPUT_MAX = 64 << 20  # characters of output kept for one job
+_OUTPUT_FIELDS = {
+    "stdout": ("type", "text"), "stderr": ("type", "text"),
+    "display": ("type", "data", "metadata", "display_id"),
+    "update_display": ("type", "data", "metadata", "display_id"),
+    "clear_output": ("type", "wait"),
+}
 EVENTS_KEPT_S = 60.0  # a finished job's events stay in memory this long, then only in the store
 # Finished jobs, their events and results, and unused blobs are removed after this long.
 RETENTION_S = 7 * 24 * 3600.0
@@ -727,13 +733,13 @@ class Gateway:
         prints without end would fill the gateway's memory and disk for every user."""
         if job.output_bytes > OUTPUT_MAX:
             return
+        # only the fields each kind has (what else a cell wrote would go uncounted)
+        ev = {k: v for k, v in ev.items() if k in _OUTPUT_FIELDS[ev["type"]]}
         text = ev.get("text")
         if isinstance(text, str):
             job.output_bytes += len(text)
         else:
-            data = ev.get("data")
-            job.output_bytes += 64 + (sum(len(str(v)) for v in data.values())
-                                      if isinstance(data, dict) else 0)
+            job.output_bytes += 64 + len(json.dumps(ev, default=str))
         if job.output_bytes <= OUTPUT_MAX:
             self._emit(job, ev)
             return
