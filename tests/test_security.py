@@ -434,11 +434,12 @@ em.emit({{"type": "result", "blob": {blob}, "buffers": [], "names": []}}, always
 
 @pytest.mark.parametrize(("make", "blob"), [
     ("", "{secret!r}"),  # a path instead of a digest
+    ("", "d, 'junk': 'j' * (5 << 20)"),  # a result event of any size, kept in the job's log
     ("", "'../' * 6 + {secret!r}"),
     ("os.symlink({secret!r}, path)", "d"),  # a link in the out folder
     ("os.mkfifo(path)", "d"),  # a FIFO: reading it would block the gateway's thread forever
     ("os.mkdir(path)", "d"),
-], ids=["path", "relative", "symlink", "fifo", "folder"])
+], ids=["path", "huge", "relative", "symlink", "fifo", "folder"])
 def test_a_cell_cannot_make_the_gateway_take_a_file_it_names(
         tmp_path: Path, make: str, blob: str) -> None:
     secret = tmp_path / "secret.txt"

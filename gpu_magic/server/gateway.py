@@ -36,6 +36,7 @@ STREAM_EVENT_TYPES = ("stdout", "stderr", "display", "update_display", "clear_ou
 # A foreground job nobody has followed for this long lost its client (kernel died, culled).
 ORPHAN_TIMEOUT_S = 60.0
 INLINE_EVENT_MAX = 1 << 20  # base64 text of the blobs inside one result or error event
+OUTCOME_EVENT_MAX = 4 << 20  # the rest of it (names, notes, a traceback's frames)
 OUTPUT_MAX = 64 << 20  # characters of output kept for one job
 _OUTPUT_FIELDS = {
     "stdout": ("type", "text"), "stderr": ("type", "text"),
@@ -181,6 +182,10 @@ def _outcome_digests(ev: dict[str, Any]) -> list[str]:
     for d in digests:
         if not (isinstance(d, str) and is_digest(d)):
             raise ValueError(f"{str(d)[:80]!r} is not a blob digest")
+    rest = len(json.dumps({k: v for k, v in ev.items() if k != "inline"}, default=str))
+    if rest > OUTCOME_EVENT_MAX:
+        raise ValueError(f"it is {human(rest)} without its blobs; at most "
+                         f"{human(OUTCOME_EVENT_MAX)} is kept")
     inline = ev.get("inline") or {}
     if not isinstance(inline, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in inline.items()):
