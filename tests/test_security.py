@@ -464,6 +464,32 @@ def test_a_cell_cannot_make_the_gateway_take_a_file_it_names(
         gw.stop()
 
 
+def test_a_cell_cannot_make_its_out_folder_a_link_to_another_s_blobs(tmp_path: Path) -> None:
+    # the file named by the digest was opened without following links, but the folder it
+    # was in was followed: a link to another user's blob folder took their blob
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    content = b"another user's blob"
+    d = gpu_magic._payload.digest(memoryview(content))
+    (victim / d.replace(":", "-")).write_bytes(content)
+    gw = start_gateway(tmp_path)
+    try:
+        with gw.client() as c:
+            source = _FORGE.split("d = ")[0].format(state=str(gw.state_dir)) + (
+                f"import shutil\nshutil.rmtree(out)\nos.symlink({str(victim)!r}, out)\n"
+                f"em.emit({{'type': 'result', 'blob': {d!r}, 'buffers': [], 'names': []}}, "
+                "always=True)\n")
+            job = submit(c, source, "H100", timeout=30)
+            assert finish(c, job["id"])["state"] in ("failed", "lost")
+            said = json.dumps(list(c.events(job["id"])))
+            assert "out is not a folder" in said, said
+            assert (victim / d.replace(":", "-")).read_bytes() == content  # still theirs
+            with pytest.raises(gpu_magic.GatewayError):
+                c.download(d)
+    finally:
+        gw.stop()
+
+
 def test_an_endless_line_on_the_event_pipe_stops_the_runner_not_the_gateway(
         tmp_path: Path) -> None:
     # one 300 MiB line used to cost the gateway minutes of a core (each read copied all that

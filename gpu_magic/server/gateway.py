@@ -774,7 +774,7 @@ class Gateway:
                 self.blobs.put_bytes(job.user, d, base64.b64decode(inline[d], validate=True))
                 continue
             try:
-                self.blobs.adopt(job.user, out / d.replace(":", "-"), d,
+                self.blobs.adopt(job.user, out, d.replace(":", "-"), d,
                                  self.limits.max_blob_bytes)
             except BlobError as exc:
                 if exc.status != 404 or not self.blobs.has(job.user, d):

@@ -341,23 +341,39 @@ class BlobStore:
         is deleted, never kept."""
         if "/" in name or name in ("", ".", ".."):
             raise BlobError(400, f"{name!r} is not a file name")
-        src = self.inbox(user) / name
-        if not os.path.lexists(src):
-            raise BlobError(404, f"there is no file {name!r} in your inbox")
-        return self.adopt(user, src, digest, max_bytes)
+        try:
+            return self.adopt(user, self.inbox(user), name, digest, max_bytes)
+        except BlobError as exc:
+            if exc.status == 404:
+                raise BlobError(404, f"there is no file {name!r} in your inbox") from None
+            raise
 
-    def adopt(self, user: str, src: Path, digest: str, max_bytes: int | None = None) -> int:
-        """Move the file ``src`` (a runner's result, a client's inbox file) into the user's
-        store if its content has ``digest``; returns its size. It is first moved into the
-        gateway's own folder, so what is verified is what is kept: its writer can neither
-        swap it afterwards nor make it a link to someone else's file."""
+    def adopt(self, user: str, folder: Path, name: str, digest: str,
+              max_bytes: int | None = None) -> int:
+        """Move the file ``folder/name`` (a runner's result, a client's inbox file) into the
+        user's store if its content has ``digest``; returns its size. ``folder`` is its
+        writer's (a runner may replace it with a link to someone else's folder); its parent
+        is the gateway's. The file is first moved into the gateway's own folder, so what is
+        verified is what is kept: its writer can neither swap it afterwards nor make it, or
+        the folder it is in, a link to someone else's file."""
         dest = self.path(user, digest)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.adopt")
         try:
-            os.rename(src, tmp)
+            parent = os.open(folder.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                at = os.open(folder.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, dir_fd=parent)
+            finally:
+                os.close(parent)
+            try:
+                os.rename(name, tmp, src_dir_fd=at)
+            finally:
+                os.close(at)
         except FileNotFoundError:
-            raise BlobError(404, f"there is no file {src.name!r} to take") from None
+            raise BlobError(404, f"there is no file {name!r} to take") from None
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise BlobError(400, f"{folder.name} is not a folder") from None
             raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
         try:
             got, size = _hash_file(tmp, max_bytes)
