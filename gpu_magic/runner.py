@@ -544,34 +544,47 @@ def _children() -> list[int]:
     return found
 
 
-def _reap() -> None:
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
+def _interpreters_own() -> set[int]:
+    """Children the interpreter keeps for itself across cells (multiprocessing's resource
+    tracker and forkserver): they hold nothing of a job's, and ending (or reaping) them makes
+    the next cell that uses multiprocessing warn or fail."""
+    own = set()
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    pid = getattr(getattr(tracker, "_resource_tracker", None), "_pid", None)
+    if pid:
+        own.add(pid)
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if pid:
+        own.add(pid)
+    return own
 
 
 def end_leftover_processes() -> int:
     """End the processes a cell started and left running, as its GPUs go back to the pool
     with its end: one still running would hold them (and their memory) while the next job is
     granted them. SIGTERM, then SIGKILL after LEFTOVER_GRACE_S. Returns how many there were.
-    Costs nothing when the cell left none (the common case: one system call)."""
-    try:
-        if os.waitpid(-1, os.WNOHANG)[0]:  # a zombie, reaped: there may be more
-            _reap()
+    Costs nothing when the cell left none (the common case: one system call). Only what is
+    ended here is reaped here: a child someone else waits for is theirs to reap."""
+    try:  # (WNOWAIT: looks, reaps nothing)
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
         return 0  # no child at all
     if not os.path.isdir("/proc"):
         return 0
+    spared = _interpreters_own()
     ended: set[int] = set()
     deadline = time.monotonic() + LEFTOVER_GRACE_S
     sig = signal.SIGTERM
-    while kids := _children():
+    while kids := [k for k in _children() if k not in spared]:
         for pid in kids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
             ended.add(pid)
         time.sleep(0.01)
-        _reap()
+        for pid in kids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
         if time.monotonic() > deadline:
             sig = signal.SIGKILL
     return len(ended)

@@ -466,3 +466,19 @@ def test_processes_a_cell_leaves_running_end_with_it(
         # and a cell that waits for its own subprocess is untouched
         assert gpu_magic.run("import subprocess\nsubprocess.run(['sleep', '0.2']).returncode",
                              "H100", {"__name__": "__main__"}, client=c, quiet=True) == 0
+
+
+def test_multiprocessing_works_cell_after_cell_on_a_warm_runner(warm: Gateway) -> None:
+    # ending what a cell left running once ended the interpreter's own helpers too (the
+    # resource tracker, the forkserver): the next cell warned, or failed with
+    # ChildProcessError
+    cell = ("import multiprocessing as mp, warnings\n"
+            "with warnings.catch_warnings():\n    warnings.simplefilter('error')\n"
+            "    with mp.get_context(METHOD).Pool(2) as p:\n"
+            "        out = p.map(abs, [-1, -2, -3])\nout")
+    with warm.client() as c:
+        first = _pid(c, "H100")
+        for method in ("spawn", "spawn", "forkserver", "forkserver"):
+            assert gpu_magic.run(cell, "H100", {"__name__": "__main__", "METHOD": method},
+                                 client=c, quiet=True) == [1, 2, 3]
+        assert _pid(c, "H100") == first  # one warm runner did all four
