@@ -623,10 +623,24 @@ def _frames(exc: BaseException, cell_files: set[str]) -> list[dict[str, Any]]:
             # which notebook function it is: two cells may each define a `forward`
             "qualname": getattr(code, "co_qualname", code.co_name),
             "first": code.co_firstlineno,
-            "line": fr.line or "",
+            "line": _cut(fr.line or "", 1000),
             "cell": fr.filename in cell_files,
         })
+    if len(out) > 2 * FRAMES_KEPT:  # deep recursion: the two ends tell the story
+        cut = len(out) - 2 * FRAMES_KEPT
+        out[FRAMES_KEPT:-FRAMES_KEPT] = [{
+            "filename": "...", "lineno": 0, "name": f"({cut} more frames cut)",
+            "qualname": "", "first": 0, "line": "", "cell": False}]
     return out
+
+
+FRAMES_KEPT = 200  # at each end of a traceback
+EVALUE_MAX = 100_000  # characters of an exception's message in its event (its pickle has all)
+
+
+def _cut(text: str, most: int) -> str:
+    return text if len(text) <= most else (
+        text[:most] + f"… ({len(text) - most} more characters cut)")
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -1110,7 +1124,7 @@ class _Session:
             event: dict[str, Any] = {
                 "type": "error",
                 "ename": type(exc).__name__,
-                "evalue": str(exc),
+                "evalue": _cut(str(exc), EVALUE_MAX),
                 "traceback": _frames(exc, cell_files),
                 "oom": _is_oom(exc),
                 "syntax": result.error_before_exec is not None,

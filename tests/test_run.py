@@ -682,3 +682,17 @@ def test_a_background_job_s_output_so_far_can_be_read(tmp_path: Any) -> None:
     flag.touch()
     job.wait(timeout=30)
     assert job.output == "started\nwarned\ndone\n"
+
+
+def test_a_huge_exception_is_still_the_cell_s_own() -> None:
+    # a 5 MB message, or a recursion 20,000 deep, made the error event too large, and the
+    # user got "the runner sent a malformed error" instead of their exception
+    ns = notebook("")
+    with pytest.raises(ValueError) as info:
+        run(ns, "raise ValueError('x' * 5_000_000)")
+    assert str(info.value) == "x" * 5_000_000  # the exception itself travels whole
+    with pytest.raises(RecursionError) as deep:
+        run(ns, "import sys\nsys.setrecursionlimit(30_000)\n"
+                "def down(n):\n    return down(n + 1)\ndown(0)")
+    shown = "\n".join(deep.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "more frames cut" in shown and shown.count("in down") <= 400
