@@ -15,6 +15,7 @@ reassigned since the job was submitted is left alone, with a warning.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import sys
@@ -165,10 +166,25 @@ os.register_at_fork(after_in_child=_THREADS._idle.clear)
 _PENDING: list[GpuJob] = []  # finished or running background jobs whose names are not bound yet
 _PENDING_LOCK = threading.Lock()
 _HOOKED: set[int] = set()
-# what background jobs bound in each namespace (by id: namespace, {name: value}), while the
-# namespace still holds it: a name another job bound since a job was submitted was not
-# reassigned by the user
-_JOB_BOUND: dict[int, tuple[Any, dict[str, Any]]] = {}
+# what background jobs bound in the notebook's namespace (by id: namespace, {name: (value,
+# the binding job's order)}), while it still holds it: a name another job bound since a job
+# was submitted was not reassigned by the user. Only namespaces that last (the notebook's, a
+# script's __main__): a throwaway dict given to run() would be kept alive here, with its
+# results.
+_JOB_BOUND: dict[int, tuple[Any, dict[str, tuple[Any, int]]]] = {}
+_ORDER = itertools.count()  # background jobs in the order they were submitted
+
+
+def _lasting(ns: Any) -> bool:
+    main = sys.modules.get("__main__")
+    if main is not None and ns is getattr(main, "__dict__", None):
+        return True
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and ns is ip.user_ns
 
 
 def _forget_rebound() -> None:
@@ -176,16 +192,20 @@ def _forget_rebound() -> None:
     the notebook let go of, for longer than a cell."""
     with _PENDING_LOCK:
         for key, (ns, bound) in list(_JOB_BOUND.items()):
-            for n, value in list(bound.items()):
+            for n, (value, _order) in list(bound.items()):
                 if ns.get(n, _MISSING) is not value:
                     del bound[n]
             if not bound:
                 del _JOB_BOUND[key]
 
 
-def _bound_by_a_job(ns: Any, name: str, now: Any) -> bool:
+def _bound_by_a_job(ns: Any, name: str, now: Any) -> int | None:
+    """The order of the background job that bound ``now`` to ``name``, if one did."""
     entry = _JOB_BOUND.get(id(ns))
-    return entry is not None and entry[0] is ns and entry[1].get(name, _MISSING) is now
+    if entry is None or entry[0] is not ns:
+        return None
+    value, order = entry[1].get(name, (_MISSING, None))
+    return order if value is now else None
 
 
 def _hook(shell: Any) -> None:
@@ -233,6 +253,7 @@ class GpuJob:
 
     def __init__(self, job: _Job, outputs: list[str]) -> None:
         self._job = job
+        self._order = next(_ORDER)
         self.id: str = job.id
         self._finished = threading.Event()
         self._failure: BaseException | None = None
@@ -400,22 +421,28 @@ class GpuJob:
         ns = job.namespace
         _forget_rebound()
 
+        later: list[str] = []  # bound by a job submitted after this one: its value stands
+
         def reassigned(n: str) -> bool:
             now = ns.get(n, _MISSING)
-            return not (now is self._before.get(n, _MISSING)
-                        or (n in names and now is names[n])  # the same object (a module)
-                        or (n in deleted and now is _MISSING)
-                        or _bound_by_a_job(ns, n, now))  # by another job, not the user
+            if now is self._before.get(n, _MISSING) or (n in names and now is names[n]) or (
+                    n in deleted and now is _MISSING):  # (the same object: a module)
+                return False
+            by = _bound_by_a_job(ns, n, now)
+            if by is None:
+                return True
+            if by > self._order:  # as cells run in order would leave it
+                later.append(n)
+            return False
 
         moved = [n for n in [*names, *deleted] if reassigned(n)]
-        take = {n: v for n, v in names.items() if n not in moved}
-        gone = [n for n in deleted if n not in moved]
+        take = {n: v for n, v in names.items() if n not in moved and n not in later}
+        gone = [n for n in deleted if n not in moved and n not in later]
         job.bind(take, gone)
-        with _PENDING_LOCK:
-            entry = _JOB_BOUND.setdefault(id(ns), (ns, {}))
-            if entry[0] is not ns:  # an old namespace's id, reused
-                entry = _JOB_BOUND[id(ns)] = (ns, {})
-            entry[1].update((n, ns[n]) for n in take if n in ns)
+        if _lasting(ns):
+            with _PENDING_LOCK:
+                entry = _JOB_BOUND.setdefault(id(ns), (ns, {}))
+                entry[1].update((n, (ns[n], self._order)) for n in take if n in ns)
         state = job.state
         state.pending, state.kept_local = [], sorted(moved)
         if moved:

@@ -153,3 +153,21 @@ def test_quiet_background_jobs_from_python_show_no_status_and_no_value(tmp_path:
     assert not any(s["model"] == "HTMLModel" for s in states.values())  # no status line
     shown = [o for s in states.values() if s["model"] == "OutputModel" for o in s["outputs"]]
     assert {o.get("text") for o in shown} == {"line 0\n", "line 1\n"}  # output, no value
+
+
+def test_a_name_another_background_job_bound_is_not_the_user_s(tmp_path: Path) -> None:
+    # two background cells that both import time or set a scratch name warned that the
+    # name was "reassigned since the job was submitted": the other job had bound it
+    flag = tmp_path / "go"
+    nb = make_notebook(  # the first ends only once the second was submitted
+        f"%load_ext gpu_magic\nFLAG = {str(flag)!r}",
+        "%%gpu --background --quiet\nimport math, os, time\n"
+        "while not os.path.exists(FLAG):\n    time.sleep(0.02)\nt0 = 1",
+        "first = _",
+        "%%gpu --background --quiet\nimport math\nt0 = 2\nmine = 'job'",
+        "second = _\nopen(FLAG, 'w').close()\nfirst.wait()\nimport math",
+        "second.wait()\nprint(t0, mine)",
+    )
+    execute(nb, tmp_path)
+    assert texts(nb.cells[5], "stdout") == "2 job\n", [texts(c, "stderr") for c in nb.cells]
+    assert not any("kept your" in texts(c, "stderr") for c in nb.cells)
