@@ -224,11 +224,14 @@ def serve(cfg: ServeConfig) -> int:
                     tokens = load_tokens_file(cfg.tokens_file)
                     users = {u.name for u in tokens.values()}
                     if len(users) > 1 and not shared_at_start and not cfg.force:
+                        how = ("runs cells without isolation (its runners can read the state "
+                               "directory and the tokens file)"
+                               if getattr(gateway.backend, "isolation", "none") == "none" else
+                               "runs cells with the submitting kernel's own Python and folder")
                         raise TokensFileError(
                             f"{cfg.tokens_file} now names {len(users)} users, but this gateway "
-                            "started for one user and runs cells without isolation (its "
-                            "runners can read the state directory and the tokens file). "
-                            "Restart it with the new file to serve several users.")
+                            f"started for one user and {how}. Restart it with the new file to "
+                            "serve several users.")
                     auth.replace(tokens)
                     print(f"gpu-magic: reloaded {cfg.tokens_file}", file=sys.stderr)
                 except TokensFileError as exc:
