@@ -76,12 +76,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Restartable:
+    """A gateway on a fixed port and state folder, and a client of it, that can be stopped
+    and started again under the client (which keeps its URL)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path, self.port, self.state = tmp_path, _free_port(), tmp_path / "state"
+        self.gw = self._start()
+        self.client = GatewayClient(self.gw.url, self.gw.token)
+
+    def _start(self) -> Gateway:
+        return start_gateway(self.tmp_path, "--port", str(self.port), state_dir=self.state)
+
+    def stop(self) -> None:
+        self.gw.stop()
+
+    def start_again(self) -> None:
+        self.gw = self._start()
+        self.client.token = self.gw.token
+        self.client.reset()
+
+    def close(self) -> None:
+        self.client.close()
+        self.gw.stop()
+
+
 def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
-    port = _free_port()
-    state = tmp_path / "state"
-    gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
+    r = _Restartable(tmp_path)
     outcome: dict[str, Any] = {}
-    client = GatewayClient(gw.url, gw.token)
+    client = r.client
 
     def follow() -> None:
         try:
@@ -94,27 +117,22 @@ def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
     t.start()
     try:
         wait_for(lambda: any(j["state"] == "running" for j in client.jobs()), DEADLINE)
-        gw.stop()
-        gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
-        client.token = gw.token
-        client.reset()
+        r.stop()
+        r.start_again()
         t.join(DEADLINE)
         assert not t.is_alive(), "the client hung after the gateway restarted"
         err = outcome["error"]
         assert isinstance(err, RunnerLost)
         assert "the gateway restarted while this job was running" in str(err)
     finally:
-        client.close()
-        gw.stop()
+        r.close()
 
 
 def test_a_job_queued_when_the_gateway_restarts_says_nothing_ran(tmp_path: Path) -> None:
     # it said "on the GPU pool was lost ... its output so far is kept" of a job that had
     # neither run nor printed
-    port = _free_port()
-    state = tmp_path / "state"
-    gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
-    client = GatewayClient(gw.url, gw.token)
+    r = _Restartable(tmp_path)
+    client = r.client
     try:
         holder = gpu_magic.run("import time\ntime.sleep(120)", "H100:2", ns(), client=client,
                                quiet=True, background=True)
@@ -122,44 +140,36 @@ def test_a_job_queued_when_the_gateway_restarts_says_nothing_ran(tmp_path: Path)
         queued = gpu_magic.run("x = 1", "H100:2", ns(), client=client, quiet=True,
                                background=True)
         wait_for(lambda: queued.state == "queued", DEADLINE)
-        gw.stop()
-        gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
-        client.token = gw.token
-        client.reset()
+        r.stop()
+        r.start_again()
         with pytest.raises(RunnerLost) as info:
             queued.wait(timeout=DEADLINE)
         assert str(info.value) == (f"GPU job {queued.id} was lost: the gateway restarted while "
                                    "this job waited in the queue; nothing ran. Run the cell "
                                    "again.")
     finally:
-        client.close()
-        gw.stop()
+        r.close()
 
 
 def test_a_background_job_is_followed_again_after_a_long_gateway_outage(tmp_path: Path) -> None:
     # the gateway is away longer than the client tries to resume (about 30 s): wait() says
     # so, the job is not done as far as anyone knows, and a later wait() follows it again
-    port = _free_port()
-    state = tmp_path / "state"
-    gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
-    client = GatewayClient(gw.url, gw.token)
+    r = _Restartable(tmp_path)
+    client = r.client
     try:
         job = gpu_magic.run("import time\nprint('working', flush=True)\ntime.sleep(120)",
                             "H100", ns(), client=client, quiet=True, background=True)
         wait_for(lambda: job.state == "running", DEADLINE)
-        gw.stop()
+        r.stop()
         with pytest.raises(gpu_magic.GatewayError, match="lost the event stream"):
             job.wait(timeout=120)
         assert not job.done() and job.state == "running"  # its end is not known
-        gw = start_gateway(tmp_path, "--port", str(port), state_dir=state)
-        client.token = gw.token
-        client.reset()
+        r.start_again()
         with pytest.raises(RunnerLost, match="the gateway restarted while this job was running"):
             job.wait(timeout=DEADLINE)
         assert job.done() and job.state == "lost"
     finally:
-        client.close()
-        gw.stop()
+        r.close()
 
 
 class CuttingProxy:
