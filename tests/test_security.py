@@ -490,6 +490,58 @@ def test_a_cell_cannot_make_its_out_folder_a_link_to_another_s_blobs(tmp_path: P
         gw.stop()
 
 
+@pytest.mark.parametrize("make", ["os.symlink({secret!r}, log)", "os.mkfifo(log)"],
+                         ids=["link", "fifo"])
+def test_a_runner_s_log_is_read_from_the_gateway_s_own_descriptor(tmp_path: Path,
+                                                                   make: str) -> None:
+    # the gateway read runner.log by name for a lost runner's last words: a link made it
+    # show the cell any file it could read (the tokens file), a FIFO blocked it for good
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the gateway's own secret")
+    gw = start_gateway(tmp_path, "--cold")  # a fresh process per cell: one with a log
+    try:
+        with gw.client() as c:
+            cell = (f"import os, sys\nlog = os.path.join(sys.argv[1], 'runner.log')\n"
+                    f"os.unlink(log)\n{make.format(secret=str(secret))}\nos._exit(1)")
+            job = submit(c, cell, "H100", timeout=30)
+            record = finish(c, job["id"], timeout=30)
+            assert record["state"] == "lost", record
+            assert "the gateway's own secret" not in json.dumps([record, *c.events(job["id"])])
+            assert all(t["free"] == t["total"] for t in c.pool()["types"])
+    finally:
+        gw.stop()
+
+
+def test_a_cell_that_writes_odd_lines_or_fake_outcomes_on_its_pipe_still_ends(
+        tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path)
+    head = _FORGE.split("d = ")[0].format(state=str(gw.state_dir))
+    try:
+        with gw.client() as c:
+            # nested past the JSON parser's recursion limit: the reader broke, the job never
+            # ended and kept its GPU
+            job = submit(c, head + "em._f.write(b'[' * 100000 + b'\\n')\nprint('after')",
+                         "H100", timeout=30)
+            assert finish(c, job["id"], timeout=30)["state"] == "succeeded"
+            assert [e["text"] for e in c.events(job["id"]) if e["type"] == "stdout"] == ["after\n"]
+            # a runner_error of any size was kept whole in the job's record and listing
+            job = submit(c, head + "em.emit({'type': 'runner_error', 'ename': 'X', "
+                                   "'evalue': 'A' * (5 << 20)}, always=True)\nos._exit(3)",
+                         "H100", timeout=30)
+            record = finish(c, job["id"], timeout=30)
+            assert record["state"] == "failed" and len(record["message"]) < 5000, len(
+                record["message"])
+            # a result said early stopped the timeout: the cell ran on, holding its GPU
+            job = submit(c, head + "d = 'xxh3-128:' + '0' * 32\nem.emit({'type': 'result', "
+                                   "'blob': d, 'buffers': [], 'names': []}, always=True)\n"
+                                   "import time\ntime.sleep(120)", "H100", timeout=2)
+            record = finish(c, job["id"], timeout=40)
+            assert record["state"] == "timed_out", record
+            assert all(t["free"] == t["total"] for t in c.pool()["types"])
+    finally:
+        gw.stop()
+
+
 def test_an_endless_line_on_the_event_pipe_stops_the_runner_not_the_gateway(
         tmp_path: Path) -> None:
     # one 300 MiB line used to cost the gateway minutes of a core (each read copied all that

@@ -37,7 +37,9 @@ STREAM_EVENT_TYPES = ("stdout", "stderr", "display", "update_display", "clear_ou
 ORPHAN_TIMEOUT_S = 60.0
 INLINE_EVENT_MAX = 1 << 20  # base64 text of the blobs inside one result or error event
 OUTCOME_EVENT_MAX = 4 << 20  # the rest of it (names, notes, a traceback's frames)
+ENDING_GRACE_S = 15.0  # a runner that said its cell ended has this long to end, timeout or not
 OUTPUT_MAX = 64 << 20  # characters of output kept for one job
+EVENT_COST = 64  # what one output event counts against it besides its text
 _OUTPUT_FIELDS = {
     "stdout": ("type", "text"), "stderr": ("type", "text"),
     "display": ("type", "data", "metadata", "display_id"),
@@ -92,6 +94,7 @@ class Job:
     timer: asyncio.TimerHandle | None = None
     adopting: asyncio.Future[dict[str, Any]] | None = None  # result files being stored
     output_bytes: int = 0  # of output events kept, all attempts
+    ending: bool = False  # past its timeout, given a moment to end after saying it did
 
     @property
     def final(self) -> bool:
@@ -609,6 +612,7 @@ class Gateway:
         job.started = job.started or time.time()
         job.outcome = None
         job.stop_reason = None
+        job.ending = False
         self.running[job.id] = job
         req = job.request
         grant_env = {
@@ -680,6 +684,17 @@ class Gateway:
         job = self.jobs.get(job_id)
         if job is None or job.state != "running" or job.attempt != attempt:
             return
+        assert self.loop is not None
+        if (job.adopting is not None or job.outcome is not None) and not job.ending:
+            # the cell said it ended: its results are stored and its runner ends in a moment,
+            # which a timeout must not undo. A runner still there after that moment is
+            # stopped all the same (a cell can say so and go on running).
+            job.ending = True
+            job.timer = self.loop.call_later(ENDING_GRACE_S, self._timed_out, job_id, attempt)
+            return
+        if job.adopting is not None:  # results still being stored: stopped right after
+            job.timer = self.loop.call_later(1.0, self._timed_out, job_id, attempt)
+            return
         if job.stoppable:
             job.stop_reason = "timed_out"
             self.backend.cancel(job.handle)
@@ -706,10 +721,6 @@ class Gateway:
             if all(d in inline for d in digests):
                 job.outcome = self._outcome(job, attempt, ev, digests)
                 return
-            # the cell has ended: neither its timeout nor a cancel may undo that while its
-            # results are being stored
-            if job.timer is not None:
-                job.timer.cancel()
             # Files to verify and move (large results): in a thread, not on the event loop
             # that serves everyone (hashing 4 GiB takes a quarter of a second). The runner's
             # exit waits for it (see _runner_exit).
@@ -730,8 +741,10 @@ class Gateway:
                 job.outcome = f.result() if exc is None else _not_stored(exc)
 
             adopting.add_done_callback(adopted)
-        elif kind == "runner_error":
-            job.outcome = ev
+        elif kind == "runner_error" and job.outcome is None and job.adopting is None:
+            # kept in the job's record and shown to its user: only what is said, and short
+            job.outcome = {"type": "runner_error", "ename": str(ev.get("ename", ""))[:200],
+                           "evalue": str(ev.get("evalue", ""))[:4000]}
 
     def _output(self, job: Job, ev: dict[str, Any]) -> None:
         """Keep and pass on a cell's output, up to OUTPUT_MAX a job: past it a cell that
@@ -740,11 +753,13 @@ class Gateway:
             return
         # only the fields each kind has (what else a cell wrote would go uncounted)
         ev = {k: v for k, v in ev.items() if k in _OUTPUT_FIELDS[ev["type"]]}
+        # each event costs a row in the log besides its text: a cell writing a million empty
+        # ones must meet the cap too (the runner gathers a burst of prints into one event)
         text = ev.get("text")
         if isinstance(text, str):
-            job.output_bytes += len(text)
+            job.output_bytes += EVENT_COST + len(text)
         else:
-            job.output_bytes += 64 + len(json.dumps(ev, default=str))
+            job.output_bytes += EVENT_COST + len(json.dumps(ev, default=str))
         if job.output_bytes <= OUTPUT_MAX:
             self._emit(job, ev)
             return

@@ -57,6 +57,9 @@ class Handle:
     proc: subprocess.Popen[bytes] | None = None
     worker: Worker | None = None
     cancelled: bool = False
+    # the runner's log, as the gateway opened it: its tail is read from this descriptor, never
+    # by name (the runner may put a link or a FIFO there)
+    log_fd: int | None = None
 
     def wait(self, timeout: float = 10.0) -> int | None:
         """The exit code once the process is gone (negative: killed by that signal)."""
@@ -84,7 +87,7 @@ class _RunnerOutput:
     def line(self, line: bytes) -> None:
         try:
             event = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a cell may write anything: "[" * 100000)
             return  # a runner never writes anything else here; ignore noise
         if not (isinstance(event, dict) and isinstance(event.get("type"), str)):
             return
@@ -122,14 +125,16 @@ class _PipeReader:
             return
         self.loop.remove_reader(self.fd)
         os.close(self.fd)
-        if self.parts and not self.overlong:
-            self.state.line(b"".join(self.parts))
-        h = self.handle
-        if h.worker is not None and self.state.finished and not h.cancelled:
-            self.backend._ended(h, self.state, self.on_exit)  # nothing to wait for
-        else:  # the process is exiting: wait for it off the loop
-            threading.Thread(target=self.backend._ended, args=(h, self.state, self.on_exit),
-                             daemon=True, name=f"gpu-magic-exit-{h.spec.job_id}").start()
+        try:
+            if self.parts and not self.overlong:
+                self.state.line(b"".join(self.parts))
+        finally:  # whatever the last line was, the job must end (and free its GPUs)
+            h = self.handle
+            if h.worker is not None and self.state.finished and not h.cancelled:
+                self.backend._ended(h, self.state, self.on_exit)  # nothing to wait for
+            else:  # the process is exiting: wait for it off the loop
+                threading.Thread(target=self.backend._ended, args=(h, self.state, self.on_exit),
+                                 daemon=True, name=f"gpu-magic-exit-{h.spec.job_id}").start()
 
 
     def _take(self, chunk: bytes) -> None:
@@ -145,9 +150,10 @@ class _PipeReader:
                     self._too_long()
             if last:
                 return
-            if not self.overlong:
-                self.state.line(b"".join(self.parts))
+            line, overlong = b"".join(self.parts), self.overlong
             self.parts, self.size, self.overlong = [], 0, False
+            if not overlong:
+                self.state.line(line)
 
     def _too_long(self) -> None:
         self.parts, self.size, self.overlong = [], 0, True
@@ -227,7 +233,8 @@ class LocalBackend:
                                  hidden_files=self.hidden_files)
             env = {k: v for k, v in env.items() if not k.startswith("GPU_MAGIC_") or k in
                    run.grant_env}
-        log = open(run.job_dir / "runner.log", "wb")
+        log = os.open(run.job_dir / "runner.log",
+                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             proc = subprocess.Popen(
                 argv,
@@ -241,11 +248,11 @@ class LocalBackend:
             )
         except OSError:
             os.close(r)
+            os.close(log)
             raise
         finally:
             os.close(w)
-            log.close()
-        handle = Handle(proc.pid, run, proc=proc)
+        handle = Handle(proc.pid, run, proc=proc, log_fd=log)
         return self._watch(handle, r, on_event, on_exit)
 
     def _start_warm(self, run: RunSpec, env: dict[str, str], python: str, cwd: str | None,
@@ -300,11 +307,16 @@ class LocalBackend:
                 self.warm.finished(handle.worker, reusable=False)
         self._handles.pop((run.job_id, run.attempt), None)
         tail = ""
-        if handle.proc is not None:  # a fresh process logs what it says outside its cells
+        if handle.log_fd is not None:  # a fresh process logs what it says outside its cells
             try:
-                tail = (run.job_dir / "runner.log").read_text(errors="replace")[-4000:]
+                size = os.fstat(handle.log_fd).st_size
+                tail = os.pread(handle.log_fd, 16000, max(0, size - 16000)).decode(
+                    errors="replace")[-4000:]
             except OSError:
                 pass
+            finally:
+                os.close(handle.log_fd)
+                handle.log_fd = None
         on_exit(run.job_id, run.attempt, rc, tail)
 
     def cancel(self, handle: Handle, grace: float = 3.0) -> None:

@@ -410,7 +410,10 @@ class RayBackend:
                 kind, body = frame[:1], frame[1:]
                 if kind == b"E":
                     for line in body.split(b"\n"):
-                        event = json.loads(line)
+                        try:
+                            event = json.loads(line)
+                        except (ValueError, RecursionError):
+                            continue  # a cell may write anything on its pipe: noise
                         if isinstance(event, dict) and isinstance(event.get("type"), str):
                             on_event(run.job_id, run.attempt, event)
                 elif kind == b"B":

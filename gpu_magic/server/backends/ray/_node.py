@@ -231,7 +231,7 @@ def _blobs_named(line: bytes) -> list[str]:
         return []
     try:
         ev = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     if not isinstance(ev, dict):
         return []
