@@ -26,7 +26,7 @@ from gpu_magic.server.auth import Authenticator, User
 from gpu_magic.server.backends.local import LocalBackend
 from gpu_magic.server.gateway import Gateway as CoreGateway
 
-from .conftest import Gateway, start_gateway
+from .conftest import Gateway, start_gateway, wait_for
 from .test_gateway_http import finish, submit
 
 DEADLINE = 60.0
@@ -299,6 +299,49 @@ def test_a_sandboxed_cell_has_a_writable_scratch_folder_and_no_warnings(
         assert ns["where"].startswith(str(gw.state_dir))  # the job's own folder
         err = capsys.readouterr().err
         assert "not a writable location" not in err and "Matplotlib" not in err, err
+    finally:
+        gw.stop()
+
+
+@needs_bwrap
+def test_a_sandboxed_cell_can_neither_change_its_stored_result_nor_leave_files(
+        tmp_path: Path) -> None:
+    # a result file the cell still held open was moved into the store, then rewritten
+    # through that descriptor after its check; and what a cell wrote in its folder stayed
+    # on the gateway's disk for the retention period (days)
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file))
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            cell = '''
+import os, sys, threading, time
+from gpu_magic._payload import digest
+em = None
+for f in sys._current_frames().values():
+    while f is not None and em is None:
+        em = getattr(f.f_locals.get("self"), "emitter", None)
+        f = f.f_back
+folder = os.path.dirname(os.environ["TMPDIR"])
+open(os.path.join(folder, "leftover.bin"), "wb").write(b"x" * 1000)
+content = b"checked " * 100_000
+d = digest(memoryview(content))
+out = os.path.join(folder, "out")
+os.makedirs(out, exist_ok=True)
+fd = os.open(os.path.join(out, d.replace(":", "-")), os.O_RDWR | os.O_CREAT, 0o600)
+os.write(fd, content)
+em.emit({"type": "result", "blob": d, "buffers": [], "names": []}, always=True)
+time.sleep(2)
+os.pwrite(fd, b"SWAPPED!", 0)
+time.sleep(0.5)
+'''
+            job = submit(alice, cell, "H100", timeout=60)
+            finish(alice, job["id"])
+            content = b"checked " * 100_000
+            d = gpu_magic._payload.digest(memoryview(content))
+            assert bytes(alice.download(d)) == content  # as checked, not as changed later
+            wait_for(lambda: not (gw.state_dir / "jobs" / job["id"] / "attempt-1").exists(),
+                     DEADLINE)
     finally:
         gw.stop()
 

@@ -14,6 +14,7 @@ import json
 import secrets
 import shutil
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -337,6 +338,10 @@ class Gateway:
         self.backend.shutdown()
         self.store.close()
         self.blobs.close()
+
+    def _sandboxed(self) -> bool:
+        """Whether runners run in the sandbox of a shared gateway (each user's cell apart)."""
+        return self.backend.name == "local" and getattr(self.backend, "isolation", "none") != "none"
 
     def runners_see_reserve(self) -> bool:
         """Whether runners may write results over the blob reserve's files: only runners on
@@ -790,7 +795,7 @@ class Gateway:
                 continue
             try:
                 self.blobs.adopt(job.user, out, d.replace(":", "-"), d,
-                                 self.limits.max_blob_bytes)
+                                 self.limits.max_blob_bytes, copy=self._sandboxed())
             except BlobError as exc:
                 if exc.status != 404 or not self.blobs.has(job.user, d):
                     raise ValueError(f"result blob {d}: {exc.message}") from None
@@ -815,6 +820,12 @@ class Gateway:
             job.timer.cancel()
         self.running.pop(job.id, None)
         job.handle = None
+        if self._sandboxed():
+            # the cell's folder (its working folder and TMPDIR): on the gateway's disk, and no
+            # one's to read any more (its results are stored). Not left for days (retention).
+            folder = self.jobs_dir / job.id / f"attempt-{attempt}"
+            threading.Thread(target=shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True},
+                             daemon=True, name=f"gpu-magic-tidy-{job.id}").start()
         outcome = job.outcome or {}
         job.attempts.append({"attempt": attempt, "grant": job.grant, "rc": rc,
                              "outcome": outcome.get("type", "died")})

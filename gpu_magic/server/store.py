@@ -203,6 +203,28 @@ def _hash_file(path: Path, max_bytes: int | None = None) -> tuple[str, int]:
         os.close(fd)
 
 
+def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> None:
+    """Copy the regular file ``name`` of the folder ``folder_fd`` to the new file ``dest``,
+    refusing anything else (see :func:`_hash_file`) and more than ``max_bytes``."""
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                  dir_fd=folder_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(src).st_mode):
+            raise BlobError(400, f"{name} is not a regular file")
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size = 0
+            while chunk := os.read(src, 1 << 22):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+                _write_all(out, [chunk])
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
+
+
 def _safe_user(user: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in user) or "_"
 
@@ -349,13 +371,15 @@ class BlobStore:
             raise
 
     def adopt(self, user: str, folder: Path, name: str, digest: str,
-              max_bytes: int | None = None) -> int:
+              max_bytes: int | None = None, copy: bool = False) -> int:
         """Move the file ``folder/name`` (a runner's result, a client's inbox file) into the
         user's store if its content has ``digest``; returns its size. ``folder`` is its
         writer's (a runner may replace it with a link to someone else's folder); its parent
         is the gateway's. The file is first moved into the gateway's own folder, so what is
         verified is what is kept: its writer can neither swap it afterwards nor make it, or
-        the folder it is in, a link to someone else's file."""
+        the folder it is in, a link to someone else's file. ``copy``: copied instead, for a
+        writer that may still hold the file open (a sandboxed runner: a descriptor it kept
+        would change the stored blob after its check)."""
         dest = self.path(user, digest)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.adopt")
         try:
@@ -366,7 +390,11 @@ class BlobStore:
             finally:
                 os.close(parent)
             try:
-                os.rename(name, tmp, src_dir_fd=at)
+                if copy:
+                    _copy_out(at, name, tmp, max_bytes)
+                    os.unlink(name, dir_fd=at)
+                else:
+                    os.rename(name, tmp, src_dir_fd=at)
             finally:
                 os.close(at)
         except FileNotFoundError:
