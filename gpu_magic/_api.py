@@ -41,7 +41,7 @@ from ._errors import (
 from ._jobs import EventFeed
 from ._remote import code_locator, local_hint, rebuild, render_traceback, where
 from ._spec import GpuSpec, env_problem, parse_spec
-from ._view import JobState, NullView, TextView, cancelled_text, then
+from ._view import UNREACHABLE, JobState, NullView, TextView, cancelled_text, then
 
 # In-place states are applied with those that may fail first (an object's __setstate__, which
 # can be undone) and arrays last (they cannot fail once checked, and are not undone).
@@ -806,6 +806,11 @@ def run(
             if not granted else f"GPU job {job_id} was cancelled by an interrupt; {how}",
             job_id=job_id,
         )) from None
+    except GatewayError as exc:
+        if isinstance(job, _Job) and not job.state.final:
+            # the widget must not go on saying "running": what is known is that we lost it
+            job.state.state, job.state.message = UNREACHABLE, str(exc)
+        raise
     finally:
         if isinstance(job, _Job) and not opts.background:
             job.view.finish()

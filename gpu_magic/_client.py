@@ -48,6 +48,9 @@ class GatewayClient:
         self.url_from, self.token_from = url_from, token_from
         # called when the gateway cannot be reached (the local one forgets itself)
         self.on_unreachable: Callable[[], None] | None = None
+        # where this gateway is now if it was started again elsewhere (the local one, at a new
+        # port with a new token, over the same jobs); None: it cannot move
+        self.relocate: Callable[[], tuple[str, str | None] | None] | None = None
         self._timeout = httpx.Timeout(connect_timeout, read=60.0)
         self._http = self._new_http()
         self._health: dict[str, Any] | None = None
@@ -74,6 +77,22 @@ class GatewayClient:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=self._timeout,
                             verify=_ssl_context())
+
+    def _moved(self) -> bool:
+        """Whether the gateway was started again elsewhere: then this client talks to it."""
+        where = self.relocate() if self.relocate is not None else None
+        if where is None or (where[0].rstrip("/"), where[1]) == (self.url, self.token):
+            return False
+        self.url, self.token = where[0].rstrip("/"), where[1]
+        self._follow_url = httpx.URL(self.url + "/v1/jobs?follow=true")
+        self._health = None
+        self._local = None if self._local is not False else False
+        self.reset()
+        if self._exchange is not None:
+            self._exchange.close()
+            self._exchange = None
+            self._open.pop("exchange", None)
+        return True
 
     def reset(self) -> None:
         """Drop pooled connections (after an interrupt may have left one half-used)."""
@@ -104,7 +123,7 @@ class GatewayClient:
                     return spare
         other = GatewayClient(self.url, self.token, url_from=self.url_from,
                               token_from=self.token_from)
-        other.on_unreachable = self.on_unreachable
+        other.on_unreachable, other.relocate = self.on_unreachable, self.relocate
         other._health, other._local = self._health, self._local  # same_host=False included
         return other
 
@@ -393,6 +412,9 @@ class GatewayClient:
                             return
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 failures += 1
+                if failures >= 3 and self._moved():
+                    failures = 0  # the same jobs, at the gateway's new address
+                    continue
                 if failures > RESUME_ATTEMPTS:
                     raise GatewayError(
                         f"lost the event stream of job {job_id} from {self.url} and could not "

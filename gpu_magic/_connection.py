@@ -90,6 +90,7 @@ def connect(url: str | None = None, token: str | None = None, *,
                 client = _clients[key] = GatewayClient(url, token, url_from=LOCAL,
                                                        token_from=LOCAL)
                 client.on_unreachable = lambda: _drop_local(key)
+                client.relocate = _local_now
         return client
     key = (url.rstrip("/"), token, f"{url_from} {token_from}")
     with _lock:
@@ -108,6 +109,15 @@ def _drop_local(key: tuple[str, str | None, str | None]) -> None:
         _clients.pop(key, None)
         if _embedded is not None and (str(_embedded.get("url")), _embedded.get("token")) == key[:2]:
             _embedded = None
+
+
+def _local_now() -> tuple[str, str | None] | None:
+    """Where this user's local gateway runs now, if one does (only looks: starts none). A
+    local gateway started again keeps its state folder, so it knows the jobs of the last."""
+    from ._embedded import running_local_gateway
+
+    info = running_local_gateway()
+    return (str(info["url"]), info.get("token")) if info else None
 
 
 def forget(client: GatewayClient) -> None:

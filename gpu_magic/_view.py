@@ -17,6 +17,8 @@ from typing import Any
 
 from ._remote import where
 
+# not the job's state: this client's, once it could no longer follow the job (its end unknown)
+UNREACHABLE = "unreachable"
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
 # A foreground job's status appears once the job has run this long, before its first output,
 # or when it ends: a quick cell shows one status instead of a first one and its update (in a
@@ -138,7 +140,7 @@ class JobState:
                     why = self.held or self.waiting_for
                     return f"queued for {spec} (position {self.position}; {why})"
                 return f"queued for {spec} (position {self.position}{est})"
-            if self.final:  # the state is said once, by progress(), beside this
+            if self.final or self.state == UNREACHABLE:  # said by progress(), beside this
                 return f"requested {spec}"
             return f"{self.state} · requested {spec}"
         text = f"{where(g)} · {self.option_text()}"
@@ -164,6 +166,8 @@ class JobState:
         if self.state == "queued":
             est = f", about {self.estimate:g} s" if self.estimate else ""
             return f"queued (position {self.position}{est})"
+        if self.state == UNREACHABLE:
+            return "no longer followed: the gateway cannot be reached"
         return self.state
 
     def transfer(self) -> str:
@@ -199,6 +203,8 @@ class JobState:
                     f"so far is kept {where_out}; its GPUs are released")
         if self.state in ("timed_out", "lost", "expired"):
             return then(self.message or self.state.replace("_", " "), "nothing was bound")
+        if self.state == UNREACHABLE:
+            return then(self.message or "", "nothing was bound")
         if self.state == "failed":
             return then(self.error or self.message or "failed", "nothing was bound")
         if self.state != "succeeded":
@@ -256,7 +262,7 @@ def _size(n: int) -> str:
 def render_text(state: JobState, now: float) -> str:
     """The text form: a first line with where it stands and the grant, then the details."""
     first = [state.headline()]
-    if state.final or state.state == "running":
+    if state.final or state.state in ("running", UNREACHABLE):
         first.insert(0, state.progress(now))
     lines = ["[gpu] " + " · ".join(first)]
     details = [state.transfer(), *state.attempt_lines(), state.outcome()]
@@ -272,7 +278,8 @@ def render_text(state: JobState, now: float) -> str:
 
 _STATE_COLOURS = {"succeeded": "#15803d", "failed": "#b91c1c", "cancelled": "#92400e",
                   "timed_out": "#b91c1c", "lost": "#b91c1c", "expired": "#92400e",
-                  "running": "#1d4ed8", "queued": "#6b7280", "granted": "#1d4ed8"}
+                  "running": "#1d4ed8", "queued": "#6b7280", "granted": "#1d4ed8",
+                  UNREACHABLE: "#92400e"}
 _BADGE = ('<span class="gpu-magic-badge" style="background:#fde68a;color:#713f12;'
           'border-radius:3px;padding:0 4px;margin-left:6px;font-size:0.85em">simulated</span>')
 

@@ -105,3 +105,36 @@ def test_a_local_gateway_that_stopped_answering_is_forgotten(local_only: None) -
     gpu_magic.run("x = 3", "T4", ns, quiet=True)  # a fresh gateway
     assert ns["x"] == 3
     assert _connection._embedded is not None and _connection._embedded["pid"] != first["pid"]
+
+
+def test_a_cell_followed_across_a_local_gateway_restart_learns_its_end(
+        local_only: None) -> None:
+    # the local gateway was stopped under a running cell and started again (by the sidebar,
+    # another kernel): the cell kept asking the old port, failed with "the job may still be
+    # running", and its widget said "running" for good; the new gateway knew it was lost
+    import threading
+
+    from gpu_magic._embedded import ensure_local_gateway
+
+    ns = {"__name__": "__main__"}
+    gpu_magic.run("x = 1", "T4", ns, quiet=True)  # the gateway, started
+    outcome: dict[str, BaseException] = {}
+
+    def cell() -> None:
+        try:
+            gpu_magic.run("import time\ntime.sleep(60)", "T4", {"__name__": "__main__"},
+                          quiet=True)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    t = threading.Thread(target=cell)
+    t.start()
+    client = _connection.connect()
+    wait_for(lambda: any(j["state"] == "running" for j in client.jobs()), 30)
+    stop_local_gateway()
+    ensure_local_gateway("T4:1")  # started again: a new port, a new token
+    t.join(60)
+    assert not t.is_alive()
+    err = outcome.get("error")
+    assert isinstance(err, gpu_magic.RunnerLost), err
+    assert "the gateway restarted while this job was running" in str(err)

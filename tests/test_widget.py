@@ -274,3 +274,15 @@ def test_a_job_followed_again_counts_its_time_from_its_real_start() -> None:
     s.apply({"type": "started"}, now=100.0)
     assert 13.5 < (s.elapsed(100.0) or 0) < 15.0
     assert "running 14" in render_text(s, 100.0)
+
+
+def test_a_job_no_longer_followed_does_not_say_it_runs() -> None:
+    # the gateway went away under a following client: the widget went on saying "running"
+    from gpu_magic._view import UNREACHABLE
+
+    s = JobState("H100", "j")
+    s.apply({"type": "started"}, now=0.0)
+    s.state, s.message = UNREACHABLE, "lost the event stream of job j"
+    text = render_text(s, 5.0)
+    assert "running" not in text and "the gateway cannot be reached" in text
+    assert "lost the event stream of job j; nothing was bound" in text
