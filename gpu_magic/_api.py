@@ -7,6 +7,7 @@ the namespace all at once, or raise the cell's own exception.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import collections
 import contextlib
@@ -603,6 +604,41 @@ def _cell_name(filename: str) -> str | None:
     return f"Cell In[{n}]" if n is not None else None
 
 
+# Foreground jobs this process follows now: a kernel shut down or restarted under its cell
+# cancels them as it exits (atexit runs then, even with the cell busy), instead of leaving
+# them to the gateway's orphan timeout, a minute of GPUs held for no one.
+_FOLLOWED: dict[str, GatewayClient] = {}
+_FOLLOWED_LOCK = threading.Lock()
+
+
+def _followed(job_id: str, client: GatewayClient | None) -> None:
+    with _FOLLOWED_LOCK:
+        if client is None:
+            _FOLLOWED.pop(job_id, None)
+            return
+        if not _FOLLOWED and not _FOLLOWED_HOOKED:
+            atexit.register(_cancel_followed)
+            _FOLLOWED_HOOKED.append(True)
+        _FOLLOWED[job_id] = client
+
+
+_FOLLOWED_HOOKED: list[bool] = []
+
+
+def _cancel_followed() -> None:
+    with _FOLLOWED_LOCK:
+        jobs = list(_FOLLOWED.items())
+        _FOLLOWED.clear()
+    for job_id, client in jobs:
+        fresh = GatewayClient(client.url, client.token, connect_timeout=2.0)
+        try:
+            fresh.cancel(job_id)
+        except Exception:
+            pass
+        finally:
+            fresh.close()
+
+
 def _cancel_quietly(client: GatewayClient, job_id: str) -> None:
     # a fresh, short-timeout client: the pooled connection may be mid-request after Ctrl-C
     fresh = GatewayClient(client.url, client.token, connect_timeout=3.0)
@@ -787,6 +823,7 @@ def run(
             from ._jobs import GpuJob
 
             return GpuJob(job, job.outputs)._start()
+        _followed(job.id, job.client)
         return _follow_here(job)
     except KeyboardInterrupt:
         # The interrupt may land anywhere, even inside the submit before its answer arrived:
@@ -813,6 +850,7 @@ def run(
         raise
     finally:
         if isinstance(job, _Job) and not opts.background:
+            _followed(job.id, None)
             job.view.finish()
 
 

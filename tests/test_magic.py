@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from .conftest import Gateway
+from .conftest import Gateway, wait_for
 
 
 class Kernel:
@@ -239,3 +239,23 @@ def test_cancel_says_what_became_of_the_job(gateway: Gateway, kernel_factory: An
         assert out["stdout"] == f"cancelled job {waiting['id']} while it was queued: nothing ran\n"
         client.cancel(held["id"])
         finish(client, held["id"])
+
+
+def test_a_kernel_restarted_under_its_cell_cancels_the_cell_s_job(
+        gateway: Gateway, kernel_factory: Any) -> None:
+    # the job held its GPUs until the gateway's orphan timeout (a minute) noticed nobody
+    # followed it any more
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
+    k.kc.execute("%%gpu A100-80GB:4\nimport time\ntime.sleep(120)")
+    with gateway.client() as client:
+        def mine() -> list[dict[str, Any]]:
+            return [j for j in client.jobs() if j["spec"] == "A100-80GB:4"
+                    and j["state"] not in ("succeeded", "failed", "cancelled")]
+
+        wait_for(lambda: [j for j in mine() if j["state"] == "running"], 60)
+        job = mine()[0]
+        k.km.restart_kernel(now=False)
+        record = wait_for(lambda: (r := client.job(job["id"]))["state"] == "cancelled" and r,
+                          15)
+        assert record["state"] == "cancelled"
+        k.kc.wait_for_ready(60)
