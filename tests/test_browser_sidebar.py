@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from gpu_magic._embedded import (
+    ensure_local_gateway,
+    running_local_gateway,
+    runtime_path,
+    stop_local_gateway,
+)
 
 from .browser_util import (  # noqa: F401 (the jp_* fixtures shadow pytest-jupyter's)
     WAIT_MS,
@@ -152,6 +161,40 @@ def test_advice_instead_of_a_blank_panel(context: Any, tmp_path: Path) -> None:
         assert "not reachable" in panel.locator(".jp-GpuMagic-connection").inner_text()
         screenshot(page, "sidebar-no-gateway")
         page.close()
+
+
+def test_the_sidebar_leaves_a_stopped_gateway_stopped(
+        context: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With GPU_MAGIC_SIMULATE in JupyterLab's environment, `gpu-magic stop` stays done: the
+    sidebar's polls only look, and say that the next %%gpu cell starts a gateway."""
+    lab = LabServer(tmp_path / "lab", tmp_path, {"GPU_MAGIC_SIMULATE": "T4:1"})
+    # the user's local gateway, as a %%gpu cell in this JupyterLab would have started it
+    for name in ("JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR"):
+        monkeypatch.setenv(name, lab.env[name])
+    info = ensure_local_gateway("T4:1")
+    lab.start()
+    try:
+        page = context.new_page()
+        open_lab(page, lab)
+        panel = show_sidebar(page)
+        panel.locator('.jp-GpuMagic-type[data-type="T4"]').wait_for()
+        assert info["url"] in panel.locator(".jp-GpuMagic-connection").inner_text()
+
+        stopped = subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], env=lab.env,
+                                 capture_output=True, text=True, timeout=60)
+        assert "stopped the local gpu_magic gateway" in stopped.stdout, stopped
+        advice = panel.locator('.jp-GpuMagic-advice[data-error="no_gateway"]')
+        advice.wait_for()  # before the fix, the next poll started a gateway and this never came
+        assert ("no local gpu_magic gateway is running; the next %%gpu cell starts one"
+                in advice.inner_text())
+        assert "not reachable" in panel.locator(".jp-GpuMagic-connection").inner_text()
+        page.wait_for_timeout(3000)  # more polls: still nothing started
+        assert running_local_gateway() is None and not runtime_path().exists()
+        screenshot(page, "sidebar-gateway-stopped")
+        page.close()
+    finally:
+        lab.stop()
+        stop_local_gateway()
 
 
 def test_both_extensions_are_installed_and_enabled(lab: LabServer) -> None:

@@ -57,6 +57,15 @@ def test_the_demo_stops_everything_it_started(tmp_path: Path,
         runtime = next((tmp_path / "runtime").glob("gpu-magic-gateway-*.json"))
         gateway = json.loads(runtime.read_text())
         assert gateway["config"]["simulate"] == "T4:2"
+        # the demo started its gateway itself: the sidebar (which only looks) shows the pool
+        # at once, before any %%gpu cell ran
+        lab_token = json.loads(next((tmp_path / "runtime").glob("jpserver-*.json")).read_text())
+        api = f"http://127.0.0.1:{port}/gpu-magic/api"
+        auth = {"Authorization": f"token {lab_token['token']}"}
+        status = httpx.get(f"{api}/status", headers=auth, timeout=30).json()
+        assert status["reachable"] and status["simulated"] and status["url"] == gateway["url"]
+        pool = httpx.get(f"{api}/pool", headers=auth, timeout=30).json()
+        assert [(t["type"], t["total"]) for t in pool["types"]] == [("T4", 2)]
         for sig in sigs:  # several at once (systemd: TERM, then HUP) must not cut the clean-up
             demo.send_signal(sig)
         assert demo.wait(60) == 0, (tmp_path / "demo.log").read_text()[-3000:]

@@ -21,7 +21,15 @@ import tornado.httpclient
 from pytest_jupyter.jupyter_server import *  # noqa: F403
 
 from gpu_magic._api import Options, run, submit
+from gpu_magic._embedded import (
+    _pid_alive,
+    ensure_local_gateway,
+    running_local_gateway,
+    runtime_path,
+    stop_local_gateway,
+)
 from gpu_magic.serverext import GpuMagicProxy
+from gpu_magic.serverext._proxy import NO_LOCAL_GATEWAY
 
 from .conftest import Gateway, start_gateway, wait_for
 from .test_gateway_http import finish, write_tokens
@@ -191,8 +199,34 @@ def test_nothing_configured_says_how_to_start(api: Any) -> None:
     assert code == 503 and body["error"] == "no_gateway"
     assert "%%gpu" in body["message"] and "GPU_MAGIC_URL" in body["message"]
     assert "GPU_MAGIC_SIMULATE" in body["message"]
+    assert body["message"].startswith(NO_LOCAL_GATEWAY)
     code, status = api("status")
     assert code == 200 and status == {"reachable": False, "url": None, "source": None, **body}
+
+
+@pytest.mark.parametrize("jp_server_config", [_config()])
+def test_the_sidebar_only_looks_and_never_starts_a_gateway(
+        api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpu-magic stop` stays stopped: the panel's and the status bar's polls start no local
+    gateway, not even with GPU_MAGIC_SIMULATE set (the next %%gpu cell starts that one)."""
+    monkeypatch.setenv("GPU_MAGIC_SIMULATE", "T4:1")
+    info = ensure_local_gateway("T4:1")
+    try:
+        status = api("status")[1]
+        assert status["reachable"] and status["simulated"] and status["url"] == info["url"]
+        assert "stopped" in stop_local_gateway()
+        wait_for(lambda: not _pid_alive(int(info["pid"])))
+        for _ in range(3):  # a few rounds of polls
+            code, status = api("status")
+            assert code == 200 and status["reachable"] is False, status
+            assert status["error"] == "no_gateway"
+            assert api("pool")[1]["error"] == "no_gateway"
+            assert api("jobs")[0] == 503
+        assert status["message"].startswith(NO_LOCAL_GATEWAY)
+        assert "simulated: T4:1" in status["message"]
+        assert running_local_gateway() is None and not runtime_path().exists()
+    finally:
+        stop_local_gateway()
 
 
 @pytest.mark.parametrize("jp_server_config", [_config()])
@@ -209,8 +243,6 @@ def test_environment_and_runtime_file(api: Any, gateway: Gateway,
     monkeypatch.delenv("GPU_MAGIC_TOKEN")
 
     # this user's local gateway, found through its runtime file (here: the test gateway's)
-    from gpu_magic._embedded import runtime_path
-
     path = runtime_path()
     info = json.loads(gateway.runtime_file.read_text())
     info["host"] = socket.gethostname()

@@ -2,14 +2,13 @@
 
 The gateway is found the way the magic finds it: ``GpuMagicProxy.url``/``.token`` in Jupyter's
 config, else ``GPU_MAGIC_URL``/``GPU_MAGIC_TOKEN`` in the server's environment, else this user's
-local gateway from its runtime file. The local gateway is started here only when
-``GPU_MAGIC_SIMULATE`` is set (a simulated pool costs nothing); otherwise the first ``%%gpu``
-cell starts it, and until then the panel says so.
+local gateway from its runtime file. The sidebar only looks, as ``gpu-magic pool`` does: it never
+starts a local gateway (a poll every few seconds would undo ``gpu-magic stop`` at once); the next
+``%%gpu`` cell starts one, and until then the panel says so.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from dataclasses import dataclass
@@ -19,12 +18,9 @@ import httpx
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
-NO_GATEWAY_ADVICE = (
-    "The first %%gpu cell of a notebook starts this user's local gateway (set "
-    "GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4' before starting JupyterLab to try a simulated pool "
-    "without GPUs). To use a shared GPU pool, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN before "
-    "starting JupyterLab."
-)
+NO_LOCAL_GATEWAY = "no local gpu_magic gateway is running; the next %%gpu cell starts one"
+SHARED_POOL_ADVICE = ("To use a shared GPU pool instead, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN "
+                      "before starting JupyterLab.")
 
 
 class ProxyError(Exception):
@@ -53,10 +49,6 @@ class GpuMagicProxy(LoggingConfigurable):
     token = Unicode("", help="token for the gateway (default: GPU_MAGIC_TOKEN)").tag(config=True)
     timeout = Float(10.0, help="seconds to wait for the gateway's answer").tag(config=True)
 
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self._starting: asyncio.Lock | None = None
-
     def describe(self) -> str:
         if self.url:
             return self.url
@@ -84,24 +76,8 @@ class GpuMagicProxy(LoggingConfigurable):
         info = _local_runtime_info()
         if info is not None:
             return Target(str(info["url"]), info.get("token"), "local gateway")
-        simulate = os.environ.get("GPU_MAGIC_SIMULATE")
-        if simulate:
-            return Target(*(await self._start_simulated(simulate)), "local gateway (simulated)")
-        raise ProxyError(503, "no_gateway",
-                         f"No gpu_magic gateway is running for this user yet. {NO_GATEWAY_ADVICE}")
-
-    async def _start_simulated(self, simulate: str) -> tuple[str, str | None]:
-        from .._embedded import ensure_local_gateway
-        from .._errors import GpuMagicError
-
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:  # polls arriving meanwhile wait for the one start
-            try:
-                info = await asyncio.to_thread(ensure_local_gateway, simulate)
-            except GpuMagicError as exc:
-                raise ProxyError(503, "gateway_start_failed", str(exc))
-        return str(info["url"]), info.get("token")
+        # Only look: starting one here would undo `gpu-magic stop` within one poll.
+        raise ProxyError(503, "no_gateway", _no_local_gateway_advice())
 
     # --- forwarding ---
 
@@ -179,6 +155,16 @@ def _local_runtime_info() -> dict[str, Any] | None:
     if not _pid_alive(int(info.get("pid", 0))):
         return None
     return info
+
+
+def _no_local_gateway_advice() -> str:
+    simulate = os.environ.get("GPU_MAGIC_SIMULATE")
+    if simulate:
+        return (f"{NO_LOCAL_GATEWAY} (simulated: {simulate}, from GPU_MAGIC_SIMULATE). "
+                f"{SHARED_POOL_ADVICE}")
+    return (f"{NO_LOCAL_GATEWAY}. To try a simulated pool without GPUs, set "
+            "GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4' before starting JupyterLab. "
+            f"{SHARED_POOL_ADVICE}")
 
 
 def _unreachable_advice(target: Target) -> str:
