@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -37,7 +38,9 @@ from .browser_util import (  # noqa: F401 (the jp_* fixtures shadow pytest-jupyt
     screenshot,
     write_notebook,
 )
-from .conftest import Gateway
+from .conftest import Gateway, start_gateway, wait_for
+from .test_gateway_http import submit as submit_job
+from .test_gateway_http import write_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -224,3 +227,74 @@ def test_advice_when_the_server_extension_is_missing(context: Any, tmp_path: Pat
         page.close()
     finally:
         lab.stop()
+
+
+# --- an instructor's view of a shared gateway ---
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, dict[str, str]]]:
+    """A simulated gateway shared by alice, bob and carol, carol its admin (an instructor)."""
+    tmp = tmp_path_factory.mktemp("shared")
+    tokens = {name: secrets.token_urlsafe(24) for name in ("alice", "bob", "carol")}
+    write_tokens(tmp / "tokens.json", {"alice": tokens["alice"], "bob": tokens["bob"],
+                                       "carol": {"token": tokens["carol"], "admin": True}})
+    gw = start_gateway(tmp, "--tokens-file", str(tmp / "tokens.json"))
+    yield gw, tokens
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def class_jobs(shared: tuple[Gateway, dict[str, str]]) -> Iterator[dict[str, str]]:
+    """On H100:2 and A100-80GB:4: alice and bob each run a job and bob queues one; carol (the
+    admin) queues one of her own. Job ids by name."""
+    gw, tokens = shared
+    clients = {name: gw.client(tokens[name]) for name in ("alice", "bob", "carol")}
+    sleep = "import time\ntime.sleep(600)\n"
+    ids: dict[str, str] = {}
+    try:
+        # a long spec: its row's first line wraps in a narrow sidebar
+        ids["alice"] = submit_job(clients["alice"], sleep, "A100-80GB:2,H100:2", timeout=900)["id"]
+        ids["bob"] = submit_job(clients["bob"], sleep, "H100", timeout=900)["id"]
+        wait_for(lambda: all(clients[n].job(i)["state"] == "running" for n, i in ids.items()))
+        ids["bob-queued"] = submit_job(clients["bob"], sleep, "H100:2", timeout=900)["id"]
+        ids["carol"] = submit_job(clients["carol"], sleep, "H100:2", timeout=900)["id"]
+        yield ids
+    finally:
+        for job_id in ids.values():
+            try:
+                clients["carol"].cancel(job_id)
+            except Exception:  # already over
+                pass
+        for c in clients.values():
+            c.close()
+
+
+@pytest.fixture(scope="module")
+def admin_page(shared: tuple[Gateway, dict[str, str]], class_jobs: dict[str, str],
+               context: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """JupyterLab with carol's (the admin's) token, its sidebar open with "everyone" ticked."""
+    gw, tokens = shared
+    env = {"GPU_MAGIC_URL": gw.url, "GPU_MAGIC_TOKEN": tokens["carol"]}
+    root = tmp_path_factory.mktemp("admin-root")
+    with lab_server(tmp_path_factory.mktemp("admin-lab"), root, env) as server:
+        page = context.new_page()
+        open_lab(page, server)
+        panel = show_sidebar(page)
+        panel.locator(".jp-GpuMagic-all").check()
+        panel.locator(f'.jp-GpuMagic-job[data-job-id="{class_jobs["alice"]}"]').wait_for()
+        yield page
+        page.close()
+
+
+def test_a_job_cancelled_in_the_queue_never_ran(admin_page: Any,
+                                                 class_jobs: dict[str, str]) -> None:
+    panel = show_sidebar(admin_page)
+    job = f'.jp-GpuMagic-job[data-job-id="{class_jobs["bob-queued"]}"]'
+    panel.locator(f'{job}[data-state="queued"] .jp-GpuMagic-cancel').click()
+    row = panel.locator(f'{job}[data-state="cancelled"]')
+    row.wait_for()
+    assert "nothing ran" in row.inner_text()
+    # how long it waited, never "ran N s"
+    assert re.fullmatch(r"queued \d+(\.\d)? s", row.locator(".jp-GpuMagic-elapsed").inner_text())
+    assert "ran" not in row.locator(".jp-GpuMagic-jobline").inner_text()
+    screenshot(admin_page, "sidebar-cancelled-in-queue")

@@ -58,14 +58,20 @@ export function grantText(grant: IGrant, spec: string): string {
 
 /** How long a job has waited, run, or ran; from the server's clock. */
 export function elapsedText(job: IJob, now: number): string {
+  const finished = job.finished ?? null;
+  if (job.started === null || job.started === undefined) {
+    // it never ran (still queued, or cancelled or expired in the queue): only its wait counts
+    return finished === null
+      ? `waiting ${formatSeconds(now - job.created)}`
+      : `queued ${formatSeconds(finished - job.created)}`;
+  }
   if (job.state === 'queued') {
-    return `waiting ${formatSeconds(now - job.created)}`;
+    return `waiting ${formatSeconds(now - job.created)}`; // queued again after a lost node
   }
-  const start = job.started ?? job.created;
-  if (job.finished !== null && job.finished !== undefined) {
-    return `ran ${formatSeconds(job.finished - start)}`;
+  if (finished !== null) {
+    return `ran ${formatSeconds(finished - job.started)}`;
   }
-  return `for ${formatSeconds(now - start)}`;
+  return `for ${formatSeconds(now - job.started)}`;
 }
 
 export interface IGpuPanelOptions {
