@@ -298,3 +298,16 @@ def test_a_job_cancelled_in_the_queue_never_ran(admin_page: Any,
     assert re.fullmatch(r"queued \d+(\.\d)? s", row.locator(".jp-GpuMagic-elapsed").inner_text())
     assert "ran" not in row.locator(".jp-GpuMagic-jobline").inner_text()
     screenshot(admin_page, "sidebar-cancelled-in-queue")
+
+
+def test_the_status_bar_counts_only_the_viewers_own_jobs(
+        admin_page: Any, class_jobs: dict[str, str]) -> None:
+    """With "everyone" ticked the panel lists alice's and bob's jobs; the status bar still
+    speaks of carol's own: her one queued job."""
+    panel = show_sidebar(admin_page)
+    assert panel.locator(".jp-GpuMagic-all").is_checked()
+    panel.locator(f'.jp-GpuMagic-job[data-job-id="{class_jobs["bob"]}"]').wait_for()
+    status = admin_page.locator(".jp-GpuMagic-status")
+    status.wait_for()
+    assert status.inner_text().startswith("GPU: 1 queued"), status.inner_text()
+    assert "running" not in status.inner_text()

@@ -52,7 +52,10 @@ async function showCell(
   await notebook.scrollToCell(notebook.widgets[index], 'center');
 }
 
-/** "GPU: H100 ×2 running", "GPU: 1 queued"; shown only while there is something to say. */
+/**
+ * "GPU: H100 ×2 running", "GPU: 1 queued": the viewer's own jobs only (an admin's panel may list
+ * everyone's); shown only while there is something to say.
+ */
 class GpuStatusItem extends Widget {
   constructor(
     private _model: GpuModel,
@@ -66,7 +69,7 @@ class GpuStatusItem extends Widget {
   }
 
   private _update(): void {
-    const active = this._model.active;
+    const active = this._model.myActive;
     const running = active.filter(j => j.grant && j.state === 'running');
     const queued = active.filter(j => j.state === 'queued').length;
     const parts: string[] = [];
@@ -118,7 +121,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         item,
         align: 'left',
         rank: 5,
-        isActive: () => model.active.length > 0,
+        isActive: () => model.myActive.length > 0,
         activeStateChanged: model.changed
       });
     }

@@ -63,9 +63,18 @@ export class GpuModel {
     }
   }
 
-  /** The current user's jobs that hold or wait for GPUs. */
+  /** The listed jobs that hold or wait for GPUs: every user's while "everyone" is ticked. */
   get active(): IJob[] {
     return this.jobs.filter(j => !FINAL_STATES.includes(j.state));
+  }
+
+  /** The viewer's own jobs that hold or wait for GPUs, whatever the panel lists. */
+  get myActive(): IJob[] {
+    if (!this._listedAll) {
+      return this.active; // the gateway answered with the token's own jobs only
+    }
+    const me = this.status?.user;
+    return me ? this.active.filter(j => j.user === me) : [];
   }
 
   refresh(): Promise<void> {
@@ -103,6 +112,7 @@ export class GpuModel {
         ]);
         this.pool = pool;
         this.jobs = jobs.jobs;
+        this._listedAll = !!jobs.all;
         this.clockOffset = jobs.now - Date.now() / 1000;
         this.problem = null;
       }
@@ -131,6 +141,7 @@ export class GpuModel {
   private _poll: Poll;
   private _changed = new Signal<this, void>(this);
   private _showAll = false;
+  private _listedAll = false;
   private _visible = false;
   private _last = 0;
 }
