@@ -19,6 +19,7 @@ Nothing is held back or replayed, so an interrupt in the middle cannot lose a qu
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -229,11 +230,20 @@ class WidgetView(NullView):
             if self._html is not None:
                 self._html.value = self._last_html = self._render()
             self._flush_outputs(force=True)
-            # the saved notebook keeps the final text/HTML next to the widget
-            self._handle.update(self._bundle(), raw=True)
             self._finished = True
             with _OUR_COMMS_LOCK:
                 _OUR_COMMS.difference_update(_comm_ids(self._box))
+            if not self.state.background:
+                # its final status needs no widget: shown as HTML, it reads the same in a
+                # notebook opened again without its kernel (a widget there says "Loading
+                # widget..." for good, front ends rarely keep widget state)
+                self._handle.update(bundle(self.state, now), raw=True)
+                _close_all(self._box)
+                self._box = None
+                return
+            # a background job's output lives in its widget: the saved notebook keeps the
+            # final text/HTML next to it
+            self._handle.update(self._bundle(), raw=True)
 
     def reopen(self) -> None:
         """Show the final state again, from the main thread at a safe point (names bound, or
@@ -311,6 +321,14 @@ class WidgetView(NullView):
         self._out.outputs = tuple(self._outputs)
         self._outputs_dirty = False
         self._outputs_sent = time.monotonic()
+
+
+def _close_all(widget: Any) -> None:
+    """Close a widget and every widget inside it (their comms go with them)."""
+    for child in getattr(widget, "children", ()):
+        _close_all(child)
+    with contextlib.suppress(Exception):
+        widget.close()
 
 
 def _comm_ids(box: Any) -> set[str]:
