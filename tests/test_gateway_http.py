@@ -855,7 +855,10 @@ def test_other_users_job_is_invisible_and_untouchable(users: Users) -> None:
     assert job["id"] in [j["id"] for j in carol.jobs(everyone=True)]
     assert carol.job(job["id"])["user"] == "alice"
     carol.cancel(job["id"])
-    assert finish(alice, job["id"], timeout=30)["state"] == "cancelled"
+    done = finish(alice, job["id"], timeout=30)
+    assert done["state"] == "cancelled"
+    # alice is told who stopped her job: she did not ask for it
+    assert done["message"] == "cancelled by carol (admin) while running; the output so far is kept"
     for c in (alice, bob, carol):
         c.close()
 

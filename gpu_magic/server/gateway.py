@@ -512,12 +512,16 @@ class Gateway:
         job = self.job_for(user, job_id)
         if job.final:
             return job
+        # an admin's cancel says who: its user did not ask for it
+        by = f" by {user.name} (admin)" if user.name != job.user else ""
         if job.state == "queued":
             self._dequeue(job)
-            job.message = "cancelled while queued; nothing ran"
+            job.message = f"cancelled{by} while queued; nothing ran"
             self._finish(job, "cancelled")
         elif job.stoppable:
             job.stop_reason = "cancelled"
+            if by:
+                job.message = f"cancelled{by} while running; the output so far is kept"
             self.backend.cancel(job.handle)
         return job
 
