@@ -104,6 +104,13 @@ def test_sidebar_shows_the_pool(page: Any, lab: LabServer, gateway: Gateway) -> 
     h100.click()
     panel.locator(".jp-GpuMagic-node").first.wait_for()
     assert panel.locator(".jp-GpuMagic-node .jp-GpuMagic-gpu").count() == 2
+    # every display of a simulated pool says so: each type row and each node row too
+    for row in [*panel.locator(".jp-GpuMagic-type").all(),
+                *panel.locator(".jp-GpuMagic-node").all()]:
+        mark = row.locator(".jp-GpuMagic-badge.jp-mod-simulated")
+        assert mark.is_visible() and mark.inner_text() == "simulated", row.inner_text()
+        box, side = mark.bounding_box(), panel.bounding_box()  # whole, not cut off
+        assert box["x"] + box["width"] <= side["x"] + side["width"], row.inner_text()
     screenshot(page, "sidebar-pool")
 
 
@@ -140,7 +147,7 @@ def test_cancel_a_long_job_from_the_sidebar(page: Any, lab: LabServer) -> None:
     row.wait_for(timeout=WAIT_MS * 2)
     assert "H100 ×1 on" in row.inner_text()
     # while it runs, the status bar says so
-    page.locator(".jp-GpuMagic-status", has_text="GPU: H100 ×1 running").wait_for()
+    page.locator(".jp-GpuMagic-status", has_text="GPU: H100 ×1 running (simulated)").wait_for()
     screenshot(page, "sidebar-job-running")
     job_id = row.get_attribute("data-job-id")
     row.locator(".jp-GpuMagic-cancel").click()
@@ -309,5 +316,4 @@ def test_the_status_bar_counts_only_the_viewers_own_jobs(
     panel.locator(f'.jp-GpuMagic-job[data-job-id="{class_jobs["bob"]}"]').wait_for()
     status = admin_page.locator(".jp-GpuMagic-status")
     status.wait_for()
-    assert status.inner_text().startswith("GPU: 1 queued"), status.inner_text()
-    assert "running" not in status.inner_text()
+    assert status.inner_text() == "GPU: 1 queued (simulated)"

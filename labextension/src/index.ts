@@ -53,8 +53,8 @@ async function showCell(
 }
 
 /**
- * "GPU: H100 ×2 running", "GPU: 1 queued": the viewer's own jobs only (an admin's panel may list
- * everyone's); shown only while there is something to say.
+ * "GPU: H100 ×2 running", "GPU: 1 queued (simulated)": the viewer's own jobs only (an admin's
+ * panel may list everyone's); shown only while there is something to say.
  */
 class GpuStatusItem extends Widget {
   constructor(
@@ -82,7 +82,12 @@ class GpuStatusItem extends Widget {
     if (queued) {
       parts.push(`${queued} queued`);
     }
-    this.node.textContent = parts.length ? `GPU: ${parts.join(', ')}` : '';
+    // every display of a simulated pool says so
+    const simulated =
+      !!this._model.status?.simulated || running.some(j => j.grant?.simulated);
+    this.node.textContent = parts.length
+      ? `GPU: ${parts.join(', ')}${simulated ? ' (simulated)' : ''}`
+      : '';
   }
 }
 

@@ -74,6 +74,21 @@ export function elapsedText(job: IJob, now: number): string {
   return `for ${formatSeconds(now - job.started)}`;
 }
 
+/**
+ * Every display of a simulated pool says so: the connection line, each pool and node row, each
+ * grant (and the status bar, in index.ts).
+ */
+export function simulatedMark(): HTMLElement {
+  return h(
+    'span',
+    {
+      class: 'jp-GpuMagic-badge jp-mod-simulated',
+      title: 'simulated: no real GPU runs these jobs'
+    },
+    'simulated'
+  );
+}
+
 export interface IGpuPanelOptions {
   model: GpuModel;
   /** Show the notebook cell a job came from (opening the notebook if needed). */
@@ -183,7 +198,7 @@ export class GpuPanel extends Widget {
     if (status?.reachable) {
       parts.push(
         status.simulated
-          ? h('span', { class: 'jp-GpuMagic-badge jp-mod-simulated' }, 'simulated')
+          ? simulatedMark()
           : h('span', { class: 'jp-GpuMagic-badge' }, 'real GPUs')
       );
       if (status.version) {
@@ -243,7 +258,10 @@ export class GpuPanel extends Widget {
           t.type
         ),
         this._bar(t.free, t.total),
-        h('span', { class: 'jp-GpuMagic-free' }, `${t.free}/${t.total} free`)
+        h('span', { class: 'jp-GpuMagic-free' }, `${t.free}/${t.total} free`),
+        // on a line of its own under the name: beside the bar it would not fit the sidebar
+        t.simulated && h('span', { class: 'jp-GpuMagic-break' }),
+        t.simulated && simulatedMark()
       );
       const toggle = () => {
         if (open) {
@@ -304,8 +322,13 @@ export class GpuPanel extends Widget {
           ...dots,
           h(
             'span',
-            { class: 'jp-GpuMagic-muted' },
-            ` ${free}/${gpus.length} free` + (memoryGb ? ` · ${memoryGb} GB each` : '')
+            { class: 'jp-GpuMagic-nodeinfo' },
+            h(
+              'span',
+              { class: 'jp-GpuMagic-muted' },
+              ` ${free}/${gpus.length} free` + (memoryGb ? ` · ${memoryGb} GB each` : '')
+            ),
+            gpus.some(g => g.simulated) && simulatedMark()
           )
         )
       );
@@ -396,9 +419,7 @@ export class GpuPanel extends Widget {
           'div',
           { class: 'jp-GpuMagic-grant' },
           grantText(job.grant, job.spec),
-          job.grant.simulated
-            ? h('span', { class: 'jp-GpuMagic-badge jp-mod-simulated' }, 'simulated')
-            : null
+          job.grant.simulated ? simulatedMark() : null
         )
       );
     } else if (job.state === 'queued') {
