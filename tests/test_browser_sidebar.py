@@ -112,6 +112,9 @@ def test_sidebar_shows_the_pool(page: Any, lab: LabServer, gateway: Gateway) -> 
         box, side = mark.bounding_box(), panel.bounding_box()  # whole, not cut off
         assert box["x"] + box["width"] <= side["x"] + side["width"], row.inner_text()
     screenshot(page, "sidebar-pool")
+    # a personal gateway: its owner token is an admin, but nobody else's jobs are there to see
+    panel.locator(".jp-GpuMagic-title", has_text="My jobs").wait_for()
+    assert panel.locator(".jp-GpuMagic-all").count() == 0
 
 
 def test_a_gpu_cell_shows_up_with_its_grant(page: Any, lab: LabServer) -> None:
@@ -312,7 +315,7 @@ def test_the_status_bar_counts_only_the_viewers_own_jobs(
     """With "everyone" ticked the panel lists alice's and bob's jobs; the status bar still
     speaks of carol's own: her one queued job."""
     panel = show_sidebar(admin_page)
-    assert panel.locator(".jp-GpuMagic-all").is_checked()
+    assert panel.locator(".jp-GpuMagic-all").is_checked()  # offered: a shared gateway's admin
     panel.locator(f'.jp-GpuMagic-job[data-job-id="{class_jobs["bob"]}"]').wait_for()
     status = admin_page.locator(".jp-GpuMagic-status")
     status.wait_for()

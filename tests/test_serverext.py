@@ -98,6 +98,7 @@ def test_status_and_pool(api: Any, gateway: Gateway) -> None:
     code, status = api("status")
     assert code == 200
     assert status["reachable"] is True and status["simulated"] is True
+    assert status["shared"] is False  # one user's gateway: no "everyone" to offer
     assert status["url"] == gateway.url and status["source"] == "GpuMagicProxy.url"
     assert status["version"]
     assert "token" not in json.dumps(status).lower()
@@ -292,13 +293,14 @@ def test_an_admin_token_sees_and_cancels_every_users_jobs(
         proxy.token = tokens["alice"]  # a user: all=true still answers with her own jobs
         status = api("status")[1]
         assert status["user"] == "alice" and status["admin"] is False  # no "everyone" box
+        assert status["shared"] is True
         ids = {j["id"] for j in api("jobs", params={"all": "true"})[1]["jobs"]}
         assert mine["id"] in ids and theirs["id"] not in ids
         assert api("jobs", theirs["id"], method="DELETE")[0] == 404
 
         proxy.token = tokens["carol"]  # the admin
         status = api("status")[1]
-        assert status["user"] == "carol" and status["admin"] is True
+        assert status["user"] == "carol" and status["admin"] is True and status["shared"]
         assert {j["id"] for j in api("jobs")[1]["jobs"]} == set()  # her own: none
         jobs = {j["id"]: j for j in api("jobs", params={"all": "true"})[1]["jobs"]}
         assert jobs[mine["id"]]["user"] == "alice" and jobs[theirs["id"]]["user"] == "bob"

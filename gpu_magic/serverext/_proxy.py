@@ -134,6 +134,10 @@ class GpuMagicProxy(LoggingConfigurable):
             "version": health.get("version"),
             "backend": health.get("backend"),
             "simulated": bool(health.get("simulated")),
+            # whether several users share it: only then is "everyone" a view worth offering
+            # (the owner token of a personal gateway is an admin too); None from gateways that
+            # predate the field
+            "shared": health.get("shared"),
         }
         # who the token is, so the panel offers "everyone" only to an admin (an instructor)
         try:

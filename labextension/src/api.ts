@@ -17,6 +17,8 @@ export interface IStatus {
   /** who the gateway token is, and whether it may see every user's jobs */
   user?: string;
   admin?: boolean;
+  /** whether several users share the gateway (null: a gateway too old to say) */
+  shared?: boolean | null;
   error?: string;
   message?: string;
 }
@@ -88,6 +90,14 @@ export const FINAL_STATES = [
   'lost',
   'expired'
 ];
+
+/**
+ * Whether to offer "everyone": to an admin token (an instructor) of a gateway that others share.
+ * The owner token of a personal gateway is an admin too, with nobody else's jobs to see.
+ */
+export function offersEveryone(status: IStatus | null): boolean {
+  return !!status?.admin && status.shared !== false;
+}
 
 /** An answer that is not a 2xx, with the advice the server extension sent. */
 export class ApiError extends Error {

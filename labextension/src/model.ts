@@ -13,6 +13,7 @@ import {
   IJobs,
   IPool,
   IStatus,
+  offersEveryone,
   request
 } from './api';
 
@@ -53,6 +54,11 @@ export class GpuModel {
       this._showAll = value;
       void this.refresh();
     }
+  }
+
+  /** Whether the panel lists every user's jobs: ticked, and offered to this token. */
+  get everyone(): boolean {
+    return this._showAll && offersEveryone(this.status);
   }
 
   /** Whether the panel is on screen (it polls faster then). */
@@ -108,7 +114,7 @@ export class GpuModel {
       } else {
         const [pool, jobs] = await Promise.all([
           request<IPool>('pool'),
-          request<IJobs>(this._showAll ? 'jobs?all=true' : 'jobs')
+          request<IJobs>(this.everyone ? 'jobs?all=true' : 'jobs')
         ]);
         this.pool = pool;
         this.jobs = jobs.jobs;

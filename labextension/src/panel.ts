@@ -7,7 +7,15 @@
 import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
-import { ApiError, FINAL_STATES, IGrant, IJob, IPool, IStatus } from './api';
+import {
+  ApiError,
+  FINAL_STATES,
+  IGrant,
+  IJob,
+  IPool,
+  IStatus,
+  offersEveryone
+} from './api';
 import { GpuModel } from './model';
 
 type Attrs = { [key: string]: string | boolean | undefined };
@@ -343,16 +351,16 @@ export class GpuPanel extends Widget {
     all.addEventListener('change', () => {
       m.showAll = all.checked;
     });
-    // only an admin (instructor) token can see other users' jobs: nobody else gets the choice
-    const admin = !!(m.status && m.status.admin);
+    // only an admin (instructor) token of a shared gateway has other users' jobs to see
+    const offered = offersEveryone(m.status);
     const section = h(
       'div',
       { class: 'jp-GpuMagic-section' },
       h(
         'div',
         { class: 'jp-GpuMagic-title' },
-        admin && m.showAll ? 'Jobs' : 'My jobs',
-        admin &&
+        m.everyone ? 'Jobs' : 'My jobs',
+        offered &&
           h(
             'label',
             {
@@ -438,7 +446,7 @@ export class GpuPanel extends Widget {
       where ? where.split('/').pop()! : 'no notebook',
       job.meta?.cell_id ? ' · cell' : '',
       ` · ${job.id}`,
-      this._model.showAll ? ` · ${job.user}` : ''
+      this._model.everyone ? ` · ${job.user}` : ''
     );
     row.append(origin);
     if (job.message && !active) {
