@@ -320,3 +320,37 @@ def test_the_status_bar_counts_only_the_viewers_own_jobs(
     status = admin_page.locator(".jp-GpuMagic-status")
     status.wait_for()
     assert status.inner_text() == "GPU: 1 queued (simulated)"
+
+
+def test_the_everyone_view_leads_with_the_user_and_keeps_cancel_in_place(
+        admin_page: Any, class_jobs: dict[str, str]) -> None:
+    panel = show_sidebar(admin_page)
+    owners = {"alice": "alice", "bob": "bob", "carol": "carol"}
+    rows = {}
+    for name, user in owners.items():
+        row = panel.locator(f'.jp-GpuMagic-job[data-job-id="{class_jobs[name]}"]')
+        row.wait_for()
+        rows[name] = row
+        # the user's name opens the job's first line, as prominent as its state
+        first = row.locator(".jp-GpuMagic-jobline > *").first
+        assert first.get_attribute("class") == "jp-GpuMagic-user" and first.inner_text() == user
+        look = first.evaluate("e => { const s = getComputedStyle(e); const t = getComputedStyle("
+                              "e.parentElement.querySelector('.jp-GpuMagic-state'));"
+                              " return [s.color === t.color, s.fontSize === t.fontSize,"
+                              " s.fontWeight === t.fontWeight]; }")
+        assert look == [True, True, True], (user, look)
+    # Cancel sits in the same corner of every active row, however its first line wraps
+    # (alice's long spec wraps it in the default sidebar width)
+    spots = set()
+    for row in rows.values():
+        box, button = row.bounding_box(), row.locator(".jp-GpuMagic-cancel").bounding_box()
+        spots.add((round(button["y"] - box["y"]), round(box["x"] + box["width"]
+                                                        - button["x"] - button["width"])))
+    assert len(spots) == 1, spots
+    screenshot(admin_page, "sidebar-everyone")
+    # the user's own view names nobody
+    panel.locator(".jp-GpuMagic-all").uncheck()
+    panel.locator(".jp-GpuMagic-title", has_text="My jobs").wait_for()
+    assert panel.locator(".jp-GpuMagic-user").count() == 0
+    panel.locator(".jp-GpuMagic-all").check()
+    panel.locator(".jp-GpuMagic-title", has_text="Jobs").wait_for()

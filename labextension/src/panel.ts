@@ -411,18 +411,28 @@ export class GpuPanel extends Widget {
         });
       });
     }
-    row.append(
+    // Everything but Cancel goes in one column; Cancel keeps the top right corner whatever
+    // wraps (in the first line's flow it jumped between that line and one of its own).
+    const main = h('div', { class: 'jp-GpuMagic-jobmain' });
+    row.append(main);
+    if (cancel) {
+      row.append(cancel);
+    }
+    const everyone = this._model.everyone;
+    main.append(
       h(
         'div',
         { class: 'jp-GpuMagic-jobline' },
+        // whose job comes first in the everyone view: it is what an instructor scans for
+        everyone &&
+          h('span', { class: 'jp-GpuMagic-user', title: `${job.user}'s job` }, job.user),
         h('span', { class: 'jp-GpuMagic-state' }, job.state.replace('_', ' ')),
         h('span', { class: 'jp-GpuMagic-spec', title: 'the GPU spec asked for' }, job.spec),
-        h('span', { class: 'jp-GpuMagic-elapsed', 'data-elapsed-of': job.id }),
-        cancel
+        h('span', { class: 'jp-GpuMagic-elapsed', 'data-elapsed-of': job.id })
       )
     );
     if (job.grant) {
-      row.append(
+      main.append(
         h(
           'div',
           { class: 'jp-GpuMagic-grant' },
@@ -431,7 +441,7 @@ export class GpuPanel extends Widget {
         )
       );
     } else if (job.state === 'queued') {
-      row.append(
+      main.append(
         h(
           'div',
           { class: 'jp-GpuMagic-grant jp-GpuMagic-muted' },
@@ -440,17 +450,17 @@ export class GpuPanel extends Widget {
       );
     }
     const where = job.notebook_path || job.meta?.notebook;
-    const origin = h(
-      'div',
-      { class: 'jp-GpuMagic-origin jp-GpuMagic-muted' },
-      where ? where.split('/').pop()! : 'no notebook',
-      job.meta?.cell_id ? ' · cell' : '',
-      ` · ${job.id}`,
-      this._model.everyone ? ` · ${job.user}` : ''
+    main.append(
+      h(
+        'div',
+        { class: 'jp-GpuMagic-origin jp-GpuMagic-muted' },
+        where ? where.split('/').pop()! : 'no notebook',
+        job.meta?.cell_id ? ' · cell' : '',
+        ` · ${job.id}`
+      )
     );
-    row.append(origin);
     if (job.message && !active) {
-      row.append(h('div', { class: 'jp-GpuMagic-message' }, job.message));
+      main.append(h('div', { class: 'jp-GpuMagic-message' }, job.message));
     }
     if (job.notebook_path && job.meta?.cell_id) {
       row.classList.add('jp-mod-linked');
