@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-$(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
+$(DEMO_STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test,demo]'
 	touch $@
 
