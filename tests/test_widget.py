@@ -62,7 +62,7 @@ def test_text_and_html_forms_are_readable() -> None:
     text = render_text(s, 4.5)
     assert text.splitlines()[0] == ("[gpu] running 3.5 s · A100-80GB ×2 on node-3 (simulated) · "
                                     "option 2 of 3 (H100:2: busy) · 80 GB")
-    assert "sent 3.0 MB, 2 input buffers reused from the gateway cache" in text
+    assert "sent 3.0 MiB, 2 input buffers reused from the gateway cache" in text
     s.apply({"type": "stderr", "text": "[gpu_magic] the runner process died (killed by signal "
                                        "SIGKILL); retrying (attempt 2 of 2)\n"}, now=5.0)
     s.apply({**grant, "node": "node-4", "attempt": 2}, now=6.0)
