@@ -991,8 +991,23 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
         return gpu()(spec)  # used bare: @gpu
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        kind = ("a generator function" if inspect.isgeneratorfunction(fn) else
+                "an async generator function" if inspect.isasyncgenfunction(fn) else
+                "a coroutine function (async def)" if inspect.iscoroutinefunction(fn) else None)
+        if kind is not None:
+            # its call would make a generator or coroutine, which cannot travel back
+            raise TypeError(
+                f"@gpu_magic.gpu cannot run {getattr(fn, '__qualname__', fn)!r}: it is {kind}, "
+                "and a GPU job gives back one value; return a list (or await inside a plain "
+                "function) instead")
+
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
+            if os.environ.get("GPU_MAGIC_JOB_ID"):
+                # called inside a GPU job (recursion, one decorated function calling another):
+                # it runs right there, on the job's GPUs. A job each would hold a GPU while
+                # waiting for the next, and a call deeper than the free GPUs waits for good.
+                return fn(*args, **kwargs)
             # each argument under a name of its own: one the function changes in place is
             # changed in the caller's object too, as a local call leaves it
             ns: dict[str, Any] = {"__gpu_fn__": fn}

@@ -694,3 +694,40 @@ def test_a_huge_exception_is_still_the_cell_s_own() -> None:
                 "def down(n):\n    return down(n + 1)\ndown(0)")
     shown = "\n".join(deep.value._render_traceback_())  # type: ignore[attr-defined]
     assert "more frames cut" in shown and shown.count("in down") <= 400
+
+
+def test_decorated_functions_calling_decorated_functions_run_in_the_same_job() -> None:
+    # each call inside a job submitted a job of its own, holding a GPU while waiting for the
+    # next: fact(3) on a pool of two H100s waited for good
+    ns = notebook("""
+        import os
+        import gpu_magic
+
+        # (wait=: without the fix, a test that fails, not one that hangs)
+        @gpu_magic.gpu("H100", wait=20)
+        def fact(n):
+            return 1 if n <= 1 else n * fact(n - 1)
+
+        @gpu_magic.gpu("H100", wait=20)
+        def where():
+            return os.environ["GPU_MAGIC_JOB_ID"]
+
+        @gpu_magic.gpu("H100", wait=20)
+        def outer():
+            return os.environ["GPU_MAGIC_JOB_ID"], where()
+    """)
+    assert ns["fact"](5) == 120
+    mine, inner = ns["outer"]()
+    assert mine == inner  # one job
+
+
+def test_a_generator_or_coroutine_cannot_be_decorated() -> None:
+    with pytest.raises(TypeError, match="it is a generator function, and a GPU job gives back "
+                                        "one value; return a list"):
+        @gpu_magic.gpu("H100")
+        def gen(n):  # noqa: ANN001, ANN202
+            yield from range(n)
+    with pytest.raises(TypeError, match=r"a coroutine function \(async def\)"):
+        @gpu_magic.gpu("H100")
+        async def co():  # noqa: ANN202
+            return 1
