@@ -113,6 +113,8 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str]) -> BaseExcepti
             # enough and leaves the type (and the user's except clauses) unchanged
             exc._render_traceback_ = lambda: list(tb_lines)  # type: ignore[attr-defined]
             exc.__traceback__ = None
+            if hasattr(exc, "add_note"):  # plain Python prints notes: where it was raised
+                exc.add_note("\n".join(tb_lines[2:-1]).rstrip())
             return exc
         except (AttributeError, TypeError):
             pass

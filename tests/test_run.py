@@ -731,3 +731,22 @@ def test_a_generator_or_coroutine_cannot_be_decorated() -> None:
         @gpu_magic.gpu("H100")
         async def co():  # noqa: ANN202
             return 1
+
+
+def test_a_remote_error_shows_where_it_was_raised_in_plain_python(tmp_path: Any) -> None:
+    # outside IPython the traceback named only gpu_magic's own frames
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import gpu_magic
+        def helper(y):
+            return {}[y]
+        gpu_magic.run("a = 1\\nb = helper(a + 1)", "H100", {"helper": helper, "__name__": "__main__"})
+    """)
+    (tmp_path / "train.py").write_text(script)
+    proc = subprocess.run([sys.executable, str(tmp_path / "train.py")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.rstrip().splitlines()[-1] != "KeyError: 2"
+    assert "raised remotely on H100" in proc.stderr and "line 2" in proc.stderr
+    assert "return {}[y]" in proc.stderr, proc.stderr
