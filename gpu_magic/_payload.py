@@ -502,12 +502,16 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
             obj.requires_grad_(requires_grad)
         return lambda: None
     _, _, new, items, pairs = state
-    saved = dict(obj.__dict__)
+    # an instance of a class with __slots__ only has no __dict__ (on the GPU machine the
+    # rebuilt class may have one: its state then comes as a dict of what the slots hold)
+    has_dict = hasattr(obj, "__dict__")
+    saved = dict(obj.__dict__) if has_dict else {}
     slots = {n: getattr(obj, n) for n in _slots(obj) if hasattr(obj, n)}
 
     def undo() -> None:
-        obj.__dict__.clear()
-        obj.__dict__.update(saved)
+        if has_dict:
+            obj.__dict__.clear()
+            obj.__dict__.update(saved)
         for n in _slots(obj):
             if n in slots:
                 object.__setattr__(obj, n, slots[n])
@@ -515,14 +519,20 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
                 object.__delattr__(obj, n)
 
     try:
-        obj.__dict__.clear()  # as unpickling starts: an instance with nothing set
+        if has_dict:
+            obj.__dict__.clear()  # as unpickling starts: an instance with nothing set
+        for n in slots:
+            object.__delattr__(obj, n)
         setstate = getattr(obj, "__setstate__", None)
         if setstate is not None:
             setstate(new)
         elif new is not None:
             attrs, slotstate = new if isinstance(new, tuple) and len(new) == 2 else (new, None)
-            if attrs:
+            if attrs and has_dict:
                 obj.__dict__.update(attrs)
+            elif attrs:
+                for k, v in attrs.items():
+                    object.__setattr__(obj, k, v)
             for k, v in (slotstate or {}).items():
                 setattr(obj, k, v)
         if items is not None:

@@ -750,3 +750,18 @@ def test_a_remote_error_shows_where_it_was_raised_in_plain_python(tmp_path: Any)
     assert proc.returncode == 1 and proc.stderr.rstrip().splitlines()[-1] != "KeyError: 2"
     assert "raised remotely on H100" in proc.stderr and "line 2" in proc.stderr
     assert "return {}[y]" in proc.stderr, proc.stderr
+
+
+def test_an_instance_with_slots_changed_in_place_stays_the_notebook_s() -> None:
+    # its new state failed to load here ("'S' object has no attribute '__dict__'"), and with
+    # it every name of the cell
+    ns = notebook("""
+        class S:
+            __slots__ = ("v", "w")
+            def __init__(self):
+                self.v = 1
+        s = S()
+        alias = s
+    """)
+    run(ns, "s.v = 2\ns.w = 'new'\nother = 3")
+    assert ns["s"] is ns["alias"] and (ns["s"].v, ns["s"].w, ns["other"]) == (2, "new", 3)
