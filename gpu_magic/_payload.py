@@ -394,10 +394,12 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
         return ("dict", t, [list(obj.keys()), list(obj.values())],
                 getattr(obj, "default_factory", None))
     np = sys.modules.get("numpy")
-    if np is not None and t is np.ndarray:
-        if obj.dtype.hasobject or not obj.flags.c_contiguous:
+    if np is not None and (t is np.ndarray or t is np.memmap):
+        if obj.dtype.hasobject:
             return None
-        return ("ndarray", t, pickle.PickleBuffer(obj), obj.dtype, obj.shape,
+        data = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)  # (Fortran order)
+        # (a memory-mapped input arrives as a copy of its data: its state is a plain array's)
+        return ("ndarray", np.ndarray, pickle.PickleBuffer(data), obj.dtype, obj.shape,
                 bool(obj.flags.writeable))
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
@@ -422,7 +424,9 @@ def fits(obj: Any, state: tuple[Any, ...]) -> bool:
     """Whether :func:`apply_in_place` can bring ``obj`` to ``state``: an object of the type
     it was taken from (and for an array or a tensor, of its shape, type and device)."""
     kind, t = state[0], state[1]
-    if type(obj) is not t:
+    # a memory-mapped array travels as a plain one: written here, its change reaches its file
+    mapped = kind == "ndarray" and type(obj).__name__ == "memmap" and isinstance(obj, t)
+    if type(obj) is not t and not mapped:
         return False
     if kind == "ndarray":
         _, _, _, dtype, shape, _ = state

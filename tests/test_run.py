@@ -765,3 +765,18 @@ def test_an_instance_with_slots_changed_in_place_stays_the_notebook_s() -> None:
     """)
     run(ns, "s.v = 2\ns.w = 'new'\nother = 3")
     assert ns["s"] is ns["alias"] and (ns["s"].v, ns["s"].w, ns["other"]) == (2, "new", 3)
+
+
+def test_fortran_ordered_and_memory_mapped_arrays_are_changed_in_place(tmp_path: Any) -> None:
+    # they came back as new, detached arrays: a memmap's file never saw the change
+    path = tmp_path / "mm.bin"
+    np.arange(10.0).tofile(path)
+    mm = np.memmap(path, dtype=np.float64, mode="r+", shape=(10,))
+    fo = np.asfortranarray(np.zeros((2, 3)))
+    ns = notebook("")
+    ns.update(mm=mm, fo=fo)
+    run(ns, "mm[0] = -1\nfo[0, 1] = 3")
+    assert ns["mm"] is mm and ns["fo"] is fo
+    assert fo[0, 1] == 3 and fo.flags.f_contiguous
+    mm.flush()
+    assert np.fromfile(path)[0] == -1
