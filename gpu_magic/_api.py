@@ -718,6 +718,7 @@ def submit(
         "python": sys.executable,
         "python_version": platform.python_version(),
         "cwd": os.getcwd(),
+        "sys_path": list(sys.path),  # (folders a notebook added: `sys.path.append("../src")`)
         "background": opts.background,
         "meta": opts.meta,
         "cell_label": opts.label,

@@ -933,6 +933,9 @@ class _Session:
         # `python -m` puts its starting folder first on sys.path: for a forked or reused runner
         # that must be this cell's folder, so modules beside the notebook import as they would
         sys.path[:] = [os.getcwd(), *self.base_path[1:]]
+        if manifest.get("sys_path"):  # the kernel's, where the gateway runs its Python
+            kernel = [os.getcwd() if p == "" else str(p) for p in manifest["sys_path"]]
+            sys.path[:] = list(dict.fromkeys([*sys.path[:1], *kernel, *sys.path[1:]]))
         _NOTED.clear()
         import random
 

@@ -780,3 +780,15 @@ def test_fortran_ordered_and_memory_mapped_arrays_are_changed_in_place(tmp_path:
     assert fo[0, 1] == 3 and fo.flags.f_contiguous
     mm.flush()
     assert np.fromfile(path)[0] == -1
+
+
+def test_a_folder_the_notebook_added_to_sys_path_is_on_the_runner_s_too(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `sys.path.append("../src")` is how notebooks reach their project's modules: the cell
+    # failed with ModuleNotFoundError (and a hint to install what is the kernel's own Python)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "labtools_on_path.py").write_text("SCALE = 7\n")
+    monkeypatch.syspath_prepend(str(src))
+    ns = notebook("")
+    assert run(ns, "import labtools_on_path\nlabtools_on_path.SCALE * 2") == 14

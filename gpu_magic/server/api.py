@@ -74,6 +74,7 @@ class JobSubmit(BaseModel):
     python: str | None = None
     python_version: str | None = None
     cwd: str | None = None
+    sys_path: list[str] | None = Field(default=None, max_length=1000)
     background: bool = False
     meta: dict[str, str] = Field(default_factory=dict)
     # how the notebook names the cell's lines: `Cell In[5]`, the %%gpu line being line 1

@@ -653,6 +653,10 @@ class Gateway:
             "cell_label": req.get("cell_label", "Cell"),
             "line_offset": req.get("line_offset", 0),
         }
+        if getattr(self.backend, "client_python", False) and req.get("sys_path"):
+            # the kernel's own Python runs the cell: with the folders its notebook added to
+            # sys.path, as its folder (never on a gateway of several users)
+            manifest["sys_path"] = req["sys_path"]
         if self.runners_see_reserve():
             manifest["reserve"] = str(self.blobs.reserve.folder)
         chosen = [g for g in gpus if g.node == grant.node and g.index in grant.indices]
