@@ -83,6 +83,20 @@ MAX_SECONDS = 30 * 24 * 3600
 MAX_RETRIES = 10
 
 
+def _options(given: Mapping[str, Any]) -> Options:
+    """``run()``'s keyword options, a misspelled one named with the closest."""
+    import dataclasses
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(Options)]
+    for key in given:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]}=?" if near else f"; options: {', '.join(known)}"
+            raise TypeError(f"gpu_magic.run() has no option {key}={given[key]!r}{hint}")
+    return Options(**given)
+
+
 def option_problem(timeout: Any, wait: Any, retries: Any,
                    spell: Callable[[str], str] = lambda name: f"{name}=") -> str | None:
     """What is wrong with these option values, or None; ``spell`` writes an option's name
@@ -811,7 +825,10 @@ def run(
     if namespace is None:
         frame = inspect.currentframe()
         namespace = frame.f_back.f_globals if frame and frame.f_back else {}
-    opts = Options(**options)
+    if not isinstance(namespace, dict):
+        raise TypeError(f"namespace must be a dict (the names the cell reads and binds), not "
+                        f"{type(namespace).__name__}: pass vars(obj) or a dict of your names")
+    opts = _options(options)
     job_id = secrets.token_hex(8)
     box: dict[str, Any] = {}
     job = None

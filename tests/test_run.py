@@ -803,3 +803,13 @@ def test_a_tensor_s_grad_from_backward_in_the_cell_comes_back() -> None:
     run(ns, "loss = (t * 2).sum()\nloss.backward()")
     assert ns["t"] is t and t.grad is not None
     assert torch.equal(t.grad, torch.full((4, 3), 2.0))
+
+
+def test_python_api_mistakes_are_named() -> None:
+    ns = notebook("")
+    with pytest.raises(TypeError, match=r"has no option timout=5; did you mean timeout=\?"):
+        run(ns, "1", timout=5)
+    import types
+
+    with pytest.raises(TypeError, match="namespace must be a dict .*not SimpleNamespace"):
+        gpu_magic.run("1", None, types.SimpleNamespace())  # type: ignore[arg-type]
