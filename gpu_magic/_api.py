@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import base64
 import collections
+import collections.abc
 import contextlib
 import functools
 import inspect
@@ -570,12 +571,7 @@ class _Job:
                                  # others that travelled as its globals
                                  locate=code_locator(list(self.sent.values()),
                                                      list(self.namespace.values())))
-        hint = local_hint(ev)
-        if hint:
-            lines.append(f"[gpu_magic] {hint}")
-            if hasattr(exc, "add_note"):  # shown by Python's own traceback printing too
-                exc.add_note(f"[gpu_magic] {hint}")
-        return rebuild(ev, exc, lines)
+        return rebuild(ev, exc, lines, hint=local_hint(ev))
 
 
 def _short(exc: BaseException) -> BaseException:
@@ -825,7 +821,7 @@ def run(
     if namespace is None:
         frame = inspect.currentframe()
         namespace = frame.f_back.f_globals if frame and frame.f_back else {}
-    if not isinstance(namespace, dict):
+    if not isinstance(namespace, collections.abc.MutableMapping):
         raise TypeError(f"namespace must be a dict (the names the cell reads and binds), not "
                         f"{type(namespace).__name__}: pass vars(obj) or a dict of your names")
     opts = _options(options)

@@ -105,20 +105,25 @@ def local_hint(event: dict[str, Any]) -> str | None:
     return None
 
 
-def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str]) -> BaseException:
-    """The exception to raise here: the same type where it unpickled, else RemoteError."""
+def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
+            hint: str | None = None) -> BaseException:
+    """The exception to raise here: the same type where it unpickled, else RemoteError.
+    ``hint``: what to do about it, said after the traceback."""
+    shown = [*tb_lines, f"[gpu_magic] {hint}"] if hint else list(tb_lines)
     if isinstance(exc, Exception):
         try:
             # IPython asks the exception itself how to render it; an instance attribute is
             # enough and leaves the type (and the user's except clauses) unchanged
-            exc._render_traceback_ = lambda: list(tb_lines)  # type: ignore[attr-defined]
+            exc._render_traceback_ = lambda: list(shown)  # type: ignore[attr-defined]
             exc.__traceback__ = None
             if hasattr(exc, "add_note"):  # plain Python prints notes: where it was raised
-                exc.add_note("\n".join(tb_lines[2:-1]).rstrip())
+                exc.add_note("\n".join(tb_lines[2:-1]).rstrip())  # (not its last line again)
+                if hint:
+                    exc.add_note(f"[gpu_magic] {hint}")
             return exc
         except (AttributeError, TypeError):
             pass
-    return RemoteError(event.get("ename", "Exception"), event.get("evalue", ""), "\n".join(tb_lines))
+    return RemoteError(event.get("ename", "Exception"), event.get("evalue", ""), "\n".join(shown))
 
 
 def code_locator(sent: Iterable[Any], others: Iterable[Any] = ()

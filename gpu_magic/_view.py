@@ -167,7 +167,7 @@ class JobState:
             est = f", about {self.estimate:g} s" if self.estimate else ""
             return f"queued (position {self.position}{est})"
         if self.state == UNREACHABLE:
-            return "no longer followed: the gateway cannot be reached"
+            return "no longer followed"
         return self.state
 
     def transfer(self) -> str:

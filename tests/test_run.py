@@ -813,3 +813,12 @@ def test_python_api_mistakes_are_named() -> None:
 
     with pytest.raises(TypeError, match="namespace must be a dict .*not SimpleNamespace"):
         gpu_magic.run("1", None, types.SimpleNamespace())  # type: ignore[arg-type]
+
+
+def test_a_chainmap_namespace_still_works() -> None:
+    # any mutable mapping serves as a namespace (the dict check refused ChainMap)
+    import collections
+
+    ns = collections.ChainMap({}, {"a": 3, "__name__": "__main__"})
+    gpu_magic.run("b = a * 2", "H100", ns, quiet=True)
+    assert ns["b"] == 6

@@ -346,6 +346,25 @@ time.sleep(0.5)
         gw.stop()
 
 
+@needs_bwrap
+def test_a_sandboxed_result_over_the_limit_leaves_nothing_in_the_store(tmp_path: Path) -> None:
+    # the copy out of the sandbox stopped at the limit and left its partial file behind:
+    # every later try of the cell then failed with "File exists"
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--max-blob-bytes",
+                       str(10 << 20))
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            for _ in range(2):
+                with pytest.raises(gpu_magic.GpuMagicError, match="larger than the limit"):
+                    gpu_magic.run("import numpy as np\ny = np.full(1_500_000, 7.0)", "H100",
+                                  {"__name__": "__main__"}, client=alice, quiet=True)
+        assert not [p for p in (gw.state_dir / "blobs").rglob("*") if p.name.endswith(".adopt")]
+    finally:
+        gw.stop()
+
+
 def test_shared_gateway_without_isolation_refuses_to_start(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.json"
     _tokens(tokens_file, alice={}, bob={})

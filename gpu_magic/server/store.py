@@ -219,6 +219,9 @@ def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> N
                 if max_bytes is not None and size > max_bytes:
                     raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
                 _write_all(out, [chunk])
+        except BaseException:
+            os.unlink(dest)  # nothing half-copied stays in the store
+            raise
         finally:
             os.close(out)
     finally:
