@@ -336,10 +336,6 @@ def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None,
     try:
         pickler = _OwnStatePickler if own_state else _Pickler
         pickler(f, namespace, buffer_callback=hash_buffer).dump(obj)
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.Tensor) and obj.grad is not None:
-            # a tensor pickles without its gradient: backward() in a cell changes only that
-            pickler(f, namespace, buffer_callback=hash_buffer).dump(obj.grad.detach())
     except Exception:
         return None
     h.update(f.getbuffer())
@@ -409,8 +405,7 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
     if torch is not None and isinstance(obj, torch.Tensor):
         if t not in (torch.Tensor, torch.nn.Parameter) or obj.is_sparse:
             return None
-        grad = obj.grad.detach() if obj.grad is not None else None  # backward() in the cell
-        return ("tensor", t, obj.detach(), obj.requires_grad, grad)
+        return ("tensor", t, obj.detach(), obj.requires_grad)
     try:
         reduced = obj.__reduce_ex__(5)
     except Exception:
@@ -455,14 +450,10 @@ def fresh_from_state(state: tuple[Any, ...]) -> Any:
             arr.flags.writeable = False
         return arr
     if kind == "tensor":
-        _, _, new, requires_grad, grad = state
+        _, _, new, requires_grad = state
         if t is not type(new):  # a Parameter: it travelled detached, as a plain tensor
-            fresh = t(new, requires_grad=requires_grad)
-        else:
-            fresh = new.requires_grad_(requires_grad) if new.is_leaf else new
-        if grad is not None and fresh.is_leaf:
-            fresh.grad = grad
-        return fresh
+            return t(new, requires_grad=requires_grad)
+        return new.requires_grad_(requires_grad) if new.is_leaf else new
     obj = t() if kind in ("items", "dict") else t.__new__(t)
     apply_in_place(obj, state)
     return obj
@@ -508,13 +499,11 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
     if kind == "tensor":
         import torch
 
-        _, _, new, requires_grad, grad = state
+        _, _, new, requires_grad = state
         with torch.no_grad():
             obj.copy_(new)
         if obj.requires_grad != requires_grad and obj.is_leaf:
             obj.requires_grad_(requires_grad)
-        if obj.is_leaf and (grad is None or grad.shape == obj.shape):
-            obj.grad = None if grad is None else grad.to(obj.device)
         return lambda: None
     _, _, new, items, pairs = state
     # an instance of a class with __slots__ only has no __dict__ (on the GPU machine the

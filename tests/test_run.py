@@ -794,17 +794,6 @@ def test_a_folder_the_notebook_added_to_sys_path_is_on_the_runner_s_too(
     assert run(ns, "import labtools_on_path\nlabtools_on_path.SCALE * 2") == 14
 
 
-def test_a_tensor_s_grad_from_backward_in_the_cell_comes_back() -> None:
-    # its .grad was dropped: the tensor came back with its values and None for a gradient
-    torch = pytest.importorskip("torch")
-    t = torch.ones(4, 3, requires_grad=True)
-    ns = notebook("")
-    ns["t"] = t
-    run(ns, "loss = (t * 2).sum()\nloss.backward()")
-    assert ns["t"] is t and t.grad is not None
-    assert torch.equal(t.grad, torch.full((4, 3), 2.0))
-
-
 def test_python_api_mistakes_are_named() -> None:
     ns = notebook("")
     with pytest.raises(TypeError, match=r"has no option timout=5; did you mean timeout=\?"):
