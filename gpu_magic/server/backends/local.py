@@ -246,7 +246,7 @@ class LocalBackend:
                 pass_fds=(w,),
                 start_new_session=True,
             )
-        except OSError:
+        except BaseException:  # (a ValueError too: a client's python path with a NUL in it)
             os.close(r)
             os.close(log)
             raise
