@@ -625,39 +625,33 @@ def _followed(job_id: str, client: GatewayClient | None) -> None:
     with _FOLLOWED_LOCK:
         if client is None:
             _FOLLOWED.pop(job_id, None)
-            return
-        if not _FOLLOWED and not _FOLLOWED_HOOKED:
-            atexit.register(_cancel_followed)
-            _FOLLOWED_HOOKED.append(True)
-        _FOLLOWED[job_id] = client
+        else:
+            _FOLLOWED[job_id] = client
 
 
-_FOLLOWED_HOOKED: list[bool] = []
-
-
+@atexit.register
 def _cancel_followed() -> None:
     with _FOLLOWED_LOCK:
         jobs = list(_FOLLOWED.items())
         _FOLLOWED.clear()
     for job_id, client in jobs:
-        fresh = GatewayClient(client.url, client.token, connect_timeout=2.0)
-        try:
-            fresh.cancel(job_id)
-        except Exception:
-            pass
-        finally:
-            fresh.close()
+        _cancel_fresh(client, job_id, timeout=2.0)
 
 
-def _cancel_quietly(client: GatewayClient, job_id: str) -> None:
-    # a fresh, short-timeout client: the pooled connection may be mid-request after Ctrl-C
-    fresh = GatewayClient(client.url, client.token, connect_timeout=3.0)
+def _cancel_fresh(client: GatewayClient, job_id: str, timeout: float) -> None:
+    """Cancel from a fresh, short-timeout client (the pooled connection may be mid-request
+    after Ctrl-C, or the process on its way out), saying nothing of a failure."""
+    fresh = GatewayClient(client.url, client.token, connect_timeout=timeout)
     try:
         fresh.cancel(job_id)
     except Exception:
         pass
     finally:
         fresh.close()
+
+
+def _cancel_quietly(client: GatewayClient, job_id: str) -> None:
+    _cancel_fresh(client, job_id, timeout=3.0)
     client.reset()
 
 

@@ -69,6 +69,20 @@ def start_gateway(tmp: Path, *extra: str, simulate: str | None = SIM_POOL,
     raise RuntimeError("gateway did not start")
 
 
+def start_class_gateway(tmp: Path) -> tuple[Gateway, dict[str, str]]:
+    """A simulated gateway shared by alice and bob, with carol as its admin (an instructor),
+    and their tokens."""
+    import secrets
+
+    tokens = {name: secrets.token_urlsafe(24) for name in ("alice", "bob", "carol")}
+    path = tmp / "tokens.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"alice": tokens["alice"], "bob": tokens["bob"],
+                   "carol": {"token": tokens["carol"], "admin": True}}, f)
+    return start_gateway(tmp, "--tokens-file", str(path)), tokens
+
+
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gw = start_gateway(tmp_path_factory.mktemp("gateway"))

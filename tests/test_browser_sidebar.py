@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,9 +37,8 @@ from .browser_util import (  # noqa: F401 (the jp_* fixtures shadow pytest-jupyt
     screenshot,
     write_notebook,
 )
-from .conftest import Gateway, start_gateway, wait_for
+from .conftest import Gateway, start_class_gateway, wait_for
 from .test_gateway_http import submit as submit_job
-from .test_gateway_http import write_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -244,11 +242,7 @@ def test_advice_when_the_server_extension_is_missing(context: Any, tmp_path: Pat
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, dict[str, str]]]:
     """A simulated gateway shared by alice, bob and carol, carol its admin (an instructor)."""
-    tmp = tmp_path_factory.mktemp("shared")
-    tokens = {name: secrets.token_urlsafe(24) for name in ("alice", "bob", "carol")}
-    write_tokens(tmp / "tokens.json", {"alice": tokens["alice"], "bob": tokens["bob"],
-                                       "carol": {"token": tokens["carol"], "admin": True}})
-    gw = start_gateway(tmp, "--tokens-file", str(tmp / "tokens.json"))
+    gw, tokens = start_class_gateway(tmp_path_factory.mktemp("shared"))
     yield gw, tokens
     gw.stop()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -31,8 +30,8 @@ from gpu_magic._embedded import (
 from gpu_magic.serverext import GpuMagicProxy
 from gpu_magic.serverext._proxy import NO_LOCAL_GATEWAY
 
-from .conftest import Gateway, start_gateway, wait_for
-from .test_gateway_http import finish, write_tokens
+from .conftest import Gateway, start_class_gateway, wait_for
+from .test_gateway_http import finish
 from .test_gateway_http import submit as submit_job
 
 API = ("gpu-magic", "api")
@@ -271,11 +270,7 @@ def _proxy_of(serverapp: Any) -> GpuMagicProxy:
 @pytest.fixture(scope="module")
 def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, dict[str, str]]]:
     """A gateway shared by alice and bob, with carol as its admin (an instructor)."""
-    tmp = tmp_path_factory.mktemp("shared")
-    tokens = {name: secrets.token_urlsafe(24) for name in ("alice", "bob", "carol")}
-    write_tokens(tmp / "tokens.json", {"alice": tokens["alice"], "bob": tokens["bob"],
-                                       "carol": {"token": tokens["carol"], "admin": True}})
-    gw = start_gateway(tmp, "--tokens-file", str(tmp / "tokens.json"))
+    gw, tokens = start_class_gateway(tmp_path_factory.mktemp("shared"))
     yield gw, tokens
     gw.stop()
 
