@@ -641,9 +641,9 @@ def test_output_past_the_cap_is_cut_with_a_notice_and_the_cell_goes_on(tmp_path:
             events = list(c.events(job["id"]))
             out = "".join(e["text"] for e in events if e["type"] == "stdout")
             err = "".join(e["text"] for e in events if e["type"] == "stderr")
-            # each event also counts 64 bytes: with every 1 KiB line an event of its own (a busy
-            # machine gathers fewer lines into one), the text kept is still over 60 MiB
-            assert 60 << 20 < len(out) <= 64 << 20, len(out)
+            # each event also counts 64 bytes, and a busy machine gathers fewer lines into one
+            # (even part of a line, as the pipe gives it): most of the 64 MiB is text still
+            assert 48 << 20 < len(out) <= 64 << 20, len(out)
             assert "output passed 64.0 MiB: the rest is neither kept nor shown" in err
             assert "end" not in err  # cut, as said
             # fields a cell adds to its output events are not kept (nor would they count)
