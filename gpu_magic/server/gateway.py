@@ -844,9 +844,10 @@ class Gateway:
         elif job.stop_reason == "timed_out":
             t = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
             cap = f" (this gateway allows up to {self.max_timeout:g} s)" if self.max_timeout else ""
+            more = int(t * 2)
             job.message = (f"the cell ran longer than its --timeout of {t:g} s and was stopped; "
-                           f"its output so far is kept. Raise the limit with %%gpu --timeout "
-                           f"{int(t * 2)}{cap}.")
+                           f"its output so far is kept. Raise the limit: %%gpu --timeout "
+                           f"{more} (timeout={more} in Python){cap}.")
             self._finish(job, "timed_out")
         elif outcome.get("type") == "result":
             self._emit(job, outcome)
