@@ -348,7 +348,7 @@ class Gateway:
         this host outside a sandbox (a sandboxed one could keep a reserve file open and read
         what another user writes into it later)."""
         return (self.blobs.reserve.cap > 0 and self.backend.name == "local"
-                and getattr(self.backend, "isolation", "none") == "none")
+                and not self._sandboxed())
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -535,27 +535,22 @@ class Gateway:
             return
         self._dequeue(job)
         wait = job.request.get("wait")
+        spec = f"'{GpuSpec(tuple(job.options))}'"
+        late = f"{spec} did not start within --wait {wait:g} s"
         if job.held:
-            job.message = (
-                f"'{GpuSpec(tuple(job.options))}' did not start within --wait {wait:g} s: "
-                f"{job.held}; nothing ran. Let one of them finish (job.wait()) or cancel one, "
-                "then run this again, or wait longer (--wait)."
-            )
+            job.message = (f"{late}: {job.held}; nothing ran. Let one of them finish "
+                           "(job.wait()) or cancel one, then run this again, or wait longer "
+                           "(--wait).")
         elif job.waiting_for:
-            job.message = (
-                f"'{GpuSpec(tuple(job.options))}' did not start within --wait {wait:g} s: "
-                + ("no node for it joined the pool (the autoscaler was asked for one)"
+            why = ("no node for it joined the pool (the autoscaler was asked for one)"
                    if "autoscaler" in job.waiting_for else "no node for it is in the pool")
-                + "; nothing ran. Wait longer (--wait), or add fallback options (%gpu pool "
-                "shows what is there)."
-            )
+            job.message = (f"{late}: {why}; nothing ran. Wait longer (--wait), or add fallback "
+                           "options (%gpu pool shows what is there).")
         else:
             pool = " of the simulated pool" if getattr(self.backend, "simulated", False) else ""
-            job.message = (
-                f"no GPU{pool} for '{GpuSpec(tuple(job.options))}' became free within --wait "
-                f"{wait:g} s; nothing ran. Wait longer (--wait), add fallback options, or try "
-                "again later (%gpu pool shows what is free)."
-            )
+            job.message = (f"no GPU{pool} for {spec} became free within --wait {wait:g} s; "
+                           "nothing ran. Wait longer (--wait), add fallback options, or try "
+                           "again later (%gpu pool shows what is free).")
         self._finish(job, "expired")
 
     # --- scheduling ---
@@ -576,6 +571,7 @@ class Gateway:
         for j in self.running.values():
             held[j.user] = held.get(j.user, 0) + len((j.grant or {}).get("indices", []))
         reqs = []
+        changing = getattr(self.backend, "waiting", None) is not None  # (Ray: nodes come, go)
         for j in (self.jobs[i] for i in self.queue):
             opts, idx = list(j.options), list(j.option_indices)
             cap = self.user_limits.get(j.user, {}).get("max_gpus", j.gpu_cap)
@@ -588,7 +584,9 @@ class Gateway:
                 if not opts:  # say so: "queued" alone reads as "no GPU is free"
                     why = (f"your other jobs hold {held.get(j.user, 0)} of the {cap} GPU(s) "
                            "this gateway lets you use at once")
-            absent = None if why is not None else _absent(opts, gpus, j.min_memory_gb)
+            # (only a pool that changes by itself can lose a type a job was accepted for)
+            absent = (None if why is not None or not changing
+                      else _absent(opts, gpus, j.min_memory_gb))
             if why != j.held or absent != j.waiting_for:
                 j.held, j.waiting_for = why, absent
                 self._emit_queued(j)

@@ -203,9 +203,10 @@ def _hash_file(path: Path, max_bytes: int | None = None) -> tuple[str, int]:
         os.close(fd)
 
 
-def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> None:
+def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> tuple[str, int]:
     """Copy the regular file ``name`` of the folder ``folder_fd`` to the new file ``dest``,
-    refusing anything else (see :func:`_hash_file`) and more than ``max_bytes``."""
+    refusing anything else (see :func:`_hash_file`) and more than ``max_bytes``; the digest
+    and size of what was copied (hashed on the way: no second read)."""
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                   dir_fd=folder_fd)
     try:
@@ -213,12 +214,15 @@ def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> N
             raise BlobError(400, f"{name} is not a regular file")
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            h = xxhash.xxh3_128()
             size = 0
             while chunk := os.read(src, 1 << 22):
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
                     raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+                h.update(chunk)
                 _write_all(out, [chunk])
+            return DIGEST_PREFIX + h.hexdigest(), size
         except BaseException:
             os.unlink(dest)  # nothing half-copied stays in the store
             raise
@@ -393,8 +397,9 @@ class BlobStore:
             finally:
                 os.close(parent)
             try:
+                copied = None
                 if copy:
-                    _copy_out(at, name, tmp, max_bytes)
+                    copied = _copy_out(at, name, tmp, max_bytes)
                     os.unlink(name, dir_fd=at)
                 else:
                     os.rename(name, tmp, src_dir_fd=at)
@@ -407,7 +412,7 @@ class BlobStore:
                 raise BlobError(400, f"{folder.name} is not a folder") from None
             raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
         try:
-            got, size = _hash_file(tmp, max_bytes)
+            got, size = copied or _hash_file(tmp, max_bytes)
             if got != digest:
                 raise BlobError(400, f"blob content does not match its digest: sent as "
                                      f"{digest}, content is {got}")
