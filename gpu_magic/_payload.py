@@ -44,6 +44,12 @@ def digest(data: bytes | bytearray | memoryview) -> str:
     return DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(data)
 
 
+def hasher() -> Any:
+    """A running digest of bytes fed to its ``update``: ``DIGEST_PREFIX + h.hexdigest()`` is
+    then what :func:`digest` gives for them all at once."""
+    return xxhash.xxh3_128()
+
+
 def byte_view(data: Any) -> memoryview:
     """``data`` as a flat view of bytes (an array's buffer may be typed or many-dimensional)."""
     view = data if isinstance(data, memoryview) else memoryview(data)
@@ -218,11 +224,14 @@ def dumps(
     local_dir: Path | None = None,
     input_refs: Mapping[int, str] | None = None,
     inline_limit: int = INLINE_LIMIT,
+    hash_buffers: bool = True,
 ) -> tuple[Packed, int]:
     """Pickle ``obj`` in one go; return the payload and how many CUDA tensors moved to the CPU.
 
     ``input_refs`` maps ``id()`` of objects the other side already holds to their input name:
     those travel as a reference and come back as the receiver's own object.
+    ``hash_buffers=False`` leaves ``buffer_digests`` empty for a caller that hashes the
+    buffers while it writes them (one pass over a large result instead of two).
     """
     buffers: list[memoryview] = []
 
@@ -253,7 +262,7 @@ def dumps(
                     cloudpickle.unregister_pickle_by_value(mod)
                 except ValueError:
                     pass
-    packed = Packed(f.getvalue(), buffers, [digest(b) for b in buffers])
+    packed = Packed(f.getvalue(), buffers, [digest(b) for b in buffers] if hash_buffers else [])
     return packed, p.cuda_moved
 
 

@@ -665,25 +665,36 @@ class Outbox(NamedTuple):
 def _put_blobs(out: Outbox, packed: _payload.Packed, event: dict[str, Any]) -> None:
     """Hand a payload's blobs to the gateway: small ones inside ``event`` (no file to create,
     which costs more than the whole trivial cell on some disks), larger ones as files in the
-    outbox. The event names them by the digests the payload has already."""
-    parts = [(packed.pickle_digest, _payload.byte_view(packed.pickle)),
-             *((d, _payload.byte_view(b)) for d, b in zip(packed.buffer_digests, packed.buffers))]
-    if sum(v.nbytes for _, v in parts) <= INLINE_MAX:
+    outbox. Buffers not hashed yet (``dumps(hash_buffers=False)``) are hashed here, while
+    they are written, and their digests filled in."""
+    views = [_payload.byte_view(b) for b in packed.buffers]
+    if len(packed.pickle) + sum(v.nbytes for v in views) <= INLINE_MAX:
+        if len(packed.buffer_digests) != len(views):
+            packed.buffer_digests = [_payload.digest(v) for v in views]
+        parts = zip([packed.pickle_digest, *packed.buffer_digests],
+                    [_payload.byte_view(packed.pickle), *views])
         event["inline"] = {d: base64.b64encode(v).decode() for d, v in parts}
-    else:
-        for d, v in parts:
-            _write_blob(out, d, v)
+        return
+    _write_blob(out, _payload.byte_view(packed.pickle), packed.pickle_digest)
+    known = packed.buffer_digests if len(packed.buffer_digests) == len(views) else [None] * len(views)
+    packed.buffer_digests = [_write_blob(out, v, d) for v, d in zip(views, known)]
 
 
-def _write_blob(out: Outbox, digest: str, data: memoryview) -> None:
+def _write_blob(out: Outbox, data: memoryview, digest: str | None = None) -> str:
+    """Write one blob into the outbox, named by its digest (``digest``, or computed on the
+    way when None), and return the digest."""
     out.folder.mkdir(parents=True, exist_ok=True)
-    path = out.folder / digest.replace(":", "-")
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()  # left by an attempt that died while writing
-        _reserve.write_file(tmp, data, out.reserve)
-        os.replace(tmp, path)
+    if digest is not None and (out.folder / digest.replace(":", "-")).exists():
+        return digest
+    tmp = out.folder / "writing.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # left by an attempt that died while writing
+    hasher = None if digest is not None else _payload.hasher()
+    _reserve.write_file(tmp, data, out.reserve, hasher)
+    if hasher is not None:
+        digest = _payload.DIGEST_PREFIX + hasher.hexdigest()
+    os.replace(tmp, out.folder / digest.replace(":", "-"))
+    return digest
 
 
 def _read_blob(path: str) -> Any:
@@ -810,7 +821,8 @@ def _pack_results(
         payload["value"] = value
     skipped: dict[str, str] = {}
     try:
-        packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs)
+        packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs,
+                                            hash_buffers=False)
     except Exception:
         # only now look name by name for what cannot travel (pickling everything twice on the
         # common path would double the cost of large results), then send the rest
@@ -828,7 +840,8 @@ def _pack_results(
                 _payload.fingerprint(value, ns) is None):
             skipped["<cell value>"] = f"{type(value).__name__} cannot be pickled"
             del payload["value"]
-        packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs)
+        packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs,
+                                            hash_buffers=False)
     event: dict[str, Any] = {
         "type": "result",
         "names": [*values, *states],
@@ -836,9 +849,9 @@ def _pack_results(
         "value": value_repr if "value" in payload else None,
         "has_value": "value" in payload,
         "cuda_moved": cuda_moved,
-        "nbytes": packed.nbytes,
     }
     _put_blobs(out, packed, event)
+    event["nbytes"] = packed.nbytes
     event["blob"], event["buffers"] = packed.pickle_digest, list(packed.buffer_digests)
     return event
 

@@ -40,6 +40,28 @@ def test_large_arrays_travel_as_files_and_come_back_exact(gateway: Gateway) -> N
             assert np.array_equal(ns2["twice"], ns["twice"])
 
 
+
+def test_results_of_equal_and_shared_large_buffers_come_back_as_made(gateway: Gateway) -> None:
+    # result buffers are hashed while written: equal buffers, one buffer twice, a small one
+    # beside large ones, and a large pickle must each arrive whole, by the right name
+    with gateway.client() as c:
+        ns: dict[str, Any] = {"__name__": "__main__", "n": 1 << 19}
+        gpu_magic.run("import numpy as np\n"
+                      "a = np.arange(n, dtype=np.float64)\n"
+                      "b = a.copy()\n"
+                      "pair = (a, a)\n"
+                      "small = np.ones(3)\n"
+                      "text = 'x' * (3 << 20)\n"
+                      "c = np.asfortranarray(np.arange(n, dtype=np.float32).reshape(512, -1))",
+                      "H100", ns, client=c, quiet=True)
+    want = np.arange(1 << 19, dtype=np.float64)
+    assert np.array_equal(ns["a"], want) and np.array_equal(ns["b"], want)
+    assert ns["pair"][0] is ns["pair"][1] is ns["a"]  # one object, as in the cell
+    assert ns["b"] is not ns["a"]
+    assert ns["small"].tolist() == [1.0, 1.0, 1.0] and ns["text"] == "x" * (3 << 20)
+    assert ns["c"].flags.f_contiguous
+    assert np.array_equal(ns["c"], np.arange(1 << 19, dtype=np.float32).reshape(512, -1))
+
 def test_adopt_refuses_mismatching_content_and_deletes_it(gateway: Gateway) -> None:
     with gateway.client() as c:
         inbox = Path(c.local_path()["inbox"])  # type: ignore[index]
