@@ -277,6 +277,20 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(file, buffers=buffers)
         self._namespace = namespace
         self._inputs = inputs
+        self.made: list[Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if self.made is not None and module.startswith("cloudpickle") and name in _MAKERS:
+            made = self.made
+
+            def make(*args: Any, **kwargs: Any) -> Any:
+                obj = found(*args, **kwargs)
+                made.append(obj)
+                return obj
+
+            return make
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         if pid == NAMESPACE_PID:
@@ -287,16 +301,24 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
+# cloudpickle's constructors of the classes and functions it sends by value
+_MAKERS = frozenset({"_make_skeleton_class", "_make_skeleton_enum", "_make_function"})
+
+
 def loads(
     data: bytes | memoryview,
     buffers: Iterable[Any] = (),
     *,
     namespace: dict[str, Any],
     inputs: Mapping[str, Any] | None = None,
+    made: list[Any] | None = None,
 ) -> Any:
     """Unpickle a payload; notebook functions in it get ``namespace`` as their globals and
-    references to inputs resolve to the objects in ``inputs``."""
-    return _Unpickler(io.BytesIO(data), namespace, buffers, inputs or {}).load()
+    references to inputs resolve to the objects in ``inputs``. ``made``: a list that
+    receives each class and function the payload brought by value."""
+    u = _Unpickler(io.BytesIO(data), namespace, buffers, inputs or {})
+    u.made = made
+    return u.load()
 
 
 class _OwnStatePickler(_Pickler):

@@ -217,13 +217,32 @@ def _no_input(*_a: Any, **_k: Any) -> str:
 
 
 class _NoStdin:
+    """sys.stdin for a cell: reading says why there is no keyboard; the rest of a file's
+    face works, since libraries touch it (multiprocessing's children close it first thing:
+    without ``close`` every Pool and DataLoader worker died)."""
+
+    encoding = "utf-8"
+    closed = False
+
     def read(self, *_a: Any) -> str:
         return _no_input()
 
-    readline = read
+    readline = readlines = read
+
+    def __iter__(self) -> _NoStdin:
+        return self
+
+    def __next__(self) -> str:
+        return _no_input()
+
+    def close(self) -> None:
+        pass
 
     def isatty(self) -> bool:
         return False
+
+    def readable(self) -> bool:
+        return True
 
     def fileno(self) -> int:
         return 0
@@ -329,6 +348,17 @@ def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None])
                          "keeps running (restart it from the notebook if that was meant)")
 
     shell.ask_exit = ask_exit
+
+    def enable_gui(gui: str | None = None) -> None:
+        # `%matplotlib inline` asks for no event loop (None); a window toolkit cannot open here
+        if gui not in (None, "inline"):
+            from IPython.core.error import UsageError
+
+            raise UsageError(f"a %%gpu cell runs where there is no screen, so it cannot open "
+                             f"{gui} windows: use `%matplotlib inline` (figures come back into "
+                             "the notebook)")
+
+    shell.enable_gui = enable_gui
     # IPython's advice on SystemExit ("To exit: use 'exit'...") is for a terminal, not a cell
     warnings.filterwarnings("ignore", message="To exit: use", category=UserWarning)
     shell.showsyntaxerror = lambda *a, **k: None
@@ -1029,6 +1059,8 @@ class _Session:
             # dropped, not cleared: a finalizer still finds the globals it runs with (the
             # collection below breaks the cycles through the cell's functions)
             shell.init_create_namespaces(None, {"__name__": "__main__"})
+            sys.modules["__main__"] = shell.user_module  # the cell's would keep it all alive
+            _SHIPPED.clear()
             shell.last_execution_result = None  # the last value, or the error and its frames
             shell.displayhook.exec_result = None
             for name in ("last_type", "last_value", "last_traceback", "last_exc"):
@@ -1113,8 +1145,9 @@ class _Session:
         ns: dict[str, Any] = {"__name__": "__main__"}
         inputs = manifest["inputs"]
         buffers = [_read_blob(p) for p in inputs["buffers"]]
+        _SHIPPED.clear()
         with open(inputs["pickle"], "rb") as f:
-            values = _payload.loads(f.read(), buffers, namespace=ns)
+            values = _payload.loads(f.read(), buffers, namespace=ns, made=_SHIPPED)
         ns.update(values)
         # what arrived: the inputs, and the globals the notebook functions among them use
         # (cloudpickle puts those straight into the namespace): a function the cell calls may
@@ -1126,6 +1159,9 @@ class _Session:
                   for n, v in shipped.items()}
         # a clean namespace for this cell in the (possibly reused) shell
         shell.init_create_namespaces(None, ns)
+        # and it is __main__, as in a kernel: pickle finds the cell's functions and classes
+        # by name there (multiprocessing pools, DataLoader workers, torch.save of a model)
+        sys.modules["__main__"] = _main_module(shell.user_module)
         shell.init_user_ns()
         _CellWarnings.where = (str(manifest.get("cell_label") or "Cell"),
                                int(manifest.get("line_offset") or 0))
@@ -1195,6 +1231,32 @@ class _Session:
             self.sync()
         emitter.emit(event)
         return 0
+
+
+# The notebook's classes and functions the cell's inputs brought by value (a model's class).
+_SHIPPED: list[Any] = []
+
+
+def _main_module(module: Any) -> Any:
+    """The cell's ``__main__``, where pickle also finds what came by value without a name in
+    the cell: ``torch.save(net)`` of a notebook class ``Net`` the cell never names, as the
+    notebook's own ``__main__`` would."""
+    base = type(module)
+    own = getattr(base, "__getattr__", None)
+
+    def __getattr__(self: Any, name: str) -> Any:
+        if own is not None:
+            with contextlib.suppress(AttributeError):
+                return own(self, name)
+        for obj in _SHIPPED:
+            if getattr(obj, "__qualname__", None) == name and \
+                    getattr(obj, "__module__", None) == "__main__":
+                return obj
+        raise AttributeError(f"module '__main__' has no attribute {name!r}")
+
+    # (object's setter: IPython's module type would store a `__class__` name in the cell)
+    object.__setattr__(module, "__class__", type(base.__name__, (base,), {"__getattr__": __getattr__}))
+    return module
 
 
 class _CellWarnings:

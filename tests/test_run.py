@@ -811,3 +811,51 @@ def test_a_chainmap_namespace_still_works() -> None:
     ns = collections.ChainMap({}, {"a": 3, "__name__": "__main__"})
     gpu_magic.run("b = a * 2", "H100", ns, quiet=True)
     assert ns["b"] == 6
+
+
+def test_cell_namespace_is_main_for_pickle_and_process_pools() -> None:
+    # a kernel's cell namespace is __main__'s: pickle finds the cell's own functions and
+    # classes by name there, which process pools and DataLoader workers need
+    ns = notebook("""
+        class Net:
+            def __init__(self):
+                self.w = [1, 2]
+        net = Net()
+    """)
+    run(ns, """
+        import multiprocessing, pickle
+        from concurrent.futures import ProcessPoolExecutor
+        def square(v):
+            return v * v
+        class Point:
+            pass
+        with multiprocessing.Pool(2) as pool:
+            squares = pool.map(square, range(5))
+        with ProcessPoolExecutor(2) as ex:
+            cubes = list(ex.map(square, [2, 3]))
+        point_size = len(pickle.dumps(Point()))
+        # a notebook class the cell never names (torch.save of a model does this)
+        copied = pickle.loads(pickle.dumps(net)).w
+        del pool, ex
+    """, "H100", quiet=True)
+    assert ns["squares"] == [0, 1, 4, 9, 16] and ns["cubes"] == [4, 9]
+    assert ns["point_size"] > 0 and ns["copied"] == [1, 2]
+
+
+def test_stdin_says_there_is_no_keyboard_however_it_is_read() -> None:
+    ns = notebook("")
+    for read in ("sys.stdin.read()", "sys.stdin.readline()", "next(iter(sys.stdin))"):
+        with pytest.raises(RuntimeError, match="no keyboard"):
+            run(ns, f"import sys\n{read}", "H100", quiet=True)
+    run(ns, "import sys\nsys.stdin.close()\nok = sys.stdin.isatty() is False", "H100", quiet=True)
+    assert ns["ok"] is True
+
+
+def test_matplotlib_inline_magic_works_and_a_window_toolkit_is_refused() -> None:
+    pytest.importorskip("matplotlib")
+    ns = notebook("")
+    run(ns, "%matplotlib inline\nimport matplotlib\nbackend = matplotlib.get_backend()", "H100",
+        quiet=True)
+    assert "inline" in ns["backend"]
+    with pytest.raises(Exception, match=r"no screen.*%matplotlib inline"):
+        run(ns, "get_ipython().enable_gui('qt')", "H100", quiet=True)  # (what %matplotlib qt asks)
