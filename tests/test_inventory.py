@@ -6,14 +6,20 @@ used to feed real-looking device data through our code; the real thing runs in t
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import gpu_magic
 from gpu_magic import SpecError
 from gpu_magic.server.inventory import nvml_type, parse_simulated, read_nvml
+
+from .conftest import start_gateway, wait_for
 
 
 @pytest.mark.parametrize(
@@ -111,3 +117,83 @@ def test_nvml_missing_or_failing_means_no_gpus(monkeypatch: pytest.MonkeyPatch) 
     assert read_nvml() == []
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
     assert read_nvml() == []
+
+
+def test_our_own_runners_and_their_children_are_never_foreign(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a real GPU an idle warm runner keeps its CUDA context between cells. Counted as a
+    # foreign process, its GPU was never granted again: the next cell queued for good (seen on
+    # an H200). Our runners are this process's descendants; a child of ours is ours too.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        devices = [
+            {"name": "NVIDIA H200", "uuid": "GPU-a", "mem": 141 * 2**30, "pids": [child.pid]},
+            {"name": "NVIDIA H200", "uuid": "GPU-b", "mem": 141 * 2**30, "pids": [1]},  # init: not ours
+            # pids /proc does not show (NVML in a container reports the host's): ours where
+            # our runners hold the GPU, foreign where they do not
+            {"name": "NVIDIA H200", "uuid": "GPU-c", "mem": 141 * 2**30, "pids": [2**22 + 7]},
+            {"name": "NVIDIA H200", "uuid": "GPU-d", "mem": 141 * 2**30, "pids": [2**22 + 7]},
+        ]
+        monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(devices))
+        gpus = read_nvml(node="box", own_pids=set(), held={0, 2})
+        assert [g.busy_foreign for g in gpus] == [False, True, False, True]
+    finally:
+        child.kill()
+        child.wait()
+
+
+
+FAKE_NVML = """
+import os
+_DIR = os.environ["FAKE_NVML_DIR"]
+def nvmlInit(): pass
+def nvmlShutdown(): pass
+def nvmlDeviceGetCount(): return 1
+def nvmlDeviceGetHandleByIndex(i): return i
+def nvmlDeviceGetName(h): return "NVIDIA H200"
+def nvmlDeviceGetUUID(h): return "GPU-fake-%d" % h
+class _Mem: total = 141 * 2**30
+def nvmlDeviceGetMemoryInfo(h): return _Mem()
+class _Proc:
+    def __init__(self, pid): self.pid = pid
+def nvmlDeviceGetComputeRunningProcesses(h):
+    try:
+        pids = open(os.path.join(_DIR, "gpu%d" % h)).read().split()
+    except OSError:
+        return []
+    return [_Proc(int(p)) for p in pids if os.path.exists("/proc/" + p)]
+"""
+
+
+def test_a_warm_runner_holding_a_cuda_context_does_not_block_its_gpu(tmp_path: Path) -> None:
+    # Seen on an H200: the second CUDA cell queued for good, because the first cell's warm
+    # runner kept its CUDA context and NVML listed it as a process on the GPU. NVML is the
+    # edge of the world here: a stand-in module lists as computing on GPU 0 the processes the
+    # cells name in a file, as a CUDA context would show them.
+    (tmp_path / "nvml").mkdir()
+    (tmp_path / "nvml" / "pynvml.py").write_text(FAKE_NVML)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "nvml"), *sys.path]),
+           "FAKE_NVML_DIR": str(tmp_path)}
+    gw = start_gateway(tmp_path, simulate=None, env=env)
+    try:
+        hold = (f"import os\nopen({str(tmp_path / 'gpu0')!r}, 'a').write(f'{{os.getpid()}} ')\n"
+                "pid = os.getpid()")
+        pids = []
+        with gw.client() as c:
+            assert [g["type"] for n in c.pool()["nodes"] for g in n["gpus"]] == ["H200"]
+            for _ in range(2):
+                ns: dict[str, Any] = {"__name__": "__main__"}
+                gpu_magic.run(hold, "H200", ns, client=c, quiet=True, wait=20)
+                pids.append(ns["pid"])
+            assert pids[0] == pids[1]  # the same warm runner took the second cell
+            # a process that is not the gateway's on that GPU still makes it busy
+            other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                     start_new_session=True)
+            try:
+                (tmp_path / "gpu0").write_text(f"{other.pid} ")
+                assert wait_for(lambda: c.pool()["nodes"][0]["gpus"][0]["foreign"], 10)
+            finally:
+                other.kill()
+                other.wait()
+    finally:
+        gw.stop()

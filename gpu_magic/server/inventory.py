@@ -6,8 +6,10 @@ pool, and says clearly that it has no real GPUs.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +100,43 @@ def parse_simulated(spec: str, node: str | None = None) -> list[Gpu]:
     return gpus
 
 
-def read_nvml(node: str | None = None, own_pids: set[int] | None = None) -> list[Gpu]:
-    """The real GPUs of this host, or [] when NVML is absent or fails."""
+def _descends_from(pid: int, ancestor: int) -> bool | None:
+    """Whether process ``pid`` is ``ancestor`` or below it; None when this host's /proc does
+    not show ``pid`` at all (another pid namespace: NVML in a container reports the host's)."""
+    for depth in range(64):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None if depth == 0 else False
+    return False
+
+
+def _foreign(pids: list[int], own_pids: set[int], held: bool) -> bool:
+    """Whether any of the processes computing on a GPU is not this gateway's. Its runners are
+    its descendants, idle warm ones too (they keep their CUDA context between cells: counted
+    foreign, their GPU was never granted again). A process /proc does not show cannot be told
+    apart: on a GPU this gateway holds, it is taken for its own runner."""
+    me = os.getpid()
+    for pid in pids:
+        if pid in own_pids:
+            continue
+        mine = _descends_from(pid, me)
+        if mine or (mine is None and held):
+            continue
+        return True
+    return False
+
+
+def read_nvml(node: str | None = None, own_pids: set[int] | None = None,
+              held: Collection[int] = ()) -> list[Gpu]:
+    """The real GPUs of this host, or [] when NVML is absent or fails. ``held``: indices of
+    the GPUs this gateway's runners hold (running or kept warm)."""
     node = node or socket.gethostname()
     try:
         import pynvml
@@ -121,7 +158,7 @@ def read_nvml(node: str | None = None, own_pids: set[int] | None = None) -> list
             foreign = False
             try:
                 procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
-                foreign = any(p.pid not in (own_pids or set()) for p in procs)
+                foreign = _foreign([p.pid for p in procs], own_pids or set(), i in held)
             except Exception:
                 pass
             gtype = nvml_type(name, mem)

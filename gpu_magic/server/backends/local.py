@@ -209,7 +209,11 @@ class LocalBackend:
         if self.simulated or not self._gpus:
             return list(self._gpus)
         own = {h.pid for h in self._handles.values()}
-        fresh = read_nvml(own_pids=own)
+        here = {g.node for g in self._gpus}
+        held = {g.index for h in self._handles.values() for g in h.spec.gpus if g.node in here}
+        if self.warm is not None:
+            held |= {i for node, i in self.warm.held() if node in here}
+        fresh = read_nvml(node=next(iter(here), None), own_pids=own, held=held)
         return fresh or list(self._gpus)
 
     def start(self, run: RunSpec, on_event: EventCallback, on_exit: ExitCallback) -> Handle:

@@ -201,6 +201,11 @@ class WarmPool:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def held(self) -> set[tuple[str, int]]:
+        """The GPUs (node, index) the workers hold, busy or idle."""
+        with self._lock:
+            return {g for w in self._workers.values() for g in w.gpus}
+
     def _evict(self, gpus: frozenset[tuple[str, int]], key: tuple[Any, ...]) -> None:
         # an idle worker may hold a CUDA context on GPUs another job is about to get
         with self._lock:
