@@ -197,3 +197,20 @@ def test_a_warm_runner_holding_a_cuda_context_does_not_block_its_gpu(tmp_path: P
                 other.wait()
     finally:
         gw.stop()
+
+
+def test_nvml_is_started_once_and_asked_only_for_processes_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the pool is read on every submit: NVML's start-up on each read was on every cell's path
+    devices = [{"name": "NVIDIA H200", "uuid": "GPU-a", "mem": 141 * 2**30, "pids": []}]
+    fake = _fake_pynvml(devices)
+    calls: list[str] = []
+    for name in ("nvmlInit", "nvmlShutdown", "nvmlDeviceGetName"):
+        real = getattr(fake, name)
+        setattr(fake, name, lambda *a, _n=name, _r=real: (calls.append(_n), _r(*a))[1])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    first = read_nvml(node="box")
+    devices[0]["pids"] = [1]  # a process appears: seen on the next read
+    second = read_nvml(node="box")
+    assert [g.busy_foreign for g in first + second] == [False, True]
+    assert calls == ["nvmlInit", "nvmlDeviceGetName"]

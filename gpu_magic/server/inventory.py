@@ -6,6 +6,7 @@ pool, and says clearly that it has no real GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -133,6 +134,29 @@ def _foreign(pids: list[int], own_pids: set[int], held: bool) -> bool:
     return False
 
 
+# NVML stays initialised for the process, with each GPU's fixed facts read once: the pool is
+# read on every submit and scheduling pass, and an init/shutdown pair per read put NVML's
+# start-up on every cell's path on a real GPU host. Keyed by the module: a new one starts over.
+_NVML: dict[str, Any] = {}
+
+
+def _nvml_devices(pynvml: Any) -> list[tuple[Any, str, str, int]]:
+    """(handle, name, uuid, total memory) per GPU, from the kept NVML session."""
+    if _NVML.get("module") is not pynvml:
+        _NVML.clear()
+        pynvml.nvmlInit()
+        devices = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            devices.append((h, name.decode() if isinstance(name, bytes) else name,
+                            uuid.decode() if isinstance(uuid, bytes) else uuid,
+                            pynvml.nvmlDeviceGetMemoryInfo(h).total))
+        _NVML.update(module=pynvml, devices=devices)
+    return _NVML["devices"]
+
+
 def read_nvml(node: str | None = None, own_pids: set[int] | None = None,
               held: Collection[int] = ()) -> list[Gpu]:
     """The real GPUs of this host, or [] when NVML is absent or fails. ``held``: indices of
@@ -143,32 +167,21 @@ def read_nvml(node: str | None = None, own_pids: set[int] | None = None,
     except Exception:
         return []
     try:
-        pynvml.nvmlInit()
+        devices = _nvml_devices(pynvml)
     except Exception:
+        _NVML.clear()  # tried afresh next time (a driver being reloaded)
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
         return []
     gpus: list[Gpu] = []
-    try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else name
-            uuid = pynvml.nvmlDeviceGetUUID(h)
-            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h).total
-            foreign = False
-            try:
-                procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
-                foreign = _foreign([p.pid for p in procs], own_pids or set(), i in held)
-            except Exception:
-                pass
-            gtype = nvml_type(name, mem)
-            gpus.append(Gpu(node, i, gtype, round(mem / 2**30), uuid, False, foreign))
-    except Exception:
-        return []
-    finally:
+    for i, (h, name, uuid, mem) in enumerate(devices):
+        foreign = False
         try:
-            pynvml.nvmlShutdown()
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+            foreign = _foreign([p.pid for p in procs], own_pids or set(), i in held)
         except Exception:
             pass
+        gtype = nvml_type(name, mem)
+        gpus.append(Gpu(node, i, gtype, round(mem / 2**30), uuid, False, foreign))
     return gpus
 
