@@ -16,6 +16,7 @@ import base64
 import builtins
 import codecs
 import contextlib
+import copy
 import ctypes
 import functools
 import gc
@@ -526,6 +527,141 @@ class _Pristine:
             logging.disable(self.disable)
 
 
+def _made_by_cell(obj: Any) -> bool:
+    """Whether a hook, printer or magic came from a cell's code (its functions live in
+    ``__main__``), not from a package that stays imported and registered it once."""
+    fn = getattr(obj, "__func__", obj)
+    return getattr(fn, "__module__", None) == "__main__"
+
+
+_PLAIN_TEXT = ("float_precision", "pprint", "max_width", "max_seq_length", "verbose", "newline")
+
+
+class _ShellPristine:
+    """What a cell may change in the shell itself, put back after it on a reused runner, so a
+    cell sees the shell a fresh runner would give it: %config and %precision settings, the
+    display formatters' printers, event hooks, magics and aliases a cell defined, loaded
+    extensions. Seen leaking into later cells, other notebooks' too: a post_run_cell hook that
+    printed, %precision 1, a formatter for int, figures as JPEG. What packages registered
+    (matplotlib's figure flush, a library's formatter) stays, as the packages do."""
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.config = copy.deepcopy(shell.config)
+        plain = shell.display_formatter.formatters["text/plain"]
+        self.plain = {n: getattr(plain, n) for n in _PLAIN_TEXT}
+        self.enabled = {k: f.enabled for k, f in shell.display_formatter.formatters.items()}
+        self.formats = set(shell.display_formatter.formatters)
+        self.magics = {kind: dict(table) for kind, table in shell.magics_manager.magics.items()}
+        self.aliases = {name for name, _ in shell.alias_manager.aliases}
+        self.first_printers = {id(t): dict(t) for f in shell.display_formatter.formatters.values()
+                               for t in (f.type_printers, f.deferred_printers, f.singleton_printers)}
+        self.printers: dict[int, dict[Any, Any]] = dict(self.first_printers)
+        self.extensions = set(shell.extension_manager.loaded)
+        self.settings = {n: getattr(shell, n) for n in ("autocall", "ast_node_interactivity",
+                                                          "xmode", "automagic") if hasattr(shell, n)}
+
+    def restore(self) -> None:
+        shell = self.shell
+        if shell.config != self.config:
+            shell.config = copy.deepcopy(self.config)
+        fmt = shell.display_formatter
+        for kind in set(fmt.formatters) - self.formats:
+            del fmt.formatters[kind]
+        plain = fmt.formatters["text/plain"]
+        for n, v in self.plain.items():
+            if getattr(plain, n) != v:
+                setattr(plain, n, v)  # (float_precision's observer resets float_format)
+        for kind, f in fmt.formatters.items():
+            if f.enabled != self.enabled.get(kind, True):
+                f.enabled = self.enabled.get(kind, True)
+            for table in (f.type_printers, f.deferred_printers, f.singleton_printers):
+                seen = self.printers.get(id(table))
+                if seen is not None and table == seen:  # (by identity: a few µs for all)
+                    continue
+                first = self.first_printers.get(id(table), {})
+                for k in [k for k, fn in table.items() if _made_by_cell(fn)]:
+                    if k in first:
+                        table[k] = first[k]  # IPython's own printer the cell replaced
+                    else:
+                        del table[k]
+                self.printers[id(table)] = dict(table)  # what packages added stays
+        for cbs in shell.events.callbacks.values():
+            cbs[:] = [cb for cb in cbs if not _made_by_cell(cb)]
+        for kind, table in shell.magics_manager.magics.items():
+            if table != self.magics.get(kind, {}):
+                table.clear()
+                table.update(self.magics.get(kind, {}))
+        aliases = shell.alias_manager.aliases
+        if len(aliases) != len(self.aliases):
+            for name in [n for n, _ in aliases if n not in self.aliases]:
+                with contextlib.suppress(Exception):
+                    shell.alias_manager.undefine_alias(name)
+        if shell.extension_manager.loaded != self.extensions:  # %load_ext registers anew
+            shell.extension_manager.loaded.intersection_update(self.extensions)
+        for n, v in self.settings.items():
+            if getattr(shell, n) != v:
+                setattr(shell, n, v)
+        _reset_libraries()
+
+
+def _reset_libraries() -> None:
+    """Settings of packages a cell may have imported, back to what a fresh process has: the
+    package stays imported on a reused runner, and its settings would carry into the next
+    cell (torch.set_grad_enabled(False) at a cell's top made every later cell's training
+    compute no gradients)."""
+    inline = sys.modules.get("matplotlib_inline.config")
+    if inline is not None and inline.InlineBackend.initialized():
+        backend = inline.InlineBackend.instance()
+        for n, trait in backend.traits(config=True).items():
+            default = trait.default()
+            if getattr(backend, n) != default:
+                setattr(backend, n, default)  # (figure_formats' observer resets the printers)
+    mpl = sys.modules.get("matplotlib")
+    if mpl is not None and hasattr(mpl, "rc_file_defaults"):
+        # compared as plain dicts: reading rcParams item by item costs 1.6 ms (and reading
+        # its backend would import pyplot); the backend is left as it is (the runner sets it)
+        now, orig = mpl.rcParams, mpl.rcParamsOrig
+        with contextlib.suppress(Exception):
+            if not dict.__eq__(now, orig) and any(
+                    k != "backend" and dict.get(now, k) != dict.get(orig, k)
+                    for k in dict.keys(now)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    mpl.rc_file_defaults()  # (keeps the backend)
+    np = sys.modules.get("numpy")
+    if np is not None and hasattr(np, "get_printoptions"):
+        with contextlib.suppress(Exception):
+            if np.get_printoptions() != _NUMPY_PRINT:
+                np.set_printoptions(**{k: v for k, v in _NUMPY_PRINT.items()
+                                       if k in np.get_printoptions()})
+            if np.geterr() != _NUMPY_ERR:
+                np.seterr(**_NUMPY_ERR)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "is_grad_enabled"):
+        with contextlib.suppress(Exception):
+            if not torch.is_grad_enabled():
+                torch.set_grad_enabled(True)
+            if torch.get_default_dtype() != torch.float32:
+                torch.set_default_dtype(torch.float32)
+            if torch.get_float32_matmul_precision() != "highest":
+                torch.set_float32_matmul_precision("highest")
+            if torch.are_deterministic_algorithms_enabled():
+                torch.use_deterministic_algorithms(False)
+            cudnn = torch.backends.cudnn
+            if cudnn.benchmark or cudnn.deterministic:
+                cudnn.benchmark = cudnn.deterministic = False
+            if hasattr(torch, "get_default_device") and torch.get_default_device().type != "cpu":
+                torch.set_default_device(None)
+
+
+# what a fresh process's numpy says (numpy's own defaults, stable since 1.x)
+_NUMPY_PRINT = {"edgeitems": 3, "threshold": 1000, "floatmode": "maxprec", "precision": 8,
+                "suppress": False, "linewidth": 75, "nanstr": "nan", "infstr": "inf",
+                "sign": "-", "formatter": None, "legacy": False, "override_repr": None}
+_NUMPY_ERR = {"divide": "warn", "over": "warn", "under": "ignore", "invalid": "warn"}
+
+
 _GC_COLLECT = gc.collect  # the runner's own: what it froze stays out
 
 
@@ -898,6 +1034,7 @@ class _Session:
         self.base_env = dict(os.environ)
         self.c_environ = _CEnviron()
         self.pristine: _Pristine | None = None  # taken before the first cell
+        self.shell_pristine: _ShellPristine | None = None
         self.base_path = list(sys.path)
         self.local_mtimes: dict[str, float] = {}
         self.modules_seen = -1  # len(sys.modules) when the user's modules were last noted
@@ -1009,6 +1146,7 @@ class _Session:
             return
         try:
             self.pristine.restore()
+            self.shell_pristine.restore()
         except Exception:  # what cannot be put back: this runner takes no further cell
             self.reusable = False
         if self.pristine.threads_left():
@@ -1113,6 +1251,7 @@ class _Session:
             self.make_shell()
             if self.pristine is None:
                 self.pristine = _Pristine()
+                self.shell_pristine = _ShellPristine(self.shell)
             return self._run(job_dir, manifest)
         except BaseException as exc:  # the runner itself failed: say so instead of dying silently
             self.emitter.emit({

@@ -56,6 +56,47 @@ def test_warm_and_cold_runs_give_the_same_results(warm: Gateway, cold: Gateway) 
     assert got_warm[1] == (None, False, False, False, False)  # nothing leaked into cell 2
 
 
+
+SHELL_CELLS = [
+    # what a cell may change in the shell and in packages' settings ...
+    "import numpy as np, torch, matplotlib as mpl, matplotlib.pyplot as plt\n"
+    "from IPython.core.magic import register_line_magic\n"
+    "%precision 1\n%config InlineBackend.figure_format = 'jpeg'\n%alias hello echo hello\n"
+    "ip = get_ipython()\n"
+    "ip.display_formatter.formatters['text/plain'].for_type(int, lambda o, p, c: p.text('INT'))\n"
+    "def hook(*a):\n    print('HOOK')\n"
+    "ip.events.register('post_run_cell', hook)\n"
+    "@register_line_magic\ndef mine(line):\n    return 'M'\n"
+    "np.set_printoptions(precision=2)\nnp.seterr(all='raise')\n"
+    "torch.set_grad_enabled(False)\ntorch.set_default_dtype(torch.float64)\n"
+    "mpl.rcParams['figure.figsize'] = (3, 2)\nplt.plot([1, 2])\ndel ip",
+    # ... the next cell, maybe another notebook's, must not see
+    "import numpy as np, torch, matplotlib as mpl, matplotlib.pyplot as plt\n"
+    "from matplotlib_inline.config import InlineBackend\n"
+    "ip = get_ipython()\nplain = ip.display_formatter.formatters['text/plain']\n"
+    "seen = dict(precision=plain.float_precision, int_printer=int in plain.type_printers,\n"
+    "    hooks=[c.__name__ for c in ip.events.callbacks['post_run_cell']],\n"
+    "    flush=[c.__name__ for c in ip.events.callbacks['post_execute']],\n"
+    "    alias='hello' in ip.magics_manager.magics['line'],\n"
+    "    magic='mine' in ip.magics_manager.magics['line'],\n"
+    "    np=(np.get_printoptions()['precision'], np.geterr()['divide']),\n"
+    "    torch=(torch.is_grad_enabled(), str(torch.get_default_dtype())),\n"
+    "    figsize=list(mpl.rcParams['figure.figsize']),\n"
+    "    formats=sorted(InlineBackend.instance().figure_formats))\n"
+    "plt.plot([1, 2])\ndel ip, plain\nseen",
+]
+
+
+def test_shell_and_package_settings_a_cell_changed_do_not_reach_the_next_cell(
+        warm: Gateway, cold: Gateway) -> None:
+    # seen leaking on warm runners, into other notebooks' cells too: a hook that printed,
+    # %precision, a formatter for int, JPEG figures, torch without gradients
+    got_warm, got_cold = _values(warm, SHELL_CELLS), _values(cold, SHELL_CELLS)
+    assert got_warm[1] == got_cold[1]
+    assert got_warm[1]["precision"] == "" and got_warm[1]["hooks"] == []
+    assert got_warm[1]["torch"] == (True, "torch.float32") and got_warm[1]["formats"] == ["png"]
+    assert "flush_figures" in got_warm[1]["flush"]  # later cells' figures still show
+
 C_ENV_CELLS = [
     # behind os.environ's back: the C library's environment alone changes
     "import os\nos.putenv('C_LEAK', 'x')\nos.putenv('HOME', '/nowhere')\nos.unsetenv('PATH')\n"
