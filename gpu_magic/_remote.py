@@ -36,10 +36,27 @@ def render_traceback(
     cell_name: Callable[[str], str | None] | None = None,
     locate: Callable[[str, int, str | None, int | None], str | None] | None = None,
 ) -> list[str]:
-    """The lines IPython shows for the remote exception."""
+    """The lines IPython shows for the remote exception, after those it was chained to."""
+    lines: list[str] = []
+    for link in event.get("chain") or []:
+        if not isinstance(link, dict):
+            continue
+        lines += _block(link, source, line_offset, label, cell_name, locate)
+        lines += ["", "The above exception was the direct cause of the following exception:"
+                  if link.get("cause") else
+                  "During handling of the above exception, another exception occurred:", ""]
+    where_line = f"raised remotely on {where(grant)}" + (f", job {job_id}" if job_id else "")
+    block = _block(event, source, line_offset, label, cell_name, locate)
+    return [*lines, *block[:2], where_line, *block[2:]]
+
+
+def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
+           cell_name: Callable[[str], str | None] | None,
+           locate: Callable[[str, int, str | None, int | None], str | None] | None,
+           ) -> list[str]:
+    """One exception's traceback lines, its own message last."""
     ename, evalue = event.get("ename", "Exception"), event.get("evalue", "")
-    lines = [_RULE, f"{ename:<40}Traceback (most recent call last)",
-             f"raised remotely on {where(grant)}" + (f", job {job_id}" if job_id else "")]
+    lines = [_RULE, f"{ename:<40}Traceback (most recent call last)"]
     src_lines = source.splitlines()
     for fr in event.get("traceback", []):
         lineno = int(fr.get("lineno") or 0)
@@ -110,6 +127,7 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
     """The exception to raise here: the same type where it unpickled, else RemoteError.
     ``hint``: what to do about it, said after the traceback."""
     shown = [*tb_lines, f"[gpu_magic] {hint}"] if hint else list(tb_lines)
+    own = max((i for i, line in enumerate(tb_lines) if line == _RULE), default=0)
     if isinstance(exc, Exception):
         try:
             # IPython asks the exception itself how to render it; an instance attribute is
@@ -117,13 +135,29 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
             exc._render_traceback_ = lambda: list(shown)  # type: ignore[attr-defined]
             exc.__traceback__ = None
             if hasattr(exc, "add_note"):  # plain Python prints notes: where it was raised
-                exc.add_note("\n".join(tb_lines[2:-1]).rstrip())  # (not its last line again)
+                # (its own frames only: Python prints the chain itself, and its last line)
+                exc.add_note("\n".join(tb_lines[own + 2:-1]).rstrip())
                 if hint:
                     exc.add_note(f"[gpu_magic] {hint}")
-            return exc
+            return _chained(exc, event)
         except (AttributeError, TypeError):
             pass
-    return RemoteError(event.get("ename", "Exception"), event.get("evalue", ""), "\n".join(shown))
+    return _chained(RemoteError(event.get("ename", "Exception"), event.get("evalue", ""),
+                                "\n".join(shown)), event)
+
+
+def _chained(exc: BaseException, event: dict[str, Any]) -> BaseException:
+    """``exc`` with the exceptions it was raised from (or while handling) as ``__cause__`` /
+    ``__context__``, as it had where it ran: RemoteErrors naming their type and message."""
+    later = exc
+    for link in reversed([x for x in event.get("chain") or [] if isinstance(x, dict)]):
+        earlier = RemoteError(str(link.get("ename", "Exception")), str(link.get("evalue", "")))
+        if link.get("cause"):
+            later.__cause__ = earlier
+        else:
+            later.__context__ = earlier
+        later = earlier
+    return exc
 
 
 def code_locator(sent: Iterable[Any], others: Iterable[Any] = ()

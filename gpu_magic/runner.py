@@ -768,8 +768,9 @@ def _flush_c_stdio() -> None:
         pass
 
 
-def _frames(exc: BaseException, cell_files: set[str]) -> list[dict[str, Any]]:
-    """The traceback as plain data, from the cell's own frame on (runner/IPython frames dropped)."""
+def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dict[str, Any]]:
+    """The traceback as plain data, from the cell's own frame on (runner/IPython frames dropped).
+    ``lead``: blank lines IPython took off the cell's start, added back to its line numbers."""
     frames = traceback.extract_tb(exc.__traceback__)
     codes = [frame.f_code for frame, _ in traceback.walk_tb(exc.__traceback__)]
     start = 0
@@ -784,7 +785,7 @@ def _frames(exc: BaseException, cell_files: set[str]) -> list[dict[str, Any]]:
             continue  # exit() goes through IPython and the runner: not the user's frames
         out.append({
             "filename": fr.filename,
-            "lineno": fr.lineno,
+            "lineno": (fr.lineno or 0) + lead if fr.filename in cell_files else fr.lineno,
             "name": fr.name,
             # which notebook function it is: two cells may each define a `forward`
             "qualname": getattr(code, "co_qualname", code.co_name),
@@ -800,6 +801,35 @@ def _frames(exc: BaseException, cell_files: set[str]) -> list[dict[str, Any]]:
     return out
 
 
+def _chain(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dict[str, Any]]:
+    """The exceptions before ``exc`` that Python prints with it (``raise ... from e``, or one
+    raised while handling another), oldest first, each with how it leads to the next."""
+    links: list[dict[str, Any]] = []
+    seen = {id(exc)}
+    while len(links) < CHAIN_KEPT:
+        cause = exc.__cause__
+        context = None if exc.__suppress_context__ else exc.__context__
+        earlier = cause if cause is not None else context
+        if earlier is None or id(earlier) in seen:
+            break
+        seen.add(id(earlier))
+        links.append({"ename": type(earlier).__name__,
+                      "evalue": _cut(str(earlier), 10_000),
+                      "traceback": _frames(earlier, cell_files, lead)[-FRAMES_KEPT // 10:],
+                      "cause": cause is not None})
+        exc = earlier
+    return links[::-1]
+
+
+def _leading_blank_lines(source: str) -> int:
+    lines = source.splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.isspace():
+            return i
+    return 0
+
+
+CHAIN_KEPT = 8  # exceptions chained before the one a cell raised
 FRAMES_KEPT = 200  # at each end of a traceback
 EVALUE_MAX = 100_000  # characters of an exception's message in its event (its pickle has all)
 
@@ -1302,8 +1332,11 @@ class _Session:
         # by name there (multiprocessing pools, DataLoader workers, torch.save of a model)
         sys.modules["__main__"] = _main_module(shell.user_module)
         shell.init_user_ns()
+        # IPython drops a cell's leading blank lines before compiling it: its line numbers
+        # count from the first line with text, the notebook's from the first line
+        lead = _leading_blank_lines(manifest["source"])
         _CellWarnings.where = (str(manifest.get("cell_label") or "Cell"),
-                               int(manifest.get("line_offset") or 0))
+                               int(manifest.get("line_offset") or 0) + lead)
         result = shell.run_cell(manifest["source"], store_history=False)
         _flush_c_stdio()  # C stdio buffers of extensions, before the drain
         self.sync()
@@ -1316,10 +1349,13 @@ class _Session:
                 "type": "error",
                 "ename": type(exc).__name__,
                 "evalue": _cut(str(exc), EVALUE_MAX),
-                "traceback": _frames(exc, cell_files),
+                "traceback": _frames(exc, cell_files, lead),
                 "oom": _is_oom(exc),
                 "syntax": result.error_before_exec is not None,
             }
+            chain = _chain(exc, cell_files, lead)
+            if chain:
+                event["chain"] = chain
             try:
                 packed, _ = _payload.dumps(exc)
                 if not packed.buffers:

@@ -859,3 +859,42 @@ def test_matplotlib_inline_magic_works_and_a_window_toolkit_is_refused() -> None
     assert "inline" in ns["backend"]
     with pytest.raises(Exception, match=r"no screen.*%matplotlib inline"):
         run(ns, "get_ipython().enable_gui('qt')", "H100", quiet=True)  # (what %matplotlib qt asks)
+
+
+def test_an_exception_raised_from_another_shows_both_as_python_does() -> None:
+    ns = notebook("")
+    with pytest.raises(RuntimeError) as info:
+        run(ns, """
+            try:
+                1 / 0
+            except Exception as e:
+                raise RuntimeError("wrapped") from e
+        """, "H100", quiet=True)
+    shown = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    first, _, then = shown.partition("The above exception was the direct cause")
+    assert "ZeroDivisionError: division by zero" in first and "1 / 0" in first
+    assert "RuntimeError: wrapped" in then and "raised remotely" in then
+    assert "division by zero" in str(info.value.__cause__)
+    with pytest.raises(ValueError) as info2:
+        run(ns, """
+            try:
+                {}["k"]
+            except KeyError:
+                int("x")
+        """, "H100", quiet=True)
+    shown = "\n".join(info2.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "KeyError: 'k'" in shown.partition("During handling of the above exception")[0]
+    assert "KeyError" in str(info2.value.__context__)
+    with pytest.raises(ValueError) as info3:  # `from None` shows the last one only
+        run(ns, "try:\n    1 / 0\nexcept Exception:\n    raise ValueError('v') from None",
+            "H100", quiet=True)
+    assert "ZeroDivision" not in "\n".join(info3.value._render_traceback_())  # type: ignore[attr-defined]
+
+
+def test_line_numbers_count_the_blank_lines_a_cell_starts_with() -> None:
+    # IPython compiles a cell without its leading blank lines; the notebook counts them
+    ns = notebook("")
+    with pytest.raises(ZeroDivisionError) as info:
+        run(ns, "\n\nx = 1\n1 / 0", "H100", quiet=True)
+    shown = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "Cell, line 4\n----> 4 1 / 0" in shown
