@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import _payload, _reserve
+from . import _interrupts, _payload, _reserve
 
 COALESCE_S = 0.002  # let a burst of prints gather before sending them as one event
 _MARKER = b"\x00gpu-magic-drain\x00"
@@ -301,7 +301,7 @@ class _TextProgressLoader:
         module.trange = module.tnrange = std.trange
 
 
-def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None]) -> Any:
+def _cell_shell(ns: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> Any:
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
     from IPython.core.interactiveshell import InteractiveShell
@@ -312,7 +312,6 @@ def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None])
                     transient: Any = None, update: bool = False, **_kw: Any) -> None:
             if _WIDGET_VIEW in (data or {}):
                 data = _without_widget(data)
-            sync()
             event: dict[str, Any] = {
                 "type": "update_display" if update else "display",
                 "data": data,
@@ -320,11 +319,10 @@ def _cell_shell(ns: dict[str, Any], emitter: _Emitter, sync: Callable[[], None])
             }
             if transient and transient.get("display_id"):
                 event["display_id"] = transient["display_id"]
-            emitter.emit(event)
+            send(event)
 
         def clear_output(self, wait: bool = False) -> None:
-            sync()
-            emitter.emit({"type": "clear_output", "wait": bool(wait)})
+            send({"type": "clear_output", "wait": bool(wait)})
 
     class ValueHook(DisplayHook):
         """Keeps the last expression's value for the client instead of printing Out[n]."""
@@ -783,6 +781,8 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
         if isinstance(exc, SystemExit) and not (fr.filename in cell_files
                                                 or fr.filename == "<dynamic-code>"):
             continue  # exit() goes through IPython and the runner: not the user's frames
+        if code is _interrupts.Interrupts.handler.__code__:
+            continue  # where an interrupt was raised: the line the cell was at is the news
         out.append({
             "filename": fr.filename,
             "lineno": (fr.lineno or 0) + lead if fr.filename in cell_files else fr.lineno,
@@ -1071,10 +1071,12 @@ class _Session:
         self.reusable = True  # False: one job, then the process ends (nothing to reload)
         self.releasing = False  # letting go of a cell's objects (_release)
         self.frozen = False  # objects frozen since the last full collection
+        self.interrupts = _interrupts.Interrupts()  # SIGINT: the user interrupted the cell
+        self.interrupts.on_raise = lambda: self.emitter.emit({"type": "interrupted"})
 
     def make_shell(self) -> None:
         if self.shell is None:
-            self.shell = _cell_shell({"__name__": "__main__"}, self.emitter, self.sync)
+            self.shell = _cell_shell({"__name__": "__main__"}, self.send)
             gc.collect = _cell_collect  # type: ignore[assignment]
             # before the pristine state is taken: a cell's own showwarning is still undone
             warnings.showwarning = _CellWarnings(warnings.showwarning)
@@ -1109,12 +1111,20 @@ class _Session:
 
     def sync(self) -> None:
         """Everything written so far, sent: before a display, and at the end of the cell."""
-        for cap in self.caps:  # both pipes at once: one wait, not one per pipe
-            cap.mark()
-        for cap in self.caps:
-            cap.wait_drained()
-        if self.coalescer is not None:
-            self.coalescer.flush()
+        with self.interrupts.hold():  # (an interrupt must not lose output taken out to send)
+            for cap in self.caps:  # both pipes at once: one wait, not one per pipe
+                cap.mark()
+            for cap in self.caps:
+                cap.wait_drained()
+            if self.coalescer is not None:
+                self.coalescer.flush()
+
+    def send(self, event: dict[str, Any]) -> None:
+        """A display of the cell's, after the output printed before it, whole: an interrupt
+        waits until it is sent (half a line on the pipe would lose the next event too)."""
+        with self.interrupts.hold():
+            self.sync()
+            self.emitter.emit(event)
 
     def _reset(self, manifest: dict[str, Any], cwd: str | None) -> None:
         # What a reused process resets between cells: environment (os.environ and the C
@@ -1273,6 +1283,10 @@ class _Session:
     def run(self, job_dir: Path, events_fd: int, cwd: str | None = None,
             manifest: dict[str, Any] | None = None) -> int:
         self.emitter.retarget(events_fd)
+        self.interrupts.job_started()
+        # the gateway sends an interrupt only from here on: one sooner would find a fresh
+        # runner still starting (Python's own handler) or a warm one idle (ignored)
+        self.emitter.emit({"type": "interruptible", "pid": os.getpid()})
         try:
             if manifest is None:  # a warm worker is handed small manifests with the job
                 manifest = json.loads((job_dir / "manifest.json").read_text())
@@ -1292,6 +1306,7 @@ class _Session:
             })
             return 3
         finally:
+            self.interrupts.job_ended()
             if self.reusable:  # before "finished": an edit right after the cell must show
                 self.note_local_modules()
                 self._tidy()
@@ -1337,32 +1352,19 @@ class _Session:
         lead = _leading_blank_lines(manifest["source"])
         _CellWarnings.where = (str(manifest.get("cell_label") or "Cell"),
                                int(manifest.get("line_offset") or 0) + lead)
-        result = shell.run_cell(manifest["source"], store_history=False)
+        with self.interrupts.cell(shell.compile):
+            result = shell.run_cell(manifest["source"], store_history=False)
         _flush_c_stdio()  # C stdio buffers of extensions, before the drain
         self.sync()
 
         printed = _Stream.writes
         exc = result.error_before_exec or result.error_in_exec
-        if exc is not None:
-            cell_files = set(getattr(shell.compile, "_filename_map", {}) or {})
-            event: dict[str, Any] = {
-                "type": "error",
-                "ename": type(exc).__name__,
-                "evalue": _cut(str(exc), EVALUE_MAX),
-                "traceback": _frames(exc, cell_files, lead),
-                "oom": _is_oom(exc),
-                "syntax": result.error_before_exec is not None,
-            }
-            chain = _chain(exc, cell_files, lead)
-            if chain:
-                event["chain"] = chain
-            try:
-                packed, _ = _payload.dumps(exc)
-                if not packed.buffers:
-                    _put_blobs(out, packed, event)
-                    event["exception"] = packed.pickle_digest
-            except Exception:
-                pass
+        # ended by the interrupt its user asked for: what the cell had bound and changed comes
+        # back with the error, as a local cell interrupted there leaves it (a KeyboardInterrupt
+        # the cell raised itself is an error like any other: all or nothing)
+        interrupted = isinstance(exc, KeyboardInterrupt) and self.interrupts.raised
+        if exc is not None and not interrupted:
+            event = _error_event(exc, result, shell, out, lead)
             if _Stream.writes != printed:  # a __reduce__ or __repr__ that prints: still the cell's
                 self.sync()
             emitter.emit(event)
@@ -1402,6 +1404,13 @@ class _Session:
         for n in manifest.get("return_names") or ():
             if n not in ns:  # a typo in --return must not cost the cell's work in silence
                 event["skipped"][n] = _not_left(n, ns)
+        if interrupted:
+            assert exc is not None
+            error = _error_event(exc, result, shell, out, lead)
+            # one event, so the gateway takes results and error as one outcome
+            if error.get("inline"):
+                event["inline"] = {**(event.get("inline") or {}), **error.pop("inline")}
+            event["error"] = error
         if _Stream.writes != printed:  # a __reduce__ or __repr__ that prints: still the cell's
             self.sync()
         emitter.emit(event)
@@ -1432,6 +1441,33 @@ def _main_module(module: Any) -> Any:
     # (object's setter: IPython's module type would store a `__class__` name in the cell)
     object.__setattr__(module, "__class__", type(base.__name__, (base,), {"__getattr__": __getattr__}))
     return module
+
+
+def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,
+                 lead: int = 0) -> dict[str, Any]:
+    """The cell's exception as an event: its frames from the cell's own on (``lead``: see
+    _frames), the exceptions it was raised from, and its pickle (inline when small) where it
+    has no out-of-band buffers."""
+    cell_files = set(getattr(shell.compile, "_filename_map", {}) or {})
+    event: dict[str, Any] = {
+        "type": "error",
+        "ename": type(exc).__name__,
+        "evalue": _cut(str(exc), EVALUE_MAX),
+        "traceback": _frames(exc, cell_files, lead),
+        "oom": _is_oom(exc),
+        "syntax": result.error_before_exec is not None,
+    }
+    chain = _chain(exc, cell_files, lead)
+    if chain:
+        event["chain"] = chain
+    try:
+        packed, _ = _payload.dumps(exc)
+        if not packed.buffers:
+            _put_blobs(out, packed, event)
+            event["exception"] = packed.pickle_digest
+    except Exception:
+        pass
+    return event
 
 
 class _CellWarnings:
@@ -1473,6 +1509,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     session = _Session()
+    session.interrupts.install()  # first: Python's own handler would end the runner
     session.reusable = False
     _adopt_orphans()
     return session.run(Path(argv[0]), int(argv[1]))
@@ -1488,6 +1525,7 @@ def _zygote(sock_fd: int) -> None:
     import socket
 
     session = _Session()
+    session.interrupts.install()  # the workers forked from here have it from their start
     session.make_shell()  # IPython and the shell, built once, shared copy-on-write
     sock = socket.socket(fileno=sock_fd)
     send_lock = threading.Lock()

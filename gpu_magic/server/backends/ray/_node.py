@@ -237,6 +237,9 @@ def _blobs_named(line: bytes) -> list[str]:
         return []
     if ev.get("type") == "result":
         digests = [ev.get("blob"), *(ev.get("buffers") or [])]
+        error = ev.get("error")  # a cell ended by an interrupt: its results and its error
+        if isinstance(error, dict):
+            digests.append(error.get("exception"))
     elif ev.get("type") == "error":
         digests = [ev.get("exception")]
     else:
