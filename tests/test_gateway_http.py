@@ -46,6 +46,7 @@ PRIVATE_ROUTES = [
     ("GET", "/v1/jobs/{job_id}"),
     ("GET", "/v1/jobs/{job_id}/events"),
     ("DELETE", "/v1/jobs/{job_id}"),
+    ("POST", "/v1/jobs/{job_id}/interrupt"),
     ("GET", "/v1/limits"),
     ("PUT", "/v1/limits/{name}"),
     ("GET", "/v1/local"),
@@ -339,6 +340,9 @@ def test_private_route_allowed_with_the_token(
         (inbox / kwargs["json"]["name"]).write_bytes(known["data"])
     resp = httpx.request(method, gateway.url + url, timeout=DEADLINE_S,
                          headers={"Authorization": f"Bearer {gateway.token}"}, **kwargs)
+    if path.endswith("/interrupt"):  # let in, and told the job has no cell running any more
+        refused(resp, 409, "job_ended")
+        return
     assert resp.status_code in (200, 201), resp.text
     if method == "DELETE":  # cancelling a finished job changes nothing
         assert resp.json()["state"] == known["job"]["state"] == "succeeded"
@@ -555,7 +559,8 @@ def test_job_is_listed_and_readable(client: GatewayClient, hello: dict[str, Any]
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/jobs/{}"), ("DELETE", "/v1/jobs/{}"),
-                                            ("GET", "/v1/jobs/{}/events")])
+                                            ("GET", "/v1/jobs/{}/events"),
+                                            ("POST", "/v1/jobs/{}/interrupt")])
 def test_unknown_job_is_404(gateway: Gateway, method: str, path: str) -> None:
     resp = call(gateway.url, gateway.token, method, path.format("0123456789ab"))
     refused(resp, 404, "no_such_job")
@@ -837,6 +842,72 @@ def test_timeout_stops_the_cell(client: GatewayClient) -> None:
     wait_for(lambda: all_free(client), DEADLINE_S)
 
 
+# --- interrupts ---
+
+INTERRUPTED_CELL = ("acc = [1]\nprint('sleeping', flush=True)\nimport time\ntry:\n"
+                    "    time.sleep(30)\nfinally:\n    print('finally ran', flush=True)\n"
+                    "after = 1\n")
+
+
+def _interrupted_events(events: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The result and the error of a cell its interrupt ended, checked for what every such
+    end has: the cell took the interrupt, ran its finally block, and failed."""
+    kinds = [e["type"] for e in events]
+    assert kinds[-3:] == ["result", "error", "done"], kinds
+    assert events[-1]["state"] == "failed"
+    assert kinds.index("interrupted") < kinds.index("result")
+    result, error = events[-3], events[-2]
+    assert result["interrupted"] is True and error["interrupted"] is True
+    assert error["ename"] == "KeyboardInterrupt"
+    return result, error
+
+
+def test_interrupt_raises_keyboard_interrupt_in_the_running_cell(client: GatewayClient) -> None:
+    job = submit(client, INTERRUPTED_CELL, "A100-80GB", outputs=["acc", "after"])
+    follow(client, job["id"], until=lambda e: "sleeping" in str(e.get("text")))
+    record = client.interrupt(job["id"])
+    assert record["state"] == "running"  # it goes on until the cell has ended
+    events = follow(client, job["id"])
+    result, error = _interrupted_events(events)
+    assert "finally ran" in "".join(e.get("text", "") for e in events if e["type"] == "stdout")
+    # what the cell had bound came back; what it never reached did not
+    payload = loads(bytes(client.download(result["blob"])), [], namespace={})
+    assert payload["names"]["acc"] == [1] and "after" not in payload["names"]
+    # the traceback ends at the cell's line that was running, not in the runner
+    assert error["traceback"][-1]["cell"] and error["traceback"][-1]["lineno"] == 5
+    assert [e["attempt"] for e in events if e["type"] == "interrupted"] == [1]
+    wait_for(lambda: all_free(client), DEADLINE_S)
+
+
+def test_an_interrupt_the_cell_handles_lets_it_succeed(client: GatewayClient) -> None:
+    cell = ("import time\nprint('sleeping', flush=True)\ntry:\n    time.sleep(30)\n"
+            "except KeyboardInterrupt:\n    y = 'saved'\n")
+    job = submit(client, cell, "A100-80GB", outputs=["y"])
+    follow(client, job["id"], until=lambda e: "sleeping" in str(e.get("text")))
+    client.interrupt(job["id"])
+    events = follow(client, job["id"])
+    assert [e["type"] for e in events][-2:] == ["result", "done"]
+    assert events[-1]["state"] == "succeeded" and "interrupted" not in events[-2]
+    payload = loads(bytes(client.download(events[-2]["blob"])), [], namespace={})
+    assert payload["names"]["y"] == "saved"
+
+
+def test_interrupt_of_a_queued_or_ended_job_is_refused(
+        client: GatewayClient, blocker: dict[str, Any], hello: dict[str, Any]) -> None:
+    queued = submit(client, "x = 1\n", "H100:2")
+    try:
+        with pytest.raises(GatewayError) as info:
+            client.interrupt(queued["id"])
+        assert info.value.status == 409 and info.value.detail["error"] == "job_queued"
+        assert "Cancel it instead" in str(info.value)
+        assert client.job(queued["id"])["state"] == "queued"  # left as it was
+    finally:
+        client.cancel(queued["id"])
+    with pytest.raises(GatewayError) as info:
+        client.interrupt(hello["job"]["id"])
+    assert info.value.status == 409 and info.value.detail["error"] == "job_ended"
+
+
 # --- users ---
 
 
@@ -845,12 +916,12 @@ def test_other_users_job_is_invisible_and_untouchable(users: Users) -> None:
     job = submit(alice, SLEEPER, "A100-80GB")
     follow(alice, job["id"], until=lambda e: e["type"] == "started")
     for method, path in [("GET", "/v1/jobs/{}"), ("GET", "/v1/jobs/{}/events"),
-                         ("DELETE", "/v1/jobs/{}")]:
+                         ("DELETE", "/v1/jobs/{}"), ("POST", "/v1/jobs/{}/interrupt")]:
         resp = call(users.gw.url, users.tokens["bob"], method, path.format(job["id"]))
         refused(resp, 404, "no_such_job")
     assert job["id"] not in [j["id"] for j in bob.jobs()]
     assert job["id"] not in [j["id"] for j in bob.jobs(everyone=True)]  # not an admin
-    assert alice.job(job["id"])["state"] == "running"  # bob's cancel did nothing
+    assert alice.job(job["id"])["state"] == "running"  # bob's cancel and interrupt did nothing
     assert job["id"] in [j["id"] for j in alice.jobs()]
     # the admin sees every job, and cancels it
     assert job["id"] in [j["id"] for j in carol.jobs(everyone=True)]
@@ -861,6 +932,21 @@ def test_other_users_job_is_invisible_and_untouchable(users: Users) -> None:
     # alice is told who stopped her job: she did not ask for it
     assert done["message"] == "cancelled by carol (admin) while running; the output so far is kept"
     for c in (alice, bob, carol):
+        c.close()
+
+
+def test_an_admin_interrupts_a_sandboxed_cell_as_soon_as_it_runs(users: Users) -> None:
+    # a shared gateway's runner is in a sandbox (its own pid numbers); asked at once, the
+    # interrupt waits for the runner to start, then for its cell to run
+    alice, carol = users.client("alice"), users.client("carol")
+    job = submit(alice, INTERRUPTED_CELL, "A100-80GB", outputs=["acc", "after"])
+    follow(alice, job["id"], until=lambda e: e["type"] == "granted")
+    carol.interrupt(job["id"])
+    result, error = _interrupted_events(follow(alice, job["id"]))
+    assert error["traceback"] and error["traceback"][-1]["cell"]
+    assert alice.job(job["id"])["state"] == "failed"
+    wait_for(lambda: all_free(alice), DEADLINE_S)
+    for c in (alice, carol):
         c.close()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import textwrap
 import time
 from collections.abc import Iterator
@@ -374,6 +375,39 @@ def test_runner_is_reused_for_the_same_key_only(warm: Gateway, tmp_path: Path) -
         first = _pid(c, "A100-80GB:4")
         assert _pid(c, "A100-80GB:4") == first  # same user, interpreter and GPUs: reused
         assert _pid(c, "H100:2") != first  # other GPUs: another runner
+
+
+def test_a_warm_runner_takes_the_next_cell_after_an_interrupted_one(warm: Gateway) -> None:
+    with warm.client() as c:
+        pid = _pid(c, "A100-80GB:4")
+        job = gpu_magic.run("import os, time\nleft = 1\nprint(os.getpid(), flush=True)\n"
+                            "time.sleep(60)", "A100-80GB:4", {"__name__": "__main__"}, client=c,
+                            quiet=True, background=True)
+        wait_for(lambda: job.output, 30)
+        assert job.output == f"{pid}\n"  # the same runner
+        c.interrupt(job.id)
+        with pytest.raises(KeyboardInterrupt):
+            job.wait(timeout=30)
+        # an interrupt that finds the runner idle between cells is no cell's: ignored
+        os.kill(pid, signal.SIGINT)
+        after = gpu_magic.run("import os\n('left' in globals(), 'time' in globals(), os.getpid())",
+                              "A100-80GB:4", {"__name__": "__main__"}, client=c, quiet=True)
+        assert after == (False, False, pid)
+
+
+def test_an_interrupt_before_a_fresh_runner_listens_waits_for_its_cell(cold: Gateway) -> None:
+    # asked while the runner starts (Python's own handler would end it), it waits for the
+    # runner to say it takes interrupts, then for the cell to run
+    from .test_gateway_http import follow, submit
+
+    with cold.client() as c:
+        job = submit(c, "acc = [1]\nimport time\ntime.sleep(30)\n", "H100")
+        follow(c, job["id"], until=lambda e: e["type"] == "granted")
+        c.interrupt(job["id"])
+        events = follow(c, job["id"])
+        kinds = [e["type"] for e in events]
+        assert "interrupted" in kinds and kinds[-3:] == ["result", "error", "done"], events
+        assert events[-2]["ename"] == "KeyboardInterrupt" and events[-1]["state"] == "failed"
 
 
 def test_cold_gateway_never_reuses(cold: Gateway) -> None:

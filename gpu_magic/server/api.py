@@ -1,7 +1,8 @@
 """The gateway's HTTP API (v1): a thin FastAPI shell around :class:`Gateway`.
 
 Every route but ``GET /v1/health`` needs ``Authorization: Bearer TOKEN``; a user sees, streams,
-downloads and cancels only their own jobs and blobs (someone else's answer 404, as if absent).
+downloads, interrupts and cancels only their own jobs and blobs (someone else's answer 404, as if
+absent).
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ _WHY = {
     401: "missing or wrong token",
     403: "not allowed (foreign Host or Origin, or an admin-only route)",
     404: "no such job or blob of yours",
-    409: "the job names input blobs the gateway does not hold (listed in 'missing')",
+    409: "the job names input blobs the gateway does not hold (listed in 'missing'); or, to an "
+         "interrupt, the job is queued (job_queued), has ended (job_ended), or the backend "
+         "cannot interrupt (cannot_interrupt)",
     413: "larger than this gateway's limit",
     422: "invalid request, a bad GPU spec, or no option this pool could ever grant",
     429: "over your limit of jobs or GPUs",
@@ -374,6 +377,12 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
     @app.delete("/v1/jobs/{job_id}", responses=_errors(404))
     async def cancel_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:
         return gateway._record(gateway.cancel(u, job_id))
+
+    @app.post("/v1/jobs/{job_id}/interrupt", responses=_errors(404, 409))
+    async def interrupt_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:
+        """Interrupt the job's running cell: a KeyboardInterrupt in it, as a local kernel's
+        interrupt (the job goes on until the cell ends; cancel it to stop it at once)."""
+        return gateway._record(gateway.interrupt(u, job_id))
 
     @app.get("/v1/jobs/{job_id}/events", responses=_errors(404, 422),
              response_class=StreamingResponse)

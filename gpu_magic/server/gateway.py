@@ -37,6 +37,7 @@ STREAM_EVENT_TYPES = ("stdout", "stderr", "display", "update_display", "clear_ou
 # A foreground job nobody has followed for this long lost its client (kernel died, culled).
 ORPHAN_TIMEOUT_S = 60.0
 INLINE_EVENT_MAX = 1 << 20  # base64 text of the blobs inside one result or error event
+EVALUE_KEPT = 100_000  # characters of an interrupted cell's error message (the runner's cut)
 OUTCOME_EVENT_MAX = 4 << 20  # the rest of it (names, notes, a traceback's frames)
 ENDING_GRACE_S = 15.0  # a runner that said its cell ended has this long to end, timeout or not
 OUTPUT_MAX = 64 << 20  # characters of output kept for one job
@@ -96,6 +97,10 @@ class Job:
     adopting: asyncio.Future[dict[str, Any]] | None = None  # result files being stored
     output_bytes: int = 0  # of output events kept, all attempts
     ending: bool = False  # past its timeout, given a moment to end after saying it did
+    # this attempt's cell was sent an interrupt (its user's, POST .../interrupt), and whether
+    # the cell got it as a KeyboardInterrupt (the "interrupted" event was sent)
+    interrupted: bool = False
+    interrupt_taken: bool = False
 
     @property
     def final(self) -> bool:
@@ -181,6 +186,12 @@ def _outcome_digests(ev: dict[str, Any]) -> list[str]:
         if not isinstance(buffers, list):
             raise ValueError("its buffers are not a list")
         digests = [ev.get("blob"), *buffers]
+        error = ev.get("error")
+        if error is not None:
+            if not isinstance(error, dict):
+                raise ValueError("its error is not an object")
+            if error.get("exception"):
+                digests.append(error["exception"])
     else:
         digests = [ev["exception"]] if ev.get("exception") else []
     for d in digests:
@@ -197,6 +208,22 @@ def _outcome_digests(ev: dict[str, Any]) -> list[str]:
     if sum(len(v) for v in inline.values()) > INLINE_EVENT_MAX:
         raise ValueError(f"its inline blobs are larger than {human(INLINE_EVENT_MAX)}")
     return digests
+
+
+def _interrupt_error(ev: dict[str, Any]) -> dict[str, Any] | None:
+    """The error inside a result event of a cell its interrupt ended, as an error event (its
+    fields checked: the runner runs the user's code); None when there is none."""
+    error = ev.get("error")
+    if not isinstance(error, dict):
+        return None
+    frames = error.get("traceback")
+    out: dict[str, Any] = {"type": "error", "ename": str(error.get("ename", ""))[:200],
+                           "evalue": str(error.get("evalue", ""))[:EVALUE_KEPT],
+                           "traceback": frames if isinstance(frames, list) else [],
+                           "interrupted": True}
+    if error.get("exception"):
+        out["exception"] = error["exception"]  # (checked with the result's own blobs)
+    return out
 
 
 def _not_stored(exc: BaseException) -> dict[str, Any]:
@@ -525,6 +552,31 @@ class Gateway:
             self.backend.cancel(job.handle)
         return job
 
+    def interrupt(self, user: User, job_id: str) -> Job:
+        """Interrupt a running cell, as Jupyter's interrupt does a local one: a
+        KeyboardInterrupt in the cell (its except and finally blocks run, what it bound
+        comes back). Only the cell's own process gets it, not the processes it started."""
+        job = self.job_for(user, job_id)
+        if job.state == "queued":
+            raise ApiError(409, "job_queued",
+                           f"job {job_id} is queued: no cell of it runs yet, so there is nothing "
+                           f"to interrupt. Cancel it instead (DELETE /v1/jobs/{job_id}, or "
+                           f"%gpu cancel {job_id}).")
+        if job.final or not job.stoppable or job.outcome is not None:
+            now = "has ended" if job.final else "is ending (its cell is over)"
+            raise ApiError(409, "job_ended",
+                           f"job {job_id} {now}: state {job.state}; there is no running cell "
+                           "to interrupt")
+        interrupt = getattr(self.backend, "interrupt", None)
+        if interrupt is None:
+            raise ApiError(409, "cannot_interrupt",
+                           f"this gateway's {self.backend.name} backend cannot interrupt a "
+                           f"running cell, only cancel it (DELETE /v1/jobs/{job_id}, or "
+                           f"%gpu cancel {job_id}); the cell's results are then not kept")
+        job.interrupted = True
+        interrupt(job.handle)
+        return job
+
     def _dequeue(self, job: Job) -> None:
         if job.id in self.queue:
             self.queue.remove(job.id)
@@ -620,6 +672,7 @@ class Gateway:
         job.outcome = None
         job.stop_reason = None
         job.ending = False
+        job.interrupted = job.interrupt_taken = False
         self.running[job.id] = job
         req = job.request
         grant_env = {
@@ -752,6 +805,11 @@ class Gateway:
                 job.outcome = f.result() if exc is None else _not_stored(exc)
 
             adopting.add_done_callback(adopted)
+        elif kind == "interrupted" and job.interrupted and not job.interrupt_taken:
+            # the cell got the interrupt (a KeyboardInterrupt where it was): its handlers run
+            # now; the client waits for them instead of cancelling a cell that did not stop
+            job.interrupt_taken = True
+            self._emit(job, {"type": "interrupted", "attempt": attempt})
         elif kind == "runner_error" and job.outcome is None and job.adopting is None:
             # kept in the job's record and shown to its user: only what is said, and short
             job.outcome = {"type": "runner_error", "ename": str(ev.get("ename", ""))[:200],
@@ -847,6 +905,19 @@ class Gateway:
                            f"its output so far is kept. Raise the limit: %%gpu --timeout "
                            f"{more} (timeout={more} in Python){cap}.")
             self._finish(job, "timed_out")
+        elif outcome.get("type") == "result" and "error" in outcome:
+            # the cell ended on an interrupt: a local cell keeps what it had bound then, so
+            # its results come first (the client binds them), then the KeyboardInterrupt.
+            # Only for an interrupt its user asked for: else all or nothing, as for any error.
+            error = _interrupt_error(outcome)
+            if job.interrupted:
+                self._emit(job, {**{k: v for k, v in outcome.items() if k != "error"},
+                                 "interrupted": True})
+            elif error is not None:
+                error.pop("interrupted")
+            self._emit(job, error or {"type": "error", "ename": "KeyboardInterrupt",
+                                      "evalue": "", "traceback": []})
+            self._finish(job, "failed")
         elif outcome.get("type") == "result":
             self._emit(job, outcome)
             self._finish(job, "succeeded")
@@ -857,7 +928,10 @@ class Gateway:
             self._finish(job, "failed")
         else:
             why = self._death(rc, outcome, tail)
-            if outcome.get("type") != "runner_error" and attempt <= int(req.get("retries") or 0):
+            # (not a runner that died of its interrupt: a cell that set SIGINT to end the
+            # process; its user asked it to stop)
+            if (outcome.get("type") != "runner_error" and not job.interrupted
+                    and attempt <= int(req.get("retries") or 0)):
                 job.attempt += 1
                 job.state = "queued"
                 job.grant = None

@@ -2,7 +2,8 @@
 
 The runner gets exactly the granted GPUs: ``CUDA_VISIBLE_DEVICES`` by GPU UUID for real GPUs, and
 empty for a simulated grant, so a real GPU on the same machine is never touched by a simulation.
-Each runner leads its own process group, so a cancel reaches everything the cell started.
+Each runner leads its own process group, so a cancel reaches everything the cell started; an
+interrupt reaches the runner alone, as Jupyter's reaches the kernel and not its children.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inventory import Gpu, parse_simulated, read_nvml
-from .sandbox import bwrap_command
+from .sandbox import bwrap_command, sandboxed_pid
 from .warm import WarmPool, Worker, ZygoteError
 
 # A manifest goes to a warm worker with the job while the request (manifest and environment)
@@ -60,6 +61,10 @@ class Handle:
     # the runner's log, as the gateway opened it: its tail is read from this descriptor, never
     # by name (the runner may put a link or a FIFO there)
     log_fd: int | None = None
+    # the runner said it takes interrupts (its pid as it sees itself: inside a sandbox, the
+    # pid namespace's); until then one asked for waits (interrupt_due)
+    runner_pid: int | None = None
+    interrupt_due: bool = False
 
     def wait(self, timeout: float = 10.0) -> int | None:
         """The exit code once the process is gone (negative: killed by that signal)."""
@@ -79,8 +84,9 @@ ExitCallback = Callable[[str, int, int | None, str], None]
 class _RunnerOutput:
     """Turns the lines a runner writes on its events pipe into events."""
 
-    def __init__(self, run: RunSpec, on_event: EventCallback) -> None:
-        self.run, self.on_event = run, on_event
+    def __init__(self, run: RunSpec, on_event: EventCallback,
+                 on_ready: Callable[[int], None] | None = None) -> None:
+        self.run, self.on_event, self.on_ready = run, on_event, on_ready
         self.finished = self.clean = False
         self.reusable = True  # the runner's word in its "finished" event
 
@@ -95,6 +101,12 @@ class _RunnerOutput:
             self.finished = True
             self.reusable = event.get("reusable") is not False
             return
+        if event["type"] == "interruptible":  # the backend's business, not the job's
+            pid = event.get("pid")
+            if self.on_ready is not None and isinstance(pid, int):
+                self.on_ready(pid)
+                self.on_ready = None  # once: a cell may write lines of its own here
+            return
         self.clean = self.clean or event["type"] in ("result", "error")
         self.on_event(self.run.job_id, self.run.attempt, event)
 
@@ -106,7 +118,8 @@ class _PipeReader:
                  on_exit: ExitCallback, loop: asyncio.AbstractEventLoop) -> None:
         self.backend, self.handle, self.fd, self.on_exit, self.loop = (
             backend, handle, fd, on_exit, loop)
-        self.state = _RunnerOutput(handle.spec, on_event)
+        self.state = _RunnerOutput(handle.spec, on_event,
+                                   lambda pid: backend._interruptible(handle, pid))
         self.parts: list[bytes] = []  # the line being read, in the pieces read so far
         self.size = 0
         self.overlong = False  # skipping the rest of a line that was too long
@@ -322,6 +335,36 @@ class LocalBackend:
                 os.close(handle.log_fd)
                 handle.log_fd = None
         on_exit(run.job_id, run.attempt, rc, tail)
+
+    def interrupt(self, handle: Handle) -> None:
+        """SIGINT to the runner process alone, not its group: the cell gets a KeyboardInterrupt
+        (see gpu_magic._interrupts), the processes it started (a DataLoader's workers) go on
+        as under a local kernel's interrupt. A runner still starting gets it once ready."""
+        handle.interrupt_due = True
+        if handle.runner_pid is not None:
+            self._deliver(handle)
+
+    def _interruptible(self, handle: Handle, pid: int) -> None:
+        handle.runner_pid = pid
+        if handle.interrupt_due:
+            self._deliver(handle)
+
+    def _deliver(self, handle: Handle) -> None:
+        handle.interrupt_due = False
+        if handle.cancelled:
+            return
+        pid: int | None = handle.pid  # the runner itself, or its worker (never the pid it
+        # reported: a cell may write lines of its own on the pipe)
+        if self.isolation == "bwrap":
+            # handle.pid is bubblewrap's; the runner is inside, numbered apart
+            assert handle.runner_pid is not None
+            pid = sandboxed_pid(handle.pid, handle.runner_pid)
+        if pid is None:
+            return  # (the sandbox is gone: the job is ending)
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
 
     def cancel(self, handle: Handle, grace: float = 3.0) -> None:
         """SIGTERM the runner's whole process group, then SIGKILL after ``grace`` seconds."""

@@ -9,6 +9,7 @@ under their own Unix account is the other way DESIGN.md allows; it is not built 
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,3 +55,32 @@ def bwrap_command(
         cmd += ["--ro-bind", path, path]
     cmd += ["--chdir", cwd or str(job_dir), "--", *argv]
     return cmd
+
+
+def sandboxed_pid(bwrap_pid: int, inner: int) -> int | None:
+    """The pid on this host of the process that is ``inner`` inside the sandbox bubblewrap
+    process ``bwrap_pid`` started (``--unshare-pid`` numbers the sandbox's processes apart),
+    found among that process's descendants; None if there is none (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    todo = list(children.get(bwrap_pid, []))
+    while todo:
+        pid = todo.pop(0)  # breadth first: the runner is near the top, the cell's below
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                nspid = next((ln.split()[1:] for ln in f if ln.startswith("NSpid:")), [])
+        except OSError:
+            continue
+        if nspid and int(nspid[-1]) == inner:
+            return pid
+        todo += children.get(pid, [])
+    return None
