@@ -20,6 +20,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,9 @@ from ._view import UNREACHABLE, JobState, NullView, TextView, cancelled_text, th
 # can be undone) and arrays last (they cannot fail once checked, and are not undone).
 _IN_PLACE_ORDER = {"state": 0, "items": 1, "dict": 1, "ndarray": 2, "tensor": 2}
 _NOTHING = object()  # an in-place result whose object is not here
+# A cell that has not taken an interrupt this long after it was asked (stuck in C code that
+# never checks for signals, or ignoring SIGINT) is cancelled instead.
+INTERRUPT_GRACE_S = 5.0
 
 # Names IPython puts in every namespace; never shipped.
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh",
@@ -313,29 +317,77 @@ class _Job:
         self._blobs: tuple[bytearray, list[bytearray]] | None = None
         self._cancel_wanted = False
         self._cancel_sent = False
+        self._interrupt_at: float | None = None  # when we asked the gateway to interrupt it
+        self.cancel_reason: str | None = None  # why an interrupt became a cancel
         self.outputs: list[str] = []  # the names the cell may bind or delete
         self.feed: EventFeed | None = None  # the stream its submit opened, if any
 
     # --- following ---
 
-    def follow(self, pump: Any = None) -> None:
-        """Take the job's events until it ends, ticking the view and pumping its comms."""
+    def follow(self, pump: Any = None, interrupts: bool = False) -> None:
+        """Take the job's events until it ends, ticking the view and pumping its comms.
+
+        ``interrupts``: a Ctrl-C while the cell runs interrupts the cell, as a local one (see
+        :meth:`_interrupt`); otherwise, or a second one, it is raised (the caller cancels)."""
         feed, self.feed = self.feed or EventFeed(self.client, self.id, after=self.last_seq), None
         pumping = pump is not None and pump.active
         try:
             while True:
-                if self._cancel_wanted and not self._cancel_sent:
-                    self.send_cancel()
-                ev = feed.get(timeout=0.05 if pumping else 0.25)
-                if ev is not None and ev.get("type") != "job":
-                    self._on_event(ev)
-                    if ev.get("type") == "done":
-                        return
-                self.view.tick()
-                if pumping:
-                    _pump_holding_sigint(pump)
+                try:
+                    if self._cancel_wanted and not self._cancel_sent:
+                        self.send_cancel()
+                    if self._interrupt_at is not None:
+                        self._interrupt_overdue()
+                    ev = feed.get(timeout=0.05 if pumping else 0.25)
+                    if ev is not None and ev.get("type") != "job":
+                        self._on_event(ev)
+                        if ev.get("type") == "done":
+                            return
+                    self.view.tick()
+                    if pumping:
+                        _pump_holding_sigint(pump)
+                except KeyboardInterrupt:
+                    if not (interrupts and self._interrupt()):
+                        raise
         finally:
             feed.close()
+
+    def _interrupt(self) -> bool:
+        """The first Ctrl-C while the cell runs: the gateway raises KeyboardInterrupt in the
+        cell, whose except and finally blocks run and whose names come back, as a local
+        cell's would; we go on following. False: the job is to be cancelled instead (not
+        running yet, a second Ctrl-C, or a gateway that cannot; ``cancel_reason`` says why)."""
+        if (self.background or self._interrupt_at is not None or self._cancel_wanted
+                or self.state.grant is None or self.state.final):
+            return False
+        self._interrupt_at = time.monotonic()
+        fresh = GatewayClient(self.client.url, self.client.token, connect_timeout=3.0)
+        try:
+            fresh.interrupt(self.id)
+        except GatewayError as exc:
+            code = exc.detail.get("error") if isinstance(exc.detail, dict) else None
+            if code == "job_ended":
+                return True  # it ends by itself: its end is on its way
+            if code != "job_queued":  # (queued again, for a retry: cancelled as any queued job)
+                self.cancel_reason = f"the gateway could not interrupt it ({exc})"
+            return False
+        finally:
+            fresh.close()
+        self.state.interrupt = "an interrupt"
+        self.view.refresh()
+        return True
+
+    def _interrupt_overdue(self) -> None:
+        """A cell that did not take the interrupt in time is cancelled (by the caller, as a
+        second Ctrl-C would be): its results are lost, as they would be if nothing stopped it."""
+        if (self.state.interrupted or self.state.final or self._interrupt_at is None
+                or time.monotonic() - self._interrupt_at < INTERRUPT_GRACE_S):
+            return
+        self.cancel_reason = (
+            f"the cell did not stop within {INTERRUPT_GRACE_S:g} s of the interrupt (it may be "
+            "in a long call into C code that never checks for interrupts, or it ignores "
+            "SIGINT)")
+        raise KeyboardInterrupt
 
     def request_cancel(self, who: str) -> None:
         """Ask for a cancel (the Cancel button, job.cancel()); the follower sends it."""
@@ -385,7 +437,7 @@ class _Job:
         elif kind == "error":
             self.error = ev
         self.state.apply(ev)
-        if kind in ("queued", "granted", "started", "done", "result", "stderr"):
+        if kind in ("queued", "granted", "started", "done", "result", "stderr", "interrupted"):
             self.view.refresh()
 
     def _foreground_output(self, ev: dict[str, Any]) -> None:
@@ -571,7 +623,12 @@ class _Job:
                                  # others that travelled as its globals
                                  locate=code_locator(list(self.sent.values()),
                                                      list(self.namespace.values())))
-        return rebuild(ev, exc, lines, hint=local_hint(ev))
+        if exc is None and ev.get("interrupted"):
+            exc = KeyboardInterrupt()  # (its pickle did not come: the type is known anyway)
+        rebuilt = rebuild(ev, exc, lines, hint=local_hint(ev))
+        if isinstance(rebuilt, KeyboardInterrupt):
+            rebuilt._gpu_magic_remote = True  # type: ignore[attr-defined]  # the cell's: see run()
+        return rebuilt
 
 
 def _short(exc: BaseException) -> BaseException:
@@ -832,8 +889,10 @@ def run(
 
             return GpuJob(job, job.outputs)._start()
         _followed(job.id, job.client)
-        return _follow_here(job)
-    except KeyboardInterrupt:
+        return _follow_here(job, interrupts=True)
+    except KeyboardInterrupt as exc:
+        if getattr(exc, "_gpu_magic_remote", False):
+            raise  # the cell's own, from the GPU (it ended on an interrupt): it has ended
         # The interrupt may land anywhere, even inside the submit before its answer arrived:
         # cancel by the id we chose, from a fresh connection, holding a second Ctrl-C.
         if "client" in box:
@@ -846,11 +905,14 @@ def run(
         # (said before the gateway has stopped it: its GPUs are free within seconds)
         how = ("the gateway stops it and frees its GPUs; its output so far was shown" if granted
                else "before it was granted a GPU: nothing ran")
-        raise _short(JobCancelled(
-            f"GPU job {job_id} was cancelled by an interrupt {how}"
-            if not granted else f"GPU job {job_id} was cancelled by an interrupt; {how}",
-            job_id=job_id,
-        )) from None
+        reason = job.cancel_reason if isinstance(job, _Job) else None
+        if reason:  # an interrupt that could not be one
+            text = (f"GPU job {job_id} was cancelled: {reason}; nothing was bound, and {how}")
+        elif granted:
+            text = f"GPU job {job_id} was cancelled by an interrupt; {how}"
+        else:
+            text = f"GPU job {job_id} was cancelled by an interrupt {how}"
+        raise _short(JobCancelled(text, job_id=job_id)) from None
     except GatewayError as exc:
         if isinstance(job, _Job) and not job.state.final:
             # the widget must not go on saying "running": what is known is that we lost it
@@ -862,13 +924,14 @@ def run(
             job.view.finish()
 
 
-def _follow_here(job: _Job) -> Any:
-    """Follow a job in this thread, its widget live and its Cancel button working."""
+def _follow_here(job: _Job, interrupts: bool = False) -> Any:
+    """Follow a job in this thread, its widget live and its Cancel button working
+    (``interrupts``: and a Ctrl-C interrupting its cell, see ``_Job.follow``)."""
     from ._widget import CommPump
 
     job.view.show()
     with CommPump() as pump:
-        job.follow(pump)
+        job.follow(pump, interrupts)
     return job.outcome()
 
 

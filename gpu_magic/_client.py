@@ -199,6 +199,11 @@ class GatewayClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("DELETE", f"/v1/jobs/{job_id}").json()
 
+    def interrupt(self, job_id: str) -> dict[str, Any]:
+        """A KeyboardInterrupt in the job's running cell (409: queued, ended, or a backend
+        that cannot; the answer's ``error`` says which)."""
+        return self._request("POST", f"/v1/jobs/{job_id}/interrupt").json()
+
     def missing(self, digests: list[str]) -> list[str]:
         if not digests:
             return []

@@ -128,7 +128,9 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
     ``hint``: what to do about it, said after the traceback."""
     shown = [*tb_lines, f"[gpu_magic] {hint}"] if hint else list(tb_lines)
     own = max((i for i, line in enumerate(tb_lines) if line == _RULE), default=0)
-    if isinstance(exc, Exception):
+    # a KeyboardInterrupt too (the cell's, interrupted): raised here as one, it reads as a
+    # local interrupt and no `except Exception:` takes it (SystemExit, from exit(), never is)
+    if isinstance(exc, (Exception, KeyboardInterrupt)):
         try:
             # IPython asks the exception itself how to render it; an instance attribute is
             # enough and leaves the type (and the user's except clauses) unchanged

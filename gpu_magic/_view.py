@@ -28,7 +28,7 @@ SHOW_AFTER_S = 0.1
 
 def display_due(state: JobState, shown_at: float, now: float, force: bool = False) -> bool:
     """Whether a status shown but not displayed yet (``SHOW_AFTER_S``) is to be displayed."""
-    return force or bool(state.cancel) or now - shown_at >= SHOW_AFTER_S
+    return force or bool(state.cancel or state.interrupt) or now - shown_at >= SHOW_AFTER_S
 
 
 class JobState:
@@ -67,6 +67,8 @@ class JobState:
         self.notices: list[str] = []
         self.cancel: str | None = None  # who asked: "the Cancel button", "job.cancel()", ...
         self.cancel_error: str | None = None
+        self.interrupt: str | None = None  # who asked to interrupt the cell: "an interrupt"
+        self.interrupted = False  # the cell got it (its except and finally blocks run)
 
     # --- folding ---
 
@@ -98,6 +100,8 @@ class JobState:
             text = str(ev.get("text", ""))
             if text.startswith("[gpu_magic]") and "retrying" in text and self.attempts:
                 self.attempts[-1]["end"] = text[len("[gpu_magic]"):].strip()
+        elif kind == "interrupted":
+            self.interrupted = True
         elif kind == "error":
             self.error = f"{ev.get('ename', 'Exception')}: {ev.get('evalue', '')}".rstrip(": ")
         elif kind == "done":
@@ -180,6 +184,15 @@ class JobState:
             parts.append(f"received {_size(self.received_bytes)}")
         return " · ".join(parts)
 
+    def interrupt_text(self) -> str:
+        """While an interrupt is on its way to the cell, or the cell is taking it."""
+        if not self.interrupt or self.final or self.cancel:
+            return ""
+        if self.interrupted:
+            return ("interrupted: the cell is ending (its except and finally blocks run); "
+                    "interrupt again to cancel it")
+        return "interrupting the cell… (interrupt again to cancel it)"
+
     def attempt_lines(self) -> list[str]:
         """One line per attempt, in order, when there was more than one (retries, OOM fallback)."""
         if len(self.attempts) < 2:
@@ -205,6 +218,10 @@ class JobState:
             return then(self.message or self.state.replace("_", " "), "nothing was bound")
         if self.state == UNREACHABLE:
             return then(self.message or "", "nothing was bound")
+        if self.state == "failed" and self.bound:
+            # ended by an interrupt: bound what it had bound by then, as a local cell leaves it
+            return (f"{self.error or 'interrupted'} · bound {_names(self.bound)} (what the cell "
+                    "had assigned when it was interrupted)")
         if self.state == "failed":
             return then(self.error or self.message or "failed", "nothing was bound")
         if self.state != "succeeded":
@@ -266,6 +283,7 @@ def render_text(state: JobState, now: float) -> str:
         first.insert(0, state.progress(now))
     lines = ["[gpu] " + " · ".join(first)]
     details = [state.transfer(), *state.attempt_lines(), state.outcome()]
+    details.append(state.interrupt_text())
     if state.cancel and not state.final:
         details.append(f"cancelling ({state.cancel})")
     if state.cancel_error:
@@ -314,6 +332,8 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
     if attempts:
         rows.append('<ol class="gpu-magic-attempts" style="margin:2px 0 2px 1.2em;padding:0">'
                     + "".join(f"<li>{e(a.split(': ', 1)[1])}</li>" for a in attempts) + "</ol>")
+    if state.interrupt_text():
+        rows.append(f"<div>{e(state.interrupt_text())}</div>")
     if state.cancel and not state.final:
         rows.append(f"<div>cancelling ({e(state.cancel)})…</div>")
     if state.cancel_error:
@@ -391,7 +411,7 @@ class TextView(NullView):
         # names bound while the job still runs: its end, right after, says so
         bound = tuple(s.bound) if s.final else ()
         return (moved, s.position, len(s.attempts), s.cancel, s.cancel_error, bound,
-                tuple(s.pending))
+                tuple(s.pending), s.interrupt, s.interrupted)
 
     def _bundle(self) -> dict[str, Any]:
         self._last = self._key()

@@ -183,7 +183,7 @@ class WidgetView(NullView):
                 # it still waits in the queue a moment after submitting (every job is queued
                 # first, and most are granted at once), or someone cancels it
                 waited = now - self._shown_at
-                if (waited >= UPGRADE_AFTER_S or self.state.cancel
+                if (waited >= UPGRADE_AFTER_S or self.state.cancel or self.state.interrupt
                         or self.state.state == "queued" and waited >= QUEUED_UPGRADE_S):
                     self._build()
                     self._handle.update(self._bundle(), raw=True)

@@ -250,8 +250,8 @@ def _interrupted(gateway: Gateway, code: str, tmp: Path) -> nbformat.NotebookNod
 
 
 @pytest.mark.parametrize("where", ["running", "queued"])
-def test_kernel_interrupt_cancels_the_remote_job(small_pool: Gateway, small_client: Any,
-                                                 where: str, tmp_path: Path) -> None:
+def test_kernel_interrupt_interrupts_a_running_cell_and_cancels_a_queued_one(
+        small_pool: Gateway, small_client: Any, where: str, tmp_path: Path) -> None:
     client = small_client
     blocker = None
     if where == "queued":
@@ -265,12 +265,16 @@ def test_kernel_interrupt_cancels_the_remote_job(small_pool: Gateway, small_clie
             tmp_path,
         )
         errors = [o for o in nb.cells[1].outputs if o.output_type == "error"]
-        assert [e.ename for e in errors] == ["JobCancelled"]
         mine = [j for j in client.jobs() if j["id"] not in before and not j["background"]]
         assert len(mine) == 1
         job = finish(client, mine[0]["id"])
-        assert job["state"] == "cancelled"
-        if where == "queued":
+        if where == "running":
+            # a KeyboardInterrupt in the cell, as a local one: it ended there, at its sleep
+            assert [e.ename for e in errors] == ["KeyboardInterrupt"]
+            assert job["state"] == "failed"
+        else:
+            assert [e.ename for e in errors] == ["JobCancelled"]
+            assert job["state"] == "cancelled"
             assert job["started"] is None  # it never ran
         # nothing half-bound: the namespace is as before the cell
         assert nb.cells[2].outputs[0].text == "untouched False\n"
