@@ -368,8 +368,13 @@ class _Job:
             code = exc.detail.get("error") if isinstance(exc.detail, dict) else None
             if code == "job_ended":
                 return True  # it ends by itself: its end is on its way
-            if code != "job_queued":  # (queued again, for a retry: cancelled as any queued job)
-                self.cancel_reason = f"the gateway could not interrupt it ({exc})"
+            if code == "cannot_interrupt":
+                backend = (self.client._health or {}).get("backend") or "its"
+                self.cancel_reason = (f"this gateway's {backend} backend cannot interrupt a "
+                                      "running cell, so the interrupt cancelled it instead")
+            elif code != "job_queued":  # (queued again, for a retry: cancelled as when queued)
+                self.cancel_reason = (f"the gateway could not interrupt it ({exc}), so the "
+                                      "interrupt cancelled it instead")
             return False
         finally:
             fresh.close()

@@ -513,6 +513,32 @@ def test_cancel_stops_the_runner_group_and_frees_the_gpus(rc: GatewayClient) -> 
     wait_for(lambda: free(rc)["H100"] == (2, 2), DEADLINE_S)
 
 
+def test_an_interrupt_cancels_on_ray_and_says_why(rc: GatewayClient) -> None:
+    # Ray cannot interrupt a cell yet: the gateway says so, and the notebook cancels instead
+    wait_for(lambda: all_free(rc), DEADLINE_S)
+    job = submit(rc, SLEEPER, "H100")
+    follow(rc, job["id"], until=lambda e: e["type"] == "stdout")
+    with pytest.raises(gpu_magic.GatewayError) as info:
+        rc.interrupt(job["id"])
+    assert info.value.status == 409 and info.value.detail["error"] == "cannot_interrupt"
+    rc.cancel(job["id"])
+    assert follow(rc, job["id"])[-1]["state"] == "cancelled"
+    before = {j["id"] for j in rc.jobs()}
+
+    def interrupt_once_running() -> None:
+        wait_for(lambda: any(j["state"] == "running" for j in rc.jobs()
+                             if j["id"] not in before), DEADLINE_S)
+        os.kill(os.getpid(), signal.SIGINT)  # (the cell sleeps for minutes: run() gets it)
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    with pytest.raises(gpu_magic.JobCancelled) as cancelled:
+        gpu_magic.run("import time\ntime.sleep(300)", "H100", {"__name__": "__main__"},
+                      client=rc, quiet=True)
+    assert ("was cancelled: this gateway's ray backend cannot interrupt a running cell, so the "
+            "interrupt cancelled it instead; nothing was bound") in str(cancelled.value)
+    wait_for(lambda: all_free(rc), DEADLINE_S)
+
+
 HOLDER = """
 import sys, ray
 from ray.util.placement_group import placement_group
