@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from IPython.core.inputtransformer2 import TransformerManager
 
-from gpu_magic._errors import CaptureError
+from gpu_magic._errors import CaptureError, CellSyntaxError
 
 __all__ = ["CellAnalysis", "analyze_cell"]
 
@@ -115,10 +115,11 @@ def _transform_and_parse(source: str, line_offset: int = 0) -> tuple[str, ast.Mo
             lines = source.splitlines()
             # Transforms keep line numbers, so the user's own line is the one to show.
             text = lines[lineno - 1] if 0 < lineno <= len(lines) else (exc.text or "")
-            raise CaptureError(
+            raise CellSyntaxError(
                 f"the cell has a syntax error on line {lineno + line_offset}: {exc.msg}\n"
-                f"    {text.strip()}\nfix that line and run the cell again"
-            )
+                f"    {text.strip()}\nfix that line and run the cell again",
+                msg=exc.msg, lineno=lineno + line_offset, offset=exc.offset, text=text,
+            ) from None
         except (ValueError, RecursionError, MemoryError) as exc:  # null bytes; parser stack
             raise CaptureError(f"the cell cannot be parsed ({exc or type(exc).__name__}); fix it")
 

@@ -42,6 +42,27 @@ class CaptureError(GpuMagicError):
     """The cell cannot be analysed for the names it uses."""
 
 
+class CellSyntaxError(CaptureError, SyntaxError):
+    """The cell does not parse: a CaptureError that is a SyntaxError too (``except
+    SyntaxError`` takes it, with ``lineno``, ``offset`` and ``text`` in the notebook's lines)."""
+
+    def __init__(self, message: str, *, msg: str, lineno: int, offset: int | None,
+                 text: str) -> None:
+        super().__init__(message)
+        self.msg, self.lineno, self.offset, self.text = msg, lineno, offset, text
+        self.filename = "Cell"
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def _render_traceback_(self) -> list[str]:
+        lines = [f"  Cell, line {self.lineno}", f"    {self.text.strip()}"]
+        if self.offset:  # the caret under the column the parser stopped at
+            indent = len(self.text) - len(self.text.lstrip())
+            lines.append("    " + " " * max(0, self.offset - 1 - indent) + "^")
+        return [*lines, f"SyntaxError: {self.msg}", "fix that line and run the cell again"]
+
+
 class SerializationError(GpuMagicError):
     """An input (or result) cannot be pickled; ``name`` and ``path`` say which object."""
 

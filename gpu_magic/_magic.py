@@ -27,7 +27,7 @@ from traitlets import Unicode, observe
 from . import _api
 from ._client import LOCAL
 from ._connection import configure, connect, current_target, get_connection, set_connection
-from ._errors import AuthError, GpuMagicError, RemoteError
+from ._errors import AuthError, CaptureError, CellSyntaxError, GpuMagicError, RemoteError
 from ._tables import jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
@@ -101,6 +101,13 @@ class GPUMagic(Magics):
         """
         try:
             return self._line(line) if cell is None else self._cell(line, cell)
+        except CellSyntaxError as exc:
+            # IPython shows any SyntaxError with the stack it was raised in (ours): the same
+            # error as a plain CaptureError shows just the cell's line and the caret
+            plain = CaptureError(str(exc))
+            lines = exc._render_traceback_()
+            plain._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
+            raise plain from None
         except GpuMagicError as exc:
             # our own errors say what happened and how to fix it: that message is the whole
             # story, our internal stack would only bury it (the cell's own errors keep theirs)

@@ -344,8 +344,11 @@ def test_syntax_error_names_the_line() -> None:
 
 def test_syntax_error_counts_the_lines_before_the_source() -> None:
     # the %%gpu line is line 1 of the cell, as the remote tracebacks number it
-    with pytest.raises(CaptureError, match="syntax error on line 3: "):
+    with pytest.raises(CaptureError, match="syntax error on line 3: ") as info:
         analyze_cell("x = 1\nz = 2 2\n", line_offset=1)
+    # a SyntaxError too, in the notebook's numbering: `except SyntaxError` finds its line
+    assert isinstance(info.value, SyntaxError)
+    assert (info.value.lineno, info.value.text) == (3, "z = 2 2") and info.value.offset
 
 
 def test_syntax_error_after_a_magic_shows_the_users_line() -> None:

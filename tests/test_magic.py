@@ -155,8 +155,9 @@ def test_syntax_errors_and_tracebacks_number_the_lines_alike(gateway: Gateway,
     # as the notebook numbers them: the %%gpu line is line 1 (so the remote traceback did)
     k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
     syntax = _error_text(k.run("%%gpu\nx = 1\nz = 2 2"))
-    assert syntax.startswith("CaptureError: the cell has a syntax error on line 3: "), syntax
-    assert "z = 2 2" in syntax
+    # shown as a local cell's: the line, a caret, SyntaxError
+    assert syntax.startswith("  Cell, line 3\n    z = 2 2\n"), syntax
+    assert "SyntaxError: invalid syntax" in syntax, syntax
     runtime = _error_text(k.run("%%gpu\nx = 1\nz = 1 / 0"))
     assert ", line 3" in runtime and "----> 3 z = 1 / 0" in runtime, runtime
     # and warnings too, under the cell's own name (not the runner's <ipython-input-...>)
