@@ -1034,7 +1034,9 @@ def _pack_results(
                 states.pop(n, None)
         if "value" in payload and id(value) not in unchanged_inputs and (
                 _payload.fingerprint(value, ns) is None):
-            skipped["<cell value>"] = f"{type(value).__name__} cannot be pickled"
+            # its text at least, as a local cell would have shown it
+            skipped["<cell value>"] = (f"{type(value).__name__} cannot be pickled; it was "
+                                       f"{value_repr}")
             del payload["value"]
         packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs,
                                             hash_buffers=False)
