@@ -125,36 +125,111 @@ class _Stream:
     """sys.stdout / sys.stderr for the cell.
 
     Text goes through the same file descriptor as C extensions and subprocesses write to, so a
-    print after a subprocess's output can never overtake it: one pipe, one order.
+    print after a subprocess's output can never overtake it: one pipe, one order. Whole lines
+    go at once: print() writes its text and its newline separately, and the two pipes are read
+    by two threads, so a line could be split, or cut by the other stream's text. A line still
+    open is written before the other stream writes, when flushed, at a display or the cell's
+    end, or after PARTIAL_S (a progress dot printed with end='' shows without a newline).
     """
 
     encoding = "utf-8"
     errors = "replace"
+    _lock = threading.RLock()
+    _open: list[_Stream] = []  # streams holding the start of a line
+    _wake = threading.Condition(_lock)
+    _timer: threading.Thread | None = None
+    _idle = False  # the timer thread waits to be woken
+    _tick = 0
+    _last: _Stream | None = None  # the stream that wrote last
+    drain: Callable[[int], None] | None = None  # waits until a fd's pipe reader has caught up
 
     def __init__(self, name: str, fd: int) -> None:
         self.name = name
         self._fd = fd
+        self._partial = ""
+        self._since = 0  # the tick its open line was opened at
 
     writes = 0  # by either stream: whether anything was printed since a moment
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        _Stream.writes += 1
+        with _Stream._lock:
+            _Stream.writes += 1
+            if _Stream._last is not self:
+                last, _Stream._last = _Stream._last, self
+                if last is not None:
+                    last._send_partial()  # the other stream's open line first: it came first
+                    if _Stream.drain is not None:
+                        # its pipe's reader must have passed on what it wrote before this
+                        # stream's reader passes on what comes now (two pipes, two threads)
+                        _Stream.drain(last._fd)
+            whole = self._partial + text if self._partial else text
+            cut = whole.rfind("\n") + 1
+            if cut:
+                self._send(whole[:cut] if cut < len(whole) else whole)
+            self._partial = whole[cut:] if cut < len(whole) else ""
+            if self._partial:
+                if self not in _Stream._open:
+                    self._since = _Stream._tick
+                    _Stream._open.append(self)
+                    if _Stream._timer is None:
+                        _Stream._timer = threading.Thread(target=_Stream._send_late,
+                                                          daemon=True, name="gpu-magic-partial")
+                        _Stream._timer.start()
+                    elif _Stream._idle:
+                        _Stream._wake.notify()
+            elif self in _Stream._open:
+                _Stream._open.remove(self)
+        return len(text)
+
+    def _send_partial(self) -> None:
+        if self._partial:
+            text, self._partial = self._partial, ""
+            self._send(text)
+        if self in _Stream._open:
+            _Stream._open.remove(self)
+
+    def _send(self, text: str) -> None:
         data = memoryview(text.encode("utf-8", "replace"))
         while data:
             n = os.write(self._fd, data)
             data = data[n:]
-        return len(text)
+
+    @classmethod
+    def flush_all(cls) -> None:
+        with cls._lock:
+            for s in list(cls._open):
+                s._send_partial()
+
+    @classmethod
+    def _send_late(cls) -> None:
+        """Sends lines left open for a whole tick. It ticks while lines are being printed
+        and sleeps once none was left open for a while: print() opens and closes a line
+        each time, and waking a thread for each would halve how fast lines go out."""
+        with cls._lock:
+            while True:
+                cls._idle = True
+                while not cls._open:
+                    cls._wake.wait()
+                cls._idle = False
+                quiet = 0
+                while quiet < 20:
+                    cls._wake.wait(PARTIAL_S)
+                    cls._tick += 1
+                    quiet = 0 if cls._open else quiet + 1
+                    for s in [s for s in cls._open if s._since < cls._tick - 1]:
+                        s._send_partial()
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
             self.write(line)
 
     def flush(self) -> None:
-        # Already in the pipe; the reader sends it within milliseconds. A full sync here would
+        # Into the pipe, whose reader sends it within milliseconds. A full sync here would
         # make libraries that flush on every update (tqdm) pay a round trip each time.
-        pass
+        with _Stream._lock:
+            self._send_partial()
 
     def fileno(self) -> int:
         return self._fd
@@ -167,6 +242,26 @@ class _Stream:
 
     def readable(self) -> bool:
         return False
+
+
+PARTIAL_S = 0.005  # a line left open waits this long for the rest of it
+
+
+def _streams_after_fork() -> None:
+    # a child forked while the timer thread held the lock (a DataLoader worker, a Pool's)
+    # would wait for it for good at its first print: the child starts with its own
+    _Stream._lock = threading.RLock()
+    _Stream._wake = threading.Condition(_Stream._lock)
+    _Stream._timer = None
+    _Stream._idle = False
+    _Stream._last = None
+    for s in _Stream._open:  # the parent sends its open lines: not twice
+        s._partial = ""
+    _Stream._open = []
+    _Stream.drain = None  # (the pipes' readers are threads of the parent)
+
+
+os.register_at_fork(after_in_child=_streams_after_fork)
 
 
 class _FdCapture:
@@ -1094,6 +1189,14 @@ class _Session:
                      _FdCapture(2, "stderr", self.coalescer)]
         sys.stdout = _Stream("stdout", 1)  # type: ignore[assignment]
         sys.stderr = _Stream("stderr", 2)  # type: ignore[assignment]
+        caps = {cap.fd: cap for cap in self.caps}
+
+        def drain(fd: int) -> None:
+            if fd in caps:
+                caps[fd].mark()
+                caps[fd].wait_drained()
+
+        _Stream.drain = drain
         sys.stdin = _NoStdin()  # type: ignore[assignment]
         builtins.input = _no_input
         import getpass
@@ -1114,6 +1217,7 @@ class _Session:
     def sync(self) -> None:
         """Everything written so far, sent: before a display, and at the end of the cell."""
         with self.interrupts.hold():  # (an interrupt must not lose output taken out to send)
+            _Stream.flush_all()  # a line still open, as the cell left it
             for cap in self.caps:  # both pipes at once: one wait, not one per pipe
                 cap.mark()
             for cap in self.caps:

@@ -901,3 +901,34 @@ def test_line_numbers_count_the_blank_lines_a_cell_starts_with() -> None:
         run(ns, "\n\nx = 1\n1 / 0", "H100", quiet=True)
     shown = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
     assert "Cell, line 4\n----> 4 1 / 0" in shown
+
+
+def test_lines_of_stdout_and_stderr_arrive_whole_and_in_the_order_printed() -> None:
+    # print() writes its text and its newline apart, and the two streams have a pipe each:
+    # lines were cut by the other stream's text, and came out of order
+    ns = notebook("")
+    job = run(ns, """
+        import sys
+        for e in range(40):
+            print(f"epoch {e} loss 0.1")
+            print(f"warn {e}", file=sys.stderr)
+        from multiprocessing import Process
+        def child():
+            print("from child"); print("child err", file=sys.stderr)
+        p = Process(target=child); p.start(); p.join(5)
+        code = p.exitcode
+        del p
+    """, "H100", quiet=True, background=True)
+    job.wait()
+    want = "".join(f"epoch {e} loss 0.1\nwarn {e}\n" for e in range(40))
+    assert job.output.startswith(want), job.output[:400]
+    assert "from child\nchild err\n" in job.output and ns["code"] == 0
+
+
+def test_a_line_printed_without_its_end_shows_before_the_cell_ends() -> None:
+    ns = notebook("")
+    job = run(ns, "import time\nprint('working', end='')\ntime.sleep(3)\nprint(' done')", "H100",
+              quiet=True, background=True)
+    assert wait_for(lambda: job.output == "working", 2.5), job.output
+    job.wait()
+    assert job.output == "working done\n"
