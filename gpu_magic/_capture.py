@@ -70,7 +70,7 @@ class _Scope:
 
 @functools.lru_cache(maxsize=64)
 def analyze_cell(source: str, line_offset: int = 0) -> CellAnalysis:
-    """Analyse one cell; raises CaptureError for a syntax error or a star import.
+    """Analyse one cell; raises CaptureError for a syntax error.
 
     ``line_offset``: lines of the cell before ``source`` (the ``%%gpu`` line: 1), so that a
     syntax error names its line as the notebook and the remote tracebacks number it.
@@ -218,13 +218,11 @@ class _Walker(ast.NodeVisitor):
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         for alias in node.names:
-            if alias.name == "*":
-                module = "." * node.level + (node.module or "")
-                raise CaptureError(
-                    f"`from {module} import *` cannot be analysed: gpu_magic cannot tell which "
-                    f"names it brings in. Import the names you need, e.g. `from {module} import a, b`"
-                )
-            self._bind(alias.asname or alias.name)
+            # `import *` binds names only the module knows: where the cell ran, the runner
+            # sees them bound and sends them back; a name the cell reads after it is still
+            # sent from the notebook if it has one (the import then replaces it, as here)
+            if alias.name != "*":
+                self._bind(alias.asname or alias.name)
 
     # --- statements whose evaluation order differs from the field order -------------------------
     def visit_Assign(self, node: ast.Assign) -> None:

@@ -310,22 +310,15 @@ def test_result_is_frozen() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cell", "module"),
-    [
-        ("from numpy import *", "numpy"),
-        ("x = 1\nfrom os.path import *\n", "os.path"),
-        ("def f():\n    from .helpers import *\n", ".helpers"),
-        ("if c:\n    from .. import *\n", ".."),
-        ("%%time\nfrom torch import *\n", "torch"),  # runs in the user namespace
-    ],
+    "cell",
+    ["from numpy import *", "x = 1\nfrom os.path import *\n", "def f():\n    from .h import *\n",
+     "%%time\nfrom torch import *\n"],
 )
-def test_star_import_is_refused(cell: str, module: str) -> None:
-    with pytest.raises(CaptureError) as info:
-        analyze_cell(cell)
-    assert str(info.value) == (
-        f"`from {module} import *` cannot be analysed: gpu_magic cannot tell which names it "
-        f"brings in. Import the names you need, e.g. `from {module} import a, b`"
-    )
+def test_star_import_binds_nothing_the_analysis_could_name(cell: str) -> None:
+    # the names come back from where the cell ran, bound there (runner); the analysis only
+    # must not refuse the cell (fastai's `from fastai.vision.all import *` is the idiom)
+    result = analyze_cell(cell)
+    assert "*" not in result.outputs
 
 
 def test_star_import_in_a_file_written_by_a_magic_is_fine() -> None:
