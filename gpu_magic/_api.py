@@ -598,6 +598,15 @@ class _Job:
             return self.value if self.has_value else None
         if state == "failed" and self.error is not None:
             raise self._remote_exception()
+        if state == "cancelled" and self.error is not None and self.error.get("interrupted"):
+            # ended by the interrupt its user asked for: where the cell stopped, as a local
+            # interrupted cell shows it, and what it had bound was bound (_on_event)
+            shown = list(getattr(self._remote_exception(), "_render_traceback_", list)())
+            exc = JobCancelled(f"GPU job {self.id} was cancelled by an interrupt: the cell "
+                               "stopped on KeyboardInterrupt there, and what it had bound is "
+                               "kept", job_id=self.id)
+            exc._render_traceback_ = lambda: [*shown, "", f"JobCancelled: {exc}"]  # type: ignore[attr-defined]
+            raise exc
         if state == "cancelled":
             who = f" by {self.state.cancel}" if self.state.cancel else ""
             text = cancelled_text(f"GPU job {self.id}", who, msg)

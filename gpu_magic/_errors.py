@@ -132,8 +132,9 @@ class AuthError(GatewayError):
 
 
 class JobCancelled(BaseException):
-    """The job was cancelled (Ctrl-C while it waits for a GPU, or a second one while its cell
-    runs; the Cancel button, ``%gpu cancel``, ``job.cancel()``).
+    """The job was cancelled (Ctrl-C while it waits for a GPU; while its cell runs, once the
+    cell has had its KeyboardInterrupt there, or at once for a second one; the Cancel
+    button, ``%gpu cancel``, ``job.cancel()``).
 
     A ``BaseException`` like ``KeyboardInterrupt``, so that a user's ``except Exception:`` around
     a ``gpu_magic.run`` call does not swallow a cancellation.

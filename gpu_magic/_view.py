@@ -205,6 +205,11 @@ class JobState:
 
     def outcome(self) -> str:
         """What became of the results and the output once it ended; empty while it runs."""
+        if self.state == "cancelled" and self.interrupted:
+            # ended by the interrupt: bound what it had bound by then, as a local cell leaves it
+            return (f"cancelled by an interrupt: {self.error or 'KeyboardInterrupt'} · bound "
+                    f"{_names(self.bound) if self.bound else 'nothing'} (what the cell had "
+                    "assigned when it was interrupted); its GPUs are released")
         if self.state == "cancelled":
             who = f" by {self.cancel}" if self.cancel else ""
             if self.bound:
@@ -218,10 +223,6 @@ class JobState:
             return then(self.message or self.state.replace("_", " "), "nothing was bound")
         if self.state == UNREACHABLE:
             return then(self.message or "", "nothing was bound")
-        if self.state == "failed" and self.bound:
-            # ended by an interrupt: bound what it had bound by then, as a local cell leaves it
-            return (f"{self.error or 'interrupted'} · bound {_names(self.bound)} (what the cell "
-                    "had assigned when it was interrupted)")
         if self.state == "failed":
             return then(self.error or self.message or "failed", "nothing was bound")
         if self.state != "succeeded":

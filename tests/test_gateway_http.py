@@ -851,10 +851,10 @@ INTERRUPTED_CELL = ("acc = [1]\nprint('sleeping', flush=True)\nimport time\ntry:
 
 def _interrupted_events(events: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The result and the error of a cell its interrupt ended, checked for what every such
-    end has: the cell took the interrupt, ran its finally block, and failed."""
+    end has: the cell took the interrupt, ran its finally block, and the job is cancelled."""
     kinds = [e["type"] for e in events]
     assert kinds[-3:] == ["result", "error", "done"], kinds
-    assert events[-1]["state"] == "failed"
+    assert events[-1]["state"] == "cancelled"
     assert kinds.index("interrupted") < kinds.index("result")
     result, error = events[-3], events[-2]
     assert result["interrupted"] is True and error["interrupted"] is True
@@ -944,7 +944,7 @@ def test_an_admin_interrupts_a_sandboxed_cell_as_soon_as_it_runs(users: Users) -
     carol.interrupt(job["id"])
     result, error = _interrupted_events(follow(alice, job["id"]))
     assert error["traceback"] and error["traceback"][-1]["cell"]
-    assert alice.job(job["id"])["state"] == "failed"
+    assert alice.job(job["id"])["state"] == "cancelled"
     wait_for(lambda: all_free(alice), DEADLINE_S)
     for c in (alice, carol):
         c.close()

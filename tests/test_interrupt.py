@@ -68,14 +68,15 @@ def test_an_interrupt_that_ends_the_cell_keeps_what_it_had_done(kernel: Kernel,
                  stop_on_error=False)
     _interrupt_when_started(k, cell)
     reply = k.reply(cell)
-    # a KeyboardInterrupt, as a local cell's, at the line that was running
-    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+    # the job is cancelled (the contract), and the error shows the KeyboardInterrupt as a
+    # local cell's, at the line that was running
+    assert reply["status"] == "error" and reply["ename"] == "JobCancelled", reply
     shown = "\n".join(reply["traceback"])
-    assert "line 7" in shown and "time.sleep(30)" in shown, shown
+    assert "line 7" in shown and "time.sleep(30)" in shown and "KeyboardInterrupt" in shown, shown
     assert "finally ran" in k.outputs(cell)
     # bound what it had assigned and changed, as a local cell interrupted there leaves it
     assert _check(k, "print(a, acc, 'b' in globals())") == "1 [1] False\n"
-    assert _new_job(client, before)["state"] == "failed"
+    assert _new_job(client, before)["state"] == "cancelled"
 
 
 def test_a_second_interrupt_cancels_at_once(kernel: Kernel, client: Any) -> None:
@@ -119,7 +120,8 @@ def test_the_status_says_the_cell_is_being_interrupted() -> None:
     s.apply({"type": "interrupted", "attempt": 1}, now=1.0)
     assert "its except and finally blocks run" in render_html(s, 1.0)
     s.apply({"type": "error", "ename": "KeyboardInterrupt", "evalue": "", "interrupted": True})
-    s.apply({"type": "done", "state": "failed", "timings": {}}, now=2.0)
+    s.apply({"type": "done", "state": "cancelled", "timings": {}}, now=2.0)
     s.bound = ["a", "acc"]
     text = render_text(s, 2.0)
-    assert "interrupting" not in text and "KeyboardInterrupt · bound a, acc" in text, text
+    assert "interrupting" not in text, text
+    assert "cancelled by an interrupt: KeyboardInterrupt · bound a, acc" in text, text

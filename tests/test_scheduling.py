@@ -250,8 +250,8 @@ def _interrupted(gateway: Gateway, code: str, tmp: Path) -> nbformat.NotebookNod
 
 
 @pytest.mark.parametrize("where", ["running", "queued"])
-def test_kernel_interrupt_interrupts_a_running_cell_and_cancels_a_queued_one(
-        small_pool: Gateway, small_client: Any, where: str, tmp_path: Path) -> None:
+def test_kernel_interrupt_cancels_the_remote_job(small_pool: Gateway, small_client: Any,
+                                                 where: str, tmp_path: Path) -> None:
     client = small_client
     blocker = None
     if where == "queued":
@@ -268,13 +268,13 @@ def test_kernel_interrupt_interrupts_a_running_cell_and_cancels_a_queued_one(
         mine = [j for j in client.jobs() if j["id"] not in before and not j["background"]]
         assert len(mine) == 1
         job = finish(client, mine[0]["id"])
+        # the contract: a kernel interrupt cancels the remote job (a running cell first gets
+        # its KeyboardInterrupt there, as a local one, and the error shows where it stopped)
+        assert [e.ename for e in errors] == ["JobCancelled"]
+        assert job["state"] == "cancelled"
         if where == "running":
-            # a KeyboardInterrupt in the cell, as a local one: it ended there, at its sleep
-            assert [e.ename for e in errors] == ["KeyboardInterrupt"]
-            assert job["state"] == "failed"
+            assert "KeyboardInterrupt" in "\n".join(errors[0].traceback)
         else:
-            assert [e.ename for e in errors] == ["JobCancelled"]
-            assert job["state"] == "cancelled"
             assert job["started"] is None  # it never ran
         # nothing half-bound: the namespace is as before the cell
         assert nb.cells[2].outputs[0].text == "untouched False\n"

@@ -917,7 +917,14 @@ class Gateway:
                 error.pop("interrupted")
             self._emit(job, error or {"type": "error", "ename": "KeyboardInterrupt",
                                       "evalue": "", "traceback": []})
-            self._finish(job, "failed")
+            if job.interrupted:
+                # the contract: a kernel interrupt cancels the job (and frees its GPUs); the
+                # cell only had its say first, as a local cell does
+                job.message = ("interrupted while running: the cell stopped on "
+                               "KeyboardInterrupt, and what it had bound is kept")
+                self._finish(job, "cancelled")
+            else:
+                self._finish(job, "failed")
         elif outcome.get("type") == "result":
             self._emit(job, outcome)
             self._finish(job, "succeeded")
