@@ -993,11 +993,41 @@ def test_a_reload_cannot_make_a_one_user_gateway_shared(tmp_path: Path) -> None:
         gw.stop()
 
 
+def test_a_reload_of_a_bad_tokens_file_keeps_the_old_tokens_and_says_why(tmp_path: Path) -> None:
+    import signal
+
+    path = tmp_path / "tokens.json"
+    alice = secrets.token_urlsafe(24)
+    write_tokens(path, {"alice": alice})
+    gw = start_gateway(tmp_path, "--tokens-file", str(path))
+    try:
+        write_tokens(path, {"alice": {"token": alice, "admn": True}})
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "kept the old tokens" in (tmp_path / "gateway.log").read_text(),
+                 DEADLINE_S)
+        log = (tmp_path / "gateway.log").read_text()
+        assert "user 'alice' in " in log and "unknown key 'admn'; did you mean 'admin'?" in log
+        me = call(gw.url, alice, "GET", "/v1/limits")
+        assert me.status_code == 200 and me.json()["admin"] is False
+    finally:
+        gw.stop()
+
+
 BAD_TOKENS_FILES = [
     pytest.param({"alice": "short"}, 0o600, "shorter than 22", id="short-token"),
     pytest.param({"alice": secrets.token_urlsafe(24)}, 0o644, "chmod 600", id="readable-by-others"),
     pytest.param({"alice": "s" * 30, "bob": "s" * 30}, 0o600, "share a token", id="shared-token"),
     pytest.param({}, 0o600, "JSON object", id="empty"),
+    # bool("false") is True: a quoted false once made alice an admin
+    pytest.param({"alice": {"token": "a" * 30, "admin": "false"}}, 0o600,
+                 "admin of user 'alice' .* is \"false\"; write true or false", id="admin-string"),
+    # a misspelled key was ignored: bob was no admin and had no limit, and nobody was told
+    pytest.param({"bob": {"token": "b" * 30, "admn": True}}, 0o600,
+                 "unknown key 'admn'; did you mean 'admin'\\?", id="misspelled-admin"),
+    pytest.param({"bob": {"token": "b" * 30, "max_jbos": 1}}, 0o600,
+                 "unknown key 'max_jbos'; did you mean 'max_jobs'\\?", id="misspelled-limit"),
+    pytest.param({"bob": {"token": "b" * 30, "max_jobs": True}}, 0o600,
+                 "max_jobs of user 'bob' .* is true; it must be a whole number", id="limit-true"),
 ]
 
 

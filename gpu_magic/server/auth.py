@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import hmac
 import json
@@ -12,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MIN_TOKEN_CHARS = 22  # 128 bits of urlsafe base64
+# what a user's entry may hold; anything else is a typo that would be silently ignored
+# (a misspelled "admn" or "max_jbos" would leave a user without the rights or limits meant)
+ENTRY_KEYS = ("token", "admin", "max_jobs", "max_gpus")
 
 
 class TokensFileError(Exception):
@@ -63,12 +67,27 @@ def load_tokens_file(path: Path) -> dict[str, User]:
         admin = False
         limits: dict[str, int] = {}
         if isinstance(value, dict):
-            admin = bool(value.get("admin", False))
+            for key in value:
+                if key not in ENTRY_KEYS:
+                    close = difflib.get_close_matches(str(key), ENTRY_KEYS, n=1, cutoff=0.5)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise TokensFileError(
+                        f"user {name!r} in {path} has an unknown key {key!r}; {hint}an entry "
+                        f"may hold only {', '.join(ENTRY_KEYS)}")
+            admin = value.get("admin", False)
+            # only JSON true or false: bool("false") is True, and would make an admin
+            if not isinstance(admin, bool):
+                raise TokensFileError(
+                    f"admin of user {name!r} in {path} is {json.dumps(admin)}; write true or "
+                    "false (JSON, without quotes)")
             for key in ("max_jobs", "max_gpus"):
                 if key in value:
-                    if not isinstance(value[key], int) or value[key] < 0:
+                    # (bool is an int in Python: true would read as 1)
+                    if (not isinstance(value[key], int) or isinstance(value[key], bool)
+                            or value[key] < 0):
                         raise TokensFileError(
-                            f"{key} of user {name!r} in {path} must be a whole number >= 0")
+                            f"{key} of user {name!r} in {path} is {json.dumps(value[key])}; "
+                            "it must be a whole number >= 0, e.g. 2")
                     limits[key] = value[key]
             value = value.get("token")
         if not isinstance(value, str) or len(value) < MIN_TOKEN_CHARS:
