@@ -768,6 +768,30 @@ def test_submit_and_follow_refuses_exactly_as_a_plain_submit(
     assert client.pool()["queue_length"] == 0
 
 
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/jobs?follow=true"])
+def test_a_misspelled_field_is_refused_and_named(gateway: Gateway, client: GatewayClient,
+                                                path: str) -> None:
+    # {"wiat": 5} was taken without a word, and the job waited without limit
+    body = dict(inline_body({}, "pass"), wiat=5)
+    answer = refused(call(gateway.url, gateway.token, "POST", path, json=body), 422,
+                     "invalid_request")
+    assert "body.wiat: unknown field 'wiat'; did you mean 'wait'?" in answer["message"], answer
+    # inside the spec's options too, with that model's own fields
+    body = dict(inline_body({}, "pass"), spec=[{"type": "H100", "cuont": 2}])
+    answer = refused(call(gateway.url, gateway.token, "POST", path, json=body), 422,
+                     "invalid_request")
+    assert "unknown field 'cuont'; did you mean 'count'? (known fields: type, count)" \
+        in answer["message"], answer
+    assert client.pool()["queue_length"] == 0 and all(
+        j["state"] != "queued" for j in client.jobs())
+
+
+def test_a_misspelled_limit_is_refused_and_named(users: Users) -> None:
+    answer = refused(call(users.gw.url, users.tokens["carol"], "PUT", "/v1/limits/bob",
+                          json={"max_jbos": 1}), 422, "invalid_request")
+    assert "unknown field 'max_jbos'; did you mean 'max_jobs'?" in answer["message"], answer
+
+
 def test_inline_blobs_over_the_limit_are_413(gateway: Gateway, client: GatewayClient) -> None:
     blob = secrets.token_bytes((1 << 20) + 1)
     d = digest(blob)

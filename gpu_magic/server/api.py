@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import difflib
 import ipaddress
+import typing
 import json
 import math
 import platform
@@ -22,7 +24,7 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
@@ -40,17 +42,24 @@ _DIGEST = Annotated[str, Field(pattern=r"^xxh3-128:[0-9a-f]{32}$")]
 _PACKAGES = ("cloudpickle", "ipython", "numpy", "torch", "gpu-magic")
 
 
-class InputsModel(BaseModel):
+class _Strict(BaseModel):
+    """A request body that refuses fields it does not know: a misspelled one (``wiat``)
+    would otherwise be dropped in silence, and the job run without the limit it asked for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputsModel(_Strict):
     pickle: _DIGEST
     buffers: list[_DIGEST] = Field(default_factory=list, max_length=100_000)
 
 
-class OptionModel(BaseModel):
+class OptionModel(_Strict):
     type: str | None = None
     count: int = 1
 
 
-class JobSubmit(BaseModel):
+class JobSubmit(_Strict):
     """A job: the cell's source, its GPU spec and the digests of its input blobs."""
 
     # The client may choose the id, so that it can cancel a job whose submit it was
@@ -83,7 +92,7 @@ class JobSubmit(BaseModel):
     line_offset: int = Field(default=0, ge=0, le=100)
 
 
-class LimitsModel(BaseModel):
+class LimitsModel(_Strict):
     max_jobs: StrictInt | None = Field(default=None, ge=0)
     max_gpus: StrictInt | None = Field(default=None, ge=0)
 
@@ -120,13 +129,46 @@ DIGEST_PATTERN = r"^xxh3-128:[0-9a-f]{32}$"
 Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
 
 
-class AdoptRequest(BaseModel):
+class AdoptRequest(_Strict):
     digest: Digest
     name: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
-class MissingRequest(BaseModel):
+class MissingRequest(_Strict):
     digests: list[Digest] = Field(max_length=100_000)
+
+
+# each route's body, for naming the fields it knows when a request sends one it does not
+_BODIES: dict[tuple[str, str], type[BaseModel]] = {
+    ("POST", "/v1/jobs"): JobSubmit,
+    ("PUT", "/v1/limits/{name}"): LimitsModel,
+    ("POST", "/v1/blobs/missing"): MissingRequest,
+    ("POST", "/v1/blobs/adopt"): AdoptRequest,
+}
+
+
+def _fields_at(model: type[BaseModel] | None, path: tuple[Any, ...]) -> list[str] | None:
+    """The field names of the model found at ``path`` (field names and list indices) inside
+    ``model``, or None where the path leads to no model."""
+    for step in path:
+        if model is None:
+            return None
+        if isinstance(step, int):
+            continue  # an item of a list field: the list's model was found at its name
+        field = model.model_fields.get(str(step))
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The request model inside an annotation such as ``list[OptionModel] | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _versions() -> dict[str, str]:
@@ -160,13 +202,24 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
-            + (f" (got {str(e['input'])[:100]!r})" if isinstance(e.get("input"), (str, int, float))
-               else "")
-            for e in exc.errors()
-        )
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        route = request.scope.get("route")
+        body_model = _BODIES.get((request.method, getattr(route, "path", "")))
+
+        def problem(e: dict[str, Any]) -> str:
+            loc = e.get("loc", ())
+            where = ".".join(str(p) for p in loc)
+            if e.get("type") == "extra_forbidden" and loc:
+                known = _fields_at(body_model, loc[1:-1]) if loc[0] == "body" else None
+                close = difflib.get_close_matches(str(loc[-1]), known or (), n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                fields = f" (known fields: {', '.join(known)})" if known else ""
+                return f"{where}: unknown field {str(loc[-1])!r}{hint}{fields}"
+            return (f"{where}: {e.get('msg')}"
+                    + (f" (got {str(e['input'])[:100]!r})"
+                       if isinstance(e.get("input"), (str, int, float)) else ""))
+
+        problems = "; ".join(problem(e) for e in exc.errors())
         return JSONResponse({"error": "invalid_request", "message": f"invalid request: {problems}",
                              "detail": _json_safe(jsonable_encoder(exc.errors()))},
                             status_code=422)
