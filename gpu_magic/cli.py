@@ -15,7 +15,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run a gateway for a GPU pool")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    s.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    s.add_argument("--port", type=_port, default=8765, help="port (0: any free port)")
     s.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="local: runner subprocesses on this host; ray: tasks on a Ray cluster")
     s.add_argument("--ray-address", default=None, help="Ray cluster address (with --backend ray)")
@@ -30,11 +30,11 @@ def _parser() -> argparse.ArgumentParser:
                    help='JSON {"user": "token", ...}, mode 0600')
     s.add_argument("--state-dir", type=Path, default=None)
     s.add_argument("--runtime-file", type=Path, default=None, help=argparse.SUPPRESS)
-    s.add_argument("--idle-timeout", type=float, default=None,
+    s.add_argument("--idle-timeout", type=_seconds(), default=None,
                    help="exit after this many seconds with no jobs and no requests")
-    s.add_argument("--max-timeout", type=float, default=None,
+    s.add_argument("--max-timeout", type=_seconds(), default=None,
                    help="cap on any job's --timeout, in seconds")
-    s.add_argument("--orphan-timeout", type=float, default=60.0,
+    s.add_argument("--orphan-timeout", type=_seconds(), default=60.0,
                    help="cancel a foreground job nobody has followed for this many seconds")
     s.add_argument("--gateway-python", action="store_true",
                    help="run cells with the gateway's Python, not the submitting kernel's")
@@ -42,17 +42,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="runner sandbox; auto: bubblewrap when several users share the gateway")
     s.add_argument("--certfile", type=Path, default=None, help="TLS certificate (PEM)")
     s.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
-    s.add_argument("--retention", type=float, default=7 * 24 * 3600.0,
+    s.add_argument("--retention", type=_seconds(), default=7 * 24 * 3600.0,
                    help="seconds to keep finished jobs, their output and unused blobs (7 days)")
-    s.add_argument("--keep-warm", type=float, default=300.0,
+    s.add_argument("--keep-warm", type=_seconds(zero=True), default=300.0,
                    help="seconds a finished runner waits for the next cell of the same user, "
                         "interpreter and GPUs (0: fork a fresh one from a warm zygote each time)")
     s.add_argument("--cold", action="store_true",
                    help="no warm runners: start a fresh interpreter for every job")
-    s.add_argument("--max-jobs-per-user", type=int, default=None)
-    s.add_argument("--max-gpus-per-user", type=int, default=None)
-    s.add_argument("--max-blob-bytes", type=int, default=None)
-    s.add_argument("--max-job-bytes", type=int, default=None)
+    s.add_argument("--max-jobs-per-user", type=_count(zero=True), default=None)
+    s.add_argument("--max-gpus-per-user", type=_count(zero=True), default=None)
+    s.add_argument("--max-blob-bytes", type=_count(), default=None)
+    s.add_argument("--max-job-bytes", type=_count(), default=None)
     s.add_argument("--blob-reserve", type=_size, default=None, metavar="SIZE",
                    help="disk and page cache kept written ahead for large blobs, e.g. 2G "
                         "(default: a sixteenth of memory, at most 4G; 0: none)")
@@ -69,6 +69,54 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8888)
     d.add_argument("--notebooks", type=Path, default=None)
     return p
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port; give a whole number from 1 to 65535 (e.g. --port 8765), "
+            "or 0 for any free port")
+    return port
+
+
+def _seconds(zero: bool = False) -> Any:
+    """An argparse type: a number of seconds, more than 0 (or 0 and more with ``zero``)."""
+    least = "0 or more" if zero else "more than 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds; write a plain number, e.g. 600") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a time of {least} seconds; write e.g. 600")
+        return value
+
+    return parse
+
+
+def _count(zero: bool = False) -> Any:
+    """An argparse type: a whole number, 1 and more (or 0 and more with ``zero``)."""
+    least = 0 if zero else 1
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < least:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number of {least} or more; write e.g. 2")
+        return value
+
+    return parse
 
 
 def _size(text: str) -> int:

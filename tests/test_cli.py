@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 import gpu_magic
 from gpu_magic.server.auth import MIN_TOKEN_CHARS, owner_token
@@ -118,6 +119,36 @@ def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
     assert out.returncode != 0
     assert "'H100:0' in the simulated pool asks for 0 GPUs" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--port", "99999"], "argument --port: '99999' is not a port; give a whole number from 1 to "
+                          "65535"),
+    (["--state-dir", "/proc/gpu-magic-nowhere"],
+     "cannot use /proc/gpu-magic-nowhere as the gateway's state directory (--state-dir): No "
+     "such file or directory; give a folder"),
+    (["--state-dir", "{file}"], "as the gateway's state directory (--state-dir): it is a file, "
+                                "not a folder"),
+    (["--certfile", "{missing}", "--keyfile", "{missing}"],
+     "cannot read --certfile {missing}: No such file or directory"),
+    (["--certfile", "{file}", "--keyfile", "{file}"], "not a PEM certificate and its private key"),
+    (["--max-timeout", "-5"], "argument --max-timeout: '-5' is not a time of more than 0 seconds"),
+    (["--max-timeout", "10s"], "argument --max-timeout: '10s' is not a number of seconds"),
+    (["--keep-warm", "-1"], "argument --keep-warm: '-1' is not a time of 0 or more seconds"),
+    (["--max-jobs-per-user", "-1"], "'-1' is not a whole number of 0 or more"),
+])
+def test_serve_refuses_bad_values_in_one_line(tmp_path: Path, args: list[str], says: str) -> None:
+    # --port 99999 and an impossible --state-dir ended in a Python traceback
+    file = tmp_path / "a-file"
+    file.write_text("not a folder, nor a certificate\n")
+    where = {"file": str(file), "missing": str(tmp_path / "missing.pem")}
+    args = [a.format(**where) for a in args]
+    extra = [] if "--state-dir" in args else ["--state-dir", str(tmp_path / "state")]
+    out = gm("serve", "--port", "0", "--simulate", "T4:1", *extra, *args)
+    assert out.returncode == 2, out.stdout
+    assert "Traceback" not in out.stderr
+    assert says.format(**where) in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("gpu-magic serve: ")
 
 
 def test_serve_s_simulate_advice_names_the_flag(tmp_path: Path) -> None:

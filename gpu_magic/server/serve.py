@@ -83,11 +83,49 @@ class ServeError(Exception):
     """The gateway refuses to start; the message says why and what to do."""
 
 
+def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
+    """Load the certificate and key now: uvicorn's own failure to read them is a traceback."""
+    import ssl
+
+    if certfile is None:
+        raise ServeError(f"--keyfile {keyfile} was given without --certfile; TLS needs the "
+                         "certificate too: --certfile CERT.pem --keyfile KEY.pem")
+    try:
+        # (a certfile may hold the key too: then --keyfile is not needed)
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except OSError as exc:
+        given = (("certfile", certfile), ("keyfile", keyfile))
+        if isinstance(exc, ssl.SSLError):
+            what = " and ".join(f"--{n} {p}" for n, p in given if p is not None)
+            raise ServeError(
+                f"{what}: not a PEM certificate and its private key ({exc.reason or exc}); give "
+                "the PEM files of one certificate and its key") from None
+        which = next((f"--{n} {p}" for n, p in given if p is not None and not os.access(p, os.R_OK)),
+                     " or ".join(f"--{n} {p}" for n, p in given if p is not None))
+        raise ServeError(f"cannot read {which}: {exc.strerror or exc}; give the path of a "
+                         "readable PEM file") from None
+
+
 def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
     # absolute, as the sandbox names them inside a new root (and the working folder may change)
     state_dir = (cfg.state_dir or default_state_dir()).expanduser().resolve()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(state_dir, 0o700)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(state_dir, 0o700)
+    except OSError as exc:
+        given = ("--state-dir" if cfg.state_dir else
+                 "the default, in Jupyter's data directory (JUPYTER_DATA_DIR)")
+        why = ("it is a file, not a folder" if state_dir.exists() and not state_dir.is_dir()
+               else exc.strerror)
+        raise ServeError(
+            f"cannot use {state_dir} as the gateway's state directory ({given}): {why}; give "
+            "a folder this user can create and write, e.g. --state-dir ~/gpu-magic-state"
+        ) from None
+    if not 0 <= cfg.port <= 65535:
+        raise ServeError(f"{cfg.port} is not a port; give one from 1 to 65535 (e.g. --port "
+                         "8765), or 0 for any free port")
+    if cfg.certfile or cfg.keyfile:
+        _check_tls(cfg.certfile, cfg.keyfile)
     if not _is_loopback(cfg.host) and not cfg.force:
         if not cfg.tokens_file:
             raise ServeError(
