@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import secrets
 import shutil
 import signal
@@ -27,7 +28,7 @@ from .._spec import GpuOption, GpuSpec, env_problem
 from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
-from .limits import Limits, human
+from .limits import Limits, human, seconds
 from .scheduler import Grant, Request, feasibility, pool_summary, schedule
 from .store import BlobError, BlobStore, Store
 
@@ -490,11 +491,15 @@ class Gateway:
         timeout = asked or DEFAULT_TIMEOUT_S
         notices = []
         if self.max_timeout and timeout > self.max_timeout:
-            if asked:  # said to whoever asked for more; not on every cell that asked nothing
-                notices.append(f"this gateway caps --timeout at {self.max_timeout:g} s; the "
-                               f"job runs with that instead of {timeout:g} s")
+            # said whether the cell asked for more or took the default: either way it will be
+            # stopped sooner than its user expects
+            instead = (f"its --timeout of {seconds(timeout)} s" if asked else
+                       f"the default of {seconds(timeout)} s")
+            notices.append(f"this gateway caps --timeout at {seconds(self.max_timeout)} s; the "
+                           f"job runs with that instead of {instead}")
             timeout = self.max_timeout
-        body = dict(body, timeout=timeout)
+        # (what the cell asked for, None for the default: its timeout message says which)
+        body = dict(body, timeout=timeout, timeout_asked=asked)
         job_id = body.get("id") or secrets.token_hex(8)
         if job_id in self.jobs:
             raise ApiError(409, "job_exists", f"a job with id {job_id!r} exists already; "
@@ -519,6 +524,31 @@ class Gateway:
         self._emit_queued(job)
         self._schedule()
         return job
+
+    def _timeout_message(self, req: dict[str, Any]) -> str:
+        """Why a cell was stopped at its time limit, and a longer limit that can be had."""
+        t = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
+        asked = req.get("timeout_asked", t)  # (absent: a job from before it was kept)
+        limit = (f"its --timeout of {seconds(t)} s" if asked is not None
+                 else f"the default time limit of {seconds(t)} s (no --timeout given)")
+        cap = self.max_timeout
+        if cap and t >= cap:
+            # no --timeout can help here: never suggest one the cap would cut again
+            if asked is None:
+                was = f"; the cell gave no --timeout, whose default is {seconds(DEFAULT_TIMEOUT_S)} s"
+            elif asked > cap:
+                was = f"; the cell asked for {seconds(asked)} s"
+            else:
+                was = ""
+            return (f"the cell ran longer than {seconds(cap)} s, the most this gateway allows "
+                    f"(its --max-timeout{was}), and was stopped; its output so far is kept. A "
+                    "larger --timeout cannot help here: split the work into shorter cells, ask "
+                    "whoever runs the gateway to raise --max-timeout, or run it on a gateway "
+                    "whose cap is higher.")
+        more = seconds(min(math.ceil(t * 2), cap) if cap else math.ceil(t * 2))
+        allows = f" (this gateway allows up to {seconds(cap)} s)" if cap else ""
+        return (f"the cell ran longer than {limit} and was stopped; its output so far is kept. "
+                f"Raise the limit: %%gpu --timeout {more} (timeout={more} in Python){allows}.")
 
     def _refusal(self, spec: GpuSpec, dropped: list[tuple[str, str]], gpus: list[Gpu]) -> str:
         reasons = "; ".join(f"{o}: {r}" for o, r in dropped)
@@ -588,7 +618,7 @@ class Gateway:
         self._dequeue(job)
         wait = job.request.get("wait")
         spec = f"'{GpuSpec(tuple(job.options))}'"
-        late = f"{spec} did not start within --wait {wait:g} s"
+        late = f"{spec} did not start within --wait {seconds(wait)} s"
         if job.held:
             job.message = (f"{late}: {job.held}; nothing ran. Let one of them finish "
                            "(job.wait()) or cancel one, then run this again, or wait longer "
@@ -600,7 +630,7 @@ class Gateway:
                            "options (%gpu pool shows what is there).")
         else:
             pool = " of the simulated pool" if getattr(self.backend, "simulated", False) else ""
-            job.message = (f"no GPU{pool} for {spec} became free within --wait {wait:g} s; "
+            job.message = (f"no GPU{pool} for {spec} became free within --wait {seconds(wait)} s; "
                            "nothing ran. Wait longer (--wait), add fallback options, or try "
                            "again later (%gpu pool shows what is free).")
         self._finish(job, "expired")
@@ -898,12 +928,7 @@ class Gateway:
             job.message = job.message or "cancelled while running; the output so far is kept"
             self._finish(job, "cancelled")
         elif job.stop_reason == "timed_out":
-            t = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
-            cap = f" (this gateway allows up to {self.max_timeout:g} s)" if self.max_timeout else ""
-            more = int(t * 2)
-            job.message = (f"the cell ran longer than its --timeout of {t:g} s and was stopped; "
-                           f"its output so far is kept. Raise the limit: %%gpu --timeout "
-                           f"{more} (timeout={more} in Python){cap}.")
+            job.message = self._timeout_message(req)
             self._finish(job, "timed_out")
         elif outcome.get("type") == "result" and "error" in outcome:
             # the cell ended on an interrupt: a local cell keeps what it had bound then, so

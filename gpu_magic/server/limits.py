@@ -30,3 +30,11 @@ def human(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def seconds(value: float) -> str:
+    """A time in seconds as a person writes it: 3000000, not 3e+06; 2.5 stays 2.5."""
+    value = float(value)
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.6g}" if abs(value) < 1e15 else f"{value:g}"
