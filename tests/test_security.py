@@ -123,15 +123,19 @@ def test_per_user_job_and_gpu_limits(limited: Gateway) -> None:
     with limited.client() as c:
         with pytest.raises(gpu_magic.GatewayError) as info:
             submit(c, "1", "H100:2")
-        assert info.value.status == 429 and "1 GPU(s)" in str(info.value)
+        assert info.value.status == 429
+        assert str(info.value) == (
+            "every option of 'H100:2' asks for more than your limit of 1 GPU(s) at once (this "
+            "gateway's limit for every user, --max-gpus-per-user); ask for fewer.")
         first = submit(c, "import time\ntime.sleep(30)", "H100", background=True)
         try:
             with pytest.raises(gpu_magic.GatewayError) as info:
                 submit(c, "1", "H100")
             assert info.value.status == 429
             assert str(info.value) == (
-                "you have 1 jobs queued or running; this gateway allows 1 per user. Wait for one "
-                "to finish or cancel one (%gpu jobs, %gpu cancel ID).")
+                "you have 1 jobs queued or running; your limit is 1 at once (this gateway's "
+                "limit for every user, --max-jobs-per-user). Wait for one to finish or cancel "
+                "one (%gpu jobs, %gpu cancel ID).")
         finally:
             c.cancel(first["id"])
             finish(c, first["id"])
@@ -396,7 +400,7 @@ def test_a_job_held_by_the_user_s_own_gpu_limit_says_so(tmp_path: Path) -> None:
             with pytest.raises(gpu_magic.WaitExpired) as info:
                 gpu_magic.run("1", "H100", {"__name__": "__main__"}, client=alice, quiet=True,
                               wait=2)
-            assert "your other jobs hold 1 of the 1 GPU(s) this gateway lets you use at once" \
+            assert "your other jobs hold 1 of the 1 GPU(s) your limit lets you use at once" \
                 in str(info.value)
             assert "became free" not in str(info.value)
             queued = [e for j in alice.jobs() if j["state"] == "expired"
@@ -410,7 +414,12 @@ def test_a_job_held_by_the_user_s_own_gpu_limit_says_so(tmp_path: Path) -> None:
             assert job.grant["gpu_type"] == "A100-80GB"
             assert job._job.state.dropped == [{
                 "option": "H100:2",
-                "reason": "asks for more than the 1 GPU(s) this gateway allows you at once"}]
+                "reason": "asks for more than your limit of 1 GPU(s) at once"}]
+            # her limit is her own, from the tokens file: not "this gateway allows"
+            with pytest.raises(gpu_magic.GatewayError) as refusal:
+                gpu_magic.run("1", "H100:2", {"__name__": "__main__"}, client=alice, quiet=True)
+            assert "your limit of 1 GPU(s) at once (set for you in the gateway's tokens file)" \
+                in str(refusal.value)
     finally:
         gw.stop()
 
@@ -436,6 +445,20 @@ def test_admin_sets_per_user_limits(tmp_path: Path) -> None:
             with pytest.raises(gpu_magic.GatewayError) as info:
                 submit(c, "1", "H100")
         assert info.value.status == 429
+        # nothing to wait for or cancel: whoever set the limit is the one to ask
+        assert str(info.value) == (
+            "your limit on this gateway is 0 jobs (set for you by an admin), so no job of "
+            "yours can run here. Ask whoever runs the gateway (your instructor) to raise it.")
+        resp = httpx.put(gw.url + "/v1/limits/student", json={"max_jobs": 3, "max_gpus": 0},
+                         headers=teacher)
+        assert resp.status_code == 200
+        with GatewayClient(gw.url, tokens["student"]) as c:
+            with pytest.raises(gpu_magic.GatewayError) as info:
+                submit(c, "1", "H100")
+        assert info.value.status == 429
+        assert str(info.value) == (
+            "your limit on this gateway is 0 GPUs (set for you by an admin), so no job of "
+            "yours can run here. Ask whoever runs the gateway (your instructor) to raise it.")
     finally:
         gw.stop()
 

@@ -455,11 +455,16 @@ class Gateway:
         # the live jobs only: every job kept for retention would make each submit slower
         active = (sum(1 for i in self.queue if self.jobs[i].user == user.name)
                   + sum(1 for j in self.running.values() if j.user == user.name))
+        if limits.max_jobs == 0:  # nothing to wait for: waiting or cancelling cannot help
+            raise ApiError(429, "too_many_jobs",
+                           f"your limit on this gateway is 0 jobs "
+                           f"({self._limit_origin(user, 'max_jobs')}), so no job of yours can "
+                           "run here. Ask whoever runs the gateway (your instructor) to raise it.")
         if limits.max_jobs is not None and active >= limits.max_jobs:
             raise ApiError(429, "too_many_jobs",
-                           f"you have {active} jobs queued or running; this gateway allows "
-                           f"{limits.max_jobs} per user. Wait for one to finish or cancel one "
-                           "(%gpu jobs, %gpu cancel ID).")
+                           f"you have {active} jobs queued or running; your limit is "
+                           f"{limits.max_jobs} at once ({self._limit_origin(user, 'max_jobs')}). "
+                           "Wait for one to finish or cancel one (%gpu jobs, %gpu cancel ID).")
         digests = [body["inputs"]["pickle"], *body["inputs"]["buffers"]]
         missing = self.blobs.missing(user.name, digests)
         if missing:
@@ -476,16 +481,21 @@ class Gateway:
         kept, dropped = feasibility(list(spec.options), gpus)
         if not kept:
             raise ApiError(422, "no_feasible_option", self._refusal(spec, dropped, gpus))
+        if limits.max_gpus == 0:
+            raise ApiError(429, "too_many_gpus",
+                           f"your limit on this gateway is 0 GPUs "
+                           f"({self._limit_origin(user, 'max_gpus')}), so no job of yours can "
+                           "run here. Ask whoever runs the gateway (your instructor) to raise it.")
         if limits.max_gpus is not None:
             over = [i for i in kept if spec.options[i].count > limits.max_gpus]
             if len(over) == len(kept):
                 raise ApiError(429, "too_many_gpus",
-                               f"every option of '{spec}' asks for more than the "
-                               f"{limits.max_gpus} GPU(s) this gateway allows you at once; "
-                               "ask for fewer.")
+                               f"every option of '{spec}' asks for more than your limit of "
+                               f"{limits.max_gpus} GPU(s) at once "
+                               f"({self._limit_origin(user, 'max_gpus')}); ask for fewer.")
             # never granted to this user: dropped now, and said, not passed over in silence
-            dropped += [(str(spec.options[i]), f"asks for more than the {limits.max_gpus} GPU(s) "
-                                          "this gateway allows you at once") for i in over]
+            dropped += [(str(spec.options[i]), f"asks for more than your limit of "
+                                               f"{limits.max_gpus} GPU(s) at once") for i in over]
             kept = [i for i in kept if i not in over]
         asked = body.get("timeout")
         timeout = asked or DEFAULT_TIMEOUT_S
@@ -524,6 +534,16 @@ class Gateway:
         self._emit_queued(job)
         self._schedule()
         return job
+
+    def _limit_origin(self, user: User, key: str) -> str:
+        """Who set this user's ``max_jobs`` or ``max_gpus``: an admin, the tokens file or the
+        gateway's default for everyone (which of them a user asks to change it differs)."""
+        if key in self.user_limits.get(user.name, {}):
+            return "set for you by an admin"
+        if key in user.limits:
+            return "set for you in the gateway's tokens file"
+        flag = {"max_jobs": "--max-jobs-per-user", "max_gpus": "--max-gpus-per-user"}[key]
+        return f"this gateway's limit for every user, {flag}"
 
     def _timeout_message(self, req: dict[str, Any]) -> str:
         """Why a cell was stopped at its time limit, and a longer limit that can be had."""
@@ -663,9 +683,12 @@ class Gateway:
                 room = cap - held.get(j.user, 0)
                 keep = [k for k, o in enumerate(opts) if o.count <= room]
                 opts, idx = [opts[k] for k in keep], [idx[k] for k in keep]
-                if not opts:  # say so: "queued" alone reads as "no GPU is free"
+                if not opts and cap == 0:  # (an admin lowered it after the submit)
+                    why = ("your limit on this gateway is now 0 GPUs (set by an admin); ask "
+                           "whoever runs the gateway (your instructor) to raise it")
+                elif not opts:  # say so: "queued" alone reads as "no GPU is free"
                     why = (f"your other jobs hold {held.get(j.user, 0)} of the {cap} GPU(s) "
-                           "this gateway lets you use at once")
+                           "your limit lets you use at once")
             # (only a pool that changes by itself can lose a type a job was accepted for)
             absent = (None if why is not None or not changing
                       else _absent(opts, gpus, j.min_memory_gb))
