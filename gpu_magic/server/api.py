@@ -12,11 +12,11 @@ import base64
 import binascii
 import difflib
 import ipaddress
-import typing
 import json
 import math
 import platform
 import socket
+import typing
 from importlib import metadata
 from typing import Annotated, Any
 
