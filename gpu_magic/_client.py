@@ -193,6 +193,19 @@ class GatewayClient:
     def jobs(self, everyone: bool = False) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/jobs", params={"all": everyone}).json()["jobs"]
 
+    def all_jobs(self, asked_by: str = "all jobs") -> list[dict[str, Any]]:
+        """Every user's jobs, for an admin token. Any other token gets a GatewayError (403):
+        the gateway itself answers it with the caller's own jobs, which would read as if
+        nobody else had any. ``asked_by`` names what the user typed, for the message."""
+        me = self.whoami()
+        if me and not me.get("admin"):
+            whose = f"the token from {self.token_from}" if self.token_from else "this token"
+            raise GatewayError(
+                f"{asked_by} lists every user's jobs and needs an admin token; the gateway at "
+                f"{self.url} takes {whose} for user {me.get('user')!r}, who is not an admin. "
+                "Leave out --all to list your own jobs.", status=403)
+        return self.jobs(everyone=True)
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
 

@@ -6,7 +6,7 @@ Cell form::
                  [--return NAMES | --no-return] [--background] [--env KEY=VALUE]... [--quiet]
                  [--dry-run]
 
-Line form: ``%gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID | status | stop``.
+Line form: ``%gpu pool | jobs [--all] | connect URL [--token TOKEN] | cancel JOB_ID | status | stop``.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class GPUMagic(Magics):
     def gpu(self, line: str, cell: str | None = None) -> Any:
         """Run the cell on a GPU of the pool (%%gpu), or manage the pool and jobs (%gpu ...).
 
-        Line commands: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID |
+        Line commands: %gpu pool | jobs [--all] | connect URL [--token TOKEN] | cancel JOB_ID |
         attach JOB_ID | status | stop
         """
         try:
@@ -211,13 +211,16 @@ class GPUMagic(Magics):
             what = (f"'{words[0]}' is not a %gpu command{_did_you_mean(words[0], _LINE_COMMANDS)}"
                     "\n" if words else "")
             raise UsageError(
-                f"{what}usage: %gpu pool | jobs | connect URL [--token TOKEN] | cancel JOB_ID | attach JOB_ID | "
+                f"{what}usage: %gpu pool | jobs [--all] | connect URL [--token TOKEN] | cancel JOB_ID | attach JOB_ID | "
                 "status | stop"
                 " (and %%gpu [SPEC] ... as a cell magic; see %gpu?)"
             )
         cmd, rest = words[0], words[1:]
-        if cmd in ("pool", "jobs", "status", "stop") and rest:
+        if cmd in ("pool", "status", "stop") and rest:
             raise UsageError(f"%gpu {cmd} takes nothing after it, not {' '.join(rest)!r}")
+        if cmd == "jobs" and rest and rest != ["--all"]:
+            raise UsageError(f"%gpu jobs takes only --all (every user's jobs, for an admin), "
+                             f"not {' '.join(rest)!r}{_did_you_mean(rest[0], ['--all'])}")
         if cmd == "connect":
             return self._connect(rest)
         if cmd == "stop":
@@ -228,6 +231,8 @@ class GPUMagic(Magics):
         client = connect()
         if cmd == "pool":
             display(pool_bundle(client.pool()), raw=True)
+        elif cmd == "jobs" and rest:
+            display(jobs_bundle(client.all_jobs("%gpu jobs --all"), everyone=True), raw=True)
         elif cmd == "jobs":
             display(jobs_bundle(client.jobs()), raw=True)
         elif cmd == "cancel":

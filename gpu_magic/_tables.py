@@ -48,8 +48,10 @@ def pool_bundle(pool: dict[str, Any]) -> dict[str, str]:
     return {"text/plain": pool_text(pool), "text/html": _html(headers, rows, caption)}
 
 
-def _jobs_rows(jobs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    headers = ["id", "state", "spec", "granted", "queued", "ran", "when"]
+def _jobs_rows(jobs: list[dict[str, Any]],
+               everyone: bool = False) -> tuple[list[str], list[list[str]]]:
+    headers = ["id", *(["user"] if everyone else []), "state", "spec", "granted", "queued",
+               "ran", "when"]
     rows = []
     for j in sorted(jobs, key=lambda j: j.get("created") or 0, reverse=True):
         g = j.get("grant") or {}
@@ -59,15 +61,20 @@ def _jobs_rows(jobs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         queued = f"{(started or finished or time.time()) - created:.1f} s" if created else "-"
         ran = f"{(finished or time.time()) - started:.1f} s" if started else "-"
         when = time.strftime("%H:%M:%S", time.localtime(created)) if created else "-"
-        rows.append([j["id"], j["state"], j.get("spec", ""), granted, queued, ran, when])
+        rows.append([j["id"], *([j.get("user", "?")] if everyone else []), j["state"],
+                     j.get("spec", ""), granted, queued, ran, when])
     return headers, rows
 
 
-def jobs_text(jobs: list[dict[str, Any]]) -> str:
-    headers, rows = _jobs_rows(jobs)
+def jobs_text(jobs: list[dict[str, Any]], everyone: bool = False) -> str:
+    """The jobs as a text table; ``everyone``: every user's (an admin's view), with a user
+    column."""
+    headers, rows = _jobs_rows(jobs, everyone)
     return _table(headers, rows) if rows else "(no jobs)"
 
 
-def jobs_bundle(jobs: list[dict[str, Any]]) -> dict[str, str]:
-    headers, rows = _jobs_rows(jobs)
-    return {"text/plain": jobs_text(jobs), "text/html": _html(headers, rows, f"{len(rows)} job(s)")}
+def jobs_bundle(jobs: list[dict[str, Any]], everyone: bool = False) -> dict[str, str]:
+    headers, rows = _jobs_rows(jobs, everyone)
+    whose = " of every user" if everyone else ""
+    return {"text/plain": jobs_text(jobs, everyone),
+            "text/html": _html(headers, rows, f"{len(rows)} job(s){whose}")}

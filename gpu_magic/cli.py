@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=what)
         q.add_argument("--url", default=None, help="gateway URL (default: GPU_MAGIC_URL or local)")
         q.add_argument("--token", default=None, help="token (default: GPU_MAGIC_TOKEN)")
+        if name == "jobs":
+            q.add_argument("--all", action="store_true",
+                           help="every user's jobs, with a user column (needs an admin token)")
     d = sub.add_parser("demo", help="a simulated pool and JupyterLab with the teaching notebooks")
     d.add_argument("--simulate", default="H100:2,A100-80GB:4,T4:8")
     d.add_argument("--port", type=int, default=8888)
@@ -166,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             client = _looking_client(args.url, args.token)
-            print(pool_text(client.pool()) if args.command == "pool" else jobs_text(client.jobs()))
+            if args.command == "pool":
+                print(pool_text(client.pool()))
+            elif args.all:
+                print(jobs_text(client.all_jobs("gpu-magic jobs --all"), everyone=True))
+            else:
+                print(jobs_text(client.jobs()))
         except GpuMagicError as exc:
             print(f"gpu-magic {args.command}: {exc}", file=sys.stderr)
             return 1

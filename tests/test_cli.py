@@ -14,7 +14,7 @@ import pytest
 import gpu_magic
 from gpu_magic.server.auth import MIN_TOKEN_CHARS, owner_token
 
-from .conftest import Gateway, start_gateway
+from .conftest import Gateway, start_class_gateway, start_gateway
 
 
 def gm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -40,6 +40,32 @@ def test_jobs_table_lists_my_jobs(gateway: Gateway) -> None:
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith(newest["id"]))
     assert "succeeded" in line and "A100-80GB ×2" in line and "simulated" in line
+
+
+def test_jobs_all_lists_every_user_s_jobs_for_an_admin_only(tmp_path: Path) -> None:
+    # `gpu-magic jobs --all` was an argparse error; an instructor had to use curl
+    gw, tokens = start_class_gateway(tmp_path)
+    try:
+        with gw.client(tokens["alice"]) as alice:
+            gpu_magic.run("1", "H100", {"__name__": "__main__"}, client=alice, quiet=True)
+            job = alice.jobs()[0]
+        out = gm("jobs", "--all", "--url", gw.url, "--token", tokens["carol"])
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].split()[:3] == ["id", "user", "state"], lines
+        assert any(ln.split()[:3] == [job["id"], "alice", "succeeded"] for ln in lines), lines
+        # an admin's plain `jobs` stays their own
+        mine = gm("jobs", "--url", gw.url, "--token", tokens["carol"])
+        assert mine.stdout.strip() == "(no jobs)", mine
+        # a student is told, not shown their own jobs as if nobody else had any
+        out = gm("jobs", "--all", "--url", gw.url, "--token", tokens["bob"])
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr == (
+            f"gpu-magic jobs: gpu-magic jobs --all lists every user's jobs and needs an admin "
+            f"token; the gateway at {gw.url} takes the token from --token for user 'bob', who "
+            "is not an admin. Leave out --all to list your own jobs.\n"), out.stderr
+    finally:
+        gw.stop()
 
 
 def test_wrong_token_is_a_clear_error(gateway: Gateway, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from .conftest import Gateway, wait_for
+from .conftest import Gateway, start_class_gateway, wait_for
 
 
 class Kernel:
@@ -25,7 +25,8 @@ class Kernel:
 
     def run(self, code: str, stdin: bool = True) -> dict[str, Any]:
         msg_id = self.kc.execute(code, allow_stdin=stdin)
-        seen: dict[str, Any] = {"stdout": "", "stderr": "", "result": None, "error": None}
+        seen: dict[str, Any] = {"stdout": "", "stderr": "", "result": None, "error": None,
+                                "display": ""}
         while True:
             m = self.kc.get_iopub_msg(timeout=120)
             if m["parent_header"].get("msg_id") != msg_id:
@@ -37,6 +38,8 @@ class Kernel:
                 seen[content["name"]] += content["text"]
             elif kind == "execute_result":
                 seen["result"] = content["data"]["text/plain"]
+            elif kind == "display_data":
+                seen["display"] += content["data"].get("text/plain", "")
             elif kind == "error":
                 seen["error"] = content
 
@@ -220,6 +223,35 @@ def test_misspelled_options_and_commands_get_a_suggestion(kernel_factory: Any) -
         out = k.run(line)
         assert out["error"] is None and message in out["stderr"], (line, out)
         assert out["stderr"].startswith("UsageError: "), (line, out)
+
+
+def test_an_admin_lists_every_user_s_jobs_with_jobs_all(tmp_path: Path,
+                                                        kernel_factory: Any) -> None:
+    # %gpu jobs showed a teacher "(no jobs)": only curl could list the class's jobs
+    import gpu_magic
+
+    gw, tokens = start_class_gateway(tmp_path)
+    try:
+        with gw.client(tokens["alice"]) as alice:
+            gpu_magic.run("1", "H100", {"__name__": "__main__"}, client=alice, quiet=True)
+            job = alice.jobs()[0]
+        teacher = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=tokens["carol"])
+        assert teacher.run("%gpu jobs")["display"] == "(no jobs)"
+        out = teacher.run("%gpu jobs --all")
+        assert out["error"] is None, out
+        lines = out["display"].splitlines()
+        assert lines[0].split()[:3] == ["id", "user", "state"], lines
+        assert any(ln.split()[:3] == [job["id"], "alice", "succeeded"] for ln in lines), lines
+        student = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=tokens["bob"])
+        refused = _error_text(student.run("%gpu jobs --all"))
+        assert refused == (
+            f"GatewayError: %gpu jobs --all lists every user's jobs and needs an admin token; "
+            f"the gateway at {gw.url} takes the token from GPU_MAGIC_TOKEN for user 'bob', who "
+            "is not an admin. Leave out --all to list your own jobs."), refused
+        typo = student.run("%gpu jobs --al")
+        assert "UsageError: %gpu jobs takes only --all" in typo["stderr"], typo
+    finally:
+        gw.stop()
 
 
 def test_cancel_says_what_became_of_the_job(gateway: Gateway, kernel_factory: Any) -> None:
