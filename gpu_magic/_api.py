@@ -110,8 +110,12 @@ def option_problem(timeout: Any, wait: Any, retries: Any,
     def number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    def shown(value: Any) -> str:  # as typed: argparse made "-5" into -5.0
-        return f"{value:g}" if number(value) else repr(value)
+    def shown(value: Any) -> str:  # as typed: argparse made "-5" into -5.0, 3000000 into 3e+06
+        if not number(value):
+            return repr(value)
+        if float(value).is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:.6g}"
 
     if timeout is not None and not (number(timeout) and 0 < timeout <= MAX_SECONDS):
         return (f"{spell('timeout')}{shown(timeout)}: the cell's time limit must be more than 0 and "

@@ -16,6 +16,7 @@ import getpass
 import os
 import re
 import shlex
+from argparse import ArgumentTypeError
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,7 +28,15 @@ from traitlets import Unicode, observe
 from . import _api
 from ._client import LOCAL
 from ._connection import configure, connect, current_target, get_connection, set_connection
-from ._errors import AuthError, CaptureError, CellSyntaxError, GpuMagicError, RemoteError
+from ._errors import (
+    AuthError,
+    CaptureError,
+    CellSyntaxError,
+    GpuMagicError,
+    RemoteError,
+    SpecError,
+)
+from ._spec import parse_spec
 from ._tables import jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
@@ -43,6 +52,60 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = starts if len(starts) == 1 else [
         names[n] for n in difflib.get_close_matches(bare.replace("_", "-"), names, n=1, cutoff=0.6)]
     return f"; did you mean {close[0]}?" if close else ""
+
+
+_NUMBER = re.compile(r"-\d+(\.\d*)?([eE][+-]?\d+)?|-\.\d+|-inf|-nan", re.IGNORECASE)
+
+
+def _is_spec(text: str) -> bool:
+    """Whether ``text`` reads as a GPU spec of known types (``T4``, ``H100:2, any``)."""
+    try:
+        parse_spec(text)
+    except SpecError:
+        return False
+    return bool(text.strip())
+
+
+def _quoted(text: str) -> str:
+    """``text`` quoted for the magic's line, with double quotes where that is enough."""
+    return f'"{text}"' if not any(c in text for c in '"\\$`') else shlex.quote(text)
+
+
+_UNIT = re.compile(r"(\d+(?:\.\d*)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)",
+                   re.IGNORECASE)
+_PER_UNIT = {"s": 1, "m": 60, "h": 3600}
+
+
+def _seconds(flag: str) -> Any:
+    """argparse's type for a number of seconds: its refusal says seconds, and turns ``10s``
+    or ``5m`` into the number to write (argparse's own says only "invalid float value")."""
+
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        m = _UNIT.fullmatch(text.strip())
+        if m:
+            value = float(m.group(1)) * _PER_UNIT[m.group(2)[0].lower()]
+            fix = f"{flag} {int(value) if value.is_integer() else value}"
+            raise ArgumentTypeError(f"'{text}': write the number of seconds alone, {fix}")
+        raise ArgumentTypeError(f"'{text}' is not a number of seconds; write a plain number, "
+                                f"e.g. {flag} 600")
+
+    return parse
+
+
+def _whole(flag: str) -> Any:
+    """argparse's type for a whole number, refused in words (not "invalid int value")."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ArgumentTypeError(f"'{text}' is not a whole number; write e.g. {flag} 2") from None
+
+    return parse
 
 
 def _split(line: str) -> tuple[str, str]:
@@ -79,9 +142,12 @@ class GPUMagic(Magics):
     @magic_arguments()
     @argument("spec", nargs="*",
               help="GPU options, most preferred first: 'H100:2, A100-80GB:2, any' (default any)")
-    @argument("--timeout", type=float, default=None, help="seconds the cell may run (default 3600)")
-    @argument("--wait", type=float, default=None, help="seconds to wait in the queue (default: no limit)")
-    @argument("--retries", type=int, default=0, help="re-runs if the runner dies (not if the cell raises)")
+    @argument("--timeout", type=_seconds("--timeout"), default=None,
+              help="seconds the cell may run (default 3600)")
+    @argument("--wait", type=_seconds("--wait"), default=None,
+              help="seconds to wait in the queue (default: no limit)")
+    @argument("--retries", type=_whole("--retries"), default=0,
+              help="re-runs if the runner dies (not if the cell raises)")
     @argument("--oom-fallback", action="store_true",
               help="after a CUDA out-of-memory error, re-run on the next option with more GPU memory")
     @argument("--return", dest="return_names", default=None,
@@ -118,13 +184,16 @@ class GPUMagic(Magics):
 
     def _cell(self, line: str, cell: str) -> Any:
         spec_text, flags = _split(line)
+        words = self._words(flags)
         try:
-            args = self._defaults() if not flags.strip() else parse_argstring(self.gpu, flags)
+            # the words as a shell splits them (IPython's own split keeps the quotes, so
+            # --env "MSG=hello world" could not be written)
+            args = self._defaults() if not words else self.gpu.parser.parse_args(words)
         except UsageError as exc:
             raise UsageError(f"{exc}{self._flag_hint(flags)}\nusage: %%gpu [SPEC] [options]; "
                              "see %gpu? for the options") from None
         if args.spec:
-            raise UsageError(f"put the GPU spec before the options: %%gpu {' '.join(args.spec)} {flags}")
+            raise UsageError(self._stray_hint(spec_text, words))
         if args.return_names is not None and args.no_return:
             raise UsageError("--return and --no-return contradict each other; use one of them")
         problem = _api.option_problem(args.timeout, args.wait, args.retries,
@@ -146,6 +215,73 @@ class GPUMagic(Magics):
         # IPython's own names stay here; the outputs it keeps (_, __, ___, _5) are the user's
         hidden = {n for n in shell.user_ns_hidden if not _OUTPUT_NAME.fullmatch(n)}
         return _api.run(cell, spec_text or None, shell.user_ns, hidden=hidden, **vars(opts))
+
+    @staticmethod
+    def _words(flags: str) -> list[str]:
+        """The options' words, split as a shell does: quotes group a value with spaces."""
+        try:
+            return shlex.split(flags)
+        except ValueError as exc:  # "No closing quotation"
+            raise UsageError(f"the options {flags!r} cannot be read: {str(exc).lower()}; close "
+                             'each quote, e.g. --env "MSG=hello world"') from None
+
+    def _strays(self, words: list[str]) -> list[tuple[int, str | None]]:
+        """Each word no option took (argparse files them under the spec), with the option
+        just before it: ``--return b c`` leaves ``c`` after ``--return``."""
+        actions = self.gpu.parser._option_string_actions
+        strays: list[tuple[int, str | None]] = []
+        before, i = None, 0
+        while i < len(words):
+            word = words[i]
+            if word.startswith("-") and len(word) > 1 and not _NUMBER.fullmatch(word):
+                name, eq, _ = word.partition("=")
+                found = {a for o, a in actions.items() if o == name} or {
+                    a for o, a in actions.items() if o.startswith(name)}  # (abbreviations)
+                action = found.pop() if len(found) == 1 else None
+                before = max(action.option_strings, key=len) if action else name
+                takes = action is not None and action.nargs != 0 and not eq
+                i += 2 if takes else 1
+            else:
+                strays.append((i, before))
+                i += 1
+        return strays
+
+    def _stray_hint(self, spec_text: str, words: list[str]) -> str:
+        """What to write instead of a line with words after the options that no option took."""
+        strays = self._strays(words)
+        at = {i for i, _ in strays}
+        left = [words[i] for i, _ in strays]
+        rest = [w for i, w in enumerate(words) if i not in at]
+        option = strays[0][1] if strays else None
+        # the value the option took: the word before the first stray, or --opt=VALUE
+        before = words[strays[0][0] - 1] if strays and strays[0][0] > 0 else ""
+        value = (before.partition("=")[2] if before.startswith("-") and "=" in before
+                 else None if before.startswith("-") or not before else before)
+        if option in ("--return", "--env") and value is not None and (
+                spec_text or not _is_spec(" ".join(left))):
+            if option == "--return":
+                names = [n.strip() for w in (value, *left) for n in w.split(",") if n.strip()]
+                return (f"--return takes one value, the names separated by commas without "
+                        f"spaces: --return {','.join(names)}")
+            if all("=" in w for w in left):
+                each = " ".join(f"--env {shlex.quote(w)}" for w in (value, *left))
+                return f"--env takes one KEY=VALUE; give each variable its own --env: {each}"
+            joined = " ".join((value, *left))
+            key = joined.partition("=")[0]
+            return (f"--env takes one KEY=VALUE, and '{left[0]}' is left over: quote a value "
+                    f"with spaces, --env {_quoted(joined)} (or set it in the kernel, "
+                    f"os.environ[{key!r}] = ..., and pass --env {key})")
+        joined = " ".join(left)
+        if _is_spec(joined):
+            spec = f"{spec_text}, {joined}" if spec_text else joined
+            return f"put the GPU spec before the options: %%gpu {spec} {shlex.join(rest)}"
+        action = self.gpu.parser._option_string_actions.get(option or "")
+        takes = ("" if action is None else
+                 f"{option} takes no value" if action.nargs == 0 else f"{option} takes one value")
+        after = f"after {option}" if option else "among the options"
+        return (f"'{joined}' {after} is left over: {takes + '; ' if takes else ''}the GPU spec "
+                "goes before the options (%%gpu H100:2, any --timeout 600), and a value with "
+                'spaces is quoted (--env "MSG=hello world")')
 
     def _flag_hint(self, flags: str) -> str:
         """The closest option to the first one argparse cannot know (``--wiat``), if any."""

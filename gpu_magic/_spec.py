@@ -243,6 +243,8 @@ def parse_spec(
     items: list[Any]
     if isinstance(spec, str):
         raw = spec.strip()
+        if raw[:1] in ("(", "{"):
+            _refuse_other_literal(raw)
         is_list = raw.startswith("[")
         items = _literal_list(raw) if is_list else re.split(r"[,|]", raw)
         shown = raw if is_list else f"'{raw}'"
@@ -270,6 +272,31 @@ def parse_spec(
     options = [_parse_option(item, shown, raw, extras, is_list) for item in items]
     _check_unique(options, shown, raw)
     return GpuSpec(tuple(options))
+
+
+def _refuse_other_literal(text: str) -> None:
+    """Refuse a spec written as a tuple or set literal, with the list or plain form to write
+    (split at its commas, ``("h100",)`` read as an option named ``("h100"``)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = ast.literal_eval(text)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        value = None
+    if isinstance(value, (tuple, set, frozenset)) and value and all(
+            isinstance(v, str) for v in value):
+        items = list(value) if isinstance(value, tuple) else sorted(value)
+        kind = "tuple" if isinstance(value, tuple) else "set"
+        raise SpecError(
+            f"{text} is a Python {kind}; write the options as a list, {items!r}, or plainly: "
+            f"{', '.join(items)}",
+            spec=text,
+        )
+    raise SpecError(
+        f"{text} is not a GPU spec; write the options plainly, e.g. H100:2, any, or as a list "
+        "of strings, ['H100:2', 'any']",
+        spec=text,
+    )
 
 
 def _literal_list(text: str) -> list[Any]:
@@ -325,6 +352,15 @@ def _parse_option(
     if not colon:
         return GpuOption(gpu_type)
     if not _COUNT.fullmatch(count_text):
+        # A100:80GB: the memory size written as a count; the type is spelled with a '-'
+        joined = _resolve(f"{name}-{count_text}")
+        if gpu_type is not None and (joined in CATALOGUE or joined in extras):
+            raise SpecError(
+                f"'{text}' has a count that is not a whole number; did you mean {joined}, the "
+                f"type (with '-', not ':')? The number after ':' is how many GPUs, e.g. "
+                f"{joined}:2",
+                spec=spec,
+            )
         raise SpecError(
             f"'{text}' has a count that is not a whole number; write TYPE:COUNT, "
             f"e.g. {gpu_type or 'any'}:2",

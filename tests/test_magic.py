@@ -130,7 +130,9 @@ def test_line_magics_report_an_unreachable_gateway_as_cleanly_as_a_cell(
     ("--timeout 0", "--timeout 0: the cell's time limit must be more than 0"),
     ("--timeout -5", "--timeout -5: the cell's time limit must be more than 0"),
     ("--timeout nan", "--timeout nan: the cell's time limit must be more than 0"),
-    ("--timeout 1e9", "--timeout 1e+09: the cell's time limit must be more than 0 and at most"),
+    ("--timeout 1e9", "--timeout 1000000000: the cell's time limit must be more than 0 and at "
+                      "most"),
+    ("--timeout 3000000", "--timeout 3000000: the cell's time limit"),  # (was echoed as 3e+06)
     ("--wait -1", "--wait -1: the time to wait in the queue must be 0 or more"),
     ("--retries -1", "--retries -1: the re-runs after a runner died must be a whole number "
                      "from 0 to 10"),
@@ -252,6 +254,54 @@ def test_an_admin_lists_every_user_s_jobs_with_jobs_all(tmp_path: Path,
         assert "UsageError: %gpu jobs takes only --all" in typo["stderr"], typo
     finally:
         gw.stop()
+
+
+def test_a_misread_line_gets_the_line_to_write(kernel_factory: Any) -> None:
+    # the hint rebuilt the line from leftover words (%%gpu c --return b c, %%gpu T4 --timeout
+    # 5 T4), quotes were kept as part of a value, and argparse said "invalid float value"
+    k = kernel_factory(GPU_MAGIC_URL="http://127.0.0.1:9", GPU_MAGIC_TOKEN="x" * 43)
+    for line, message in [
+        ("%%gpu T4 --return b c", "--return takes one value, the names separated by commas "
+                                  "without spaces: --return b,c"),
+        ("%%gpu --timeout 5 T4", "put the GPU spec before the options: %%gpu T4 --timeout 5"),
+        ("%%gpu T4 --quiet H100", "put the GPU spec before the options: %%gpu T4, H100 --quiet"),
+        ("%%gpu T4 --env MSG=hello world",
+         "--env takes one KEY=VALUE, and 'world' is left over: quote a value with spaces, --env "
+         "\"MSG=hello world\" (or set it in the kernel, os.environ['MSG'] = ..., and pass --env "
+         "MSG)"),
+        ("%%gpu T4 --env A=1 B=2", "give each variable its own --env: --env A=1 --env B=2"),
+        ("%%gpu T4 --timeout 5 10", "'10' after --timeout is left over: --timeout takes one "
+                                    "value; the GPU spec goes before the options"),
+        ('%%gpu T4 --env "MSG=hello', "cannot be read: no closing quotation; close each quote"),
+        ("%%gpu T4 --timeout abc", "argument --timeout: 'abc' is not a number of seconds; write "
+                                   "a plain number, e.g. --timeout 600"),
+        ("%%gpu T4 --timeout 10s", "argument --timeout: '10s': write the number of seconds "
+                                   "alone, --timeout 10"),
+        ("%%gpu T4 --wait 5m", "argument --wait: '5m': write the number of seconds alone, "
+                               "--wait 300"),
+        ("%%gpu T4 --retries two", "argument --retries: 'two' is not a whole number; write e.g. "
+                                   "--retries 2"),
+    ]:
+        out = k.run(line + "\n1")
+        assert out["error"] is None and out["stderr"].startswith("UsageError: "), (line, out)
+        assert message in out["stderr"], (line, out["stderr"])
+    for line, message in [
+        ("%%gpu A100:80GB", "SpecError: 'A100:80GB' has a count that is not a whole number; "
+                            "did you mean A100-80GB, the type (with '-', not ':')?"),
+        ('%%gpu ("h100",)', "SpecError: (\"h100\",) is a Python tuple; write the options as a "
+                            "list, ['h100'], or plainly: h100"),
+    ]:
+        assert _error_text(k.run(line + "\n1")).startswith(message), line
+
+
+def test_env_values_with_spaces_are_quoted_as_in_a_shell(gateway: Gateway,
+                                                         kernel_factory: Any) -> None:
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
+    for line in ('%%gpu A100-80GB --env "MSG=hello world" --quiet',
+                 '%%gpu A100-80GB --env MSG="hello world" --quiet',
+                 "%%gpu A100-80GB --env 'MSG=hello world' --env B=2 --quiet"):
+        out = k.run(line + "\nimport os\nos.environ['MSG']")
+        assert out["error"] is None and out["result"] == "'hello world'", (line, out)
 
 
 def test_cancel_says_what_became_of_the_job(gateway: Gateway, kernel_factory: Any) -> None:

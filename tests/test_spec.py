@@ -187,6 +187,20 @@ INVALID = [
     ("A100 80GB", (), f"'A100 80GB' is not a valid option {BAD_NAME}; {FORM}"),
     ("\uff28100", (), f"'\uff28100' is not a valid option {BAD_NAME}; {FORM}"),
     ("-H100", (), f"'-H100' is not a valid option {BAD_NAME}; {FORM}"),
+    # the memory size written as a count ("count is not a whole number" said nothing of it)
+    ("A100:80GB", (), "'A100:80GB' has a count that is not a whole number; did you mean "
+                      "A100-80GB, the type (with '-', not ':')? The number after ':' is how "
+                      "many GPUs, e.g. A100-80GB:2"),
+    ("h100:two", (), "'h100:two' has a count that is not a whole number; write TYPE:COUNT, "
+                     "e.g. H100:2"),
+    # a tuple was split at its commas: "'(\"h100\"' is not a valid option"
+    ('("h100",)', (), "(\"h100\",) is a Python tuple; write the options as a list, ['h100'], "
+                      "or plainly: h100"),
+    ("('H100:2', 'any')", (), "('H100:2', 'any') is a Python tuple; write the options as a "
+                              "list, ['H100:2', 'any'], or plainly: H100:2, any"),
+    ("{'t4'}", (), "{'t4'} is a Python set; write the options as a list, ['t4'], or plainly: t4"),
+    ("(H100)", (), "(H100) is not a GPU spec; write the options plainly, e.g. H100:2, any, or "
+                   "as a list of strings, ['H100:2', 'any']"),
     ("[h100, a100]", (), f"[h100, a100] {NOT_LIST}"),
     ("[", (), f"[ {NOT_LIST}"),
     ("['H100'] + ['T4']", (), f"['H100'] + ['T4'] {NOT_LIST}"),
