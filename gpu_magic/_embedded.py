@@ -164,7 +164,13 @@ def _start(path: Path, simulate: str | None, state_dir: Path | None) -> dict[str
     if simulate:
         cmd += ["--simulate", simulate]
     env = {k: v for k, v in os.environ.items() if k not in ("GPU_MAGIC_TOKEN", "GPU_MAGIC_URL")}
+    _say_pool_notes(simulate)
     with open(state / "gateway.log", "ab") as log:
+        # the log is appended to across starts: a failure quotes this start's part only
+        log.write(f"--- gpu_magic {__version__} gateway starting "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        log.flush()
+        start = log.tell()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -174,10 +180,12 @@ def _start(path: Path, simulate: str | None, state_dir: Path | None) -> dict[str
             _reap_when_done(proc)
             return info
         if proc.poll() is not None:
-            tail = (state / "gateway.log").read_text(errors="replace")[-1500:]
+            with open(state / "gateway.log", "rb") as f:
+                f.seek(start)
+                tail = f.read().decode(errors="replace")[-1500:]
             raise GatewayError(
                 f"the local gpu_magic gateway failed to start (exit code {proc.returncode}). "
-                f"Its log ({state / 'gateway.log'}) ends with:\n{tail}"
+                f"It said ({state / 'gateway.log'}):\n{tail}"
             )
         time.sleep(0.02)
     proc.terminate()
@@ -186,6 +194,23 @@ def _start(path: Path, simulate: str | None, state_dir: Path | None) -> dict[str
         f"the local gpu_magic gateway did not start within {START_TIMEOUT_S:g} s; see "
         f"{state / 'gateway.log'}"
     )
+
+
+def _say_pool_notes(simulate: str | None) -> None:
+    """Warn in the kernel about GPU_MAGIC_SIMULATE's unknown type names (H1000: did you mean
+    H100?) as the gateway starts: its own log is where nobody looks."""
+    if not simulate:
+        return
+    from ._errors import SpecError
+    from ._spec import pool_type_note
+    from .server.inventory import parse_simulated
+
+    try:
+        names = sorted({g.type for g in parse_simulated(simulate)})
+    except SpecError:
+        return  # the gateway refuses it, and that refusal is quoted
+    for note in filter(None, map(pool_type_note, names)):
+        print(f"gpu_magic: GPU_MAGIC_SIMULATE={simulate!r}: {note}", file=sys.stderr)
 
 
 def _reap_when_done(proc: subprocess.Popen[bytes]) -> None:

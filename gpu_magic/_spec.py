@@ -78,6 +78,22 @@ def memory_gb(gpu_type: str) -> int | None:
     return entry.memory_gb if entry else None
 
 
+def pool_type_note(name: str) -> str | None:
+    """A note on a simulated pool's type that is not in the catalogue, or None for a known one.
+
+    A pool may name types of its own, so an unknown name is kept; but ``H1000`` is more
+    likely a typo of H100 than a new GPU, and nothing else would say so."""
+    resolved = _resolve(name)
+    if resolved in CATALOGUE or resolved in FAMILIES:
+        return None
+    close = difflib.get_close_matches(resolved, [*KNOWN_TYPES, *_ALIASES], n=1, cutoff=0.6)
+    if close:
+        return (f"the simulated pool's type '{name}' is not a known GPU type; did you mean "
+                f"{close[0]}? (keep it if you meant a type of your own)")
+    return (f"the simulated pool's type '{name}' is not a known GPU type ({', '.join(KNOWN_TYPES)}); "
+            "it is offered as a type of its own")
+
+
 def canonical_type(name: str, extra_types: Iterable[str] = ()) -> str:
     """The canonical upper-case name of a GPU type (aliases resolved); SpecError if unknown."""
     return _canonical(name, _extras(extra_types), spec=name)

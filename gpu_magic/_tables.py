@@ -38,14 +38,16 @@ def _pool_rows(pool: dict[str, Any]) -> tuple[list[str], list[list[str]], str]:
 
 def pool_text(pool: dict[str, Any]) -> str:
     headers, rows, caption = _pool_rows(pool)
+    notes = "".join(f"\nnote: {n}" for n in pool.get("notes") or [])
     if not rows:
-        return caption + "\n(no GPUs)"
-    return caption + "\n" + _table(headers, rows)
+        return caption + "\n(no GPUs)" + notes
+    return caption + "\n" + _table(headers, rows) + notes
 
 
 def pool_bundle(pool: dict[str, Any]) -> dict[str, str]:
     headers, rows, caption = _pool_rows(pool)
-    return {"text/plain": pool_text(pool), "text/html": _html(headers, rows, caption)}
+    notes = "".join(f"<p>note: {html.escape(n)}</p>" for n in pool.get("notes") or [])
+    return {"text/plain": pool_text(pool), "text/html": _html(headers, rows, caption) + notes}
 
 
 def _jobs_rows(jobs: list[dict[str, Any]],

@@ -177,6 +177,33 @@ def test_serve_refuses_bad_values_in_one_line(tmp_path: Path, args: list[str], s
     assert out.stderr.strip().splitlines()[-1].startswith("gpu-magic serve: ")
 
 
+def test_a_simulated_pool_s_unknown_type_names_are_noted_where_users_look(
+        tmp_path: Path) -> None:
+    # H1000 and GARBAGE started pools of those names in silence; a pool may name its own
+    # types, so they are kept, and said: in the log, the pool view and the refusal they cause
+    gw = start_gateway(tmp_path, simulate="H1000:2,GARBAGE:1,T4:1")
+    try:
+        typo = ("the simulated pool's type 'H1000' is not a known GPU type; did you mean H100? "
+                "(keep it if you meant a type of your own)")
+        custom = "the simulated pool's type 'GARBAGE' is not a known GPU type ("
+        log = (tmp_path / "gateway.log").read_text()
+        assert f"gpu-magic serve: note: {typo}" in log and custom in log, log
+        assert "'T4'" not in log
+        out = gm("pool", "--url", gw.url, "--token", gw.token)
+        assert out.returncode == 0, out.stderr
+        assert f"\nnote: {typo}\n" in out.stdout and f"\nnote: {custom}" in out.stdout
+        with gw.client() as c:
+            with pytest.raises(gpu_magic.NoFeasibleOption) as info:
+                gpu_magic.run("1", "H100", {"__name__": "__main__"}, client=c, quiet=True)
+            assert f"Note: {typo}." in str(info.value), info.value
+            # a name meant as the pool's own still runs
+            ns = {"__name__": "__main__"}
+            gpu_magic.run("x = 1", "H1000", ns, client=c, quiet=True)
+            assert ns["x"] == 1
+    finally:
+        gw.stop()
+
+
 def test_serve_s_simulate_advice_names_the_flag(tmp_path: Path) -> None:
     out = gm("serve", "--port", "0", "--simulate", "T4;8", "--state-dir", str(tmp_path))
     assert out.returncode == 2

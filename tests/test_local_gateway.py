@@ -138,3 +138,30 @@ def test_a_cell_followed_across_a_local_gateway_restart_learns_its_end(
     err = outcome.get("error")
     assert isinstance(err, gpu_magic.RunnerLost), err
     assert "the gateway restarted while this job was running" in str(err)
+
+
+def test_a_failed_start_quotes_its_own_log_and_typos_are_noted(tmp_path: Path) -> None:
+    # the log is appended across starts: a failure quoted the end of the file, where an
+    # earlier failure's line came first
+    script = ("import sys\nfrom gpu_magic._embedded import ensure_local_gateway\n"
+              "try:\n    ensure_local_gateway(sys.argv[1])\n"
+              "except Exception as exc:\n    print(exc)\n")
+    env = _env(tmp_path)
+    first = subprocess.run([sys.executable, "-c", script, "T4:0"], capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert "'T4:0' in the simulated pool asks for 0 GPUs" in first.stdout, first
+    second = subprocess.run([sys.executable, "-c", script, "L4:999"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert "the local gpu_magic gateway failed to start" in second.stdout, second
+    assert "'L4:999' in the simulated pool asks for 999 GPUs" in second.stdout, second
+    assert "T4:0" not in second.stdout, second.stdout
+    # a type that is likely a typo is said in the kernel as its gateway starts
+    started = subprocess.run([sys.executable, "-c", script, "H1000:2"], capture_output=True,
+                             text=True, timeout=120, env=env)
+    try:
+        assert ("gpu_magic: GPU_MAGIC_SIMULATE='H1000:2': the simulated pool's type 'H1000' is "
+                "not a known GPU type; did you mean H100?") in started.stderr, started
+        assert started.stdout == "", started
+    finally:
+        subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True,
+                       env=env, timeout=60)

@@ -24,7 +24,7 @@ from typing import Any
 
 from .._errors import SpecError
 from .._payload import is_digest
-from .._spec import GpuOption, GpuSpec, env_problem
+from .._spec import GpuOption, GpuSpec, env_problem, pool_type_note
 from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
@@ -414,7 +414,14 @@ class Gateway:
             "nodes": list(nodes.values()),
             "queue_length": len(self.queue),
             "running": len(self.running),
+            "notes": self.pool_notes(gpus),
         }
+
+    def pool_notes(self, gpus: list[Gpu] | None = None) -> list[str]:
+        """What may be wrong with the pool as configured: simulated types that are not in the
+        catalogue (``H1000``: did you mean H100?)."""
+        names = sorted({g.type for g in (self.gpus() if gpus is None else gpus) if g.simulated})
+        return [n for n in map(pool_type_note, names) if n]
 
     def job_for(self, user: User, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -580,9 +587,12 @@ class Gateway:
                 "server, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN, or run %gpu connect URL."
             )
         types = sorted({g.type for g in gpus})
+        # a typo in the simulated pool (H1000) is why H100 can never run: say so here, where
+        # the user of an embedded gateway, who never sees its log, notices
+        notes = "".join(f" Note: {n}." for n in self.pool_notes(gpus))
         return (
             f"no option of '{spec}' can ever run on this pool ({reasons}). The pool has "
-            f"{pool_summary(gpus)}; ask for one of {', '.join(types)}, or 'any'."
+            f"{pool_summary(gpus)}; ask for one of {', '.join(types)}, or 'any'.{notes}"
         )
 
     def cancel(self, user: User, job_id: str) -> Job:

@@ -277,6 +277,8 @@ def serve(cfg: ServeConfig) -> int:
 
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, reload_tokens)
+        for note in gateway.pool_notes():  # (the embedded gateway's go to its log)
+            print(f"gpu-magic serve: note: {note}", file=sys.stderr, flush=True)
         if cfg.runtime_file:
             info = {
                 "url": url, "host": socket.gethostname(), "pid": os.getpid(),
