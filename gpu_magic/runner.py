@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import resource
+import select
 import signal
 import sys
 import threading
@@ -59,6 +60,7 @@ class _Emitter:
         with self._lock:
             self._f = os.fdopen(fd, "wb", buffering=0)
             self.muted = False
+        _lifeline(fd)
 
     def close(self) -> None:
         with self._lock:
@@ -780,6 +782,46 @@ def _adopt_orphans() -> None:
     # stopped (cancel, timeout): the gateway signals the runner's process group, which a
     # process in a session of its own is not in
     signal.signal(signal.SIGTERM, _stopped)
+
+
+_WATCHED: Any = None  # the epoll set of the events pipes, watched by one thread per process
+
+
+def _lifeline(fd: int) -> None:
+    """End this runner, and what its cell started, when the gateway that reads ``fd`` dies.
+
+    A restarted gateway takes the job for lost and grants its GPUs again: nothing of the cell
+    may run on. The gateway holds the read end of the job's events pipe: when it dies (kill -9,
+    a crash) the kernel closes it, which epoll reports on our write end as EPOLLERR. Not
+    PR_SET_PDEATHSIG, which fires when the parent *thread* that forked us ends, and a warm
+    runner's parent is the zygote. epoll, not poll: a descriptor closed while watched leaves
+    the set by itself (a poll would keep the pipe open, and its job from ending, until it
+    returned), so a job's end costs nothing here. Between jobs a warm runner waits on its
+    control socket, which ends with the gateway too; a spare, on the zygote, which does."""
+    global _WATCHED
+    if not hasattr(select, "epoll"):
+        return  # (not Linux)
+    try:
+        if _WATCHED is None or _WATCHED[1] != os.getpid():  # (a fork has no watching thread)
+            _WATCHED = (select.epoll(), os.getpid())
+            threading.Thread(target=_watch, args=(_WATCHED[0],), daemon=True,
+                             name="gpu-magic-lifeline").start()
+        _WATCHED[0].register(fd, select.EPOLLERR)
+    except (OSError, RuntimeError):
+        pass  # a runner without its lifeline still runs its cell
+
+
+def _watch(ep: Any) -> None:
+    while True:
+        try:
+            ready = ep.poll()
+        except OSError:
+            return
+        if any(ev & (select.EPOLLERR | select.EPOLLHUP) for _fd, ev in ready):
+            try:  # the gateway is gone: nobody reads this job's events, nor frees its GPUs
+                end_leftover_processes()
+            finally:
+                os._exit(70)
 
 
 def _stopped(signum: int, _frame: Any) -> None:

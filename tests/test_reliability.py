@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 import gpu_magic
@@ -59,6 +60,46 @@ def test_killed_runner_frees_its_gpu_for_the_next_job(one_gpu: Gateway) -> None:
         assert lost["state"] == "lost" and "killed by signal SIGKILL" in lost["message"]
         assert finish(c, waiting["id"])["state"] == "succeeded"
         wait_for(lambda: all_free(c), DEADLINE)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process its parent has not reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("runners", ["warm", "cold"])
+def test_runners_and_what_their_cells_started_die_with_a_killed_gateway(
+        tmp_path: Path, runners: str) -> None:
+    # they ran on, holding the GPU that the restarted gateway granted to the next job
+    extra = ("--cold",) if runners == "cold" else ()
+    gw = start_gateway(tmp_path, *extra, simulate="H100:1")
+    pids = tmp_path / "pids"
+    source = textwrap.dedent(f"""
+        import os, subprocess, time
+        child = subprocess.Popen(["sleep", "300"])
+        apart = subprocess.Popen(["sleep", "301"], start_new_session=True)
+        with open({str(pids)!r} + ".tmp", "w") as f:
+            f.write(f"{{os.getpid()}} {{child.pid}} {{apart.pid}}")
+        os.rename({str(pids)!r} + ".tmp", {str(pids)!r})
+        time.sleep(300)  # silent: nothing written to the gateway that could fail
+    """)
+    try:
+        with gw.client() as c:
+            submit(c, source, "H100", background=True)
+            wait_for(pids.exists, DEADLINE)
+        cell = [int(p) for p in pids.read_text().split()]
+        # everything the gateway started: zygote, spare and busy warm runners, or the runner
+        family = [p.pid for p in psutil.Process(gw.proc.pid).children(recursive=True)]
+        assert cell[0] in family
+        gw.proc.kill()
+        gw.proc.wait()
+        wait_for(lambda: not [p for p in {*family, *cell} if _running(p)], DEADLINE)
+    finally:
+        gw.stop()
 
 
 def test_runner_that_cannot_start_is_a_clear_error(one_gpu: Gateway) -> None:
