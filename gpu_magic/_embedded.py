@@ -159,6 +159,9 @@ def _start(path: Path, simulate: str | None, state_dir: Path | None) -> dict[str
 
     state = state_dir or default_state_dir()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    running = _holding(path, state, simulate)
+    if running is not None:
+        return running
     cmd = [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--runtime-file", str(path),
            "--idle-timeout", str(IDLE_TIMEOUT_S), "--state-dir", str(state)]
     if simulate:
@@ -211,6 +214,40 @@ def _say_pool_notes(simulate: str | None) -> None:
         return  # the gateway refuses it, and that refusal is quoted
     for note in filter(None, map(pool_type_note, names)):
         print(f"gpu_magic: GPU_MAGIC_SIMULATE={simulate!r}: {note}", file=sys.stderr)
+
+
+def _holding(path: Path, state: Path, simulate: str | None) -> dict[str, Any] | None:
+    """The gateway that already runs on ``state`` though the runtime file does not name it
+    (a tmp cleaner removed the file, a logout emptied /run/user): use it, and name it in the
+    runtime file again; a second gateway would be refused the state directory. None when no
+    gateway holds it."""
+    from .server.lock import StateDirBusy, holder
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        info = holder(state)
+        if info is None:
+            return None
+        if info.get("url") and info.get("host") == socket.gethostname() and _healthy(info):
+            break
+        if time.monotonic() > deadline:  # (it says nothing, or does not answer)
+            raise GatewayError(str(StateDirBusy(state, info)))
+        time.sleep(0.05)  # still starting
+    want = wanted_config(simulate)
+    if info.get("version") != __version__ or info.get("config") != want or not info.get("token"):
+        what = (f"version {info.get('version')}" if info.get("version") != __version__
+                else f"configuration {info.get('config')}" if info.get("config") != want
+                else "tokens of its own (started by hand with --tokens-file)")
+        raise GatewayError(
+            f"{StateDirBusy(state, info)} It runs with {what}, but this kernel wants version "
+            f"{__version__} with {want}. Stop it once its jobs are done, or connect to it "
+            f"(%gpu connect {info.get('url')}).")
+    fd = os.open(path.with_name(f".{path.name}.tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(path.with_name(f".{path.name}.tmp"), path)
+    return info
 
 
 def _reap_when_done(proc: subprocess.Popen[bytes]) -> None:

@@ -165,3 +165,30 @@ def test_a_failed_start_quotes_its_own_log_and_typos_are_noted(tmp_path: Path) -
     finally:
         subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True,
                        env=env, timeout=60)
+
+
+def test_one_gateway_per_state_directory(local_only: None, tmp_path: Path) -> None:
+    # the runtime file went missing (a tmp cleaner) under a running job: the next kernel
+    # started a second gateway on the same state directory, which granted the same GPU again
+    # and took the first one's job for lost
+    from gpu_magic._embedded import ensure_local_gateway, runtime_path
+
+    holder = gpu_magic.run("import time\ntime.sleep(60)", "T4", {"__name__": "__main__"},
+                           quiet=True, background=True)
+    wait_for(lambda: holder.state == "running", 30)
+    first = _connection._embedded
+    assert first is not None
+    runtime_path().unlink()
+    info = ensure_local_gateway("T4:1")  # as another kernel would
+    assert (info["pid"], info["url"]) == (first["pid"], first["url"])
+    assert runtime_path().exists()  # named again, for the next kernel
+    # and a gateway started by hand on that state directory is refused, naming the first
+    serve = subprocess.run(
+        [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--simulate", "T4:1",
+         "--state-dir", first["state_dir"]], capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 2
+    assert serve.stderr.startswith(
+        f"gpu-magic serve: another gpu_magic gateway (pid {first['pid']}, {first['url']}) uses "
+        f"the state directory {first['state_dir']}"), serve.stderr
+    assert holder.state == "running"
+    holder.cancel()

@@ -257,6 +257,7 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_activity = time.monotonic()
         self.closing = False  # shutting down: no job is started any more
+        self.state_lock: int | None = None  # held on the state directory (see lock.py)
 
     # --- life cycle ---
 

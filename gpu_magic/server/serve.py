@@ -28,6 +28,7 @@ from .auth import Authenticator, TokensFileError, load_tokens_file, owner_token,
 from .backends.sandbox import bwrap_path
 from .gateway import Gateway
 from .limits import Limits
+from .lock import StateDirBusy, describe, hold
 from .reserve import default_cap
 
 
@@ -126,6 +127,20 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
                          "8765), or 0 for any free port")
     if cfg.certfile or cfg.keyfile:
         _check_tls(cfg.certfile, cfg.keyfile)
+    try:  # before anything in it is read or changed (a restart marks running jobs lost)
+        lock = hold(state_dir)
+    except StateDirBusy as exc:
+        raise ServeError(str(exc)) from None
+    try:
+        gateway, auth, token_path = _build(cfg, state_dir)
+    except BaseException:
+        os.close(lock)
+        raise
+    gateway.state_lock = lock  # held until the process ends
+    return gateway, auth, token_path
+
+
+def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, Path | None]:
     if not _is_loopback(cfg.host) and not cfg.force:
         if not cfg.tokens_file:
             raise ServeError(
@@ -279,14 +294,19 @@ def serve(cfg: ServeConfig) -> int:
             loop.add_signal_handler(signal.SIGHUP, reload_tokens)
         for note in gateway.pool_notes():  # (the embedded gateway's go to its log)
             print(f"gpu-magic serve: note: {note}", file=sys.stderr, flush=True)
+        info = {
+            "url": url, "host": socket.gethostname(), "pid": os.getpid(),
+            "version": __version__, "config": cfg.fingerprint(),
+            "state_dir": str(gateway.state_dir), "started": time.time(),
+        }
+        if token_path is not None:
+            info["token"] = token_path.read_text().strip()
+        # who holds the state directory: named by a second start, found by a kernel whose
+        # runtime file was removed (a tmp cleaner)
+        if gateway.state_lock is not None:
+            with contextlib.suppress(OSError):
+                describe(gateway.state_lock, info)
         if cfg.runtime_file:
-            info = {
-                "url": url, "host": socket.gethostname(), "pid": os.getpid(),
-                "version": __version__, "config": cfg.fingerprint(),
-                "state_dir": str(gateway.state_dir), "started": time.time(),
-            }
-            if token_path is not None:
-                info["token"] = token_path.read_text().strip()
             write_private(cfg.runtime_file, json.dumps(info, indent=1))
         else:
             where = f" (token in {token_path})" if token_path else ""
