@@ -169,6 +169,60 @@ def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
         r.close()
 
 
+def test_a_cell_printing_fast_learns_its_end_after_a_gateway_crash(tmp_path: Path) -> None:
+    # events are streamed a few ms before they are saved: the kernel had seen seq 49, the
+    # killed gateway had saved 48, and the restarted one wrote `done` as 49, which the client
+    # skipped as seen; it waited ~33 s for "keeps ending early" instead of RunnerLost
+    r = _Restartable(tmp_path)
+    outcome: dict[str, Any] = {}
+    client = r.client
+    seen = threading.Event()
+
+    class Seen:
+        def write(self, text: str) -> None:
+            seen.set()
+
+        def flush(self) -> None:
+            pass
+
+    def follow() -> None:
+        try:
+            import contextlib
+            with contextlib.redirect_stdout(Seen()):  # type: ignore[type-var]
+                gpu_magic.run("import time\nfor i in range(100000):\n    print(i, flush=True)"
+                              "\n    time.sleep(0.003)", "H100", ns(), client=client,
+                              quiet=True)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    t = threading.Thread(target=follow)
+    t.start()
+    try:
+        seen.wait(DEADLINE)
+        time.sleep(0.3)
+        r.gw.proc.kill()
+        r.gw.proc.wait()
+        r.start_again()
+        t.join(DEADLINE)
+        assert not t.is_alive(), "the client hung after the gateway restarted"
+        err = outcome["error"]
+        assert isinstance(err, RunnerLost), err
+        assert "the gateway restarted while this job was running" in str(err)
+        # whatever the crash kept from the log: a client that saw more than was saved (events
+        # numbered up to and past the restart's `done`) is told the end, numbered past its own
+        job = client.jobs()[0]
+        assert job["state"] == "lost"
+        last = len(list(client.events(job["id"])))
+        for after in (last, last + 7):
+            resp = httpx.get(f"{r.gw.url}/v1/jobs/{job['id']}/events",
+                             headers={"Authorization": f"Bearer {r.gw.token}",
+                                      "Last-Event-ID": str(after)}, timeout=DEADLINE)
+            assert resp.text.startswith(f"id: {after + 1}\ndata: "), resp.text
+            assert '"type": "done", "state": "lost"' in resp.text
+    finally:
+        r.close()
+
+
 def test_a_job_queued_when_the_gateway_restarts_says_nothing_ran(tmp_path: Path) -> None:
     # it said "on the GPU pool was lost ... its output so far is kept" of a job that had
     # neither run nor printed

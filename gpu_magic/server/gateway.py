@@ -1120,6 +1120,15 @@ class Gateway:
         if job.events is None:
             job.events = await asyncio.to_thread(self.store.load_events, job.id)
         pos = max(0, after)
+        events = job.events
+        if job.final and events and pos >= len(events) and events[-1].get("type") == "done":
+            # A client asks past the end of a finished job: it has not seen this `done` (it
+            # would have stopped there) but other events under its numbers. Events are
+            # streamed a moment before they are saved, so a gateway that was killed kept fewer
+            # than its clients saw, and its restart numbered the job's `done` among theirs.
+            # Told again, numbered past what the client saw: it ends as the job did.
+            yield [dict(events[-1], seq=pos + 1)]
+            return
         while True:
             events = job.events
             if events is None:  # a finished job's events, let go of in memory
