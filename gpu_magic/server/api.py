@@ -238,7 +238,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
-        return {
+        answer = {
             "status": "ok",
             "version": __version__,
             "python": platform.python_version(),
@@ -251,6 +251,9 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             # told to ask whoever runs the gateway, not to look for the owner's token file
             "shared": len(auth.users()) > 1,
         }
+        if gateway.store.error is not None:  # (its disk is full: it takes no new job)
+            answer["store_error"] = f"cannot write its state directory: {gateway.store.error}"
+        return answer
 
     @app.get("/v1/pool", responses=_errors())
     async def pool(u: User = Depends(user)) -> dict[str, Any]:

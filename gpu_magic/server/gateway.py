@@ -444,6 +444,13 @@ class Gateway:
     # --- submit and cancel ---
 
     def submit(self, user: User, body: dict[str, Any]) -> Job:
+        if self.store.error is not None:
+            # what the job printed and how it ended could not be kept
+            raise ApiError(507, "state_unwritable",
+                           f"the gateway cannot write its state directory {self.state_dir} "
+                           f"({self.store.error}), so it takes no new job for now: nothing "
+                           "was sent to a GPU. Free space on that disk (whoever runs the "
+                           "gateway), then run the cell again.")
         gpus = self.gpus()
         pool_types = sorted({g.type for g in gpus})
         try:

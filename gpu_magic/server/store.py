@@ -17,6 +17,7 @@ import queue
 import shutil
 import sqlite3
 import stat
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -44,6 +45,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 _BATCH_S = 0.005
+RETRY_S = 0.5  # a batch that could not be written (disk full) is written again this often
 
 
 class StoreError(Exception):
@@ -51,7 +53,11 @@ class StoreError(Exception):
 
 
 class Store:
-    """Job records and event logs; all writes go through one writer thread."""
+    """Job records and event logs; all writes go through one writer thread.
+
+    A write that fails (the disk is full) is kept, in order, and tried again until it goes
+    through: nothing is dropped while the gateway runs. Meanwhile ``error`` says why, the
+    gateway's log says so once, and the gateway takes no new job."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "gateway.sqlite3"
@@ -68,35 +74,61 @@ class Store:
         self._thread.start()
 
     def _writer(self) -> None:
-        conn = sqlite3.connect(self.path, check_same_thread=False)
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn: sqlite3.Connection | None = None
+        batch: list[tuple[str, tuple[Any, ...]]] = []  # (one that failed: tried again first)
+        closing = False
         while True:
-            item = self._q.get()
-            if item is None:
-                break
-            batch = [item]
-            # let a burst gather, then take it whole: waking for each item costs the event
-            # loop a thread switch per event
-            time.sleep(_BATCH_S)
-            while len(batch) < 5000:
+            if not batch:
+                item = self._q.get()
+                if item is None:
+                    break
+                batch = [item]
+                # let a burst gather, then take it whole: waking for each item costs the event
+                # loop a thread switch per event
+                time.sleep(_BATCH_S)
+            while len(batch) < 5000 or self.error is not None:
                 try:
                     nxt = self._q.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._q.put(None)
+                    closing = True
                     break
                 batch.append(nxt)
             try:
+                if conn is None:
+                    conn = sqlite3.connect(self.path, check_same_thread=False)
+                    conn.execute("PRAGMA synchronous=NORMAL")
                 with conn:
                     for sql, args in batch:
                         conn.execute(sql, args)
             except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if conn is not None:
+                        conn.close()  # a fresh connection for the next try
+                conn = None
+                if self.error is None:
+                    _say(f"cannot write the job store {self.path}: {exc}; keeping what was "
+                         f"not written and trying again every {RETRY_S:g} s. Free space on its "
+                         "disk. Until then the gateway takes no new job.")
                 self.error = exc
+                if not closing:
+                    time.sleep(RETRY_S)
+                    continue
+                _say(f"stopping with {len(batch)} changes to the job store not written: {exc}")
+            else:
+                if self.error is not None:
+                    self.error = None
+                    _say("the job store is writable again; nothing was lost")
             with self._flushed:
                 self._pending -= len(batch)
                 self._flushed.notify_all()
-        conn.close()
+            batch = []
+            if closing:
+                self._q.put(None)
+                closing = False
+        if conn is not None:
+            conn.close()
 
     def _put(self, sql: str, args: tuple[Any, ...]) -> None:
         with self._flushed:
@@ -145,6 +177,10 @@ class Store:
             return [json.loads(r[0]) for r in rows]
         finally:
             conn.close()
+
+
+def _say(text: str) -> None:
+    print(f"gpu-magic: {text}", file=sys.stderr, flush=True)
 
 
 class BlobError(Exception):
