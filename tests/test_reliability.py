@@ -3,6 +3,7 @@ streams cut by a proxy, a client killed mid-job, a full disk, and retention."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -437,6 +438,78 @@ def test_a_full_state_disk_loses_no_output_and_says_so(tmp_path: Path) -> None:
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     finally:
         gw.stop()
+
+
+def _leftovers(state: Path) -> list[str]:
+    """Temporary files of the gateway and its runners in a state directory."""
+    return sorted(str(p.relative_to(state)) for p in [*state.glob("blobs/*/.*"),
+                                                     *state.glob("jobs/*/attempt-*/out")])
+
+
+def test_a_restarted_gateway_removes_what_a_killed_one_was_writing(tmp_path: Path) -> None:
+    # a half-received upload (316 MB) and a runner's half-written result (1.5 GB) stayed
+    # until retention removed them, 7 days later
+    r = _Restartable(tmp_path)
+    try:
+        # a runner that was writing a large result when its gateway was killed
+        writing = submit(r.client, textwrap.dedent(f"""
+            import os, pathlib, time
+            out = pathlib.Path({str(r.state)!r}, "jobs", os.environ["GPU_MAGIC_JOB_ID"],
+                               "attempt-1", "out")
+            out.mkdir(parents=True)
+            (out / "writing.tmp").write_bytes(b"x" * 100000)
+            time.sleep(300)
+        """), "H100", background=True)
+        wait_for(lambda: list(r.state.glob("jobs/*/attempt-1/out/writing.tmp")), DEADLINE)
+        # and an upload it was receiving
+        sent = threading.Event()
+
+        def body() -> Iterator[bytes]:
+            for _ in range(1000):
+                yield b"y" * (1 << 20)
+                sent.set()
+                time.sleep(0.05)
+
+        def upload() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.put(f"{r.gw.url}/v1/blobs/xxh3-128:{'0' * 32}", content=body(),
+                          headers={"Authorization": f"Bearer {r.gw.token}",
+                                   "Content-Length": str(1000 << 20)}, timeout=DEADLINE)
+
+        threading.Thread(target=upload, daemon=True).start()
+        sent.wait(DEADLINE)
+        wait_for(lambda: list(r.state.glob("blobs/*/.*")), DEADLINE)
+        r.gw.proc.kill()
+        r.gw.proc.wait()
+        assert len(_leftovers(r.state)) == 2
+        r.start_again()
+        wait_for(lambda: not _leftovers(r.state), DEADLINE)
+        assert r.client.job(writing["id"])["state"] == "lost"
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("end", ["killed", "cancelled"])
+def test_a_job_that_ends_without_its_result_leaves_no_half_written_file(
+        one_gpu: Gateway, end: str) -> None:
+    # a runner killed, or a cell cancelled, while writing a 1.5 GB result: writing.tmp stayed
+    then = "os.kill(os.getpid(), 9)" if end == "killed" else "time.sleep(300)"
+    with one_gpu.client() as c:
+        job = submit(c, textwrap.dedent(f"""
+            import os, pathlib, time
+            out = pathlib.Path({str(one_gpu.state_dir)!r}, "jobs",
+                               os.environ["GPU_MAGIC_JOB_ID"], "attempt-1", "out")
+            out.mkdir(parents=True)
+            (out / "writing.tmp").write_bytes(b"x" * 100000)
+            (out.parent / "wrote").touch()
+            {then}
+        """), "T4", background=True)
+        out = one_gpu.state_dir / "jobs" / job["id"] / "attempt-1" / "out"
+        wait_for(lambda: (out.parent / "wrote").exists(), DEADLINE)
+        if end == "cancelled":
+            c.cancel(job["id"])
+        assert finish(c, job["id"])["state"] == ("lost" if end == "killed" else "cancelled")
+        wait_for(lambda: not out.exists(), DEADLINE)
 
 
 def test_retention_removes_old_jobs_and_blobs_but_not_live_ones(tmp_path: Path) -> None:

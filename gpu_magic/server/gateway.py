@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import math
+import os
 import secrets
 import shutil
 import signal
@@ -293,7 +295,26 @@ class Gateway:
                                  "timings": self._timings(job)})
                 self.store.save_job(self._record(job))
 
+        # what the last gateway and its runners were writing when it stopped: no one's now
+        threading.Thread(target=self._sweep, args=(sorted(self.jobs), os.getpid()), daemon=True,
+                         name="gpu-magic-sweep").start()
         self._housekeeper = loop.create_task(self._housekeeping())
+
+    def _sweep(self, job_ids: list[str], pid: int) -> None:
+        """Remove the temporary files of a gateway that was killed: blobs it was receiving or
+        storing (``.DIGEST.PID...`` in a user's folder: not this process's own, which may be
+        written now) and what the runners of jobs that ended meanwhile were writing (their
+        ``out`` folders: a result is moved out of there before its job ends)."""
+        for user_dir in self.blobs.root.iterdir():
+            with contextlib.suppress(OSError):
+                for f in os.scandir(user_dir):
+                    parts = f.name.split(".")
+                    if f.name.startswith(".") and len(parts) > 2 and parts[2] != str(pid):
+                        with contextlib.suppress(OSError):
+                            os.unlink(f.path)
+        for job_id in job_ids:
+            for attempt in (self.jobs_dir / job_id).glob("attempt-*"):
+                shutil.rmtree(attempt / "out", ignore_errors=True)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -955,10 +976,14 @@ class Gateway:
             job.timer.cancel()
         self.running.pop(job.id, None)
         job.handle = None
-        if self._sandboxed():
-            # the cell's folder (its working folder and TMPDIR): on the gateway's disk, and no
-            # one's to read any more (its results are stored). Not left for days (retention).
-            folder = self.jobs_dir / job.id / f"attempt-{attempt}"
+        # the cell's folder (its working folder and TMPDIR) in a sandbox, else the folder its
+        # results were written in: no one's to read any more (its results are stored), and
+        # what is left there is half written (a runner killed or cancelled while writing a
+        # result). On the gateway's disk: not left for days (retention).
+        folder = self.jobs_dir / job.id / f"attempt-{attempt}"
+        if not self._sandboxed():
+            folder = folder / "out"
+        if self._sandboxed() or os.path.isdir(folder):  # (a small result made no folder)
             threading.Thread(target=shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True},
                              daemon=True, name=f"gpu-magic-tidy-{job.id}").start()
         outcome = job.outcome or {}
