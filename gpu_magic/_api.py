@@ -490,8 +490,19 @@ class _Job:
     # --- results ---
 
     def _fetch_result(self, ev: dict[str, Any]) -> None:
-        blob = self._blob(ev, ev["blob"])
-        buffers = [self._blob(ev, d) for d in ev.get("buffers", [])]
+        try:
+            blob = self._blob(ev, ev["blob"])
+            buffers = [self._blob(ev, d) for d in ev.get("buffers", [])]
+        except GatewayError as exc:
+            # a result comes only from a cell that ended well: say that, and where its
+            # results still are, not only what broke on the way here (the gateway stopped)
+            self.result = None  # nothing to bind
+            self.state.state = "succeeded"
+            again = f"%gpu attach {self.id} fetches them (gpu_magic.attach({self.id!r}) in Python)"
+            self.state.notices.append(f"its results could not be fetched: {again}")
+            raise GatewayError(f"GPU job {self.id} succeeded, but its results could not be "
+                               f"fetched: {str(exc).rstrip('.')}. Nothing was bound; {again}.",
+                               status=exc.status) from None
         self.state.received_bytes = len(blob) + sum(len(b) for b in buffers)
         self._blobs = (blob, buffers)
 

@@ -156,9 +156,9 @@ class GatewayClient:
                 # by the client, so a repeated submit is refused as a duplicate, not run twice;
                 # a streamed body comes from a factory, so it is made anew).
                 if attempt == 2:
-                    # a gateway with TLS hangs up so on plain http
-                    tls = (f". If it speaks https (--certfile), use https{self.url[4:]}"
-                           if self.url.startswith("http:") else "")
+                    # a gateway with TLS hangs up so on plain http (and so does one dying)
+                    tls = (f". It speaks https (--certfile): use https{self.url[4:]}"
+                           if self.url.startswith("http:") and _speaks_tls(self.url) else "")
                     raise GatewayError(f"the gpu_magic gateway at {self.url} dropped the "
                                        f"connection: {_clause(exc)}{tls}") from None
             except httpx.TransportError as exc:
@@ -446,6 +446,23 @@ class GatewayClient:
             if failures > RESUME_ATTEMPTS:
                 raise GatewayError(f"the event stream of job {job_id} keeps ending early")
             time.sleep(min(2.0, 0.05 * 2**failures))
+
+
+def _speaks_tls(url: str) -> bool:
+    """Whether a TLS handshake succeeds where ``url`` points (checked nothing more: only
+    whether to suggest https after a hang-up)."""
+    import ssl
+
+    u = httpx.URL(url)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((u.host, u.port or 80), timeout=3.0) as raw, \
+                ctx.wrap_socket(raw, server_hostname=u.host or None):
+            return True
+    except (OSError, ValueError):  # (ssl.SSLError is an OSError)
+        return False
 
 
 def _clause(exc: BaseException) -> str:

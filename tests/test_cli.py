@@ -131,7 +131,7 @@ def test_tls_problems_get_tls_advice(tmp_path: Path, gateway: Gateway) -> None:
         assert "is not made out to 127.0.0.1" in out.stderr, out.stderr
         # plain http to a TLS gateway, and https to a plain one
         out = gm("pool", "--url", named.replace("https:", "http:"), "--token", tls.token, env=env)
-        assert f"If it speaks https (--certfile), use {named}" in out.stderr, out.stderr
+        assert f"It speaks https (--certfile): use {named}" in out.stderr, out.stderr
     finally:
         tls.stop()
     out = gm("pool", "--url", gateway.url.replace("http:", "https:"), "--token", gateway.token,

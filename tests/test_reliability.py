@@ -340,6 +340,58 @@ def test_cut_event_streams_resume_without_losing_or_repeating_a_line(
         proxy.close()
 
 
+def test_a_dropped_connection_gets_no_https_advice_unless_the_gateway_speaks_tls(
+        gateway: Gateway) -> None:
+    # an upload cut by a dying gateway was told "If it speaks https (--certfile), use https:..."
+    host, port = gateway.url.rsplit("//", 1)[1].split(":")
+    proxy = CuttingProxy((host, int(port)), budget=0)  # hangs up before any answer
+    try:
+        with GatewayClient(f"http://127.0.0.1:{proxy.port}", gateway.token,
+                           same_host=False) as c:
+            data = memoryview(os.urandom(1 << 20))
+            with pytest.raises(gpu_magic.GatewayError) as info:
+                c.upload(gpu_magic._payload.digest(data), data)
+        text = str(info.value)
+        assert text.startswith(f"the gpu_magic gateway at http://127.0.0.1:{proxy.port} dropped "
+                               "the connection: "), text
+        assert "https" not in text
+    finally:
+        proxy.close()
+
+
+def test_a_result_cut_short_says_the_job_succeeded_and_how_to_fetch_it(
+        gateway: Gateway) -> None:
+    # "result ... arrived short (4161536 of 838860800 bytes)", and a widget saying "no longer
+    # followed", of a job that had succeeded
+    host, port = gateway.url.rsplit("//", 1)[1].split(":")
+    proxy = CuttingProxy((host, int(port)), budget=1 << 20)  # less than the result
+    try:
+        with GatewayClient(f"http://127.0.0.1:{proxy.port}", gateway.token,
+                           same_host=False) as c:
+            space = ns()
+            with pytest.raises(gpu_magic.GatewayError) as info:
+                gpu_magic.run("import numpy as np\nbig = np.ones(1 << 20)", "H100", space,
+                              client=c, quiet=True)
+            text = str(info.value)
+            job_id = text.split()[2]
+            assert text.startswith(f"GPU job {job_id} succeeded, but its results could not be "
+                                   "fetched: result "), text
+            assert text.endswith(f"Nothing was bound; %gpu attach {job_id} fetches them "
+                                 f"(gpu_magic.attach({job_id!r}) in Python)."), text
+            assert "big" not in space
+            job = gpu_magic.run("import numpy as np\nbig = np.ones(1 << 20)", "H100", space,
+                                client=c, quiet=True, background=True)
+            with pytest.raises(gpu_magic.GatewayError, match="succeeded, but its results could "
+                               "not be fetched"):
+                job.wait(timeout=DEADLINE)
+            assert job.state == "succeeded"  # as its widget says; not "no longer followed"
+        with gateway.client() as c:
+            attach(job_id, space, client=c, quiet=True)
+        assert space["big"].sum() == 1 << 20
+    finally:
+        proxy.close()
+
+
 def test_killed_client_does_not_lose_the_job(gateway: Gateway, tmp_path: Path) -> None:
     script = tmp_path / "client.py"
     source = "import time\nprint('go', flush=True)\ntime.sleep(3)\nanswer = 42\nanswer"
@@ -510,6 +562,34 @@ def test_a_job_that_ends_without_its_result_leaves_no_half_written_file(
             c.cancel(job["id"])
         assert finish(c, job["id"])["state"] == ("lost" if end == "killed" else "cancelled")
         wait_for(lambda: not out.exists(), DEADLINE)
+
+
+def test_a_cell_whose_results_cannot_be_stored_says_it_finished(tmp_path: Path) -> None:
+    # "the runner failed before the cell could finish: BlobError: ..." of a cell that had
+    # finished, when the gateway's disk was full
+    gw = start_gateway(tmp_path, "--blob-reserve", "0")
+    go = tmp_path / "go"
+    inf = resource.RLIM_INFINITY
+    try:
+        with gw.client() as c:
+            job = submit(c, f"import os, time\nwhile not os.path.exists({str(go)!r}):\n"
+                            "    time.sleep(0.01)\nx = os.urandom(30000)", "H100",
+                         outputs=["x"], background=True)
+            wait_for(lambda: c.job(job["id"])["state"] == "running", DEADLINE)
+            resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (4096, inf))  # disk full
+            go.touch()
+            try:
+                done = finish(c, job["id"])
+            finally:
+                resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (inf, inf))
+        assert done["state"] == "failed"
+        assert done["message"].startswith(
+            "the cell finished, but its results could not be stored on the gateway: "), done
+        assert done["message"].endswith(
+            f"Nothing was bound. Free space on the disk of the gateway's state directory "
+            f"({gw.state_dir}), then run the cell again."), done
+    finally:
+        gw.stop()
 
 
 def test_retention_removes_old_jobs_and_blobs_but_not_live_ones(tmp_path: Path) -> None:

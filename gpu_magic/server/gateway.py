@@ -229,9 +229,14 @@ def _interrupt_error(ev: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
-def _not_stored(exc: BaseException) -> dict[str, Any]:
-    return {"type": "runner_error", "ename": type(exc).__name__,
-            "evalue": f"the results could not be stored: {exc}"}
+def _not_stored(exc: BaseException, state_dir: Path) -> dict[str, Any]:
+    """The outcome of a cell that finished but whose results the gateway could not keep."""
+    disk = isinstance(exc, OSError) or getattr(exc, "status", None) == 507
+    todo = (f"Free space on the disk of the gateway's state directory ({state_dir}), then run "
+            "the cell again." if disk else "Run the cell again.")
+    return {"type": "runner_error", "ename": type(exc).__name__, "cell_finished": True,
+            "evalue": f"the cell finished, but its results could not be stored on the gateway: "
+                      f"{str(exc).rstrip('.')}. Nothing was bound. {todo}"}
 
 
 class Gateway:
@@ -894,7 +899,7 @@ class Gateway:
                 if job.attempt != attempt:
                     return
                 exc = f.exception()
-                job.outcome = f.result() if exc is None else _not_stored(exc)
+                job.outcome = f.result() if exc is None else _not_stored(exc, self.state_dir)
 
             adopting.add_done_callback(adopted)
         elif kind == "interrupted" and job.interrupted and not job.interrupt_taken:
@@ -936,7 +941,7 @@ class Gateway:
             self._keep_blobs(job, attempt, ev, digests)
         except (OSError, ValueError, BlobError) as exc:
             if ev["type"] == "result":
-                return _not_stored(exc)
+                return _not_stored(exc, self.state_dir)
             ev = {k: v for k, v in ev.items() if k != "exception"}  # the traceback is enough
         return _without_inline(ev)
 
@@ -954,7 +959,7 @@ class Gateway:
                                  self.limits.max_blob_bytes, copy=self._sandboxed())
             except BlobError as exc:
                 if exc.status != 404 or not self.blobs.has(job.user, d):
-                    raise ValueError(f"result blob {d}: {exc.message}") from None
+                    raise BlobError(exc.status, f"result blob {d}: {exc.message}") from None
 
     def _runner_exit(self, job_id: str, attempt: int, rc: int | None, tail: str) -> None:
         job = self.jobs.get(job_id)
@@ -1072,6 +1077,8 @@ class Gateway:
 
     @staticmethod
     def _death(rc: int | None, outcome: dict[str, Any], tail: str) -> str:
+        if outcome.get("cell_finished"):
+            return str(outcome.get("evalue"))
         if outcome.get("type") == "runner_error":
             return (f"the runner failed before the cell could finish: {outcome.get('ename')}: "
                     f"{outcome.get('evalue')}")
