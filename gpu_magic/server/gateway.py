@@ -265,6 +265,8 @@ class Gateway:
         self.last_activity = time.monotonic()
         self.closing = False  # shutting down: no job is started any more
         self.state_lock: int | None = None  # held on the state directory (see lock.py)
+        # jobs found unfinished at start: their clients may have seen more than their logs hold
+        self.cut_short: set[str] = set()
 
     # --- life cycle ---
 
@@ -299,6 +301,7 @@ class Gateway:
                 self._emit(job, {"type": "done", "state": "lost", "message": job.message,
                                  "timings": self._timings(job)})
                 self.store.save_job(self._record(job))
+                self.cut_short.add(job.id)
 
         # what the last gateway and its runners were writing when it stopped: no one's now
         threading.Thread(target=self._sweep, args=(sorted(self.jobs), os.getpid()), daemon=True,
@@ -1160,12 +1163,11 @@ class Gateway:
             job.events = await asyncio.to_thread(self.store.load_events, job.id)
         pos = max(0, after)
         events = job.events
-        if job.final and events and pos >= len(events) and events[-1].get("type") == "done":
-            # A client asks past the end of a finished job: it has not seen this `done` (it
-            # would have stopped there) but other events under its numbers. Events are
-            # streamed a moment before they are saved, so a gateway that was killed kept fewer
-            # than its clients saw, and its restart numbered the job's `done` among theirs.
-            # Told again, numbered past what the client saw: it ends as the job did.
+        if job.id in self.cut_short and events and pos >= len(events):
+            # A client asks past the end of a job that a killed gateway left unfinished:
+            # events are streamed a moment before they are saved, so the log holds fewer
+            # than the client saw, and the restart's `done` was numbered among events the
+            # client already had. Told again, numbered past those: it ends as the job did.
             yield [dict(events[-1], seq=pos + 1)]
             return
         while True:
