@@ -259,12 +259,19 @@ def _reap_when_done(proc: subprocess.Popen[bytes]) -> None:
 
 def stop_local_gateway() -> str:
     """Stop this user's local gateway, if one runs; say what happened."""
+    from .server.lock import holder
+    from .server.serve import default_state_dir
+
     path = runtime_path()
     with _locked(path):
         info = _read(path)
         if info is None or not _pid_alive(int(info.get("pid", 0))):
             with contextlib.suppress(OSError):
                 path.unlink()
-            return "no local gpu_magic gateway is running"
+            # one whose runtime file went missing (a tmp cleaner) still holds its state folder
+            info = holder(default_state_dir())
+            if not (info and info.get("url") and info.get("host") == socket.gethostname()
+                    and _pid_alive(int(info.get("pid", 0)))):
+                return "no local gpu_magic gateway is running"
         _stop(info, path)
         return f"stopped the local gpu_magic gateway (pid {info['pid']}, {info['url']})"

@@ -192,3 +192,7 @@ def test_one_gateway_per_state_directory(local_only: None, tmp_path: Path) -> No
         f"the state directory {first['state_dir']}"), serve.stderr
     assert holder.state == "running"
     holder.cancel()
+    runtime_path().unlink()  # gone again: `gpu-magic stop` still finds it
+    assert stop_local_gateway().startswith(
+        f"stopped the local gpu_magic gateway (pid {first['pid']}, {first['url']})")
+    wait_for(lambda: not _pid_alive(first["pid"]), 30)
