@@ -635,10 +635,11 @@ _PLAIN_TEXT = ("float_precision", "pprint", "max_width", "max_seq_length", "verb
 class _ShellPristine:
     """What a cell may change in the shell itself, put back after it on a reused runner, so a
     cell sees the shell a fresh runner would give it: %config and %precision settings, the
-    display formatters' printers, event hooks, magics and aliases a cell defined, loaded
-    extensions. Seen leaking into later cells, other notebooks' too: a post_run_cell hook that
-    printed, %precision 1, a formatter for int, figures as JPEG. What packages registered
-    (matplotlib's figure flush, a library's formatter) stays, as the packages do."""
+    display formatters' printers, event hooks, magics and aliases a cell defined. Seen
+    leaking into later cells, other notebooks' too: a post_run_cell hook that printed,
+    %precision 1, a formatter for int, figures as JPEG. What packages registered
+    (matplotlib's figure flush, a library's formatter, an extension's hooks) stays, as the
+    packages (and loaded extensions) do."""
 
     def __init__(self, shell: Any) -> None:
         self.shell = shell
@@ -652,7 +653,6 @@ class _ShellPristine:
         self.first_printers = {id(t): dict(t) for f in shell.display_formatter.formatters.values()
                                for t in (f.type_printers, f.deferred_printers, f.singleton_printers)}
         self.printers: dict[int, dict[Any, Any]] = dict(self.first_printers)
-        self.extensions = set(shell.extension_manager.loaded)
         self.settings = {n: getattr(shell, n) for n in ("autocall", "ast_node_interactivity",
                                                           "xmode", "automagic") if hasattr(shell, n)}
 
@@ -684,16 +684,21 @@ class _ShellPristine:
         for cbs in shell.events.callbacks.values():
             cbs[:] = [cb for cb in cbs if not _made_by_cell(cb)]
         for kind, table in shell.magics_manager.magics.items():
-            if table != self.magics.get(kind, {}):
-                table.clear()
-                table.update(self.magics.get(kind, {}))
+            first = self.magics.get(kind, {})
+            if table == first:
+                continue
+            # only what the cell's own code registered: IPython loads its own magics on first
+            # use (a lazy stub put back would never load again: every later %time failed)
+            for name in [n for n, fn in table.items() if _made_by_cell(fn)]:
+                if name in first and not _made_by_cell(first[name]):
+                    table[name] = first[name]
+                else:
+                    del table[name]
         aliases = shell.alias_manager.aliases
         if len(aliases) != len(self.aliases):
             for name in [n for n, _ in aliases if n not in self.aliases]:
                 with contextlib.suppress(Exception):
                     shell.alias_manager.undefine_alias(name)
-        if shell.extension_manager.loaded != self.extensions:  # %load_ext registers anew
-            shell.extension_manager.loaded.intersection_update(self.extensions)
         for n, v in self.settings.items():
             if getattr(shell, n) != v:
                 setattr(shell, n, v)
@@ -1314,19 +1319,15 @@ class _Session:
         torch = sys.modules.get("torch")
         if torch is not None and hasattr(torch, "seed"):
             torch.seed()  # CUDA's generators too, lazily: this starts no CUDA context
-        for name in list(self.local_mtimes):  # the user's few modules, not all of sys.modules
-            file = getattr(sys.modules.get(name), "__file__", None)
-            if not file:
-                del self.local_mtimes[name]
-                continue
-            try:
-                changed = os.path.getmtime(file) != self.local_mtimes[name]
-            except OSError:
-                changed = True
-            if changed:
-                del sys.modules[name]
-                del self.local_mtimes[name]
-                self.modules_seen = -1  # look again once the cell has imported it anew
+        # The user's own modules (beside the notebook, never installed packages) are
+        # imported afresh by each cell, as in a fresh runner: an edit shows, and what their
+        # top level sets (a style module's rcParams) is set again after the reset above
+        # undid it. A few small files, not all of sys.modules.
+        for name in self.local_mtimes:
+            sys.modules.pop(name, None)
+        if self.local_mtimes:
+            self.local_mtimes.clear()
+            self.modules_seen = -1  # look again once the cell has imported them anew
 
     def _tidy(self) -> None:
         """After a cell, on a runner that takes the next one: settings back as they were."""

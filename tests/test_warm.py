@@ -98,6 +98,41 @@ def test_shell_and_package_settings_a_cell_changed_do_not_reach_the_next_cell(
     assert got_warm[1]["torch"] == (True, "torch.float32") and got_warm[1]["formats"] == ["png"]
     assert "flush_figures" in got_warm[1]["flush"]  # later cells' figures still show
 
+
+def test_ipython_s_own_magics_work_in_every_cell_of_a_reused_runner(warm: Gateway) -> None:
+    # IPython loads its magics on first use; putting the shell back must not undo that
+    # (a review found %time, %env, %%writefile... failing from a runner's second cell on)
+    cell = ("%time s = sum(range(10))\n%env GPU_MAGIC_T=1\n%load_ext autoreload\n"
+            "import os\npid = os.getpid()\n"
+            "n = len(get_ipython().events.callbacks['pre_run_cell'])")
+    got = []
+    with warm.client() as c:
+        for _ in range(3):
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            gpu_magic.run(cell, "H100", ns, client=c, quiet=True)
+            got.append((ns["s"], ns["pid"], ns["n"]))
+    assert got[0][0] == got[1][0] == got[2][0] == 45
+    assert got[0][1] == got[1][1] == got[2][1]  # one warm runner for the three
+    assert got[0][2] == got[1][2] == got[2][2]  # an extension's hooks do not pile up
+
+
+def test_a_style_module_beside_the_notebook_applies_in_every_cell(warm: Gateway,
+                                                                   tmp_path: Path) -> None:
+    # what a module of the user's sets when imported must hold in every cell that imports
+    # it, as on a fresh runner (the reset of packages' settings undid it from the 2nd on)
+    (tmp_path / "mystyle_gm.py").write_text(
+        "import numpy as np\nnp.set_printoptions(precision=3)\n")
+    got = []
+    with warm.client() as c:
+        for _ in range(3):
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            gpu_magic.run(f"import os, sys\nos.chdir({str(tmp_path)!r})\n"
+                          f"sys.path.insert(0, {str(tmp_path)!r})\n"
+                          "import mystyle_gm, numpy as np\nshown = repr(np.array([1 / 3]))",
+                          "H100", ns, client=c, quiet=True, return_names=["shown"])
+            got.append(ns["shown"])
+    assert got == ["array([0.333])"] * 3
+
 C_ENV_CELLS = [
     # behind os.environ's back: the C library's environment alone changes
     "import os\nos.putenv('C_LEAK', 'x')\nos.putenv('HOME', '/nowhere')\nos.unsetenv('PATH')\n"
@@ -315,9 +350,13 @@ def test_a_cell_s_own_gc_collect_frees_what_earlier_cells_left(
         warm: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # what survives a cell is frozen (later collections stay cheap); a cell's own
     # gc.collect() must still free it once it is garbage, as in a fresh process
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "cycle_holder_for_warm.py").write_text(textwrap.dedent("""
+    # (a module outside the notebook's folder: the user's own modules beside it are
+    # imported afresh by each cell, installed ones stay, as this one does)
+    (tmp_path / "nb").mkdir()
+    (tmp_path / "lib").mkdir()
+    monkeypatch.chdir(tmp_path / "nb")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    (tmp_path / "lib" / "cycle_holder_for_warm.py").write_text(textwrap.dedent("""
         import weakref
         class Node:
             def __init__(self):
@@ -407,7 +446,7 @@ def test_an_interrupt_before_a_fresh_runner_listens_waits_for_its_cell(cold: Gat
         events = follow(c, job["id"])
         kinds = [e["type"] for e in events]
         assert "interrupted" in kinds and kinds[-3:] == ["result", "error", "done"], events
-        assert events[-2]["ename"] == "KeyboardInterrupt" and events[-1]["state"] == "failed"
+        assert events[-2]["ename"] == "KeyboardInterrupt" and events[-1]["state"] == "cancelled"
 
 
 def test_cold_gateway_never_reuses(cold: Gateway) -> None:
