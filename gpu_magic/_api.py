@@ -316,6 +316,8 @@ class _Job:
         self.printed: list[str] = []  # a background job's stdout and stderr so far
         self.last_seq = 0  # the last event taken: following again resumes after it
         self.bound: dict[str, Any] = {}
+        self.fetch_interrupted = False  # a Ctrl-C stopped fetching the results of an ended cell
+        self.result_bound = False
         self.value: Any = None
         self.has_value = False
         self._blobs: tuple[bytearray, list[bytearray]] | None = None
@@ -351,6 +353,11 @@ class _Job:
                     if pumping:
                         _pump_holding_sigint(pump)
                 except KeyboardInterrupt:
+                    if self.result is not None and not self.result_bound and not self.background:
+                        # the cell had ended: the interrupt stopped fetching or binding its
+                        # results (bind() is all or nothing), which is said, not dropped
+                        self.fetch_interrupted = True
+                        raise
                     if not (interrupts and self._interrupt()):
                         raise
         finally:
@@ -588,6 +595,7 @@ class _Job:
             for n in deleted:
                 self.namespace.pop(n, None)
         self.bound = names
+        self.result_bound = True
         self.state.bound = list(names)
         self.state.deleted = deleted
         if ev.get("skipped") or ev.get("cuda_moved"):
@@ -924,6 +932,11 @@ def run(
             raise  # the cell's own, from the GPU (it ended on an interrupt): it has ended
         # The interrupt may land anywhere, even inside the submit before its answer arrived:
         # cancel by the id we chose, from a fresh connection, holding a second Ctrl-C.
+        if isinstance(job, _Job) and job.fetch_interrupted:
+            raise _short(JobCancelled(
+                f"GPU job {job_id} had finished, but the interrupt stopped fetching its "
+                f"results here: nothing was bound. `%gpu attach {job_id}` (or "
+                f"gpu_magic.attach('{job_id}')) fetches them", job_id=job_id)) from None
         if "client" in box:
             with _sigint_deferred():
                 _cancel_quietly(box["client"], job_id)

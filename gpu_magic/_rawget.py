@@ -93,7 +93,7 @@ def _connect(url: httpx.URL, timeout: float, connect_timeout: float,
              context: ssl.SSLContext) -> socket.socket:
     """A connection to ``url``'s host, as httpx would make it (TLS for https)."""
     port = url.port or (443 if url.scheme == "https" else 80)
-    sock = socket.create_connection((url.host, port), timeout=connect_timeout)
+    sock = _open(url.host, port, connect_timeout)
     try:
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -103,6 +103,25 @@ def _connect(url: httpx.URL, timeout: float, connect_timeout: float,
         sock.close()
         raise
     return sock
+
+
+def _open(host: str, port: int, timeout: float) -> socket.socket:
+    """socket.create_connection, but closing its socket on any exception: a Ctrl-C during
+    the connect left one open (create_connection closes it on OSError only)."""
+    error: OSError | None = None
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"cannot find an address for {host}")
 
 
 def _parse_head(head: bytes) -> tuple[int | None, dict[str, Any]]:

@@ -934,3 +934,40 @@ def test_a_star_import_in_a_cell_binds_its_names_here_too() -> None:
     ns = notebook("sqrt = 'the notebook had its own'")
     run(ns, "from math import *\nx = sqrt(16)", "H100", quiet=True)
     assert ns["x"] == 4.0 and ns["sqrt"] is math.sqrt and ns["pi"] == math.pi  # as here
+
+
+def test_an_interrupt_while_results_download_says_the_job_finished(use_gateway: Any) -> None:
+    # the cell has ended and its results are on their way: a Ctrl-C here stops the fetch;
+    # it must say so (and how to fetch them), never return as if the cell had made nothing
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    from gpu_magic import JobCancelled
+    from gpu_magic._client import GatewayClient
+
+    main = threading.main_thread().ident
+
+    def watch() -> None:  # a Ctrl-C when this process is inside the fetch of the results
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            frame = sys._current_frames().get(main)
+            while frame is not None:
+                if frame.f_code.co_name == "_fetch_result":
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+                frame = frame.f_back
+            time.sleep(0.001)
+
+    ns = notebook("")
+    with GatewayClient(use_gateway.url, use_gateway.token, same_host=False) as c:
+        threading.Thread(target=watch, daemon=True).start()
+        with pytest.raises(JobCancelled, match="had finished") as info:
+            run(ns, "import numpy as np\nbig = np.ones(200_000_000, dtype=np.uint8)\nsmall = 42",
+                "H100", client=c, quiet=True)
+        assert "big" not in ns and "small" not in ns  # nothing half-bound
+        job_id = info.value.job_id
+        attach(job_id, ns, client=c, quiet=True)
+    assert ns["small"] == 42 and ns["big"].nbytes == 200_000_000
