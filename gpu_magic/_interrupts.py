@@ -98,6 +98,19 @@ class Interrupts:
         if self.phase == "cell":
             self._retry()
 
+    def release(self) -> None:
+        """The end of a hold, called by the hold's owner: an interrupt that waited for it goes
+        into the cell now (a cell printing in a loop is nearly always inside a write, where
+        the retries would keep finding it held)."""
+        if self.pending and self.phase == "cell" and not self.held and \
+                threading.get_ident() == self._main:
+            self.pending = False
+            if not self.raised and self.on_raise is not None:
+                with contextlib.suppress(Exception):
+                    self.on_raise()
+            self.raised = True
+            raise KeyboardInterrupt
+
     def _in_cell(self, frame: Any) -> bool:
         """Whether the cell's code is on the stack: its own lines run, or code it called.
         (Not IPython compiling the cell or showing its value: a KeyboardInterrupt there

@@ -110,16 +110,19 @@ def _open(host: str, port: int, timeout: float) -> socket.socket:
     the connect left one open (create_connection closes it on OSError only)."""
     error: OSError | None = None
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
+        sock = None
         try:
+            sock = socket.socket(family, kind, proto)
             sock.settimeout(timeout)
             sock.connect(addr)
             return sock
         except OSError as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             error = exc
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
     raise error or OSError(f"cannot find an address for {host}")
 

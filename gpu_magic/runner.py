@@ -144,6 +144,7 @@ class _Stream:
     _tick = 0
     _last: _Stream | None = None  # the stream that wrote last
     drain: Callable[[int], None] | None = None  # waits until a fd's pipe reader has caught up
+    interrupts: Any = None  # the runner's Interrupts: held while text is written
 
     def __init__(self, name: str, fd: int) -> None:
         self.name = name
@@ -156,6 +157,23 @@ class _Stream:
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        # an interrupt waits until the text is out (one landing between sending a line and
+        # noting it sent repeated the line); counted by hand: a context manager per write
+        # would cost a tenth of a print's time
+        it = _Stream.interrupts
+        held = it is not None and threading.get_ident() == it._main
+        if held:
+            it.held += 1
+        try:
+            written = self._write(text)
+        finally:
+            if held:
+                it.held -= 1
+        if held and it.pending:
+            it.release()  # (the text is out and noted: no line twice)
+        return written
+
+    def _write(self, text: str) -> int:
         with _Stream._lock:
             _Stream.writes += 1
             if _Stream._last is not self:
@@ -923,8 +941,9 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
         if isinstance(exc, SystemExit) and not (fr.filename in cell_files
                                                 or fr.filename == "<dynamic-code>"):
             continue  # exit() goes through IPython and the runner: not the user's frames
-        if code is _interrupts.Interrupts.handler.__code__:
-            continue  # where an interrupt was raised: the line the cell was at is the news
+        if code is _interrupts.Interrupts.handler.__code__ or fr.filename in _OWN_FILES:
+            continue  # where an interrupt was raised (the handler, a print's write): the
+            # line the cell was at is the news
         out.append({
             "filename": fr.filename,
             "lineno": (fr.lineno or 0) + lead if fr.filename in cell_files else fr.lineno,
@@ -935,6 +954,11 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
             "line": _cut(fr.line or "", 1000),
             "cell": fr.filename in cell_files,
         })
+    if isinstance(exc, KeyboardInterrupt):
+        # an interrupt waits until a print is out, so it is raised inside print's plumbing
+        # (IPython's tee of sys.stdout): where the cell was is the last frame that is not
+        while out and not out[-1]["cell"] and _in_ipython(out[-1]["filename"]):
+            out.pop()
     if len(out) > 2 * FRAMES_KEPT:  # deep recursion: the two ends tell the story
         cut = len(out) - 2 * FRAMES_KEPT
         out[FRAMES_KEPT:-FRAMES_KEPT] = [{
@@ -961,6 +985,15 @@ def _chain(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dict
                       "cause": cause is not None})
         exc = earlier
     return links[::-1]
+
+
+_OWN_FILES = frozenset({__file__, _interrupts.__file__})
+
+
+def _in_ipython(filename: str) -> bool:
+    ipython = sys.modules.get("IPython")
+    folder = os.path.dirname(getattr(ipython, "__file__", "") or "")
+    return bool(folder) and filename.startswith(folder + os.sep)
 
 
 def _leading_blank_lines(source: str) -> int:
@@ -1244,6 +1277,7 @@ class _Session:
                 caps[fd].wait_drained()
 
         _Stream.drain = drain
+        _Stream.interrupts = self.interrupts
         sys.stdin = _NoStdin()  # type: ignore[assignment]
         builtins.input = _no_input
         import getpass

@@ -903,6 +903,32 @@ def test_interrupt_raises_keyboard_interrupt_in_the_running_cell(client: Gateway
     wait_for(lambda: all_free(client), DEADLINE_S)
 
 
+
+def test_an_interrupt_while_a_cell_prints_repeats_no_line(client: GatewayClient) -> None:
+    # the interrupt once landed between a line sent and its noting as sent: the line came twice,
+    # and the traceback showed the runner's own frames under the print
+    cell = ("import sys\ni = 0\nwhile True:\n    print('line', i)\n"
+            "    print('err', i, file=sys.stderr)\n    i += 1\n")
+    for _ in range(2):
+        job = submit(client, cell, "A100-80GB")
+        follow(client, job["id"], until=lambda e: "line 200" in str(e.get("text")))
+        client.interrupt(job["id"])
+        events = follow(client, job["id"])
+        for stream, word in (("stdout", "line"), ("stderr", "err")):
+            text = "".join(e["text"] for e in events if e["type"] == stream)
+            # (print writes its parts one by one: the interrupt may cut the last line short,
+            # as in a local cell)
+            lines = [x for x in text.splitlines() if not x.startswith("[gpu_magic]")]
+            if lines and len(lines[-1].split()) < 2:
+                lines.pop()
+            numbers = [int(x.split()[1]) for x in lines]
+            assert all(x.split()[0] == word for x in lines), lines[-5:]
+            assert numbers == list(range(len(numbers))), numbers[-5:]  # none twice, none lost
+        error = [e for e in events if e["type"] == "error"][-1]
+        assert error["ename"] == "KeyboardInterrupt"
+        assert all(f["cell"] or "gpu_magic" not in f["filename"] for f in error["traceback"])
+    wait_for(lambda: all_free(client), DEADLINE_S)
+
 def test_an_interrupt_the_cell_handles_lets_it_succeed(client: GatewayClient) -> None:
     cell = ("import time\nprint('sleeping', flush=True)\ntry:\n    time.sleep(30)\n"
             "except KeyboardInterrupt:\n    y = 'saved'\n")

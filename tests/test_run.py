@@ -916,7 +916,10 @@ def test_lines_of_stdout_and_stderr_arrive_whole_and_in_the_order_printed() -> N
     job.wait()
     want = "".join(f"epoch {e} loss 0.1\nwarn {e}\n" for e in range(40))
     assert job.output.startswith(want), job.output[:400]
-    assert "from child\nchild err\n" in job.output and ns["code"] == 0
+    # a forked child's lines arrive whole (its two streams keep no order between them: their
+    # pipes' readers are threads of the cell's process, not of the child)
+    rest = job.output[len(want):].splitlines()
+    assert sorted(rest) == ["child err", "from child"] and ns["code"] == 0
 
 
 def test_a_line_printed_without_its_end_shows_before_the_cell_ends() -> None:
@@ -956,6 +959,7 @@ def test_an_interrupt_while_results_download_says_the_job_finished(use_gateway: 
             frame = sys._current_frames().get(main)
             while frame is not None:
                 if frame.f_code.co_name == "_fetch_result":
+                    time.sleep(0.03)  # into the download (200 MB take ~0.15 s here)
                     os.kill(os.getpid(), signal.SIGINT)
                     return
                 frame = frame.f_back
