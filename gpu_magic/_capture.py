@@ -111,8 +111,10 @@ def _transform_and_parse(source: str, line_offset: int = 0) -> tuple[str, ast.Mo
         try:
             return transformed, ast.parse(transformed)
         except SyntaxError as exc:
-            lineno = exc.lineno or 0
             lines = source.splitlines()
+            # IPython's transforms drop leading blank lines and keep the rest's numbering
+            lead = next((i for i, line in enumerate(lines) if line.strip()), 0)
+            lineno = (exc.lineno or 0) + lead
             # Transforms keep line numbers, so the user's own line is the one to show.
             text = lines[lineno - 1] if 0 < lineno <= len(lines) else (exc.text or "")
             raise CellSyntaxError(

@@ -575,3 +575,11 @@ def test_a_cell_analysed_again_gives_the_same_answer_and_the_same_refusal() -> N
     for _ in range(2):
         with pytest.raises(CaptureError, match="syntax"):
             analyze_cell("y = (")
+
+
+def test_syntax_error_counts_the_blank_lines_a_cell_starts_with() -> None:
+    # IPython drops them before parsing; the notebook counts them (the %%gpu line is 1)
+    with pytest.raises(SyntaxError) as info:
+        analyze_cell("\n\n\nx = (1,", line_offset=1)
+    assert (info.value.lineno, info.value.text) == (5, "x = (1,")
+    assert "line 5" in str(info.value)
