@@ -51,8 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="no warm runners: start a fresh interpreter for every job")
     s.add_argument("--max-jobs-per-user", type=_count(zero=True), default=None)
     s.add_argument("--max-gpus-per-user", type=_count(zero=True), default=None)
-    s.add_argument("--max-blob-bytes", type=_count(), default=None)
-    s.add_argument("--max-job-bytes", type=_count(), default=None)
+    s.add_argument("--max-blob-bytes", type=_positive_size, default=None, metavar="SIZE",
+                   help="largest blob a user may store, e.g. 4G")
+    s.add_argument("--max-job-bytes", type=_positive_size, default=None, metavar="SIZE",
+                   help="largest total of a job's inputs, e.g. 16G")
     s.add_argument("--blob-reserve", type=_size, default=None, metavar="SIZE",
                    help="disk and page cache kept written ahead for large blobs, e.g. 2G "
                         "(default: a sixteenth of memory, at most 4G; 0: none)")
@@ -120,6 +122,15 @@ def _count(zero: bool = False) -> Any:
         return value
 
     return parse
+
+
+def _positive_size(text: str) -> int:
+    """A size as :func:`_size` reads it, of one byte or more."""
+    value = _size(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size of one byte or more; write "
+                                         "it as bytes or with K, M, G or T, e.g. 4G")
+    return value
 
 
 def _size(text: str) -> int:

@@ -162,6 +162,8 @@ def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
     (["--max-timeout", "10s"], "argument --max-timeout: '10s' is not a number of seconds"),
     (["--keep-warm", "-1"], "argument --keep-warm: '-1' is not a time of 0 or more seconds"),
     (["--max-jobs-per-user", "-1"], "'-1' is not a whole number of 0 or more"),
+    (["--max-blob-bytes", "0"], "'0' is not a size of one byte or more"),
+    (["--max-job-bytes", "1x"], "'1x' is not a size; write it as bytes or with K, M, G or T"),
 ])
 def test_serve_refuses_bad_values_in_one_line(tmp_path: Path, args: list[str], says: str) -> None:
     # --port 99999 and an impossible --state-dir ended in a Python traceback
@@ -276,3 +278,16 @@ def test_pool_and_jobs_start_no_local_gateway(tmp_path: Path) -> None:
         assert not list((tmp_path / "runtime").glob("gpu-magic-gateway-*.json"))
     finally:
         gm("stop", env=env)
+
+
+def test_serve_takes_blob_limits_with_units(tmp_path: Path) -> None:
+    # --blob-reserve took 2G; --max-blob-bytes refused 1G with "write e.g. 2" (two bytes?)
+    from .conftest import start_gateway
+
+    gw = start_gateway(tmp_path, "--max-blob-bytes", "1M", "--max-job-bytes", "3K")
+    try:
+        with gw.client() as c:
+            limits = c._request("GET", "/v1/limits").json()["limits"]
+        assert (limits["max_blob_bytes"], limits["max_job_bytes"]) == (1 << 20, 3 << 10)
+    finally:
+        gw.stop()
