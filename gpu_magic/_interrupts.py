@@ -88,12 +88,7 @@ class Interrupts:
         if self.phase == "idle":
             return
         if self.phase == "cell" and not self.held and self._in_cell(frame):
-            self.pending = False
-            if not self.raised and self.on_raise is not None:
-                with contextlib.suppress(Exception):
-                    self.on_raise()
-            self.raised = True
-            raise KeyboardInterrupt
+            self._raise()
         self.pending = True
         if self.phase == "cell":
             self._retry()
@@ -104,12 +99,15 @@ class Interrupts:
         the retries would keep finding it held)."""
         if self.pending and self.phase == "cell" and not self.held and \
                 threading.get_ident() == self._main:
-            self.pending = False
-            if not self.raised and self.on_raise is not None:
-                with contextlib.suppress(Exception):
-                    self.on_raise()
-            self.raised = True
-            raise KeyboardInterrupt
+            self._raise()
+
+    def _raise(self) -> None:
+        self.pending = False
+        if not self.raised and self.on_raise is not None:
+            with contextlib.suppress(Exception):
+                self.on_raise()
+        self.raised = True
+        raise KeyboardInterrupt
 
     def _in_cell(self, frame: Any) -> bool:
         """Whether the cell's code is on the stack: its own lines run, or code it called.
