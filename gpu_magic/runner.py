@@ -1581,8 +1581,18 @@ class _Session:
         # model, a view of the array) see the change as they would locally
         same = [n for n in names if n in shipped and ns[n] is shipped[n]]
         value = result.result if manifest.get("has_value") else None
-        event = _pack_results(ns, names, value, bool(manifest.get("has_value")) and value is not None,
-                              unchanged, out, same)
+        try:
+            event = _pack_results(ns, names, value,
+                                  bool(manifest.get("has_value")) and value is not None,
+                                  unchanged, out, same)
+        except OSError as exc:  # a full disk, a file size limit: the cell itself had finished
+            emitter.emit({
+                "type": "runner_error", "ename": type(exc).__name__, "cell_finished": True,
+                "evalue": (f"the cell finished, but its results could not be written for the "
+                           f"gateway ({exc}); nothing was bound. Free space where the gateway "
+                           "keeps its state, or bring back less (--return NAMES)"),
+                "traceback": ""})
+            return 0
         event["deleted"] = deleted
         for n in manifest.get("return_names") or ():
             if n not in ns:  # a typo in --return must not cost the cell's work in silence

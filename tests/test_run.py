@@ -975,3 +975,23 @@ def test_an_interrupt_while_results_download_says_the_job_finished(use_gateway: 
         job_id = info.value.job_id
         attach(job_id, ns, client=c, quiet=True)
     assert ns["small"] == 42 and ns["big"].nbytes == 200_000_000
+
+
+def test_results_that_cannot_be_written_say_the_cell_finished() -> None:
+    # a full disk (here: a file size limit the cell sets) when the runner writes a large
+    # result: the cell itself had finished, which is said, with what to do
+    from gpu_magic import JobFailed
+
+    ns = notebook("")
+    with pytest.raises(JobFailed) as info:
+        run(ns, """
+            import resource, numpy as np
+            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+            big = np.ones(8 << 20, dtype=np.uint8)
+        """, "H100", quiet=True)
+    text = str(info.value)
+    assert "the cell finished, but its results could not be written" in text, text
+    assert "failed before the cell could finish" not in text and "big" not in ns
+    run(ns, "x = 1", "H100", quiet=True)  # the runner (its limit put back) takes the next
+    assert ns["x"] == 1

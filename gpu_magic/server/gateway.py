@@ -914,6 +914,8 @@ class Gateway:
             # kept in the job's record and shown to its user: only what is said, and short
             job.outcome = {"type": "runner_error", "ename": str(ev.get("ename", ""))[:200],
                            "evalue": str(ev.get("evalue", ""))[:4000]}
+            if ev.get("cell_finished") is True:  # its results could not be written (disk)
+                job.outcome["cell_finished"] = True
 
     def _output(self, job: Job, ev: dict[str, Any]) -> None:
         """Keep and pass on a cell's output, up to OUTPUT_MAX a job: past it a cell that
