@@ -750,9 +750,9 @@ def _reset_libraries() -> None:
     np = sys.modules.get("numpy")
     if np is not None and hasattr(np, "get_printoptions"):
         with contextlib.suppress(Exception):
-            if np.get_printoptions() != _NUMPY_PRINT:
-                np.set_printoptions(**{k: v for k, v in _NUMPY_PRINT.items()
-                                       if k in np.get_printoptions()})
+            now = np.get_printoptions()  # (its keys differ between numpy versions)
+            if any(now[k] != v for k, v in _NUMPY_PRINT.items() if k in now):
+                np.set_printoptions(**{k: v for k, v in _NUMPY_PRINT.items() if k in now})
             if np.geterr() != _NUMPY_ERR:
                 np.seterr(**_NUMPY_ERR)
     torch = sys.modules.get("torch")
