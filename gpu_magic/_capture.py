@@ -97,6 +97,13 @@ def analyze_cell(source: str, line_offset: int = 0) -> CellAnalysis:
     )
 
 
+def leading_blank_lines(source: str) -> int:
+    """How many blank lines a cell starts with: IPython's transforms drop them before the
+    cell is compiled, and keep the rest's numbering, so the compiled line numbers are short
+    by that many of the notebook's."""
+    return next((i for i, line in enumerate(source.splitlines()) if line.strip()), 0)
+
+
 def _transform_and_parse(source: str, line_offset: int = 0) -> tuple[str, ast.Module]:
     # The compiler turns doubtful escapes ("\d") into warnings, and into SyntaxErrors where
     # warnings are errors (pytest's filterwarnings): neither is ours to report.
@@ -112,9 +119,7 @@ def _transform_and_parse(source: str, line_offset: int = 0) -> tuple[str, ast.Mo
             return transformed, ast.parse(transformed)
         except SyntaxError as exc:
             lines = source.splitlines()
-            # IPython's transforms drop leading blank lines and keep the rest's numbering
-            lead = next((i for i, line in enumerate(lines) if line.strip()), 0)
-            lineno = (exc.lineno or 0) + lead
+            lineno = (exc.lineno or 0) + leading_blank_lines(source)
             # Transforms keep line numbers, so the user's own line is the one to show.
             text = lines[lineno - 1] if 0 < lineno <= len(lines) else (exc.text or "")
             raise CellSyntaxError(

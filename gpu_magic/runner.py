@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import _interrupts, _payload, _reserve
+from . import _capture, _interrupts, _payload, _reserve
 
 COALESCE_S = 0.002  # let a burst of prints gather before sending them as one event
 _MARKER = b"\x00gpu-magic-drain\x00"
@@ -692,26 +692,15 @@ class _ShellPristine:
                 seen = self.printers.get(id(table))
                 if seen is not None and table == seen:  # (by identity: a few µs for all)
                     continue
-                first = self.first_printers.get(id(table), {})
-                for k in [k for k, fn in table.items() if _made_by_cell(fn)]:
-                    if k in first:
-                        table[k] = first[k]  # IPython's own printer the cell replaced
-                    else:
-                        del table[k]
+                _undo_cell_entries(table, self.first_printers.get(id(table), {}))
                 self.printers[id(table)] = dict(table)  # what packages added stays
         for cbs in shell.events.callbacks.values():
             cbs[:] = [cb for cb in cbs if not _made_by_cell(cb)]
         for kind, table in shell.magics_manager.magics.items():
-            first = self.magics.get(kind, {})
-            if table == first:
-                continue
             # only what the cell's own code registered: IPython loads its own magics on first
             # use (a lazy stub put back would never load again: every later %time failed)
-            for name in [n for n, fn in table.items() if _made_by_cell(fn)]:
-                if name in first and not _made_by_cell(first[name]):
-                    table[name] = first[name]
-                else:
-                    del table[name]
+            if table != self.magics.get(kind, {}):
+                _undo_cell_entries(table, self.magics.get(kind, {}))
         aliases = shell.alias_manager.aliases
         if len(aliases) != len(self.aliases):
             for name in [n for n, _ in aliases if n not in self.aliases]:
@@ -720,7 +709,16 @@ class _ShellPristine:
         for n, v in self.settings.items():
             if getattr(shell, n) != v:
                 setattr(shell, n, v)
-        _reset_libraries()
+
+
+def _undo_cell_entries(table: dict[Any, Any], first: dict[Any, Any]) -> None:
+    """Take out of a shell table (printers, magics) what the cell's own code put there, and
+    put back what it replaced of the table as it first was."""
+    for key in [k for k, v in table.items() if _made_by_cell(v)]:
+        if key in first:
+            table[key] = first[key]
+        else:
+            del table[key]
 
 
 def _reset_libraries() -> None:
@@ -994,14 +992,6 @@ def _in_ipython(filename: str) -> bool:
     ipython = sys.modules.get("IPython")
     folder = os.path.dirname(getattr(ipython, "__file__", "") or "")
     return bool(folder) and filename.startswith(folder + os.sep)
-
-
-def _leading_blank_lines(source: str) -> int:
-    lines = source.splitlines()
-    for i, line in enumerate(lines):
-        if line and not line.isspace():
-            return i
-    return 0
 
 
 CHAIN_KEPT = 8  # exceptions chained before the one a cell raised
@@ -1370,6 +1360,7 @@ class _Session:
         try:
             self.pristine.restore()
             self.shell_pristine.restore()
+            _reset_libraries()
         except Exception:  # what cannot be put back: this runner takes no further cell
             self.reusable = False
         if self.pristine.threads_left():
@@ -1532,7 +1523,7 @@ class _Session:
         shell.init_user_ns()
         # IPython drops a cell's leading blank lines before compiling it: its line numbers
         # count from the first line with text, the notebook's from the first line
-        lead = _leading_blank_lines(manifest["source"])
+        lead = _capture.leading_blank_lines(manifest["source"])
         _CellWarnings.where = (str(manifest.get("cell_label") or "Cell"),
                                int(manifest.get("line_offset") or 0) + lead)
         with self.interrupts.cell(shell.compile):

@@ -1010,21 +1010,20 @@ class Gateway:
             # the cell ended on an interrupt: a local cell keeps what it had bound then, so
             # its results come first (the client binds them), then the KeyboardInterrupt.
             # Only for an interrupt its user asked for: else all or nothing, as for any error.
-            error = _interrupt_error(outcome)
+            error = _interrupt_error(outcome) or {"type": "error", "ename": "KeyboardInterrupt",
+                                                  "evalue": "", "traceback": []}
             if job.interrupted:
                 self._emit(job, {**{k: v for k, v in outcome.items() if k != "error"},
                                  "interrupted": True})
-            elif error is not None:
-                error.pop("interrupted")
-            self._emit(job, error or {"type": "error", "ename": "KeyboardInterrupt",
-                                      "evalue": "", "traceback": []})
-            if job.interrupted:
+                self._emit(job, error)
                 # the contract: a kernel interrupt cancels the job (and frees its GPUs); the
                 # cell only had its say first, as a local cell does
                 job.message = ("interrupted while running: the cell stopped on "
                                "KeyboardInterrupt, and what it had bound is kept")
                 self._finish(job, "cancelled")
             else:
+                error.pop("interrupted", None)
+                self._emit(job, error)
                 self._finish(job, "failed")
         elif outcome.get("type") == "result":
             self._emit(job, outcome)
