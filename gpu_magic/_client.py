@@ -313,7 +313,7 @@ class GatewayClient:
                         buf += chunk
                     return buf
                 # into one preallocated buffer: fresh buffers per chunk cost page faults
-                buf = bytearray(size)
+                buf = _rawget.new_buffer(size)
                 got = 0
                 with memoryview(buf) as view:
                     for chunk in resp.iter_raw(CHUNK):
