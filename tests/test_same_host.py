@@ -15,8 +15,9 @@ import pytest
 
 import gpu_magic
 from gpu_magic._client import GatewayClient
+from gpu_magic._errors import GatewayError
 
-from .conftest import Gateway, start_gateway
+from .conftest import Gateway, start_gateway, wait_for
 
 
 def auth(gw: Gateway, token: str | None = None) -> dict[str, str]:
@@ -62,16 +63,102 @@ def test_results_of_equal_and_shared_large_buffers_come_back_as_made(gateway: Ga
     assert ns["c"].flags.f_contiguous
     assert np.array_equal(ns["c"], np.arange(1 << 19, dtype=np.float32).reshape(512, -1))
 
-def test_adopt_refuses_mismatching_content_and_deletes_it(gateway: Gateway) -> None:
+def _hand_over(gw: Gateway, inbox: Path, content: bytes | int, digest: str) -> httpx.Response:
+    """Adopt ``content`` as ``digest`` (an int: a file of that many zeros that takes no disk)."""
+    name = secrets.token_hex(16)
+    with open(inbox / name, "wb") as f:
+        if isinstance(content, int):
+            f.truncate(content)
+        else:
+            f.write(content)
+    resp = httpx.post(gw.url + "/v1/blobs/adopt", headers=auth(gw),
+                      json={"digest": digest, "name": name})
+    assert not (inbox / name).exists()  # taken: the inbox keeps nothing
+    return resp
+
+
+def test_a_blob_handed_over_under_another_digest_is_removed_and_fails_its_job(
+        gateway: Gateway) -> None:
+    # The file holds other bytes than the digest names (a client's bug). The gateway takes
+    # it at once and checks it beside the work: a job submitted meanwhile must then deliver
+    # nothing, and one submitted after the check is told the blob is missing.
+    held = 0
     with gateway.client() as c:
         inbox = Path(c.local_path()["inbox"])  # type: ignore[index]
-    name = secrets.token_hex(16)
-    (inbox / name).write_bytes(b"not what the digest says")
-    digest = gpu_magic._payload.digest(b"something else")
-    resp = httpx.post(gateway.url + "/v1/blobs/adopt", headers=auth(gateway),
-                      json={"digest": digest, "name": name})
-    assert resp.status_code == 400 and "does not match its digest" in resp.json()["message"]
-    assert not (inbox / name).exists()
+        for attempt in range(5):
+            # checks are made one after another: this one's comes after a long one (1 GiB),
+            # so the quick job below ends before it, and its outcome must wait for it
+            _hand_over(gateway, inbox, 1 << 30, gpu_magic._payload.digest(b"%d" % attempt))
+            data = np.full(1 << 20, attempt + 1, dtype=np.float64)
+            packed = gpu_magic._payload.pack_inputs({"x": data}, None, None)
+            (buf_digest,) = packed.manifest["buffers"]
+            c.upload(packed.pickle_digest, memoryview(packed.pickle))
+            resp = _hand_over(gateway, inbox, bytes(data.nbytes), buf_digest)
+            assert resp.status_code == 200, resp.text
+            try:
+                job = c.submit({"source": "y = 1", "spec": [{"type": "H100"}],
+                                "inputs": packed.manifest, "outputs": ["y"]})
+            except GatewayError as exc:  # checked and removed before the submit came
+                assert exc.status == 409 and exc.detail["missing"] == [buf_digest]
+                continue
+            events = list(c.events(job["id"]))
+            assert [e for e in events if e["type"] == "done"][-1]["state"] == "failed"
+            assert not [e for e in events if e["type"] == "result"]
+            message = c.job(job["id"])["message"]
+            assert f"input blob {buf_digest} was not what its digest names" in message, message
+            assert "run the cell again" in message
+            assert c.missing([buf_digest]) == [buf_digest]  # removed: a rerun sends it again
+            held += 1
+            if held == 2:
+                break
+        assert held, "no job was submitted before the check ended"
+        ns: dict[str, Any] = {"x": data}  # and the rerun works
+        gpu_magic.run("total = float(x.sum())", "H100", ns, client=c, quiet=True)
+        assert ns["total"] == float(data.sum())
+
+
+def _unchecked(state_dir: Path) -> list[Path]:
+    return list((state_dir / "blobs").glob("*/.*.unchecked"))
+
+
+def test_a_blob_handed_over_with_its_own_digest_is_kept(gateway: Gateway) -> None:
+    content = os.urandom(1 << 20)
+    digest = gpu_magic._payload.digest(content)
+    with gateway.client() as c:
+        inbox = Path(c.local_path()["inbox"])  # type: ignore[index]
+        assert _hand_over(gateway, inbox, content, digest).json() == {
+            "digest": digest, "size": len(content)}
+        wait_for(lambda: not _unchecked(gateway.state_dir), 10)  # its check ended
+        assert c.missing([digest]) == []
+        assert bytes(c.download(digest)) == content
+
+
+def test_a_gateway_stopped_while_it_checked_checks_again_at_start(tmp_path: Path) -> None:
+    # a marker beside a blob says its check did not end: the next start does it (what a
+    # gateway killed in that moment leaves)
+    good, bad = os.urandom(1 << 20), os.urandom(1 << 20)
+    state = tmp_path / "state"
+    gw = start_gateway(tmp_path, state_dir=state)
+    try:
+        with gw.client() as c:
+            for content in (good, bad):
+                c.upload(gpu_magic._payload.digest(content), memoryview(content))
+    finally:
+        gw.stop()
+    blobs = {p.name: p for p in (state / "blobs").glob("*/*")}
+    good_file = blobs[gpu_magic._payload.digest(good).replace(":", "-")]
+    bad_file = blobs[gpu_magic._payload.digest(bad).replace(":", "-")]
+    bad_file.write_bytes(good)  # other bytes than its name says
+    for f in (good_file, bad_file):
+        f.with_name(f".{f.name}.unchecked").touch()
+    gw = start_gateway(tmp_path, state_dir=state)
+    try:
+        with gw.client() as c:
+            assert c.missing([gpu_magic._payload.digest(good), gpu_magic._payload.digest(bad)]) \
+                == [gpu_magic._payload.digest(bad)]
+        assert not _unchecked(state)
+    finally:
+        gw.stop()
 
 
 @pytest.mark.parametrize("name", ["../token", "a" * 31, "..", "/etc/passwd", "A" * 32])
@@ -125,3 +212,30 @@ def test_cell_writing_into_a_large_input_changes_only_its_own_copy(gateway: Gate
         gpu_magic.run("first = float(data.sum())", "H100", again, client=c, quiet=True)
         assert again["first"] == float(original.sum())
         assert again["data"] is mine  # read, not written: not sent back
+
+
+def test_files_stored_before_their_check_stay_only_if_they_pass(tmp_path: Path) -> None:
+    # a runner's results outside a sandbox are stored at once and checked beside the client
+    # binding them: one whose bytes are not its digest's is removed when its check ends
+    from gpu_magic.server.store import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    out = tmp_path / "out"
+    out.mkdir()
+    good, other = os.urandom(1 << 20), os.urandom(1 << 20)
+    named = {"good": gpu_magic._payload.digest(good), "bad": gpu_magic._payload.digest(other)}
+    for name in named:
+        (out / name).write_bytes(good)
+    try:
+        for name, digest in named.items():
+            assert store.adopt("u", out, name, digest, beside=True) == len(good)
+        for f in store.checks.waiting([store.path("u", d) for d in named.values()]):
+            f.result(timeout=10)
+        assert store.has("u", named["good"]) and not store.has("u", named["bad"])
+        assert store.path("u", named["good"]).read_bytes() == good
+        assert "not what its writer named it" in str(store.checks.failure(
+            store.path("u", named["bad"])))
+        assert store.checks.failure(store.path("u", named["good"])) is None
+        assert not list((tmp_path / "blobs").glob("*/.*"))  # no marker, no temporary file
+    finally:
+        store.close()

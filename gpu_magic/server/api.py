@@ -287,7 +287,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
 
     @app.post("/v1/blobs/adopt", responses=_errors(400, 404, 422, 507))
     async def adopt(body: AdoptRequest, u: User = Depends(user)) -> dict[str, Any]:
-        """Take a blob the client wrote into its inbox; its content is verified like an upload."""
+        """Take a blob the client wrote into its inbox: stored at once, its digest verified
+        beside the job that uses it (see server/checks.py)."""
         if not same_host_ok():
             raise ApiError(404, "no_local_path", "this gateway offers no same-host path")
         size = await asyncio.to_thread(gateway.blobs.adopt_inbox, u.name, body.name, body.digest,

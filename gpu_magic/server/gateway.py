@@ -961,7 +961,8 @@ class Gateway:
                 continue
             try:
                 self.blobs.adopt(job.user, out, d.replace(":", "-"), d,
-                                 self.limits.max_blob_bytes, copy=self._sandboxed())
+                                 self.limits.max_blob_bytes, copy=self._sandboxed(),
+                                 beside=self.backend.name == "local" and not self._sandboxed())
             except BlobError as exc:
                 if exc.status != 404 or not self.blobs.has(job.user, d):
                     raise BlobError(exc.status, f"result blob {d}: {exc.message}") from None
@@ -978,6 +979,24 @@ class Gateway:
             job.adopting.add_done_callback(
                 lambda _: self._runner_exit(job_id, attempt, rc, tail))
             return
+        if job.stop_reason is None:  # (a cancelled or timed-out job delivers nothing)
+            inputs = job.request.get("inputs") or {}
+            paths = {self.blobs.path(job.user, d): d
+                     for d in [inputs.get("pickle"), *inputs.get("buffers", [])] if d}
+            waits = self.blobs.checks.waiting(list(paths))
+            if waits:  # what the cell was given is still being checked: its outcome waits
+                asyncio.gather(*map(asyncio.wrap_future, waits)).add_done_callback(
+                    lambda _: self._runner_exit(job_id, attempt, rc, tail))
+                return
+            bad = [(d, why) for p, d in paths.items() if (why := self.blobs.checks.failure(p))]
+            if bad:
+                digest, why = bad[0]
+                job.outcome = {
+                    "type": "runner_error", "ename": "BlobError", "cell_finished": True,
+                    "evalue": f"input blob {digest} was not what its digest names ({why}), "
+                              "so the cell ran on other data than was sent. Nothing was bound "
+                              "and the blob was removed; run the cell again to send its "
+                              "inputs afresh."}
         if self.closing and job.outcome is None and job.stop_reason is None:
             # its runner was stopped with the gateway: the job stays as it was, and a restart
             # says the gateway restarted under it (not that its runner died of our SIGTERM)

@@ -28,6 +28,7 @@ import xxhash
 
 from .. import _reserve
 from .._payload import DIGEST_PREFIX, is_digest
+from .checks import Checks
 from .reserve import Reserve
 
 _SCHEMA = """
@@ -207,10 +208,10 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
                 n = 0
 
 
-def _hash_file(path: Path, max_bytes: int | None = None) -> tuple[str, int]:
-    """The digest and size of the regular file at ``path``, refusing anything else: a link
-    (followed, it would read what the writer could not), a FIFO or device (it would block or
-    never end), or more than ``max_bytes``. Files handed over by runners and clients are
+def _open_regular(path: Path, max_bytes: int | None = None) -> tuple[int, int]:
+    """A descriptor and the size of the regular file at ``path``, refusing anything else: a
+    link (followed, it would read what the writer could not), a FIFO or device (it would block
+    or never end), or more than ``max_bytes``. Files handed over by runners and clients are
     theirs to make, so nothing about them is trusted."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -224,17 +225,33 @@ def _hash_file(path: Path, max_bytes: int | None = None) -> tuple[str, int]:
             raise BlobError(400, f"{path.name} is not a regular file")
         if max_bytes is not None and st.st_size > max_bytes:
             raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
-        h = xxhash.xxh3_128()
-        buf = bytearray(1 << 22)
-        view = memoryview(buf)
-        size = 0
-        with open(fd, "rb", buffering=0, closefd=False) as f:
-            while n := f.readinto(buf):
-                size += n
-                if max_bytes is not None and size > max_bytes:  # it grew while read
-                    raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
-                h.update(view[:n])
-        return DIGEST_PREFIX + h.hexdigest(), size
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _hash_fd(fd: int, max_bytes: int | None = None) -> tuple[str, int]:
+    """The digest and size of what the open file ``fd`` holds (read from its start)."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(1 << 22)
+    view = memoryview(buf)
+    size = 0
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        f.seek(0)
+        while n := f.readinto(buf):
+            size += n
+            if max_bytes is not None and size > max_bytes:  # it grew while read
+                raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+            h.update(view[:n])
+    return DIGEST_PREFIX + h.hexdigest(), size
+
+
+def _hash_file(path: Path, max_bytes: int | None = None) -> tuple[str, int]:
+    """The digest and size of the regular file at ``path`` (see :func:`_open_regular`)."""
+    fd, _ = _open_regular(path, max_bytes)
+    try:
+        return _hash_fd(fd, max_bytes)
     finally:
         os.close(fd)
 
@@ -282,8 +299,11 @@ class BlobStore:
         self._made: dict[str, Path] = {}
         # beside the users' folders, never among them (a user may be called anything)
         self.reserve = Reserve(root.parent / "reserve", reserve_cap, busy)
+        self.checks = Checks(_hash_fd, self.reserve.note)
+        self.checks.recheck(root)
 
     def close(self) -> None:
+        self.checks.close()
         self.reserve.close()
 
     def user_dir(self, user: str) -> Path:
@@ -402,19 +422,20 @@ class BlobStore:
         return d
 
     def adopt_inbox(self, user: str, name: str, digest: str, max_bytes: int | None = None) -> int:
-        """Move ``inbox/name`` into the store if its content has ``digest``; a mismatching file
-        is deleted, never kept."""
+        """Move ``inbox/name`` into the store; its content is checked against ``digest`` beside
+        the job that uses it (the inbox is offered only to the gateway's own user), and a
+        mismatching file is removed, never kept."""
         if "/" in name or name in ("", ".", ".."):
             raise BlobError(400, f"{name!r} is not a file name")
         try:
-            return self.adopt(user, self.inbox(user), name, digest, max_bytes)
+            return self.adopt(user, self.inbox(user), name, digest, max_bytes, beside=True)
         except BlobError as exc:
             if exc.status == 404:
                 raise BlobError(404, f"there is no file {name!r} in your inbox") from None
             raise
 
     def adopt(self, user: str, folder: Path, name: str, digest: str,
-              max_bytes: int | None = None, copy: bool = False) -> int:
+              max_bytes: int | None = None, copy: bool = False, beside: bool = False) -> int:
         """Move the file ``folder/name`` (a runner's result, a client's inbox file) into the
         user's store if its content has ``digest``; returns its size. ``folder`` is its
         writer's (a runner may replace it with a link to someone else's folder); its parent
@@ -422,7 +443,8 @@ class BlobStore:
         verified is what is kept: its writer can neither swap it afterwards nor make it, or
         the folder it is in, a link to someone else's file. ``copy``: copied instead, for a
         writer that may still hold the file open (a sandboxed runner: a descriptor it kept
-        would change the stored blob after its check)."""
+        would change the stored blob after its check). ``beside``: stored at once and checked
+        on another thread (see :mod:`.checks`), for a writer who is the gateway's own user."""
         dest = self.path(user, digest)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.adopt")
         try:
@@ -448,6 +470,12 @@ class BlobStore:
                 raise BlobError(400, f"{folder.name} is not a folder") from None
             raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
         try:
+            if beside and copied is None:
+                fd, size = _open_regular(tmp, max_bytes)
+                os.close(fd)
+                if not dest.exists():
+                    self.checks.publish(tmp, dest, digest)
+                return size
             got, size = copied or _hash_file(tmp, max_bytes)
             if got != digest:
                 raise BlobError(400, f"blob content does not match its digest: sent as "
