@@ -68,10 +68,14 @@ def __getattr__(name: str) -> Any:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext gpu_magic``: register ``%%gpu`` and ``%gpu``."""
-    from ._magic import GPUMagic
+    from ._magic import GPUMagic, show_cell_syntax_errors
 
     ipython.register_magics(GPUMagic)
+    show_cell_syntax_errors(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """Nothing to undo beyond IPython's own bookkeeping."""
+    """Put IPython's display of uncaught exceptions back as it was before loading."""
+    from ._magic import show_cell_syntax_errors
+
+    show_cell_syntax_errors(ipython, on=False)

@@ -116,7 +116,16 @@ def _transform_and_parse(source: str, line_offset: int = 0) -> tuple[str, ast.Mo
                 f"IPython cannot read the cell ({type(exc).__name__}: {exc}); fix its syntax"
             )
         try:
-            return transformed, ast.parse(transformed)
+            tree = ast.parse(transformed)
+            # What the parser lets through and the compiler refuses ('return' or 'yield'
+            # outside a function, 'break' outside a loop, a 'nonlocal' with no binding):
+            # found here, not after a GPU was granted. One statement at a time, as IPython
+            # compiles a cell (a __future__ import need not come first), top-level await
+            # allowed, as IPython allows it.
+            for node in tree.body:
+                compile(ast.Module([node], []), "<cell>", "exec", dont_inherit=True,
+                        flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            return transformed, tree
         except SyntaxError as exc:
             lines = source.splitlines()
             lineno = (exc.lineno or 0) + leading_blank_lines(source)

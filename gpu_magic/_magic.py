@@ -30,7 +30,6 @@ from ._client import LOCAL
 from ._connection import configure, connect, current_target, get_connection, set_connection
 from ._errors import (
     AuthError,
-    CaptureError,
     CellSyntaxError,
     GpuMagicError,
     RemoteError,
@@ -167,13 +166,8 @@ class GPUMagic(Magics):
         """
         try:
             return self._line(line) if cell is None else self._cell(line, cell)
-        except CellSyntaxError as exc:
-            # IPython shows any SyntaxError with the stack it was raised in (ours): the same
-            # error as a plain CaptureError shows just the cell's line and the caret
-            plain = CaptureError(str(exc))
-            lines = exc._render_traceback_()
-            plain._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
-            raise plain from None
+        except CellSyntaxError:
+            raise  # a SyntaxError, for `except SyntaxError`: shown by show_cell_syntax_errors
         except GpuMagicError as exc:
             # our own errors say what happened and how to fix it: that message is the whole
             # story, our internal stack would only bury it (the cell's own errors keep theirs)
@@ -469,3 +463,32 @@ class GPUMagic(Magics):
 
 # the name the README once used, for code that imported it
 GPUMagics = GPUMagic
+
+
+def show_cell_syntax_errors(shell: Any, on: bool = True) -> None:
+    """Show a %%gpu cell's syntax error as the cell's line and a caret. It is a SyntaxError
+    (``except SyntaxError`` takes it), and IPython shows any uncaught SyntaxError with the
+    stack it was raised in, ours; a custom exception handler, IPython's hook for this, shows
+    it as ``_render_traceback_`` says instead. A handler set before ours keeps its
+    exceptions, and gets them back when the extension is unloaded."""
+    types, handler = shell.custom_exceptions, getattr(shell, "CustomTB", None)
+    mine = getattr(handler, "__func__", None)
+    before = getattr(mine, "gpu_magic_before", None)
+    if before is not None:  # ours is set: start from what was there before it
+        types, handler = before
+    if not on:
+        if before is not None:
+            shell.custom_exceptions, shell.CustomTB = types, handler
+        return
+    others = tuple(t for t in types if t is not CellSyntaxError)
+
+    def show(self: Any, etype: type, value: BaseException, tb: Any,
+             tb_offset: int | None = None) -> list[str] | None:
+        if isinstance(value, CellSyntaxError):
+            stb = value._render_traceback_()
+            self._showtraceback(etype, value, stb)
+            return stb
+        return handler(etype, value, tb, tb_offset=tb_offset) if handler else None
+
+    shell.set_custom_exc((*others, CellSyntaxError), show)
+    shell.CustomTB.__func__.gpu_magic_before = (types, handler)

@@ -311,8 +311,7 @@ def test_result_is_frozen() -> None:
 
 @pytest.mark.parametrize(
     "cell",
-    ["from numpy import *", "x = 1\nfrom os.path import *\n", "def f():\n    from .h import *\n",
-     "%%time\nfrom torch import *\n"],
+    ["from numpy import *", "x = 1\nfrom os.path import *\n", "%%time\nfrom torch import *\n"],
 )
 def test_star_import_binds_nothing_the_analysis_could_name(cell: str) -> None:
     # the names come back from where the cell ran, bound there (runner); the analysis only
@@ -342,6 +341,29 @@ def test_syntax_error_counts_the_lines_before_the_source() -> None:
     # a SyntaxError too, in the notebook's numbering: `except SyntaxError` finds its line
     assert isinstance(info.value, SyntaxError)
     assert (info.value.lineno, info.value.text) == (3, "z = 2 2") and info.value.offset
+
+
+@pytest.mark.parametrize("source, line", [
+    ("for i in range(3):\n    pass\ncontinue\n", 3),
+    ("\n\nreturn 5\n", 3),  # leading blank lines counted, as the notebook counts them
+    ("async def f():\n    yield 1\n    return 2\n", 3),
+    ("def f():\n    nonlocal y\n", 2),
+    ("def f():\n    from .h import *\n", 2),
+])
+def test_errors_the_compiler_finds_name_their_line(source: str, line: int) -> None:
+    # the parser lets these through; the compiler (in IPython, on the GPU) would not
+    with pytest.raises(SyntaxError) as info:
+        analyze_cell(source)
+    assert isinstance(info.value, CaptureError) and info.value.lineno == line
+
+
+@pytest.mark.parametrize("source", [
+    "import asyncio\nawait asyncio.sleep(0)\n",  # IPython runs top-level await
+    "x = 1\nfrom __future__ import annotations\n",  # IPython compiles statement by statement
+    "%time y = 1\n!echo hi\n",
+])
+def test_what_ipython_compiles_is_not_refused(source: str) -> None:
+    analyze_cell(source)
 
 
 def test_syntax_error_after_a_magic_shows_the_users_line() -> None:
@@ -396,8 +418,9 @@ def test_python_like_text_raises_only_capture_error(text: str) -> None:
     except CaptureError:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                ast.parse(text)
+            try:  # what Python itself refuses to compile
+                compile(text, "<cell>", "exec", dont_inherit=True,
+                        flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
             except (SyntaxError, ValueError):
                 return
         assert "import" in text, text  # valid Python is refused only for a star import
@@ -534,13 +557,15 @@ def _run(code: Any, namespace: dict[str, object]) -> str:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_cells, st.sets(_name))
 def test_generated_cells_need_only_their_inputs(cell: str, present: set[str]) -> None:
-    result = analyze_cell(cell)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            code = compile(result.source, "<cell>", "exec")
-        except SyntaxError:  # e.g. `nonlocal` with nothing to refer to: fails the same anywhere
+            code = compile(cell, "<cell>", "exec")
+        except SyntaxError:  # e.g. `nonlocal` with nothing to refer to: refused before sending
+            with pytest.raises(CaptureError, match="syntax error"):
+                analyze_cell(cell)
             return
+    result = analyze_cell(cell)
     before = {name: U(name) for name in sorted(present)}
     local = dict(before)
     remote = {name: value for name, value in before.items() if name in result.inputs}

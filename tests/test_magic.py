@@ -159,10 +159,15 @@ def test_syntax_errors_and_tracebacks_number_the_lines_alike(gateway: Gateway,
                                                             kernel_factory: Any) -> None:
     # as the notebook numbers them: the %%gpu line is line 1 (so the remote traceback did)
     k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
-    syntax = _error_text(k.run("%%gpu\nx = 1\nz = 2 2"))
+    out = k.run("%%gpu\nx = 1\nz = 2 2")
+    syntax = _error_text(out)
     # shown as a local cell's: the line, a caret, SyntaxError
     assert syntax.startswith("  Cell, line 3\n    z = 2 2\n"), syntax
     assert "SyntaxError: invalid syntax" in syntax, syntax
+    assert out["error"]["ename"] == "CellSyntaxError"  # a SyntaxError, for the code below
+    caught = k.run("try:\n    get_ipython().run_cell_magic('gpu', 'H100', 'x = 1\\nz = 2 2')\n"
+                   "except SyntaxError as e:\n    print('caught', e.lineno, e.msg)")
+    assert caught["error"] is None and caught["stdout"] == "caught 3 invalid syntax\n", caught
     runtime = _error_text(k.run("%%gpu\nx = 1\nz = 1 / 0"))
     assert ", line 3" in runtime and "----> 3 z = 1 / 0" in runtime, runtime
     # and warnings too, under the cell's own name (not the runner's <ipython-input-...>)
@@ -172,6 +177,40 @@ def test_syntax_errors_and_tracebacks_number_the_lines_alike(gateway: Gateway,
     count = int(label.group(0)[8:-1]) + 1  # the next cell
     assert f"Cell In[{count}]:3: UserWarning: lr too high" in out["stderr"], out
     assert "ipython-input" not in out["stderr"]
+
+
+@pytest.mark.parametrize("body, line, message", [
+    ("for i in range(3):\n    pass\ncontinue", 4, "'continue' not properly in loop"),
+    ("x = 1\nbreak", 3, "'break' outside loop"),
+    ("\nreturn 5", 3, "'return' outside function"),
+    ("yield 5", 2, "'yield' outside function"),
+    ("def f():\n    nonlocal y", 3, "no binding for nonlocal 'y' found"),
+])
+def test_errors_the_compiler_finds_are_refused_before_anything_is_sent(
+        gateway: Gateway, kernel_factory: Any, body: str, line: int, message: str) -> None:
+    # the parser lets these through: found before a GPU is asked for, not on it
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
+    with gateway.client() as client:
+        before = len(client.jobs())
+        text = _error_text(k.run(f"%%gpu H100\n{body}"))
+        assert text.startswith(f"  Cell, line {line}\n"), text
+        assert f"SyntaxError: {message}" in text, text
+        assert len(client.jobs()) == before
+
+
+def test_the_syntax_error_display_leaves_other_exception_handlers_alone(
+        kernel_factory: Any) -> None:
+    k = kernel_factory()
+    k.run("%unload_ext gpu_magic")
+    k.run("def mine(self, etype, value, tb, tb_offset=None):\n    print('mine', value)\n"
+          "get_ipython().set_custom_exc((ValueError,), mine)")
+    k.run("%load_ext gpu_magic")
+    assert k.run("raise ValueError('v')")["stdout"] == "mine v\n"  # still the user's
+    assert _error_text(k.run("%%gpu\nz = 2 2")).startswith("  Cell, line 2\n")
+    k.run("%unload_ext gpu_magic")
+    out = k.run("print(get_ipython().custom_exceptions)")
+    assert out["stdout"] == "(<class 'ValueError'>,)\n", out
+    assert k.run("raise ValueError('w')")["stdout"] == "mine w\n"
 
 
 def test_a_refused_token_names_its_source(gateway: Gateway, kernel_factory: Any) -> None:
