@@ -648,11 +648,17 @@ class _Job:
     def _remote_exception(self) -> BaseException:
         ev = self.error or {}
         exc: Any = None
+        lost: str | None = None  # why the cell's own exception type could not come back
         if ev.get("exception") and self.owner is None:
             try:
                 exc = _payload.loads(self._blob(ev, ev["exception"]), namespace={})
-            except Exception:
+            except Exception as why:
                 exc = None
+                lost = (f"{ev.get('ename', 'the exception')} could not be rebuilt here "
+                        f"({type(why).__name__}: {why}), so it is raised as RemoteError "
+                        "(`except RemoteError` takes it; its .ename names the type). An "
+                        "exception class whose __init__ takes other arguments than it passes "
+                        "to Exception.__init__ needs a __reduce__ to travel")
         lines = render_traceback(ev, self.source, line_offset=self.opts.line_offset,
                                  label=self.opts.label, grant=self.state.grant, job_id=self.id,
                                  cell_name=_cell_name,
@@ -662,7 +668,8 @@ class _Job:
                                                      list(self.namespace.values())))
         if exc is None and ev.get("interrupted"):
             exc = KeyboardInterrupt()  # (its pickle did not come: the type is known anyway)
-        rebuilt = rebuild(ev, exc, lines, hint=local_hint(ev))
+        hint = "; ".join(h for h in (local_hint(ev), lost) if h) or None
+        rebuilt = rebuild(ev, exc, lines, hint=hint)
         if isinstance(rebuilt, KeyboardInterrupt):
             rebuilt._gpu_magic_remote = True  # type: ignore[attr-defined]  # the cell's: see run()
         return rebuilt

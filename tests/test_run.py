@@ -402,6 +402,24 @@ def test_unpicklable_remote_exception_becomes_remote_error() -> None:
     assert "odd" in str(info.value)
 
 
+def test_an_exception_that_cannot_be_rebuilt_here_says_why() -> None:
+    # it pickles on the GPU machine, but its __init__ wants more than Exception keeps
+    ns = notebook("")
+    with pytest.raises(RemoteError) as info:
+        run(ns, """
+            class MyErr(Exception):
+                def __init__(self, code, *, detail):
+                    super().__init__(f"code {code}")
+                    self.detail = detail
+            raise MyErr(3, detail="x")
+        """)
+    assert info.value.ename == "MyErr"
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "[gpu_magic] MyErr could not be rebuilt here (TypeError: " in text, text
+    assert "keyword-only argument: 'detail'" in text
+    assert "`except RemoteError` takes it" in text and "needs a __reduce__" in text
+
+
 def test_bad_spec_is_refused_before_anything_is_sent(client: Any) -> None:
     before = len(client.jobs())
     ns = notebook("")
