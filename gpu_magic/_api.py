@@ -1025,10 +1025,11 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
         try:
             singles[name], _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir)
         except Exception:
-            path, culprit = _payload.find_unpicklable(value, name)
-            what, fix = _payload.describe(culprit)
-            row.update(bytes=None, travels="cannot be sent", path=path,
-                       problem=f"{path}: {what}; {fix}")
+            found = _payload.find_all_unpicklable(value, name)
+            said = [f"{path}: {what}; {fix}"
+                    for path, what, fix in ((p, *_payload.describe(c)) for p, c in found)]
+            row.update(bytes=None, travels="cannot be sent", path=found[0][0],
+                       paths=[p for p, _ in found], problem=said[0], problems=said)
         else:
             sendable[name] = value
             row.update(bytes=singles[name].nbytes, travels=_payload.travel_mode(value, local_dir))
@@ -1057,7 +1058,8 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
 
 class DryRunReport(dict):  # type: ignore[type-arg]
     """The dry-run report; a dict that shows itself as a table, with what cannot be sent
-    listed below it (``row["path"]`` and ``row["problem"]`` for each such input)."""
+    listed below it (``row["paths"]`` and ``row["problems"]`` for each such input, the first
+    of each also as ``row["path"]`` and ``row["problem"]``)."""
 
     def _rows(self) -> list[tuple[str, str, str, str]]:
         return [(r["name"], r["type"], "-" if r["bytes"] is None else _human(r["bytes"]),
@@ -1065,8 +1067,9 @@ class DryRunReport(dict):  # type: ignore[type-arg]
 
     @property
     def problems(self) -> list[str]:
-        """One line per input that cannot be sent (empty when the cell could run)."""
-        found = [r["problem"] for r in self["inputs"] if r.get("problem")]
+        """One line per object that keeps an input from being sent (empty when the cell
+        could run)."""
+        found = [p for r in self["inputs"] for p in r.get("problems", ())]
         return found + ([self["together"]] if self.get("together") else [])
 
     def __repr__(self) -> str:

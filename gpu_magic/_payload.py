@@ -661,16 +661,28 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]]:
                 continue
 
 
-def find_unpicklable(obj: Any, path: str, depth: int = 0, seen: set[int] | None = None) -> tuple[str, Any]:
+def find_unpicklable(obj: Any, path: str) -> tuple[str, Any]:
     """The deepest attribute path below ``obj`` that fails to pickle (``obj`` itself if none)."""
+    return find_all_unpicklable(obj, path, limit=1)[0]
+
+
+def find_all_unpicklable(obj: Any, path: str, limit: int = 10, depth: int = 0,
+                         seen: set[int] | None = None) -> list[tuple[str, Any]]:
+    """Every deepest attribute path below ``obj`` that fails to pickle, at most ``limit``
+    (``obj`` itself if no part of it fails alone): a report should name all of them, not
+    only the one to fix first."""
     seen = set() if seen is None else seen
     if depth > 30 or id(obj) in seen or _recognised(obj) is not None:
-        return path, obj  # a thread, not the lock inside it
+        return [(path, obj)]  # a thread, not the lock inside it
     seen.add(id(obj))
+    found: list[tuple[str, Any]] = []
     for suffix, child in _children(obj):
+        if len(found) >= limit:
+            break
         if not _pickles(child):
-            return find_unpicklable(child, path + suffix, depth + 1, seen)
-    return path, obj
+            found += find_all_unpicklable(child, path + suffix, limit - len(found), depth + 1,
+                                          seen)
+    return found or [(path, obj)]
 
 
 def diagnose(name: str, value: Any, error: BaseException | None = None) -> SerializationError:

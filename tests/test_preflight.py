@@ -24,6 +24,7 @@ class Holder:
     def __init__(self):
         self.n = 1
         self.guard = {"lock": threading.Lock()}
+        self.out = open(os.devnull, "w")
 holder = Holder()
 log = open(os.devnull)
 big = np.arange(50_000, dtype=np.float64)
@@ -41,15 +42,19 @@ def test_dry_run_lists_every_input_that_cannot_be_sent(use_gateway: Gateway) -> 
         assert set(rows) == {"holder", "log", "big"}
         assert rows["holder"]["path"] == "holder.guard['lock']"
         assert "a thread lock" in rows["holder"]["problem"]
+        # every object at fault in it, not only the first to fix
+        assert rows["holder"]["paths"] == ["holder.guard['lock']", "holder.out"]
         assert rows["log"]["path"] == "log" and "an open file" in rows["log"]["problem"]
         assert rows["big"]["travels"] == "by value" and rows["big"]["bytes"] >= 400_000
         text = repr(report)
         assert "2 of them cannot be sent" in text
         assert "holder.guard['lock']: a thread lock" in text and "log: an open file" in text
+        assert "holder.out: an open file" in text
         # nothing submitted, nothing uploaded (the array's buffer is still unknown to it)
         assert len(client.jobs()) == before
         assert client.missing([digest(ns["big"].tobytes())]) == [digest(ns["big"].tobytes())]
     ns.pop("log").close()
+    ns["holder"].out.close()
 
 
 def test_dry_run_in_a_kernel_shows_the_report(use_gateway: Gateway, tmp_path: Path) -> None:
