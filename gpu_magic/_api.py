@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _payload
+from . import _injob, _payload
 from ._capture import analyze_cell
 from ._client import INLINE_MAX, GatewayClient
 from ._connection import connect, invalidate_local
@@ -920,6 +920,10 @@ def run(
         raise TypeError(f"namespace must be a dict (the names the cell reads and binds), not "
                         f"{type(namespace).__name__}: pass vars(obj) or a dict of your names")
     opts = _options(options)
+    if _injob.current_job():
+        # inside a GPU job already (a cell that runs on one): right here, as a decorated
+        # function called there runs, never through a gateway of the GPU machine
+        return _injob.run_here(source, spec, namespace, opts)
     job_id = secrets.token_hex(8)
     box: dict[str, Any] = {}
     job = None
@@ -1126,7 +1130,7 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
-            if os.environ.get("GPU_MAGIC_JOB_ID"):
+            if _injob.current_job():
                 # called inside a GPU job (recursion, one decorated function calling another):
                 # it runs right there, on the job's GPUs. A job each would hold a GPU while
                 # waiting for the next, and a call deeper than the free GPUs waits for good.

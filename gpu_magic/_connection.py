@@ -133,7 +133,10 @@ def _local_info() -> dict[str, object]:
     wanted configuration changed (a health request per cell would cost more than the cell)."""
     global _embedded
     from ._embedded import _pid_alive, ensure_local_gateway, wanted_config
+    from ._injob import current_job, refuse_local_gateway
 
+    if current_job():
+        raise refuse_local_gateway("reaching the local gateway")
     simulate = os.environ.get("GPU_MAGIC_SIMULATE") or None
     info = _embedded
     if (

@@ -120,15 +120,24 @@ def wanted_config(simulate: str | None) -> dict[str, Any]:
     return {"backend": "local", "simulate": simulate or None}
 
 
+def _not_in_a_job(what: str) -> None:
+    from ._injob import current_job, refuse_local_gateway
+
+    if current_job():
+        raise refuse_local_gateway(what)
+
+
 def running_local_gateway() -> dict[str, Any] | None:
     """The runtime info of this user's local gateway if one is running, whatever its
     configuration (for commands that only look at it); None if none is."""
+    _not_in_a_job("looking for the local gateway")
     info = _read(runtime_path())
     return info if info is not None and _healthy(info) else None
 
 
 def ensure_local_gateway(simulate: str | None = None, *, state_dir: Path | None = None) -> dict[str, Any]:
     """The runtime info (url, token, ...) of this user's local gateway, starting it if needed."""
+    _not_in_a_job("starting the local gateway")
     path = runtime_path()
     want = wanted_config(simulate)
     with _locked(path):
@@ -262,6 +271,7 @@ def stop_local_gateway() -> str:
     from .server.lock import holder
     from .server.serve import default_state_dir
 
+    _not_in_a_job("stopping the local gateway")
     path = runtime_path()
     with _locked(path):
         info = _read(path)

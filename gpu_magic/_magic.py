@@ -25,7 +25,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Unicode, observe
 
-from . import _api
+from . import _api, _injob
 from ._client import LOCAL
 from ._connection import configure, connect, current_target, get_connection, set_connection
 from ._errors import (
@@ -353,6 +353,9 @@ class GPUMagic(Magics):
                              f"not {' '.join(rest)!r}{_did_you_mean(rest[0], ['--all'])}")
         if cmd == "connect":
             return self._connect(rest)
+        if _injob.current_job() and current_target()[0] is None:
+            # a cell running on a GPU: its machine's local gateway is not the notebook's
+            raise _injob.refuse_local_gateway(f"%gpu {cmd}")
         if cmd == "stop":
             from ._embedded import stop_local_gateway
 

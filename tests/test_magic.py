@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from .conftest import Gateway, start_class_gateway, wait_for
+from .conftest import Gateway, start_class_gateway, start_gateway, wait_for
 
 
 class Kernel:
@@ -386,3 +387,67 @@ def test_a_kernel_restarted_under_its_cell_cancels_the_cell_s_job(
         assert record["state"] == "cancelled"
         if how == "restart":
             k.kc.wait_for_ready(60)
+
+
+@pytest.fixture
+def others_local_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """An idle local gateway of this user with a simulated H100:2 pool, as another
+    notebook's first cell starts it, in runtime and data folders of this test's own (which
+    every process this test starts inherits)."""
+    from gpu_magic._embedded import ensure_local_gateway, stop_local_gateway
+
+    for key in [k for k in os.environ if k.startswith("GPU_MAGIC_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    info = ensure_local_gateway("H100:2")
+    yield info
+    stop_local_gateway()
+
+
+def _local_gateway_untouched(info: dict[str, Any]) -> None:
+    """``info``'s gateway still runs, still named by the runtime file, and none other was
+    ever started on its state folder."""
+    from gpu_magic._embedded import _pid_alive, runtime_path
+    from gpu_magic.server.serve import default_state_dir
+
+    assert _pid_alive(int(info["pid"]))
+    assert json.loads(runtime_path().read_text())["pid"] == info["pid"]
+    assert (default_state_dir() / "gateway.log").read_text().count("gateway starting") == 1
+
+
+def test_a_gpu_cell_inside_a_job_runs_there_and_leaves_local_gateways_alone(
+        tmp_path: Path, others_local_gateway: dict[str, Any], kernel_factory: Any) -> None:
+    # the job runs on a gateway of its own, whose runners see this user's runtime folder but
+    # neither GPU_MAGIC_URL nor GPU_MAGIC_SIMULATE, as on a GPU machine. A %%gpu cell there
+    # found the idle H100:2 gateway above, restarted it unsimulated (another notebook's) and
+    # failed with NoFeasibleOption; on a one-GPU pool of its own it would wait for good
+    gw = start_gateway(tmp_path, simulate="T4:1")
+    try:
+        k = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=gw.token)
+        out = k.run('%%gpu T4 --quiet\n%load_ext gpu_magic\nimport gpu_magic\n'
+                    'r = get_ipython().run_cell_magic("gpu", "H100 --quiet", "x = 5*5\\nx")\n'
+                    'ns = {"base": 6}\n'
+                    'y = gpu_magic.run("z = base * 7\\nz", "T4, any", ns)\n'
+                    'r, x, y, ns["z"]')
+        assert out["error"] is None, out
+        assert out["result"] == "(25, 25, 42, 42)", out
+        # one note, for the spec the job's GPU does not fit; nothing restarted
+        notes = [line for line in out["stderr"].splitlines() if line.startswith("gpu_magic:")]
+        assert len(notes) == 1, out
+        assert "runs inside GPU job" in notes[0] and "right here on its T4 ×1, simulated" in \
+            notes[0] and "not on H100 as its spec asks" in notes[0], notes
+        # what needs a local gateway is refused in one line, and starts or stops none
+        for line in ("%gpu pool", "%gpu stop"):
+            err = _error_text(k.run(f"%%gpu T4 --quiet\n%load_ext gpu_magic\n{line}"))
+            assert f"GatewayError: {line}: this runs inside GPU job " in err, err
+            assert "never looks for, starts or stops a local gateway" in err, err
+        err = _error_text(k.run("%%gpu T4 --quiet\n%load_ext gpu_magic\n"
+                                "get_ipython().run_cell_magic('gpu', '--background', '1')"))
+        assert "--background: this code already runs inside GPU job" in err, err
+        _local_gateway_untouched(others_local_gateway)
+        with gw.client() as client:
+            assert len(client.jobs()) == 4  # the outer cells' own, no more
+    finally:
+        gw.stop()
+
