@@ -995,7 +995,7 @@ def attach(job_id: str, namespace: dict[str, Any] | None = None, *, quiet: bool 
     if namespace is None:
         frame = inspect.currentframe()
         namespace = frame.f_back.f_globals if frame and frame.f_back else {}
-    cl = client or connect()
+    cl = client or connect(looking=True)  # a gateway of another configuration has its jobs
     record = cl.job(job_id)
     state = JobState(record.get("spec", "any"), job_id)
     state.started_wall = record.get("started")  # (replayed, "started" arrives only now)

@@ -66,9 +66,12 @@ def _token_for(url: str) -> tuple[str | None, str | None]:
 
 
 def connect(url: str | None = None, token: str | None = None, *,
-            url_from: str | None = None, token_from: str | None = None) -> GatewayClient:
+            url_from: str | None = None, token_from: str | None = None,
+            looking: bool = False) -> GatewayClient:
     """A client for the configured gateway, starting the local one if nothing is configured.
-    ``url_from``/``token_from`` name where a given ``url``/``token`` came from (``--url``)."""
+    ``url_from``/``token_from`` name where a given ``url``/``token`` came from (``--url``).
+    ``looking``: for commands that only look at the gateway or its jobs (``%gpu status``):
+    a running local gateway is used whatever its configuration, never restarted for it."""
     if url is None:
         url, how = current_target()
         url_from = _URL_FROM.get(how)
@@ -81,7 +84,7 @@ def connect(url: str | None = None, token: str | None = None, *,
                 "%config GPUMagic.token), or run %gpu connect URL (it asks for the token)"
             )
     else:
-        info = _local_info()
+        info = _local_info(looking)
         url, token = str(info["url"]), info.get("token")  # type: ignore[assignment]
         key = (url.rstrip("/"), token, LOCAL)
         with _lock:
@@ -128,24 +131,45 @@ def forget(client: GatewayClient) -> None:
                 del _clients[key]
 
 
-def _local_info() -> dict[str, object]:
+def _local_info(looking: bool = False) -> dict[str, object]:
     """The local gateway's runtime info; re-checked only when its process is gone or the
-    wanted configuration changed (a health request per cell would cost more than the cell)."""
+    wanted configuration changed (a health request per cell would cost more than the cell).
+    ``looking``: any running one will do (see ``connect``)."""
     global _embedded
-    from ._embedded import _pid_alive, ensure_local_gateway, wanted_config
+    from ._embedded import _pid_alive, difference, ensure_local_gateway, running_local_gateway
     from ._injob import current_job, refuse_local_gateway
 
     if current_job():
         raise refuse_local_gateway("reaching the local gateway")
     simulate = os.environ.get("GPU_MAGIC_SIMULATE") or None
     info = _embedded
-    if (
-        info is None
-        or info.get("config") != wanted_config(simulate)
-        or not _pid_alive(int(info.get("pid", 0)))  # type: ignore[arg-type]
-    ):
-        info = _embedded = ensure_local_gateway(simulate)
+    if info is not None and not _pid_alive(int(info.get("pid", 0))):  # type: ignore[arg-type]
+        info = None
+    if looking and info is None:
+        info = running_local_gateway()
+    if info is None or (not looking and difference(info, simulate) is not None):
+        info = ensure_local_gateway(simulate)
+    # (one found by looking is kept even when its configuration differs: the next cell's
+    # connect sees that and restarts it, as it would have)
+    _embedded = info
     return info
+
+
+def local_difference() -> str | None:
+    """A line saying how the local gateway this process uses (found by looking) runs
+    otherwise than this kernel would start it, and what happens next; None where it does
+    not, or where a URL is configured."""
+    from ._embedded import difference, wanted_config
+    from ._version import __version__
+
+    info, simulate = _embedded, os.environ.get("GPU_MAGIC_SIMULATE") or None
+    what = None if current_target()[0] is not None or info is None else difference(info, simulate)
+    if what is None:
+        return None
+    want = (f"version {__version__}" if what.startswith("version")
+            else f"configuration {wanted_config(simulate)}")
+    return (f"the local gateway's {what} differs from this kernel's {want}: the next %%gpu "
+            "cell here restarts it with this kernel's (once it has no jobs)")
 
 
 def invalidate_local() -> None:

@@ -120,6 +120,16 @@ def wanted_config(simulate: str | None) -> dict[str, Any]:
     return {"backend": "local", "simulate": simulate or None}
 
 
+def difference(info: dict[str, Any], simulate: str | None) -> str | None:
+    """What of a running gateway's (``info``) differs from what a kernel with ``simulate``
+    wants, as ``version 0.9`` or ``configuration {...}``; None when nothing does."""
+    if info.get("version") != __version__:
+        return f"version {info.get('version')}"
+    if info.get("config") != wanted_config(simulate):
+        return f"configuration {info.get('config')}"
+    return None
+
+
 def _not_in_a_job(what: str) -> None:
     from ._injob import current_job, refuse_local_gateway
 
@@ -143,10 +153,9 @@ def ensure_local_gateway(simulate: str | None = None, *, state_dir: Path | None 
     with _locked(path):
         info = _read(path)
         if info is not None and _healthy(info):
-            if info.get("version") == __version__ and info.get("config") == want:
+            what = difference(info, simulate)
+            if what is None:
                 return info
-            what = (f"version {info.get('version')}" if info.get("version") != __version__
-                    else f"configuration {info.get('config')}")
             if not _idle(info):
                 raise GatewayError(
                     f"the local gpu_magic gateway (pid {info.get('pid')}) runs with {what}, but "

@@ -16,6 +16,7 @@ import getpass
 import os
 import re
 import shlex
+import sys
 from argparse import ArgumentTypeError
 from collections.abc import Iterable
 from typing import Any
@@ -27,7 +28,14 @@ from traitlets import Unicode, observe
 
 from . import _api, _injob
 from ._client import LOCAL
-from ._connection import configure, connect, current_target, get_connection, set_connection
+from ._connection import (
+    configure,
+    connect,
+    current_target,
+    get_connection,
+    local_difference,
+    set_connection,
+)
 from ._errors import (
     AuthError,
     CellSyntaxError,
@@ -361,7 +369,12 @@ class GPUMagic(Magics):
 
             print(stop_local_gateway())
             return None
-        client = connect()
+        # these only look at the gateway and its jobs: one running with another configuration
+        # is shown as it is, and restarted (if it must be) by the next cell, not here
+        client = connect(looking=True)
+        differs = local_difference()
+        if differs and cmd != "status":
+            print(f"gpu_magic: {differs}", file=sys.stderr)
         if cmd == "pool":
             display(pool_bundle(client.pool()), raw=True)
         elif cmd == "jobs" and rest:
@@ -394,6 +407,8 @@ class GPUMagic(Magics):
             sim = " (simulated pool)" if health.get("simulated") else ""
             print(f"gateway {client.url} ({how}): gpu_magic {health.get('version')}, "
                   f"Python {health.get('python')}, backend {health.get('backend')}{sim}")
+            if differs:
+                print(differs)
             whose = ("the local gateway's own token" if client.token_from == LOCAL
                      else f"the token from {client.token_from}" if client.token_from
                      else "the token")

@@ -451,3 +451,29 @@ def test_a_gpu_cell_inside_a_job_runs_there_and_leaves_local_gateways_alone(
     finally:
         gw.stop()
 
+
+def test_status_pool_and_jobs_show_a_local_gateway_of_another_configuration_as_it_is(
+        others_local_gateway: dict[str, Any], kernel_factory: Any) -> None:
+    # another kernel's %gpu status restarted it with its own GPU_MAGIC_SIMULATE, and the first
+    # kernel's next %gpu jobs restarted it back: a command that only looks restarts nothing
+    info = others_local_gateway
+    k = kernel_factory(GPU_MAGIC_SIMULATE="T4:2")
+    status = k.run("%gpu status")
+    assert status["error"] is None and "restarting" not in status["stderr"], status
+    lines = status["stdout"].splitlines()
+    assert lines[0].startswith(f"gateway {info['url']} (local gateway): gpu_magic "), lines
+    assert lines[1] == (
+        "the local gateway's configuration {'backend': 'local', 'simulate': 'H100:2'} differs "
+        "from this kernel's configuration {'backend': 'local', 'simulate': 'T4:2'}: the next "
+        "%%gpu cell here restarts it with this kernel's (once it has no jobs)"), lines
+    for line in ("%gpu pool", "%gpu jobs"):
+        out = k.run(line)
+        assert out["error"] is None and "restarting" not in out["stderr"], (line, out)
+        assert "gpu_magic: the local gateway's configuration" in out["stderr"], (line, out)
+    assert "H100" in k.run("%gpu pool")["display"]
+    _local_gateway_untouched(info)
+    # a cell still restarts it, as DESIGN.md says, once
+    out = k.run("%%gpu T4 --quiet\n1")
+    assert out["error"] is None and out["result"] == "1", out
+    assert out["stderr"].count("restarting the local gateway (configuration") == 1, out
+    assert "differs" not in k.run("%gpu status")["stdout"]
