@@ -50,10 +50,12 @@ class Kernel:
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """This process's environment without any gpu_magic settings, with a runtime directory of
-    the test's own (so a local gateway, should one start, is this test's and is stopped)."""
+    """This process's environment without any gpu_magic settings, with runtime and data
+    directories of the test's own (so a local gateway, should one start, is this test's, keeps
+    its state there, and is stopped)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_MAGIC_")}
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    env["JUPYTER_DATA_DIR"] = str(tmp_path / "data")  # (its state directory too)
     return {**env, **extra}
 
 

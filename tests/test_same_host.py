@@ -89,7 +89,7 @@ def test_a_blob_handed_over_under_another_digest_is_removed_and_fails_its_job(
             # checks are made one after another: this one's comes after a long one (1 GiB),
             # so the quick job below ends before it, and its outcome must wait for it
             _hand_over(gateway, inbox, 1 << 30, gpu_magic._payload.digest(b"%d" % attempt))
-            data = np.full(1 << 20, attempt + 1, dtype=np.float64)
+            data = np.random.default_rng().random(1 << 20)  # never sent before, by anyone
             packed = gpu_magic._payload.pack_inputs({"x": data}, None, None)
             (buf_digest,) = packed.manifest["buffers"]
             c.upload(packed.pickle_digest, memoryview(packed.pickle))
