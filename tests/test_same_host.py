@@ -239,3 +239,32 @@ def test_files_stored_before_their_check_stay_only_if_they_pass(tmp_path: Path) 
         assert not list((tmp_path / "blobs").glob("*/.*"))  # no marker, no temporary file
     finally:
         store.close()
+
+
+def test_every_user_name_has_a_folder_of_its_own() -> None:
+    from gpu_magic.server.store import user_folder
+
+    names = ["alice", "ann lee", "ann_lee", "Ann_lee", "ann%20lee", ".", "..", "", "%",
+             ".hidden", "a/b", "élan", "x" * 300, "x" * 301, "日本"]
+    folders = [user_folder(n) for n in names]
+    assert len({f.lower() for f in folders}) == len(names)  # apart even where case is not
+    assert user_folder("alice") == "alice"  # a plain name keeps its folder
+    for f in folders:
+        assert f not in (".", "..") and not f.startswith(".") and "/" not in f
+        assert 0 < len(f) <= 255
+
+
+def test_blobs_a_live_job_needs_are_kept_whatever_its_user_is_called(tmp_path: Path) -> None:
+    from gpu_magic.server.store import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    try:
+        data = os.urandom(1000)
+        digest = gpu_magic._payload.digest(data)
+        for user in ("ann lee", "bob"):
+            store.put_bytes(user, digest, data)
+        # everything is older than the cutoff; only ann lee's live job needs the blob
+        store.collect(cutoff=2e9, needed={"ann lee": {digest}})
+        assert store.has("ann lee", digest) and not store.has("bob", digest)
+    finally:
+        store.close()

@@ -688,3 +688,31 @@ def test_token_files_are_private(gateway: Gateway) -> None:
     assert gateway.state_dir.stat().st_mode & 0o777 == 0o700
     assert len(gateway.token) >= 22
 
+
+
+def test_users_whose_names_differ_only_in_odd_characters_keep_apart(tmp_path: Path) -> None:
+    # 'ann lee' and 'ann_lee' were given one folder: each could read the other's blobs
+    names = ["ann lee", "ann_lee", "Ann_lee", "ann.lee", "ann%20lee"]
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, **{n: {} for n in names})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--isolation", "none",
+                       "--force")
+    try:
+        stored = {}
+        for name in names:
+            data = f"{name}'s private data".encode()
+            stored[name] = gpu_magic._payload.digest(data)
+            with GatewayClient(gw.url, tokens[name]) as c:
+                c.upload(stored[name], memoryview(data))
+        for name in names:
+            with GatewayClient(gw.url, tokens[name]) as c:
+                others = [d for n, d in stored.items() if n != name]
+                assert c.missing(others) == others, name
+                for d in others:
+                    resp = httpx.get(f"{gw.url}/v1/blobs/{d}",
+                                     headers={"Authorization": f"Bearer {tokens[name]}"})
+                    assert resp.status_code == 404, (name, resp.text)
+                assert bytes(c.download(stored[name])) == f"{name}'s private data".encode()
+        assert len(list((gw.state_dir / "blobs").iterdir())) == len(names)
+    finally:
+        gw.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import queue
@@ -285,8 +286,21 @@ def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> t
         os.close(src)
 
 
-def _safe_user(user: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in user) or "_"
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def user_folder(user: str) -> str:
+    """The name of ``user``'s own folder: the name itself where it is plain (lowercase
+    letters, digits, ``-_.``), else with every other character percent-encoded. No two users
+    may share a folder (each would read the other's blobs): the encoding is one to one, also
+    on filesystems that ignore case, and never gives '.', '..' or a hidden name. A name too
+    long for a file name ends in a hash of it instead (and in '%', which no encoding does)."""
+    out = "".join(c if c in _PLAIN and not (c == "." and i == 0)
+                  else "".join(f"%{b:02x}" for b in c.encode("utf-8", "surrogatepass"))
+                  for i, c in enumerate(user)) or "%"
+    if len(out) > 200:
+        out = f"{out[:150]}%{hashlib.sha256(user.encode('utf-8', 'surrogatepass')).hexdigest()}%"
+    return out
 
 
 class BlobStore:
@@ -309,7 +323,7 @@ class BlobStore:
     def user_dir(self, user: str) -> Path:
         d = self._made.get(user)
         if d is None:  # every blob lookup passes here: one mkdir per user, not per call
-            d = self.root / _safe_user(user)
+            d = self.root / user_folder(user)
             d.mkdir(exist_ok=True, mode=0o700)
             self._made[user] = d
         return d
@@ -417,7 +431,7 @@ class BlobStore:
 
     def inbox(self, user: str) -> Path:
         """Where a client on this host writes blobs for :meth:`adopt_inbox` (0700)."""
-        d = self.root.parent / "inbox" / _safe_user(user)
+        d = self.root.parent / "inbox" / user_folder(user)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         return d
 
@@ -514,6 +528,7 @@ class BlobStore:
     def collect(self, cutoff: float, needed: dict[str, set[str]]) -> int:
         """Delete blobs unused since ``cutoff`` that no live job needs."""
         removed = 0
+        needed = {user_folder(u): digests for u, digests in needed.items()}
         for user_dir in self.root.iterdir():
             keep = {d.replace(":", "-") for d in needed.get(user_dir.name, set())}
             for f in user_dir.iterdir():
