@@ -327,6 +327,7 @@ class _Job:
         self.cancel_reason: str | None = None  # why an interrupt became a cancel
         self.outputs: list[str] = []  # the names the cell may bind or delete
         self.feed: EventFeed | None = None  # the stream its submit opened, if any
+        self.following: EventFeed | None = None  # the stream follow() reads now, if any
 
     # --- following ---
 
@@ -336,6 +337,7 @@ class _Job:
         ``interrupts``: a Ctrl-C while the cell runs interrupts the cell, as a local one (see
         :meth:`_interrupt`); otherwise, or a second one, it is raised (the caller cancels)."""
         feed, self.feed = self.feed or EventFeed(self.client, self.id, after=self.last_seq), None
+        self.following = feed
         pumping = pump is not None and pump.active
         try:
             while True:
@@ -361,6 +363,7 @@ class _Job:
                     if not (interrupts and self._interrupt()):
                         raise
         finally:
+            self.following = None
             feed.close()
 
     def _interrupt(self) -> bool:

@@ -51,6 +51,9 @@ class GatewayClient:
         # where this gateway is now if it was started again elsewhere (the local one, at a new
         # port with a new token, over the same jobs); None: it cannot move
         self.relocate: Callable[[], tuple[str, str | None] | None] | None = None
+        # why the event stream being resumed cannot be reached now (None while it flows): a
+        # background job's wait() says the gateway is away, not that the job still runs
+        self.trouble: BaseException | None = None
         self._timeout = httpx.Timeout(connect_timeout, read=60.0)
         self._http = self._new_http()
         self._health: dict[str, Any] | None = None
@@ -417,6 +420,7 @@ class GatewayClient:
                     if resp.status_code >= 400:
                         resp.read()
                         _check(resp, self.url, self)
+                    self.trouble = None
                     chunks = resp.iter_bytes()
                     for ev in _parse_sse(chunks):
                         seq = int(ev.get("seq", 0))
@@ -429,6 +433,7 @@ class GatewayClient:
                             _finish_reading(chunks)
                             return
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+                self.trouble = exc
                 failures += 1
                 if failures >= 3 and self._moved():
                     failures = 0  # the same jobs, at the gateway's new address

@@ -23,7 +23,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._client import GatewayClient
+from ._client import LOCAL, GatewayClient, _clause, unreachable
+from ._errors import GatewayError
+from ._view import UNREACHABLE
 
 if TYPE_CHECKING:
     from ._api import _Job
@@ -82,6 +84,22 @@ class EventFeed:
                     self._client.close()
             self._done.set()
 
+    def away(self) -> GatewayError | None:
+        """What the client says of the gateway while the stream cannot be resumed (it goes on
+        trying); None while it flows."""
+        client = self._client
+        exc = client.trouble
+        if exc is None:
+            return None
+        if client.url_from == LOCAL:
+            return GatewayError(f"the local gpu_magic gateway at {client.url} stopped answering "
+                                f"({_clause(exc)}). GPU job {self._job_id}'s end is unknown until "
+                                "it runs again (the next %%gpu cell starts it): then wait() "
+                                f"again, or `%gpu attach {self._job_id}`")
+        return GatewayError(f"{unreachable(client.url, exc, client.url_from)}. GPU job "
+                            f"{self._job_id}'s end is unknown until the gateway answers again: "
+                            f"then wait() again, or `%gpu attach {self._job_id}`")
+
     def record(self) -> dict[str, Any]:
         """The submitted job's record, once the gateway has taken it (or its refusal)."""
         while True:
@@ -89,8 +107,6 @@ class EventFeed:
             if ev is None:
                 continue
             if ev.get("type") != "job":
-                from ._errors import GatewayError
-
                 raise GatewayError(f"the gateway answered job {self._job_id}'s submit with "
                                    f"{ev.get('type')!r} before the job itself")
             return ev["job"]  # type: ignore[no-any-return]
@@ -104,8 +120,6 @@ class EventFeed:
         if isinstance(item, _Failure):
             raise item.exc
         if item is _END:
-            from ._errors import GatewayError
-
             raise GatewayError(f"the event stream of job {self._job_id} ended without its end; "
                                f"the job may still be running: %gpu attach {self._job_id}")
         return item  # type: ignore[no-any-return]
@@ -260,6 +274,9 @@ class GpuJob:
         self._bound = False
         self._loaded: tuple[dict[str, Any], list[str], bool, Any] | None = None
         self._shown_in: Any = _MISSING
+        # the job's state and message when the follower lost the gateway (its end unknown):
+        # put back when wait() follows it again
+        self._known: tuple[str, str | None] | None = None
         # what each name that may come back held at submit: a name holding something else at
         # binding time was reassigned here meanwhile, and is not overwritten
         ns = job.namespace
@@ -289,7 +306,12 @@ class GpuJob:
             job.follow()
         except BaseException as exc:  # reported by wait(), shown in the widget
             self._failure = exc
-            job.state.message = job.state.message or f"{type(exc).__name__}: {exc}"
+            if self._stream_lost():
+                # the widget and job.state must not go on saying "running": its end is unknown
+                self._known = (job.state.state, job.state.message)
+                job.state.state, job.state.message = UNREACHABLE, str(exc)
+            else:
+                job.state.message = job.state.message or f"{type(exc).__name__}: {exc}"
         finally:
             if job.state.state == "succeeded" and job.result is not None:
                 job.state.pending = sorted(set(job.result.get("names", []))
@@ -312,8 +334,16 @@ class GpuJob:
 
     @property
     def state(self) -> str:
-        """submitting, queued, granted, running, succeeded, failed, cancelled, timed_out, ..."""
+        """submitting, queued, granted, running, succeeded, failed, cancelled, timed_out, ...,
+        or unreachable while the gateway cannot be reached (the job's end is unknown)."""
+        if self._away() is not None:
+            return UNREACHABLE
         return self._job.state.state
+
+    def _away(self) -> GatewayError | None:
+        """What the client says of the gateway while the follower cannot reach it."""
+        feed = self._job.following
+        return None if feed is None or self._job.state.final else feed.away()
 
     @property
     def grant(self) -> dict[str, Any] | None:
@@ -348,8 +378,6 @@ class GpuJob:
     def _stream_lost(self) -> bool:
         """Whether following stopped because the gateway was away longer than the client
         tries again, the job's end unknown: wait() follows it again."""
-        from ._errors import GatewayError
-
         job = self._job
         return (isinstance(self._failure, GatewayError) and not job.state.final
                 and job.result is None and job.error is None)
@@ -364,14 +392,18 @@ class GpuJob:
     def wait(self, timeout: float | None = None) -> Any:
         """Wait for the job to end, bind its names here and return the cell's value.
 
-        Raises the cell's own exception if it raised, ``JobCancelled`` if it was cancelled, and
-        ``TimeoutError`` if it is still going after ``timeout`` seconds (it keeps going).
+        Raises the cell's own exception if it raised, ``JobCancelled`` if it was cancelled,
+        ``TimeoutError`` if it is still going after ``timeout`` seconds (it keeps going), and
+        ``GatewayError`` if the gateway could not be reached meanwhile (its end is unknown).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._finished.is_set() and self._stream_lost():
             # the gateway was away for longer than the follower tried: try again from the last
             # event taken (a job that ran on meanwhile, or ended, is told as it is now)
             self._failure = None
+            if self._known is not None:
+                self._job.state.state, self._job.state.message = self._known
+                self._known = None
             self._finished.clear()
             self._thread = threading.Thread(target=self._follow, daemon=True,
                                             name=f"gpu_magic job {self.id}")
@@ -381,6 +413,9 @@ class GpuJob:
         # understood yet). A Cancel click during wait() is handled when the cell ends.
         while not self._finished.wait(0.25):
             if deadline is not None and time.monotonic() >= deadline:
+                away = self._away()
+                if away is not None:  # (the runner may have died with it: its end is unknown)
+                    raise away
                 raise TimeoutError(
                     f"GPU job {self.id} is still {self.state} after {timeout:g} s; it keeps "
                     "going: wait again, or job.cancel()")

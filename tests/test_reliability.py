@@ -256,10 +256,22 @@ def test_a_background_job_is_followed_again_after_a_long_gateway_outage(tmp_path
         job = gpu_magic.run("import time\nprint('working', flush=True)\ntime.sleep(120)",
                             "H100", ns(), client=client, quiet=True, background=True)
         wait_for(lambda: job.state == "running", DEADLINE)
-        r.stop()
+        r.gw.proc.kill()  # kill -9: its runner dies with it, nothing tells the client
+        r.gw.proc.wait()
+        # a short wait() while the client still tries said "still running" of a dead job
+        away = (f"cannot reach the gpu_magic gateway at {r.gw.url}: .*GPU job {job.id}'s end "
+                f"is unknown until the gateway answers again: then wait\\(\\) again, or "
+                f"`%gpu attach {job.id}`$")
+        with pytest.raises(gpu_magic.GatewayError, match=away):
+            job.wait(timeout=1)
+        assert not job.done() and job.state == "unreachable"
         with pytest.raises(gpu_magic.GatewayError, match="lost the event stream"):
             job.wait(timeout=120)
-        assert not job.done() and job.state == "running"  # its end is not known
+        assert not job.done() and job.state == "unreachable"  # its end is not known
+        # so is one after the client gave up (it tries again, and cannot reach it either)
+        with pytest.raises(gpu_magic.GatewayError, match=away):
+            job.wait(timeout=1)
+        assert job.state == "unreachable"
         r.start_again()
         with pytest.raises(RunnerLost, match="the gateway restarted while this job was running"):
             job.wait(timeout=DEADLINE)
