@@ -41,10 +41,12 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
     first = sorted(nb_dir.glob("*.ipynb"))
     if first:
         cmd.append(f"--LabApp.default_url=/lab/tree/{first[0].name}")
-    # its own session: Ctrl-C reaches us once, and we stop JupyterLab cleanly with SIGTERM
-    lab = subprocess.Popen(cmd, cwd=nb_dir, start_new_session=True)
+    # said before JupyterLab starts: a print that fails (its reader gone) must not leave it
+    # running, unwatched, in a session of its own
     print("gpu_magic: JupyterLab is starting; open the URL it prints (with its token). "
           "Ctrl-C stops everything.", flush=True)
+    # its own session: Ctrl-C reaches us once, and we stop JupyterLab cleanly with SIGTERM
+    lab = subprocess.Popen(cmd, cwd=nb_dir, start_new_session=True)
     stopping = False
 
     def stop(*_: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,25 @@ def _size(text: str) -> int:
     return int(value)
 
 
+# what a shell reports of a command that wrote to a closed pipe (128 + SIGPIPE), as for `ls`
+BROKEN_PIPE_EXIT = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # (a closed pipe shows here, not at the interpreter's exit)
+        return code
+    except BrokenPipeError:
+        # Whoever read our output stopped (`gpu-magic jobs | head -1`): nothing is left to say,
+        # and a traceback would be noise. Python flushes stdout once more at exit, which must
+        # find somewhere to write, or it prints the error after all.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         from .server.serve import ServeConfig, serve
@@ -201,8 +220,6 @@ def _looking_client(url: str | None, token: str | None) -> Any:
     """A client for a command that only looks: the local gateway that is running, as it is.
     Asking for one with this shell's GPU_MAGIC_SIMULATE would restart a demo's simulated
     gateway as one with no GPUs, under the notebooks using it."""
-    import os
-
     from ._client import LOCAL, GatewayClient
     from ._connection import connect, current_target
     from ._embedded import running_local_gateway, runtime_path

@@ -291,3 +291,30 @@ def test_serve_takes_blob_limits_with_units(tmp_path: Path) -> None:
         assert (limits["max_blob_bytes"], limits["max_job_bytes"]) == (1 << 20, 3 << 10)
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("command", ["pool", "jobs", "stop", "serve"])
+def test_a_reader_that_stops_early_gets_no_traceback(
+        command: str, gateway: Gateway, tmp_path: Path) -> None:
+    # `gpu-magic jobs | head -1` printed a BrokenPipeError's traceback when head had gone
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_MAGIC_")}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")  # stop: nobody else's gateway
+    args = {"pool": ["--url", gateway.url, "--token", gateway.token],
+            "jobs": ["--url", gateway.url, "--token", gateway.token],
+            "stop": [],
+            "serve": ["--port", "0", "--state-dir", str(tmp_path / "state"),
+                      "--simulate", "T4:1"]}[command]
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_magic", command, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the command writes: every write fails
+    try:
+        err = proc.stderr.read()
+        proc.wait(60)
+    finally:
+        proc.stderr.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert err == ""
+    assert proc.returncode == 141  # as a shell reports `ls` writing into a closed pipe
