@@ -86,6 +86,10 @@ class WidgetView(NullView):
         self._outputs_sent = 0.0
         self._finished = False
         self._pending = False  # shown, but not displayed yet (a foreground job's first moment)
+        # a --quiet background job shows nothing until it has something to show: its output
+        # area appears with its first output, or as its cell ends while it still runs (later
+        # output can reach that cell only as widget state)
+        self._deferred = False
 
     @property
     def has_output_area(self) -> bool:
@@ -98,11 +102,37 @@ class WidgetView(NullView):
 
         self._shown_at = time.monotonic()
         with self._lock:
-            if self.state.background:
+            if self.state.background and not self._status:
+                self._defer()
+            elif self.state.background:
                 self._build()
                 self._handle = display(self._bundle(), raw=True, display_id=True)
             else:
                 self._pending = True
+
+    def _defer(self) -> None:
+        from IPython import get_ipython
+
+        ip = get_ipython()
+        if ip is None:
+            return
+        self._deferred = True
+
+        def cell_ended(*_: Any) -> None:
+            ip.events.unregister("post_run_cell", cell_ended)
+            with self._lock:
+                if self._deferred and not self._finished:  # it may print after the cell
+                    self._show_deferred()
+
+        ip.events.register("post_run_cell", cell_ended)
+
+    def _show_deferred(self) -> None:
+        """Display the output area of a --quiet background job (its cell still runs)."""
+        from IPython.display import display
+
+        self._deferred = False
+        self._build()
+        self._handle = display(self._bundle(), raw=True, display_id=True)
 
     def before_output(self) -> None:
         """The cell is about to show something of its own: the status goes above it."""
@@ -215,6 +245,9 @@ class WidgetView(NullView):
         """The job ended (or we stopped following it): the final forms, no more Cancel."""
         with self._lock:
             now = time.monotonic()
+            if self._deferred:  # a --quiet background job that printed nothing: nothing shown
+                self._finished = True
+                return
             if self._pending:  # a quick job: its final status is its only display
                 self._display_pending(now, compact=True)
                 self._finished = True
@@ -310,6 +343,8 @@ class WidgetView(NullView):
                                       "text": ev.get("text", "")})
             else:
                 return
+            if self._deferred:
+                self._show_deferred()  # (its cell still runs: see _defer)
             self._outputs_dirty = True
             if self._finished or time.monotonic() - self._outputs_sent >= OUTPUT_FLUSH_S:
                 self._flush_outputs()

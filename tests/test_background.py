@@ -142,8 +142,19 @@ def test_quiet_background_jobs_from_python_show_no_status_and_no_value(tmp_path:
         "jobs = [gpu_magic.run('print(\"line\", n)\\nn * 10', 'H100', namespace={'n': n},\n"
         "                      background=True, quiet=True) for n in range(2)]\n"
         "print([j.wait() for j in jobs])",
+        # notebook 05's jobs print nothing: each left an empty widget in the cell
+        "silent = [gpu_magic.run('n', 'H100', namespace={'n': n}, background=True, quiet=True)\n"
+        "          for n in range(2)]\nprint([j.wait() for j in silent])",
+        # one that prints only once its cell has ended: the output area is there to take it
+        "%%gpu --background --quiet\nimport time\ntime.sleep(1)\nprint('late', flush=True)",
+        "_.wait()",
     )
     execute(nb, tmp_path)
+    silent, late = nb.cells[2:4]
+    assert [(o.output_type, o.get("text")) for o in silent.outputs] == [("stream", "[0, 1]\n")]
+    inside = descendants(widget_states(nb), widget_of(late))
+    shown = [o for s in inside if s["model"] == "OutputModel" for o in s["outputs"]]
+    assert [o.get("text") for o in shown] == ["late\n"]
     cell = nb.cells[1]
     assert texts(cell, "stdout") == "[0, 10]\n"
     saved = " ".join(str(o.get("data", {}).get("text/plain", "")) for o in cell.outputs
@@ -151,7 +162,9 @@ def test_quiet_background_jobs_from_python_show_no_status_and_no_value(tmp_path:
     assert "[gpu]" not in saved and "succeeded" not in saved
     states = widget_states(nb)
     assert not any(s["model"] == "HTMLModel" for s in states.values())  # no status line
-    shown = [o for s in states.values() if s["model"] == "OutputModel" for o in s["outputs"]]
+    views = [o.data[WIDGET]["model_id"] for o in cell.outputs if WIDGET in o.get("data", {})]
+    shown = [o for v in views for s in descendants(states, v) if s["model"] == "OutputModel"
+             for o in s["outputs"]]
     assert {o.get("text") for o in shown} == {"line 0\n", "line 1\n"}  # output, no value
 
 
