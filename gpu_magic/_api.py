@@ -44,7 +44,7 @@ from ._errors import (
 from ._jobs import EventFeed
 from ._remote import code_locator, local_hint, rebuild, render_traceback, where
 from ._spec import GpuSpec, env_problem, parse_spec
-from ._view import UNREACHABLE, JobState, NullView, TextView, cancelled_text, then
+from ._view import FINAL_STATES, UNREACHABLE, JobState, NullView, TextView, cancelled_text, then
 
 # In-place states are applied with those that may fail first (an object's __setstate__, which
 # can be undone) and arrays last (they cannot fail once checked, and are not undone).
@@ -328,6 +328,9 @@ class _Job:
         self.outputs: list[str] = []  # the names the cell may bind or delete
         self.feed: EventFeed | None = None  # the stream its submit opened, if any
         self.following: EventFeed | None = None  # the stream follow() reads now, if any
+        # its events are folded into its state already (attached after its end): the replay
+        # brings output and results, and must not take the state back through queued, running
+        self.folded = False
 
     # --- following ---
 
@@ -455,7 +458,8 @@ class _Job:
                 self.bind(names, deleted)
         elif kind == "error":
             self.error = ev
-        self.state.apply(ev)
+        if not self.folded:
+            self.state.apply(ev)
         if kind in ("queued", "granted", "started", "done", "result", "stderr", "interrupted"):
             self.view.refresh()
 
@@ -1012,6 +1016,12 @@ def attach(job_id: str, namespace: dict[str, Any] | None = None, *, quiet: bool 
         print(f"[gpu_magic] job {job_id} is {owner}'s: its output is shown here, but its "
               f"results go back only to {owner}'s own kernels, so nothing will be bound",
               file=sys.stderr)
+    if record.get("state") in FINAL_STATES:
+        # shown as it ended from its first display on, not "running" while its output replays:
+        # its stored events are read once for the state (a job's output is at most 64 MiB)
+        for ev in cl.events(job_id):
+            state.apply(ev)
+        job.folded = True
     job.view = _make_view(job)
     try:
         value = _follow_here(job)

@@ -261,6 +261,13 @@ def test_a_quick_cell_shows_its_status_once_above_its_output() -> None:
         assert [k for k, _ in slow][:1] == ["display_data"], slow
         assert "running" in slow[0][1] or "granted" in slow[0][1], slow
         assert slow[-1][0] == "update_display_data" and "succeeded" in slow[-1][1], slow
+        # attached after its end, a job showed "[gpu] running 2.8 s" while its output replayed
+        run("import gpu_magic\nj = gpu_magic.run('import time\\ntime.sleep(1)\\n"
+            "print(\"before\")', background=True, quiet=True)\nj.wait()")
+        attached = run("%gpu attach {j.id}")
+        assert [k for k, _ in attached][:2] == ["display_data", "stream"], attached
+        assert attached[0][1].startswith("[gpu] succeeded"), attached
+        assert not any("running" in text for k, text in attached if "display" in k), attached
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
