@@ -12,6 +12,7 @@ import contextlib
 import json
 import mmap
 import os
+import re
 import socket
 import threading
 import time
@@ -31,6 +32,20 @@ SAME_HOST_MIN = 1 << 20
 RESUME_ATTEMPTS = 20
 # Input blobs up to this much in all travel inside the submit itself (base64 in its JSON).
 INLINE_MAX = 256 << 10
+
+
+# what job ids look like: the gateway makes 16 hex digits, a client may choose 12 to 32
+_JOB_ID = re.compile(r"[0-9a-f]{12,32}")
+
+
+def checked_job_id(job_id: str) -> str:
+    """``job_id``, if it has the form of one; else a ValueError that says so. It goes into
+    a URL path, where ``../../etc`` would name another route (answered "Not Found")."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise ValueError(f"{job_id!r} is not a job id: job ids are 12 to 32 lowercase hex "
+                         "digits (0-9, a-f), such as 3f9a1c2b7d4e5f60; `%gpu jobs` (or "
+                         "`gpu-magic jobs`) lists yours")
+    return job_id
 
 
 class GatewayClient:
@@ -210,15 +225,15 @@ class GatewayClient:
         return self.jobs(everyone=True)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/jobs/{job_id}").json()
+        return self._request("GET", f"/v1/jobs/{checked_job_id(job_id)}").json()
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._request("DELETE", f"/v1/jobs/{job_id}").json()
+        return self._request("DELETE", f"/v1/jobs/{checked_job_id(job_id)}").json()
 
     def interrupt(self, job_id: str) -> dict[str, Any]:
         """A KeyboardInterrupt in the job's running cell (409: queued, ended, or a backend
         that cannot; the answer's ``error`` says which)."""
-        return self._request("POST", f"/v1/jobs/{job_id}/interrupt").json()
+        return self._request("POST", f"/v1/jobs/{checked_job_id(job_id)}/interrupt").json()
 
     def missing(self, digests: list[str]) -> list[str]:
         if not digests:
@@ -410,12 +425,13 @@ class GatewayClient:
 
     def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """The job's events in order, each exactly once, resuming after dropped connections."""
+        path = f"/v1/jobs/{checked_job_id(job_id)}/events"
         last = after
         failures = 0
         while True:
             try:
                 headers = {"Last-Event-ID": str(last)} if last else {}
-                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                with self._http.stream("GET", path, headers=headers,
                                        params={"after": last}) as resp:
                     if resp.status_code >= 400:
                         resp.read()

@@ -27,7 +27,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Unicode, observe
 
 from . import _api, _injob
-from ._client import LOCAL
+from ._client import LOCAL, checked_job_id
 from ._connection import (
     configure,
     connect,
@@ -369,6 +369,11 @@ class GPUMagic(Magics):
 
             print(stop_local_gateway())
             return None
+        if cmd in ("cancel", "attach") and len(rest) == 1:
+            try:  # refused here: sent, a malformed id names some other route, or none
+                checked_job_id(rest[0])
+            except ValueError as exc:
+                raise UsageError(f"%gpu {cmd}: {exc}") from None
         # these only look at the gateway and its jobs: one running with another configuration
         # is shown as it is, and restarted (if it must be) by the next cell, not here
         client = connect(looking=True)

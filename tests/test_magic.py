@@ -120,8 +120,8 @@ def test_line_magics_report_an_unreachable_gateway_as_cleanly_as_a_cell(
     cell = _error_text(k.run("%%gpu\n1"))
     assert cell.startswith("GatewayError: cannot reach the gpu_magic gateway at "
                            "http://127.0.0.1:9"), cell
-    for line in ("%gpu pool", "%gpu jobs", "%gpu status", "%gpu cancel 0123abcd",
-                 "%gpu attach 0123abcd"):
+    for line in ("%gpu pool", "%gpu jobs", "%gpu status", "%gpu cancel 0123456789abcdef",
+                 "%gpu attach 0123456789abcdef"):  # (ids of the form the gateway makes)
         out = k.run(line)
         err = out["error"]
         assert err is not None, (line, out)
@@ -362,6 +362,18 @@ def test_cancel_says_what_became_of_the_job(gateway: Gateway, kernel_factory: An
                                  "cancel\n"), out
         out = k.run(f"%gpu cancel {waiting['id']}")
         assert out["stdout"] == f"cancelled job {waiting['id']} while it was queued: nothing ran\n"
+        # a path for an id named another route: the answer was a bare "Not Found"
+        for cmd in ("cancel", "attach"):
+            out = k.run(f"%gpu {cmd} ../../etc")
+            assert out["stderr"] == (f"UsageError: %gpu {cmd}: '../../etc' is not a job id: job "
+                                     "ids are 12 to 32 lowercase hex digits (0-9, a-f), such as "
+                                     "3f9a1c2b7d4e5f60; `%gpu jobs` (or `gpu-magic jobs`) lists "
+                                     "yours\n"), out
+            out = k.run(f"%gpu {cmd} 0123456789abcdef")  # well formed: the gateway's answer
+            assert out["error"]["evalue"] == ("there is no job '0123456789abcdef' of yours on "
+                                              "this gateway"), out
+        with pytest.raises(ValueError, match="'../blobs' is not a job id"):
+            client.cancel("../blobs")
         client.cancel(held["id"])
         finish(client, held["id"])
 
