@@ -60,7 +60,12 @@ def test_simulated_pool_parses_counts_nodes_and_aliases() -> None:
         ("H100:0", "'H100:0' in the simulated pool asks for 0 GPUs; use 1 to 64 per node"),
         ("H100::2", "'H100::2' in the simulated pool 'H100::2' is not TYPE[:COUNT][@NODE]; write "
                     "e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'"),
-        (" , ", "the simulated pool ' , ' has no GPUs; write e.g. 'H100:2,A100-80GB:4'"),
+        # an empty entry was skipped (a cell's spec refuses one): refused, as a typo
+        ("H100:2,,", "empty entry in the simulated pool 'H100:2,,'; separate entries with "
+                     "single commas, e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'"),
+        (" , ", "empty entry in the simulated pool ' , '; separate entries with single commas, "
+                "e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'"),
+        ("  ", "the simulated pool '  ' has no GPUs; write e.g. 'H100:2,A100-80GB:4'"),
     ],
 )
 def test_bad_simulated_pool_is_explained(spec: str, message: str) -> None:

@@ -162,6 +162,12 @@ def test_a_failed_start_quotes_its_own_log_and_typos_are_noted(tmp_path: Path) -
         assert ("gpu_magic: GPU_MAGIC_SIMULATE='H1000:2': the simulated pool's type 'H1000' is "
                 "not a known GPU type; did you mean H100?") in started.stderr, started
         assert started.stdout == "", started
+        # GPU_MAGIC_SIMULATE with an empty entry is refused where the gateway parses it
+        third = subprocess.run([sys.executable, "-c", script, "T4:1,,"], capture_output=True,
+                               text=True, timeout=120, env=env)
+        assert ("gpu-magic serve: empty entry in the simulated pool 'T4:1,,'; separate entries "
+                "with single commas, e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'"
+                ) in third.stdout, third
     finally:
         subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True,
                        env=env, timeout=60)

@@ -72,10 +72,14 @@ def parse_simulated(spec: str, node: str | None = None) -> list[Gpu]:
     node = node or f"sim-{socket.gethostname()}"
     gpus: list[Gpu] = []
     counters: dict[str, int] = {}
-    for raw in re.split(r"[,|]", spec):
+    for raw in re.split(r"[,|]", spec) if spec.strip() else []:
         item = raw.strip()
-        if not item:
-            continue
+        if not item:  # refused as a cell's spec refuses one: a typo, not a pool to guess at
+            raise SpecError(
+                f"empty entry in the simulated pool {spec!r}; separate entries with single "
+                "commas, e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'",
+                spec=spec,
+            )
         m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]*)(?::(\d+))?(?:@([A-Za-z0-9_.-]+))?", item)
         if not m:
             raise SpecError(
