@@ -68,6 +68,23 @@ def test_jobs_all_lists_every_user_s_jobs_for_an_admin_only(tmp_path: Path) -> N
         gw.stop()
 
 
+def test_a_token_that_starts_with_a_dash_is_taken_after_token(tmp_path: Path) -> None:
+    # a tokens file's token may start with '-' (one urlsafe token in 64 does): argparse read
+    # it as an option and said --token had no value
+    token = "-" + "x" * 42
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"alice": token}))
+    tokens.chmod(0o600)
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens))
+    try:
+        out = gm("jobs", "--url", gw.url, "--token", token)
+        assert out.returncode == 0 and "no jobs" in out.stdout.lower(), (out.stdout, out.stderr)
+        out = gm("jobs", "--url", gw.url, "--token", "--all")  # a forgotten value stays one
+        assert out.returncode == 2 and "--token" in out.stderr, out.stderr
+    finally:
+        gw.stop()
+
+
 def test_wrong_token_is_a_clear_error(gateway: Gateway, tmp_path: Path) -> None:
     # it says whose token was refused and where the right one is: a gateway of one user (its
     # owner's file) or a shared one (ask whoever runs it); not the HTTP header to send
