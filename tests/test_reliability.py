@@ -256,6 +256,9 @@ def test_a_background_job_is_followed_again_after_a_long_gateway_outage(tmp_path
         job = gpu_magic.run("import time\nprint('working', flush=True)\ntime.sleep(120)",
                             "H100", ns(), client=client, quiet=True, background=True)
         wait_for(lambda: job.state == "running", DEADLINE)
+        # the gateway writes its records a few milliseconds behind (a kill -9 loses those, as
+        # the README says): give it time to write that the job started
+        time.sleep(0.5)
         r.gw.proc.kill()  # kill -9: its runner dies with it, nothing tells the client
         r.gw.proc.wait()
         # a short wait() while the client still tries said "still running" of a dead job
