@@ -3,9 +3,11 @@ its inbox and serves results as files, instead of HTTP bodies. Same auth, same v
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +88,10 @@ def test_a_blob_handed_over_under_another_digest_is_removed_and_fails_its_job(
     with gateway.client() as c:
         inbox = Path(c.local_path()["inbox"])  # type: ignore[index]
         for attempt in range(5):
-            # checks are made one after another: this one's comes after a long one (1 GiB),
-            # so the quick job below ends before it, and its outcome must wait for it
-            _hand_over(gateway, inbox, 1 << 30, gpu_magic._payload.digest(b"%d" % attempt))
+            # checks are made one after another: this one's comes after a long one (256 MiB
+            # of a sparse file: ~0.6 s here), so the quick job below ends before it, and its
+            # outcome must wait for it
+            _hand_over(gateway, inbox, 256 << 20, gpu_magic._payload.digest(b"%d" % attempt))
             data = np.random.default_rng().random(1 << 20)  # never sent before, by anyone
             packed = gpu_magic._payload.pack_inputs({"x": data}, None, None)
             (buf_digest,) = packed.manifest["buffers"]
@@ -115,6 +118,21 @@ def test_a_blob_handed_over_under_another_digest_is_removed_and_fails_its_job(
         ns: dict[str, Any] = {"x": data}  # and the rerun works
         gpu_magic.run("total = float(x.sum())", "H100", ns, client=c, quiet=True)
         assert ns["total"] == float(data.sum())
+        # so does a job whose input came right over HTTP after its check failed (a failed
+        # check must not be held against the blob stored since)
+        data = np.random.default_rng().random(1 << 20)
+        packed = gpu_magic._payload.pack_inputs({"x": data}, None, None)
+        (buf_digest,) = packed.manifest["buffers"]
+        c.upload(packed.pickle_digest, memoryview(packed.pickle))
+        _hand_over(gateway, inbox, bytes(data.nbytes), buf_digest)
+        wait_for(lambda: c.missing([buf_digest]) == [buf_digest], 30)
+        resp = httpx.put(f"{gateway.url}/v1/blobs/{buf_digest}", headers=auth(gateway),
+                         content=data.tobytes())
+        assert resp.status_code == 200, resp.text
+        job = c.submit({"source": "y = float(x.sum())", "spec": [{"type": "H100"}],
+                        "inputs": packed.manifest, "outputs": ["y"]})
+        events = list(c.events(job["id"]))
+        assert [e for e in events if e["type"] == "done"][-1]["state"] == "succeeded", events
 
 
 def _unchecked(state_dir: Path) -> list[Path]:
@@ -226,19 +244,45 @@ def test_files_stored_before_their_check_stay_only_if_they_pass(tmp_path: Path) 
     named = {"good": gpu_magic._payload.digest(good), "bad": gpu_magic._payload.digest(other)}
     for name in named:
         (out / name).write_bytes(good)
+    gate = threading.Event()
     try:
+        store.checks._pool.submit(gate.wait)  # the check thread, busy until both are stored
         for name, digest in named.items():
             assert store.adopt("u", out, name, digest, beside=True) == len(good)
-        for f in store.checks.waiting([store.path("u", d) for d in named.values()]):
-            f.result(timeout=10)
+        pending = store.checks.pending([store.path("u", d) for d in named.values()])
+        gate.set()
+        outcome = {p.name: fs[0].result(timeout=10) for p, fs in pending.items()}
+        assert outcome[named["good"].replace(":", "-")] is None
+        assert "not what its writer named it" in str(outcome[named["bad"].replace(":", "-")])
         assert store.has("u", named["good"]) and not store.has("u", named["bad"])
         assert store.path("u", named["good"]).read_bytes() == good
-        assert "not what its writer named it" in str(store.checks.failure(
-            store.path("u", named["bad"])))
-        assert store.checks.failure(store.path("u", named["good"])) is None
         assert not list((tmp_path / "blobs").glob("*/.*"))  # no marker, no temporary file
     finally:
+        gate.set()
         store.close()
+
+
+def test_a_blob_that_cannot_be_read_to_check_it_is_not_kept(tmp_path: Path) -> None:
+    # the disk fails the check's read: the blob must not stay as if it had passed
+    from gpu_magic.server.checks import Checks, marker
+
+    def unreadable(fd: int) -> tuple[str, int]:
+        raise OSError(errno.EIO, "Input/output error")
+
+    checks = Checks(unreadable, lambda size: None)
+    gate = threading.Event()
+    try:
+        checks._pool.submit(gate.wait)  # the check thread, busy until the blob is stored
+        blob, tmp = tmp_path / ("xxh3-128-" + "0" * 32), tmp_path / ".incoming"
+        tmp.write_bytes(b"data")
+        checks.publish(tmp, blob, "xxh3-128:" + "0" * 32)
+        ((future,),) = checks.pending([blob]).values()
+        gate.set()
+        assert "could not be read to check it (OSError" in str(future.result(timeout=10))
+        assert not blob.exists() and not marker(blob).exists()
+    finally:
+        gate.set()
+        checks.close()
 
 
 def test_every_user_name_has_a_folder_of_its_own() -> None:
@@ -268,3 +312,33 @@ def test_blobs_a_live_job_needs_are_kept_whatever_its_user_is_called(tmp_path: P
         assert store.has("ann lee", digest) and not store.has("bob", digest)
     finally:
         store.close()
+
+
+def test_a_gateway_stopped_while_a_job_waits_for_its_inputs_checks_ends_it_as_it_ran(
+        tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    gw = start_gateway(tmp_path, state_dir=state)
+    try:
+        with gw.client() as c:
+            inbox = Path(c.local_path()["inbox"])  # type: ignore[index]
+            # a long check first (512 MiB of a sparse file: about a second here), then the
+            # input's, so the job's cell ends while its input is still being checked
+            _hand_over(gw, inbox, 512 << 20, gpu_magic._payload.digest(b"ahead"))
+            data = np.random.default_rng().random(1 << 17)
+            packed = gpu_magic._payload.pack_inputs({"x": data}, None, None)
+            (buf_digest,) = packed.manifest["buffers"]
+            c.upload(packed.pickle_digest, memoryview(packed.pickle))
+            _hand_over(gw, inbox, bytes(packed.blobs()[buf_digest]), buf_digest)
+            job = c.submit({"source": "print('ran', flush=True)\ny = 1",
+                            "spec": [{"type": "H100"}], "inputs": packed.manifest,
+                            "outputs": ["y"]})
+            for ev in c.events(job["id"]):
+                if ev["type"] == "stdout" and "ran" in ev["text"]:
+                    break
+        gw.stop()  # SIGTERM: the gateway drains, and the job's wait is part of that
+        gw = start_gateway(tmp_path, state_dir=state)
+        with gw.client() as c:
+            record = c.job(job["id"])
+            assert record["state"] == "succeeded", record
+    finally:
+        gw.stop()

@@ -12,7 +12,6 @@ blob under check makes a gateway that died meanwhile check it again when it star
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import sys
@@ -21,8 +20,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-_KEPT_FAILURES = 1000
-
 
 def marker(blob: Path) -> Path:
     return blob.with_name(f".{blob.name}.unchecked")
@@ -30,15 +27,16 @@ def marker(blob: Path) -> Path:
 
 class Checks:
     """Checks of published blobs. ``hash_fd(fd) -> (digest, size)`` hashes an open file;
-    ``good(size)`` hears of each blob that passed (the reserve keeps files of their sizes)."""
+    ``good(size)`` hears of each blob that passed (the reserve keeps files of their sizes).
+    A check's future tells its outcome: None (the blob is what its name says, or was replaced
+    meanwhile by a file whose own check decides), or why it was removed."""
 
     def __init__(self, hash_fd: Callable[[int], tuple[str, int]],
                  good: Callable[[int], None]) -> None:
         self._hash_fd = hash_fd
         self._good = good
         self._lock = threading.Lock()
-        self._pending: dict[Path, list[Future[None]]] = {}
-        self._failed: collections.OrderedDict[Path, str] = collections.OrderedDict()
+        self._pending: dict[Path, list[Future[str | None]]] = {}
         # one thread: a check uses a core the cell or the client does not need at that moment,
         # never both
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="gpu-magic-check")
@@ -52,44 +50,54 @@ class Checks:
             marker(blob).touch()  # before the blob appears: a crash leaves it to check
             st = os.stat(tmp)
             os.replace(tmp, blob)
-            fut: Future[None] = Future()
+            fut: Future[str | None] = Future()
             self._pending.setdefault(blob, []).append(fut)
-            self._failed.pop(blob, None)
         try:
             self._pool.submit(self._check, blob, digest, (st.st_dev, st.st_ino), fut)
         except RuntimeError:  # shutting down: checked now
             self._check(blob, digest, (st.st_dev, st.st_ino), fut)
 
-    def waiting(self, blobs: list[Path]) -> list[Future[None]]:
+    def pending(self, blobs: list[Path]) -> dict[Path, list[Future[str | None]]]:
+        """The checks of these blobs not finished yet. Taken before asking whether the blobs
+        are there, a job sees every check that could still remove one: a check that fails
+        removes its blob before its future is done."""
         with self._lock:
-            return [f for b in blobs for f in self._pending.get(b, ())]
+            return {b: list(self._pending[b]) for b in blobs if b in self._pending}
 
-    def failure(self, blob: Path) -> str | None:
-        with self._lock:
-            return self._failed.get(blob)
-
-    def _check(self, blob: Path, digest: str, ident: tuple[int, int], fut: Future[None]) -> None:
+    def _check(self, blob: Path, digest: str, ident: tuple[int, int],
+               fut: Future[str | None]) -> None:
+        why: str | None = None
+        settled = True
         try:
             why = self._mismatch(blob, digest, ident)
-            if why is not None:
-                with self._lock:
-                    self._failed[blob] = why
-                    while len(self._failed) > _KEPT_FAILURES:
-                        self._failed.popitem(last=False)
-                print(f"gpu-magic: blob {digest} removed: {why}", file=sys.stderr, flush=True)
-        except Exception as exc:  # (no disk, ...) the blob stays marked, checked at the next start
-            print(f"gpu-magic: could not check blob {digest}: {exc}", file=sys.stderr,
-                  flush=True)
-        finally:
-            with self._lock:
-                left = self._pending.get(blob, [])
-                if fut in left:
-                    left.remove(fut)
-                if not left:
-                    self._pending.pop(blob, None)
+        except Exception as exc:  # (a read error): unusable as it is, and unchecked
+            why = f"it could not be read to check it ({type(exc).__name__}: {exc})"
+            settled = self._remove(blob, ident)
+        if why is not None:
+            print(f"gpu-magic: blob {digest} removed: {why}", file=sys.stderr, flush=True)
+        with self._lock:
+            left = self._pending.get(blob, [])
+            if fut in left:
+                left.remove(fut)
+            if not left:
+                self._pending.pop(blob, None)
+                if settled:  # else the marker stays: the next start checks the blob again
                     with contextlib.suppress(OSError):
                         marker(blob).unlink()
-            fut.set_result(None)
+        fut.set_result(why)
+
+    def _remove(self, blob: Path, ident: tuple[int, int]) -> bool:
+        """Remove ``blob`` if it is still the file ``ident`` names; whether it is gone."""
+        with self._lock:
+            try:
+                now = os.stat(blob, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == ident:
+                    blob.unlink()
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError:
+                return False
 
     def _mismatch(self, blob: Path, digest: str, ident: tuple[int, int]) -> str | None:
         """Why the file published as ``blob`` is not ``digest`` (it is then removed); None
@@ -108,11 +116,7 @@ class Checks:
         if got == digest:
             self._good(size)
             return None
-        with self._lock:
-            with contextlib.suppress(OSError):
-                now = os.stat(blob, follow_symlinks=False)
-                if (now.st_dev, now.st_ino) == ident:
-                    blob.unlink()
+        self._remove(blob, ident)
         return f"its content is {got}, not what its writer named it"
 
     def recheck(self, root: Path) -> None:
@@ -121,8 +125,18 @@ class Checks:
             blob = mark.with_name(mark.name[1 : -len(".unchecked")])
             head, _, tail = blob.name.rpartition("-")  # (a digest's file name: ':' as '-')
             digest = f"{head}:{tail}"
-            with contextlib.suppress(OSError):
+            try:
                 st = os.stat(blob, follow_symlinks=False)
-                self._mismatch(blob, digest, (st.st_dev, st.st_ino))
+            except FileNotFoundError:
+                st = None
+            except OSError:
+                continue  # the marker stays: checked at the next start
+            if st is not None:
+                ident = (st.st_dev, st.st_ino)
+                try:
+                    self._mismatch(blob, digest, ident)
+                except OSError:  # unreadable: not kept unchecked
+                    if not self._remove(blob, ident):
+                        continue
             with contextlib.suppress(OSError):
                 mark.unlink()

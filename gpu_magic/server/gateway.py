@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,10 @@ class Job:
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
     adopting: asyncio.Future[dict[str, Any]] | None = None  # result files being stored
+    # the checks of its inputs that had not ended when it was submitted (see checks.py), by
+    # digest, and the wait for them once its cell ended
+    input_checks: dict[str, list[Future[str | None]]] = field(default_factory=dict)
+    holding: asyncio.Future[Any] | None = None
     output_bytes: int = 0  # of output events kept, all attempts
     ending: bool = False  # past its timeout, given a moment to end after saying it did
     # this attempt's cell was sent an interrupt (its user's, POST .../interrupt), and whether
@@ -384,8 +389,8 @@ class Gateway:
         """Stop starting jobs, and let results being stored finish (their jobs then end as
         they ran, instead of as lost)."""
         self.closing = True
-        pending = [j.adopting for j in self.running.values()
-                   if j.adopting is not None and not j.adopting.done()]
+        pending = [f for j in self.running.values() for f in (j.adopting, j.holding)
+                   if f is not None and not f.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
             await asyncio.sleep(0)  # the jobs' own callbacks (their ends) run first
@@ -511,6 +516,9 @@ class Gateway:
                            f"{limits.max_jobs} at once ({self._limit_origin(user, 'max_jobs')}). "
                            "Wait for one to finish or cancel one (%gpu jobs, %gpu cancel ID).")
         digests = [body["inputs"]["pickle"], *body["inputs"]["buffers"]]
+        # before asking what is there: a check that fails later removes its blob first
+        paths = {self.blobs.path(user.name, d): d for d in digests}
+        input_checks = {paths[p]: fs for p, fs in self.blobs.checks.pending(list(paths)).items()}
         missing = self.blobs.missing(user.name, digests)
         if missing:
             raise ApiError(409, "missing_blobs",
@@ -570,6 +578,7 @@ class Gateway:
             seq=self._seq,
             notices=notices,
             gpu_cap=limits.max_gpus,
+            input_checks=input_checks,
         )
         self.jobs[job.id] = job
         self.queue.append(job.id)
@@ -980,16 +989,18 @@ class Gateway:
             job.adopting.add_done_callback(
                 lambda _: self._runner_exit(job_id, attempt, rc, tail))
             return
-        if job.stop_reason is None:  # (a cancelled or timed-out job delivers nothing)
-            inputs = job.request.get("inputs") or {}
-            paths = {self.blobs.path(job.user, d): d
-                     for d in [inputs.get("pickle"), *inputs.get("buffers", [])] if d}
-            waits = self.blobs.checks.waiting(list(paths))
-            if waits:  # what the cell was given is still being checked: its outcome waits
-                asyncio.gather(*map(asyncio.wrap_future, waits)).add_done_callback(
+        if job.stop_reason is None and job.input_checks:  # (a stopped job delivers nothing)
+            checks = [f for fs in job.input_checks.values() for f in fs]
+            if not all(f.done() for f in checks):
+                # what the cell was given is still being checked: its outcome waits (and
+                # so does a gateway that drains, as for results being stored)
+                job.holding = asyncio.gather(*map(asyncio.wrap_future, checks))
+                job.holding.add_done_callback(
                     lambda _: self._runner_exit(job_id, attempt, rc, tail))
                 return
-            bad = [(d, why) for p, d in paths.items() if (why := self.blobs.checks.failure(p))]
+            job.holding = None
+            bad = [(d, why) for d, fs in job.input_checks.items() for f in fs
+                   if (why := f.result())]
             if bad:
                 digest, why = bad[0]
                 job.outcome = {
