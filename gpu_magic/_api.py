@@ -661,11 +661,7 @@ class _Job:
                 exc = _payload.loads(self._blob(ev, ev["exception"]), namespace={})
             except Exception as why:
                 exc = None
-                lost = (f"{ev.get('ename', 'the exception')} could not be rebuilt here "
-                        f"({type(why).__name__}: {why}), so it is raised as RemoteError "
-                        "(`except RemoteError` takes it; its .ename names the type). An "
-                        "exception class whose __init__ takes other arguments than it passes "
-                        "to Exception.__init__ needs a __reduce__ to travel")
+                lost = _not_rebuilt(str(ev.get("ename") or "the exception"), why)
         lines = render_traceback(ev, self.source, line_offset=self.opts.line_offset,
                                  label=self.opts.label, grant=self.state.grant, job_id=self.id,
                                  cell_name=_cell_name,
@@ -680,6 +676,19 @@ class _Job:
         if isinstance(rebuilt, KeyboardInterrupt):
             rebuilt._gpu_magic_remote = True  # type: ignore[attr-defined]  # the cell's: see run()
         return rebuilt
+
+
+def _not_rebuilt(ename: str, why: Exception) -> str:
+    """Why the cell's exception comes as RemoteError, and what would bring its own type."""
+    said = (f"{ename} could not be rebuilt here ({type(why).__name__}: {why}), so it is "
+            "raised as RemoteError (`except RemoteError` takes it; its .ename names the type)")
+    if isinstance(why, (ImportError, AttributeError)):
+        return (f"{said}. Its class is only where the cell ran: define it in a local cell, "
+                "or install its module here too")
+    if isinstance(why, TypeError):
+        return (f"{said}. An exception class whose __init__ takes other arguments than it "
+                "passes to Exception.__init__ needs a __reduce__ to travel")
+    return said
 
 
 def _short(exc: BaseException) -> BaseException:

@@ -11,6 +11,7 @@ local gateway is ever found, started, restarted or stopped from inside a job.
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import linecache
 import os
@@ -118,11 +119,32 @@ def _execute(code: str, has_value: bool, scope: dict[str, Any], job: str | None)
     filename = f"<%%gpu cell inside job {job}>"
     # tracebacks show the cell's lines, as the outer cell's own are shown
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-    exec(compile(tree, filename, "exec"), scope)
-    if last is None:
-        return None
-    value = eval(compile(ast.Expression(last.value), filename, "eval"), scope)
+    had_builtins = "__builtins__" in scope  # exec adds it: not a name of the user's
+    try:
+        _run(compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT), scope)
+        if last is None:
+            return None
+        value = _run(compile(ast.Expression(last.value), filename, "eval",
+                             flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT), scope)
+    finally:
+        if not had_builtins:
+            scope.pop("__builtins__", None)
     return value if has_value else None  # a trailing `;` shows nothing, as in IPython
+
+
+def _run(code: Any, scope: dict[str, Any]) -> Any:
+    """Run ``code``; one with top-level ``await`` (IPython runs such cells) on an event loop
+    of its own, or, where one already runs in this thread, says how to go on."""
+    if not code.co_flags & inspect.CO_COROUTINE:
+        return eval(code, scope)
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(eval(code, scope))
+    raise RuntimeError("this %%gpu cell uses top-level await inside a GPU job whose own cell "
+                       "is already awaiting: make it an async function and await it there")
 
 
 def _bind_back(namespace: MutableMapping[str, Any], scope: dict[str, Any], opts: Options,

@@ -672,7 +672,9 @@ def find_all_unpicklable(obj: Any, path: str, limit: int = 10, depth: int = 0,
     (``obj`` itself if no part of it fails alone): a report should name all of them, not
     only the one to fix first."""
     seen = set() if seen is None else seen
-    if depth > 30 or id(obj) in seen or _recognised(obj) is not None:
+    if id(obj) in seen:
+        return []  # reached again (shared, or a cycle): named where it was reached first
+    if depth > 30 or _recognised(obj) is not None:
         return [(path, obj)]  # a thread, not the lock inside it
     seen.add(id(obj))
     found: list[tuple[str, Any]] = []

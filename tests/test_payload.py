@@ -746,3 +746,25 @@ def test_concurrent_dumps_with_local_modules_do_not_interfere(tmp_path: Path) ->
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("conc_local_mod", None)
+
+
+def test_every_object_at_fault_is_named_once_where_it_is_first_reached() -> None:
+    import threading
+
+    from gpu_magic._payload import find_all_unpicklable
+
+    class Holder:
+        pass
+
+    h, a, root = Holder(), Holder(), Holder()
+    h.lock = threading.Lock()
+    a.x = a.y = h  # shared: h's lock is one fault, not also "a.y"
+    assert [p for p, _ in find_all_unpicklable(a, "a")] == ["a.x.lock"]
+    root.lock, root.child = threading.Lock(), Holder()
+    root.child.parent = root  # a cycle back to the top
+    root.child.file = open(os.devnull)
+    try:
+        assert [p for p, _ in find_all_unpicklable(root, "root")] == [
+            "root.lock", "root.child.file"]
+    finally:
+        root.child.file.close()

@@ -420,6 +420,39 @@ def test_an_exception_that_cannot_be_rebuilt_here_says_why() -> None:
     assert "`except RemoteError` takes it" in text and "needs a __reduce__" in text
 
 
+def test_an_exception_whose_class_is_only_where_the_cell_ran_says_so() -> None:
+    ns = notebook("")
+    with pytest.raises(RemoteError) as info:
+        run(ns, """
+            import sys, tempfile, pathlib
+            where = tempfile.mkdtemp()  # a module this kernel cannot import
+            pathlib.Path(where, "remote_only_errs.py").write_text(
+                "class FarError(Exception):\\n    pass\\n")
+            sys.path.insert(0, where)
+            from remote_only_errs import FarError
+            raise FarError("far")
+        """)
+    assert info.value.ename == "FarError"
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "FarError could not be rebuilt here (ModuleNotFoundError: " in text, text
+    assert "Its class is only where the cell ran" in text and "__reduce__" not in text
+
+
+def test_a_cell_run_inside_a_job_binds_only_its_names_and_may_await() -> None:
+    ns = notebook("")
+    run(ns, """
+        import gpu_magic
+        inner = {"a": 1}
+        got = gpu_magic.run("b = a + 1\\nb", "H100", inner)
+        names = sorted(inner)
+        waited = {}
+        later = gpu_magic.run("import asyncio\\nawait asyncio.sleep(0)\\nc = 5\\nc", "H100",
+                              waited)
+    """)
+    assert ns["got"] == 2 and ns["names"] == ["a", "b"]  # no __builtins__ left behind
+    assert ns["later"] == 5 and ns["waited"]["c"] == 5
+
+
 def test_bad_spec_is_refused_before_anything_is_sent(client: Any) -> None:
     before = len(client.jobs())
     ns = notebook("")

@@ -689,7 +689,6 @@ def test_token_files_are_private(gateway: Gateway) -> None:
     assert len(gateway.token) >= 22
 
 
-
 def test_users_whose_names_differ_only_in_odd_characters_keep_apart(tmp_path: Path) -> None:
     # 'ann lee' and 'ann_lee' were given one folder: each could read the other's blobs
     names = ["ann lee", "ann_lee", "Ann_lee", "ann.lee", "ann%20lee"]
