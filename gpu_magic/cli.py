@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = _parser()
-    args = parser.parse_args(_token_values_kept(sys.argv[1:] if argv is None else argv, parser))
+    args = parser.parse_args(_token_values_kept(sys.argv[1:] if argv is None else argv))
     if args.command == "serve":
         from .server.serve import ServeConfig, serve
 
@@ -246,17 +246,15 @@ def _looking_client(url: str | None, token: str | None) -> Any:
                    token_from="--token" if token else None)
 
 
-def _token_values_kept(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+def _token_values_kept(argv: list[str]) -> list[str]:
     """``--token -x...`` as ``--token=-x...``: a token from a tokens file may start with '-',
-    which argparse reads as an option and then says --token has no value."""
-    options = {o for action in parser._actions for o in action.option_strings}
-    for sub in parser._subparsers._group_actions if parser._subparsers else ():
-        for p in getattr(sub, "choices", {}).values():
-            options |= {o for action in p._actions for o in action.option_strings}
+    which argparse reads as an option and then says --token has no value. (A word starting
+    with '--' after --token is taken as the option it looks like: none of ours takes a
+    one-dash form.)"""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] == "--token" and i + 1 < len(argv) and argv[i + 1].startswith("-") \
-                and argv[i + 1] not in options:
+        if argv[i] == "--token" and i + 1 < len(argv) and argv[i + 1][:1] == "-" \
+                and argv[i + 1][:2] != "--":
             out.append(f"--token={argv[i + 1]}")
             i += 2
         else:
