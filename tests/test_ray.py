@@ -573,6 +573,90 @@ def test_gpus_another_ray_user_holds_are_busy_and_the_job_waits(rc: GatewayClien
     assert events[-1]["state"] == "succeeded" and stdout(events) == "ran\n"
 
 
+# Another Ray user who asks for both H100s while our job holds them: Ray hands them over the
+# moment our job gives them back, before the gateway's view of the pool says they are gone.
+TAKER = """
+import sys, ray
+from ray.util.placement_group import placement_group
+ray.init(address=sys.argv[1], logging_level="error", log_to_driver=False)
+pg = placement_group([{"GPU": 2, "accelerator_type:H100": 0.001}])
+print("asked", flush=True)
+ray.get(pg.ready())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+class Taker:
+    """A job of ours on both H100s, cancelled while another Ray user waits for them, then a
+    job for ``spec``: the gateway believes the H100s free a moment longer than they are, so
+    its grant there fails in Ray."""
+
+    def __init__(self, rc: GatewayClient, cluster: RayCluster, spec: str) -> None:
+        wait_for(lambda: all_free(rc), DEADLINE_S)
+        ours = submit(rc, SLEEPER, "H100:2")
+        follow(rc, ours["id"], until=lambda e: e["type"] == "stdout")
+        self.proc = subprocess.Popen([sys.executable, "-c", TAKER, cluster.address],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.says("asked")
+        rc.cancel(ours["id"])
+        assert follow(rc, ours["id"])[-1]["state"] == "cancelled"
+        self.says("held")
+        # within the moment the gateway counts the GPUs it gave back as its own (Ray reports
+        # them free a little later): it believes them free, and asks Ray for them
+        self.job = submit(rc, "print('ran')\n", spec)
+
+    def says(self, word: str) -> None:
+        assert self.proc.stdout is not None
+        assert select.select([self.proc.stdout], [], [], DEADLINE_S)[0], "the other driver hung"
+        assert self.proc.stdout.readline() == f"{word}\n".encode()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()  # the other driver exits, and Ray gives the GPUs back
+        self.proc.wait(DEADLINE_S)
+        self.proc.stdout.close()
+
+
+def test_a_job_whose_gpus_ray_would_not_give_has_not_run(rc: GatewayClient,
+                                                         cluster: RayCluster) -> None:
+    # a job back in the queue after Ray refused its GPUs kept the time it was "started": a
+    # queued job showed a running time, and one cancelled while queued said it ran 50 s
+    taker = Taker(rc, cluster, "H100:2")
+    job = taker.job
+    try:
+        time.sleep(1.5)  # (the gateway tries its grant, and Ray says no)
+        record = rc.job(job["id"])
+        assert record["state"] == "queued" and record["started"] is None, record
+        rc.cancel(job["id"])
+        done = follow(rc, job["id"])[-1]
+        assert done["message"] == "cancelled while queued; nothing ran"
+        assert done["timings"]["ran_s"] is None and done["timings"]["queued_s"] > 1.0, done
+        assert rc.job(job["id"])["started"] is None
+    finally:
+        taker.close()
+    job = submit(rc, "print('ran')\n", "H100:2")
+    events = follow(rc, job["id"])
+    assert events[-1]["state"] == "succeeded"
+
+
+def test_a_job_whose_first_option_ray_would_not_give_takes_its_next(
+        rc: GatewayClient, cluster: RayCluster) -> None:
+    # it waited for the H100s another Ray user had taken, as long as they held them, while
+    # its next option was free all along
+    taker = Taker(rc, cluster, "H100:2, A100-80GB:2")
+    job = taker.job
+    try:
+        events = follow(rc, job["id"], timeout=20.0)
+        granted = next(e for e in events if e["type"] == "granted")
+        assert (granted["gpu_type"], granted["option_index"]) == ("A100-80GB", 1), granted
+        assert events[-1]["state"] == "succeeded"
+        wait_for(lambda: free(rc)["H100"] == (0, 2), DEADLINE_S)  # the other user's
+    finally:
+        taker.close()
+    wait_for(lambda: all_free(rc), DEADLINE_S)
+
+
 def test_a_node_that_joins_serves_a_job_waiting_for_its_type(rc: GatewayClient,
                                                              cluster: RayCluster) -> None:
     job = submit(rc, "import os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\n", "L4")

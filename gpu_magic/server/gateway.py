@@ -778,7 +778,6 @@ class Gateway:
         self._dequeue(job)
         job.grant = _grant_json(grant, gpus, job.attempt)
         job.state = "running"
-        job.started = job.started or time.time()
         job.outcome = None
         job.stop_reason = None
         job.ending = False
@@ -834,6 +833,9 @@ class Gateway:
             self.queue.insert(0, job.id)
             loop.call_later(0.5, self._schedule)
             return
+        # only now: a job whose GPUs Ray would not give it went back to the queue, and a job
+        # that never left it has not run (its timings, its "cancelled while queued")
+        job.started = job.started or time.time()
         self._emit(job, {"type": "granted", **job.grant})
 
         def on_event(job_id: str, attempt: int, ev: dict[str, Any]) -> None:

@@ -41,7 +41,11 @@ from ._pool import NodeNames, NodeView, TypeMap, build_pool, demand, parse_autos
 log = logging.getLogger("gpu_magic.ray")
 
 NODE_ID_LABEL = "ray.io/node-id"
-RELEASE_GRACE_S = 3.0  # Ray reports GPUs we gave back as free a moment later; ours until then
+# Ray reports GPUs we gave back as free a moment later (here within 0.1 s): ours until then, or
+# they would look held by someone else. No longer: while it lasts, GPUs another Ray user took
+# the moment we gave them back look free too (a job asking for them fails once in Ray, then
+# takes its next option, see _ours).
+RELEASE_GRACE_S = 1.0
 STALE_RESERVATION_S = 3.0  # a reservation the gateway stopped asking for is given back
 _BLOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -226,13 +230,33 @@ class RayBackend:
                     n, self._names.by_id[n["NodeID"]],
                     available.get(n["NodeID"], {}) if available is not None else None,
                     probed if isinstance(probed, tuple) else None))
-            return build_pool(views, self._ours(), self.types, self.autoscale)
+            ours, asked = self._ours()
+            return build_pool(views, ours, self.types, self.autoscale, asked)
 
-    def _ours(self) -> dict[str, set[int]]:
+    def _ours(self) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
+        """Per node: the GPUs Ray counts as in use on our account (our placement groups that
+        Ray has placed, whether or not ``reserve`` has seen it yet, and those just given back),
+        and the GPUs we asked Ray for that it has not given yet.
+
+        The latter are busy, not ours: Ray would not give them a moment ago (someone else holds
+        them). Counted as ours they hid that holder (foreign = in use - ours), so they looked
+        free, the scheduler chose them for the job again and again, and the job waited for
+        them as long as the other held them, its next option free all along.
+        """
+        pending = [r for r in self._reservations.values() if not r.held]
+        placed: set[Any] = set()
+        if pending:
+            try:
+                placed = set(ray.wait([r.ready for r in pending], num_returns=len(pending),
+                                      timeout=0)[0])
+            except Exception:
+                placed = set()
         ours: dict[str, set[int]] = {}
+        asked: dict[str, set[int]] = {}
         for r in [*self._reservations.values(), *self._recent]:
-            ours.setdefault(r.node_id, set()).update(r.indices)
-        return ours
+            mine = r.held or r.released is not None or r.ready in placed
+            (ours if mine else asked).setdefault(r.node_id, set()).update(r.indices)
+        return ours, asked
 
     def _start_probes(self, nodes: list[dict[str, Any]]) -> None:
         for n in nodes:

@@ -221,12 +221,15 @@ def _host(node: Mapping[str, Any]) -> str:
 
 
 def build_pool(nodes: Sequence[NodeView], ours: Mapping[str, set[int]], types: TypeMap,
-               autoscale: Sequence[tuple[str, int]] = ()) -> list[Gpu]:
+               autoscale: Sequence[tuple[str, int]] = (),
+               asked: Mapping[str, set[int]] | None = None) -> list[Gpu]:
     """The GPUs of the live nodes, those held by other Ray users marked busy, plus the virtual
     nodes of the autoscaler's node types that no live node provides yet.
 
     ``ours``: per node id, the GPU indices our own placement groups hold (or just gave back, which
     Ray may not report as free yet); the rest of the GPUs in use on a node belong to others.
+    ``asked``: per node id, GPU indices we asked Ray for and it has not given yet: busy (Ray
+    would not give them now), so a job waiting for them may take its next option instead.
     """
     gpus: list[Gpu] = []
     real: dict[str, int] = {}
@@ -241,8 +244,9 @@ def build_pool(nodes: Sequence[NodeView], ours: Mapping[str, set[int]], types: T
         foreign = max(0, in_use - len(mine))
         # which physical GPUs others hold is Ray's secret; mark the highest indices we do not hold
         others = [i for i in reversed(range(count)) if i not in mine][:foreign]
+        refused = (asked or {}).get(node.node_id, set()) - mine
         for i in range(count):
-            gpus.append(Gpu(node.name, i, gtype, mem, None, False, i in others))
+            gpus.append(Gpu(node.name, i, gtype, mem, None, False, i in others or i in refused))
     for gtype, count in autoscale:
         if real.get(gtype, 0) >= count:
             continue  # a live node of this type exists; the pool shows it as it is
