@@ -971,8 +971,10 @@ def run(
         if isinstance(job, _Job):
             job.state.state = "cancelled"
             job.state.cancel = job.state.cancel or "an interrupt"
-        # (said before the gateway has stopped it: its GPUs are free within seconds)
-        how = ("the gateway stops it and frees its GPUs; its output so far was shown" if granted
+        # said before the gateway has stopped it: never that its GPUs are free already (a cell
+        # that does not take the stop holds them for the gateway's grace, 3 s, on Ray too)
+        how = ("the gateway is stopping it, and its GPUs are free once it has ended (%gpu jobs "
+               "says when); its output so far was shown" if granted
                else "before it was granted a GPU: nothing ran")
         reason = job.cancel_reason if isinstance(job, _Job) else None
         if reason:  # an interrupt that could not be one

@@ -536,6 +536,9 @@ def test_an_interrupt_cancels_on_ray_and_says_why(rc: GatewayClient) -> None:
                       client=rc, quiet=True)
     assert ("was cancelled: this gateway's ray backend cannot interrupt a running cell, so the "
             "interrupt cancelled it instead; nothing was bound") in str(cancelled.value)
+    # said before the gateway has stopped it: it must not say the GPUs are free already
+    assert ("the gateway is stopping it, and its GPUs are free once it has ended"
+            in str(cancelled.value)), cancelled.value
     wait_for(lambda: all_free(rc), DEADLINE_S)
 
 
