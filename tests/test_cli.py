@@ -198,6 +198,27 @@ def test_serve_refuses_bad_values_in_one_line(tmp_path: Path, args: list[str], s
     assert out.stderr.strip().splitlines()[-1].startswith("gpu-magic serve: ")
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["--isolation", "bwrap"], "--isolation bwrap sandboxes the local backend's runners; with "
+                               "--backend ray cells run in Ray workers on the nodes, which the "
+                               "gateway does not sandbox. Leave out --isolation"),
+    (["--simulate", "H100:2"], "--simulate H100:2 makes a simulated pool of the local backend; "
+                               "with --backend ray the pool is the Ray cluster's GPU nodes. "
+                               "Leave out --simulate"),
+])
+def test_serve_refuses_local_backend_options_with_ray(tmp_path: Path, args: list[str],
+                                                      says: str) -> None:
+    # both started in silence on Ray: cells unsandboxed, the cluster's GPUs instead of a
+    # simulated pool. Refused before any Ray cluster is looked for (there is none here).
+    out = gm("serve", "--port", "0", "--state-dir", str(tmp_path / "state"), "--backend", "ray",
+             "--ray-address", "127.0.0.1:1", *args)
+    assert out.returncode == 2, out.stdout
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-magic serve: "), out.stderr
+    assert says in out.stderr, out.stderr
+
+
 def test_a_simulated_pool_s_unknown_type_names_are_noted_where_users_look(
         tmp_path: Path) -> None:
     # H1000 and GARBAGE started pools of those names in silence; a pool may name its own

@@ -154,6 +154,20 @@ def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, P
                 "and cells would cross the network in clear text. Give --certfile and --keyfile "
                 "(or put the gateway behind a TLS proxy and bind it to loopback), or --force."
             )
+    if cfg.backend == "ray":
+        # options of the local backend, which Ray's would ignore in silence
+        if cfg.isolation == "bwrap":
+            raise ServeError(
+                "--isolation bwrap sandboxes the local backend's runners; with --backend ray "
+                "cells run in Ray workers on the nodes, which the gateway does not sandbox. Leave "
+                "out --isolation, and share a Ray gateway only among people you would give Ray "
+                "access to (docs/ray.md, Security); or use --backend local for sandboxed cells.")
+        if cfg.simulate:
+            raise ServeError(
+                f"--simulate {cfg.simulate} makes a simulated pool of the local backend; with "
+                "--backend ray the pool is the Ray cluster's GPU nodes. Leave out --simulate to "
+                "use the cluster, or --backend ray to serve a simulated pool (fake GPUs on Ray: "
+                "docs/ray.md, \"Trying it on one machine\").")
     token_path = None
     try:
         if cfg.tokens_file:
