@@ -78,19 +78,25 @@ def memory_gb(gpu_type: str) -> int | None:
     return entry.memory_gb if entry else None
 
 
-def pool_type_note(name: str) -> str | None:
-    """A note on a simulated pool's type that is not in the catalogue, or None for a known one.
+def pool_type_note(name: str, subject: str | None = None,
+                   typos_only: bool = False) -> str | None:
+    """A note on a pool's type that is not in the catalogue, or None for a known one.
 
     A pool may name types of its own, so an unknown name is kept; but ``H1000`` is more
-    likely a typo of H100 than a new GPU, and nothing else would say so."""
+    likely a typo of H100 than a new GPU, and nothing else would say so. ``subject`` names it
+    where it was given (default: the simulated pool's type 'NAME'); ``typos_only``: no note for
+    a name like no known one (a type declared on purpose)."""
+    subject = subject or f"the simulated pool's type '{name}'"
     resolved = _resolve(name)
     if resolved in CATALOGUE or resolved in FAMILIES:
         return None
     close = difflib.get_close_matches(resolved, [*KNOWN_TYPES, *_ALIASES], n=1, cutoff=0.6)
     if close:
-        return (f"the simulated pool's type '{name}' is not a known GPU type; did you mean "
+        return (f"{subject} is not a known GPU type; did you mean "
                 f"{close[0]}? (keep it if you meant a type of your own)")
-    return (f"the simulated pool's type '{name}' is not a known GPU type ({', '.join(KNOWN_TYPES)}); "
+    if typos_only:
+        return None
+    return (f"{subject} is not a known GPU type ({', '.join(KNOWN_TYPES)}); "
             "it is offered as a type of its own")
 
 

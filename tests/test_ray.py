@@ -105,6 +105,22 @@ def test_bad_type_map_is_explained(data: Any, says: str) -> None:
         TypeMap.from_json(data)
 
 
+def test_type_map_names_not_in_the_catalogue_are_noted() -> None:
+    # a typo made a type nobody asks for by its real name, in silence
+    notes = TypeMap.from_json({"H100": "H1000", "A10G": "A10", "X1": "FOO",
+                               "MI300X": {"type": "MI300X", "memory_gb": 192},
+                               "B": {"type": "B2000", "memory_gb": 192}}).notes()
+    assert notes == [
+        "the type 'B2000' that --ray-type-map gives Ray label B is not a known GPU type; did "
+        "you mean B200? (keep it if you meant a type of your own)",
+        "the type 'H1000' that --ray-type-map gives Ray label H100 is not a known GPU type; "
+        "did you mean H100? (keep it if you meant a type of your own)",
+        "the type 'FOO' that --ray-type-map gives Ray label X1 is not a known GPU type (T4, L4, "
+        "A10, L40S, A100, A100-40GB, A100-80GB, RTX-PRO-6000, H100, H200, B200); it is offered "
+        "as a type of its own",
+    ]  # MI300X: a type declared with its memory, like no known one: meant
+
+
 def test_autoscale_spec() -> None:
     assert parse_autoscale("H100:8, a10g, A100:2") == [("H100", 8), ("A10", 1), ("A100-40GB", 2)]
     assert parse_autoscale(None) == []
@@ -658,6 +674,27 @@ def test_a_job_whose_first_option_ray_would_not_give_takes_its_next(
     finally:
         taker.close()
     wait_for(lambda: all_free(rc), DEADLINE_S)
+
+
+def test_a_type_map_typo_is_noted_where_users_look(cluster: RayCluster, tmp_path: Path) -> None:
+    # --simulate H1000:2 says "did you mean H100?" at start, in the pool and in refusals; a
+    # type map to H1000 said nothing, and nobody could ask for the H100s by their name
+    types = tmp_path / "types.json"
+    types.write_text(json.dumps({"H100": "H1000"}))
+    gw = start_gateway(tmp_path, "--backend", "ray", "--ray-address", cluster.address,
+                       "--ray-type-map", str(types), simulate=None)
+    note = ("the type 'H1000' that --ray-type-map gives Ray label H100 is not a known GPU type; "
+            "did you mean H100? (keep it if you meant a type of your own)")
+    try:
+        assert f"gpu-magic serve: note: {note}" in (tmp_path / "gateway.log").read_text()
+        with gw.client() as c:
+            pool = c.pool()
+            assert pool["notes"] == [note] and "H1000" in {t["type"] for t in pool["types"]}
+            with pytest.raises(gpu_magic.NoFeasibleOption) as info:
+                gpu_magic.run("1", "H100", {"__name__": "__main__"}, client=c, quiet=True)
+            assert f"Note: {note}." in str(info.value), info.value
+    finally:
+        gw.stop()
 
 
 def test_a_node_that_joins_serves_a_job_waiting_for_its_type(rc: GatewayClient,

@@ -454,10 +454,12 @@ class Gateway:
         }
 
     def pool_notes(self, gpus: list[Gpu] | None = None) -> list[str]:
-        """What may be wrong with the pool as configured: simulated types that are not in the
-        catalogue (``H1000``: did you mean H100?)."""
+        """What may be wrong with the pool as configured: simulated types, or the types a Ray
+        type map gives, that are not in the catalogue (``H1000``: did you mean H100?)."""
         names = sorted({g.type for g in (self.gpus() if gpus is None else gpus) if g.simulated})
-        return [n for n in map(pool_type_note, names) if n]
+        backend_notes = getattr(self.backend, "pool_notes", None)
+        return ([n for n in map(pool_type_note, names) if n]
+                + (backend_notes() if backend_notes is not None else []))
 
     def job_for(self, user: User, job_id: str) -> Job:
         job = self.jobs.get(job_id)

@@ -206,6 +206,10 @@ class RayBackend:
 
     # --- the pool ---
 
+    def pool_notes(self) -> list[str]:
+        """What may be wrong with the pool as configured (see ``TypeMap.notes``)."""
+        return self.types.notes()
+
     def inventory(self) -> list[Gpu]:
         now = time.monotonic()
         with self._lock:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...._spec import GpuOption, memory_gb
+from ...._spec import GpuOption, memory_gb, pool_type_note
 from ...inventory import Gpu, nvml_type
 
 ACCEL_PREFIX = "accelerator_type:"
@@ -95,6 +95,21 @@ class TypeMap:
                 raise PoolConfigError(f"{where}: {label!r} maps to nothing; {example}")
             rules[label.upper()] = out
         return cls(rules)
+
+    def notes(self) -> list[str]:
+        """What may be wrong with the map's types: a name that is not in the catalogue (``H1000``:
+        did you mean H100?). Users ask for a node's GPUs by the mapped name only, so a typo here
+        makes a type nobody asks for. A rule that gives ``memory_gb`` declares a type of its
+        own: noted only when its name is close to a known one."""
+        out = []
+        for label, rules in sorted(self.rules.items()):
+            for rule in rules:
+                note = pool_type_note(
+                    rule.type, f"the type '{rule.type}' that --ray-type-map gives Ray label {label}",
+                    typos_only=rule.memory_gb is not None)
+                if note and note not in out:
+                    out.append(note)
+        return out
 
     def resolve(self, labels: Iterable[str], probed: tuple[str, int | None] | None) -> tuple[str, int | None]:
         """(type, memory in GB) of a GPU node from its Ray labels and what its GPUs reported.
