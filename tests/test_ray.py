@@ -697,6 +697,21 @@ def test_a_type_map_typo_is_noted_where_users_look(cluster: RayCluster, tmp_path
         gw.stop()
 
 
+def test_a_cluster_found_without_ray_address_is_named_at_start(
+        cluster: RayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # it attached to whatever cluster Ray found, in silence. (Ray finds the last cluster
+    # started under RAY_TMPDIR: this module's.)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    gw = start_gateway(tmp_path, "--backend", "ray", simulate=None)
+    try:
+        log = (tmp_path / "gateway.log").read_text()
+        assert (f"gpu-magic: attached to the Ray cluster at {cluster.address}, found by Ray's "
+                "auto-detection, as no --ray-address was given; name the cluster with "
+                "--ray-address HEAD_IP:6379 to be sure of it") in log, log
+    finally:
+        gw.stop()
+
+
 def test_a_node_that_joins_serves_a_job_waiting_for_its_type(rc: GatewayClient,
                                                              cluster: RayCluster) -> None:
     job = submit(rc, "import os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\n", "L4")

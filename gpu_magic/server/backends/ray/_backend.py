@@ -139,6 +139,9 @@ class RayBackend:
                  reserve_wait_s: float = 0.2, workdir: str | None = None,
                  connect: bool = True) -> None:
         self.address = address or os.environ.get("RAY_ADDRESS") or "auto"
+        # where the address came from: said at start unless the operator named it
+        self.address_from = ("--ray-address" if address else
+                             "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else None)
         self.types = types or TypeMap()
         self.autoscale = list(autoscale)
         self.refresh_s = refresh_s
@@ -181,12 +184,27 @@ class RayBackend:
             ray.init(address=self.address, namespace="gpu_magic", logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False)
         except Exception as exc:
+            where = (f"the Ray cluster at {self.address!r} ({self.address_from})"
+                     if self.address_from else
+                     "a Ray cluster: no --ray-address was given, nor RAY_ADDRESS, and Ray's "
+                     "auto-detection found none running on this machine")
             raise ConnectionError(
-                f"cannot connect to the Ray cluster at {self.address!r} ({type(exc).__name__}: "
-                f"{exc}). Start the gateway on a node of the cluster with --ray-address "
-                "HEAD_IP:6379 (or RAY_ADDRESS set); with token auth, RAY_AUTH_MODE=token and the "
-                "cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token) must be set here too."
+                f"cannot connect to {where} ({type(exc).__name__}: {exc}). Start the gateway on "
+                "a node of the cluster with --ray-address HEAD_IP:6379 (or RAY_ADDRESS set); "
+                "with token auth, RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or "
+                "~/.ray/auth_token) must be set here too."
             ) from exc
+        if self.address_from != "--ray-address":
+            # Ray attaches to whatever cluster it finds (the last one started on this machine):
+            # say which, so that a gateway on the wrong cluster does not go unnoticed
+            try:
+                attached = ray.get_runtime_context().gcs_address
+            except Exception:
+                attached = self.address
+            how = ("from RAY_ADDRESS" if self.address_from else
+                   "found by Ray's auto-detection, as no --ray-address was given")
+            print(f"gpu-magic: attached to the Ray cluster at {attached}, {how}; name the cluster "
+                  "with --ray-address HEAD_IP:6379 to be sure of it", file=sys.stderr, flush=True)
         if not _token_auth_on():
             print("gpu-magic: warning: this Ray cluster does not require a token; anyone who can "
                   "reach its ports can run code on it. Start it with RAY_AUTH_MODE=token (see "
