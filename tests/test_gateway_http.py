@@ -992,9 +992,13 @@ def test_an_admin_interrupts_a_sandboxed_cell_as_soon_as_it_runs(users: Users) -
     job = submit(alice, INTERRUPTED_CELL, "A100-80GB", outputs=["acc", "after"])
     follow(alice, job["id"], until=lambda e: e["type"] == "granted")
     carol.interrupt(job["id"])
-    result, error = _interrupted_events(follow(alice, job["id"]))
+    events = follow(alice, job["id"])
+    result, error = _interrupted_events(events)
     assert error["traceback"] and error["traceback"][-1]["cell"]
     assert alice.job(job["id"])["state"] == "cancelled"
+    # alice is told who interrupted her cell, as for a cancel: she did not ask for it
+    assert events[-1]["message"] == ("interrupted by carol (admin) while running: the cell "
+                                     "stopped on KeyboardInterrupt, and what it had bound is kept")
     wait_for(lambda: all_free(alice), DEADLINE_S)
     for c in (alice, carol):
         c.close()

@@ -109,6 +109,7 @@ class Job:
     # the cell got it as a KeyboardInterrupt (the "interrupted" event was sent)
     interrupted: bool = False
     interrupt_taken: bool = False
+    interrupted_by: str | None = None  # an admin who interrupted someone else's cell
 
     @property
     def final(self) -> bool:
@@ -683,6 +684,8 @@ class Gateway:
                            f"running cell, only cancel it (DELETE /v1/jobs/{job_id}, or "
                            f"%gpu cancel {job_id}); the cell's results are then not kept")
         job.interrupted = True
+        if user.name != job.user:
+            job.interrupted_by = user.name
         interrupt(job.handle)
         return job
 
@@ -784,6 +787,7 @@ class Gateway:
         job.stop_reason = None
         job.ending = False
         job.interrupted = job.interrupt_taken = False
+        job.interrupted_by = None
         self.running[job.id] = job
         req = job.request
         grant_env = {
@@ -1053,7 +1057,9 @@ class Gateway:
                 self._emit(job, error)
                 # the contract: a kernel interrupt cancels the job (and frees its GPUs); the
                 # cell only had its say first, as a local cell does
-                job.message = ("interrupted while running: the cell stopped on "
+                # an admin's interrupt says who, as an admin's cancel does
+                by = f" by {job.interrupted_by} (admin)" if job.interrupted_by else ""
+                job.message = (f"interrupted{by} while running: the cell stopped on "
                                "KeyboardInterrupt, and what it had bound is kept")
                 self._finish(job, "cancelled")
             else:
