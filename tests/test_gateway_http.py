@@ -971,6 +971,10 @@ def test_other_users_job_is_invisible_and_untouchable(users: Users) -> None:
         refused(resp, 404, "no_such_job")
     assert job["id"] not in [j["id"] for j in bob.jobs()]
     assert job["id"] not in [j["id"] for j in bob.jobs(everyone=True)]  # not an admin
+    # and the answer says whose jobs it lists (the sidebar's list is labelled by it)
+    everyone = {"params": {"all": "true"}}
+    assert call(users.gw.url, users.tokens["bob"], "GET", "/v1/jobs", **everyone).json()["all"] is False
+    assert call(users.gw.url, users.tokens["carol"], "GET", "/v1/jobs", **everyone).json()["all"] is True
     assert alice.job(job["id"])["state"] == "running"  # bob's cancel and interrupt did nothing
     assert job["id"] in [j["id"] for j in alice.jobs()]
     # the admin sees every job, and cancels it

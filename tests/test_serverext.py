@@ -289,15 +289,20 @@ def test_an_admin_token_sees_and_cancels_every_users_jobs(
         status = api("status")[1]
         assert status["user"] == "alice" and status["admin"] is False  # no "everyone" box
         assert status["shared"] is True
-        ids = {j["id"] for j in api("jobs", params={"all": "true"})[1]["jobs"]}
+        body = api("jobs", params={"all": "true"})[1]
+        ids = {j["id"] for j in body["jobs"]}
         assert mine["id"] in ids and theirs["id"] not in ids
+        # and says so: the panel must not take her own jobs for everyone's
+        assert body["all"] is False
         assert api("jobs", theirs["id"], method="DELETE")[0] == 404
 
         proxy.token = tokens["carol"]  # the admin
         status = api("status")[1]
         assert status["user"] == "carol" and status["admin"] is True and status["shared"]
         assert {j["id"] for j in api("jobs")[1]["jobs"]} == set()  # her own: none
-        jobs = {j["id"]: j for j in api("jobs", params={"all": "true"})[1]["jobs"]}
+        body = api("jobs", params={"all": "true"})[1]
+        assert body["all"] is True
+        jobs = {j["id"]: j for j in body["jobs"]}
         assert jobs[mine["id"]]["user"] == "alice" and jobs[theirs["id"]]["user"] == "bob"
         code, body = api("jobs", theirs["id"], method="DELETE")
         assert code == 200

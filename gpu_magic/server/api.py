@@ -425,7 +425,9 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
 
     @app.get("/v1/jobs", responses=_errors(422))
     async def list_jobs(all: bool = Query(default=False), u: User = Depends(user)) -> dict[str, Any]:
-        return {"jobs": gateway.jobs_of(u, everyone=all)}
+        # "all": whether these are every user's jobs; asked by a user who is not an admin,
+        # they are the caller's own (its answer must not read as "nobody else has any")
+        return {"jobs": gateway.jobs_of(u, everyone=all), "all": all and u.admin}
 
     @app.get("/v1/jobs/{job_id}", responses=_errors(404))
     async def get_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:

@@ -81,7 +81,7 @@ class JobsHandler(_Base):
         """Active jobs, then the most recent finished ones (``limit``, default 50), newest first.
 
         ``all=true`` asks for every user's jobs; the gateway grants that only to admin tokens
-        and answers others with their own jobs.
+        and answers others with their own jobs. ``all`` in the answer says which it gave.
         """
         everyone = self.get_argument("all", "false").lower() in ("1", "true", "yes")
         try:
@@ -96,7 +96,10 @@ class JobsHandler(_Base):
             done = [j for j in jobs if j.get("state") in FINAL_STATES]
             root = self._root()
             body = {"jobs": [self._with_path(j, root) for j in active + done[:limit]],
-                    "total": len(jobs), "all": everyone,
+                    # what the gateway gave, not what was asked: a user who is not an admin
+                    # gets their own jobs. (False from a gateway too old to say: the panel
+                    # then never labels a list as everyone's that may be the caller's own.)
+                    "total": len(jobs), "all": everyone and body.get("all") is True,
                     # the panel times elapsed against this clock, not the browser's
                     "now": time.time()}
         self._answer(code, body)
