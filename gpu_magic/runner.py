@@ -476,7 +476,22 @@ def _cell_shell(ns: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> A
     # IPython's advice on SystemExit ("To exit: use 'exit'...") is for a terminal, not a cell
     warnings.filterwarnings("ignore", message="To exit: use", category=UserWarning)
     shell.showsyntaxerror = lambda *a, **k: None
+    _register_gpu_magic(shell)
     return shell
+
+
+def _register_gpu_magic(shell: Any) -> None:
+    """``%%gpu`` and ``%gpu`` in a cell, as in the notebook that sent it (where the extension
+    is loaded): a nested ``%%gpu`` cell runs right here, in this job. Loaded on first use
+    (most cells never use it), and never registered through the extension: the shell puts
+    back what a cell registers, and a loaded extension is not loaded twice."""
+
+    def gpu(line: str, cell: str | None = None) -> Any:
+        from ._magic import GPUMagic
+
+        return GPUMagic(shell=shell).gpu(line, cell)
+
+    shell.register_magic_function(gpu, magic_kind="line_cell", magic_name="gpu")
 
 
 @functools.lru_cache(maxsize=1)

@@ -453,6 +453,21 @@ def test_a_cell_run_inside_a_job_binds_only_its_names_and_may_await() -> None:
     assert ns["later"] == 5 and ns["waited"]["c"] == 5
 
 
+def test_gpu_magics_work_in_a_cell_without_loading_the_extension_there() -> None:
+    # the notebook loaded it; the cell on the GPU must not have to (twice: a warm runner too)
+    for _ in range(2):
+        ns = notebook("")
+        run(ns, """
+            r = get_ipython().run_cell_magic("gpu", "H100 --quiet", "q = 6 * 7\\nq")
+            try:
+                get_ipython().run_line_magic("gpu", "pool")
+            except Exception as e:
+                refused = str(e)
+        """)
+        assert ns["r"] == 42 and ns["q"] == 42
+        assert ns["refused"].startswith("%gpu pool: this runs inside GPU job "), ns["refused"]
+
+
 def test_bad_spec_is_refused_before_anything_is_sent(client: Any) -> None:
     before = len(client.jobs())
     ns = notebook("")
