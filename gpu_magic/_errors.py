@@ -114,6 +114,10 @@ class RemoteError(GpuMagicError):
         self.evalue = evalue
         self.traceback_text = traceback_text
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (raised in a nested cell inside a job, it travels back to the notebook)
+        return type(self), (self.ename, self.evalue, self.traceback_text), self.__dict__
+
     def _render_traceback_(self) -> list[str]:
         return self.traceback_text.splitlines() or [f"{self.ename}: {self.evalue}"]
 

@@ -1660,12 +1660,12 @@ def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,
     if chain:
         event["chain"] = chain
     try:
-        packed, _ = _payload.dumps(exc)
-        if not packed.buffers:
-            _put_blobs(out, packed, event)
-            event["exception"] = packed.pickle_digest
-    except Exception:
-        pass
+        # in one piece, arrays it carries too: the client rebuilds it from this blob alone
+        packed, _ = _payload.dumps(exc, inline_limit=sys.maxsize)
+        _put_blobs(out, packed, event)
+        event["exception"] = packed.pickle_digest
+    except Exception as why:  # (a lock on it, a __reduce__ that fails): said, not dropped
+        event["unsent"] = _cut(f"{type(why).__name__}: {why}", 500)
     return event
 
 

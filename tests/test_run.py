@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import textwrap
 from typing import Any
@@ -466,6 +467,37 @@ def test_gpu_magics_work_in_a_cell_without_loading_the_extension_there() -> None
         """)
         assert ns["r"] == 42 and ns["q"] == 42
         assert ns["refused"].startswith("%gpu pool: this runs inside GPU job "), ns["refused"]
+
+
+@pytest.mark.parametrize("raising, why", [
+    ("e = Odd('has a lock')\ne.lock = threading.Lock()\nraise e", "TypeError: cannot pickle"),
+    ("class Bad(Exception):\n    def __reduce__(self):\n        raise ValueError('no')\n"
+     "raise Bad('x')", "ValueError: no"),
+])
+def test_an_exception_that_cannot_be_pickled_where_it_ran_says_so(raising: str,
+                                                                  why: str) -> None:
+    ns = notebook("")
+    with pytest.raises(RemoteError) as info:
+        run(ns, "import threading\nclass Odd(Exception):\n    pass\n" + raising)
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "could not be pickled on the GPU machine (" + why in text, text
+    assert "give its class a __reduce__" in text
+
+
+def test_an_exception_carrying_a_large_array_comes_back_as_itself() -> None:
+    ns = notebook("class Carrying(Exception):\n    pass\n")
+    with pytest.raises(ns["Carrying"]) as info:
+        run(ns, "import numpy as np\ne = Carrying('x')\ne.arr = np.ones(2_000_000)\nraise e")
+    assert info.value.arr.sum() == 2_000_000  # type: ignore[attr-defined]
+
+
+def test_a_remote_error_travels_back_from_a_nested_cell() -> None:
+    from gpu_magic._errors import RemoteError as Remote
+
+    err = Remote("FarError", "far", "  Cell, line 2\nFarError: far")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.ename, back.evalue, back._render_traceback_()) == (
+        "FarError", "far", ["  Cell, line 2", "FarError: far"])
 
 
 def test_bad_spec_is_refused_before_anything_is_sent(client: Any) -> None:
