@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from ._errors import GatewayError
+from ._errors import GatewayError, SpecError
 from ._version import __version__
 
 START_TIMEOUT_S = 60.0
@@ -156,6 +156,16 @@ def ensure_local_gateway(simulate: str | None = None, *, state_dir: Path | None 
             what = difference(info, simulate)
             if what is None:
                 return info
+            if simulate:
+                # refused before the running gateway (another notebook's) is stopped for it
+                from .server.inventory import parse_simulated
+
+                try:
+                    parse_simulated(simulate)
+                except SpecError as exc:
+                    raise SpecError(f"GPU_MAGIC_SIMULATE={simulate!r}: {exc}; the local "
+                                    "gateway running now is left as it is",
+                                    spec=simulate) from None
             if not _idle(info):
                 raise GatewayError(
                     f"the local gpu_magic gateway (pid {info.get('pid')}) runs with {what}, but "
@@ -222,7 +232,6 @@ def _say_pool_notes(simulate: str | None) -> None:
     H100?) as the gateway starts: its own log is where nobody looks."""
     if not simulate:
         return
-    from ._errors import SpecError
     from ._spec import pool_type_note
     from .server.inventory import parse_simulated
 

@@ -165,9 +165,15 @@ def test_a_failed_start_quotes_its_own_log_and_typos_are_noted(tmp_path: Path) -
         # GPU_MAGIC_SIMULATE with an empty entry is refused where the gateway parses it
         third = subprocess.run([sys.executable, "-c", script, "T4:1,,"], capture_output=True,
                                text=True, timeout=120, env=env)
-        assert ("gpu-magic serve: empty entry in the simulated pool 'T4:1,,'; separate entries "
+        assert ("empty entry in the simulated pool 'T4:1,,'; separate entries "
                 "with single commas, e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'"
                 ) in third.stdout, third
+        # refused before the H1000 gateway, running and idle, was stopped for it
+        assert "the local gateway running now is left as it is" in third.stdout, third
+        assert "restarting the local gateway" not in third.stderr, third
+        still = subprocess.run([sys.executable, "-c", script, "H1000:2"], capture_output=True,
+                               text=True, timeout=120, env=env)
+        assert "restarting" not in still.stderr and still.stdout == "", still
     finally:
         subprocess.run([sys.executable, "-m", "gpu_magic", "stop"], capture_output=True,
                        env=env, timeout=60)
