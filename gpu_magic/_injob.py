@@ -86,6 +86,14 @@ def run_here(source: str, spec: Any, namespace: MutableMapping[str, Any], opts: 
             for o in gspec):
         print(f"gpu_magic: this cell runs inside GPU job {job}, so it runs right here on its "
               f"{_granted(grant)}, not on {gspec} as its spec asks", file=sys.stderr)
+    unused = [flag for flag, given in (("--timeout", opts.timeout is not None),
+                                       ("--wait", opts.wait is not None),
+                                       ("--retries", bool(opts.retries)),
+                                       ("--oom-fallback", opts.oom_fallback)) if given]
+    if unused:  # said, as a spec it does not meet is: its user expects them to act
+        print(f"gpu_magic: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no "
+              f"effect here: this cell runs inside GPU job {job}, within that job's own "
+              "limits", file=sys.stderr)
     analysis = analyze_cell(source, opts.line_offset)
     direct = type(namespace) is dict and opts.return_names is None and not opts.no_return
     # exec needs a real dict; with --return or --no-return the cell binds into a copy, and

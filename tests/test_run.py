@@ -469,6 +469,19 @@ def test_gpu_magics_work_in_a_cell_without_loading_the_extension_there() -> None
         assert ns["refused"].startswith("%gpu pool: this runs inside GPU job "), ns["refused"]
 
 
+def test_queue_options_of_a_cell_inside_a_job_are_said_to_do_nothing(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    ns = notebook("")
+    run(ns, """
+        get_ipython().run_cell_magic("gpu", "H100 --quiet --timeout 1 --retries 2",
+                                     "slept = 1")
+    """)
+    assert ns["slept"] == 1
+    err = capfd.readouterr().err
+    assert "gpu_magic: --timeout, --retries have no effect here: this cell runs inside GPU " \
+           "job " in err, err
+
+
 @pytest.mark.parametrize("raising, why", [
     ("e = Odd('has a lock')\ne.lock = threading.Lock()\nraise e", "TypeError: cannot pickle"),
     ("class Bad(Exception):\n    def __reduce__(self):\n        raise ValueError('no')\n"
