@@ -957,6 +957,8 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
         if code is _interrupts.Interrupts.handler.__code__ or fr.filename in _OWN_FILES:
             continue  # where an interrupt was raised (the handler, a print's write): the
             # line the cell was at is the news
+        if fr.filename.startswith(_PACKAGE):
+            continue  # a nested %%gpu cell's way through gpu_magic: the cell's lines matter
         out.append({
             "filename": fr.filename,
             "lineno": (fr.lineno or 0) + lead if fr.filename in cell_files else fr.lineno,
@@ -1001,6 +1003,7 @@ def _chain(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dict
 
 
 _OWN_FILES = frozenset({__file__, _interrupts.__file__})
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _in_ipython(filename: str) -> bool:

@@ -469,6 +469,18 @@ def test_gpu_magics_work_in_a_cell_without_loading_the_extension_there() -> None
         assert ns["refused"].startswith("%gpu pool: this runs inside GPU job "), ns["refused"]
 
 
+def test_an_error_in_a_cell_inside_a_job_shows_the_cells_lines_not_ours() -> None:
+    ns = notebook("")
+    with pytest.raises(ZeroDivisionError) as info:
+        run(ns, """
+            x = 1
+            get_ipython().run_cell_magic("gpu", "H100 --quiet", "y = 2\\nz = y / 0")
+        """)
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "z = y / 0" in text and "run_cell_magic" in text, text
+    assert "gpu_magic" not in text.replace("[gpu_magic]", ""), text
+
+
 def test_queue_options_of_a_cell_inside_a_job_are_said_to_do_nothing(
         capfd: pytest.CaptureFixture[str]) -> None:
     ns = notebook("")
