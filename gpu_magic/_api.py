@@ -1059,11 +1059,13 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
         try:
             singles[name], _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir)
         except Exception:
-            found = _payload.find_all_unpicklable(value, name)
+            unlisted: dict[str, int] = {}
+            found = _payload.find_all_unpicklable(value, name, unlisted=unlisted)
             said = [f"{path}: {what}; {fix}"
                     for path, what, fix in ((p, *_payload.describe(c)) for p, c in found)]
             row.update(bytes=None, travels="cannot be sent", path=found[0][0],
-                       paths=[p for p, _ in found], problem=said[0], problems=said)
+                       paths=[p for p, _ in found], problem=said[0], problems=said,
+                       unlisted=unlisted)
         else:
             sendable[name] = value
             row.update(bytes=singles[name].nbytes, travels=_payload.travel_mode(value, local_dir))
@@ -1093,7 +1095,8 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
 class DryRunReport(dict):  # type: ignore[type-arg]
     """The dry-run report; a dict that shows itself as a table, with what cannot be sent
     listed below it (``row["paths"]`` and ``row["problems"]`` for each such input, the first
-    of each also as ``row["path"]`` and ``row["problem"]``)."""
+    of each also as ``row["path"]`` and ``row["problem"]``; ``row["unlisted"]``: for each
+    path where the search stopped, how many more of its parts cannot be sent)."""
 
     def _rows(self) -> list[tuple[str, str, str, str]]:
         return [(r["name"], r["type"], "-" if r["bytes"] is None else _human(r["bytes"]),
@@ -1123,6 +1126,10 @@ class DryRunReport(dict):  # type: ignore[type-arg]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         if self.problems:
             lines += ["cannot be sent:", *(f"  {p}" for p in self.problems)]
+            # the search stops after a few faults per input: say how much it left unsearched
+            lines += [f"  … and {n} more part(s) of {path} that cannot be sent (not searched: "
+                      f"fix those above and run --dry-run again to see them)"
+                      for r in self["inputs"] for path, n in r.get("unlisted", {}).items()]
         return "\n".join(lines)
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:

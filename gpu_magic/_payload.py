@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copyreg
+import functools
 import io
 import os
 import pickle
@@ -631,6 +632,42 @@ def _pickles(obj: Any) -> bool:
     return True
 
 
+def _by_value(obj: Any) -> bool:
+    """Whether cloudpickle sends a function or class by value (its code and contents: one
+    defined in the notebook), not by reference (importable where it runs)."""
+    try:
+        return not cloudpickle.cloudpickle._should_pickle_by_reference(obj)
+    except Exception:  # a private helper of cloudpickle's: if it moves, guess as it would
+        return getattr(obj, "__module__", None) == "__main__"
+
+
+# entries cloudpickle leaves out of a class it sends by value (see its _class_getstate)
+_CLASS_SKIPPED = frozenset({"__dict__", "__weakref__", "_abc_impl", "_abc_cache",
+                            "_abc_negative_cache", "_abc_negative_cache_version", "_abc_registry"})
+
+
+def _class_items(cls: type) -> Iterable[tuple[str, Any]]:
+    """What cloudpickle sends of a class that travels by value: its own attributes, for it
+    and each base that travels by value too."""
+    for klass in cls.__mro__:
+        if klass is object or not _by_value(klass):
+            continue
+        slots = getattr(klass, "__slots__", ())
+        slots = {slots} if isinstance(slots, str) else set(slots or ())
+        for k, v in list(vars(klass).items())[:1000]:
+            if k not in _CLASS_SKIPPED and k not in slots:
+                yield k, v
+
+
+def _code_globals(code: types.CodeType) -> Iterable[str]:
+    """The global names a function's code (and the code nested in it) may read: cloudpickle
+    sends those of them its globals hold."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_globals(const)
+
+
 def _children(obj: Any) -> Iterable[tuple[str, Any]]:
     if isinstance(obj, dict):
         for k, v in list(obj.items())[:1000]:
@@ -644,21 +681,54 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]]:
         for v in list(obj)[:1000]:
             yield f" (set member {v!r:.40})", v
         return
+    if isinstance(obj, functools.partial):
+        # pickled as what it calls with what: a fault is in one of those
+        yield ".func", obj.func
+        for i, v in enumerate(obj.args[:1000]):
+            yield f".args[{i}]", v
+        for k, v in list(obj.keywords.items())[:1000]:
+            yield f".keywords[{k!r}]", v
+    if isinstance(obj, type):
+        if _by_value(obj):  # its attributes travel with it, methods (and their globals) too
+            for k, v in _class_items(obj):
+                yield f".{k}", v
+        return
     state = getattr(obj, "__dict__", None)
     if isinstance(state, dict):
-        for k, v in state.items():
+        for k, v in list(state.items())[:1000]:
             yield f".{k}", v
     for slot in getattr(type(obj), "__slots__", ()) or ():
         if isinstance(slot, str) and hasattr(obj, slot):
             yield f".{slot}", getattr(obj, slot)
-    closure = getattr(obj, "__closure__", None)
-    code = getattr(obj, "__code__", None)
-    if closure and code is not None:
-        for name, cell in zip(code.co_freevars, closure):
-            try:
-                yield f" (closure variable {name})", cell.cell_contents
-            except ValueError:
-                continue
+    if isinstance(obj, types.FunctionType):
+        if _by_value(obj):
+            yield from _function_children(obj)
+        return
+    if not isinstance(obj, (types.ModuleType, types.MethodType)) and _by_value(type(obj)):
+        # an instance of a notebook class carries the class along, by value
+        for k, v in _class_items(type(obj)):
+            yield f" (class attribute {k})", v
+
+
+def _function_children(func: types.FunctionType) -> Iterable[tuple[str, Any]]:
+    """What cloudpickle sends with a notebook function: the globals it uses, its defaults
+    and its closure."""
+    code = func.__code__
+    names = dict.fromkeys(_code_globals(code))  # once each, in order of appearance
+    for name in list(names)[:1000]:
+        if name in func.__globals__:
+            yield f" (global {name})", func.__globals__[name]
+    positional = code.co_varnames[:code.co_argcount]
+    defaults = func.__defaults__ or ()
+    for name, v in zip(positional[len(positional) - len(defaults):], defaults):
+        yield f" (default of {name})", v
+    for name, v in (func.__kwdefaults__ or {}).items():
+        yield f" (default of {name})", v
+    for name, cell in zip(code.co_freevars, func.__closure__ or ()):
+        try:
+            yield f" (closure variable {name})", cell.cell_contents
+        except ValueError:  # not yet assigned
+            continue
 
 
 def find_unpicklable(obj: Any, path: str) -> tuple[str, Any]:
@@ -666,25 +736,67 @@ def find_unpicklable(obj: Any, path: str) -> tuple[str, Any]:
     return find_all_unpicklable(obj, path, limit=1)[0]
 
 
-def find_all_unpicklable(obj: Any, path: str, limit: int = 10, depth: int = 0,
-                         seen: set[int] | None = None) -> list[tuple[str, Any]]:
+def find_all_unpicklable(obj: Any, path: str, limit: int = 10,
+                         unlisted: dict[str, int] | None = None) -> list[tuple[str, Any]]:
     """Every deepest attribute path below ``obj`` that fails to pickle, at most ``limit``
     (``obj`` itself if no part of it fails alone): a report should name all of them, not
-    only the one to fix first."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return []  # reached again (shared, or a cycle): named where it was reached first
-    if depth > 30 or _recognised(obj) is not None:
-        return [(path, obj)]  # a thread, not the lock inside it
-    seen.add(id(obj))
-    found: list[tuple[str, Any]] = []
-    for suffix, child in _children(obj):
-        if len(found) >= limit:
-            break
-        if not _pickles(child):
-            found += find_all_unpicklable(child, path + suffix, limit - len(found), depth + 1,
-                                          seen)
+    only the one to fix first. ``unlisted``, if given, receives for each path where the
+    limit cut the search short how many more of its parts fail (each holding a fault or more)."""
+    walk = _FaultWalk(limit, unlisted)
+    found, _ = walk.visit(obj, path, 0)
+    # every part that fails led back to obj itself (a cycle): obj is the one at fault
     return found or [(path, obj)]
+
+
+class _FaultWalk:
+    """One search for the objects at fault below an object (see find_all_unpicklable)."""
+
+    def __init__(self, limit: int, unlisted: dict[str, int] | None) -> None:
+        self.limit = limit
+        self.unlisted = unlisted
+        self.found = 0
+        self.done: set[int] = set()  # named already, or found sound apart from those named
+        self.open: set[int] = set()  # being searched: an ancestor of where the search is
+
+    def visit(self, obj: Any, path: str, depth: int) -> tuple[list[tuple[str, Any]], set[int]]:
+        """The objects at fault below ``obj``, and the ancestors (ids) whose own fault may be
+        what makes it fail: a part that is failing only because it leads back to an ancestor
+        is no culprit, the ancestor or what is at fault in it is."""
+        if id(obj) in self.open:
+            return [], {id(obj)}
+        if id(obj) in self.done:
+            return [], set()  # reached again (shared): named where it was reached first
+        if depth > 30 or _recognised(obj) is not None:
+            self.found += 1
+            return [(path, obj)], set()  # a thread, not the lock inside it
+        self.open.add(id(obj))
+        found: list[tuple[str, Any]] = []
+        waits: set[int] = set()
+        failing = skipped = 0
+        for suffix, child in _children(obj):
+            if self.found >= self.limit and self.unlisted is None:
+                break
+            if _pickles(child):
+                continue
+            failing += 1
+            if self.found >= self.limit:
+                skipped += 1  # counted, not searched: the report says how many were left
+                continue
+            more, wait = self.visit(child, path + suffix, depth + 1)
+            found += more
+            waits |= wait
+        self.open.discard(id(obj))
+        self.done.add(id(obj))
+        if skipped and self.unlisted is not None:
+            self.unlisted[path] = skipped
+        if found:
+            return found, set()
+        if not failing or waits == {id(obj)}:
+            # nothing in it fails, or what fails only leads back to it: it is at fault itself
+            self.found += 1
+            return [(path, obj)], set()
+        # every part that fails was named elsewhere, or waits on an ancestor of this one
+        return [], waits - {id(obj)}
 
 
 def diagnose(name: str, value: Any, error: BaseException | None = None) -> SerializationError:

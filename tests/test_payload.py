@@ -768,3 +768,85 @@ def test_every_object_at_fault_is_named_once_where_it_is_first_reached() -> None
             "root.lock", "root.child.file"]
     finally:
         root.child.file.close()
+
+
+NOTEBOOK_FAULTS = """\
+import functools
+import os
+import threading
+lk = threading.Lock()
+def uses_lock():
+    return lk.locked()
+with_default = lambda x, _l=lk: x
+def kw_default(*, _l=lk):
+    return _l
+to_devnull = functools.partial(print, file=open(os.devnull, "w"))
+class Cfg:
+    lock = lk
+cfg = Cfg()
+class Layer:
+    pass
+class Model:
+    pass
+m = Model()
+m.layers = [Layer(), Layer(), Layer()]
+m.layers[0].hook = m.layers[1].hook = lk
+m.layers[2].hook = m
+"""
+
+
+@pytest.mark.parametrize("name, path", [
+    ("uses_lock", "uses_lock (global lk)"),
+    ("with_default", "with_default (default of _l)"),
+    ("kw_default", "kw_default (default of _l)"),
+    ("to_devnull", "to_devnull.keywords['file']"),
+    ("cfg", "cfg (class attribute lock)"),
+    ("Cfg", "Cfg.lock"),
+])
+def test_the_fault_is_named_inside_what_a_notebook_object_carries(name: str, path: str) -> None:
+    # globals, defaults, a partial's arguments, a class's attributes: all travel by value
+    from gpu_magic._payload import find_all_unpicklable
+
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(NOTEBOOK_FAULTS, ns)
+    try:
+        assert [p for p, _ in find_all_unpicklable(ns[name], name)] == [path]
+    finally:
+        ns["to_devnull"].keywords["file"].close()
+
+
+def test_an_importable_function_is_not_searched_for_its_globals() -> None:
+    from gpu_magic._payload import find_all_unpicklable
+
+    # os.path.join travels by reference: whatever its module holds does not travel with it
+    assert [p for p, _ in find_all_unpicklable([os.path.join, threading.Lock()], "x")] == ["x[1]"]
+
+
+def test_a_part_that_fails_only_through_a_cycle_is_no_culprit() -> None:
+    from gpu_magic._payload import find_all_unpicklable
+
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(NOTEBOOK_FAULTS, ns)
+    try:
+        # m.layers[2] fails only because it leads back to m, whose faults are named
+        assert [p for p, _ in find_all_unpicklable(ns["m"], "m")] == [
+            "m.layers[0].hook", "m.layers[1].hook"]
+    finally:
+        ns["to_devnull"].keywords["file"].close()
+
+    class Broken:
+        def __reduce__(self) -> Any:
+            raise TypeError("no")
+
+    b = Broken()
+    b.me = b  # what fails in it leads back to itself: it is the one at fault
+    assert [p for p, _ in find_all_unpicklable([b], "x")] == ["x[0]"]
+
+
+def test_faults_past_the_limit_are_counted() -> None:
+    from gpu_magic._payload import find_all_unpicklable
+
+    many = {f"k{i}": threading.Lock() for i in range(30)}
+    unlisted: dict[str, int] = {}
+    assert len(find_all_unpicklable(many, "many", unlisted=unlisted)) == 10
+    assert unlisted == {"many": 20}

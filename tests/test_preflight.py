@@ -81,3 +81,21 @@ def test_bad_option_values_are_refused_by_the_python_api(use_gateway: Gateway,
                                                          message: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         gpu_magic.run("1", "H100", {"__name__": "__main__"}, **options)
+
+
+def test_the_report_says_how_many_faults_it_did_not_list() -> None:
+    import threading
+
+    from gpu_magic._api import _dry_run
+    from gpu_magic._errors import GatewayError
+
+    def no_gateway() -> Any:
+        raise GatewayError("not reachable")
+
+    many = {f"k{i}": threading.Lock() for i in range(30)}
+    report = _dry_run({"many": many}, "H100", no_gateway, Path("."),  # type: ignore[arg-type]
+                      {"__name__": "__main__"})
+    text = repr(report)
+    assert text.count(": a thread lock") == 10  # one line per fault listed
+    assert "… and 20 more part(s) of many that cannot be sent" in text
+    assert report["inputs"][0]["unlisted"] == {"many": 20}
