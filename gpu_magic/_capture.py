@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 
 from IPython.core.inputtransformer2 import TransformerManager
 
-from gpu_magic._errors import CaptureError, CellSyntaxError
+from gpu_magic._errors import (
+    CaptureError,
+    CellIndentationError,
+    CellSyntaxError,
+    CellTabError,
+)
 
 __all__ = ["CellAnalysis", "analyze_cell"]
 
@@ -105,12 +110,17 @@ def leading_blank_lines(source: str) -> int:
 
 
 def _transform_and_parse(source: str, line_offset: int = 0) -> tuple[str, ast.Module]:
+    if "\x00" in source:
+        # the parser only says "source code string cannot contain null bytes", with no line
+        raise _null_byte_error(source, line_offset)
     # The compiler turns doubtful escapes ("\d") into warnings, and into SyntaxErrors where
     # warnings are errors (pytest's filterwarnings): neither is ours to report.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             transformed = TransformerManager().transform_cell(source)
+        except SyntaxError as exc:  # IndentationError from IPython's tokenizing: as Python's
+            raise _cell_syntax_error(exc, source, line_offset) from None
         except Exception as exc:  # IPython's transforms raise assorted types on broken input
             raise CaptureError(
                 f"IPython cannot read the cell ({type(exc).__name__}: {exc}); fix its syntax"
@@ -127,17 +137,50 @@ def _transform_and_parse(source: str, line_offset: int = 0) -> tuple[str, ast.Mo
                         flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
             return transformed, tree
         except SyntaxError as exc:
-            lines = source.splitlines()
-            lineno = (exc.lineno or 0) + leading_blank_lines(source)
-            # Transforms keep line numbers, so the user's own line is the one to show.
-            text = lines[lineno - 1] if 0 < lineno <= len(lines) else (exc.text or "")
-            raise CellSyntaxError(
-                f"the cell has a syntax error on line {lineno + line_offset}: {exc.msg}\n"
-                f"    {text.strip()}\nfix that line and run the cell again",
-                msg=exc.msg, lineno=lineno + line_offset, offset=exc.offset, text=text,
+            raise _cell_syntax_error(exc, source, line_offset) from None
+        except (RecursionError, MemoryError) as exc:
+            # CPython's parser gives up on deep nesting with a bare MemoryError (no message)
+            raise CaptureError(
+                f"the cell is nested too deeply for Python's parser ({type(exc).__name__}: "
+                f"an expression with too many brackets or operators one inside another); "
+                f"split it into smaller steps, assigning parts to variables"
             ) from None
-        except (ValueError, RecursionError, MemoryError) as exc:  # null bytes; parser stack
-            raise CaptureError(f"the cell cannot be parsed ({exc or type(exc).__name__}); fix it")
+        except ValueError as exc:
+            raise CaptureError(
+                f"the cell cannot be parsed ({type(exc).__name__}: {exc}); fix its syntax"
+            ) from None
+
+
+def _cell_syntax_error(exc: SyntaxError, source: str, line_offset: int) -> CellSyntaxError:
+    """``exc`` in the notebook's lines and columns, of the kind Python raised (an
+    IndentationError stays one, so ``except IndentationError`` still takes it)."""
+    lines = source.splitlines()
+    lineno = (exc.lineno or 0) + leading_blank_lines(source)
+    # Transforms keep line numbers, so the user's own line is the one to show.
+    text = lines[lineno - 1] if 0 < lineno <= len(lines) else (exc.text or "")
+    offset = exc.offset
+    kind = (CellTabError if isinstance(exc, TabError)
+            else CellIndentationError if isinstance(exc, IndentationError) else CellSyntaxError)
+    what = "an indentation error" if kind is not CellSyntaxError else "a syntax error"
+    return kind(
+        f"the cell has {what} on line {lineno + line_offset}: {exc.msg}\n"
+        f"    {text.strip()}\nfix that line and run the cell again",
+        msg=exc.msg, lineno=lineno + line_offset, offset=offset, text=text,
+    )
+
+
+def _null_byte_error(source: str, line_offset: int) -> CellSyntaxError:
+    """The error for a cell with a null byte (pasted binary, a bad encoding), on its line."""
+    lines = source.splitlines()
+    lineno = next(i for i, line in enumerate(lines, 1) if "\x00" in line)
+    text = lines[lineno - 1].replace("\x00", "\\x00")  # shown, not swallowed by the terminal
+    return CellSyntaxError(
+        f"the cell has a null byte (\\x00) on line {lineno + line_offset}\n"
+        f"    {text.strip()}\nremove it (Python source cannot contain null bytes) and run "
+        f"the cell again",
+        msg="source code cannot contain null bytes", lineno=lineno + line_offset,
+        offset=lines[lineno - 1].index("\x00") + 1, text=text,
+    )
 
 
 def _ends_with_semicolon(*texts: str) -> bool:

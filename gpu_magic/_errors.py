@@ -5,6 +5,9 @@ Every message says what happened, the offending value, and how to fix it.
     GpuMagicError
     ├── SpecError                 bad GPU spec (also a ValueError)
     ├── CaptureError              the cell cannot be analysed (star import, syntax)
+    │   └── CellSyntaxError       the cell does not parse (also a SyntaxError)
+    │       └── CellIndentationError     (also an IndentationError)
+    │           └── CellTabError         (also a TabError)
     ├── SerializationError        an input or result cannot be pickled
     │   └── EnvironmentMismatch   the runner's Python differs from ours
     ├── SchedulingError           the pool can never or did not in time grant the job
@@ -55,12 +58,34 @@ class CellSyntaxError(CaptureError, SyntaxError):
     def __str__(self) -> str:
         return str(self.args[0])
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickle's default calls cls(*args), which misses the keyword-only arguments: an
+        # error raised on a GPU machine could not be rebuilt here
+        return (_rebuild_cell_syntax_error,
+                (type(self), self.args[0], self.msg, self.lineno, self.offset, self.text))
+
     def _render_traceback_(self) -> list[str]:
         lines = [f"  Cell, line {self.lineno}", f"    {self.text.strip()}"]
         if self.offset:  # the caret under the column the parser stopped at
             indent = len(self.text) - len(self.text.lstrip())
             lines.append("    " + " " * max(0, self.offset - 1 - indent) + "^")
-        return [*lines, f"SyntaxError: {self.msg}", "fix that line and run the cell again"]
+        kind = next(t.__name__ for t in type(self).__mro__ if t.__module__ == "builtins")
+        return [*lines, f"{kind}: {self.msg}", "fix that line and run the cell again"]
+
+
+class CellIndentationError(CellSyntaxError, IndentationError):
+    """The cell's indentation is wrong: ``except IndentationError`` takes it, as it would the
+    error of a local run."""
+
+
+class CellTabError(CellIndentationError, TabError):
+    """The cell mixes tabs and spaces in its indentation (``except TabError`` takes it)."""
+
+
+def _rebuild_cell_syntax_error(cls: type[CellSyntaxError], message: str, msg: str,
+                               lineno: int, offset: int | None, text: str) -> CellSyntaxError:
+    """Unpickles a CellSyntaxError (see its ``__reduce__``)."""
+    return cls(message, msg=msg, lineno=lineno, offset=offset, text=text)
 
 
 class SerializationError(GpuMagicError):

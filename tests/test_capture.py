@@ -608,3 +608,52 @@ def test_syntax_error_counts_the_blank_lines_a_cell_starts_with() -> None:
         analyze_cell("\n\n\nx = (1,", line_offset=1)
     assert (info.value.lineno, info.value.text) == (5, "x = (1,")
     assert "line 5" in str(info.value)
+
+
+
+@pytest.mark.parametrize("source, kind", [
+    ("if 1:\n  x = 1\n y = 2\n", IndentationError),  # found by IPython's tokenizing
+    ("if 1:\nx = 1\n", IndentationError),  # found by the parser
+    ("x = 1\n  y = 2\n", IndentationError),  # an unexpected indent
+    ("if 1:\n\tx = 1\n        y = 2\n", TabError),
+])
+def test_indentation_errors_stay_indentation_errors(source: str, kind: type) -> None:
+    # `except IndentationError` / `except TabError` must still take them, as in a local run
+    import pickle
+
+    with pytest.raises(kind) as info:
+        analyze_cell(source)
+    err = info.value
+    assert isinstance(err, CaptureError) and type(err).__name__.startswith("Cell")
+    assert f"{kind.__name__}: " in "\n".join(err._render_traceback_())  # type: ignore[attr-defined]
+    # it can travel back from a GPU machine: every field survives a pickle
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err) and str(again) == str(err)
+    assert (again.lineno, again.offset, again.text, again.msg) == (
+        err.lineno, err.offset, err.text, err.msg)
+
+
+def test_a_cell_syntax_error_survives_a_pickle() -> None:
+    import pickle
+
+    with pytest.raises(SyntaxError) as info:
+        analyze_cell("x = 1\nz = 2 2\n", line_offset=1)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert type(again) is type(info.value) and str(again) == str(info.value)
+    assert (again.lineno, again.offset, again.text) == (3, info.value.offset, "z = 2 2")
+
+
+def test_a_too_deeply_nested_cell_says_so() -> None:
+    with pytest.raises(CaptureError) as info:
+        analyze_cell("x = " + "-" * 20000 + "1")
+    message = str(info.value)
+    assert "nested too deeply" in message and "smaller steps" in message, message
+    assert "()" not in message
+
+
+def test_a_null_byte_is_named_on_its_line() -> None:
+    with pytest.raises(SyntaxError) as info:
+        analyze_cell("x = 1\ny = 2\x00\n", line_offset=1)
+    err = info.value
+    assert err.lineno == 3 and "null byte" in str(err) and "line 3" in str(err)
+    assert "y = 2\\x00" in str(err) and "remove it" in str(err)
