@@ -159,6 +159,11 @@ def _cell_syntax_error(exc: SyntaxError, source: str, line_offset: int) -> CellS
     # Transforms keep line numbers, so the user's own line is the one to show.
     text = lines[lineno - 1] if 0 < lineno <= len(lines) else (exc.text or "")
     offset = exc.offset
+    parsed = (exc.text or "").rstrip("\r\n")
+    if offset is not None and parsed and text.endswith(parsed.lstrip()):
+        # IPython dedents an indented cell before it is parsed: the column counts from the
+        # dedented line, the caret is shown under the notebook's
+        offset += (len(text) - len(text.lstrip())) - (len(parsed) - len(parsed.lstrip()))
     kind = (CellTabError if isinstance(exc, TabError)
             else CellIndentationError if isinstance(exc, IndentationError) else CellSyntaxError)
     what = "an indentation error" if kind is not CellSyntaxError else "a syntax error"

@@ -610,6 +610,17 @@ def test_syntax_error_counts_the_blank_lines_a_cell_starts_with() -> None:
     assert "line 5" in str(info.value)
 
 
+def test_the_caret_of_an_indented_cell_is_in_the_notebooks_columns() -> None:
+    # IPython dedents the cell before parsing; the column must count the indent back in
+    with pytest.raises(SyntaxError) as info:
+        analyze_cell("    x = 1\n    y = foo(1, 2 3)", line_offset=1)
+    err = info.value
+    assert (err.lineno, err.text) == (3, "    y = foo(1, 2 3)")
+    assert err.text[err.offset - 1] == "2"
+    shown = err._render_traceback_()  # type: ignore[attr-defined]
+    code, caret = shown[1], shown[2]
+    assert code[caret.index("^")] == "2", shown
+
 
 @pytest.mark.parametrize("source, kind", [
     ("if 1:\n  x = 1\n y = 2\n", IndentationError),  # found by IPython's tokenizing
