@@ -688,6 +688,10 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]]:
             yield f".args[{i}]", v
         for k, v in list(obj.keywords.items())[:1000]:
             yield f".keywords[{k!r}]", v
+    if isinstance(obj, types.MethodType):  # pickled as its function and the object it is bound to
+        yield ".__self__", obj.__self__
+        yield ".__func__", obj.__func__
+        return
     if isinstance(obj, type):
         if _by_value(obj):  # its attributes travel with it, methods (and their globals) too
             for k, v in _class_items(obj):
@@ -704,7 +708,7 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]]:
         if _by_value(obj):
             yield from _function_children(obj)
         return
-    if not isinstance(obj, (types.ModuleType, types.MethodType)) and _by_value(type(obj)):
+    if not isinstance(obj, types.ModuleType) and _by_value(type(obj)):
         # an instance of a notebook class carries the class along, by value
         for k, v in _class_items(type(obj)):
             yield f" (class attribute {k})", v

@@ -792,6 +792,12 @@ m = Model()
 m.layers = [Layer(), Layer(), Layer()]
 m.layers[0].hook = m.layers[1].hook = lk
 m.layers[2].hook = m
+class Worker:
+    def __init__(self):
+        self.guard = threading.Lock()
+    def run(self):
+        return 1
+bound = Worker().run
 """
 
 
@@ -802,6 +808,7 @@ m.layers[2].hook = m
     ("to_devnull", "to_devnull.keywords['file']"),
     ("cfg", "cfg (class attribute lock)"),
     ("Cfg", "Cfg.lock"),
+    ("bound", "bound.__self__.guard"),
 ])
 def test_the_fault_is_named_inside_what_a_notebook_object_carries(name: str, path: str) -> None:
     # globals, defaults, a partial's arguments, a class's attributes: all travel by value
