@@ -874,7 +874,9 @@ class Gateway:
             job.ending = True
             job.timer = self.loop.call_later(ENDING_GRACE_S, self._timed_out, job_id, attempt)
             return
-        if job.adopting is not None:  # results still being stored: stopped right after
+        if job.adopting is not None or (job.holding is not None and not job.holding.done()):
+            # results still being stored, or inputs checked: the cell has ended; its runner
+            # is stopped right after, if it is still there then
             job.timer = self.loop.call_later(1.0, self._timed_out, job_id, attempt)
             return
         if job.stoppable:
