@@ -204,12 +204,21 @@ def test_serve_refuses_bad_values_in_one_line(tmp_path: Path, args: list[str], s
                                "gateway does not sandbox. Leave out --isolation"),
     (["--simulate", "H100:2"], "--simulate H100:2 makes a simulated pool of the local backend; "
                                "with --backend ray the pool is the Ray cluster's GPU nodes. "
-                               "Leave out --simulate"),
+                               "Leave out --simulate to use the cluster; for a simulated pool, "
+                               "--backend local --simulate H100:2, or a one-machine Ray"),
+    # several users: Ray's advice, not the sandbox's (bubblewrap does not help on Ray)
+    (["--tokens-file", "{tokens}", "--isolation", "none"],
+     "this gateway would serve 2 users on Ray, whose workers run cells without the gateway's "
+     "sandbox"),
 ])
 def test_serve_refuses_local_backend_options_with_ray(tmp_path: Path, args: list[str],
                                                       says: str) -> None:
     # both started in silence on Ray: cells unsandboxed, the cluster's GPUs instead of a
     # simulated pool. Refused before any Ray cluster is looked for (there is none here).
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"alice": "a" * 43, "bob": "b" * 43}))
+    tokens.chmod(0o600)
+    args = [a.format(tokens=tokens) for a in args]
     out = gm("serve", "--port", "0", "--state-dir", str(tmp_path / "state"), "--backend", "ray",
              "--ray-address", "127.0.0.1:1", *args)
     assert out.returncode == 2, out.stdout

@@ -166,8 +166,9 @@ def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, P
             raise ServeError(
                 f"--simulate {cfg.simulate} makes a simulated pool of the local backend; with "
                 "--backend ray the pool is the Ray cluster's GPU nodes. Leave out --simulate to "
-                "use the cluster, or --backend ray to serve a simulated pool (fake GPUs on Ray: "
-                "docs/ray.md, \"Trying it on one machine\").")
+                f"use the cluster; for a simulated pool, --backend local --simulate "
+                f"{cfg.simulate}, or a one-machine Ray cluster with fake GPUs (docs/ray.md, "
+                "\"Trying it on one machine\").")
     token_path = None
     try:
         if cfg.tokens_file:
@@ -180,19 +181,20 @@ def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, P
     isolation = cfg.isolation
     if isolation == "auto":
         isolation = "bwrap" if len(users) > 1 and bwrap_path() else "none"
-    if len(users) > 1 and isolation == "none" and not cfg.force:
-        raise ServeError(
-            f"this gateway serves {len(users)} users but would run their cells without "
-            "isolation: one user's cell could read the tokens file and everyone's data. Install "
-            "bubblewrap (apt-get install bubblewrap) for --isolation bwrap, or --force if every "
-            "user may see everything."
-        )
     if len(users) > 1 and cfg.backend == "ray" and not cfg.force:
+        # (before the sandbox's advice: bubblewrap would not help, Ray's workers run the cells)
         raise ServeError(
             f"this gateway would serve {len(users)} users on Ray, whose workers run cells "
             "without the gateway's sandbox, as the Ray workers' own account. Give each group its "
             "own cluster and gateway, or --force if every user may see everything the workers "
             "can (see docs/ray.md)."
+        )
+    if len(users) > 1 and isolation == "none" and not cfg.force and cfg.backend != "ray":
+        raise ServeError(
+            f"this gateway serves {len(users)} users but would run their cells without "
+            "isolation: one user's cell could read the tokens file and everyone's data. Install "
+            "bubblewrap (apt-get install bubblewrap) for --isolation bwrap, or --force if every "
+            "user may see everything."
         )
     if isolation == "bwrap" and not bwrap_path():
         raise ServeError("--isolation bwrap needs bubblewrap: apt-get install bubblewrap")
