@@ -672,11 +672,11 @@ class _Job:
         if exc is None and ev.get("interrupted"):
             exc = KeyboardInterrupt()  # (its pickle did not come: the type is known anyway)
         if ev.get("unsent") and exc is None:
-            lost = (f"{ev.get('ename') or 'the exception'} could not be pickled on the GPU "
-                    f"machine ({ev['unsent']}), so it is raised here as RemoteError (`except "
-                    "RemoteError` takes it; its .ename names the type). To get the type "
-                    "itself, keep what cannot be pickled (a lock, an open file) off the "
-                    "exception, or give its class a __reduce__")
+            lost = (f"{ev.get('ename') or 'the exception'} could not be sent back from the "
+                    f"GPU machine ({ev['unsent']}), so it is raised here as RemoteError "
+                    "(`except RemoteError` takes it; its .ename names the type). To get the "
+                    "type itself, keep what cannot be pickled or is large (a lock, an open "
+                    "file, big arrays) off the exception, or give its class a __reduce__")
         hint = "; ".join(h for h in (local_hint(ev), lost) if h) or None
         rebuilt = rebuild(ev, exc, lines, hint=hint)
         if isinstance(rebuilt, KeyboardInterrupt):

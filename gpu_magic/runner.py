@@ -485,11 +485,14 @@ def _register_gpu_magic(shell: Any) -> None:
     is loaded): a nested ``%%gpu`` cell runs right here, in this job. Loaded on first use
     (most cells never use it), and never registered through the extension: the shell puts
     back what a cell registers, and a loaded extension is not loaded twice."""
+    made: list[Any] = []  # one instance: each registers itself with the shell's configurables
 
     def gpu(line: str, cell: str | None = None) -> Any:
-        from ._magic import GPUMagic
+        if not made:
+            from ._magic import GPUMagic
 
-        return GPUMagic(shell=shell).gpu(line, cell)
+            made.append(GPUMagic(shell=shell))
+        return made[0].gpu(line, cell)
 
     shell.register_magic_function(gpu, magic_kind="line_cell", magic_name="gpu")
 
@@ -1015,6 +1018,7 @@ def _in_ipython(filename: str) -> bool:
 CHAIN_KEPT = 8  # exceptions chained before the one a cell raised
 FRAMES_KEPT = 200  # at each end of a traceback
 EVALUE_MAX = 100_000  # characters of an exception's message in its event (its pickle has all)
+EXCEPTION_MAX = 64 << 20  # bytes of arrays an exception may carry back (more: RemoteError, said)
 
 
 def _cut(text: str, most: int) -> str:
@@ -1648,8 +1652,8 @@ def _main_module(module: Any) -> Any:
 def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,
                  lead: int = 0) -> dict[str, Any]:
     """The cell's exception as an event: its frames from the cell's own on (``lead``: see
-    _frames), the exceptions it was raised from, and its pickle (inline when small) where it
-    has no out-of-band buffers."""
+    _frames), the exceptions it was raised from, and its pickle (inline when small), or why
+    it could not be sent (``unsent``)."""
     cell_files = set(getattr(shell.compile, "_filename_map", {}) or {})
     event: dict[str, Any] = {
         "type": "error",
@@ -1663,8 +1667,16 @@ def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,
     if chain:
         event["chain"] = chain
     try:
-        # in one piece, arrays it carries too: the client rebuilds it from this blob alone
-        packed, _ = _payload.dumps(exc, inline_limit=sys.maxsize)
+        # in one piece, arrays it carries too (up to EXCEPTION_MAX): the client rebuilds it
+        # from this blob alone
+        packed, _ = _payload.dumps(exc)
+        carried = sum(_payload.byte_view(b).nbytes for b in packed.buffers)
+        if carried > EXCEPTION_MAX:
+            event["unsent"] = (f"it carries {carried >> 20} MiB of arrays; at most "
+                               f"{EXCEPTION_MAX >> 20} MiB travel with an exception")
+            return event
+        if packed.buffers:
+            packed, _ = _payload.dumps(exc, inline_limit=sys.maxsize)
         _put_blobs(out, packed, event)
         event["exception"] = packed.pickle_digest
     except Exception as why:  # (a lock on it, a __reduce__ that fails): said, not dropped

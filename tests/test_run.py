@@ -467,6 +467,14 @@ def test_gpu_magics_work_in_a_cell_without_loading_the_extension_there() -> None
         """)
         assert ns["r"] == 42 and ns["q"] == 42
         assert ns["refused"].startswith("%gpu pool: this runs inside GPU job "), ns["refused"]
+    ns = notebook("")  # a cell that calls the magic in a loop does not grow the shell
+    run(ns, """
+        sizes = []
+        for _ in range(20):
+            get_ipython().run_cell_magic("gpu", "H100 --quiet", "w = 1")
+            sizes.append(len(get_ipython().configurables))
+    """)
+    assert len(set(ns["sizes"])) == 1, ns["sizes"]
 
 
 def test_an_error_in_a_cell_inside_a_job_shows_the_cells_lines_not_ours() -> None:
@@ -505,8 +513,16 @@ def test_an_exception_that_cannot_be_pickled_where_it_ran_says_so(raising: str,
     with pytest.raises(RemoteError) as info:
         run(ns, "import threading\nclass Odd(Exception):\n    pass\n" + raising)
     text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
-    assert "could not be pickled on the GPU machine (" + why in text, text
+    assert "could not be sent back from the GPU machine (" + why in text, text
     assert "give its class a __reduce__" in text
+
+
+def test_an_exception_carrying_more_than_it_may_bring_back_says_so() -> None:
+    ns = notebook("class Heavy(Exception):\n    pass\n")
+    with pytest.raises(RemoteError) as info:
+        run(ns, "import numpy as np\ne = Heavy('x')\ne.arr = np.ones(9 << 20)\nraise e")
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "(it carries 72 MiB of arrays; at most 64 MiB travel with an exception)" in text, text
 
 
 def test_an_exception_carrying_a_large_array_comes_back_as_itself() -> None:

@@ -967,7 +967,9 @@ class Gateway:
         except (OSError, ValueError, BlobError) as exc:
             if ev["type"] == "result":
                 return _not_stored(exc, self.state_dir)
-            ev = {k: v for k, v in ev.items() if k != "exception"}  # the traceback is enough
+            # the traceback is enough; the client says why the exception's own type is missing
+            ev = {**{k: v for k, v in ev.items() if k != "exception"},
+                  "unsent": f"the gateway could not store it: {str(exc)[:300]}"}
         return _without_inline(ev)
 
     def _keep_blobs(self, job: Job, attempt: int, ev: dict[str, Any], digests: list[str]) -> None:
