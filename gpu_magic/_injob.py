@@ -128,16 +128,21 @@ def _execute(code: str, has_value: bool, scope: dict[str, Any], job: str | None)
     # tracebacks show the cell's lines, as the outer cell's own are shown
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     had_builtins = "__builtins__" in scope  # exec adds it: not a name of the user's
+    if last is not None:  # the value, kept under a name of ours: one code object, one loop
+        tree.body.append(ast.copy_location(ast.Assign(
+            targets=[ast.Name(_VALUE, ast.Store())], value=last.value), last))
+        ast.fix_missing_locations(tree)
     try:
         _run(compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT), scope)
-        if last is None:
-            return None
-        value = _run(compile(ast.Expression(last.value), filename, "eval",
-                             flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT), scope)
+        value = scope.pop(_VALUE, None)
     finally:
+        scope.pop(_VALUE, None)
         if not had_builtins:
             scope.pop("__builtins__", None)
     return value if has_value else None  # a trailing `;` shows nothing, as in IPython
+
+
+_VALUE = "_gpu_magic_cell_value"
 
 
 def _run(code: Any, scope: dict[str, Any]) -> Any:

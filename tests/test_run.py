@@ -449,9 +449,15 @@ def test_a_cell_run_inside_a_job_binds_only_its_names_and_may_await() -> None:
         waited = {}
         later = gpu_magic.run("import asyncio\\nawait asyncio.sleep(0)\\nc = 5\\nc", "H100",
                               waited)
+        tasked = {}  # a task made in one statement and awaited in the last: one loop
+        task = gpu_magic.run("import asyncio\\nasync def work():\\n    return 7\\n"
+                             "t = asyncio.create_task(work())\\nawait t", "H100", tasked)
+        clean = "_gpu_magic_cell_value" not in tasked
+        del tasked  # (a task cannot come back)
     """)
     assert ns["got"] == 2 and ns["names"] == ["a", "b"]  # no __builtins__ left behind
     assert ns["later"] == 5 and ns["waited"]["c"] == 5
+    assert ns["task"] == 7 and ns["clean"]
 
 
 def test_gpu_magics_work_in_a_cell_without_loading_the_extension_there() -> None:
