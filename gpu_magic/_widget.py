@@ -292,7 +292,12 @@ class WidgetView(NullView):
                     self._html.value = self._last_html = value
                 else:
                     self._html.send_state("value")
+            sent = self._out.outputs if self._out is not None else None
             self._flush_outputs(force=True)
+            if self._out is not None and self._out.outputs == sent:
+                # unchanged, so the assignment sent nothing: its one sending may have been
+                # dropped the same way (a background job's output flushed as it ended)
+                self._out.send_state("outputs")
             self._handle.update(self._bundle(), raw=True)
 
     def cancel_failed(self) -> None:
