@@ -661,7 +661,7 @@ class _Job:
                 exc = _payload.loads(self._blob(ev, ev["exception"]), namespace={})
             except Exception as why:
                 exc = None
-                lost = _not_rebuilt(str(ev.get("ename") or "the exception"), why)
+                lost = _not_rebuilt(ev, why)
         lines = render_traceback(ev, self.source, line_offset=self.opts.line_offset,
                                  label=self.opts.label, grant=self.state.grant, job_id=self.id,
                                  cell_name=_cell_name,
@@ -672,11 +672,10 @@ class _Job:
         if exc is None and ev.get("interrupted"):
             exc = KeyboardInterrupt()  # (its pickle did not come: the type is known anyway)
         if ev.get("unsent") and exc is None:
-            lost = (f"{ev.get('ename') or 'the exception'} could not be sent back from the "
-                    f"GPU machine ({ev['unsent']}), so it is raised here as RemoteError "
-                    "(`except RemoteError` takes it; its .ename names the type). To get the "
-                    "type itself, keep what cannot be pickled or is large (a lock, an open "
-                    "file, big arrays) off the exception, or give its class a __reduce__")
+            lost = _as_remote_error(
+                ev, f"could not be sent back from the GPU machine ({ev['unsent']})",
+                "To get the type itself, keep what cannot be pickled or is large (a lock, an "
+                "open file, big arrays) off the exception, or give its class a __reduce__")
         hint = "; ".join(h for h in (local_hint(ev), lost) if h) or None
         rebuilt = rebuild(ev, exc, lines, hint=hint)
         if isinstance(rebuilt, KeyboardInterrupt):
@@ -684,17 +683,24 @@ class _Job:
         return rebuilt
 
 
-def _not_rebuilt(ename: str, why: Exception) -> str:
-    """Why the cell's exception comes as RemoteError, and what would bring its own type."""
-    said = (f"{ename} could not be rebuilt here ({type(why).__name__}: {why}), so it is "
-            "raised as RemoteError (`except RemoteError` takes it; its .ename names the type)")
+def _not_rebuilt(ev: dict[str, Any], why: Exception) -> str:
+    """Why the cell's exception, which came, could not be rebuilt here, and what would do."""
+    fix = None
     if isinstance(why, (ImportError, AttributeError)):
-        return (f"{said}. Its class is only where the cell ran: define it in a local cell, "
-                "or install its module here too")
-    if isinstance(why, TypeError):
-        return (f"{said}. An exception class whose __init__ takes other arguments than it "
-                "passes to Exception.__init__ needs a __reduce__ to travel")
-    return said
+        fix = ("Its class is only where the cell ran: define it in a local cell, or install its "
+               "module here too")
+    elif isinstance(why, TypeError):
+        fix = ("An exception class whose __init__ takes other arguments than it passes to "
+               "Exception.__init__ needs a __reduce__ to travel")
+    return _as_remote_error(ev, f"could not be rebuilt here ({type(why).__name__}: {why})", fix)
+
+
+def _as_remote_error(ev: dict[str, Any], what: str, fix: str | None) -> str:
+    """The hint of a cell's exception raised as RemoteError: what kept its own type, and
+    what would bring it."""
+    said = (f"{ev.get('ename') or 'the exception'} {what}, so it is raised here as "
+            "RemoteError (`except RemoteError` takes it; its .ename names the type)")
+    return f"{said}. {fix}" if fix else said
 
 
 def _short(exc: BaseException) -> BaseException:
