@@ -613,8 +613,8 @@ class _Job:
             print(f"[gpu_magic] {name} was not brought back: {why}", file=sys.stderr)
         if ev.get("cuda_moved"):
             n = ev["cuda_moved"]
-            print(f"[gpu_magic] {n} CUDA tensor{'s' if n != 1 else ''} came back on the CPU "
-                  "(this machine has no GPU); move them with .to('cuda') inside a %%gpu cell",
+            print(f"[gpu_magic] {n} CUDA tensor{'s' if n != 1 else ''} came back on the CPU, "
+                  "as results always do; move them with .to('cuda') inside a %%gpu cell",
                   file=sys.stderr)
 
     def outcome(self, value: Callable[[], Any] | None = None) -> Any:

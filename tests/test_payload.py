@@ -285,6 +285,83 @@ def test_array_round_trip(
     assert got.flags.writeable
 
 
+# --- torch tensors: their storages travel out of band, the rest as torch pickles it ---
+
+TENSOR_CELL = """
+shared_in = v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+x.mul_(2)  # in place, on the storage rebuilt here: v, a view of x, sees it too
+with torch.no_grad():
+    w.add_(1)
+param = type(w).__name__ == "Parameter" and w.requires_grad
+"""
+
+
+def test_tensor_storages_travel_out_of_band(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    x = torch.arange(LARGE, dtype=torch.float32)
+    half = torch.arange(LARGE, dtype=torch.bfloat16)
+    w = torch.nn.Parameter(torch.ones(LARGE // 4))
+    values = {"torch": torch, "x": x, "v": x[10:20], "w": w, "h": half[::2],
+              "small": torch.arange(3)}
+    rt = round_trip(tmp_path, values, TENSOR_CELL,
+                    ("shared_in", "x", "v", "w", "h", "small", "param"))
+
+    # each storage once, as its own buffer (a view brings its storage, as torch does);
+    # nothing large in the pickle itself
+    assert sorted(b.nbytes for b in rt.sent.buffers) == sorted(
+        [x.nbytes, half.nbytes, w.nbytes])
+    assert len(rt.sent.pickle) < 10_000
+    for d, buf in zip(rt.sent.buffer_digests, rt.sent.buffers):
+        assert d == _payload.digest(buf)
+    assert len(rt.back_digests) == 3
+
+    back = rt.back
+    assert back["shared_in"] is True and back["param"] is True
+    assert torch.equal(back["x"], torch.arange(LARGE, dtype=torch.float32) * 2)
+    assert torch.equal(back["v"], back["x"][10:20])
+    assert back["v"].untyped_storage().data_ptr() == back["x"].untyped_storage().data_ptr()
+    assert type(back["w"]) is torch.nn.Parameter and back["w"].requires_grad
+    assert torch.equal(back["w"].detach(), torch.full((LARGE // 4,), 2.0))
+    assert back["h"].dtype == torch.bfloat16 and torch.equal(back["h"], half[::2])
+    assert torch.equal(back["small"], torch.arange(3))
+    assert torch.equal(x, torch.arange(LARGE, dtype=torch.float32))  # ours was not touched
+
+
+def test_an_unchanged_tensor_keeps_its_digest_beside_a_changed_input() -> None:
+    torch = pytest.importorskip("torch")
+    x = torch.randn(LARGE)
+    first, _ = _payload.dumps({"x": x, "step": 1})
+    second, _ = _payload.dumps({"x": x, "step": 2})
+    # what a rerun with a new small input uploads: a new pickle, never the tensor again
+    assert first.pickle_digest != second.pickle_digest
+    assert first.buffer_digests == second.buffer_digests and len(first.buffer_digests) == 1
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda n: bytes(n), id="read-only"),
+    pytest.param(lambda n: memoryview(bytearray(n + 1))[1:], id="odd-offset"),
+])
+def test_a_tensor_on_a_buffer_torch_cannot_use_as_it_is_gets_its_own_memory(
+        make: Callable[[int], Any]) -> None:
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    packed, _ = _payload.dumps({"x": torch.ones(LARGE)})
+    [buf] = packed.buffers
+    given = make(buf.nbytes)
+    byte_view = memoryview(given).cast("B")
+    if not byte_view.readonly:
+        byte_view[:] = buf
+    else:
+        given = bytes(buf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when handed memory it may not write
+        x = _payload.loads(packed.pickle, [given], namespace={})["x"]
+    assert x.data_ptr() % 16 == 0
+    x.add_(1)
+    assert float(x.sum()) == 2 * LARGE
+
+
 # --- identity: two names for one object stay one object, both ways ---
 
 
@@ -571,6 +648,8 @@ def _set_attr(obj: Any) -> None:
             lambda nb: np.zeros(LARGE), lambda a: a.__setitem__(LARGE // 2, 1.0), id="large-array"
         ),
         pytest.param(lambda nb: np.zeros(10), lambda a: a.__setitem__(9, 1.0), id="small-array"),
+        pytest.param(lambda nb: __import__("torch").zeros(LARGE),
+                     lambda t: t.__setitem__(LARGE // 2, 1.0), id="large-tensor"),
         pytest.param(lambda nb: [1, 2], lambda x: x.append(3), id="list-append"),
         pytest.param(
             lambda nb: {"a": {"b": 1}}, lambda d: d["a"].__setitem__("b", 2), id="nested-dict"

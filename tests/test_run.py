@@ -786,6 +786,28 @@ def test_unchanged_inputs_are_not_sent_again_even_after_the_gateway_dropped_them
         assert third.sent_bytes > 5000
 
 
+def test_an_unchanged_tensor_is_not_sent_again_beside_a_changed_input(
+        use_gateway: Any) -> None:
+    pytest.importorskip("torch")
+    from gpu_magic._api import submit
+
+    ns = notebook("import torch\nweights = torch.randn(250_000)\nstep = 0")
+    expected = float(ns["weights"].sum())
+    with use_gateway.client() as c:
+        def once() -> Any:
+            ns["step"] += 1
+            job = submit("total = float(weights.sum()) + step", "H100", ns, client=c)
+            job.follow()
+            assert job.outcome() is None
+            assert ns.pop("total") == pytest.approx(expected + ns["step"], rel=1e-6)
+            return job.state
+
+        first = once()
+        assert first.sent_bytes > 1_000_000
+        again = once()  # a new step: a new small pickle, the tensor's megabyte stays there
+        assert 0 < again.sent_bytes < 10_000 and again.reused == 1
+
+
 def _cell_in_a_child(url: str, token: str) -> Any:
     from gpu_magic._client import GatewayClient
 
