@@ -265,24 +265,38 @@ def main() -> None:
                 "cell_s = _t.perf_counter() - _t0")
         ray_total = ray_rt[0] if ray_rt else None
         ray_moving = ray_rt[0] - ray_rt[1] if ray_rt else None
+
+        def data_rounds(c: Any, make: Callable[[], Any]) -> tuple[float, float]:
+            times, inside = [], []
+            for i in range(ROUNDS + 1):
+                ns = {"__name__": "__main__", "data": make()}
+                time.sleep(DATA_GAP_S)
+                t = time.perf_counter()
+                gpu_magic.run(cell, "H100", ns, client=c, quiet=True)
+                if i:
+                    times.append(time.perf_counter() - t)
+                    inside.append(ns["cell_s"])
+            return (statistics.median(times),
+                    statistics.median(a - b for a, b in zip(times, inside)))
+
         for same_host, label in ((False, "over HTTP (same-host path off)"),
                                  (True, "same host (files, the default)")):
             with GatewayClient(warm.url, warm.token, same_host=same_host) as c:
-                times, inside = [], []
-                for i in range(ROUNDS + 1):
-                    ns = {"__name__": "__main__", "data": rng.random(size // 8)}
-                    time.sleep(DATA_GAP_S)
-                    t = time.perf_counter()
-                    gpu_magic.run(cell, "H100", ns, client=c, quiet=True)
-                    if i:
-                        times.append(time.perf_counter() - t)
-                        inside.append(ns["cell_s"])
-                total = statistics.median(times)
-                moving = statistics.median(a - b for a, b in zip(times, inside))
+                total, moving = data_rounds(c, lambda: rng.random(size // 8))
                 row(f"256 MiB in, 256 MiB back, {label}", 2 * gib / total,
                     "Ray by-value round trip", 2 * gib / ray_total if ray_total else None, "GiB/s")
                 row("  the same, without the time of `data * 2` itself", 2 * gib / moving,
                     "Ray, the same", 2 * gib / ray_moving if ray_moving else None, "GiB/s")
+        # A torch tensor the same way (its storage travels as an array's buffer does)
+        try:
+            import torch
+
+            with warm.client() as c:
+                _, t_moving = data_rounds(c, lambda: torch.from_numpy(rng.random(size // 8)))
+            row("256 MiB torch tensor in and back, same host, without `data * 2`",
+                2 * gib / t_moving, "numpy array, the same", 2 * gib / moving, "GiB/s")
+        except ImportError:
+            ROWS.append(("256 MiB torch tensor in and back", "-", "torch not installed", "-"))
         # Peak memory on each side for one 256 MiB round trip over HTTP: the cell's result is
         # one copy (it is new data); the goal is at most one extra copy per side.
         import psutil
