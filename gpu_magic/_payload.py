@@ -126,7 +126,7 @@ class _Pickler(cloudpickle.Pickler):
             raise pickle.PicklingError(f"cannot send an open file ({type(obj).__name__})")
         if _is_cuda_tensor(obj):
             self.cuda_moved += 1
-            return obj.cpu().__reduce_ex__(5)
+            return _on_cpu(obj).__reduce_ex__(5)
         reduced = _reduce_storage(obj)
         if reduced is not None:
             return reduced
@@ -192,6 +192,23 @@ def _typed_storage(untyped: Any, dtype: Any) -> Any:
     import torch
 
     return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+def _on_cpu(tensor: Any) -> Any:
+    """A CUDA tensor's copy on the CPU, as it would pickle on the CPU: a copy such as
+    ``.cpu()`` makes is a plain tensor computed from it (a model's Parameters came back as
+    tensors that were no Parameters), so the type, leafness and attributes are put back."""
+    torch = sys.modules["torch"]
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return tensor.cpu()  # a subclass: its own ``.cpu()`` knows what it is
+    moved = tensor.detach().cpu()
+    if type(tensor) is torch.nn.Parameter:
+        moved = torch.nn.Parameter(moved, requires_grad=tensor.requires_grad)
+    elif tensor.requires_grad:
+        moved.requires_grad_(True)  # as torch rebuilds a tensor that needs gradients
+    if tensor.__dict__:
+        moved.__dict__.update(tensor.__dict__)
+    return moved
 
 
 _REGISTRY_LOCK = threading.Lock()

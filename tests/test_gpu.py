@@ -59,6 +59,25 @@ def test_torch_cell_runs_on_cuda_and_tensors_come_back_on_cpu(
     assert "came back on the CPU" in capsys.readouterr().err
 
 
+def test_a_model_trained_on_cuda_comes_back_with_its_parameters(real_gateway: Gateway) -> None:
+    torch = pytest.importorskip("torch")
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    gpu_magic.run(
+        "import torch\nnet = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))"
+        "\nnet[1].weight = net[0].weight  # tied\nnet = net.cuda()\n"
+        "net[0].weight.tag = 'shared'\n"
+        "net(torch.ones(2, 4, device='cuda')).sum().backward()\n"
+        "x = torch.ones(3, device='cuda', requires_grad=True)\nloss = (x * 2).sum()",
+        "any", ns, client=real_gateway.client(), quiet=True)
+    net = ns["net"]
+    params = list(net.parameters())
+    assert params and all(type(p) is torch.nn.Parameter and p.is_leaf and p.requires_grad
+                           and p.device.type == "cpu" for p in params)
+    assert net[1].weight is net[0].weight and net[0].weight.tag == "shared"
+    assert ns["x"].is_leaf and ns["x"].requires_grad
+    assert float(ns["loss"]) == 6.0 and ns["loss"].requires_grad
+
+
 def test_a_cell_run_again_on_a_warm_runner_has_its_gpu_memory_again(
         real_gateway: Gateway) -> None:
     # A warm runner used to keep a cell's tensors until the next cell (for good, once a

@@ -362,6 +362,22 @@ def test_a_tensor_on_a_buffer_torch_cannot_use_as_it_is_gets_its_own_memory(
     assert float(x.sum()) == 2 * LARGE
 
 
+def test_a_cuda_tensor_moved_to_the_cpu_pickles_as_it_would_have() -> None:
+    # The move itself needs a GPU (tests/test_gpu.py); here, what is put back after it: a
+    # copying op on a Parameter gives a plain tensor computed from it, no leaf
+    torch = pytest.importorskip("torch")
+    w = torch.nn.Parameter(torch.ones(3))
+    w.tag = "weight"
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    loss = (torch.ones(2, requires_grad=True) * 2).sum()
+    for given in (w, frozen, loss, torch.arange(3)):
+        moved = _payload._on_cpu(given)
+        assert type(moved) is type(given) and moved.is_leaf
+        assert moved.requires_grad == given.requires_grad
+        assert torch.equal(moved.detach(), given.detach())
+    assert _payload._on_cpu(w).tag == "weight"
+
+
 # --- identity: two names for one object stay one object, both ways ---
 
 
