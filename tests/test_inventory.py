@@ -204,6 +204,45 @@ def test_a_warm_runner_holding_a_cuda_context_does_not_block_its_gpu(tmp_path: P
         gw.stop()
 
 
+def test_a_cell_waiting_for_a_gpu_held_outside_says_so_and_starts_when_it_is_free(
+        tmp_path: Path) -> None:
+    # Nothing here says when a process gpu_magic did not start lets go of its GPU: a cell
+    # queued behind one waited for good (until some other job came or ended), saying only
+    # "queued", on a box where nobody else used gpu_magic
+    (tmp_path / "nvml").mkdir()
+    (tmp_path / "nvml" / "pynvml.py").write_text(FAKE_NVML)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "nvml"), *sys.path]),
+           "FAKE_NVML_DIR": str(tmp_path)}
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             start_new_session=True)
+    gw = start_gateway(tmp_path, simulate=None, env=env)
+    try:
+        (tmp_path / "gpu0").write_text(f"{other.pid} ")
+        with gw.client() as c:
+            with pytest.raises(gpu_magic.WaitExpired) as info:
+                gpu_magic.run("1", "H200", {"__name__": "__main__"}, client=c, quiet=True,
+                              wait=2)
+            node = c.pool()["nodes"][0]["name"]
+            assert str(info.value).endswith(
+                f"'H200' did not start within --wait 2 s: GPU 0 (H200) on {node} is in use by "
+                "a process gpu_magic did not start (nvidia-smi lists it); nothing ran. Wait "
+                "longer (--wait) or add fallback options (%gpu pool shows what is free).")
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            job = gpu_magic.run("x = 41 + 1", "H200", ns, client=c, quiet=True,
+                                background=True)
+            said = next(e for e in c.events(job.id) if e.get("waiting_for"))
+            assert said["type"] == "queued" and said["waiting_for"] == (
+                f"GPU 0 (H200) on {node} is in use by a process gpu_magic did not start "
+                "(nvidia-smi lists it); the cell starts when it is free")
+            other.kill()
+            other.wait()
+            job.wait(20)  # no other job comes or ends meanwhile
+            assert ns["x"] == 42
+    finally:
+        other.kill()
+        gw.stop()
+
+
 def test_nvml_is_started_once_and_asked_only_for_processes_after(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # the pool is read on every submit: NVML's start-up on each read was on every cell's path

@@ -32,7 +32,7 @@ from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
 from .limits import Limits, human, seconds
-from .scheduler import Grant, Request, feasibility, pool_summary, schedule
+from .scheduler import Grant, Request, feasibility, held_outside, pool_summary, schedule
 from .store import BlobError, BlobStore, Store
 
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
@@ -43,6 +43,7 @@ ORPHAN_TIMEOUT_S = 60.0
 INLINE_EVENT_MAX = 1 << 20  # base64 text of the blobs inside one result or error event
 EVALUE_KEPT = 100_000  # characters of an interrupted cell's error message (the runner's cut)
 OUTCOME_EVENT_MAX = 4 << 20  # the rest of it (names, notes, a traceback's frames)
+OUTSIDE_POLL_S = 2.0  # how often a GPU held outside gpu_magic is looked at while jobs wait
 ENDING_GRACE_S = 15.0  # a runner that said its cell ended has this long to end, timeout or not
 OUTPUT_MAX = 64 << 20  # characters of output kept for one job
 EVENT_COST = 64  # what one output event counts against it besides its text
@@ -94,7 +95,10 @@ class Job:
     min_memory_gb: float | None = None
     gpu_cap: int | None = None  # the user's limit on GPUs held at once, when submitted
     held: str | None = None  # why it waits though GPUs may be free: the user's own limit
-    waiting_for: str | None = None  # no node can run it now: what it waits to join the pool
+    # what it waits for that no job here holds: a node to join the pool, or GPUs held
+    # outside gpu_magic (then ``outside`` is set)
+    waiting_for: str | None = None
+    outside: bool = False
     message: str | None = None
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -172,6 +176,19 @@ def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
         "simulated": g.simulated,
         "attempt": attempt,
     }
+
+
+def _outside_note(gpus: list[Gpu], outside: str | None) -> str | None:
+    """``GPU 0 (H200) on box is in use by ...``: what a job waits for when only GPUs held
+    outside gpu_magic keep it waiting."""
+    if not gpus:
+        return None
+    which = (f"GPU {gpus[0].index}" if len(gpus) == 1
+             else "GPUs " + ", ".join(str(g.index) for g in gpus))
+    one = len(gpus) == 1
+    return (f"{which} ({gpus[0].type}) on {gpus[0].node} {'is' if one else 'are'} "
+            f"{outside or 'in use outside gpu_magic'}; the cell starts when "
+            f"{'it is' if one else 'they are'} free")
 
 
 def _absent(options: list[GpuOption], gpus: list[Gpu], min_memory: float | None) -> str | None:
@@ -705,6 +722,10 @@ class Gateway:
             job.message = (f"{late}: {job.held}; nothing ran. Let one of them finish "
                            "(job.wait()) or cancel one, then run this again, or wait longer "
                            "(--wait).")
+        elif job.waiting_for and job.outside:
+            job.message = (f"{late}: {job.waiting_for.partition(';')[0]}; nothing ran. Wait "
+                           "longer (--wait) or add fallback options (%gpu pool shows what is "
+                           "free).")
         elif job.waiting_for:
             why = ("no node for it joined the pool (the autoscaler was asked for one)"
                    if "autoscaler" in job.waiting_for else "no node for it is in the pool")
@@ -723,7 +744,7 @@ class Gateway:
         if self.closing:
             return
         if not self.queue:
-            self._watch_pool()
+            self._watch_pool([])
             return
         gpus = self.gpus()
         busy = [(j.grant["node"], i) for j in self.running.values() if j.grant
@@ -735,6 +756,7 @@ class Gateway:
         for j in self.running.values():
             held[j.user] = held.get(j.user, 0) + len((j.grant or {}).get("indices", []))
         reqs = []
+        waits: dict[str, str | None] = {}
         changing = getattr(self.backend, "waiting", None) is not None  # (Ray: nodes come, go)
         for j in (self.jobs[i] for i in self.queue):
             opts, idx = list(j.options), list(j.option_indices)
@@ -754,30 +776,50 @@ class Gateway:
             # (only a pool that changes by itself can lose a type a job was accepted for)
             absent = (None if why is not None or not changing
                       else _absent(opts, gpus, j.min_memory_gb))
-            if why != j.held or absent != j.waiting_for:
-                j.held, j.waiting_for = why, absent
-                self._emit_queued(j)
             if why is not None:
+                if why != j.held or absent != j.waiting_for:
+                    j.held, j.waiting_for = why, absent
+                    self._emit_queued(j)
                 continue
             reqs.append(Request(j.id, j.user, tuple(opts), j.seq, tuple(idx), j.min_memory_gb))
-        for grant in schedule(gpus, busy, reqs, running_per_user):
+            waits[j.id] = absent
+        granted = schedule(gpus, busy, reqs, running_per_user)
+        for grant in granted:
             self._launch(self.jobs[grant.job_id], grant, gpus)
-        self._watch_pool()
+        launched = {g.job_id for g in granted}
+        for req in reqs:
+            j = self.jobs[req.job_id]
+            if req.job_id in launched:
+                continue
+            # "queued" alone reads as "someone's job holds it": say when it is not one
+            outside = None if waits[req.job_id] else _outside_note(
+                held_outside(req, gpus, busy), getattr(self.backend, "outside", None))
+            waiting_for = waits[req.job_id] or outside
+            j.outside = outside is not None
+            if j.held is not None or waiting_for != j.waiting_for:
+                j.held, j.waiting_for = None, waiting_for
+                self._emit_queued(j)
+        self._watch_pool(gpus)
 
-    def _watch_pool(self) -> None:
-        """A pool that changes by itself (Ray: nodes join and leave, other users take and free
-        GPUs) is looked at again while jobs wait, and hears what waits (an autoscaler may add
-        nodes for it)."""
+    def _watch_pool(self, gpus: list[Gpu]) -> None:
+        """A pool that changes by itself is looked at again while jobs wait: on Ray nodes join
+        and leave and other users take and free GPUs (and the backend hears what waits: an
+        autoscaler may add nodes for it); on this host a process gpu_magic did not start may
+        hold a GPU, and no event here says when it ends."""
         waiting = getattr(self.backend, "waiting", None)
-        if waiting is None or self.loop is None:
+        if self.loop is None:
             return
-        waiting([self.jobs[i].options for i in self.queue])
+        if waiting is not None:
+            waiting([self.jobs[i].options for i in self.queue])
+        elif not any(g.busy_foreign and not g.virtual for g in gpus):
+            return
         if self.queue and self._pool_watch is None:
             def again() -> None:
                 self._pool_watch = None
                 self._schedule()
 
-            self._pool_watch = self.loop.call_later(self.backend.poll_s, again)
+            poll_s = getattr(self.backend, "poll_s", OUTSIDE_POLL_S)
+            self._pool_watch = self.loop.call_later(poll_s, again)
 
     def _launch(self, job: Job, grant: Grant, gpus: list[Gpu]) -> None:
         self._dequeue(job)

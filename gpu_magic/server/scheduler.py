@@ -10,6 +10,7 @@ starve a large one by backfilling forever.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -229,6 +230,22 @@ def schedule(
             if reserved is None:
                 reserved = _reservation(req, gpus, free, match)
     return grants
+
+
+def held_outside(req: Request, gpus: Sequence[Gpu], busy: Iterable[Key]) -> list[Gpu]:
+    """The GPUs that processes outside gpu_magic hold and that alone keep ``req`` waiting:
+    those it would be granted now were they free. [] when something else keeps it waiting
+    (our own jobs, the queue ahead) or nothing is held outside."""
+    if not any(g.busy_foreign and not g.virtual for g in gpus):
+        return []
+    cleared = [dataclasses.replace(g, busy_foreign=False) if g.busy_foreign and not g.virtual
+               else g for g in gpus]
+    grants = schedule(cleared, busy, [req])
+    if not grants:
+        return []
+    by_key = {(g.node, g.index): g for g in gpus}
+    return [by_key[(grants[0].node, i)] for i in grants[0].indices
+            if by_key[(grants[0].node, i)].busy_foreign]
 
 
 def _reservation(req: Request, gpus: Sequence[Gpu], free: _Free, match: _Matcher) -> set[Key]:

@@ -183,6 +183,7 @@ class LocalBackend:
     """Runner subprocesses on this host; GPUs from NVML or a simulated inventory."""
 
     name = "local"
+    outside = "in use by a process gpu_magic did not start (nvidia-smi lists it)"
 
     def __init__(
         self,

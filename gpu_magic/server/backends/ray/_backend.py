@@ -133,6 +133,7 @@ class RayBackend:
     simulated = False
     client_python = False  # cells run with the nodes' Python, not the submitting kernel's
     poll_s = 1.0  # how often the gateway looks at the pool again while jobs wait
+    outside = "in use by other work on the Ray cluster"
 
     def __init__(self, address: str | None = None, *, types: TypeMap | None = None,
                  autoscale: Sequence[tuple[str, int]] = (), refresh_s: float = 1.0,
