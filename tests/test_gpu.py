@@ -15,7 +15,7 @@ import pytest
 import gpu_magic
 from gpu_magic.server.inventory import read_nvml
 
-from .conftest import Gateway, start_gateway
+from .conftest import Gateway, start_gateway, wait_for
 
 REAL = read_nvml()
 pytestmark = [pytest.mark.gpu,
@@ -94,3 +94,38 @@ def test_a_cell_run_again_on_a_warm_runner_has_its_gpu_memory_again(
         gpu_magic.run(cell, "any", ns, client=client, quiet=True, return_names=["pid"])
         pids.append(ns["pid"])
     assert len(set(pids)) == 1  # all three on one warm runner
+
+
+@pytest.mark.skipif(len(REAL) != 1, reason="on a box of several GPUs the cell takes another one")
+def test_a_cell_waits_for_a_cuda_process_outside_gpu_magic_then_runs(
+        real_gateway: Gateway) -> None:
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    outside = subprocess.Popen(
+        [sys.executable, "-c", "import time, torch\nx = torch.ones(1, device='cuda')\n"
+         "print('holding', flush=True)\ntime.sleep(8)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert outside.stdout is not None and outside.stdout.readline().strip() == "holding"
+        import pynvml
+
+        def listed() -> bool:
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            return outside.pid in {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)}
+
+        try:
+            wait_for(listed, 5)
+        except AssertionError:
+            # (in a container NVML may give the host's pids: such a process on a GPU the
+            # gateway holds is taken for one of its own runners)
+            pytest.skip("NVML does not list the process under the pid this host sees")
+        client = real_gateway.client()
+        assert wait_for(lambda: client.pool()["nodes"][0]["gpus"][0]["foreign"], 10)
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        gpu_magic.run("import os\npid = os.getpid()", "any", ns, client=client, quiet=True,
+                      wait=60)
+        assert outside.poll() is not None  # it ran once the outside process had ended
+    finally:
+        outside.kill()
+        outside.wait()
