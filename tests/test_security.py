@@ -256,6 +256,39 @@ seen
 
 
 @needs_bwrap
+def test_a_sandboxed_cell_has_no_capabilities_to_undo_its_sandbox(tmp_path: Path) -> None:
+    """A gateway run as root (a container) must not hand its cells root's capabilities: with
+    CAP_SYS_ADMIN a cell unmounts the empty stand-ins and reads the tokens file and everyone's
+    blobs."""
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file))
+    try:
+        alice = GatewayClient(gw.url, tokens["alice"])
+        probe = f"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+caps = [int(line.split()[1], 16) for line in open("/proc/self/status")
+        if line.startswith(("CapEff:", "CapPrm:", "CapAmb:"))]
+undone = [p for p in ({str(tokens_file)!r}, {str(gw.state_dir)!r})
+          if libc.umount2(p.encode(), 2) == 0]  # MNT_DETACH
+try:
+    tokens = len(open({str(tokens_file)!r}).read())
+except OSError as exc:
+    tokens = type(exc).__name__
+del libc
+(caps, undone, tokens)
+"""
+        caps, undone, read = gpu_magic.run(probe, "H100", {"__name__": "__main__"},
+                                           client=alice, quiet=True)
+        assert undone == [] and read in (0, "PermissionError")
+        assert caps == [0, 0, 0]
+        alice.close()
+    finally:
+        gw.stop()
+
+
+@needs_bwrap
 def test_a_shared_gateway_started_with_relative_paths_runs_and_hides_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `gpu-magic serve --tokens-file tokens.json --state-dir state`, as the README writes it:

@@ -38,7 +38,10 @@ def bwrap_command(
         raise IsolationUnavailable(
             "bubblewrap (bwrap) is not installed; install it (apt-get install bubblewrap)"
         )
-    cmd = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc",
+    # --cap-drop ALL: a gateway run as root (in a container, say) would otherwise hand the
+    # cell every capability, and with CAP_SYS_ADMIN it unmounts the stand-ins below and reads
+    # the tokens file and every user's blobs (or remounts / writable)
+    cmd = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL",
            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
            "--tmpfs", str(state_dir)]
     for f in hidden_files:
