@@ -748,3 +748,39 @@ def test_users_whose_names_differ_only_in_odd_characters_keep_apart(tmp_path: Pa
         assert len(list((gw.state_dir / "blobs").iterdir())) == len(names)
     finally:
         gw.stop()
+
+
+def test_finished_jobs_do_not_keep_their_requests_in_the_gateway_s_memory(
+        tmp_path: Path) -> None:
+    # Each finished job kept its whole request (up to a megabyte of source, --env, the
+    # inputs' manifest) for the 7 days of retention: one user's short jobs grew the gateway
+    # without bound (the red team's: 54 MB to 526 MB in 100 jobs, through a 4 MiB `meta`).
+    import psutil
+
+    from gpu_magic._errors import GatewayError
+
+    gw = start_gateway(tmp_path, simulate="H100:2")
+    try:
+        with gw.client() as c:
+            packed = gpu_magic._payload.pack_inputs({}, None, None)
+            c.upload(packed.pickle_digest, memoryview(packed.pickle))
+            with pytest.raises(GatewayError) as info:  # where a cell came from stays small
+                c.submit({"source": "1", "spec": [{"type": "H100"}], "inputs": packed.manifest,
+                          "meta": {"notebook": "x" * (1 << 20)}})
+            assert info.value.status == 422
+            big = "# " + "x" * 900_000 + "\ny = 1"
+
+            def jobs(n: int) -> None:
+                for _ in range(n):
+                    job = c.submit({"source": big, "spec": [{"type": "H100"}],
+                                    "inputs": packed.manifest})
+                    assert [e for e in c.events(job["id"])][-1]["state"] == "succeeded"
+
+            gateway = psutil.Process(gw.proc.pid)
+            jobs(5)
+            before = gateway.memory_info().rss
+            jobs(40)
+            grew = gateway.memory_info().rss - before
+        assert grew < 15 << 20, f"the gateway grew by {grew >> 20} MiB over 40 finished jobs"
+    finally:
+        gw.stop()

@@ -86,7 +86,10 @@ class JobSubmit(_Strict):
     cwd: str | None = None
     sys_path: list[str] | None = Field(default=None, max_length=1000)
     background: bool = False
-    meta: dict[str, str] = Field(default_factory=dict)
+    # where the cell came from (its notebook, its cell's id): kept with the job for the
+    # retention period, so bounded
+    meta: dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=4096)]] = \
+        Field(default_factory=dict, max_length=16)
     # how the notebook names the cell's lines: `Cell In[5]`, the %%gpu line being line 1
     cell_label: str = Field(default="Cell", max_length=200)
     line_offset: int = Field(default=0, ge=0, le=100)

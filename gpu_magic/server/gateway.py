@@ -1227,7 +1227,13 @@ class Gateway:
         if job.notices:
             done["notices"] = job.notices
         self._emit(job, done)
-        self.store.save_job(self._record(job))
+        rec = self._record(job)
+        self.store.save_job(rec)
+        # what a finished job keeps is what its record shows (as a job reloaded after a
+        # restart): its whole request (up to a megabyte of source, the inputs' manifest,
+        # --env) stayed in memory for the retention period, for every job a user ran
+        job.request = {"spec_text": rec["spec"], "source": rec["source"], "meta": rec["meta"],
+                       "background": rec["background"]}
         self._schedule()
 
     def _emit(self, job: Job, event: dict[str, Any]) -> None:
