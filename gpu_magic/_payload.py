@@ -159,7 +159,9 @@ def _reduce_storage(obj: Any) -> tuple[Any, ...] | None:
     t = type(obj)
     if t is torch.storage.TypedStorage:
         untyped = obj._untyped_storage
-        if untyped.device.type != "cpu":
+        # only if its bytes can travel our way: torch's own way pickles a typed storage whole
+        # (an untyped one it pickles cannot be loaded: UntypedStorage has no dtype)
+        if _reduce_storage(untyped) is None:
             return None
         return (_typed_storage, (untyped, obj.dtype))
     if t is not torch.UntypedStorage or obj.device.type != "cpu":
@@ -167,7 +169,8 @@ def _reduce_storage(obj: Any) -> tuple[Any, ...] | None:
     try:
         import numpy  # noqa: F401  (a storage's bytes are seen through a numpy array)
         n = obj.nbytes()
-        view = torch.empty(0, dtype=torch.uint8).set_(obj, 0, (n,), (1,)).numpy()
+        # on the CPU whatever the default device (torch.set_default_device("cuda") in a cell)
+        view = torch.empty(0, dtype=torch.uint8, device="cpu").set_(obj, 0, (n,), (1,)).numpy()
     except Exception:
         return None  # torch's own way, then
     return (_untyped_storage, (pickle.PickleBuffer(view),))

@@ -337,6 +337,23 @@ def test_an_unchanged_tensor_keeps_its_digest_beside_a_changed_input() -> None:
     assert first.buffer_digests == second.buffer_digests and len(first.buffer_digests) == 1
 
 
+@pytest.mark.parametrize("n", [3, LARGE])
+def test_tensors_pickled_under_another_default_device_load_as_they_were(n: int) -> None:
+    # a cell that ran torch.set_default_device("cuda") returns its CPU (and moved CUDA)
+    # tensors all the same ("meta" here: the same default device that is not the CPU)
+    torch = pytest.importorskip("torch")
+    x = torch.arange(n, dtype=torch.float32)
+    torch.set_default_device("meta")
+    try:
+        packed, _ = _payload.dumps({"x": x, "s": x.untyped_storage()})
+    finally:
+        torch.set_default_device(None)
+    assert [b.nbytes for b in packed.buffers] == ([x.nbytes] if n == LARGE else [])
+    got = _payload.loads(packed.pickle, [bytearray(b) for b in packed.buffers], namespace={})
+    assert got["x"].device.type == "cpu" and torch.equal(got["x"], x)
+    assert bytes(got["s"]) == bytes(x.untyped_storage())
+
+
 @pytest.mark.parametrize("make", [
     pytest.param(lambda n: bytes(n), id="read-only"),
     pytest.param(lambda n: memoryview(bytearray(n + 1))[1:], id="odd-offset"),
