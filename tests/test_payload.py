@@ -354,6 +354,22 @@ def test_tensors_pickled_under_another_default_device_load_as_they_were(n: int) 
     assert bytes(got["s"]) == bytes(x.untyped_storage())
 
 
+def test_tensors_load_where_their_bytes_cannot_be_seen_through_numpy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch without numpy: a storage goes torch's own way, whole, and still loads
+    torch = pytest.importorskip("torch")
+
+    def no_numpy(self: Any, *a: Any, **kw: Any) -> Any:
+        raise RuntimeError("Numpy is not available")
+
+    x = torch.arange(LARGE, dtype=torch.float32)
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    packed, _ = _payload.dumps({"x": x, "v": x[5:]})
+    monkeypatch.undo()
+    got = _payload.loads(packed.pickle, packed.buffers, namespace={})
+    assert torch.equal(got["x"], x) and torch.equal(got["v"], x[5:])
+
+
 @pytest.mark.parametrize("make", [
     pytest.param(lambda n: bytes(n), id="read-only"),
     pytest.param(lambda n: memoryview(bytearray(n + 1))[1:], id="odd-offset"),
