@@ -167,10 +167,13 @@ def _reduce_storage(obj: Any) -> tuple[Any, ...] | None:
     if t is not torch.UntypedStorage or obj.device.type != "cpu":
         return None
     try:
-        import numpy  # noqa: F401  (a storage's bytes are seen through a numpy array)
+        import numpy as np  # (a storage's bytes are seen through a numpy array)
         n = obj.nbytes()
         # on the CPU whatever the default device (torch.set_default_device("cuda") in a cell)
-        view = torch.empty(0, dtype=torch.uint8, device="cpu").set_(obj, 0, (n,), (1,)).numpy()
+        flat = torch.empty(0, dtype=torch.uint8, device="cpu").set_(obj, 0, (n,), (1,))
+        # through DLPack, not .numpy(): that marks the storage not resizable for good, and
+        # the notebook's own tensor could then no longer be resized (x.resize_(), out=)
+        view = np.from_dlpack(flat)
     except Exception:
         return None  # torch's own way, then
     return (_untyped_storage, (pickle.PickleBuffer(view),))

@@ -354,6 +354,16 @@ def test_tensors_pickled_under_another_default_device_load_as_they_were(n: int) 
     assert bytes(got["s"]) == bytes(x.untyped_storage())
 
 
+def test_sending_a_tensor_leaves_it_resizable() -> None:
+    torch = pytest.importorskip("torch")
+    for x in (torch.arange(3.0), torch.arange(float(LARGE))):
+        packed, _ = _payload.dumps({"x": x})
+        _payload.fingerprint(x)
+        assert x.untyped_storage().resizable()
+        del packed
+        x.resize_(2 * x.numel())  # as in the notebook after the cell: torch.cat(..., out=x)
+
+
 def test_tensors_load_where_their_bytes_cannot_be_seen_through_numpy(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # torch without numpy: a storage goes torch's own way, whole, and still loads
