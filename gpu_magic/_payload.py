@@ -185,13 +185,17 @@ def _untyped_storage(buf: Any) -> Any:
     view = byte_view(buf)
     if view.nbytes == 0:
         return torch.UntypedStorage(0)
-    if view.readonly:
-        # torch cannot keep memory read-only: a write to it would crash the process
-        view = memoryview(bytearray(view))
-    data = torch.frombuffer(view, dtype=torch.uint8)
-    if data.data_ptr() % 16:
-        data = data.clone()  # (a buffer at an odd offset: kernels expect aligned elements)
-    return data.untyped_storage()
+    # its own memory, torch's: a storage on memory torch did not allocate cannot be resized
+    # (x.resize_(), an out= tensor of another size, storage.resize_(0) to free it), as one
+    # torch unpickles can; memory torch is given must also stay writable and aligned
+    own = torch.empty(view.nbytes, dtype=torch.uint8, device="cpu")
+    try:
+        import numpy as np
+
+        np.from_dlpack(own)[:] = np.frombuffer(view, dtype=np.uint8)  # (.numpy() would pin it)
+    except ImportError:
+        own.copy_(torch.frombuffer(bytearray(view) if view.readonly else view, dtype=torch.uint8))
+    return own.untyped_storage()
 
 
 def _typed_storage(untyped: Any, dtype: Any) -> Any:

@@ -354,6 +354,17 @@ def test_tensors_pickled_under_another_default_device_load_as_they_were(n: int) 
     assert bytes(got["s"]) == bytes(x.untyped_storage())
 
 
+@pytest.mark.parametrize("n", [3, LARGE])
+def test_a_tensor_that_travelled_can_be_resized_as_one_torch_unpickled(n: int) -> None:
+    torch = pytest.importorskip("torch")
+    x = torch.arange(n, dtype=torch.float32)
+    packed, _ = _payload.dumps({"x": x})
+    got = _payload.loads(packed.pickle, [bytearray(b) for b in packed.buffers], namespace={})["x"]
+    got.resize_(2 * n)  # (and torch.cat(..., out=got) into a tensor of another size)
+    assert torch.equal(got[:n], x)
+    got.untyped_storage().resize_(0)  # freeing a storage's memory
+
+
 def test_sending_a_tensor_leaves_it_resizable() -> None:
     torch = pytest.importorskip("torch")
     for x in (torch.arange(3.0), torch.arange(float(LARGE))):
