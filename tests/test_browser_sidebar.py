@@ -304,6 +304,28 @@ def test_a_job_cancelled_in_the_queue_never_ran(admin_page: Any,
     screenshot(admin_page, "sidebar-cancelled-in-queue")
 
 
+def test_a_queued_job_says_what_keeps_it_waiting(
+        admin_page: Any, shared: tuple[Gateway, dict[str, str]],
+        class_jobs: dict[str, str]) -> None:
+    gw, tokens = shared
+    panel = show_sidebar(admin_page)
+    row = panel.locator(f'.jp-GpuMagic-job[data-job-id="{class_jobs["carol"]}"]')
+    with gw.client(tokens["carol"]) as carol:
+        carol._request("PUT", "/v1/limits/carol", json={"max_gpus": 0})
+        try:
+            row.locator(".jp-GpuMagic-grant", has_text="your limit").wait_for()
+            assert re.fullmatch(
+                r"#\d+ in the queue: your limit on this gateway is now 0 GPUs \(set by an "
+                r"admin\); ask whoever runs the gateway \(your instructor\) to raise it",
+                row.locator(".jp-GpuMagic-grant").inner_text())
+            screenshot(admin_page, "sidebar-queued-why")
+        finally:
+            carol._request("PUT", "/v1/limits/carol", json={})
+    # lifted: only its place in the queue again
+    row.locator(".jp-GpuMagic-grant", has_text="your limit").wait_for(state="detached")
+    assert re.fullmatch(r"#\d+ in the queue", row.locator(".jp-GpuMagic-grant").inner_text())
+
+
 def test_the_status_bar_counts_only_the_viewers_own_jobs(
         admin_page: Any, class_jobs: dict[str, str]) -> None:
     """With "everyone" ticked the panel lists alice's and bob's jobs; the status bar still

@@ -234,6 +234,7 @@ def test_a_cell_waiting_for_a_gpu_held_outside_says_so_and_starts_when_it_is_fre
             assert said["type"] == "queued" and said["waiting_for"] == (
                 f"GPU 0 (H200) on {node} is in use by a process gpu_magic did not start "
                 "(nvidia-smi lists it); the cell starts when it is free")
+            assert c.job(job.id)["waiting_why"] == said["waiting_for"]  # (the sidebar's)
             other.kill()
             other.wait()
             job.wait(20)  # no other job comes or ends meanwhile

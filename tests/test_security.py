@@ -784,3 +784,27 @@ def test_finished_jobs_do_not_keep_their_requests_in_the_gateway_s_memory(
         assert grew < 15 << 20, f"the gateway grew by {grew >> 20} MiB over 40 finished jobs"
     finally:
         gw.stop()
+
+
+def test_a_job_held_by_a_user_limit_starts_when_an_admin_raises_it(tmp_path: Path) -> None:
+    # the limit took effect only at the next job's start or end: raised while alice's first
+    # job ran on, her second stayed queued behind a limit that no longer held it
+    from .conftest import start_class_gateway
+
+    gw, tokens = start_class_gateway(tmp_path)
+    try:
+        with gw.client(tokens["alice"]) as alice, gw.client(tokens["carol"]) as carol:
+            carol._request("PUT", "/v1/limits/alice", json={"max_gpus": 1})
+            first = gpu_magic.run("import time\ntime.sleep(60)", "H100", {"__name__": "__main__"},
+                                  client=alice, quiet=True, background=True)
+            wait_for(lambda: alice.job(first.id)["state"] == "running")
+            second = gpu_magic.run("x = 1", "H100", {"__name__": "__main__"}, client=alice,
+                                   quiet=True, background=True)
+            held = wait_for(lambda: alice.job(second.id).get("waiting_why"))
+            assert held == "your other jobs hold 1 of the 1 GPU(s) your limit lets you use at once"
+            carol._request("PUT", "/v1/limits/alice", json={"max_gpus": 2})
+            assert wait_for(lambda: alice.job(second.id)["state"] == "succeeded", 15)
+            assert alice.job(first.id)["state"] == "running"
+            first.cancel()
+    finally:
+        gw.stop()

@@ -330,7 +330,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         if name not in known:  # a typo would otherwise be taken, and limit nobody
             raise ApiError(404, "no_such_user", f"there is no user {name!r} in the tokens file; "
                            f"its users are: {', '.join(known)}")
-        gateway.user_limits[name] = {k: v for k, v in body.model_dump().items() if v is not None}
+        gateway.set_user_limits(name, {k: v for k, v in body.model_dump().items()
+                                       if v is not None})
         return {"user": name, "overrides": gateway.user_limits[name]}
 
     @app.post("/v1/jobs", status_code=201, responses=_errors(400, 409, 413, 422, 429, 507))

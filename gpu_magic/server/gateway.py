@@ -394,6 +394,12 @@ class Gateway:
         self.blobs.collect(cutoff, needed)
         return len(gone)
 
+    def set_user_limits(self, name: str, overrides: dict[str, int]) -> None:
+        """An admin's limits for one user, in force at once: a job held by the old ones is
+        looked at again now (raised, it starts; lowered, it says so while it waits)."""
+        self.user_limits[name] = overrides
+        self._schedule()
+
     def limits_for(self, user: User) -> Limits:
         return self.limits.for_user({**user.limits, **self.user_limits.get(user.name, {})})
 
@@ -494,6 +500,8 @@ class Gateway:
         rec = job.record()
         if job.state == "queued" and job.id in self.queue:
             rec["queue_position"] = self.queue.index(job.id) + 1
+            if job.held or job.waiting_for:  # what keeps it waiting, if not the jobs ahead
+                rec["waiting_why"] = job.held or job.waiting_for
         return rec
 
     # --- submit and cancel ---

@@ -73,6 +73,8 @@ export interface IJob {
   meta: { cell_id?: string; notebook?: string };
   notebook_path: string | null;
   queue_position?: number;
+  // what keeps a queued job waiting when it is not the jobs ahead of it
+  waiting_why?: string;
 }
 
 export interface IJobs {

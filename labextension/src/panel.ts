@@ -141,7 +141,7 @@ export class GpuPanel extends Widget {
       m.showAll,
       [...this._expanded],
       // the jobs without what changes every tick
-      m.jobs.map(j => [j.id, j.state, j.grant, j.queue_position, j.message])
+      m.jobs.map(j => [j.id, j.state, j.grant, j.queue_position, j.waiting_why, j.message])
     ]);
     if (key !== this._key) {
       this._key = key;
@@ -445,7 +445,8 @@ export class GpuPanel extends Widget {
         h(
           'div',
           { class: 'jp-GpuMagic-grant jp-GpuMagic-muted' },
-          job.queue_position ? `#${job.queue_position} in the queue` : 'in the queue'
+          job.queue_position ? `#${job.queue_position} in the queue` : 'in the queue',
+          job.waiting_why ? `: ${job.waiting_why}` : ''
         )
       );
     }
