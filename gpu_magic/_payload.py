@@ -172,7 +172,10 @@ def _reduce_storage(obj: Any) -> tuple[Any, ...] | None:
         # on the CPU whatever the default device (torch.set_default_device("cuda") in a cell)
         flat = torch.empty(0, dtype=torch.uint8, device="cpu").set_(obj, 0, (n,), (1,))
         # through DLPack, not .numpy(): that marks the storage not resizable for good, and
-        # the notebook's own tensor could then no longer be resized (x.resize_(), out=)
+        # the notebook's own tensor could then no longer be resized (x.resize_(), out=). The
+        # price: nothing stops another thread resizing it while its bytes are being sent
+        # (hashed, written, uploaded), which would read freed memory. Only a thread the
+        # notebook or the cell started could; a numpy array is locked by its export instead.
         view = np.from_dlpack(flat)
     except Exception:
         return None  # torch's own way, then

@@ -228,8 +228,12 @@ def test_a_cell_waiting_for_a_gpu_held_outside_says_so_and_starts_when_it_is_fre
                 "a process gpu_magic did not start (nvidia-smi lists it); nothing ran. Wait "
                 "longer (--wait) or add fallback options (%gpu pool shows what is free).")
             ns: dict[str, Any] = {"__name__": "__main__"}
-            job = gpu_magic.run("x = 41 + 1", "H200", ns, client=c, quiet=True,
-                                background=True)
+            # its first runner dies: the retry waits for nothing held outside any more
+            cell = (f"import os\nflag = {str(tmp_path / 'died')!r}\n"
+                    "if not os.path.exists(flag):\n    open(flag, 'w').close()\n"
+                    "    os._exit(3)\nx = 41 + 1")
+            job = gpu_magic.run(cell, "H200", ns, client=c, quiet=True, background=True,
+                                retries=1)
             said = next(e for e in c.events(job.id) if e.get("waiting_for"))
             assert said["type"] == "queued" and said["waiting_for"] == (
                 f"GPU 0 (H200) on {node} is in use by a process gpu_magic did not start "
@@ -239,6 +243,10 @@ def test_a_cell_waiting_for_a_gpu_held_outside_says_so_and_starts_when_it_is_fre
             other.wait()
             job.wait(20)  # no other job comes or ends meanwhile
             assert ns["x"] == 42
+            events = list(c.events(job.id))
+            retried = [e for e in events if e["type"] == "queued" and e["attempt"] == 2]
+            assert retried and not any(e.get("waiting_for") for e in retried), retried
+            assert [e["type"] for e in events].count("started") == 2
     finally:
         other.kill()
         gw.stop()

@@ -702,18 +702,23 @@ def test_a_job_no_node_can_run_now_says_what_it_waits_for() -> None:
     assert _absent(list(GpuSpec.parse("A100-80GB").options), pool, None) is None
 
 
-@pytest.mark.parametrize(("spec", "foreign", "busy", "expected"), [
-    pytest.param("H100", ("a0", "a1"), (), ["a0"], id="both-held-outside"),
-    pytest.param("H100", ("a0",), ("a1",), ["a0"], id="one-ours-one-outside"),
-    pytest.param("H100", (), ("a0", "a1"), [], id="ours-alone"),
-    pytest.param("H100:2", ("a1",), (), ["a1"], id="a-pair-one-of-which-is-outside"),
-    pytest.param("H100:2, A100-80GB", ("a1", "b0", "b1", "b2", "b3"), (), ["a1"],
+@pytest.mark.parametrize(("specs", "foreign", "busy", "expected"), [
+    pytest.param(["H100"], ("a0", "a1"), (), {"j0": ["a0"]}, id="both-held-outside"),
+    pytest.param(["H100"], ("a0",), ("a1",), {"j0": ["a0"]}, id="one-ours-one-outside"),
+    pytest.param(["H100"], (), ("a0", "a1"), {}, id="ours-alone"),
+    pytest.param(["H100:2"], ("a1",), (), {"j0": ["a1"]}, id="a-pair-one-of-which-is-outside"),
+    pytest.param(["H100:2, A100-80GB"], ("a1", "b0", "b1", "b2", "b3"), (), {"j0": ["a1"]},
                  id="the-first-option-it-would-take"),
+    pytest.param(["H100", "H100"], ("a0",), ("a1",), {"j0": ["a0"]},
+                 id="the-queue-ahead-goes-first"),
+    pytest.param(["H100", "H100"], ("a0", "a1"), (), {"j0": ["a0"], "j1": ["a1"]},
+                 id="two-waiting-on-two"),
 ])
 def test_held_outside_names_the_gpus_that_alone_keep_a_job_waiting(
-        spec: str, foreign: tuple[str, ...], busy: tuple[str, ...], expected: list[str]) -> None:
+        specs: list[str], foreign: tuple[str, ...], busy: tuple[str, ...],
+        expected: dict[str, list[str]]) -> None:
     gpus = make_pool(P, foreign=busy_on(*foreign))
-    req = submit("j0", "u", spec, 0, gpus)
-    assert schedule(gpus, busy_on(*busy), [req]) == []  # it waits
-    got = held_outside(req, gpus, busy_on(*busy))
-    assert [f"{g.node}{g.index}" for g in got] == expected
+    queue = [submit(f"j{i}", f"u{i}", spec, i, gpus) for i, spec in enumerate(specs)]
+    assert schedule(gpus, busy_on(*busy), queue) == []  # they wait
+    got = held_outside(queue, gpus, busy_on(*busy))
+    assert {j: [f"{g.node}{g.index}" for g in held] for j, held in got.items()} == expected

@@ -256,10 +256,40 @@ seen
 
 
 @needs_bwrap
+def test_a_certfile_that_holds_the_key_is_hidden_from_cells(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --certfile may hold the private key too (then no --keyfile): only --keyfile was hidden
+    import trustme
+
+    from gpu_magic import _client
+
+    ca = trustme.CA()
+    both, bundle = tmp_path / "both.pem", tmp_path / "ca.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(both))
+    ca.cert_pem.write_to_path(str(bundle))
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--certfile", str(both))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    monkeypatch.setattr(_client, "_SSL", None)  # the context is built once per process
+    try:
+        probe = (f"try:\n    seen = len(open({str(both)!r}).read())\n"
+                 "except OSError as exc:\n    seen = type(exc).__name__\nseen")
+        with GatewayClient(gw.url, tokens["alice"], same_host=False) as alice:
+            seen = gpu_magic.run(probe, "H100", {"__name__": "__main__"}, client=alice,
+                                 quiet=True)
+        assert seen in (0, "PermissionError"), seen  # an unreadable stand-in
+    finally:
+        gw.stop()
+        monkeypatch.setattr(_client, "_SSL", None)
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0, reason="only under root does bwrap hand cells capabilities")
 def test_a_sandboxed_cell_has_no_capabilities_to_undo_its_sandbox(tmp_path: Path) -> None:
     """A gateway run as root (a container) must not hand its cells root's capabilities: with
     CAP_SYS_ADMIN a cell unmounts the empty stand-ins and reads the tokens file and everyone's
-    blobs."""
+    blobs. (What root may read outside them, the gateway says at start.)"""
     tokens_file = tmp_path / "tokens.json"
     tokens = _tokens(tokens_file, alice={}, bob={})
     gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file))
@@ -284,6 +314,8 @@ del libc
         assert undone == [] and read in (0, "PermissionError")
         assert caps == [0, 0, 0]
         alice.close()
+        assert ("note: running as root, so sandboxed cells run as root too"
+                in (tmp_path / "gateway.log").read_text())
     finally:
         gw.stop()
 

@@ -178,17 +178,21 @@ def _grant_json(g: Grant, gpus: list[Gpu], attempt: int) -> dict[str, Any]:
     }
 
 
-def _outside_note(gpus: list[Gpu], outside: str | None) -> str | None:
+def _outside_note(gpus: list[Gpu], backend: Any) -> str | None:
     """``GPU 0 (H200) on box is in use by ...``: what a job waits for when only GPUs held
-    outside gpu_magic keep it waiting."""
+    outside gpu_magic keep it waiting. Where the backend cannot tell which GPUs they are
+    (Ray counts them), how many."""
     if not gpus:
         return None
-    which = (f"GPU {gpus[0].index}" if len(gpus) == 1
-             else "GPUs " + ", ".join(str(g.index) for g in gpus))
     one = len(gpus) == 1
-    return (f"{which} ({gpus[0].type}) on {gpus[0].node} {'is' if one else 'are'} "
-            f"{outside or 'in use outside gpu_magic'}; the cell starts when "
-            f"{'it is' if one else 'they are'} free")
+    if getattr(backend, "outside_by_count", False):
+        which = f"{len(gpus)} {gpus[0].type}" + ("" if one else "s")
+    else:
+        which = (f"GPU {gpus[0].index} ({gpus[0].type})" if one else
+                 "GPUs " + ", ".join(str(g.index) for g in gpus) + f" ({gpus[0].type})")
+    outside = getattr(backend, "outside", None) or "in use outside gpu_magic"
+    return (f"{which} on {gpus[0].node} {'is' if one else 'are'} {outside}; the cell starts "
+            f"when {'it is' if one else 'they are'} free")
 
 
 def _absent(options: list[GpuOption], gpus: list[Gpu], min_memory: float | None) -> str | None:
@@ -794,16 +798,19 @@ class Gateway:
         granted = schedule(gpus, busy, reqs, running_per_user)
         for grant in granted:
             self._launch(self.jobs[grant.job_id], grant, gpus)
-        launched = {g.job_id for g in granted}
-        for req in reqs:
+            busy += [(grant.node, i) for i in grant.indices]
+            running_per_user[self.jobs[grant.job_id].user] = \
+                running_per_user.get(self.jobs[grant.job_id].user, 0) + 1
+        waiting = [r for r in reqs if self.jobs[r.job_id].state == "queued"
+                   and r.job_id in self.queue]
+        # "queued" alone reads as "someone's job holds it": say when it is not one
+        outside = held_outside(waiting, gpus, busy, running_per_user)
+        for req in waiting:
             j = self.jobs[req.job_id]
-            if req.job_id in launched:
-                continue
-            # "queued" alone reads as "someone's job holds it": say when it is not one
-            outside = None if waits[req.job_id] else _outside_note(
-                held_outside(req, gpus, busy), getattr(self.backend, "outside", None))
-            waiting_for = waits[req.job_id] or outside
-            j.outside = outside is not None
+            note = None if waits[req.job_id] else _outside_note(
+                outside.get(req.job_id, []), self.backend)
+            waiting_for = waits[req.job_id] or note
+            j.outside = note is not None
             if j.held is not None or waiting_for != j.waiting_for:
                 j.held, j.waiting_for = None, waiting_for
                 self._emit_queued(j)
@@ -819,8 +826,8 @@ class Gateway:
             return
         if waiting is not None:
             waiting([self.jobs[i].options for i in self.queue])
-        elif not any(g.busy_foreign and not g.virtual for g in gpus):
-            return
+        elif not any(self.jobs[i].outside for i in self.queue):
+            return  # (nothing waits on a GPU held outside: the jobs' own ends will tell)
         if self.queue and self._pool_watch is None:
             def again() -> None:
                 self._pool_watch = None
@@ -831,6 +838,8 @@ class Gateway:
 
     def _launch(self, job: Job, grant: Grant, gpus: list[Gpu]) -> None:
         self._dequeue(job)
+        # what held it in the queue is over: a retry's wait says its own
+        job.held, job.waiting_for, job.outside = None, None, False
         job.grant = _grant_json(grant, gpus, job.attempt)
         job.state = "running"
         job.outcome = None

@@ -232,20 +232,23 @@ def schedule(
     return grants
 
 
-def held_outside(req: Request, gpus: Sequence[Gpu], busy: Iterable[Key]) -> list[Gpu]:
-    """The GPUs that processes outside gpu_magic hold and that alone keep ``req`` waiting:
-    those it would be granted now were they free. [] when something else keeps it waiting
-    (our own jobs, the queue ahead) or nothing is held outside."""
+def held_outside(queue: Sequence[Request], gpus: Sequence[Gpu], busy: Iterable[Key],
+                 running: Mapping[str, int] | None = None) -> dict[str, list[Gpu]]:
+    """For each queued job that GPUs held outside gpu_magic alone keep waiting, those GPUs:
+    the ones of the grant it would get now, the queue ahead of it served first, were they
+    free. A job that our own jobs or the queue ahead keep waiting is not named."""
     if not any(g.busy_foreign and not g.virtual for g in gpus):
-        return []
+        return {}
     cleared = [dataclasses.replace(g, busy_foreign=False) if g.busy_foreign and not g.virtual
                else g for g in gpus]
-    grants = schedule(cleared, busy, [req])
-    if not grants:
-        return []
     by_key = {(g.node, g.index): g for g in gpus}
-    return [by_key[(grants[0].node, i)] for i in grants[0].indices
-            if by_key[(grants[0].node, i)].busy_foreign]
+    out: dict[str, list[Gpu]] = {}
+    for grant in schedule(cleared, busy, queue, running):
+        held = [by_key[(grant.node, i)] for i in grant.indices
+                if by_key[(grant.node, i)].busy_foreign]
+        if held:
+            out[grant.job_id] = held
+    return out
 
 
 def _reservation(req: Request, gpus: Sequence[Gpu], free: _Free, match: _Matcher) -> set[Key]:

@@ -201,7 +201,8 @@ def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, P
     multi = len(users) > 1
     # under their own names and where links lead: a cell must read none of them
     hidden = tuple(dict.fromkeys(
-        q for p in (cfg.tokens_file, cfg.runtime_file, cfg.keyfile) if p is not None
+        q for p in (cfg.tokens_file, cfg.runtime_file, cfg.keyfile, cfg.certfile)
+        if p is not None  # (a certfile may hold the key too)
         for q in (p.expanduser().absolute(), p.expanduser().resolve())))
     if cfg.backend == "local":
         from .backends.local import LocalBackend
@@ -310,6 +311,11 @@ def serve(cfg: ServeConfig) -> int:
             loop.add_signal_handler(signal.SIGHUP, reload_tokens)
         for note in gateway.pool_notes():  # (the embedded gateway's go to its log)
             print(f"gpu-magic serve: note: {note}", file=sys.stderr, flush=True)
+        if getattr(gateway.backend, "isolation", None) == "bwrap" and os.geteuid() == 0:
+            print("gpu-magic serve: note: running as root, so sandboxed cells run as root too "
+                  "(with no capabilities: they cannot undo the sandbox, but they read every "
+                  "root-owned file it does not hide); run the gateway as a dedicated account",
+                  file=sys.stderr, flush=True)
         info = {
             "url": url, "host": socket.gethostname(), "pid": os.getpid(),
             "version": __version__, "config": cfg.fingerprint(),
