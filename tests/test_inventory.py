@@ -267,3 +267,20 @@ def test_nvml_is_started_once_and_asked_only_for_processes_after(
     second = read_nvml(node="box")
     assert [g.busy_foreign for g in first + second] == [False, True]
     assert calls == ["nvmlInit", "nvmlDeviceGetName"]
+
+
+def test_the_outside_note_names_gpus_where_the_backend_can_tell_which() -> None:
+    from gpu_magic.server.backends.local import LocalBackend
+    from gpu_magic.server.backends.ray import RayBackend
+    from gpu_magic.server.gateway import _outside_note
+
+    held = parse_simulated("H100:3@box")[1:]
+    assert _outside_note(held[:1], LocalBackend) == (
+        "GPU 1 (H100) on box is in use by a process gpu_magic did not start (nvidia-smi lists "
+        "it); the cell starts when it is free")
+    assert _outside_note(held, LocalBackend).startswith("GPUs 1, 2 (H100) on box are in use")
+    # which of a node's GPUs Ray gives is Ray's: how many are taken, not made-up indices
+    assert _outside_note(held, RayBackend) == (
+        "2 H100s on box are in use by other work on the Ray cluster; the cell starts when "
+        "they are free")
+    assert _outside_note([], LocalBackend) is None
