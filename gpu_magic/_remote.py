@@ -112,6 +112,10 @@ def local_hint(event: dict[str, Any]) -> str | None:
         if found:
             return (f"{m[1]!r} is importable here ({found}) but not where the cell ran: install "
                     "it in the Python the GPU machine runs cells with")
+    if ename == "RuntimeError" and "resize storage that is not resizable" in evalue:
+        return ("a tensor of 64 KiB or more that travelled to the cell lies on the very memory "
+                "its bytes arrived in, which torch cannot resize in place (resize_, an out= "
+                "tensor of another size): resize a copy of it (x = x.clone()) instead")
     if ename == "FileNotFoundError":
         m = re.search(r"No such file or directory: '(.+)'$", evalue)
         if m and not os.path.isabs(m[1]) and os.path.exists(m[1]):

@@ -228,3 +228,17 @@ def test_a_cell_missing_a_local_module_or_file_is_told_what_to_do(
             assert "[gpu_magic]" not in "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
     finally:
         gw.stop()
+
+
+def test_a_cell_that_resizes_a_tensor_it_was_sent_is_told_to_resize_a_copy(
+        use_gateway: Gateway) -> None:
+    torch = pytest.importorskip("torch")
+    ns = {"__name__": "__main__", "x": torch.zeros(100_000)}
+    with use_gateway.client() as c:
+        with pytest.raises(RuntimeError) as info:
+            gpu_magic.run("x.resize_(200_000)", "H100", ns, client=c, quiet=True)
+        text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+        assert "resize a copy of it (x = x.clone()) instead" in text
+        gpu_magic.run("x = x.clone()\nx.resize_(200_000)\nn = x.numel()", "H100", ns,
+                      client=c, quiet=True)
+        assert ns["n"] == 200_000 and ns["x"].numel() == 200_000

@@ -354,15 +354,22 @@ def test_tensors_pickled_under_another_default_device_load_as_they_were(n: int) 
     assert bytes(got["s"]) == bytes(x.untyped_storage())
 
 
-@pytest.mark.parametrize("n", [3, LARGE])
-def test_a_tensor_that_travelled_can_be_resized_as_one_torch_unpickled(n: int) -> None:
+def test_a_small_tensor_that_travelled_can_be_resized_a_large_one_is_not_copied() -> None:
     torch = pytest.importorskip("torch")
-    x = torch.arange(n, dtype=torch.float32)
-    packed, _ = _payload.dumps({"x": x})
-    got = _payload.loads(packed.pickle, [bytearray(b) for b in packed.buffers], namespace={})["x"]
-    got.resize_(2 * n)  # (and torch.cat(..., out=got) into a tensor of another size)
-    assert torch.equal(got[:n], x)
-    got.untyped_storage().resize_(0)  # freeing a storage's memory
+    small, large = torch.arange(3, dtype=torch.float32), torch.arange(LARGE, dtype=torch.float32)
+    packed, _ = _payload.dumps({"small": small, "large": large})
+    [buf] = [bytearray(b) for b in packed.buffers]
+    got = _payload.loads(packed.pickle, [buf], namespace={})
+    # in band: copied into torch's own memory, resizable as one torch unpickled
+    got["small"].resize_(6)  # (and torch.cat(..., out=small) into a tensor of another size)
+    assert torch.equal(got["small"][:3], small)
+    got["small"].untyped_storage().resize_(0)  # freeing a storage's memory
+    # out of band: on the very bytes that arrived (a copy cost as much as the trip), which
+    # torch cannot resize, as numpy cannot an array on them
+    got["large"][0] = -1.0
+    assert memoryview(buf).cast("f")[0] == -1.0
+    with pytest.raises(RuntimeError, match="not resizable"):
+        got["large"].resize_(2 * LARGE)
 
 
 def test_sending_a_tensor_leaves_it_resizable() -> None:
