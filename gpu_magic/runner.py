@@ -1432,6 +1432,7 @@ class _Session:
         try:
             # dropped, not cleared: a finalizer still finds the globals it runs with (the
             # collection below breaks the cycles through the cell's functions)
+            ns = shell.user_ns
             shell.init_create_namespaces(None, {"__name__": "__main__"})
             sys.modules["__main__"] = shell.user_module  # the cell's would keep it all alive
             _SHIPPED.clear()
@@ -1440,6 +1441,18 @@ class _Session:
             for name in ("last_type", "last_value", "last_traceback", "last_exc"):
                 with contextlib.suppress(AttributeError):
                     delattr(sys, name)
+            # But an object with a finalizer that only the namespace holds is let go of first,
+            # by its reference count, the rest of the namespace still there: in the collection
+            # it would be told that what it holds weakly had died before its finalizer ran (a
+            # DataLoader's iterator found the queues to its workers closed and waited for
+            # them, 5 s each, past RELEASE_S: `it = iter(loader)` cost the runner its reuse)
+            for name in reversed(list(ns)):
+                value = ns.get(name)  # (a finalizer may have taken others)
+                alone = hasattr(type(value), "__del__") and sys.getrefcount(value) <= 3
+                del value  # (the three: the namespace's, this name's and the call's)
+                if alone:
+                    ns.pop(name, None)
+            del ns
             # typing's caches hold a cell's classes (Optional[Model]), and with them its
             # namespace; pyplot holds figures no backend showed (after matplotlib.use('Agg'))
             for clear in getattr(typing, "_cleanups", ()):

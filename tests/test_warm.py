@@ -302,6 +302,24 @@ def test_a_finalizer_that_blocks_costs_the_runner_its_reuse_not_the_cell(warm: G
         assert _pid(c, "H100") != first  # what it left behind is unknown: a fresh runner
 
 
+def test_a_dataloader_iterator_left_in_the_namespace_lets_the_runner_be_reused(
+        warm: Gateway) -> None:
+    # the namespace died whole in a collection, which closed the queues to the iterator's
+    # workers before its finalizer asked them to stop: it waited 5 s per worker, past the
+    # release's limit, and the runner was not reused (10 s a cell, as `it = iter(dl)` does)
+    pytest.importorskip("torch")
+    with warm.client() as c:
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        gpu_magic.run("import torch\nX = torch.randn(64, 3)\nY = torch.randn(64)", "H100", ns,
+                      client=c, quiet=True)
+        first = gpu_magic.run(
+            "import os\nfrom torch.utils.data import DataLoader, TensorDataset\n"
+            "dl = DataLoader(TensorDataset(X, Y), batch_size=4, num_workers=2)\n"
+            "it = iter(dl)\nfirst_batch = next(it)\nos.getpid()", "H100", ns, client=c,
+            quiet=True, return_names=[])
+        assert _pid(c, "H100") == first
+
+
 def test_a_cell_after_matplotlib_use_leaves_later_figures_inline(warm: Gateway) -> None:
     with warm.client() as c:
         gpu_magic.run("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot",
