@@ -24,6 +24,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import resource
 import select
 import signal
@@ -1177,10 +1178,20 @@ def _created(ns: dict[str, Any], shipped: dict[str, Any], names: list[str],
     them: a function's ``global`` statement, ``exec``, ``globals()[...]``. IPython's own names
     (``In``, ``Out``, ``exit``...) and dunders are not the cell's."""
     taken = set(names)
+    compiler = "torch._dynamo" in sys.modules
     return [n for n, v in ns.items()
             if n not in shipped and n not in taken and n not in _NOT_CREATED
             and not (n.startswith("__") and n.endswith("__"))
+            and not (compiler and _DYNAMO_GLOBAL.match(n))
             and not (n in hidden and hidden[n] is v)]
+
+
+# What torch.compile puts in the globals of what it compiles (the cell's namespace): its own,
+# numbered per process. Sent back, they met the notebook's own numbering ("Name
+# '__builtins_dict___0' already exists in scope" at the next local torch.compile).
+_DYNAMO_GLOBAL = re.compile(
+    r"__(_?)(compiled_fn|resume_at_|builtins_dict__|import_|comprehension_|gen_rand_values"
+    r"|warnings_warn_wrapper|context_manager_|unnamed_scope)")
 
 
 def _pack_results(

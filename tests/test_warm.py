@@ -614,3 +614,18 @@ def test_multiprocessing_works_cell_after_cell_on_a_warm_runner(warm: Gateway) -
             assert gpu_magic.run(cell, "H100", {"__name__": "__main__", "METHOD": method},
                                  client=c, quiet=True) == [1, 2, 3]
         assert _pid(c, "H100") == first  # one warm runner did all four
+
+
+def test_torch_compile_in_a_cell_leaves_its_own_globals_where_it_ran(
+        warm: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    # dynamo puts numbered globals of its own in the namespace of what it compiles: brought
+    # back, the notebook's next torch.compile met them ("Name '__builtins_dict___0' already
+    # exists in scope"), and a note named one the user never made
+    torch = pytest.importorskip("torch")
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    with warm.client() as c:
+        gpu_magic.run("import torch\nf = torch.compile(lambda a: a + 1, backend='eager')\n"
+                      "y = f(torch.ones(3))", "H100", ns, client=c)
+    assert [k for k in ns if k.startswith("__") and not k.endswith("__")] == []
+    assert torch.equal(ns["y"], torch.full((3,), 2.0))
+    assert "__compiled_fn" not in capsys.readouterr().err  # no note of a name never made
