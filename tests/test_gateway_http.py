@@ -862,7 +862,7 @@ def test_timeout_stops_the_cell(client: GatewayClient) -> None:
     assert done["type"] == "done"
     assert done["state"] == "timed_out"
     # the fix, for the magic and for Python alike (a run() caller has no %%gpu line)
-    assert "%%gpu --timeout 2 (timeout=2 in Python)" in done["message"], done["message"]
+    assert "%%gpu A100-80GB --timeout 2 (timeout=2 in Python)" in done["message"], done["message"]
     wait_for(lambda: all_free(client), DEADLINE_S)
 
 
@@ -1166,7 +1166,7 @@ def test_a_timeout_cap_applies_to_every_job_and_is_said_to_each(tmp_path: Path) 
         (2, None, capped.format("")),
         # twice its 1.5 s is over the cap: the advice is the cap itself
         (1.5, None, "the cell ran longer than its --timeout of 1.5 s and was stopped; its "
-                    "output so far is kept. Raise the limit: %%gpu --timeout 2 (timeout=2 in "
+                    "output so far is kept. Raise the limit: %%gpu H100 --timeout 2 (timeout=2 in "
                     "Python) (this gateway allows up to 2 s)."),
     ]
     try:

@@ -653,8 +653,11 @@ class Gateway:
                     "whose cap is higher.")
         more = seconds(min(math.ceil(t * 2), cap) if cap else math.ceil(t * 2))
         allows = f" (this gateway allows up to {seconds(cap)} s)" if cap else ""
+        # the whole line to paste: without its spec, %%gpu would ask for another GPU
+        spec = req.get("spec_text") or _spec_text(req)
         return (f"the cell ran longer than {limit} and was stopped; its output so far is kept. "
-                f"Raise the limit: %%gpu --timeout {more} (timeout={more} in Python){allows}.")
+                f"Raise the limit: %%gpu {spec} --timeout {more} (timeout={more} in Python)"
+                f"{allows}.")
 
     def _refusal(self, spec: GpuSpec, dropped: list[tuple[str, str]], gpus: list[Gpu]) -> str:
         reasons = "; ".join(f"{o}: {r}" for o, r in dropped)
