@@ -557,8 +557,22 @@ def fits(obj: Any, state: tuple[Any, ...]) -> bool:
         return obj.shape == tuple(shape) and obj.dtype == dtype and bool(obj.flags.writeable)
     if kind == "tensor":
         new = state[2]
-        return obj.shape == new.shape and obj.dtype == new.dtype and obj.device == new.device
+        if obj.dtype != new.dtype or obj.device != new.device:
+            return False
+        if _same_layout(obj, new):
+            return True
+        # reshaped in place (unsqueeze_, resize_, an out= of another size): the object takes
+        # the new shape on its own storage, which must then hold what the cell's held
+        if obj.is_sparse or new.is_sparse:
+            return False
+        storage = obj.untyped_storage()
+        return storage.nbytes() == new.untyped_storage().nbytes() or storage.resizable()
     return True
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    return (a.shape == b.shape and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset())
 
 
 def fresh_from_state(state: tuple[Any, ...]) -> Any:
@@ -625,7 +639,16 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
 
         _, _, new, requires_grad = state
         with torch.no_grad():
-            obj.copy_(new)
+            if _same_layout(obj, new):
+                obj.copy_(new)
+            else:
+                # the cell changed its shape in place: the whole storage comes back (its
+                # views here see what the cell's saw), then the shape, as on the GPU machine
+                storage, theirs = obj.untyped_storage(), new.untyped_storage()
+                if storage.nbytes() != theirs.nbytes():
+                    storage.resize_(theirs.nbytes())
+                storage.copy_(theirs)
+                obj.set_(storage, new.storage_offset(), new.size(), new.stride())
         if obj.requires_grad != requires_grad and obj.is_leaf:
             obj.requires_grad_(requires_grad)
         return lambda: None

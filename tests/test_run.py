@@ -257,6 +257,41 @@ def test_a_model_trained_in_place_stays_the_notebook_s_model() -> None:
     assert not torch.equal(ns["model"].weight, trained)
 
 
+def test_a_tensor_reshaped_in_place_stays_the_notebook_s_tensor() -> None:
+    # unsqueeze_, resize_, t_ and an out= of another shape change a tensor in place: it came
+    # back as a new object, its aliases, dict entries and views holding the old data
+    torch = pytest.importorskip("torch")
+    ns = notebook("""
+        import torch
+        a = torch.zeros(6)
+        c = torch.zeros(50_000)
+        b = torch.arange(3.0)
+        x = torch.ones(2, 3)
+        big = torch.zeros(100_000)
+        held = {"a": a, "c": c}
+        c_view = c[:2]
+    """)
+    a, c, b, x, big = (ns[n] for n in ("a", "c", "b", "x", "big"))
+    value = run(ns, """
+        a.unsqueeze_(0)
+        c.unsqueeze_(0)
+        c.add_(1)
+        b.resize_(5)
+        b[3:] = 7
+        x.t_()
+        r = torch.add(torch.ones(64, 16), 1, out=big)
+        c
+    """)
+    assert ns["a"] is a and ns["held"]["a"] is a and a.shape == (1, 6)
+    assert ns["c"] is c and ns["held"]["c"] is c and c.shape == (1, 50_000)
+    assert ns["c_view"].tolist() == [1.0, 1.0]  # a view here sees what the cell did
+    assert value is c
+    assert ns["b"] is b and b.tolist() == [0.0, 1.0, 2.0, 7.0, 7.0]
+    assert ns["x"] is x and x.shape == (3, 2) and x.stride() == (1, 3)
+    assert ns["big"] is big and ns["r"] is big and big.shape == (64, 16)
+    assert torch.equal(big, torch.full((64, 16), 2.0))
+
+
 def test_a_state_that_cannot_be_applied_binds_nothing() -> None:
     ns = notebook("""
         import os
