@@ -557,17 +557,57 @@ def fits(obj: Any, state: tuple[Any, ...]) -> bool:
         return obj.shape == tuple(shape) and obj.dtype == dtype and bool(obj.flags.writeable)
     if kind == "tensor":
         new = state[2]
-        if obj.dtype != new.dtype or obj.device != new.device:
-            return False
+        if obj.dtype != new.dtype or obj.device != new.device or obj.is_inference():
+            return False  # (an inference tensor refuses in-place writes outside that mode)
         if _same_layout(obj, new):
             return True
         # reshaped in place (unsqueeze_, resize_, an out= of another size): the object takes
-        # the new shape on its own storage, which must then hold what the cell's held
-        if obj.is_sparse or new.is_sparse:
-            return False
+        # the new shape on its own storage, grown if it must hold more
+        if obj.is_sparse or new.is_sparse or obj.is_quantized or not obj.is_leaf:
+            return False  # (set_ refuses these, or would: a new object, as before)
         storage = obj.untyped_storage()
-        return storage.nbytes() == new.untyped_storage().nbytes() or storage.resizable()
+        return _extent(new) <= storage.nbytes() or storage.resizable()
     return True
+
+
+def _reshape_in_place(torch: Any, obj: Any, new: Any) -> Callable[[], None]:
+    """The cell changed ``obj``'s shape in place: the bytes its new shape covers come back
+    into its own storage (grown if need be: its views here see what the cell's saw, the rest
+    of the storage is left as it is here), then the shape, as on the GPU machine. Returns
+    how to put it all back."""
+    storage = obj.untyped_storage()
+    start, end = new.storage_offset() * new.element_size(), _extent(new)
+    before = (storage.nbytes(), obj.storage_offset(), obj.size(), obj.stride())
+
+    def as_bytes(s: Any) -> Any:
+        return torch.empty(0, dtype=torch.uint8, device="cpu").set_(s, 0, (s.nbytes(),), (1,))
+
+    kept = as_bytes(storage)[start:min(end, before[0])].clone()
+
+    def undo() -> None:
+        with torch.no_grad():
+            as_bytes(storage)[start:start + kept.numel()].copy_(kept)
+            if storage.nbytes() != before[0]:
+                storage.resize_(before[0])
+            obj.set_(storage, *before[1:])
+
+    try:
+        if end > before[0]:
+            storage.resize_(end)
+        as_bytes(storage)[start:end].copy_(as_bytes(new.untyped_storage())[start:end])
+        obj.set_(storage, new.storage_offset(), new.size(), new.stride())
+    except BaseException:
+        undo()  # nothing half done: the results are bound all at once or not at all
+        raise
+    return undo
+
+
+def _extent(t: Any) -> int:
+    """Where in its storage a tensor's last byte ends."""
+    if t.numel() == 0:
+        return t.storage_offset() * t.element_size()
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.size(), t.stride()))
+    return (last + 1) * t.element_size()
 
 
 def _same_layout(a: Any, b: Any) -> bool:
@@ -638,20 +678,15 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
         import torch
 
         _, _, new, requires_grad = state
+        undo: Callable[[], None] = lambda: None  # noqa: E731
         with torch.no_grad():
             if _same_layout(obj, new):
                 obj.copy_(new)
             else:
-                # the cell changed its shape in place: the whole storage comes back (its
-                # views here see what the cell's saw), then the shape, as on the GPU machine
-                storage, theirs = obj.untyped_storage(), new.untyped_storage()
-                if storage.nbytes() != theirs.nbytes():
-                    storage.resize_(theirs.nbytes())
-                storage.copy_(theirs)
-                obj.set_(storage, new.storage_offset(), new.size(), new.stride())
+                undo = _reshape_in_place(torch, obj, new)
         if obj.requires_grad != requires_grad and obj.is_leaf:
             obj.requires_grad_(requires_grad)
-        return lambda: None
+        return undo
     _, _, new, items, pairs = state
     # an instance of a class with __slots__ only has no __dict__ (on the GPU machine the
     # rebuilt class may have one: its state then comes as a dict of what the slots hold)

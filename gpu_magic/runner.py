@@ -1172,6 +1172,28 @@ _IPYTHON_OWN = frozenset({"__name__", "__builtins__", "__builtin__", "In", "Out"
 _NOT_CREATED = _IPYTHON_OWN - {"_exit_code"}
 
 
+def _refs_when_alone() -> int:
+    """What sys.getrefcount says of a value only a dict holds, read as _release reads it (a
+    local name and the call's argument besides; other Pythons count these differently)."""
+    ns = {"x": object()}
+    value = ns.get("x")
+    return sys.getrefcount(value)
+
+
+_ALONE_REFS = _refs_when_alone()
+
+
+def _alone_with_finalizer(value: Any, refs: int) -> bool:
+    """Whether ``value``, held by nothing but the namespace (``refs``), has a finalizer of a
+    package's class (not one the cell defined)."""
+    try:
+        t = type(value)
+        return (refs <= _ALONE_REFS and t.__module__ != "__main__"
+                and any("__del__" in vars(k) for k in t.__mro__ if k is not object))
+    except Exception:  # (a metaclass that answers oddly): left to the collection
+        return False
+
+
 def _created(ns: dict[str, Any], shipped: dict[str, Any], names: list[str],
              hidden: dict[str, Any]) -> list[str]:
     """Names the cell made without binding them at its top level, where the source shows
@@ -1452,15 +1474,18 @@ class _Session:
             for name in ("last_type", "last_value", "last_traceback", "last_exc"):
                 with contextlib.suppress(AttributeError):
                     delattr(sys, name)
-            # But an object with a finalizer that only the namespace holds is let go of first,
-            # by its reference count, the rest of the namespace still there: in the collection
-            # it would be told that what it holds weakly had died before its finalizer ran (a
-            # DataLoader's iterator found the queues to its workers closed and waited for
-            # them, 5 s each, past RELEASE_S: `it = iter(loader)` cost the runner its reuse)
+            # But a package's object with a finalizer that only the namespace holds is let go
+            # of first, by its reference count, the rest of the namespace still there: in the
+            # collection it would be told that what it holds weakly had died before its
+            # finalizer ran (a DataLoader's iterator found the queues to its workers closed
+            # and waited for them, 5 s each, past RELEASE_S: `it = iter(loader)` cost the
+            # runner its reuse). A cell's own classes' finalizers run in the collection, as
+            # before, with every global there.
             for name in reversed(list(ns)):
                 value = ns.get(name)  # (a finalizer may have taken others)
-                alone = hasattr(type(value), "__del__") and sys.getrefcount(value) <= 3
-                del value  # (the three: the namespace's, this name's and the call's)
+                refs = sys.getrefcount(value)  # (read as _refs_when_alone reads it)
+                alone = _alone_with_finalizer(value, refs)
+                del value
                 if alone:
                     ns.pop(name, None)
             del ns

@@ -292,6 +292,39 @@ def test_a_tensor_reshaped_in_place_stays_the_notebook_s_tensor() -> None:
     assert torch.equal(big, torch.full((64, 16), 2.0))
 
 
+def test_a_view_reshaped_in_place_brings_back_only_its_own_bytes() -> None:
+    # the whole storage came back: what the notebook did meanwhile to the rest of it (a
+    # background job) was undone
+    pytest.importorskip("torch")
+    ns = notebook("import torch\nbase = torch.arange(10.0)\na = base[:3]")
+    base = ns["base"]
+    job = run(ns, "import time\ntime.sleep(1)\na.unsqueeze_(0)\na.mul_(2)", background=True)
+    base[9] = 99.0  # here, while it runs
+    job.wait(60)
+    assert ns["a"].shape == (1, 3) and ns["a"].tolist() == [[0.0, 2.0, 4.0]]
+    assert base.tolist() == [0.0, 2.0, 4.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 99.0]
+
+
+def test_a_tensor_that_cannot_be_reshaped_here_comes_back_new_and_nothing_half_bound() -> None:
+    # an inference tensor refuses set_: its new shape was half applied under an error that
+    # said nothing was bound
+    pytest.importorskip("torch")
+    ns = notebook("""
+        import torch
+        a = torch.zeros(3)
+        with torch.inference_mode():
+            b = torch.zeros(3)
+    """)
+    a, b = ns["a"], ns["b"]
+    run(ns, "a.add_(5)\nwith torch.inference_mode():\n    b.unsqueeze_(0)\nz = 1")
+    assert ns["a"] is a and a.tolist() == [5.0, 5.0, 5.0]
+    assert ns["b"] is not b and ns["b"].shape == (1, 3) and b.shape == (3,)
+    assert ns["z"] == 1
+    b = ns["b"]  # and changed in place without a new shape
+    run(ns, "with torch.inference_mode():\n    b.add_(1)")
+    assert ns["b"].tolist() == [[1.0, 1.0, 1.0]]
+
+
 def test_a_state_that_cannot_be_applied_binds_nothing() -> None:
     ns = notebook("""
         import os

@@ -320,6 +320,31 @@ def test_a_dataloader_iterator_left_in_the_namespace_lets_the_runner_be_reused(
         assert _pid(c, "H100") == first
 
 
+def test_a_cell_s_finalizer_still_finds_the_globals_made_after_its_object(
+        warm: Gateway, tmp_path: Path) -> None:
+    # objects with finalizers that the namespace alone held were let go of newest first:
+    # one made later, a finalizer of its own, was gone before the earlier one's ran
+    mark = tmp_path / "seen"
+    cell = ("class Helper:\n    def __del__(self):\n        pass\n"
+            "class Logger:\n    def __del__(self):\n"
+            "        open(MARK, 'w').write(str('helper' in globals()))\n"
+            "lg = Logger()\nhelper = Helper()\nimport os\nos.getpid()")
+    with warm.client() as c:
+        first = gpu_magic.run(cell, "H100", {"__name__": "__main__", "MARK": str(mark)},
+                              client=c, quiet=True, return_names=[])
+        assert mark.read_text() == "True"
+        assert _pid(c, "H100") == first
+
+
+def test_an_object_whose_type_answers_oddly_leaves_the_runner_reusable(warm: Gateway) -> None:
+    cell = ("class Odd(type):\n    def __getattr__(cls, name):\n        raise RuntimeError(name)\n"
+            "class Weird(metaclass=Odd):\n    pass\nw = Weird()\nimport os\nos.getpid()")
+    with warm.client() as c:
+        first = gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True,
+                              return_names=[])
+        assert _pid(c, "H100") == first
+
+
 def test_a_cell_after_matplotlib_use_leaves_later_figures_inline(warm: Gateway) -> None:
     with warm.client() as c:
         gpu_magic.run("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot",
