@@ -1184,14 +1184,24 @@ _ALONE_REFS = _refs_when_alone()
 
 
 def _alone_with_finalizer(value: Any, refs: int) -> bool:
-    """Whether ``value``, held by nothing but the namespace (``refs``), has a finalizer of a
-    package's class (not one the cell defined)."""
+    """Whether ``value``, held by nothing but the namespace (``refs``), is a package's object
+    (not of a class the cell defined) with a finalizer, or holding one in an attribute (a
+    DataLoader with persistent workers holds its iterator)."""
     try:
-        t = type(value)
-        return (refs <= _ALONE_REFS and t.__module__ != "__main__"
-                and any("__del__" in vars(k) for k in t.__mro__ if k is not object))
+        if refs > _ALONE_REFS or type(value).__module__ == "__main__":
+            return False
+        if _package_finalizer(value):
+            return True
+        held = getattr(value, "__dict__", None)
+        return type(held) is dict and any(_package_finalizer(v) for v in held.values())
     except Exception:  # (a metaclass that answers oddly): left to the collection
         return False
+
+
+def _package_finalizer(value: Any) -> bool:
+    t = type(value)
+    return t.__module__ != "__main__" and any(
+        "__del__" in vars(k) for k in t.__mro__ if k is not object)
 
 
 def _created(ns: dict[str, Any], shipped: dict[str, Any], names: list[str],
@@ -1481,13 +1491,17 @@ class _Session:
             # and waited for them, 5 s each, past RELEASE_S: `it = iter(loader)` cost the
             # runner its reuse). A cell's own classes' finalizers run in the collection, as
             # before, with every global there.
-            for name in reversed(list(ns)):
-                value = ns.get(name)  # (a finalizer may have taken others)
-                refs = sys.getrefcount(value)  # (read as _refs_when_alone reads it)
-                alone = _alone_with_finalizer(value, refs)
-                del value
-                if alone:
-                    ns.pop(name, None)
+            for _ in range(3):  # again: one let go of may have held another (loader, iterator)
+                popped = False
+                for name in reversed(list(ns)):
+                    value = ns.get(name)  # (a finalizer may have taken others)
+                    refs = sys.getrefcount(value)  # (read as _refs_when_alone reads it)
+                    alone = _alone_with_finalizer(value, refs)
+                    del value
+                    if alone:
+                        popped = ns.pop(name, None) is not None or popped
+                if not popped:
+                    break
             del ns
             # typing's caches hold a cell's classes (Optional[Model]), and with them its
             # namespace; pyplot holds figures no backend showed (after matplotlib.use('Agg'))

@@ -312,12 +312,14 @@ def test_a_dataloader_iterator_left_in_the_namespace_lets_the_runner_be_reused(
         ns: dict[str, Any] = {"__name__": "__main__"}
         gpu_magic.run("import torch\nX = torch.randn(64, 3)\nY = torch.randn(64)", "H100", ns,
                       client=c, quiet=True)
-        first = gpu_magic.run(
-            "import os\nfrom torch.utils.data import DataLoader, TensorDataset\n"
-            "dl = DataLoader(TensorDataset(X, Y), batch_size=4, num_workers=2)\n"
-            "it = iter(dl)\nfirst_batch = next(it)\nos.getpid()", "H100", ns, client=c,
-            quiet=True, return_names=[])
-        assert _pid(c, "H100") == first
+        for persistent in (False, True):  # (with persistent workers the loader holds it)
+            first = gpu_magic.run(
+                "import os\nfrom torch.utils.data import DataLoader, TensorDataset\n"
+                "dl = DataLoader(TensorDataset(X, Y), batch_size=4, num_workers=2, "
+                f"persistent_workers={persistent})\n"
+                "it = iter(dl)\nfirst_batch = next(it)\nos.getpid()", "H100", ns, client=c,
+                quiet=True, return_names=[])
+            assert _pid(c, "H100") == first, persistent
 
 
 def test_a_cell_s_finalizer_still_finds_the_globals_made_after_its_object(
