@@ -225,7 +225,8 @@ def test_a_cell_waiting_for_a_gpu_held_outside_says_so_and_starts_when_it_is_fre
             node = c.pool()["nodes"][0]["name"]
             assert str(info.value).endswith(
                 f"'H200' did not start within --wait 2 s: GPU 0 (H200) on {node} is in use by "
-                "a process gpu_magic did not start (nvidia-smi lists it); nothing ran. Wait "
+                "a process gpu_magic did not start (nvidia-smi lists it: a notebook kernel "
+                "that used CUDA itself counts too); nothing ran. Wait "
                 "longer (--wait) or add fallback options (%gpu pool shows what is free).")
             ns: dict[str, Any] = {"__name__": "__main__"}
             # its first runner dies: the retry waits for nothing held outside any more
@@ -237,7 +238,8 @@ def test_a_cell_waiting_for_a_gpu_held_outside_says_so_and_starts_when_it_is_fre
             said = next(e for e in c.events(job.id) if e.get("waiting_for"))
             assert said["type"] == "queued" and said["waiting_for"] == (
                 f"GPU 0 (H200) on {node} is in use by a process gpu_magic did not start "
-                "(nvidia-smi lists it); the cell starts when it is free")
+                "(nvidia-smi lists it: a notebook kernel that used CUDA itself counts too); "
+                "the cell starts when it is free")
             assert c.job(job.id)["waiting_why"] == said["waiting_for"]  # (the sidebar's)
             other.kill()
             other.wait()
@@ -277,7 +279,8 @@ def test_the_outside_note_names_gpus_where_the_backend_can_tell_which() -> None:
     held = parse_simulated("H100:3@box")[1:]
     assert _outside_note(held[:1], LocalBackend) == (
         "GPU 1 (H100) on box is in use by a process gpu_magic did not start (nvidia-smi lists "
-        "it); the cell starts when it is free")
+        "it: a notebook kernel that used CUDA itself counts too); the cell starts when it is "
+        "free")
     assert _outside_note(held, LocalBackend).startswith("GPUs 1, 2 (H100) on box are in use")
     # which of a node's GPUs Ray gives is Ray's: how many are taken, not made-up indices
     assert _outside_note(held, RayBackend) == (

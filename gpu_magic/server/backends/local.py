@@ -183,7 +183,9 @@ class LocalBackend:
     """Runner subprocesses on this host; GPUs from NVML or a simulated inventory."""
 
     name = "local"
-    outside = "in use by a process gpu_magic did not start (nvidia-smi lists it)"
+    # (a kernel that made CUDA tensors itself holds its GPU too: often the user's own)
+    outside = ("in use by a process gpu_magic did not start (nvidia-smi lists it: a "
+               "notebook kernel that used CUDA itself counts too)")
 
     def __init__(
         self,
