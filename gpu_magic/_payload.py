@@ -168,9 +168,7 @@ def _reduce_storage(obj: Any) -> tuple[Any, ...] | None:
         return None
     try:
         import numpy as np  # (a storage's bytes are seen through a numpy array)
-        n = obj.nbytes()
-        # on the CPU whatever the default device (torch.set_default_device("cuda") in a cell)
-        flat = torch.empty(0, dtype=torch.uint8, device="cpu").set_(obj, 0, (n,), (1,))
+        flat = _storage_bytes(torch, obj)
         # through DLPack, not .numpy(): that marks the storage not resizable for good, and
         # the notebook's own tensor could then no longer be resized (x.resize_(), out=). The
         # price: nothing stops another thread resizing it while its bytes are being sent
@@ -180,6 +178,13 @@ def _reduce_storage(obj: Any) -> tuple[Any, ...] | None:
     except Exception:
         return None  # torch's own way, then
     return (_untyped_storage, (pickle.PickleBuffer(view),))
+
+
+def _storage_bytes(torch: Any, storage: Any) -> Any:
+    """A CPU storage's bytes as a flat uint8 tensor on them (on the CPU whatever torch's
+    default device: torch.set_default_device("cuda") in a cell)."""
+    return torch.empty(0, dtype=torch.uint8, device="cpu").set_(
+        storage, 0, (storage.nbytes(),), (1,))
 
 
 def _untyped_storage(buf: Any) -> Any:
@@ -579,14 +584,11 @@ def _reshape_in_place(torch: Any, obj: Any, new: Any) -> Callable[[], None]:
     start, end = new.storage_offset() * new.element_size(), _extent(new)
     before = (storage.nbytes(), obj.storage_offset(), obj.size(), obj.stride())
 
-    def as_bytes(s: Any) -> Any:
-        return torch.empty(0, dtype=torch.uint8, device="cpu").set_(s, 0, (s.nbytes(),), (1,))
-
-    kept = as_bytes(storage)[start:min(end, before[0])].clone()
+    kept = _storage_bytes(torch, storage)[start:min(end, before[0])].clone()
 
     def undo() -> None:
         with torch.no_grad():
-            as_bytes(storage)[start:start + kept.numel()].copy_(kept)
+            _storage_bytes(torch, storage)[start:start + kept.numel()].copy_(kept)
             if storage.nbytes() != before[0]:
                 storage.resize_(before[0])
             obj.set_(storage, *before[1:])
@@ -594,7 +596,8 @@ def _reshape_in_place(torch: Any, obj: Any, new: Any) -> Callable[[], None]:
     try:
         if end > before[0]:
             storage.resize_(end)
-        as_bytes(storage)[start:end].copy_(as_bytes(new.untyped_storage())[start:end])
+        theirs = _storage_bytes(torch, new.untyped_storage())
+        _storage_bytes(torch, storage)[start:end].copy_(theirs[start:end])
         obj.set_(storage, new.storage_offset(), new.size(), new.stride())
     except BaseException:
         undo()  # nothing half done: the results are bound all at once or not at all

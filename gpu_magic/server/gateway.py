@@ -132,7 +132,7 @@ class Job:
             "user": self.user,
             "state": self.state,
             # a job reloaded after a restart keeps only the text of its spec
-            "spec": req.get("spec_text") or _spec_text(req),
+            "spec": _spec_text(req),
             "options": [str(o) for o in self.options],
             "dropped": self.dropped,
             "created": self.created,
@@ -151,9 +151,17 @@ class Job:
 
 
 def _spec_text(req: dict[str, Any]) -> str:
-    text = str(GpuSpec.from_json(req["spec"]))
-    req["spec_text"] = text  # a record is made several times per job: parse once
-    return text
+    """The request's spec as text, parsed once (a record is made several times per job; a
+    job reloaded after a restart, or finished, keeps only the text)."""
+    if "spec_text" not in req:
+        req["spec_text"] = str(GpuSpec.from_json(req["spec"]))
+    return req["spec_text"]
+
+
+def _kept_request(rec: dict[str, Any]) -> dict[str, Any]:
+    """What a job that is over keeps of its request: what its record shows."""
+    return {"spec_text": rec.get("spec", "any"), "source": rec.get("source", ""),
+            "meta": rec.get("meta", {}), "background": rec.get("background", False)}
 
 
 def _without_inline(ev: dict[str, Any]) -> dict[str, Any]:
@@ -300,8 +308,7 @@ class Gateway:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         for rec in sorted(self.store.load_jobs(), key=lambda r: r.get("seq", 0)):
-            request = {"spec_text": rec.get("spec", "any"), "source": rec.get("source", ""),
-                       "meta": rec.get("meta", {}), "background": rec.get("background", False)}
+            request = _kept_request(rec)
             job = Job(
                 id=rec["id"], user=rec["user"], request=request, options=[], option_indices=[],
                 dropped=rec.get("dropped", []), seq=rec.get("seq", 0), state=rec["state"],
@@ -654,7 +661,7 @@ class Gateway:
         more = seconds(min(math.ceil(t * 2), cap) if cap else math.ceil(t * 2))
         allows = f" (this gateway allows up to {seconds(cap)} s)" if cap else ""
         # the whole line to paste: without its spec, %%gpu would ask for another GPU
-        spec = req.get("spec_text") or _spec_text(req)
+        spec = _spec_text(req)
         return (f"the cell ran longer than {limit} and was stopped; its output so far is kept. "
                 f"Raise the limit: %%gpu {spec} --timeout {more} (timeout={more} in Python)"
                 f"{allows}.")
@@ -1252,8 +1259,7 @@ class Gateway:
         # what a finished job keeps is what its record shows (as a job reloaded after a
         # restart): its whole request (up to a megabyte of source, the inputs' manifest,
         # --env) stayed in memory for the retention period, for every job a user ran
-        job.request = {"spec_text": rec["spec"], "source": rec["source"], "meta": rec["meta"],
-                       "background": rec["background"]}
+        job.request = _kept_request(rec)
         self._schedule()
 
     def _emit(self, job: Job, event: dict[str, Any]) -> None:
