@@ -744,8 +744,9 @@ def _cell_name(filename: str) -> str | None:
 
 
 # Foreground jobs this process follows now: a kernel shut down or restarted under its cell
-# cancels them as it exits (atexit runs then, even with the cell busy), instead of leaving
-# them to the gateway's orphan timeout, a minute of GPUs held for no one.
+# cancels them as it exits (atexit runs then, even with the cell busy; a SIGTERM, see
+# _cancel_on_sigterm), instead of leaving them to the gateway's orphan timeout, a minute of
+# GPUs held for no one.
 _FOLLOWED: dict[str, GatewayClient] = {}
 _FOLLOWED_LOCK = threading.Lock()
 
@@ -765,6 +766,38 @@ def _cancel_followed() -> None:
         _FOLLOWED.clear()
     for job_id, client in jobs:
         _cancel_fresh(client, job_id, timeout=2.0)
+
+
+@contextlib.contextmanager
+def _cancel_on_sigterm(job_id: str, box: dict[str, Any]) -> Iterator[None]:
+    """While the main thread submits and follows job ``job_id`` (``box["client"]`` its
+    gateway, once known): a SIGTERM cancels it and the followed jobs, then does what it would
+    have done. jupyter_client sends one to a kernel that has not exited 2.5 s after being
+    asked to (a restart under a busy cell), and the default action skips atexit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGTERM)
+    if old is None or old is signal.SIG_IGN:  # (a handler not set from Python: left as is)
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        if "client" in box:  # (still submitting: not yet among the followed)
+            _followed(job_id, box["client"])
+        _cancel_followed()
+        signal.signal(signal.SIGTERM, old)
+        if callable(old):
+            old(signum, frame)
+        else:
+            signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is on_term:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _cancel_fresh(client: GatewayClient, job_id: str, timeout: float) -> None:
@@ -956,16 +989,17 @@ def run(
     box: dict[str, Any] = {}
     job = None
     try:
-        job = submit(source, spec, namespace, opts, hidden=hidden, client=client, job_id=job_id,
-                     box=box)
-        if isinstance(job, dict):
-            return job
-        if opts.background:
-            from ._jobs import GpuJob
+        with contextlib.nullcontext() if opts.background else _cancel_on_sigterm(job_id, box):
+            job = submit(source, spec, namespace, opts, hidden=hidden, client=client,
+                         job_id=job_id, box=box)
+            if isinstance(job, dict):
+                return job
+            if opts.background:
+                from ._jobs import GpuJob
 
-            return GpuJob(job, job.outputs)._start()
-        _followed(job.id, job.client)
-        return _follow_here(job, interrupts=True)
+                return GpuJob(job, job.outputs)._start()
+            _followed(job.id, job.client)
+            return _follow_here(job, interrupts=True)
     except KeyboardInterrupt as exc:
         if getattr(exc, "_gpu_magic_remote", False):
             raise  # the cell's own, from the GPU (it ended on an interrupt): it has ended

@@ -6,6 +6,7 @@ import getpass
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -378,7 +379,7 @@ def test_cancel_says_what_became_of_the_job(gateway: Gateway, kernel_factory: An
         finish(client, held["id"])
 
 
-@pytest.mark.parametrize("how", ["restart", "shutdown"])
+@pytest.mark.parametrize("how", ["restart", "shutdown", "sigterm"])
 def test_a_kernel_restarted_under_its_cell_cancels_the_cell_s_job(
         gateway: Gateway, kernel_factory: Any, how: str) -> None:
     # a job left to the gateway's orphan timeout holds its GPUs a minute for nobody (seen
@@ -394,13 +395,17 @@ def test_a_kernel_restarted_under_its_cell_cancels_the_cell_s_job(
         job = mine()[0]
         if how == "restart":
             k.km.restart_kernel(now=False)
-        else:
+        elif how == "shutdown":
             k.km.shutdown_kernel(now=False)
+        else:  # what jupyter_client sends a kernel slow to exit (2.5 s after asking it)
+            k.km.signal_kernel(signal.SIGTERM)
         record = wait_for(lambda: (r := client.job(job["id"]))["state"] == "cancelled" and r,
                           15)
         assert record["state"] == "cancelled"
         if how == "restart":
             k.kc.wait_for_ready(60)
+        elif how == "sigterm":  # and the kernel still ends, as SIGTERM asked
+            wait_for(lambda: not k.km.is_alive(), 15)
 
 
 @pytest.fixture
