@@ -80,6 +80,9 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
                 lines.append(f"----> {lineno} {text.strip()}")
         lines.append("")
     lines.append(f"{ename}: {evalue}" if evalue else ename)
+    notes = event.get("notes")
+    if isinstance(notes, list):
+        lines += [str(n) for n in notes]
     return lines
 
 

@@ -986,6 +986,14 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
     return out
 
 
+def _notes(exc: BaseException) -> dict[str, list[str]]:
+    """The notes added to ``exc`` (``add_note``, 3.11), which Python prints under its message."""
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, (list, tuple)) or not notes:
+        return {}
+    return {"notes": [_cut(n if isinstance(n, str) else repr(n), 10_000) for n in notes[:20]]}
+
+
 def _chain(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dict[str, Any]]:
     """The exceptions before ``exc`` that Python prints with it (``raise ... from e``, or one
     raised while handling another), oldest first, each with how it leads to the next."""
@@ -1001,7 +1009,7 @@ def _chain(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dict
         links.append({"ename": type(earlier).__name__,
                       "evalue": _cut(str(earlier), 10_000),
                       "traceback": _frames(earlier, cell_files, lead)[-FRAMES_KEPT // 10:],
-                      "cause": cause is not None})
+                      "cause": cause is not None, **_notes(earlier)})
         exc = earlier
     return links[::-1]
 
@@ -1725,6 +1733,7 @@ def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,
         "traceback": _frames(exc, cell_files, lead),
         "oom": _is_oom(exc),
         "syntax": result.error_before_exec is not None,
+        **_notes(exc),
     }
     chain = _chain(exc, cell_files, lead)
     if chain:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import sys
 import textwrap
 from typing import Any
 
@@ -1121,6 +1122,30 @@ def test_an_exception_raised_from_another_shows_both_as_python_does() -> None:
         run(ns, "try:\n    1 / 0\nexcept Exception:\n    raise ValueError('v') from None",
             "H100", quiet=True)
     assert "ZeroDivision" not in "\n".join(info3.value._render_traceback_())  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="add_note is 3.11's")
+def test_notes_added_to_an_exception_are_shown_under_its_message_as_python_does() -> None:
+    ns = notebook("")
+    with pytest.raises(ValueError) as info:
+        run(ns, """
+            try:
+                int("x")
+            except ValueError as inner:
+                inner.add_note("while reading the config")
+                raise ValueError("bad row") from inner
+        """, "H100", quiet=True)
+    shown = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    first, _, then = shown.partition("The above exception was the direct cause")
+    assert "invalid literal" in first
+    assert first.rstrip().endswith("while reading the config"), first
+    assert then.rstrip().endswith("ValueError: bad row"), then
+    with pytest.raises(KeyError) as info2:
+        run(ns, "e = KeyError('k')\ne.add_note('first')\ne.add_note('second')\nraise e",
+            "H100", quiet=True)
+    shown = "\n".join(info2.value._render_traceback_())  # type: ignore[attr-defined]
+    assert shown.rstrip().endswith("KeyError: 'k'\nfirst\nsecond"), shown
+    assert info2.value.__notes__[:2] == ["first", "second"]  # (then ours: where it was raised)
 
 
 def test_line_numbers_count_the_blank_lines_a_cell_starts_with() -> None:
