@@ -326,10 +326,27 @@ class _FdCapture:
         self._drained.wait(timeout)
 
 
+_DEBUGGER_FILES = frozenset(os.path.join(os.path.dirname(os.__file__), name)
+                            for name in ("pdb.py", "bdb.py", "cmd.py"))
+
+
 def _no_input(*_a: Any, **_k: Any) -> str:
+    frame = sys._getframe(1)
+    while frame is not None:  # pdb.set_trace() (IPython's debugger too) reads through input()
+        if frame.f_code.co_filename in _DEBUGGER_FILES:
+            _no_debugger()
+        frame = frame.f_back  # type: ignore[assignment]
     raise RuntimeError(
         "input() is not available in a %%gpu cell: the cell runs on a remote machine with no "
         "keyboard. Put the value in a variable before the cell and use that instead."
+    )
+
+
+def _no_debugger(*_a: Any, **_k: Any) -> None:
+    raise RuntimeError(
+        "breakpoint() cannot stop a %%gpu cell: a debugger needs a keyboard, and the cell runs "
+        "on a remote machine with none. Debug the code in a local cell (on a small input), or "
+        "print the values you want to see; %debug after a failed cell shows its traceback."
     )
 
 
@@ -1343,6 +1360,12 @@ class _Session:
         _Stream.interrupts = self.interrupts
         sys.stdin = _NoStdin()  # type: ignore[assignment]
         builtins.input = _no_input
+        sys.breakpointhook = _no_debugger
+        import bdb  # (0.2 ms, once per runner)
+
+        # pdb.set_trace() and IPython's: refused as the cell calls it, on the cell's line (by
+        # the first read of the keyboard, the tracer has left the cell's frame)
+        bdb.Bdb.set_trace = _no_debugger  # type: ignore[method-assign]
         import getpass
 
         getpass.getpass = _no_input  # type: ignore[assignment]

@@ -675,6 +675,17 @@ def test_input_fails_at_once_with_a_clear_message() -> None:
         run(notebook(""), "name = input('who? ')")
 
 
+@pytest.mark.parametrize("stop", ["breakpoint()", "import pdb; pdb.set_trace()",
+                                  "from IPython.core.debugger import set_trace; set_trace()"])
+def test_a_debugger_in_a_cell_says_it_cannot_stop_there(stop: str) -> None:
+    ns = notebook("")
+    with pytest.raises(RuntimeError, match=r"breakpoint\(\) cannot stop a %%gpu cell") as info:
+        run(ns, f"x = 1\n{stop}\ny = 2", quiet=True)
+    shown = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "Cell, line 2" in shown, shown  # the cell's own line, not only the debugger's
+    assert "input()" not in str(info.value)
+
+
 def test_trailing_semicolon_suppresses_the_value() -> None:
     ns = notebook("")
     assert run(ns, "y = 3\ny * 2;") is None
