@@ -388,6 +388,8 @@ class _Unpickler(pickle.Unpickler):
                 return obj
 
             return make
+        if name == "_frombuffer" and module in _NUMPY_NUMERIC:
+            return functools.partial(_array_from_buffer, found)
         return found
 
     def persistent_load(self, pid: Any) -> Any:
@@ -397,6 +399,23 @@ class _Unpickler(pickle.Unpickler):
             if pid[1] in self._inputs:
                 return self._inputs[pid[1]]
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+_NUMPY_NUMERIC = frozenset({"numpy.core.numeric", "numpy._core.numeric"})
+
+
+def _array_from_buffer(frombuffer: Callable[..., Any], buf: Any, *args: Any) -> Any:
+    """numpy's own rebuilding of an array pickled with protocol 5 (a view of the bytes that
+    arrived), except that a small one gets memory of its own: it can then be resized in place
+    (``a.resize(n)``), as a local array can. A large one stays on the bytes that arrived,
+    uncopied (see _untyped_storage)."""
+    arr = frombuffer(buf, *args)
+    if arr.nbytes >= INLINE_LIMIT:
+        return arr
+    own = arr.copy(order="K")
+    if not arr.flags.writeable:
+        own.flags.writeable = False
+    return own
 
 
 # cloudpickle's constructors of the classes and functions it sends by value

@@ -119,6 +119,10 @@ def local_hint(event: dict[str, Any]) -> str | None:
         return ("a tensor of 64 KiB or more that travelled to the cell lies on the very memory "
                 "its bytes arrived in, which torch cannot resize in place (resize_, an out= "
                 "tensor of another size): resize a copy of it (x = x.clone()) instead")
+    if ename == "ValueError" and "cannot resize this array: it does not own its data" in evalue:
+        return ("if that array travelled to the cell (an input of 64 KiB or more), it lies on "
+                "the very memory its bytes arrived in, which numpy cannot resize in place: "
+                "resize a copy of it (x = x.copy()), or make a new one (x = np.resize(x, shape))")
     if ename == "FileNotFoundError":
         m = re.search(r"No such file or directory: '(.+)'$", evalue)
         if m and not os.path.isabs(m[1]) and os.path.exists(m[1]):

@@ -7,6 +7,7 @@ import re
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 
 import gpu_magic
@@ -242,3 +243,25 @@ def test_a_cell_that_resizes_a_tensor_it_was_sent_is_told_to_resize_a_copy(
         gpu_magic.run("x = x.clone()\nx.resize_(200_000)\nn = x.numel()", "H100", ns,
                       client=c, quiet=True)
         assert ns["n"] == 200_000 and ns["x"].numel() == 200_000
+
+
+def test_a_small_array_resizes_in_a_cell_and_a_large_one_is_told_to_resize_a_copy(
+        use_gateway: Gateway) -> None:
+    # protocol 5 rebuilds an array as a view of the bytes that arrived, which numpy cannot
+    # resize: a small one gets memory of its own (as it has locally), a large one a hint
+    ns = {"__name__": "__main__", "small": np.zeros(10), "frozen": np.arange(3.0),
+          "big": np.zeros(100_000)}
+    ns["frozen"].flags.writeable = False
+    with use_gateway.client() as c:
+        gpu_magic.run("small.resize(20, refcheck=False)\nsmall[15] = 7\n"
+                      "ro = frozen.flags.writeable", "H100", ns, client=c, quiet=True)
+        assert ns["small"].shape == (20,) and ns["small"][15] == 7
+        assert ns["ro"] is False  # a read-only input stays read-only
+        with pytest.raises(ValueError) as info:
+            gpu_magic.run("big.resize(200_000, refcheck=False)", "H100", ns, client=c,
+                          quiet=True)
+        text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+        assert "resize a copy of it (x = x.copy())" in text
+        gpu_magic.run("big = big.copy()\nbig.resize(200_000, refcheck=False)", "H100", ns,
+                      client=c, quiet=True)
+        assert ns["big"].shape == (200_000,)
