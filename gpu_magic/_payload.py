@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,77 @@ class _Pickler(cloudpickle.Pickler):
         reduced = _reduce_storage(obj)
         if reduced is not None:
             return reduced
+        if type(obj) in _BY_NAME_WRAPPERS:
+            reduced = _reduce_wrapper(obj)
+            if reduced is not None:
+                return reduced
         return super().reducer_override(obj)
+
+
+# --- notebook objects that pickle by name ---
+#
+# A cached function (functools.lru_cache, cache), a NewType and a cached_property pickle
+# themselves by their qualified name, which names nothing where the cell runs when they were
+# made in the notebook (__main__) or a module sent by value. They travel as what they wrap
+# instead, made again there (an lru cache starts empty).
+
+
+def _made_here(module: str | None) -> bool:
+    return module == "__main__" or module in cloudpickle.list_registry_pickle_by_value()
+
+
+def _reduce_wrapper(obj: Any) -> tuple[Any, ...] | None:
+    if isinstance(obj, functools.cached_property):
+        # (a class sent by value carries it; 3.11's holds a lock, which cannot travel)
+        return _cached_property, (obj.func, obj.attrname, obj.__doc__)
+    if isinstance(obj, typing.NewType):
+        if not _made_here(getattr(obj, "__module__", None)):
+            return None
+        return _new_type, (obj.__name__, obj.__supertype__, obj.__module__)
+    wrapped = getattr(obj, "__wrapped__", None)
+    if not callable(wrapped) or not _made_here(getattr(wrapped, "__module__", None)):
+        return None
+    params = obj.cache_parameters()
+    # the function travels as state, after the cache itself is made: it may call itself
+    # (through the name of its cache) and its pickle then finds the cache in the memo
+    return (_lru_cache, (params["maxsize"], params["typed"]), (wrapped, dict(vars(obj))),
+            None, None, _lru_cache_state)
+
+
+class _Target:
+    """What a cache made again calls: the function, once it has arrived."""
+
+    __slots__ = ("func",)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+
+def _lru_cache(maxsize: int | None, typed: bool) -> Any:
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(_Target())
+
+
+def _lru_cache_state(cache: Any, state: tuple[Any, dict[str, Any]]) -> None:
+    func, attrs = state
+    cache.__wrapped__.func = func
+    vars(cache).update(attrs)  # its name, doc, module and __wrapped__, as update_wrapper set
+
+
+def _cached_property(func: Any, attrname: str | None, doc: str | None) -> Any:
+    prop = functools.cached_property(func)
+    prop.attrname = attrname  # (set by the class statement, which a class sent by value skips)
+    prop.__doc__ = doc
+    return prop
+
+
+def _new_type(name: str, supertype: Any, module: str) -> Any:
+    made = typing.NewType(name, supertype)
+    made.__module__ = module
+    return made
+
+
+_BY_NAME_WRAPPERS = frozenset({
+    type(functools.lru_cache(maxsize=None)(len)), functools.cached_property, typing.NewType})
 
 
 def _is_cuda_tensor(obj: Any) -> bool:

@@ -1159,6 +1159,41 @@ def test_notes_added_to_an_exception_are_shown_under_its_message_as_python_does(
     assert info2.value.__notes__[:2] == ["first", "second"]  # (then ours: where it was raised)
 
 
+def test_cached_functions_new_types_and_cached_properties_of_the_notebook_travel() -> None:
+    # they pickle by name, which names nothing where the cell runs: "Can't get attribute"
+    ns = notebook("""
+        import functools, typing
+        @functools.lru_cache(maxsize=None)
+        def fib(k): return k if k < 2 else fib(k - 1) + fib(k - 2)
+        @functools.cache
+        def square(x): return x * x
+        def uses_square(x): return square(x) + 1
+        UserId = typing.NewType("UserId", int)
+        class Svc:
+            @functools.lru_cache(maxsize=8)
+            def get(self, k): return k * 10
+            @functools.cached_property
+            def heavy(self): return sum(range(10))
+        svc = Svc()
+    """)
+    run(ns, """
+        f = fib(30)
+        u = uses_square(3)
+        uid = UserId(5)
+        g = svc.get(4)
+        h = svc.heavy
+        info = fib.cache_info().misses
+        @functools.lru_cache(maxsize=4)
+        def made_there(x): return -x
+        name = fib.__name__, fib.__wrapped__.__name__
+    """, "H100", quiet=True)
+    assert (ns["f"], ns["u"], ns["uid"], ns["g"], ns["h"]) == (832040, 10, 5, 40, 45)
+    assert ns["info"] == 31  # a real cache there: each k computed once
+    assert ns["name"] == ("fib", "fib")
+    assert ns["made_there"](3) == -3 and ns["made_there"].cache_info().maxsize == 4
+    assert ns["svc"].heavy == 45 and ns["fib"](10) == 55
+
+
 def test_line_numbers_count_the_blank_lines_a_cell_starts_with() -> None:
     # IPython compiles a cell without its leading blank lines; the notebook counts them
     ns = notebook("")
