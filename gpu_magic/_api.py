@@ -842,11 +842,12 @@ def submit(
     gspec = _parse(spec, get_client)  # type: ignore[arg-type]
     analysis = analyze_cell(source, opts.line_offset)
     values = select_inputs(analysis.inputs, namespace, hidden)
+    sent = {n: _payload.NotSent(n) if n in analysis.held else v for n, v in values.items()}
     local_dir = Path.cwd()
     if opts.dry_run:
         # before packing: the report lists every input that cannot be sent, not the first
-        return _dry_run(values, gspec, get_client, local_dir, namespace)
-    packed = _payload.pack_inputs(values, namespace, local_dir)
+        return _dry_run(sent, gspec, get_client, local_dir, namespace)
+    packed = _payload.pack_inputs(sent, namespace, local_dir)
     cl = get_client()
     if box is not None:
         box["client"] = cl

@@ -41,6 +41,10 @@ class CellAnalysis:
     deleted: frozenset[str]  # names the cell may delete at top level
     has_value: bool  # the last statement is an expression whose value IPython would display
     string_names: frozenset[str]  # identifiers inside magic/shell command strings (in inputs)
+    # inputs only so that the runner can tell whether the cell deleted them: it binds each
+    # before any `del` of it (or it is an `except ... as` name), so their values are never
+    # read and a stand-in travels instead (an unpicklable one must not stop the cell)
+    held: frozenset[str] = frozenset()
 
 
 # get_ipython().<method>(...) calls produced by IPython's transforms, and which positional
@@ -92,6 +96,7 @@ def analyze_cell(source: str, line_offset: int = 0) -> CellAnalysis:
         )
     last_is_expr = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
     inputs, outputs, deleted = walker.result()
+    read = walker.inputs | walker.string_names | walker.read_globally()
     return CellAnalysis(
         source=transformed,
         inputs=frozenset(inputs - _NEVER_INPUTS),
@@ -99,6 +104,7 @@ def analyze_cell(source: str, line_offset: int = 0) -> CellAnalysis:
         deleted=frozenset(deleted),
         has_value=last_is_expr and not _ends_with_semicolon(source, transformed),
         string_names=frozenset(walker.string_names - _NEVER_INPUTS),
+        held=frozenset(deleted - read - _NEVER_INPUTS),
     )
 
 
@@ -226,11 +232,13 @@ class _Walker(ast.NodeVisitor):
         for stmt in body:
             self.visit(stmt)
 
+    def read_globally(self) -> set[str]:
+        """The global names read by the cell's functions and classes."""
+        return {name for scope, name, bound_globally, bound_in_class in self._reads
+                if not bound_globally and _reads_global(scope, name, bound_in_class)}
+
     def result(self) -> tuple[set[str], tuple[str, ...], set[str]]:
-        inputs = self.inputs | self.string_names
-        for scope, name, bound_globally, bound_in_class in self._reads:
-            if not bound_globally and _reads_global(scope, name, bound_in_class):
-                inputs.add(name)
+        inputs = self.inputs | self.string_names | self.read_globally()
         outputs = dict.fromkeys(n for s, n in self._binds if _binds_global(s, n))
         deleted = {n for s, n in self._dels if _binds_global(s, n)}
         # The runner reports a deleted name as deleted when it is gone after the run, so it

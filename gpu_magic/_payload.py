@@ -1060,6 +1060,23 @@ def diagnose(name: str, value: Any, error: BaseException | None = None) -> Seria
     return SerializationError(msg, name=name, path=path)
 
 
+class NotSent:
+    """Where the cell runs, a notebook value the cell never reads: it binds the name before it
+    deletes it (see CellAnalysis.held). The runner still sees the name, so it can tell
+    whether the cell deleted it."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<the notebook's {self.name}, not sent: the cell binds it before deleting it>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return NotSent, (self.name,)
+
+
 def pack_inputs(
     values: Mapping[str, Any], namespace: Mapping[str, Any] | None, local_dir: Path | None
 ) -> Packed:

@@ -1664,9 +1664,11 @@ class _Session:
         if manifest.get("no_return"):
             names: list[str] = []
         elif manifest.get("return_names") is not None:
-            names = [n for n in manifest["return_names"] if n in ns]
+            names = [n for n in manifest["return_names"]
+                     if n in ns and not isinstance(ns[n], _payload.NotSent)]
         else:
-            names = [n for n in outputs if n in ns]
+            # (a stand-in still there: the cell never reached the binding of that name)
+            names = [n for n in outputs if n in ns and not isinstance(ns[n], _payload.NotSent)]
             for n, fp in before.items():
                 if n in ns and n not in names and (
                         ns[n] is not shipped[n]  # rebound by a function (`global`), or exec

@@ -668,3 +668,18 @@ def test_a_null_byte_is_named_on_its_line() -> None:
     err = info.value
     assert err.lineno == 3 and "null byte" in str(err) and "line 3" in str(err)
     assert "y = 2\\x00" in str(err) and "remove it" in str(err)
+
+
+@pytest.mark.parametrize("cell, held", [
+    ("x = 1\ndel x", {"x"}),
+    ("try:\n    f()\nexcept ValueError as e:\n    pass", {"e"}),
+    ("del x", set()),  # needs x to exist
+    ("if c:\n    x = 1\ndel x", set()),  # x may be the notebook's
+    ("x = 1\ndel x\nx = x", set()),  # read after the del: the notebook's
+    ("def f():\n    global x\n    del x\nf()", set()),
+    ("x = 1\ndel x\nprint(f'{x}')", set()),
+])
+def test_names_bound_before_every_del_are_held_not_read(cell: str, held: set[str]) -> None:
+    got = analyze_cell(cell)
+    assert got.held == held
+    assert held <= got.inputs and held <= got.deleted  # still named, so deletion is seen

@@ -1194,6 +1194,25 @@ def test_cached_functions_new_types_and_cached_properties_of_the_notebook_travel
     assert ns["svc"].heavy == 45 and ns["fib"](10) == 55
 
 
+def test_a_name_the_cell_binds_before_deleting_it_is_not_sent_but_still_deleted() -> None:
+    # its value is never read there: an unpicklable one must not stop the cell
+    ns = notebook("import threading\nx = threading.Lock()\ny = threading.Lock()")
+    run(ns, "x = 1\ndel x\nz = 2", "H100", quiet=True)
+    assert "x" not in ns and ns["z"] == 2  # deleted, as a local run deletes it
+    lock = ns["y"]
+    run(ns, "try:\n    pass\nexcept ValueError as y:\n    pass", "H100", quiet=True)
+    assert ns["y"] is lock  # no exception: the handler never bound (nor deleted) y
+    run(ns, "try:\n    int('a')\nexcept ValueError as y:\n    pass", "H100", quiet=True)
+    assert "y" not in ns  # Python deletes the handler's name
+    ns["w"], ns["flag"] = lock, False
+    report = run(ns, "w = 3\ndel w", "H100", dry_run=True)
+    assert "cannot be sent" not in str(report)
+    run(ns, "if flag:\n    w = 1\n    del w", "H100", return_names=["w"], quiet=True)
+    assert ns["w"] is lock  # never bound there: the stand-in does not come back
+    with pytest.raises(SerializationError, match="thread lock"):  # maybe unbound: read
+        run(ns, "if flag:\n    w = 1\ndel w", "H100", quiet=True)
+
+
 def test_line_numbers_count_the_blank_lines_a_cell_starts_with() -> None:
     # IPython compiles a cell without its leading blank lines; the notebook counts them
     ns = notebook("")
