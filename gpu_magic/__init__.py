@@ -49,13 +49,14 @@ __all__ = [
     "SpecError",
     "WaitExpired",
     "__version__",
+    "attach",
     "gpu",
     "load_ipython_extension",
     "run",
     "unload_ipython_extension",
 ]
 
-_LAZY = {"run": "_api", "gpu": "_api", "GpuJob": "_jobs"}
+_LAZY = {"run": "_api", "gpu": "_api", "attach": "_api", "GpuJob": "_jobs"}
 
 
 def __getattr__(name: str) -> Any:

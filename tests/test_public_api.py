@@ -11,7 +11,7 @@ PUBLIC = [
     "AuthError", "CaptureError", "EnvironmentMismatch", "GatewayError", "GpuJob", "GpuMagicError",
     "GpuOption", "GpuSpec", "JobCancelled", "JobFailed", "JobTimeout", "NoFeasibleOption",
     "RemoteError", "RunnerLost", "SchedulingError", "SerializationError", "SpecError",
-    "WaitExpired", "__version__", "gpu", "load_ipython_extension", "run",
+    "WaitExpired", "__version__", "attach", "gpu", "load_ipython_extension", "run",
     "unload_ipython_extension",
 ]
 

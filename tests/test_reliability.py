@@ -400,8 +400,8 @@ def test_a_result_cut_short_says_the_job_succeeded_and_how_to_fetch_it(
                                "not be fetched"):
                 job.wait(timeout=DEADLINE)
             assert job.state == "succeeded"  # as its widget says; not "no longer followed"
-        with gateway.client() as c:
-            attach(job_id, space, client=c, quiet=True)
+        with gateway.client() as c:  # what the message says to call
+            gpu_magic.attach(job_id, space, client=c, quiet=True)
         assert space["big"].sum() == 1 << 20
     finally:
         proxy.close()
