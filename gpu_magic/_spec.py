@@ -245,6 +245,13 @@ _GRANT_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DE
 def env_problem(env: Mapping[str, str], spell: str = "env") -> str | None:
     """Why these ``--env`` variables cannot be sent, or None: a cell must not pick other
     GPUs than its grant (on a shared node they may be another job's), nor relabel them."""
+    for key, value in env.items():
+        # what os.environ and exec refuse, refused here before a GPU is granted
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            return (f"{spell} {key!r}: not a name an environment variable can have (not "
+                    "empty, no '=' and no NUL character); use a name such as MY_SETTING")
+        if not isinstance(value, str) or "\0" in value:
+            return (f"{spell} {key}={value!r}: the value must be text without a NUL character")
     taken = [k for k in env if k in _GRANT_ENV or k.startswith("GPU_MAGIC_")]
     if not taken:
         return None

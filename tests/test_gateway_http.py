@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+import gpu_magic
 from gpu_magic._client import GatewayClient
 from gpu_magic._errors import GatewayError
 from gpu_magic._payload import digest, loads, pack_inputs
@@ -1027,6 +1028,20 @@ def test_a_job_cannot_set_what_its_grant_sets(client: GatewayClient) -> None:
         submit(client, "1", "H100", env={"CUDA_VISIBLE_DEVICES": "3", "NVIDIA_VISIBLE_DEVICES": "3"})
     assert info.value.status == 422
     assert "env CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES: the grant sets these" in str(info.value)
+
+
+@pytest.mark.parametrize("env", [{"A=B": "x"}, {"": "x"}, {"A\0": "x"}, {"OK": "a\0b"}])
+def test_an_environment_no_process_can_have_is_refused_before_a_gpu_is_granted(
+        client: GatewayClient, env: dict[str, str]) -> None:
+    # it reached a runner, which failed on a granted GPU ("illegal environment variable name")
+    with pytest.raises(GatewayError) as info:
+        submit(client, "1", "H100", env=env)
+    assert info.value.status == 422 and "bad_env" in str(info.value.detail), info.value
+    assert "NUL" in str(info.value)
+    assert not [j for j in client.jobs() if j.get("env") == env]
+    with pytest.raises(ValueError, match="not a name an environment variable can have|without "
+                       "a NUL"):  # and the Python API, before anything is sent
+        gpu_magic.run("1", "H100", {}, client=client, env=env, quiet=True)
 
 
 def test_a_reload_cannot_make_a_one_user_gateway_shared(tmp_path: Path) -> None:
