@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,28 @@ def test_a_gateway_stopped_while_it_checked_checks_again_at_start(tmp_path: Path
             assert c.missing([gpu_magic._payload.digest(good), gpu_magic._payload.digest(bad)]) \
                 == [gpu_magic._payload.digest(bad)]
         assert not _unchecked(state)
+    finally:
+        gw.stop()
+
+
+def test_an_inbox_file_a_dead_client_left_is_removed(tmp_path: Path) -> None:
+    # a kernel killed while it wrote a large input into the inbox never hands it over: it
+    # stayed for good (1.5 GB each time, found by a reliability trial)
+    state = tmp_path / "state"
+    gw = start_gateway(tmp_path, "--retention", "2", state_dir=state)
+    try:
+        with gw.client() as c:
+            inbox = Path(c.local_path()["inbox"])
+        left, live = inbox / ("a" * 32), inbox / ("b" * 32)
+        for f in (left, live):
+            f.write_bytes(b"x" * 1000)
+        os.utime(left, (time.time() - 3600, time.time() - 3600))  # last written an hour ago
+        wait_for(lambda: not left.exists(), 20)
+        assert live.exists()  # one being written now is not touched
+        gw.stop()
+        os.utime(live, (time.time() - 3600, time.time() - 3600))
+        gw = start_gateway(tmp_path, state_dir=state)  # and at start, whatever the retention
+        wait_for(lambda: not live.exists(), 20)
     finally:
         gw.stop()
 

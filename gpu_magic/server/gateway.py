@@ -46,6 +46,7 @@ OUTCOME_EVENT_MAX = 4 << 20  # the rest of it (names, notes, a traceback's frame
 OUTSIDE_POLL_S = 2.0  # how often a GPU held outside gpu_magic is looked at while jobs wait
 ENDING_GRACE_S = 15.0  # a runner that said its cell ended has this long to end, timeout or not
 OUTPUT_MAX = 64 << 20  # characters of output kept for one job
+INBOX_STALE_S = 600.0  # an inbox file not written for this long was left by a client that died
 EVENT_COST = 64  # what one output event counts against it besides its text
 _OUTPUT_FIELDS = {
     "stdout": ("type", "text"), "stderr": ("type", "text"),
@@ -358,6 +359,7 @@ class Gateway:
         for job_id in job_ids:
             for attempt in (self.jobs_dir / job_id).glob("attempt-*"):
                 shutil.rmtree(attempt / "out", ignore_errors=True)
+        self.blobs.sweep_inbox(time.time() - INBOX_STALE_S)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -403,6 +405,7 @@ class Gateway:
             self.store.delete_job(job.id)
             shutil.rmtree(self.jobs_dir / job.id, ignore_errors=True)
         self.blobs.collect(cutoff, needed)
+        self.blobs.sweep_inbox(time.time() - INBOX_STALE_S)
         return len(gone)
 
     def set_user_limits(self, name: str, overrides: dict[str, int]) -> None:

@@ -435,6 +435,23 @@ class BlobStore:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         return d
 
+    def sweep_inbox(self, cutoff: float) -> int:
+        """Remove inbox files last written before ``cutoff``: a client killed while it wrote
+        one (a kernel restarted during a large upload) never hands it over. Returns how many."""
+        removed = 0
+        inbox = self.root.parent / "inbox"
+        with contextlib.suppress(OSError):
+            for user_dir in os.scandir(inbox):
+                with contextlib.suppress(OSError):
+                    for f in os.scandir(user_dir.path):
+                        try:
+                            if f.stat(follow_symlinks=False).st_mtime < cutoff:
+                                os.unlink(f.path)
+                                removed += 1
+                        except OSError:
+                            continue
+        return removed
+
     def adopt_inbox(self, user: str, name: str, digest: str, max_bytes: int | None = None) -> int:
         """Move ``inbox/name`` into the store; its content is checked against ``digest`` beside
         the job that uses it (the inbox is offered only to the gateway's own user), and a
