@@ -513,6 +513,37 @@ def _leftovers(state: Path) -> list[str]:
                                                      *state.glob("jobs/*/attempt-*/out")])
 
 
+def test_a_gateway_killed_right_after_telling_of_a_job_still_knows_it(tmp_path: Path) -> None:
+    # its store is written in bursts: a job its client had seen end (or start) a moment
+    # before a kill -9 came back unknown (404) or `lost` (found by a reliability trial)
+    r = _Restartable(tmp_path)
+    try:
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        ended = []
+        for _ in range(3):
+            job = gpu_magic.run("x = 1", "H100", ns, client=r.client, quiet=True,
+                                background=True)
+            job.wait(timeout=DEADLINE)
+            ended.append(job.id)
+        running = gpu_magic.run("import time\ntime.sleep(60)", "H100", ns, client=r.client,
+                                quiet=True, background=True)
+        os.kill(r.gw.proc.pid, signal.SIGKILL)  # at once, the submit just answered
+        r.gw.proc.wait(DEADLINE)
+        r.start_again()
+        for job_id in ended:
+            assert r.client.job(job_id)["state"] == "succeeded"
+        assert r.client.job(running.id)["state"] == "lost"
+        ended_last = gpu_magic.run("x = 2", "H100", ns, client=r.client, quiet=True,
+                                   background=True)
+        ended_last.wait(timeout=DEADLINE)
+        os.kill(r.gw.proc.pid, signal.SIGKILL)  # at once, its client told it ended
+        r.gw.proc.wait(DEADLINE)
+        r.start_again()
+        assert r.client.job(ended_last.id)["state"] == "succeeded"
+    finally:
+        r.close()
+
+
 def test_a_restarted_gateway_removes_what_a_killed_one_was_writing(tmp_path: Path) -> None:
     # a half-received upload (316 MB) and a runner's half-written result (1.5 GB) stayed
     # until retention removed them, 7 days later

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ class Store:
         conn.executescript(_SCHEMA)
         conn.commit()
         conn.close()
-        self._q: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._q: queue.Queue[tuple[str, tuple[Any, ...], Future[None] | None] | None] = \
+            queue.Queue()
+        self._urgent = threading.Event()  # cuts the wait for a burst short
         self._flushed = threading.Condition()
         self._pending = 0
         self.error: BaseException | None = None
@@ -77,7 +80,7 @@ class Store:
 
     def _writer(self) -> None:
         conn: sqlite3.Connection | None = None
-        batch: list[tuple[str, tuple[Any, ...]]] = []  # (one that failed: tried again first)
+        batch: list[tuple[str, tuple[Any, ...], Future[None] | None]] = []  # (failed: again)
         closing = False
         while True:
             if not batch:
@@ -86,8 +89,10 @@ class Store:
                     break
                 batch = [item]
                 # let a burst gather, then take it whole: waking for each item costs the event
-                # loop a thread switch per event
-                time.sleep(_BATCH_S)
+                # loop a thread switch per event (but not when someone waits for a write)
+                if item[2] is None:
+                    self._urgent.wait(_BATCH_S)
+                self._urgent.clear()
             while len(batch) < 5000 or self.error is not None:
                 try:
                     nxt = self._q.get_nowait()
@@ -102,7 +107,7 @@ class Store:
                     conn = sqlite3.connect(self.path, check_same_thread=False)
                     conn.execute("PRAGMA synchronous=NORMAL")
                 with conn:
-                    for sql, args in batch:
+                    for sql, args, _ in batch:
                         conn.execute(sql, args)
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -125,6 +130,9 @@ class Store:
             with self._flushed:
                 self._pending -= len(batch)
                 self._flushed.notify_all()
+            for _, _, written in batch:
+                if written is not None:
+                    written.set_result(None)
             batch = []
             if closing:
                 self._q.put(None)
@@ -132,15 +140,21 @@ class Store:
         if conn is not None:
             conn.close()
 
-    def _put(self, sql: str, args: tuple[Any, ...]) -> None:
+    def _put(self, sql: str, args: tuple[Any, ...], urgent: bool = False) -> Future[None] | None:
         with self._flushed:
             self._pending += 1
-        self._q.put((sql, args))
+        written: Future[None] | None = Future() if urgent else None
+        self._q.put((sql, args, written))
+        if urgent:
+            self._urgent.set()
+        return written
 
-    def save_job(self, record: dict[str, Any]) -> None:
-        self._put(
+    def save_job(self, record: dict[str, Any], urgent: bool = False) -> Future[None] | None:
+        """``urgent``: written at once, not with the next burst; the answer is done when it
+        (and all written before it) is in the database."""
+        return self._put(
             "INSERT OR REPLACE INTO jobs (id, user, state, record) VALUES (?, ?, ?, ?)",
-            (record["id"], record["user"], record["state"], json.dumps(record)),
+            (record["id"], record["user"], record["state"], json.dumps(record)), urgent,
         )
 
     def add_event(self, job_id: str, seq: int, event: dict[str, Any]) -> None:
