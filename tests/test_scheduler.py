@@ -91,17 +91,23 @@ def fitting(option: GpuOption, gpus: Iterable[Gpu], min_memory: float | None) ->
             if len(gs) >= option.count}
 
 
-def oracle_fair_order(queue: Sequence[Request], running: Mapping[str, int]) -> list[Request]:
-    """Fewest running jobs first (each job placed counts as running), ties by submission order."""
+def oracle_fair_order(queue: Sequence[Request], running: Mapping[str, int],
+                      served: Mapping[str, int] | None = None) -> list[Request]:
+    """Fewest running jobs first (each job placed counts as running), ties to the user served
+    least recently (each job placed counts as served now), then by submission order."""
     pending: dict[str, list[Request]] = {}
     for req in sorted(queue, key=lambda r: r.seq):
         pending.setdefault(req.user, []).append(req)
     load = {u: running.get(u, 0) for u in pending}
+    last = {u: (served or {}).get(u, -1) for u in pending}
+    now = max((served or {}).values(), default=-1)
     out = []
     while pending:
-        user = min(pending, key=lambda u: (load[u], pending[u][0].seq))
+        user = min(pending, key=lambda u: (load[u], last[u], pending[u][0].seq))
         out.append(pending[user].pop(0))
         load[user] += 1
+        now += 1
+        last[user] = now
         if not pending[user]:
             del pending[user]
     return out
@@ -125,7 +131,8 @@ def option_position(req: Request, grant: Grant) -> int:
 
 
 def check_decisions(gpus: Sequence[Gpu], busy: Iterable[Key], queue: Sequence[Request],
-                    running: Mapping[str, int], grants: Sequence[Grant]) -> None:
+                    running: Mapping[str, int], grants: Sequence[Grant],
+                    served: Mapping[str, int] | None = None) -> None:
     """Assert that ``grants`` is what the rules allow for this pool, queue and load."""
     busy = set(busy)
     by_key = {(g.node, g.index): g for g in gpus}
@@ -153,7 +160,7 @@ def check_decisions(gpus: Sequence[Gpu], busy: Iterable[Key], queue: Sequence[Re
         assert gr.memory_gb == held[0].memory_gb and gr.simulated == held[0].simulated
         assert [o for o, _ in gr.passed_over] == [str(o) for o in req.options[:pos]]
 
-    order = oracle_fair_order(queue, running)
+    order = oracle_fair_order(queue, running, served)
     grant_of = {gr.job_id: gr for gr in grants}
     assert [gr.job_id for gr in grants] == [r.job_id for r in order if r.job_id in grant_of], \
         "grants not made in fair-share order"
@@ -218,6 +225,7 @@ class Case:
     busy: frozenset[Key] = frozenset()
     foreign: frozenset[Key] = frozenset()
     running: Mapping[str, int] = field(default_factory=dict)
+    served: Mapping[str, int] = field(default_factory=dict)
     passed: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
 
@@ -301,6 +309,14 @@ CASES = [
                  id="fair-share-users-take-turns"),
     pytest.param(Case("H100:1@a", (("B", "H100"), ("A", "H100")), (("j0", 0, "a", (0,), "H100"),)),
                  id="fair-share-tie-by-submission"),
+    # A user whose jobs each take the whole pool (H100:2 here) has 0 running whenever it frees:
+    # the tie goes to whom was served longest ago, not to the flooder's earlier submissions.
+    pytest.param(Case("H100:2@a", (("C", "H100:2"), ("C", "H100:2"), ("B", "H100:2")),
+                      (("j2", 0, "a", (0, 1), "H100"),), served={"A": 1, "C": 2}),
+                 id="fair-share-tie-to-least-recently-served"),
+    pytest.param(Case("H100:1@a", (("C", "H100"), ("B", "H100")), (("j1", 0, "a", (0,), "H100"),),
+                      served={"B": 3, "C": 5}),
+                 id="fair-share-tie-to-served-longer-ago"),
     pytest.param(Case("H100:2@a", (("B", "H100"), ("A", "H100")), (("j1", 0, "a", (1,), "H100"),),
                       busy=busy_on("a0"), running={"B": 1}),
                  id="fair-share-fewer-running-first"),
@@ -347,13 +363,13 @@ CASES = [
 def test_allocation_decision(case: Case) -> None:
     gpus = make_pool(case.pool, case.foreign)
     queue = [submit(f"j{i}", job[0], job[1], i, gpus, *job[2:]) for i, job in enumerate(case.queue)]
-    grants = schedule(gpus, sorted(case.busy), queue, dict(case.running))
+    grants = schedule(gpus, sorted(case.busy), queue, dict(case.running), dict(case.served))
     assert [(g.job_id, g.option_index, g.node, g.indices, g.gpu_type) for g in grants] == \
         list(case.expected)
     for g in grants:
         if g.job_id in case.passed:
             assert g.passed_over == case.passed[g.job_id]
-    check_decisions(gpus, case.busy, queue, case.running, grants)
+    check_decisions(gpus, case.busy, queue, case.running, grants, case.served)
 
 
 def test_passed_over_reason_shape() -> None:
@@ -442,8 +458,12 @@ def test_pool_summary() -> None:
 
 def test_fair_order_interleaves_users() -> None:
     queue = [Request(f"j{i}", u, (GpuOption("H100"),), i) for i, u in enumerate("AAAB")]
-    assert [r.job_id for r in fair_order(queue, {"A": 0, "B": 1})] == ["j0", "j1", "j3", "j2"]
+    # A placed first; then both have one running, and B, served before this call, goes next
+    assert [r.job_id for r in fair_order(queue, {"A": 0, "B": 1})] == ["j0", "j3", "j1", "j2"]
     assert [r.job_id for r in fair_order(queue, {})] == ["j0", "j3", "j1", "j2"]
+    assert [r.job_id for r in fair_order(queue, {}, {"A": 0})] == ["j3", "j0", "j1", "j2"]
+    assert [r.job_id for r in fair_order(queue, {"A": 1}, {"A": 7, "B": 2})] == \
+        ["j3", "j0", "j1", "j2"]
 
 
 # --- purity -------------------------------------------------------------------------------------
@@ -529,7 +549,9 @@ class Sim:
     run_steps: dict[str, int] = field(default_factory=dict)
     granted_at: dict[str, int] = field(default_factory=dict)
     submitted_at: dict[str, int] = field(default_factory=dict)
+    served: dict[str, int] = field(default_factory=dict)  # as the gateway keeps it
     seq: int = 0
+    grants_made: int = 0
 
     def submit(self, job: Job, step: int) -> bool:
         kept, _ = feasibility(job.options, self.gpus)
@@ -563,12 +585,15 @@ class Sim:
         busy = [k for _, keys, _ in self.running.values() for k in keys]
         counts = self.counts()
         # the items are frozen dataclasses, so copying the containers is enough to see a change
-        before = (list(self.gpus), list(busy), list(self.queue), dict(counts))
-        grants = schedule(self.gpus, busy, self.queue, counts)
-        assert [self.gpus, busy, self.queue, counts] == list(before), "schedule() changed its inputs"
-        check_decisions(self.gpus, busy, self.queue, counts, grants)
+        before = (list(self.gpus), list(busy), list(self.queue), dict(counts), dict(self.served))
+        grants = schedule(self.gpus, busy, self.queue, counts, self.served)
+        assert [self.gpus, busy, self.queue, counts, self.served] == list(before), \
+            "schedule() changed its inputs"
+        check_decisions(self.gpus, busy, self.queue, counts, grants, self.served)
         users = {r.job_id: r.user for r in self.queue}
         for g in grants:
+            self.grants_made += 1
+            self.served[users[g.job_id]] = self.grants_made
             keys = tuple((g.node, i) for i in g.indices)
             self.running[g.job_id] = (users[g.job_id], keys, step + self.run_steps[g.job_id])
             self.granted_at[g.job_id] = step

@@ -19,8 +19,9 @@ from nbclient import NotebookClient
 import gpu_magic
 from gpu_magic import JobCancelled, RunnerLost, WaitExpired
 from gpu_magic._api import attach
+from gpu_magic._client import GatewayClient
 
-from .conftest import Gateway, start_gateway, wait_for
+from .conftest import Gateway, start_class_gateway, start_gateway, wait_for
 from .test_gateway_http import all_free, finish, inline_body, opts, submit
 
 DEADLINE = 60.0
@@ -306,3 +307,42 @@ def test_queued_events_carry_position_and_estimate(small_client: Any) -> None:
         assert granted["gpu_type"] == "T4"
     finally:
         finish(client, first["id"])
+
+
+# --- fair share among users, on a gateway alice, bob and carol share ---
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[dict[str, GatewayClient]]:
+    """Clients of alice, bob and carol on a fresh shared gateway (H100:2, A100-80GB:4)."""
+    gw, tokens = start_class_gateway(tmp_path)
+    clients = {name: gw.client(token) for name, token in tokens.items()}
+    yield clients
+    for c in clients.values():
+        c.close()
+    gw.stop()
+
+
+def hold_until(flag: Path) -> str:
+    """A cell that holds its GPUs until ``flag`` exists."""
+    return f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.05)\n"
+
+
+def running(client: GatewayClient, job: dict[str, Any]) -> bool:
+    return client.job(job["id"])["state"] == "running"
+
+
+def test_users_whose_jobs_each_take_a_whole_type_take_turns(
+        shared: dict[str, GatewayClient], tmp_path: Path) -> None:
+    """Each H100:2 takes the whole H100 pool, so whenever it frees every user has 0 jobs running:
+    the tie goes to the user served least recently, not to carol's earlier submissions."""
+    flag = tmp_path / "alice-done"
+    alice = submit(shared["alice"], hold_until(flag), "H100:2")
+    wait_for(lambda: running(shared["alice"], alice), DEADLINE)
+    carols = [submit(shared["carol"], "x = 1", "H100:2") for _ in range(3)]
+    bob = submit(shared["bob"], "x = 1", "H100:2")
+    flag.touch()
+    done = [finish(shared["carol"], j["id"]) for j in carols] + [finish(shared["bob"], bob["id"])]
+    assert [r["state"] for r in done] == ["succeeded"] * 4
+    order = [r["user"] for r in sorted(done, key=lambda r: r["started"])]
+    assert order == ["carol", "bob", "carol", "carol"]

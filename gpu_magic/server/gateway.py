@@ -302,6 +302,10 @@ class Gateway:
         self.queue: list[str] = []
         self.running: dict[str, Job] = {}
         self._seq = 0
+        # per user, the number of the grant last made to them (of self._grants, counted up):
+        # the scheduler serves users with as many jobs running round-robin by it
+        self._served: dict[str, int] = {}
+        self._grants = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_activity = time.monotonic()
         self.closing = False  # shutting down: no job is started any more
@@ -813,7 +817,7 @@ class Gateway:
                 continue
             reqs.append(Request(j.id, j.user, tuple(opts), j.seq, tuple(idx), j.min_memory_gb))
             waits[j.id] = absent
-        granted = schedule(gpus, busy, reqs, running_per_user)
+        granted = schedule(gpus, busy, reqs, running_per_user, self._served)
         for grant in granted:
             self._launch(self.jobs[grant.job_id], grant, gpus)
             busy += [(grant.node, i) for i in grant.indices]
@@ -822,7 +826,7 @@ class Gateway:
         waiting = [r for r in reqs if self.jobs[r.job_id].state == "queued"
                    and r.job_id in self.queue]
         # "queued" alone reads as "someone's job holds it": say when it is not one
-        outside = held_outside(waiting, gpus, busy, running_per_user)
+        outside = held_outside(waiting, gpus, busy, running_per_user, self._served)
         for req in waiting:
             j = self.jobs[req.job_id]
             note = None if waits[req.job_id] else _outside_note(
@@ -866,6 +870,8 @@ class Gateway:
         job.interrupted = job.interrupt_taken = False
         job.interrupted_by = None
         self.running[job.id] = job
+        self._grants += 1
+        self._served[job.user] = self._grants
         req = job.request
         grant_env = {
             "GPU_MAGIC_GRANT": json.dumps({

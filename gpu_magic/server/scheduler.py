@@ -3,8 +3,9 @@
 Rules (DESIGN.md): a job's options are tried in the order written and the first that can be
 granted now wins; a multi-GPU grant is on one node and of one type; options no node could ever
 satisfy are dropped at submit, and a job with none left is refused. Among queued jobs, users take
-turns (fair share: the user with the fewest jobs running goes first, then submission order), and
-the first job that cannot be granted reserves the GPUs it waits for, so later small jobs cannot
+turns (fair share: the user with the fewest jobs running goes first; among users with as many,
+the one served least recently, so they are served round-robin, then submission order), and the
+first job that cannot be granted reserves the GPUs it waits for, so later small jobs cannot
 starve a large one by backfilling forever.
 """
 
@@ -176,22 +177,34 @@ def _why_not(option: GpuOption, gpus: Sequence[Gpu], free: _Free, reserved: set[
     return text
 
 
-def fair_order(queue: Sequence[Request], running: Mapping[str, int]) -> list[Request]:
-    """Queue order under fair share: users with fewer running jobs first, FIFO within a user."""
+def fair_order(queue: Sequence[Request], running: Mapping[str, int],
+               served: Mapping[str, int] | None = None) -> list[Request]:
+    """Queue order under fair share: users with fewer running jobs first; among users with as
+    many, the one served least recently first (round-robin), then submission order; FIFO
+    within a user.
+
+    ``served``: per user, the number of the grant last made to them, numbers growing with each
+    grant (0 or more; a user not in it was never served). Without it, a user who floods the
+    queue wins every tie by submission order: when each job takes a whole GPU type, every
+    user's running count is 0 whenever the pool frees. A job placed here counts as running
+    and as served after everything ``served`` says."""
+    served = served or {}
     per_user: dict[str, list[Request]] = {}
     for req in sorted(queue, key=lambda r: r.seq):
         per_user.setdefault(req.user, []).append(req)
-    heap = [(running.get(u, 0), reqs[0].seq, u) for u, reqs in per_user.items()]
+    heap = [(running.get(u, 0), served.get(u, -1), reqs[0].seq, u) for u, reqs in per_user.items()]
     heapq.heapify(heap)
+    latest = max(served.values(), default=-1)
     cursor = {u: 0 for u in per_user}
     out: list[Request] = []
     while heap:
-        load, _, user = heapq.heappop(heap)
+        load, _, _, user = heapq.heappop(heap)
         reqs = per_user[user]
         out.append(reqs[cursor[user]])
         cursor[user] += 1
+        latest += 1
         if cursor[user] < len(reqs):
-            heapq.heappush(heap, (load + 1, reqs[cursor[user]].seq, user))
+            heapq.heappush(heap, (load + 1, latest, reqs[cursor[user]].seq, user))
     return out
 
 
@@ -200,12 +213,14 @@ def schedule(
     busy: Iterable[Key],
     queue: Sequence[Request],
     running: Mapping[str, int] | None = None,
+    served: Mapping[str, int] | None = None,
 ) -> list[Grant]:
-    """The grants to make now. ``busy``: GPUs held by running jobs; ``running``: jobs per user."""
+    """The grants to make now. ``busy``: GPUs held by running jobs; ``running``: jobs per user;
+    ``served``: per user, the number of their last grant (see ``fair_order``)."""
     gpus = list(gpus)
     free = _Free(gpus, set(busy))
     match = _Matcher()
-    ordered = fair_order(queue, running or {})
+    ordered = fair_order(queue, running or {}, served)
     grants: list[Grant] = []
     reserved: set[Key] | None = None  # None until the first blocked job has reserved (maybe nothing)
     for position, req in enumerate(ordered):
@@ -233,7 +248,8 @@ def schedule(
 
 
 def held_outside(queue: Sequence[Request], gpus: Sequence[Gpu], busy: Iterable[Key],
-                 running: Mapping[str, int] | None = None) -> dict[str, list[Gpu]]:
+                 running: Mapping[str, int] | None = None,
+                 served: Mapping[str, int] | None = None) -> dict[str, list[Gpu]]:
     """For each queued job that GPUs held outside gpu_magic alone keep waiting, those GPUs:
     the ones of the grant it would get now, the queue ahead of it served first, were they
     free. A job that our own jobs or the queue ahead keep waiting is not named."""
@@ -243,7 +259,7 @@ def held_outside(queue: Sequence[Request], gpus: Sequence[Gpu], busy: Iterable[K
                else g for g in gpus]
     by_key = {(g.node, g.index): g for g in gpus}
     out: dict[str, list[Gpu]] = {}
-    for grant in schedule(cleared, busy, queue, running):
+    for grant in schedule(cleared, busy, queue, running, served):
         held = [by_key[(grant.node, i)] for i in grant.indices
                 if by_key[(grant.node, i)].busy_foreign]
         if held:
