@@ -22,7 +22,7 @@ from gpu_magic._api import attach
 from gpu_magic._client import GatewayClient
 
 from .conftest import Gateway, start_class_gateway, start_gateway, wait_for
-from .test_gateway_http import all_free, finish, inline_body, opts, submit
+from .test_gateway_http import all_free, finish, follow, inline_body, opts, submit
 
 DEADLINE = 60.0
 
@@ -346,3 +346,28 @@ def test_users_whose_jobs_each_take_a_whole_type_take_turns(
     assert [r["state"] for r in done] == ["succeeded"] * 4
     order = [r["user"] for r in sorted(done, key=lambda r: r["started"])]
     assert order == ["carol", "bob", "carol", "carol"]
+
+
+def test_queue_position_is_the_fair_order(shared: dict[str, GatewayClient], tmp_path: Path) -> None:
+    """alice holds both H100s and has three more jobs queued; bob's job, submitted last, is
+    granted first (he has nothing running), and his place in the queue says so."""
+    alice, bob = shared["alice"], shared["bob"]
+    flag = tmp_path / "alice-done"
+    holder = submit(alice, hold_until(flag), "H100:2")
+    wait_for(lambda: running(alice, holder), DEADLINE)
+    alices = [submit(alice, "x = 1", "H100") for _ in range(3)]
+    mine = submit(bob, "x = 1", "H100")
+    try:
+        assert mine["queue_position"] == 1  # the answer to the submit
+        queued = follow(bob, mine["id"], until=lambda e: e["type"] == "queued")[-1]
+        assert queued["position"] == 1  # what the cell's status shows
+        listed = {j["id"]: j.get("queue_position") for j in alice.jobs() + bob.jobs()}
+        assert listed[mine["id"]] == 1
+        assert [listed[j["id"]] for j in alices] == [2, 3, 4]
+        assert [alice.job(j["id"])["queue_position"] for j in alices] == [2, 3, 4]
+    finally:
+        flag.touch()
+    done = [finish(alice, j["id"]) for j in alices]
+    first = finish(bob, mine["id"])
+    assert first["state"] == "succeeded"
+    assert all(first["started"] <= r["started"] for r in done)  # granted in that order

@@ -32,7 +32,15 @@ from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
 from .limits import Limits, human, seconds
-from .scheduler import Grant, Request, feasibility, held_outside, pool_summary, schedule
+from .scheduler import (
+    Grant,
+    Request,
+    fair_order,
+    feasibility,
+    held_outside,
+    pool_summary,
+    schedule,
+)
 from .store import BlobError, BlobStore, Store
 
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
@@ -516,13 +524,24 @@ class Gateway:
         return job
 
     def jobs_of(self, user: User, everyone: bool = False) -> list[dict[str, Any]]:
-        return [self._record(j) for j in self.jobs.values()
+        positions = self._positions()  # (once for all the records)
+        return [self._record(j, positions) for j in self.jobs.values()
                 if j.user == user.name or (everyone and user.admin)]
 
-    def _record(self, job: Job) -> dict[str, Any]:
+    def _positions(self) -> dict[str, int]:
+        """Each queued job's place in the queue, from 1, in the order the scheduler grants in
+        (fair share), not the order of submission: a user with fewer jobs running goes ahead
+        of another's earlier ones."""
+        running: dict[str, int] = {}
+        for j in self.running.values():
+            running[j.user] = running.get(j.user, 0) + 1
+        reqs = [Request(j.id, j.user, (), j.seq) for j in (self.jobs[i] for i in self.queue)]
+        return {r.job_id: n for n, r in enumerate(fair_order(reqs, running, self._served), 1)}
+
+    def _record(self, job: Job, positions: dict[str, int] | None = None) -> dict[str, Any]:
         rec = job.record()
         if job.state == "queued" and job.id in self.queue:
-            rec["queue_position"] = self.queue.index(job.id) + 1
+            rec["queue_position"] = (self._positions() if positions is None else positions)[job.id]
             if job.held or job.waiting_for:  # what keeps it waiting, if not the jobs ahead
                 rec["waiting_why"] = job.held or job.waiting_for
         return rec
@@ -1232,7 +1251,7 @@ class Gateway:
     # --- events ---
 
     def _emit_queued(self, job: Job) -> None:
-        pos = self.queue.index(job.id) + 1 if job.id in self.queue else 0
+        pos = self._positions().get(job.id, 0)
         # No wait estimate: when a GPU frees depends on how long the running cells take, which
         # nothing here knows (the average of past cells, or a running cell's --timeout, is a
         # number but not an estimate), and a wrong number is worse than none.
