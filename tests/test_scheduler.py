@@ -31,6 +31,7 @@ from gpu_magic.server.scheduler import (
     Request,
     fair_order,
     feasibility,
+    held_for_ahead,
     held_outside,
     pool_summary,
     schedule,
@@ -747,3 +748,34 @@ def test_held_outside_names_the_gpus_that_alone_keep_a_job_waiting(
     assert schedule(gpus, busy_on(*busy), queue) == []  # they wait
     got = held_outside(queue, gpus, busy_on(*busy))
     assert {j: [f"{g.node}{g.index}" for g in held] for j, held in got.items()} == expected
+
+
+@pytest.mark.parametrize(("pool", "specs", "busy", "expected"), [
+    pytest.param("H100:2@a", ["H100:2", "H100"], ("a0",),
+                 {"j1": "1 H100 free, held for a job ahead that waits for H100:2"},
+                 id="a-free-h100-held-for-a-pair"),
+    pytest.param("H100:2@a", ["H100:2", "any"], ("a0",),
+                 {"j1": "1 H100 free, held for a job ahead that waits for H100:2"},
+                 id="any-would-take-it"),
+    pytest.param("H100:4@a", ["H100:4", "H100", "H100:2"], ("a0", "a1"),
+                 {"j1": "2 H100 free, held for a job ahead that waits for H100:4",
+                  "j2": "2 H100 free, held for a job ahead that waits for H100:4"},
+                 id="each-job-behind-is-named"),
+    pytest.param("H100:2@a,A100-80GB:2@b", ["H100:2", "H100", "A100-80GB"], ("a0",),
+                 {"j1": "1 H100 free, held for a job ahead that waits for H100:2"},
+                 id="a-job-granted-another-type-is-not-named"),
+    pytest.param("H100:2@a", ["H100:2", "H100"], ("a0", "a1"), {}, id="nothing-free-nothing-held"),
+    pytest.param("H100:2@a", ["H100"], ("a0",), {}, id="no-job-ahead"),
+    pytest.param("H100:2@a,H100:4@b", ["H100:4", "H100:2"], ("b0", "b1", "b2", "a0"), {},
+                 id="a-pair-the-free-gpus-could-not-hold-anyway"),
+])
+def test_held_for_ahead_names_the_free_gpus_a_job_ahead_keeps(
+        pool: str, specs: list[str], busy: tuple[str, ...], expected: dict[str, str]) -> None:
+    gpus = make_pool(pool)
+    queue = [submit(f"j{i}", f"u{i}", spec, i, gpus) for i, spec in enumerate(specs)]
+    running = {"someone": len(busy)}
+    grants = schedule(gpus, busy_on(*busy), queue, running)
+    # asked as the gateway asks: after the grants were made
+    now_busy = busy_on(*busy) | {(g.node, i) for g in grants for i in g.indices}
+    waiting = [r for r in queue if r.job_id not in {g.job_id for g in grants}]
+    assert held_for_ahead(waiting, gpus, now_busy, running) == expected

@@ -371,3 +371,29 @@ def test_queue_position_is_the_fair_order(shared: dict[str, GatewayClient], tmp_
     first = finish(bob, mine["id"])
     assert first["state"] == "succeeded"
     assert all(first["started"] <= r["started"] for r in done)  # granted in that order
+
+
+def test_a_job_kept_from_a_free_gpu_by_a_job_ahead_says_so(
+        shared: dict[str, GatewayClient], tmp_path: Path) -> None:
+    """alice holds one H100 of two, bob's H100:2 waits for both and so holds the free one:
+    carol's H100 waits although the pool shows one free, and says for whom, to the end."""
+    alice, bob, carol = shared["alice"], shared["bob"], shared["carol"]
+    flag = tmp_path / "alice-done"
+    holder = submit(alice, hold_until(flag), "H100")
+    try:
+        wait_for(lambda: running(alice, holder), DEADLINE)
+        pair = submit(bob, "x = 1", "H100:2")
+        late = submit(carol, "x = 1", "H100", wait=2)
+        why = "1 H100 free, held for a job ahead that waits for H100:2"
+        assert wait_for(lambda: carol.job(late["id"]).get("waiting_why"), DEADLINE) == why
+        assert next(t for t in carol.pool()["types"] if t["type"] == "H100")["free"] == 1
+        queued = follow(carol, late["id"], until=lambda e: e.get("waiting_for") == why)
+        assert queued[-1]["type"] == "queued"
+        expired = finish(carol, late["id"])
+        assert expired["state"] == "expired"
+        assert why in expired["message"] and "nothing ran" in expired["message"]
+        assert "became free" not in expired["message"]
+        assert bob.job(pair["id"])["state"] == "queued"
+    finally:
+        flag.touch()
+    assert finish(bob, pair["id"])["state"] == "succeeded"

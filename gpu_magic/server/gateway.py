@@ -37,6 +37,7 @@ from .scheduler import (
     Request,
     fair_order,
     feasibility,
+    held_for_ahead,
     held_outside,
     pool_summary,
     schedule,
@@ -105,9 +106,11 @@ class Job:
     gpu_cap: int | None = None  # the user's limit on GPUs held at once, when submitted
     held: str | None = None  # why it waits though GPUs may be free: the user's own limit
     # what it waits for that no job here holds: a node to join the pool, or GPUs held
-    # outside gpu_magic (then ``outside`` is set)
+    # outside gpu_magic (then ``outside`` is set); or free GPUs held for the first waiting
+    # job ahead of it, so that a large request is not starved (then ``behind`` is set)
     waiting_for: str | None = None
     outside: bool = False
+    behind: bool = False
     message: str | None = None
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -775,6 +778,10 @@ class Gateway:
             job.message = (f"{late}: {job.held}; nothing ran. Let one of them finish "
                            "(job.wait()) or cancel one, then run this again, or wait longer "
                            "(--wait).")
+        elif job.waiting_for and job.behind:
+            job.message = (f"{late}: {job.waiting_for}, which goes first so that a large "
+                           "request is not starved; nothing ran. Wait longer (--wait), or add "
+                           "fallback options (%gpu pool shows what is free).")
         elif job.waiting_for and job.outside:
             job.message = (f"{late}: {job.waiting_for.partition(';')[0]}; nothing ran. Wait "
                            "longer (--wait) or add fallback options (%gpu pool shows what is "
@@ -846,12 +853,16 @@ class Gateway:
                    and r.job_id in self.queue]
         # "queued" alone reads as "someone's job holds it": say when it is not one
         outside = held_outside(waiting, gpus, busy, running_per_user, self._served)
+        # ("1 of 2 H100 free" in the pool while it waits reads as a bug: say for whom)
+        ahead = held_for_ahead(waiting, gpus, busy, running_per_user, self._served)
         for req in waiting:
             j = self.jobs[req.job_id]
             note = None if waits[req.job_id] else _outside_note(
                 outside.get(req.job_id, []), self.backend)
-            waiting_for = waits[req.job_id] or note
+            behind = None if waits[req.job_id] or note else ahead.get(req.job_id)
+            waiting_for = waits[req.job_id] or note or behind
             j.outside = note is not None
+            j.behind = behind is not None
             if j.held is not None or waiting_for != j.waiting_for:
                 j.held, j.waiting_for = None, waiting_for
                 self._emit_queued(j)
@@ -880,7 +891,7 @@ class Gateway:
     def _launch(self, job: Job, grant: Grant, gpus: list[Gpu]) -> None:
         self._dequeue(job)
         # what held it in the queue is over: a retry's wait says its own
-        job.held, job.waiting_for, job.outside = None, None, False
+        job.held, job.waiting_for, job.outside, job.behind = None, None, False, False
         job.grant = _grant_json(grant, gpus, job.attempt)
         job.state = "running"
         job.outcome = None

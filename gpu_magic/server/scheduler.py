@@ -217,12 +217,36 @@ def schedule(
 ) -> list[Grant]:
     """The grants to make now. ``busy``: GPUs held by running jobs; ``running``: jobs per user;
     ``served``: per user, the number of their last grant (see ``fair_order``)."""
+    return _plan(gpus, busy, queue, running, served)[0]
+
+
+def held_for_ahead(
+    queue: Sequence[Request],
+    gpus: Sequence[Gpu],
+    busy: Iterable[Key],
+    running: Mapping[str, int] | None = None,
+    served: Mapping[str, int] | None = None,
+) -> dict[str, str]:
+    """For each queued job that free GPUs would take now were they not held for the first
+    waiting job ahead of it (so that a large request is not starved), what holds them:
+    ``1 H100 free, held for a job ahead that waits for H100:2``. Without it, such a job
+    reads as if no GPU were free."""
+    return _plan(gpus, busy, queue, running, served)[1]
+
+
+def _plan(gpus: Sequence[Gpu], busy: Iterable[Key], queue: Sequence[Request],
+          running: Mapping[str, int] | None, served: Mapping[str, int] | None,
+          ) -> tuple[list[Grant], dict[str, str]]:
+    """The grants to make now, and the jobs that GPUs held for the first blocked job keep
+    waiting (see ``held_for_ahead``)."""
     gpus = list(gpus)
     free = _Free(gpus, set(busy))
     match = _Matcher()
     ordered = fair_order(queue, running or {}, served)
     grants: list[Grant] = []
+    held_back: dict[str, str] = {}
     reserved: set[Key] | None = None  # None until the first blocked job has reserved (maybe nothing)
+    waits_for: GpuOption | None = None  # what the first blocked job reserved for
     for position, req in enumerate(ordered):
         held = reserved or set()
         for pos, opt in enumerate(req.options):
@@ -243,8 +267,29 @@ def schedule(
             break
         else:
             if reserved is None:
-                reserved = _reservation(req, gpus, free, match)
-    return grants
+                reserved, waits_for = _reservation(req, gpus, free, match)
+            elif reserved and waits_for is not None:
+                note = _held_note(req, free, reserved, waits_for, match)
+                if note is not None:
+                    held_back[req.job_id] = note
+    return grants, held_back
+
+
+def _held_note(req: Request, free: _Free, reserved: set[Key], waits_for: GpuOption,
+               match: _Matcher) -> str | None:
+    """``1 H100 free, held for a job ahead that waits for H100:2`` when the first of the job's
+    options that the free GPUs fit fits only with the reserved ones; None otherwise."""
+    for opt in req.options:
+        if _pick(opt, free, set(), req.min_memory_gb, match) is None:
+            continue
+        types = sorted({t for (n, t), group in free.groups.items() if match(opt, t)
+                        for i, g in group.items() if (n, i) in reserved
+                        and (req.min_memory_gb is None or (g.memory_gb or 0) > req.min_memory_gb)})
+        count = sum(1 for (n, t), group in free.groups.items() if t in types
+                    for i in group if (n, i) in reserved)
+        return (f"{count} {'/'.join(types)} free, held for a job ahead that waits for "
+                f"{waits_for}")
+    return None
 
 
 def held_outside(queue: Sequence[Request], gpus: Sequence[Gpu], busy: Iterable[Key],
@@ -267,9 +312,11 @@ def held_outside(queue: Sequence[Request], gpus: Sequence[Gpu], busy: Iterable[K
     return out
 
 
-def _reservation(req: Request, gpus: Sequence[Gpu], free: _Free, match: _Matcher) -> set[Key]:
+def _reservation(req: Request, gpus: Sequence[Gpu], free: _Free, match: _Matcher,
+                 ) -> tuple[set[Key], GpuOption | None]:
     """The free GPUs the first blocked job waits for: on the node of its first option that has
-    the most GPUs of the type, the free ones of that type (nobody else may take them)."""
+    the most GPUs of the type, the free ones of that type (nobody else may take them); and that
+    option."""
     for opt in req.options:
         per: dict[tuple[str, str], int] = {}
         for g in _matching(opt, gpus, req.min_memory_gb, match):
@@ -278,5 +325,5 @@ def _reservation(req: Request, gpus: Sequence[Gpu], free: _Free, match: _Matcher
         if not fits:
             continue
         _, (node, gtype) = max(fits, key=lambda f: (f[0], f[1]))
-        return {(node, i) for i in free.groups.get((node, gtype), {})}
-    return set()
+        return {(node, i) for i in free.groups.get((node, gtype), {})}, opt
+    return set(), None
