@@ -311,16 +311,21 @@ def test_a_queued_job_says_what_keeps_it_waiting(
     panel = show_sidebar(admin_page)
     row = panel.locator(f'.jp-GpuMagic-job[data-job-id="{class_jobs["carol"]}"]')
     with gw.client(tokens["carol"]) as carol:
-        carol._request("PUT", "/v1/limits/carol", json={"max_gpus": 0})
+        # her own running job holds 1 of the 2 GPUs a new limit lets her have: her queued
+        # H100:2 waits for it (a limit under 2 would fail that job: it could never run)
+        extra = submit_job(carol, "import time\ntime.sleep(600)\n", "A100-80GB", timeout=900)
         try:
+            wait_for(lambda: carol.job(extra["id"])["state"] == "running")
+            carol._request("PUT", "/v1/limits/carol", json={"max_gpus": 2})
             row.locator(".jp-GpuMagic-grant", has_text="your limit").wait_for()
             assert re.fullmatch(
-                r"#\d+ in the queue: your limit on this gateway is now 0 GPUs \(set by an "
-                r"admin\); ask whoever runs the gateway \(your instructor\) to raise it",
-                row.locator(".jp-GpuMagic-grant").inner_text())
+                r"#\d+ in the queue: your other jobs hold 1 of the 2 GPU\(s\) your limit "
+                r"lets you use at once", row.locator(".jp-GpuMagic-grant").inner_text())
             screenshot(admin_page, "sidebar-queued-why")
         finally:
             carol._request("PUT", "/v1/limits/carol", json={})
+            carol.cancel(extra["id"])
+            wait_for(lambda: carol.job(extra["id"])["state"] == "cancelled")
     # lifted: only its place in the queue again
     row.locator(".jp-GpuMagic-grant", has_text="your limit").wait_for(state="detached")
     assert re.fullmatch(r"#\d+ in the queue", row.locator(".jp-GpuMagic-grant").inner_text())

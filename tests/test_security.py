@@ -489,6 +489,38 @@ def test_a_job_held_by_the_user_s_own_gpu_limit_says_so(tmp_path: Path) -> None:
         gw.stop()
 
 
+def test_a_queued_job_a_lowered_limit_rules_out_fails_at_once(tmp_path: Path) -> None:
+    # it stayed queued for ever, said to wait for "0 of the 1 GPU(s) your limit lets you use"
+    from .conftest import start_class_gateway
+
+    gw, tokens = start_class_gateway(tmp_path)
+    try:
+        with gw.client(tokens["alice"]) as alice, gw.client(tokens["bob"]) as bob, \
+                gw.client(tokens["carol"]) as carol:
+            carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 2})
+            first = submit(alice, "import time\ntime.sleep(60)", "H100:2")
+            wait_for(lambda: alice.job(first["id"])["state"] == "running")
+            job = submit(bob, "1", "H100:2")
+            other = submit(bob, "1", "H100:2, H100")
+            assert bob.job(job["id"])["state"] == bob.job(other["id"])["state"] == "queued"
+            carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 1})
+            done = wait_for(lambda: (r := bob.job(job["id"]))["state"] != "queued" and r, 15)
+            assert done["state"] == "failed"
+            assert done["message"] == (
+                "every option of 'H100:2' asks for more than your limit of 1 GPU(s) at once "
+                "(set for you by an admin); ask for fewer. Your limit was changed while this "
+                "job waited in the queue; nothing ran.")
+            # one with an option the new limit leaves waits for it, and says what it dropped
+            waiting = bob.job(other["id"])
+            assert waiting["state"] == "queued" and waiting["options"] == ["H100"]
+            assert waiting["dropped"] == [
+                {"option": "H100:2", "reason": "asks for more than your limit of 1 GPU(s) at once"}]
+            alice.cancel(first["id"])
+            assert finish(bob, other["id"])["state"] == "succeeded"
+    finally:
+        gw.stop()
+
+
 def test_admin_sets_per_user_limits(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.json"
     tokens = _tokens(tokens_file, teacher={"admin": True}, student={"max_jobs": 5})

@@ -327,10 +327,11 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         if not u.admin:
             raise ApiError(403, "forbidden", "only an admin token may set limits")
         known = sorted(auth.users())
-        if name not in known:  # a typo would otherwise be taken, and limit nobody
+        target = auth.user(name)
+        if target is None:  # a typo would otherwise be taken, and limit nobody
             raise ApiError(404, "no_such_user", f"there is no user {name!r} in the tokens file; "
                            f"its users are: {', '.join(known)}")
-        gateway.set_user_limits(name, {k: v for k, v in body.model_dump().items()
+        gateway.set_user_limits(target, {k: v for k, v in body.model_dump().items()
                                        if v is not None})
         return {"user": name, "overrides": gateway.user_limits[name]}
 

@@ -135,6 +135,10 @@ class Authenticator:
     def users(self) -> set[str]:
         return {u.name for u in self._tokens.values()}
 
+    def user(self, name: str) -> User | None:
+        """The user of that name, with their limits from the tokens file; None for none."""
+        return next((u for u in self._tokens.values() if u.name == name), None)
+
     def user_for(self, header: str | None) -> User | None:
         if not header or not header.startswith("Bearer "):
             return None

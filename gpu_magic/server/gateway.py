@@ -428,11 +428,36 @@ class Gateway:
         self.blobs.sweep_inbox(time.time() - INBOX_STALE_S)
         return len(gone)
 
-    def set_user_limits(self, name: str, overrides: dict[str, int]) -> None:
+    def set_user_limits(self, user: User, overrides: dict[str, int]) -> None:
         """An admin's limits for one user, in force at once: a job held by the old ones is
-        looked at again now (raised, it starts; lowered, it says so while it waits)."""
-        self.user_limits[name] = overrides
+        looked at again now (raised, it starts; lowered, it says so while it waits), and each
+        of the user's queued jobs loses the options the new limit rules out, as at submit: one
+        left with none fails now rather than wait for what it can never be granted."""
+        self.user_limits[user.name] = overrides
+        limits = self.limits_for(user)
+        for job in [self.jobs[i] for i in self.queue if self.jobs[i].user == user.name]:
+            if job.id in self.queue:  # (one failing starts the next: not this user's, over it)
+                self._limit_changed(job, user, limits)
         self._schedule()
+
+    def _limit_changed(self, job: Job, user: User, limits: Limits) -> None:
+        """A queued job's options under its user's new limits (see set_user_limits)."""
+        spec = GpuSpec(tuple(job.options))
+        try:
+            kept, over = self._within_gpu_limit(user, spec, list(range(len(spec.options))),
+                                                limits)
+        except ApiError as exc:
+            self._dequeue(job)
+            job.message = (f"{exc.message} Your limit was changed while this job waited in "
+                           "the queue; nothing ran.")
+            self._finish(job, "failed")
+            return
+        job.gpu_cap = limits.max_gpus
+        if over:
+            job.options = [spec.options[i] for i in kept]
+            job.option_indices = [job.option_indices[i] for i in kept]
+            job.dropped = job.dropped + [{"option": o, "reason": r} for o, r in over]
+            self._emit_queued(job)
 
     def limits_for(self, user: User) -> Limits:
         return self.limits.for_user({**user.limits, **self.user_limits.get(user.name, {})})
@@ -607,22 +632,8 @@ class Gateway:
         kept, dropped = feasibility(list(spec.options), gpus)
         if not kept:
             raise ApiError(422, "no_feasible_option", self._refusal(spec, dropped, gpus))
-        if limits.max_gpus == 0:
-            raise ApiError(429, "too_many_gpus",
-                           f"your limit on this gateway is 0 GPUs "
-                           f"({self._limit_origin(user, 'max_gpus')}), so no job of yours can "
-                           "run here. Ask whoever runs the gateway (your instructor) to raise it.")
-        if limits.max_gpus is not None:
-            over = [i for i in kept if spec.options[i].count > limits.max_gpus]
-            if len(over) == len(kept):
-                raise ApiError(429, "too_many_gpus",
-                               f"every option of '{spec}' asks for more than your limit of "
-                               f"{limits.max_gpus} GPU(s) at once "
-                               f"({self._limit_origin(user, 'max_gpus')}); ask for fewer.")
-            # never granted to this user: dropped now, and said, not passed over in silence
-            dropped += [(str(spec.options[i]), f"asks for more than your limit of "
-                                               f"{limits.max_gpus} GPU(s) at once") for i in over]
-            kept = [i for i in kept if i not in over]
+        kept, over = self._within_gpu_limit(user, spec, kept, limits)
+        dropped += over
         asked = body.get("timeout")
         timeout = asked or DEFAULT_TIMEOUT_S
         notices = []
@@ -661,6 +672,28 @@ class Gateway:
         self._emit_queued(job)
         self._schedule()
         return job
+
+    def _within_gpu_limit(self, user: User, spec: GpuSpec, kept: list[int], limits: Limits,
+                          ) -> tuple[list[int], list[tuple[str, str]]]:
+        """Which of ``kept`` (positions in ``spec``) the user's limit on GPUs held at once lets
+        them have, and those it rules out, said why; refused (429) when it rules out all."""
+        if limits.max_gpus == 0:
+            raise ApiError(429, "too_many_gpus",
+                           f"your limit on this gateway is 0 GPUs "
+                           f"({self._limit_origin(user, 'max_gpus')}), so no job of yours can "
+                           "run here. Ask whoever runs the gateway (your instructor) to raise it.")
+        if limits.max_gpus is None:
+            return kept, []
+        over = [i for i in kept if spec.options[i].count > limits.max_gpus]
+        if len(over) == len(kept):
+            raise ApiError(429, "too_many_gpus",
+                           f"every option of '{spec}' asks for more than your limit of "
+                           f"{limits.max_gpus} GPU(s) at once "
+                           f"({self._limit_origin(user, 'max_gpus')}); ask for fewer.")
+        # never granted to this user: dropped now, and said, not passed over in silence
+        return [i for i in kept if i not in over], [
+            (str(spec.options[i]), f"asks for more than your limit of {limits.max_gpus} GPU(s) "
+                                   "at once") for i in over]
 
     def _limit_origin(self, user: User, key: str) -> str:
         """Who set this user's ``max_jobs`` or ``max_gpus``: an admin, the tokens file or the
@@ -827,10 +860,7 @@ class Gateway:
                 room = cap - held.get(j.user, 0)
                 keep = [k for k, o in enumerate(opts) if o.count <= room]
                 opts, idx = [opts[k] for k in keep], [idx[k] for k in keep]
-                if not opts and cap == 0:  # (an admin lowered it after the submit)
-                    why = ("your limit on this gateway is now 0 GPUs (set by an admin); ask "
-                           "whoever runs the gateway (your instructor) to raise it")
-                elif not opts:  # say so: "queued" alone reads as "no GPU is free"
+                if not opts:  # say so: "queued" alone reads as "no GPU is free"
                     why = (f"your other jobs hold {held.get(j.user, 0)} of the {cap} GPU(s) "
                            "your limit lets you use at once")
             # (only a pool that changes by itself can lose a type a job was accepted for)
