@@ -521,6 +521,33 @@ def test_a_queued_job_a_lowered_limit_rules_out_fails_at_once(tmp_path: Path) ->
         gw.stop()
 
 
+def test_an_option_dropped_for_a_limit_comes_back_when_an_admin_raises_it(
+        tmp_path: Path) -> None:
+    # dropped at submit, it stayed dropped: the job waited for an H100 while the raised limit
+    # let it have the four A100s that were free
+    from .conftest import start_class_gateway
+
+    gw, tokens = start_class_gateway(tmp_path)
+    try:
+        with gw.client(tokens["alice"]) as alice, gw.client(tokens["bob"]) as bob, \
+                gw.client(tokens["carol"]) as carol:
+            carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 2})
+            first = submit(alice, "import time\ntime.sleep(60)", "H100:2")
+            wait_for(lambda: alice.job(first["id"])["state"] == "running")
+            job = submit(bob, "1", "A100-80GB:4, H100")
+            assert bob.job(job["id"])["dropped"] == [{
+                "option": "A100-80GB:4",
+                "reason": "asks for more than your limit of 2 GPU(s) at once"}]
+            carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 4})
+            done = wait_for(lambda: (r := bob.job(job["id"]))["state"] != "queued" and r, 15)
+            assert done["grant"]["gpu_type"] == "A100-80GB"
+            assert finish(bob, job["id"])["state"] == "succeeded"
+            assert bob.job(job["id"])["dropped"] == []
+            alice.cancel(first["id"])
+    finally:
+        gw.stop()
+
+
 def test_admin_sets_per_user_limits(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.json"
     tokens = _tokens(tokens_file, teacher={"admin": True}, student={"max_jobs": 5})

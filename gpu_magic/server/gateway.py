@@ -441,11 +441,20 @@ class Gateway:
         self._schedule()
 
     def _limit_changed(self, job: Job, user: User, limits: Limits) -> None:
-        """A queued job's options under its user's new limits (see set_user_limits)."""
-        spec = GpuSpec(tuple(job.options))
+        """A queued job's options under its user's new limits (see set_user_limits): worked
+        out again from its spec as written, so a raised limit gives back what a lower one
+        dropped."""
+        gpus = self.gpus()
         try:
-            kept, over = self._within_gpu_limit(user, spec, list(range(len(spec.options))),
-                                                limits)
+            spec = GpuSpec.parse(str(GpuSpec.from_json(job.request["spec"])),
+                                 extra_types=sorted({g.type for g in gpus}))
+        except SpecError:  # (a type of its own that left a changing pool: it waits as it was)
+            return
+        kept, dropped = feasibility(list(spec.options), gpus)
+        if not kept:  # (the pool's doing, not the limit's: the queue says what it waits for)
+            return
+        try:
+            kept, over = self._within_gpu_limit(user, spec, kept, limits)
         except ApiError as exc:
             self._dequeue(job)
             job.message = (f"{exc.message} Your limit was changed while this job waited in "
@@ -453,10 +462,10 @@ class Gateway:
             self._finish(job, "failed")
             return
         job.gpu_cap = limits.max_gpus
-        if over:
+        now = [{"option": o, "reason": r} for o, r in dropped + over]
+        if kept != job.option_indices or now != job.dropped:
             job.options = [spec.options[i] for i in kept]
-            job.option_indices = [job.option_indices[i] for i in kept]
-            job.dropped = job.dropped + [{"option": o, "reason": r} for o, r in over]
+            job.option_indices, job.dropped = kept, now
             self._emit_queued(job)
 
     def limits_for(self, user: User) -> Limits:
