@@ -548,6 +548,37 @@ def test_an_option_dropped_for_a_limit_comes_back_when_an_admin_raises_it(
         gw.stop()
 
 
+def test_limits_an_admin_set_outlive_a_restart(tmp_path: Path) -> None:
+    # kept in memory only: a restarted gateway gave every student its defaults again
+    from .conftest import start_class_gateway
+
+    gw, tokens = start_class_gateway(tmp_path)
+    try:
+        with gw.client(tokens["carol"]) as carol:
+            carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 1, "max_jobs": 3})
+    finally:
+        gw.stop()
+    kept = gw.state_dir / "limits.json"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    again = start_gateway(tmp_path, "--tokens-file", str(tmp_path / "tokens.json"),
+                          state_dir=gw.state_dir)
+    try:
+        with again.client(tokens["bob"]) as bob, again.client(tokens["carol"]) as carol:
+            assert carol._request("GET", "/v1/limits").json()["overrides"] == {
+                "bob": {"max_gpus": 1, "max_jobs": 3}}
+            with pytest.raises(gpu_magic.GatewayError) as info:
+                submit(bob, "1", "H100:2")
+            assert info.value.status == 429
+            assert "your limit of 1 GPU(s) at once (set for you by an admin)" in str(info.value)
+    finally:
+        again.stop()
+    # a file that is not what the gateway wrote is refused at start, not taken as no limits
+    kept.write_text("{not json")
+    with pytest.raises(RuntimeError, match="cannot read the per-user limits an admin set"):
+        start_gateway(tmp_path, "--tokens-file", str(tmp_path / "tokens.json"),
+                      state_dir=gw.state_dir)
+
+
 def test_admin_sets_per_user_limits(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.json"
     tokens = _tokens(tokens_file, teacher={"admin": True}, student={"max_jobs": 5})

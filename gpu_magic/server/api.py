@@ -321,7 +321,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             out["overrides"] = gateway.user_limits
         return out
 
-    @app.put("/v1/limits/{name}", responses=_errors(400, 404, 413, 422))
+    @app.put("/v1/limits/{name}", responses=_errors(400, 404, 413, 422, 507))
     async def set_limits(name: str, body: LimitsModel, u: User = Depends(user)) -> dict[str, Any]:
         """An admin (instructor) sets one user's limits on jobs and GPUs at once."""
         if not u.admin:

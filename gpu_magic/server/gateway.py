@@ -31,7 +31,7 @@ from .._spec import GpuOption, GpuSpec, env_problem, pool_type_note
 from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
-from .limits import Limits, human, seconds
+from .limits import Limits, human, save_overrides, seconds
 from .scheduler import (
     Grant,
     Request,
@@ -294,7 +294,8 @@ def _not_stored(exc: BaseException, state_dir: Path) -> dict[str, Any]:
 class Gateway:
     def __init__(self, backend: Any, state_dir: Path, *, max_timeout: float | None = None,
                  orphan_timeout: float = ORPHAN_TIMEOUT_S, limits: Limits | None = None,
-                 retention: float = RETENTION_S, blob_reserve: int = 0) -> None:
+                 retention: float = RETENTION_S, blob_reserve: int = 0,
+                 user_limits: dict[str, dict[str, int]] | None = None) -> None:
         self.backend = backend
         self.state_dir = state_dir
         self.store = Store(state_dir)
@@ -304,7 +305,8 @@ class Gateway:
         self.max_timeout = max_timeout
         self.orphan_timeout = orphan_timeout
         self.limits = limits or Limits()
-        self.user_limits: dict[str, dict[str, int]] = {}  # set by an admin at run time
+        # set by an admin at run time, kept in the state directory (see limits.py)
+        self.user_limits: dict[str, dict[str, int]] = dict(user_limits or {})
         self.retention = retention
         self._last_gc = 0.0
         self._housekeeper: asyncio.Task[None] | None = None
@@ -433,6 +435,14 @@ class Gateway:
         looked at again now (raised, it starts; lowered, it says so while it waits), and each
         of the user's queued jobs loses the options the new limit rules out, as at submit: one
         left with none fails now rather than wait for what it can never be granted."""
+        try:  # kept first: a limit a restart would lose is not taken
+            save_overrides(self.state_dir, {**self.user_limits, user.name: overrides})
+        except OSError as exc:
+            raise ApiError(507, "state_unwritable",
+                           f"the gateway cannot write its state directory {self.state_dir} "
+                           f"({exc.strerror or exc}), so {user.name}'s limits are unchanged. "
+                           "Free space on that disk (whoever runs the gateway), then set them "
+                           "again.") from None
         self.user_limits[user.name] = overrides
         limits = self.limits_for(user)
         for job in [self.jobs[i] for i in self.queue if self.jobs[i].user == user.name]:

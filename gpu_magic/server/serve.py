@@ -27,7 +27,7 @@ from .api import create_app
 from .auth import Authenticator, TokensFileError, load_tokens_file, owner_token, write_private
 from .backends.sandbox import bwrap_path
 from .gateway import Gateway
-from .limits import Limits
+from .limits import Limits, load_overrides
 from .lock import StateDirBusy, describe, hold
 from .reserve import default_cap
 
@@ -226,9 +226,15 @@ def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, P
         "max_jobs": cfg.max_jobs_per_user, "max_gpus": cfg.max_gpus_per_user,
         "max_blob_bytes": cfg.max_blob_bytes, "max_job_bytes": cfg.max_job_bytes,
     }.items() if v is not None})
+    try:
+        overrides = load_overrides(state_dir)
+    except ValueError as exc:  # not started without them: students would get the defaults
+        raise ServeError(f"{exc}; fix it, or remove it to start with no per-user limits set "
+                         "by an admin") from None
     gateway = Gateway(backend, state_dir, max_timeout=cfg.max_timeout,
                       orphan_timeout=cfg.orphan_timeout, limits=limits, retention=cfg.retention,
-                      blob_reserve=default_cap() if cfg.blob_reserve is None else cfg.blob_reserve)
+                      blob_reserve=default_cap() if cfg.blob_reserve is None else cfg.blob_reserve,
+                      user_limits=overrides)
     return gateway, Authenticator(tokens), token_path
 
 
