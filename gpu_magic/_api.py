@@ -628,6 +628,15 @@ class _Job:
             return self.value if self.has_value else None
         if state == "failed" and self.error is not None:
             raise self._remote_exception()
+        if state == "cancelled" and self.error is not None and self.error.get("by"):
+            # an admin interrupted it: where the cell stopped, and who stopped it; its user
+            # did not ask, so nothing was bound (the gateway sent no result)
+            shown = list(getattr(self._remote_exception(), "_render_traceback_", list)())
+            exc = JobCancelled(f"GPU job {self.id} was interrupted by {self.error['by']}: the "
+                               "cell stopped on KeyboardInterrupt there; nothing was bound",
+                               job_id=self.id)
+            exc._render_traceback_ = lambda: [*shown, "", f"JobCancelled: {exc}"]  # type: ignore[attr-defined]
+            raise exc
         if state == "cancelled" and self.error is not None and self.error.get("interrupted"):
             # ended by the interrupt its user asked for: where the cell stopped, as a local
             # interrupted cell shows it, and what it had bound was bound (_on_event)

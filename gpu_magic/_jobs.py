@@ -319,6 +319,13 @@ class GpuJob:
             elif job.error is not None:
                 try:
                     self._failure = job._remote_exception()
+                    if job.error.get("by") and job.state.state == "cancelled":
+                        # an admin interrupted it: a KeyboardInterrupt from wait() would read
+                        # as the user's own; the JobCancelled says who (its traceback the same)
+                        try:
+                            job.outcome()
+                        except BaseException as cancelled:
+                            self._failure = cancelled
                     lines = getattr(self._failure, "_render_traceback_", None)
                     text = "\n".join(lines()) if lines else str(self._failure)
                     job.view.append_output({"type": "traceback", "text": text + "\n"})

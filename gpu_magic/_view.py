@@ -69,6 +69,7 @@ class JobState:
         self.cancel_error: str | None = None
         self.interrupt: str | None = None  # who asked to interrupt the cell: "an interrupt"
         self.interrupted = False  # the cell got it (its except and finally blocks run)
+        self.interrupted_by: str | None = None  # an admin who interrupted it: "carol (admin)"
 
     # --- folding ---
 
@@ -102,8 +103,10 @@ class JobState:
                 self.attempts[-1]["end"] = text[len("[gpu_magic]"):].strip()
         elif kind == "interrupted":
             self.interrupted = True
+            self.interrupted_by = ev.get("by") or self.interrupted_by
         elif kind == "error":
             self.error = f"{ev.get('ename', 'Exception')}: {ev.get('evalue', '')}".rstrip(": ")
+            self.interrupted_by = ev.get("by") or self.interrupted_by
         elif kind == "done":
             self.state = ev.get("state", "done")
             self.timings = ev.get("timings") or {}
@@ -186,6 +189,10 @@ class JobState:
 
     def interrupt_text(self) -> str:
         """While an interrupt is on its way to the cell, or the cell is taking it."""
+        if self.interrupted_by and self.interrupted and not self.final:
+            # (its user did not ask: said who did, as the gateway's message will)
+            return (f"interrupted by {self.interrupted_by}: the cell is ending (its except and "
+                    "finally blocks run)")
         if not self.interrupt or self.final or self.cancel:
             return ""
         if self.interrupted:
@@ -205,6 +212,12 @@ class JobState:
 
     def outcome(self) -> str:
         """What became of the results and the output once it ended; empty while it runs."""
+        if self.state == "cancelled" and self.interrupted and self.interrupted_by:
+            # an admin's interrupt: its user did not ask, so nothing of the cell was bound
+            where_out = "in the box below" if self.background else "below"
+            return (f"interrupted by {self.interrupted_by}: {self.error or 'KeyboardInterrupt'} "
+                    "· nothing was bound (the namespace is as before); the output so far is "
+                    f"kept {where_out}; its GPUs are released")
         if self.state == "cancelled" and self.interrupted:
             # ended by the interrupt: bound what it had bound by then, as a local cell leaves it
             return (f"cancelled by an interrupt: {self.error or 'KeyboardInterrupt'} · bound "
@@ -412,7 +425,7 @@ class TextView(NullView):
         # names bound while the job still runs: its end, right after, says so
         bound = tuple(s.bound) if s.final else ()
         return (moved, s.position, len(s.attempts), s.cancel, s.cancel_error, bound,
-                tuple(s.pending), s.interrupt, s.interrupted)
+                tuple(s.pending), s.interrupt, s.interrupted, s.interrupted_by)
 
     def _bundle(self) -> dict[str, Any]:
         self._last = self._key()

@@ -998,13 +998,46 @@ def test_an_admin_interrupts_a_sandboxed_cell_as_soon_as_it_runs(users: Users) -
     follow(alice, job["id"], until=lambda e: e["type"] == "granted")
     carol.interrupt(job["id"])
     events = follow(alice, job["id"])
-    result, error = _interrupted_events(events)
+    kinds = [e["type"] for e in events]
+    # she did not ask her cell to stop: nothing of it is bound (no result), as after an
+    # admin's cancel, and the error still shows where it stopped
+    assert kinds[-2:] == ["error", "done"] and "result" not in kinds, kinds
+    assert kinds.index("interrupted") < kinds.index("error")
+    error = events[-2]
+    assert error["ename"] == "KeyboardInterrupt" and error["by"] == "carol (admin)"
     assert error["traceback"] and error["traceback"][-1]["cell"]
     assert alice.job(job["id"])["state"] == "cancelled"
     # alice is told who interrupted her cell, as for a cancel: she did not ask for it
     assert events[-1]["message"] == ("interrupted by carol (admin) while running: the cell "
-                                     "stopped on KeyboardInterrupt, and what it had bound is kept")
+                                     "stopped on KeyboardInterrupt; nothing was bound, the "
+                                     "output so far is kept")
     wait_for(lambda: all_free(alice), DEADLINE_S)
+    for c in (alice, carol):
+        c.close()
+
+
+def test_a_student_s_cell_says_which_admin_interrupted_it(users: Users) -> None:
+    # her cell said "cancelled by an interrupt ... bound acc (what the cell had assigned)", as
+    # if she had pressed stop; only the job's record named the admin
+    import gpu_magic
+    from gpu_magic._view import render_text
+
+    alice, carol = users.client("alice"), users.client("carol")
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    job = gpu_magic.run(INTERRUPTED_CELL, "A100-80GB", namespace, client=alice, quiet=True,
+                        background=True)
+    follow(alice, job.id, until=lambda e: "sleeping" in str(e.get("text")))
+    carol.interrupt(job.id)
+    # (a KeyboardInterrupt from wait() would read as her own, and stop the test run)
+    with pytest.raises(BaseException) as info:
+        job.wait(timeout=DEADLINE_S)
+    assert isinstance(info.value, gpu_magic.JobCancelled), repr(info.value)
+    assert str(info.value) == (f"GPU job {job.id} was interrupted by carol (admin): the cell "
+                               "stopped on KeyboardInterrupt there; nothing was bound")
+    assert "acc" not in namespace and "after" not in namespace
+    text = render_text(job._job.state, 0.0)
+    assert "interrupted by carol (admin): KeyboardInterrupt · nothing was bound" in text, text
+    assert "cancelled by an interrupt" not in text
     for c in (alice, carol):
         c.close()
 

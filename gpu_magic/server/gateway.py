@@ -1091,7 +1091,8 @@ class Gateway:
             # the cell got the interrupt (a KeyboardInterrupt where it was): its handlers run
             # now; the client waits for them instead of cancelling a cell that did not stop
             job.interrupt_taken = True
-            self._emit(job, {"type": "interrupted", "attempt": attempt})
+            by = {"by": f"{job.interrupted_by} (admin)"} if job.interrupted_by else {}
+            self._emit(job, {"type": "interrupted", "attempt": attempt, **by})
         elif kind == "runner_error" and job.outcome is None and job.adopting is None:
             # kept in the job's record and shown to its user: only what is said, and short
             job.outcome = {"type": "runner_error", "ename": str(ev.get("ename", ""))[:200],
@@ -1217,15 +1218,22 @@ class Gateway:
             # Only for an interrupt its user asked for: else all or nothing, as for any error.
             error = _interrupt_error(outcome) or {"type": "error", "ename": "KeyboardInterrupt",
                                                   "evalue": "", "traceback": []}
-            if job.interrupted:
+            if job.interrupted and job.interrupted_by:
+                # an admin's: its user did not ask the cell to stop, so their namespace is
+                # left as it was (as after an admin's cancel), never half of the cell bound in
+                # it; the cell's handlers had their say, and the error shows where it stopped
+                by = f"{job.interrupted_by} (admin)"
+                self._emit(job, {**error, "by": by})
+                job.message = (f"interrupted by {by} while running: the cell stopped on "
+                               "KeyboardInterrupt; nothing was bound, the output so far is kept")
+                self._finish(job, "cancelled")
+            elif job.interrupted:
                 self._emit(job, {**{k: v for k, v in outcome.items() if k != "error"},
                                  "interrupted": True})
                 self._emit(job, error)
                 # the contract: a kernel interrupt cancels the job (and frees its GPUs); the
                 # cell only had its say first, as a local cell does
-                # an admin's interrupt says who, as an admin's cancel does
-                by = f" by {job.interrupted_by} (admin)" if job.interrupted_by else ""
-                job.message = (f"interrupted{by} while running: the cell stopped on "
+                job.message = ("interrupted while running: the cell stopped on "
                                "KeyboardInterrupt, and what it had bound is kept")
                 self._finish(job, "cancelled")
             else:
