@@ -12,6 +12,7 @@ function sees the cell's later assignments as it would locally.
 
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
 import copyreg
@@ -109,6 +110,25 @@ class _Pickler(cloudpickle.Pickler):
         self._namespace_id = id(namespace) if namespace is not None else None
         self._input_refs = input_refs or {}
         self.cuda_moved = 0
+        self.globals_ref = _GlobalsRef(self)
+        self._module_dicts: dict[int, types.ModuleType] | None = None
+        self._makers: dict[int, _ModuleMaker] = {}
+
+    def by_value_module(self, dict_id: int) -> types.ModuleType | None:
+        """The module sent by value (a local one) whose ``__dict__`` has this id, if any."""
+        if self._module_dicts is None:
+            registered = cloudpickle.list_registry_pickle_by_value()
+            # (a package registered by value sends its submodules by value too)
+            self._module_dicts = {
+                id(m.__dict__): m for name, m in list(sys.modules.items()) if registered
+                and (name in registered or name.partition(".")[0] in registered)
+                and isinstance(m, types.ModuleType)}
+        return self._module_dicts.get(dict_id)
+
+    def maker(self, module: types.ModuleType) -> _ModuleMaker:
+        if id(module) not in self._makers:
+            self._makers[id(module)] = _ModuleMaker(module.__name__)
+        return self._makers[id(module)]
 
     def persistent_id(self, obj: Any) -> Any:
         if self._input_refs:
@@ -131,11 +151,75 @@ class _Pickler(cloudpickle.Pickler):
         reduced = _reduce_storage(obj)
         if reduced is not None:
             return reduced
+        if isinstance(obj, types.ModuleType) and self.by_value_module(id(obj.__dict__)) is obj:
+            state = {k: v for k, v in vars(obj).items() if k != "__builtins__"}
+            return _same_module, (self.maker(obj),), state, None, None, _fill_module
         if type(obj) in _BY_NAME_WRAPPERS:
             reduced = _reduce_wrapper(obj)
             if reduced is not None:
                 return reduced
         return super().reducer_override(obj)
+
+
+# --- local modules: one module where the cell runs ---
+#
+# cloudpickle sends a local module's functions with a globals dict of their own and the module
+# object with a copy of its __dict__: where the cell ran, `helpers.SCALE = 10` then did not
+# reach `helpers.scaled()`, nor `helpers.set_scale(7)` the module. Here both are made around
+# one new module, whose __dict__ is its functions' globals, as in the notebook.
+
+
+class _ModuleMaker:
+    """Unpickles as a new, empty module of that name (memoised: one per module sent)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return types.ModuleType, (self.name,)
+
+
+class _ModuleGlobals(dict):  # type: ignore[type-arg]
+    """In the pickler's ``globals_ref``, a local module's __dict__: the globals cloudpickle
+    gives that module's functions unpickle as the new module's own __dict__."""
+
+    def __init__(self, maker: _ModuleMaker) -> None:
+        super().__init__()
+        self.maker = maker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _module_dict, (self.maker,)
+
+
+class _GlobalsRef(dict):  # type: ignore[type-arg]
+    """cloudpickle's ``id(func.__globals__) -> globals to send`` map, with local modules'
+    __dict__ standing for themselves."""
+
+    def __init__(self, pickler: _Pickler) -> None:
+        super().__init__()
+        self._pickler = pickler
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            module = self._pickler.by_value_module(key)
+            if module is not None:
+                default = _ModuleGlobals(self._pickler.maker(module))
+        return super().setdefault(key, default)
+
+
+def _module_dict(module: types.ModuleType) -> dict[str, Any]:
+    return module.__dict__
+
+
+def _same_module(module: types.ModuleType) -> types.ModuleType:
+    return module
+
+
+def _fill_module(module: types.ModuleType, state: dict[str, Any]) -> None:
+    module.__dict__.update(state)
+    module.__dict__.setdefault("__builtins__", builtins.__dict__)
 
 
 # --- notebook objects that pickle by name ---
@@ -609,6 +693,16 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
     t = type(obj)
     if t is list or t is set or t is bytearray:
         return ("items", t, bytes(obj) if t is bytearray else list(obj))
+    if t is types.ModuleType:
+        if sys.modules.get(obj.__name__) is obj:
+            return None  # an installed module: it travels by name, its attributes do not
+        # a local module, sent by value: what it holds besides its own code (its functions
+        # and classes are the notebook's already)
+        return ("module", t, {k: v for k, v in vars(obj).items()
+                              if not (k.startswith("__") and k.endswith("__"))
+                              and not isinstance(v, types.ModuleType)
+                              and not (isinstance(v, (types.FunctionType, type))
+                                       and getattr(v, "__module__", None) == obj.__name__)})
     if t in _DICTS:  # keys and values as lists: the client repairs functions in lists
         return ("dict", t, [list(obj.keys()), list(obj.values())],
                 getattr(obj, "default_factory", None))
@@ -730,6 +824,27 @@ def fresh_from_state(state: tuple[Any, ...]) -> Any:
     return obj
 
 
+def _update_module(module: types.ModuleType, attrs: dict[str, Any]) -> Callable[[], None]:
+    """Set the attributes the cell changed on the notebook's own module (the one in
+    sys.modules); one it changed in place (a list it appended to) is changed in place here
+    too, so the module's functions and other references see it."""
+    missing = object()
+    undo: list[Callable[[], None]] = []
+    for name, new in attrs.items():
+        old = module.__dict__.get(name, missing)
+        if old is not missing and type(old) is type(new) and (
+                old is new or fingerprint(old) == fingerprint(new)):
+            continue  # unchanged
+        state = in_place_state(new) if old is not missing else None
+        if state is not None and state[0] != "module" and fits(old, state):
+            undo.append(apply_in_place(old, state))
+            continue
+        undo.append(lambda name=name, old=old: module.__dict__.pop(name, None)
+                    if old is missing else module.__dict__.__setitem__(name, old))
+        module.__dict__[name] = new
+    return lambda: [u() for u in reversed(undo)] and None
+
+
 def _slots(obj: Any) -> list[str]:
     return [n for n in copyreg._slotnames(type(obj)) if n not in ("__dict__", "__weakref__")]
 
@@ -737,6 +852,8 @@ def _slots(obj: Any) -> list[str]:
 def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
     """Bring ``obj`` to ``state`` (it :func:`fits`); return how to undo it."""
     kind = state[0]
+    if kind == "module":
+        return _update_module(obj, state[2])
     if kind == "items":
         t, items = state[1], state[2]
         old = obj.copy()

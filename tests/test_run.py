@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import pickle
 import re
+import secrets
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -1211,6 +1214,45 @@ def test_a_name_the_cell_binds_before_deleting_it_is_not_sent_but_still_deleted(
     assert ns["w"] is lock  # never bound there: the stand-in does not come back
     with pytest.raises(SerializationError, match="thread lock"):  # maybe unbound: read
         run(ns, "if flag:\n    w = 1\ndel w", "H100", quiet=True)
+
+
+def test_a_local_module_is_one_module_where_the_cell_runs_and_comes_back_as_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # its functions had a globals dict of their own there: `mod.SCALE = 10` did not reach
+    # `mod.scaled()`, and the module came back as a copy outside sys.modules (found by a
+    # newcomer's trial, with a helpers.py beside the notebook)
+    name = f"helpers_{secrets.token_hex(4)}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent("""
+        SCALE = 1
+        items = []
+        def scaled(x): return x * SCALE
+        def set_scale(v):
+            global SCALE
+            SCALE = v
+        def add(v): items.append(v)
+    """))
+    monkeypatch.chdir(tmp_path)  # the notebook's folder: its modules travel by value
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    try:
+        items = mod.items
+        ns = notebook("")
+        ns["helpers"] = mod
+        run(ns, "helpers.SCALE = 10\nr = helpers.scaled(1)", "H100", quiet=True)
+        assert ns["r"] == 10  # as a local run gives
+        assert ns["helpers"] is mod is sys.modules[name] and mod.SCALE == 10
+        assert mod.scaled(1) == 10
+        run(ns, "helpers.set_scale(7)\nr = (helpers.SCALE, helpers.scaled(1))", "H100",
+            quiet=True)
+        assert ns["r"] == (7, 7) and mod.SCALE == 7
+        run(ns, "helpers.add(5)\nr = list(helpers.items)", "H100", quiet=True)
+        assert ns["r"] == [5] and mod.items == [5] and mod.items is items  # changed in place
+        ns2 = notebook("")
+        ns2["scaled"] = mod.scaled
+        run(ns2, "r = scaled(2)", "H100", quiet=True)
+        assert ns2["r"] == 14 and ns2["scaled"] is mod.scaled
+    finally:
+        del sys.modules[name]
 
 
 def test_line_numbers_count_the_blank_lines_a_cell_starts_with() -> None:
