@@ -127,8 +127,8 @@ class _Coalescer:
 class _Stream:
     """sys.stdout / sys.stderr for the cell.
 
-    Text goes through the same file descriptor as C extensions and subprocesses write to, so a
-    print after a subprocess's output can never overtake it: one pipe, one order. Whole lines
+    Text goes into the same pipe as C extensions and subprocesses write to (through fd 1 or 2),
+    so a print after a subprocess's output can never overtake it: one pipe, one order. Whole lines
     go at once: print() writes its text and its newline separately, and the two pipes are read
     by two threads, so a line could be split, or cut by the other stream's text. A line still
     open is written before the other stream writes, when flushed, at a display or the cell's
@@ -147,9 +147,12 @@ class _Stream:
     drain: Callable[[int], None] | None = None  # waits until a fd's pipe reader has caught up
     interrupts: Any = None  # the runner's Interrupts: held while text is written
 
-    def __init__(self, name: str, fd: int) -> None:
+    def __init__(self, name: str, fd: int, pipe: int) -> None:
         self.name = name
         self._fd = fd
+        # written through the capture pipe's own descriptor, not fd 1/2: a cell that
+        # redirected or closed those still prints, as a kernel's print (sent over ZMQ) does
+        self._pipe = pipe
         self._partial = ""
         self._since = 0  # the tick its open line was opened at
 
@@ -214,7 +217,7 @@ class _Stream:
     def _send(self, text: str) -> None:
         data = memoryview(text.encode("utf-8", "replace"))
         while data:
-            n = os.write(self._fd, data)
+            n = os.write(self._pipe, data)
             data = data[n:]
 
     @classmethod
@@ -292,7 +295,10 @@ class _FdCapture:
         self.fd, self.stream, self._c = fd, stream, coalescer
         r, w = os.pipe()
         os.dup2(w, fd)
-        os.close(w)
+        # kept (never inherited by a program a cell runs): the cell may redirect or close fd,
+        # and the marks, sys.stdout's text and the fd put back after it all go through this
+        self.pipe = w
+        self._pipe_id = _file_id(w)
         self._r = r
         self._drained = threading.Event()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -320,10 +326,25 @@ class _FdCapture:
     def mark(self) -> None:
         """Mark the end of what was written so far; ``wait_drained`` waits until it is sent."""
         self._drained.clear()
-        os.write(self.fd, _MARKER)
+        os.write(self.pipe, _MARKER)
 
     def wait_drained(self, timeout: float = 2.0) -> None:
         self._drained.wait(timeout)
+
+    def restore(self) -> None:
+        """Point the fd at the pipe again, after a cell that redirected or closed it: what
+        later cells' extensions and subprocesses write there must be seen."""
+        try:
+            same = _file_id(self.fd) == self._pipe_id
+        except OSError:  # closed
+            same = False
+        if not same:
+            os.dup2(self.pipe, self.fd)
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 _DEBUGGER_FILES = frozenset(os.path.join(os.path.dirname(os.__file__), name)
@@ -1347,8 +1368,8 @@ class _Session:
         sys.stderr.flush()
         self.caps = [_FdCapture(1, "stdout", self.coalescer),
                      _FdCapture(2, "stderr", self.coalescer)]
-        sys.stdout = _Stream("stdout", 1)  # type: ignore[assignment]
-        sys.stderr = _Stream("stderr", 2)  # type: ignore[assignment]
+        sys.stdout = _Stream("stdout", 1, self.caps[0].pipe)  # type: ignore[assignment]
+        sys.stderr = _Stream("stderr", 2, self.caps[1].pipe)  # type: ignore[assignment]
         caps = {cap.fd: cap for cap in self.caps}
 
         def drain(fd: int) -> None:
@@ -1454,6 +1475,8 @@ class _Session:
         if self.pristine is None:
             return
         try:
+            for cap in self.caps:  # fds 1 and 2 (a cell's dup2 or close), as sys.stdout below
+                cap.restore()
             self.pristine.restore()
             self.shell_pristine.restore()
             _reset_libraries()

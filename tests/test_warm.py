@@ -656,3 +656,39 @@ def test_torch_compile_in_a_cell_leaves_its_own_globals_where_it_ran(
     assert [k for k in ns if k.startswith("__") and not k.endswith("__")] == []
     assert torch.equal(ns["y"], torch.full((3,), 2.0))
     assert "__compiled_fn" not in capsys.readouterr().err  # no note of a name never made
+
+
+def test_a_cell_that_redirects_fds_1_and_2_leaves_later_cells_their_output(
+        warm: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    # seen in a trial: every later cell on that runner printed nothing (and waited 7.7 s)
+    with warm.client() as c:
+        pid = _pid(c, "H100")
+        capsys.readouterr()
+        gpu_magic.run("import os\nfd = os.open('/dev/null', os.O_WRONLY)\nos.dup2(fd, 1)\n"
+                      "os.dup2(fd, 2)\nos.close(fd)\nprint('own print')", "H100",
+                      {"__name__": "__main__"}, client=c, quiet=True)
+        # its print goes through sys.stdout, which a kernel sends over ZMQ, not through fd 1
+        assert capsys.readouterr().out == "own print\n"
+        gpu_magic.run("import os, sys\nprint('later')\nos.write(1, b'from fd 1\\n')\n"
+                      "os.write(2, b'from fd 2\\n')", "H100", {"__name__": "__main__"},
+                      client=c, quiet=True)
+        got = capsys.readouterr()
+        assert (got.out, got.err) == ("later\nfrom fd 1\n", "from fd 2\n")
+        assert _pid(c, "H100") == pid  # on the same runner
+
+
+def test_a_cell_that_closes_fd_1_keeps_its_output_and_results(
+        warm: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    with warm.client() as c:
+        pid = _pid(c, "H100")
+        capsys.readouterr()
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        got = gpu_magic.run("print('before', flush=True)\nimport os\nos.close(1)\nx = 7\nx",
+                            "H100", ns, client=c, quiet=True)
+        assert (got, ns["x"]) == (7, 7)
+        assert capsys.readouterr().out == "before\n"
+        gpu_magic.run("import os\nprint('after')\nos.write(1, b'from fd 1\\n')", "H100",
+                      {"__name__": "__main__"}, client=c, quiet=True)
+        assert capsys.readouterr().out == "after\nfrom fd 1\n"
+        assert _pid(c, "H100") == pid
+
