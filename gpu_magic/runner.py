@@ -157,8 +157,11 @@ class _Stream:
         self._since = 0  # the tick its open line was opened at
 
     writes = 0  # by either stream: whether anything was printed since a moment
+    closed = False  # by the cell, as a file is: opened again for the next cell (_Pristine)
 
     def write(self, text: str) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         # an interrupt waits until the text is out (one landing between sending a line and
@@ -252,8 +255,15 @@ class _Stream:
     def flush(self) -> None:
         # Into the pipe, whose reader sends it within milliseconds. A full sync here would
         # make libraries that flush on every update (tqdm) pay a round trip each time.
+        # (Closed, it does nothing, as a kernel's stream does: code that flushes at its end
+        # must not fail for a close the cell made earlier.)
         with _Stream._lock:
             self._send_partial()
+
+    def close(self) -> None:
+        """What was written goes out; later writes raise ValueError, as on a closed file."""
+        self.flush()
+        self.closed = True
 
     def fileno(self) -> int:
         return self._fd
@@ -648,6 +658,9 @@ class _Pristine:
     def restore(self) -> None:
         # a cell that set sys.stdout aside, or replaced print, silenced every later cell
         sys.stdout, sys.stderr, sys.stdin = self.streams
+        for stream in self.streams:  # sys.stdout.close() in the cell: open for the next one
+            if isinstance(stream, _Stream):
+                stream.closed = False
         (sys.excepthook, sys.displayhook, sys.breakpointhook,
          sys.unraisablehook) = self.hooks
         trace, profile, limit = self.tracing

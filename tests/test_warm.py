@@ -692,3 +692,20 @@ def test_a_cell_that_closes_fd_1_keeps_its_output_and_results(
         assert capsys.readouterr().out == "after\nfrom fd 1\n"
         assert _pid(c, "H100") == pid
 
+
+def test_a_cell_that_closes_sys_stdout_leaves_the_next_cell_a_working_one(
+        warm: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    with warm.client() as c:
+        pid = _pid(c, "H100")
+        capsys.readouterr()
+        got = gpu_magic.run(
+            "import sys\nprint('before')\nsys.stdout.close()\ntry:\n    print('lost')\n"
+            "except ValueError as e:\n    said = str(e)\n(sys.stdout.closed, said)", "H100",
+            {"__name__": "__main__"}, client=c, quiet=True)
+        assert got == (True, "I/O operation on closed file.")  # as a local kernel says
+        assert capsys.readouterr().out == "before\n"
+        assert gpu_magic.run("import sys\nprint('again')\nsys.stdout.closed", "H100",
+                             {"__name__": "__main__"}, client=c, quiet=True) is False
+        assert capsys.readouterr().out == "again\n"
+        assert _pid(c, "H100") == pid  # on the same runner
+
