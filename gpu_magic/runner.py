@@ -710,6 +710,26 @@ class _Pristine:
             logging.disable(self.disable)
 
 
+FDS_USED_MAX = 0.5  # of the fd limit: a runner with more in use after a cell takes no other
+
+
+def _fds_mostly_used() -> bool:
+    """Whether a cell left most of the runner's file descriptors open. Leaked (os.open's
+    numbers in a list), they failed the next cell's own reads with "Too many open files".
+    Which ones leaked cannot be told from those a library keeps (CUDA's driver), so none is
+    closed: the runner takes no further cell, and its end frees them all."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return False
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except FileNotFoundError:  # no /proc here: not known
+        return False
+    except OSError:  # not even one left to look
+        return True
+    return used > soft * FDS_USED_MAX
+
+
 def _made_by_cell(obj: Any) -> bool:
     """Whether a hook, printer or magic came from a cell's code (its functions live in
     ``__main__``), not from a package that stays imported and registered it once."""
@@ -1494,6 +1514,8 @@ class _Session:
             self.shell_pristine.restore()
             _reset_libraries()
         except Exception:  # what cannot be put back: this runner takes no further cell
+            self.reusable = False
+        if _fds_mostly_used():  # (after the cell's own fd limit was put back)
             self.reusable = False
         if self.pristine.threads_left():
             # they would print into, and compete with, later cells: a fresh runner would
