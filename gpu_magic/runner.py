@@ -69,11 +69,16 @@ class _Emitter:
                 self._f.close()
                 self._f = None
 
-    def emit(self, event: dict[str, Any], always: bool = False) -> None:
+    def emit(self, event: dict[str, Any], always: bool = False, most: int | None = None) -> int:
+        """Sends the event; with ``most``, only if its line has at most that many bytes.
+        Returns the line's length."""
         line = json.dumps(event, default=_json_default).encode() + b"\n"
+        if most is not None and len(line) > most:
+            return len(line)
         with self._lock:
             if self._f is not None and (always or not self.muted):
                 self._f.write(line)
+        return len(line)
 
 
 def _json_default(obj: Any) -> Any:
@@ -83,6 +88,9 @@ def _json_default(obj: Any) -> Any:
 
 
 TEXT_EVENT_MAX = 1 << 20  # characters of output in one event
+# bytes of one display's event: the gateway stops a runner whose event passes 64 MiB, and
+# keeps 64 MiB of a job's output in all; one display past this is replaced by a notice
+DISPLAY_EVENT_MAX = 32 << 20
 
 
 class _Coalescer:
@@ -1451,7 +1459,12 @@ class _Session:
         waits until it is sent (half a line on the pipe would lose the next event too)."""
         with self.interrupts.hold():
             self.sync()
-            self.emitter.emit(event)
+            size = self.emitter.emit(event, most=DISPLAY_EVENT_MAX)
+            if size > DISPLAY_EVENT_MAX:
+                self.emitter.emit({"type": "stderr", "text": (
+                    f"[gpu_magic] a display of {size / (1 << 20):.1f} MiB was too large to send "
+                    f"(at most {DISPLAY_EVENT_MAX >> 20} MiB): it is not shown, and the cell "
+                    "runs on. Save large output to a file, or display less of it.\n")})
 
     def _reset(self, manifest: dict[str, Any], cwd: str | None) -> None:
         # What a reused process resets between cells: environment (os.environ and the C

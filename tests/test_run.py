@@ -1362,3 +1362,21 @@ def test_results_that_cannot_be_written_say_the_cell_finished() -> None:
     assert "failed before the cell could finish" not in text and "big" not in ns
     run(ns, "x = 1", "H100", quiet=True)  # the runner (its limit put back) takes the next
     assert ns["x"] == 1
+
+
+def test_a_display_too_large_to_send_is_replaced_by_a_notice_and_the_cell_runs_on(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # seen in a trial: one such display failed the whole job, blamed on the runner
+    ns = notebook("")
+    got = run(ns, """
+        from IPython.display import display, HTML
+        display(HTML("<b>" + "z" * 80_000_000 + "</b>"))
+        display({"text/plain": "\\x01" * 15_000_000}, raw=True)  # 90 MB once escaped
+        print("after")
+        v = 44
+        v
+    """, "H100", quiet=True)
+    assert (got, ns["v"]) == (44, 44)
+    out = capsys.readouterr()
+    assert out.out == "after\n"
+    assert out.err.count("too large to send") == 2, out.err[:2000]
