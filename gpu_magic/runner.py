@@ -1521,8 +1521,6 @@ class _Session:
         if self.pristine is None:
             return
         try:
-            for cap in self.caps:  # fds 1 and 2 (a cell's dup2 or close), as sys.stdout below
-                cap.restore()
             self.pristine.restore()
             self.shell_pristine.restore()
             _reset_libraries()
@@ -1635,7 +1633,15 @@ class _Session:
         _GC_COLLECT()
         gc.freeze()
         self.frozen = False
+        self.restore_fds()  # (a finalizer may have closed one)
         self.sync()  # what finalizers printed goes nowhere (muted), not into the next job
+
+    def restore_fds(self) -> None:
+        """fds 1 and 2 back to the capture pipes, whatever a cell did to them (dup2, close).
+        After its objects are let go of (a file that took a closed fd 1 closes it again), and
+        before the next job's descriptors arrive: one would take a free fd 1, and be lost."""
+        for cap in self.caps:
+            cap.restore()
 
     def _late(self, *_a: Any) -> None:
         if self.releasing:
@@ -1673,6 +1679,7 @@ class _Session:
                 self._tidy()
             if self.reusable:  # before "finished" too: the cell's memory is free when it ends
                 self._release()
+                self.restore_fds()
             end_leftover_processes()  # (after the release: finalizers stop their pools first)
             # whether this process takes another cell: the gateway must not hand one to a
             # runner that is about to end

@@ -690,6 +690,12 @@ def test_a_cell_that_closes_fd_1_keeps_its_output_and_results(
         gpu_magic.run("import os\nprint('after')\nos.write(1, b'from fd 1\\n')", "H100",
                       {"__name__": "__main__"}, client=c, quiet=True)
         assert capsys.readouterr().out == "after\nfrom fd 1\n"
+        # a file that took fd 1 closes it when the cell's namespace is let go of
+        assert gpu_magic.run("import os\nos.close(1)\nf = open(os.devnull, 'w')\nf.fileno()",
+                             "H100", {"__name__": "__main__"}, client=c, quiet=True) == 1
+        gpu_magic.run("import os\nos.write(1, b'from fd 1\\n')", "H100",
+                      {"__name__": "__main__"}, client=c, quiet=True)
+        assert capsys.readouterr().out == "from fd 1\n"
         assert _pid(c, "H100") == pid
 
 
