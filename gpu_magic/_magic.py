@@ -198,6 +198,12 @@ class GPUMagic(Magics):
             raise UsageError(self._stray_hint(spec_text, words))
         if args.return_names is not None and args.no_return:
             raise UsageError("--return and --no-return contradict each other; use one of them")
+        if args.return_names is not None:
+            bad = [n for n in args.return_names.split(",") if not n.strip().isidentifier()]
+            if bad:
+                raise UsageError(
+                    f"--return {args.return_names}: {bad[0].strip()!r} is not a name a cell "
+                    "can bind; list names separated by commas, e.g. --return model,loss")
         problem = _api.option_problem(args.timeout, args.wait, args.retries,
                                       spell=lambda name: f"--{name} ") or _api.env_problem(
                                           self._env(args.env), "--env")

@@ -324,6 +324,9 @@ def test_a_misread_line_gets_the_line_to_write(kernel_factory: Any) -> None:
                                "--wait 300"),
         ("%%gpu T4 --retries two", "argument --retries: 'two' is not a whole number; write e.g. "
                                    "--retries 2"),
+        ("%%gpu T4 --return a,1b", "--return a,1b: '1b' is not a name a cell can bind; list "
+                                   "names separated by commas, e.g. --return model,loss"),
+        ("%%gpu T4 --return a,,b", "--return a,,b: '' is not a name a cell can bind"),
     ]:
         out = k.run(line + "\n1")
         assert out["error"] is None and out["stderr"].startswith("UsageError: "), (line, out)

@@ -133,7 +133,7 @@ def test_per_user_job_and_gpu_limits(limited: Gateway) -> None:
                 submit(c, "1", "H100")
             assert info.value.status == 429
             assert str(info.value) == (
-                "you have 1 jobs queued or running; your limit is 1 at once (this gateway's "
+                "you have 1 job queued or running; your limit is 1 at once (this gateway's "
                 "limit for every user, --max-jobs-per-user). Wait for one to finish or cancel "
                 "one (%gpu jobs, %gpu cancel ID).")
         finally:

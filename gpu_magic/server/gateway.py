@@ -629,7 +629,8 @@ class Gateway:
                            "run here. Ask whoever runs the gateway (your instructor) to raise it.")
         if limits.max_jobs is not None and active >= limits.max_jobs:
             raise ApiError(429, "too_many_jobs",
-                           f"you have {active} jobs queued or running; your limit is "
+                           f"you have {active} job{'s' if active != 1 else ''} queued or "
+                           "running; your limit is "
                            f"{limits.max_jobs} at once ({self._limit_origin(user, 'max_jobs')}). "
                            "Wait for one to finish or cancel one (%gpu jobs, %gpu cancel ID).")
         digests = [body["inputs"]["pickle"], *body["inputs"]["buffers"]]
