@@ -381,6 +381,26 @@ def _no_input(*_a: Any, **_k: Any) -> str:
     )
 
 
+class _NotebookOut(dict):  # type: ignore[type-arg]
+    """The cell's ``Out``: the notebook's did not travel, and a lookup says what did."""
+
+    def __missing__(self, key: Any) -> Any:
+        raise KeyError(f"Out[{key!r}]: the notebook's Out did not travel with the cell; use "
+                       f"_{key} instead (the same value, sent when the cell uses it)")
+
+
+class _NotebookIn(list):  # type: ignore[type-arg]
+    """The cell's ``In``: the notebook's input history did not travel."""
+
+    def __getitem__(self, index: Any) -> Any:
+        try:
+            return super().__getitem__(index)
+        except IndexError:
+            raise IndexError(f"In[{index!r}]: the notebook's input history did not travel "
+                             "with the cell; put the text you need in a variable before the "
+                             "cell and use that") from None
+
+
 def _no_debugger(*_a: Any, **_k: Any) -> None:
     raise RuntimeError(
         "breakpoint() cannot stop a %%gpu cell: a debugger needs a keyboard, and the cell runs "
@@ -1715,6 +1735,8 @@ class _Session:
         # by name there (multiprocessing pools, DataLoader workers, torch.save of a model)
         sys.modules["__main__"] = _main_module(shell.user_module)
         shell.init_user_ns()
+        ns["Out"] = ns["_oh"] = _NotebookOut(ns["Out"])
+        ns["In"] = ns["_ih"] = _NotebookIn(ns["In"])
         # IPython drops a cell's leading blank lines before compiling it: its line numbers
         # count from the first line with text, the notebook's from the first line
         lead = _capture.leading_blank_lines(manifest["source"])

@@ -689,6 +689,18 @@ def test_a_debugger_in_a_cell_says_it_cannot_stop_there(stop: str) -> None:
     assert "input()" not in str(info.value)
 
 
+def test_out_and_in_of_the_notebook_say_what_to_use_instead() -> None:
+    ns = notebook("")
+    ns["_2"] = 42  # what the notebook showed as Out[2] travels as _2
+    with pytest.raises(KeyError, match=r"Out\[2\]: the notebook's Out did not travel with the "
+                       r"cell; use _2 instead"):
+        run(ns, "v = Out[2]", quiet=True)
+    assert run(ns, "v = _2\nv", quiet=True) == 42
+    with pytest.raises(IndexError, match=r"In\[2\]: the notebook's input history did not "
+                       "travel"):
+        run(ns, "print(In[2])", quiet=True)
+
+
 def test_trailing_semicolon_suppresses_the_value() -> None:
     ns = notebook("")
     assert run(ns, "y = 3\ny * 2;") is None
