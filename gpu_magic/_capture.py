@@ -173,10 +173,14 @@ def _cell_syntax_error(exc: SyntaxError, source: str, line_offset: int) -> CellS
     kind = (CellTabError if isinstance(exc, TabError)
             else CellIndentationError if isinstance(exc, IndentationError) else CellSyntaxError)
     what = "an indentation error" if kind is not CellSyntaxError else "a syntax error"
+    shift = lineno + line_offset - (exc.lineno or 0)
+    # Python's own "(detected at line 1)" counts as the parsed text does: the notebook's way
+    msg = re.sub(r"\((detected at|started at) line (\d+)\)",
+                 lambda m: f"({m[1]} line {int(m[2]) + shift})", exc.msg or "")
     return kind(
-        f"the cell has {what} on line {lineno + line_offset}: {exc.msg}\n"
+        f"the cell has {what} on line {lineno + line_offset}: {msg}\n"
         f"    {text.strip()}\nfix that line and run the cell again",
-        msg=exc.msg, lineno=lineno + line_offset, offset=offset, text=text,
+        msg=msg, lineno=lineno + line_offset, offset=offset, text=text,
     )
 
 

@@ -366,6 +366,13 @@ def test_what_ipython_compiles_is_not_refused(source: str) -> None:
     analyze_cell(source)
 
 
+def test_the_line_python_names_inside_its_message_is_the_notebooks_too() -> None:
+    # "(detected at line 1)" counted the parsed text's lines, not the notebook's
+    with pytest.raises(CaptureError) as info:
+        analyze_cell('\nx = 1\ny = "abc', line_offset=1)
+    assert "on line 4: unterminated string literal (detected at line 4)" in str(info.value)
+
+
 def test_syntax_error_after_a_magic_shows_the_users_line() -> None:
     with pytest.raises(CaptureError) as info:
         analyze_cell("%matplotlib inline\nx = = 1\n")
