@@ -236,7 +236,7 @@ def _bind_finished(*_info: Any) -> None:
     with _PENDING_LOCK:
         ready = [j for j in _PENDING if j._finished.is_set()]
     for job in ready:
-        job._bind_here()
+        job._bind_here(between_cells=True)
 
 
 def _cell_key() -> Any:
@@ -439,7 +439,7 @@ class GpuJob:
             self._loaded = self._job.load_result()
         return self._loaded
 
-    def _bind_here(self) -> None:
+    def _bind_here(self, between_cells: bool = False) -> None:
         """Bind the returned names (main thread, between cells or in wait)."""
         with _PENDING_LOCK:
             if self._bound or self._stream_lost():
@@ -450,6 +450,14 @@ class GpuJob:
         job = self._job
         if job.state.state != "succeeded" or job.result is None:
             job.view.reopen()
+            if between_cells and job.state.state in ("failed", "timed_out", "lost"):
+                # its widget may be far up the notebook: said where the user looks now, once
+                why = f"{type(self._failure).__name__}: {self._failure}" if self._failure else (
+                    job.state.message or job.state.state)
+                why = why.splitlines()[0] if why.strip() else job.state.state
+                print(f"[gpu_magic] background job {self.id} "
+                      f"{job.state.state.replace('_', ' ')}: {why[:300]} (its widget shows "
+                      "more; job.wait() raises it)", file=sys.stderr)
             return
         try:
             names, deleted, has_value, value = self._load()

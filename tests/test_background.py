@@ -74,6 +74,25 @@ def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Pa
     assert "kept your w" in html
 
 
+def test_a_background_job_that_failed_says_so_in_the_next_cell(tmp_path: Path) -> None:
+    # only its widget, maybe far up the notebook, turned to "failed": the next cells said
+    # nothing (found by a newcomer's trial). Said once, in the first cell after it ended.
+    nb = make_notebook(
+        "%load_ext gpu_magic\nimport time",
+        "%%gpu --background\nraise ValueError('bad row 7')",
+        "job = _\nwhile not job.done():\n    time.sleep(0.05)",
+        "print('next')",
+        "print('later')",
+    )
+    execute(nb, tmp_path)
+    said = [texts(c, "stderr") for c in nb.cells[2:]]
+    notices = [s for s in said if "background job" in s]
+    assert len(notices) == 1 and said.index(notices[0]) in (0, 1), said
+    assert "failed: ValueError: bad row 7 (its widget shows more; job.wait() raises it)" \
+        in notices[0]
+    assert texts(nb.cells[3], "stdout") == "next\n"
+
+
 def test_cancel_from_the_handle(tmp_path: Path, client: Any) -> None:
     nb = make_notebook(
         "%load_ext gpu_magic",
