@@ -1745,6 +1745,14 @@ class _Session:
         with self.interrupts.cell(shell.compile):
             result = shell.run_cell(manifest["source"], store_history=False)
         _flush_c_stdio()  # C stdio buffers of extensions, before the drain
+        left = self.pristine.threads_left() if self.pristine is not None else []
+        if left:  # (a local kernel would show what they print later, in whatever cell runs)
+            names = ", ".join(repr(t.name) for t in left[:3]) + (", ..." if len(left) > 3 else "")
+            self.pristine.streams[1].write(  # type: ignore[union-attr]
+                f"[gpu_magic] the cell left {len(left)} thread{'s' if len(left) > 1 else ''} "
+                f"running ({names}): {'they stop' if len(left) > 1 else 'it stops'} when the "
+                "job ends, and nothing printed after that is shown; join it at the end of the "
+                "cell (t.join()) to wait for it\n")
         self.sync()
 
         printed = _Stream.writes

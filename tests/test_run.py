@@ -701,6 +701,24 @@ def test_out_and_in_of_the_notebook_say_what_to_use_instead() -> None:
         run(ns, "print(In[2])", quiet=True)
 
 
+def test_a_thread_the_cell_leaves_running_is_said_to_stop_with_the_job(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # what it printed after the cell ended was lost without a word (found by a newcomer)
+    ns = notebook("")
+    run(ns, """
+        import threading, time
+        t = threading.Thread(target=lambda: (time.sleep(0.3), print("late")), name="worker")
+        t.start()
+        x = 1
+    """, "H100")
+    err = capsys.readouterr().err
+    assert "the cell left 1 thread running ('worker'): it stops when the job ends" in err, err
+    run(ns, "import threading\nt = threading.Thread(target=print, args=('joined',))\n"
+        "t.start()\nt.join()", "H100")
+    out = capsys.readouterr()
+    assert "joined" in out.out and "left" not in out.err
+
+
 def test_trailing_semicolon_suppresses_the_value() -> None:
     ns = notebook("")
     assert run(ns, "y = 3\ny * 2;") is None
