@@ -58,6 +58,10 @@ def test_simulated_pool_parses_counts_nodes_and_aliases() -> None:
     ("spec", "message"),
     [
         ("H100:0", "'H100:0' in the simulated pool asks for 0 GPUs; use 1 to 64 per node"),
+        ("H100:-1", "'H100:-1' in the simulated pool asks for -1 GPUs; use 1 to 64 per node"),
+        # `any` in a spec means any type: a pool type of that name could never be asked for
+        ("any:2", "'any:2' in the simulated pool 'any:2': 'any' is not a GPU type (in a cell's "
+                  "spec it means any type); name the type, e.g. GPU_MAGIC_SIMULATE='T4:2'"),
         ("H100::2", "'H100::2' in the simulated pool 'H100::2' is not TYPE[:COUNT][@NODE]; write "
                     "e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'"),
         # an empty entry was skipped (a cell's spec refuses one): refused, as a typo

@@ -80,7 +80,14 @@ def parse_simulated(spec: str, node: str | None = None) -> list[Gpu]:
                 "commas, e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'",
                 spec=spec,
             )
-        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]*)(?::(\d+))?(?:@([A-Za-z0-9_.-]+))?", item)
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]*)(?::(-?\d+))?(?:@([A-Za-z0-9_.-]+))?",
+                         item)
+        if m and m.group(1).lower() == "any":  # a spec's `any` means any type: none is called so
+            raise SpecError(
+                f"'{item}' in the simulated pool {spec!r}: 'any' is not a GPU type (in a cell's "
+                "spec it means any type); name the type, e.g. GPU_MAGIC_SIMULATE='T4:2'",
+                spec=spec,
+            )
         if not m:
             raise SpecError(
                 f"'{item}' in the simulated pool {spec!r} is not TYPE[:COUNT][@NODE]; "
