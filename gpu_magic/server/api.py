@@ -342,7 +342,6 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         one ``job`` event holding the record: submit and follow in one exchange."""
         job, record = accept(u, body)
         if not follow:
-            await gateway.saved(job)  # (its client may come back for it after a restart)
             return record
         return StreamingResponse(followed(job, record, u), status_code=201,
                                  media_type="text/event-stream", headers=_SSE_HEADERS)
@@ -354,8 +353,6 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         return job, gateway._record(job)
 
     async def followed(job: Any, record: dict[str, Any], u: User) -> Any:
-        if job.request.get("background"):  # its client may come back for it after a restart
-            await gateway.saved(job)
         yield f"data: {json.dumps({'type': 'job', 'job': record})}\n\n".encode()
         async for chunk in _sse(job, 0, u):
             yield chunk

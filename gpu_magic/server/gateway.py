@@ -119,11 +119,6 @@ class Job:
     # digest, and the wait for them once its cell ended
     input_checks: dict[str, list[Future[str | None]]] = field(default_factory=dict)
     holding: asyncio.Future[Any] | None = None
-    # its record as submitted, then as finished, being written: `done` is not sent before
-    # it is in the store (a gateway killed a moment after must not forget a job its client
-    # saw end), nor the submit's answer for a job its client may come back for (background,
-    # or submitted without following); a foreground cell's costs no wait
-    saved: Future[None] | None = None
     output_bytes: int = 0  # of output events kept, all attempts
     ending: bool = False  # past its timeout, given a moment to end after saying it did
     # this attempt's cell was sent an interrupt (its user's, POST .../interrupt), and whether
@@ -686,7 +681,10 @@ class Gateway:
         )
         self.jobs[job.id] = job
         self.queue.append(job.id)
-        job.saved = self.store.save_job(self._record(job), urgent=True)
+        if body.get("background"):  # its client may come back for it after a restart
+            self.store.save_job_now(self._record(job))
+        else:
+            self.store.save_job(self._record(job))
         if body.get("wait") is not None and self.loop is not None:
             self.loop.call_later(float(body["wait"]), self._wait_expired, job.id)
         self._emit_queued(job)
@@ -1357,7 +1355,9 @@ class Gateway:
             done["notices"] = job.notices
         self._emit(job, done)
         rec = self._record(job)
-        job.saved = self.store.save_job(rec, urgent=True)
+        # in the store before `done` reaches a client (its stream yields after this returns):
+        # a gateway killed a moment later must not forget a job its client saw end
+        self.store.save_job_now(rec)
         # what a finished job keeps is what its record shows (as a job reloaded after a
         # restart): its whole request (up to a megabyte of source, the inputs' manifest,
         # --env) stayed in memory for the retention period, for every job a user ran
@@ -1375,16 +1375,6 @@ class Gateway:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
-
-    async def saved(self, job: Job) -> None:
-        """Until the job's record as it stands is in the store (not while the store cannot
-        be written: a full disk must not hold up a finished job's client as well)."""
-        written = job.saved
-        if written is None or written.done():
-            return
-        while self.store.error is None and not written.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(written)), 0.5)
 
     async def stream(self, job: Job, after: int,
                      heartbeat: float) -> AsyncIterator[list[dict[str, Any]] | None]:
@@ -1410,7 +1400,6 @@ class Gateway:
                 batch = events[pos : pos + 1000]
                 done = next((i for i, ev in enumerate(batch) if ev.get("type") == "done"), None)
                 if done is not None:
-                    await self.saved(job)
                     yield batch[: done + 1]
                     return
                 pos += len(batch)

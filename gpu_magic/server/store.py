@@ -9,12 +9,12 @@ digest before they are stored.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import hashlib
 import json
 import os
-import queue
 import shutil
 import sqlite3
 import stat
@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,8 @@ class StoreError(Exception):
 
 
 class Store:
-    """Job records and event logs; all writes go through one writer thread.
+    """Job records and event logs, written in bursts by one writer thread, or at once by
+    :meth:`save_job_now` (a job's end, before its client hears of it).
 
     A write that fails (the disk is full) is kept, in order, and tried again until it goes
     through: nothing is dropped while the gateway runs. Meanwhile ``error`` says why, the
@@ -69,9 +69,13 @@ class Store:
         conn.executescript(_SCHEMA)
         conn.commit()
         conn.close()
-        self._q: queue.Queue[tuple[str, tuple[Any, ...], Future[None] | None] | None] = \
-            queue.Queue()
-        self._urgent = threading.Event()  # cuts the wait for a burst short
+        # Writes wait here, in order, until whoever holds _write_lock takes them: so a write
+        # made at once carries every earlier one with it (a job's `done` event with its record)
+        self._items: collections.deque[tuple[str, tuple[Any, ...]]] = collections.deque()
+        self._cv = threading.Condition()
+        self._write_lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._closing = False
         self._flushed = threading.Condition()
         self._pending = 0
         self.error: BaseException | None = None
@@ -79,83 +83,88 @@ class Store:
         self._thread.start()
 
     def _writer(self) -> None:
-        conn: sqlite3.Connection | None = None
-        batch: list[tuple[str, tuple[Any, ...], Future[None] | None]] = []  # (failed: again)
-        closing = False
         while True:
-            if not batch:
-                item = self._q.get()
-                if item is None:
+            with self._cv:
+                while not self._items and not self._closing:
+                    self._cv.wait()
+                if not self._items:
                     break
-                batch = [item]
-                # let a burst gather, then take it whole: waking for each item costs the event
-                # loop a thread switch per event (but not when someone waits for a write)
-                if item[2] is None:
-                    self._urgent.wait(_BATCH_S)
-                self._urgent.clear()
-            while len(batch) < 5000 or self.error is not None:
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
+            # let a burst gather, then take it whole: waking for each item costs the event
+            # loop a thread switch per event
+            time.sleep(_BATCH_S)
+            with self._write_lock:
+                failed = not self._write(5000)
+            if failed:
+                if self._closing:
+                    with self._cv:
+                        left = len(self._items)
+                    _say(f"stopping with {left} changes to the job store not written: "
+                         f"{self.error}")
                     break
-                if nxt is None:
-                    closing = True
-                    break
-                batch.append(nxt)
-            try:
-                if conn is None:
-                    conn = sqlite3.connect(self.path, check_same_thread=False)
-                    conn.execute("PRAGMA synchronous=NORMAL")
-                with conn:
-                    for sql, args, _ in batch:
-                        conn.execute(sql, args)
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    if conn is not None:
-                        conn.close()  # a fresh connection for the next try
-                conn = None
-                if self.error is None:
-                    _say(f"cannot write the job store {self.path}: {exc}; keeping what was "
-                         f"not written and trying again every {RETRY_S:g} s. Free space on its "
-                         "disk. Until then the gateway takes no new job.")
-                self.error = exc
-                if not closing:
-                    time.sleep(RETRY_S)
-                    continue
-                _say(f"stopping with {len(batch)} changes to the job store not written: {exc}")
-            else:
-                if self.error is not None:
-                    self.error = None
-                    _say("the job store is writable again; nothing was lost")
-            with self._flushed:
-                self._pending -= len(batch)
-                self._flushed.notify_all()
-            for _, _, written in batch:
-                if written is not None:
-                    written.set_result(None)
-            batch = []
-            if closing:
-                self._q.put(None)
-                closing = False
-        if conn is not None:
-            conn.close()
+                time.sleep(RETRY_S)
+        with self._write_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
-    def _put(self, sql: str, args: tuple[Any, ...], urgent: bool = False) -> Future[None] | None:
+    def _write(self, most: int | None = None) -> bool:
+        """Write what waits (at most ``most`` items; holding _write_lock). On failure it is
+        put back in front, in order, for the next try; False then."""
+        with self._cv:
+            n = len(self._items) if most is None or self.error is not None else min(
+                most, len(self._items))
+            batch = [self._items.popleft() for _ in range(n)]
+        if not batch:
+            return True
+        try:
+            if self._conn is None:
+                self._conn = sqlite3.connect(self.path, check_same_thread=False)
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            with self._conn:
+                for sql, args in batch:
+                    self._conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if self._conn is not None:
+                    self._conn.close()  # a fresh connection for the next try
+            self._conn = None
+            with self._cv:
+                self._items.extendleft(reversed(batch))
+            if self.error is None:
+                _say(f"cannot write the job store {self.path}: {exc}; keeping what was "
+                     f"not written and trying again every {RETRY_S:g} s. Free space on its "
+                     "disk. Until then the gateway takes no new job.")
+            self.error = exc
+            return False
+        if self.error is not None:
+            self.error = None
+            _say("the job store is writable again; nothing was lost")
+        with self._flushed:
+            self._pending -= len(batch)
+            self._flushed.notify_all()
+        return True
+
+    def _put(self, sql: str, args: tuple[Any, ...]) -> None:
         with self._flushed:
             self._pending += 1
-        written: Future[None] | None = Future() if urgent else None
-        self._q.put((sql, args, written))
-        if urgent:
-            self._urgent.set()
-        return written
+        with self._cv:
+            self._items.append((sql, args))
+            self._cv.notify()
 
-    def save_job(self, record: dict[str, Any], urgent: bool = False) -> Future[None] | None:
-        """``urgent``: written at once, not with the next burst; the answer is done when it
-        (and all written before it) is in the database."""
-        return self._put(
+    def save_job(self, record: dict[str, Any]) -> None:
+        self._put(
             "INSERT OR REPLACE INTO jobs (id, user, state, record) VALUES (?, ?, ?, ?)",
-            (record["id"], record["user"], record["state"], json.dumps(record)), urgent,
+            (record["id"], record["user"], record["state"], json.dumps(record)),
         )
+
+    def save_job_now(self, record: dict[str, Any]) -> None:
+        """Save the record, and everything saved before it, before returning (tens of µs on
+        the caller's thread, rather than a wait for the writer's next burst); while the store
+        cannot be written it waits in line like any other write."""
+        self.save_job(record)
+        if self.error is None:
+            with self._write_lock:
+                self._write()
 
     def add_event(self, job_id: str, seq: int, event: dict[str, Any]) -> None:
         self._put(
@@ -173,7 +182,9 @@ class Store:
 
     def close(self) -> None:
         self.flush()
-        self._q.put(None)
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
         self._thread.join(timeout=10)
 
     def load_jobs(self) -> list[dict[str, Any]]:
