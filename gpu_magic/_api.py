@@ -16,6 +16,7 @@ import functools
 import inspect
 import os
 import platform
+import re
 import secrets
 import signal
 import sys
@@ -58,6 +59,9 @@ INTERRUPT_GRACE_S = 5.0
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh",
                             "__builtins__", "__builtin__", "__name__", "__doc__", "__spec__",
                             "__loader__", "__package__"})
+
+
+_READS_BY_NAME = re.compile(r"\b(eval|exec|globals|vars|locals|dir)\b")
 
 
 @dataclass
@@ -757,7 +761,7 @@ def _cell_name(filename: str) -> str | None:
 # _cancel_on_sigterm), instead of leaving them to the gateway's orphan timeout, a minute of
 # GPUs held for no one.
 _FOLLOWED: dict[str, GatewayClient] = {}
-_FOLLOWED_LOCK = threading.Lock()
+_FOLLOWED_LOCK = threading.RLock()  # (re-entered by a SIGTERM handler, see _cancel_on_sigterm)
 
 
 def _followed(job_id: str, client: GatewayClient | None) -> None:
@@ -851,7 +855,11 @@ def submit(
     gspec = _parse(spec, get_client)  # type: ignore[arg-type]
     analysis = analyze_cell(source, opts.line_offset)
     values = select_inputs(analysis.inputs, namespace, hidden)
-    sent = {n: _payload.NotSent(n) if n in analysis.held else v for n, v in values.items()}
+    # a stand-in only where nothing can read the value: not a global of a notebook function
+    # the cell calls, nor under eval/exec/globals() (which the analysis cannot follow)
+    held = set() if _READS_BY_NAME.search(source) else set(analysis.held) - set(
+        _payload.function_globals(values.values(), namespace))
+    sent = {n: _payload.NotSent(n) if n in held else v for n, v in values.items()}
     local_dir = Path.cwd()
     if opts.dry_run:
         # before packing: the report lists every input that cannot be sent, not the first

@@ -1546,8 +1546,6 @@ class _Session:
             _reset_libraries()
         except Exception:  # what cannot be put back: this runner takes no further cell
             self.reusable = False
-        if _fds_mostly_used():  # (after the cell's own fd limit was put back)
-            self.reusable = False
         if self.pristine.threads_left():
             # they would print into, and compete with, later cells: a fresh runner would
             # have ended them with the cell, so this one ends (with them) after this job
@@ -1700,6 +1698,10 @@ class _Session:
             if self.reusable:  # before "finished" too: the cell's memory is free when it ends
                 self._release()
                 self.restore_fds()
+                # after the cell's objects (files it kept open) are let go of, and with the
+                # cell's own fd limit put back by _tidy
+                if _fds_mostly_used():
+                    self.reusable = False
             end_leftover_processes()  # (after the release: finalizers stop their pools first)
             # whether this process takes another cell: the gateway must not hand one to a
             # runner that is about to end

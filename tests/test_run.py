@@ -1244,6 +1244,14 @@ def test_a_name_the_cell_binds_before_deleting_it_is_not_sent_but_still_deleted(
     assert ns["w"] is lock  # never bound there: the stand-in does not come back
     with pytest.raises(SerializationError, match="thread lock"):  # maybe unbound: read
         run(ns, "if flag:\n    w = 1\ndel w", "H100", quiet=True)
+    # a notebook function the cell calls first reads the notebook's value: sent as it is
+    # (found by a review: the function met the stand-in)
+    ns2 = notebook("v = 41\ndef g(): return v + 1")
+    run(ns2, "r = g()\nv = 0\ndel v", "H100", quiet=True)
+    assert ns2["r"] == 42 and "v" not in ns2
+    ns2["v"] = 5
+    run(ns2, "r = eval('v')\nv = 0\ndel v", "H100", quiet=True)  # read by name: sent
+    assert ns2["r"] == 5
 
 
 def test_a_local_module_is_one_module_where_the_cell_runs_and_comes_back_as_itself(
