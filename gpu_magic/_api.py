@@ -317,6 +317,7 @@ class _Job:
         self.error: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
         self.in_place: dict[str, tuple[Any, ...]] = {}  # inputs changed in place: new states
+        self.modules: dict[str, tuple[Any, ...]] = {}  # local modules the cell changed
         self.printed: list[str] = []  # a background job's stdout and stderr so far
         self.last_seq = 0  # the last event taken: following again resumes after it
         self.bound: dict[str, Any] = {}
@@ -556,6 +557,9 @@ class _Job:
         self.in_place = {n: tuple(_rehome(x, staging, self.namespace, memo) for x in st)
                          for n, st in (payload.get("in_place") or {}).items()}
         names.update({n: self.refs.get(n, _NOTHING) for n in self.in_place})
+        # what the cell changed in local modules, for this kernel's own (by module name)
+        self.modules = {m: tuple(_rehome(x, staging, self.namespace, memo) for x in st)
+                        for m, st in (payload.get("modules") or {}).items()}
         has_value = "value" in payload
         value = _rehome(payload["value"], staging, self.namespace, memo) if has_value else None
         return names, list(ev.get("deleted", [])), has_value, value
@@ -580,6 +584,10 @@ class _Job:
                 names[n] = _payload.fresh_from_state(st)
             for _, n, st in sorted(todo, key=lambda t: t[:2]):
                 undo.append(_payload.apply_in_place(names[n], st))
+            for n, st in self.modules.items():
+                module = sys.modules.get(n)
+                if module is not None:  # (a kernel that never imported it: nothing to update)
+                    undo.append(_payload.apply_in_place(module, st))
         except Exception as exc:
             for step in reversed(undo):
                 step()

@@ -178,7 +178,82 @@ class _ModuleMaker:
         self.name = name
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return types.ModuleType, (self.name,)
+        return _new_module, (self.name,)
+
+
+SENT_MARK = "__gpu_magic_sent__"  # in a module made where the cell runs from one sent by value
+
+
+_ARRIVED: list[types.ModuleType] = []  # made by loads, taken by the runner (take_arrived)
+
+
+def _new_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__[SENT_MARK] = True
+    _ARRIVED.append(module)
+    return module
+
+
+def take_arrived() -> list[types.ModuleType]:
+    """The local modules made by the loads since the last call."""
+    made = list(_ARRIVED)
+    _ARRIVED.clear()
+    return made
+
+
+def arrived_by_value(obj: Any) -> bool:
+    """A local module made here from one sent by value (see _ModuleMaker)."""
+    return isinstance(obj, types.ModuleType) and obj.__dict__.get(SENT_MARK) is True
+
+
+def _is_code(value: Any) -> bool:
+    """A module's functions, classes, submodules and wrapped functions: what the notebook's
+    module has already, and what a cell's change to a module never brings back as a copy."""
+    return isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type,
+                               types.ModuleType, functools.partial)) or (
+        type(value) in _BY_NAME_WRAPPERS)
+
+
+def module_snapshot(module: types.ModuleType, namespace: Mapping[str, Any] | None = None,
+                    known: Callable[[memoryview], str | None] | None = None) -> tuple[Any, ...]:
+    """What a module that arrived holds, to tell afterwards what the cell changed in it:
+    its data attributes' fingerprints, and every attribute's object (kept, so ids stay)."""
+    attrs = {k: v for k, v in vars(module).items() if not (k.startswith("__") and
+                                                             k.endswith("__"))}
+    prints = {k: fingerprint(v, namespace, known, own_state=True)
+              for k, v in attrs.items() if not _is_code(v)}
+    return attrs, prints
+
+
+def module_changes(module: types.ModuleType, snapshot: tuple[Any, ...],
+                   namespace: Mapping[str, Any] | None = None,
+                   known: Callable[[memoryview], str | None] | None = None,
+                   ) -> tuple[Any, ...] | None:
+    """``("module", ModuleType, name, changes, deleted)``: the attributes the cell set or
+    changed (``("value", v)``, or ``("same_as", other)`` for another attribute's object as it
+    arrived: the notebook's module has its own) and those it deleted; None if none."""
+    attrs, prints = snapshot
+    by_id = {id(v): k for k, v in attrs.items()}
+    changes: dict[str, tuple[str, Any]] = {}
+    for k, v in vars(module).items():
+        if (k.startswith("__") and k.endswith("__")) or (k in attrs and attrs[k] is v
+                                                         and _is_code(v)):
+            continue
+        if (k not in attrs or attrs[k] is not v) and id(v) in by_id and attrs[by_id[id(v)]] is v:
+            changes[k] = ("same_as", by_id[id(v)])  # (helpers.hook = helpers.other)
+            continue
+        if _is_code(v):
+            if k not in attrs or attrs[k] is not v:
+                if getattr(v, "__module__", None) != module.__name__:
+                    changes[k] = ("value", v)  # made in the cell (or elsewhere): it travels
+            continue
+        fp = fingerprint(v, namespace, known, own_state=True)
+        if fp is not None and (k not in prints or fp != prints[k]):
+            changes[k] = ("value", v)
+    deleted = [k for k in attrs if k not in vars(module)]
+    if not changes and not deleted:
+        return None
+    return ("module", types.ModuleType, module.__name__, changes, deleted)
 
 
 class _ModuleGlobals(dict):  # type: ignore[type-arg]
@@ -217,9 +292,13 @@ def _same_module(module: types.ModuleType) -> types.ModuleType:
     return module
 
 
+WHOLE_MARK = "__gpu_magic_whole__"  # the module itself was sent, not only its functions
+
+
 def _fill_module(module: types.ModuleType, state: dict[str, Any]) -> None:
     module.__dict__.update(state)
     module.__dict__.setdefault("__builtins__", builtins.__dict__)
+    module.__dict__[WHOLE_MARK] = True
 
 
 # --- notebook objects that pickle by name ---
@@ -231,7 +310,8 @@ def _fill_module(module: types.ModuleType, state: dict[str, Any]) -> None:
 
 
 def _made_here(module: str | None) -> bool:
-    return module == "__main__" or module in cloudpickle.list_registry_pickle_by_value()
+    return (module == "__main__" or module in cloudpickle.list_registry_pickle_by_value()
+            or arrived_by_value(sys.modules.get(module or "")))
 
 
 def _reduce_wrapper(obj: Any) -> tuple[Any, ...] | None:
@@ -694,15 +774,7 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
     if t is list or t is set or t is bytearray:
         return ("items", t, bytes(obj) if t is bytearray else list(obj))
     if t is types.ModuleType:
-        if sys.modules.get(obj.__name__) is obj:
-            return None  # an installed module: it travels by name, its attributes do not
-        # a local module, sent by value: what it holds besides its own code (its functions
-        # and classes are the notebook's already)
-        return ("module", t, {k: v for k, v in vars(obj).items()
-                              if not (k.startswith("__") and k.endswith("__"))
-                              and not isinstance(v, types.ModuleType)
-                              and not (isinstance(v, (types.FunctionType, type))
-                                       and getattr(v, "__module__", None) == obj.__name__)})
+        return None  # (a local module's changes: module_changes, from what it held)
     if t in _DICTS:  # keys and values as lists: the client repairs functions in lists
         return ("dict", t, [list(obj.keys()), list(obj.values())],
                 getattr(obj, "default_factory", None))
@@ -819,30 +891,54 @@ def fresh_from_state(state: tuple[Any, ...]) -> Any:
         if t is not type(new):  # a Parameter: it travelled detached, as a plain tensor
             return t(new, requires_grad=requires_grad)
         return new.requires_grad_(requires_grad) if new.is_leaf else new
+    if kind == "module":  # (this kernel's own, if it has imported it)
+        obj = sys.modules.get(state[2]) or types.ModuleType(state[2])
+        apply_in_place(obj, state)
+        return obj
     obj = t() if kind in ("items", "dict") else t.__new__(t)
     apply_in_place(obj, state)
     return obj
 
 
-def _update_module(module: types.ModuleType, attrs: dict[str, Any]) -> Callable[[], None]:
-    """Set the attributes the cell changed on the notebook's own module (the one in
-    sys.modules); one it changed in place (a list it appended to) is changed in place here
-    too, so the module's functions and other references see it."""
+def _update_module(module: types.ModuleType, changes: dict[str, tuple[str, Any]],
+                   deleted: list[str]) -> Callable[[], None]:
+    """Bring the cell's changes onto the notebook's own module (the one in sys.modules): an
+    attribute it changed in place (a list it appended to) is changed in place here too, so
+    the module's functions and other references see it. All or nothing."""
     missing = object()
+    before = dict(module.__dict__)
     undo: list[Callable[[], None]] = []
-    for name, new in attrs.items():
+
+    def put(name: str, value: Any) -> None:
         old = module.__dict__.get(name, missing)
-        if old is not missing and type(old) is type(new) and (
-                old is new or fingerprint(old) == fingerprint(new)):
-            continue  # unchanged
-        state = in_place_state(new) if old is not missing else None
-        if state is not None and state[0] != "module" and fits(old, state):
-            undo.append(apply_in_place(old, state))
-            continue
-        undo.append(lambda name=name, old=old: module.__dict__.pop(name, None)
-                    if old is missing else module.__dict__.__setitem__(name, old))
-        module.__dict__[name] = new
-    return lambda: [u() for u in reversed(undo)] and None
+        undo.append(lambda: module.__dict__.pop(name, None) if old is missing
+                    else module.__dict__.__setitem__(name, old))
+        module.__dict__[name] = value
+
+    def undo_all() -> None:
+        for u in reversed(undo):
+            u()
+
+    try:
+        for name, (kind, value) in changes.items():
+            if kind == "same_as":
+                if value in before:
+                    put(name, before[value])
+                continue
+            old = before.get(name, missing)
+            state = in_place_state(value) if old is not missing else None
+            if state is not None and state[0] != "module" and fits(old, state):
+                undo.append(apply_in_place(old, state))
+            else:
+                put(name, value)
+        for name in deleted:
+            if name in module.__dict__:
+                old = module.__dict__.pop(name)
+                undo.append(lambda name=name, old=old: module.__dict__.__setitem__(name, old))
+    except BaseException:
+        undo_all()
+        raise
+    return undo_all
 
 
 def _slots(obj: Any) -> list[str]:
@@ -853,7 +949,7 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
     """Bring ``obj`` to ``state`` (it :func:`fits`); return how to undo it."""
     kind = state[0]
     if kind == "module":
-        return _update_module(obj, state[2])
+        return _update_module(obj, state[3], state[4])
     if kind == "items":
         t, items = state[1], state[2]
         old = obj.copy()

@@ -1336,10 +1336,13 @@ _DYNAMO_GLOBAL = re.compile(
 def _pack_results(
     ns: dict[str, Any], names: list[str], value: Any, has_value: bool,
     unchanged_inputs: dict[int, str], out: Outbox, same: list[str],
+    module_states: dict[str, tuple[Any, ...]] | None = None,
 ) -> dict[str, Any]:
     states = {n: st for n in same if (st := _payload.in_place_state(ns[n])) is not None}
     values = {n: ns[n] for n in names if n not in states}
     payload: dict[str, Any] = {"names": values}
+    if module_states:
+        payload["modules"] = module_states
     if states:
         payload["in_place"] = states
         # every reference to such an object, in its own state or elsewhere in the results,
@@ -1406,6 +1409,7 @@ class _Session:
         self.shell_pristine: _ShellPristine | None = None
         self.base_path = list(sys.path)
         self.local_mtimes: dict[str, float] = {}
+        self.lent: dict[str, Any] = {}  # names of local modules lent to sys.modules: what was there
         self.modules_seen = -1  # len(sys.modules) when the user's modules were last noted
         self.reusable = True  # False: one job, then the process ends (nothing to reload)
         self.releasing = False  # letting go of a cell's objects (_release)
@@ -1692,6 +1696,12 @@ class _Session:
             return 3
         finally:
             self.interrupts.job_ended()
+            for name, was in self.lent.items():  # local modules that arrived (see _run)
+                if was is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = was
+            self.lent.clear()
             if self.reusable:  # before "finished": an edit right after the cell must show
                 self.note_local_modules()
                 self._tidy()
@@ -1729,8 +1739,20 @@ class _Session:
         shipped = {n: v for n, v in ns.items() if n not in _IPYTHON_OWN}
         mapped = _Mapped(buffers, [os.path.basename(p) for p in inputs["buffers"]])
         del buffers
+        # local modules that arrived by value: what each holds, to send back what the cell
+        # changes in them; and in sys.modules while the cell runs, so that its own `import
+        # helpers` finds the module its functions use (put back in run_job's finally)
+        # (lent, they also travel back by name: the notebook's own module and functions). One
+        # only some of whose functions came (with the globals they use) is not lent: an import
+        # would find it incomplete
+        modules = {m.__name__: m for m in _payload.take_arrived()}
+        snapshots = {n: _payload.module_snapshot(m, ns, mapped.known) for n, m in modules.items()}
+        for name, m in modules.items():
+            if m.__dict__.get(_payload.WHOLE_MARK):
+                self.lent.setdefault(name, sys.modules.get(name))
+                sys.modules[name] = m
         before = {n: _payload.fingerprint(v, ns, mapped.known, own_state=True)
-                  for n, v in shipped.items()}
+                  for n, v in shipped.items() if not _payload.arrived_by_value(v)}
         # a clean namespace for this cell in the (possibly reused) shell
         shell.init_create_namespaces(None, ns)
         # and it is __main__, as in a kernel: pickle finds the cell's functions and classes
@@ -1785,6 +1807,13 @@ class _Session:
                         or _payload.fingerprint(ns[n], ns, mapped.known, own_state=True) != fp):
                     names.append(n)  # changed in place: the client must see the change
             names += _created(ns, shipped, names, shell.user_ns_hidden)
+        # a local module that arrived: what the cell changed in it, for the notebook's own
+        module_states = {}
+        if not manifest.get("no_return") and manifest.get("return_names") is None:
+            for name, m in modules.items():
+                st = _payload.module_changes(m, snapshots[name], ns, mapped.known)
+                if st is not None:
+                    module_states[name] = st
         deleted = [n for n in manifest.get("deleted", []) if n not in ns]
         if not manifest.get("no_return") and manifest.get("return_names") is None:
             deleted += [n for n in shipped if n not in ns and n not in deleted]
@@ -1803,7 +1832,7 @@ class _Session:
         try:
             event = _pack_results(ns, names, value,
                                   bool(manifest.get("has_value")) and value is not None,
-                                  unchanged, out, same)
+                                  unchanged, out, same, module_states)
         except OSError as exc:  # a full disk, a file size limit: the cell itself had finished
             emitter.emit({
                 "type": "runner_error", "ename": type(exc).__name__, "cell_finished": True,

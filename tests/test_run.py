@@ -1261,13 +1261,24 @@ def test_a_local_module_is_one_module_where_the_cell_runs_and_comes_back_as_itse
     # newcomer's trial, with a helpers.py beside the notebook)
     name = f"helpers_{secrets.token_hex(4)}"
     (tmp_path / f"{name}.py").write_text(textwrap.dedent("""
+        import functools
         SCALE = 1
         items = []
+        REG = {}
+        GONE = 1
+        def register(f):
+            REG[f.__name__] = f
+            return f
+        @register
         def scaled(x): return x * SCALE
         def set_scale(v):
             global SCALE
             SCALE = v
         def add(v): items.append(v)
+        @functools.lru_cache(maxsize=None)
+        def cached(x): return x + 1
+        def other(x): return -x
+        hook = scaled
     """))
     monkeypatch.chdir(tmp_path)  # the notebook's folder: its modules travel by value
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -1289,6 +1300,15 @@ def test_a_local_module_is_one_module_where_the_cell_runs_and_comes_back_as_itse
         ns2["scaled"] = mod.scaled
         run(ns2, "r = scaled(2)", "H100", quiet=True)
         assert ns2["r"] == 14 and ns2["scaled"] is mod.scaled
+        # what the cell did not change stays the notebook's own (found by a review: a
+        # registry of the module's functions came back holding copies)
+        assert mod.REG["scaled"] is mod.scaled and mod.hook is mod.scaled
+        # the cell's own import finds the module that arrived, and its functions use it
+        run(ns, f"import {name} as h\nh.SCALE = 3\nr = helpers.scaled(1)\n"
+            "h.hook = h.other\ndel h.GONE\nc = h.cached(1)", "H100", quiet=True)
+        assert ns["r"] == 3 and ns["c"] == 2
+        assert mod.SCALE == 3 and mod.hook is mod.other and not hasattr(mod, "GONE")
+        assert ns["h"] is mod and mod.REG["scaled"] is mod.scaled
     finally:
         del sys.modules[name]
 
