@@ -5,6 +5,7 @@ gateway one user's cell cannot read the gateway's state or another user's data."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -489,8 +490,10 @@ def test_a_job_held_by_the_user_s_own_gpu_limit_says_so(tmp_path: Path) -> None:
         gw.stop()
 
 
-def test_a_queued_job_a_lowered_limit_rules_out_fails_at_once(tmp_path: Path) -> None:
-    # it stayed queued for ever, said to wait for "0 of the 1 GPU(s) your limit lets you use"
+@contextlib.contextmanager
+def _bob_behind_alice(tmp_path: Path) -> Iterator[tuple[Any, Any, Any, dict[str, Any]]]:
+    """A class gateway where bob may hold 2 GPUs (set by carol, the admin) and alice's job
+    holds both H100s; yields alice's, bob's and carol's clients and alice's job."""
     from .conftest import start_class_gateway
 
     gw, tokens = start_class_gateway(tmp_path)
@@ -500,52 +503,48 @@ def test_a_queued_job_a_lowered_limit_rules_out_fails_at_once(tmp_path: Path) ->
             carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 2})
             first = submit(alice, "import time\ntime.sleep(60)", "H100:2")
             wait_for(lambda: alice.job(first["id"])["state"] == "running")
-            job = submit(bob, "1", "H100:2")
-            other = submit(bob, "1", "H100:2, H100")
-            assert bob.job(job["id"])["state"] == bob.job(other["id"])["state"] == "queued"
-            carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 1})
-            done = wait_for(lambda: (r := bob.job(job["id"]))["state"] != "queued" and r, 15)
-            assert done["state"] == "failed"
-            assert done["message"] == (
-                "every option of 'H100:2' asks for more than your limit of 1 GPU(s) at once "
-                "(set for you by an admin); ask for fewer. Your limit was changed while this "
-                "job waited in the queue; nothing ran.")
-            # one with an option the new limit leaves waits for it, and says what it dropped
-            waiting = bob.job(other["id"])
-            assert waiting["state"] == "queued" and waiting["options"] == ["H100"]
-            assert waiting["dropped"] == [
-                {"option": "H100:2", "reason": "asks for more than your limit of 1 GPU(s) at once"}]
-            alice.cancel(first["id"])
-            assert finish(bob, other["id"])["state"] == "succeeded"
+            yield alice, bob, carol, first
     finally:
         gw.stop()
+
+
+def test_a_queued_job_a_lowered_limit_rules_out_fails_at_once(tmp_path: Path) -> None:
+    # it stayed queued for ever, said to wait for "0 of the 1 GPU(s) your limit lets you use"
+    with _bob_behind_alice(tmp_path) as (alice, bob, carol, first):
+        job = submit(bob, "1", "H100:2")
+        other = submit(bob, "1", "H100:2, H100")
+        assert bob.job(job["id"])["state"] == bob.job(other["id"])["state"] == "queued"
+        carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 1})
+        done = wait_for(lambda: (r := bob.job(job["id"]))["state"] != "queued" and r, 15)
+        assert done["state"] == "failed"
+        assert done["message"] == (
+            "every option of 'H100:2' asks for more than your limit of 1 GPU(s) at once "
+            "(set for you by an admin); ask for fewer. Your limit was changed while this "
+            "job waited in the queue; nothing ran.")
+        # one with an option the new limit leaves waits for it, and says what it dropped
+        waiting = bob.job(other["id"])
+        assert waiting["state"] == "queued" and waiting["options"] == ["H100"]
+        assert waiting["dropped"] == [
+            {"option": "H100:2", "reason": "asks for more than your limit of 1 GPU(s) at once"}]
+        alice.cancel(first["id"])
+        assert finish(bob, other["id"])["state"] == "succeeded"
 
 
 def test_an_option_dropped_for_a_limit_comes_back_when_an_admin_raises_it(
         tmp_path: Path) -> None:
     # dropped at submit, it stayed dropped: the job waited for an H100 while the raised limit
     # let it have the four A100s that were free
-    from .conftest import start_class_gateway
-
-    gw, tokens = start_class_gateway(tmp_path)
-    try:
-        with gw.client(tokens["alice"]) as alice, gw.client(tokens["bob"]) as bob, \
-                gw.client(tokens["carol"]) as carol:
-            carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 2})
-            first = submit(alice, "import time\ntime.sleep(60)", "H100:2")
-            wait_for(lambda: alice.job(first["id"])["state"] == "running")
-            job = submit(bob, "1", "A100-80GB:4, H100")
-            assert bob.job(job["id"])["dropped"] == [{
-                "option": "A100-80GB:4",
-                "reason": "asks for more than your limit of 2 GPU(s) at once"}]
-            carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 4})
-            done = wait_for(lambda: (r := bob.job(job["id"]))["state"] != "queued" and r, 15)
-            assert done["grant"]["gpu_type"] == "A100-80GB"
-            assert finish(bob, job["id"])["state"] == "succeeded"
-            assert bob.job(job["id"])["dropped"] == []
-            alice.cancel(first["id"])
-    finally:
-        gw.stop()
+    with _bob_behind_alice(tmp_path) as (alice, bob, carol, first):
+        job = submit(bob, "1", "A100-80GB:4, H100")
+        assert bob.job(job["id"])["dropped"] == [{
+            "option": "A100-80GB:4",
+            "reason": "asks for more than your limit of 2 GPU(s) at once"}]
+        carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 4})
+        done = wait_for(lambda: (r := bob.job(job["id"]))["state"] != "queued" and r, 15)
+        assert done["grant"]["gpu_type"] == "A100-80GB"
+        assert finish(bob, job["id"])["state"] == "succeeded"
+        assert bob.job(job["id"])["dropped"] == []
+        alice.cancel(first["id"])
 
 
 def test_limits_an_admin_set_outlive_a_restart(tmp_path: Path) -> None:
