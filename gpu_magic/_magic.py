@@ -187,6 +187,9 @@ class GPUMagic(Magics):
     def _cell(self, line: str, cell: str) -> Any:
         spec_text, flags = _split(line)
         words = self._words(flags)
+        twice = self._given_twice(words)
+        if twice:
+            raise UsageError(twice)
         try:
             # the words as a shell splits them (IPython's own split keeps the quotes, so
             # --env "MSG=hello world" could not be written)
@@ -232,6 +235,26 @@ class GPUMagic(Magics):
         except ValueError as exc:  # "No closing quotation"
             raise UsageError(f"the options {flags!r} cannot be read: {str(exc).lower()}; close "
                              'each quote, e.g. --env "MSG=hello world"') from None
+
+    def _given_twice(self, words: list[str]) -> str | None:
+        """An option of one value given twice (--timeout 5 --timeout 6): argparse keeps the
+        last in silence, which may not be the one meant. --env may repeat."""
+        actions = self.gpu.parser._option_string_actions
+        seen: dict[str, str] = {}
+        for i, word in enumerate(words):
+            option, eq, inline = word.partition("=")
+            action = actions.get(option) if option.startswith("--") else None
+            if action is None or action.dest == "env":
+                continue
+            value = inline if eq else (words[i + 1] if action.nargs != 0 and i + 1 < len(words)
+                                       else "")
+            if action.dest in seen:
+                if action.nargs == 0:
+                    return f"{option} is given twice; give it once"
+                shown = " and ".join(f"{option} {v}" for v in (seen[action.dest], value))
+                return f"{option} is given twice ({shown}); give it once"
+            seen[action.dest] = value
+        return None
 
     def _strays(self, words: list[str]) -> list[tuple[int, str | None]]:
         """Each word no option took (argparse files them under the spec), with the option
@@ -344,6 +367,9 @@ class GPUMagic(Magics):
                 if key not in os.environ:
                     raise UsageError(f"--env {key}: this kernel has no environment variable {key}")
                 value = os.environ[key]
+            if key in env:
+                raise UsageError(f"--env {key} is given twice ({key}={env[key]} and "
+                                 f"{key}={value}); give it once")
             env[key] = value
         return env
 

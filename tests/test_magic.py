@@ -327,6 +327,10 @@ def test_a_misread_line_gets_the_line_to_write(kernel_factory: Any) -> None:
         ("%%gpu T4 --return a,1b", "--return a,1b: '1b' is not a name a cell can bind; list "
                                    "names separated by commas, e.g. --return model,loss"),
         ("%%gpu T4 --return a,,b", "--return a,,b: '' is not a name a cell can bind"),
+        ("%%gpu T4 --timeout 5 --timeout 6",
+         "--timeout is given twice (--timeout 5 and --timeout 6); give it once"),
+        ("%%gpu T4 --quiet --quiet", "--quiet is given twice; give it once"),
+        ("%%gpu T4 --env A=1 --env A=2", "--env A is given twice (A=1 and A=2); give it once"),
     ]:
         out = k.run(line + "\n1")
         assert out["error"] is None and out["stderr"].startswith("UsageError: "), (line, out)
