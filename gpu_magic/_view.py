@@ -293,7 +293,7 @@ def _size(n: int) -> str:
 def render_text(state: JobState, now: float) -> str:
     """The text form: a first line with where it stands and the grant, then the details."""
     first = [state.headline()]
-    if state.final or state.state in ("running", UNREACHABLE):
+    if state.final or state.state in ("running", "granted", UNREACHABLE):
         first.insert(0, state.progress(now))
     lines = ["[gpu] " + " · ".join(first)]
     details = [state.transfer(), *state.attempt_lines(), state.outcome()]

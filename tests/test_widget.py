@@ -66,6 +66,8 @@ def test_text_and_html_forms_are_readable() -> None:
     s.apply({"type": "stderr", "text": "[gpu_magic] the runner process died (killed by signal "
                                        "SIGKILL); retrying (attempt 2 of 2)\n"}, now=5.0)
     s.apply({**grant, "node": "node-4", "attempt": 2}, now=6.0)
+    # granted again, its runner not started yet: the line still says where it stands
+    assert render_text(s, 6.0).startswith("[gpu] granted · A100-80GB ×2 on node-4")
     s.apply({"type": "done", "state": "succeeded",
              "timings": {"queued_s": 1.0, "ran_s": 2.0, "total_s": 6.0}}, now=8.0)
     s.bound = ["model"]
