@@ -10,6 +10,7 @@ remove nodes come last.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -760,3 +761,9 @@ def test_a_node_removed_mid_job_ends_it_lost(rc: GatewayClient, cluster: RayClus
     assert "died or left the cluster" in done["message"]
     wait_for(lambda: "H100" not in free(rc), DEADLINE_S)
     wait_for(lambda: gone(runner) and gone(child), DEADLINE_S)  # the cell's own child too
+    # its folder (its inputs) stayed: the worker died before its clean-up. The next job on
+    # this machine removes it (one stayed for good with every node lost mid-job)
+    left = glob.glob(os.path.join(tempfile.gettempdir(), f"gpu-magic-{job['id']}-1-*"))
+    assert left
+    assert follow(rc, submit(rc, "x = 1", "A100-80GB")["id"])[-1]["state"] == "succeeded"
+    assert not [p for p in left if os.path.exists(p)]

@@ -140,8 +140,10 @@ def _run(meta: dict[str, Any], blobs: tuple[bytes, ...]) -> Iterator[bytes]:
     base = meta.get("workdir") or None
     if base:
         os.makedirs(base, mode=0o700, exist_ok=True)
+    _sweep_left(base)
     workdir = Path(tempfile.mkdtemp(prefix=f"gpu-magic-{meta['job_id']}-{meta['attempt']}-",
                                     dir=base))
+    (workdir / "worker.pid").write_text(str(os.getpid()))
     proc: subprocess.Popen[bytes] | None = None
     grace = float(meta.get("grace", 3.0))
     try:
@@ -185,6 +187,20 @@ def _run(meta: dict[str, Any], blobs: tuple[bytes, ...]) -> Iterator[bytes]:
         if proc is not None:
             _stop(proc, grace)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _sweep_left(base: str | None) -> None:
+    """Remove the folders (inputs included) of jobs whose worker died with them, a node
+    removed or killed mid-job: their clean-up below never ran. Each names its worker's pid;
+    one whose pid is alive, or unreadable, is left."""
+    for folder in Path(base or tempfile.gettempdir()).glob("gpu-magic-*-*-*"):
+        try:
+            pid = int((folder / "worker.pid").read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # alive (as another user too), being made, or not one of ours
 
 
 def _raylet_env() -> dict[str, str]:
