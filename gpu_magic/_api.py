@@ -865,8 +865,8 @@ def submit(
     values = select_inputs(analysis.inputs, namespace, hidden)
     # a stand-in only where nothing can read the value: not a global of a notebook function
     # the cell calls, nor under eval/exec/globals() (which the analysis cannot follow)
-    held = set() if _READS_BY_NAME.search(source) else set(analysis.held) - set(
-        _payload.function_globals(values.values(), namespace))
+    fglobals = _payload.function_globals(values.values(), namespace)
+    held = set() if _READS_BY_NAME.search(source) else set(analysis.held) - set(fglobals)
     sent = {n: _payload.NotSent(n) if n in held else v for n, v in values.items()}
     local_dir = Path.cwd()
     if opts.dry_run:
@@ -938,7 +938,7 @@ def submit(
     cl.known.update(blobs)
     state.job_id = record["id"]
     job = _Job(cl, record, state, NullView(state), source, opts, namespace, values,
-               refs={**_payload.function_globals(values.values(), namespace), **values})
+               refs={**fglobals, **values})
     job.feed = feed
     job.outputs = [*analysis.outputs, *sorted(analysis.deleted)]
     job.view = _make_view(job)

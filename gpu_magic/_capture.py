@@ -95,11 +95,13 @@ def analyze_cell(source: str, line_offset: int = 0) -> CellAnalysis:
             "several statements"
         )
     last_is_expr = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
-    inputs, outputs, deleted = walker.result()
-    read = walker.inputs | walker.string_names | walker.read_globally()
+    read, outputs, deleted = walker.result()
+    # The runner reports a deleted name as deleted when it is gone after the run, so it must
+    # have held the name before, even one the cell binds before deleting it: `if c: x = 1;
+    # del x` must not delete the user's x when c is false.
     return CellAnalysis(
         source=transformed,
-        inputs=frozenset(inputs - _NEVER_INPUTS),
+        inputs=frozenset((read | deleted) - _NEVER_INPUTS),
         outputs=outputs,
         deleted=frozenset(deleted),
         has_value=last_is_expr and not _ends_with_semicolon(source, transformed),
@@ -236,19 +238,15 @@ class _Walker(ast.NodeVisitor):
         for stmt in body:
             self.visit(stmt)
 
-    def read_globally(self) -> set[str]:
-        """The global names read by the cell's functions and classes."""
-        return {name for scope, name, bound_globally, bound_in_class in self._reads
-                if not bound_globally and _reads_global(scope, name, bound_in_class)}
-
     def result(self) -> tuple[set[str], tuple[str, ...], set[str]]:
-        inputs = self.inputs | self.string_names | self.read_globally()
+        """The names the cell reads from the user's namespace, binds there and deletes."""
+        read = self.inputs | self.string_names
+        for scope, name, bound_globally, bound_in_class in self._reads:
+            if not bound_globally and _reads_global(scope, name, bound_in_class):
+                read.add(name)
         outputs = dict.fromkeys(n for s, n in self._binds if _binds_global(s, n))
         deleted = {n for s, n in self._dels if _binds_global(s, n)}
-        # The runner reports a deleted name as deleted when it is gone after the run, so it
-        # must have held the name before, even one the cell binds before deleting it:
-        # `if c: x = 1; del x` must not delete the user's x when c is false.
-        return inputs | deleted, tuple(outputs), deleted
+        return read, tuple(outputs), deleted
 
     # --- names -------------------------------------------------------------------------------
     def _read(self, name: str) -> None:

@@ -117,12 +117,14 @@ class _Pickler(cloudpickle.Pickler):
     def by_value_module(self, dict_id: int) -> types.ModuleType | None:
         """The module sent by value (a local one) whose ``__dict__`` has this id, if any."""
         if self._module_dicts is None:
+            # (none registered, as where cells run: no look through sys.modules for each
+            # pickler, and a fingerprint makes one per input; a package registered by value
+            # sends its submodules by value too)
             registered = cloudpickle.list_registry_pickle_by_value()
-            # (a package registered by value sends its submodules by value too)
             self._module_dicts = {
-                id(m.__dict__): m for name, m in list(sys.modules.items()) if registered
-                and (name in registered or name.partition(".")[0] in registered)
-                and isinstance(m, types.ModuleType)}
+                id(m.__dict__): m for name, m in list(sys.modules.items())
+                if (name in registered or name.partition(".")[0] in registered)
+                and isinstance(m, types.ModuleType)} if registered else {}
         return self._module_dicts.get(dict_id)
 
     def maker(self, module: types.ModuleType) -> _ModuleMaker:
@@ -214,12 +216,17 @@ def _is_code(value: Any) -> bool:
         type(value) in _BY_NAME_WRAPPERS)
 
 
+def _own_attrs(module: types.ModuleType) -> dict[str, Any]:
+    """A module's attributes but its dunders (its name, file, builtins, our marks)."""
+    return {k: v for k, v in vars(module).items() if not (k.startswith("__") and
+                                                          k.endswith("__"))}
+
+
 def module_snapshot(module: types.ModuleType, namespace: Mapping[str, Any] | None = None,
                     known: Callable[[memoryview], str | None] | None = None) -> tuple[Any, ...]:
     """What a module that arrived holds, to tell afterwards what the cell changed in it:
     its data attributes' fingerprints, and every attribute's object (kept, so ids stay)."""
-    attrs = {k: v for k, v in vars(module).items() if not (k.startswith("__") and
-                                                             k.endswith("__"))}
+    attrs = _own_attrs(module)
     prints = {k: fingerprint(v, namespace, known, own_state=True)
               for k, v in attrs.items() if not _is_code(v)}
     return attrs, prints
@@ -235,9 +242,9 @@ def module_changes(module: types.ModuleType, snapshot: tuple[Any, ...],
     attrs, prints = snapshot
     by_id = {id(v): k for k, v in attrs.items()}
     changes: dict[str, tuple[str, Any]] = {}
-    for k, v in vars(module).items():
-        if (k.startswith("__") and k.endswith("__")) or (k in attrs and attrs[k] is v
-                                                         and _is_code(v)):
+    now = _own_attrs(module)
+    for k, v in now.items():
+        if k in attrs and attrs[k] is v and _is_code(v):
             continue
         if (k not in attrs or attrs[k] is not v) and id(v) in by_id and attrs[by_id[id(v)]] is v:
             changes[k] = ("same_as", by_id[id(v)])  # (helpers.hook = helpers.other)
@@ -250,7 +257,7 @@ def module_changes(module: types.ModuleType, snapshot: tuple[Any, ...],
         fp = fingerprint(v, namespace, known, own_state=True)
         if fp is not None and (k not in prints or fp != prints[k]):
             changes[k] = ("value", v)
-    deleted = [k for k in attrs if k not in vars(module)]
+    deleted = [k for k in attrs if k not in now]
     if not changes and not deleted:
         return None
     return ("module", types.ModuleType, module.__name__, changes, deleted)
@@ -773,8 +780,6 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
     t = type(obj)
     if t is list or t is set or t is bytearray:
         return ("items", t, bytes(obj) if t is bytearray else list(obj))
-    if t is types.ModuleType:
-        return None  # (a local module's changes: module_changes, from what it held)
     if t in _DICTS:  # keys and values as lists: the client repairs functions in lists
         return ("dict", t, [list(obj.keys()), list(obj.values())],
                 getattr(obj, "default_factory", None))
@@ -891,10 +896,6 @@ def fresh_from_state(state: tuple[Any, ...]) -> Any:
         if t is not type(new):  # a Parameter: it travelled detached, as a plain tensor
             return t(new, requires_grad=requires_grad)
         return new.requires_grad_(requires_grad) if new.is_leaf else new
-    if kind == "module":  # (this kernel's own, if it has imported it)
-        obj = sys.modules.get(state[2]) or types.ModuleType(state[2])
-        apply_in_place(obj, state)
-        return obj
     obj = t() if kind in ("items", "dict") else t.__new__(t)
     apply_in_place(obj, state)
     return obj
@@ -927,7 +928,7 @@ def _update_module(module: types.ModuleType, changes: dict[str, tuple[str, Any]]
                 continue
             old = before.get(name, missing)
             state = in_place_state(value) if old is not missing else None
-            if state is not None and state[0] != "module" and fits(old, state):
+            if state is not None and fits(old, state):
                 undo.append(apply_in_place(old, state))
             else:
                 put(name, value)

@@ -1740,11 +1740,10 @@ class _Session:
         mapped = _Mapped(buffers, [os.path.basename(p) for p in inputs["buffers"]])
         del buffers
         # local modules that arrived by value: what each holds, to send back what the cell
-        # changes in them; and in sys.modules while the cell runs, so that its own `import
-        # helpers` finds the module its functions use (put back in run_job's finally)
-        # (lent, they also travel back by name: the notebook's own module and functions). One
-        # only some of whose functions came (with the globals they use) is not lent: an import
-        # would find it incomplete
+        # changes in them. One sent whole is also lent to sys.modules while the cell runs (put
+        # back in the finally of the job): the cell's own `import helpers` finds the module
+        # its functions use, and its objects travel back by name, as the notebook's own. One
+        # only some of whose functions came is not: an import would find it incomplete
         modules = {m.__name__: m for m in _payload.take_arrived()}
         snapshots = {n: _payload.module_snapshot(m, ns, mapped.known) for n, m in modules.items()}
         for name, m in modules.items():

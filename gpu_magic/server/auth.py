@@ -31,11 +31,14 @@ class User:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (0600), never briefly readable by others."""
+    """Write a file only its owner can read (0600), never briefly readable by others, and
+    whole: on disk before it replaces the old one (a crash, even of the machine, leaves one
+    or the other)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, text.encode())
+        os.fsync(fd)
     finally:
         os.close(fd)
     os.chmod(tmp, 0o600)

@@ -900,9 +900,13 @@ class Gateway:
         waiting = [r for r in reqs if self.jobs[r.job_id].state == "queued"
                    and r.job_id in self.queue]
         # "queued" alone reads as "someone's job holds it": say when it is not one
-        outside = held_outside(waiting, gpus, busy, running_per_user, self._served)
+        # (each a scheduling pass of its own: none when nothing waits, as after most grants)
+        outside = held_outside(waiting, gpus, busy, running_per_user,
+                               self._served) if waiting else {}
         # ("1 of 2 H100 free" in the pool while it waits reads as a bug: say for whom)
-        ahead = held_for_ahead(waiting, gpus, busy, running_per_user, self._served)
+        ahead = held_for_ahead(waiting, gpus, busy, running_per_user,
+                               self._served) if waiting else {}
+        positions: dict[str, int] | None = None
         for req in waiting:
             j = self.jobs[req.job_id]
             note = None if waits[req.job_id] else _outside_note(
@@ -913,7 +917,9 @@ class Gateway:
             j.behind = behind is not None
             if j.held is not None or waiting_for != j.waiting_for:
                 j.held, j.waiting_for = None, waiting_for
-                self._emit_queued(j)
+                if positions is None:  # (once per pass: the queue does not move in it)
+                    positions = self._positions()
+                self._emit_queued(j, positions)
         self._watch_pool(gpus)
 
     def _watch_pool(self, gpus: list[Gpu]) -> None:
@@ -1317,8 +1323,8 @@ class Gateway:
 
     # --- events ---
 
-    def _emit_queued(self, job: Job) -> None:
-        pos = self._positions().get(job.id, 0)
+    def _emit_queued(self, job: Job, positions: dict[str, int] | None = None) -> None:
+        pos = (self._positions() if positions is None else positions).get(job.id, 0)
         # No wait estimate: when a GPU frees depends on how long the running cells take, which
         # nothing here knows (the average of past cells, or a running cell's --timeout, is a
         # number but not an estimate), and a wrong number is worse than none.

@@ -4,7 +4,6 @@ and the per-user limits an admin set, kept in the state directory across restart
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,16 +53,9 @@ def save_overrides(state_dir: Path, overrides: dict[str, dict[str, int]]) -> Non
     """Keep the per-user limits admins set for the next gateway on this state directory:
     written whole, flushed to disk and then renamed over the old file (a crash, even of the
     machine, leaves one or the other), never readable by others (0600)."""
-    path = state_dir / OVERRIDES_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # (a stale one left by a crash may have had another mode)
-        os.write(fd, json.dumps(overrides, sort_keys=True, indent=1).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    from .auth import write_private
+
+    write_private(state_dir / OVERRIDES_FILE, json.dumps(overrides, sort_keys=True, indent=1))
 
 
 def human(n: int) -> str:
