@@ -94,21 +94,26 @@ def fitting(option: GpuOption, gpus: Iterable[Gpu], min_memory: float | None) ->
 
 def oracle_fair_order(queue: Sequence[Request], running: Mapping[str, int],
                       served: Mapping[str, int] | None = None) -> list[Request]:
-    """Fewest running jobs first (each job placed counts as running), ties to the user served
-    least recently (each job placed counts as served now), then by submission order."""
+    """Fewest running jobs first (each job placed counts as running), ties to the user waiting
+    longest: since their last grant (just after the submission ``served`` names), or since
+    their first waiting job's submission if later (each job placed counts as served now);
+    then by submission order."""
     pending: dict[str, list[Request]] = {}
     for req in sorted(queue, key=lambda r: r.seq):
         pending.setdefault(req.user, []).append(req)
     load = {u: running.get(u, 0) for u in pending}
-    last = {u: (served or {}).get(u, -1) for u in pending}
-    now = max((served or {}).values(), default=-1)
+    served = served or {}
+    # a wait since submission s is (s, 0); since a grant just after submission s, (s, 1)
+    last = {u: max((served[u], 1), (pending[u][0].seq, 0)) if u in served
+            else (pending[u][0].seq, 0) for u in pending}
+    now = max([*served.values(), *(r.seq for r in queue)], default=0)
     out = []
     while pending:
         user = min(pending, key=lambda u: (load[u], last[u], pending[u][0].seq))
         out.append(pending[user].pop(0))
         load[user] += 1
         now += 1
-        last[user] = now
+        last[user] = (now, 2)
         if not pending[user]:
             del pending[user]
     return out
@@ -462,7 +467,10 @@ def test_fair_order_interleaves_users() -> None:
     # A placed first; then both have one running, and B, served before this call, goes next
     assert [r.job_id for r in fair_order(queue, {"A": 0, "B": 1})] == ["j0", "j3", "j1", "j2"]
     assert [r.job_id for r in fair_order(queue, {})] == ["j0", "j3", "j1", "j2"]
-    assert [r.job_id for r in fair_order(queue, {}, {"A": 0})] == ["j3", "j0", "j1", "j2"]
+    # A served after every submission: B, waiting since its own, goes first
+    assert [r.job_id for r in fair_order(queue, {}, {"A": 3})] == ["j3", "j0", "j1", "j2"]
+    # A served before B's job came: A's earlier job has waited longer
+    assert [r.job_id for r in fair_order(queue, {}, {"A": 1})] == ["j0", "j3", "j1", "j2"]
     assert [r.job_id for r in fair_order(queue, {"A": 1}, {"A": 7, "B": 2})] == \
         ["j3", "j0", "j1", "j2"]
 
@@ -594,7 +602,7 @@ class Sim:
         users = {r.job_id: r.user for r in self.queue}
         for g in grants:
             self.grants_made += 1
-            self.served[users[g.job_id]] = self.grants_made
+            self.served[users[g.job_id]] = self.seq  # (the latest submission, as the gateway)
             keys = tuple((g.node, i) for i in g.indices)
             self.running[g.job_id] = (users[g.job_id], keys, step + self.run_steps[g.job_id])
             self.granted_at[g.job_id] = step

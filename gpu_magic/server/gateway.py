@@ -310,10 +310,9 @@ class Gateway:
         self.queue: list[str] = []
         self.running: dict[str, Job] = {}
         self._seq = 0
-        # per user, the number of the grant last made to them (of self._grants, counted up):
-        # the scheduler serves users with as many jobs running round-robin by it
+        # per user, the seq of the latest submission when they were last granted a job: the
+        # scheduler serves users with as many jobs running by how long they have waited
         self._served: dict[str, int] = {}
-        self._grants = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_activity = time.monotonic()
         self.closing = False  # shutting down: no job is started any more
@@ -954,8 +953,7 @@ class Gateway:
         job.interrupted = job.interrupt_taken = False
         job.interrupted_by = None
         self.running[job.id] = job
-        self._grants += 1
-        self._served[job.user] = self._grants
+        self._served[job.user] = self._seq
         req = job.request
         grant_env = {
             "GPU_MAGIC_GRANT": json.dumps({

@@ -180,21 +180,28 @@ def _why_not(option: GpuOption, gpus: Sequence[Gpu], free: _Free, reserved: set[
 def fair_order(queue: Sequence[Request], running: Mapping[str, int],
                served: Mapping[str, int] | None = None) -> list[Request]:
     """Queue order under fair share: users with fewer running jobs first; among users with as
-    many, the one served least recently first (round-robin), then submission order; FIFO
-    within a user.
+    many, the one waiting longest (since their last grant, or since their first waiting job
+    was submitted if that was later) first, then submission order; FIFO within a user.
 
-    ``served``: per user, the number of the grant last made to them, numbers growing with each
-    grant (0 or more; a user not in it was never served). Without it, a user who floods the
-    queue wins every tie by submission order: when each job takes a whole GPU type, every
-    user's running count is 0 whenever the pool frees. A job placed here counts as running
-    and as served after everything ``served`` says."""
+    ``served``: per user, the ``seq`` of the latest submission when they were last granted a
+    job (a user not in it was never served). Without it, a user who floods the queue wins
+    every tie by submission order: when each job takes a whole GPU type, every user's running
+    count is 0 whenever the pool frees. Counting a wait from its job's submission too keeps a
+    job waiting for a large grant from being passed by later users for ever (the first
+    blocked job reserves what it waits for). A job placed here counts as running and as
+    served after everything else."""
     served = served or {}
     per_user: dict[str, list[Request]] = {}
     for req in sorted(queue, key=lambda r: r.seq):
         per_user.setdefault(req.user, []).append(req)
-    heap = [(running.get(u, 0), served.get(u, -1), reqs[0].seq, u) for u, reqs in per_user.items()]
+
+    def since(user: str, first: int) -> int:  # (2s: submission s; 2s + 1: just after it)
+        return max(2 * served[user] + 1, 2 * first) if user in served else 2 * first
+
+    heap = [(running.get(u, 0), since(u, reqs[0].seq), reqs[0].seq, u)
+            for u, reqs in per_user.items()]
     heapq.heapify(heap)
-    latest = max(served.values(), default=-1)
+    latest = 2 * max([*served.values(), *(r.seq for r in queue)], default=0) + 1
     cursor = {u: 0 for u in per_user}
     out: list[Request] = []
     while heap:
