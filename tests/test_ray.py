@@ -765,5 +765,7 @@ def test_a_node_removed_mid_job_ends_it_lost(rc: GatewayClient, cluster: RayClus
     # this machine removes it (one stayed for good with every node lost mid-job)
     left = glob.glob(os.path.join(tempfile.gettempdir(), f"gpu-magic-{job['id']}-1-*"))
     assert left
+    worker = int(Path(left[0], "worker.pid").read_text())  # (it ends a moment after its node)
+    wait_for(lambda: gone(worker), DEADLINE_S)
     assert follow(rc, submit(rc, "x = 1", "A100-80GB")["id"])[-1]["state"] == "succeeded"
     assert not [p for p in left if os.path.exists(p)]
