@@ -52,6 +52,8 @@ def test_simulated_pool_parses_counts_nodes_and_aliases() -> None:
         ("a", 0, "H100"), ("a", 1, "H100"), ("b", 0, "A100-40GB"), ("n0", 0, "A10")]
     assert all(g.simulated and g.uuid for g in gpus)
     assert gpus[0].memory_gb == 80
+    # spaced as a cell's spec may be: the same pool
+    assert parse_simulated("H100 : 2 @ a, a100: 1@b, A10G", node="n0") == gpus
 
 
 @pytest.mark.parametrize(

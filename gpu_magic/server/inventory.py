@@ -80,7 +80,8 @@ def parse_simulated(spec: str, node: str | None = None) -> list[Gpu]:
                 "commas, e.g. GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4'",
                 spec=spec,
             )
-        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]*)(?::(-?\d+))?(?:@([A-Za-z0-9_.-]+))?",
+        # spaces around ':' and '@' allowed, as a cell's spec allows them ('H100 : 2')
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]*)(?:\s*:\s*(-?\d+))?(?:\s*@\s*([A-Za-z0-9_.-]+))?",
                          item)
         if m and m.group(1).lower() == "any":  # a spec's `any` means any type: none is called so
             raise SpecError(
