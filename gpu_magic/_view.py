@@ -401,6 +401,9 @@ class NullView:
     def before_output(self) -> None:
         """The cell is about to show output of its own (the status stays above it)."""
 
+    def after_clear(self) -> None:
+        """The cell cleared its output (``clear_output``), and with it the status above."""
+
     def comm_ids(self) -> set[str]:
         return set()
 
@@ -443,6 +446,14 @@ class TextView(NullView):
 
     def before_output(self) -> None:
         self._display_pending()
+
+    def after_clear(self) -> None:
+        from IPython import get_ipython
+
+        # in a kernel the front end cleared the status with the cell's output: show it again
+        # (same display id, so its updates still land); a terminal only cleared a line
+        if self._handle is not None and getattr(get_ipython(), "kernel", None) is not None:
+            self._handle.display(self._bundle(), raw=True)
 
     def _display_pending(self) -> None:
         from IPython.display import display

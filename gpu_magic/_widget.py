@@ -139,6 +139,16 @@ class WidgetView(NullView):
         with self._lock:
             self._display_pending(time.monotonic())
 
+    def after_clear(self) -> None:
+        """The cell cleared its output, the status above it too: show it again, under the
+        same display id (its updates still land), above what the cell shows next."""
+        with self._lock:
+            if self._handle is None or self._finished or self.state.background:
+                return
+            data = (self._bundle() if self._box is not None
+                    else bundle(self.state, time.monotonic()))
+            self._handle.display(data, raw=True)
+
     def _display_pending(self, now: float, compact: bool = False) -> None:
         from IPython.display import display
 

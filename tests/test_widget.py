@@ -133,6 +133,26 @@ def test_foreground_widget_shows_the_grant_and_keeps_the_final_summary(
     assert "Widget" not in data["text/plain"] and "VBox" not in data["text/plain"]
 
 
+@pytest.mark.usefixtures("use_gateway")
+def test_clear_output_in_the_cell_keeps_the_status_above_its_output(tmp_path: Path) -> None:
+    """A live-plot loop clears the cell's output each step; the front end clears the status
+    with it, so it is shown again, and the cell ends with its final status on top."""
+    nb = make_notebook(
+        "%load_ext gpu_magic",
+        "%%gpu H100\nfrom IPython.display import clear_output\nimport time\n"
+        "for i in range(4):\n    clear_output(wait=i % 2 == 0)\n    print('step', i)\n"
+        "    time.sleep(0.4)\ndone = i",
+    )
+    execute(nb, tmp_path)
+    cell = nb.cells[1]
+    assert [o.output_type for o in cell.outputs] == ["display_data", "stream"], cell.outputs
+    assert cell.outputs[1].text == "step 3\n"
+    status = cell.outputs[0].data
+    assert WIDGET not in status  # the widget it became gave way to the final status
+    assert status["text/plain"].startswith("[gpu] succeeded"), status["text/plain"]
+    assert status["text/plain"].rstrip().endswith(", done"), status["text/plain"]
+
+
 def test_quiet_shows_no_widget(use_gateway: Gateway, tmp_path: Path) -> None:
     nb = make_notebook("%load_ext gpu_magic",
                        "%%gpu --quiet\nimport time\ntime.sleep(1.2)\nprint('only this')")
