@@ -157,11 +157,17 @@ def select_inputs(
     names: Collection[str], namespace: Mapping[str, Any], hidden: Collection[str] = ()
 ) -> dict[str, Any]:
     """The values of the names the cell reads that exist in the namespace."""
-    return {
+    values = {
         n: namespace[n]
         for n in sorted(names)
         if n in namespace and n not in _IPYTHON_NAMES and n not in hidden
     }
+    # the notebook's input history, when the cell reads it: text only, and what a local cell
+    # would see (its last entry is this cell)
+    for n in ("In", "_ih"):
+        if n in names and isinstance(namespace.get(n), list):
+            values[n] = [str(s) for s in namespace[n]]
+    return values
 
 
 def _check_environment(health: Mapping[str, Any]) -> None:

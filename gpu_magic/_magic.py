@@ -48,7 +48,9 @@ from ._tables import jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
 _ENDED = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
-_OUTPUT_NAME = re.compile(r"_{1,3}|_\d+")  # IPython's names for earlier cells' values
+# IPython's names for earlier cells' values (_, __, _7) and inputs (_i, _ii, _i7): hidden from
+# %who, but a cell that reads one wants it
+_HISTORY_NAME = re.compile(r"_{1,3}|_\d+|_i{1,3}|_i\d+")
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -224,7 +226,7 @@ class GPUMagic(Magics):
         shell = self.shell
         assert shell is not None
         # IPython's own names stay here; the outputs it keeps (_, __, ___, _5) are the user's
-        hidden = {n for n in shell.user_ns_hidden if not _OUTPUT_NAME.fullmatch(n)}
+        hidden = {n for n in shell.user_ns_hidden if not _HISTORY_NAME.fullmatch(n)}
         return _api.run(cell, spec_text or None, shell.user_ns, hidden=hidden, **vars(opts))
 
     @staticmethod

@@ -390,12 +390,17 @@ class _NotebookOut(dict):  # type: ignore[type-arg]
 
 
 class _NotebookIn(list):  # type: ignore[type-arg]
-    """The cell's ``In``: the notebook's input history did not travel."""
+    """The cell's ``In``: the notebook's input history when the cell reads it (it travels
+    then), else empty, and a lookup says why."""
+
+    travelled = False
 
     def __getitem__(self, index: Any) -> Any:
         try:
             return super().__getitem__(index)
         except IndexError:
+            if self.travelled:
+                raise
             raise IndexError(f"In[{index!r}]: the notebook's input history did not travel "
                              "with the cell; put the text you need in a variable before the "
                              "cell and use that") from None
@@ -1759,7 +1764,11 @@ class _Session:
         sys.modules["__main__"] = _main_module(shell.user_module)
         shell.init_user_ns()
         ns["Out"] = ns["_oh"] = _NotebookOut(ns["Out"])
-        ns["In"] = ns["_ih"] = _NotebookIn(ns["In"])
+        history = values.get("In", values.get("_ih"))
+        ns["In"] = ns["_ih"] = _NotebookIn(history if isinstance(history, list) else ns["In"])
+        ns["In"].travelled = isinstance(history, list)
+        for name in ("In", "_ih", "Out", "_oh"):  # %who tells IPython's own by identity
+            shell.user_ns_hidden[name] = ns[name]
         # IPython drops a cell's leading blank lines before compiling it: its line numbers
         # count from the first line with text, the notebook's from the first line
         lead = _capture.leading_blank_lines(manifest["source"])

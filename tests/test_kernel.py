@@ -329,6 +329,19 @@ def test_a_cell_can_use_the_values_of_earlier_cells(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("use_gateway")
+def test_a_cell_reads_the_notebooks_inputs_as_a_local_cell_does(tmp_path: Path) -> None:
+    # In, _i and _iN: In[-1] was silently '' and _i undefined (found by a newcomer)
+    nb = make_notebook("%load_ext gpu_magic", "a = 20",
+                       "%%gpu\nb = a + 1\nseen = (In[2], _i, _i2, len(In), In[-1][:28])\n%who")
+    execute(nb, tmp_path)
+    assert texts(nb.cells[2], "stdout").split() == ["a", "b", "seen"]  # not In nor Out
+    nb.cells.append(nbformat.v4.new_code_cell("seen"))
+    execute(nb, tmp_path)
+    assert texts(nb.cells[3], "execute_result") == (
+        "('a = 20', 'a = 20', 'a = 20', 4, 'get_ipython().run_cell_magic')")
+
+
+@pytest.mark.usefixtures("use_gateway")
 def test_remote_tracebacks_name_the_right_function_of_two_with_one_name(tmp_path: Path) -> None:
     nb = make_notebook("%load_ext gpu_magic",
                        "class B:\n    def forward(self):\n        return 'b fine'",
