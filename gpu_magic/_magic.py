@@ -23,7 +23,7 @@ from typing import Any
 
 from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, kwds, magic_arguments, parse_argstring
 from traitlets import Unicode, observe
 
 from . import _api, _injob
@@ -149,17 +149,24 @@ class GPUMagic(Magics):
         configure(self.url, self.token)  # %config GPUMagic.url = ...
 
     @magic_arguments()
+    # argparse's own usage would put the spec last, an order the magic refuses ('%' doubled:
+    # argparse formats the usage with %; IPython puts one more before it)
+    @kwds(usage="%%gpu [SPEC] [--timeout SECONDS] [--wait SECONDS] [--retries N] "
+                "[--oom-fallback] [--return NAMES | --no-return] [--background] "
+                "[--env KEY=VALUE]... [--quiet] [--dry-run]\n"
+                "       %%gpu pool | jobs [--all] | connect URL [--token TOKEN] | cancel JOB_ID | "
+                "attach JOB_ID | status | stop")
     @argument("spec", nargs="*",
               help="GPU options, most preferred first: 'H100:2, A100-80GB:2, any' (default any)")
-    @argument("--timeout", type=_seconds("--timeout"), default=None,
+    @argument("--timeout", type=_seconds("--timeout"), default=None, metavar="SECONDS",
               help="seconds the cell may run (default 3600)")
-    @argument("--wait", type=_seconds("--wait"), default=None,
+    @argument("--wait", type=_seconds("--wait"), default=None, metavar="SECONDS",
               help="seconds to wait in the queue (default: no limit)")
-    @argument("--retries", type=_whole("--retries"), default=0,
+    @argument("--retries", type=_whole("--retries"), default=0, metavar="N",
               help="re-runs if the runner dies (not if the cell raises)")
     @argument("--oom-fallback", action="store_true",
               help="after a CUDA out-of-memory error, re-run on the next option with more GPU memory")
-    @argument("--return", dest="return_names", default=None,
+    @argument("--return", dest="return_names", default=None, metavar="NAMES",
               help="comma-separated names to bring back (default: every name the cell binds)")
     @argument("--no-return", action="store_true", help="bring no names back")
     @argument("--background", action="store_true", help="return at once with a job handle")
@@ -169,11 +176,8 @@ class GPUMagic(Magics):
     @argument("--dry-run", action="store_true", help="show what would be sent; send nothing")
     @line_cell_magic
     def gpu(self, line: str, cell: str | None = None) -> Any:
-        """Run the cell on a GPU of the pool (%%gpu), or manage the pool and jobs (%gpu ...).
-
-        Line commands: %gpu pool | jobs [--all] | connect URL [--token TOKEN] | cancel JOB_ID |
-        attach JOB_ID | status | stop
-        """
+        """Run the cell on a GPU of the pool (%%gpu: the spec first, then the options), or
+        manage the pool and jobs (%gpu ...)."""
         try:
             return self._line(line) if cell is None else self._cell(line, cell)
         except CellSyntaxError:

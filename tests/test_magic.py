@@ -503,3 +503,13 @@ def test_status_pool_and_jobs_show_a_local_gateway_of_another_configuration_as_i
     assert out["error"] is None and out["result"] == "1", out
     assert out["stderr"].count("restarting the local gateway (configuration") == 1, out
     assert "differs" not in k.run("%gpu status")["stdout"]
+
+
+def test_the_help_shows_the_spec_before_the_options() -> None:
+    # argparse put the spec last, an order the magic refuses (found by a newcomer)
+    from gpu_magic._magic import GPUMagic
+
+    doc = GPUMagic.gpu.__doc__ or ""
+    usage = doc.split("::", 1)[-1].strip().splitlines()
+    assert usage[0].startswith("%%gpu [SPEC] [--timeout SECONDS] [--wait SECONDS]"), usage[0]
+    assert usage[1].strip().startswith("%gpu pool | jobs [--all]"), usage[1]
