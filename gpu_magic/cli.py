@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a simulated pool such as 'H100:2,A100-80GB:4' (no GPU is used)")
     s.add_argument("--tokens-file", type=Path, default=None,
                    help='JSON {"user": "token", ...}, mode 0600')
-    s.add_argument("--state-dir", type=Path, default=None)
+    s.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                   help="jobs, blobs and limits (default: under Jupyter's data directory)")
     s.add_argument("--runtime-file", type=Path, default=None, help=argparse.SUPPRESS)
     s.add_argument("--idle-timeout", type=_seconds(), default=None,
                    help="exit after this many seconds with no jobs and no requests")
@@ -60,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="disk and page cache kept written ahead for large blobs, e.g. 2G "
                         "(default: a sixteenth of memory, at most 4G; 0: none)")
     s.add_argument("--force", action="store_true",
-                   help="start even where it would be unsafe (non-loopback without tokens file)")
+                   help="start even where it would be unsafe: off loopback without a tokens "
+                        "file or without TLS, or several users without a runner sandbox")
 
     sub.add_parser("stop", help="stop this user's embedded local gateway")
     for name, what in (("pool", "the GPU pool as a table"), ("jobs", "your jobs as a table")):
@@ -71,9 +73,11 @@ def _parser() -> argparse.ArgumentParser:
             q.add_argument("--all", action="store_true",
                            help="every user's jobs, with a user column (needs an admin token)")
     d = sub.add_parser("demo", help="a simulated pool and JupyterLab with the teaching notebooks")
-    d.add_argument("--simulate", default="H100:2,A100-80GB:4,T4:8")
-    d.add_argument("--port", type=int, default=8888)
-    d.add_argument("--notebooks", type=Path, default=None)
+    d.add_argument("--simulate", default="H100:2,A100-80GB:4,T4:8", metavar="SPEC",
+                   help="the simulated pool (default: %(default)s)")
+    d.add_argument("--port", type=int, default=8888, help="JupyterLab's port (default: 8888)")
+    d.add_argument("--notebooks", type=Path, default=None, metavar="DIR",
+                   help="the folder JupyterLab opens (default: the teaching notebooks)")
     return p
 
 
