@@ -1129,6 +1129,12 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
     singles: dict[str, _payload.Packed] = {}
     for name, value in values.items():
         row: dict[str, Any] = {"name": name, "type": type(value).__qualname__}
+        if isinstance(value, _payload.NotSent):  # its stand-in, not an input to show as sent
+            row.update(type=type(namespace.get(name)).__qualname__, bytes=0,
+                       travels="not sent: the cell binds it before it reads it")
+            sendable[name] = value
+            rows.append(row)
+            continue
         try:
             singles[name], _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir)
         except Exception:

@@ -1240,6 +1240,9 @@ def test_a_name_the_cell_binds_before_deleting_it_is_not_sent_but_still_deleted(
     ns["w"], ns["flag"] = lock, False
     report = run(ns, "w = 3\ndel w", "H100", dry_run=True)
     assert "cannot be sent" not in str(report)
+    (row,) = report["inputs"]  # shown as what it is, and not sent (it read "NotSent, by value")
+    assert row["type"] == "lock" and row["travels"].startswith("not sent"), row
+    assert "NotSent" not in str(report)
     run(ns, "if flag:\n    w = 1\n    del w", "H100", return_names=["w"], quiet=True)
     assert ns["w"] is lock  # never bound there: the stand-in does not come back
     with pytest.raises(SerializationError, match="thread lock"):  # maybe unbound: read
