@@ -897,6 +897,11 @@ def test_unchanged_inputs_are_not_sent_again_even_after_the_gateway_dropped_them
                 f.unlink()
         third = once()
         assert third.sent_bytes > 5000
+        # a cell with no inputs sends only the pickle of no names: never "1 input reused"
+        for _ in range(2):
+            job = submit("k = 1", "H100", ns, client=c)
+            job.follow()
+            assert job.outcome() is None and job.state.reused == 0
 
 
 def test_an_unchanged_tensor_is_not_sent_again_beside_a_changed_input(
