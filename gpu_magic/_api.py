@@ -893,9 +893,7 @@ def submit(
     blobs = packed.blobs()
     state = JobState(str(gspec), background=opts.background)
     state.simulated = bool(health.get("simulated"))
-    # a cell with no inputs has only the pickle of no names: never counted as reused data
-    empty = None if values else packed.pickle_digest
-    inline = _send_inputs(cl, blobs, state, empty)
+    inline = _send_inputs(cl, blobs, state, packed.pickle_digest)
     if box is not None:
         box["client"] = cl
     job_id = job_id or secrets.token_hex(8)
@@ -938,7 +936,7 @@ def submit(
             feed.close()
             cl.known.difference_update(blobs)
             body["blobs"] = {}
-            state.sent_bytes += _upload(cl, blobs, state, empty)
+            state.sent_bytes += _upload(cl, blobs, state, packed.pickle_digest)
             feed = EventFeed(cl, job_id, submit=body)
             record = feed.record()
     except BaseException:
@@ -970,28 +968,29 @@ def _make_view(job: _Job) -> Any:
 
 
 def _send_inputs(client: GatewayClient, blobs: dict[str, memoryview],
-                 state: JobState, empty: str | None) -> dict[str, str]:
+                 state: JobState, pickle_digest: str) -> dict[str, str]:
     """Small inputs travel inside the submit (base64); larger ones are uploaded first, those
     the gateway holds already are not. Returns the inline blobs."""
     fresh = {d: b for d, b in blobs.items() if d not in client.known}
     size = sum(b.nbytes for b in fresh.values())
     if size > INLINE_MAX:
-        state.sent_bytes = _upload(client, blobs, state, empty)
+        state.sent_bytes = _upload(client, blobs, state, pickle_digest)
         return {}
-    state.reused = _buffers_reused(blobs, fresh, empty)
+    state.reused = _buffers_reused(blobs, fresh, pickle_digest)
     state.sent_bytes = size
     return {d: base64.b64encode(_payload.byte_view(b)).decode() for d, b in fresh.items()}
 
 
-def _buffers_reused(blobs: Iterable[str], sent: Collection[str], empty: str | None) -> int:
-    # (a cell with no inputs read "1 input buffer reused" when run again: its empty pickle)
-    return sum(1 for d in blobs if d not in sent and d != empty)
+def _buffers_reused(blobs: Iterable[str], sent: Collection[str], pickle_digest: str) -> int:
+    # the data buffers (arrays, tensors) the gateway had: the pickle of the names is no "input
+    # buffer" (a cell with no inputs read "1 input buffer reused" when run again)
+    return sum(1 for d in blobs if d not in sent and d != pickle_digest)
 
 
 def _upload(client: GatewayClient, blobs: dict[str, memoryview], state: JobState,
-            empty: str | None) -> int:
+            pickle_digest: str) -> int:
     missing = set(client.missing(list(blobs)))
-    state.reused = _buffers_reused(blobs, missing, empty)
+    state.reused = _buffers_reused(blobs, missing, pickle_digest)
     sent = 0
     for d in missing:
         client.upload(d, blobs[d])
