@@ -61,6 +61,9 @@ _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "
                             "__loader__", "__package__"})
 
 
+# The cell the decorator makes of a call: its frame is ours, left out of remote tracebacks.
+_DECORATED_CALL = "__gpu_fn__("
+
 _READS_BY_NAME = re.compile(r"\b(eval|exec|globals|vars|locals|dir)\b")
 
 
@@ -696,7 +699,8 @@ class _Job:
                                  # the notebook's functions too: a sent function calls
                                  # others that travelled as its globals
                                  locate=code_locator(list(self.sent.values()),
-                                                     list(self.namespace.values())))
+                                                     list(self.namespace.values())),
+                                 hide_cell=self.source.startswith(_DECORATED_CALL))
         if exc is None and ev.get("interrupted"):
             exc = KeyboardInterrupt()  # (its pickle did not come: the type is known anyway)
         if ev.get("unsent") and exc is None:
@@ -1269,7 +1273,7 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
             for i, (key, value) in enumerate(kwargs.items()):
                 ns[f"__gpu_kwarg{i}__"] = value
                 named.append(f"{str(key)!r}: __gpu_kwarg{i}__")  # a str subclass's repr is code
-            source = f"__gpu_fn__({', '.join([*given, '**{' + ', '.join(named) + '}'])})"
+            source = f"{_DECORATED_CALL}{', '.join([*given, '**{' + ', '.join(named) + '}'])})"
             try:
                 return run(source, spec, ns, **{"quiet": True, **options})
             except SerializationError as exc:

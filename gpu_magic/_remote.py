@@ -35,31 +35,36 @@ def render_traceback(
     job_id: str | None = None,
     cell_name: Callable[[str], str | None] | None = None,
     locate: Callable[[str, int, str | None, int | None], str | None] | None = None,
+    hide_cell: bool = False,
 ) -> list[str]:
-    """The lines IPython shows for the remote exception, after those it was chained to."""
+    """The lines IPython shows for the remote exception, after those it was chained to.
+    ``hide_cell``: the cell is ours, not the user's (a decorated function's call), and its
+    frames are left out."""
     lines: list[str] = []
     for link in event.get("chain") or []:
         if not isinstance(link, dict):
             continue
-        lines += _block(link, source, line_offset, label, cell_name, locate)
+        lines += _block(link, source, line_offset, label, cell_name, locate, hide_cell)
         lines += ["", "The above exception was the direct cause of the following exception:"
                   if link.get("cause") else
                   "During handling of the above exception, another exception occurred:", ""]
     where_line = f"raised remotely on {where(grant)}" + (f", job {job_id}" if job_id else "")
-    block = _block(event, source, line_offset, label, cell_name, locate)
+    block = _block(event, source, line_offset, label, cell_name, locate, hide_cell)
     return [*lines, *block[:2], where_line, *block[2:]]
 
 
 def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
            cell_name: Callable[[str], str | None] | None,
            locate: Callable[[str, int, str | None, int | None], str | None] | None,
-           ) -> list[str]:
+           hide_cell: bool = False) -> list[str]:
     """One exception's traceback lines, its own message last."""
     ename, evalue = event.get("ename", "Exception"), event.get("evalue", "")
     lines = [_RULE, f"{ename:<40}Traceback (most recent call last)"]
     src_lines = source.splitlines()
     for fr in event.get("traceback", []):
         lineno = int(fr.get("lineno") or 0)
+        if fr.get("cell") and hide_cell:
+            continue
         if fr.get("cell"):
             shown = lineno + line_offset
             lines.append(f"{label}, line {shown}" + ("" if fr.get("name") == "<module>"

@@ -831,6 +831,17 @@ def test_a_decorated_call_says_nothing_of_its_own_names(
     """)
     assert ns["fill"](ns["items"]) == 1 and ns["items"] == []
     assert "__gpu_" not in capsys.readouterr().err
+    # nor does its error: the call it made of the function is no line of the user's
+    ns2 = notebook("""
+        import gpu_magic
+        @gpu_magic.gpu("H100")
+        def boom(x):
+            return 1 / x
+    """)
+    with pytest.raises(ZeroDivisionError) as info:
+        ns2["boom"](0)
+    shown = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "__gpu_" not in shown and "in boom" in shown, shown
 
 
 @pytest.mark.parametrize(
