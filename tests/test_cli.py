@@ -367,3 +367,18 @@ def test_a_reader_that_stops_early_gets_no_traceback(
             proc.wait()
     assert err == ""
     assert proc.returncode == 141  # as a shell reports `ls` writing into a closed pipe
+
+
+def test_a_second_gateway_on_a_hand_served_state_directory_says_how_to_stop_that_one(
+        tmp_path: Path) -> None:
+    # it said `gpu-magic stop`, which stops only the embedded gateway (found by a newcomer)
+    first = start_gateway(tmp_path)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--simulate", "T4:1",
+             "--state-dir", str(first.state_dir)], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert f"stop it first (Ctrl-C where it runs, or kill {first.proc.pid})" in second.stderr
+        assert "gpu-magic stop" not in second.stderr, second.stderr
+    finally:
+        first.stop()

@@ -202,6 +202,7 @@ def test_one_gateway_per_state_directory(local_only: None, tmp_path: Path) -> No
     assert serve.stderr.startswith(
         f"gpu-magic serve: another gpu_magic gateway (pid {first['pid']}, {first['url']}) uses "
         f"the state directory {first['state_dir']}"), serve.stderr
+    assert f"(gpu-magic stop, or kill {first['pid']})" in serve.stderr, serve.stderr
     assert holder.state == "running"
     holder.cancel()
     runtime_path().unlink()  # gone again: `gpu-magic stop` still finds it

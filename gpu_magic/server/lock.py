@@ -27,7 +27,10 @@ class StateDirBusy(Exception):
         pid, url = holder.get("pid"), holder.get("url")
         who = f"pid {pid}, {url}" if url else (f"pid {pid}, still starting" if pid else
                                                "still starting")
-        stop = f"gpu-magic stop, or kill {pid}" if pid else "gpu-magic stop"
+        if holder.get("embedded", True):  # (a starting one has not said yet: either)
+            stop = f"gpu-magic stop, or kill {pid}" if pid else "gpu-magic stop"
+        else:  # served by hand: `gpu-magic stop` stops only the embedded one
+            stop = f"Ctrl-C where it runs, or kill {pid}" if pid else "Ctrl-C where it runs"
         super().__init__(
             f"another gpu_magic gateway ({who}) uses the state directory {state_dir}: two would "
             f"hand out the same GPUs twice and take each other's jobs for lost. Use that one, "

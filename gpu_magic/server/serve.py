@@ -71,6 +71,15 @@ def default_state_dir() -> Path:
     return Path(jupyter_data_dir()) / "gpu_magic" / socket.gethostname()
 
 
+def _is_embedded_runtime(path: Path) -> bool:
+    from .._embedded import runtime_path
+
+    try:
+        return Path(path).resolve() == runtime_path().resolve()
+    except OSError:
+        return False
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -326,6 +335,8 @@ def serve(cfg: ServeConfig) -> int:
             "url": url, "host": socket.gethostname(), "pid": os.getpid(),
             "version": __version__, "config": cfg.fingerprint(),
             "state_dir": str(gateway.state_dir), "started": time.time(),
+            # the embedded one (`gpu-magic stop` stops it), not one served by hand
+            "embedded": bool(cfg.runtime_file) and _is_embedded_runtime(cfg.runtime_file),
         }
         if token_path is not None:
             info["token"] = token_path.read_text().strip()
