@@ -17,6 +17,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -698,6 +699,32 @@ def test_a_type_map_typo_is_noted_where_users_look(cluster: RayCluster, tmp_path
         gw.stop()
 
 
+def test_an_address_where_no_ray_cluster_answers_is_refused_not_waited_on(
+        ray_env: dict[str, str], tmp_path: Path) -> None:
+    # Ray's client retried such an address for good, printing only its own C++ lines, and the
+    # gateway never listened (found by a newcomer)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "gpu_magic", "serve", "--backend", "ray",
+                          "--ray-address", f"127.0.0.1:{port}", "--port", "0",
+                          "--state-dir", str(tmp_path / "state")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert (f"cannot connect to the Ray cluster at '127.0.0.1:{port}' (--ray-address) (nothing "
+            f"answers at 127.0.0.1:{port}: Connection refused)") in out.stderr, out.stderr
+    # one that answers but is no cluster's: given up on after a while
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        code = ("import gpu_magic.server.backends.ray._backend as b\nb.CONNECT_TIMEOUT_S = 3\n"
+                f"b.RayBackend('127.0.0.1:{silent.getsockname()[1]}')")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode != 0
+    assert "no connection within 3 s, though the address answers" in out.stderr, out.stderr
+
+
 def test_a_cluster_found_without_ray_address_is_named_at_start(
         cluster: RayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # it attached to whatever cluster Ray found, in silence. (Ray finds the last cluster
@@ -769,3 +796,25 @@ def test_a_node_removed_mid_job_ends_it_lost(rc: GatewayClient, cluster: RayClus
     wait_for(lambda: gone(worker), DEADLINE_S)
     assert follow(rc, submit(rc, "x = 1", "A100-80GB")["id"])[-1]["state"] == "succeeded"
     assert not [p for p in left if os.path.exists(p)]
+
+
+# (last: it removes the cluster's last GPU node)
+def test_a_cluster_with_no_gpu_node_left_is_said_to_be_so(cluster: RayCluster,
+                                                          tmp_path: Path) -> None:
+    # the refusal spoke of NVML and told a user already on GPU_MAGIC_URL to set it (found by
+    # a newcomer)
+    gw = start_gateway(tmp_path, "--backend", "ray", "--ray-address", cluster.address,
+                       simulate=None)
+    try:
+        for name in list(cluster.nodes):
+            cluster.remove(name)
+        with gw.client() as c:
+            wait_for(lambda: not c.pool()["types"], DEADLINE_S)
+            with pytest.raises(gpu_magic.NoFeasibleOption) as info:
+                gpu_magic.run("1", "any", {"__name__": "__main__"}, client=c, quiet=True)
+        said = str(info.value)
+        assert (f"no option of 'any' can run now: the Ray cluster of this gateway "
+                f"({cluster.address}) has no GPU node at the moment") in said, said
+        assert "NVML" not in said and "GPU_MAGIC_URL" not in said
+    finally:
+        gw.stop()

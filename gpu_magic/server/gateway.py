@@ -752,6 +752,15 @@ class Gateway:
 
     def _refusal(self, spec: GpuSpec, dropped: list[tuple[str, str]], gpus: list[Gpu]) -> str:
         reasons = "; ".join(f"{o}: {r}" for o, r in dropped)
+        if not gpus and self.backend.name == "ray":  # nodes come and go: none is there now
+            where = getattr(self.backend, "address", "")
+            return (
+                f"no option of '{spec}' can run now: the Ray cluster of this gateway"
+                f"{f' ({where})' if where and where != 'auto' else ''} has no GPU node at the "
+                "moment (none has joined, or they all left, or the cluster is down). %gpu pool "
+                "shows GPUs as nodes join; run the cell again then, or ask whoever runs the "
+                "cluster."
+            )
         if not gpus:
             return (
                 f"no option of '{spec}' can run here: this gateway has no GPUs (NVML found none "

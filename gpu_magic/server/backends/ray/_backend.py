@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -47,6 +48,16 @@ NODE_ID_LABEL = "ray.io/node-id"
 # takes its next option, see _ours).
 RELEASE_GRACE_S = 1.0
 STALE_RESERVATION_S = 3.0  # a reservation the gateway stopped asking for is given back
+CONNECT_TIMEOUT_S = 30.0  # ray.init takes ~2 s on a small machine; more is an address gone wrong
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` of a cluster's GCS address, to look at before Ray tries; None for what
+    Ray resolves itself (``auto``, ``ray://`` client addresses, anything else)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
 _BLOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -181,21 +192,51 @@ class RayBackend:
         backend.wait_for_probes(10.0)
         return backend
 
+    def _cannot(self, why: str) -> ConnectionError:
+        where = (f"the Ray cluster at {self.address!r} ({self.address_from})"
+                 if self.address_from else
+                 "a Ray cluster: no --ray-address was given, nor RAY_ADDRESS, and Ray's "
+                 "auto-detection found none running on this machine")
+        return ConnectionError(
+            f"cannot connect to {where} ({why}). Start the gateway on "
+            "a node of the cluster with --ray-address HEAD_IP:6379 (or RAY_ADDRESS set); "
+            "with token auth, RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or "
+            "~/.ray/auth_token) must be set here too."
+        )
+
     def _connect(self) -> None:
-        try:
-            ray.init(address=self.address, namespace="gpu_magic", logging_level=logging.WARNING,
-                     log_to_driver=False, configure_logging=False)
-        except Exception as exc:
-            where = (f"the Ray cluster at {self.address!r} ({self.address_from})"
-                     if self.address_from else
-                     "a Ray cluster: no --ray-address was given, nor RAY_ADDRESS, and Ray's "
-                     "auto-detection found none running on this machine")
-            raise ConnectionError(
-                f"cannot connect to {where} ({type(exc).__name__}: {exc}). Start the gateway on "
-                "a node of the cluster with --ray-address HEAD_IP:6379 (or RAY_ADDRESS set); "
-                "with token auth, RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or "
-                "~/.ray/auth_token) must be set here too."
-            ) from exc
+        # Ray's own client retries an address where nothing answers for good, printing only
+        # its C++ log lines: look first, and give up after a while
+        hostport = _host_port(self.address)
+        if hostport is not None:
+            try:
+                socket.create_connection(hostport, timeout=CONNECT_TIMEOUT_S / 3).close()
+            except OSError as exc:
+                raise self._cannot(f"nothing answers at {hostport[0]}:{hostport[1]}: "
+                                   f"{exc.strerror or exc}") from None
+        done = threading.Event()
+        failed: list[BaseException] = []
+
+        def init() -> None:
+            try:
+                ray.init(address=self.address, namespace="gpu_magic",
+                         logging_level=logging.WARNING, log_to_driver=False,
+                         configure_logging=False)
+            except BaseException as exc:  # noqa: BLE001 (said below, in the main thread)
+                failed.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=init, name="gpu-magic-ray-connect", daemon=True).start()
+        if not done.wait(CONNECT_TIMEOUT_S):
+            raise self._cannot(
+                f"no connection within {CONNECT_TIMEOUT_S:.0f} s, though the address answers: "
+                "is it the head node's GCS port (6379 by default)? A cluster on one machine "
+                "kept on loopback needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 where the gateway "
+                "starts too, or Ray looks for it at the machine's network address")
+        if failed:
+            exc = failed[0]
+            raise self._cannot(f"{type(exc).__name__}: {exc}") from exc
         if self.address_from != "--ray-address":
             # Ray attaches to whatever cluster it finds (the last one started on this machine):
             # say which, so that a gateway on the wrong cluster does not go unnoticed

@@ -197,10 +197,20 @@ def _sweep_left(base: str | None) -> None:
         try:
             pid = int((folder / "worker.pid").read_text())
             os.kill(pid, 0)
+            if not _zombie(pid):  # (dead, its node's raylet gone before it could reap it)
+                continue
         except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
+            pass
         except (OSError, ValueError):
             continue  # alive (as another user too), being made, or not one of ours
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _zombie(pid: int) -> bool:
+    try:  # "pid (comm) state ...": comm may hold spaces and parentheses
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _raylet_env() -> dict[str, str]:
