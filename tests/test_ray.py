@@ -699,6 +699,29 @@ def test_a_type_map_typo_is_noted_where_users_look(cluster: RayCluster, tmp_path
         gw.stop()
 
 
+def test_the_start_line_tells_an_autoscaler_s_types_from_the_gpus_there(
+        cluster: RayCluster, tmp_path: Path) -> None:
+    # "pool: H100 ×2, A100-80GB ×4, L4 ×2" read as if the L4s were there (found by a newcomer)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpu_magic", "serve", "--backend", "ray", "--ray-address",
+         cluster.address, "--ray-autoscale", "L4:2", "--port", "0",
+         "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = ""
+        deadline = time.monotonic() + DEADLINE_S
+        while not line.startswith("pool:") and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "the gateway ended before it said its pool"
+        assert line.rstrip() == "pool: A100-80GB ×4, H100 ×2; an autoscaler may add L4 ×2", line
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE_S)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def test_an_address_where_no_ray_cluster_answers_is_refused_not_waited_on(
         ray_env: dict[str, str], tmp_path: Path) -> None:
     # Ray's client retried such an address for good, printing only its own C++ lines, and the

@@ -351,9 +351,16 @@ def serve(cfg: ServeConfig) -> int:
             where = f" (token in {token_path})" if token_path else ""
             print(f"gpu-magic gateway {__version__} listening on {url}{where}", flush=True)
             pool = gateway.pool()
-            kinds = ", ".join(f"{t['type']} ×{t['total']}" for t in pool["types"]) or "no GPUs"
+            gpus = gateway.gpus()
+            kinds = ", ".join(f"{t['type']} ×{n}" for t in pool["types"]
+                              if (n := sum(1 for g in gpus if g.type == t["type"]
+                                           and not g.virtual))) or "no GPUs"
             sim = " (simulated)" if pool["simulated"] else ""
-            print(f"pool: {kinds}{sim}", flush=True)
+            # an autoscaler's node types are no GPUs yet: said apart
+            later = ", ".join(f"{t['type']} ×{n}" for t in pool["types"]
+                              if (n := sum(1 for g in gpus if g.type == t["type"] and g.virtual)))
+            more = f"; an autoscaler may add {later}" if later else ""
+            print(f"pool: {kinds}{sim}{more}", flush=True)
 
         async def idle_watch() -> None:
             while not server.should_exit:
