@@ -809,6 +809,7 @@ def test_a_node_removed_mid_job_ends_it_lost(rc: GatewayClient, cluster: RayClus
     done = events[-1]
     assert done["state"] == "lost"
     assert "died or left the cluster" in done["message"]
+    assert "last words" not in done["message"], done["message"]
     wait_for(lambda: "H100" not in free(rc), DEADLINE_S)
     wait_for(lambda: gone(runner) and gone(child), DEADLINE_S)  # the cell's own child too
     # its folder (its inputs) stayed: the worker died before its clean-up. The next job on

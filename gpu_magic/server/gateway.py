@@ -1324,8 +1324,11 @@ class Gateway:
         else:
             why = f"the runner process exited with code {rc} before the cell finished"
         last = [ln for ln in tail.strip().splitlines() if ln.strip()][-3:]
-        if last:
-            why += "; its last words: " + " | ".join(last)
+        ours = [ln.removeprefix("[gpu_magic] ") for ln in last if ln.startswith("[gpu_magic] ")]
+        if ours and len(ours) == len(last):  # what a backend said of it: the reason itself
+            why += ": " + "; ".join(ours)
+        elif last:
+            why += "; the last it printed: " + " | ".join(last)
         return why
 
     # --- events ---
