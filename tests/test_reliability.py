@@ -170,6 +170,26 @@ def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
         r.close()
 
 
+def test_a_job_lost_to_a_crash_did_not_run_while_the_gateway_was_down(tmp_path: Path) -> None:
+    # its "ran" counted until the restart: 74 s for a cell that ran 7 (found by a newcomer)
+    r = _Restartable(tmp_path)
+    try:
+        job = submit(r.client, "import time\ntime.sleep(60)", "H100", background=True)
+        wait_for(lambda: r.client.job(job["id"])["state"] == "running", DEADLINE)
+        time.sleep(2.5)  # the gateway is seen running it a while
+        r.gw.proc.kill()
+        r.gw.proc.wait()
+        killed = time.time()
+        time.sleep(5)  # down
+        r.start_again()
+        rec = r.client.job(job["id"])
+        assert rec["state"] == "lost"
+        assert rec["finished"] - rec["started"] >= 2.0  # what it ran before the crash ...
+        assert rec["finished"] <= killed + 2.5, (rec["finished"] - killed)  # ... and no more
+    finally:
+        r.close()
+
+
 def test_a_cell_printing_fast_learns_its_end_after_a_gateway_crash(tmp_path: Path) -> None:
     # events are streamed a few ms before they are saved: the kernel had seen seq 49, the
     # killed gateway had saved 48, and the restarted one wrote `done` as 49, which the client

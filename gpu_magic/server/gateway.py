@@ -64,6 +64,10 @@ _OUTPUT_FIELDS = {
     "clear_output": ("type", "wait"),
 }
 EVENTS_KEPT_S = 60.0  # a finished job's events stay in memory this long, then only in the store
+# While jobs run, the gateway touches <state-dir>/alive this often: a restart ends the jobs the
+# last one was running when it was last seen, so their "ran" leaves out the time it was down.
+ALIVE_NAME = "alive"
+ALIVE_EVERY_S = 2.0
 # Finished jobs, their events and results, and unused blobs are removed after this long.
 RETENTION_S = 7 * 24 * 3600.0
 
@@ -304,6 +308,7 @@ class Gateway:
         self.user_limits: dict[str, dict[str, int]] = dict(user_limits or {})
         self.retention = retention
         self._last_gc = 0.0
+        self._last_beat = 0.0
         self._housekeeper: asyncio.Task[None] | None = None
         self._pool_watch: asyncio.TimerHandle | None = None
         self.jobs: dict[str, Job] = {}
@@ -322,8 +327,26 @@ class Gateway:
 
     # --- life cycle ---
 
+    def _alive_path(self) -> Path:
+        return Path(self.state_dir) / ALIVE_NAME
+
+    def _beat(self) -> None:
+        """Say the gateway still runs jobs (the file's time): a restart reads when it stopped."""
+        path = self._alive_path()
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                path.touch(mode=0o600)
+        except OSError:
+            pass
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        try:  # when the last gateway was last seen running jobs: they ended then, not now
+            last_seen: float | None = self._alive_path().stat().st_mtime + ALIVE_EVERY_S
+        except OSError:
+            last_seen = None
         for rec in sorted(self.store.load_jobs(), key=lambda r: r.get("seq", 0)):
             request = _kept_request(rec)
             job = Job(
@@ -341,6 +364,9 @@ class Gateway:
                 was = job.state
                 job.state = "lost"
                 job.finished = time.time()
+                if was != "queued" and job.started and last_seen is not None:
+                    # its "ran" must not count the time the gateway was down
+                    job.finished = min(job.finished, max(job.started, last_seen))
                 # (a queued job's request is not kept whole: its inputs' manifest and --env
                 # live only as long as the gateway that took them)
                 job.message = (
@@ -381,6 +407,9 @@ class Gateway:
         while True:
             await asyncio.sleep(min(1.0, self.orphan_timeout / 4))
             now = time.monotonic()
+            if self.running and now - self._last_beat >= ALIVE_EVERY_S:
+                self._last_beat = now
+                self._beat()
             if now - self._last_gc > min(600.0, max(1.0, self.retention / 4)):
                 self._last_gc = now
                 self.collect_garbage()
