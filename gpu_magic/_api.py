@@ -897,7 +897,8 @@ def submit(
     blobs = packed.blobs()
     state = JobState(str(gspec), background=opts.background)
     state.simulated = bool(health.get("simulated"))
-    inline = _send_inputs(cl, blobs, state, packed.pickle_digest)
+    notice = _SendingNotice() if not opts.quiet else None
+    inline = _send_inputs(cl, blobs, state, packed.pickle_digest, notice)
     if box is not None:
         box["client"] = cl
     job_id = job_id or secrets.token_hex(8)
@@ -940,7 +941,7 @@ def submit(
             feed.close()
             cl.known.difference_update(blobs)
             body["blobs"] = {}
-            state.sent_bytes += _upload(cl, blobs, state, packed.pickle_digest)
+            state.sent_bytes += _upload(cl, blobs, state, packed.pickle_digest, notice)
             feed = EventFeed(cl, job_id, submit=body)
             record = feed.record()
     except BaseException:
@@ -953,6 +954,8 @@ def submit(
     job.feed = feed
     job.outputs = [*analysis.outputs, *sorted(analysis.deleted)]
     job.view = _make_view(job)
+    if notice is not None:
+        job.view.first = notice.handle  # the status takes the notice's place
     return job
 
 
@@ -972,13 +975,14 @@ def _make_view(job: _Job) -> Any:
 
 
 def _send_inputs(client: GatewayClient, blobs: dict[str, memoryview],
-                 state: JobState, pickle_digest: str) -> dict[str, str]:
+                 state: JobState, pickle_digest: str,
+                 notice: _SendingNotice | None = None) -> dict[str, str]:
     """Small inputs travel inside the submit (base64); larger ones are uploaded first, those
     the gateway holds already are not. Returns the inline blobs."""
     fresh = {d: b for d, b in blobs.items() if d not in client.known}
     size = sum(b.nbytes for b in fresh.values())
     if size > INLINE_MAX:
-        state.sent_bytes = _upload(client, blobs, state, pickle_digest)
+        state.sent_bytes = _upload(client, blobs, state, pickle_digest, notice)
         return {}
     state.reused = _buffers_reused(blobs, fresh, pickle_digest)
     state.sent_bytes = size
@@ -992,14 +996,57 @@ def _buffers_reused(blobs: Iterable[str], sent: Collection[str], pickle_digest: 
 
 
 def _upload(client: GatewayClient, blobs: dict[str, memoryview], state: JobState,
-            pickle_digest: str) -> int:
+            pickle_digest: str, notice: _SendingNotice | None = None) -> int:
     missing = set(client.missing(list(blobs)))
     state.reused = _buffers_reused(blobs, missing, pickle_digest)
+    size = sum(blobs[d].nbytes for d in missing)
+    if notice is not None:
+        notice.sending(size)
     sent = 0
     for d in missing:
         client.upload(d, blobs[d])
         sent += blobs[d].nbytes
+    if notice is not None:
+        notice.sent(size)
     return sent
+
+
+class _SendingNotice:
+    """While large inputs go up (seconds over a network), the cell says so: before, it showed
+    nothing at all until the job was submitted. The job's status takes this display's place."""
+
+    MIN_BYTES = 16 << 20
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+        self._since = 0.0
+
+    def sending(self, size: int) -> None:
+        from IPython import get_ipython
+
+        if size < self.MIN_BYTES or get_ipython() is None:
+            return
+        from IPython.display import display
+
+        from ._view import human_size
+
+        self._since = time.monotonic()
+        self.handle = display(self._bundle(f"[gpu] sending {human_size(size)} of inputs…"),
+                              raw=True, display_id=True)
+
+    def sent(self, size: int) -> None:
+        if self.handle is not None:
+            from ._view import human_size
+
+            took = time.monotonic() - self._since
+            self.handle.update(self._bundle(f"[gpu] sent {human_size(size)} of inputs in "
+                                            f"{took:.1f} s; submitting…"), raw=True)
+
+    @staticmethod
+    def _bundle(text: str) -> dict[str, str]:
+        import html
+
+        return {"text/plain": text, "text/html": f"<code>{html.escape(text)}</code>"}
 
 
 def run(

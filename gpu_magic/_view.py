@@ -182,9 +182,9 @@ class JobState:
         if self.sent_bytes or self.reused:
             cached = f", {self.reused} input buffer{'s' if self.reused != 1 else ''} reused " \
                      "from the gateway cache" if self.reused else ""
-            parts.append(f"sent {_size(self.sent_bytes)}{cached}")
+            parts.append(f"sent {human_size(self.sent_bytes)}{cached}")
         if self.received_bytes:
-            parts.append(f"received {_size(self.received_bytes)}")
+            parts.append(f"received {human_size(self.received_bytes)}")
         return " · ".join(parts)
 
     def interrupt_text(self) -> str:
@@ -279,7 +279,7 @@ def _names(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + ("…" if len(names) > most else "")
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):  # (powers of 1024, named so: as --dry-run says)
         if size < 1024 or unit == "GiB":
@@ -379,6 +379,19 @@ class NullView:
 
     def __init__(self, state: JobState) -> None:
         self.state = state
+        # a display the cell already shows (what it sends, while large inputs go up): the
+        # status takes its place instead of appearing below it
+        self.first: Any = None
+
+    def _show_status(self, data: dict[str, Any]) -> Any:
+        """Display ``data`` as the status (in ``first`` when there is one); its handle."""
+        from IPython.display import display
+
+        first, self.first = self.first, None
+        if first is not None:
+            first.update(data, raw=True)
+            return first
+        return display(data, raw=True, display_id=True)
 
     def show(self) -> None:
         pass
@@ -456,11 +469,9 @@ class TextView(NullView):
             self._handle.display(self._bundle(), raw=True)
 
     def _display_pending(self) -> None:
-        from IPython.display import display
-
         if self._shown_at is not None:
             self._shown_at = None
-            self._handle = display(self._bundle(), raw=True, display_id=True)
+            self._handle = self._show_status(self._bundle())
 
     def tick(self) -> None:
         if self._shown_at is not None and display_due(self.state, self._shown_at,

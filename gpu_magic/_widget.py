@@ -98,15 +98,13 @@ class WidgetView(NullView):
     # --- showing ---
 
     def show(self) -> None:
-        from IPython.display import display
-
         self._shown_at = time.monotonic()
         with self._lock:
             if self.state.background and not self._status:
                 self._defer()
             elif self.state.background:
                 self._build()
-                self._handle = display(self._bundle(), raw=True, display_id=True)
+                self._handle = self._show_status(self._bundle())
             else:
                 self._pending = True
 
@@ -128,11 +126,9 @@ class WidgetView(NullView):
 
     def _show_deferred(self) -> None:
         """Display the output area of a --quiet background job (its cell still runs)."""
-        from IPython.display import display
-
         self._deferred = False
         self._build()
-        self._handle = display(self._bundle(), raw=True, display_id=True)
+        self._handle = self._show_status(self._bundle())
 
     def before_output(self) -> None:
         """The cell is about to show something of its own: the status goes above it."""
@@ -150,12 +146,9 @@ class WidgetView(NullView):
             self._handle.display(data, raw=True)
 
     def _display_pending(self, now: float, compact: bool = False) -> None:
-        from IPython.display import display
-
         if self._pending:
             self._pending = False
-            self._handle = display(bundle(self.state, now, compact=compact), raw=True,
-                                   display_id=True)
+            self._handle = self._show_status(bundle(self.state, now, compact=compact))
 
     def display_again(self) -> None:
         """Show the same live widget once more (the handle evaluated in another cell)."""

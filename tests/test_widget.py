@@ -271,6 +271,30 @@ def test_cancel_button_cancels_a_foreground_cell(client: Any, tmp_path: Path) ->
     assert len(mine) == 1 and finish(client, mine[0]["id"])["state"] == "cancelled"
 
 
+@pytest.mark.usefixtures("use_gateway")
+def test_large_inputs_going_up_are_said_and_the_status_takes_that_place(tmp_path: Path) -> None:
+    # a cell with 200 MiB of inputs showed nothing for seconds while they went up (found by
+    # a newcomer); the notice then gives way to the status: one display, not two
+    k = Kernel(tmp_path)
+    try:
+        k.reply(k.run("%load_ext gpu_magic\nimport os\nbig = os.urandom(24 << 20)"))
+        cell = k.run("%%gpu H100\nn = len(big)")
+        assert k.reply(cell)["status"] == "ok"
+        k.drain()
+        mine = [m for m in k.iopub if m["parent_header"].get("msg_id") == cell
+                and m["msg_type"] in ("display_data", "update_display_data")]
+        shown = [m for m in mine if m["msg_type"] == "display_data"]
+        assert len(shown) == 1, [m["content"]["data"].get("text/plain") for m in mine]
+        assert shown[0]["content"]["data"]["text/plain"] == "[gpu] sending 24.0 MiB of inputs…"
+        same = shown[0]["content"]["transient"]["display_id"]
+        updates = [m["content"] for m in mine if m["msg_type"] == "update_display_data"]
+        assert updates and all(u["transient"]["display_id"] == same for u in updates)
+        assert updates[0]["data"]["text/plain"].startswith("[gpu] sent 24.0 MiB of inputs in ")
+        assert updates[-1]["data"]["text/plain"].startswith("[gpu] succeeded"), updates[-1]
+    finally:
+        k.stop()
+
+
 def test_widget_view_serializes(use_gateway: Gateway, tmp_path: Path) -> None:
     """The saved notebook is valid JSON with the widget state (what nbconvert renders from):
     a background job's widget, which keeps its output, stays a widget."""
