@@ -695,6 +695,8 @@ def test_a_type_map_typo_is_noted_where_users_look(cluster: RayCluster, tmp_path
             with pytest.raises(gpu_magic.NoFeasibleOption) as info:
                 gpu_magic.run("1", "H100", {"__name__": "__main__"}, client=c, quiet=True)
             assert f"Note: {note}." in str(info.value), info.value
+            # nodes join and leave a Ray cluster: not "can ever run"
+            assert "can run on the Ray cluster as it is now" in str(info.value), info.value
     finally:
         gw.stop()
 

@@ -801,6 +801,13 @@ class Gateway:
         # a typo in the simulated pool (H1000) is why H100 can never run: say so here, where
         # the user of an embedded gateway, who never sees its log, notices
         notes = "".join(f" Note: {n}." for n in self.pool_notes(gpus))
+        if self.backend.name == "ray":  # nodes join and leave: "ever" would be too strong
+            return (
+                f"no option of '{spec}' can run on the Ray cluster as it is now ({reasons}). It "
+                f"has {pool_summary(gpus)}; ask for one of {', '.join(types)}, or 'any', or run "
+                "the cell again once a node of the type you want has joined (the gateway's "
+                f"--ray-autoscale declares types an autoscaler can add).{notes}"
+            )
         return (
             f"no option of '{spec}' can ever run on this pool ({reasons}). The pool has "
             f"{pool_summary(gpus)}; ask for one of {', '.join(types)}, or 'any'.{notes}"
