@@ -898,55 +898,57 @@ def submit(
     state = JobState(str(gspec), background=opts.background)
     state.simulated = bool(health.get("simulated"))
     notice = _SendingNotice() if not opts.quiet else None
-    inline = _send_inputs(cl, blobs, state, packed.pickle_digest, notice)
-    if box is not None:
-        box["client"] = cl
-    job_id = job_id or secrets.token_hex(8)
-    body = {
-        "id": job_id,
-        "blobs": inline,
-        "source": source,
-        "spec": gspec.to_json(),
-        "inputs": packed.manifest,
-        "input_names": list(values),
-        "outputs": list(analysis.outputs),
-        "deleted": sorted(analysis.deleted),
-        "has_value": analysis.has_value,
-        "return_names": opts.return_names,
-        "no_return": opts.no_return,
-        "timeout": opts.timeout,
-        "wait": opts.wait,
-        "retries": opts.retries,
-        "oom_fallback": opts.oom_fallback,
-        "env": opts.env,
-        "python": sys.executable,
-        "python_version": platform.python_version(),
-        "cwd": os.getcwd(),
-        "sys_path": list(sys.path),  # (folders a notebook added: `sys.path.append("../src")`)
-        "background": opts.background,
-        "meta": opts.meta,
-        "cell_label": opts.label,
-        "line_offset": opts.line_offset,
-    }
-    # one exchange: the job goes in and its event stream comes back as the answer
-    feed = EventFeed(cl, job_id, submit=body)
-    try:
+    # a notice left saying "sending" or "submitting" would read as if it still were
+    with notice.until_submitted() if notice is not None else contextlib.nullcontext():
+        inline = _send_inputs(cl, blobs, state, packed.pickle_digest, notice)
+        if box is not None:
+            box["client"] = cl
+        job_id = job_id or secrets.token_hex(8)
+        body = {
+            "id": job_id,
+            "blobs": inline,
+            "source": source,
+            "spec": gspec.to_json(),
+            "inputs": packed.manifest,
+            "input_names": list(values),
+            "outputs": list(analysis.outputs),
+            "deleted": sorted(analysis.deleted),
+            "has_value": analysis.has_value,
+            "return_names": opts.return_names,
+            "no_return": opts.no_return,
+            "timeout": opts.timeout,
+            "wait": opts.wait,
+            "retries": opts.retries,
+            "oom_fallback": opts.oom_fallback,
+            "env": opts.env,
+            "python": sys.executable,
+            "python_version": platform.python_version(),
+            "cwd": os.getcwd(),
+            "sys_path": list(sys.path),  # (folders a notebook added: `sys.path.append("../src")`)
+            "background": opts.background,
+            "meta": opts.meta,
+            "cell_label": opts.label,
+            "line_offset": opts.line_offset,
+        }
+        # one exchange: the job goes in and its event stream comes back as the answer
+        feed = EventFeed(cl, job_id, submit=body)
         try:
-            record = feed.record()
-        except GatewayError as exc:
-            detail = exc.detail if isinstance(exc.detail, dict) else {}
-            if exc.status != 409 or detail.get("error") != "missing_blobs":
-                raise
-            # the gateway dropped blobs we thought it held: send what it lacks, submit again
+            try:
+                record = feed.record()
+            except GatewayError as exc:
+                detail = exc.detail if isinstance(exc.detail, dict) else {}
+                if exc.status != 409 or detail.get("error") != "missing_blobs":
+                    raise
+                # the gateway dropped blobs we thought it held: send what it lacks, submit again
+                feed.close()
+                cl.known.difference_update(blobs)
+                body["blobs"] = {}
+                state.sent_bytes += _upload(cl, blobs, state, packed.pickle_digest, notice)
+                feed = EventFeed(cl, job_id, submit=body)
+                record = feed.record()
+        except BaseException:
             feed.close()
-            cl.known.difference_update(blobs)
-            body["blobs"] = {}
-            state.sent_bytes += _upload(cl, blobs, state, packed.pickle_digest, notice)
-            feed = EventFeed(cl, job_id, submit=body)
-            record = feed.record()
-    except BaseException:
-        feed.close()
-        raise
+            raise
     cl.known.update(blobs)
     state.job_id = record["id"]
     job = _Job(cl, record, state, NullView(state), source, opts, namespace, values,
@@ -1004,7 +1006,16 @@ def _upload(client: GatewayClient, blobs: dict[str, memoryview], state: JobState
         notice.sending(size)
     sent = 0
     for d in missing:
-        client.upload(d, blobs[d])
+        try:
+            client.upload(d, blobs[d])
+        except GatewayError as exc:
+            if exc.status != 413:
+                raise
+            raise GatewayError(
+                f"{str(exc).rstrip('.')}: an input of the cell is too large for this gateway. "
+                "Make or load such data inside the cell instead of sending it, or ask the "
+                "gateway's admin for a larger --max-blob-bytes.", status=413,
+                detail=exc.detail) from None
         sent += blobs[d].nbytes
     if notice is not None:
         notice.sent(size)
@@ -1041,6 +1052,17 @@ class _SendingNotice:
             took = time.monotonic() - self._since
             self.handle.update(self._bundle(f"[gpu] sent {human_size(size)} of inputs in "
                                             f"{took:.1f} s; submitting…"), raw=True)
+
+    @contextlib.contextmanager
+    def until_submitted(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            if self.handle is not None:
+                self.handle.update(self._bundle("[gpu] no job was submitted: see the error "
+                                                "below"), raw=True)
+                self.handle = None
+            raise
 
     @staticmethod
     def _bundle(text: str) -> dict[str, str]:

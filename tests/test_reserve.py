@@ -233,7 +233,7 @@ def test_an_upload_over_the_limit_takes_no_reserve_file(tmp_path: Path) -> None:
         async def body() -> Any:
             yield b"x" * (1 << 20)
 
-        with pytest.raises(BlobError, match="larger than the limit") as err:
+        with pytest.raises(BlobError, match="takes at most 10.0 MiB per blob") as err:
             asyncio.run(store.put_stream("alice", gpu_magic._payload.digest(b"x"), body(),
                                          max_bytes=10 * MIB, size_hint=64 * MIB))
         assert err.value.status == 413

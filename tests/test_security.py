@@ -96,7 +96,8 @@ def test_blob_over_the_limit_is_refused_from_its_header(limited: Gateway) -> Non
     resp = httpx.put(f"{limited.url}/v1/blobs/{digest}", content=data,
                      headers={"Authorization": f"Bearer {limited.token}"})
     assert resp.status_code == 413
-    assert resp.json()["message"] == "the blob is 195.3 KiB; this gateway takes at most 97.7 KiB"
+    assert resp.json()["message"] == ("the blob is 195.3 KiB; this gateway takes at most "
+                                      "97.7 KiB per blob (--max-blob-bytes)")
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: counted while it streams
         for i in range(0, len(data), 10_000):
@@ -427,7 +428,8 @@ def test_a_sandboxed_result_over_the_limit_leaves_nothing_in_the_store(tmp_path:
     try:
         with GatewayClient(gw.url, tokens["alice"]) as alice:
             for _ in range(2):
-                with pytest.raises(gpu_magic.GpuMagicError, match="larger than the limit"):
+                with pytest.raises(gpu_magic.GpuMagicError,
+                                   match="takes at most 10.0 MiB per blob.*bring back less"):
                     gpu_magic.run("import numpy as np\ny = np.full(1_500_000, 7.0)", "H100",
                                   {"__name__": "__main__"}, client=alice, quiet=True)
         assert not [p for p in (gw.state_dir / "blobs").rglob("*") if p.name.endswith(".adopt")]

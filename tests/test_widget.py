@@ -295,6 +295,33 @@ def test_large_inputs_going_up_are_said_and_the_status_takes_that_place(tmp_path
         k.stop()
 
 
+def test_a_refused_upload_does_not_leave_the_cell_saying_it_sends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .conftest import start_gateway
+
+    gw = start_gateway(tmp_path, "--max-blob-bytes", "20M")
+    monkeypatch.setenv("GPU_MAGIC_URL", gw.url)
+    monkeypatch.setenv("GPU_MAGIC_TOKEN", gw.token)
+    k = Kernel(tmp_path)
+    try:
+        k.reply(k.run("%load_ext gpu_magic\nimport os\nbig = os.urandom(24 << 20)"))
+        cell = k.run("%%gpu H100\nn = len(big)", stop_on_error=False)
+        reply = k.reply(cell)
+        assert reply["status"] == "error", reply
+        assert reply["evalue"].startswith("the blob is 24.0 MiB; this gateway takes at most "
+                                          "20.0 MiB per blob"), reply["evalue"]
+        assert "Make or load such data inside the cell" in reply["evalue"]
+        k.drain()
+        texts = [m["content"]["data"]["text/plain"] for m in k.iopub
+                 if m["parent_header"].get("msg_id") == cell
+                 and m["msg_type"] in ("display_data", "update_display_data")]
+        assert texts == ["[gpu] sending 24.0 MiB of inputs…",
+                         "[gpu] no job was submitted: see the error below"], texts
+    finally:
+        k.stop()
+        gw.stop()
+
+
 def test_widget_view_serializes(use_gateway: Gateway, tmp_path: Path) -> None:
     """The saved notebook is valid JSON with the widget state (what nbconvert renders from):
     a background job's widget, which keeps its output, stays a widget."""

@@ -515,8 +515,10 @@ class _AuthMiddleware:
         if size > cap:
             # refused from the header alone: nothing of the body is read
             what = "blob" if is_blob else "request"
+            per = " per blob (--max-blob-bytes)" if is_blob else ""
             await _refuse(send, 413, "too_large",
-                          f"the {what} is {human(size)}; this gateway takes at most {human(cap)}")
+                          f"the {what} is {human(size)}; this gateway takes at most "
+                          f"{human(cap)}{per}")
             return
         if not is_blob and not length and b"transfer-encoding" in headers:
             # a body without a length (chunked): read it here, up to the cap, so an endless

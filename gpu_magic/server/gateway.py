@@ -1198,7 +1198,10 @@ class Gateway:
                                  beside=self.backend.name == "local" and not self._sandboxed())
             except BlobError as exc:
                 if exc.status != 404 or not self.blobs.has(job.user, d):
-                    raise BlobError(exc.status, f"result blob {d}: {exc.message}") from None
+                    fix = ("; bring back less: leave large arrays out of the names the cell "
+                           "binds (del them, or --return NAMES), or save them to a file there"
+                           if exc.status == 413 else "")
+                    raise BlobError(exc.status, f"result blob {d}: {exc.message}{fix}") from None
 
     def _runner_exit(self, job_id: str, attempt: int, rc: int | None, tail: str) -> None:
         job = self.jobs.get(job_id)

@@ -30,6 +30,7 @@ import xxhash
 from .. import _reserve
 from .._payload import DIGEST_PREFIX, is_digest
 from .checks import Checks
+from .limits import human
 from .reserve import Reserve
 
 _SCHEMA = """
@@ -250,11 +251,18 @@ def _open_regular(path: Path, max_bytes: int | None = None) -> tuple[int, int]:
         if not stat.S_ISREG(st.st_mode):
             raise BlobError(400, f"{path.name} is not a regular file")
         if max_bytes is not None and st.st_size > max_bytes:
-            raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+            raise _too_large(max_bytes, st.st_size)
     except BaseException:
         os.close(fd)
         raise
     return fd, st.st_size
+
+
+def _too_large(cap: int, size: int | None = None) -> BlobError:
+    # as the refusal from Content-Length says it (api.py), with what to do
+    what = f"is {human(size)}" if size else f"is over {human(cap)}"
+    return BlobError(413, f"the blob {what}; this gateway takes at most {human(cap)} per blob "
+                          "(--max-blob-bytes)")
 
 
 def _hash_fd(fd: int, max_bytes: int | None = None) -> tuple[str, int]:
@@ -268,7 +276,7 @@ def _hash_fd(fd: int, max_bytes: int | None = None) -> tuple[str, int]:
         while n := f.readinto(buf):
             size += n
             if max_bytes is not None and size > max_bytes:  # it grew while read
-                raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+                raise _too_large(max_bytes)
             h.update(view[:n])
     return DIGEST_PREFIX + h.hexdigest(), size
 
@@ -298,7 +306,7 @@ def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> t
             while chunk := os.read(src, 1 << 22):
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
-                    raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+                    raise _too_large(max_bytes)
                 h.update(chunk)
                 _write_all(out, [chunk])
             return DIGEST_PREFIX + h.hexdigest(), size
@@ -372,7 +380,7 @@ class BlobStore:
         ``size_hint`` (the announced length) picks a reserve file to write over."""
         final = self.path(user, digest)
         if max_bytes is not None and size_hint > max_bytes:  # before any file is taken
-            raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+            raise _too_large(max_bytes, size_hint)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{id(chunks)}")
         h = xxhash.xxh3_128()
         size = 0
@@ -388,7 +396,7 @@ class BlobStore:
                 async for chunk in chunks:
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
-                        raise BlobError(413, f"blob is larger than the limit of {max_bytes} bytes")
+                        raise _too_large(max_bytes)
                     h.update(chunk)
                     batch.append(chunk)
                     pending += len(chunk)
