@@ -503,7 +503,7 @@ class _Job:
             if get_ipython() is None:
                 return
             clear_output(wait=bool(ev.get("wait")))
-            self.view.after_clear()
+            self.view.after_clear(wait=bool(ev.get("wait")))
 
     def _background_output(self, ev: dict[str, Any]) -> None:
         if ev.get("type") in ("stdout", "stderr"):

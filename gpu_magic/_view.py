@@ -414,8 +414,9 @@ class NullView:
     def before_output(self) -> None:
         """The cell is about to show output of its own (the status stays above it)."""
 
-    def after_clear(self) -> None:
-        """The cell cleared its output (``clear_output``), and with it the status above."""
+    def after_clear(self, wait: bool = False) -> None:
+        """The cell cleared its output (``clear_output``), and with it the status above; with
+        ``wait``, the front end clears only when the next output comes."""
 
     def comm_ids(self) -> set[str]:
         return set()
@@ -434,6 +435,7 @@ class TextView(NullView):
         self._last: tuple[Any, ...] = ()
         self._text = ""  # the text form last displayed
         self._shown_at: float | None = None  # shown, not displayed yet (see SHOW_AFTER_S)
+        self._reshow = False  # a clear_output(wait=True) will clear it with the next output
 
     def _key(self) -> tuple[Any, ...]:
         s = self.state
@@ -459,14 +461,20 @@ class TextView(NullView):
 
     def before_output(self) -> None:
         self._display_pending()
+        if self._reshow:  # this display is the output a clear_output(wait=True) waited for
+            self._reshow = False
+            self._handle.display(self._bundle(), raw=True)
 
-    def after_clear(self) -> None:
+    def after_clear(self, wait: bool = False) -> None:
         from IPython import get_ipython
 
         # in a kernel the front end cleared the status with the cell's output: show it again
         # (same display id, so its updates still land); a terminal only cleared a line
         if self._handle is not None and getattr(get_ipython(), "kernel", None) is not None:
-            self._handle.display(self._bundle(), raw=True)
+            if wait:
+                self._reshow = True  # shown now, it would itself be the output waited for
+            else:
+                self._handle.display(self._bundle(), raw=True)
 
     def _display_pending(self) -> None:
         if self._shown_at is not None:

@@ -86,6 +86,7 @@ class WidgetView(NullView):
         self._outputs_sent = 0.0
         self._finished = False
         self._pending = False  # shown, but not displayed yet (a foreground job's first moment)
+        self._reshow = False  # a clear_output(wait=True) will clear it with the next output
         # a --quiet background job shows nothing until it has something to show: its output
         # area appears with its first output, or as its cell ends while it still runs (later
         # output can reach that cell only as widget state)
@@ -134,16 +135,26 @@ class WidgetView(NullView):
         """The cell is about to show something of its own: the status goes above it."""
         with self._lock:
             self._display_pending(time.monotonic())
+            if self._reshow:  # this display is the output a clear_output(wait=True) waited for
+                self._reshow = False
+                self._display_again()
 
-    def after_clear(self) -> None:
+    def after_clear(self, wait: bool = False) -> None:
         """The cell cleared its output, the status above it too: show it again, under the
-        same display id (its updates still land), above what the cell shows next."""
+        same display id (its updates still land), above what the cell shows next. With
+        ``wait`` the front end clears only when the next output comes: shown then."""
         with self._lock:
             if self._handle is None or self._finished or self.state.background:
                 return
-            data = (self._bundle() if self._box is not None
-                    else bundle(self.state, time.monotonic()))
-            self._handle.display(data, raw=True)
+            if wait:
+                self._reshow = True  # shown now, it would itself be the output waited for
+            else:
+                self._display_again()
+
+    def _display_again(self) -> None:
+        data = (self._bundle() if self._box is not None
+                else bundle(self.state, time.monotonic()))
+        self._handle.display(data, raw=True)
 
     def _display_pending(self, now: float, compact: bool = False) -> None:
         if self._pending:

@@ -151,6 +151,14 @@ def test_clear_output_in_the_cell_keeps_the_status_above_its_output(tmp_path: Pa
     assert WIDGET not in status  # the widget it became gave way to the final status
     assert status["text/plain"].startswith("[gpu] succeeded"), status["text/plain"]
     assert status["text/plain"].rstrip().endswith(", done"), status["text/plain"]
+    # clear_output(wait=True) clears when the next output comes, as locally: a cell ending on
+    # it keeps what it printed (re-shown at once, the status was that next output)
+    nb = make_notebook("%load_ext gpu_magic", "%%gpu H100\nfrom IPython.display import "
+                       "clear_output\nprint('keep')\nclear_output(wait=True)")
+    execute(nb, tmp_path)
+    outputs = nb.cells[1].outputs
+    assert [o.output_type for o in outputs] == ["display_data", "stream"], outputs
+    assert outputs[1].text == "keep\n" and "succeeded" in outputs[0].data["text/plain"]
 
 
 def test_quiet_shows_no_widget(use_gateway: Gateway, tmp_path: Path) -> None:
