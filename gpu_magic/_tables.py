@@ -61,7 +61,9 @@ def _jobs_rows(jobs: list[dict[str, Any]],
                    + (" simulated" if g.get("simulated") else "")) if g else "-"
         created, started, finished = j.get("created"), j.get("started"), j.get("finished")
         queued = f"{(started or finished or time.time()) - created:.1f} s" if created else "-"
-        ran = f"{(finished or time.time()) - started:.1f} s" if started else "-"
+        # (a job lost to a crash ran until its gateway was last seen, not until the restart)
+        end = j.get("ran_until") or finished or time.time()
+        ran = f"{end - started:.1f} s" if started else "-"
         when = time.strftime("%H:%M:%S", time.localtime(created)) if created else "-"
         rows.append([j["id"], *([j.get("user", "?")] if everyone else []), j["state"],
                      j.get("spec", ""), granted, queued, ran, when])

@@ -181,11 +181,19 @@ def test_a_job_lost_to_a_crash_did_not_run_while_the_gateway_was_down(tmp_path: 
         r.gw.proc.wait()
         killed = time.time()
         time.sleep(5)  # down
+        restarted = time.time()
         r.start_again()
         rec = r.client.job(job["id"])
         assert rec["state"] == "lost"
-        assert rec["finished"] - rec["started"] >= 2.0  # what it ran before the crash ...
-        assert rec["finished"] <= killed + 2.5, (rec["finished"] - killed)  # ... and no more
+        ran = list(r.client.events(job["id"]))[-1]["timings"]["ran_s"]
+        assert ran >= 2.0  # what it ran before the crash ...
+        assert rec["started"] + ran <= killed + 2.5, ran  # ... and no more
+        # its record ends at the restart: a retention shorter than the outage keeps it
+        assert rec["finished"] >= restarted
+        assert rec["ran_until"] == pytest.approx(rec["started"] + ran, abs=0.01)
+        from gpu_magic._tables import jobs_text  # and `gpu-magic jobs` says what it ran
+        row = next(ln for ln in jobs_text([rec]).splitlines() if ln.startswith(job["id"]))
+        assert f" {ran:.1f} s " in row, row
     finally:
         r.close()
 

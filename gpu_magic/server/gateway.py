@@ -96,6 +96,7 @@ class Job:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    ran_until: float | None = None  # lost to a crash: when its gateway was last seen running it
     attempt: int = 1
     grant: dict[str, Any] | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
@@ -154,6 +155,7 @@ class Job:
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
+            **({"ran_until": self.ran_until} if self.ran_until else {}),
             "attempt": self.attempt,
             "grant": self.grant,
             "attempts": self.attempts,
@@ -334,7 +336,8 @@ class Gateway:
         """Say the gateway still runs jobs (the file's time): a restart reads when it stopped."""
         path = self._alive_path()
         try:
-            os.utime(path)
+            now = time.time()  # this host's clock, as the jobs' times (an NFS server's may differ)
+            os.utime(path, (now, now))
         except FileNotFoundError:
             with contextlib.suppress(OSError):
                 path.touch(mode=0o600)
@@ -353,7 +356,8 @@ class Gateway:
                 id=rec["id"], user=rec["user"], request=request, options=[], option_indices=[],
                 dropped=rec.get("dropped", []), seq=rec.get("seq", 0), state=rec["state"],
                 created=rec.get("created", 0), started=rec.get("started"),
-                finished=rec.get("finished"), attempt=rec.get("attempt", 1),
+                finished=rec.get("finished"), ran_until=rec.get("ran_until"),
+                attempt=rec.get("attempt", 1),
                 grant=rec.get("grant"), attempts=rec.get("attempts", []), events=None,
                 message=rec.get("message"), notices=rec.get("notices", []),
             )
@@ -365,8 +369,9 @@ class Gateway:
                 job.state = "lost"
                 job.finished = time.time()
                 if was != "queued" and job.started and last_seen is not None:
-                    # its "ran" must not count the time the gateway was down
-                    job.finished = min(job.finished, max(job.started, last_seen))
+                    # its "ran" must not count the time the gateway was down (its record
+                    # ends now: retention counts from when the user can first see it)
+                    job.ran_until = min(job.finished, max(job.started, last_seen))
                 # (a queued job's request is not kept whole: its inputs' manifest and --env
                 # live only as long as the gateway that took them)
                 job.message = (
@@ -1392,7 +1397,7 @@ class Gateway:
         self._emit(job, ev)
 
     def _timings(self, job: Job) -> dict[str, float | None]:
-        end = job.finished or time.time()
+        end = job.ran_until or job.finished or time.time()
         return {
             "queued_s": round((job.started or end) - job.created, 4),
             "ran_s": round(end - job.started, 4) if job.started else None,

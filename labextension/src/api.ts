@@ -69,6 +69,8 @@ export interface IJob {
   created: number;
   started: number | null;
   finished: number | null;
+  // a job lost to a gateway crash: when that gateway was last seen running it
+  ran_until?: number | null;
   message: string | null;
   meta: { cell_id?: string; notebook?: string };
   notebook_path: string | null;

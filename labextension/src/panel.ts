@@ -77,7 +77,7 @@ export function elapsedText(job: IJob, now: number): string {
     return `waiting ${formatSeconds(now - job.created)}`; // queued again after a lost node
   }
   if (finished !== null) {
-    return `ran ${formatSeconds(finished - job.started)}`;
+    return `ran ${formatSeconds((job.ran_until ?? finished) - job.started)}`;
   }
   return `for ${formatSeconds(now - job.started)}`;
 }
