@@ -165,11 +165,11 @@ def select_inputs(
         for n in sorted(names)
         if n in namespace and n not in _IPYTHON_NAMES and n not in hidden
     }
-    # the notebook's input history, when the cell reads it: text only, and what a local cell
-    # would see (its last entry is this cell)
+    # the notebook's input history, when the cell reads it: what a local cell would see (its
+    # last entry is this cell)
     for n in ("In", "_ih"):
         if n in names and isinstance(namespace.get(n), list):
-            values[n] = [str(s) for s in namespace[n]]
+            values[n] = list(namespace[n])
     return values
 
 
@@ -1042,8 +1042,11 @@ class _SendingNotice:
         from ._view import human_size
 
         self._since = time.monotonic()
-        self.handle = display(self._bundle(f"[gpu] sending {human_size(size)} of inputs…"),
-                              raw=True, display_id=True)
+        data = self._bundle(f"[gpu] sending {human_size(size)} of inputs…")
+        if self.handle is not None:  # sent again (the gateway had dropped some): same line
+            self.handle.update(data, raw=True)
+        else:
+            self.handle = display(data, raw=True, display_id=True)
 
     def sent(self, size: int) -> None:
         if self.handle is not None:
@@ -1059,8 +1062,8 @@ class _SendingNotice:
             yield
         except BaseException:
             if self.handle is not None:
-                self.handle.update(self._bundle("[gpu] no job was submitted: see the error "
-                                                "below"), raw=True)
+                self.handle.update(self._bundle("[gpu] stopped while sending or submitting: "
+                                                "see below"), raw=True)
                 self.handle = None
             raise
 

@@ -382,3 +382,15 @@ def test_a_second_gateway_on_a_hand_served_state_directory_says_how_to_stop_that
         assert "gpu-magic stop" not in second.stderr, second.stderr
     finally:
         first.stop()
+
+
+@pytest.mark.parametrize(("holder", "stop"), [
+    ({"pid": 5}, "kill 5"),  # still starting: not known to be the embedded one
+    ({"pid": 5, "url": "http://127.0.0.1:1", "embedded": True}, "gpu-magic stop, or kill 5"),
+    ({"pid": 5, "url": "http://127.0.0.1:1", "embedded": False}, "Ctrl-C where it runs, or kill 5"),
+])
+def test_the_state_directory_busy_message_says_how_to_stop_its_holder(
+        holder: dict[str, object], stop: str) -> None:
+    from gpu_magic.server.lock import StateDirBusy
+
+    assert f"stop it first ({stop})," in str(StateDirBusy(Path("/state"), holder))

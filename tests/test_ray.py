@@ -724,6 +724,18 @@ def test_the_start_line_tells_an_autoscaler_s_types_from_the_gpus_there(
             proc.stdout.close()
 
 
+@pytest.mark.parametrize(("address", "expected"), [
+    ("127.0.0.1:6379", ("127.0.0.1", 6379)), ("head.lab:6380", ("head.lab", 6380)),
+    ("[::1]:6379", ("::1", 6379)),
+    ("::1", None), ("auto", None), ("ray://head:10001", None), ("head", None), (":6379", None),
+])
+def test_only_a_plain_host_and_port_is_looked_at_before_ray_connects(
+        address: str, expected: tuple[str, int] | None) -> None:
+    from gpu_magic.server.backends.ray._backend import _host_port
+
+    assert _host_port(address) == expected
+
+
 def test_an_address_where_no_ray_cluster_answers_is_refused_not_waited_on(
         ray_env: dict[str, str], tmp_path: Path) -> None:
     # Ray's client retried such an address for good, printing only its own C++ lines, and the
@@ -748,6 +760,18 @@ def test_an_address_where_no_ray_cluster_answers_is_refused_not_waited_on(
                              timeout=120)
     assert out.returncode != 0
     assert "no connection within 3 s, though the address answers" in out.stderr, out.stderr
+    # no address given, and Ray's auto-detection finds a cluster that is gone (its address
+    # left in Ray's temporary folder): not said to "answer", and how to name the right one
+    stale = tmp_path / "raytmp"
+    (stale / "ray").mkdir(parents=True)
+    (stale / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = "import gpu_magic.server.backends.ray._backend as b\nb.CONNECT_TIMEOUT_S = 3\nb.RayBackend(None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**env, "RAY_TMPDIR": str(stale)})
+    assert out.returncode != 0
+    said = out.stderr.strip().splitlines()[-1]
+    assert "answers" not in said and "name the cluster with --ray-address" in said, said
 
 
 def test_a_cluster_found_without_ray_address_is_named_at_start(
@@ -761,6 +785,8 @@ def test_a_cluster_found_without_ray_address_is_named_at_start(
         assert (f"gpu-magic: attached to the Ray cluster at {cluster.address}, found by Ray's "
                 "auto-detection, as no --ray-address was given; name the cluster with "
                 "--ray-address HEAD_IP:6379 to be sure of it") in log, log
+        # (Ray connects off the main thread, and warns of a SIGTERM handler ours replaces)
+        assert "SIGTERM handler is not set" not in log, log
     finally:
         gw.stop()
 

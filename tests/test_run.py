@@ -699,6 +699,8 @@ def test_out_and_in_of_the_notebook_say_what_to_use_instead() -> None:
     with pytest.raises(IndexError, match=r"In\[2\]: the notebook's input history did not "
                        "travel"):
         run(ns, "print(In[2])", quiet=True)
+    ns["In"] = [1, 2, 3]  # a plain namespace's own list of that name: sent as it is
+    assert run(ns, "sum(In)", quiet=True) == 6
 
 
 def test_a_thread_the_cell_leaves_running_is_said_to_stop_with_the_job(

@@ -324,7 +324,7 @@ def test_a_refused_upload_does_not_leave_the_cell_saying_it_sends(
                  if m["parent_header"].get("msg_id") == cell
                  and m["msg_type"] in ("display_data", "update_display_data")]
         assert texts == ["[gpu] sending 24.0 MiB of inputs…",
-                         "[gpu] no job was submitted: see the error below"], texts
+                         "[gpu] stopped while sending or submitting: see below"], texts
     finally:
         k.stop()
         gw.stop()

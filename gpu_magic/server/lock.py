@@ -27,7 +27,9 @@ class StateDirBusy(Exception):
         pid, url = holder.get("pid"), holder.get("url")
         who = f"pid {pid}, {url}" if url else (f"pid {pid}, still starting" if pid else
                                                "still starting")
-        if holder.get("embedded", True):  # (a starting one has not said yet: either)
+        if "embedded" not in holder:  # still starting: it has not said which it is
+            stop = f"kill {pid}" if pid else "wait until it has started, then stop it"
+        elif holder["embedded"]:
             stop = f"gpu-magic stop, or kill {pid}" if pid else "gpu-magic stop"
         else:  # served by hand: `gpu-magic stop` stops only the embedded one
             stop = f"Ctrl-C where it runs, or kill {pid}" if pid else "Ctrl-C where it runs"

@@ -51,12 +51,19 @@ STALE_RESERVATION_S = 3.0  # a reservation the gateway stopped asking for is giv
 CONNECT_TIMEOUT_S = 30.0  # ray.init takes ~2 s on a small machine; more is an address gone wrong
 
 
+class _NoSigtermWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
 def _host_port(address: str) -> tuple[str, int] | None:
     """``HOST:PORT`` of a cluster's GCS address, to look at before Ray tries; None for what
     Ray resolves itself (``auto``, ``ray://`` client addresses, anything else)."""
     host, sep, port = address.rpartition(":")
     if not sep or "://" in address or not port.isdigit() or not host:
         return None
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return None  # an IPv6 address without brackets: which colon ends the host is unclear
     return host.strip("[]"), int(port)
 _BLOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -195,8 +202,8 @@ class RayBackend:
     def _cannot(self, why: str) -> ConnectionError:
         where = (f"the Ray cluster at {self.address!r} ({self.address_from})"
                  if self.address_from else
-                 "a Ray cluster: no --ray-address was given, nor RAY_ADDRESS, and Ray's "
-                 "auto-detection found none running on this machine")
+                 "a Ray cluster by Ray's auto-detection on this machine (no --ray-address "
+                 "was given, nor RAY_ADDRESS)")
         return ConnectionError(
             f"cannot connect to {where} ({why}). Start the gateway on "
             "a node of the cluster with --ray-address HEAD_IP:6379 (or RAY_ADDRESS set); "
@@ -212,7 +219,7 @@ class RayBackend:
             try:
                 socket.create_connection(hostport, timeout=CONNECT_TIMEOUT_S / 3).close()
             except OSError as exc:
-                raise self._cannot(f"nothing answers at {hostport[0]}:{hostport[1]}: "
+                raise self._cannot(f"nothing answers at {self.address}: "
                                    f"{exc.strerror or exc}") from None
         done = threading.Event()
         failed: list[BaseException] = []
@@ -227,8 +234,17 @@ class RayBackend:
             finally:
                 done.set()
 
+        # off the main thread Ray warns that it sets no SIGTERM handler: the gateway sets its
+        # own (serve.py), so the warning would only alarm whoever reads its log
+        logging.getLogger("ray._private.worker").addFilter(_NoSigtermWarning())
         threading.Thread(target=init, name="gpu-magic-ray-connect", daemon=True).start()
         if not done.wait(CONNECT_TIMEOUT_S):
+            if hostport is None:  # Ray found the address itself (auto), or a ray:// one
+                why = ("Ray may have found a cluster that is gone (the address it keeps in "
+                       "its temporary folder, RAY_TMPDIR, from the last one started here): "
+                       "name the cluster with --ray-address HEAD_IP:6379"
+                       if self.address == "auto" else "is the address right?")
+                raise self._cannot(f"no connection within {CONNECT_TIMEOUT_S:.0f} s; {why}")
             raise self._cannot(
                 f"no connection within {CONNECT_TIMEOUT_S:.0f} s, though the address answers: "
                 "is it the head node's GCS port (6379 by default)? A cluster on one machine "
