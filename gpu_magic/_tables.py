@@ -29,7 +29,9 @@ def _pool_rows(pool: dict[str, Any]) -> tuple[list[str], list[list[str]], str]:
     for t in pool.get("types", []):
         nodes = sorted({n["name"] for n in pool.get("nodes", [])
                         for g in n["gpus"] if g["type"] == t["type"]})
-        rows.append([t["type"], str(t["free"]), str(t["total"]),
+        held = t.get("held") or 0
+        free = f"{t['free']} ({held} held for a waiting job)" if held else str(t["free"])
+        rows.append([t["type"], free, str(t["total"]),
                      f"{t['memory_gb']} GB" if t.get("memory_gb") else "?", ", ".join(nodes)])
     sim = "simulated pool" if pool.get("simulated") else "pool"
     caption = f"{sim} · backend {pool.get('backend')} · {pool.get('queue_length', 0)} queued"

@@ -33,6 +33,7 @@ from gpu_magic.server.scheduler import (
     feasibility,
     held_for_ahead,
     held_outside,
+    holding,
     pool_summary,
     schedule,
 )
@@ -787,3 +788,10 @@ def test_held_for_ahead_names_the_free_gpus_a_job_ahead_keeps(
     now_busy = busy_on(*busy) | {(g.node, i) for g in grants for i in g.indices}
     waiting = [r for r in queue if r.job_id not in {g.job_id for g in grants}]
     assert held_for_ahead(waiting, gpus, now_busy, running) == expected
+    # and which GPUs are so held: the free ones of the type the first waiting job waits for
+    # (only when someone is kept from them does it matter; when none is, it may be none)
+    notes, held = holding(waiting, gpus, now_busy, running)
+    assert notes == expected
+    if expected:
+        count = int(next(iter(expected.values())).split()[0])
+        assert len(held) == count and not held & now_busy

@@ -388,7 +388,10 @@ def test_a_job_kept_from_a_free_gpu_by_a_job_ahead_says_so(
         late = submit(carol, "x = 1", "H100", wait=2)
         why = "1 H100 free, held for a job ahead that waits for H100:2"
         assert wait_for(lambda: carol.job(late["id"]).get("waiting_why"), DEADLINE) == why
-        assert next(t for t in carol.pool()["types"] if t["type"] == "H100")["free"] == 1
+        h100 = next(t for t in carol.pool()["types"] if t["type"] == "H100")
+        assert h100["free"] == 1 and h100["held"] == 1  # free, and said to be kept for bob
+        from gpu_magic._tables import pool_text
+        assert "1 (1 held for a waiting job)" in pool_text(carol.pool())
         queued = follow(carol, late["id"], until=lambda e: e.get("waiting_for") == why)
         assert queued[-1]["type"] == "queued"
         expired = finish(carol, late["id"])

@@ -37,8 +37,8 @@ from .scheduler import (
     Request,
     fair_order,
     feasibility,
-    held_for_ahead,
     held_outside,
+    holding,
     pool_summary,
     schedule,
 )
@@ -311,6 +311,8 @@ class Gateway:
         self.retention = retention
         self._last_gc = 0.0
         self._last_beat = 0.0
+        # free GPUs held for the first waiting job that cannot start yet (see scheduler.py)
+        self._reserved: set[tuple[str, int]] = set()
         self._housekeeper: asyncio.Task[None] | None = None
         self._pool_watch: asyncio.TimerHandle | None = None
         self.jobs: dict[str, Job] = {}
@@ -564,13 +566,18 @@ class Gateway:
         nodes: dict[str, dict[str, Any]] = {}
         for g in gpus:
             busy = (g.node, g.index) in held or g.busy_foreign
-            t = types.setdefault(g.type, {"type": g.type, "free": 0, "total": 0,
+            # free, but no job but the first waiting one may take it ("1 H100 free" while a
+            # cell for one H100 queued read as a bug)
+            kept = not busy and (g.node, g.index) in self._reserved
+            t = types.setdefault(g.type, {"type": g.type, "free": 0, "total": 0, "held": 0,
                                           "memory_gb": g.memory_gb, "simulated": g.simulated})
             t["total"] += 1
             t["free"] += 0 if busy else 1
+            t["held"] += 1 if kept else 0
             n = nodes.setdefault(g.node, {"name": g.node, "gpus": []})
             entry = g.to_json()
             entry["busy"] = busy
+            entry["held"] = kept
             entry["foreign"] = g.busy_foreign
             n["gpus"].append(entry)
         return {
@@ -904,6 +911,7 @@ class Gateway:
         if self.closing:
             return
         if not self.queue:
+            self._reserved = set()
             self._watch_pool([])
             return
         gpus = self.gpus()
@@ -953,8 +961,8 @@ class Gateway:
         outside = held_outside(waiting, gpus, busy, running_per_user,
                                self._served) if waiting else {}
         # ("1 of 2 H100 free" in the pool while it waits reads as a bug: say for whom)
-        ahead = held_for_ahead(waiting, gpus, busy, running_per_user,
-                               self._served) if waiting else {}
+        ahead, self._reserved = holding(waiting, gpus, busy, running_per_user,
+                                        self._served) if waiting else ({}, set())
         positions: dict[str, int] | None = None
         for req in waiting:
             j = self.jobs[req.job_id]

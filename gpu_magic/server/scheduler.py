@@ -227,6 +227,19 @@ def schedule(
     return _plan(gpus, busy, queue, running, served)[0]
 
 
+def holding(
+    queue: Sequence[Request],
+    gpus: Sequence[Gpu],
+    busy: Iterable[Key],
+    running: Mapping[str, int] | None = None,
+    served: Mapping[str, int] | None = None,
+) -> tuple[dict[str, str], set[Key]]:
+    """``held_for_ahead``, and the free GPUs held for the first waiting job that cannot start
+    (free, but no other job may take them: the pool says so)."""
+    _, held_back, reserved = _plan(gpus, busy, queue, running, served)
+    return held_back, reserved
+
+
 def held_for_ahead(
     queue: Sequence[Request],
     gpus: Sequence[Gpu],
@@ -243,9 +256,9 @@ def held_for_ahead(
 
 def _plan(gpus: Sequence[Gpu], busy: Iterable[Key], queue: Sequence[Request],
           running: Mapping[str, int] | None, served: Mapping[str, int] | None,
-          ) -> tuple[list[Grant], dict[str, str]]:
-    """The grants to make now, and the jobs that GPUs held for the first blocked job keep
-    waiting (see ``held_for_ahead``)."""
+          ) -> tuple[list[Grant], dict[str, str], set[Key]]:
+    """The grants to make now, the jobs that GPUs held for the first blocked job keep
+    waiting (see ``held_for_ahead``), and those GPUs."""
     gpus = list(gpus)
     free = _Free(gpus, set(busy))
     match = _Matcher()
@@ -279,7 +292,7 @@ def _plan(gpus: Sequence[Gpu], busy: Iterable[Key], queue: Sequence[Request],
                 note = _held_note(req, free, reserved, waits_for, match)
                 if note is not None:
                     held_back[req.job_id] = note
-    return grants, held_back
+    return grants, held_back, reserved or set()
 
 
 def _held_note(req: Request, free: _Free, reserved: set[Key], waits_for: GpuOption,

@@ -27,6 +27,8 @@ export interface IPoolType {
   type: string;
   free: number;
   total: number;
+  // free, but held for the first waiting job that cannot start yet: no other job gets them
+  held?: number;
   memory_gb: number | null;
   simulated: boolean;
 }
@@ -37,6 +39,7 @@ export interface IPoolGpu {
   type: string;
   memory_gb: number | null;
   busy: boolean;
+  held?: boolean;
   foreign?: boolean;
   simulated: boolean;
 }

@@ -266,7 +266,16 @@ export class GpuPanel extends Widget {
           t.type
         ),
         this._bar(t.free, t.total),
-        h('span', { class: 'jp-GpuMagic-free' }, `${t.free}/${t.total} free`),
+        h(
+          'span',
+          {
+            class: 'jp-GpuMagic-free',
+            title: t.held
+              ? `${t.held} of the free ones held for the first waiting job, which needs more`
+              : ''
+          },
+          `${t.free}/${t.total} free` + (t.held ? ` (${t.held} held)` : '')
+        ),
         // on a line of its own under the name: beside the bar it would not fit the sidebar
         t.simulated && h('span', { class: 'jp-GpuMagic-break' }),
         t.simulated && simulatedMark()
@@ -316,7 +325,8 @@ export class GpuPanel extends Widget {
         h('span', {
           class: `jp-GpuMagic-gpu ${g.busy ? 'jp-mod-busy' : 'jp-mod-free'}`,
           title:
-            `GPU ${g.index}: ${g.busy ? 'busy' : 'free'}` +
+            `GPU ${g.index}: ` +
+            (g.busy ? 'busy' : g.held ? 'free, held for a waiting job' : 'free') +
             (g.foreign ? ' (used by a process outside gpu_magic)' : '') +
             (g.simulated ? ', simulated' : '')
         })
