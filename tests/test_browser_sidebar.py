@@ -331,6 +331,16 @@ def test_a_queued_job_says_what_keeps_it_waiting(
     assert re.fullmatch(r"#\d+ in the queue", row.locator(".jp-GpuMagic-grant").inner_text())
 
 
+def test_a_free_gpu_held_for_a_waiting_job_is_said_so(
+        admin_page: Any, class_jobs: dict[str, str]) -> None:
+    # bob holds one H100 of two and an H100:2 waits: the other one is free but kept for it
+    panel = show_sidebar(admin_page)
+    free = panel.locator('.jp-GpuMagic-type[data-type="H100"] .jp-GpuMagic-free')
+    free.filter(has_text="(1 held)").wait_for()
+    assert free.inner_text() == "1/2 free (1 held)"
+    assert "held for the first waiting job" in (free.get_attribute("title") or "")
+
+
 def test_the_status_bar_counts_only_the_viewers_own_jobs(
         admin_page: Any, class_jobs: dict[str, str]) -> None:
     """With "everyone" ticked the panel lists alice's and bob's jobs; the status bar still
