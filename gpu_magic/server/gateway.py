@@ -325,6 +325,7 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_activity = time.monotonic()
         self.closing = False  # shutting down: no job is started any more
+        self.streams_ending = False  # shutting down: event streams end where they are
         self.state_lock: int | None = None  # held on the state directory (see lock.py)
         # jobs found unfinished at start: their clients may have seen more than their logs hold
         self.cut_short: set[str] = set()
@@ -516,6 +517,15 @@ class Gateway:
         job.followers = max(0, job.followers + delta)
         if job.followers == 0:
             job.unfollowed_since = time.monotonic()
+
+    def end_streams(self) -> None:
+        """End every event stream at the event it has reached (the gateway is stopping)."""
+        self.streams_ending = True
+        for job in self.jobs.values():
+            waiters, job.waiters = job.waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Stop starting jobs, and let results being stored finish (their jobs then end as
@@ -1473,7 +1483,7 @@ class Gateway:
                 pos += len(batch)
                 yield batch
                 continue
-            if job.final:
+            if job.final or self.streams_ending:
                 return
             fut: asyncio.Future[None] = self.loop.create_future()
             job.waiters.append(fut)

@@ -283,7 +283,15 @@ def serve(cfg: ServeConfig) -> int:
                             lifespan="off", timeout_keep_alive=300,
                             ssl_certfile=str(cfg.certfile) if cfg.certfile else None,
                             ssl_keyfile=str(cfg.keyfile) if cfg.keyfile else None)
-    server = uvicorn.Server(config)
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # followers' event streams end where they are: uvicorn would wait for them, then
+            # cancel them mid-write (a traceback in the log); their clients say how to
+            # attach again
+            gateway.end_streams()
+            await super().shutdown(sockets=sockets)
+
+    server = Server(config)
 
     def stop_serving(*_: object) -> None:
         server.should_exit = True
