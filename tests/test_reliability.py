@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 import gpu_magic
-from gpu_magic import GatewayError, RunnerLost
+from gpu_magic import RunnerLost
 from gpu_magic._api import attach
 from gpu_magic._client import GatewayClient
 from gpu_magic._payload import pack_inputs
@@ -160,6 +160,10 @@ def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
     try:
         wait_for(lambda: any(j["state"] == "running" for j in client.jobs()), DEADLINE)
         r.stop()
+        # its event stream ended first: uvicorn waited for it, then cancelled it mid-write
+        # ("Exception in ASGI application" and two tracebacks at every stop)
+        log = (tmp_path / "gateway.log").read_text()
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log
         r.start_again()
         t.join(DEADLINE)
         assert not t.is_alive(), "the client hung after the gateway restarted"
@@ -168,38 +172,6 @@ def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
         assert "the gateway restarted while this job was running" in str(err)
     finally:
         r.close()
-
-
-def test_a_gateway_stopped_under_a_following_client_ends_its_stream_cleanly(
-        tmp_path: Path) -> None:
-    # uvicorn waited for the stream, then cancelled it mid-write: "Exception in ASGI
-    # application" and two tracebacks in the log of every stop (found by a newcomer)
-    gw = start_gateway(tmp_path)
-    outcome: dict[str, Any] = {}
-    client = gw.client()
-
-    def follow() -> None:
-        try:
-            gpu_magic.run("import time\nprint('on', flush=True)\ntime.sleep(60)", "H100",
-                          ns(), client=client, quiet=True)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    t = threading.Thread(target=follow)
-    t.start()
-    try:
-        wait_for(lambda: any(j["state"] == "running" for j in client.jobs()), DEADLINE)
-        gw.proc.terminate()
-        gw.proc.wait(DEADLINE)
-        t.join(DEADLINE)
-        assert not t.is_alive()
-        err = outcome["error"]
-        assert isinstance(err, GatewayError) and "%gpu attach" in str(err), err
-        log = (tmp_path / "gateway.log").read_text()
-        assert "Traceback" not in log and "Exception in ASGI" not in log, log
-    finally:
-        client.close()
-        gw.stop()
 
 
 def test_a_job_lost_to_a_crash_did_not_run_while_the_gateway_was_down(tmp_path: Path) -> None:
