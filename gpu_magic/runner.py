@@ -887,6 +887,8 @@ def _reset_libraries() -> None:
                 torch.set_float32_matmul_precision("highest")
             if torch.are_deterministic_algorithms_enabled():
                 torch.use_deterministic_algorithms(False)
+            if torch.is_anomaly_enabled():  # (it slows every later backward a great deal)
+                torch.autograd.set_detect_anomaly(False)
             cudnn = torch.backends.cudnn
             if cudnn.benchmark or cudnn.deterministic:
                 cudnn.benchmark = cudnn.deterministic = False

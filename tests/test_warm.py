@@ -70,6 +70,7 @@ SHELL_CELLS = [
     "@register_line_magic\ndef mine(line):\n    return 'M'\n"
     "np.set_printoptions(precision=2)\nnp.seterr(all='raise')\n"
     "torch.set_grad_enabled(False)\ntorch.set_default_dtype(torch.float64)\n"
+    "torch.autograd.set_detect_anomaly(True)\n"
     "mpl.rcParams['figure.figsize'] = (3, 2)\nplt.plot([1, 2])\ndel ip",
     # ... the next cell, maybe another notebook's, must not see
     "import numpy as np, torch, matplotlib as mpl, matplotlib.pyplot as plt\n"
@@ -81,7 +82,8 @@ SHELL_CELLS = [
     "    alias='hello' in ip.magics_manager.magics['line'],\n"
     "    magic='mine' in ip.magics_manager.magics['line'],\n"
     "    np=(np.get_printoptions()['precision'], np.geterr()['divide']),\n"
-    "    torch=(torch.is_grad_enabled(), str(torch.get_default_dtype())),\n"
+    "    torch=(torch.is_grad_enabled(), str(torch.get_default_dtype()),\n"
+    "           torch.is_anomaly_enabled()),\n"
     "    figsize=list(mpl.rcParams['figure.figsize']),\n"
     "    formats=sorted(InlineBackend.instance().figure_formats))\n"
     "plt.plot([1, 2])\ndel ip, plain\nseen",
@@ -95,7 +97,8 @@ def test_shell_and_package_settings_a_cell_changed_do_not_reach_the_next_cell(
     got_warm, got_cold = _values(warm, SHELL_CELLS), _values(cold, SHELL_CELLS)
     assert got_warm[1] == got_cold[1]
     assert got_warm[1]["precision"] == "" and got_warm[1]["hooks"] == []
-    assert got_warm[1]["torch"] == (True, "torch.float32") and got_warm[1]["formats"] == ["png"]
+    assert got_warm[1]["torch"] == (True, "torch.float32", False)
+    assert got_warm[1]["formats"] == ["png"]
     assert "flush_figures" in got_warm[1]["flush"]  # later cells' figures still show
 
 
