@@ -45,7 +45,16 @@ from ._errors import (
 from ._jobs import EventFeed
 from ._remote import code_locator, local_hint, rebuild, render_traceback, where
 from ._spec import GpuSpec, env_problem, parse_spec
-from ._view import FINAL_STATES, UNREACHABLE, JobState, NullView, TextView, cancelled_text, then
+from ._view import (
+    FINAL_STATES,
+    UNREACHABLE,
+    JobState,
+    NullView,
+    TextView,
+    cancelled_text,
+    human_size,
+    then,
+)
 
 # In-place states are applied with those that may fail first (an object's __setstate__, which
 # can be undone) and arrays last (they cannot fail once checked, and are not undone).
@@ -1039,8 +1048,6 @@ class _SendingNotice:
             return
         from IPython.display import display
 
-        from ._view import human_size
-
         self._since = time.monotonic()
         data = self._bundle(f"[gpu] sending {human_size(size)} of inputs…")
         if self.handle is not None:  # sent again (the gateway had dropped some): same line
@@ -1050,8 +1057,6 @@ class _SendingNotice:
 
     def sent(self, size: int) -> None:
         if self.handle is not None:
-            from ._view import human_size
-
             took = time.monotonic() - self._since
             self.handle.update(self._bundle(f"[gpu] sent {human_size(size)} of inputs in "
                                             f"{took:.1f} s; submitting…"), raw=True)

@@ -31,7 +31,6 @@ from gpu_magic.server.scheduler import (
     Request,
     fair_order,
     feasibility,
-    held_for_ahead,
     held_outside,
     holding,
     pool_summary,
@@ -778,7 +777,7 @@ def test_held_outside_names_the_gpus_that_alone_keep_a_job_waiting(
     pytest.param("H100:2@a,H100:4@b", ["H100:4", "H100:2"], ("b0", "b1", "b2", "a0"), {},
                  id="a-pair-the-free-gpus-could-not-hold-anyway"),
 ])
-def test_held_for_ahead_names_the_free_gpus_a_job_ahead_keeps(
+def test_holding_names_the_free_gpus_a_job_ahead_keeps(
         pool: str, specs: list[str], busy: tuple[str, ...], expected: dict[str, str]) -> None:
     gpus = make_pool(pool)
     queue = [submit(f"j{i}", f"u{i}", spec, i, gpus) for i, spec in enumerate(specs)]
@@ -787,11 +786,10 @@ def test_held_for_ahead_names_the_free_gpus_a_job_ahead_keeps(
     # asked as the gateway asks: after the grants were made
     now_busy = busy_on(*busy) | {(g.node, i) for g in grants for i in g.indices}
     waiting = [r for r in queue if r.job_id not in {g.job_id for g in grants}]
-    assert held_for_ahead(waiting, gpus, now_busy, running) == expected
-    # and which GPUs are so held: the free ones of the type the first waiting job waits for
-    # (only when someone is kept from them does it matter; when none is, it may be none)
     notes, held = holding(waiting, gpus, now_busy, running)
     assert notes == expected
+    # and which GPUs are so held: the free ones of the type the first waiting job waits for
+    # (only when someone is kept from them does it matter; when none is, it may be none)
     if expected:
         count = int(next(iter(expected.values())).split()[0])
         assert len(held) == count and not held & now_busy

@@ -234,31 +234,20 @@ def holding(
     running: Mapping[str, int] | None = None,
     served: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, str], set[Key]]:
-    """``held_for_ahead``, and the free GPUs held for the first waiting job that cannot start
-    (free, but no other job may take them: the pool says so)."""
-    _, held_back, reserved = _plan(gpus, busy, queue, running, served)
-    return held_back, reserved
-
-
-def held_for_ahead(
-    queue: Sequence[Request],
-    gpus: Sequence[Gpu],
-    busy: Iterable[Key],
-    running: Mapping[str, int] | None = None,
-    served: Mapping[str, int] | None = None,
-) -> dict[str, str]:
     """For each queued job that free GPUs would take now were they not held for the first
     waiting job ahead of it (so that a large request is not starved), what holds them:
-    ``1 H100 free, held for a job ahead that waits for H100:2``. Without it, such a job
-    reads as if no GPU were free."""
-    return _plan(gpus, busy, queue, running, served)[1]
+    ``1 H100 free, held for a job ahead that waits for H100:2`` (without it, such a job reads
+    as if no GPU were free); and those held GPUs (free, but no other job may take them: the
+    pool says so)."""
+    _, held_back, reserved = _plan(gpus, busy, queue, running, served)
+    return held_back, reserved
 
 
 def _plan(gpus: Sequence[Gpu], busy: Iterable[Key], queue: Sequence[Request],
           running: Mapping[str, int] | None, served: Mapping[str, int] | None,
           ) -> tuple[list[Grant], dict[str, str], set[Key]]:
     """The grants to make now, the jobs that GPUs held for the first blocked job keep
-    waiting (see ``held_for_ahead``), and those GPUs."""
+    waiting (see ``holding``), and those GPUs."""
     gpus = list(gpus)
     free = _Free(gpus, set(busy))
     match = _Matcher()

@@ -8,6 +8,7 @@ exit, and exits by itself after ``--idle-timeout`` seconds with no jobs and no r
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import json
@@ -359,14 +360,15 @@ def serve(cfg: ServeConfig) -> int:
             where = f" (token in {token_path})" if token_path else ""
             print(f"gpu-magic gateway {__version__} listening on {url}{where}", flush=True)
             pool = gateway.pool()
-            gpus = gateway.gpus()
-            kinds = ", ".join(f"{t['type']} ×{n}" for t in pool["types"]
-                              if (n := sum(1 for g in gpus if g.type == t["type"]
-                                           and not g.virtual))) or "no GPUs"
-            sim = " (simulated)" if pool["simulated"] else ""
             # an autoscaler's node types are no GPUs yet: said apart
-            later = ", ".join(f"{t['type']} ×{n}" for t in pool["types"]
-                              if (n := sum(1 for g in gpus if g.type == t["type"] and g.virtual)))
+            counts = collections.Counter((g.type, g.virtual) for g in gateway.gpus())
+
+            def listed(virtual: bool) -> str:
+                return ", ".join(f"{t['type']} ×{n}" for t in pool["types"]
+                                 if (n := counts[(t["type"], virtual)]))
+
+            kinds, later = listed(False) or "no GPUs", listed(True)
+            sim = " (simulated)" if pool["simulated"] else ""
             more = f"; an autoscaler may add {later}" if later else ""
             print(f"pool: {kinds}{sim}{more}", flush=True)
 
