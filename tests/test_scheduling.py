@@ -402,3 +402,26 @@ def test_a_job_kept_from_a_free_gpu_by_a_job_ahead_says_so(
     finally:
         flag.touch()
     assert finish(bob, pair["id"])["state"] == "succeeded"
+
+
+def test_a_queued_job_hears_its_place_move_up(
+        shared: dict[str, GatewayClient], tmp_path: Path) -> None:
+    """The cell's status says "position 2" only while one job is ahead of it: when that one
+    leaves the queue (here cancelled; started is the same pass), a new "queued" event says 1."""
+    alice = shared["alice"]
+    flag = tmp_path / "holder-done"
+    holder = submit(alice, hold_until(flag), "H100:2")
+    wait_for(lambda: running(alice, holder), DEADLINE)
+    ahead = submit(alice, "x = 1", "H100")
+    behind = submit(alice, "x = 2", "H100")
+    try:
+        first = follow(alice, behind["id"], until=lambda e: e["type"] == "queued")
+        assert first[-1]["position"] == 2
+        alice.cancel(ahead["id"])
+        moved = follow(alice, behind["id"], after=first[-1]["seq"],
+                       until=lambda e: e["type"] == "queued")
+        assert moved[-1]["position"] == 1
+        assert alice.job(behind["id"])["queue_position"] == 1
+    finally:
+        flag.touch()
+    assert finish(alice, behind["id"])["state"] == "succeeded"

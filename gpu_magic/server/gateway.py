@@ -116,6 +116,7 @@ class Job:
     waiting_for: str | None = None
     outside: bool = False
     behind: bool = False
+    position: int | None = None  # its place in the queue its last "queued" event said
     message: str | None = None
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -987,6 +988,11 @@ class Gateway:
                 if positions is None:  # (once per pass: the queue does not move in it)
                     positions = self._positions()
                 self._emit_queued(j, positions)
+        if self.queue:  # the queue moved (a job ahead started or left): each hears its place
+            positions = self._positions() if positions is None else positions
+            for j in (self.jobs[i] for i in self.queue):
+                if j.state == "queued" and positions.get(j.id) != j.position:
+                    self._emit_queued(j, positions)
         self._watch_pool(gpus)
 
     def _watch_pool(self, gpus: list[Gpu]) -> None:
@@ -1397,6 +1403,7 @@ class Gateway:
 
     def _emit_queued(self, job: Job, positions: dict[str, int] | None = None) -> None:
         pos = (self._positions() if positions is None else positions).get(job.id, 0)
+        job.position = pos
         # No wait estimate: when a GPU frees depends on how long the running cells take, which
         # nothing here knows (the average of past cells, or a running cell's --timeout, is a
         # number but not an estimate), and a wrong number is worse than none.
