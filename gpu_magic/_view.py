@@ -12,6 +12,8 @@ notebooks, text in terminals), from the job's first moments (``SHOW_AFTER_S``) t
 from __future__ import annotations
 
 import html
+import json
+import re
 import time
 from typing import Any
 
@@ -129,8 +131,11 @@ class JobState:
     # --- words ---
 
     def option_text(self) -> str:
-        """``option 2 of 3 (H100:2: busy)``: which option of the list won, and why not earlier."""
+        """``option 2 of 3 (H100:2: busy)``: which option of the list won, and why not earlier;
+        nothing for a spec of one option (no choice was made)."""
         g = self.grant or {}
+        if len(self.options) == 1:
+            return ""
         text = f"option {int(g.get('option_index', 0)) + 1} of {len(self.options)}"
         passed = g.get("passed_over") or []
         if passed:
@@ -150,7 +155,7 @@ class JobState:
             if self.final or self.state == UNREACHABLE:  # said by progress(), beside this
                 return f"requested {spec}"
             return f"{self.state} · requested {spec}"
-        text = f"{where(g)} · {self.option_text()}"
+        text = " · ".join(x for x in (where(g), self.option_text()) if x)
         if g.get("memory_gb"):
             text += f" · {g['memory_gb']:g} GB"
         return text
@@ -308,10 +313,14 @@ def render_text(state: JobState, now: float) -> str:
     return "\n".join(lines)
 
 
-_STATE_COLOURS = {"succeeded": "#15803d", "failed": "#b91c1c", "cancelled": "#92400e",
-                  "timed_out": "#b91c1c", "lost": "#b91c1c", "expired": "#92400e",
-                  "running": "#1d4ed8", "queued": "#6b7280", "granted": "#1d4ed8",
-                  UNREACHABLE: "#92400e"}
+# JupyterLab's theme colours (a dark theme lightens them), with fixed ones where there is none
+_OK, _BAD, _WARN = ("var(--jp-success-color1,#15803d)", "var(--jp-error-color1,#b91c1c)",
+                    "var(--jp-warn-color1,#92400e)")
+_BLUE, _MUTED, _FAINT = ("var(--jp-brand-color1,#1d4ed8)", "var(--jp-ui-font-color2,#4b5563)",
+                         "var(--jp-ui-font-color3,#6b7280)")
+_STATE_COLOURS = {"succeeded": _OK, "failed": _BAD, "cancelled": _WARN, "timed_out": _BAD,
+                  "lost": _BAD, "expired": _WARN, "running": _BLUE, "queued": _MUTED,
+                  "granted": _BLUE, UNREACHABLE: _WARN}
 _BADGE = ('<span class="gpu-magic-badge" style="background:#fde68a;color:#713f12;'
           'border-radius:3px;padding:0 4px;margin-left:6px;font-size:0.85em">simulated</span>')
 
@@ -323,14 +332,16 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
     """
     e = html.escape
     g = state.grant
-    colour = _STATE_COLOURS.get(state.state, "#374151")
+    colour = _STATE_COLOURS.get(state.state, "var(--jp-ui-font-color1,#374151)")
     status = (f'<span class="gpu-magic-state" style="color:{colour};font-weight:600">'
               f"{e(state.progress(now))}</span>")
     if g is None:
         head = f"requested <b>{e(state.spec)}</b>" + (_BADGE if state.simulated else "")
     else:
-        head = (f'<b class="gpu-magic-grant">{e(str(g.get("gpu_type")))} × {e(str(g.get("count")))}'
-                f"</b> on <b>{e(str(g.get('node')))}</b> · {e(state.option_text())}")
+        head = (f'<b class="gpu-magic-grant">{e(str(g.get("gpu_type")))} ×{e(str(g.get("count")))}'
+                f"</b> on <b>{e(str(g.get('node')))}</b>")
+        if state.option_text():
+            head += f" · {e(state.option_text())}"
         if g.get("memory_gb"):
             head += f" · {g['memory_gb']:g} GB each"
         if g.get("simulated"):
@@ -341,7 +352,7 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
         return f'<div class="gpu-magic-status"><b>GPU</b> {status} · {head}{tail}</div>'
     rows = [f'<div style="font-size:1.05em"><b>GPU</b> {head}</div>', f"<div>{status}</div>"]
     if state.transfer():
-        rows.append(f'<div style="color:#4b5563">{e(state.transfer())}</div>')
+        rows.append(f'<div style="color:{_MUTED}">{e(state.transfer())}</div>')
     attempts = state.attempt_lines()
     if attempts:
         rows.append('<ol class="gpu-magic-attempts" style="margin:2px 0 2px 1.2em;padding:0">'
@@ -351,15 +362,15 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
     if state.cancel and not state.final:
         rows.append(f"<div>cancelling ({e(state.cancel)})…</div>")
     if state.cancel_error:
-        rows.append(f'<div style="color:#b91c1c">{e(state.cancel_error)}</div>')
+        rows.append(f'<div style="color:{_BAD}">{e(state.cancel_error)}</div>')
     if state.outcome():
         rows.append(f'<div class="gpu-magic-outcome">{e(state.outcome())}</div>')
     for n in state.notices:
-        rows.append(f'<div style="color:#92400e">note: {e(n)}</div>')
+        rows.append(f'<div style="color:{_WARN}">note: {e(n)}</div>')
     for d in state.dropped:
-        rows.append(f'<div style="color:#6b7280">dropped {e(d["option"])}: {e(d["reason"])}</div>')
+        rows.append(f'<div style="color:{_FAINT}">dropped {e(d["option"])}: {e(d["reason"])}</div>')
     if state.job_id:
-        rows.append(f'<div style="color:#9ca3af;font-size:0.85em">job {e(state.job_id)}</div>')
+        rows.append(f'<div style="color:{_FAINT};font-size:0.85em">job {e(state.job_id)}</div>')
     return ('<div class="gpu-magic-status" style="border-left:3px solid '
             f'{colour};padding:2px 8px;line-height:1.45">' + "".join(rows) + "</div>")
 
@@ -368,6 +379,76 @@ def bundle(state: JobState, now: float, *, compact: bool = False) -> dict[str, s
     """The text and HTML forms together, as a display bundle."""
     return {"text/plain": render_text(state, now),
             "text/html": render_html(state, now, compact=compact)}
+
+
+# --- a background job's output, as a saved notebook keeps it ---
+# Its live output area is a widget, which a notebook opened again shows as "model not found"
+# (front ends keep no widget state by default): once the job ends its display becomes these.
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_IMAGES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+_PRE = ("margin:0;white-space:pre-wrap;word-break:break-word;"
+        "font-family:var(--jp-code-font-family,monospace);font-size:var(--jp-code-font-size,13px)")
+_STDERR = "background:var(--jp-rendermime-error-background,#fdd);"
+
+
+def _joined(value: Any) -> str:
+    return "".join(value) if isinstance(value, list) else str(value)
+
+
+def as_shown(text: str) -> str:
+    """Stream text as a terminal leaves it: colour codes dropped, and a line rewritten with
+    ``\r`` (a progress bar) in its last form."""
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1]
+                     for line in _ANSI.sub("", text).split("\n"))
+
+
+def outputs_text(outputs: list[dict[str, Any]]) -> str:
+    """What the outputs read as text: the streams, and each display's text/plain."""
+    parts = []
+    for o in outputs:
+        if o.get("output_type") == "stream":
+            parts.append(as_shown(o.get("text", "")))
+        elif "text/plain" in (o.get("data") or {}):
+            parts.append(_ANSI.sub("", _joined(o["data"]["text/plain"])).rstrip("\n") + "\n")
+    return "".join(parts)
+
+
+def _display_html(data: dict[str, Any], metadata: dict[str, Any]) -> str:
+    if "text/html" in data:
+        return f"<div>{_joined(data['text/html'])}</div>"
+    for mime in _IMAGES:
+        if mime in data:
+            size = metadata.get(mime) if isinstance(metadata.get(mime), dict) else {}
+            attrs = "".join(f' {k}="{int(size[k])}"' for k in ("width", "height")
+                            if isinstance(size.get(k), (int, float)))
+            b64 = "".join(_joined(data[mime]).split())
+            return f'<img src="data:{mime};base64,{b64}"{attrs} alt="{mime}">'
+    if "image/svg+xml" in data:
+        return f"<div>{_joined(data['image/svg+xml'])}</div>"
+    for mime in ("text/markdown", "text/latex", "text/plain"):
+        if mime in data:
+            return f'<pre style="{_PRE}">{html.escape(_ANSI.sub("", _joined(data[mime])))}</pre>'
+    for mime, value in data.items():  # application/json and the like: shown as JSON
+        if mime.endswith("json"):
+            return f'<pre style="{_PRE}">{html.escape(json.dumps(value, indent=1))}</pre>'
+    return ""
+
+
+def outputs_html(outputs: list[dict[str, Any]]) -> str:
+    """The outputs as one piece of HTML: streams as preformatted text (stderr tinted), displays
+    by their richest form HTML can hold (HTML, an image, else their text)."""
+    parts = []
+    for o in outputs:
+        if o.get("output_type") == "stream":
+            tint = _STDERR if o.get("name") == "stderr" else ""
+            parts.append(f'<pre style="{tint}{_PRE}">{html.escape(as_shown(o.get("text", "")))}'
+                         "</pre>")
+        elif o.get("output_type") in ("display_data", "execute_result"):
+            parts.append(_display_html(o.get("data") or {}, o.get("metadata") or {}))
+    if not any(parts):
+        return ""
+    return '<div class="gpu-magic-output" style="margin-top:4px">' + "".join(parts) + "</div>"
 
 
 # --- views ---

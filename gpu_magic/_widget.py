@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._view import JobState, NullView, bundle, display_due, render_html
+from ._view import JobState, NullView, bundle, display_due, outputs_html, outputs_text, render_html
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # A foreground job that ends before this shows only a compact summary, never a widget.
@@ -166,6 +166,9 @@ class WidgetView(NullView):
         from IPython.display import display
 
         with self._lock:
+            if self._finished:
+                display(self._final_data(), raw=True)
+                return
             if self._box is None:
                 self._build()
             display(self._bundle(), raw=True)
@@ -285,12 +288,29 @@ class WidgetView(NullView):
                 # notebook opened again without its kernel (a widget there says "Loading
                 # widget..." for good, front ends rarely keep widget state)
                 self._handle.update(bundle(self.state, now), raw=True)
-                _close_all(self._box)
-                self._box = None
+                self._drop_widget()
                 return
-            # a background job's output lives in its widget: the saved notebook keeps the
-            # final text/HTML next to it
-            self._handle.update(self._bundle(), raw=True)
+            # a background job's output lived in its widget, which a notebook opened again
+            # cannot show ("model not found"): its display becomes the final status with the
+            # output below it, as HTML and text, and the widget goes
+            self._handle.update(self._final_data(), raw=True)
+            self._drop_widget()
+
+    def _drop_widget(self) -> None:
+        _close_all(self._box)
+        self._box = self._html = self._button = self._out = None
+
+    def _final_data(self) -> dict[str, str]:
+        """The ended job's display: its final status and, for a background job, its output."""
+        data = dict(bundle(self.state, time.monotonic())) if self._status else {}
+        if not self.state.background:
+            return data
+        text, markup = outputs_text(self._outputs), outputs_html(self._outputs)
+        if text:
+            data["text/plain"] = (data.get("text/plain", "") + "\n" + text).lstrip("\n")
+        if markup:
+            data["text/html"] = data.get("text/html", "") + markup
+        return data or {"text/plain": ""}
 
     def reopen(self) -> None:
         """Show the final state again, from the main thread at a safe point (names bound, or
@@ -299,6 +319,9 @@ class WidgetView(NullView):
         and a front end that files messages by request (nbclient, nbconvert) dropped it."""
         with self._lock:
             if self._handle is None:
+                return
+            if self._finished and self._box is None:  # its widget is gone: the final forms
+                self._handle.update(self._final_data(), raw=True)
                 return
             if self._html is not None:
                 value = self._render()
@@ -361,6 +384,10 @@ class WidgetView(NullView):
                 self._outputs.append({"output_type": "stream", "name": "stderr",
                                       "text": ev.get("text", "")})
             else:
+                return
+            if self._deferred and self._finished:  # (its value, bound after it ended)
+                self._deferred = False
+                self._handle = self._show_status(self._final_data())
                 return
             if self._deferred:
                 self._show_deferred()  # (its cell still runs: see _defer)

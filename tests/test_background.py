@@ -14,7 +14,7 @@ from gpu_magic import GpuJob, JobCancelled
 from .conftest import wait_for
 from .test_gateway_http import all_free
 from .test_kernel import execute, make_notebook, texts
-from .test_widget import WIDGET, descendants, widget_of, widget_states
+from .test_widget import saved
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("use_gateway")]
 DEADLINE = 60.0
@@ -37,17 +37,14 @@ def test_background_cell_returns_a_handle_and_binds_at_wait(tmp_path: Path) -> N
     for other in (handle, meanwhile, waited):
         assert "from the background" not in texts(other, "stdout")
     assert [o.output_type for o in started.outputs] == ["display_data"]
-    states = widget_states(nb)
-    inside = descendants(states, widget_of(started))
-    outputs = [o for s in inside if s["model"] == "OutputModel" for o in s["outputs"]]
-    assert outputs[0] == {"output_type": "stream", "name": "stdout",
-                          "text": "from the background\n"}
-    assert outputs[-1]["data"]["text/plain"] == "84"  # the cell's value, shown in its widget
-    html = " ".join(s.get("value", "") for s in inside if s["model"] == "HTMLModel")
-    assert "H100 × 1" in html and "bound" in html and "y" in html
-    # the saved output ends with the final summary, for front ends without widgets
-    final = started.outputs[0].data["text/plain"]
-    assert final.startswith("[gpu] succeeded") and "bound time, y" in final
+    # ended, its widget became the final status with the job's output (and the cell's value)
+    # below it: what a notebook saved and opened again shows
+    text, html = saved(started)
+    assert text.startswith("[gpu] succeeded") and "bound time, y" in text
+    assert text.endswith("\nfrom the background\n84\n")
+    assert "H100 ×1" in html and "bound time, y" in html
+    assert html.index("bound time, y") < html.index(">from the background\n</pre>") \
+        < html.index(">84</pre>")
 
 
 def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Path) -> None:
@@ -69,9 +66,7 @@ def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Pa
     assert texts(nb.cells[4], "stdout") == "7 local remote\n"
     warning = texts(nb.cells[4], "stderr")
     assert "kept your w: reassigned here since the job was submitted" in warning
-    html = " ".join(s.get("value", "") for s in widget_states(nb).values()
-                    if s["model"] == "HTMLModel")
-    assert "kept your w" in html
+    assert "kept your w" in saved(nb.cells[1])[1]
 
 
 def test_a_background_job_that_failed_says_so_in_the_next_cell(tmp_path: Path) -> None:
@@ -107,9 +102,9 @@ def test_cancel_from_the_handle(tmp_path: Path, client: Any) -> None:
     execute(nb, tmp_path)
     assert texts(nb.cells[2], "stdout") == "True\n"
     assert texts(nb.cells[3], "stdout") == "raised JobCancelled\ncancelled False False\n"
-    html = " ".join(s.get("value", "") for s in widget_states(nb).values()
-                    if s["model"] == "HTMLModel")
+    text, html = saved(nb.cells[1])
     assert "cancelled by job.cancel(): nothing was bound" in html
+    assert text.endswith("\nstarted\n")  # what it printed before the cancel stays
     wait_for(lambda: all_free(client), DEADLINE)
 
 
@@ -124,7 +119,7 @@ def test_several_background_jobs_at_once(tmp_path: Path) -> None:
     )
     execute(nb, tmp_path)
     assert texts(nb.cells[5], "stdout") == "True True one two\n"
-    assert WIDGET in nb.cells[1].outputs[0].data and WIDGET in nb.cells[3].outputs[0].data
+    assert "bound time, a" in saved(nb.cells[1])[0] and "bound time, b" in saved(nb.cells[3])[0]
 
 
 def test_run_in_plain_python_returns_a_handle(capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,20 +166,16 @@ def test_quiet_background_jobs_from_python_show_no_status_and_no_value(tmp_path:
     execute(nb, tmp_path)
     silent, late = nb.cells[2:4]
     assert [(o.output_type, o.get("text")) for o in silent.outputs] == [("stream", "[0, 1]\n")]
-    inside = descendants(widget_states(nb), widget_of(late))
-    shown = [o for s in inside if s["model"] == "OutputModel" for o in s["outputs"]]
-    assert [o.get("text") for o in shown] == ["late\n"]
+    text, html = saved(late)
+    assert text == "late\n" and ">late\n</pre>" in html and "gpu-magic-status" not in html
     cell = nb.cells[1]
     assert texts(cell, "stdout") == "[0, 10]\n"
-    saved = " ".join(str(o.get("data", {}).get("text/plain", "")) for o in cell.outputs
-                     if o.output_type == "display_data")
-    assert "[gpu]" not in saved and "succeeded" not in saved
-    states = widget_states(nb)
-    assert not any(s["model"] == "HTMLModel" for s in states.values())  # no status line
-    views = [o.data[WIDGET]["model_id"] for o in cell.outputs if WIDGET in o.get("data", {})]
-    shown = [o for v in views for s in descendants(states, v) if s["model"] == "OutputModel"
-             for o in s["outputs"]]
-    assert {o.get("text") for o in shown} == {"line 0\n", "line 1\n"}  # output, no value
+    said = " ".join(str(o.get("data", {}).get("text/plain", "")) for o in cell.outputs
+                    if o.output_type == "display_data")
+    assert "[gpu]" not in said and "succeeded" not in said
+    shown = [o.data for o in cell.outputs if o.output_type == "display_data"]
+    assert sorted(d["text/plain"] for d in shown) == ["line 0\n", "line 1\n"]  # no value
+    assert not any("gpu-magic-status" in d["text/html"] for d in shown)  # no status line
 
 
 def test_a_name_another_background_job_bound_is_not_the_user_s(tmp_path: Path) -> None:

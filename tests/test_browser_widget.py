@@ -6,6 +6,7 @@ Screenshots land in test-artifacts/.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,12 @@ def lab(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "time.sleep(300)\nv = 1",
         "print('after:', keep, 'v' in globals())",
     )
+    write_notebook(
+        root / "background.ipynb",
+        "%load_ext gpu_magic",
+        "%%gpu H100 --background\nimport time\nprint('bg-line one', flush=True)\n"
+        "time.sleep(2)\nprint('bg-line two')",
+    )
     env = {"GPU_MAGIC_URL": gateway.url, "GPU_MAGIC_TOKEN": gateway.token}
     with lab_server(tmp_path_factory.mktemp("lab"), root, env) as server:
         yield server
@@ -65,10 +72,10 @@ def test_widget_shows_the_grant_and_cancel_stops_a_foreground_cell(
     # the grant is the headline, and the clock ticks while it runs
     page.wait_for_function(
         "s => { const w = document.querySelector(s);"
-        " return w && /H100 × 1/.test(w.textContent) && /running/.test(w.textContent); }",
+        " return w && /H100 ×1/.test(w.textContent) && /running/.test(w.textContent); }",
         arg=WIDGET)
     text = widget.inner_text()
-    assert "H100 × 1" in text and "sim-vm" in text and "option 1 of 2" in text
+    assert "H100 ×1" in text and "sim-vm" in text and "option 1 of 2" in text
     assert "simulated" in text
     page.locator(".jp-OutputArea-output", has_text="widget-test started").first.wait_for()
     running = screenshot(page, "widget-running")
@@ -96,6 +103,39 @@ def test_widget_shows_the_grant_and_cancel_stops_a_foreground_cell(
     mine = [j for j in client.jobs() if j["id"] not in before]
     assert len(mine) == 1 and finish(client, mine[0]["id"])["state"] == "cancelled"
     wait_for(lambda: all_free(client), 60)
+
+
+def test_a_background_cell_keeps_its_output_when_saved_and_opened_again(
+        lab: LabServer, page: Any) -> None:
+    """The job ends after its cell did (no cell runs then): its widget gives way to the final
+    status with what it printed, which the saved notebook keeps and shows when opened again
+    (a widget there said "Error displaying widget: model not found", its output lost)."""
+    open_notebook(page, lab, "background.ipynb")
+    run_cells(page, [0, 1])
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
+    cell.locator(".jupyter-widgets.gpu-magic-widget", has_text="bg-line one").wait_for()
+    final = cell.locator(".gpu-magic-status", has_text="succeeded")
+    final.wait_for(timeout=60_000)
+    assert cell.locator(".gpu-magic-output", has_text="bg-line two").is_visible()
+    assert cell.locator(".jupyter-widgets").count() == 0
+    page.keyboard.press("Control+s")
+    path = lab.root / "background.ipynb"
+
+    def saved_outputs() -> list[dict[str, Any]]:
+        return json.loads(path.read_text())["cells"][1]["outputs"]
+
+    wait_for(lambda: any("bg-line two" in json.dumps(o) for o in saved_outputs()), 30)
+    [kept] = saved_outputs()
+    assert "application/vnd.jupyter.widget-view+json" not in kept["data"]
+    assert "bg-line one\nbg-line two" in "".join(kept["data"]["text/plain"])
+
+    page.reload()
+    open_notebook(page, lab, "background.ipynb")
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
+    cell.locator(".gpu-magic-output", has_text="bg-line two").wait_for()
+    assert "succeeded" in cell.locator(".gpu-magic-status").inner_text()
+    assert not page.get_by_text("Error displaying widget").count()
+    screenshot(page, "background-reopened")
 
 
 def test_artifacts_folder_is_ignored() -> None:

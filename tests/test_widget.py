@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import KernelManager
 
-from gpu_magic._view import JobState, render_html, render_text
+from gpu_magic._view import JobState, outputs_html, outputs_text, render_html, render_text
 
 from .conftest import Gateway, wait_for
 from .test_gateway_http import finish, submit
@@ -48,6 +48,38 @@ def widget_of(cell: Any) -> str:
     return views[0]
 
 
+def saved(cell: Any) -> tuple[str, str]:
+    """The text and HTML a cell keeps of its ended background job, which must be no widget: a
+    notebook opened again has no widget state ("Error displaying widget: model not found")."""
+    shown = [o.data for o in cell.outputs if o.output_type == "display_data"
+             and "gpu-magic-" in o.data.get("text/html", "")]
+    assert len(shown) == 1, [o.output_type for o in cell.outputs]
+    assert WIDGET not in shown[0], shown[0]
+    return shown[0].get("text/plain", ""), shown[0]["text/html"]
+
+
+def test_a_background_job_s_output_in_the_forms_a_saved_notebook_keeps() -> None:
+    """Prints as preformatted text as a terminal leaves them (colours off, a \\r-rewritten
+    progress line in its last form, stderr tinted), displays by their richest form HTML holds."""
+    png = "iVBORw0KGgo=\n"
+    outs = [{"output_type": "stream", "name": "stdout", "text": "epoch 1 <ok>\n10%\r100%\r\n"},
+            {"output_type": "stream", "name": "stderr", "text": "\x1b[31mwarn\x1b[0m\n"},
+            {"output_type": "display_data", "data": {"text/plain": "<Figure>", "image/png": png},
+             "metadata": {"image/png": {"width": 320}}},
+            {"output_type": "display_data", "data": {"text/plain": "df", "text/html": "<table/>"},
+             "metadata": {}},
+            {"output_type": "display_data", "data": {"text/plain": "84"}, "metadata": {}}]
+    text = outputs_text(outs)
+    assert text == "epoch 1 <ok>\n100%\nwarn\n<Figure>\ndf\n84\n"
+    markup = outputs_html(outs)
+    assert "epoch 1 &lt;ok&gt;\n100%\n</pre>" in markup and "\x1b" not in markup
+    assert 'jp-rendermime-error-background' in markup.split("warn")[0].rsplit("<pre", 1)[1]
+    assert '<img src="data:image/png;base64,iVBORw0KGgo=" width="320"' in markup
+    assert "<div><table/></div>" in markup and ">84</pre>" in markup
+    assert "&lt;Figure&gt;" not in markup and ">df<" not in markup  # the richer form only
+    assert outputs_html([]) == "" and outputs_text([]) == ""
+
+
 def test_text_and_html_forms_are_readable() -> None:
     """The pure forms: grant as the headline, the option that won and why, attempts in order."""
     s = JobState("H100:2, A100-80GB:2, any", "abc123")
@@ -77,7 +109,7 @@ def test_text_and_html_forms_are_readable() -> None:
     assert text.startswith("[gpu] succeeded · queued 1.0 s · ran 2.0 s · total 6.0 s")
     assert "bound model" in text
     page = render_html(s, 9.0)
-    assert "A100-80GB × 2" in page and "node-4" in page and ">simulated<" in page
+    assert "A100-80GB ×2" in page and "node-4" in page and ">simulated<" in page
     attempts = page[page.index("<ol"):page.index("</ol>")]
     assert attempts.index("node-3") < attempts.index("node-4")  # in order
     assert "<script" not in render_html(JobState("<script>", "x"), 0.0)  # escaped
@@ -123,13 +155,13 @@ def test_foreground_widget_shows_the_grant_and_keeps_the_final_summary(
     data = cell.outputs[0].data
     assert WIDGET not in data
     html = data["text/html"]
-    assert "A100-80GB × 1" in html and "sim-vm" in html and ">simulated<" in html
+    assert "A100-80GB ×1" in html and "sim-vm" in html and ">simulated<" in html
     assert "option 2 of 2 (H100:2: 0 of 2 H100 free)" in html
     assert "succeeded" in html and "bound" in html
     first = data["text/plain"].splitlines()[0]
     assert first.startswith("[gpu] succeeded · queued") and "A100-80GB ×1 on sim-vm" in first
     assert "option 2 of 2" in first
-    assert "succeeded" in data["text/html"] and "A100-80GB × 1" in data["text/html"]
+    assert "succeeded" in data["text/html"] and "A100-80GB ×1" in data["text/html"]
     assert "Widget" not in data["text/plain"] and "VBox" not in data["text/plain"]
 
 
@@ -182,7 +214,8 @@ def test_text_form_in_terminal_ipython(use_gateway: Gateway, tmp_path: Path) -> 
     lines = out.stdout.splitlines()
     assert "remote says 42" in lines and "local y 42" in lines
     final = [ln for ln in lines if ln.startswith("[gpu] succeeded")]
-    assert final and "H100 ×1 on sim-vm (simulated) · option 1 of 1" in final[-1], out.stdout
+    assert final and "H100 ×1 on sim-vm (simulated)" in final[-1], out.stdout
+    assert "option 1 of 1" not in final[-1]  # (a spec of one option: no choice was made)
     assert "object at 0x" not in out.stdout and "Widget" not in out.stdout
 
 
@@ -330,9 +363,10 @@ def test_a_refused_upload_does_not_leave_the_cell_saying_it_sends(
         gw.stop()
 
 
-def test_widget_view_serializes(use_gateway: Gateway, tmp_path: Path) -> None:
-    """The saved notebook is valid JSON with the widget state (what nbconvert renders from):
-    a background job's widget, which keeps its output, stays a widget."""
+def test_a_saved_background_cell_keeps_its_output_without_widget_state(
+        use_gateway: Gateway, tmp_path: Path) -> None:
+    """The saved notebook is valid, and the background job's cell holds its final status and
+    what it printed as text and HTML: no widget, which a notebook opened again cannot show."""
     nb = make_notebook("%load_ext gpu_magic",
                        "%%gpu H100 --background\nimport time\ntime.sleep(1.2)\nprint('kept')",
                        "job = _\njob.wait()")
@@ -343,7 +377,9 @@ def test_widget_view_serializes(use_gateway: Gateway, tmp_path: Path) -> None:
     nbformat.write(nb, path)
     again = nbformat.read(path, as_version=4)
     nbformat.validate(again)
-    assert widget_of(again.cells[1]) in json.dumps(again.metadata["widgets"])
+    text, markup = saved(again.cells[1])
+    assert text.startswith("[gpu] succeeded") and text.endswith("\nkept\n")
+    assert markup.index("succeeded") < markup.index(">kept\n</pre>")
 
 
 def test_a_job_followed_again_counts_its_time_from_its_real_start() -> None:

@@ -55,13 +55,11 @@ export function formatSeconds(s: number): string {
   return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
 }
 
-/** "H100 ×2 on node-0 · option 1 of 3" */
+/** "H100 ×2 on node-0 · option 1 of 3" ("H100 ×2 on node-0" for a spec of one option) */
 export function grantText(grant: IGrant, spec: string): string {
   const n = spec.split(',').length;
-  return (
-    `${grant.gpu_type} ×${grant.count} on ${grant.node}` +
-    ` · option ${grant.option_index + 1} of ${n}`
-  );
+  const where = `${grant.gpu_type} ×${grant.count} on ${grant.node}`;
+  return n > 1 ? `${where} · option ${grant.option_index + 1} of ${n}` : where;
 }
 
 /** How long a job has waited, run, or ran; from the server's clock. */
