@@ -28,7 +28,7 @@ from gpu_magic._api import attach
 from gpu_magic._client import GatewayClient
 from gpu_magic._payload import pack_inputs
 
-from .conftest import Gateway, start_gateway, wait_for
+from .conftest import SIM_POOL, Gateway, start_gateway, wait_for
 from .test_gateway_http import all_free, finish, submit
 
 DEADLINE = 60.0
@@ -122,13 +122,15 @@ class _Restartable:
     """A gateway on a fixed port and state folder, and a client of it, that can be stopped
     and started again under the client (which keeps its URL)."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, simulate: str = SIM_POOL) -> None:
         self.tmp_path, self.port, self.state = tmp_path, _free_port(), tmp_path / "state"
+        self.simulate = simulate
         self.gw = self._start()
         self.client = GatewayClient(self.gw.url, self.gw.token)
 
     def _start(self) -> Gateway:
-        return start_gateway(self.tmp_path, "--port", str(self.port), state_dir=self.state)
+        return start_gateway(self.tmp_path, "--port", str(self.port), state_dir=self.state,
+                             simulate=self.simulate)
 
     def stop(self) -> None:
         self.gw.stop()
@@ -275,6 +277,38 @@ def test_a_job_queued_when_the_gateway_restarts_says_nothing_ran(tmp_path: Path)
         assert str(info.value) == (f"GPU job {queued.id} was lost: the gateway restarted while "
                                    "this job waited in the queue; nothing ran. Run the cell "
                                    "again.")
+    finally:
+        r.close()
+
+
+def test_a_job_waiting_to_be_retried_when_the_gateway_crashes_had_run(tmp_path: Path) -> None:
+    # it was told "waited in the queue; nothing ran" and its "ran" counted the outage: its
+    # first attempt had run (here: out of memory on the T4, waiting for the busy A100)
+    r = _Restartable(tmp_path, simulate="T4:1,A100-80GB:1")
+    client = r.client
+    try:
+        holder = gpu_magic.run("import time\ntime.sleep(120)", "A100-80GB", ns(), client=client,
+                               quiet=True, background=True)
+        wait_for(lambda: holder.state == "running", DEADLINE)
+        job = gpu_magic.run("import time\nprint('tried', flush=True)\ntime.sleep(2)\n"
+                            "raise RuntimeError('CUDA out of memory. Tried to allocate 9 GiB')",
+                            "T4, A100-80GB", ns(), client=client, quiet=True, background=True,
+                            oom_fallback=True)
+        wait_for(lambda: client.job(job.id)["attempt"] == 2, DEADLINE)
+        assert client.job(job.id)["state"] == "queued"
+        time.sleep(0.5)  # (its record is written within milliseconds of the change)
+        r.gw.proc.kill()
+        r.gw.proc.wait()
+        killed = time.time()
+        time.sleep(3)
+        r.start_again()
+        with pytest.raises(RunnerLost) as info:
+            job.wait(timeout=DEADLINE)
+        assert "while this job waited to be retried (attempt 2); its output so far is kept" \
+            in str(info.value)
+        rec = client.job(job.id)
+        assert rec["ran_until"] <= killed + 2.5 < rec["finished"]
+        assert "tried\n" in job.output
     finally:
         r.close()
 

@@ -137,6 +137,26 @@ def test_out_of_memory_falls_back_to_a_gpu_with_more_memory(
         gpu_magic.run(cell, "T4", ns(), client=client, oom_fallback=True)
 
 
+def test_a_job_cancelled_while_waiting_to_be_retried_says_it_ran(small_client: Any) -> None:
+    # "cancelled while queued; nothing ran" of a job whose first attempt ran out of memory
+    client = small_client
+    holder = submit(client, "import time\ntime.sleep(60)", "A100-80GB", background=True)
+    try:
+        wait_for(lambda: client.job(holder["id"])["state"] == "running", DEADLINE)
+        job = gpu_magic.run("print('tried')\nraise RuntimeError('CUDA out of memory.')",
+                            "T4, A100-80GB", ns(), client=client, quiet=True, background=True,
+                            oom_fallback=True)
+        wait_for(lambda: client.job(job.id)["attempt"] == 2, DEADLINE)
+        assert job.cancel()
+        rec = finish(client, job.id)
+        assert rec["state"] == "cancelled"
+        assert rec["message"] == ("cancelled while queued to be retried (attempt 2); its output "
+                                  "so far is kept")
+    finally:
+        client.cancel(holder["id"])
+        finish(client, holder["id"])
+
+
 def test_out_of_memory_on_a_gpu_of_unknown_memory_says_so(tmp_path: Path) -> None:
     # a type whose memory the pool does not know (a Ray label of its own) was "0 GB", and
     # every option then counted as larger

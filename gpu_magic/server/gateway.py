@@ -372,7 +372,8 @@ class Gateway:
                 was = job.state
                 job.state = "lost"
                 job.finished = time.time()
-                if was != "queued" and job.started and last_seen is not None:
+                # (a job queued again to be retried has run: its first attempt's time counts)
+                if job.started and last_seen is not None:
                     # its "ran" must not count the time the gateway was down (its record
                     # ends now: retention counts from when the user can first see it)
                     job.ran_until = min(job.finished, max(job.started, last_seen))
@@ -380,7 +381,10 @@ class Gateway:
                 # live only as long as the gateway that took them)
                 job.message = (
                     "the gateway restarted while this job waited in the queue; nothing ran. "
-                    "Run the cell again." if was == "queued" else
+                    "Run the cell again." if was == "queued" and not job.started else
+                    "the gateway restarted while this job waited to be retried (attempt "
+                    f"{job.attempt}); its output so far is kept. Run the cell again."
+                    if was == "queued" else
                     f"the gateway restarted while this job was {was}; its output so far is "
                     "kept. Run the cell again."
                 )
@@ -844,7 +848,9 @@ class Gateway:
         by = f" by {user.name} (admin)" if user.name != job.user else ""
         if job.state == "queued":
             self._dequeue(job)
-            job.message = f"cancelled{by} while queued; nothing ran"
+            job.message = (f"cancelled{by} while queued; nothing ran" if not job.started else
+                           f"cancelled{by} while queued to be retried (attempt {job.attempt}); "
+                           "its output so far is kept")
             self._finish(job, "cancelled")
         elif job.stoppable:
             job.stop_reason = "cancelled"
@@ -1341,6 +1347,7 @@ class Gateway:
                 self._emit(job, {"type": "stderr", "text": f"[gpu_magic] {why}; retrying "
                                  f"(attempt {job.attempt} of {int(req['retries']) + 1})\n"})
                 self._emit_queued(job)
+                self.store.save_job(self._record(job))
             else:
                 job.message = why
                 self._finish(job, "lost" if outcome.get("type") != "runner_error" else "failed")
@@ -1371,6 +1378,7 @@ class Gateway:
         job.grant = None
         self.queue.append(job.id)
         self._emit_queued(job)
+        self.store.save_job(self._record(job))  # (a crash now: it waited to be retried)
         self._schedule()
         return True
 
