@@ -191,6 +191,17 @@ def test_clear_output_in_the_cell_keeps_the_status_above_its_output(tmp_path: Pa
     outputs = nb.cells[1].outputs
     assert [o.output_type for o in outputs] == ["display_data", "stream"], outputs
     assert outputs[1].text == "keep\n" and "succeeded" in outputs[0].data["text/plain"]
+    # ... unless a value or an error follows: that clears what it printed, not the status
+    nb = make_notebook("%load_ext gpu_magic",
+                       "%%gpu H100\nfrom IPython.display import clear_output\nprint('gone')\n"
+                       "clear_output(wait=True)\n6 * 7",
+                       "%%gpu H100\nfrom IPython.display import clear_output\nprint('gone')\n"
+                       "clear_output(wait=True)\n1 / 0")
+    execute(nb, tmp_path, allow_errors=True)
+    for cell, last in zip(nb.cells[1:], ("execute_result", "error"), strict=True):
+        kinds = [o.output_type for o in cell.outputs]
+        assert kinds == ["display_data", last], cell.outputs
+        assert "[gpu]" in cell.outputs[0].data["text/plain"]
 
 
 def test_quiet_shows_no_widget(use_gateway: Gateway, tmp_path: Path) -> None:
