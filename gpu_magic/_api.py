@@ -336,6 +336,8 @@ class _Job:
         self.result: dict[str, Any] | None = None
         self.in_place: dict[str, tuple[Any, ...]] = {}  # inputs changed in place: new states
         self.modules: dict[str, tuple[Any, ...]] = {}  # local modules the cell changed
+        # the classes sent by value, with their attributes as sent (see _payload.loads)
+        self.sent_classes: dict[int, tuple[type, dict[str, Any]]] = {}
         self.printed: list[str] = []  # a background job's stdout and stderr so far
         self.last_seq = 0  # the last event taken: following again resumes after it
         self.bound: dict[str, Any] = {}
@@ -561,7 +563,8 @@ class _Job:
             # a name the runner sent back by reference that is not among what we kept: the
             # notebook's (a global the walk here did not find, that cloudpickle did)
             payload = _payload.loads(blob, buffers, namespace=staging,
-                                     inputs=collections.ChainMap(self.refs, self.namespace))
+                                     inputs=collections.ChainMap(self.refs, self.namespace),
+                                     classes=self.sent_classes)
         except Exception as exc:
             raise SerializationError(
                 f"the results of GPU job {self.id} could not be rebuilt here "
@@ -963,6 +966,7 @@ def submit(
     job = _Job(cl, record, state, NullView(state), source, opts, namespace, values,
                refs={**fglobals, **values})
     job.feed = feed
+    job.sent_classes = packed.classes
     job.outputs = [*analysis.outputs, *sorted(analysis.deleted)]
     job.view = _make_view(job)
     if notice is not None:

@@ -75,6 +75,8 @@ class Packed:
     buffers: list[memoryview] = field(default_factory=list)
     buffer_digests: list[str] = field(default_factory=list)
     pickle_digest: str = ""
+    # the classes it holds by value, by id, each with its attributes as sent (see loads)
+    classes: dict[int, tuple[type, dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.pickle_digest:
@@ -113,6 +115,7 @@ class _Pickler(cloudpickle.Pickler):
         self.globals_ref = _GlobalsRef(self)
         self._module_dicts: dict[int, types.ModuleType] | None = None
         self._makers: dict[int, _ModuleMaker] = {}
+        self.classes: dict[int, tuple[type, dict[str, Any]]] = {}
 
     def by_value_module(self, dict_id: int) -> types.ModuleType | None:
         """The module sent by value (a local one) whose ``__dict__`` has this id, if any."""
@@ -160,6 +163,8 @@ class _Pickler(cloudpickle.Pickler):
             reduced = _reduce_wrapper(obj)
             if reduced is not None:
                 return reduced
+        if isinstance(obj, type) and not cloudpickle.cloudpickle._should_pickle_by_reference(obj):
+            self.classes[id(obj)] = (obj, dict(vars(obj)))  # (once: pickle memoizes classes)
         return super().reducer_override(obj)
 
 
@@ -602,7 +607,8 @@ def dumps(
                     cloudpickle.unregister_pickle_by_value(mod)
                 except ValueError:
                     pass
-    packed = Packed(f.getvalue(), buffers, [digest(b) for b in buffers] if hash_buffers else [])
+    packed = Packed(f.getvalue(), buffers, [digest(b) for b in buffers] if hash_buffers else [],
+                    classes=p.classes)
     return packed, p.cuda_moved
 
 
@@ -618,9 +624,12 @@ class _Unpickler(pickle.Unpickler):
         self._namespace = namespace
         self._inputs = inputs
         self.made: list[Any] | None = None
+        self.classes: Mapping[int, tuple[type, dict[str, Any]]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         found = super().find_class(module, name)
+        if self.classes and module.startswith("cloudpickle") and name == "_class_setstate":
+            return functools.partial(_class_setstate, found, self.classes)
         if self.made is not None and module.startswith("cloudpickle") and name in _MAKERS:
             made = self.made
 
@@ -660,6 +669,22 @@ def _array_from_buffer(frombuffer: Callable[..., Any], buf: Any, *args: Any) -> 
     return own
 
 
+def _class_setstate(setstate: Callable[[type, Any], Any],
+                    sent: Mapping[int, tuple[type, dict[str, Any]]], cls: type, state: Any) -> Any:
+    """cloudpickle's filling of a class that came back: a class we sent is our own class again
+    (cloudpickle tracks it), and cloudpickle sets every attribute the copy had onto it. Only
+    what the cell changed is set: the notebook's methods stay themselves (their source file
+    known to tracebacks, ``inspect``, ``torch.jit``), and one patched here meanwhile stays
+    patched (a background job's class was reverted to what it sent)."""
+    own = sent.get(id(cls))
+    if own is None or own[0] is not cls:
+        return setstate(cls, state)  # made by the cell, or not one of ours
+    attrs, slots = state
+    before = own[1]
+    changed = {k: v for k, v in attrs.items() if k not in before or not same_state(before[k], v)}
+    return setstate(cls, (changed, slots))
+
+
 # cloudpickle's constructors of the classes and functions it sends by value
 _MAKERS = frozenset({"_make_skeleton_class", "_make_skeleton_enum", "_make_function"})
 
@@ -671,12 +696,15 @@ def loads(
     namespace: dict[str, Any],
     inputs: Mapping[str, Any] | None = None,
     made: list[Any] | None = None,
+    classes: Mapping[int, tuple[type, dict[str, Any]]] | None = None,
 ) -> Any:
     """Unpickle a payload; notebook functions in it get ``namespace`` as their globals and
     references to inputs resolve to the objects in ``inputs``. ``made``: a list that
-    receives each class and function the payload brought by value."""
+    receives each class and function the payload brought by value. ``classes``: those of
+    the payload this one answers (``Packed.classes``), which keep what the cell left alone."""
     u = _Unpickler(io.BytesIO(data), namespace, buffers, inputs or {})
     u.made = made
+    u.classes = classes or {}
     return u.load()
 
 
@@ -702,6 +730,57 @@ class _OwnStatePickler(_Pickler):
 def _function_state(*state: Any) -> Any:
     """Named in fingerprints of functions (see _OwnStatePickler); they are never loaded."""
     return state
+
+
+def same_state(a: Any, b: Any, depth: int = 0) -> bool:
+    """Whether ``b`` is ``a`` as it was sent and came back (a class attribute the cell did not
+    change): functions by their code (its file name aside, which cloudpickle does not send),
+    defaults, closure and attributes, whatever their globals; the wrappers of functions
+    through them; other values by their pickles (False if either does not pickle)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or depth > 8:
+        return False
+    if type(a) is types.FunctionType:
+        cells = ([tuple(c.cell_contents for c in f.__closure__ or ()) for f in (a, b)]
+                 if _filled(a, b) else None)
+        return (a.__code__ == b.__code__ and a.__qualname__ == b.__qualname__
+                and cells is not None and len(cells[0]) == len(cells[1])
+                and all(same_state(x, y, depth + 1) for x, y in zip(*cells))
+                and same_state(a.__defaults__, b.__defaults__, depth + 1)
+                and same_state(a.__kwdefaults__, b.__kwdefaults__, depth + 1)
+                and same_state(a.__dict__, b.__dict__, depth + 1))
+    if isinstance(a, (staticmethod, classmethod)):
+        return same_state(a.__func__, b.__func__, depth + 1)
+    if isinstance(a, property):
+        return all(same_state(getattr(a, n), getattr(b, n), depth + 1)
+                   for n in ("fget", "fset", "fdel")) and a.__doc__ == b.__doc__
+    if isinstance(a, type):
+        return False  # (a class we sent comes back as itself: another one is another class)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same_state(x, y, depth + 1) for x, y in zip(a, b))
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(same_state(a[k], b[k], depth + 1) for k in a)
+    prints = []
+    for obj in (a, b):
+        f = io.BytesIO()
+        try:
+            _Pickler(f, None, buffer_callback=lambda _b: True).dump(obj)
+        except Exception:
+            return False
+        prints.append(f.getvalue())
+    return prints[0] == prints[1]
+
+
+def _filled(*functions: types.FunctionType) -> bool:
+    """Whether every closure cell of these functions holds a value (an empty one raises)."""
+    try:
+        for f in functions:
+            for c in f.__closure__ or ():
+                c.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
 
 
 def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None,

@@ -493,6 +493,45 @@ def test_an_exception_that_cannot_be_rebuilt_here_says_why() -> None:
     assert "`except RemoteError` takes it" in text and "needs a __reduce__" in text
 
 
+def test_a_notebook_class_coming_back_keeps_its_own_methods() -> None:
+    """An instance coming back brings its class by value (when the cell did not name the
+    class), and cloudpickle set every attribute of that copy onto the notebook's class: its
+    methods became the copies (tracebacks and inspect lost their source), and a method
+    patched here while a background job ran was reverted. Only what the cell changed is set."""
+    ns = notebook("""
+        class Net:
+            scale = 2
+            def __init__(self, w):
+                self.w = w
+            def describe(self):
+                return "v1"
+        class Deeper(Net):
+            def describe(self):
+                return "deeper " + super().describe()
+        model, d = Net(3), Deeper(1)
+    """)
+    Net = ns["Net"]
+    init, deeper = Net.__init__, ns["Deeper"].describe
+    job = run(ns, "import time\ntime.sleep(1)\nmodel.w += 1\nclone = type(d)(7)", "H100",
+              background=True, quiet=True)
+
+    def v2(self: Any) -> str:
+        return "v2"
+
+    Net.describe = v2  # patched here while the job runs
+    job.wait(timeout=60)
+    assert ns["model"].w == 4 and type(ns["clone"]) is ns["Deeper"]
+    assert Net.describe is v2
+    assert ns["clone"].describe() == "deeper v2"
+    assert Net.__init__ is init and ns["Deeper"].describe is deeper
+    assert Net.__init__.__code__.co_filename == "<notebook>"
+    # what the cell does change in the class comes back, and only that
+    run(ns, "type(model).scale = 5\ndef twice(self):\n    return 2 * self.w\n"
+        "type(model).twice = twice\nmodel.w = 6", "H100")
+    assert Net.scale == 5 and ns["model"].twice() == 12
+    assert Net.__init__ is init and Net.describe is v2
+
+
 def test_an_exception_whose_class_is_only_where_the_cell_ran_says_so() -> None:
     ns = notebook("")
     with pytest.raises(RemoteError) as info:
