@@ -1894,11 +1894,36 @@ def _main_module(module: Any) -> Any:
     return module
 
 
+# what torch, CuPy, numba and the CUDA runtime say when a process has no GPU to use
+_NO_CUDA = re.compile(r"not compiled with CUDA|no NVIDIA driver|No CUDA GPUs are available|"
+                      r"no CUDA-capable device|CUDA driver .*(?:not|cannot) (?:be )?found|"
+                      r"CUDA is not available|cudaErrorNoDevice", re.IGNORECASE)
+
+
+def _note_simulated(exc: BaseException) -> None:
+    """A simulated grant has no GPU: an error saying CUDA is missing gets a note saying why
+    (torch's "Torch not compiled with CUDA enabled" reads as a broken install)."""
+    try:
+        grant = json.loads(os.environ.get("GPU_MAGIC_GRANT") or "{}")
+    except ValueError:
+        return
+    if not grant.get("simulated") or not _NO_CUDA.search(f"{type(exc).__name__}: {exc}"):
+        return
+    note = (f"gpu_magic: the {grant.get('type', 'GPU')} this cell was granted is simulated (a "
+            "pool for teaching and tests): the cell ran on a CPU, with no CUDA. Choose the "
+            "device in the cell (device = 'cuda' if torch.cuda.is_available() else 'cpu'), "
+            "or run it on a gateway with real GPUs.")
+    if note not in (getattr(exc, "__notes__", None) or []):
+        with contextlib.suppress(Exception):
+            exc.add_note(note)
+
+
 def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,
                  lead: int = 0) -> dict[str, Any]:
     """The cell's exception as an event: its frames from the cell's own on (``lead``: see
     _frames), the exceptions it was raised from, and its pickle (inline when small), or why
     it could not be sent (``unsent``)."""
+    _note_simulated(exc)
     cell_files = set(getattr(shell.compile, "_filename_map", {}) or {})
     event: dict[str, Any] = {
         "type": "error",

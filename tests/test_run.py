@@ -532,6 +532,19 @@ def test_a_notebook_class_coming_back_keeps_its_own_methods() -> None:
     assert Net.__init__ is init and Net.describe is v2
 
 
+def test_no_cuda_on_a_simulated_gpu_says_why() -> None:
+    # torch's own "Torch not compiled with CUDA enabled" read as a broken install
+    ns = notebook("")
+    with pytest.raises(AssertionError) as info:
+        run(ns, "raise AssertionError('Torch not compiled with CUDA enabled')", "H100")
+    notes = getattr(info.value, "__notes__", [])
+    assert any("the H100 this cell was granted is simulated" in n for n in notes), notes
+    assert "torch.cuda.is_available()" in "".join(notes)
+    with pytest.raises(ValueError) as other:
+        run(ns, "raise ValueError('bad shape')", "H100")
+    assert not any("CUDA" in n for n in getattr(other.value, "__notes__", []))
+
+
 def test_an_exception_whose_class_is_only_where_the_cell_ran_says_so() -> None:
     ns = notebook("")
     with pytest.raises(RemoteError) as info:
