@@ -161,6 +161,22 @@ def test_cancel_a_long_job_from_the_sidebar(page: Any, lab: LabServer) -> None:
     screenshot(page, "sidebar-job-cancelled")
 
 
+def test_the_status_bar_follows_a_job_with_the_sidebar_closed(page: Any, lab: LabServer) -> None:
+    # with the panel closed the jobs were polled every 10 s: the item showed a job seconds
+    # late, or not at all, and an ended one for seconds after
+    write_notebook(lab.root / "statusbar.ipynb", "%load_ext gpu_magic",
+                   "%%gpu H100\nimport time\ntime.sleep(4)")
+    open_notebook(page, lab, "statusbar.ipynb")
+    if page.locator(PANEL).is_visible():
+        page.locator(SIDEBAR_TAB).click()
+    page.locator(PANEL).wait_for(state="hidden")
+    run_cells(page, [0, 1])
+    running = page.locator(".jp-GpuMagic-status", has_text="GPU: H100 ×1 running")
+    running.wait_for(timeout=3500)  # while the 4 s cell runs
+    page.locator(".jp-OutputArea-output .gpu-magic-status", has_text="succeeded").wait_for()
+    running.wait_for(state="hidden", timeout=4000)
+
+
 def test_advice_instead_of_a_blank_panel(context: Any, tmp_path: Path) -> None:
     """No gateway configured and none running: the panel says what to do."""
     with lab_server(tmp_path / "lab", tmp_path, {}) as lab:

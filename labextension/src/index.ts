@@ -8,7 +8,11 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import {
+  INotebookTracker,
+  NotebookActions,
+  NotebookPanel
+} from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { Widget } from '@lumino/widgets';
 
@@ -18,6 +22,8 @@ import { GpuModel } from './model';
 import { GpuPanel } from './panel';
 
 export const PANEL_ID = 'gpu-magic-sidebar';
+/** The source of a cell that may start a GPU job. */
+const GPU_CELL = /%%gpu|gpu_magic|@gpu\b/;
 
 /** Bring the notebook a job came from to the front and scroll to the job's cell. */
 async function showCell(
@@ -120,6 +126,15 @@ const plugin: JupyterFrontEndPlugin<void> = {
     if (restorer) {
       restorer.add(panel, PANEL_ID);
     }
+    // a cell that may start a GPU job: look at once, not at the next poll (up to 10 s away
+    // while the panel is closed, and the status-bar item lagged that much)
+    NotebookActions.executionScheduled.connect((_, { cell }) => {
+      if (GPU_CELL.test(cell.model.sharedModel.getSource())) {
+        for (const ms of [300, 1500]) {
+          window.setTimeout(() => void model.refresh(), ms);
+        }
+      }
+    });
     if (statusBar) {
       const item = new GpuStatusItem(model, () => shell.activateById(PANEL_ID));
       statusBar.registerStatusItem('gpu-magic-labextension:status', {

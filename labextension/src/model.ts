@@ -1,7 +1,7 @@
 /**
- * What the sidebar shows, refreshed by one Poll: every 2 s while the panel is visible, every
- * 10 s while only the status-bar item needs the jobs, and not at all while the browser tab is
- * hidden.
+ * What the sidebar shows, refreshed by one Poll: every 2 s while the panel is visible or the
+ * viewer has jobs holding or waiting for GPUs (the status-bar item shows them), every 10 s
+ * otherwise, and not at all while the browser tab is hidden.
  */
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
@@ -36,7 +36,10 @@ export class GpuModel {
       frequency: { interval: VISIBLE_INTERVAL_MS, backoff: true, max: 30000 },
       standby: () =>
         document.hidden ||
-        (!this._visible && Date.now() - this._last < HIDDEN_INTERVAL_MS),
+        (!this._visible &&
+          !this._asked &&
+          !this.myActive.length &&
+          Date.now() - this._last < HIDDEN_INTERVAL_MS),
       name: 'gpu-magic:refresh'
     });
   }
@@ -83,7 +86,9 @@ export class GpuModel {
     return me ? this.active.filter(j => j.user === me) : [];
   }
 
+  /** Look now (a poll in standby would let the request pass). */
   refresh(): Promise<void> {
+    this._asked = true;
     return this._poll.refresh();
   }
 
@@ -100,6 +105,7 @@ export class GpuModel {
 
   private async _refresh(): Promise<void> {
     this._last = Date.now();
+    this._asked = false;
     try {
       const status = await request<IStatus>('status');
       this.status = status;
@@ -150,4 +156,5 @@ export class GpuModel {
   private _listedAll = false;
   private _visible = false;
   private _last = 0;
+  private _asked = false;
 }
