@@ -148,6 +148,9 @@ def test_cancel_a_long_job_from_the_sidebar(page: Any, lab: LabServer) -> None:
     row = panel.locator('.jp-GpuMagic-job[data-state="running"]', has_text="long.ipynb")
     row.wait_for(timeout=WAIT_MS * 2)
     assert "H100 ×1 on" in row.inner_text()
+    # the grant on one line, not broken beside Cancel ("H100 ×1 on sim-" / "vm")
+    where = row.locator(".jp-GpuMagic-where").bounding_box()
+    assert where["height"] < 1.5 * row.locator(".jp-GpuMagic-state").bounding_box()["height"]
     # while it runs, the status bar says so
     page.locator(".jp-GpuMagic-status", has_text="GPU: H100 ×1 running (simulated)").wait_for()
     screenshot(page, "sidebar-job-running")

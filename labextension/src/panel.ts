@@ -55,11 +55,11 @@ export function formatSeconds(s: number): string {
   return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
 }
 
-/** "H100 ×2 on node-0 · option 1 of 3" ("H100 ×2 on node-0" for a spec of one option) */
-export function grantText(grant: IGrant, spec: string): string {
+/** "H100 ×2 on node-0" and " · option 1 of 3" (nothing for a spec of one option) */
+export function grantText(grant: IGrant, spec: string): [string, string] {
   const n = spec.split(',').length;
   const where = `${grant.gpu_type} ×${grant.count} on ${grant.node}`;
-  return n > 1 ? `${where} · option ${grant.option_index + 1} of ${n}` : where;
+  return [where, n > 1 ? ` · option ${grant.option_index + 1} of ${n}` : ''];
 }
 
 /** How long a job has waited, run, or ran; from the server's clock. */
@@ -419,13 +419,14 @@ export class GpuPanel extends Widget {
         });
       });
     }
-    // Everything but Cancel goes in one column; Cancel keeps the top right corner whatever
-    // wraps (in the first line's flow it jumped between that line and one of its own).
-    const main = h('div', { class: 'jp-GpuMagic-jobmain' });
-    row.append(main);
+    // Cancel floats in the top right corner whatever wraps (in the first line's flow it
+    // jumped between that line and one of its own); the lines below it take the row's whole
+    // width (beside it, in a column of their own, "sim-vm" broke in two)
     if (cancel) {
       row.append(cancel);
     }
+    const main = h('div', { class: 'jp-GpuMagic-jobmain' });
+    row.append(main);
     const everyone = this._model.everyone;
     main.append(
       h(
@@ -440,11 +441,14 @@ export class GpuPanel extends Widget {
       )
     );
     if (job.grant) {
+      const [where, option] = grantText(job.grant, job.spec);
       main.append(
         h(
           'div',
           { class: 'jp-GpuMagic-grant' },
-          grantText(job.grant, job.spec),
+          // in one piece: below Cancel if it does not fit beside it ("sim-" / "vm")
+          h('span', { class: 'jp-GpuMagic-where' }, where),
+          option,
           job.grant.simulated ? simulatedMark() : null
         )
       );
