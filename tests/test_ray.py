@@ -697,6 +697,12 @@ def test_a_type_map_typo_is_noted_where_users_look(cluster: RayCluster, tmp_path
             assert f"Note: {note}." in str(info.value), info.value
             # nodes join and leave a Ray cluster: not "can ever run"
             assert "can run on the Ray cluster as it is now" in str(info.value), info.value
+            assert "--wait SECONDS" in str(info.value)
+            # asked to wait, it waits for such a node to join (it was refused all the same)
+            with pytest.raises(gpu_magic.WaitExpired) as waited:
+                gpu_magic.run("1", "H100", {"__name__": "__main__"}, client=c, quiet=True,
+                              wait=1)
+            assert "no node for it is in the pool; nothing ran" in str(waited.value)
     finally:
         gw.stop()
 

@@ -700,6 +700,10 @@ class Gateway:
                            "inside the cell from storage the GPU machine can reach.")
         self.blobs.touch(user.name, digests)
         kept, dropped = feasibility(list(spec.options), gpus)
+        if not kept and body.get("wait") is not None and self._pool_changes():
+            # asked to wait, on a pool whose nodes come and go: a node for it may join within
+            # --wait (the queue says what it waits for, the wait's end that none came)
+            kept, dropped = list(range(len(spec.options))), []
         if not kept:
             raise ApiError(422, "no_feasible_option", self._refusal(spec, dropped, gpus))
         kept, over = self._within_gpu_limit(user, spec, kept, limits)
@@ -831,14 +835,18 @@ class Gateway:
         if self.backend.name == "ray":  # nodes join and leave: "ever" would be too strong
             return (
                 f"no option of '{spec}' can run on the Ray cluster as it is now ({reasons}). It "
-                f"has {pool_summary(gpus)}; ask for one of {', '.join(types)}, or 'any', or run "
-                "the cell again once a node of the type you want has joined (the gateway's "
+                f"has {pool_summary(gpus)}; ask for one of {', '.join(types)}, or 'any', or "
+                "wait for a node of the type you want to join (--wait SECONDS; the gateway's "
                 f"--ray-autoscale declares types an autoscaler can add).{notes}"
             )
         return (
             f"no option of '{spec}' can ever run on this pool ({reasons}). The pool has "
             f"{pool_summary(gpus)}; ask for one of {', '.join(types)}, or 'any'.{notes}"
         )
+
+    def _pool_changes(self) -> bool:
+        """Whether the pool changes by itself (Ray: nodes join and leave)."""
+        return getattr(self.backend, "waiting", None) is not None
 
     def cancel(self, user: User, job_id: str) -> Job:
         job = self.job_for(user, job_id)
@@ -942,7 +950,7 @@ class Gateway:
             held[j.user] = held.get(j.user, 0) + len((j.grant or {}).get("indices", []))
         reqs = []
         waits: dict[str, str | None] = {}
-        changing = getattr(self.backend, "waiting", None) is not None  # (Ray: nodes come, go)
+        changing = self._pool_changes()
         for j in (self.jobs[i] for i in self.queue):
             opts, idx = list(j.options), list(j.option_indices)
             cap = self.user_limits.get(j.user, {}).get("max_gpus", j.gpu_cap)
