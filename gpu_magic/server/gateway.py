@@ -818,8 +818,8 @@ class Gateway:
                 f"no option of '{spec}' can run now: the Ray cluster of this gateway"
                 f"{f' ({where})' if where and where != 'auto' else ''} has no GPU node at the "
                 "moment (none has joined, or they all left, or the cluster is down). %gpu pool "
-                "shows GPUs as nodes join; run the cell again then, or ask whoever runs the "
-                "cluster."
+                "shows GPUs as nodes join; run the cell again then (with --wait SECONDS it "
+                "waits that long for one), or ask whoever runs the cluster."
             )
         if not gpus:
             return (
