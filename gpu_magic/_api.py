@@ -1164,9 +1164,7 @@ def run(
         if isinstance(job, _Job) and not opts.background:
             _followed(job.id, None)
             if sys.exc_info()[1] is not None or job.value is not None:
-                # shown next (the cell's Out, or its error): a clear_output(wait=True) the
-                # cell ended on would clear the status with it, unless the status goes first
-                job.view.before_output()
+                job.view.before_value()  # (its Out, or its error, is shown next)
             job.view.finish()
 
 

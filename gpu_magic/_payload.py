@@ -18,6 +18,7 @@ import contextlib
 import copyreg
 import functools
 import io
+import linecache
 import os
 import pickle
 import re
@@ -165,7 +166,41 @@ class _Pickler(cloudpickle.Pickler):
                 return reduced
         if isinstance(obj, type) and not cloudpickle.cloudpickle._should_pickle_by_reference(obj):
             self.classes[id(obj)] = (obj, dict(vars(obj)))  # (once: pickle memoizes classes)
+        if type(obj) is types.CodeType:
+            lines = _cell_lines(obj.co_filename)
+            if lines is not None:
+                return _code_in_file, (cloudpickle.cloudpickle._code_reduce(obj),
+                                       obj.co_filename, lines)
         return super().reducer_override(obj)
+
+
+# --- the source of notebook code ---
+#
+# cloudpickle sends code as from "<dynamic-code>": where the cell ran, inspect.getsource of a
+# notebook function failed, and so did what needs it (torch.jit.script, triton.jit), and
+# tracebacks had no line to show. Code from a notebook cell (a file linecache holds but no
+# disk does) travels with its file name and the cell's lines, which the other side adds to
+# its linecache (once per pickle: the lines are one object, memoized), unless it has that
+# file already. Both ways: a function made in a %%gpu cell comes back with its source too.
+
+CELL_SOURCE_MAX = 1 << 20  # a larger "cell" travels as cloudpickle sends it, without source
+
+
+def _cell_lines(filename: str) -> list[str] | None:
+    entry = linecache.cache.get(filename)
+    if entry is None or len(entry) != 4 or entry[1] is not None:
+        return None  # not a cell: a file on disk (or none), which the other side may not have
+    lines = entry[2]
+    return lines if isinstance(lines, list) and entry[0] <= CELL_SOURCE_MAX else None
+
+
+def _code_in_file(reduced: tuple[Any, tuple[Any, ...]], filename: str,
+                  lines: list[str]) -> types.CodeType:
+    if filename not in linecache.cache:
+        linecache.cache[filename] = (sum(map(len, lines)), None, list(lines), filename)
+    make, args = reduced
+    code: types.CodeType = make(*args)
+    return code.replace(co_filename=filename)
 
 
 # --- local modules: one module where the cell runs ---

@@ -499,6 +499,12 @@ class NullView:
         """The cell cleared its output (``clear_output``), and with it the status above; with
         ``wait``, the front end clears only when the next output comes."""
 
+    def before_value(self) -> None:
+        """The cell's value or error is shown next: if a ``clear_output(wait=True)`` waits for
+        it, it would clear the status with it, so the status is shown again first."""
+        if getattr(self, "_reshow", False):
+            self.before_output()
+
     def comm_ids(self) -> set[str]:
         return set()
 

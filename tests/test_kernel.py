@@ -356,3 +356,18 @@ def test_remote_tracebacks_name_the_right_function_of_two_with_one_name(tmp_path
     # exit() goes through IPython and the runner: only the cell's own frame is shown
     err = texts(nb.cells[4], "error")
     assert "exit() ends this cell" in err and "autocall" not in err and "runner.py" not in err
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_notebook_code_keeps_its_source_both_ways(tmp_path: Path) -> None:
+    # cloudpickle sends code as "<dynamic-code>": inspect.getsource of a notebook function
+    # failed on the GPU machine (and with it torch.jit.script, triton.jit), and a function made
+    # in a %%gpu cell came back without its source
+    nb = make_notebook("%load_ext gpu_magic",
+                       "def scale(v):\n    # doubles it\n    return v * 2",
+                       "%%gpu\nimport inspect\nsrc = inspect.getsource(scale)\n"
+                       "def made(x):\n    return x + 1",
+                       "import inspect\nprint(src, end='')\nprint(inspect.getsource(made), end='')")
+    execute(nb, tmp_path)
+    assert texts(nb.cells[3], "stdout") == ("def scale(v):\n    # doubles it\n    return v * 2\n"
+                                            "def made(x):\n    return x + 1\n")
