@@ -3,7 +3,6 @@ its text form for front ends without widgets, and its Cancel button in a foregro
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
