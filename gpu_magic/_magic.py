@@ -412,6 +412,17 @@ class GPUMagic(Magics):
                 checked_job_id(rest[0])
             except ValueError as exc:
                 raise UsageError(f"%gpu {cmd}: {exc}") from None
+        if cmd == "status" and current_target()[0] is None:
+            from ._embedded import running_local_gateway
+
+            if running_local_gateway() is None:  # said as it is: starting one is no status
+                sim = os.environ.get("GPU_MAGIC_SIMULATE")
+                pool = (f"with the simulated pool {sim} (GPU_MAGIC_SIMULATE)" if sim
+                        else "with this machine's GPUs")
+                print("no gateway is configured (GPU_MAGIC_URL, %gpu connect URL) and no local "
+                      f"one is running: the first %%gpu cell starts one here, {pool}; "
+                      "%gpu pool starts it now and shows its GPUs")
+                return None
         # these only look at the gateway and its jobs: one running with another configuration
         # is shown as it is, and restarted (if it must be) by the next cell, not here
         client = connect(looking=True)

@@ -505,6 +505,24 @@ def test_status_pool_and_jobs_show_a_local_gateway_of_another_configuration_as_i
     assert "differs" not in k.run("%gpu status")["stdout"]
 
 
+def test_status_starts_no_local_gateway(kernel_factory: Any, tmp_path: Path) -> None:
+    # %gpu status started the local gateway to report on it (found by a newcomer)
+    from gpu_magic._embedded import runtime_path
+
+    k = kernel_factory(GPU_MAGIC_SIMULATE="T4:2")
+    out = k.run("%gpu status")
+    assert out["error"] is None, out
+    assert out["stdout"] == (
+        "no gateway is configured (GPU_MAGIC_URL, %gpu connect URL) and no local one is "
+        "running: the first %%gpu cell starts one here, with the simulated pool T4:2 "
+        "(GPU_MAGIC_SIMULATE); %gpu pool starts it now and shows its GPUs\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+        assert not runtime_path().exists()
+    assert k.run("%%gpu T4 --quiet\n1")["result"] == "1"
+    assert k.run("%gpu status")["stdout"].startswith("gateway http://127.0.0.1:")
+
+
 def test_the_help_shows_the_spec_before_the_options() -> None:
     # argparse put the spec last, an order the magic refuses (found by a newcomer)
     from gpu_magic._magic import GPUMagic
