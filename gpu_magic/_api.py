@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -637,7 +638,11 @@ class _Job:
                 self.namespace.pop(n, None)
         self.bound = names
         self.result_bound = True
-        self.state.bound = list(names)
+        # a module the cell imported is bound as locally, but said apart: "bound time, y"
+        # read as if the cell had made a variable named time
+        imported = [n for n, v in names.items() if isinstance(v, types.ModuleType)]
+        self.state.bound = [n for n in names if n not in imported]
+        self.state.imported = imported
         self.state.deleted = deleted
         if ev.get("skipped") or ev.get("cuda_moved"):
             self.view.before_output()

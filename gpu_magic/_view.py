@@ -63,6 +63,7 @@ class JobState:
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.bound: list[str] = []
+        self.imported: list[str] = []  # modules the cell imported (bound too, said apart)
         self.deleted: list[str] = []
         self.kept_local: list[str] = []  # returned names not bound: reassigned here meanwhile
         self.pending: list[str] = []  # returned names waiting for a safe point to be bound
@@ -251,6 +252,8 @@ class JobState:
                          "(or at job.wait())")
         if self.bound:
             parts.append(f"bound {_names(self.bound)}")
+        if self.imported:
+            parts.append(f"imported {_names(self.imported)}")
         if self.deleted:
             parts.append(f"deleted {_names(self.deleted)}")
         if self.kept_local:
@@ -313,14 +316,25 @@ def render_text(state: JobState, now: float) -> str:
     return "\n".join(lines)
 
 
-# JupyterLab's theme colours (a dark theme lightens them), with fixed ones where there is none
-_OK, _BAD, _WARN = ("var(--jp-success-color1,#15803d)", "var(--jp-error-color1,#b91c1c)",
-                    "var(--jp-warn-color1,#92400e)")
-_BLUE, _MUTED, _FAINT = ("var(--jp-brand-color1,#1d4ed8)", "var(--jp-ui-font-color2,#4b5563)",
-                         "var(--jp-ui-font-color3,#6b7280)")
+# JupyterLab's theme colours (a dark theme lightens them), each after its fixed colour: the
+# sanitizer of an untrusted notebook drops a var() declaration whole, fallback and all
+def _themed(prop: str, var: str, fixed: str) -> str:
+    return f"{prop}:{fixed};{prop}:var({var},{fixed})"
+
+
+_OK, _BAD, _WARN = (("--jp-success-color1", "#15803d"), ("--jp-error-color1", "#b91c1c"),
+                    ("--jp-warn-color1", "#92400e"))
+_BLUE, _MUTED, _FAINT = (("--jp-brand-color1", "#1d4ed8"), ("--jp-ui-font-color2", "#4b5563"),
+                         ("--jp-ui-font-color3", "#6b7280"))
 _STATE_COLOURS = {"succeeded": _OK, "failed": _BAD, "cancelled": _WARN, "timed_out": _BAD,
                   "lost": _BAD, "expired": _WARN, "running": _BLUE, "queued": _MUTED,
                   "granted": _BLUE, UNREACHABLE: _WARN}
+
+
+def _colour(theme: tuple[str, str]) -> str:
+    return _themed("color", *theme)
+
+
 _BADGE = ('<span class="gpu-magic-badge" style="background:#fde68a;color:#713f12;'
           'border-radius:3px;padding:0 4px;margin-left:6px;font-size:0.85em">simulated</span>')
 
@@ -332,8 +346,8 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
     """
     e = html.escape
     g = state.grant
-    colour = _STATE_COLOURS.get(state.state, "var(--jp-ui-font-color1,#374151)")
-    status = (f'<span class="gpu-magic-state" style="color:{colour};font-weight:600">'
+    colour = _STATE_COLOURS.get(state.state, ("--jp-ui-font-color1", "#374151"))
+    status = (f'<span class="gpu-magic-state" style="{_colour(colour)};font-weight:600">'
               f"{e(state.progress(now))}</span>")
     if g is None:
         head = f"requested <b>{e(state.spec)}</b>" + (_BADGE if state.simulated else "")
@@ -352,7 +366,7 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
         return f'<div class="gpu-magic-status"><b>GPU</b> {status} · {head}{tail}</div>'
     rows = [f'<div style="font-size:1.05em"><b>GPU</b> {head}</div>', f"<div>{status}</div>"]
     if state.transfer():
-        rows.append(f'<div style="color:{_MUTED}">{e(state.transfer())}</div>')
+        rows.append(f'<div style="{_colour(_MUTED)}">{e(state.transfer())}</div>')
     attempts = state.attempt_lines()
     if attempts:
         rows.append('<ol class="gpu-magic-attempts" style="margin:2px 0 2px 1.2em;padding:0">'
@@ -362,17 +376,18 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
     if state.cancel and not state.final:
         rows.append(f"<div>cancelling ({e(state.cancel)})…</div>")
     if state.cancel_error:
-        rows.append(f'<div style="color:{_BAD}">{e(state.cancel_error)}</div>')
+        rows.append(f'<div style="{_colour(_BAD)}">{e(state.cancel_error)}</div>')
     if state.outcome():
         rows.append(f'<div class="gpu-magic-outcome">{e(state.outcome())}</div>')
     for n in state.notices:
-        rows.append(f'<div style="color:{_WARN}">note: {e(n)}</div>')
+        rows.append(f'<div style="{_colour(_WARN)}">note: {e(n)}</div>')
     for d in state.dropped:
-        rows.append(f'<div style="color:{_FAINT}">dropped {e(d["option"])}: {e(d["reason"])}</div>')
+        rows.append(f'<div style="{_colour(_FAINT)}">dropped {e(d["option"])}: {e(d["reason"])}</div>')
     if state.job_id:
-        rows.append(f'<div style="color:{_FAINT};font-size:0.85em">job {e(state.job_id)}</div>')
-    return ('<div class="gpu-magic-status" style="border-left:3px solid '
-            f'{colour};padding:2px 8px;line-height:1.45">' + "".join(rows) + "</div>")
+        rows.append(f'<div style="{_colour(_FAINT)};font-size:0.85em">job {e(state.job_id)}</div>')
+    return (f'<div class="gpu-magic-status" style="border-left:3px solid {colour[1]};'
+            f'border-left-color:var({colour[0]},{colour[1]});padding:2px 8px;line-height:1.45">'
+            + "".join(rows) + "</div>")
 
 
 def bundle(state: JobState, now: float, *, compact: bool = False) -> dict[str, str]:
@@ -385,11 +400,17 @@ def bundle(state: JobState, now: float, *, compact: bool = False) -> dict[str, s
 # Its live output area is a widget, which a notebook opened again shows as "model not found"
 # (front ends keep no widget state by default): once the job ends its display becomes these.
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+_BACKSPACED = re.compile(r"[^\x08\n]\x08")
 _IMAGES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 _PRE = ("margin:0;white-space:pre-wrap;word-break:break-word;"
         "font-family:var(--jp-code-font-family,monospace);font-size:var(--jp-code-font-size,13px)")
-_STDERR = "background:var(--jp-rendermime-error-background,#fdd);"
+_STDERR = _themed("background", "--jp-rendermime-error-background", "#fdd") + ";"
+# what the saved form keeps of a job's output: its whole output is in job.output (text) and in
+# the cell's live output area while it runs; a notebook holding 100 MB of it would not open
+SAVED_MAX = 4 << 20
+_VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
+                   "source", "track", "wbr"})
 
 
 def _joined(value: Any) -> str:
@@ -397,35 +418,87 @@ def _joined(value: Any) -> str:
 
 
 def as_shown(text: str) -> str:
-    """Stream text as a terminal leaves it: colour codes dropped, and a line rewritten with
-    ``\r`` (a progress bar) in its last form."""
-    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1]
-                     for line in _ANSI.sub("", text).split("\n"))
+    """Stream text as a terminal leaves it: colour codes and hyperlinks dropped, a backspaced
+    character gone, and a line rewritten with ``\r`` (a progress bar) in its last form."""
+    text = _ANSI.sub("", text)
+    while "\x08" in text:
+        shorter = _BACKSPACED.sub("", text)
+        if shorter == text:
+            text = text.replace("\x08", "")
+            break
+        text = shorter
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def _balanced(markup: str) -> str:
+    """``markup`` with the elements it leaves open closed at its end: one output's unclosed
+    ``<table><td>`` took every later output into its cell (JupyterLab renders each output
+    apart; here they share one piece of HTML)."""
+    from html.parser import HTMLParser
+
+    open_tags: list[str] = []
+
+    class Opened(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: Any) -> None:
+            if tag not in _VOID:
+                open_tags.append(tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag in open_tags:
+                del open_tags[len(open_tags) - 1 - open_tags[::-1].index(tag):]
+
+    try:
+        parser = Opened(convert_charrefs=False)
+        parser.feed(markup)
+        parser.close()
+    except Exception:  # (never fatal: at worst as it came)
+        return markup
+    return markup + "".join(f"</{t}>" for t in reversed(open_tags))
+
+
+def _capped(text: str, room: list[int]) -> tuple[str, bool]:
+    """At most what ``room`` has left of SAVED_MAX; whether some was left out."""
+    keep = text[:max(0, room[0])]
+    room[0] -= len(keep)
+    return keep, len(keep) < len(text)
+
+
+def _left_out() -> str:
+    return (f"[gpu_magic] the output goes on: its first {human_size(SAVED_MAX)} are kept here "
+            "(job.output has all the text the job printed)\n")
 
 
 def outputs_text(outputs: list[dict[str, Any]]) -> str:
     """What the outputs read as text: the streams, and each display's text/plain."""
-    parts = []
+    parts, room = [], [SAVED_MAX]
     for o in outputs:
         if o.get("output_type") == "stream":
-            parts.append(as_shown(o.get("text", "")))
+            text = as_shown(o.get("text", ""))
         elif "text/plain" in (o.get("data") or {}):
-            parts.append(_ANSI.sub("", _joined(o["data"]["text/plain"])).rstrip("\n") + "\n")
+            text = _ANSI.sub("", _joined(o["data"]["text/plain"])).rstrip("\n") + "\n"
+        else:
+            continue
+        kept, cut = _capped(text, room)
+        parts.append(kept)
+        if cut:
+            parts.append(("\n" if kept and not kept.endswith("\n") else "")
+                         + _left_out())
+            break
     return "".join(parts)
 
 
 def _display_html(data: dict[str, Any], metadata: dict[str, Any]) -> str:
     if "text/html" in data:
-        return f"<div>{_joined(data['text/html'])}</div>"
+        return f"<div>{_balanced(_joined(data['text/html']))}</div>"
     for mime in _IMAGES:
         if mime in data:
             size = metadata.get(mime) if isinstance(metadata.get(mime), dict) else {}
             attrs = "".join(f' {k}="{int(size[k])}"' for k in ("width", "height")
                             if isinstance(size.get(k), (int, float)))
-            b64 = "".join(_joined(data[mime]).split())
+            b64 = html.escape("".join(_joined(data[mime]).split()), quote=True)
             return f'<img src="data:{mime};base64,{b64}"{attrs} alt="{mime}">'
     if "image/svg+xml" in data:
-        return f"<div>{_joined(data['image/svg+xml'])}</div>"
+        return f"<div>{_balanced(_joined(data['image/svg+xml']))}</div>"
     for mime in ("text/markdown", "text/latex", "text/plain"):
         if mime in data:
             return f'<pre style="{_PRE}">{html.escape(_ANSI.sub("", _joined(data[mime])))}</pre>'
@@ -438,14 +511,22 @@ def _display_html(data: dict[str, Any], metadata: dict[str, Any]) -> str:
 def outputs_html(outputs: list[dict[str, Any]]) -> str:
     """The outputs as one piece of HTML: streams as preformatted text (stderr tinted), displays
     by their richest form HTML can hold (HTML, an image, else their text)."""
-    parts = []
+    parts, room = [], [SAVED_MAX]
     for o in outputs:
         if o.get("output_type") == "stream":
             tint = _STDERR if o.get("name") == "stderr" else ""
-            parts.append(f'<pre style="{tint}{_PRE}">{html.escape(as_shown(o.get("text", "")))}'
-                         "</pre>")
+            text, cut = _capped(as_shown(o.get("text", "")), room)
+            parts.append(f'<pre style="{tint}{_PRE}">{html.escape(text)}</pre>')
         elif o.get("output_type") in ("display_data", "execute_result"):
-            parts.append(_display_html(o.get("data") or {}, o.get("metadata") or {}))
+            shown = _display_html(o.get("data") or {}, o.get("metadata") or {})
+            cut = len(shown) > room[0]
+            room[0] -= len(shown)
+            parts.append("" if cut else shown)
+        else:
+            continue
+        if cut:
+            parts.append(f'<pre style="{_PRE}">{html.escape(_left_out())}</pre>')
+            break
     if not any(parts):
         return ""
     return '<div class="gpu-magic-output" style="margin-top:4px">' + "".join(parts) + "</div>"

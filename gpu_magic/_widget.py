@@ -166,12 +166,15 @@ class WidgetView(NullView):
         from IPython.display import display
 
         with self._lock:
-            if self._finished:
-                display(self._final_data(), raw=True)
-                return
-            if self._box is None:
+            data = self._final_data() if self._finished else None
+            if data is None and self._box is None:
                 self._build()
-            display(self._bundle(), raw=True)
+            if data is None:
+                data = self._bundle()
+            if self._handle is not None:  # under the same display id: the end updates it too
+                self._handle.display(data, raw=True)
+            else:
+                display(data, raw=True)
 
     def _build(self) -> None:
         import ipywidgets as w
@@ -275,25 +278,20 @@ class WidgetView(NullView):
                 self._handle.update(bundle(self.state, now, compact=True), raw=True)
                 self._finished = True
                 return
-            if self._button is not None:
-                self._button.layout.display = "none"
-            if self._html is not None:
-                self._html.value = self._last_html = self._render()
-            self._flush_outputs(force=True)
             self._finished = True
             with _OUR_COMMS_LOCK:
                 _OUR_COMMS.difference_update(_comm_ids(self._box))
-            if not self.state.background:
+            if self.state.background:
+                # its output lived in its widget, which a notebook opened again cannot show
+                # ("model not found"): its display becomes the final status with the output
+                # below it, as HTML and text, and the widget goes (nothing more sent to it)
+                data = self._final_data()
+            else:
                 # its final status needs no widget: shown as HTML, it reads the same in a
                 # notebook opened again without its kernel (a widget there says "Loading
                 # widget..." for good, front ends rarely keep widget state)
-                self._handle.update(bundle(self.state, now), raw=True)
-                self._drop_widget()
-                return
-            # a background job's output lived in its widget, which a notebook opened again
-            # cannot show ("model not found"): its display becomes the final status with the
-            # output below it, as HTML and text, and the widget goes
-            self._handle.update(self._final_data(), raw=True)
+                data = bundle(self.state, now)
+            self._handle.update(data, raw=True)
             self._drop_widget()
 
     def _drop_widget(self) -> None:

@@ -40,11 +40,23 @@ def test_background_cell_returns_a_handle_and_binds_at_wait(tmp_path: Path) -> N
     # ended, its widget became the final status with the job's output (and the cell's value)
     # below it: what a notebook saved and opened again shows
     text, html = saved(started)
-    assert text.startswith("[gpu] succeeded") and "bound time, y" in text
+    assert text.startswith("[gpu] succeeded") and "bound y · imported time" in text
     assert text.endswith("\nfrom the background\n84\n")
-    assert "H100 ×1" in html and "bound time, y" in html
-    assert html.index("bound time, y") < html.index(">from the background\n</pre>") \
+    assert "H100 ×1" in html and "bound y · imported time" in html
+    assert html.index("bound y") < html.index(">from the background\n</pre>") \
         < html.index(">84</pre>")
+
+
+def test_a_background_job_shown_again_in_another_cell_ends_there_too(tmp_path: Path) -> None:
+    # the copy shown by `job` in another cell kept its widget, saved as "model not found"
+    nb = make_notebook("%load_ext gpu_magic",
+                       "%%gpu H100 --background\nimport time\ntime.sleep(1)\nprint('again')",
+                       "job = _\njob",
+                       "job.wait()")
+    execute(nb, tmp_path)
+    for cell in nb.cells[1:3]:
+        text, _ = saved(cell)
+        assert text.startswith("[gpu] succeeded") and text.endswith("\nagain\n"), text
 
 
 def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Path) -> None:
@@ -119,7 +131,8 @@ def test_several_background_jobs_at_once(tmp_path: Path) -> None:
     )
     execute(nb, tmp_path)
     assert texts(nb.cells[5], "stdout") == "True True one two\n"
-    assert "bound time, a" in saved(nb.cells[1])[0] and "bound time, b" in saved(nb.cells[3])[0]
+    assert "bound a · imported time" in saved(nb.cells[1])[0]
+    assert "bound b · imported time" in saved(nb.cells[3])[0]
 
 
 def test_run_in_plain_python_returns_a_handle(capsys: pytest.CaptureFixture[str]) -> None:
