@@ -69,8 +69,12 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
             shown = lineno + line_offset
             lines.append(f"{label}, line {shown}" + ("" if fr.get("name") == "<module>"
                                                      else f", in {fr.get('name')}"))
-            text = src_lines[lineno - 1] if 0 < lineno <= len(src_lines) else fr.get("line", "")
-            lines.append(f"----> {shown} {text.rstrip()}")
+
+            def cell_line(n: int) -> str:
+                return src_lines[n - 1] if 0 < n <= len(src_lines) else ""
+
+            lines += _context(cell_line, lineno, line_offset, fr.get("line", ""),
+                              fr.get("name") == "<module>")
         else:
             filename = fr.get("filename", "?")
             if filename == "<dynamic-code>" and locate is not None:
@@ -78,17 +82,60 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
                 filename = locate(fr.get("name", ""), lineno, fr.get("qualname"),
                                   fr.get("first")) or filename
             local_name = cell_name(filename) if cell_name else None
-            text = linecache.getline(filename, lineno).rstrip() or fr.get("line", "")
             head = f"{local_name}, line {lineno}" if local_name else f"File {filename}:{lineno}"
             lines.append(f"{head}, in {fr.get('name')}")
-            if text:
-                lines.append(f"----> {lineno} {text.strip()}")
+            lines += _context(lambda n, f=filename: linecache.getline(f, n), lineno, 0,
+                              fr.get("line", ""), fr.get("name") == "<module>")
         lines.append("")
     lines.append(f"{ename}: {evalue}" if evalue else ename)
     notes = event.get("notes")
     if isinstance(notes, list):
         lines += [str(n) for n in notes]
     return lines
+
+
+CONTEXT = 2  # lines shown before and after the one that raised, as IPython shows them
+
+
+def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str,
+             module: bool) -> list[str]:
+    """The line that raised, marked, with up to CONTEXT lines around it (in a function, not
+    past its body), dedented together, numbered as the notebook numbers them."""
+    here = line(lineno).rstrip()
+    if not here.strip():
+        shown = lineno + offset
+        return ([f"{'-' * (5 - len(str(shown)))}> {shown} {fallback.strip()}"]
+                if fallback.strip() else [])
+
+    def indent(text: str) -> int:
+        return len(text) - len(text.lstrip())
+
+    # (in a function: its lines are at least as indented as its body; its def line, above,
+    # is shown, and nothing before it)
+    floor = 0 if module else indent(here)
+    numbers = [lineno]
+    for step in (-1, 1):
+        n = lineno + step
+        while abs(n - lineno) <= CONTEXT and n > 0:
+            text = line(n).rstrip()
+            if text and indent(text) < floor and not (step == 1 and module):
+                if step == -1 and text.lstrip().startswith(("def ", "async def ", "class ")):
+                    numbers.append(n)
+                break
+            if not text and step == 1 and not line(n + 1).strip():
+                break  # the end of the cell or file
+            numbers.append(n)
+            n += step
+    numbers.sort()
+    texts = {n: line(n).rstrip() for n in numbers}
+    while not texts[numbers[-1]].strip():
+        numbers.pop()
+    while not texts[numbers[0]].strip():
+        numbers.pop(0)
+    cut = min((indent(texts[n]) for n in numbers if texts[n].strip()), default=0)
+    # IPython's columns: the number right-aligned in seven, the arrow filling what is left
+    return [(f"{'-' * (5 - len(str(n + offset)))}> {n + offset}" if n == lineno
+             else f"{n + offset:>7}") + f" {texts[n][cut:]}" for n in numbers]
 
 
 def _local_module(name: str) -> str | None:

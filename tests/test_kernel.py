@@ -353,6 +353,9 @@ def test_remote_tracebacks_name_the_right_function_of_two_with_one_name(tmp_path
     err = texts(nb.cells[3], "error")
     assert "Cell In[3], line 3, in forward" in err and "return 1 / 0" in err
     assert "b fine" not in err
+    # with the lines around it, in IPython's columns (its def line, not what follows it)
+    assert "      2 def forward(self):\n----> 3     return 1 / 0\n\n" in err, err
+    assert "----> 2 go()" in err  # (line 2 of the notebook cell, under %%gpu)
     # exit() goes through IPython and the runner: only the cell's own frame is shown
     err = texts(nb.cells[4], "error")
     assert "exit() ends this cell" in err and "autocall" not in err and "runner.py" not in err

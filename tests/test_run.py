@@ -1393,7 +1393,7 @@ def test_line_numbers_count_the_blank_lines_a_cell_starts_with() -> None:
     with pytest.raises(ZeroDivisionError) as info:
         run(ns, "\n\nx = 1\n1 / 0", "H100", quiet=True)
     shown = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
-    assert "Cell, line 4\n----> 4 1 / 0" in shown
+    assert "Cell, line 4\n      3 x = 1\n----> 4 1 / 0\n" in shown
 
 
 def test_lines_of_stdout_and_stderr_arrive_whole_and_in_the_order_printed() -> None:
