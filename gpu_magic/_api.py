@@ -780,8 +780,15 @@ def _pump_holding_sigint(pump: Any) -> None:
         signal.raise_signal(signal.SIGINT)  # delivered now, to whoever handles it
 
 
+_GPU_CELL_FILE = re.compile(r"<(.+) on the GPU, job [0-9a-z]+\.\d+>")
+
+
 def _cell_name(filename: str) -> str | None:
-    """``Cell In[3]`` for a file that is a notebook cell of this kernel."""
+    """``Cell In[3]`` for a file that is a notebook cell of this kernel; ``Cell In[3] on the
+    GPU`` for the code a %%gpu cell made (the runner compiled it under that name)."""
+    made = _GPU_CELL_FILE.fullmatch(filename)
+    if made:
+        return f"{made.group(1)} on the GPU"
     try:
         from IPython import get_ipython
     except ImportError:

@@ -169,6 +169,9 @@ class _Pickler(cloudpickle.Pickler):
         if type(obj) is types.CodeType:
             lines = _cell_lines(obj.co_filename)
             if lines is not None:
+                shift, lines = _shifted(obj.co_filename, lines)
+                if shift:
+                    obj = obj.replace(co_firstlineno=obj.co_firstlineno + shift)
                 return _code_in_file, (cloudpickle.cloudpickle._code_reduce(obj),
                                        obj.co_filename, lines)
         return super().reducer_override(obj)
@@ -184,6 +187,24 @@ class _Pickler(cloudpickle.Pickler):
 # file already. Both ways: a function made in a %%gpu cell comes back with its source too.
 
 CELL_SOURCE_MAX = 1 << 20  # a larger "cell" travels as cloudpickle sends it, without source
+
+
+# The cell running here, by the name its code was compiled under, and how many lines the
+# notebook counts before the first line it compiled (the %%gpu line, blank lines IPython took
+# off): its code travels back numbered as the notebook numbers the cell (set by the runner).
+CELL_SHIFTS: dict[str, int] = {}
+_SHIFTED: dict[tuple[str, int], list[str]] = {}  # (one list per cell: pickle memoizes it)
+
+
+def _shifted(filename: str, lines: list[str]) -> tuple[int, list[str]]:
+    shift = CELL_SHIFTS.get(filename, 0)
+    if not shift:
+        return 0, lines
+    key = (filename, shift)
+    if key not in _SHIFTED:
+        _SHIFTED.clear()
+        _SHIFTED[key] = ["\n"] * shift + list(lines)
+    return shift, _SHIFTED[key]
 
 
 def _cell_lines(filename: str) -> list[str] | None:

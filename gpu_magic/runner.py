@@ -1774,8 +1774,16 @@ class _Session:
         # IPython drops a cell's leading blank lines before compiling it: its line numbers
         # count from the first line with text, the notebook's from the first line
         lead = _capture.leading_blank_lines(manifest["source"])
-        _CellWarnings.where = (str(manifest.get("cell_label") or "Cell"),
-                               int(manifest.get("line_offset") or 0) + lead)
+        label = str(manifest.get("cell_label") or "Cell")
+        _CellWarnings.where = (label, int(manifest.get("line_offset") or 0) + lead)
+        # compiled under a name of its own: its frames are told from those of functions an
+        # earlier cell made here (a warm runner has compiled those too), and what it makes
+        # travels back saying where it was made, numbered as the notebook numbers the cell
+        name = _cell_file(label)
+        shell.compile.get_code_name = lambda *_args: name
+        shell.compile.gpu_magic_cell = _CellWarnings.file = name
+        _payload.CELL_SHIFTS.clear()
+        _payload.CELL_SHIFTS[name] = _CellWarnings.where[1]
         with self.interrupts.cell(shell.compile):
             result = shell.run_cell(manifest["source"], store_history=False)
         _flush_c_stdio()  # C stdio buffers of extensions, before the drain
@@ -1924,7 +1932,8 @@ def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,
     _frames), the exceptions it was raised from, and its pickle (inline when small), or why
     it could not be sent (``unsent``)."""
     _note_simulated(exc)
-    cell_files = set(getattr(shell.compile, "_filename_map", {}) or {})
+    current = getattr(shell.compile, "gpu_magic_cell", None)
+    cell_files = {current} if current else set(getattr(shell.compile, "_filename_map", {}) or {})
     event: dict[str, Any] = {
         "type": "error",
         "ename": type(exc).__name__,
@@ -1955,18 +1964,32 @@ def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,
     return event
 
 
+CELL_FILE_MARK = " on the GPU, job "
+
+
+def _cell_file(label: str) -> str:
+    """``<Cell In[5] on the GPU, job 1f2e…>``: the name the running cell is compiled under."""
+    try:
+        grant = json.loads(os.environ.get("GPU_MAGIC_GRANT") or "{}")
+    except ValueError:
+        grant = {}
+    job = f"{grant.get('job_id') or os.getpid()}.{grant.get('attempt') or 1}"
+    return f"<{label}{CELL_FILE_MARK}{job}>"
+
+
 class _CellWarnings:
     """warnings.showwarning that names the cell's lines as the notebook does (``Cell In[5]:3``,
     the %%gpu line being line 1), not as the runner's IPython compiled them."""
 
     where = ("Cell", 0)  # the running job's cell label and line offset
+    file = ""  # the name its code is compiled under
 
     def __init__(self, show: Callable[..., Any]) -> None:
         self.show = show
 
     def __call__(self, message: Any, category: Any, filename: str, lineno: int,
                  file: Any = None, line: str | None = None) -> Any:
-        if filename.startswith("<ipython-input-"):
+        if filename == self.file or filename.startswith("<ipython-input-"):
             import linecache
 
             if line is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -374,3 +375,22 @@ def test_notebook_code_keeps_its_source_both_ways(tmp_path: Path) -> None:
     execute(nb, tmp_path)
     assert texts(nb.cells[3], "stdout") == ("def scale(v):\n    # doubles it\n    return v * 2\n"
                                             "def made(x):\n    return x + 1\n")
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_a_function_made_in_an_earlier_gpu_cell_is_named_by_that_cell(tmp_path: Path) -> None:
+    # called from a later %%gpu cell its frame was taken for the running cell's ("Cell In[6],
+    # line 5" of a three-line cell, with that cell's lines); called here it read
+    # "<ipython-input-1-…>:4", numbered from the line after %%gpu
+    nb = make_notebook("%load_ext gpu_magic",
+                       "%%gpu H100\n# made here\ndef helper(v):\n    w = v + 1\n    return w / 0",
+                       "%%gpu H100\nhelper(3)",
+                       "helper(3)")
+    execute(nb, tmp_path, allow_errors=True)
+    remote = texts(nb.cells[2], "error")
+    local = re.sub(r"\x1b\[[0-9;]*m", "", texts(nb.cells[3], "error"))  # (IPython's colours)
+    assert "Cell In[3], line 2\n----> 2 helper(3)" in remote, remote
+    assert ("Cell In[2] on the GPU, line 5, in helper\n      3 def helper(v):\n"
+            "      4     w = v + 1\n----> 5     return w / 0") in remote, remote
+    assert "File <Cell In[2] on the GPU, job " in local and ":5, in helper" in local, local
+    assert "return w / 0" in local
