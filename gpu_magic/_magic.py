@@ -448,8 +448,11 @@ class GPUMagic(Magics):
                 print(f"cancelling job {rec['id']} ({rec['state']}): its runner is stopped and its "
                       "GPUs freed within seconds")
             else:
-                print(f"cancelled job {rec['id']} while it was {before['state']}"
-                      + (": nothing ran" if before["state"] == "queued" else ""))
+                retry = before["state"] == "queued" and before.get("started")
+                print(f"cancelled job {rec['id']} while it "
+                      + ("waited to be retried: its output so far is kept" if retry else
+                         f"was {before['state']}"
+                         + (": nothing ran" if before["state"] == "queued" else "")))
         elif cmd == "attach":
             if len(rest) != 1:
                 raise UsageError("usage: %gpu attach JOB_ID (see %gpu jobs for the ids)")

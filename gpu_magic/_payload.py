@@ -813,19 +813,30 @@ def same_state(a: Any, b: Any, depth: int = 0) -> bool:
                    for n in ("fget", "fset", "fdel")) and a.__doc__ == b.__doc__
     if isinstance(a, type):
         return False  # (a class we sent comes back as itself: another one is another class)
-    if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(same_state(x, y, depth + 1) for x, y in zip(a, b))
-    if type(a) is dict:
-        return a.keys() == b.keys() and all(same_state(a[k], b[k], depth + 1) for k in a)
-    prints = []
+    prints = []  # anything else in one pickle each (a list of a million: one pass, not one each)
     for obj in (a, b):
         f = io.BytesIO()
         try:
-            _Pickler(f, None, buffer_callback=lambda _b: True).dump(obj)
+            _SameStatePickler(f, None, buffer_callback=lambda _b: True).dump(obj)
         except Exception:
             return False
         prints.append(f.getvalue())
     return prints[0] == prints[1]
+
+
+class _SameStatePickler(_Pickler):
+    """Functions by their own state wherever their globals are, their qualified name a string
+    of its own (a function's own name and its code's are one object here, two in a copy that
+    came back, and pickle would write the two differently)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (type(obj) is types.FunctionType
+                and not cloudpickle.cloudpickle._should_pickle_by_reference(obj)):
+            cells = ([c.cell_contents for c in obj.__closure__ or ()] if _filled(obj)
+                     else ["<empty cell>"])
+            return (_function_state, (obj.__code__, obj.__defaults__, obj.__kwdefaults__,
+                                      tuple(cells), obj.__dict__, "".join(obj.__qualname__)))
+        return super().reducer_override(obj)
 
 
 def _filled(*functions: types.FunctionType) -> bool:

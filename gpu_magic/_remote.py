@@ -110,22 +110,30 @@ def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str
     def indent(text: str) -> int:
         return len(text) - len(text.lstrip())
 
-    # (in a function: its lines are at least as indented as its body; its def line, above,
-    # is shown, and nothing before it)
-    floor = 0 if module else indent(here)
+    # In a function, not past its body: above, up to its def line (shown, nothing before
+    # it); below, no line less indented than those shown (an `if x:` above a line that raised
+    # in its block counts: the body goes on at its indent)
+    header = ("def ", "async def ", "class ")
     numbers = [lineno]
-    for step in (-1, 1):
-        n = lineno + step
-        while abs(n - lineno) <= CONTEXT and n > 0:
-            text = line(n).rstrip()
-            if text and indent(text) < floor and not (step == 1 and module):
-                if step == -1 and text.lstrip().startswith(("def ", "async def ", "class ")):
-                    numbers.append(n)
-                break
-            if not text and step == 1 and not line(n + 1).strip():
-                break  # the end of the cell or file
-            numbers.append(n)
-            n += step
+    floor = indent(here)
+    n = lineno - 1
+    while lineno - n <= CONTEXT and n > 0:
+        text = line(n).rstrip()
+        numbers.append(n)
+        if text and not module and text.lstrip().startswith(header) and indent(text) < floor:
+            break
+        if text:
+            floor = min(floor, indent(text))
+        n -= 1
+    n = lineno + 1
+    while n - lineno <= CONTEXT:
+        text = line(n).rstrip()
+        if text and not module and indent(text) < floor:
+            break
+        if not text and not line(n + 1).strip():
+            break  # the end of the cell or file
+        numbers.append(n)
+        n += 1
     numbers.sort()
     texts = {n: line(n).rstrip() for n in numbers}
     while not texts[numbers[-1]].strip():

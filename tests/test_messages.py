@@ -265,3 +265,21 @@ def test_a_small_array_resizes_in_a_cell_and_a_large_one_is_told_to_resize_a_cop
         gpu_magic.run("big = big.copy()\nbig.resize(200_000, refcheck=False)", "H100", ns,
                       client=c, quiet=True)
         assert ns["big"].shape == (200_000,)
+
+
+def test_traceback_context_stays_in_the_frame_s_function() -> None:
+    """Two lines each side, as IPython shows them: an `if x:` above the line that raised does
+    not cut the context, the function's def line is shown and nothing above it, nor the next
+    function below."""
+    from gpu_magic._remote import _context
+
+    src = ["import math", "def f(x):", "    if x:", "        y = 1 / 0", "    return y",
+           "def g():", "    pass"]
+
+    def line(n: int) -> str:
+        return src[n - 1] if 0 < n <= len(src) else ""
+
+    assert _context(line, 4, 0, "", module=False) == [
+        "      2 def f(x):", "      3     if x:", "----> 4         y = 1 / 0", "      5     return y"]
+    assert _context(line, 1, 10, "", module=True)[0] == "---> 11 import math"
+    assert _context(lambda n: "", 3, 0, "fallback()", module=False) == ["----> 3 fallback()"]

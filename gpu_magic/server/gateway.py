@@ -27,7 +27,7 @@ from typing import Any
 
 from .._errors import SpecError
 from .._payload import is_digest
-from .._spec import GpuOption, GpuSpec, env_problem, pool_type_note
+from .._spec import KNOWN_TYPES, GpuOption, GpuSpec, env_problem, pool_type_note
 from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
@@ -701,9 +701,16 @@ class Gateway:
         self.blobs.touch(user.name, digests)
         kept, dropped = feasibility(list(spec.options), gpus)
         if not kept and body.get("wait") is not None and self._pool_changes():
-            # asked to wait, on a pool whose nodes come and go: a node for it may join within
-            # --wait (the queue says what it waits for, the wait's end that none came)
-            kept, dropped = list(range(len(spec.options))), []
+            # asked to wait, on a pool whose nodes come and go: a node of a GPU type there is
+            # may join within --wait (the queue says what it waits for, the wait's end that
+            # none came); a type nobody knows (a typo) is refused all the same
+            # (every option was dropped, in order; one no node has enough of stays dropped)
+            joinable = [i for i, (_o, why) in enumerate(dropped)
+                        if why.startswith("this pool has no") and (
+                            spec.options[i].type is None or spec.options[i].type in KNOWN_TYPES)]
+            if joinable:
+                kept = joinable
+                dropped = [d for i, d in enumerate(dropped) if i not in joinable]
         if not kept:
             raise ApiError(422, "no_feasible_option", self._refusal(spec, dropped, gpus))
         kept, over = self._within_gpu_limit(user, spec, kept, limits)

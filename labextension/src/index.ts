@@ -8,11 +8,7 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import {
-  INotebookTracker,
-  NotebookActions,
-  NotebookPanel
-} from '@jupyterlab/notebook';
+import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { Widget } from '@lumino/widgets';
 
@@ -126,15 +122,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
     if (restorer) {
       restorer.add(panel, PANEL_ID);
     }
-    // a cell that may start a GPU job: look at once, not at the next poll (up to 10 s away
-    // while the panel is closed, and the status-bar item lagged that much)
-    NotebookActions.executionScheduled.connect((_, { cell }) => {
-      if (GPU_CELL.test(cell.model.sharedModel.getSource())) {
-        for (const ms of [300, 1500]) {
-          window.setTimeout(() => void model.refresh(), ms);
+    // a cell that may start a GPU job: look when the kernel starts it (not when it is
+    // queued: behind a busy cell the look came before the job), not at the next poll (up to
+    // 10 s away while the panel is closed, and the status-bar item lagged that much)
+    const watch = (nb: NotebookPanel) => {
+      nb.sessionContext.iopubMessage.connect((_, msg) => {
+        const code = (msg.content as { code?: unknown }).code;
+        if (msg.header.msg_type === 'execute_input' && GPU_CELL.test(String(code ?? ''))) {
+          for (const ms of [300, 1500]) {
+            window.setTimeout(() => void model.refresh(), ms);
+          }
         }
-      }
-    });
+      });
+    };
+    tracker?.forEach(watch);
+    tracker?.widgetAdded.connect((_, nb) => watch(nb));
     if (statusBar) {
       const item = new GpuStatusItem(model, () => shell.activateById(PANEL_ID));
       statusBar.registerStatusItem('gpu-magic-labextension:status', {
