@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import mmap
 import os
 import re
@@ -46,6 +47,69 @@ def checked_job_id(job_id: str) -> str:
                          "digits (0-9, a-f), such as 3f9a1c2b7d4e5f60; `%gpu jobs` (or "
                          "`gpu-magic jobs`) lists yours")
     return job_id
+
+
+# Our own requests say nothing in the notebook's logs: a `logging.basicConfig(level=INFO)`
+# showed httpx's "HTTP Request: GET http://127.0.0.1:…/v1/health" for each (and, at DEBUG,
+# httpcore's connection lines), the gateway's address included. The user's own httpx
+# requests log as ever.
+_OUR_URLS: set[str] = set()
+_QUIET = threading.local()
+
+
+class _QuietTransport(httpx.BaseTransport):
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        _QUIET.on = True
+        try:
+            response = self._inner.handle_request(request)
+        finally:
+            _QUIET.on = False
+        response.stream = _QuietStream(response.stream)  # (its body is read after this)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _QuietStream(httpx.SyncByteStream):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __iter__(self) -> Iterator[bytes]:
+        chunks = iter(self._inner)
+        while True:
+            _QUIET.on = True
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            finally:
+                _QUIET.on = False
+            yield chunk
+
+    def close(self) -> None:
+        _QUIET.on = True
+        try:
+            self._inner.close()
+        finally:
+            _QUIET.on = False
+
+
+class _OwnRequests(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(_QUIET, "on", False):
+            return False
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.name == "httpx" and len(args) > 1
+                    and str(args[1]).startswith(tuple(_OUR_URLS)))
+
+
+for _name in ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
+              "httpcore.proxy", "httpcore.socks"):
+    logging.getLogger(_name).addFilter(_OwnRequests())
 
 
 class GatewayClient:
@@ -93,8 +157,15 @@ class GatewayClient:
 
     def _new_http(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=self._timeout,
-                            verify=_ssl_context())
+        _OUR_URLS.add(self.url.rstrip("/") + "/")
+        client = httpx.Client(base_url=self.url, headers=headers, timeout=self._timeout,
+                              verify=_ssl_context())
+        # quiet whichever transport httpx chose (a proxy's, from the environment, included)
+        with contextlib.suppress(AttributeError):
+            client._transport = _QuietTransport(client._transport)
+            client._mounts = {k: v if v is None else _QuietTransport(v)
+                              for k, v in client._mounts.items()}
+        return client
 
     def _moved(self) -> bool:
         """Whether the gateway was started again elsewhere: then this client talks to it."""

@@ -394,3 +394,19 @@ def test_a_function_made_in_an_earlier_gpu_cell_is_named_by_that_cell(tmp_path: 
             "      4     w = v + 1\n----> 5     return w / 0") in remote, remote
     assert "File <Cell In[2] on the GPU, job " in local and ":5, in helper" in local, local
     assert "return w / 0" in local
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_a_notebook_s_logging_setup_shows_none_of_our_requests(tmp_path: Path) -> None:
+    # logging.basicConfig(level=INFO) showed httpx's "HTTP Request: GET http://…/v1/health"
+    # for each of our requests (at DEBUG, httpcore's lines too); the notebook's own still log
+    nb = make_notebook("%load_ext gpu_magic\nimport logging\n"
+                       "logging.basicConfig(level=logging.DEBUG, force=True)",
+                       "%%gpu H100\nx = 1",
+                       "import httpx\nfrom gpu_magic._client import _OUR_URLS\n"
+                       "url = sorted(_OUR_URLS)[0] + 'v1/health'\n"
+                       "httpx.get(url.replace('127.0.0.1', 'localhost'))")
+    execute(nb, tmp_path)
+    said = texts(nb.cells[1], "stderr")
+    assert "httpx" not in said and "httpcore" not in said and "HTTP Request" not in said, said
+    assert "HTTP Request: GET http://localhost" in texts(nb.cells[2], "stderr")
