@@ -585,6 +585,7 @@ class _Job:
                         for m, st in (payload.get("modules") or {}).items()}
         has_value = "value" in payload
         value = _rehome(payload["value"], staging, self.namespace, memo) if has_value else None
+        _figures_shown([value, *names.values()])
         return names, list(ev.get("deleted", [])), has_value, value
 
     def _apply_in_place(self, names: dict[str, Any]) -> dict[str, Any]:
@@ -781,6 +782,26 @@ def _pump_holding_sigint(pump: Any) -> None:
 
 
 _GPU_CELL_FILE = re.compile(r"<(.+) on the GPU, job [0-9a-z]+\.\d+>")
+
+
+def _figures_shown(values: Iterable[Any]) -> None:
+    """A matplotlib figure that came back shows as an image here, as a local one does: the
+    kernel's inline backend registers its image formatter only once pyplot first loads the
+    backend (a local plot), so a notebook that had only imported pyplot showed the figure
+    as ``<Figure size 640x480 with 1 Axes>``."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    figure = sys.modules.get("matplotlib.figure")
+    if plt is None or figure is None or not any(isinstance(v, figure.Figure) for v in values):
+        return
+    with contextlib.suppress(Exception):  # (a display nicety: never the cell's failure)
+        from IPython import get_ipython
+
+        png = get_ipython().display_formatter.formatters["image/png"]
+        try:
+            png.lookup_by_type(figure.Figure)
+            return  # registered already (switching the backend closes open figures)
+        except KeyError:
+            plt.switch_backend(plt.get_backend())
 
 
 def _cell_name(filename: str) -> str | None:

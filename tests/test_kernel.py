@@ -410,3 +410,16 @@ def test_a_notebook_s_logging_setup_shows_none_of_our_requests(tmp_path: Path) -
     said = texts(nb.cells[1], "stderr")
     assert "httpx" not in said and "httpcore" not in said and "HTTP Request" not in said, said
     assert "HTTP Request: GET http://localhost" in texts(nb.cells[2], "stderr")
+
+
+@pytest.mark.usefixtures("use_gateway")
+def test_a_figure_made_on_the_gpu_shows_as_an_image_before_any_local_plot(
+        tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    nb = make_notebook("%load_ext gpu_magic\nimport matplotlib.pyplot as plt",
+                       "%%gpu H100\nfig, ax = plt.subplots()\nax.plot([1, 2])\nplt.close(fig)\nfig",
+                       "fig")
+    execute(nb, tmp_path)
+    for cell in nb.cells[1:]:
+        values = [o for o in cell.outputs if o.output_type == "execute_result"]
+        assert values and "image/png" in values[0].data, cell.outputs
