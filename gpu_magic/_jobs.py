@@ -189,6 +189,9 @@ _JOB_BOUND: dict[int, tuple[Any, dict[str, tuple[Any, int]]]] = {}
 _ORDER = itertools.count()  # background jobs in the order they were submitted
 
 
+_OUTPUT_NAMES = frozenset({"_", "__", "___"})  # IPython's last outputs
+
+
 def _lasting(ns: Any) -> bool:
     main = sys.modules.get("__main__")
     if main is not None and ns is getattr(main, "__dict__", None):
@@ -485,6 +488,10 @@ class GpuJob:
                 later.append(n)
             return False
 
+        # IPython's own: `_` is this job's handle once its cell has shown it (`job = _`), and a
+        # loop variable the job named `_` must not take its place, nor warn that it was kept
+        names = {n: v for n, v in names.items() if n not in _OUTPUT_NAMES}
+        deleted = [n for n in deleted if n not in _OUTPUT_NAMES]
         moved = [n for n in [*names, *deleted] if reassigned(n)]
         take = {n: v for n, v in names.items() if n not in moved and n not in later}
         gone = [n for n in deleted if n not in moved and n not in later]

@@ -207,3 +207,16 @@ def test_a_name_another_background_job_bound_is_not_the_user_s(tmp_path: Path) -
     execute(nb, tmp_path)
     assert texts(nb.cells[5], "stdout") == "2 job\n", [texts(c, "stderr") for c in nb.cells]
     assert not any("kept your" in texts(c, "stderr") for c in nb.cells)
+
+
+def test_a_job_s_own_underscore_neither_takes_ipython_s_nor_warns(tmp_path: Path) -> None:
+    # `for _ in tqdm(...)` in a background cell: "kept your _ (reassigned since submitting)",
+    # where the only change was IPython's, making `_` the job's handle
+    nb = make_notebook("%load_ext gpu_magic\nimport time",
+                       "%%gpu H100 --background\nfor _ in range(3):\n    pass\nz = 5",
+                       "time.sleep(3)",
+                       "job = _\nprint(type(job).__name__, z)")
+    execute(nb, tmp_path)
+    assert texts(nb.cells[3], "stdout") == "GpuJob 5\n"
+    assert not any("kept your" in texts(c, "stderr") for c in nb.cells), \
+        [texts(c, "stderr") for c in nb.cells]
