@@ -769,23 +769,36 @@ class _OwnStatePickler(_Pickler):
     and not with the values of the globals it uses: those are names of their own, and a
     change to one of them is not a change to every function that reads it."""
 
+    every_dynamic = False  # every function sent by value, whatever its globals
+
     def reducer_override(self, obj: Any) -> Any:
-        if (type(obj) is types.FunctionType and self._namespace_id is not None
-                and id(obj.__globals__) == self._namespace_id):
+        if type(obj) is types.FunctionType and (
+                self._namespace_id is not None and id(obj.__globals__) == self._namespace_id
+                or self.every_dynamic
+                and not cloudpickle.cloudpickle._should_pickle_by_reference(obj)):
             cells = []
             for cell in obj.__closure__ or ():
                 try:
                     cells.append(cell.cell_contents)
                 except ValueError:  # not yet assigned
                     cells.append("<empty cell>")
+            # its qualified name a string of its own: the function's and its code's are one
+            # object here, two in a copy that came back, and pickle writes the two differently
             return (_function_state, (obj.__code__, obj.__defaults__, obj.__kwdefaults__,
-                                      tuple(cells), obj.__dict__, obj.__qualname__))
+                                      tuple(cells), obj.__dict__, "".join(obj.__qualname__)))
         return super().reducer_override(obj)
 
 
 def _function_state(*state: Any) -> Any:
     """Named in fingerprints of functions (see _OwnStatePickler); they are never loaded."""
     return state
+
+
+class _SameStatePickler(_OwnStatePickler):
+    """Functions by their own state wherever their globals are (a copy that came back has a
+    staging namespace's): see same_state."""
+
+    every_dynamic = True
 
 
 def same_state(a: Any, b: Any, depth: int = 0) -> bool:
@@ -824,19 +837,6 @@ def same_state(a: Any, b: Any, depth: int = 0) -> bool:
     return prints[0] == prints[1]
 
 
-class _SameStatePickler(_Pickler):
-    """Functions by their own state wherever their globals are, their qualified name a string
-    of its own (a function's own name and its code's are one object here, two in a copy that
-    came back, and pickle would write the two differently)."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if (type(obj) is types.FunctionType
-                and not cloudpickle.cloudpickle._should_pickle_by_reference(obj)):
-            cells = ([c.cell_contents for c in obj.__closure__ or ()] if _filled(obj)
-                     else ["<empty cell>"])
-            return (_function_state, (obj.__code__, obj.__defaults__, obj.__kwdefaults__,
-                                      tuple(cells), obj.__dict__, "".join(obj.__qualname__)))
-        return super().reducer_override(obj)
 
 
 def _filled(*functions: types.FunctionType) -> bool:

@@ -103,9 +103,7 @@ def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str
     past its body), dedented together, numbered as the notebook numbers them."""
     here = line(lineno).rstrip()
     if not here.strip():
-        shown = lineno + offset
-        return ([f"{'-' * (5 - len(str(shown)))}> {shown} {fallback.strip()}"]
-                if fallback.strip() else [])
+        return [f"{_arrow(lineno + offset)} {fallback.strip()}"] if fallback.strip() else []
 
     def indent(text: str) -> int:
         return len(text) - len(text.lstrip())
@@ -141,9 +139,13 @@ def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str
     while not texts[numbers[0]].strip():
         numbers.pop(0)
     cut = min((indent(texts[n]) for n in numbers if texts[n].strip()), default=0)
-    # IPython's columns: the number right-aligned in seven, the arrow filling what is left
-    return [(f"{'-' * (5 - len(str(n + offset)))}> {n + offset}" if n == lineno
-             else f"{n + offset:>7}") + f" {texts[n][cut:]}" for n in numbers]
+    return [(_arrow(n + offset) if n == lineno else f"{n + offset:>7}") + f" {texts[n][cut:]}"
+            for n in numbers]
+
+
+def _arrow(n: int) -> str:
+    """``----> 9``, ``---> 14``: IPython's columns, the number right-aligned in seven."""
+    return f"{'-' * (5 - len(str(n)))}> {n}"
 
 
 def _local_module(name: str) -> str | None:

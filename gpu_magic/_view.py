@@ -538,6 +538,7 @@ class NullView:
     """No display at all (``--quiet``, or plain Python outside IPython)."""
 
     has_output_area = False
+    _reshow = False  # a clear_output(wait=True) will clear the status with the next output
 
     def __init__(self, state: JobState) -> None:
         self.state = state
@@ -583,7 +584,7 @@ class NullView:
     def before_value(self) -> None:
         """The cell's value or error is shown next: if a ``clear_output(wait=True)`` waits for
         it, it would clear the status with it, so the status is shown again first."""
-        if getattr(self, "_reshow", False):
+        if self._reshow:
             self.before_output()
 
     def comm_ids(self) -> set[str]:

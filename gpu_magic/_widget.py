@@ -281,17 +281,11 @@ class WidgetView(NullView):
             self._finished = True
             with _OUR_COMMS_LOCK:
                 _OUR_COMMS.difference_update(_comm_ids(self._box))
-            if self.state.background:
-                # its output lived in its widget, which a notebook opened again cannot show
-                # ("model not found"): its display becomes the final status with the output
-                # below it, as HTML and text, and the widget goes (nothing more sent to it)
-                data = self._final_data()
-            else:
-                # its final status needs no widget: shown as HTML, it reads the same in a
-                # notebook opened again without its kernel (a widget there says "Loading
-                # widget..." for good, front ends rarely keep widget state)
-                data = bundle(self.state, now)
-            self._handle.update(data, raw=True)
+            # its final status needs no widget: shown as HTML, it reads the same in a notebook
+            # opened again without its kernel (a widget there says "Loading widget..." or
+            # "model not found", front ends rarely keep widget state); a background job's
+            # output, which lived in its widget, goes below it (see _final_data)
+            self._handle.update(self._final_data(), raw=True)
             self._drop_widget()
 
     def _drop_widget(self) -> None:

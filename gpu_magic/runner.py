@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import _capture, _interrupts, _payload, _reserve
+from . import _capture, _injob, _interrupts, _payload, _reserve
 
 COALESCE_S = 0.002  # let a burst of prints gather before sending them as one event
 _MARKER = b"\x00gpu-magic-drain\x00"
@@ -1911,10 +1911,7 @@ _NO_CUDA = re.compile(r"not compiled with CUDA|no NVIDIA driver|No CUDA GPUs are
 def _note_simulated(exc: BaseException) -> None:
     """A simulated grant has no GPU: an error saying CUDA is missing gets a note saying why
     (torch's "Torch not compiled with CUDA enabled" reads as a broken install)."""
-    try:
-        grant = json.loads(os.environ.get("GPU_MAGIC_GRANT") or "{}")
-    except ValueError:
-        return
+    grant = _injob._grant()
     if not grant.get("simulated") or not _NO_CUDA.search(f"{type(exc).__name__}: {exc}"):
         return
     note = (f"gpu_magic: the {grant.get('type', 'GPU')} this cell was granted is simulated (a "
@@ -1969,10 +1966,7 @@ CELL_FILE_MARK = " on the GPU, job "
 
 def _cell_file(label: str) -> str:
     """``<Cell In[5] on the GPU, job 1f2e…>``: the name the running cell is compiled under."""
-    try:
-        grant = json.loads(os.environ.get("GPU_MAGIC_GRANT") or "{}")
-    except ValueError:
-        grant = {}
+    grant = _injob._grant()
     job = f"{grant.get('job_id') or os.getpid()}.{grant.get('attempt') or 1}"
     return f"<{label}{CELL_FILE_MARK}{job}>"
 

@@ -705,9 +705,10 @@ class Gateway:
             # may join within --wait (the queue says what it waits for, the wait's end that
             # none came); a type nobody knows (a typo) is refused all the same
             # (every option was dropped, in order; one no node has enough of stays dropped)
-            joinable = [i for i, (_o, why) in enumerate(dropped)
-                        if why.startswith("this pool has no") and (
-                            spec.options[i].type is None or spec.options[i].type in KNOWN_TYPES)]
+            there = {g.type for g in gpus}
+            joinable = [i for i, o in enumerate(spec.options)
+                        if (o.type is None and not gpus)
+                        or (o.type in KNOWN_TYPES and o.type not in there)]
             if joinable:
                 kept = joinable
                 dropped = [d for i, d in enumerate(dropped) if i not in joinable]
