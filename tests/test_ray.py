@@ -594,6 +594,54 @@ def test_gpus_another_ray_user_holds_are_busy_and_the_job_waits(rc: GatewayClien
     assert events[-1]["state"] == "succeeded" and stdout(events) == "ran\n"
 
 
+# Another Ray driver that reads the cluster's placement groups: name -> state, on each line asked.
+GROUPS = """
+import json, sys, ray
+from ray.util import placement_group_table
+ray.init(address=sys.argv[1], logging_level="error", log_to_driver=False)
+print("ready", flush=True)
+for _ in sys.stdin:
+    print(json.dumps({g["name"]: g["state"] for g in placement_group_table().values()}),
+          flush=True)
+"""
+
+
+def test_cells_back_to_back_keep_their_placement_group_then_give_it_back(
+        rc: GatewayClient, cluster: RayCluster) -> None:
+    # Ray takes 0.5-1 s to place a new group on GPUs just given back: each cell of a Run All
+    # waited that long for the GPUs the cell before had freed
+    wait_for(lambda: all_free(rc), DEADLINE_S)
+    reader = subprocess.Popen([sys.executable, "-c", GROUPS, cluster.address],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert reader.stdin is not None and reader.stdout is not None
+
+    def groups() -> dict[str, str]:
+        reader.stdin.write("?\n")
+        reader.stdin.flush()
+        assert select.select([reader.stdout], [], [], DEADLINE_S)[0], "the other driver hung"
+        return json.loads(reader.stdout.readline())
+
+    try:
+        assert select.select([reader.stdout], [], [], DEADLINE_S)[0], "the other driver hung"
+        assert reader.stdout.readline() == "ready\n"
+        first = submit(rc, "print('one')\n", "H100:2")
+        assert stdout(follow(rc, first["id"])) == "one\n"
+        assert free(rc)["H100"] == (2, 2)  # kept for the next cell, but ours: free for it
+        second = submit(rc, "print('two')\n", "H100:2")
+        events = follow(rc, second["id"])
+        assert events[-1]["state"] == "succeeded" and stdout(events) == "two\n"
+        held = groups()
+        assert f"gpu-magic-{first['id']}-1" in held, held
+        assert not [name for name in held if second["id"] in name], held  # no group of its own
+        # and nobody else's GPUs wait on it for long: it is given back
+        wait_for(lambda: groups()[f"gpu-magic-{first['id']}-1"] == "REMOVED", DEADLINE_S)
+    finally:
+        reader.stdin.close()
+        reader.wait(DEADLINE_S)
+        reader.stdout.close()
+    wait_for(lambda: all_free(rc), DEADLINE_S)
+
+
 # Another Ray user who asks for both H100s while our job holds them: Ray hands them over the
 # moment our job gives them back, before the gateway's view of the pool says they are gone.
 TAKER = """
