@@ -168,7 +168,9 @@ def test_the_status_bar_follows_a_job_with_the_sidebar_closed(page: Any, lab: La
     # with the panel closed the jobs were polled every 10 s: the item showed a job seconds
     # late, or not at all, and an ended one for seconds after
     write_notebook(lab.root / "statusbar.ipynb", "%load_ext gpu_magic",
-                   "%%gpu H100\nimport time\ntime.sleep(4)")
+                   "%%gpu H100\nimport time\ntime.sleep(4)",
+                   "from gpu_magic import gpu\n\n@gpu('A100-80GB')\ndef nap():\n    import time\n"
+                   "    time.sleep(4)", "nap()")
     open_notebook(page, lab, "statusbar.ipynb")
     if page.locator(PANEL).is_visible():
         page.locator(SIDEBAR_TAB).click()
@@ -178,6 +180,12 @@ def test_the_status_bar_follows_a_job_with_the_sidebar_closed(page: Any, lab: La
     running.wait_for(timeout=3500)  # while the 4 s cell runs
     page.locator(".jp-OutputArea-output .gpu-magic-status", has_text="succeeded").wait_for()
     running.wait_for(state="hidden", timeout=4000)
+    # a call of a decorated function names no magic: the notebook's use of gpu_magic is enough
+    # (it waited for the next poll, up to 10 s)
+    run_cells(page, [2])
+    page.wait_for_timeout(2500)  # past the looks that cell 2 (it names gpu_magic) set off
+    run_cells(page, [3])
+    page.locator(".jp-GpuMagic-status", has_text="GPU: A100-80GB ×1 running").wait_for(timeout=3000)
 
 
 def test_advice_instead_of_a_blank_panel(context: Any, tmp_path: Path) -> None:

@@ -124,11 +124,18 @@ const plugin: JupyterFrontEndPlugin<void> = {
     }
     // a cell that may start a GPU job: look when the kernel starts it (not when it is
     // queued: behind a busy cell the look came before the job), not at the next poll (up to
-    // 10 s away while the panel is closed, and the status-bar item lagged that much)
+    // 10 s away while the panel is closed, and the status-bar item lagged that much). Once a
+    // notebook has used gpu_magic any of its cells may: `train()` of a function decorated
+    // with @gpu in an earlier cell names no magic of its own.
     const watch = (nb: NotebookPanel) => {
+      let usesGpu = false;
       nb.sessionContext.iopubMessage.connect((_, msg) => {
+        if (msg.header.msg_type !== 'execute_input') {
+          return;
+        }
         const code = (msg.content as { code?: unknown }).code;
-        if (msg.header.msg_type === 'execute_input' && GPU_CELL.test(String(code ?? ''))) {
+        usesGpu = usesGpu || GPU_CELL.test(String(code ?? ''));
+        if (usesGpu) {
           for (const ms of [300, 1500]) {
             window.setTimeout(() => void model.refresh(), ms);
           }
