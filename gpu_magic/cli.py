@@ -51,8 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                         "interpreter and GPUs (0: fork a fresh one from a warm zygote each time)")
     s.add_argument("--cold", action="store_true",
                    help="no warm runners: start a fresh interpreter for every job")
-    s.add_argument("--max-jobs-per-user", type=_count(zero=True), default=None)
-    s.add_argument("--max-gpus-per-user", type=_count(zero=True), default=None)
+    s.add_argument("--max-jobs-per-user", type=_count(), default=None, metavar="N",
+                   help="queued and running jobs a user may have (a user's own limit, set in "
+                        "the tokens file or with PUT /v1/limits/USER, wins)")
+    s.add_argument("--max-gpus-per-user", type=_count(), default=None, metavar="N",
+                   help="GPUs a user's running jobs may hold together (likewise)")
     s.add_argument("--max-blob-bytes", type=_positive_size, default=None, metavar="SIZE",
                    help="largest blob a user may store, e.g. 4G")
     s.add_argument("--max-job-bytes", type=_positive_size, default=None, metavar="SIZE",
@@ -112,18 +115,19 @@ def _seconds(zero: bool = False) -> Any:
     return parse
 
 
-def _count(zero: bool = False) -> Any:
-    """An argparse type: a whole number, 1 and more (or 0 and more with ``zero``)."""
-    least = 0 if zero else 1
+def _count() -> Any:
+    """An argparse type: a whole number, 1 and more."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = -1
-        if value < least:
+        if value < 1:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not a whole number of {least} or more; write e.g. 2")
+                f"{text!r} is not a whole number of 1 or more; write e.g. 2"
+                + (" (to hold one user's jobs, give that user \"max_jobs\": 0 in the tokens "
+                   "file)" if value == 0 else ""))
         return value
 
     return parse
@@ -172,9 +176,31 @@ def main(argv: list[str] | None = None) -> int:
         return BROKEN_PIPE_EXIT
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, with a misspelt command or option answered with the one meant, in the
+    usage of its own command (argparse printed the top-level usage and no suggestion)."""
+    import difflib
+
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in subs.choices and argv and argv[0] == first:
+        near = difflib.get_close_matches(first, list(subs.choices), n=1)
+        parser.error(f"{first!r} is not a command" + (f"; did you mean {near[0]}?" if near else
+                                                      f" (choose from {', '.join(subs.choices)})"))
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = subs.choices[args.command]
+        options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+        meant = [near[0] for word in extra if word.startswith("-") and (
+            near := difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.75))]
+        sub.error("unrecognized arguments: " + " ".join(extra)
+                  + (f"; did you mean {' '.join(meant)}?" if meant else ""))
+    return args
+
+
 def _main(argv: list[str] | None) -> int:
     parser = _parser()
-    args = parser.parse_args(_token_values_kept(sys.argv[1:] if argv is None else argv))
+    args = _parse(parser, _token_values_kept(sys.argv[1:] if argv is None else argv))
     if args.command == "serve":
         from .server.serve import ServeConfig, serve
 

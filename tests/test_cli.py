@@ -178,7 +178,11 @@ def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
     (["--max-timeout", "-5"], "argument --max-timeout: '-5' is not a time of more than 0 seconds"),
     (["--max-timeout", "10s"], "argument --max-timeout: '10s' is not a number of seconds"),
     (["--keep-warm", "-1"], "argument --keep-warm: '-1' is not a time of 0 or more seconds"),
-    (["--max-jobs-per-user", "-1"], "'-1' is not a whole number of 0 or more"),
+    (["--max-jobs-per-user", "-1"], "'-1' is not a whole number of 1 or more"),
+    # every job refused: a user's own limit may be 0 (tokens file), the whole gateway's not
+    (["--max-gpus-per-user", "0"], "'0' is not a whole number of 1 or more; write e.g. 2 (to "
+                                   "hold one user's jobs, give that user \"max_jobs\": 0 in the "
+                                   "tokens file)"),
     (["--max-blob-bytes", "0"], "'0' is not a size of one byte or more"),
     (["--max-job-bytes", "1x"], "'1x' is not a size; write it as bytes or with K, M, G or T"),
     (["--simulate", "H100:2,,"], "empty entry in the simulated pool 'H100:2,,'; separate entries "
@@ -261,6 +265,39 @@ def test_serve_s_simulate_advice_names_the_flag(tmp_path: Path) -> None:
     assert "'T4;8' in the simulated pool 'T4;8' is not TYPE[:COUNT][@NODE]" in out.stderr
     assert "write e.g. --simulate 'H100:2,A100-80GB:4'" in out.stderr, out.stderr
     assert "GPU_MAGIC_SIMULATE" not in out.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["serve", "--max-timout", "5"], "gpu-magic serve: error: unrecognized arguments: "
+                                     "--max-timout 5; did you mean --max-timeout?"),
+    (["pool", "--urll=http://x"], "gpu-magic pool: error: unrecognized arguments: "
+                                  "--urll=http://x; did you mean --url?"),
+    (["serv"], "gpu-magic: error: 'serv' is not a command; did you mean serve?"),
+    (["launch"], "'launch' is not a command (choose from serve, stop, pool, jobs, demo)"),
+])
+def test_a_misspelt_command_or_option_is_answered_with_the_one_meant(
+        args: list[str], says: str) -> None:
+    # argparse printed the top-level usage, and no suggestion
+    out = gm(*args)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
+    assert f"usage: gpu-magic {args[0]}" in out.stderr or args[0] in ("serv", "launch")
+
+
+def test_serve_says_it_does_not_read_gpu_magic_simulate(tmp_path: Path) -> None:
+    # an admin who set the magic's variable for `serve` got "pool: no GPUs" and no word why
+    gw = start_gateway(tmp_path, simulate=None, env={"GPU_MAGIC_SIMULATE": "A100-80GB:2,T4:1"})
+    try:
+        log = (tmp_path / "gateway.log").read_text()
+        assert ("note: GPU_MAGIC_SIMULATE='A100-80GB:2,T4:1' is set, but serve takes its pool "
+                "from --simulate" in log), log
+        assert "start it with --simulate A100-80GB:2,T4:1" in log
+        with gw.client() as c:
+            assert not c.pool()["simulated"]
+    finally:
+        gw.stop()
+    gw = start_gateway(tmp_path, simulate="T4:1", env={"GPU_MAGIC_SIMULATE": "H100:1"})
+    gw.stop()
+    assert (tmp_path / "gateway.log").read_text().count("GPU_MAGIC_SIMULATE=") == 1
 
 
 def test_a_gateways_own_token_can_follow_token_on_a_command_line(tmp_path: Path) -> None:

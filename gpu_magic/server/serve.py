@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -333,7 +334,16 @@ def serve(cfg: ServeConfig) -> int:
 
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, reload_tokens)
-        for note in gateway.pool_notes():  # (the embedded gateway's go to its log)
+        notes = gateway.pool_notes()
+        wanted = os.environ.get("GPU_MAGIC_SIMULATE", "").strip()
+        if wanted and cfg.simulate is None and cfg.backend == "local":
+            # the magic's variable, read where a kernel starts its own gateway: an admin who set
+            # it for `serve` got a real pool (no GPUs here) and no word why
+            notes.append(f"GPU_MAGIC_SIMULATE={wanted!r} is set, but serve takes its pool from "
+                         f"--simulate (the variable is the magic's, for the local gateway a "
+                         f"kernel starts): this pool is this host's real GPUs; for a simulated "
+                         f"one, start it with --simulate {shlex.quote(wanted)}")
+        for note in notes:  # (the embedded gateway's go to its log)
             print(f"gpu-magic serve: note: {note}", file=sys.stderr, flush=True)
         if getattr(gateway.backend, "isolation", None) == "bwrap" and os.geteuid() == 0:
             print("gpu-magic serve: note: running as root, so sandboxed cells run as root too "
