@@ -30,7 +30,7 @@ from typing import Any
 
 from . import _injob, _payload
 from ._capture import analyze_cell
-from ._client import INLINE_MAX, GatewayClient
+from ._client import INLINE_MAX, GatewayClient, silence_clause, unreached_clause
 from ._connection import connect, invalidate_local
 from ._errors import (
     EnvironmentMismatch,
@@ -64,6 +64,9 @@ _NOTHING = object()  # an in-place result whose object is not here
 # A cell that has not taken an interrupt this long after it was asked (stuck in C code that
 # never checks for signals, or ignoring SIGINT) is cancelled instead.
 INTERRUPT_GRACE_S = 5.0
+# How long an interrupt or a cancel waits for the gateway's answer (it answers in milliseconds):
+# a stopped gateway kept Ctrl-C waiting for the whole read timeout, a minute.
+CONTROL_ANSWER_S = 5.0
 
 # Names IPython puts in every namespace; never shipped.
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh",
@@ -376,6 +379,7 @@ class _Job:
                     if self._interrupt_at is not None:
                         self._interrupt_overdue()
                     ev = feed.get(timeout=0.05 if pumping else 0.25)
+                    self._note_away(feed)
                     if ev is not None and ev.get("type") != "job":
                         self._on_event(ev)
                         if ev.get("type") == "done":
@@ -395,6 +399,14 @@ class _Job:
             self.following = None
             feed.close()
 
+    def _note_away(self, feed: EventFeed) -> None:
+        """Say in the view while the gateway does not answer and the stream is being resumed."""
+        trouble = feed.trouble
+        away = silence_clause(trouble) if trouble is not None else None
+        if away != self.state.away:
+            self.state.away = away
+            self.view.refresh()
+
     def _interrupt(self) -> bool:
         """The first Ctrl-C while the cell runs: the gateway raises KeyboardInterrupt in the
         cell, whose except and finally blocks run and whose names come back, as a local
@@ -404,10 +416,13 @@ class _Job:
                 or self.state.grant is None or self.state.final):
             return False
         self._interrupt_at = time.monotonic()
-        fresh = GatewayClient(self.client.url, self.client.token, connect_timeout=3.0)
+        fresh = GatewayClient(self.client.url, self.client.token, connect_timeout=3.0,
+                              read_timeout=CONTROL_ANSWER_S)
         try:
             fresh.interrupt(self.id)
         except GatewayError as exc:
+            if exc.status is None:  # it did not get there: neither would a cancel
+                raise self._not_reached("interrupt", exc) from None
             code = exc.detail.get("error") if isinstance(exc.detail, dict) else None
             if code == "job_ended":
                 return True  # it ends by itself: its end is on its way
@@ -421,9 +436,22 @@ class _Job:
             return False
         finally:
             fresh.close()
+        self._interrupt_at = time.monotonic()  # its grace counts from the gateway's yes
         self.state.interrupt = "an interrupt"
         self.view.refresh()
         return True
+
+    def _not_reached(self, what: str, exc: GatewayError) -> GatewayError:
+        """The error for an interrupt or cancel the gateway did not take: the job's end is
+        unknown (it may run on, or have ended meanwhile), and said so, not "cancelled"."""
+        why = unreached_clause(exc, CONTROL_ANSWER_S)
+        where = f"the gpu_magic gateway at {self.client.url}"
+        head = (f"{where} did not answer the {what} ({why}; it may still act on it later)"
+                if why.startswith("no answer") else f"the {what} did not reach {where} ({why})")
+        return GatewayError(
+            f"{head}. GPU job {self.id}'s end is unknown here: it may run on, or have ended; "
+            f"nothing was bound here. `%gpu attach {self.id}` shows how it ends once the "
+            f"gateway answers (and binds what it returns), `%gpu cancel {self.id}` stops it")
 
     def _interrupt_overdue(self) -> None:
         """A cell that did not take the interrupt in time is cancelled (by the caller, as a
@@ -877,21 +905,25 @@ def _cancel_on_sigterm(job_id: str, box: dict[str, Any]) -> Iterator[None]:
             signal.signal(signal.SIGTERM, old)
 
 
-def _cancel_fresh(client: GatewayClient, job_id: str, timeout: float) -> None:
+def _cancel_fresh(client: GatewayClient, job_id: str,
+                  timeout: float) -> dict[str, Any] | Exception:
     """Cancel from a fresh, short-timeout client (the pooled connection may be mid-request
-    after Ctrl-C, or the process on its way out), saying nothing of a failure."""
-    fresh = GatewayClient(client.url, client.token, connect_timeout=timeout)
+    after Ctrl-C, or the process on its way out): the job's record as the gateway answered
+    (a job that had ended is not cancelled), or what went wrong; never raises."""
+    fresh = GatewayClient(client.url, client.token, connect_timeout=timeout,
+                          read_timeout=max(timeout, CONTROL_ANSWER_S))
     try:
-        fresh.cancel(job_id)
-    except Exception:
-        pass
+        return fresh.cancel(job_id)
+    except Exception as exc:
+        return exc
     finally:
         fresh.close()
 
 
-def _cancel_quietly(client: GatewayClient, job_id: str) -> None:
-    _cancel_fresh(client, job_id, timeout=3.0)
+def _cancel_quietly(client: GatewayClient, job_id: str) -> dict[str, Any] | Exception:
+    answer = _cancel_fresh(client, job_id, timeout=3.0)
     client.reset()
+    return answer
 
 
 def submit(
@@ -1168,12 +1200,27 @@ def run(
                 f"GPU job {job_id} had finished, but the interrupt stopped fetching its "
                 f"results here: nothing was bound. `%gpu attach {job_id}` (or "
                 f"gpu_magic.attach('{job_id}')) fetches them", job_id=job_id)) from None
+        answer: Any = None
         if "client" in box:
             with _sigint_deferred():
-                _cancel_quietly(box["client"], job_id)
+                answer = _cancel_quietly(box["client"], job_id)
+        if isinstance(job, _Job) and isinstance(answer, GatewayError) and answer.status is None:
+            # the cancel did not get there: "cancelled" would be a guess, and often wrong
+            error = job._not_reached("cancel", answer)
+            job.state.state, job.state.message = UNREACHABLE, str(error)
+            raise error from None
+        if isinstance(job, _Job) and isinstance(answer, dict) and answer.get("state") in (
+                "succeeded", "failed", "timed_out", "lost", "expired"):
+            ended = answer["state"].replace("_", " ")
+            job.state.state, job.state.message = UNREACHABLE, (
+                f"it had ended ({ended}) before the cancel got there")
+            raise _short(JobCancelled(
+                f"GPU job {job_id} had ended ({ended}) before the interrupt's cancel got there; "
+                f"nothing was bound here. `%gpu attach {job_id}` shows how it ended (and binds "
+                "its results)", job_id=job_id)) from None
         granted = isinstance(job, _Job) and job.state.grant is not None
         if isinstance(job, _Job):
-            job.state.state = "cancelled"
+            job.state.cancelled_here()
             job.state.cancel = job.state.cancel or "an interrupt"
         # said before the gateway has stopped it: never that its GPUs are free already (a cell
         # that does not take the stop holds them for the gateway's grace, 3 s, on Ray too)

@@ -31,6 +31,10 @@ CHUNK = 1 << 20
 # Blobs at least this big go through files on the same host (below it one HTTP body is cheaper).
 SAME_HOST_MIN = 1 << 20
 RESUME_ATTEMPTS = 20
+# An event stream that brings nothing, not even the gateway's heartbeat (every 5 s), for this
+# long is taken as lost and resumed: a gateway stopped (SIGSTOP, a frozen host) keeps its
+# connections open, and the cell went on saying "running" for the whole 60 s read timeout.
+STREAM_SILENCE_S = 20.0
 # Input blobs up to this much in all travel inside the submit itself (base64 in its JSON).
 INLINE_MAX = 256 << 10
 
@@ -116,8 +120,8 @@ class GatewayClient:
     """Talks to one gateway with one token."""
 
     def __init__(self, url: str, token: str | None, *, connect_timeout: float = 10.0,
-                 same_host: bool = True, url_from: str | None = None,
-                 token_from: str | None = None) -> None:
+                 read_timeout: float = 60.0, same_host: bool = True,
+                 url_from: str | None = None, token_from: str | None = None) -> None:
         self.url = url.rstrip("/")
         if self.url.endswith("/v1"):  # the API's prefix, copied with the address: ours to add
             self.url = self.url[: -len("/v1")]
@@ -133,7 +137,7 @@ class GatewayClient:
         # why the event stream being resumed cannot be reached now (None while it flows): a
         # background job's wait() says the gateway is away, not that the job still runs
         self.trouble: BaseException | None = None
-        self._timeout = httpx.Timeout(connect_timeout, read=60.0)
+        self._timeout = httpx.Timeout(connect_timeout, read=read_timeout)
         self._http = self._new_http()
         self._health: dict[str, Any] | None = None
         # False: always HTTP bodies, even when the gateway offers files on this host
@@ -258,7 +262,9 @@ class GatewayClient:
     def _unreachable(self, exc: BaseException) -> GatewayError:
         if self.on_unreachable is not None:
             self.on_unreachable()
-        return unreachable(self.url, exc, self.url_from)
+        error = unreachable(self.url, exc, self.url_from)
+        error.transport = exc
+        return error
 
     def health(self, refresh: bool = False) -> dict[str, Any]:
         if self._health is None or refresh:
@@ -448,6 +454,10 @@ class GatewayClient:
                     for ev in _parse_sse(chunks):
                         if ev.get("type") == "job":
                             submitted = True
+                            if self._plain and self._exchange is not None:
+                                # taken: from here on heartbeats come (the submit itself may
+                                # take the gateway long, checking large inputs)
+                                self._exchange.listen(STREAM_SILENCE_S)
                         else:
                             last = int(ev.get("seq", 0)) or last
                         yield ev
@@ -502,8 +512,9 @@ class GatewayClient:
         while True:
             try:
                 headers = {"Last-Event-ID": str(last)} if last else {}
-                with self._http.stream("GET", path, headers=headers,
-                                       params={"after": last}) as resp:
+                silence = httpx.Timeout(self._timeout.connect, read=STREAM_SILENCE_S)
+                with self._http.stream("GET", path, headers=headers, params={"after": last},
+                                       timeout=silence) as resp:
                     if resp.status_code >= 400:
                         resp.read()
                         _check(resp, self.url, self)
@@ -560,6 +571,30 @@ def _speaks_tls(url: str) -> bool:
 def _clause(exc: BaseException) -> str:
     """An exception's text to go inside a sentence of ours: without its own full stop."""
     return str(exc).rstrip(" .") or type(exc).__name__
+
+
+def silence_clause(exc: BaseException) -> str:
+    """Why an event stream is being resumed, in words: a read timeout is the gateway's
+    silence (its heartbeats stopped), not "timed out"."""
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"it has sent nothing, not even its heartbeat, for {STREAM_SILENCE_S:g} s"
+    return _errno_dropped(_clause(exc))
+
+
+def _errno_dropped(text: str) -> str:
+    """"[Errno 111] Connection refused" as a person says it."""
+    return text.split("] ", 1)[1] if text.startswith("[Errno ") and "] " in text else text
+
+
+def unreached_clause(exc: GatewayError, waited: float) -> str:
+    """Why a request did not reach the gateway, short ("no answer within 5 s", "Connection
+    refused"), for a sentence that names the gateway itself; ``waited``: its read timeout."""
+    why = exc.transport
+    if isinstance(why, httpx.TimeoutException):
+        return f"no answer within {waited:g} s"
+    if why is not None:
+        return _errno_dropped(_clause(why))
+    return str(exc).rstrip(" .")
 
 
 LOCAL = "the local gateway"  # url_from of this user's embedded local gateway

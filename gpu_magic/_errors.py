@@ -154,6 +154,8 @@ class GatewayError(GpuMagicError):
         super().__init__(message)
         self.status = status
         self.detail = detail
+        # what the connection raised, when the gateway was not reached (status None)
+        self.transport: BaseException | None = None
 
 
 class AuthError(GatewayError):

@@ -84,6 +84,11 @@ class EventFeed:
                     self._client.close()
             self._done.set()
 
+    @property
+    def trouble(self) -> BaseException | None:
+        """Why the stream is being resumed now (None while it flows)."""
+        return self._client.trouble
+
     def away(self) -> GatewayError | None:
         """What the client says of the gateway while the stream cannot be resumed (it goes on
         trying); None while it flows."""

@@ -189,6 +189,12 @@ class Exchange:
                 pass
         sock.close()
 
+    def listen(self, silence: float) -> None:
+        """From now until the next request: a read that waits ``silence`` seconds fails (an
+        event stream with heartbeats; the request itself may take the server longer)."""
+        if self._sock is not None:
+            self._sock.settimeout(silence)
+
     def post(self, target: str, body: bytes,
              ) -> tuple[int, dict[str, str], Generator[bytes, None, None]]:
         """POST ``body`` (JSON): the status, the headers and the body's pieces as they come.
@@ -198,6 +204,7 @@ class Exchange:
         if self._sock is None or self._pid != os.getpid():
             self._connect()
         assert self._sock is not None
+        self._sock.settimeout(self.timeout)  # (a stream before may have listened for less)
         u = self.url
         lines = [f"POST {target} HTTP/1.1", f"Host: {u.netloc.decode('ascii')}",
                  f"User-Agent: gpu-magic/{__version__}", "Accept-Encoding: identity",

@@ -73,6 +73,11 @@ class JobState:
         self.interrupt: str | None = None  # who asked to interrupt the cell: "an interrupt"
         self.interrupted = False  # the cell got it (its except and finally blocks run)
         self.interrupted_by: str | None = None  # an admin who interrupted it: "carol (admin)"
+        # while its follower cannot reach the gateway and tries again: why ("connection refused")
+        self.away: str | None = None
+        # cancelled from here (an interrupt) and the gateway has not said it ended: its GPUs
+        # are not known to be free yet
+        self.ending = False
 
     # --- folding ---
 
@@ -111,6 +116,7 @@ class JobState:
             self.error = f"{ev.get('ename', 'Exception')}: {ev.get('evalue', '')}".rstrip(": ")
             self.interrupted_by = ev.get("by") or self.interrupted_by
         elif kind == "done":
+            self.ending = False
             self.state = ev.get("state", "done")
             self.timings = ev.get("timings") or {}
             self.message = ev.get("message")
@@ -118,6 +124,18 @@ class JobState:
             self.finished_at = now
             if self.attempts and self.attempts[-1]["end"] is None:
                 self.attempts[-1]["end"] = self.state
+
+    def cancelled_here(self, now: float | None = None) -> None:
+        """Cancelled from this side (an interrupt) before the gateway said it ended: how long it
+        ran as far as is known here, and its GPUs not said to be free."""
+        now = time.monotonic() if now is None else now
+        self.state, self.ending, self.finished_at = "cancelled", True, now
+        if self.started_at is not None:
+            self.timings = {"ran_s": now - self.started_at}
+
+    def _gpus(self) -> str:
+        return ("its GPUs are free once the gateway has stopped it (%gpu jobs says when)"
+                if self.ending else "its GPUs are released")
 
     @property
     def final(self) -> bool:
@@ -193,6 +211,13 @@ class JobState:
             parts.append(f"received {human_size(self.received_bytes)}")
         return " · ".join(parts)
 
+    def away_text(self) -> str:
+        """While the gateway does not answer and the follower tries again."""
+        if not self.away or self.final or self.state == UNREACHABLE:
+            return ""
+        return (f"the gateway does not answer ({self.away}): trying to reach it again; the "
+                "output goes on from where it stopped if it does")
+
     def interrupt_text(self) -> str:
         """While an interrupt is on its way to the cell, or the cell is taking it."""
         if self.interrupted_by and self.interrupted and not self.final:
@@ -223,12 +248,12 @@ class JobState:
             where_out = "in the box below" if self.background else "below"
             return (f"interrupted by {self.interrupted_by}: {self.error or 'KeyboardInterrupt'} "
                     "· nothing was bound (the namespace is as before); the output so far is "
-                    f"kept {where_out}; its GPUs are released")
+                    f"kept {where_out}; {self._gpus()}")
         if self.state == "cancelled" and self.interrupted:
             # ended by the interrupt: bound what it had bound by then, as a local cell leaves it
             return (f"cancelled by an interrupt: {self.error or 'KeyboardInterrupt'} · bound "
                     f"{_names(self.bound) if self.bound else 'nothing'} (what the cell had "
-                    "assigned when it was interrupted); its GPUs are released")
+                    f"assigned when it was interrupted); {self._gpus()}")
         if self.state == "cancelled":
             who = f" by {self.cancel}" if self.cancel else ""
             if self.bound:
@@ -237,11 +262,13 @@ class JobState:
                 return f"cancelled{who} before it was granted a GPU: nothing ran, nothing was bound"
             where_out = "in the box below" if self.background else "below"
             return (f"cancelled{who}: nothing was bound (the namespace is as before); the output "
-                    f"so far is kept {where_out}; its GPUs are released")
+                    f"so far is kept {where_out}; {self._gpus()}")
         if self.state in ("timed_out", "lost", "expired"):
             return then(self.message or self.state.replace("_", " "), "nothing was bound")
         if self.state == UNREACHABLE:
-            return then(self.message or "", "nothing was bound")
+            message = self.message or ""
+            return message if "nothing was bound" in message else then(message,
+                                                                        "nothing was bound")
         if self.state == "failed":
             return then(self.error or self.message or "failed", "nothing was bound")
         if self.state != "succeeded":
@@ -304,7 +331,7 @@ def render_text(state: JobState, now: float) -> str:
     if state.final or state.state in ("running", "granted", UNREACHABLE):
         first.insert(0, state.progress(now))
     lines = ["[gpu] " + " · ".join(first)]
-    details = [state.transfer(), *state.attempt_lines(), state.outcome()]
+    details = [state.transfer(), *state.attempt_lines(), state.outcome(), state.away_text()]
     details.append(state.interrupt_text())
     if state.cancel and not state.final:
         details.append(f"cancelling ({state.cancel})")
@@ -371,6 +398,9 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
     if attempts:
         rows.append('<ol class="gpu-magic-attempts" style="margin:2px 0 2px 1.2em;padding:0">'
                     + "".join(f"<li>{e(a.split(': ', 1)[1])}</li>" for a in attempts) + "</ol>")
+    if state.away_text():
+        rows.append(f'<div class="gpu-magic-away" style="{_colour(_WARN)}">'
+                    f"{e(state.away_text())}</div>")
     if state.interrupt_text():
         rows.append(f"<div>{e(state.interrupt_text())}</div>")
     if state.cancel and not state.final:

@@ -4,6 +4,9 @@ run, what it had bound comes back); a second interrupt, or a cell that does not 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ import pytest
 
 from gpu_magic._view import JobState, render_html, render_text
 
-from .conftest import Gateway, wait_for
+from .conftest import Gateway, start_gateway, wait_for
 from .test_gateway_http import all_free, finish
 from .test_widget import Kernel
 
@@ -89,6 +92,13 @@ def test_a_second_interrupt_cancels_at_once(kernel: Kernel, client: Any) -> None
     _interrupt_when_started(k, cell, "caught")  # (the cell took the first, and goes on)
     reply = k.reply(cell, timeout=30)  # well before the cell's own minute is up
     assert reply["status"] == "error" and reply["ename"] == "JobCancelled", reply
+    # the status and the error agree: the gateway is stopping it (the status said its GPUs
+    # were released, and showed no times)
+    assert "its GPUs are free once it has ended" in reply["evalue"], reply
+    final = [m["content"]["data"]["text/plain"] for m in k.iopub
+             if m["msg_type"] in ("display_data", "update_display_data")][-1]
+    assert final.startswith("[gpu] cancelled · ran "), final
+    assert "its GPUs are free once the gateway has stopped it" in final, final
     assert _check(k, "print('y' in globals())") == "False\n"
     assert _new_job(client, before)["state"] == "cancelled"
     wait_for(lambda: all_free(client), DEADLINE)
@@ -107,6 +117,77 @@ def test_a_cell_that_ignores_the_interrupt_is_cancelled_after_a_grace(kernel: Ke
     assert _check(k, "print('v' in globals())") == "False\n"
     assert _new_job(client, before)["state"] == "cancelled"
     wait_for(lambda: all_free(client), DEADLINE)  # its GPU is free for the next cell
+
+
+@pytest.fixture
+def own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Gateway, Kernel]]:
+    """A gateway of its own (these tests stop it) and a kernel that uses it."""
+    (tmp_path / "gw").mkdir()
+    gw = start_gateway(tmp_path / "gw")
+    monkeypatch.setenv("GPU_MAGIC_URL", gw.url)
+    monkeypatch.setenv("GPU_MAGIC_TOKEN", gw.token)
+    k = Kernel(tmp_path)
+    try:
+        assert k.reply(k.run("%load_ext gpu_magic"))["status"] == "ok"
+        yield gw, k
+    finally:
+        k.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(gw.proc.pid, signal.SIGCONT)
+        gw.stop()
+
+
+def _running_job(gw: Gateway) -> str:
+    with gw.client() as c:
+        ids = [j["id"] for j in c.jobs() if j["state"] == "running"]
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+def test_an_interrupt_a_stopped_gateway_cannot_hear_says_so(own: tuple[Gateway, Kernel]) -> None:
+    # a stopped gateway (SIGSTOP) keeps its connections: Ctrl-C waited a minute, then said
+    # "cancelled ... the gateway is stopping it", and the job, let go on, succeeded
+    gw, k = own
+    cell = k.run("%%gpu\nimport time\nprint('started', flush=True)\ntime.sleep(8)\nv = 1",
+                 stop_on_error=False)
+    wait_for(lambda: k.drain(0.1) or "started" in k.outputs(cell), DEADLINE)
+    job_id = _running_job(gw)
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    k.km.interrupt_kernel()
+    reply = k.reply(cell, timeout=30)  # (it waited for the client's read timeout, 60 s)
+    assert reply["status"] == "error" and reply["ename"] == "GatewayError", reply
+    assert (f"the gpu_magic gateway at {gw.url} did not answer the interrupt (no answer within "
+            f"5 s; it may still act on it later). GPU job {job_id}'s end is unknown here"
+            in reply["evalue"]), reply
+    final = [m["content"]["data"]["text/plain"] for m in k.iopub
+             if m["msg_type"] in ("display_data", "update_display_data")][-1]
+    assert "cancelled" not in final and "did not answer the interrupt" in final, final
+    assert final.count("nothing was bound") == 1, final
+    os.kill(gw.proc.pid, signal.SIGCONT)
+    # awake, it takes the interrupt it had been sent (as said it might), and attach tells
+    with gw.client() as c:
+        assert finish(c, job_id)["state"] == "cancelled"
+    attach = k.run(f"%gpu attach {job_id}")
+    reply = k.reply(attach)
+    assert reply["ename"] == "JobCancelled" and "cancelled by an interrupt" in reply["evalue"], reply
+
+
+def test_a_cell_says_while_its_gateway_does_not_answer(own: tuple[Gateway, Kernel]) -> None:
+    # the widget went on saying "running 10 s, 20 s, ..." for the 35 s the client tried again
+    gw, k = own
+    cell = k.run("%%gpu\nimport time\nprint('started', flush=True)\ntime.sleep(60)",
+                 stop_on_error=False)
+    wait_for(lambda: k.drain(0.1) or "started" in k.outputs(cell), DEADLINE)
+    wait_for(lambda: k.drain(0.1) or k.models("HTMLModel"), DEADLINE)  # (shown after 1 s)
+    gw.proc.kill()
+    status = k.models("HTMLModel")[-1]
+    wait_for(lambda: k.drain(0.1) or "the gateway does not answer (Connection refused): trying "
+             "to reach it again" in str(k.last_value(status, "value")), DEADLINE)
+    k.km.interrupt_kernel()  # (and an interrupt then says it could not get there)
+    reply = k.reply(cell, timeout=30)
+    assert reply["ename"] == "GatewayError", reply
+    assert "the interrupt did not reach the gpu_magic gateway" in reply["evalue"], reply
+    assert "(Connection refused)" in reply["evalue"], reply
 
 
 def test_the_status_says_the_cell_is_being_interrupted() -> None:
