@@ -444,12 +444,15 @@ class GPUMagic(Magics):
                 print(f"job {before['id']} had already ended ({ended}); nothing to cancel")
                 return None
             rec = client.cancel(rest[0])
+            # an admin's cancel of another user's job: whose it was
+            me = client._request("GET", "/v1/limits").json().get("user")
+            whose = f"{rec['user']}'s " if rec.get("user") not in (None, me) else ""
             if rec["state"] in ("queued", "running"):
-                print(f"cancelling job {rec['id']} ({rec['state']}): its runner is stopped and its "
-                      "GPUs freed within seconds")
+                print(f"cancelling {whose}job {rec['id']} ({rec['state']}): its runner is stopped "
+                      "and its GPUs freed within seconds")
             else:
                 retry = before["state"] == "queued" and before.get("started")
-                print(f"cancelled job {rec['id']} while it "
+                print(f"cancelled {whose}job {rec['id']} while it "
                       + ("waited to be retried: its output so far is kept" if retry else
                          f"was {before['state']}"
                          + (": nothing ran" if before["state"] == "queued" else "")))

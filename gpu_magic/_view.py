@@ -118,6 +118,7 @@ class JobState:
         elif kind == "done":
             self.ending = False
             self.state = ev.get("state", "done")
+            self.cancel = self.cancel or ev.get("cancelled_by")
             self.timings = ev.get("timings") or {}
             self.message = ev.get("message")
             self.notices = list(ev.get("notices") or self.notices)

@@ -292,7 +292,16 @@ def test_serve_says_it_does_not_read_gpu_magic_simulate(tmp_path: Path) -> None:
                 "from --simulate" in log), log
         assert "start it with --simulate A100-80GB:2,T4:1" in log
         with gw.client() as c:
-            assert not c.pool()["simulated"]
+            pool = c.pool()
+            assert not pool["simulated"]
+            if not pool["types"]:  # (a machine with GPUs has a pool: nothing is refused)
+                # its users, who cannot change its pool, are told to ask whoever runs it
+                with pytest.raises(gpu_magic.NoFeasibleOption) as info:
+                    gpu_magic.run("1", "T4", {"__name__": "__main__"}, client=c, quiet=True)
+                said = str(info.value)
+                assert "this gateway has no GPUs" in said and "Tell whoever runs it" in said
+                assert "--simulate 'H100:2,A100-80GB:4'" in said, said
+                assert "GPU_MAGIC_SIMULATE" not in said, said
     finally:
         gw.stop()
     gw = start_gateway(tmp_path, simulate="T4:1", env={"GPU_MAGIC_SIMULATE": "H100:1"})

@@ -1042,6 +1042,27 @@ def test_a_student_s_cell_says_which_admin_interrupted_it(users: Users) -> None:
         c.close()
 
 
+def test_a_student_s_cell_says_which_admin_cancelled_it(users: Users) -> None:
+    # her status said "cancelled: nothing was bound", as if she had cancelled it herself; only
+    # the exception named the admin, and a saved notebook keeps the status
+    import gpu_magic
+    from gpu_magic._view import render_text
+
+    alice, carol = users.client("alice"), users.client("carol")
+    job = gpu_magic.run("import time\nprint('sleeping', flush=True)\ntime.sleep(60)",
+                        "A100-80GB", {"__name__": "__main__"}, client=alice, quiet=True,
+                        background=True)
+    follow(alice, job.id, until=lambda e: "sleeping" in str(e.get("text")))
+    carol.cancel(job.id)
+    with pytest.raises(BaseException) as info:
+        job.wait(timeout=DEADLINE_S)
+    assert isinstance(info.value, gpu_magic.JobCancelled), repr(info.value)
+    text = render_text(job._job.state, 0.0)
+    assert "cancelled by carol (admin): nothing was bound" in text, text
+    for c in (alice, carol):
+        c.close()
+
+
 def test_tokens_file_is_read_again_on_sighup(users: Users) -> None:
     import signal
 

@@ -107,6 +107,20 @@ def test_a_local_gateway_that_stopped_answering_is_forgotten(local_only: None) -
     assert _connection._embedded is not None and _connection._embedded["pid"] != first["pid"]
 
 
+def test_a_local_gateway_with_no_gpus_says_how_to_simulate_some(
+        local_only: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a served gateway says to ask whoever runs it: test_cli)
+    monkeypatch.delenv("GPU_MAGIC_SIMULATE")
+    with _connection.connect() as c:
+        if c.pool()["types"]:
+            pytest.skip("this machine has GPUs: nothing to refuse")
+        with pytest.raises(gpu_magic.NoFeasibleOption) as info:
+            gpu_magic.run("1", "T4", {"__name__": "__main__"}, client=c, quiet=True)
+    said = str(info.value)
+    assert "this gateway has no GPUs" in said and "set GPU_MAGIC_SIMULATE=" in said, said
+    assert "whoever runs it" not in said
+
+
 def test_a_cell_followed_across_a_local_gateway_restart_learns_its_end(
         local_only: None) -> None:
     # the local gateway was stopped under a running cell and started again (by the sidebar,

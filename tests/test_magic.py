@@ -386,6 +386,34 @@ def test_cancel_says_what_became_of_the_job(gateway: Gateway, kernel_factory: An
         finish(client, held["id"])
 
 
+def test_an_admin_s_cancel_says_whose_job_it_was(kernel_factory: Any, tmp_path: Path) -> None:
+    # "cancelling job 229c… (running)": the teacher could not tell it was a student's
+    import secrets
+
+    from .test_gateway_http import submit, write_tokens
+
+    tokens = {"alice": secrets.token_urlsafe(24), "carol": secrets.token_urlsafe(24)}
+    write_tokens(tmp_path / "tokens.json",
+                 {"alice": tokens["alice"], "carol": {"token": tokens["carol"], "admin": True}})
+    (tmp_path / "gw").mkdir()
+    gw = start_gateway(tmp_path / "gw", "--tokens-file", str(tmp_path / "tokens.json"),
+                       "--isolation", "none", "--force")
+    try:
+        from gpu_magic._client import GatewayClient
+
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            job = submit(alice, "import time\ntime.sleep(60)", "H100", background=True)
+            mine = submit(alice, "import time\ntime.sleep(60)", "H100", background=True)
+            k = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=tokens["carol"])
+            out = k.run(f"%gpu cancel {job['id']}")
+            assert out["stdout"].startswith(f"cancelling alice's job {job['id']} ("), out
+            k = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=tokens["alice"])
+            out = k.run(f"%gpu cancel {mine['id']}")
+            assert out["stdout"].startswith(f"cancelling job {mine['id']} ("), out
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize("how", ["restart", "shutdown", "sigterm"])
 def test_a_kernel_restarted_under_its_cell_cancels_the_cell_s_job(
         gateway: Gateway, kernel_factory: Any, how: str) -> None:

@@ -118,6 +118,7 @@ class Job:
     behind: bool = False
     position: int | None = None  # its place in the queue its last "queued" event said
     message: str | None = None
+    cancelled_by: str | None = None  # an admin who cancelled it: "carol (admin)"
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
     adopting: asyncio.Future[dict[str, Any]] | None = None  # result files being stored
@@ -300,6 +301,8 @@ class Gateway:
                  user_limits: dict[str, dict[str, int]] | None = None) -> None:
         self.backend = backend
         self.state_dir = state_dir
+        # the embedded local one a kernel started (its advice may name the kernel's settings)
+        self.embedded = False
         self.store = Store(state_dir)
         self.blobs = BlobStore(state_dir / "blobs", blob_reserve, busy=lambda: bool(self.running))
         self.jobs_dir = state_dir / "jobs"
@@ -829,12 +832,20 @@ class Gateway:
                 "shows GPUs as nodes join; run the cell again then (with --wait SECONDS it "
                 "waits that long for one), or ask whoever runs the cluster."
             )
-        if not gpus:
+        if not gpus and self.embedded:
             return (
                 f"no option of '{spec}' can run here: this gateway has no GPUs (NVML found none "
                 "and no simulated pool was configured). To try gpu_magic without a GPU, set "
                 "GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4' before the first %%gpu cell; to use a GPU "
                 "server, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN, or run %gpu connect URL."
+            )
+        if not gpus:  # a served one: its users cannot change its pool, whoever runs it can
+            return (
+                f"no option of '{spec}' can run here: this gateway has no GPUs (NVML found none "
+                "on its host, and it was not started with a simulated pool). Tell whoever runs "
+                "it: a GPU host needs NVIDIA's driver for its GPUs to be found, or, for a pool "
+                "without GPUs, `gpu-magic serve --simulate 'H100:2,A100-80GB:4'`. Or use "
+                "another gateway: %gpu connect URL."
             )
         types = sorted({g.type for g in gpus})
         # a typo in the simulated pool (H1000) is why H100 can never run: say so here, where
@@ -862,6 +873,7 @@ class Gateway:
             return job
         # an admin's cancel says who: its user did not ask for it
         by = f" by {user.name} (admin)" if user.name != job.user else ""
+        job.cancelled_by = by[len(" by "):] or None
         if job.state == "queued":
             self._dequeue(job)
             job.message = (f"cancelled{by} while queued; nothing ran" if not job.started else
@@ -1462,6 +1474,8 @@ class Gateway:
         done: dict[str, Any] = {"type": "done", "state": state, "timings": self._timings(job)}
         if job.message:
             done["message"] = job.message
+        if state == "cancelled" and job.cancelled_by:  # (its user's view says who)
+            done["cancelled_by"] = job.cancelled_by
         if job.notices:
             done["notices"] = job.notices
         self._emit(job, done)

@@ -246,6 +246,7 @@ def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, P
                       orphan_timeout=cfg.orphan_timeout, limits=limits, retention=cfg.retention,
                       blob_reserve=default_cap() if cfg.blob_reserve is None else cfg.blob_reserve,
                       user_limits=overrides)
+    gateway.embedded = bool(cfg.runtime_file) and _is_embedded_runtime(cfg.runtime_file)
     return gateway, Authenticator(tokens), token_path
 
 
@@ -355,7 +356,7 @@ def serve(cfg: ServeConfig) -> int:
             "version": __version__, "config": cfg.fingerprint(),
             "state_dir": str(gateway.state_dir), "started": time.time(),
             # the embedded one (`gpu-magic stop` stops it), not one served by hand
-            "embedded": bool(cfg.runtime_file) and _is_embedded_runtime(cfg.runtime_file),
+            "embedded": gateway.embedded,
         }
         if token_path is not None:
             info["token"] = token_path.read_text().strip()
