@@ -35,6 +35,7 @@ from ._connection import connect, invalidate_local
 from ._errors import (
     EnvironmentMismatch,
     GatewayError,
+    GpuMagicError,
     JobCancelled,
     JobFailed,
     JobTimeout,
@@ -42,6 +43,7 @@ from ._errors import (
     SerializationError,
     SpecError,
     WaitExpired,
+    one_line,
 )
 from ._jobs import EventFeed
 from ._remote import code_locator, local_hint, rebuild, render_traceback, where
@@ -1266,6 +1268,15 @@ def attach(job_id: str, namespace: dict[str, Any] | None = None, *, quiet: bool 
     if namespace is None:
         frame = inspect.currentframe()
         namespace = frame.f_back.f_globals if frame and frame.f_back else {}
+    try:
+        return _attach(job_id, namespace, quiet, client)
+    except GpuMagicError as exc:  # (called from a cell: its line, not our stack)
+        one_line(exc)
+        raise
+
+
+def _attach(job_id: str, namespace: dict[str, Any], quiet: bool,
+            client: GatewayClient | None) -> Any:
     cl = client or connect(looking=True)  # a gateway of another configuration has its jobs
     record = cl.job(job_id)
     state = JobState(record.get("spec", "any"), job_id)

@@ -174,3 +174,14 @@ class JobCancelled(BaseException):
     def __init__(self, message: str = "the GPU job was cancelled", *, job_id: str | None = None) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+def one_line(exc: BaseException) -> BaseException:
+    """Our own error as IPython shows it: its one line (it says what happened and how to fix
+    it; our internal stack would only bury that). A cell's own error, which comes as a
+    RemoteError, keeps its traceback, as does one that says how to show itself already."""
+    if isinstance(exc, GpuMagicError) and not isinstance(exc, RemoteError) \
+            and not hasattr(exc, "_render_traceback_"):
+        text = f"{type(exc).__name__}: {exc}"
+        exc._render_traceback_ = lambda: [text]  # type: ignore[attr-defined]
+    return exc

@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._client import LOCAL, GatewayClient, _clause, unreachable
-from ._errors import GatewayError
+from ._errors import GatewayError, GpuMagicError, one_line
 from ._view import UNREACHABLE
 
 if TYPE_CHECKING:
@@ -426,19 +426,30 @@ class GpuJob:
         # No comm pump here (unlike a foreground cell): with one, a kernel whose wait() ended
         # in JobCancelled left the test process's event loop unset (seen with nbclient, not
         # understood yet). A Cancel click during wait() is handled when the cell ends.
-        while not self._finished.wait(0.25):
-            if deadline is not None and time.monotonic() >= deadline:
-                away = self._away()
-                if away is not None:  # (the runner may have died with it: its end is unknown)
-                    raise away
-                raise TimeoutError(
-                    f"GPU job {self.id} is still {self.state} after {timeout:g} s; it keeps "
-                    "going: wait again, or job.cancel()")
+        try:
+            while not self._finished.wait(0.25):
+                if deadline is not None and time.monotonic() >= deadline:
+                    away = self._away()
+                    if away is not None:  # (the runner may have died with it: end unknown)
+                        raise away
+                    raise TimeoutError(
+                        f"GPU job {self.id} is still {self.state} after {timeout:g} s; it keeps "
+                        "going: wait again, or job.cancel()")
+        except KeyboardInterrupt:
+            # only the waiting stops: said in one line, not a traceback through threading
+            stopped = KeyboardInterrupt(f"stopped waiting for GPU job {self.id}; it keeps "
+                                        "running: job.wait() again, or job.cancel()")
+            stopped._render_traceback_ = lambda: [f"KeyboardInterrupt: {stopped}"]  # type: ignore[attr-defined]
+            raise stopped from None
         if threading.current_thread() is threading.main_thread():
             self._bind_here()
         if self._failure is not None:
-            raise self._failure
-        return self._job.outcome(value=lambda: self._load()[3])
+            # from here, not from the follower thread's frames inside gpu_magic
+            raise one_line(self._failure.with_traceback(None))
+        try:
+            return self._job.outcome(value=lambda: self._load()[3])
+        except GpuMagicError as exc:  # (JobTimeout, RunnerLost...: its line, not our stack)
+            raise one_line(exc.with_traceback(None)) from None
 
     # --- results ---
 

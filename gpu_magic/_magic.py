@@ -40,8 +40,8 @@ from ._errors import (
     AuthError,
     CellSyntaxError,
     GpuMagicError,
-    RemoteError,
     SpecError,
+    one_line,
 )
 from ._spec import parse_spec
 from ._tables import jobs_bundle, pool_bundle
@@ -183,11 +183,7 @@ class GPUMagic(Magics):
         except CellSyntaxError:
             raise  # a SyntaxError, for `except SyntaxError`: shown by show_cell_syntax_errors
         except GpuMagicError as exc:
-            # our own errors say what happened and how to fix it: that message is the whole
-            # story, our internal stack would only bury it (the cell's own errors keep theirs)
-            if not isinstance(exc, RemoteError) and not hasattr(exc, "_render_traceback_"):
-                text = f"{type(exc).__name__}: {exc}"
-                exc._render_traceback_ = lambda: [text]  # type: ignore[attr-defined]
+            one_line(exc)
             raise
 
     def _cell(self, line: str, cell: str) -> Any:
@@ -405,7 +401,12 @@ class GPUMagic(Magics):
         if cmd == "stop":
             from ._embedded import stop_local_gateway
 
-            print(stop_local_gateway())
+            said = stop_local_gateway()
+            url, how = current_target()
+            if url is not None:  # cells go elsewhere: that gateway is not this command's
+                said += (f"; the gateway cells use, {url} (from {how}), is not stopped by "
+                         "this: it is stopped where it was started")
+            print(said)
             return None
         if cmd in ("cancel", "attach") and len(rest) == 1:
             try:  # refused here: sent, a malformed id names some other route, or none
@@ -445,7 +446,7 @@ class GPUMagic(Magics):
                 return None
             rec = client.cancel(rest[0])
             # an admin's cancel of another user's job: whose it was
-            me = client._request("GET", "/v1/limits").json().get("user")
+            me = client.whoami().get("user")
             whose = f"{rec['user']}'s " if rec.get("user") not in (None, me) else ""
             if rec["state"] in ("queued", "running"):
                 print(f"cancelling {whose}job {rec['id']} ({rec['state']}): its runner is stopped "
@@ -475,7 +476,7 @@ class GPUMagic(Magics):
             try:
                 me = client.whoami()  # the health above asks for no token: this one does
             except AuthError as exc:
-                print(f"{whose} is refused: {exc}")
+                print(exc)  # (it says whose token, and where to get the right one)
                 return None
             user = me.get("user")
             who = f" as user {user}" + (" (admin)" if me.get("admin") else "") if user else ""
@@ -525,18 +526,24 @@ class GPUMagic(Magics):
                     "set GPU_MAGIC_TOKEN (or %config GPUMagic.token) and connect again"
                 ) from None
             token_from = "%gpu connect's prompt"
+            if not token.strip():
+                raise UsageError(f"no token was typed, so nothing changed: run %gpu connect "
+                                 f"{url} again and paste the gateway's token at its prompt "
+                                 "(or write %gpu connect URL --token TOKEN)")
         before = get_connection()
         set_connection(url, token, token_from)
         try:
             health = connect().health(refresh=True)
-            connect().pool()
+            me = connect().whoami()  # (asks with the token: a wrong one is refused here)
         except GpuMagicError:
             if before is None:
                 set_connection(None)
             else:
                 set_connection(*before)
             raise
-        print(f"connected to {url} (gpu_magic {health.get('version')})")
+        user = me.get("user")
+        who = f" as {user}" + (" (admin)" if me.get("admin") else "") if user else ""
+        print(f"connected to {url}{who} (gpu_magic {health.get('version')})")
 
 
 # the name the README once used, for code that imported it

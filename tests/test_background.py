@@ -3,6 +3,7 @@ handle, binding at a safe point, output kept in its own cell, cancel, several at
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,38 @@ def test_cancel_from_the_handle(tmp_path: Path, client: Any) -> None:
     assert "cancelled by job.cancel(): nothing was bound" in html
     assert text.endswith("\nstarted\n")  # what it printed before the cancel stays
     wait_for(lambda: all_free(client), DEADLINE)
+
+
+def test_wait_s_own_errors_and_an_interrupt_of_it_are_one_line(tmp_path: Path,
+                                                                 client: Any) -> None:
+    # Ctrl-C in job.wait() showed a KeyboardInterrupt through threading's internals and did not
+    # say the job goes on; its JobTimeout showed gpu_magic's own stack
+    from .test_widget import Kernel
+
+    k = Kernel(tmp_path)
+    try:
+        assert k.reply(k.run("%load_ext gpu_magic\nimport time"))["status"] == "ok"
+        k.reply(k.run("%%gpu A100-80GB --background\nimport time\ntime.sleep(60)"))
+        k.reply(k.run("job = _\nwhile job.state != 'running':\n    time.sleep(0.05)"))
+        job_id = next(j["id"] for j in client.jobs() if j["state"] == "running")
+        cell = k.run("job.wait()", stop_on_error=False)
+        wait_for(lambda: k.drain(0.1) or any(
+            m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == cell
+            for m in k.iopub), DEADLINE)
+        time.sleep(0.5)  # (into wait()'s loop)
+        k.km.interrupt_kernel()
+        reply = k.reply(cell)
+        assert reply["traceback"] == [f"KeyboardInterrupt: stopped waiting for GPU job {job_id}; "
+                                      "it keeps running: job.wait() again, or job.cancel()"], reply
+        assert client.job(job_id)["state"] == "running"
+        k.reply(k.run("job.cancel()"))
+        k.reply(k.run("%%gpu A100-80GB --background --timeout 1\nimport time\ntime.sleep(30)"))
+        cell = k.run("job = _\njob.wait()", stop_on_error=False)
+        reply = k.reply(cell)
+        assert reply["ename"] == "JobTimeout" and len(reply["traceback"]) == 1, reply
+        assert reply["traceback"][0].startswith("JobTimeout: "), reply
+    finally:
+        k.stop()
 
 
 def test_several_background_jobs_at_once(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ import pytest
 import gpu_magic
 from gpu_magic.server.auth import MIN_TOKEN_CHARS, owner_token
 
-from .conftest import Gateway, start_class_gateway, start_gateway
+from .conftest import Gateway, start_class_gateway, start_gateway, wait_for
 
 
 def gm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -354,6 +355,66 @@ def test_terminal_errors_give_terminal_advice(gateway: Gateway) -> None:
     out = gm("pool", "--url", gateway.url + "/v1/", "--token", gateway.token, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("simulated pool")
+
+
+def test_serve_s_log_says_its_limits_why_it_stops_and_what_it_marked_lost(
+        tmp_path: Path) -> None:
+    # an admin's terminal showed nothing of a SIGTERM, of jobs it cut short, or of its limits
+    import select
+    import signal
+    import time
+
+    from gpu_magic._client import GatewayClient
+
+    from .test_gateway_http import submit
+
+    def serve() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--simulate", "T4:1",
+             "--state-dir", str(tmp_path), "--max-jobs-per-user", "3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+
+    def line_with(stream: Any, word: str) -> str:
+        # (unbuffered: a buffered reader may hold the next lines where select cannot see them)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if select.select([stream], [], [], 1.0)[0]:
+                line = stream.readline().decode()
+                if word in line:
+                    return str(line)
+                assert line, f"ended before a line with {word!r}"
+        raise AssertionError(f"no line with {word!r}")
+
+    proc = serve()
+    try:
+        url = line_with(proc.stdout, "listening on").split("listening on ")[1].split()[0]
+        assert line_with(proc.stdout, "limits:") == (
+            "limits: jobs per user 3 (a user's own, from the tokens file or PUT /v1/limits, "
+            "wins)\n")
+        with GatewayClient(url, (tmp_path / "token").read_text().strip()) as c:
+            job = submit(c, "import time\ntime.sleep(60)", "T4", background=True)
+            submit(c, "1", "T4", background=True)  # (queued behind it)
+            wait_for(lambda: c.job(job["id"])["state"] == "running", 60)
+        proc.send_signal(signal.SIGTERM)
+        assert line_with(proc.stderr, "stopping") == (
+            "gpu-magic: stopping (SIGTERM): 1 running and 1 queued job(s) end with it, as "
+            "lost\n")
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+    proc = serve()
+    try:
+        assert line_with(proc.stderr, "marked lost") == (
+            f"gpu-magic: 2 jobs that had not ended when the last gateway on {tmp_path} stopped "
+            "are marked lost\n")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_pool_and_jobs_start_no_local_gateway(tmp_path: Path) -> None:

@@ -237,8 +237,11 @@ def test_status_says_whether_the_token_is_accepted(gateway: Gateway, kernel_fact
     assert out["error"] is None, out
     lines = out["stdout"].splitlines()
     assert lines[0].startswith(f"gateway {gateway.url} (GPU_MAGIC_URL): gpu_magic"), lines
-    assert lines[1].startswith("the token from GPU_MAGIC_TOKEN is refused: "), lines
-    assert "set GPU_MAGIC_TOKEN to it" in lines[1]
+    # (said once: "the token from GPU_MAGIC_TOKEN is refused: the gateway at … refused the
+    # token from GPU_MAGIC_TOKEN")
+    assert lines[1].startswith(f"the gateway at {gateway.url} refused the token from "
+                               "GPU_MAGIC_TOKEN (wrong, or no longer valid)"), lines
+    assert lines[1].count("GPU_MAGIC_TOKEN") == 2 and "set GPU_MAGIC_TOKEN to it" in lines[1]
 
 
 def test_connect_without_stdin_says_how_to_give_the_token(gateway: Gateway,
@@ -250,6 +253,34 @@ def test_connect_without_stdin_says_how_to_give_the_token(gateway: Gateway,
     assert f"%gpu connect {gateway.url} needs the gateway's token and cannot ask" in out["stderr"]
     assert "%gpu connect URL --token TOKEN" in out["stderr"] and "GPU_MAGIC_TOKEN" in out["stderr"]
     assert "StdinNotImplementedError" not in out["stderr"]
+
+
+def test_connect_s_prompt_an_empty_answer_and_who_you_are(gateway: Gateway,
+                                                           kernel_factory: Any) -> None:
+    # Enter at the prompt said "run %gpu connect URL (it asks for the token)", what had just
+    # been done; a token taken did not say as whom
+    k = kernel_factory()
+
+    def typed(answer: str) -> dict[str, Any]:
+        msg_id = k.kc.execute(f"%gpu connect {gateway.url}", allow_stdin=True)
+        request = k.kc.get_stdin_msg(timeout=60)
+        assert request["content"]["password"], request  # (not echoed)
+        k.kc.input(answer)
+        seen: dict[str, Any] = {"stdout": "", "stderr": ""}
+        while True:
+            m = k.kc.get_iopub_msg(timeout=60)
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                return seen
+            if m["msg_type"] == "stream":
+                seen[m["content"]["name"]] += m["content"]["text"]
+
+    out = typed("")
+    assert ("no token was typed, so nothing changed: run %gpu connect "
+            f"{gateway.url} again and paste the gateway's token") in out["stderr"], out
+    out = typed(gateway.token)
+    assert out["stdout"].startswith(f"connected to {gateway.url} as "), out
 
 
 def test_misspelled_options_and_commands_get_a_suggestion(kernel_factory: Any) -> None:
@@ -386,7 +417,8 @@ def test_cancel_says_what_became_of_the_job(gateway: Gateway, kernel_factory: An
         finish(client, held["id"])
 
 
-def test_an_admin_s_cancel_says_whose_job_it_was(kernel_factory: Any, tmp_path: Path) -> None:
+def test_on_a_shared_gateway_cancel_says_whose_job_and_stop_leaves_it(
+        kernel_factory: Any, tmp_path: Path) -> None:
     # "cancelling job 229c… (running)": the teacher could not tell it was a student's
     import secrets
 
@@ -410,6 +442,12 @@ def test_an_admin_s_cancel_says_whose_job_it_was(kernel_factory: Any, tmp_path: 
             k = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=tokens["alice"])
             out = k.run(f"%gpu cancel {mine['id']}")
             assert out["stdout"].startswith(f"cancelling job {mine['id']} ("), out
+            # "no local gpu_magic gateway is running", and no word of the one cells use
+            out = k.run("%gpu stop")
+            assert out["stdout"] == (f"no local gpu_magic gateway is running; the gateway cells "
+                                     f"use, {gw.url} (from GPU_MAGIC_URL), is not stopped by "
+                                     "this: it is stopped where it was started\n"), out
+            assert alice.pool()["types"]  # (still serving)
     finally:
         gw.stop()
 

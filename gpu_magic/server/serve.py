@@ -296,7 +296,10 @@ def serve(cfg: ServeConfig) -> int:
 
     server = Server(config)
 
+    stopping: dict[str, str] = {}  # why, for the log
+
     def stop_serving(*_: object) -> None:
+        stopping.setdefault("why", "SIGTERM")
         server.should_exit = True
 
     # uvicorn takes SIGTERM while it serves, then sends it again to whatever handled it
@@ -309,6 +312,11 @@ def serve(cfg: ServeConfig) -> int:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         gateway.start(loop)
+        if gateway.cut_short:  # (their users' cells say so; the admin reads it here)
+            n = len(gateway.cut_short)
+            print(f"gpu-magic: {n} job{'s' if n != 1 else ''} that had not ended when the last "
+                  f"gateway on {gateway.state_dir} stopped {'are' if n != 1 else 'is'} marked "
+                  "lost", file=sys.stderr, flush=True)
 
         # isolation, runners' interpreters, warm runners and the same-host path were chosen
         # for this many users at start: a reload cannot make a one-user gateway shared
@@ -382,12 +390,20 @@ def serve(cfg: ServeConfig) -> int:
             sim = " (simulated)" if pool["simulated"] else ""
             more = f"; an autoscaler may add {later}" if later else ""
             print(f"pool: {kinds}{sim}{more}", flush=True)
+            limits = [f"{what} {n}" for what, n in (
+                ("cells run at most (s)", cfg.max_timeout),
+                ("jobs per user", cfg.max_jobs_per_user),
+                ("GPUs per user", cfg.max_gpus_per_user)) if n is not None]
+            if limits:
+                print(f"limits: {', '.join(limits)} (a user's own, from the tokens file or PUT "
+                      "/v1/limits, wins)", flush=True)
 
         async def idle_watch() -> None:
             while not server.should_exit:
                 await asyncio.sleep(min(5.0, cfg.idle_timeout or 5.0))
                 idle = time.monotonic() - gateway.last_activity
                 if cfg.idle_timeout and not gateway.busy and idle > cfg.idle_timeout:
+                    stopping.setdefault("why", f"idle for {cfg.idle_timeout:g} s")
                     server.should_exit = True
 
         watcher = asyncio.create_task(idle_watch())
@@ -395,6 +411,11 @@ def serve(cfg: ServeConfig) -> int:
             await server.serve(sockets=[sock])
         finally:
             watcher.cancel()
+            ending = [j for j in gateway.jobs.values() if not j.final]
+            running = sum(j.state != "queued" for j in ending)
+            print(f"gpu-magic: stopping ({stopping.get('why', 'asked to stop')})"
+                  + (f": {running} running and {len(ending) - running} queued job(s) end with "
+                     "it, as lost" if ending else ""), file=sys.stderr, flush=True)
             await gateway.drain()
             gateway.close()
             if cfg.runtime_file:
