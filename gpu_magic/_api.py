@@ -479,7 +479,8 @@ class _Job:
         """Send the cancel now; False (and the reason in the view) if it could not be sent."""
         if self._cancel_sent:
             return True
-        fresh = GatewayClient(self.client.url, self.client.token, connect_timeout=3.0)
+        fresh = GatewayClient(self.client.url, self.client.token, connect_timeout=3.0,
+                              read_timeout=CONTROL_ANSWER_S)
         try:
             fresh.cancel(self.id)
             self._cancel_sent = True
@@ -1211,6 +1212,14 @@ def run(
             error = job._not_reached("cancel", answer)
             job.state.state, job.state.message = UNREACHABLE, str(error)
             raise error from None
+        if job is None and isinstance(answer, GatewayError) and answer.status is None:
+            # interrupted while submitting: the gateway may still take the job it was sent
+            raise GatewayError(
+                f"interrupted while submitting GPU job {job_id}, and the cancel did not reach "
+                f"the gpu_magic gateway at {box['client'].url} "
+                f"({unreached_clause(answer, CONTROL_ANSWER_S)}): it may still take the job "
+                f"and run it; nothing was bound here. `%gpu jobs` lists it once the gateway "
+                f"answers, `%gpu cancel {job_id}` stops it") from None
         if isinstance(job, _Job) and isinstance(answer, dict) and answer.get("state") in (
                 "succeeded", "failed", "timed_out", "lost", "expired"):
             ended = answer["state"].replace("_", " ")

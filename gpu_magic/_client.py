@@ -590,8 +590,10 @@ def unreached_clause(exc: GatewayError, waited: float) -> str:
     """Why a request did not reach the gateway, short ("no answer within 5 s", "Connection
     refused"), for a sentence that names the gateway itself; ``waited``: its read timeout."""
     why = exc.transport
-    if isinstance(why, httpx.TimeoutException):
+    if isinstance(why, httpx.ReadTimeout):
         return f"no answer within {waited:g} s"
+    if isinstance(why, httpx.ConnectTimeout):
+        return "no connection could be made in time"
     if why is not None:
         return _errno_dropped(_clause(why))
     return str(exc).rstrip(" .")

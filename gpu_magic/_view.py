@@ -69,6 +69,7 @@ class JobState:
         self.pending: list[str] = []  # returned names waiting for a safe point to be bound
         self.notices: list[str] = []
         self.cancel: str | None = None  # who asked: "the Cancel button", "job.cancel()", ...
+        self.cancelled_by: str | None = None  # an admin the gateway says cancelled it
         self.cancel_error: str | None = None
         self.interrupt: str | None = None  # who asked to interrupt the cell: "an interrupt"
         self.interrupted = False  # the cell got it (its except and finally blocks run)
@@ -118,7 +119,7 @@ class JobState:
         elif kind == "done":
             self.ending = False
             self.state = ev.get("state", "done")
-            self.cancel = self.cancel or ev.get("cancelled_by")
+            self.cancelled_by = ev.get("cancelled_by")
             self.timings = ev.get("timings") or {}
             self.message = ev.get("message")
             self.notices = list(ev.get("notices") or self.notices)
@@ -256,7 +257,8 @@ class JobState:
                     f"{_names(self.bound) if self.bound else 'nothing'} (what the cell had "
                     f"assigned when it was interrupted); {self._gpus()}")
         if self.state == "cancelled":
-            who = f" by {self.cancel}" if self.cancel else ""
+            who = self.cancel or self.cancelled_by
+            who = f" by {who}" if who else ""
             if self.bound:
                 return f"cancelled{who} after its results arrived: bound {_names(self.bound)}"
             if self.grant is None:

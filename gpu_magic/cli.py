@@ -51,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                         "interpreter and GPUs (0: fork a fresh one from a warm zygote each time)")
     s.add_argument("--cold", action="store_true",
                    help="no warm runners: start a fresh interpreter for every job")
-    s.add_argument("--max-jobs-per-user", type=_count(), default=None, metavar="N",
+    s.add_argument("--max-jobs-per-user", type=_count("max_jobs"), default=None, metavar="N",
                    help="queued and running jobs a user may have (a user's own limit, set in "
                         "the tokens file or with PUT /v1/limits/USER, wins)")
-    s.add_argument("--max-gpus-per-user", type=_count(), default=None, metavar="N",
+    s.add_argument("--max-gpus-per-user", type=_count("max_gpus"), default=None, metavar="N",
                    help="GPUs a user's running jobs may hold together (likewise)")
     s.add_argument("--max-blob-bytes", type=_positive_size, default=None, metavar="SIZE",
                    help="largest blob a user may store, e.g. 4G")
@@ -115,8 +115,8 @@ def _seconds(zero: bool = False) -> Any:
     return parse
 
 
-def _count() -> Any:
-    """An argparse type: a whole number, 1 and more."""
+def _count(key: str) -> Any:
+    """An argparse type: a whole number, 1 and more (``key``: a user's own limit of it)."""
 
     def parse(text: str) -> int:
         try:
@@ -126,7 +126,7 @@ def _count() -> Any:
         if value < 1:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a whole number of 1 or more; write e.g. 2"
-                + (" (to hold one user's jobs, give that user \"max_jobs\": 0 in the tokens "
+                + (f" (to hold one user's jobs, give that user \"{key}\": 0 in the tokens "
                    "file)" if value == 0 else ""))
         return value
 
@@ -188,6 +188,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         parser.error(f"{first!r} is not a command" + (f"; did you mean {near[0]}?" if near else
                                                       f" (choose from {', '.join(subs.choices)})"))
     args, extra = parser.parse_known_args(argv)
+    if extra and argv.index(extra[0]) < argv.index(args.command):
+        parser.error("unrecognized arguments: " + " ".join(extra))  # (before the command)
     if extra:
         sub = subs.choices[args.command]
         options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]

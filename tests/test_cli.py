@@ -182,7 +182,7 @@ def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
     (["--max-jobs-per-user", "-1"], "'-1' is not a whole number of 1 or more"),
     # every job refused: a user's own limit may be 0 (tokens file), the whole gateway's not
     (["--max-gpus-per-user", "0"], "'0' is not a whole number of 1 or more; write e.g. 2 (to "
-                                   "hold one user's jobs, give that user \"max_jobs\": 0 in the "
+                                   "hold one user's jobs, give that user \"max_gpus\": 0 in the "
                                    "tokens file)"),
     (["--max-blob-bytes", "0"], "'0' is not a size of one byte or more"),
     (["--max-job-bytes", "1x"], "'1x' is not a size; write it as bytes or with K, M, G or T"),
@@ -275,13 +275,14 @@ def test_serve_s_simulate_advice_names_the_flag(tmp_path: Path) -> None:
                                   "--urll=http://x; did you mean --url?"),
     (["serv"], "gpu-magic: error: 'serv' is not a command; did you mean serve?"),
     (["launch"], "'launch' is not a command (choose from serve, stop, pool, jobs, demo)"),
+    (["--foo", "serve"], "gpu-magic: error: unrecognized arguments: --foo"),
 ])
 def test_a_misspelt_command_or_option_is_answered_with_the_one_meant(
         args: list[str], says: str) -> None:
     # argparse printed the top-level usage, and no suggestion
     out = gm(*args)
     assert out.returncode == 2 and says in out.stderr, out.stderr
-    assert f"usage: gpu-magic {args[0]}" in out.stderr or args[0] in ("serv", "launch")
+    assert f"usage: gpu-magic {args[0]}" in out.stderr or args[0] in ("serv", "launch", "--foo")
 
 
 def test_serve_says_it_does_not_read_gpu_magic_simulate(tmp_path: Path) -> None:
@@ -371,7 +372,7 @@ def test_serve_s_log_says_its_limits_why_it_stops_and_what_it_marked_lost(
     def serve() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--simulate", "T4:1",
-             "--state-dir", str(tmp_path), "--max-jobs-per-user", "3"],
+             "--state-dir", str(tmp_path), "--max-jobs-per-user", "3", "--max-timeout", "600"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
 
     def line_with(stream: Any, word: str) -> str:
@@ -389,8 +390,8 @@ def test_serve_s_log_says_its_limits_why_it_stops_and_what_it_marked_lost(
     try:
         url = line_with(proc.stdout, "listening on").split("listening on ")[1].split()[0]
         assert line_with(proc.stdout, "limits:") == (
-            "limits: jobs per user 3 (a user's own, from the tokens file or PUT /v1/limits, "
-            "wins)\n")
+            "limits: a cell runs at most 600 s, 3 jobs per user (a user's own job and GPU "
+            "limits, from the tokens file or PUT /v1/limits, win)\n")
         with GatewayClient(url, (tmp_path / "token").read_text().strip()) as c:
             job = submit(c, "import time\ntime.sleep(60)", "T4", background=True)
             submit(c, "1", "T4", background=True)  # (queued behind it)

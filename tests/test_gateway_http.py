@@ -1057,6 +1057,7 @@ def test_a_student_s_cell_says_which_admin_cancelled_it(users: Users) -> None:
     with pytest.raises(BaseException) as info:
         job.wait(timeout=DEADLINE_S)
     assert isinstance(info.value, gpu_magic.JobCancelled), repr(info.value)
+    assert str(info.value).count("carol (admin)") == 1, info.value  # (said twice once)
     text = render_text(job._job.state, 0.0)
     assert "cancelled by carol (admin): nothing was bound" in text, text
     for c in (alice, carol):

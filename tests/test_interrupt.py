@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,25 @@ def test_an_interrupt_a_stopped_gateway_cannot_hear_says_so(own: tuple[Gateway, 
     attach = k.run(f"%gpu attach {job_id}")
     reply = k.reply(attach)
     assert reply["ename"] == "JobCancelled" and "cancelled by an interrupt" in reply["evalue"], reply
+
+
+def test_an_interrupt_while_submitting_to_a_stopped_gateway_says_so(
+        own: tuple[Gateway, Kernel]) -> None:
+    # it said "cancelled by an interrupt before it was granted a GPU: nothing ran", and the
+    # gateway, resumed, could take the submit it had been sent
+    gw, k = own
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    cell = k.run("%%gpu\nv = 1", stop_on_error=False)
+    wait_for(lambda: k.drain(0.1) or any(
+        m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == cell
+        for m in k.iopub), DEADLINE)
+    time.sleep(1.0)  # (into the submit, which nothing answers)
+    k.km.interrupt_kernel()
+    reply = k.reply(cell, timeout=30)
+    assert reply["ename"] == "GatewayError", reply
+    assert "interrupted while submitting GPU job " in reply["evalue"], reply
+    assert "and the cancel did not reach the gpu_magic gateway" in reply["evalue"], reply
+    assert "it may still take the job and run it" in reply["evalue"], reply
 
 
 def test_a_cell_says_while_its_gateway_does_not_answer(own: tuple[Gateway, Kernel]) -> None:

@@ -873,15 +873,16 @@ class Gateway:
             return job
         # an admin's cancel says who: its user did not ask for it
         by = f" by {user.name} (admin)" if user.name != job.user else ""
-        job.cancelled_by = by[len(" by "):] or None
         if job.state == "queued":
+            job.cancelled_by = by[len(" by "):] or None
             self._dequeue(job)
             job.message = (f"cancelled{by} while queued; nothing ran" if not job.started else
                            f"cancelled{by} while queued to be retried (attempt {job.attempt}); "
                            "its output so far is kept")
             self._finish(job, "cancelled")
-        elif job.stoppable:
+        elif job.stoppable:  # (the first cancel that stops it says who did)
             job.stop_reason = "cancelled"
+            job.cancelled_by = by[len(" by "):] or None
             if by:
                 job.message = f"cancelled{by} while running; the output so far is kept"
             self.backend.cancel(job.handle)

@@ -29,7 +29,7 @@ from .api import create_app
 from .auth import Authenticator, TokensFileError, load_tokens_file, owner_token, write_private
 from .backends.sandbox import bwrap_path
 from .gateway import Gateway
-from .limits import Limits, load_overrides
+from .limits import Limits, human, load_overrides, seconds
 from .lock import StateDirBusy, describe, hold
 from .reserve import default_cap
 
@@ -390,13 +390,18 @@ def serve(cfg: ServeConfig) -> int:
             sim = " (simulated)" if pool["simulated"] else ""
             more = f"; an autoscaler may add {later}" if later else ""
             print(f"pool: {kinds}{sim}{more}", flush=True)
-            limits = [f"{what} {n}" for what, n in (
-                ("cells run at most (s)", cfg.max_timeout),
-                ("jobs per user", cfg.max_jobs_per_user),
-                ("GPUs per user", cfg.max_gpus_per_user)) if n is not None]
+            limits = [text for text, given in (
+                (f"a cell runs at most {seconds(cfg.max_timeout or 0)} s", cfg.max_timeout),
+                (f"{cfg.max_jobs_per_user} jobs per user", cfg.max_jobs_per_user),
+                (f"{cfg.max_gpus_per_user} GPUs per user", cfg.max_gpus_per_user),
+                (f"blobs up to {human(cfg.max_blob_bytes or 0)}", cfg.max_blob_bytes),
+                (f"a job's inputs up to {human(cfg.max_job_bytes or 0)}", cfg.max_job_bytes),
+            ) if given is not None]
             if limits:
-                print(f"limits: {', '.join(limits)} (a user's own, from the tokens file or PUT "
-                      "/v1/limits, wins)", flush=True)
+                own = (" (a user's own job and GPU limits, from the tokens file or PUT "
+                       "/v1/limits, win)" if cfg.max_jobs_per_user or cfg.max_gpus_per_user
+                       else "")
+                print(f"limits: {', '.join(limits)}{own}", flush=True)
 
         async def idle_watch() -> None:
             while not server.should_exit:
@@ -411,12 +416,12 @@ def serve(cfg: ServeConfig) -> int:
             await server.serve(sockets=[sock])
         finally:
             watcher.cancel()
+            await gateway.drain()  # (jobs whose results are being stored end as they ran)
             ending = [j for j in gateway.jobs.values() if not j.final]
             running = sum(j.state != "queued" for j in ending)
             print(f"gpu-magic: stopping ({stopping.get('why', 'asked to stop')})"
                   + (f": {running} running and {len(ending) - running} queued job(s) end with "
                      "it, as lost" if ending else ""), file=sys.stderr, flush=True)
-            await gateway.drain()
             gateway.close()
             if cfg.runtime_file:
                 with contextlib.suppress(OSError):
