@@ -195,6 +195,8 @@ _ORDER = itertools.count()  # background jobs in the order they were submitted
 
 
 _OUTPUT_NAMES = frozenset({"_", "__", "___"})  # IPython's last outputs
+# how long after its follower gave up on the gateway job.state and done() try it again
+LOOK_AGAIN_S = 5.0
 
 
 def _lasting(ns: Any) -> bool:
@@ -285,6 +287,8 @@ class GpuJob:
         # the job's state and message when the follower lost the gateway (its end unknown):
         # put back when wait() follows it again
         self._known: tuple[str, str | None] | None = None
+        self._lost_at = 0.0  # when the follower last gave up on the gateway
+        self._again = threading.Lock()  # (state, done() and wait() may all follow again)
         # what each name that may come back held at submit: a name holding something else at
         # binding time was reassigned here meanwhile, and is not overwritten
         ns = job.namespace
@@ -316,6 +320,7 @@ class GpuJob:
             self._failure = exc
             if self._stream_lost():
                 # the widget and job.state must not go on saying "running": its end is unknown
+                self._lost_at = time.monotonic()
                 self._known = (job.state.state, job.state.message)
                 job.state.state, job.state.message = UNREACHABLE, str(exc)
             else:
@@ -345,12 +350,31 @@ class GpuJob:
             finally:
                 self._finished.set()
 
+    def _follow_again(self, after: float = 0.0) -> None:
+        """If the follower gave up (the gateway away longer than it tried) at least ``after``
+        seconds ago: follow again from the last event taken (a job that ran on meanwhile, or
+        ended, is told as it is now)."""
+        with self._again:
+            if not (self._finished.is_set() and self._stream_lost()
+                    and time.monotonic() - self._lost_at >= after):
+                return
+            self._failure = None
+            if self._known is not None:
+                self._job.state.state, self._job.state.message = self._known
+                self._known = None
+            self._finished.clear()
+            self._thread = threading.Thread(target=self._follow, daemon=True,
+                                            name=f"gpu_magic job {self.id}")
+            self._thread.start()
+
     # --- the handle ---
 
     @property
     def state(self) -> str:
         """submitting, queued, granted, running, succeeded, failed, cancelled, timed_out, ...,
         or unreachable while the gateway cannot be reached (the job's end is unknown)."""
+        # a loop that polls the state learns when the gateway is back, not only wait()
+        self._follow_again(after=LOOK_AGAIN_S)
         if self._away() is not None:
             return UNREACHABLE
         return self._job.state.state
@@ -388,6 +412,7 @@ class GpuJob:
 
     def done(self) -> bool:
         """Whether the job has ended, one way or another."""
+        self._follow_again(after=LOOK_AGAIN_S)
         return self._finished.is_set() and not self._stream_lost()
 
     def _stream_lost(self) -> bool:
@@ -412,17 +437,7 @@ class GpuJob:
         ``GatewayError`` if the gateway could not be reached meanwhile (its end is unknown).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._finished.is_set() and self._stream_lost():
-            # the gateway was away for longer than the follower tried: try again from the last
-            # event taken (a job that ran on meanwhile, or ended, is told as it is now)
-            self._failure = None
-            if self._known is not None:
-                self._job.state.state, self._job.state.message = self._known
-                self._known = None
-            self._finished.clear()
-            self._thread = threading.Thread(target=self._follow, daemon=True,
-                                            name=f"gpu_magic job {self.id}")
-            self._thread.start()
+        self._follow_again()
         # No comm pump here (unlike a foreground cell): with one, a kernel whose wait() ended
         # in JobCancelled left the test process's event loop unset (seen with nbclient, not
         # understood yet). A Cancel click during wait() is handled when the cell ends.

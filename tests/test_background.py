@@ -180,6 +180,39 @@ def test_run_in_plain_python_returns_a_handle(capsys: pytest.CaptureFixture[str]
     assert repr(job).startswith("[gpu] succeeded · ")
 
 
+def test_job_state_learns_the_end_once_the_gateway_is_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # job.state stayed "unreachable" after the gateway was back, until someone called wait()
+    import socket
+
+    from gpu_magic import _client, _jobs
+
+    from .conftest import start_gateway
+
+    monkeypatch.setattr(_client, "RESUME_ATTEMPTS", 2)  # (it gives up in a second, not 35)
+    monkeypatch.setattr(_jobs, "LOOK_AGAIN_S", 0.5)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    gw = start_gateway(tmp_path, "--port", port)
+    try:
+        with gw.client() as c:
+            job = gpu_magic.run("import time\ntime.sleep(60)", "H100", {"__name__": "__main__"},
+                                client=c, quiet=True, background=True)
+            wait_for(lambda: job.state == "running", DEADLINE)
+            gw.proc.kill()  # (its runner goes with it)
+            gw.proc.wait()
+            wait_for(lambda: job._finished.is_set(), DEADLINE)  # its follower gave up
+            assert job.state == "unreachable" and not job.done()
+            gw = start_gateway(tmp_path, "--port", port)  # back, on the same state directory
+            wait_for(lambda: job.state == "lost", DEADLINE)  # polled: no wait() called
+            assert job.done()
+            with pytest.raises(gpu_magic.RunnerLost, match="the gateway restarted"):
+                job.wait(timeout=DEADLINE)
+    finally:
+        gw.stop()
+
+
 def test_wait_raises_the_cells_own_error_and_times_out() -> None:
     space: dict[str, Any] = {"__name__": "__main__"}
     job = gpu_magic.run("1 / 0", "H100", space, background=True)
