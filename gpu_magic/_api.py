@@ -1235,7 +1235,7 @@ def run(
             job.state.cancel = job.state.cancel or "an interrupt"
         # said before the gateway has stopped it: never that its GPUs are free already (a cell
         # that does not take the stop holds them for the gateway's grace, 3 s, on Ray too)
-        how = ("the gateway is stopping it, and its GPUs are free once it has ended (%gpu jobs "
+        how = ("the gateway is stopping it (its GPUs are free once it has ended: %gpu jobs "
                "says when); its output so far was shown" if granted
                else "before it was granted a GPU: nothing ran")
         reason = job.cancel_reason if isinstance(job, _Job) else None

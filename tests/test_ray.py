@@ -555,7 +555,7 @@ def test_an_interrupt_cancels_on_ray_and_says_why(rc: GatewayClient) -> None:
     assert ("was cancelled: this gateway's ray backend cannot interrupt a running cell, so the "
             "interrupt cancelled it instead; nothing was bound") in str(cancelled.value)
     # said before the gateway has stopped it: it must not say the GPUs are free already
-    assert ("the gateway is stopping it, and its GPUs are free once it has ended"
+    assert ("the gateway is stopping it (its GPUs are free once it has ended"
             in str(cancelled.value)), cancelled.value
     wait_for(lambda: all_free(rc), DEADLINE_S)
 
@@ -640,6 +640,22 @@ def test_cells_back_to_back_keep_their_placement_group_then_give_it_back(
         reader.stdin.close()
         reader.wait(DEADLINE_S)
         reader.stdout.close()
+    wait_for(lambda: all_free(rc), DEADLINE_S)
+
+
+def test_a_cell_after_a_smaller_one_waits_for_the_gpus_it_freed(rc: GatewayClient) -> None:
+    # the group kept for the next cell on one H100 was given back for a cell on both, and Ray,
+    # slow to place a new group on GPUs just freed, made it look held: the cell took its next
+    # option, "H100:2: 1 of 2 H100 free", nothing else on the cluster
+    wait_for(lambda: all_free(rc), DEADLINE_S)
+    one = submit(rc, "print('one')\n", "H100")
+    assert follow(rc, one["id"])[-1]["state"] == "succeeded"
+    both = submit(rc, "print('both')\n", "H100:2, A100-80GB:2")
+    events = follow(rc, both["id"])
+    granted = next(e for e in events if e["type"] == "granted")
+    assert (granted["gpu_type"], granted["count"], granted["option_index"]) == ("H100", 2, 0), \
+        granted
+    assert events[-1]["state"] == "succeeded" and stdout(events) == "both\n"
     wait_for(lambda: all_free(rc), DEADLINE_S)
 
 
@@ -840,8 +856,8 @@ def test_a_node_that_joins_serves_a_job_waiting_for_its_type(rc: GatewayClient,
     assert job["state"] == "queued"  # an autoscaler could add one: feasible, not refused
     # and it says what it waits for, not only "queued" as if GPUs were busy
     said = follow(rc, job["id"], until=lambda e: bool(e.get("waiting_for")))[-1]
-    assert said["waiting_for"] == ("no node for L4 is in the pool yet (the autoscaler was "
-                                   "asked for one)")
+    assert said["waiting_for"] == ("no node for L4 is in the pool yet: the autoscaler was "
+                                   "asked for one")
     cluster.add("l4", "L4", 2)
     events = follow(rc, job["id"])
     assert events[-1]["state"] == "succeeded"

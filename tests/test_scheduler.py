@@ -729,10 +729,10 @@ def test_a_job_no_node_can_run_now_says_what_it_waits_for() -> None:
 
     pool = [Gpu("a", 0, "A100-80GB", 80), Gpu("v", 0, "H100", 80, busy_foreign=True, virtual=True)]
     opts = list(GpuSpec.parse("L4:2, H100").options)
-    assert _absent(opts[:1], pool, None) == ("no node for L4:2 is in the pool now (it starts "
-                                             "when one joins)")
-    assert _absent(opts, pool, None) == ("no node for L4:2, H100 is in the pool yet (the "
-                                         "autoscaler was asked for one)")
+    assert _absent(opts[:1], pool, None) == ("no node for L4:2 is in the pool now: it starts "
+                                             "when one joins")
+    assert _absent(opts, pool, None) == ("no node for L4:2, H100 is in the pool yet: the "
+                                         "autoscaler was asked for one")
     assert _absent(list(GpuSpec.parse("A100-80GB").options), pool, None) is None
 
 

@@ -232,8 +232,9 @@ def _absent(options: list[GpuOption], gpus: list[Gpu], min_memory: float | None)
         return None
     wanted = ", ".join(dict.fromkeys(str(o) for o in options))
     if feasibility(options, gpus, min_memory)[0]:
-        return f"no node for {wanted} is in the pool yet (the autoscaler was asked for one)"
-    return f"no node for {wanted} is in the pool now (it starts when one joins)"
+        # (said inside the status's own parentheses: "queued for L4 (position 1; …)")
+        return f"no node for {wanted} is in the pool yet: the autoscaler was asked for one"
+    return f"no node for {wanted} is in the pool now: it starts when one joins"
 
 
 def _outcome_digests(ev: dict[str, Any]) -> list[str]:

@@ -169,7 +169,8 @@ def _why_not(option: GpuOption, gpus: Sequence[Gpu], free: _Free, reserved: set[
     nfree = sum(1 for (n, t), group in free.groups.items() if match(option, t)
                 for i in group if (n, i) not in reserved)
     what = "GPUs" if option.type is None else f"{option.type}"
-    text = f"{nfree} of {total} {what} free"
+    # (a type whose nodes all left: none of it is in the pool now)
+    text = f"{nfree} of {total} {what} free" if total else f"no {what} in the pool now"
     if option.count > 1 and nfree >= option.count:
         text += f", but not {option.count} on one node"
     if waiting:

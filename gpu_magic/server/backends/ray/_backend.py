@@ -53,6 +53,10 @@ STALE_RESERVATION_S = 3.0  # a reservation the gateway stopped asking for is giv
 # group starts within ~10 ms (measured here, ray 2.60), so a notebook's cells run back to back
 # (Run All) no longer wait for Ray between them. Short: other Ray users wait for it too.
 PARK_S = 2.0
+# A group asked for on a node where we had just given GPUs back waits for Ray's own lag, not for
+# another user: its GPUs count as ours (free to the scheduler) this long, so the job waits for
+# them instead of taking its next option (a cell after a smaller one fell back to `any`).
+OWN_LAG_S = 2.0
 CONNECT_TIMEOUT_S = 30.0  # ray.init takes ~2 s on a small machine; more is an address gone wrong
 
 
@@ -136,6 +140,7 @@ class Reservation:
     held: bool = False
     released: float | None = None
     parked: float | None = None  # when its job ended, while kept for the next one (PARK_S)
+    made: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -180,6 +185,7 @@ class RayBackend:
         self._reservations: dict[tuple[str, int], Reservation] = {}
         self._recent: list[Reservation] = []
         self._parked: list[Reservation] = []
+        self._freed_at: dict[str, float] = {}  # node id -> when we last gave GPUs back there
         self._handles: dict[tuple[str, int], RayHandle] = {}
         self._demand: list[dict[str, float]] | None = None
         self._warned: set[str] = set()
@@ -341,8 +347,12 @@ class RayBackend:
                 placed = set()
         ours: dict[str, set[int]] = {}
         asked: dict[str, set[int]] = {}
+        now = time.monotonic()
         for r in [*self._reservations.values(), *self._parked, *self._recent]:
-            mine = r.held or r.released is not None or r.ready in placed
+            freed = self._freed_at.get(r.node_id)
+            lag = (freed is not None and freed <= r.made + 0.05 and now - r.made < OWN_LAG_S
+                   and r.made - freed < OWN_LAG_S)
+            mine = r.held or r.released is not None or r.ready in placed or lag
             (ours if mine else asked).setdefault(r.node_id, set()).update(r.indices)
         return ours, asked
 
@@ -490,7 +500,7 @@ class RayBackend:
         if self._reservations.get(res.key) is res:
             del self._reservations[res.key]
         if res.released is None:
-            res.released = time.monotonic()
+            res.released = self._freed_at[res.node_id] = time.monotonic()
             self._recent.append(res)
             try:
                 remove_placement_group(res.pg)
