@@ -44,6 +44,7 @@ from ._errors import (
     SpecError,
     WaitExpired,
     one_line,
+    short,
 )
 from ._jobs import EventFeed
 from ._remote import code_locator, local_hint, rebuild, render_traceback, where
@@ -418,8 +419,7 @@ class _Job:
                 or self.state.grant is None or self.state.final):
             return False
         self._interrupt_at = time.monotonic()
-        fresh = GatewayClient(self.client.url, self.client.token, connect_timeout=3.0,
-                              read_timeout=CONTROL_ANSWER_S)
+        fresh = _control_client(self.client)
         try:
             fresh.interrupt(self.id)
         except GatewayError as exc:
@@ -479,8 +479,7 @@ class _Job:
         """Send the cancel now; False (and the reason in the view) if it could not be sent."""
         if self._cancel_sent:
             return True
-        fresh = GatewayClient(self.client.url, self.client.token, connect_timeout=3.0,
-                              read_timeout=CONTROL_ANSWER_S)
+        fresh = _control_client(self.client)
         try:
             fresh.cancel(self.id)
             self._cancel_sent = True
@@ -720,7 +719,7 @@ class _Job:
         if state == "cancelled":
             who = f" by {self.state.cancel}" if self.state.cancel else ""
             text = cancelled_text(f"GPU job {self.id}", who, msg)
-            raise _short(JobCancelled(then(text, "nothing was bound"), job_id=self.id))
+            raise short(JobCancelled(then(text, "nothing was bound"), job_id=self.id))
         if state == "timed_out":
             raise JobTimeout(f"GPU job {self.id} on {where(grant)} timed out: {msg}",
                              job_id=self.id, state=state)
@@ -782,12 +781,6 @@ def _as_remote_error(ev: dict[str, Any], what: str, fix: str | None) -> str:
     said = (f"{ev.get('ename') or 'the exception'} {what}, so it is raised here as "
             "RemoteError (`except RemoteError` takes it; its .ename names the type)")
     return f"{said}. {fix}" if fix else said
-
-
-def _short(exc: BaseException) -> BaseException:
-    """A cancellation is no bug: IPython shows its one line, not our own stack."""
-    exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}"]  # type: ignore[attr-defined]
-    return exc
 
 
 def _pump_holding_sigint(pump: Any) -> None:
@@ -908,13 +901,19 @@ def _cancel_on_sigterm(job_id: str, box: dict[str, Any]) -> Iterator[None]:
             signal.signal(signal.SIGTERM, old)
 
 
+def _control_client(client: GatewayClient, connect_timeout: float = 3.0) -> GatewayClient:
+    """A fresh client for an interrupt or a cancel (the pooled connection may be mid-request
+    after Ctrl-C), with short timeouts: the gateway answers these at once, or is not there."""
+    return GatewayClient(client.url, client.token, connect_timeout=connect_timeout,
+                         read_timeout=max(connect_timeout, CONTROL_ANSWER_S))
+
+
 def _cancel_fresh(client: GatewayClient, job_id: str,
                   timeout: float) -> dict[str, Any] | Exception:
-    """Cancel from a fresh, short-timeout client (the pooled connection may be mid-request
-    after Ctrl-C, or the process on its way out): the job's record as the gateway answered
-    (a job that had ended is not cancelled), or what went wrong; never raises."""
-    fresh = GatewayClient(client.url, client.token, connect_timeout=timeout,
-                          read_timeout=max(timeout, CONTROL_ANSWER_S))
+    """Cancel from a control client (the process may be on its way out): the job's record as
+    the gateway answered (a job that had ended is not cancelled), or what went wrong; never
+    raises."""
+    fresh = _control_client(client, timeout)
     try:
         return fresh.cancel(job_id)
     except Exception as exc:
@@ -1199,7 +1198,7 @@ def run(
         # The interrupt may land anywhere, even inside the submit before its answer arrived:
         # cancel by the id we chose, from a fresh connection, holding a second Ctrl-C.
         if isinstance(job, _Job) and job.fetch_interrupted:
-            raise _short(JobCancelled(
+            raise short(JobCancelled(
                 f"GPU job {job_id} had finished, but the interrupt stopped fetching its "
                 f"results here: nothing was bound. `%gpu attach {job_id}` (or "
                 f"gpu_magic.attach('{job_id}')) fetches them", job_id=job_id)) from None
@@ -1221,11 +1220,11 @@ def run(
                 f"and run it; nothing was bound here. `%gpu jobs` lists it once the gateway "
                 f"answers, `%gpu cancel {job_id}` stops it") from None
         if isinstance(job, _Job) and isinstance(answer, dict) and answer.get("state") in (
-                "succeeded", "failed", "timed_out", "lost", "expired"):
+                set(FINAL_STATES) - {"cancelled"}):
             ended = answer["state"].replace("_", " ")
             job.state.state, job.state.message = UNREACHABLE, (
                 f"it had ended ({ended}) before the cancel got there")
-            raise _short(JobCancelled(
+            raise short(JobCancelled(
                 f"GPU job {job_id} had ended ({ended}) before the interrupt's cancel got there; "
                 f"nothing was bound here. `%gpu attach {job_id}` shows how it ended (and binds "
                 "its results)", job_id=job_id)) from None
@@ -1245,7 +1244,7 @@ def run(
             text = f"GPU job {job_id} was cancelled by an interrupt; {how}"
         else:
             text = f"GPU job {job_id} was cancelled by an interrupt {how}"
-        raise _short(JobCancelled(text, job_id=job_id)) from None
+        raise short(JobCancelled(text, job_id=job_id)) from None
     except GatewayError as exc:
         if isinstance(job, _Job) and not job.state.final:
             # the widget must not go on saying "running": what is known is that we lost it

@@ -176,12 +176,19 @@ class JobCancelled(BaseException):
         self.job_id = job_id
 
 
+def short(exc: BaseException) -> BaseException:
+    """``exc`` as IPython shows it: its one line, ``Type: message``, not the stack it was
+    raised in (a cancellation, or our own error, is no bug of the cell's)."""
+    text = f"{type(exc).__name__}: {exc}"
+    exc._render_traceback_ = lambda: [text]  # type: ignore[attr-defined]
+    return exc
+
+
 def one_line(exc: BaseException) -> BaseException:
-    """Our own error as IPython shows it: its one line (it says what happened and how to fix
-    it; our internal stack would only bury that). A cell's own error, which comes as a
-    RemoteError, keeps its traceback, as does one that says how to show itself already."""
+    """Our own error shown by :func:`short` (it says what happened and how to fix it; our
+    internal stack would only bury that). A cell's own error, which comes as a RemoteError,
+    keeps its traceback, as does one that says how to show itself already."""
     if isinstance(exc, GpuMagicError) and not isinstance(exc, RemoteError) \
             and not hasattr(exc, "_render_traceback_"):
-        text = f"{type(exc).__name__}: {exc}"
-        exc._render_traceback_ = lambda: [text]  # type: ignore[attr-defined]
+        short(exc)
     return exc

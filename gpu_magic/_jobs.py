@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._client import LOCAL, GatewayClient, _clause, unreachable
-from ._errors import GatewayError, GpuMagicError, one_line
+from ._errors import GatewayError, GpuMagicError, one_line, short
 from ._view import UNREACHABLE
 
 if TYPE_CHECKING:
@@ -452,10 +452,8 @@ class GpuJob:
                         "going: wait again, or job.cancel()")
         except KeyboardInterrupt:
             # only the waiting stops: said in one line, not a traceback through threading
-            stopped = KeyboardInterrupt(f"stopped waiting for GPU job {self.id}; it keeps "
-                                        "running: job.wait() again, or job.cancel()")
-            stopped._render_traceback_ = lambda: [f"KeyboardInterrupt: {stopped}"]  # type: ignore[attr-defined]
-            raise stopped from None
+            raise short(KeyboardInterrupt(f"stopped waiting for GPU job {self.id}; it keeps "
+                                          "running: job.wait() again, or job.cancel()")) from None
         if threading.current_thread() is threading.main_thread():
             self._bind_here()
         if self._failure is not None:

@@ -1022,24 +1022,15 @@ def test_a_student_s_cell_says_which_admin_interrupted_it(users: Users) -> None:
     import gpu_magic
     from gpu_magic._view import render_text
 
-    alice, carol = users.client("alice"), users.client("carol")
     namespace: dict[str, Any] = {"__name__": "__main__"}
-    job = gpu_magic.run(INTERRUPTED_CELL, "A100-80GB", namespace, client=alice, quiet=True,
-                        background=True)
-    follow(alice, job.id, until=lambda e: "sleeping" in str(e.get("text")))
-    carol.interrupt(job.id)
-    # (a KeyboardInterrupt from wait() would read as her own, and stop the test run)
-    with pytest.raises(BaseException) as info:
-        job.wait(timeout=DEADLINE_S)
-    assert isinstance(info.value, gpu_magic.JobCancelled), repr(info.value)
-    assert str(info.value) == (f"GPU job {job.id} was interrupted by carol (admin): the cell "
-                               "stopped on KeyboardInterrupt there; nothing was bound")
+    job, stopped = _stopped_by_carol(users, INTERRUPTED_CELL, namespace, "interrupt")
+    assert isinstance(stopped, gpu_magic.JobCancelled), repr(stopped)
+    assert str(stopped) == (f"GPU job {job.id} was interrupted by carol (admin): the cell "
+                            "stopped on KeyboardInterrupt there; nothing was bound")
     assert "acc" not in namespace and "after" not in namespace
     text = render_text(job._job.state, 0.0)
     assert "interrupted by carol (admin): KeyboardInterrupt · nothing was bound" in text, text
     assert "cancelled by an interrupt" not in text
-    for c in (alice, carol):
-        c.close()
 
 
 def test_a_student_s_cell_says_which_admin_cancelled_it(users: Users) -> None:
@@ -1048,20 +1039,30 @@ def test_a_student_s_cell_says_which_admin_cancelled_it(users: Users) -> None:
     import gpu_magic
     from gpu_magic._view import render_text
 
-    alice, carol = users.client("alice"), users.client("carol")
-    job = gpu_magic.run("import time\nprint('sleeping', flush=True)\ntime.sleep(60)",
-                        "A100-80GB", {"__name__": "__main__"}, client=alice, quiet=True,
-                        background=True)
-    follow(alice, job.id, until=lambda e: "sleeping" in str(e.get("text")))
-    carol.cancel(job.id)
-    with pytest.raises(BaseException) as info:
-        job.wait(timeout=DEADLINE_S)
-    assert isinstance(info.value, gpu_magic.JobCancelled), repr(info.value)
-    assert str(info.value).count("carol (admin)") == 1, info.value  # (said twice once)
+    job, stopped = _stopped_by_carol(
+        users, "import time\nprint('sleeping', flush=True)\ntime.sleep(60)",
+        {"__name__": "__main__"}, "cancel")
+    assert isinstance(stopped, gpu_magic.JobCancelled), repr(stopped)
+    assert str(stopped).count("carol (admin)") == 1, stopped  # (said twice once)
     text = render_text(job._job.state, 0.0)
     assert "cancelled by carol (admin): nothing was bound" in text, text
-    for c in (alice, carol):
-        c.close()
+
+
+def _stopped_by_carol(users: Users, source: str, namespace: dict[str, Any],
+                      how: str) -> tuple[Any, BaseException]:
+    """alice's background job, interrupted or cancelled by carol (an admin) once it printed
+    "sleeping": the job, and what its wait() raised."""
+    import gpu_magic
+
+    with users.client("alice") as alice, users.client("carol") as carol:
+        job = gpu_magic.run(source, "A100-80GB", namespace, client=alice, quiet=True,
+                            background=True)
+        follow(alice, job.id, until=lambda e: "sleeping" in str(e.get("text")))
+        getattr(carol, how)(job.id)
+        # (a KeyboardInterrupt from wait() would read as her own, and stop the test run)
+        with pytest.raises(BaseException) as info:
+            job.wait(timeout=DEADLINE_S)
+    return job, info.value
 
 
 def test_tokens_file_is_read_again_on_sighup(users: Users) -> None:

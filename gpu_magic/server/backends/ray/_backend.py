@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -349,9 +350,9 @@ class RayBackend:
         asked: dict[str, set[int]] = {}
         now = time.monotonic()
         for r in [*self._reservations.values(), *self._parked, *self._recent]:
-            freed = self._freed_at.get(r.node_id)
-            lag = (freed is not None and freed <= r.made + 0.05 and now - r.made < OWN_LAG_S
-                   and r.made - freed < OWN_LAG_S)
+            # (asked for lately, on a node where we had freed GPUs just before or since)
+            lag = (now - r.made < OWN_LAG_S
+                   and self._freed_at.get(r.node_id, -math.inf) >= r.made - OWN_LAG_S)
             mine = r.held or r.released is not None or r.ready in placed or lag
             (ours if mine else asked).setdefault(r.node_id, set()).update(r.indices)
         return ours, asked
