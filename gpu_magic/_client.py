@@ -508,8 +508,9 @@ class GatewayClient:
         """The job's events in order, each exactly once, resuming after dropped connections."""
         path = f"/v1/jobs/{checked_job_id(job_id)}/events"
         last = after
-        failures = 0
+        failures = 0  # attempts in a row that brought nothing, not even a heartbeat
         while True:
+            heard = [False]
             try:
                 headers = {"Last-Event-ID": str(last)} if last else {}
                 silence = httpx.Timeout(self._timeout.connect, read=STREAM_SILENCE_S)
@@ -519,20 +520,21 @@ class GatewayClient:
                         resp.read()
                         _check(resp, self.url, self)
                     self.trouble = None
-                    chunks = resp.iter_bytes()
+                    chunks = _heard(resp.iter_bytes(), heard)
                     for ev in _parse_sse(chunks):
                         seq = int(ev.get("seq", 0))
                         if seq and seq <= last:
                             continue
                         last = seq or last
-                        failures = 0
                         yield ev
                         if ev.get("type") == "done":
                             _finish_reading(chunks)
                             return
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 self.trouble = exc
-                failures += 1
+                # a stream cut after it brought something (a proxy or a network that drops
+                # long connections under a long silent cell) is no failure of the gateway's
+                failures = 0 if heard[0] else failures + 1
                 if failures >= 3 and self._moved():
                     failures = 0  # the same jobs, at the gateway's new address
                     continue
@@ -545,7 +547,7 @@ class GatewayClient:
                 time.sleep(min(2.0, 0.05 * 2**failures))
                 continue
             # the server closed the stream without a done event: resume from where we are
-            failures += 1
+            failures = 0 if heard[0] else failures + 1
             if failures > RESUME_ATTEMPTS:
                 raise GatewayError(f"the event stream of job {job_id} keeps ending early")
             time.sleep(min(2.0, 0.05 * 2**failures))
@@ -707,6 +709,13 @@ def _finish_reading(chunks: Iterator[bytes]) -> None:
             pass
     except httpx.HTTPError:
         pass  # the connection is dropped instead; nothing of the job is lost
+
+
+def _heard(chunks: Iterator[bytes], heard: list[bool]) -> Iterator[bytes]:
+    """``chunks``, noting in ``heard[0]`` that one came."""
+    for chunk in chunks:
+        heard[0] = True
+        yield chunk
 
 
 def _parse_sse(chunks: Iterator[bytes]) -> Iterator[dict[str, Any]]:

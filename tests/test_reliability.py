@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 import gpu_magic
-from gpu_magic import RunnerLost
+from gpu_magic import RunnerLost, _client
 from gpu_magic._api import attach
 from gpu_magic._client import GatewayClient
 from gpu_magic._payload import pack_inputs
@@ -350,10 +350,11 @@ def test_a_background_job_is_followed_again_after_a_long_gateway_outage(tmp_path
 
 
 class CuttingProxy:
-    """A loopback TCP proxy that cuts every connection after passing ``budget`` bytes back."""
+    """A loopback TCP proxy that cuts every connection after passing ``budget`` bytes back
+    (or, with ``after``, right after passing those bytes back)."""
 
-    def __init__(self, target: tuple[str, int], budget: int) -> None:
-        self.target, self.budget = target, budget
+    def __init__(self, target: tuple[str, int], budget: int, after: bytes | None = None) -> None:
+        self.target, self.budget, self.after = target, budget, after
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -381,6 +382,10 @@ class CuttingProxy:
                     break
                 if budget is not None and sent + len(data) > budget:
                     dst.sendall(data[: budget - sent])
+                    self.cuts += 1
+                    break
+                if budget is not None and self.after is not None and self.after in data:
+                    dst.sendall(data)
                     self.cuts += 1
                     break
                 dst.sendall(data)
@@ -417,6 +422,25 @@ def test_cut_event_streams_resume_without_losing_or_repeating_a_line(
         out = capsys.readouterr().out.splitlines()
         assert out == [f"line {i}" for i in range(2000)]
         assert proxy.cuts >= 3  # the stream really was cut, several times
+    finally:
+        proxy.close()
+
+
+def test_a_long_silent_cell_outlives_any_number_of_cut_streams(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a network that drops long connections: each cut counted against the resume attempts,
+    # heartbeats or not, and a silent cell ended with "lost the event stream" after enough
+    # of them while its job ran on
+    monkeypatch.setattr(_client, "RESUME_ATTEMPTS", 0)  # (stands for "enough of them")
+    host, port = gateway.url.rsplit("//", 1)[1].split(":")
+    proxy = CuttingProxy((host, int(port)), budget=1 << 30, after=b": heartbeat")
+    try:
+        with GatewayClient(f"http://127.0.0.1:{proxy.port}", gateway.token) as c:
+            space = ns()
+            gpu_magic.run("import time\ntime.sleep(10.5)\ndone = True", "H100", space,
+                          client=c, quiet=True)
+        assert space["done"] is True
+        assert proxy.cuts >= 2  # the submit's stream, then a resumed one
     finally:
         proxy.close()
 
