@@ -715,8 +715,14 @@ def test_a_job_whose_gpus_ray_would_not_give_has_not_run(rc: GatewayClient,
         record = rc.job(job["id"])
         assert record["state"] == "queued" and record["started"] is None, record
         rc.cancel(job["id"])
-        done = follow(rc, job["id"])[-1]
+        events = follow(rc, job["id"])
+        done = events[-1]
         assert done["message"] == "cancelled while queued; nothing ran"
+        # it said what it waited for ("queued (position 1)" alone read as stuck), once: not
+        # again at each of the gateway's looks
+        said = [e.get("waiting_for") for e in events if e["type"] == "queued"]
+        assert any(w and w.startswith("waiting for Ray to hold 2 H100 on ") for w in said), said
+        assert all(a != b for a, b in zip(said, said[1:])), said
         assert done["timings"]["ran_s"] is None and done["timings"]["queued_s"] > 1.0, done
         assert rc.job(job["id"])["started"] is None
     finally:

@@ -1053,6 +1053,7 @@ class Gateway:
 
     def _launch(self, job: Job, grant: Grant, gpus: list[Gpu]) -> None:
         self._dequeue(job)
+        said = job.waiting_for  # (what its last "queued" said: the backend's wait, if refused)
         # what held it in the queue is over: a retry's wait says its own
         job.held, job.waiting_for, job.outside, job.behind = None, None, False, False
         job.grant = _grant_json(grant, gpus, job.attempt)
@@ -1112,6 +1113,11 @@ class Gateway:
             self.running.pop(job.id, None)
             job.state, job.grant = "queued", None
             self.queue.insert(0, job.id)
+            # "queued (position 1)" alone, for the second Ray may take, read as "stuck"
+            job.waiting_for = (f"waiting for {self.backend.name.capitalize()} to hold "
+                               f"{len(grant.indices)} {grant.gpu_type} on {grant.node} for it")
+            if job.waiting_for != said:
+                self._emit_queued(job)
             # Ray places a group within ~10 ms on free GPUs, 0.5-1 s on GPUs just given back: a
             # short wait in reserve() (it blocks this loop) and a prompt look again
             loop.call_later(0.1, self._schedule)
