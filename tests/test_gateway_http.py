@@ -864,6 +864,11 @@ def test_timeout_stops_the_cell(client: GatewayClient) -> None:
     assert done["state"] == "timed_out"
     # the fix, for the magic and for Python alike (a run() caller has no %%gpu line)
     assert "%%gpu A100-80GB --timeout 2 (timeout=2 in Python)" in done["message"], done["message"]
+    # a cell that named no GPU: its line names none either ("%%gpu any" it never wrote)
+    job = submit(client, SLEEPER, "any", timeout=1)
+    done = follow(client, job["id"])[-1]
+    assert "Raise the limit: %%gpu --timeout 2 (timeout=2 in Python)" in done["message"], \
+        done["message"]
     wait_for(lambda: all_free(client), DEADLINE_S)
 
 

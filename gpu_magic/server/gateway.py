@@ -816,10 +816,12 @@ class Gateway:
                     "whose cap is higher.")
         more = seconds(min(math.ceil(t * 2), cap) if cap else math.ceil(t * 2))
         allows = f" (this gateway allows up to {seconds(cap)} s)" if cap else ""
-        # the whole line to paste: without its spec, %%gpu would ask for another GPU
+        # the whole line to paste: without its spec, %%gpu would ask for another GPU (one
+        # that asked for any GPU wrote none: its line is the same without it)
         spec = _spec_text(req)
+        line = f"%%gpu --timeout {more}" if spec == "any" else f"%%gpu {spec} --timeout {more}"
         return (f"the cell ran longer than {limit} and was stopped; its output so far is kept. "
-                f"Raise the limit: %%gpu {spec} --timeout {more} (timeout={more} in Python)"
+                f"Raise the limit: {line} (timeout={more} in Python)"
                 f"{allows}.")
 
     def _refusal(self, spec: GpuSpec, dropped: list[tuple[str, str]], gpus: list[Gpu]) -> str:
