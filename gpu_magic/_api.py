@@ -39,6 +39,7 @@ from ._errors import (
     JobCancelled,
     JobFailed,
     JobTimeout,
+    NoFeasibleOption,
     RunnerLost,
     SerializationError,
     SpecError,
@@ -345,6 +346,10 @@ class _Job:
         self.modules: dict[str, tuple[Any, ...]] = {}  # local modules the cell changed
         # the classes sent by value, with their attributes as sent (see _payload.loads)
         self.sent_classes: dict[int, tuple[type, dict[str, Any]]] = {}
+        # what was inside the inputs, by place in their pickle: a result names our own
+        self.sent_objects: _payload.SentObjects | None = None
+        # those of them the cell changed, with their new state (applied when bound)
+        self.inside: list[tuple[Any, tuple[Any, ...]]] = []
         self.printed: list[str] = []  # a background job's stdout and stderr so far
         self.last_seq = 0  # the last event taken: following again resumes after it
         self.bound: dict[str, Any] = {}
@@ -593,9 +598,11 @@ class _Job:
         try:
             # a name the runner sent back by reference that is not among what we kept: the
             # notebook's (a global the walk here did not find, that cloudpickle did)
+            changed: list[tuple[Any, tuple[Any, ...]]] = []
             payload = _payload.loads(blob, buffers, namespace=staging,
                                      inputs=collections.ChainMap(self.refs, self.namespace),
-                                     classes=self.sent_classes)
+                                     classes=self.sent_classes, objects=self.sent_objects,
+                                     changed=changed)
         except Exception as exc:
             raise SerializationError(
                 f"the results of GPU job {self.id} could not be rebuilt here "
@@ -610,6 +617,9 @@ class _Job:
         self.in_place = {n: tuple(_rehome(x, staging, self.namespace, memo) for x in st)
                          for n, st in (payload.get("in_place") or {}).items()}
         names.update({n: self.refs.get(n, _NOTHING) for n in self.in_place})
+        # and what was inside them (models[0], params["W"]): the same, by object
+        self.inside = [(obj, tuple(_rehome(x, staging, self.namespace, memo) for x in st))
+                       for obj, st in changed]
         # what the cell changed in local modules, for this kernel's own (by module name)
         self.modules = {m: tuple(_rehome(x, staging, self.namespace, memo) for x in st)
                         for m, st in (payload.get("modules") or {}).items()}
@@ -631,13 +641,20 @@ class _Job:
             if self.attached or names[n] is _NOTHING or not _payload.fits(names[n], st):
                 fresh.append((n, st))  # not the object that was sent: a new one
             else:
-                todo.append((_IN_PLACE_ORDER.get(st[0], 0), n, st))
+                todo.append((n, names[n], st))
+        # and what was inside them (models[0], params["W"]), checked as it was rebuilt
+        todo += [(f"an object inside the inputs ({type(obj).__name__})", obj, st)
+                 for obj, st in self.inside]
+        # (what cannot be undone, an array's bytes, last)
+        todo.sort(key=lambda t: _IN_PLACE_ORDER.get(t[2][0], 0))
         undo: list[Callable[[], None]] = []
+        n = ""
         try:
             for n, st in fresh:
                 names[n] = _payload.fresh_from_state(st)
-            for _, n, st in sorted(todo, key=lambda t: t[:2]):
-                undo.append(_payload.apply_in_place(names[n], st))
+            for label, obj, st in todo:
+                n = label  # (for the error below)
+                undo.append(_payload.apply_in_place(obj, st))
             for n, st in self.modules.items():
                 module = sys.modules.get(n)
                 if module is not None:  # (a kernel that never imported it: nothing to update)
@@ -680,7 +697,11 @@ class _Job:
         for name, why in (ev.get("skipped") or {}).items():
             if name.startswith("__gpu_"):
                 continue  # the decorator's names for a call's arguments: not the user's
-            print(f"[gpu_magic] {name} was not brought back: {why}", file=sys.stderr)
+            # (a local run would have rebound it: say what the name is here now)
+            here = ("" if name == "<cell value>" else
+                    f"; here {name} still holds its value from before the cell"
+                    if name in self.namespace else f"; here {name} is not defined")
+            print(f"[gpu_magic] {name} was not brought back: {why}{here}", file=sys.stderr)
         if ev.get("cuda_moved"):
             n = ev["cuda_moved"]
             print(f"[gpu_magic] {n} CUDA tensor{'s' if n != 1 else ''} came back on the CPU, "
@@ -962,7 +983,7 @@ def submit(
     if opts.dry_run:
         # before packing: the report lists every input that cannot be sent, not the first
         return _dry_run(sent, gspec, get_client, local_dir, namespace)
-    packed = _payload.pack_inputs(sent, namespace, local_dir)
+    packed = _payload.pack_inputs(sent, namespace, local_dir, keep_objects=True)
     cl = get_client()
     if box is not None:
         box["client"] = cl
@@ -1034,6 +1055,7 @@ def submit(
                refs={**fglobals, **values})
     job.feed = feed
     job.sent_classes = packed.classes
+    job.sent_objects = packed.objects
     job.outputs = [*analysis.outputs, *sorted(analysis.deleted)]
     job.view = _make_view(job)
     if notice is not None:
@@ -1425,6 +1447,12 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
     """
     if callable(spec) and not isinstance(spec, (str, list, tuple)):
         return gpu()(spec)  # used bare: @gpu
+    try:  # a spec no pool can read is refused where it is written, not at each call
+        parse_spec(spec)
+    except SpecError as exc:
+        if exc.suggestion is None and "is not a GPU type" not in str(exc):
+            raise exc.with_traceback(None) from None
+        # (an unknown type may be the pool's own: its gateway says so at the first call)
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         kind = ("a generator function" if inspect.isgeneratorfunction(fn) else
@@ -1458,6 +1486,9 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
             source = f"{_DECORATED_CALL}{', '.join([*given, '**{' + ', '.join(named) + '}'])})"
             try:
                 return run(source, spec, ns, **{"quiet": True, **options})
+            except (SpecError, NoFeasibleOption) as exc:
+                # about the decorator's spec: raised from the call, not from our insides
+                raise exc.with_traceback(None) from None
             except SerializationError as exc:
                 if exc.name not in ns:
                     raise

@@ -41,6 +41,9 @@ DIGEST_PREFIX = "xxh3-128:"
 INLINE_LIMIT = 64 * 1024
 NAMESPACE_PID = "gpu_magic:namespace"
 INPUT_PID = "gpu_magic:input"
+# an object inside an input (``models[0]``, ``params["W"]``), by its place in the inputs'
+# pickle: it comes back as the sender's own object, its new state applied to it
+INSIDE_PID = "gpu_magic:inside"
 
 
 def digest(data: bytes | bytearray | memoryview) -> str:
@@ -78,6 +81,9 @@ class Packed:
     pickle_digest: str = ""
     # the classes it holds by value, by id, each with its attributes as sent (see loads)
     classes: dict[int, tuple[type, dict[str, Any]]] = field(default_factory=dict, repr=False)
+    # the objects inside it that a cell may change in place, by their place in the pickle
+    # (``dumps(..., keep_objects=True)``): what a result names with INSIDE_PID
+    objects: SentObjects | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.pickle_digest:
@@ -107,11 +113,15 @@ class _Pickler(cloudpickle.Pickler):
         file: io.BytesIO,
         namespace: Mapping[str, Any] | None,
         input_refs: Mapping[int, str] | None = None,
+        inside_refs: Places | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(file, protocol=5, **kw)
         self._namespace_id = id(namespace) if namespace is not None else None
         self._input_refs = input_refs or {}
+        self._inside_refs = inside_refs.by_id if inside_refs is not None else {}
+        self._inside_sent: set[int] = set()
+        self._inside_new: set[int] = set()
         self.cuda_moved = 0
         self.globals_ref = _GlobalsRef(self)
         self._module_dicts: dict[int, types.ModuleType] | None = None
@@ -141,10 +151,26 @@ class _Pickler(cloudpickle.Pickler):
             name = self._input_refs.get(id(obj))
             if name is not None:
                 return (INPUT_PID, name)
+        if self._inside_refs:
+            place = self._inside_refs.get(id(obj))
+            if place is not None:
+                return self._inside(obj, place)
         if type(obj) is dict and self._namespace_id is not None:
             if obj is self.globals_ref.get(self._namespace_id):
                 return NAMESPACE_PID
         return None
+
+    def _inside(self, obj: Any, place: int) -> Any:
+        """An object that arrived inside an input: a reference to the sender's own, with its
+        state here the first time (it is the same object each time after that)."""
+        if place in self._inside_sent:
+            return (INSIDE_PID, place, None, type(obj))
+        state = None if place in self._inside_new else in_place_state(obj)
+        if state is None:
+            self._inside_new.add(place)
+            return None  # (cannot be changed in place there: it travels as a new object)
+        self._inside_sent.add(place)
+        return (INSIDE_PID, place, state, type(obj))
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
@@ -624,13 +650,18 @@ def dumps(
     namespace: Mapping[str, Any] | None = None,
     local_dir: Path | None = None,
     input_refs: Mapping[int, str] | None = None,
+    inside_refs: Places | None = None,
+    keep_objects: bool = False,
     inline_limit: int = INLINE_LIMIT,
     hash_buffers: bool = True,
 ) -> tuple[Packed, int]:
     """Pickle ``obj`` in one go; return the payload and how many CUDA tensors moved to the CPU.
 
     ``input_refs`` maps ``id()`` of objects the other side already holds to their input name:
-    those travel as a reference and come back as the receiver's own object.
+    those travel as a reference and come back as the receiver's own object. ``inside_refs``
+    does so for objects inside the inputs, by their place in the inputs' pickle (what
+    ``loads(..., places=...)`` gave); ``keep_objects`` keeps those places of this pickle
+    (``Packed.objects``), for the answer to name them.
     ``hash_buffers=False`` leaves ``buffer_digests`` empty for a caller that hashes the
     buffers while it writes them (one pass over a large result instead of two).
     """
@@ -655,7 +686,8 @@ def dumps(
                 pass
         try:
             f = io.BytesIO()
-            p = _Pickler(f, namespace, input_refs, buffer_callback=keep_out_of_band)
+            p = _Pickler(f, namespace, input_refs, inside_refs,
+                         buffer_callback=keep_out_of_band)
             p.dump(obj)
         finally:
             for mod in registered:
@@ -663,9 +695,46 @@ def dumps(
                     cloudpickle.unregister_pickle_by_value(mod)
                 except ValueError:
                     pass
-    packed = Packed(f.getvalue(), buffers, [digest(b) for b in buffers] if hash_buffers else [],
-                    classes=p.classes)
+    data = f.getvalue()
+    f.close()  # (its buffer: the pickler, kept for its memo, holds the file)
+    packed = Packed(data, buffers, [digest(b) for b in buffers] if hash_buffers else [],
+                    classes=p.classes, objects=SentObjects(p) if keep_objects else None)
     return packed, p.cuda_moved
+
+
+class SentObjects:
+    """The objects of a pickle we sent, by their place in it: read from its pickler's memo
+    only when an answer names one (a memo of 600,000 entries takes 0.7 s to read here)."""
+
+    def __init__(self, pickler: pickle.Pickler) -> None:
+        self._pickler: pickle.Pickler | None = pickler
+        self._by_place: dict[int, Any] = {}
+
+    def get(self, place: int) -> Any:
+        if self._pickler is not None:
+            memo = self._pickler.memo.copy()
+            self._pickler = None
+            self._by_place = {i: o for i, o in memo.values() if _changeable(o)}
+        return self._by_place.get(place)
+
+
+# what a pickle's memo holds that is never changed in place (a cheap first test)
+_UNCHANGEABLE = frozenset({
+    str, bytes, tuple, int, float, complex, bool, frozenset, type(None), range, slice,
+    types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType,
+    types.CodeType, types.CellType, memoryview, pickle.PickleBuffer, staticmethod,
+    classmethod, property})
+
+
+def _changeable(obj: Any) -> bool:
+    """Whether a cell may have changed ``obj`` in place and :func:`apply_in_place` could bring
+    that back (checked fully when its state is taken; this only drops the many that cannot)."""
+    t = type(obj)
+    if t in _UNCHANGEABLE or t in _BY_NAME_WRAPPERS or isinstance(obj, type):
+        return False  # (a wrapper travels its own way: see reducer_override)
+    if t in _CONTAINERS:
+        return True
+    return t.__dictoffset__ != 0 or t.__module__ in ("numpy", "torch", "torch.nn.parameter")
 
 
 class _Unpickler(pickle.Unpickler):
@@ -681,6 +750,9 @@ class _Unpickler(pickle.Unpickler):
         self._inputs = inputs
         self.made: list[Any] | None = None
         self.classes: Mapping[int, tuple[type, dict[str, Any]]] = {}
+        self.objects: SentObjects | None = None  # the sender's, by place
+        self.changed: list[tuple[Any, tuple[Any, ...]]] = []  # (own object, its new state)
+        self._inside: dict[int, Any] = {}  # place -> what it is here, once met
 
     def find_class(self, module: str, name: str) -> Any:
         found = super().find_class(module, name)
@@ -705,7 +777,32 @@ class _Unpickler(pickle.Unpickler):
         if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == INPUT_PID:
             if pid[1] in self._inputs:
                 return self._inputs[pid[1]]
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == INSIDE_PID:
+            return self._inside_object(*pid[1:])
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+    def _inside_object(self, place: int, state: tuple[Any, ...] | None, t: type) -> Any:
+        """The object at ``place`` in the inputs we sent: our own, its new state noted in
+        ``changed`` (applied when the results are bound, all or nothing); a new one where we
+        have none to change (attached elsewhere, or changed here meanwhile past fitting)."""
+        obj = self._inside.get(place)
+        mine = self.objects.get(place) if self.objects is not None else None
+        if obj is None:
+            own = mine
+            if own is not None and type(own) is t and (state is None or fits(own, state)):
+                obj = own
+            elif state is not None:
+                obj = fresh_from_state(state)
+                state = None  # (already in it)
+            else:  # met inside itself before its state (a cycle): filled when that comes
+                obj = t() if issubclass(t, (list, set, bytearray, dict)) else t.__new__(t)
+            self._inside[place] = obj
+        if state is not None:
+            if obj is mine:
+                self.changed.append((obj, state))
+            else:
+                apply_in_place(obj, state)  # (one made here: nobody else holds it yet)
+        return obj
 
 
 _NUMPY_NUMERIC = frozenset({"numpy.core.numeric", "numpy._core.numeric"})
@@ -753,15 +850,42 @@ def loads(
     inputs: Mapping[str, Any] | None = None,
     made: list[Any] | None = None,
     classes: Mapping[int, tuple[type, dict[str, Any]]] | None = None,
+    places: Places | None = None,
+    objects: SentObjects | None = None,
+    changed: list[tuple[Any, tuple[Any, ...]]] | None = None,
 ) -> Any:
     """Unpickle a payload; notebook functions in it get ``namespace`` as their globals and
     references to inputs resolve to the objects in ``inputs``. ``made``: a list that
     receives each class and function the payload brought by value. ``classes``: those of
-    the payload this one answers (``Packed.classes``), which keep what the cell left alone."""
+    the payload this one answers (``Packed.classes``), which keep what the cell left alone.
+    ``places`` receives the objects of this payload a cell may change in place, by id (for
+    ``dumps(..., inside_refs=)``); ``objects`` are the sender's own by place (``Packed.objects``)
+    and ``changed`` receives those of them the answer changed, each with its new state."""
     u = _Unpickler(io.BytesIO(data), namespace, buffers, inputs or {})
     u.made = made
     u.classes = classes or {}
-    return u.load()
+    u.objects = objects
+    value = u.load()
+    if changed is not None:
+        changed += u.changed
+    if places is not None:
+        places.read(u.memo.copy())
+    return value
+
+
+class Places:
+    """Where each object that arrived in a pickle stood in it, by ``id()`` (for
+    ``dumps(..., inside_refs=)``): those a cell may change in place."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, int] = {}
+        self._held: dict[int, Any] = {}  # (an id stays its object's while the object is held)
+
+    def read(self, memo: dict[int, Any]) -> None:
+        self._held = memo
+        self.by_id = {id(o): i for i, o in memo.items()
+                      if (t := type(o)) in _CONTAINERS or (t not in _UNCHANGEABLE
+                                                           and _changeable(o))}
 
 
 class _OwnStatePickler(_Pickler):
@@ -888,6 +1012,7 @@ def fingerprint(obj: Any, namespace: Mapping[str, Any] | None = None,
 
 
 _DICTS = (dict, collections.OrderedDict, collections.defaultdict, collections.Counter)
+_CONTAINERS = frozenset({list, set, bytearray, *_DICTS})
 
 
 def function_globals(values: Iterable[Any], namespace: Mapping[str, Any]) -> dict[str, Any]:
@@ -1438,11 +1563,14 @@ class NotSent:
 
 
 def pack_inputs(
-    values: Mapping[str, Any], namespace: Mapping[str, Any] | None, local_dir: Path | None
+    values: Mapping[str, Any], namespace: Mapping[str, Any] | None, local_dir: Path | None,
+    keep_objects: bool = False,
 ) -> Packed:
-    """Pickle a job's inputs together, or raise a SerializationError naming the culprit."""
+    """Pickle a job's inputs together, or raise a SerializationError naming the culprit.
+    ``keep_objects``: keep what is inside them by place, for the results to name."""
     try:
-        packed, _ = dumps(dict(values), namespace=namespace, local_dir=local_dir)
+        packed, _ = dumps(dict(values), namespace=namespace, local_dir=local_dir,
+                          keep_objects=keep_objects)
     except Exception as exc:
         for name, value in values.items():
             if not _pickles(value):

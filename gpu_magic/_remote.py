@@ -185,6 +185,10 @@ def local_hint(event: dict[str, Any]) -> str | None:
         return ("if that array travelled to the cell (an input of 64 KiB or more), it lies on "
                 "the very memory its bytes arrived in, which numpy cannot resize in place: "
                 "resize a copy of it (x = x.copy()), or make a new one (x = np.resize(x, shape))")
+    if ename == "KeyError" and (key := _env_key(event)) is not None:
+        return (f"{key} is set in this kernel's environment, but environment variables do not "
+                f"travel with the cell: pass it with --env {key} (this kernel's value) or "
+                f"--env {key}=VALUE")
     if ename == "FileNotFoundError":
         m = re.search(r"No such file or directory: '(.+)'$", evalue)
         if m and not os.path.isabs(m[1]) and os.path.exists(m[1]):
@@ -193,6 +197,16 @@ def local_hint(event: dict[str, Any]) -> str | None:
                     "%%gpu cell (it travels with the cell), or put the file where the GPU "
                     "machine can read it and use that path")
     return None
+
+
+def _env_key(event: dict[str, Any]) -> str | None:
+    """The variable a KeyError of ``os.environ[...]`` in the cell names, if it is set here."""
+    m = re.fullmatch(r"'([^'\\]+)'", str(event.get("evalue", "")))
+    frames = event.get("traceback") or []
+    if not m or m[1] not in os.environ or not isinstance(frames, list):
+        return None
+    lines = [str(f.get("line") or "") for f in frames if isinstance(f, dict)]
+    return m[1] if any("environ" in line for line in lines) else None
 
 
 def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],

@@ -1344,6 +1344,8 @@ def _pack_results(
     ns: dict[str, Any], names: list[str], value: Any, has_value: bool,
     unchanged_inputs: dict[int, str], out: Outbox, same: list[str],
     module_states: dict[str, tuple[Any, ...]] | None = None,
+    inside: _payload.Places | None = None,
+    listed: bool = False,
 ) -> dict[str, Any]:
     states = {n: st for n in same if (st := _payload.in_place_state(ns[n])) is not None}
     values = {n: ns[n] for n in names if n not in states}
@@ -1365,7 +1367,7 @@ def _pack_results(
     skipped: dict[str, str] = {}
     try:
         packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs,
-                                            hash_buffers=False)
+                                            inside_refs=inside, hash_buffers=False)
     except Exception:
         # only now look name by name for what cannot travel (pickling everything twice on the
         # common path would double the cost of large results), then send the rest
@@ -1375,8 +1377,10 @@ def _pack_results(
                 what, _fix = _payload.describe(_payload.find_unpicklable(v, n)[1])
                 # the fix for an input ("create it inside the cell") is no help for a result
                 skipped[n] = (f"{what} cannot be sent back, so it stayed on the GPU machine; "
-                              f"`del {n}` at the end of the cell, or list what to bring back "
-                              "with --return, to leave it there without this note")
+                              + (f"leave {n} out of --return" if listed else
+                                 f"`del {n}` at the end of the cell, or list what to bring "
+                                 "back with --return,")
+                              + " to leave it there without this note")
                 values.pop(n, None)
                 states.pop(n, None)
         if "value" in payload and id(value) not in unchanged_inputs and (
@@ -1386,7 +1390,7 @@ def _pack_results(
                                        f"{value_repr}")
             del payload["value"]
         packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs,
-                                            hash_buffers=False)
+                                            inside_refs=inside, hash_buffers=False)
     event: dict[str, Any] = {
         "type": "result",
         "names": [*values, *states],
@@ -1737,8 +1741,12 @@ class _Session:
         inputs = manifest["inputs"]
         buffers = [_read_blob(p) for p in inputs["buffers"]]
         _SHIPPED.clear()
+        # what arrived inside the inputs (models[0], params["W"]), by id: one a result holds
+        # goes back as the notebook's own object, as a local cell would leave it
+        inside = _payload.Places()
         with open(inputs["pickle"], "rb") as f:
-            values = _payload.loads(f.read(), buffers, namespace=ns, made=_SHIPPED)
+            values = _payload.loads(f.read(), buffers, namespace=ns, made=_SHIPPED,
+                                    places=inside)
         ns.update(values)
         # what arrived: the inputs, and the globals the notebook functions among them use
         # (cloudpickle puts those straight into the namespace): a function the cell calls may
@@ -1850,7 +1858,8 @@ class _Session:
         try:
             event = _pack_results(ns, names, value,
                                   bool(manifest.get("has_value")) and value is not None,
-                                  unchanged, out, same, module_states)
+                                  unchanged, out, same, module_states, inside,
+                                  manifest.get("return_names") is not None)
         except OSError as exc:  # a full disk, a file size limit: the cell itself had finished
             emitter.emit({
                 "type": "runner_error", "ename": type(exc).__name__, "cell_finished": True,

@@ -9,6 +9,7 @@ import re
 import secrets
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,55 @@ def test_an_input_changed_in_place_changes_where_the_notebook_holds_it() -> None
     assert isinstance(model, ns["Model"])
 
 
+def test_objects_inside_an_input_stay_the_notebook_s_objects() -> None:
+    # a list of models, a dict of arrays, a dataclass's list: what the cell changed inside
+    # them came back as new objects, and the notebook's other names for them (m1, W, tags)
+    # kept the old state, in silence and for every later cell
+    ns = notebook("""
+        import numpy as np
+        from dataclasses import dataclass, field
+        class M:
+            def __init__(self): self.w = 0
+        m1, m2 = M(), M()
+        models = [m1, m2]
+        W = np.zeros(3)
+        params = {"W": W}
+        @dataclass
+        class Cfg:
+            tags: list = field(default_factory=list)
+        cfg = Cfg(["a"])
+        tags = cfg.tags
+        inner = []
+        t = (inner, 1)
+        node = {"name": "n"}
+        node["self"] = node
+        graph = [node]
+    """)
+    before = {n: ns[n] for n in ("m1", "m2", "models", "W", "params", "tags", "inner", "node")}
+    run(ns, """
+        for m in models:
+            m.w += 1
+        models.append(M())
+        params["W"][:] = 7
+        cfg.tags.append("b")
+        t[0].append(1)
+        graph[0]["seen"] = True
+        first = models[0]
+    """)
+    assert all(ns[n] is obj for n, obj in before.items())
+    assert ns["models"][:2] == [ns["m1"], ns["m2"]] and ns["m1"].w == ns["m2"].w == 1
+    assert ns["models"][2].w == 0 and isinstance(ns["models"][2], ns["M"])
+    assert ns["first"] is ns["m1"]  # a new name for an object inside an input: the same one
+    assert ns["params"]["W"] is ns["W"] and ns["W"].tolist() == [7.0] * 3
+    assert ns["cfg"].tags is ns["tags"] and ns["tags"] == ["a", "b"]
+    assert ns["t"][0] is ns["inner"] and ns["inner"] == [1]
+    assert ns["graph"][0] is ns["node"] and ns["node"]["self"] is ns["node"]
+    assert ns["node"]["seen"] is True
+    # and the next cell sees the change where the notebook holds it
+    run(ns, "seen_w = m1.w")
+    assert ns["seen_w"] == 1
+
+
 def test_a_model_trained_in_place_stays_the_notebook_s_model() -> None:
     torch = pytest.importorskip("torch")
     ns = notebook("""
@@ -259,6 +309,32 @@ def test_a_model_trained_in_place_stays_the_notebook_s_model() -> None:
     trained = ns["model"].weight.detach().clone()
     ns["train"](ns["model"], ns["opt"])
     assert not torch.equal(ns["model"].weight, trained)
+
+
+def test_a_model_trained_inside_a_dict_stays_the_notebook_s_model() -> None:
+    # only the dict was an input: the model and optimizer in it came back as new objects,
+    # and `model` here kept its untrained weights
+    torch = pytest.importorskip("torch")
+    ns = notebook("""
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        setup = {"model": model, "opt": opt}
+        x, y = torch.randn(8, 2), torch.randn(8, 1)
+    """)
+    model, weight = ns["model"], ns["model"].weight
+    before = weight.detach().clone()
+    run(ns, """
+        for _ in range(3):
+            setup["opt"].zero_grad()
+            ((setup["model"](x) - y) ** 2).mean().backward()
+            setup["opt"].step()
+    """)
+    assert ns["setup"]["model"] is model and ns["setup"]["opt"] is ns["opt"]
+    assert model.weight is weight and not torch.equal(weight, before)
+    params = {id(p) for p in model.parameters()}
+    assert all(id(p) in params for g in ns["opt"].param_groups for p in g["params"])
 
 
 def test_a_tensor_reshaped_in_place_stays_the_notebook_s_tensor() -> None:
@@ -852,6 +928,43 @@ def test_decorator_runs_the_function_remotely() -> None:
     assert json.loads(grant)["type"] == "A100-80GB" and y == 42
 
 
+def test_a_decorator_s_bad_spec_is_refused_where_it_is_written_or_called() -> None:
+    # it was taken, and each call failed below six frames of gpu_magic's own
+    with pytest.raises(SpecError, match="'H100:0' asks for 0 GPUs") as info:
+        gpu_magic.gpu("H100:0")
+    frames = [f.name for f in traceback.extract_tb(info.tb)]  # none of the parser's own
+    assert frames == ["test_a_decorator_s_bad_spec_is_refused_where_it_is_written_or_called",
+                      "gpu"], frames
+    # a type this pool may name (its own simulated 'H1000') is asked of it at the call
+    ns = notebook("""
+        import gpu_magic
+        @gpu_magic.gpu("H1000")
+        def f():
+            return 1
+    """)
+    with pytest.raises(SpecError, match="'H1000' is not a GPU type; did you mean H100") as info:
+        ns["f"]()
+    frames = [f.name for f in traceback.extract_tb(info.tb)]
+    assert frames == ["test_a_decorator_s_bad_spec_is_refused_where_it_is_written_or_called",
+                      "call"], frames
+
+
+def test_a_variable_set_only_in_this_kernel_s_environment_is_named_with_the_fix(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a bare KeyError: 'MY_KEY' from a cell whose kernel has MY_KEY set
+    monkeypatch.setenv("GPU_MAGIC_TEST_ONLY_HERE", "abc")
+    with pytest.raises(KeyError) as info:
+        run(notebook("import os"), "key = os.environ['GPU_MAGIC_TEST_ONLY_HERE']", quiet=True)
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert ("GPU_MAGIC_TEST_ONLY_HERE is set in this kernel's environment, but environment "
+            "variables do not travel with the cell: pass it with --env GPU_MAGIC_TEST_ONLY_HERE "
+            "(this kernel's value) or --env GPU_MAGIC_TEST_ONLY_HERE=VALUE") in text, text
+    # a dict's KeyError that happens to name a variable set here says nothing of it
+    with pytest.raises(KeyError) as info:
+        run(notebook(""), "d = {}\nd['GPU_MAGIC_TEST_ONLY_HERE']", quiet=True)
+    assert "--env" not in "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+
+
 def test_a_decorated_function_changes_its_arguments_as_a_local_call_does() -> None:
     # DESIGN: `train(model)` must bring `model` back
     ns = notebook("""
@@ -924,14 +1037,27 @@ def test_same_python_and_client_python_pass() -> None:
 
 
 def test_names_that_cannot_come_back_are_skipped_and_said(capsys: pytest.CaptureFixture[str]) -> None:
-    ns = notebook("")
-    value = run(ns, "import threading\nlock = threading.Lock()\nx = 1\nthreading.Lock()")
+    ns = notebook("gen = 'old value'")
+    value = run(ns, "import threading\nlock = threading.Lock()\nx = 1\n"
+                    "gen = (i for i in range(x))\nthreading.Lock()")
     assert ns["x"] == 1 and "lock" not in ns
     assert value is None
     err = capsys.readouterr().err
     assert ("[gpu_magic] lock was not brought back: a thread lock cannot be sent back, so it "
             "stayed on the GPU machine; `del lock` at the end of the cell, or list what to "
-            "bring back with --return, to leave it there without this note") in err
+            "bring back with --return, to leave it there without this note; here lock is not "
+            "defined\n") in err
+    # a local run would have rebound it: the old value here is said, not found later
+    assert ns["gen"] == "old value"
+    assert ("[gpu_magic] gen was not brought back: a generator cannot be sent back, so it "
+            "stayed on the GPU machine; `del gen` at the end of the cell, or list what to "
+            "bring back with --return, to leave it there without this note; here gen still "
+            "holds its value from before the cell\n") in err
+    # listed in --return already: not told to list it there
+    run(ns, "import threading\nlock = threading.Lock()", return_names=["lock"])
+    assert ("[gpu_magic] lock was not brought back: a thread lock cannot be sent back, so it "
+            "stayed on the GPU machine; leave lock out of --return to leave it there without "
+            "this note; here lock is not defined\n") in capsys.readouterr().err
     # with the text a local cell would have shown for it
     assert re.search(r"\[gpu_magic\] <cell value> was not brought back: lock cannot be "
                      r"pickled; it was <unlocked _thread.lock object at 0x[0-9a-f]+>", err), err
