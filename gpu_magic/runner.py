@@ -1741,6 +1741,9 @@ class _Session:
         inputs = manifest["inputs"]
         buffers = [_read_blob(p) for p in inputs["buffers"]]
         _SHIPPED.clear()
+        # code an earlier cell made here arrives numbered as the notebook numbers it: shifted
+        # again before the cell, it read as changed by it (a warm runner's inputs came back)
+        _payload.CELL_SHIFTS.clear()
         # what arrived inside the inputs (models[0], params["W"]), by id: one a result holds
         # goes back as the notebook's own object, as a local cell would leave it
         inside = _payload.Places()
@@ -1790,7 +1793,6 @@ class _Session:
         name = _cell_file(label)
         shell.compile.get_code_name = lambda *_args: name
         shell.compile.gpu_magic_cell = _CellWarnings.file = name
-        _payload.CELL_SHIFTS.clear()
         _payload.CELL_SHIFTS[name] = _CellWarnings.where[1]
         with self.interrupts.cell(shell.compile):
             result = shell.run_cell(manifest["source"], store_history=False)

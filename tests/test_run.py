@@ -928,6 +928,24 @@ def test_decorator_runs_the_function_remotely() -> None:
     assert json.loads(grant)["type"] == "A100-80GB" and y == 42
 
 
+def test_instances_of_a_class_a_cell_made_do_not_come_back_from_a_cell_that_reads_them(
+) -> None:
+    # the next cell on the same warm runner numbered the class's code again before it ran:
+    # its instances read as changed, and came back ("bound k, kd") from a cell that printed
+    ns = notebook("")
+    run(ns, """
+
+        class K:
+            def __init__(self, v): self.v = v
+        k = K(1)
+        kd = {"a": K(2)}
+    """, "H100:2")  # (both GPUs: the next cell takes the same warm runner)
+    for _ in range(2):
+        job = run(ns, "print(k.v, kd['a'].v)", "H100:2", background=True, quiet=True)
+        job.wait(timeout=60)
+        assert job._job.state.bound == [], job._job.state.bound
+
+
 def test_a_decorator_s_bad_spec_is_refused_where_it_is_written_or_called() -> None:
     # it was taken, and each call failed below six frames of gpu_magic's own
     with pytest.raises(SpecError, match="'H100:0' asks for 0 GPUs") as info:
