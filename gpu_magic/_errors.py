@@ -134,7 +134,7 @@ class RemoteError(GpuMagicError):
     """An exception raised by the cell remotely whose type cannot be rebuilt here."""
 
     def __init__(self, ename: str, evalue: str, traceback_text: str = "") -> None:
-        super().__init__(f"{ename}: {evalue}")
+        super().__init__(f"{ename}: {evalue}" if evalue else ename)  # (`raise SystemExit`)
         self.ename = ename
         self.evalue = evalue
         self.traceback_text = traceback_text
@@ -144,7 +144,7 @@ class RemoteError(GpuMagicError):
         return type(self), (self.ename, self.evalue, self.traceback_text), self.__dict__
 
     def _render_traceback_(self) -> list[str]:
-        return self.traceback_text.splitlines() or [f"{self.ename}: {self.evalue}"]
+        return self.traceback_text.splitlines() or [str(self)]
 
 
 class GatewayError(GpuMagicError):
