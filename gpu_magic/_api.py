@@ -519,6 +519,8 @@ class _Job:
                 self.bind(names, deleted)
         elif kind == "error":
             self.error = ev
+        if kind == "done" and ev.get("state") != "succeeded":
+            self.sent_objects = None  # (no answer will name them: the inputs' pickler goes)
         if not self.folded:
             self.state.apply(ev)
         if kind in ("queued", "granted", "started", "done", "result", "stderr", "interrupted"):
@@ -617,6 +619,7 @@ class _Job:
         self.in_place = {n: tuple(_rehome(x, staging, self.namespace, memo) for x in st)
                          for n, st in (payload.get("in_place") or {}).items()}
         names.update({n: self.refs.get(n, _NOTHING) for n in self.in_place})
+        self.sent_objects = None  # (named: what the inputs' pickler held goes)
         # and what was inside them (models[0], params["W"]): the same, by object
         self.inside = [(obj, tuple(_rehome(x, staging, self.namespace, memo) for x in st))
                        for obj, st in changed]

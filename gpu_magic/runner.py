@@ -1770,6 +1770,7 @@ class _Session:
                 sys.modules[name] = m
         before = {n: _payload.fingerprint(v, ns, mapped.known, own_state=True)
                   for n, v in shipped.items() if not _payload.arrived_by_value(v)}
+        inside.take_before(ns, values.values(), mapped.known)
         # a clean namespace for this cell in the (possibly reused) shell
         shell.init_create_namespaces(None, ns)
         # and it is __main__, as in a kernel: pickle finds the cell's functions and classes

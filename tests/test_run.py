@@ -311,6 +311,45 @@ def test_a_model_trained_in_place_stays_the_notebook_s_model() -> None:
     assert not torch.equal(ns["model"].weight, trained)
 
 
+def test_only_what_the_cell_changed_inside_an_input_is_changed_here() -> None:
+    # every object a result reached was brought to its state there, changed or not: a view
+    # sent beside its array wrote its old bytes back over the array's new ones, __setstate__
+    # ran on live objects, and what __getstate__ leaves out (a lock) was dropped from them
+    ns = notebook("""
+        import threading
+        import numpy as np
+        a = np.arange(6.0)
+        data = [a, a[2:4]]
+        class Guarded:
+            def __init__(self): self.v, self.lock = 0, threading.Lock()
+            def __getstate__(self): return {"v": self.v}
+            def __setstate__(self, state): self.__dict__.update(state, lock=None, restored=1)
+        g = Guarded()
+        box = {"g": g, "n": 0}
+    """)
+    lock = ns["g"].lock
+    run(ns, "data[0] += 1\nbox['n'] += 1")
+    assert ns["a"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert ns["data"][1].tolist() == [3.0, 4.0]  # a view of a: as a local run leaves it
+    assert ns["box"] == {"g": ns["g"], "n": 1}
+    assert ns["g"].lock is lock and "restored" not in vars(ns["g"])  # left alone
+    run(ns, "box['g'].v = 5")  # changed there: brought to its state here, as the class says
+    assert ns["box"]["g"] is ns["g"] and ns["g"].v == 5 and ns["g"].restored == 1
+
+
+def test_a_background_job_leaves_alone_what_it_did_not_change_inside_its_inputs() -> None:
+    ns = notebook("""
+        class M:
+            def __init__(self): self.w = 0
+        m1, m2 = M(), M()
+        models = [m1, m2]
+    """)
+    job = run(ns, "import time\ntime.sleep(1)\nmodels[0].w += 1", background=True, quiet=True)
+    ns["m2"].w = 100  # changed here meanwhile: the job did not touch it
+    job.wait(timeout=60)
+    assert ns["models"] == [ns["m1"], ns["m2"]] and (ns["m1"].w, ns["m2"].w) == (1, 100)
+
+
 def test_a_model_trained_inside_a_dict_stays_the_notebook_s_model() -> None:
     # only the dict was an input: the model and optimizer in it came back as new objects,
     # and `model` here kept its untrained weights
