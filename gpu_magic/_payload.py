@@ -1520,11 +1520,16 @@ def describe(obj: Any) -> tuple[str, str]:
 
 
 def _pickles(obj: Any) -> bool:
+    return pickle_error(obj) is None
+
+
+def pickle_error(obj: Any) -> str | None:
+    """What pickling ``obj`` raises, as ``KeyError: 'cache'`` (None: it pickles)."""
     try:
         _Pickler(io.BytesIO(), None, buffer_callback=lambda b: False).dump(obj)
-    except Exception:
-        return False
-    return True
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return None
 
 
 def _by_value(obj: Any) -> bool:

@@ -1374,7 +1374,16 @@ def _pack_results(
         for n, v in list(values.items()) + [(n, ns[n]) for n in states]:
             if (n in states and _payload.fingerprint(states[n], ns) is None) or (
                     id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None):
-                what, _fix = _payload.describe(_payload.find_unpicklable(v, n)[1])
+                path, culprit = _payload.find_unpicklable(v, n)
+                what, _fix = _payload.describe(culprit)
+                if path != n:
+                    what = f"{path} ({what})"
+                # (a class's own __getstate__ that fails on what it left out: say what it
+                # raised; "a C object" alone left nothing to go on)
+                raised = (_payload.pickle_error(culprit)
+                          if _payload._recognised(culprit) is None else None)
+                if raised:
+                    what += f", whose pickling raised {raised},"
                 # the fix for an input ("create it inside the cell") is no help for a result
                 skipped[n] = (f"{what} cannot be sent back, so it stayed on the GPU machine; "
                               + (f"leave {n} out of --return" if listed else
@@ -1833,6 +1842,10 @@ class _Session:
             for n, fp in before.items():
                 if n in ns and n not in names and (
                         ns[n] is not shipped[n]  # rebound by a function (`global`), or exec
+                        # (None: it no longer pickles here, so whether the cell changed it
+                        # cannot be told: it is tried, and its note says why not, rather
+                        # than a change lost in silence)
+                        or fp is None
                         or _payload.fingerprint(ns[n], ns, mapped.known, own_state=True) != fp):
                     names.append(n)  # changed in place: the client must see the change
             names += _created(ns, shipped, names, shell.user_ns_hidden)

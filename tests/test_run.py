@@ -337,6 +337,28 @@ def test_only_what_the_cell_changed_inside_an_input_is_changed_here() -> None:
     assert ns["box"]["g"] is ns["g"] and ns["g"].v == 5 and ns["g"].restored == 1
 
 
+def test_an_input_that_no_longer_pickles_there_is_said_not_lost_in_silence(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # a __getstate__ that needs what it leaves out: the copy there no longer pickles, so
+    # whether the cell changed box could not be told, and box['n'] += 1 was lost in silence
+    ns = notebook("""
+        class C:
+            def __init__(self): self.v, self.cache = 0, 5
+            def __getstate__(self):
+                state = dict(self.__dict__)
+                del state["cache"]
+                return state
+        c = C()
+        box = {"c": c, "n": 0}
+    """)
+    run(ns, "box['n'] += 1")
+    assert ns["box"]["n"] == 0  # (it cannot come back)
+    err = capsys.readouterr().err
+    assert ("[gpu_magic] box was not brought back: box['c'] (a C object), whose pickling "
+            "raised KeyError: 'cache', cannot be sent back, so it stayed on the GPU machine; "
+            ) in err, err
+
+
 def test_a_background_job_leaves_alone_what_it_did_not_change_inside_its_inputs() -> None:
     ns = notebook("""
         class M:
