@@ -3,7 +3,12 @@ configuration (`%config GPUMagic.url`), else GPU_MAGIC_URL, else the local one."
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import os
+import re
+import sys
 import threading
 
 from ._client import LOCAL, GatewayClient
@@ -24,6 +29,75 @@ def set_connection(url: str | None, token: str | None = None,
     global _override
     with _lock:
         _override = (url.rstrip("/"), token, token_from) if url else None
+    publish()
+
+
+# --- what the sidebar shows: the gateway of the notebook in front, not of JupyterLab ---
+#
+# A notebook that ran `%gpu connect` (or set GPUMagic.url) uses a gateway JupyterLab's
+# server extension cannot know of: the sidebar showed the local pool and jobs beside cells
+# that ran elsewhere. The kernel leaves a note, readable by this user only, that the server
+# extension reads for the notebook in front (by its kernel's id).
+
+PUBLISHED_PREFIX = "gpu_magic-kernel-"
+
+
+def published_path(kernel_id: str) -> str:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return os.path.join(jupyter_runtime_dir(), f"{PUBLISHED_PREFIX}{kernel_id}.json")
+
+
+def _kernel_id() -> str | None:
+    """This process's Jupyter kernel id (its connection file's name), if it is a kernel."""
+    if "ipykernel" not in sys.modules:
+        return None
+    try:
+        from ipykernel.connect import get_connection_file
+
+        name = os.path.basename(get_connection_file())
+    except Exception:  # (IPython outside a kernel)
+        return None
+    m = re.fullmatch(r"kernel-([0-9A-Za-z-]{1,64})\.json", name)
+    return m[1] if m else None
+
+
+def publish() -> None:
+    """Leave (or take back) the note of which gateway this kernel uses."""
+    url, how = current_target()
+    token = _token_for(url)[0] if url is not None else None
+    if _published and _published[-1] == (url, token):
+        return  # (asked at each cell's connect: unchanged, nothing to write)
+    kernel = _kernel_id()
+    if kernel is None:
+        return
+    path = published_path(kernel)
+    _published.append((url, token))
+    if url is None:  # the local gateway: JupyterLab's server finds it itself
+        _unpublish(path)
+        return
+    note = {"url": url, "token": token, "source": how, "pid": os.getpid()}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(note, f)
+        os.replace(f"{path}.tmp", path)
+    except OSError:
+        return  # (the sidebar then shows JupyterLab's gateway, as before)
+    if path not in _notes:
+        _notes.add(path)
+        atexit.register(_unpublish, path)  # (a kernel that ends takes its note back)
+
+
+# what this kernel said, in order: (url, token), url None for the local gateway
+_published: list[tuple[str | None, str | None]] = []
+_notes: set[str] = set()
+
+
+def _unpublish(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def get_connection() -> tuple[str, str | None, str | None] | None:
@@ -36,6 +110,7 @@ def configure(url: str, token: str) -> None:
     global _configured
     with _lock:
         _configured = (url.rstrip("/"), token)
+    publish()
 
 
 def current_target() -> tuple[str | None, str]:
@@ -75,6 +150,7 @@ def connect(url: str | None = None, token: str | None = None, *,
     if url is None:
         url, how = current_target()
         url_from = _URL_FROM.get(how)
+        publish()  # (GPU_MAGIC_URL set in the kernel since: the sidebar follows)
     if url is not None:
         if not token:
             token, token_from = _token_for(url)

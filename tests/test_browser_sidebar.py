@@ -188,6 +188,30 @@ def test_the_status_bar_follows_a_job_with_the_sidebar_closed(page: Any, lab: La
     page.locator(".jp-GpuMagic-status", has_text="GPU: A100-80GB ×1 running").wait_for(timeout=3000)
 
 
+def test_the_sidebar_shows_the_gateway_of_the_notebook_in_front(
+        page: Any, lab: LabServer, gateway: Gateway,
+        shared: tuple[Gateway, dict[str, str]]) -> None:
+    # an instructor rehearsing as alice (`%gpu connect`): her cells ran on the class's
+    # gateway while the sidebar showed JupyterLab's own pool and jobs, hers never listed
+    gw, tokens = shared
+    write_notebook(lab.root / "as-alice.ipynb", "%load_ext gpu_magic",
+                   f"%gpu connect {gw.url} --token {tokens['alice']}",
+                   "%%gpu A100-80GB\nprint('alice ran')")
+    open_notebook(page, lab, "as-alice.ipynb")
+    panel = show_sidebar(page)
+    run_cells(page, [0, 1, 2])
+    page.locator(".jp-OutputArea-output", has_text="alice ran").first.wait_for(timeout=WAIT_MS)
+    connection = panel.locator(".jp-GpuMagic-connection", has_text=gw.url)
+    connection.wait_for(timeout=WAIT_MS)
+    assert "this notebook's %gpu connect" in connection.inner_text()
+    job_row(page, "as-alice.ipynb").first.wait_for(timeout=WAIT_MS)
+    screenshot(page, "sidebar-notebook-connected")
+    # another notebook in front: JupyterLab's own gateway again
+    open_notebook(page, lab, "work/quick.ipynb")
+    panel = show_sidebar(page)
+    panel.locator(".jp-GpuMagic-connection", has_text=gateway.url).wait_for(timeout=WAIT_MS)
+
+
 def test_advice_instead_of_a_blank_panel(context: Any, tmp_path: Path) -> None:
     """No gateway configured and none running: the panel says what to do."""
     with lab_server(tmp_path / "lab", tmp_path, {}) as lab:

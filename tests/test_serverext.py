@@ -310,3 +310,54 @@ def test_an_admin_token_sees_and_cancels_every_users_jobs(
     finally:
         alice.close()
         bob.close()
+
+
+def test_the_sidebar_shows_the_gateway_the_notebook_in_front_connected_to(
+        api: Any, gateway: Gateway, shared_gateway: tuple[Gateway, dict[str, str]]) -> None:
+    # a notebook that ran `%gpu connect` (an instructor rehearsing as alice) ran its cells on
+    # that gateway while the sidebar and status bar showed JupyterLab's own, and its jobs
+    # never appeared there
+    import uuid
+
+    from jupyter_client.manager import KernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    gw, tokens = shared_gateway
+    kid = str(uuid.uuid4())
+    km = KernelManager(kernel_name="python3",
+                       connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{kid}.json"))
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+
+    def run_in_kernel(code: str) -> None:
+        reply = kc.execute_interactive(code, timeout=60, output_hook=lambda _m: None)
+        assert reply["content"]["status"] == "ok", reply["content"]
+
+    try:
+        run_in_kernel("%load_ext gpu_magic")
+        run_in_kernel(f"%gpu connect {gw.url} --token {tokens['alice']}")
+        run_in_kernel("%%gpu H100\nx = 1")
+        status = api("status", params={"kernel": kid})[1]
+        assert status["url"] == gw.url and status["user"] == "alice", status
+        assert status["source"] == "this notebook's %gpu connect"
+        jobs = api("jobs", params={"kernel": kid})[1]["jobs"]
+        assert jobs and {j["user"] for j in jobs} == {"alice"}
+        assert api("pool", params={"kernel": kid})[1]["types"]
+        # another notebook (another kernel), or none: JupyterLab's own gateway, as before
+        assert api("status", params={"kernel": str(uuid.uuid4())})[1]["url"] == gateway.url
+        assert api("status")[1]["url"] == gateway.url
+        # the note is this user's alone: it holds the token
+        note = Path(jupyter_runtime_dir()) / f"gpu_magic-kernel-{kid}.json"
+        assert note.stat().st_mode & 0o777 == 0o600
+        run_in_kernel("%gpu connect local")  # back: the note goes
+        assert not note.exists()
+        assert api("status", params={"kernel": kid})[1]["url"] == gateway.url
+        run_in_kernel(f"%gpu connect {gw.url} --token {tokens['bob']}")
+        assert api("status", params={"kernel": kid})[1]["user"] == "bob"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert not note.exists()  # a kernel that ends takes its note back
+    assert api("status", params={"kernel": kid})[1]["url"] == gateway.url

@@ -26,10 +26,16 @@ class _Base(APIHandler):
     def initialize(self, proxy: GpuMagicProxy) -> None:
         self.proxy = proxy
 
+    def _kernel(self) -> str | None:
+        """The kernel of the notebook in front (``?kernel=ID``): its own gateway, if it
+        connected to one, is the one shown."""
+        return self.get_argument("kernel", None) or None
+
     async def _forward(self, method: str, path: str,
                        params: dict[str, str] | None = None) -> tuple[int, Any]:
         try:
-            _, code, body = await self.proxy.request(method, path, params)
+            _, code, body = await self.proxy.request(method, path, params,
+                                                     kernel=self._kernel())
         except ProxyError as exc:
             return exc.status, exc.body()
         return code, body
@@ -66,7 +72,7 @@ class _Base(APIHandler):
 class StatusHandler(_Base):
     @tornado.web.authenticated
     async def get(self) -> None:
-        self._answer(200, await self.proxy.status())
+        self._answer(200, await self.proxy.status(self._kernel()))
 
 
 class PoolHandler(_Base):

@@ -10,8 +10,10 @@ starts a local gateway (a poll every few seconds would undo ``gpu-magic stop`` a
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -60,8 +62,15 @@ class GpuMagicProxy(LoggingConfigurable):
 
     # --- which gateway ---
 
-    async def target(self) -> Target:
-        """The gateway to ask, or a ProxyError with advice when there is none."""
+    async def target(self, kernel: str | None = None) -> Target:
+        """The gateway to ask, or a ProxyError with advice when there is none. ``kernel``:
+        the id of the kernel of the notebook in front; one that connected elsewhere (``%gpu
+        connect``) left a note of its gateway, which wins (its cells run there)."""
+        note = _kernel_note(kernel) if kernel else None
+        if note is not None:
+            return Target(str(note["url"]).rstrip("/"), note.get("token"),
+                          "this notebook's " + ("%gpu connect" if note.get("source") ==
+                                                "%gpu connect" else str(note.get("source"))))
         if self.url:
             return Target(self.url.rstrip("/"), self.token or os.environ.get("GPU_MAGIC_TOKEN"),
                           "GpuMagicProxy.url")
@@ -82,9 +91,10 @@ class GpuMagicProxy(LoggingConfigurable):
     # --- forwarding ---
 
     async def request(self, method: str, path: str, params: dict[str, str] | None = None,
-                      target: Target | None = None) -> tuple[Target, int, Any]:
+                      target: Target | None = None,
+                      kernel: str | None = None) -> tuple[Target, int, Any]:
         """Ask the gateway; (target, status, JSON body) or a ProxyError that says what to do."""
-        target = target or await self.target()
+        target = target or await self.target(kernel)
         headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
         try:
             # A client per request: the panel polls every few seconds, and a client bound to
@@ -101,10 +111,13 @@ class GpuMagicProxy(LoggingConfigurable):
                              f"({target.source}): {exc or type(exc).__name__}. "
                              + _unreachable_advice(target))
         if resp.status_code in (401, 403):
+            fix = ("run %gpu connect again in the notebook with the right token"
+                   if target.source.startswith("this notebook's") else
+                   "set the right GPU_MAGIC_TOKEN (or GpuMagicProxy.token) and restart "
+                   "JupyterLab")
             raise ProxyError(502, "gateway_unauthorized",
                              f"the gpu_magic gateway at {target.url} refused the token "
-                             f"({target.source}): set the right GPU_MAGIC_TOKEN (or "
-                             "GpuMagicProxy.token) and restart JupyterLab.")
+                             f"({target.source}): {fix}.")
         try:
             body = resp.json()
         except ValueError:
@@ -113,10 +126,10 @@ class GpuMagicProxy(LoggingConfigurable):
                              "than JSON: is it a gpu_magic gateway?")
         return target, resp.status_code, body
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, kernel: str | None = None) -> dict[str, Any]:
         """The connection line of the panel; never an error status, it *is* the diagnosis."""
         try:
-            target = await self.target()
+            target = await self.target(kernel)
         except ProxyError as exc:
             return {"reachable": False, "url": None, "source": None, **exc.body()}
         try:
@@ -147,6 +160,20 @@ class GpuMagicProxy(LoggingConfigurable):
         if code == 200 and isinstance(me, dict):
             out["user"], out["admin"] = me.get("user"), bool(me.get("admin"))
         return out
+
+
+def _kernel_note(kernel: str) -> dict[str, Any] | None:
+    """The gateway the kernel ``kernel`` connected to, from the note it left (see
+    ``gpu_magic._connection.publish``), if it did and its process is still alive."""
+    from .._connection import published_path
+    from .._embedded import _pid_alive, _read
+
+    if not re.fullmatch(r"[0-9A-Za-z-]{1,64}", kernel):
+        return None
+    note = _read(Path(published_path(kernel)))
+    if not note or not note.get("url") or not _pid_alive(int(note.get("pid", 0))):
+        return None
+    return note
 
 
 def _local_runtime_info() -> dict[str, Any] | None:

@@ -144,6 +144,17 @@ const plugin: JupyterFrontEndPlugin<void> = {
     };
     tracker?.forEach(watch);
     tracker?.widgetAdded.connect((_, nb) => watch(nb));
+    // the notebook in front, and its kernel: one that ran `%gpu connect` shows its own gateway
+    const follow = () => {
+      const nb = tracker?.currentWidget;
+      model.kernelId = nb?.sessionContext.session?.kernel?.id ?? null;
+    };
+    tracker?.currentChanged.connect((_, nb) => {
+      follow();
+      nb?.sessionContext.kernelChanged.connect(follow);
+      nb?.sessionContext.ready.then(follow, () => undefined);
+    });
+    follow();
     if (statusBar) {
       const item = new GpuStatusItem(model, () => shell.activateById(PANEL_ID));
       statusBar.registerStatusItem('gpu-magic-labextension:status', {

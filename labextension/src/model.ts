@@ -64,6 +64,17 @@ export class GpuModel {
     return this._showAll && offersEveryone(this.status);
   }
 
+  /**
+   * The kernel of the notebook in front: a notebook that ran `%gpu connect` uses its own
+   * gateway, which the panel and the status bar then show.
+   */
+  set kernelId(value: string | null) {
+    if (value !== this._kernelId) {
+      this._kernelId = value;
+      void this.refresh();
+    }
+  }
+
   /** Whether the panel is on screen (it polls faster then). */
   set visible(value: boolean) {
     this._visible = value;
@@ -93,10 +104,20 @@ export class GpuModel {
   }
 
   async cancel(job: IJob): Promise<void> {
-    await request<IJob>(`jobs/${encodeURIComponent(job.id)}`, {
+    await request<IJob>(this._path(`jobs/${encodeURIComponent(job.id)}`), {
       method: 'DELETE'
     });
     await this.refresh();
+  }
+
+  /** A route of the server extension, for the notebook in front's gateway. */
+  private _path(route: string, query: Record<string, string> = {}): string {
+    const params = new URLSearchParams(query);
+    if (this._kernelId) {
+      params.set('kernel', this._kernelId);
+    }
+    const text = params.toString();
+    return text ? `${route}?${text}` : route;
   }
 
   dispose(): void {
@@ -107,7 +128,7 @@ export class GpuModel {
     this._last = Date.now();
     this._asked = false;
     try {
-      const status = await request<IStatus>('status');
+      const status = await request<IStatus>(this._path('status'));
       this.status = status;
       if (!status.reachable) {
         this.pool = null;
@@ -119,8 +140,8 @@ export class GpuModel {
         );
       } else {
         const [pool, jobs] = await Promise.all([
-          request<IPool>('pool'),
-          request<IJobs>(this.everyone ? 'jobs?all=true' : 'jobs')
+          request<IPool>(this._path('pool')),
+          request<IJobs>(this._path('jobs', this.everyone ? { all: 'true' } : {}))
         ]);
         this.pool = pool;
         this.jobs = jobs.jobs;
@@ -153,6 +174,7 @@ export class GpuModel {
   private _poll: Poll;
   private _changed = new Signal<this, void>(this);
   private _showAll = false;
+  private _kernelId: string | null = null;
   private _listedAll = false;
   private _visible = false;
   private _last = 0;

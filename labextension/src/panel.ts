@@ -211,6 +211,13 @@ export class GpuPanel extends Widget {
         parts.push(h('span', { class: 'jp-GpuMagic-muted' }, ` v${status.version}`));
       }
     }
+    if (status?.source?.startsWith("this notebook's")) {
+      // not JupyterLab's own gateway: say why the panel shows this one, and as whom
+      const who = status.user ? `, as ${status.user}` : '';
+      parts.push(
+        h('div', { class: 'jp-GpuMagic-muted jp-GpuMagic-via' }, `${status.source}${who}`)
+      );
+    }
     return h('div', { class: 'jp-GpuMagic-connection' }, ...parts);
   }
 
