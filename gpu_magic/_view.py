@@ -386,8 +386,8 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
                 f"</b> on <b>{e(str(g.get('node')))}</b>")
         if state.option_text():
             head += f" · {e(state.option_text())}"
-        if g.get("memory_gb"):
-            head += f" · {g['memory_gb']:g} GB each"
+        if g.get("memory_gb"):  # ("each" of one GPU read oddly)
+            head += f" · {g['memory_gb']:g} GB" + (" each" if g.get("count", 1) > 1 else "")
         if g.get("simulated"):
             head += _BADGE
     if compact:

@@ -274,8 +274,9 @@ class WidgetView(NullView):
                 return
             if self._handle is None or self._finished:
                 return
-            if self._box is None:
-                self._handle.update(bundle(self.state, now, compact=True), raw=True)
+            if self._box is None:  # shown (output came) but never a widget: the same card
+                # form it had while running (one line at the end read as another display)
+                self._handle.update(bundle(self.state, now), raw=True)
                 self._finished = True
                 return
             self._finished = True

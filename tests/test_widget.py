@@ -195,6 +195,21 @@ def test_foreground_widget_shows_the_grant_and_keeps_the_final_summary(
 
 
 @pytest.mark.usefixtures("use_gateway")
+def test_a_status_shown_while_the_cell_ran_keeps_its_form_at_the_end(tmp_path: Path) -> None:
+    # shown as a card when its output came, it ended as one long line (no bar, "3.8" and
+    # "MiB" on two lines), as only a cell too quick to show anything should
+    nb = make_notebook("%load_ext gpu_magic", "%%gpu A100-80GB\nprint('first')\nx = 1",
+                       "%%gpu A100-80GB\nx = 2")
+    execute(nb, tmp_path)
+    shown, quick = nb.cells[1].outputs[0].data, nb.cells[2].outputs[0].data
+    assert texts(nb.cells[1], "stdout") == "first\n"
+    assert "border-left:3px solid" in shown["text/html"] and "succeeded" in shown["text/html"]
+    assert "border-left" not in quick["text/html"]  # (never shown running: one line)
+    # of one GPU, "80 GB" ("80 GB each" read oddly)
+    assert "A100-80GB ×1" in shown["text/html"] and " · 80 GB<" in shown["text/html"], shown
+
+
+@pytest.mark.usefixtures("use_gateway")
 def test_clear_output_in_the_cell_keeps_the_status_above_its_output(tmp_path: Path) -> None:
     """A live-plot loop clears the cell's output each step; the front end clears the status
     with it, so it is shown again, and the cell ends with its final status on top."""
