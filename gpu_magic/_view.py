@@ -73,6 +73,7 @@ class JobState:
         self.cancel_error: str | None = None
         self.interrupt: str | None = None  # who asked to interrupt the cell: "an interrupt"
         self.interrupted = False  # the cell got it (its except and finally blocks run)
+        self.had_output = False  # the cell printed or displayed something
         self.interrupted_by: str | None = None  # an admin who interrupted it: "carol (admin)"
         # while its follower cannot reach the gateway and tries again: why ("connection refused")
         self.away: str | None = None
@@ -105,7 +106,10 @@ class JobState:
             self.started_at = now
             if self.started_wall is not None:  # followed again later: when it really started
                 self.started_at = now - max(0.0, time.time() - self.started_wall)
+        elif kind in ("stdout", "display", "update_display"):
+            self.had_output = True
         elif kind == "stderr":
+            self.had_output = True
             # the gateway says why an attempt ended when it retries (runner died, out of memory)
             text = str(ev.get("text", ""))
             if text.startswith("[gpu_magic]") and "retrying" in text and self.attempts:
@@ -243,14 +247,20 @@ class JobState:
             lines.append(f"attempt {a['attempt']}: {where(a['grant'])} — {end}")
         return lines
 
+    def _kept(self) -> str:
+        """Where the output so far is, if the cell printed anything ("the box below" of a
+        cell that printed nothing sent people looking for one)."""
+        if not self.had_output:
+            return ""
+        return f"; the output so far is kept {'in the box below' if self.background else 'below'}"
+
     def outcome(self) -> str:
         """What became of the results and the output once it ended; empty while it runs."""
         if self.state == "cancelled" and self.interrupted and self.interrupted_by:
             # an admin's interrupt: its user did not ask, so nothing of the cell was bound
-            where_out = "in the box below" if self.background else "below"
             return (f"interrupted by {self.interrupted_by}: {self.error or 'KeyboardInterrupt'} "
-                    "· nothing was bound (the namespace is as before); the output so far is "
-                    f"kept {where_out}; {self._gpus()}")
+                    f"· nothing was bound (the namespace is as before){self._kept()}; "
+                    f"{self._gpus()}")
         if self.state == "cancelled" and self.interrupted:
             # ended by the interrupt: bound what it had bound by then, as a local cell leaves it
             return (f"cancelled by an interrupt: {self.error or 'KeyboardInterrupt'} · bound "
@@ -263,9 +273,8 @@ class JobState:
                 return f"cancelled{who} after its results arrived: bound {_names(self.bound)}"
             if self.grant is None:
                 return f"cancelled{who} before it was granted a GPU: nothing ran, nothing was bound"
-            where_out = "in the box below" if self.background else "below"
-            return (f"cancelled{who}: nothing was bound (the namespace is as before); the output "
-                    f"so far is kept {where_out}; {self._gpus()}")
+            return (f"cancelled{who}: nothing was bound (the namespace is as before)"
+                    f"{self._kept()}; {self._gpus()}")
         if self.state in ("timed_out", "lost", "expired"):
             return then(self.message or self.state.replace("_", " "), "nothing was bound")
         if self.state == UNREACHABLE:

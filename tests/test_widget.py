@@ -146,10 +146,17 @@ def test_text_and_html_forms_are_readable() -> None:
     c = JobState("H100", "j")
     c.apply({"type": "granted", "gpu_type": "H100", "count": 1, "node": "n", "option_index": 0},
             now=0.5)
-    c.apply({"type": "done", "state": "cancelled", "message": "cancelled while running"}, now=1.0)
-    c.cancel = "the Cancel button"
+    silent = JobState("H100", "s")  # (before any output: no output to point to)
+    silent.apply(c.grant, now=0.5)
+    c.apply({"type": "stdout", "text": "step 1\n"}, now=0.7)
+    for job in (c, silent):
+        job.apply({"type": "done", "state": "cancelled", "message": "cancelled while running"},
+                  now=1.0)
+        job.cancel = "the Cancel button"
     assert ("cancelled by the Cancel button: nothing was bound (the namespace is as before); "
             "the output so far is kept below; its GPUs are released") in render_text(c, 1.0)
+    assert ("cancelled by the Cancel button: nothing was bound (the namespace is as before); "
+            "its GPUs are released") in render_text(silent, 1.0)
     q = JobState("H100", "q")  # never granted: no GPUs to speak of
     q.apply({"type": "done", "state": "cancelled"}, now=1.0)
     q.cancel = "the Cancel button"
