@@ -156,6 +156,27 @@ def option_problem(timeout: Any, wait: Any, retries: Any,
     return None
 
 
+def kernel_cell_meta() -> dict[str, str]:
+    """The notebook and cell running now, as the kernel knows them (empty elsewhere)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return {}
+    parent = getattr(getattr(get_ipython(), "kernel", None), "get_parent", None)
+    try:
+        header = parent("shell") if parent else None
+    except TypeError:
+        header = parent() if parent else None
+    md = (header or {}).get("metadata", {}) if isinstance(header, dict) else {}
+    meta = {}
+    if isinstance(md, dict) and md.get("cellId"):
+        meta["cell_id"] = str(md["cellId"])
+    path = os.environ.get("JPY_SESSION_NAME")
+    if path and meta:  # (a kernel's, running a cell: not a script that inherited the variable)
+        meta["notebook"] = path
+    return meta
+
+
 def _parse(spec: Any, client_factory: Callable[[], GatewayClient]) -> GpuSpec:
     try:
         return parse_spec(spec)
@@ -1029,7 +1050,9 @@ def submit(
             "cwd": os.getcwd(),
             "sys_path": list(sys.path),  # (folders a notebook added: `sys.path.append("../src")`)
             "background": opts.background,
-            "meta": opts.meta,
+            # (gpu_magic.run and @gpu in a notebook: its sidebar row says where, as a
+            # %%gpu cell's does, not "no notebook")
+            "meta": opts.meta or kernel_cell_meta(),
             "cell_label": opts.label,
             "line_offset": opts.line_offset,
         }

@@ -344,15 +344,7 @@ class GPUMagic(Magics):
         return f"Cell In[{count - 1}]" if isinstance(count, int) and count > 1 else "Cell"
 
     def _meta(self) -> dict[str, str]:
-        meta = {}
-        parent = getattr(getattr(self.shell, "kernel", None), "get_parent", None)
-        try:
-            header = parent("shell") if parent else None  # type: ignore[misc]
-        except TypeError:
-            header = parent() if parent else None  # type: ignore[misc]
-        md = (header or {}).get("metadata", {}) if isinstance(header, dict) else {}
-        if md.get("cellId"):
-            meta["cell_id"] = str(md["cellId"])
+        meta = _api.kernel_cell_meta()
         path = os.environ.get("JPY_SESSION_NAME")
         if path:
             meta["notebook"] = path

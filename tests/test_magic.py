@@ -597,3 +597,27 @@ def test_the_help_shows_the_spec_before_the_options() -> None:
     usage = doc.split("::", 1)[-1].strip().splitlines()
     assert usage[0].startswith("%%gpu [SPEC] [--timeout SECONDS] [--wait SECONDS]"), usage[0]
     assert usage[1].strip().startswith("%gpu pool | jobs [--all]"), usage[1]
+
+
+def test_python_api_jobs_say_which_notebook_cell_started_them(
+        kernel_factory: Any, gateway: Gateway, tmp_path: Path) -> None:
+    # the sidebar labelled jobs of gpu_magic.run and @gpu "no notebook", and %%gpu cells'
+    # rows could be found, theirs not
+    nb = str(tmp_path / "course.ipynb")
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token,
+                       JPY_SESSION_NAME=nb)
+    msg = k.kc.session.msg("execute_request", {
+        "code": "import gpu_magic\nj = gpu_magic.run('x = 1', 'H100', namespace={})\n"
+                "j2 = gpu_magic.run('y = 2', 'H100', namespace={}, background=True)\n"
+                "j2.wait()",
+        "silent": False, "store_history": True, "user_expressions": {},
+        "allow_stdin": False, "stop_on_error": True}, metadata={"cellId": "cell-api-1"})
+    k.kc.shell_channel.send(msg)
+    reply = k.kc.get_shell_msg(timeout=120)
+    while reply["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+        reply = k.kc.get_shell_msg(timeout=120)  # (the replies to earlier cells first)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    with gateway.client() as c:
+        jobs = c.jobs()
+    metas = [j["meta"] for j in jobs if j["meta"].get("notebook") == nb]
+    assert metas == [{"cell_id": "cell-api-1", "notebook": nb}] * 2, [j["meta"] for j in jobs]
