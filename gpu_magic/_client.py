@@ -304,8 +304,10 @@ class GatewayClient:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{checked_job_id(job_id)}").json()
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._request("DELETE", f"/v1/jobs/{checked_job_id(job_id)}").json()
+    def cancel(self, job_id: str, via: str | None = None) -> dict[str, Any]:
+        """``via``: ``magic`` for %gpu cancel (the cell then says where it was cancelled)."""
+        return self._request("DELETE", f"/v1/jobs/{checked_job_id(job_id)}",
+                             params={"via": via} if via else None).json()
 
     def interrupt(self, job_id: str) -> dict[str, Any]:
         """A KeyboardInterrupt in the job's running cell (409: queued, ended, or a backend

@@ -436,7 +436,7 @@ class GPUMagic(Magics):
                 ended = before["state"].replace("_", " ")
                 print(f"job {before['id']} had already ended ({ended}); nothing to cancel")
                 return None
-            rec = client.cancel(rest[0])
+            rec = client.cancel(rest[0], via="magic")
             # an admin's cancel of another user's job: whose it was
             me = client.whoami().get("user")
             whose = f"{rec['user']}'s " if rec.get("user") not in (None, me) else ""

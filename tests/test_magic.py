@@ -401,6 +401,9 @@ def test_cancel_says_what_became_of_the_job(gateway: Gateway, kernel_factory: An
                                  "cancel\n"), out
         out = k.run(f"%gpu cancel {waiting['id']}")
         assert out["stdout"] == f"cancelled job {waiting['id']} while it was queued: nothing ran\n"
+        # the cell that waits for it says where it was cancelled
+        done_ev = [e for e in client.events(waiting["id"]) if e["type"] == "done"][0]
+        assert done_ev["cancelled_by"] == "%gpu cancel", done_ev
         # a path for an id named another route: the answer was a bare "Not Found"
         for cmd in ("cancel", "attach"):
             out = k.run(f"%gpu {cmd} ../../etc")

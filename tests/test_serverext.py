@@ -145,6 +145,10 @@ def test_cancel_a_running_job(api: Any, gateway: Gateway) -> None:
     final = wait_for(lambda: (lambda j: j if j["state"] == "cancelled" else None)(
         api("jobs", rec["id"])[1]), timeout=60)
     assert final["finished"] is not None
+    # and its cell says where it was cancelled: "cancelled: nothing was bound" said nothing
+    with gateway.client() as c:
+        done = [e for e in c.events(rec["id"]) if e["type"] == "done"][0]
+    assert done["cancelled_by"] == "the sidebar", done
 
 
 def test_unknown_and_malformed_job_ids(api: Any) -> None:

@@ -439,8 +439,10 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         return gateway._record(gateway.job_for(u, job_id))
 
     @app.delete("/v1/jobs/{job_id}", responses=_errors(404))
-    async def cancel_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:
-        return gateway._record(gateway.cancel(u, job_id))
+    async def cancel_job(job_id: str, u: User = Depends(user),
+                         via: str | None = Query(default=None, max_length=16)) -> dict[str, Any]:
+        """Cancel; ``via`` (``sidebar``, ``magic``): where its user did, for the cell to say."""
+        return gateway._record(gateway.cancel(u, job_id, via))
 
     @app.post("/v1/jobs/{job_id}/interrupt", responses=_errors(404, 409))
     async def interrupt_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:

@@ -170,6 +170,10 @@ class Job:
         }
 
 
+# where a user may cancel their own job from, as the cell then says it ("cancelled by ...")
+CANCEL_VIA = {"sidebar": "the sidebar", "magic": "%gpu cancel"}
+
+
 def _spec_text(req: dict[str, Any]) -> str:
     """The request's spec as text, parsed once (a record is made several times per job; a
     job reloaded after a restart, or finished, keeps only the text)."""
@@ -870,14 +874,17 @@ class Gateway:
         """Whether the pool changes by itself (Ray: nodes join and leave)."""
         return getattr(self.backend, "waiting", None) is not None
 
-    def cancel(self, user: User, job_id: str) -> Job:
+    def cancel(self, user: User, job_id: str, via: str | None = None) -> Job:
+        """``via``: where its own user cancelled it, when not from the cell (``sidebar``,
+        ``%gpu cancel``): the cell's status says so, as it says "by the Cancel button"."""
         job = self.job_for(user, job_id)
         if job.final:
             return job
         # an admin's cancel says who: its user did not ask for it
         by = f" by {user.name} (admin)" if user.name != job.user else ""
+        where = CANCEL_VIA.get(via or "") if not by else None
         if job.state == "queued":
-            job.cancelled_by = by[len(" by "):] or None
+            job.cancelled_by = by[len(" by "):] or where
             self._dequeue(job)
             job.message = (f"cancelled{by} while queued; nothing ran" if not job.started else
                            f"cancelled{by} while queued to be retried (attempt {job.attempt}); "
@@ -885,7 +892,7 @@ class Gateway:
             self._finish(job, "cancelled")
         elif job.stoppable:  # (the first cancel that stops it says who did)
             job.stop_reason = "cancelled"
-            job.cancelled_by = by[len(" by "):] or None
+            job.cancelled_by = by[len(" by "):] or where
             if by:
                 job.message = f"cancelled{by} while running; the output so far is kept"
             self.backend.cancel(job.handle)

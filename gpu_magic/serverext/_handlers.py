@@ -120,7 +120,7 @@ class JobHandler(_Base):
     @tornado.web.authenticated
     async def delete(self, job_id: str) -> None:
         """Cancel: a queued job leaves the queue, a running one is stopped."""
-        code, body = await self._forward("DELETE", f"/v1/jobs/{job_id}")
+        code, body = await self._forward("DELETE", f"/v1/jobs/{job_id}", {"via": "sidebar"})
         self._answer(code, self._with_path(body, self._root()) if code == 200 else body)
 
 
