@@ -705,7 +705,10 @@ def dumps(
     data = f.getvalue()
     f.close()  # (its buffer: the pickler, kept for its memo, holds the file)
     packed = Packed(data, buffers, [digest(b) for b in buffers] if hash_buffers else [],
-                    classes=p.classes, objects=SentObjects(p) if keep_objects else None)
+                    classes=p.classes,
+                    # (CUDA inputs came back on the CPU, never fitting their own: and the
+                    # pickler holds the host copies it made of them)
+                    objects=SentObjects(p) if keep_objects and not p.cuda_moved else None)
     return packed, p.cuda_moved
 
 
@@ -932,7 +935,7 @@ class Places:
         place = self.by_id.get(id(obj))
         if place is None:
             return None
-        held = self._held[place]
+        held = self._held.get(place)
         return place if (held() if isinstance(held, weakref.ref) else held) is obj else None
 
     def take_before(self, namespace: Mapping[str, Any], inputs: Iterable[Any] = (),
@@ -954,25 +957,38 @@ class Places:
                 gc.enable()
 
     def _take_before(self, top: set[int]) -> None:
+        # first which are places: one that cannot be changed in place (a storage, a numpy
+        # scalar, an enum member, an object of its own __reduce__) travels whole, as part of
+        # what holds it, and one already gone was a part of the pickle only (a tensor's
+        # storage). Only then their states: one that holds such an object takes it whole,
+        # before the cell as after it
+        states: dict[int, tuple[Any, Any]] = {}
         for place, h in list(self._held.items()):
             obj = h() if isinstance(h, weakref.ref) else h
-            # one that cannot be changed in place (a storage, an object of its own
-            # __reduce__) travels whole, as part of what holds it: not a place of its own;
-            # one already gone was a part of the pickle only (a tensor's storage)
             if type(obj) in _CONTAINERS:
-                state = None
+                states[place] = (obj, None)
             elif obj is None or (state := in_place_state(obj)) is None:
                 del self._held[place]
-                continue
+            else:
+                states[place] = (obj, state)
+        self.by_id = {i: p for i, p in self.by_id.items() if p in self._held}
+        for place, (obj, state) in states.items():
             if id(obj) not in top:
                 self._before[place] = self.signature(obj, state)
-        self.by_id = {i: p for i, p in self.by_id.items() if p in self._held}
 
     def changed(self, obj: Any, place: int) -> bool:
         before = self._before.get(place)
         return before is None or self.signature(obj) != before
 
     def signature(self, obj: Any, state: tuple[Any, ...] | None = None) -> Any:
+        """(see _signature); one that cannot be taken differs from every other: the object
+        is taken as changed, and the job goes on."""
+        try:
+            return self._signature(obj, state)
+        except Exception:
+            return object()
+
+    def _signature(self, obj: Any, state: tuple[Any, ...] | None = None) -> Any:
         """What ``obj`` holds itself, to compare (None: cannot be told): plain values as
         they are, what arrived inside the inputs by place, arrays by their bytes' digest,
         anything else by the digest of its pickle. Not a pickle of it all: 20,000 small
@@ -1231,7 +1247,8 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
                 bool(obj.flags.writeable))
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
-        if t not in (torch.Tensor, torch.nn.Parameter) or obj.is_sparse:
+        if t not in (torch.Tensor, torch.nn.Parameter) or obj.is_sparse or getattr(
+                obj, "is_nested", False) or obj.layout is not torch.strided:
             return None
         return ("tensor", t, obj.detach(), obj.requires_grad)
     try:

@@ -34,7 +34,7 @@ import time
 import traceback
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -1346,6 +1346,7 @@ def _pack_results(
     module_states: dict[str, tuple[Any, ...]] | None = None,
     inside: _payload.Places | None = None,
     listed: bool = False,
+    untold: Collection[str] = (),
 ) -> dict[str, Any]:
     states = {n: st for n in same if (st := _payload.in_place_state(ns[n])) is not None}
     values = {n: ns[n] for n in names if n not in states}
@@ -1384,6 +1385,14 @@ def _pack_results(
                           if _payload._recognised(culprit) is None else None)
                 if raised:
                     what += f", whose pickling raised {raised},"
+                if n in untold:  # an input that already did not pickle here: left as it was
+                    # (no `del` advice: deleting an input deletes the notebook's too)
+                    skipped[n] = (f"whether the cell changed it cannot be told here: "
+                                  f"{what.rstrip(',')} no longer pickles where the cell ran, "
+                                  "so a change the cell made to it stays there")
+                    values.pop(n, None)
+                    states.pop(n, None)
+                    continue
                 # the fix for an input ("create it inside the cell") is no help for a result
                 skipped[n] = (f"{what} cannot be sent back, so it stayed on the GPU machine; "
                               + (f"leave {n} out of --return" if listed else
@@ -1831,6 +1840,7 @@ class _Session:
             return 0
 
         outputs = manifest.get("outputs", [])
+        untold: set[str] = set()  # inputs already unpicklable here: their change cannot be told
         if manifest.get("no_return"):
             names: list[str] = []
         elif manifest.get("return_names") is not None:
@@ -1840,6 +1850,8 @@ class _Session:
             # (a stand-in still there: the cell never reached the binding of that name)
             names = [n for n in outputs if n in ns and not isinstance(ns[n], _payload.NotSent)]
             for n, fp in before.items():
+                if fp is None and n in ns and ns[n] is shipped[n]:
+                    untold.add(n)
                 if n in ns and n not in names and (
                         ns[n] is not shipped[n]  # rebound by a function (`global`), or exec
                         # (None: it no longer pickles here, so whether the cell changed it
@@ -1875,7 +1887,7 @@ class _Session:
             event = _pack_results(ns, names, value,
                                   bool(manifest.get("has_value")) and value is not None,
                                   unchanged, out, same, module_states, inside,
-                                  manifest.get("return_names") is not None)
+                                  manifest.get("return_names") is not None, untold)
         except OSError as exc:  # a full disk, a file size limit: the cell itself had finished
             emitter.emit({
                 "type": "runner_error", "ename": type(exc).__name__, "cell_finished": True,

@@ -337,6 +337,29 @@ def test_only_what_the_cell_changed_inside_an_input_is_changed_here() -> None:
     assert ns["box"]["g"] is ns["g"] and ns["g"].v == 5 and ns["g"].restored == 1
 
 
+def test_objects_holding_enum_members_or_numpy_scalars_are_told_unchanged() -> None:
+    # such a value is no place of its own (it cannot change in place): two objects holding
+    # the same one stopped the job before its cell ran (KeyError in the runner), and one
+    # holding it alone always read as changed
+    ns = notebook("""
+        import enum
+        import numpy as np
+        class Mode(enum.Enum):
+            A = 1
+        class Box:
+            def __init__(self, best): self.mode, self.best = Mode.A, best
+            def __setstate__(self, state): self.__dict__.update(state, restored=True)
+        best = np.float32(1.5)
+        boxes = [Box(best), Box(best)]
+        alone = {"box": Box(np.float64(2.5))}
+    """)
+    run(ns, "boxes.append(None)\nalone['n'] = 1")
+    assert len(ns["boxes"]) == 3 and ns["alone"]["n"] == 1
+    assert not any(vars(b).get("restored") for b in [*ns["boxes"][:2], ns["alone"]["box"]])
+    run(ns, "boxes[0].best = boxes[0].best * 2")
+    assert ns["boxes"][0].best == 3.0 and ns["boxes"][0].restored is True
+
+
 def test_an_input_that_no_longer_pickles_there_is_said_not_lost_in_silence(
         capsys: pytest.CaptureFixture[str]) -> None:
     # a __getstate__ that needs what it leaves out: the copy there no longer pickles, so
@@ -354,9 +377,11 @@ def test_an_input_that_no_longer_pickles_there_is_said_not_lost_in_silence(
     run(ns, "box['n'] += 1")
     assert ns["box"]["n"] == 0  # (it cannot come back)
     err = capsys.readouterr().err
-    assert ("[gpu_magic] box was not brought back: box['c'] (a C object), whose pickling "
-            "raised KeyError: 'cache', cannot be sent back, so it stayed on the GPU machine; "
-            ) in err, err
+    # (no `del box` advice: deleting an input there deletes the notebook's too)
+    assert ("[gpu_magic] box was not brought back: whether the cell changed it cannot be told "
+            "here: box['c'] (a C object), whose pickling raised KeyError: 'cache' no longer "
+            "pickles where the cell ran, so a change the cell made to it stays there; here box "
+            "still holds its value from before the cell\n") in err, err
 
 
 def test_a_background_job_leaves_alone_what_it_did_not_change_inside_its_inputs() -> None:
