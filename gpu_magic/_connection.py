@@ -66,33 +66,49 @@ def publish() -> None:
     """Leave (or take back) the note of which gateway this kernel uses."""
     url, how = current_target()
     token = _token_for(url)[0] if url is not None else None
-    if _published and _published[-1] == (url, token):
-        return  # (asked at each cell's connect: unchanged, nothing to write)
-    kernel = _kernel_id()
-    if kernel is None:
-        return
-    path = published_path(kernel)
-    _published.append((url, token))
-    if url is None:  # the local gateway: JupyterLab's server finds it itself
-        _unpublish(path)
-        return
-    note = {"url": url, "token": token, "source": how, "pid": os.getpid()}
+    with _note_lock:  # (cells' connects in threads: background jobs' followers)
+        if _published and _published[-1] == (url, token):
+            return  # (asked at each cell's connect: unchanged, nothing to write)
+        kernel = _kernel_id()
+        if kernel is None:
+            return
+        path = published_path(kernel)
+        if url is None:  # the local gateway: JupyterLab's server finds it itself
+            _unpublish(path)
+        elif not _write_note(path, {"url": url, "token": token, "source": how,
+                                    "pid": os.getpid()}):
+            return  # (the sidebar then shows JupyterLab's gateway, as before; tried again)
+        elif path not in _notes:
+            _notes.add(path)
+            atexit.register(_unpublish, path)  # (a kernel that ends takes its note back)
+        _published.append((url, token))
+
+
+def _write_note(path: str, note: dict[str, object]) -> bool:
+    """Write ``note`` whole, readable by this user only: a file of its own (0600, a name no
+    one else chose) moved into place."""
+    import tempfile
+
+    folder = os.path.dirname(path)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".gpu_magic-note-", suffix=".tmp")
+    except OSError:
+        return False
+    try:
         with os.fdopen(fd, "w") as f:
             json.dump(note, f)
-        os.replace(f"{path}.tmp", path)
+        os.replace(tmp, path)
     except OSError:
-        return  # (the sidebar then shows JupyterLab's gateway, as before)
-    if path not in _notes:
-        _notes.add(path)
-        atexit.register(_unpublish, path)  # (a kernel that ends takes its note back)
+        _unpublish(tmp)
+        return False
+    return True
 
 
 # what this kernel said, in order: (url, token), url None for the local gateway
 _published: list[tuple[str | None, str | None]] = []
 _notes: set[str] = set()
+_note_lock = threading.Lock()
 
 
 def _unpublish(path: str) -> None:

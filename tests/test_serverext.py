@@ -317,21 +317,22 @@ def test_an_admin_token_sees_and_cancels_every_users_jobs(
 
 
 def test_the_sidebar_shows_the_gateway_the_notebook_in_front_connected_to(
-        api: Any, gateway: Gateway, shared_gateway: tuple[Gateway, dict[str, str]]) -> None:
+        api: Any, gateway: Gateway, shared_gateway: tuple[Gateway, dict[str, str]],
+        jp_serverapp: Any, jp_asyncio_loop: Any) -> None:
     # a notebook that ran `%gpu connect` (an instructor rehearsing as alice) ran its cells on
     # that gateway while the sidebar and status bar showed JupyterLab's own, and its jobs
     # never appeared there
     import uuid
 
-    from jupyter_client.manager import KernelManager
     from jupyter_core.paths import jupyter_runtime_dir
 
     gw, tokens = shared_gateway
-    kid = str(uuid.uuid4())
-    km = KernelManager(kernel_name="python3",
-                       connection_file=os.path.join(jupyter_runtime_dir(), f"kernel-{kid}.json"))
-    km.start_kernel()
-    kc = km.client()
+    kernels = jp_serverapp.kernel_manager  # (one of this server's kernels, as a notebook's)
+    kid = jp_asyncio_loop.run_until_complete(kernels.start_kernel(kernel_name="python3"))
+    from jupyter_client import BlockingKernelClient
+
+    kc = BlockingKernelClient()
+    kc.load_connection_info(kernels.get_kernel(kid).get_connection_info())
     kc.start_channels()
     kc.wait_for_ready(timeout=60)
 
@@ -360,8 +361,12 @@ def test_the_sidebar_shows_the_gateway_the_notebook_in_front_connected_to(
         assert api("status", params={"kernel": kid})[1]["url"] == gateway.url
         run_in_kernel(f"%gpu connect {gw.url} --token {tokens['bob']}")
         assert api("status", params={"kernel": kid})[1]["user"] == "bob"
+        # a note no kernel of this server wrote is not read (any id a page may send)
+        stray = Path(jupyter_runtime_dir()) / "gpu_magic-kernel-not-a-kernel.json"
+        stray.write_text(note.read_text())
+        assert api("status", params={"kernel": "not-a-kernel"})[1]["url"] == gateway.url
     finally:
         kc.stop_channels()
-        km.shutdown_kernel(now=False)
+        jp_asyncio_loop.run_until_complete(kernels.shutdown_kernel(kid, now=False))
     assert not note.exists()  # a kernel that ends takes its note back
     assert api("status", params={"kernel": kid})[1]["url"] == gateway.url

@@ -28,8 +28,13 @@ class _Base(APIHandler):
 
     def _kernel(self) -> str | None:
         """The kernel of the notebook in front (``?kernel=ID``): its own gateway, if it
-        connected to one, is the one shown."""
-        return self.get_argument("kernel", None) or None
+        connected to one, is the one shown. Only a kernel this server runs."""
+        kernel = self.get_argument("kernel", None) or None
+        manager = self.settings.get("kernel_manager")
+        try:
+            return kernel if kernel and manager is not None and kernel in manager else None
+        except Exception:  # (a manager that cannot say)
+            return None
 
     async def _forward(self, method: str, path: str,
                        params: dict[str, str] | None = None) -> tuple[int, Any]:

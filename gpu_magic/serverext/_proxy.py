@@ -166,14 +166,29 @@ def _kernel_note(kernel: str) -> dict[str, Any] | None:
     """The gateway the kernel ``kernel`` connected to, from the note it left (see
     ``gpu_magic._connection.publish``), if it did and its process is still alive."""
     from .._connection import published_path
-    from .._embedded import _pid_alive, _read
+    from .._embedded import _read
 
     if not re.fullmatch(r"[0-9A-Za-z-]{1,64}", kernel):
         return None
     note = _read(Path(published_path(kernel)))
-    if not note or not note.get("url") or not _pid_alive(int(note.get("pid", 0))):
-        return None
+    pid = note.get("pid") if note else None
+    if not note or not note.get("url") or not isinstance(pid, int) or not _runs(pid):
+        return None  # (a kernel killed outright leaves its note: its process is gone)
     return note
+
+
+def _runs(pid: int) -> bool:
+    """Whether process ``pid`` runs, without reaping it: a kernel is this server's child, and
+    a wait here would take its exit status from the server."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError, OverflowError, ValueError):
+        return False  # (another user's process is no kernel of ours)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return True  # (no /proc: alive as far as can be told)
 
 
 def _local_runtime_info() -> dict[str, Any] | None:

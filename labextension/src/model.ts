@@ -104,17 +104,23 @@ export class GpuModel {
   }
 
   async cancel(job: IJob): Promise<void> {
-    await request<IJob>(this._path(`jobs/${encodeURIComponent(job.id)}`), {
-      method: 'DELETE'
-    });
+    // (to the gateway the job was listed from, whichever notebook is in front now)
+    await request<IJob>(
+      this._path(`jobs/${encodeURIComponent(job.id)}`, {}, this._listedFor),
+      { method: 'DELETE' }
+    );
     await this.refresh();
   }
 
-  /** A route of the server extension, for the notebook in front's gateway. */
-  private _path(route: string, query: Record<string, string> = {}): string {
+  /** A route of the server extension, for the gateway of a notebook's kernel. */
+  private _path(
+    route: string,
+    query: Record<string, string> = {},
+    kernel: string | null = this._kernelId
+  ): string {
     const params = new URLSearchParams(query);
-    if (this._kernelId) {
-      params.set('kernel', this._kernelId);
+    if (kernel) {
+      params.set('kernel', kernel);
     }
     const text = params.toString();
     return text ? `${route}?${text}` : route;
@@ -127,8 +133,14 @@ export class GpuModel {
   private async _refresh(): Promise<void> {
     this._last = Date.now();
     this._asked = false;
+    // one notebook's gateway for the whole look: another in front meanwhile looks again
+    const kernel = this._kernelId;
+    const stale = () => kernel !== this._kernelId;
     try {
-      const status = await request<IStatus>(this._path('status'));
+      const status = await request<IStatus>(this._path('status', {}, kernel));
+      if (stale()) {
+        return;
+      }
       this.status = status;
       if (!status.reachable) {
         this.pool = null;
@@ -140,9 +152,15 @@ export class GpuModel {
         );
       } else {
         const [pool, jobs] = await Promise.all([
-          request<IPool>(this._path('pool')),
-          request<IJobs>(this._path('jobs', this.everyone ? { all: 'true' } : {}))
+          request<IPool>(this._path('pool', {}, kernel)),
+          request<IJobs>(
+            this._path('jobs', this.everyone ? { all: 'true' } : {}, kernel)
+          )
         ]);
+        if (stale()) {
+          return;
+        }
+        this._listedFor = kernel;
         this.pool = pool;
         this.jobs = jobs.jobs;
         this._listedAll = !!jobs.all;
@@ -175,6 +193,7 @@ export class GpuModel {
   private _changed = new Signal<this, void>(this);
   private _showAll = false;
   private _kernelId: string | null = null;
+  private _listedFor: string | null = null; // the kernel whose gateway listed the jobs
   private _listedAll = false;
   private _visible = false;
   private _last = 0;
