@@ -228,17 +228,17 @@ def test_an_input_changed_in_place_changes_where_the_notebook_holds_it() -> None
     assert isinstance(model, ns["Model"])
 
 
+# two models in a list, each also a name of its own
+TWO_MODELS = "class M:\n    def __init__(self): self.w = 0\nm1, m2 = M(), M()\nmodels = [m1, m2]\n"
+
+
 def test_objects_inside_an_input_stay_the_notebook_s_objects() -> None:
     # a list of models, a dict of arrays, a dataclass's list: what the cell changed inside
     # them came back as new objects, and the notebook's other names for them (m1, W, tags)
     # kept the old state, in silence and for every later cell
-    ns = notebook("""
+    ns = notebook(TWO_MODELS + textwrap.dedent("""
         import numpy as np
         from dataclasses import dataclass, field
-        class M:
-            def __init__(self): self.w = 0
-        m1, m2 = M(), M()
-        models = [m1, m2]
         W = np.zeros(3)
         params = {"W": W}
         @dataclass
@@ -251,7 +251,7 @@ def test_objects_inside_an_input_stay_the_notebook_s_objects() -> None:
         node = {"name": "n"}
         node["self"] = node
         graph = [node]
-    """)
+    """))
     before = {n: ns[n] for n in ("m1", "m2", "models", "W", "params", "tags", "inner", "node")}
     run(ns, """
         for m in models:
@@ -385,12 +385,7 @@ def test_an_input_that_no_longer_pickles_there_is_said_not_lost_in_silence(
 
 
 def test_a_background_job_leaves_alone_what_it_did_not_change_inside_its_inputs() -> None:
-    ns = notebook("""
-        class M:
-            def __init__(self): self.w = 0
-        m1, m2 = M(), M()
-        models = [m1, m2]
-    """)
+    ns = notebook(TWO_MODELS)
     job = run(ns, "import time\ntime.sleep(1)\nmodels[0].w += 1", background=True, quiet=True)
     ns["m2"].w = 100  # changed here meanwhile: the job did not touch it
     job.wait(timeout=60)
