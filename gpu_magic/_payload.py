@@ -925,10 +925,13 @@ class Places:
         ) > self.ITEMS:
             return
         for i, o in found:
-            try:
-                self._held[i] = weakref.ref(o)
-            except TypeError:  # (a list, a dict: held, with what it holds now)
-                self._held[i] = o
+            if type(o).__module__ == "numpy":  # (numpy refuses to resize an array that a weak
+                self._held[i] = o              # reference points to: `a.resize(n)` in a cell)
+            else:
+                try:
+                    self._held[i] = weakref.ref(o)
+                except TypeError:  # (a list, a dict: held, with what it holds now)
+                    self._held[i] = o
             self.by_id[id(o)] = i
 
     def get(self, obj: Any) -> int | None:
