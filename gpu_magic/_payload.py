@@ -29,7 +29,7 @@ import threading
 import types
 import typing
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,6 @@ class _Pickler(cloudpickle.Pickler):
         self._namespace_id = id(namespace) if namespace is not None else None
         self._input_refs = input_refs or {}
         self._inside_refs = inside_refs
-        self._namespace = namespace
         self._inside_sent: set[int] = set()
         self._inside_new: set[int] = set()
         self.cuda_moved = 0
@@ -909,13 +908,8 @@ class Places:
         self._namespace: Mapping[str, Any] | None = None
 
     def read(self, memo: dict[int, Any]) -> None:
-        collecting = gc.isenabled()
-        gc.disable()  # (see take_before)
-        try:
+        with _collector_held():
             self._read(memo)
-        finally:
-            if collecting:
-                gc.enable()
 
     def _read(self, memo: dict[int, Any]) -> None:
         found = [(i, o) for i, o in memo.items()
@@ -948,16 +942,8 @@ class Places:
         met otherwise (rebound, but still held) is taken as changed, its own state not taken
         (a list of a million floats: 0.4 s)."""
         self._known, self._namespace = known, namespace
-        top = {id(v) for v in inputs}
-        # (the garbage collector, set off by the small tuples made here, walked the whole
-        # model again and again: 130 ms for a model of 500 layers, 30 ms without)
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            self._take_before(top)
-        finally:
-            if collecting:
-                gc.enable()
+        with _collector_held():
+            self._take_before({id(v) for v in inputs})
 
     def _take_before(self, top: set[int]) -> None:
         # first which are places: one that cannot be changed in place (a storage, a numpy
@@ -1058,6 +1044,20 @@ class Places:
 
 
 _PLAIN_VALUES = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
+@contextlib.contextmanager
+def _collector_held() -> Iterator[None]:
+    """The garbage collector off meanwhile: set off by the many small tuples made while the
+    places are read and their states taken, it walked the whole model again and again (130 ms
+    for a model of 500 layers, 30 ms without)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class _OwnStatePickler(_Pickler):

@@ -277,15 +277,16 @@ def test_objects_inside_an_input_stay_the_notebook_s_objects() -> None:
     assert ns["seen_w"] == 1
 
 
+# a small torch model, its optimizer, and data to train it on
+LINEAR_AND_SGD = ("import torch\ntorch.manual_seed(0)\nmodel = torch.nn.Linear(2, 1)\n"
+                  "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+                  "x, y = torch.randn(8, 2), torch.randn(8, 1)\n")
+
+
 def test_a_model_trained_in_place_stays_the_notebook_s_model() -> None:
     torch = pytest.importorskip("torch")
-    ns = notebook("""
-        import torch
-        torch.manual_seed(0)
-        model = torch.nn.Linear(2, 1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ns = notebook(LINEAR_AND_SGD + textwrap.dedent("""
         trainer = {"model": model, "opt": opt}
-        x, y = torch.randn(8, 2), torch.randn(8, 1)
         counts = torch.zeros(2)
         also_counts = counts
         scale = torch.nn.Parameter(torch.ones(2))
@@ -294,7 +295,7 @@ def test_a_model_trained_in_place_stays_the_notebook_s_model() -> None:
                 opt.zero_grad()
                 ((model(x) - y) ** 2).mean().backward()
                 opt.step()
-    """)
+    """))
     before = ns["model"].weight.detach().clone()
     scale = ns["scale"]
     run(ns, "train(model, opt)\ncounts.add_(1)\nscale.requires_grad_(False)")
@@ -396,14 +397,7 @@ def test_a_model_trained_inside_a_dict_stays_the_notebook_s_model() -> None:
     # only the dict was an input: the model and optimizer in it came back as new objects,
     # and `model` here kept its untrained weights
     torch = pytest.importorskip("torch")
-    ns = notebook("""
-        import torch
-        torch.manual_seed(0)
-        model = torch.nn.Linear(2, 1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        setup = {"model": model, "opt": opt}
-        x, y = torch.randn(8, 2), torch.randn(8, 1)
-    """)
+    ns = notebook(LINEAR_AND_SGD + 'setup = {"model": model, "opt": opt}\n')
     model, weight = ns["model"], ns["model"].weight
     before = weight.detach().clone()
     run(ns, """

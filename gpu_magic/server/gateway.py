@@ -881,10 +881,11 @@ class Gateway:
         if job.final:
             return job
         # an admin's cancel says who: its user did not ask for it
-        by = f" by {user.name} (admin)" if user.name != job.user else ""
-        where = CANCEL_VIA.get(via or "") if not by else None
+        admin = f"{user.name} (admin)" if user.name != job.user else None
+        by = f" by {admin}" if admin else ""
+        who = admin or CANCEL_VIA.get(via or "")
         if job.state == "queued":
-            job.cancelled_by = by[len(" by "):] or where
+            job.cancelled_by = who
             self._dequeue(job)
             job.message = (f"cancelled{by} while queued; nothing ran" if not job.started else
                            f"cancelled{by} while queued to be retried (attempt {job.attempt}); "
@@ -892,7 +893,7 @@ class Gateway:
             self._finish(job, "cancelled")
         elif job.stoppable:  # (the first cancel that stops it says who did)
             job.stop_reason = "cancelled"
-            job.cancelled_by = by[len(" by "):] or where
+            job.cancelled_by = who
             if by:
                 job.message = f"cancelled{by} while running; the output so far is kept"
             self.backend.cancel(job.handle)
