@@ -34,6 +34,16 @@ pytestmark = pytest.mark.slow
 WIDGET = ".jp-OutputArea-output .jupyter-widgets.gpu-magic-widget"
 
 
+def kernel_status(page: Any) -> str:
+    """What the status bar says of the kernel ("Busy", "Idle", ...)."""
+    found = page.evaluate(
+        "() => [...document.querySelectorAll('#jp-main-statusbar *')]"
+        ".filter(e => e.children.length === 0 && /\\|\\s*\\w+\\s*$/.test(e.textContent || ''))"
+        ".map(e => e.textContent.split('|').pop().trim())")
+    assert found, "no kernel status in the status bar"
+    return str(found[0])
+
+
 @pytest.fixture(scope="module")
 def lab(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     chromium_or_skip()
@@ -78,6 +88,13 @@ def test_widget_shows_the_grant_and_cancel_stops_a_foreground_cell(
     assert "H100 ×1" in text and "sim-vm" in text and "option 1 of 2" in text
     assert "simulated" in text
     page.locator(".jp-OutputArea-output", has_text="widget-test started").first.wait_for()
+    # a tick of the widget's clock later, the subshell JupyterLab opened for the widget's comms
+    # has come and gone: its busy/idle must not make the kernel read "Idle" mid-cell
+    seconds = widget.inner_text()
+    page.wait_for_function(
+        "([s, before]) => { const w = document.querySelector(s);"
+        " return w && w.textContent !== before; }", arg=[WIDGET, seconds])
+    assert kernel_status(page) == "Busy"
     running = screenshot(page, "widget-running")
     assert running.stat().st_size > 0
 

@@ -26,8 +26,30 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
 
     proxy = GpuMagicProxy(parent=serverapp, log=serverapp.log)
     add_handlers(serverapp.web_app, proxy)
+    _untrack_subshell_status(serverapp)
     serverapp.log.info("gpu_magic: sidebar API at %sgpu-magic/api/ (gateway: %s)",
                        serverapp.web_app.settings.get("base_url", "/"), proxy.describe())
+
+
+# JupyterLab 4.5+ opens a kernel subshell for a widget's comms (on the control channel) when a
+# widget first shows; the kernel's busy/idle for that request set the status bar to "Idle" while
+# the foreground %%gpu cell that showed the widget still ran. The status of these requests says
+# nothing about the kernel's work, like the kernel_info and debug requests already left out.
+SUBSHELL_MESSAGE_TYPES = tuple(f"{verb}_subshell_{end}" for verb in ("create", "delete", "list")
+                               for end in ("request", "reply"))
+
+
+def _untrack_subshell_status(serverapp: Any) -> None:
+    manager = getattr(serverapp, "kernel_manager", None)
+    current = getattr(manager, "untracked_message_types", None)
+    if current is None:
+        return
+    merged = list(current) + [t for t in SUBSHELL_MESSAGE_TYPES if t not in current]
+    manager.untracked_message_types = merged
+    # JupyterLab copies the list into its page config when it loads; it may have loaded first
+    page = serverapp.web_app.settings.get("page_config_data")
+    if isinstance(page, dict) and "untracked_message_types" in page:
+        page["untracked_message_types"] = list(merged)
 
 
 def __getattr__(name: str) -> Any:
