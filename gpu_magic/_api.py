@@ -1337,6 +1337,7 @@ def _attach(job_id: str, namespace: dict[str, Any], quiet: bool,
     record = cl.job(job_id)
     state = JobState(record.get("spec", "any"), job_id)
     state.started_wall = record.get("started")  # (replayed, "started" arrives only now)
+    state.created_wall = record.get("created")
     opts = Options(quiet=quiet, label=f"job {job_id}")
     # inputs the cell left unchanged come back as references: resolve them to today's objects
     job = _Job(cl, record, state, NullView(state), record.get("source", ""), opts, namespace,

@@ -58,7 +58,8 @@ class JobState:
         self.sent_bytes = 0
         self.reused = 0
         self.received_bytes = 0
-        self.submitted_at: float | None = None
+        self.queued_at: float | None = None  # when it was first seen waiting in the queue
+        self.created_wall: float | None = None  # its submission by the clock, when attached later
         self.started_wall: float | None = None  # its start by the clock, when attached later
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -90,6 +91,10 @@ class JobState:
             self.simulated = True
         if kind == "queued":
             self.state = "queued"
+            if self.queued_at is None:
+                self.queued_at = now
+                if self.created_wall is not None:  # followed again later: since it was sent
+                    self.queued_at = now - max(0.0, time.time() - self.created_wall)
             self.position = ev.get("position")
             self.estimate = ev.get("estimate")
             self.held = ev.get("held")
@@ -199,10 +204,13 @@ class JobState:
             return " · ".join(parts)
         if self.state == "running":
             ran = self.elapsed(now) or 0.0
-            return f"running {ran:.0f} s" if ran >= 10 else f"running {ran:.1f} s"
+            # (a status shown before the widget is not updated: "running 0.0 s" read as stuck)
+            return f"running {_seconds(ran)}" if ran >= 1 else "running"
         if self.state == "queued":
             est = f", about {self.estimate:g} s" if self.estimate else ""
-            return f"queued (position {self.position}{est})"
+            waited = "" if self.queued_at is None else f" {_seconds(now - self.queued_at)}"
+            why = self.held or self.waiting_for
+            return f"queued{waited} (position {self.position}{f'; {why}' if why else est})"
         if self.state == UNREACHABLE:
             return "no longer followed"
         return self.state
@@ -299,6 +307,10 @@ class JobState:
             parts.append(f"kept your {_names(self.kept_local)} (reassigned since submitting; "
                          "the job's value is in job.result)")
         return " · ".join(parts)
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
 
 
 def then(text: str, clause: str) -> str:

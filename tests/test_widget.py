@@ -455,6 +455,35 @@ def test_a_job_followed_again_counts_its_time_from_its_real_start() -> None:
     assert "running 14" in render_text(s, 100.0)
 
 
+def test_a_queued_job_says_how_long_it_has_waited_and_why() -> None:
+    # the widget said "queued (position 1)" for minutes: nothing moved, it read as stuck
+    s = JobState("H100:2", "j")
+    s.apply({"type": "queued", "position": 2, "estimate": 30}, now=50.0)
+    s.apply({"type": "queued", "position": 1, "estimate": 12}, now=60.0)  # (still since 50)
+    assert s.progress(62.5) == "queued 12 s (position 1, about 12 s)"
+    assert "queued 12 s (position 1" in render_html(s, 62.5)
+    s.apply({"type": "queued", "position": 1, "held": "you hold 4 GPUs, your limit"}, now=63.0)
+    assert s.progress(63.2) == "queued 13 s (position 1; you hold 4 GPUs, your limit)"
+
+
+def test_a_job_followed_again_counts_its_wait_from_its_submission() -> None:
+    import time as _time
+
+    s = JobState("H100", "j")
+    s.created_wall = _time.time() - 40.0
+    s.apply({"type": "queued", "position": 3}, now=100.0)
+    assert s.progress(100.0).startswith("queued 40 s")
+
+
+def test_a_status_shown_before_the_widget_does_not_freeze_at_zero_seconds() -> None:
+    # shown once before the widget takes over, "running 0.0 s" stayed while output arrived
+    s = JobState("H100", "j")
+    s.apply({"type": "granted", "gpu_type": "H100", "count": 1, "node": "n"}, now=0.0)
+    s.apply({"type": "started"}, now=0.0)
+    assert s.progress(0.05) == "running" and "running 0" not in render_html(s, 0.05)
+    assert s.progress(2.25) == "running 2.2 s"
+
+
 def test_a_job_no_longer_followed_does_not_say_it_runs() -> None:
     # the gateway went away under a following client: the widget went on saying "running"
     from gpu_magic._view import UNREACHABLE
