@@ -284,7 +284,12 @@ class JobState:
             return (f"cancelled{who}: nothing was bound (the namespace is as before)"
                     f"{self._kept()}; {self._gpus()}")
         if self.state in ("timed_out", "lost", "expired"):
-            return then(self.message or self.state.replace("_", " "), "nothing was bound")
+            message = self.message or self.state.replace("_", " ")
+            if not self.background:
+                # the error raised just below says it all, with what to do: said twice, the
+                # advice read as two problems
+                message = first_sentence(message)
+            return then(message, "nothing was bound")
         if self.state == UNREACHABLE:
             message = self.message or ""
             return message if "nothing was bound" in message else then(message,
@@ -311,6 +316,12 @@ class JobState:
 
 def _seconds(s: float) -> str:
     return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+
+
+def first_sentence(text: str) -> str:
+    """Up to the first full stop that a capital follows (``2.5 s`` and ``e.g.`` go on)."""
+    found = re.search(r"\.\s+(?=[A-Z%])", text)
+    return text[:found.start() + 1] if found else text
 
 
 def then(text: str, clause: str) -> str:
