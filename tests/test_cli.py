@@ -418,6 +418,26 @@ def test_serve_s_log_says_its_limits_why_it_stops_and_what_it_marked_lost(
         proc.stderr.close()  # type: ignore[union-attr]
 
 
+def test_serve_stops_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:
+    # the refusal of a second gateway tells users to press Ctrl-C where it runs: that ended in
+    # "stopping", then a KeyboardInterrupt traceback uvicorn raised again once it had stopped
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--simulate", "T4:1",
+         "--state-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "listening on" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err == "gpu-magic: stopping (Ctrl-C)\n", err
+    assert proc.returncode == 0
+
+
 def test_pool_and_jobs_start_no_local_gateway(tmp_path: Path) -> None:
     # they only look: with none running they say so, and none is started (it would have no
     # GPUs and live an hour)

@@ -298,16 +298,21 @@ def serve(cfg: ServeConfig) -> int:
 
     stopping: dict[str, str] = {}  # why, for the log
 
-    def stop_serving(*_: object) -> None:
-        stopping.setdefault("why", "SIGTERM")
+    def stop_serving(signum: int, _frame: object) -> None:
+        if server.should_exit:  # asked again while it stops (jobs being stored): now
+            server.force_exit = True
+        stopping.setdefault("why", "Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
         server.should_exit = True
 
     # uvicorn takes SIGTERM while it serves, then sends it again to whatever handled it
     # before: with the default handler the process died there, before the cleanup below (no
     # flush of the job store, runners and the runtime file left behind). Ours only asks the
     # server to stop, so a TERM before, during or after serving ends in an orderly exit.
+    # Ctrl-C likewise: uvicorn raised the KeyboardInterrupt again once it had stopped, a
+    # traceback after "stopping".
     if threading.current_thread() is threading.main_thread():  # signals go to that one only
         signal.signal(signal.SIGTERM, stop_serving)
+        signal.signal(signal.SIGINT, stop_serving)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
