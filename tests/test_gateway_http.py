@@ -376,6 +376,14 @@ def test_health_needs_no_token(gateway: Gateway, header: str | None) -> None:
     health = resp.json()
     assert health["status"] == "ok"
     assert health["version"] == __version__
+    # which packages run the cells is for users only (an anonymous caller could look up their
+    # known vulnerabilities); whether tokens are shared stays, for a refused client's advice
+    assert set(health) == {"status", "version", "client_python", "shared"}, health
+
+
+def test_health_tells_a_user_what_runs_the_cells(client: GatewayClient) -> None:
+    health = client.health(refresh=True)
+    assert health["status"] == "ok" and health["version"] == __version__
     assert health["python"] == platform.python_version()  # the gateway runs this interpreter
     assert {"cloudpickle", "numpy", "gpu-magic"} <= set(health["packages"])
     assert health["backend"] == "local"

@@ -240,19 +240,24 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         return app.openapi()
 
     @app.get("/v1/health")
-    async def health() -> dict[str, Any]:
-        answer = {
+    async def health(request: Request) -> dict[str, Any]:
+        public = {
             "status": "ok",
             "version": __version__,
+            # (for a refused client's advice: ask whoever runs it, or read your own token file)
+            "client_python": bool(getattr(gateway.backend, "client_python", False)),
+            "shared": len(auth.users()) > 1,
+        }
+        # The rest tells which packages and versions run the cells (what an attacker looks
+        # up vulnerabilities for): only for a caller with a token, like every other route.
+        if auth.user_for(request.headers.get("authorization")) is None:
+            return public
+        answer = {
+            **public,
             "python": platform.python_version(),
             "packages": versions,
             "backend": gateway.backend.name,
             "simulated": bool(getattr(gateway.backend, "simulated", False)),
-            # the embedded gateway runs cells with the submitting kernel's own Python
-            "client_python": bool(getattr(gateway.backend, "client_python", False)),
-            # whether tokens come from a tokens file of several users: a refused client is
-            # told to ask whoever runs the gateway, not to look for the owner's token file
-            "shared": len(auth.users()) > 1,
         }
         if gateway.store.error is not None:  # (its disk is full: it takes no new job)
             answer["store_error"] = f"cannot write its state directory: {gateway.store.error}"
