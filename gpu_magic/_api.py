@@ -1000,10 +1000,14 @@ def submit(
     values = select_inputs(analysis.inputs, namespace, hidden)
     # a stand-in only where nothing can read the value: not a global of a notebook function
     # the cell calls, nor under eval/exec/globals() (which the analysis cannot follow)
-    fglobals = _payload.function_globals(values.values(), namespace)
+    code_names: set[str] = set()
+    fglobals = _payload.function_globals(values.values(), namespace, code_names)
     held = set() if _READS_BY_NAME.search(source) else set(analysis.held) - set(fglobals)
     sent = {n: _payload.NotSent(n) if n in held else v for n, v in values.items()}
     local_dir = Path.cwd()
+    # the notebook's own modules the cell (or a function it calls) imports: as they are here
+    for name, module in _payload.local_imports(analysis.imports | code_names, local_dir).items():
+        sent[_payload.IMPORTED_KEY + name] = module
     if opts.dry_run:
         # before packing: the report lists every input that cannot be sent, not the first
         return _dry_run(sent, gspec, get_client, local_dir, namespace)

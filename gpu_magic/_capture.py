@@ -45,6 +45,8 @@ class CellAnalysis:
     # before any `del` of it (or it is an `except ... as` name), so their values are never
     # read and a stand-in travels instead (an unpicklable one must not stop the cell)
     held: frozenset[str] = frozenset()
+    # modules the cell imports anywhere in its code, by their full names (`import a.b`: a.b)
+    imports: frozenset[str] = frozenset()
 
 
 # get_ipython().<method>(...) calls produced by IPython's transforms, and which positional
@@ -107,6 +109,7 @@ def analyze_cell(source: str, line_offset: int = 0) -> CellAnalysis:
         has_value=last_is_expr and not _ends_with_semicolon(source, transformed),
         string_names=frozenset(walker.string_names - _NEVER_INPUTS),
         held=frozenset(deleted - read - _NEVER_INPUTS),
+        imports=frozenset(walker.imports),
     )
 
 
@@ -227,6 +230,7 @@ class _Walker(ast.NodeVisitor):
         self.scope = self.module
         self.inputs: set[str] = set()
         self.string_names: set[str] = set()
+        self.imports: set[str] = set()
         self._cond = 0  # >0 while inside a part of an expression that may not be evaluated
         self._defining: set[str] = set()  # top-level classes whose bodies are being walked
         # (scope, name, surely bound globally by then, surely bound in the class body by then)
@@ -289,8 +293,11 @@ class _Walker(ast.NodeVisitor):
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:  # `import a.b` binds a; `import a.b as c` binds c
             self._bind(alias.asname or alias.name.partition(".")[0])
+            self.imports.add(alias.name)
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if node.module and not node.level:
+            self.imports.add(node.module)
         for alias in node.names:
             # `import *` binds names only the module knows: where the cell ran, the runner
             # sees them bound and sends them back; a name the cell reads after it is still

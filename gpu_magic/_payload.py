@@ -1201,11 +1201,13 @@ _DICTS = (dict, collections.OrderedDict, collections.defaultdict, collections.Co
 _CONTAINERS = frozenset({list, set, bytearray, *_DICTS})
 
 
-def function_globals(values: Iterable[Any], namespace: Mapping[str, Any]) -> dict[str, Any]:
+def function_globals(values: Iterable[Any], namespace: Mapping[str, Any],
+                     code_names: set[str] | None = None) -> dict[str, Any]:
     """The notebook's globals that travel with ``values``' notebook functions and classes
     (cloudpickle sends those a function's code names, and on, through the functions among
     them): what a result may name as already here. Not the whole namespace: what a job keeps
-    stays alive as long as the job."""
+    stays alive as long as the job. ``code_names`` gathers every name their code uses (the
+    modules it imports among them)."""
     found: dict[str, Any] = {}
     stack = list(values)
     seen: set[int] = set()
@@ -1222,11 +1224,36 @@ def function_globals(values: Iterable[Any], namespace: Mapping[str, Any]) -> dic
                       if isinstance(getattr(v, "__func__", v), types.FunctionType)]
         while codes:
             code = codes.pop()
+            if code_names is not None:
+                code_names.update(code.co_names)
             for name in code.co_names:
                 if name in namespace and name not in found:
                     found[name] = namespace[name]
                     stack.append(namespace[name])
             codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return found
+
+
+IMPORTED_KEY = "import "  # (+ a module's name) an input no cell can name: see local_imports
+
+
+def local_imports(names: Iterable[str], local_dir: Path | None) -> dict[str, types.ModuleType]:
+    """The notebook's own modules (beside it, see ``_local_modules``) among ``names``: those
+    the cell imports, or the code of the functions it calls names. Sent whole, they are what
+    the cell's ``import cfg`` finds where it runs, as in the notebook: the module as the
+    notebook left it (``cfg.BATCH = 256`` set here), not its file read afresh."""
+    local = {m.__name__ for m in _local_modules(local_dir)}
+    if not local:
+        return {}
+    found: dict[str, types.ModuleType] = {}
+    for name in names:
+        parts = name.split(".")
+        if parts[0] not in local:
+            continue
+        for i in range(1, len(parts) + 1):  # `import pkg.sub`: pkg, then pkg.sub
+            module = sys.modules.get(".".join(parts[:i]))
+            if isinstance(module, types.ModuleType):
+                found[module.__name__] = module
     return found
 
 

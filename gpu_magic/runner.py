@@ -1769,6 +1769,8 @@ class _Session:
             values = _payload.loads(f.read(), buffers, namespace=ns, made=_SHIPPED,
                                     places=inside)
         ns.update(values)
+        for key in [k for k in values if k.startswith(_payload.IMPORTED_KEY)]:
+            del ns[key]  # (a module the cell imports: lent to sys.modules below, not a name)
         # what arrived: the inputs, and the globals the notebook functions among them use
         # (cloudpickle puts those straight into the namespace): a function the cell calls may
         # change or rebind them, and a local run would show that

@@ -1609,6 +1609,46 @@ def test_a_local_module_is_one_module_where_the_cell_runs_and_comes_back_as_itse
         del sys.modules[name]
 
 
+def test_a_local_module_the_cell_imports_is_the_notebook_s_not_its_file_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the researcher's trial: `cfg.BATCH = 256` set in the notebook, then a cell's own
+    # `import cfg` (or `from cfg import ...`, or one inside a notebook function it calls)
+    # read cfg.py afresh where the cell ran: it printed 32, and `cfg.BATCH = 512` there never
+    # came back. A silent wrong result.
+    name = f"cfg_{secrets.token_hex(4)}"
+    pkg = f"pkg_{secrets.token_hex(4)}"
+    (tmp_path / f"{name}.py").write_text("BATCH = 32\ndef describe():\n    return BATCH\n")
+    (tmp_path / pkg).mkdir()
+    (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / pkg / "sub.py").write_text("LR = 0.1\n")
+    monkeypatch.chdir(tmp_path)  # the notebook's folder
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    sub = importlib.import_module(f"{pkg}.sub")
+    try:
+        mod.BATCH, sub.LR = 256, 0.5
+        ns = notebook(f"def f():\n    import {name}\n    return {name}.describe()")
+        run(ns, f"import {name}\nr = ({name}.BATCH, {name}.describe())", "H100", quiet=True)
+        assert ns["r"] == (256, 256) and ns[name] is mod
+        run(ns, f"from {name} import describe\nr = describe()", "H100", quiet=True)
+        assert ns["r"] == 256 and ns["describe"] is mod.describe
+        run(ns, "r = f()", "H100", quiet=True)
+        assert ns["r"] == 256
+        run(ns, f"import {pkg}.sub\nr = {pkg}.sub.LR\n{pkg}.sub.LR = 0.25", "H100", quiet=True)
+        assert ns["r"] == 0.5 and sub.LR == 0.25
+        # what the cell sets on it comes back onto the notebook's module
+        run(ns, f"import {name}\n{name}.BATCH = 512", "H100", quiet=True)
+        assert mod.BATCH == 512 and mod.describe() == 512
+        # one the notebook has not imported is read from its file where the cell runs, as
+        # before (nothing of it to send)
+        (tmp_path / "fresh_mod.py").write_text("V = 7\n")
+        run(ns, "import fresh_mod\nr = fresh_mod.V", "H100", quiet=True)
+        assert ns["r"] == 7
+    finally:
+        for m in (name, pkg, f"{pkg}.sub", "fresh_mod"):
+            sys.modules.pop(m, None)
+
+
 def test_line_numbers_count_the_blank_lines_a_cell_starts_with() -> None:
     # IPython compiles a cell without its leading blank lines; the notebook counts them
     ns = notebook("")

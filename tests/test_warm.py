@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -518,7 +519,11 @@ def test_edited_local_module_is_imported_again(warm: Gateway, tmp_path: Path,
         import time
 
         os.utime(mod, (time.time() + 5, time.time() + 5))  # a new mtime even within one tick
+        # (binding the first cell's import imported it here too; a module this side holds
+        # travels as it is here, as a local import would find it: not what is tested)
+        sys.modules.pop("helpers_for_warm", None)
         assert gpu_magic.run(cell, "H100", {"__name__": "__main__"}, client=c, quiet=True) == 2
+        sys.modules.pop("helpers_for_warm", None)
 
 
 def test_a_dead_spare_runner_is_replaced_and_the_job_ends(tmp_path: Path) -> None:
