@@ -572,8 +572,7 @@ def test_a_full_state_disk_loses_no_output_and_says_so(tmp_path: Path) -> None:
             wait_for(lambda: len(lines) > 20, DEADLINE)
             # the disk fills up: no file of the gateway's may grow past 4 KiB
             resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (4096, inf))
-            health = wait_for(lambda: httpx.get(f"{gw.url}/v1/health").json().get("store_error"),
-                              DEADLINE)
+            health = wait_for(lambda: c.health(refresh=True).get("store_error"), DEADLINE)
             assert health
             with pytest.raises(gpu_magic.GatewayError) as refused:
                 submit(c, "x = 1", "H100")
