@@ -441,8 +441,10 @@ class _Job:
         cell, whose except and finally blocks run and whose names come back, as a local
         cell's would; we go on following. False: the job is to be cancelled instead (not
         running yet, a second Ctrl-C, or a gateway that cannot; ``cancel_reason`` says why)."""
+        # (no grant heard of yet is no proof that nothing runs: the job may have started
+        # while its events were on their way; a queued one is refused, and then cancelled)
         if (self.background or self._interrupt_at is not None or self._cancel_wanted
-                or self.state.grant is None or self.state.final):
+                or self.state.final):
             return False
         self._interrupt_at = time.monotonic()
         fresh = _control_client(self.client)
@@ -1280,7 +1282,9 @@ def run(
                 f"GPU job {job_id} had ended ({ended}) before the interrupt's cancel got there; "
                 f"nothing was bound here. `%gpu attach {job_id}` shows how it ended (and binds "
                 "its results)", job_id=job_id)) from None
-        granted = isinstance(job, _Job) and job.state.grant is not None
+        # (the cancel's answer knows whether it had started: events may not have told yet)
+        granted = (isinstance(job, _Job) and job.state.grant is not None
+                   or isinstance(answer, dict) and answer.get("started") is not None)
         if isinstance(job, _Job):
             job.state.cancelled_here()
             job.state.cancel = job.state.cancel or "an interrupt"

@@ -226,3 +226,26 @@ def test_the_status_says_the_cell_is_being_interrupted() -> None:
     text = render_text(s, 2.0)
     assert "interrupting" not in text, text
     assert "cancelled by an interrupt: KeyboardInterrupt · bound a, acc" in text, text
+
+
+def test_an_interrupt_before_the_grant_was_heard_interrupts_a_cell_already_running(
+        client: Any, tmp_path: Path) -> None:
+    # the researcher's trial: a Ctrl-C a moment after submitting (the status still said
+    # "submitting") was taken for one before any grant: the job was cancelled, its runner
+    # killed without the cell's finally, and the cell told "nothing ran" though it had
+    from gpu_magic._api import Options, _follow_here, submit
+    from gpu_magic._errors import JobCancelled
+
+    ran, fin = tmp_path / "ran", tmp_path / "fin"
+    ns: dict[str, Any] = {"__name__": "__main__", "ran": str(ran), "fin": str(fin)}
+    job = submit("import time\nopen(ran, 'w').write('x')\nstep = 1\ntry:\n    time.sleep(60)\n"
+                 "finally:\n    open(fin, 'w').write('x')", "H100", ns, Options(quiet=True),
+                 client=client)
+    wait_for(lambda: ran.exists(), DEADLINE)
+    assert job.state.grant is None  # nothing of its events read here yet
+    assert job._interrupt()  # an interrupt, not a cancel
+    with pytest.raises(JobCancelled, match="the cell stopped on KeyboardInterrupt there"):
+        _follow_here(job)
+    assert fin.exists()  # its finally ran
+    assert ns["step"] == 1  # and what it had bound came back, as a local cell's interrupt
+    assert finish(client, job.id)["state"] == "cancelled"
