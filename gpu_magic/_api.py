@@ -721,8 +721,9 @@ class _Job:
         if ev.get("skipped") or ev.get("cuda_moved"):
             self.view.before_output()
         for name, why in (ev.get("skipped") or {}).items():
-            if name.startswith("__gpu_"):
-                continue  # the decorator's names for a call's arguments: not the user's
+            if name.startswith("__gpu_") or name == "<cell value>" and not self.opts.show_value:
+                continue  # the decorator's names for a call's arguments; a value outcome()
+                # raises about
             # (a local run would have rebound it: say what the name is here now)
             here = ("" if name == "<cell value>" else
                     f"; here {name} still holds its value from before the cell"
@@ -740,6 +741,18 @@ class _Job:
         grant = self.state.grant
         msg = self.state.message or ""
         if state == "succeeded":
+            why = ((self.result or {}).get("skipped") or {}).get("<cell value>")
+            if why and not self.opts.show_value:
+                # run() and a decorated function return it: None in its place read as a
+                # result (a %%gpu cell only shows it, and says so)
+                fn = self.namespace.get("__gpu_fn__")
+                what = (f"{getattr(fn, '__qualname__', 'the function')}()'s return value"
+                        if self.source.startswith(_DECORATED_CALL) and fn is not None
+                        else "the value of the cell's last expression")
+                raise short(SerializationError(
+                    f"GPU job {self.id} succeeded, but {what} cannot come back: {why}. Return "
+                    "what can be pickled (plain data, arrays, tensors) and keep the rest "
+                    "where it runs"))
             if value is not None:
                 return value()
             return self.value if self.has_value else None

@@ -1403,8 +1403,12 @@ def _pack_results(
                 states.pop(n, None)
         if "value" in payload and id(value) not in unchanged_inputs and (
                 _payload.fingerprint(value, ns) is None):
-            # its text at least, as a local cell would have shown it
-            skipped["<cell value>"] = (f"{type(value).__name__} cannot be pickled; it was "
+            # its text at least, as a local cell would have shown it, and what in it is at
+            # fault (`['lock']: a thread lock`)
+            path, culprit = _payload.find_unpicklable(value, "value")
+            what, _fix = _payload.describe(culprit)
+            at = f" ({path[len('value'):]}: {what})" if path != "value" else f" ({what})"
+            skipped["<cell value>"] = (f"{type(value).__name__}{at} cannot be pickled; it was "
                                        f"{value_repr}")
             del payload["value"]
         packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs,

@@ -1082,6 +1082,34 @@ def test_a_decorated_function_changes_its_arguments_as_a_local_call_does() -> No
     assert (ns["history"], ns["model"], ns["tags"]) == (history, model, tags)  # nothing rebound
 
 
+def test_a_return_value_that_cannot_come_back_is_an_error_not_none(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # the researcher's trial: a decorated function returning {"acc": 0.9, "lock": Lock()}
+    # returned None, and the next line failed far from the cause
+    ns = notebook("""
+        import gpu_magic, threading
+        @gpu_magic.gpu("H100")
+        def train_and_log(buf):
+            buf.append("trained")
+            return {"acc": 0.9, "lock": threading.Lock()}
+        buf = []
+    """)
+    with pytest.raises(SerializationError) as info:
+        ns["train_and_log"](ns["buf"])
+    text = str(info.value)
+    assert "train_and_log()'s return value cannot come back: dict (['lock']: a thread lock)" \
+        in text, text
+    assert ns["buf"] == ["trained"]  # what the call changed came back, as locally
+    assert "was not brought back" not in capsys.readouterr().err  # said once, in the error
+    with pytest.raises(SerializationError, match="the value of the cell's last expression"):
+        run(notebook(""), "import threading\nthreading.Lock()", "H100", quiet=True)
+    # a %%gpu cell only shows its value: its names are bound and the note says why not it
+    ns2 = notebook("")
+    job = run(ns2, "import threading\nv = 1\nthreading.Lock()", "H100", quiet=True,
+              show_value=True, background=True)
+    assert job.wait() is None and ns2["v"] == 1
+
+
 def test_a_decorated_call_says_nothing_of_its_own_names(
         capsys: pytest.CaptureFixture[str]) -> None:
     ns = notebook("""
@@ -1134,8 +1162,9 @@ def test_same_python_and_client_python_pass() -> None:
 
 def test_names_that_cannot_come_back_are_skipped_and_said(capsys: pytest.CaptureFixture[str]) -> None:
     ns = notebook("gen = 'old value'")
+    # (show_value: as a %%gpu cell, which shows its value; run() raises about it instead)
     value = run(ns, "import threading\nlock = threading.Lock()\nx = 1\n"
-                    "gen = (i for i in range(x))\nthreading.Lock()")
+                    "gen = (i for i in range(x))\nthreading.Lock()", show_value=True)
     assert ns["x"] == 1 and "lock" not in ns
     assert value is None
     err = capsys.readouterr().err
@@ -1155,8 +1184,9 @@ def test_names_that_cannot_come_back_are_skipped_and_said(capsys: pytest.Capture
             "stayed on the GPU machine; leave lock out of --return to leave it there without "
             "this note; here lock is not defined\n") in capsys.readouterr().err
     # with the text a local cell would have shown for it
-    assert re.search(r"\[gpu_magic\] <cell value> was not brought back: lock cannot be "
-                     r"pickled; it was <unlocked _thread.lock object at 0x[0-9a-f]+>", err), err
+    assert re.search(r"\[gpu_magic\] <cell value> was not brought back: lock \(a thread lock\) "
+                     r"cannot be pickled; it was <unlocked _thread.lock object at 0x[0-9a-f]+>",
+                     err), err
 
 
 def test_unchanged_inputs_are_not_sent_again_even_after_the_gateway_dropped_them(
