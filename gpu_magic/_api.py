@@ -1359,7 +1359,8 @@ def _attach(job_id: str, namespace: dict[str, Any], quiet: bool,
     state = JobState(record.get("spec", "any"), job_id)
     state.started_wall = record.get("started")  # (replayed, "started" arrives only now)
     state.created_wall = record.get("created")
-    opts = Options(quiet=quiet, label=f"job {job_id}")
+    opts = Options(quiet=quiet, label=f"job {job_id}",
+                   line_offset=int(record.get("line_offset") or 0))
     # inputs the cell left unchanged come back as references: resolve them to today's objects
     job = _Job(cl, record, state, NullView(state), record.get("source", ""), opts, namespace,
                namespace, attached=True)

@@ -526,6 +526,19 @@ def test_attaching_elsewhere_brings_back_new_objects() -> None:
     assert vars(config) == {} and config.lr == 0.1 and data == [7]  # left alone
 
 
+def test_attach_numbers_a_cell_s_lines_as_the_cell_did() -> None:
+    # both newcomer trials: the failed cell said "line 3", %gpu attach "line 2" (the %%gpu
+    # line, line 1 of the cell, was not counted)
+    job = run(notebook(""), "x = 1\n1 / 0", background=True, line_offset=1)
+    with pytest.raises(ZeroDivisionError) as first:
+        job.wait()
+    with pytest.raises(ZeroDivisionError) as again:
+        attach(job.id, notebook(""), quiet=True)
+    for info in (first, again):
+        shown = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+        assert "line 3\n      2 x = 1\n----> 3 1 / 0" in shown, shown
+
+
 @pytest.mark.parametrize("call", ["exit()", "quit()", "import sys\nsys.exit(3)",
                                   "raise SystemExit"])
 def test_exit_in_a_cell_ends_the_cell_and_says_so(

@@ -166,6 +166,8 @@ class Job:
             "background": bool(req.get("background")),
             "meta": req.get("meta") or {},
             "source": req.get("source", "")[:2000],
+            # lines of its cell before the source (the %%gpu line): attach numbers as the cell
+            **({"line_offset": req["line_offset"]} if req.get("line_offset") else {}),
             "seq": self.seq,
         }
 
@@ -185,7 +187,8 @@ def _spec_text(req: dict[str, Any]) -> str:
 def _kept_request(rec: dict[str, Any]) -> dict[str, Any]:
     """What a job that is over keeps of its request: what its record shows."""
     return {"spec_text": rec.get("spec", "any"), "source": rec.get("source", ""),
-            "meta": rec.get("meta", {}), "background": rec.get("background", False)}
+            "meta": rec.get("meta", {}), "background": rec.get("background", False),
+            **({"line_offset": rec["line_offset"]} if rec.get("line_offset") else {})}
 
 
 def _without_inline(ev: dict[str, Any]) -> dict[str, Any]:
