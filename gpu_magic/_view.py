@@ -271,9 +271,11 @@ class JobState:
                     f"{self._gpus()}")
         if self.state == "cancelled" and self.interrupted:
             # ended by the interrupt: bound what it had bound by then, as a local cell leaves it
-            return (f"cancelled by an interrupt: {self.error or 'KeyboardInterrupt'} · bound "
-                    f"{_names(self.bound) if self.bound else 'nothing'} (what the cell had "
-                    f"assigned when it was interrupted); {self._gpus()}")
+            bound = (f"bound {_names(self.bound)} (what the cell had assigned when it was "
+                     "interrupted)" if self.bound else
+                     "nothing was bound (the cell had assigned nothing when it was interrupted)")
+            return (f"cancelled by an interrupt: {self.error or 'KeyboardInterrupt'} · {bound}; "
+                    f"{self._gpus()}")
         if self.state == "cancelled":
             who = self.cancel or self.cancelled_by
             who = f" by {who}" if who else ""

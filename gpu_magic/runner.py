@@ -20,6 +20,7 @@ import copy
 import ctypes
 import functools
 import gc
+import io
 import json
 import logging
 import mmap
@@ -1375,6 +1376,11 @@ def _pack_results(
         for n, v in list(values.items()) + [(n, ns[n]) for n in states]:
             if (n in states and _payload.fingerprint(states[n], ns) is None) or (
                     id(v) not in unchanged_inputs and _payload.fingerprint(v, ns) is None):
+                if isinstance(v, io.IOBase) and v.closed and n not in untold:
+                    # `with open(...) as f:` leaves f bound to a closed file: nothing of it
+                    # matters, and a note after every such cell read as a problem
+                    values.pop(n, None)
+                    continue
                 path, culprit = _payload.find_unpicklable(v, n)
                 what, _fix = _payload.describe(culprit)
                 if path != n:

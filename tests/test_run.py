@@ -1202,6 +1202,19 @@ def test_names_that_cannot_come_back_are_skipped_and_said(capsys: pytest.Capture
                      err), err
 
 
+def test_a_file_closed_by_its_with_block_is_left_there_without_a_note(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `with open(...) as fw:` leaves fw bound to a closed file: a three-line note after every
+    # such cell said it "cannot be sent back" (the researcher's trial)
+    ns = notebook(f"path = {str(tmp_path / 'log.txt')!r}")
+    run(ns, "with open(path, 'w') as fw:\n    fw.write('x')\nn = 1", quiet=True)
+    assert ns["n"] == 1 and "fw" not in ns and (tmp_path / "log.txt").read_text() == "x"
+    assert "was not brought back" not in capsys.readouterr().err
+    # one still open is said, as before
+    run(ns, "fw = open(path)\nn = 2", quiet=True)
+    assert ns["n"] == 2 and "fw was not brought back: an open file" in capsys.readouterr().err
+
+
 def test_unchanged_inputs_are_not_sent_again_even_after_the_gateway_dropped_them(
         use_gateway: Any) -> None:
     import secrets

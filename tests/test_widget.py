@@ -502,6 +502,18 @@ def test_the_advice_of_a_timeout_is_said_once_in_a_foreground_cell(background: b
     assert ("Wait longer" in render_html(s, 3.0)) is background
 
 
+def test_an_interrupt_that_bound_nothing_does_not_say_what_it_bound() -> None:
+    # "bound nothing (what the cell had assigned when it was interrupted)" contradicted itself
+    s = JobState("H100", "j")
+    s.apply({"type": "started"}, now=0.0)
+    s.apply({"type": "interrupted"}, now=1.0)
+    s.apply({"type": "done", "state": "cancelled"}, now=1.5)
+    assert "nothing was bound (the cell had assigned nothing when it was interrupted)" \
+        in s.outcome()
+    s.bound = ["a", "b"]
+    assert "bound a, b (what the cell had assigned when it was interrupted)" in s.outcome()
+
+
 def test_a_job_no_longer_followed_does_not_say_it_runs() -> None:
     # the gateway went away under a following client: the widget went on saying "running"
     from gpu_magic._view import UNREACHABLE
