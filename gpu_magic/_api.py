@@ -816,11 +816,27 @@ class _Job:
                 ev, f"could not be sent back from the GPU machine ({ev['unsent']})",
                 "To get the type itself, keep what cannot be pickled or is large (a lock, an "
                 "open file, big arrays) off the exception, or give its class a __reduce__")
-        hint = "; ".join(h for h in (local_hint(ev), lost) if h) or None
+        hint = "; ".join(h for h in (local_hint(ev), self._unsent_name_hint(ev), lost)
+                         if h) or None
         rebuilt = rebuild(ev, exc, lines, hint=hint)
         if isinstance(rebuilt, KeyboardInterrupt):
             rebuilt._gpu_magic_remote = True  # type: ignore[attr-defined]  # the cell's: see run()
         return rebuilt
+
+
+    def _unsent_name_hint(self, ev: dict[str, Any]) -> str | None:
+        """A NameError for a name the notebook has but the cell was not sent: it named it only
+        inside a string (eval("x"), globals()["x"]), which reading the code cannot see."""
+        m = re.fullmatch(r"name '([A-Za-z_]\w*)' is not defined",
+                         str(ev.get("evalue", "")).split(". Did you mean")[0])
+        if ev.get("ename") != "NameError" or not m:
+            return None
+        name = m[1]
+        if name not in self.namespace or name in self.sent or name in _IPYTHON_NAMES:
+            return None
+        return (f"{name} is defined in your notebook, but the cell names it only where reading "
+                f"its code cannot see (inside a string: eval, exec, globals()[...]), so it was "
+                f"not sent: name it once in the cell's code ({name} on a line of its own)")
 
 
 def _not_rebuilt(ev: dict[str, Any], why: Exception) -> str:

@@ -1058,6 +1058,20 @@ def test_a_decorator_s_bad_spec_is_refused_where_it_is_written_or_called() -> No
                       "call"], frames
 
 
+def test_a_name_the_cell_reads_only_inside_a_string_is_named_with_the_fix() -> None:
+    # the README's trial: x = 41 here, `y = eval("x") + 1` there gave a bare NameError
+    with pytest.raises(NameError) as info:
+        run(notebook("x = 41"), 'y = eval("x") + 1', quiet=True)
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert ("x is defined in your notebook, but the cell names it only where reading its code "
+            "cannot see (inside a string: eval, exec, globals()[...]), so it was not sent: name "
+            "it once in the cell's code (x on a line of its own)") in text, text
+    # a name the notebook does not have either is the cell's own mistake: nothing added
+    with pytest.raises(NameError) as info:
+        run(notebook(""), 'y = eval("x") + 1', quiet=True)
+    assert "notebook" not in "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+
+
 def test_a_variable_set_only_in_this_kernel_s_environment_is_named_with_the_fix(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # a bare KeyError: 'MY_KEY' from a cell whose kernel has MY_KEY set
