@@ -117,6 +117,16 @@ def _whole(flag: str) -> Any:
     return parse
 
 
+# what an option given without its value needs (argparse said "expected one argument")
+_VALUE_NEEDED = {
+    "--env": "KEY=VALUE (or KEY alone: this kernel's value), e.g. --env MY_SETTING=1",
+    "--return": "the names to bring back, separated by commas, e.g. --return model,loss",
+    "--timeout": "a number of seconds, e.g. --timeout 600",
+    "--wait": "a number of seconds, e.g. --wait 60 (0: only a GPU free right now)",
+    "--retries": "a whole number of re-runs, e.g. --retries 2",
+}
+
+
 def _split(line: str) -> tuple[str, str]:
     """Separate the spec (free text, may hold commas, spaces, a list literal) from the flags."""
     m = re.search(r"(^|\s)--?[A-Za-z]", line)
@@ -197,6 +207,11 @@ class GPUMagic(Magics):
             # --env "MSG=hello world" could not be written)
             args = self._defaults() if not words else self.gpu.parser.parse_args(words)
         except UsageError as exc:
+            m = re.search(r"argument (--[\w-]+): expected one argument", str(exc))
+            if m and m[1] in _VALUE_NEEDED:
+                raise UsageError(f"{m[1]} needs {_VALUE_NEEDED[m[1]]}; leave it out for the "
+                                 "default\nusage: %%gpu [SPEC] [options]; see %gpu? for the "
+                                 "options") from None
             raise UsageError(f"{exc}{self._flag_hint(flags)}\nusage: %%gpu [SPEC] [options]; "
                              "see %gpu? for the options") from None
         if args.spec:

@@ -252,11 +252,16 @@ def env_problem(env: Mapping[str, str], spell: str = "env") -> str | None:
                     "empty, no '=' and no NUL character); use a name such as MY_SETTING")
         if not isinstance(value, str) or "\0" in value:
             return (f"{spell} {key}={value!r}: the value must be text without a NUL character")
-    taken = [k for k in env if k in _GRANT_ENV or k.startswith("GPU_MAGIC_")]
+    ours = [k for k in env if k.startswith("GPU_MAGIC_")]
+    if ours:
+        return (f"{spell} {', '.join(ours)}: GPU_MAGIC_ variables are gpu_magic's own where "
+                "the cell runs (GPU_MAGIC_GRANT says what it was granted); give yours another "
+                f"name (MY_{ours[0][len('GPU_MAGIC_'):]}), or leave it out")
+    taken = [k for k in env if k in _GRANT_ENV]
     if not taken:
         return None
     return (f"{spell} {', '.join(taken)}: the grant sets {'these' if len(taken) > 1 else 'this'} "
-            "(which GPUs the cell sees, and GPU_MAGIC_GRANT says what it was granted); leave "
+            "(which GPUs the cell sees); leave "
             f"{'them' if len(taken) > 1 else 'it'} out and ask for the GPUs in the spec, e.g. "
             "%%gpu H100:2")
 

@@ -143,7 +143,14 @@ def test_line_magics_report_an_unreachable_gateway_as_cleanly_as_a_cell(
     ("--retries 11", "--retries 11: the re-runs after a runner died"),
     # the grant decides which GPUs a cell sees: on a shared node others may be another job's
     ("--env CUDA_VISIBLE_DEVICES=3", "--env CUDA_VISIBLE_DEVICES: the grant sets this"),
-    ("--env GPU_MAGIC_GRANT={} --env A=1", "--env GPU_MAGIC_GRANT: the grant sets this"),
+    ("--env GPU_MAGIC_GRANT={} --env A=1", "--env GPU_MAGIC_GRANT: GPU_MAGIC_ variables are "
+                                           "gpu_magic's own where the cell runs"),
+    # no value at all: said with what to write, not argparse's "expected one argument"
+    ("--env", "--env needs KEY=VALUE (or KEY alone: this kernel's value), e.g. --env "
+              "MY_SETTING=1"),
+    ("--return", "--return needs the names to bring back, separated by commas, e.g. --return "
+                 "model,loss"),
+    ("--timeout", "--timeout needs a number of seconds, e.g. --timeout 600"),
 ])
 def test_bad_option_values_are_refused_before_anything_is_sent(
         gateway: Gateway, kernel_factory: Any, flags: str, message: str) -> None:
