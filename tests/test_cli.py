@@ -204,6 +204,24 @@ def test_serve_refuses_bad_values_in_one_line(tmp_path: Path, args: list[str], s
 
 
 @pytest.mark.parametrize(("args", "says"), [
+    (["--ray-address", "127.0.0.1:1"],
+     "--ray-address is an option of the Ray backend, and this gateway uses the local backend: "
+     "add --backend ray to use the Ray cluster, or leave it out."),
+    (["--ray-autoscale", "H100:8", "--simulate", "T4:1"],
+     "--ray-autoscale is an option of the Ray backend"),
+])
+def test_serve_refuses_ray_options_without_the_ray_backend(tmp_path: Path, args: list[str],
+                                                           says: str) -> None:
+    # the README trial: --ray-address without --backend ray started a local gateway in
+    # silence, the address ignored
+    out = gm("serve", "--port", "0", "--state-dir", str(tmp_path / "state"), *args)
+    assert out.returncode == 2, out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-magic serve: "), out.stderr
+    assert says in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
     (["--isolation", "bwrap"], "--isolation bwrap sandboxes the local backend's runners; with "
                                "--backend ray cells run in Ray workers on the nodes, which the "
                                "gateway does not sandbox. Leave out --isolation"),

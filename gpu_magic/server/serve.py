@@ -165,6 +165,17 @@ def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, P
                 "and cells would cross the network in clear text. Give --certfile and --keyfile "
                 "(or put the gateway behind a TLS proxy and bind it to loopback), or --force."
             )
+    ray_only = [flag for flag, given in (("--ray-address", cfg.ray_address),
+                                         ("--ray-type-map", cfg.ray_type_map),
+                                         ("--ray-autoscale", cfg.ray_autoscale)) if given]
+    if cfg.backend != "ray" and ray_only:
+        # the local backend would ignore them in silence: a gateway meant for the cluster
+        # would start on this machine's GPUs (or a simulated pool)
+        raise ServeError(
+            f"{', '.join(ray_only)} {'are options' if len(ray_only) > 1 else 'is an option'} "
+            f"of the Ray backend, and this gateway uses the {cfg.backend} backend: add "
+            f"--backend ray to use the Ray cluster, or leave {'them' if len(ray_only) > 1 else 'it'} "
+            "out.")
     if cfg.backend == "ray":
         # options of the local backend, which Ray's would ignore in silence
         if cfg.isolation == "bwrap":
