@@ -258,6 +258,16 @@ def local_difference() -> str | None:
     what = None if current_target()[0] is not None or info is None else difference(info, simulate)
     if what is None:
         return None
+    if simulate:
+        from ._errors import SpecError
+        from .server.inventory import parse_simulated
+
+        try:
+            parse_simulated(simulate)
+        except SpecError as exc:  # (the next cell refuses it: not "restarts it")
+            return (f"this kernel's GPU_MAGIC_SIMULATE={simulate!r} cannot be read ({exc}): "
+                    "%%gpu cells here are refused until it is fixed, and the local gateway "
+                    "keeps the pool it has")
     want = (f"version {__version__}" if what.startswith("version")
             else f"configuration {wanted_config(simulate)}")
     return (f"the local gateway's {what} differs from this kernel's {want}: the next %%gpu "

@@ -581,6 +581,20 @@ def test_status_pool_and_jobs_show_a_local_gateway_of_another_configuration_as_i
     assert "differs" not in k.run("%gpu status")["stdout"]
 
 
+def test_a_simulated_pool_that_cannot_be_read_is_not_promised_for_the_next_cell(
+        others_local_gateway: dict[str, Any], kernel_factory: Any) -> None:
+    # the README trial: %gpu status said the next cell restarts the gateway with this
+    # kernel's pool, and the next cell refused the pool instead
+    k = kernel_factory(GPU_MAGIC_SIMULATE="H100:2,,")
+    lines = k.run("%gpu status")["stdout"].splitlines()
+    assert lines[1].startswith("this kernel's GPU_MAGIC_SIMULATE='H100:2,,' cannot be read ("), lines
+    assert lines[1].endswith("%%gpu cells here are refused until it is fixed, and the local "
+                             "gateway keeps the pool it has"), lines
+    out = k.run("%%gpu any\n1")
+    assert "SpecError: GPU_MAGIC_SIMULATE='H100:2,,'" in _error_text(out), out
+    _local_gateway_untouched(others_local_gateway)
+
+
 def test_status_starts_no_local_gateway(kernel_factory: Any, tmp_path: Path) -> None:
     # %gpu status started the local gateway to report on it (found by a newcomer)
     from gpu_magic._embedded import runtime_path
