@@ -92,13 +92,18 @@ def _healthy(info: dict[str, Any]) -> bool:
         return False
 
 
-def _idle(info: dict[str, Any]) -> bool:
+def _jobs_on(info: dict[str, Any]) -> tuple[int, int]:
+    """How many jobs run and wait on the gateway (0, 0 where it does not answer)."""
     try:
         pool = httpx.get(info["url"] + "/v1/pool", timeout=3.0,
                          headers={"Authorization": f"Bearer {info.get('token', '')}"}).json()
     except (httpx.HTTPError, ValueError):
-        return True
-    return not pool.get("queue_length") and not pool.get("running")
+        return 0, 0
+    return int(pool.get("running") or 0), int(pool.get("queue_length") or 0)
+
+
+def _idle(info: dict[str, Any]) -> bool:
+    return _jobs_on(info) == (0, 0)
 
 
 def _stop(info: dict[str, Any], path: Path, wait: float = 10.0) -> None:
@@ -301,5 +306,11 @@ def stop_local_gateway() -> str:
             if not (info and info.get("url") and info.get("host") == socket.gethostname()
                     and _pid_alive(int(info.get("pid", 0)))):
                 return "no local gpu_magic gateway is running"
+        running, queued = _jobs_on(info)
         _stop(info, path)
-        return f"stopped the local gpu_magic gateway (pid {info['pid']}, {info['url']})"
+        ended = ""
+        if running or queued:  # (said: a background job of a cell above ends with it)
+            ended = (f"; its {running} running and {queued} queued job(s) ended with it, as "
+                     "lost (their output so far is kept: %gpu jobs lists them once a gateway "
+                     "runs again)")
+        return f"stopped the local gpu_magic gateway (pid {info['pid']}, {info['url']}){ended}"

@@ -145,13 +145,17 @@ def test_a_cell_followed_across_a_local_gateway_restart_learns_its_end(
     t.start()
     client = _connection.connect()
     wait_for(lambda: any(j["state"] == "running" for j in client.jobs()), 30)
-    stop_local_gateway()
+    # %gpu stop said only "stopped", of a gateway whose job it ended (the README trial)
+    assert stop_local_gateway().endswith(
+        "; its 1 running and 0 queued job(s) ended with it, as lost (their output so far is "
+        "kept: %gpu jobs lists them once a gateway runs again)")
     ensure_local_gateway("T4:1")  # started again: a new port, a new token
     t.join(60)
     assert not t.is_alive()
     err = outcome.get("error")
     assert isinstance(err, gpu_magic.RunnerLost), err
-    assert "the gateway restarted while this job was running" in str(err)
+    # (stopped for the restart: said so, not "restarted", which a killed gateway's successor says)
+    assert "the gateway was stopped (SIGTERM) while this job was running" in str(err)
 
 
 def test_a_failed_start_quotes_its_own_log_and_typos_are_noted(tmp_path: Path) -> None:

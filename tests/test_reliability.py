@@ -171,7 +171,7 @@ def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
         assert not t.is_alive(), "the client hung after the gateway restarted"
         err = outcome["error"]
         assert isinstance(err, RunnerLost)
-        assert "the gateway restarted while this job was running" in str(err)
+        assert "the gateway was stopped (SIGTERM) while this job was running" in str(err)
     finally:
         r.close()
 
@@ -274,9 +274,9 @@ def test_a_job_queued_when_the_gateway_restarts_says_nothing_ran(tmp_path: Path)
         r.start_again()
         with pytest.raises(RunnerLost) as info:
             queued.wait(timeout=DEADLINE)
-        assert str(info.value) == (f"GPU job {queued.id} was lost: the gateway restarted while "
-                                   "this job waited in the queue; nothing ran. Run the cell "
-                                   "again.")
+        assert str(info.value) == (f"GPU job {queued.id} was lost: the gateway was stopped "
+                                   "(SIGTERM) while this job waited in the queue; nothing ran. "
+                                   "Run the cell again.")
     finally:
         r.close()
 

@@ -390,18 +390,7 @@ class Gateway:
                     job.ran_until = min(job.finished, max(job.started, last_seen))
                 # (a queued job's request is not kept whole: its inputs' manifest and --env
                 # live only as long as the gateway that took them)
-                job.message = (
-                    "the gateway restarted while this job waited in the queue; nothing ran. "
-                    "Run the cell again." if was == "queued" and not job.started else
-                    "the gateway restarted while this job waited to be retried (attempt "
-                    f"{job.attempt}); its output so far is kept. Run the cell again."
-                    if was == "queued" else
-                    f"the gateway restarted while this job was {was}; its output so far is "
-                    "kept. Run the cell again."
-                )
-                self._emit(job, {"type": "done", "state": "lost", "message": job.message,
-                                 "timings": self._timings(job)})
-                self.store.save_job(self._record(job))
+                self._lose(job, was, "the gateway restarted")
                 self.cut_short.add(job.id)
 
         # what the last gateway and its runners were writing when it stopped: no one's now
@@ -552,6 +541,29 @@ class Gateway:
         if pending:
             await asyncio.wait(pending, timeout=timeout)
             await asyncio.sleep(0)  # the jobs' own callbacks (their ends) run first
+
+    def _lose(self, job: Job, was: str, cause: str) -> None:
+        """End a job its gateway cannot see through (it stops, or stopped) as lost."""
+        job.message = (
+            f"{cause} while this job waited in the queue; nothing ran. Run the cell again."
+            if was == "queued" and not job.started else
+            f"{cause} while this job waited to be retried (attempt {job.attempt}); its "
+            "output so far is kept. Run the cell again." if was == "queued" else
+            f"{cause} while this job was {was}; its output so far is kept. Run the cell again.")
+        self._emit(job, {"type": "done", "state": "lost", "message": job.message,
+                         "timings": self._timings(job)})
+        self.store.save_job(self._record(job))
+
+    def lose_unfinished(self, why: str) -> None:
+        """Stopping: the jobs that have not ended end now, as lost, saying why (the next
+        gateway on this state directory said only that it had restarted)."""
+        for job in list(self.jobs.values()):
+            if job.final:
+                continue
+            was = job.state
+            job.state, job.finished = "lost", time.time()
+            self._dequeue(job)
+            self._lose(job, was, f"the gateway was stopped ({why})")
 
     def close(self) -> None:
         self.closing = True

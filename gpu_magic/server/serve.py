@@ -435,9 +435,11 @@ def serve(cfg: ServeConfig) -> int:
             await gateway.drain()  # (jobs whose results are being stored end as they ran)
             ending = [j for j in gateway.jobs.values() if not j.final]
             running = sum(j.state != "queued" for j in ending)
-            print(f"gpu-magic: stopping ({stopping.get('why', 'asked to stop')})"
+            why = stopping.get("why", "asked to stop")
+            print(f"gpu-magic: stopping ({why})"
                   + (f": {running} running and {len(ending) - running} queued job(s) end with "
                      "it, as lost" if ending else ""), file=sys.stderr, flush=True)
+            gateway.lose_unfinished(why)
             gateway.close()
             if cfg.runtime_file:
                 with contextlib.suppress(OSError):
