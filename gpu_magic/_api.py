@@ -371,6 +371,11 @@ class _Job:
         self.sent_objects: _payload.SentObjects | None = None
         # those of them the cell changed, with their new state (applied when bound)
         self.inside: list[tuple[Any, tuple[Any, ...]]] = []
+        # a background job's lists, sets and dicts as sent, to merge its changes into what
+        # they hold when it ends (another job's or a cell's changes meanwhile kept)
+        self.bases: dict[str, tuple[str, Any]] = {}
+        self.merged: list[str] = []  # those that had changed here meanwhile, merged
+        self.replaced: list[str] = []  # those that could not be merged: the job's state won
         self.printed: list[str] = []  # a background job's stdout and stderr so far
         self.last_seq = 0  # the last event taken: following again resumes after it
         self.bound: dict[str, Any] = {}
@@ -666,8 +671,16 @@ class _Job:
                 continue  # not bound (a background job's name reassigned since)
             if self.attached or names[n] is _NOTHING or not _payload.fits(names[n], st):
                 fresh.append((n, st))  # not the object that was sent: a new one
-            else:
-                todo.append((n, names[n], st))
+                continue
+            if n in self.bases:
+                got = _payload.merged_state(self.bases[n], names[n], st)
+                if got is None:
+                    self.replaced.append(n)
+                else:
+                    st = got[0]
+                    if got[1]:
+                        self.merged.append(n)
+            todo.append((n, names[n], st))
         # and what was inside them (models[0], params["W"]), checked as it was rebuilt
         todo += [(f"an object inside the inputs ({type(obj).__name__})", obj, st)
                  for obj, st in self.inside]
@@ -712,6 +725,15 @@ class _Job:
                 self.namespace.pop(n, None)
         self.bound = names
         self.result_bound = True
+        if self.merged:
+            print(f"[gpu_magic] background job {self.id}: {', '.join(self.merged)} changed here "
+                  "since the job was sent (a cell, or another job); its changes were merged "
+                  "in, yours kept", file=sys.stderr)
+        if self.replaced:
+            print(f"[gpu_magic] background job {self.id}: {', '.join(self.replaced)} changed "
+                  "here since the job was sent, and the two changes cannot both be kept (a "
+                  "list changed other than by appending): the job's state replaced yours",
+                  file=sys.stderr)
         # a module the cell imported is bound as locally, but said apart: "bound time, y"
         # read as if the cell had made a variable named time
         imported = [n for n, v in names.items() if isinstance(v, types.ModuleType)]
@@ -1114,6 +1136,9 @@ def submit(
     state.job_id = record["id"]
     job = _Job(cl, record, state, NullView(state), source, opts, namespace, values,
                refs={**fglobals, **values})
+    if opts.background:  # (what it was sent of lists and dicts: see _payload.merged_state)
+        job.bases = {n: b for n, v in job.refs.items()
+                     if (b := _payload.shallow_base(v)) is not None}
     job.feed = feed
     job.sent_classes = packed.classes
     job.sent_objects = packed.objects

@@ -1257,6 +1257,71 @@ def local_imports(names: Iterable[str], local_dir: Path | None) -> dict[str, typ
     return found
 
 
+# --- two background jobs changing one list or dict ---
+#
+# Each job's result is the whole state of what it changed: a second job, sent the object as it
+# was before the first one's change came back, replaced that change with its own state
+# (`scores["A"]` gone once `scores["B"]` came). What it is sent is kept (a shallow copy), and its
+# change merged into what the object holds by then, as the two changes made in turn would.
+
+
+def shallow_base(obj: Any) -> tuple[str, Any] | None:
+    """What a background job is sent of a list, set or dict, to merge its change later."""
+    t = type(obj)
+    if t is list:
+        return ("items", list(obj))
+    if t is set:
+        return ("set", set(obj))
+    if t in _DICTS:
+        return ("dict", dict(obj))
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return (a == b) is True  # (an array's == is an array: not the same, to be safe)
+    except Exception:
+        return False
+
+
+def merged_state(base: tuple[str, Any], current: Any,
+                 state: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool] | None:
+    """The job's new ``state`` of ``current`` with what changed here since it was sent
+    (``base``) kept: (the state to apply, whether anything here had changed). None where the
+    two cannot both be kept (a list changed here other than by appending): the job's wins."""
+    kind, was = base
+    if kind == "dict" and state[0] == "dict" and type(current) in _DICTS:
+        if len(current) == len(was) and all(k in was and current[k] is was[k] for k in current):
+            return state, False
+        theirs = dict(zip(*state[2]))
+        merged = dict(current)
+        for k, v in theirs.items():
+            if k not in was or not _same(v, was[k]):  # the job set it
+                merged[k] = v
+        for k in was:
+            if k not in theirs and k in merged and _same(merged[k], was[k]):
+                del merged[k]  # the job deleted it, and it was not changed here since
+        return ("dict", state[1], [list(merged), list(merged.values())], *state[3:]), True
+    if kind == "set" and state[0] == "items" and type(current) is set:
+        if current == was:
+            return state, False
+        theirs = set(state[2])
+        return ("items", set, list((current - (was - theirs)) | (theirs - was))), True
+    if kind == "items" and state[0] == "items" and type(current) is list:
+        n = len(was)
+        if len(current) == n and all(a is b for a, b in zip(current, was)):
+            return state, False
+        theirs = state[2]
+        appended_here = len(current) >= n and all(_same(a, b) for a, b in zip(current, was))
+        appended_there = len(theirs) >= n and all(_same(a, b) for a, b in zip(theirs, was))
+        if appended_here and appended_there:  # both appended: both kept, ours first
+            return ("items", list, list(current) + list(theirs[n:])), True
+        return None
+    return state, False
+
+
 def in_place_state(obj: Any) -> tuple[Any, ...] | None:
     """What it takes to bring the client's copy of ``obj`` to its state here, as
     ``(kind, type, ...)``; None if that cannot be done in place (then ``obj`` travels as a

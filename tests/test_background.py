@@ -286,3 +286,40 @@ def test_a_job_s_own_underscore_neither_takes_ipython_s_nor_warns(tmp_path: Path
     assert texts(nb.cells[3], "stdout") == "GpuJob 5\n"
     assert not any("kept your" in texts(c, "stderr") for c in nb.cells), \
         [texts(c, "stderr") for c in nb.cells]
+
+
+def test_two_background_jobs_changing_one_dict_keep_both_changes(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # the researcher's trial: two experiments logging into one dict, run side by side; the
+    # later one to end brought back the dict as it had it, and the first one's entry was gone
+    import textwrap
+
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(textwrap.dedent("""
+        import time
+        scores, log, tags, order = {"kept": 0, "old": 1}, [], set(), [3, 2, 1]
+        def experiment(name, seconds):
+            time.sleep(seconds)
+            scores[name] = seconds
+            scores.pop("old", None)
+            log.append(name)
+            tags.add(name)
+    """), ns)
+    scores, log, tags = ns["scores"], ns["log"], ns["tags"]
+    first = gpu_magic.run("experiment('A', 1.0)", "H100", ns, background=True, quiet=True)
+    second = gpu_magic.run("experiment('B', 0.1)\norder.sort()", "H100", ns, background=True,
+                           quiet=True)
+    scores["here"] = 5  # a cell's change meanwhile
+    ns["order"].reverse()  # (a change a list cannot merge: said, and the job's wins)
+    second.wait()
+    first.wait()
+    assert scores == {"kept": 0, "B": 0.1, "here": 5, "A": 1.0}
+    assert log == ["B", "A"] and tags == {"A", "B"}
+    assert (ns["scores"], ns["log"], ns["tags"]) == (scores, log, tags)  # the same objects
+    err = capsys.readouterr().err
+    assert (f"[gpu_magic] background job {first.id}: scores, log, tags changed here since the "
+            "job was sent (a cell, or another job); its changes were merged in, yours kept") \
+        in err, err
+    assert (f"[gpu_magic] background job {second.id}: order changed here since the job was "
+            "sent, and the two changes cannot both be kept") in err, err
+    assert ns["order"] == [1, 2, 3]
