@@ -68,7 +68,8 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
         if fr.get("cell"):
             shown = lineno + line_offset
             lines.append(f"{label}, line {shown}" + ("" if fr.get("name") == "<module>"
-                                                     else f", in {fr.get('name')}"))
+                                                     else f", in {fr.get('name')}"
+                                                     f"{fr.get('args') or ''}"))
 
             def cell_line(n: int) -> str:
                 return src_lines[n - 1] if 0 < n <= len(src_lines) else ""
@@ -83,7 +84,7 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
                                   fr.get("first")) or filename
             local_name = cell_name(filename) if cell_name else None
             head = f"{local_name}, line {lineno}" if local_name else f"File {filename}:{lineno}"
-            lines.append(f"{head}, in {fr.get('name')}")
+            lines.append(f"{head}, in {fr.get('name')}{fr.get('args') or ''}")
             lines += _context(lambda n, f=filename: linecache.getline(f, n), lineno, 0,
                               fr.get("line", ""), fr.get("name") == "<module>")
         lines.append("")
@@ -100,7 +101,7 @@ CONTEXT = 2  # lines shown before and after the one that raised, as IPython show
 def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str,
              module: bool) -> list[str]:
     """The line that raised, marked, with up to CONTEXT lines around it (in a function, not
-    past its body), dedented together, numbered as the notebook numbers them."""
+    past its body), indented as written, numbered as the notebook numbers them."""
     here = line(lineno).rstrip()
     if not here.strip():
         return [f"{_arrow(lineno + offset)} {fallback.strip()}"] if fallback.strip() else []
@@ -138,8 +139,8 @@ def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str
         numbers.pop()
     while not texts[numbers[0]].strip():
         numbers.pop(0)
-    cut = min((indent(texts[n]) for n in numbers if texts[n].strip()), default=0)
-    return [(_arrow(n + offset) if n == lineno else f"{n + offset:>7}") + f" {texts[n][cut:]}"
+    # as written, as IPython shows it: a line's indent says which block it is in
+    return [(_arrow(n + offset) if n == lineno else f"{n + offset:>7}") + f" {texts[n]}"
             for n in numbers]
 
 

@@ -1050,6 +1050,21 @@ def _flush_c_stdio() -> None:
         pass
 
 
+def _arg_names(code: typing.Any) -> str:
+    """``(v, scale)``, ``(*args, **kw)``: a function's parameters, as IPython shows a frame
+    of it (``in normalize(v, scale)``); empty for a module's or a class body's code."""
+    if code.co_name.startswith("<"):
+        return ""
+    n = code.co_argcount + code.co_kwonlyargcount
+    names = list(code.co_varnames[:n])
+    if code.co_flags & 0x04:  # CO_VARARGS
+        names.insert(code.co_argcount, "*" + code.co_varnames[n])
+        n += 1
+    if code.co_flags & 0x08:  # CO_VARKEYWORDS
+        names.append("**" + code.co_varnames[n])
+    return f"({', '.join(names)})"
+
+
 def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dict[str, Any]]:
     """The traceback as plain data, from the cell's own frame on (runner/IPython frames dropped).
     ``lead``: blank lines IPython took off the cell's start, added back to its line numbers."""
@@ -1077,6 +1092,7 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
             # which notebook function it is: two cells may each define a `forward`
             "qualname": getattr(code, "co_qualname", code.co_name),
             "first": code.co_firstlineno,
+            "args": _arg_names(code),
             "line": _cut(fr.line or "", 1000),
             "cell": fr.filename in cell_files,
         })

@@ -108,7 +108,8 @@ def test_magic_usage_errors_are_clear(tmp_path: Path) -> None:
                        "%%gpu H1000\n1")
     execute(nb, tmp_path, allow_errors=True)
     # IPython reports a UsageError on stderr, without a traceback
-    assert "UsageError: argument --retries: expected one argument" in texts(nb.cells[1], "stderr")
+    assert ("UsageError: --retries needs a whole number of re-runs, e.g. --retries 2; leave it "
+            "out for the default") in texts(nb.cells[1], "stderr")
     assert "usage: %gpu pool | jobs" in texts(nb.cells[2], "stderr")
     err = texts(nb.cells[3], "error")
     assert "'H1000' is not a GPU type; did you mean H100?" in err
@@ -355,7 +356,9 @@ def test_remote_tracebacks_name_the_right_function_of_two_with_one_name(tmp_path
     assert "Cell In[3], line 3, in forward" in err and "return 1 / 0" in err
     assert "b fine" not in err
     # with the lines around it, in IPython's columns (its def line, not what follows it)
-    assert "      2 def forward(self):\n----> 3     return 1 / 0\n\n" in err, err
+    # indented as written, and the frame's parameters, as IPython shows a local frame
+    assert "in forward(self)\n      2     def forward(self):\n----> 3         return 1 / 0\n\n" \
+        in err, err
     assert "----> 2 go()" in err  # (line 2 of the notebook cell, under %%gpu)
     # exit() goes through IPython and the runner: only the cell's own frame is shown
     err = texts(nb.cells[4], "error")
@@ -390,7 +393,7 @@ def test_a_function_made_in_an_earlier_gpu_cell_is_named_by_that_cell(tmp_path: 
     remote = texts(nb.cells[2], "error")
     local = re.sub(r"\x1b\[[0-9;]*m", "", texts(nb.cells[3], "error"))  # (IPython's colours)
     assert "Cell In[3], line 2\n----> 2 helper(3)" in remote, remote
-    assert ("Cell In[2] on the GPU, line 5, in helper\n      3 def helper(v):\n"
+    assert ("Cell In[2] on the GPU, line 5, in helper(v)\n      3 def helper(v):\n"
             "      4     w = v + 1\n----> 5     return w / 0") in remote, remote
     assert "File <Cell In[2] on the GPU, job " in local and ":5, in helper" in local, local
     assert "return w / 0" in local
