@@ -1062,9 +1062,15 @@ def submit(
     for name, module in _payload.local_imports(analysis.imports | code_names, local_dir).items():
         sent[_payload.IMPORTED_KEY + name] = module
     if opts.dry_run:
+        _drop_unsendable_modules(sent, namespace, local_dir)
         # before packing: the report lists every input that cannot be sent, not the first
         return _dry_run(sent, gspec, get_client, local_dir, namespace)
-    packed = _payload.pack_inputs(sent, namespace, local_dir, keep_objects=True)
+    try:
+        packed = _payload.pack_inputs(sent, namespace, local_dir, keep_objects=True)
+    except SerializationError:
+        if not _drop_unsendable_modules(sent, namespace, local_dir):
+            raise
+        packed = _payload.pack_inputs(sent, namespace, local_dir, keep_objects=True)
     cl = get_client()
     if box is not None:
         box["client"] = cl
@@ -1423,6 +1429,26 @@ def _attach(job_id: str, namespace: dict[str, Any], quiet: bool,
     finally:
         job.view.finish()
     return None if job.owner is not None else value
+
+
+def _drop_unsendable_modules(sent: dict[str, Any], namespace: Mapping[str, Any],
+                             local_dir: Path) -> list[str]:
+    """Leave out the modules of the notebook's that the cell imports but that cannot travel
+    whole (one holding a lock, a connection, an open file): the cell imports those from their
+    files where it runs, as it did before they travelled, and a note says so."""
+    dropped = []
+    for key in [k for k in sent if k.startswith(_payload.IMPORTED_KEY)]:
+        try:
+            _payload.dumps(sent[key], namespace=namespace, local_dir=local_dir)
+        except Exception as exc:
+            del sent[key]
+            name = key[len(_payload.IMPORTED_KEY):]
+            dropped.append(name)
+            print(f"[gpu_magic] your module {name} cannot travel as this notebook holds it "
+                  f"({type(exc).__name__}: {str(exc)[:200]}): the cell's `import {name}` reads "
+                  "its file where the cell runs, without what was set on it here",
+                  file=sys.stderr)
+    return dropped
 
 
 def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], GatewayClient],

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import copyreg
 import ctypes
+import dis
 import functools
 import gc
 import io
@@ -1201,13 +1202,20 @@ _DICTS = (dict, collections.OrderedDict, collections.defaultdict, collections.Co
 _CONTAINERS = frozenset({list, set, bytearray, *_DICTS})
 
 
+@functools.lru_cache(maxsize=4096)
+def _imports_of(code: types.CodeType) -> frozenset[str]:
+    """The modules a code object's own import statements name (its attribute names, also in
+    co_names, are not imports: `model.train()` must not send a local train.py)."""
+    return frozenset(str(i.argval) for i in dis.get_instructions(code)
+                     if i.opname == "IMPORT_NAME")
+
+
 def function_globals(values: Iterable[Any], namespace: Mapping[str, Any],
                      code_names: set[str] | None = None) -> dict[str, Any]:
     """The notebook's globals that travel with ``values``' notebook functions and classes
     (cloudpickle sends those a function's code names, and on, through the functions among
     them): what a result may name as already here. Not the whole namespace: what a job keeps
-    stays alive as long as the job. ``code_names`` gathers every name their code uses (the
-    modules it imports among them)."""
+    stays alive as long as the job. ``code_names`` gathers the modules their code imports."""
     found: dict[str, Any] = {}
     stack = list(values)
     seen: set[int] = set()
@@ -1225,7 +1233,7 @@ def function_globals(values: Iterable[Any], namespace: Mapping[str, Any],
         while codes:
             code = codes.pop()
             if code_names is not None:
-                code_names.update(code.co_names)
+                code_names.update(_imports_of(code))
             for name in code.co_names:
                 if name in namespace and name not in found:
                     found[name] = namespace[name]

@@ -1680,7 +1680,8 @@ def test_a_local_module_is_one_module_where_the_cell_runs_and_comes_back_as_itse
 
 
 def test_a_local_module_the_cell_imports_is_the_notebook_s_not_its_file_read_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     # the researcher's trial: `cfg.BATCH = 256` set in the notebook, then a cell's own
     # `import cfg` (or `from cfg import ...`, or one inside a notebook function it calls)
     # read cfg.py afresh where the cell ran: it printed 32, and `cfg.BATCH = 512` there never
@@ -1714,8 +1715,28 @@ def test_a_local_module_the_cell_imports_is_the_notebook_s_not_its_file_read_aga
         (tmp_path / "fresh_mod.py").write_text("V = 7\n")
         run(ns, "import fresh_mod\nr = fresh_mod.V", "H100", quiet=True)
         assert ns["r"] == 7
+        # one that cannot travel whole (it holds a lock) is read from its file there, as
+        # before, and said (found by a review: the cell failed, naming nothing)
+        (tmp_path / "locked_mod.py").write_text("import threading\nLOCK = threading.Lock()\n"
+                                                "V = 1\n")
+        locked = importlib.import_module("locked_mod")
+        locked.V = 2
+        run(ns, "import locked_mod\nr = locked_mod.V", "H100", quiet=True)
+        assert ns["r"] == 1
+        assert ("your module locked_mod cannot travel as this notebook holds it"
+                in capsys.readouterr().err)
+        # an attribute of the same name as a module is no import of it (a review: model.train()
+        # sent a local train.py with every cell)
+        from gpu_magic._payload import function_globals
+
+        ns3 = notebook(f"def g(m):\n    return m.{name} + m.locked_mod")
+        found: set[str] = set()
+        function_globals([ns3["g"]], ns3, found)
+        assert found == set()
+        function_globals([ns["f"]], ns, found)
+        assert found == {name}
     finally:
-        for m in (name, pkg, f"{pkg}.sub", "fresh_mod"):
+        for m in (name, pkg, f"{pkg}.sub", "fresh_mod", "locked_mod"):
             sys.modules.pop(m, None)
 
 
