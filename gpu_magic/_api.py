@@ -376,6 +376,7 @@ class _Job:
         self.bases: dict[str, tuple[str, Any]] = {}
         self.merged: list[str] = []  # those that had changed here meanwhile, merged
         self.replaced: list[str] = []  # those that could not be merged: the job's state won
+        self.conflicts: list[str] = []  # entries both changed: the job's value won
         self.printed: list[str] = []  # a background job's stdout and stderr so far
         self.last_seq = 0  # the last event taken: following again resumes after it
         self.bound: dict[str, Any] = {}
@@ -680,6 +681,7 @@ class _Job:
                     st = got[0]
                     if got[1]:
                         self.merged.append(n)
+                    self.conflicts += [f"{n}[{k}]" for k in got[2]]
             todo.append((n, names[n], st))
         # and what was inside them (models[0], params["W"]), checked as it was rebuilt
         todo += [(f"an object inside the inputs ({type(obj).__name__})", obj, st)
@@ -726,9 +728,11 @@ class _Job:
         self.bound = names
         self.result_bound = True
         if self.merged:
+            both = (f", but for {', '.join(self.conflicts[:8])}, which both changed: the job's "
+                    "value there" if self.conflicts else "")
             print(f"[gpu_magic] background job {self.id}: {', '.join(self.merged)} changed here "
                   "since the job was sent (a cell, or another job); its changes were merged "
-                  "in, yours kept", file=sys.stderr)
+                  f"in, yours kept{both}", file=sys.stderr)
         if self.replaced:
             print(f"[gpu_magic] background job {self.id}: {', '.join(self.replaced)} changed "
                   "here since the job was sent, and the two changes cannot both be kept (a "

@@ -1286,48 +1286,65 @@ def shallow_base(obj: Any) -> tuple[str, Any] | None:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """The same value, as far as a merge can tell: one that came back from the job as a
+    copy (a float, a numpy scalar) counts as unchanged where it is equal, NaN included."""
     if a is b:
         return True
+    if type(a) is not type(b):
+        return False
     try:
-        return (a == b) is True  # (an array's == is an array: not the same, to be safe)
+        eq = a == b
+        if not isinstance(eq, bool) and getattr(eq, "shape", None) == ():
+            eq = bool(eq)  # a numpy scalar's comparison
+        if not isinstance(eq, bool):
+            return False  # (an array's == is an array: not the same, to be safe)
+        return eq or bool(a != a and b != b)  # NaN is not equal to itself
     except Exception:
         return False
 
 
-def merged_state(base: tuple[str, Any], current: Any,
-                 state: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool] | None:
+def merged_state(base: tuple[str, Any], current: Any, state: tuple[Any, ...]
+                 ) -> tuple[tuple[Any, ...], bool, list[str]] | None:
     """The job's new ``state`` of ``current`` with what changed here since it was sent
-    (``base``) kept: (the state to apply, whether anything here had changed). None where the
-    two cannot both be kept (a list changed here other than by appending): the job's wins."""
+    (``base``) kept: (the state to apply, whether anything here had changed, the entries both
+    changed, where the job's value wins). None where the two cannot both be kept (a list
+    changed here other than by appending): the job's state wins."""
     kind, was = base
     if kind == "dict" and state[0] == "dict" and type(current) in _DICTS:
         if len(current) == len(was) and all(k in was and current[k] is was[k] for k in current):
-            return state, False
+            return state, False, []
         theirs = dict(zip(*state[2]))
         merged = dict(current)
+        both = []
         for k, v in theirs.items():
             if k not in was or not _same(v, was[k]):  # the job set it
+                if k in current and not _same(current[k], was.get(k, _NOT_THERE)) and (
+                        not _same(current[k], v)):
+                    both.append(repr(k)[:40])
                 merged[k] = v
         for k in was:
             if k not in theirs and k in merged and _same(merged[k], was[k]):
                 del merged[k]  # the job deleted it, and it was not changed here since
-        return ("dict", state[1], [list(merged), list(merged.values())], *state[3:]), True
+        return ("dict", state[1], [list(merged), list(merged.values())], *state[3:]), True, both
     if kind == "set" and state[0] == "items" and type(current) is set:
         if current == was:
-            return state, False
+            return state, False, []
         theirs = set(state[2])
-        return ("items", set, list((current - (was - theirs)) | (theirs - was))), True
+        return ("items", set, list((current - (was - theirs)) | (theirs - was))), True, []
     if kind == "items" and state[0] == "items" and type(current) is list:
         n = len(was)
         if len(current) == n and all(a is b for a, b in zip(current, was)):
-            return state, False
+            return state, False, []
         theirs = state[2]
         appended_here = len(current) >= n and all(_same(a, b) for a, b in zip(current, was))
         appended_there = len(theirs) >= n and all(_same(a, b) for a, b in zip(theirs, was))
         if appended_here and appended_there:  # both appended: both kept, ours first
-            return ("items", list, list(current) + list(theirs[n:])), True
+            return ("items", list, list(current) + list(theirs[n:])), True, []
         return None
-    return state, False
+    return state, False, []
+
+
+_NOT_THERE = object()
 
 
 def in_place_state(obj: Any) -> tuple[Any, ...] | None:

@@ -1026,3 +1026,36 @@ def test_same_state_tells_a_copy_that_came_back_from_a_change() -> None:
     assert _payload.same_state(vocab, pickle.loads(pickle.dumps(vocab)))
     assert not _payload.same_state(vocab, [*vocab[:-1], "changed"])
     assert not _payload.same_state({"a": f}, {"a": lambda v: v})
+
+
+def test_a_background_job_s_change_merges_with_changes_made_meanwhile() -> None:
+    # a review: values that come back as copies (numpy scalars, NaN) read as changed by the
+    # job, so its stale copy overwrote what another job had set meanwhile
+    np = pytest.importorskip("numpy")
+    from gpu_magic._payload import in_place_state, merged_state, shallow_base
+
+    nan = float("nan")
+    sent = {"A": np.float64(0.5), "B": np.float64(0.5), "gone": 1, "x": nan}
+    base = shallow_base(sent)
+    assert base is not None
+    # the job set B, deleted "gone" and touched nothing else (its values came back as copies)
+    job = {"A": np.float64(0.5), "B": np.float64(0.7), "x": float("nan")}
+    here = dict(sent, A=np.float64(0.9))  # another job set A meanwhile
+    got = merged_state(base, here, in_place_state(job))
+    assert got is not None
+    state, changed_here, both = got
+    merged = dict(zip(*state[2]))
+    assert changed_here and both == []
+    assert merged["A"] == 0.9 and merged["B"] == 0.7 and "gone" not in merged
+    # both changed one entry: the job's value, said
+    here = dict(sent, B=np.float64(0.1))
+    state, _, both = merged_state(base, here, in_place_state(job))  # type: ignore[misc]
+    assert dict(zip(*state[2]))["B"] == 0.7 and both == ["'B'"]
+    # nothing changed here: the job's state as it came
+    assert merged_state(base, sent, in_place_state(job)) == (in_place_state(job), False, [])
+    # lists: appended on both sides keeps both, in order; anything else is the job's
+    lst = [np.float64(1.0)]
+    state, _, _ = merged_state(shallow_base(lst), lst + [2.0],  # type: ignore[arg-type,misc]
+                               in_place_state([np.float64(1.0), 3.0]))
+    assert state[2] == [1.0, 2.0, 3.0]
+    assert merged_state(shallow_base(lst), [9.0], in_place_state([1.0, 3.0])) is None  # type: ignore[arg-type]
