@@ -772,11 +772,14 @@ class _Job:
                 # run() and a decorated function return it: None in its place read as a
                 # result (a %%gpu cell only shows it, and says so)
                 fn = self.namespace.get("__gpu_fn__")
+                decorated = self.source.startswith(_DECORATED_CALL) and fn is not None
                 what = (f"{getattr(fn, '__qualname__', 'the function')}()'s return value"
-                        if self.source.startswith(_DECORATED_CALL) and fn is not None
-                        else "the value of the cell's last expression")
+                        if decorated else "the value of the cell's last expression")
+                bound = ("" if not self.bound else " (what it changed in its arguments is "
+                         "changed here too)" if decorated else " (the names it bound are "
+                         "bound here)")
                 raise short(SerializationError(
-                    f"GPU job {self.id} succeeded, but {what} cannot come back: {why}. Return "
+                    f"GPU job {self.id} succeeded{bound}, but {what} cannot come back: {why}. Return "
                     "what can be pickled (plain data, arrays, tensors) and keep the rest "
                     "where it runs"))
             if value is not None:
@@ -1410,8 +1413,10 @@ def _attach(job_id: str, namespace: dict[str, Any], quiet: bool,
     state = JobState(record.get("spec", "any"), job_id)
     state.started_wall = record.get("started")  # (replayed, "started" arrives only now)
     state.created_wall = record.get("created")
+    # (show_value: a value that cannot come back is said in a note, as its cell said it; a
+    # job's cell or call is not known here)
     opts = Options(quiet=quiet, label=f"job {job_id}",
-                   line_offset=int(record.get("line_offset") or 0))
+                   line_offset=int(record.get("line_offset") or 0), show_value=True)
     # inputs the cell left unchanged come back as references: resolve them to today's objects
     job = _Job(cl, record, state, NullView(state), record.get("source", ""), opts, namespace,
                namespace, attached=True)

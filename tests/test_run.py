@@ -1135,6 +1135,10 @@ def test_a_return_value_that_cannot_come_back_is_an_error_not_none(
     job = run(ns2, "import threading\nv = 1\nthreading.Lock()", "H100", quiet=True,
               show_value=True, background=True)
     assert job.wait() is None and ns2["v"] == 1
+    # attached again, where it is not known whether a cell or a call made it: a note, as a
+    # cell says it (a review: attach raised for a %%gpu cell's value)
+    ns3 = notebook("")
+    assert attach(job.id, ns3, quiet=True) is None and ns3["v"] == 1
 
 
 def test_a_decorated_call_says_nothing_of_its_own_names(
