@@ -310,7 +310,13 @@ def serve(cfg: ServeConfig) -> int:
     stopping: dict[str, str] = {}  # why, for the log
 
     def stop_serving(signum: int, _frame: object) -> None:
-        if server.should_exit:  # asked again while it stops (jobs being stored): now
+        if stopping.get("served"):
+            # asked again while it ends its jobs and stores what they sent: at once, as a
+            # kill would (the next gateway on this state directory marks them lost)
+            print("gpu-magic: stopped at once; jobs that had not ended are marked lost by the "
+                  "next gateway on this state directory", file=sys.stderr, flush=True)
+            os._exit(130 if signum == signal.SIGINT else 143)
+        if server.should_exit:  # (uvicorn replays the signal it took once it has stopped)
             server.force_exit = True
         stopping.setdefault("why", "Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
         server.should_exit = True
@@ -431,6 +437,7 @@ def serve(cfg: ServeConfig) -> int:
         try:
             await server.serve(sockets=[sock])
         finally:
+            stopping["served"] = "yes"
             watcher.cancel()
             await gateway.drain()  # (jobs whose results are being stored end as they ran)
             ending = [j for j in gateway.jobs.values() if not j.final]
