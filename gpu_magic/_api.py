@@ -492,6 +492,11 @@ class _Job:
     def _interrupt_overdue(self) -> None:
         """A cell that did not take the interrupt in time is cancelled (by the caller, as a
         second Ctrl-C would be): its results are lost, as they would be if nothing stopped it."""
+        if self._interrupt_at is not None and self.state.started_at is None:
+            # its runner is still starting (it gets the interrupt once its cell runs): the
+            # grace counts from then, not from a cold start's seconds (a review)
+            self._interrupt_at = time.monotonic()
+            return
         if (self.state.interrupted or self.state.final or self._interrupt_at is None
                 or time.monotonic() - self._interrupt_at < INTERRUPT_GRACE_S):
             return
