@@ -868,6 +868,10 @@ class _Job:
         name = m[1]
         if name not in self.namespace or name in self.sent or name in _IPYTHON_NAMES:
             return None
+        frames = ev.get("traceback") or []
+        last = frames[-1] if frames and isinstance(frames[-1], dict) else {}
+        if not (last.get("cell") or str(last.get("filename", "")).startswith("<")):
+            return None  # raised in a library's file: not a name of the notebook's
         return (f"{name} is defined in your notebook, but the cell names it only where reading "
                 f"its code cannot see (inside a string: eval, exec, globals()[...]), so it was "
                 f"not sent: name it once in the cell's code ({name} on a line of its own)")

@@ -93,7 +93,7 @@ class JobState:
             self.state = "queued"
             if self.queued_at is None:
                 self.queued_at = now
-                if self.created_wall is not None:  # followed again later: since it was sent
+                if self.created_wall is not None and not self.attempts:  # attached later
                     self.queued_at = now - max(0.0, time.time() - self.created_wall)
             self.position = ev.get("position")
             self.estimate = ev.get("estimate")
@@ -102,6 +102,7 @@ class JobState:
             self.dropped = list(ev.get("dropped") or self.dropped)
             self.notices = list(ev.get("notices") or self.notices)
         elif kind == "granted":
+            self.queued_at = None  # (a retry queues it again: its wait counts from then)
             self.state = "granted"
             self.grant = ev
             self.attempts.append({"attempt": ev.get("attempt", len(self.attempts) + 1),
