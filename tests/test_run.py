@@ -1058,34 +1058,35 @@ def test_a_decorator_s_bad_spec_is_refused_where_it_is_written_or_called() -> No
                       "call"], frames
 
 
+def _shown_error(ns: dict[str, Any], cell: str, kind: type[BaseException]) -> str:
+    """The traceback a notebook shows for the cell's remote error of this kind."""
+    with pytest.raises(kind) as info:
+        run(ns, cell, quiet=True)
+    return "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+
+
 def test_a_name_the_cell_reads_only_inside_a_string_is_named_with_the_fix() -> None:
     # the README's trial: x = 41 here, `y = eval("x") + 1` there gave a bare NameError
-    with pytest.raises(NameError) as info:
-        run(notebook("x = 41"), 'y = eval("x") + 1', quiet=True)
-    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    text = _shown_error(notebook("x = 41"), 'y = eval("x") + 1', NameError)
     assert ("x is defined in your notebook, but the cell names it only where reading its code "
             "cannot see (inside a string: eval, exec, globals()[...]), so it was not sent: name "
             "it once in the cell's code (x on a line of its own)") in text, text
     # a name the notebook does not have either is the cell's own mistake: nothing added
-    with pytest.raises(NameError) as info:
-        run(notebook(""), 'y = eval("x") + 1', quiet=True)
-    assert "notebook" not in "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "notebook" not in _shown_error(notebook(""), 'y = eval("x") + 1', NameError)
 
 
 def test_a_variable_set_only_in_this_kernel_s_environment_is_named_with_the_fix(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # a bare KeyError: 'MY_KEY' from a cell whose kernel has MY_KEY set
     monkeypatch.setenv("GPU_MAGIC_TEST_ONLY_HERE", "abc")
-    with pytest.raises(KeyError) as info:
-        run(notebook("import os"), "key = os.environ['GPU_MAGIC_TEST_ONLY_HERE']", quiet=True)
-    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    text = _shown_error(notebook("import os"), "key = os.environ['GPU_MAGIC_TEST_ONLY_HERE']",
+                        KeyError)
     assert ("GPU_MAGIC_TEST_ONLY_HERE is set in this kernel's environment, but environment "
             "variables do not travel with the cell: pass it with --env GPU_MAGIC_TEST_ONLY_HERE "
             "(this kernel's value) or --env GPU_MAGIC_TEST_ONLY_HERE=VALUE") in text, text
     # a dict's KeyError that happens to name a variable set here says nothing of it
-    with pytest.raises(KeyError) as info:
-        run(notebook(""), "d = {}\nd['GPU_MAGIC_TEST_ONLY_HERE']", quiet=True)
-    assert "--env" not in "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "--env" not in _shown_error(notebook(""), "d = {}\nd['GPU_MAGIC_TEST_ONLY_HERE']",
+                                       KeyError)
 
 
 def test_a_decorated_function_changes_its_arguments_as_a_local_call_does() -> None:
