@@ -272,9 +272,10 @@ class JobState:
                     f"{self._gpus()}")
         if self.state == "cancelled" and self.interrupted:
             # ended by the interrupt: bound what it had bound by then, as a local cell leaves it
+            # (nothing bound: the cell had assigned nothing, or a second interrupt cancelled
+            # it at once; either way, said as it is)
             bound = (f"bound {_names(self.bound)} (what the cell had assigned when it was "
-                     "interrupted)" if self.bound else
-                     "nothing was bound (the cell had assigned nothing when it was interrupted)")
+                     "interrupted)" if self.bound else "nothing was bound")
             return (f"cancelled by an interrupt: {self.error or 'KeyboardInterrupt'} · {bound}; "
                     f"{self._gpus()}")
         if self.state == "cancelled":
