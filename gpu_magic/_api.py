@@ -373,7 +373,7 @@ class _Job:
         self.inside: list[tuple[Any, tuple[Any, ...]]] = []
         # a background job's lists, sets and dicts as sent, to merge its changes into what
         # they hold when it ends (another job's or a cell's changes meanwhile kept)
-        self.bases: dict[str, tuple[str, Any]] = {}
+        self.bases: dict[int, tuple[Any, tuple[str, Any]]] = {}  # by id: (object, base)
         self.merged: list[str] = []  # those that had changed here meanwhile, merged
         self.replaced: list[str] = []  # those that could not be merged: the job's state won
         self.conflicts: list[str] = []  # entries both changed: the job's value won
@@ -678,19 +678,11 @@ class _Job:
             if self.attached or names[n] is _NOTHING or not _payload.fits(names[n], st):
                 fresh.append((n, st))  # not the object that was sent: a new one
                 continue
-            if n in self.bases:
-                got = _payload.merged_state(self.bases[n], names[n], st)
-                if got is None:
-                    self.replaced.append(n)
-                else:
-                    st = got[0]
-                    if got[1]:
-                        self.merged.append(n)
-                    self.conflicts += [f"{n}[{k}]" for k in got[2]]
-            todo.append((n, names[n], st))
+            todo.append((n, names[n], self._merged(n, names[n], st)))
         # and what was inside them (models[0], params["W"]), checked as it was rebuilt
-        todo += [(f"an object inside the inputs ({type(obj).__name__})", obj, st)
-                 for obj, st in self.inside]
+        for obj, st in self.inside:
+            label = f"an object inside the inputs ({type(obj).__name__})"
+            todo.append((label, obj, self._merged(self._inside_name(obj), obj, st)))
         # (what cannot be undone, an array's bytes, last)
         todo.sort(key=lambda t: _IN_PLACE_ORDER.get(t[2][0], 0))
         undo: list[Callable[[], None]] = []
@@ -716,6 +708,34 @@ class _Job:
                 "comes back (--return NAMES)."
             ) from exc
         return names
+
+    def _merged(self, name: str, obj: Any, st: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A background job's new state of a list, set or dict, merged with what changed
+        here since it was sent (see _payload.merged_state), and noted for the user."""
+        kept = self.bases.get(id(obj))
+        if kept is None or kept[0] is not obj:
+            return st
+        got = _payload.merged_state(kept[1], obj, st)
+        if got is None:
+            self.replaced.append(name)
+            return st
+        if got[1]:
+            self.merged.append(name)
+        self.conflicts += [f"{name}[{k}]" for k in got[2]]
+        return got[0]
+
+    def _inside_name(self, obj: Any) -> str:
+        """How to name an object inside the inputs in a note: ``nested['exp']``, or its type."""
+        for n, v in self.refs.items():
+            if isinstance(v, dict):
+                for k, x in list(v.items())[:1000]:
+                    if x is obj:
+                        return f"{n}[{k!r}]"
+            elif isinstance(v, list):
+                for i, x in enumerate(v[:1000]):
+                    if x is obj:
+                        return f"{n}[{i}]"
+        return f"a {type(obj).__name__} inside the inputs"
 
     def bind(self, names: dict[str, Any], deleted: list[str]) -> None:
         """Bind the names and delete the deleted, all at once."""
@@ -1159,8 +1179,7 @@ def submit(
     job = _Job(cl, record, state, NullView(state), source, opts, namespace, values,
                refs={**fglobals, **values})
     if opts.background:  # (what it was sent of lists and dicts: see _payload.merged_state)
-        job.bases = {n: b for n, v in job.refs.items()
-                     if (b := _payload.shallow_base(v)) is not None}
+        job.bases = _payload.shallow_bases(job.refs.values())
     job.feed = feed
     job.sent_classes = packed.classes
     job.sent_objects = packed.objects

@@ -1273,6 +1273,27 @@ def local_imports(names: Iterable[str], local_dir: Path | None) -> dict[str, typ
 # change merged into what the object holds by then, as the two changes made in turn would.
 
 
+BASES_LIMIT = 20_000  # containers kept as sent per background job (beyond: not merged)
+
+
+def shallow_bases(values: Iterable[Any]) -> dict[int, tuple[Any, tuple[str, Any]]]:
+    """Each list, set and dict in ``values`` and nested in them (a defaultdict's lists, a dict
+    of dicts), by id: the object (kept, so its id stays its own) and its shallow base."""
+    found: dict[int, tuple[Any, tuple[str, Any]]] = {}
+    stack = list(values)
+    while stack and len(found) < BASES_LIMIT:
+        obj = stack.pop()
+        if id(obj) in found:
+            continue
+        base = shallow_base(obj)
+        if base is None:
+            continue
+        found[id(obj)] = (obj, base)
+        kind, was = base
+        stack.extend(was.values() if kind == "dict" else was)
+    return found
+
+
 def shallow_base(obj: Any) -> tuple[str, Any] | None:
     """What a background job is sent of a list, set or dict, to merge its change later."""
     t = type(obj)
@@ -1316,10 +1337,17 @@ def merged_state(base: tuple[str, Any], current: Any, state: tuple[Any, ...]
         theirs = dict(zip(*state[2]))
         merged = dict(current)
         both = []
+        counts = state[1] is collections.Counter
         for k, v in theirs.items():
             if k not in was or not _same(v, was[k]):  # the job set it
                 if k in current and not _same(current[k], was.get(k, _NOT_THERE)) and (
                         not _same(current[k], v)):
+                    if counts and all(isinstance(x, (int, float)) for x in
+                                      (current[k], v, was.get(k, 0))):
+                        # a Counter counts: both counts added (what each job and a cell
+                        # added, as run one after the other)
+                        merged[k] = current[k] + v - was.get(k, 0)
+                        continue
                     both.append(repr(k)[:40])
                 merged[k] = v
         for k in was:

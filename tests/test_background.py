@@ -323,3 +323,44 @@ def test_two_background_jobs_changing_one_dict_keep_both_changes(
     assert (f"[gpu_magic] background job {second.id}: order changed here since the job was "
             "sent, and the two changes cannot both be kept") in err, err
     assert ns["order"] == [1, 2, 3]
+
+
+def test_background_jobs_merge_nested_lists_and_dicts_and_add_counts(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # the trial of the day's changes: appends to a defaultdict's lists and keys set in a dict
+    # of dicts were lost in silence when a cell or another job changed them meanwhile, and two
+    # jobs' `counts["x"] += 1` kept one
+    import collections
+    import textwrap
+
+    ns: dict[str, Any] = {"__name__": "__main__", "collections": collections}
+    exec(textwrap.dedent("""
+        import time
+        log = collections.defaultdict(list)
+        log["k"].append(0)
+        nested = {"exp": {"hist": [1]}}
+        counts = collections.Counter(x=1)
+        def step(name, seconds):
+            time.sleep(seconds)
+            log["k"].append(name)
+            nested["exp"]["hist"].append(name)
+            nested["exp"][name] = 1
+            counts["x"] += 10
+    """), ns)
+    log, nested, counts = ns["log"], ns["nested"], ns["counts"]
+    hist, inner = nested["exp"]["hist"], nested["exp"]
+    first = gpu_magic.run("step('j1', 1.0)", "H100", ns, background=True, quiet=True)
+    second = gpu_magic.run("step('j2', 0.1)", "H100", ns, background=True, quiet=True)
+    log["k"].append("L")
+    hist.append("L")
+    inner["L"] = 1
+    counts["x"] += 100
+    second.wait()
+    first.wait()
+    assert log["k"] == [0, "L", "j2", "j1"]
+    assert hist == [1, "L", "j2", "j1"] and nested["exp"] is inner and inner["hist"] is hist
+    assert {k: inner[k] for k in ("L", "j1", "j2")} == {"L": 1, "j1": 1, "j2": 1}
+    assert counts["x"] == 121
+    err = capsys.readouterr().err
+    assert f"[gpu_magic] background job {first.id}: " in err and "merged in" in err, err
+    assert "nested['exp']" in err, err
