@@ -572,7 +572,7 @@ def _on_cpu(tensor: Any) -> Any:
     return moved
 
 
-_REGISTRY_LOCK = threading.Lock()
+_REGISTRY_LOCK = threading.RLock()  # (a diagnosis pickles inside a dumps-like hold)
 
 # (base folder, module name, file) -> whether that module is a local one; resolving every
 # module's path on every cell cost ~100 ms with a few thousand modules imported
@@ -651,6 +651,29 @@ def _local_modules(base: Path | None) -> list[types.ModuleType]:
 _LOCAL_MODULES: dict[tuple[str, int, str | None], list[types.ModuleType]] = {}
 
 
+@contextlib.contextmanager
+def _by_value_here(local_dir: Path | None) -> Iterator[None]:
+    """The notebook's own modules (under ``local_dir``) pickled by value meanwhile."""
+    local = _local_modules(local_dir)
+    # cloudpickle's by-value registry is global: threads pickling at once take turns
+    with _REGISTRY_LOCK if local else contextlib.nullcontext():
+        registered = []
+        for mod in local:
+            try:
+                cloudpickle.register_pickle_by_value(mod)
+                registered.append(mod)
+            except ValueError:
+                pass
+        try:
+            yield
+        finally:
+            for mod in registered:
+                try:
+                    cloudpickle.unregister_pickle_by_value(mod)
+                except ValueError:
+                    pass
+
+
 def dumps(
     obj: Any,
     *,
@@ -681,27 +704,10 @@ def dumps(
         buffers.append(raw)
         return False
 
-    local = _local_modules(local_dir)
-    # cloudpickle's by-value registry is global: threads pickling at once take turns
-    with _REGISTRY_LOCK if local else contextlib.nullcontext():
-        registered = []
-        for mod in local:
-            try:
-                cloudpickle.register_pickle_by_value(mod)
-                registered.append(mod)
-            except ValueError:
-                pass
-        try:
-            f = io.BytesIO()
-            p = _Pickler(f, namespace, input_refs, inside_refs,
-                         buffer_callback=keep_out_of_band)
-            p.dump(obj)
-        finally:
-            for mod in registered:
-                try:
-                    cloudpickle.unregister_pickle_by_value(mod)
-                except ValueError:
-                    pass
+    with _by_value_here(local_dir):
+        f = io.BytesIO()
+        p = _Pickler(f, namespace, input_refs, inside_refs, buffer_callback=keep_out_of_band)
+        p.dump(obj)
     data = f.getvalue()
     f.close()  # (its buffer: the pickler, kept for its memo, holds the file)
     packed = Packed(data, buffers, [digest(b) for b in buffers] if hash_buffers else [],
@@ -1764,7 +1770,10 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]]:
         return
     state = getattr(obj, "__dict__", None)
     if isinstance(state, dict):
+        module = isinstance(obj, types.ModuleType)
         for k, v in list(state.items())[:1000]:
+            if module and k.startswith("__") and k.endswith("__"):
+                continue  # (a module's __builtins__, __loader__...: not what the user made)
             yield f".{k}", v
     for slot in getattr(type(obj), "__slots__", ()) or ():
         if isinstance(slot, str) and hasattr(obj, slot):
@@ -1909,9 +1918,10 @@ def pack_inputs(
         packed, _ = dumps(dict(values), namespace=namespace, local_dir=local_dir,
                           keep_objects=keep_objects)
     except Exception as exc:
-        for name, value in values.items():
-            if not _pickles(value):
-                raise diagnose(name, value, exc) from None
+        with _by_value_here(local_dir):  # (a module of the notebook's is sent whole)
+            for name, value in values.items():
+                if not _pickles(value):
+                    raise diagnose(name, value, exc) from None
         raise SerializationError(
             f"the cell's inputs cannot be pickled together: {type(exc).__name__}: {exc}"
         ) from exc

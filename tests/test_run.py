@@ -1730,6 +1730,14 @@ def test_a_local_module_the_cell_imports_is_the_notebook_s_not_its_file_read_aga
         assert ns["r"] == 1
         assert ("your module locked_mod cannot travel as this notebook holds it"
                 in capsys.readouterr().err)
+        # used as an input, without importing it in the cell, it must travel: the error
+        # names what in it cannot (it said only "cannot pickle '_thread.lock' object")
+        ns["locked_mod"] = locked
+        with pytest.raises(SerializationError, match=r"locked_mod\.LOCK"):
+            run(ns, "r = locked_mod.V", "H100", quiet=True)
+        report = run(ns, "r = locked_mod.V", "H100", quiet=True, dry_run=True)
+        assert "locked_mod.LOCK" in str(report) and "__builtins__" not in str(report)
+        del ns["locked_mod"]
         # an attribute of the same name as a module is no import of it (a review: model.train()
         # sent a local train.py with every cell)
         from gpu_magic._payload import function_globals
