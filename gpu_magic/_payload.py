@@ -1296,8 +1296,13 @@ def shallow_bases(values: Iterable[Any]) -> dict[int, tuple[Any, tuple[str, Any]
             continue
         found[id(obj)] = (obj, base)
         kind, was = base
-        stack.extend(was.values() if kind == "dict" else was)
+        # (only containers go on: a list of a million floats is one pass, not a million pops)
+        stack.extend(x for x in (was.values() if kind == "dict" else was)
+                     if type(x) in _CONTAINERS)
     return found
+
+
+_CONTAINERS = frozenset({list, set, *_DICTS})
 
 
 def shallow_base(obj: Any) -> tuple[str, Any] | None:
