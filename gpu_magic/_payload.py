@@ -628,14 +628,15 @@ def _local_modules(base: Path | None) -> list[types.ModuleType]:
     """User modules beside the notebook (under ``base``), which must travel by value."""
     if base is None:
         return []
-    base = base.resolve()
     # sys.modules rarely changes between two cells: a new import grows it or changes its last
-    # key (dicts keep insertion order), so (size, last key) tells when to look again
+    # key (dicts keep insertion order), so (size, last key) tells when to look again. (The
+    # folder as given: resolving it, a few system calls, cost more than the rest of a hit.)
     modules = sys.modules
     key = (str(base), len(modules), next(reversed(modules), None))
     hit = _LOCAL_MODULES.get(key)
     if hit is not None and all(modules.get(m.__name__) is m for m in hit):
         return list(hit)
+    base = base.resolve()
     found: dict[str, types.ModuleType] = {}
     for name, mod in list(modules.items()):
         file = getattr(mod, "__file__", None)
