@@ -14,6 +14,7 @@ import collections.abc
 import contextlib
 import functools
 import inspect
+import itertools
 import os
 import platform
 import re
@@ -678,11 +679,12 @@ class _Job:
             if self.attached or names[n] is _NOTHING or not _payload.fits(names[n], st):
                 fresh.append((n, st))  # not the object that was sent: a new one
                 continue
-            todo.append((n, names[n], self._merged(n, names[n], st)))
+            todo.append((n, names[n], self._merged(lambda n=n: n, names[n], st)))
         # and what was inside them (models[0], params["W"]), checked as it was rebuilt
         for obj, st in self.inside:
             label = f"an object inside the inputs ({type(obj).__name__})"
-            todo.append((label, obj, self._merged(self._inside_name(obj), obj, st)))
+            todo.append((label, obj,
+                         self._merged(lambda obj=obj: self._inside_name(obj), obj, st)))
         # (what cannot be undone, an array's bytes, last)
         todo.sort(key=lambda t: _IN_PLACE_ORDER.get(t[2][0], 0))
         undo: list[Callable[[], None]] = []
@@ -709,30 +711,36 @@ class _Job:
             ) from exc
         return names
 
-    def _merged(self, name: str, obj: Any, st: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _merged(self, name: Callable[[], str], obj: Any, st: tuple[Any, ...]) -> tuple[Any, ...]:
         """A background job's new state of a list, set or dict, merged with what changed
-        here since it was sent (see _payload.merged_state), and noted for the user."""
+        here since it was sent (see _payload.merged_state), and noted for the user.
+        ``name``: how the note names it (asked only for a merge: a look through the inputs)."""
         kept = self.bases.get(id(obj))
         if kept is None or kept[0] is not obj:
             return st
-        got = _payload.merged_state(kept[1], obj, st)
+        try:
+            got = _payload.merged_state(kept[1], obj, st)
+        except Exception:  # (keys whose == raises): the job's state, as without a merge
+            got = None
         if got is None:
-            self.replaced.append(name)
+            self.replaced.append(name())
             return st
         if got[1]:
-            self.merged.append(name)
-        self.conflicts += [f"{name}[{k}]" for k in got[2]]
+            self.merged.append(name())
+        if got[2]:
+            label = name()
+            self.conflicts += [f"{label}[{k}]" for k in got[2]]
         return got[0]
 
     def _inside_name(self, obj: Any) -> str:
         """How to name an object inside the inputs in a note: ``nested['exp']``, or its type."""
         for n, v in self.refs.items():
             if isinstance(v, dict):
-                for k, x in list(v.items())[:1000]:
+                for k, x in itertools.islice(v.items(), 1000):
                     if x is obj:
-                        return f"{n}[{k!r}]"
+                        return f"{n}[{_payload._short_repr(k)}]"
             elif isinstance(v, list):
-                for i, x in enumerate(v[:1000]):
+                for i, x in enumerate(itertools.islice(v, 1000)):
                     if x is obj:
                         return f"{n}[{i}]"
         return f"a {type(obj).__name__} inside the inputs"
@@ -752,6 +760,7 @@ class _Job:
                 self.namespace.pop(n, None)
         self.bound = names
         self.result_bound = True
+        self.bases = {}  # (merged: what it was sent need not stay alive with the handle)
         if self.merged:
             both = (f", but for {', '.join(self.conflicts[:8])}, which both changed: the job's "
                     "value there" if self.conflicts else "")
@@ -1507,7 +1516,8 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
             singles[name], _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir)
         except Exception:
             unlisted: dict[str, int] = {}
-            found = _payload.find_all_unpicklable(value, name, unlisted=unlisted)
+            with _payload._by_value_here(local_dir):  # (as the send pickles them)
+                found = _payload.find_all_unpicklable(value, name, unlisted=unlisted)
             said = [f"{path}: {what}; {fix}"
                     for path, what, fix in ((p, *_payload.describe(c)) for p, c in found)]
             row.update(bytes=None, travels="cannot be sent", path=found[0][0],

@@ -1299,11 +1299,11 @@ def shallow_bases(values: Iterable[Any]) -> dict[int, tuple[Any, tuple[str, Any]
         kind, was = base
         # (only containers go on: a list of a million floats is one pass, not a million pops)
         stack.extend(x for x in (was.values() if kind == "dict" else was)
-                     if type(x) in _CONTAINERS)
+                     if type(x) in _MERGEABLE)
     return found
 
 
-_CONTAINERS = frozenset({list, set, *_DICTS})
+_MERGEABLE = frozenset({list, set, *_DICTS})
 
 
 def shallow_base(obj: Any) -> tuple[str, Any] | None:
@@ -1352,15 +1352,16 @@ def merged_state(base: tuple[str, Any], current: Any, state: tuple[Any, ...]
         counts = state[1] is collections.Counter
         for k, v in theirs.items():
             if k not in was or not _same(v, was[k]):  # the job set it
-                if k in current and not _same(current[k], was.get(k, _NOT_THERE)) and (
-                        not _same(current[k], v)):
+                here = current.get(k, _NOT_THERE)
+                if here is not _NOT_THERE and not _same(here, was.get(k, _NOT_THERE)):
                     if counts and all(isinstance(x, (int, float)) for x in
-                                      (current[k], v, was.get(k, 0))):
+                                      (here, v, was.get(k, 0))):
                         # a Counter counts: both counts added (what each job and a cell
-                        # added, as run one after the other)
-                        merged[k] = current[k] + v - was.get(k, 0)
+                        # added, as run one after the other), equal ones too
+                        merged[k] = here + v - was.get(k, 0)
                         continue
-                    both.append(repr(k)[:40])
+                    if not _same(here, v):
+                        both.append(_short_repr(k))
                 merged[k] = v
         for k in was:
             if k not in theirs and k in merged and _same(merged[k], was[k]):
@@ -1385,6 +1386,13 @@ def merged_state(base: tuple[str, Any], current: Any, state: tuple[Any, ...]
 
 
 _NOT_THERE = object()
+
+
+def _short_repr(key: Any) -> str:
+    try:
+        return repr(key)[:40]
+    except Exception:
+        return f"<a {type(key).__name__} key>"
 
 
 def in_place_state(obj: Any) -> tuple[Any, ...] | None:

@@ -1059,3 +1059,22 @@ def test_a_background_job_s_change_merges_with_changes_made_meanwhile() -> None:
                                in_place_state([np.float64(1.0), 3.0]))
     assert state[2] == [1.0, 2.0, 3.0]
     assert merged_state(shallow_base(lst), [9.0], in_place_state([1.0, 3.0])) is None  # type: ignore[arg-type]
+
+
+def test_counts_add_up_even_when_two_jobs_add_the_same() -> None:
+    # a review: two jobs' `c["x"] += 1` from an empty Counter made 1, not 2 (the equal
+    # values read as one change)
+    import collections
+
+    from gpu_magic._payload import _changeable, in_place_state, merged_state, shallow_base
+
+    sent = collections.Counter()
+    base = shallow_base(sent)
+    assert base is not None
+    after_first = collections.Counter(x=1)  # the first job's count, bound already
+    state, _, both = merged_state(base, after_first,  # type: ignore[misc]
+                                  in_place_state(collections.Counter(x=1)))
+    assert dict(zip(*state[2])) == {"x": 2} and both == []
+    # (the merge's own set of containers is apart from the one that decides what keeps its
+    # identity inside the inputs, a bytearray among them)
+    assert _changeable(bytearray(b"ab"))
