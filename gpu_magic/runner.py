@@ -1076,7 +1076,14 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
             start = i
             break
     out = []
-    for fr, code in zip(frames[start:], codes[start:]):
+    # IPython's frames that only lead into gpu_magic's (a `%gpu pool` a cell ran, refused in
+    # a job): the cell's line and the refusal are the news, as a local magic's error shows
+    ours = [f.filename.startswith(_PACKAGE) or _in_ipython(f.filename) for f in frames]
+    leads_in = [any(ours[i + 1:]) and all(ours[i + 1:]) and _in_ipython(f.filename)
+                for i, f in enumerate(frames)]
+    for i, (fr, code) in enumerate(zip(frames[start:], codes[start:]), start):
+        if leads_in[i]:
+            continue
         if isinstance(exc, SystemExit) and not (fr.filename in cell_files
                                                 or fr.filename == "<dynamic-code>"):
             continue  # exit() goes through IPython and the runner: not the user's frames

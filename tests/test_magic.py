@@ -544,6 +544,8 @@ def test_a_gpu_cell_inside_a_job_runs_there_and_leaves_local_gateways_alone(
             err = _error_text(k.run(f"%%gpu T4 --quiet\n%load_ext gpu_magic\n{line}"))
             assert f"GatewayError: {line}: this runs inside GPU job " in err, err
             assert "never looks for, starts or stops a local gateway" in err, err
+            # the cell's line and the refusal, not IPython's way into the magic
+            assert "interactiveshell" not in err and f"----> 3 {line}" in err, err
         err = _error_text(k.run("%%gpu T4 --quiet\n%load_ext gpu_magic\n"
                                 "get_ipython().run_cell_magic('gpu', '--background', '1')"))
         assert "--background: this code already runs inside GPU job" in err, err
