@@ -274,8 +274,9 @@ class JobState:
             # ended by the interrupt: bound what it had bound by then, as a local cell leaves it
             # (nothing bound: the cell had assigned nothing, or a second interrupt cancelled
             # it at once; either way, said as it is)
-            bound = (f"bound {_names(self.bound)} (what the cell had assigned when it was "
-                     "interrupted)" if self.bound else "nothing was bound")
+            names = self.bound + self.imported  # (an import is bound too)
+            bound = (f"bound {_names(names)} (what the cell had assigned when it was "
+                     "interrupted)" if names else "nothing was bound")
             return (f"cancelled by an interrupt: {self.error or 'KeyboardInterrupt'} · {bound}; "
                     f"{self._gpus()}")
         if self.state == "cancelled":

@@ -510,8 +510,10 @@ def test_an_interrupt_that_bound_nothing_does_not_say_what_it_bound() -> None:
     s.apply({"type": "done", "state": "cancelled"}, now=1.5)
     # (nothing bound may also be a second interrupt's cancel: no reason is claimed)
     assert "KeyboardInterrupt · nothing was bound; its GPUs are released" in s.outcome()
+    s.imported = ["numpy"]  # (an import the cell made before the interrupt is bound too)
+    assert "bound numpy (what the cell had assigned when it was interrupted)" in s.outcome()
     s.bound = ["a", "b"]
-    assert "bound a, b (what the cell had assigned when it was interrupted)" in s.outcome()
+    assert "bound a, b, numpy (what the cell had assigned when it was interrupted)" in s.outcome()
 
 
 def test_a_job_no_longer_followed_does_not_say_it_runs() -> None:
