@@ -13,6 +13,7 @@ import collections
 import collections.abc
 import contextlib
 import functools
+import importlib
 import inspect
 import itertools
 import os
@@ -697,8 +698,14 @@ class _Job:
                 undo.append(_payload.apply_in_place(obj, st))
             for n, st in self.modules.items():
                 module = sys.modules.get(n)
-                if module is not None:  # (a kernel that never imported it: nothing to update)
-                    undo.append(_payload.apply_in_place(module, st))
+                if module is None:
+                    # one the cell imported from its file, which this kernel had not: imported
+                    # here too, as the cell's import would have, and then given the change
+                    try:
+                        module = importlib.import_module(n)
+                    except Exception:
+                        continue
+                undo.append(_payload.apply_in_place(module, st))
         except Exception as exc:
             for step in reversed(undo):
                 step()

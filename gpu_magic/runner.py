@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import typing
 import warnings
 from collections.abc import Callable, Collection
@@ -1148,6 +1149,72 @@ _OWN_FILES = frozenset({__file__, _interrupts.__file__})
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+class _FreshLocalImports:
+    """While the cell runs: the user's own modules it imports from their files (ones the
+    notebook had not imported, so none arrived), each with what it held right after its
+    import, to send back what the cell then set on it (`import cfg; cfg.W = 1`), as a local
+    cell leaves the notebook's module."""
+
+    def __init__(self, ns: dict[str, Any], known: Any) -> None:
+        self.ns, self.known = ns, known
+        self.seen: dict[str, tuple[types.ModuleType, tuple[Any, ...]]] = {}
+        self.loaders: list[tuple[types.ModuleType, Any]] = []
+
+    def __enter__(self) -> _FreshLocalImports:
+        try:
+            self.here: Path | None = Path.cwd().resolve()
+        except OSError:
+            self.here = None
+        sys.meta_path.insert(0, self)  # type: ignore[arg-type]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)  # type: ignore[arg-type]
+        for module, loader in self.loaders:  # (the module's own loader again, as imported)
+            module.__loader__ = loader
+            if getattr(module, "__spec__", None) is not None:
+                module.__spec__.loader = loader
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        import importlib.machinery
+
+        if self.here is None or name in sys.modules or "." in name:
+            return None
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if (spec is None or not spec.origin or spec.loader is None
+                    or not hasattr(spec.loader, "exec_module")
+                    or not _payload.is_local(self.here, name, spec.origin)):
+                return None
+        except Exception:
+            return None
+        spec.loader = _Watched(spec.loader, self, name)
+        return spec
+
+    def imported(self, name: str, module: types.ModuleType, loader: Any) -> None:
+        self.loaders.append((module, loader))
+        with contextlib.suppress(Exception):
+            self.seen[name] = (module, _payload.module_snapshot(module, self.ns, self.known))
+
+
+class _Watched:
+    """A module's own loader, telling _FreshLocalImports once the module has run."""
+
+    def __init__(self, loader: Any, fresh: _FreshLocalImports, name: str) -> None:
+        self._loader, self._fresh, self._name = loader, fresh, name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._loader, attr)
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        self._fresh.imported(self._name, module, self._loader)
+
+
 def _in_ipython(filename: str) -> bool:
     ipython = sys.modules.get("IPython")
     folder = os.path.dirname(getattr(ipython, "__file__", "") or "")
@@ -1848,7 +1915,8 @@ class _Session:
         shell.compile.get_code_name = lambda *_args: name
         shell.compile.gpu_magic_cell = _CellWarnings.file = name
         _payload.CELL_SHIFTS[name] = _CellWarnings.where[1]
-        with self.interrupts.cell(shell.compile):
+        fresh = _FreshLocalImports(ns, mapped.known)
+        with self.interrupts.cell(shell.compile), fresh:
             result = shell.run_cell(manifest["source"], store_history=False)
         _flush_c_stdio()  # C stdio buffers of extensions, before the drain
         left = self.pristine.threads_left() if self.pristine is not None else []
@@ -1899,8 +1967,11 @@ class _Session:
         # a local module that arrived: what the cell changed in it, for the notebook's own
         module_states = {}
         if not manifest.get("no_return") and manifest.get("return_names") is None:
-            for name, m in modules.items():
-                st = _payload.module_changes(m, snapshots[name], ns, mapped.known)
+            # (and one the cell imported from its file, the notebook not having it: what the
+            # cell set on it after its import, for the notebook's, imported there as here)
+            for name, (m, snap) in [*((n, (m, snapshots[n])) for n, m in modules.items()),
+                                    *fresh.seen.items()]:
+                st = _payload.module_changes(m, snap, ns, mapped.known)
                 if st is not None:
                     module_states[name] = st
         deleted = [n for n in manifest.get("deleted", []) if n not in ns]

@@ -1720,6 +1720,14 @@ def test_a_local_module_the_cell_imports_is_the_notebook_s_not_its_file_read_aga
         (tmp_path / "fresh_mod.py").write_text("V = 7\n")
         run(ns, "import fresh_mod\nr = fresh_mod.V", "H100", quiet=True)
         assert ns["r"] == 7
+        # and what the cell sets on it comes back, as locally, where the cell's import made
+        # it the notebook's (the trial of the day's changes: it was dropped)
+        sys.modules.pop("fresh_mod", None)
+        (tmp_path / "fresh_two.py").write_text("W = 'from file'\ndef get():\n    return W\n")
+        run(ns, "import fresh_mod, fresh_two\nfresh_mod.V = 9\nfresh_two.W = 'changed'",
+            "H100", quiet=True)
+        assert sys.modules["fresh_mod"].V == 9 and ns["fresh_mod"] is sys.modules["fresh_mod"]
+        assert sys.modules["fresh_two"].get() == "changed"
         # one that cannot travel whole (it holds a lock) is read from its file there, as
         # before, and said (found by a review: the cell failed, naming nothing)
         (tmp_path / "locked_mod.py").write_text("import threading\nLOCK = threading.Lock()\n"
@@ -1749,7 +1757,7 @@ def test_a_local_module_the_cell_imports_is_the_notebook_s_not_its_file_read_aga
         function_globals([ns["f"]], ns, found)
         assert found == {name}
     finally:
-        for m in (name, pkg, f"{pkg}.sub", "fresh_mod", "locked_mod"):
+        for m in (name, pkg, f"{pkg}.sub", "fresh_mod", "fresh_two", "locked_mod"):
             sys.modules.pop(m, None)
 
 
