@@ -745,7 +745,7 @@ class _Job:
             if isinstance(v, dict):
                 for k, x in itertools.islice(v.items(), 1000):
                     if x is obj:
-                        return f"{n}[{_payload._short_repr(k)}]"
+                        return f"{n}[{_payload.short_repr(k)}]"
             elif isinstance(v, list):
                 for i, x in enumerate(itertools.islice(v, 1000)):
                     if x is obj:
@@ -892,7 +892,6 @@ class _Job:
         if isinstance(rebuilt, KeyboardInterrupt):
             rebuilt._gpu_magic_remote = True  # type: ignore[attr-defined]  # the cell's: see run()
         return rebuilt
-
 
     def _unsent_name_hint(self, ev: dict[str, Any]) -> str | None:
         """A NameError for a name the notebook has but the cell was not sent: it named it only
@@ -1523,7 +1522,7 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
             singles[name], _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir)
         except Exception:
             unlisted: dict[str, int] = {}
-            with _payload._by_value_here(local_dir):  # (as the send pickles them)
+            with _payload.by_value_here(local_dir):  # (as the send pickles them)
                 found = _payload.find_all_unpicklable(value, name, unlisted=unlisted)
             said = [f"{path}: {what}; {fix}"
                     for path, what, fix in ((p, *_payload.describe(c)) for p, c in found)]

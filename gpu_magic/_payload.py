@@ -653,7 +653,7 @@ _LOCAL_MODULES: dict[tuple[str, int, str | None], list[types.ModuleType]] = {}
 
 
 @contextlib.contextmanager
-def _by_value_here(local_dir: Path | None) -> Iterator[None]:
+def by_value_here(local_dir: Path | None) -> Iterator[None]:
     """The notebook's own modules (under ``local_dir``) pickled by value meanwhile."""
     local = _local_modules(local_dir)
     # cloudpickle's by-value registry is global: threads pickling at once take turns
@@ -705,7 +705,7 @@ def dumps(
         buffers.append(raw)
         return False
 
-    with _by_value_here(local_dir):
+    with by_value_here(local_dir):
         f = io.BytesIO()
         p = _Pickler(f, namespace, input_refs, inside_refs, buffer_callback=keep_out_of_band)
         p.dump(obj)
@@ -1254,7 +1254,7 @@ IMPORTED_KEY = "import "  # (+ a module's name) an input no cell can name: see l
 
 def local_imports(names: Iterable[str], local_dir: Path | None) -> dict[str, types.ModuleType]:
     """The notebook's own modules (beside it, see ``_local_modules``) among ``names``: those
-    the cell imports, or the code of the functions it calls names. Sent whole, they are what
+    the cell imports, or the notebook functions it calls import. Sent whole, they are what
     the cell's ``import cfg`` finds where it runs, as in the notebook: the module as the
     notebook left it (``cfg.BATCH = 256`` set here), not its file read afresh."""
     local = {m.__name__ for m in _local_modules(local_dir)}
@@ -1303,7 +1303,7 @@ def shallow_bases(values: Iterable[Any]) -> dict[int, tuple[Any, tuple[str, Any]
     return found
 
 
-_MERGEABLE = frozenset({list, set, *_DICTS})
+_MERGEABLE = _CONTAINERS - {bytearray}  # (a bytearray has no entries to merge)
 
 
 def shallow_base(obj: Any) -> tuple[str, Any] | None:
@@ -1361,7 +1361,7 @@ def merged_state(base: tuple[str, Any], current: Any, state: tuple[Any, ...]
                         merged[k] = here + v - was.get(k, 0)
                         continue
                     if not _same(here, v):
-                        both.append(_short_repr(k))
+                        both.append(short_repr(k))
                 merged[k] = v
         for k in was:
             if k not in theirs and k in merged and _same(merged[k], was[k]):
@@ -1388,7 +1388,7 @@ def merged_state(base: tuple[str, Any], current: Any, state: tuple[Any, ...]
 _NOT_THERE = object()
 
 
-def _short_repr(key: Any) -> str:
+def short_repr(key: Any) -> str:
     try:
         return repr(key)[:40]
     except Exception:
@@ -1932,7 +1932,7 @@ def pack_inputs(
         packed, _ = dumps(dict(values), namespace=namespace, local_dir=local_dir,
                           keep_objects=keep_objects)
     except Exception as exc:
-        with _by_value_here(local_dir):  # (a module of the notebook's is sent whole)
+        with by_value_here(local_dir):  # (a module of the notebook's is sent whole)
             for name, value in values.items():
                 if not _pickles(value):
                     raise diagnose(name, value, exc) from None

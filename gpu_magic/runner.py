@@ -1079,9 +1079,14 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
     out = []
     # IPython's frames that only lead into gpu_magic's (a `%gpu pool` a cell ran, refused in
     # a job): the cell's line and the refusal are the news, as a local magic's error shows
-    ours = [f.filename.startswith(_PACKAGE) or _in_ipython(f.filename) for f in frames]
-    leads_in = [any(ours[i + 1:]) and all(ours[i + 1:]) and _in_ipython(f.filename)
-                for i, f in enumerate(frames)]
+    # (one pass from the end: a RecursionError's traceback has thousands of frames)
+    leads_in = [False] * len(frames)
+    all_ours, any_ours = True, False
+    for i in range(len(frames) - 1, -1, -1):
+        ipython = _in_ipython(frames[i].filename)
+        leads_in[i] = ipython and any_ours and all_ours
+        ours = ipython or frames[i].filename.startswith(_PACKAGE)
+        all_ours, any_ours = all_ours and ours, any_ours or ours
     for i, (fr, code) in enumerate(zip(frames[start:], codes[start:]), start):
         if leads_in[i]:
             continue

@@ -554,16 +554,20 @@ class Gateway:
                          "timings": self._timings(job)})
         self.store.save_job(self._record(job))
 
-    def lose_unfinished(self, why: str) -> None:
+    def lose_unfinished(self, why: str) -> tuple[int, int]:
         """Stopping: the jobs that have not ended end now, as lost, saying why (the next
-        gateway on this state directory said only that it had restarted)."""
+        gateway on this state directory said only that it had restarted). How many of them
+        were running and queued."""
+        running = queued = 0
         for job in list(self.jobs.values()):
             if job.final:
                 continue
             was = job.state
+            running, queued = running + (was != "queued"), queued + (was == "queued")
             job.state, job.finished = "lost", time.time()
             self._dequeue(job)
             self._lose(job, was, f"the gateway was stopped ({why})")
+        return running, queued
 
     def close(self) -> None:
         self.closing = True

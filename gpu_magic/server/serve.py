@@ -440,13 +440,11 @@ def serve(cfg: ServeConfig) -> int:
             stopping["served"] = "yes"
             watcher.cancel()
             await gateway.drain()  # (jobs whose results are being stored end as they ran)
-            ending = [j for j in gateway.jobs.values() if not j.final]
-            running = sum(j.state != "queued" for j in ending)
             why = stopping.get("why", "asked to stop")
+            running, queued = gateway.lose_unfinished(why)
             print(f"gpu-magic: stopping ({why})"
-                  + (f": {running} running and {len(ending) - running} queued job(s) end with "
-                     "it, as lost" if ending else ""), file=sys.stderr, flush=True)
-            gateway.lose_unfinished(why)
+                  + (f": {running} running and {queued} queued job(s) end with it, as lost"
+                     if running or queued else ""), file=sys.stderr, flush=True)
             gateway.close()
             if cfg.runtime_file:
                 with contextlib.suppress(OSError):
