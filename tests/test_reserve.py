@@ -147,15 +147,19 @@ def test_filling_waits_while_jobs_run(tmp_path: Path) -> None:
         r.close()
 
 
-def test_a_job_that_starts_during_a_fill_stops_it(tmp_path: Path) -> None:
+def test_a_job_that_starts_during_a_fill_stops_it_and_the_fill_goes_on_later(
+        tmp_path: Path) -> None:
     folder = tmp_path / "reserve"
     released = threading.Event()
-    stops = []
+    stops: list[tuple[str, int]] = []  # the part's name and size at each stop
 
-    def busy() -> bool:  # a job starts as soon as a fill has begun, until released
-        if not released.is_set() and any(n.endswith(".part") for n in os.listdir(folder)):
-            stops.append(1)
-            return True
+    def busy() -> bool:  # a job starts each time a fill has written more, until released
+        parts = [n for n in os.listdir(folder) if n.endswith(".part")]
+        if not released.is_set() and parts:
+            size = (folder / parts[0]).stat().st_size
+            if size > (stops[-1][1] if stops else 0):
+                stops.append((parts[0], size))
+                return True
         return False
 
     r = Reserve(folder, cap=1 << 30, busy=busy)
@@ -163,9 +167,27 @@ def test_a_job_that_starts_during_a_fill_stops_it(tmp_path: Path) -> None:
         r.note(64 * MIB)
         wait_for(lambda: len(stops) >= 3, timeout=20)
         assert _sizes(folder) == []  # every fill was stopped before it completed
+        # what a stopped fill wrote is kept, and the next quiet moment goes on with it
+        # rather than beginning a new file (its pages are what cost the most)
+        assert len({name for name, _ in stops}) == 1
+        assert stops[-1][1] < _reserve.round_up(64 * MIB)
         released.set()
         wait_for(lambda: _sizes(folder) == [_reserve.round_up(64 * MIB)], timeout=20)
         assert not [n for n in os.listdir(folder) if n.endswith(".part")]
+    finally:
+        r.close()
+    assert os.listdir(folder) == []
+
+
+def test_a_begun_file_no_size_wants_any_more_is_dropped(tmp_path: Path) -> None:
+    folder = tmp_path / "reserve"
+    r = Reserve(folder, cap=1 << 30)
+    try:
+        (folder / f".{_reserve.round_up(32 * MIB)}.abc.part").write_bytes(b"\0" * 4096)
+        r.note(8 * MIB)
+        wait_for(lambda: _sizes(folder) == [_reserve.round_up(8 * MIB)], timeout=20)
+        wait_for(lambda: not [n for n in os.listdir(folder) if n.endswith(".part")],
+                 timeout=20)
     finally:
         r.close()
 

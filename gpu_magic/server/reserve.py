@@ -69,7 +69,7 @@ class Reserve:
         if self._thread is not None:
             self._thread.join(timeout=5)
         # scratch, not state: a stopped gateway leaves no disk taken (quotas on shared homes)
-        for _, name in files(self.folder):
+        for name in os.listdir(self.folder):  # whole files and parts
             with contextlib.suppress(OSError):
                 os.unlink(self.folder / name)
 
@@ -112,6 +112,7 @@ class Reserve:
                 if self._closed:
                     return
             make, drop = self.wanted()
+            drop += [name for size, name in self._parts() if size not in make]
             for name in drop:
                 with contextlib.suppress(OSError):
                     os.unlink(self.folder / name)
@@ -135,25 +136,43 @@ class Reserve:
         free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         return free - size >= max(MIN_FREE, total // 10, 2 * size)
 
+    def _parts(self) -> list[tuple[int, str]]:
+        """Files begun and not finished, as (size they are for, name)."""
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return []
+        return [(int(n.split(".")[1]), n) for n in names
+                if n.startswith(".") and n.endswith(".part") and n.split(".")[1].isdigit()]
+
     def _write(self, size: int) -> bool | None:
         """Write one reserve file: True when written, False when it cannot be (disk), None
-        when interrupted by a job, a blob or closing (nothing is left of it then)."""
-        if not self._room_for(size):
-            log.info("blob reserve: not writing %d bytes more, the disk of %s is nearly full",
-                     size, self.folder)
-            return False
-        part = self.folder / f".{size}.{os.urandom(6).hex()}.part"
+        when interrupted by a job, a blob or closing. An interrupted file is kept and the next
+        quiet moment goes on with it: on a virtual machine the pages it got cost the most, and
+        a 1 s pause between a user's cells is too short to write a large file from the start."""
+        begun = [name for s, name in self._parts() if s == size]
+        part = self.folder / (begun[0] if begun else f".{size}.{os.urandom(6).hex()}.part")
         try:
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            done = part.stat().st_size if begun else 0
+        except OSError:
+            done = 0
+        if not self._room_for(size - done):
+            log.info("blob reserve: not writing %d bytes more, the disk of %s is nearly full",
+                     size - done, self.folder)
+            return False
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
             try:
-                done = 0
+                if done > size:
+                    os.ftruncate(fd, size)
+                    done = size
+                os.lseek(fd, done, os.SEEK_SET)
                 view = memoryview(_ZEROS)
                 while done < size and not self._interrupted():
                     done += os.write(fd, view[: min(len(_ZEROS), size - done)])
             finally:
                 os.close(fd)
             if done < size:
-                os.unlink(part)
                 return None
             os.rename(part, self.folder / f"{size}.{os.urandom(6).hex()}")
             return True
