@@ -207,6 +207,21 @@ def test_the_reserve_never_fills_the_disk(tmp_path: Path) -> None:
         r.close()
 
 
+def test_a_begun_file_is_dropped_when_the_disk_has_no_room_to_finish_it(tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    disk = st.f_blocks * st.f_frsize
+    folder = tmp_path / "reserve"
+    r = Reserve(folder, cap=1 << 60)
+    try:
+        part = folder / f".{_reserve.round_up(disk)}.abc.part"
+        part.write_bytes(b"\0" * 4096)  # begun when the disk had room
+        r.note(disk)
+        wait_for(lambda: not part.exists(), timeout=20)
+        assert os.listdir(folder) == []
+    finally:
+        r.close()
+
+
 def test_a_reserve_of_zero_writes_nothing(tmp_path: Path) -> None:
     r = Reserve(tmp_path / "reserve", cap=0)
     r.note(64 * MIB)

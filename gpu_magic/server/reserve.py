@@ -159,6 +159,8 @@ class Reserve:
         if not self._room_for(size - done):
             log.info("blob reserve: not writing %d bytes more, the disk of %s is nearly full",
                      size - done, self.folder)
+            with contextlib.suppress(OSError):
+                part.unlink()  # its bytes too go back to the users' uploads
             return False
         try:
             fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
