@@ -31,6 +31,17 @@ def default_cap() -> int:
     return min(4 << 30, ram // 16)
 
 
+def room_for(folder: Path, size: int) -> bool:
+    """Whether the disk of ``folder`` keeps enough free after ``size`` more bytes: the reserve
+    must never be what makes a user's own upload fail for want of space."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    return free - size >= max(MIN_FREE, total // 10, 2 * size)
+
+
 class Reserve:
     def __init__(self, folder: Path, cap: int, busy: Callable[[], bool] = lambda: False) -> None:
         self.folder = folder
@@ -126,16 +137,6 @@ class Reserve:
     def _interrupted(self) -> bool:
         return self._closed or bool(self._noted) or self.busy()
 
-    def _room_for(self, size: int) -> bool:
-        """Whether the disk keeps enough free after ``size`` more bytes: the reserve must never
-        be what makes a user's own upload fail for want of space."""
-        try:
-            st = os.statvfs(self.folder)
-        except OSError:
-            return False
-        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        return free - size >= max(MIN_FREE, total // 10, 2 * size)
-
     def _parts(self) -> list[tuple[int, str]]:
         """Files begun and not finished, as (size they are for, name)."""
         try:
@@ -156,7 +157,7 @@ class Reserve:
             done = part.stat().st_size if begun else 0
         except OSError:
             done = 0
-        if not self._room_for(size - done):
+        if not room_for(self.folder, size - done):
             log.info("blob reserve: not writing %d bytes more, the disk of %s is nearly full",
                      size - done, self.folder)
             with contextlib.suppress(OSError):
