@@ -406,6 +406,33 @@ _BADGE = ('<span class="gpu-magic-badge" style="background:#fde68a;color:#713f12
           'border-radius:3px;padding:0 4px;margin-left:6px;font-size:0.85em">simulated</span>')
 
 
+def _detail_rows(state: JobState, outcome: bool = False) -> list[str]:
+    """The HTML rows below the status line: attempts, away, interrupt, cancelling, the outcome
+    (``outcome``), notes and dropped options."""
+    e = html.escape
+    rows = []
+    attempts = state.attempt_lines()
+    if attempts:
+        rows.append('<ol class="gpu-magic-attempts" style="margin:2px 0 2px 1.2em;padding:0">'
+                    + "".join(f"<li>{e(a.split(': ', 1)[1])}</li>" for a in attempts) + "</ol>")
+    if state.away_text():
+        rows.append(f'<div class="gpu-magic-away" style="{_colour(_WARN)}">'
+                    f"{e(state.away_text())}</div>")
+    if state.interrupt_text():
+        rows.append(f"<div>{e(state.interrupt_text())}</div>")
+    if state.cancel and not state.final:
+        rows.append(f"<div>cancelling ({e(state.cancel)})…</div>")
+    if state.cancel_error:
+        rows.append(f'<div style="{_colour(_BAD)}">{e(state.cancel_error)}</div>')
+    if outcome and state.outcome():
+        rows.append(f'<div class="gpu-magic-outcome">{e(state.outcome())}</div>')
+    for n in state.notices:
+        rows.append(f'<div style="{_colour(_WARN)}">note: {e(n)}</div>')
+    for d in state.dropped:
+        rows.append(f'<div style="{_colour(_FAINT)}">dropped {e(d["option"])}: {e(d["reason"])}</div>')
+    return rows
+
+
 def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
     """The HTML form: the grant as the headline, then progress, transfer, attempts, outcome.
 
@@ -430,29 +457,14 @@ def render_html(state: JobState, now: float, *, compact: bool = False) -> str:
     if compact:
         rest = " · ".join(x for x in (state.transfer(), state.outcome()) if x)
         tail = f" · {e(rest)}" if rest else ""
-        return f'<div class="gpu-magic-status"><b>GPU</b> {status} · {head}{tail}</div>'
+        # one line, unless the job has more to say (a note, its attempts): said beneath it,
+        # as the text form says it
+        more = "".join(_detail_rows(state))
+        return f'<div class="gpu-magic-status"><b>GPU</b> {status} · {head}{tail}{more}</div>'
     rows = [f'<div style="font-size:1.05em"><b>GPU</b> {head}</div>', f"<div>{status}</div>"]
     if state.transfer():
         rows.append(f'<div style="{_colour(_MUTED)}">{e(state.transfer())}</div>')
-    attempts = state.attempt_lines()
-    if attempts:
-        rows.append('<ol class="gpu-magic-attempts" style="margin:2px 0 2px 1.2em;padding:0">'
-                    + "".join(f"<li>{e(a.split(': ', 1)[1])}</li>" for a in attempts) + "</ol>")
-    if state.away_text():
-        rows.append(f'<div class="gpu-magic-away" style="{_colour(_WARN)}">'
-                    f"{e(state.away_text())}</div>")
-    if state.interrupt_text():
-        rows.append(f"<div>{e(state.interrupt_text())}</div>")
-    if state.cancel and not state.final:
-        rows.append(f"<div>cancelling ({e(state.cancel)})…</div>")
-    if state.cancel_error:
-        rows.append(f'<div style="{_colour(_BAD)}">{e(state.cancel_error)}</div>')
-    if state.outcome():
-        rows.append(f'<div class="gpu-magic-outcome">{e(state.outcome())}</div>')
-    for n in state.notices:
-        rows.append(f'<div style="{_colour(_WARN)}">note: {e(n)}</div>')
-    for d in state.dropped:
-        rows.append(f'<div style="{_colour(_FAINT)}">dropped {e(d["option"])}: {e(d["reason"])}</div>')
+    rows += _detail_rows(state, outcome=True)
     if state.job_id:
         rows.append(f'<div style="{_colour(_FAINT)};font-size:0.85em">job {e(state.job_id)}</div>')
     return (f'<div class="gpu-magic-status" style="border-left:3px solid {colour[1]};'

@@ -3,6 +3,7 @@ well-formed sentence. Real gateway, real jobs; the texts are folded from their r
 
 from __future__ import annotations
 
+import html
 import re
 import threading
 from typing import Any
@@ -284,3 +285,23 @@ def test_traceback_context_stays_in_the_frame_s_function() -> None:
         "      2 def f(x):", "      3     if x:", "----> 4         y = 1 / 0", "      5     return y"]
     assert _context(line, 1, 10, "", module=True)[0] == "---> 11 import math"
     assert _context(lambda n: "", 3, 0, "fallback()", module=False) == ["----> 3 fallback()"]
+
+
+def test_a_quick_cell_s_one_line_summary_keeps_its_notes(use_gateway: Gateway) -> None:
+    # a cell that ends within a second gets one line instead of the widget; that line left
+    # out the note saying why no larger GPU was tried, which the text form and the widget say
+    client = use_gateway.client()
+    try:
+        with pytest.raises(RuntimeError):
+            gpu_magic.run('raise RuntimeError("CUDA out of memory. Tried to allocate 900 GiB")',
+                          "H100", {"__name__": "__main__"}, client=client, quiet=True,
+                          oom_fallback=True)
+        job = max(client.jobs(), key=lambda j: j["created"])
+        state = _folded(client, job["id"])
+    finally:
+        client.close()
+    assert state.notices and "out of GPU memory" in state.notices[0], state.notices
+    text, line = render_text(state, 0.0), _clean(render_html(state, 0.0, compact=True))
+    for note in state.notices:
+        assert f"note: {note}" in text
+        assert f"note: {html.escape(note)}" in line, line
