@@ -32,9 +32,10 @@ from typing import Any
 
 from . import _injob, _payload
 from ._capture import analyze_cell
-from ._client import INLINE_MAX, GatewayClient, silence_clause, unreached_clause
+from ._client import INLINE_MAX, GatewayClient, refused, silence_clause, unreached_clause
 from ._connection import connect, invalidate_local
 from ._errors import (
+    AuthError,
     EnvironmentMismatch,
     GatewayError,
     GpuMagicError,
@@ -216,9 +217,11 @@ def select_inputs(
 def _check_environment(health: Mapping[str, Any]) -> None:
     if health.get("client_python"):
         return  # the runner uses this kernel's own interpreter
+    if not health.get("python"):
+        return  # not said (to a caller whose token it refused): the submit says why
     ours = platform.python_version_tuple()[:2]
-    theirs = str(health.get("python", "")).split(".")[:2]
-    if theirs and list(ours) != theirs:
+    theirs = str(health["python"]).split(".")[:2]
+    if list(ours) != theirs:
         raise EnvironmentMismatch(
             f"the GPU runner has Python {'.'.join(theirs)} but this kernel has "
             f"{'.'.join(ours)}; cloudpickle needs the same minor version on both sides. Use a "
@@ -1131,6 +1134,8 @@ def submit(
         invalidate_local()
         cl = connect() if client is None else cl
         health = cl.health(refresh=True)
+    if health.get("authorized") is False:  # said now, not as the runner's Python being ""
+        raise refused(cl.url, cl)
     _check_environment(health)
     blobs = packed.blobs()
     state = JobState(str(gspec), background=opts.background)
@@ -1542,9 +1547,12 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
     except SerializationError as exc:  # each one alone pickles, together they do not
         together = str(exc)
     cached: set[str] = set()
+    refusal = None
     try:
         cached = set(blobs) - set(get_client().missing(list(blobs)))  # asks, uploads nothing
         reachable = True
+    except AuthError as exc:  # reached, but the cell would not run either: say why
+        reachable, refusal = True, str(exc)
     except GatewayError:
         reachable = False
     for row in rows:
@@ -1552,7 +1560,8 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
         if digests and all(d in cached for d in digests):
             row["travels"] += ", already cached on the gateway"
     return DryRunReport({"spec": str(spec), "inputs": rows, "total_bytes": total,
-                         "gateway_reachable": reachable, "together": together})
+                         "gateway_reachable": reachable, "together": together,
+                         "refused": refusal})
 
 
 class DryRunReport(dict):  # type: ignore[type-arg]
@@ -1577,6 +1586,8 @@ class DryRunReport(dict):  # type: ignore[type-arg]
         head = f"dry run for {self['spec']}: {n} input(s), {_human(self['total_bytes'])} in all"
         if not self["gateway_reachable"]:
             head += " (gateway not reachable: cache unknown)"
+        elif self.get("refused"):
+            head += f" (cache unknown: {self['refused']})"
         bad = sum(1 for r in self["inputs"] if r.get("problem"))
         if bad:
             head += f"; {bad} of them cannot be sent, so the cell would not run"

@@ -473,8 +473,10 @@ class GPUMagic(Magics):
             url, how = current_target()
             health = client.health(refresh=True)
             sim = " (simulated pool)" if health.get("simulated") else ""
-            print(f"gateway {client.url} ({how}): gpu_magic {health.get('version')}, "
-                  f"Python {health.get('python')}, backend {health.get('backend')}{sim}")
+            # (what runs the cells is told only to a token it takes: see below)
+            runs = (f", Python {health.get('python')}, backend {health.get('backend')}{sim}"
+                    if health.get("python") else "")
+            print(f"gateway {client.url} ({how}): gpu_magic {health.get('version')}{runs}")
             if differs:
                 print(differs)
             whose = ("the local gateway's own token" if client.token_from == LOCAL

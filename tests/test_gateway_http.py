@@ -377,8 +377,10 @@ def test_health_needs_no_token(gateway: Gateway, header: str | None) -> None:
     assert health["status"] == "ok"
     assert health["version"] == __version__
     # which packages run the cells is for users only (an anonymous caller could look up their
-    # known vulnerabilities); whether tokens are shared stays, for a refused client's advice
-    assert set(health) == {"status", "version", "client_python", "shared"}, health
+    # known vulnerabilities); whether tokens are shared stays, for a refused client's advice,
+    # and that this caller's token was not taken (a client then says so, not "Python ''")
+    assert set(health) == {"status", "version", "client_python", "shared", "authorized"}, health
+    assert health["authorized"] is False
 
 
 def test_health_tells_a_user_what_runs_the_cells(client: GatewayClient) -> None:
@@ -388,6 +390,7 @@ def test_health_tells_a_user_what_runs_the_cells(client: GatewayClient) -> None:
     assert {"cloudpickle", "numpy", "gpu-magic"} <= set(health["packages"])
     assert health["backend"] == "local"
     assert health["simulated"] is True
+    assert health["authorized"] is True
 
 
 # --- pool ---

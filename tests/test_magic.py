@@ -237,6 +237,22 @@ def test_a_refused_token_names_its_source(gateway: Gateway, kernel_factory: Any)
     assert "set it with %config GPUMagic.token = 'TOKEN'" in cell
 
 
+def test_a_wrong_token_is_said_as_such_by_the_first_cell(gateway: Gateway,
+                                                         kernel_factory: Any) -> None:
+    # a department's trial: a mistyped or revoked token made every cell say "the GPU runner
+    # has Python  but this kernel has 3.11" (the health of a refused caller names no Python)
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN="y" * 40)
+    cell = _error_text(k.run("%%gpu\nprint(1)"))
+    assert cell.startswith(f"AuthError: the gateway at {gateway.url} refused the token from "
+                           "GPU_MAGIC_TOKEN"), cell
+    out = k.run("x = 1")
+    dry = k.run("%%gpu --dry-run\ny = x")
+    assert out["error"] is None and dry["error"] is None, dry
+    text = f"{dry['stdout']}{dry['result']}{dry['display']}"
+    assert "refused the token from GPU_MAGIC_TOKEN" in text, dry
+    assert "not reachable" not in text
+
+
 def test_status_says_whether_the_token_is_accepted(gateway: Gateway, kernel_factory: Any) -> None:
     # health needs no token: status asks once more with it, so a wrong one does not pass
     k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN="w" * 43)
@@ -244,6 +260,7 @@ def test_status_says_whether_the_token_is_accepted(gateway: Gateway, kernel_fact
     assert out["error"] is None, out
     lines = out["stdout"].splitlines()
     assert lines[0].startswith(f"gateway {gateway.url} (GPU_MAGIC_URL): gpu_magic"), lines
+    assert "None" not in lines[0], lines  # ("Python None, backend None": not told to it)
     # (said once: "the token from GPU_MAGIC_TOKEN is refused: the gateway at … refused the
     # token from GPU_MAGIC_TOKEN")
     assert lines[1].startswith(f"the gateway at {gateway.url} refused the token from "

@@ -251,9 +251,11 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         # The rest tells which packages and versions run the cells (what an attacker looks
         # up vulnerabilities for): only for a caller with a token, like every other route.
         if auth.user_for(request.headers.get("authorization")) is None:
-            return public
+            # (said, so that a client can tell a refused token from a gateway of another kind)
+            return {**public, "authorized": False}
         answer = {
             **public,
+            "authorized": True,
             "python": platform.python_version(),
             "packages": versions,
             "backend": gateway.backend.name,
