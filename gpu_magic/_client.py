@@ -116,6 +116,23 @@ for _name in ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2
     logging.getLogger(_name).addFilter(_OwnRequests())
 
 
+def usable_token(token: str | None, token_from: str | None = None) -> str | None:
+    """``token`` without the white space a paste or a file leaves around it. One with a
+    character a header cannot carry inside is refused without being shown: httpx's own error
+    printed the whole token into the notebook, which gets saved and shared."""
+    if token is None:
+        return None
+    token = token.strip()
+    bad = next((i for i, c in enumerate(token) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        what = {" ": "a space", "\n": "a line break", "\r": "a line break",
+                "\t": "a tab"}.get(token[bad], f"the character U+{ord(token[bad]):04X}")
+        raise AuthError(f"the token from {token_from or 'the caller'} has {what} inside it "
+                        f"(character {bad + 1} of {len(token)}); a token is one word of "
+                        "letters, digits and punctuation: copy it again, without it")
+    return token or None
+
+
 class GatewayClient:
     """Talks to one gateway with one token."""
 
@@ -125,7 +142,7 @@ class GatewayClient:
         self.url = url.rstrip("/")
         if self.url.endswith("/v1"):  # the API's prefix, copied with the address: ours to add
             self.url = self.url[: -len("/v1")]
-        self.token = token
+        self.token = usable_token(token, token_from)
         # where the URL and the token came from ("GPU_MAGIC_URL", "--token", LOCAL, ...), for
         # advice that names what to fix; None: given in code
         self.url_from, self.token_from = url_from, token_from

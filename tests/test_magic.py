@@ -253,6 +253,24 @@ def test_a_wrong_token_is_said_as_such_by_the_first_cell(gateway: Gateway,
     assert "not reachable" not in text
 
 
+def test_a_pasted_token_s_white_space_is_dropped_and_never_shown(gateway: Gateway,
+                                                                   kernel_factory: Any) -> None:
+    # a department's trial: a token read from a file kept its line break, and httpx's
+    # "Illegal header value b'Bearer <the whole token>\n'" went into the saved notebook
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=f" {gateway.token}\n")
+    out = k.run("%%gpu\nz = 6 * 7")
+    assert out["error"] is None, out
+    assert k.run("print(z)")["stdout"] == "42\n"
+    half = gateway.token[:12]
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url,
+                       GPU_MAGIC_TOKEN=f"{half} {gateway.token[12:]}")
+    out = k.run("%%gpu\nz = 1")
+    cell = _error_text(out)
+    assert cell.startswith("AuthError: the token from GPU_MAGIC_TOKEN has a space inside it "
+                           f"(character 13 of {len(gateway.token) + 1})"), cell
+    assert half not in str(out) and gateway.token[12:] not in str(out), out
+
+
 def test_status_says_whether_the_token_is_accepted(gateway: Gateway, kernel_factory: Any) -> None:
     # health needs no token: status asks once more with it, so a wrong one does not pass
     k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN="w" * 43)

@@ -20,6 +20,9 @@ import httpx
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
+from .._client import usable_token
+from .._errors import AuthError
+
 NO_LOCAL_GATEWAY = "no local gpu_magic gateway is running; the next %%gpu cell starts one"
 SHARED_POOL_ADVICE = ("To use a shared GPU pool instead, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN "
                       "before starting JupyterLab.")
@@ -95,7 +98,11 @@ class GpuMagicProxy(LoggingConfigurable):
                       kernel: str | None = None) -> tuple[Target, int, Any]:
         """Ask the gateway; (target, status, JSON body) or a ProxyError that says what to do."""
         target = target or await self.target(kernel)
-        headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+        try:
+            token = usable_token(target.token, target.source)
+        except AuthError as exc:  # (never the token itself: it would show in the panel)
+            raise ProxyError(400, "bad_token", str(exc)) from None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             # A client per request: the panel polls every few seconds, and a client bound to
             # one event loop must never outlive it (tests start a server per test).
