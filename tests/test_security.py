@@ -10,6 +10,8 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from gpu_magic._client import GatewayClient
 from gpu_magic.server.api import create_app
 from gpu_magic.server.auth import Authenticator, User
 from gpu_magic.server.backends.local import LocalBackend
+from gpu_magic.server.backends.sandbox import bwrap_command, gpu_device_files
 from gpu_magic.server.gateway import Gateway as CoreGateway
 
 from .conftest import Gateway, start_gateway, wait_for
@@ -931,3 +934,37 @@ def test_a_job_held_by_a_user_limit_starts_when_an_admin_raises_it(tmp_path: Pat
             first.cancel()
     finally:
         gw.stop()
+
+
+def test_gpu_device_files_are_nvidia_s_and_amd_s(tmp_path: Path) -> None:
+    for name in ("nvidia0", "nvidia3", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "kfd",
+                 "null", "sda", "fuse"):
+        (tmp_path / name).touch()
+    for folder in ("nvidia-caps", "dri", "shm"):
+        (tmp_path / folder).mkdir()
+    found = [Path(p).name for p in gpu_device_files(tmp_path)]
+    assert found == ["dri", "kfd", "nvidia-caps", "nvidia-uvm", "nvidia-uvm-tools", "nvidia0",
+                     "nvidia3", "nvidiactl"]
+    assert gpu_device_files(tmp_path / "absent") == []
+
+
+@needs_bwrap
+@pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs a device file bwrap's /dev "
+                    "lacks (/dev/fuse) to stand for a GPU's")
+def test_a_sandboxed_runner_has_the_gpu_device_files(tmp_path: Path) -> None:
+    # a department's trial: the sandbox's /dev held only null, zero, tty..., so a cell granted
+    # an H100 found no GPU; device files given are brought in as the host's own
+    job, state = tmp_path / "job", tmp_path / "state"
+    job.mkdir()
+    state.mkdir()
+    probe = ("import os, stat\n"
+             "print(stat.S_ISCHR(os.stat('/dev/fuse').st_mode), os.path.exists('/dev/kvm'))")
+    argv = [sys.executable, "-c", probe]
+
+    def run(devices: list[str]) -> subprocess.CompletedProcess[str]:
+        cmd = bwrap_command(argv, job_dir=job, state_dir=state, readable=[], devices=devices)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    given = run(["/dev/fuse"])
+    assert given.returncode == 0 and given.stdout.strip() == "True False", given
+    assert "FileNotFoundError" in run([]).stderr  # (bwrap's own /dev lacks it)

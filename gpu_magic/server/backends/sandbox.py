@@ -23,6 +23,19 @@ def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
+# The device files a GPU is used through: NVIDIA's (one per GPU, the control and unified
+# memory ones, MIG's capabilities) and AMD's (kfd, dri). bwrap's own /dev has none of them.
+GPU_DEVICE_PATTERNS = ("nvidia*", "nvidia-caps", "kfd", "dri")
+
+
+def gpu_device_files(dev: Path = Path("/dev")) -> list[str]:
+    """The GPU device files under ``dev`` (none on a machine without a GPU)."""
+    found: set[str] = set()
+    for pattern in GPU_DEVICE_PATTERNS:
+        found.update(str(p) for p in dev.glob(pattern))
+    return sorted(found)
+
+
 def bwrap_command(
     argv: Sequence[str],
     *,
@@ -31,8 +44,14 @@ def bwrap_command(
     readable: Sequence[str],
     hidden_files: Sequence[Path] = (),
     cwd: str | None = None,
+    devices: Sequence[str] | None = None,
 ) -> list[str]:
-    """The runner command wrapped in a bubblewrap sandbox. Pure: builds a list, runs nothing."""
+    """The runner command wrapped in a bubblewrap sandbox. Builds a list, runs nothing.
+
+    ``devices``: device files to bring into the sandbox's /dev (default: this host's GPU
+    device files). All of a host's GPUs are there, as outside a sandbox: which one a cell
+    uses is set by ``CUDA_VISIBLE_DEVICES`` of its grant; the sandbox keeps the users' data
+    apart, not their GPUs."""
     bwrap = bwrap_path()
     if bwrap is None:
         raise IsolationUnavailable(
@@ -44,6 +63,9 @@ def bwrap_command(
     cmd = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL",
            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
            "--tmpfs", str(state_dir)]
+    # without them a cell was told "H100 ×1" and found no GPU (a department's trial)
+    for d in gpu_device_files() if devices is None else devices:
+        cmd += ["--dev-bind-try", d, d]
     for f in hidden_files:
         if f.exists():
             cmd += ["--ro-bind", "/dev/null", str(f)]
