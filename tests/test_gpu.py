@@ -6,6 +6,8 @@ Every test here is marked ``gpu`` and skips cleanly where NVML finds no GPU.
 from __future__ import annotations
 
 import json
+import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 
 import gpu_magic
+from gpu_magic._client import GatewayClient
 from gpu_magic.server.inventory import read_nvml
 
 from .conftest import Gateway, start_gateway, wait_for
@@ -130,3 +133,32 @@ def test_a_cell_waits_for_a_cuda_process_outside_gpu_magic_then_runs(
         outside.kill()
         outside.wait()
         outside.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
+def test_a_shared_gateway_s_sandboxed_cell_uses_its_gpu(tmp_path: Path) -> None:
+    # bwrap's own /dev has no GPU device files: a shared gateway's cells found no GPU
+    tokens = {u: secrets.token_urlsafe(32) for u in ("alice", "bob")}
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text(json.dumps(tokens))
+    tokens_file.chmod(0o600)
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), simulate=None)
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            probe = ("import os, subprocess\n"
+                     "devices = sorted(d for d in os.listdir('/dev') if d.startswith('nvidia'))\n"
+                     "smi = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True)")
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            gpu_magic.run(probe, "any", ns, client=alice, quiet=True)
+            assert "nvidiactl" in ns["devices"], ns["devices"]
+            assert ns["smi"].returncode == 0 and "GPU 0" in ns["smi"].stdout, ns["smi"]
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                return
+            gpu_magic.run("import torch\nn = torch.cuda.device_count()\n"
+                          "t = float((torch.ones(10, device='cuda') * 2).sum())", "any", ns,
+                          client=alice, quiet=True)
+            assert ns["n"] == 1 and ns["t"] == 20.0
+    finally:
+        gw.stop()
