@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -376,12 +377,26 @@ def test_terminal_errors_give_terminal_advice(gateway: Gateway) -> None:
     assert out.stdout.startswith("simulated pool")
 
 
+def _line_with(stream: Any, word: str) -> str:
+    """The next line of an unbuffered pipe that holds ``word`` (a buffered reader may hold
+    the next lines where select cannot see them)."""
+    import select
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if select.select([stream], [], [], 1.0)[0]:
+            line = stream.readline().decode()
+            if word in line:
+                return str(line)
+            assert line, f"ended before a line with {word!r}"
+    raise AssertionError(f"no line with {word!r}")
+
+
 def test_serve_s_log_says_its_limits_why_it_stops_and_what_it_marked_lost(
         tmp_path: Path) -> None:
     # an admin's terminal showed nothing of a SIGTERM, of jobs it cut short, or of its limits
-    import select
     import signal
-    import time
 
     from gpu_magic._client import GatewayClient
 
@@ -393,21 +408,10 @@ def test_serve_s_log_says_its_limits_why_it_stops_and_what_it_marked_lost(
              "--state-dir", str(tmp_path), "--max-jobs-per-user", "3", "--max-timeout", "600"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
 
-    def line_with(stream: Any, word: str) -> str:
-        # (unbuffered: a buffered reader may hold the next lines where select cannot see them)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if select.select([stream], [], [], 1.0)[0]:
-                line = stream.readline().decode()
-                if word in line:
-                    return str(line)
-                assert line, f"ended before a line with {word!r}"
-        raise AssertionError(f"no line with {word!r}")
-
     proc = serve()
     try:
-        url = line_with(proc.stdout, "listening on").split("listening on ")[1].split()[0]
-        assert line_with(proc.stdout, "limits:") == (
+        url = _line_with(proc.stdout, "listening on").split("listening on ")[1].split()[0]
+        assert _line_with(proc.stdout, "limits:") == (
             "limits: a cell runs at most 600 s, 3 jobs per user (a user's own job and GPU "
             "limits, from the tokens file or PUT /v1/limits, win)\n")
         with GatewayClient(url, (tmp_path / "token").read_text().strip()) as c:
@@ -415,7 +419,7 @@ def test_serve_s_log_says_its_limits_why_it_stops_and_what_it_marked_lost(
             submit(c, "1", "T4", background=True)  # (queued behind it)
             wait_for(lambda: c.job(job["id"])["state"] == "running", 60)
         proc.send_signal(signal.SIGTERM)
-        assert line_with(proc.stderr, "stopping") == (
+        assert _line_with(proc.stderr, "stopping") == (
             "gpu-magic: stopping (SIGTERM): 1 running and 1 queued job(s) end with it, as "
             "lost\n")
         assert proc.wait(60) == 0
@@ -428,7 +432,7 @@ def test_serve_s_log_says_its_limits_why_it_stops_and_what_it_marked_lost(
     try:
         # they ended with it, saying why (a gateway killed outright leaves them to the next,
         # which says so: test_reliability)
-        url = line_with(proc.stdout, "listening on").split("listening on ")[1].split()[0]
+        url = _line_with(proc.stdout, "listening on").split("listening on ")[1].split()[0]
         with GatewayClient(url, (tmp_path / "token").read_text().strip()) as c:
             record = c.job(job["id"])
             assert record["state"] == "lost"
@@ -552,3 +556,46 @@ def test_the_state_directory_busy_message_says_how_to_stop_its_holder(
     from gpu_magic.server.lock import StateDirBusy
 
     assert f"stop it first ({stop})," in str(StateDirBusy(Path("/state"), holder))
+
+
+@pytest.mark.parametrize("isolation", ["none", "bwrap"])
+def test_a_shared_gateway_says_how_it_runs_cells_and_who_a_reload_changed(
+        tmp_path: Path, isolation: str) -> None:
+    # a department's trial: --force (given to get past the TLS check) turned the sandbox off
+    # without a word, the start lines never said whether cells were sandboxed, and a reload
+    # did not say who it added or removed; "1 jobs per user"
+    import secrets
+    import signal
+
+    if isolation == "bwrap" and shutil.which("bwrap") is None:
+        pytest.skip("needs bubblewrap (make test installs it)")
+    tokens = tmp_path / "tokens.json"
+
+    def write(*users: str) -> None:
+        tokens.write_text(json.dumps({u: secrets.token_hex(16) for u in users}))
+        tokens.chmod(0o600)
+
+    write("alice", "bob")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--simulate", "T4:1",
+         "--state-dir", str(tmp_path / "state"), "--tokens-file", str(tokens),
+         "--isolation", isolation, *(["--force"] if isolation == "none" else []),
+         "--max-jobs-per-user", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    try:
+        how = ("cells NOT isolated from each other (--force)" if isolation == "none"
+               else "each cell in a bubblewrap sandbox")
+        assert _line_with(proc.stdout, "users:") == f"users: 2, {how}\n"
+        assert _line_with(proc.stdout, "limits:").startswith("limits: 1 job per user (")
+        if isolation == "none":
+            assert "each can read the tokens file and every user's data" in _line_with(
+                proc.stderr, "warning:")
+        write("alice", "carol")
+        proc.send_signal(signal.SIGHUP)
+        assert _line_with(proc.stderr, "reloaded").endswith(
+            f"reloaded {tokens} (added carol; removed bob)\n")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]

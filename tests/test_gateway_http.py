@@ -27,6 +27,7 @@ from gpu_magic._client import GatewayClient
 from gpu_magic._errors import GatewayError
 from gpu_magic._payload import digest, loads, pack_inputs
 from gpu_magic._version import __version__
+from gpu_magic.server.auth import TokensFileError, load_tokens_file
 
 from .conftest import Gateway, start_gateway, wait_for
 
@@ -1159,9 +1160,10 @@ def test_a_reload_of_a_bad_tokens_file_keeps_the_old_tokens_and_says_why(tmp_pat
 
 
 BAD_TOKENS_FILES = [
-    pytest.param({"alice": "short"}, 0o600, "shorter than 22", id="short-token"),
+    pytest.param({"alice": "short"}, 0o600, "has 5 characters, fewer than 22", id="short-token"),
     pytest.param({"alice": secrets.token_urlsafe(24)}, 0o644, "chmod 600", id="readable-by-others"),
-    pytest.param({"alice": "s" * 30, "bob": "s" * 30}, 0o600, "share a token", id="shared-token"),
+    pytest.param({"alice": "s" * 30, "bob": "s" * 30}, 0o600,
+                 "share a token: give each their own", id="shared-token"),
     pytest.param({}, 0o600, "JSON object", id="empty"),
     # bool("false") is True: a quoted false once made alice an admin
     pytest.param({"alice": {"token": "a" * 30, "admin": "false"}}, 0o600,
@@ -1174,6 +1176,32 @@ BAD_TOKENS_FILES = [
     pytest.param({"bob": {"token": "b" * 30, "max_jobs": True}}, 0o600,
                  "max_jobs of user 'bob' .* is true; it must be a whole number", id="limit-true"),
 ]
+
+
+# what JSON or a roster script lets through in silence (a department's trial)
+BAD_TOKENS_TEXTS = [
+    pytest.param(f'{{"bob": "{"b" * 30}", "bob": "{"c" * 30}"}}',
+                 "'bob' appears twice in the tokens file .*JSON keeps only the last",
+                 id="same-user-twice"),
+    pytest.param(f'{{"": "{"a" * 30}"}}', "has an empty name", id="empty-name"),
+    pytest.param('{"alice": 12345678901234567890123}',
+                 "token of user 'alice' .* is 12345678901234567890123, not a string",
+                 id="number-token"),
+    pytest.param('{"alice": {"admin": true}}', "token of user 'alice' .* is missing",
+                 id="no-token"),
+    pytest.param(f'{{"alice": "{"a" * 15} {"b" * 15}"}}',
+                 "holds a space or another character a request cannot carry", id="space-inside"),
+]
+
+
+@pytest.mark.parametrize(("text", "says"), BAD_TOKENS_TEXTS)
+def test_tokens_file_mistakes_json_would_let_through_are_refused(tmp_path: Path, text: str,
+                                                                 says: str) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(TokensFileError, match=says):
+        load_tokens_file(path)
 
 
 @pytest.mark.parametrize(("entries", "mode", "says"), BAD_TOKENS_FILES)

@@ -11,6 +11,7 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MIN_TOKEN_CHARS = 22  # 128 bits of urlsafe base64
 # what a user's entry may hold; anything else is a typo that would be silently ignored
@@ -57,8 +58,20 @@ def load_tokens_file(path: Path) -> dict[str, User]:
             f"the tokens file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
             f"run: chmod 600 {path}"
         )
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:  # JSON keeps the last in silence: the first one's token refused
+                raise TokensFileError(
+                    f"{key!r} appears twice in the tokens file {path}; JSON keeps only the "
+                    "last, so the other's token would be refused. Give each user one entry "
+                    "(two people of one name: e.g. alice.smith and alice.jones)")
+            seen[key] = value
+        return seen
+
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=unique)
     except ValueError as exc:
         raise TokensFileError(f"the tokens file {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or not data:
@@ -67,6 +80,9 @@ def load_tokens_file(path: Path) -> dict[str, User]:
         )
     tokens: dict[str, User] = {}
     for name, value in data.items():
+        if not name.strip():
+            raise TokensFileError(f"a user in the tokens file {path} has an empty name; write "
+                                  "each user's name (it is who their jobs belong to)")
         admin = False
         limits: dict[str, int] = {}
         if isinstance(value, dict):
@@ -93,13 +109,22 @@ def load_tokens_file(path: Path) -> dict[str, User]:
                             "it must be a whole number >= 0, e.g. 2")
                     limits[key] = value[key]
             value = value.get("token")
-        if not isinstance(value, str) or len(value) < MIN_TOKEN_CHARS:
+        make = "make one with: python -c 'import secrets; print(secrets.token_hex(32))'"
+        if not isinstance(value, str):
+            what = "missing" if value is None else f"{json.dumps(value)}, not a string"
+            raise TokensFileError(f"the token of user {name!r} in {path} is {what}; {make}")
+        if len(value) < MIN_TOKEN_CHARS:
             raise TokensFileError(
-                f"the token of user {name!r} in {path} is missing or shorter than {MIN_TOKEN_CHARS} "
-                "characters (128 bits); make one with: python -c 'import secrets; print(secrets.token_hex(32))'"
-            )
+                f"the token of user {name!r} in {path} has {len(value)} characters, fewer than "
+                f"{MIN_TOKEN_CHARS} (128 bits); {make}")
+        if any(not "!" <= c <= "~" for c in value):
+            # (a request's header cannot carry it, and clients drop white space around it)
+            raise TokensFileError(
+                f"the token of user {name!r} in {path} holds a space or another character a "
+                f"request cannot carry; {make}")
         if value in tokens:
-            raise TokensFileError(f"users {tokens[value].name!r} and {name!r} in {path} share a token")
+            raise TokensFileError(f"users {tokens[value].name!r} and {name!r} in {path} share a "
+                                  f"token: give each their own ({make})")
         tokens[value] = User(str(name), admin, limits)
     return tokens
 

@@ -151,6 +151,26 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
     return gateway, auth, token_path
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _cells_run(backend: Any) -> str:
+    """How a shared gateway runs its users' cells, for its start lines."""
+    if backend.name != "local":
+        return f"cells run in the {backend.name} backend's workers, not sandboxed by the gateway"
+    if getattr(backend, "isolation", "none") == "bwrap":
+        return "each cell in a bubblewrap sandbox"
+    return "cells NOT isolated from each other (--force)"
+
+
+def _changes(before: set[str], after: set[str]) -> str:
+    """Who a reload of the tokens file added and removed (a refused student's first question)."""
+    said = [f"{verb} {', '.join(sorted(names))}" for verb, names in
+            (("added", after - before), ("removed", before - after)) if names]
+    return f" ({'; '.join(said)})" if said else " (the same users)"
+
+
 def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, Path | None]:
     if not _is_loopback(cfg.host) and not cfg.force:
         if not cfg.tokens_file:
@@ -358,8 +378,10 @@ def serve(cfg: ServeConfig) -> int:
                             f"{cfg.tokens_file} now names {len(users)} users, but this gateway "
                             f"started for one user and {how}. Restart it with the new file to "
                             "serve several users.")
+                    before = set(auth.users())
                     auth.replace(tokens)
-                    print(f"gpu-magic: reloaded {cfg.tokens_file}", file=sys.stderr)
+                    print(f"gpu-magic: reloaded {cfg.tokens_file}{_changes(before, users)}",
+                          file=sys.stderr)
                 except TokensFileError as exc:
                     print(f"gpu-magic: kept the old tokens: {exc}", file=sys.stderr)
 
@@ -376,6 +398,12 @@ def serve(cfg: ServeConfig) -> int:
                          f"one, start it with --simulate {shlex.quote(wanted)}")
         for note in notes:  # (the embedded gateway's go to its log)
             print(f"gpu-magic serve: note: {note}", file=sys.stderr, flush=True)
+        if (len(auth.users()) > 1 and cfg.backend == "local"
+                and getattr(gateway.backend, "isolation", None) == "none"):
+            # --force lets past the TLS check and this one alike: said, whatever it was for
+            print("gpu-magic serve: warning: cells of different users run without isolation "
+                  "(--force): each can read the tokens file and every user's data; install "
+                  "bubblewrap and leave out --force to sandbox them", file=sys.stderr, flush=True)
         if getattr(gateway.backend, "isolation", None) == "bwrap" and os.geteuid() == 0:
             print("gpu-magic serve: note: running as root, so sandboxed cells run as root too "
                   "(with no capabilities: they cannot undo the sandbox, but they read every "
@@ -412,10 +440,12 @@ def serve(cfg: ServeConfig) -> int:
             sim = " (simulated)" if pool["simulated"] else ""
             more = f"; an autoscaler may add {later}" if later else ""
             print(f"pool: {kinds}{sim}{more}", flush=True)
+            if len(auth.users()) > 1:
+                print(f"users: {len(auth.users())}, {_cells_run(gateway.backend)}", flush=True)
             limits = [text for text, given in (
                 (f"a cell runs at most {seconds(cfg.max_timeout or 0)} s", cfg.max_timeout),
-                (f"{cfg.max_jobs_per_user} jobs per user", cfg.max_jobs_per_user),
-                (f"{cfg.max_gpus_per_user} GPUs per user", cfg.max_gpus_per_user),
+                (f"{_count(cfg.max_jobs_per_user, 'job')} per user", cfg.max_jobs_per_user),
+                (f"{_count(cfg.max_gpus_per_user, 'GPU')} per user", cfg.max_gpus_per_user),
                 (f"blobs up to {human(cfg.max_blob_bytes or 0)}", cfg.max_blob_bytes),
                 (f"a job's inputs up to {human(cfg.max_job_bytes or 0)}", cfg.max_job_bytes),
             ) if given is not None]
