@@ -1095,6 +1095,24 @@ def test_tokens_file_is_read_again_on_sighup(users: Users) -> None:
         assert call(users.gw.url, users.tokens[name], "GET", "/v1/pool").status_code == 200
 
 
+def test_a_refused_token_is_logged_once_a_minute_per_address(tmp_path: Path) -> None:
+    # a department's trial: a student's refused token left no trace for the admin to find
+    gw = start_gateway(tmp_path)
+    try:
+        for _ in range(3):
+            refused(call(gw.url, "x" * 30, "GET", "/v1/jobs"), 401, "unauthorized")
+        refused(call(gw.url, None, "GET", "/v1/pool"), 401, "unauthorized")
+        assert call(gw.url, gw.token, "GET", "/v1/pool").status_code == 200
+        log = (tmp_path / "gateway.log").read_text()
+        lines = [ln for ln in log.splitlines() if "refused a request" in ln]
+        assert len(lines) == 1, lines
+        assert ("refused a request from 127.0.0.1 (GET /v1/jobs): a token it does not know "
+                "(wrong, or revoked)") in lines[0]
+        assert "x" * 30 not in log
+    finally:
+        gw.stop()
+
+
 def test_a_job_cannot_set_what_its_grant_sets(client: GatewayClient) -> None:
     # the HTTP API checks it too: not every client is ours
     with pytest.raises(GatewayError) as info:

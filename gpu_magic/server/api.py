@@ -13,9 +13,11 @@ import binascii
 import difflib
 import ipaddress
 import json
+import logging
 import math
 import platform
 import socket
+import time
 import typing
 from importlib import metadata
 from typing import Annotated, Any
@@ -32,6 +34,9 @@ from .auth import Authenticator, User
 from .gateway import ApiError, Gateway
 from .limits import human
 from .store import BlobError
+
+log = logging.getLogger("gpu_magic.gateway")
+REFUSAL_LOG_S = 60.0  # one log line a minute per address for refused tokens
 
 HEARTBEAT_S = 5.0
 # Small blobs travel inside the submit request and inside the result event: one exchange
@@ -484,9 +489,26 @@ class _AuthMiddleware:
                  loopback_only: bool) -> None:
         self.app, self.auth, self.gateway = app, auth, gateway
         self.loopback_only = loopback_only
+        self._refusals: dict[str, float] = {}  # address -> when its refusal was logged
         self.fastapi = app  # the wrapped app, for tests that enumerate its routes
         self.state = app.state
         self.routes = app.routes
+
+    def _note_refusal(self, scope: dict[str, Any], had_token: bool) -> None:
+        """A line in the log for a refused caller (whose student cannot connect is the
+        admin's first question), at most one a minute per address: a client that retries,
+        or someone guessing, does not fill the log."""
+        client = scope.get("client") or ("?", 0)
+        now = time.monotonic()
+        if now - self._refusals.get(client[0], -REFUSAL_LOG_S) < REFUSAL_LOG_S:
+            return
+        if len(self._refusals) > 1000:
+            self._refusals.clear()
+        self._refusals[client[0]] = now
+        log.warning("refused a request from %s (%s %s): %s; the next from there are not "
+                    "logged for a minute", client[0], scope.get("method"), scope.get("path"),
+                    "a token it does not know (wrong, or revoked)" if had_token
+                    else "no token")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -512,6 +534,7 @@ class _AuthMiddleware:
             return
         found = self.auth.user_for(headers.get(b"authorization"))
         if found is None:
+            self._note_refusal(scope, b"authorization" in headers)
             await _refuse(send, 401, "unauthorized",
                           "missing or wrong token: send 'Authorization: Bearer TOKEN' "
                           "(GPU_MAGIC_TOKEN on the client side)")
