@@ -1538,6 +1538,7 @@ class _Session:
         self.coalescer: _Coalescer | None = None
         self.shell: Any = None
         self.base_env = dict(os.environ)
+        self.sim_tools: str | None = None  # see simulated_tools
         self.c_environ = _CEnviron()
         self.pristine: _Pristine | None = None  # taken before the first cell
         self.shell_pristine: _ShellPristine | None = None
@@ -1550,6 +1551,44 @@ class _Session:
         self.frozen = False  # objects frozen since the last full collection
         self.interrupts = _interrupts.Interrupts()  # SIGINT: the user interrupted the cell
         self.interrupts.on_raise = lambda: self.emitter.emit({"type": "interrupted"})
+
+    def simulated_tools(self) -> str | None:
+        """A folder with an ``nvidia-smi`` for simulated grants, made once per process: it
+        says the GPU is simulated (an instructor's trial: the students' first command printed
+        "nvidia-smi: command not found", and on a laptop with a GPU the real one would list a
+        GPU the cell does not have). None if it cannot be made."""
+        if self.sim_tools is None:
+            import shlex
+            import stat
+            import tempfile
+
+            # one folder per account, written again by each process that needs it: a runner
+            # ends with os._exit, so a folder of its own would be left behind every time
+            folder = os.path.join(tempfile.gettempdir(), f"gpu-magic-simulated-{os.getuid()}")
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(folder, 0o700)
+                st = os.lstat(folder)
+                # where others can write, one of them could have made it, to run their own
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or \
+                        st.st_mode & 0o077:
+                    raise OSError(f"{folder} is not this account's own folder")
+                script = os.path.join(folder, "nvidia_smi.py")
+                shim = os.path.join(folder, "nvidia-smi")
+                for path, text, mode in (
+                        (script, _SIMULATED_SMI, 0o600),
+                        (shim, f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                               f"{shlex.quote(script)} \"$@\"\n", 0o700)):
+                    part = f"{path}.{os.getpid()}"
+                    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                                 mode)
+                    with os.fdopen(fd, "w") as f:
+                        f.write(text)
+                    os.replace(part, path)  # (another runner may be running it right now)
+                self.sim_tools = folder
+            except OSError:
+                self.sim_tools = ""
+        return self.sim_tools or None
 
     def make_shell(self) -> None:
         if self.shell is None:
@@ -1631,6 +1670,10 @@ class _Session:
         # handlers, mask and timers). Imported packages stay.
         env = {**self.base_env, **(manifest.get("env") or {})}
         env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        if _simulated_grant(env.get("GPU_MAGIC_GRANT")):
+            tools = self.simulated_tools()
+            if tools:  # `!nvidia-smi` says what the grant is, not "command not found"
+                env["PATH"] = tools + os.pathsep + env.get("PATH", "")
         touched = self.c_environ.touched()  # by the last cell, behind os.environ's back?
         # only what differs: clearing and refilling os.environ costs a system call per variable
         for k in [k for k in os.environ if k not in env]:
@@ -2054,6 +2097,26 @@ def _main_module(module: Any) -> Any:
 _NO_CUDA = re.compile(r"not compiled with CUDA|no NVIDIA driver|No CUDA GPUs are available|"
                       r"no CUDA-capable device|CUDA driver .*(?:not|cannot) (?:be )?found|"
                       r"CUDA is not available|cudaErrorNoDevice", re.IGNORECASE)
+
+
+def _simulated_grant(grant: str | None) -> bool:
+    try:
+        return bool(grant) and json.loads(grant).get("simulated") is True  # type: ignore[arg-type]
+    except (ValueError, AttributeError):
+        return False
+
+
+# What `nvidia-smi` prints in a cell whose grant is simulated (any arguments).
+_SIMULATED_SMI = """import json, os
+grant = json.loads(os.environ.get("GPU_MAGIC_GRANT") or "{}")
+kind, n = grant.get("type", "GPU"), grant.get("count", 1)
+print(f"gpu_magic: nvidia-smi is simulated here. This cell was granted {kind} x{n} on "
+      f"{grant.get('node', '?')} from a simulated pool (for teaching and tests): no real GPU "
+      "runs it, and CUDA is not available to it.")
+memory = f", {grant['memory_gb']:g} GB" if grant.get("memory_gb") else ""
+for i in range(n):
+    print(f"GPU {i}: {kind} (simulated{memory})")
+"""
 
 
 def _note_simulated(exc: BaseException) -> None:

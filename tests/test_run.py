@@ -712,6 +712,30 @@ def test_no_cuda_on_a_simulated_gpu_says_why() -> None:
     assert not any("CUDA" in n for n in getattr(other.value, "__notes__", []))
 
 
+def test_nvidia_smi_on_a_simulated_gpu_says_it_is_simulated() -> None:
+    # an instructor's trial: a student's first `!nvidia-smi` printed "command not found" (and
+    # on a laptop with a GPU, the real one would list a GPU the cell does not have)
+    ns = notebook("")
+    run(ns, """
+        import os, subprocess
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+        listed = get_ipython().getoutput("nvidia-smi")
+        path = os.environ["PATH"]
+    """, "A100-80GB:2")
+    assert ns["smi"].returncode == 0, ns["smi"]
+    out = ns["smi"].stdout
+    assert out.startswith("gpu_magic: nvidia-smi is simulated here. This cell was granted "
+                          "A100-80GB x2 on "), out
+    assert "GPU 0: A100-80GB (simulated, 80 GB)\nGPU 1: A100-80GB (simulated, 80 GB)\n" in out
+    assert list(ns["listed"]) == out.splitlines()
+    # each cell's own grant, on a runner made for it or one kept warm
+    for _ in range(2):
+        run(ns, "import subprocess\nagain = subprocess.run(['nvidia-smi'], capture_output=True, "
+                "text=True).stdout\nboth = os.environ['PATH']", "H100")
+        assert "granted H100 x1 on " in ns["again"], ns["again"]
+        assert ns["both"].count("gpu-magic-simulated-") == 1, ns["both"]
+
+
 def test_an_exception_whose_class_is_only_where_the_cell_ran_says_so() -> None:
     ns = notebook("")
     with pytest.raises(RemoteError) as info:
