@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,8 +118,15 @@ def test_a_local_gateway_with_no_gpus_says_how_to_simulate_some(
         with pytest.raises(gpu_magic.NoFeasibleOption) as info:
             gpu_magic.run("1", "T4", {"__name__": "__main__"}, client=c, quiet=True)
     said = str(info.value)
-    assert "this gateway has no GPUs" in said and "set GPU_MAGIC_SIMULATE=" in said, said
+    assert "this gateway has no GPUs" in said, said
+    # what it says to do works now, not only "before the first %%gpu cell" (a trial)
+    assert "run %env GPU_MAGIC_SIMULATE=H100:2,A100-80GB:4 in a cell (the next %%gpu cell " \
+           "starts a simulated pool)" in said, said
     assert "whoever runs it" not in said
+    monkeypatch.setenv("GPU_MAGIC_SIMULATE", "T4:1")
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    gpu_magic.run("x = 1", "T4", ns, quiet=True)
+    assert ns["x"] == 1
 
 
 def test_a_cell_followed_across_a_local_gateway_restart_learns_its_end(

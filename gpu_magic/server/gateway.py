@@ -861,9 +861,10 @@ class Gateway:
         if not gpus and self.embedded:
             return (
                 f"no option of '{spec}' can run here: this gateway has no GPUs (NVML found none "
-                "and no simulated pool was configured). To try gpu_magic without a GPU, set "
-                "GPU_MAGIC_SIMULATE='H100:2,A100-80GB:4' before the first %%gpu cell; to use a GPU "
-                "server, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN, or run %gpu connect URL."
+                "and no simulated pool was configured). To try gpu_magic without a GPU, run "
+                "%env GPU_MAGIC_SIMULATE=H100:2,A100-80GB:4 in a cell (the next %%gpu cell "
+                "starts a simulated pool); to use a GPU server, set GPU_MAGIC_URL and "
+                "GPU_MAGIC_TOKEN, or run %gpu connect URL."
             )
         if not gpus:  # a served one: its users cannot change its pool, whoever runs it can
             return (
