@@ -1144,6 +1144,8 @@ def submit(
     # a notice left saying "sending" or "submitting" would read as if it still were
     with notice.until_submitted() if notice is not None else contextlib.nullcontext():
         inline = _send_inputs(cl, blobs, state, packed.pickle_digest, notice)
+        if not sent:  # the pickle of no inputs: "sent 5 B" read as something sent
+            state.sent_bytes = 0
         if box is not None:
             box["client"] = cl
         job_id = job_id or secrets.token_hex(8)

@@ -305,3 +305,20 @@ def test_a_quick_cell_s_one_line_summary_keeps_its_notes(use_gateway: Gateway) -
     for note in state.notices:
         assert f"note: {note}" in text
         assert f"note: {html.escape(note)}" in line, line
+
+
+def test_a_cell_with_no_inputs_says_nothing_was_sent(use_gateway: Gateway) -> None:
+    # an instructor's trial: its first run said "sent 5 B" (the pickle of no inputs), the next
+    # nothing; a cell with inputs still says what it sent
+    client = use_gateway.client()
+    try:
+        texts = []
+        for source, ns in (("y = 1", {}), ("y = 2", {}), ("y = len(x)", {"x": "abc"})):
+            job = gpu_magic.run(source, "H100", {"__name__": "__main__", **ns}, client=client,
+                                quiet=True, background=True)
+            job.wait(timeout=DEADLINE)
+            texts.append(render_text(job._job.state, 0.0))
+    finally:
+        client.close()
+    assert "sent" not in texts[0] and "sent" not in texts[1], texts
+    assert "sent " in texts[2], texts
