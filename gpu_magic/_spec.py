@@ -22,6 +22,9 @@ _UNKNOWN_MEMORY_RANK = 1_000_000  # `any` ranks pool types of unknown memory aft
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _COUNT = re.compile(r"[+-]?[0-9]+")
 _FORM = "write TYPE[:COUNT], e.g. H100:2 or any"
+# a count written as other tools write it: "H100 x2", "H100*2", "H100 × 2", "2x H100"
+_TIMES = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*?)\s*[xX×*]\s*(?P<n>\d{1,4})")
+_TIMES_FIRST = re.compile(r"(?P<n>\d{1,4})\s*[xX×*]\s*(?P<name>[A-Za-z][A-Za-z0-9_.-]*)")
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,13 @@ def _parse_option(
         raise SpecError(f"'{text}' has more than one ':'; {_FORM}", spec=spec)
     if not name:
         raise SpecError(f"'{text}' has no GPU type before ':'; {_FORM}", spec=spec)
+    times = None if colon else _TIMES.fullmatch(text) or _TIMES_FIRST.fullmatch(text)
+    if times and _is_type(times["name"], extras) and not _is_type(name, extras):
+        # H100 x2, H100*2, 2x H100: as other tools write a count
+        typed = _canonical(times["name"], extras, spec=spec) if times["name"].upper() != "ANY" \
+            else "any"
+        raise SpecError(f"'{text}': the count goes after a ':'; did you mean "
+                        f"{typed}:{int(times['n'])}?", spec=spec)
     if not _NAME.fullmatch(name):
         raise SpecError(
             f"'{text}' is not a valid option (a type name has only letters, digits, '-', '_' "

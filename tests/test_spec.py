@@ -227,6 +227,12 @@ INVALID = [
         (),
         "'A10:4' appears twice in ['A10:4', 'A10:4']; list each option once",
     ),
+    # a count written as other tools write it (an instructor's trial: a generic message)
+    ("H100 x2", (), "'H100 x2': the count goes after a ':'; did you mean H100:2?"),
+    ("h100*2, any", (), "'h100*2': the count goes after a ':'; did you mean H100:2?"),
+    ("2 x A100-80GB", (), "'2 x A100-80GB': the count goes after a ':'; did you mean A100-80GB:2?"),
+    ("H100X4", (), "'H100X4': the count goes after a ':'; did you mean H100:4?"),
+    ("H1000 × 2", ("H1000",), "'H1000 × 2': the count goes after a ':'; did you mean H1000:2?"),
 ]
 
 
