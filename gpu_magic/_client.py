@@ -285,7 +285,12 @@ class GatewayClient:
 
     def health(self, refresh: bool = False) -> dict[str, Any]:
         if self._health is None or refresh:
-            self._health = self._request("GET", "/v1/health").json()
+            answer = self._request("GET", "/v1/health").json()
+            if isinstance(answer, dict) and answer.get("authorized") is False:
+                # not kept: once the admin adds or restores the token, the next cell must
+                # ask again, not repeat the refusal from here
+                return answer
+            self._health = answer
         return self._health
 
     def whoami(self) -> dict[str, Any]:

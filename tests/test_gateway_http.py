@@ -1095,6 +1095,25 @@ def test_tokens_file_is_read_again_on_sighup(users: Users) -> None:
         assert call(users.gw.url, users.tokens[name], "GET", "/v1/pool").status_code == 200
 
 
+def test_a_token_refused_then_added_works_from_the_same_client(users: Users) -> None:
+    # a review: the refusal was kept with the client's health, and the student's next cells
+    # were refused here, without asking, after the admin had added their token
+    import signal
+
+    dave = secrets.token_urlsafe(24)
+    with GatewayClient(users.gw.url, dave) as client:
+        with pytest.raises(gpu_magic.AuthError):
+            gpu_magic.run("x = 1", "H100", {"__name__": "__main__"}, client=client, quiet=True)
+        entries = json.loads(users.tokens_file.read_text())
+        write_tokens(users.tokens_file, {**entries, "dave": dave})
+        users.gw.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: call(users.gw.url, dave, "GET", "/v1/pool").status_code == 200,
+                 DEADLINE_S)
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        gpu_magic.run("x = 1", "H100", ns, client=client, quiet=True)
+        assert ns["x"] == 1
+
+
 def test_a_refused_token_is_logged_once_a_minute_per_address(tmp_path: Path) -> None:
     # a department's trial: a student's refused token left no trace for the admin to find
     gw = start_gateway(tmp_path)
