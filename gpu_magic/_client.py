@@ -116,20 +116,22 @@ for _name in ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2
     logging.getLogger(_name).addFilter(_OwnRequests())
 
 
-def usable_token(token: str | None, token_from: str | None = None) -> str | None:
+def usable_token(token: str | None, token_from: str | None = None,
+                 whose: str | None = None) -> str | None:
     """``token`` without the white space a paste or a file leaves around it. One with a
-    character a header cannot carry inside is refused without being shown: httpx's own error
-    printed the whole token into the notebook, which gets saved and shared."""
+    character a header cannot carry inside (a line break) is refused without being shown:
+    httpx's own error printed the whole token into the notebook, which gets saved and shared.
+    ``whose``: how the error names the token (default: "the token from ``token_from``")."""
     if token is None:
         return None
     token = token.strip()
-    bad = next((i for i, c in enumerate(token) if not "!" <= c <= "~"), None)
+    bad = next((i for i, c in enumerate(token) if not " " <= c <= "~"), None)
     if bad is not None:
-        what = {" ": "a space", "\n": "a line break", "\r": "a line break",
-                "\t": "a tab"}.get(token[bad], f"the character U+{ord(token[bad]):04X}")
-        raise AuthError(f"the token from {token_from or 'the caller'} has {what} inside it "
-                        f"(character {bad + 1} of {len(token)}); a token is one word of "
-                        "letters, digits and punctuation: copy it again, without it")
+        what = {"\n": "a line break", "\r": "a line break", "\t": "a tab"}.get(
+            token[bad], f"the character U+{ord(token[bad]):04X}")
+        whose = whose or f"the token from {token_from or 'the caller'}"
+        raise AuthError(f"{whose} has {what} inside it (character {bad + 1} of {len(token)}), "
+                        "which a request cannot carry: copy the token again, without it")
     return token or None
 
 

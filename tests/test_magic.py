@@ -263,11 +263,11 @@ def test_a_pasted_token_s_white_space_is_dropped_and_never_shown(gateway: Gatewa
     assert k.run("print(z)")["stdout"] == "42\n"
     half = gateway.token[:12]
     k = kernel_factory(GPU_MAGIC_URL=gateway.url,
-                       GPU_MAGIC_TOKEN=f"{half} {gateway.token[12:]}")
+                       GPU_MAGIC_TOKEN=f"{half}\n{gateway.token[12:]}")
     out = k.run("%%gpu\nz = 1")
     cell = _error_text(out)
-    assert cell.startswith("AuthError: the token from GPU_MAGIC_TOKEN has a space inside it "
-                           f"(character 13 of {len(gateway.token) + 1})"), cell
+    assert cell.startswith("AuthError: the token from GPU_MAGIC_TOKEN has a line break inside "
+                           f"it (character 13 of {len(gateway.token) + 1})"), cell
     assert half not in str(out) and gateway.token[12:] not in str(out), out
 
 

@@ -64,9 +64,9 @@ def load_tokens_file(path: Path) -> dict[str, User]:
         for key, value in pairs:
             if key in seen:  # JSON keeps the last in silence: the first one's token refused
                 raise TokensFileError(
-                    f"{key!r} appears twice in the tokens file {path}; JSON keeps only the "
-                    "last, so the other's token would be refused. Give each user one entry "
-                    "(two people of one name: e.g. alice.smith and alice.jones)")
+                    f"{key!r} appears twice in one object of the tokens file {path}, and JSON "
+                    "keeps only the last: write it once (a user's entry once; two people of "
+                    "one name as e.g. alice.smith and alice.jones)")
             seen[key] = value
         return seen
 
@@ -111,22 +111,31 @@ def load_tokens_file(path: Path) -> dict[str, User]:
             value = value.get("token")
         make = "make one with: python -c 'import secrets; print(secrets.token_hex(32))'"
         if not isinstance(value, str):
-            what = "missing" if value is None else f"{json.dumps(value)}, not a string"
+            # (its kind, never its value: this goes to the gateway's log)
+            what = "missing" if value is None else f"a JSON {_json_kind(value)}, not a string"
             raise TokensFileError(f"the token of user {name!r} in {path} is {what}; {make}")
         if len(value) < MIN_TOKEN_CHARS:
             raise TokensFileError(
                 f"the token of user {name!r} in {path} has {len(value)} characters, fewer than "
                 f"{MIN_TOKEN_CHARS} (128 bits); {make}")
-        if any(not "!" <= c <= "~" for c in value):
-            # (a request's header cannot carry it, and clients drop white space around it)
+        if value != value.strip():  # clients drop it: their token would never match
             raise TokensFileError(
-                f"the token of user {name!r} in {path} holds a space or another character a "
-                f"request cannot carry; {make}")
+                f"the token of user {name!r} in {path} starts or ends with white space, which "
+                "clients drop before sending it: remove it")
+        if any(not (" " <= c <= "~") for c in value):
+            raise TokensFileError(
+                f"the token of user {name!r} in {path} holds a line break, a control character "
+                f"or a non-ASCII one, which a request's header cannot carry; {make}")
         if value in tokens:
             raise TokensFileError(f"users {tokens[value].name!r} and {name!r} in {path} share a "
                                   f"token: give each their own ({make})")
         tokens[value] = User(str(name), admin, limits)
     return tokens
+
+
+def _json_kind(value: Any) -> str:
+    return {bool: "true or false", int: "number", float: "number", list: "list",
+            dict: "object"}.get(type(value), type(value).__name__)
 
 
 def new_token() -> str:

@@ -99,7 +99,7 @@ class GpuMagicProxy(LoggingConfigurable):
         """Ask the gateway; (target, status, JSON body) or a ProxyError that says what to do."""
         target = target or await self.target(kernel)
         try:
-            token = usable_token(target.token, target.source)
+            token = usable_token(target.token, whose=f"the token of {target.source}")
         except AuthError as exc:  # (never the token itself: it would show in the panel)
             raise ProxyError(400, "bad_token", str(exc)) from None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
