@@ -936,15 +936,16 @@ def test_a_job_held_by_a_user_limit_starts_when_an_admin_raises_it(tmp_path: Pat
         gw.stop()
 
 
-def test_gpu_device_files_are_nvidia_s_and_amd_s(tmp_path: Path) -> None:
+def test_gpu_device_files_are_nvidia_s(tmp_path: Path) -> None:
+    # (the pool is NVML's: an AMD GPU's kfd and dri would be GPUs nobody was granted)
     for name in ("nvidia0", "nvidia3", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "kfd",
                  "null", "sda", "fuse"):
         (tmp_path / name).touch()
     for folder in ("nvidia-caps", "dri", "shm"):
         (tmp_path / folder).mkdir()
     found = [Path(p).name for p in gpu_device_files(tmp_path)]
-    assert found == ["dri", "kfd", "nvidia-caps", "nvidia-uvm", "nvidia-uvm-tools", "nvidia0",
-                     "nvidia3", "nvidiactl"]
+    assert found == ["nvidia-caps", "nvidia-uvm", "nvidia-uvm-tools", "nvidia0", "nvidia3",
+                     "nvidiactl"]
     assert gpu_device_files(tmp_path / "absent") == []
 
 

@@ -250,7 +250,9 @@ class LocalBackend:
             m = run.manifest["inputs"]
             argv = bwrap_command(argv, job_dir=run.job_dir, state_dir=self.state_dir,
                                  readable=[m["pickle"], *m["buffers"]],
-                                 hidden_files=self.hidden_files)
+                                 hidden_files=self.hidden_files,
+                                 # a simulated pool's cells must not reach a real GPU here
+                                 devices=[] if self.simulated else None)
             env = {k: v for k, v in env.items() if not k.startswith("GPU_MAGIC_") or k in
                    run.grant_env}
         log = os.open(run.job_dir / "runner.log",

@@ -9,8 +9,10 @@ under their own Unix account is the other way DESIGN.md allows; it is not built 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,17 +25,30 @@ def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
-# The device files a GPU is used through: NVIDIA's (one per GPU, the control and unified
-# memory ones, MIG's capabilities) and AMD's (kfd, dri). bwrap's own /dev has none of them.
-GPU_DEVICE_PATTERNS = ("nvidia*", "nvidia-caps", "kfd", "dri")
+# The device files an NVIDIA GPU is used through (the pool is NVML's): one per GPU, the
+# control and unified-memory ones, MIG's capabilities. bwrap's own /dev has none of them.
+GPU_DEVICE_PATTERNS = ("nvidia*", "nvidia-caps")
 
 
 def gpu_device_files(dev: Path = Path("/dev")) -> list[str]:
-    """The GPU device files under ``dev`` (none on a machine without a GPU)."""
+    """The GPU device files under ``dev`` (none on a machine without a GPU). The unified
+    memory one is made by the driver's helper on the first use of CUDA on the host: inside a
+    sandbox no cell could make it, so it is made here first where it is missing."""
+    if (dev / "nvidiactl").exists() and not (dev / "nvidia-uvm").exists() and \
+            dev == Path("/dev"):
+        _make_uvm_device()
     found: set[str] = set()
     for pattern in GPU_DEVICE_PATTERNS:
         found.update(str(p) for p in dev.glob(pattern))
     return sorted(found)
+
+
+def _make_uvm_device() -> None:
+    helper = shutil.which("nvidia-modprobe")
+    if helper is None:
+        return
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run([helper, "-u", "-c=0"], timeout=10, capture_output=True, check=False)
 
 
 def bwrap_command(
@@ -49,9 +64,9 @@ def bwrap_command(
     """The runner command wrapped in a bubblewrap sandbox. Builds a list, runs nothing.
 
     ``devices``: device files to bring into the sandbox's /dev (default: this host's GPU
-    device files). All of a host's GPUs are there, as outside a sandbox: which one a cell
-    uses is set by ``CUDA_VISIBLE_DEVICES`` of its grant; the sandbox keeps the users' data
-    apart, not their GPUs."""
+    device files; none for a simulated pool). All of a host's GPUs are there, as outside a
+    sandbox: which one a cell uses is set by ``CUDA_VISIBLE_DEVICES`` of its grant; the
+    sandbox keeps the users' data apart, not their GPUs."""
     bwrap = bwrap_path()
     if bwrap is None:
         raise IsolationUnavailable(
