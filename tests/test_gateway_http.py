@@ -9,6 +9,7 @@ file with several users, and a restart on the same state directory.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import platform
@@ -1114,20 +1115,25 @@ def test_a_token_refused_then_added_works_from_the_same_client(users: Users) -> 
         assert ns["x"] == 1
 
 
-def test_a_refused_token_is_logged_once_a_minute_per_address(tmp_path: Path) -> None:
+def test_a_refused_token_is_logged_once_a_minute_per_address_and_token(tmp_path: Path) -> None:
     # a department's trial: a student's refused token left no trace for the admin to find
     gw = start_gateway(tmp_path)
     try:
         for _ in range(3):
             refused(call(gw.url, "x" * 30, "GET", "/v1/jobs"), 401, "unauthorized")
+        refused(call(gw.url, "y" * 30, "GET", "/v1/jobs"), 401, "unauthorized")
         refused(call(gw.url, None, "GET", "/v1/pool"), 401, "unauthorized")
         assert call(gw.url, gw.token, "GET", "/v1/pool").status_code == 200
         log = (tmp_path / "gateway.log").read_text()
         lines = [ln for ln in log.splitlines() if "refused a request" in ln]
-        assert len(lines) == 1, lines
+        # one per token and address: a second student behind the same address is seen too
+        assert len(lines) == 3, lines
+        x = hashlib.sha256(b"x" * 30).hexdigest()[:8]
         assert ("refused a request from 127.0.0.1 (GET /v1/jobs): a token it does not know "
-                "(wrong, or revoked)") in lines[0]
-        assert "x" * 30 not in log
+                f"(wrong, or revoked; its SHA-256 begins {x})") in lines[0]
+        assert lines[2].endswith("(GET /v1/pool): no token; the same again from there is not "
+                                 "logged for a minute"), lines[2]
+        assert "x" * 30 not in log and "y" * 30 not in log
     finally:
         gw.stop()
 

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import difflib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -489,26 +490,32 @@ class _AuthMiddleware:
                  loopback_only: bool) -> None:
         self.app, self.auth, self.gateway = app, auth, gateway
         self.loopback_only = loopback_only
-        self._refusals: dict[str, float] = {}  # address -> when its refusal was logged
+        # (address, token) -> when its refusal was logged
+        self._refusals: dict[tuple[str, str], float] = {}
         self.fastapi = app  # the wrapped app, for tests that enumerate its routes
         self.state = app.state
         self.routes = app.routes
 
-    def _note_refusal(self, scope: dict[str, Any], had_token: bool) -> None:
+    def _note_refusal(self, scope: dict[str, Any], header: str | None) -> None:
         """A line in the log for a refused caller (whose student cannot connect is the
-        admin's first question), at most one a minute per address: a client that retries,
-        or someone guessing, does not fill the log."""
+        admin's first question), at most one a minute per address and token: a client that
+        retries, or someone guessing, does not fill the log, and one student's stale sidebar
+        behind a shared JupyterHub address does not hide another's refusal. The token is
+        named by the start of its SHA-256, never itself."""
         client = scope.get("client") or ("?", 0)
-        now = time.monotonic()
-        if now - self._refusals.get(client[0], -REFUSAL_LOG_S) < REFUSAL_LOG_S:
+        offered = (header or "").removeprefix("Bearer ").strip()
+        which = (f"a token it does not know (wrong, or revoked; its SHA-256 begins "
+                 f"{hashlib.sha256(offered.encode()).hexdigest()[:8]})" if offered
+                 else "no token")
+        now, key = time.monotonic(), (client[0], which)
+        if now - self._refusals.get(key, -REFUSAL_LOG_S) < REFUSAL_LOG_S:
             return
         if len(self._refusals) > 1000:
             self._refusals.clear()
-        self._refusals[client[0]] = now
-        log.warning("refused a request from %s (%s %s): %s; the next from there are not "
+        self._refusals[key] = now
+        log.warning("refused a request from %s (%s %s): %s; the same again from there is not "
                     "logged for a minute", client[0], scope.get("method"), scope.get("path"),
-                    "a token it does not know (wrong, or revoked)" if had_token
-                    else "no token")
+                    which)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -534,7 +541,7 @@ class _AuthMiddleware:
             return
         found = self.auth.user_for(headers.get(b"authorization"))
         if found is None:
-            self._note_refusal(scope, b"authorization" in headers)
+            self._note_refusal(scope, headers.get(b"authorization"))
             await _refuse(send, 401, "unauthorized",
                           "missing or wrong token: send 'Authorization: Bearer TOKEN' "
                           "(GPU_MAGIC_TOKEN on the client side)")
