@@ -80,9 +80,10 @@ class Reserve:
         if self._thread is not None:
             self._thread.join(timeout=5)
         # scratch, not state: a stopped gateway leaves no disk taken (quotas on shared homes)
-        for name in os.listdir(self.folder):  # whole files and parts
-            with contextlib.suppress(OSError):
-                os.unlink(self.folder / name)
+        with contextlib.suppress(OSError):  # (the state directory may be gone)
+            for name in os.listdir(self.folder):  # whole files and parts
+                with contextlib.suppress(OSError):
+                    os.unlink(self.folder / name)
 
     def wanted(self) -> tuple[list[int], list[str]]:
         """Sizes of the files to write and names of files to drop, so that the reserve holds a
@@ -156,16 +157,20 @@ class Reserve:
         try:
             done = part.stat().st_size if begun else 0
         except OSError:
-            done = 0
+            return None  # gone meanwhile: begun again at the next quiet moment
         if not room_for(self.folder, size - done):
             log.info("blob reserve: not writing %d bytes more, the disk of %s is nearly full",
                      size - done, self.folder)
-            with contextlib.suppress(OSError):
-                part.unlink()  # its bytes too go back to the users' uploads
+            for _, name in self._parts():  # their bytes too go back to the users' uploads
+                with contextlib.suppress(OSError):
+                    os.unlink(self.folder / name)
             return False
         try:
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
+            # a part that went meanwhile is not made again here: its end would be a hole
+            fd = os.open(part, os.O_WRONLY if begun else os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600)
             try:
+                done = os.fstat(fd).st_size
                 if done > size:
                     os.ftruncate(fd, size)
                     done = size
@@ -179,6 +184,8 @@ class Reserve:
                 return None
             os.rename(part, self.folder / f"{size}.{os.urandom(6).hex()}")
             return True
+        except FileNotFoundError:
+            return None  # the part went between the look and the open: begun again later
         except OSError as exc:  # a full disk: stop until more blobs come
             log.warning("cannot fill the blob reserve in %s: %s", self.folder, exc)
             with contextlib.suppress(OSError):
