@@ -23,8 +23,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _COUNT = re.compile(r"[+-]?[0-9]+")
 _FORM = "write TYPE[:COUNT], e.g. H100:2 or any"
 # a count written as other tools write it: "H100 x2", "H100*2", "H100 × 2", "2x H100"
-_TIMES = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*?)\s*[xX×*]\s*(?P<n>\d{1,4})")
-_TIMES_FIRST = re.compile(r"(?P<n>\d{1,4})\s*[xX×*]\s*(?P<name>[A-Za-z][A-Za-z0-9_.-]*)")
+_TIMES = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*?)(?:\s*[xX×*]\s*|\s+)(?P<n>\d{1,4})")
+_TIMES_FIRST = re.compile(r"(?P<n>\d{1,4})(?:\s*[xX×*]\s*|\s+)(?P<name>[A-Za-z][A-Za-z0-9_.-]*)")
 
 
 @dataclass(frozen=True)
@@ -380,10 +380,13 @@ def _parse_option(
     if not name:
         raise SpecError(f"'{text}' has no GPU type before ':'; {_FORM}", spec=spec)
     times = None if colon else _TIMES.fullmatch(text) or _TIMES_FIRST.fullmatch(text)
-    if times and _is_type(times["name"], extras) and not _is_type(name, extras):
+    if times and int(times["n"]) > 0 and _is_type(times["name"], extras) \
+            and not _is_type(name, extras):
         # H100 x2, H100*2, 2x H100: as other tools write a count
         typed = _canonical(times["name"], extras, spec=spec) if times["name"].upper() != "ANY" \
             else "any"
+        # (only a suggestion that would itself be taken: "A100 80" meant no 80 A100s)
+        _check_count(None if typed == "any" else typed, int(times["n"]), text, times["n"], spec)
         raise SpecError(f"'{text}': the count goes after a ':'; did you mean "
                         f"{typed}:{int(times['n'])}?", spec=spec)
     if not _NAME.fullmatch(name):

@@ -1558,13 +1558,18 @@ class _Session:
         "nvidia-smi: command not found", and on a laptop with a GPU the real one would list a
         GPU the cell does not have). None if it cannot be made."""
         if self.sim_tools is None:
+            import hashlib
             import shlex
             import stat
             import tempfile
 
-            # one folder per account, written again by each process that needs it: a runner
-            # ends with os._exit, so a folder of its own would be left behind every time
-            folder = os.path.join(tempfile.gettempdir(), f"gpu-magic-simulated-{os.getuid()}")
+            # one folder per account and interpreter, written again by each process that
+            # needs it: a runner ends with os._exit, so a folder of its own would be left
+            # behind every time; one shared by interpreters would run whichever wrote last,
+            # perhaps one since removed
+            which = hashlib.sha256(sys.executable.encode()).hexdigest()[:8]
+            folder = os.path.join(tempfile.gettempdir(),
+                                  f"gpu-magic-simulated-{os.getuid()}-{which}")
             try:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(folder, 0o700)
@@ -1673,7 +1678,8 @@ class _Session:
         if _simulated_grant(env.get("GPU_MAGIC_GRANT")):
             tools = self.simulated_tools()
             if tools:  # `!nvidia-smi` says what the grant is, not "command not found"
-                env["PATH"] = tools + os.pathsep + env.get("PATH", "")
+                # (an empty entry after it would put the working folder on PATH)
+                env["PATH"] = os.pathsep.join(p for p in (tools, env.get("PATH")) if p)
         touched = self.c_environ.touched()  # by the last cell, behind os.environ's back?
         # only what differs: clearing and refilling os.environ costs a system call per variable
         for k in [k for k in os.environ if k not in env]:

@@ -233,6 +233,9 @@ INVALID = [
     ("2 x A100-80GB", (), "'2 x A100-80GB': the count goes after a ':'; did you mean A100-80GB:2?"),
     ("H100X4", (), "'H100X4': the count goes after a ':'; did you mean H100:4?"),
     ("H1000 × 2", ("H1000",), "'H1000 × 2': the count goes after a ':'; did you mean H1000:2?"),
+    ("2 H100", (), "'2 H100': the count goes after a ':'; did you mean H100:2?"),
+    # never a suggestion that would itself be refused
+    ("A100 80", (), "'A100 80' asks for 80 GPUs; a count must be between 1 and 8"),
 ]
 
 

@@ -151,6 +151,11 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
     return gateway, auth, token_path
 
 
+_UNISOLATED = ("gpu-magic serve: warning: cells of different users run without isolation "
+               "(--force): each can read the tokens file and every user's data; install "
+               "bubblewrap and leave out --force to sandbox them")
+
+
 def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
@@ -168,7 +173,8 @@ def _changes(before: set[str], after: set[str]) -> str:
     """Who a reload of the tokens file added and removed (a refused student's first question)."""
     said = [f"{verb} {', '.join(sorted(names))}" for verb, names in
             (("added", after - before), ("removed", before - after)) if names]
-    return f" ({'; '.join(said)})" if said else " (the same users)"
+    return (f" ({'; '.join(said)})" if said
+            else " (the same users; their tokens, admins and limits as the file now says)")
 
 
 def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, Path | None]:
@@ -382,6 +388,9 @@ def serve(cfg: ServeConfig) -> int:
                     auth.replace(tokens)
                     print(f"gpu-magic: reloaded {cfg.tokens_file}{_changes(before, users)}",
                           file=sys.stderr)
+                    if len(users) > 1 and len(before) <= 1 and cfg.backend == "local" and \
+                            getattr(gateway.backend, "isolation", "none") == "none":
+                        print(_UNISOLATED, file=sys.stderr, flush=True)  # (--force let it)
                 except TokensFileError as exc:
                     print(f"gpu-magic: kept the old tokens: {exc}", file=sys.stderr)
 
@@ -401,9 +410,7 @@ def serve(cfg: ServeConfig) -> int:
         if (len(auth.users()) > 1 and cfg.backend == "local"
                 and getattr(gateway.backend, "isolation", None) == "none"):
             # --force lets past the TLS check and this one alike: said, whatever it was for
-            print("gpu-magic serve: warning: cells of different users run without isolation "
-                  "(--force): each can read the tokens file and every user's data; install "
-                  "bubblewrap and leave out --force to sandbox them", file=sys.stderr, flush=True)
+            print(_UNISOLATED, file=sys.stderr, flush=True)
         if getattr(gateway.backend, "isolation", None) == "bwrap" and os.geteuid() == 0:
             print("gpu-magic serve: note: running as root, so sandboxed cells run as root too "
                   "(with no capabilities: they cannot undo the sandbox, but they read every "
