@@ -915,6 +915,26 @@ def test_a_node_removed_mid_job_ends_it_lost(rc: GatewayClient, cluster: RayClus
     assert not [p for p in left if os.path.exists(p)]
 
 
+def test_a_job_sent_to_a_node_that_just_died_ends_instead_of_waiting_for_good(
+        rc: GatewayClient, cluster: RayCluster) -> None:
+    # a researcher's trial: a cell granted on a node killed a moment after the previous cell
+    # ran there (its placement group kept for the next one) said "running" until its hour was
+    # up; Ray keeps a task of a group whose node died waiting
+    cluster.add("a10", "A10", 2)
+    wait_for(lambda: free(rc).get("A10") == (2, 2), DEADLINE_S)
+    assert follow(rc, submit(rc, "x = 1", "A10:2")["id"])[-1]["state"] == "succeeded"
+    cluster.remove("a10")
+    job = submit(rc, "print('ran', flush=True)", "A10:2, A100-80GB:2")
+    done = follow(rc, job["id"])[-1]
+    assert done["type"] == "done", done
+    if done["state"] == "lost":
+        assert "the Ray node" in done["message"], done
+        assert "before the cell started (nothing ran)" in done["message"], done
+    else:  # (the pool already knew the node gone: its next option)
+        assert done["state"] == "succeeded", done
+    wait_for(lambda: "A10" not in free(rc), DEADLINE_S)
+
+
 # (last: it removes the cluster's last GPU node)
 def test_a_cluster_with_no_gpu_node_left_is_said_to_be_so(cluster: RayCluster,
                                                           tmp_path: Path) -> None:

@@ -58,6 +58,10 @@ PARK_S = 2.0
 # another user: its GPUs count as ours (free to the scheduler) this long, so the job waits for
 # them instead of taking its next option (a cell after a smaller one fell back to `any`).
 OWN_LAG_S = 2.0
+# A task not started yet is looked after this often: one sent into a placement group whose node
+# had just died waits in Ray for good (a cell said "running" for its whole hour), so its node and
+# group are looked at until its first frame comes.
+START_WATCH_S = 1.0
 CONNECT_TIMEOUT_S = 30.0  # ray.init takes ~2 s on a small machine; more is an address gone wrong
 
 
@@ -154,6 +158,9 @@ class RayHandle:
     gen: Any = None
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)  # its first frame came
+    lost: str | None = None  # why the watch below gave it up before it started
+    told: bool = False  # its end was told to the gateway (once)
 
 
 class RayBackend:
@@ -450,6 +457,10 @@ class RayBackend:
     def _adopt(self, node_id: str, key: tuple[str, int], indices: tuple[int, ...]) -> bool:
         """Take a kept placement group of as many GPUs on the node for this attempt (lock held).
         Which of the node's GPUs it holds is Ray's to say, as for a new one."""
+        snap = self._snapshot
+        if snap is not None and not any(n["NodeID"] == node_id and n.get("Alive")
+                                        for n in snap[1]):
+            return False  # (its node is gone: a task sent into its group would wait for good)
         for res in self._parked:
             if res.node_id == node_id and len(res.indices) == len(indices):
                 self._parked.remove(res)
@@ -555,7 +566,43 @@ class RayBackend:
             self._handles[key] = handle
         threading.Thread(target=self._follow, args=(handle, on_event, on_exit), daemon=True,
                          name=f"gpu-magic-ray-{run.job_id}").start()
+        threading.Thread(target=self._watch_start, args=(handle, on_exit), daemon=True,
+                         name=f"gpu-magic-ray-watch-{run.job_id}").start()
         return handle
+
+    def _watch_start(self, handle: RayHandle, on_exit: ExitCallback) -> None:
+        """Until the task's first frame: give it up, as lost, once its node is dead or its
+        placement group is no longer placed (Ray would keep it waiting for good)."""
+        res = handle.reservation
+        while not handle.started.wait(START_WATCH_S) and not handle.done.is_set():
+            if handle.cancelled:
+                return
+            try:
+                alive = any(n["NodeID"] == res.node_id and n.get("Alive")
+                            for n in ray.nodes())
+                state = placement_group_table(res.pg).get("state")
+            except Exception:
+                continue  # the cluster is not answering: look again
+            if alive and state == "CREATED":
+                continue
+            handle.lost = (f"the Ray node {handle.node} died or left the cluster before the "
+                           "cell started (nothing ran)")
+            try:
+                ray.cancel(handle.gen, force=True)
+            except Exception:
+                pass
+            if handle.done.wait(5.0):
+                return
+            # the task's stream never ends (Ray keeps it waiting): the job ends here
+            run = handle.spec
+            with self._lock:
+                self._release(res)
+                self._handles.pop((run.job_id, run.attempt), None)
+                if handle.told:
+                    return
+                handle.told = True
+            on_exit(run.job_id, run.attempt, None, f"[gpu_magic] {handle.lost}")
+            return
 
     def _follow(self, handle: RayHandle, on_event: EventCallback, on_exit: ExitCallback) -> None:
         run = handle.spec
@@ -565,6 +612,7 @@ class RayBackend:
         ended = False
         try:
             for ref in handle.gen:
+                handle.started.set()
                 frame = ray.get(ref)
                 if not isinstance(frame, bytes) or not frame:
                     raise ValueError(f"the Ray task sent {type(frame).__name__}, not a frame")
@@ -597,23 +645,29 @@ class RayBackend:
                 tail = "[gpu_magic] the Ray task ended without the runner's exit status"
         except Exception as exc:
             rc = None
-            tail = "" if handle.cancelled else f"[gpu_magic] {_describe(exc, handle.node)}"
+            tail = ("" if handle.cancelled else f"[gpu_magic] {handle.lost}" if handle.lost
+                    else f"[gpu_magic] {_describe(exc, handle.node)}")
         finally:
             key = (run.job_id, run.attempt)
             with self._lock:
-                if ended and not handle.cancelled:
+                told, handle.told = handle.told, True  # (the watch above may have said it)
+                if told:
+                    pass
+                elif ended and not handle.cancelled:
                     # the task is over (its launcher killed what the cell left running): the
                     # group's GPUs are free for the next job, at once
                     self._park(handle.reservation)
                 else:  # a task cancelled or lost may still hold them: Ray sorts that out
                     self._release(handle.reservation)
                 self._handles.pop(key, None)
-            try:
-                (run.job_dir / "runner.log").write_text(tail)
-            except OSError:
-                pass
+            if not told:
+                try:
+                    (run.job_dir / "runner.log").write_text(tail)
+                except OSError:
+                    pass
             handle.done.set()
-            on_exit(run.job_id, run.attempt, rc, tail)
+            if not told:
+                on_exit(run.job_id, run.attempt, rc, tail)
 
     def cancel(self, handle: RayHandle, grace: float = 3.0) -> None:
         """Stop the task: its runner's process group first (KeyboardInterrupt in the task), then
