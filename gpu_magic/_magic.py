@@ -39,6 +39,7 @@ from ._connection import (
 from ._errors import (
     AuthError,
     CellSyntaxError,
+    GatewayError,
     GpuMagicError,
     SpecError,
     one_line,
@@ -471,7 +472,13 @@ class GPUMagic(Magics):
             return _api.attach(rest[0], self.shell.user_ns, client=client)
         elif cmd == "status":
             url, how = current_target()
-            health = client.health(refresh=True)
+            try:
+                health = client.health(refresh=True)
+            except AuthError:
+                raise
+            except GatewayError as exc:  # the diagnostic command: it says so, not raises
+                print(exc)
+                return None
             sim = " (simulated pool)" if health.get("simulated") else ""
             # (what runs the cells is told only to a token it takes: see below)
             runs = (f", Python {health.get('python')}, backend {health.get('backend')}{sim}"

@@ -650,6 +650,20 @@ def test_status_starts_no_local_gateway(kernel_factory: Any, tmp_path: Path) -> 
     assert k.run("%gpu status")["stdout"].startswith("gateway http://127.0.0.1:")
 
 
+def test_status_of_a_gateway_that_is_down_says_so_without_an_error(kernel_factory: Any) -> None:
+    # a researcher's trial: the diagnostic command raised GatewayError instead of a status
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    k = kernel_factory(GPU_MAGIC_URL=f"http://127.0.0.1:{port}", GPU_MAGIC_TOKEN="t" * 30)
+    out = k.run("%gpu status")
+    assert out["error"] is None, out
+    assert out["stdout"].startswith(f"cannot reach the gpu_magic gateway at http://127.0.0.1:"
+                                    f"{port} (from GPU_MAGIC_URL)"), out
+
+
 def test_the_help_shows_the_spec_before_the_options() -> None:
     # argparse put the spec last, an order the magic refuses (found by a newcomer)
     from gpu_magic._magic import GPUMagic
