@@ -596,11 +596,11 @@ class RayBackend:
             # the task's stream never ends (Ray keeps it waiting): the job ends here
             run = handle.spec
             with self._lock:
-                self._release(res)
-                self._handles.pop((run.job_id, run.attempt), None)
-                if handle.told:
+                if handle.told:  # (its stream ended meanwhile, and said so itself)
                     return
                 handle.told = True
+                self._release(res)
+                self._handles.pop((run.job_id, run.attempt), None)
             on_exit(run.job_id, run.attempt, None, f"[gpu_magic] {handle.lost}")
             return
 
