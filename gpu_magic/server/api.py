@@ -37,7 +37,7 @@ from .limits import human
 from .store import BlobError
 
 log = logging.getLogger("gpu_magic.gateway")
-REFUSAL_LOG_S = 60.0  # one log line a minute per address for refused tokens
+REFUSAL_LOG_S = 60.0  # one log line a minute per address and token for refused tokens
 
 HEARTBEAT_S = 5.0
 # Small blobs travel inside the submit request and inside the result event: one exchange

@@ -156,6 +156,11 @@ _UNISOLATED = ("gpu-magic serve: warning: cells of different users run without i
                "bubblewrap and leave out --force to sandbox them")
 
 
+def _unisolated(users: int, cfg: ServeConfig, backend: Any) -> bool:
+    """Whether cells of several users run here without a sandbox (only --force lets that)."""
+    return users > 1 and cfg.backend == "local" and getattr(backend, "isolation", "none") == "none"
+
+
 def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
@@ -388,8 +393,7 @@ def serve(cfg: ServeConfig) -> int:
                     auth.replace(tokens)
                     print(f"gpu-magic: reloaded {cfg.tokens_file}{_changes(before, users)}",
                           file=sys.stderr)
-                    if len(users) > 1 and len(before) <= 1 and cfg.backend == "local" and \
-                            getattr(gateway.backend, "isolation", "none") == "none":
+                    if len(before) <= 1 and _unisolated(len(users), cfg, gateway.backend):
                         print(_UNISOLATED, file=sys.stderr, flush=True)  # (--force let it)
                 except TokensFileError as exc:
                     print(f"gpu-magic: kept the old tokens: {exc}", file=sys.stderr)
@@ -407,8 +411,7 @@ def serve(cfg: ServeConfig) -> int:
                          f"one, start it with --simulate {shlex.quote(wanted)}")
         for note in notes:  # (the embedded gateway's go to its log)
             print(f"gpu-magic serve: note: {note}", file=sys.stderr, flush=True)
-        if (len(auth.users()) > 1 and cfg.backend == "local"
-                and getattr(gateway.backend, "isolation", None) == "none"):
+        if _unisolated(len(auth.users()), cfg, gateway.backend):
             # --force lets past the TLS check and this one alike: said, whatever it was for
             print(_UNISOLATED, file=sys.stderr, flush=True)
         if getattr(gateway.backend, "isolation", None) == "bwrap" and os.geteuid() == 0:

@@ -651,13 +651,11 @@ class RayBackend:
             key = (run.job_id, run.attempt)
             with self._lock:
                 told, handle.told = handle.told, True  # (the watch above may have said it)
-                if told:
-                    pass
-                elif ended and not handle.cancelled:
+                if not told and ended and not handle.cancelled:
                     # the task is over (its launcher killed what the cell left running): the
                     # group's GPUs are free for the next job, at once
                     self._park(handle.reservation)
-                else:  # a task cancelled or lost may still hold them: Ray sorts that out
+                elif not told:  # a task cancelled or lost may still hold them: Ray sorts it
                     self._release(handle.reservation)
                 self._handles.pop(key, None)
             if not told:
