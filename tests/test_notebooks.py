@@ -4,6 +4,7 @@ pass ruff with the bodies of their ``%%gpu`` cells linted too."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def test_notebooks_pass_ruff(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("use_gateway")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path: Path) -> None:
+def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     if any("import torch" in c.source for c in nb.cells if c.cell_type == "code"):
         pytest.importorskip("torch", reason=f"{path.name} trains a PyTorch model: "
@@ -69,7 +70,10 @@ def test_notebook_runs_top_to_bottom(path: Path) -> None:
     takers = [i for i, c in enumerate(nb.cells)
               if c.cell_type == "code" and re.search(r"^\w+ = _$", c.source, re.M)]
     again = []
-    with client.setup_kernel():
+    # a student runs these again and again: what they make in the temporary folder must go
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with client.setup_kernel(env={**os.environ, "TMPDIR": str(scratch)}):
         for i, cell in enumerate(nb.cells):
             client.execute_cell(cell, i)
             if i in takers:
@@ -78,6 +82,9 @@ def test_notebook_runs_top_to_bottom(path: Path) -> None:
                 again += [f"cell {i} run again: {o.ename}: {o.evalue}" for o in rerun.outputs
                           if o.output_type == "error"]
     assert not again, again
+    # (the simulated pool's nvidia-smi folder stays on purpose: one per account, reused)
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("gpu-magic-simulated-")]
+    assert not left, f"{path.name} left {left} in the temporary folder"
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue

@@ -741,10 +741,10 @@ def test_an_exception_whose_class_is_only_where_the_cell_ran_says_so() -> None:
     with pytest.raises(RemoteError) as info:
         run(ns, """
             import sys, tempfile, pathlib
-            where = tempfile.mkdtemp()  # a module this kernel cannot import
-            pathlib.Path(where, "remote_only_errs.py").write_text(
+            where = tempfile.TemporaryDirectory()  # a module this kernel cannot import
+            pathlib.Path(where.name, "remote_only_errs.py").write_text(
                 "class FarError(Exception):\\n    pass\\n")
-            sys.path.insert(0, where)
+            sys.path.insert(0, where.name)
             from remote_only_errs import FarError
             raise FarError("far")
         """)
