@@ -1410,9 +1410,12 @@ def in_place_state(obj: Any) -> tuple[Any, ...] | None:
         if obj.dtype.hasobject:
             return None
         data = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)  # (Fortran order)
+        try:
+            buf = pickle.PickleBuffer(data)
+        except ValueError:  # datetime64 and timedelta64 export no buffer: their bytes do
+            buf = pickle.PickleBuffer(data.reshape(-1).view(np.uint8))
         # (a memory-mapped input arrives as a copy of its data: its state is a plain array's)
-        return ("ndarray", np.ndarray, pickle.PickleBuffer(data), obj.dtype, obj.shape,
-                bool(obj.flags.writeable))
+        return ("ndarray", np.ndarray, buf, obj.dtype, obj.shape, bool(obj.flags.writeable))
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
         if t not in (torch.Tensor, torch.nn.Parameter) or obj.is_sparse or getattr(

@@ -1451,6 +1451,23 @@ def test_fortran_ordered_and_memory_mapped_arrays_are_changed_in_place(tmp_path:
     assert np.fromfile(path)[0] == -1
 
 
+def test_dates_and_durations_travel_and_are_changed_in_place() -> None:
+    # numpy's datetime64 and timedelta64 export no buffer: every cell using one (a pandas
+    # frame with a date column, too) failed with "cannot include dtype 'M' in a buffer"
+    stamps = np.arange(6).astype("datetime64[s]")
+    waits = np.arange(100_000).astype("timedelta64[ms]").reshape(1000, 100).T  # large, F-order
+    table = np.zeros(3, dtype=[("t", "datetime64[D]"), ("v", "f8")])
+    ns = notebook("import numpy as np")
+    ns.update(stamps=stamps, waits=waits, table=table)
+    latest = run(ns, "stamps[0] = stamps[-1]\nwaits[0, 0] = waits.max()\n"
+                     "table['t'][1] = np.datetime64('2024-02-29')\nstamps.max()")
+    assert latest == np.datetime64(5, "s")
+    assert ns["stamps"] is stamps and ns["waits"] is waits and ns["table"] is table
+    assert stamps[0] == np.datetime64(5, "s")
+    assert waits[0, 0] == np.timedelta64(99_999, "ms") and waits.flags.f_contiguous
+    assert table["t"][1] == np.datetime64("2024-02-29")
+
+
 def test_a_folder_the_notebook_added_to_sys_path_is_on_the_runner_s_too(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # `sys.path.append("../src")` is how notebooks reach their project's modules: the cell
