@@ -27,7 +27,7 @@ from gpu_magic._client import GatewayClient
 from gpu_magic.server.api import create_app
 from gpu_magic.server.auth import Authenticator, User
 from gpu_magic.server.backends.local import LocalBackend
-from gpu_magic.server.backends.sandbox import bwrap_command, gpu_device_files
+from gpu_magic.server.backends.sandbox import bwrap_command, gpu_device_files, python_paths
 from gpu_magic.server.gateway import Gateway as CoreGateway
 
 from .conftest import Gateway, start_gateway, wait_for
@@ -258,6 +258,53 @@ seen
         alice.close()
     finally:
         gw.stop()
+
+
+@needs_bwrap
+def test_a_sandboxed_cell_sees_none_of_the_gateway_account_s_own_folders(tmp_path: Path) -> None:
+    # a trial: an instructor's shared gateway, run under their own account, let a student's
+    # cell read the instructor's personal gateway's runtime file (its token) in their home,
+    # and so run code outside any sandbox; /tmp was shared by every user's cells too
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("PRIVATE KEY")
+    run_dir.mkdir()
+    (run_dir / "jpserver-1.json").write_text('{"token": "personal"}')
+    elsewhere = tmp_path / "left-in-tmp.txt"  # (tmp_path is in the temporary folder)
+    elsewhere.write_text("someone's notes")
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file),
+                       env={"HOME": str(home), "XDG_RUNTIME_DIR": str(run_dir)})
+    probe = f"""
+import os, tempfile, numpy
+seen = {{}}
+for name, path in {{"key": {str(home / ".ssh" / "id_ed25519")!r},
+                   "runtime file": {str(run_dir / "jpserver-1.json")!r},
+                   "file in tmp": {str(elsewhere)!r}, "mine": "/tmp/mine.txt"}}.items():
+    try:
+        seen[name] = open(path).read()
+    except OSError as exc:
+        seen[name] = type(exc).__name__
+seen["home"] = sorted(os.listdir(os.path.expanduser("~")))
+with open("/tmp/mine.txt", "w") as f:  # the cell's own /tmp, as on any machine
+    f.write("x")
+seen
+"""
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice, \
+                GatewayClient(gw.url, tokens["bob"]) as bob:
+            first = gpu_magic.run(probe, "H100", {"__name__": "__main__"}, client=alice,
+                                  quiet=True)
+            second = gpu_magic.run(probe, "H100", {"__name__": "__main__"}, client=bob,
+                                   quiet=True)
+    finally:
+        gw.stop()
+    for seen in (first, second):
+        assert seen["key"] == seen["runtime file"] == seen["file in tmp"] == \
+            "FileNotFoundError", seen
+        assert seen["home"] == [], seen
+    assert second["mine"] == "FileNotFoundError"  # alice's /tmp file is not bob's
 
 
 @needs_bwrap
@@ -963,7 +1010,8 @@ def test_a_sandboxed_runner_has_the_gpu_device_files(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", probe]
 
     def run(devices: list[str]) -> subprocess.CompletedProcess[str]:
-        cmd = bwrap_command(argv, job_dir=job, state_dir=state, readable=[], devices=devices)
+        cmd = bwrap_command(argv, job_dir=job, state_dir=state, readable=[], devices=devices,
+                            python=python_paths(sys.executable, os.environ))
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
     given = run(["/dev/fuse"])

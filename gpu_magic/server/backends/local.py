@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inventory import Gpu, parse_simulated, read_nvml
-from .sandbox import bwrap_command, sandboxed_pid
+from .sandbox import bwrap_command, python_paths, sandboxed_pid
 from .warm import WarmPool, Worker, ZygoteError
 
 # A manifest goes to a warm worker with the job while the request (manifest and environment)
@@ -251,6 +251,7 @@ class LocalBackend:
             argv = bwrap_command(argv, job_dir=run.job_dir, state_dir=self.state_dir,
                                  readable=[m["pickle"], *m["buffers"]],
                                  hidden_files=self.hidden_files,
+                                 python=python_paths(python, env),
                                  # a simulated pool's cells must not reach a real GPU here
                                  devices=[] if self.simulated else None)
             env = {k: v for k, v in env.items() if not k.startswith("GPU_MAGIC_") or k in

@@ -10,10 +10,13 @@ under their own Unix account is the other way DESIGN.md allows; it is not built 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -51,6 +54,43 @@ def _make_uvm_device() -> None:
         subprocess.run([helper, "-u", "-c=0"], timeout=10, capture_output=True, check=False)
 
 
+def private_dirs() -> list[str]:
+    """The gateway account's own folders, each replaced in a sandbox by an empty one of the
+    cell's: its home (SSH keys, its other gateways' tokens, Jupyter's runtime files), the
+    temporary folders (what its other programs leave there) and its runtime folder. A
+    student's cell read an instructor's personal gateway's token this way, and could then
+    run code outside any sandbox."""
+    found: dict[str, str] = {}
+    for d in (os.path.expanduser("~"), "/tmp", "/var/tmp", tempfile.gettempdir(),
+              os.environ.get("XDG_RUNTIME_DIR"), f"/run/user/{os.getuid()}"):
+        if d and os.path.isabs(d) and os.path.isdir(d):
+            real = os.path.realpath(d)
+            if real != "/":  # (an account whose home is / keeps it: hiding it hides all)
+                found.setdefault(real, real)
+    return sorted(found, key=lambda d: d.count("/"))  # (a home in /tmp is made after /tmp)
+
+
+@functools.lru_cache(maxsize=8)
+def _python_paths(python: str, pythonpath: str) -> tuple[str, ...]:
+    probe = ("import json, os, sys; print(json.dumps([sys.prefix, sys.base_prefix, "
+             "sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)), "
+             "*sys.path[1:]]))")  # (sys.path[0]: the probe's own folder)
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": pythonpath}
+    try:
+        out = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=env,
+                             cwd="/", timeout=60, check=True).stdout
+        return tuple(p for p in json.loads(out) if isinstance(p, str) and os.path.isabs(p))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return ()
+
+
+def python_paths(python: str, env: Mapping[str, str]) -> list[str]:
+    """What ``python`` imports from (its prefixes and ``sys.path`` with ``PYTHONPATH``): shown
+    again, read-only, where :func:`private_dirs` hid them (a virtual environment in the
+    account's home, a package installed editable in /tmp). Asked once per interpreter."""
+    return [p for p in _python_paths(python, env.get("PYTHONPATH", "")) if os.path.exists(p)]
+
+
 def bwrap_command(
     argv: Sequence[str],
     *,
@@ -60,13 +100,17 @@ def bwrap_command(
     hidden_files: Sequence[Path] = (),
     cwd: str | None = None,
     devices: Sequence[str] | None = None,
+    hidden_dirs: Sequence[str] | None = None,
+    python: Sequence[str] = (),
 ) -> list[str]:
     """The runner command wrapped in a bubblewrap sandbox. Builds a list, runs nothing.
 
     ``devices``: device files to bring into the sandbox's /dev (default: this host's GPU
     device files; none for a simulated pool). All of a host's GPUs are there, as outside a
     sandbox: which one a cell uses is set by ``CUDA_VISIBLE_DEVICES`` of its grant; the
-    sandbox keeps the users' data apart, not their GPUs."""
+    sandbox keeps the users' data apart, not their GPUs. ``hidden_dirs`` (default
+    :func:`private_dirs`) are empty and the cell's own; ``python``: folders the runner's
+    interpreter needs (:func:`python_paths`), shown again read-only inside them."""
     bwrap = bwrap_path()
     if bwrap is None:
         raise IsolationUnavailable(
@@ -76,8 +120,16 @@ def bwrap_command(
     # cell every capability, and with CAP_SYS_ADMIN it unmounts the stand-ins below and reads
     # the tokens file and every user's blobs (or remounts / writable)
     cmd = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL",
-           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-           "--tmpfs", str(state_dir)]
+           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    hidden = private_dirs() if hidden_dirs is None else list(hidden_dirs)
+    for d in hidden:
+        cmd += ["--tmpfs", d]
+    for path in dict.fromkeys(python):
+        real = os.path.realpath(path)
+        # never a hidden folder back, whole or as part of one of its parents (PYTHONPATH=~)
+        if not any(d == real or d.startswith(real.rstrip("/") + "/") for d in hidden):
+            cmd += ["--ro-bind", path, path]
+    cmd += ["--tmpfs", str(state_dir)]
     # without them a cell was told "H100 ×1" and found no GPU (a department's trial)
     for d in gpu_device_files() if devices is None else devices:
         cmd += ["--dev-bind-try", d, d]
@@ -85,8 +137,8 @@ def bwrap_command(
         if f.exists():
             cmd += ["--ro-bind", "/dev/null", str(f)]
     cmd += ["--bind", str(job_dir), str(job_dir)]
-    # everything else is read-only, the home folder too: IPython, matplotlib and tempfile
-    # would each warn, on every cell, that they fall back to a temporary folder
+    # everything else is read-only (the home folder is an empty one): IPython, matplotlib
+    # and tempfile would each warn, on every cell, that they fall back to a temporary folder
     scratch = job_dir / "scratch"
     cmd += ["--dir", str(scratch), "--setenv", "TMPDIR", str(scratch),
             "--setenv", "IPYTHONDIR", str(scratch / "ipython"),
