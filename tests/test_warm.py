@@ -738,3 +738,34 @@ def test_a_cell_that_leaks_its_file_descriptors_costs_its_runner_not_the_next_ce
         ns: dict[str, Any] = {"__name__": "__main__", "data": list(range(100_000))}
         assert gpu_magic.run("sum(data)", "H100", ns, client=c, quiet=True) == 4999950000
         assert _pid(c, "H100") != pid  # that runner took no further cell
+
+
+def test_a_runner_whose_zygote_died_still_ends_its_job_and_frees_its_gpus(
+        tmp_path: Path) -> None:
+    # a trial: with the zygote killed (as the kernel's OOM killer may), no one told the gateway
+    # that its runners exited: a cancelled or timed-out cell kept "running" and its GPUs busy
+    # for the 30 s the end of a runner is waited for
+    import psutil
+
+    gw = start_gateway(tmp_path, "--keep-warm", "60", simulate="H100:1")
+    try:
+        with gw.client() as c:
+            job = gpu_magic.run("import os, time\nprint(os.getpid(), flush=True)\n"
+                                "time.sleep(120)", "H100", {"__name__": "__main__"}, client=c,
+                                quiet=True, background=True)
+            wait_for(lambda: job.output, 30)
+            runner = int(job.output)
+            zygote = psutil.Process(runner).parent()
+            assert zygote is not None and "--zygote" in zygote.cmdline()
+            zygote.kill()
+            c.cancel(job.id)
+            with pytest.raises(gpu_magic.JobCancelled):
+                job.wait(timeout=20)  # (the runner's exit was waited for 30 s)
+            assert not psutil.pid_exists(runner) or \
+                psutil.Process(runner).status() == psutil.STATUS_ZOMBIE
+            wait_for(lambda: not c.pool()["nodes"][0]["gpus"][0]["busy"], 10)
+            # the next cell gets a runner from a new zygote, and ends as usual
+            assert gpu_magic.run("6 * 7", "H100", {"__name__": "__main__"}, client=c,
+                                 quiet=True) == 42
+    finally:
+        gw.stop()

@@ -23,6 +23,25 @@ from pathlib import Path
 from typing import Any
 
 START_TIMEOUT_S = 15.0
+ORPHAN_POLL_S = 0.2
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie no one reaps does not: some containers' first process
+    never reaps the orphans it inherits)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
 
 
 class ZygoteError(Exception):
@@ -32,7 +51,8 @@ class ZygoteError(Exception):
 class Zygote:
     """One warm parent process for one interpreter."""
 
-    def __init__(self, python: str, env: dict[str, str], on_exit: Callable[[int, int], None]) -> None:
+    def __init__(self, python: str, env: dict[str, str], on_exit: Callable[[int, int], None],
+                 on_dead: Callable[[Zygote], None] = lambda z: None) -> None:
         self.python = python
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.proc = subprocess.Popen(
@@ -46,6 +66,7 @@ class Zygote:
         self._started: dict[str, Any] = {}
         self._cond = threading.Condition()
         self._on_exit = on_exit
+        self._on_dead = on_dead
         self.dead = False
         threading.Thread(target=self._read, daemon=True, name="gpu-magic-zygote").start()
 
@@ -71,6 +92,7 @@ class Zygote:
         with self._cond:
             self.dead = True
             self._cond.notify_all()
+        self._on_dead(self)
 
     def fork(self, request: dict[str, Any], fds: list[int]) -> int:
         """Start a worker; its pid."""
@@ -114,6 +136,7 @@ class Worker:
     idle_since: float | None = None
     exit_code: int | None = None
     exited: threading.Event = field(default_factory=threading.Event)
+    zygote: Zygote | None = None  # its parent, who says when it exits
 
 
 class WarmPool:
@@ -136,8 +159,31 @@ class WarmPool:
         with self._lock:
             z = self._zygotes.get(python)
             if z is None or z.dead or z.proc.poll() is not None:
-                z = self._zygotes[python] = Zygote(python, env, self._exited)
+                z = self._zygotes[python] = Zygote(python, env, self._exited, self._orphaned)
             return z
+
+    def _orphaned(self, z: Zygote) -> None:
+        """A zygote died (killed, or out of memory): no one tells its workers' exits now. Idle
+        ones are stopped, busy ones when their job ends, and each is watched until it is gone,
+        so its job ends and its GPUs are free within a moment, not after the 30 s its end is
+        otherwise waited for."""
+        with self._lock:
+            ours = [w for w in self._workers.values() if w.zygote is z]
+        threading.Thread(target=self._watch_orphans, args=(ours,), daemon=True,
+                         name="gpu-magic-orphans").start()
+        for w in ours:
+            if w.idle_since is not None:
+                self.stop(w)
+
+    def _watch_orphans(self, workers: list[Worker]) -> None:
+        while workers:
+            time.sleep(ORPHAN_POLL_S)
+            for w in [w for w in workers if not _alive(w.pid)]:
+                workers.remove(w)
+                with self._lock:
+                    self._workers.pop(w.pid, None)
+                w.exited.set()  # (its exit code went to no one: None, "lost")
+                w.ctl.close()
 
     def _exited(self, pid: int, code: int) -> None:
         with self._lock:
@@ -179,14 +225,18 @@ class WarmPool:
             theirs.close()
             if log_fd >= 0:
                 os.close(log_fd)
-        w = Worker(pid, key, ours, gpus)
+        z = self._zygotes.get(python)
+        w = Worker(pid, key, ours, gpus, zygote=z)
         with self._lock:
             self._workers[pid] = w
+        if z is not None and z.dead:  # (it died as it forked this one)
+            self._orphaned(z)
         return w
 
     def finished(self, w: Worker, reusable: bool) -> None:
         """The worker's job is over; keep it warm or stop it."""
-        if reusable and self.keep_warm > 0 and not w.exited.is_set():
+        orphan = w.zygote is not None and w.zygote.dead
+        if reusable and self.keep_warm > 0 and not w.exited.is_set() and not orphan:
             w.idle_since = time.monotonic()
         else:
             self.stop(w)
