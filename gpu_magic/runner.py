@@ -38,11 +38,12 @@ import typing
 import warnings
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from . import _capture, _injob, _interrupts, _payload, _reserve
 
 COALESCE_S = 0.002  # let a burst of prints gather before sending them as one event
+_real_exit = os._exit  # the runner's own: a cell's (see attach_io) sends its output first
 _MARKER = b"\x00gpu-magic-drain\x00"
 
 
@@ -969,7 +970,7 @@ def _watch(ep: Any) -> None:
             try:  # the gateway is gone: nobody reads this job's events, nor frees its GPUs
                 end_leftover_processes()
             finally:
-                os._exit(70)
+                _real_exit(70)
 
 
 def _stopped(signum: int, _frame: Any) -> None:
@@ -1622,6 +1623,18 @@ class _Session:
 
         _Stream.drain = drain
         _Stream.interrupts = self.interrupts
+        me = os.getpid()
+
+        def exit_after_output(status: int) -> NoReturn:
+            # os._exit for the cell: what it printed just before still reaches the notebook
+            # (it was in the pipes, or read and not yet sent, and died with the process). A
+            # process the cell forked exits at once: the threads that send are not in it.
+            if os.getpid() == me:
+                with contextlib.suppress(Exception):
+                    self.sync()
+            _real_exit(status)
+
+        os._exit = exit_after_output
         sys.stdin = _NoStdin()  # type: ignore[assignment]
         builtins.input = _no_input
         sys.breakpointhook = _no_debugger
@@ -2277,7 +2290,7 @@ def _zygote(sock_fd: int) -> None:
                 os.close(fd)
             os.setsid()
             _spare(session, theirs)
-            os._exit(0)
+            _real_exit(0)
         theirs.close()
         children.release()
         return pid, ours
@@ -2289,7 +2302,7 @@ def _zygote(sock_fd: int) -> None:
     while True:
         msg, fds, _flags, _addr = socket.recv_fds(sock, 65536, 8)
         if not msg:
-            os._exit(0)  # the gateway went away
+            _real_exit(0)  # the gateway went away
         req = json.loads(msg)
         pid, chan = spare
         try:
@@ -2369,4 +2382,4 @@ def _next_job(ctl: Any, session: _Session, keep_warm: float) -> tuple[bytes, lis
 
 
 if __name__ == "__main__":
-    os._exit(main())
+    _real_exit(main())

@@ -63,6 +63,22 @@ def test_killed_runner_frees_its_gpu_for_the_next_job(one_gpu: Gateway) -> None:
         wait_for(lambda: all_free(c), DEADLINE)
 
 
+def test_what_a_cell_printed_before_its_os_exit_reaches_the_notebook(one_gpu: Gateway) -> None:
+    # a trial: a line printed (flushed, or written to fd 1) just before os._exit was lost, as
+    # it was read from the pipe, or waiting there, when the process ended
+    with one_gpu.client() as c:
+        for cell, said in [("print('last words', flush=True)\nimport os\nos._exit(3)",
+                            "last words\n"),
+                           ("import os\nos.write(1, b'from C\\n')\nos._exit(3)", "from C\n"),
+                           ("print('no newline', end='')\nimport os\nos._exit(0)",
+                            "no newline")]:
+            job = submit(c, cell, "T4", background=True)
+            end = finish(c, job["id"])
+            assert end["state"] == "lost" and "exited with code" in end["message"], end
+            out = "".join(ev["text"] for ev in c.events(job["id"]) if ev["type"] == "stdout")
+            assert out == said, (cell, out)
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs (an exited process its parent has not reaped yet does not)."""
     try:
