@@ -31,7 +31,7 @@ from gpu_magic.server.backends.sandbox import bwrap_command, gpu_device_files, p
 from gpu_magic.server.gateway import Gateway as CoreGateway
 
 from .conftest import Gateway, start_gateway, wait_for
-from .test_gateway_http import finish, submit
+from .test_gateway_http import finish, opts, submit
 
 DEADLINE = 60.0
 
@@ -153,7 +153,24 @@ def test_cell_too_large_is_refused(gateway: Gateway) -> None:
     assert info.value.status == 413 and "takes at most 1000000" in str(info.value)
 
 
-@pytest.mark.parametrize("size, status", [(6 << 20, 413), (1000, 422)])
+@pytest.mark.parametrize("char", ["é", "😀"])
+def test_a_cell_within_the_character_limit_is_taken_however_json_writes_it(
+        gateway: Gateway, char: str) -> None:
+    # JSON writes a character as \uXXXX (a character outside the BMP as two): a legal cell of
+    # 900,000 'é' was refused as a request of 5.2 MiB
+    source = "#" + char * 899_000
+    headers = {"Authorization": f"Bearer {gateway.token}", "Content-Type": "application/json"}
+    body = {"source": source, "spec": opts("H100"),
+            "inputs": gpu_magic._payload.pack_inputs({}, None, None).manifest,
+            "input_names": [], "outputs": [], "deleted": [], "has_value": False}
+    with httpx.Client(base_url=gateway.url, timeout=120) as http:
+        resp = http.post("/v1/jobs", content=json.dumps(body).encode(), headers=headers)
+        assert resp.status_code == 201, resp.text[:300]
+    with gateway.client() as c:
+        assert finish(c, resp.json()["id"])["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("size, status", [(14 << 20, 413), (1000, 422)])
 def test_request_without_a_length_is_capped_like_one_with_it(gateway: Gateway, size: int,
                                                              status: int) -> None:
     # a chunked body gives no Content-Length to refuse it by: it is read up to the cap only

@@ -550,7 +550,9 @@ class _AuthMiddleware:
         length = headers.get(b"content-length", "")
         size = int(length) if length.isdigit() else 0
         is_blob = scope["method"] == "PUT" and scope["path"].startswith("/v1/blobs/")
-        cap = limits.max_blob_bytes if is_blob else 4 * limits.max_source_chars + (1 << 20)
+        # JSON may write a character of the source as \uXXXX, two of them for one outside
+        # the BMP (12 bytes): a legal cell of 900,000 'é' was refused as too large
+        cap = limits.max_blob_bytes if is_blob else 12 * limits.max_source_chars + (1 << 20)
         if size > cap:
             # refused from the header alone: nothing of the body is read
             what = "blob" if is_blob else "request"
