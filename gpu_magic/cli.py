@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
                         '"A100-80GB", "min_memory_gb": 60}, {"type": "A100-40GB"}]}')
     s.add_argument("--ray-autoscale", default=None, metavar="SPEC",
                    help="node types a Ray autoscaler can add, TYPE:GPUS_PER_NODE,... e.g. H100:8")
-    s.add_argument("--simulate", default=None, metavar="SPEC",
+    s.add_argument("--simulate", type=_pool, default=None, metavar="SPEC",
                    help="a simulated pool such as 'H100:2,A100-80GB:4' (no GPU is used)")
     s.add_argument("--tokens-file", type=Path, default=None,
                    help='JSON {"user": "token", ...}, mode 0600')
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
             q.add_argument("--all", action="store_true",
                            help="every user's jobs, with a user column (needs an admin token)")
     d = sub.add_parser("demo", help="a simulated pool and JupyterLab with the teaching notebooks")
-    d.add_argument("--simulate", default="H100:2,A100-80GB:4,T4:8", metavar="SPEC",
+    d.add_argument("--simulate", type=_pool, default="H100:2,A100-80GB:4,T4:8", metavar="SPEC",
                    help="the simulated pool (default: %(default)s)")
     d.add_argument("--port", type=int, default=8888, help="JupyterLab's port (default: 8888)")
     d.add_argument("--notebooks", type=Path, default=None, metavar="DIR",
@@ -95,6 +95,15 @@ def _port(text: str) -> int:
             f"{text!r} is not a port; give a whole number from 1 to 65535 (e.g. --port 8765), "
             "or 0 for any free port")
     return port
+
+
+def _pool(text: str) -> str:
+    """A simulated pool's spec: never empty (that quietly gave this host's real GPUs)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty pool: give the simulated GPUs, e.g. --simulate 'H100:2,A100-80GB:4', or "
+            "leave out --simulate to use this machine's GPUs")
+    return text
 
 
 def _seconds(zero: bool = False) -> Any:

@@ -189,6 +189,9 @@ def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
     (["--max-job-bytes", "1x"], "'1x' is not a size; write it as bytes or with K, M, G or T"),
     (["--simulate", "H100:2,,"], "empty entry in the simulated pool 'H100:2,,'; separate entries "
                                  "with single commas, e.g. --simulate 'H100:2,A100-80GB:4'"),
+    # it quietly served this host's real GPUs: the opposite of what was asked
+    (["--simulate", ""], "argument --simulate: an empty pool: give the simulated GPUs, e.g. "
+                         "--simulate 'H100:2,A100-80GB:4', or leave out --simulate"),
 ])
 def test_serve_refuses_bad_values_in_one_line(tmp_path: Path, args: list[str], says: str) -> None:
     # --port 99999 and an impossible --state-dir ended in a Python traceback
