@@ -910,6 +910,11 @@ def test_token_files_are_private(gateway: Gateway) -> None:
     assert gateway.runtime_file.stat().st_mode & 0o777 == 0o600
     assert gateway.state_dir.stat().st_mode & 0o777 == 0o700
     assert len(gateway.token) >= 22
+    # the job records and event logs too (they were 0644, guarded only by their folder)
+    with gateway.client() as c:
+        submit(c, "print('x')", "H100")
+    db = sorted(gateway.state_dir.glob("gateway.sqlite3*"))
+    assert len(db) >= 2 and {p.stat().st_mode & 0o777 for p in db} == {0o600}, db
 
 
 def test_users_whose_names_differ_only_in_odd_characters_keep_apart(tmp_path: Path) -> None:

@@ -65,6 +65,12 @@ class Store:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "gateway.sqlite3"
+        # 0600 like the token file (SQLite gives its -wal and -shm files the database's mode):
+        # the state folder's 0700 guards them too, unless someone widens it
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        for f in (self.path, *(self.path.with_name(self.path.name + x) for x in ("-wal", "-shm"))):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f, 0o600)
         conn = sqlite3.connect(self.path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(_SCHEMA)
