@@ -385,6 +385,23 @@ def test_health_needs_no_token(gateway: Gateway, header: str | None) -> None:
     assert health["authorized"] is False
 
 
+def test_health_answers_head_and_says_which_methods_it_takes(gateway: Gateway) -> None:
+    # (HEAD was 405, and a POST was told to send a token, for a route that needs none)
+    assert call(gateway.url, None, "HEAD", "/v1/health").status_code == 200
+    body = refused(call(gateway.url, None, "POST", "/v1/health"), 405, "method_not_allowed")
+    assert body["message"] == "POST is not allowed here; use GET"
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer  "])
+def test_the_token_s_scheme_is_read_as_http_says(gateway: Gateway, scheme: str) -> None:
+    # RFC 7235: the scheme's name is case-insensitive ("bearer TOKEN" was refused)
+    resp = call(gateway.url, None, "GET", "/v1/pool",
+                headers={"Authorization": f"{scheme} {gateway.token}"})
+    assert resp.status_code == 200, resp.text
+    assert call(gateway.url, None, "GET", "/v1/pool", headers={
+        "Authorization": f"Basic {gateway.token}"}).status_code == 401
+
+
 def test_health_tells_a_user_what_runs_the_cells(client: GatewayClient) -> None:
     health = client.health(refresh=True)
     assert health["status"] == "ok" and health["version"] == __version__
@@ -1134,6 +1151,15 @@ def test_a_refused_token_is_logged_once_a_minute_per_address_and_token(tmp_path:
         assert lines[2].endswith("(GET /v1/pool): no token; the same again from there is not "
                                  "logged for a minute"), lines[2]
         assert "x" * 30 not in log and "y" * 30 not in log
+        # someone guessing tries a new token each time: a few lines, then one that says so
+        for i in range(40):
+            refused(call(gw.url, f"guess-{i:02d}" + "z" * 30, "GET", "/v1/jobs"), 401,
+                    "unauthorized")
+        log = (tmp_path / "gateway.log").read_text()
+        guesses = [ln for ln in log.splitlines() if "refused a request" in ln][3:]
+        assert len(guesses) == 2, guesses  # (5 a minute: 3 were logged above)
+        assert log.count("refused requests from 127.0.0.1 with 6 or more tokens it does not "
+                         "know in a minute; more from there are not logged for a minute") == 1
     finally:
         gw.stop()
 

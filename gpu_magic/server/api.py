@@ -20,6 +20,7 @@ import platform
 import socket
 import time
 import typing
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -38,6 +39,7 @@ from .store import BlobError
 
 log = logging.getLogger("gpu_magic.gateway")
 REFUSAL_LOG_S = 60.0  # one log line a minute per address and token for refused tokens
+REFUSAL_TOKENS_LOGGED = 5  # and at most this many a minute per address
 
 HEARTBEAT_S = 5.0
 # Small blobs travel inside the submit request and inside the result event: one exchange
@@ -271,6 +273,9 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             answer["store_error"] = f"cannot write its state directory: {gateway.store.error}"
         return answer
 
+    # (HEAD, which uptime monitors send, was 405; one description of the route is enough)
+    app.add_api_route("/v1/health", health, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/v1/pool", responses=_errors())
     async def pool(u: User = Depends(user)) -> dict[str, Any]:
         return gateway.pool()
@@ -492,6 +497,7 @@ class _AuthMiddleware:
         self.loopback_only = loopback_only
         # (address, token) -> when its refusal was logged
         self._refusals: dict[tuple[str, str], float] = {}
+        self._refusal_bursts: dict[str, tuple[float, int]] = {}  # address: (since, lines)
         self.fastapi = app  # the wrapped app, for tests that enumerate its routes
         self.state = app.state
         self.routes = app.routes
@@ -513,6 +519,20 @@ class _AuthMiddleware:
         if len(self._refusals) > 1000:
             self._refusals.clear()
         self._refusals[key] = now
+        # and a few tokens a minute per address: each guess is a new token (a trial's 40
+        # guesses made 40 lines)
+        since, count = self._refusal_bursts.get(client[0], (now, 0))
+        if now - since >= REFUSAL_LOG_S:
+            since, count = now, 0
+        if len(self._refusal_bursts) > 1000:
+            self._refusal_bursts.clear()
+        self._refusal_bursts[client[0]] = (since, count + 1)
+        if count == REFUSAL_TOKENS_LOGGED:
+            log.warning("refused requests from %s with %d or more tokens it does not know in "
+                        "a minute; more from there are not logged for a minute", client[0],
+                        count + 1)
+        if count >= REFUSAL_TOKENS_LOGGED:
+            return
         log.warning("refused a request from %s (%s %s): %s; the same again from there is not "
                     "logged for a minute", client[0], scope.get("method"), scope.get("path"),
                     which)
@@ -536,8 +556,13 @@ class _AuthMiddleware:
                 await _refuse(send, 403, "forbidden_origin",
                               f"requests from the web page at {origin!r} are refused")
                 return
-        if scope["path"] == "/v1/health" and scope["method"] in ("GET", "HEAD"):
-            await self.app(scope, receive, send)
+        if scope["path"] == "/v1/health":  # public: another method is told so, not "token"
+            if scope["method"] in ("GET", "HEAD"):
+                await self.app(scope, receive, send)
+            else:
+                await _refuse(send, 405, "method_not_allowed",
+                              f"{scope['method']} is not allowed here; use GET",
+                              [(b"allow", b"GET, HEAD")])
             return
         found = self.auth.user_for(headers.get(b"authorization"))
         if found is None:
@@ -584,14 +609,9 @@ class _AuthMiddleware:
         allowed = self._methods_for(scope["path"])
         if allowed and scope["method"] not in allowed:
             # Starlette would list only the methods of the first route matching the path
-            body = json.dumps({"error": "method_not_allowed",
-                               "message": f"{scope['method']} is not allowed here; use "
-                                          f"{', '.join(allowed)}"}).encode()
-            await send({"type": "http.response.start", "status": 405,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"allow", ", ".join(allowed).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _refuse(send, 405, "method_not_allowed",
+                          f"{scope['method']} is not allowed here; use {', '.join(allowed)}",
+                          [(b"allow", ", ".join(allowed).encode())])
             return
         self.gateway.touch()
         scope.setdefault("state", {})["user"] = found
@@ -645,9 +665,11 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replay
 
 
-async def _refuse(send: Any, status: int, code: str, message: str) -> None:
+async def _refuse(send: Any, status: int, code: str, message: str,
+                  extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps({"error": code, "message": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *extra]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

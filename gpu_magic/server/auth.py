@@ -177,9 +177,10 @@ class Authenticator:
         return next((u for u in self._tokens.values() if u.name == name), None)
 
     def user_for(self, header: str | None) -> User | None:
-        if not header or not header.startswith("Bearer "):
+        scheme, _, rest = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":  # (a scheme's name is case-insensitive, RFC 7235)
             return None
-        offered = header[len("Bearer ") :].strip().encode()
+        offered = rest.strip().encode()
         found = None
         for token, user in self._tokens.items():
             # compare against every token so the time does not depend on which one matched
