@@ -385,6 +385,15 @@ def test_health_needs_no_token(gateway: Gateway, header: str | None) -> None:
     assert health["authorized"] is False
 
 
+@pytest.mark.parametrize("count", ["2", True, 2.0])
+def test_a_gpu_count_that_is_not_a_whole_number_is_refused(gateway: Gateway, count: Any) -> None:
+    # "2" and true were taken as 2 GPUs and 1: a client's bug must not become a grant
+    body = {"source": "1", "spec": [{"type": "H100", "count": count}],
+            "inputs": pack_inputs({}, None, None).manifest}
+    err = refused(call(gateway.url, gateway.token, "POST", "/v1/jobs", json=body), 422)
+    assert "count" in err["message"], err
+
+
 def test_health_answers_head_and_says_which_methods_it_takes(gateway: Gateway) -> None:
     # (HEAD was 405, and a POST was told to send a token, for a route that needs none)
     assert call(gateway.url, None, "HEAD", "/v1/health").status_code == 200

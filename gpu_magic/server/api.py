@@ -64,7 +64,7 @@ class InputsModel(_Strict):
 
 class OptionModel(_Strict):
     type: str | None = None
-    count: int = 1
+    count: StrictInt = 1  # ("2" and true were taken as 2 and 1 GPUs)
 
 
 class JobSubmit(_Strict):
@@ -86,7 +86,7 @@ class JobSubmit(_Strict):
     no_return: bool = False
     timeout: float | None = Field(default=None, gt=0, le=30 * 24 * 3600)
     wait: float | None = Field(default=None, ge=0, le=30 * 24 * 3600)
-    retries: int = Field(default=0, ge=0, le=10)
+    retries: StrictInt = Field(default=0, ge=0, le=10)
     oom_fallback: bool = False
     env: dict[str, str] = Field(default_factory=dict)
     python: str | None = None
@@ -104,8 +104,8 @@ class JobSubmit(_Strict):
 
 
 class LimitsModel(_Strict):
-    max_jobs: StrictInt | None = Field(default=None, ge=0)
-    max_gpus: StrictInt | None = Field(default=None, ge=0)
+    max_jobs: StrictInt | None = Field(default=None, ge=0, le=1_000_000)
+    max_gpus: StrictInt | None = Field(default=None, ge=0, le=1_000_000)
 
 
 class ErrorModel(BaseModel):
