@@ -9,6 +9,7 @@ interrupt reaches the runner alone, as Jupyter's reaches the kernel and not its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inventory import Gpu, parse_simulated, read_nvml
-from .sandbox import bwrap_command, python_paths, sandboxed_pid
+from .sandbox import IsolationUnavailable, bwrap_command, python_paths, sandboxed_pid
 from .warm import WarmPool, Worker, ZygoteError
 
 # A manifest goes to a warm worker with the job while the request (manifest and environment)
@@ -213,6 +214,9 @@ class LocalBackend:
         if keep_warm is not None and isolation == "none":
             self.warm = WarmPool(keep_warm)
             self.warm.prewarm(sys.executable, self._base_env())
+        if isolation == "bwrap":  # asked now, not on the event loop as the first cell starts
+            with contextlib.suppress(IsolationUnavailable):  # (asked again then, and said)
+                python_paths(sys.executable, self._base_env())
 
     def _base_env(self) -> dict[str, str]:
         # the gateway's own environment, read once (a copy of os.environ per job costs more
@@ -243,6 +247,12 @@ class LocalBackend:
                 return handle
         run.job_dir.mkdir(parents=True, exist_ok=True)
         (run.job_dir / "manifest.json").write_text(json.dumps(run.manifest))
+        shown: list[str] = []
+        if self.isolation == "bwrap":
+            try:
+                shown = python_paths(python, env)
+            except IsolationUnavailable as exc:
+                raise OSError(str(exc)) from None  # (the job fails, saying so)
         r, w = os.pipe()
         argv = [python, "-m", "gpu_magic.runner", str(run.job_dir), str(w)]
         if self.isolation == "bwrap":
@@ -250,8 +260,7 @@ class LocalBackend:
             m = run.manifest["inputs"]
             argv = bwrap_command(argv, job_dir=run.job_dir, state_dir=self.state_dir,
                                  readable=[m["pickle"], *m["buffers"]],
-                                 hidden_files=self.hidden_files,
-                                 python=python_paths(python, env),
+                                 hidden_files=self.hidden_files, python=shown,
                                  # a simulated pool's cells must not reach a real GPU here
                                  devices=[] if self.simulated else None)
             env = {k: v for k, v in env.items() if not k.startswith("GPU_MAGIC_") or k in

@@ -10,12 +10,10 @@ under their own Unix account is the other way DESIGN.md allows; it is not built 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -55,40 +53,45 @@ def _make_uvm_device() -> None:
 
 
 def private_dirs() -> list[str]:
-    """The gateway account's own folders, each replaced in a sandbox by an empty one of the
-    cell's: its home (SSH keys, its other gateways' tokens, Jupyter's runtime files), the
-    temporary folders (what its other programs leave there) and its runtime folder. A
-    student's cell read an instructor's personal gateway's token this way, and could then
-    run code outside any sandbox."""
+    """The gateway account's own folders, each an empty, read-only one in a sandbox: its
+    home (SSH keys, its other gateways' tokens and state, Jupyter's runtime files) and its
+    runtime folders. A student's cell read an instructor's personal gateway's token this way
+    (the shared one ran under the instructor's account), and could then run code outside any
+    sandbox. (/tmp stays as it was, read-only: what is there is anyone's to read.)"""
     found: dict[str, str] = {}
-    for d in (os.path.expanduser("~"), "/tmp", "/var/tmp", tempfile.gettempdir(),
-              os.environ.get("XDG_RUNTIME_DIR"), f"/run/user/{os.getuid()}"):
+    for d in (os.path.expanduser("~"), os.environ.get("XDG_RUNTIME_DIR"),
+              f"/run/user/{os.getuid()}", os.environ.get("JUPYTER_RUNTIME_DIR")):
         if d and os.path.isabs(d) and os.path.isdir(d):
             real = os.path.realpath(d)
-            if real != "/":  # (an account whose home is / keeps it: hiding it hides all)
+            if real not in ("/", "/tmp", "/var/tmp"):  # (hiding / would hide everything)
                 found.setdefault(real, real)
-    return sorted(found, key=lambda d: d.count("/"))  # (a home in /tmp is made after /tmp)
+    return sorted(found, key=lambda d: d.count("/"))  # (a folder inside another after it)
 
 
-@functools.lru_cache(maxsize=8)
-def _python_paths(python: str, pythonpath: str) -> tuple[str, ...]:
-    probe = ("import json, os, sys; print(json.dumps([sys.prefix, sys.base_prefix, "
-             "sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)), "
-             "*sys.path[1:]]))")  # (sys.path[0]: the probe's own folder)
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": pythonpath}
-    try:
-        out = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=env,
-                             cwd="/", timeout=60, check=True).stdout
-        return tuple(p for p in json.loads(out) if isinstance(p, str) and os.path.isabs(p))
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return ()
+# what decides where an interpreter imports from, besides the interpreter itself
+_PATH_ENV = ("PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "HOME", "LD_LIBRARY_PATH")
+_PATHS: dict[tuple[str, tuple[tuple[str, str], ...]], list[str]] = {}
 
 
 def python_paths(python: str, env: Mapping[str, str]) -> list[str]:
-    """What ``python`` imports from (its prefixes and ``sys.path`` with ``PYTHONPATH``): shown
+    """What ``python`` imports from with ``env`` (its prefixes and ``sys.path``): shown
     again, read-only, where :func:`private_dirs` hid them (a virtual environment in the
-    account's home, a package installed editable in /tmp). Asked once per interpreter."""
-    return [p for p in _python_paths(python, env.get("PYTHONPATH", "")) if os.path.exists(p)]
+    account's home). Asked once per interpreter and environment; a failed answer is not
+    kept, and raises :class:`IsolationUnavailable`."""
+    key = (python, tuple((k, env[k]) for k in _PATH_ENV if k in env))
+    if key not in _PATHS:
+        probe = ("import json, os, sys; print(json.dumps([sys.prefix, sys.base_prefix, "
+                 "sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)), "
+                 "*sys.path[1:]]))")  # (sys.path[0]: the probe's own folder)
+        try:
+            out = subprocess.run([python, "-c", probe], capture_output=True, text=True,
+                                 env=dict(key[1]), cwd="/", timeout=60, check=True).stdout
+            _PATHS[key] = [p for p in json.loads(out) if isinstance(p, str) and os.path.isabs(p)]
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            raise IsolationUnavailable(
+                f"cannot ask {python} where it imports from, to show those folders in the "
+                f"sandbox: {exc}") from None
+    return [p for p in _PATHS[key] if os.path.exists(p)]
 
 
 def bwrap_command(
@@ -109,8 +112,8 @@ def bwrap_command(
     device files; none for a simulated pool). All of a host's GPUs are there, as outside a
     sandbox: which one a cell uses is set by ``CUDA_VISIBLE_DEVICES`` of its grant; the
     sandbox keeps the users' data apart, not their GPUs. ``hidden_dirs`` (default
-    :func:`private_dirs`) are empty and the cell's own; ``python``: folders the runner's
-    interpreter needs (:func:`python_paths`), shown again read-only inside them."""
+    :func:`private_dirs`) are empty; ``python``: folders the runner's interpreter needs
+    (:func:`python_paths`), shown again read-only inside them."""
     bwrap = bwrap_path()
     if bwrap is None:
         raise IsolationUnavailable(
@@ -145,6 +148,10 @@ def bwrap_command(
             "--setenv", "MPLCONFIGDIR", str(scratch / "matplotlib")]
     for path in dict.fromkeys(readable):
         cmd += ["--ro-bind", path, path]
+    # read-only once what is shown inside them is (a cell's downloads into ~/.cache would
+    # fill the memory); the folders bound into them keep their own modes
+    for d in hidden:
+        cmd += ["--remount-ro", d]
     cmd += ["--chdir", cwd or str(job_dir), "--", *argv]
     return cmd
 
