@@ -44,6 +44,7 @@ from . import _capture, _injob, _interrupts, _payload, _reserve
 
 COALESCE_S = 0.002  # let a burst of prints gather before sending them as one event
 _real_exit = os._exit  # the runner's own: a cell's (see attach_io) sends its output first
+EXIT_SEND_S = 2.0  # how long a cell's os._exit waits for its last output to be sent
 _MARKER = b"\x00gpu-magic-drain\x00"
 
 
@@ -1629,9 +1630,16 @@ class _Session:
             # os._exit for the cell: what it printed just before still reaches the notebook
             # (it was in the pipes, or read and not yet sent, and died with the process). A
             # process the cell forked exits at once: the threads that send are not in it.
+            # On a thread of its own, waited for a moment only: called from a signal handler,
+            # this thread may hold the very locks sending output takes (mid-display).
             if os.getpid() == me:
-                with contextlib.suppress(Exception):
-                    self.sync()
+                sender = threading.Thread(target=self._sync_quietly, daemon=True,
+                                          name="gpu-magic-last-output")
+                try:
+                    sender.start()
+                    sender.join(EXIT_SEND_S)
+                except BaseException:  # (a KeyboardInterrupt meanwhile: exit all the same)
+                    pass
             _real_exit(status)
 
         os._exit = exit_after_output
@@ -1646,6 +1654,10 @@ class _Session:
         import getpass
 
         getpass.getpass = _no_input  # type: ignore[assignment]
+
+    def _sync_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            self.sync()
 
     def warm_up(self) -> None:
         """In a process forked ahead of its job: pay the first cell's costs now (output

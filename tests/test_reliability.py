@@ -79,6 +79,25 @@ def test_what_a_cell_printed_before_its_os_exit_reaches_the_notebook(one_gpu: Ga
             assert out == said, (cell, out)
 
 
+def test_os_exit_from_a_signal_handler_mid_display_ends_the_cell(one_gpu: Gateway) -> None:
+    # a review: sending the last output from os._exit waited for locks that the very thread
+    # held when its signal handler ran mid-display; the cell hung until cancelled
+    cell = textwrap.dedent("""
+        import os, signal
+        from IPython.display import display
+        signal.signal(signal.SIGALRM, lambda *_: os._exit(5))
+        signal.setitimer(signal.ITIMER_REAL, {at})
+        while True:
+            print("x" * 1_000_000)
+            display("y")
+    """)
+    with one_gpu.client() as c:
+        for at in (0.2, 0.213, 0.226, 0.239):
+            job = submit(c, cell.format(at=at), "T4", background=True)
+            end = finish(c, job["id"], timeout=30)  # (it hung for good)
+            assert end["state"] == "lost" and "exited with code 5" in end["message"], end
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs (an exited process its parent has not reaped yet does not)."""
     try:
