@@ -217,7 +217,8 @@ class WarmPool:
         try:
             # a worker captures its output from its start; before that there is nothing to log
             log_fd = os.open(os.devnull, os.O_WRONLY)
-            pid = self._zygote(python, env).fork(request, [theirs.fileno(), events_fd, log_fd])
+            z = self._zygote(python, env)
+            pid = z.fork(request, [theirs.fileno(), events_fd, log_fd])
         except (ZygoteError, OSError):
             ours.close()
             raise
@@ -225,11 +226,10 @@ class WarmPool:
             theirs.close()
             if log_fd >= 0:
                 os.close(log_fd)
-        z = self._zygotes.get(python)
         w = Worker(pid, key, ours, gpus, zygote=z)
         with self._lock:
             self._workers[pid] = w
-        if z is not None and z.dead:  # (it died as it forked this one)
+        if z.dead:  # (it died as it forked this one)
             self._orphaned(z)
         return w
 
