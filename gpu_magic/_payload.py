@@ -1090,7 +1090,15 @@ class _OwnStatePickler(_Pickler):
             # object here, two in a copy that came back, and pickle writes the two differently
             return (_function_state, (obj.__code__, obj.__defaults__, obj.__kwdefaults__,
                                       tuple(cells), obj.__dict__, "".join(obj.__qualname__)))
-        return super().reducer_override(obj)
+        rv = super().reducer_override(obj)
+        if isinstance(obj, type) and isinstance(rv, tuple) and len(rv) > 2 and isinstance(
+                rv[2], tuple) and rv[2] and isinstance(rv[2][0], dict) and \
+                "__slotnames__" in rv[2][0]:
+            # the cache copyreg sets on a class as its instances are pickled (as their state
+            # before the cell is taken): the class of every instance a cell read looked changed
+            state = ({k: v for k, v in rv[2][0].items() if k != "__slotnames__"}, *rv[2][1:])
+            rv = (*rv[:2], state, *rv[3:])
+        return rv
 
 
 class _ShallowPickler(_OwnStatePickler):

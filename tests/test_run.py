@@ -1451,6 +1451,28 @@ def test_fortran_ordered_and_memory_mapped_arrays_are_changed_in_place(tmp_path:
     assert np.fromfile(path)[0] == -1
 
 
+def test_a_cell_that_only_reads_instances_changes_neither_them_nor_their_classes() -> None:
+    # pickling an instance makes copyreg cache __slotnames__ on its class: taking the state
+    # before the cell did that, so a class a cell only read (and its instances) came back as
+    # changed by it, named in the "bound" line
+    ns = notebook("""
+        class Animal:
+            def __init__(self, name):
+                self.name = name
+            def speak(self):
+                return self.name + " ..."
+        class Dog(Animal):
+            def speak(self):
+                return self.name + " woof"
+        pets = [Dog("rex"), Animal("tom")]
+    """)
+    job = run(ns, "said = [a.speak() for a in pets if isinstance(a, Animal)]",
+              background=True, quiet=True)
+    job.wait(timeout=60)
+    assert sorted(job.result) == ["said"]
+    assert ns["said"] == ["rex woof", "tom ..."]
+
+
 def test_dates_and_durations_travel_and_are_changed_in_place() -> None:
     # numpy's datetime64 and timedelta64 export no buffer: every cell using one (a pandas
     # frame with a date column, too) failed with "cannot include dtype 'M' in a buffer"
