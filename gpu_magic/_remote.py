@@ -6,6 +6,7 @@ from __future__ import annotations
 import linecache
 import os
 import re
+import sys
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -250,6 +251,17 @@ def _chained(exc: BaseException, event: dict[str, Any]) -> BaseException:
     return exc
 
 
+def _own_module(module: types.ModuleType) -> bool:
+    """Whether ``module`` is a file of the user's, not of the interpreter or a package
+    installed in it (those never travel by value)."""
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str) or not file.endswith(".py"):
+        return False
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    return ("site-packages" not in file and "dist-packages" not in file
+            and not any(file.startswith(p.rstrip("/") + "/") for p in prefixes))
+
+
 def code_locator(sent: Iterable[Any], others: Iterable[Any] = ()
                  ) -> Callable[[str, int, str | None, int | None], str | None]:
     """Find the local file of a notebook function from a frame of its remote run: its
@@ -271,6 +283,8 @@ def code_locator(sent: Iterable[Any], others: Iterable[Any] = ()
             if isinstance(const, types.CodeType):
                 add(const, sent)
 
+    seen: set[str] = set()
+
     def visit(obj: Any, sent: bool) -> None:
         if isinstance(obj, types.FunctionType):
             add(obj.__code__, sent)
@@ -279,6 +293,14 @@ def code_locator(sent: Iterable[Any], others: Iterable[Any] = ()
                 f = getattr(v, "__func__", v)
                 if isinstance(f, types.FunctionType):
                     add(f.__code__, sent)
+        elif isinstance(obj, types.ModuleType) and _own_module(obj) and obj.__name__ not in seen:
+            # the user's module beside the notebook travels by value: its frames came back
+            # from "<dynamic-code>" too (what it defines, and its submodules)
+            seen.add(obj.__name__)
+            for v in list(vars(obj).values()):
+                if getattr(v, "__module__", None) == obj.__name__ or isinstance(
+                        v, types.ModuleType) and v.__name__.startswith(obj.__name__ + "."):
+                    visit(v, sent)
 
     for v in sent:
         visit(v, True)

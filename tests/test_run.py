@@ -1747,6 +1747,31 @@ def test_a_local_module_is_one_module_where_the_cell_runs_and_comes_back_as_itse
         del sys.modules[name]
 
 
+def test_a_traceback_through_a_local_module_shows_its_file_and_lines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a trial: the frame of helpers.boom() read "File <dynamic-code>:5" with no line shown
+    # (the module travels by value, and cloudpickle drops its code's file name)
+    name = f"helpers_{secrets.token_hex(4)}"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text("from . import deep\n")
+    (tmp_path / name / "deep.py").write_text(
+        "def boom():\n    readings = {}\n    return readings['missing']\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    try:
+        ns = notebook("")
+        ns["helpers"] = mod
+        with pytest.raises(KeyError) as info:
+            run(ns, "x = 1\nhelpers.deep.boom()", quiet=True)
+        text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+        assert f"File {tmp_path / name / 'deep.py'}:3, in boom()" in text, text
+        assert "----> 3     return readings['missing']" in text, text
+    finally:
+        for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[m]
+
+
 def test_a_local_module_the_cell_imports_is_the_notebook_s_not_its_file_read_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
