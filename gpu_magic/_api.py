@@ -780,8 +780,8 @@ class _Job:
         if self.replaced:
             print(f"[gpu_magic] background job {self.id}: {', '.join(self.replaced)} changed "
                   "here since the job was sent, and the two changes cannot both be kept (a "
-                  "list changed other than by appending): the job's state replaced yours",
-                  file=sys.stderr)
+                  "list changed other than by appending, an array's values): the job's state "
+                  "replaced yours", file=sys.stderr)
         # a module the cell imported is bound as locally, but said apart: "bound time, y"
         # read as if the cell had made a variable named time
         imported = [n for n, v in names.items() if isinstance(v, types.ModuleType)]

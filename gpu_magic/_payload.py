@@ -1292,8 +1292,9 @@ BASES_LIMIT = 20_000  # containers kept as sent per background job (beyond: not 
 
 
 def shallow_bases(values: Iterable[Any]) -> dict[int, tuple[Any, tuple[str, Any]]]:
-    """Each list, set and dict in ``values`` and nested in them (a defaultdict's lists, a dict
-    of dicts), by id: the object (kept, so its id stays its own) and its shallow base."""
+    """Each list, set, dict and array in ``values`` and nested in them (a defaultdict's
+    lists, a dict of dicts), by id: the object (kept, so its id stays its own) and its
+    shallow base."""
     found: dict[int, tuple[Any, tuple[str, Any]]] = {}
     stack = list(values)
     while stack and len(found) < BASES_LIMIT:
@@ -1306,16 +1307,32 @@ def shallow_bases(values: Iterable[Any]) -> dict[int, tuple[Any, tuple[str, Any]
         found[id(obj)] = (obj, base)
         kind, was = base
         # (only containers go on: a list of a million floats is one pass, not a million pops)
-        stack.extend(x for x in (was.values() if kind == "dict" else was)
-                     if type(x) in _MERGEABLE)
+        if kind != "array":
+            stack.extend(x for x in (was.values() if kind == "dict" else was)
+                         if type(x) in _MERGEABLE or _is_array(x))
     return found
+
+
+def _is_array(obj: Any) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and type(obj) is np.ndarray and not obj.dtype.hasobject
+
+
+def _array_print(arr: Any) -> tuple[Any, ...]:
+    """An array's shape, type and a digest of its bytes (datetime64's too, which export no
+    buffer): whether it changed here since a background job was sent it."""
+    np = sys.modules["numpy"]
+    h = hasher()
+    h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return (arr.shape, arr.dtype.str, h.hexdigest())
 
 
 _MERGEABLE = _CONTAINERS - {bytearray}  # (a bytearray has no entries to merge)
 
 
 def shallow_base(obj: Any) -> tuple[str, Any] | None:
-    """What a background job is sent of a list, set or dict, to merge its change later."""
+    """What a background job is sent of a list, set or dict, to merge its change later (of
+    an array, its fingerprint: to say when the job's state replaces a change made here)."""
     t = type(obj)
     if t is list:
         return ("items", list(obj))
@@ -1323,6 +1340,8 @@ def shallow_base(obj: Any) -> tuple[str, Any] | None:
         return ("set", set(obj))
     if t in _DICTS:
         return ("dict", dict(obj))
+    if _is_array(obj):  # not merged: told apart, so that a change here lost is said
+        return ("array", _array_print(obj))
     return None
 
 
@@ -1390,6 +1409,9 @@ def merged_state(base: tuple[str, Any], current: Any, state: tuple[Any, ...]
         if appended_here and appended_there:  # both appended: both kept, ours first
             return ("items", list, list(current) + list(theirs[n:])), True, []
         return None
+    if kind == "array" and state[0] == "ndarray" and _is_array(current):
+        # two changes of one array's bytes cannot be merged: the job's state, and a note
+        return (state, False, []) if _array_print(current) == was else None
     return state, False, []
 
 

@@ -325,6 +325,28 @@ def test_two_background_jobs_changing_one_dict_keep_both_changes(
     assert ns["order"] == [1, 2, 3]
 
 
+def test_an_array_changed_here_while_a_background_job_changes_it_too_is_said(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # a trial: the job's state replaced `arr[1] = 7` made meanwhile without a word, while a
+    # list in the same case was noted
+    import numpy as np
+
+    ns: dict[str, Any] = {"__name__": "__main__", "arr": np.zeros(3),
+                          "stamps": np.zeros(2, "datetime64[s]"), "calm": np.ones(2)}
+    arr, calm = ns["arr"], ns["calm"]
+    job = gpu_magic.run("import time\ntime.sleep(1)\narr[0] = 5\nstamps[0] = stamps[0] + 5\n"
+                        "calm[0] = 2", "H100", ns, background=True, quiet=True)
+    arr[1] = 7  # a cell's change meanwhile
+    ns["stamps"][1] = np.datetime64(9, "s")
+    job.wait(timeout=60)
+    assert ns["arr"] is arr and list(arr) == [5, 0, 0]  # the job's state, as documented
+    assert list(calm) == [2, 1]
+    err = capsys.readouterr().err
+    assert (f"[gpu_magic] background job {job.id}: arr, stamps changed here since the job "
+            "was sent, and the two changes cannot both be kept (a list changed other than by "
+            "appending, an array's values): the job's state replaced yours") in err, err
+
+
 def test_background_jobs_merge_nested_lists_and_dicts_and_add_counts(
         capsys: pytest.CaptureFixture[str]) -> None:
     # the trial of the day's changes: appends to a defaultdict's lists and keys set in a dict
