@@ -394,6 +394,34 @@ def test_a_gpu_count_that_is_not_a_whole_number_is_refused(gateway: Gateway, cou
     assert "count" in err["message"], err
 
 
+@pytest.mark.parametrize(("body", "content_type", "says"), [
+    (b'{"source": "1",', "application/json",
+     "the body is not valid JSON (Expecting property name enclosed in double quotes at "
+     "character 15)"),
+    (b'{"source": "1"}', "text/plain", "the body must be a JSON object, sent with "
+     "'Content-Type: application/json' (it came as 'text/plain')"),
+    (b"", None, "the body must be a JSON object, sent with 'Content-Type: application/json' "
+     "(it came without one)"),
+])
+def test_a_body_that_is_not_json_is_told_what_to_send(
+        gateway: Gateway, body: bytes, content_type: str | None, says: str) -> None:
+    # (it was told "body.1: JSON decode error", or "Input should be a valid dictionary")
+    headers = {"Content-Type": content_type} if content_type else {}
+    err = refused(call(gateway.url, gateway.token, "POST", "/v1/jobs", content=body,
+                       headers=headers), 422, "invalid_request")
+    assert err["message"] == f"invalid request: {says}", err
+
+
+def test_a_refusal_does_not_echo_the_request_back(gateway: Gateway) -> None:
+    # a missing field quoted the whole request, blobs and all, in its detail
+    blob = "A" * 100_000
+    resp = call(gateway.url, gateway.token, "POST", "/v1/jobs",
+                json={"source": "1", "blobs": {"xxh3-128:" + "0" * 32: blob}})
+    err = refused(resp, 422, "invalid_request")
+    assert "body.spec: Field required" in err["message"]
+    assert blob not in resp.text and len(resp.text) < 2000, len(resp.text)
+
+
 def test_health_answers_head_and_says_which_methods_it_takes(gateway: Gateway) -> None:
     # (HEAD was 405, and a POST was told to send a token, for a route that needs none)
     assert call(gateway.url, None, "HEAD", "/v1/health").status_code == 200

@@ -226,13 +226,27 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 fields = f" (known fields: {', '.join(known)})" if known else ""
                 return f"{where}: unknown field {str(loc[-1])!r}{hint}{fields}"
+            if e.get("type") == "json_invalid":
+                why = (e.get("ctx") or {}).get("error", "")
+                at = f" at character {loc[-1]}" if len(loc) > 1 else ""
+                return f"the body is not valid JSON ({why}{at})"
+            sent_as = request.headers.get("content-type")
+            if loc == ("body",) and not _is_json(sent_as or ""):
+                came = f"it came as {sent_as!r}" if sent_as else "it came without one"
+                return ("the body must be a JSON object, sent with 'Content-Type: "
+                        f"application/json' ({came})")
             return (f"{where}: {e.get('msg')}"
                     + (f" (got {str(e['input'])[:100]!r})"
                        if isinstance(e.get("input"), (str, int, float)) else ""))
 
-        problems = "; ".join(problem(e) for e in exc.errors())
+        errors = exc.errors()
+        problems = "; ".join(problem(e) for e in errors)
+        # (the input of each problem as sent, but for a whole object or list: a missing
+        # field echoed the whole request back, blobs and all)
+        detail = [{k: v for k, v in e.items() if k != "input" or isinstance(v, (str, int, float))
+                   and len(str(v)) <= 200} for e in errors]
         return JSONResponse({"error": "invalid_request", "message": f"invalid request: {problems}",
-                             "detail": _json_safe(jsonable_encoder(exc.errors()))},
+                             "detail": _json_safe(jsonable_encoder(detail))},
                             status_code=422)
 
     @app.exception_handler(BlobError)
