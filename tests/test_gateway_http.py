@@ -278,6 +278,14 @@ def test_route_table_matches_the_app(gateway: Gateway) -> None:
     assert resp.status_code == 200
     served = {(method.upper(), path) for path, item in resp.json()["paths"].items() for method in item}
     assert served == PUBLIC_ROUTES | set(PRIVATE_ROUTES)
+    # what a client generated from it sends: the token everywhere but health, a blob's bytes
+    # (an API trial: neither was described)
+    spec = resp.json()
+    assert spec["security"] == [{"bearer": []}]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert spec["paths"]["/v1/health"]["get"]["security"] == []
+    put = spec["paths"]["/v1/blobs/{digest}"]["put"]["requestBody"]
+    assert put["required"] and "application/octet-stream" in put["content"]
 
 
 @pytest.mark.parametrize("header", BAD_AUTH)

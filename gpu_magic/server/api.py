@@ -257,6 +257,22 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         # set by _AuthMiddleware, which has already refused requests without a valid token
         return request.state.user
 
+    described = app.openapi
+
+    def with_token() -> dict[str, Any]:
+        # the token the middleware asks for, said where generated clients look for it (they
+        # sent none: the routes declare no security of their own)
+        spec = described()
+        if "security" not in spec:
+            spec.setdefault("components", {})["securitySchemes"] = {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "the gateway's token: <state-dir>/token, or the tokens file's"}}
+            spec["security"] = [{"bearer": []}]
+            spec["paths"]["/v1/health"]["get"]["security"] = []  # (the public route)
+        return spec
+
+    app.openapi = with_token  # type: ignore[method-assign]
+
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(u: User = Depends(user)) -> dict[str, Any]:
         return app.openapi()
@@ -298,7 +314,11 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
     async def blobs_missing(body: MissingRequest, u: User = Depends(user)) -> dict[str, Any]:
         return {"missing": gateway.blobs.missing(u.name, body.digests)}
 
-    @app.put("/v1/blobs/{digest}", responses=_errors(400, 413, 507))
+    @app.put("/v1/blobs/{digest}", responses=_errors(400, 413, 507), openapi_extra={
+        # (read as a stream, so FastAPI cannot see it: a generated client sent no body)
+        "requestBody": {"required": True, "description": "the blob's bytes, as they are",
+                        "content": {"application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}}}}})
     async def put_blob(request: Request, digest: str = Path(pattern=DIGEST_PATTERN),
                        u: User = Depends(user)) -> dict[str, Any]:
         gateway.blobs.path(u.name, digest)  # validates the digest before reading the body
