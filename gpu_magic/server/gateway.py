@@ -313,6 +313,7 @@ class Gateway:
         self.embedded = False
         self.store = Store(state_dir)
         self.blobs = BlobStore(state_dir / "blobs", blob_reserve, busy=lambda: bool(self.running))
+        self.blobs.needed = self._needed_blobs
         self.jobs_dir = state_dir / "jobs"
         self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
         self.max_timeout = max_timeout
@@ -451,12 +452,7 @@ class Gateway:
         """Remove what is older than the retention period and no live job needs; return how
         many jobs went."""
         cutoff = time.time() - self.retention
-        needed: dict[str, set[str]] = {}
-        for job in self.jobs.values():
-            if not job.final:
-                inputs = job.request.get("inputs") or {}
-                needed.setdefault(job.user, set()).update(
-                    [inputs.get("pickle", ""), *inputs.get("buffers", [])])
+        needed = self._needed_blobs()
         gone = [j for j in self.jobs.values() if j.final and (j.finished or 0) < cutoff]
         for job in gone:
             del self.jobs[job.id]
@@ -464,7 +460,18 @@ class Gateway:
             shutil.rmtree(self.jobs_dir / job.id, ignore_errors=True)
         self.blobs.collect(cutoff, needed)
         self.blobs.sweep_inbox(time.time() - INBOX_STALE_S)
+        self.blobs.make_room(0)
         return len(gone)
+
+    def _needed_blobs(self) -> dict[str, set[str]]:
+        """The input blobs of the jobs not yet ended, by user: never removed."""
+        needed: dict[str, set[str]] = {}
+        for job in list(self.jobs.values()):
+            if not job.final:
+                inputs = job.request.get("inputs") or {}
+                needed.setdefault(job.user, set()).update(
+                    [inputs.get("pickle", ""), *inputs.get("buffers", [])])
+        return needed
 
     def set_user_limits(self, user: User, overrides: dict[str, int]) -> None:
         """An admin's limits for one user, in force at once: a job held by the old ones is
@@ -680,6 +687,7 @@ class Gateway:
                            f"({self.store.error}), so it takes no new job for now: nothing "
                            "was sent to a GPU. Free space on that disk (whoever runs the "
                            "gateway), then run the cell again.")
+        self.blobs.make_room(0)  # (a same-host client's inputs came in without an upload)
         gpus = self.gpus()
         pool_types = sorted({g.type for g in gpus})
         try:

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -32,6 +33,8 @@ from .._payload import DIGEST_PREFIX, is_digest
 from .checks import Checks
 from .limits import human
 from .reserve import Reserve
+
+log = logging.getLogger("gpu_magic.gateway")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -342,6 +345,38 @@ def user_folder(user: str) -> str:
     return out
 
 
+STORE_FREE_FRACTION = 10  # the store keeps a tenth of its disk free (see make_room)
+RECENT_S = 600.0  # a blob used this recently is not removed to make room (sent, not yet run)
+
+
+def eviction_order(blobs: list[tuple[str, str, int, float]], need: int,
+                   keep: Callable[[str, str], bool]) -> list[tuple[str, str]]:
+    """Which blobs to remove to free ``need`` bytes, from ``blobs`` as (user, name, size,
+    last use): never one ``keep(user, name)`` says to keep; each time, the least recently
+    used of the user who holds the most. So whoever filled the disk pays first, and each
+    user's newest blobs go last. Pure: no I/O, no clock."""
+    per: dict[str, list[tuple[float, str, int]]] = {}
+    held: dict[str, int] = {}
+    for user, name, size, used in blobs:
+        held[user] = held.get(user, 0) + size
+        if not keep(user, name):
+            per.setdefault(user, []).append((used, name, size))
+    for files in per.values():
+        files.sort(reverse=True)  # oldest last: popped first
+    out: list[tuple[str, str]] = []
+    freed = 0
+    while freed < need:
+        users = [u for u in per if per[u]]
+        if not users:
+            break
+        user = max(users, key=lambda u: (held[u], u))
+        _, name, size = per[user].pop()
+        held[user] -= size
+        freed += size
+        out.append((user, name))
+    return out
+
+
 class BlobStore:
     """Content-addressed blobs, one folder per user."""
 
@@ -354,6 +389,9 @@ class BlobStore:
         self.reserve = Reserve(root.parent / "reserve", reserve_cap, busy)
         self.checks = Checks(_hash_fd, self.reserve.note)
         self.checks.recheck(root)
+        # the blobs of live jobs by user (the gateway's to say): never removed to make room
+        self.needed: Callable[[], dict[str, set[str]]] = dict
+        self._room_lock = threading.Lock()
 
     def close(self) -> None:
         self.checks.close()
@@ -388,6 +426,8 @@ class BlobStore:
         if max_bytes is not None and size_hint > max_bytes:  # before any file is taken
             raise _too_large(max_bytes, size_hint)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{id(chunks)}")
+        if size_hint:
+            await asyncio.to_thread(self.make_room, size_hint)
         h = xxhash.xxh3_128()
         size = 0
         try:
@@ -580,6 +620,48 @@ class BlobStore:
                 os.utime(self.path(user, d))
             except OSError:
                 continue
+
+    def make_room(self, size: int) -> int:
+        """Before ``size`` more bytes are stored: if the disk would then keep less than a
+        tenth free, remove blobs no live job needs and none used in the last RECENT_S,
+        in :func:`eviction_order`, until it keeps it. Every changed input and every result
+        is a new blob, kept for the retention period: a day of reruns of a cell with a large
+        input filled the disk, and a full store takes no new job. Returns the bytes freed."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return 0
+        need = size + st.f_blocks * st.f_frsize // STORE_FREE_FRACTION - \
+            st.f_bavail * st.f_frsize
+        if need <= 0:
+            return 0
+        with self._room_lock:  # (two uploads at once would each remove for both)
+            needed = {user_folder(u): {d.replace(":", "-") for d in ds}
+                      for u, ds in self.needed().items()}
+            recent = time.time() - RECENT_S
+            blobs: list[tuple[str, str, int, float]] = []
+            for user_dir in self.root.iterdir():
+                with contextlib.suppress(OSError):
+                    for f in os.scandir(user_dir):
+                        if f.name.startswith(".") or not f.is_file(follow_symlinks=False):
+                            continue  # (being written, or under check)
+                        info = f.stat(follow_symlinks=False)
+                        blobs.append((user_dir.name, f.name, info.st_size, info.st_mtime))
+            used = {(u, n): t for u, n, _, t in blobs}
+            order = eviction_order(blobs, need, lambda u, n: n in needed.get(u, ()) or
+                                   used[(u, n)] >= recent)
+            freed, users = 0, set()
+            sizes = {(u, n): z for u, n, z, _ in blobs}
+            for user, name in order:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.root / user / name)
+                    freed += sizes[(user, name)]
+                    users.add(user)
+        if order:
+            log.warning("the state directory's disk keeps less than a tenth free: removed %d "
+                        "unused blobs (%s), least recently used first, of the users holding "
+                        "the most (%s)", len(order), human(freed), ", ".join(sorted(users)))
+        return freed
 
     def collect(self, cutoff: float, needed: dict[str, set[str]]) -> int:
         """Delete blobs unused since ``cutoff`` that no live job needs."""
