@@ -235,6 +235,9 @@ def test_a_job_lost_to_a_crash_did_not_run_while_the_gateway_was_down(tmp_path: 
         from gpu_magic._tables import jobs_text  # and `gpu-magic jobs` says what it ran
         row = next(ln for ln in jobs_text([rec]).splitlines() if ln.startswith(job["id"]))
         assert f" {ran:.1f} s " in row, row
+        # the attempt it made is in its record (a trial found none listed)
+        assert [(a["attempt"], a["outcome"]) for a in rec["attempts"]] == [(1, "lost")]
+        assert rec["attempts"][0]["grant"]["gpu_type"] == "H100"
     finally:
         r.close()
 

@@ -551,6 +551,10 @@ class Gateway:
 
     def _lose(self, job: Job, was: str, cause: str) -> None:
         """End a job its gateway cannot see through (it stops, or stopped) as lost."""
+        if was != "queued" and not any(a.get("attempt") == job.attempt for a in job.attempts):
+            # the attempt it lost is one it made (its record listed none after a restart)
+            job.attempts.append({"attempt": job.attempt, "grant": job.grant, "rc": None,
+                                 "outcome": "lost"})
         job.message = (
             f"{cause} while this job waited in the queue; nothing ran. Run the cell again."
             if was == "queued" and not job.started else
