@@ -280,6 +280,17 @@ def _looking_client(url: str | None, token: str | None) -> Any:
         return GatewayClient(str(info["url"]), token or info.get("token"),
                              token_from="--token" if token else LOCAL)
     elif not (token or os.environ.get("GPU_MAGIC_TOKEN")):
+        # first whether anything answers there (health needs no token): a mistyped URL was
+        # told to find a token
+        import httpx
+
+        try:
+            httpx.get(target.rstrip("/") + "/v1/health", timeout=5.0)
+        except httpx.ConnectError as exc:
+            raise GatewayError(f"nothing answers at {target} ({exc}): is the gateway running "
+                               "there, and is the URL right?") from None
+        except httpx.HTTPError:
+            pass  # (it answers, in some way: the token is what is missing)
         # connect()'s advice (%config, %gpu connect) is the notebook's, no help in a terminal
         raise GatewayError(f"no token for the gateway at {target}: pass --token TOKEN or set "
                            "GPU_MAGIC_TOKEN")

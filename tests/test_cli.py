@@ -374,6 +374,11 @@ def test_terminal_errors_give_terminal_advice(gateway: Gateway) -> None:
     assert out.returncode == 1
     assert "pass --token TOKEN or set GPU_MAGIC_TOKEN" in out.stderr
     assert "%config" not in out.stderr and "%gpu" not in out.stderr
+    # a URL where nothing listens is said to be that, not a missing token (an API trial)
+    out = gm("pool", "--url", "http://127.0.0.1:1", env=env)
+    assert out.returncode == 1
+    assert "nothing answers at http://127.0.0.1:1 (" in out.stderr and "token" not in \
+        out.stderr, out.stderr
     # the API's /v1, copied along with the address, is not doubled
     out = gm("pool", "--url", gateway.url + "/v1/", "--token", gateway.token, env=env)
     assert out.returncode == 0, out.stderr
