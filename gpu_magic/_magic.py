@@ -434,7 +434,13 @@ class GPUMagic(Magics):
                 return None
         # these only look at the gateway and its jobs: one running with another configuration
         # is shown as it is, and restarted (if it must be) by the next cell, not here
-        client = connect(looking=True)
+        try:
+            client = connect(looking=True)
+        except GatewayError as exc:
+            if cmd != "status":
+                raise
+            print(exc)  # (no token for a configured URL: the diagnostic command says so)
+            return None
         differs = local_difference()
         if differs and cmd != "status":
             print(f"gpu_magic: {differs}", file=sys.stderr)

@@ -289,6 +289,15 @@ def test_status_says_whether_the_token_is_accepted(gateway: Gateway, kernel_fact
     assert lines[1].count("GPU_MAGIC_TOKEN") == 2 and "set GPU_MAGIC_TOKEN to it" in lines[1]
 
 
+def test_status_of_a_configured_gateway_without_a_token_says_so(kernel_factory: Any) -> None:
+    # it raised a GatewayError: the diagnostic command answers with a status
+    k = kernel_factory()
+    out = k.run('%config GPUMagic.url = "http://127.0.0.1:2"\n%gpu status')
+    assert out["error"] is None, out
+    assert out["stdout"].startswith("no token for the gateway at http://127.0.0.1:2: set "
+                                    "GPU_MAGIC_TOKEN"), out
+
+
 def test_connect_without_stdin_says_how_to_give_the_token(gateway: Gateway,
                                                           kernel_factory: Any) -> None:
     # nbconvert and nbclient take no input: getpass cannot ask for the token there
