@@ -190,6 +190,11 @@ class GatewayClient:
                               for k, v in client._mounts.items()}
         return client
 
+    def _stream_gone(self, job_id: str, exc: BaseException) -> GatewayError:
+        return _local_gone(self, job_id, exc) or GatewayError(
+            f"lost the event stream of job {job_id} from {self.url} and could not resume it: "
+            f"{_clause(exc)}. The job may still be running: %gpu attach {job_id}")
+
     def _moved(self) -> bool:
         """Whether the gateway was started again elsewhere: then this client talks to it."""
         where = self.relocate() if self.relocate is not None else None
@@ -564,12 +569,12 @@ class GatewayClient:
                 if failures >= 3 and self._moved():
                     failures = 0  # the same jobs, at the gateway's new address
                     continue
+                # no local gateway for some seconds (another kernel may start one, found as
+                # moved above): none will answer, no use trying for the full 30 s
+                if failures >= 6 and (gone := _local_gone(self, job_id, exc)) is not None:
+                    raise gone from None
                 if failures > RESUME_ATTEMPTS:
-                    raise GatewayError(
-                        f"lost the event stream of job {job_id} from {self.url} and could not "
-                        f"resume it: {_clause(exc)}. The job may still be running: "
-                        f"%gpu attach {job_id}"
-                    ) from None
+                    raise self._stream_gone(job_id, exc) from None
                 time.sleep(min(2.0, 0.05 * 2**failures))
                 continue
             # the server closed the stream without a done event: resume from where we are
@@ -628,6 +633,22 @@ def unreached_clause(exc: GatewayError, waited: float) -> str:
 
 
 LOCAL = "the local gateway"  # url_from of this user's embedded local gateway
+
+
+def _local_gone(client: GatewayClient, job_id: str, exc: BaseException) -> GatewayError | None:
+    """Following a job of the local gateway that is no longer running: it ended with it."""
+    if client.url_from != LOCAL:
+        return None
+    from ._embedded import running_local_gateway
+
+    if running_local_gateway() is not None:
+        return None
+    # (its runners end with it, even after a kill -9: nothing of the job runs on)
+    return GatewayError(
+        f"the local gpu_magic gateway at {client.url} is no longer running ({_clause(exc)}: "
+        f"stopped, or it exited), and GPU job {job_id} ended with it, as lost; what it printed "
+        f"is kept. Run the cell again (a fresh gateway starts), or `%gpu attach {job_id}` "
+        "after a %%gpu cell has started one, to see how it ended")
 
 
 def unreachable(url: str, exc: BaseException, url_from: str | None = None) -> GatewayError:

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._client import LOCAL, GatewayClient, _clause, unreachable
+from ._client import LOCAL, GatewayClient, _clause, _local_gone, unreachable
 from ._errors import GatewayError, GpuMagicError, one_line, short
 from ._view import UNREACHABLE
 
@@ -96,6 +96,9 @@ class EventFeed:
         exc = client.trouble
         if exc is None:
             return None
+        gone = _local_gone(client, self._job_id, exc)
+        if gone is not None:
+            return gone
         if client.url_from == LOCAL:
             return GatewayError(f"the local gpu_magic gateway at {client.url} stopped answering "
                                 f"({_clause(exc)}). GPU job {self._job_id}'s end is unknown until "

@@ -108,6 +108,25 @@ def test_a_local_gateway_that_stopped_answering_is_forgotten(local_only: None) -
     assert _connection._embedded is not None and _connection._embedded["pid"] != first["pid"]
 
 
+def test_a_background_job_of_a_stopped_local_gateway_says_it_ended_with_it(
+        local_only: None) -> None:
+    # a README trial: after `gpu-magic stop`, wait() tried for 30 s, then said "the job may
+    # still be running", while stop had just said it ended, as lost
+    ns = {"__name__": "__main__"}
+    job = gpu_magic.run("import time\nprint('started', flush=True)\ntime.sleep(60)", "T4", ns,
+                        quiet=True, background=True)
+    wait_for(lambda: "started" in job.output, 30)
+    url = _connection._embedded["url"] if _connection._embedded else "?"
+    stop_local_gateway()
+    with pytest.raises(GatewayError) as err:
+        job.wait(timeout=60)
+    text = str(err.value)
+    assert text.startswith(f"the local gpu_magic gateway at {url} is no longer running ("), text
+    assert f"GPU job {job.id} ended with it, as lost" in text and "may still be" not in text
+    gpu_magic.run("x = 3", "T4", ns, quiet=True)  # a fresh gateway, which knows how it ended
+    assert _connection.connect().job(job.id)["state"] == "lost"
+
+
 def test_a_local_gateway_with_no_gpus_says_how_to_simulate_some(
         local_only: None, monkeypatch: pytest.MonkeyPatch) -> None:
     # (a served gateway says to ask whoever runs it: test_cli)
