@@ -531,6 +531,26 @@ def test_cancel_stops_the_runner_group_and_frees_the_gpus(rc: GatewayClient) -> 
     wait_for(lambda: free(rc)["H100"] == (2, 2), DEADLINE_S)
 
 
+@pytest.mark.parametrize("how", ["cancel", "timeout", "killed"])
+def test_a_cancelled_timed_out_or_killed_cell_s_own_sessions_end_with_it(rc: GatewayClient,
+                                                                         how: str) -> None:
+    # a researcher's trial: a child the cell started in a session of its own (as servers and
+    # launchers do) outlived a cancel or a --timeout on Ray that had to kill the runner,
+    # holding the job's GPUs; a runner killed outright (the OOM killer) left it too
+    wait_for(lambda: all_free(rc), DEADLINE_S)
+    cell = SLEEPER.replace('["sleep", "300"]', '["sleep", "300"], start_new_session=True')
+    job = submit(rc, cell, "H100", **({"timeout": 4} if how == "timeout" else {}))
+    runner, child, _ = pids_of(follow(rc, job["id"], until=lambda e: e["type"] == "stdout"))
+    if how == "cancel":
+        rc.cancel(job["id"])
+    elif how == "killed":
+        os.kill(runner, signal.SIGKILL)
+    events = follow(rc, job["id"])
+    assert events[-1]["state"] == {"cancel": "cancelled", "timeout": "timed_out",
+                                   "killed": "lost"}[how]
+    wait_for(lambda: gone(runner) and gone(child), DEADLINE_S)
+
+
 def test_an_interrupt_cancels_on_ray_and_says_why(rc: GatewayClient) -> None:
     # Ray cannot interrupt a cell yet: the gateway says so, and the notebook cancels instead
     wait_for(lambda: all_free(rc), DEADLINE_S)

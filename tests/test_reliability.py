@@ -98,6 +98,33 @@ def test_os_exit_from_a_signal_handler_mid_display_ends_the_cell(one_gpu: Gatewa
             assert end["state"] == "lost" and "exited with code 5" in end["message"], end
 
 
+@pytest.mark.parametrize("extra", [[], ["--cold"]], ids=["warm", "cold"])
+def test_a_killed_runner_s_child_in_a_session_of_its_own_ends_too(tmp_path: Path,
+                                                                  extra: list[str]) -> None:
+    # (a trial on Ray, then here too) a runner killed outright (the OOM killer) could not end
+    # what its cell had started with start_new_session=True: it ran on, holding the GPUs
+    gw = start_gateway(tmp_path, *extra, simulate="T4:1")
+    try:
+        with gw.client() as c:
+            job = submit(c, "import os, subprocess, time\n"
+                            "child = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+                            "print(os.getpid(), child.pid, flush=True)\ntime.sleep(300)",
+                         "T4", background=True)
+            pids = None
+            for ev in c.events(job["id"]):
+                if ev["type"] == "stdout":
+                    pids = [int(p) for p in ev["text"].split()[:2]]
+                    break
+            assert pids is not None
+            runner, child = pids
+            assert _running(child)
+            os.kill(runner, signal.SIGKILL)
+            assert finish(c, job["id"])["state"] == "lost"
+            wait_for(lambda: not _running(child), DEADLINE)
+    finally:
+        gw.stop()
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs (an exited process its parent has not reaped yet does not)."""
     try:

@@ -78,6 +78,32 @@ class Handle:
         return self.worker.exit_code if self.worker.exited.wait(timeout) else None
 
 
+def end_orphans(job_id: str) -> int:
+    """Kill what a job's cell started and left running after its runner died without ending
+    it (killed outright: the OOM killer, a cancel's SIGKILL): a process in a session of its
+    own is in no process group of the runner's, and would hold the job's GPUs while the next
+    job is granted them. Known by the job id in its environment, as the cell's own
+    processes inherit it. Returns how many there were."""
+    mark = b"GPU_MAGIC_JOB_ID=" + job_id.encode()
+    ended = 0
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0
+    for name in names:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            os.kill(int(name), signal.SIGKILL)
+            ended += 1
+        except OSError:
+            continue  # (gone, or another user's: not the cell's)
+    return ended
+
+
 EventCallback = Callable[[str, int, dict[str, Any]], None]
 ExitCallback = Callable[[str, int, int | None, str], None]
 
@@ -337,6 +363,8 @@ class LocalBackend:
                 rc = 128 - rc  # bubblewrap exits 128+N for a runner killed by signal N
             if handle.worker is not None and self.warm is not None:
                 self.warm.finished(handle.worker, reusable=False)
+            if rc != 0 and self.isolation != "bwrap":  # (a sandbox's processes end with it)
+                end_orphans(run.job_id)
         self._handles.pop((run.job_id, run.attempt), None)
         tail = ""
         if handle.log_fd is not None:  # a fresh process logs what it says outside its cells

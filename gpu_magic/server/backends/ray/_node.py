@@ -64,7 +64,38 @@ if os.getppid() != int(sys.argv[1]):
 _LEADER = """\
 import ctypes, os, signal, subprocess, sys
 
+try:  # the cell's orphans come here, not to init: a session of their own does not hide them
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+except Exception:
+    pass
+
+def below():
+    kids = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/" + name + "/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            kids.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(int(name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for pid in kids.get(todo.pop(), []):
+            found.append(pid)
+            todo.append(pid)
+    return found
+
+def end_all():
+    # what the cell left running in sessions of its own (its runner, killed, could not)
+    for pid in below():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
 def lost(*_):
+    end_all()
     os.killpg(0, signal.SIGKILL)
 
 signal.signal(signal.SIGUSR1, lost)
@@ -85,6 +116,7 @@ proc = subprocess.Popen([sys.executable, "-m", "gpu_magic.runner", sys.argv[2], 
                         pass_fds=(fd,))
 os.close(fd)
 rc = proc.wait()
+end_all()
 """ + _EXIT_AS
 _LAUNCHER = """\
 import ctypes, os, signal, subprocess, sys
