@@ -878,7 +878,10 @@ def test_a_cluster_found_without_ray_address_is_named_at_start(
 
 def test_a_node_that_joins_serves_a_job_waiting_for_its_type(rc: GatewayClient,
                                                              cluster: RayCluster) -> None:
-    job = submit(rc, "import os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\n", "L4")
+    # (its --timeout counts from when its runner has it, not from the start of a worker on a
+    # node that has just joined: a trial's 2 s timed out a cell that never ran)
+    job = submit(rc, "import os, time\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\n"
+                     "time.sleep(0.5)\n", "L4", timeout=1.5)
     assert job["state"] == "queued"  # an autoscaler could add one: feasible, not refused
     # and it says what it waits for, not only "queued" as if GPUs were busy
     said = follow(rc, job["id"], until=lambda e: bool(e.get("waiting_for")))[-1]

@@ -70,6 +70,7 @@ ALIVE_NAME = "alive"
 ALIVE_EVERY_S = 2.0
 # Finished jobs, their events and results, and unused blobs are removed after this long.
 RETENTION_S = 7 * 24 * 3600.0
+START_WAIT_S = 300.0  # how long a runner that reports its start may take to have its job
 
 
 class ApiError(Exception):
@@ -121,6 +122,8 @@ class Job:
     cancelled_by: str | None = None  # an admin who cancelled it: "carol (admin)"
     notices: list[str] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    took: int = 0  # the attempt whose runner said it has the job (its --timeout counts from then)
+    start_waited: int = 0  # the attempt whose timeout came before its runner had the job
     adopting: asyncio.Future[dict[str, Any]] | None = None  # result files being stored
     # the checks of its inputs that had not ended when it was submitted (see checks.py), by
     # digest, and the wait for them once its cell ended
@@ -1204,6 +1207,14 @@ class Gateway:
             # is stopped right after, if it is still there then
             job.timer = self.loop.call_later(1.0, self._timed_out, job_id, attempt)
             return
+        if (getattr(self.backend, "reports_start", False) and job.took != attempt
+                and job.start_waited != attempt):
+            # its runner does not have the job yet (on Ray: a worker starting on a node that
+            # has just joined, the inputs on their way): the --timeout counts from when it
+            # has, waited for START_WAIT_S at most
+            job.start_waited = attempt
+            job.timer = self.loop.call_later(START_WAIT_S, self._timed_out, job_id, attempt)
+            return
         if job.stoppable:
             job.stop_reason = "timed_out"
             self.backend.cancel(job.handle)
@@ -1250,6 +1261,15 @@ class Gateway:
                 job.outcome = f.result() if exc is None else _not_stored(exc, self.state_dir)
 
             adopting.add_done_callback(adopted)
+        elif kind == "interruptible" and job.took != attempt and job.timer is not None:
+            # the runner has the job now: on Ray, after a worker started and the inputs came,
+            # which took seconds on a fresh node, and a --timeout of 2 s said "the cell ran
+            # longer" of a cell that never ran (a researcher's trial). It counts from here.
+            job.took = attempt
+            assert self.loop is not None
+            job.timer.cancel()
+            timeout = float(job.request.get("timeout") or DEFAULT_TIMEOUT_S)
+            job.timer = self.loop.call_later(timeout, self._timed_out, job.id, attempt)
         elif kind == "interrupted" and job.interrupted and not job.interrupt_taken:
             # the cell got the interrupt (a KeyboardInterrupt where it was): its handlers run
             # now; the client waits for them instead of cancelling a cell that did not stop

@@ -172,6 +172,7 @@ class RayBackend:
     poll_s = 1.0  # how often the gateway looks at the pool again while jobs wait
     outside = "in use by other work on the Ray cluster"
     outside_by_count = True  # (which of a node's GPUs Ray gives is Ray's; ours are counted)
+    reports_start = True  # the runner's "interruptible" comes through: a --timeout counts from it
 
     def __init__(self, address: str | None = None, *, types: TypeMap | None = None,
                  autoscale: Sequence[tuple[str, int]] = (), refresh_s: float = 1.0,
