@@ -188,7 +188,9 @@ def _parse(spec: Any, client_factory: Callable[[], GatewayClient]) -> GpuSpec:
             raise
         # a pool may add its own type names: ask it before refusing
         try:
-            types = [t["type"] for t in client_factory().pool()["types"]]
+            pool = client_factory().pool()
+            # (and those whose nodes left: a cell may wait for one to join)
+            types = [t["type"] for t in pool["types"]] + list(pool.get("types_gone") or [])
         except GatewayError:
             raise first from None
         try:

@@ -959,6 +959,24 @@ def test_a_job_sent_to_a_node_that_just_died_ends_instead_of_waiting_for_good(
 
 
 # (last: it removes the cluster's last GPU node)
+def test_a_type_of_the_pool_s_own_whose_node_left_can_still_be_waited_for(
+        rc: GatewayClient, cluster: RayCluster) -> None:
+    # a researcher's trial: with its node gone, `%%gpu V100 --wait 40` was refused as
+    # "'V100' is not a GPU type; did you mean H100?", while a V100 job queued before waited
+    cluster.add("v100", "V100", 1)
+    wait_for(lambda: "V100" in {t["type"] for t in rc.pool()["types"]}, DEADLINE_S)
+    cluster.remove("v100")
+    wait_for(lambda: "V100" not in {t["type"] for t in rc.pool()["types"]}, DEADLINE_S)
+    assert "V100" in rc.pool()["types_gone"]
+    job = gpu_magic.run("1", "V100", {"__name__": "__main__"}, client=rc, quiet=True,
+                        background=True, wait=30)
+    wait_for(lambda: job.state == "queued", DEADLINE_S)
+    cluster.add("v100b", "V100", 1)  # a node of its type joins: the job runs there
+    job.wait(timeout=DEADLINE_S)
+    assert job.state == "succeeded" and job.grant["gpu_type"] == "V100"
+    cluster.remove("v100b")
+
+
 def test_a_cluster_with_no_gpu_node_left_is_said_to_be_so(cluster: RayCluster,
                                                           tmp_path: Path) -> None:
     # the refusal spoke of NVML and told a user already on GPU_MAGIC_URL to set it (found by

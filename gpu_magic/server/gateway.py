@@ -332,6 +332,7 @@ class Gateway:
         self._housekeeper: asyncio.Task[None] | None = None
         self._pool_watch: asyncio.TimerHandle | None = None
         self.jobs: dict[str, Job] = {}
+        self.types_seen: dict[str, None] = {}  # the pool's types since the start, in order
         self.queue: list[str] = []
         self.running: dict[str, Job] = {}
         self._seq = 0
@@ -612,7 +613,16 @@ class Gateway:
     # --- queries ---
 
     def gpus(self) -> list[Gpu]:
-        return self.backend.inventory()
+        gpus = self.backend.inventory()
+        for g in gpus:
+            self.types_seen.setdefault(g.type)
+        return gpus
+
+    def types_gone(self, gpus: list[Gpu]) -> list[str]:
+        """Types this pool had since the gateway started and has no node for now (a Ray
+        node of its own type that left): still GPU types, a cell may wait for them."""
+        now = {g.type for g in gpus}
+        return [t for t in self.types_seen if t not in now]
 
     def pool(self) -> dict[str, Any]:
         gpus = self.gpus()
@@ -640,6 +650,7 @@ class Gateway:
             "simulated": bool(getattr(self.backend, "simulated", False)),
             "backend": self.backend.name,
             "types": sorted(types.values(), key=lambda t: (t["memory_gb"] or 0, t["type"])),
+            "types_gone": self.types_gone(gpus),
             "nodes": list(nodes.values()),
             "queue_length": len(self.queue),
             "running": len(self.running),
@@ -696,7 +707,7 @@ class Gateway:
                            "gateway), then run the cell again.")
         self.blobs.make_room(0)  # (a same-host client's inputs came in without an upload)
         gpus = self.gpus()
-        pool_types = sorted({g.type for g in gpus})
+        pool_types = sorted({g.type for g in gpus}) + self.types_gone(gpus)
         try:
             spec = GpuSpec.from_json(body["spec"])
             spec = GpuSpec.parse(str(spec), extra_types=pool_types)
@@ -747,10 +758,10 @@ class Gateway:
             # may join within --wait (the queue says what it waits for, the wait's end that
             # none came); a type nobody knows (a typo) is refused all the same
             # (every option was dropped, in order; one no node has enough of stays dropped)
-            there = {g.type for g in gpus}
+            there, gone = {g.type for g in gpus}, set(self.types_gone(gpus))
             joinable = [i for i, o in enumerate(spec.options)
                         if (o.type is None and not gpus)
-                        or (o.type in KNOWN_TYPES and o.type not in there)]
+                        or ((o.type in KNOWN_TYPES or o.type in gone) and o.type not in there)]
             if joinable:
                 kept = joinable
                 dropped = [d for i, d in enumerate(dropped) if i not in joinable]
