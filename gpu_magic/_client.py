@@ -639,9 +639,9 @@ def _local_gone(client: GatewayClient, job_id: str, exc: BaseException) -> Gatew
     """Following a job of the local gateway that is no longer running: it ended with it."""
     if client.url_from != LOCAL:
         return None
-    from ._embedded import running_local_gateway
+    from ._embedded import local_gateway_gone
 
-    if running_local_gateway() is not None:
+    if not local_gateway_gone(client.url):
         return None
     # (its runners end with it, even after a kill -9: nothing of the job runs on)
     return GatewayError(

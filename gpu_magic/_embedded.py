@@ -150,6 +150,18 @@ def running_local_gateway() -> dict[str, Any] | None:
     return info if info is not None and _healthy(info) else None
 
 
+def local_gateway_gone(url: str) -> bool:
+    """Whether the local gateway that served at ``url`` no longer runs: its runtime file gone
+    (stopped) or its process dead. Told by the process, not by an answer: a busy gateway that
+    is slow to answer still runs (its jobs too)."""
+    info = _read(runtime_path())
+    if info is None:
+        return True
+    if str(info.get("url", "")).rstrip("/") != url.rstrip("/"):
+        return False  # another one runs now: the client follows its jobs there
+    return not _pid_alive(int(info.get("pid", 0)))
+
+
 def ensure_local_gateway(simulate: str | None = None, *, state_dir: Path | None = None) -> dict[str, Any]:
     """The runtime info (url, token, ...) of this user's local gateway, starting it if needed."""
     _not_in_a_job("starting the local gateway")

@@ -298,8 +298,12 @@ def code_locator(sent: Iterable[Any], others: Iterable[Any] = ()
             # from "<dynamic-code>" too (what it defines, and its submodules)
             seen.add(obj.__name__)
             for v in list(vars(obj).values()):
-                if getattr(v, "__module__", None) == obj.__name__ or isinstance(
-                        v, types.ModuleType) and v.__name__.startswith(obj.__name__ + "."):
+                try:  # (a lazy proxy's attributes may raise anything: the user's error first)
+                    own = getattr(v, "__module__", None) == obj.__name__ or isinstance(
+                        v, types.ModuleType) and v.__name__.startswith(obj.__name__ + ".")
+                except Exception:
+                    continue
+                if own:
                     visit(v, sent)
 
     for v in sent:

@@ -127,6 +127,28 @@ def test_a_background_job_of_a_stopped_local_gateway_says_it_ended_with_it(
     assert _connection.connect().job(job.id)["state"] == "lost"
 
 
+def test_a_local_gateway_is_gone_by_its_process_not_by_how_fast_it_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a review) "gone" was told by a health request: a local gateway stalled for a few
+    # seconds would have had its running jobs declared ended with it
+    import json
+
+    from gpu_magic._embedded import local_gateway_gone, runtime_path
+
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    url = "http://127.0.0.1:9"  # (nothing answers there: only the process is asked about)
+    assert local_gateway_gone(url)  # no runtime file: stopped
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        runtime_path().write_text(json.dumps({"url": url, "pid": sleeper.pid}))
+        assert not local_gateway_gone(url)  # it runs, however slow to answer
+        assert not local_gateway_gone("http://127.0.0.1:10")  # another one runs: followed there
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert local_gateway_gone(url)  # its process is gone
+
+
 def test_a_local_gateway_with_no_gpus_says_how_to_simulate_some(
         local_only: None, monkeypatch: pytest.MonkeyPatch) -> None:
     # (a served gateway says to ask whoever runs it: test_cli)

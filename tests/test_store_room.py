@@ -80,3 +80,41 @@ def test_a_nearly_full_state_disk_makes_room_for_an_upload(tmp_path: Path) -> No
             assert "the state directory's disk keeps less than a tenth free: removed" in log
         finally:
             gw.stop()
+
+
+def test_a_submit_on_a_nearly_full_disk_keeps_its_own_old_inputs(tmp_path: Path) -> None:
+    # (a review) the room made at submit came before the job's inputs were marked used: inputs
+    # the gateway already held, unused for a while, were the first to go, and the job was
+    # refused for lack of them (409)
+    import numpy as np
+
+    from gpu_magic._client import GatewayClient
+    from gpu_magic._payload import pack_inputs
+
+    from .test_gateway_http import finish, opts
+
+    with small_disk(tmp_path / "disk", "48m") as disk:
+        gw = start_gateway(tmp_path, "--blob-reserve", "0", state_dir=disk / "state")
+        try:
+            with GatewayClient(gw.url, gw.token, same_host=False) as c:
+                packed = pack_inputs({"a": np.ones(5 * MiB // 8)}, None, None)
+                for d, blob in packed.blobs().items():
+                    c.upload(d, blob)
+                for _ in range(6):
+                    data = os.urandom(5 * MiB)
+                    c.upload(digest(data), data)
+                folder = next((disk / "state" / "blobs").iterdir())
+                ours = {d.replace(":", "-") for d in packed.blobs()}
+                old = time.time() - 3600
+                for f in folder.iterdir():  # all unused for an hour, the job's own longest
+                    t = old - 60 if f.name in ours else old
+                    os.utime(f, (t, t))
+                # what is not the store's fills the rest of the disk
+                (disk / "other").write_bytes(b"\0" * (9 * MiB))
+                job = c.submit({"source": "s = float(a.sum())", "spec": opts("H100"),
+                                "inputs": packed.manifest, "input_names": ["a"],
+                                "outputs": ["s"], "deleted": [], "has_value": False})
+                assert finish(c, job["id"])["state"] == "succeeded"
+                assert ours <= {f.name for f in folder.iterdir()}
+        finally:
+            gw.stop()

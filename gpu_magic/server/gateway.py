@@ -705,7 +705,6 @@ class Gateway:
                            f"({self.store.error}), so it takes no new job for now: nothing "
                            "was sent to a GPU. Free space on that disk (whoever runs the "
                            "gateway), then run the cell again.")
-        self.blobs.make_room(0)  # (a same-host client's inputs came in without an upload)
         gpus = self.gpus()
         pool_types = sorted({g.type for g in gpus}) + self.types_gone(gpus)
         try:
@@ -751,7 +750,9 @@ class Gateway:
                            f"the job's inputs are {human(total)}; this gateway takes at most "
                            f"{human(limits.max_job_bytes)} per job. Send less, or load the data "
                            "inside the cell from storage the GPU machine can reach.")
-        self.blobs.touch(user.name, digests)
+        self.blobs.touch(user.name, digests)  # (used now: never what makes room below)
+        if self.loop is not None:  # a same-host client's inputs came without an upload
+            self.loop.run_in_executor(None, self.blobs.make_room, 0)
         kept, dropped = feasibility(list(spec.options), gpus)
         if not kept and body.get("wait") is not None and self._pool_changes():
             # asked to wait, on a pool whose nodes come and go: a node of a GPU type there is

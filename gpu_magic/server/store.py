@@ -347,6 +347,12 @@ def user_folder(user: str) -> str:
 
 STORE_FREE_FRACTION = 10  # the store keeps a tenth of its disk free (see make_room)
 RECENT_S = 600.0  # a blob used this recently is not removed to make room (sent, not yet run)
+ROOM_LOOK_S = 30.0  # a scan not asked for by an upload comes at most this often
+
+
+def _used_now(blob: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(blob)
 
 
 def eviction_order(blobs: list[tuple[str, str, int, float]], need: int,
@@ -392,6 +398,7 @@ class BlobStore:
         # the blobs of live jobs by user (the gateway's to say): never removed to make room
         self.needed: Callable[[], dict[str, set[str]]] = dict
         self._room_lock = threading.Lock()
+        self._room_looked = -ROOM_LOOK_S  # (monotonic) when make_room last scanned
 
     def close(self) -> None:
         self.checks.close()
@@ -585,6 +592,8 @@ class BlobStore:
                 os.close(fd)
                 if not dest.exists():
                     self.checks.publish(tmp, dest, digest)
+                else:
+                    _used_now(dest)
                 return size
             got, size = copied or _hash_file(tmp, max_bytes)
             if got != digest:
@@ -592,6 +601,7 @@ class BlobStore:
                                      f"{digest}, content is {got}")
             self.reserve.note(size)
             if dest.exists():
+                _used_now(dest)  # (an older blob of the same bytes: used now, kept as new)
                 return size
             os.replace(tmp, dest)
             return size
@@ -635,6 +645,9 @@ class BlobStore:
             st.f_bavail * st.f_frsize
         if need <= 0:
             return 0
+        if not size and time.monotonic() - self._room_looked < ROOM_LOOK_S:
+            return 0  # (a disk full of what is not ours: not a scan at every submit)
+        self._room_looked = time.monotonic()
         with self._room_lock:  # (two uploads at once would each remove for both)
             needed = {user_folder(u): {d.replace(":", "-") for d in ds}
                       for u, ds in self.needed().items()}

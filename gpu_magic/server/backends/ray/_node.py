@@ -78,7 +78,9 @@ def below():
                     stat = f.read()
             except OSError:
                 continue
-            kids.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(int(name))
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if fields[0] not in (b"Z", b"X"):  # (a zombie holds nothing, and ends nothing)
+                kids.setdefault(int(fields[1]), []).append(int(name))
     found, todo = [], [os.getpid()]
     while todo:
         for pid in kids.get(todo.pop(), []):
@@ -87,12 +89,22 @@ def below():
     return found
 
 def end_all():
-    # what the cell left running in sessions of its own (its runner, killed, could not)
-    for pid in below():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    # what the cell left running in sessions of its own (its runner, killed, could not); again
+    # while there is any: one may fork as the others die
+    for _ in range(20):
+        pids = below()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in pids:  # (reaped: a zombie below would be seen again)
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except OSError:
+                pass
 
 def lost(*_):
     end_all()
