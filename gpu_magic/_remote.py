@@ -6,9 +6,9 @@ from __future__ import annotations
 import linecache
 import os
 import re
-import sys
 import types
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from ._errors import RemoteError
@@ -252,14 +252,13 @@ def _chained(exc: BaseException, event: dict[str, Any]) -> BaseException:
 
 
 def _own_module(module: types.ModuleType) -> bool:
-    """Whether ``module`` is a file of the user's, not of the interpreter or a package
-    installed in it (those never travel by value)."""
+    """Whether ``module`` is the user's own beside the notebook: one that travels by value
+    (the payload's rule, asked of this kernel's folder)."""
+    from ._payload import is_local
+
     file = getattr(module, "__file__", None)
-    if not isinstance(file, str) or not file.endswith(".py"):
-        return False
-    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
-    return ("site-packages" not in file and "dist-packages" not in file
-            and not any(file.startswith(p.rstrip("/") + "/") for p in prefixes))
+    return isinstance(file, str) and file.endswith(".py") and \
+        is_local(Path.cwd(), module.__name__, file)
 
 
 def code_locator(sent: Iterable[Any], others: Iterable[Any] = ()

@@ -1198,9 +1198,14 @@ class Gateway:
             self._finish(job, "failed")
             return
         self._emit(job, {"type": "started", "attempt": job.attempt})
-        timeout = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
-        job.timer = loop.call_later(timeout, self._timed_out, job.id, job.attempt)
+        self._arm_timeout(job)
         self.store.save_job(self._record(job))
+
+    def _arm_timeout(self, job: Job) -> None:
+        """The job's --timeout (the gateway's default if none), counted from now."""
+        assert self.loop is not None
+        timeout = float(job.request.get("timeout") or DEFAULT_TIMEOUT_S)
+        job.timer = self.loop.call_later(timeout, self._timed_out, job.id, job.attempt)
 
     def _timed_out(self, job_id: str, attempt: int) -> None:
         job = self.jobs.get(job_id)
@@ -1278,10 +1283,8 @@ class Gateway:
             # which took seconds on a fresh node, and a --timeout of 2 s said "the cell ran
             # longer" of a cell that never ran (a researcher's trial). It counts from here.
             job.took = attempt
-            assert self.loop is not None
             job.timer.cancel()
-            timeout = float(job.request.get("timeout") or DEFAULT_TIMEOUT_S)
-            job.timer = self.loop.call_later(timeout, self._timed_out, job.id, attempt)
+            self._arm_timeout(job)
         elif kind == "interrupted" and job.interrupted and not job.interrupt_taken:
             # the cell got the interrupt (a KeyboardInterrupt where it was): its handlers run
             # now; the client waits for them instead of cancelling a cell that did not stop

@@ -626,10 +626,7 @@ class BlobStore:
     def touch(self, user: str, digests: list[str]) -> None:
         """Mark blobs as used now (retention counts from the last use)."""
         for d in dict.fromkeys(digests):
-            try:
-                os.utime(self.path(user, d))
-            except OSError:
-                continue
+            _used_now(self.path(user, d))
 
     def make_room(self, size: int) -> int:
         """Before ``size`` more bytes are stored: if the disk would then keep less than a
@@ -660,15 +657,14 @@ class BlobStore:
                             continue  # (being written, or under check)
                         info = f.stat(follow_symlinks=False)
                         blobs.append((user_dir.name, f.name, info.st_size, info.st_mtime))
-            used = {(u, n): t for u, n, _, t in blobs}
+            seen = {(u, n): (z, t) for u, n, z, t in blobs}  # size and last use
             order = eviction_order(blobs, need, lambda u, n: n in needed.get(u, ()) or
-                                   used[(u, n)] >= recent)
+                                   seen[(u, n)][1] >= recent)
             freed, users = 0, set()
-            sizes = {(u, n): z for u, n, z, _ in blobs}
             for user, name in order:
                 with contextlib.suppress(OSError):
                     os.unlink(self.root / user / name)
-                    freed += sizes[(user, name)]
+                    freed += seen[(user, name)][0]
                     users.add(user)
         if order:
             log.warning("the state directory's disk keeps less than a tenth free: removed %d "

@@ -22,26 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..._embedded import _pid_alive
+
 START_TIMEOUT_S = 15.0
 ORPHAN_POLL_S = 0.2
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie no one reaps does not: some containers' first process
-    never reaps the orphans it inherits)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
 
 
 class ZygoteError(Exception):
@@ -178,7 +162,9 @@ class WarmPool:
     def _watch_orphans(self, workers: list[Worker]) -> None:
         while workers:
             time.sleep(ORPHAN_POLL_S)
-            for w in [w for w in workers if not _alive(w.pid)]:
+            # (a zombie no one reaps is gone too: some containers' first process never
+            # reaps the orphans it inherits)
+            for w in [w for w in workers if not _pid_alive(w.pid)]:
                 workers.remove(w)
                 with self._lock:
                     self._workers.pop(w.pid, None)
