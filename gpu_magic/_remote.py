@@ -173,8 +173,8 @@ def local_hint(event: dict[str, Any]) -> str | None:
         m = re.fullmatch(r"No module named '([A-Za-z_]\w*)'", evalue)
         if m and (os.path.isfile(f"{m[1]}.py") or os.path.isfile(os.path.join(m[1], "__init__.py"))):
             return (f"{m[1]!r} is a module in your notebook's folder, which the GPU machine does "
-                    f"not have: import it in a local cell (`import {m[1]}`) and use it in the "
-                    "%%gpu cell without importing it there; it then travels with the cell")
+                    f"not have: import it in a local cell first (`import {m[1]}`); it then "
+                    "travels with the %%gpu cells that use or import it")
         found = _local_module(m[1]) if m else None
         if found:
             return (f"{m[1]!r} is importable here ({found}) but not where the cell ran: install "

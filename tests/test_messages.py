@@ -214,6 +214,11 @@ def test_a_cell_missing_a_local_module_or_file_is_told_what_to_do(
             gpu_magic.run("y = course_helpers.SCALE * 2", "H100", ns, client=c,
                           quiet=True)
             assert ns["y"] == 6
+            # ... and so does the cell's own import of it, the very cell that failed above
+            ns = {"__name__": "__main__"}
+            gpu_magic.run("import course_helpers\nz = course_helpers.SCALE", "H100", ns,
+                          client=c, quiet=True)
+            assert ns["z"] == 3 and ns["course_helpers"] is course_helpers
             # a module importable here from elsewhere on sys.path is to be installed there
             elsewhere = tmp_path / "site"
             elsewhere.mkdir()
