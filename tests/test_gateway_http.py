@@ -1273,6 +1273,42 @@ def test_a_reload_of_a_bad_tokens_file_keeps_the_old_tokens_and_says_why(tmp_pat
         gw.stop()
 
 
+def test_a_reload_that_removes_a_user_cancels_their_queued_jobs_not_their_running_one(
+        tmp_path: Path) -> None:
+    # an instructor's trial: a revoked student's queued cells went on to start, one by one
+    import signal
+
+    path = tmp_path / "tokens.json"
+    dora, admin = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    write_tokens(path, {"dora": dora, "teacher": {"token": admin, "admin": True}})
+    gw = start_gateway(tmp_path, "--tokens-file", str(path), simulate="H100:1")
+    try:
+        with GatewayClient(gw.url, dora) as c:
+            running = gpu_magic.run("import time\nprint('sleeping', flush=True)\n"
+                                    "time.sleep(60)", "H100", {"__name__": "__main__"},
+                                    client=c, quiet=True, background=True)
+            follow(c, running.id, until=lambda e: "sleeping" in str(e.get("text")))
+            queued = [gpu_magic.run("x = 1", "H100", {"__name__": "__main__"}, client=c,
+                                    quiet=True, background=True) for _ in range(2)]
+            write_tokens(path, {"teacher": {"token": admin, "admin": True}})
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "reloaded" in (tmp_path / "gateway.log").read_text(), DEADLINE_S)
+        log = (tmp_path / "gateway.log").read_text()
+        assert "(removed dora); 2 queued jobs of theirs cancelled; 1 running job of theirs " \
+               "goes on to the end" in log, log
+        with GatewayClient(gw.url, admin) as teacher:
+            states = {j["id"]: j for j in teacher.jobs(everyone=True)}
+            for job in queued:
+                assert states[job.id]["state"] == "cancelled", states[job.id]
+                assert "token was removed from the gateway's tokens file; nothing ran" in \
+                    states[job.id]["message"]
+            assert states[running.id]["state"] == "running"
+            teacher.cancel(running.id)
+            wait_for(lambda: teacher.job(running.id)["state"] == "cancelled", DEADLINE_S)
+    finally:
+        gw.stop()
+
+
 BAD_TOKENS_FILES = [
     pytest.param({"alice": "short"}, 0o600, "has 5 characters, fewer than 22", id="short-token"),
     pytest.param({"alice": secrets.token_urlsafe(24)}, 0o644, "chmod 600", id="readable-by-others"),

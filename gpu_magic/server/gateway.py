@@ -946,6 +946,25 @@ class Gateway:
             self.backend.cancel(job.handle)
         return job
 
+    def revoke(self, names: set[str]) -> tuple[int, int]:
+        """Users a reload of the tokens file removed: their queued jobs are cancelled (a
+        revoked student's ten queued cells must not go on to take GPUs), their running ones
+        go on to their end, as the docs promise. Returns (cancelled, still running)."""
+        cancelled = running = 0
+        for job in list(self.jobs.values()):
+            if job.user not in names or job.final:
+                continue
+            if job.state != "queued":
+                running += 1
+                continue
+            self._dequeue(job)
+            job.message = ("cancelled while queued: this user's token was removed from the "
+                           "gateway's tokens file; " + ("nothing ran" if not job.started else
+                                                        "its output so far is kept"))
+            self._finish(job, "cancelled")
+            cancelled += 1
+        return cancelled, running
+
     def interrupt(self, user: User, job_id: str) -> Job:
         """Interrupt a running cell, as Jupyter's interrupt does a local one: a
         KeyboardInterrupt in the cell (its except and finally blocks run, what it bound

@@ -182,6 +182,18 @@ def _changes(before: set[str], after: set[str]) -> str:
             else " (the same users; their tokens, admins and limits as the file now says)")
 
 
+def _revoked(cancelled: int, running: int) -> str:
+    """What became of the removed users' jobs, for the reload's log line."""
+    said = []
+    if cancelled:
+        said.append(f"{cancelled} queued job{'s' if cancelled != 1 else ''} of theirs cancelled")
+    if running:
+        said.append(f"{running} running job{'s' if running != 1 else ''} of theirs go"
+                    f"{'es' if running == 1 else ''} on to the end (gpu-magic jobs --all lists "
+                    "them; %gpu cancel ID with an admin token stops one)")
+    return f"; {'; '.join(said)}" if said else ""
+
+
 def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, Path | None]:
     if not _is_loopback(cfg.host) and not cfg.force:
         if not cfg.tokens_file:
@@ -391,8 +403,8 @@ def serve(cfg: ServeConfig) -> int:
                             "serve several users.")
                     before = set(auth.users())
                     auth.replace(tokens)
-                    print(f"gpu-magic: reloaded {cfg.tokens_file}{_changes(before, users)}",
-                          file=sys.stderr)
+                    print(f"gpu-magic: reloaded {cfg.tokens_file}{_changes(before, users)}"
+                          f"{_revoked(*gateway.revoke(before - users))}", file=sys.stderr)
                     if len(before) <= 1 and _unisolated(len(users), cfg, gateway.backend):
                         print(_UNISOLATED, file=sys.stderr, flush=True)  # (--force let it)
                 except TokensFileError as exc:
