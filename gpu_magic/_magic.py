@@ -538,34 +538,62 @@ class GPUMagic(Magics):
         if not token:
             token, token_from = os.environ.get("GPU_MAGIC_TOKEN", ""), "GPU_MAGIC_TOKEN"
         if not token:
-            try:
-                token = getpass.getpass(f"token for {url}: ")
-            except (StdinNotImplementedError, EOFError):
-                # nbconvert, nbclient, papermill: nobody to type it
-                raise UsageError(
-                    f"%gpu connect {url} needs the gateway's token and cannot ask for it here "
-                    "(this front end takes no input): write %gpu connect URL --token TOKEN, or "
-                    "set GPU_MAGIC_TOKEN (or %config GPUMagic.token) and connect again"
-                ) from None
-            token_from = "%gpu connect's prompt"
-            if not token.strip():
-                raise UsageError(f"no token was typed, so nothing changed: run %gpu connect "
-                                 f"{url} again and paste the gateway's token at its prompt "
-                                 "(or write %gpu connect URL --token TOKEN)")
-        before = get_connection()
-        set_connection(url, token, token_from)
+            token, token_from = _ask_token(url), "%gpu connect's prompt"
         try:
-            health = connect().health(refresh=True)
-            me = connect().whoami()  # (asks with the token: a wrong one is refused here)
-        except GpuMagicError:
-            if before is None:
-                set_connection(None)
-            else:
-                set_connection(*before)
-            raise
+            health, me = _try_connection(url, token, token_from)
+        except AuthError as exc:
+            if token_from == "%gpu connect --token" or token_from == "%gpu connect's prompt":
+                raise
+            # a student given a new token whose old one is still set where Jupyter starts:
+            # ask, as a connect without any token does, rather than refuse
+            token = _ask_token(url, refused=exc, prompt=(
+                f"the gateway at {url} refused the token from {token_from} (wrong, or no "
+                f"longer valid); paste the one you were given (this kernel then uses it; "
+                f"change {token_from} too, for new kernels): "))
+            token_from = "%gpu connect's prompt"
+            health, me = _try_connection(url, token, token_from)
         user = me.get("user")
         who = f" as {user}" + (" (admin)" if me.get("admin") else "") if user else ""
         print(f"connected to {url}{who} (gpu_magic {health.get('version')})")
+
+
+def _ask_token(url: str, refused: AuthError | None = None, prompt: str = "") -> str:
+    """The token typed at a prompt that does not echo it; where nobody can type one, the
+    refusal that made us ask (``refused``), or a UsageError saying how to give it."""
+    try:
+        token = getpass.getpass(prompt or f"token for {url}: ")
+    except (StdinNotImplementedError, EOFError):
+        if refused is not None:
+            raise refused from None
+        # nbconvert, nbclient, papermill: nobody to type it
+        raise UsageError(
+            f"%gpu connect {url} needs the gateway's token and cannot ask for it here "
+            "(this front end takes no input): write %gpu connect URL --token TOKEN, or "
+            "set GPU_MAGIC_TOKEN (or %config GPUMagic.token) and connect again"
+        ) from None
+    if not token.strip():
+        raise UsageError(f"no token was typed, so nothing changed: run %gpu connect "
+                         f"{url} again and paste the gateway's token at its prompt "
+                         "(or write %gpu connect URL --token TOKEN)")
+    return token
+
+
+def _try_connection(url: str, token: str, token_from: str) -> tuple[dict[str, Any],
+                                                                    dict[str, Any]]:
+    """Use the gateway at ``url`` with ``token`` from now on if it accepts the token: its
+    health and who the token is; else the connection stays as it was and the error goes up."""
+    before = get_connection()
+    set_connection(url, token, token_from)
+    try:
+        health = connect().health(refresh=True)
+        me = connect().whoami()  # (asks with the token: a wrong one is refused here)
+    except GpuMagicError:
+        if before is None:
+            set_connection(None)
+        else:
+            set_connection(*before)
+        raise
+    return health, me
 
 
 # the name the README once used, for code that imported it

@@ -337,6 +337,36 @@ def test_connect_s_prompt_an_empty_answer_and_who_you_are(gateway: Gateway,
     assert out["stdout"].startswith(f"connected to {gateway.url} as "), out
 
 
+def test_connect_asks_for_a_token_when_the_one_set_is_refused(gateway: Gateway,
+                                                                kernel_factory: Any) -> None:
+    # an instructor's trial: a student given a new token, the old one still in
+    # GPU_MAGIC_TOKEN, was refused by %gpu connect and never asked for the new one
+    k = kernel_factory(GPU_MAGIC_TOKEN="x" * 43)
+    msg_id = k.kc.execute(f"%gpu connect {gateway.url}", allow_stdin=True)
+    request = k.kc.get_stdin_msg(timeout=60)
+    assert request["content"]["password"], request
+    assert request["content"]["prompt"].startswith(
+        f"the gateway at {gateway.url} refused the token from GPU_MAGIC_TOKEN"), request
+    k.kc.input(gateway.token)
+    stdout = ""
+    while True:
+        m = k.kc.get_iopub_msg(timeout=60)
+        if m["parent_header"].get("msg_id") != msg_id:
+            continue
+        if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+            break
+        if m["msg_type"] == "stream":
+            stdout += m["content"]["text"]
+    assert stdout.startswith(f"connected to {gateway.url} as "), stdout
+    out = k.run("%gpu status")
+    assert "%gpu connect's prompt" in out["stdout"], out
+    # where nobody can type, the refusal itself, saying where the token came from
+    k = kernel_factory(GPU_MAGIC_TOKEN="x" * 43)
+    out = k.run(f"%gpu connect {gateway.url}", stdin=False)
+    assert out["error"] is not None and out["error"]["ename"] == "AuthError", out
+    assert "refused the token from GPU_MAGIC_TOKEN" in out["error"]["evalue"], out
+
+
 def test_misspelled_options_and_commands_get_a_suggestion(kernel_factory: Any) -> None:
     # as spec errors do ('H1000' ... did you mean H100?); all refused before anything is sent
     k = kernel_factory(GPU_MAGIC_URL="http://127.0.0.1:9", GPU_MAGIC_TOKEN="x" * 43)

@@ -653,6 +653,12 @@ def test_admin_sets_per_user_limits(tmp_path: Path) -> None:
         assert resp.status_code == 403
         resp = httpx.put(gw.url + "/v1/limits/student", json={"max_jobs": 0}, headers=teacher)
         assert resp.status_code == 200
+        # the admin sees what is in force for everyone (only overrides were shown: the tokens
+        # file's limits were nowhere to be seen); a student sees only their own
+        seen = httpx.get(gw.url + "/v1/limits", headers=teacher).json()
+        assert seen["users"]["student"]["max_jobs"] == 0, seen
+        assert set(seen["users"]) == {"student", "teacher"}
+        assert "users" not in httpx.get(gw.url + "/v1/limits", headers=student).json()
         # a typo is refused, not taken as a user nobody is
         resp = httpx.put(gw.url + "/v1/limits/studnet", json={"max_jobs": 0}, headers=teacher)
         assert resp.status_code == 404

@@ -366,11 +366,14 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
 
     @app.get("/v1/limits", responses=_errors())
     async def get_limits(u: User = Depends(user)) -> dict[str, Any]:
-        """The caller's own limits; an admin also sees the per-user overrides."""
+        """The caller's own limits; an admin also sees the per-user overrides, and every
+        user's limits in force (the tokens file's, the gateway's defaults, the overrides)."""
         mine = gateway.limits_for(u)
         out: dict[str, Any] = {"user": u.name, "admin": u.admin, "limits": vars(mine)}
         if u.admin:
             out["overrides"] = gateway.user_limits
+            out["users"] = {name: vars(gateway.limits_for(who)) for name in sorted(auth.users())
+                            if (who := auth.user(name)) is not None}
         return out
 
     @app.put("/v1/limits/{name}", responses=_errors(400, 404, 413, 422, 507))
