@@ -1726,8 +1726,12 @@ class _Session:
         # that must be this cell's folder, so modules beside the notebook import as they would
         sys.path[:] = [os.getcwd(), *self.base_path[1:]]
         if manifest.get("sys_path"):  # the kernel's, where the gateway runs its Python
+            # in its order: a Jupyter kernel has its folder ('') after the standard library,
+            # and a profile.py beside the notebook must not hide the standard one here either
             kernel = [os.getcwd() if p == "" else str(p) for p in manifest["sys_path"]]
-            sys.path[:] = list(dict.fromkeys([*sys.path[:1], *kernel, *sys.path[1:]]))
+            if os.getcwd() not in kernel:
+                kernel.insert(0, os.getcwd())
+            sys.path[:] = list(dict.fromkeys([*kernel, *self.base_path[1:]]))
         _NOTED.clear()
         import random
 

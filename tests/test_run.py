@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pickle
 import re
 import secrets
@@ -1745,6 +1746,24 @@ def test_a_local_module_is_one_module_where_the_cell_runs_and_comes_back_as_itse
         assert ns["h"] is mod and mod.REG["scaled"] is mod.scaled
     finally:
         del sys.modules[name]
+
+
+def test_a_file_beside_the_notebook_hides_no_standard_module_the_kernel_finds_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a trial: with profile.py beside the notebook, %prun failed in a %%gpu cell only: the
+    # runner put the folder first on sys.path, where a Jupyter kernel has it after the
+    # standard library
+    # (a module no runner imports for itself: one already imported there is not looked for)
+    (tmp_path / "tabnanny.py").write_text("FAKE = True\n")
+    monkeypatch.chdir(tmp_path)
+    stdlib = next(i for i, p in enumerate(sys.path)
+                  if p == os.path.dirname(os.__file__))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    sys.path.insert(stdlib + 1, "")  # as ipykernel orders it
+    ns = notebook("")
+    run(ns, "import tabnanny\nfake = hasattr(tabnanny, 'FAKE')", "H100", quiet=True)
+    assert ns["fake"] is False
+    assert not hasattr(ns["tabnanny"], "FAKE")  # (and the one bound here is the same)
 
 
 def test_a_traceback_through_a_local_module_shows_its_file_and_lines(
