@@ -601,11 +601,13 @@ GPUMagics = GPUMagic
 
 
 def show_cell_syntax_errors(shell: Any, on: bool = True) -> None:
-    """Show a %%gpu cell's syntax error as the cell's line and a caret. It is a SyntaxError
-    (``except SyntaxError`` takes it), and IPython shows any uncaught SyntaxError with the
-    stack it was raised in, ours; a custom exception handler, IPython's hook for this, shows
-    it as ``_render_traceback_`` says instead. A handler set before ours keeps its
-    exceptions, and gets them back when the extension is unloaded."""
+    """Show a %%gpu cell's syntax error as the cell's line and a caret, and a remote
+    SyntaxError or exception group with its remote traceback. Each is of its own type
+    (``except SyntaxError`` takes it), and IPython shows any uncaught SyntaxError or exception
+    group its own way (the stack it was raised in: ours), never asking the exception's
+    ``_render_traceback_``; a custom exception handler, IPython's hook for this, shows ours as
+    ``_render_traceback_`` says instead, and any other as IPython would. A handler set before
+    ours keeps its exceptions, and gets them back when the extension is unloaded."""
     types, handler = shell.custom_exceptions, getattr(shell, "CustomTB", None)
     mine = getattr(handler, "__func__", None)
     before = getattr(mine, "gpu_magic_before", None)
@@ -615,15 +617,21 @@ def show_cell_syntax_errors(shell: Any, on: bool = True) -> None:
         if before is not None:
             shell.custom_exceptions, shell.CustomTB = types, handler
         return
-    others = tuple(t for t in types if t is not CellSyntaxError)
+    groups = (BaseExceptionGroup,) if sys.version_info >= (3, 11) else ()  # noqa: F821
+    taken = (CellSyntaxError, SyntaxError, *groups)
+    others = tuple(t for t in types if t not in taken)
 
     def show(self: Any, etype: type, value: BaseException, tb: Any,
              tb_offset: int | None = None) -> list[str] | None:
-        if isinstance(value, CellSyntaxError):
-            stb = value._render_traceback_()
+        if isinstance(value, CellSyntaxError) or getattr(value, "gpu_magic_remote", False):
+            stb = value._render_traceback_()  # type: ignore[attr-defined]
             self._showtraceback(etype, value, stb)
             return stb
-        return handler(etype, value, tb, tb_offset=tb_offset) if handler else None
+        if handler and isinstance(value, tuple(types)):
+            return handler(etype, value, tb, tb_offset=tb_offset)
+        # not ours: as IPython shows an exception it catches running a cell
+        self.showtraceback(running_compiled_code=True)
+        return None
 
-    shell.set_custom_exc((*others, CellSyntaxError), show)
+    shell.set_custom_exc((*others, *taken), show)
     shell.CustomTB.__func__.gpu_magic_before = (types, handler)

@@ -224,6 +224,9 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
             # IPython asks the exception itself how to render it; an instance attribute is
             # enough and leaves the type (and the user's except clauses) unchanged
             exc._render_traceback_ = lambda: list(shown)  # type: ignore[attr-defined]
+            # (IPython shows a SyntaxError or exception group without asking: our handler
+            # then does, for those it finds marked)
+            exc.gpu_magic_remote = True  # type: ignore[attr-defined]
             exc.__traceback__ = None
             if hasattr(exc, "add_note"):  # plain Python prints notes: where it was raised
                 # (its own frames only: Python prints the chain itself, and its last line)

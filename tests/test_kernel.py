@@ -366,6 +366,30 @@ def test_remote_tracebacks_name_the_right_function_of_two_with_one_name(tmp_path
 
 
 @pytest.mark.usefixtures("use_gateway")
+def test_a_remote_syntax_error_or_exception_group_shows_the_cell_s_frames(
+        tmp_path: Path) -> None:
+    # a trial: IPython shows these two its own way, never asking the exception how: the
+    # cell's error read as frames of gpu_magic's own code
+    nb = make_notebook("%load_ext gpu_magic",
+                       "%%gpu\nx = 1\neval('1 +')",
+                       "%%gpu\nraise ExceptionGroup('eg', [ValueError(1), TypeError(2)])",
+                       "eval('1 +')",
+                       "try:\n    get_ipython().run_cell_magic('gpu', '', \"eval('1 +')\")\n"
+                       "except SyntaxError as e:\n    caught = type(e).__name__\ncaught")
+    execute(nb, tmp_path, allow_errors=True)
+    for cell, line in ((nb.cells[1], "----> 3 eval('1 +')"),
+                       (nb.cells[2], "----> 2 raise ExceptionGroup")):
+        err = texts(cell, "error")
+        assert line in err, err
+        assert "_api.py" not in err and "run_cell_magic" not in err, err
+        assert cell.outputs[-1]["ename"] in ("SyntaxError", "ExceptionGroup"), cell.outputs
+    # a local one is shown as IPython shows it, and a remote one is still a SyntaxError
+    local = texts(nb.cells[3], "error")
+    assert "SyntaxError" in local and "gpu_magic" not in local, local
+    assert "'SyntaxError'" in texts(nb.cells[4], "execute_result")
+
+
+@pytest.mark.usefixtures("use_gateway")
 def test_notebook_code_keeps_its_source_both_ways(tmp_path: Path) -> None:
     # cloudpickle sends code as "<dynamic-code>": inspect.getsource of a notebook function
     # failed on the GPU machine (and with it torch.jit.script, triton.jit), and a function made
