@@ -57,7 +57,9 @@ def test_an_expired_wait_says_each_thing_once(blocked: GatewayClient) -> None:
     state = _folded(blocked, job["id"])
     text = _clean(render_text(state, 0.0))
     assert text.startswith("[gpu] expired · queued ") and text.count("expired") == 1, text
-    assert text.endswith("within --wait 0.3 s; nothing ran. Nothing was bound."), text
+    # (what it waited for: the test's own job holding both H100s)
+    assert "within --wait 0.3 s (H100: 0 of 2 free, held by your job " in text, text
+    assert text.endswith("); nothing ran. Nothing was bound."), text
     _clean(render_html(state, 0.0, compact=True))
 
 
@@ -71,7 +73,7 @@ def test_a_simulated_pool_is_said_before_any_grant_too(blocked: GatewayClient) -
     queued = JobState(job["spec"], job["id"])
     queued.apply(events[0], now=0.0)
     assert queued.state == "queued"
-    assert "queued for H100:2 on the simulated pool (position 1)" in render_text(queued, 0.0)
+    assert "queued for H100:2 on the simulated pool (position 1; " in render_text(queued, 0.0)
     assert "simulated</span>" in render_html(queued, 0.0)
     ended = _folded(blocked, job["id"])
     assert "requested H100:2 on the simulated pool" in render_text(ended, 0.0)
@@ -121,6 +123,7 @@ def test_an_unreachable_gateway_is_one_sentence(url: str, expected: str) -> None
     with GatewayClient(url, "x" * 43) as client, pytest.raises(GatewayError) as info:
         client.pool()
     assert _clean(str(info.value)).startswith(expected), str(info.value)
+    assert "[Errno" not in str(info.value)  # ("Connection refused", as a person says it)
 
 
 class Settings:
@@ -169,7 +172,12 @@ def test_a_queued_cell_shows_no_made_up_wait_estimate(blocked: GatewayClient) ->
         assert queued["position"] == 1 and queued["estimate"] is None, queued
         state = JobState("H100:2", job.id)
         state.apply(queued, now=0.0)
-        assert state.headline() == "queued for H100:2 on the simulated pool (position 1)"
+        # and what it waits for instead: "queued" alone had a student look for the reason,
+        # their own job on the GPUs, in every notebook they had open
+        holder = next(j["id"] for j in blocked.jobs() if j["state"] == "running")
+        why = f"H100: 0 of 2 free, held by your job {holder}"
+        assert state.headline() == f"queued for H100:2 on the simulated pool (position 1; {why})"
+        assert blocked.job(job.id)["waiting_why"] == why  # (the sidebar's)
     finally:
         job.cancel()
 

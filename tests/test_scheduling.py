@@ -194,7 +194,9 @@ def test_wait_expires_and_leaves_nothing_behind(small_client: Any) -> None:
     blocker = submit(client, "import time\ntime.sleep(60)", "T4", background=True)
     try:
         wait_for(lambda: client.job(blocker["id"])["state"] == "running", DEADLINE)
-        with pytest.raises(WaitExpired, match="within --wait 0.5 s; nothing ran"):
+        # (and what it waited for: this user's own job on the only T4)
+        with pytest.raises(WaitExpired, match=r"within --wait 0\.5 s \(T4: 0 of 1 free, held "
+                           f"by your job {blocker['id']}\\); nothing ran"):
             gpu_magic.run("1", "T4", ns(), client=client, wait=0.5)
         assert client.pool()["queue_length"] == 0
     finally:

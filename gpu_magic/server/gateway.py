@@ -19,7 +19,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +117,9 @@ class Job:
     waiting_for: str | None = None
     outside: bool = False
     behind: bool = False
+    # or, when nothing else keeps it: how many of its types are free, and which of its holders
+    # are its user's own jobs (then ``busy`` is set)
+    busy: bool = False
     position: int | None = None  # its place in the queue its last "queued" event said
     message: str | None = None
     cancelled_by: str | None = None  # an admin who cancelled it: "carol (admin)"
@@ -231,6 +234,42 @@ def _outside_note(gpus: list[Gpu], backend: Any) -> str | None:
     outside = getattr(backend, "outside", None) or "in use outside gpu_magic"
     return (f"{which} on {gpus[0].node} {'is' if one else 'are'} {outside}; the cell starts "
             f"when {'it is' if one else 'they are'} free")
+
+
+def _busy_note(options: Sequence[GpuOption], gpus: list[Gpu], holders: dict[tuple[str, int], Job],
+               user: str) -> str | None:
+    """``T4: 0 of 1 free, held by your job 774f252ebdcf6275 (other.ipynb)``: for a job that
+    waits only while other jobs here hold what its options ask for (no option has enough
+    GPUs free; None otherwise). "queued" alone had a student look for the reason; the most
+    common one is their own background job, named here. Other users' jobs are counted, never
+    named."""
+    said: dict[str, str] = {}
+    free_of: dict[str, int] = {}
+    for option in options:
+        for t in dict.fromkeys(g.type for g in gpus if not g.virtual and option.matches(g.type)):
+            if t in said:
+                continue
+            of_type = [g for g in gpus if g.type == t and not g.virtual]
+            if any(g.busy_foreign and (g.node, g.index) not in holders for g in of_type):
+                return None  # (what is in use outside gpu_magic is said apart: _outside_note)
+            held = [holders[(g.node, g.index)] for g in of_type if (g.node, g.index) in holders]
+            free = len(of_type) - len(held)
+            mine = list({j.id: j for j in held if j.user == user}.values())
+            free_of[t] = free
+            text = f"{t}: {free} of {len(of_type)} free"
+            if mine:
+                names = ", ".join(
+                    j.id + (f" ({str(nb).rsplit('/', 1)[-1]})"
+                            if (nb := (j.request.get("meta") or {}).get("notebook")) else "")
+                    for j in mine)
+                text += f", held by your job{'s' if len(mine) > 1 else ''} {names}"
+                if any(j.user != user for j in held):
+                    text += " and others' jobs"
+            said[t] = text
+    if any(free_of.get(g.type, 0) >= o.count for o in options for g in gpus
+           if not g.virtual and o.matches(g.type)):
+        return None  # (it waits for something else, or is granted in a moment)
+    return "; ".join(said.values()) or None
 
 
 def _absent(options: list[GpuOption], gpus: list[Gpu], min_memory: float | None) -> str | None:
@@ -808,6 +847,9 @@ class Gateway:
             self.store.save_job(self._record(job))
         if body.get("wait") is not None and self.loop is not None:
             self.loop.call_later(float(body["wait"]), self._wait_expired, job.id)
+        # said in its first event already (a second one just after read as a change)
+        note = _busy_note(job.options, gpus, self._holders(), user.name)
+        job.waiting_for, job.busy = note, note is not None
         self._emit_queued(job)
         self._schedule()
         return job
@@ -1016,6 +1058,12 @@ class Gateway:
             job.message = (f"{late}: {job.waiting_for.partition(';')[0]}; nothing ran. Wait "
                            "longer (--wait) or add fallback options (%gpu pool shows what is "
                            "free).")
+        elif job.waiting_for and job.busy:
+            pool = " of the simulated pool" if getattr(self.backend, "simulated", False) else ""
+            job.message = (f"no GPU{pool} for {spec} became free within --wait {seconds(wait)} s "
+                           f"({job.waiting_for}); nothing ran. Wait longer (--wait), add "
+                           "fallback options, or try again later (%gpu pool shows what is "
+                           "free).")
         elif job.waiting_for:
             why = ("no node for it joined the pool (the autoscaler was asked for one)"
                    if "autoscaler" in job.waiting_for else "no node for it is in the pool")
@@ -1072,6 +1120,7 @@ class Gateway:
             reqs.append(Request(j.id, j.user, tuple(opts), j.seq, tuple(idx), j.min_memory_gb))
             waits[j.id] = absent
         granted = schedule(gpus, busy, reqs, running_per_user, self._served)
+        holders = self._holders()
         for grant in granted:
             self._launch(self.jobs[grant.job_id], grant, gpus)
             busy += [(grant.node, i) for i in grant.indices]
@@ -1092,9 +1141,12 @@ class Gateway:
             note = None if waits[req.job_id] else _outside_note(
                 outside.get(req.job_id, []), self.backend)
             behind = None if waits[req.job_id] or note else ahead.get(req.job_id)
-            waiting_for = waits[req.job_id] or note or behind
+            busy_note = (None if waits[req.job_id] or note or behind else
+                         _busy_note(req.options, gpus, holders, j.user))
+            waiting_for = waits[req.job_id] or note or behind or busy_note
             j.outside = note is not None
             j.behind = behind is not None
+            j.busy = busy_note is not None
             if j.held is not None or waiting_for != j.waiting_for:
                 j.held, j.waiting_for = None, waiting_for
                 if positions is None:  # (once per pass: the queue does not move in it)
@@ -1106,6 +1158,11 @@ class Gateway:
                 if j.state == "queued" and positions.get(j.id) != j.position:
                     self._emit_queued(j, positions)
         self._watch_pool(gpus)
+
+    def _holders(self) -> dict[tuple[str, int], Job]:
+        """The running job on each GPU held, by (node, index)."""
+        return {(j.grant["node"], i): j for j in self.running.values() if j.grant
+                for i in j.grant["indices"]}
 
     def _watch_pool(self, gpus: list[Gpu]) -> None:
         """A pool that changes by itself is looked at again while jobs wait: on Ray nodes join
@@ -1132,6 +1189,7 @@ class Gateway:
         said = job.waiting_for  # (what its last "queued" said: the backend's wait, if refused)
         # what held it in the queue is over: a retry's wait says its own
         job.held, job.waiting_for, job.outside, job.behind = None, None, False, False
+        job.busy = False
         job.grant = _grant_json(grant, gpus, job.attempt)
         job.state = "running"
         job.outcome = None
@@ -1453,8 +1511,11 @@ class Gateway:
                 self._emit(job, error)
                 # the contract: a kernel interrupt cancels the job (and frees its GPUs); the
                 # cell only had its say first, as a local cell does
-                job.message = ("interrupted while running: the cell stopped on "
-                               "KeyboardInterrupt, and what it had bound is kept")
+                # (a kernel's restart or shutdown interrupts it first too: what the cell had
+                # bound then goes back to a kernel that may be ending, so this says no more)
+                job.message = ("interrupted while running (the notebook's stop button, or its "
+                               "kernel restarting): the cell stopped on KeyboardInterrupt, and "
+                               "what it had bound by then went back to the notebook")
                 self._finish(job, "cancelled")
             else:
                 error.pop("interrupted", None)
