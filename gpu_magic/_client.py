@@ -602,8 +602,10 @@ def _speaks_tls(url: str) -> bool:
 
 
 def _clause(exc: BaseException) -> str:
-    """An exception's text to go inside a sentence of ours: without its own full stop."""
-    return str(exc).rstrip(" .") or type(exc).__name__
+    """An exception's text to go inside a sentence of ours: without its own full stop, and
+    as a person says it ("Connection refused", not "[Errno 111] Connection refused")."""
+    text = str(exc).rstrip(" .") or type(exc).__name__
+    return text.split("] ", 1)[1] if text.startswith("[Errno ") and "] " in text else text
 
 
 def silence_clause(exc: BaseException) -> str:
@@ -611,12 +613,7 @@ def silence_clause(exc: BaseException) -> str:
     silence (its heartbeats stopped), not "timed out"."""
     if isinstance(exc, httpx.ReadTimeout):
         return f"it has sent nothing, not even its heartbeat, for {STREAM_SILENCE_S:g} s"
-    return _errno_dropped(_clause(exc))
-
-
-def _errno_dropped(text: str) -> str:
-    """"[Errno 111] Connection refused" as a person says it."""
-    return text.split("] ", 1)[1] if text.startswith("[Errno ") and "] " in text else text
+    return _clause(exc)
 
 
 def unreached_clause(exc: GatewayError, waited: float) -> str:
@@ -628,7 +625,7 @@ def unreached_clause(exc: GatewayError, waited: float) -> str:
     if isinstance(why, httpx.ConnectTimeout):
         return "no connection could be made in time"
     if why is not None:
-        return _errno_dropped(_clause(why))
+        return _clause(why)
     return str(exc).rstrip(" .")
 
 
@@ -684,7 +681,8 @@ def unreachable(url: str, exc: BaseException, url_from: str | None = None) -> Ga
              "GPUMagic.url", "GPU_MAGIC_URL": "check GPU_MAGIC_URL"}.get(url_from or "",
                                                                          "check the URL")
     return GatewayError(f"cannot reach the gpu_magic gateway at {url}{source}: {text}. Is it "
-                        f"running (`gpu-magic serve`)? Or {check}")
+                        "running (`gpu-magic serve` where it runs; a class's or a lab's: ask "
+                        f"whoever runs it)? Or {check}")
 
 
 _SSL: Any = None
