@@ -155,6 +155,15 @@ def test_cancel_a_long_job_from_the_sidebar(page: Any, lab: LabServer) -> None:
     page.locator(".jp-GpuMagic-status", has_text="GPU: H100 ×1 running (simulated)").wait_for()
     screenshot(page, "sidebar-job-running")
     job_id = row.get_attribute("data-job-id")
+    # a screen reader hears which job a Cancel button cancels, not "Cancel" over and over
+    assert row.locator(".jp-GpuMagic-cancel").get_attribute("aria-label") == \
+        f"Cancel job {job_id}"
+    # what has the keyboard's focus keeps it as the panel is built anew (a trial: it went
+    # back to the page at each poll while jobs ran, so Tab never reached a Cancel button)
+    panel.locator('.jp-GpuMagic-type[data-type="H100"]').focus()
+    page.keyboard.press("Enter")
+    panel.locator('.jp-GpuMagic-type[data-type="H100"][aria-expanded="true"]').wait_for()
+    assert page.evaluate("document.activeElement.dataset.focusKey") == "type:H100"
     row.locator(".jp-GpuMagic-cancel").click()
     cancelled = panel.locator(f'.jp-GpuMagic-job[data-job-id="{job_id}"][data-state="cancelled"]')
     cancelled.wait_for()

@@ -143,7 +143,20 @@ export class GpuPanel extends Widget {
     ]);
     if (key !== this._key) {
       this._key = key;
+      // what has the keyboard's focus is built anew too: give it back to its successor, or
+      // a Cancel button could not be reached with Tab while jobs run (each poll rebuilt it)
+      const focused = document.activeElement;
+      const focusKey =
+        focused instanceof HTMLElement && this._body.contains(focused)
+          ? focused.dataset.focusKey
+          : undefined;
       this._body.replaceChildren(...this._build());
+      if (focusKey) {
+        const again = Array.from(
+          this._body.querySelectorAll<HTMLElement>('[data-focus-key]')
+        ).find(el => el.dataset.focusKey === focusKey);
+        again?.focus();
+      }
     }
     this._tick();
   }
@@ -256,6 +269,7 @@ export class GpuPanel extends Widget {
         {
           class: 'jp-GpuMagic-type',
           'data-type': t.type,
+          'data-focus-key': `type:${t.type}`,
           role: 'button',
           tabindex: '0',
           'aria-expanded': open ? 'true' : 'false',
@@ -412,7 +426,12 @@ export class GpuPanel extends Widget {
     const cancel = active
       ? h(
           'button',
-          { class: 'jp-GpuMagic-cancel jp-Button', title: `Cancel job ${job.id}` },
+          {
+            class: 'jp-GpuMagic-cancel jp-Button',
+            title: `Cancel job ${job.id}`,
+            'aria-label': `Cancel job ${job.id}`,
+            'data-focus-key': `cancel:${job.id}`
+          },
           'Cancel'
         )
       : null;
@@ -485,7 +504,17 @@ export class GpuPanel extends Widget {
     if (job.notebook_path && job.meta?.cell_id) {
       row.classList.add('jp-mod-linked');
       row.title = `Show the cell in ${job.notebook_path}`;
+      // reachable with the keyboard too, as the pool's rows are
+      row.setAttribute('role', 'button');
+      row.setAttribute('tabindex', '0');
+      row.dataset.focusKey = `job:${job.id}`;
       row.addEventListener('click', () => this._showCell(job));
+      row.addEventListener('keydown', ev => {
+        if (ev.target === row && (ev.key === 'Enter' || ev.key === ' ')) {
+          ev.preventDefault();
+          this._showCell(job);
+        }
+      });
     }
     return row;
   }
