@@ -1281,15 +1281,20 @@ def test_a_reload_that_removes_a_user_cancels_their_queued_jobs_not_their_runnin
     path = tmp_path / "tokens.json"
     dora, admin = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     write_tokens(path, {"dora": dora, "teacher": {"token": admin, "admin": True}})
-    gw = start_gateway(tmp_path, "--tokens-file", str(path), simulate="H100:1")
+    gw = start_gateway(tmp_path, "--tokens-file", str(path), simulate="H100:3")
+    sleeper = "import time\nprint('sleeping', flush=True)\ntime.sleep(60)"
     try:
-        with GatewayClient(gw.url, dora) as c:
-            running = gpu_magic.run("import time\nprint('sleeping', flush=True)\n"
-                                    "time.sleep(60)", "H100", {"__name__": "__main__"},
-                                    client=c, quiet=True, background=True)
-            follow(c, running.id, until=lambda e: "sleeping" in str(e.get("text")))
-            queued = [gpu_magic.run("x = 1", "H100", {"__name__": "__main__"}, client=c,
-                                    quiet=True, background=True) for _ in range(2)]
+        with GatewayClient(gw.url, admin) as t, GatewayClient(gw.url, dora) as c:
+            other = gpu_magic.run(sleeper, "H100", {"__name__": "__main__"}, client=t,
+                                  quiet=True, background=True)
+            running = gpu_magic.run(sleeper, "H100", {"__name__": "__main__"}, client=c,
+                                    quiet=True, background=True)
+            for who, job in ((t, other), (c, running)):
+                follow(who, job.id, until=lambda e: "sleeping" in str(e.get("text")))
+            # the first waits for 2 of the 3 H100s and holds the free one, the second waits
+            # behind it: cancelling the first must not start the second (a review)
+            queued = [gpu_magic.run("x = 1", spec, {"__name__": "__main__"}, client=c,
+                                    quiet=True, background=True) for spec in ("H100:2", "H100")]
             write_tokens(path, {"teacher": {"token": admin, "admin": True}})
             gw.proc.send_signal(signal.SIGHUP)
             wait_for(lambda: "reloaded" in (tmp_path / "gateway.log").read_text(), DEADLINE_S)
@@ -1303,8 +1308,10 @@ def test_a_reload_that_removes_a_user_cancels_their_queued_jobs_not_their_runnin
                 assert "token was removed from the gateway's tokens file; nothing ran" in \
                     states[job.id]["message"]
             assert states[running.id]["state"] == "running"
-            teacher.cancel(running.id)
-            wait_for(lambda: teacher.job(running.id)["state"] == "cancelled", DEADLINE_S)
+            for job in (running, other):
+                teacher.cancel(job.id)
+                wait_for(lambda job=job: teacher.job(job.id)["state"] == "cancelled",
+                         DEADLINE_S)
     finally:
         gw.stop()
 

@@ -397,6 +397,40 @@ def test_queue_position_is_the_fair_order(shared: dict[str, GatewayClient], tmp_
     assert all(first["started"] <= r["started"] for r in done[1:])
 
 
+def test_a_queued_job_names_the_jobs_of_its_own_user_that_hold_its_gpus_and_no_other(
+        shared: dict[str, GatewayClient], tmp_path: Path) -> None:
+    """A trial's student read "queued (position 1)" without a reason: it was their own job in
+    another notebook. Said when it queues, and again when the holder changes, in the very
+    pass that granted the new holder (a review: there it said nothing until the next pass);
+    another user's job is counted, never named."""
+    alice, bob, carol = shared["alice"], shared["bob"], shared["carol"]
+    first, second = tmp_path / "carol-done", tmp_path / "alice-done"
+    held = submit(carol, hold_until(first), "H100:2")
+    try:
+        wait_for(lambda: running(carol, held), DEADLINE)
+        b = submit(alice, hold_until(second), "H100:2")
+        c = submit(alice, "x = 1", "H100:2")
+        d = submit(bob, "x = 1", "H100")
+        for who, job in ((alice, b), (alice, c), (bob, d)):
+            assert wait_for(lambda who=who, job=job: who.job(job["id"]).get("waiting_why"),
+                            DEADLINE) == \
+                "H100: 0 of 2 free", who.job(job["id"])
+        first.touch()  # carol's job ends, and alice's b takes both H100s in that pass
+        wait_for(lambda: running(alice, b), DEADLINE)
+        mine = f"H100: 0 of 2 free, held by your job {b['id']}"
+        assert wait_for(lambda: alice.job(c["id"]).get("waiting_why") == mine, DEADLINE)
+        assert bob.job(d["id"]).get("waiting_why") == "H100: 0 of 2 free"  # (not alice's)
+    finally:
+        first.touch()
+        second.touch()
+    for who, job in ((alice, c), (bob, d)):
+        assert finish(who, job["id"])["state"] == "succeeded"
+        # never a "queued" without its reason on the way (each pass that granted another
+        # job had said none, till the next pass)
+        said = [e for e in follow(who, job["id"]) if e["type"] == "queued"]
+        assert said and all(e.get("waiting_for") for e in said), said
+
+
 def test_a_job_kept_from_a_free_gpu_by_a_job_ahead_says_so(
         shared: dict[str, GatewayClient], tmp_path: Path) -> None:
     """alice holds one H100 of two, bob's H100:2 waits for both and so holds the free one:

@@ -385,6 +385,8 @@ class Gateway:
         self.state_lock: int | None = None  # held on the state directory (see lock.py)
         # jobs found unfinished at start: their clients may have seen more than their logs hold
         self.cut_short: set[str] = set()
+        # users a reload of the tokens file removed: their running jobs are not retried
+        self.revoked: set[str] = set()
 
     # --- life cycle ---
 
@@ -988,24 +990,22 @@ class Gateway:
             self.backend.cancel(job.handle)
         return job
 
-    def revoke(self, names: set[str]) -> tuple[int, int]:
-        """Users a reload of the tokens file removed: their queued jobs are cancelled (a
-        revoked student's ten queued cells must not go on to take GPUs), their running ones
-        go on to their end, as the docs promise. Returns (cancelled, still running)."""
-        cancelled = running = 0
-        for job in list(self.jobs.values()):
-            if job.user not in names or job.final:
-                continue
-            if job.state != "queued":
-                running += 1
-                continue
+    def revoke(self, names: set[str], present: set[str]) -> tuple[int, int]:
+        """Users a reload of the tokens file removed (``names``; ``present``: those it has):
+        their queued jobs are cancelled (a revoked student's ten queued cells must not go on
+        to take GPUs), their running ones go on to their end, as the docs promise, never to
+        be retried. Returns (cancelled, still running)."""
+        self.revoked = (self.revoked | names) - present
+        live = [j for j in self.jobs.values() if j.user in names and not j.final]
+        queued = [j for j in live if j.state == "queued"]
+        for job in queued:  # all out of the queue first: finishing one schedules the rest
             self._dequeue(job)
+        for job in queued:
             job.message = ("cancelled while queued: this user's token was removed from the "
                            "gateway's tokens file; " + ("nothing ran" if not job.started else
                                                         "its output so far is kept"))
             self._finish(job, "cancelled")
-            cancelled += 1
-        return cancelled, running
+        return len(queued), len(live) - len(queued)
 
     def interrupt(self, user: User, job_id: str) -> Job:
         """Interrupt a running cell, as Jupyter's interrupt does a local one: a
@@ -1120,7 +1120,6 @@ class Gateway:
             reqs.append(Request(j.id, j.user, tuple(opts), j.seq, tuple(idx), j.min_memory_gb))
             waits[j.id] = absent
         granted = schedule(gpus, busy, reqs, running_per_user, self._served)
-        holders = self._holders()
         for grant in granted:
             self._launch(self.jobs[grant.job_id], grant, gpus)
             busy += [(grant.node, i) for i in grant.indices]
@@ -1136,6 +1135,7 @@ class Gateway:
         ahead, self._reserved = holding(waiting, gpus, busy, running_per_user,
                                         self._served) if waiting else ({}, set())
         positions: dict[str, int] | None = None
+        holders = self._holders()  # (with what was granted in this pass)
         for req in waiting:
             j = self.jobs[req.job_id]
             note = None if waits[req.job_id] else _outside_note(
@@ -1515,7 +1515,8 @@ class Gateway:
                 # bound then goes back to a kernel that may be ending, so this says no more)
                 job.message = ("interrupted while running (the notebook's stop button, or its "
                                "kernel restarting): the cell stopped on KeyboardInterrupt, and "
-                               "what it had bound by then went back to the notebook")
+                               "what it had bound by then was sent back to the notebook's "
+                               "kernel, if it was still running")
                 self._finish(job, "cancelled")
             else:
                 error.pop("interrupted", None)
@@ -1534,7 +1535,8 @@ class Gateway:
             # (not a runner that died of its interrupt: a cell that set SIGINT to end the
             # process; its user asked it to stop)
             if (outcome.get("type") != "runner_error" and not job.interrupted
-                    and attempt <= int(req.get("retries") or 0)):
+                    and attempt <= int(req.get("retries") or 0)
+                    and job.user not in self.revoked):
                 job.attempt += 1
                 job.state = "queued"
                 job.grant = None
@@ -1549,6 +1551,8 @@ class Gateway:
         self._schedule()
 
     def _oom_retry(self, job: Job) -> bool:
+        if job.user in self.revoked:  # (their token was taken back: nothing more of theirs)
+            return False
         mem = (job.grant or {}).get("memory_gb")
         where = job.grant and job.grant["gpu_type"]
         if not mem:  # (a Ray node of a type this gateway knows no memory size of)

@@ -404,7 +404,7 @@ def serve(cfg: ServeConfig) -> int:
                     before = set(auth.users())
                     auth.replace(tokens)
                     print(f"gpu-magic: reloaded {cfg.tokens_file}{_changes(before, users)}"
-                          f"{_revoked(*gateway.revoke(before - users))}", file=sys.stderr)
+                          f"{_revoked(*gateway.revoke(before - users, users))}", file=sys.stderr)
                     if len(before) <= 1 and _unisolated(len(users), cfg, gateway.backend):
                         print(_UNISOLATED, file=sys.stderr, flush=True)  # (--force let it)
                 except TokensFileError as exc:
