@@ -629,7 +629,16 @@ def show_cell_syntax_errors(shell: Any, on: bool = True) -> None:
             return stb
         if handler and isinstance(value, tuple(types)):
             return handler(etype, value, tb, tb_offset=tb_offset)
-        # not ours: as IPython shows an exception it catches running a cell
+        # not ours: as IPython shows it. A SyntaxError comes here from parsing a cell too (a
+        # typo: IPython shows the line and a caret, without its own frames), or from running
+        # one (compile() or eval() in it: with the stack, which then begins in run_code)
+        if isinstance(value, SyntaxError):
+            running = tb is not None and tb.tb_frame.f_code.co_name == "run_code"
+            if isinstance(value, IndentationError) and not running:
+                self.showindentationerror()
+            else:
+                self.showsyntaxerror(running_compiled_code=running)
+            return None
         self.showtraceback(running_compiled_code=True)
         return None
 

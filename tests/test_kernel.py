@@ -374,6 +374,7 @@ def test_a_remote_syntax_error_or_exception_group_shows_the_cell_s_frames(
                        "%%gpu\nx = 1\neval('1 +')",
                        "%%gpu\nraise ExceptionGroup('eg', [ValueError(1), TypeError(2)])",
                        "eval('1 +')",
+                       "x = (1,",
                        "try:\n    get_ipython().run_cell_magic('gpu', '', \"eval('1 +')\")\n"
                        "except SyntaxError as e:\n    caught = type(e).__name__\ncaught")
     execute(nb, tmp_path, allow_errors=True)
@@ -386,7 +387,11 @@ def test_a_remote_syntax_error_or_exception_group_shows_the_cell_s_frames(
     # a local one is shown as IPython shows it, and a remote one is still a SyntaxError
     local = texts(nb.cells[3], "error")
     assert "SyntaxError" in local and "gpu_magic" not in local, local
-    assert "'SyntaxError'" in texts(nb.cells[4], "execute_result")
+    # a typo IPython finds parsing a cell: its line and a caret, none of IPython's own frames
+    typo = texts(nb.cells[4], "error")
+    assert typo.startswith("SyntaxError") and "x = (1," in typo, typo
+    assert "interactiveshell" not in typo and "compilerop" not in typo, typo
+    assert "'SyntaxError'" in texts(nb.cells[5], "execute_result")
 
 
 @pytest.mark.usefixtures("use_gateway")
