@@ -1728,9 +1728,13 @@ class _Session:
         if manifest.get("sys_path"):  # the kernel's, where the gateway runs its Python
             # in its order: a Jupyter kernel has its folder ('') after the standard library,
             # and a profile.py beside the notebook must not hide the standard one here either
-            kernel = [os.getcwd() if p == "" else str(p) for p in manifest["sys_path"]]
-            if os.getcwd() not in kernel:
-                kernel.insert(0, os.getcwd())
+            here = os.getcwd()
+            kernel = [here if p == "" else str(p) for p in manifest["sys_path"]]
+            real = os.path.realpath(here)
+            if not any(p == here or os.path.realpath(p) == real for p in kernel):
+                # (a kernel without its folder on sys.path: modules beside the notebook that
+                # travel by value are still found, after everything the kernel finds first)
+                kernel.append(here)
             sys.path[:] = list(dict.fromkeys([*kernel, *self.base_path[1:]]))
         _NOTED.clear()
         import random

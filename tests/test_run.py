@@ -1764,6 +1764,13 @@ def test_a_file_beside_the_notebook_hides_no_standard_module_the_kernel_finds_fi
     run(ns, "import tabnanny\nfake = hasattr(tabnanny, 'FAKE')", "H100", quiet=True)
     assert ns["fake"] is False
     assert not hasattr(ns["tabnanny"], "FAKE")  # (and the one bound here is the same)
+    # a kernel without its folder on sys.path (IPython's ignore_cwd, PYTHONSAFEPATH) too
+    # (another module: the runner keeps what it imported)
+    (tmp_path / "pyclbr.py").write_text("FAKE = True\n")
+    sys.path.remove("")
+    ns = notebook("")
+    run(ns, "import pyclbr\nfake = hasattr(pyclbr, 'FAKE')", "H100", quiet=True)
+    assert ns["fake"] is False
 
 
 def test_a_traceback_through_a_local_module_shows_its_file_and_lines(
