@@ -189,8 +189,10 @@ class WidgetView(NullView):
             self._button.on_click(self._clicked)
             if self.state.final:
                 self._button.layout.display = "none"
+            # (wrapped: in a narrow notebook Cancel goes under the status, not off the side)
             children.append(w.HBox([self._html, self._button],
-                                   layout=w.Layout(align_items="flex-start")))
+                                   layout=w.Layout(align_items="flex-start",
+                                                   flex_flow="row wrap")))
         if self.state.background:
             self._out = w.Output()
             self._out.outputs = tuple(self._outputs)

@@ -98,8 +98,18 @@ def test_widget_shows_the_grant_and_cancel_stops_a_foreground_cell(
     running = screenshot(page, "widget-running")
     assert running.stat().st_size > 0
 
-    # the kernel is busy in the foreground cell, and the click still gets through
+    # in a narrow notebook Cancel goes under the status, not off its side (a trial: at 500
+    # px, the sidebar open, it was reached only by scrolling the widget sideways)
+    size = page.viewport_size
+    page.set_viewport_size({"width": 560, "height": size["height"]})
     button = widget.locator("button", has_text="Cancel")
+    page.wait_for_timeout(300)  # (JupyterLab lays the panels out again)
+    output = widget.locator("xpath=ancestor::div[contains(@class, 'jp-OutputArea-output')]")
+    box, area = button.bounding_box(), output.first.bounding_box()
+    assert box["x"] + box["width"] <= area["x"] + area["width"] + 1, (box, area)
+    page.set_viewport_size(size)
+
+    # the kernel is busy in the foreground cell, and the click still gets through
     assert button.is_visible()
     button.click()
     error = page.locator(".jp-OutputArea-output", has_text="JobCancelled").first
