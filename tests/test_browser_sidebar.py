@@ -158,6 +158,9 @@ def test_cancel_a_long_job_from_the_sidebar(page: Any, lab: LabServer) -> None:
     # a screen reader hears which job a Cancel button cancels, not "Cancel" over and over
     assert row.locator(".jp-GpuMagic-cancel").get_attribute("aria-label") == \
         f"Cancel job {job_id}"
+    # and the line naming its cell is a link the keyboard reaches (the row holds Cancel)
+    origin = row.locator(".jp-GpuMagic-origin")
+    assert origin.get_attribute("role") == "link" and origin.get_attribute("tabindex") == "0"
     # what has the keyboard's focus keeps it as the panel is built anew (a trial: it went
     # back to the page at each poll while jobs ran, so Tab never reached a Cancel button)
     panel.locator('.jp-GpuMagic-type[data-type="H100"]').focus()
@@ -387,9 +390,11 @@ def test_a_queued_job_says_what_keeps_it_waiting(
             carol._request("PUT", "/v1/limits/carol", json={})
             carol.cancel(extra["id"])
             wait_for(lambda: carol.job(extra["id"])["state"] == "cancelled")
-    # lifted: only its place in the queue again
+    # lifted: its place in the queue, and what it waits for again (others' jobs hold the
+    # H100 it still needs, counted and not named)
     row.locator(".jp-GpuMagic-grant", has_text="your limit").wait_for(state="detached")
-    assert re.fullmatch(r"#\d+ in the queue", row.locator(".jp-GpuMagic-grant").inner_text())
+    assert re.fullmatch(r"#\d+ in the queue: H100: 1 of 2 free",
+                        row.locator(".jp-GpuMagic-grant").inner_text())
 
 
 def test_a_free_gpu_held_for_a_waiting_job_is_said_so(

@@ -504,17 +504,25 @@ export class GpuPanel extends Widget {
     if (job.notebook_path && job.meta?.cell_id) {
       row.classList.add('jp-mod-linked');
       row.title = `Show the cell in ${job.notebook_path}`;
-      // reachable with the keyboard too, as the pool's rows are
-      row.setAttribute('role', 'button');
-      row.setAttribute('tabindex', '0');
-      row.dataset.focusKey = `job:${job.id}`;
       row.addEventListener('click', () => this._showCell(job));
-      row.addEventListener('keydown', ev => {
-        if (ev.target === row && (ev.key === 'Enter' || ev.key === ' ')) {
-          ev.preventDefault();
-          this._showCell(job);
-        }
-      });
+      // for the keyboard, the line naming the cell is the link (not the row: a control
+      // inside a control, its Cancel button, is hidden from screen readers)
+      const origin = row.querySelector<HTMLElement>('.jp-GpuMagic-origin');
+      if (origin) {
+        origin.setAttribute('role', 'link');
+        origin.setAttribute('tabindex', '0');
+        origin.setAttribute(
+          'aria-label',
+          `Show the cell of job ${job.id} in ${job.notebook_path}`
+        );
+        origin.dataset.focusKey = `job:${job.id}`;
+        origin.addEventListener('keydown', ev => {
+          if (ev.key === 'Enter') {
+            ev.preventDefault();
+            this._showCell(job);
+          }
+        });
+      }
     }
     return row;
   }
