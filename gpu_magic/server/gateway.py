@@ -236,39 +236,58 @@ def _outside_note(gpus: list[Gpu], backend: Any) -> str | None:
             f"when {'it is' if one else 'they are'} free")
 
 
-def _busy_note(options: Sequence[GpuOption], gpus: list[Gpu], holders: dict[tuple[str, int], Job],
-               user: str) -> str | None:
+@dataclass
+class _TypeUse:
+    """One GPU type of the pool in a scheduling pass: how many, and the jobs holding them."""
+
+    total: int = 0
+    held: list[Job] = field(default_factory=list)
+    outside: bool = False  # some are in use by processes gpu_magic did not start
+
+
+def _type_use(gpus: list[Gpu], holders: dict[tuple[str, int], Job]) -> dict[str, _TypeUse]:
+    """Each type's use, once per pass (not once per waiting job: a long queue asks often)."""
+    use: dict[str, _TypeUse] = {}
+    for g in gpus:
+        if g.virtual:
+            continue
+        u = use.setdefault(g.type, _TypeUse())
+        u.total += 1
+        job = holders.get((g.node, g.index))
+        if job is not None:
+            u.held.append(job)
+        elif g.busy_foreign:
+            u.outside = True
+    return use
+
+
+def _busy_note(options: Sequence[GpuOption], use: dict[str, _TypeUse], user: str) -> str | None:
     """``T4: 0 of 1 free, held by your job 774f252ebdcf6275 (other.ipynb)``: for a job that
     waits only while other jobs here hold what its options ask for (no option has enough
     GPUs free; None otherwise). "queued" alone had a student look for the reason; the most
     common one is their own background job, named here. Other users' jobs are counted, never
-    named."""
+    named. ``use``: :func:`_type_use` of this pass."""
     said: dict[str, str] = {}
-    free_of: dict[str, int] = {}
     for option in options:
-        for t in dict.fromkeys(g.type for g in gpus if not g.virtual and option.matches(g.type)):
-            if t in said:
+        for t, u in use.items():
+            if t in said or not option.matches(t):
                 continue
-            of_type = [g for g in gpus if g.type == t and not g.virtual]
-            if any(g.busy_foreign and (g.node, g.index) not in holders for g in of_type):
-                return None  # (what is in use outside gpu_magic is said apart: _outside_note)
-            held = [holders[(g.node, g.index)] for g in of_type if (g.node, g.index) in holders]
-            free = len(of_type) - len(held)
-            mine = list({j.id: j for j in held if j.user == user}.values())
-            free_of[t] = free
-            text = f"{t}: {free} of {len(of_type)} free"
+            free = u.total - len(u.held)
+            if u.outside or free >= option.count:
+                # (what is in use outside gpu_magic is said apart, _outside_note; with enough
+                # free it waits for something else, or is granted in a moment)
+                return None
+            mine = list({j.id: j for j in u.held if j.user == user}.values())
+            text = f"{t}: {free} of {u.total} free"
             if mine:
                 names = ", ".join(
                     j.id + (f" ({str(nb).rsplit('/', 1)[-1]})"
                             if (nb := (j.request.get("meta") or {}).get("notebook")) else "")
                     for j in mine)
                 text += f", held by your job{'s' if len(mine) > 1 else ''} {names}"
-                if any(j.user != user for j in held):
+                if any(j.user != user for j in u.held):
                     text += " and others' jobs"
             said[t] = text
-    if any(free_of.get(g.type, 0) >= o.count for o in options for g in gpus
-           if not g.virtual and o.matches(g.type)):
-        return None  # (it waits for something else, or is granted in a moment)
     return "; ".join(said.values()) or None
 
 
@@ -850,7 +869,7 @@ class Gateway:
         if body.get("wait") is not None and self.loop is not None:
             self.loop.call_later(float(body["wait"]), self._wait_expired, job.id)
         # said in its first event already (a second one just after read as a change)
-        note = _busy_note(job.options, gpus, self._holders(), user.name)
+        note = _busy_note(job.options, _type_use(gpus, self._holders()), user.name)
         job.waiting_for, job.busy = note, note is not None
         self._emit_queued(job)
         self._schedule()
@@ -1135,14 +1154,14 @@ class Gateway:
         ahead, self._reserved = holding(waiting, gpus, busy, running_per_user,
                                         self._served) if waiting else ({}, set())
         positions: dict[str, int] | None = None
-        holders = self._holders()  # (with what was granted in this pass)
+        use = _type_use(gpus, self._holders())  # (with what was granted in this pass)
         for req in waiting:
             j = self.jobs[req.job_id]
             note = None if waits[req.job_id] else _outside_note(
                 outside.get(req.job_id, []), self.backend)
             behind = None if waits[req.job_id] or note else ahead.get(req.job_id)
             busy_note = (None if waits[req.job_id] or note or behind else
-                         _busy_note(req.options, gpus, holders, j.user))
+                         _busy_note(req.options, use, j.user))
             waiting_for = waits[req.job_id] or note or behind or busy_note
             j.outside = note is not None
             j.behind = behind is not None
