@@ -883,7 +883,8 @@ class _Job:
                                  # others that travelled as its globals
                                  locate=code_locator(list(self.sent.values()),
                                                      list(self.namespace.values())),
-                                 hide_cell=self.source.startswith(_DECORATED_CALL))
+                                 hide_cell=self.source.startswith(_DECORATED_CALL),
+                                 mode=_xmode())
         if exc is None and ev.get("interrupted"):
             exc = KeyboardInterrupt()  # (its pickle did not come: the type is known anyway)
         if ev.get("unsent") and exc is None:
@@ -915,6 +916,17 @@ class _Job:
         return (f"{name} is defined in your notebook, but the cell names it only where reading "
                 f"its code cannot see (inside a string: eval, exec, globals()[...]), so it was "
                 f"not sent: name it once in the cell's code ({name} on a line of its own)")
+
+
+def _xmode() -> str:
+    """The notebook's ``%xmode`` (Context where there is no IPython): a remote traceback is
+    shown as a local one would be."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return "Context"
+    tb = getattr(get_ipython(), "InteractiveTB", None)
+    return str(getattr(tb, "mode", "Context"))
 
 
 def _not_rebuilt(ev: dict[str, Any], why: Exception) -> str:

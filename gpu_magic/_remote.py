@@ -26,6 +26,9 @@ def where(grant: dict[str, Any] | None) -> str:
     return text
 
 
+CONTEXT = 2  # lines shown before and after the one that raised, as IPython shows them
+
+
 def render_traceback(
     event: dict[str, Any],
     source: str,
@@ -37,28 +40,36 @@ def render_traceback(
     cell_name: Callable[[str], str | None] | None = None,
     locate: Callable[[str, int, str | None, int | None], str | None] | None = None,
     hide_cell: bool = False,
+    mode: str = "Context",
 ) -> list[str]:
     """The lines IPython shows for the remote exception, after those it was chained to.
     ``hide_cell``: the cell is ours, not the user's (a decorated function's call), and its
-    frames are left out."""
+    frames are left out. ``mode``: the notebook's ``%xmode`` (Minimal: the exception's own
+    line; Plain: only the line of each frame that raised; others as Context)."""
+    if mode == "Minimal":
+        ename, evalue = event.get("ename", "Exception"), event.get("evalue", "")
+        return [f"{ename}: {evalue}" if evalue else ename]
+    context = 0 if mode == "Plain" else CONTEXT
     lines: list[str] = []
     for link in event.get("chain") or []:
         if not isinstance(link, dict):
             continue
-        lines += _block(link, source, line_offset, label, cell_name, locate, hide_cell)
+        lines += _block(link, source, line_offset, label, cell_name, locate, hide_cell,
+                        context)
         lines += ["", "The above exception was the direct cause of the following exception:"
                   if link.get("cause") else
                   "During handling of the above exception, another exception occurred:", ""]
     where_line = f"raised remotely on {where(grant)}" + (f", job {job_id}" if job_id else "")
-    block = _block(event, source, line_offset, label, cell_name, locate, hide_cell)
+    block = _block(event, source, line_offset, label, cell_name, locate, hide_cell, context)
     return [*lines, *block[:2], where_line, *block[2:]]
 
 
 def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
            cell_name: Callable[[str], str | None] | None,
            locate: Callable[[str, int, str | None, int | None], str | None] | None,
-           hide_cell: bool = False) -> list[str]:
-    """One exception's traceback lines, its own message last."""
+           hide_cell: bool = False, context: int = CONTEXT) -> list[str]:
+    """One exception's traceback lines, its own message last; ``context`` lines around each
+    one that raised."""
     ename, evalue = event.get("ename", "Exception"), event.get("evalue", "")
     lines = [_RULE, f"{ename:<40}Traceback (most recent call last)"]
     src_lines = source.splitlines()
@@ -76,7 +87,7 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
                 return src_lines[n - 1] if 0 < n <= len(src_lines) else ""
 
             lines += _context(cell_line, lineno, line_offset, fr.get("line", ""),
-                              fr.get("name") == "<module>")
+                              fr.get("name") == "<module>", context)
         else:
             filename = fr.get("filename", "?")
             if filename == "<dynamic-code>" and locate is not None:
@@ -87,7 +98,7 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
             head = f"{local_name}, line {lineno}" if local_name else f"File {filename}:{lineno}"
             lines.append(f"{head}, in {fr.get('name')}{fr.get('args') or ''}")
             lines += _context(lambda n, f=filename: linecache.getline(f, n), lineno, 0,
-                              fr.get("line", ""), fr.get("name") == "<module>")
+                              fr.get("line", ""), fr.get("name") == "<module>", context)
         lines.append("")
     lines.append(f"{ename}: {evalue}" if evalue else ename)
     notes = event.get("notes")
@@ -96,13 +107,11 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
     return lines
 
 
-CONTEXT = 2  # lines shown before and after the one that raised, as IPython shows them
-
 
 def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str,
-             module: bool) -> list[str]:
-    """The line that raised, marked, with up to CONTEXT lines around it (in a function, not
-    past its body), indented as written, numbered as the notebook numbers them."""
+             module: bool, context: int = CONTEXT) -> list[str]:
+    """The line that raised, marked, with up to ``context`` lines around it (in a function,
+    not past its body), indented as written, numbered as the notebook numbers them."""
     here = line(lineno).rstrip()
     if not here.strip():
         return [f"{_arrow(lineno + offset)} {fallback.strip()}"] if fallback.strip() else []
@@ -117,7 +126,7 @@ def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str
     numbers = [lineno]
     floor = indent(here)
     n = lineno - 1
-    while lineno - n <= CONTEXT and n > 0:
+    while lineno - n <= context and n > 0:
         text = line(n).rstrip()
         numbers.append(n)
         if text and not module and text.lstrip().startswith(header) and indent(text) < floor:
@@ -126,7 +135,7 @@ def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str
             floor = min(floor, indent(text))
         n -= 1
     n = lineno + 1
-    while n - lineno <= CONTEXT:
+    while n - lineno <= context:
         text = line(n).rstrip()
         if text and not module and indent(text) < floor:
             break
@@ -230,7 +239,9 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
             exc.__traceback__ = None
             if hasattr(exc, "add_note"):  # plain Python prints notes: where it was raised
                 # (its own frames only: Python prints the chain itself, and its last line)
-                exc.add_note("\n".join(tb_lines[own + 2:-1]).rstrip())
+                frames = "\n".join(tb_lines[own + 2:-1]).rstrip()
+                if frames:  # (none in %xmode Minimal)
+                    exc.add_note(frames)
                 if hint:
                     exc.add_note(f"[gpu_magic] {hint}")
             return _chained(exc, event)

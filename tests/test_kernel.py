@@ -395,6 +395,19 @@ def test_a_remote_syntax_error_or_exception_group_shows_the_cell_s_frames(
 
 
 @pytest.mark.usefixtures("use_gateway")
+def test_a_remote_traceback_follows_the_notebook_s_xmode(tmp_path: Path) -> None:
+    # a trial: %xmode Minimal or Plain changed every local traceback, never a %%gpu cell's
+    cell = "%%gpu\nx = 1\ny = 2\n1 / 0\nz = 3"
+    nb = make_notebook("%load_ext gpu_magic", "%xmode Minimal", cell, "%xmode Plain", cell,
+                       "%xmode Context", cell)
+    execute(nb, tmp_path, allow_errors=True)
+    minimal, plain, context = (texts(nb.cells[i], "error") for i in (2, 4, 6))
+    assert minimal.splitlines()[1:] == ["ZeroDivisionError: division by zero"], minimal
+    assert "----> 4 1 / 0" in plain and "y = 2" not in plain, plain
+    assert "----> 4 1 / 0" in context and "y = 2" in context, context
+
+
+@pytest.mark.usefixtures("use_gateway")
 def test_notebook_code_keeps_its_source_both_ways(tmp_path: Path) -> None:
     # cloudpickle sends code as "<dynamic-code>": inspect.getsource of a notebook function
     # failed on the GPU machine (and with it torch.jit.script, triton.jit), and a function made
