@@ -128,6 +128,20 @@ _VALUE_NEEDED = {
 }
 
 
+def _without_comment(line: str) -> str:
+    """The magic's line without a trailing `# comment` (a '#' that starts a word outside
+    quotes, as a shell reads it): `%%gpu T4  # small model` is T4."""
+    quote = ""
+    for i, c in enumerate(line):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
 def _split(line: str) -> tuple[str, str]:
     """Separate the spec (free text, may hold commas, spaces, a list literal) from the flags."""
     m = re.search(r"(^|\s)--?[A-Za-z]", line)
@@ -198,7 +212,7 @@ class GPUMagic(Magics):
             raise
 
     def _cell(self, line: str, cell: str) -> Any:
-        spec_text, flags = _split(line)
+        spec_text, flags = _split(_without_comment(line))
         words = self._words(flags)
         twice = self._given_twice(words)
         if twice:

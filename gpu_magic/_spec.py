@@ -280,6 +280,8 @@ def parse_spec(
     items: list[Any]
     if isinstance(spec, str):
         raw = spec.strip()
+        if len(raw) > 2 and raw[0] == raw[-1] and raw[0] in "'\"" and raw[0] not in raw[1:-1]:
+            raw = raw[1:-1].strip()  # `%%gpu "H100:2, any"`: the quotes are not the spec's
         if raw[:1] in ("(", "{"):
             _refuse_other_literal(raw)
         is_list = raw.startswith("[")

@@ -367,6 +367,20 @@ def test_connect_asks_for_a_token_when_the_one_set_is_refused(gateway: Gateway,
     assert "refused the token from GPU_MAGIC_TOKEN" in out["error"]["evalue"], out
 
 
+@pytest.mark.parametrize(("line", "spec", "flags"), [
+    ("T4  # a small model will do", "T4", ""),
+    ("H100:2, any --timeout 60 # tried first", "H100:2, any", "--timeout 60"),
+    ('T4 --env "TAG=#3" # quoted: kept', "T4", '--env "TAG=#3"'),
+    ("T4 --env TAG=#3", "T4", "--env TAG=#3"),  # (inside a word: not a comment)
+    ("# nothing but a note", "", ""),
+])
+def test_a_comment_on_the_magic_line_is_left_out(line: str, spec: str, flags: str) -> None:
+    # a trial: `%%gpu T4  # ...` was refused as a spec that is not a GPU type
+    from gpu_magic._magic import _split, _without_comment
+
+    assert _split(_without_comment(line)) == (spec, flags)
+
+
 def test_misspelled_options_and_commands_get_a_suggestion(kernel_factory: Any) -> None:
     # as spec errors do ('H1000' ... did you mean H100?); all refused before anything is sent
     k = kernel_factory(GPU_MAGIC_URL="http://127.0.0.1:9", GPU_MAGIC_TOKEN="x" * 43)

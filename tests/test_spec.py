@@ -85,6 +85,9 @@ VALID = [
     ("gtx-1080:2, h100", POOL, "GTX-1080:2, H100"),
     ("MI300X:8 | any", ["mi300x"], "MI300X:8, any"),
     ("H100", "H100", "H100"),
+    # quoted whole, as a trial wrote it: the quotes are not part of the spec
+    ("'T4'", (), "T4"),
+    ('"H100:2, any"', (), "H100:2, any"),
 ]
 
 
