@@ -227,8 +227,10 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
     shown = [*tb_lines, f"[gpu_magic] {hint}"] if hint else list(tb_lines)
     own = max((i for i, line in enumerate(tb_lines) if line == _RULE), default=0)
     # a KeyboardInterrupt too (the cell's, interrupted): raised here as one, it reads as a
-    # local interrupt and no `except Exception:` takes it (SystemExit, from exit(), never is)
-    if isinstance(exc, (Exception, KeyboardInterrupt)):
+    # local interrupt and no `except Exception:` takes it, and so any BaseException of the
+    # cell's (asyncio.CancelledError, a class of the notebook's); SystemExit, from exit(),
+    # never is: it ends the cell, not the program that ran it
+    if isinstance(exc, BaseException) and not isinstance(exc, SystemExit):
         try:
             # IPython asks the exception itself how to render it; an instance attribute is
             # enough and leaves the type (and the user's except clauses) unchanged

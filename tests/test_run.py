@@ -553,6 +553,21 @@ def test_exit_in_a_cell_ends_the_cell_and_says_so(
     assert "To exit: use" not in capsys.readouterr().err  # IPython's advice for a terminal
 
 
+def test_a_base_exception_of_the_cell_is_raised_as_its_own_type() -> None:
+    # a trial: `except Stop:` and `except asyncio.CancelledError:` missed them (RemoteError,
+    # an Exception, came instead, and `except Exception:` took it)
+    import asyncio
+
+    ns = notebook("""
+        class Stop(BaseException):
+            pass
+    """)
+    with pytest.raises(ns["Stop"], match="enough"):
+        run(ns, "raise Stop('enough')")
+    with pytest.raises(asyncio.CancelledError):
+        run(ns, "import asyncio\nraise asyncio.CancelledError()")
+
+
 def test_notebook_functions_kept_inside_results_use_the_notebook_s_globals() -> None:
     # a model's hooks, callbacks in a list, handlers in a dict: functions held inside what
     # comes back must see the notebook's names, as the same objects made locally would
