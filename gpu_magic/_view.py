@@ -144,6 +144,8 @@ class JobState:
         self.state, self.ending, self.finished_at = "cancelled", True, now
         if self.started_at is not None:
             self.timings = {"ran_s": now - self.started_at}
+        elif self.queued_at is not None:  # (as the Cancel button's end says it)
+            self.timings = {"queued_s": now - self.queued_at, "total_s": now - self.queued_at}
 
     def _gpus(self) -> str:
         return ("its GPUs are free once the gateway has stopped it (%gpu jobs says when)"

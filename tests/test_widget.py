@@ -466,6 +466,15 @@ def test_a_queued_job_says_how_long_it_has_waited_and_why() -> None:
     assert s.progress(63.2) == "queued 13 s (position 1; you hold 4 GPUs, your limit)"
 
 
+def test_a_queued_job_cancelled_by_an_interrupt_says_how_long_it_waited() -> None:
+    # a trial: Jupyter's stop button left "cancelled" alone, the Cancel button "cancelled ·
+    # queued 3.7 s · total 3.7 s"
+    s = JobState("T4", "j")
+    s.apply({"type": "queued", "position": 1}, now=10.0)
+    s.cancelled_here(now=13.7)
+    assert s.progress(20.0) == "cancelled · queued 3.7 s · total 3.7 s"
+
+
 def test_a_job_followed_again_counts_its_wait_from_its_submission() -> None:
     import time as _time
 
