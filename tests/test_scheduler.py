@@ -402,6 +402,23 @@ def test_a_retry_after_running_out_of_memory_says_why_smaller_gpus_were_passed_o
         GpuOption("H100"), (("T4", "has no more than the 16 GB the cell ran out of"),))
 
 
+def test_a_user_s_gpu_limit_counts_the_grants_of_the_same_pass() -> None:
+    # a load trial: alice's T4:2 ended, and bob's two waiting T4 jobs both got one while his
+    # H100 ran: 3 GPUs against his limit of 2
+    gpus = make_pool("T4:2@a,H100:2@b")
+    queue = [submit("j1", "bob", "T4", 1, gpus), submit("j2", "bob", "T4", 2, gpus),
+             submit("j3", "eve", "T4", 3, gpus)]
+    grants = schedule(gpus, [("b", 0)], queue, {"bob": 1}, room={"bob": 1})
+    assert sorted(g.job_id for g in grants) == ["j1", "j3"]
+    # an option past the room left is passed over, and said so; without a limit it is taken
+    gpus = make_pool("T4:3@a")
+    queue = [submit("j1", "bob", "T4", 1, gpus), submit("j2", "bob", "T4:2, T4", 2, gpus)]
+    grants = schedule(gpus, [], queue, {}, room={"bob": 2})
+    assert [(g.job_id, str(g.option)) for g in grants] == [("j1", "T4"), ("j2", "T4")]
+    assert grants[1].passed_over == (("T4:2", "more GPUs than your limit leaves you now"),)
+    assert [str(g.option) for g in schedule(gpus, [], queue, {})] == ["T4", "T4:2"]
+
+
 def test_grant_describes_its_gpus() -> None:
     gpus = make_pool("A100-80GB:2@b")
     (grant,) = schedule(gpus, [], [submit("j0", "u", "A100", 0, gpus)])

@@ -431,6 +431,31 @@ def test_a_queued_job_names_the_jobs_of_its_own_user_that_hold_its_gpus_and_no_o
         assert said and all(e.get("waiting_for") for e in said), said
 
 
+def test_a_waiting_job_says_which_options_its_limit_rules_out(
+        shared: dict[str, GatewayClient], tmp_path: Path) -> None:
+    """A load trial: bob, at 1 of his 2 GPUs, waited for an H100 while the A100s his first
+    option asked for were free, and was told only that the H100s were busy, then that "no
+    GPU became free"."""
+    alice, bob, carol = shared["alice"], shared["bob"], shared["carol"]
+    flag = tmp_path / "done"
+    carol._request("PUT", "/v1/limits/bob", json={"max_gpus": 2})
+    held = [submit(alice, hold_until(flag), "H100"), submit(bob, hold_until(flag), "H100")]
+    try:
+        for who, job in zip((alice, bob), held):
+            wait_for(lambda who=who, job=job: running(who, job), DEADLINE)
+        with pytest.raises(WaitExpired) as info:
+            gpu_magic.run("1", "A100-80GB:2, H100", {"__name__": "__main__"}, client=bob,
+                          wait=1, quiet=True)
+        message = str(info.value)
+        assert "'A100-80GB:2, H100' got no GPU of the simulated pool within --wait 1 s (" \
+            "A100-80GB:2 would take you past your limit of 2 GPU(s) at once while your other " \
+            f"jobs hold 1; H100: 0 of 2 free, held by your job {held[1]['id']} and others' " \
+            "jobs); nothing ran" in message, message
+    finally:
+        flag.touch()
+        carol._request("PUT", "/v1/limits/bob", json={})
+
+
 def test_a_job_kept_from_a_free_gpu_by_a_job_ahead_says_so(
         shared: dict[str, GatewayClient], tmp_path: Path) -> None:
     """alice holds one H100 of two, bob's H100:2 waits for both and so holds the free one:

@@ -497,15 +497,15 @@ def test_a_status_shown_before_the_widget_does_not_freeze_at_zero_seconds() -> N
 def test_the_advice_of_a_timeout_is_said_once_in_a_foreground_cell(background: bool) -> None:
     # the status above and the error below repeated the same three sentences: the error (raised
     # only in the foreground) keeps what to do, the status what happened
-    message = ("no GPU of the simulated pool for 'H100' became free within --wait 2.5 s; "
+    message = ("'H100' got no GPU of the simulated pool within --wait 2.5 s; "
                "nothing ran. Wait longer (--wait), add fallback options, or try again later "
                "(%gpu pool shows what is free).")
     s = JobState("H100", "j", background=background)
     s.apply({"type": "queued", "position": 1}, now=0.0)
     s.apply({"type": "done", "state": "expired", "message": message}, now=2.5)
     outcome = s.outcome()
-    assert outcome.startswith("no GPU of the simulated pool for 'H100' became free within "
-                              "--wait 2.5 s; nothing ran.")
+    assert outcome.startswith("'H100' got no GPU of the simulated pool within --wait 2.5 s; "
+                              "nothing ran.")
     assert outcome.endswith("Nothing was bound.")
     assert ("Wait longer" in outcome) is background
     assert ("Wait longer" in render_html(s, 3.0)) is background

@@ -1078,8 +1078,9 @@ class Gateway:
                            "longer (--wait) or add fallback options (%gpu pool shows what is "
                            "free).")
         elif job.waiting_for and job.busy:
+            # (not "no GPU became free": one may have, and gone to a job ahead of it)
             pool = " of the simulated pool" if getattr(self.backend, "simulated", False) else ""
-            job.message = (f"no GPU{pool} for {spec} became free within --wait {seconds(wait)} s "
+            job.message = (f"{spec} got no GPU{pool} within --wait {seconds(wait)} s "
                            f"({job.waiting_for}); nothing ran. Wait longer (--wait), add "
                            "fallback options, or try again later (%gpu pool shows what is "
                            "free).")
@@ -1090,9 +1091,9 @@ class Gateway:
                            "options (%gpu pool shows what is there).")
         else:
             pool = " of the simulated pool" if getattr(self.backend, "simulated", False) else ""
-            job.message = (f"no GPU{pool} for {spec} became free within --wait {seconds(wait)} s; "
-                           "nothing ran. Wait longer (--wait), add fallback options, or try "
-                           "again later (%gpu pool shows what is free).")
+            job.message = (f"{spec} got no GPU{pool} within --wait {seconds(wait)} s; nothing "
+                           "ran. Wait longer (--wait), add fallback options, or try again later "
+                           "(%gpu pool shows what is free).")
         self._finish(job, "expired")
 
     # --- scheduling ---
@@ -1115,6 +1116,8 @@ class Gateway:
             held[j.user] = held.get(j.user, 0) + len((j.grant or {}).get("indices", []))
         reqs = []
         waits: dict[str, str | None] = {}
+        capped: dict[str, str] = {}  # a job's options its user's limit rules out for now
+        rooms: dict[str, int] = {}  # GPUs a user with a limit may still take, in this pass
         changing = self._pool_changes()
         for j in (self.jobs[i] for i in self.queue):
             opts, idx = list(j.options), list(j.option_indices)
@@ -1123,7 +1126,13 @@ class Gateway:
             if cap is not None:
                 # a user at their GPU limit waits; options beyond what is left are skipped now
                 room = cap - held.get(j.user, 0)
+                rooms[j.user] = min(room, rooms.get(j.user, room))
                 keep = [k for k, o in enumerate(opts) if o.count <= room]
+                if len(keep) < len(opts):
+                    capped[j.id] = (
+                        f"{', '.join(str(o) for k, o in enumerate(opts) if k not in keep)} "
+                        f"would take you past your limit of {cap} GPU(s) at once while your "
+                        f"other jobs hold {held.get(j.user, 0)}")
                 opts, idx = [opts[k] for k in keep], [idx[k] for k in keep]
                 if not opts:  # say so: "queued" alone reads as "no GPU is free"
                     why = (f"your other jobs hold {held.get(j.user, 0)} of the {cap} GPU(s) "
@@ -1138,7 +1147,7 @@ class Gateway:
                 continue
             reqs.append(Request(j.id, j.user, tuple(opts), j.seq, tuple(idx), j.min_memory_gb))
             waits[j.id] = absent
-        granted = schedule(gpus, busy, reqs, running_per_user, self._served)
+        granted = schedule(gpus, busy, reqs, running_per_user, self._served, rooms)
         for grant in granted:
             self._launch(self.jobs[grant.job_id], grant, gpus)
             busy += [(grant.node, i) for i in grant.indices]
@@ -1155,13 +1164,31 @@ class Gateway:
                                         self._served) if waiting else ({}, set())
         positions: dict[str, int] | None = None
         use = _type_use(gpus, self._holders())  # (with what was granted in this pass)
+        held_now: dict[str, int] = {}
+        for j in self.running.values():
+            held_now[j.user] = held_now.get(j.user, 0) + len((j.grant or {}).get("indices", []))
         for req in waiting:
             j = self.jobs[req.job_id]
+            cap = self.user_limits.get(j.user, {}).get("max_gpus", j.gpu_cap)
+            if cap is not None and all(o.count > cap - held_now.get(j.user, 0)
+                                       for o in req.options):
+                # this pass's grants to its user used up their limit: said as the first
+                # loop says it, and not with what holds GPUs it may not have anyway
+                why = (f"your other jobs hold {held_now.get(j.user, 0)} of the {cap} GPU(s) "
+                       "your limit lets you use at once")
+                j.outside = j.behind = j.busy = False
+                if why != j.held or j.waiting_for is not None:
+                    j.held, j.waiting_for = why, None
+                    self._emit_queued(j)
+                continue
             note = None if waits[req.job_id] else _outside_note(
                 outside.get(req.job_id, []), self.backend)
             behind = None if waits[req.job_id] or note else ahead.get(req.job_id)
             busy_note = (None if waits[req.job_id] or note or behind else
                          _busy_note(req.options, use, j.user))
+            if req.job_id in capped and not (waits[req.job_id] or note or behind):
+                # (its other options wait for jobs, or for this pass's grants to its user)
+                busy_note = "; ".join(n for n in (capped[req.job_id], busy_note) if n)
             waiting_for = waits[req.job_id] or note or behind or busy_note
             j.outside = note is not None
             j.behind = behind is not None
@@ -1566,6 +1593,9 @@ class Gateway:
                 self.store.save_job(self._record(job))
             else:
                 job.message = why
+                if job.user in self.revoked and attempt <= int(req.get("retries") or 0):
+                    job.message += ("; not retried: this user's token was removed from the "
+                                    "gateway's tokens file")
                 self._finish(job, "lost" if outcome.get("type") != "runner_error" else "failed")
         self._schedule()
 

@@ -222,10 +222,13 @@ def schedule(
     queue: Sequence[Request],
     running: Mapping[str, int] | None = None,
     served: Mapping[str, int] | None = None,
+    room: Mapping[str, int] | None = None,
 ) -> list[Grant]:
     """The grants to make now. ``busy``: GPUs held by running jobs; ``running``: jobs per user;
-    ``served``: per user, the number of their last grant (see ``fair_order``)."""
-    return _plan(gpus, busy, queue, running, served)[0]
+    ``served``: per user, the number of their last grant (see ``fair_order``); ``room``: per
+    user with a limit, how many more GPUs they may hold (the grants of this pass count: two
+    of their jobs waiting for GPUs freed at once must not take them past it)."""
+    return _plan(gpus, busy, queue, running, served, room)[0]
 
 
 def holding(
@@ -246,10 +249,12 @@ def holding(
 
 def _plan(gpus: Sequence[Gpu], busy: Iterable[Key], queue: Sequence[Request],
           running: Mapping[str, int] | None, served: Mapping[str, int] | None,
+          room: Mapping[str, int] | None = None,
           ) -> tuple[list[Grant], dict[str, str], set[Key]]:
     """The grants to make now, the jobs that GPUs held for the first blocked job keep
     waiting (see ``holding``), and those GPUs."""
     gpus = list(gpus)
+    left = dict(room or {})
     free = _Free(gpus, set(busy))
     match = _Matcher()
     ordered = fair_order(queue, running or {}, served)
@@ -259,17 +264,26 @@ def _plan(gpus: Sequence[Gpu], busy: Iterable[Key], queue: Sequence[Request],
     waits_for: GpuOption | None = None  # what the first blocked job reserved for
     for position, req in enumerate(ordered):
         held = reserved or set()
+        mine = left.get(req.user)
+        if mine is not None and all(opt.count > mine for opt in req.options):
+            continue  # its user's limit is used up by this pass's grants: it waits, holding none
         for pos, opt in enumerate(req.options):
+            if mine is not None and opt.count > mine:
+                continue
             pick = _pick(opt, free, held, req.min_memory_gb, match)
             if pick is None:
                 continue
             node, indices, gtype, g0 = pick
             # why the earlier options were passed over, told as they were at this moment
             passed = tuple(
-                (str(o), _why_not(o, gpus, free, held, position, match, req.min_memory_gb))
+                (str(o), "more GPUs than your limit leaves you now"
+                 if mine is not None and o.count > mine else
+                 _why_not(o, gpus, free, held, position, match, req.min_memory_gb))
                 for o in req.options[:pos]
             )
             free.take(node, gtype, indices)
+            if mine is not None:
+                left[req.user] = mine - opt.count
             grants.append(
                 Grant(req.job_id, req.index_of(pos), opt, node, indices, gtype, g0.memory_gb,
                       g0.simulated, passed)
