@@ -22,7 +22,7 @@ def notebooks_dir(explicit: Path | None = None) -> Path:
 
 
 def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
-    from ._embedded import ensure_local_gateway, stop_local_gateway
+    from ._embedded import ensure_local_gateway, running_local_gateway, stop_local_gateway
 
     try:
         import jupyterlab  # noqa: F401
@@ -32,8 +32,14 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
     nb_dir = notebooks_dir(notebooks)
     os.environ["GPU_MAGIC_SIMULATE"] = simulate
     os.environ.pop("GPU_MAGIC_URL", None)
+    before = running_local_gateway()
     info = ensure_local_gateway(simulate)
-    print(f"gpu_magic: simulated pool {simulate} served by the local gateway at {info['url']}")
+    # one already serving this pool (another demo's, or notebooks' of this user) is used, and
+    # left running at the end: stopping it would end its other users' jobs as lost
+    adopted = before is not None and before.get("pid") == info.get("pid")
+    print(f"gpu_magic: simulated pool {simulate} served by the local gateway at {info['url']}"
+          + (f" (already running, pid {info.get('pid')}: it is left running when this demo "
+             "stops)" if adopted else ""))
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", f"--ServerApp.root_dir={nb_dir}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -73,5 +79,9 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
             except subprocess.TimeoutExpired:
                 lab.kill()
                 lab.wait(10)
-        print(stop_local_gateway())
+        if adopted:
+            print(f"gpu_magic: the local gateway (pid {info.get('pid')}) was running before "
+                  "this demo and is left running; `gpu-magic stop` stops it")
+        else:
+            print(stop_local_gateway())
     return lab.returncode if lab.returncode and lab.returncode > 0 else 0

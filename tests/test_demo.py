@@ -79,6 +79,45 @@ def test_the_demo_stops_everything_it_started(tmp_path: Path,
         _kill_leftovers(port, tmp_path)
 
 
+@pytest.mark.slow
+def test_a_demo_leaves_running_the_gateway_it_found_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a newcomer's trial: a second `make demo` used the first one's gateway, and stopping it
+    # stopped that gateway, ending the first demo's jobs as lost
+    from gpu_magic._embedded import (
+        ensure_local_gateway,
+        running_local_gateway,
+        stop_local_gateway,
+    )
+
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")}
+    env.pop("GPU_MAGIC_URL", None)
+    for name in ("JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR"):
+        monkeypatch.setenv(name, env[name])
+    first = ensure_local_gateway("T4:2")  # (the first demo's, or a notebook's)
+    port = _free_port()
+    log = open(tmp_path / "demo.log", "wb")
+    demo = subprocess.Popen([sys.executable, "-m", "gpu_magic", "demo", "--port", str(port),
+                             "--simulate", "T4:2"], stdout=log, stderr=log, env=env)
+    try:
+        wait_for(lambda: "JupyterLab is starting" in (tmp_path / "demo.log").read_text(),
+                 timeout=120)
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0
+        said = (tmp_path / "demo.log").read_text()
+        assert f"(already running, pid {first['pid']}: it is left running" in said, said
+        assert "was running before this demo and is left running" in said, said
+        still = running_local_gateway()
+        assert still is not None and still["pid"] == first["pid"]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        log.close()
+        stop_local_gateway()
+        _kill_leftovers(port, tmp_path)
+
+
 def _kill_leftovers(port: int, tmp_path: Path) -> None:
     """After a failure: what the demo should have stopped must not outlive the test."""
     marks = (f"--ServerApp.port={port}", str(tmp_path))
