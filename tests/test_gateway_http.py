@@ -906,11 +906,13 @@ def test_cancel_a_queued_job(client: GatewayClient, blocker: dict[str, Any]) -> 
     queued = follow(client, job["id"], until=lambda e: e["type"] == "queued")
     assert queued[-1]["position"] == 1
     assert client.pool()["queue_length"] == 1
-    assert client.cancel(job["id"])["state"] == "cancelled"
+    assert client.cancel(job["id"], via="sidebar")["state"] == "cancelled"
     events = follow(client, job["id"])
     assert [e["type"] for e in events] == ["queued", "done"]
     assert events[-1]["state"] == "cancelled"
-    assert "nothing ran" in events[-1]["message"]
+    # said where, as its cell says it (a trial: the sidebar showed "cancelled" bare)
+    assert events[-1]["message"] == "cancelled by the sidebar while queued; nothing ran"
+    assert "seq" not in client.job(job["id"])  # (its gaps would count others' jobs)
     assert client.pool()["queue_length"] == 0
     assert client.job(blocker["id"])["state"] == "running"
 
@@ -1307,6 +1309,10 @@ def test_a_reload_that_removes_a_user_cancels_their_queued_jobs_not_their_runnin
                 assert states[job.id]["state"] == "cancelled", states[job.id]
                 assert "token was removed from the gateway's tokens file; nothing ran" in \
                     states[job.id]["message"]
+                # and its cell, if one follows it, says by what
+                done = follow(teacher, job.id)[-1]
+                assert done["cancelled_by"] == \
+                    "the removal of your token from the gateway's tokens file", done
             assert states[running.id]["state"] == "running"
             for job in (running, other):
                 teacher.cancel(job.id)
@@ -1444,7 +1450,7 @@ def test_event_stream_parser_takes_any_chunking_and_line_ending(newline: str, st
     assert list(_parse_sse(iter(chunks))) == events
 
 
-def test_a_timeout_cap_applies_to_every_job_and_is_said_to_each(tmp_path: Path) -> None:
+def test_a_timeout_cap_applies_to_every_job_and_is_said_to_each_user(tmp_path: Path) -> None:
     # the cap once cut the default (3600 s) in silence, and the timeout's advice was a
     # --timeout the cap would cut again
     gw = start_gateway(tmp_path, "--max-timeout", "2")
@@ -1462,6 +1468,9 @@ def test_a_timeout_cap_applies_to_every_job_and_is_said_to_each(tmp_path: Path) 
         (1.5, None, "the cell ran longer than its --timeout of 1.5 s and was stopped; its "
                     "output so far is kept. Raise the limit: %%gpu H100 --timeout 2 (timeout=2 in "
                     "Python) (this gateway allows up to 2 s)."),
+        # the default's cap is said to a user once (two trials: on every cell it read as a
+        # warning about each), and still in the message of a cell it stopped
+        (None, None, capped.format("; the cell gave no --timeout, whose default is 3600 s")),
     ]
     try:
         with gw.client() as c:

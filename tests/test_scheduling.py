@@ -420,6 +420,9 @@ def test_a_queued_job_names_the_jobs_of_its_own_user_that_hold_its_gpus_and_no_o
         mine = f"H100: 0 of 2 free, held by your job {b['id']}"
         assert wait_for(lambda: alice.job(c["id"]).get("waiting_why") == mine, DEADLINE)
         assert bob.job(d["id"]).get("waiting_why") == "H100: 0 of 2 free"  # (not alice's)
+        # carol, an admin, reads alice's reason about alice, not about herself
+        assert carol.job(c["id"]).get("waiting_why") == \
+            f"H100: 0 of 2 free, held by alice's job {b['id']}"
     finally:
         first.touch()
         second.touch()
@@ -449,8 +452,8 @@ def test_a_waiting_job_says_which_options_its_limit_rules_out(
         message = str(info.value)
         assert "'A100-80GB:2, H100' got no GPU of the simulated pool within --wait 1 s (" \
             "A100-80GB:2 would take you past your limit of 2 GPU(s) at once while your other " \
-            f"jobs hold 1; H100: 0 of 2 free, held by your job {held[1]['id']} and others' " \
-            "jobs); nothing ran" in message, message
+            f"jobs hold 1; H100: 0 of 2 free, held by your job {held[1]['id']} and 1 other " \
+            "job); nothing ran" in message, message
     finally:
         flag.touch()
         carol._request("PUT", "/v1/limits/bob", json={})

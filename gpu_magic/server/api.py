@@ -405,7 +405,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         data = body.model_dump()
         _store_inline(u, data.pop("blobs"))
         job = gateway.submit(u, data)
-        return job, gateway._record(job)
+        return job, gateway.view(job, u)
 
     async def followed(job: Any, record: dict[str, Any], u: User) -> Any:
         yield f"data: {json.dumps({'type': 'job', 'job': record})}\n\n".encode()
@@ -491,19 +491,19 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
 
     @app.get("/v1/jobs/{job_id}", responses=_errors(404))
     async def get_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:
-        return gateway._record(gateway.job_for(u, job_id))
+        return gateway.view(gateway.job_for(u, job_id), u)
 
     @app.delete("/v1/jobs/{job_id}", responses=_errors(404))
     async def cancel_job(job_id: str, u: User = Depends(user),
                          via: str | None = Query(default=None, max_length=16)) -> dict[str, Any]:
         """Cancel; ``via`` (``sidebar``, ``magic``): where its user did, for the cell to say."""
-        return gateway._record(gateway.cancel(u, job_id, via))
+        return gateway.view(gateway.cancel(u, job_id, via), u)
 
     @app.post("/v1/jobs/{job_id}/interrupt", responses=_errors(404, 409))
     async def interrupt_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:
         """Interrupt the job's running cell: a KeyboardInterrupt in it, as a local kernel's
         interrupt (the job goes on until the cell ends; cancel it to stop it at once)."""
-        return gateway._record(gateway.interrupt(u, job_id))
+        return gateway.view(gateway.interrupt(u, job_id), u)
 
     @app.get("/v1/jobs/{job_id}/events", responses=_errors(404, 422),
              response_class=StreamingResponse)

@@ -245,6 +245,16 @@ class _TypeUse:
     outside: bool = False  # some are in use by processes gpu_magic did not start
 
 
+def _third_person(text: str, user: str) -> str:
+    """A reason written to a job's user, as someone else reads it (an admin)."""
+    for mine, theirs in (("your other jobs", f"{user}'s other jobs"),
+                         ("your jobs", f"{user}'s jobs"), ("your job", f"{user}'s job"),
+                         ("your limit", f"{user}'s limit"), ("take you past", f"take {user} past"),
+                         ("lets you use", f"lets {user} use")):
+        text = text.replace(mine, theirs)
+    return text
+
+
 def _type_use(gpus: list[Gpu], holders: dict[tuple[str, int], Job]) -> dict[str, _TypeUse]:
     """Each type's use, once per pass (not once per waiting job: a long queue asks often)."""
     use: dict[str, _TypeUse] = {}
@@ -285,8 +295,9 @@ def _busy_note(options: Sequence[GpuOption], use: dict[str, _TypeUse], user: str
                             if (nb := (j.request.get("meta") or {}).get("notebook")) else "")
                     for j in mine)
                 text += f", held by your job{'s' if len(mine) > 1 else ''} {names}"
-                if any(j.user != user for j in u.held):
-                    text += " and others' jobs"
+                others = len({j.id for j in u.held if j.user != user})
+                if others:  # (counted, never named)
+                    text += f" and {others} other job{'s' if others != 1 else ''}"
             said[t] = text
     return "; ".join(said.values()) or None
 
@@ -406,6 +417,8 @@ class Gateway:
         self.cut_short: set[str] = set()
         # users a reload of the tokens file removed: their running jobs are not retried
         self.revoked: set[str] = set()
+        # users told (once) that a cell taking the default --timeout runs under the cap
+        self._told_cap: set[str] = set()
 
     # --- life cycle ---
 
@@ -734,8 +747,20 @@ class Gateway:
 
     def jobs_of(self, user: User, everyone: bool = False) -> list[dict[str, Any]]:
         positions = self._positions()  # (once for all the records)
-        return [self._record(j, positions) for j in self.jobs.values()
+        return [self.view(j, user, positions) for j in self.jobs.values()
                 if j.user == user.name or (everyone and user.admin)]
+
+    def view(self, job: Job, viewer: User, positions: dict[str, int] | None = None
+             ) -> dict[str, Any]:
+        """The job's record as the API shows it to ``viewer``: without its place in the
+        gateway's submission order (its gaps would count everyone else's jobs), and, to an
+        admin looking at someone else's job, its reasons in the third person ("your limit"
+        was read as the admin's own)."""
+        rec = self._record(job, positions)
+        rec.pop("seq", None)
+        if job.user != viewer.name and rec.get("waiting_why"):
+            rec["waiting_why"] = _third_person(rec["waiting_why"], job.user)
+        return rec
 
     def _positions(self) -> dict[str, int]:
         """Each queued job's place in the queue, from 1, in the order the scheduler grants in
@@ -835,11 +860,14 @@ class Gateway:
         notices = []
         if self.max_timeout and timeout > self.max_timeout:
             # said whether the cell asked for more or took the default: either way it will be
-            # stopped sooner than its user expects
+            # stopped sooner than its user expects; for the default, once per user (two trials:
+            # on every cell of a class it read as a warning about each)
             instead = (f"its --timeout of {seconds(timeout)} s" if asked else
                        f"the default of {seconds(timeout)} s")
-            notices.append(f"this gateway caps --timeout at {seconds(self.max_timeout)} s; the "
-                           f"job runs with that instead of {instead}")
+            if asked or user.name not in self._told_cap:
+                self._told_cap.add(user.name)
+                notices.append(f"this gateway caps --timeout at {seconds(self.max_timeout)} s; "
+                               f"the job runs with that instead of {instead}")
             timeout = self.max_timeout
         # (what the cell asked for, None for the default: its timeout message says which)
         body = dict(body, timeout=timeout, timeout_asked=asked)
@@ -992,8 +1020,9 @@ class Gateway:
             return job
         # an admin's cancel says who: its user did not ask for it
         admin = f"{user.name} (admin)" if user.name != job.user else None
-        by = f" by {admin}" if admin else ""
         who = admin or CANCEL_VIA.get(via or "")
+        # (said in the job's record as its cell says it: the sidebar showed "cancelled" bare)
+        by = f" by {who}" if who else ""
         if job.state == "queued":
             job.cancelled_by = who
             self._dequeue(job)
@@ -1020,6 +1049,8 @@ class Gateway:
         for job in queued:  # all out of the queue first: finishing one schedules the rest
             self._dequeue(job)
         for job in queued:
+            # (its cell, still following, says it as "cancelled by ...")
+            job.cancelled_by = "the removal of your token from the gateway's tokens file"
             job.message = ("cancelled while queued: this user's token was removed from the "
                            "gateway's tokens file; " + ("nothing ran" if not job.started else
                                                         "its output so far is kept"))
