@@ -65,7 +65,7 @@ def _kernel_id() -> str | None:
 def publish() -> None:
     """Leave (or take back) the note of which gateway this kernel uses."""
     url, how = current_target()
-    token = _token_for(url)[0] if url is not None else None
+    token, token_from = _token_for(url) if url is not None else (None, None)
     with _note_lock:  # (cells' connects in threads: background jobs' followers)
         if _published and _published[-1] == (url, token):
             return  # (asked at each cell's connect: unchanged, nothing to write)
@@ -76,7 +76,7 @@ def publish() -> None:
         if url is None:  # the local gateway: JupyterLab's server finds it itself
             _unpublish(path)
         elif not _write_note(path, {"url": url, "token": token, "source": how,
-                                    "pid": os.getpid()}):
+                                    "token_from": token_from, "pid": os.getpid()}):
             return  # (the sidebar then shows JupyterLab's gateway, as before; tried again)
         elif path not in _notes:
             _notes.add(path)

@@ -195,6 +195,11 @@ def test_wrong_gateway_token_is_not_a_jupyter_auth_error(
     code, body = api("pool")
     assert code == 502 and body["error"] == "gateway_unauthorized"
     assert "GPU_MAGIC_TOKEN" in body["message"] and "x" * 30 not in body["message"]
+    # the connection line says so too, and never what the pool is: a trial's panel called
+    # a simulated pool "real GPUs" beside a refused token
+    code, status = api("status")
+    assert code == 200 and status["reachable"] and status["error"] == "gateway_unauthorized"
+    assert status["simulated"] is None and status["message"] == body["message"]
 
 
 @pytest.mark.parametrize("jp_server_config", [_config()])
@@ -361,6 +366,17 @@ def test_the_sidebar_shows_the_gateway_the_notebook_in_front_connected_to(
         assert api("status", params={"kernel": kid})[1]["url"] == gateway.url
         run_in_kernel(f"%gpu connect {gw.url} --token {tokens['bob']}")
         assert api("status", params={"kernel": kid})[1]["user"] == "bob"
+        # a token the gateway no longer takes (revoked): the fix is %gpu connect, wherever
+        # the token came from (a trial: "again" was said of a connect never run)
+        import json
+
+        kept = note.read_text()
+        note.write_text(json.dumps({**json.loads(kept), "token": "x" * 30}))
+        code, body = api("pool", params={"kernel": kid})
+        assert code == 502 and body["error"] == "gateway_unauthorized", body
+        assert f"run %gpu connect {gw.url} in the notebook and paste your current token at " \
+            "its prompt; the notebook's token came from %gpu connect --token" in body["message"]
+        note.write_text(kept)
         # a note no kernel of this server wrote is not read (any id a page may send)
         stray = Path(jupyter_runtime_dir()) / "gpu_magic-kernel-not-a-kernel.json"
         stray.write_text(note.read_text())

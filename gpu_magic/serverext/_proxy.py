@@ -23,7 +23,8 @@ from traitlets.config import LoggingConfigurable
 from .._client import usable_token
 from .._errors import AuthError
 
-NO_LOCAL_GATEWAY = "no local gpu_magic gateway is running; the next %%gpu cell starts one"
+NO_LOCAL_GATEWAY = ("no local gpu_magic gateway is running; the next %%gpu cell starts one "
+                    "(and your jobs show here again)")
 SHARED_POOL_ADVICE = ("To use a shared GPU pool instead, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN "
                       "before starting JupyterLab.")
 
@@ -44,6 +45,7 @@ class Target:
     url: str
     token: str | None
     source: str  # how it was chosen, shown in the panel
+    token_from: str | None = None  # where a notebook's token came from (GPU_MAGIC_TOKEN, ...)
 
 
 class GpuMagicProxy(LoggingConfigurable):
@@ -73,7 +75,8 @@ class GpuMagicProxy(LoggingConfigurable):
         if note is not None:
             return Target(str(note["url"]).rstrip("/"), note.get("token"),
                           "this notebook's " + ("%gpu connect" if note.get("source") ==
-                                                "%gpu connect" else str(note.get("source"))))
+                                                "%gpu connect" else str(note.get("source"))),
+                          note.get("token_from"))
         if self.url:
             return Target(self.url.rstrip("/"), self.token or os.environ.get("GPU_MAGIC_TOKEN"),
                           "GpuMagicProxy.url")
@@ -118,13 +121,7 @@ class GpuMagicProxy(LoggingConfigurable):
                              f"({target.source}): {exc or type(exc).__name__}. "
                              + _unreachable_advice(target))
         if resp.status_code in (401, 403):
-            fix = ("run %gpu connect again in the notebook with the right token"
-                   if target.source.startswith("this notebook's") else
-                   "set the right GPU_MAGIC_TOKEN (or GpuMagicProxy.token) and restart "
-                   "JupyterLab")
-            raise ProxyError(502, "gateway_unauthorized",
-                             f"the gpu_magic gateway at {target.url} refused the token "
-                             f"({target.source}): {fix}.")
+            raise _refused(target)
         try:
             body = resp.json()
         except ValueError:
@@ -147,6 +144,12 @@ class GpuMagicProxy(LoggingConfigurable):
             return {"reachable": False, "url": target.url, "source": target.source,
                     "error": "bad_gateway",
                     "message": f"{target.url} answered {code} to /v1/health"}
+        if health.get("authorized") is False:
+            # it answers, but not to this token: what it serves is not known (a trial's panel
+            # called a simulated pool "real GPUs" beside a refused token)
+            return {"reachable": True, "url": target.url, "source": target.source,
+                    "version": health.get("version"), "simulated": None,
+                    "shared": health.get("shared"), **_refused(target).body()}
         out = {
             "reachable": True,
             "url": target.url,
@@ -167,6 +170,18 @@ class GpuMagicProxy(LoggingConfigurable):
         if code == 200 and isinstance(me, dict):
             out["user"], out["admin"] = me.get("user"), bool(me.get("admin"))
         return out
+
+
+def _refused(target: Target) -> ProxyError:
+    """The gateway refused the token: what to do, by where the token came from."""
+    # (a notebook's token may come from GPU_MAGIC_TOKEN too: %gpu connect asks for a new one
+    # whatever was set, so that is the fix for all of them)
+    whence = f"; the notebook's token came from {target.token_from}" if target.token_from else ""
+    fix = (f"run %gpu connect {target.url} in the notebook and paste your current token at its "
+           f"prompt{whence}" if target.source.startswith("this notebook's") else
+           "set the right GPU_MAGIC_TOKEN (or GpuMagicProxy.token) and restart JupyterLab")
+    return ProxyError(502, "gateway_unauthorized", f"the gpu_magic gateway at {target.url} "
+                      f"refused the token ({target.source}): {fix}.")
 
 
 def _kernel_note(kernel: str) -> dict[str, Any] | None:

@@ -13,7 +13,8 @@ export interface IStatus {
   source: string | null;
   version?: string;
   backend?: string;
-  simulated?: boolean;
+  /** null: not known (the gateway refused the token) */
+  simulated?: boolean | null;
   /** who the gateway token is, and whether it may see every user's jobs */
   user?: string;
   admin?: boolean;

@@ -142,11 +142,12 @@ export class GpuModel {
         return;
       }
       this.status = status;
-      if (!status.reachable) {
+      if (!status.reachable || status.error) {
+        // (a gateway that answers but refuses the token lists nothing either)
         this.pool = null;
         this.jobs = [];
         this.problem = new ApiError(
-          503,
+          status.reachable ? 502 : 503,
           status.error || 'unreachable',
           status.message || 'the gateway does not answer'
         );
@@ -175,6 +176,10 @@ export class GpuModel {
         throw err;
       }
       this.problem = err;
+      // what was listed before is not known to hold any more: the status bar counted a
+      // revoked student's jobs on, after the reload had cancelled them
+      this.pool = null;
+      this.jobs = [];
       if (err.code === 'no_server_extension') {
         // nothing will answer until JupyterLab restarts: let the poll back off
         this._finish();

@@ -194,10 +194,12 @@ export class GpuPanel extends Widget {
 
   private _connection(status: IStatus | null, problem: ApiError | null): Node {
     const ok = !!status?.reachable && !problem;
+    // none started yet (or stopped) is the usual first state, not a fault: no red dot
+    const none = problem?.code === 'no_gateway';
     const parts: (Node | string)[] = [
       h('span', {
-        class: `jp-GpuMagic-dot ${ok ? 'jp-mod-ok' : 'jp-mod-bad'}`,
-        title: ok ? 'reachable' : 'not reachable'
+        class: `jp-GpuMagic-dot ${ok ? 'jp-mod-ok' : none ? 'jp-mod-none' : 'jp-mod-bad'}`,
+        title: ok ? 'reachable' : none ? 'no gateway running' : 'not reachable'
       })
     ];
     if (status?.url) {
@@ -205,16 +207,22 @@ export class GpuPanel extends Widget {
         h('span', { class: 'jp-GpuMagic-url', title: status.source ?? '' }, status.url)
       );
     } else {
-      parts.push(h('span', { class: 'jp-GpuMagic-url' }, 'no gateway'));
+      parts.push(
+        h('span', { class: 'jp-GpuMagic-url' }, none ? 'no gateway running' : 'no gateway')
+      );
     }
-    parts.push(
-      h(
-        'span',
-        { class: 'jp-GpuMagic-muted' },
-        status?.reachable ? ' reachable' : ' not reachable'
-      )
-    );
-    if (status?.reachable) {
+    const refused = (problem?.code ?? status?.error) === 'gateway_unauthorized';
+    if (!none) {
+      parts.push(
+        h(
+          'span',
+          { class: 'jp-GpuMagic-muted' },
+          refused ? ' refused the token' : status?.reachable ? ' reachable' : ' not reachable'
+        )
+      );
+    }
+    // what it serves is said only when known: never "real GPUs" of a pool it did not show
+    if (status?.reachable && !problem && typeof status.simulated === 'boolean') {
       parts.push(
         status.simulated
           ? simulatedMark()
