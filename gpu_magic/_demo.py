@@ -82,6 +82,10 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
         if adopted:
             print(f"gpu_magic: the local gateway (pid {info.get('pid')}) was running before "
                   "this demo and is left running; `gpu-magic stop` stops it")
+        elif (now := running_local_gateway()) is not None and now.get("pid") != info.get("pid"):
+            # (another start replaced ours meanwhile: not this demo's to stop)
+            print(f"gpu_magic: the local gateway now running (pid {now.get('pid')}) is not the "
+                  "one this demo started; it is left running")
         else:
             print(stop_local_gateway())
     return lab.returncode if lab.returncode and lab.returncode > 0 else 0

@@ -131,9 +131,13 @@ _VALUE_NEEDED = {
 def _without_comment(line: str) -> str:
     """The magic's line without a trailing `# comment` (a '#' that starts a word outside
     quotes, as a shell reads it): `%%gpu T4  # small model` is T4."""
-    quote = ""
+    quote, escaped = "", False
     for i, c in enumerate(line):
-        if quote:
+        if escaped:  # (a backslash takes the next character as it is, but in '...')
+            escaped = False
+        elif c == "\\" and quote != "'":
+            escaped = True
+        elif quote:
             quote = "" if c == quote else quote
         elif c in "'\"":
             quote = c

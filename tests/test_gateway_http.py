@@ -1322,6 +1322,34 @@ def test_a_reload_that_removes_a_user_cancels_their_queued_jobs_not_their_runnin
         gw.stop()
 
 
+def test_a_reload_that_raises_a_limit_starts_a_job_it_held(tmp_path: Path) -> None:
+    # a review: a queued job kept the GPU limit it was submitted under, so a limit raised in
+    # the tokens file left it waiting beside free GPUs
+    import signal
+
+    path = tmp_path / "tokens.json"
+    eve = secrets.token_urlsafe(24)
+    write_tokens(path, {"eve": {"token": eve, "max_gpus": 1}, "root": secrets.token_urlsafe(24)})
+    gw = start_gateway(tmp_path, "--tokens-file", str(path), simulate="H100:2")
+    try:
+        with GatewayClient(gw.url, eve) as c:
+            first = gpu_magic.run("import time\nprint('sleeping', flush=True)\ntime.sleep(60)",
+                                  "H100", {"__name__": "__main__"}, client=c, quiet=True,
+                                  background=True)
+            follow(c, first.id, until=lambda e: "sleeping" in str(e.get("text")))
+            second = gpu_magic.run("x = 1", "H100", {"__name__": "__main__"}, client=c,
+                                   quiet=True, background=True)
+            assert "your limit" in wait_for(lambda: c.job(second.id).get("waiting_why"),
+                                            DEADLINE_S)
+            write_tokens(path, {**json.loads(path.read_text()),
+                                "eve": {"token": eve, "max_gpus": 2}})
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: c.job(second.id)["state"] == "succeeded", DEADLINE_S)
+            c.cancel(first.id)
+    finally:
+        gw.stop()
+
+
 BAD_TOKENS_FILES = [
     pytest.param({"alice": "short"}, 0o600, "has 5 characters, fewer than 22", id="short-token"),
     pytest.param({"alice": secrets.token_urlsafe(24)}, 0o644, "chmod 600", id="readable-by-others"),

@@ -372,6 +372,7 @@ def test_connect_asks_for_a_token_when_the_one_set_is_refused(gateway: Gateway,
     ("H100:2, any --timeout 60 # tried first", "H100:2, any", "--timeout 60"),
     ('T4 --env "TAG=#3" # quoted: kept', "T4", '--env "TAG=#3"'),
     ("T4 --env TAG=#3", "T4", "--env TAG=#3"),  # (inside a word: not a comment)
+    ("T4 --env MSG=don\\'t # c", "T4", "--env MSG=don\\'t"),  # (an escaped quote)
     ("# nothing but a note", "", ""),
 ])
 def test_a_comment_on_the_magic_line_is_left_out(line: str, spec: str, flags: str) -> None:

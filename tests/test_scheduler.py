@@ -417,6 +417,25 @@ def test_a_user_s_gpu_limit_counts_the_grants_of_the_same_pass() -> None:
     assert [(g.job_id, str(g.option)) for g in grants] == [("j1", "T4"), ("j2", "T4")]
     assert grants[1].passed_over == (("T4:2", "more GPUs than your limit leaves you now"),)
     assert [str(g.option) for g in schedule(gpus, [], queue, {})] == ["T4", "T4:2"]
+    # a job blocked holds no GPUs for an option its limit rules out now (a review: alice's
+    # H100:2 kept both free H100s from her own H100 job, and from everyone behind her)
+    gpus = make_pool("T4:1@a,H100:2@b")
+    queue = [submit("a1", "alice", "T4", 1, gpus), submit("a2", "alice", "H100:2, T4", 2, gpus),
+             submit("a3", "alice", "H100", 3, gpus)]
+    assert [g.job_id for g in schedule(gpus, [], queue, {}, room={"alice": 2})] == ["a1", "a3"]
+
+
+def test_a_busy_note_is_given_only_when_no_option_has_enough_free() -> None:
+    # a review: "H100:2, H100" with one H100 free read "H100: 1 of 2 free" as its reason
+    from types import SimpleNamespace
+
+    from gpu_magic.server.gateway import _busy_note, _type_use
+
+    gpus = make_pool("H100:2@a")
+    other = SimpleNamespace(id="0123456789abcdef", user="v", request={})
+    use = _type_use(gpus, {("a", 0): other})  # (one held by another user's job)
+    assert _busy_note(parse_spec("H100:2, H100").options, use, "u") is None
+    assert _busy_note(parse_spec("H100:2").options, use, "u") == "H100: 1 of 2 free"
 
 
 def test_grant_describes_its_gpus() -> None:

@@ -280,13 +280,15 @@ def _busy_note(options: Sequence[GpuOption], use: dict[str, _TypeUse], user: str
     said: dict[str, str] = {}
     for option in options:
         for t, u in use.items():
-            if t in said or not option.matches(t):
+            if not option.matches(t):
                 continue
             free = u.total - len(u.held)
             if u.outside or free >= option.count:
                 # (what is in use outside gpu_magic is said apart, _outside_note; with enough
                 # free it waits for something else, or is granted in a moment)
                 return None
+            if t in said:
+                continue
             mine = list({j.id: j for j in u.held if j.user == user}.values())
             text = f"{t}: {free} of {u.total} free"
             if mine:
@@ -568,6 +570,16 @@ class Gateway:
         for job in [self.jobs[i] for i in self.queue if self.jobs[i].user == user.name]:
             if job.id in self.queue:  # (one failing starts the next: not this user's, over it)
                 self._limit_changed(job, user, limits)
+        self._schedule()
+
+    def limits_reloaded(self, users: dict[str, User]) -> None:
+        """A reload of the tokens file may change users' limits: each queued job of theirs is
+        worked out again under them, as after an admin's PUT (it kept the limit it was
+        submitted under, and a raised one left its larger options waiting for nothing)."""
+        for job in [self.jobs[i] for i in self.queue]:
+            user = users.get(job.user)
+            if user is not None and job.id in self.queue:
+                self._limit_changed(job, user, self.limits_for(user))
         self._schedule()
 
     def _limit_changed(self, job: Job, user: User, limits: Limits) -> None:
@@ -865,7 +877,8 @@ class Gateway:
             instead = (f"its --timeout of {seconds(timeout)} s" if asked else
                        f"the default of {seconds(timeout)} s")
             if asked or user.name not in self._told_cap:
-                self._told_cap.add(user.name)
+                if not asked:
+                    self._told_cap.add(user.name)
                 notices.append(f"this gateway caps --timeout at {seconds(self.max_timeout)} s; "
                                f"the job runs with that instead of {instead}")
             timeout = self.max_timeout
@@ -1188,11 +1201,16 @@ class Gateway:
                    and r.job_id in self.queue]
         # "queued" alone reads as "someone's job holds it": say when it is not one
         # (each a scheduling pass of its own: none when nothing waits, as after most grants)
+        # (the rooms left after this pass's grants)
+        for grant in granted:
+            who = self.jobs[grant.job_id].user
+            if who in rooms:
+                rooms[who] -= len(grant.indices)
         outside = held_outside(waiting, gpus, busy, running_per_user,
-                               self._served) if waiting else {}
+                               self._served, rooms) if waiting else {}
         # ("1 of 2 H100 free" in the pool while it waits reads as a bug: say for whom)
         ahead, self._reserved = holding(waiting, gpus, busy, running_per_user,
-                                        self._served) if waiting else ({}, set())
+                                        self._served, rooms) if waiting else ({}, set())
         positions: dict[str, int] | None = None
         use = _type_use(gpus, self._holders())  # (with what was granted in this pass)
         held_now: dict[str, int] = {}

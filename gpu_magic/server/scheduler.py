@@ -237,13 +237,14 @@ def holding(
     busy: Iterable[Key],
     running: Mapping[str, int] | None = None,
     served: Mapping[str, int] | None = None,
+    room: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, str], set[Key]]:
     """For each queued job that free GPUs would take now were they not held for the first
     waiting job ahead of it (so that a large request is not starved), what holds them:
     ``1 H100 free, held for a job ahead that waits for H100:2`` (without it, such a job reads
     as if no GPU were free); and those held GPUs (free, but no other job may take them: the
     pool says so)."""
-    _, held_back, reserved = _plan(gpus, busy, queue, running, served)
+    _, held_back, reserved = _plan(gpus, busy, queue, running, served, room)
     return held_back, reserved
 
 
@@ -291,7 +292,11 @@ def _plan(gpus: Sequence[Gpu], busy: Iterable[Key], queue: Sequence[Request],
             break
         else:
             if reserved is None:
-                reserved, waits_for = _reservation(req, gpus, free, match)
+                # (only for what its user's limit lets it take: GPUs held for an option it may
+                # not have now would keep everyone else off them for nothing)
+                fitting = req if mine is None else dataclasses.replace(
+                    req, options=tuple(o for o in req.options if o.count <= mine))
+                reserved, waits_for = _reservation(fitting, gpus, free, match)
             elif reserved and waits_for is not None:
                 note = _held_note(req, free, reserved, waits_for, match)
                 if note is not None:
@@ -318,7 +323,8 @@ def _held_note(req: Request, free: _Free, reserved: set[Key], waits_for: GpuOpti
 
 def held_outside(queue: Sequence[Request], gpus: Sequence[Gpu], busy: Iterable[Key],
                  running: Mapping[str, int] | None = None,
-                 served: Mapping[str, int] | None = None) -> dict[str, list[Gpu]]:
+                 served: Mapping[str, int] | None = None,
+                 room: Mapping[str, int] | None = None) -> dict[str, list[Gpu]]:
     """For each queued job that GPUs held outside gpu_magic alone keep waiting, those GPUs:
     the ones of the grant it would get now, the queue ahead of it served first, were they
     free. A job that our own jobs or the queue ahead keep waiting is not named."""
@@ -328,7 +334,7 @@ def held_outside(queue: Sequence[Request], gpus: Sequence[Gpu], busy: Iterable[K
                else g for g in gpus]
     by_key = {(g.node, g.index): g for g in gpus}
     out: dict[str, list[Gpu]] = {}
-    for grant in schedule(cleared, busy, queue, running, served):
+    for grant in schedule(cleared, busy, queue, running, served, room):
         held = [by_key[(grant.node, i)] for i in grant.indices
                 if by_key[(grant.node, i)].busy_foreign]
         if held:

@@ -416,6 +416,7 @@ def serve(cfg: ServeConfig) -> int:
                     auth.replace(tokens)
                     print(f"gpu-magic: reloaded {cfg.tokens_file}{_changes(before, users)}"
                           f"{_revoked(*gateway.revoke(before - users, users))}", file=sys.stderr)
+                    gateway.limits_reloaded({u.name: u for u in tokens.values()})
                     if len(before) <= 1 and _unisolated(len(users), cfg, gateway.backend):
                         print(_UNISOLATED, file=sys.stderr, flush=True)  # (--force let it)
                 except TokensFileError as exc:

@@ -175,11 +175,17 @@ export class GpuModel {
         this._finish();
         throw err;
       }
+      if (stale()) {
+        return; // (another notebook's gateway is asked now: its look decides)
+      }
       this.problem = err;
-      // what was listed before is not known to hold any more: the status bar counted a
-      // revoked student's jobs on, after the reload had cancelled them
-      this.pool = null;
-      this.jobs = [];
+      // what was listed before is not known to hold any more (the status bar counted a
+      // revoked student's jobs on, after the reload had cancelled them); a gateway slow to
+      // answer once keeps its list, or the status bar would blink
+      if (err.code !== 'gateway_timeout') {
+        this.pool = null;
+        this.jobs = [];
+      }
       if (err.code === 'no_server_extension') {
         // nothing will answer until JupyterLab restarts: let the poll back off
         this._finish();

@@ -196,10 +196,17 @@ export class GpuPanel extends Widget {
     const ok = !!status?.reachable && !problem;
     // none started yet (or stopped) is the usual first state, not a fault: no red dot
     const none = problem?.code === 'no_gateway';
+    const refused = (problem?.code ?? status?.error) === 'gateway_unauthorized';
     const parts: (Node | string)[] = [
       h('span', {
         class: `jp-GpuMagic-dot ${ok ? 'jp-mod-ok' : none ? 'jp-mod-none' : 'jp-mod-bad'}`,
-        title: ok ? 'reachable' : none ? 'no gateway running' : 'not reachable'
+        title: ok
+          ? 'reachable'
+          : none
+            ? 'no gateway running'
+            : refused
+              ? 'refused the token'
+              : 'not reachable'
       })
     ];
     if (status?.url) {
@@ -211,7 +218,6 @@ export class GpuPanel extends Widget {
         h('span', { class: 'jp-GpuMagic-url' }, none ? 'no gateway running' : 'no gateway')
       );
     }
-    const refused = (problem?.code ?? status?.error) === 'gateway_unauthorized';
     if (!none) {
       parts.push(
         h(
