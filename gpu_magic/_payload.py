@@ -109,6 +109,12 @@ class Packed:
         return sum(b.nbytes for b in self.blobs().values())
 
 
+def _ipython_shell() -> Any:
+    """The IPython shell of this process (the notebook's kernel, or the runner's), if any."""
+    ipython = sys.modules.get("IPython")
+    return ipython.get_ipython() if ipython is not None else None
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, plus: the notebook namespace by reference, CUDA tensors onto the CPU."""
 
@@ -131,6 +137,7 @@ class _Pickler(cloudpickle.Pickler):
         self._module_dicts: dict[int, types.ModuleType] | None = None
         self._makers: dict[int, _ModuleMaker] = {}
         self.classes: dict[int, tuple[type, dict[str, Any]]] = {}
+        self._shell = _ipython_shell()
 
     def by_value_module(self, dict_id: int) -> types.ModuleType | None:
         """The module sent by value (a local one) whose ``__dict__`` has this id, if any."""
@@ -180,6 +187,11 @@ class _Pickler(cloudpickle.Pickler):
         return (INSIDE_PID, place, state, type(obj), changed)
 
     def reducer_override(self, obj: Any) -> Any:
+        if obj is self._shell and obj is not None:
+            # `ip = get_ipython()`: each side's own shell, as the name holds it in a local
+            # cell (a trial: trying to copy the shell took 0.6 s, and the name came back
+            # unbound with a note about its locks)
+            return _ipython_shell, ()
         if isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
             # cloudpickle would quietly send a snapshot of a file open for reading; an open
             # file cannot really travel, so say so (diagnose() names the path to it)
