@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,38 @@ def notebooks_dir(explicit: Path | None = None) -> Path:
         if candidate.is_dir():
             return candidate
     raise SystemExit("gpu-magic demo: cannot find the teaching notebooks; pass --notebooks DIR")
+
+
+def _register(info: dict[str, object], started: bool) -> Path:
+    """A note that this demo uses the gateway ``info`` (and whether it started it): the last
+    demo using a gateway a demo started stops it; the others leave it running (stopping it
+    would end the jobs of those still using it as lost)."""
+    from ._embedded import runtime_path
+
+    mark = runtime_path().parent / f"gpu-magic-demo-{os.getpid()}.json"
+    mark.write_text(json.dumps({"pid": os.getpid(), "gateway": info.get("pid"),
+                                "started": started}))
+    return mark
+
+
+def _other_demos(info: dict[str, object]) -> list[dict[str, object]]:
+    """The notes of the other running demos that use the gateway ``info``."""
+    from ._embedded import _pid_alive, runtime_path
+
+    found = []
+    for mark in runtime_path().parent.glob("gpu-magic-demo-*.json"):
+        try:
+            note = json.loads(mark.read_text())
+            pid = int(note["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if pid == os.getpid():
+            continue
+        if not _pid_alive(pid):
+            mark.unlink(missing_ok=True)  # (a demo killed outright leaves its note)
+        elif note.get("gateway") == info.get("pid"):
+            found.append(note)
+    return found
 
 
 def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
@@ -40,6 +73,9 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
     print(f"gpu_magic: simulated pool {simulate} served by the local gateway at {info['url']}"
           + (f" (already running, pid {info.get('pid')}: it is left running when this demo "
              "stops)" if adopted else ""))
+    mark = _register(info, started=not adopted)
+    # a gateway another demo started is this demo's to stop if it is the last to use it
+    ours = not adopted or any(n.get("started") for n in _other_demos(info))
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", f"--ServerApp.root_dir={nb_dir}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -79,7 +115,14 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
             except subprocess.TimeoutExpired:
                 lab.kill()
                 lab.wait(10)
-        if adopted:
+        mark.unlink(missing_ok=True)
+        others = sorted(int(str(n["pid"])) for n in _other_demos(info))
+        if others:
+            many = len(others) > 1
+            print(f"gpu_magic: the local gateway (pid {info.get('pid')}) is left running: the "
+                  f"demo{'s' if many else ''} of pid {', '.join(map(str, others))} "
+                  f"use{'' if many else 's'} it too; `gpu-magic stop` stops it")
+        elif not ours:
             print(f"gpu_magic: the local gateway (pid {info.get('pid')}) was running before "
                   "this demo and is left running; `gpu-magic stop` stops it")
         elif (now := running_local_gateway()) is not None and now.get("pid") != info.get("pid"):

@@ -118,6 +118,42 @@ def test_a_demo_leaves_running_the_gateway_it_found_running(
         _kill_leftovers(port, tmp_path)
 
 
+@pytest.mark.slow
+def test_two_demos_share_a_gateway_and_the_last_to_stop_stops_it(tmp_path: Path) -> None:
+    # a review: the demo that started the gateway stopped it on Ctrl-C while a second demo
+    # still used it, ending that demo's jobs as lost
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")}
+    env.pop("GPU_MAGIC_URL", None)
+    ports, demos, logs = [_free_port(), _free_port()], [], []
+    try:
+        for i, port in enumerate(ports):
+            logs.append(tmp_path / f"demo{i}.log")
+            with open(logs[-1], "wb") as log:
+                demos.append(subprocess.Popen(
+                    [sys.executable, "-m", "gpu_magic", "demo", "--port", str(port),
+                     "--simulate", "T4:2"], stdout=log, stderr=log, env=env))
+            wait_for(lambda log=logs[-1]: "JupyterLab is starting" in log.read_text(),
+                     timeout=120)
+        gateway = json.loads(next((tmp_path / "runtime").glob("gpu-magic-gateway-*.json"))
+                             .read_text())
+        demos[0].send_signal(signal.SIGINT)  # the one that started it
+        assert demos[0].wait(60) == 0
+        said = logs[0].read_text()
+        assert f"is left running: the demo of pid {demos[1].pid} uses it too" in said, said
+        assert _alive(gateway["pid"])
+        demos[1].send_signal(signal.SIGINT)  # the last one using it
+        assert demos[1].wait(60) == 0
+        wait_for(lambda: not _alive(gateway["pid"]), timeout=20)
+        assert "stopped the local gpu_magic gateway" in logs[1].read_text()
+    finally:
+        for demo in demos:
+            if demo.poll() is None:
+                demo.kill()
+        for port in ports:
+            _kill_leftovers(port, tmp_path)
+
+
 def _kill_leftovers(port: int, tmp_path: Path) -> None:
     """After a failure: what the demo should have stopped must not outlive the test."""
     marks = (f"--ServerApp.port={port}", str(tmp_path))
