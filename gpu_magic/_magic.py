@@ -560,7 +560,7 @@ class GPUMagic(Magics):
         try:
             health, me = _try_connection(url, token, token_from)
         except AuthError as exc:
-            if token_from == "%gpu connect --token" or token_from == "%gpu connect's prompt":
+            if token_from in ("%gpu connect --token", "%gpu connect's prompt"):
                 raise
             # a student given a new token whose old one is still set where Jupyter starts:
             # ask, as a connect without any token does, rather than refuse

@@ -107,7 +107,6 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
     return lines
 
 
-
 def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str,
              module: bool, context: int = CONTEXT) -> list[str]:
     """The line that raised, marked, with up to ``context`` lines around it (in a function,

@@ -245,6 +245,12 @@ class _TypeUse:
     outside: bool = False  # some are in use by processes gpu_magic did not start
 
 
+def _limit_why(held: int, cap: int) -> str:
+    """Why a job waits while its user's GPU limit is used up ("queued" alone reads as "no
+    GPU is free")."""
+    return f"your other jobs hold {held} of the {cap} GPU(s) your limit lets you use at once"
+
+
 def _third_person(text: str, user: str) -> str:
     """A reason written to a job's user, as someone else reads it (an admin)."""
     for mine, theirs in (("your other jobs", f"{user}'s other jobs"),
@@ -572,15 +578,18 @@ class Gateway:
                 self._limit_changed(job, user, limits)
         self._schedule()
 
-    def limits_reloaded(self, users: dict[str, User]) -> None:
-        """A reload of the tokens file may change users' limits: each queued job of theirs is
-        worked out again under them, as after an admin's PUT (it kept the limit it was
-        submitted under, and a raised one left its larger options waiting for nothing)."""
+    def tokens_reloaded(self, users: dict[str, User], removed: set[str]) -> tuple[int, int]:
+        """The tokens file was read again: the ``removed`` users' jobs are revoked (see
+        ``_revoke``), and each queued job of the others is worked out again under their limits
+        now, as after an admin's PUT (it kept the limit it was submitted under, and a raised
+        one left its larger options waiting for nothing). Returns ``_revoke``'s counts."""
+        counts = self._revoke(removed, set(users))
         for job in [self.jobs[i] for i in self.queue]:
             user = users.get(job.user)
             if user is not None and job.id in self.queue:
                 self._limit_changed(job, user, self.limits_for(user))
         self._schedule()
+        return counts
 
     def _limit_changed(self, job: Job, user: User, limits: Limits) -> None:
         """A queued job's options under its user's new limits (see set_user_limits): worked
@@ -1051,7 +1060,7 @@ class Gateway:
             self.backend.cancel(job.handle)
         return job
 
-    def revoke(self, names: set[str], present: set[str]) -> tuple[int, int]:
+    def _revoke(self, names: set[str], present: set[str]) -> tuple[int, int]:
         """Users a reload of the tokens file removed (``names``; ``present``: those it has):
         their queued jobs are cancelled (a revoked student's ten queued cells must not go on
         to take GPUs), their running ones go on to their end, as the docs promise, never to
@@ -1121,23 +1130,18 @@ class Gateway:
             job.message = (f"{late}: {job.waiting_for.partition(';')[0]}; nothing ran. Wait "
                            "longer (--wait) or add fallback options (%gpu pool shows what is "
                            "free).")
-        elif job.waiting_for and job.busy:
-            # (not "no GPU became free": one may have, and gone to a job ahead of it)
-            pool = " of the simulated pool" if getattr(self.backend, "simulated", False) else ""
-            job.message = (f"{spec} got no GPU{pool} within --wait {seconds(wait)} s "
-                           f"({job.waiting_for}); nothing ran. Wait longer (--wait), add "
-                           "fallback options, or try again later (%gpu pool shows what is "
-                           "free).")
-        elif job.waiting_for:
+        elif job.waiting_for and not job.busy:
             why = ("no node for it joined the pool (the autoscaler was asked for one)"
                    if "autoscaler" in job.waiting_for else "no node for it is in the pool")
             job.message = (f"{late}: {why}; nothing ran. Wait longer (--wait), or add fallback "
                            "options (%gpu pool shows what is there).")
         else:
+            # (not "no GPU became free": one may have, and gone to a job ahead of it)
             pool = " of the simulated pool" if getattr(self.backend, "simulated", False) else ""
-            job.message = (f"{spec} got no GPU{pool} within --wait {seconds(wait)} s; nothing "
-                           "ran. Wait longer (--wait), add fallback options, or try again later "
-                           "(%gpu pool shows what is free).")
+            why = f" ({job.waiting_for})" if job.waiting_for else ""
+            job.message = (f"{spec} got no GPU{pool} within --wait {seconds(wait)} s{why}; "
+                           "nothing ran. Wait longer (--wait), add fallback options, or try "
+                           "again later (%gpu pool shows what is free).")
         self._finish(job, "expired")
 
     # --- scheduling ---
@@ -1155,9 +1159,7 @@ class Gateway:
         running_per_user: dict[str, int] = {}
         for j in self.running.values():
             running_per_user[j.user] = running_per_user.get(j.user, 0) + 1
-        held: dict[str, int] = {}
-        for j in self.running.values():
-            held[j.user] = held.get(j.user, 0) + len((j.grant or {}).get("indices", []))
+        held = self._held_by_user()
         reqs = []
         waits: dict[str, str | None] = {}
         capped: dict[str, str] = {}  # a job's options its user's limit rules out for now
@@ -1165,7 +1167,7 @@ class Gateway:
         changing = self._pool_changes()
         for j in (self.jobs[i] for i in self.queue):
             opts, idx = list(j.options), list(j.option_indices)
-            cap = self.user_limits.get(j.user, {}).get("max_gpus", j.gpu_cap)
+            cap = self._gpu_cap(j)
             why = None
             if cap is not None:
                 # a user at their GPU limit waits; options beyond what is left are skipped now
@@ -1179,8 +1181,7 @@ class Gateway:
                         f"other jobs hold {held.get(j.user, 0)}")
                 opts, idx = [opts[k] for k in keep], [idx[k] for k in keep]
                 if not opts:  # say so: "queued" alone reads as "no GPU is free"
-                    why = (f"your other jobs hold {held.get(j.user, 0)} of the {cap} GPU(s) "
-                           "your limit lets you use at once")
+                    why = _limit_why(held.get(j.user, 0), cap)
             # (only a pool that changes by itself can lose a type a job was accepted for)
             absent = (None if why is not None or not changing
                       else _absent(opts, gpus, j.min_memory_gb))
@@ -1213,18 +1214,15 @@ class Gateway:
                                         self._served, rooms) if waiting else ({}, set())
         positions: dict[str, int] | None = None
         use = _type_use(gpus, self._holders())  # (with what was granted in this pass)
-        held_now: dict[str, int] = {}
-        for j in self.running.values():
-            held_now[j.user] = held_now.get(j.user, 0) + len((j.grant or {}).get("indices", []))
+        held_now = self._held_by_user()
         for req in waiting:
             j = self.jobs[req.job_id]
-            cap = self.user_limits.get(j.user, {}).get("max_gpus", j.gpu_cap)
+            cap = self._gpu_cap(j)
             if cap is not None and all(o.count > cap - held_now.get(j.user, 0)
                                        for o in req.options):
                 # this pass's grants to its user used up their limit: said as the first
                 # loop says it, and not with what holds GPUs it may not have anyway
-                why = (f"your other jobs hold {held_now.get(j.user, 0)} of the {cap} GPU(s) "
-                       "your limit lets you use at once")
+                why = _limit_why(held_now.get(j.user, 0), cap)
                 j.outside = j.behind = j.busy = False
                 if why != j.held or j.waiting_for is not None:
                     j.held, j.waiting_for = why, None
@@ -1253,6 +1251,18 @@ class Gateway:
                 if j.state == "queued" and positions.get(j.id) != j.position:
                     self._emit_queued(j, positions)
         self._watch_pool(gpus)
+
+    def _held_by_user(self) -> dict[str, int]:
+        """GPUs the running jobs hold, by user."""
+        held: dict[str, int] = {}
+        for j in self.running.values():
+            held[j.user] = held.get(j.user, 0) + len((j.grant or {}).get("indices", []))
+        return held
+
+    def _gpu_cap(self, job: Job) -> int | None:
+        """The job's user's limit on GPUs held at once: an admin's, else the one it was
+        submitted under (the tokens file's or the gateway's, worked out again at a reload)."""
+        return self.user_limits.get(job.user, {}).get("max_gpus", job.gpu_cap)
 
     def _holders(self) -> dict[tuple[str, int], Job]:
         """The running job on each GPU held, by (node, index)."""

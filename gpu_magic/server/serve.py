@@ -187,8 +187,8 @@ def _no_idle_cancel(record: logging.LogRecord) -> bool:
     """Leave out uvicorn's "ERROR: Cancel 0 running task(s), timeout graceful shutdown
     exceeded": said at every stop while clients keep idle connections open, with nothing
     cancelled, it read to two trials as a fault."""
-    return not (record.msg.startswith("Cancel %s running task(s)")
-                and record.args == (0,)) if isinstance(record.msg, str) else True
+    idle = record.args == (0,) and str(record.msg).startswith("Cancel %s running task(s)")
+    return not idle
 
 
 def _revoked(cancelled: int, running: int) -> str:
@@ -414,9 +414,10 @@ def serve(cfg: ServeConfig) -> int:
                             "serve several users.")
                     before = set(auth.users())
                     auth.replace(tokens)
+                    revoked = gateway.tokens_reloaded({u.name: u for u in tokens.values()},
+                                                      before - users)
                     print(f"gpu-magic: reloaded {cfg.tokens_file}{_changes(before, users)}"
-                          f"{_revoked(*gateway.revoke(before - users, users))}", file=sys.stderr)
-                    gateway.limits_reloaded({u.name: u for u in tokens.values()})
+                          f"{_revoked(*revoked)}", file=sys.stderr)
                     if len(before) <= 1 and _unisolated(len(users), cfg, gateway.backend):
                         print(_UNISOLATED, file=sys.stderr, flush=True)  # (--force let it)
                 except TokensFileError as exc:

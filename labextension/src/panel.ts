@@ -152,10 +152,9 @@ export class GpuPanel extends Widget {
           : undefined;
       this._body.replaceChildren(...this._build());
       if (focusKey) {
-        const again = Array.from(
-          this._body.querySelectorAll<HTMLElement>('[data-focus-key]')
-        ).find(el => el.dataset.focusKey === focusKey);
-        again?.focus();
+        this._body
+          .querySelector<HTMLElement>(`[data-focus-key="${CSS.escape(focusKey)}"]`)
+          ?.focus();
       }
     }
     this._tick();
@@ -503,15 +502,14 @@ export class GpuPanel extends Widget {
       );
     }
     const where = job.notebook_path || job.meta?.notebook;
-    main.append(
-      h(
-        'div',
-        { class: 'jp-GpuMagic-origin jp-GpuMagic-muted' },
-        where ? where.split('/').pop()! : 'no notebook',
-        job.meta?.cell_id ? ' · cell' : '',
-        ` · ${job.id}`
-      )
+    const origin = h(
+      'div',
+      { class: 'jp-GpuMagic-origin jp-GpuMagic-muted' },
+      where ? where.split('/').pop()! : 'no notebook',
+      job.meta?.cell_id ? ' · cell' : '',
+      ` · ${job.id}`
     );
+    main.append(origin);
     if (job.message && !active) {
       main.append(h('div', { class: 'jp-GpuMagic-message' }, job.message));
     }
@@ -521,22 +519,16 @@ export class GpuPanel extends Widget {
       row.addEventListener('click', () => this._showCell(job));
       // for the keyboard, the line naming the cell is the link (not the row: a control
       // inside a control, its Cancel button, is hidden from screen readers)
-      const origin = row.querySelector<HTMLElement>('.jp-GpuMagic-origin');
-      if (origin) {
-        origin.setAttribute('role', 'link');
-        origin.setAttribute('tabindex', '0');
-        origin.setAttribute(
-          'aria-label',
-          `Show the cell of job ${job.id} in ${job.notebook_path}`
-        );
-        origin.dataset.focusKey = `job:${job.id}`;
-        origin.addEventListener('keydown', ev => {
-          if (ev.key === 'Enter') {
-            ev.preventDefault();
-            this._showCell(job);
-          }
-        });
-      }
+      origin.setAttribute('role', 'link');
+      origin.setAttribute('tabindex', '0');
+      origin.setAttribute('aria-label', `Show the cell of job ${job.id} in ${job.notebook_path}`);
+      origin.dataset.focusKey = `job:${job.id}`;
+      origin.addEventListener('keydown', ev => {
+        if (ev.key === 'Enter') {
+          ev.preventDefault();
+          this._showCell(job);
+        }
+      });
     }
     return row;
   }
