@@ -427,12 +427,10 @@ def test_a_user_s_gpu_limit_counts_the_grants_of_the_same_pass() -> None:
 
 def test_a_busy_note_is_given_only_when_no_option_has_enough_free() -> None:
     # a review: "H100:2, H100" with one H100 free read "H100: 1 of 2 free" as its reason
-    from types import SimpleNamespace
-
-    from gpu_magic.server.gateway import _busy_note, _type_use
+    from gpu_magic.server.gateway import Job, _busy_note, _type_use
 
     gpus = make_pool("H100:2@a")
-    other = SimpleNamespace(id="0123456789abcdef", user="v", request={})
+    other = Job("0123456789abcdef", "v", {}, [GpuOption("H100")], [0], [], 1)
     use = _type_use(gpus, {("a", 0): other})  # (one held by another user's job)
     assert _busy_note(parse_spec("H100:2, H100").options, use, "u") is None
     assert _busy_note(parse_spec("H100:2").options, use, "u") == "H100: 1 of 2 free"
