@@ -436,6 +436,25 @@ def test_a_busy_note_is_given_only_when_no_option_has_enough_free() -> None:
     assert _busy_note(parse_spec("H100:2").options, use, "u") == "H100: 1 of 2 free"
 
 
+def test_a_job_s_reasons_read_by_someone_else_are_about_its_user() -> None:
+    # an admin following a student's job read "your limit" and "your other jobs" as their own
+    from gpu_magic.server.gateway import _reasons_of
+
+    rec = {"state": "queued", "held": "your other jobs hold 1 of the 1 GPU(s) your limit lets "
+                                      "you use at once",
+           "waiting_for": "T4: 0 of 1 free, held by your job 0123",
+           "dropped": [{"option": "H100:2", "reason": "asks for more than your limit of 1 "
+                                                     "GPU(s) at once"}]}
+    theirs = _reasons_of("bob", rec)
+    assert theirs == {
+        "state": "queued",
+        "held": "bob's other jobs hold 1 of the 1 GPU(s) bob's limit lets bob use at once",
+        "waiting_for": "T4: 0 of 1 free, held by bob's job 0123",
+        "dropped": [{"option": "H100:2",
+                     "reason": "asks for more than bob's limit of 1 GPU(s) at once"}]}
+    assert rec["dropped"][0]["reason"].startswith("asks for more than your")  # (a copy)
+
+
 def test_grant_describes_its_gpus() -> None:
     gpus = make_pool("A100-80GB:2@b")
     (grant,) = schedule(gpus, [], [submit("j0", "u", "A100", 0, gpus)])

@@ -432,6 +432,10 @@ def test_a_queued_job_names_the_jobs_of_its_own_user_that_hold_its_gpus_and_no_o
         # job had said none, till the next pass)
         said = [e for e in follow(who, job["id"]) if e["type"] == "queued"]
         assert said and all(e.get("waiting_for") for e in said), said
+    # carol, an admin, following alice's job hears its reasons about alice too
+    heard = [e["waiting_for"] for e in follow(carol, c["id"]) if e.get("waiting_for")]
+    assert f"H100: 0 of 2 free, held by alice's job {b['id']}" in heard, heard
+    assert not any("your" in w for w in heard), heard
 
 
 def test_a_waiting_job_says_which_options_its_limit_rules_out(

@@ -141,6 +141,14 @@ def test_per_user_job_and_gpu_limits(limited: Gateway) -> None:
                 "you have 1 job queued or running; your limit is 1 at once (this gateway's "
                 "limit for every user, --max-jobs-per-user). Wait for one to finish or cancel "
                 "one (%gpu jobs, %gpu cancel ID).")
+            # both limits refuse this one: both are named, not one after the other
+            with pytest.raises(gpu_magic.GatewayError) as info:
+                submit(c, "1", "H100:2, A100-80GB:4")
+            assert info.value.status == 429
+            assert str(info.value).endswith(
+                "cancel one (%gpu jobs, %gpu cancel ID). Also, every option of 'H100:2, "
+                "A100-80GB:4' asks for more than your limit of 1 GPU(s) at once (this gateway's "
+                "limit for every user, --max-gpus-per-user); ask for fewer."), info.value
         finally:
             c.cancel(first["id"])
             finish(c, first["id"])

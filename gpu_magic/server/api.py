@@ -464,7 +464,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
                 if batch is None:
                     yield b": heartbeat\n\n"
                 else:
-                    yield "".join(f"id: {ev['seq']}\ndata: {json.dumps(_inline(ev, u))}\n\n"
+                    yield "".join(f"id: {ev['seq']}\ndata: "
+                                  f"{json.dumps(_inline(gateway.event_for(ev, job, u), u))}\n\n"
                                   for ev in batch).encode()
         finally:
             gateway.follow(job, -1)

@@ -19,7 +19,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +259,19 @@ def _third_person(text: str, user: str) -> str:
                          ("lets you use", f"lets {user} use")):
         text = text.replace(mine, theirs)
     return text
+
+
+def _reasons_of(user: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """A job's record or event with its reasons (why it waits, what was dropped) about
+    ``user``, for someone else to read."""
+    out = dict(rec)
+    for key in ("waiting_why", "waiting_for", "held"):
+        if out.get(key):
+            out[key] = _third_person(out[key], user)
+    if out.get("dropped"):
+        out["dropped"] = [dict(d, reason=_third_person(d["reason"], user))
+                          for d in out["dropped"]]
+    return out
 
 
 def _type_use(gpus: list[Gpu], holders: dict[tuple[str, int], Job]) -> dict[str, _TypeUse]:
@@ -779,9 +792,12 @@ class Gateway:
         was read as the admin's own)."""
         rec = self._record(job, positions)
         rec.pop("seq", None)
-        if job.user != viewer.name and rec.get("waiting_why"):
-            rec["waiting_why"] = _third_person(rec["waiting_why"], job.user)
-        return rec
+        return rec if job.user == viewer.name else _reasons_of(job.user, rec)
+
+    def event_for(self, ev: dict[str, Any], job: Job, viewer: User) -> dict[str, Any]:
+        """A job's event as ``viewer`` reads it: to an admin following someone else's job,
+        its reasons in the third person, as ``view`` does for its record."""
+        return ev if job.user == viewer.name else _reasons_of(job.user, ev)
 
     def _positions(self) -> dict[str, int]:
         """Each queued job's place in the queue, from 1, in the order the scheduler grants in
@@ -836,11 +852,15 @@ class Gateway:
                            f"({self._limit_origin(user, 'max_jobs')}), so no job of yours can "
                            "run here. Ask whoever runs the gateway (your instructor) to raise it.")
         if limits.max_jobs is not None and active >= limits.max_jobs:
+            # the GPU limit named too, when it refuses the spec whatever runs: fixing the
+            # first refusal only to meet the second read as being refused twice for one cell
+            also = self._gpu_limit_refusal(user, spec, range(len(spec.options)), limits)
             raise ApiError(429, "too_many_jobs",
                            f"you have {active} job{'s' if active != 1 else ''} queued or "
                            "running; your limit is "
                            f"{limits.max_jobs} at once ({self._limit_origin(user, 'max_jobs')}). "
-                           "Wait for one to finish or cancel one (%gpu jobs, %gpu cancel ID).")
+                           "Wait for one to finish or cancel one (%gpu jobs, %gpu cancel ID)."
+                           + (f" Also, {also}" if also else ""))
         digests = [body["inputs"]["pickle"], *body["inputs"]["buffers"]]
         # before asking what is there: a check that fails later removes its blob first
         paths = {self.blobs.path(user.name, d): d for d in digests}
@@ -929,23 +949,31 @@ class Gateway:
                           ) -> tuple[list[int], list[tuple[str, str]]]:
         """Which of ``kept`` (positions in ``spec``) the user's limit on GPUs held at once lets
         them have, and those it rules out, said why; refused (429) when it rules out all."""
-        if limits.max_gpus == 0:
-            raise ApiError(429, "too_many_gpus",
-                           f"your limit on this gateway is 0 GPUs "
-                           f"({self._limit_origin(user, 'max_gpus')}), so no job of yours can "
-                           "run here. Ask whoever runs the gateway (your instructor) to raise it.")
+        refusal = self._gpu_limit_refusal(user, spec, kept, limits)
+        if refusal:
+            raise ApiError(429, "too_many_gpus", refusal)
         if limits.max_gpus is None:
             return kept, []
         over = [i for i in kept if spec.options[i].count > limits.max_gpus]
-        if len(over) == len(kept):
-            raise ApiError(429, "too_many_gpus",
-                           f"every option of '{spec}' asks for more than your limit of "
-                           f"{limits.max_gpus} GPU(s) at once "
-                           f"({self._limit_origin(user, 'max_gpus')}); ask for fewer.")
         # never granted to this user: dropped now, and said, not passed over in silence
         return [i for i in kept if i not in over], [
             (str(spec.options[i]), f"asks for more than your limit of {limits.max_gpus} GPU(s) "
                                    "at once") for i in over]
+
+    def _gpu_limit_refusal(self, user: User, spec: GpuSpec, options: Iterable[int],
+                           limits: Limits) -> str | None:
+        """Why the user's GPU limit refuses every one of ``options`` (positions in ``spec``),
+        or None when it leaves one."""
+        if limits.max_gpus == 0:
+            return (f"your limit on this gateway is 0 GPUs "
+                    f"({self._limit_origin(user, 'max_gpus')}), so no job of yours can run "
+                    "here. Ask whoever runs the gateway (your instructor) to raise it.")
+        if limits.max_gpus is None or any(spec.options[i].count <= limits.max_gpus
+                                          for i in options):
+            return None
+        return (f"every option of '{spec}' asks for more than your limit of "
+                f"{limits.max_gpus} GPU(s) at once "
+                f"({self._limit_origin(user, 'max_gpus')}); ask for fewer.")
 
     def _limit_origin(self, user: User, key: str) -> str:
         """Who set this user's ``max_jobs`` or ``max_gpus``: an admin, the tokens file or the
