@@ -384,13 +384,16 @@ def test_passed_over_reason_shape() -> None:
     queue = [submit("j0", "u1", "H100:2", 0, gpus), submit("j1", "u2", "H100:2, any:4, L4", 1, gpus)]
     (grant,) = schedule(gpus, [("a", 0), ("b", 0), ("c", 0)], queue, {"u3": 2})
     assert (grant.job_id, grant.option_index, grant.node, grant.indices) == ("j1", 2, "c", (1,))
-    shape = re.compile(r"\d+ of \d+ (\S+) free(, but not \d+ on one node)?(, \d+ jobs? waiting)?")
+    shape = re.compile(r"\d+ of \d+ (\S+) free( \(\d+ held for a waiting job\))?"
+                       r"(, but not \d+ on one node)?(, \d+ jobs? waiting)?")
     for option, reason in grant.passed_over:
         assert shape.fullmatch(reason), (option, reason)
-    # j0 waits for a pair and holds the free H100 of node b, so j1 sees one H100 and three L4
+    # j0 waits for a pair and holds the free H100 of node b, so j1 may have one H100 and three
+    # L4; the held one is counted free and said held, as the pool shows it
     assert grant.passed_over == (
-        ("H100:2", "1 of 4 H100 free, 1 job waiting"),
-        ("any:4", "4 of 8 GPUs free, but not 4 on one node, 1 job waiting"),
+        ("H100:2", "2 of 4 H100 free (1 held for a waiting job), 1 job waiting"),
+        ("any:4", "5 of 8 GPUs free (1 held for a waiting job), but not 4 on one node, "
+                  "1 job waiting"),
     )
 
 

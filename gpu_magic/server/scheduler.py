@@ -166,11 +166,16 @@ def _why_not(option: GpuOption, gpus: Sequence[Gpu], free: _Free, reserved: set[
         # a retry after running out of memory (--oom-fallback): free or not, too small
         return f"has no more than the {min_memory:g} GB the cell ran out of"
     total = sum(1 for g in gpus if match(option, g.type))
-    nfree = sum(1 for (n, t), group in free.groups.items() if match(option, t)
-                for i in group if (n, i) not in reserved)
+    mine = [(n, i) for (n, t), group in free.groups.items() if match(option, t) for i in group]
+    nheld = sum(1 for k in mine if k in reserved)
+    nfree = len(mine) - nheld
     what = "GPUs" if option.type is None else f"{option.type}"
-    # (a type whose nodes all left: none of it is in the pool now)
-    text = f"{nfree} of {total} {what} free" if total else f"no {what} in the pool now"
+    # (a type whose nodes all left: none of it is in the pool now); GPUs held for a waiting
+    # job are counted free and said held, as the pool shows them: "0 of 2 free" beside the
+    # pool's "1 free (1 held)" read as two answers to one question
+    text = f"{len(mine)} of {total} {what} free" if total else f"no {what} in the pool now"
+    if nheld:
+        text += f" ({nheld} held for a waiting job)"
     if option.count > 1 and nfree >= option.count:
         text += f", but not {option.count} on one node"
     if waiting:
