@@ -235,6 +235,15 @@ class JobState:
         return (f"the gateway does not answer ({self.away}): trying to reach it again; the "
                 "output goes on from where it stopped if it does")
 
+    def cancel_error_text(self) -> str:
+        """A cancel that did not get through: while the job goes on, and at its end why it
+        was not cancelled (a job cancelled after all, from elsewhere, needs no such line)."""
+        if not self.cancel_error or self.state == "cancelled":
+            return ""
+        if self.final:
+            return f"{self.cancel_error}; the job went on to its end"
+        return self.cancel_error
+
     def interrupt_text(self) -> str:
         """While an interrupt is on its way to the cell, or the cell is taking it."""
         if self.interrupted_by and self.interrupted and not self.final:
@@ -377,8 +386,7 @@ def render_text(state: JobState, now: float) -> str:
     details.append(state.interrupt_text())
     if state.cancel and not state.final:
         details.append(f"cancelling ({state.cancel})")
-    if state.cancel_error:
-        details.append(state.cancel_error)
+    details.append(state.cancel_error_text())
     details += [f"note: {n}" for n in state.notices]
     details += [f"dropped {d['option']}: {d['reason']}" for d in state.dropped]
     lines += [f"      {d}" for d in details if d]
@@ -424,8 +432,8 @@ def _detail_rows(state: JobState, outcome: bool = False) -> list[str]:
         rows.append(f"<div>{e(state.interrupt_text())}</div>")
     if state.cancel and not state.final:
         rows.append(f"<div>cancelling ({e(state.cancel)})…</div>")
-    if state.cancel_error:
-        rows.append(f'<div style="{_colour(_BAD)}">{e(state.cancel_error)}</div>')
+    if state.cancel_error_text():
+        rows.append(f'<div style="{_colour(_BAD)}">{e(state.cancel_error_text())}</div>')
     if outcome and state.outcome():
         rows.append(f'<div class="gpu-magic-outcome">{e(state.outcome())}</div>')
     for n in state.notices:

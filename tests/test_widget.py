@@ -475,6 +475,26 @@ def test_a_queued_job_cancelled_by_an_interrupt_says_how_long_it_waited() -> Non
     assert s.progress(20.0) == "cancelled · queued 3.7 s · total 3.7 s"
 
 
+@pytest.mark.parametrize(("end", "said"), [
+    ("succeeded", "the cancel did not get through: Connection refused; the job went on to its end"),
+    ("cancelled", None),  # cancelled after all (the sidebar): the failed try is history
+])
+def test_a_cancel_that_did_not_get_through_is_said_for_what_it_was_at_the_end(
+        end: str, said: str | None) -> None:
+    # the status of a job that then ran to its end still read "the cancel did not get
+    # through", as if it were still news
+    s = JobState("T4", "j")
+    s.apply({"type": "granted", "gpu_type": "T4", "gpu_count": 1, "node": "n"}, now=1.0)
+    s.cancel_error = "the cancel did not get through: Connection refused"
+    assert "the cancel did not get through: Connection refused\n" in render_text(s, 2.0) + "\n"
+    s.apply({"type": "done", "state": end}, now=3.0)
+    text, html = render_text(s, 4.0), render_html(s, 4.0)
+    if said is None:
+        assert "did not get through" not in text and "did not get through" not in html
+    else:
+        assert said in text and said in html
+
+
 def test_a_job_followed_again_counts_its_wait_from_its_submission() -> None:
     import time as _time
 
