@@ -387,13 +387,17 @@ class _GlobalsRef(dict):  # type: ignore[type-arg]
 
     def __init__(self, pickler: _Pickler) -> None:
         super().__init__()
-        self._pickler = pickler
+        # weakly: a cycle with the pickler kept it, and what it pickled (the inputs' places,
+        # so a cell's inputs), until a collection, where a DataLoader's persistent workers
+        # found their queues gone and waited 5 s each to be told to stop
+        self._pickler = weakref.ref(pickler)
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
-        if key not in self:
-            module = self._pickler.by_value_module(key)
+        pickler = self._pickler()
+        if key not in self and pickler is not None:
+            module = pickler.by_value_module(key)
             if module is not None:
-                default = _ModuleGlobals(self._pickler.maker(module))
+                default = _ModuleGlobals(pickler.maker(module))
         return super().setdefault(key, default)
 
 

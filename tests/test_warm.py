@@ -326,6 +326,35 @@ def test_a_dataloader_iterator_left_in_the_namespace_lets_the_runner_be_reused(
             assert _pid(c, "H100") == first, persistent
 
 
+def test_a_dataloader_of_the_notebook_iterated_in_cells_lets_the_runner_be_reused(
+        warm: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    # a trial: a loader made in the notebook with persistent workers, iterated in %%gpu
+    # cells, cost every second cell 10 s and the runner its reuse. The pickler that tried to
+    # send it back (its iterator does not pickle) lived in a cycle until the collection, and
+    # held the cell's inputs: the loader died there, its workers' queues closed first
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    ns: dict[str, Any] = {"__name__": "__main__", "loader": DataLoader(
+        TensorDataset(torch.randn(64, 3), torch.randn(64)), batch_size=8, num_workers=2,
+        persistent_workers=True)}
+    cell = "import os\nn = 0\nfor xb, yb in loader:\n    n += 1\nos.getpid()"
+    with warm.client() as c:
+        pids = []
+        for _ in range(3):
+            pids.append(gpu_magic.run(cell, "H100", ns, client=c, quiet=True))
+            assert ns["n"] == 8
+        assert _pid(c, "H100") == pids[0] == pids[1] == pids[2], pids
+    # (its iterator does not travel back) the note's advice keeps the notebook's loader:
+    # `del loader`, which it gave, deleted it here too
+    note = capsys.readouterr().err
+    assert "loader was not brought back: loader._iterator._sampler_iter (a generator) cannot " \
+        "be sent back, so what the cell changed in it stayed on the GPU machine; list what " \
+        "to bring back with --return, without loader, to leave it there without this note" \
+        in note, note
+    assert "del loader" not in note
+
+
 def test_a_cell_s_finalizer_still_finds_the_globals_made_after_its_object(
         warm: Gateway, tmp_path: Path) -> None:
     # objects with finalizers that the namespace alone held were let go of newest first:
