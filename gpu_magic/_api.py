@@ -545,6 +545,8 @@ class _Job:
     def _on_event(self, ev: dict[str, Any]) -> None:
         self.last_seq = int(ev.get("seq") or self.last_seq)
         kind = ev.get("type")
+        if self.owner is not None and kind in ("display", "update_display"):
+            ev = _inert(ev, self.owner)
         if kind in ("stdout", "stderr", "display", "update_display", "clear_output"):
             if self.background:
                 self._background_output(ev)
@@ -1065,6 +1067,23 @@ def _cancel_on_sigterm(job_id: str, box: dict[str, Any]) -> Iterator[None]:
     finally:
         if signal.getsignal(signal.SIGTERM) is on_term:
             signal.signal(signal.SIGTERM, old)
+
+
+# What another user's display may show here: text and raster images. HTML, JavaScript, SVG and
+# Markdown run or can run script in this notebook's page, with its user's rights (a red team:
+# a student's display, attached by the instructor, wrote files as the instructor).
+_INERT_TYPES = ("text/plain", "image/png", "image/jpeg", "image/gif")
+
+
+def _inert(ev: dict[str, Any], owner: str) -> dict[str, Any]:
+    data = ev.get("data") or {}
+    kept = {k: v for k, v in data.items() if k in _INERT_TYPES}
+    left = sorted(k for k in data if k not in _INERT_TYPES)
+    if left and "text/plain" not in kept:
+        kept["text/plain"] = (f"[gpu_magic] {owner}'s {', '.join(left)} output is not shown: "
+                              "it could run script in your notebook")
+    return dict(ev, data=kept, metadata={k: v for k, v in (ev.get("metadata") or {}).items()
+                                         if k in _INERT_TYPES})
 
 
 def _control_client(client: GatewayClient, connect_timeout: float = 3.0) -> GatewayClient:

@@ -28,7 +28,7 @@ class Kernel:
     def run(self, code: str, stdin: bool = True) -> dict[str, Any]:
         msg_id = self.kc.execute(code, allow_stdin=stdin)
         seen: dict[str, Any] = {"stdout": "", "stderr": "", "result": None, "error": None,
-                                "display": ""}
+                                "display": "", "bundles": []}
         while True:
             m = self.kc.get_iopub_msg(timeout=120)
             if m["parent_header"].get("msg_id") != msg_id:
@@ -42,6 +42,7 @@ class Kernel:
                 seen["result"] = content["data"]["text/plain"]
             elif kind == "display_data":
                 seen["display"] += content["data"].get("text/plain", "")
+                seen["bundles"].append(content["data"])
             elif kind == "error":
                 seen["error"] = content
 
@@ -425,6 +426,43 @@ def test_an_admin_lists_every_user_s_jobs_with_jobs_all(tmp_path: Path,
             "is not an admin. Leave out --all to list your own jobs."), refused
         typo = student.run("%gpu jobs --al")
         assert "UsageError: %gpu jobs takes only --all" in typo["stderr"], typo
+    finally:
+        gw.stop()
+
+
+def test_an_admin_attaching_to_a_student_s_job_gets_no_script_of_theirs(
+        tmp_path: Path, kernel_factory: Any) -> None:
+    # a red team: a student's HTML and JavaScript displays, attached by the instructor, ran
+    # in the instructor's page and wrote files as the instructor
+    import gpu_magic
+
+    gw, tokens = start_class_gateway(tmp_path)
+    try:
+        with gw.client(tokens["alice"]) as alice:
+            job = gpu_magic.run(
+                "from IPython.display import display, HTML, Javascript, Markdown\n"
+                "display(HTML('<img src=x onerror=\"alert(1)\">'))\n"
+                "display(Javascript('alert(2)'))\n"
+                "display({'text/markdown': '<script>alert(3)</script>'}, raw=True)\n"
+                "display({'text/plain': 'a table', 'text/html': '<table></table>'}, raw=True)\n"
+                "print('printed')", "H100", {"__name__": "__main__"}, client=alice,
+                quiet=True, background=True)
+            job.wait()
+        teacher = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=tokens["carol"])
+        out = teacher.run(f"%gpu attach {job.id}")
+        assert "printed" in out["stdout"], out
+        # (the status is gpu_magic's own, its text escaped)
+        bundles = [b for b in out["bundles"] if not b["text/plain"].startswith("[gpu] ")]
+        assert len(bundles) == 4, out
+        assert all(set(b) <= {"text/plain"} for b in bundles), bundles
+        shown = [b["text/plain"] for b in bundles]
+        assert "[gpu_magic] alice's text/markdown output is not shown: it could run script in " \
+            "your notebook" in shown, shown
+        assert "a table" in shown, shown
+        # her own attach shows her displays as they were
+        student = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=tokens["alice"])
+        mine = student.run(f"%gpu attach {job.id}")["bundles"]
+        assert any("application/javascript" in b for b in mine), mine
     finally:
         gw.stop()
 
