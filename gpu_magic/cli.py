@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--blob-reserve", type=_size, default=None, metavar="SIZE",
                    help="disk and page cache kept written ahead for large blobs, e.g. 2G "
                         "(default: a sixteenth of memory, at most 4G; 0: none)")
+    s.add_argument("--pass-env", type=_env_names, default=(), metavar="NAMES",
+                   help="with several users, cells get only the environment's PATH, locale, "
+                        "Python, CUDA and proxy variables; these (NAME,NAME) too")
     s.add_argument("--force", action="store_true",
                    help="start even where it would be unsafe: off loopback without a tokens "
                         "file or without TLS, or several users without a runner sandbox")
@@ -122,6 +126,20 @@ def _seconds(zero: bool = False) -> Any:
         return value
 
     return parse
+
+
+def _env_names(text: str) -> tuple[str, ...]:
+    """Names of environment variables, NAME,NAME (never a value: that would be in ps)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for n in names:
+        if "=" in n or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n):
+            raise argparse.ArgumentTypeError(
+                f"{n!r} is not the name of an environment variable; give names only, "
+                "separated by commas, e.g. --pass-env WANDB_MODE,DATA_ROOT (set their values "
+                "in the environment the gateway starts in)")
+    if not names:
+        raise argparse.ArgumentTypeError("no names: give e.g. --pass-env DATA_ROOT")
+    return names
 
 
 def _count(key: str) -> Any:
@@ -227,7 +245,7 @@ def _main(argv: list[str] | None) -> int:
             keep_warm=None if args.cold else args.keep_warm,
             max_jobs_per_user=args.max_jobs_per_user, max_gpus_per_user=args.max_gpus_per_user,
             max_blob_bytes=args.max_blob_bytes, max_job_bytes=args.max_job_bytes,
-            blob_reserve=args.blob_reserve,
+            blob_reserve=args.blob_reserve, pass_env=args.pass_env,
         )
         return serve(cfg)
     if args.command == "stop":

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from fastapi.routing import APIRoute
 
@@ -295,15 +296,22 @@ def test_a_sandboxed_cell_sees_none_of_the_gateway_account_s_own_folders(tmp_pat
     (home / ".ssh" / "id_ed25519").write_text("PRIVATE KEY")
     run_dir.mkdir()
     (run_dir / "jpserver-1.json").write_text('{"token": "personal"}')
+    # (a red team: Jupyter's runtime folder under a JUPYTER_DATA_DIR outside the home)
+    data_dir = tmp_path / "jupyter-data"
+    (data_dir / "runtime").mkdir(parents=True)
+    (data_dir / "runtime" / "gpu-magic-gateway-vm.json").write_text('{"token": "personal"}')
     tokens_file = tmp_path / "tokens.json"
     tokens = _tokens(tokens_file, alice={}, bob={})
     gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file),
-                       env={"HOME": str(home), "XDG_RUNTIME_DIR": str(run_dir)})
+                       env={"HOME": str(home), "XDG_RUNTIME_DIR": str(run_dir),
+                            "JUPYTER_DATA_DIR": str(data_dir)})
     probe = f"""
 import os, numpy
 seen = {{}}
 for name, path in {{"key": {str(home / ".ssh" / "id_ed25519")!r},
-                   "runtime file": {str(run_dir / "jpserver-1.json")!r}}}.items():
+                   "runtime file": {str(run_dir / "jpserver-1.json")!r},
+                   "jupyter runtime": {str(data_dir / "runtime" / "gpu-magic-gateway-vm.json")!r},
+                   }}.items():
     try:
         seen[name] = open(path).read()
     except OSError as exc:
@@ -322,7 +330,73 @@ seen
     finally:
         gw.stop()
     assert seen == {"key": "FileNotFoundError", "runtime file": "FileNotFoundError",
-                    "home": [], "write": "OSError"}, seen
+                    "jupyter runtime": "FileNotFoundError", "home": [], "write": "OSError"}, seen
+
+
+@needs_bwrap
+def test_a_sandboxed_cell_that_closes_its_event_pipe_does_not_outlive_its_job(
+        tmp_path: Path) -> None:
+    # a red team: the job ended "lost" and its GPUs went to the next job while the cell ran
+    # on in its sandbox, past its --timeout, an admin's cancel and its user's GPU limit
+    from .test_gateway_http import all_free, finish, submit
+
+    cell = ("import os, stat, time\nprint(os.getpid(), flush=True)\ntime.sleep(0.5)\n"
+            "for fd in map(int, os.listdir('/proc/self/fd')):\n"
+            "    try:\n"
+            "        if stat.S_ISFIFO(os.fstat(fd).st_mode):\n"
+            "            os.close(fd)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "time.sleep(120)")
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), simulate="T4:1")
+    try:
+        with GatewayClient(gw.url, tokens["bob"]) as bob:
+            victim = submit(bob, cell, "T4", background=True)
+            assert any(ev["type"] == "stdout" for ev in bob.events(victim["id"]))
+            # (its pid is the sandbox's own: found by the job id in its environment)
+            mark = f"GPU_MAGIC_JOB_ID={victim['id']}".encode()
+
+            def alive() -> list[int]:
+                found = []
+                for p in psutil.process_iter():
+                    try:
+                        environ = Path(f"/proc/{p.pid}/environ").read_bytes()
+                        if mark in environ and p.status() != "zombie":
+                            found.append(p.pid)
+                    except (OSError, psutil.Error):
+                        pass
+                return found
+
+            assert alive()
+            assert finish(bob, victim["id"])["state"] == "lost"
+            assert alive() == []  # gone before its GPU is anyone else's
+            wait_for(lambda: all_free(bob), 60)
+    finally:
+        gw.stop()
+
+
+@needs_bwrap
+def test_a_shared_gateway_s_cells_get_only_the_environment_they_need(tmp_path: Path) -> None:
+    # a red team: cells read the gateway account's AWS and webhook keys from its environment
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--pass-env", "DATA_ROOT",
+                       env={"AWS_SECRET_ACCESS_KEY": "not-for-students", "DATA_ROOT": "/data",
+                            "LC_ALL": "C.UTF-8"})
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            seen = gpu_magic.run(
+                "import os\nwith open('/proc/1/environ', 'rb') as f:\n    first = f.read()\n"
+                "dict(os.environ), first", "H100", {"__name__": "__main__"}, client=alice,
+                quiet=True)
+    finally:
+        gw.stop()
+    env, sandbox = seen
+    assert "AWS_SECRET_ACCESS_KEY" not in env and b"not-for-students" not in sandbox
+    assert env["DATA_ROOT"] == "/data" and env["LC_ALL"] == "C.UTF-8"  # (passed, and a locale)
+    assert env["PATH"] and env["GPU_MAGIC_GRANT"]
 
 
 @needs_bwrap

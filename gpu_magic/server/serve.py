@@ -62,6 +62,7 @@ class ServeConfig:
     max_blob_bytes: int | None = None
     max_job_bytes: int | None = None
     blob_reserve: int | None = None  # bytes; None: a sixteenth of memory, at most 4 GiB
+    pass_env: tuple[str, ...] = ()  # more of the environment for a shared gateway's cells
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a running embedded gateway to be reused."""
@@ -170,9 +171,14 @@ def _cells_run(backend: Any) -> str:
     """How a shared gateway runs its users' cells, for its start lines."""
     if backend.name != "local":
         return f"cells run in the {backend.name} backend's workers, not sandboxed by the gateway"
+    # (what of the environment they get: an admin's key there was a cell's to read)
+    env = ("" if getattr(backend, "pass_env", None) is None else
+           ", with the environment's PATH, locale, Python, CUDA and proxy variables only"
+           + (f" and {', '.join(backend.pass_env)}" if backend.pass_env else
+              " (--pass-env NAMES for more)"))
     if getattr(backend, "isolation", "none") == "bwrap":
-        return "each cell in a bubblewrap sandbox"
-    return "cells NOT isolated from each other (--force)"
+        return "each cell in a bubblewrap sandbox" + env
+    return "cells NOT isolated from each other (--force)" + env
 
 
 def _changes(before: set[str], after: set[str]) -> str:
@@ -286,7 +292,7 @@ def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, P
             # never run a client-chosen interpreter or folder for several users
             client_python=cfg.client_python and not multi,
             isolation=isolation, state_dir=state_dir, hidden_files=hidden,
-            keep_warm=cfg.keep_warm)
+            keep_warm=cfg.keep_warm, pass_env=cfg.pass_env if multi else None)
     elif cfg.backend == "ray":
         try:
             from .backends.ray import RayBackend

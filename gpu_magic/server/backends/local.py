@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,27 @@ MANIFEST_INLINE_MAX = 48 << 10
 EVENT_LINE_MAX = 64 << 20
 # Variables of the gateway that a cell must never see.
 _SECRET_ENV = ("GPU_MAGIC_TOKEN",)
+
+# What a shared gateway's cells get of its environment: what finds programs, libraries, the
+# GPU stack and the network, and the locale. Nothing else: the account that runs a class's
+# gateway keeps its own secrets there (a red team's cell read AWS and webhook keys, and a
+# JupyterHub terminal's JUPYTERHUB_API_TOKEN would go the same way). --pass-env adds names.
+SHARED_ENV = frozenset({
+    "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "USER", "LOGNAME", "SHELL",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONHASHSEED", "PYTHONIOENCODING",
+    "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "MPLBACKEND", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME"})
+SHARED_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "CUDNN_", "TORCH_CUDA_")
+
+
+def shared_env(environ: Mapping[str, str], passed: Iterable[str] = ()) -> dict[str, str]:
+    """The part of ``environ`` a shared gateway's cells get (see ``SHARED_ENV``)."""
+    extra = set(passed)
+    return {k: v for k, v in environ.items()
+            if k in SHARED_ENV or k in extra or k.startswith(SHARED_ENV_PREFIXES)}
 
 
 @dataclass
@@ -223,8 +244,12 @@ class LocalBackend:
         state_dir: Path | None = None,
         hidden_files: tuple[Path, ...] = (),
         keep_warm: float | None = 300.0,
+        pass_env: Iterable[str] | None = None,
     ) -> None:
         self._env: dict[str, str] | None = None
+        # None: cells get the gateway's whole environment (its one user's own); names: a
+        # shared gateway's, which passes only shared_env and these
+        self.pass_env = None if pass_env is None else tuple(pass_env)
         self.simulated = bool(simulate)
         self._gpus = parse_simulated(simulate) if simulate else read_nvml(own_pids=set())
         # The embedded gateway runs each cell with the submitting kernel's own Python and working
@@ -248,7 +273,8 @@ class LocalBackend:
         # the gateway's own environment, read once (a copy of os.environ per job costs more
         # than a trivial cell's scheduling)
         if self._env is None:
-            self._env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+            env = os.environ if self.pass_env is None else shared_env(os.environ, self.pass_env)
+            self._env = {k: v for k, v in env.items() if k not in _SECRET_ENV}
         return dict(self._env)
 
     def inventory(self) -> list[Gpu]:
@@ -358,7 +384,14 @@ class LocalBackend:
             self.warm.finished(handle.worker, reusable=state.clean and state.reusable)
             rc: int | None = 0
         else:
-            rc = handle.wait(timeout=30.0)
+            rc = handle.wait(timeout=10.0)
+            if rc is None:
+                # its pipe closed, but it lives: a cell that closed the pipe's descriptor. Its
+                # GPUs go to the next job once the job ends, so it must not outlive it (a red
+                # team's cell ran on past its --timeout, an admin's cancel and its user's limit)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(handle.pid, signal.SIGKILL)
+                rc = handle.wait(timeout=30.0)
             if rc is not None and self.isolation == "bwrap" and 128 < rc <= 128 + 64:
                 rc = 128 - rc  # bubblewrap exits 128+N for a runner killed by signal N
             if handle.worker is not None and self.warm is not None:

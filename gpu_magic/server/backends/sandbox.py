@@ -58,9 +58,15 @@ def private_dirs() -> list[str]:
     runtime folders. A student's cell read an instructor's personal gateway's token this way
     (the shared one ran under the instructor's account), and could then run code outside any
     sandbox. (/tmp stays as it was, read-only: what is there is anyone's to read.)"""
+    from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
+
     found: dict[str, str] = {}
+    # Jupyter's folders as Jupyter finds them, not only where the usual variables put them:
+    # with JUPYTER_DATA_DIR or XDG_DATA_HOME set, its runtime files (a personal gateway's
+    # token) and the personal gateways' state lie outside the home (a red team read one)
     for d in (os.path.expanduser("~"), os.environ.get("XDG_RUNTIME_DIR"),
-              f"/run/user/{os.getuid()}", os.environ.get("JUPYTER_RUNTIME_DIR")):
+              f"/run/user/{os.getuid()}", os.environ.get("JUPYTER_RUNTIME_DIR"),
+              jupyter_runtime_dir(), jupyter_data_dir()):
         if d and os.path.isabs(d) and os.path.isdir(d):
             real = os.path.realpath(d)
             if real not in ("/", "/tmp", "/var/tmp"):  # (hiding / would hide everything)
