@@ -139,6 +139,35 @@ def test_a_gpu_cell_shows_up_with_its_grant(page: Any, lab: LabServer) -> None:
         ".jp-Cell.jp-mod-active') || {}).textContent?.includes('answer = 41 + 1')")
 
 
+def test_the_sidebar_in_notebook_7(context: Any, lab: LabServer) -> None:
+    """A JupyterHub trial: under Notebook 7 (a hub's default page) the plugin failed to
+    activate for want of JupyterLab's shell, leaving no pool, no jobs and no Cancel."""
+    write_notebook(lab.root / "work" / "classic.ipynb", "%load_ext gpu_magic",
+                   "%%gpu H100\nprint('from notebook 7')")
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    try:
+        page.goto(lab.url("notebooks/work/classic.ipynb"))
+        page.wait_for_selector(".jp-Notebook .jp-Cell", state="visible")
+        # (View > Left Sidebar names it by its label)
+        page.locator(".lm-MenuBar-item", has_text="View").click()
+        page.locator(".lm-Menu-item", has_text="Left Sidebar").hover()
+        page.locator(".lm-Menu-item", has_text="GPU pool and jobs").click()
+        panel = page.locator(PANEL)
+        panel.wait_for(state="visible")
+        for i in range(2):
+            page.locator(".jp-Notebook .jp-Cell").nth(i).locator(".jp-InputArea-editor").click()
+            page.keyboard.press("Shift+Enter")
+        panel.locator('.jp-GpuMagic-job[data-state="succeeded"]',
+                      has_text="classic.ipynb").wait_for(timeout=WAIT_MS * 2)
+        page.locator(".jp-OutputArea-output", has_text="from notebook 7").first.wait_for()
+        screenshot(page, "sidebar-notebook-7")
+        assert not [e for e in errors if "gpu-magic" in e or "gpu_magic" in e], errors
+    finally:
+        page.close()
+
+
 def test_cancel_a_long_job_from_the_sidebar(page: Any, lab: LabServer) -> None:
     write_notebook(lab.root / "long.ipynb", "%load_ext gpu_magic",
                    "%%gpu H100\nimport time\ntime.sleep(60)")

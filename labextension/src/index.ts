@@ -97,15 +97,17 @@ const plugin: JupyterFrontEndPlugin<void> = {
   id: 'gpu-magic-labextension:sidebar',
   description: 'The GPU pool and your %%gpu jobs, in the left sidebar.',
   autoStart: true,
-  requires: [ILabShell],
-  optional: [ILayoutRestorer, INotebookTracker, IStatusBar],
+  // JupyterLab's shell is not required: Notebook 7 (a JupyterHub's default page) has a left
+  // area too, and a required ILabShell failed the whole plugin there
+  optional: [ILabShell, ILayoutRestorer, INotebookTracker, IStatusBar],
   activate: (
     app: JupyterFrontEnd,
-    shell: ILabShell,
+    labShell: ILabShell | null,
     restorer: ILayoutRestorer | null,
     tracker: INotebookTracker | null,
     statusBar: IStatusBar | null
   ) => {
+    const shell = app.shell;
     const model = new GpuModel();
     const panel = new GpuPanel({
       model,
@@ -118,6 +120,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
     panel.id = PANEL_ID;
     panel.title.icon = gpuIcon;
     panel.title.caption = 'GPU pool and jobs (gpu_magic)';
+    if (!labShell) {
+      // Notebook 7 names side panels by their label (View > Left Sidebar); Lab shows the icon
+      panel.title.label = 'GPU pool and jobs';
+    }
     shell.add(panel, 'left', { rank: 650 });
     if (restorer) {
       restorer.add(panel, PANEL_ID);
