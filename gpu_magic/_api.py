@@ -527,7 +527,8 @@ class _Job:
             return True
         fresh = _control_client(self.client)
         try:
-            fresh.cancel(self.id)
+            # where, for the job's record (the sidebar showed a Cancel button's cancel bare)
+            fresh.cancel(self.id, via=_CANCEL_VIA.get(self.state.cancel or ""))
             self._cancel_sent = True
         except GatewayError as exc:
             self._cancel_wanted = False
@@ -1068,6 +1069,9 @@ def _cancel_on_sigterm(job_id: str, box: dict[str, Any]) -> Iterator[None]:
         if signal.getsignal(signal.SIGTERM) is on_term:
             signal.signal(signal.SIGTERM, old)
 
+
+# who asked for a cancel (JobState.cancel), as the gateway's ``via`` names it
+_CANCEL_VIA = {"the Cancel button": "button", "job.cancel()": "code"}
 
 # What another user's display may show here: text and raster images. HTML, JavaScript, SVG and
 # Markdown run or can run script in this notebook's page, with its user's rights (a red team:

@@ -372,6 +372,9 @@ def test_cancel_button_cancels_a_foreground_cell(client: Any, tmp_path: Path) ->
         k.stop()
     mine = [j for j in client.jobs() if j["id"] not in before]
     assert len(mine) == 1 and finish(client, mine[0]["id"])["state"] == "cancelled"
+    # its record says where too, as the sidebar shows it (it read "cancelled while running")
+    record = client.job(mine[0]["id"])
+    assert record["message"].startswith("cancelled by the Cancel button while running"), record
 
 
 @pytest.mark.usefixtures("use_gateway")

@@ -179,7 +179,8 @@ class Job:
 
 
 # where a user may cancel their own job from, as the cell then says it ("cancelled by ...")
-CANCEL_VIA = {"sidebar": "the sidebar", "magic": "%gpu cancel"}
+CANCEL_VIA = {"sidebar": "the sidebar", "magic": "%gpu cancel", "button": "the Cancel button",
+              "code": "job.cancel()"}
 
 
 def _spec_text(req: dict[str, Any]) -> str:
