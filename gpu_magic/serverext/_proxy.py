@@ -20,13 +20,30 @@ import httpx
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
-from .._client import usable_token
+from .._client import _clause, usable_token
 from .._errors import AuthError
 
-NO_LOCAL_GATEWAY = ("no local gpu_magic gateway is running; the next %%gpu cell starts one "
-                    "(and your jobs show here again)")
-SHARED_POOL_ADVICE = ("To use a shared GPU pool instead, set GPU_MAGIC_URL and GPU_MAGIC_TOKEN "
-                      "before starting JupyterLab.")
+# (also a new user's first sight of the panel: "again" read oddly there, and a JupyterHub's
+# students cannot set what JupyterLab starts with; %gpu connect they can)
+NO_LOCAL_GATEWAY = ("no local gpu_magic gateway is running; the next %%gpu cell starts one, "
+                    "and your jobs show here")
+SHARED_POOL_ADVICE = ("To use a shared GPU pool instead, run %gpu connect URL in a notebook, or "
+                      "set GPU_MAGIC_URL and GPU_MAGIC_TOKEN in the environment JupyterLab "
+                      "starts in (on a JupyterHub, the spawner's).")
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection failed, as the magic says it ("Connection refused"): httpx's async
+    client says only "All connection attempts failed", with the reason in its cause."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # (a chain, not a cycle)
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno:  # (asyncio's text: "Connect call failed")
+            return os.strerror(seen.errno)
+        group = getattr(seen, "exceptions", None)  # (an exception group: its first)
+        seen = (group[0] if group else None) or seen.__cause__ or seen.__context__
+    return _clause(exc)
 
 
 class ProxyError(Exception):
@@ -118,7 +135,7 @@ class GpuMagicProxy(LoggingConfigurable):
         except httpx.HTTPError as exc:
             raise ProxyError(503, "gateway_unreachable",
                              f"cannot reach the gpu_magic gateway at {target.url} "
-                             f"({target.source}): {exc or type(exc).__name__}. "
+                             f"({target.source}): {_reason(exc)}. "
                              + _unreachable_advice(target))
         if resp.status_code in (401, 403):
             raise _refused(target)
