@@ -1070,6 +1070,9 @@ def _cancel_on_sigterm(job_id: str, box: dict[str, Any]) -> Iterator[None]:
             signal.signal(signal.SIGTERM, old)
 
 
+# This process (a kernel) to the gateway: warm runners are kept per kernel, as local state is
+_SESSION = secrets.token_hex(8)
+
 # who asked for a cancel (JobState.cancel), as the gateway's ``via`` names it
 _CANCEL_VIA = {"the Cancel button": "button", "job.cancel()": "code"}
 
@@ -1206,6 +1209,7 @@ def submit(
             "python": sys.executable,
             "python_version": platform.python_version(),
             "cwd": os.getcwd(),
+            "session": _SESSION,
             "sys_path": list(sys.path),  # (folders a notebook added: `sys.path.append("../src")`)
             "background": opts.background,
             # (gpu_magic.run and @gpu in a notebook: its sidebar row says where, as a

@@ -59,6 +59,41 @@ def test_warm_and_cold_runs_give_the_same_results(warm: Gateway, cold: Gateway) 
 
 
 
+def test_a_warm_runner_takes_cells_of_its_own_kernel_only(tmp_path: Path) -> None:
+    # an ML trial: two notebooks in one folder shared a warm runner, so one's
+    # `warnings.simplefilter('ignore')` (its loggers, its module settings) silenced the
+    # other's cells; two local kernels are two processes
+    import subprocess
+
+    gw = start_gateway(tmp_path, "--keep-warm", "60", simulate="T4:1")
+    try:
+        with gw.client() as c:
+            mine = gpu_magic.run("import os\nos.getpid()", "T4", {"__name__": "__main__"},
+                                 client=c, quiet=True)
+            other = subprocess.run(
+                [sys.executable, "-c",
+                 "import sys, gpu_magic\nfrom gpu_magic._client import GatewayClient\n"
+                 "with GatewayClient(sys.argv[1], sys.argv[2]) as c:\n"
+                 "    print(gpu_magic.run('import os, warnings\\n"
+                 "warnings.simplefilter(\"ignore\")\\nos.getpid()', 'T4', "
+                 "{'__name__': '__main__'}, client=c, quiet=True))",
+                 gw.url, gw.token], capture_output=True, text=True, timeout=120)
+            assert other.returncode == 0, other.stderr
+            assert int(other.stdout) != mine  # not this kernel's runner
+            pid, ignored = gpu_magic.run(
+                "import os, warnings\n"
+                "os.getpid(), any(f[0] == 'ignore' and f[1] is None and f[2] is Warning\n"
+                "                 for f in warnings.filters)", "T4", {"__name__": "__main__"},
+                client=c, quiet=True)
+            assert not ignored and pid != int(other.stdout)
+            # and this kernel's next cell takes its own runner again
+            again = gpu_magic.run("import os\nos.getpid()", "T4", {"__name__": "__main__"},
+                                  client=c, quiet=True)
+            assert again == pid
+    finally:
+        gw.stop()
+
+
 SHELL_CELLS = [
     # what a cell may change in the shell and in packages' settings ...
     "import numpy as np, torch, matplotlib as mpl, matplotlib.pyplot as plt\n"

@@ -1371,7 +1371,8 @@ class Gateway:
             manifest["reserve"] = str(self.blobs.reserve.folder)
         chosen = [g for g in gpus if g.node == grant.node and g.index in grant.indices]
         run = RunSpec(job.id, job.attempt, self.jobs_dir / job.id / f"attempt-{job.attempt}",
-                      manifest, chosen, grant_env, req.get("python"), req.get("cwd"), job.user)
+                      manifest, chosen, grant_env, req.get("python"), req.get("cwd"), job.user,
+                      req.get("session"))
         loop = self.loop
         assert loop is not None
         # A backend shared with others (Ray) must hold the GPUs before we announce the grant:

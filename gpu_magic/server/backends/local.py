@@ -69,6 +69,7 @@ class RunSpec:
     python: str | None = None
     cwd: str | None = None
     user: str = ""
+    session: str | None = None  # the submitting process (a kernel): its runners are its own
 
 
 @dataclass
@@ -343,7 +344,10 @@ class LocalBackend:
                     on_event: EventCallback, on_exit: ExitCallback) -> Handle | None:
         assert self.warm is not None
         gpus = frozenset((g.node, g.index) for g in run.gpus)
-        key = (run.user, python, cwd, env.get("CUDA_VISIBLE_DEVICES"), gpus)
+        # (a kernel's own: two notebooks in one folder shared a runner, and one's warnings
+        # filter, loggers and module settings reached the other's cells, where two local
+        # kernels are two processes)
+        key = (run.user, run.session, python, cwd, env.get("CUDA_VISIBLE_DEVICES"), gpus)
         # Each folder or file made here costs ~0.3 ms on a slow disk, as much as the rest of a
         # trivial cell: a small manifest travels with the job, and the job's folder is made
         # only when something needs it (the runner makes it for a result too large to travel
