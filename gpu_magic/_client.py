@@ -204,12 +204,22 @@ class GatewayClient:
         self._follow_url = httpx.URL(self.url + "/v1/jobs?follow=true")
         self._health = None
         self._local = None if self._local is not False else False
+        self.let_go()
+        return True
+
+    def let_go(self) -> None:
+        """Close every connection of this client and its spares, staying usable (its gateway
+        went away: a soak trial's kernel kept two or three sockets of each gateway stopped
+        since, for good)."""
         self.reset()
         if self._exchange is not None:
             self._exchange.close()
             self._exchange = None
             self._open.pop("exchange", None)
-        return True
+        with self._spares_lock:
+            spares, self._spares = self._spares, []
+        for c in spares:
+            c.close()
 
     def reset(self) -> None:
         """Drop pooled connections (after an interrupt may have left one half-used)."""

@@ -182,6 +182,10 @@ def connect(url: str | None = None, token: str | None = None, *,
         with _lock:
             client = _clients.get(key)
             if client is None:
+                # one local gateway at a time: the client of one stopped since holds its
+                # sockets for good (a soak trial's kernel, 2-3 per restart)
+                for old in [k for k in _clients if k[2] == LOCAL]:
+                    _clients.pop(old).let_go()
                 client = _clients[key] = GatewayClient(url, token, url_from=LOCAL,
                                                        token_from=LOCAL)
                 client.on_unreachable = lambda: _drop_local(key)
@@ -201,7 +205,9 @@ def _drop_local(key: tuple[str, str | None, str | None]) -> None:
     process): forget it and its client, so that the next cell finds or starts a fresh one."""
     global _embedded
     with _lock:
-        _clients.pop(key, None)
+        dropped = _clients.pop(key, None)
+        if dropped is not None:  # (jobs may still hold it: its sockets, not the object)
+            dropped.let_go()
         if _embedded is not None and (str(_embedded.get("url")), _embedded.get("token")) == key[:2]:
             _embedded = None
 
@@ -221,6 +227,7 @@ def forget(client: GatewayClient) -> None:
         for key, c in list(_clients.items()):
             if c is client:
                 del _clients[key]
+    client.let_go()
 
 
 def _local_info(looking: bool = False) -> dict[str, object]:

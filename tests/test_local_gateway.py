@@ -4,6 +4,7 @@ longer answers forgets it and starts a fresh one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -106,6 +107,29 @@ def test_a_local_gateway_that_stopped_answering_is_forgotten(local_only: None) -
     gpu_magic.run("x = 3", "T4", ns, quiet=True)  # a fresh gateway
     assert ns["x"] == 3
     assert _connection._embedded is not None and _connection._embedded["pid"] != first["pid"]
+
+
+def test_a_kernel_keeps_no_socket_of_a_local_gateway_stopped_since(local_only: None) -> None:
+    # a soak trial: a kernel kept two or three sockets (CLOSE-WAIT) of each local gateway
+    # stopped and started again under it, for good
+    import psutil
+
+    me = psutil.Process()
+
+    def stale() -> int:
+        return sum(1 for c in me.net_connections("tcp") if c.status == psutil.CONN_CLOSE_WAIT)
+
+    ns = {"__name__": "__main__"}
+    for _ in range(4):
+        gpu_magic.run("x = 1", "T4", ns, quiet=True)
+        job = gpu_magic.run("x = 2", "T4", ns, quiet=True, background=True)
+        job.wait(timeout=60)
+        stop_local_gateway()
+        with contextlib.suppress(GatewayError):  # (the first cell after a stop may say so)
+            gpu_magic.run("x = 3", "T4", ns, quiet=True)
+    gpu_magic.run("x = 4", "T4", ns, quiet=True)
+    assert ns["x"] == 4
+    wait_for(lambda: stale() == 0, 10)
 
 
 def test_a_background_job_of_a_stopped_local_gateway_says_it_ended_with_it(
