@@ -327,7 +327,15 @@ class GatewayClient:
     def jobs(self, everyone: bool = False) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/jobs", params={"all": everyone}).json()["jobs"]
 
-    def all_jobs(self, asked_by: str = "all jobs") -> list[dict[str, Any]]:
+    def recent_jobs(self, limit: int, everyone: bool = False,
+                    ) -> tuple[list[dict[str, Any]], int]:
+        """The jobs not ended and the ``limit`` that ended last, and how many there are in
+        all (a gateway too old to say: all of them, counted here)."""
+        body = self._request("GET", "/v1/jobs", params={"all": everyone, "limit": limit}).json()
+        return body["jobs"], int(body.get("total", len(body["jobs"])))
+
+    def all_jobs(self, asked_by: str = "all jobs", limit: int | None = None,
+                 ) -> tuple[list[dict[str, Any]], int]:
         """Every user's jobs, for an admin token. Any other token gets a GatewayError (403):
         the gateway itself answers it with the caller's own jobs, which would read as if
         nobody else had any. ``asked_by`` names what the user typed, for the message."""
@@ -338,7 +346,10 @@ class GatewayClient:
                 f"{asked_by} lists every user's jobs and needs an admin token; the gateway at "
                 f"{self.url} takes {whose} for user {me.get('user')!r}, who is not an admin. "
                 "Leave out --all to list your own jobs.", status=403)
-        return self.jobs(everyone=True)
+        if limit is None:
+            jobs = self.jobs(everyone=True)
+            return jobs, len(jobs)
+        return self.recent_jobs(limit, everyone=True)
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{checked_job_id(job_id)}").json()

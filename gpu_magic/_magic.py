@@ -45,7 +45,7 @@ from ._errors import (
     one_line,
 )
 from ._spec import parse_spec
-from ._tables import jobs_bundle, pool_bundle
+from ._tables import JOBS_SHOWN, jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
 _ENDED = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
@@ -465,9 +465,11 @@ class GPUMagic(Magics):
         if cmd == "pool":
             display(pool_bundle(client.pool()), raw=True)
         elif cmd == "jobs" and rest:
-            display(jobs_bundle(client.all_jobs("%gpu jobs --all"), everyone=True), raw=True)
+            jobs, total = client.all_jobs("%gpu jobs --all", JOBS_SHOWN)
+            display(jobs_bundle(jobs, everyone=True, total=total), raw=True)
         elif cmd == "jobs":
-            display(jobs_bundle(client.jobs()), raw=True)
+            jobs, total = client.recent_jobs(JOBS_SHOWN)
+            display(jobs_bundle(jobs, total=total), raw=True)
         elif cmd == "cancel":
             if len(rest) != 1:
                 raise UsageError("usage: %gpu cancel JOB_ID (see %gpu jobs for the ids)")

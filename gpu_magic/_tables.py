@@ -72,15 +72,30 @@ def _jobs_rows(jobs: list[dict[str, Any]],
     return headers, rows
 
 
-def jobs_text(jobs: list[dict[str, Any]], everyone: bool = False) -> str:
+JOBS_SHOWN = 50  # finished jobs a listing shows (with every job not ended)
+
+
+def _older(jobs: list[dict[str, Any]], total: int | None) -> str:
+    """What a listing left out: the gateway keeps finished jobs for days (thousands)."""
+    left = (total or 0) - len(jobs)
+    return (f"(and {left} older finished job{'s' if left != 1 else ''}, kept for the "
+            "gateway's --retention)") if left > 0 else ""
+
+
+def jobs_text(jobs: list[dict[str, Any]], everyone: bool = False,
+              total: int | None = None) -> str:
     """The jobs as a text table; ``everyone``: every user's (an admin's view), with a user
-    column."""
+    column; ``total``: how many there are, when ``jobs`` is the most recent of them."""
     headers, rows = _jobs_rows(jobs, everyone)
-    return _table(headers, rows) if rows else "(no jobs)"
+    older = _older(jobs, total)
+    return (_table(headers, rows) if rows else "(no jobs)") + (f"\n{older}" if older else "")
 
 
-def jobs_bundle(jobs: list[dict[str, Any]], everyone: bool = False) -> dict[str, str]:
+def jobs_bundle(jobs: list[dict[str, Any]], everyone: bool = False,
+                total: int | None = None) -> dict[str, str]:
     headers, rows = _jobs_rows(jobs, everyone)
     whose = " of every user" if everyone else ""
-    return {"text/plain": jobs_text(jobs, everyone),
-            "text/html": _html(headers, rows, f"{len(rows)} job(s){whose}")}
+    older = _older(jobs, total)
+    return {"text/plain": jobs_text(jobs, everyone, total),
+            "text/html": _html(headers, rows, f"{len(rows)} job(s){whose}")
+            + (f"<p>{html.escape(older)}</p>" if older else "")}

@@ -255,16 +255,18 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if args.command in ("pool", "jobs"):
         from ._errors import GpuMagicError
-        from ._tables import jobs_text, pool_text
+        from ._tables import JOBS_SHOWN, jobs_text, pool_text
 
         try:
             client = _looking_client(args.url, args.token)
             if args.command == "pool":
                 print(pool_text(client.pool()))
             elif args.all:
-                print(jobs_text(client.all_jobs("gpu-magic jobs --all"), everyone=True))
+                jobs, total = client.all_jobs("gpu-magic jobs --all", JOBS_SHOWN)
+                print(jobs_text(jobs, everyone=True, total=total))
             else:
-                print(jobs_text(client.jobs()))
+                jobs, total = client.recent_jobs(JOBS_SHOWN)
+                print(jobs_text(jobs, total=total))
         except GpuMagicError as exc:
             print(f"gpu-magic {args.command}: {exc}", file=sys.stderr)
             return 1

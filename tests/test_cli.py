@@ -44,6 +44,34 @@ def test_jobs_table_lists_my_jobs(gateway: Gateway) -> None:
     assert "succeeded" in line and "A100-80GB ×2" in line and "simulated" in line
 
 
+def test_jobs_lists_the_jobs_not_ended_and_the_last_50_that_ended(tmp_path: Path) -> None:
+    # a soak trial: a week of cells was 5,179 lines of %gpu jobs, and 3.9 MB at each of the
+    # sidebar's polls
+    gw = start_gateway(tmp_path)
+    try:
+        with gw.client() as c:
+            ns = {"__name__": "__main__"}
+            for i in range(53):
+                gpu_magic.run(f"v = {i}", "A100-80GB", ns, client=c, quiet=True)
+            running = gpu_magic.run("import time\ntime.sleep(60)", "H100", ns, client=c,
+                                    quiet=True, background=True)
+            jobs, total = c.recent_jobs(2)
+            assert total == 54 and len(jobs) == 3, (total, jobs)
+            assert running.id in {j["id"] for j in jobs}
+            ended = sorted((j for j in c.jobs() if j["state"] == "succeeded"),
+                           key=lambda j: j["created"])
+            assert {j["id"] for j in jobs} - {running.id} == {j["id"] for j in ended[-2:]}
+            out = gm("jobs", "--url", gw.url, "--token", gw.token)
+            assert out.returncode == 0, out.stderr
+            lines = out.stdout.splitlines()
+            assert len(lines) == 1 + 51 + 1, out.stdout  # header, 51 jobs, the rest
+            assert lines[-1] == "(and 3 older finished jobs, kept for the gateway's --retention)"
+            assert any(ln.startswith(running.id) for ln in lines)
+            running.cancel()
+    finally:
+        gw.stop()
+
+
 def test_jobs_all_lists_every_user_s_jobs_for_an_admin_only(tmp_path: Path) -> None:
     # `gpu-magic jobs --all` was an argparse error; an instructor had to use curl
     gw, tokens = start_class_gateway(tmp_path)

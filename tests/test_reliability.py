@@ -764,6 +764,18 @@ def test_a_job_that_ends_without_its_result_leaves_no_half_written_file(
         wait_for(lambda: not out.exists(), DEADLINE)
 
 
+def test_a_job_that_ended_leaves_no_empty_folder(one_gpu: Gateway) -> None:
+    # a soak trial: every job whose results were files left jobs/ID/attempt-1/, empty, for
+    # the retention period (671 of them after 25 minutes)
+    with one_gpu.client() as c:
+        ns = {"__name__": "__main__"}
+        job = gpu_magic.run("import os\nbig = os.urandom(1 << 20)", "T4", ns, client=c,
+                            quiet=True, background=True)
+        job.wait(timeout=DEADLINE)
+        assert len(ns["big"]) == 1 << 20
+        wait_for(lambda: not (one_gpu.state_dir / "jobs" / job.id).exists(), DEADLINE)
+
+
 def test_a_cell_whose_results_cannot_be_stored_says_it_finished(tmp_path: Path) -> None:
     # "the runner failed before the cell could finish: BlobError: ..." of a cell that had
     # finished, when the gateway's disk was full

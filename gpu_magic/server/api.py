@@ -487,10 +487,15 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         return dict(ev, inline={d: base64.b64encode(b).decode() for d, b in got.items()})
 
     @app.get("/v1/jobs", responses=_errors(422))
-    async def list_jobs(all: bool = Query(default=False), u: User = Depends(user)) -> dict[str, Any]:
+    async def list_jobs(all: bool = Query(default=False),
+                        limit: int | None = Query(default=None, ge=0, le=1_000_000),
+                        u: User = Depends(user)) -> dict[str, Any]:
+        """``limit``: the jobs not ended and that many of those that ended last; ``total``
+        counts them all."""
         # "all": whether these are every user's jobs; asked by a user who is not an admin,
         # they are the caller's own (its answer must not read as "nobody else has any")
-        return {"jobs": gateway.jobs_of(u, everyone=all), "all": all and u.admin}
+        jobs, total = gateway.jobs_of(u, everyone=all, limit=limit)
+        return {"jobs": jobs, "total": total, "all": all and u.admin}
 
     @app.get("/v1/jobs/{job_id}", responses=_errors(404))
     async def get_job(job_id: str, u: User = Depends(user)) -> dict[str, Any]:

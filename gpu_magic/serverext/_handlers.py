@@ -99,8 +99,9 @@ class JobsHandler(_Base):
             limit = max(0, int(self.get_argument("limit", str(DEFAULT_LIMIT))))
         except ValueError:
             raise tornado.web.HTTPError(400, "limit must be a whole number")
-        code, body = await self._forward("GET", "/v1/jobs",
-                                         {"all": "true"} if everyone else None)
+        # (the gateway picks them: a week of cells is thousands of records at every poll)
+        code, body = await self._forward("GET", "/v1/jobs", {"limit": str(limit), **(
+            {"all": "true"} if everyone else {})})
         if code == 200 and isinstance(body, dict) and isinstance(body.get("jobs"), list):
             jobs = sorted(body["jobs"], key=lambda j: j.get("created") or 0, reverse=True)
             active = [j for j in jobs if j.get("state") not in FINAL_STATES]
@@ -110,7 +111,8 @@ class JobsHandler(_Base):
                     # what the gateway gave, not what was asked: a user who is not an admin
                     # gets their own jobs. (False from a gateway too old to say: the panel
                     # then never labels a list as everyone's that may be the caller's own.)
-                    "total": len(jobs), "all": everyone and body.get("all") is True,
+                    "total": body.get("total", len(jobs)),
+                    "all": everyone and body.get("all") is True,
                     # the panel times elapsed against this clock, not the browser's
                     "now": time.time()}
         self._answer(code, body)
