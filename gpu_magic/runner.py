@@ -1946,6 +1946,26 @@ class _Session:
                 # (the job has ended: this costs its cell nothing), not into the next one
                 self.sync()
 
+    def _left_in_folder(self, job_dir: Path, there: set[str]) -> None:
+        """Say which files the cell wrote in its working folder on a shared gateway, which is
+        removed with the job (an ML trial's checkpoint was gone without a word)."""
+        try:
+            if not os.path.samefile(os.getcwd(), job_dir):
+                return  # (the cell moved: where it wrote is not known here)
+        except OSError:
+            return
+        made = sorted(_listing(job_dir) - there - _JOB_FOLDER_OWN)
+        if not made:
+            return
+        named = ", ".join(made[:3]) + (f" and {len(made) - 3} more" if len(made) > 3 else "")
+        example = next((n for n in made if os.path.isfile(job_dir / n)), made[0])
+        self.pristine.streams[1].write(  # type: ignore[union-attr]
+            f"[gpu_magic] the cell wrote {named} in its working folder on the GPU machine, "
+            "which is removed when the job ends (each cell of this shared gateway runs in a "
+            "folder of its own): bring a file back as a variable "
+            f"(data = open({example!r}, 'rb').read()), or write it to storage the GPU machine "
+            "keeps\n")
+
     def _run(self, job_dir: Path, manifest: dict[str, Any]) -> int:
         emitter, shell = self.emitter, self.shell
         # made when a result is too large to go inline
@@ -2011,9 +2031,12 @@ class _Session:
         shell.compile.gpu_magic_cell = _CellWarnings.file = name
         _payload.CELL_SHIFTS[name] = _CellWarnings.where[1]
         fresh = _FreshLocalImports(ns, mapped.known)
+        there = _listing(job_dir) if manifest.get("folder_removed") else None
         with self.interrupts.cell(shell.compile), fresh:
             result = shell.run_cell(manifest["source"], store_history=False)
         _flush_c_stdio()  # C stdio buffers of extensions, before the drain
+        if there is not None:
+            self._left_in_folder(job_dir, there)
         left = self.pristine.threads_left() if self.pristine is not None else []
         if left:  # (a local kernel would show what they print later, in whatever cell runs)
             names = ", ".join(repr(t.name) for t in left[:3]) + (", ..." if len(left) > 3 else "")
@@ -2112,6 +2135,17 @@ class _Session:
             self.sync()
         emitter.emit(event)
         return 0
+
+
+# What gpu_magic itself keeps in a job's folder (the cell's results, its TMPDIR, its manifest).
+_JOB_FOLDER_OWN = frozenset({"out", "scratch", "manifest.json"})
+
+
+def _listing(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
 
 
 # The notebook's classes and functions the cell's inputs brought by value (a model's class).

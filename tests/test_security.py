@@ -378,6 +378,36 @@ def test_a_sandboxed_cell_that_closes_its_event_pipe_does_not_outlive_its_job(
 
 
 @needs_bwrap
+def test_a_file_a_sandboxed_cell_leaves_in_its_folder_is_said_to_go_with_the_job(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # an ML trial: torch.save(..., 'ckpt.pt') in a cell of a class gateway printed its path,
+    # and the file was gone when the job ended, without a word
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file))
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            ns: dict[str, Any] = {"__name__": "__main__"}
+            gpu_magic.run("open('ckpt.pt', 'wb').write(b'weights')\nx = 1", "H100", ns,
+                          client=alice, quiet=True)
+            assert ns["x"] == 1
+            err = capsys.readouterr().err
+            assert "[gpu_magic] the cell wrote ckpt.pt in its working folder on the GPU " \
+                "machine, which is removed when the job ends" in err, err
+            assert "data = open('ckpt.pt', 'rb').read()" in err
+            gpu_magic.run("import tempfile\ny = 2", "H100", ns, client=alice, quiet=True)
+            assert "the cell wrote" not in capsys.readouterr().err  # (nothing left: no word)
+            # nor can it write beside its folder, into the state directory's stand-in (memory)
+            where = str(gw.state_dir / "x")
+            wrote = gpu_magic.run(f"try:\n    open({where!r}, 'w').write('x')\n"
+                                  "    r = 'wrote'\nexcept OSError as e:\n    r = type(e).__name__\n"
+                                  "r", "H100", ns, client=alice, quiet=True)
+            assert wrote == "OSError", wrote
+    finally:
+        gw.stop()
+
+
+@needs_bwrap
 def test_a_shared_gateway_s_cells_get_only_the_environment_they_need(tmp_path: Path) -> None:
     # a red team: cells read the gateway account's AWS and webhook keys from its environment
     tokens_file = tmp_path / "tokens.json"

@@ -1395,6 +1395,8 @@ class Gateway:
             manifest["sys_path"] = req["sys_path"]
         if self.runners_see_reserve():
             manifest["reserve"] = str(self.blobs.reserve.folder)
+        if self._sandboxed():  # (its folder goes with the job: files a cell leaves there too)
+            manifest["folder_removed"] = True
         chosen = [g for g in gpus if g.node == grant.node and g.index in grant.indices]
         run = RunSpec(job.id, job.attempt, self.jobs_dir / job.id / f"attempt-{job.attempt}",
                       manifest, chosen, grant_env, req.get("python"), req.get("cwd"), job.user,

@@ -158,6 +158,9 @@ def bwrap_command(
     # fill the memory); the folders bound into them keep their own modes
     for d in hidden:
         cmd += ["--remount-ro", d]
+    # the state directory's stand-in too: a cell filled it, in memory, without a bound (a red
+    # team); the job's own folder, bound into it, stays writable
+    cmd += ["--remount-ro", str(state_dir)]
     cmd += ["--chdir", cwd or str(job_dir), "--", *argv]
     return cmd
 
