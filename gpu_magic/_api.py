@@ -1083,14 +1083,17 @@ _INERT_TYPES = ("text/plain", "image/png", "image/jpeg", "image/gif")
 
 
 def _inert(ev: dict[str, Any], owner: str) -> dict[str, Any]:
-    data = ev.get("data") or {}
+    # (a cell may write event lines of its own: what is not a bundle shows as nothing)
+    data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
     kept = {k: v for k, v in data.items() if k in _INERT_TYPES}
+    if not isinstance(kept.get("text/plain", ""), str):
+        kept["text/plain"] = str(kept["text/plain"])
     left = sorted(k for k in data if k not in _INERT_TYPES)
     if left and "text/plain" not in kept:
         kept["text/plain"] = (f"[gpu_magic] {owner}'s {', '.join(left)} output is not shown: "
                               "it could run script in your notebook")
-    return dict(ev, data=kept, metadata={k: v for k, v in (ev.get("metadata") or {}).items()
-                                         if k in _INERT_TYPES})
+    metadata = ev.get("metadata") if isinstance(ev.get("metadata"), dict) else {}
+    return dict(ev, data=kept, metadata={k: v for k, v in metadata.items() if k in _INERT_TYPES})
 
 
 def _control_client(client: GatewayClient, connect_timeout: float = 3.0) -> GatewayClient:
@@ -1209,12 +1212,13 @@ def submit(
             "python": sys.executable,
             "python_version": platform.python_version(),
             "cwd": os.getcwd(),
-            "session": _SESSION,
             "sys_path": list(sys.path),  # (folders a notebook added: `sys.path.append("../src")`)
             "background": opts.background,
             # (gpu_magic.run and @gpu in a notebook: its sidebar row says where, as a
             # %%gpu cell's does, not "no notebook")
-            "meta": opts.meta or kernel_cell_meta(),
+            # (and the submitting process, in meta: a gateway from before it refuses a field
+            # it does not know, and the cell with it)
+            "meta": {**(opts.meta or kernel_cell_meta()), "session": _SESSION},
             "cell_label": opts.label,
             "line_offset": opts.line_offset,
         }

@@ -355,6 +355,8 @@ def cancelled_text(subject: str, who: str, message: str | None) -> str:
     if detail.lower().startswith("cancelled"):
         detail = detail[len("cancelled"):]
     detail = detail.strip()
+    if who.strip() and detail.startswith(who.strip()):  # (the gateway names who too now)
+        detail = detail[len(who.strip()):].strip()
     text = f"{subject} was cancelled{who}"
     if detail.startswith((":", ";", ",")):
         return text + detail

@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--blob-reserve", type=_size, default=None, metavar="SIZE",
                    help="disk and page cache kept written ahead for large blobs, e.g. 2G "
                         "(default: a sixteenth of memory, at most 4G; 0: none)")
-    s.add_argument("--pass-env", type=_env_names, default=(), metavar="NAMES",
+    s.add_argument("--pass-env", type=_env_names, action="append", default=[],
+                   metavar="NAMES",
                    help="with several users, cells get only the environment's PATH, locale, "
                         "Python, CUDA and proxy variables; these (NAME,NAME) too")
     s.add_argument("--force", action="store_true",
@@ -245,7 +246,8 @@ def _main(argv: list[str] | None) -> int:
             keep_warm=None if args.cold else args.keep_warm,
             max_jobs_per_user=args.max_jobs_per_user, max_gpus_per_user=args.max_gpus_per_user,
             max_blob_bytes=args.max_blob_bytes, max_job_bytes=args.max_job_bytes,
-            blob_reserve=args.blob_reserve, pass_env=args.pass_env,
+            blob_reserve=args.blob_reserve,
+            pass_env=tuple(dict.fromkeys(n for names in args.pass_env for n in names)),
         )
         return serve(cfg)
     if args.command == "stop":

@@ -620,9 +620,8 @@ def test_a_shared_gateway_says_how_it_runs_cells_and_who_a_reload_changed(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     try:
         how = ("cells NOT isolated from each other (--force)" if isolation == "none"
-               else "each cell in a bubblewrap sandbox") + (
-            ", with the environment's PATH, locale, Python, CUDA and proxy variables only "
-            "(--pass-env NAMES for more)")
+               else "each cell in a bubblewrap sandbox, with the environment's PATH, locale, "
+                    "Python, CUDA and proxy variables only (--pass-env NAMES for more)")
         assert _line_with(proc.stdout, "users:") == f"users: 2, {how}\n"
         assert _line_with(proc.stdout, "limits:").startswith("limits: 1 job per user (")
         if isolation == "none":

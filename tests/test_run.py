@@ -65,6 +65,9 @@ def test_issue_example_mutates_input_and_returns_value(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     grant = json.loads(out.split("granted:", 1)[1].strip().splitlines()[0])
     assert grant["type"] == "H100" and grant["count"] == 2 and grant["simulated"] is True
+    # the keys DESIGN names (a trial found "memory_gb" where the docs said "memory")
+    assert {"type", "count", "node", "simulated", "memory"} <= set(grant), grant
+    assert grant["memory"] == 80
     assert value == expected / 2 == ns["half"]
     assert isinstance(ns["acc"], acc_class)
     assert ns["acc"].total == expected

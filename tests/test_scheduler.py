@@ -456,6 +456,11 @@ def test_a_job_s_reasons_read_by_someone_else_are_about_its_user() -> None:
         "dropped": [{"option": "H100:2",
                      "reason": "asks for more than bob's limit of 1 GPU(s) at once"}]}
     assert rec["dropped"][0]["reason"].startswith("asks for more than your")  # (a copy)
+    # why a grant passed its first options over, in its event and in the record's grant
+    passed = [{"option": "T4:2", "reason": "more GPUs than your limit leaves you now"}]
+    theirs = [{"option": "T4:2", "reason": "more GPUs than bob's limit leaves bob now"}]
+    assert _reasons_of("bob", {"type": "granted", "passed_over": passed})["passed_over"] == theirs
+    assert _reasons_of("bob", {"grant": {"passed_over": passed}})["grant"]["passed_over"] == theirs
 
 
 def test_grant_describes_its_gpus() -> None:

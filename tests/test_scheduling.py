@@ -150,8 +150,8 @@ def test_a_job_cancelled_while_waiting_to_be_retried_says_it_ran(small_client: A
         assert job.cancel()
         rec = finish(client, job.id)
         assert rec["state"] == "cancelled"
-        assert rec["message"] == ("cancelled while queued to be retried (attempt 2); its output "
-                                  "so far is kept")
+        assert rec["message"] == ("cancelled by job.cancel() while queued to be retried "
+                                  "(attempt 2); its output so far is kept")
     finally:
         client.cancel(holder["id"])
         finish(client, holder["id"])

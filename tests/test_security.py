@@ -370,8 +370,12 @@ def test_a_sandboxed_cell_that_closes_its_event_pipe_does_not_outlive_its_job(
                 return found
 
             assert alive()
-            assert finish(bob, victim["id"])["state"] == "lost"
+            ended = finish(bob, victim["id"])
+            assert ended["state"] == "lost"
             assert alive() == []  # gone before its GPU is anyone else's
+            # and said why: a SIGKILL out of nowhere read as a crash (a review)
+            assert "the cell closed the runner's event pipe and went on; it was stopped 10 s " \
+                "later" in ended["message"], ended
             wait_for(lambda: all_free(bob), 60)
     finally:
         gw.stop()
@@ -413,8 +417,11 @@ def test_a_shared_gateway_s_cells_get_only_the_environment_they_need(tmp_path: P
     tokens_file = tmp_path / "tokens.json"
     tokens = _tokens(tokens_file, alice={}, bob={})
     gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--pass-env", "DATA_ROOT",
+                       "--pass-env", "WANDB_MODE",  # (each flag adds: a review)
                        env={"AWS_SECRET_ACCESS_KEY": "not-for-students", "DATA_ROOT": "/data",
-                            "LC_ALL": "C.UTF-8"})
+                            "LC_ALL": "C.UTF-8", "WANDB_MODE": "offline",
+                            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                            "HF_TOKEN": "hf_not_for_students"})
     try:
         with GatewayClient(gw.url, tokens["alice"]) as alice:
             seen = gpu_magic.run(
@@ -425,7 +432,10 @@ def test_a_shared_gateway_s_cells_get_only_the_environment_they_need(tmp_path: P
         gw.stop()
     env, sandbox = seen
     assert "AWS_SECRET_ACCESS_KEY" not in env and b"not-for-students" not in sandbox
+    assert "HF_TOKEN" not in env
     assert env["DATA_ROOT"] == "/data" and env["LC_ALL"] == "C.UTF-8"  # (passed, and a locale)
+    assert env["WANDB_MODE"] == "offline"
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # (the GPU stack's)
     assert env["PATH"] and env["GPU_MAGIC_GRANT"]
 
 
@@ -1154,3 +1164,18 @@ def test_a_sandboxed_runner_has_the_gpu_device_files(tmp_path: Path) -> None:
     given = run(["/dev/fuse"])
     assert given.returncode == 0 and given.stdout.strip() == "True False", given
     assert "FileNotFoundError" in run([]).stderr  # (bwrap's own /dev lacks it)
+
+
+def test_another_user_s_display_shows_only_text_and_images_whatever_it_holds() -> None:
+    # a review: a cell can write event lines of its own, and a display whose data was not a
+    # bundle ended an admin's %gpu attach with an AttributeError
+    from gpu_magic._api import _inert
+
+    assert _inert({"type": "display", "data": "x"}, "bob")["data"] == {}
+    shown = _inert({"type": "display", "data": {"text/plain": 3, "image/svg+xml": "<svg/>",
+                                                "image/png": "AAAA"},
+                    "metadata": ["not", "a", "dict"]}, "bob")
+    assert shown["data"] == {"text/plain": "3", "image/png": "AAAA"} and shown["metadata"] == {}
+    named = _inert({"type": "display", "data": {"text/html": "<b>x</b>"}}, "bob")["data"]
+    assert named == {"text/plain": "[gpu_magic] bob's text/html output is not shown: it could "
+                                   "run script in your notebook"}

@@ -92,8 +92,6 @@ class JobSubmit(_Strict):
     python: str | None = None
     python_version: str | None = None
     cwd: str | None = None
-    # the submitting process (a kernel), random: a warm runner takes only its cells
-    session: str | None = Field(default=None, max_length=64)
     sys_path: list[str] | None = Field(default=None, max_length=1000)
     background: bool = False
     # where the cell came from (its notebook, its cell's id): kept with the job for the

@@ -257,7 +257,8 @@ def _third_person(text: str, user: str) -> str:
     for mine, theirs in (("your other jobs", f"{user}'s other jobs"),
                          ("your jobs", f"{user}'s jobs"), ("your job", f"{user}'s job"),
                          ("your limit", f"{user}'s limit"), ("take you past", f"take {user} past"),
-                         ("lets you use", f"lets {user} use")):
+                         ("lets you use", f"lets {user} use"),
+                         ("leaves you now", f"leaves {user} now")):
         text = text.replace(mine, theirs)
     return text
 
@@ -285,9 +286,11 @@ def _reasons_of(user: str, rec: dict[str, Any]) -> dict[str, Any]:
     for key in ("waiting_why", "waiting_for", "held"):
         if out.get(key):
             out[key] = _third_person(out[key], user)
-    if out.get("dropped"):
-        out["dropped"] = [dict(d, reason=_third_person(d["reason"], user))
-                          for d in out["dropped"]]
+    for key in ("dropped", "passed_over"):  # (a granted event's, and a record's grant's)
+        if out.get(key):
+            out[key] = [dict(d, reason=_third_person(d["reason"], user)) for d in out[key]]
+    if isinstance(out.get("grant"), dict) and out["grant"].get("passed_over"):
+        out["grant"] = _reasons_of(user, out["grant"])
     return out
 
 
@@ -938,8 +941,11 @@ class Gateway:
                 notices.append(f"this gateway caps --timeout at {seconds(self.max_timeout)} s; "
                                f"the job runs with that instead of {instead}")
             timeout = self.max_timeout
-        # (what the cell asked for, None for the default: its timeout message says which)
-        body = dict(body, timeout=timeout, timeout_asked=asked)
+        # (what the cell asked for, None for the default: its timeout message says which);
+        # the submitting process came in meta, which the job's record shows: kept apart
+        meta = dict(body.get("meta") or {})
+        session = meta.pop("session", None)
+        body = dict(body, timeout=timeout, timeout_asked=asked, meta=meta, session=session)
         job_id = body.get("id") or secrets.token_hex(8)
         if job_id in self.jobs:
             raise ApiError(409, "job_exists", f"a job with id {job_id!r} exists already; "
@@ -1363,7 +1369,9 @@ class Gateway:
         grant_env = {
             "GPU_MAGIC_GRANT": json.dumps({
                 "type": grant.gpu_type, "count": len(grant.indices), "node": grant.node,
-                "simulated": grant.simulated, "memory_gb": grant.memory_gb,
+                # "memory" as DESIGN names it (GB); "memory_gb" as the pool's records do
+                "simulated": grant.simulated, "memory": grant.memory_gb,
+                "memory_gb": grant.memory_gb,
                 "indices": list(grant.indices), "option_index": grant.option_index,
                 "job_id": job.id, "attempt": job.attempt,
             }),

@@ -171,14 +171,16 @@ def _cells_run(backend: Any) -> str:
     """How a shared gateway runs its users' cells, for its start lines."""
     if backend.name != "local":
         return f"cells run in the {backend.name} backend's workers, not sandboxed by the gateway"
+    if getattr(backend, "isolation", "none") != "bwrap":
+        # (no clause on their environment: without a sandbox a cell reads the gateway's own)
+        return "cells NOT isolated from each other (--force)"
     # (what of the environment they get: an admin's key there was a cell's to read)
-    env = ("" if getattr(backend, "pass_env", None) is None else
-           ", with the environment's PATH, locale, Python, CUDA and proxy variables only"
-           + (f" and {', '.join(backend.pass_env)}" if backend.pass_env else
-              " (--pass-env NAMES for more)"))
-    if getattr(backend, "isolation", "none") == "bwrap":
-        return "each cell in a bubblewrap sandbox" + env
-    return "cells NOT isolated from each other (--force)" + env
+    passed = getattr(backend, "pass_env", None) or ()
+    unset = [n for n in passed if n not in os.environ]
+    return ("each cell in a bubblewrap sandbox, with the environment's PATH, locale, Python, "
+            "CUDA and proxy variables only"
+            + (f" and {', '.join(passed)}" if passed else " (--pass-env NAMES for more)")
+            + (f" ({', '.join(unset)} not set here: passed as nothing)" if unset else ""))
 
 
 def _changes(before: set[str], after: set[str]) -> str:

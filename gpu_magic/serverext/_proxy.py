@@ -39,7 +39,9 @@ def _reason(exc: BaseException) -> str:
     for _ in range(8):  # (a chain, not a cycle)
         if seen is None:
             break
-        if isinstance(seen, OSError) and seen.errno:  # (asyncio's text: "Connect call failed")
+        # (asyncio's text: "Connect call failed"); only a connection's own errno: a TLS or
+        # name error's is OpenSSL's or the resolver's, and their text says it already
+        if isinstance(seen, ConnectionError) and seen.errno and seen.errno > 0:
             return os.strerror(seen.errno)
         group = getattr(seen, "exceptions", None)  # (an exception group: its first)
         seen = (group[0] if group else None) or seen.__cause__ or seen.__context__

@@ -44,9 +44,15 @@ SHARED_ENV = frozenset({
     "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "ALL_PROXY", "all_proxy",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-    "MPLBACKEND", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME"})
-SHARED_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "CUDNN_", "TORCH_CUDA_")
+    "MPLBACKEND", "TORCH_HOME", "XDG_CACHE_HOME", "CC", "CXX", "PKG_CONFIG_PATH",
+    "PROJ_DATA", "PROJ_LIB", "GDAL_DATA",
+    # Hugging Face's places and offline switches (never an HF_ prefix: HF_TOKEN)
+    "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "HF_ENDPOINT",
+    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"})
+SHARED_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "CUDNN_", "TORCH_CUDA_", "PYTORCH_",
+                       "TRITON_", "XLA_")
 
 
 def shared_env(environ: Mapping[str, str], passed: Iterable[str] = ()) -> dict[str, str]:
@@ -382,6 +388,7 @@ class LocalBackend:
     def _ended(self, handle: Handle, state: _RunnerOutput, on_exit: ExitCallback) -> None:
         """The runner's pipe closed: keep its worker warm or wait for its exit (blocking)."""
         run = handle.spec
+        stopped = False
         if handle.worker is not None and state.finished and not handle.cancelled:
             # the job ended and the worker lives on: keep it warm if it ended cleanly
             assert self.warm is not None
@@ -389,7 +396,8 @@ class LocalBackend:
             rc: int | None = 0
         else:
             rc = handle.wait(timeout=10.0)
-            if rc is None:
+            stopped = rc is None
+            if stopped:
                 # its pipe closed, but it lives: a cell that closed the pipe's descriptor. Its
                 # GPUs go to the next job once the job ends, so it must not outlive it (a red
                 # team's cell ran on past its --timeout, an admin's cancel and its user's limit)
@@ -414,6 +422,9 @@ class LocalBackend:
             finally:
                 os.close(handle.log_fd)
                 handle.log_fd = None
+        if stopped:  # (said as the reason: a SIGKILL out of nowhere read as a crash)
+            tail = ("[gpu_magic] the cell closed the runner's event pipe and went on; it was "
+                    "stopped 10 s later")
         on_exit(run.job_id, run.attempt, rc, tail)
 
     def interrupt(self, handle: Handle) -> None:
