@@ -227,6 +227,13 @@ def _tokens(path: Path, **users: Any) -> dict[str, str]:
     return tokens
 
 
+def _alice_and_bob(tmp_path: Path, *extra: str, **kw: Any) -> tuple[Gateway, dict[str, str]]:
+    """A gateway alice and bob share (so, sandboxed), and their tokens."""
+    tokens_file = tmp_path / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    return start_gateway(tmp_path, "--tokens-file", str(tokens_file), *extra, **kw), tokens
+
+
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
                                  reason="needs bubblewrap (make test installs it)")
 
@@ -348,9 +355,7 @@ def test_a_sandboxed_cell_that_closes_its_event_pipe_does_not_outlive_its_job(
             "    except OSError:\n"
             "        pass\n"
             "time.sleep(120)")
-    tokens_file = tmp_path / "tokens.json"
-    tokens = _tokens(tokens_file, alice={}, bob={})
-    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), simulate="T4:1")
+    gw, tokens = _alice_and_bob(tmp_path, simulate="T4:1")
     try:
         with GatewayClient(gw.url, tokens["bob"]) as bob:
             victim = submit(bob, cell, "T4", background=True)
@@ -386,9 +391,7 @@ def test_a_file_a_sandboxed_cell_leaves_in_its_folder_is_said_to_go_with_the_job
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # an ML trial: torch.save(..., 'ckpt.pt') in a cell of a class gateway printed its path,
     # and the file was gone when the job ended, without a word
-    tokens_file = tmp_path / "tokens.json"
-    tokens = _tokens(tokens_file, alice={}, bob={})
-    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file))
+    gw, tokens = _alice_and_bob(tmp_path)
     try:
         with GatewayClient(gw.url, tokens["alice"]) as alice:
             ns: dict[str, Any] = {"__name__": "__main__"}
@@ -414,14 +417,13 @@ def test_a_file_a_sandboxed_cell_leaves_in_its_folder_is_said_to_go_with_the_job
 @needs_bwrap
 def test_a_shared_gateway_s_cells_get_only_the_environment_they_need(tmp_path: Path) -> None:
     # a red team: cells read the gateway account's AWS and webhook keys from its environment
-    tokens_file = tmp_path / "tokens.json"
-    tokens = _tokens(tokens_file, alice={}, bob={})
-    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), "--pass-env", "DATA_ROOT",
-                       "--pass-env", "WANDB_MODE",  # (each flag adds: a review)
-                       env={"AWS_SECRET_ACCESS_KEY": "not-for-students", "DATA_ROOT": "/data",
-                            "LC_ALL": "C.UTF-8", "WANDB_MODE": "offline",
-                            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
-                            "HF_TOKEN": "hf_not_for_students"})
+    secrets_and_not = {"AWS_SECRET_ACCESS_KEY": "not-for-students", "DATA_ROOT": "/data",
+                       "LC_ALL": "C.UTF-8", "WANDB_MODE": "offline",
+                       "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                       "HF_TOKEN": "hf_not_for_students"}
+    gw, tokens = _alice_and_bob(tmp_path, "--pass-env", "DATA_ROOT",
+                                "--pass-env", "WANDB_MODE",  # (each flag adds: a review)
+                                env=secrets_and_not)
     try:
         with GatewayClient(gw.url, tokens["alice"]) as alice:
             seen = gpu_magic.run(
