@@ -256,7 +256,8 @@ class GatewayClient:
 
     def give_back(self, other: GatewayClient) -> None:
         with self._spares_lock:
-            if len(self._spares) < 4:
+            # (not one of a gateway this client has left since: its socket would stay open)
+            if len(self._spares) < 4 and (other.url, other.token) == (self.url, self.token):
                 self._spares.append(other)
                 return
         other.close()

@@ -1949,22 +1949,18 @@ class _Session:
     def _left_in_folder(self, job_dir: Path, there: set[str]) -> None:
         """Say which files the cell wrote in its working folder on a shared gateway, which is
         removed with the job (an ML trial's checkpoint was gone without a word)."""
-        try:
-            if not os.path.samefile(os.getcwd(), job_dir):
-                return  # (the cell moved: where it wrote is not known here)
-        except OSError:
-            return
         made = sorted(_listing(job_dir) - there - _JOB_FOLDER_OWN)
         if not made:
             return
-        named = ", ".join(made[:3]) + (f" and {len(made) - 3} more" if len(made) > 3 else "")
-        example = next((n for n in made if os.path.isfile(job_dir / n)), made[0])
+        named = ", ".join(n + ("/" if os.path.isdir(job_dir / n) else "") for n in made[:3]) + (
+            f" and {len(made) - 3} more" if len(made) > 3 else "")
+        example = next((n for n in made if os.path.isfile(job_dir / n)), None)
+        how = (f"bring a file back as a variable (data = open({example!r}, 'rb').read())"
+               if example else "bring what you need back as variables")
         self.pristine.streams[1].write(  # type: ignore[union-attr]
-            f"[gpu_magic] the cell wrote {named} in its working folder on the GPU machine, "
+            f"[gpu_magic] the cell wrote {named} in its folder on the GPU machine ({job_dir}), "
             "which is removed when the job ends (each cell of this shared gateway runs in a "
-            "folder of its own): bring a file back as a variable "
-            f"(data = open({example!r}, 'rb').read()), or write it to storage the GPU machine "
-            "keeps\n")
+            f"folder of its own): {how}, or write to storage the GPU machine keeps\n")
 
     def _run(self, job_dir: Path, manifest: dict[str, Any]) -> int:
         emitter, shell = self.emitter, self.shell

@@ -115,13 +115,17 @@ def test_a_kernel_keeps_no_socket_of_a_local_gateway_stopped_since(local_only: N
     import psutil
 
     me = psutil.Process()
+    ports: set[int] = set()  # (of this test's gateways: other tests' sockets are theirs)
 
     def stale() -> int:
-        return sum(1 for c in me.net_connections("tcp") if c.status == psutil.CONN_CLOSE_WAIT)
+        return sum(1 for c in me.net_connections("tcp")
+                   if c.status == psutil.CONN_CLOSE_WAIT and c.raddr and c.raddr.port in ports)
 
     ns = {"__name__": "__main__"}
     for _ in range(4):
         gpu_magic.run("x = 1", "T4", ns, quiet=True)
+        assert _connection._embedded is not None
+        ports.add(int(str(_connection._embedded["url"]).rsplit(":", 1)[1]))
         job = gpu_magic.run("x = 2", "T4", ns, quiet=True, background=True)
         job.wait(timeout=60)
         stop_local_gateway()

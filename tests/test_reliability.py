@@ -764,16 +764,29 @@ def test_a_job_that_ends_without_its_result_leaves_no_half_written_file(
         wait_for(lambda: not out.exists(), DEADLINE)
 
 
-def test_a_job_that_ended_leaves_no_empty_folder(one_gpu: Gateway) -> None:
+@pytest.mark.parametrize("how", [(), ("--gateway-python",), ("--cold",)],
+                         ids=["warm", "job-folder-as-working-folder", "fresh-process"])
+def test_a_job_that_ended_leaves_no_empty_folder(tmp_path: Path, how: tuple[str, ...]) -> None:
     # a soak trial: every job whose results were files left jobs/ID/attempt-1/, empty, for
-    # the retention period (671 of them after 25 minutes)
-    with one_gpu.client() as c:
-        ns = {"__name__": "__main__"}
-        job = gpu_magic.run("import os\nbig = os.urandom(1 << 20)", "T4", ns, client=c,
-                            quiet=True, background=True)
-        job.wait(timeout=DEADLINE)
-        assert len(ns["big"]) == 1 << 20
-        wait_for(lambda: not (one_gpu.state_dir / "jobs" / job.id).exists(), DEADLINE)
+    # the retention period (671 of them after 25 minutes); a review: so did every job whose
+    # working folder was its job's (--gateway-python), and a fresh process's its manifest
+    gw = start_gateway(tmp_path, *how, simulate="T4:1")
+    try:
+        with gw.client() as c:
+            for cell in ("import os\nbig = os.urandom(1 << 20)", "x = 1"):
+                ns = {"__name__": "__main__"}
+                for _ in range(3):
+                    gpu_magic.run(cell, "T4", ns, client=c, quiet=True)
+                assert "big" in ns or ns["x"] == 1
+            wait_for(lambda: list((gw.state_dir / "jobs").iterdir()) == [], DEADLINE)
+            if how == ("--gateway-python",):
+                # a file the cell left in its working folder, its job's here, is its own: kept
+                kept = gpu_magic.run("import os\nopen('mine.txt', 'w').write('x')\n"
+                                     "os.getcwd()", "T4", {"__name__": "__main__"}, client=c,
+                                     quiet=True)
+                assert os.path.exists(os.path.join(kept, "mine.txt"))
+    finally:
+        gw.stop()
 
 
 def test_a_cell_whose_results_cannot_be_stored_says_it_finished(tmp_path: Path) -> None:

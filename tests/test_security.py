@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -399,9 +400,15 @@ def test_a_file_a_sandboxed_cell_leaves_in_its_folder_is_said_to_go_with_the_job
                           client=alice, quiet=True)
             assert ns["x"] == 1
             err = capsys.readouterr().err
-            assert "[gpu_magic] the cell wrote ckpt.pt in its working folder on the GPU " \
-                "machine, which is removed when the job ends" in err, err
+            assert re.search(r"\[gpu_magic\] the cell wrote ckpt\.pt in its folder on the GPU "
+                             r"machine \(/\S+\), which is removed when the job ends", err), err
             assert "data = open('ckpt.pt', 'rb').read()" in err
+            # wherever the cell went after (a review: a chdir kept it quiet)
+            gpu_magic.run("import os\nos.makedirs('runs')\nos.chdir('runs')\n"
+                          "open('b.pt', 'wb').write(b'y')", "H100", ns, client=alice, quiet=True)
+            err = capsys.readouterr().err
+            assert "the cell wrote runs/ in its folder" in err, err
+            assert "bring what you need back as variables" in err
             gpu_magic.run("import tempfile\ny = 2", "H100", ns, client=alice, quiet=True)
             assert "the cell wrote" not in capsys.readouterr().err  # (nothing left: no word)
             # nor can it write beside its folder, into the state directory's stand-in (memory)

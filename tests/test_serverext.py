@@ -388,3 +388,37 @@ def test_the_sidebar_shows_the_gateway_the_notebook_in_front_connected_to(
         jp_asyncio_loop.run_until_complete(kernels.shutdown_kernel(kid, now=False))
     assert not note.exists()  # a kernel that ends takes its note back
     assert api("status", params={"kernel": kid})[1]["url"] == gateway.url
+
+
+@pytest.mark.parametrize(("cause", "said"), [
+    (ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)"), "Connection refused"),
+    (OSError(113, "Connect call failed ('10.0.0.9', 8765)"), "No route to host"),
+    (TimeoutError(110, "Connect call failed"), "Connection timed out"),
+])
+def test_a_connection_failure_is_said_as_the_magic_says_it(cause: OSError, said: str) -> None:
+    # a trial: the panel said "All connection attempts failed" where the cell said
+    # "Connection refused"; a review: an untrusted certificate then read "Operation not
+    # permitted", and an unknown host "Unknown error -2"
+    import socket
+    import ssl
+
+    import httpx
+
+    from gpu_magic.serverext._proxy import _reason
+
+    def failed(inner: BaseException, text: str = "All connection attempts failed") -> Exception:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise httpx.ConnectError(text) from exc
+        except httpx.ConnectError as outer:
+            return outer
+
+    assert _reason(failed(cause)) == said
+    tls = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+                                          "failed: self-signed certificate")
+    assert "CERTIFICATE_VERIFY_FAILED" in _reason(failed(tls, str(tls)))
+    dns = socket.gaierror(-2, "Name or service not known")
+    assert _reason(failed(dns, "[Errno -2] Name or service not known")) == \
+        "Name or service not known"

@@ -19,7 +19,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,20 +263,29 @@ def _third_person(text: str, user: str) -> str:
     return text
 
 
-def _remove(folder: Path, job_folder: Path, final: Callable[[], bool]) -> None:
-    """``folder`` (in ``job_folder``), then the folders it leaves empty: the job's own only
-    once the job has ended (a retry makes its next attempt's folder there). A soak trial
-    found two empty folders per job, kept for the retention period."""
-    shutil.rmtree(folder, ignore_errors=True)
-    for above in folder.parents:
-        if above == job_folder and not final():
-            return
-        try:
-            above.rmdir()
-        except OSError:  # (not empty: a manifest, another attempt's folder)
-            return
-        if above == job_folder:
-            return
+# gpu_magic's own files in an attempt's folder, read by the time the attempt has ended
+_ATTEMPT_OWN = ("manifest.json", "runner.log")
+
+
+def _remove(attempt: Path, whole: bool, final: bool) -> None:
+    """An ended attempt's folder: all of it (``whole``: a sandboxed cell's, its working
+    folder and TMPDIR, whose files the cell was told go with it), else its results' folder
+    and gpu_magic's own files, and the folder itself if that leaves it empty (a cell that
+    worked there may have left files of its own). Then the job's folder, if the job has ended
+    and it is empty (a retry makes its next attempt's folder there). A soak trial found two
+    empty folders per job, kept for the retention period."""
+    if whole:
+        shutil.rmtree(attempt, ignore_errors=True)
+    else:
+        shutil.rmtree(attempt / "out", ignore_errors=True)
+        for name in _ATTEMPT_OWN:
+            with contextlib.suppress(OSError):
+                (attempt / name).unlink()
+        with contextlib.suppress(OSError):
+            attempt.rmdir()
+    if final:
+        with contextlib.suppress(OSError):
+            attempt.parent.rmdir()
 
 
 def _reasons_of(user: str, rec: dict[str, Any]) -> dict[str, Any]:
@@ -809,7 +818,10 @@ class Gateway:
                   if j.user == user.name or (everyone and user.admin)]
         chosen = theirs
         if limit is not None and len(theirs) > limit:
-            ended = sorted((j for j in theirs if j.final), key=lambda j: j.created)
+            # (by their end: a three-day job that ended after sixty short cells is the one
+            # its user looks for)
+            ended = sorted((j for j in theirs if j.final),
+                           key=lambda j: j.finished or j.created)
             kept = {j.id for j in ended[-limit:]} if limit else set()
             chosen = [j for j in theirs if not j.final or j.id in kept]
         return [self.view(j, user, positions) for j in chosen], len(theirs)
@@ -1645,13 +1657,19 @@ class Gateway:
         # results were written in: no one's to read any more (its results are stored), and
         # what is left there is half written (a runner killed or cancelled while writing a
         # result). On the gateway's disk: not left for days (retention).
-        folder = self.jobs_dir / job.id / f"attempt-{attempt}"
-        if not self._sandboxed():
-            folder = folder / "out"
-        if self._sandboxed() or os.path.isdir(folder):  # (a small result made no folder)
-            threading.Thread(target=_remove, args=(folder, self.jobs_dir / job.id,
-                                                   lambda: job.final),
-                             daemon=True, name=f"gpu-magic-tidy-{job.id}").start()
+        # After the attempt's end is settled (a retry, or the job's end): the job's folder
+        # goes too once the job has ended, decided here, not raced by the tidying thread.
+        try:
+            self._attempt_ended(job, attempt, rc, tail)
+        finally:
+            folder = self.jobs_dir / job.id / f"attempt-{attempt}"
+            if folder.parent.exists():  # (a warm runner's small result made no folder at all)
+                threading.Thread(target=_remove, args=(folder, self._sandboxed(), job.final),
+                                 daemon=True, name=f"gpu-magic-tidy-{job.id}").start()
+
+    def _attempt_ended(self, job: Job, attempt: int, rc: int | None, tail: str) -> None:
+        """What an attempt's end makes of its job: its end (succeeded, failed, cancelled,
+        timed out, lost) or another attempt."""
         outcome = job.outcome or {}
         job.attempts.append({"attempt": attempt, "grant": job.grant, "rc": rc,
                              "outcome": outcome.get("type", "died")})

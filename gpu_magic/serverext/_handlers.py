@@ -96,7 +96,8 @@ class JobsHandler(_Base):
         """
         everyone = self.get_argument("all", "false").lower() in ("1", "true", "yes")
         try:
-            limit = max(0, int(self.get_argument("limit", str(DEFAULT_LIMIT))))
+            # (the gateway takes at most a million: more is all of them anyway)
+            limit = min(max(0, int(self.get_argument("limit", str(DEFAULT_LIMIT)))), 1_000_000)
         except ValueError:
             raise tornado.web.HTTPError(400, "limit must be a whole number")
         # (the gateway picks them: a week of cells is thousands of records at every poll)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,10 @@ def _reason(exc: BaseException) -> str:
     for _ in range(8):  # (a chain, not a cycle)
         if seen is None:
             break
-        # (asyncio's text: "Connect call failed"); only a connection's own errno: a TLS or
-        # name error's is OpenSSL's or the resolver's, and their text says it already
-        if isinstance(seen, ConnectionError) and seen.errno and seen.errno > 0:
+        # (asyncio's text: "Connect call failed"); only a system errno: a TLS error's is
+        # OpenSSL's, a name lookup's the resolver's (negative), and their text says it already
+        if (isinstance(seen, OSError) and not isinstance(seen, ssl.SSLError)
+                and (seen.errno or 0) > 0):
             return os.strerror(seen.errno)
         group = getattr(seen, "exceptions", None)  # (an exception group: its first)
         seen = (group[0] if group else None) or seen.__cause__ or seen.__context__
