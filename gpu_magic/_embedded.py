@@ -213,7 +213,9 @@ def _start(path: Path, simulate: str | None, state_dir: Path | None) -> dict[str
         cmd += ["--simulate", simulate]
     env = {k: v for k, v in os.environ.items() if k not in ("GPU_MAGIC_TOKEN", "GPU_MAGIC_URL")}
     _say_pool_notes(simulate)
-    with open(state / "gateway.log", "ab") as log:
+    # (0600 as the rest of the state folder: it names the jobs and errors of its user)
+    with os.fdopen(os.open(state / "gateway.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                   "ab") as log:
         # the log is appended to across starts: a failure quotes this start's part only
         log.write(f"--- gpu_magic {__version__} gateway starting "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())

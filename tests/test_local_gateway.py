@@ -136,6 +136,20 @@ def test_a_kernel_keeps_no_socket_of_a_local_gateway_stopped_since(local_only: N
     wait_for(lambda: stale() == 0, 10)
 
 
+def test_the_local_gateway_s_log_and_inbox_are_its_user_s_alone(local_only: None) -> None:
+    # a soak trial: gateway.log was 0644 and inbox/ 0755 in the 0700 state folder
+    import numpy as np
+
+    from gpu_magic.server.serve import default_state_dir
+
+    ns = {"__name__": "__main__", "data": np.ones(1 << 20)}  # (8 MiB: by the same-host inbox)
+    gpu_magic.run("n = len(data)", "T4", ns, quiet=True)
+    assert ns["n"] == 1 << 20
+    state = default_state_dir()
+    assert (state / "gateway.log").stat().st_mode & 0o777 == 0o600
+    assert (state / "inbox").stat().st_mode & 0o777 == 0o700
+
+
 def test_a_background_job_of_a_stopped_local_gateway_says_it_ended_with_it(
         local_only: None) -> None:
     # a README trial: after `gpu-magic stop`, wait() tried for 30 s, then said "the job may

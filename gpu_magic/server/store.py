@@ -518,7 +518,8 @@ class BlobStore:
     def inbox(self, user: str) -> Path:
         """Where a client on this host writes blobs for :meth:`adopt_inbox` (0700)."""
         d = self.root.parent / "inbox" / user_folder(user)
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        d.parent.mkdir(exist_ok=True, mode=0o700)  # (parents=True would make it 0755)
+        d.mkdir(exist_ok=True, mode=0o700)
         return d
 
     def sweep_inbox(self, cutoff: float) -> int:
