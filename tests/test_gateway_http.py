@@ -1423,6 +1423,8 @@ def test_gateway_refuses_a_bad_tokens_file(tmp_path: Path, entries: dict[str, An
     with pytest.raises(RuntimeError, match=says):
         gw = start_gateway(tmp_path, "--tokens-file", str(path))
         gw.stop()
+    # and it made nothing on the way (a red team found the state directory made)
+    assert not (tmp_path / "state").exists()
 
 
 # --- restart ---

@@ -27,7 +27,14 @@ from typing import Any
 from .._errors import SpecError
 from .._version import __version__
 from .api import create_app
-from .auth import Authenticator, TokensFileError, load_tokens_file, owner_token, write_private
+from .auth import (
+    Authenticator,
+    TokensFileError,
+    User,
+    load_tokens_file,
+    owner_token,
+    write_private,
+)
 from .backends.sandbox import bwrap_path
 from .gateway import Gateway
 from .limits import Limits, human, load_overrides, seconds
@@ -121,6 +128,12 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
 
 
 def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
+    # the tokens file first: one refused (its mode, a bad entry) leaves no state directory
+    # made behind it (a red team found one)
+    try:
+        given_tokens = load_tokens_file(cfg.tokens_file) if cfg.tokens_file else None
+    except TokensFileError as exc:
+        raise ServeError(str(exc)) from None
     # absolute, as the sandbox names them inside a new root (and the working folder may change)
     state_dir = (cfg.state_dir or default_state_dir()).expanduser().resolve()
     try:
@@ -145,7 +158,7 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
     except StateDirBusy as exc:
         raise ServeError(str(exc)) from None
     try:
-        gateway, auth, token_path = _build(cfg, state_dir)
+        gateway, auth, token_path = _build(cfg, state_dir, given_tokens)
     except BaseException:
         os.close(lock)
         raise
@@ -211,7 +224,8 @@ def _revoked(cancelled: int, running: int) -> str:
     return f"; {'; '.join(said)}" if said else ""
 
 
-def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, Path | None]:
+def _build(cfg: ServeConfig, state_dir: Path, given_tokens: dict[str, User] | None,
+           ) -> tuple[Gateway, Authenticator, Path | None]:
     if not _is_loopback(cfg.host) and not cfg.force:
         if not cfg.tokens_file:
             raise ServeError(
@@ -252,13 +266,13 @@ def _build(cfg: ServeConfig, state_dir: Path) -> tuple[Gateway, Authenticator, P
                 f"{cfg.simulate}, or a one-machine Ray cluster with fake GPUs (docs/ray.md, "
                 "\"Trying it on one machine\").")
     token_path = None
-    try:
-        if cfg.tokens_file:
-            tokens = load_tokens_file(cfg.tokens_file)
-        else:
+    if given_tokens is not None:
+        tokens = given_tokens
+    else:
+        try:
             tokens, token_path = owner_token(state_dir)
-    except TokensFileError as exc:
-        raise ServeError(str(exc)) from None
+        except TokensFileError as exc:
+            raise ServeError(str(exc)) from None
     users = {u.name for u in tokens.values()}
     isolation = cfg.isolation
     if isolation == "auto":
