@@ -897,11 +897,30 @@ def test_a_cell_cannot_make_the_gateway_take_a_file_it_names(
             assert record["state"] in ("failed", "lost"), record
             said = json.dumps(list(c.events(job["id"])))
             assert "malformed result" in said or "not a regular file" in said or "is a link" in said, said
+            assert "is not a folder" not in said, said  # (the file is at fault, not its folder)
             assert secret.read_text() == "the gateway's own file"  # still there, untouched
             with pytest.raises(gpu_magic.GatewayError):
                 c.download(secret_digest)
             assert not list((gw.state_dir / "blobs").rglob("*.adopt"))
             assert all(t["free"] == t["total"] for t in c.pool()["types"])  # nothing held
+    finally:
+        gw.stop()
+
+
+@needs_bwrap
+def test_a_sandboxed_cell_s_result_that_is_a_link_is_said_to_be_one(tmp_path: Path) -> None:
+    # a red team: a result file swapped for a link was refused, as "out is not a folder"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the gateway's own file")
+    gw, tokens = _alice_and_bob(tmp_path)
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            source = _FORGE.format(state=str(gw.state_dir), blob="d",
+                                   make=f"os.symlink({str(secret)!r}, path)")
+            job = submit(alice, source, "H100", timeout=30)
+            assert finish(alice, job["id"])["state"] in ("failed", "lost")
+            said = json.dumps(list(alice.events(job["id"])))
+            assert "is a link, not a file" in said and "not a folder" not in said, said
     finally:
         gw.stop()
 

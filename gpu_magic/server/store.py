@@ -565,6 +565,7 @@ class BlobStore:
         on another thread (see :mod:`.checks`), for a writer who is the gateway's own user."""
         dest = self.path(user, digest)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.adopt")
+        at = None
         try:
             parent = os.open(folder.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -584,8 +585,11 @@ class BlobStore:
         except FileNotFoundError:
             raise BlobError(404, f"there is no file {name!r} to take") from None
         except OSError as exc:
+            # (the folder, or, once it was open, the file: a red team's link in place of a
+            # result file was said to be a folder that was not one)
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise BlobError(400, f"{folder.name} is not a folder") from None
+                raise BlobError(400, f"{folder.name} is not a folder" if at is None
+                                else f"{name} is a link, not a file") from None
             raise BlobError(507, f"the gateway cannot store the blob: {exc}") from exc
         try:
             if beside and copied is None:
