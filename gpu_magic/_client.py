@@ -335,8 +335,7 @@ class GatewayClient:
         body = self._request("GET", "/v1/jobs", params={"all": everyone, "limit": limit}).json()
         return body["jobs"], int(body.get("total", len(body["jobs"])))
 
-    def all_jobs(self, asked_by: str = "all jobs", limit: int | None = None,
-                 ) -> tuple[list[dict[str, Any]], int]:
+    def all_jobs(self, asked_by: str, limit: int) -> tuple[list[dict[str, Any]], int]:
         """Every user's jobs, for an admin token. Any other token gets a GatewayError (403):
         the gateway itself answers it with the caller's own jobs, which would read as if
         nobody else had any. ``asked_by`` names what the user typed, for the message."""
@@ -347,9 +346,6 @@ class GatewayClient:
                 f"{asked_by} lists every user's jobs and needs an admin token; the gateway at "
                 f"{self.url} takes {whose} for user {me.get('user')!r}, who is not an admin. "
                 "Leave out --all to list your own jobs.", status=403)
-        if limit is None:
-            jobs = self.jobs(everyone=True)
-            return jobs, len(jobs)
         return self.recent_jobs(limit, everyone=True)
 
     def job(self, job_id: str) -> dict[str, Any]:

@@ -434,8 +434,9 @@ def _detail_rows(state: JobState, outcome: bool = False) -> list[str]:
         rows.append(f"<div>{e(state.interrupt_text())}</div>")
     if state.cancel and not state.final:
         rows.append(f"<div>cancelling ({e(state.cancel)})…</div>")
-    if state.cancel_error_text():
-        rows.append(f'<div style="{_colour(_BAD)}">{e(state.cancel_error_text())}</div>')
+    cancel_error = state.cancel_error_text()
+    if cancel_error:
+        rows.append(f'<div style="{_colour(_BAD)}">{e(cancel_error)}</div>')
     if outcome and state.outcome():
         rows.append(f'<div class="gpu-magic-outcome">{e(state.outcome())}</div>')
     for n in state.notices:

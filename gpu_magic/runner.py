@@ -1497,19 +1497,16 @@ def _pack_results(
                     states.pop(n, None)
                     continue
                 # the fix for an input ("create it inside the cell") is no help for a result
-                if n in same:  # an input the cell changed: `del` would delete the notebook's
-                    skipped[n] = (f"{what} cannot be sent back, so what the cell changed in "
-                                  "it stayed on the GPU machine; "
-                                  + (f"leave {n} out of --return" if listed else
-                                     f"list what to bring back with --return, without {n},")
-                                  + " to leave it there without this note")
-                else:
-                    skipped[n] = (f"{what} cannot be sent back, so it stayed on the GPU "
-                                  "machine; "
-                                  + (f"leave {n} out of --return" if listed else
-                                     f"`del {n}` at the end of the cell, or list what to "
-                                     "bring back with --return,")
-                                  + " to leave it there without this note")
+                # (an input the cell changed: `del` would delete the notebook's too)
+                changed = n in same
+                fix = (f"leave {n} out of --return" if listed else
+                       f"list what to bring back with --return, without {n}," if changed else
+                       f"`del {n}` at the end of the cell, or list what to bring back with "
+                       "--return,")
+                skipped[n] = (f"{what} cannot be sent back, so "
+                              + ("what the cell changed in it" if changed else "it")
+                              + f" stayed on the GPU machine; {fix} to leave it there without "
+                              "this note")
                 values.pop(n, None)
                 states.pop(n, None)
         if "value" in payload and id(value) not in unchanged_inputs and (
