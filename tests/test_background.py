@@ -106,7 +106,8 @@ def test_cancel_from_the_handle(tmp_path: Path, client: Any) -> None:
         "%load_ext gpu_magic",
         "%%gpu A100-80GB --background\nimport time\nprint('started', flush=True)\n"
         "time.sleep(120)\nv = 1",
-        "job = _\nimport time\nwhile job.state != 'running':\n    time.sleep(0.05)\n"
+        # wait for the print, not only for 'running': a cancel in between has nothing to keep
+        "job = _\nimport time\nwhile 'started' not in job.output:\n    time.sleep(0.05)\n"
         "print(job.cancel())",
         "from gpu_magic import JobCancelled\ntry:\n    job.wait(timeout=60)\n"
         "except JobCancelled as exc:\n    print('raised', type(exc).__name__)\n"
