@@ -373,16 +373,20 @@ _DEBUGGER_FILES = frozenset(os.path.join(os.path.dirname(os.__file__), name)
                             for name in ("pdb.py", "bdb.py", "cmd.py"))
 
 
-def _no_input(*_a: Any, **_k: Any) -> str:
+def _no_input(*_a: Any, _what: str = "input()", **_k: Any) -> str:
     frame = sys._getframe(1)
     while frame is not None:  # pdb.set_trace() (IPython's debugger too) reads through input()
         if frame.f_code.co_filename in _DEBUGGER_FILES:
             _no_debugger()
         frame = frame.f_back  # type: ignore[assignment]
     raise RuntimeError(
-        "input() is not available in a %%gpu cell: the cell runs on a remote machine with no "
+        f"{_what} is not available in a %%gpu cell: the cell runs on a remote machine with no "
         "keyboard. Put the value in a variable before the cell and use that instead."
     )
+
+
+def _no_getpass(*_a: Any, **_k: Any) -> str:
+    return _no_input(_what="getpass()")
 
 
 class _NotebookOut(dict):  # type: ignore[type-arg]
@@ -541,7 +545,7 @@ def _cell_shell(ns: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> A
     shell.display_pub = Publisher(shell=shell)
     shell.displayhook = ValueHook(shell=shell)
     shell.display_trap.hook = shell.displayhook  # run_cell installs the trap's hook, not ours
-    shell.showtraceback = lambda *a, **k: None  # the error travels as an event instead
+    _report_errors_in_cell(shell)
 
     def ask_exit() -> None:  # exit() / quit(): a kernel would end; here the cell ends
         raise SystemExit("exit() ends this cell on the GPU machine; the notebook's kernel "
@@ -559,11 +563,66 @@ def _cell_shell(ns: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> A
                              "the notebook)")
 
     shell.enable_gui = enable_gui
+
+    def set_next_input(text: str, replace: bool = False) -> None:
+        # %load and %recall write into the notebook's cells, which a job cannot reach
+        print("[gpu_magic] this cell asked to put text into the notebook's next cell (%load, "
+              "%recall or set_next_input), which a %%gpu cell cannot do: run that line in a "
+              "cell without %%gpu", file=sys.stderr)
+
+    shell.set_next_input = set_next_input
     # IPython's advice on SystemExit ("To exit: use 'exit'...") is for a terminal, not a cell
     warnings.filterwarnings("ignore", message="To exit: use", category=UserWarning)
-    shell.showsyntaxerror = lambda *a, **k: None
     _register_gpu_magic(shell)
     return shell
+
+
+def _report_errors_in_cell(shell: Any) -> None:
+    """The cell's own error travels as an event (the client raises it), so the shell must not
+    also print it. Every other error IPython reports and goes on from is printed, as a kernel
+    shows it: a script's under ``%run``, a ``_repr_html_`` that raised, an event callback's,
+    a nested ``run_cell``'s. (Silencing them all made ``%run`` of a failing script succeed.)"""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    def code(name: str) -> Any:  # (IPython 8.12 on: the environment a cell runs in may differ)
+        return getattr(getattr(InteractiveShell, name, None), "__code__", None)
+
+    cell_machinery = {code(n) for n in ("run_code", "run_ast_nodes", "run_cell_async",
+                                        "_run_cell", "showindentationerror")} - {None}
+    one_cell = code("_run_cell") or code("run_cell")
+    show_tb, show_syntax = shell.showtraceback, shell.showsyntaxerror
+    passing = [False]  # a traceback being shown may hand on to showsyntaxerror
+
+    def the_cells_own() -> bool:
+        if passing[0]:
+            return False
+        caller = sys._getframe(2)  # (above the stand-in below)
+        if caller.f_code not in cell_machinery:
+            return False
+        depth, frame = 0, caller
+        while frame is not None:  # a nested run_cell's error is one the cell goes on from
+            depth += frame.f_code is one_cell
+            frame = frame.f_back  # type: ignore[assignment]
+        return depth <= 1
+
+    def showtraceback(*args: Any, **kwargs: Any) -> None:
+        if the_cells_own():
+            return
+        passing[0] = True
+        try:
+            show_tb(*args, **kwargs)
+        finally:
+            passing[0] = False
+
+    def showsyntaxerror(*args: Any, **kwargs: Any) -> None:
+        if not the_cells_own():
+            show_syntax(*args, **kwargs)
+
+    def print_traceback(_etype: Any, _value: Any, stb: list[str]) -> None:
+        print(shell.InteractiveTB.stb2text(stb), file=sys.stderr)  # (a kernel's error output)
+
+    shell.showtraceback, shell.showsyntaxerror = showtraceback, showsyntaxerror
+    shell._showtraceback = print_traceback
 
 
 def _register_gpu_magic(shell: Any) -> None:
@@ -1658,7 +1717,7 @@ class _Session:
         bdb.Bdb.set_trace = _no_debugger  # type: ignore[method-assign]
         import getpass
 
-        getpass.getpass = _no_input  # type: ignore[assignment]
+        getpass.getpass = _no_getpass  # type: ignore[assignment]
 
     def _sync_quietly(self) -> None:
         with contextlib.suppress(Exception):

@@ -940,6 +940,50 @@ def test_input_fails_at_once_with_a_clear_message() -> None:
         run(notebook(""), "name = input('who? ')")
 
 
+def test_getpass_is_named_as_what_has_no_keyboard() -> None:
+    with pytest.raises(RuntimeError, match="getpass\\(\\) is not available in a %%gpu cell"):
+        run(notebook(""), "import getpass\nsecret = getpass.getpass()")
+
+
+def test_errors_a_cell_goes_on_from_are_shown_as_a_kernel_shows_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a trial: the runner silenced every traceback IPython reports and goes on from, so %run
+    # of a failing script "succeeded" without its error, as did a failing _repr_html_
+    script = tmp_path / "bad_script.py"
+    script.write_text("print('script start')\nraise ValueError('script failed')\n")
+    ns = notebook("")
+    run(ns, f"""
+        %run {script}
+        class Shown:
+            def _repr_html_(self):
+                raise KeyError('no html')
+            def __repr__(self):
+                return 'Shown()'
+        display(Shown())
+        inner = get_ipython().run_cell('1 / 0')
+        print('went on', inner.success)
+    """)
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "script start" and "went on False" in out
+    assert "ValueError: script failed" in err and "KeyError: 'no html'" in err
+    assert "ZeroDivisionError: division by zero" in err
+    assert ns["inner"] is not None  # (the cell itself succeeded and bound its names)
+    # the cell's own error is raised here, once, and not also printed there
+    with pytest.raises(ZeroDivisionError):
+        run(ns, "print('before')\n1 / 0")
+    out, err = capsys.readouterr()
+    assert out == "before\n" and "ZeroDivisionError" not in err
+
+
+def test_load_in_a_cell_says_it_cannot_reach_the_notebook(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "snippet.py"
+    source.write_text("x = 1\n")
+    run(notebook(""), f"%load {source}")
+    assert "which a %%gpu cell cannot do: run that line in a cell without %%gpu" \
+        in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stop", ["breakpoint()", "import pdb; pdb.set_trace()",
                                   "from IPython.core.debugger import set_trace; set_trace()"])
 def test_a_debugger_in_a_cell_says_it_cannot_stop_there(stop: str) -> None:
