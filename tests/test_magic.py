@@ -654,7 +654,9 @@ def test_a_gpu_cell_inside_a_job_runs_there_and_leaves_local_gateways_alone(
     # neither GPU_MAGIC_URL nor GPU_MAGIC_SIMULATE, as on a GPU machine. A %%gpu cell there
     # found the idle H100:2 gateway above, restarted it unsimulated (another notebook's) and
     # failed with NoFeasibleOption; on a one-GPU pool of its own it would wait for good
-    gw = start_gateway(tmp_path, simulate="T4:1")
+    # (started from a shell whose profile exports GPU_MAGIC_URL, as instructors.md shows: its
+    # cells took that for their gateway, and `%gpu pool` there asked for a token)
+    gw = start_gateway(tmp_path, simulate="T4:1", env={"GPU_MAGIC_URL": "http://127.0.0.1:9"})
     try:
         k = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=gw.token)
         out = k.run('%%gpu T4 --quiet\n%load_ext gpu_magic\nimport gpu_magic\n'

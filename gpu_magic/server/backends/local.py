@@ -31,8 +31,10 @@ MANIFEST_INLINE_MAX = 48 << 10
 # one event line from a runner: its outputs come in pieces of 1 MiB, its results up to 1 MiB
 # inline, a figure a few MiB; past this it is not a runner of ours writing
 EVENT_LINE_MAX = 64 << 20
-# Variables of the gateway that a cell must never see.
-_SECRET_ENV = ("GPU_MAGIC_TOKEN",)
+# Variables of the gateway that a cell must never see: its token, and the URL a shell profile
+# exports for notebooks (a cell given it took it for its own gateway: `%gpu pool` in a cell
+# asked for a token instead of saying that it runs inside a job).
+_SECRET_ENV = ("GPU_MAGIC_TOKEN", "GPU_MAGIC_URL")
 
 # What a shared gateway's cells get of its environment: what finds programs, libraries, the
 # GPU stack and the network, and the locale. Nothing else: the account that runs a class's

@@ -31,8 +31,8 @@ from typing import Any
 
 import ray
 
-# Variables of the node that a cell must never see.
-SECRET_ENV = ("GPU_MAGIC_TOKEN", "RAY_AUTH_TOKEN")
+# Variables of the node that a cell must never see (the URL: see local.py's list).
+SECRET_ENV = ("GPU_MAGIC_TOKEN", "GPU_MAGIC_URL", "RAY_AUTH_TOKEN")
 CHUNK = 8 << 20
 TAIL_CHARS = 4000
 
