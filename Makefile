@@ -49,8 +49,10 @@ system-deps:
 	  || echo "make: could not install bubblewrap; its tests will be skipped"
 
 # The browser tests drive Debian's Chromium (never a browser Playwright would download).
+# Installing it needs root and apt: elsewhere those tests are skipped, and say why.
 chromium:
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "make: could not install chromium (apt-get, as root); the browser tests will be skipped"
 
 test: $(STAMP) system-deps chromium
 	$(PY) -m ruff check gpu_magic tests

@@ -15,9 +15,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpu-magic", description="Run Jupyter cells on remote GPUs.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run a gateway for a GPU pool")
+    # (its usage in full is 13 lines: a refused value's one line came under all of them)
+    s = sub.add_parser("serve", help="run a gateway for a GPU pool",
+                       usage="gpu-magic serve [OPTIONS]")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    s.add_argument("--port", type=_port, default=8765, help="port (0: any free port)")
+    s.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0: any free port)")
     s.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="local: runner subprocesses on this host; ray: tasks on a Ray cluster")
     s.add_argument("--ray-address", default=None, help="Ray cluster address (with --backend ray)")
@@ -29,16 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--simulate", type=_pool, default=None, metavar="SPEC",
                    help="a simulated pool such as 'H100:2,A100-80GB:4' (no GPU is used)")
     s.add_argument("--tokens-file", type=Path, default=None,
-                   help='JSON {"user": "token", ...}, mode 0600')
+                   help='JSON {"user": "token", ...} or {"user": {"token": "...", '
+                        '"admin": true, "max_jobs": 2, "max_gpus": 1}, ...}, mode 0600')
     s.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="jobs, blobs and limits (default: under Jupyter's data directory)")
     s.add_argument("--runtime-file", type=Path, default=None, help=argparse.SUPPRESS)
     s.add_argument("--idle-timeout", type=_seconds(), default=None,
                    help="exit after this many seconds with no jobs and no requests")
     s.add_argument("--max-timeout", type=_seconds(), default=None,
-                   help="cap on any job's --timeout, in seconds")
+                   help="cap on any job's --timeout, in seconds (also on the default hour)")
     s.add_argument("--orphan-timeout", type=_seconds(), default=60.0,
-                   help="cancel a foreground job nobody has followed for this many seconds")
+                   help="cancel a foreground job nobody has followed for this many seconds "
+                        "(default 60)")
     s.add_argument("--gateway-python", action="store_true",
                    help="run cells with the gateway's Python, not the submitting kernel's")
     s.add_argument("--isolation", choices=["auto", "none", "bwrap"], default="auto",
@@ -48,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--retention", type=_seconds(), default=7 * 24 * 3600.0,
                    help="seconds to keep finished jobs, their output and unused blobs (7 days)")
     s.add_argument("--keep-warm", type=_seconds(zero=True), default=300.0,
-                   help="seconds a finished runner waits for the next cell of the same user, "
-                        "interpreter and GPUs (0: fork a fresh one from a warm zygote each time)")
+                   help="seconds a finished runner waits for the next cell of the same "
+                        "notebook's kernel on the same GPUs (default 300; 0: fork a fresh one from a warm zygote "
+                        "each time)")
     s.add_argument("--cold", action="store_true",
                    help="no warm runners: start a fresh interpreter for every job")
     s.add_argument("--max-jobs-per-user", type=_count("max_jobs"), default=None, metavar="N",
