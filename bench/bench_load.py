@@ -113,8 +113,13 @@ def run_load(url: str, token: str, clients: int, jobs: int, lockdir: str) -> dic
 
 
 def main() -> None:
-    clients = int(sys.argv[1]) if len(sys.argv) > 1 else 50
-    jobs = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("clients", type=int, nargs="?", default=50, help="concurrent clients (50)")
+    ap.add_argument("jobs", type=int, nargs="?", default=20, help="jobs each submits (20)")
+    args = ap.parse_args()
+    clients, jobs = args.clients, args.jobs
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import start_gateway
 

@@ -194,6 +194,9 @@ DATA_GAP_S = 1.0
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # (--help only)
     tmp = Path(tempfile.mkdtemp())
     for sub in ("w", "f", "c", "t"):
         (tmp / sub).mkdir()
