@@ -1148,9 +1148,12 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
         leads_in[i] = ipython and any_ours and all_ours
         ours = ipython or frames[i].filename.startswith(_PACKAGE)
         all_ours, any_ours = all_ours and ours, any_ours or ours
+    last = len(frames) - 1
     for i, (fr, code) in enumerate(zip(frames[start:], codes[start:]), start):
         if leads_in[i]:
             continue
+        if i != last and _in_ipython(fr.filename):
+            continue  # its way into a magic (`%%time`, `%matplotlib`): a kernel hides it too
         if isinstance(exc, SystemExit) and not (fr.filename in cell_files
                                                 or fr.filename == "<dynamic-code>"):
             continue  # exit() goes through IPython and the runner: not the user's frames

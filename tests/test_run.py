@@ -646,6 +646,18 @@ def test_remote_exception_has_its_own_type_and_cell_line_numbers() -> None:
         run(ns, "raise MyError('mine')")
 
 
+@pytest.mark.parametrize("cell, where", [("%%time\nx = 1\n1 / 0", "<timed exec>"),
+                                         ("%time 1 / 0", "<timed eval>")])
+def test_an_error_under_a_magic_shows_no_ipython_frames(cell: str, where: str) -> None:
+    # a trial: 30 lines of IPython's way into %%time, where a kernel shows the cell and the
+    # line that raised
+    with pytest.raises(ZeroDivisionError) as info:
+        run(notebook(""), cell)
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert f"File {where}" in text and "Cell, line 1" in text, text
+    assert "IPython" not in text and "interactiveshell" not in text, text
+
+
 def test_unpicklable_remote_exception_becomes_remote_error() -> None:
     ns = notebook("")
     with pytest.raises(RemoteError) as info:
