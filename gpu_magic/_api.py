@@ -649,6 +649,13 @@ class _Job:
                                      inputs=collections.ChainMap(self.refs, self.namespace),
                                      classes=self.sent_classes, objects=self.sent_objects,
                                      changed=changed)
+        except _payload.MissingInput as exc:
+            raise SerializationError(
+                f"the results of GPU job {self.id} hold {exc.name!r}, an input the cell left "
+                f"unchanged, which comes back as this notebook's own {exc.name!r}, and there "
+                f"is no {exc.name!r} here; nothing was bound. Attach the job from the notebook "
+                f"that ran it, or set {exc.name} here as it was there and attach again."
+            ) from None
         except Exception as exc:
             raise SerializationError(
                 f"the results of GPU job {self.id} could not be rebuilt here "

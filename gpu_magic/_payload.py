@@ -811,6 +811,7 @@ class _Unpickler(pickle.Unpickler):
         if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == INPUT_PID:
             if pid[1] in self._inputs:
                 return self._inputs[pid[1]]
+            raise MissingInput(pid[1])
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == INSIDE_PID:
             return self._inside_object(*pid[1:])
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
@@ -840,6 +841,15 @@ class _Unpickler(pickle.Unpickler):
             else:
                 apply_in_place(obj, state)  # (one made here: nobody else holds it yet)
         return obj
+
+
+class MissingInput(pickle.UnpicklingError):
+    """A result holds an input the cell left unchanged (sent back as the input's name), and the
+    namespace it is rebuilt in has no such name: another kernel's %gpu attach."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 _NUMPY_NUMERIC = frozenset({"numpy.core.numeric", "numpy._core.numeric"})

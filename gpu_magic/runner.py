@@ -2155,7 +2155,7 @@ class _Session:
         # to it goes back as that name
         unchanged = {
             id(shipped[n]): n for n in shipped
-            if n in ns and ns[n] is shipped[n] and n not in names
+            if n in ns and ns[n] is shipped[n] and n not in names and not _atom(shipped[n])
         }
         # what comes back still the object that arrived: changed in place, it updates the
         # client's object in place too, so its other references (an alias, a dict holding the
@@ -2268,6 +2268,15 @@ def _note_simulated(exc: BaseException) -> None:
     if note not in (getattr(exc, "__notes__", None) or []):
         with contextlib.suppress(Exception):
             exc.add_note(note)
+
+
+def _atom(obj: Any) -> bool:
+    """A small immutable value, sent back as itself rather than as the name of the input it
+    is: every 3 in a result is the input `factor = 3` (Python shares small ints and short
+    strings), and a kernel that attaches the job without a `factor` could not rebuild it."""
+    if isinstance(obj, (str, bytes)):
+        return len(obj) <= 4096
+    return obj is None or type(obj) in (int, float, complex, bool)
 
 
 def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,

@@ -470,8 +470,9 @@ def test_input_refs_bring_back_our_own_object() -> None:
     assert packed.buffers == []  # a reference: the weights are not in the payload
     got = _payload.loads(packed.pickle, packed.buffers, namespace={}, inputs={"x": obj})
     assert got["x"] is obj and got["y"][0] is obj
-    with pytest.raises(Exception, match="persistent"):
+    with pytest.raises(_payload.MissingInput) as missing:  # (named: the message says it)
         _payload.loads(packed.pickle, packed.buffers, namespace={})
+    assert missing.value.name == "x"
 
 
 def test_unchanged_inputs_come_back_as_the_same_object(tmp_path: Path) -> None:

@@ -530,6 +530,41 @@ def test_attaching_elsewhere_brings_back_new_objects() -> None:
     assert vars(config) == {} and config.lr == 0.1 and data == [7]  # left alone
 
 
+def test_attaching_elsewhere_rebuilds_results_that_hold_small_inputs() -> None:
+    # a version-skew trial, with no skew: every 3 in the results was sent back as the input
+    # `factor = 3` (Python shares small ints), so another kernel's attach failed with
+    # "unknown persistent id ('gpu_magic:input', 'factor')"
+    ns = notebook("""
+        factor, label = 3, 'run'
+        def scale(x):
+            return x * factor
+        class Acc:
+            def __init__(self):
+                self.total = 0
+            def add(self, v):
+                self.total += v
+        acc, rows = Acc(), [1, 2]
+    """)
+    job = run(ns, "acc.add(scale(1))\nz = [factor, label]", background=True)
+    job.wait()
+    other: dict[str, Any] = {"__name__": "__main__"}
+    attach(job.id, other, quiet=True)
+    assert other["z"] == [3, "run"] and other["acc"].total == 3
+    # an input that is an object still comes back as the notebook's own, so a kernel without
+    # it is told which name it lacks and what to do
+    job = run(ns, "kept = [rows]", background=True)
+    job.wait()
+    assert job.result is not None and ns["kept"][0] is ns["rows"]
+    with pytest.raises(SerializationError) as info:
+        attach(job.id, {"__name__": "__main__"}, quiet=True)
+    assert (f"the results of GPU job {job.id} hold 'rows', an input the cell left unchanged"
+            in str(info.value)), info.value
+    assert "set rows here as it was there and attach again" in str(info.value)
+    again = notebook("rows = [5]")
+    attach(job.id, again, quiet=True)
+    assert again["kept"][0] is again["rows"]
+
+
 def test_attach_numbers_a_cell_s_lines_as_the_cell_did() -> None:
     # both newcomer trials: the failed cell said "line 3", %gpu attach "line 2" (the %%gpu
     # line, line 1 of the cell, was not counted)
