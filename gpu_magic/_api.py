@@ -53,6 +53,7 @@ from ._errors import (
 from ._jobs import EventFeed
 from ._remote import code_locator, local_hint, rebuild, render_traceback, where
 from ._spec import GpuSpec, env_problem, parse_spec
+from ._version import WIRE_FORMAT, __version__
 from ._view import (
     FINAL_STATES,
     UNREACHABLE,
@@ -228,6 +229,16 @@ def _check_environment(health: Mapping[str, Any]) -> None:
             f"the GPU runner has Python {'.'.join(theirs)} but this kernel has "
             f"{'.'.join(ours)}; cloudpickle needs the same minor version on both sides. Use a "
             f"kernel with Python {'.'.join(theirs)}, or ask the gateway's admin for one with yours."
+        )
+    wire = health.get("wire_format")
+    if wire != WIRE_FORMAT:
+        version = health.get("version") or "?"
+        what = f"wire format {wire}" if wire else "an older one, from before wire formats"
+        raise EnvironmentMismatch(
+            f"the gateway runs cells with gpu_magic {version} ({what}), and this kernel has "
+            f"gpu_magic {__version__} (wire format {WIRE_FORMAT}): they cannot read each other's "
+            f"inputs and results. Install gpu-magic=={version} here and restart the kernel, or "
+            "ask whoever runs the gateway to run this kernel's version."
         )
     from importlib import metadata
 

@@ -26,6 +26,7 @@ import httpx
 from . import _rawget, _reserve
 from ._errors import AuthError, GatewayError, NoFeasibleOption, SpecError
 from ._payload import byte_view
+from ._version import WIRE_FORMAT
 
 CHUNK = 1 << 20
 # Blobs at least this big go through files on the same host (below it one HTTP body is cheaper).
@@ -133,6 +134,13 @@ def usable_token(token: str | None, token_from: str | None = None,
         raise AuthError(f"{whose} has {what} inside it (character {bad + 1} of {len(token)}), "
                         "which a request cannot carry: copy the token again, without it")
     return token or None
+
+
+
+def _with_wire(body: dict[str, Any]) -> dict[str, Any]:
+    """The job's body saying which pickles this client writes (in ``meta``, which a gateway
+    from before takes as it is)."""
+    return {**body, "meta": {**(body.get("meta") or {}), "wire": str(WIRE_FORMAT)}}
 
 
 class GatewayClient:
@@ -473,6 +481,7 @@ class GatewayClient:
         return buf
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        body = _with_wire(body)
         try:
             return self._request("POST", "/v1/jobs", json=body).json()
         except GatewayError as exc:
@@ -485,6 +494,7 @@ class GatewayClient:
     def submit_follow(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Submit and follow in one exchange: first ``{"type": "job", "job": record}``, then the
         job's events as ``events`` gives them (a dropped stream resumes the same way)."""
+        body = _with_wire(body)
         job_id = body["id"]
         last, submitted = 0, False
         for attempt in (1, 2):

@@ -27,7 +27,7 @@ import gpu_magic
 from gpu_magic._client import GatewayClient
 from gpu_magic._errors import GatewayError
 from gpu_magic._payload import digest, loads, pack_inputs
-from gpu_magic._version import __version__
+from gpu_magic._version import WIRE_FORMAT, __version__
 from gpu_magic.server.auth import TokensFileError, load_tokens_file
 
 from .conftest import Gateway, start_gateway, wait_for
@@ -389,7 +389,8 @@ def test_health_needs_no_token(gateway: Gateway, header: str | None) -> None:
     # which packages run the cells is for users only (an anonymous caller could look up their
     # known vulnerabilities); whether tokens are shared stays, for a refused client's advice,
     # and that this caller's token was not taken (a client then says so, not "Python ''")
-    assert set(health) == {"status", "version", "client_python", "shared", "authorized"}, health
+    assert set(health) == {"status", "version", "client_python", "wire_format", "shared",
+                           "authorized"}, health
     assert health["authorized"] is False
 
 
@@ -555,7 +556,8 @@ def test_blobs_are_per_user(users: Users) -> None:
     packed = pack_inputs({"v": secrets.token_bytes(16)}, None, None)
     alice.upload(packed.pickle_digest, memoryview(packed.pickle))
     resp = call(users.gw.url, users.tokens["bob"], "POST", "/v1/jobs",
-                json={"source": "pass", "spec": opts("H100"), "inputs": packed.manifest})
+                json={"source": "pass", "spec": opts("H100"), "inputs": packed.manifest,
+                      "meta": {"wire": str(WIRE_FORMAT)}})
     assert refused(resp, 409, "missing_blobs")["missing"] == [packed.pickle_digest]
     assert bytes(alice.download(d)) == data
     alice.close()
@@ -747,7 +749,7 @@ def inline_body(values: dict[str, Any], source: str, **fields: Any) -> dict[str,
     return {"source": source, "spec": opts("H100"), "inputs": packed.manifest,
             "input_names": list(values), "timeout": 60,
             "blobs": {d: base64.b64encode(bytes(b)).decode() for d, b in packed.blobs().items()},
-            **fields}
+            "meta": {"wire": str(WIRE_FORMAT)}, **fields}  # (as this client writes them)
 
 
 def test_submit_and_follow_is_one_exchange_with_inputs_and_results_inside(
@@ -1516,5 +1518,35 @@ def test_a_timeout_cap_applies_to_every_job_and_is_said_to_each_user(tmp_path: P
                                        f"that {notice}"], asked
                 assert events[-1]["state"] == "timed_out", asked  # capped, said or not
                 assert events[-1]["message"] == message, asked
+    finally:
+        gw.stop()
+
+
+def test_a_kernel_writing_other_pickles_is_refused_where_runners_are_the_gateway_s(
+        tmp_path: Path) -> None:
+    # a version-skew trial: an older kernel's cells ran on a newer gateway's runners and their
+    # results could not be read back (lost after the cell ran). Where runners use the
+    # gateway's own Python, a kernel that does not write this wire format is refused first.
+    gw = start_gateway(tmp_path, "--gateway-python")
+    try:
+        with gw.client() as c:
+            assert c.health()["wire_format"] == WIRE_FORMAT and not c.health()["client_python"]
+            body = {"source": "x = 1", "spec": opts("H100"), "inputs": pack_inputs({}, None,
+                                                                                  None).manifest}
+            for meta, said in (({}, "an older one, from before wire formats"),
+                               ({"wire": "0"}, "wire format 0")):
+                with pytest.raises(GatewayError) as info:
+                    c._request("POST", "/v1/jobs", json={**body, "meta": meta})
+                assert info.value.status == 409, info.value
+                assert (f"this kernel's gpu_magic ({said}) and the one this gateway runs cells "
+                        f"with (gpu_magic {__version__}, wire format {WIRE_FORMAT}) cannot read "
+                        "each other's inputs and results: nothing was sent to a GPU. Install "
+                        f"gpu-magic=={__version__} where the kernel runs" in str(info.value)), \
+                    info.value
+            assert c.jobs() == []
+            # this client's own submit says its format, and runs
+            job = submit(c, "x = 1")
+            assert finish(c, job["id"])["state"] == "succeeded"
+            assert "wire" not in c.job(job["id"])["meta"]
     finally:
         gw.stop()

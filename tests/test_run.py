@@ -25,6 +25,7 @@ from gpu_magic import (
     SpecError,
 )
 from gpu_magic._api import _check_environment, attach
+from gpu_magic._version import WIRE_FORMAT
 
 from .conftest import wait_for
 
@@ -1322,8 +1323,28 @@ def test_python_version_mismatch_is_refused(health: dict[str, Any], message: str
 def test_same_python_and_client_python_pass() -> None:
     import platform
 
-    _check_environment({"python": platform.python_version(), "client_python": False, "packages": {}})
+    _check_environment({"python": platform.python_version(), "client_python": False,
+                        "packages": {}, "wire_format": WIRE_FORMAT})
     _check_environment({"python": "2.7.18", "client_python": True})
+
+
+@pytest.mark.parametrize("wire, said", [(None, "an older one, from before wire formats"),
+                                        (WIRE_FORMAT + 1, f"wire format {WIRE_FORMAT + 1}")])
+def test_a_gateway_whose_runners_write_other_pickles_is_refused(wire: int | None,
+                                                                said: str) -> None:
+    # a version-skew trial: a hub's kernel and its GPU box a day apart lost a cell's results
+    # after it ran, or failed with "Can't get attribute '_code_in_file'" before
+    import platform
+
+    health = {"python": platform.python_version(), "client_python": False, "packages": {},
+              "version": "0.0.9", "wire_format": wire}
+    with pytest.raises(EnvironmentMismatch) as info:
+        _check_environment(health)
+    assert str(info.value) == (
+        f"the gateway runs cells with gpu_magic 0.0.9 ({said}), and this kernel has gpu_magic "
+        f"{gpu_magic.__version__} (wire format {WIRE_FORMAT}): they cannot read each other's "
+        "inputs and results. Install gpu-magic==0.0.9 here and restart the kernel, or ask "
+        "whoever runs the gateway to run this kernel's version.")
 
 
 def test_names_that_cannot_come_back_are_skipped_and_said(capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .._version import __version__
+from .._version import WIRE_FORMAT, __version__
 from .auth import Authenticator, User
 from .gateway import ApiError, Gateway
 from .limits import human
@@ -284,6 +284,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             "version": __version__,
             # (for a refused client's advice: ask whoever runs it, or read your own token file)
             "client_python": bool(getattr(gateway.backend, "client_python", False)),
+            "wire_format": WIRE_FORMAT,
             "shared": len(auth.users()) > 1,
         }
         # The rest tells which packages and versions run the cells (what an attacker looks

@@ -28,6 +28,7 @@ from typing import Any
 from .._errors import SpecError
 from .._payload import is_digest
 from .._spec import KNOWN_TYPES, GpuOption, GpuSpec, env_problem, pool_type_note
+from .._version import WIRE_FORMAT, __version__
 from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
@@ -861,6 +862,22 @@ class Gateway:
 
     # --- submit and cancel ---
 
+    def _check_wire(self, body: dict[str, Any]) -> None:
+        """Refuse a kernel whose gpu_magic writes other pickles than this gateway's runners
+        read (see WIRE_FORMAT). A runner in the kernel's own Python has the kernel's."""
+        if getattr(self.backend, "client_python", False):
+            return
+        wire = (body.get("meta") or {}).get("wire")
+        if wire == str(WIRE_FORMAT):
+            return
+        theirs = f"wire format {wire}" if wire else "an older one, from before wire formats"
+        raise ApiError(409, "wire_format",
+                       f"this kernel's gpu_magic ({theirs}) and the one this gateway runs cells "
+                       f"with (gpu_magic {__version__}, wire format {WIRE_FORMAT}) cannot read "
+                       "each other's inputs and results: nothing was sent to a GPU. Install "
+                       f"gpu-magic=={__version__} where the kernel runs and restart the kernel, "
+                       "or ask whoever runs the gateway to run the kernel's version.")
+
     def submit(self, user: User, body: dict[str, Any]) -> Job:
         if self.store.error is not None:
             # what the job printed and how it ended could not be kept
@@ -869,6 +886,7 @@ class Gateway:
                            f"({self.store.error}), so it takes no new job for now: nothing "
                            "was sent to a GPU. Free space on that disk (whoever runs the "
                            "gateway), then run the cell again.")
+        self._check_wire(body)
         gpus = self.gpus()
         pool_types = sorted({g.type for g in gpus}) + self.types_gone(gpus)
         try:
@@ -957,6 +975,7 @@ class Gateway:
         # the submitting process came in meta, which the job's record shows: kept apart
         meta = dict(body.get("meta") or {})
         session = meta.pop("session", None)
+        meta.pop("wire", None)  # (checked above; not the cell's news)
         body = dict(body, timeout=timeout, timeout_asked=asked, meta=meta, session=session)
         job_id = body.get("id") or secrets.token_hex(8)
         if job_id in self.jobs:
