@@ -233,7 +233,7 @@ def _check_environment(health: Mapping[str, Any]) -> None:
     wire = health.get("wire_format")
     if wire != WIRE_FORMAT:
         version = health.get("version") or "?"
-        what = f"wire format {wire}" if wire else "an older one, from before wire formats"
+        what = f"wire format {wire}" if wire else "from before wire formats"
         raise EnvironmentMismatch(
             f"the gateway runs cells with gpu_magic {version} ({what}), and this kernel has "
             f"gpu_magic {__version__} (wire format {WIRE_FORMAT}): they cannot read each other's "
@@ -1197,7 +1197,10 @@ def submit(
         health = cl.health(refresh=True)
     if health.get("authorized") is False:  # said now, not as the runner's Python being ""
         raise refused(cl.url, cl)
-    _check_environment(health)
+    try:
+        _check_environment(health)
+    except EnvironmentMismatch:  # (the answer is kept: the gateway may have been upgraded since)
+        _check_environment(cl.health(refresh=True))
     blobs = packed.blobs()
     state = JobState(str(gspec), background=opts.background)
     state.simulated = bool(health.get("simulated"))

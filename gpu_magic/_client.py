@@ -26,7 +26,7 @@ import httpx
 from . import _rawget, _reserve
 from ._errors import AuthError, GatewayError, NoFeasibleOption, SpecError
 from ._payload import byte_view
-from ._version import WIRE_FORMAT
+from ._version import WIRE_FORMAT, __version__
 
 CHUNK = 1 << 20
 # Blobs at least this big go through files on the same host (below it one HTTP body is cheaper).
@@ -136,11 +136,11 @@ def usable_token(token: str | None, token_from: str | None = None,
     return token or None
 
 
-
 def _with_wire(body: dict[str, Any]) -> dict[str, Any]:
-    """The job's body saying which pickles this client writes (in ``meta``, which a gateway
-    from before takes as it is)."""
-    return {**body, "meta": {**(body.get("meta") or {}), "wire": str(WIRE_FORMAT)}}
+    """The job's body saying which pickles this client writes, and its version for a refusal
+    to name (in ``meta``, which a gateway from before takes as it is)."""
+    return {**body, "meta": {**(body.get("meta") or {}), "wire": str(WIRE_FORMAT),
+                             "gpu_magic": __version__}}
 
 
 class GatewayClient:

@@ -1,4 +1,5 @@
-__version__ = "0.1.0"
+# (0.2.0: the first with a wire format; every commit before called itself 0.1.0)
+__version__ = "0.2.0"
 
 # What a kernel and the runner that runs its cells must share to read each other's pickles:
 # the names of gpu_magic's own helpers a pickle refers to (its reducers, its references to

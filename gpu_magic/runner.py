@@ -589,12 +589,13 @@ def _report_errors_in_cell(shell: Any) -> None:
 
     cell_machinery = {code(n) for n in ("run_code", "run_ast_nodes", "run_cell_async",
                                         "_run_cell", "showindentationerror")} - {None}
-    one_cell = code("_run_cell") or code("run_cell")
+    # (one frame per cell run, also for a cell awaiting run_cell_async itself)
+    one_cell = code("run_cell_async") or code("_run_cell")
     show_tb, show_syntax = shell.showtraceback, shell.showsyntaxerror
-    passing = [False]  # a traceback being shown may hand on to showsyntaxerror
+    passing = threading.local()  # a traceback being shown may hand on to showsyntaxerror
 
     def the_cells_own() -> bool:
-        if passing[0]:
+        if getattr(passing, "on", False):
             return False
         caller = sys._getframe(2)  # (above the stand-in below)
         if caller.f_code not in cell_machinery:
@@ -608,11 +609,11 @@ def _report_errors_in_cell(shell: Any) -> None:
     def showtraceback(*args: Any, **kwargs: Any) -> None:
         if the_cells_own():
             return
-        passing[0] = True
+        passing.on = True
         try:
             show_tb(*args, **kwargs)
         finally:
-            passing[0] = False
+            passing.on = False
 
     def showsyntaxerror(*args: Any, **kwargs: Any) -> None:
         if not the_cells_own():
@@ -2270,13 +2271,17 @@ def _note_simulated(exc: BaseException) -> None:
             exc.add_note(note)
 
 
-def _atom(obj: Any) -> bool:
+def _atom(obj: Any, depth: int = 0) -> bool:
     """A small immutable value, sent back as itself rather than as the name of the input it
-    is: every 3 in a result is the input `factor = 3` (Python shares small ints and short
-    strings), and a kernel that attaches the job without a `factor` could not rebuild it."""
-    if isinstance(obj, (str, bytes)):
+    is: every 3 in a result is the input `factor = 3` (Python shares small ints, short strings
+    and the empty tuple), and a kernel that attaches the job without a `factor` could not
+    rebuild it."""
+    t = type(obj)
+    if t in (str, bytes):
         return len(obj) <= 4096
-    return obj is None or type(obj) in (int, float, complex, bool)
+    if t in (tuple, frozenset):
+        return depth < 2 and len(obj) <= 64 and all(_atom(x, depth + 1) for x in obj)
+    return obj is None or t in (int, float, complex, bool)
 
 
 def _error_event(exc: BaseException, result: Any, shell: Any, out: Outbox,

@@ -999,3 +999,20 @@ def test_a_cluster_with_no_gpu_node_left_is_said_to_be_so(cluster: RayCluster,
         assert "NVML" not in said and "GPU_MAGIC_URL" not in said
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("meta", [{"version": "0.1.0"}, {"wire": 0}])
+def test_a_node_of_another_version_or_wire_format_refuses_the_cell(meta: dict[str, Any]) -> None:
+    # a review: the node compared only versions, and every commit before the wire format
+    # called itself 0.1.0, so a node on older code ran cells it could not read
+    from gpu_magic._version import WIRE_FORMAT, __version__
+    from gpu_magic.server.backends.ray._node import _run
+
+    said = list(_run({"version": __version__, "wire": WIRE_FORMAT, **meta}, ()))
+    assert [s[:1] for s in said] == [b"E", b"X"], said
+    error = json.loads(said[0][1:])
+    assert error["ename"] == "EnvironmentMismatch", error
+    assert (f"this Ray node has gpu_magic {__version__} (wire format {WIRE_FORMAT}) but the "
+            f"gateway has {meta.get('version', __version__)} (wire format "
+            f"{meta.get('wire', WIRE_FORMAT)}); install the same version on every node"
+            == error["evalue"]), error

@@ -545,12 +545,13 @@ def test_attaching_elsewhere_rebuilds_results_that_hold_small_inputs() -> None:
             def add(self, v):
                 self.total += v
         acc, rows = Acc(), [1, 2]
+        empty, pair = (), (1, ('a', 2.5))
     """)
-    job = run(ns, "acc.add(scale(1))\nz = [factor, label]", background=True)
+    job = run(ns, "acc.add(scale(1))\nz = [factor, label, empty, pair]", background=True)
     job.wait()
     other: dict[str, Any] = {"__name__": "__main__"}
     attach(job.id, other, quiet=True)
-    assert other["z"] == [3, "run"] and other["acc"].total == 3
+    assert other["z"] == [3, "run", (), (1, ("a", 2.5))] and other["acc"].total == 3
     # an input that is an object still comes back as the notebook's own, so a kernel without
     # it is told which name it lacks and what to do
     job = run(ns, "kept = [rows]", background=True)
@@ -687,6 +688,10 @@ def test_remote_exception_has_its_own_type_and_cell_line_numbers() -> None:
 def test_an_error_under_a_magic_shows_no_ipython_frames(cell: str, where: str) -> None:
     # a trial: 30 lines of IPython's way into %%time, where a kernel shows the cell and the
     # line that raised
+    import IPython
+
+    if IPython.version_info < (9,):
+        pytest.skip("IPython 8's %time prints the error and goes on: nothing is raised")
     with pytest.raises(ZeroDivisionError) as info:
         run(notebook(""), cell)
     text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
@@ -1009,12 +1014,14 @@ def test_errors_a_cell_goes_on_from_are_shown_as_a_kernel_shows_them(
                 return 'Shown()'
         display(Shown())
         inner = get_ipython().run_cell('1 / 0')
-        print('went on', inner.success)
+        awaited = await get_ipython().run_cell_async('[][1]', transformed_cell='[][1]')
+        print('went on', inner.success, awaited.success)
     """)
     out, err = capsys.readouterr()
-    assert out.splitlines()[0] == "script start" and "went on False" in out
+    assert out.splitlines()[0] == "script start" and "went on False False" in out
     assert "ValueError: script failed" in err and "KeyError: 'no html'" in err
     assert "ZeroDivisionError: division by zero" in err
+    assert "IndexError: list index out of range" in err
     assert ns["inner"] is not None  # (the cell itself succeeded and bound its names)
     # the cell's own error is raised here, once, and not also printed there
     with pytest.raises(ZeroDivisionError):
@@ -1328,7 +1335,7 @@ def test_same_python_and_client_python_pass() -> None:
     _check_environment({"python": "2.7.18", "client_python": True})
 
 
-@pytest.mark.parametrize("wire, said", [(None, "an older one, from before wire formats"),
+@pytest.mark.parametrize("wire, said", [(None, "from before wire formats"),
                                         (WIRE_FORMAT + 1, f"wire format {WIRE_FORMAT + 1}")])
 def test_a_gateway_whose_runners_write_other_pickles_is_refused(wire: int | None,
                                                                 said: str) -> None:

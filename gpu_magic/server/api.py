@@ -122,7 +122,8 @@ _WHY = {
     401: "missing or wrong token",
     403: "not allowed (foreign Host or Origin, or an admin-only route)",
     404: "no such job or blob of yours",
-    409: "the job names input blobs the gateway does not hold (listed in 'missing'); or, to an "
+    409: "the job names input blobs the gateway does not hold (listed in 'missing'), or comes "
+         "from a kernel whose gpu_magic writes another wire format (wire_format); or, to an "
          "interrupt, the job is queued (job_queued), has ended (job_ended), or the backend "
          "cannot interrupt (cannot_interrupt)",
     413: "larger than this gateway's limit",
@@ -404,6 +405,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
 
     def accept(u: User, body: JobSubmit) -> tuple[Any, dict[str, Any]]:
         data = body.model_dump()
+        gateway.check_wire(data)  # (before its blobs are kept: nothing of a refused job stays)
         _store_inline(u, data.pop("blobs"))
         job = gateway.submit(u, data)
         return job, gateway.view(job, u)

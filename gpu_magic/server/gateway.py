@@ -862,15 +862,17 @@ class Gateway:
 
     # --- submit and cancel ---
 
-    def _check_wire(self, body: dict[str, Any]) -> None:
+    def check_wire(self, body: dict[str, Any]) -> None:
         """Refuse a kernel whose gpu_magic writes other pickles than this gateway's runners
         read (see WIRE_FORMAT). A runner in the kernel's own Python has the kernel's."""
         if getattr(self.backend, "client_python", False):
             return
-        wire = (body.get("meta") or {}).get("wire")
+        meta = body.get("meta") or {}
+        wire = meta.get("wire")
         if wire == str(WIRE_FORMAT):
             return
-        theirs = f"wire format {wire}" if wire else "an older one, from before wire formats"
+        theirs = (f"{str(meta.get('gpu_magic'))[:40]}, wire format {str(wire)[:40]}" if wire
+                  else "0.1.0 or older, from before wire formats")
         raise ApiError(409, "wire_format",
                        f"this kernel's gpu_magic ({theirs}) and the one this gateway runs cells "
                        f"with (gpu_magic {__version__}, wire format {WIRE_FORMAT}) cannot read "
@@ -886,7 +888,7 @@ class Gateway:
                            f"({self.store.error}), so it takes no new job for now: nothing "
                            "was sent to a GPU. Free space on that disk (whoever runs the "
                            "gateway), then run the cell again.")
-        self._check_wire(body)
+        self.check_wire(body)
         gpus = self.gpus()
         pool_types = sorted({g.type for g in gpus}) + self.types_gone(gpus)
         try:
@@ -976,6 +978,7 @@ class Gateway:
         meta = dict(body.get("meta") or {})
         session = meta.pop("session", None)
         meta.pop("wire", None)  # (checked above; not the cell's news)
+        meta.pop("gpu_magic", None)
         body = dict(body, timeout=timeout, timeout_asked=asked, meta=meta, session=session)
         job_id = body.get("id") or secrets.token_hex(8)
         if job_id in self.jobs:

@@ -34,7 +34,7 @@ from ray.util.scheduling_strategies import (
 )
 
 from ...._spec import GpuOption
-from ...._version import __version__
+from ...._version import WIRE_FORMAT, __version__
 from ...inventory import Gpu
 from ..local import EventCallback, ExitCallback, RunSpec
 from . import _node
@@ -549,6 +549,7 @@ class RayBackend:
                    if k not in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")}
             meta = json.dumps({
                 "job_id": run.job_id, "attempt": run.attempt, "version": __version__,
+                "wire": WIRE_FORMAT,
                 "names": [Path(p).name for p in paths], "manifest": run.manifest, "env": env,
                 "workdir": self.workdir, "grace": 3.0,
             })

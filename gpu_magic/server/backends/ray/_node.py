@@ -170,13 +170,15 @@ def run_cell(meta: str, *blobs: bytes) -> Iterator[bytes]:
 
 
 def _run(meta: dict[str, Any], blobs: tuple[bytes, ...]) -> Iterator[bytes]:
-    from ...._version import __version__
+    from ...._version import WIRE_FORMAT, __version__
 
-    if meta.get("version") != __version__:
+    # (the wire format too: the node's runner reads what the kernel pickled)
+    if meta.get("version") != __version__ or meta.get("wire") != WIRE_FORMAT:
         yield b"E" + json.dumps({
             "type": "runner_error", "ename": "EnvironmentMismatch",
-            "evalue": f"this Ray node has gpu_magic {__version__} but the gateway has "
-                      f"{meta.get('version')}; install the same version on every node",
+            "evalue": f"this Ray node has gpu_magic {__version__} (wire format {WIRE_FORMAT}) "
+                      f"but the gateway has {meta.get('version')} (wire format "
+                      f"{meta.get('wire')}); install the same version on every node",
             "traceback": "",
         }).encode()
         yield b"X" + json.dumps({"rc": 3, "tail": ""}).encode()
