@@ -184,8 +184,10 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 
 def _versions() -> dict[str, str]:
-    out = {}
+    out = {"gpu-magic": __version__}  # (the code running: an editable install's metadata lags)
     for name in _PACKAGES:
+        if name in out:
+            continue
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
