@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,24 @@ def notebooks_dir(explicit: Path | None = None) -> Path:
         if candidate.is_dir():
             return candidate
     raise SystemExit("gpu-magic demo: cannot find the teaching notebooks; pass --notebooks DIR")
+
+
+COPY_DIR = "gpu-magic-notebooks"
+
+
+def working_copy(src: Path, dest: Path) -> tuple[Path, list[str]]:
+    """The teaching notebooks copied into ``dest``, where saving one (and the files its cells
+    write) changes neither a source checkout's tracked files nor the installed package. A copy
+    already there is kept: it is the user's, edited or not. Returns ``dest`` and the names
+    copied now."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for nb in sorted(src.glob("*.ipynb")):
+        target = dest / nb.name
+        if not target.exists():
+            shutil.copyfile(nb, target)
+            copied.append(nb.name)
+    return dest, copied
 
 
 def _register(info: dict[str, object], started: bool) -> Path:
@@ -63,6 +82,13 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
         print("gpu-magic demo needs JupyterLab: pip install 'gpu-magic[demo]'", file=sys.stderr)
         return 1
     nb_dir = notebooks_dir(notebooks)
+    if notebooks is None:
+        nb_dir, copied = working_copy(nb_dir, Path.cwd() / COPY_DIR)
+        kept = len(list(nb_dir.glob("*.ipynb"))) - len(copied)
+        print(f"gpu_magic: the teaching notebooks are in {nb_dir}, yours to edit and save"
+              + (f" ({len(copied)} copied now" + (f", {kept} kept as you left them)" if kept
+                                                  else ")") if copied else
+                 " (kept as you left them; delete one to get it fresh)"))
     os.environ["GPU_MAGIC_SIMULATE"] = simulate
     os.environ.pop("GPU_MAGIC_URL", None)
     before = running_local_gateway()

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gpu_magic._demo import notebooks_dir
+
 from .conftest import wait_for
 
 
@@ -43,9 +45,17 @@ def test_the_demo_stops_everything_it_started(tmp_path: Path,
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")}
     env.pop("GPU_MAGIC_URL", None)
+    # a docs trial: JupyterLab opened the repository's own notebooks, so saving one wrote
+    # outputs into tracked files (and a pip user's, into the installed package): it opens a
+    # copy in the folder the demo runs in, and keeps a copy the user has already edited
+    copies = tmp_path / "gpu-magic-notebooks"
+    copies.mkdir()
+    shipped = sorted(p.name for p in notebooks_dir().glob("*.ipynb"))
+    (copies / shipped[0]).write_text('{"edited": true}')
     log = open(tmp_path / "demo.log", "wb")
     demo = subprocess.Popen([sys.executable, "-m", "gpu_magic", "demo", "--port", str(port),
-                             "--simulate", "T4:2"], stdout=log, stderr=log, env=env)
+                             "--simulate", "T4:2"], stdout=log, stderr=log, env=env,
+                             cwd=tmp_path)
     try:
         def lab_up() -> bool:
             try:
@@ -66,6 +76,13 @@ def test_the_demo_stops_everything_it_started(tmp_path: Path,
         assert status["reachable"] and status["simulated"] and status["url"] == gateway["url"]
         pool = httpx.get(f"{api}/pool", headers=auth, timeout=30).json()
         assert [(t["type"], t["total"]) for t in pool["types"]] == [("T4", 2)]
+        listed = httpx.get(f"http://127.0.0.1:{port}/api/contents", headers=auth,
+                           timeout=30).json()["content"]
+        assert sorted(e["name"] for e in listed if e["type"] == "notebook") == shipped
+        assert (copies / shipped[0]).read_text() == '{"edited": true}'
+        assert (f"the teaching notebooks are in {copies}, yours to edit and save "
+                f"({len(shipped) - 1} copied now, 1 kept as you left them)"
+                in (tmp_path / "demo.log").read_text())
         for sig in sigs:  # several at once (systemd: TERM, then HUP) must not cut the clean-up
             demo.send_signal(sig)
         assert demo.wait(60) == 0, (tmp_path / "demo.log").read_text()[-3000:]
@@ -99,7 +116,8 @@ def test_a_demo_leaves_running_the_gateway_it_found_running(
     port = _free_port()
     log = open(tmp_path / "demo.log", "wb")
     demo = subprocess.Popen([sys.executable, "-m", "gpu_magic", "demo", "--port", str(port),
-                             "--simulate", "T4:2"], stdout=log, stderr=log, env=env)
+                             "--simulate", "T4:2"], stdout=log, stderr=log, env=env,
+                             cwd=tmp_path)
     try:
         wait_for(lambda: "JupyterLab is starting" in (tmp_path / "demo.log").read_text(),
                  timeout=120)
@@ -132,7 +150,8 @@ def test_two_demos_share_a_gateway_and_the_last_to_stop_stops_it(tmp_path: Path)
             with open(logs[-1], "wb") as log:
                 demos.append(subprocess.Popen(
                     [sys.executable, "-m", "gpu_magic", "demo", "--port", str(port),
-                     "--simulate", "T4:2"], stdout=log, stderr=log, env=env))
+                     "--simulate", "T4:2"], stdout=log, stderr=log, env=env,
+                             cwd=tmp_path))
             wait_for(lambda log=logs[-1]: "JupyterLab is starting" in log.read_text(),
                      timeout=120)
         gateway = json.loads(next((tmp_path / "runtime").glob("gpu-magic-gateway-*.json"))
