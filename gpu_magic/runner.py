@@ -577,6 +577,9 @@ def _cell_shell(ns: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> A
     return shell
 
 
+CELL_STDERR: list[Any] = [None]  # sys.stderr as the running cell began
+
+
 def _report_errors_in_cell(shell: Any) -> None:
     """The cell's own error travels as an event (the client raises it), so the shell must not
     also print it. Every other error IPython reports and goes on from is printed, as a kernel
@@ -620,7 +623,9 @@ def _report_errors_in_cell(shell: Any) -> None:
             show_syntax(*args, **kwargs)
 
     def print_traceback(_etype: Any, _value: Any, stb: list[str]) -> None:
-        print(shell.InteractiveTB.stb2text(stb), file=sys.stderr)  # (a kernel's error output)
+        # on the cell's own stderr, as a kernel's error output goes past %%capture and
+        # redirect_stderr (captured, the error of code run under %%capture was lost)
+        print(shell.InteractiveTB.stb2text(stb), file=CELL_STDERR[0] or sys.stderr)
 
     shell.showtraceback, shell.showsyntaxerror = showtraceback, showsyntaxerror
     shell._showtraceback = print_traceback
@@ -2088,6 +2093,7 @@ class _Session:
         _payload.CELL_SHIFTS[name] = _CellWarnings.where[1]
         fresh = _FreshLocalImports(ns, mapped.known)
         there = _listing(job_dir) if manifest.get("folder_removed") else None
+        CELL_STDERR[0] = sys.stderr
         with self.interrupts.cell(shell.compile), fresh:
             result = shell.run_cell(manifest["source"], store_history=False)
         _flush_c_stdio()  # C stdio buffers of extensions, before the drain

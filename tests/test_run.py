@@ -1023,6 +1023,10 @@ def test_errors_a_cell_goes_on_from_are_shown_as_a_kernel_shows_them(
     assert "ZeroDivisionError: division by zero" in err
     assert "IndexError: list index out of range" in err
     assert ns["inner"] is not None  # (the cell itself succeeded and bound its names)
+    # and under %%capture, as a kernel shows it: past the capture (which keeps the prints)
+    run(ns, "%%capture cap\nprint('hidden')\n1 / 0")
+    out, err = capsys.readouterr()
+    assert "ZeroDivisionError: division by zero" in err and "hidden" not in out
     # the cell's own error is raised here, once, and not also printed there
     with pytest.raises(ZeroDivisionError):
         run(ns, "print('before')\n1 / 0")
