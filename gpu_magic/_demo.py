@@ -85,10 +85,11 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
     if notebooks is None:
         nb_dir, copied = working_copy(nb_dir, Path.cwd() / COPY_DIR)
         kept = len(list(nb_dir.glob("*.ipynb"))) - len(copied)
-        print(f"gpu_magic: the teaching notebooks are in {nb_dir}, yours to edit and save"
-              + (f" ({len(copied)} copied now" + (f", {kept} kept as you left them)" if kept
-                                                  else ")") if copied else
-                 " (kept as you left them; delete one to get it fresh)"))
+        if not copied:
+            how = "kept as you left them; delete one to get it fresh"
+        else:
+            how = f"{len(copied)} copied now" + (f", {kept} kept as you left them" if kept else "")
+        print(f"gpu_magic: the teaching notebooks are in {nb_dir}, yours to edit and save ({how})")
     os.environ["GPU_MAGIC_SIMULATE"] = simulate
     os.environ.pop("GPU_MAGIC_URL", None)
     before = running_local_gateway()

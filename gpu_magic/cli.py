@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds to keep finished jobs, their output and unused blobs (7 days)")
     s.add_argument("--keep-warm", type=_seconds(zero=True), default=300.0,
                    help="seconds a finished runner waits for the next cell of the same "
-                        "notebook's kernel on the same GPUs (default 300; 0: fork a fresh one from a warm zygote "
-                        "each time)")
+                        "notebook's kernel on the same GPUs (default 300; 0: fork a fresh one "
+                        "from a warm zygote each time)")
     s.add_argument("--cold", action="store_true",
                    help="no warm runners: start a fresh interpreter for every job")
     s.add_argument("--max-jobs-per-user", type=_count("max_jobs"), default=None, metavar="N",

@@ -1144,22 +1144,12 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
             start = i
             break
     out = []
-    # IPython's frames that only lead into gpu_magic's (a `%gpu pool` a cell ran, refused in
-    # a job): the cell's line and the refusal are the news, as a local magic's error shows
-    # (one pass from the end: a RecursionError's traceback has thousands of frames)
-    leads_in = [False] * len(frames)
-    all_ours, any_ours = True, False
-    for i in range(len(frames) - 1, -1, -1):
-        ipython = _in_ipython(frames[i].filename)
-        leads_in[i] = ipython and any_ours and all_ours
-        ours = ipython or frames[i].filename.startswith(_PACKAGE)
-        all_ours, any_ours = all_ours and ours, any_ours or ours
     last = len(frames) - 1
     for i, (fr, code) in enumerate(zip(frames[start:], codes[start:]), start):
-        if leads_in[i]:
-            continue
         if i != last and _in_ipython(fr.filename):
-            continue  # its way into a magic (`%%time`, `%matplotlib`): a kernel hides it too
+            # its way into a magic (`%%time`, or a `%gpu pool` refused in a job): the cell's
+            # line and what raised are the news, as a kernel shows them
+            continue
         if isinstance(exc, SystemExit) and not (fr.filename in cell_files
                                                 or fr.filename == "<dynamic-code>"):
             continue  # exit() goes through IPython and the runner: not the user's frames

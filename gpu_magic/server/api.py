@@ -47,7 +47,7 @@ HEARTBEAT_S = 5.0
 INLINE_IN_MAX = 1 << 20
 INLINE_OUT_MAX = 1 << 20
 _DIGEST = Annotated[str, Field(pattern=r"^xxh3-128:[0-9a-f]{32}$")]
-_PACKAGES = ("cloudpickle", "ipython", "numpy", "torch", "gpu-magic")
+_PACKAGES = ("cloudpickle", "ipython", "numpy", "torch")
 
 
 class _Strict(BaseModel):
@@ -186,8 +186,6 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 def _versions() -> dict[str, str]:
     out = {"gpu-magic": __version__}  # (the code running: an editable install's metadata lags)
     for name in _PACKAGES:
-        if name in out:
-            continue
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

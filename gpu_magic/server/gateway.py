@@ -864,7 +864,8 @@ class Gateway:
 
     def check_wire(self, body: dict[str, Any]) -> None:
         """Refuse a kernel whose gpu_magic writes other pickles than this gateway's runners
-        read (see WIRE_FORMAT). A runner in the kernel's own Python has the kernel's."""
+        read (see WIRE_FORMAT). A runner in the kernel's own Python has the kernel's. (The
+        route calls it before it keeps the job's inline blobs, then ``submit``.)"""
         if getattr(self.backend, "client_python", False):
             return
         meta = body.get("meta") or {}
@@ -888,7 +889,6 @@ class Gateway:
                            f"({self.store.error}), so it takes no new job for now: nothing "
                            "was sent to a GPU. Free space on that disk (whoever runs the "
                            "gateway), then run the cell again.")
-        self.check_wire(body)
         gpus = self.gpus()
         pool_types = sorted({g.type for g in gpus}) + self.types_gone(gpus)
         try:
