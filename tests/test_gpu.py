@@ -25,9 +25,15 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not REAL, reason="needs a real NVIDIA GPU (NVML found none)")]
 
 
+# Its runners stay warm briefly: a warm runner holds the GPU (a CUDA context), and another
+# gateway on the machine (the shared one below) waits for it as for any process outside it.
+KEEP_WARM_S = "10"
+
+
 @pytest.fixture(scope="module")
 def real_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(tmp_path_factory.mktemp("real"), simulate=None)
+    gw = start_gateway(tmp_path_factory.mktemp("real"), "--keep-warm", KEEP_WARM_S,
+                       simulate=None)
     yield gw
     gw.stop()
 
