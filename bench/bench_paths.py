@@ -36,6 +36,12 @@ from gpu_magic._client import GatewayClient  # noqa: E402
 ROWS: list[tuple[str, str, str, str]] = []
 
 
+def add(r: tuple[str, str, str, str]) -> None:
+    ROWS.append(r)
+    # each row as it is measured too (a run stopped part way still shows what it got)
+    print(" | ".join(r), file=sys.stderr, flush=True)
+
+
 def p50(f: Callable[[], Any], n: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         f()
@@ -53,7 +59,7 @@ def row(what: str, ours: float | None, anchor_name: str, anchor: float | None, u
     o = fmt(ours) if ours is not None else "-"
     a = fmt(anchor) if anchor is not None else "not installed"
     ratio = f"{ours / anchor:.2f}x" if ours and anchor else "-"
-    ROWS.append((what, o, f"{anchor_name}: {a}", ratio))
+    add((what, o, f"{anchor_name}: {a}", ratio))
 
 
 def interleaved(ours: Callable[[], Any], rounds: int = 5, n: int = 60) -> tuple[float, float | None]:
@@ -257,7 +263,7 @@ def main() -> None:
             finally:
                 torch_gw.stop()
         except ImportError:
-            ROWS.append(("cell importing torch", "-", "torch not installed", "-"))
+            add(("cell importing torch", "-", "torch not installed", "-"))
 
         # Large inputs and results: a new 256 MiB array in, twice it back (as the Ray task),
         # DATA_GAP_S apart as a person runs cells. Rounds are also shown without the time of
@@ -299,7 +305,7 @@ def main() -> None:
             row("256 MiB torch tensor in and back, same host, without `data * 2`",
                 2 * gib / t_moving, "numpy array, the same", 2 * gib / moving, "GiB/s")
         except ImportError:
-            ROWS.append(("256 MiB torch tensor in and back", "-", "torch not installed", "-"))
+            add(("256 MiB torch tensor in and back", "-", "torch not installed", "-"))
         # Peak memory on each side for one 256 MiB round trip over HTTP: the cell's result is
         # one copy (it is new data); the goal is at most one extra copy per side.
         import psutil
@@ -313,7 +319,7 @@ def main() -> None:
             rises = peak_private([psutil.Process(), gw_proc, *runners], lambda: gpu_magic.run(
                 "back = data * 2", "H100", ns, client=c, quiet=True))
         mib = 1 << 20
-        ROWS.append(("peak extra private memory, 256 MiB in + 256 MiB back over HTTP",
+        add(("peak extra private memory, 256 MiB in + 256 MiB back over HTTP",
                      f"client {rises[0] / mib:.0f} MiB, gateway {rises[1] / mib:.0f} MiB, "
                      f"runner {max(rises[2:], default=0) / mib:.0f} MiB",
                      "the result itself is 256 MiB", "-"))
@@ -338,9 +344,9 @@ def main() -> None:
             writes.append(time.perf_counter() - t)
         for i in range(3):
             (tmp / f"floor-{i}").unlink()
-        ROWS.append(("floor: 256 MiB copied into new memory", f"{copy_s:.3f} s",
+        add(("floor: 256 MiB copied into new memory", f"{copy_s:.3f} s",
                      f"{gib / copy_s:.2f} GiB/s", "-"))
-        ROWS.append(("floor: 256 MiB written to a new file", f"{statistics.median(writes):.3f} s",
+        add(("floor: 256 MiB written to a new file", f"{statistics.median(writes):.3f} s",
                      f"{gib / statistics.median(writes):.2f} GiB/s", "-"))
         # over HTTP, at 256 MiB and at the goal's 1 GiB (the rerun hashes its input again)
         for n in (size, 4 * size):
@@ -382,7 +388,7 @@ def main() -> None:
                               {"__name__": "__main__"}, client=c, quiet=True)
             wall = time.perf_counter() - t
             lines = buf.getvalue().count("\n")
-            ROWS.append(("100,000 short lines", f"{lines / wall:,.0f} lines/s",
+            add(("100,000 short lines", f"{lines / wall:,.0f} lines/s",
                          f"all arrived: {lines == 100000}", "-"))
     finally:
         for gw in (warm, fork, cold):
