@@ -1180,12 +1180,15 @@ def submit(
         _drop_unsendable_modules(sent, namespace, local_dir)
         # before packing: the report lists every input that cannot be sent, not the first
         return _dry_run(sent, gspec, get_client, local_dir, namespace)
+    # (its buffers are named once the gateway says which digests it takes)
     try:
-        packed = _payload.pack_inputs(sent, namespace, local_dir, keep_objects=True)
+        packed = _payload.pack_inputs(sent, namespace, local_dir, keep_objects=True,
+                                      hash_buffers=False)
     except SerializationError:
         if not _drop_unsendable_modules(sent, namespace, local_dir):
             raise
-        packed = _payload.pack_inputs(sent, namespace, local_dir, keep_objects=True)
+        packed = _payload.pack_inputs(sent, namespace, local_dir, keep_objects=True,
+                                      hash_buffers=False)
     cl = get_client()
     if box is not None:
         box["client"] = cl
@@ -1200,14 +1203,27 @@ def submit(
     try:
         _check_environment(health)
     except EnvironmentMismatch:  # (the answer is kept: the gateway may have been upgraded since)
-        _check_environment(cl.health(refresh=True))
+        health = cl.health(refresh=True)
+        _check_environment(health)
+    _payload.name_buffers(packed, _payload.PIECES_SCHEME in health.get("digests", ()))
     blobs = packed.blobs()
     state = JobState(str(gspec), background=opts.background)
     state.simulated = bool(health.get("simulated"))
     notice = _SendingNotice() if not opts.quiet else None
     # a notice left saying "sending" or "submitting" would read as if it still were
     with notice.until_submitted() if notice is not None else contextlib.nullcontext():
-        inline = _send_inputs(cl, blobs, state, packed.pickle_digest, notice)
+        try:
+            inline = _send_inputs(cl, blobs, state, packed.pickle_digest, notice)
+        except GatewayError as exc:
+            # a gateway that took names by pieces when asked, and no more (one put back to a
+            # version from before them): asked again, the inputs are named as it says
+            if exc.status != 422 or not any(d.startswith(_payload.PIECES_PREFIX) for d in blobs):
+                raise
+            if _payload.PIECES_SCHEME in cl.health(refresh=True).get("digests", ()):
+                raise
+            _payload.name_buffers(packed, False)
+            blobs = packed.blobs()
+            inline = _send_inputs(cl, blobs, state, packed.pickle_digest, notice)
         if not sent:  # the pickle of no inputs: "sent 5 B" read as something sent
             state.sent_bytes = 0
         if box is not None:
@@ -1592,7 +1608,8 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
             rows.append(row)
             continue
         try:
-            singles[name], _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir)
+            singles[name], _ = _payload.dumps(value, namespace=namespace, local_dir=local_dir,
+                                              hash_buffers=False)  # (named below)
         except Exception:
             unlisted: dict[str, int] = {}
             with _payload.by_value_here(local_dir):  # (as the send pickles them)
@@ -1604,18 +1621,30 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
                        unlisted=unlisted)
         else:
             sendable[name] = value
-            row.update(bytes=singles[name].nbytes, travels=_payload.travel_mode(value, local_dir))
+            row.update(travels=_payload.travel_mode(value, local_dir))  # (bytes: below)
         rows.append(row)
     together: str | None = None
-    blobs: dict[str, memoryview] = {}
-    total = 0
+    packed: _payload.Packed | None = None
     try:
-        packed = _payload.pack_inputs(sendable, namespace, local_dir)
-        blobs, total = packed.blobs(), packed.nbytes
+        packed = _payload.pack_inputs(sendable, namespace, local_dir, hash_buffers=False)
     except SerializationError as exc:  # each one alone pickles, together they do not
         together = str(exc)
     cached: set[str] = set()
     refusal = None
+    pieces = False
+    try:
+        cl = get_client()
+        # named as the submit would name them, for the gateway's answer to hold for them
+        pieces = _payload.PIECES_SCHEME in cl.health().get("digests", ())
+    except GatewayError:
+        pass  # (said below, as missing() fails the same way)
+    for p in (*singles.values(), *([packed] if packed is not None else [])):
+        _payload.name_buffers(p, pieces)
+    for row in rows:
+        if row["name"] in singles:
+            row["bytes"] = singles[row["name"]].nbytes
+    blobs = packed.blobs() if packed is not None else {}
+    total = packed.nbytes if packed is not None else 0
     try:
         cached = set(blobs) - set(get_client().missing(list(blobs)))  # asks, uploads nothing
         reachable = True

@@ -25,7 +25,7 @@ import httpx
 
 from . import _rawget, _reserve
 from ._errors import AuthError, GatewayError, NoFeasibleOption, SpecError
-from ._payload import byte_view
+from ._payload import SCHEMES, byte_view
 from ._version import WIRE_FORMAT, __version__
 
 CHUNK = 1 << 20
@@ -137,10 +137,11 @@ def usable_token(token: str | None, token_from: str | None = None,
 
 
 def _with_wire(body: dict[str, Any]) -> dict[str, Any]:
-    """The job's body saying which pickles this client writes, and its version for a refusal
-    to name (in ``meta``, which a gateway from before takes as it is)."""
+    """The job's body saying which pickles this client writes, its version for a refusal to
+    name, and the blob digests it knows, for its results' names (in ``meta``, which a gateway
+    from before takes as it is)."""
     return {**body, "meta": {**(body.get("meta") or {}), "wire": str(WIRE_FORMAT),
-                             "gpu_magic": __version__}}
+                             "gpu_magic": __version__, "digests": ",".join(SCHEMES)}}
 
 
 class GatewayClient:

@@ -1314,6 +1314,9 @@ class Outbox(NamedTuple):
 
     folder: Path
     reserve: str | None = None
+    # large blobs named by their pieces (the gateway says it checks them): a result the
+    # notebook sends back as a later cell's input then keeps its name, and is not uploaded
+    pieces: bool = False
 
 
 def _put_blobs(out: Outbox, packed: _payload.Packed, event: dict[str, Any]) -> None:
@@ -1343,10 +1346,11 @@ def _write_blob(out: Outbox, data: memoryview, digest: str | None = None) -> str
     tmp = out.folder / "writing.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()  # left by an attempt that died while writing
-    hasher = None if digest is not None else _payload.hasher()
+    hasher = None if digest is not None else _payload.Checker(
+        _payload.PIECES_PREFIX if out.pieces else _payload.DIGEST_PREFIX)
     _reserve.write_file(tmp, data, out.reserve, hasher)
     if hasher is not None:
-        digest = _payload.DIGEST_PREFIX + hasher.hexdigest()
+        digest = hasher.result()
     os.replace(tmp, out.folder / digest.replace(":", "-"))
     return digest
 
@@ -2020,7 +2024,8 @@ class _Session:
     def _run(self, job_dir: Path, manifest: dict[str, Any]) -> int:
         emitter, shell = self.emitter, self.shell
         # made when a result is too large to go inline
-        out = Outbox(job_dir / "out", manifest.get("reserve"))
+        out = Outbox(job_dir / "out", manifest.get("reserve"),
+                     _payload.PIECES_SCHEME in manifest.get("digests", ()))
         ns: dict[str, Any] = {"__name__": "__main__"}
         inputs = manifest["inputs"]
         buffers = [_read_blob(p) for p in inputs["buffers"]]

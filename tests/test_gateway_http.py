@@ -26,7 +26,7 @@ import pytest
 import gpu_magic
 from gpu_magic._client import GatewayClient
 from gpu_magic._errors import GatewayError
-from gpu_magic._payload import digest, loads, pack_inputs
+from gpu_magic._payload import PIECE, digest, loads, pack_inputs
 from gpu_magic._version import WIRE_FORMAT, __version__
 from gpu_magic.server.auth import TokensFileError, load_tokens_file
 
@@ -389,8 +389,8 @@ def test_health_needs_no_token(gateway: Gateway, header: str | None) -> None:
     # which packages run the cells is for users only (an anonymous caller could look up their
     # known vulnerabilities); whether tokens are shared stays, for a refused client's advice,
     # and that this caller's token was not taken (a client then says so, not "Python ''")
-    assert set(health) == {"status", "version", "client_python", "wire_format", "shared",
-                           "authorized"}, health
+    assert set(health) == {"status", "version", "client_python", "wire_format", "digests",
+                           "shared", "authorized"}, health
     assert health["authorized"] is False
 
 
@@ -502,6 +502,45 @@ def test_blob_upload_then_download_exact_bytes(gateway: Gateway, client: Gateway
     assert resp.headers["content-length"] == str(len(data))
 
 
+def test_a_blob_named_by_its_pieces_is_checked_by_them(gateway: Gateway,
+                                                      client: GatewayClient) -> None:
+    assert client.health()["digests"] == ["xxh3-128", "xxh3-128-16m"]
+    data = secrets.token_bytes(2 * PIECE) + b"tail"
+    d = digest(data, pieces=True)
+    assert d.startswith("xxh3-128-16m:")
+    client.upload(d, memoryview(data))
+    assert bytes(client.download(d)) == data
+    # the same bytes under their plain name too (an older client's), each checked by its own
+    plain = digest(data)
+    client.upload(plain, memoryview(data))
+    assert client.missing([d, plain]) == []
+    other = secrets.token_bytes(2 * PIECE) + b"tail"
+    claimed = digest(other, pieces=True)
+    body = refused(call(gateway.url, gateway.token, "PUT", f"/v1/blobs/{claimed}", content=data),
+                   400)
+    assert claimed in body["message"] and d in body["message"]
+    assert client.missing([claimed]) == [claimed]
+
+
+@pytest.mark.parametrize("knows", [True, False], ids=["client-knows-pieces", "older-client"])
+def test_large_results_are_named_by_pieces_only_for_a_client_that_knows_them(
+        gateway: Gateway, client: GatewayClient, knows: bool) -> None:
+    values = {"n": PIECE // 8 + 1000}
+    packed = pack_inputs(values, None, None)
+    for d, blob in packed.blobs().items():
+        client.upload(d, blob)
+    meta = {"wire": str(WIRE_FORMAT), **({"digests": "xxh3-128,xxh3-128-16m"} if knows else {})}
+    body = {"source": "import numpy as np\nbig = np.zeros(n)", "spec": opts("H100"), "inputs": packed.manifest,
+            "input_names": list(values), "outputs": ["big"], "deleted": [], "has_value": False,
+            "timeout": 60, "meta": meta}
+    resp = call(gateway.url, gateway.token, "POST", "/v1/jobs", json=body)
+    assert resp.status_code == 201, resp.text
+    (result,) = [e for e in follow(client, resp.json()["id"]) if e["type"] == "result"]
+    (name,) = result["buffers"]
+    assert name.startswith("xxh3-128-16m:" if knows else "xxh3-128:"), name
+    assert name == digest(bytes(values["n"] * 8), pieces=knows)
+
+
 def test_blob_whose_content_does_not_match_is_refused_and_not_kept(
     gateway: Gateway, client: GatewayClient
 ) -> None:
@@ -525,6 +564,8 @@ BAD_DIGESTS = [
     "sha256:" + "0" * 64,
     "xxh3-64:" + "0" * 16,
     "xxh3-128-" + "0" * 32,
+    "xxh3-128-16m:" + "0" * 31,
+    "xxh3-128-8m:" + "0" * 32,
 ]
 
 

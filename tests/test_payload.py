@@ -1079,3 +1079,50 @@ def test_counts_add_up_even_when_two_jobs_add_the_same() -> None:
     # (the merge's own set of containers is apart from the one that decides what keeps its
     # identity inside the inputs, a bytearray among them)
     assert _changeable(bytearray(b"ab"))
+
+
+@pytest.mark.parametrize("size", [0, 1, _payload.PIECE - 1, _payload.PIECE, _payload.PIECE + 1,
+                                  3 * _payload.PIECE + 5])
+def test_a_digest_by_pieces_is_the_documented_one_and_streams_alike(size: int) -> None:
+    import xxhash
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    d = _payload.digest(data, pieces=True)
+    if size <= _payload.PIECE:  # one piece: the plain digest, shared with older clients
+        assert d == "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
+    else:
+        parts = [data[i:i + _payload.PIECE] for i in range(0, size, _payload.PIECE)]
+        assert d == "xxh3-128-16m:" + xxhash.xxh3_128_hexdigest(
+            b"".join(xxhash.xxh3_128_digest(p) for p in parts))
+    assert _payload.is_digest(d) and _payload.digest_of(data, like=d) == d
+    # as an upload arrives: in chunks that straddle the pieces' edges, or match them
+    for step in (7_777_777, _payload.PIECE):
+        checker = _payload.Checker(d)
+        for i in range(0, size, step):
+            checker.update(memoryview(data)[i:i + step])
+        assert checker.result() == d
+    assert _payload.digest(data) == "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
+
+
+def test_a_forked_child_names_by_pieces_too() -> None:
+    # the pool's threads do not live in a child: it waited on them for ever (a review)
+    import time
+    import warnings
+
+    data = bytes(2 * _payload.PIECE + 1)
+    named = _payload.digest(data, pieces=True)  # the pool is made here, before the fork
+    with warnings.catch_warnings():  # (3.12 warns of fork() beside threads: the point here)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        os._exit(0 if _payload.digest(data, pieces=True) == named else 1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's digest did not end within 20 s")

@@ -289,7 +289,7 @@ def test_a_blob_that_cannot_be_read_to_check_it_is_not_kept(tmp_path: Path) -> N
     # the disk fails the check's read: the blob must not stay as if it had passed
     from gpu_magic.server.checks import Checks, marker
 
-    def unreadable(fd: int) -> tuple[str, int]:
+    def unreadable(fd: int, max_bytes: int | None, like: str) -> tuple[str, int]:
         raise OSError(errno.EIO, "Input/output error")
 
     checks = Checks(unreadable, lambda size: None)
@@ -365,3 +365,58 @@ def test_a_gateway_stopped_while_a_job_waits_for_its_inputs_checks_ends_it_as_it
             assert record["state"] == "succeeded", record
     finally:
         gw.stop()
+
+
+def test_a_large_input_is_named_by_its_pieces_where_the_gateway_takes_them(
+        gateway: Gateway) -> None:
+    from gpu_magic._payload import PIECE, digest
+
+    def stored() -> set[str]:
+        return {p.name for p in (gateway.state_dir / "blobs").rglob("xxh3-*")}
+
+    rng = np.random.default_rng(7)
+    for same_host in (True, False):
+        with GatewayClient(gateway.url, gateway.token, same_host=same_host) as c:
+            data = rng.random(PIECE // 8 + 1000)  # just over one piece
+            ns: dict[str, Any] = {"__name__": "__main__", "data": data}
+            gpu_magic.run("total = float(data.sum())", "H100", ns, client=c, quiet=True)
+            assert ns["total"] == float(data.sum())
+            name = digest(memoryview(data).cast("B"), pieces=True)
+            assert name.startswith("xxh3-128-16m:") and name.replace(":", "-") in stored()
+            # a gateway that does not list them (an older one) gets the plain digest
+            c.health().pop("digests")
+            data = rng.random(PIECE // 8 + 1000)
+            ns = {"__name__": "__main__", "data": data}
+            gpu_magic.run("total = float(data.sum())", "H100", ns, client=c, quiet=True)
+            assert ns["total"] == float(data.sum())
+            assert digest(memoryview(data).cast("B")).replace(":", "-") in stored()
+
+
+def test_a_large_result_sent_back_as_a_later_cell_s_input_is_not_uploaded(
+        gateway: Gateway) -> None:
+    from gpu_magic._api import submit
+    from gpu_magic._payload import PIECE
+
+    for same_host in (True, False):
+        with GatewayClient(gateway.url, gateway.token, same_host=same_host) as c:
+            ns: dict[str, Any] = {"__name__": "__main__", "n": PIECE // 8 + 1000, "k": same_host}
+            gpu_magic.run("import numpy as np\nbig = np.full(n, 2.0 + k)", "H100", ns, client=c,
+                          quiet=True)
+            job = submit("total = float(big.sum())", "H100", ns, client=c)
+            job.follow()
+            assert job.outcome() is None and ns["total"] == (2.0 + same_host) * ns["n"]
+            # named as the runner named it: the gateway has it, nothing is uploaded
+            assert job.state.sent_bytes < 10_000 and job.state.reused == 1, job.state
+
+
+def test_a_dry_run_says_a_large_input_the_gateway_has_is_cached(gateway: Gateway) -> None:
+    from gpu_magic._payload import PIECE
+
+    with gateway.client() as c:
+        data = np.random.default_rng(3).random(PIECE // 8 + 1000)
+        ns: dict[str, Any] = {"__name__": "__main__", "data": data}
+        report = gpu_magic.run("s = float(data[0])", "H100", ns, client=c, dry_run=True)
+        assert "cached" not in report["inputs"][0]["travels"]
+        gpu_magic.run("s = float(data[0])", "H100", ns, client=c, quiet=True)
+        report = gpu_magic.run("s = float(data[0])", "H100", ns, client=c, dry_run=True)
+        assert report["inputs"][0]["travels"].endswith("already cached on the gateway"), report

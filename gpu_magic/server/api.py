@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .._payload import SCHEMES
 from .._version import WIRE_FORMAT, __version__
 from .auth import Authenticator, User
 from .gateway import ApiError, Gateway
@@ -46,7 +47,8 @@ HEARTBEAT_S = 5.0
 # instead of a missing-check, uploads and downloads of their own.
 INLINE_IN_MAX = 1 << 20
 INLINE_OUT_MAX = 1 << 20
-_DIGEST = Annotated[str, Field(pattern=r"^xxh3-128:[0-9a-f]{32}$")]
+DIGEST_PATTERN = "^(?:" + "|".join(SCHEMES) + "):[0-9a-f]{32}$"  # (their names need no escape)
+_DIGEST = Annotated[str, Field(pattern=DIGEST_PATTERN)]
 _PACKAGES = ("cloudpickle", "ipython", "numpy", "torch")
 
 
@@ -137,7 +139,6 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorModel, "description": _WHY[c]} for c in (401, 403, *codes)}
 
 
-DIGEST_PATTERN = r"^xxh3-128:[0-9a-f]{32}$"
 Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
 
 
@@ -286,6 +287,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             # (for a refused client's advice: ask whoever runs it, or read your own token file)
             "client_python": bool(getattr(gateway.backend, "client_python", False)),
             "wire_format": WIRE_FORMAT,
+            "digests": list(SCHEMES),  # the blob digests it verifies (a client picks one)
             "shared": len(auth.users()) > 1,
         }
         # The rest tells which packages and versions run the cells (what an attacker looks

@@ -26,12 +26,13 @@ def marker(blob: Path) -> Path:
 
 
 class Checks:
-    """Checks of published blobs. ``hash_fd(fd) -> (digest, size)`` hashes an open file;
+    """Checks of published blobs. ``hash_fd(fd, max_bytes, like) -> (digest, size)`` hashes
+    an open file in the scheme of the digest ``like``;
     ``good(size)`` hears of each blob that passed (the reserve keeps files of their sizes).
     A check's future tells its outcome: None (the blob is what its name says, or was replaced
     meanwhile by a file whose own check decides), or why it was removed."""
 
-    def __init__(self, hash_fd: Callable[[int], tuple[str, int]],
+    def __init__(self, hash_fd: Callable[[int, int | None, str], tuple[str, int]],
                  good: Callable[[int], None]) -> None:
         self._hash_fd = hash_fd
         self._good = good
@@ -110,7 +111,7 @@ class Checks:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != ident:
                 return None
-            got, size = self._hash_fd(fd)
+            got, size = self._hash_fd(fd, None, digest)
         finally:
             os.close(fd)
         if got == digest:

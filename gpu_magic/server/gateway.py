@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SpecError
-from .._payload import is_digest
+from .._payload import SCHEMES, is_digest
 from .._spec import KNOWN_TYPES, GpuOption, GpuSpec, env_problem, pool_type_note
 from .._version import WIRE_FORMAT, __version__
 from .auth import User
@@ -979,7 +979,12 @@ class Gateway:
         session = meta.pop("session", None)
         meta.pop("wire", None)  # (checked above; not the cell's news)
         meta.pop("gpu_magic", None)
-        body = dict(body, timeout=timeout, timeout_asked=asked, meta=meta, session=session)
+        # the digests its client knows: its runner names large results by pieces only for
+        # one that does (an older client would not know a result it sends back by that name)
+        known = meta.pop("digests", None)  # ("xxh3-128,xxh3-128-16m": meta holds strings)
+        digests = [d for d in str(known or "").split(",") if d in SCHEMES]
+        body = dict(body, timeout=timeout, timeout_asked=asked, meta=meta, session=session,
+                    digests=digests)
         job_id = body.get("id") or secrets.token_hex(8)
         if job_id in self.jobs:
             raise ApiError(409, "job_exists", f"a job with id {job_id!r} exists already; "
@@ -1430,6 +1435,7 @@ class Gateway:
             "env": req.get("env") or {},
             "cell_label": req.get("cell_label", "Cell"),
             "line_offset": req.get("line_offset", 0),
+            "digests": req.get("digests") or [],  # what its results may be named by
         }
         if getattr(self.backend, "client_python", False) and req.get("sys_path"):
             # the kernel's own Python runs the cell: with the folders its notebook added to

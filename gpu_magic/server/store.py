@@ -26,10 +26,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
 from .. import _reserve
-from .._payload import DIGEST_PREFIX, is_digest
+from .._payload import DIGEST_PREFIX, PIECES_PREFIX, Checker, digest_of, is_digest
 from .checks import Checks
 from .limits import human
 from .reserve import Reserve
@@ -274,9 +272,11 @@ def _too_large(cap: int, size: int | None = None) -> BlobError:
                           "(--max-blob-bytes)")
 
 
-def _hash_fd(fd: int, max_bytes: int | None = None) -> tuple[str, int]:
-    """The digest and size of what the open file ``fd`` holds (read from its start)."""
-    h = xxhash.xxh3_128()
+def _hash_fd(fd: int, max_bytes: int | None = None,
+             like: str = DIGEST_PREFIX) -> tuple[str, int]:
+    """The digest and size of what the open file ``fd`` holds (read from its start), in the
+    scheme of the digest ``like``."""
+    h = Checker(like)
     buf = bytearray(1 << 22)
     view = memoryview(buf)
     size = 0
@@ -287,19 +287,21 @@ def _hash_fd(fd: int, max_bytes: int | None = None) -> tuple[str, int]:
             if max_bytes is not None and size > max_bytes:  # it grew while read
                 raise _too_large(max_bytes)
             h.update(view[:n])
-    return DIGEST_PREFIX + h.hexdigest(), size
+    return h.result(), size
 
 
-def _hash_file(path: Path, max_bytes: int | None = None) -> tuple[str, int]:
+def _hash_file(path: Path, max_bytes: int | None = None,
+               like: str = DIGEST_PREFIX) -> tuple[str, int]:
     """The digest and size of the regular file at ``path`` (see :func:`_open_regular`)."""
     fd, _ = _open_regular(path, max_bytes)
     try:
-        return _hash_fd(fd, max_bytes)
+        return _hash_fd(fd, max_bytes, like)
     finally:
         os.close(fd)
 
 
-def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> tuple[str, int]:
+def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None,
+              like: str = DIGEST_PREFIX) -> tuple[str, int]:
     """Copy the regular file ``name`` of the folder ``folder_fd`` to the new file ``dest``,
     refusing anything else (see :func:`_hash_file`) and more than ``max_bytes``; the digest
     and size of what was copied (hashed on the way: no second read)."""
@@ -310,7 +312,7 @@ def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> t
             raise BlobError(400, f"{name} is not a regular file")
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            h = xxhash.xxh3_128()
+            h = Checker(like)
             size = 0
             while chunk := os.read(src, 1 << 22):
                 size += len(chunk)
@@ -318,7 +320,7 @@ def _copy_out(folder_fd: int, name: str, dest: Path, max_bytes: int | None) -> t
                     raise _too_large(max_bytes)
                 h.update(chunk)
                 _write_all(out, [chunk])
-            return DIGEST_PREFIX + h.hexdigest(), size
+            return h.result(), size
         except BaseException:
             os.unlink(dest)  # nothing half-copied stays in the store
             raise
@@ -415,7 +417,8 @@ class BlobStore:
     def path(self, user: str, digest: str) -> Path:
         if not is_digest(digest):
             raise BlobError(
-                400, f"{digest!r} is not a blob digest; expected {DIGEST_PREFIX} and 32 hex digits"
+                400, f"{digest!r} is not a blob digest; expected {DIGEST_PREFIX} (or "
+                     f"{PIECES_PREFIX}) and 32 hex digits"
             )
         return self.user_dir(user) / digest.replace(":", "-")
 
@@ -435,7 +438,7 @@ class BlobStore:
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{id(chunks)}")
         if size_hint:
             await asyncio.to_thread(self.make_room, size_hint)
-        h = xxhash.xxh3_128()
+        h = Checker(digest)
         size = 0
         try:
             fd, reused = _reserve.open_for(tmp, size_hint, self.reserve.folder)
@@ -474,7 +477,7 @@ class BlobStore:
                     _reserve.finish(fd, size, reused)
                 finally:
                     os.close(fd)
-            got = DIGEST_PREFIX + h.hexdigest()
+            got = h.result()
             if got != digest:
                 raise BlobError(400, f"blob content does not match its digest: sent as {digest}, content is {got}")
             os.replace(tmp, final)
@@ -488,7 +491,7 @@ class BlobStore:
 
     def put_bytes(self, user: str, digest: str, data: bytes) -> None:
         """Store a small blob sent inside a request, verifying its digest like an upload."""
-        got = DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(data)
+        got = digest_of(data, like=digest)
         if got != digest:
             raise BlobError(400, f"blob content does not match its digest: sent as {digest}, "
                                  f"content is {got}")
@@ -576,7 +579,7 @@ class BlobStore:
             try:
                 copied = None
                 if copy:
-                    copied = _copy_out(at, name, tmp, max_bytes)
+                    copied = _copy_out(at, name, tmp, max_bytes, digest)
                     os.unlink(name, dir_fd=at)
                 else:
                     os.rename(name, tmp, src_dir_fd=at)
@@ -600,7 +603,7 @@ class BlobStore:
                 else:
                     _used_now(dest)
                 return size
-            got, size = copied or _hash_file(tmp, max_bytes)
+            got, size = copied or _hash_file(tmp, max_bytes, digest)
             if got != digest:
                 raise BlobError(400, f"blob content does not match its digest: sent as "
                                      f"{digest}, content is {got}")
