@@ -13,8 +13,6 @@ here, never asserted in tests.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -29,12 +27,11 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from _table import add, show  # noqa: E402
 from conftest import start_gateway  # noqa: E402
 
 import gpu_magic  # noqa: E402
 from gpu_magic.server.inventory import read_nvml  # noqa: E402
-
-ROWS: list[tuple[str, str, str, str]] = []
 
 
 def timed(f: Callable[[], Any]) -> float:
@@ -51,9 +48,7 @@ def median_of(f: Callable[[], Any], n: int, warmup: int = 1) -> float:
 
 def row(what: str, ours: float, anchor_name: str, anchor: float, unit: str = "s") -> None:
     fmt = (lambda v: f"{v * 1e3:.2f} ms") if unit == "ms" else (lambda v: f"{v:.3f} s")
-    ROWS.append((what, fmt(ours), f"{anchor_name}: {fmt(anchor)}", f"{ours / anchor:.3g}x"))
-    # each row as it is measured too (a run stopped part way still shows what it got)
-    print(" | ".join(ROWS[-1]), file=sys.stderr, flush=True)
+    add((what, fmt(ours), f"{anchor_name}: {fmt(anchor)}", f"{ours / anchor:.3g}x"))
 
 
 def main() -> None:
@@ -116,13 +111,8 @@ def main() -> None:
     row(f"{args.gib:g} GiB tensor in, doubled on the GPU, back", doubled,
         "the same in-process", local)
 
-    what = f"{name} (real pool)" if real else "no GPU: simulated pool, torch on the CPU"
-    print(f"gpu_magic {gpu_magic.__version__} · {what} · torch {torch.__version__} · "
-          f"{platform.platform()} · {os.cpu_count()} cores · Python "
-          f"{platform.python_version()} · {time.strftime('%Y-%m-%d %H:%M')}")
-    widths = [max(len(r[i]) for r in ROWS) for i in range(4)]
-    for r in [("path", "ours", "anchor (same run)", "ratio"), *ROWS]:
-        print("  ".join(col.ljust(w) for col, w in zip(r, widths)))
+    show(f"{name} (real pool)" if real else "no GPU: simulated pool, torch on the CPU",
+         f"torch {torch.__version__}")
 
 
 if __name__ == "__main__":

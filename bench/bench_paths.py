@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -28,18 +27,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from _table import add, show  # noqa: E402
 from conftest import start_gateway  # noqa: E402
 
 import gpu_magic  # noqa: E402
 from gpu_magic._client import GatewayClient  # noqa: E402
-
-ROWS: list[tuple[str, str, str, str]] = []
-
-
-def add(r: tuple[str, str, str, str]) -> None:
-    ROWS.append(r)
-    # each row as it is measured too (a run stopped part way still shows what it got)
-    print(" | ".join(r), file=sys.stderr, flush=True)
 
 
 def p50(f: Callable[[], Any], n: int, warmup: int = 2) -> float:
@@ -395,11 +387,7 @@ def main() -> None:
             gw.stop()
         shutil.rmtree(tmp, ignore_errors=True)  # blobs of several GiB
 
-    print(f"gpu_magic {gpu_magic.__version__} · {platform.platform()} · {os.cpu_count()} cores · "
-          f"Python {platform.python_version()} · {time.strftime('%Y-%m-%d %H:%M')}")
-    widths = [max(len(r[i]) for r in ROWS) for i in range(4)]
-    for r in [("path", "ours", "anchor (same run)", "ratio"), *ROWS]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    show()
 
 
 if __name__ == "__main__":
