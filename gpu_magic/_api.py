@@ -1631,13 +1631,13 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
         together = str(exc)
     cached: set[str] = set()
     refusal = None
-    pieces = False
+    pieces, failed = False, None
     try:
         cl = get_client()
         # named as the submit would name them, for the gateway's answer to hold for them
         pieces = _payload.PIECES_SCHEME in cl.health().get("digests", ())
-    except GatewayError:
-        pass  # (said below, as missing() fails the same way)
+    except GatewayError as exc:
+        failed = exc  # (said below; not asked again: connecting may take a while to fail)
     for p in (*singles.values(), *([packed] if packed is not None else [])):
         _payload.name_buffers(p, pieces)
     for row in rows:
@@ -1646,7 +1646,9 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
     blobs = packed.blobs() if packed is not None else {}
     total = packed.nbytes if packed is not None else 0
     try:
-        cached = set(blobs) - set(get_client().missing(list(blobs)))  # asks, uploads nothing
+        if failed is not None:
+            raise failed
+        cached = set(blobs) - set(cl.missing(list(blobs)))  # asks, uploads nothing
         reachable = True
     except AuthError as exc:  # reached, but the cell would not run either: say why
         reachable, refusal = True, str(exc)

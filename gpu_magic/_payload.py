@@ -101,12 +101,6 @@ def digest_of(data: Any, like: str) -> str:
     return digest(data, pieces=like.startswith(PIECES_PREFIX))
 
 
-def hasher() -> Any:
-    """A running digest of bytes fed to its ``update``: ``DIGEST_PREFIX + h.hexdigest()`` is
-    then what :func:`digest` gives for them all at once."""
-    return xxhash.xxh3_128()
-
-
 class Checker:
     """A running digest in the scheme of the digest ``like`` names (fed piece by piece, as an
     upload arrives): ``result()`` is what :func:`digest` gives for the bytes fed."""
@@ -1425,9 +1419,7 @@ def _array_print(arr: Any) -> tuple[Any, ...]:
     """An array's shape, type and a digest of its bytes (datetime64's too, which export no
     buffer): whether it changed here since a background job was sent it."""
     np = sys.modules["numpy"]
-    h = hasher()
-    h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-    return (arr.shape, arr.dtype.str, h.hexdigest())
+    return (arr.shape, arr.dtype.str, digest(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
 
 
 _MERGEABLE = _CONTAINERS - {bytearray}  # (a bytearray has no entries to merge)
