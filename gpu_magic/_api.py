@@ -424,33 +424,44 @@ class _Job:
         feed, self.feed = self.feed or EventFeed(self.client, self.id, after=self.last_seq), None
         self.following = feed
         pumping = pump is not None and pump.active
+        # a Ctrl-C comes out of feed.get(), never out of an event half handled (nor out of
+        # close(), which waits a moment for the reader)
+        with feed.held_interrupts():
+            try:
+                done = False
+                while not done:
+                    done = self._step(feed, pump if pumping else None, interrupts)
+            finally:
+                self.following = None
+                feed.close()
+
+    def _step(self, feed: EventFeed, pump: Any, interrupts: bool) -> bool:
+        """Take one event, or tick the view if none came; True once the job has ended."""
         try:
-            while True:
-                try:
-                    if self._cancel_wanted and not self._cancel_sent:
-                        self.send_cancel()
-                    if self._interrupt_at is not None:
-                        self._interrupt_overdue()
-                    ev = feed.get(timeout=0.05 if pumping else 0.25)
-                    self._note_away(feed)
-                    if ev is not None and ev.get("type") != "job":
-                        self._on_event(ev)
-                        if ev.get("type") == "done":
-                            return
-                    self.view.tick()
-                    if pumping:
-                        _pump_holding_sigint(pump)
-                except KeyboardInterrupt:
-                    if self.result is not None and not self.result_bound and not self.background:
-                        # the cell had ended: the interrupt stopped fetching or binding its
-                        # results (bind() is all or nothing), which is said, not dropped
-                        self.fetch_interrupted = True
-                        raise
-                    if not (interrupts and self._interrupt()):
-                        raise
-        finally:
-            self.following = None
-            feed.close()
+            if self._cancel_wanted and not self._cancel_sent:
+                with feed.raising():  # (a gateway that does not answer: Ctrl-C stops it)
+                    self.send_cancel()
+            if self._interrupt_at is not None:
+                self._interrupt_overdue()
+            ev = feed.get(timeout=0.05 if pump is not None else 0.25)
+            self._note_away(feed)
+            if ev is not None and ev.get("type") != "job":
+                self._on_event(ev)
+                if ev.get("type") == "done":
+                    return True
+            self.view.tick()
+            if pump is not None:
+                _pump_holding_sigint(pump)
+        except KeyboardInterrupt:
+            if self.result is not None and not self.result_bound and not self.background:
+                # the cell had ended: the interrupt stopped fetching or binding its
+                # results (bind() is all or nothing), which is said, not dropped
+                self.fetch_interrupted = True
+                raise
+            with feed.raising():  # (a second Ctrl-C stops a call to a gateway that hangs)
+                if not (interrupts and self._interrupt()):
+                    raise
+        return False
 
     def _note_away(self, feed: EventFeed) -> None:
         """Say in the view while the gateway does not answer and the stream is being resumed."""
@@ -568,10 +579,13 @@ class _Job:
             pass
         elif kind == "result":
             self.result = ev
-            self._fetch_result(ev)
-            if not self.background:
-                names, deleted, self.has_value, self.value = self.load_result()
-                self.bind(names, deleted)
+            following = self.following
+            # a Ctrl-C stops a large download at once (as it did a wait for the next event)
+            with following.raising() if following is not None else contextlib.nullcontext():
+                self._fetch_result(ev)
+                if not self.background:
+                    names, deleted, self.has_value, self.value = self.load_result()
+                    self.bind(names, deleted)
         elif kind == "error":
             self.error = ev
         if kind == "done" and ev.get("state") != "succeeded":

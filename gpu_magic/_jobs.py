@@ -15,12 +15,16 @@ reassigned since the job was submitted is left alone, with a warning.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import os
 import queue
+import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._client import LOCAL, GatewayClient, _clause, _local_gone, unreachable
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 
 _END = object()
 _MISSING = object()
+_WAKE = object()  # a Ctrl-C held by ``held_interrupts``: it wakes a get() that waits
 
 
 class _Failure:
@@ -50,7 +55,9 @@ class EventFeed:
                  submit: dict[str, Any] | None = None, after: int = 0) -> None:
         self._owner = client
         self._client = client.borrow()
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # (its get waits in C: a Ctrl-C in a Condition's wait, between two of its lines, came
+        # out as "RuntimeError: release unlocked lock" in place of the KeyboardInterrupt)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._job_id = job_id
         self._submit = submit
@@ -58,6 +65,9 @@ class EventFeed:
         self._clean = False
         self._done = threading.Event()
         self._closing = threading.Lock()  # the reader's hand-back and close() do not cross
+        # Ctrl-C's held and not raised yet (a deque: its append and popleft are atomic, and the
+        # signal handler appends between any two lines of the follower)
+        self._ctrl_c: collections.deque[int] = collections.deque()
         _THREADS.run(self._read)
 
     def _read(self) -> None:
@@ -121,16 +131,67 @@ class EventFeed:
 
     def get(self, timeout: float) -> dict[str, Any] | None:
         """The next event, or None if none came within ``timeout`` seconds."""
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._ctrl_c:  # a held Ctrl-C goes before the events queued ahead of it
+                self._ctrl_c.popleft()
+                raise KeyboardInterrupt
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if item is not _WAKE:  # (a wake only wakes: its Ctrl-C is in _ctrl_c, or taken)
+                break
         if isinstance(item, _Failure):
             raise item.exc
         if item is _END:
             raise GatewayError(f"the event stream of job {self._job_id} ended without its end; "
                                f"the job may still be running: %gpu attach {self._job_id}")
         return item  # type: ignore[no-any-return]
+
+    @contextlib.contextmanager
+    def held_interrupts(self) -> Iterator[None]:
+        """While following on the main thread: a Ctrl-C comes out of the next ``get()`` as its
+        KeyboardInterrupt, not out of whatever line the follower ran when it came (an output
+        event half written, or taken from the queue and not written yet, would be lost).
+
+        The follower leaves the block at the job's end: a Ctrl-C it had not taken by then came
+        too late to stop anything, as one after a local cell's last line, and is dropped. Only
+        where Ctrl-C raises KeyboardInterrupt (Python's own handler): another handler is
+        someone's choice and left alone. ``raising()`` is for waits that must stop at once.
+        """
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield
+            return
+        try:
+            signal.signal(signal.SIGINT, self._hold)
+        except ValueError:  # (not the main interpreter)
+            yield
+            return
+        try:
+            yield
+        finally:
+            if signal.getsignal(signal.SIGINT) == self._hold:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self._ctrl_c.append(signum)
+        self._queue.put(_WAKE)  # (SimpleQueue.put is safe to call from a signal handler)
+
+    @contextlib.contextmanager
+    def raising(self) -> Iterator[None]:
+        """Within ``held_interrupts()``: a Ctrl-C raises where it lands again, for a wait that
+        must stop at once (a large result's download, a call to a gateway that does not answer).
+        """
+        if signal.getsignal(signal.SIGINT) != self._hold:
+            yield
+            return
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, self._hold)
 
     def close(self) -> None:
         """Stop reading. After the job's end the reader is already done; else (an interrupt)

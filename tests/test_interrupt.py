@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from gpu_magic._view import JobState, render_html, render_text
 
 from .conftest import Gateway, start_gateway, wait_for
-from .test_gateway_http import all_free, finish
+from .test_gateway_http import all_free, finish, submit
 from .test_widget import Kernel
 
 pytestmark = pytest.mark.slow
@@ -249,3 +250,135 @@ def test_an_interrupt_before_the_grant_was_heard_interrupts_a_cell_already_runni
     assert fin.exists()  # its finally ran
     assert ns["step"] == 1  # and what it had bound came back, as a local cell's interrupt
     assert finish(client, job.id)["state"] == "cancelled"
+
+
+def test_an_interrupt_amid_a_flood_of_output_loses_and_repeats_no_line(kernel: Kernel) -> None:
+    # the Ctrl-C lands while the kernel is handing on the cell's output: every line up to where
+    # the cell took the interrupt arrives once, in order
+    k = kernel
+    cell = k.run('%%gpu\nimport time\ni = 0\ntry:\n    while i < 300_000:\n'
+                 '        print(f"line {i}")\n        i += 1\n        if i % 10 == 0:\n'
+                 '            time.sleep(0.001)\nexcept KeyboardInterrupt:\n'
+                 '    print(f"caught at {i}")', stop_on_error=False)
+    deadline = time.monotonic() + DEADLINE
+    while "line 3000\n" not in k.outputs(cell):  # (drain() would wait for the flood to end)
+        assert time.monotonic() < deadline
+        k.iopub.append(k.kc.get_iopub_msg(timeout=DEADLINE))
+    k.km.interrupt_kernel()
+    reply = k.reply(cell)
+    assert reply["status"] == "ok", reply
+    text = k.outputs(cell)
+    assert "caught at " in text, text[-200:]
+    before, after = text.split("caught at ", 1)
+    last = int(after.split()[0])  # (i, which the interrupt may catch before its += 1)
+    got = before.split("\n")
+    # the interrupt may come inside print(), between its text and its newline, as locally
+    whole, part = got[:-1], got[-1]
+    assert part in ("", f"line {len(whole)}"), got[-3:]
+    assert len(whole) in (last, last + 1), (last, len(whole))
+    wrong = [(n, line) for n, line in enumerate(whole) if line != f"line {n}"]
+    assert not wrong, wrong[:3]
+
+
+
+def _printer(client: Any, n: int, pause: float = 0.05) -> tuple[Any, str]:
+    from gpu_magic._jobs import EventFeed
+
+    job = submit(client, f"import time\nfor i in range({n}):\n    print(i, flush=True)\n"
+                         f"    time.sleep({pause})")
+    return EventFeed(client, job["id"]), job["id"]
+
+
+def test_a_ctrl_c_while_an_event_is_handled_comes_out_of_the_next_wait(client: Any) -> None:
+    # the follower writes each output event whole: a Ctrl-C that comes meanwhile is raised by
+    # the next wait for an event, and no event is lost or half written
+    feed, job_id = _printer(client, 20)
+    written, interrupts, raised = [], 0, 0
+    try:
+        with feed.held_interrupts():
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            while True:
+                try:
+                    ev = feed.get(timeout=DEADLINE)
+                except KeyboardInterrupt:
+                    interrupts += 1
+                    continue
+                if ev is None or ev["type"] == "done":
+                    break
+                if ev["type"] == "stdout":
+                    text = ev["text"]
+                    written.append(text[:1])
+                    signal.raise_signal(signal.SIGINT)  # (between the two halves)
+                    raised += 1
+                    written.append(text[1:])
+            signal.raise_signal(signal.SIGINT)  # after the end: too late to stop anything
+            with feed.raising(), pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # (raising(): at once, where it lands)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        feed.close()
+    assert raised >= 2 and interrupts == raised, (raised, interrupts)
+    assert "".join(written) == "".join(f"{i}\n" for i in range(20))
+    assert finish(client, job_id)["state"] == "succeeded"
+
+
+
+def test_a_held_ctrl_c_goes_before_the_events_already_queued(client: Any) -> None:
+    # a cell that prints faster than the notebook writes: a Ctrl-C waiting behind the backlog
+    # came seconds late, and behind the job's end not at all
+    feed, job_id = _printer(client, 300, pause=0)
+    try:
+        assert finish(client, job_id)["state"] == "succeeded"
+        wait_for(feed._done.is_set, DEADLINE)  # (its reader has queued every event, the end too)
+        with feed.held_interrupts():
+            signal.raise_signal(signal.SIGINT)
+            with pytest.raises(KeyboardInterrupt):
+                feed.get(timeout=DEADLINE)
+            text, ev = "", feed.get(timeout=DEADLINE)  # and the events are all still there
+            while ev is not None and ev["type"] != "done":
+                text += ev.get("text", "") if ev["type"] == "stdout" else ""
+                ev = feed.get(timeout=DEADLINE)
+    finally:
+        feed.close()
+    assert ev is not None and text == "".join(f"{i}\n" for i in range(300))
+
+
+def test_nothing_in_the_wait_for_an_event_is_python_a_ctrl_c_can_cut(client: Any) -> None:
+    # Python takes a signal between two lines: one inside a threading.Condition's wait for the
+    # next event once came out as "RuntimeError: release unlocked lock" in place of the
+    # KeyboardInterrupt (the submit's wait, where Ctrl-C raises as it lands). A Ctrl-C at each
+    # line below get() in turn is a KeyboardInterrupt, and the events still come.
+    feed, job_id = _printer(client, 10)
+    cut, seen = [], []
+    deadline = time.monotonic() + DEADLINE
+    try:
+        at = 1
+        while "done" not in seen:
+            assert time.monotonic() < deadline, seen
+            lines = 0
+
+            def trace(frame: Any, event: str, arg: Any, at: int = at) -> Any:
+                nonlocal lines
+                if event == "line" and frame.f_code.co_filename.endswith(
+                        ("threading.py", "queue.py")):
+                    lines += 1
+                    if lines == at:
+                        raise KeyboardInterrupt
+                return trace
+
+            sys.settrace(trace)
+            try:
+                ev = feed.get(timeout=0.05)
+                at = 1
+            except BaseException as exc:
+                cut.append(type(exc).__name__)
+                at += 1
+                continue
+            finally:
+                sys.settrace(None)
+            if ev is not None:
+                seen.append(ev["type"])
+    finally:
+        feed.close()
+    assert set(cut) <= {"KeyboardInterrupt"}, cut
+    assert seen.count("stdout") >= 1 and finish(client, job_id)["state"] == "succeeded"
