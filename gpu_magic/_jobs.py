@@ -501,12 +501,15 @@ class GpuJob:
         ``GatewayError`` if the gateway could not be reached meanwhile (its end is unknown).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._follow_again()
         # No comm pump here (unlike a foreground cell): with one, a kernel whose wait() ended
         # in JobCancelled left the test process's event loop unset (seen with nbclient, not
         # understood yet). A Cancel click during wait() is handled when the cell ends.
         try:
-            while not self._finished.wait(0.25):
+            self._follow_again()
+            # (polled with sleep(), which waits in C: a Ctrl-C inside the Condition of an
+            # Event's wait came out as "RuntimeError: release unlocked lock", or left it locked)
+            while not self._finished.is_set():
+                time.sleep(0.01)
                 if deadline is not None and time.monotonic() >= deadline:
                     away = self._away()
                     if away is not None:  # (the runner may have died with it: end unknown)

@@ -387,3 +387,43 @@ def test_background_jobs_merge_nested_lists_and_dicts_and_add_counts(
     err = capsys.readouterr().err
     assert f"[gpu_magic] background job {first.id}: " in err and "merged in" in err, err
     assert "nested['exp']" in err, err
+
+
+def test_a_ctrl_c_anywhere_in_wait_only_stops_the_waiting() -> None:
+    # Python takes a signal between two lines: one inside threading's Condition wait under
+    # wait() came out as "RuntimeError: release unlocked lock". A Ctrl-C at each line of
+    # threading's code below wait() in turn says it stopped waiting, and the job goes on.
+    import sys
+
+    slow = gpu_magic.run("import time\ntime.sleep(60)", "H100", {}, background=True)
+    outcomes: list[str] = []
+    try:
+        for at in range(1, 200):
+            lines = 0
+
+            def trace(frame: Any, event: str, arg: Any, at: int = at) -> Any:
+                nonlocal lines
+                if event == "line" and frame.f_code.co_filename.endswith("threading.py"):
+                    lines += 1
+                    if lines == at:
+                        raise KeyboardInterrupt
+                return trace
+
+            sys.settrace(trace)
+            try:
+                slow.wait(timeout=0.3)
+            except BaseException as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                sys.settrace(None)
+            if lines < at:  # (no line left to interrupt: every one was)
+                break
+        wrong = [o for o in outcomes if not o.startswith((
+            "KeyboardInterrupt: stopped waiting for GPU job", "TimeoutError: GPU job"))]
+        assert not wrong, wrong
+        assert len(outcomes) > 3 and outcomes[-1].startswith("TimeoutError"), outcomes
+        assert slow.state == "running"
+    finally:
+        assert slow.cancel() is True
+        with pytest.raises(JobCancelled):
+            slow.wait(timeout=DEADLINE)
