@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -103,6 +104,27 @@ def use_gateway(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Gateway:
     monkeypatch.setenv("GPU_MAGIC_URL", gateway.url)
     monkeypatch.setenv("GPU_MAGIC_TOKEN", gateway.token)
     return gateway
+
+
+@contextlib.contextmanager
+def ctrl_c_at_line(at: int, *files: str) -> Iterator[list[int]]:
+    """Raise KeyboardInterrupt at the ``at``-th line run in code from ``files`` (file name
+    endings) on this thread, as a Ctrl-C handled between two lines there would; yields the
+    count of such lines run so far (fewer than ``at``: none was interrupted)."""
+    run = [0]
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_code.co_filename.endswith(files):
+            run[0] += 1
+            if run[0] == at:
+                raise KeyboardInterrupt
+        return trace
+
+    sys.settrace(trace)
+    try:
+        yield run
+    finally:
+        sys.settrace(None)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):  # type: ignore[no-untyped-def]

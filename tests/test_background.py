@@ -12,7 +12,7 @@ import pytest
 import gpu_magic
 from gpu_magic import GpuJob, JobCancelled
 
-from .conftest import wait_for
+from .conftest import ctrl_c_at_line, wait_for
 from .test_gateway_http import all_free
 from .test_kernel import execute, make_notebook, texts
 from .test_widget import saved
@@ -393,30 +393,16 @@ def test_a_ctrl_c_anywhere_in_wait_only_stops_the_waiting() -> None:
     # Python takes a signal between two lines: one inside threading's Condition wait under
     # wait() came out as "RuntimeError: release unlocked lock". A Ctrl-C at each line of
     # threading's code below wait() in turn says it stopped waiting, and the job goes on.
-    import sys
-
     slow = gpu_magic.run("import time\ntime.sleep(60)", "H100", {}, background=True)
     outcomes: list[str] = []
     try:
         for at in range(1, 200):
-            lines = 0
-
-            def trace(frame: Any, event: str, arg: Any, at: int = at) -> Any:
-                nonlocal lines
-                if event == "line" and frame.f_code.co_filename.endswith("threading.py"):
-                    lines += 1
-                    if lines == at:
-                        raise KeyboardInterrupt
-                return trace
-
-            sys.settrace(trace)
-            try:
-                slow.wait(timeout=0.3)
-            except BaseException as exc:
-                outcomes.append(f"{type(exc).__name__}: {exc}")
-            finally:
-                sys.settrace(None)
-            if lines < at:  # (no line left to interrupt: every one was)
+            with ctrl_c_at_line(at, "threading.py") as run:
+                try:
+                    slow.wait(timeout=0.3)
+                except BaseException as exc:
+                    outcomes.append(f"{type(exc).__name__}: {exc}")
+            if run[0] < at:  # (no line left to interrupt: every one was)
                 break
         wrong = [o for o in outcomes if not o.startswith((
             "KeyboardInterrupt: stopped waiting for GPU job", "TimeoutError: GPU job"))]

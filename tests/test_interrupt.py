@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from gpu_magic._view import JobState, render_html, render_text
 
-from .conftest import Gateway, start_gateway, wait_for
+from .conftest import Gateway, ctrl_c_at_line, start_gateway, wait_for
 from .test_gateway_http import all_free, finish, submit
 from .test_widget import Kernel
 
@@ -355,27 +354,14 @@ def test_nothing_in_the_wait_for_an_event_is_python_a_ctrl_c_can_cut(client: Any
         at = 1
         while "done" not in seen:
             assert time.monotonic() < deadline, seen
-            lines = 0
-
-            def trace(frame: Any, event: str, arg: Any, at: int = at) -> Any:
-                nonlocal lines
-                if event == "line" and frame.f_code.co_filename.endswith(
-                        ("threading.py", "queue.py")):
-                    lines += 1
-                    if lines == at:
-                        raise KeyboardInterrupt
-                return trace
-
-            sys.settrace(trace)
             try:
-                ev = feed.get(timeout=0.05)
+                with ctrl_c_at_line(at, "threading.py", "queue.py"):
+                    ev = feed.get(timeout=0.05)
                 at = 1
             except BaseException as exc:
                 cut.append(type(exc).__name__)
                 at += 1
                 continue
-            finally:
-                sys.settrace(None)
             if ev is not None:
                 seen.append(ev["type"])
     finally:
