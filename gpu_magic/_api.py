@@ -424,8 +424,9 @@ class _Job:
         feed, self.feed = self.feed or EventFeed(self.client, self.id, after=self.last_seq), None
         self.following = feed
         pumping = pump is not None and pump.active
-        # a Ctrl-C comes out of feed.get(), never out of an event half handled (nor out of
-        # close(), which waits a moment for the reader)
+        # a Ctrl-C comes out of feed.get(), never out of an event half handled, nor out of
+        # pumping the widget comms (a queued cell's request read and not passed on would be
+        # lost) or close() (it waits a moment for the reader)
         with feed.held_interrupts():
             try:
                 done = False
@@ -446,12 +447,12 @@ class _Job:
             ev = feed.get(timeout=0.05 if pump is not None else 0.25)
             self._note_away(feed)
             if ev is not None and ev.get("type") != "job":
-                self._on_event(ev)
+                self._on_event(ev, feed)
                 if ev.get("type") == "done":
                     return True
             self.view.tick()
             if pump is not None:
-                _pump_holding_sigint(pump)
+                pump.pump()  # (whole: a Ctrl-C is held, see follow())
         except KeyboardInterrupt:
             if self.result is not None and not self.result_bound and not self.background:
                 # the cell had ended: the interrupt stopped fetching or binding its
@@ -565,7 +566,7 @@ class _Job:
         self.view.refresh()
         return True
 
-    def _on_event(self, ev: dict[str, Any]) -> None:
+    def _on_event(self, ev: dict[str, Any], feed: EventFeed) -> None:
         self.last_seq = int(ev.get("seq") or self.last_seq)
         kind = ev.get("type")
         if self.owner is not None and kind in ("display", "update_display"):
@@ -579,9 +580,8 @@ class _Job:
             pass
         elif kind == "result":
             self.result = ev
-            following = self.following
             # a Ctrl-C stops a large download at once (as it did a wait for the next event)
-            with following.raising() if following is not None else contextlib.nullcontext():
+            with feed.raising():
                 self._fetch_result(ev)
                 if not self.background:
                     names, deleted, self.has_value, self.value = self.load_result()
@@ -982,28 +982,6 @@ def _as_remote_error(ev: dict[str, Any], what: str, fix: str | None) -> str:
     said = (f"{ev.get('ename') or 'the exception'} {what}, so it is raised here as "
             "RemoteError (`except RemoteError` takes it; its .ename names the type)")
     return f"{said}. {fix}" if fix else said
-
-
-def _pump_holding_sigint(pump: Any) -> None:
-    """Pump the widget comms with Ctrl-C held off until the pump has handed every message on:
-    an interrupt between reading a queued cell's request and passing it on would lose it."""
-    if not pump.needed():
-        return
-    if threading.current_thread() is not threading.main_thread():
-        pump.pump()
-        return
-    pending: list[int] = []
-    try:
-        old = signal.signal(signal.SIGINT, lambda s, f: pending.append(s))
-    except ValueError:
-        pump.pump()
-        return
-    try:
-        pump.pump()
-    finally:
-        signal.signal(signal.SIGINT, old)
-    if pending:
-        signal.raise_signal(signal.SIGINT)  # delivered now, to whoever handles it
 
 
 _GPU_CELL_FILE = re.compile(r"<(.+) on the GPU, job [0-9a-z]+\.\d+>")

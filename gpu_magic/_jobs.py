@@ -151,7 +151,7 @@ class EventFeed:
 
     @contextlib.contextmanager
     def held_interrupts(self) -> Iterator[None]:
-        """While following on the main thread: a Ctrl-C comes out of the next ``get()`` as its
+        """While following (on the main thread): a Ctrl-C comes out of the next ``get()`` as its
         KeyboardInterrupt, not out of whatever line the follower ran when it came (an output
         event half written, or taken from the queue and not written yet, would be lost).
 
@@ -160,13 +160,12 @@ class EventFeed:
         where Ctrl-C raises KeyboardInterrupt (Python's own handler): another handler is
         someone's choice and left alone. ``raising()`` is for waits that must stop at once.
         """
-        if (threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             yield
             return
         try:
             signal.signal(signal.SIGINT, self._hold)
-        except ValueError:  # (not the main interpreter)
+        except ValueError:  # (not the main thread: no signal is handled there)
             yield
             return
         try:
