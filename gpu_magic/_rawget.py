@@ -92,6 +92,76 @@ def get_into(url: httpx.URL, headers: dict[str, str], *, timeout: float,
         sock.close()
 
 
+BULK_GREETING = "gpu-magic-bulk/1"  # the first line the gateway's bulk listener writes
+
+
+class Unusable(Exception):
+    """The bulk port did not take the upload: not reached, not the gateway's, busy, or broken
+    before its answer. ``lasting``: trying it again for the next upload would fail the same
+    way. Nothing was stored; the upload goes the usual way."""
+
+    def __init__(self, why: str, lasting: bool) -> None:
+        super().__init__(why)
+        self.lasting = lasting
+
+
+def put_bulk(url: httpx.URL, port: int, listener: str, headers: dict[str, str],
+             view: memoryview, *, timeout: float, connect_timeout: float,
+             context: ssl.SSLContext) -> tuple[int, dict[str, str], bytes]:
+    """PUT ``view`` (bytes) to ``url``'s path on the gateway's bulk port (server/bulk.py):
+    (status, headers, body) of its answer. The token in ``headers`` is sent only after the
+    listener has said it is the one named ``listener`` (the gateway's health says which)."""
+    try:
+        sock = _connect(url.copy_with(port=port), timeout, min(connect_timeout, 2.0), context)
+    except OSError as exc:
+        raise Unusable(f"cannot connect to port {port}: {exc}", lasting=True) from None
+    try:
+        sock.settimeout(min(connect_timeout, 2.0))
+        first = b""
+        while not first.endswith(b"\r\n") and len(first) < 256:
+            piece = sock.recv(1)  # (one line, nothing past it)
+            if not piece:
+                break
+            first += piece
+        said = first.decode("latin-1").strip()
+        if said != f"{BULK_GREETING} {listener}":
+            busy = said.startswith("HTTP/1.1 503")
+            raise Unusable(f"port {port} said {said[:60]!r}", lasting=not busy)
+        sock.settimeout(timeout)
+        lines = [f"PUT {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {url.netloc.decode('ascii')}",
+                 f"User-Agent: gpu-magic/{__version__}", f"Content-Length: {view.nbytes}",
+                 "Expect: 100-continue", "Connection: close",
+                 *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+        sock.sendall("\r\n".join(lines).encode("latin-1"))
+        status, fields, rest = _read_answer_head(sock, b"")
+        if status == 100:
+            for i in range(0, view.nbytes, _STEP):
+                sock.sendall(view[i : i + _STEP])
+            status, fields, rest = _read_answer_head(sock, rest)
+        length = fields.get("content-length", "")
+        body = bytes(rest)
+        while length.isdigit() and len(body) < int(length) and (piece := sock.recv(_HEAD_MAX)):
+            body += piece
+        return status, fields, body
+    except OSError as exc:
+        raise Unusable(f"the upload to port {port} broke: {exc}", lasting=False) from None
+    finally:
+        sock.close()
+
+
+def _read_answer_head(sock: socket.socket, got: bytes) -> tuple[int, dict[str, str], bytes]:
+    head = bytearray(got)
+    while (end := head.find(b"\r\n\r\n")) < 0:
+        piece = sock.recv(_HEAD_MAX)
+        if not piece or len(head) > _HEAD_MAX:
+            raise OSError("the answer's head did not come whole")
+        head += piece
+    status, fields = _parse_head(bytes(head[:end]))
+    if status is None:
+        raise OSError(f"not an HTTP answer: {bytes(head[:40])!r}")
+    return status, fields, bytes(head[end + 4 :])
+
+
 def new_buffer(size: int) -> bytearray | mmap.mmap:
     """Writable memory for a body of ``size`` bytes. A large one is a private anonymous
     mapping: its pages come zeroed from the kernel as they are written, where a bytearray

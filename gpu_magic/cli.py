@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--blob-reserve", type=_size, default=None, metavar="SIZE",
                    help="disk and page cache kept written ahead for large blobs, e.g. 2G "
                         "(default: a sixteenth of memory, at most 4G; 0: none)")
+    s.add_argument("--blob-port", type=_blob_port, default=0, metavar="PORT|off",
+                   help="port for large uploads, read faster than through --port (default: any "
+                        "free one, told to clients with a token; a client that cannot reach "
+                        "it uploads through --port); off: none")
     s.add_argument("--pass-env", type=_env_names, action="append", default=[],
                    metavar="NAMES",
                    help="with several users, cells get only the environment's PATH, locale, "
@@ -175,6 +179,16 @@ def _positive_size(text: str) -> int:
     return value
 
 
+def _blob_port(text: str) -> int | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return _port(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--port 8765", "--blob-port 8766")
+                                         + "; or off for none") from None
+
+
 def _size(text: str) -> int:
     """``512M``, ``2G``, ``0`` or a number of bytes."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -251,7 +265,7 @@ def _main(argv: list[str] | None) -> int:
             keep_warm=None if args.cold else args.keep_warm,
             max_jobs_per_user=args.max_jobs_per_user, max_gpus_per_user=args.max_gpus_per_user,
             max_blob_bytes=args.max_blob_bytes, max_job_bytes=args.max_job_bytes,
-            blob_reserve=args.blob_reserve,
+            blob_reserve=args.blob_reserve, blob_port=args.blob_port,
             pass_env=tuple(dict.fromkeys(n for names in args.pass_env for n in names)),
         )
         return serve(cfg)

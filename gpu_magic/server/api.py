@@ -303,6 +303,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             "backend": gateway.backend.name,
             "simulated": bool(getattr(gateway.backend, "simulated", False)),
         }
+        if gateway.bulk is not None:
+            answer["bulk"] = gateway.bulk
         if gateway.store.error is not None:  # (its disk is full: it takes no new job)
             answer["store_error"] = f"cannot write its state directory: {gateway.store.error}"
         return answer
@@ -550,7 +552,7 @@ class _AuthMiddleware:
         self.state = app.state
         self.routes = app.routes
 
-    def _note_refusal(self, scope: dict[str, Any], header: str | None) -> None:
+    def note_refusal(self, scope: dict[str, Any], header: str | None) -> None:
         """A line in the log for a refused caller (whose student cannot connect is the
         admin's first question), at most one a minute per address and token: a client that
         retries, or someone guessing, does not fill the log, and one student's stale sidebar
@@ -592,18 +594,9 @@ class _AuthMiddleware:
         headers: dict[bytes, str] = {}
         for key, value in scope.get("headers", []):
             headers[key] = value.decode("latin-1")
-        if self.loopback_only:
-            # a page on another site (or a DNS name rebound to 127.0.0.1) must not reach us
-            host = _hostname(headers.get(b"host", ""))
-            origin = headers.get(b"origin")
-            if not _loopback_name(host):
-                await _refuse(send, 403, "forbidden_host",
-                              f"this gateway listens on loopback only; Host {host!r} is refused")
-                return
-            if origin is not None and not _loopback_name(_hostname(origin.split("://", 1)[-1])):
-                await _refuse(send, 403, "forbidden_origin",
-                              f"requests from the web page at {origin!r} are refused")
-                return
+        if self.loopback_only and (refusal := foreign_page(headers)) is not None:
+            await _refuse(send, 403, *refusal)
+            return
         if scope["path"] == "/v1/health":  # public: another method is told so, not "token"
             if scope["method"] in ("GET", "HEAD"):
                 await self.app(scope, receive, send)
@@ -614,7 +607,7 @@ class _AuthMiddleware:
             return
         found = self.auth.user_for(headers.get(b"authorization"))
         if found is None:
-            self._note_refusal(scope, headers.get(b"authorization"))
+            self.note_refusal(scope, headers.get(b"authorization"))
             await _refuse(send, 401, "unauthorized",
                           "missing or wrong token: send 'Authorization: Bearer TOKEN' "
                           "(GPU_MAGIC_TOKEN on the client side)")
@@ -681,6 +674,19 @@ class _AuthMiddleware:
             if regex is not None and regex.match(path) and getattr(route, "methods", None):
                 methods |= set(route.methods)
         return sorted(methods)
+
+
+def foreign_page(headers: dict[bytes, str]) -> tuple[str, str] | None:
+    """For a gateway on loopback: (code, message) refusing a request whose Host or Origin is
+    not a loopback name. A page on another site (or a DNS name rebound to 127.0.0.1) must not
+    reach us."""
+    host = _hostname(headers.get(b"host", ""))
+    origin = headers.get(b"origin")
+    if not _loopback_name(host):
+        return "forbidden_host", f"this gateway listens on loopback only; Host {host!r} is refused"
+    if origin is not None and not _loopback_name(_hostname(origin.split("://", 1)[-1])):
+        return "forbidden_origin", f"requests from the web page at {origin!r} are refused"
+    return None
 
 
 def _loopback_name(host: str) -> bool:

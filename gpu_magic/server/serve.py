@@ -69,6 +69,7 @@ class ServeConfig:
     max_blob_bytes: int | None = None
     max_job_bytes: int | None = None
     blob_reserve: int | None = None  # bytes; None: a sixteenth of memory, at most 4 GiB
+    blob_port: int | None = 0  # the bulk upload listener's port (0: any free one); None: none
     pass_env: tuple[str, ...] = ()  # more of the environment for a shared gateway's cells
 
     def fingerprint(self) -> dict[str, Any]:
@@ -362,6 +363,17 @@ def serve(cfg: ServeConfig) -> int:
         return 2
     sock.listen(2048)
     port = sock.getsockname()[1]
+    bulk = None
+    if cfg.blob_port is not None:
+        try:
+            bulk = _open_bulk(cfg, family, gateway, auth, app)
+        except OSError as exc:
+            sock.close()
+            print(f"gpu-magic serve: cannot listen on {cfg.host}:{cfg.blob_port} for large "
+                  f"uploads: {exc.strerror}; choose another --blob-port, or --blob-port off "
+                  "(uploads then go through --port)", file=sys.stderr)
+            return 2
+        gateway.bulk = bulk.describe()
     host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
     scheme = "https" if cfg.certfile else "http"
     url = f"{scheme}://{host}:{port}"
@@ -521,11 +533,15 @@ def serve(cfg: ServeConfig) -> int:
                     server.should_exit = True
 
         watcher = asyncio.create_task(idle_watch())
+        if bulk is not None:
+            bulk.start()
         try:
             await server.serve(sockets=[sock])
         finally:
             stopping["served"] = "yes"
             watcher.cancel()
+            if bulk is not None:
+                await asyncio.to_thread(bulk.close)  # (uploads under way end; none is kept)
             await gateway.drain()  # (jobs whose results are being stored end as they ran)
             why = stopping.get("why", "asked to stop")
             running, queued = gateway.lose_unfinished(why)
@@ -546,6 +562,29 @@ def serve(cfg: ServeConfig) -> int:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(main())
     return 0
+
+
+def _open_bulk(cfg: ServeConfig, family: int, gateway: Gateway, auth: Authenticator,
+               app: Any) -> Any:
+    """The bulk upload listener (server/bulk.py) on ``cfg.host``, with the main port's TLS."""
+    import ssl
+
+    from .bulk import BulkListener
+
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.blob_port or 0))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    context = None
+    if cfg.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cfg.certfile, cfg.keyfile)
+    return BulkListener(sock, gateway, auth, loopback_only=_is_loopback(cfg.host),
+                        ssl_context=context, note_refusal=app.note_refusal)
 
 
 def _loop_factory() -> Any:

@@ -22,7 +22,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,13 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
                 n = 0
 
 
+class _Landing:
+    """A blob being received: its file, its running digest and the bytes written so far."""
+
+    def __init__(self, fd: int, checker: Checker) -> None:
+        self.fd, self.checker, self.size = fd, checker, 0
+
+
 def _open_regular(path: Path, max_bytes: int | None = None) -> tuple[int, int]:
     """A descriptor and the size of the regular file at ``path``, refusing anything else: a
     link (followed, it would read what the writer could not), a FIFO or device (it would block
@@ -428,56 +435,25 @@ class BlobStore:
     def missing(self, user: str, digests: list[str]) -> list[str]:
         return [d for d in dict.fromkeys(digests) if not self.has(user, d)]
 
-    async def put_stream(self, user: str, digest: str, chunks: AsyncIterator[bytes],
-                         max_bytes: int | None = None, size_hint: int = 0) -> int:
-        """Store an uploaded blob, verifying its digest; nothing is left behind on failure.
-        ``size_hint`` (the announced length) picks a reserve file to write over."""
+    @contextlib.contextmanager
+    def _landing(self, user: str, digest: str, size_hint: int) -> Iterator[_Landing]:
+        """A new file for a blob on its way in, over a reserve file's pages when one fits
+        ``size_hint``: kept under its digest if the block within ends well and the bytes fed
+        to the landing's checker match it; removed in every other case."""
         final = self.path(user, digest)
-        if max_bytes is not None and size_hint > max_bytes:  # before any file is taken
-            raise _too_large(max_bytes, size_hint)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{id(chunks)}")
-        if size_hint:
-            await asyncio.to_thread(self.make_room, size_hint)
-        h = Checker(digest)
-        size = 0
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}."
+                              f"{os.urandom(4).hex()}")
+        land = _Landing(-1, Checker(digest))
         try:
-            fd, reused = _reserve.open_for(tmp, size_hint, self.reserve.folder)
-            # Writes go to a thread a few MiB at a time while the next ones arrive: the event
-            # loop keeps serving everyone else, and receiving overlaps writing (filling new
-            # page-cache pages is as slow as the network here).
-            writing: asyncio.Future[None] | None = None
-            batch: list[bytes] = []
-            pending = 0
+            land.fd, reused = _reserve.open_for(tmp, size_hint, self.reserve.folder)
             try:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise _too_large(max_bytes)
-                    h.update(chunk)
-                    batch.append(chunk)
-                    pending += len(chunk)
-                    if pending >= _WRITE_BATCH:
-                        if writing is not None:
-                            await asyncio.shield(writing)
-                        writing = asyncio.ensure_future(asyncio.to_thread(_write_all, fd, batch))
-                        batch, pending = [], 0
-                if writing is not None:
-                    await asyncio.shield(writing)
-                if batch:
-                    writing = asyncio.ensure_future(asyncio.to_thread(_write_all, fd, batch))
-                    await asyncio.shield(writing)
+                yield land
             finally:
-                # never close the file under a write: a cancelled upload (shutdown) waits for
-                # the thread, whose write was shielded from the cancel
-                if writing is not None:
-                    await asyncio.wait([writing])
-                    if not writing.cancelled():
-                        writing.exception()  # seen: what went wrong first is what is raised
                 try:
-                    _reserve.finish(fd, size, reused)
+                    _reserve.finish(land.fd, land.size, reused)
                 finally:
-                    os.close(fd)
-            got = h.result()
+                    os.close(land.fd)
+            got = land.checker.result()
             if got != digest:
                 raise BlobError(400, f"blob content does not match its digest: sent as {digest}, content is {got}")
             os.replace(tmp, final)
@@ -486,7 +462,68 @@ class BlobStore:
         finally:
             if tmp.exists():
                 tmp.unlink()
-        self.reserve.note(size)
+        self.reserve.note(land.size)
+
+    async def put_stream(self, user: str, digest: str, chunks: AsyncIterator[bytes],
+                         max_bytes: int | None = None, size_hint: int = 0) -> int:
+        """Store an uploaded blob, verifying its digest; nothing is left behind on failure.
+        ``size_hint`` (the announced length) picks a reserve file to write over."""
+        self.path(user, digest)  # (an invalid digest is refused before anything is taken)
+        if max_bytes is not None and size_hint > max_bytes:  # before any file is taken
+            raise _too_large(max_bytes, size_hint)
+        if size_hint:
+            await asyncio.to_thread(self.make_room, size_hint)
+        with self._landing(user, digest, size_hint) as land:
+            # Writes go to a thread a few MiB at a time while the next ones arrive: the event
+            # loop keeps serving everyone else, and receiving overlaps writing (filling new
+            # page-cache pages is as slow as the network here).
+            writing: asyncio.Future[None] | None = None
+            batch: list[bytes] = []
+            pending = 0
+            try:
+                async for chunk in chunks:
+                    land.size += len(chunk)
+                    if max_bytes is not None and land.size > max_bytes:
+                        raise _too_large(max_bytes)
+                    land.checker.update(chunk)
+                    batch.append(chunk)
+                    pending += len(chunk)
+                    if pending >= _WRITE_BATCH:
+                        if writing is not None:
+                            await asyncio.shield(writing)
+                        writing = asyncio.ensure_future(asyncio.to_thread(_write_all, land.fd, batch))
+                        batch, pending = [], 0
+                if writing is not None:
+                    await asyncio.shield(writing)
+                if batch:
+                    writing = asyncio.ensure_future(asyncio.to_thread(_write_all, land.fd, batch))
+                    await asyncio.shield(writing)
+            finally:
+                # never close the file under a write: a cancelled upload (shutdown) waits for
+                # the thread, whose write was shielded from the cancel
+                if writing is not None:
+                    await asyncio.wait([writing])
+                    if not writing.cancelled():
+                        writing.exception()  # seen: what went wrong first is what is raised
+        return land.size
+
+    def put_from(self, user: str, digest: str, size: int, read_into: Callable[[memoryview], int],
+                 buffer: memoryview, max_bytes: int | None = None) -> int:
+        """Store a blob of exactly ``size`` bytes that ``read_into`` puts into ``buffer`` a
+        part at a time (it answers how many bytes it put; 0: the sender stopped). The same
+        checks as :meth:`put_stream`; for the bulk listener's threads (server/bulk.py)."""
+        self.path(user, digest)
+        if max_bytes is not None and size > max_bytes:
+            raise _too_large(max_bytes, size)
+        self.make_room(size)
+        with self._landing(user, digest, size) as land:
+            while land.size < size:
+                n = read_into(buffer[: min(len(buffer), size - land.size)])
+                if n <= 0:
+                    raise BlobError(400, f"the upload ended after {land.size} of {size} bytes")
+                land.checker.update(buffer[:n])
+                _write_all(land.fd, [buffer[:n]])
+                land.size += n
         return size
 
     def put_bytes(self, user: str, digest: str, data: bytes) -> None:
