@@ -429,29 +429,39 @@ class GatewayClient:
         """Upload through the gateway's bulk port when it offers one (its health, to a caller
         with a token, says where): False if that port cannot take it, and the upload is to go
         through the main one. A port found unusable (not reached: a firewall; not the
-        gateway's) is not tried again by this client."""
+        gateway's) is not tried again by this client, once a fresh health answer has named the
+        same port."""
         url = httpx.URL(f"{self.url}/v1/blobs/{digest}")
         if self._bulk is False or not self.token or not _rawget.usable(url):
             return False
-        try:
-            offer = self.health().get("bulk")
-        except GatewayError:
-            return False  # (the main route says what is wrong)
-        if not isinstance(offer, dict) or not isinstance(offer.get("port"), int):
-            return False
-        try:
-            status, fields, body = _rawget.put_bulk(
-                url, offer["port"], str(offer.get("id")),
-                {"Authorization": f"Bearer {self.token}"}, view,
-                timeout=self._timeout.read or 60.0, connect_timeout=self._timeout.connect or 10.0,
-                context=_ssl_context())
-        except _rawget.Unusable as exc:
-            if exc.lasting:
-                self._bulk = False
-            return False
-        if status >= 400:
-            _check(httpx.Response(status, headers=fields, content=body), self.url, self)
-        return True
+        tried = None
+        for fresh in (False, True):
+            try:
+                offer = self.health(refresh=fresh).get("bulk")
+            except GatewayError:
+                return False  # (the main route says what is wrong)
+            if not _bulk_offer(offer):
+                return False
+            if offer == tried:
+                break
+            tried = offer
+            try:
+                status, fields, body = _rawget.put_bulk(
+                    url, offer["port"], offer["id"], offer["key"], f"/v1/blobs/{digest}",
+                    {"Authorization": f"Bearer {self.token}"}, view,
+                    timeout=self._timeout.read or 60.0,
+                    connect_timeout=self._timeout.connect or 10.0, context=_ssl_context())
+            except _rawget.Unusable as exc:
+                if not exc.lasting:
+                    return False
+                continue  # (a gateway started again listens elsewhere: its health says where)
+            if status == 200:
+                return True
+            if status >= 400 and status not in (404, 405):
+                _check(httpx.Response(status, headers=fields, content=body), self.url, self)
+            break  # (an answer this client does not know from a bulk port)
+        self._bulk = False
+        return False
 
     def download(self, digest: str) -> bytearray:
         local = self.local_path()
@@ -773,6 +783,15 @@ class _Answer:
 
     def iter_bytes(self) -> Iterator[bytes]:
         return self._pieces
+
+
+def _bulk_offer(offer: Any) -> bool:
+    """Whether a health answer's ``bulk`` names a port, an id and a key a client can use."""
+    if not isinstance(offer, dict) or not isinstance(offer.get("port"), int):
+        return False
+    key, kid = offer.get("key"), offer.get("id")
+    return (isinstance(key, str) and isinstance(kid, str) and kid.isascii() and kid.isalnum()
+            and bool(re.fullmatch(r"(?:[0-9a-f]{2}){16,64}", key)))
 
 
 def _ssl_context() -> Any:

@@ -12,6 +12,8 @@ event stream, on a connection it keeps.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import mmap
 import os
 import socket
@@ -92,7 +94,13 @@ def get_into(url: httpx.URL, headers: dict[str, str], *, timeout: float,
         sock.close()
 
 
-BULK_GREETING = "gpu-magic-bulk/1"  # the first line the gateway's bulk listener writes
+BULK_HELLO = "GPU-MAGIC-BULK/1"  # a client's first line to the gateway's bulk listener
+BULK_PROOF = "gpu-magic-bulk/1"  # the listener's answer
+
+
+def bulk_proof(key: bytes, nonce: bytes, port: int) -> str:
+    """What the bulk listener at ``port`` answers to ``nonce`` (see server/bulk.py)."""
+    return hmac.new(key, nonce + b":" + str(port).encode(), hashlib.sha256).hexdigest()
 
 
 class Unusable(Exception):
@@ -105,30 +113,37 @@ class Unusable(Exception):
         self.lasting = lasting
 
 
-def put_bulk(url: httpx.URL, port: int, listener: str, headers: dict[str, str],
-             view: memoryview, *, timeout: float, connect_timeout: float,
-             context: ssl.SSLContext) -> tuple[int, dict[str, str], bytes]:
-    """PUT ``view`` (bytes) to ``url``'s path on the gateway's bulk port (server/bulk.py):
-    (status, headers, body) of its answer. The token in ``headers`` is sent only after the
-    listener has said it is the one named ``listener`` (the gateway's health says which)."""
+def put_bulk(url: httpx.URL, port: int, kid: str, key: str, target: str,
+             headers: dict[str, str], view: memoryview, *, timeout: float,
+             connect_timeout: float, context: ssl.SSLContext) -> tuple[int, dict[str, str], bytes]:
+    """PUT ``view`` (bytes) as ``target`` on the bulk port of the gateway at ``url``: (status,
+    headers, body) of its answer. ``headers`` (the token) are sent only once the listener has
+    proved it holds ``key``, the key the gateway's health gave with the id ``kid``."""
     try:
-        sock = _connect(url.copy_with(port=port), timeout, min(connect_timeout, 2.0), context)
+        sock = _open(url.host, port, min(connect_timeout, 2.0))
     except OSError as exc:
         raise Unusable(f"cannot connect to port {port}: {exc}", lasting=True) from None
     try:
         sock.settimeout(min(connect_timeout, 2.0))
-        first = b""
-        while not first.endswith(b"\r\n") and len(first) < 256:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if url.scheme == "https":
+            sock = context.wrap_socket(sock, server_side=False, server_hostname=url.host)
+        nonce = os.urandom(16)
+        sock.sendall(f"{BULK_HELLO} {nonce.hex()} {kid}\r\n".encode())
+        said = b""
+        while not said.endswith(b"\r\n") and len(said) < 256:
             piece = sock.recv(1)  # (one line, nothing past it)
             if not piece:
                 break
-            first += piece
-        said = first.decode("latin-1").strip()
-        if said != f"{BULK_GREETING} {listener}":
-            busy = said.startswith("HTTP/1.1 503")
-            raise Unusable(f"port {port} said {said[:60]!r}", lasting=not busy)
+            said += piece
+        if not said:  # (closed at once: it was busy)
+            raise Unusable(f"port {port} closed the connection", lasting=False)
+        expected = f"{BULK_PROOF} {bulk_proof(bytes.fromhex(key), nonce, port)}"
+        if not hmac.compare_digest(said.decode("latin-1").strip().encode(), expected.encode()):
+            raise Unusable(f"port {port} is not the gateway's bulk listener (it said "
+                           f"{said[:40].decode('latin-1')!r})", lasting=True)
         sock.settimeout(timeout)
-        lines = [f"PUT {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {url.netloc.decode('ascii')}",
+        lines = [f"PUT {target} HTTP/1.1", f"Host: {url.netloc.decode('ascii')}",
                  f"User-Agent: gpu-magic/{__version__}", f"Content-Length: {view.nbytes}",
                  "Expect: 100-continue", "Connection: close",
                  *(f"{k}: {v}" for k, v in headers.items()), "", ""]
@@ -143,7 +158,7 @@ def put_bulk(url: httpx.URL, port: int, listener: str, headers: dict[str, str],
         while length.isdigit() and len(body) < int(length) and (piece := sock.recv(_HEAD_MAX)):
             body += piece
         return status, fields, body
-    except OSError as exc:
+    except OSError as exc:  # (a TLS handshake that fails, too: a busy listener closes at once)
         raise Unusable(f"the upload to port {port} broke: {exc}", lasting=False) from None
     finally:
         sock.close()

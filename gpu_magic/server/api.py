@@ -292,7 +292,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         }
         # The rest tells which packages and versions run the cells (what an attacker looks
         # up vulnerabilities for): only for a caller with a token, like every other route.
-        if auth.user_for(request.headers.get("authorization")) is None:
+        caller = auth.user_for(request.headers.get("authorization"))
+        if caller is None:
             # (said, so that a client can tell a refused token from a gateway of another kind)
             return {**public, "authorized": False}
         answer = {
@@ -304,7 +305,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             "simulated": bool(getattr(gateway.backend, "simulated", False)),
         }
         if gateway.bulk is not None:
-            answer["bulk"] = gateway.bulk
+            answer["bulk"] = gateway.bulk.offer(caller)
         if gateway.store.error is not None:  # (its disk is full: it takes no new job)
             answer["store_error"] = f"cannot write its state directory: {gateway.store.error}"
         return answer

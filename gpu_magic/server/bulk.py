@@ -8,10 +8,14 @@ same digest check, the same store. Each connection is one upload on a thread of 
 
 The exchange, in order:
 
-1. On connecting (after TLS where the gateway speaks it) the listener writes one line,
-   ``gpu-magic-bulk/1 ID``, where ID is the random ``bulk.id`` of the gateway's authorized
-   health answer. A client sends its token only after reading that line: a connection that
-   reached something else (another service on a proxy's host) gets nothing.
+1. The client's first line (after TLS where the gateway speaks it) is ``GPU-MAGIC-BULK/1 NONCE
+   ID``: 16 random bytes in hex, and the ``bulk.id`` of the gateway's health answer to its
+   token. The listener answers ``gpu-magic-bulk/1 PROOF``: the HMAC-SHA256, under that user's
+   ``bulk.key`` (also from health), of the nonce and the port the listener took the connection
+   on. The client sends its token only after checking the proof. Something else at that port (a
+   port the client remembered from before the gateway started again, taken since by another
+   user, who may hold a token and a key of their own, or who relays the nonce to the real
+   listener) cannot give it: keys are per user and the proof names the listener's port.
 2. The client sends an HTTP/1.1 request head with ``Content-Length`` and ``Expect:
    100-continue``. The listener checks everything it can before the body (token, path, length,
    limits) and answers an error, or ``100 Continue``.
@@ -21,6 +25,8 @@ The exchange, in order:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -31,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._rawget import BULK_GREETING as GREETING
+from .._rawget import BULK_HELLO, BULK_PROOF, bulk_proof
 from .api import foreign_page
 from .auth import Authenticator, User
 from .gateway import Gateway
@@ -71,7 +77,7 @@ class BulkListener:
         self.sock, self.gateway, self.auth = sock, gateway, auth
         self.loopback_only, self.ssl_context = loopback_only, ssl_context
         self.note_refusal = note_refusal
-        self.id = secrets.token_hex(16)
+        self._secret = secrets.token_bytes(32)  # (new at each start: old keys say nothing)
         self.port: int = sock.getsockname()[1]
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._buffers: list[memoryview] = []  # (new memory costs page faults; reuse it)
@@ -80,9 +86,20 @@ class BulkListener:
         self._open: set[socket.socket] = set()  # the connections being served
         self._thread = threading.Thread(target=self._accept, name="gpu-magic-bulk", daemon=True)
 
-    def describe(self) -> dict[str, Any]:
-        """For the authorized health answer: where to send, and what the listener will say."""
-        return {"port": self.port, "id": self.id}
+    def _derived(self, what: bytes, user: str) -> bytes:
+        return hmac.new(self._secret, what + b"\0" + user.encode(), hashlib.sha256).digest()
+
+    def offer(self, user: User) -> dict[str, Any]:
+        """For ``user``'s authorized health answer: where to send, the id to name, and the key
+        the listener proves itself with (theirs alone: another user's cannot stand in)."""
+        return {"port": self.port, "id": self._derived(b"id", user.name)[:16].hex(),
+                "key": self._derived(b"key", user.name).hex()}
+
+    def _key_for(self, kid: str) -> bytes | None:
+        for name in self.auth.users():
+            if hmac.compare_digest(self._derived(b"id", name)[:16].hex(), kid):
+                return self._derived(b"key", name)
+        return None
 
     def start(self) -> None:
         self._thread.start()
@@ -111,12 +128,14 @@ class BulkListener:
                 time.sleep(0.05)  # (out of descriptors: do not spin)
                 continue
             if not self._slots.acquire(blocking=False):
-                _answer(conn, 503, "busy", f"the gateway takes at most {MAX_CONNECTIONS} "
-                        "bulk uploads at once; the client sends over the main port instead")
-                conn.close()
+                conn.close()  # (the client reads no proof, and uploads through the main port)
                 continue
-            threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
-                             name="gpu-magic-bulk-upload").start()
+            try:
+                threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
+                                 name="gpu-magic-bulk-upload").start()
+            except RuntimeError:  # (no thread to be had)
+                conn.close()
+                self._slots.release()
 
     def _buffer(self) -> memoryview:
         with self._lock:
@@ -131,11 +150,15 @@ class BulkListener:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:
                 raw = conn  # (detached by the wrap: the TLS socket is the one to shut down)
-                conn = self.ssl_context.wrap_socket(raw, server_side=True)
+                conn = self.ssl_context.wrap_socket(raw, server_side=True,
+                                                    do_handshake_on_connect=False)
                 self._open.add(conn)
                 self._open.discard(raw)
-            conn.sendall(f"{GREETING} {self.id}\r\n".encode())
-            self._one(conn, addr)
+                if self._closed:
+                    return
+                conn.do_handshake()
+            if self._hello(conn):
+                self._one(conn, addr)
         except (OSError, _Gone):
             pass  # the client went away or stalled: nothing of its upload was kept
         except Exception:
@@ -146,6 +169,30 @@ class BulkListener:
                 conn.close()
             finally:
                 self._slots.release()
+
+    def _hello(self, conn: socket.socket) -> bool:
+        """Step 1 of the exchange: the proof, for a client that names a user's id."""
+        deadline = time.monotonic() + HEAD_S
+        line = b""
+        while not line.endswith(b"\r\n"):
+            if len(line) > 200 or time.monotonic() > deadline:
+                return False
+            piece = conn.recv(1)  # (one line, nothing past it)
+            if not piece:
+                return False
+            line += piece
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or parts[0] != BULK_HELLO:
+            return False
+        try:
+            nonce = bytes.fromhex(parts[1])
+        except ValueError:
+            return False
+        key = self._key_for(parts[2])
+        if key is None or len(nonce) != 16:
+            return False
+        conn.sendall(f"{BULK_PROOF} {bulk_proof(key, nonce, self.port)}\r\n".encode())
+        return True
 
     def _one(self, conn: socket.socket, addr: Any) -> None:
         try:
@@ -221,7 +268,7 @@ class BulkListener:
             raise _Refused(411, "length_required", "send the blob with a Content-Length, "
                                                    "not chunked")
         length = headers.get(b"content-length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit() and len(length) < 20):
             raise _Refused(411, "length_required", f"a Content-Length is needed, got {length!r}")
         if headers.get(b"expect", "").lower() != "100-continue":
             raise _Refused(417, "expectation_failed",

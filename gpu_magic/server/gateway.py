@@ -434,9 +434,9 @@ class Gateway:
         self.state_dir = state_dir
         # the embedded local one a kernel started (its advice may name the kernel's settings)
         self.embedded = False
-        # where large uploads may go instead of the main port (server/bulk.py), said to
-        # callers with a token: {"port", "id"}; None where serve opened no bulk listener
-        self.bulk: dict[str, Any] | None = None
+        # the listener large uploads may go to instead of the main port (server/bulk.py;
+        # health tells each caller with a token its offer); None where serve opened none
+        self.bulk: Any = None
         self.store = Store(state_dir)
         self.blobs = BlobStore(state_dir / "blobs", blob_reserve, busy=lambda: bool(self.running))
         self.blobs.needed = self._needed_blobs

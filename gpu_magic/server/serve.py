@@ -373,7 +373,7 @@ def serve(cfg: ServeConfig) -> int:
                   f"uploads: {exc.strerror}; choose another --blob-port, or --blob-port off "
                   "(uploads then go through --port)", file=sys.stderr)
             return 2
-        gateway.bulk = bulk.describe()
+        gateway.bulk = bulk
     host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
     scheme = "https" if cfg.certfile else "http"
     url = f"{scheme}://{host}:{port}"
