@@ -447,8 +447,7 @@ class GatewayClient:
             tried = offer
             try:
                 status, fields, body = _rawget.put_bulk(
-                    url, offer["port"], offer["id"], offer["key"], f"/v1/blobs/{digest}",
-                    {"Authorization": f"Bearer {self.token}"}, view,
+                    url, offer["port"], offer["id"], offer["key"], f"/v1/blobs/{digest}", view,
                     timeout=self._timeout.read or 60.0,
                     connect_timeout=self._timeout.connect or 10.0, context=_ssl_context())
             except _rawget.Unusable as exc:

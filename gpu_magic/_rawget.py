@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import json
 import mmap
 import os
 import socket
@@ -96,11 +98,24 @@ def get_into(url: httpx.URL, headers: dict[str, str], *, timeout: float,
 
 BULK_HELLO = "GPU-MAGIC-BULK/1"  # a client's first line to the gateway's bulk listener
 BULK_PROOF = "gpu-magic-bulk/1"  # the listener's answer
+BULK_SCHEME = "GpuMagicBulk"  # the request's proof, in place of a token
 
 
-def bulk_proof(key: bytes, nonce: bytes, port: int) -> str:
-    """What the bulk listener at ``port`` answers to ``nonce`` (see server/bulk.py)."""
-    return hmac.new(key, nonce + b":" + str(port).encode(), hashlib.sha256).hexdigest()
+def bulk_mac(key: bytes, *parts: str | bytes | int) -> str:
+    """An HMAC-SHA256 under ``key`` of ``parts``, each said apart (see server/bulk.py)."""
+    data = b"\0".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def plain_address(host: str) -> str:
+    """An IP address as the other end of a connection names it (IPv4 for a mapped one)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
 
 
 class Unusable(Exception):
@@ -114,39 +129,49 @@ class Unusable(Exception):
 
 
 def put_bulk(url: httpx.URL, port: int, kid: str, key: str, target: str,
-             headers: dict[str, str], view: memoryview, *, timeout: float,
-             connect_timeout: float, context: ssl.SSLContext) -> tuple[int, dict[str, str], bytes]:
+             view: memoryview, *, timeout: float, connect_timeout: float,
+             context: ssl.SSLContext) -> tuple[int, dict[str, str], bytes]:
     """PUT ``view`` (bytes) as ``target`` on the bulk port of the gateway at ``url``: (status,
-    headers, body) of its answer. ``headers`` (the token) are sent only once the listener has
-    proved it holds ``key``, the key the gateway's health gave with the id ``kid``."""
+    headers, body) of its answer. No token is sent there: the listener proves it holds
+    ``key`` (the key the gateway's health gave with the id ``kid``) for the address this
+    connection reached, the request proves it too, and so does a 200 answer."""
     try:
         sock = _open(url.host, port, min(connect_timeout, 2.0))
     except OSError as exc:
         raise Unusable(f"cannot connect to port {port}: {exc}", lasting=True) from None
+    secret = bytes.fromhex(key)
     try:
         sock.settimeout(min(connect_timeout, 2.0))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reached = sock.getpeername()
         if url.scheme == "https":
             sock = context.wrap_socket(sock, server_side=False, server_hostname=url.host)
-        nonce = os.urandom(16)
-        sock.sendall(f"{BULK_HELLO} {nonce.hex()} {kid}\r\n".encode())
+        nonce = os.urandom(16).hex()
+        sock.sendall(f"{BULK_HELLO} {nonce} {kid}\r\n".encode())
         said = b""
-        while not said.endswith(b"\r\n") and len(said) < 256:
-            piece = sock.recv(1)  # (one line, nothing past it)
-            if not piece:
-                break
-            said += piece
+        try:
+            while not said.endswith(b"\r\n") and len(said) < 256:
+                piece = sock.recv(1)  # (one line, nothing past it)
+                if not piece:
+                    break
+                said += piece
+        except TimeoutError:  # (a listener answers at once: this is something else)
+            raise Unusable(f"port {port} said nothing", lasting=True) from None
         if not said:  # (closed at once: it was busy)
             raise Unusable(f"port {port} closed the connection", lasting=False)
-        expected = f"{BULK_PROOF} {bulk_proof(bytes.fromhex(key), nonce, port)}"
-        if not hmac.compare_digest(said.decode("latin-1").strip().encode(), expected.encode()):
-            raise Unusable(f"port {port} is not the gateway's bulk listener (it said "
-                           f"{said[:40].decode('latin-1')!r})", lasting=True)
+        words = said.decode("latin-1").split()
+        theirs = words[1] if len(words) == 3 and words[0] == BULK_PROOF else ""
+        expected = bulk_mac(secret, "listener", nonce, theirs, plain_address(reached[0]),
+                            reached[1])
+        if not theirs or not hmac.compare_digest(words[2].encode(), expected.encode()):
+            raise Unusable(f"port {port} is not the gateway's bulk listener for this address "
+                           f"and key (it said {said[:40].decode('latin-1')!r})", lasting=True)
         sock.settimeout(timeout)
+        proof = bulk_mac(secret, "client", nonce, theirs, target, view.nbytes)
         lines = [f"PUT {target} HTTP/1.1", f"Host: {url.netloc.decode('ascii')}",
                  f"User-Agent: gpu-magic/{__version__}", f"Content-Length: {view.nbytes}",
                  "Expect: 100-continue", "Connection: close",
-                 *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+                 f"Authorization: {BULK_SCHEME} {proof}", "", ""]
         sock.sendall("\r\n".join(lines).encode("latin-1"))
         status, fields, rest = _read_answer_head(sock, b"")
         if status == 100:
@@ -157,11 +182,19 @@ def put_bulk(url: httpx.URL, port: int, kid: str, key: str, target: str,
         body = bytes(rest)
         while length.isdigit() and len(body) < int(length) and (piece := sock.recv(_HEAD_MAX)):
             body += piece
-        return status, fields, body
     except OSError as exc:  # (a TLS handshake that fails, too: a busy listener closes at once)
         raise Unusable(f"the upload to port {port} broke: {exc}", lasting=False) from None
     finally:
         sock.close()
+    if status == 200:
+        try:
+            stored = json.loads(body).get("mac", "")
+        except (ValueError, AttributeError):
+            stored = ""
+        if not hmac.compare_digest(str(stored).encode(), bulk_mac(
+                secret, "stored", nonce, theirs, target, view.nbytes).encode()):
+            raise Unusable(f"port {port} said the upload was stored, unproven", lasting=True)
+    return status, fields, body
 
 
 def _read_answer_head(sock: socket.socket, got: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -40,24 +40,32 @@ def offer(gw: Gateway, token: str | None = None) -> dict[str, Any]:
     return health["bulk"]
 
 
-def hello(sock: socket.socket, bulk: dict[str, Any], f: Any) -> bytes:
-    """Step 1 with the listener: our nonce and id, its proof (checked). The nonce."""
-    nonce = os.urandom(16)
-    sock.sendall(f"GPU-MAGIC-BULK/1 {nonce.hex()} {bulk['id']}\r\n".encode())
-    proof = _rawget.bulk_proof(bytes.fromhex(bulk["key"]), nonce, bulk["port"])
-    assert f.readline() == f"gpu-magic-bulk/1 {proof}\r\n".encode()
-    return nonce
+def hello(sock: socket.socket, bulk: dict[str, Any], f: Any) -> tuple[str, str]:
+    """Step 1 with the listener: our nonce and id, its nonce and proof (checked against the
+    address we reached). Both nonces."""
+    ours = os.urandom(16).hex()
+    sock.sendall(f"GPU-MAGIC-BULK/1 {ours} {bulk['id']}\r\n".encode())
+    word, theirs, proof = f.readline().decode().split()
+    host, port = sock.getpeername()[:2]
+    assert word == "gpu-magic-bulk/1"
+    assert proof == _rawget.bulk_mac(bytes.fromhex(bulk["key"]), "listener", ours, theirs,
+                                     host, port)
+    return ours, theirs
+
+
+PROVEN = "Authorization: (proof)"  # in a head: the proof of this connection's key, filled in
 
 
 def exchange(gw: Gateway, head: list[str], body: bytes = b"", *,
              wait_continue: bool = True) -> tuple[int, dict[str, Any] | None]:
-    """One connection to the bulk port: its proof checked, ``head`` sent, the body after
-    100 Continue. (status, JSON answer)."""
+    """One connection to the bulk port: its proof checked, ``head`` sent (PROVEN made the
+    request's proof), the body after 100 Continue. (status, JSON answer)."""
     bulk = offer(gw)
     sock = socket.create_connection(("127.0.0.1", bulk["port"]), timeout=10)
     with sock, sock.makefile("rb") as f:
-        hello(sock, bulk, f)
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        nonces = hello(sock, bulk, f)
+        target, size, sent = proven(head, bulk, nonces)
+        sock.sendall(sent)
         status_line = f.readline()
         status = int(status_line.split()[1])
         if status == 100 and wait_continue:
@@ -69,15 +77,28 @@ def exchange(gw: Gateway, head: list[str], body: bytes = b"", *,
             k, _, v = line.decode("latin-1").partition(":")
             fields[k.lower()] = v.strip()
         answer = json.loads(f.read(int(fields["content-length"]))) if status != 100 else None
+    if status == 200 and answer is not None:  # (its proof that it stored it)
+        assert answer.pop("mac") == _rawget.bulk_mac(bytes.fromhex(bulk["key"]), "stored",
+                                                     *nonces, target, size)
     return status, answer
 
 
-def put_head(gw: Gateway, digest: str, size: int, token: str | None = "own",
+def proven(head: list[str], bulk: dict[str, Any], nonces: tuple[str, str],
+           ) -> tuple[str, str, bytes]:
+    """``head`` with PROVEN made the request's proof: its path, its length and its bytes."""
+    target = head[0].split()[1] if len(head[0].split()) == 3 else ""
+    size = next((h.split(":")[1].strip() for h in head if h.startswith("Content-Length")), "")
+    mac = _rawget.bulk_mac(bytes.fromhex(bulk["key"]), "client", *nonces, target, size)
+    head = [f"Authorization: GpuMagicBulk {mac}" if h == PROVEN else h for h in head]
+    return target, size, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+
+
+def put_head(gw: Gateway, digest: str, size: int, auth: str | None = PROVEN,
              **extra: str) -> list[str]:
     lines = [f"PUT /v1/blobs/{digest} HTTP/1.1", "Host: 127.0.0.1",
              f"Content-Length: {size}", "Expect: 100-continue"]
-    if token is not None:
-        lines.append(f"Authorization: Bearer {gw.token if token == 'own' else token}")
+    if auth is not None:
+        lines.append(auth)
     return lines + [f"{k.replace('_', '-')}: {v}" for k, v in extra.items()]
 
 
@@ -97,11 +118,13 @@ def test_the_listener_proves_itself_with_a_key_only_token_holders_get(gw: Gatewa
     got = httpx.get(f"{gw.url}/v1/blobs/{d}", headers={"Authorization": f"Bearer {gw.token}"})
     assert got.content == data
     assert not no_leftovers(gw)
-    # an id it did not give, or no hello at all: nothing said back, the connection closed
-    for first in (f"GPU-MAGIC-BULK/1 {os.urandom(16).hex()} {'0' * 32}\r\n",
-                  f"PUT /v1/blobs/{d} HTTP/1.1\r\n"):
+    # an id it did not give is said so; no hello at all: the connection closed
+    for first, said in ((f"GPU-MAGIC-BULK/1 {os.urandom(16).hex()} {'0' * 32}\r\n",
+                         b"gpu-magic-bulk/1 unknown-id\r\n"),
+                        (f"PUT /v1/blobs/{d} HTTP/1.1\r\n", b"")):
         with socket.create_connection(("127.0.0.1", bulk["port"]), timeout=10) as sock:
             sock.sendall(first.encode())
+            assert sock.recv(100) == said
             assert sock.recv(100) == b""
 
 
@@ -117,20 +140,21 @@ def test_each_user_gets_a_key_of_their_own(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("head, status, error, words", [
-    (lambda gw, d: put_head(gw, d, 10, token=None), 401, "unauthorized", "missing or wrong token"),
-    (lambda gw, d: put_head(gw, d, 10, token="guess"), 401, "unauthorized", "missing or wrong token"),
+    (lambda gw, d: put_head(gw, d, 10, auth=None), 401, "unauthorized", "no proof"),
+    (lambda gw, d: put_head(gw, d, 10, auth=f"Authorization: GpuMagicBulk {'0' * 64}"), 401,
+     "unauthorized", "no proof"),
+    # (the token itself is never taken there: whatever is at that port must not learn it)
+    (lambda gw, d: put_head(gw, d, 10, auth=f"Authorization: Bearer {gw.token}"), 401,
+     "unauthorized", "no proof"),
     (lambda gw, d: put_head(gw, d, 10, Host="evil.example"), 403, "forbidden_host", "evil.example"),
     (lambda gw, d: put_head(gw, d, 10, Origin="http://evil.example"), 403, "forbidden_origin",
      "evil.example"),
-    (lambda gw, d: [f"GET /v1/blobs/{d} HTTP/1.1", "Host: localhost",
-                    f"Authorization: Bearer {gw.token}"], 405,
+    (lambda gw, d: [f"GET /v1/blobs/{d} HTTP/1.1", "Host: localhost", PROVEN], 405,
      "method_not_allowed", "use PUT"),
-    (lambda gw, d: ["PUT /v1/jobs HTTP/1.1", "Host: localhost",
-                    f"Authorization: Bearer {gw.token}"], 404,
+    (lambda gw, d: ["PUT /v1/jobs HTTP/1.1", "Host: localhost", PROVEN], 404,
      "not_found", "only PUT /v1/blobs/{digest}"),
     (lambda gw, d: put_head(gw, "xxh3-128:nothex", 10), 400, "blob", "is not a blob digest"),
-    (lambda gw, d: put_head(gw, d, 10)[:2] + [f"Authorization: Bearer {gw.token}",
-                                             "Transfer-Encoding: chunked"],
+    (lambda gw, d: put_head(gw, d, 10)[:2] + [PROVEN, "Transfer-Encoding: chunked"],
      411, "length_required", "not chunked"),
     (lambda gw, d: [h for h in put_head(gw, d, 10) if not h.startswith("Expect")], 417,
      "expectation_failed", "100-continue"),
@@ -166,8 +190,8 @@ def test_an_upload_cut_off_midway_leaves_nothing(gw: Gateway) -> None:
     bulk = offer(gw)
     sock = socket.create_connection(("127.0.0.1", bulk["port"]), timeout=10)
     with sock, sock.makefile("rb") as f:
-        hello(sock, bulk, f)
-        sock.sendall(("\r\n".join(put_head(gw, d, len(data))) + "\r\n\r\n").encode())
+        nonces = hello(sock, bulk, f)
+        sock.sendall(proven(put_head(gw, d, len(data)), bulk, nonces)[2])
         assert f.readline().startswith(b"HTTP/1.1 100")
         sock.sendall(data[: 3 << 20])
         deadline = time.monotonic() + 10
@@ -241,11 +265,45 @@ def test_a_refusal_on_the_bulk_port_reads_as_the_main_port_s(gw: Gateway, spy: l
     assert "at most 8.0 MiB per blob (--max-blob-bytes)" in str(bulk.value)
 
 
+def forward(at: tuple[str, int], to: tuple[str, int],
+            heard: list[bytes] | None = None) -> socket.socket:
+    """A TCP forwarder listening ``at`` (a port forward in front of a gateway, or a relay);
+    what its clients sent goes to ``heard`` too."""
+    server = socket.create_server(at)
+
+    def pipe(a: socket.socket, b: socket.socket, into: list[bytes] | None) -> None:
+        try:
+            while (piece := a.recv(65536)):
+                if into is not None:
+                    into.append(piece)
+                b.sendall(piece)
+        except OSError:
+            pass
+        finally:
+            a.close()
+            b.close()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            other = socket.create_connection(to)
+            threading.Thread(target=pipe, args=(conn, other, heard), daemon=True).start()
+            threading.Thread(target=pipe, args=(other, conn, None), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
 def impostor(kind: str, gw: Gateway, other_key: str | None = None) -> tuple[socket.socket, list[bytes]]:
     """A listener of another kind where a client looks for the bulk port (a port remembered
     from before its gateway started again, taken since): what it heard."""
-    server = socket.create_server(("127.0.0.1", 0))
     heard: list[bytes] = []
+    if kind == "relay":  # the real listener's words, passed on both ways
+        return forward(("127.0.0.1", 0), ("127.0.0.1", offer(gw)["port"]), heard), heard
+    server = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
         conn, _ = server.accept()
@@ -253,33 +311,17 @@ def impostor(kind: str, gw: Gateway, other_key: str | None = None) -> tuple[sock
         with conn:
             if kind == "service":  # something else altogether
                 conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
-            elif kind == "relay":  # the real listener's words, passed on both ways
-                real = socket.create_connection(("127.0.0.1", offer(gw)["port"]))
-                real.settimeout(3)
-
-                def back() -> None:
-                    try:
-                        while (piece := real.recv(65536)):
-                            conn.sendall(piece)
-                    except OSError:
-                        pass
-
-                threading.Thread(target=back, daemon=True).start()
             try:
                 while (piece := conn.recv(65536)):
                     heard.append(piece)
-                    if kind == "relay":
-                        real.sendall(piece)
-                    elif kind == "other user":  # a proof under its own user's key
-                        nonce = bytes.fromhex(piece.split()[1].decode())
-                        port = server.getsockname()[1]
-                        proof = _rawget.bulk_proof(bytes.fromhex(other_key or ""), nonce, port)
-                        conn.sendall(f"gpu-magic-bulk/1 {proof}\r\n".encode())
+                    if kind == "other user":  # a proof under its own user's key
+                        nonce = piece.split()[1].decode()
+                        host, port = server.getsockname()
+                        proof = _rawget.bulk_mac(bytes.fromhex(other_key or ""), "listener",
+                                                 nonce, "0" * 32, host, port)
+                        conn.sendall(f"gpu-magic-bulk/1 {'0' * 32} {proof}\r\n".encode())
             except OSError:
                 pass
-            finally:
-                if kind == "relay":
-                    real.close()
 
     threading.Thread(target=serve, daemon=True).start()
     return server, heard
@@ -317,6 +359,25 @@ def test_a_port_that_is_not_the_listener_gets_no_token_and_the_upload_goes_the_u
     assert gw.token.encode() not in b"".join(heard)
 
 
+def test_a_relay_on_another_address_at_the_listener_s_port_learns_nothing(
+        gw: Gateway, spy: list[Any]) -> None:
+    # The gateway reached through a forward on 127.0.0.2 (an ssh tunnel, a proxy's host);
+    # someone else takes 127.0.0.2 at the bulk port's number and relays it to the listener.
+    main = forward(("127.0.0.2", 0), ("127.0.0.1", httpx.URL(gw.url).port))
+    heard: list[bytes] = []
+    relay = forward(("127.0.0.2", offer(gw)["port"]), ("127.0.0.1", offer(gw)["port"]), heard)
+    data = os.urandom(2 << 20)
+    d = digest_of(data)
+    with main, relay, _client.GatewayClient(f"http://127.0.0.2:{main.getsockname()[1]}",
+                                            gw.token, same_host=False) as c:
+        c.upload(d, memoryview(data))
+        assert c.missing([d]) == []  # through the forwarded main port
+    assert spy and all(isinstance(x, _rawget.Unusable) for x in spy), spy
+    assert "for this address" in str(spy[0])
+    assert heard and gw.token.encode() not in b"".join(heard)
+    assert data[:4096] not in b"".join(heard)  # (nor a byte of the blob)
+
+
 def test_another_user_s_key_cannot_stand_in_for_the_listener(
         tmp_path: Path, spy: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
     # alice holds a token, and so her own key: she cannot answer bob's hello
@@ -334,23 +395,51 @@ def test_another_user_s_key_cannot_stand_in_for_the_listener(
         g.stop()
 
 
-def test_after_its_gateway_starts_again_a_client_finds_the_new_bulk_port(
-        tmp_path: Path, spy: list[Any]) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
-    g = start_gateway(tmp_path, "--port", str(port))
+@pytest.mark.parametrize("blob_port", ["any", "fixed"])
+def test_after_its_gateway_starts_again_a_client_finds_its_bulk_port_again(
+        tmp_path: Path, spy: list[Any], blob_port: str) -> None:
+    ports = []
+    for _ in range(2):
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            ports.append(probe.getsockname()[1])
+    flags = ["--port", str(ports[0])]
+    if blob_port == "fixed":  # (the new listener does not know the old id)
+        flags += ["--blob-port", str(ports[1])]
+    g = start_gateway(tmp_path, *flags)
     try:
         before = offer(g)
         with _client.GatewayClient(g.url, g.token, same_host=False) as c:
             data = os.urandom(2 << 20)
             c.upload(digest_of(data), memoryview(data))
             g.stop()
-            g = start_gateway(tmp_path, "--port", str(port))  # (same state: the same token)
-            assert offer(g)["port"] != before["port"]
+            g = start_gateway(tmp_path, *flags)  # (same state: the same token)
+            assert offer(g) != before
             c.upload(digest_of(data[1:]), memoryview(data[1:]))
             assert c.missing([digest_of(data[1:])]) == []
             assert c._bulk is not False
         assert spy[0] == 200 and isinstance(spy[1], _rawget.Unusable) and spy[2] == 200, spy
+    finally:
+        g.stop()
+
+
+def test_a_token_taken_back_takes_its_bulk_key_with_it(tmp_path: Path) -> None:
+    import signal
+
+    g, tokens = start_class_gateway(tmp_path)
+    try:
+        old = offer(g, tokens["bob"])
+        path = tmp_path / "tokens.json"
+        entries = json.loads(path.read_text())
+        path.write_text(json.dumps({**entries, "bob": "b" * 30}))
+        g.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{g.url}/v1/pool", headers={"Authorization": f"Bearer {tokens['bob']}"}
+                        ).status_code != 401 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", old["port"]), timeout=10) as sock:
+            sock.sendall(f"GPU-MAGIC-BULK/1 {os.urandom(16).hex()} {old['id']}\r\n".encode())
+            assert sock.recv(100) == b"gpu-magic-bulk/1 unknown-id\r\n"
+        assert offer(g, "b" * 30)["key"] != old["key"]
     finally:
         g.stop()
 
@@ -391,8 +480,8 @@ def test_stopping_the_gateway_mid_upload_keeps_nothing_of_it(tmp_path: Path) -> 
         bulk = offer(g)
         sock = socket.create_connection(("127.0.0.1", bulk["port"]), timeout=10)
         with sock, sock.makefile("rb") as f:
-            hello(sock, bulk, f)
-            sock.sendall(("\r\n".join(put_head(g, d, len(data))) + "\r\n\r\n").encode())
+            nonces = hello(sock, bulk, f)
+            sock.sendall(proven(put_head(g, d, len(data)), bulk, nonces)[2])
             assert f.readline().startswith(b"HTTP/1.1 100")
             sock.sendall(data[: 1 << 20])
             deadline = time.monotonic() + 10

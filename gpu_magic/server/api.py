@@ -305,7 +305,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             "simulated": bool(getattr(gateway.backend, "simulated", False)),
         }
         if gateway.bulk is not None:
-            answer["bulk"] = gateway.bulk.offer(caller)
+            token = (request.headers.get("authorization") or "").strip().partition(" ")[2]
+            answer["bulk"] = gateway.bulk.offer(token.strip())
         if gateway.store.error is not None:  # (its disk is full: it takes no new job)
             answer["store_error"] = f"cannot write its state directory: {gateway.store.error}"
         return answer

@@ -172,6 +172,10 @@ class Authenticator:
     def users(self) -> set[str]:
         return {u.name for u in self._tokens.values()}
 
+    def pairs(self) -> list[tuple[str, User]]:
+        """Each token with its user."""
+        return list(self._tokens.items())
+
     def user(self, name: str) -> User | None:
         """The user of that name, with their limits from the tokens file; None for none."""
         return next((u for u in self._tokens.values() if u.name == name), None)

@@ -6,21 +6,30 @@ bulk blob path may use whatever serves bytes fastest"). This listener takes only
 ``PUT /v1/blobs/{digest}`` and answers as that route does: the same token, the same limits, the
 same digest check, the same store. Each connection is one upload on a thread of its own.
 
-The exchange, in order:
+The exchange, in order. No token is sent on this port: it may be reached through something
+that is not the gateway (a port taken over after the gateway started again, a forwarder on
+another address, a relay), and whatever is there must learn nothing it could use.
 
 1. The client's first line (after TLS where the gateway speaks it) is ``GPU-MAGIC-BULK/1 NONCE
    ID``: 16 random bytes in hex, and the ``bulk.id`` of the gateway's health answer to its
-   token. The listener answers ``gpu-magic-bulk/1 PROOF``: the HMAC-SHA256, under that user's
-   ``bulk.key`` (also from health), of the nonce and the port the listener took the connection
-   on. The client sends its token only after checking the proof. Something else at that port (a
-   port the client remembered from before the gateway started again, taken since by another
-   user, who may hold a token and a key of their own, or who relays the nonce to the real
-   listener) cannot give it: keys are per user and the proof names the listener's port.
-2. The client sends an HTTP/1.1 request head with ``Content-Length`` and ``Expect:
-   100-continue``. The listener checks everything it can before the body (token, path, length,
-   limits) and answers an error, or ``100 Continue``.
-3. The body; then the answer (``200`` with ``{"digest", "size"}``, or the route's error) and
-   the connection closes.
+   token. The listener answers ``gpu-magic-bulk/1 NONCE2 PROOF``: its own nonce, and the
+   HMAC-SHA256 under that token's ``bulk.key`` (also from health) of both nonces and the address
+   and port the connection reached, as the listener sees them. The client checks the proof
+   against the address it connected to: a relay or a forwarder (another address or port), or
+   another user (another key), cannot give it, and the client goes to the main port instead.
+   An id the listener does not know (from before it started again) is answered
+   ``gpu-magic-bulk/1 unknown-id``.
+2. The client sends an HTTP/1.1 request head with ``Content-Length``, ``Expect: 100-continue``
+   and ``Authorization: GpuMagicBulk MAC``, the HMAC under the same key of both nonces, the
+   path and the length. The listener checks everything the main port would before the body
+   (that proof in place of the token, path, length, limits) and answers an error, or ``100
+   Continue``.
+3. The body; then the answer (``200`` with ``{"digest", "size", "mac"}``, the MAC of both
+   nonces, the path and the length: only the listener could say it was stored), or the
+   route's error, and the connection closes.
+
+Keys are derived from each token and a secret drawn at each start: a token taken back with
+SIGHUP takes its key with it, and an old key says nothing to a gateway started again.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._rawget import BULK_HELLO, BULK_PROOF, bulk_proof
+from .._rawget import BULK_HELLO, BULK_PROOF, BULK_SCHEME, bulk_mac, plain_address
 from .api import foreign_page
 from .auth import Authenticator, User
 from .gateway import Gateway
@@ -49,6 +58,7 @@ log = logging.getLogger("gpu_magic.gateway")
 HEAD_MAX = 32 << 10
 IDLE_S = 30.0  # a connection that sends nothing for this long is closed
 HEAD_S = 10.0  # the whole request head must come within this
+HELLO_S = 3.0  # and the hello within this (a connection holds one of MAX_CONNECTIONS)
 MAX_CONNECTIONS = 32
 STEP = 8 << 20  # one receive: a buffer of this much per connection, reused
 _REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
@@ -61,6 +71,13 @@ class _Refused(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+class _Session:
+    """One connection's exchange after its hello: whose key, and both nonces."""
+
+    def __init__(self, user: User, key: bytes, theirs: str, ours: str) -> None:
+        self.user, self.key, self.theirs, self.ours = user, key, theirs, ours
 
 
 class _Gone(Exception):
@@ -86,20 +103,22 @@ class BulkListener:
         self._open: set[socket.socket] = set()  # the connections being served
         self._thread = threading.Thread(target=self._accept, name="gpu-magic-bulk", daemon=True)
 
-    def _derived(self, what: bytes, user: str) -> bytes:
-        return hmac.new(self._secret, what + b"\0" + user.encode(), hashlib.sha256).digest()
+    def _derived(self, what: bytes, token: str) -> bytes:
+        return hmac.new(self._secret, what + b"\0" + token.encode(), hashlib.sha256).digest()
 
-    def offer(self, user: User) -> dict[str, Any]:
-        """For ``user``'s authorized health answer: where to send, the id to name, and the key
-        the listener proves itself with (theirs alone: another user's cannot stand in)."""
-        return {"port": self.port, "id": self._derived(b"id", user.name)[:16].hex(),
-                "key": self._derived(b"key", user.name).hex()}
+    def offer(self, token: str) -> dict[str, Any]:
+        """For the authorized health answer to ``token``: where to send, the id to name, and
+        the key both ends prove themselves with. Derived from the token: another user's key
+        cannot stand in, and a token taken back (SIGHUP) takes its key with it."""
+        return {"port": self.port, "id": self._derived(b"id", token)[:16].hex(),
+                "key": self._derived(b"key", token).hex()}
 
-    def _key_for(self, kid: str) -> bytes | None:
-        for name in self.auth.users():
-            if hmac.compare_digest(self._derived(b"id", name)[:16].hex(), kid):
-                return self._derived(b"key", name)
-        return None
+    def _key_for(self, kid: str) -> tuple[User, bytes] | None:
+        found = None
+        for token, user in self.auth.pairs():
+            if hmac.compare_digest(self._derived(b"id", token)[:16].hex(), kid):
+                found = user, self._derived(b"key", token)
+        return found
 
     def start(self) -> None:
         self._thread.start()
@@ -157,8 +176,9 @@ class BulkListener:
                 if self._closed:
                     return
                 conn.do_handshake()
-            if self._hello(conn):
-                self._one(conn, addr)
+            session = self._hello(conn)
+            if session is not None:
+                self._one(conn, addr, session)
         except (OSError, _Gone):
             pass  # the client went away or stalled: nothing of its upload was kept
         except Exception:
@@ -170,37 +190,44 @@ class BulkListener:
             finally:
                 self._slots.release()
 
-    def _hello(self, conn: socket.socket) -> bool:
-        """Step 1 of the exchange: the proof, for a client that names a user's id."""
-        deadline = time.monotonic() + HEAD_S
+    def _hello(self, conn: socket.socket) -> _Session | None:
+        """Step 1 of the exchange: the proof, for a client that names an id of this gateway's
+        (an id it does not know, from before it started again: said, so that the client asks
+        its health anew)."""
+        conn.settimeout(HELLO_S)
+        deadline = time.monotonic() + HELLO_S
         line = b""
         while not line.endswith(b"\r\n"):
             if len(line) > 200 or time.monotonic() > deadline:
-                return False
+                return None
             piece = conn.recv(1)  # (one line, nothing past it)
             if not piece:
-                return False
+                return None
             line += piece
         parts = line.decode("latin-1").split()
-        if len(parts) != 3 or parts[0] != BULK_HELLO:
-            return False
-        try:
-            nonce = bytes.fromhex(parts[1])
-        except ValueError:
-            return False
-        key = self._key_for(parts[2])
-        if key is None or len(nonce) != 16:
-            return False
-        conn.sendall(f"{BULK_PROOF} {bulk_proof(key, nonce, self.port)}\r\n".encode())
-        return True
+        if (len(parts) != 3 or parts[0] != BULK_HELLO or len(parts[1]) != 32
+                or not all(c in "0123456789abcdef" for c in parts[1])):
+            return None
+        found = self._key_for(parts[2])
+        if found is None:
+            conn.sendall(f"{BULK_PROOF} unknown-id\r\n".encode())
+            return None
+        here = conn.getsockname()
+        session = _Session(*found, parts[1], secrets.token_hex(16))
+        proof = bulk_mac(session.key, "listener", session.theirs, session.ours,
+                         plain_address(here[0]), here[1])
+        conn.sendall(f"{BULK_PROOF} {session.ours} {proof}\r\n".encode())
+        conn.settimeout(IDLE_S)
+        return session
 
-    def _one(self, conn: socket.socket, addr: Any) -> None:
+    def _one(self, conn: socket.socket, addr: Any, session: _Session) -> None:
         try:
             method, target, headers, rest = _read_head(conn)
-            user, digest, size = self._check(method, target, headers, addr)
+            digest, size = self._check(method, target, headers, addr, session)
         except _Refused as r:
             _answer(conn, r.status, r.code, r.message)
             return
+        user = session.user
         conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.gateway.touch()
         got = len(rest)
@@ -238,20 +265,16 @@ class BulkListener:
                 self._buffers.append(buffer)
                 del self._buffers[4:]
         self.gateway.touch()
-        _answer(conn, 200, None, {"digest": digest, "size": stored})
+        _answer(conn, 200, None, {"digest": digest, "size": stored, "mac": bulk_mac(
+            session.key, "stored", session.theirs, session.ours, target, size)})
 
     def _check(self, method: str, target: str, headers: dict[bytes, str],
-               addr: Any) -> tuple[User, str, int]:
-        """Everything the main port's middleware and route check before a body is read."""
+               addr: Any, session: _Session) -> tuple[str, int]:
+        """Everything the main port's middleware and route check before a body is read; in
+        place of a token, the request's proof of the session's key."""
         if self.loopback_only and (refusal := foreign_page(headers)) is not None:
             raise _Refused(403, *refusal)
-        found = self.auth.user_for(headers.get(b"authorization"))
-        if found is None:
-            if self.note_refusal is not None:
-                self.note_refusal({"client": addr, "method": method, "path": target},
-                                  headers.get(b"authorization"))
-            raise _Refused(401, "unauthorized", "missing or wrong token: send 'Authorization: "
-                                                "Bearer TOKEN' (GPU_MAGIC_TOKEN on the client side)")
+        found = session.user
         path = target.split("?", 1)[0]
         if not path.startswith("/v1/blobs/"):
             raise _Refused(404, "not_found", f"the bulk port serves only PUT /v1/blobs/{{digest}}, "
@@ -274,11 +297,21 @@ class BulkListener:
             raise _Refused(417, "expectation_failed",
                            "send 'Expect: 100-continue' and wait for it before the body")
         size = int(length)
+        scheme, _, proof = headers.get(b"authorization", "").partition(" ")
+        expected = bulk_mac(session.key, "client", session.theirs, session.ours, target, size)
+        if scheme != BULK_SCHEME or not hmac.compare_digest(proof.strip().encode(),
+                                                            expected.encode()):
+            if self.note_refusal is not None:
+                self.note_refusal({"client": addr, "method": method, "path": target},
+                                  headers.get(b"authorization"))
+            raise _Refused(401, "unauthorized", f"no proof of this connection's key: send "
+                                                f"'Authorization: {BULK_SCHEME} MAC' (server/"
+                                                "bulk.py says how), or use the main port")
         cap = self.gateway.limits_for(found).max_blob_bytes
         if size > cap:
             raise _Refused(413, "too_large", f"the blob is {human(size)}; this gateway takes at "
                                              f"most {human(cap)} per blob (--max-blob-bytes)")
-        return found, digest, size
+        return digest, size
 
 
 def _read_head(conn: socket.socket) -> tuple[str, str, dict[bytes, str], bytes]:
