@@ -4,6 +4,7 @@ on loopback, spoken to with plain sockets where the exchange itself is under tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -184,19 +185,27 @@ def test_a_body_that_does_not_match_its_digest_is_refused_and_not_kept(gw: Gatew
     assert not no_leftovers(gw)
 
 
-def test_an_upload_cut_off_midway_leaves_nothing(gw: Gateway) -> None:
-    data = os.urandom(4 << 20)
-    d = digest_of(data)
+@contextlib.contextmanager
+def half_sent(gw: Gateway, data: bytes, sent: int) -> Iterator[None]:
+    """An upload of ``data`` through the bulk port, stopped after ``sent`` bytes of it, and
+    the gateway writing them (its file seen); closed at the end."""
     bulk = offer(gw)
     sock = socket.create_connection(("127.0.0.1", bulk["port"]), timeout=10)
     with sock, sock.makefile("rb") as f:
         nonces = hello(sock, bulk, f)
-        sock.sendall(proven(put_head(gw, d, len(data)), bulk, nonces)[2])
+        sock.sendall(proven(put_head(gw, digest_of(data), len(data)), bulk, nonces)[2])
         assert f.readline().startswith(b"HTTP/1.1 100")
-        sock.sendall(data[: 3 << 20])
+        sock.sendall(data[:sent])
         deadline = time.monotonic() + 10
         while not no_leftovers(gw) and time.monotonic() < deadline:
             time.sleep(0.01)
+        yield
+
+
+def test_an_upload_cut_off_midway_leaves_nothing(gw: Gateway) -> None:
+    data = os.urandom(4 << 20)
+    d = digest_of(data)
+    with half_sent(gw, data, 3 << 20):
         assert no_leftovers(gw)  # (being written meanwhile)
     deadline = time.monotonic() + 10
     while no_leftovers(gw) and time.monotonic() < deadline:
@@ -477,16 +486,7 @@ def test_stopping_the_gateway_mid_upload_keeps_nothing_of_it(tmp_path: Path) -> 
     try:
         data = os.urandom(4 << 20)
         d = digest_of(data)
-        bulk = offer(g)
-        sock = socket.create_connection(("127.0.0.1", bulk["port"]), timeout=10)
-        with sock, sock.makefile("rb") as f:
-            nonces = hello(sock, bulk, f)
-            sock.sendall(proven(put_head(g, d, len(data)), bulk, nonces)[2])
-            assert f.readline().startswith(b"HTTP/1.1 100")
-            sock.sendall(data[: 1 << 20])
-            deadline = time.monotonic() + 10
-            while not no_leftovers(g) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        with half_sent(g, data, 1 << 20):
             g.proc.terminate()
             assert g.proc.wait(20) == 0
         assert not no_leftovers(g)
