@@ -32,7 +32,7 @@ CHUNK = 1 << 20
 # Blobs at least this big go through files on the same host (below it one HTTP body is cheaper).
 SAME_HOST_MIN = 1 << 20
 # from this size an upload goes to the gateway's bulk port, where it offers one: its two extra
-# round trips (its greeting, then 100 Continue) cost less than uvicorn's slower reading
+# round trips (the listener's proof, then 100 Continue) cost less than uvicorn's slower reading
 BULK_MIN = 1 << 20
 RESUME_ATTEMPTS = 20
 # An event stream that brings nothing, not even the gateway's heartbeat (every 5 s), for this

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._payload import SCHEMES
 from .._version import WIRE_FORMAT, __version__
-from .auth import Authenticator, User
+from .auth import Authenticator, User, bearer
 from .gateway import ApiError, Gateway
 from .limits import human
 from .store import BlobError
@@ -292,8 +292,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
         }
         # The rest tells which packages and versions run the cells (what an attacker looks
         # up vulnerabilities for): only for a caller with a token, like every other route.
-        caller = auth.user_for(request.headers.get("authorization"))
-        if caller is None:
+        if auth.user_for(request.headers.get("authorization")) is None:
             # (said, so that a client can tell a refused token from a gateway of another kind)
             return {**public, "authorized": False}
         answer = {
@@ -305,8 +304,7 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             "simulated": bool(getattr(gateway.backend, "simulated", False)),
         }
         if gateway.bulk is not None:
-            token = (request.headers.get("authorization") or "").strip().partition(" ")[2]
-            answer["bulk"] = gateway.bulk.offer(token.strip())
+            answer["bulk"] = gateway.bulk.offer(bearer(request.headers.get("authorization")) or "")
         if gateway.store.error is not None:  # (its disk is full: it takes no new job)
             answer["store_error"] = f"cannot write its state directory: {gateway.store.error}"
         return answer

@@ -160,6 +160,14 @@ def owner_token(state_dir: Path) -> tuple[dict[str, User], Path]:
     return {token: User(getpass.getuser(), admin=True)}, path
 
 
+def bearer(header: str | None) -> str | None:
+    """The token an ``Authorization: Bearer TOKEN`` header offers; None for another scheme."""
+    scheme, _, rest = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer":  # (a scheme's name is case-insensitive, RFC 7235)
+        return None
+    return rest.strip()
+
+
 class Authenticator:
     """Maps a bearer token to its user, comparing in constant time."""
 
@@ -181,13 +189,12 @@ class Authenticator:
         return next((u for u in self._tokens.values() if u.name == name), None)
 
     def user_for(self, header: str | None) -> User | None:
-        scheme, _, rest = (header or "").strip().partition(" ")
-        if scheme.lower() != "bearer":  # (a scheme's name is case-insensitive, RFC 7235)
+        offered = bearer(header)
+        if offered is None:
             return None
-        offered = rest.strip().encode()
         found = None
         for token, user in self._tokens.items():
             # compare against every token so the time does not depend on which one matched
-            if hmac.compare_digest(offered, token.encode()):
+            if hmac.compare_digest(offered.encode(), token.encode()):
                 found = user
         return found

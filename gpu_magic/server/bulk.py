@@ -61,10 +61,9 @@ HEAD_S = 10.0  # the whole request head must come within this
 HELLO_S = 3.0  # and the hello within this (a connection holds one of MAX_CONNECTIONS)
 MAX_CONNECTIONS = 32
 STEP = 8 << 20  # one receive: a buffer of this much per connection, reused
-_REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
-            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            411: "Length Required", 413: "Content Too Large", 417: "Expectation Failed",
-            503: "Service Unavailable", 507: "Insufficient Storage"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 411: "Length Required",
+            413: "Content Too Large", 417: "Expectation Failed", 507: "Insufficient Storage"}
 
 
 class _Refused(Exception):
