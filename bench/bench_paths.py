@@ -358,6 +358,20 @@ def main() -> None:
                         ups[way].append(time.perf_counter() - t)
         row("256 MiB upload over HTTP, bulk port", gib / statistics.median(ups["bulk"]),
             "the main port's PUT, same gateway", gib / statistics.median(ups["main"]), "GiB/s")
+        # and the last of those blobs downloaded, each way in turn, into new client memory
+        downs: dict[str, list[float]] = {"bulk": [], "main": []}
+        with GatewayClient(warm.url, warm.token, same_host=False) as c:
+            for i in range(ROUNDS + 1):
+                for way in downs:
+                    c._bulk = None if way == "bulk" else False
+                    time.sleep(DATA_GAP_S)
+                    t = time.perf_counter()
+                    got = c.download(d, size)
+                    if i:
+                        downs[way].append(time.perf_counter() - t)
+                    del got
+        row("256 MiB download over HTTP, bulk port", gib / statistics.median(downs["bulk"]),
+            "the main port's GET, same gateway", gib / statistics.median(downs["main"]), "GiB/s")
 
         # over HTTP, at 256 MiB and at the goal's 1 GiB (the rerun hashes its input again)
         for n in (size, 4 * size):

@@ -658,7 +658,8 @@ class _Job:
         inline = (ev.get("inline") or {}).get(digest)
         if inline is not None:
             return bytearray(base64.b64decode(inline))
-        return self.client.download(digest)
+        size = (ev.get("sizes") or {}).get(digest)
+        return self.client.download(digest, size if isinstance(size, int) else None)
 
     def load_result(self) -> tuple[dict[str, Any], list[str], bool, Any]:
         """The returned names, the deleted names, and the value, rebuilt here (not bound)."""

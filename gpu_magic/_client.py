@@ -426,79 +426,104 @@ class GatewayClient:
                                "Content-Type": "application/octet-stream"})
 
     def _bulk_upload(self, digest: str, view: memoryview) -> bool:
-        """Upload through the gateway's bulk port when it offers one (its health, to a caller
-        with a token, says where): False if that port cannot take it, and the upload is to go
-        through the main one. A port found unusable (not reached: a firewall; not the
-        gateway's) is not tried again by this client, once a fresh health answer has named the
-        same port."""
+        """Upload through the gateway's bulk port when it offers one: False if that port cannot
+        take it, and the upload is to go through the main one."""
+        def put(url: httpx.URL, offer: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+            return _rawget.put_bulk(
+                url, offer["port"], offer["id"], offer["key"], f"/v1/blobs/{digest}", view,
+                timeout=self._timeout.read or 60.0,
+                connect_timeout=self._timeout.connect or 10.0, context=_ssl_context())
+        return self._via_bulk("PUT", digest, put) is not None
+
+    def _via_bulk(self, method: str, digest: str,
+                  call: Callable[[httpx.URL, dict[str, Any]], tuple[int, dict[str, str], Any]],
+                  ) -> Any:
+        """``call`` the gateway's bulk port for ``method`` on blob ``digest`` when its health
+        (to a caller with a token) offers one: the 200 answer's body, or None if that port
+        cannot take it and the main one is to be used. An error answer is raised as the main
+        port's would be. A port found unusable (not reached: a firewall; not the gateway's)
+        is not tried again by this client, once a fresh health answer has named the same
+        port."""
         url = httpx.URL(f"{self.url}/v1/blobs/{digest}")
         if self._bulk is False or not self.token or not _rawget.usable(url):
-            return False
+            return None
         tried = None
         for fresh in (False, True):
             try:
                 offer = self.health(refresh=fresh).get("bulk")
             except GatewayError:
-                return False  # (the main route says what is wrong)
+                return None  # (the main route says what is wrong)
             if not _bulk_offer(offer):
-                return False
+                return None
+            if method not in offer.get("serves", ["PUT"]):
+                return None  # (a gateway from before this method came to the bulk port)
             if offer == tried:
                 break
             tried = offer
             try:
-                status, fields, body = _rawget.put_bulk(
-                    url, offer["port"], offer["id"], offer["key"], f"/v1/blobs/{digest}", view,
-                    timeout=self._timeout.read or 60.0,
-                    connect_timeout=self._timeout.connect or 10.0, context=_ssl_context())
+                status, fields, body = call(url, offer)
             except _rawget.Unusable as exc:
                 if not exc.lasting:
-                    return False
+                    return None
                 continue  # (a gateway started again listens elsewhere: its health says where)
             if status == 200:
-                return True
-            if status >= 400 and status not in (404, 405):
+                return body
+            known = status >= 400 and status not in (404, 405)
+            if known or (status == 404 and method == "GET" and b"no_such_blob" in body):
                 _check(httpx.Response(status, headers=fields, content=body), self.url, self)
             break  # (an answer this client does not know from a bulk port)
         self._bulk = False
-        return False
+        return None
 
-    def download(self, digest: str) -> bytearray:
+    def download(self, digest: str, size: int | None = None) -> bytearray:
+        """Blob ``digest`` in writable memory; ``size``, where known (the result event says),
+        lets one of 1 MiB or more come through the bulk port."""
         local = self.local_path()
         if local is not None:
             path = os.path.join(local["store"], digest.replace(":", "-"))
             try:
-                size = os.path.getsize(path)
+                stored = os.path.getsize(path)
             except OSError:
-                size = -1
-            if size >= SAME_HOST_MIN:
+                stored = -1
+            if stored >= SAME_HOST_MIN:
                 # same host: map the stored file, private and copy-on-write (writable arrays,
                 # nothing copied until written; a fresh buffer costs a page fault per page)
                 try:
                     with open(path, "rb", buffering=0) as f:
-                        return mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,  # type: ignore[return-value]
+                        return mmap.mmap(f.fileno(), stored, flags=mmap.MAP_PRIVATE,  # type: ignore[return-value]
                                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
                 except (OSError, ValueError):
                     pass  # gone meanwhile: over HTTP below
+        def get(url: httpx.URL, offer: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+            return _rawget.get_bulk(
+                url, offer["port"], offer["id"], offer["key"], f"/v1/blobs/{digest}",
+                timeout=self._timeout.read or 60.0,
+                connect_timeout=self._timeout.connect or 10.0, context=_ssl_context())
         url = httpx.URL(f"{self.url}/v1/blobs/{digest}")
-        if _rawget.usable(url):
-            try:
+        got_raw = None
+        try:
+            # the bulk port (the kernel sends the file), else a plain GET read in place
+            big = size is not None and size >= BULK_MIN
+            body = self._via_bulk("GET", digest, get) if big else None
+            if body is not None:
+                return body  # type: ignore[no-any-return]
+            if _rawget.usable(url):
                 got_raw = _rawget.get_into(
                     url, {"Authorization": f"Bearer {self.token}"} if self.token else {},
                     timeout=self._timeout.read or 60.0, context=_ssl_context(),
                     connect_timeout=self._timeout.connect)
-            except _rawget.Short as exc:
-                raise GatewayError(f"result {digest} arrived short ({exc.got} of {exc.size} "
-                                   "bytes)") from None
-            except OSError as exc:  # ssl.SSLError and timeouts are OSErrors too
-                raise GatewayError(f"the download of result {digest} from {self.url} broke: "
-                                   f"{exc}") from None
-            if got_raw is not None:
-                status, fields, body = got_raw
-                if status >= 400:
-                    _check(httpx.Response(status, headers=fields, content=body), self.url,
-                           self)
-                if status == 200:
-                    return body  # type: ignore[return-value]
+        except _rawget.Short as exc:
+            raise GatewayError(f"result {digest} arrived short ({exc.got} of {exc.size} "
+                               "bytes)") from None
+        except OSError as exc:  # ssl.SSLError and timeouts are OSErrors too
+            raise GatewayError(f"the download of result {digest} from {self.url} broke: "
+                               f"{exc}") from None
+        if got_raw is not None:
+            status, fields, body = got_raw
+            if status >= 400:
+                _check(httpx.Response(status, headers=fields, content=body), self.url, self)
+            if status == 200:
+                return body  # type: ignore[no-any-return]
         try:
             with self._http.stream("GET", f"/v1/blobs/{digest}") as resp:
                 if resp.status_code >= 400:
@@ -513,7 +538,7 @@ class GatewayClient:
                 # into one preallocated buffer: fresh buffers per chunk cost page faults
                 buf = _rawget.new_buffer(size)
                 got = 0
-                with memoryview(buf) as view:
+                with _rawget.prefaulted(buf), memoryview(buf) as view:
                     for chunk in resp.iter_raw(CHUNK):
                         n = len(chunk)
                         if got + n > size:

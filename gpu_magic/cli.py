@@ -70,9 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="disk and page cache kept written ahead for large blobs, e.g. 2G "
                         "(default: a sixteenth of memory, at most 4G; 0: none)")
     s.add_argument("--blob-port", type=_blob_port, default=0, metavar="PORT|off",
-                   help="port for large uploads, read faster than through --port (default: any "
-                        "free one, told to clients with a token; a client that cannot reach "
-                        "it uploads through --port); off: none")
+                   help="port for large blob uploads and downloads, faster than through "
+                        "--port (default: any free one, told to clients with a token; a "
+                        "client that cannot reach it uses --port); off: none")
     s.add_argument("--pass-env", type=_env_names, action="append", default=[],
                    metavar="NAMES",
                    help="with several users, cells get only the environment's PATH, locale, "

@@ -1,6 +1,6 @@
-"""The bulk upload listener (server/bulk.py): large uploads on a port of their own, with the
-same token, limits, digest check and store as PUT /v1/blobs on the main port. Real gateways
-on loopback, spoken to with plain sockets where the exchange itself is under test."""
+"""The bulk listener (server/bulk.py): large uploads and downloads on a port of their own, with
+the same user, limits, digest check and store as PUT and GET /v1/blobs on the main port. Real
+gateways on loopback, spoken to with plain sockets where the exchange itself is under test."""
 
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def no_leftovers(gw: Gateway) -> list[str]:
 
 def test_the_listener_proves_itself_with_a_key_only_token_holders_get(gw: Gateway) -> None:
     bulk = offer(gw)
-    assert set(bulk) == {"port", "id", "key"} and bulk["port"] != httpx.URL(gw.url).port
+    assert set(bulk) == {"port", "id", "key", "serves"} and bulk["serves"] == ["PUT", "GET"]
+    assert bulk["port"] != httpx.URL(gw.url).port
     assert "bulk" not in httpx.get(f"{gw.url}/v1/health").json()
     data = os.urandom(3 << 20)
     d = digest_of(data)
@@ -150,10 +151,10 @@ def test_each_user_gets_a_key_of_their_own(tmp_path: Path) -> None:
     (lambda gw, d: put_head(gw, d, 10, Host="evil.example"), 403, "forbidden_host", "evil.example"),
     (lambda gw, d: put_head(gw, d, 10, Origin="http://evil.example"), 403, "forbidden_origin",
      "evil.example"),
-    (lambda gw, d: [f"GET /v1/blobs/{d} HTTP/1.1", "Host: localhost", PROVEN], 405,
-     "method_not_allowed", "use PUT"),
+    (lambda gw, d: [f"DELETE /v1/blobs/{d} HTTP/1.1", "Host: localhost", PROVEN], 405,
+     "method_not_allowed", "use PUT or GET"),
     (lambda gw, d: ["PUT /v1/jobs HTTP/1.1", "Host: localhost", PROVEN], 404,
-     "not_found", "only PUT /v1/blobs/{digest}"),
+     "not_found", "only PUT and GET /v1/blobs/{digest}"),
     (lambda gw, d: put_head(gw, "xxh3-128:nothex", 10), 400, "blob", "is not a blob digest"),
     (lambda gw, d: put_head(gw, d, 10)[:2] + [PROVEN, "Transfer-Encoding: chunked"],
      411, "length_required", "not chunked"),
@@ -476,7 +477,7 @@ def test_a_taken_blob_port_stops_the_start_with_what_to_do(tmp_path: Path) -> No
             [sys.executable, "-m", "gpu_magic", "serve", "--port", "0", "--blob-port", str(port), "--state-dir", str(tmp_path / "s"), "--simulate",
              "H100:1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert (f"cannot listen on 127.0.0.1:{port} for large uploads"
+    assert (f"cannot listen on 127.0.0.1:{port} for large blobs"
             in out.stderr), out.stderr
     assert "choose another --blob-port, or --blob-port off" in out.stderr
 
@@ -491,5 +492,212 @@ def test_stopping_the_gateway_mid_upload_keeps_nothing_of_it(tmp_path: Path) -> 
             assert g.proc.wait(20) == 0
         assert not no_leftovers(g)
         assert not list((g.state_dir / "blobs").rglob(d.replace(":", "-")))
+    finally:
+        g.stop()
+
+
+# --- downloads ---------------------------------------------------------------------------
+
+PUT_PROOF = "Authorization: (a PUT's proof)"  # the proof an upload of that path would send
+
+
+def fetch(gw: Gateway, head: list[str], body: bytes = b"", *, token: str | None = None,
+          ) -> tuple[int, bytes]:
+    """One download from the bulk port: its proof checked, ``head`` sent (PROVEN made a GET's
+    proof, PUT_PROOF an upload's). (status, the answer's body)."""
+    bulk = offer(gw, token)
+    key = bytes.fromhex(bulk["key"])
+    sock = socket.create_connection(("127.0.0.1", bulk["port"]), timeout=10)
+    with sock, sock.makefile("rb") as f:
+        nonces = hello(sock, bulk, f)
+        target = head[0].split()[1]
+        proofs = {PROVEN: _rawget.bulk_mac(key, "client-get", *nonces, target),
+                  PUT_PROOF: _rawget.bulk_mac(key, "client", *nonces, target, "")}
+        head = [f"Authorization: GpuMagicBulk {proofs[h]}" if h in proofs else h for h in head]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        status = int(f.readline().split()[1])
+        fields = {}
+        while (line := f.readline().strip()):
+            k, _, v = line.decode("latin-1").partition(":")
+            fields[k.lower()] = v.strip()
+        return status, f.read(int(fields["content-length"]))
+
+
+def get_head(digest: str, *extra: str) -> list[str]:
+    return [f"GET /v1/blobs/{digest} HTTP/1.1", "Host: 127.0.0.1", PROVEN, *extra]
+
+
+def stored(gw: Gateway, data: bytes, token: str | None = None) -> str:
+    """``data`` put in the gateway's store through the main port: its digest."""
+    d = digest_of(data)
+    got = httpx.put(f"{gw.url}/v1/blobs/{d}", content=data,
+                    headers={"Authorization": f"Bearer {token or gw.token}"})
+    assert got.status_code == 200, got.text
+    return d
+
+
+def test_a_download_comes_off_the_bulk_port_whole(gw: Gateway) -> None:
+    data = os.urandom((5 << 20) + 3)
+    d = stored(gw, data)
+    assert fetch(gw, get_head(d)) == (200, data)
+    assert fetch(gw, get_head(stored(gw, b""))) == (200, b"")
+
+
+@pytest.mark.parametrize("head, status, error, words", [
+    (lambda d: get_head(d)[:2], 401, "unauthorized", "no proof"),
+    # (an upload's proof of the same path is not a download's)
+    (lambda d: get_head(d)[:2] + [PUT_PROOF], 401, "unauthorized", "no proof"),
+    (lambda d: get_head(d)[:2] + ["Authorization: Bearer (token)"], 401, "unauthorized",
+     "no proof"),
+    (lambda d: get_head(d, "Host: evil.example")[:2] + ["Host: evil.example", PROVEN], 403,
+     "forbidden_host", "evil.example"),
+    (lambda d: get_head(d, "Origin: http://evil.example"), 403, "forbidden_origin",
+     "evil.example"),
+    (lambda d: get_head("xxh3-128:nothex"), 400, "blob", "is not a blob digest"),
+    (lambda d: get_head(digest_of(b"never stored")), 404, "no_such_blob",
+     "this gateway holds no blob"),
+    (lambda d: get_head(d, "Content-Length: 5"), 400, "bad_request", "carries no body"),
+])
+def test_what_the_main_port_refuses_a_download_the_bulk_port_refuses_too(
+        gw: Gateway, head: Any, status: int, error: str, words: str) -> None:
+    d = stored(gw, b"a blob of ours")
+    lines = [h.replace("(token)", gw.token) for h in head(d)]
+    got, body = fetch(gw, lines, b"12345" if "Content-Length: 5" in lines else b"")
+    answer = json.loads(body)
+    assert got == status, answer
+    assert answer["error"] == error and words in answer["message"], answer
+
+
+def test_another_user_s_blob_is_not_found_on_the_bulk_port(tmp_path: Path) -> None:
+    g, tokens = start_class_gateway(tmp_path)
+    try:
+        data = os.urandom(2 << 20)
+        d = stored(g, data, tokens["bob"])
+        assert fetch(g, get_head(d), token=tokens["bob"]) == (200, data)
+        status, body = fetch(g, get_head(d), token=tokens["alice"])
+        assert status == 404 and json.loads(body)["error"] == "no_such_blob"
+        with _client.GatewayClient(g.url, tokens["alice"], same_host=False) as alice:
+            with pytest.raises(GatewayError, match="holds no blob"):
+                alice.download(d, len(data))  # (through the bulk port: its answer raised)
+            assert alice._bulk is not False
+    finally:
+        g.stop()
+
+
+@pytest.fixture
+def gets(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """What each bulk download the client tried came to, as ``spy`` for uploads."""
+    seen: list[Any] = []
+    real = _rawget.get_bulk
+
+    def recorded(*a: Any, **k: Any) -> Any:
+        try:
+            got = real(*a, **k)
+        except _rawget.Unusable as exc:
+            seen.append(exc)
+            raise
+        seen.append(got[0])
+        return got
+
+    monkeypatch.setattr(_rawget, "get_bulk", recorded)
+    return seen
+
+
+def test_a_cell_s_large_result_comes_back_through_the_bulk_port(
+        gw: Gateway, gets: list[Any]) -> None:
+    data = np.random.default_rng(2).random(1 << 19)  # 4 MiB
+    with _client.GatewayClient(gw.url, gw.token, same_host=False) as c:
+        ns: dict[str, Any] = {"data": data}
+        gpu_magic.run("back = data * 2", "H100", ns, client=c, quiet=True)
+        assert np.array_equal(ns["back"], data * 2) and ns["back"].flags.writeable
+        assert gets == [200]
+        # a result under 1 MiB (not inside its event) comes through the main port: one
+        # exchange less than the bulk port's hello
+        gpu_magic.run("mid = data[:20000] * 3", "H100", ns, client=c, quiet=True)
+        assert np.array_equal(ns["mid"], data[:20000] * 3)
+        assert gets == [200]
+
+
+def test_a_gateway_that_downloads_only_through_its_main_port_is_not_asked(
+        gw: Gateway, gets: list[Any], spy: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # a gateway from before downloads came to the bulk port offers it for uploads only
+    real_health = _client.GatewayClient.health
+
+    def uploads_only(self: Any, refresh: bool = False) -> dict[str, Any]:
+        answer = dict(real_health(self, refresh))
+        answer["bulk"] = {k: v for k, v in answer["bulk"].items() if k != "serves"}
+        return answer
+
+    monkeypatch.setattr(_client.GatewayClient, "health", uploads_only)
+    data = np.random.default_rng(3).random(1 << 18)  # 2 MiB
+    with _client.GatewayClient(gw.url, gw.token, same_host=False) as c:
+        ns: dict[str, Any] = {"data": data}
+        gpu_magic.run("back = data + 1", "H100", ns, client=c, quiet=True)
+        assert np.array_equal(ns["back"], data + 1)
+    assert spy == [200] and gets == []
+
+
+def test_a_download_from_a_port_that_is_not_the_listener_goes_the_usual_way(
+        gw: Gateway, gets: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(2 << 20)
+    d = stored(gw, data)
+    server, heard = impostor("service", gw)
+    pointed_at(monkeypatch, server.getsockname()[1])
+    with server, _client.GatewayClient(gw.url, gw.token, same_host=False) as c:
+        assert bytes(c.download(d, len(data))) == data
+        assert c._bulk is False
+    assert len(gets) == 1 and "is not the gateway's bulk listener" in str(gets[0])
+    assert heard and gw.token.encode() not in b"".join(heard)
+
+
+def test_a_download_that_breaks_off_says_so(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a listener that proves itself (it holds the key) and then sends a third of the blob
+    data = os.urandom(3 << 20)
+    d = stored(gw, data)
+    key = bytes.fromhex(offer(gw)["key"])
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rb") as f:
+            nonce = f.readline().split()[1].decode()
+            host, port = conn.getsockname()[:2]
+            proof = _rawget.bulk_mac(key, "listener", nonce, "1" * 32, host, port)
+            conn.sendall(f"gpu-magic-bulk/1 {'1' * 32} {proof}\r\n".encode())
+            while f.readline().strip():
+                pass
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                         + data[: 1 << 20])
+
+    threading.Thread(target=serve, daemon=True).start()
+    pointed_at(monkeypatch, server.getsockname()[1])
+    with server, _client.GatewayClient(gw.url, gw.token, same_host=False) as c:
+        with pytest.raises(GatewayError, match=rf"result {d} arrived short \(1048576 of "
+                                               rf"{len(data)} bytes\)"):
+            c.download(d, len(data))
+
+
+def test_stopping_the_gateway_mid_download_ends_it_short(tmp_path: Path) -> None:
+    g = start_gateway(tmp_path)
+    try:
+        data = os.urandom(64 << 20)
+        d = stored(g, data)
+        bulk = offer(g)
+        sock = socket.create_connection(("127.0.0.1", bulk["port"]), timeout=20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        with sock, sock.makefile("rb") as f:
+            nonces = hello(sock, bulk, f)
+            mac = _rawget.bulk_mac(bytes.fromhex(bulk["key"]), "client-get", *nonces,
+                                   f"/v1/blobs/{d}")
+            sock.sendall((f"GET /v1/blobs/{d} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          f"Authorization: GpuMagicBulk {mac}\r\n\r\n").encode())
+            assert f.readline().startswith(b"HTTP/1.1 200")
+            f.read(1 << 20)  # (then nothing more read: the gateway's send waits on us)
+            g.proc.terminate()
+            assert g.proc.wait(20) == 0  # not held by a download nobody reads
+            got = 0
+            while (piece := f.read(1 << 20)):
+                got += len(piece)
+            assert got < len(data)
     finally:
         g.stop()

@@ -327,11 +327,25 @@ def test_a_gateway_behind_tls_runs_cells_both_ways(
         assert gw.url.startswith("https://127.0.0.1:")
         monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
         monkeypatch.setattr(_client, "_SSL", None)  # the context is built once per process
+        bulk: list[object] = []  # (each way through the bulk port, TLS too: what came of it)
+
+        def recorded(name: str) -> object:
+            real = getattr(_rawget, name)
+
+            def call(*a: object, **k: object) -> object:
+                got = real(*a, **k)
+                bulk.append((name, got[0]))
+                return got
+            return call
+
+        for name in ("put_bulk", "get_bulk"):
+            monkeypatch.setattr(_rawget, name, recorded(name))
         with GatewayClient(gw.url, gw.token, same_host=False) as c:
             ns: dict[str, object] = {"data": np.arange(1 << 19, dtype=np.float64)}  # 4 MiB
             assert gpu_magic.run("6 * 7", "H100", ns, client=c, quiet=True) == 42
             gpu_magic.run("back = data * 2", "H100", ns, client=c, quiet=True)
             assert np.array_equal(ns["back"], np.arange(1 << 19, dtype=np.float64) * 2)
+        assert bulk == [("put_bulk", 200), ("get_bulk", 200)]
         # a client that does not trust the certificate is refused, not silently let through
         monkeypatch.setattr(_client, "_SSL", None)
         monkeypatch.delenv("SSL_CERT_FILE")
@@ -341,3 +355,15 @@ def test_a_gateway_behind_tls_runs_cells_both_ways(
     finally:
         gw.stop()
         monkeypatch.setattr(_client, "_SSL", None)
+
+
+def test_a_buffer_filled_while_its_pages_are_faulted_ahead_is_left_whole_and_closable() -> None:
+    size = 40 << 20
+    buf = _rawget.new_buffer(size)
+    with pytest.raises(ZeroDivisionError):
+        with _rawget.prefaulted(buf), memoryview(buf) as view:
+            view[size - 3 :] = b"end"
+            1 / 0  # noqa: B018
+    assert not [t for t in threading.enumerate() if t.name == "gpu-magic-prefault"]
+    assert bytes(buf[:4]) == b"\0" * 4 and bytes(buf[-3:]) == b"end"
+    buf.close()  # (nothing still holds the mapping)

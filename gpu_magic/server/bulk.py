@@ -1,10 +1,13 @@
-"""The bulk upload listener: large blobs sent to a port of their own, read straight off the socket.
+"""The bulk listener: large blobs sent to and from a port of their own, straight off and onto
+the socket.
 
 uvicorn hands a request body to the app in pieces of at most 64 KiB, each through the event loop:
-about 1 GiB/s here, where loopback TCP carries 5 and a plain ``recv_into`` takes 3 (DESIGN: "the
-bulk blob path may use whatever serves bytes fastest"). This listener takes only
-``PUT /v1/blobs/{digest}`` and answers as that route does: the same token, the same limits, the
-same digest check, the same store. Each connection is one upload on a thread of its own.
+about 1 GiB/s here, where loopback TCP carries 5 and a plain ``recv_into`` takes 3; and it sends
+a file as chunks read into new memory, where ``sendfile`` lets the kernel copy the file's pages
+to the socket (DESIGN: "the bulk blob path may use whatever serves bytes fastest"). This
+listener takes only ``PUT`` and ``GET /v1/blobs/{digest}`` and answers as those routes do: the
+same user's blobs, the same limits, the same digest check, the same store. Each connection is
+one upload or download on a thread of its own.
 
 The exchange, in order. No token is sent on this port: it may be reached through something
 that is not the gateway (a port taken over after the gateway started again, a forwarder on
@@ -28,6 +31,12 @@ another address, a relay), and whatever is there must learn nothing it could use
    nonces, the path and the length: only the listener could say it was stored), or the
    route's error, and the connection closes.
 
+A download's step 2 is a ``GET`` head proved by the MAC of ``client-get``, both nonces and the
+path (no length, no body); its answer is the blob (``200`` with its ``Content-Length``) or the
+route's error, and the connection closes. The health answer's ``bulk.serves`` lists the
+methods; a client that finds no ``GET`` there (a gateway from before downloads came here)
+downloads through the main port.
+
 Keys are derived from each token and a secret drawn at each start: a token taken back with
 SIGHUP takes its key with it, and an old key says nothing to a gateway started again.
 """
@@ -38,6 +47,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import socket
 import ssl
@@ -84,7 +94,7 @@ class _Gone(Exception):
 
 
 class BulkListener:
-    """Serves uploads on ``sock`` (bound and listening) until :meth:`close`."""
+    """Serves uploads and downloads on ``sock`` (bound and listening) until :meth:`close`."""
 
     def __init__(self, sock: socket.socket, gateway: Gateway, auth: Authenticator, *,
                  loopback_only: bool, ssl_context: ssl.SSLContext | None = None,
@@ -110,7 +120,7 @@ class BulkListener:
         the key both ends prove themselves with. Derived from the token: another user's key
         cannot stand in, and a token taken back (SIGHUP) takes its key with it."""
         return {"port": self.port, "id": self._derived(b"id", token)[:16].hex(),
-                "key": self._derived(b"key", token).hex()}
+                "key": self._derived(b"key", token).hex(), "serves": ["PUT", "GET"]}
 
     def _key_for(self, kid: str) -> tuple[User, bytes] | None:
         found = None
@@ -123,7 +133,7 @@ class BulkListener:
         self._thread.start()
 
     def close(self, wait: float = 5.0) -> None:
-        """Stop listening, and end the uploads under way (their files are removed)."""
+        """Stop listening, and end the transfers under way (no upload's file is kept)."""
         self._closed = True
         for s in (self.sock, *self._open):
             try:
@@ -146,11 +156,11 @@ class BulkListener:
                 time.sleep(0.05)  # (out of descriptors: do not spin)
                 continue
             if not self._slots.acquire(blocking=False):
-                conn.close()  # (the client reads no proof, and uploads through the main port)
+                conn.close()  # (the client reads no proof, and uses the main port)
                 continue
             try:
                 threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
-                                 name="gpu-magic-bulk-upload").start()
+                                 name="gpu-magic-bulk-transfer").start()
             except RuntimeError:  # (no thread to be had)
                 conn.close()
                 self._slots.release()
@@ -179,9 +189,9 @@ class BulkListener:
             if session is not None:
                 self._one(conn, addr, session)
         except (OSError, _Gone):
-            pass  # the client went away or stalled: nothing of its upload was kept
+            pass  # the client went away or stalled: nothing of an upload was kept
         except Exception:
-            log.exception("the bulk upload from %s failed", addr[0] if addr else "?")
+            log.exception("the bulk transfer with %s failed", addr[0] if addr else "?")
         finally:
             self._open.discard(conn)
             try:
@@ -222,7 +232,12 @@ class BulkListener:
     def _one(self, conn: socket.socket, addr: Any, session: _Session) -> None:
         try:
             method, target, headers, rest = _read_head(conn)
-            digest, size = self._check(method, target, headers, addr, session)
+            digest = self._check(method, target, headers, addr, session)
+            if method == "GET":
+                with self._opened(session.user, digest) as f:
+                    self._send(conn, f)
+                return
+            size = self._check_put(headers, session, target, addr)
         except _Refused as r:
             _answer(conn, r.status, r.code, r.message)
             return
@@ -268,24 +283,66 @@ class BulkListener:
             session.key, "stored", session.theirs, session.ours, target, size)})
 
     def _check(self, method: str, target: str, headers: dict[bytes, str],
-               addr: Any, session: _Session) -> tuple[str, int]:
-        """Everything the main port's middleware and route check before a body is read; in
-        place of a token, the request's proof of the session's key."""
+               addr: Any, session: _Session) -> str:
+        """Everything the main port's middleware and route check before a body is read or
+        sent; in place of a token, the request's proof of the session's key. The digest."""
         if self.loopback_only and (refusal := foreign_page(headers)) is not None:
             raise _Refused(403, *refusal)
-        found = session.user
         path = target.split("?", 1)[0]
         if not path.startswith("/v1/blobs/"):
-            raise _Refused(404, "not_found", f"the bulk port serves only PUT /v1/blobs/{{digest}}, "
-                                             f"not {path!r}; everything else is on the main port")
-        if method != "PUT":
+            raise _Refused(404, "not_found", f"the bulk port serves only PUT and GET "
+                                             f"/v1/blobs/{{digest}}, not {path!r}; everything "
+                                             "else is on the main port")
+        if method not in ("PUT", "GET"):
             raise _Refused(405, "method_not_allowed",
-                           f"{method} is not allowed on the bulk port; use PUT")
+                           f"{method} is not allowed on the bulk port; use PUT or GET")
         digest = path.removeprefix("/v1/blobs/")
         try:
-            self.gateway.blobs.path(found.name, digest)  # (a digest it cannot be, refused)
+            self.gateway.blobs.path(session.user.name, digest)  # (a digest it cannot be)
         except BlobError as exc:
             raise _Refused(exc.status, "blob", exc.message) from None
+        if method == "GET":
+            # (a GET's proof is not a PUT's: the label differs, and it names no length)
+            expected = bulk_mac(session.key, "client-get", session.theirs, session.ours, target)
+            self._proved(headers, expected, addr, method, target)
+            if headers.get(b"content-length", "0") != "0" or b"transfer-encoding" in headers:
+                raise _Refused(400, "bad_request", "a GET on the bulk port carries no body")
+        return digest
+
+    def _proved(self, headers: dict[bytes, str], expected: str, addr: Any, method: str,
+                target: str) -> None:
+        scheme, _, proof = headers.get(b"authorization", "").partition(" ")
+        if scheme != BULK_SCHEME or not hmac.compare_digest(proof.strip().encode(),
+                                                            expected.encode()):
+            if self.note_refusal is not None:
+                self.note_refusal({"client": addr, "method": method, "path": target},
+                                  headers.get(b"authorization"))
+            raise _Refused(401, "unauthorized", f"no proof of this connection's key: send "
+                                                f"'Authorization: {BULK_SCHEME} MAC' (server/"
+                                                "bulk.py says how), or use the main port")
+
+    def _opened(self, user: User, digest: str) -> Any:
+        """The stored blob, open (what make_room removes meanwhile is still sent whole)."""
+        try:
+            fd = os.open(self.gateway.blobs.path(user.name, digest),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise _Refused(404, "no_such_blob",
+                           f"this gateway holds no blob {digest} of yours") from None
+        return open(fd, "rb", buffering=0)
+
+    def _send(self, conn: socket.socket, f: Any) -> None:
+        size = os.fstat(f.fileno()).st_size
+        conn.sendall(("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                      f"Content-Length: {size}\r\nConnection: close\r\n\r\n").encode())
+        self.gateway.touch()
+        # (the kernel copies file pages to the socket; TLS falls back to sends from a buffer)
+        conn.sendfile(f, 0, size)
+        self.gateway.touch()
+
+    def _check_put(self, headers: dict[bytes, str], session: _Session, target: str,
+                   addr: Any) -> int:
+        """What the main port's PUT checks of the request before its body: the size."""
         if "transfer-encoding" in {k.decode("latin-1").lower() for k in headers}:
             raise _Refused(411, "length_required", "send the blob with a Content-Length, "
                                                    "not chunked")
@@ -296,21 +353,13 @@ class BulkListener:
             raise _Refused(417, "expectation_failed",
                            "send 'Expect: 100-continue' and wait for it before the body")
         size = int(length)
-        scheme, _, proof = headers.get(b"authorization", "").partition(" ")
-        expected = bulk_mac(session.key, "client", session.theirs, session.ours, target, size)
-        if scheme != BULK_SCHEME or not hmac.compare_digest(proof.strip().encode(),
-                                                            expected.encode()):
-            if self.note_refusal is not None:
-                self.note_refusal({"client": addr, "method": method, "path": target},
-                                  headers.get(b"authorization"))
-            raise _Refused(401, "unauthorized", f"no proof of this connection's key: send "
-                                                f"'Authorization: {BULK_SCHEME} MAC' (server/"
-                                                "bulk.py says how), or use the main port")
-        cap = self.gateway.limits_for(found).max_blob_bytes
+        self._proved(headers, bulk_mac(session.key, "client", session.theirs, session.ours,
+                                       target, size), addr, "PUT", target)
+        cap = self.gateway.limits_for(session.user).max_blob_bytes
         if size > cap:
             raise _Refused(413, "too_large", f"the blob is {human(size)}; this gateway takes at "
                                              f"most {human(cap)} per blob (--max-blob-bytes)")
-        return digest, size
+        return size
 
 
 def _read_head(conn: socket.socket) -> tuple[str, str, dict[bytes, str], bytes]:

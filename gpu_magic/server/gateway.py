@@ -434,7 +434,7 @@ class Gateway:
         self.state_dir = state_dir
         # the embedded local one a kernel started (its advice may name the kernel's settings)
         self.embedded = False
-        # the listener large uploads may go to instead of the main port (server/bulk.py;
+        # the listener large blobs may go through instead of the main port (server/bulk.py;
         # health tells each caller with a token its offer); None where serve opened none
         self.bulk: Any = None
         self.store = Store(state_dir)
@@ -1613,7 +1613,9 @@ class Gateway:
 
     def _outcome(self, job: Job, attempt: int, ev: dict[str, Any],
                  digests: list[str]) -> dict[str, Any]:
-        """The job's outcome from a runner's result or error event, its blobs stored."""
+        """The job's outcome from a runner's result or error event, its blobs stored, and the
+        sizes of those not inside it as stored (a client picks how to download by them)."""
+        ev = {k: v for k, v in ev.items() if k != "sizes"}  # (ours to say, not the runner's)
         try:
             self._keep_blobs(job, attempt, ev, digests)
         except (OSError, ValueError, BlobError) as exc:
@@ -1622,6 +1624,14 @@ class Gateway:
             # the traceback is enough; the client says why the exception's own type is missing
             ev = {**{k: v for k, v in ev.items() if k != "exception"},
                   "unsent": f"the gateway could not store it: {str(exc)[:300]}"}
+            digests = []
+        sizes = {}
+        for d in dict.fromkeys(digests):
+            if d not in (ev.get("inline") or {}):
+                with contextlib.suppress(OSError):
+                    sizes[d] = self.blobs.path(job.user, d).stat().st_size
+        if sizes:
+            ev["sizes"] = sizes
         return _without_inline(ev)
 
     def _keep_blobs(self, job: Job, attempt: int, ev: dict[str, Any], digests: list[str]) -> None:

@@ -69,7 +69,7 @@ class ServeConfig:
     max_blob_bytes: int | None = None
     max_job_bytes: int | None = None
     blob_reserve: int | None = None  # bytes; None: a sixteenth of memory, at most 4 GiB
-    blob_port: int | None = 0  # the bulk upload listener's port (0: any free one); None: none
+    blob_port: int | None = 0  # the bulk listener's port (0: any free one); None: none
     pass_env: tuple[str, ...] = ()  # more of the environment for a shared gateway's cells
 
     def fingerprint(self) -> dict[str, Any]:
@@ -370,8 +370,8 @@ def serve(cfg: ServeConfig) -> int:
         except OSError as exc:
             sock.close()
             print(f"gpu-magic serve: cannot listen on {cfg.host}:{cfg.blob_port} for large "
-                  f"uploads: {exc.strerror}; choose another --blob-port, or --blob-port off "
-                  "(uploads then go through --port)", file=sys.stderr)
+                  f"blobs: {exc.strerror}; choose another --blob-port, or --blob-port off "
+                  "(blobs then go through --port)", file=sys.stderr)
             return 2
         gateway.bulk = bulk
     host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
@@ -566,7 +566,7 @@ def serve(cfg: ServeConfig) -> int:
 
 def _open_bulk(cfg: ServeConfig, family: int, gateway: Gateway, auth: Authenticator,
                app: Any) -> Any:
-    """The bulk upload listener (server/bulk.py) on ``cfg.host``, with the main port's TLS."""
+    """The bulk listener (server/bulk.py) on ``cfg.host``, with the main port's TLS."""
     import ssl
 
     from .bulk import BulkListener
