@@ -113,6 +113,36 @@ def plain_address(host: str) -> str:
     return str(ip)
 
 
+def listener_proof(key: bytes, ours: str, theirs: str, host: str, port: int) -> str:
+    """What the bulk listener proves in its hello: both nonces, and the address and port the
+    connection reached as the listener sees them (a forwarder or relay at another address or
+    port cannot pass it on). For a loopback address, also the machine's boot and the network
+    namespace it is in: a loopback port on one host forwarded to a loopback port on another
+    (an ssh tunnel, a relay run by someone else on the client's host) keeps address and port
+    the same, and must not pass either."""
+    host = plain_address(host)
+    parts: list[str | int] = ["listener", ours, theirs, host, port]
+    with contextlib.suppress(ValueError):  # (not an IP address: no loopback either)
+        if ipaddress.ip_address(host).is_loopback:
+            parts.append(_place())
+    return bulk_mac(key, *parts)
+
+
+_PLACE: list[str] = []
+
+
+def _place() -> str:
+    """This machine's boot and network namespace (Linux), or its host name elsewhere."""
+    if not _PLACE:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                place = f"{f.read().strip()} {os.readlink('/proc/self/ns/net')}"
+        except OSError:
+            place = socket.gethostname()
+        _PLACE.append(place)
+    return _PLACE[0]
+
+
 class Unusable(Exception):
     """The bulk port did not take the upload: not reached, not the gateway's, busy, or broken
     before its answer. ``lasting``: trying it again for the next upload would fail the same
@@ -153,8 +183,7 @@ def _bulk_open(url: httpx.URL, port: int, kid: str, secret: bytes, *,
             raise Unusable(f"port {port} closed the connection", lasting=False)
         words = said.decode("latin-1").split()
         theirs = words[1] if len(words) == 3 and words[0] == BULK_PROOF else ""
-        expected = bulk_mac(secret, "listener", nonce, theirs, plain_address(reached[0]),
-                            reached[1])
+        expected = listener_proof(secret, nonce, theirs, reached[0], reached[1])
         if not theirs or not hmac.compare_digest(words[2].encode(), expected.encode()):
             raise Unusable(f"port {port} is not the gateway's bulk listener for this address "
                            f"and key (it said {said[:40].decode('latin-1')!r})", lasting=True)
@@ -287,7 +316,9 @@ def prefaulted(buf: bytearray | mmap.mmap) -> Iterator[None]:
     del anchor  # (an export would keep the mapping from being closed)
     stop = threading.Event()
 
-    def populate() -> None:
+    def populate(mapping: mmap.mmap = buf) -> None:
+        # (``mapping`` keeps the memory mapped while this runs: a second Ctrl-C may cut the
+        # join below short, and the buffer would otherwise be collected under this thread)
         for off in range(0, size, _PREFAULT_STEP):
             if stop.is_set() or madvise(start + off, min(_PREFAULT_STEP, size - off),
                                         _MADV_POPULATE_WRITE) != 0:

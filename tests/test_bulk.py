@@ -49,8 +49,7 @@ def hello(sock: socket.socket, bulk: dict[str, Any], f: Any) -> tuple[str, str]:
     word, theirs, proof = f.readline().decode().split()
     host, port = sock.getpeername()[:2]
     assert word == "gpu-magic-bulk/1"
-    assert proof == _rawget.bulk_mac(bytes.fromhex(bulk["key"]), "listener", ours, theirs,
-                                     host, port)
+    assert proof == _rawget.listener_proof(bytes.fromhex(bulk["key"]), ours, theirs, host, port)
     return ours, theirs
 
 
@@ -327,8 +326,8 @@ def impostor(kind: str, gw: Gateway, other_key: str | None = None) -> tuple[sock
                     if kind == "other user":  # a proof under its own user's key
                         nonce = piece.split()[1].decode()
                         host, port = server.getsockname()
-                        proof = _rawget.bulk_mac(bytes.fromhex(other_key or ""), "listener",
-                                                 nonce, "0" * 32, host, port)
+                        proof = _rawget.listener_proof(bytes.fromhex(other_key or ""),
+                                                       nonce, "0" * 32, host, port)
                         conn.sendall(f"gpu-magic-bulk/1 {'0' * 32} {proof}\r\n".encode())
             except OSError:
                 pass
@@ -662,7 +661,7 @@ def test_a_download_that_breaks_off_says_so(gw: Gateway, monkeypatch: pytest.Mon
         with conn, conn.makefile("rb") as f:
             nonce = f.readline().split()[1].decode()
             host, port = conn.getsockname()[:2]
-            proof = _rawget.bulk_mac(key, "listener", nonce, "1" * 32, host, port)
+            proof = _rawget.listener_proof(key, nonce, "1" * 32, host, port)
             conn.sendall(f"gpu-magic-bulk/1 {'1' * 32} {proof}\r\n".encode())
             while f.readline().strip():
                 pass
@@ -701,3 +700,19 @@ def test_stopping_the_gateway_mid_download_ends_it_short(tmp_path: Path) -> None
             assert got < len(data)
     finally:
         g.stop()
+
+
+def test_a_loopback_port_of_another_machine_is_not_taken_for_the_listener(
+        gw: Gateway, spy: list[Any], gets: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A loopback port forwarded from one machine to another (an ssh tunnel; a relay someone
+    # else runs on the client's host) keeps the address and port the listener sees: its
+    # proof names the machine and network namespace too. Here the client is told it runs
+    # elsewhere (the one thing a test on one host cannot make real).
+    monkeypatch.setattr(_rawget, "_PLACE", ["another machine"])
+    data = os.urandom(2 << 20)
+    with _client.GatewayClient(gw.url, gw.token, same_host=False) as c:
+        c.upload(digest_of(data), memoryview(data))
+        assert bytes(c.download(digest_of(data), len(data))) == data  # (the main port, both)
+        assert c._bulk is False
+    assert len(spy) == 1 and "is not the gateway's bulk listener" in str(spy[0]), spy
+    assert gets == []

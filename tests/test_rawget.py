@@ -3,9 +3,13 @@ connection reported as such, and httpx taking over where the plain reader cannot
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import re
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -367,3 +371,32 @@ def test_a_buffer_filled_while_its_pages_are_faulted_ahead_is_left_whole_and_clo
     assert not [t for t in threading.enumerate() if t.name == "gpu-magic-prefault"]
     assert bytes(buf[:4]) == b"\0" * 4 and bytes(buf[-3:]) == b"end"
     buf.close()  # (nothing still holds the mapping)
+
+
+def test_a_new_buffer_s_pages_are_faulted_in_while_it_is_being_filled() -> None:
+    if _rawget._madvise() is None:
+        pytest.skip("MADV_POPULATE_WRITE is Linux's")
+    size = 64 << 20
+    buf = _rawget.new_buffer(size)
+    with contextlib.closing(buf):
+        start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        if _rawget._madvise()(start, 4096, _rawget._MADV_POPULATE_WRITE) != 0:
+            pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+)")
+
+        def resident() -> int:
+            """kB of the buffer's mapping in memory (/proc/self/smaps)."""
+            with open("/proc/self/smaps") as f:
+                ours = False
+                for line in f:
+                    if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                        ours = int(line.split("-", 1)[0], 16) == start
+                    elif ours and line.startswith("Rss:"):
+                        return int(line.split()[1])
+            raise AssertionError("the buffer's mapping is not in /proc/self/smaps")
+
+        assert resident() <= 8  # (the one page faulted in above)
+        with _rawget.prefaulted(buf):
+            deadline = time.monotonic() + 20
+            while resident() < size >> 10 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert resident() == size >> 10  # every page, none written by this thread

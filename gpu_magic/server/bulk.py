@@ -17,8 +17,10 @@ another address, a relay), and whatever is there must learn nothing it could use
    ID``: 16 random bytes in hex, and the ``bulk.id`` of the gateway's health answer to its
    token. The listener answers ``gpu-magic-bulk/1 NONCE2 PROOF``: its own nonce, and the
    HMAC-SHA256 under that token's ``bulk.key`` (also from health) of both nonces and the address
-   and port the connection reached, as the listener sees them. The client checks the proof
-   against the address it connected to: a relay or a forwarder (another address or port), or
+   and port the connection reached, as the listener sees them, and for a loopback address the
+   machine's boot id and network namespace (``_rawget.listener_proof``). The client checks the
+   proof against the address it connected to, and its own machine: a relay or a forwarder
+   (another address or port, or a loopback port of another machine: an ssh tunnel), or
    another user (another key), cannot give it, and the client goes to the main port instead.
    An id the listener does not know (from before it started again) is answered
    ``gpu-magic-bulk/1 unknown-id``.
@@ -56,7 +58,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._rawget import BULK_HELLO, BULK_PROOF, BULK_SCHEME, bulk_mac, plain_address
+from .._rawget import BULK_HELLO, BULK_PROOF, BULK_SCHEME, bulk_mac, listener_proof
 from .api import foreign_page
 from .auth import Authenticator, User
 from .gateway import Gateway
@@ -137,7 +139,10 @@ class BulkListener:
         self._closed = True
         for s in (self.sock, *self._open):
             try:
-                s.shutdown(socket.SHUT_RDWR)  # (wakes accept() and recv_into())
+                # (wakes accept(), recv_into() and sends; the plain socket's own shutdown even
+                # for TLS: SSLSocket.shutdown drops its TLS state first, and a thread sending
+                # meanwhile would send plain bytes)
+                socket.socket.shutdown(s, socket.SHUT_RDWR)
             except OSError:
                 pass
         self.sock.close()
@@ -168,6 +173,11 @@ class BulkListener:
     def _buffer(self) -> memoryview:
         with self._lock:
             return self._buffers.pop() if self._buffers else memoryview(bytearray(STEP))
+
+    def _give_back(self, buffer: memoryview) -> None:
+        with self._lock:
+            self._buffers.append(buffer)
+            del self._buffers[4:]
 
     def _serve(self, conn: socket.socket, addr: Any) -> None:
         self._open.add(conn)
@@ -223,8 +233,7 @@ class BulkListener:
             return None
         here = conn.getsockname()
         session = _Session(*found, parts[1], secrets.token_hex(16))
-        proof = bulk_mac(session.key, "listener", session.theirs, session.ours,
-                         plain_address(here[0]), here[1])
+        proof = listener_proof(session.key, session.theirs, session.ours, here[0], here[1])
         conn.sendall(f"{BULK_PROOF} {session.ours} {proof}\r\n".encode())
         conn.settimeout(IDLE_S)
         return session
@@ -235,7 +244,12 @@ class BulkListener:
             digest = self._check(method, target, headers, addr, session)
             if method == "GET":
                 with self._opened(session.user, digest) as f:
-                    self._send(conn, f)
+                    buffer = self._buffer() if isinstance(conn, ssl.SSLSocket) else None
+                    try:
+                        self._send(conn, f, buffer)
+                    finally:
+                        if buffer is not None:
+                            self._give_back(buffer)
                 return
             size = self._check_put(headers, session, target, addr)
         except _Refused as r:
@@ -275,9 +289,7 @@ class BulkListener:
             _answer(conn, exc.status, "blob", exc.message)
             return
         finally:
-            with self._lock:
-                self._buffers.append(buffer)
-                del self._buffers[4:]
+            self._give_back(buffer)
         self.gateway.touch()
         _answer(conn, 200, None, {"digest": digest, "size": stored, "mac": bulk_mac(
             session.key, "stored", session.theirs, session.ours, target, size)})
@@ -331,13 +343,21 @@ class BulkListener:
                            f"this gateway holds no blob {digest} of yours") from None
         return open(fd, "rb", buffering=0)
 
-    def _send(self, conn: socket.socket, f: Any) -> None:
+    def _send(self, conn: socket.socket, f: Any, buffer: memoryview | None) -> None:
+        """The blob open as ``f``: with sendfile (the kernel passes the file's pages to the
+        socket), or through ``buffer`` for TLS (SSLSocket.sendfile would send 8 KiB at a time,
+        slower than the main port)."""
         size = os.fstat(f.fileno()).st_size
         conn.sendall(("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                       f"Content-Length: {size}\r\nConnection: close\r\n\r\n").encode())
         self.gateway.touch()
-        # (the kernel copies file pages to the socket; TLS falls back to sends from a buffer)
-        conn.sendfile(f, 0, size)
+        if buffer is None:
+            conn.sendfile(f, 0, size)
+        else:
+            left = size
+            while left > 0 and (n := f.readinto(buffer[: min(len(buffer), left)])):
+                conn.sendall(buffer[:n])
+                left -= n
         self.gateway.touch()
 
     def _check_put(self, headers: dict[bytes, str], session: _Session, target: str,
