@@ -116,7 +116,7 @@ MAX_SECONDS = 30 * 24 * 3600
 MAX_RETRIES = 10
 
 
-def _options(given: Mapping[str, Any]) -> Options:
+def _options(given: Mapping[str, Any], who: str = "gpu_magic.run()") -> Options:
     """``run()``'s keyword options, a misspelled one named with the closest."""
     import dataclasses
     import difflib
@@ -126,7 +126,7 @@ def _options(given: Mapping[str, Any]) -> Options:
         if key not in known:
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {near[0]}=?" if near else f"; options: {', '.join(known)}"
-            raise TypeError(f"gpu_magic.run() has no option {key}={given[key]!r}{hint}")
+            raise TypeError(f"{who} has no option {key}={given[key]!r}{hint}")
     return Options(**given)
 
 
@@ -354,6 +354,27 @@ def _rehome(value: Any, staging: dict[str, Any], namespace: dict[str, Any],
     return value
 
 
+class _StandIns(collections.abc.Mapping):  # type: ignore[type-arg]
+    """Every name, each a placeholder: inputs for a first reading of an attached job's results
+    (see _Job._fresh_inputs)."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __getitem__(self, name: str) -> Any:
+        return _StandIn()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+class _StandIn:
+    pass
+
+
 class _Job:
     """Follows one submitted job to its end and turns its outcome into a value or an error.
 
@@ -382,6 +403,8 @@ class _Job:
         self.error: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
         self.in_place: dict[str, tuple[Any, ...]] = {}  # inputs changed in place: new states
+        # attached: a new object for each of them, which the results' references reach
+        self.fresh: dict[str, Any] = {}
         self.modules: dict[str, tuple[Any, ...]] = {}  # local modules the cell changed
         # the classes sent by value, with their attributes as sent (see _payload.loads)
         self.sent_classes: dict[int, tuple[type, dict[str, Any]]] = {}
@@ -671,8 +694,11 @@ class _Job:
             # a name the runner sent back by reference that is not among what we kept: the
             # notebook's (a global the walk here did not find, that cloudpickle did)
             changed: list[tuple[Any, tuple[Any, ...]]] = []
-            payload = _payload.loads(blob, buffers, namespace=staging,
-                                     inputs=collections.ChainMap(self.refs, self.namespace),
+            inputs = collections.ChainMap(self.refs, self.namespace)
+            if self.attached:
+                self.fresh = self._fresh_inputs(blob, buffers)
+                inputs = collections.ChainMap(self.fresh, self.refs, self.namespace)
+            payload = _payload.loads(blob, buffers, namespace=staging, inputs=inputs,
                                      classes=self.sent_classes, objects=self.sent_objects,
                                      changed=changed)
         except _payload.MissingInput as exc:
@@ -695,7 +721,7 @@ class _Job:
         # inputs changed in place: their new state, applied to our own object when bound
         self.in_place = {n: tuple(_rehome(x, staging, self.namespace, memo) for x in st)
                          for n, st in (payload.get("in_place") or {}).items()}
-        names.update({n: self.refs.get(n, _NOTHING) for n in self.in_place})
+        names.update({n: self.fresh.get(n, self.refs.get(n, _NOTHING)) for n in self.in_place})
         self.sent_objects = None  # (named: what the inputs' pickler held goes)
         # and what was inside them (models[0], params["W"]): the same, by object
         self.inside = [(obj, tuple(_rehome(x, staging, self.namespace, memo) for x in st))
@@ -708,6 +734,20 @@ class _Job:
         _figures_shown([value, *names.values()])
         return names, list(ev.get("deleted", [])), has_value, value
 
+    def _fresh_inputs(self, blob: bytearray, buffers: list[bytearray]) -> dict[str, Any]:
+        """For a job attached in another kernel: a new object for each input the cell changed
+        in place, so that the results' references to it (``pair = (model, cfg)``) reach the
+        same new object the name is bound to, and not this kernel's own of that name. The
+        results are read once to learn those inputs' states (any input stands in meanwhile);
+        their final state is applied when bound."""
+        try:
+            first = _payload.loads(blob, buffers, namespace={"__name__": "__main__"},
+                                   inputs=_StandIns(), classes=self.sent_classes)
+            return {n: _payload.fresh_from_state(st)
+                    for n, st in (first.get("in_place") or {}).items()}
+        except Exception:
+            return {}  # (the real load below says what is wrong)
+
     def _apply_in_place(self, names: dict[str, Any]) -> dict[str, Any]:
         """Bring the inputs the cell changed in place to their new state, here, in the very
         objects the notebook holds (all of them, or none: an error undoes the rest). One that
@@ -718,7 +758,8 @@ class _Job:
         for n, st in self.in_place.items():
             if n not in names:
                 continue  # not bound (a background job's name reassigned since)
-            if self.attached or names[n] is _NOTHING or not _payload.fits(names[n], st):
+            if (self.attached and n not in self.fresh) or names[n] is _NOTHING \
+                    or not _payload.fits(names[n], st):
                 fresh.append((n, st))  # not the object that was sent: a new one
                 continue
             todo.append((n, names[n], self._merged(lambda n=n: n, names[n], st)))
@@ -1725,6 +1766,14 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
         if exc.suggestion is None and "is not a GPU type" not in str(exc):
             raise exc.with_traceback(None) from None
         # (an unknown type may be the pool's own: its gateway says so at the first call)
+    # and options no call could take (a misspelled name, timeout=-5): refused here too
+    try:
+        opts = _options(options, "@gpu_magic.gpu")
+    except TypeError as exc:
+        raise exc.with_traceback(None) from None
+    problem = option_problem(opts.timeout, opts.wait, opts.retries) or env_problem(opts.env)
+    if problem:
+        raise ValueError(f"@gpu_magic.gpu: {problem}")
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         kind = ("a generator function" if inspect.isgeneratorfunction(fn) else

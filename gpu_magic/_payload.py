@@ -979,7 +979,7 @@ def loads(
     ``places`` receives the objects of this payload a cell may change in place, by id (for
     ``dumps(..., inside_refs=)``); ``objects`` are the sender's own by place (``Packed.objects``)
     and ``changed`` receives those of them the answer changed, each with its new state."""
-    u = _Unpickler(io.BytesIO(data), namespace, buffers, inputs or {})
+    u = _Unpickler(io.BytesIO(data), namespace, buffers, {} if inputs is None else inputs)
     u.made = made
     u.classes = classes or {}
     u.objects = objects

@@ -567,6 +567,28 @@ def test_attaching_elsewhere_rebuilds_results_that_hold_small_inputs() -> None:
     assert again["kept"][0] is again["rows"]
 
 
+def test_attaching_elsewhere_keeps_a_changed_input_one_object_with_the_results_holding_it(
+        ) -> None:
+    # `model` changed in place and `pair` holds it: attached elsewhere, `pair[0]` is the new
+    # `model` bound there, not that kernel's own old one; the unchanged `cfg` is theirs
+    import numpy as np
+
+    ns = notebook("import numpy as np\ncfg = {'lr': 0.1}\nmodel = np.zeros(3)\nlog = []")
+    job = run(ns, "model += 1\nlog.append(len(log))\npair = (model, cfg, log)\nout = 42",
+              background=True)
+    job.wait()
+    other = notebook("import numpy as np\ncfg = {'lr': 0.5}\nmodel = np.full(3, 7.0)\nlog = [9]")
+    old_model, old_log = other["model"], other["log"]
+    attach(job.id, other, quiet=True)
+    assert np.array_equal(other["model"], [1, 1, 1]) and other["log"] == [0]
+    assert other["pair"][0] is other["model"] and other["pair"][2] is other["log"]
+    assert other["pair"][1] is other["cfg"] and other["cfg"] == {"lr": 0.5}
+    assert np.array_equal(old_model, [7, 7, 7]) and old_log == [9]  # (left alone)
+    # a kernel with none of them is told of the unchanged input it lacks, not the changed
+    with pytest.raises(SerializationError, match="hold 'cfg', an input the cell left unchanged"):
+        attach(job.id, {"__name__": "__main__"}, quiet=True)
+
+
 def test_attach_numbers_a_cell_s_lines_as_the_cell_did() -> None:
     # both newcomer trials: the failed cell said "line 3", %gpu attach "line 2" (the %%gpu
     # line, line 1 of the cell, was not counted)
@@ -1202,6 +1224,20 @@ def test_a_decorator_s_bad_spec_is_refused_where_it_is_written_or_called() -> No
     frames = [f.name for f in traceback.extract_tb(info.tb)]
     assert frames == ["test_a_decorator_s_bad_spec_is_refused_where_it_is_written_or_called",
                       "call"], frames
+
+
+def test_a_decorator_s_bad_options_are_refused_where_it_is_written() -> None:
+    # they were taken, and each call failed (a ValueError from inside submit)
+    with pytest.raises(ValueError, match=r"^@gpu_magic.gpu: timeout=-5: the cell's time limit"):
+        gpu_magic.gpu("T4", timeout=-5)
+    with pytest.raises(TypeError, match="@gpu_magic.gpu has no option timout=5; did you mean "
+                                        "timeout=") as info:
+        gpu_magic.gpu("T4", timout=5)
+    assert [f.name for f in traceback.extract_tb(info.tb)] == [
+        "test_a_decorator_s_bad_options_are_refused_where_it_is_written", "gpu"]
+    with pytest.raises(ValueError, match="env CUDA_VISIBLE_DEVICES: the grant sets this"):
+        gpu_magic.gpu("T4", env={"CUDA_VISIBLE_DEVICES": "1"})
+    assert callable(gpu_magic.gpu("T4", timeout=5, quiet=False))
 
 
 def _shown_error(ns: dict[str, Any], cell: str, kind: type[BaseException]) -> str:
