@@ -122,7 +122,9 @@ def _stop(info: dict[str, Any], path: Path, wait: float = 10.0) -> None:
 
 
 def wanted_config(simulate: str | None) -> dict[str, Any]:
-    return {"backend": "local", "simulate": simulate or None}
+    from .server.inventory import canonical_pool
+
+    return {"backend": "local", "simulate": canonical_pool(simulate)}
 
 
 def difference(info: dict[str, Any], simulate: str | None) -> str | None:

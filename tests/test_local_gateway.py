@@ -318,3 +318,33 @@ def test_one_gateway_per_state_directory(local_only: None, tmp_path: Path) -> No
     assert stop_local_gateway().startswith(
         f"stopped the local gpu_magic gateway (pid {first['pid']}, {first['url']})")
     wait_for(lambda: not _pid_alive(first["pid"]), 30)
+
+
+def test_kernels_that_write_one_pool_differently_share_its_gateway(
+        local_only: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a class: one student's kernel says 't4', another's 'T4:1' (the grammar is
+    # case-insensitive, a count of one may go unsaid): one pool, one gateway, no restart and
+    # no refusal while the first one's job runs
+    from gpu_magic._connection import local_difference
+
+    monkeypatch.setenv("GPU_MAGIC_SIMULATE", " t4 ")
+    holder = gpu_magic.run("import time\ntime.sleep(60)", "T4", {"__name__": "__main__"},
+                           quiet=True, background=True)
+    try:
+        wait_for(lambda: holder.state == "running", 30)
+        first = _connection._embedded
+        assert first is not None
+        monkeypatch.setenv("GPU_MAGIC_SIMULATE", "T4:1")  # the other kernel
+        monkeypatch.setattr(_connection, "_embedded", None)
+        assert gpu_magic.run("1 + 1", "any", {"__name__": "__main__"}, quiet=True,
+                             background=True).state in ("queued", "running", "succeeded")
+        assert _connection._embedded is not None
+        assert _connection._embedded["pid"] == first["pid"]
+        assert local_difference() is None
+        # a pool that is another one is still told apart (and refused while jobs run)
+        monkeypatch.setenv("GPU_MAGIC_SIMULATE", "T4:2")
+        monkeypatch.setattr(_connection, "_embedded", None)
+        with pytest.raises(GatewayError, match="still has jobs"):
+            gpu_magic.run("1 + 1", "any", {"__name__": "__main__"}, quiet=True)
+    finally:
+        holder.cancel()

@@ -113,6 +113,26 @@ def parse_simulated(spec: str, node: str | None = None) -> list[Gpu]:
     return gpus
 
 
+def canonical_pool(spec: str | None) -> str | None:
+    """A simulated pool in one spelling (``h100:2, T4`` and ``H100:2,T4:1`` are one pool:
+    types as the pool names them, every count said, no spaces), so that kernels which write
+    it differently share one local gateway. One that cannot be read is kept as written: it is
+    refused where it is used, with what is wrong."""
+    if not spec or not spec.strip():
+        return None
+    try:
+        gpus = parse_simulated(spec, node="\0")  # (a node named by no one: the default)
+    except SpecError:
+        return spec
+    runs: list[list[Any]] = []
+    for g in gpus:
+        if runs and runs[-1][0] == (g.type, g.node):
+            runs[-1][1] += 1
+        else:
+            runs.append([(g.type, g.node), 1])
+    return ",".join(f"{t}:{n}" + ("" if node == "\0" else f"@{node}") for (t, node), n in runs)
+
+
 def _descends_from(pid: int, ancestor: int) -> bool | None:
     """Whether process ``pid`` is ``ancestor`` or below it; None when this host's /proc does
     not show ``pid`` at all (another pid namespace: NVML in a container reports the host's)."""

@@ -37,6 +37,7 @@ from .auth import (
 )
 from .backends.sandbox import bwrap_path
 from .gateway import Gateway
+from .inventory import canonical_pool
 from .limits import Limits, human, load_overrides, seconds
 from .lock import StateDirBusy, describe, hold
 from .reserve import default_cap
@@ -74,7 +75,7 @@ class ServeConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a running embedded gateway to be reused."""
-        return {"backend": self.backend, "simulate": self.simulate or None}
+        return {"backend": self.backend, "simulate": canonical_pool(self.simulate)}
 
 
 def default_state_dir() -> Path:
