@@ -709,11 +709,12 @@ class _Job:
                 f"that ran it, or set {exc.name} here as it was there and attach again."
             ) from None
         except Exception as exc:
+            where = _payload.failing_code(exc.__traceback__)
             raise SerializationError(
                 f"the results of GPU job {self.id} could not be rebuilt here "
-                f"({type(exc).__name__}: {exc}); nothing was bound and the namespace is "
-                "unchanged. Return fewer names (--return NAMES) or make the failing object "
-                "loadable without a GPU."
+                f"({type(exc).__name__}: {exc}{f', in {where}' if where else ''}); nothing "
+                "was bound and the namespace is unchanged. Return fewer names (--return NAMES) "
+                "or make the failing object loadable without a GPU."
             ) from exc
         memo: dict[int, Any] = {}
         names = {n: _rehome(v, staging, self.namespace, memo)

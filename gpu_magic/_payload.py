@@ -991,6 +991,22 @@ def loads(
     return value
 
 
+def failing_code(tb: types.TracebackType | None) -> str | None:
+    """``BadSet.__setstate__``: the first frame of the traceback that is neither pickle's,
+    cloudpickle's nor ours (the code of the object being rebuilt, not what it called)."""
+    ours = os.path.dirname(os.path.abspath(__file__))
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        where = os.path.abspath(code.co_filename)
+        if not (where.startswith(ours) or os.path.basename(where) in ("pickle.py",
+                "copyreg.py") or "cloudpickle" in where):
+            owner = tb.tb_frame.f_locals.get("self")
+            return (f"{type(owner).__qualname__}.{code.co_name}" if owner is not None
+                    else getattr(code, "co_qualname", code.co_name))
+        tb = tb.tb_next
+    return None
+
+
 class Places:
     """Where each object that arrived inside the inputs stood in their pickle, by ``id()``
     (for ``dumps(..., inside_refs=)``), and what each was before the cell: those a cell may

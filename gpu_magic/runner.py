@@ -1305,6 +1305,20 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
+class _InputsNotRebuilt(Exception):
+    """The cell's inputs failed to load here: said with the object whose code failed (its
+    class and method, from the traceback), since one pickle holds every input."""
+
+    def __init__(self, exc: BaseException) -> None:
+        where = _payload.failing_code(exc.__traceback__)
+        super().__init__(
+            f"{exc} (while rebuilding the cell's inputs on the GPU machine"
+            f"{f', in {where}' if where else ''}; the cell did not run). Make that object "
+            "loadable there (the packages it needs installed, a __setstate__ or __reduce__ "
+            "that works without the notebook), or keep it out of the cell: %%gpu --dry-run "
+            "lists what travels")
+
+
 INLINE_MAX = 64 << 10  # results this small go back inside their event, not as files
 
 
@@ -1970,9 +1984,10 @@ class _Session:
                 self.shell_pristine = _ShellPristine(self.shell)
             return self._run(job_dir, manifest)
         except BaseException as exc:  # the runner itself failed: say so instead of dying silently
+            cause = exc.__cause__ if isinstance(exc, _InputsNotRebuilt) else exc
             self.emitter.emit({
                 "type": "runner_error",
-                "ename": type(exc).__name__,
+                "ename": type(cause).__name__,
                 "evalue": str(exc),
                 "traceback": traceback.format_exc(),
             })
@@ -2037,8 +2052,11 @@ class _Session:
         # goes back as the notebook's own object, as a local cell would leave it
         inside = _payload.Places()
         with open(inputs["pickle"], "rb") as f:
-            values = _payload.loads(f.read(), buffers, namespace=ns, made=_SHIPPED,
-                                    places=inside)
+            try:
+                values = _payload.loads(f.read(), buffers, namespace=ns, made=_SHIPPED,
+                                        places=inside)
+            except Exception as exc:
+                raise _InputsNotRebuilt(exc) from exc
         ns.update(values)
         for key in [k for k in values if k.startswith(_payload.IMPORTED_KEY)]:
             del ns[key]  # (a module the cell imports: lent to sys.modules below, not a name)

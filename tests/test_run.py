@@ -20,6 +20,7 @@ import pytest
 import gpu_magic
 from gpu_magic import (
     EnvironmentMismatch,
+    JobFailed,
     RemoteError,
     SerializationError,
     SpecError,
@@ -113,7 +114,8 @@ def test_del_deletes_locally_and_unchanged_inputs_stay_identical() -> None:
 def test_failed_bind_leaves_namespace_unchanged() -> None:
     ns = notebook("x = 'before'")
     # The class unpickles on the runner but refuses to on the client (no GPU_MAGIC_GRANT here).
-    with pytest.raises(SerializationError, match="refuses to load here.*nothing was bound"):
+    with pytest.raises(SerializationError,
+                       match="refuses to load here, in Picky.__setstate__.*nothing was bound"):
         run(ns, """
             import os
             class Picky:
@@ -127,6 +129,27 @@ def test_failed_bind_leaves_namespace_unchanged() -> None:
         """)
     assert ns["x"] == "before"
     assert "p" not in ns and "Picky" not in ns
+
+
+def test_an_input_that_fails_to_load_there_is_said_with_the_code_that_failed() -> None:
+    # it read "the runner failed before the cell could finish: RuntimeError: ..." with
+    # nothing to say which of the inputs it was
+    ns = notebook("""
+        import os
+        class Picky:
+            def __setstate__(self, state):
+                if "GPU_MAGIC_GRANT" in os.environ:
+                    raise RuntimeError("will not load on the GPU machine")
+                self.__dict__.update(state)
+        p = Picky()
+        p.v = 1
+    """)
+    with pytest.raises(JobFailed) as info:
+        run(ns, "print(p.v)")
+    message = str(info.value)
+    assert ("RuntimeError: will not load on the GPU machine (while rebuilding the cell's inputs "
+            "on the GPU machine, in Picky.__setstate__; the cell did not run)") in message
+    assert "%%gpu --dry-run lists what travels" in message
 
 
 def test_functions_see_later_assignments_like_locally() -> None:
@@ -2144,7 +2167,6 @@ def test_an_interrupt_while_results_download_says_the_job_finished(use_gateway: 
 def test_results_that_cannot_be_written_say_the_cell_finished() -> None:
     # a full disk (here: a file size limit the cell sets) when the runner writes a large
     # result: the cell itself had finished, which is said, with what to do
-    from gpu_magic import JobFailed
 
     ns = notebook("")
     with pytest.raises(JobFailed) as info:
