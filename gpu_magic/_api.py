@@ -942,7 +942,23 @@ class _Job:
             on = f" on {where(grant)}" if grant else ""
             raise RunnerLost(f"GPU job {self.id}{on} was lost: {msg}",
                              job_id=self.id, state=state)
-        raise JobFailed(f"GPU job {self.id} {state}: {msg}", job_id=self.id, state=state)
+        raise JobFailed(f"GPU job {self.id} {state}: {msg}{self._unloaded_input(msg)}",
+                        job_id=self.id, state=state)
+
+    def _unloaded_input(self, msg: str) -> str:
+        """Which inputs hold an object of the class whose code failed to load them on the GPU
+        machine (the runner knows the class, not the name: all inputs are one pickle)."""
+        m = re.search(r"rebuilding the cell's inputs on the GPU machine, in ([\w.<>]+)\.\w+;",
+                      msg)
+        if m is None:
+            return ""
+        found = [n for n, v in self.sent.items() if not n.startswith("_")
+                 and type(v).__qualname__ == m.group(1)]
+        if not found:
+            return ""
+        return (f". The input{'s' if len(found) > 1 else ''} {', '.join(found)} "
+                f"{'are' if len(found) > 1 else 'is'} {'' if len(found) > 1 else 'a '}"
+                f"{m.group(1)}")
 
     def _remote_exception(self) -> BaseException:
         ev = self.error or {}
