@@ -231,14 +231,13 @@ def test_each_user_uploads_into_their_own_store(tmp_path: Path) -> None:
         gw.stop()
 
 
-@pytest.fixture
-def spy(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """What each bulk upload the client tried came to: the answer's status, or the reason
-    (the real put_bulk runs; this only records)."""
+def recorded(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
+    """What each call of ``_rawget.<name>`` came to: the answer's status, or the reason (the
+    real function runs; this only records)."""
     seen: list[Any] = []
-    real = _rawget.put_bulk
+    real = getattr(_rawget, name)
 
-    def recorded(*a: Any, **k: Any) -> Any:
+    def call(*a: Any, **k: Any) -> Any:
         try:
             got = real(*a, **k)
         except _rawget.Unusable as exc:
@@ -247,8 +246,14 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         seen.append(got[0])
         return got
 
-    monkeypatch.setattr(_rawget, "put_bulk", recorded)
+    monkeypatch.setattr(_rawget, name, call)
     return seen
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """What each bulk upload the client tried came to."""
+    return recorded(monkeypatch, "put_bulk")
 
 
 def test_a_cell_s_large_input_goes_through_the_bulk_port(gw: Gateway, spy: list[Any]) -> None:
@@ -585,21 +590,8 @@ def test_another_user_s_blob_is_not_found_on_the_bulk_port(tmp_path: Path) -> No
 
 @pytest.fixture
 def gets(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """What each bulk download the client tried came to, as ``spy`` for uploads."""
-    seen: list[Any] = []
-    real = _rawget.get_bulk
-
-    def recorded(*a: Any, **k: Any) -> Any:
-        try:
-            got = real(*a, **k)
-        except _rawget.Unusable as exc:
-            seen.append(exc)
-            raise
-        seen.append(got[0])
-        return got
-
-    monkeypatch.setattr(_rawget, "get_bulk", recorded)
-    return seen
+    """What each bulk download the client tried came to."""
+    return recorded(monkeypatch, "get_bulk")
 
 
 def test_a_cell_s_large_result_comes_back_through_the_bulk_port(
