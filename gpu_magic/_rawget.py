@@ -113,34 +113,44 @@ def plain_address(host: str) -> str:
     return str(ip)
 
 
-def listener_proof(key: bytes, ours: str, theirs: str, host: str, port: int) -> str:
+def listener_proof(key: bytes, ours: str, theirs: str, host: str, port: int,
+                   where: str) -> str:
     """What the bulk listener proves in its hello: both nonces, and the address and port the
     connection reached as the listener sees them (a forwarder or relay at another address or
-    port cannot pass it on). For a loopback address, also the machine's boot and the network
-    namespace it is in: a loopback port on one host forwarded to a loopback port on another
-    (an ssh tunnel, a relay run by someone else on the client's host) keeps address and port
-    the same, and must not pass either."""
+    port cannot pass it on). For a loopback address, also ``where`` (:func:`here`): a
+    loopback port on one host forwarded to a loopback port on another (an ssh tunnel, a relay
+    run by someone else on the client's host) keeps address and port the same, and must not
+    pass either."""
     host = plain_address(host)
     parts: list[str | int] = ["listener", ours, theirs, host, port]
     with contextlib.suppress(ValueError):  # (not an IP address: no loopback either)
         if ipaddress.ip_address(host).is_loopback:
-            parts.append(_place())
+            parts.append(where)
     return bulk_mac(key, *parts)
 
 
-_PLACE: list[str] = []
+_BOOT: list[str] = []
 
 
-def _place() -> str:
-    """This machine's boot and network namespace (Linux), or its host name elsewhere."""
-    if not _PLACE:
+def here() -> str:
+    """Which loopback a socket made now, on this thread, is on: the machine's boot id and
+    this thread's network namespace (read each time: a process or thread may change its
+    namespace). Where neither can be read, a value of this process alone: its loopback port
+    is then never taken for the gateway's (uploads and downloads use the main port)."""
+    if not _BOOT:
         try:
             with open("/proc/sys/kernel/random/boot_id") as f:
-                place = f"{f.read().strip()} {os.readlink('/proc/self/ns/net')}"
+                _BOOT.append(f.read().strip())
         except OSError:
-            place = socket.gethostname()
-        _PLACE.append(place)
-    return _PLACE[0]
+            _BOOT.append("")
+    net = ""
+    for path in ("/proc/thread-self/ns/net", "/proc/self/ns/net"):
+        with contextlib.suppress(OSError):
+            net = os.readlink(path)
+            break
+    if not _BOOT[0] and not net:
+        return f"unknown {os.getpid()} {id(_BOOT)}"
+    return f"{_BOOT[0]} {net}"
 
 
 class Unusable(Exception):
@@ -158,6 +168,7 @@ def _bulk_open(url: httpx.URL, port: int, kid: str, secret: bytes, *,
                ) -> tuple[socket.socket, str, str]:
     """A connection to the bulk port past its hello: (socket, our nonce, its nonce), once the
     listener has proved it holds ``secret`` for the address this connection reached."""
+    where = here()  # (before the socket, on its thread: the loopback it will be on)
     try:
         sock = _open(url.host, port, min(connect_timeout, 2.0))
     except OSError as exc:
@@ -183,7 +194,7 @@ def _bulk_open(url: httpx.URL, port: int, kid: str, secret: bytes, *,
             raise Unusable(f"port {port} closed the connection", lasting=False)
         words = said.decode("latin-1").split()
         theirs = words[1] if len(words) == 3 and words[0] == BULK_PROOF else ""
-        expected = listener_proof(secret, nonce, theirs, reached[0], reached[1])
+        expected = listener_proof(secret, nonce, theirs, reached[0], reached[1], where)
         if not theirs or not hmac.compare_digest(words[2].encode(), expected.encode()):
             raise Unusable(f"port {port} is not the gateway's bulk listener for this address "
                            f"and key (it said {said[:40].decode('latin-1')!r})", lasting=True)

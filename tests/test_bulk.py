@@ -49,7 +49,8 @@ def hello(sock: socket.socket, bulk: dict[str, Any], f: Any) -> tuple[str, str]:
     word, theirs, proof = f.readline().decode().split()
     host, port = sock.getpeername()[:2]
     assert word == "gpu-magic-bulk/1"
-    assert proof == _rawget.listener_proof(bytes.fromhex(bulk["key"]), ours, theirs, host, port)
+    assert proof == _rawget.listener_proof(bytes.fromhex(bulk["key"]), ours, theirs, host, port,
+                                           _rawget.here())
     return ours, theirs
 
 
@@ -332,7 +333,8 @@ def impostor(kind: str, gw: Gateway, other_key: str | None = None) -> tuple[sock
                         nonce = piece.split()[1].decode()
                         host, port = server.getsockname()
                         proof = _rawget.listener_proof(bytes.fromhex(other_key or ""),
-                                                       nonce, "0" * 32, host, port)
+                                                       nonce, "0" * 32, host, port,
+                                                       _rawget.here())
                         conn.sendall(f"gpu-magic-bulk/1 {'0' * 32} {proof}\r\n".encode())
             except OSError:
                 pass
@@ -653,7 +655,7 @@ def test_a_download_that_breaks_off_says_so(gw: Gateway, monkeypatch: pytest.Mon
         with conn, conn.makefile("rb") as f:
             nonce = f.readline().split()[1].decode()
             host, port = conn.getsockname()[:2]
-            proof = _rawget.listener_proof(key, nonce, "1" * 32, host, port)
+            proof = _rawget.listener_proof(key, nonce, "1" * 32, host, port, _rawget.here())
             conn.sendall(f"gpu-magic-bulk/1 {'1' * 32} {proof}\r\n".encode())
             while f.readline().strip():
                 pass
@@ -700,7 +702,7 @@ def test_a_loopback_port_of_another_machine_is_not_taken_for_the_listener(
     # else runs on the client's host) keeps the address and port the listener sees: its
     # proof names the machine and network namespace too. Here the client is told it runs
     # elsewhere (the one thing a test on one host cannot make real).
-    monkeypatch.setattr(_rawget, "_PLACE", ["another machine"])
+    monkeypatch.setattr(_rawget, "here", lambda: "another machine")
     data = os.urandom(2 << 20)
     with _client.GatewayClient(gw.url, gw.token, same_host=False) as c:
         c.upload(digest_of(data), memoryview(data))

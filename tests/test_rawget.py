@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import re
 import secrets
 import socket
@@ -400,3 +401,27 @@ def test_a_new_buffer_s_pages_are_faulted_in_while_it_is_being_filled() -> None:
             while resident() < size >> 10 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert resident() == size >> 10  # every page, none written by this thread
+
+
+def test_a_thread_in_another_network_namespace_is_on_another_loopback() -> None:
+    # the bulk port's proof names the loopback a socket is on: read per thread, each time (a
+    # cached per-process value let a thread in another namespace take a relay for the gateway)
+    if not os.path.exists("/proc/thread-self/ns/net"):
+        pytest.skip("needs Linux's /proc/thread-self")
+    libc = ctypes.CDLL(None, use_errno=True)
+    main = _rawget.here()
+    got: dict[str, str] = {}
+
+    def elsewhere() -> None:  # (the thread ends in its own namespace; the process is untouched)
+        if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+            got["skip"] = os.strerror(ctypes.get_errno())
+            return
+        got["here"] = _rawget.here()
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    if "skip" in got:
+        pytest.skip(f"cannot make a network namespace here: {got['skip']}")
+    assert got["here"] != main and got["here"].split()[0] == main.split()[0]  # (same boot)
+    assert _rawget.here() == main

@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._rawget import BULK_HELLO, BULK_PROOF, BULK_SCHEME, bulk_mac, listener_proof
+from .._rawget import BULK_HELLO, BULK_PROOF, BULK_SCHEME, bulk_mac, here, listener_proof
 from .api import foreign_page
 from .auth import Authenticator, User
 from .gateway import Gateway
@@ -107,6 +107,8 @@ class BulkListener:
         self.note_refusal = note_refusal
         self._secret = secrets.token_bytes(32)  # (new at each start: old keys say nothing)
         self.port: int = sock.getsockname()[1]
+        # (the loopback it is on: read where the socket was made, as the client reads its own)
+        self.where = here()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._buffers: list[memoryview] = []  # (new memory costs page faults; reuse it)
         self._lock = threading.Lock()
@@ -231,9 +233,10 @@ class BulkListener:
         if found is None:
             conn.sendall(f"{BULK_PROOF} unknown-id\r\n".encode())
             return None
-        here = conn.getsockname()
+        at = conn.getsockname()
         session = _Session(*found, parts[1], secrets.token_hex(16))
-        proof = listener_proof(session.key, session.theirs, session.ours, here[0], here[1])
+        proof = listener_proof(session.key, session.theirs, session.ours, at[0], at[1],
+                               self.where)
         conn.sendall(f"{BULK_PROOF} {session.ours} {proof}\r\n".encode())
         conn.settimeout(IDLE_S)
         return session
