@@ -948,8 +948,7 @@ class _Job:
     def _unloaded_input(self, msg: str) -> str:
         """Which inputs hold an object of the class whose code failed to load them on the GPU
         machine (the runner knows the class, not the name: all inputs are one pickle)."""
-        m = re.search(r"rebuilding the cell's inputs on the GPU machine, in ([\w.<>]+)\.\w+;",
-                      msg)
+        m = re.search(re.escape(_payload.INPUTS_NOT_REBUILT) + r", in ([\w.<>]+)\.\w+;", msg)
         if m is None:
             return ""
         found = [n for n, v in self.sent.items() if not n.startswith("_")

@@ -991,6 +991,10 @@ def loads(
     return value
 
 
+# how the runner says its inputs failed to load, and the client finds the class it names
+INPUTS_NOT_REBUILT = "while rebuilding the cell's inputs on the GPU machine"
+
+
 def failing_code(tb: types.TracebackType | None) -> str | None:
     """``BadSet.__setstate__``: the first frame of the traceback that is neither pickle's,
     cloudpickle's nor ours (the code of the object being rebuilt, not what it called)."""

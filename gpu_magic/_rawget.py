@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -80,13 +81,9 @@ def get_into(url: httpx.URL, headers: dict[str, str], *, timeout: float,
         if status is None or not length.isdigit() or "transfer-encoding" in fields \
                 or fields.get("content-encoding", "identity") != "identity":
             return None
-        size = int(length)
         if status != 200:  # an error answer: small, read whole
-            body = bytes(rest)
-            while len(body) < size and (piece := sock.recv(_STEP)):
-                body += piece
-            return status, fields, body[:size]
-        return status, fields, _receive(sock, rest, size)
+            return status, fields, _small_body(sock, fields, rest)[: int(length)]
+        return status, fields, _receive(sock, rest, int(length))
     finally:
         sock.close()
 
@@ -129,7 +126,13 @@ def listener_proof(key: bytes, ours: str, theirs: str, host: str, port: int,
     return bulk_mac(key, *parts)
 
 
-_BOOT: list[str] = []
+@functools.cache
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def here() -> str:
@@ -137,20 +140,14 @@ def here() -> str:
     this thread's network namespace (read each time: a process or thread may change its
     namespace). Where neither can be read, a value of this process alone: its loopback port
     is then never taken for the gateway's (uploads and downloads use the main port)."""
-    if not _BOOT:
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                _BOOT.append(f.read().strip())
-        except OSError:
-            _BOOT.append("")
     net = ""
     for path in ("/proc/thread-self/ns/net", "/proc/self/ns/net"):
         with contextlib.suppress(OSError):
             net = os.readlink(path)
             break
-    if not _BOOT[0] and not net:
-        return f"unknown {os.getpid()} {id(_BOOT)}"
-    return f"{_BOOT[0]} {net}"
+    if not _boot_id() and not net:
+        return f"unknown {os.getpid()} {id(_boot_id)}"
+    return f"{_boot_id()} {net}"
 
 
 class Unusable(Exception):
@@ -347,22 +344,20 @@ def prefaulted(buf: bytearray | mmap.mmap) -> Iterator[None]:
 _MADV_POPULATE_WRITE = 23
 _PREFAULT_MIN = 4 << 20
 _PREFAULT_STEP = 16 << 20
-_MADVISE: list[Any] = []
 
 
+@functools.cache
 def _madvise() -> Any:
     """libc's madvise (ctypes lets go of the GIL while it runs), or None off Linux."""
-    if not _MADVISE:
-        fn = None
-        if sys.platform.startswith("linux"):
-            try:
-                fn = ctypes.CDLL(None, use_errno=True).madvise
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                fn.restype = ctypes.c_int
-            except (OSError, AttributeError):
-                fn = None
-        _MADVISE.append(fn)
-    return _MADVISE[0]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def new_buffer(size: int) -> bytearray | mmap.mmap:

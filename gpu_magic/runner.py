@@ -1312,7 +1312,7 @@ class _InputsNotRebuilt(Exception):
     def __init__(self, exc: BaseException) -> None:
         where = _payload.failing_code(exc.__traceback__)
         super().__init__(
-            f"{exc} (while rebuilding the cell's inputs on the GPU machine"
+            f"{exc} ({_payload.INPUTS_NOT_REBUILT}"
             f"{f', in {where}' if where else ''}; the cell did not run). Make that object "
             "loadable there (the packages it needs installed, a __setstate__ or __reduce__ "
             "that works without the notebook), or keep it out of the cell: %%gpu --dry-run "

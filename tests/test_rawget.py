@@ -22,6 +22,7 @@ from gpu_magic._errors import AuthError, GatewayError
 from gpu_magic._payload import digest
 
 from .conftest import Gateway
+from .test_bulk import recorded
 from .test_reliability import CuttingProxy
 
 
@@ -332,25 +333,14 @@ def test_a_gateway_behind_tls_runs_cells_both_ways(
         assert gw.url.startswith("https://127.0.0.1:")
         monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
         monkeypatch.setattr(_client, "_SSL", None)  # the context is built once per process
-        bulk: list[object] = []  # (each way through the bulk port, TLS too: what came of it)
-
-        def recorded(name: str) -> object:
-            real = getattr(_rawget, name)
-
-            def call(*a: object, **k: object) -> object:
-                got = real(*a, **k)
-                bulk.append((name, got[0]))
-                return got
-            return call
-
-        for name in ("put_bulk", "get_bulk"):
-            monkeypatch.setattr(_rawget, name, recorded(name))
+        # (each way through the bulk port, TLS too: what came of it)
+        puts, gets = recorded(monkeypatch, "put_bulk"), recorded(monkeypatch, "get_bulk")
         with GatewayClient(gw.url, gw.token, same_host=False) as c:
             ns: dict[str, object] = {"data": np.arange(1 << 19, dtype=np.float64)}  # 4 MiB
             assert gpu_magic.run("6 * 7", "H100", ns, client=c, quiet=True) == 42
             gpu_magic.run("back = data * 2", "H100", ns, client=c, quiet=True)
             assert np.array_equal(ns["back"], np.arange(1 << 19, dtype=np.float64) * 2)
-        assert bulk == [("put_bulk", 200), ("get_bulk", 200)]
+        assert (puts, gets) == ([200], [200])
         # a client that does not trust the certificate is refused, not silently let through
         monkeypatch.setattr(_client, "_SSL", None)
         monkeypatch.delenv("SSL_CERT_FILE")

@@ -247,12 +247,7 @@ class BulkListener:
             digest = self._check(method, target, headers, addr, session)
             if method == "GET":
                 with self._opened(session.user, digest) as f:
-                    buffer = self._buffer() if isinstance(conn, ssl.SSLSocket) else None
-                    try:
-                        self._send(conn, f, buffer)
-                    finally:
-                        if buffer is not None:
-                            self._give_back(buffer)
+                    self._send(conn, f)
                 return
             size = self._check_put(headers, session, target, addr)
         except _Refused as r:
@@ -337,30 +332,30 @@ class BulkListener:
                                                 "bulk.py says how), or use the main port")
 
     def _opened(self, user: User, digest: str) -> Any:
-        """The stored blob, open (what make_room removes meanwhile is still sent whole)."""
         try:
-            fd = os.open(self.gateway.blobs.path(user.name, digest),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return self.gateway.blobs.reader(user.name, digest)
         except FileNotFoundError:
             raise _Refused(404, "no_such_blob",
                            f"this gateway holds no blob {digest} of yours") from None
-        return open(fd, "rb", buffering=0)
 
-    def _send(self, conn: socket.socket, f: Any, buffer: memoryview | None) -> None:
+    def _send(self, conn: socket.socket, f: Any) -> None:
         """The blob open as ``f``: with sendfile (the kernel passes the file's pages to the
-        socket), or through ``buffer`` for TLS (SSLSocket.sendfile would send 8 KiB at a time,
-        slower than the main port)."""
+        socket), or through a reused buffer for TLS (SSLSocket.sendfile would send 8 KiB at a
+        time, slower than the main port)."""
         size = os.fstat(f.fileno()).st_size
         conn.sendall(("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                       f"Content-Length: {size}\r\nConnection: close\r\n\r\n").encode())
         self.gateway.touch()
-        if buffer is None:
+        if not isinstance(conn, ssl.SSLSocket):
             conn.sendfile(f, 0, size)
         else:
-            left = size
-            while left > 0 and (n := f.readinto(buffer[: min(len(buffer), left)])):
-                conn.sendall(buffer[:n])
-                left -= n
+            buffer, left = self._buffer(), size
+            try:
+                while left > 0 and (n := f.readinto(buffer[: min(len(buffer), left)])):
+                    conn.sendall(buffer[:n])
+                    left -= n
+            finally:
+                self._give_back(buffer)
         self.gateway.touch()
 
     def _check_put(self, headers: dict[bytes, str], session: _Session, target: str,

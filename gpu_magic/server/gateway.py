@@ -1617,42 +1617,42 @@ class Gateway:
         sizes of those not inside it as stored (a client picks how to download by them)."""
         ev = {k: v for k, v in ev.items() if k != "sizes"}  # (ours to say, not the runner's)
         try:
-            self._keep_blobs(job, attempt, ev, digests)
+            if sizes := self._keep_blobs(job, attempt, ev, digests):
+                ev["sizes"] = sizes
         except (OSError, ValueError, BlobError) as exc:
             if ev["type"] == "result":
                 return _not_stored(exc, self.state_dir)
             # the traceback is enough; the client says why the exception's own type is missing
             ev = {**{k: v for k, v in ev.items() if k != "exception"},
                   "unsent": f"the gateway could not store it: {str(exc)[:300]}"}
-            digests = []
-        sizes = {}
-        for d in dict.fromkeys(digests):
-            if d not in (ev.get("inline") or {}):
-                with contextlib.suppress(OSError):
-                    sizes[d] = self.blobs.path(job.user, d).stat().st_size
-        if sizes:
-            ev["sizes"] = sizes
         return _without_inline(ev)
 
-    def _keep_blobs(self, job: Job, attempt: int, ev: dict[str, Any], digests: list[str]) -> None:
+    def _keep_blobs(self, job: Job, attempt: int, ev: dict[str, Any],
+                    digests: list[str]) -> dict[str, int]:
         """Store a runner's result blobs in the user's store, each verified by its content:
-        small ones came inside the event, larger ones as files in the attempt's folder."""
+        small ones came inside the event, larger ones as files in the attempt's folder. The
+        sizes of those files, as stored."""
         inline = ev.get("inline") or {}
+        sizes: dict[str, int] = {}
         out = self.jobs_dir / job.id / f"attempt-{attempt}" / "out"
         for d in dict.fromkeys(digests):  # (two equal buffers are one file)
             if d in inline:
                 self.blobs.put_bytes(job.user, d, base64.b64decode(inline[d], validate=True))
                 continue
             try:
-                self.blobs.adopt(job.user, out, d.replace(":", "-"), d,
-                                 self.limits.max_blob_bytes, copy=self._sandboxed(),
-                                 beside=self.backend.name == "local" and not self._sandboxed())
+                sizes[d] = self.blobs.adopt(
+                    job.user, out, d.replace(":", "-"), d, self.limits.max_blob_bytes,
+                    copy=self._sandboxed(),
+                    beside=self.backend.name == "local" and not self._sandboxed())
             except BlobError as exc:
                 if exc.status != 404 or not self.blobs.has(job.user, d):
                     fix = ("; bring back less: leave large arrays out of the names the cell "
                            "binds (del them, or --return NAMES), or save them to a file there"
                            if exc.status == 413 else "")
                     raise BlobError(exc.status, f"result blob {d}: {exc.message}{fix}") from None
+                with contextlib.suppress(OSError):  # (held already: its size as stored)
+                    sizes[d] = self.blobs.path(job.user, d).stat().st_size
+        return sizes
 
     def _runner_exit(self, job_id: str, attempt: int, rc: int | None, tail: str) -> None:
         job = self.jobs.get(job_id)

@@ -7,6 +7,7 @@ pool, and says clearly that it has no real GPUs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import socket
@@ -124,13 +125,9 @@ def canonical_pool(spec: str | None) -> str | None:
         gpus = parse_simulated(spec, node="\0")  # (a node named by no one: the default)
     except SpecError:
         return spec
-    runs: list[list[Any]] = []
-    for g in gpus:
-        if runs and runs[-1][0] == (g.type, g.node):
-            runs[-1][1] += 1
-        else:
-            runs.append([(g.type, g.node), 1])
-    return ",".join(f"{t}:{n}" + ("" if node == "\0" else f"@{node}") for (t, node), n in runs)
+    runs = itertools.groupby(gpus, key=lambda g: (g.type, g.node))
+    return ",".join(f"{t}:{len(list(run))}" + ("" if node == "\0" else f"@{node}")
+                    for (t, node), run in runs)
 
 
 def _descends_from(pid: int, ancestor: int) -> bool | None:

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -732,13 +733,17 @@ class BlobStore:
                     continue
         return removed
 
+    def reader(self, user: str, digest: str) -> io.FileIO:
+        """The stored blob, open for reading (FileNotFoundError where there is none). What
+        make_room removes meanwhile is still read whole: it is unlinked, never rewritten."""
+        fd = os.open(self.path(user, digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return io.FileIO(fd, "rb")
+
     async def iter_file(self, user: str, digest: str) -> AsyncIterator[bytes]:
         """The blob's bytes in large chunks read off the event loop (one thread hop per 8 MiB,
         not per MiB). Each chunk is a new bytes object: a transport may keep what it could
         not send yet, so a reused buffer could change under it."""
-        fd = await asyncio.to_thread(os.open, self.path(user, digest),
-                                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        f = open(fd, "rb", buffering=0)
+        f = await asyncio.to_thread(self.reader, user, digest)
         try:
             while chunk := await asyncio.to_thread(f.read, 8 << 20):
                 yield chunk
