@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest total of a job's inputs, e.g. 16G")
     s.add_argument("--blob-reserve", type=_size, default=None, metavar="SIZE",
                    help="disk and page cache kept written ahead for large blobs, e.g. 2G "
-                        "(default: a sixteenth of memory, at most 4G; 0: none)")
+                        "(default: an eighth of memory, at most 8G; 0: none)")
     s.add_argument("--blob-port", type=_blob_port, default=0, metavar="PORT|off",
                    help="port for large blob uploads and downloads, faster than through "
                         "--port (default: any free one, told to clients with a token; a "

@@ -140,6 +140,19 @@ def test_the_gateway_refills_recent_sizes_within_its_cap(tmp_path: Path) -> None
     assert os.listdir(stale) == []  # a stopped gateway leaves no disk taken
 
 
+def test_the_default_cap_keeps_a_round_trip_of_a_sixteenth_of_memory(tmp_path: Path) -> None:
+    # a cell's input and its result of the same size each need a file: with room for one
+    # only, the upload takes it and the result is written into new pages
+    from gpu_magic.server.reserve import default_cap
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    blob = min(ram // 16, 4 << 30) - 2 * MIB  # (a file is rounded up to whole MiB, plus one)
+    r = Reserve(tmp_path / "reserve", cap=default_cap())
+    file = _reserve.round_up(blob)
+    r._recent.extend([file, file])  # as note() does, without the thread that writes them
+    assert r.wanted() == ([file, file], [])
+
+
 def test_filling_waits_while_jobs_run(tmp_path: Path) -> None:
     _needs_room(tmp_path)
     running = threading.Event()

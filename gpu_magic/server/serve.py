@@ -69,7 +69,7 @@ class ServeConfig:
     max_gpus_per_user: int | None = None
     max_blob_bytes: int | None = None
     max_job_bytes: int | None = None
-    blob_reserve: int | None = None  # bytes; None: a sixteenth of memory, at most 4 GiB
+    blob_reserve: int | None = None  # bytes; None: an eighth of memory, at most 8 GiB
     blob_port: int | None = 0  # the bulk listener's port (0: any free one); None: none
     pass_env: tuple[str, ...] = ()  # more of the environment for a shared gateway's cells
 
