@@ -15,6 +15,7 @@ exclusively, with no lock.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 RESERVE_MIN = 4 << 20  # smaller blobs: a new file costs about as much as reusing one
@@ -72,25 +73,62 @@ def finish(fd: int, written: int, reused: bool) -> None:
 
 
 HASH_STEP = 4 << 20  # a piece hashed just before it is written is still in the CPU's cache
+HASH_ALONGSIDE_MIN = 64 << 20  # larger data is hashed on another thread where a core is free
 
 
 def write_file(dest: str | os.PathLike[str], data: memoryview,
                reserve: str | os.PathLike[str] | None, hasher: Any = None) -> None:
     """Write ``data`` (bytes) as the new file ``dest``, into a reserve file when one fits.
-    With ``hasher``, each piece is also fed to its ``update`` on the way: one pass over
-    memory instead of two (a 256 MiB result: 28 ms, not 37)."""
+    With ``hasher``, the bytes are also fed to its ``update``: on one core each piece just
+    before its write, one pass over memory instead of two (a 256 MiB result: 28 ms, not 37);
+    large data where another core is free, on a thread of its own while it is written."""
     fd, reused = open_for(dest, data.nbytes, reserve)
     try:
-        step = HASH_STEP if hasher is not None else max(data.nbytes, 1)
-        for at in range(0, data.nbytes, step):
-            rest = data[at:at + step]
-            if hasher is not None:
-                hasher.update(rest)
-            while rest.nbytes:  # one write() stops short of 2 GiB
-                rest = rest[os.write(fd, rest):]
+        if hasher is not None and data.nbytes >= HASH_ALONGSIDE_MIN and _spare_core():
+            _write_hashing_alongside(fd, data, hasher)
+        else:
+            step = HASH_STEP if hasher is not None else max(data.nbytes, 1)
+            for at in range(0, data.nbytes, step):
+                if hasher is not None:
+                    hasher.update(data[at:at + step])
+                _write_all(fd, data[at:at + step])
         finish(fd, data.nbytes, reused)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data.nbytes:  # one write() stops short of 2 GiB
+        data = data[os.write(fd, data):]
+
+
+def _write_hashing_alongside(fd: int, data: memoryview, hasher: Any) -> None:
+    """Hash ``data`` on another thread while it is written: xxhash lets go of the GIL, so
+    with a core to spare the hash adds nothing (a 1 GiB result here: 0.18-0.22 s, against
+    0.28-0.32 s hashing each piece before its write)."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            hasher.update(data)
+        except BaseException as exc:  # (re-raised on the writer's thread)
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="gpu-magic-hash", daemon=True)
+    thread.start()
+    try:
+        _write_all(fd, data)
+    finally:
+        thread.join()  # the hasher is not the caller's to read before it is done
+    if failed:
+        raise failed[0]
+
+
+def _spare_core() -> bool:
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) > 1
 
 
 def round_up(size: int) -> int:

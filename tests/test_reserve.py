@@ -104,6 +104,35 @@ def test_write_file_can_hash_what_it_writes(tmp_path: Path, size: int) -> None:
     assert (tmp_path / "blob").read_bytes() == data
     assert h.result() == gpu_magic._payload.digest(data)
 
+@pytest.mark.parametrize("cores", [1, 2])
+@pytest.mark.parametrize("scheme", [gpu_magic._payload.DIGEST_PREFIX,
+                                    gpu_magic._payload.PIECES_PREFIX])
+def test_large_data_hashed_alongside_its_write_gets_the_same_digest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cores: int, scheme: str) -> None:
+    # where a second core is free the hash runs on a thread of its own; the machine's
+    # cores are the edge of the world here, so both ways are taken on any machine
+    monkeypatch.setattr(_reserve, "_spare_core", lambda: cores > 1)
+    data = np.random.default_rng(cores).bytes(_reserve.HASH_ALONGSIDE_MIN + 7)
+    h = gpu_magic._payload.Checker(scheme)
+    _reserve.write_file(tmp_path / "blob", memoryview(data), None, h)
+    assert h.result() == gpu_magic._payload.digest_of(data, scheme)
+    with open(tmp_path / "blob", "rb") as f:
+        assert f.read() == data
+
+
+def test_a_hash_that_fails_alongside_the_write_is_raised_to_the_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_reserve, "_spare_core", lambda: True)
+
+    class Broken:
+        def update(self, data: Any) -> None:
+            raise MemoryError("no room for the hash")
+
+    with pytest.raises(MemoryError, match="no room"):
+        _reserve.write_file(tmp_path / "blob", memoryview(bytes(_reserve.HASH_ALONGSIDE_MIN)),
+                            None, Broken())
+
+
 def _sizes(folder: Path) -> list[int]:
     return sorted(int(n.split(".")[0]) for n in os.listdir(folder) if n[0].isdigit())
 
