@@ -112,6 +112,32 @@ def anchor_ray(size: int) -> tuple[float | None, tuple[float, float] | None]:
         ray.shutdown()
 
 
+def anchor_px_data(size: int, cell: str) -> tuple[float, float] | None:
+    """ipyparallel's way to do our data cell on one local engine: push ``data`` (``size``
+    bytes, new each round), run ``cell`` there, pull ``back``; paced as ours. The median round
+    trip and the median time the cell itself took (its ``cell_s``); None if not installed."""
+    try:
+        import ipyparallel as ipp
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    times, inside = [], []
+    with ipp.Cluster(n=1, log_level=40) as rc:
+        view = rc[:]
+        for i in range(ROUNDS + 1):
+            data = rng.random(size // 8)
+            time.sleep(DATA_GAP_S)
+            t = time.perf_counter()
+            view.push({"data": data}, block=True)
+            view.execute(cell, block=True)
+            back, cell_s = view.pull(["back", "cell_s"], block=True)[0]
+            if i:
+                times.append(time.perf_counter() - t)
+                inside.append(cell_s)
+            del data, back
+    return statistics.median(times), statistics.median(inside)
+
+
 def peak_private(procs: list[Any], f: Callable[[], Any]) -> list[int]:
     """How far each process's private memory (resident, not file-backed: page-cache blobs
     mapped in are not copies) rose above where it was while ``f`` ran, sampled every 2 ms."""
@@ -288,6 +314,14 @@ def main() -> None:
                     "Ray by-value round trip", 2 * gib / ray_total if ray_total else None, "GiB/s")
                 row("  the same, without the time of `data * 2` itself", 2 * gib / moving,
                     "Ray, the same", 2 * gib / ray_moving if ray_moving else None, "GiB/s")
+        # The goal's size, over HTTP, against ipyparallel doing the same (push, run, pull)
+        with GatewayClient(warm.url, warm.token, same_host=False) as c:
+            total, moving = data_rounds(c, lambda: rng.random(4 * size // 8))
+        px_rt = anchor_px_data(4 * size, cell)
+        row("1 GiB in, 1 GiB back, over HTTP (same-host path off)", 8 * gib / total,
+            "ipyparallel push, execute, pull", 8 * gib / px_rt[0] if px_rt else None, "GiB/s")
+        row("  the same, without the time of `data * 2` itself", 8 * gib / moving,
+            "ipyparallel, the same", 8 * gib / (px_rt[0] - px_rt[1]) if px_rt else None, "GiB/s")
         # A torch tensor the same way (its storage travels as an array's buffer does)
         try:
             import torch
