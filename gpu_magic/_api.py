@@ -1191,6 +1191,21 @@ def _cancel_quietly(client: GatewayClient, job_id: str) -> dict[str, Any] | Exce
     return answer
 
 
+def _not_found(answer: Any) -> bool:
+    return isinstance(answer, GatewayError) and answer.status == 404
+
+
+def _cancel_until_found(client: GatewayClient, job_id: str, answer: Any,
+                        within: float = 1.0) -> Any:
+    """Cancel ``job_id`` again while the gateway says it has no such job, for ``within``
+    seconds: the answer of the last try."""
+    end = time.monotonic() + within
+    while _not_found(answer) and time.monotonic() < end:
+        time.sleep(0.1)
+        answer = _cancel_quietly(client, job_id)
+    return answer
+
+
 def submit(
     source: str,
     spec: Any = None,
@@ -1262,6 +1277,8 @@ def submit(
     notice = _SendingNotice() if not opts.quiet else None
     # a notice left saying "sending" or "submitting" would read as if it still were
     with notice.until_submitted() if notice is not None else contextlib.nullcontext():
+        if box is not None:  # (an interrupt from here on says which of the two it stopped)
+            box["stage"] = "sending"
         try:
             inline = _send_inputs(cl, blobs, state, packed.pickle_digest, notice)
         except GatewayError as exc:
@@ -1310,6 +1327,8 @@ def submit(
             "line_offset": opts.line_offset,
         }
         # one exchange: the job goes in and its event stream comes back as the answer
+        if box is not None:
+            box["stage"] = "submitting"
         feed = EventFeed(cl, job_id, submit=body)
         try:
             try:
@@ -1522,6 +1541,18 @@ def run(
                 f"({unreached_clause(answer, CONTROL_ANSWER_S)}): it may still take the job "
                 f"and run it; nothing was bound here. `%gpu jobs` lists it once the gateway "
                 f"answers, `%gpu cancel {job_id}` stops it") from None
+        if job is None and _not_found(answer) and box.get("stage") == "submitting":
+            # the submit may still be on its way to the gateway: a job it takes after this
+            # cancel would run with nobody following it, so ask again for a moment
+            with _sigint_deferred():
+                answer = _cancel_until_found(box["client"], job_id, answer)
+        if job is None and ("client" not in box or _not_found(answer)):
+            doing = ("submitting it" if box.get("stage") == "submitting"
+                     else "sending its inputs" if box.get("stage") == "sending"
+                     else "preparing it")
+            raise short(JobCancelled(
+                f"the cell was interrupted while {doing}, before the gateway took it: no GPU "
+                "job was made, nothing ran and nothing was bound; run the cell again")) from None
         if isinstance(job, _Job) and isinstance(answer, dict) and answer.get("state") in (
                 set(FINAL_STATES) - {"cancelled"}):
             ended = answer["state"].replace("_", " ")

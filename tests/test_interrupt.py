@@ -7,11 +7,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from gpu_magic._view import JobState, render_html, render_text
@@ -190,6 +193,87 @@ def test_an_interrupt_while_submitting_to_a_stopped_gateway_says_so(
     assert "interrupted while submitting GPU job " in reply["evalue"], reply
     assert "and the cancel did not reach the gpu_magic gateway" in reply["evalue"], reply
     assert "it may still take the job and run it" in reply["evalue"], reply
+
+
+class _Holding:
+    """A loopback proxy to the gateway that passes everything up to the first request that
+    begins with ``hold`` (on any connection, keep-alive ones too): from there on it reads
+    nothing more from that connection, and passes nothing of it on."""
+
+    def __init__(self, target: str, hold: bytes) -> None:
+        host, port = target.rsplit("//", 1)[1].split(":")
+        self.target, self.hold = (host, int(port)), hold
+        self.held = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                up = socket.create_connection(self.target)
+                self.conns += [conn, up]
+                threading.Thread(target=self._pipe, args=(conn, up, self.hold),
+                                 daemon=True).start()
+                threading.Thread(target=self._pipe, args=(up, conn, None), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, hold: bytes | None) -> None:
+        tail = b""
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                at = (tail + data).find(hold) if hold else -1
+                if at >= 0:  # (the bodies here cannot hold a request line)
+                    dst.sendall(data[: max(0, at - len(tail))])
+                    self.held.set()
+                    return
+                dst.sendall(data)
+                tail = data[-len(hold):] if hold else b""
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.mark.parametrize("hold, doing", [(b"PUT /v1/blobs/", "sending its inputs"),
+                                         (b"POST /v1/jobs", "submitting it")])
+def test_an_interrupt_before_the_gateway_took_the_job_names_no_job(
+        client: Any, hold: bytes, doing: str) -> None:
+    # Ctrl-C during a large upload said "GPU job 75ac... was cancelled by an interrupt
+    # before it was granted a GPU", an id that neither %gpu jobs nor %gpu attach knew
+    import gpu_magic
+    from gpu_magic._client import GatewayClient
+    from gpu_magic._errors import JobCancelled
+
+    before = {j["id"] for j in client.jobs()}
+    proxy = _Holding(client.url, hold)
+    main = threading.main_thread().ident
+
+    def interrupt() -> None:
+        if proxy.held.wait(DEADLINE):
+            time.sleep(0.3)  # (the client is blocked in its send or its wait for an answer)
+            signal.pthread_kill(main, signal.SIGINT)
+
+    try:
+        with GatewayClient(proxy.url, client.token, same_host=False) as c:
+            c._bulk = False  # (the bulk port is not behind the proxy)
+            threading.Thread(target=interrupt, daemon=True).start()
+            with pytest.raises(JobCancelled) as got:
+                gpu_magic.run("s = float(data.sum())", "H100",
+                              {"data": np.ones(4 << 20), "__name__": "__main__"},
+                              client=c, quiet=True)
+    finally:
+        proxy.close()
+    assert proxy.held.is_set()
+    assert str(got.value) == (f"the cell was interrupted while {doing}, before the gateway took "
+                              "it: no GPU job was made, nothing ran and nothing was bound; run "
+                              "the cell again")
+    assert got.value.job_id is None
+    assert {j["id"] for j in client.jobs()} == before and all_free(client)
 
 
 def test_a_cell_says_while_its_gateway_does_not_answer(own: tuple[Gateway, Kernel]) -> None:
