@@ -392,6 +392,7 @@ class GpuJob:
             if job.state.state == "succeeded" and job.result is not None:
                 job.state.pending = sorted(set(job.result.get("names", []))
                                            | set(job.result.get("deleted", [])))
+                job.state.pending_deleted = sorted(job.result.get("deleted", []))
             elif job.error is not None:
                 try:
                     self._failure = job._remote_exception()
@@ -561,7 +562,7 @@ class GpuJob:
             names, deleted, has_value, value = self._load()
         except BaseException as exc:
             self._failure = exc
-            job.state.pending = []
+            job.state.pending = job.state.pending_deleted = []
             job.state.message = str(exc)
             job.view.reopen()
             print(f"[gpu_magic] {exc}", file=sys.stderr)
@@ -596,7 +597,7 @@ class GpuJob:
                 entry = _JOB_BOUND.setdefault(id(ns), (ns, {}))
                 entry[1].update((n, (ns[n], self._order)) for n in take if n in ns)
         state = job.state
-        state.pending, state.kept_local = [], sorted(moved)
+        state.pending, state.pending_deleted, state.kept_local = [], [], sorted(moved)
         if moved:
             print(f"[gpu_magic] background job {self.id} finished; kept your "
                   f"{', '.join(sorted(moved))}: reassigned here since the job was submitted. "

@@ -68,6 +68,7 @@ class JobState:
         self.deleted: list[str] = []
         self.kept_local: list[str] = []  # returned names not bound: reassigned here meanwhile
         self.pending: list[str] = []  # returned names waiting for a safe point to be bound
+        self.pending_deleted: list[str] = []  # of those, the ones the cell deleted
         self.notices: list[str] = []
         self.cancel: str | None = None  # who asked: "the Cancel button", "job.cancel()", ...
         self.cancelled_by: str | None = None  # an admin the gateway says cancelled it
@@ -316,7 +317,11 @@ class JobState:
             return ""
         parts = []
         if self.pending:
-            parts.append(f"will bind {_names(self.pending)} before the next cell runs "
+            binds = [n for n in self.pending if n not in self.pending_deleted]
+            will = [f"bind {_names(binds)}"] if binds else []
+            if self.pending_deleted:
+                will.append(f"delete {_names(self.pending_deleted)}")
+            parts.append(f"will {' and '.join(will)} before the next cell runs "
                          "(or at job.wait())")
         if self.bound:
             parts.append(f"bound {_names(self.bound)}")

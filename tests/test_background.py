@@ -82,6 +82,27 @@ def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Pa
     assert "kept your w" in saved(nb.cells[1])[1]
 
 
+def test_a_background_job_that_deletes_a_name_says_it_will_delete_it(tmp_path: Path) -> None:
+    # until the next cell ran, its status said "will bind scores" of a name it deleted
+    flag = tmp_path / "go"
+    nb = make_notebook(
+        f"%load_ext gpu_magic\nimport time\nFLAG = {str(flag)!r}\nscores = {{'a': 1}}",
+        "%%gpu --background\nimport os, time\nwhile not os.path.exists(FLAG):\n"
+        "    time.sleep(0.02)\ndel scores\nz = 7",
+        "job = _",
+        "from gpu_magic._view import render_text\nopen(FLAG, 'w').close()\n"
+        "end = time.monotonic() + 30\n"
+        "while 'will' not in render_text(job._job.state, 0) and time.monotonic() < end:\n"
+        "    time.sleep(0.05)\nprint(render_text(job._job.state, 0))",
+        "print('scores' in globals(), z)",
+    )
+    execute(nb, tmp_path)
+    assert ("will bind os, time, z and delete scores before the next cell runs (or at "
+            "job.wait())\n") in texts(nb.cells[3], "stdout")
+    assert texts(nb.cells[4], "stdout") == "False 7\n"
+    assert "bound z · imported os, time · deleted scores" in saved(nb.cells[1])[0]
+
+
 def test_a_background_job_that_failed_says_so_in_the_next_cell(tmp_path: Path) -> None:
     # only its widget, maybe far up the notebook, turned to "failed": the next cells said
     # nothing (found by a newcomer's trial). Said once, in the first cell after it ended.
