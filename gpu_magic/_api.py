@@ -863,9 +863,19 @@ class _Job:
                   "list changed other than by appending, an array's values): the job's state "
                   "replaced yours", file=sys.stderr)
         # a module the cell imported is bound as locally, but said apart: "bound time, y"
-        # read as if the cell had made a variable named time
-        imported = [n for n, v in names.items() if isinstance(v, types.ModuleType)]
-        self.state.bound = [n for n in names if n not in imported]
+        # read as if the cell had made a variable named time. An input module the cell
+        # changed (`cfg.lr = 0.1`) was not imported: it is said as any changed input is.
+        imported = [n for n, v in names.items() if isinstance(v, types.ModuleType)
+                    and (n in self.outputs or n not in self.refs)]
+        # and the notebook's own modules the cell changed, which come back apart from names:
+        # by the names that hold them here (`import helpers as h`: h)
+        changed = []
+        for m in self.modules:
+            held = [n for n, v in self.namespace.items()
+                    if v is sys.modules.get(m) and not n.startswith("_")]
+            changed.append(m if m in held or not held else held[0])
+        self.state.bound = [n for n in names if n not in imported] + [
+            n for n in changed if n not in names]
         self.state.imported = imported
         self.state.deleted = deleted
         if ev.get("skipped") or ev.get("cuda_moved"):

@@ -217,6 +217,23 @@ def test_a_status_shown_while_the_cell_ran_keeps_its_form_at_the_end(tmp_path: P
 
 
 @pytest.mark.usefixtures("use_gateway")
+def test_modules_the_cell_changed_are_said_as_changed_inputs_not_imports(tmp_path: Path) -> None:
+    # a newcomer's trial: `dyn.A = 4` on an input module said "imported dyn", and a change to
+    # helpers.py's module beside the notebook came back without a word
+    (tmp_path / "helpers_w.py").write_text("SCALE = 1\n")
+    nb = make_notebook(
+        "%load_ext gpu_magic\nimport types\nimport helpers_w as hw\n"
+        "dyn = types.ModuleType('dyn')\ndyn.A = 3",
+        "%%gpu H100\nimport math\nhw.SCALE = 10\ndyn.A = 4\nout = math.floor(2.5)",
+        "print(hw.SCALE, dyn.A, out)",
+    )
+    execute(nb, tmp_path)
+    assert texts(nb.cells[2], "stdout") == "10 4 2\n"
+    status = nb.cells[1].outputs[0].data["text/plain"]
+    assert status.endswith("\n      bound out, dyn, hw · imported math"), status
+
+
+@pytest.mark.usefixtures("use_gateway")
 def test_clear_output_in_the_cell_keeps_the_status_above_its_output(tmp_path: Path) -> None:
     """A live-plot loop clears the cell's output each step; the front end clears the status
     with it, so it is shown again, and the cell ends with its final status on top."""
