@@ -1504,6 +1504,11 @@ def run(
     if not isinstance(namespace, collections.abc.MutableMapping):
         raise TypeError(f"namespace must be a dict (the names the cell reads and binds), not "
                         f"{type(namespace).__name__}: pass vars(obj) or a dict of your names")
+    if not isinstance(source, str):
+        how = (": decode it first (source.decode())" if isinstance(source, (bytes, bytearray))
+               else "")
+        raise TypeError(f"source must be a str (the cell's code), not "
+                        f"{type(source).__name__}{how}")
     opts = _options(options)
     if _injob.current_job():
         # inside a GPU job already (a cell that runs on one): right here, as a decorated
@@ -1735,7 +1740,8 @@ def _dry_run(values: dict[str, Any], spec: GpuSpec, get_client: Callable[[], Gat
         if row["name"] in singles:
             row["bytes"] = singles[row["name"]].nbytes
     blobs = packed.blobs() if packed is not None else {}
-    total = packed.nbytes if packed is not None else 0
+    # (the pickle of no inputs is a few bytes: "5 B in all" read as something to send)
+    total = packed.nbytes if packed is not None and sendable else 0
     try:
         if failed is not None:
             raise failed
@@ -1773,12 +1779,13 @@ class DryRunReport(dict):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         n = len(self["inputs"])
-        head = f"dry run for {self['spec']}: {n} input(s), {_human(self['total_bytes'])} in all"
+        bad = sum(1 for r in self["inputs"] if r.get("problem"))
+        size = f", {_human(self['total_bytes'])} in all" if bad < n or not n else ""
+        head = f"dry run for {self['spec']}: {n} input(s){size}"
         if not self["gateway_reachable"]:
             head += " (gateway not reachable: cache unknown)"
         elif self.get("refused"):
             head += f" (cache unknown: {self['refused']})"
-        bad = sum(1 for r in self["inputs"] if r.get("problem"))
         if bad:
             head += f"; {bad} of them cannot be sent, so the cell would not run"
         rows = self._rows()

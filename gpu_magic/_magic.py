@@ -404,7 +404,17 @@ class GPUMagic(Magics):
     def _line(self, line: str) -> Any:
         from IPython.display import display
 
-        words = shlex.split(line)
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:  # "No closing quotation"
+            raise UsageError(f"%gpu {line.strip()} cannot be read: {str(exc).lower()}; close "
+                             "each quote") from None
+        if words and words[0] not in _LINE_COMMANDS and _is_spec(line.split("--")[0]):
+            # one % too few: the line magic took the spec for a command
+            raise UsageError(
+                f"'{line.strip()}' is not a %gpu command: to run a cell on a GPU, write "
+                f"%%gpu (two %) on the cell's first line and the code below it:\n"
+                f"%%gpu {line.strip()}\n...")
         if not words or words[0] not in _LINE_COMMANDS:
             what = (f"'{words[0]}' is not a %gpu command{_did_you_mean(words[0], _LINE_COMMANDS)}"
                     "\n" if words else "")

@@ -391,6 +391,13 @@ def _parse_option(
         _check_count(None if typed == "any" else typed, int(times["n"]), text, times["n"], spec)
         raise SpecError(f"'{text}': the count goes after a ':'; did you mean "
                         f"{typed}:{int(times['n'])}?", spec=spec)
+    if not _NAME.fullmatch(name) and any(q in text for q in "'\""):
+        # (%%gpu T4 'unterminated: the quote came before any --option, so into the spec)
+        raise SpecError(
+            f"'{text}' is not a valid option: a GPU spec has no quotes (they group an "
+            f"option's value with spaces, after the spec: --env \"MSG=hello world\"); {_FORM}",
+            spec=spec,
+        )
     if not _NAME.fullmatch(name):
         raise SpecError(
             f"'{text}' is not a valid option (a type name has only letters, digits, '-', '_' "

@@ -395,10 +395,19 @@ def test_misspelled_options_and_commands_get_a_suggestion(kernel_factory: Any) -
         ("%gpu connect http://127.0.0.1:9 --tokn abc",
          "%gpu connect does not take '--tokn'; did you mean --token?"),
         ("%gpu pool --all", "%gpu pool takes nothing after it, not '--all'"),
+        # one % too few, and a quote left open (it was read as part of the spec)
+        ("%gpu H100:2, any", "'H100:2, any' is not a %gpu command: to run a cell on a GPU, "
+         "write %%gpu (two %) on the cell's first line and the code below it:\n"
+         "%%gpu H100:2, any\n..."),
+        ("%gpu cancel 'abc", "%gpu cancel 'abc cannot be read: no closing quotation; close "
+         "each quote"),
     ]:
         out = k.run(line)
         assert out["error"] is None and message in out["stderr"], (line, out)
         assert out["stderr"].startswith("UsageError: "), (line, out)
+    out = k.run("%%gpu T4 'unterminated\n1")
+    assert out["error"]["traceback"][0].startswith(
+        "SpecError: 'T4 'unterminated' is not a valid option: a GPU spec has no quotes"), out
 
 
 def test_an_admin_lists_every_user_s_jobs_with_jobs_all(tmp_path: Path,

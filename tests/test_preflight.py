@@ -96,6 +96,10 @@ def test_the_report_says_how_many_faults_it_did_not_list() -> None:
     report = _dry_run({"many": many}, "H100", no_gateway, Path("."),  # type: ignore[arg-type]
                       {"__name__": "__main__"})
     text = repr(report)
+    # nothing can be sent: no size (it said "5 B in all", the pickle of no inputs)
+    assert text.startswith("dry run for H100: 1 input(s) (gateway not reachable: cache "
+                           "unknown); 1 of them cannot be sent"), text
+    assert report["total_bytes"] == 0
     assert text.count(": a thread lock") == 10  # one line per fault listed
     assert "… and 20 more part(s) of many that cannot be sent" in text
     assert report["inputs"][0]["unlisted"] == {"many": 20}

@@ -1712,6 +1712,10 @@ def test_python_api_mistakes_are_named() -> None:
 
     with pytest.raises(TypeError, match="namespace must be a dict .*not SimpleNamespace"):
         gpu_magic.run("1", None, types.SimpleNamespace())  # type: ignore[arg-type]
+    # (bytes failed inside the cell's analysis: "a bytes-like object is required")
+    with pytest.raises(TypeError, match=r"^source must be a str \(the cell's code\), not "
+                                        r"bytes: decode it first \(source.decode\(\)\)$"):
+        gpu_magic.run(b"1+1", "H100", {})  # type: ignore[arg-type]
 
 
 def test_a_chainmap_namespace_still_works() -> None:
