@@ -1822,6 +1822,8 @@ class Gateway:
         if outcome.get("type") == "runner_error":
             return (f"the runner failed before the cell could finish: {outcome.get('ename')}: "
                     f"{outcome.get('evalue')}")
+        last = [ln for ln in tail.strip().splitlines() if ln.strip()][-3:]
+        ours = [ln.removeprefix("[gpu_magic] ") for ln in last if ln.startswith("[gpu_magic] ")]
         if rc is not None and rc < 0:
             try:
                 name = signal.Signals(-rc).name
@@ -1829,11 +1831,12 @@ class Gateway:
                 name = str(-rc)
             why = f"the runner process died (killed by signal {name})"
         elif rc is None:
-            why = "the runner was lost before the cell finished"
+            # a backend's own reason says when ("... before the cell started (nothing ran)"
+            # after "before the cell finished" told two stories)
+            why = ("the runner was lost" if ours and len(ours) == len(last)
+                   else "the runner was lost before the cell finished")
         else:
             why = f"the runner process exited with code {rc} before the cell finished"
-        last = [ln for ln in tail.strip().splitlines() if ln.strip()][-3:]
-        ours = [ln.removeprefix("[gpu_magic] ") for ln in last if ln.startswith("[gpu_magic] ")]
         if ours and len(ours) == len(last):  # what a backend said of it: the reason itself
             why += ": " + "; ".join(ours)
         elif last:

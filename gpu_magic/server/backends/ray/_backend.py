@@ -62,6 +62,9 @@ OWN_LAG_S = 2.0
 # had just died waits in Ray for good (a cell said "running" for its whole hour), so its node and
 # group are looked at until its first frame comes.
 START_WATCH_S = 1.0
+# a node a task of ours saw die is left out of the pool until Ray's node list agrees, or this
+# long (Ray's own health checks take seconds to tens of seconds to call a node dead)
+DEAD_FOR_S = 120.0
 CONNECT_TIMEOUT_S = 30.0  # ray.init takes ~2 s on a small machine; more is an address gone wrong
 
 
@@ -195,6 +198,10 @@ class RayBackend:
         self._recent: list[Reservation] = []
         self._parked: list[Reservation] = []
         self._freed_at: dict[str, float] = {}  # node id -> when we last gave GPUs back there
+        # nodes a task of ours saw die while Ray's node list still says alive (it says so
+        # only after its health checks fail, seconds later): out of the pool meanwhile, for
+        # DEAD_FOR_S at most (a node Ray still calls alive then is trusted again)
+        self._dead: dict[str, float] = {}  # node id -> when we saw it die
         self._handles: dict[tuple[str, int], RayHandle] = {}
         self._demand: list[dict[str, float]] | None = None
         self._warned: set[str] = set()
@@ -320,11 +327,16 @@ class RayBackend:
                 except Exception as exc:
                     self._warn("nodes", f"cannot read the Ray cluster's nodes: {exc}")
                     nodes = snap[1] if snap else []
+                # (Ray now says so itself, or has dropped it: nothing more to remember)
+                alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+                self._dead = {k: t for k, t in self._dead.items()
+                              if k in alive and now - t < DEAD_FOR_S}
                 snap = (now, nodes, _ray_available_per_node())
                 self._snapshot = snap
                 self._names.update(nodes)
                 self._start_probes(nodes)
             _, nodes, available = snap
+            nodes = [{**n, "Alive": False} if n["NodeID"] in self._dead else n for n in nodes]
             self._collect_probes()
             views = []
             for n in nodes:
@@ -459,8 +471,8 @@ class RayBackend:
         """Take a kept placement group of as many GPUs on the node for this attempt (lock held).
         Which of the node's GPUs it holds is Ray's to say, as for a new one."""
         snap = self._snapshot
-        if snap is not None and not any(n["NodeID"] == node_id and n.get("Alive")
-                                        for n in snap[1]):
+        if node_id in self._dead or snap is not None and not any(
+                n["NodeID"] == node_id and n.get("Alive") for n in snap[1]):
             return False  # (its node is gone: a task sent into its group would wait for good)
         for res in self._parked:
             if res.node_id == node_id and len(res.indices) == len(indices):
@@ -587,6 +599,8 @@ class RayBackend:
                 continue  # the cluster is not answering: look again
             if alive and state == "CREATED":
                 continue
+            if not alive:
+                self._died(res.node_id)
             handle.lost = (f"the Ray node {handle.node} died or left the cluster before the "
                            "cell started (nothing ran)")
             try:
@@ -647,6 +661,8 @@ class RayBackend:
                 tail = "[gpu_magic] the Ray task ended without the runner's exit status"
         except Exception as exc:
             rc = None
+            if isinstance(exc, ray.exceptions.NodeDiedError):
+                self._died(handle.reservation.node_id)
             tail = ("" if handle.cancelled else f"[gpu_magic] {handle.lost}" if handle.lost
                     else f"[gpu_magic] {_describe(exc, handle.node)}")
         finally:
@@ -668,6 +684,13 @@ class RayBackend:
             handle.done.set()
             if not told:
                 on_exit(run.job_id, run.attempt, rc, tail)
+
+    def _died(self, node_id: str) -> None:
+        """A task of ours saw node ``node_id`` die: out of the pool at once, not when Ray's
+        node list says so (the next cell was planned there, and waited on it)."""
+        with self._lock:
+            self._dead[node_id] = time.monotonic()
+            self._snapshot = None
 
     def cancel(self, handle: RayHandle, grace: float = 3.0) -> None:
         """Stop the task: its runner's process group first (KeyboardInterrupt in the task), then
