@@ -77,6 +77,9 @@ INTERRUPT_GRACE_S = 5.0
 CONTROL_ANSWER_S = 5.0
 
 # Names IPython puts in every namespace; never shipped.
+# IPython's names for earlier cells' values (_, __, _7) and inputs (_i, _ii, _i7): hidden from
+# %who, but a cell that reads one wants it
+HISTORY_NAME = re.compile(r"_{1,3}|_\d+|_i{1,3}|_i\d+")
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh",
                             "__builtins__", "__builtin__", "__name__", "__doc__", "__spec__",
                             "__loader__", "__package__"})
@@ -406,6 +409,7 @@ class _Job:
         # attached: a new object for each of them, which the results' references reach
         self.fresh: dict[str, Any] = {}
         self.modules: dict[str, tuple[Any, ...]] = {}  # local modules the cell changed
+        self.modules_applied: list[types.ModuleType] = []  # those changed here too, once bound
         # the classes sent by value, with their attributes as sent (see _payload.loads)
         self.sent_classes: dict[int, tuple[type, dict[str, Any]]] = {}
         # what was inside the inputs, by place in their pickle: a result names our own
@@ -779,6 +783,7 @@ class _Job:
             for label, obj, st in todo:
                 n = label  # (for the error below)
                 undo.append(_payload.apply_in_place(obj, st))
+            applied: list[types.ModuleType] = []
             for n, st in self.modules.items():
                 module = sys.modules.get(n)
                 if module is None:
@@ -789,6 +794,7 @@ class _Job:
                     except Exception:
                         continue
                 undo.append(_payload.apply_in_place(module, st))
+                applied.append(module)
         except Exception as exc:
             for step in reversed(undo):
                 step()
@@ -799,6 +805,7 @@ class _Job:
                 "unchanged. Make its __setstate__ work without a GPU, or leave it out of what "
                 "comes back (--return NAMES)."
             ) from exc
+        self.modules_applied = applied
         return names
 
     def _merged(self, name: Callable[[], str], obj: Any, st: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -865,15 +872,17 @@ class _Job:
         # a module the cell imported is bound as locally, but said apart: "bound time, y"
         # read as if the cell had made a variable named time. An input module the cell
         # changed (`cfg.lr = 0.1`) was not imported: it is said as any changed input is.
+        # (attached elsewhere, which names were inputs is not known: modules said as before)
         imported = [n for n, v in names.items() if isinstance(v, types.ModuleType)
-                    and (n in self.outputs or n not in self.refs)]
+                    and (self.attached or n in self.outputs or n not in self.refs)]
         # and the notebook's own modules the cell changed, which come back apart from names:
-        # by the names that hold them here (`import helpers as h`: h)
+        # by the name that holds it here (`import helpers as h`: h), else as a module
         changed = []
-        for m in self.modules:
+        for module in self.modules_applied:
             held = [n for n, v in self.namespace.items()
-                    if v is sys.modules.get(m) and not n.startswith("_")]
-            changed.append(m if m in held or not held else held[0])
+                    if v is module and not HISTORY_NAME.fullmatch(n) and n not in _IPYTHON_NAMES]
+            name = module.__name__
+            changed.append(name if name in held else held[0] if held else f"module {name}")
         self.state.bound = [n for n in names if n not in imported] + [
             n for n in changed if n not in names]
         self.state.imported = imported
@@ -1199,6 +1208,15 @@ def _cancel_quietly(client: GatewayClient, job_id: str) -> dict[str, Any] | Exce
     answer = _cancel_fresh(client, job_id, timeout=3.0)
     client.reset()
     return answer
+
+
+def _not_taken(stage: str | None) -> BaseException:
+    """The error of an interrupt that came before the gateway took the job."""
+    doing = {"submitting": "submitting it", "sending": "sending its inputs"}.get(
+        stage or "", "preparing it")
+    return short(JobCancelled(
+        f"the cell was interrupted while {doing}, before the gateway took it: no GPU job was "
+        "made, nothing ran and nothing was bound; run the cell again"))
 
 
 def _not_found(answer: Any) -> bool:
@@ -1539,10 +1557,17 @@ def run(
                 f"GPU job {job_id} had finished, but the interrupt stopped fetching its "
                 f"results here: nothing was bound. `%gpu attach {job_id}` (or "
                 f"gpu_magic.attach('{job_id}')) fetches them", job_id=job_id)) from None
+        if job is None and box.get("stage") != "submitting":
+            raise _not_taken(box.get("stage")) from None  # nothing to cancel: none was sent
         answer: Any = None
         if "client" in box:
             with _sigint_deferred():
                 answer = _cancel_quietly(box["client"], job_id)
+            if job is None and _not_found(answer):
+                # the submit may still be on its way to the gateway: a job it takes after this
+                # cancel would run with nobody following it, so ask again for a moment
+                with _sigint_deferred():
+                    answer = _cancel_until_found(box["client"], job_id, answer)
         if isinstance(job, _Job) and isinstance(answer, GatewayError) and answer.status is None:
             # the cancel did not get there: "cancelled" would be a guess, and often wrong
             error = job._not_reached("cancel", answer)
@@ -1556,18 +1581,8 @@ def run(
                 f"({unreached_clause(answer, CONTROL_ANSWER_S)}): it may still take the job "
                 f"and run it; nothing was bound here. `%gpu jobs` lists it once the gateway "
                 f"answers, `%gpu cancel {job_id}` stops it") from None
-        if job is None and _not_found(answer) and box.get("stage") == "submitting":
-            # the submit may still be on its way to the gateway: a job it takes after this
-            # cancel would run with nobody following it, so ask again for a moment
-            with _sigint_deferred():
-                answer = _cancel_until_found(box["client"], job_id, answer)
-        if job is None and ("client" not in box or _not_found(answer)):
-            doing = ("submitting it" if box.get("stage") == "submitting"
-                     else "sending its inputs" if box.get("stage") == "sending"
-                     else "preparing it")
-            raise short(JobCancelled(
-                f"the cell was interrupted while {doing}, before the gateway took it: no GPU "
-                "job was made, nothing ran and nothing was bound; run the cell again")) from None
+        if job is None and _not_found(answer):
+            raise _not_taken("submitting") from None
         if isinstance(job, _Job) and isinstance(answer, dict) and answer.get("state") in (
                 set(FINAL_STATES) - {"cancelled"}):
             ended = answer["state"].replace("_", " ")

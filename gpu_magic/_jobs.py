@@ -390,9 +390,11 @@ class GpuJob:
                 job.state.message = job.state.message or f"{type(exc).__name__}: {exc}"
         finally:
             if job.state.state == "succeeded" and job.result is not None:
+                # (the deleted first: a render between the two would call them all binds)
+                job.state.pending_deleted = sorted(set(job.result.get("deleted", []))
+                                                   - set(job.result.get("names", [])))
                 job.state.pending = sorted(set(job.result.get("names", []))
                                            | set(job.result.get("deleted", [])))
-                job.state.pending_deleted = sorted(job.result.get("deleted", []))
             elif job.error is not None:
                 try:
                     self._failure = job._remote_exception()

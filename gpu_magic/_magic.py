@@ -49,9 +49,7 @@ from ._tables import JOBS_SHOWN, jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
 _ENDED = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
-# IPython's names for earlier cells' values (_, __, _7) and inputs (_i, _ii, _i7): hidden from
-# %who, but a cell that reads one wants it
-_HISTORY_NAME = re.compile(r"_{1,3}|_\d+|_i{1,3}|_i\d+")
+_HISTORY_NAME = _api.HISTORY_NAME
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

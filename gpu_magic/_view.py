@@ -712,7 +712,8 @@ class TextView(NullView):
         # names bound while the job still runs: its end, right after, says so
         bound = tuple(s.bound) if s.final else ()
         return (moved, s.position, len(s.attempts), s.cancel, s.cancel_error, bound,
-                tuple(s.pending), s.interrupt, s.interrupted, s.interrupted_by)
+                tuple(s.pending), tuple(s.pending_deleted), s.interrupt, s.interrupted,
+                s.interrupted_by)
 
     def _bundle(self) -> dict[str, Any]:
         self._last = self._key()

@@ -182,6 +182,22 @@ def test_an_interrupt_while_submitting_to_a_stopped_gateway_says_so(
     # gateway, resumed, could take the submit it had been sent
     gw, k = own
     os.kill(gw.proc.pid, signal.SIGSTOP)
+    # first in the kernel: held in the look at the gateway (its health), before any submit,
+    # so there is nothing to cancel and nothing that may still run
+    cell = k.run("%%gpu\nv = 0", stop_on_error=False)
+    wait_for(lambda: k.drain(0.1) or any(
+        m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == cell
+        for m in k.iopub), DEADLINE)
+    time.sleep(1.0)
+    k.km.interrupt_kernel()
+    reply = k.reply(cell, timeout=30)
+    assert reply["ename"] == "JobCancelled", reply
+    assert reply["evalue"] == ("the cell was interrupted while preparing it, before the "
+                               "gateway took it: no GPU job was made, nothing ran and nothing "
+                               "was bound; run the cell again"), reply
+    os.kill(gw.proc.pid, signal.SIGCONT)
+    assert k.reply(k.run("%%gpu\nv = 0"))["status"] == "ok"  # (its health now known)
+    os.kill(gw.proc.pid, signal.SIGSTOP)
     cell = k.run("%%gpu\nv = 1", stop_on_error=False)
     wait_for(lambda: k.drain(0.1) or any(
         m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == cell

@@ -120,6 +120,23 @@ def test_large_data_hashed_alongside_its_write_gets_the_same_digest(
         assert f.read() == data
 
 
+def test_where_no_thread_can_start_the_hash_goes_piece_by_piece(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a cell that left as many threads as a pids limit allows: the result is still written
+    monkeypatch.setattr(_reserve, "_spare_core", lambda: True)
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    data = np.random.default_rng(5).bytes(_reserve.HASH_ALONGSIDE_MIN + 3)
+    h = gpu_magic._payload.Checker()
+    _reserve.write_file(tmp_path / "blob", memoryview(data), None, h)
+    assert h.result() == gpu_magic._payload.digest(data)
+    with open(tmp_path / "blob", "rb") as f:
+        assert f.read() == data
+
+
 def test_a_hash_that_fails_alongside_the_write_is_raised_to_the_writer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_reserve, "_spare_core", lambda: True)

@@ -231,6 +231,17 @@ def test_modules_the_cell_changed_are_said_as_changed_inputs_not_imports(tmp_pat
     assert texts(nb.cells[2], "stdout") == "10 4 2\n"
     status = nb.cells[1].outputs[0].data["text/plain"]
     assert status.endswith("\n      bound out, dyn, hw · imported math"), status
+    # attached, which names were inputs is not known: its imports are still said as such
+    nb = make_notebook("%load_ext gpu_magic",
+                       "%%gpu H100 --background\nimport math\nx = math.floor(2.5)",
+                       "job = _\njob.wait()\ndel x, math",
+                       "%gpu attach {job.id}",
+                       "print(x, math.pi > 3)")
+    execute(nb, tmp_path)
+    assert texts(nb.cells[4], "stdout") == "2 True\n"
+    status = [o.data["text/plain"] for o in nb.cells[3].outputs
+              if o.output_type == "display_data"][0]
+    assert status.endswith("\n      bound x · imported math"), status
 
 
 @pytest.mark.usefixtures("use_gateway")

@@ -327,10 +327,10 @@ class RayBackend:
                 except Exception as exc:
                     self._warn("nodes", f"cannot read the Ray cluster's nodes: {exc}")
                     nodes = snap[1] if snap else []
-                # (Ray now says so itself, or has dropped it: nothing more to remember)
-                alive = {n["NodeID"] for n in nodes if n.get("Alive")}
-                self._dead = {k: t for k, t in self._dead.items()
-                              if k in alive and now - t < DEAD_FOR_S}
+                else:  # (Ray now says so itself, or has dropped it: nothing more to remember)
+                    alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+                    self._dead = {k: t for k, t in self._dead.items()
+                                  if k in alive and now - t < DEAD_FOR_S}
                 snap = (now, nodes, _ray_available_per_node())
                 self._snapshot = snap
                 self._names.update(nodes)
@@ -436,8 +436,8 @@ class RayBackend:
             if res is not None and (res.node_id, res.indices) != (node_id, indices):
                 self._release(res)
                 res = None
-            if node_id is None:
-                return False
+            if node_id is None or node_id in self._dead:
+                return False  # (planned from a pool read before a task saw its node die)
             if res is None and self._adopt(node_id, key, indices):
                 return True
             if res is None:
@@ -471,7 +471,7 @@ class RayBackend:
         """Take a kept placement group of as many GPUs on the node for this attempt (lock held).
         Which of the node's GPUs it holds is Ray's to say, as for a new one."""
         snap = self._snapshot
-        if node_id in self._dead or snap is not None and not any(
+        if snap is not None and not any(
                 n["NodeID"] == node_id and n.get("Alive") for n in snap[1]):
             return False  # (its node is gone: a task sent into its group would wait for good)
         for res in self._parked:
