@@ -60,13 +60,18 @@ def test_a_background_job_shown_again_in_another_cell_ends_there_too(tmp_path: P
         assert text.startswith("[gpu] succeeded") and text.endswith("\nagain\n"), text
 
 
+def _until_flag(tmp_path: Path, then: str, setup: str = "") -> tuple[str, str]:
+    """A first cell, and a background cell that waits for the file FLAG, then runs
+    ``then``: the job ends during the cell that makes the file, always."""
+    return (f"%load_ext gpu_magic\nimport time\nFLAG = {str(tmp_path / 'go')!r}\n{setup}",
+            "%%gpu --background\nimport os, time\nwhile not os.path.exists(FLAG):\n"
+            f"    time.sleep(0.02)\n{then}")
+
+
 def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Path) -> None:
-    flag = tmp_path / "go"
     # the remote cell waits for cell 3 to create the flag: the job ends during cell 3, always
     nb = make_notebook(
-        f"%load_ext gpu_magic\nimport time\nFLAG = {str(flag)!r}",
-        "%%gpu --background\nimport os, time\nwhile not os.path.exists(FLAG):\n"
-        "    time.sleep(0.02)\nz = 7\nw = 'remote'",
+        *_until_flag(tmp_path, "z = 7\nw = 'remote'"),
         "job = _\nw = 'local'",
         "open(FLAG, 'w').close()\nwhile not job.done():\n    time.sleep(0.05)\n"
         "print('z' in globals())",
@@ -84,11 +89,8 @@ def test_names_bound_before_the_next_cell_and_reassigned_names_kept(tmp_path: Pa
 
 def test_a_background_job_that_deletes_a_name_says_it_will_delete_it(tmp_path: Path) -> None:
     # until the next cell ran, its status said "will bind scores" of a name it deleted
-    flag = tmp_path / "go"
     nb = make_notebook(
-        f"%load_ext gpu_magic\nimport time\nFLAG = {str(flag)!r}\nscores = {{'a': 1}}",
-        "%%gpu --background\nimport os, time\nwhile not os.path.exists(FLAG):\n"
-        "    time.sleep(0.02)\ndel scores\nz = 7",
+        *_until_flag(tmp_path, "del scores\nz = 7", setup="scores = {'a': 1}"),
         "job = _",
         "from gpu_magic._view import render_text\nopen(FLAG, 'w').close()\n"
         "end = time.monotonic() + 30\n"
