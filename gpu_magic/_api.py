@@ -673,6 +673,9 @@ class _Job:
             self.result = None  # nothing to bind
             self.state.state = "succeeded"
             again = f"%gpu attach {self.id} fetches them (gpu_magic.attach({self.id!r}) in Python)"
+            if isinstance(exc, AuthError):  # (a token revoked mid-job: attach fails as well)
+                again = (f"the gateway keeps them, and {again} once your token is valid "
+                         "again")
             self.state.notices.append(f"its results could not be fetched: {again}")
             raise GatewayError(f"GPU job {self.id} succeeded, but its results could not be "
                                f"fetched: {str(exc).rstrip('.')}. Nothing was bound; {again}.",

@@ -607,8 +607,9 @@ def test_a_shared_gateway_says_how_it_runs_cells_and_who_a_reload_changed(
         pytest.skip("needs bubblewrap (make test installs it)")
     tokens = tmp_path / "tokens.json"
 
-    def write(*users: str) -> None:
-        tokens.write_text(json.dumps({u: secrets.token_hex(16) for u in users}))
+    def write(*users: str, admins: tuple[str, ...] = ()) -> None:
+        tokens.write_text(json.dumps({u: {"token": secrets.token_hex(16), "admin": u in admins}
+                                      for u in users}))
         tokens.chmod(0o600)
 
     write("alice", "bob")
@@ -631,6 +632,15 @@ def test_a_shared_gateway_says_how_it_runs_cells_and_who_a_reload_changed(
         proc.send_signal(signal.SIGHUP)
         assert _line_with(proc.stderr, "reloaded").endswith(
             f"reloaded {tokens} (added carol; removed bob)\n")
+        # (a teacher's trial: an admin's right taken away went unsaid)
+        write("alice", "carol", admins=("alice",))
+        proc.send_signal(signal.SIGHUP)
+        assert _line_with(proc.stderr, "reloaded").endswith(
+            f"reloaded {tokens} (made admin alice)\n")
+        write("alice", "carol")
+        proc.send_signal(signal.SIGHUP)
+        assert _line_with(proc.stderr, "reloaded").endswith(
+            f"reloaded {tokens} (no longer admin alice)\n")
     finally:
         proc.terminate()
         proc.wait(60)

@@ -1222,6 +1222,45 @@ def test_a_token_refused_then_added_works_from_the_same_client(users: Users) -> 
         assert ns["x"] == 1
 
 
+def test_results_a_revoked_token_cannot_fetch_are_said_to_be_kept(users: Users) -> None:
+    # a department's trial: the advice was "%gpu attach ID fetches them", which the same
+    # refusal stopped until the admin gave the token back
+    import signal
+
+    erin = secrets.token_urlsafe(24)
+    entries = json.loads(users.tokens_file.read_text())
+
+    def tokens(**more: str) -> None:
+        write_tokens(users.tokens_file, {**entries, **more})
+        users.gw.proc.send_signal(signal.SIGHUP)
+        wanted = 200 if more else 401
+        wait_for(lambda: call(users.gw.url, erin, "GET", "/v1/pool").status_code == wanted,
+                 DEADLINE_S)
+
+    tokens(erin=erin)
+    try:
+        with GatewayClient(users.gw.url, erin) as client:
+            job = gpu_magic.run("import time\ntime.sleep(3)\nbig = bytes(3_000_000)", "H100",
+                                {"__name__": "__main__"}, client=client, quiet=True,
+                                background=True)
+            wait_for(lambda: job.state == "running", DEADLINE_S)
+            tokens()  # revoked while it runs: it goes on to its end
+            with pytest.raises(gpu_magic.GatewayError) as info:
+                job.wait(timeout=DEADLINE_S)
+        said = str(info.value)
+        assert f"GPU job {job.id} succeeded, but its results could not be fetched" in said
+        assert (f"the gateway keeps them, and %gpu attach {job.id} fetches them "
+                f"(gpu_magic.attach('{job.id}') in Python) once your token is valid "
+                "again") in said, said
+        tokens(erin=erin)
+        with GatewayClient(users.gw.url, erin) as client:
+            assert client.job(job.id)["state"] == "succeeded"
+            result = next(e for e in client.events(job.id) if e["type"] == "result")
+            assert len(client.download(result["blob"])) > 3_000_000  # (kept: `big` in it)
+    finally:
+        tokens()
+
+
 def test_a_refused_token_is_logged_once_a_minute_per_address_and_token(tmp_path: Path) -> None:
     # a department's trial: a student's refused token left no trace for the admin to find
     gw = start_gateway(tmp_path)
@@ -1350,7 +1389,7 @@ def test_a_reload_that_removes_a_user_cancels_their_queued_jobs_not_their_runnin
             states = {j["id"]: j for j in teacher.jobs(everyone=True)}
             for job in queued:
                 assert states[job.id]["state"] == "cancelled", states[job.id]
-                assert "token was removed from the gateway's tokens file; nothing ran" in \
+                assert "dora's token was removed from the gateway's tokens file; nothing ran" in \
                     states[job.id]["message"]
                 # and its cell, if one follows it, says by what
                 done = follow(teacher, job.id)[-1]
@@ -1420,6 +1459,12 @@ BAD_TOKENS_TEXTS = [
     pytest.param(f'{{"bob": {{"token": "{"b" * 30}", "admin": true, "admin": false}}}}',
                  "'admin' appears twice in one object", id="same-key-twice"),
     pytest.param(f'{{"": "{"a" * 30}"}}', "has an empty name", id="empty-name"),
+    # "Bob " for bob renamed a user (their queued jobs cancelled); a line break in a name
+    # split the gateway's log line in two (a department's trial)
+    pytest.param(f'{{"Bob ": "{"a" * 30}"}}', "user 'Bob ' in the tokens file .* has white "
+                 "space at an end of the name, .*; write it as 'Bob'", id="name-space-around"),
+    pytest.param(f'{{"bob\\n": "{"a" * 30}"}}', "user 'bob\\\\n' .* a line break or control "
+                 "character in it; write it as 'bob'", id="name-line-break"),
     # (its kind, never its value: the message goes to the gateway's log)
     pytest.param('{"alice": 12345678901234567890123}',
                  "token of user 'alice' .* is a JSON number, not a string", id="number-token"),

@@ -1176,7 +1176,8 @@ class Gateway:
         for job in queued:
             # (its cell, still following, says it as "cancelled by ...")
             job.cancelled_by = "the removal of your token from the gateway's tokens file"
-            job.message = ("cancelled while queued: this user's token was removed from the "
+            # (named, not "your": the admin reads this record too)
+            job.message = (f"cancelled while queued: {job.user}'s token was removed from the "
                            "gateway's tokens file; " + ("nothing ran" if not job.started else
                                                         "its output so far is kept"))
             self._finish(job, "cancelled")
@@ -1779,7 +1780,7 @@ class Gateway:
             else:
                 job.message = why
                 if job.user in self.revoked and attempt <= int(req.get("retries") or 0):
-                    job.message += ("; not retried: this user's token was removed from the "
+                    job.message += (f"; not retried: {job.user}'s token was removed from the "
                                     "gateway's tokens file")
                 self._finish(job, "lost" if outcome.get("type") != "runner_error" else "failed")
         self._schedule()

@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Set
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -198,12 +199,17 @@ def _cells_run(backend: Any) -> str:
             + (f" ({', '.join(unset)} not set here: passed as nothing)" if unset else ""))
 
 
-def _changes(before: set[str], after: set[str]) -> str:
-    """Who a reload of the tokens file added and removed (a refused student's first question)."""
+def _changes(before: set[str], after: set[str], admins_before: Set[str] = frozenset(),
+             admins_after: Set[str] = frozenset()) -> str:
+    """Who a reload of the tokens file added and removed (a refused student's first question),
+    and who became or stopped being an admin (the right to cancel everyone's cells)."""
+    kept = before & after
     said = [f"{verb} {', '.join(sorted(names))}" for verb, names in
-            (("added", after - before), ("removed", before - after)) if names]
+            (("added", after - before), ("removed", before - after),
+             ("made admin", (admins_after - admins_before) & kept),
+             ("no longer admin", (admins_before - admins_after) & kept)) if names]
     return (f" ({'; '.join(said)})" if said
-            else " (the same users; their tokens, admins and limits as the file now says)")
+            else " (the same users; their tokens and limits as the file now says)")
 
 
 def _no_idle_cancel(record: logging.LogRecord) -> bool:
@@ -448,10 +454,13 @@ def serve(cfg: ServeConfig) -> int:
                             f"started for one user and {how}. Restart it with the new file to "
                             "serve several users.")
                     before = set(auth.users())
+                    admins = {n for n in before if (u := auth.user(n)) is not None and u.admin}
                     auth.replace(tokens)
                     revoked = gateway.tokens_reloaded({u.name: u for u in tokens.values()},
                                                       before - users)
-                    print(f"gpu-magic: reloaded {cfg.tokens_file}{_changes(before, users)}"
+                    now_admins = {u.name for u in tokens.values() if u.admin}
+                    print(f"gpu-magic: reloaded {cfg.tokens_file}"
+                          f"{_changes(before, users, admins, now_admins)}"
                           f"{_revoked(*revoked)}", file=sys.stderr)
                     if len(before) <= 1 and _unisolated(len(users), cfg, gateway.backend):
                         print(_UNISOLATED, file=sys.stderr, flush=True)  # (--force let it)
