@@ -1170,6 +1170,7 @@ _CANCEL_VIA = {"the Cancel button": "button", "job.cancel()": "code"}
 # Markdown run or can run script in this notebook's page, with its user's rights (a red team:
 # a student's display, attached by the instructor, wrote files as the instructor).
 _INERT_TYPES = ("text/plain", "image/png", "image/jpeg", "image/gif")
+_NAMES_ONLY = re.compile(r"<[\w.]+( object)?( at 0x[0-9a-fA-F]+)?>")  # (a default repr)
 
 
 def _inert(ev: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -1179,9 +1180,14 @@ def _inert(ev: dict[str, Any], owner: str) -> dict[str, Any]:
     if not isinstance(kept.get("text/plain", ""), str):
         kept["text/plain"] = str(kept["text/plain"])
     left = sorted(k for k in data if k not in _INERT_TYPES)
-    if left and "text/plain" not in kept:
-        kept["text/plain"] = (f"[gpu_magic] {owner}'s {', '.join(left)} output is not shown: "
-                              "it could run script in your notebook")
+    # a text form that only names the object ('<IPython.core.display.HTML object>') tells
+    # the admin nothing: Markdown and LaTeX are shown as their source, as text; else a note
+    if left and _NAMES_ONLY.fullmatch(kept.get("text/plain", "<none>")):
+        source = next((data[k] for k in ("text/markdown", "text/latex")
+                       if isinstance(data.get(k), str) and data[k].strip()), None)
+        kept["text/plain"] = source or (
+            f"[gpu_magic] {owner}'s {', '.join(left)} output is not shown: it could run "
+            "script in your notebook")
     metadata = ev.get("metadata") if isinstance(ev.get("metadata"), dict) else {}
     return dict(ev, data=kept, metadata={k: v for k, v in metadata.items() if k in _INERT_TYPES})
 

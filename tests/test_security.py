@@ -1207,3 +1207,15 @@ def test_another_user_s_display_shows_only_text_and_images_whatever_it_holds() -
     named = _inert({"type": "display", "data": {"text/html": "<b>x</b>"}}, "bob")["data"]
     assert named == {"text/plain": "[gpu_magic] bob's text/html output is not shown: it could "
                                    "run script in your notebook"}
+    # a department's trial: display(HTML(...)) and display(Markdown(...)) showed the teacher
+    # only '<IPython.core.display.HTML object>'
+    from IPython.display import HTML, Markdown
+
+    html = {"text/plain": repr(HTML("<b>x</b>")), "text/html": "<b>x</b>"}
+    assert _inert({"type": "display", "data": html}, "bob")["data"] == named
+    md = {"text/plain": repr(Markdown("# hi")), "text/markdown": "# hi"}
+    assert _inert({"type": "display", "data": md}, "bob")["data"] == {"text/plain": "# hi"}
+    # a table's text form says something: kept as it is, its HTML left out
+    table = {"text/plain": "   a\n0  1", "text/html": "<table>...</table>"}
+    assert _inert({"type": "display", "data": table}, "bob")["data"] == {
+        "text/plain": "   a\n0  1"}
