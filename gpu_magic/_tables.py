@@ -66,10 +66,18 @@ def _jobs_rows(jobs: list[dict[str, Any]],
         # (a job lost to a crash ran until its gateway was last seen, not until the restart)
         end = j.get("ran_until") or finished or time.time()
         ran = f"{end - started:.1f} s" if started else "-"
-        when = time.strftime("%H:%M:%S", time.localtime(created)) if created else "-"
+        when = _when(created) if created else "-"
         rows.append([j["id"], *([j.get("user", "?")] if everyone else []), j["state"],
                      j.get("spec", ""), granted, queued, ran, when])
     return headers, rows
+
+
+def _when(created: float, now: float | None = None) -> str:
+    """When a job was submitted: the time alone today, with its date on another day (a
+    listing of a week's jobs said only 14:02:11)."""
+    at, today = time.localtime(created), time.localtime(time.time() if now is None else now)
+    same_day = (at.tm_year, at.tm_yday) == (today.tm_year, today.tm_yday)
+    return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M", at)
 
 
 JOBS_SHOWN = 50  # finished jobs a listing shows (with every job not ended)

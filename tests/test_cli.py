@@ -662,3 +662,19 @@ def test_a_stop_with_nothing_to_cancel_logs_no_error() -> None:
 
     assert not _no_idle_cancel(record(0))
     assert _no_idle_cancel(record(2))  # (tasks really cancelled are still said)
+
+
+def test_a_job_listing_dates_jobs_from_another_day() -> None:
+    # a department's trial: `%gpu jobs` and `gpu-magic jobs` said only "14:02:11" of jobs
+    # from several days
+    import time
+
+    from gpu_magic._tables import jobs_text
+
+    now = time.time()
+    recs = [{"id": f"{i:016x}", "state": "succeeded", "spec": "T4", "created": at}
+            for i, at in enumerate((now, now - 3 * 86400))]
+    rows = {ln.split()[0]: ln.rstrip() for ln in jobs_text(recs).splitlines()[1:]}
+    assert rows[f"{0:016x}"].endswith(time.strftime("%H:%M:%S", time.localtime(now)))
+    assert rows[f"{1:016x}"].endswith(time.strftime("%Y-%m-%d %H:%M",
+                                                    time.localtime(now - 3 * 86400)))
