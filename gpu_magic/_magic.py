@@ -585,11 +585,26 @@ class GPUMagic(Magics):
         print(f"connected to {url}{who} (gpu_magic {health.get('version')})")
 
 
+def _getpass(prompt: str) -> str:
+    """getpass.getpass, but where stdin is no terminal and no kernel took the prompt over
+    (ipython with stdin from a file or a pipe) the line is read as it is, without Python's
+    "GetPassWarning: Can not control echo" lines before our own message."""
+    stdlib = getattr(getpass, "unix_getpass", None), getattr(getpass, "win_getpass", None)
+    if getpass.getpass in stdlib and not (sys.stdin and sys.stdin.isatty()):
+        print(prompt, end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline() if sys.stdin else ""
+        if not line:
+            print(file=sys.stderr)  # (the message then starts on a line of its own)
+            raise EOFError
+        return line.rstrip("\n")
+    return getpass.getpass(prompt)
+
+
 def _ask_token(url: str, refused: AuthError | None = None, prompt: str = "") -> str:
     """The token typed at a prompt that does not echo it; where nobody can type one, the
     refusal that made us ask (``refused``), or a UsageError saying how to give it."""
     try:
-        token = getpass.getpass(prompt or f"token for {url}: ")
+        token = _getpass(prompt or f"token for {url}: ")
     except (StdinNotImplementedError, EOFError):
         if refused is not None:
             raise refused from None

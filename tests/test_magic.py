@@ -788,3 +788,27 @@ def test_python_api_jobs_say_which_notebook_cell_started_them(
         jobs = c.jobs()
     metas = [j["meta"] for j in jobs if j["meta"].get("notebook") == nb]
     assert metas == [{"cell_id": "cell-api-1", "notebook": nb}] * 2, [j["meta"] for j in jobs]
+
+
+@pytest.mark.parametrize("stdin, says", [
+    (b"", "needs the gateway's token and cannot ask for it here"),
+    (b"x" * 30 + b"\n", "127.0.0.1:9"),  # (a token read from the pipe: then not reached)
+])
+def test_connect_in_ipython_without_a_terminal_reads_stdin_without_getpass_warnings(
+        tmp_path: Path, stdin: bytes, says: str) -> None:
+    # a department's trial: `ipython -c ... < /dev/null` printed Python's GetPassWarning and
+    # "Password input may be echoed" before the message
+    import subprocess
+
+    code = ("get_ipython().run_line_magic('load_ext', 'gpu_magic'); "
+            "get_ipython().run_line_magic('gpu', 'connect http://127.0.0.1:9')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_MAGIC_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "IPython", "--no-banner", "--HistoryManager.enabled=False",
+         "-c", code], input=stdin, capture_output=True, cwd=tmp_path, timeout=120,
+        env={**env, "HOME": str(tmp_path), "IPYTHONDIR": str(tmp_path / "ipython")})
+    said = (out.stdout + out.stderr).decode()
+    assert "GetPassWarning" not in said and "may be echoed" not in said, said
+    assert says in said, said
+    if not stdin:
+        assert "token for http://127.0.0.1:9: \nUsageError: " in said, said
