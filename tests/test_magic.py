@@ -465,8 +465,10 @@ def test_an_admin_attaching_to_a_student_s_job_gets_no_script_of_theirs(
         assert len(bundles) == 4, out
         assert all(set(b) <= {"text/plain"} for b in bundles), bundles
         shown = [b["text/plain"] for b in bundles]
-        assert "[gpu_magic] alice's text/markdown output is not shown: it could run script in " \
+        assert "[gpu_magic] alice's text/html output is not shown: it could run script in " \
             "your notebook" in shown, shown
+        # a Markdown display comes as its source, as text only (nothing renders it)
+        assert "<script>alert(3)</script>" in shown, shown
         assert "a table" in shown, shown
         # her own attach shows her displays as they were
         student = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=tokens["alice"])
