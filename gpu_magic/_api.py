@@ -1182,7 +1182,8 @@ def _inert(ev: dict[str, Any], owner: str) -> dict[str, Any]:
     left = sorted(k for k in data if k not in _INERT_TYPES)
     # a text form that only names the object ('<IPython.core.display.HTML object>') tells
     # the admin nothing: Markdown and LaTeX are shown as their source, as text; else a note
-    if left and _NAMES_ONLY.fullmatch(kept.get("text/plain", "<none>")):
+    text = kept.get("text/plain")
+    if left and (text is None or _NAMES_ONLY.fullmatch(text)):
         source = next((data[k] for k in ("text/markdown", "text/latex")
                        if isinstance(data.get(k), str) and data[k].strip()), None)
         kept["text/plain"] = source or (

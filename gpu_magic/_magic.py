@@ -49,7 +49,6 @@ from ._tables import JOBS_SHOWN, jobs_bundle, pool_bundle
 
 _LINE_COMMANDS = ("pool", "jobs", "connect", "cancel", "attach", "status", "stop")
 _ENDED = ("succeeded", "failed", "cancelled", "timed_out", "lost", "expired")
-_HISTORY_NAME = _api.HISTORY_NAME
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -258,7 +257,7 @@ class GPUMagic(Magics):
         shell = self.shell
         assert shell is not None
         # IPython's own names stay here; the outputs it keeps (_, __, ___, _5) are the user's
-        hidden = {n for n in shell.user_ns_hidden if not _HISTORY_NAME.fullmatch(n)}
+        hidden = {n for n in shell.user_ns_hidden if not _api.HISTORY_NAME.fullmatch(n)}
         return _api.run(cell, spec_text or None, shell.user_ns, hidden=hidden, **vars(opts))
 
     @staticmethod

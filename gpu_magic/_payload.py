@@ -75,10 +75,11 @@ def digest(data: bytes | bytearray | memoryview, pieces: bool = False) -> str:
         if not _POOL:
             from concurrent.futures import ThreadPoolExecutor
 
-            cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                     else os.cpu_count() or 1)
+            from ._reserve import usable_cores
+
             # (xxhash lets go of the GIL; memory bandwidth, not cores, bounds it past a few)
-            _POOL.append(ThreadPoolExecutor(min(8, cores), thread_name_prefix="gpu_magic digest"))
+            _POOL.append(ThreadPoolExecutor(min(8, usable_cores()),
+                                            thread_name_prefix="gpu_magic digest"))
     try:
         digests = list(_POOL[0].map(xxhash.xxh3_128_digest, parts))
     except RuntimeError:  # (the interpreter is shutting down: no new threads)

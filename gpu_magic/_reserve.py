@@ -128,11 +128,16 @@ def _write_hashing_alongside(fd: int, data: memoryview, hasher: Any) -> bool:
     return True
 
 
-def _spare_core() -> bool:
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the system says it)."""
     try:
-        return len(os.sched_getaffinity(0)) > 1
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return (os.cpu_count() or 1) > 1
+        return os.cpu_count() or 1
+
+
+def _spare_core() -> bool:
+    return usable_cores() > 1
 
 
 def round_up(size: int) -> int:

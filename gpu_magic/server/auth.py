@@ -83,13 +83,13 @@ def load_tokens_file(path: Path) -> dict[str, User]:
         if not name.strip():
             raise TokensFileError(f"a user in the tokens file {path} has an empty name; write "
                                   "each user's name (it is who their jobs belong to)")
-        if name != name.strip() or any(c < " " or c == "\x7f" for c in name):
+        clean = "".join(c for c in name if c >= " " and c != "\x7f").strip()
+        if clean != name:
             # ("Bob " for bob is a typo that renames a user: their queued jobs cancelled; and
             # a line break in a name would forge a line of the gateway's log)
             raise TokensFileError(
                 f"user {name!r} in the tokens file {path} has white space at an end of the "
-                f"name, or a line break or control character in it; write it as "
-                f"{''.join(c for c in name if c >= ' ' and c != chr(127)).strip()!r}")
+                f"name, or a line break or control character in it; write it as {clean!r}")
         admin = False
         limits: dict[str, int] = {}
         if isinstance(value, dict):

@@ -1825,6 +1825,7 @@ class Gateway:
                     f"{outcome.get('evalue')}")
         last = [ln for ln in tail.strip().splitlines() if ln.strip()][-3:]
         ours = [ln.removeprefix("[gpu_magic] ") for ln in last if ln.startswith("[gpu_magic] ")]
+        explained = bool(ours) and len(ours) == len(last)  # a backend said why, and only it
         if rc is not None and rc < 0:
             try:
                 name = signal.Signals(-rc).name
@@ -1834,11 +1835,11 @@ class Gateway:
         elif rc is None:
             # a backend's own reason says when ("... before the cell started (nothing ran)"
             # after "before the cell finished" told two stories)
-            why = ("the runner was lost" if ours and len(ours) == len(last)
+            why = ("the runner was lost" if explained
                    else "the runner was lost before the cell finished")
         else:
             why = f"the runner process exited with code {rc} before the cell finished"
-        if ours and len(ours) == len(last):  # what a backend said of it: the reason itself
+        if explained:  # what a backend said of it: the reason itself
             why += ": " + "; ".join(ours)
         elif last:
             why += "; the last it printed: " + " | ".join(last)
