@@ -1233,6 +1233,11 @@ def _not_found(answer: Any) -> bool:
     return isinstance(answer, GatewayError) and answer.status == 404
 
 
+def _withdraws(client: GatewayClient) -> bool:
+    # (from what the client knows already: a gateway that stalls must not be asked again)
+    return isinstance(client._health, dict) and client._health.get("withdraws") is True
+
+
 def _cancel_until_found(client: GatewayClient, job_id: str, answer: Any,
                         within: float = 1.0) -> Any:
     """Cancel ``job_id`` again while the gateway says it has no such job, for ``within``
@@ -1573,9 +1578,10 @@ def run(
         if "client" in box:
             with _sigint_deferred():
                 answer = _cancel_quietly(box["client"], job_id)
-            if job is None and _not_found(answer):
+            if job is None and _not_found(answer) and not _withdraws(box["client"]):
                 # the submit may still be on its way to the gateway: a job it takes after this
-                # cancel would run with nobody following it, so ask again for a moment
+                # cancel would run with nobody following it, so ask again for a moment (a
+                # gateway that says it withdraws the id refuses such a submit itself)
                 with _sigint_deferred():
                     answer = _cancel_until_found(box["client"], job_id, answer)
         if isinstance(job, _Job) and isinstance(answer, GatewayError) and answer.status is None:

@@ -390,7 +390,7 @@ def test_health_needs_no_token(gateway: Gateway, header: str | None) -> None:
     # known vulnerabilities); whether tokens are shared stays, for a refused client's advice,
     # and that this caller's token was not taken (a client then says so, not "Python ''")
     assert set(health) == {"status", "version", "client_python", "wire_format", "digests",
-                           "shared", "authorized"}, health
+                           "shared", "withdraws", "authorized"}, health
     assert health["authorized"] is False
 
 
@@ -1112,6 +1112,25 @@ def test_other_users_job_is_invisible_and_untouchable(users: Users) -> None:
     # alice is told who stopped her job: she did not ask for it
     assert done["message"] == "cancelled by carol (admin) while running; the output so far is kept"
     for c in (alice, bob, carol):
+        c.close()
+
+
+def test_a_cancel_that_finds_no_job_withdraws_its_id_for_its_own_user_only(users: Users) -> None:
+    # a client interrupted while submitting cancels by the id it chose; a submit still on
+    # its way must not run after that cancel, and nobody else's cancel may stop one
+    alice, bob = users.client("alice"), users.client("bob")
+    late, others = secrets.token_hex(8), secrets.token_hex(8)
+    for who, job_id in (("alice", late), ("bob", others)):
+        resp = call(users.gw.url, users.tokens[who], "DELETE", f"/v1/jobs/{job_id}")
+        refused(resp, 404, "no_such_job")
+    with pytest.raises(GatewayError) as got:
+        submit(alice, "made = 1", id=late)
+    assert got.value.status == 409 and got.value.detail["error"] == "job_cancelled"
+    assert str(got.value).startswith(f"job {late} was cancelled before the gateway took it")
+    assert late not in [j["id"] for j in alice.jobs()]
+    assert finish(alice, submit(alice, "made = 1", id=others)["id"])["state"] == "succeeded"
+    assert alice.health()["withdraws"] is True
+    for c in (alice, bob):
         c.close()
 
 

@@ -213,13 +213,16 @@ def test_an_interrupt_while_submitting_to_a_stopped_gateway_says_so(
 
 class _Holding:
     """A loopback proxy to the gateway that passes everything up to the first request that
-    begins with ``hold`` (on any connection, keep-alive ones too): from there on it reads
-    nothing more from that connection, and passes nothing of it on."""
+    begins with ``hold`` (on any connection, keep-alive ones too): from there on it passes
+    nothing of that connection on, until ``let_go`` is set (a request that comes late);
+    ``answers`` collects what the gateway sent back on every connection."""
 
     def __init__(self, target: str, hold: bytes) -> None:
         host, port = target.rsplit("//", 1)[1].split(":")
         self.target, self.hold = (host, int(port)), hold
         self.held = threading.Event()
+        self.let_go = threading.Event()
+        self.answers: list[bytes] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.conns: list[socket.socket] = []
@@ -233,9 +236,11 @@ class _Holding:
                 self.conns += [conn, up]
                 threading.Thread(target=self._pipe, args=(conn, up, self.hold),
                                  daemon=True).start()
-                threading.Thread(target=self._pipe, args=(up, conn, None), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(up, conn, None, self.answers),
+                                 daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, hold: bytes | None) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, hold: bytes | None,
+              seen: list[bytes] | None = None) -> None:
         tail = b""
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
@@ -243,7 +248,11 @@ class _Holding:
                 if at >= 0:  # (the bodies here cannot hold a request line)
                     dst.sendall(data[: max(0, at - len(tail))])
                     self.held.set()
-                    return
+                    if not self.let_go.wait(DEADLINE):
+                        return
+                    data, hold = data[max(0, at - len(tail)):], None
+                if seen is not None:
+                    seen.append(data)
                 dst.sendall(data)
                 tail = data[-len(hold):] if hold else b""
         with contextlib.suppress(OSError):
@@ -289,6 +298,38 @@ def test_an_interrupt_before_the_gateway_took_the_job_names_no_job(
                               "it: no GPU job was made, nothing ran and nothing was bound; run "
                               "the cell again")
     assert got.value.job_id is None
+    assert {j["id"] for j in client.jobs()} == before and all_free(client)
+
+
+def test_a_submit_that_comes_after_its_cancel_is_refused(client: Any) -> None:
+    # interrupted while submitting, the client's cancel found no job (404) while its submit
+    # was still on its way: the gateway took it after, and it ran with nobody following it
+    import gpu_magic
+    from gpu_magic._client import GatewayClient
+    from gpu_magic._errors import JobCancelled
+
+    before = {j["id"] for j in client.jobs()}
+    proxy = _Holding(client.url, b"POST /v1/jobs")
+    main = threading.main_thread().ident
+
+    def interrupt() -> None:
+        if proxy.held.wait(DEADLINE):
+            time.sleep(0.3)
+            signal.pthread_kill(main, signal.SIGINT)
+
+    try:
+        with GatewayClient(proxy.url, client.token, same_host=False) as c:
+            c._bulk = False
+            threading.Thread(target=interrupt, daemon=True).start()
+            with pytest.raises(JobCancelled, match="interrupted while submitting it"):
+                gpu_magic.run("made = 1", "H100", {"__name__": "__main__"}, client=c,
+                              quiet=True)
+            proxy.let_go.set()  # the submit reaches the gateway now, after the cancel
+            wait_for(lambda: b"job_cancelled" in b"".join(proxy.answers), DEADLINE)
+    finally:
+        proxy.close()
+    answer = b"".join(proxy.answers).decode()
+    assert "409 Conflict" in answer and "was cancelled before the gateway took it" in answer
     assert {j["id"] for j in client.jobs()} == before and all_free(client)
 
 

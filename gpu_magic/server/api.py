@@ -289,6 +289,8 @@ def create_app(gateway: Gateway, auth: Authenticator, *, loopback_only: bool = T
             "wire_format": WIRE_FORMAT,
             "digests": list(SCHEMES),  # the blob digests it verifies (a client picks one)
             "shared": len(auth.users()) > 1,
+            # a cancel that finds no job refuses a submit of its id that comes after it
+            "withdraws": True,
         }
         # The rest tells which packages and versions run the cells (what an attacker looks
         # up vulnerabilities for): only for a caller with a token, like every other route.

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -55,6 +56,9 @@ EVALUE_KEPT = 100_000  # characters of an interrupted cell's error message (the 
 OUTCOME_EVENT_MAX = 4 << 20  # the rest of it (names, notes, a traceback's frames)
 OUTSIDE_POLL_S = 2.0  # how often a GPU held outside gpu_magic is looked at while jobs wait
 ENDING_GRACE_S = 15.0  # a runner that said its cell ended has this long to end, timeout or not
+WITHDRAWN_S = 600.0  # how long a cancel that found no job refuses a submit of that id
+WITHDRAWN_MAX = 10_000
+_CHOSEN_ID = re.compile(r"[0-9a-f]{12,32}")  # an id a client may choose (api.JobSubmit)
 OUTPUT_MAX = 64 << 20  # characters of output kept for one job
 INBOX_STALE_S = 600.0  # an inbox file not written for this long was left by a client that died
 EVENT_COST = 64  # what one output event counts against it besides its text
@@ -471,6 +475,9 @@ class Gateway:
         self.cut_short: set[str] = set()
         # users a reload of the tokens file removed: their running jobs are not retried
         self.revoked: set[str] = set()
+        # (user, job id) of cancels that found no job, and when: a submit interrupted on its
+        # way is cancelled by the id its client chose, and may come in after the cancel
+        self._withdrawn: dict[tuple[str, str], float] = {}
         # users told (once) that a cell taking the default --timeout runs under the cap
         self._told_cap: set[str] = set()
 
@@ -989,6 +996,10 @@ class Gateway:
         body = dict(body, timeout=timeout, timeout_asked=asked, meta=meta, session=session,
                     digests=digests)
         job_id = body.get("id") or secrets.token_hex(8)
+        if self._withdrawn.pop((user.name, job_id), None) is not None:
+            raise ApiError(409, "job_cancelled",
+                           f"job {job_id} was cancelled before the gateway took it (its cell "
+                           "was interrupted while submitting): nothing ran. Run the cell again.")
         if job_id in self.jobs:
             raise ApiError(409, "job_exists", f"a job with id {job_id!r} exists already; "
                            "let the client choose a fresh random id or none")
@@ -1139,7 +1150,11 @@ class Gateway:
 
     def cancel(self, user: User, job_id: str, via: str | None = None) -> Job:
         """``via``: where its own user cancelled it, when not from the cell (``sidebar``,
-        ``%gpu cancel``): the cell's status says so, as it says "by the Cancel button"."""
+        ``%gpu cancel``): the cell's status says so, as it says "by the Cancel button".
+        A cancel that finds no job of that id withdraws it for a while: a submit of it that
+        was still on its way is refused, not run with nobody following it."""
+        if job_id not in self.jobs and _CHOSEN_ID.fullmatch(job_id):
+            self._withdraw(user.name, job_id)
         job = self.job_for(user, job_id)
         if job.final:
             return job
@@ -1162,6 +1177,15 @@ class Gateway:
                 job.message = f"cancelled{by} while running; the output so far is kept"
             self.backend.cancel(job.handle)
         return job
+
+    def _withdraw(self, user: str, job_id: str) -> None:
+        now = time.monotonic()
+        held = self._withdrawn
+        for key in [k for k, t in held.items() if now - t > WITHDRAWN_S]:
+            del held[key]
+        while len(held) >= WITHDRAWN_MAX:  # (a client cancelling made-up ids stays bounded)
+            del held[next(iter(held))]
+        held[(user, job_id)] = now
 
     def _revoke(self, names: set[str], present: set[str]) -> tuple[int, int]:
         """Users a reload of the tokens file removed (``names``; ``present``: those it has):
