@@ -954,13 +954,17 @@ def test_a_job_sent_to_a_node_that_just_died_ends_instead_of_waiting_for_good(
     assert follow(rc, submit(rc, "x = 1", "A10:2")["id"])[-1]["state"] == "succeeded"
     cluster.remove("a10")
     job = submit(rc, "print('ran', flush=True)", "A10:2, A100-80GB:2")
-    done = follow(rc, job["id"])[-1]
+    events = follow(rc, job["id"])
+    done, kinds = events[-1], [e["type"] for e in events]
     assert done["type"] == "done", done
     if done["state"] == "lost":
         assert "the Ray node" in done["message"], done
         assert "before the cell started (nothing ran)" in done["message"], done
+        # nor did its status say "running": it was granted, and its runner never took it
+        assert "granted" in kinds and "started" not in kinds, kinds
     else:  # (the pool already knew the node gone: its next option)
         assert done["state"] == "succeeded", done
+        assert kinds.index("granted") < kinds.index("started") < kinds.index("stdout"), kinds
     wait_for(lambda: "A10" not in free(rc), DEADLINE_S)
 
 

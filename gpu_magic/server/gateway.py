@@ -1513,7 +1513,9 @@ class Gateway:
             job.message = f"the runner could not be started: {exc}"
             self._finish(job, "failed")
             return
-        self._emit(job, {"type": "started", "attempt": job.attempt})
+        if not getattr(self.backend, "reports_start", False):
+            self._emit(job, {"type": "started", "attempt": job.attempt})
+        # (else when its runner has it: see "interruptible")
         self._arm_timeout(job)
         self.store.save_job(self._record(job))
 
@@ -1594,13 +1596,17 @@ class Gateway:
                 job.outcome = f.result() if exc is None else _not_stored(exc, self.state_dir)
 
             adopting.add_done_callback(adopted)
-        elif kind == "interruptible" and job.took != attempt and job.timer is not None:
+        elif kind == "interruptible" and job.took != attempt:
             # the runner has the job now: on Ray, after a worker started and the inputs came,
             # which took seconds on a fresh node, and a --timeout of 2 s said "the cell ran
             # longer" of a cell that never ran (a researcher's trial). It counts from here.
             job.took = attempt
-            job.timer.cancel()
-            self._arm_timeout(job)
+            if job.timer is not None:
+                job.timer.cancel()
+                self._arm_timeout(job)
+            if getattr(self.backend, "reports_start", False) and job.stop_reason is None:
+                # and its cell starts now: the widget said "running" all that while
+                self._emit(job, {"type": "started", "attempt": attempt})
         elif kind == "interrupted" and job.interrupted and not job.interrupt_taken:
             # the cell got the interrupt (a KeyboardInterrupt where it was): its handlers run
             # now; the client waits for them instead of cancelling a cell that did not stop
