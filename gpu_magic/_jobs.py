@@ -391,10 +391,11 @@ class GpuJob:
         finally:
             if job.state.state == "succeeded" and job.result is not None:
                 # (the deleted first: a render between the two would call them all binds)
-                job.state.pending_deleted = sorted(set(job.result.get("deleted", []))
-                                                   - set(job.result.get("names", [])))
-                job.state.pending = sorted(set(job.result.get("names", []))
-                                           | set(job.result.get("deleted", [])))
+                names, deleted = job.result.get("names", []), job.result.get("deleted", [])
+                job.state.pending_deleted = sorted(set(deleted) - set(names))
+                job.state.pending_imported = sorted(set(job.result.get("modules") or [])
+                                                    & set(names))
+                job.state.pending = sorted(set(names) | set(deleted))
             elif job.error is not None:
                 try:
                     self._failure = job._remote_exception()
@@ -564,7 +565,7 @@ class GpuJob:
             names, deleted, has_value, value = self._load()
         except BaseException as exc:
             self._failure = exc
-            job.state.pending = job.state.pending_deleted = []
+            job.state.pending = job.state.pending_deleted = job.state.pending_imported = []
             job.state.message = str(exc)
             job.view.reopen()
             print(f"[gpu_magic] {exc}", file=sys.stderr)
@@ -599,7 +600,8 @@ class GpuJob:
                 entry = _JOB_BOUND.setdefault(id(ns), (ns, {}))
                 entry[1].update((n, (ns[n], self._order)) for n in take if n in ns)
         state = job.state
-        state.pending, state.pending_deleted, state.kept_local = [], [], sorted(moved)
+        state.pending, state.pending_deleted, state.pending_imported = [], [], []
+        state.kept_local = sorted(moved)
         if moved:
             print(f"[gpu_magic] background job {self.id} finished; kept your "
                   f"{', '.join(sorted(moved))}: reassigned here since the job was submitted. "

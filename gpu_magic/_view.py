@@ -69,6 +69,7 @@ class JobState:
         self.kept_local: list[str] = []  # returned names not bound: reassigned here meanwhile
         self.pending: list[str] = []  # returned names waiting for a safe point to be bound
         self.pending_deleted: list[str] = []  # of those, the ones the cell deleted
+        self.pending_imported: list[str] = []  # and the modules it imported
         self.notices: list[str] = []
         self.cancel: str | None = None  # who asked: "the Cancel button", "job.cancel()", ...
         self.cancelled_by: str | None = None  # an admin the gateway says cancelled it
@@ -317,11 +318,15 @@ class JobState:
             return ""
         parts = []
         if self.pending:
-            binds = [n for n in self.pending if n not in self.pending_deleted]
+            binds = [n for n in self.pending
+                     if n not in self.pending_deleted and n not in self.pending_imported]
             will = [f"bind {_names(binds)}"] if binds else []
+            if imports := [n for n in self.pending_imported if n in self.pending]:
+                will.append(f"import {_names(imports)}")
             if self.pending_deleted:
                 will.append(f"delete {_names(self.pending_deleted)}")
-            parts.append(f"will {' and '.join(will)} before the next cell runs "
+            # (as it will say once done: "bound z · imported os, time · deleted scores")
+            parts.append(f"will {' · '.join(will)} before the next cell runs "
                          "(or at job.wait())")
         if self.bound:
             parts.append(f"bound {_names(self.bound)}")
@@ -712,7 +717,8 @@ class TextView(NullView):
         # names bound while the job still runs: its end, right after, says so
         bound = tuple(s.bound) if s.final else ()
         return (moved, s.position, len(s.attempts), s.cancel, s.cancel_error, bound,
-                tuple(s.pending), tuple(s.pending_deleted), s.interrupt, s.interrupted,
+                tuple(s.pending), tuple(s.pending_deleted), tuple(s.pending_imported),
+                s.interrupt, s.interrupted,
                 s.interrupted_by)
 
     def _bundle(self) -> dict[str, Any]:

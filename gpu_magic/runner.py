@@ -1600,6 +1600,10 @@ def _pack_results(
     event: dict[str, Any] = {
         "type": "result",
         "names": [*values, *states],
+        # (which of them are modules: a background job's status says "will import" of them
+        # before its results are loaded, as "imported" after)
+        "modules": [n for n, v in values.items()
+                    if isinstance(v, types.ModuleType) and n not in skipped],
         "skipped": skipped,
         "value": value_repr if "value" in payload else None,
         "has_value": "value" in payload,

@@ -99,7 +99,8 @@ def test_a_background_job_that_deletes_a_name_says_it_will_delete_it(tmp_path: P
         "print('scores' in globals(), z)",
     )
     execute(nb, tmp_path)
-    assert ("will bind os, time, z and delete scores before the next cell runs (or at "
+    # and the modules it imported are said apart, as once they are bound
+    assert ("will bind z · import os, time · delete scores before the next cell runs (or at "
             "job.wait())\n") in texts(nb.cells[3], "stdout")
     assert texts(nb.cells[4], "stdout") == "False 7\n"
     assert "bound z · imported os, time · deleted scores" in saved(nb.cells[1])[0]
