@@ -215,6 +215,48 @@ def test_filling_waits_while_jobs_run(tmp_path: Path) -> None:
         r.close()
 
 
+def test_filling_waits_only_while_cells_may_want_every_core() -> None:
+    from gpu_magic.server.reserve import crowded
+
+    assert not crowded(0, 1) and crowded(1, 1)  # (one core: as before, only when idle)
+    assert not crowded(0, 2) and crowded(1, 2)
+    # a shared server's 16 cores: its reserve is filled while some of its cells run
+    assert not crowded(14, 16) and crowded(15, 16) and crowded(40, 16)
+
+
+@pytest.mark.parametrize("cores", [2, 3])
+def test_a_gateway_fills_its_reserve_while_a_cell_runs_only_with_cores_to_spare(
+        tmp_path: Path, cores: int) -> None:
+    # a department's GPU server always had a cell running, so its reserve was never filled
+    _needs_room(tmp_path)
+    if len(os.sched_getaffinity(0)) < cores:
+        pytest.skip(f"this machine has fewer than {cores} cores to give the gateway")
+    chosen = sorted(os.sched_getaffinity(0))[:cores]
+    gw = start_gateway(tmp_path, "--blob-reserve", "64M",
+                       preexec_fn=lambda: os.sched_setaffinity(0, chosen))
+    reserve = gw.state_dir / "reserve"
+    flag = tmp_path / "go"
+    try:
+        with GatewayClient(gw.url, gw.token, same_host=False) as c:
+            ns: dict[str, Any] = {"__name__": "__main__", "data": np.ones(MIB)}  # (8 MiB)
+            cell = (f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n"
+                    "    time.sleep(0.05)\nn = len(data)")
+            job = gpu_magic.run(cell, "H100", ns, client=c, quiet=True, background=True)
+            wait_for(lambda: c.job(job.id)["state"] == "running", timeout=30)
+            if cores > 2:
+                wait_for(lambda: len(_sizes(reserve)) == 1, timeout=20)
+            else:  # one core for the cell and one for the gateway: nothing to spare
+                threading.Event().wait(1.5)  # (five quiet periods)
+                assert _sizes(reserve) == []
+            flag.touch()
+            job.wait()
+            assert ns["n"] == MIB
+            wait_for(lambda: len(_sizes(reserve)) == 1, timeout=20)
+    finally:
+        flag.touch()
+        gw.stop()
+
+
 def test_a_job_that_starts_during_a_fill_stops_it_and_the_fill_goes_on_later(
         tmp_path: Path) -> None:
     _needs_room(tmp_path)

@@ -28,12 +28,14 @@ from typing import Any
 
 from .._errors import SpecError
 from .._payload import SCHEMES, is_digest
+from .._reserve import usable_cores
 from .._spec import KNOWN_TYPES, GpuOption, GpuSpec, env_problem, pool_type_note
 from .._version import WIRE_FORMAT, __version__
 from .auth import User
 from .backends.local import Handle, RunSpec
 from .inventory import Gpu
 from .limits import Limits, human, save_overrides, seconds
+from .reserve import crowded
 from .scheduler import (
     Grant,
     Request,
@@ -442,7 +444,8 @@ class Gateway:
         # health tells each caller with a token its offer); None where serve opened none
         self.bulk: Any = None
         self.store = Store(state_dir)
-        self.blobs = BlobStore(state_dir / "blobs", blob_reserve, busy=lambda: bool(self.running))
+        self.blobs = BlobStore(state_dir / "blobs", blob_reserve,
+                               busy=lambda: crowded(len(self.running), usable_cores()))
         self.blobs.needed = self._needed_blobs
         self.jobs_dir = state_dir / "jobs"
         self.jobs_dir.mkdir(exist_ok=True, mode=0o700)

@@ -34,6 +34,13 @@ def default_cap() -> int:
     return min(8 << 30, ram // 8)
 
 
+def crowded(running: int, cores: int) -> bool:
+    """Whether the cells running on this host may want every core but the one the gateway and
+    its clients need: filling waits then. Waiting whenever any cell ran, a busy shared GPU
+    server (a cell always running) never filled its reserve, though most of its cores idled."""
+    return running > 0 and running >= cores - 1
+
+
 def room_for(folder: Path, size: int) -> bool:
     """Whether the disk of ``folder`` keeps enough free after ``size`` more bytes: the reserve
     must never be what makes a user's own upload fail for want of space."""
