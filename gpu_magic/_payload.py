@@ -210,6 +210,10 @@ class _Pickler(cloudpickle.Pickler):
         self._makers: dict[int, _ModuleMaker] = {}
         self.classes: dict[int, tuple[type, dict[str, Any]]] = {}
         self._shell = _ipython_shell()
+        # numpy views over memory another array of this pickle has (see _view): the arrays
+        # pickled so far, by id, and the spans planned for views whose base is not sent
+        self._arrays: dict[int, Any] | None = None
+        self._spans: dict[int, tuple[Any, int]] = {}
 
     def by_value_module(self, dict_id: int) -> types.ModuleType | None:
         """The module sent by value (a local one) whose ``__dict__`` has this id, if any."""
@@ -258,6 +262,26 @@ class _Pickler(cloudpickle.Pickler):
         changed = self._inside_refs.changed(obj, place)
         return (INSIDE_PID, place, state, type(obj), changed)
 
+    def _view(self, obj: Any) -> Any:
+        """A numpy view whose memory another array of this pickle holds (its base, pickled
+        before it, or a span planned by :func:`plan_spans`) travels as a view of that array:
+        sent as copies, ``X_train = X[:8]`` no longer saw ``X -= 100`` in the cell, and two
+        overlapping views each came back over the other's part."""
+        assert self._arrays is not None
+        root = _root(obj)
+        if root is obj or obj.dtype.hasobject:
+            self._arrays[id(obj)] = obj
+            return None
+        if id(root) in self._arrays:
+            base, at = root, 0
+        elif id(obj) in self._spans:
+            base, at = self._spans[id(obj)]
+        else:
+            self._arrays[id(obj)] = obj
+            return None
+        offset = _address(obj) - _address(root) - at
+        return _view_of, (base, offset, obj.shape, obj.strides, obj.dtype, obj.flags.writeable)
+
     def reducer_override(self, obj: Any) -> Any:
         if obj is self._shell and obj is not None:
             # `ip = get_ipython()`: each side's own shell, as the name holds it in a local
@@ -271,6 +295,10 @@ class _Pickler(cloudpickle.Pickler):
         if _is_cuda_tensor(obj):
             self.cuda_moved += 1
             return _on_cpu(obj).__reduce_ex__(5)
+        if self._arrays is not None and type(obj) is _ndarray_type():
+            reduced = self._view(obj)
+            if reduced is not None:
+                return reduced
         reduced = _reduce_storage(obj)
         if reduced is not None:
             return reduced
@@ -773,6 +801,7 @@ def dumps(
     keep_objects: bool = False,
     inline_limit: int = INLINE_LIMIT,
     hash_buffers: bool = True,
+    views_among: Mapping[str, Any] | None = None,
 ) -> tuple[Packed, int]:
     """Pickle ``obj`` in one go; return the payload and how many CUDA tensors moved to the CPU.
 
@@ -783,6 +812,8 @@ def dumps(
     (``Packed.objects``), for the answer to name them.
     ``hash_buffers=False`` leaves ``buffer_digests`` empty for a caller that hashes the
     buffers while it writes them (one pass over a large result instead of two).
+    ``views_among``: the named values (inside ``obj``) whose numpy views keep sharing memory
+    with each other and with their bases where it is unpickled (see :func:`arrays_first`).
     """
     buffers: list[memoryview] = []
 
@@ -796,6 +827,8 @@ def dumps(
     with by_value_here(local_dir):
         f = io.BytesIO()
         p = _Pickler(f, namespace, input_refs, inside_refs, buffer_callback=keep_out_of_band)
+        if views_among is not None:
+            p._arrays, p._spans = {}, plan_spans(views_among.values())
         p.dump(obj)
     data = f.getvalue()
     f.close()  # (its buffer: the pickler, kept for its memo, holds the file)
@@ -925,6 +958,92 @@ class MissingInput(pickle.UnpicklingError):
 
 
 _NUMPY_NUMERIC = frozenset({"numpy.core.numeric", "numpy._core.numeric"})
+
+
+def _ndarray_type() -> Any:
+    numpy = sys.modules.get("numpy")
+    return numpy.ndarray if numpy is not None else None
+
+
+def _address(arr: Any) -> int:
+    return int(arr.__array_interface__["data"][0])
+
+
+def _root(arr: Any) -> Any:
+    """The array whose memory the view ``arr`` is of (itself if it has its own), where a view
+    of it can be made again: of a plain numpy array, in one piece (C or Fortran order)."""
+    root = arr
+    while type(root.base) is type(arr):
+        root = root.base
+    if root is arr or root.dtype.hasobject or not (
+            root.flags.c_contiguous or root.flags.f_contiguous):
+        return arr
+    return root
+
+
+def _array_extent(arr: Any) -> tuple[int, int]:
+    """The bytes of memory the numpy array ``arr`` spans, from its first element's address."""
+    lo = hi = 0
+    for n, step in zip(arr.shape, arr.strides):
+        if step < 0:
+            lo += step * (n - 1)
+        else:
+            hi += step * (n - 1)
+    return lo, hi + arr.itemsize
+
+
+def plan_spans(values: Iterable[Any]) -> dict[int, tuple[Any, int]]:
+    """For views among ``values`` whose base is not among them, but that overlap another
+    view of the same base: the part of the base they cover together (one array, sent once)
+    and where it begins, keyed by the view's id. Only where that part costs no more than
+    the views would apart: ``big[::1000]`` beside ``big[1::1000]`` spans all of ``big``."""
+    kind = _ndarray_type()
+    if kind is None:
+        return {}
+    ids = {id(v) for v in values}
+    groups: dict[int, list[tuple[int, int, Any]]] = {}
+    roots: dict[int, Any] = {}
+    for v in values:
+        if type(v) is kind and v.size and (root := _root(v)) is not v and id(root) not in ids:
+            at = _address(v) - _address(root)
+            lo, hi = _array_extent(v)
+            groups.setdefault(id(root), []).append((at + lo, at + hi, v))
+            roots[id(root)] = root
+    spans: dict[int, tuple[Any, int]] = {}
+    for key, views in groups.items():
+        clusters: list[list[tuple[int, int, Any]]] = []
+        for view in sorted(views, key=lambda t: t[0]):
+            if clusters and view[0] < max(hi for _, hi, _ in clusters[-1]):
+                clusters[-1].append(view)
+            else:
+                clusters.append([view])
+        flat = roots[key].reshape(-1, order="A")  # (in one piece: see _root)
+        for cluster in clusters:
+            lo, hi = cluster[0][0], max(hi for _, hi, _ in cluster)
+            if len(cluster) < 2 or hi - lo > sum(v.nbytes for _, _, v in cluster):
+                continue
+            span = kind((hi - lo,), dtype="u1", buffer=flat, offset=lo)
+            spans.update((id(v), (span, lo)) for _, _, v in cluster)
+    return spans
+
+
+def arrays_first(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with the numpy arrays that others are views of first: a view pickled after
+    its base travels as a view of it (see _Pickler._view)."""
+    kind = _ndarray_type()
+    if kind is None:
+        return dict(values)
+    bases = {id(_root(v)) for v in values.values() if type(v) is kind}
+    first = {n: v for n, v in values.items() if id(v) in bases}
+    return {**first, **values}
+
+
+def _view_of(base: Any, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
+             dtype: Any, writeable: bool) -> Any:
+    view = _ndarray_type()(shape, dtype, buffer=base, offset=offset, strides=strides)
+    if not writeable and view.flags.writeable:
+        view.flags.writeable = False
+    return view
 
 
 def _array_from_buffer(frombuffer: Callable[..., Any], buf: Any, *args: Any) -> Any:
@@ -2079,8 +2198,10 @@ def pack_inputs(
     ``keep_objects``: keep what is inside them by place, for the results to name;
     ``hash_buffers=False``: for :func:`name_buffers` once the digest scheme is known."""
     try:
-        packed, _ = dumps(dict(values), namespace=namespace, local_dir=local_dir,
-                          keep_objects=keep_objects, hash_buffers=hash_buffers)
+        ordered = arrays_first(values)
+        packed, _ = dumps(ordered, namespace=namespace, local_dir=local_dir,
+                          keep_objects=keep_objects, hash_buffers=hash_buffers,
+                          views_among=ordered)
     except Exception as exc:
         with by_value_here(local_dir):  # (a module of the notebook's is sent whole)
             for name, value in values.items():

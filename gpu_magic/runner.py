@@ -1523,7 +1523,7 @@ def _pack_results(
     untold: Collection[str] = (),
 ) -> dict[str, Any]:
     states = {n: st for n in same if (st := _payload.in_place_state(ns[n])) is not None}
-    values = {n: ns[n] for n in names if n not in states}
+    values = _payload.arrays_first({n: ns[n] for n in names if n not in states})
     payload: dict[str, Any] = {"names": values}
     if module_states:
         payload["modules"] = module_states
@@ -1542,7 +1542,8 @@ def _pack_results(
     skipped: dict[str, str] = {}
     try:
         packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs,
-                                            inside_refs=inside, hash_buffers=False)
+                                            inside_refs=inside, hash_buffers=False,
+                                            views_among=values)
     except Exception:
         # only now look name by name for what cannot travel (pickling everything twice on the
         # common path would double the cost of large results), then send the rest
@@ -1596,7 +1597,8 @@ def _pack_results(
                                        f"{value_repr}")
             del payload["value"]
         packed, cuda_moved = _payload.dumps(payload, namespace=ns, input_refs=unchanged_inputs,
-                                            inside_refs=inside, hash_buffers=False)
+                                            inside_refs=inside, hash_buffers=False,
+                                            views_among=values)
     event: dict[str, Any] = {
         "type": "result",
         "names": [*values, *states],

@@ -476,6 +476,43 @@ def test_a_tensor_reshaped_in_place_stays_the_notebook_s_tensor() -> None:
     assert torch.equal(big, torch.full((64, 16), 2.0))
 
 
+def test_numpy_views_share_memory_in_the_cell_as_here() -> None:
+    # a newcomer's trial: X_train = X[:8] arrived as a copy, so after `X -= 100` the cell's
+    # X_train.mean() was 3.5 where a local cell gives -96.5; and two overlapping views of an
+    # array not sent came back each over the other's part
+    ns = notebook("""
+        import numpy as np
+        X = np.arange(10, dtype=float)
+        X_train = X[:8]
+        F = np.asfortranarray(np.arange(12.0).reshape(3, 4))
+        back = F[::-1, ::2]
+        a = np.zeros(10)
+        va, vb = a[:5], a[3:]
+        big = np.arange(1 << 20, dtype=float)
+        head, tail = big[:10], big[-10:]
+    """)
+    X, a = ns["X"], ns["a"]
+    value = run(ns, """
+        X -= 100
+        F[0, 0] = -1
+        va[:] = 1
+        vb[-1] = 2
+        linked = [np.shares_memory(X, X_train), np.shares_memory(F, back),
+                  np.shares_memory(va, vb), np.shares_memory(head, tail)]
+        X_train.mean()
+    """)
+    assert value == -96.5
+    assert ns["linked"] == [True, True, True, False]  # (head and tail never overlapped)
+    assert ns["X"] is X and ns["X_train"].base is X and ns["X_train"].mean() == -96.5
+    assert ns["back"][-1, 0] == -1
+    assert a.tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 2]  # as a local cell leaves it
+    # arrays the cell makes come back sharing memory as they did there
+    run(ns, "m = np.zeros(6)\nmv = m[2:4]\nmv += 5")
+    assert np.shares_memory(ns["m"], ns["mv"]) and ns["m"].tolist() == [0, 0, 5, 5, 0, 0]
+    ns["m"][2] = 7
+    assert ns["mv"][0] == 7
+
+
 def test_a_view_reshaped_in_place_brings_back_only_its_own_bytes() -> None:
     # the whole storage came back: what the notebook did meanwhile to the rest of it (a
     # background job) was undone
