@@ -406,6 +406,7 @@ class _Job:
         self.error: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
         self.in_place: dict[str, tuple[Any, ...]] = {}  # inputs changed in place: new states
+        self.left: dict[str, tuple[Any, ...]] = {}  # the same, of names the cell rebound
         # attached: a new object for each of them, which the results' references reach
         self.fresh: dict[str, Any] = {}
         self.modules: dict[str, tuple[Any, ...]] = {}  # local modules the cell changed
@@ -730,6 +731,10 @@ class _Job:
         self.in_place = {n: tuple(_rehome(x, staging, self.namespace, memo) for x in st)
                          for n, st in (payload.get("in_place") or {}).items()}
         names.update({n: self.fresh.get(n, self.refs.get(n, _NOTHING)) for n in self.in_place})
+        # inputs changed in place before the cell rebound or deleted their names: the new
+        # state of the object that was sent (ours), whatever the name holds now
+        self.left = {n: tuple(_rehome(x, staging, self.namespace, memo) for x in st)
+                     for n, st in (payload.get("left") or {}).items()}
         self.sent_objects = None  # (named: what the inputs' pickler held goes)
         # and what was inside them (models[0], params["W"]): the same, by object
         self.inside = [(obj, tuple(_rehome(x, staging, self.namespace, memo) for x in st))
@@ -771,6 +776,10 @@ class _Job:
                 fresh.append((n, st))  # not the object that was sent: a new one
                 continue
             todo.append((n, names[n], self._merged(lambda n=n: n, names[n], st)))
+        for n, st in self.left.items():
+            obj = self.refs.get(n, _NOTHING)
+            if obj is not _NOTHING and not self.attached and _payload.fits(obj, st):
+                todo.append((n, obj, self._merged(lambda n=n: n, obj, st)))
         # and what was inside them (models[0], params["W"]), checked as it was rebuilt
         for obj, st in self.inside:
             label = f"an object inside the inputs ({type(obj).__name__})"

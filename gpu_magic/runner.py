@@ -1521,12 +1521,15 @@ def _pack_results(
     inside: _payload.Places | None = None,
     listed: bool = False,
     untold: Collection[str] = (),
+    left: dict[str, tuple[Any, ...]] | None = None,
 ) -> dict[str, Any]:
     states = {n: st for n in same if (st := _payload.in_place_state(ns[n])) is not None}
     values = _payload.arrays_first({n: ns[n] for n in names if n not in states})
     payload: dict[str, Any] = {"names": values}
     if module_states:
         payload["modules"] = module_states
+    if left:
+        payload["left"] = left
     if states:
         payload["in_place"] = states
         # every reference to such an object, in its own state or elsewhere in the results,
@@ -2187,12 +2190,25 @@ class _Session:
         # client's object in place too, so its other references (an alias, a dict holding the
         # model, a view of the array) see the change as they would locally
         same = [n for n in names if n in shipped and ns[n] is shipped[n]]
+        # and an input changed in place before its name was rebound or deleted
+        # (`history.append(x)` then `history = history[-100:]`): the change too, for the
+        # client's own object, which its other references hold (a trial: `runs["main"]` lost
+        # the appended value)
+        left: dict[str, tuple[Any, ...]] = {}
+        if not manifest.get("no_return") and manifest.get("return_names") is None:
+            for n, fp in before.items():
+                if fp is not None and (n not in ns or ns[n] is not shipped[n]) and \
+                        _payload.fingerprint(shipped[n], ns, mapped.known, own_state=True) != fp:
+                    state = _payload.in_place_state(shipped[n])
+                    if state is not None:
+                        left[n] = state
+                        unchanged.setdefault(id(shipped[n]), n)  # (held elsewhere: that one)
         value = result.result if manifest.get("has_value") else None
         try:
             event = _pack_results(ns, names, value,
                                   bool(manifest.get("has_value")) and value is not None,
                                   unchanged, out, same, module_states, inside,
-                                  manifest.get("return_names") is not None, untold)
+                                  manifest.get("return_names") is not None, untold, left)
         except OSError as exc:  # a full disk, a file size limit: the cell itself had finished
             emitter.emit({
                 "type": "runner_error", "ename": type(exc).__name__, "cell_finished": True,

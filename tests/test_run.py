@@ -513,6 +513,35 @@ def test_numpy_views_share_memory_in_the_cell_as_here() -> None:
     assert ns["mv"][0] == 7
 
 
+def test_an_input_changed_in_place_then_rebound_or_deleted_keeps_the_change_here() -> None:
+    # a newcomer's trial: after `history.append(0.5)` then `history = history[-100:]`,
+    # runs["main"] (the list history had held) stayed empty where a local cell appends
+    ns = notebook("""
+        history = []
+        runs = {"main": history}
+        scores = [1]
+        also = scores
+        log = {"n": 0}
+        def tick():
+            global log
+            log["n"] += 1
+            log = {"n": 0}
+    """)
+    history, scores, log = ns["history"], ns["scores"], ns["log"]
+    run(ns, """
+        history.append(0.5)
+        history = history[-100:]
+        old = scores
+        scores.append(2)
+        del scores
+        tick()
+    """)
+    assert ns["runs"]["main"] is history and history == [0.5]
+    assert ns["history"] == [0.5] and ns["history"] is not history
+    assert "scores" not in ns and ns["also"] == [1, 2] and ns["old"] is scores
+    assert log == {"n": 1} and ns["log"] == {"n": 0} and ns["log"] is not log
+
+
 def test_a_view_reshaped_in_place_brings_back_only_its_own_bytes() -> None:
     # the whole storage came back: what the notebook did meanwhile to the rest of it (a
     # background job) was undone
