@@ -1886,6 +1886,10 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
             obj.requires_grad_(requires_grad)
         return undo
     _, _, new, items, pairs = state
+    if items is None and pairs is None and isinstance(new, dict):
+        undo = _apply_changed_attributes(obj, new)
+        if undo is not None:
+            return undo
     # an instance of a class with __slots__ only has no __dict__ (on the GPU machine the
     # rebuilt class may have one: its state then comes as a dict of what the slots hold)
     has_dict = hasattr(obj, "__dict__")
@@ -1926,6 +1930,40 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
             obj.clear()
             for k, v in pairs:
                 obj[k] = v
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _apply_changed_attributes(obj: Any, new: dict[str, Any]) -> Callable[[], None] | None:
+    """For an object whose class has a ``__getstate__`` of its own: only the attributes the
+    cell changed, as a local cell would have. What that ``__getstate__`` leaves out (an open
+    file, a cache) never travelled: set from the state that came back, it was lost here (a
+    trial's ``ds._fh`` became None, its file left open). None where this does not apply."""
+    own = getattr(type(obj), "__getstate__", None)
+    if own is None or own is getattr(object, "__getstate__", None) or \
+            not isinstance(getattr(obj, "__dict__", None), dict):
+        return None
+    try:
+        sent = obj.__getstate__()  # what it gave when it was sent (unchanged here since)
+    except Exception:
+        return None
+    if not isinstance(sent, dict):
+        return None
+    attrs = obj.__dict__
+    changed = {k: v for k, v in new.items() if not (k in sent and _same(sent[k], v))}
+    gone = [k for k in sent if k not in new and k in attrs]
+    saved = dict(attrs)
+
+    def undo() -> None:
+        attrs.clear()
+        attrs.update(saved)
+
+    try:
+        for k in gone:
+            del attrs[k]
+        attrs.update(changed)
     except BaseException:
         undo()
         raise
