@@ -2199,6 +2199,16 @@ class _FaultWalk:
 
 def diagnose(name: str, value: Any, error: BaseException | None = None) -> SerializationError:
     """The error to raise for an input ``name`` that cannot be sent."""
+    if error is not None and _too_deep(error):
+        # (what is at fault is the depth, not the type found at the bottom: "give Node
+        # __getstate__" sent a trial's user after a linked list of 5,000 nodes)
+        top, _ = describe(value)
+        return SerializationError(
+            f"variable '{name}' ({top}) cannot be sent to the GPU: it is nested too deeply to "
+            f"pickle (one object inside another, deeper than Python's recursion limit of "
+            f"{sys.getrecursionlimit()} lets pickle go). Keep it flatter (a linked list as a "
+            "list of its values, a deep tree as arrays), build it inside the cell, or raise "
+            "the limit here with sys.setrecursionlimit(...)", name=name, path=name)
     path, culprit = find_unpicklable(value, name)
     what, fix = describe(culprit)
     if path == name:
@@ -2209,6 +2219,15 @@ def diagnose(name: str, value: Any, error: BaseException | None = None) -> Seria
     if error is not None and not isinstance(culprit, io.IOBase):
         msg += f" (pickle said: {type(error).__name__}: {error})"
     return SerializationError(msg, name=name, path=path)
+
+
+def _too_deep(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, RecursionError) or "recursion" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class NotSent:

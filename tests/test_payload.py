@@ -847,6 +847,30 @@ def test_unpicklable_nested_input(
     assert (err.name, err.path) == (name, path)
 
 
+def test_an_input_nested_too_deeply_is_said_to_be_so() -> None:
+    # a trial: a linked list of 5,000 nodes was said to need Node __getstate__/__setstate__
+    class Node:
+        def __init__(self, nxt: Any = None) -> None:
+            self.nxt = nxt
+
+    chain = None
+    for _ in range(5 * sys.getrecursionlimit()):
+        chain = Node(chain)
+    deep: list[Any] = []
+    cur = deep
+    for _ in range(5 * sys.getrecursionlimit()):
+        cur.append([])
+        cur = cur[0]
+    node = f"a {Node.__qualname__} object"
+    for name, value, top in (("chain", chain, node), ("deep", deep, "a list object")):
+        err = pack_error({name: value})
+        assert str(err).startswith(
+            f"variable '{name}' ({top}) cannot be sent to the GPU: it is nested too deeply to "
+            "pickle"), err
+        assert "sys.setrecursionlimit" in str(err) and "__getstate__" not in str(err)
+        assert (err.name, err.path) == (name, name)
+
+
 def test_unpicklable_closure_variable() -> None:
     nb = notebook()
     exec(
