@@ -309,6 +309,10 @@ class _Pickler(cloudpickle.Pickler):
             reduced = _reduce_wrapper(obj)
             if reduced is not None:
                 return reduced
+        if type(obj) is types.FunctionType and hasattr(obj, "registry"):
+            reduced = _reduce_singledispatch(obj)
+            if reduced is not None:
+                return reduced
         if isinstance(obj, type) and not cloudpickle.cloudpickle._should_pickle_by_reference(obj):
             self.classes[id(obj)] = (obj, dict(vars(obj)))  # (once: pickle memoizes classes)
         if type(obj) is types.CodeType:
@@ -566,6 +570,40 @@ def _lru_cache_state(cache: Any, state: tuple[Any, dict[str, Any]]) -> None:
     func, attrs = state
     cache.__wrapped__.func = func
     vars(cache).update(attrs)  # its name, doc, module and __wrapped__, as update_wrapper set
+
+
+_DISPATCH_PARTS = frozenset({"registry", "dispatch", "register", "_clear_cache", "__wrapped__"})
+
+
+def _reduce_singledispatch(obj: Any) -> tuple[Any, ...] | None:
+    """A notebook function made by ``functools.singledispatch``: its closure holds a cache of
+    weak references, which cannot travel ("cannot be sent: show.register (closure variable
+    dispatch_cache)", a trial). It travels as its function, its implementations and its
+    attributes, and is made again where it arrives (its cache empty)."""
+    registry = getattr(obj, "registry", None)
+    wrapped = getattr(obj, "__wrapped__", None)
+    if not (isinstance(registry, types.MappingProxyType) and callable(wrapped)
+            and callable(getattr(obj, "register", None))
+            and _made_here(getattr(wrapped, "__module__", None))):
+        return None
+    impls = {cls: f for cls, f in registry.items() if cls is not object}
+    attrs = {k: v for k, v in vars(obj).items() if k not in _DISPATCH_PARTS}
+    # (as for a cache: made first, its parts after, so that an implementation calling the
+    # function by its name finds it in the memo)
+    return _singledispatch, (), (wrapped, impls, attrs), None, None, _singledispatch_state
+
+
+def _singledispatch() -> Any:
+    return functools.singledispatch(_Target())
+
+
+def _singledispatch_state(made: Any, state: tuple[Any, dict[type, Any], dict[str, Any]]) -> None:
+    func, impls, attrs = state
+    made.registry[object].func = func
+    functools.update_wrapper(made, func)  # its name, doc and module, as singledispatch set
+    vars(made).update(attrs)
+    for cls, impl in impls.items():
+        made.register(cls, impl)
 
 
 def _cached_property(func: Any, attrname: str | None, doc: str | None) -> Any:

@@ -1961,6 +1961,37 @@ def test_cached_functions_new_types_and_cached_properties_of_the_notebook_travel
     assert ns["svc"].heavy == 45 and ns["fib"](10) == 55
 
 
+def test_singledispatch_functions_of_the_notebook_travel_and_come_back() -> None:
+    # a trial: "cannot be sent: show.register (closure variable dispatch_cache)... a
+    # ReferenceType object", for a standard decorator
+    ns = notebook("""
+        import functools
+        @functools.singledispatch
+        def show(x):
+            "Say what x is."
+            return "thing"
+        @show.register
+        def _(x: int):
+            return "int" if x < 10 else show(str(x))  # (calls itself by its name)
+        @show.register(list)
+        def _(x):
+            return "[" + ", ".join(show(v) for v in x) + "]"
+        show.tag = "mine"
+        def describe(v): return show(v)
+    """)
+    run(ns, """
+        said = [show(1), show(12), show("s"), show([1, 2.0]), describe(3)]
+        about = (show.__name__, show.__doc__, show.tag, show.__wrapped__.__name__)
+        @show.register(float)
+        def _(x):
+            return "float"
+        after = show(2.0)
+    """, "H100", quiet=True)
+    assert ns["said"] == ["int", "thing", "thing", "[int, thing]", "int"]
+    assert ns["about"] == ("show", "Say what x is.", "mine", "show")
+    assert ns["after"] == "float" and ns["show"](2.0) == "float" and ns["show"](3) == "int"
+
+
 def test_a_name_the_cell_binds_before_deleting_it_is_not_sent_but_still_deleted() -> None:
     # its value is never read there: an unpicklable one must not stop the cell
     ns = notebook("import threading\nx = threading.Lock()\ny = threading.Lock()")
