@@ -30,6 +30,7 @@ import sys
 import threading
 import types
 import typing
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -1749,7 +1750,11 @@ def fits(obj: Any, state: tuple[Any, ...]) -> bool:
         return False
     if kind == "ndarray":
         _, _, _, dtype, shape, _ = state
-        return obj.shape == tuple(shape) and obj.dtype == dtype and bool(obj.flags.writeable)
+        if not obj.flags.writeable:
+            return False
+        if obj.shape == tuple(shape) and obj.dtype == dtype:
+            return True
+        return _retyped(obj, dtype, shape) is not None
     if kind == "tensor":
         new = state[2]
         if obj.dtype != new.dtype or obj.device != new.device or obj.is_inference():
@@ -1763,6 +1768,20 @@ def fits(obj: Any, state: tuple[Any, ...]) -> bool:
         storage = obj.untyped_storage()
         return _extent(new) <= storage.nbytes() or storage.resizable()
     return True
+
+
+def _retyped(arr: Any, dtype: Any, shape: Any) -> Any:
+    """A view of ``arr`` given ``dtype`` and ``shape`` the way a cell does it in place, or None
+    where numpy would refuse that (another size, memory not in one piece)."""
+    view = arr.view()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (setting them may one day be deprecated)
+            view.dtype = dtype
+            view.shape = tuple(shape)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return view
 
 
 def _reshape_in_place(torch: Any, obj: Any, new: Any) -> Callable[[], None]:
@@ -1906,6 +1925,12 @@ def apply_in_place(obj: Any, state: tuple[Any, ...]) -> Callable[[], None]:
         import numpy as np
 
         _, _, buf, dtype, shape, writeable = state
+        if obj.shape != tuple(shape) or obj.dtype != dtype:
+            # given a new shape or type of the same size in place (`a.shape = (2, 3)`,
+            # `a.dtype = np.int64`): so is this one, as its other names see it locally
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj.dtype, obj.shape = dtype, tuple(shape)  # (checked by fits, on a view)
         np.copyto(obj, np.frombuffer(buf, dtype=dtype).reshape(shape))
         if not writeable:
             obj.flags.writeable = False

@@ -516,6 +516,30 @@ def test_numpy_views_share_memory_in_the_cell_as_here() -> None:
     assert ns["mv"][0] == 7
 
 
+def test_a_numpy_array_given_a_new_shape_or_type_in_place_stays_the_same_object() -> None:
+    # a trial: after `arr.shape = (2, 3)` the name held a new array and its aliases the old
+    ns = notebook("""
+        import numpy as np
+        arr = np.arange(6)
+        x, holder = arr, [arr]
+        f = np.zeros(4)
+        grown = np.zeros(4)
+    """)
+    arr, f, grown = ns["arr"], ns["f"], ns["grown"]
+    run(ns, """
+        arr.shape = (2, 3)
+        arr += 1
+        f.dtype = np.int64
+        f[0] = 7
+        grown.resize(8, refcheck=False)
+    """)
+    assert ns["arr"] is arr and ns["x"] is arr and ns["holder"][0] is arr
+    assert arr.shape == (2, 3) and arr.tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert ns["f"] is f and f.dtype == np.int64 and f.tolist() == [7, 0, 0, 0]
+    # (more bytes than it has: a new array, as before)
+    assert ns["grown"].shape == (8,) and grown.shape == (4,)
+
+
 def test_an_input_changed_in_place_then_rebound_or_deleted_keeps_the_change_here() -> None:
     # a newcomer's trial: after `history.append(0.5)` then `history = history[-100:]`,
     # runs["main"] (the list history had held) stayed empty where a local cell appends
