@@ -931,11 +931,15 @@ class _Unpickler(pickle.Unpickler):
         self.objects: SentObjects | None = None  # the sender's, by place
         self.changed: list[tuple[Any, tuple[Any, ...]]] = []  # (own object, its new state)
         self._inside: dict[int, Any] = {}  # place -> what it is here, once met
+        # the lists, dicts and sets of the classes filled so far, as each was filled
+        self.class_containers: list[tuple[Any, Any]] = []
 
     def find_class(self, module: str, name: str) -> Any:
         found = super().find_class(module, name)
-        if self.classes and module.startswith("cloudpickle") and name == "_class_setstate":
-            return functools.partial(_class_setstate, found, self.classes)
+        if module.startswith("cloudpickle") and name == "_class_setstate":
+            fill = functools.partial(_class_setstate, found, self.classes) if self.classes \
+                else found
+            return functools.partial(_class_filled, fill, self.class_containers)
         if self.made is not None and module.startswith("cloudpickle") and name in _MAKERS:
             made = self.made
 
@@ -1115,6 +1119,37 @@ def _class_setstate(setstate: Callable[[type, Any], Any],
     return setstate(cls, (changed, slots))
 
 
+def _class_filled(fill: Callable[[type, Any], Any], containers: list[tuple[Any, Any]],
+                  cls: type, state: Any) -> Any:
+    """Fill a class sent by value, and note its lists, dicts and sets as they are now: making
+    its subclasses later in the same payload runs ``__init_subclass__`` or a metaclass again,
+    which registers each of them a second time (a trial: `Plugin.order` came back as
+    ['A', 'A', 'B'] where a local cell leaves ['A', 'B'])."""
+    made = fill(cls, state)
+    for value in vars(cls).values():
+        if type(value) in (list, dict, set):
+            containers.append((value, value.copy()))
+    return made
+
+
+def _restore_containers(containers: list[tuple[Any, Any]]) -> None:
+    """Undo what making classes did to the containers :func:`_class_filled` noted."""
+    for value, was in containers:
+        if type(value) is dict:
+            same = len(value) == len(was) and all(
+                a is b and x is y for (a, x), (b, y) in zip(value.items(), was.items()))
+        elif type(value) is list:
+            same = len(value) == len(was) and all(a is b for a, b in zip(value, was))
+        else:
+            same = len(value) == len(was) and all(a in was for a in value)
+        if not same:
+            value.clear()
+            if type(value) is list:
+                value.extend(was)
+            else:
+                value.update(was)
+
+
 # cloudpickle's constructors of the classes and functions it sends by value
 _MAKERS = frozenset({"_make_skeleton_class", "_make_skeleton_enum", "_make_function"})
 
@@ -1143,6 +1178,7 @@ def loads(
     u.classes = classes or {}
     u.objects = objects
     value = u.load()
+    _restore_containers(u.class_containers)
     if changed is not None:
         changed += u.changed
     if places is not None:

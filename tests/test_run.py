@@ -1985,6 +1985,43 @@ def test_cached_functions_new_types_and_cached_properties_of_the_notebook_travel
     assert ns["svc"].heavy == 45 and ns["fib"](10) == 55
 
 
+def test_classes_that_register_their_subclasses_are_not_registered_twice() -> None:
+    # a trial: making A again where the cell ran ran __init_subclass__ (and a metaclass's
+    # __new__) again, and that came back: Plugin.order was ['A', 'A', 'B'], registry["A"]
+    # a copy of A
+    ns = notebook("""
+        class Plugin:
+            registry = {}
+            order = []
+            def __init_subclass__(cls, **kw):
+                super().__init_subclass__(**kw)
+                Plugin.registry[cls.__name__] = cls
+                Plugin.order.append(cls.__name__)
+        class A(Plugin):
+            pass
+        class Meta(type):
+            made = []
+            def __new__(mcs, name, bases, ns):
+                Meta.made.append(name)
+                return super().__new__(mcs, name, bases, ns)
+        class WithMeta(metaclass=Meta):
+            pass
+    """)
+    A = ns["A"]
+    run(ns, """
+        class B(Plugin):
+            pass
+        class Other(WithMeta):
+            pass
+        inside = list(Plugin.order), list(Meta.made)
+        a = A()
+    """)
+    assert ns["inside"] == (["A", "B"], ["WithMeta", "Other"])  # as in a local cell
+    assert ns["Plugin"].order == ["A", "B"] and ns["Meta"].made == ["WithMeta", "Other"]
+    assert ns["Plugin"].registry["A"] is A and ns["Plugin"].registry["B"] is ns["B"]
+    assert isinstance(ns["a"], A)
+
+
 def test_singledispatch_functions_of_the_notebook_travel_and_come_back() -> None:
     # a trial: "cannot be sent: show.register (closure variable dispatch_cache)... a
     # ReferenceType object", for a standard decorator
