@@ -61,6 +61,8 @@ _MAGIC_TEXT_ARGS = {
 # Other magics (%%timeit, %%bash, %%writefile ...) are covered by the identifier scan alone.
 _NAMESPACE_MAGICS = frozenset({"time", "capture", "prun", "debug"})
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# calls that give the cell's namespace, where names are looked up by strings
+_NAMESPACE_LOOKUPS = frozenset({"globals", "locals", "vars", "dir"})
 _TRAILING_TOKENS = (tokenize.ENDMARKER, tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT)
 # The runner's IPython provides its own; the local one is the shell and must never be shipped.
 _NEVER_INPUTS = frozenset({"get_ipython"})
@@ -230,6 +232,10 @@ class _Walker(ast.NodeVisitor):
         self.scope = self.module
         self.inputs: set[str] = set()
         self.string_names: set[str] = set()
+        # string constants that are identifiers, and whether the cell looks names up by them
+        # in its namespace (`if "model" not in globals()`, `globals().get("runs", 0)`)
+        self._identifier_strings: set[str] = set()
+        self._looks_up_names = False
         self.imports: set[str] = set()
         self._cond = 0  # >0 while inside a part of an expression that may not be evaluated
         self._defining: set[str] = set()  # top-level classes whose bodies are being walked
@@ -244,6 +250,12 @@ class _Walker(ast.NodeVisitor):
 
     def result(self) -> tuple[set[str], tuple[str, ...], set[str]]:
         """The names the cell reads from the user's namespace, binds there and deletes."""
+        if self._looks_up_names:
+            # the names it may look up: sent where the notebook has them, as a local cell
+            # finds them (without, `if "model" not in globals(): model = build()` built a new
+            # model and bound it over the trained one, in silence)
+            self.string_names |= {w for w in self._identifier_strings
+                                  if not keyword.iskeyword(w)}
         read = self.inputs | self.string_names
         for scope, name, bound_globally, bound_in_class in self._reads:
             if not bound_globally and _reads_global(scope, name, bound_in_class):
@@ -548,9 +560,16 @@ class _Walker(ast.NodeVisitor):
         self._comprehension(node.generators, node.key, node.value)
 
     # --- IPython's magic and shell calls -------------------------------------------------------
+    def visit_Constant(self, node: ast.Constant) -> None:
+        if isinstance(node.value, str) and node.value.isidentifier():
+            self._identifier_strings.add(node.value)
+
     def visit_Call(self, node: ast.Call) -> None:
         self.generic_visit(node)
         func = node.func
+        if isinstance(func, ast.Name) and func.id in _NAMESPACE_LOOKUPS and not node.args \
+                and not node.keywords and (func.id == "globals" or self.scope is self.module):
+            self._looks_up_names = True
         if not (
             isinstance(func, ast.Attribute)
             and func.attr in _MAGIC_TEXT_ARGS

@@ -258,6 +258,13 @@ def test_except_star() -> None:
         ("%%timeit -r 3\nfor v in vals:\n    g(v)\n", {"r", "v", "vals", "g"}),  # no keywords
         ("files = !ls $folder", {"ls", "folder"}),
         ("x = 1\ny = x + 1", set()),
+        # names a cell looks up in its namespace by a string: read, as a local cell reads them
+        ('if "model" not in globals():\n    model = build()', {"model"}),
+        ('runs = globals().get("runs", 0) + 1', {"runs"}),
+        ('print(sorted(n for n in dir() if n.startswith("w")), "b")', {"w", "b"}),
+        ('def f():\n    return globals()["cfg"]', {"cfg"}),
+        ('print("model", "not a name", "class")', set()),  # no look-up: strings are text
+        ('def f():\n    return locals().get("x")', set()),  # (a function's own locals)
     ],
 )
 def test_string_names(cell: str, expected: set[str]) -> None:

@@ -1985,6 +1985,20 @@ def test_cached_functions_new_types_and_cached_properties_of_the_notebook_travel
     assert ns["svc"].heavy == 45 and ns["fib"](10) == 55
 
 
+def test_names_a_cell_looks_up_by_string_in_globals_are_sent() -> None:
+    # a trial: `if "model" not in globals(): model = build()` built a new model and bound it
+    # over the trained one, and `globals().get("runs", 0) + 1` counted from 0 each time
+    ns = notebook("model = ['trained']\nruns = 3")
+    trained = ns["model"]
+    run(ns, """
+        if "model" not in globals():
+            model = ["new"]
+        runs = globals().get("runs", 0) + 1
+        fresh = "absent" in globals()
+    """)
+    assert ns["model"] is trained and ns["runs"] == 4 and ns["fresh"] is False
+
+
 def test_classes_that_register_their_subclasses_are_not_registered_twice() -> None:
     # a trial: making A again where the cell ran ran __init_subclass__ (and a metaclass's
     # __new__) again, and that came back: Plugin.order was ['A', 'A', 'B'], registry["A"]
