@@ -63,6 +63,7 @@ _NAMESPACE_MAGICS = frozenset({"time", "capture", "prun", "debug"})
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # calls that give the cell's namespace, where names are looked up by strings
 _NAMESPACE_LOOKUPS = frozenset({"globals", "locals", "vars", "dir"})
+_LOOKUP_METHODS = frozenset({"get", "pop", "setdefault", "__contains__", "__getitem__"})
 _TRAILING_TOKENS = (tokenize.ENDMARKER, tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT)
 # The runner's IPython provides its own; the local one is the shell and must never be shipped.
 _NEVER_INPUTS = frozenset({"get_ipython"})
@@ -232,10 +233,6 @@ class _Walker(ast.NodeVisitor):
         self.scope = self.module
         self.inputs: set[str] = set()
         self.string_names: set[str] = set()
-        # string constants that are identifiers, and whether the cell looks names up by them
-        # in its namespace (`if "model" not in globals()`, `globals().get("runs", 0)`)
-        self._identifier_strings: set[str] = set()
-        self._looks_up_names = False
         self.imports: set[str] = set()
         self._cond = 0  # >0 while inside a part of an expression that may not be evaluated
         self._defining: set[str] = set()  # top-level classes whose bodies are being walked
@@ -250,12 +247,6 @@ class _Walker(ast.NodeVisitor):
 
     def result(self) -> tuple[set[str], tuple[str, ...], set[str]]:
         """The names the cell reads from the user's namespace, binds there and deletes."""
-        if self._looks_up_names:
-            # the names it may look up: sent where the notebook has them, as a local cell
-            # finds them (without, `if "model" not in globals(): model = build()` built a new
-            # model and bound it over the trained one, in silence)
-            self.string_names |= {w for w in self._identifier_strings
-                                  if not keyword.iskeyword(w)}
         read = self.inputs | self.string_names
         for scope, name, bound_globally, bound_in_class in self._reads:
             if not bound_globally and _reads_global(scope, name, bound_in_class):
@@ -470,6 +461,9 @@ class _Walker(ast.NodeVisitor):
         self._visit_maybe([node.body, node.orelse])
 
     def visit_Compare(self, node: ast.Compare) -> None:
+        for left, op, right in zip([node.left, *node.comparators], node.ops, node.comparators):
+            if isinstance(op, (ast.In, ast.NotIn)) and self._namespace_call(right):
+                self._looked_up(left)  # "model" not in globals()
         self.visit(node.left)
         self.visit(node.comparators[0])
         self._visit_maybe(node.comparators[1:])
@@ -560,16 +554,31 @@ class _Walker(ast.NodeVisitor):
         self._comprehension(node.generators, node.key, node.value)
 
     # --- IPython's magic and shell calls -------------------------------------------------------
-    def visit_Constant(self, node: ast.Constant) -> None:
-        if isinstance(node.value, str) and node.value.isidentifier():
-            self._identifier_strings.add(node.value)
+    # --- names looked up in the namespace by a string ---------------------------------------
+    # (sent where the notebook has them, as a local cell finds them: without, `if "model" not
+    # in globals(): model = build()` built a new model over the trained one, in silence)
+    def _namespace_call(self, node: ast.AST) -> bool:
+        """``globals()``, or ``vars()``/``locals()``/``dir()`` where they mean the same."""
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in _NAMESPACE_LOOKUPS and not node.args and not node.keywords
+                and (node.func.id == "globals" or self.scope is self.module))
+
+    def _looked_up(self, node: ast.AST | None) -> None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and node.value.isidentifier() and not keyword.iskeyword(node.value):
+            self.string_names.add(node.value)
+
+    def visit_Subscript(self, node: ast.Subscript) -> None:
+        if self._namespace_call(node.value):  # globals()["cfg"]
+            self._looked_up(node.slice)
+        self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> None:
-        self.generic_visit(node)
         func = node.func
-        if isinstance(func, ast.Name) and func.id in _NAMESPACE_LOOKUPS and not node.args \
-                and not node.keywords and (func.id == "globals" or self.scope is self.module):
-            self._looks_up_names = True
+        if isinstance(func, ast.Attribute) and func.attr in _LOOKUP_METHODS and node.args \
+                and self._namespace_call(func.value):  # globals().get("runs", 0)
+            self._looked_up(node.args[0])
+        self.generic_visit(node)
         if not (
             isinstance(func, ast.Attribute)
             and func.attr in _MAGIC_TEXT_ARGS

@@ -931,21 +931,26 @@ class _Unpickler(pickle.Unpickler):
         self.objects: SentObjects | None = None  # the sender's, by place
         self.changed: list[tuple[Any, tuple[Any, ...]]] = []  # (own object, its new state)
         self._inside: dict[int, Any] = {}  # place -> what it is here, once met
-        # the lists, dicts and sets of the classes filled so far, as each was filled
-        self.class_containers: list[tuple[Any, Any]] = []
+        self.filled: list[type] = []  # the classes sent by value filled so far
 
     def find_class(self, module: str, name: str) -> Any:
         found = super().find_class(module, name)
         if module.startswith("cloudpickle") and name == "_class_setstate":
             fill = functools.partial(_class_setstate, found, self.classes) if self.classes \
                 else found
-            return functools.partial(_class_filled, fill, self.class_containers)
-        if self.made is not None and module.startswith("cloudpickle") and name in _MAKERS:
-            made = self.made
+            return functools.partial(_class_filled, fill, self.filled)
+        if module.startswith("cloudpickle") and name in _MAKERS:
+            made, filled = self.made, self.filled
 
             def make(*args: Any, **kwargs: Any) -> Any:
+                # making a class runs its bases' __init_subclass__ and its metaclass, which
+                # may register it in a class filled already, whose state says so already: a
+                # trial's Plugin.order came back ['A', 'A', 'B'], registry['A'] a copy
+                kept = _class_containers(filled) if filled and name != "_make_function" else []
                 obj = found(*args, **kwargs)
-                made.append(obj)
+                _undo_changes(kept)
+                if made is not None:
+                    made.append(obj)
                 return obj
 
             return make
@@ -1119,22 +1124,22 @@ def _class_setstate(setstate: Callable[[type, Any], Any],
     return setstate(cls, (changed, slots))
 
 
-def _class_filled(fill: Callable[[type, Any], Any], containers: list[tuple[Any, Any]],
-                  cls: type, state: Any) -> Any:
-    """Fill a class sent by value, and note its lists, dicts and sets as they are now: making
-    its subclasses later in the same payload runs ``__init_subclass__`` or a metaclass again,
-    which registers each of them a second time (a trial: `Plugin.order` came back as
-    ['A', 'A', 'B'] where a local cell leaves ['A', 'B'])."""
+def _class_filled(fill: Callable[[type, Any], Any], filled: list[type], cls: type,
+                  state: Any) -> Any:
     made = fill(cls, state)
-    for value in vars(cls).values():
-        if type(value) in (list, dict, set):
-            containers.append((value, value.copy()))
+    filled.append(cls)
     return made
 
 
-def _restore_containers(containers: list[tuple[Any, Any]]) -> None:
-    """Undo what making classes did to the containers :func:`_class_filled` noted."""
-    for value, was in containers:
+def _class_containers(classes: list[type]) -> list[tuple[Any, Any]]:
+    """The lists, dicts and sets the attributes of ``classes`` hold, each with a copy."""
+    return [(v, v.copy()) for cls in classes for v in vars(cls).values()
+            if type(v) in (list, dict, set)]
+
+
+def _undo_changes(kept: list[tuple[Any, Any]]) -> None:
+    """Bring each container back to its copy where it changed since the copy was taken."""
+    for value, was in kept:
         if type(value) is dict:
             same = len(value) == len(was) and all(
                 a is b and x is y for (a, x), (b, y) in zip(value.items(), was.items()))
@@ -1178,7 +1183,6 @@ def loads(
     u.classes = classes or {}
     u.objects = objects
     value = u.load()
-    _restore_containers(u.class_containers)
     if changed is not None:
         changed += u.changed
     if places is not None:
@@ -2039,20 +2043,23 @@ def _apply_changed_attributes(obj: Any, new: dict[str, Any]) -> Callable[[], Non
     """For an object whose class has a ``__getstate__`` of its own: only the attributes the
     cell changed, as a local cell would have. What that ``__getstate__`` leaves out (an open
     file, a cache) never travelled: set from the state that came back, it was lost here (a
-    trial's ``ds._fh`` became None, its file left open). None where this does not apply."""
-    own = getattr(type(obj), "__getstate__", None)
-    if own is None or own is getattr(object, "__getstate__", None) or \
-            not isinstance(getattr(obj, "__dict__", None), dict):
+    trial's ``ds._fh`` became None, its file left open). Which attributes changed is what
+    unpickling makes of the state sent and of the state back, each on a blank instance (its
+    ``__setstate__`` may rename or rebuild them). None where this does not apply."""
+    cls = type(obj)
+    own = getattr(cls, "__getstate__", None)
+    attrs = getattr(obj, "__dict__", None)
+    if own is None or own is getattr(object, "__getstate__", None) or type(attrs) is not dict:
         return None
     try:
         sent = obj.__getstate__()  # what it gave when it was sent (unchanged here since)
+        before, after = _unpickled_attrs(cls, sent), _unpickled_attrs(cls, new)
     except Exception:
         return None
-    if not isinstance(sent, dict):
+    if before is None or after is None:
         return None
-    attrs = obj.__dict__
-    changed = {k: v for k, v in new.items() if not (k in sent and _same(sent[k], v))}
-    gone = [k for k in sent if k not in new and k in attrs]
+    changed = {k: v for k, v in after.items() if not (k in before and _same(before[k], v))}
+    gone = [k for k in before if k not in after and k in attrs]
     saved = dict(attrs)
 
     def undo() -> None:
@@ -2067,6 +2074,21 @@ def _apply_changed_attributes(obj: Any, new: dict[str, Any]) -> Callable[[], Non
         undo()
         raise
     return undo
+
+
+def _unpickled_attrs(cls: type, state: Any) -> dict[str, Any] | None:
+    """The attributes an instance of ``cls`` unpickled from ``state`` has (None: no dict)."""
+    if not isinstance(state, dict):
+        return None
+    blank = cls.__new__(cls)  # (as unpickling makes it)
+    setstate = getattr(blank, "__setstate__", None)
+    if setstate is not None and getattr(cls, "__setstate__", None) is not getattr(
+            object, "__setstate__", None):
+        setstate(dict(state))
+    else:
+        blank.__dict__.update(state)
+    got = getattr(blank, "__dict__", None)
+    return dict(got) if type(got) is dict else None
 
 
 # --- Diagnosis: which object inside an input cannot be pickled, and what to do about it ---
@@ -2323,7 +2345,8 @@ def diagnose(name: str, value: Any, error: BaseException | None = None) -> Seria
 def _too_deep(error: BaseException) -> bool:
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, RecursionError) or "recursion" in str(seen).lower():
+        if isinstance(seen, RecursionError) or (
+                isinstance(seen, pickle.PicklingError) and "recursion" in str(seen).lower()):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -2201,8 +2201,9 @@ class _Session:
                         _payload.fingerprint(shipped[n], ns, mapped.known, own_state=True) != fp:
                     state = _payload.in_place_state(shipped[n])
                     if state is not None:
+                        # (a result holding that object gets a copy of it: whether this one
+                        # is given its state is decided there, as it binds)
                         left[n] = state
-                        unchanged.setdefault(id(shipped[n]), n)  # (held elsewhere: that one)
         value = result.result if manifest.get("has_value") else None
         try:
             event = _pack_results(ns, names, value,

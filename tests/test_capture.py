@@ -261,9 +261,10 @@ def test_except_star() -> None:
         # names a cell looks up in its namespace by a string: read, as a local cell reads them
         ('if "model" not in globals():\n    model = build()', {"model"}),
         ('runs = globals().get("runs", 0) + 1', {"runs"}),
-        ('print(sorted(n for n in dir() if n.startswith("w")), "b")', {"w", "b"}),
         ('def f():\n    return globals()["cfg"]', {"cfg"}),
-        ('print("model", "not a name", "class")', set()),  # no look-up: strings are text
+        ('ok = "w" in vars() and "b" not in dir()', {"w", "b"}),
+        # other strings are text, even beside a look-up
+        ('print(sorted(globals()), "log", open("data"))', set()),
         ('def f():\n    return locals().get("x")', set()),  # (a function's own locals)
     ],
 )

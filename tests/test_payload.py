@@ -847,6 +847,41 @@ def test_unpicklable_nested_input(
     assert (err.name, err.path) == (name, path)
 
 
+def test_a_state_that_setstate_renames_is_applied_as_unpickling_reads_it() -> None:
+    # a review: applying only the changed attributes wrote the state's keys as attributes
+    # (a stray `t`) and lost the change, for a class whose __setstate__ renames them
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(
+        "import threading\n"
+        "class Acc:\n"
+        "    def __init__(self):\n"
+        "        self.total, self.lock = [1], threading.Lock()\n"
+        "    def __getstate__(self):\n"
+        "        return {'t': list(self.total)}\n"
+        "    def __setstate__(self, s):\n"
+        "        self.total, self.lock = list(s['t']), None\n", "<notebook>", "exec"), ns)
+    here, there = ns["Acc"](), ns["Acc"]()
+    lock = here.lock
+    there.total.append(2)
+    _payload.apply_in_place(here, _payload.in_place_state(there))
+    assert vars(here) == {"total": [1, 2], "lock": lock}
+
+
+def test_registries_that_hold_the_classes_holding_them_arrive_whole() -> None:
+    # a review: undoing what making a class did to registries once emptied a registry that
+    # unpickling had not filled yet when its class was filled
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(
+        "REG = []\nclass Plugin:\n    registry = REG\nREG += [Plugin, 'x']\n"
+        "D = {}\nclass Base:\n    table = D\nD.update(base=Base, n=3)\n", "<notebook>", "exec"),
+        ns)
+    packed = _payload.pack_inputs({"REG": ns["REG"], "D": ns["D"]}, ns, None)
+    got = _payload.loads(packed.pickle, packed.buffers, namespace={"__name__": "__main__"})
+    assert [type(v).__name__ for v in got["REG"]] == ["type", "str"]
+    assert got["REG"][0].registry is got["REG"] and got["REG"][0].__name__ == "Plugin"
+    assert list(got["D"]) == ["base", "n"] and got["D"]["base"].table is got["D"]
+
+
 def test_an_input_nested_too_deeply_is_said_to_be_so() -> None:
     # a trial: a linked list of 5,000 nodes was said to need Node __getstate__/__setstate__
     class Node:

@@ -999,7 +999,8 @@ class Gateway:
         body = dict(body, timeout=timeout, timeout_asked=asked, meta=meta, session=session,
                     digests=digests)
         job_id = body.get("id") or secrets.token_hex(8)
-        if self._withdrawn.pop((user.name, job_id), None) is not None:
+        withdrawn = self._withdrawn.pop((user.name, job_id), None)
+        if withdrawn is not None and time.monotonic() - withdrawn <= WITHDRAWN_S:
             raise ApiError(409, "job_cancelled",
                            f"job {job_id} was cancelled before the gateway took it (its cell "
                            "was interrupted while submitting): nothing ran. Run the cell again.")
