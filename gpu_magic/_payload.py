@@ -270,14 +270,11 @@ class _Pickler(cloudpickle.Pickler):
         overlapping views each came back over the other's part."""
         assert self._arrays is not None
         root = _root(obj)
-        if root is obj or obj.dtype.hasobject:
-            self._arrays[id(obj)] = obj
-            return None
-        if id(root) in self._arrays:
+        if root is not obj and id(root) in self._arrays:
             base, at = root, 0
         elif id(obj) in self._spans:
             base, at = self._spans[id(obj)]
-        else:
+        else:  # sent as itself: a view pickled after it can be of it
             self._arrays[id(obj)] = obj
             return None
         offset = _address(obj) - _address(root) - at
@@ -2082,8 +2079,7 @@ def _unpickled_attrs(cls: type, state: Any) -> dict[str, Any] | None:
         return None
     blank = cls.__new__(cls)  # (as unpickling makes it)
     setstate = getattr(blank, "__setstate__", None)
-    if setstate is not None and getattr(cls, "__setstate__", None) is not getattr(
-            object, "__setstate__", None):
+    if setstate is not None:
         setstate(dict(state))
     else:
         blank.__dict__.update(state)

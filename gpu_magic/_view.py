@@ -321,8 +321,8 @@ class JobState:
             binds = [n for n in self.pending
                      if n not in self.pending_deleted and n not in self.pending_imported]
             will = [f"bind {_names(binds)}"] if binds else []
-            if imports := [n for n in self.pending_imported if n in self.pending]:
-                will.append(f"import {_names(imports)}")
+            if self.pending_imported:
+                will.append(f"import {_names(self.pending_imported)}")
             if self.pending_deleted:
                 will.append(f"delete {_names(self.pending_deleted)}")
             # (as it will say once done: "bound z · imported os, time · deleted scores")

@@ -1607,8 +1607,7 @@ def _pack_results(
         "names": [*values, *states],
         # (which of them are modules: a background job's status says "will import" of them
         # before its results are loaded, as "imported" after)
-        "modules": [n for n, v in values.items()
-                    if isinstance(v, types.ModuleType) and n not in skipped],
+        "modules": [n for n, v in values.items() if isinstance(v, types.ModuleType)],
         "skipped": skipped,
         "value": value_repr if "value" in payload else None,
         "has_value": "value" in payload,
@@ -2146,6 +2145,12 @@ class _Session:
 
         outputs = manifest.get("outputs", [])
         untold: set[str] = set()  # inputs already unpicklable here: their change cannot be told
+        # inputs changed in place before the cell rebound or deleted their names
+        # (`history.append(x)` then `history = history[-100:]`): their new state, for the
+        # client's own object, which its other references hold (a trial: `runs["main"]` lost
+        # the appended value). A result holding such an object gets a copy of it: whether
+        # the client's is given the state is decided there, as it binds.
+        left: dict[str, tuple[Any, ...]] = {}
         if manifest.get("no_return"):
             names: list[str] = []
         elif manifest.get("return_names") is not None:
@@ -2165,6 +2170,10 @@ class _Session:
                         or fp is None
                         or _payload.fingerprint(ns[n], ns, mapped.known, own_state=True) != fp):
                     names.append(n)  # changed in place: the client must see the change
+                if fp is not None and (n not in ns or ns[n] is not shipped[n]) and \
+                        _payload.fingerprint(shipped[n], ns, mapped.known, own_state=True) != fp \
+                        and (state := _payload.in_place_state(shipped[n])) is not None:
+                    left[n] = state
             names += _created(ns, shipped, names, shell.user_ns_hidden)
         # a local module that arrived: what the cell changed in it, for the notebook's own
         module_states = {}
@@ -2190,20 +2199,6 @@ class _Session:
         # client's object in place too, so its other references (an alias, a dict holding the
         # model, a view of the array) see the change as they would locally
         same = [n for n in names if n in shipped and ns[n] is shipped[n]]
-        # and an input changed in place before its name was rebound or deleted
-        # (`history.append(x)` then `history = history[-100:]`): the change too, for the
-        # client's own object, which its other references hold (a trial: `runs["main"]` lost
-        # the appended value)
-        left: dict[str, tuple[Any, ...]] = {}
-        if not manifest.get("no_return") and manifest.get("return_names") is None:
-            for n, fp in before.items():
-                if fp is not None and (n not in ns or ns[n] is not shipped[n]) and \
-                        _payload.fingerprint(shipped[n], ns, mapped.known, own_state=True) != fp:
-                    state = _payload.in_place_state(shipped[n])
-                    if state is not None:
-                        # (a result holding that object gets a copy of it: whether this one
-                        # is given its state is decided there, as it binds)
-                        left[n] = state
         value = result.result if manifest.get("has_value") else None
         try:
             event = _pack_results(ns, names, value,
