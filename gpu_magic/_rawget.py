@@ -23,7 +23,6 @@ import mmap
 import os
 import socket
 import ssl
-import sys
 import threading
 import urllib.request
 from collections.abc import Generator, Iterator
@@ -31,6 +30,8 @@ from typing import Any
 
 import httpx
 
+from ._reserve import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE
+from ._reserve import madvise as _madvise
 from ._version import __version__
 
 _HEAD_MAX = 64 << 10
@@ -341,23 +342,8 @@ def prefaulted(buf: bytearray | mmap.mmap) -> Iterator[None]:
         thread.join()  # (never left running over memory that may be unmapped next)
 
 
-_MADV_POPULATE_WRITE = 23
 _PREFAULT_MIN = 4 << 20
 _PREFAULT_STEP = 16 << 20
-
-
-@functools.cache
-def _madvise() -> Any:
-    """libc's madvise (ctypes lets go of the GIL while it runs), or None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
 
 
 def new_buffer(size: int) -> bytearray | mmap.mmap:

@@ -14,8 +14,14 @@ exclusively, with no lock.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import mmap
 import os
+import sys
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 RESERVE_MIN = 4 << 20  # smaller blobs: a new file costs about as much as reusing one
@@ -60,7 +66,8 @@ def open_for(dest: str | os.PathLike[str], size: int,
     from the reserve: then the caller truncates it to the bytes written (:func:`finish`)."""
     if take(reserve, size, dest):
         try:
-            return os.open(dest, os.O_WRONLY), True
+            # (read and write: a reserve file may be written through a mapping, see _sink)
+            return os.open(dest, os.O_RDWR), True
         except OSError:
             os.unlink(dest)
     return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), False
@@ -85,15 +92,147 @@ def write_file(dest: str | os.PathLike[str], data: memoryview,
     fd, reused = open_for(dest, data.nbytes, reserve)
     try:
         alongside = hasher is not None and data.nbytes >= HASH_ALONGSIDE_MIN and _spare_core()
-        if not (alongside and _write_hashing_alongside(fd, data, hasher)):
-            step = HASH_STEP if hasher is not None else max(data.nbytes, 1)
-            for at in range(0, data.nbytes, step):
-                if hasher is not None:
-                    hasher.update(data[at:at + step])
-                _write_all(fd, data[at:at + step])
+        # the cores a copy may take: not the one hashing alongside, none while hashing per piece
+        copiers = 1 if hasher is not None and not alongside else usable_cores() - alongside
+        with _sink(fd, data.nbytes, reused, dest, copiers) as put:
+            if not (alongside and _write_hashing_alongside(put, data, hasher)):
+                step = HASH_STEP if hasher is not None else max(data.nbytes, 1)
+                for at in range(0, data.nbytes, step):
+                    if hasher is not None:
+                        hasher.update(data[at:at + step])
+                    put(data[at:at + step])
         finish(fd, data.nbytes, reused)
     finally:
         os.close(fd)
+
+
+MAP_MIN = 16 << 20  # smaller writes gain too little from a mapping to be worth making one
+MAX_COPIERS = 4
+
+
+@contextlib.contextmanager
+def _sink(fd: int, size: int, reused: bool, dest: str | os.PathLike[str],
+          copiers: int) -> Iterator[Callable[[memoryview], None]]:
+    """Something to hand the bytes to, in order. One core copies into a file's 4 KiB pages at
+    about half the speed it copies into an array's memory, and ``write()`` calls on one file
+    wait for each other (its lock). So over a reserve file, where ``copiers`` cores may copy,
+    the file is mapped, its pages faulted for writing in one call, and each piece copied in
+    by that many threads (numpy lets go of the GIL), as Ray's object store copies: a client's
+    256 MiB input took 27-38 ms so against 55-64 ms through ``write()`` (2-core VM, ext4).
+    Elsewhere, and where the kernel cannot fault a mapping for writing (before Linux 5.14),
+    ``write()``. numpy is used only where it is loaded: data this large is an array's."""
+    np = sys.modules.get("numpy")
+    copiers = min(copiers, MAX_COPIERS)
+    mapping = (_mapped(fd, size, dest) if reused and size >= MAP_MIN and np is not None
+               and copiers > 1 else None)
+    if mapping is None:
+        yield lambda piece: _write_all(fd, piece)
+        return
+    into = [np.frombuffer(mapping, dtype=np.uint8)]
+    at = 0
+
+    def put(piece: memoryview) -> None:
+        nonlocal at
+        _copy_on_threads(into[0][at:at + piece.nbytes], np.frombuffer(piece, dtype=np.uint8),
+                         copiers, np)
+        at += piece.nbytes
+
+    try:
+        yield put
+    finally:
+        into.clear()  # (the mapping cannot be closed while an array is over it)
+        mapping.close()
+
+
+def _copy_on_threads(dst: Any, src: Any, n: int, np: Any) -> None:
+    """Copy one array of bytes into another of the same size on ``n`` threads, this one
+    among them."""
+    step = max(-(-src.nbytes // n), 1)
+    threads = []
+    mine = 0  # where the part this thread copies itself begins
+    try:
+        for off in range(step, src.nbytes, step):
+            t = threading.Thread(target=np.copyto, args=(dst[off:off + step], src[off:off + step]),
+                                 name="gpu-magic-copy", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:  # "can't start new thread": this one copies the rest too
+                mine = off
+                break
+            threads.append(t)
+        np.copyto(dst[:step], src[:step])
+        if mine:
+            np.copyto(dst[mine:], src[mine:])
+    finally:
+        for t in threads:
+            t.join()  # (never left copying into a mapping that is closed next)
+
+
+def _mapped(fd: int, size: int, dest: str | os.PathLike[str]) -> mmap.mmap | None:
+    """``size`` bytes of the open reserve file ``fd`` mapped shared and faulted for writing,
+    or None where that is not safe or not possible. A write into a file's mapping that needs
+    new disk space it cannot get kills the process (SIGBUS): only file systems that write a
+    file's existing blocks in place are used, and the pages are faulted before any copy (a
+    fault that fails is then an error returned here, not a signal later)."""
+    advise = madvise()
+    if advise is None or _fs_type(dest) not in _IN_PLACE_FS:
+        return None
+    try:
+        if os.fstat(fd).st_size < size:
+            return None
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):
+        return None
+    anchor = ctypes.c_char.from_buffer(mapping)
+    start = ctypes.addressof(anchor)
+    del anchor  # (an export would keep the mapping from being closed)
+    if advise(start, size, MADV_POPULATE_WRITE) != 0:
+        mapping.close()
+        return None
+    return mapping
+
+
+MADV_POPULATE_WRITE = 23
+# ext2/3/4, XFS, tmpfs, overlayfs (a container's own files, over one of those in practice)
+_IN_PLACE_FS = {0xEF53, 0x58465342, 0x01021994, 0x794C7630}
+
+
+@functools.cache
+def madvise() -> Any:
+    """libc's madvise (ctypes lets go of the GIL while it runs), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _fs_type(path: str | os.PathLike[str]) -> int | None:
+    """The Linux file system magic number (``statfs``'s ``f_type``) of ``path``, or None."""
+    statfs = _statfs()
+    if statfs is None:
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if statfs(os.fsencode(os.fspath(path)), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value  # f_type: the struct's first word
+
+
+@functools.cache
+def _statfs() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).statfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -101,7 +240,8 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data):]
 
 
-def _write_hashing_alongside(fd: int, data: memoryview, hasher: Any) -> bool:
+def _write_hashing_alongside(put: Callable[[memoryview], None], data: memoryview,
+                             hasher: Any) -> bool:
     """Hash ``data`` on another thread while it is written: xxhash lets go of the GIL, so
     with a core to spare the hash adds nothing (a 1 GiB result here: 0.18-0.22 s, against
     0.28-0.32 s hashing each piece before its write). False, having written nothing, where
@@ -120,7 +260,7 @@ def _write_hashing_alongside(fd: int, data: memoryview, hasher: Any) -> bool:
     except RuntimeError:  # "can't start new thread"
         return False
     try:
-        _write_all(fd, data)
+        put(data)
     finally:
         thread.join()  # the hasher is not the caller's to read before it is done
     if failed:

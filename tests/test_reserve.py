@@ -96,6 +96,101 @@ def test_write_file_over_a_longer_reserve_file_is_cut_to_the_data(tmp_path: Path
 
 
 
+def _maps_here(folder: Path) -> None:
+    """Skip where a reserve file is written through ``write()`` anyway: a kernel before 5.14
+    (no MADV_POPULATE_WRITE) or a file system that may need new blocks to write over one."""
+    probe = folder / "probe"
+    probe.write_bytes(bytes(_reserve.MAP_MIN))
+    fd = os.open(probe, os.O_RDWR)
+    try:
+        mapping = _reserve._mapped(fd, _reserve.MAP_MIN, probe)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    if mapping is None:
+        pytest.skip(f"reserve files are not written through a mapping on {folder}")
+    mapping.close()
+
+
+def _mapped_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many threads each write through a mapping copied on (the machine's cores are the
+    edge of the world: four are said to be free, so every way is taken on any machine)."""
+    monkeypatch.setattr(_reserve, "usable_cores", lambda: 4)
+    seen: list[int] = []
+    copy = _reserve._copy_on_threads
+    monkeypatch.setattr(_reserve, "_copy_on_threads",
+                        lambda dst, src, n, np: (seen.append(n), copy(dst, src, n, np)))
+    return seen
+
+
+@pytest.mark.parametrize("hashed", ["no", "alongside", "per piece"])
+def test_a_large_write_over_a_reserve_file_is_copied_in_on_threads_and_is_exact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hashed: str) -> None:
+    _maps_here(tmp_path)
+    seen = _mapped_writes(monkeypatch)
+    monkeypatch.setattr(_reserve, "_spare_core", lambda: hashed != "per piece")
+    res = tmp_path / "reserve"
+    res.mkdir()
+    _file(res, _reserve.HASH_ALONGSIDE_MIN + 5 * MIB)  # longer, and full of other bytes
+    data = np.random.default_rng(len(hashed)).bytes(_reserve.HASH_ALONGSIDE_MIN + 4099)
+    h = gpu_magic._payload.Checker(gpu_magic._payload.PIECES_PREFIX) if hashed != "no" else None
+    _reserve.write_file(tmp_path / "blob", memoryview(data), res, h)
+    assert os.listdir(res) == []  # the reserve file was the one written over
+    with open(tmp_path / "blob", "rb") as f:
+        assert f.read() == data  # cut to the data, none of the old tail left
+    if h is not None:
+        assert h.result() == gpu_magic._payload.digest_of(data, gpu_magic._payload.PIECES_PREFIX)
+    # all cores copy; all but the one hashing alongside; one core hashing each piece just
+    # before its write gains nothing from a mapping, and writes as before
+    assert seen == {"no": [4], "alongside": [3], "per piece": []}[hashed]
+
+
+def test_a_copy_whose_threads_cannot_start_is_made_by_the_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _maps_here(tmp_path)
+    seen = _mapped_writes(monkeypatch)
+    started = []
+    start = threading.Thread.start
+
+    def only_one(self: threading.Thread) -> None:  # a pids limit reached by a cell
+        if started:
+            raise RuntimeError("can't start new thread")
+        started.append(self)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", only_one)
+    res = tmp_path / "reserve"
+    res.mkdir()
+    _file(res, 3 * _reserve.MAP_MIN)
+    data = np.random.default_rng(9).bytes(2 * _reserve.MAP_MIN + 13)  # not a multiple of 4
+    _reserve.write_file(tmp_path / "blob", memoryview(data), res)
+    assert seen == [4] and len(started) == 1
+    assert (tmp_path / "blob").read_bytes() == data
+
+
+def test_a_mapped_write_that_fails_leaves_no_mapping_or_descriptor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _maps_here(tmp_path)
+    seen = _mapped_writes(monkeypatch)
+    monkeypatch.setattr(_reserve, "_spare_core", lambda: True)
+    res = tmp_path / "reserve"
+    res.mkdir()
+    _file(res, 2 * _reserve.HASH_ALONGSIDE_MIN)
+
+    class Broken:
+        def update(self, data: Any) -> None:
+            raise MemoryError("no room for the hash")
+
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(MemoryError, match="no room"):
+        _reserve.write_file(tmp_path / "blob", memoryview(bytes(_reserve.HASH_ALONGSIDE_MIN)),
+                            res, Broken())
+    assert seen == [3]  # (it was written through a mapping)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    with open("/proc/self/maps") as maps:
+        assert str(tmp_path / "blob") not in maps.read()
+
+
 @pytest.mark.parametrize("size", [0, 1, _reserve.HASH_STEP, 2 * _reserve.HASH_STEP + 7])
 def test_write_file_can_hash_what_it_writes(tmp_path: Path, size: int) -> None:
     data = np.random.default_rng(size).bytes(size)
