@@ -141,7 +141,9 @@ def _sink(fd: int, size: int, reused: bool, dest: str | os.PathLike[str],
         yield put
     finally:
         into.clear()  # (the mapping cannot be closed while an array is over it)
-        mapping.close()
+        # (an error's traceback may hold arrays over it: then it is unmapped with them)
+        with contextlib.suppress(BufferError):
+            mapping.close()
 
 
 def _copy_on_threads(dst: Any, src: Any, n: int, np: Any) -> None:

@@ -168,6 +168,29 @@ def test_a_copy_whose_threads_cannot_start_is_made_by_the_writer(
     assert (tmp_path / "blob").read_bytes() == data
 
 
+def test_an_interrupt_while_copying_into_a_mapping_is_the_error_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C in the notebook, or %gpu interrupt in a runner, mid-copy: the traceback still
+    # holds arrays over the mapping, which then cannot be closed; the interrupt is what the
+    # caller sees, not a BufferError about the mapping
+    _maps_here(tmp_path)
+    monkeypatch.setattr(_reserve, "usable_cores", lambda: 2)
+    copy = _reserve._copy_on_threads
+
+    def interrupted(dst: Any, src: Any, n: int, np: Any) -> None:
+        copy(dst[:4096], src[:4096], n, np)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_reserve, "_copy_on_threads", interrupted)
+    res = tmp_path / "reserve"
+    res.mkdir()
+    _file(res, 2 * _reserve.MAP_MIN)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        _reserve.write_file(tmp_path / "blob", memoryview(bytes(_reserve.MAP_MIN)), res)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_a_mapped_write_that_fails_leaves_no_mapping_or_descriptor(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _maps_here(tmp_path)
