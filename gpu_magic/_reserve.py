@@ -64,13 +64,13 @@ def open_for(dest: str | os.PathLike[str], size: int,
     """A new file at ``dest`` (0600, which must not exist) to write ``size`` bytes into from
     its start, over a reserve file's pages when one fits. Returns the fd and whether it came
     from the reserve: then the caller truncates it to the bytes written (:func:`finish`)."""
+    # (opened to read too: a large file is written through a mapping, see _sink)
     if take(reserve, size, dest):
         try:
-            # (read and write: a reserve file may be written through a mapping, see _sink)
             return os.open(dest, os.O_RDWR), True
         except OSError:
             os.unlink(dest)
-    return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), False
+    return os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), False
 
 
 def finish(fd: int, written: int, reused: bool) -> None:
@@ -113,18 +113,21 @@ MAX_COPIERS = 4
 @contextlib.contextmanager
 def _sink(fd: int, size: int, reused: bool, dest: str | os.PathLike[str],
           copiers: int) -> Iterator[Callable[[memoryview], None]]:
-    """Something to hand the bytes to, in order. One core copies into a file's 4 KiB pages at
-    about half the speed it copies into an array's memory, and ``write()`` calls on one file
-    wait for each other (its lock). So over a reserve file, where ``copiers`` cores may copy,
-    the file is mapped, its pages faulted for writing in one call, and each piece copied in
-    by that many threads (numpy lets go of the GIL), as Ray's object store copies: a client's
-    256 MiB input took 27-38 ms so against 55-64 ms through ``write()`` (2-core VM, ext4).
-    Elsewhere, and where the kernel cannot fault a mapping for writing (before Linux 5.14),
-    ``write()``. numpy is used only where it is loaded: data this large is an array's."""
+    """Something to hand the bytes to, in order. One core fills a file's 4 KiB pages at about
+    half the speed it fills an array's memory, and ``write()`` calls on one file wait for
+    each other (its lock). So where ``copiers`` cores may copy, the file is mapped, its
+    pages faulted for writing and the bytes copied in, each part by its own thread (numpy
+    lets go of the GIL), as Ray's object store copies. 256 MiB on this 2-core VM (ext4): over
+    a reserve file 27-38 ms against 55-64 ms through ``write()``; into a new file, whose
+    pages cost most to fault on a VM, 86-109 ms against 138-400 ms alone, and 145-260 ms
+    against 366-375 ms in a round trip whose cells came too close for the reserve to be
+    filled (the faults, as the copies, spread over the cores). Elsewhere, and where
+    the kernel cannot fault a mapping for writing (before Linux 5.14), ``write()``. numpy
+    is used only where it is loaded: data this large is an array's."""
     np = sys.modules.get("numpy")
     copiers = min(copiers, MAX_COPIERS)
-    mapping = (_mapped(fd, size, dest) if reused and size >= MAP_MIN and np is not None
-               and copiers > 1 else None)
+    mapping = (_mapped(fd, size, reused, dest, copiers)
+               if size >= MAP_MIN and np is not None and copiers > 1 else None)
     if mapping is None:
         yield lambda piece: _write_all(fd, piece)
         return
@@ -149,38 +152,62 @@ def _sink(fd: int, size: int, reused: bool, dest: str | os.PathLike[str],
 def _copy_on_threads(dst: Any, src: Any, n: int, np: Any) -> None:
     """Copy one array of bytes into another of the same size on ``n`` threads, this one
     among them."""
-    step = max(-(-src.nbytes // n), 1)
-    threads = []
-    mine = 0  # where the part this thread copies itself begins
+    _on_threads(lambda lo, hi: np.copyto(dst[lo:hi], src[lo:hi]), src.nbytes, n)
+
+
+def _on_threads(work: Callable[[int, int], Any], size: int, n: int,
+                align: int = 1) -> list[Any]:
+    """``work(lo, hi)`` for ``n`` parts of ``range(size)`` at once, the first on this thread,
+    each part but the last a multiple of ``align`` long; what each returned, in order. A
+    part whose thread cannot start (a pids limit a cell reached) is done here too. Returns
+    once every part is done, even on an error."""
+    step = max(-(-size // (n * align)) * align, align)
+    bounds = [(lo, min(lo + step, size)) for lo in range(0, size, step)] or [(0, 0)]
+    got: list[Any] = [None] * len(bounds)
+    failed: list[BaseException] = []
+
+    def part(i: int) -> None:
+        try:
+            got[i] = work(*bounds[i])
+        except BaseException as exc:  # (raised on the caller's thread below)
+            failed.append(exc)
+
+    threads, here = [], [0]
     try:
-        for off in range(step, src.nbytes, step):
-            t = threading.Thread(target=np.copyto, args=(dst[off:off + step], src[off:off + step]),
-                                 name="gpu-magic-copy", daemon=True)
+        for i in range(1, len(bounds)):
+            t = threading.Thread(target=part, args=(i,), name="gpu-magic-copy", daemon=True)
             try:
                 t.start()
-            except RuntimeError:  # "can't start new thread": this one copies the rest too
-                mine = off
-                break
+            except RuntimeError:  # "can't start new thread"
+                here.append(i)
+                continue
             threads.append(t)
-        np.copyto(dst[:step], src[:step])
-        if mine:
-            np.copyto(dst[mine:], src[mine:])
+        for i in here:
+            got[i] = work(*bounds[i])
     finally:
         for t in threads:
-            t.join()  # (never left copying into a mapping that is closed next)
+            t.join()  # (never left writing into a mapping that is closed next)
+    if failed:
+        raise failed[0]
+    return got
 
 
-def _mapped(fd: int, size: int, dest: str | os.PathLike[str]) -> mmap.mmap | None:
-    """``size`` bytes of the open reserve file ``fd`` mapped shared and faulted for writing,
-    or None where that is not safe or not possible. A write into a file's mapping that needs
-    new disk space it cannot get kills the process (SIGBUS): only file systems that write a
-    file's existing blocks in place are used, and the pages are faulted before any copy (a
-    fault that fails is then an error returned here, not a signal later)."""
+def _mapped(fd: int, size: int, reused: bool, dest: str | os.PathLike[str],
+            threads: int) -> mmap.mmap | None:
+    """The first ``size`` bytes of the open file ``fd`` (a reserve file, or a new empty one
+    made that long) mapped shared and faulted for writing on ``threads`` threads, or None
+    where that is not safe or not possible. A write into a file's mapping that needs disk
+    space it cannot get kills the process (SIGBUS): the pages are all faulted before any copy
+    (a fault that fails is then an error returned here, and ``write()`` is used), and only
+    file systems that write a file's blocks in place are used (one that copies on write
+    could need new blocks at a later fault, once the kernel wrote the pages back)."""
     advise = madvise()
     if advise is None or _fs_type(dest) not in _IN_PLACE_FS:
         return None
     try:
-        if os.fstat(fd).st_size < size:
+        if not reused:
+            os.ftruncate(fd, size)  # (a write() after a failure here fills it from its start)
+        elif os.fstat(fd).st_size < size:
             return None
         mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError):
@@ -188,7 +215,9 @@ def _mapped(fd: int, size: int, dest: str | os.PathLike[str]) -> mmap.mmap | Non
     anchor = ctypes.c_char.from_buffer(mapping)
     start = ctypes.addressof(anchor)
     del anchor  # (an export would keep the mapping from being closed)
-    if advise(start, size, MADV_POPULATE_WRITE) != 0:
+    done = _on_threads(lambda lo, hi: advise(start + lo, hi - lo, MADV_POPULATE_WRITE),
+                       size, threads, mmap.PAGESIZE)  # (madvise takes whole pages)
+    if any(rc != 0 for rc in done):
         mapping.close()
         return None
     return mapping

@@ -103,7 +103,7 @@ def _maps_here(folder: Path) -> None:
     probe.write_bytes(bytes(_reserve.MAP_MIN))
     fd = os.open(probe, os.O_RDWR)
     try:
-        mapping = _reserve._mapped(fd, _reserve.MAP_MIN, probe)
+        mapping = _reserve._mapped(fd, _reserve.MAP_MIN, True, probe, 2)
     finally:
         os.close(fd)
         probe.unlink()
@@ -143,6 +143,25 @@ def test_a_large_write_over_a_reserve_file_is_copied_in_on_threads_and_is_exact(
     # all cores copy; all but the one hashing alongside; one core hashing each piece just
     # before its write gains nothing from a mapping, and writes as before
     assert seen == {"no": [4], "alongside": [3], "per piece": []}[hashed]
+
+
+@pytest.mark.parametrize("faults", [True, False])
+def test_a_large_new_file_is_written_through_a_mapping_where_its_pages_fault(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: bool) -> None:
+    # no reserve file fits (cells close together, a first large upload): a new file, faulted
+    # on every core; where faulting fails (no disk space for the pages: the kernel's answer
+    # is the edge of the world here), the file is written as before, and exactly
+    _maps_here(tmp_path)
+    seen = _mapped_writes(monkeypatch)
+    if not faults:
+        advise = _reserve.madvise()
+        monkeypatch.setattr(_reserve, "madvise", lambda: lambda addr, size, how: (
+            -1 if how == _reserve.MADV_POPULATE_WRITE and size > MIB else advise(addr, size, how)))
+    data = np.random.default_rng(3).bytes(2 * _reserve.MAP_MIN + 4097)
+    _reserve.write_file(tmp_path / "blob", memoryview(data), tmp_path / "no-reserve")
+    assert seen == ([4] if faults else [])
+    assert (tmp_path / "blob").read_bytes() == data
+    assert stat.S_IMODE((tmp_path / "blob").stat().st_mode) == 0o600
 
 
 def test_a_copy_whose_threads_cannot_start_is_made_by_the_writer(
