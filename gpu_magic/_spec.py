@@ -103,6 +103,20 @@ def pool_type_note(name: str, subject: str | None = None,
             "it is offered as a type of its own")
 
 
+def _without_memory(resolved: str, known: list[str]) -> str | None:
+    """The type meant by a name with its memory size added (``H100-80GB``, ``A100-80G``):
+    the catalogue's name with that size, else the name alone, if either is known (the
+    closest spelling would have been ``A100-80GB`` for ``H100-80GB``)."""
+    m = re.fullmatch(r"(.+?)[-_ ]?(\d+)\s*GB?", resolved)
+    if m is None:
+        return None
+    stem = _resolve(m[1])
+    for name in (f"{stem}-{m[2]}GB", stem):
+        if name in known:
+            return name
+    return None
+
+
 def canonical_type(name: str, extra_types: Iterable[str] = ()) -> str:
     """The canonical upper-case name of a GPU type (aliases resolved); SpecError if unknown."""
     return _canonical(name, _extras(extra_types), spec=name)
@@ -113,8 +127,10 @@ def _canonical(name: str, extras: tuple[str, ...], *, spec: str) -> str:
     if resolved in CATALOGUE or resolved in FAMILIES or resolved in extras:
         return resolved
     known = [*KNOWN_TYPES, *(e for e in extras if e not in KNOWN_TYPES)]
-    close = difflib.get_close_matches(resolved, [*known, *_ALIASES], n=1, cutoff=0.6)
-    suggestion = close[0] if close else None
+    suggestion = _without_memory(resolved, known)
+    if suggestion is None:
+        close = difflib.get_close_matches(resolved, [*known, *_ALIASES], n=1, cutoff=0.6)
+        suggestion = close[0] if close else None
     hint = f"did you mean {suggestion}? Known types" if suggestion else "known types"
     raise SpecError(
         f"'{name.strip()}' is not a GPU type; {hint}: {', '.join(known)} (or any)",
@@ -308,7 +324,8 @@ def parse_spec(
                 spec=raw,
             )
     extras = _extras(extra_types)
-    options = [_parse_option(item, shown, raw, extras, is_list) for item in items]
+    options = [_parse_option(item, shown, raw, extras, is_list, only=len(items) == 1)
+               for item in items]
     _check_unique(options, shown, raw)
     return GpuSpec(tuple(options))
 
@@ -360,7 +377,8 @@ def _is_type(name: str, extras: tuple[str, ...]) -> bool:
 
 
 def _parse_option(
-    item: str | GpuOption, shown: str, spec: str, extras: tuple[str, ...], in_list: bool
+    item: str | GpuOption, shown: str, spec: str, extras: tuple[str, ...], in_list: bool,
+    only: bool = False,
 ) -> GpuOption:
     text = (str(item) if isinstance(item, GpuOption) else item).strip()
     if not text:
@@ -370,12 +388,15 @@ def _parse_option(
             else "separate options with commas, e.g. 'H100:2, A100'"
         )
         raise SpecError(f"empty option in {shown}; {fix}", spec=spec)
-    words = text.split()
+    words = [w for w in re.split(r"[\s,]+", text) if w]
     if len(words) > 1 and all(_is_type(w.partition(":")[0], extras) for w in words):
-        joined = ", ".join(words)
-        fix = f"['{joined.replace(', ', chr(39) + ', ' + chr(39))}']" if in_list else joined
-        raise SpecError(f"'{text}' is {len(words)} options without commas between them; "
-                        f"write {fix}", spec=spec)
+        if in_list:  # (a comma inside one element, too: each option is an element)
+            what = "in one element of the list" if "," in text else "without commas between them"
+            each = ", ".join(f"'{w}'" for w in words)
+            fix = f"[{each}]" if only else f"them as elements of their own: {each}"
+        else:
+            fix, what = ", ".join(words), "without commas between them"
+        raise SpecError(f"'{text}' is {len(words)} options {what}; write {fix}", spec=spec)
     name, colon, count_text = (part.strip() for part in text.partition(":"))
     if ":" in count_text:
         raise SpecError(f"'{text}' has more than one ':'; {_FORM}", spec=spec)

@@ -142,12 +142,20 @@ INVALID = [
         POOL,
         f"'mi300' is not a GPU type; did you mean MI300X? {KNOWN}, MI300X, GTX-1080 (or any)",
     ),
+    # a memory size added to a type's name: the type, not the closest spelling (A100-80GB)
+    ("h100-80gb", (), f"'h100-80gb' is not a GPU type; did you mean H100? {KNOWN} (or any)"),
+    ("A100-80G", (), f"'A100-80G' is not a GPU type; did you mean A100-80GB? {KNOWN} (or any)"),
     # a comma forgotten: said so, with the spec as it was meant
     ("H100:2 A100", (), "'H100:2 A100' is 2 options without commas between them; write "
                         "H100:2, A100"),
     ("H100 any, T4", (), "'H100 any' is 2 options without commas between them; write H100, any"),
     ('["h100 a100"]', (), "'h100 a100' is 2 options without commas between them; write "
                           "['h100', 'a100']"),
+    # a comma inside one element: the advice itself must parse (it said ['H100:2,', 'any'])
+    ('["H100:2, any"]', (), "'H100:2, any' is 2 options in one element of the list; write "
+                            "['H100:2', 'any']"),
+    ("['H100, A100', 'any']", (), "'H100, A100' is 2 options in one element of the list; "
+                                  "write them as elements of their own: 'H100', 'A100'"),
     # not two types: no made-up advice
     ("H 100", (), "'H 100' is not a valid option (a type name has only letters, digits, '-', "
                   "'_' and '.'); write TYPE[:COUNT], e.g. H100:2 or any"),
