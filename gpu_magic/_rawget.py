@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from ._reserve import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE
+from ._reserve import join_all
 from ._reserve import madvise as _madvise
 from ._version import __version__
 
@@ -339,7 +340,7 @@ def prefaulted(buf: bytearray | mmap.mmap) -> Iterator[None]:
         yield
     finally:
         stop.set()
-        thread.join()  # (never left running over memory that may be unmapped next)
+        join_all([thread])  # (never left running over memory that may be unmapped next)
 
 
 _PREFAULT_MIN = 4 << 20

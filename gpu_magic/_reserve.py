@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import mmap
 import os
@@ -185,11 +186,26 @@ def _on_threads(work: Callable[[int, int], Any], size: int, n: int,
         for i in here:
             got[i] = work(*bounds[i])
     finally:
-        for t in threads:
-            t.join()  # (never left writing into a mapping that is closed next)
+        join_all(threads)  # (never left writing into a mapping that is closed next)
     if failed:
         raise failed[0]
     return got
+
+
+def join_all(threads: list[threading.Thread]) -> None:
+    """Join every thread, even when a Ctrl-C lands in a join (it would skip the joins after
+    it, and leave threads writing into memory the caller lets go of next); the first such
+    interrupt is raised once all have ended."""
+    interrupted: BaseException | None = None
+    for t in threads:
+        while True:
+            try:
+                t.join()
+                break
+            except BaseException as exc:
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _mapped(fd: int, size: int, reused: bool, dest: str | os.PathLike[str],
@@ -202,7 +218,7 @@ def _mapped(fd: int, size: int, reused: bool, dest: str | os.PathLike[str],
     file systems that write a file's blocks in place are used (one that copies on write
     could need new blocks at a later fault, once the kernel wrote the pages back)."""
     advise = madvise()
-    if advise is None or _fs_type(dest) not in _IN_PLACE_FS:
+    if advise is None or _refused or _fs_type(dest) not in _IN_PLACE_FS:
         return None
     try:
         if not reused:
@@ -215,17 +231,25 @@ def _mapped(fd: int, size: int, reused: bool, dest: str | os.PathLike[str],
     anchor = ctypes.c_char.from_buffer(mapping)
     start = ctypes.addressof(anchor)
     del anchor  # (an export would keep the mapping from being closed)
-    done = _on_threads(lambda lo, hi: advise(start + lo, hi - lo, MADV_POPULATE_WRITE),
-                       size, threads, mmap.PAGESIZE)  # (madvise takes whole pages)
-    if any(rc != 0 for rc in done):
+    def fault(lo: int, hi: int) -> int:  # (madvise takes whole pages: lo is a page's start)
+        if advise(start + lo, hi - lo, MADV_POPULATE_WRITE) == 0:
+            return 0
+        return ctypes.get_errno() or -1
+
+    failed = [e for e in _on_threads(fault, size, threads, mmap.PAGESIZE) if e]
+    if failed:
+        if errno.EINVAL in failed:  # (not ENOSPC, EFAULT: this kernel has no such advice)
+            _refused.append(True)
         mapping.close()
         return None
     return mapping
 
 
 MADV_POPULATE_WRITE = 23
-# ext2/3/4, XFS, tmpfs, overlayfs (a container's own files, over one of those in practice)
-_IN_PLACE_FS = {0xEF53, 0x58465342, 0x01021994, 0x794C7630}
+# ext2/3/4, XFS, tmpfs. Not overlayfs: its magic hides the file system its files are written
+# to, which may copy on write (btrfs under rootless podman)
+_IN_PLACE_FS = {0xEF53, 0x58465342, 0x01021994}
+_refused: list[bool] = []  # the kernel said EINVAL to MADV_POPULATE_WRITE (before Linux 5.14)
 
 
 @functools.cache
@@ -293,7 +317,7 @@ def _write_hashing_alongside(put: Callable[[memoryview], None], data: memoryview
     try:
         put(data)
     finally:
-        thread.join()  # the hasher is not the caller's to read before it is done
+        join_all([thread])  # the hasher is not the caller's to read before it is done
     if failed:
         raise failed[0]
     return True

@@ -4,10 +4,13 @@ over and cut to size; kept filled by the gateway within its cap; never seen by s
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import os
 import shutil
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,13 +158,67 @@ def test_a_large_new_file_is_written_through_a_mapping_where_its_pages_fault(
     seen = _mapped_writes(monkeypatch)
     if not faults:
         advise = _reserve.madvise()
-        monkeypatch.setattr(_reserve, "madvise", lambda: lambda addr, size, how: (
-            -1 if how == _reserve.MADV_POPULATE_WRITE and size > MIB else advise(addr, size, how)))
+
+        def no_room(addr: int, size: int, how: int) -> int:
+            if how == _reserve.MADV_POPULATE_WRITE and size > MIB:
+                ctypes.set_errno(errno.ENOSPC)
+                return -1
+            return advise(addr, size, how)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(_reserve, "madvise", lambda: no_room)
     data = np.random.default_rng(3).bytes(2 * _reserve.MAP_MIN + 4097)
     _reserve.write_file(tmp_path / "blob", memoryview(data), tmp_path / "no-reserve")
     assert seen == ([4] if faults else [])
     assert (tmp_path / "blob").read_bytes() == data
     assert stat.S_IMODE((tmp_path / "blob").stat().st_mode) == 0o600
+
+
+def test_a_kernel_without_the_advice_is_asked_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # before Linux 5.14 madvise says EINVAL: every large write made, then unmade, a mapping
+    # and its threads before writing as before; after the first, it writes as before at once
+    _maps_here(tmp_path)
+    monkeypatch.setattr(_reserve, "_refused", [])
+    seen = _mapped_writes(monkeypatch)
+    asked = []
+
+    def old_kernel(addr: int, size: int, how: int) -> int:
+        asked.append(how)
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(_reserve, "madvise", lambda: old_kernel)
+    for i in range(3):
+        data = np.random.default_rng(i).bytes(_reserve.MAP_MIN + i)
+        _reserve.write_file(tmp_path / f"blob{i}", memoryview(data), tmp_path / "no-reserve")
+        assert (tmp_path / f"blob{i}").read_bytes() == data
+    assert seen == [] and 0 < len(asked) <= 4  # (the first write's threads asked, no other)
+
+
+def test_an_interrupt_in_a_join_still_waits_for_every_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a Ctrl-C landing in the first join skipped the others: threads went on copying into a
+    # mapping (or faulting its address range) that the caller unmapped next
+    ended: list[int] = []
+    join = threading.Thread.join
+    calls = []
+
+    def interrupted_once(self: threading.Thread, timeout: float | None = None) -> None:
+        calls.append(self.name)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        join(self, timeout)
+
+    def work(lo: int, hi: int) -> None:
+        time.sleep(0.3 if lo else 0.0)  # (the threads' parts end after this thread's)
+        ended.append(lo)
+
+    monkeypatch.setattr(threading.Thread, "join", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        _reserve._on_threads(work, 4, 4)
+    monkeypatch.undo()
+    assert sorted(ended) == [0, 1, 2, 3]  # every part had ended when the interrupt came out
+    assert not [t for t in threading.enumerate() if t.name == "gpu-magic-copy"]
 
 
 def test_a_copy_whose_threads_cannot_start_is_made_by_the_writer(
