@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import sys
 import time
 from typing import Any
 
@@ -671,7 +672,16 @@ class NullView:
         pass
 
     def finish(self) -> None:
-        pass
+        """No status shows the job's notes and the options it dropped (why no larger GPU
+        was tried, why ``T4:2`` could never be granted): said once on stderr instead, as
+        the notes on names not brought back are."""
+        if getattr(self, "_said", False):
+            return
+        self._said = True
+        lines = [f"note: {n}" for n in self.state.notices]
+        lines += [f"dropped {d['option']}: {d['reason']}" for d in self.state.dropped]
+        for line in lines:
+            print(f"[gpu_magic] {line}", file=sys.stderr)
 
     def reopen(self) -> None:
         pass

@@ -320,6 +320,28 @@ def test_a_quick_cell_s_one_line_summary_keeps_its_notes(use_gateway: Gateway) -
         assert f"note: {html.escape(note)}" in line, line
 
 
+def test_a_quiet_cell_says_its_notes_and_dropped_options_on_stderr(
+        use_gateway: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    # --quiet shows no status, and with it went the only word of why no larger GPU was tried
+    # and of options that could never be granted (found by a newcomer)
+    client = use_gateway.client()
+    try:
+        with pytest.raises(RuntimeError):
+            gpu_magic.run('raise RuntimeError("CUDA out of memory. Tried to allocate 900 GiB")',
+                          "H100", {"__name__": "__main__"}, client=client, quiet=True,
+                          oom_fallback=True)
+        err = capsys.readouterr().err
+        assert "[gpu_magic] note: the cell ran out of GPU memory on " in err, err
+        assert "no option in its list has a GPU with more memory" in err, err
+        assert gpu_magic.run("y = 2", "T4, H100", {"__name__": "__main__"}, client=client,
+                             quiet=True) is None
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("[gpu_magic] dropped T4: ")]
+        assert len(lines) == 1, err
+    finally:
+        client.close()
+
+
 def test_a_cell_with_no_inputs_says_nothing_was_sent(use_gateway: Gateway) -> None:
     # an instructor's trial: its first run said "sent 5 B" (the pickle of no inputs), the next
     # nothing; a cell with inputs still says what it sent
