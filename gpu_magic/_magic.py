@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import getpass
+import keyword
 import os
 import re
 import shlex
@@ -143,6 +144,27 @@ def _without_comment(line: str) -> str:
     return line
 
 
+_FLAG_NAMES = ("timeout", "wait", "retries", "oom-fallback", "return", "no-return",
+               "background", "env", "quiet", "dry-run")
+
+
+def _misdashed(line: str) -> str | None:
+    """What is wrong with an option written with a long dash (autocorrect makes ``--`` into
+    ``—``) or with a space after its dashes, and the option meant; None if nothing."""
+    try:
+        words = shlex.split(line)
+    except ValueError:  # (an unclosed quote: said by the parser)
+        return None
+    for word, after in zip(words, [*words[1:], ""]):
+        m = re.fullmatch(r"([\u2012\u2013\u2014\u2015\u2212]+-?)([A-Za-z][\w-]*)(=.*)?", word)
+        if m:
+            return (f"'{m[1]}{m[2]}' starts with '{m[1]}', a long dash (as autocorrect writes "
+                    f"'--'); write --{m[2]}")
+        if word in ("-", "--") and after.lower() in _FLAG_NAMES:
+            return f"'{word} {after}' has a space after '{word}'; write --{after.lower()}"
+    return None
+
+
 def _split(line: str) -> tuple[str, str]:
     """Separate the spec (free text, may hold commas, spaces, a list literal) from the flags."""
     m = re.search(r"(^|\s)--?[A-Za-z]", line)
@@ -213,6 +235,10 @@ class GPUMagic(Magics):
             raise
 
     def _cell(self, line: str, cell: str) -> Any:
+        misdashed = _misdashed(_without_comment(line))
+        if misdashed:
+            raise UsageError(f"{misdashed}\nusage: %%gpu [SPEC] [options]; see %gpu? for the "
+                             "options")
         spec_text, flags = _split(_without_comment(line))
         words = self._words(flags)
         twice = self._given_twice(words)
@@ -235,7 +261,8 @@ class GPUMagic(Magics):
         if args.return_names is not None and args.no_return:
             raise UsageError("--return and --no-return contradict each other; use one of them")
         if args.return_names is not None:
-            bad = [n for n in args.return_names.split(",") if not n.strip().isidentifier()]
+            bad = [n for n in args.return_names.split(",")
+                   if not n.strip().isidentifier() or keyword.iskeyword(n.strip())]
             if bad:
                 raise UsageError(
                     f"--return {args.return_names}: {bad[0].strip()!r} is not a name a cell "

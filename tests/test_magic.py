@@ -506,6 +506,12 @@ def test_a_misread_line_gets_the_line_to_write(kernel_factory: Any) -> None:
         ("%%gpu T4 --return a,1b", "--return a,1b: '1b' is not a name a cell can bind; list "
                                    "names separated by commas, e.g. --return model,loss"),
         ("%%gpu T4 --return a,,b", "--return a,,b: '' is not a name a cell can bind"),
+        ("%%gpu T4 --return x,class", "--return x,class: 'class' is not a name a cell can "
+                                      "bind"),
+        # autocorrect's long dash, and a space after the dashes (it blamed the spec)
+        ("%%gpu T4 \u2014timeout 5", "'\u2014timeout' starts with '\u2014', a long dash (as "
+                                     "autocorrect writes '--'); write --timeout"),
+        ("%%gpu h100 -- dry-run", "'-- dry-run' has a space after '--'; write --dry-run"),
         ("%%gpu T4 --timeout 5 --timeout 6",
          "--timeout is given twice (--timeout 5 and --timeout 6); give it once"),
         ("%%gpu T4 --quiet --quiet", "--quiet is given twice; give it once"),
