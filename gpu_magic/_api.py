@@ -148,6 +148,17 @@ def option_problem(timeout: Any, wait: Any, retries: Any,
             return str(int(value))
         return f"{value:.6g}"
 
+    for name, value, example in (("timeout", timeout, 600), ("wait", wait, 60),
+                                 ("retries", retries, 2)):
+        if value is None and name != "retries" or number(value):
+            continue
+        try:  # (a number given as text, as read from a form or a config file: the number)
+            meant = shown(float(value)) if isinstance(value, str) else None
+        except ValueError:
+            meant = None
+        return (f"{spell(name)}{value!r} is a {type(value).__name__}, not a number; write "
+                f"{spell(name)}{meant or example}"
+                + ("" if meant else f" ({'a whole number' if name == 'retries' else 'seconds'})"))
     if timeout is not None and not (number(timeout) and 0 < timeout <= MAX_SECONDS):
         return (f"{spell('timeout')}{shown(timeout)}: the cell's time limit must be more than 0 and "
                 f"at most {MAX_SECONDS} seconds (30 days); leave it out for the default, "

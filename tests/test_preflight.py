@@ -74,7 +74,10 @@ def test_dry_run_in_a_kernel_shows_the_report(use_gateway: Gateway, tmp_path: Pa
     ({"timeout": -5}, "timeout=-5: the cell's time limit must be more than 0"),
     ({"wait": -1}, "wait=-1: the time to wait in the queue must be 0 or more"),
     ({"retries": -1}, "retries=-1: the re-runs after a runner died must be a whole number"),
-    ({"timeout": "10"}, "timeout='10': the cell's time limit must be"),
+    # a number given as text: its type is what is wrong (it said 10 was out of range)
+    ({"timeout": "10"}, "timeout='10' is a str, not a number; write timeout=10"),
+    ({"wait": "soon"}, "wait='soon' is a str, not a number; write wait=60 (seconds)"),
+    ({"retries": "2"}, "retries='2' is a str, not a number; write retries=2"),
 ])
 def test_bad_option_values_are_refused_by_the_python_api(use_gateway: Gateway,
                                                          options: dict[str, Any],
