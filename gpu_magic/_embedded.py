@@ -175,16 +175,8 @@ def ensure_local_gateway(simulate: str | None = None, *, state_dir: Path | None 
             what = difference(info, simulate)
             if what is None:
                 return info
-            if simulate:
-                # refused before the running gateway (another notebook's) is stopped for it
-                from .server.inventory import parse_simulated
-
-                try:
-                    parse_simulated(simulate)
-                except SpecError as exc:
-                    raise SpecError(f"GPU_MAGIC_SIMULATE={simulate!r}: {exc}; the local "
-                                    "gateway running now is left as it is",
-                                    spec=simulate) from None
+            # refused before the running gateway (another notebook's) is stopped for it
+            _check_pool(simulate, "the local gateway running now is left as it is")
             if not _idle(info):
                 raise GatewayError(
                     f"the local gpu_magic gateway (pid {info.get('pid')}) runs with {what}, but "
@@ -198,7 +190,22 @@ def ensure_local_gateway(simulate: str | None = None, *, state_dir: Path | None 
         elif info is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
+        # refused here, naming the variable (the gateway's own refusal names --simulate)
+        _check_pool(simulate, "no local gateway was started")
         return _start(path, simulate, state_dir)
+
+
+def _check_pool(simulate: str | None, then: str) -> None:
+    """SpecError, saying ``then``, where GPU_MAGIC_SIMULATE cannot be read as a pool."""
+    if not simulate:
+        return
+    from .server.inventory import parse_simulated
+
+    try:
+        parse_simulated(simulate)
+    except SpecError as exc:
+        raise SpecError(f"GPU_MAGIC_SIMULATE={simulate!r}: {exc}; {then}",
+                        spec=simulate) from None
 
 
 def _start(path: Path, simulate: str | None, state_dir: Path | None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import gpu_magic
-from gpu_magic import GatewayError, _connection
+from gpu_magic import GatewayError, RunnerLost, _connection
 from gpu_magic._embedded import _pid_alive, stop_local_gateway
 
 from .conftest import wait_for
@@ -150,21 +150,36 @@ def test_the_local_gateway_s_log_and_inbox_are_its_user_s_alone(local_only: None
     assert (state / "inbox").stat().st_mode & 0o777 == 0o700
 
 
+@pytest.mark.parametrize("how", ["stop", "kill"])
 def test_a_background_job_of_a_stopped_local_gateway_says_it_ended_with_it(
-        local_only: None) -> None:
+        local_only: None, how: str) -> None:
     # a README trial: after `gpu-magic stop`, wait() tried for 30 s, then said "the job may
-    # still be running", while stop had just said it ended, as lost
+    # still be running", while stop had just said it ended, as lost. Stopped, the gateway
+    # tells its followers so; killed, the client knows its gateway is gone (a local one's
+    # cells end with it)
+    import json
+    import signal
+
+    from gpu_magic._embedded import runtime_path
+
     ns = {"__name__": "__main__"}
     job = gpu_magic.run("import time\nprint('started', flush=True)\ntime.sleep(60)", "T4", ns,
                         quiet=True, background=True)
     wait_for(lambda: "started" in job.output, 30)
     url = _connection._embedded["url"] if _connection._embedded else "?"
-    stop_local_gateway()
-    with pytest.raises(GatewayError) as err:
-        job.wait(timeout=60)
-    text = str(err.value)
-    assert text.startswith(f"the local gpu_magic gateway at {url} is no longer running ("), text
-    assert f"GPU job {job.id} ended with it, as lost" in text and "may still be" not in text
+    if how == "stop":
+        stop_local_gateway()
+        with pytest.raises(RunnerLost) as lost:
+            job.wait(timeout=60)
+        assert "the gateway was stopped (SIGTERM) while this job was running" in str(lost.value)
+    else:
+        pid = int(json.loads(runtime_path().read_text())["pid"])
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(GatewayError) as err:
+            job.wait(timeout=60)
+        text = str(err.value)
+        assert text.startswith(f"the local gpu_magic gateway at {url} is no longer running ("), text
+        assert f"GPU job {job.id} ended with it, as lost" in text and "may still be" not in text
     gpu_magic.run("x = 3", "T4", ns, quiet=True)  # a fresh gateway, which knows how it ended
     assert _connection.connect().job(job.id)["state"] == "lost"
 
@@ -261,8 +276,11 @@ def test_a_failed_start_quotes_its_own_log_and_typos_are_noted(tmp_path: Path) -
     assert "'T4:0' in the simulated pool asks for 0 GPUs" in first.stdout, first
     second = subprocess.run([sys.executable, "-c", script, "L4:999"], capture_output=True,
                             text=True, timeout=120, env=env)
-    assert "the local gpu_magic gateway failed to start" in second.stdout, second
-    assert "'L4:999' in the simulated pool asks for 999 GPUs" in second.stdout, second
+    # refused before a gateway starts, naming the variable (it said only that the gateway
+    # "failed to start (exit code 2)", quoting a refusal of --simulate)
+    assert second.stdout.startswith("GPU_MAGIC_SIMULATE='L4:999': 'L4:999' in the simulated "
+                                    "pool asks for 999 GPUs"), second
+    assert "no local gateway was started" in second.stdout, second
     assert "T4:0" not in second.stdout, second.stdout
     # a type that is likely a typo is said in the kernel as its gateway starts
     started = subprocess.run([sys.executable, "-c", script, "H1000:2"], capture_output=True,

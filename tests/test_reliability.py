@@ -238,6 +238,36 @@ def test_gateway_restart_under_a_following_client(tmp_path: Path) -> None:
         r.close()
 
 
+def test_a_cell_following_a_job_hears_at_once_that_its_gateway_stopped(tmp_path: Path) -> None:
+    # its stream ended before the job did: the cell tried to resume it for half a minute,
+    # then said the job "may still be running" (found by a newcomer); the gateway knew
+    gw = start_gateway(tmp_path)
+    outcome: dict[str, Any] = {}
+    try:
+        with gw.client() as c:
+            def follow() -> None:
+                try:
+                    gpu_magic.run("import time\nprint('working', flush=True)\ntime.sleep(60)",
+                                  "H100", ns(), client=c, quiet=True)
+                except BaseException as exc:
+                    outcome["error"] = exc
+
+            t = threading.Thread(target=follow)
+            t.start()
+            wait_for(lambda: any(j["state"] == "running" for j in c.jobs()), DEADLINE)
+            gw.proc.send_signal(signal.SIGTERM)
+            assert gw.proc.wait(30) == 0
+            t.join(10)
+            assert not t.is_alive(), "the cell still waited after its gateway had stopped"
+        err = outcome["error"]
+        assert isinstance(err, RunnerLost), repr(err)
+        assert "the gateway was stopped (SIGTERM) while this job was running" in str(err)
+        log = (tmp_path / "gateway.log").read_text()
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log
+    finally:
+        gw.stop()
+
+
 def test_a_job_lost_to_a_crash_did_not_run_while_the_gateway_was_down(tmp_path: Path) -> None:
     # its "ran" counted until the restart: 74 s for a cell that ran 7 (found by a newcomer)
     r = _Restartable(tmp_path)

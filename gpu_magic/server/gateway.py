@@ -684,6 +684,14 @@ class Gateway:
         if job.followers == 0:
             job.unfollowed_since = time.monotonic()
 
+    async def streams_told(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until no client follows a job any more: each
+        stream ends after its job's ``done``, once that is sent."""
+        assert self.loop is not None
+        deadline = self.loop.time() + timeout
+        while any(j.followers for j in self.jobs.values()) and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
     def end_streams(self) -> None:
         """End every event stream at the event it has reached (the gateway is stopping)."""
         self.streams_ending = True

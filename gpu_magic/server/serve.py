@@ -137,6 +137,7 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
         given_tokens = load_tokens_file(cfg.tokens_file) if cfg.tokens_file else None
     except TokensFileError as exc:
         raise ServeError(str(exc)) from None
+    _refuse_options(cfg)
     # absolute, as the sandbox names them inside a new root (and the working folder may change)
     state_dir = (cfg.state_dir or default_state_dir()).expanduser().resolve()
     try:
@@ -160,6 +161,11 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
         lock = hold(state_dir)
     except StateDirBusy as exc:
         raise ServeError(str(exc)) from None
+    except OSError as exc:  # (made, but not writable: root's mkdir in /sys succeeds)
+        raise ServeError(
+            f"cannot use {state_dir} as the gateway's state directory: {exc.strerror}; give "
+            "a folder this user can create and write, e.g. --state-dir ~/gpu-magic-state"
+        ) from None
     try:
         gateway, auth, token_path = _build(cfg, state_dir, given_tokens)
     except BaseException:
@@ -232,8 +238,9 @@ def _revoked(cancelled: int, running: int) -> str:
     return f"; {'; '.join(said)}" if said else ""
 
 
-def _build(cfg: ServeConfig, state_dir: Path, given_tokens: dict[str, User] | None,
-           ) -> tuple[Gateway, Authenticator, Path | None]:
+def _refuse_options(cfg: ServeConfig) -> None:
+    """ServeError for options that cannot go together, before anything is made (a refused
+    gateway left a state folder and a token behind)."""
     if not _is_loopback(cfg.host) and not cfg.force:
         if not cfg.tokens_file:
             raise ServeError(
@@ -273,6 +280,10 @@ def _build(cfg: ServeConfig, state_dir: Path, given_tokens: dict[str, User] | No
                 f"use the cluster; for a simulated pool, --backend local --simulate "
                 f"{cfg.simulate}, or a one-machine Ray cluster with fake GPUs (docs/ray.md, "
                 "\"Trying it on one machine\").")
+
+
+def _build(cfg: ServeConfig, state_dir: Path, given_tokens: dict[str, User] | None,
+           ) -> tuple[Gateway, Authenticator, Path | None]:
     token_path = None
     if given_tokens is not None:
         tokens = given_tokens
@@ -392,9 +403,38 @@ def serve(cfg: ServeConfig) -> int:
                             ssl_keyfile=str(cfg.keyfile) if cfg.keyfile else None)
     logging.getLogger("uvicorn.error").addFilter(_no_idle_cancel)
 
+    stopping: dict[str, str] = {}  # why, for the log
+    ended: list[tuple[int, int]] = []  # the running and queued jobs that ended as lost
+
+    async def end_jobs() -> None:
+        """Once: jobs whose results are being stored end as they ran, and the others as lost,
+        saying why, to their followers too (a cell following one raises RunnerLost at once,
+        rather than trying to resume its stream for half a minute and then saying that the
+        job may still be running)."""
+        if ended:
+            return
+        if gateway.bulk is not None:
+            await asyncio.to_thread(gateway.bulk.close)  # (uploads under way end; none kept)
+        await gateway.drain()
+        ended.append(gateway.lose_unfinished(stopping.get("why", "asked to stop")))
+        await gateway.streams_told(timeout=1.0)
+
     class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:  # (its handler while it serves)
+            stopping.setdefault("why", "Ctrl-C" if sig == signal.SIGINT else "SIGTERM")
+            super().handle_exit(sig, frame)
+
         async def shutdown(self, sockets: Any = None) -> None:
-            # followers' event streams end where they are: uvicorn would wait for them, then
+            # as uvicorn's own shutdown begins: no new request while the jobs end, idle
+            # connections closed, and a moment for requests under way (a result being sent)
+            for listening in getattr(self, "servers", []):
+                listening.close()
+            for connection in list(self.server_state.connections):
+                connection.shutdown()
+            await asyncio.sleep(0.1)
+            with asked_again_stops():
+                await end_jobs()
+            # event streams still open end where they are: uvicorn would wait for them, then
             # cancel them mid-write (a traceback in the log); their clients say how to
             # attach again
             gateway.end_streams()
@@ -402,7 +442,22 @@ def serve(cfg: ServeConfig) -> int:
 
     server = Server(config)
 
-    stopping: dict[str, str] = {}  # why, for the log
+    @contextlib.contextmanager
+    def asked_again_stops() -> Any:
+        """While jobs end within uvicorn's shutdown, where uvicorn's handlers would only take
+        note of a second Ctrl-C or TERM: ours, which stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        before = {s: signal.signal(s, stop_serving) for s in (signal.SIGTERM, signal.SIGINT)}
+        stopping["served"] = "yes"
+        try:
+            yield
+        finally:
+            # (uvicorn replays the signal it took once it has stopped: not a second one)
+            stopping.pop("served", None)
+            for s, handler in before.items():
+                signal.signal(s, handler)
 
     def stop_serving(signum: int, _frame: object) -> None:
         if stopping.get("served"):
@@ -550,11 +605,9 @@ def serve(cfg: ServeConfig) -> int:
         finally:
             stopping["served"] = "yes"
             watcher.cancel()
-            if bulk is not None:
-                await asyncio.to_thread(bulk.close)  # (uploads under way end; none is kept)
-            await gateway.drain()  # (jobs whose results are being stored end as they ran)
+            await end_jobs()  # (done already, unless serving failed before its shutdown)
             why = stopping.get("why", "asked to stop")
-            running, queued = gateway.lose_unfinished(why)
+            running, queued = ended[0]
             print(f"gpu-magic: stopping ({why})"
                   + (f": {running} running and {queued} queued job(s) end with it, as lost"
                      if running or queued else ""), file=sys.stderr, flush=True)
