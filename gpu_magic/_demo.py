@@ -82,6 +82,12 @@ def run_demo(simulate: str, port: int, notebooks: Path | None) -> int:
         print("gpu-magic demo needs JupyterLab: pip install 'gpu-magic[demo]'", file=sys.stderr)
         return 1
     nb_dir = notebooks_dir(notebooks)
+    if not nb_dir.is_dir():  # (before a gateway starts: it was left running, JupyterLab not)
+        print(f"gpu-magic demo: --notebooks {nb_dir}: "
+              + ("it is a file, not a folder" if nb_dir.exists() else "no such folder")
+              + "; give the folder JupyterLab should open, or leave --notebooks out for the "
+              "teaching notebooks", file=sys.stderr)
+        return 2
     if notebooks is None:
         nb_dir, copied = working_copy(nb_dir, Path.cwd() / COPY_DIR)
         kept = len(list(nb_dir.glob("*.ipynb"))) - len(copied)

@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
 
     # (its usage in full is 13 lines: a refused value's one line came under all of them)
     s = sub.add_parser("serve", help="run a gateway for a GPU pool",
-                       usage="gpu-magic serve [OPTIONS]")
+                       usage="gpu-magic serve [OPTIONS]", allow_abbrev=False)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0: any free port)")
     s.add_argument("--backend", choices=["local", "ray"], default="local",
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens-file", type=Path, default=None,
                    help='JSON {"user": "token", ...} or {"user": {"token": "...", '
                         '"admin": true, "max_jobs": 2, "max_gpus": 1}, ...}, mode 0600')
-    s.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+    s.add_argument("--state-dir", type=_folder, default=None, metavar="DIR",
                    help="jobs, blobs and limits (default: under Jupyter's data directory)")
     s.add_argument("--runtime-file", type=Path, default=None, help=argparse.SUPPRESS)
     s.add_argument("--idle-timeout", type=_seconds(), default=None,
@@ -83,17 +83,18 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stop", help="stop this user's embedded local gateway")
     for name, what in (("pool", "the GPU pool as a table"), ("jobs", "your jobs as a table")):
-        q = sub.add_parser(name, help=what)
+        q = sub.add_parser(name, help=what, allow_abbrev=False)
         q.add_argument("--url", default=None, help="gateway URL (default: GPU_MAGIC_URL or local)")
         q.add_argument("--token", default=None, help="token (default: GPU_MAGIC_TOKEN)")
         if name == "jobs":
             q.add_argument("--all", action="store_true",
                            help="every user's jobs, with a user column (needs an admin token)")
-    d = sub.add_parser("demo", help="a simulated pool and JupyterLab with the teaching notebooks")
+    d = sub.add_parser("demo", help="a simulated pool and JupyterLab with the teaching notebooks",
+                       allow_abbrev=False)
     d.add_argument("--simulate", type=_pool, default="H100:2,A100-80GB:4,T4:8", metavar="SPEC",
                    help="the simulated pool (default: %(default)s)")
-    d.add_argument("--port", type=int, default=8888, help="JupyterLab's port (default: 8888)")
-    d.add_argument("--notebooks", type=Path, default=None, metavar="DIR",
+    d.add_argument("--port", type=_port, default=8888, help="JupyterLab's port (default: 8888)")
+    d.add_argument("--notebooks", type=_folder, default=None, metavar="DIR",
                    help="the folder JupyterLab opens (default: the teaching notebooks)")
     return p
 
@@ -112,12 +113,29 @@ def _port(text: str) -> int:
 
 
 def _pool(text: str) -> str:
-    """A simulated pool's spec: never empty (that quietly gave this host's real GPUs)."""
+    """A simulated pool's spec: never empty (that quietly gave this host's real GPUs), and
+    read before anything starts (``demo`` started a gateway that refused it, a traceback)."""
+    from ._errors import SpecError
+    from .server.inventory import parse_simulated
+
     if not text.strip():
         raise argparse.ArgumentTypeError(
             "an empty pool: give the simulated GPUs, e.g. --simulate 'H100:2,A100-80GB:4', or "
             "leave out --simulate to use this machine's GPUs")
+    try:
+        parse_simulated(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(
+            str(exc).replace("GPU_MAGIC_SIMULATE=", "--simulate ")) from None
     return text
+
+
+def _folder(text: str) -> Path:
+    """A folder's path, never empty (``--state-dir ''`` meant the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: give a folder, or leave the option out "
+                                         "for the default")
+    return Path(text)
 
 
 def _seconds(zero: bool = False) -> Any:
@@ -149,6 +167,11 @@ def _env_names(text: str) -> tuple[str, ...]:
                 "in the environment the gateway starts in)")
     if not names:
         raise argparse.ArgumentTypeError("no names: give e.g. --pass-env DATA_ROOT")
+    kept = [n for n in names if n in ("GPU_MAGIC_TOKEN", "GPU_MAGIC_URL")]
+    if kept:
+        raise argparse.ArgumentTypeError(
+            f"{kept[0]} never reaches a cell (a cell must not reach the gateway as its user); "
+            "leave it out")
     return names
 
 
@@ -252,6 +275,13 @@ def _main(argv: list[str] | None) -> int:
     args = _parse(parser, _token_values_kept(sys.argv[1:] if argv is None else argv))
     if args.command == "serve":
         from .server.serve import ServeConfig, serve
+
+        given = sys.argv[1:] if argv is None else argv
+        if args.cold and any(a.split("=", 1)[0] == "--keep-warm" for a in given):
+            subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            subs.choices["serve"].error(
+                "--cold and --keep-warm contradict each other (--cold: no warm runner at all); "
+                "use one of them")
 
         cfg = ServeConfig(
             host=args.host, port=args.port, backend=args.backend, ray_address=args.ray_address,

@@ -187,11 +187,12 @@ def test_tls_problems_get_tls_advice(tmp_path: Path, gateway: Gateway) -> None:
     assert f"use {gateway.url}" in out.stderr
 
 
-def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
-    out = gm("serve", "--port", "0", "--simulate", "H100:0", "--state-dir", str(tmp_path))
+def test_serve_refuses_a_bad_simulated_pool(tmp_path: Path) -> None:
+    out = gm("serve", "--port", "0", "--simulate", "H100:0", "--state-dir", str(tmp_path / "s"))
     assert out.returncode != 0
     assert "'H100:0' in the simulated pool asks for 0 GPUs" in out.stderr
     assert "Traceback" not in out.stderr
+    assert not (tmp_path / "s").exists()  # refused before it made its state folder and token
 
 
 @pytest.mark.parametrize(("args", "says"), [
@@ -217,6 +218,13 @@ def test_serve_refuses_a_bad_simulated_pool(tmp_path: object) -> None:
     (["--max-job-bytes", "1x"], "'1x' is not a size; write it as bytes or with K, M, G or T"),
     (["--simulate", "H100:2,,"], "empty entry in the simulated pool 'H100:2,,'; separate entries "
                                  "with single commas, e.g. --simulate 'H100:2,A100-80GB:4'"),
+    # a newcomer's trial: '' served from the working directory, a prefix was taken for the
+    # option, --cold beside --keep-warm was silently one of them, and a token passed to cells
+    (["--state-dir", ""], "argument --state-dir: an empty path: give a folder"),
+    (["--keep-war", "5"], "unrecognized arguments: --keep-war 5; did you mean --keep-warm?"),
+    (["--cold", "--keep-warm", "5"], "--cold and --keep-warm contradict each other"),
+    (["--pass-env", "DATA_ROOT,GPU_MAGIC_TOKEN"], "argument --pass-env: GPU_MAGIC_TOKEN never "
+                                                  "reaches a cell"),
     # it quietly served this host's real GPUs: the opposite of what was asked
     (["--simulate", ""], "argument --simulate: an empty pool: give the simulated GPUs, e.g. "
                          "--simulate 'H100:2,A100-80GB:4', or leave out --simulate"),
@@ -235,6 +243,20 @@ def test_serve_refuses_bad_values_in_one_line(tmp_path: Path, args: list[str], s
     assert out.stderr.strip().splitlines()[-1].startswith("gpu-magic serve: ")
 
 
+def test_serve_refuses_a_state_folder_it_cannot_write_in_one_line(tmp_path: Path) -> None:
+    # root's mkdir of /sys/kernel succeeds, and the lock file then failed: a traceback (a
+    # newcomer's trial); a lock file that cannot be opened fails the same way for anyone
+    state = tmp_path / "state"
+    (state / "gateway.lock").mkdir(parents=True)
+    out = gm("serve", "--port", "0", "--simulate", "T4:1", "--state-dir", str(state))
+    assert out.returncode == 2, out.stdout
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        f"gpu-magic serve: cannot use {state} as the gateway's state directory: Is a "
+        "directory; give a folder this user can create and write, e.g. --state-dir "
+        "~/gpu-magic-state"), out.stderr
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["--ray-address", "127.0.0.1:1"],
      "--ray-address is an option of the Ray backend, and this gateway uses the local backend: "
@@ -248,6 +270,7 @@ def test_serve_refuses_ray_options_without_the_ray_backend(tmp_path: Path, args:
     # silence, the address ignored
     out = gm("serve", "--port", "0", "--state-dir", str(tmp_path / "state"), *args)
     assert out.returncode == 2, out.stdout
+    assert not (tmp_path / "state").exists()  # (a refused gateway left a folder and a token)
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-magic serve: "), out.stderr
     assert says in out.stderr, out.stderr
@@ -281,6 +304,8 @@ def test_serve_refuses_local_backend_options_with_ray(tmp_path: Path, args: list
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-magic serve: "), out.stderr
     assert says in out.stderr, out.stderr
+    if "--tokens-file" not in args:  # (refused before it made a state folder and a token)
+        assert not (tmp_path / "state").exists()
 
 
 def test_a_simulated_pool_s_unknown_type_names_are_noted_where_users_look(

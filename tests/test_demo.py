@@ -186,3 +186,29 @@ def _kill_leftovers(port: int, tmp_path: Path) -> None:
         if any(m in cmdline for m in marks) and int(entry) != os.getpid():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry), signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--notebooks", "{missing}"], "gpu-magic demo: --notebooks {missing}: no such folder; give "
+                                   "the folder JupyterLab should open"),
+    (["--simulate", "H100:2,,"], "argument --simulate: empty entry in the simulated pool "
+                                 "'H100:2,,'; separate entries with single commas, e.g. "
+                                 "--simulate 'H100:2,A100-80GB:4'"),
+    (["--port", "99999"], "argument --port: '99999' is not a port"),
+])
+def test_a_demo_refuses_bad_values_before_it_starts_anything(tmp_path: Path, args: list[str],
+                                                            says: str) -> None:
+    # a newcomer's trial: a missing --notebooks folder was a traceback, after the gateway had
+    # started (it was left running); a bad --simulate a traceback naming GPU_MAGIC_SIMULATE;
+    # --port 99999 printed a URL JupyterLab did not listen on
+    runtime = tmp_path / "runtime"
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime),
+           "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")}
+    env.pop("GPU_MAGIC_URL", None)
+    args = [a.format(missing=tmp_path / "missing") for a in args]
+    out = subprocess.run([sys.executable, "-m", "gpu_magic", "demo", *args], capture_output=True,
+                         text=True, timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr
+    assert says.format(missing=tmp_path / "missing") in out.stderr, out.stderr
+    assert not (runtime / f"gpu-magic-gateway-{socket.gethostname()}.json").exists()  # none ran
