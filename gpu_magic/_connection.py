@@ -135,7 +135,7 @@ def current_target() -> tuple[str | None, str]:
         return _override[0], "%gpu connect"
     if _configured[0]:
         return _configured[0], "GPUMagic.url config"
-    url = os.environ.get("GPU_MAGIC_URL")
+    url = (os.environ.get("GPU_MAGIC_URL") or "").strip()  # (pasted with a space or newline)
     if url:
         return url, "GPU_MAGIC_URL"
     return None, "local gateway"
@@ -152,7 +152,7 @@ def _token_for(url: str) -> tuple[str | None, str | None]:
         return _override[1], _override[2]
     if _configured[1]:
         return _configured[1], "%config GPUMagic.token"
-    token = os.environ.get("GPU_MAGIC_TOKEN")
+    token = (os.environ.get("GPU_MAGIC_TOKEN") or "").strip()
     return (token, "GPU_MAGIC_TOKEN") if token else (None, None)
 
 

@@ -2407,3 +2407,11 @@ def test_a_display_too_large_to_send_is_replaced_by_a_notice_and_the_cell_runs_o
     out = capsys.readouterr()
     assert out.out == "after\n"
     assert out.err.count("too large to send") == 2, out.err[:2000]
+
+
+def test_a_url_and_token_pasted_with_spaces_still_reach_the_gateway(
+        gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a newcomer's trial: GPU_MAGIC_URL="  http://...  " was refused as having no protocol
+    monkeypatch.setenv("GPU_MAGIC_URL", f"  {gateway.url}\n")
+    monkeypatch.setenv("GPU_MAGIC_TOKEN", f" {gateway.token}\n")
+    assert gpu_magic.run("y = 6 * 7\ny", "H100", {"__name__": "__main__"}, quiet=True) == 42
