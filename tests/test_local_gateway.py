@@ -271,6 +271,21 @@ def test_a_failed_start_quotes_its_own_log_and_typos_are_noted(tmp_path: Path) -
               "try:\n    ensure_local_gateway(sys.argv[1])\n"
               "except Exception as exc:\n    print(exc)\n")
     env = _env(tmp_path)
+    # a start the gateway itself refuses (its lock file cannot be opened), twice: the second
+    # failure quotes its own refusal only, not the first one's before it in the log
+    state = Path(subprocess.run(
+        [sys.executable, "-c", "from gpu_magic.server.serve import default_state_dir as d\n"
+                               "print(d())"], capture_output=True, text=True, timeout=60,
+        env=env, check=True).stdout.strip())
+    (state / "gateway.lock").mkdir(parents=True)
+    refusal = "as the gateway's state directory: Is a directory"
+    for _ in range(2):
+        failed = subprocess.run([sys.executable, "-c", script, "T4:1"], capture_output=True,
+                                text=True, timeout=120, env=env)
+        assert "the local gpu_magic gateway failed to start" in failed.stdout, failed
+        assert failed.stdout.count(refusal) == 1, failed.stdout
+    assert (state / "gateway.log").read_text().count(refusal) == 2
+    (state / "gateway.lock").rmdir()
     first = subprocess.run([sys.executable, "-c", script, "T4:0"], capture_output=True,
                            text=True, timeout=120, env=env)
     assert "'T4:0' in the simulated pool asks for 0 GPUs" in first.stdout, first
