@@ -300,15 +300,20 @@ def test_traceback_context_stays_in_the_frame_s_function() -> None:
     assert _context(lambda n: "", 3, 0, "fallback()", module=False) == ["----> 3 fallback()"]
 
 
+def _out_of_memory_quietly(client: Any) -> None:
+    """A --quiet --oom-fallback cell that runs out of GPU memory on the pool's largest type."""
+    with pytest.raises(RuntimeError):
+        gpu_magic.run('raise RuntimeError("CUDA out of memory. Tried to allocate 900 GiB")',
+                      "H100", {"__name__": "__main__"}, client=client, quiet=True,
+                      oom_fallback=True)
+
+
 def test_a_quick_cell_s_one_line_summary_keeps_its_notes(use_gateway: Gateway) -> None:
     # a cell that ends within a second gets one line instead of the widget; that line left
     # out the note saying why no larger GPU was tried, which the text form and the widget say
     client = use_gateway.client()
     try:
-        with pytest.raises(RuntimeError):
-            gpu_magic.run('raise RuntimeError("CUDA out of memory. Tried to allocate 900 GiB")',
-                          "H100", {"__name__": "__main__"}, client=client, quiet=True,
-                          oom_fallback=True)
+        _out_of_memory_quietly(client)
         job = max(client.jobs(), key=lambda j: j["created"])
         state = _folded(client, job["id"])
     finally:
@@ -326,10 +331,7 @@ def test_a_quiet_cell_says_its_notes_and_dropped_options_on_stderr(
     # and of options that could never be granted (found by a newcomer)
     client = use_gateway.client()
     try:
-        with pytest.raises(RuntimeError):
-            gpu_magic.run('raise RuntimeError("CUDA out of memory. Tried to allocate 900 GiB")',
-                          "H100", {"__name__": "__main__"}, client=client, quiet=True,
-                          oom_fallback=True)
+        _out_of_memory_quietly(client)
         err = capsys.readouterr().err
         assert "[gpu_magic] note: the cell ran out of GPU memory on " in err, err
         assert "no option in its list has a GPU with more memory" in err, err
