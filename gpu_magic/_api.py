@@ -869,6 +869,7 @@ class _Job:
         """Bind the names and delete the deleted, all at once."""
         ev = self.result or {}
         # IPython's own names (In, Out...) are the kernel's, whatever a cell did with them
+        owned = sorted(n for n in names if n in _IPYTHON_NAMES)
         names = {n: v for n, v in names.items() if n not in _IPYTHON_NAMES}
         with _sigint_deferred():  # all at once or not at all
             names = self._apply_in_place(names)
@@ -881,6 +882,9 @@ class _Job:
         self.bound = names
         self.result_bound = True
         self.bases = {}  # (merged: what it was sent need not stay alive with the handle)
+        for n in owned:  # (it was dropped in silence: a newcomer's `In = ...` vanished)
+            print(f"[gpu_magic] {n} was not brought back: the kernel keeps that name for "
+                  "IPython's own use; give the value another name", file=sys.stderr)
         if self.merged:
             both = (f", but for {', '.join(self.conflicts[:8])}, which both changed: the job's "
                     "value there" if self.conflicts else "")

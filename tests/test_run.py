@@ -2415,3 +2415,17 @@ def test_a_url_and_token_pasted_with_spaces_still_reach_the_gateway(
     monkeypatch.setenv("GPU_MAGIC_URL", f"  {gateway.url}\n")
     monkeypatch.setenv("GPU_MAGIC_TOKEN", f" {gateway.token}\n")
     assert gpu_magic.run("y = 6 * 7\ny", "H100", {"__name__": "__main__"}, quiet=True) == 42
+
+
+def test_a_cell_assigning_ipython_s_own_names_is_told_they_stay_the_kernel_s(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # a newcomer's trial: `In = 'x'` in a cell vanished without a word
+    ns = notebook("In = ['', 'x = 1']\nOut = {}")
+    history, outputs = ns["In"], ns["Out"]
+    run(ns, "In = 'mine'\nOut = 3\ny = 1", "H100", quiet=True)
+    assert ns["In"] is history and ns["Out"] is outputs and ns["y"] == 1
+    err = capsys.readouterr().err
+    for name in ("In", "Out"):
+        assert (f"[gpu_magic] {name} was not brought back: the kernel keeps that name for "
+                "IPython's own use; give the value another name") in err, err
+    assert "y was not" not in err
