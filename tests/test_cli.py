@@ -221,6 +221,9 @@ def test_serve_refuses_a_bad_simulated_pool(tmp_path: Path) -> None:
     # a newcomer's trial: '' served from the working directory, a prefix was taken for the
     # option, --cold beside --keep-warm was silently one of them, and a token passed to cells
     (["--state-dir", ""], "argument --state-dir: an empty path: give a folder"),
+    # a name that does not resolve was refused as "not loopback, with a single owner token"
+    (["--host", "not.a.host.invalid"], "--host not.a.host.invalid: no address has that name "
+                                       "here"),
     (["--keep-war", "5"], "unrecognized arguments: --keep-war 5; did you mean --keep-warm?"),
     (["--cold", "--keep-warm", "5"], "--cold and --keep-warm contradict each other"),
     (["--pass-env", "DATA_ROOT,GPU_MAGIC_TOKEN"], "argument --pass-env: GPU_MAGIC_TOKEN never "
@@ -304,8 +307,7 @@ def test_serve_refuses_local_backend_options_with_ray(tmp_path: Path, args: list
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-magic serve: "), out.stderr
     assert says in out.stderr, out.stderr
-    if "--tokens-file" not in args:  # (refused before it made a state folder and a token)
-        assert not (tmp_path / "state").exists()
+    assert not (tmp_path / "state").exists()  # (refused before it made a folder and a token)
 
 
 def test_a_simulated_pool_s_unknown_type_names_are_noted_where_users_look(

@@ -137,7 +137,7 @@ def build(cfg: ServeConfig) -> tuple[Gateway, Authenticator, Path | None]:
         given_tokens = load_tokens_file(cfg.tokens_file) if cfg.tokens_file else None
     except TokensFileError as exc:
         raise ServeError(str(exc)) from None
-    _refuse_options(cfg)
+    _refuse_options(cfg, given_tokens)
     # absolute, as the sandbox names them inside a new root (and the working folder may change)
     state_dir = (cfg.state_dir or default_state_dir()).expanduser().resolve()
     try:
@@ -238,9 +238,19 @@ def _revoked(cancelled: int, running: int) -> str:
     return f"; {'; '.join(said)}" if said else ""
 
 
-def _refuse_options(cfg: ServeConfig) -> None:
+def _refuse_options(cfg: ServeConfig, given_tokens: dict[str, User] | None) -> None:
     """ServeError for options that cannot go together, before anything is made (a refused
     gateway left a state folder and a token behind)."""
+    try:
+        ipaddress.ip_address(cfg.host)
+    except ValueError:  # a name: one that does not resolve was refused as "not loopback"
+        try:
+            socket.getaddrinfo(cfg.host, None)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ServeError(
+                f"--host {cfg.host}: no address has that name here ({exc}); give an address "
+                "of this machine (127.0.0.1, the default, for loopback) or a name it resolves"
+            ) from None
     if not _is_loopback(cfg.host) and not cfg.force:
         if not cfg.tokens_file:
             raise ServeError(
@@ -280,6 +290,15 @@ def _refuse_options(cfg: ServeConfig) -> None:
                 f"use the cluster; for a simulated pool, --backend local --simulate "
                 f"{cfg.simulate}, or a one-machine Ray cluster with fake GPUs (docs/ray.md, "
                 "\"Trying it on one machine\").")
+    users = len({u.name for u in given_tokens.values()}) if given_tokens else 1
+    if users > 1 and cfg.backend == "ray" and not cfg.force:
+        # (before the sandbox's advice: bubblewrap would not help, Ray's workers run the cells)
+        raise ServeError(
+            f"this gateway would serve {users} users on Ray, whose workers run cells "
+            "without the gateway's sandbox, as the Ray workers' own account. Give each group its "
+            "own cluster and gateway, or --force if every user may see everything the workers "
+            "can (see docs/ray.md)."
+        )
 
 
 def _build(cfg: ServeConfig, state_dir: Path, given_tokens: dict[str, User] | None,
@@ -296,14 +315,6 @@ def _build(cfg: ServeConfig, state_dir: Path, given_tokens: dict[str, User] | No
     isolation = cfg.isolation
     if isolation == "auto":
         isolation = "bwrap" if len(users) > 1 and bwrap_path() else "none"
-    if len(users) > 1 and cfg.backend == "ray" and not cfg.force:
-        # (before the sandbox's advice: bubblewrap would not help, Ray's workers run the cells)
-        raise ServeError(
-            f"this gateway would serve {len(users)} users on Ray, whose workers run cells "
-            "without the gateway's sandbox, as the Ray workers' own account. Give each group its "
-            "own cluster and gateway, or --force if every user may see everything the workers "
-            "can (see docs/ray.md)."
-        )
     if len(users) > 1 and isolation == "none" and not cfg.force and cfg.backend != "ray":
         raise ServeError(
             f"this gateway serves {len(users)} users but would run their cells without "
