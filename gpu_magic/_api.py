@@ -36,6 +36,7 @@ from ._client import INLINE_MAX, GatewayClient, refused, silence_clause, unreach
 from ._connection import connect, invalidate_local
 from ._errors import (
     AuthError,
+    CellSyntaxError,
     EnvironmentMismatch,
     GatewayError,
     GpuMagicError,
@@ -1296,7 +1297,11 @@ def submit(
     namespace = namespace if namespace is not None else {}
     get_client = (lambda: client) if client is not None else connect
     gspec = _parse(spec, get_client)  # type: ignore[arg-type]
-    analysis = analyze_cell(source, opts.line_offset)
+    try:
+        analysis = analyze_cell(source, opts.line_offset)
+    except CellSyntaxError as exc:
+        exc.filename = opts.label  # ("Cell In[3], line 2", as a local cell's error says)
+        raise
     values = select_inputs(analysis.inputs, namespace, hidden)
     # a stand-in only where nothing can read the value: not a global of a notebook function
     # the cell calls, nor under eval/exec/globals() (which the analysis cannot follow)

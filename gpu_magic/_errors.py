@@ -65,7 +65,7 @@ class CellSyntaxError(CaptureError, SyntaxError):
                 (type(self), self.args[0], self.msg, self.lineno, self.offset, self.text))
 
     def _render_traceback_(self) -> list[str]:
-        lines = [f"  Cell, line {self.lineno}", f"    {self.text.strip()}"]
+        lines = [f"  {self.filename}, line {self.lineno}", f"    {self.text.strip()}"]
         if self.offset:  # the caret under the column the parser stopped at
             indent = len(self.text) - len(self.text.lstrip())
             lines.append("    " + " " * max(0, self.offset - 1 - indent) + "^")

@@ -176,8 +176,9 @@ def test_syntax_errors_and_tracebacks_number_the_lines_alike(gateway: Gateway,
     k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
     out = k.run("%%gpu\nx = 1\nz = 2 2")
     syntax = _error_text(out)
-    # shown as a local cell's: the line, a caret, SyntaxError
-    assert syntax.startswith("  Cell, line 3\n    z = 2 2\n"), syntax
+    # shown as a local cell's: where (its In[] number, as a local error says), the line, a
+    # caret, SyntaxError
+    assert re.match(r"  Cell In\[\d+\], line 3\n    z = 2 2\n", syntax), syntax
     assert "SyntaxError: invalid syntax" in syntax, syntax
     assert out["error"]["ename"] == "CellSyntaxError"  # a SyntaxError, for the code below
     caught = k.run("try:\n    get_ipython().run_cell_magic('gpu', 'H100', 'x = 1\\nz = 2 2')\n"
@@ -208,7 +209,7 @@ def test_errors_the_compiler_finds_are_refused_before_anything_is_sent(
     with gateway.client() as client:
         before = len(client.jobs())
         text = _error_text(k.run(f"%%gpu H100\n{body}"))
-        assert text.startswith(f"  Cell, line {line}\n"), text
+        assert re.match(rf"  Cell In\[\d+\], line {line}\n", text), text
         assert f"SyntaxError: {message}" in text, text
         assert len(client.jobs()) == before
 
@@ -221,7 +222,7 @@ def test_the_syntax_error_display_leaves_other_exception_handlers_alone(
           "get_ipython().set_custom_exc((ValueError,), mine)")
     k.run("%load_ext gpu_magic")
     assert k.run("raise ValueError('v')")["stdout"] == "mine v\n"  # still the user's
-    assert _error_text(k.run("%%gpu\nz = 2 2")).startswith("  Cell, line 2\n")
+    assert re.match(r"  Cell In\[\d+\], line 2\n", _error_text(k.run("%%gpu\nz = 2 2")))
     k.run("%unload_ext gpu_magic")
     out = k.run("print(get_ipython().custom_exceptions)")
     assert out["stdout"] == "(<class 'ValueError'>,)\n", out
