@@ -1904,11 +1904,12 @@ def gpu(spec: Any = None, **options: Any) -> Callable[[Callable[..., Any]], Call
                 "an async generator function" if inspect.isasyncgenfunction(fn) else
                 "a coroutine function (async def)" if inspect.iscoroutinefunction(fn) else None)
         if kind is not None:
-            # its call would make a generator or coroutine, which cannot travel back
-            raise TypeError(
+            # its call would make a generator or coroutine, which cannot travel back; shown
+            # in one line, as the decorator's other refusals (not our frame's source)
+            raise short(TypeError(
                 f"@gpu_magic.gpu cannot run {getattr(fn, '__qualname__', fn)!r}: it is {kind}, "
                 "and a GPU job gives back one value; return a list (or await inside a plain "
-                "function) instead")
+                "function) instead"))
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:

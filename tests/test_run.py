@@ -1715,10 +1715,13 @@ def test_decorated_functions_calling_decorated_functions_run_in_the_same_job() -
 
 def test_a_generator_or_coroutine_cannot_be_decorated() -> None:
     with pytest.raises(TypeError, match="it is a generator function, and a GPU job gives back "
-                                        "one value; return a list"):
+                                        "one value; return a list") as refused:
         @gpu_magic.gpu("H100")
         def gen(n):  # noqa: ANN001, ANN202
             yield from range(n)
+    # IPython shows its one line, not gpu_magic's own frame (a newcomer's trial)
+    assert refused.value._render_traceback_() == [  # type: ignore[attr-defined]
+        f"TypeError: {refused.value}"]
     with pytest.raises(TypeError, match=r"a coroutine function \(async def\)"):
         @gpu_magic.gpu("H100")
         async def co():  # noqa: ANN202
