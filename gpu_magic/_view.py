@@ -651,6 +651,7 @@ class NullView:
         # a display the cell already shows (what it sends, while large inputs go up): the
         # status takes its place instead of appearing below it
         self.first: Any = None
+        self._said = False  # (its notes said on stderr, for a view that shows none)
 
     def _show_status(self, data: dict[str, Any]) -> Any:
         """Display ``data`` as the status (in ``first`` when there is one); its handle."""
@@ -675,7 +676,7 @@ class NullView:
         """No status shows the job's notes and the options it dropped (why no larger GPU
         was tried, why ``T4:2`` could never be granted): said once on stderr instead, as
         the notes on names not brought back are."""
-        if getattr(self, "_said", False):
+        if self._said:
             return
         self._said = True
         lines = [f"note: {n}" for n in self.state.notices]

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
     s.add_argument("--retention", type=_seconds(), default=7 * 24 * 3600.0,
                    help="seconds to keep finished jobs, their output and unused blobs (7 days)")
-    s.add_argument("--keep-warm", type=_seconds(zero=True), default=300.0,
+    s.add_argument("--keep-warm", type=_seconds(zero=True), default=None,  # (default 300)
                    help="seconds a finished runner waits for the next cell of the same "
                         "notebook's kernel on the same GPUs (default 300; 0: fork a fresh one "
                         "from a warm zygote each time)")
@@ -276,8 +276,7 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "serve":
         from .server.serve import ServeConfig, serve
 
-        given = sys.argv[1:] if argv is None else argv
-        if args.cold and any(a.split("=", 1)[0] == "--keep-warm" for a in given):
+        if args.cold and args.keep_warm is not None:
             subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
             subs.choices["serve"].error(
                 "--cold and --keep-warm contradict each other (--cold: no warm runner at all); "
@@ -292,7 +291,8 @@ def _main(argv: list[str] | None) -> int:
             client_python=not args.gateway_python, force=args.force,
             isolation=args.isolation, certfile=args.certfile,
             keyfile=args.keyfile, retention=args.retention,
-            keep_warm=None if args.cold else args.keep_warm,
+            keep_warm=None if args.cold else ServeConfig.keep_warm if args.keep_warm is None
+            else args.keep_warm,
             max_jobs_per_user=args.max_jobs_per_user, max_gpus_per_user=args.max_gpus_per_user,
             max_blob_bytes=args.max_blob_bytes, max_job_bytes=args.max_job_bytes,
             blob_reserve=args.blob_reserve, blob_port=args.blob_port,
