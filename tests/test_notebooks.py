@@ -94,6 +94,10 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path) -> None:
             assert errors, f"{path.name} cell {i} is tagged raises-exception but did not raise"
         else:
             assert not errors, f"{path.name} cell {i} failed: {errors[0].ename}: {errors[0].evalue}"
+        # what a notebook shows is what it teaches: no warning of the tools it runs (06's
+        # gateway warned of a tokens file beside its state, until it got a folder of its own)
+        shown = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        assert ": warning:" not in shown, f"{path.name} cell {i} shows a warning: {shown}"
     if path.name.startswith("04"):
         # its text says the line printed before the cancel stays in the job's cell
         from .test_widget import saved

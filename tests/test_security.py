@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -27,9 +28,14 @@ import gpu_magic
 from gpu_magic._api import attach
 from gpu_magic._client import GatewayClient
 from gpu_magic.server.api import create_app
-from gpu_magic.server.auth import Authenticator, User
+from gpu_magic.server.auth import Authenticator, User, write_private
 from gpu_magic.server.backends.local import LocalBackend
-from gpu_magic.server.backends.sandbox import bwrap_command, gpu_device_files, python_paths
+from gpu_magic.server.backends.sandbox import (
+    bwrap_command,
+    gpu_device_files,
+    python_paths,
+    secret_folders,
+)
 from gpu_magic.server.gateway import Gateway as CoreGateway
 
 from .conftest import Gateway, start_gateway, wait_for
@@ -310,9 +316,15 @@ def test_a_sandboxed_cell_sees_none_of_the_gateway_account_s_own_folders(tmp_pat
     (data_dir / "runtime" / "gpu-magic-gateway-vm.json").write_text('{"token": "personal"}')
     tokens_file = tmp_path / "tokens.json"
     tokens = _tokens(tokens_file, alice={}, bob={})
-    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file),
-                       env={"HOME": str(home), "XDG_RUNTIME_DIR": str(run_dir),
-                            "JUPYTER_DATA_DIR": str(data_dir)})
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": str(run_dir), "JUPYTER_DATA_DIR": str(data_dir)}
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file), env=env)
+    # (a red team: with HOME set elsewhere, as systemd's Environment= or sudo -E do, the
+    # account's own home, root's personal gateway token in it, stayed readable)
+    account = pwd.getpwuid(os.geteuid()).pw_dir
+    # what the runner's Python imports from is shown again inside it (a pyenv under /root)
+    needed = {Path(p).relative_to(account).parts[0]
+              for p in python_paths(sys.executable, {**os.environ, **env})
+              if p.startswith(account.rstrip("/") + "/")}
     probe = f"""
 import os, numpy
 seen = {{}}
@@ -325,6 +337,7 @@ for name, path in {{"key": {str(home / ".ssh" / "id_ed25519")!r},
     except OSError as exc:
         seen[name] = type(exc).__name__
 seen["home"] = sorted(os.listdir(os.path.expanduser("~")))
+seen["account home"] = os.listdir({account!r})
 try:  # (a download into ~/.cache would fill the memory: read-only, as before)
     open(os.path.expanduser("~/.cache"), "w")
 except OSError as exc:
@@ -337,8 +350,92 @@ seen
                                  quiet=True)
     finally:
         gw.stop()
+    assert set(seen.pop("account home")) <= needed < set(os.listdir(account))
     assert seen == {"key": "FileNotFoundError", "runtime file": "FileNotFoundError",
                     "jupyter runtime": "FileNotFoundError", "home": [], "write": "OSError"}, seen
+
+
+def test_secret_files_are_hidden_with_their_folder_where_it_holds_nothing_else(
+        tmp_path: Path) -> None:
+    own = tmp_path / "gpu-magic"  # the tokens file, key and certificate, and leftovers
+    (own / ".git").mkdir(parents=True)
+    for name in ("tokens.json", "key.pem", "cert.pem", "tokens.json~", "tokens.json.bak"):
+        (own / name).write_text("x")
+    shared = tmp_path / "course"  # the tokens file beside what cells read
+    shared.mkdir()
+    (shared / "tokens.json").write_text("x")
+    (shared / "data.csv").write_text("x")
+    home = tmp_path / "home"  # already hidden whole: nothing more to do
+    home.mkdir()
+    (home / "tokens.json").write_text("x")
+    linked = tmp_path / "live"  # a link to a key elsewhere: its folder and its target's
+    linked.mkdir()
+    (shared / "privkey1.pem").write_text("x")
+    (linked / "key.pem").symlink_to(shared / "privkey1.pem")
+    files = [own / "tokens.json", own / "key.pem", own / "cert.pem", shared / "tokens.json",
+             home / "tokens.json", linked / "key.pem", shared / "privkey1.pem"]
+    folders, covered = secret_folders(files, [str(home)])
+    assert folders == [str(own), str(linked)]
+    assert covered == [shared / "tokens.json", shared / "privkey1.pem"]
+
+
+@needs_bwrap
+def test_a_running_cell_never_reads_the_tokens_file_after_it_is_replaced(
+        tmp_path: Path) -> None:
+    """A red team: a cover over the tokens file alone was dropped from running sandboxes when
+    an admin replaced the file (as editors and write_private do: a new file renamed over it),
+    and the running cell read every user's token. Kept in a folder of its own, the folder
+    is what is hidden, and a rename inside it changes nothing a cell sees."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    tokens_file = secret / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    go = tmp_path / "go"
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file))
+    probe = f"""
+import os, time
+open("started", "w").close()
+while not os.path.exists({str(go)!r}):
+    time.sleep(0.02)
+try:
+    seen = open({str(tokens_file)!r}).read()
+except OSError as exc:
+    seen = type(exc).__name__
+seen
+"""
+    out: dict[str, Any] = {}
+
+    def cell() -> None:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            out["seen"] = gpu_magic.run(probe, "H100", {"__name__": "__main__"}, client=alice,
+                                        quiet=True)
+    import threading
+
+    thread = threading.Thread(target=cell)
+    thread.start()
+    try:
+        wait_for(lambda: list(gw.state_dir.glob("jobs/*/*/started")), DEADLINE)
+        added = dict(json.loads(tokens_file.read_text()), carol="c" * 43)
+        write_private(tokens_file, json.dumps(added))
+        go.touch()
+        thread.join(DEADLINE)
+    finally:
+        go.touch()
+        thread.join(DEADLINE)
+        gw.stop()
+    assert out["seen"] == "FileNotFoundError", out
+    log = (tmp_path / "gateway.log").read_text()
+    assert "shares its folder" not in log, log
+
+
+@needs_bwrap
+def test_a_tokens_file_beside_other_files_is_warned_of_at_start(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("course notes")
+    gw, _ = _alice_and_bob(tmp_path)
+    gw.stop()
+    log = (tmp_path / "gateway.log").read_text()
+    assert f"{tmp_path / 'tokens.json'} shares its folder with other files" in log, log
+    assert "runtime-" not in log.split("shares its folder")[0].splitlines()[-1], log
 
 
 @needs_bwrap

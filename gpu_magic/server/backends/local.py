@@ -252,6 +252,7 @@ class LocalBackend:
         isolation: str = "none",
         state_dir: Path | None = None,
         hidden_files: tuple[Path, ...] = (),
+        hidden_folders: tuple[str, ...] = (),
         keep_warm: float | None = 300.0,
         pass_env: Iterable[str] | None = None,
     ) -> None:
@@ -267,6 +268,7 @@ class LocalBackend:
         self.isolation = isolation
         self.state_dir = state_dir
         self.hidden_files = hidden_files
+        self.hidden_folders = hidden_folders
         self._handles: dict[tuple[str, int], Handle] = {}
         # Warm runners (zygote + keep-warm) only without a sandbox: a fork of a zygote outside
         # the sandbox would not be inside it. keep_warm None turns them off entirely.
@@ -322,6 +324,7 @@ class LocalBackend:
             argv = bwrap_command(argv, job_dir=run.job_dir, state_dir=self.state_dir,
                                  readable=[m["pickle"], *m["buffers"]],
                                  hidden_files=self.hidden_files, python=shown,
+                                 hidden_folders=self.hidden_folders,
                                  # a simulated pool's cells must not reach a real GPU here
                                  devices=[] if self.simulated else None)
             env = {k: v for k, v in env.items() if not k.startswith("GPU_MAGIC_") or k in

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -63,8 +64,10 @@ def private_dirs() -> list[str]:
     found: dict[str, str] = {}
     # Jupyter's folders as Jupyter finds them, not only where the usual variables put them:
     # with JUPYTER_DATA_DIR or XDG_DATA_HOME set, its runtime files (a personal gateway's
-    # token) and the personal gateways' state lie outside the home (a red team read one)
-    for d in (os.path.expanduser("~"), os.environ.get("XDG_RUNTIME_DIR"),
+    # token) and the personal gateways' state lie outside the home (a red team read one).
+    # The account's home as the system has it too: a gateway started with HOME set elsewhere
+    # (systemd's Environment=, sudo -E) left /root readable, and root's personal token in it
+    for d in (os.path.expanduser("~"), _account_home(), os.environ.get("XDG_RUNTIME_DIR"),
               f"/run/user/{os.getuid()}", os.environ.get("JUPYTER_RUNTIME_DIR"),
               jupyter_runtime_dir(), jupyter_data_dir()):
         if d and os.path.isabs(d) and os.path.isdir(d):
@@ -72,6 +75,49 @@ def private_dirs() -> list[str]:
             if real not in ("/", "/tmp", "/var/tmp"):  # (hiding / would hide everything)
                 found.setdefault(real, real)
     return sorted(found, key=lambda d: d.count("/"))  # (a folder inside another after it)
+
+
+def _account_home() -> str | None:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_dir
+    except (KeyError, OSError):  # (a uid with no entry, in a container)
+        return None
+
+
+def secret_folders(files: Sequence[Path], hidden: Sequence[str]) -> tuple[list[str], list[Path]]:
+    """Where the files a cell must not read (tokens, TLS key) are hidden: (folders a sandbox
+    shows empty, files it covers one by one), decided once at the gateway's start.
+
+    A file covered on its own is shown again to sandboxes already running when it is
+    replaced by a rename (an editor's save, a rotation, :func:`~..auth.write_private`): Linux
+    drops a mount whose mount point is renamed over in another namespace, and a red team's
+    running cell read every token after an admin added a user. So a file is hidden with its
+    folder, which a rename inside cannot undo, where that folder holds nothing else a cell
+    may need: the files hidden, and dotfiles, ``#…#`` and ``…~`` leftovers (an editor's, a
+    version control's). Files in a folder already hidden (``hidden``) need neither."""
+    # (each file under its own name and where links lead: a link's folder, and its target's)
+    place = {f: os.path.realpath(os.path.dirname(os.path.abspath(f))) for f in files}
+    hidden = [os.path.realpath(d) for d in hidden]
+    folders: dict[str, None] = {}
+    covered: list[Path] = []
+    for f, parent in place.items():
+        if any(parent == d or parent.startswith(d.rstrip("/") + "/") for d in hidden):
+            continue
+        names = {os.path.basename(g) for g, p in place.items() if p == parent}
+        try:
+            entries = os.listdir(parent)
+        except OSError:
+            entries = ["?"]  # (unreadable: what else is there is unknown)
+        if parent != "/" and all(_leftover(e, names) for e in entries):
+            folders[parent] = None
+        else:
+            covered.append(f)
+    return list(folders), covered
+
+
+def _leftover(entry: str, hidden: set[str]) -> bool:
+    return (entry in hidden or entry.startswith((".", "#")) or entry.endswith("~")
+            or any(entry.startswith(h) for h in hidden))
 
 
 # what decides where an interpreter imports from, besides the interpreter itself
@@ -111,6 +157,7 @@ def bwrap_command(
     devices: Sequence[str] | None = None,
     hidden_dirs: Sequence[str] | None = None,
     python: Sequence[str] = (),
+    hidden_folders: Sequence[str] = (),
 ) -> list[str]:
     """The runner command wrapped in a bubblewrap sandbox. Builds a list, runs nothing.
 
@@ -118,8 +165,9 @@ def bwrap_command(
     device files; none for a simulated pool). All of a host's GPUs are there, as outside a
     sandbox: which one a cell uses is set by ``CUDA_VISIBLE_DEVICES`` of its grant; the
     sandbox keeps the users' data apart, not their GPUs. ``hidden_dirs`` (default
-    :func:`private_dirs`) are empty; ``python``: folders the runner's interpreter needs
-    (:func:`python_paths`), shown again read-only inside them."""
+    :func:`private_dirs`) are empty, and so are ``hidden_folders`` (:func:`secret_folders`);
+    ``python``: folders the runner's interpreter needs (:func:`python_paths`), shown again
+    read-only inside them."""
     bwrap = bwrap_path()
     if bwrap is None:
         raise IsolationUnavailable(
@@ -131,6 +179,7 @@ def bwrap_command(
     cmd = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL",
            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     hidden = private_dirs() if hidden_dirs is None else list(hidden_dirs)
+    hidden += [d for d in hidden_folders if d not in hidden]
     for d in hidden:
         cmd += ["--tmpfs", d]
     for path in dict.fromkeys(python):
@@ -142,8 +191,9 @@ def bwrap_command(
     # without them a cell was told "H100 ×1" and found no GPU (a department's trial)
     for d in gpu_device_files() if devices is None else devices:
         cmd += ["--dev-bind-try", d, d]
-    for f in hidden_files:
-        if f.exists():
+    for f in hidden_files:  # (where not hidden with their folder)
+        if f.exists() and os.path.realpath(os.path.dirname(os.path.abspath(f))) not in \
+                hidden_folders:
             cmd += ["--ro-bind", "/dev/null", str(f)]
     cmd += ["--bind", str(job_dir), str(job_dir)]
     # everything else is read-only (the home folder is an empty one): IPython, matplotlib
