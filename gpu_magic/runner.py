@@ -1144,11 +1144,11 @@ def _frames(exc: BaseException, cell_files: set[str], lead: int = 0) -> list[dic
             start = i
             break
     out = []
-    last = len(frames) - 1
-    for i, (fr, code) in enumerate(zip(frames[start:], codes[start:]), start):
-        if i != last and _in_ipython(fr.filename):
-            # its way into a magic (`%%time`, or a `%gpu pool` refused in a job): the cell's
-            # line and what raised are the news, as a kernel shows them
+    for fr, code in zip(frames[start:], codes[start:]):
+        if _in_ipython(fr.filename):
+            # its way into a magic (`%%time`, or a `%gpu pool` refused in a job), or the
+            # `open` it puts in a cell's namespace: the cell's line and what raised are the
+            # news, and IPython 9 leaves its own frames out of a kernel's tracebacks too
             continue
         if isinstance(exc, SystemExit) and not (fr.filename in cell_files
                                                 or fr.filename == "<dynamic-code>"):

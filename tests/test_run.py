@@ -866,6 +866,17 @@ def test_an_error_under_a_magic_shows_no_ipython_frames(cell: str, where: str) -
     assert "IPython" not in text and "interactiveshell" not in text, text
 
 
+def test_a_missing_file_shows_the_cell_s_line_and_not_ipython_s_open(tmp_path: Path) -> None:
+    # a trial: the most common first error showed IPython's `_modified_open` under the
+    # cell's line, which a kernel leaves out
+    missing = tmp_path / "data.txt"
+    with pytest.raises(FileNotFoundError) as info:
+        run(notebook(""), f"text = open({str(missing)!r}).read()")
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    assert "Cell, line 1" in text and "FileNotFoundError" in text, text
+    assert "_modified_open" not in text and "interactiveshell" not in text, text
+
+
 def test_unpicklable_remote_exception_becomes_remote_error() -> None:
     ns = notebook("")
     with pytest.raises(RemoteError) as info:
