@@ -241,6 +241,9 @@ class GPUMagic(Magics):
                              "options")
         spec_text, flags = _split(_without_comment(line))
         words = self._words(flags)
+        if "--help" in words or "-h" in words:
+            self._help("\n(the cell did not run: take --help off to run it)")
+            return None
         twice = self._given_twice(words)
         if twice:
             raise UsageError(twice)
@@ -286,6 +289,10 @@ class GPUMagic(Magics):
         # IPython's own names stay here; the outputs it keeps (_, __, ___, _5) are the user's
         hidden = {n for n in shell.user_ns_hidden if not _api.HISTORY_NAME.fullmatch(n)}
         return _api.run(cell, spec_text or None, shell.user_ns, hidden=hidden, **vars(opts))
+
+    def _help(self, after: str = "") -> None:
+        """What %gpu? shows of the options (argparse's -h is off in IPython's magics)."""
+        print(self.gpu.parser.format_help().removeprefix("::\n\n").rstrip() + after)
 
     @staticmethod
     def _words(flags: str) -> list[str]:
@@ -433,6 +440,9 @@ class GPUMagic(Magics):
         except ValueError as exc:  # "No closing quotation"
             raise UsageError(f"%gpu {line.strip()} cannot be read: {str(exc).lower()}; close "
                              "each quote") from None
+        if words and words[0] in ("help", "--help", "-h"):
+            self._help()
+            return None
         if words and words[0] not in _LINE_COMMANDS and _is_spec(line.split("--")[0]):
             # one % too few: the line magic took the spec for a command
             raise UsageError(

@@ -411,6 +411,20 @@ def test_misspelled_options_and_commands_get_a_suggestion(kernel_factory: Any) -
         "SpecError: 'T4 'unterminated' is not a valid option: a GPU spec has no quotes"), out
 
 
+def test_help_asked_for_on_the_magic_line_is_shown_and_the_cell_not_run(
+        kernel_factory: Any) -> None:
+    # a trial: `%%gpu --help` answered "unrecognized arguments: --help"
+    k = kernel_factory(GPU_MAGIC_URL="http://127.0.0.1:9", GPU_MAGIC_TOKEN="x" * 43)
+    for line in ("%%gpu H100 --help\nran = 1", "%%gpu -h\nran = 1", "%gpu help",
+                 "%gpu --help"):
+        out = k.run(line)
+        assert out["error"] is None and not out["stderr"], (line, out)
+        assert "--timeout SECONDS  seconds the cell may run" in out["stdout"], (line, out)
+        assert "%gpu pool | jobs" in out["stdout"], (line, out)
+        assert ("the cell did not run" in out["stdout"]) == line.startswith("%%"), (line, out)
+    assert k.run("print('ran' in globals())")["stdout"] == "False\n"
+
+
 def test_an_admin_lists_every_user_s_jobs_with_jobs_all(tmp_path: Path,
                                                         kernel_factory: Any) -> None:
     # %gpu jobs showed a teacher "(no jobs)": only curl could list the class's jobs
