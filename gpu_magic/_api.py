@@ -957,7 +957,8 @@ class _Job:
                 return value()
             return self.value if self.has_value else None
         if state == "failed" and self.error is not None:
-            raise self._remote_exception()
+            # (the line `%debug` shows after a cell's error, from the innermost frame here)
+            raise self._remote_exception()  # %debug: the cell's own frames stayed on its GPU
         if state == "cancelled" and self.error is not None and self.error.get("by"):
             # an admin interrupted it: where the cell stopped, and who stopped it; its user
             # did not ask, so nothing was bound (the gateway sent no result)

@@ -206,6 +206,12 @@ def local_hint(event: dict[str, Any]) -> str | None:
                     "own on the GPU machine: load the data in a local cell and use it in the "
                     "%%gpu cell (it travels with the cell), or put the file where the GPU "
                     "machine can read it and use that path")
+        if m and not os.path.isabs(m[1]) and event.get("folder_removed"):
+            # (the cell that wrote it was told its folder goes with its job; this one was not)
+            return (f"each cell of this shared gateway runs in a new folder of its own, removed "
+                    f"when its job ends: if an earlier %%gpu cell wrote {m[1]!r}, it went with "
+                    "that job. Bring what a cell makes back as a variable (data = "
+                    "open(path, 'rb').read()), or write it where the GPU machine keeps files")
     return None
 
 

@@ -2138,6 +2138,8 @@ class _Session:
         interrupted = isinstance(exc, KeyboardInterrupt) and self.interrupts.raised
         if exc is not None and not interrupted:
             event = _error_event(exc, result, shell, out, lead)
+            if there is not None:  # (a file an earlier cell wrote by a relative path is gone)
+                event["folder_removed"] = True
             if _Stream.writes != printed:  # a __reduce__ or __repr__ that prints: still the cell's
                 self.sync()
             emitter.emit(event)

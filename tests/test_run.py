@@ -877,6 +877,14 @@ def test_a_missing_file_shows_the_cell_s_line_and_not_ipython_s_open(tmp_path: P
     assert "_modified_open" not in text and "interactiveshell" not in text, text
 
 
+def test_debug_after_a_remote_error_says_where_the_cell_s_frames_are() -> None:
+    # a trial: %debug opened gpu_magic's own line with nothing to say why `p y` failed
+    with pytest.raises(ZeroDivisionError) as info:
+        run(notebook(""), "y = 3\n1 / 0")
+    landing = traceback.extract_tb(info.value.__traceback__)[-1]  # (where %debug opens)
+    assert "%debug: the cell's own frames stayed on its GPU" in (landing.line or ""), landing
+
+
 def test_unpicklable_remote_exception_becomes_remote_error() -> None:
     ns = notebook("")
     with pytest.raises(RemoteError) as info:

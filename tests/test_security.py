@@ -500,6 +500,13 @@ def test_a_file_a_sandboxed_cell_leaves_in_its_folder_is_said_to_go_with_the_job
             assert re.search(r"\[gpu_magic\] the cell wrote ckpt\.pt in its folder on the GPU "
                              r"machine \(/\S+\), which is removed when the job ends", err), err
             assert "data = open('ckpt.pt', 'rb').read()" in err
+            # and the next cell that looks for it is told where it went (a trial: a bare
+            # FileNotFoundError)
+            with pytest.raises(FileNotFoundError) as info:
+                gpu_magic.run("w = open('ckpt.pt', 'rb').read()", "H100", ns, client=alice,
+                              quiet=True)
+            shown = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+            assert "if an earlier %%gpu cell wrote 'ckpt.pt', it went with that job" in shown
             # wherever the cell went after (a review: a chdir kept it quiet)
             gpu_magic.run("import os\nos.makedirs('runs')\nos.chdir('runs')\n"
                           "open('b.pt', 'wb').write(b'y')", "H100", ns, client=alice, quiet=True)
