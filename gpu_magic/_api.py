@@ -1025,7 +1025,7 @@ class _Job:
                                  locate=code_locator(list(self.sent.values()),
                                                      list(self.namespace.values())),
                                  hide_cell=self.source.startswith(_DECORATED_CALL),
-                                 mode=_xmode())
+                                 mode=_xmode(), theme=_colors())
         if exc is None and ev.get("interrupted"):
             exc = KeyboardInterrupt()  # (its pickle did not come: the type is known anyway)
         if ev.get("unsent") and exc is None:
@@ -1068,6 +1068,18 @@ def _xmode() -> str:
         return "Context"
     tb = getattr(get_ipython(), "InteractiveTB", None)
     return str(getattr(tb, "mode", "Context"))
+
+
+def _colors() -> str | None:
+    """The notebook's ``%colors`` (none where there is no IPython shell): a remote traceback
+    is coloured as a local one is."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    colors = getattr(shell, "colors", None) if shell is not None else None
+    return colors if isinstance(colors, str) else None
 
 
 def _not_rebuilt(ev: dict[str, Any], why: Exception) -> str:

@@ -29,6 +29,46 @@ def where(grant: dict[str, Any] | None) -> str:
 CONTEXT = 2  # lines shown before and after the one that raised, as IPython shows them
 
 
+class _Paint:
+    """Traceback text in the notebook's colours (IPython 9's theme, ``%colors``), or plain
+    where there is none (no IPython, ``nocolor``, an older IPython): a remote traceback in
+    black and white read as something else than the local ones around it (a trial)."""
+
+    def __init__(self, theme: str | None = None) -> None:
+        self.theme: Any = None
+        if not theme or theme == "nocolor":
+            return
+        try:
+            from IPython.utils.PyColorize import Parser, theme_table
+            from pygments.token import Token
+
+            self.theme, self.token = theme_table[theme], Token
+            self.parser = Parser(theme_name=theme)
+        except (ImportError, KeyError, TypeError):
+            self.theme = None
+
+    def __call__(self, *parts: tuple[str, str]) -> str:
+        """``("ExcName", "ValueError"), ("", ": bad")``: each text in its token's colour
+        (the names IPython's own tracebacks use), "" for plain."""
+        if self.theme is None:
+            return "".join(text for _, text in parts)
+        try:
+            return str(self.theme.format([(getattr(self.token, kind) if kind else self.token,
+                                           text) for kind, text in parts]))
+        except Exception:  # (a theme of another shape: plain beats no traceback)
+            return "".join(text for _, text in parts)
+
+    def code(self, text: str) -> str:
+        """A line of source, highlighted as IPython highlights it."""
+        if self.theme is None or not text.strip():
+            return text
+        try:
+            out = self.parser.format2(text, "str")[0]
+        except Exception:
+            return text
+        return out.rstrip("\n") if isinstance(out, str) else text
+
+
 def render_traceback(
     event: dict[str, Any],
     source: str,
@@ -41,53 +81,80 @@ def render_traceback(
     locate: Callable[[str, int, str | None, int | None], str | None] | None = None,
     hide_cell: bool = False,
     mode: str = "Context",
+    theme: str | None = None,
 ) -> list[str]:
     """The lines IPython shows for the remote exception, after those it was chained to.
     ``hide_cell``: the cell is ours, not the user's (a decorated function's call), and its
     frames are left out. ``mode``: the notebook's ``%xmode`` (Minimal: the exception's own
-    line; Plain: only the line of each frame that raised; others as Context)."""
+    line; Plain: only the line of each frame that raised; others as Context). ``theme``:
+    the notebook's colours (``%colors``), none for plain text."""
+    paint = _Paint(theme)
     if mode == "Minimal":
-        ename, evalue = event.get("ename", "Exception"), event.get("evalue", "")
-        return [f"{ename}: {evalue}" if evalue else ename]
+        return [_message(event, paint)]
     context = 0 if mode == "Plain" else CONTEXT
     lines: list[str] = []
     for link in event.get("chain") or []:
         if not isinstance(link, dict):
             continue
         lines += _block(link, source, line_offset, label, cell_name, locate, hide_cell,
-                        context)
+                        context, paint)
         lines += ["", "The above exception was the direct cause of the following exception:"
                   if link.get("cause") else
                   "During handling of the above exception, another exception occurred:", ""]
     where_line = f"raised remotely on {where(grant)}" + (f", job {job_id}" if job_id else "")
-    block = _block(event, source, line_offset, label, cell_name, locate, hide_cell, context)
+    block = _block(event, source, line_offset, label, cell_name, locate, hide_cell, context,
+                   paint)
     return [*lines, *block[:2], where_line, *block[2:]]
+
+
+def _message(event: dict[str, Any], paint: _Paint) -> str:
+    """``ValueError: bad value``, the last line of a traceback."""
+    ename, evalue = str(event.get("ename", "Exception")), str(event.get("evalue", ""))
+    return paint(("ExcName", ename), ("", f": {evalue}")) if evalue else paint(("ExcName", ename))
+
+
+def _head(where: str, lineno: int, fr: dict[str, Any], paint: _Paint,
+          module_too: bool = False) -> str:
+    """``Cell In[3], line 2, in f(x)`` or ``File /x/y.py:9, in g()``, in IPython's colours
+    (``module_too``: ``in <module>`` said too, as for a module's file)."""
+    if where.startswith("File "):
+        parts = [("NormalEm", "File "), ("FilenameEm", f"{where[5:]}:{lineno}")]
+    else:
+        kind, _, name = where.partition(" ")
+        parts = [("NormalEm", kind), ("NormalEm", " " if name else ""), ("FilenameEm", name),
+                 ("FilenameEm", f", line {lineno}")]
+    if module_too or fr.get("name") != "<module>":
+        parts += [("", ", in "), ("VName", str(fr.get("name"))),
+                  ("ValEm", str(fr.get("args") or ""))]
+    return paint(*parts)
 
 
 def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
            cell_name: Callable[[str], str | None] | None,
            locate: Callable[[str, int, str | None, int | None], str | None] | None,
-           hide_cell: bool = False, context: int = CONTEXT) -> list[str]:
+           hide_cell: bool = False, context: int = CONTEXT,
+           paint: _Paint | None = None) -> list[str]:
     """One exception's traceback lines, its own message last; ``context`` lines around each
     one that raised."""
-    ename, evalue = event.get("ename", "Exception"), event.get("evalue", "")
-    lines = [_RULE, f"{ename:<40}Traceback (most recent call last)"]
+    paint = paint or _Paint()
+    ename = str(event.get("ename", "Exception"))
+    lines = [paint(("Topline", _RULE)),
+             # (right-aligned under the rule, as IPython's header is)
+             paint(("ExcName", ename),
+                   ("", "Traceback (most recent call last)".rjust(len(_RULE) - len(ename))))]
     src_lines = source.splitlines()
     for fr in event.get("traceback", []):
         lineno = int(fr.get("lineno") or 0)
         if fr.get("cell") and hide_cell:
             continue
         if fr.get("cell"):
-            shown = lineno + line_offset
-            lines.append(f"{label}, line {shown}" + ("" if fr.get("name") == "<module>"
-                                                     else f", in {fr.get('name')}"
-                                                     f"{fr.get('args') or ''}"))
+            lines.append(_head(label, lineno + line_offset, fr, paint))
 
             def cell_line(n: int) -> str:
                 return src_lines[n - 1] if 0 < n <= len(src_lines) else ""
 
             lines += _context(cell_line, lineno, line_offset, fr.get("line", ""),
-                              fr.get("name") == "<module>", context)
+                              fr.get("name") == "<module>", context, paint)
         else:
             filename = fr.get("filename", "?")
             if filename == "<dynamic-code>" and locate is not None:
@@ -95,12 +162,12 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
                 filename = locate(fr.get("name", ""), lineno, fr.get("qualname"),
                                   fr.get("first")) or filename
             local_name = cell_name(filename) if cell_name else None
-            head = f"{local_name}, line {lineno}" if local_name else f"File {filename}:{lineno}"
-            lines.append(f"{head}, in {fr.get('name')}{fr.get('args') or ''}")
+            lines.append(_head(local_name or f"File {filename}", lineno, fr, paint,
+                               module_too=True))
             lines += _context(lambda n, f=filename: linecache.getline(f, n), lineno, 0,
-                              fr.get("line", ""), fr.get("name") == "<module>", context)
+                              fr.get("line", ""), fr.get("name") == "<module>", context, paint)
         lines.append("")
-    lines.append(f"{ename}: {evalue}" if evalue else ename)
+    lines.append(_message(event, paint))
     notes = event.get("notes")
     if isinstance(notes, list):
         lines += [str(n) for n in notes]
@@ -108,12 +175,14 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
 
 
 def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str,
-             module: bool, context: int = CONTEXT) -> list[str]:
+             module: bool, context: int = CONTEXT, paint: _Paint | None = None) -> list[str]:
     """The line that raised, marked, with up to ``context`` lines around it (in a function,
     not past its body), indented as written, numbered as the notebook numbers them."""
+    paint = paint or _Paint()
     here = line(lineno).rstrip()
     if not here.strip():
-        return [f"{_arrow(lineno + offset)} {fallback.strip()}"] if fallback.strip() else []
+        return ([paint(("LinenoEm", _arrow(lineno + offset))) + " " +
+                 paint.code(fallback.strip())] if fallback.strip() else [])
 
     def indent(text: str) -> int:
         return len(text) - len(text.lstrip())
@@ -149,8 +218,8 @@ def _context(line: Callable[[int], str], lineno: int, offset: int, fallback: str
     while not texts[numbers[0]].strip():
         numbers.pop(0)
     # as written, as IPython shows it: a line's indent says which block it is in
-    return [(_arrow(n + offset) if n == lineno else f"{n + offset:>7}") + f" {texts[n]}"
-            for n in numbers]
+    return [paint(("LinenoEm", _arrow(n + offset) if n == lineno else f"{n + offset:>7}"))
+            + " " + paint.code(texts[n]) for n in numbers]
 
 
 def _arrow(n: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -125,6 +126,12 @@ def ctrl_c_at_line(at: int, *files: str) -> Iterator[list[int]]:
         yield run
     finally:
         sys.settrace(None)
+
+
+def plain(text: str) -> str:
+    """``text`` without its colours: a kernel's tracebacks, local and remote, come with
+    IPython's ANSI colour codes, which tests read past."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):  # type: ignore[no-untyped-def]

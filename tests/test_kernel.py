@@ -15,6 +15,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from .conftest import plain
+
 SETUP = """\
 import numpy as np
 data = np.arange(1_000_000, dtype=np.float32)
@@ -58,7 +60,7 @@ def texts(cell: Any, kind: str) -> str:
         elif o.output_type in ("display_data", "execute_result") and kind == o.output_type:
             out.append(o.data.get("text/plain", ""))
         elif o.output_type == "error" and kind == "error":
-            out.append(f"{o.ename}: {o.evalue}\n" + "\n".join(o.traceback))
+            out.append(f"{o.ename}: {o.evalue}\n" + plain("\n".join(o.traceback)))
     return "".join(out)
 
 

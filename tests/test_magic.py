@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from .conftest import Gateway, start_class_gateway, start_gateway, wait_for
+from .conftest import Gateway, plain, start_class_gateway, start_gateway, wait_for
 
 
 class Kernel:
@@ -43,8 +43,9 @@ class Kernel:
             elif kind == "display_data":
                 seen["display"] += content["data"].get("text/plain", "")
                 seen["bundles"].append(content["data"])
-            elif kind == "error":
-                seen["error"] = content
+            elif kind == "error":  # (its traceback without IPython's colours)
+                seen["error"] = {**content, "traceback": [plain(t) for t in content["traceback"]],
+                                 "coloured": content["traceback"]}
 
     def close(self) -> None:
         self.kc.stop_channels()
@@ -409,6 +410,25 @@ def test_misspelled_options_and_commands_get_a_suggestion(kernel_factory: Any) -
     out = k.run("%%gpu T4 'unterminated\n1")
     assert out["error"]["traceback"][0].startswith(
         "SpecError: 'T4 'unterminated' is not a valid option: a GPU spec has no quotes"), out
+
+
+def test_a_remote_traceback_is_coloured_as_the_notebook_s_local_ones(
+        gateway: Gateway, kernel_factory: Any) -> None:
+    # a trial: remote tracebacks came in black and white among the notebook's coloured ones
+    k = kernel_factory(GPU_MAGIC_URL=gateway.url, GPU_MAGIC_TOKEN=gateway.token)
+    k.run("def f(x):\n    y = x + 1\n    return y / 0")
+    local = k.run("f(1)")["error"]["coloured"]
+    remote = k.run("%%gpu A100-80GB --quiet\nf(1)")["error"]["coloured"]
+    assert remote[0] == local[0] and "\x1b[" in local[0], (local, remote)  # the rule
+    assert remote[-1] == local[-1], (local, remote)  # ZeroDivisionError: division by zero
+    # the frame of f, as IPython colours it: its head, the arrow and the code in the theme's
+    head = next(t for t in local if "in \x1b" in t).split("\n")[0]
+    assert head in remote, (head, remote)
+    code = plain(local[-2]).splitlines()[-1]
+    assert any(plain(r) == code and r != code for r in remote), (code, remote)
+    k.run("%colors nocolor")
+    bare = k.run("%%gpu A100-80GB --quiet\nf(1)")["error"]["coloured"]
+    assert not any("\x1b[" in t for t in bare), bare
 
 
 def test_help_asked_for_on_the_magic_line_is_shown_and_the_cell_not_run(

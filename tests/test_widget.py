@@ -15,7 +15,7 @@ from jupyter_client.manager import KernelManager
 
 from gpu_magic._view import JobState, outputs_html, outputs_text, render_html, render_text
 
-from .conftest import Gateway, wait_for
+from .conftest import Gateway, plain, wait_for
 from .test_gateway_http import finish, submit
 from .test_kernel import execute, make_notebook, texts
 
@@ -340,7 +340,10 @@ class Kernel:
                 continue
             if msg["parent_header"].get("msg_id") == msg_id:
                 self.drain()
-                return msg["content"]  # type: ignore[no-any-return]
+                content = msg["content"]
+                if "traceback" in content:  # (without IPython's colours)
+                    content["traceback"] = [plain(t) for t in content["traceback"]]
+                return content  # type: ignore[no-any-return]
         raise AssertionError(f"no reply to {msg_id} within {timeout} s")
 
     def outputs(self, msg_id: str, kind: str = "stream") -> str:
