@@ -359,24 +359,41 @@ def test_secret_files_are_hidden_with_their_folder_where_it_holds_nothing_else(
         tmp_path: Path) -> None:
     own = tmp_path / "gpu-magic"  # the tokens file, key and certificate, and leftovers
     (own / ".git").mkdir(parents=True)
-    for name in ("tokens.json", "key.pem", "cert.pem", "tokens.json~", "tokens.json.bak"):
+    for name in ("tokens.json", "key.pem", "cert.pem", "tokens.json~", ".tokens.json.swp"):
         (own / name).write_text("x")
     shared = tmp_path / "course"  # the tokens file beside what cells read
     shared.mkdir()
-    (shared / "tokens.json").write_text("x")
-    (shared / "data.csv").write_text("x")
-    home = tmp_path / "home"  # already hidden whole: nothing more to do
-    home.mkdir()
+    for name in ("tokens.json", "data.csv", "privkey1.pem"):
+        (shared / name).write_text("x")
+    dotted = tmp_path / "dotted"  # a dot-folder may hold data too (a red team's was hidden)
+    (dotted / ".data").mkdir(parents=True)
+    (dotted / "tokens.json").write_text("x")
+    home = tmp_path / "home"  # already hidden whole: nothing more to do...
+    (home / "project" / "secret").mkdir(parents=True)
     (home / "tokens.json").write_text("x")
-    linked = tmp_path / "live"  # a link to a key elsewhere: its folder and its target's
-    linked.mkdir()
-    (shared / "privkey1.pem").write_text("x")
-    (linked / "key.pem").symlink_to(shared / "privkey1.pem")
+    # ...but for what a folder shown again there holds (a project on PYTHONPATH, a red team)
+    (home / "project" / "helpers.py").write_text("x")
+    (home / "project" / "tokens.json").write_text("x")
+    (home / "project" / "secret" / "key.pem").write_text("x")
+    live = tmp_path / "live"  # a link to a key elsewhere: its folder and its target's
+    live.mkdir()
+    (live / "key.pem").symlink_to(shared / "privkey1.pem")
+    (tmp_path / "v1").mkdir()  # a link to the folder, as a release's `current`
+    (tmp_path / "v1" / "tokens.json").write_text("x")
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
     files = [own / "tokens.json", own / "key.pem", own / "cert.pem", shared / "tokens.json",
-             home / "tokens.json", linked / "key.pem", shared / "privkey1.pem"]
-    folders, covered = secret_folders(files, [str(home)])
-    assert folders == [str(own), str(linked)]
-    assert covered == [shared / "tokens.json", shared / "privkey1.pem"]
+             dotted / "tokens.json", home / "tokens.json", home / "project" / "tokens.json",
+             home / "project" / "secret" / "key.pem", live / "key.pem",
+             shared / "privkey1.pem", tmp_path / "current" / "tokens.json"]
+    folders, exposed = secret_folders(files, [str(home)], [str(home / "project")])
+    assert folders == [str(own), str(home / "project" / "secret"), str(live),
+                       str(tmp_path / "v1")], folders
+    assert list(exposed) == [shared / "tokens.json", dotted / "tokens.json",
+                             home / "project" / "tokens.json", shared / "privkey1.pem",
+                             tmp_path / "current" / "tokens.json"], exposed
+    assert exposed[shared / "tokens.json"] == "it shares its folder with other files"
+    assert exposed[tmp_path / "current" / "tokens.json"].startswith(
+        f"it is reached through a link ({tmp_path / 'current'} leads to {tmp_path / 'v1'})")
 
 
 @needs_bwrap
@@ -434,8 +451,60 @@ def test_a_tokens_file_beside_other_files_is_warned_of_at_start(tmp_path: Path) 
     gw, _ = _alice_and_bob(tmp_path)
     gw.stop()
     log = (tmp_path / "gateway.log").read_text()
-    assert f"{tmp_path / 'tokens.json'} shares its folder with other files" in log, log
-    assert "runtime-" not in log.split("shares its folder")[0].splitlines()[-1], log
+    assert (f"warning: a cell may read {tmp_path / 'tokens.json'} while it runs: it shares its "
+            "folder with other files") in log, log
+    # (the runtime file, written once before any cell, is not replaced under them)
+    assert not [ln for ln in log.splitlines() if "a cell may read" in ln and "runtime-" in ln]
+
+
+@needs_bwrap
+def test_a_tokens_file_in_a_folder_python_imports_from_is_warned_of(tmp_path: Path) -> None:
+    # a red team: a project folder on PYTHONPATH, in the account's home (hidden, then shown
+    # again for Python), held the tokens file: a rename over it showed it to a running cell,
+    # and serve said nothing
+    project = tmp_path / "home" / "project"
+    project.mkdir(parents=True)
+    (project / "helpers.py").write_text("SCALE = 2\n")
+    tokens = _tokens(project / "tokens.json", alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(project / "tokens.json"),
+                       env={"HOME": str(tmp_path / "home"), "PYTHONPATH": str(project)})
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:  # (and cells still import)
+            assert gpu_magic.run("from helpers import SCALE\nSCALE", "H100",
+                                 {"__name__": "__main__"}, client=alice, quiet=True) == 2
+    finally:
+        gw.stop()
+    log = (tmp_path / "gateway.log").read_text()
+    assert f"warning: a cell may read {project / 'tokens.json'} while it runs" in log, log
+
+
+@needs_bwrap
+def test_a_secrets_folder_inside_a_folder_python_imports_from_stays_hidden(
+        tmp_path: Path) -> None:
+    # its own folder is hidden after the folders shown again for Python, which hold it
+    project = tmp_path / "home" / "project"
+    (project / "secret").mkdir(parents=True)
+    (project / "helpers.py").write_text("SCALE = 2\n")
+    tokens_file = project / "secret" / "tokens.json"
+    tokens = _tokens(tokens_file, alice={}, bob={})
+    gw = start_gateway(tmp_path, "--tokens-file", str(tokens_file),
+                       env={"HOME": str(tmp_path / "home"), "PYTHONPATH": str(project)})
+    probe = f"""
+from helpers import SCALE
+try:
+    seen = open({str(tokens_file)!r}).read()
+except OSError as exc:
+    seen = type(exc).__name__
+SCALE, seen
+"""
+    try:
+        with GatewayClient(gw.url, tokens["alice"]) as alice:
+            got = gpu_magic.run(probe, "H100", {"__name__": "__main__"}, client=alice,
+                                quiet=True)
+    finally:
+        gw.stop()
+    assert got == (2, "FileNotFoundError"), got
+    assert "a cell may read" not in (tmp_path / "gateway.log").read_text()
 
 
 @needs_bwrap

@@ -36,7 +36,13 @@ from .auth import (
     owner_token,
     write_private,
 )
-from .backends.sandbox import bwrap_path, private_dirs, secret_folders
+from .backends.sandbox import (
+    IsolationUnavailable,
+    bwrap_path,
+    private_dirs,
+    python_paths,
+    secret_folders,
+)
 from .gateway import Gateway
 from .inventory import canonical_pool
 from .limits import Limits, human, load_overrides, seconds
@@ -334,20 +340,24 @@ def _build(cfg: ServeConfig, state_dir: Path, given_tokens: dict[str, User] | No
         from .backends.local import LocalBackend
 
         folders: list[str] = []
-        covered: list[Path] = []
-        if isolation == "bwrap":
-            folders, covered = secret_folders(hidden, [*private_dirs(), str(state_dir)])
+        exposed: dict[Path, str] = {}
         backend: Any = LocalBackend(
             cfg.simulate,
             # never run a client-chosen interpreter or folder for several users
             client_python=cfg.client_python and not multi,
             isolation=isolation, state_dir=state_dir, hidden_files=hidden,
-            hidden_folders=tuple(folders),
             keep_warm=cfg.keep_warm, pass_env=cfg.pass_env if multi else None)
+        if isolation == "bwrap":
+            try:  # (what the runners' Python imports from is shown again in their sandbox)
+                shown = python_paths(sys.executable, backend.runner_env())
+            except IsolationUnavailable:
+                shown = []  # (the runners cannot start either: each job says why)
+            folders, exposed = secret_folders(hidden, [*private_dirs(), str(state_dir)], shown)
+            backend.hidden_folders = tuple(folders)
         # (the runtime file is written once, before any cell: its cover is not replaced)
         runtime = {os.path.realpath(cfg.runtime_file)} if cfg.runtime_file else set()
-        backend.exposed_on_replace = sorted(
-            {str(f): None for f in covered if os.path.realpath(f) not in runtime})
+        backend.exposed_on_replace = {
+            str(f): why for f, why in exposed.items() if os.path.realpath(f) not in runtime}
     elif cfg.backend == "ray":
         try:
             from .backends.ray import RayBackend
@@ -563,13 +573,13 @@ def serve(cfg: ServeConfig) -> int:
                   "(with no capabilities: they cannot undo the sandbox, but they read every "
                   "root-owned file it does not hide); run the gateway as a dedicated account",
                   file=sys.stderr, flush=True)
-        for path in getattr(gateway.backend, "exposed_on_replace", ()):
-            print(f"gpu-magic serve: warning: {path} shares its folder with other files, so "
-                  "cells are kept from it by a cover of that one file, which Linux drops in "
-                  "running sandboxes when the file is replaced (an editor's save, a rotation): "
-                  "a cell running then could read it. Keep the tokens file, certificate and "
-                  "key in a folder of their own (such as /etc/gpu-magic), which cells see "
-                  "empty", file=sys.stderr, flush=True)
+        for path, why in getattr(gateway.backend, "exposed_on_replace", {}).items():
+            print(f"gpu-magic serve: warning: a cell may read {path} while it runs: {why}. "
+                  "A file beside others is hidden by a cover of its own, which Linux drops "
+                  "in running sandboxes when the file is replaced (an editor's save, a "
+                  "rotation). Keep the tokens file, certificate and key in a folder of their "
+                  "own, such as /etc/gpu-magic (certbot's: copy them there from a "
+                  "--deploy-hook), which cells see empty", file=sys.stderr, flush=True)
         info = {
             "url": url, "host": socket.gethostname(), "pid": os.getpid(),
             "version": __version__, "config": cfg.fingerprint(),

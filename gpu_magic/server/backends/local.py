@@ -280,6 +280,10 @@ class LocalBackend:
             with contextlib.suppress(IsolationUnavailable):  # (asked again then, and said)
                 python_paths(sys.executable, self._base_env())
 
+    def runner_env(self) -> dict[str, str]:
+        """The environment a runner starts with, before its grant's variables."""
+        return self._base_env()
+
     def _base_env(self) -> dict[str, str]:
         # the gateway's own environment, read once (a copy of os.environ per job costs more
         # than a trivial cell's scheduling)

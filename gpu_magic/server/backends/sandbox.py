@@ -84,40 +84,65 @@ def _account_home() -> str | None:
         return None
 
 
-def secret_folders(files: Sequence[Path], hidden: Sequence[str]) -> tuple[list[str], list[Path]]:
+def secret_folders(files: Sequence[Path], hidden: Sequence[str], shown: Sequence[str] = ()
+                   ) -> tuple[list[str], dict[Path, str]]:
     """Where the files a cell must not read (tokens, TLS key) are hidden: (folders a sandbox
-    shows empty, files it covers one by one), decided once at the gateway's start.
+    shows empty, and the files left to a cover of their own, each with why), decided once at
+    the gateway's start. ``hidden``: folders already empty in a sandbox (:func:`private_dirs`,
+    the state directory); ``shown``: folders shown again inside them (:func:`python_paths`).
 
     A file covered on its own is shown again to sandboxes already running when it is
     replaced by a rename (an editor's save, a rotation, :func:`~..auth.write_private`): Linux
     drops a mount whose mount point is renamed over in another namespace, and a red team's
     running cell read every token after an admin added a user. So a file is hidden with its
     folder, which a rename inside cannot undo, where that folder holds nothing else a cell
-    may need: the files hidden, and dotfiles, ``#…#`` and ``…~`` leftovers (an editor's, a
-    version control's). Files in a folder already hidden (``hidden``) need neither."""
+    may need: the files hidden, and dotfiles, ``#…#`` and ``…~`` leftovers (an editor's) and a
+    version control's folder. Files in a folder already hidden need neither, unless a folder
+    shown again holds them (a project folder on PYTHONPATH in the account's home)."""
+    hidden = [os.path.realpath(d) for d in hidden]
+    shown = [os.path.realpath(d) for d in shown]
+
+    def within(path: str, folders: Sequence[str]) -> bool:
+        return any(path == d or path.startswith(d.rstrip("/") + "/") for d in folders)
+
     # (each file under its own name and where links lead: a link's folder, and its target's)
     place = {f: os.path.realpath(os.path.dirname(os.path.abspath(f))) for f in files}
-    hidden = [os.path.realpath(d) for d in hidden]
     folders: dict[str, None] = {}
-    covered: list[Path] = []
+    exposed: dict[Path, str] = {}
     for f, parent in place.items():
-        if any(parent == d or parent.startswith(d.rstrip("/") + "/") for d in hidden):
+        if within(parent, hidden) and not within(parent, shown):
             continue
         names = {os.path.basename(g) for g, p in place.items() if p == parent}
         try:
             entries = os.listdir(parent)
         except OSError:
             entries = ["?"]  # (unreadable: what else is there is unknown)
-        if parent != "/" and all(_leftover(e, names) for e in entries):
-            folders[parent] = None
-        else:
-            covered.append(f)
-    return list(folders), covered
+        if parent == "/" or any(p == parent or p.startswith(parent + "/") for p in shown) or \
+                not all(_leftover(parent, e, names) for e in entries):
+            exposed[f] = "it shares its folder with other files"
+            continue
+        folders[parent] = None
+        linked = os.path.dirname(os.path.abspath(f))
+        if os.path.realpath(linked) != os.path.normpath(linked):
+            # a link to the folder (a release's `current`) re-pointed shows its new target to
+            # the sandboxes running then; the target hidden at start is the old one
+            exposed[f] = (f"it is reached through a link ({linked} leads to {parent}), and a "
+                          "link re-pointed shows its new folder to cells running then; name "
+                          "the folder itself")
+    return list(folders), exposed
 
 
-def _leftover(entry: str, hidden: set[str]) -> bool:
-    return (entry in hidden or entry.startswith((".", "#")) or entry.endswith("~")
-            or any(entry.startswith(h) for h in hidden))
+_VCS = frozenset({".git", ".hg", ".svn"})
+
+
+def _leftover(folder: str, entry: str, hidden: set[str]) -> bool:
+    """Whether ``entry`` of a secret file's folder is the secret's own or nothing a cell may
+    need: an editor's backup or swap file, a version control's history (of the secrets)."""
+    if entry in hidden or entry in _VCS or any(entry.startswith(h) for h in hidden):
+        return True
+    if os.path.isdir(os.path.join(folder, entry)):
+        return False  # (a dot-folder may hold a course's data: a red team's was hidden)
+    return entry.startswith((".", "#")) or entry.endswith("~")
 
 
 # what decides where an interpreter imports from, besides the interpreter itself
@@ -179,7 +204,6 @@ def bwrap_command(
     cmd = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL",
            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     hidden = private_dirs() if hidden_dirs is None else list(hidden_dirs)
-    hidden += [d for d in hidden_folders if d not in hidden]
     for d in hidden:
         cmd += ["--tmpfs", d]
     for path in dict.fromkeys(python):
@@ -187,6 +211,12 @@ def bwrap_command(
         # never a hidden folder back, whole or as part of one of its parents (PYTHONPATH=~)
         if not any(d == real or d.startswith(real.rstrip("/") + "/") for d in hidden):
             cmd += ["--ro-bind", path, path]
+    # the secrets' folders after the folders shown again: one of those may hold one (a red
+    # team's tokens file in a project folder on PYTHONPATH, in the home)
+    secret = [d for d in hidden_folders if d not in hidden]
+    for d in secret:
+        cmd += ["--tmpfs", d]
+    hidden += secret
     cmd += ["--tmpfs", str(state_dir)]
     # without them a cell was told "H100 ×1" and found no GPU (a department's trial)
     for d in gpu_device_files() if devices is None else devices:
