@@ -391,7 +391,7 @@ def test_secret_files_are_hidden_with_their_folder_where_it_holds_nothing_else(
     assert list(exposed) == [shared / "tokens.json", dotted / "tokens.json",
                              home / "project" / "tokens.json", shared / "privkey1.pem",
                              tmp_path / "current" / "tokens.json"], exposed
-    assert exposed[shared / "tokens.json"] == "it shares its folder with other files"
+    assert exposed[shared / "tokens.json"].startswith("it shares its folder with other files")
     assert exposed[tmp_path / "current" / "tokens.json"].startswith(
         f"it is reached through a link ({tmp_path / 'current'} leads to {tmp_path / 'v1'})")
 

@@ -339,7 +339,6 @@ def _build(cfg: ServeConfig, state_dir: Path, given_tokens: dict[str, User] | No
     if cfg.backend == "local":
         from .backends.local import LocalBackend
 
-        folders: list[str] = []
         exposed: dict[Path, str] = {}
         backend: Any = LocalBackend(
             cfg.simulate,
@@ -575,11 +574,9 @@ def serve(cfg: ServeConfig) -> int:
                   file=sys.stderr, flush=True)
         for path, why in getattr(gateway.backend, "exposed_on_replace", {}).items():
             print(f"gpu-magic serve: warning: a cell may read {path} while it runs: {why}. "
-                  "A file beside others is hidden by a cover of its own, which Linux drops "
-                  "in running sandboxes when the file is replaced (an editor's save, a "
-                  "rotation). Keep the tokens file, certificate and key in a folder of their "
-                  "own, such as /etc/gpu-magic (certbot's: copy them there from a "
-                  "--deploy-hook), which cells see empty", file=sys.stderr, flush=True)
+                  "Keep the tokens file, certificate and key in a folder of their own, such "
+                  "as /etc/gpu-magic (certbot's: copy them there from a --deploy-hook), which "
+                  "cells see empty", file=sys.stderr, flush=True)
         info = {
             "url": url, "host": socket.gethostname(), "pid": os.getpid(),
             "version": __version__, "config": cfg.fingerprint(),

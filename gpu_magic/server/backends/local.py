@@ -252,7 +252,6 @@ class LocalBackend:
         isolation: str = "none",
         state_dir: Path | None = None,
         hidden_files: tuple[Path, ...] = (),
-        hidden_folders: tuple[str, ...] = (),
         keep_warm: float | None = 300.0,
         pass_env: Iterable[str] | None = None,
     ) -> None:
@@ -268,7 +267,7 @@ class LocalBackend:
         self.isolation = isolation
         self.state_dir = state_dir
         self.hidden_files = hidden_files
-        self.hidden_folders = hidden_folders
+        self.hidden_folders: tuple[str, ...] = ()  # (serve's secret_folders)
         self._handles: dict[tuple[str, int], Handle] = {}
         # Warm runners (zygote + keep-warm) only without a sandbox: a fork of a zygote outside
         # the sandbox would not be inside it. keep_warm None turns them off entirely.
