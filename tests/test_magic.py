@@ -431,6 +431,34 @@ def test_a_remote_traceback_is_coloured_as_the_notebook_s_local_ones(
     assert not any("\x1b[" in t for t in bare), bare
 
 
+def test_a_kernel_restarted_under_a_queued_cell_cancels_its_job(tmp_path: Path,
+                                                               kernel_factory: Any) -> None:
+    # a trial: a queued foreground job outlived its kernel's restart until the gateway's
+    # orphan timeout, a minute in its place in the queue (the restart closes the kernel's
+    # streams under the cell, and that broke off the follow without a cancel)
+    (tmp_path / "gw").mkdir()
+    gw = start_gateway(tmp_path / "gw", simulate="H100:1")
+    try:
+        k = kernel_factory(GPU_MAGIC_URL=gw.url, GPU_MAGIC_TOKEN=gw.token)
+        with gw.client() as c:
+            holder = k.run("%%gpu H100 --background --quiet\nimport time\ntime.sleep(60)")
+            assert holder["error"] is None, holder
+            before = {j["id"] for j in c.jobs()}
+            k.kc.execute("%%gpu H100\nprint('queued one')")
+            queued = wait_for(lambda: [j for j in c.jobs() if j["id"] not in before
+                                       and j["state"] == "queued"], 60)
+            k.km.restart_kernel(now=False)
+            ended = wait_for(lambda: (r := c.job(queued[0]["id"]))["state"] != "queued" and r,
+                             30)
+            assert ended["state"] == "cancelled", ended
+            assert "no client followed" not in str(ended.get("message")), ended
+            for j in c.jobs():
+                if j["state"] in ("queued", "running"):
+                    c.cancel(j["id"])
+    finally:
+        gw.stop()
+
+
 def test_help_asked_for_on_the_magic_line_is_shown_and_the_cell_not_run(
         kernel_factory: Any) -> None:
     # a trial: `%%gpu --help` answered "unrecognized arguments: --help"
