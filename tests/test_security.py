@@ -241,6 +241,16 @@ def _alice_and_bob(tmp_path: Path, *extra: str, **kw: Any) -> tuple[Gateway, dic
     return start_gateway(tmp_path, "--tokens-file", str(tokens_file), *extra, **kw), tokens
 
 
+def _probe_and_stop(gw: Gateway, token: str, probe: str) -> Any:
+    """The value of cell ``probe`` run by ``token``'s user; the gateway stopped after it."""
+    try:
+        with GatewayClient(gw.url, token) as user:
+            return gpu_magic.run(probe, "H100", {"__name__": "__main__"}, client=user,
+                                 quiet=True)
+    finally:
+        gw.stop()
+
+
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
                                  reason="needs bubblewrap (make test installs it)")
 
@@ -344,12 +354,7 @@ except OSError as exc:
     seen["write"] = type(exc).__name__
 seen
 """
-    try:
-        with GatewayClient(gw.url, tokens["alice"]) as alice:
-            seen = gpu_magic.run(probe, "H100", {"__name__": "__main__"}, client=alice,
-                                 quiet=True)
-    finally:
-        gw.stop()
+    seen = _probe_and_stop(gw, tokens["alice"], probe)
     assert set(seen.pop("account home")) <= needed < set(os.listdir(account))
     assert seen == {"key": "FileNotFoundError", "runtime file": "FileNotFoundError",
                     "jupyter runtime": "FileNotFoundError", "home": [], "write": "OSError"}, seen
@@ -497,12 +502,7 @@ except OSError as exc:
     seen = type(exc).__name__
 SCALE, seen
 """
-    try:
-        with GatewayClient(gw.url, tokens["alice"]) as alice:
-            got = gpu_magic.run(probe, "H100", {"__name__": "__main__"}, client=alice,
-                                quiet=True)
-    finally:
-        gw.stop()
+    got = _probe_and_stop(gw, tokens["alice"], probe)
     assert got == (2, "FileNotFoundError"), got
     assert "a cell may read" not in (tmp_path / "gateway.log").read_text()
 
