@@ -19,6 +19,7 @@ Nothing is held back or replayed, so an interrupt in the middle cannot lose a qu
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import time
@@ -37,6 +38,13 @@ OUTPUT_FLUSH_S = 0.2
 # comm ids of our live widgets: the pump handles their messages, and only theirs
 _OUR_COMMS: set[str] = set()
 _OUR_COMMS_LOCK = threading.Lock()
+
+# Ended jobs' widgets, left open in their final form: a page reloaded while the job ran shows
+# the widget again and cannot place the display update that replaces it (display ids do not
+# survive a reload), so a closed one left its cell blank (a browser trial). The oldest beyond
+# this many are closed, which bounds what the kernel keeps of them.
+KEPT_ENDED = 64
+_ENDED: collections.deque[Any] = collections.deque()
 
 
 def widgets_available() -> bool:
@@ -289,10 +297,19 @@ class WidgetView(NullView):
             # "model not found", front ends rarely keep widget state); a background job's
             # output, which lived in its widget, goes below it (see _final_data)
             self._handle.update(self._final_data(), raw=True)
-            self._drop_widget()
+            self._settle_widget()
 
-    def _drop_widget(self) -> None:
-        _close_all(self._box)
+    def _settle_widget(self) -> None:
+        """The widget in its final form, kept open (see KEPT_ENDED), and no longer ours to
+        update: the display update above replaces it wherever the front end can place it."""
+        if self._html is not None:
+            self._html.value = self._last_html = self._render()
+        if self._button is not None:
+            self._button.layout.display = "none"
+        self._flush_outputs(force=True)
+        _ENDED.append(self._box)
+        while len(_ENDED) > KEPT_ENDED:
+            _close_all(_ENDED.popleft())
         self._box = self._html = self._button = self._out = None
 
     def _final_data(self) -> dict[str, str]:

@@ -61,6 +61,12 @@ def lab(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "%%gpu H100 --background\nimport time\nprint('bg-line one', flush=True)\n"
         "time.sleep(2)\nprint('bg-line two')",
     )
+    write_notebook(
+        root / "reload.ipynb",
+        "%load_ext gpu_magic",
+        "%%gpu H100 --background\nimport time\nprint('before the reload', flush=True)\n"
+        "time.sleep(6)\nprint('after the reload')",
+    )
     env = {"GPU_MAGIC_URL": gateway.url, "GPU_MAGIC_TOKEN": gateway.token}
     with lab_server(tmp_path_factory.mktemp("lab"), root, env) as server:
         yield server
@@ -163,6 +169,29 @@ def test_a_background_cell_keeps_its_output_when_saved_and_opened_again(
     assert "succeeded" in cell.locator(".gpu-magic-status").inner_text()
     assert not page.get_by_text("Error displaying widget").count()
     screenshot(page, "background-reopened")
+
+
+def test_a_background_job_that_ends_after_the_page_is_reloaded_shows_how_it_ended(
+        lab: LabServer, page: Any) -> None:
+    """A browser trial: the page reloaded (the notebook saved) while a background job ran
+    showed its widget again, and the cell went blank when the job ended: the display update
+    that replaces the widget has no place after a reload, and the widget had been closed."""
+    open_notebook(page, lab, "reload.ipynb")
+    run_cells(page, [0, 1])
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
+    cell.locator(".jupyter-widgets.gpu-magic-widget", has_text="before the reload").wait_for()
+    page.keyboard.press("Control+s")
+    path = lab.root / "reload.ipynb"
+    wait_for(lambda: "before the reload" in path.read_text(), 30)
+    page.reload()
+    open_notebook(page, lab, "reload.ipynb")
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
+    widget = cell.locator(".jupyter-widgets.gpu-magic-widget")
+    widget.filter(has_text="after the reload").wait_for(timeout=60_000)
+    widget.filter(has_text="succeeded").wait_for(timeout=30_000)
+    assert "before the reload" in widget.inner_text()
+    assert not cell.get_by_text("Error displaying widget").count()
+    screenshot(page, "background-ended-after-reload")
 
 
 def test_artifacts_folder_is_ignored() -> None:

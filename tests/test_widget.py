@@ -409,6 +409,31 @@ def test_cancel_button_cancels_a_foreground_cell(client: Any, tmp_path: Path) ->
 
 
 @pytest.mark.usefixtures("use_gateway")
+def test_an_ended_job_s_widget_stays_open_in_its_final_form(tmp_path: Path) -> None:
+    """A browser trial: a page reloaded while a background job ran showed its widget again,
+    and when the job ended the cell went blank: the display update that replaces the widget
+    cannot be placed after a reload (display ids do not survive one), and the widget had been
+    closed. It stays open now, showing how the job ended, its output kept."""
+    k = Kernel(tmp_path)
+    try:
+        k.reply(k.run("%load_ext gpu_magic"))
+        cell = k.run("%%gpu H100 --background\nprint('bg-line', flush=True)\nx = 1")
+        k.reply(cell)
+        html = wait_for(lambda: k.drain(0.1) or k.models("HTMLModel"), DEADLINE)[0]
+        wait_for(lambda: k.drain(0.1) or "succeeded" in (k.last_value(html, "value") or ""),
+                 DEADLINE)
+        k.drain(0.5)
+        closed = {m["content"].get("comm_id") for m in k.iopub if m["msg_type"] == "comm_close"}
+        ours = {*k.models("HTMLModel"), *k.models("OutputModel"), *k.models("ButtonModel"),
+                *k.models("VBoxModel")}
+        assert ours and not ours & closed, (ours, closed)
+        out = k.models("OutputModel")[0]
+        assert "bg-line" in str(k.last_value(out, "outputs")), k.last_value(out, "outputs")
+    finally:
+        k.stop()
+
+
+@pytest.mark.usefixtures("use_gateway")
 def test_large_inputs_going_up_are_said_and_the_status_takes_that_place(tmp_path: Path) -> None:
     # a cell with 200 MiB of inputs showed nothing for seconds while they went up (found by
     # a newcomer); the notice then gives way to the status: one display, not two
