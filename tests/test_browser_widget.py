@@ -115,6 +115,15 @@ def test_widget_shows_the_grant_and_cancel_stops_a_foreground_cell(
     assert box["x"] + box["width"] <= area["x"] + area["width"] + 1, (box, area)
     page.set_viewport_size(size)
 
+    # reached by keyboard, its focus ring shows on its orange (a trial: JupyterLab's thin
+    # blue one was all but invisible there)
+    button.focus()
+    page.keyboard.press("Shift")  # (a key pressed: the focus is the keyboard's, as by Tab)
+    ring = button.evaluate("b => { const s = getComputedStyle(b);"
+                           " return [document.activeElement === b, s.outlineStyle,"
+                           " s.outlineWidth, s.outlineOffset]; }")
+    assert ring == [True, "solid", "2px", "2px"], ring
+
     # the kernel is busy in the foreground cell, and the click still gets through
     assert button.is_visible()
     button.click()
