@@ -1677,17 +1677,20 @@ def run(
     finally:
         if isinstance(job, _Job) and not opts.background:
             cut = sys.exc_info()[1]
-            if cut is not None and not isinstance(cut, GatewayError) and \
-                    job.state.state not in FINAL_STATES:
-                # following it broke off from here (a kernel restarting closes its streams
-                # under the cell: OSError), and no one else follows a foreground job: ended
-                # now, not by the gateway's orphan timeout a minute later (a trial's queued
-                # job kept its place in the queue that long)
-                _cancel_fresh(job.client, job.id, timeout=2.0)
-            _followed(job.id, None)
-            if sys.exc_info()[1] is not None or job.value is not None:
-                job.view.before_value()  # (its Out, or its error, is shown next)
-            job.view.finish()
+            try:
+                if cut is not None and not isinstance(cut, GatewayError) and \
+                        job.state.state not in (*FINAL_STATES, UNREACHABLE, "done"):
+                    # following it broke off from here (a kernel restarting closes its
+                    # streams under the cell: OSError), and no one else follows a foreground
+                    # job: ended now, not by the gateway's orphan timeout a minute later (a
+                    # trial's queued job kept its place in the queue that long)
+                    with _sigint_deferred():
+                        _cancel_fresh(job.client, job.id, timeout=2.0)
+            finally:
+                _followed(job.id, None)
+                if sys.exc_info()[1] is not None or job.value is not None:
+                    job.view.before_value()  # (its Out, or its error, is shown next)
+                job.view.finish()
 
 
 def _follow_here(job: _Job, interrupts: bool = False) -> Any:

@@ -133,18 +133,20 @@ class RunnerLost(JobFailed):
 class RemoteError(GpuMagicError):
     """An exception raised by the cell remotely whose type cannot be rebuilt here."""
 
-    def __init__(self, ename: str, evalue: str, traceback_text: str = "") -> None:
+    def __init__(self, ename: str, evalue: str, traceback_text: str = "",
+                 shown: list[str] | None = None) -> None:
         super().__init__(f"{ename}: {evalue}" if evalue else ename)  # (`raise SystemExit`)
         self.ename = ename
         self.evalue = evalue
-        self.traceback_text = traceback_text
+        self.traceback_text = traceback_text  # plain text, for logs and plain Python
+        self.shown = shown  # the lines a notebook shows, in its colours, where they differ
 
     def __reduce__(self) -> tuple[Any, ...]:
         # (raised in a nested cell inside a job, it travels back to the notebook)
         return type(self), (self.ename, self.evalue, self.traceback_text), self.__dict__
 
     def _render_traceback_(self) -> list[str]:
-        return self.traceback_text.splitlines() or [str(self)]
+        return list(self.shown or ()) or self.traceback_text.splitlines() or [str(self)]
 
 
 class GatewayError(GpuMagicError):

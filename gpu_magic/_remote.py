@@ -14,6 +14,7 @@ from typing import Any
 from ._errors import RemoteError
 
 _RULE = "-" * 75
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def where(grant: dict[str, Any] | None) -> str:
@@ -44,7 +45,7 @@ class _Paint:
 
             self.theme, self.token = theme_table[theme], Token
             self.parser = Parser(theme_name=theme)
-        except (ImportError, KeyError, TypeError):
+        except Exception:  # (an IPython of another shape, a theme it does not know: plain)
             self.theme = None
 
     def __call__(self, *parts: tuple[str, str]) -> str:
@@ -299,7 +300,10 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
     """The exception to raise here: the same type where it unpickled, else RemoteError.
     ``hint``: what to do about it, said after the traceback."""
     shown = [*tb_lines, f"[gpu_magic] {hint}"] if hint else list(tb_lines)
-    own = max((i for i, line in enumerate(tb_lines) if line == _RULE), default=0)
+    # without the notebook's colours: notes and a RemoteError's text reach plain Python,
+    # logging and log files (and the rule is found by its text)
+    plain = [_ANSI.sub("", line) for line in shown]
+    own = max((i for i, line in enumerate(plain) if line == _RULE), default=0)
     # a KeyboardInterrupt too (the cell's, interrupted): raised here as one, it reads as a
     # local interrupt and no `except Exception:` takes it, and so any BaseException of the
     # cell's (asyncio.CancelledError, a class of the notebook's); SystemExit, from exit(),
@@ -315,7 +319,7 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
             exc.__traceback__ = None
             if hasattr(exc, "add_note"):  # plain Python prints notes: where it was raised
                 # (its own frames only: Python prints the chain itself, and its last line)
-                frames = "\n".join(tb_lines[own + 2:-1]).rstrip()
+                frames = "\n".join(plain[own + 2:len(tb_lines) - 1]).rstrip()
                 if frames:  # (none in %xmode Minimal)
                     exc.add_note(frames)
                 if hint:
@@ -324,7 +328,8 @@ def rebuild(event: dict[str, Any], exc: Any, tb_lines: list[str],
         except (AttributeError, TypeError):
             pass
     return _chained(RemoteError(event.get("ename", "Exception"), event.get("evalue", ""),
-                                "\n".join(shown)), event)
+                                "\n".join(plain), shown=shown if shown != plain else None),
+                    event)
 
 
 def _chained(exc: BaseException, event: dict[str, Any]) -> BaseException:

@@ -42,8 +42,10 @@ _OUR_COMMS_LOCK = threading.Lock()
 # Ended jobs' widgets, left open in their final form: a page reloaded while the job ran shows
 # the widget again and cannot place the display update that replaces it (display ids do not
 # survive a reload), so a closed one left its cell blank (a browser trial). The oldest beyond
-# this many are closed, which bounds what the kernel keeps of them.
-KEPT_ENDED = 64
+# this many are closed, and one keeps a background job's output only up to KEPT_OUTPUT
+# bytes (the final display holds it all), which bounds what the kernel keeps of them.
+KEPT_ENDED = 16
+KEPT_OUTPUT = 1 << 20
 _ENDED: collections.deque[Any] = collections.deque()
 
 
@@ -306,7 +308,12 @@ class WidgetView(NullView):
             self._html.value = self._last_html = self._render()
         if self._button is not None:
             self._button.layout.display = "none"
-        self._flush_outputs(force=True)
+        if _rough_size(self._outputs) > KEPT_OUTPUT:
+            self._outputs_dirty = False
+            if self._out is not None:
+                self._out.outputs = ()
+        else:
+            self._flush_outputs(force=True)
         _ENDED.append(self._box)
         while len(_ENDED) > KEPT_ENDED:
             _close_all(_ENDED.popleft())
@@ -414,6 +421,12 @@ class WidgetView(NullView):
         self._out.outputs = tuple(self._outputs)
         self._outputs_dirty = False
         self._outputs_sent = time.monotonic()
+
+
+def _rough_size(outputs: list[dict[str, Any]]) -> int:
+    """About how many bytes ``outputs`` hold (their texts and display data)."""
+    return sum(len(str(v)) for o in outputs
+               for v in (o.get("text"), *(o.get("data") or {}).values()) if v)
 
 
 def _close_all(widget: Any) -> None:

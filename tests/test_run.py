@@ -1972,6 +1972,34 @@ def test_notes_added_to_an_exception_are_shown_under_its_message_as_python_does(
     assert info2.value.__notes__[:2] == ["first", "second"]  # (then ours: where it was raised)
 
 
+def test_a_coloured_remote_traceback_leaves_notes_and_logs_plain() -> None:
+    # a review: with the notebook's colours the rule was no longer found, and the note plain
+    # Python and logging print held the whole chain, escape codes and all
+    from gpu_magic._errors import RemoteError
+    from gpu_magic._remote import rebuild, render_traceback
+
+    def frame(line: str, lineno: int) -> dict[str, Any]:
+        return {"filename": "c", "lineno": lineno, "name": "<module>", "line": line,
+                "cell": True}
+
+    source = "try:\n    {}['k']\nexcept KeyError as e:\n    raise ValueError('bad row') from e"
+    event = {"ename": "ValueError", "evalue": "bad row",
+             "traceback": [frame("raise ValueError('bad row') from e", 4)],
+             "chain": [{"ename": "KeyError", "evalue": "'k'", "cause": True,
+                        "traceback": [frame("{}['k']", 2)]}]}
+    lines = render_traceback(event, source, theme="linux")
+    assert any("\x1b[" in line for line in lines)  # (coloured, as the notebook shows it)
+    exc = rebuild(event, ValueError("bad row"), lines)
+    assert exc._render_traceback_() == lines  # type: ignore[attr-defined]
+    [note] = exc.__notes__
+    assert "\x1b" not in note and "KeyError: 'k'" not in note, note  # (its own block only)
+    assert "raise ValueError('bad row') from e" in note, note
+    lost = rebuild(event, None, lines)
+    assert isinstance(lost, RemoteError) and lost._render_traceback_() == lines
+    assert "\x1b" not in lost.traceback_text and "KeyError: 'k'" in lost.traceback_text
+    assert pickle.loads(pickle.dumps(lost))._render_traceback_() == lines
+
+
 def test_cached_functions_new_types_and_cached_properties_of_the_notebook_travel() -> None:
     # they pickle by name, which names nothing where the cell runs: "Can't get attribute"
     ns = notebook("""

@@ -31,6 +31,7 @@ from gpu_magic.server.api import create_app
 from gpu_magic.server.auth import Authenticator, User, write_private
 from gpu_magic.server.backends.local import LocalBackend
 from gpu_magic.server.backends.sandbox import (
+    _relinkable,
     bwrap_command,
     gpu_device_files,
     python_paths,
@@ -373,6 +374,9 @@ def test_secret_files_are_hidden_with_their_folder_where_it_holds_nothing_else(
     dotted = tmp_path / "dotted"  # a dot-folder may hold data too (a red team's was hidden)
     (dotted / ".data").mkdir(parents=True)
     (dotted / "tokens.json").write_text("x")
+    named = tmp_path / "named"  # and a folder named as a secret begins (a review's)
+    (named / "tokens_course_data").mkdir(parents=True)
+    (named / "tokens").write_text("x")
     home = tmp_path / "home"  # already hidden whole: nothing more to do...
     (home / "project" / "secret").mkdir(parents=True)
     (home / "tokens.json").write_text("x")
@@ -387,18 +391,21 @@ def test_secret_files_are_hidden_with_their_folder_where_it_holds_nothing_else(
     (tmp_path / "v1" / "tokens.json").write_text("x")
     (tmp_path / "current").symlink_to(tmp_path / "v1")
     files = [own / "tokens.json", own / "key.pem", own / "cert.pem", shared / "tokens.json",
-             dotted / "tokens.json", home / "tokens.json", home / "project" / "tokens.json",
+             dotted / "tokens.json", named / "tokens", home / "tokens.json", home / "project" / "tokens.json",
              home / "project" / "secret" / "key.pem", live / "key.pem",
              shared / "privkey1.pem", tmp_path / "current" / "tokens.json"]
     folders, exposed = secret_folders(files, [str(home)], [str(home / "project")])
     assert folders == [str(own), str(home / "project" / "secret"), str(live),
                        str(tmp_path / "v1")], folders
-    assert list(exposed) == [shared / "tokens.json", dotted / "tokens.json",
+    assert list(exposed) == [shared / "tokens.json", dotted / "tokens.json", named / "tokens",
                              home / "project" / "tokens.json", shared / "privkey1.pem",
                              tmp_path / "current" / "tokens.json"], exposed
     assert exposed[shared / "tokens.json"].startswith("it shares its folder with other files")
     assert exposed[tmp_path / "current" / "tokens.json"].startswith(
         f"it is reached through a link ({tmp_path / 'current'} leads to {tmp_path / 'v1'})")
+    assert _relinkable(str(tmp_path / "current")) and not _relinkable(str(tmp_path / "v1"))
+    if os.path.islink("/var/run"):  # (the system's own links are not a release's: a review)
+        assert not _relinkable("/var/run/gpu-magic")
 
 
 @needs_bwrap

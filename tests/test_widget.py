@@ -429,6 +429,14 @@ def test_an_ended_job_s_widget_stays_open_in_its_final_form(tmp_path: Path) -> N
         assert ours and not ours & closed, (ours, closed)
         out = k.models("OutputModel")[0]
         assert "bg-line" in str(k.last_value(out, "outputs")), k.last_value(out, "outputs")
+        # one that printed more than KEPT_OUTPUT keeps its final status, not its output (its
+        # final display holds that): what the kernel keeps of ended widgets stays small
+        k.reply(k.run("%%gpu H100 --background\nprint('y' * (1200 << 10))"))
+        html = wait_for(lambda: k.drain(0.1) or k.models("HTMLModel")[1:], DEADLINE)[0]
+        wait_for(lambda: k.drain(0.1) or "succeeded" in (k.last_value(html, "value") or ""),
+                 DEADLINE)
+        k.drain(0.5)
+        assert not k.last_value(k.models("OutputModel")[1], "outputs")
     finally:
         k.stop()
 

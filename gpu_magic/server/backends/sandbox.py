@@ -78,10 +78,13 @@ def private_dirs() -> list[str]:
 
 
 def _account_home() -> str | None:
+    """The account's home as the system names it, where it is a person's or root's: a
+    service account's (/usr/sbin, /var/www) is a system folder cells may need."""
     try:
-        return pwd.getpwuid(os.geteuid()).pw_dir
+        home = os.path.realpath(pwd.getpwuid(os.geteuid()).pw_dir)
     except (KeyError, OSError):  # (a uid with no entry, in a container)
         return None
+    return home if home == "/root" or home.startswith("/home/") else None
 
 
 def secret_folders(files: Sequence[Path], hidden: Sequence[str], shown: Sequence[str] = ()
@@ -125,7 +128,7 @@ def secret_folders(files: Sequence[Path], hidden: Sequence[str], shown: Sequence
             continue
         folders[parent] = None
         linked = os.path.dirname(os.path.abspath(f))
-        if os.path.realpath(linked) != os.path.normpath(linked):
+        if _relinkable(linked):
             # a link to the folder (a release's `current`) re-pointed shows its new target to
             # the sandboxes running then; the target hidden at start is the old one
             exposed[f] = (f"it is reached through a link ({linked} leads to {parent}), and a "
@@ -134,17 +137,33 @@ def secret_folders(files: Sequence[Path], hidden: Sequence[str], shown: Sequence
     return list(folders), exposed
 
 
+def _relinkable(folder: str) -> bool:
+    """Whether a link on the way to ``folder`` may be re-pointed (a release's ``current``):
+    any but the system's own layout, links right under /, /usr or /var (/var/run -> /run)."""
+    path = "/"
+    for part in os.path.normpath(folder).split("/")[1:]:
+        parent, path = path, os.path.join(path, part)
+        if os.path.islink(path):
+            if parent not in ("/", "/usr", "/var"):
+                return True
+            path = os.path.realpath(path)
+    return False
+
+
 _VCS = frozenset({".git", ".hg", ".svn"})
 
 
 def _leftover(folder: str, entry: str, hidden: set[str]) -> bool:
     """Whether ``entry`` of a secret file's folder is the secret's own or nothing a cell may
     need: an editor's backup or swap file, a version control's history (of the secrets)."""
-    if entry in hidden or entry in _VCS or any(entry.startswith(h) for h in hidden):
+    if entry in hidden or entry in _VCS:
         return True
     if os.path.isdir(os.path.join(folder, entry)):
-        return False  # (a dot-folder may hold a course's data: a red team's was hidden)
-    return entry.startswith((".", "#")) or entry.endswith("~")
+        # (a dot-folder, or tokens_data/ beside tokens, may hold a course's data: a red team's
+        # and a review's were hidden with the secrets)
+        return False
+    return (entry.startswith((".", "#")) or entry.endswith("~")
+            or any(entry.startswith(h) for h in hidden))  # (tokens.json.bak, .old, .1)
 
 
 # what decides where an interpreter imports from, besides the interpreter itself
