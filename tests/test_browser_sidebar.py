@@ -359,13 +359,16 @@ def class_jobs(shared: tuple[Gateway, dict[str, str]]) -> Iterator[dict[str, str
     clients = {name: gw.client(tokens[name]) for name in ("alice", "bob", "carol")}
     sleep = "import time\ntime.sleep(600)\n"
     ids: dict[str, str] = {}
+    # background jobs: no one follows them here, and a foreground job nobody follows is
+    # cancelled after a minute, which a slow first start of JupyterLab took (a CI run)
+    bg = {"timeout": 900, "background": True}
     try:
         # a long spec: its row's first line wraps in a narrow sidebar
-        ids["alice"] = submit_job(clients["alice"], sleep, "A100-80GB:2,H100:2", timeout=900)["id"]
-        ids["bob"] = submit_job(clients["bob"], sleep, "H100", timeout=900)["id"]
+        ids["alice"] = submit_job(clients["alice"], sleep, "A100-80GB:2,H100:2", **bg)["id"]
+        ids["bob"] = submit_job(clients["bob"], sleep, "H100", **bg)["id"]
         wait_for(lambda: all(clients[n].job(i)["state"] == "running" for n, i in ids.items()))
-        ids["bob-queued"] = submit_job(clients["bob"], sleep, "H100:2", timeout=900)["id"]
-        ids["carol"] = submit_job(clients["carol"], sleep, "H100:2", timeout=900)["id"]
+        ids["bob-queued"] = submit_job(clients["bob"], sleep, "H100:2", **bg)["id"]
+        ids["carol"] = submit_job(clients["carol"], sleep, "H100:2", **bg)["id"]
         yield ids
     finally:
         for job_id in ids.values():
