@@ -1025,7 +1025,7 @@ class _Job:
                                  locate=code_locator(list(self.sent.values()),
                                                      list(self.namespace.values())),
                                  hide_cell=self.source.startswith(_DECORATED_CALL),
-                                 mode=_xmode(), theme=_colors())
+                                 **_tb_style())
         if exc is None and ev.get("interrupted"):
             exc = KeyboardInterrupt()  # (its pickle did not come: the type is known anyway)
         if ev.get("unsent") and exc is None:
@@ -1059,27 +1059,17 @@ class _Job:
                 f"not sent: name it once in the cell's code ({name} on a line of its own)")
 
 
-def _xmode() -> str:
-    """The notebook's ``%xmode`` (Context where there is no IPython): a remote traceback is
-    shown as a local one would be."""
+def _tb_style() -> dict[str, Any]:
+    """The notebook's ``%xmode`` and ``%colors`` (Context and plain where there is no IPython
+    shell): a remote traceback is shown, and coloured, as a local one would be."""
     try:
         from IPython import get_ipython
     except ImportError:
-        return "Context"
-    tb = getattr(get_ipython(), "InteractiveTB", None)
-    return str(getattr(tb, "mode", "Context"))
-
-
-def _colors() -> str | None:
-    """The notebook's ``%colors`` (none where there is no IPython shell): a remote traceback
-    is coloured as a local one is."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
+        return {"mode": "Context", "theme": None}
     shell = get_ipython()
-    colors = getattr(shell, "colors", None) if shell is not None else None
-    return colors if isinstance(colors, str) else None
+    mode = getattr(getattr(shell, "InteractiveTB", None), "mode", "Context")
+    colors = getattr(shell, "colors", None)
+    return {"mode": str(mode), "theme": colors if isinstance(colors, str) else None}
 
 
 def _not_rebuilt(ev: dict[str, Any], why: Exception) -> str:

@@ -114,20 +114,26 @@ def _message(event: dict[str, Any], paint: _Paint) -> str:
     return paint(("ExcName", ename), ("", f": {evalue}")) if evalue else paint(("ExcName", ename))
 
 
-def _head(where: str, lineno: int, fr: dict[str, Any], paint: _Paint,
+def _head(kind: str, name: str, lineno: int, fr: dict[str, Any], paint: _Paint,
           module_too: bool = False) -> str:
-    """``Cell In[3], line 2, in f(x)`` or ``File /x/y.py:9, in g()``, in IPython's colours
-    (``module_too``: ``in <module>`` said too, as for a module's file)."""
-    if where.startswith("File "):
-        parts = [("NormalEm", "File "), ("FilenameEm", f"{where[5:]}:{lineno}")]
+    """``Cell In[3], line 2, in f(x)`` (kind "Cell", name "In[3]") or ``File /x/y.py:9, in
+    g()`` (kind "File"), in IPython's colours (``module_too``: ``in <module>`` said too, as
+    for a module's file)."""
+    if kind == "File":
+        parts = [("NormalEm", "File "), ("FilenameEm", f"{name}:{lineno}")]
     else:
-        kind, _, name = where.partition(" ")
         parts = [("NormalEm", kind), ("NormalEm", " " if name else ""), ("FilenameEm", name),
                  ("FilenameEm", f", line {lineno}")]
     if module_too or fr.get("name") != "<module>":
         parts += [("", ", in "), ("VName", str(fr.get("name"))),
                   ("ValEm", str(fr.get("args") or ""))]
     return paint(*parts)
+
+
+def _label_parts(label: str) -> tuple[str, str]:
+    """``Cell In[3]`` as ("Cell", "In[3]"), coloured apart as IPython colours them."""
+    kind, _, name = label.partition(" ")
+    return kind, name
 
 
 def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
@@ -149,7 +155,7 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
         if fr.get("cell") and hide_cell:
             continue
         if fr.get("cell"):
-            lines.append(_head(label, lineno + line_offset, fr, paint))
+            lines.append(_head(*_label_parts(label), lineno + line_offset, fr, paint))
 
             def cell_line(n: int) -> str:
                 return src_lines[n - 1] if 0 < n <= len(src_lines) else ""
@@ -163,8 +169,8 @@ def _block(event: dict[str, Any], source: str, line_offset: int, label: str,
                 filename = locate(fr.get("name", ""), lineno, fr.get("qualname"),
                                   fr.get("first")) or filename
             local_name = cell_name(filename) if cell_name else None
-            lines.append(_head(local_name or f"File {filename}", lineno, fr, paint,
-                               module_too=True))
+            kind, name = _label_parts(local_name) if local_name else ("File", filename)
+            lines.append(_head(kind, name, lineno, fr, paint, module_too=True))
             lines += _context(lambda n, f=filename: linecache.getline(f, n), lineno, 0,
                               fr.get("line", ""), fr.get("name") == "<module>", context, paint)
         lines.append("")

@@ -120,7 +120,7 @@ def secret_folders(files: Sequence[Path], hidden: Sequence[str], shown: Sequence
             entries = os.listdir(parent)
         except OSError:
             entries = ["?"]  # (unreadable: what else is there is unknown)
-        if parent == "/" or any(p == parent or p.startswith(parent + "/") for p in shown) or \
+        if parent == "/" or any(within(p, [parent]) for p in shown) or \
                 not all(_leftover(parent, e, names) for e in entries):
             exposed[f] = ("it shares its folder with other files, so it is hidden by a cover "
                           "of its own, which Linux drops in running sandboxes when the file "
